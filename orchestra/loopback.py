@@ -1,0 +1,279 @@
+"""A real HTTP server on 127.0.0.1 that speaks the OpenAI, Anthropic and embeddings APIs.
+
+Answers come from a Python function, so tests, benchmarks and demos exercise the whole HTTP path
+(connection pool, limits, retries, parsing) without an LLM or a network. It counts requests and
+records the peak number in flight.
+
+    with LoopbackServer(chat_handler(lambda req: "42")) as server:
+        model = OpenAICompatible(model="m", base_url=server.url + "/v1")
+
+Run ``python -m orchestra.loopback --delay 0.02`` to serve a fixed answer from another process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from orchestra.models.openai import estimate_tokens
+
+
+@dataclass
+class LoopbackRequest:
+    """One request as the server saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body parsed as JSON (``None`` when empty)."""
+        return json.loads(self.body) if self.body else None
+
+    @property
+    def prompt(self) -> str:
+        """The text of every message (and the system prompt) in a chat request."""
+        payload = self.json() or {}
+        parts = [str(payload.get("system", ""))] if payload.get("system") else []
+        for message in payload.get("messages", []):
+            content = message.get("content", "")
+            parts.append(content if isinstance(content, str) else json.dumps(content))
+        return "\n".join(parts)
+
+
+@dataclass
+class Reply:
+    """What the server answers: status, JSON (or text) body, headers; optionally after a delay, or never."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    hang: bool = False
+
+
+Handler = Callable[[LoopbackRequest], Union[Reply, Awaitable[Reply]]]
+
+
+class LoopbackServer:
+    """An asyncio HTTP/1.1 server with keep-alive, run on its own thread and event loop."""
+
+    def __init__(self, handler: Handler, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.handler = handler
+        self.host, self.port = host, port
+        self.requests: list[LoopbackRequest] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's root URL, e.g. ``http://127.0.0.1:43121``."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> LoopbackServer:
+        """Start serving; returns once the port is bound."""
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True,
+                                        name="loopback-server")
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close every connection (hung requests included)."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> LoopbackServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        connections: set[asyncio.Task[None]] = set()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            connections.add(task)
+            try:
+                await self._serve(reader, writer)
+            except asyncio.CancelledError:
+                pass  # the server is stopping
+            finally:
+                connections.discard(task)
+
+        server = await asyncio.start_server(on_connect, self.host, self.port, backlog=1024)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        for task in list(connections):
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await _read_request(reader)
+                if request is None:
+                    break
+                self.requests.append(request)
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                try:
+                    reply = await self._answer(request)
+                finally:
+                    self.in_flight -= 1
+                writer.write(_encode(reply))
+                await writer.drain()
+                if request.headers.get("connection", "").lower() == "close":
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, request: LoopbackRequest) -> Reply:
+        try:
+            reply: Any = self.handler(request)
+            if inspect.isawaitable(reply):
+                reply = await reply
+        except Exception as error:  # noqa: BLE001 - a handler bug becomes a 500, as a real server would do
+            reply = Reply(status=500, body={"error": {"message": f"handler failed: {error}"}})
+        if reply.hang:
+            await asyncio.Event().wait()
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        return reply
+
+
+async def _read_request(reader: asyncio.StreamReader) -> LoopbackRequest | None:
+    line = await reader.readline()
+    if not line.strip():
+        return None
+    method, path, _ = line.decode("latin-1").split(" ", 2)
+    headers: dict[str, str] = {}
+    while True:
+        header = await reader.readline()
+        if header in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = header.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    body = await reader.readexactly(length) if length else b""
+    return LoopbackRequest(method=method, path=path, headers=headers, body=body)
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            408: "Request Timeout", 422: "Unprocessable Entity", 429: "Too Many Requests",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+
+
+def _encode(reply: Reply) -> bytes:
+    if isinstance(reply.body, (dict, list)):
+        payload, content_type = json.dumps(reply.body).encode(), "application/json"
+    else:
+        payload, content_type = str(reply.body or "").encode(), "text/plain"
+    head = [f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Status')}",
+            f"Content-Type: {content_type}", f"Content-Length: {len(payload)}", "Connection: keep-alive"]
+    head += [f"{name}: {value}" for name, value in reply.headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+
+
+# --- API-shaped replies ------------------------------------------------------------------------
+
+
+def openai_reply(text: str, *, prompt_tokens: int = 10, completion_tokens: int | None = None,
+                 model: str = "loopback", finish_reason: str = "stop") -> Reply:
+    """A Chat Completions answer."""
+    completion = estimate_tokens(text) if completion_tokens is None else completion_tokens
+    return Reply(body={
+        "id": "chatcmpl-loopback", "object": "chat.completion", "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": prompt_tokens + completion},
+    })
+
+
+def anthropic_reply(text: str | None = None, *, tool_input: Any = None, input_tokens: int = 10,
+                    output_tokens: int | None = None, model: str = "loopback") -> Reply:
+    """A Messages API answer: text, or a forced tool call carrying ``tool_input``."""
+    content: list[dict[str, Any]]
+    if tool_input is not None:
+        content = [{"type": "tool_use", "id": "toolu_loopback", "name": "respond", "input": tool_input}]
+        out = estimate_tokens(json.dumps(tool_input))
+    else:
+        content = [{"type": "text", "text": text or ""}]
+        out = estimate_tokens(text or "")
+    return Reply(body={"id": "msg_loopback", "type": "message", "role": "assistant", "model": model,
+                       "content": content, "stop_reason": "tool_use" if tool_input is not None else "end_turn",
+                       "usage": {"input_tokens": input_tokens,
+                                 "output_tokens": out if output_tokens is None else output_tokens}})
+
+
+def error_reply(status: int, message: str = "error", *, retry_after: str | None = None) -> Reply:
+    """An error answer in the shape both APIs use."""
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    return Reply(status=status, body={"error": {"message": message, "type": "loopback_error"}}, headers=headers)
+
+
+TextFunction = Callable[[LoopbackRequest], Union[str, Reply, Awaitable[Union[str, Reply]]]]
+
+
+def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:
+    """A handler that answers chat requests on either API with the text ``fn(request)`` returns.
+
+    ``fn`` may return a ``Reply`` to answer otherwise (an error, a hang). On the Anthropic path a
+    request with tools gets the text back as the forced tool call's input (it must be JSON).
+    """
+
+    async def handle(request: LoopbackRequest) -> Reply:
+        result: Any = fn(request)
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, Reply):
+            return result
+        if request.path.endswith("/messages"):
+            if (request.json() or {}).get("tools"):
+                reply = anthropic_reply(tool_input=json.loads(result))
+            else:
+                reply = anthropic_reply(result)
+        else:
+            reply = openai_reply(result, prompt_tokens=estimate_tokens(request.prompt))
+        reply.delay = delay
+        return reply
+
+    return handle
+
+
+def main() -> None:
+    """Serve a fixed answer until killed; print the URL first."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--text", default="ok")
+    args = parser.parse_args()
+    server = LoopbackServer(chat_handler(lambda _: args.text, delay=args.delay), port=args.port).start()
+    print(server.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The model layer: provider-independent requests and results, backends, and test doubles."""
+
+from orchestra.models.anthropic import Anthropic
+from orchestra.models.base import HeavyModel, Model, ModelBase, allow_model_requests, is_heavy
+from orchestra.models.openai import OpenAICompatible
+from orchestra.models.pricing import PRICES, Price, price_for
+from orchestra.models.testing import FunctionModel, ScriptedModel
+from orchestra.models.types import ChatRequest, ChatResult, Message, Usage
+
+__all__ = [
+    "PRICES",
+    "Anthropic",
+    "ChatRequest",
+    "ChatResult",
+    "FunctionModel",
+    "HeavyModel",
+    "Message",
+    "Model",
+    "ModelBase",
+    "OpenAICompatible",
+    "Price",
+    "ScriptedModel",
+    "Usage",
+    "allow_model_requests",
+    "is_heavy",
+    "price_for",
+]

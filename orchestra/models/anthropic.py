@@ -1,0 +1,108 @@
+"""Anthropic's Messages API, with the same limits, retries and structured output as the others."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from orchestra.errors import BadResponse, RequestRejected
+from orchestra.models.base import ModelBase
+from orchestra.models.http import shared_endpoint
+from orchestra.models.openai import estimate_tokens
+from orchestra.models.pricing import Price, coerce_price
+from orchestra.models.structured import with_instructions
+from orchestra.models.types import ChatRequest, ChatResult
+
+ANTHROPIC_URL = "https://api.anthropic.com"
+API_VERSION = "2023-06-01"
+_TOOL = "respond"
+
+
+class Anthropic(ModelBase):
+    """Claude through ``POST /v1/messages``.
+
+    Structured output is asked for as a forced tool call whose input schema is the output schema;
+    where the server refuses tools, the schema goes into the prompt instead. Then validation with
+    one repair attempt, as for every model.
+
+    Args:
+        model: the Claude model name.
+        base_url: the API root (before ``/v1/messages``).
+        api_key_env: the environment variable holding the key.
+        max_tokens: the answer limit when a request sets none (the API requires one).
+        max_concurrency, rpm, timeout, max_attempts, prices, name: as for ``OpenAICompatible``.
+    """
+
+    def __init__(self, *, model: str, base_url: str = ANTHROPIC_URL, api_key_env: str | None = "ANTHROPIC_API_KEY",
+                 max_tokens: int = 1024, max_concurrency: int | None = None, rpm: float | None = None,
+                 timeout: float | None = None, max_attempts: int | None = None,
+                 prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
+                 name: str | None = None) -> None:
+        self.model = model
+        self.name = name or model
+        self.default_max_tokens = max_tokens
+        self.price = coerce_price(prices, model)
+        self.endpoint = shared_endpoint(base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm,
+                                        timeout=timeout, max_attempts=max_attempts, headers=_headers)
+        self.json_mode: Literal["tool", "prompt"] = "tool"
+
+    def __repr__(self) -> str:
+        return f"Anthropic(model={self.model!r}, base_url={self.endpoint.base_url!r})"
+
+    async def _generate(self, request: ChatRequest) -> ChatResult:
+        mode = self.json_mode if request.wants_json else None
+        if mode == "tool" and request.output_schema is None:
+            mode = "prompt"
+        try:
+            body = await self.endpoint.post_json("/v1/messages", self._payload(request, mode), model=self.model)
+        except RequestRejected:
+            if mode != "tool":
+                raise
+            mode = self.json_mode = "prompt"
+            body = await self.endpoint.post_json("/v1/messages", self._payload(request, mode), model=self.model)
+        return self._result(body)
+
+    def _payload(self, request: ChatRequest, mode: str | None) -> dict[str, Any]:
+        if mode == "prompt":
+            request = with_instructions(request)
+        system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": request.max_tokens or self.default_max_tokens,
+            "messages": [m.model_dump() for m in request.messages if m.role != "system"],
+        }
+        if system:
+            payload["system"] = system
+        if request.temperature is not None:
+            payload["temperature"] = min(1.0, request.temperature)
+        if request.stop:
+            payload["stop_sequences"] = list(request.stop)
+        if mode == "tool":
+            payload["tools"] = [{"name": _TOOL, "description": "Give the answer in the required structure.",
+                                 "input_schema": request.output_schema}]
+            payload["tool_choice"] = {"type": "tool", "name": _TOOL}
+        return payload
+
+    def _result(self, body: dict[str, Any]) -> ChatResult:
+        content = body.get("content")
+        if not isinstance(content, list):
+            raise BadResponse(f"{self.endpoint.base_url} returned no content blocks for {self.model}")
+        tool_inputs = [b.get("input") for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+        if tool_inputs:
+            text = json.dumps(tool_inputs[0])
+        else:
+            text = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+        usage = body.get("usage") or {}
+        prompt_tokens = int(usage.get("input_tokens") or 0)
+        completion_tokens = usage.get("output_tokens")
+        completion_tokens = estimate_tokens(text) if completion_tokens is None else int(completion_tokens)
+        return ChatResult(text=text, usage=self.price.usage(prompt_tokens, completion_tokens),
+                          model=self.name, finish_reason=body.get("stop_reason"))
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    headers = {"anthropic-version": API_VERSION}
+    if api_key:
+        headers["x-api-key"] = api_key
+    return headers

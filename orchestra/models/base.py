@@ -1,0 +1,160 @@
+"""The model protocol, the shared base class, and the switch that forbids real requests in tests."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from orchestra.errors import BadResponse, ModelRequestsForbidden
+from orchestra.models.structured import StructuredOutputError, parse_output, repair_request
+from orchestra.models.types import ChatRequest, ChatResult
+
+#: False makes every real (non-test-double) model request raise ``ModelRequestsForbidden``.
+#: The test suite turns it off; a test opts back in with ``allow_model_requests()``.
+#: Subprocesses read it from ``ORCHESTRA_ALLOW_MODEL_REQUESTS`` (``0`` forbids).
+ALLOW_MODEL_REQUESTS: bool = os.environ.get("ORCHESTRA_ALLOW_MODEL_REQUESTS", "1") != "0"
+
+
+@contextlib.contextmanager
+def allow_model_requests(allow: bool = True) -> Iterator[None]:
+    """Temporarily allow (or forbid) real model requests."""
+    global ALLOW_MODEL_REQUESTS
+    previous, ALLOW_MODEL_REQUESTS = ALLOW_MODEL_REQUESTS, allow
+    try:
+        yield
+    finally:
+        ALLOW_MODEL_REQUESTS = previous
+
+
+RetryListener = Callable[[str, int, float, str], None]
+#: Set by the executor around a batch: called as (model, attempt, wait seconds, reason) before a retry.
+retry_listener: ContextVar[RetryListener | None] = ContextVar("retry_listener", default=None)
+
+
+def notify_retry(model: str, attempt: int, wait_s: float, reason: str) -> None:
+    """Tell whoever dispatched the current batch that a call is being retried."""
+    listener = retry_listener.get()
+    if listener is not None:
+        listener(model, attempt, wait_s, reason)
+
+
+Outcome = tuple[int, "ChatResult | Exception"]
+
+
+@runtime_checkable
+class Model(Protocol):
+    """Anything that completes a batch of chat requests; results come back in request order."""
+
+    name: str
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        """Complete every request; raise the first error."""
+        ...
+
+    def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
+        """Yield ``(index, result or error)`` as each request finishes."""
+        ...
+
+
+@runtime_checkable
+class HeavyModel(Model, Protocol):
+    """An in-process engine that holds weights: it must be loaded before it generates."""
+
+    heavy: bool
+    memory_bytes: int
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are in memory."""
+        ...
+
+    async def load(self) -> float:
+        """Load the weights; return the seconds it took."""
+        ...
+
+    async def unload(self) -> None:
+        """Free the weights."""
+        ...
+
+
+def is_heavy(model: Any) -> bool:
+    """Whether the executor must manage this model's residency."""
+    return bool(getattr(model, "heavy", False))
+
+
+class ModelBase(abc.ABC):
+    """Shared behaviour: batch fan-out, structured-output parsing with one repair, the test switch.
+
+    Subclasses implement ``_generate`` for one request. ``concurrent`` says whether a batch is
+    fanned out at once (remote endpoints) or generated one after another (in-process engines).
+    """
+
+    name: str
+    concurrent: ClassVar[bool] = True
+    is_test_double: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def _generate(self, request: ChatRequest) -> ChatResult:
+        """One raw completion. Structured requests may come back unparsed; the base parses them."""
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        """Complete every request, results in request order; raise the first error."""
+        results: list[ChatResult | None] = [None] * len(requests)
+        async for index, outcome in self.complete_each(requests):
+            if isinstance(outcome, Exception):
+                raise outcome
+            results[index] = outcome
+        return [r for r in results if r is not None]
+
+    async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
+        """Yield ``(index, result or error)`` as each request finishes."""
+        if not self.concurrent:
+            for index, request in enumerate(requests):
+                yield index, await self._settle(request)
+            return
+        tasks = [asyncio.ensure_future(self._indexed(i, r)) for i, r in enumerate(requests)]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _indexed(self, index: int, request: ChatRequest) -> Outcome:
+        return index, await self._settle(request)
+
+    async def _settle(self, request: ChatRequest) -> ChatResult | Exception:
+        try:
+            return await self.complete_one(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - handed to the caller as this request's outcome
+            return error
+
+    async def complete_one(self, request: ChatRequest) -> ChatResult:
+        """One request, parsed if structured; an invalid structured answer gets one repair attempt."""
+        if not ALLOW_MODEL_REQUESTS and not self.is_test_double:
+            raise ModelRequestsForbidden(
+                f"real model requests are switched off (request to {self.name}); "
+                "wrap the test in orchestra.models.allow_model_requests()")
+        started = time.perf_counter()
+        result = await self._generate(request)
+        if not request.wants_json or result.parsed is not None:
+            return result.model_copy(update={"latency_s": time.perf_counter() - started})
+        try:
+            parsed = parse_output(result.text, request)
+        except StructuredOutputError as error:
+            repaired = await self._generate(repair_request(request, result.text, error))
+            try:
+                parsed = parse_output(repaired.text, request)
+            except StructuredOutputError as second:
+                raise BadResponse(f"{self.name} returned invalid JSON for {request.schema_name} "
+                                  f"even after one repair attempt: {second}") from None
+            result = repaired.model_copy(update={"usage": result.usage + repaired.usage})
+        return result.model_copy(update={"parsed": parsed, "latency_s": time.perf_counter() - started})

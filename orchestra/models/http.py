@@ -1,0 +1,258 @@
+"""HTTP endpoints shared by every model that talks to them: one pool, one limit, retries with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from orchestra.errors import (
+    AuthenticationError,
+    BadResponse,
+    EndpointUnreachable,
+    ModelError,
+    RateLimited,
+    RequestRejected,
+    RequestTimeout,
+)
+from orchestra.models.base import notify_retry
+
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt; carries the final error to raise when attempts run out."""
+
+    def __init__(self, final: ModelError, retry_after: float | None = None) -> None:
+        super().__init__(str(final))
+        self.final = final
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class RateLimiter:
+    """Spaces request starts so no more than ``rpm`` begin in any minute."""
+
+    def __init__(self, rpm: float) -> None:
+        self.interval = 60.0 / rpm
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait for the next free slot."""
+        async with self._lock:
+            now = time.monotonic()
+            wait = self._next - now
+            self._next = max(now, self._next) + self.interval
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+#: Connections per ``httpx.AsyncClient``. httpcore's pool does work proportional to requests x
+#: connections on every event, so one pool of 64 connections is several times slower than eight
+#: pools of 8; an endpoint's connections are therefore spread over several clients.
+CONNECTIONS_PER_CLIENT = 8
+
+
+@dataclass
+class _LoopState:
+    clients: list[httpx.AsyncClient]
+    semaphore: asyncio.Semaphore
+    limiter: RateLimiter | None
+    busy: list[int] = field(default_factory=list)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+    def least_busy(self) -> int:
+        """The client with the fewest requests in flight (never over its own limit, given the semaphore)."""
+        return min(range(len(self.busy)), key=self.busy.__getitem__)
+
+
+@dataclass
+class Endpoint:
+    """One base URL with its credentials: shared connection pool, concurrency limit and rate limit.
+
+    Async resources belong to an event loop, so they are made per running loop; a sync wrapper that
+    runs ``asyncio.run`` twice gets a fresh pool the second time instead of a dead one.
+    """
+
+    base_url: str
+    api_key_env: str | None
+    max_concurrency: int = 16
+    rpm: float | None = None
+    timeout: float = 120.0
+    max_attempts: int = 4
+    max_wait: float = 60.0
+    headers: Callable[[str | None], dict[str, str]] = field(default=lambda key: {})
+    concurrency_set: bool = False
+    _states: dict[int, tuple[asyncio.AbstractEventLoop, _LoopState]] = field(default_factory=dict)
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        entry = self._states.get(id(loop))
+        if entry is None or entry[0] is not loop:
+            for key in [k for k, (other, _) in self._states.items() if other.is_closed()]:
+                del self._states[key]
+            shards = -(-self.max_concurrency // CONNECTIONS_PER_CLIENT)
+            per_client = -(-self.max_concurrency // shards)
+            limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+            state = _LoopState(
+                clients=[httpx.AsyncClient(timeout=httpx.Timeout(self.timeout), limits=limits)
+                         for _ in range(shards)],
+                semaphore=asyncio.Semaphore(self.max_concurrency),
+                limiter=RateLimiter(self.rpm) if self.rpm else None,
+                busy=[0] * shards,
+            )
+            self._states[id(loop)] = (loop, state)
+            return state
+        return entry[1]
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most requests this endpoint had in flight at once, in the current loop."""
+        return max((s.peak_in_flight for _, s in self._states.values()), default=0)
+
+    def api_key(self) -> str | None:
+        """The key from the environment; a missing variable is an ``AuthenticationError``."""
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise AuthenticationError(
+                f"environment variable {self.api_key_env} is not set; export it to use {self.base_url}")
+        return key
+
+    async def post_json(self, path: str, payload: dict[str, Any], *, model: str) -> dict[str, Any]:
+        """POST ``payload`` and return the JSON body, retrying what is worth retrying."""
+        headers = self.headers(self.api_key())
+        url = self.base_url.rstrip("/") + path
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            retry_after = getattr(error, "retry_after", None)
+            backoff = min(self.max_wait, 0.5 * 2 ** (state.attempt_number - 1))
+            delay = min(self.max_wait, retry_after) if retry_after is not None else backoff
+            notify_retry(model, state.attempt_number, delay, str(error))
+            return delay
+
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.max_attempts), wait=wait,
+                                 retry=retry_if_exception_type(_Retryable), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._post_once(url, payload, headers, model)
+        except _Retryable as exhausted:
+            raise exhausted.final from None
+        raise AssertionError("unreachable")  # pragma: no cover - tenacity always returns or raises
+
+    async def _post_once(self, url: str, payload: dict[str, Any], headers: dict[str, str],
+                         model: str) -> dict[str, Any]:
+        state = self._state()
+        async with state.semaphore:
+            if state.limiter is not None:
+                await state.limiter.acquire()
+            shard = state.least_busy()
+            state.busy[shard] += 1
+            state.in_flight += 1
+            state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+            try:
+                response = await state.clients[shard].post(url, json=payload, headers=headers)
+            except httpx.TimeoutException:
+                raise _Retryable(RequestTimeout(
+                    f"{url} did not answer within {self.timeout:g} s (raise timeout= on the model)")) from None
+            except httpx.TransportError as error:
+                raise _Retryable(EndpointUnreachable(
+                    f"cannot reach {url} ({type(error).__name__}); is the server running?")) from None
+            finally:
+                state.in_flight -= 1
+                state.busy[shard] -= 1
+        return self._check(response, url, model)
+
+    def _check(self, response: httpx.Response, url: str, model: str) -> dict[str, Any]:
+        status = response.status_code
+        if status in (401, 403):
+            variable = self.api_key_env or "an API key variable (api_key_env)"
+            raise AuthenticationError(
+                f"{url} rejected the credentials (HTTP {status}); check {variable}")
+        if status in RETRY_STATUSES:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if status == 429:
+                final: ModelError = RateLimited(
+                    f"{url} is still rate limiting (HTTP 429) after {self.max_attempts} attempts; "
+                    "lower max_concurrency or rpm on the model")
+            else:
+                final = BadResponse(f"{url} failed with HTTP {status} after {self.max_attempts} attempts: "
+                                    f"{_error_text(response)}")
+            raise _Retryable(final, retry_after)
+        if status >= 400:
+            raise RequestRejected(f"{url} refused the request for model {model} (HTTP {status}): "
+                                  f"{_error_text(response)}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise BadResponse(f"{url} answered HTTP {status} with a body that is not JSON") from None
+        if not isinstance(body, dict):
+            raise BadResponse(f"{url} answered with JSON that is not an object")
+        return body
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return " ".join(response.text.split())[:200] or "(empty body)"
+    error = body.get("error", body) if isinstance(body, dict) else body
+    message = error.get("message", error) if isinstance(error, dict) else error
+    return " ".join(str(message).split())[:200]
+
+
+_REGISTRY: dict[tuple[str, str | None], Endpoint] = {}
+
+
+def shared_endpoint(base_url: str, api_key_env: str | None, *, max_concurrency: int | None,
+                    rpm: float | None, timeout: float | None, max_attempts: int | None,
+                    headers: Callable[[str | None], dict[str, str]]) -> Endpoint:
+    """The one ``Endpoint`` for this URL and key variable, created on first use.
+
+    Settings given later tighten the shared limits (smallest concurrency and rpm win), so two
+    agents on one server never exceed what either asked for.
+    """
+    key = (base_url.rstrip("/"), api_key_env)
+    endpoint = _REGISTRY.get(key)
+    if endpoint is None:
+        endpoint = _REGISTRY[key] = Endpoint(base_url=key[0], api_key_env=api_key_env, headers=headers)
+    if max_concurrency is not None:
+        endpoint.max_concurrency = (min(endpoint.max_concurrency, max_concurrency)
+                                    if endpoint.concurrency_set else max_concurrency)
+        endpoint.concurrency_set = True
+    if rpm is not None:
+        endpoint.rpm = min(endpoint.rpm, rpm) if endpoint.rpm else rpm
+    if timeout is not None:
+        endpoint.timeout = timeout
+    if max_attempts is not None:
+        endpoint.max_attempts = max_attempts
+    return endpoint

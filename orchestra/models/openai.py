@@ -1,0 +1,112 @@
+"""Any OpenAI-compatible Chat Completions endpoint: OpenAI, vLLM, SGLang, Ollama, llama.cpp server..."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from orchestra.errors import BadResponse, RequestRejected
+from orchestra.models.base import ModelBase
+from orchestra.models.http import shared_endpoint
+from orchestra.models.pricing import Price, coerce_price
+from orchestra.models.structured import with_instructions
+from orchestra.models.types import ChatRequest, ChatResult
+
+OPENAI_URL = "https://api.openai.com/v1"
+JsonMode = Literal["json_schema", "json_object", "prompt"]
+_FALLBACK: dict[JsonMode, JsonMode | None] = {"json_schema": "json_object", "json_object": "prompt",
+                                              "prompt": None}
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (4 characters a token) for servers that report no usage."""
+    return max(1, len(text) // 4)
+
+
+class OpenAICompatible(ModelBase):
+    """Chat Completions over one shared ``httpx.AsyncClient`` per endpoint.
+
+    Args:
+        model: the model name the server expects.
+        base_url: the API root, ending before ``/chat/completions``.
+        api_key_env: the environment variable holding the key; ``None`` sends no key. It defaults
+            to ``OPENAI_API_KEY`` for api.openai.com and to no key elsewhere.
+        max_concurrency: requests in flight at once on this endpoint (shared by its models).
+        rpm: requests started per minute on this endpoint.
+        timeout: seconds to wait for one answer.
+        max_attempts: attempts per request, retries included.
+        prices: USD per million tokens, overriding the built-in table.
+        name: how Orchestra shows this model; defaults to ``model``.
+        extra_body: extra fields sent with every request.
+    """
+
+    def __init__(self, *, model: str, base_url: str = OPENAI_URL, api_key_env: str | None | Literal["auto"] = "auto",
+                 max_concurrency: int | None = None, rpm: float | None = None, timeout: float | None = None,
+                 max_attempts: int | None = None, prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
+                 name: str | None = None, extra_body: Mapping[str, Any] | None = None) -> None:
+        if api_key_env == "auto":
+            api_key_env = "OPENAI_API_KEY" if base_url.rstrip("/") == OPENAI_URL else None
+        self.model = model
+        self.name = name or model
+        self.price = coerce_price(prices, model)
+        self.extra_body = dict(extra_body or {})
+        self.endpoint = shared_endpoint(base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm,
+                                        timeout=timeout, max_attempts=max_attempts, headers=_headers)
+        self.json_mode: JsonMode = "json_schema"
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatible(model={self.model!r}, base_url={self.endpoint.base_url!r})"
+
+    async def _generate(self, request: ChatRequest) -> ChatResult:
+        mode: JsonMode | None = self.json_mode if request.wants_json else None
+        if mode == "json_schema" and request.output_schema is None:
+            mode = "json_object"
+        while True:
+            try:
+                body = await self.endpoint.post_json("/chat/completions", self._payload(request, mode),
+                                                     model=self.model)
+            except RequestRejected:
+                following = _FALLBACK[mode] if mode else None
+                if following is None:
+                    raise
+                mode = following
+                continue
+            if mode is not None:
+                self.json_mode = mode
+            return self._result(body)
+
+    def _payload(self, request: ChatRequest, mode: JsonMode | None) -> dict[str, Any]:
+        if mode in ("json_object", "prompt"):
+            request = with_instructions(request)
+        payload: dict[str, Any] = {"model": self.model,
+                                   "messages": [m.model_dump() for m in request.messages],
+                                   **self.extra_body}
+        for key in ("temperature", "max_tokens", "seed"):
+            value = getattr(request, key)
+            if value is not None:
+                payload[key] = value
+        if request.stop:
+            payload["stop"] = list(request.stop)
+        if mode == "json_schema":
+            payload["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": request.schema_name[:64], "schema": request.output_schema, "strict": False}}
+        elif mode == "json_object":
+            payload["response_format"] = {"type": "json_object"}
+        return payload
+
+    def _result(self, body: dict[str, Any]) -> ChatResult:
+        try:
+            choice = body["choices"][0]
+            text = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise BadResponse(f"{self.endpoint.base_url} returned no choices[0].message for {self.model}") from None
+        usage = body.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = usage.get("completion_tokens")
+        completion_tokens = estimate_tokens(text) if completion_tokens is None else int(completion_tokens)
+        return ChatResult(text=text, usage=self.price.usage(prompt_tokens, completion_tokens),
+                          model=self.name, finish_reason=choice.get("finish_reason"))
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -1,0 +1,76 @@
+"""Token prices in USD per million tokens, and the cost of a completion."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestra.models.types import Usage
+
+
+class Price(BaseModel):
+    """USD per million input (prompt) and output (completion) tokens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input: float = 0.0
+    output: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The USD cost of the given token counts."""
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> Usage:
+        """A ``Usage`` with its cost filled in."""
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     cost_usd=self.cost(prompt_tokens, completion_tokens))
+
+    @property
+    def blended(self) -> float:
+        """One number per model for cost-aware recruiting: the mean of input and output prices."""
+        return (self.input + self.output) / 2
+
+
+FREE = Price()
+
+#: Public list prices (USD / 1M tokens). Match is by exact name, then by the longest known prefix,
+#: so dated snapshots ("gpt-4o-mini-2024-07-18") find their family. Override per model with
+#: ``prices=`` on the model or ``prices:`` in a pool file.
+PRICES: dict[str, Price] = {
+    "gpt-4o": Price(input=2.50, output=10.00),
+    "gpt-4o-mini": Price(input=0.15, output=0.60),
+    "gpt-4.1": Price(input=2.00, output=8.00),
+    "gpt-4.1-mini": Price(input=0.40, output=1.60),
+    "gpt-4.1-nano": Price(input=0.10, output=0.40),
+    "gpt-5": Price(input=1.25, output=10.00),
+    "gpt-5-mini": Price(input=0.25, output=2.00),
+    "gpt-5-nano": Price(input=0.05, output=0.40),
+    "o3-mini": Price(input=1.10, output=4.40),
+    "o4-mini": Price(input=1.10, output=4.40),
+    "claude-3-5-haiku": Price(input=0.80, output=4.00),
+    "claude-3-5-sonnet": Price(input=3.00, output=15.00),
+    "claude-3-7-sonnet": Price(input=3.00, output=15.00),
+    "claude-haiku-4-5": Price(input=1.00, output=5.00),
+    "claude-sonnet-4": Price(input=3.00, output=15.00),
+    "claude-opus-4": Price(input=15.00, output=75.00),
+}
+
+
+def price_for(model: str, table: Mapping[str, Price] = PRICES) -> Price:
+    """The price of ``model`` from ``table``: exact name, else the longest matching prefix, else free."""
+    if model in table:
+        return table[model]
+    matches = [name for name in table if model.startswith(name)]
+    return table[max(matches, key=len)] if matches else FREE
+
+
+def coerce_price(value: Price | Mapping[str, float] | tuple[float, float] | None, model: str) -> Price:
+    """Accept a ``Price``, ``{"input": .., "output": ..}`` or ``(input, output)``; None means the table."""
+    if value is None:
+        return price_for(model)
+    if isinstance(value, Price):
+        return value
+    if isinstance(value, tuple):
+        return Price(input=value[0], output=value[1])
+    return Price.model_validate(dict(value))

@@ -1,0 +1,157 @@
+"""The values that cross the model boundary: requests, results and token usage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Role
+    content: str
+
+
+OutputFormat = Any  # "text" | "json" | JSON-schema dict | pydantic model class
+
+
+class ChatRequest(BaseModel):
+    """A chat completion request, independent of any provider.
+
+    ``output`` is ``"text"``, ``"json"`` (any JSON value), a JSON-schema ``dict``, or a pydantic
+    model class; structured outputs come back parsed in ``ChatResult.parsed``.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    messages: tuple[Message, ...]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    output: OutputFormat = "text"
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _coerce_messages(cls, value: Any) -> Any:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ValueError("messages must be a list of {'role', 'content'} items")
+        return tuple(Message.model_validate(m) if isinstance(m, dict) else m for m in value)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _coerce_stop(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        return (value,) if isinstance(value, str) else tuple(value)
+
+    @field_validator("output")
+    @classmethod
+    def _check_output(cls, value: Any) -> Any:
+        if value in ("text", "json") or isinstance(value, dict):
+            return value
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            return value
+        raise ValueError("output must be 'text', 'json', a JSON-schema dict or a pydantic model class")
+
+    @classmethod
+    def user(cls, prompt: str, *, system: str | None = None, **options: Any) -> ChatRequest:
+        """Build a request from one user prompt and an optional system prompt."""
+        messages = [Message(role="system", content=system)] if system else []
+        messages.append(Message(role="user", content=prompt))
+        return cls(messages=tuple(messages), **options)
+
+    @property
+    def wants_json(self) -> bool:
+        """Whether the caller asked for a structured (JSON) answer."""
+        return self.output != "text"
+
+    @property
+    def output_model(self) -> type[BaseModel] | None:
+        """The pydantic class the answer is validated into, if one was given."""
+        return self.output if isinstance(self.output, type) else None
+
+    @property
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must follow, if any."""
+        if isinstance(self.output, dict):
+            return self.output
+        if self.output_model is not None:
+            return self.output_model.model_json_schema()
+        return None
+
+    @property
+    def schema_name(self) -> str:
+        """A short name for the schema, as providers want one."""
+        if self.output_model is not None:
+            return self.output_model.__name__
+        if isinstance(self.output, dict):
+            return str(self.output.get("title") or "response")
+        return "response"
+
+    def prompt_text(self) -> str:
+        """All message contents joined, for matching and rough token counts."""
+        return "\n".join(m.content for m in self.messages)
+
+    def canonical(self) -> dict[str, Any]:
+        """A JSON-ready form with every field that changes the answer (the cache and store key)."""
+        output: Any = self.output
+        if self.output_model is not None:
+            output = {"model": self.output_model.__name__, "schema": self.output_schema}
+        return {
+            "messages": [m.model_dump() for m in self.messages],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "stop": list(self.stop),
+            "output": output,
+        }
+
+    def key(self, model: str) -> str:
+        """A stable hash of this request sent to ``model``."""
+        blob = json.dumps({"model": model, **self.canonical()}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Usage(BaseModel):
+    """Tokens spent and their price. Adding two gives their sum."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cost_usd=self.cost_usd + other.cost_usd,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ChatResult(BaseModel):
+    """One completion: its text, the parsed value for structured requests, usage and timing."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    text: str
+    parsed: Any = None
+    usage: Usage = Field(default_factory=Usage)
+    model: str = ""
+    finish_reason: str | None = None
+    latency_s: float = 0.0

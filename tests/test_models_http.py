@@ -1,0 +1,342 @@
+"""OpenAICompatible and Anthropic against real HTTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+
+import pytest
+from pydantic import BaseModel
+
+from orchestra.errors import (
+    AuthenticationError,
+    BadResponse,
+    EndpointUnreachable,
+    RateLimited,
+    RequestRejected,
+    RequestTimeout,
+)
+from orchestra.loopback import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
+from orchestra.models import Anthropic, ChatRequest, OpenAICompatible, Price
+from orchestra.models.base import retry_listener
+from orchestra.models.http import parse_retry_after
+
+
+class Answer(BaseModel):
+    city: str
+    population: int
+
+
+def ask(text: str = "hello", **options: object) -> ChatRequest:
+    return ChatRequest.user(text, **options)
+
+
+def run(coro):  # noqa: ANN001, ANN201 - test helper
+    return asyncio.run(coro)
+
+
+def openai(server, **options) -> OpenAICompatible:  # noqa: ANN001
+    return OpenAICompatible(model="gpt-4o-mini", base_url=server.url + "/v1", **options)
+
+
+def anthropic(server, **options) -> Anthropic:  # noqa: ANN001
+    return Anthropic(model="claude-sonnet-4-5", base_url=server.url, api_key_env=None, **options)
+
+
+# --- success, usage and cost ---------------------------------------------------------------
+
+
+def test_openai_success_reports_usage_and_cost(loopback) -> None:
+    server = loopback(lambda req: openai_reply("Paris", prompt_tokens=1000, completion_tokens=500))
+    model = openai(server, prices=(2.0, 8.0))
+    [result] = run(model.complete([ask("capital of France?", temperature=0.2, seed=7)]))
+    assert result.text == "Paris"
+    assert result.usage.prompt_tokens == 1000 and result.usage.completion_tokens == 500
+    assert result.usage.cost_usd == pytest.approx((1000 * 2.0 + 500 * 8.0) / 1e6)
+    assert result.finish_reason == "stop" and result.model == "gpt-4o-mini"
+    sent = server.requests[0].json()
+    assert sent["model"] == "gpt-4o-mini" and sent["temperature"] == 0.2 and sent["seed"] == 7
+    assert server.requests[0].path == "/v1/chat/completions"
+
+
+def test_price_table_applies_by_model_family(loopback) -> None:
+    server = loopback(lambda req: openai_reply("x", prompt_tokens=1_000_000, completion_tokens=0))
+    model = OpenAICompatible(model="gpt-4o-mini-2024-07-18", base_url=server.url + "/v1")
+    [result] = run(model.complete([ask()]))
+    assert result.usage.cost_usd == pytest.approx(0.15)
+
+
+def test_results_come_back_in_request_order(loopback) -> None:
+    async def slow_first(req: LoopbackRequest) -> Reply:
+        text = req.json()["messages"][-1]["content"]
+        await asyncio.sleep(0.05 if text == "0" else 0)
+        return openai_reply(text)
+
+    server = loopback(slow_first)
+    results = run(openai(server).complete([ask(str(i)) for i in range(5)]))
+    assert [r.text for r in results] == ["0", "1", "2", "3", "4"]
+
+
+def test_api_key_is_sent_from_the_environment(loopback, monkeypatch) -> None:
+    server = loopback(lambda req: openai_reply("ok"))
+    monkeypatch.setenv("LOOPBACK_KEY", "sk-test-123")
+    run(openai(server, api_key_env="LOOPBACK_KEY").complete([ask()]))
+    assert server.requests[0].headers["authorization"] == "Bearer sk-test-123"
+
+
+# --- retries -----------------------------------------------------------------------------------
+
+
+def test_429_with_retry_after_is_honoured_then_succeeds(loopback) -> None:
+    answers = iter([error_reply(429, "slow down", retry_after="1"), openai_reply("done")])
+    server = loopback(lambda req: next(answers))
+    waits: list[float] = []
+    token = retry_listener.set(lambda model, attempt, wait, reason: waits.append(wait))
+    try:
+        [result] = run(openai(server).complete([ask()]))
+    finally:
+        retry_listener.reset(token)
+    assert result.text == "done"
+    assert len(server.requests) == 2
+    assert waits == [1.0]
+
+
+def test_two_500s_then_success(loopback) -> None:
+    answers = iter([error_reply(500), error_reply(502), openai_reply("third time")])
+    server = loopback(lambda req: next(answers))
+    [result] = run(openai(server).complete([ask()]))
+    assert result.text == "third time" and len(server.requests) == 3
+
+
+def test_429_forever_ends_in_rate_limited(loopback) -> None:
+    server = loopback(lambda req: error_reply(429, retry_after="0"))
+    with pytest.raises(RateLimited, match="still rate limiting"):
+        run(openai(server, max_attempts=3).complete([ask()]))
+    assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_client_errors_are_never_retried(loopback, status: int) -> None:
+    server = loopback(lambda req: error_reply(status, "model 'nope' does not exist"))
+    with pytest.raises(RequestRejected, match="does not exist"):
+        run(openai(server).complete([ask()]))
+    assert len(server.requests) == 1
+
+
+def test_401_fails_at_once_naming_the_variable_not_the_key(loopback, monkeypatch) -> None:
+    server = loopback(lambda req: error_reply(401, "invalid api key"))
+    monkeypatch.setenv("MY_PROVIDER_KEY", "sk-secret-value")
+    with pytest.raises(AuthenticationError) as caught:
+        run(openai(server, api_key_env="MY_PROVIDER_KEY").complete([ask()]))
+    message = str(caught.value)
+    assert "MY_PROVIDER_KEY" in message and "sk-secret-value" not in message
+    assert "\n" not in message
+    assert len(server.requests) == 1
+
+
+def test_missing_key_variable_is_one_clear_line(loopback, monkeypatch) -> None:
+    server = loopback(lambda req: openai_reply("never"))
+    monkeypatch.delenv("ABSENT_KEY", raising=False)
+    with pytest.raises(AuthenticationError, match="environment variable ABSENT_KEY is not set"):
+        run(openai(server, api_key_env="ABSENT_KEY").complete([ask()]))
+    assert server.requests == []
+
+
+def test_hung_server_hits_the_timeout(loopback) -> None:
+    server = loopback(lambda req: Reply(hang=True))
+    with pytest.raises(RequestTimeout, match="did not answer within 0.2 s"):
+        run(openai(server, timeout=0.2, max_attempts=2).complete([ask()]))
+    assert len(server.requests) == 2
+
+
+def test_unreachable_endpoint_names_the_url() -> None:
+    from orchestra.models.base import allow_model_requests
+
+    with allow_model_requests():
+        model = OpenAICompatible(model="m", base_url="http://127.0.0.1:9/v1", max_attempts=1)
+        with pytest.raises(EndpointUnreachable, match=r"cannot reach http://127.0.0.1:9/v1/chat/completions"):
+            run(model.complete([ask()]))
+
+
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    now = time.time()
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+
+def test_max_concurrency_holds_and_is_shared_by_models_on_one_endpoint(loopback) -> None:
+    server = loopback(chat_handler(lambda req: "ok", delay=0.02))
+    first = openai(server, max_concurrency=3)
+    second = OpenAICompatible(model="other", base_url=server.url + "/v1")
+
+    async def both() -> None:
+        await asyncio.gather(first.complete([ask(str(i)) for i in range(20)]),
+                             second.complete([ask(str(i)) for i in range(20)]))
+
+    run(both())
+    assert len(server.requests) == 40
+    assert 1 <= server.peak_in_flight <= 3
+    assert first.endpoint is second.endpoint
+
+
+def test_rpm_spaces_request_starts(loopback) -> None:
+    server = loopback(lambda req: openai_reply("ok"))
+    model = openai(server, rpm=600)  # one start every 0.1 s
+    started = time.monotonic()
+    run(model.complete([ask(str(i)) for i in range(4)]))
+    assert time.monotonic() - started >= 0.29
+
+
+# --- structured output -------------------------------------------------------------------------
+
+
+def test_json_schema_output_parsed_into_pydantic(loopback) -> None:
+    server = loopback(lambda req: openai_reply('{"city": "Paris", "population": 2100000}'))
+    [result] = run(openai(server).complete([ask("facts", output=Answer)]))
+    assert result.parsed == Answer(city="Paris", population=2100000)
+    response_format = server.requests[0].json()["response_format"]
+    assert response_format["type"] == "json_schema"
+    assert response_format["json_schema"]["schema"]["required"] == ["city", "population"]
+
+
+def test_malformed_json_is_repaired_once(loopback) -> None:
+    answers = iter([openai_reply('{"city": "Paris", population: }'),
+                    openai_reply('{"city": "Paris", "population": 1}')])
+    server = loopback(lambda req: next(answers))
+    [result] = run(openai(server).complete([ask("facts", output=Answer)]))
+    assert result.parsed.population == 1
+    repair = server.requests[1].json()["messages"]
+    assert repair[-2]["role"] == "assistant" and "not valid" in repair[-1]["content"]
+    assert result.usage.prompt_tokens == 20  # both attempts counted
+
+
+def test_unrepairable_json_is_a_clear_error(loopback) -> None:
+    server = loopback(lambda req: openai_reply('{"city": 3}'))
+    with pytest.raises(BadResponse, match="invalid JSON for Answer even after one repair attempt"):
+        run(openai(server).complete([ask("facts", output=Answer)]))
+    assert len(server.requests) == 2
+
+
+def test_unsupported_json_schema_falls_back_to_json_object_then_prompt(loopback) -> None:
+    def handler(req: LoopbackRequest) -> Reply:
+        if "response_format" in req.json():
+            return error_reply(400, "response_format is not supported")
+        return openai_reply('```json\n{"city": "Oslo", "population": 700000}\n```')
+
+    server = loopback(handler)
+    model = openai(server)
+    [result] = run(model.complete([ask("facts", output=Answer)]))
+    assert result.parsed.city == "Oslo"
+    kinds = [req.json().get("response_format", {}).get("type") for req in server.requests]
+    assert kinds == ["json_schema", "json_object", None]
+    assert "JSON schema" in server.requests[-1].json()["messages"][-1]["content"]
+    run(model.complete([ask("again", output=Answer)]))  # the working mode is remembered
+    assert len(server.requests) == 4
+
+
+def test_dict_schema_is_validated(loopback) -> None:
+    schema = {"type": "object", "properties": {"keywords": {"type": "array", "items": {"type": "string"}}},
+              "required": ["keywords"]}
+    server = loopback(lambda req: openai_reply('{"keywords": ["algebra", "geometry"]}'))
+    [result] = run(openai(server).complete([ask("skills?", output=schema)]))
+    assert result.parsed == {"keywords": ["algebra", "geometry"]}
+
+
+# --- Anthropic ---------------------------------------------------------------------------------
+
+
+def test_anthropic_success_with_system_prompt_usage_and_cost(loopback, monkeypatch) -> None:
+    server = loopback(lambda req: anthropic_reply("Bonjour", input_tokens=2000, output_tokens=100))
+    monkeypatch.setenv("ANTHROPIC_TEST_KEY", "sk-ant-xyz")
+    model = Anthropic(model="claude-sonnet-4-5", base_url=server.url, api_key_env="ANTHROPIC_TEST_KEY")
+    [result] = run(model.complete([ask("say hi", system="Answer in French.")]))
+    assert result.text == "Bonjour"
+    assert result.usage.cost_usd == pytest.approx((2000 * 3 + 100 * 15) / 1e6)
+    sent = server.requests[0]
+    assert sent.path == "/v1/messages"
+    assert sent.headers["x-api-key"] == "sk-ant-xyz" and sent.headers["anthropic-version"]
+    body = sent.json()
+    assert body["system"] == "Answer in French." and body["messages"] == [{"role": "user", "content": "say hi"}]
+    assert body["max_tokens"] == 1024
+
+
+def test_anthropic_retries_429_then_500(loopback) -> None:
+    answers = iter([error_reply(429, retry_after="0"), error_reply(529), anthropic_reply("ok")])
+    server = loopback(lambda req: next(answers))
+    [result] = run(anthropic(server).complete([ask()]))
+    assert result.text == "ok" and len(server.requests) == 3
+
+
+def test_anthropic_401_names_the_variable(loopback, monkeypatch) -> None:
+    server = loopback(lambda req: error_reply(401, "invalid x-api-key"))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-secret")
+    model = Anthropic(model="claude-haiku-4-5", base_url=server.url)
+    with pytest.raises(AuthenticationError, match="ANTHROPIC_API_KEY") as caught:
+        run(model.complete([ask()]))
+    assert "sk-ant-secret" not in str(caught.value) and len(server.requests) == 1
+
+
+def test_anthropic_structured_output_uses_a_forced_tool(loopback) -> None:
+    server = loopback(lambda req: anthropic_reply(tool_input={"city": "Rome", "population": 2800000}))
+    [result] = run(anthropic(server).complete([ask("facts", output=Answer)]))
+    assert result.parsed == Answer(city="Rome", population=2800000)
+    body = server.requests[0].json()
+    assert body["tool_choice"] == {"type": "tool", "name": "respond"}
+    assert body["tools"][0]["input_schema"]["properties"]["city"]["type"] == "string"
+
+
+def test_anthropic_malformed_json_repaired(loopback) -> None:
+    answers = iter([anthropic_reply("not json at all"), anthropic_reply('{"city": "Rome", "population": 3}')])
+
+    def handler(req: LoopbackRequest) -> Reply:
+        if req.json().get("tools"):
+            return error_reply(400, "tools not supported here")
+        return next(answers)
+
+    server = loopback(handler)
+    [result] = run(anthropic(server).complete([ask("facts", output=Answer)]))
+    assert result.parsed.population == 3
+
+
+def test_anthropic_hang_times_out_and_max_concurrency_holds(loopback) -> None:
+    server = loopback(chat_handler(lambda req: "ok", delay=0.02))
+    run(anthropic(server, max_concurrency=2).complete([ask(str(i)) for i in range(10)]))
+    assert server.peak_in_flight <= 2
+    hung = loopback(lambda req: Reply(hang=True))
+    with pytest.raises(RequestTimeout):
+        run(Anthropic(model="c", base_url=hung.url, api_key_env=None, timeout=0.1,
+                      max_attempts=1).complete([ask()]))
+
+
+def test_complete_each_reports_failures_per_request(loopback) -> None:
+    def handler(req: LoopbackRequest) -> Reply:
+        text = req.json()["messages"][-1]["content"]
+        return error_reply(400, "bad one") if text == "bad" else openai_reply(text.upper())
+
+    server = loopback(handler)
+
+    async def collect() -> dict[int, object]:
+        return {i: r async for i, r in openai(server).complete_each([ask("a"), ask("bad"), ask("c")])}
+
+    outcomes = run(collect())
+    assert outcomes[0].text == "A" and outcomes[2].text == "C"
+    assert isinstance(outcomes[1], RequestRejected)
+
+
+def test_retry_listener_sees_attempts(loopback) -> None:
+    answers = iter([error_reply(503, retry_after="0"), openai_reply("ok")])
+    server = loopback(lambda req: next(answers))
+    seen: list[tuple[str, int]] = []
+    token = retry_listener.set(lambda model, attempt, wait, reason: seen.append((model, attempt)))
+    try:
+        run(openai(server).complete([ask()]))
+    finally:
+        retry_listener.reset(token)
+    assert seen == [("gpt-4o-mini", 1)]
+    assert json.loads(server.requests[0].body)["messages"][0]["content"] == "hello"
