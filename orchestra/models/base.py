@@ -137,12 +137,16 @@ class ModelBase(abc.ABC):
         except Exception as error:  # noqa: BLE001 - handed to the caller as this request's outcome
             return error
 
-    async def complete_one(self, request: ChatRequest) -> ChatResult:
-        """One request, parsed if structured; an invalid structured answer gets one repair attempt."""
+    def check_allowed(self) -> None:
+        """Raise ``ModelRequestsForbidden`` if the test switch forbids this (real) model's requests."""
         if not ALLOW_MODEL_REQUESTS and not self.is_test_double:
             raise ModelRequestsForbidden(
                 f"real model requests are switched off (request to {self.name}); "
                 "wrap the test in orchestra.models.allow_model_requests()")
+
+    async def complete_one(self, request: ChatRequest) -> ChatResult:
+        """One request, parsed if structured; an invalid structured answer gets one repair attempt."""
+        self.check_allowed()
         started = time.perf_counter()
         result = await self._generate(request)
         if not request.wants_json or result.parsed is not None:

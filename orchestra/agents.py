@@ -1,0 +1,234 @@
+"""Agents (experts) and pools: who can be recruited, on which model, with which measured skills."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestra.errors import ConfigError
+from orchestra.models import ChatRequest, Model
+from orchestra.models.config import ModelSpec
+from orchestra.models.pricing import FREE
+from orchestra.profile import SkillProfile, load_profiles
+from orchestra.recruit import RecruitConfig, SkillTable, choose_aggregator
+from orchestra.resources import default_pool_path
+from orchestra.yamlfile import YamlDocument, read_yaml
+
+DEFAULT_PERSONA = "You are a knowledgeable, careful expert. Reason step by step, then answer."
+
+
+@dataclass(eq=False)
+class Agent:
+    """An expert: a name, a model, a persona (system prompt) and sampling settings.
+
+    ``skills`` are declared skills, used only until the agent has a measured profile.
+    """
+
+    name: str
+    model: Model
+    persona: str = DEFAULT_PERSONA
+    temperature: float | None = None
+    max_tokens: int | None = None
+    skills: tuple[str, ...] = ()
+    description: str = ""
+
+    def request(self, prompt: str, *, seed: int | None = None, output: Any = "text",
+                max_tokens: int | None = None) -> ChatRequest:
+        """A request from this agent: its persona as the system prompt and its sampling settings."""
+        return ChatRequest.user(prompt, system=self.persona or None, temperature=self.temperature,
+                                max_tokens=max_tokens or self.max_tokens, seed=seed, output=output)
+
+
+@dataclass(eq=False)
+class Pool:
+    """The agents available for recruiting, their profiles, and the models that plan and extract skills.
+
+    Args:
+        agents: the experts.
+        profiles: measured skill profiles by agent name.
+        planner: the model that writes plans (default: the first agent's model).
+        keyword_model: the keyword LLM (default: the planner).
+        aggregator: an agent name that always aggregates; default: the best aggregation score.
+        name: shown in listings and provenance.
+        profiles_dir: where ``orchestra profile`` writes this pool's profiles.
+        source: the file the pool was read from.
+    """
+
+    agents: list[Agent]
+    profiles: dict[str, SkillProfile] = field(default_factory=dict)
+    planner: Model | None = None
+    keyword_model: Model | None = None
+    aggregator: str | None = None
+    name: str = "pool"
+    profiles_dir: Path | None = None
+    source: Path | None = None
+    settings: PoolSettings = field(default_factory=lambda: PoolSettings())
+
+    def __post_init__(self) -> None:
+        if not self.agents:
+            raise ConfigError("a pool needs at least one agent")
+        names = [a.name for a in self.agents]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"duplicate agent name(s) in pool: {', '.join(duplicates)}")
+        if self.aggregator is not None and self.aggregator not in names:
+            raise ConfigError(f"aggregator {self.aggregator!r} is not an agent of the pool")
+        self.planner = self.planner or self.agents[0].model
+        self.keyword_model = self.keyword_model or self.planner
+        self._by_name = {a.name: a for a in self.agents}
+
+    def __getitem__(self, name: str) -> Agent:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ConfigError(f"unknown agent {name!r}; the pool has {', '.join(self._by_name)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    @property
+    def names(self) -> list[str]:
+        """Agent names in pool order."""
+        return [a.name for a in self.agents]
+
+    @property
+    def models(self) -> list[Model]:
+        """Every distinct model the pool uses (agents, planner and keyword LLM)."""
+        seen: dict[int, Model] = {}
+        for model in [*(a.model for a in self.agents), self.planner, self.keyword_model]:
+            if model is not None:
+                seen.setdefault(id(model), model)
+        return list(seen.values())
+
+    def skill_table(self, config: RecruitConfig) -> SkillTable:
+        """Profiles, cold starts and prices in the form the recruiter uses."""
+        prices = {a.name: getattr(a.model, "price", FREE).blended for a in self.agents}
+        return SkillTable.build(self.names, self.profiles, {a.name: a.skills for a in self.agents},
+                                prices, config)
+
+    def choose_aggregator(self, table: SkillTable) -> Agent:
+        """The aggregating agent: configured, else the best measured aggregator."""
+        return self[choose_aggregator(self.profiles, table.competence, self.names, self.aggregator)]
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Pool:
+        """Read a pool file (the embedded default pool when ``path`` is None)."""
+        file = Path(path) if path is not None else default_pool_path()
+        document = read_yaml(file)
+        spec = document.validate(PoolFile)
+        _check_references(spec, document)
+        base = file.parent
+        models = {name: model_spec.build(name, base) for name, model_spec in spec.models.items()}
+        agents = []
+        for agent in spec.agents:
+            agents.append(Agent(
+                name=agent.name, model=models[agent.model or spec.defaults.model or ""], persona=agent.persona or spec.defaults.persona,
+                temperature=agent.temperature if agent.temperature is not None else spec.defaults.temperature,
+                max_tokens=agent.max_tokens or spec.defaults.max_tokens,
+                skills=tuple(agent.skills), description=agent.description))
+        profiles_dir = (base / spec.profiles) if spec.profiles else None
+        profiles = load_profiles(profiles_dir) if profiles_dir else {}
+        unknown = sorted(set(profiles) - {a.name for a in agents})
+        if unknown:
+            raise ConfigError(f"profiles for unknown agent(s) {', '.join(unknown)} in {profiles_dir}",
+                              path=str(file))
+        return cls(agents=agents, profiles=profiles,
+                   planner=models[spec.planner] if spec.planner else None,
+                   keyword_model=models[spec.keywords] if spec.keywords else None,
+                   aggregator=spec.aggregator, name=spec.name or file.stem, profiles_dir=profiles_dir,
+                   source=file, settings=spec.settings)
+
+
+# --- the pool file ---------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolSettings(_Strict):
+    """Run defaults that suit this pool (a tiny local model wants small plans); flags override them."""
+
+    k: int | None = Field(default=None, ge=1)
+    mode: Literal["symbolic-moe", "topk", "adaptive", "random"] | None = None
+    aggregate: Literal["synthesize", "vote", "refine", "none"] | None = None
+    max_nodes: int | None = Field(default=None, ge=1)
+    plan_fallback: Literal["fail", "single"] | None = None
+    planner_max_tokens: int | None = Field(default=None, ge=16)
+    context_chars: int | None = Field(default=None, ge=100)
+    max_resident_models: int | None = Field(default=None, ge=1)
+
+
+class AgentDefaults(_Strict):
+    """Values every agent gets unless it sets its own."""
+
+    model: str | None = None
+    persona: str = DEFAULT_PERSONA
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+class AgentFile(_Strict):
+    """One agent in a pool file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
+    model: str | None = None
+    persona: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    skills: list[str] = []
+    description: str = ""
+
+
+class PoolFile(_Strict):
+    """The schema of ``agents/pools/*.yaml``."""
+
+    name: str | None = None
+    description: str = ""
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    defaults: AgentDefaults = AgentDefaults()
+    planner: str | None = None
+    keywords: str | None = None
+    aggregator: str | None = None
+    profiles: str | None = None
+    settings: PoolSettings = PoolSettings()
+    agents: list[AgentFile] = Field(min_length=1)
+
+
+def _check_references(spec: PoolFile, document: YamlDocument) -> None:
+    known = set(spec.models)
+    choices = ", ".join(sorted(known))
+    for key in ("planner", "keywords"):
+        value = getattr(spec, key)
+        if value is not None and value not in known:
+            raise document.error(f"{key} names unknown model {value!r}; models: {choices}", (key,))
+    if spec.defaults.model is not None and spec.defaults.model not in known:
+        raise document.error(f"defaults.model names unknown model {spec.defaults.model!r}; models: {choices}",
+                             ("defaults", "model"))
+    names: list[str] = []
+    for index, agent in enumerate(spec.agents):
+        if agent.name in names:
+            raise document.error(f"duplicate agent name {agent.name!r}", ("agents", index, "name"))
+        names.append(agent.name)
+        if agent.model is not None and agent.model not in known:
+            raise document.error(f"agent {agent.name!r} names unknown model {agent.model!r}; models: {choices}",
+                                 ("agents", index, "model"))
+        if agent.model is None and spec.defaults.model is None:
+            raise document.error(f"agent {agent.name!r} names no model and defaults.model is unset",
+                                 ("agents", index))
+    if spec.aggregator is not None and spec.aggregator not in names:
+        raise document.error(f"aggregator {spec.aggregator!r} is not one of the agents: {', '.join(names)}",
+                             ("aggregator",))
+
+
+def pool_from_models(models: Mapping[str, Model], *, personas: Mapping[str, str] | None = None,
+                     skills: Mapping[str, Sequence[str]] | None = None, **options: Any) -> Pool:
+    """A pool with one agent per model, for quick use from Python."""
+    personas, skills = personas or {}, skills or {}
+    return Pool(agents=[Agent(name=name, model=model, persona=personas.get(name, DEFAULT_PERSONA),
+                              skills=tuple(skills.get(name, ()))) for name, model in models.items()],
+                **options)

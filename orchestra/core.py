@@ -1,0 +1,193 @@
+"""``Orchestra``: the Python API. Plan, recruit, execute in batches, aggregate."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestra.agents import Pool
+from orchestra.aggregate import STRATEGIES
+from orchestra.budget import Budget
+from orchestra.errors import ConfigError
+from orchestra.events import Event, EventBus
+from orchestra.execute import Executor, RunLedger
+from orchestra.grading import Grader, get_grader
+from orchestra.matching import LexicalMatcher, SkillMatcher
+from orchestra.plan import Plan
+from orchestra.recruit import MODES, RecruitConfig, Recruiter
+from orchestra.result import RunResult
+from orchestra.run import Run, RunEnv, RunOptions
+from orchestra.skills import KeywordConfig, SkillExtractor
+
+T = TypeVar("T")
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: ``20261122-143005-3fa2c1``."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def run_sync(coro: Awaitable[T]) -> T:
+    """Run a coroutine from synchronous code; refuse clearly inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    if hasattr(coro, "close"):
+        coro.close()  # type: ignore[union-attr]
+    raise RuntimeError("an event loop is already running here; use the async method (arun, arun_many...)")
+
+
+class Orchestra:
+    """A team of experts from a pool, recruited by measured skills, run in per-model batches.
+
+    Args:
+        pool: a ``Pool``, a pool file, or None for the embedded default pool.
+        k: experts per subtask.
+        mode: ``symbolic-moe``, ``topk``, ``adaptive`` or ``random``.
+        aggregate: ``synthesize``, ``vote``, ``refine`` or ``none``.
+        plan: plan the task into subtasks (False runs it as one node).
+        max_nodes: the largest plan accepted.
+        plan_repairs: how often an invalid plan is sent back to the planner.
+        plan_fallback: ``fail`` or ``single`` (run the task as one step) when planning fails.
+        seed: the seed of every sampling choice; same seed, same recruitments.
+        budget: per-run limits (on by default).
+        matcher: maps keywords to profile skills (lexical by default).
+        keywords: the skill-extraction settings.
+        recruit: recruiting settings beyond mode and k (adaptive p, cost λ, rare filter...).
+        grader: extracts answers for voting and evaluation.
+        aggregator: an agent name that always aggregates (default: best measured aggregator).
+        max_resident_models: heavy models kept loaded at once.
+        memory_budget_gb: heavy models are also evicted to stay within this.
+        on_event: a listener for every event.
+    """
+
+    def __init__(self, pool: Pool | str | Path | None = None, *, k: int | None = None, mode: str | None = None,
+                 aggregate: str | None = None, plan: bool = True, max_nodes: int | None = None,
+                 plan_repairs: int = 2, plan_fallback: str | None = None, seed: int = 0,
+                 budget: Budget | dict[str, Any] | None = None, matcher: SkillMatcher | None = None,
+                 keywords: KeywordConfig | None = None, recruit: RecruitConfig | None = None,
+                 grader: str | Grader = "auto", aggregator: str | None = None,
+                 max_resident_models: int | None = None, memory_budget_gb: float | None = None,
+                 context_chars: int | None = None, on_event: Callable[[Event], None] | None = None) -> None:
+        self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)
+        settings = self.pool.settings
+        mode = mode or settings.mode or "symbolic-moe"
+        aggregate = aggregate or settings.aggregate or "synthesize"
+        if mode not in MODES:
+            raise ConfigError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
+        if aggregate not in STRATEGIES:
+            raise ConfigError(f"unknown aggregation {aggregate!r}; choose one of {', '.join(STRATEGIES)}")
+        if aggregator is not None and aggregator not in self.pool:
+            raise ConfigError(f"aggregator {aggregator!r} is not an agent of pool {self.pool.name!r}")
+        self.options = RunOptions(
+            k=k or settings.k or 3, mode=mode, aggregate=aggregate, plan=plan,  # type: ignore[arg-type]
+            max_nodes=max_nodes or settings.max_nodes or 12, plan_repairs=plan_repairs,
+            plan_fallback=plan_fallback or settings.plan_fallback or "fail",  # type: ignore[arg-type]
+            seed=seed, budget=budget if isinstance(budget, Budget) else Budget.model_validate(budget or {}),
+            planner_max_tokens=settings.planner_max_tokens or 1024,
+            context_chars=context_chars or settings.context_chars or 4000)
+        self.events = EventBus()
+        if on_event is not None:
+            self.events.subscribe(on_event)
+        self.executor = Executor(
+            events=self.events, max_resident_models=max_resident_models or settings.max_resident_models or 1,
+            memory_budget_bytes=int(memory_budget_gb * 2**30) if memory_budget_gb else None)
+        recruit_config = dataclasses.replace(recruit or RecruitConfig(), mode=mode, k=self.options.k)
+        table = self.pool.skill_table(recruit_config)
+        if aggregator is not None:
+            self.pool.aggregator = aggregator
+        self.env = RunEnv(pool=self.pool, executor=self.executor, events=self.events, table=table,
+                          recruiter=Recruiter(table, recruit_config), matcher=matcher or LexicalMatcher(),
+                          extractor=SkillExtractor(keywords), aggregator=self.pool.choose_aggregator(table),
+                          grader=get_grader(grader))
+
+    # --- single runs -----------------------------------------------------------------------
+
+    def run(self, task: str, **overrides: Any) -> RunResult:
+        """Answer ``task`` (blocking). See ``arun`` for the overrides."""
+        return run_sync(self.arun(task, **overrides))
+
+    async def arun(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
+                   **overrides: Any) -> RunResult:
+        """Answer ``task``.
+
+        Args:
+            task: what to do.
+            plan: a ``Plan`` to run as given, or a bool to switch planning on or off.
+            run_id: an id for the run (default: a new one).
+            overrides: any ``RunOptions`` field for this run only (k, mode, aggregate, seed, budget...).
+        """
+        run = self._make_run(task, plan=plan, run_id=run_id, **overrides)
+        return await run.start()
+
+    def _make_run(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
+                  **overrides: Any) -> Run:
+        if not task or not task.strip():
+            raise ConfigError("the task is empty")
+        given = plan if isinstance(plan, Plan) else None
+        if isinstance(plan, bool):
+            overrides["plan"] = plan
+        options = self._options(overrides)
+        ledger = RunLedger.create(run_id or new_run_id(), options.budget)
+        return Run(self.env, task, options, ledger, plan=given)
+
+    def _options(self, overrides: dict[str, Any]) -> RunOptions:
+        unknown = sorted(set(overrides) - set(RunOptions.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown run option(s): {', '.join(unknown)}")
+        if isinstance(overrides.get("budget"), dict):
+            overrides["budget"] = self.options.budget.merged(**overrides["budget"])
+        return dataclasses.replace(self.options, **overrides)
+
+    # --- many runs -------------------------------------------------------------------------
+
+    def run_many(self, tasks: Sequence[str], **options: Any) -> list[RunResult]:
+        """Answer many tasks at once, their calls batched together (blocking). See ``arun_many``."""
+        return run_sync(self.arun_many(tasks, **options))
+
+    async def arun_many(self, tasks: Sequence[str], *, plan: bool = False, rare_filter: bool = True,
+                        answer_formats: Sequence[str | None] | None = None, **overrides: Any) -> list[RunResult]:
+        """Answer many tasks on one executor so every wave's calls group per model.
+
+        Args:
+            tasks: the questions.
+            plan: plan each task (off by default at data-set scale).
+            rare_filter: without planning, recruit every task first and replace experts chosen for
+                under the rare threshold of tasks, so fewer models load. Only this call's tasks are
+                considered: runs of other callers never change these recruitments.
+            answer_formats: a per-task hint on how to state the final answer (for grading).
+            overrides: ``RunOptions`` fields for all these runs.
+        """
+        formats = list(answer_formats) if answer_formats is not None else [None] * len(tasks)
+        if len(formats) != len(tasks):
+            raise ValueError("answer_formats must have one entry per task")
+        runs = [self._make_run(task, plan=plan, answer_format=fmt, **overrides)
+                for task, fmt in zip(tasks, formats)]
+        if rare_filter and not plan and runs:
+            await self._recruit_together(runs)
+        return list(await asyncio.gather(*(run.start() for run in runs)))
+
+    async def _recruit_together(self, runs: list[Run]) -> None:
+        node = "answer"
+        outcomes = await asyncio.gather(*(self.executor.run_task(run.recruit(node, run.task, ())) for run in runs),
+                                        return_exceptions=True)
+        recruited = [(run, o) for run, o in zip(runs, outcomes) if not isinstance(o, BaseException)]
+        filtered = self.env.recruiter.filter_rare([o for _, o in recruited], seed=self.options.seed)
+        for (run, _), recruitment in zip(recruited, filtered):
+            run.presets[node] = recruitment
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Unload every resident model."""
+        await self.executor.unload_all()
+
+    def close(self) -> None:
+        """Unload every resident model (blocking)."""
+        run_sync(self.aclose())

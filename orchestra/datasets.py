@@ -1,0 +1,95 @@
+"""Data sets: JSONL files of questions with reference answers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestra.errors import DatasetError
+
+
+class Item(BaseModel):
+    """One labelled question: ``{"id", "question", "answer", "choices"?, "category"?}``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str
+    question: str = Field(min_length=1)
+    answer: str
+    choices: tuple[str, ...] | None = None
+    category: str | None = None
+
+    @field_validator("id", "answer", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    def prompt(self) -> str:
+        """The question with its lettered choices, as experts see it."""
+        if not self.choices:
+            return self.question
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        lines = [f"({letters[i]}) {choice}" for i, choice in enumerate(self.choices)]
+        return self.question + "\n" + "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Items read from one file, with the file's sha256 for provenance."""
+
+    items: tuple[Item, ...]
+    path: str
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Item]:
+        return iter(self.items)
+
+    @classmethod
+    def from_items(cls, items: Sequence[Item | dict[str, Any]], *, name: str = "<memory>") -> Dataset:
+        """A data set built in code; its hash covers the items' JSON."""
+        parsed = tuple(i if isinstance(i, Item) else Item.model_validate(i) for i in items)
+        blob = "\n".join(json.dumps(i.model_dump(mode="json"), sort_keys=True) for i in parsed)
+        return cls(items=parsed, path=name, sha256=hashlib.sha256(blob.encode()).hexdigest())
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Read a JSONL data set; a bad row is a ``DatasetError`` naming the file and line."""
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read data set ({error.strerror or error})") from None
+    items: list[Item] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}:{number}: each line must be a JSON object")
+        try:
+            item = Item.model_validate(row)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            problem = "missing" if first["type"] == "missing" else first["msg"]
+            raise DatasetError(f"{path}:{number}: field '{field}': {problem}") from None
+        if item.id in seen:
+            raise DatasetError(f"{path}:{number}: duplicate id {item.id!r} (first on line {seen[item.id]})")
+        seen[item.id] = number
+        items.append(item)
+    if not items:
+        raise DatasetError(f"{path}: the data set has no items")
+    return Dataset(items=tuple(items), path=str(path), sha256=hashlib.sha256(raw).hexdigest())

@@ -1,0 +1,225 @@
+"""Typed events: every stage reports through them; the live view, the store and tracing listen."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of all events. ``kind`` names the event in logs and the store."""
+
+    kind: ClassVar[str] = "event"
+    at: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, with ``kind`` first."""
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    """A run began."""
+
+    kind: ClassVar[str] = "run_started"
+    run_id: str
+    task: str
+
+
+@dataclass(frozen=True)
+class PlanReady(Event):
+    """The plan was made (or given) and validated."""
+
+    kind: ClassVar[str] = "plan_ready"
+    run_id: str
+    nodes: tuple[dict[str, Any], ...]
+    attempts: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class NodeReady(Event):
+    """Every dependency of a node is done."""
+
+    kind: ClassVar[str] = "node_ready"
+    run_id: str
+    node: str
+
+
+@dataclass(frozen=True)
+class ExpertsRecruited(Event):
+    """A node's experts (and aggregator) were chosen."""
+
+    kind: ClassVar[str] = "experts_recruited"
+    run_id: str
+    node: str
+    experts: tuple[str, ...]
+    aggregator: str
+    skills: tuple[str, ...]
+    explanation: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NodeAggregating(Event):
+    """A node's expert outputs are being combined."""
+
+    kind: ClassVar[str] = "node_aggregating"
+    run_id: str
+    node: str
+    strategy: str
+
+
+@dataclass(frozen=True)
+class NodeDone(Event):
+    """A node produced its output."""
+
+    kind: ClassVar[str] = "node_done"
+    run_id: str
+    node: str
+    output: str
+
+
+@dataclass(frozen=True)
+class NodeFailed(Event):
+    """A node failed; its dependents will be skipped."""
+
+    kind: ClassVar[str] = "node_failed"
+    run_id: str
+    node: str
+    error: str
+
+
+@dataclass(frozen=True)
+class NodeSkipped(Event):
+    """A node did not run because a dependency failed."""
+
+    kind: ClassVar[str] = "node_skipped"
+    run_id: str
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CallsQueued(Event):
+    """Calls joined a model's queue."""
+
+    kind: ClassVar[str] = "calls_queued"
+    model: str
+    count: int
+    run_id: str
+    purpose: str
+
+
+@dataclass(frozen=True)
+class CallsAnswered(Event):
+    """Calls were answered without reaching the model: from the cache or, on resume, from the store."""
+
+    kind: ClassVar[str] = "calls_answered"
+    model: str
+    count: int
+    run_id: str
+    source: str  # "cache" or "store"
+
+
+@dataclass(frozen=True)
+class ModelLoaded(Event):
+    """A heavy model was loaded."""
+
+    kind: ClassVar[str] = "model_loaded"
+    model: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ModelUnloaded(Event):
+    """A heavy model was unloaded to make room."""
+
+    kind: ClassVar[str] = "model_unloaded"
+    model: str
+
+
+@dataclass(frozen=True)
+class BatchStarted(Event):
+    """One batch went to one model."""
+
+    kind: ClassVar[str] = "batch_started"
+    batch: int
+    model: str
+    size: int
+    wave: int
+    runs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BatchFinished(Event):
+    """A batch came back."""
+
+    kind: ClassVar[str] = "batch_finished"
+    batch: int
+    model: str
+    size: int
+    failed: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CallRetried(Event):
+    """The model layer is retrying a call."""
+
+    kind: ClassVar[str] = "call_retried"
+    model: str
+    attempt: int
+    wait_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class UsageUpdated(Event):
+    """A run's running totals changed."""
+
+    kind: ClassVar[str] = "usage_updated"
+    run_id: str
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class RunDone(Event):
+    """A run ended (done, partial, failed, budget_exceeded or cancelled)."""
+
+    kind: ClassVar[str] = "run_done"
+    run_id: str
+    status: str
+    answer: str | None
+    error: str | None
+    elapsed_s: float
+
+
+Listener = Callable[[Event], None]
+
+
+class EventBus:
+    """Synchronous fan-out of events to listeners; a failing listener never breaks a run."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Listener] = []
+        self.listener_errors: list[str] = []
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Add a listener; the returned function removes it."""
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener) if listener in self.listeners else None
+
+    def emit(self, event: Event) -> None:
+        """Give ``event`` to every listener."""
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception as error:  # noqa: BLE001 - a display bug must not lose work
+                self.listener_errors.append(f"{type(listener).__name__}: {error}")

@@ -1,0 +1,404 @@
+"""The batching executor: waves of calls, grouped by model, with residency-aware loading.
+
+Pipeline code runs in tasks the executor manages. When every managed task is waiting on a model
+call and no batch is in flight, the queued calls form a *wave*: they are answered from the store
+(on resume) or the cache where possible, checked against their run's budget, grouped by model,
+and each model gets one batch. Light models (remote endpoints) run their batches concurrently;
+heavy models (in-process engines) run one after another, resident ones first, loading each at
+most once per wave and keeping at most ``max_resident_models`` (and ``memory_budget_bytes``)
+loaded. Many runs share one executor, so a whole data set's calls batch together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from orchestra.budget import Budget, BudgetTracker
+from orchestra.errors import BudgetExceeded
+from orchestra.events import (
+    BatchFinished,
+    BatchStarted,
+    CallRetried,
+    CallsAnswered,
+    CallsQueued,
+    EventBus,
+    ModelLoaded,
+    ModelUnloaded,
+    UsageUpdated,
+)
+from orchestra.models import ChatRequest, ChatResult, Model, Usage, is_heavy
+from orchestra.models.base import retry_listener
+from orchestra.models.pricing import FREE
+
+Outcome = ChatResult | Exception
+
+
+class CallJournal(Protocol):
+    """Durable record of a run's calls (the run store): replayed on resume, written as results arrive."""
+
+    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> ChatResult | None:
+        """The recorded result of this call, if it completed before."""
+        ...
+
+    def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest, outcome: Outcome,
+               *, purpose: str, node: str | None, source: str) -> None:
+        """Commit one call's outcome before anything uses it."""
+        ...
+
+
+class ResponseCache(Protocol):
+    """Answers reused across runs, keyed by model and canonical request."""
+
+    def get(self, model: str, key: str, request: ChatRequest) -> ChatResult | None:
+        """A cached result, or None."""
+        ...
+
+    def put(self, model: str, key: str, request: ChatRequest, result: ChatResult) -> None:
+        """Remember a successful result."""
+        ...
+
+
+@dataclass
+class BatchRecord:
+    """One batch as a run saw it."""
+
+    model: str
+    size: int
+    calls: int
+    wave: int
+    purpose: str
+
+
+@dataclass(eq=False)
+class RunLedger:
+    """One run's accounting inside the executor: budget, usage, batches, loads, call sequence."""
+
+    run_id: str
+    budget: BudgetTracker
+    journal: CallJournal | None = None
+    cache: ResponseCache | None = None
+    batches: list[BatchRecord] = field(default_factory=list)
+    model_loads: Counter[str] = field(default_factory=Counter)
+    answered: Counter[str] = field(default_factory=Counter)  # "cache" / "store" hits
+    cache_misses: int = 0
+    failed_calls: int = 0
+    _seq: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def create(cls, run_id: str, budget: Budget | None = None, **options: Any) -> RunLedger:
+        """A ledger with a fresh budget tracker."""
+        return cls(run_id=run_id, budget=BudgetTracker(budget or Budget(), run_id), **options)
+
+    def next_seq(self, key: str) -> int:
+        """How many identical requests this run made before this one."""
+        seq = self._seq[key]
+        self._seq[key] += 1
+        return seq
+
+    @property
+    def usage(self) -> Usage:
+        """Tokens and cost so far."""
+        return self.budget.usage
+
+
+class _Waiter:
+    """One managed task waiting for several calls."""
+
+    __slots__ = ("remaining", "outcomes", "future")
+
+    def __init__(self, size: int, future: asyncio.Future[list[Outcome]]) -> None:
+        self.remaining = size
+        self.outcomes: list[Outcome | None] = [None] * size
+        self.future = future
+
+
+@dataclass
+class _Call:
+    model: Model
+    request: ChatRequest
+    ledger: RunLedger
+    purpose: str
+    node: str | None
+    waiter: _Waiter
+    index: int
+    key: str
+    seq: int
+    reserved: float = 0.0
+
+
+@dataclass
+class ExecutorStats:
+    """Totals over the executor's life: batches sent and model loads."""
+
+    batches: list[tuple[str, int]] = field(default_factory=list)
+    loads: Counter[str] = field(default_factory=Counter)
+    unloads: Counter[str] = field(default_factory=Counter)
+    waves: int = 0
+
+
+class Executor:
+    """Schedules managed tasks and dispatches their model calls in per-model batches.
+
+    Args:
+        events: where batch, load and retry events go.
+        max_resident_models: heavy models kept loaded at once.
+        memory_budget_bytes: if set, heavy models are also evicted to keep their summed
+            ``memory_bytes`` within it.
+    """
+
+    def __init__(self, *, events: EventBus | None = None, max_resident_models: int = 1,
+                 memory_budget_bytes: int | None = None) -> None:
+        self.events = events or EventBus()
+        self.max_resident_models = max(1, max_resident_models)
+        self.memory_budget_bytes = memory_budget_bytes
+        self.stats = ExecutorStats()
+        self._queue: list[_Call] = []
+        self._active = 0
+        self._in_flight = False
+        self._kick_scheduled = False
+        self._resident: list[Model] = []  # least recently used first
+        self._batch_no = 0
+        self._wave_runs: set[str] = set()
+
+    # --- managed tasks ---------------------------------------------------------------------
+
+    def spawn(self, coro: Awaitable[Any], *, owner: asyncio.Future[Any] | None = None) -> asyncio.Task[Any]:
+        """Run ``coro`` as a managed task. If it raises, ``owner`` (a run's future) gets the error."""
+        self._active += 1
+        return asyncio.get_running_loop().create_task(self._managed(coro, owner))
+
+    async def _managed(self, coro: Awaitable[Any], owner: asyncio.Future[Any] | None) -> Any:
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if owner is not None and not owner.done():
+                owner.set_exception(error)
+                return None
+            raise
+        finally:
+            self._active -= 1
+            self._schedule_kick()
+
+    async def run_task(self, coro: Awaitable[Any]) -> Any:
+        """Run one managed coroutine from unmanaged code and wait for its result."""
+        owner: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def wrapped() -> None:
+            result = await coro
+            if not owner.done():
+                owner.set_result(result)
+
+        self.spawn(wrapped(), owner=owner)
+        return await owner
+
+    # --- calls -----------------------------------------------------------------------------
+
+    async def call(self, ledger: RunLedger, calls: Sequence[tuple[Model, ChatRequest]], *, purpose: str,
+                   node: str | None = None) -> list[Outcome]:
+        """Queue calls from a managed task and wait for all of them; outcomes in call order.
+
+        A failed call comes back as its exception, so one bad expert does not sink its siblings.
+        """
+        if not calls:
+            return []
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(len(calls), loop.create_future())
+        per_model: Counter[str] = Counter()
+        for index, (model, request) in enumerate(calls):
+            key = request.key(model.name)
+            self._queue.append(_Call(model, request, ledger, purpose, node, waiter, index, key,
+                                     ledger.next_seq(key)))
+            per_model[model.name] += 1
+        for name, count in per_model.items():
+            self.events.emit(CallsQueued(model=name, count=count, run_id=ledger.run_id, purpose=purpose))
+        self._active -= 1
+        self._schedule_kick()
+        try:
+            outcomes = await waiter.future
+        except asyncio.CancelledError:
+            self._active += 1  # _managed's finally takes it back off
+            raise
+        return outcomes
+
+    def _resolve(self, call: _Call, outcome: Outcome) -> None:
+        waiter = call.waiter
+        if waiter.future.done():
+            return
+        waiter.outcomes[call.index] = outcome
+        waiter.remaining -= 1
+        if waiter.remaining == 0:
+            self._active += 1  # the waiting task is runnable again
+            waiter.future.set_result(list(waiter.outcomes))  # type: ignore[arg-type]
+
+    # --- waves -----------------------------------------------------------------------------
+
+    def _schedule_kick(self) -> None:
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        if self._active == 0 and not self._in_flight and self._queue:
+            self._in_flight = True
+            asyncio.get_running_loop().create_task(self._wave())
+
+    async def _wave(self) -> None:
+        calls, self._queue = self._queue, []
+        self.stats.waves += 1
+        wave = self.stats.waves
+        try:
+            groups: dict[int, list[_Call]] = {}
+            for call in calls:
+                if call.waiter.future.done():  # its task was cancelled
+                    continue
+                if not self._answer_without_model(call):
+                    groups.setdefault(id(call.model), []).append(call)
+            light = [g for g in groups.values() if not is_heavy(g[0].model)]
+            heavy = [g for g in groups.values() if is_heavy(g[0].model)]
+            await asyncio.gather(*(self._send(group, wave) for group in light), self._send_heavy(heavy, wave))
+        finally:
+            self._in_flight = False
+            self._schedule_kick()
+
+    def _answer_without_model(self, call: _Call) -> bool:
+        """Replay from the store, answer from the cache, or refuse on budget; True if handled."""
+        ledger = call.ledger
+        if ledger.journal is not None:
+            recorded = ledger.journal.replay(ledger.run_id, call.key, call.seq, call.request)
+            if recorded is not None:
+                ledger.budget.count(recorded.usage)
+                ledger.answered["store"] += 1
+                self.events.emit(CallsAnswered(model=call.model.name, count=1, run_id=ledger.run_id, source="store"))
+                self._resolve(call, recorded)
+                return True
+        if ledger.cache is not None:
+            cached = ledger.cache.get(call.model.name, call.key, call.request)
+            if cached is not None:
+                ledger.answered["cache"] += 1
+                if ledger.journal is not None:
+                    ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request,
+                                          cached, purpose=call.purpose, node=call.node, source="cache")
+                self.events.emit(CallsAnswered(model=call.model.name, count=1, run_id=ledger.run_id, source="cache"))
+                self._resolve(call, cached)
+                return True
+            ledger.cache_misses += 1
+        try:
+            call.reserved = ledger.budget.admit(call.request, getattr(call.model, "price", FREE))
+        except BudgetExceeded as exceeded:
+            self._resolve(call, exceeded)
+            return True
+        return False
+
+    async def _send_heavy(self, groups: list[list[_Call]], wave: int) -> None:
+        resident = {id(m) for m in self._resident}
+        ordered = sorted(groups, key=lambda g: id(g[0].model) not in resident)  # stable: resident first
+        for group in ordered:
+            model = group[0].model
+            try:
+                await self._make_resident(model, {c.ledger for c in group})
+            except Exception as error:  # noqa: BLE001 - a model that cannot load fails its calls
+                self._fail(group, error)
+                continue
+            await self._send(group, wave)
+
+    async def _make_resident(self, model: Model, ledgers: set[RunLedger]) -> None:
+        if model in self._resident:
+            self._resident.remove(model)
+            self._resident.append(model)
+            return
+        while self._resident and (len(self._resident) >= self.max_resident_models or self._over_memory(model)):
+            evicted = self._resident.pop(0)
+            await evicted.unload()  # type: ignore[attr-defined]
+            self.stats.unloads[evicted.name] += 1
+            self.events.emit(ModelUnloaded(model=evicted.name))
+        if not model.loaded:  # type: ignore[attr-defined]
+            seconds = await model.load()  # type: ignore[attr-defined]
+            self.stats.loads[model.name] += 1
+            for ledger in ledgers:
+                ledger.model_loads[model.name] += 1
+            self.events.emit(ModelLoaded(model=model.name, seconds=seconds))
+        self._resident.append(model)
+
+    def _over_memory(self, incoming: Model) -> bool:
+        if self.memory_budget_bytes is None:
+            return False
+        used = sum(getattr(m, "memory_bytes", 0) for m in self._resident)
+        return used + getattr(incoming, "memory_bytes", 0) > self.memory_budget_bytes
+
+    async def _send(self, group: list[_Call], wave: int) -> None:
+        model = group[0].model
+        self._batch_no += 1
+        batch = self._batch_no
+        runs = tuple(dict.fromkeys(c.ledger.run_id for c in group))
+        self.stats.batches.append((model.name, len(group)))
+        own: Counter[int] = Counter(id(c.ledger) for c in group)
+        for ledger in {id(c.ledger): c.ledger for c in group}.values():
+            ledger.batches.append(BatchRecord(model=model.name, size=len(group), calls=own[id(ledger)],
+                                              wave=wave, purpose=group[0].purpose))
+        self.events.emit(BatchStarted(batch=batch, model=model.name, size=len(group), wave=wave, runs=runs))
+        started = time.perf_counter()
+        token = retry_listener.set(self._on_retry)
+        pending = dict(enumerate(group))
+        failed = 0
+        try:
+            async for index, outcome in model.complete_each([c.request for c in group]):
+                call = pending.pop(index)
+                failed += isinstance(outcome, Exception)
+                self._finish(call, outcome)
+        except Exception as error:  # noqa: BLE001 - an engine-level failure fails what is left
+            failed += len(pending)
+            self._fail(list(pending.values()), error)
+        finally:
+            retry_listener.reset(token)
+        self.events.emit(BatchFinished(batch=batch, model=model.name, size=len(group), failed=failed,
+                                       seconds=time.perf_counter() - started))
+
+    def _finish(self, call: _Call, outcome: Outcome) -> None:
+        ledger = call.ledger
+        if ledger.journal is not None:
+            ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request, outcome,
+                                  purpose=call.purpose, node=call.node, source="model")
+        if isinstance(outcome, Exception):
+            ledger.failed_calls += 1
+            ledger.budget.settle(call.reserved, Usage())
+        else:
+            ledger.budget.settle(call.reserved, outcome.usage)
+            if ledger.cache is not None:
+                ledger.cache.put(call.model.name, call.key, call.request, outcome)
+        usage = ledger.usage
+        self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=ledger.budget.calls,
+                                      prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                                      cost_usd=usage.cost_usd))
+        self._resolve(call, outcome)
+
+    def _fail(self, calls: list[_Call], error: Exception) -> None:
+        for call in calls:
+            call.ledger.budget.settle(call.reserved, None)
+            call.ledger.failed_calls += 1
+            self._resolve(call, error)
+
+    def _on_retry(self, model: str, attempt: int, wait_s: float, reason: str) -> None:
+        self.events.emit(CallRetried(model=model, attempt=attempt, wait_s=wait_s, reason=reason))
+
+    # --- residency -------------------------------------------------------------------------
+
+    @property
+    def resident(self) -> list[str]:
+        """Names of the heavy models loaded now, least recently used first."""
+        return [m.name for m in self._resident]
+
+    async def unload_all(self) -> None:
+        """Unload every resident heavy model."""
+        while self._resident:
+            model = self._resident.pop(0)
+            await model.unload()  # type: ignore[attr-defined]
+            self.stats.unloads[model.name] += 1
+            self.events.emit(ModelUnloaded(model=model.name))

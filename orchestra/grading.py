@@ -1,0 +1,218 @@
+"""Grading answers against references: multiple-choice letters, numbers, and exact match."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Protocol
+
+from orchestra.datasets import Item
+from orchestra.errors import ConfigError
+
+LETTERS = "ABCDEFGHIJ"
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+
+
+def strip_reasoning(text: str) -> str:
+    """Drop ``<think>...</think>`` blocks, and everything before a dangling ``</think>``."""
+    text = _THINK.sub("", text)
+    if "</think>" in text.lower():
+        text = text[text.lower().rindex("</think>") + len("</think>"):]
+    return text.strip()
+
+
+class Grader(Protocol):
+    """Extracts a final answer from a response and checks it against an item."""
+
+    name: str
+
+    def extract(self, text: str, item: Item | None = None) -> str | None:
+        """The canonical final answer in ``text``, or None when there is none."""
+        ...
+
+    def grade(self, text: str, item: Item) -> bool:
+        """Whether ``text`` answers ``item`` correctly."""
+        ...
+
+
+def _answer_clause(text: str) -> str | None:
+    found = re.findall(r"answer\s*(?:is|:)\s*(.+)", text, flags=re.IGNORECASE)
+    return found[-1].strip() if found else None
+
+
+class MultipleChoiceGrader:
+    """Letters A-J: "The answer is (X)", else the last standalone option letter."""
+
+    name = "mc"
+
+    def extract(self, text: str, item: Item | None = None) -> str | None:
+        """The chosen letter, upper case."""
+        text = strip_reasoning(text)
+        valid = LETTERS[: len(item.choices)] if item is not None and item.choices else LETTERS
+        clause = _answer_clause(text)
+        if clause:
+            match = re.search(rf"\(?\b([{valid}{valid.lower()}])\b\)?", clause)
+            if match:
+                return match.group(1).upper()
+        letters = re.findall(rf"\(([{valid}])\)|\b([{valid}])\b(?=[).:\s]|$)", text)
+        if letters:
+            last = letters[-1]
+            return last[0] or last[1]
+        if item is not None and item.choices:
+            lowered = text.lower()
+            hits = [(lowered.rfind(c.lower()), i) for i, c in enumerate(item.choices) if c.lower() in lowered]
+            if hits:
+                return LETTERS[max(hits)[1]]
+        return None
+
+    def grade(self, text: str, item: Item) -> bool:
+        """Compare letters; a reference given as the choice's text is turned into its letter."""
+        reference = item.answer.strip().strip("()").upper()
+        if len(reference) != 1 and item.choices:
+            matches = [i for i, c in enumerate(item.choices) if c.strip().lower() == item.answer.strip().lower()]
+            reference = LETTERS[matches[0]] if matches else reference
+        return self.extract(text, item) == reference
+
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}``, braces balanced."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    start = starts[-1]
+    depth = 1
+    for index in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[start:index]
+    return None
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def normalize_number(text: str) -> Fraction | None:
+    """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` handled."""
+    text = text.strip().replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
+    frac = re.fullmatch(r"-?\\d?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", text)
+    if frac:
+        try:
+            value = Fraction(frac.group(1)) / Fraction(frac.group(2))
+        except (ValueError, ZeroDivisionError):
+            return None
+        return -value if text.startswith("-") and not frac.group(1).startswith("-") else value
+    text = text.replace(",", "").rstrip(".")
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+class NumericGrader:
+    """Numbers: the last ``\\boxed{}``, else "the answer is N", else the last number in the text."""
+
+    name = "numeric"
+
+    def extract(self, text: str, item: Item | None = None) -> str | None:
+        """The final number, normalised (``"1/2"``, ``"12"``), or None."""
+        text = strip_reasoning(text)
+        for candidate in (last_boxed(text), _answer_clause(text), text):
+            if not candidate:
+                continue
+            value = normalize_number(candidate)
+            if value is None:
+                numbers = _NUMBER.findall(candidate)
+                value = normalize_number(numbers[-1]) if numbers else None
+            if value is not None:
+                return str(value)
+        return None
+
+    def grade(self, text: str, item: Item) -> bool:
+        """Equal as exact fractions (so 0.50, 1/2 and \\frac{1}{2} agree)."""
+        extracted = self.extract(text, item)
+        reference = normalize_number(item.answer)
+        return extracted is not None and reference is not None and Fraction(extracted) == reference
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(word for word in text.split() if word not in ("a", "an", "the"))
+
+
+class ExactMatchGrader:
+    """Normalised exact match of "the answer is X" (else the last line) against the reference."""
+
+    name = "exact"
+
+    def extract(self, text: str, item: Item | None = None) -> str | None:
+        """The normalised final answer."""
+        text = strip_reasoning(text)
+        clause = _answer_clause(text)
+        if clause is None:
+            lines = [line for line in text.splitlines() if line.strip()]
+            clause = lines[-1] if lines else ""
+        return normalize_text(last_boxed(clause) or clause) or None
+
+    def grade(self, text: str, item: Item) -> bool:
+        """Equal after normalisation."""
+        return self.extract(text, item) == normalize_text(item.answer)
+
+
+class AutoGrader:
+    """Picks per item: choices means letters, a numeric reference means numbers, else exact match."""
+
+    name = "auto"
+
+    def __init__(self) -> None:
+        self.mc, self.numeric, self.exact = MultipleChoiceGrader(), NumericGrader(), ExactMatchGrader()
+
+    def pick(self, item: Item | None) -> Grader:
+        """The grader for this item (exact match when no item is known)."""
+        if item is None:
+            return self.exact
+        if item.choices:
+            return self.mc
+        if normalize_number(item.answer) is not None:
+            return self.numeric
+        return self.exact
+
+    def extract(self, text: str, item: Item | None = None) -> str | None:
+        """Extract with the grader this item needs."""
+        return self.pick(item).extract(text, item)
+
+    def grade(self, text: str, item: Item) -> bool:
+        """Grade with the grader this item needs."""
+        return self.pick(item).grade(text, item)
+
+
+GRADERS: dict[str, Callable[[], Grader]] = {
+    "auto": AutoGrader,
+    "mc": MultipleChoiceGrader,
+    "numeric": NumericGrader,
+    "exact": ExactMatchGrader,
+}
+
+
+def get_grader(name: str | Grader) -> Grader:
+    """A grader by name (``auto``, ``mc``, ``numeric``, ``exact``) or the grader itself."""
+    if not isinstance(name, str):
+        return name
+    try:
+        return GRADERS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown grader {name!r}; choose one of {', '.join(GRADERS)}") from None
+
+
+def answer_format(item: Item | None) -> str:
+    """How an expert should state its final answer so the grader finds it."""
+    if item is not None and item.choices:
+        return 'End with "The answer is (X)" where X is the letter of your choice.'
+    if item is not None and normalize_number(item.answer) is not None:
+        return 'End with "The answer is N" where N is the final number.'
+    return 'End with "The answer is ..." followed by your final answer.'

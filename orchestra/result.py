@@ -1,0 +1,105 @@
+"""What a run returns: the answer and everything needed to see how it was reached."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+RunStatus = Literal["done", "partial", "failed", "budget_exceeded", "cancelled"]
+NodeStatus = Literal["pending", "recruiting", "running", "aggregating", "done", "failed", "skipped"]
+
+
+class ExpertOutput(BaseModel):
+    """One expert's answer for a node (or its error)."""
+
+    agent: str
+    model: str
+    text: str | None = None
+    error: str | None = None
+
+
+class NodeTrace(BaseModel):
+    """A node of the plan after the run."""
+
+    id: str
+    instruction: str
+    depends_on: list[str] = []
+    status: NodeStatus = "pending"
+    skills: list[str] = []
+    experts: list[str] = []
+    aggregator: str | None = None
+    strategy: str = "synthesize"
+    output: str | None = None
+    expert_outputs: list[ExpertOutput] = []
+    recruitment: dict[str, Any] | None = None
+    error: str | None = None
+    elapsed_s: float = 0.0
+
+
+class PlanTrace(BaseModel):
+    """The plan that ran."""
+
+    nodes: list[NodeTrace] = []
+    attempts: int = 0
+    note: str = ""
+
+
+class RunUsage(BaseModel):
+    """Calls, tokens and cost of one run."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    failed_calls: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    replayed_calls: int = 0
+
+
+class BatchInfo(BaseModel):
+    """One batch this run took part in: ``size`` is the whole batch, ``calls`` this run's share."""
+
+    model: str
+    size: int
+    calls: int
+    wave: int
+    purpose: str
+
+
+class RunResult(BaseModel):
+    """The answer with its plan, experts, explanations, usage, batches, loads and timings."""
+
+    run_id: str
+    task: str
+    status: RunStatus
+    answer: str | None = None
+    error: str | None = None
+    plan: PlanTrace = Field(default_factory=PlanTrace)
+    usage: RunUsage = Field(default_factory=RunUsage)
+    batches: list[BatchInfo] = []
+    model_loads: dict[str, int] = {}
+    elapsed_s: float = 0.0
+    timings: dict[str, float] = {}
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run produced a complete answer."""
+        return self.status == "done"
+
+    def node(self, node_id: str) -> NodeTrace:
+        """A node by id."""
+        return next(n for n in self.plan.nodes if n.id == node_id)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` shape: answer, plan.nodes[], usage, batches[], model_loads, elapsed_s, and more."""
+        data = self.model_dump(mode="json")
+        data["usage"]["cost_usd"] = round(data["usage"]["cost_usd"], 8)
+        data["elapsed_s"] = round(data["elapsed_s"], 3)
+        return data
+
+    def dumps(self) -> str:
+        """``to_json()`` as text."""
+        return json.dumps(self.to_json(), ensure_ascii=False, indent=2)

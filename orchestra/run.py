@@ -1,0 +1,367 @@
+"""One run: a task through plan, recruit, batched execution and aggregation, on a shared executor."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import networkx as nx
+
+from orchestra.agents import Agent, Pool
+from orchestra.aggregate import Response, Strategy, ranked, refine_prompt, synthesize_prompt, vote
+from orchestra.budget import Budget
+from orchestra.errors import BadResponse, BudgetExceeded, OrchestraError, PlanError
+from orchestra.events import (
+    EventBus,
+    ExpertsRecruited,
+    NodeAggregating,
+    NodeDone,
+    NodeFailed,
+    NodeReady,
+    NodeSkipped,
+    PlanReady,
+    RunDone,
+    RunStarted,
+)
+from orchestra.execute import Executor, RunLedger
+from orchestra.grading import Grader, strip_reasoning
+from orchestra.matching import SkillMatcher
+from orchestra.models import ChatResult
+from orchestra.plan import Plan, PlanInvalid, parse_plan, planner_request, repair_request, validate_plan
+from orchestra.prompts import render
+from orchestra.recruit import Mode, Recruiter, Recruitment, SkillTable
+from orchestra.result import BatchInfo, ExpertOutput, NodeTrace, PlanTrace, RunResult, RunUsage
+from orchestra.skills import SkillExtractor
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything that shapes one run. Stored with the run, so a resume repeats it exactly."""
+
+    k: int = 3
+    mode: Mode = "symbolic-moe"
+    aggregate: Strategy = "synthesize"
+    plan: bool = True
+    max_nodes: int = 12
+    plan_repairs: int = 2
+    plan_fallback: Literal["fail", "single"] = "fail"
+    seed: int = 0
+    budget: Budget = field(default_factory=Budget)
+    context_chars: int = 4000
+    planner_max_tokens: int = 1024
+    answer_format: str | None = None
+    context: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["budget"] = self.budget.model_dump()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunOptions:
+        """Rebuild stored options (unknown keys from other versions are ignored)."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "budget" in known:
+            known["budget"] = Budget.model_validate(known["budget"])
+        return cls(**known)
+
+
+@dataclass
+class RunEnv:
+    """What every run of one ``Orchestra`` shares."""
+
+    pool: Pool
+    executor: Executor
+    events: EventBus
+    table: SkillTable
+    recruiter: Recruiter
+    matcher: SkillMatcher
+    extractor: SkillExtractor
+    aggregator: Agent
+    grader: Grader
+
+
+def node_seed(seed: int, node_id: str) -> int:
+    """A per-node seed that depends only on the run's seed and the node's id."""
+    return zlib.crc32(f"{seed}:{node_id}".encode())
+
+
+class Run:
+    """Drives one task. Its coroutines run as managed tasks of the shared executor."""
+
+    def __init__(self, env: RunEnv, task: str, options: RunOptions, ledger: RunLedger, *,
+                 plan: Plan | None = None, presets: dict[str, Recruitment] | None = None) -> None:
+        self.env = env
+        self.task = task
+        self.options = options
+        self.ledger = ledger
+        self.run_id = ledger.run_id
+        self.given_plan = plan
+        self.presets = presets or {}
+        self.future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
+        self.traces: dict[str, NodeTrace] = {}
+        self.plan_trace = PlanTrace()
+        self.graph: nx.DiGraph = nx.DiGraph()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self._unresolved = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Future[RunResult]:
+        """Begin the run (from a managed task or the event loop); the future gets the result."""
+        self.env.events.emit(RunStarted(run_id=self.run_id, task=self.task))
+        self._spawn(self._begin())
+        return self.future
+
+    def cancel(self) -> None:
+        """Stop the run: cancel its tasks and finish with status ``cancelled``."""
+        for task in list(self.tasks):
+            task.cancel()
+        if not self.future.done():
+            self._finish("cancelled", None, "cancelled by the user")
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.env.executor.spawn(coro, owner=self.future)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _begin(self) -> None:
+        started = time.perf_counter()
+        try:
+            plan, attempts, note = await self._make_plan()
+        except (OrchestraError, PlanInvalid) as error:
+            self._finish(self._failure_status(), None, str(error))
+            return
+        self.timings["plan_s"] = time.perf_counter() - started
+        self.graph = validate_plan(plan, max_nodes=max(self.options.max_nodes, len(plan.subtasks)))
+        self.plan = plan
+        for subtask in plan.subtasks:
+            self.traces[subtask.id] = NodeTrace(id=subtask.id, instruction=subtask.instruction,
+                                                depends_on=list(subtask.depends_on), strategy=self.options.aggregate)
+        self.plan_trace = PlanTrace(nodes=list(self.traces.values()), attempts=attempts, note=note)
+        self.env.events.emit(PlanReady(run_id=self.run_id, attempts=attempts, note=note,
+                                       nodes=tuple(s.model_dump() for s in plan.subtasks)))
+        self._unresolved = len(plan.subtasks)
+        self._execute_started = time.perf_counter()
+        for node_id in nx.topological_sort(self.graph):
+            if self.graph.in_degree(node_id) == 0:
+                self._ready(node_id)
+
+    async def _make_plan(self) -> tuple[Plan, int, str]:
+        if self.given_plan is not None:
+            validate_plan(self.given_plan, max_nodes=max(self.options.max_nodes, len(self.given_plan.subtasks)))
+            return self.given_plan, 0, "given"
+        if not self.options.plan:
+            return Plan.single(self.task), 0, "planning off"
+        pool = self.env.pool
+        request = planner_request(self.task, max_nodes=self.options.max_nodes, context=self.options.context,
+                                  seed=self.options.seed, max_tokens=self.options.planner_max_tokens)
+        problem = ""
+        for attempt in range(1, self.options.plan_repairs + 2):
+            [outcome] = await self.env.executor.call(self.ledger, [(pool.planner, request)], purpose="plan")
+            if isinstance(outcome, BadResponse):
+                problem, answer = str(outcome), "(invalid JSON)"
+            elif isinstance(outcome, Exception):
+                raise outcome
+            else:
+                answer = outcome.text
+                try:
+                    plan = parse_plan(outcome.parsed)
+                    validate_plan(plan, max_nodes=self.options.max_nodes)
+                except PlanInvalid as invalid:
+                    problem = str(invalid)
+                else:
+                    note = "single step (fast path)" if len(plan.subtasks) == 1 else ""
+                    return plan, attempt, note
+            request = repair_request(request, answer, problem)
+        if self.options.plan_fallback == "single":
+            return Plan.single(self.task), self.options.plan_repairs + 1, f"planner failed ({problem}); ran the task as one step"
+        raise PlanError(f"the planner's plan stayed invalid after {self.options.plan_repairs} repair(s): {problem}")
+
+    # --- nodes -----------------------------------------------------------------------------
+
+    def _ready(self, node_id: str) -> None:
+        self.env.events.emit(NodeReady(run_id=self.run_id, node=node_id))
+        self._spawn(self._node(node_id))
+
+    async def _node(self, node_id: str) -> None:
+        trace = self.traces[node_id]
+        subtask = self.plan.node(node_id)
+        started = time.perf_counter()
+        try:
+            trace.status = "recruiting"
+            recruitment = await self.recruit(node_id, subtask.instruction, subtask.skills)
+            agents = [self.env.pool[name] for name in recruitment.experts]
+            trace.skills = list(recruitment.keywords)
+            trace.experts = list(recruitment.experts)
+            trace.recruitment = recruitment.to_dict()
+            needs_aggregator = len(agents) > 1 and self.options.aggregate in ("synthesize", "refine")
+            trace.aggregator = self.env.aggregator.name if needs_aggregator else None
+            self.env.events.emit(ExpertsRecruited(
+                run_id=self.run_id, node=node_id, experts=recruitment.experts,
+                aggregator=trace.aggregator or "", skills=recruitment.keywords,
+                explanation=tuple(recruitment.explain())))
+            trace.status = "running"
+            prompt = render("expert.j2", task=self.task, instruction=subtask.instruction,
+                            inputs=self._inputs(node_id), answer_format=self.options.answer_format)
+            seed = node_seed(self.options.seed, node_id)
+            calls = [(agent.model, agent.request(prompt, seed=seed + i)) for i, agent in enumerate(agents)]
+            outcomes = await self.env.executor.call(self.ledger, calls, purpose="expert", node=node_id)
+            responses = self._collect(trace, agents, outcomes, recruitment)
+            trace.output = await self._aggregate(node_id, subtask.instruction, responses, seed)
+            trace.status = "done"
+            self.env.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
+        except (OrchestraError, PlanInvalid) as error:
+            trace.status, trace.error = "failed", str(error)
+            self.env.events.emit(NodeFailed(run_id=self.run_id, node=node_id, error=str(error)))
+        trace.elapsed_s = time.perf_counter() - started
+        self._settle(node_id)
+
+    async def recruit(self, node_id: str, instruction: str, skills: Sequence[str]) -> Recruitment:
+        """Choose a node's experts: preset, else from the plan's skills, else from extracted keywords."""
+        if node_id in self.presets:
+            return self.presets[node_id]
+        keywords = [" ".join(s.lower().split()) for s in skills if s.strip()]
+        if not keywords:
+            extractor = self.env.extractor
+            requests = extractor.requests(instruction, seed=node_seed(self.options.seed, node_id))
+            model = self.env.pool.keyword_model
+            outcomes = await self.env.executor.call(self.ledger, [(model, r) for r in requests],
+                                                    purpose="keywords", node=node_id)
+            budget_errors = [o for o in outcomes if isinstance(o, BudgetExceeded)]
+            if budget_errors:
+                raise budget_errors[0]
+            keywords = extractor.combine(outcomes)
+        matches = await self.env.matcher.match(keywords, self.env.table.vocabulary)
+        return self.env.recruiter.recruit(keywords, matches, seed=node_seed(self.options.seed, node_id),
+                                          k=self.options.k, mode=self.options.mode)
+
+    def _inputs(self, node_id: str) -> list[dict[str, str]]:
+        limit = self.options.context_chars
+        inputs = []
+        for dependency in self.plan.node(node_id).depends_on:
+            output = self.traces[dependency].output or ""
+            if len(output) > limit:
+                output = output[:limit] + " [...]"
+            inputs.append({"id": dependency, "instruction": self.traces[dependency].instruction, "output": output})
+        return inputs
+
+    def _collect(self, trace: NodeTrace, agents: list[Agent], outcomes: list[ChatResult | Exception],
+                 recruitment: Recruitment) -> list[Response]:
+        responses = []
+        for agent, outcome in zip(agents, outcomes):
+            if isinstance(outcome, Exception):
+                trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, error=str(outcome)))
+                continue
+            trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, text=outcome.text))
+            candidate = recruitment.candidate(agent.name)
+            responses.append(Response(agent=agent.name, text=outcome.text,
+                                      weight=candidate.probability if candidate else 0.0))
+        if not responses:
+            errors = [o for o in outcomes if isinstance(o, Exception)]
+            budget = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
+            if budget is not None:
+                raise budget
+            raise OrchestraError(f"every expert failed; first error: {errors[0]}")
+        return responses
+
+    async def _aggregate(self, node_id: str, instruction: str, responses: list[Response], seed: int) -> str:
+        strategy = self.options.aggregate
+        if strategy == "none" or (len(responses) == 1 and strategy != "vote"):
+            return strip_reasoning(ranked(responses)[0].text)
+        if strategy == "vote":
+            return vote(responses, self.env.grader).text
+        self.traces[node_id].status = "aggregating"
+        self.env.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=strategy))
+        build = synthesize_prompt if strategy == "synthesize" else refine_prompt
+        aggregator = self.env.aggregator
+        request = aggregator.request(build(self.task, instruction, responses), seed=seed + 101)
+        [outcome] = await self.env.executor.call(self.ledger, [(aggregator.model, request)],
+                                                 purpose="aggregate", node=node_id)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return strip_reasoning(outcome.text)
+
+    def _settle(self, node_id: str) -> None:
+        self._unresolved -= 1
+        if self.traces[node_id].status == "failed":
+            for descendant in nx.descendants(self.graph, node_id):
+                trace = self.traces[descendant]
+                if trace.status == "pending":
+                    trace.status = "skipped"
+                    trace.error = f"skipped: dependency {node_id!r} failed"
+                    self._unresolved -= 1
+                    self.env.events.emit(NodeSkipped(run_id=self.run_id, node=descendant, reason=trace.error))
+        else:
+            for dependent in self.graph.successors(node_id):
+                if self.traces[dependent].status == "pending" and all(
+                        self.traces[d].status == "done" for d in self.graph.predecessors(dependent)):
+                    self._ready(dependent)
+        if self._unresolved == 0:
+            self._spawn(self._final())
+
+    # --- the answer ------------------------------------------------------------------------
+
+    async def _final(self) -> None:
+        self.timings["execute_s"] = time.perf_counter() - self._execute_started
+        sinks = [n for n in nx.topological_sort(self.graph) if self.graph.out_degree(n) == 0]
+        done = [n for n in sinks if self.traces[n].status == "done"]
+        failures = [f"{t.id}: {t.error}" for t in self.traces.values() if t.status == "failed"]
+        if not done:
+            self._finish(self._failure_status(), None, "; ".join(failures) or "no node finished")
+            return
+        answer = self.traces[done[0]].output
+        if len(done) > 1:
+            inputs = [{"id": n, "instruction": self.traces[n].instruction, "output": self.traces[n].output}
+                      for n in done]
+            aggregator = self.env.aggregator
+            request = aggregator.request(render("final.j2", task=self.task, inputs=inputs),
+                                         seed=node_seed(self.options.seed, "final"))
+            started = time.perf_counter()
+            [outcome] = await self.env.executor.call(self.ledger, [(aggregator.model, request)], purpose="final")
+            self.timings["final_s"] = time.perf_counter() - started
+            if isinstance(outcome, Exception):
+                failures.append(f"final aggregation: {outcome}")
+                self._finish(self._failure_status(), None, "; ".join(failures))
+                return
+            answer = strip_reasoning(outcome.text)
+        complete = len(done) == len(sinks) and not failures
+        status = "done" if complete else ("budget_exceeded" if self.ledger.budget.exceeded else "partial")
+        self._finish(status, answer, "; ".join(failures) or None)
+
+    def _failure_status(self) -> Literal["failed", "budget_exceeded"]:
+        return "budget_exceeded" if self.ledger.budget.exceeded else "failed"
+
+    def _finish(self, status: str, answer: str | None, error: str | None) -> None:
+        if self.future.done():
+            return
+        if self.ledger.budget.exceeded is not None:
+            error = str(self.ledger.budget.exceeded) if not error else f"{self.ledger.budget.exceeded} ({error})"
+        result = self.result(status, answer, error)
+        self.env.events.emit(RunDone(run_id=self.run_id, status=status, answer=answer, error=error,
+                                     elapsed_s=result.elapsed_s))
+        self.future.set_result(result)
+
+    def result(self, status: str, answer: str | None, error: str | None) -> RunResult:
+        """The ``RunResult`` as things stand."""
+        ledger = self.ledger
+        usage = ledger.usage
+        loads = dict(ledger.model_loads)
+        return RunResult(
+            run_id=self.run_id, task=self.task, status=status, answer=answer, error=error,  # type: ignore[arg-type]
+            plan=self.plan_trace,
+            usage=RunUsage(calls=ledger.budget.calls, prompt_tokens=usage.prompt_tokens,
+                           completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd,
+                           failed_calls=ledger.failed_calls, cache_hits=ledger.answered["cache"],
+                           cache_misses=ledger.cache_misses, replayed_calls=ledger.answered["store"]),
+            batches=[BatchInfo(model=b.model, size=b.size, calls=b.calls, wave=b.wave, purpose=b.purpose)
+                     for b in ledger.batches],
+            model_loads=loads, elapsed_s=time.perf_counter() - self.started,
+            timings={k: round(v, 4) for k, v in self.timings.items()})
