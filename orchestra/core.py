@@ -23,6 +23,7 @@ from orchestra.recruit import MODES, RecruitConfig, Recruiter
 from orchestra.result import RunResult
 from orchestra.run import Run, RunEnv, RunOptions
 from orchestra.skills import KeywordConfig, SkillExtractor
+from orchestra.store import RunStore
 
 T = TypeVar("T")
 
@@ -64,6 +65,9 @@ class Orchestra:
         aggregator: an agent name that always aggregates (default: best measured aggregator).
         max_resident_models: heavy models kept loaded at once.
         memory_budget_gb: heavy models are also evicted to stay within this.
+        store: the run store (a ``RunStore`` or a path); None means ``~/.orchestra/runs.db``,
+            False keeps no record (and makes resume impossible).
+        cache: reuse stored answers to identical requests across runs (opt-in).
         on_event: a listener for every event.
     """
 
@@ -74,7 +78,8 @@ class Orchestra:
                  keywords: KeywordConfig | None = None, recruit: RecruitConfig | None = None,
                  grader: str | Grader = "auto", aggregator: str | None = None,
                  max_resident_models: int | None = None, memory_budget_gb: float | None = None,
-                 context_chars: int | None = None, on_event: Callable[[Event], None] | None = None) -> None:
+                 context_chars: int | None = None, store: RunStore | str | Path | bool | None = None,
+                 cache: bool = False, on_event: Callable[[Event], None] | None = None) -> None:
         self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)
         settings = self.pool.settings
         mode = mode or settings.mode or "symbolic-moe"
@@ -93,6 +98,14 @@ class Orchestra:
             planner_max_tokens=settings.planner_max_tokens or 1024,
             context_chars=context_chars or settings.context_chars or 4000)
         self.events = EventBus()
+        if store is None or store is True:
+            store = RunStore()
+        self.store: RunStore | None = RunStore(store) if isinstance(store, (str, Path)) else (store or None)
+        if self.store is not None:
+            self.events.subscribe(self.store.listen)
+        if cache and self.store is None:
+            raise ConfigError("the response cache lives in the run store; do not combine cache=True with store=False")
+        self.cache = cache
         if on_event is not None:
             self.events.subscribe(on_event)
         self.executor = Executor(
@@ -114,28 +127,80 @@ class Orchestra:
         return run_sync(self.arun(task, **overrides))
 
     async def arun(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
-                   **overrides: Any) -> RunResult:
+                   meta: dict[str, Any] | None = None, **overrides: Any) -> RunResult:
         """Answer ``task``.
 
         Args:
             task: what to do.
             plan: a ``Plan`` to run as given, or a bool to switch planning on or off.
             run_id: an id for the run (default: a new one).
+            meta: JSON-ready facts stored with the run (how to rebuild it on resume).
             overrides: any ``RunOptions`` field for this run only (k, mode, aggregate, seed, budget...).
         """
         run = self._make_run(task, plan=plan, run_id=run_id, **overrides)
-        return await run.start()
+        self._begin(run, meta)
+        return await self._finish(run)
 
     def _make_run(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
-                  **overrides: Any) -> Run:
+                  fixed_experts: dict[str, list[str]] | None = None, **overrides: Any) -> Run:
         if not task or not task.strip():
             raise ConfigError("the task is empty")
         given = plan if isinstance(plan, Plan) else None
         if isinstance(plan, bool):
             overrides["plan"] = plan
         options = self._options(overrides)
-        ledger = RunLedger.create(run_id or new_run_id(), options.budget)
-        return Run(self.env, task, options, ledger, plan=given)
+        ledger = RunLedger.create(run_id or new_run_id(), options.budget, journal=self.store,
+                                  cache=self.store.cache() if self.cache and self.store else None)
+        return Run(self.env, task, options, ledger, plan=given, fixed_experts=fixed_experts)
+
+    def _begin(self, run: Run, meta: dict[str, Any] | None) -> None:
+        if self.store is not None:
+            self.store.begin_run(run.run_id, run.task, self._config(run, meta))
+
+    def _config(self, run: Run, meta: dict[str, Any] | None) -> dict[str, Any]:
+        return {"pool": str(self.pool.source) if self.pool.source else None, "options": run.options.to_dict(),
+                "plan": run.given_plan.model_dump() if run.given_plan else None,
+                "fixed_experts": {node: list(r.experts) for node, r in run.presets.items()} or run.fixed_experts,
+                "meta": meta or {}}
+
+    async def _finish(self, run: Run) -> RunResult:
+        result = await run.start()
+        if self.store is not None:
+            self.store.finish_run(result)
+        return result
+
+    # --- resume ----------------------------------------------------------------------------
+
+    def resume(self, run_id: str, **overrides: Any) -> RunResult:
+        """Finish an interrupted run (blocking). See ``aresume``."""
+        return run_sync(self.aresume(run_id, **overrides))
+
+    async def aresume(self, run_id: str, *, budget: Budget | dict[str, Any] | None = None) -> RunResult:
+        """Finish a stored run: recorded calls are replayed, only missing ones are sent.
+
+        Args:
+            run_id: the run (a unique prefix is enough).
+            budget: raised limits (a ``Budget`` or some of its fields) when the run stopped on one.
+        """
+        if self.store is None:
+            raise ConfigError("resume needs the run store; this Orchestra was made with store=False")
+        record = self.store.run(run_id)
+        if record.status == "done":
+            stored = self.store.result(record.id)
+            if stored is not None:
+                return stored
+        config = record.config
+        options = RunOptions.from_dict(config["options"])
+        if isinstance(budget, Budget):
+            options = dataclasses.replace(options, budget=budget)
+        elif budget:
+            options = dataclasses.replace(options, budget=options.budget.merged(**budget))
+        plan = Plan.model_validate(config["plan"]) if config.get("plan") else None
+        ledger = RunLedger.create(record.id, options.budget, journal=self.store,
+                                  cache=self.store.cache() if self.cache else None)
+        run = Run(self.env, record.task, options, ledger, plan=plan, fixed_experts=config.get("fixed_experts"))
+        self.store.begin_run(record.id, record.task, config)
+        return await self._finish(run)
 
     def _options(self, overrides: dict[str, Any]) -> RunOptions:
         unknown = sorted(set(overrides) - set(RunOptions.__dataclass_fields__))
@@ -152,7 +217,8 @@ class Orchestra:
         return run_sync(self.arun_many(tasks, **options))
 
     async def arun_many(self, tasks: Sequence[str], *, plan: bool = False, rare_filter: bool = True,
-                        answer_formats: Sequence[str | None] | None = None, **overrides: Any) -> list[RunResult]:
+                        answer_formats: Sequence[str | None] | None = None, meta: dict[str, Any] | None = None,
+                        **overrides: Any) -> list[RunResult]:
         """Answer many tasks on one executor so every wave's calls group per model.
 
         Args:
@@ -162,6 +228,7 @@ class Orchestra:
                 under the rare threshold of tasks, so fewer models load. Only this call's tasks are
                 considered: runs of other callers never change these recruitments.
             answer_formats: a per-task hint on how to state the final answer (for grading).
+            meta: JSON-ready facts stored with each run.
             overrides: ``RunOptions`` fields for all these runs.
         """
         formats = list(answer_formats) if answer_formats is not None else [None] * len(tasks)
@@ -169,9 +236,13 @@ class Orchestra:
             raise ValueError("answer_formats must have one entry per task")
         runs = [self._make_run(task, plan=plan, answer_format=fmt, **overrides)
                 for task, fmt in zip(tasks, formats)]
+        for run in runs:
+            self._begin(run, meta)
         if rare_filter and not plan and runs:
             await self._recruit_together(runs)
-        return list(await asyncio.gather(*(run.start() for run in runs)))
+            for run in runs:
+                self._begin(run, meta)
+        return list(await asyncio.gather(*(self._finish(run) for run in runs)))
 
     async def _recruit_together(self, runs: list[Run]) -> None:
         node = "answer"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """Base of all events. ``kind`` names the event in logs and the store."""
 
@@ -21,7 +21,7 @@ class Event:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunStarted(Event):
     """A run began."""
 
@@ -30,7 +30,7 @@ class RunStarted(Event):
     task: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlanReady(Event):
     """The plan was made (or given) and validated."""
 
@@ -41,7 +41,7 @@ class PlanReady(Event):
     note: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeReady(Event):
     """Every dependency of a node is done."""
 
@@ -50,7 +50,7 @@ class NodeReady(Event):
     node: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ExpertsRecruited(Event):
     """A node's experts (and aggregator) were chosen."""
 
@@ -63,7 +63,7 @@ class ExpertsRecruited(Event):
     explanation: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeAggregating(Event):
     """A node's expert outputs are being combined."""
 
@@ -73,7 +73,7 @@ class NodeAggregating(Event):
     strategy: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeDone(Event):
     """A node produced its output."""
 
@@ -83,7 +83,7 @@ class NodeDone(Event):
     output: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeFailed(Event):
     """A node failed; its dependents will be skipped."""
 
@@ -93,7 +93,7 @@ class NodeFailed(Event):
     error: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeSkipped(Event):
     """A node did not run because a dependency failed."""
 
@@ -103,7 +103,7 @@ class NodeSkipped(Event):
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallsQueued(Event):
     """Calls joined a model's queue."""
 
@@ -114,7 +114,7 @@ class CallsQueued(Event):
     purpose: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallsAnswered(Event):
     """Calls were answered without reaching the model: from the cache or, on resume, from the store."""
 
@@ -125,7 +125,7 @@ class CallsAnswered(Event):
     source: str  # "cache" or "store"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelLoaded(Event):
     """A heavy model was loaded."""
 
@@ -134,7 +134,7 @@ class ModelLoaded(Event):
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelUnloaded(Event):
     """A heavy model was unloaded to make room."""
 
@@ -142,7 +142,7 @@ class ModelUnloaded(Event):
     model: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchStarted(Event):
     """One batch went to one model."""
 
@@ -154,7 +154,7 @@ class BatchStarted(Event):
     runs: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchFinished(Event):
     """A batch came back."""
 
@@ -166,7 +166,7 @@ class BatchFinished(Event):
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallRetried(Event):
     """The model layer is retrying a call."""
 
@@ -177,7 +177,7 @@ class CallRetried(Event):
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UsageUpdated(Event):
     """A run's running totals changed."""
 
@@ -189,7 +189,7 @@ class UsageUpdated(Event):
     cost_usd: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunDone(Event):
     """A run ended (done, partial, failed, budget_exceeded or cancelled)."""
 

@@ -212,9 +212,10 @@ class Executor:
         waiter = _Waiter(len(calls), loop.create_future())
         per_model: Counter[str] = Counter()
         for index, (model, request) in enumerate(calls):
-            key = request.key(model.name)
+            # the key (a hash of the canonical request) is needed only to journal or cache the call
+            key = request.key(model.name) if ledger.journal is not None or ledger.cache is not None else ""
             self._queue.append(_Call(model, request, ledger, purpose, node, waiter, index, key,
-                                     ledger.next_seq(key)))
+                                     ledger.next_seq(key) if key else 0))
             per_model[model.name] += 1
         for name, count in per_model.items():
             self.events.emit(CallsQueued(model=name, count=count, run_id=ledger.run_id, purpose=purpose))

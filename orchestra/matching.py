@@ -5,15 +5,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from orchestra.errors import BadResponse
 from orchestra.models.http import Endpoint, shared_endpoint
 
 
-@dataclass(frozen=True)
-class Match:
+class Match(NamedTuple):
     """A query keyword and the vocabulary skill it maps to."""
 
     keyword: str

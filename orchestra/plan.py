@@ -38,9 +38,9 @@ class Plan(BaseModel):
         """The one-node plan: the task itself (the fast path, or ``plan=False``)."""
         return cls(subtasks=[Subtask(id="answer", instruction=task)])
 
-    def node(self, node_id: str) -> Subtask:
-        """A subtask by id."""
-        return next(s for s in self.subtasks if s.id == node_id)
+    def by_id(self) -> dict[str, Subtask]:
+        """Subtasks keyed by id."""
+        return {s.id: s for s in self.subtasks}
 
 
 class PlanInvalid(ValueError):
@@ -63,10 +63,9 @@ def validate_plan(plan: Plan, *, max_nodes: int = 12) -> nx.DiGraph:
             if dependency == subtask.id:
                 raise PlanInvalid(f"subtask {subtask.id!r} depends on itself")
             graph.add_edge(dependency, subtask.id)
-    try:
-        cycle = nx.find_cycle(graph)
-    except nx.NetworkXNoCycle:
+    if nx.is_directed_acyclic_graph(graph):
         return graph
+    cycle = nx.find_cycle(graph)
     path = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
     raise PlanInvalid(f"the dependencies form a cycle: {path}")
 

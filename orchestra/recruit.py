@@ -9,12 +9,13 @@ filter, cold start and explanations are built on the same weights.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from orchestra.matching import Match
 from orchestra.profile import SkillProfile, global_competence
@@ -54,8 +55,7 @@ class RecruitConfig:
     temperature: float = 0.5
 
 
-@dataclass(frozen=True)
-class Contribution:
+class Contribution(NamedTuple):
     """One matched skill's part in an agent's suitability."""
 
     keyword: str
@@ -64,8 +64,7 @@ class Contribution:
     score: float
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     """An agent's standing for one subtask."""
 
     agent: str
@@ -109,8 +108,8 @@ class Recruitment:
                          f"γ={candidate.competence:.3f}{cold}; {skills}")
         return lines + list(self.notes)
 
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready explanation."""
+    def to_dict(self, explanation: list[str] | None = None) -> dict[str, object]:
+        """A JSON-ready explanation (``explanation`` saves recomputing ``explain()``)."""
         return {
             "mode": self.mode,
             "experts": list(self.experts),
@@ -122,7 +121,7 @@ class Recruitment:
                             "contributions": [{"keyword": x.keyword, "skill": x.skill, "score": x.score}
                                               for x in c.contributions]}
                            for c in self.candidates],
-            "explanation": self.explain(),
+            "explanation": self.explain() if explanation is None else explanation,
         }
 
 
@@ -217,9 +216,9 @@ class Recruiter:
         k = k or self.config.k
         ranked = self.candidates(matches)
         eligible = [c for c in ranked if c.probability > 0]
-        rng = random.Random(seed)
+        rng = SeededDraws(seed)
         if mode == "symbolic-moe":
-            experts = rng.choices([c.agent for c in eligible], weights=[c.probability for c in eligible], k=k)
+            experts = rng.choices([c.agent for c in eligible], [c.probability for c in eligible], k)
         elif mode == "topk":
             experts = [c.agent for c in eligible[:k]]
         elif mode == "adaptive":
@@ -230,7 +229,7 @@ class Recruiter:
                 if cumulative >= self.config.p - 1e-12:
                     break
         elif mode == "random":
-            experts = rng.sample([c.agent for c in ranked], k=min(k, len(ranked)))
+            experts = rng.sample([c.agent for c in ranked], k)
         else:
             raise ValueError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
         return Recruitment(experts=tuple(experts), keywords=tuple(keywords), matches=tuple(matches),
@@ -248,7 +247,7 @@ class Recruiter:
         frequent = {a for a, n in counts.items() if n / len(recruitments) >= self.config.rare_threshold}
         if not frequent:
             return list(recruitments)
-        rng = random.Random(seed)
+        rng = SeededDraws(seed)
         filtered = []
         for recruitment in recruitments:
             rare = [a for a in recruitment.experts if a not in frequent]
@@ -258,11 +257,40 @@ class Recruiter:
             pool = [c for c in recruitment.candidates if c.agent in frequent and c.probability > 0]
             names = [c.agent for c in pool] or sorted(frequent)
             weights = [c.probability for c in pool] or [counts[a] for a in names]
-            experts = tuple(a if a in frequent else rng.choices(names, weights=weights)[0]
+            experts = tuple(a if a in frequent else rng.choices(names, weights, 1)[0]
                             for a in recruitment.experts)
             note = f"rare-expert filter replaced {', '.join(sorted(set(rare)))}"
             filtered.append(replace(recruitment, experts=experts, notes=(*recruitment.notes, note)))
         return filtered
+
+
+class SeededDraws:
+    """A small, fast, seeded generator (splitmix64): the same seed always gives the same draws."""
+
+    _MASK = (1 << 64) - 1
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & self._MASK
+
+    def uniform(self) -> float:
+        """The next number in [0, 1)."""
+        self.state = (self.state + 0x9E3779B97F4A7C15) & self._MASK
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & self._MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & self._MASK
+        return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
+
+    def choices(self, items: Sequence[str], weights: Sequence[float], k: int) -> list[str]:
+        """``k`` items drawn with replacement, each with probability proportional to its weight."""
+        cumulative = list(itertools.accumulate(weights))
+        total = cumulative[-1]
+        return [items[min(bisect.bisect_right(cumulative, self.uniform() * total), len(items) - 1)]
+                for _ in range(k)]
+
+    def sample(self, items: Sequence[str], k: int) -> list[str]:
+        """``k`` distinct items, uniformly."""
+        pool = list(items)
+        return [pool.pop(int(self.uniform() * len(pool))) for _ in range(min(k, len(pool)))]
 
 
 def choose_aggregator(profiles: Mapping[str, SkillProfile], competence: Mapping[str, float],

@@ -25,14 +25,14 @@ class NodeTrace(BaseModel):
 
     id: str
     instruction: str
-    depends_on: list[str] = []
+    depends_on: list[str] = Field(default_factory=list)
     status: NodeStatus = "pending"
-    skills: list[str] = []
-    experts: list[str] = []
+    skills: list[str] = Field(default_factory=list)
+    experts: list[str] = Field(default_factory=list)
     aggregator: str | None = None
     strategy: str = "synthesize"
     output: str | None = None
-    expert_outputs: list[ExpertOutput] = []
+    expert_outputs: list[ExpertOutput] = Field(default_factory=list)
     recruitment: dict[str, Any] | None = None
     error: str | None = None
     elapsed_s: float = 0.0
@@ -41,7 +41,7 @@ class NodeTrace(BaseModel):
 class PlanTrace(BaseModel):
     """The plan that ran."""
 
-    nodes: list[NodeTrace] = []
+    nodes: list[NodeTrace] = Field(default_factory=list)
     attempts: int = 0
     note: str = ""
 
@@ -79,10 +79,10 @@ class RunResult(BaseModel):
     error: str | None = None
     plan: PlanTrace = Field(default_factory=PlanTrace)
     usage: RunUsage = Field(default_factory=RunUsage)
-    batches: list[BatchInfo] = []
-    model_loads: dict[str, int] = {}
+    batches: list[BatchInfo] = Field(default_factory=list)
+    model_loads: dict[str, int] = Field(default_factory=dict)
     elapsed_s: float = 0.0
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = Field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import zlib
 from collections.abc import Sequence
@@ -86,26 +87,56 @@ class RunEnv:
     grader: Grader
 
 
-def node_seed(seed: int, node_id: str) -> int:
-    """A per-node seed that depends only on the run's seed and the node's id."""
-    return zlib.crc32(f"{seed}:{node_id}".encode())
+@dataclass(slots=True, eq=False)
+class NodeState:
+    """A node's mutable state during a run; turned into a ``NodeTrace`` for the result."""
+
+    id: str
+    instruction: str
+    depends_on: list[str]
+    strategy: str
+    status: str = "pending"
+    recruitment: Recruitment | None = None
+    explanation: list[str] = field(default_factory=list)
+    aggregator: str | None = None
+    output: str | None = None
+    expert_outputs: list[ExpertOutput] = field(default_factory=list)
+    error: str | None = None
+    elapsed_s: float = 0.0
+
+    def trace(self) -> NodeTrace:
+        """The JSON-ready trace of this node."""
+        recruitment = self.recruitment
+        return NodeTrace.model_construct(
+            id=self.id, instruction=self.instruction, depends_on=self.depends_on, status=self.status,
+            skills=list(recruitment.keywords) if recruitment else [],
+            experts=list(recruitment.experts) if recruitment else [], aggregator=self.aggregator,
+            strategy=self.strategy, output=self.output, expert_outputs=self.expert_outputs,
+            recruitment=recruitment.to_dict(self.explanation) if recruitment else None, error=self.error,
+            elapsed_s=self.elapsed_s)
+
+
+def node_seed(seed: int, task: str, node_id: str) -> int:
+    """A per-node seed from the run's seed, the task and the node id: reproducible, distinct per task."""
+    return zlib.crc32(f"{seed}:{node_id}:{task}".encode())
 
 
 class Run:
     """Drives one task. Its coroutines run as managed tasks of the shared executor."""
 
     def __init__(self, env: RunEnv, task: str, options: RunOptions, ledger: RunLedger, *,
-                 plan: Plan | None = None, presets: dict[str, Recruitment] | None = None) -> None:
+                 plan: Plan | None = None, fixed_experts: dict[str, list[str]] | None = None) -> None:
         self.env = env
         self.task = task
         self.options = options
         self.ledger = ledger
         self.run_id = ledger.run_id
         self.given_plan = plan
-        self.presets = presets or {}
+        self.presets: dict[str, Recruitment] = {}
+        self.fixed_experts = fixed_experts or {}
         self.future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
-        self.traces: dict[str, NodeTrace] = {}
-        self.plan_trace = PlanTrace()
+        self.traces: dict[str, NodeState] = {}
+        self.plan_attempts, self.plan_note = 0, ""
         self.graph: nx.DiGraph = nx.DiGraph()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.started = time.perf_counter()
@@ -135,31 +166,33 @@ class Run:
     async def _begin(self) -> None:
         started = time.perf_counter()
         try:
-            plan, attempts, note = await self._make_plan()
+            plan, self.graph, attempts, note = await self._make_plan()
         except (OrchestraError, PlanInvalid) as error:
             self._finish(self._failure_status(), None, str(error))
             return
         self.timings["plan_s"] = time.perf_counter() - started
-        self.graph = validate_plan(plan, max_nodes=max(self.options.max_nodes, len(plan.subtasks)))
-        self.plan = plan
+        self.subtasks = plan.by_id()
         for subtask in plan.subtasks:
-            self.traces[subtask.id] = NodeTrace(id=subtask.id, instruction=subtask.instruction,
+            self.traces[subtask.id] = NodeState(id=subtask.id, instruction=subtask.instruction,
                                                 depends_on=list(subtask.depends_on), strategy=self.options.aggregate)
-        self.plan_trace = PlanTrace(nodes=list(self.traces.values()), attempts=attempts, note=note)
+        self.plan_attempts, self.plan_note = attempts, note
         self.env.events.emit(PlanReady(run_id=self.run_id, attempts=attempts, note=note,
-                                       nodes=tuple(s.model_dump() for s in plan.subtasks)))
+                                       nodes=tuple({"id": s.id, "instruction": s.instruction,
+                                                    "depends_on": list(s.depends_on), "skills": list(s.skills)}
+                                                   for s in plan.subtasks)))
         self._unresolved = len(plan.subtasks)
         self._execute_started = time.perf_counter()
         for node_id in nx.topological_sort(self.graph):
             if self.graph.in_degree(node_id) == 0:
                 self._ready(node_id)
 
-    async def _make_plan(self) -> tuple[Plan, int, str]:
+    async def _make_plan(self) -> tuple[Plan, nx.DiGraph, int, str]:
         if self.given_plan is not None:
-            validate_plan(self.given_plan, max_nodes=max(self.options.max_nodes, len(self.given_plan.subtasks)))
-            return self.given_plan, 0, "given"
+            given = self.given_plan
+            return given, validate_plan(given, max_nodes=max(self.options.max_nodes, len(given.subtasks))), 0, "given"
         if not self.options.plan:
-            return Plan.single(self.task), 0, "planning off"
+            single = Plan.single(self.task)
+            return single, validate_plan(single), 0, "planning off"
         pool = self.env.pool
         request = planner_request(self.task, max_nodes=self.options.max_nodes, context=self.options.context,
                                   seed=self.options.seed, max_tokens=self.options.planner_max_tokens)
@@ -174,15 +207,17 @@ class Run:
                 answer = outcome.text
                 try:
                     plan = parse_plan(outcome.parsed)
-                    validate_plan(plan, max_nodes=self.options.max_nodes)
+                    graph = validate_plan(plan, max_nodes=self.options.max_nodes)
                 except PlanInvalid as invalid:
                     problem = str(invalid)
                 else:
                     note = "single step (fast path)" if len(plan.subtasks) == 1 else ""
-                    return plan, attempt, note
+                    return plan, graph, attempt, note
             request = repair_request(request, answer, problem)
         if self.options.plan_fallback == "single":
-            return Plan.single(self.task), self.options.plan_repairs + 1, f"planner failed ({problem}); ran the task as one step"
+            single = Plan.single(self.task)
+            note = f"planner failed ({problem}); ran the task as one step"
+            return single, validate_plan(single), self.options.plan_repairs + 1, note
         raise PlanError(f"the planner's plan stayed invalid after {self.options.plan_repairs} repair(s): {problem}")
 
     # --- nodes -----------------------------------------------------------------------------
@@ -193,25 +228,24 @@ class Run:
 
     async def _node(self, node_id: str) -> None:
         trace = self.traces[node_id]
-        subtask = self.plan.node(node_id)
+        subtask = self.subtasks[node_id]
         started = time.perf_counter()
         try:
             trace.status = "recruiting"
             recruitment = await self.recruit(node_id, subtask.instruction, subtask.skills)
             agents = [self.env.pool[name] for name in recruitment.experts]
-            trace.skills = list(recruitment.keywords)
-            trace.experts = list(recruitment.experts)
-            trace.recruitment = recruitment.to_dict()
+            trace.recruitment = recruitment
+            trace.explanation = recruitment.explain()
             needs_aggregator = len(agents) > 1 and self.options.aggregate in ("synthesize", "refine")
             trace.aggregator = self.env.aggregator.name if needs_aggregator else None
             self.env.events.emit(ExpertsRecruited(
                 run_id=self.run_id, node=node_id, experts=recruitment.experts,
                 aggregator=trace.aggregator or "", skills=recruitment.keywords,
-                explanation=tuple(recruitment.explain())))
+                explanation=tuple(trace.explanation)))
             trace.status = "running"
             prompt = render("expert.j2", task=self.task, instruction=subtask.instruction,
                             inputs=self._inputs(node_id), answer_format=self.options.answer_format)
-            seed = node_seed(self.options.seed, node_id)
+            seed = node_seed(self.options.seed, self.task, node_id)
             calls = [(agent.model, agent.request(prompt, seed=seed + i)) for i, agent in enumerate(agents)]
             outcomes = await self.env.executor.call(self.ledger, calls, purpose="expert", node=node_id)
             responses = self._collect(trace, agents, outcomes, recruitment)
@@ -231,7 +265,7 @@ class Run:
         keywords = [" ".join(s.lower().split()) for s in skills if s.strip()]
         if not keywords:
             extractor = self.env.extractor
-            requests = extractor.requests(instruction, seed=node_seed(self.options.seed, node_id))
+            requests = extractor.requests(instruction, seed=node_seed(self.options.seed, self.task, node_id))
             model = self.env.pool.keyword_model
             outcomes = await self.env.executor.call(self.ledger, [(model, r) for r in requests],
                                                     purpose="keywords", node=node_id)
@@ -240,27 +274,34 @@ class Run:
                 raise budget_errors[0]
             keywords = extractor.combine(outcomes)
         matches = await self.env.matcher.match(keywords, self.env.table.vocabulary)
-        return self.env.recruiter.recruit(keywords, matches, seed=node_seed(self.options.seed, node_id),
-                                          k=self.options.k, mode=self.options.mode)
+        recruitment = self.env.recruiter.recruit(keywords, matches, seed=node_seed(self.options.seed, self.task, node_id),
+                                                 k=self.options.k, mode=self.options.mode)
+        fixed = self.fixed_experts.get(node_id)
+        if fixed:  # a resumed run keeps the experts its batch's rare-expert filter chose
+            recruitment = dataclasses.replace(recruitment, experts=tuple(fixed),
+                                              notes=(*recruitment.notes, "experts as first recruited"))
+        return recruitment
 
     def _inputs(self, node_id: str) -> list[dict[str, str]]:
         limit = self.options.context_chars
         inputs = []
-        for dependency in self.plan.node(node_id).depends_on:
+        for dependency in self.subtasks[node_id].depends_on:
             output = self.traces[dependency].output or ""
             if len(output) > limit:
                 output = output[:limit] + " [...]"
             inputs.append({"id": dependency, "instruction": self.traces[dependency].instruction, "output": output})
         return inputs
 
-    def _collect(self, trace: NodeTrace, agents: list[Agent], outcomes: list[ChatResult | Exception],
+    def _collect(self, trace: NodeState, agents: list[Agent], outcomes: list[ChatResult | Exception],
                  recruitment: Recruitment) -> list[Response]:
         responses = []
         for agent, outcome in zip(agents, outcomes):
             if isinstance(outcome, Exception):
-                trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, error=str(outcome)))
+                trace.expert_outputs.append(ExpertOutput.model_construct(agent=agent.name, model=agent.model.name,
+                                                                         text=None, error=str(outcome)))
                 continue
-            trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, text=outcome.text))
+            trace.expert_outputs.append(ExpertOutput.model_construct(agent=agent.name, model=agent.model.name,
+                                                                     text=outcome.text, error=None))
             candidate = recruitment.candidate(agent.name)
             responses.append(Response(agent=agent.name, text=outcome.text,
                                       weight=candidate.probability if candidate else 0.0))
@@ -323,7 +364,7 @@ class Run:
                       for n in done]
             aggregator = self.env.aggregator
             request = aggregator.request(render("final.j2", task=self.task, inputs=inputs),
-                                         seed=node_seed(self.options.seed, "final"))
+                                         seed=node_seed(self.options.seed, self.task, "final"))
             started = time.perf_counter()
             [outcome] = await self.env.executor.call(self.ledger, [(aggregator.model, request)], purpose="final")
             self.timings["final_s"] = time.perf_counter() - started
@@ -356,7 +397,8 @@ class Run:
         loads = dict(ledger.model_loads)
         return RunResult(
             run_id=self.run_id, task=self.task, status=status, answer=answer, error=error,  # type: ignore[arg-type]
-            plan=self.plan_trace,
+            plan=PlanTrace(nodes=[state.trace() for state in self.traces.values()], attempts=self.plan_attempts,
+                           note=self.plan_note),
             usage=RunUsage(calls=ledger.budget.calls, prompt_tokens=usage.prompt_tokens,
                            completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd,
                            failed_calls=ledger.failed_calls, cache_hits=ledger.answered["cache"],

@@ -150,7 +150,8 @@ class ModelBase(abc.ABC):
         started = time.perf_counter()
         result = await self._generate(request)
         if not request.wants_json or result.parsed is not None:
-            return result.model_copy(update={"latency_s": time.perf_counter() - started})
+            result.latency_s = time.perf_counter() - started
+            return result
         try:
             parsed = parse_output(result.text, request)
         except StructuredOutputError as error:

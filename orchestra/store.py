@@ -1,0 +1,365 @@
+"""The run store: runs, nodes, calls and events in SQLite (WAL), plus the opt-in response cache.
+
+Every call's outcome is committed before anything uses it, so a crash, a Ctrl-C or a spent budget
+loses nothing: a resumed run replays what was recorded and sends only what was not. API keys
+never reach the store: requests carry no credentials, and configs hold only variable names.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from orchestra.errors import StoreError
+from orchestra.events import (
+    Event,
+    ExpertsRecruited,
+    NodeAggregating,
+    NodeDone,
+    NodeFailed,
+    NodeReady,
+    NodeSkipped,
+    PlanReady,
+)
+from orchestra.models import ChatRequest, ChatResult, Usage
+from orchestra.models.structured import StructuredOutputError, parse_output
+from orchestra.resources import orchestra_home
+from orchestra.result import RunResult
+
+APPLICATION_ID = 0x4F524348  # "ORCH"
+SCHEMA_VERSION = 1
+_QUIET_EVENTS = {"usage_updated", "calls_queued"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, task TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL,
+    updated REAL NOT NULL, config TEXT NOT NULL, answer TEXT, error TEXT, result TEXT,
+    resumes INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS nodes (
+    run_id TEXT NOT NULL, node_id TEXT NOT NULL, instruction TEXT, depends_on TEXT, status TEXT,
+    skills TEXT, experts TEXT, aggregator TEXT, explanation TEXT, output TEXT, error TEXT, updated REAL,
+    PRIMARY KEY (run_id, node_id));
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
+    model TEXT NOT NULL, purpose TEXT, node TEXT, request TEXT NOT NULL, response TEXT,
+    status TEXT NOT NULL, source TEXT NOT NULL, error TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
+    cost_usd REAL, latency_s REAL, created REAL NOT NULL, UNIQUE (run_id, key, seq));
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, run_id TEXT, kind TEXT NOT NULL, at REAL NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cache (
+    key TEXT PRIMARY KEY, model TEXT NOT NULL, response TEXT NOT NULL, created REAL NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS calls_by_run ON calls (run_id, id);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
+"""
+
+
+def default_store_path() -> Path:
+    """``$ORCHESTRA_HOME/runs.db`` (``~/.orchestra/runs.db``)."""
+    return orchestra_home() / "runs.db"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A stored run's summary."""
+
+    id: str
+    task: str
+    status: str
+    created: float
+    updated: float
+    config: dict[str, Any]
+    answer: str | None
+    error: str | None
+    resumes: int
+
+
+def _record(row: dict[str, Any]) -> RunRecord:
+    return RunRecord(id=row["id"], task=row["task"], status=row["status"], created=row["created"],
+                     updated=row["updated"], config=json.loads(row["config"]), answer=row["answer"],
+                     error=row["error"], resumes=row["resumes"])
+
+
+def _result_json(result: ChatResult) -> str:
+    data = result.model_dump(mode="json", exclude={"parsed"})
+    parsed = result.parsed
+    if isinstance(parsed, BaseModel):
+        parsed = parsed.model_dump(mode="json")
+    try:
+        data["parsed"] = json.loads(json.dumps(parsed))
+    except (TypeError, ValueError):
+        data["parsed"] = None
+    return json.dumps(data, ensure_ascii=False)
+
+
+class RunStore:
+    """One SQLite file of runs. Safe to share between threads of a process and between processes.
+
+    Args:
+        path: the database file (default ``~/.orchestra/runs.db``).
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else default_store_path()
+        self._lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+            self._open()
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{self.path} is not a usable Orchestra run store ({error}); "
+                             "move it away or choose another file with --store") from None
+
+    def _open(self) -> None:
+        db = self._db
+        application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if application_id != APPLICATION_ID and (application_id != 0 or tables):
+            raise StoreError(f"{self.path} is a SQLite database of another program, not an Orchestra run "
+                             "store; choose another file with --store")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        if application_id == 0:
+            with self._transaction():
+                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} was written by a newer Orchestra (schema {version}); upgrade Orchestra")
+        db.execute("SELECT count(*) FROM runs").fetchone()  # fails early on a damaged file
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    class _Tx:
+        def __init__(self, store: RunStore) -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            self.store._db.execute("BEGIN IMMEDIATE")
+            return self.store._db
+
+        def __exit__(self, kind: object, *rest: object) -> None:
+            try:
+                self.store._db.execute("ROLLBACK" if kind else "COMMIT")
+            finally:
+                self.store._lock.release()
+
+    def _transaction(self) -> RunStore._Tx:
+        return RunStore._Tx(self)
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        try:
+            with self._transaction() as db:
+                db.execute(sql, params)
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            try:
+                cursor = self._db.execute(sql, params)
+                names = [c[0] for c in cursor.description]
+                return [dict(zip(names, row)) for row in cursor.fetchall()]
+            except sqlite3.DatabaseError as error:
+                raise StoreError(f"cannot read the run store {self.path}: {error}") from None
+
+    # --- runs ------------------------------------------------------------------------------
+
+    def begin_run(self, run_id: str, task: str, config: dict[str, Any]) -> None:
+        """Record a new run, or mark a stored one as resumed."""
+        now = time.time()
+        self._execute(
+            "INSERT INTO runs (id, task, status, created, updated, config) VALUES (?, ?, 'running', ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET status='running', updated=excluded.updated, resumes=resumes+1, "
+            "config=excluded.config",
+            (run_id, task, now, now, json.dumps(config, ensure_ascii=False)))
+
+    def finish_run(self, result: RunResult) -> None:
+        """Record how a run ended, with its full result."""
+        self._execute("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=? WHERE id=?",
+                      (result.status, result.answer, result.error, result.model_dump_json(), time.time(),
+                       result.run_id))
+
+    def run(self, run_id: str) -> RunRecord:
+        """A stored run; an unknown id (or a unique prefix) is resolved or refused clearly."""
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            rows = self._query("SELECT * FROM runs WHERE id LIKE ? ORDER BY created DESC", (run_id + "%",))
+            if len(rows) > 1:
+                raise StoreError(f"run id {run_id!r} is ambiguous ({len(rows)} runs start with it)")
+        if not rows:
+            raise StoreError(f"no run {run_id!r} in {self.path}; `orchestra runs` lists them")
+        return _record(rows[0])
+
+    def result(self, run_id: str) -> RunResult | None:
+        """The stored result of a finished run."""
+        rows = self._query("SELECT result FROM runs WHERE id = ?", (self.run(run_id).id,))
+        return RunResult.model_validate_json(rows[0]["result"]) if rows and rows[0]["result"] else None
+
+    def runs(self, limit: int = 50) -> list[RunRecord]:
+        """The latest runs, newest first."""
+        return [_record(row) for row in self._query("SELECT * FROM runs ORDER BY created DESC LIMIT ?", (limit,))]
+
+    def run_totals(self, run_id: str) -> dict[str, Any]:
+        """Calls, tokens and cost recorded for a run."""
+        rows = self._query(
+            "SELECT count(*) AS calls, coalesce(sum(prompt_tokens),0) AS prompt_tokens, "
+            "coalesce(sum(completion_tokens),0) AS completion_tokens, coalesce(sum(cost_usd),0) AS cost_usd "
+            "FROM calls WHERE run_id = ? AND status = 'ok' AND source = 'model'", (run_id,))
+        return rows[0]
+
+    # --- the call journal ------------------------------------------------------------------
+
+    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> ChatResult | None:
+        """A completed call's recorded result (for resume), or None."""
+        rows = self._query("SELECT response FROM calls WHERE run_id=? AND key=? AND seq=? AND status='ok'",
+                           (run_id, key, seq))
+        return self._revive(rows[0]["response"], request) if rows else None
+
+    def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest,
+               outcome: ChatResult | Exception, *, purpose: str, node: str | None, source: str) -> None:
+        """Commit one call's outcome. A success replaces an earlier error for the same call."""
+        now = time.time()
+        if isinstance(outcome, Exception):
+            values = (run_id, key, seq, model, purpose, node, json.dumps(request.canonical(), ensure_ascii=False),
+                      None, "error", source, f"{type(outcome).__name__}: {outcome}", 0, 0, 0.0, 0.0, now)
+        else:
+            usage = outcome.usage if source == "model" else Usage()
+            values = (run_id, key, seq, model, purpose, node, json.dumps(request.canonical(), ensure_ascii=False),
+                      _result_json(outcome), "ok", source, None, usage.prompt_tokens, usage.completion_tokens,
+                      usage.cost_usd, outcome.latency_s, now)
+        self._execute(
+            "INSERT INTO calls (run_id, key, seq, model, purpose, node, request, response, status, source, error, "
+            "prompt_tokens, completion_tokens, cost_usd, latency_s, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(run_id, key, seq) DO UPDATE SET response=excluded.response, status=excluded.status, "
+            "source=excluded.source, error=excluded.error, prompt_tokens=excluded.prompt_tokens, "
+            "completion_tokens=excluded.completion_tokens, cost_usd=excluded.cost_usd, "
+            "latency_s=excluded.latency_s, created=excluded.created WHERE calls.status != 'ok'", values)
+
+    def calls(self, run_id: str) -> list[dict[str, Any]]:
+        """Every recorded call of a run, in order, with request and response parsed."""
+        rows = self._query("SELECT * FROM calls WHERE run_id = ? ORDER BY id", (self.run(run_id).id,))
+        for row in rows:
+            row["request"] = json.loads(row["request"])
+            row["response"] = json.loads(row["response"]) if row["response"] else None
+        return rows
+
+    @staticmethod
+    def _revive(response: str, request: ChatRequest) -> ChatResult:
+        data = json.loads(response)
+        parsed = data.pop("parsed", None)
+        result = ChatResult.model_validate(data)
+        if request.wants_json:
+            try:
+                parsed = parse_output(result.text, request)
+            except StructuredOutputError:
+                pass
+        return result.model_copy(update={"parsed": parsed})
+
+    # --- the response cache ----------------------------------------------------------------
+
+    def cache_get(self, model: str, key: str, request: ChatRequest) -> ChatResult | None:
+        """A cached result for this exact request to this model."""
+        rows = self._query("SELECT response FROM cache WHERE key = ?", (key,))
+        if not rows:
+            return None
+        self._execute("UPDATE cache SET hits = hits + 1 WHERE key = ?", (key,))
+        return self._revive(rows[0]["response"], request)
+
+    def cache_put(self, model: str, key: str, request: ChatRequest, result: ChatResult) -> None:
+        """Cache a successful result (errors never reach here)."""
+        self._execute("INSERT OR REPLACE INTO cache (key, model, response, created, hits) VALUES (?, ?, ?, ?, 0)",
+                      (key, model, _result_json(result), time.time()))
+
+    def cache(self) -> StoreCache:
+        """The cache as the executor wants it."""
+        return StoreCache(self)
+
+    # --- events and nodes ------------------------------------------------------------------
+
+    def listen(self, event: Event) -> None:
+        """An event listener: keeps node state and the event log current."""
+        if event.kind in _QUIET_EVENTS:
+            return
+        run_id = getattr(event, "run_id", None)
+        data = json.dumps(event.to_dict(), ensure_ascii=False, default=str)
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            ("INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)", (run_id, event.kind, event.at, data))]
+        now = time.time()
+        if isinstance(event, PlanReady):
+            for node in event.nodes:
+                statements.append((
+                    "INSERT INTO nodes (run_id, node_id, instruction, depends_on, status, updated) "
+                    "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT(run_id, node_id) DO UPDATE SET "
+                    "instruction=excluded.instruction, depends_on=excluded.depends_on, updated=excluded.updated",
+                    (event.run_id, node["id"], node["instruction"], json.dumps(node["depends_on"]), now)))
+        elif isinstance(event, NodeReady):
+            statements.append(("UPDATE nodes SET status='recruiting', updated=? WHERE run_id=? AND node_id=?",
+                               (now, event.run_id, event.node)))
+        elif isinstance(event, ExpertsRecruited):
+            statements.append((
+                "UPDATE nodes SET status='running', skills=?, experts=?, aggregator=?, explanation=?, updated=? "
+                "WHERE run_id=? AND node_id=?",
+                (json.dumps(event.skills), json.dumps(event.experts), event.aggregator,
+                 json.dumps(event.explanation), now, event.run_id, event.node)))
+        elif isinstance(event, NodeAggregating):
+            statements.append(("UPDATE nodes SET status='aggregating', updated=? WHERE run_id=? AND node_id=?",
+                               (now, event.run_id, event.node)))
+        elif isinstance(event, NodeDone):
+            statements.append(("UPDATE nodes SET status='done', output=?, updated=? WHERE run_id=? AND node_id=?",
+                               (event.output, now, event.run_id, event.node)))
+        elif isinstance(event, (NodeFailed, NodeSkipped)):
+            status = "failed" if isinstance(event, NodeFailed) else "skipped"
+            error = event.error if isinstance(event, NodeFailed) else event.reason
+            statements.append(("UPDATE nodes SET status=?, error=?, updated=? WHERE run_id=? AND node_id=?",
+                               (status, error, now, event.run_id, event.node)))
+        try:
+            with self._transaction() as db:
+                for sql, params in statements:
+                    db.execute(sql, params)
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+
+    def nodes(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's nodes as last recorded."""
+        rows = self._query("SELECT * FROM nodes WHERE run_id = ? ORDER BY rowid", (self.run(run_id).id,))
+        for row in rows:
+            for key in ("depends_on", "skills", "experts", "explanation"):
+                row[key] = json.loads(row[key]) if row[key] else []
+        return rows
+
+    def events(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """A run's events in order."""
+        for row in self._query("SELECT data FROM events WHERE run_id = ? ORDER BY id", (self.run(run_id).id,)):
+            yield json.loads(row["data"])
+
+
+class StoreCache:
+    """Adapter: the store's cache table as the executor's ``ResponseCache``."""
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+
+    def get(self, model: str, key: str, request: ChatRequest) -> ChatResult | None:
+        """A cached result, or None."""
+        return self.store.cache_get(model, key, request)
+
+    def put(self, model: str, key: str, request: ChatRequest, result: ChatResult) -> None:
+        """Remember a successful result."""
+        self.store.cache_put(model, key, request, result)

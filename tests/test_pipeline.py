@@ -1,0 +1,228 @@
+"""The pipeline end to end on test doubles: plan, recruit, batch, aggregate, events, budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import pytest
+
+from orchestra import Budget, Orchestra, Plan
+from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
+from orchestra.models import ChatRequest, FunctionModel
+from orchestra.errors import BadResponse, ConfigError
+
+from helpers import kind_of, plan_json, scripted_pool
+
+
+def test_dag_order_is_respected_and_nodes_see_their_dependencies() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def expert(name: str, request: ChatRequest) -> str:
+        prompt = request.prompt_text()
+        node = prompt.split("Your assignment: do ")[1].split("\n")[0].strip()
+        seen.append((node, prompt))
+        return f"result of {node}"
+
+    plan = plan_json(("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"]))
+    pool, _ = scripted_pool(plan=plan, expert=expert)
+    result = Orchestra(pool, k=2, aggregate="none").run("diamond task")
+    assert result.status == "done"
+    order = [node for node, _ in seen]
+    first = {node: order.index(node) for node in "abcd"}
+    last = {node: len(order) - 1 - order[::-1].index(node) for node in "abcd"}
+    assert last["a"] < first["b"] and last["a"] < first["c"]
+    assert max(last["b"], last["c"]) < first["d"]
+    d_prompt = next(p for node, p in seen if node == "d")
+    assert "[b] do b\nresult of b" in d_prompt and "[c] do c\nresult of c" in d_prompt
+    assert "result of a" not in d_prompt  # only direct dependencies are shown
+    assert result.answer == "result of d"
+
+
+def test_independent_nodes_overlap_in_time() -> None:
+    started: set[str] = set()
+    both = asyncio.Event()
+
+    async def expert(request: ChatRequest) -> str:
+        if kind_of(request) != "expert":
+            return "The answer is 1"
+        node = request.prompt_text().split("Your assignment: do ")[1].split("\n")[0]
+        started.add(node)
+        if {"left", "right"} <= started:
+            both.set()
+        await asyncio.wait_for(both.wait(), timeout=10)  # only returns if the other node is running too
+        return f"{node} done"
+
+    model = FunctionModel(expert, name="shared")
+    plan = plan_json(("left", []), ("right", []), ("join", ["left", "right"]))
+    pool, _ = scripted_pool(plan=plan)
+    for agent in pool.agents:
+        agent.model = model
+    result = Orchestra(pool, k=1).run("two branches")
+    assert result.status == "done", result.error
+    assert result.node("left").output == "left done" and result.node("right").output == "right done"
+
+
+def test_twenty_instances_batch_once_per_model_per_phase() -> None:
+    events: list[Event] = []
+    pool, models = scripted_pool(4)
+    orc = Orchestra(pool, k=3, seed=7, on_event=events.append)
+    results = orc.run_many([f"question {i}" for i in range(20)])
+    assert all(r.status == "done" for r in results)
+    batches = [(e.wave, e.model, e.size) for e in events if isinstance(e, BatchStarted)]
+    waves = sorted({wave for wave, _, _ in batches})
+    assert waves == [1, 2, 3]
+    assert [(m, n) for w, m, n in batches if w == 1] == [("planner", 100)]  # 20 questions x 5 keyword samples
+    expert_wave = [(m, n) for w, m, n in batches if w == 2]
+    expert_models = [m for m, _ in expert_wave]
+    assert len(expert_models) == len(set(expert_models)) >= 2  # exactly one batch per model
+    assert sum(n for _, n in expert_wave) == 60
+    used = {pool[e].model.name for r in results for e in r.node("answer").experts}
+    assert set(expert_models) == used
+    assert [(m, n) for w, m, n in batches if w == 3] == [(orc.env.aggregator.model.name, 20)]
+    assert all(len(models[m].batches) == 1 + (m == orc.env.aggregator.model.name) for m in used)
+
+
+def test_cyclic_plan_is_repaired() -> None:
+    answers = iter([plan_json(("a", ["b"]), ("b", ["a"])), plan_json(("a", []), ("b", ["a"]))])
+
+    def control(request: ChatRequest) -> object:
+        return next(answers) if kind_of(request) == "plan" else "The answer is 1"
+
+    pool, _ = scripted_pool()
+    pool.planner = pool.keyword_model = FunctionModel(control, name="planner")
+    result = Orchestra(pool, k=1).run("needs a repair")
+    assert result.status == "done" and result.plan.attempts == 2
+    repair = pool.planner.requests[1].prompt_text()
+    assert "cycle: a -> b -> a" in repair or "cycle: b -> a -> b" in repair
+
+
+def test_plan_that_stays_invalid_is_refused_clearly() -> None:
+    pool, _ = scripted_pool(plan=plan_json(("a", ["ghost"])))
+    result = Orchestra(pool, plan_repairs=1).run("bad planner")
+    assert result.status == "failed" and result.answer is None
+    assert result.error == ("the planner's plan stayed invalid after 1 repair(s): "
+                            "subtask 'a' depends on unknown subtask 'ghost'")
+
+
+def test_plan_fallback_runs_the_task_as_one_step() -> None:
+    pool, _ = scripted_pool(plan={"subtasks": []})
+    result = Orchestra(pool, plan_repairs=0, plan_fallback="single", k=1).run("simple")
+    assert result.status == "done" and [n.id for n in result.plan.nodes] == ["answer"]
+    assert "planner failed" in result.plan.note
+
+
+def test_oversized_and_duplicate_plans_are_rejected() -> None:
+    big = plan_json(*[(f"n{i}", []) for i in range(5)])
+    pool, _ = scripted_pool(plan=big)
+    assert "at most 3" in Orchestra(pool, max_nodes=3, plan_repairs=0).run("x").error
+    dup = plan_json(("a", []), ("a", []))
+    pool, _ = scripted_pool(plan=dup)
+    assert "duplicate subtask id 'a'" in Orchestra(pool, plan_repairs=0).run("x").error
+
+
+def test_failing_node_skips_dependents_and_says_why() -> None:
+    def expert(name: str, request: ChatRequest) -> object:
+        if "do broken" in request.prompt_text():
+            return BadResponse("simulated endpoint failure")
+        return "fine"
+
+    events: list[Event] = []
+    plan = plan_json(("ok", []), ("broken", []), ("after", ["broken"]), ("later", ["after"]), ("side", ["ok"]))
+    pool, _ = scripted_pool(plan=plan, expert=expert)
+    result = Orchestra(pool, k=2, on_event=events.append).run("partly broken")
+    assert result.status == "partial"
+    assert result.node("broken").status == "failed"
+    assert "every expert failed; first error: simulated endpoint failure" in result.node("broken").error
+    assert result.node("after").status == "skipped" and result.node("later").status == "skipped"
+    assert result.node("after").error == "skipped: dependency 'broken' failed"
+    assert result.node("side").status == "done" and result.answer
+    assert "broken: every expert failed" in result.error
+    assert sum(isinstance(e, NodeFailed) for e in events) == 1
+    assert sum(isinstance(e, NodeSkipped) for e in events) == 2
+
+
+def test_budget_stops_dispatch_and_says_how_to_raise_it() -> None:
+    pool, models = scripted_pool(plan=plan_json(("a", []), ("b", ["a"])))
+    result = Orchestra(pool, k=3, budget=Budget(max_calls=4)).run("expensive")
+    assert result.status == "budget_exceeded"
+    assert "budget max_calls=4 reached" in result.error and "--max-calls" in result.error
+    assert f"orchestra resume {result.run_id}" in result.error
+    sent = sum(len(m.requests) for m in models.values())
+    assert sent == 4 and result.usage.calls == 4
+
+
+def test_cost_budget_reserves_worst_case_before_dispatch() -> None:
+    pool, models = scripted_pool(plan=plan_json(("a", [])))
+    for model in models.values():
+        model.price = model.price.model_copy(update={"input": 1000.0, "output": 1000.0})
+    result = Orchestra(pool, budget=Budget(max_cost_usd=0.5)).run("pricey")
+    assert result.status == "budget_exceeded" and "max_cost_usd=0.5" in result.error
+    assert sum(len(m.requests) for m in models.values()) == 0
+
+
+def test_events_and_result_json_shape() -> None:
+    events: list[Event] = []
+    pool, _ = scripted_pool(plan=plan_json(("a", []), ("b", []), ("c", ["a", "b"])))
+    result = Orchestra(pool, k=2, on_event=events.append).run("shape")
+    data = json.loads(result.dumps())
+    assert set(data) >= {"answer", "plan", "usage", "batches", "model_loads", "elapsed_s"}
+    assert set(data["plan"]["nodes"][0]) >= {"id", "instruction", "depends_on", "experts", "aggregator"}
+    assert set(data["usage"]) >= {"calls", "prompt_tokens", "completion_tokens", "cost_usd"}
+    assert all(set(b) >= {"model", "size"} for b in data["batches"])
+    kinds = [e.kind for e in events]
+    for kind in ("run_started", "plan_ready", "node_ready", "experts_recruited", "batch_started",
+                 "batch_finished", "node_done", "run_done"):
+        assert kind in kinds
+    assert kinds.index("plan_ready") < kinds.index("node_ready") < kinds.index("node_done") < kinds.index("run_done")
+    explanation = result.node("a").recruitment["explanation"]
+    assert explanation and all(line.startswith("agent") for line in explanation)
+    batch_events = [e for e in events if isinstance(e, BatchStarted)]
+    assert sum(e.size for e in batch_events) == result.usage.calls
+
+
+def test_given_plan_and_no_plan_fast_paths() -> None:
+    pool, models = scripted_pool()
+    orc = Orchestra(pool, k=1)
+    plan = Plan.model_validate(plan_json(("x", []), ("y", ["x"])))
+    assert [n.id for n in orc.run("given", plan=plan).plan.nodes] == ["x", "y"]
+    result = orc.run("no planning", plan=False)
+    assert [n.id for n in result.plan.nodes] == ["answer"] and result.plan.note == "planning off"
+    assert not any(kind_of(r) == "plan" for r in models["planner"].requests)
+
+
+def test_vote_refine_and_none_strategies() -> None:
+    answers = {"m0": "The answer is 7", "m1": "The answer is 7", "m2": "The answer is 9", "m3": "The answer is 9"}
+    pool, _ = scripted_pool(expert=lambda name, request: answers[name])
+    orc = Orchestra(pool, k=4, mode="topk", plan=False)
+    voted = orc.run("vote please", aggregate="vote")
+    assert voted.answer in ("The answer is 7", "The answer is 9")
+    assert voted.usage.calls == 5 + 4  # keywords + experts, no aggregator call
+    refined = orc.run("refine please", aggregate="refine")
+    assert refined.node("answer").aggregator is not None and refined.status == "done"
+    plain = orc.run("no aggregation", aggregate="none")
+    assert plain.answer in answers.values()
+
+
+def test_unknown_options_are_clear() -> None:
+    pool, _ = scripted_pool()
+    with pytest.raises(ConfigError, match="unknown recruiting mode 'best'"):
+        Orchestra(pool, mode="best")
+    with pytest.raises(ConfigError, match="unknown aggregation"):
+        Orchestra(pool, aggregate="magic")
+    with pytest.raises(ConfigError, match="the task is empty"):
+        Orchestra(pool).run("  ")
+
+
+def test_sync_api_refuses_inside_an_event_loop() -> None:
+    pool, _ = scripted_pool()
+    orc = Orchestra(pool)
+
+    async def inside() -> None:
+        with pytest.raises(RuntimeError, match="use the async method"):
+            orc.run("x")
+        result = await orc.arun("x", plan=False, k=1)
+        assert result.status == "done"
+
+    asyncio.run(inside())
