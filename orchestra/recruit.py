@@ -42,6 +42,9 @@ class RecruitConfig:
         uniform_prior_score: the score, on every skill, of an agent with neither a profile nor
             declared skills: below a declared specialist, above nothing.
         temperature: T in γ's power ``1/T``.
+        competence_weight: β in ``w = s · γ^β``. 1 is Symbolic-MoE exactly; 0 routes by the
+            subtask's skills alone (for pools of equally strong specialists, where global
+            competence measured on a mixed validation set mostly reflects sampling noise).
     """
 
     mode: Mode = "symbolic-moe"
@@ -53,6 +56,7 @@ class RecruitConfig:
     cold_start_score: float = 1.0
     uniform_prior_score: float = 0.5
     temperature: float = 0.5
+    competence_weight: float = 1.0
 
 
 class Contribution(NamedTuple):
@@ -198,7 +202,8 @@ class Recruiter:
         for agent in agents:
             price = self.table.prices.get(agent, 0.0)
             factors[agent] = math.exp(-self.config.cost_lambda * price / top_price) if top_price else 1.0
-            weights[agent] = suit[agent] * self.table.competence[agent] * factors[agent] if suit[agent] > 0 else 0.0
+            gamma = self.table.competence[agent] ** self.config.competence_weight
+            weights[agent] = suit[agent] * gamma * factors[agent] if suit[agent] > 0 else 0.0
         total = sum(weights.values())
         if total <= 0:  # every γ is zero: fall back to suitability alone
             weights = {a: max(suit[a], 0.0) for a in agents}

@@ -54,3 +54,8 @@ def scripted_pool(n_models: int = 4, *, plan: dict[str, Any] | None = None,
     agents = [Agent(name=f"agent{i}", model=models[f"m{i}"]) for i in range(n_models)]
     models["planner"] = planner
     return Pool(agents=agents, planner=planner, **pool_options), models
+
+
+def single_agent_pool(model: FunctionModel) -> Pool:
+    """One agent on ``model``, which also plans and extracts keywords."""
+    return Pool(agents=[Agent(name="solo", model=model)])

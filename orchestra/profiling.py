@@ -1,0 +1,216 @@
+"""Profiling: measure every agent on a labelled validation set and turn the results into skill profiles.
+
+As Symbolic-MoE does it: the keyword LLM names each item's skills; every agent answers every item
+(each agent's items go to its model as one batch); each keyword of an item gets +1 in an agent's
+profile when it answered correctly and -1 when not. Then global competence, and the aggregation
+benchmark: items of one correct and two incorrect traces, shuffled, that each candidate must
+synthesize into the right answer; its accuracy is its aggregation score.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestra.agents import Agent, Pool
+from orchestra.aggregate import Response, synthesize_prompt
+from orchestra.budget import Budget
+from orchestra.core import run_sync
+from orchestra.datasets import Dataset, Item
+from orchestra.events import Event, EventBus, UsageUpdated
+from orchestra.execute import Executor, RunLedger
+from orchestra.grading import Grader, answer_format, get_grader
+from orchestra.models import ChatResult
+from orchestra.profile import Provenance, SkillProfile, global_competence
+from orchestra.prompts import render, template_hash
+from orchestra.skills import KeywordConfig, SkillExtractor
+
+T = TypeVar("T")
+Progress = Callable[[str, int, int], None]
+"""Called as (stage, calls completed, calls in the stage)."""
+
+
+@dataclass
+class ProfilingReport:
+    """The profiles, plus what produced them (per-item keywords and grades) for inspection."""
+
+    profiles: dict[str, SkillProfile]
+    item_keywords: dict[str, list[str]]
+    correct: dict[str, dict[str, bool]]
+    aggregation_items: int
+    written: list[Path] = field(default_factory=list)
+
+
+def expert_prompt(item: Item) -> str:
+    """The zero-shot chain-of-thought prompt an expert sees for a validation item."""
+    question = item.prompt()
+    return render("expert.j2", task=question, instruction=question, inputs=[], answer_format=answer_format(item))
+
+
+class _Counter:
+    """Turns the executor's per-call usage events into progress callbacks for one stage."""
+
+    def __init__(self, events: EventBus, run_id: str, progress: Progress | None) -> None:
+        self.run_id, self.progress = run_id, progress
+        self.stage, self.total, self.done = "", 0, 0
+        self._remove = events.subscribe(self.on_event)
+
+    def begin(self, stage: str, total: int) -> None:
+        self.stage, self.total, self.done = stage, total, 0
+        if self.progress:
+            self.progress(stage, 0, total)
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, UsageUpdated) and event.run_id == self.run_id:
+            self.done += 1
+            if self.progress:
+                self.progress(self.stage, min(self.done, self.total), self.total)
+
+    def close(self) -> None:
+        self._remove()
+
+
+async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto",
+                   keywords: KeywordConfig | None = None, aggregation_items: int = 30, seed: int = 0,
+                   executor: Executor | None = None, progress: Progress | None = None,
+                   budget: Budget | None = None) -> ProfilingReport:
+    """Profile every agent of ``pool`` on ``dataset``. See the module docstring for the method."""
+    grade = get_grader(grader)
+    executor = executor or Executor()
+    ledger = RunLedger.create("profile", budget or Budget(max_calls=None, max_cost_usd=None, max_tokens=None))
+    counter = _Counter(executor.events, ledger.run_id, progress)
+    try:
+        item_keywords = await _keywords(pool, dataset.items, executor, ledger, keywords, seed, counter)
+        answers = await _answers(pool, dataset.items, executor, ledger, seed, counter)
+        correct = {a.name: {item.id: _ok(answers[a.name][item.id], item, grade) for item in dataset.items}
+                   for a in pool.agents}
+        scores = {a.name: _profile(correct[a.name], item_keywords) for a in pool.agents}
+        competence = global_competence({a: sum(s.values()) for a, s in scores.items()})
+        bench = _aggregation_set(dataset.items, answers, correct, aggregation_items, seed)
+        aggregation = await _aggregation_scores(pool, bench, executor, ledger, grade, seed, counter)
+    finally:
+        counter.close()
+    keyword_model = pool.keyword_model.name if pool.keyword_model else ""
+    prompts = {name: template_hash(name) for name in ("keywords.j2", "expert.j2", "aggregator.j2")}
+    profiles = {}
+    for agent in pool.agents:
+        provenance = Provenance(dataset=Path(dataset.path).name, dataset_sha256=dataset.sha256,
+                                items=len(dataset), model=_model_id(agent), keyword_model=keyword_model,
+                                grader=grade.name, prompt_sha256=prompts, seed=seed)
+        accuracy = sum(correct[agent.name].values()) / len(dataset)
+        profiles[agent.name] = SkillProfile(agent=agent.name, skills=scores[agent.name], accuracy=accuracy,
+                                            competence=competence[agent.name],
+                                            aggregation_score=aggregation.get(agent.name), provenance=provenance)
+    return ProfilingReport(profiles=profiles, item_keywords=item_keywords, correct=correct,
+                           aggregation_items=len(bench))
+
+
+def build_profiles(pool: Pool, dataset: Dataset, **options: object) -> ProfilingReport:
+    """Profile a pool (blocking). See ``aprofile``."""
+    return run_sync(aprofile(pool, dataset, **options))  # type: ignore[arg-type]
+
+
+def save_profiles(report: ProfilingReport, directory: str | Path) -> list[Path]:
+    """Write each profile as ``<directory>/<agent>.json``."""
+    report.written = [profile.save(directory) for profile in report.profiles.values()]
+    return report.written
+
+
+def _model_id(agent: Agent) -> str:
+    model = agent.model
+    detail = getattr(model, "model", None) or getattr(model, "path", None)
+    return f"{type(model).__name__}:{detail}" if detail else f"{type(model).__name__}:{model.name}"
+
+
+def _ok(outcome: ChatResult | Exception, item: Item, grade: Grader) -> bool:
+    return not isinstance(outcome, Exception) and grade.grade(outcome.text, item)
+
+
+def _profile(correct: dict[str, bool], item_keywords: dict[str, list[str]]) -> dict[str, int]:
+    scores: Counter[str] = Counter()
+    for item_id, ok in correct.items():
+        for keyword in item_keywords[item_id]:
+            scores[keyword] += 1 if ok else -1
+    return dict(scores)
+
+
+async def _keywords(pool: Pool, items: Sequence[Item], executor: Executor, ledger: RunLedger,
+                    config: KeywordConfig | None, seed: int, counter: _Counter) -> dict[str, list[str]]:
+    extractor = SkillExtractor(config)
+    counter.begin("keywords", len(items) * extractor.config.samples)
+
+    async def one(item: Item) -> list[str]:
+        requests = extractor.requests(item.prompt(), seed=seed)
+        outcomes = await executor.call(ledger, [(pool.keyword_model, r) for r in requests], purpose="keywords")
+        return extractor.combine(outcomes)
+
+    results = await _gather(executor, [one(item) for item in items])
+    return {item.id: keywords for item, keywords in zip(items, results)}
+
+
+async def _answers(pool: Pool, items: Sequence[Item], executor: Executor, ledger: RunLedger, seed: int,
+                   counter: _Counter) -> dict[str, dict[str, ChatResult | Exception]]:
+    counter.begin("answers", len(items) * len(pool.agents))
+    prompts = [expert_prompt(item) for item in items]
+
+    async def one(agent: Agent) -> list[ChatResult | Exception]:
+        calls = [(agent.model, agent.request(prompt, seed=seed)) for prompt in prompts]
+        return await executor.call(ledger, calls, purpose="profile")
+
+    results = await _gather(executor, [one(agent) for agent in pool.agents])
+    return {agent.name: {item.id: outcome for item, outcome in zip(items, outcomes)}
+            for agent, outcomes in zip(pool.agents, results)}
+
+
+@dataclass(frozen=True)
+class _AggregationItem:
+    item: Item
+    responses: tuple[str, ...]
+
+
+def _aggregation_set(items: Sequence[Item], answers: dict[str, dict[str, ChatResult | Exception]],
+                     correct: dict[str, dict[str, bool]], limit: int, seed: int) -> list[_AggregationItem]:
+    """Items with one correct and two incorrect traces from profiling, seeded and shuffled."""
+    rng = random.Random(seed)
+    chosen = []
+    for item in items:
+        right = [answers[a][item.id] for a in answers if correct[a][item.id]]
+        wrong = [answers[a][item.id] for a in answers if not correct[a][item.id]
+                 and not isinstance(answers[a][item.id], Exception)]
+        if not right or len(wrong) < 2:
+            continue
+        traces = [rng.choice(right).text, *(w.text for w in rng.sample(wrong, 2))]  # type: ignore[union-attr]
+        rng.shuffle(traces)
+        chosen.append(_AggregationItem(item, tuple(traces)))
+    rng.shuffle(chosen)
+    return chosen[:limit]
+
+
+async def _aggregation_scores(pool: Pool, bench: list[_AggregationItem], executor: Executor, ledger: RunLedger,
+                              grade: Grader, seed: int, counter: _Counter) -> dict[str, float]:
+    if not bench:
+        return {}
+    counter.begin("aggregation", len(bench) * len(pool.agents))
+    prompts = []
+    for entry in bench:
+        question = entry.item.prompt()
+        prompt = synthesize_prompt(question, question, [Response(agent="", text=t) for t in entry.responses])
+        prompts.append(f"{prompt}\n{answer_format(entry.item)}")
+
+    async def one(agent: Agent) -> float:
+        calls = [(agent.model, agent.request(prompt, seed=seed)) for prompt in prompts]
+        outcomes = await executor.call(ledger, calls, purpose="aggregation-benchmark")
+        return sum(_ok(o, e.item, grade) for o, e in zip(outcomes, bench)) / len(bench)
+
+    scores = await _gather(executor, [one(agent) for agent in pool.agents])
+    return {agent.name: score for agent, score in zip(pool.agents, scores)}
+
+
+async def _gather(executor: Executor, coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run coroutines as managed tasks together, so their calls share waves."""
+    return list(await asyncio.gather(*(executor.run_task(c) for c in coros)))

@@ -1,0 +1,134 @@
+"""Simulated expert pools with known per-skill accuracy: check recruiting without any LLM.
+
+Each simulated agent answers an item correctly with its known accuracy on the item's skill
+(decided by a seeded hash, so runs repeat exactly). A simulated keyword LLM names the item's skill
+plus a random distractor; a simulated aggregator follows the majority and, when the responses
+disagree, recognises the right answer with its own aggregation skill. ``bench/recruit_sim.py`` and
+the test suite use it; so can anyone tuning recruiting settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from orchestra.agents import Agent, Pool
+from orchestra.datasets import Dataset, Item
+from orchestra.models import ChatRequest, FunctionModel
+
+SKILLS = ("algebra", "geometry", "genetics", "organic chemistry", "mechanics", "european history",
+          "python programming", "microeconomics")
+DISTRACTORS = ("reasoning", "analysis", "facts", "problem solving", "knowledge", "logic", "science", "math",
+               "definitions", "calculation", "memory", "reading", "critical thinking", "estimation", "research",
+               "terminology", "comparison", "inference", "evidence", "concepts", "theory", "methods", "context",
+               "details")
+_QUESTION = re.compile(r"Case (\d+) \(([a-z ]+)\): what is the code")
+_ANSWER = re.compile(r"answer is (-?\d+)", re.IGNORECASE)
+
+
+def _uniform(*parts: object) -> float:
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+@dataclass(frozen=True)
+class SimulatedPool:
+    """Agents with known accuracy per skill, and the items to test them on."""
+
+    skills: tuple[str, ...]
+    accuracy: dict[str, dict[str, float]]
+    aggregation: dict[str, float]
+    seed: int = 0
+
+    @property
+    def agents(self) -> list[str]:
+        """Agent names."""
+        return list(self.accuracy)
+
+    def items(self, per_skill: int, *, offset: int = 0) -> Dataset:
+        """``per_skill`` items for every skill; ``offset`` gives disjoint (held-out) sets."""
+        rows = []
+        for s, skill in enumerate(self.skills):
+            for i in range(per_skill):
+                code = 1000 * (s + 1) + offset + i
+                rows.append(Item(id=f"{skill}-{offset + i}", question=f"Case {code} ({skill}): what is the code?",
+                                 answer=str(code), category=skill))
+        return Dataset.from_items(rows, name=f"simulated-{offset}")
+
+    def answer(self, agent: str, prompt: str) -> str:
+        """What ``agent`` says to an expert or aggregation prompt."""
+        found = _QUESTION.search(prompt)
+        if found is None:
+            return "I cannot tell. The answer is 0"
+        code, skill = int(found.group(1)), found.group(2)
+        if "responses from several experts" in prompt:
+            return self._aggregate(agent, prompt, code)
+        right = _uniform(self.seed, agent, code) < self.accuracy[agent][skill]
+        value = code if right else code + 1 + self.agents.index(agent)
+        return f"Working through case {code} with {skill} knowledge. The answer is {value}"
+
+    def _aggregate(self, agent: str, prompt: str, code: int) -> str:
+        section = prompt.split("Responses:", 1)[-1]
+        votes = [int(v) for v in _ANSWER.findall(section)]
+        if not votes:
+            return "The answer is 0"
+        counts = {v: votes.count(v) for v in votes}
+        top = max(counts.values())
+        leaders = [v for v, n in counts.items() if n == top]
+        if len(leaders) == 1 and top > 1:
+            return f"The majority agrees. The answer is {leaders[0]}"
+        if code in votes and _uniform(self.seed, "aggregate", agent, code, len(votes)) < self.aggregation[agent]:
+            return f"Checking each response, the correct one is clear. The answer is {code}"
+        return f"The answer is {votes[0]}"
+
+    def keywords(self, prompt: str, seed: int | None) -> dict[str, list[str]]:
+        """The simulated keyword LLM: the item's skill plus one random distractor."""
+        found = _QUESTION.search(prompt)
+        skill = found.group(2) if found else "general"
+        distractor = DISTRACTORS[int(_uniform(self.seed, prompt, seed) * len(DISTRACTORS))]
+        return {"keywords": [skill, distractor]}
+
+    def pool(self) -> Pool:
+        """The agents as a ``Pool`` of ``FunctionModel``s, plus the keyword LLM as planner."""
+        agents = []
+        for name in self.agents:
+            model = FunctionModel(lambda request, name=name: self.answer(name, request.prompt_text()), name=name)
+            agents.append(Agent(name=name, model=model))
+
+        def keyword_llm(request: ChatRequest) -> object:
+            return self.keywords(request.prompt_text(), request.seed)
+
+        return Pool(agents=agents, planner=FunctionModel(keyword_llm, name="keyword-llm"), name="simulated")
+
+    def oracle_accuracy(self, items: Dataset) -> float:
+        """Accuracy if every item went to the agent best at its skill."""
+        return sum(max(self.accuracy[a][item.category or ""] for a in self.agents) for item in items) / len(items)
+
+    def expected_accuracy(self, agent: str, items: Dataset) -> float:
+        """An agent's expected accuracy on ``items``."""
+        return sum(self.accuracy[agent][item.category or ""] for item in items) / len(items)
+
+
+def simulated_pool(n_agents: int = 6, skills: tuple[str, ...] = SKILLS, *, strong: float = 0.9,
+                   mean: float = 0.5, spread: float = 0.2, seed: int = 0) -> SimulatedPool:
+    """Agents equally good overall, each the best at different skills.
+
+    Agent ``i`` has accuracy ``strong`` on skills ``i``, ``i + n_agents``...; its other skills
+    scatter (seeded, by up to ``spread``) around the level that makes its mean accuracy ``mean``.
+    So no agent is best overall, and only per-item routing can reach the per-skill oracle.
+    """
+    accuracy: dict[str, dict[str, float]] = {}
+    aggregation: dict[str, float] = {}
+    for a in range(n_agents):
+        mine = [skill for s, skill in enumerate(skills) if s % n_agents == a]
+        others = [skill for skill in skills if skill not in mine]
+        level = (mean * len(skills) - strong * len(mine)) / max(1, len(others))
+        jitter = [spread * (_uniform(seed, a, skill) - 0.5) for skill in others]
+        offset = sum(jitter) / max(1, len(jitter))
+        table = {skill: strong for skill in mine}
+        table.update({skill: round(min(0.95, max(0.05, level + j - offset)), 3) for skill, j in zip(others, jitter)})
+        name = f"expert{a}"
+        accuracy[name] = {skill: table[skill] for skill in skills}
+        aggregation[name] = round(0.3 + 0.6 * _uniform(seed, "aggregation", a), 3)
+    return SimulatedPool(skills=tuple(skills), accuracy=accuracy, aggregation=aggregation, seed=seed)

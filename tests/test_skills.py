@@ -1,0 +1,239 @@
+"""Skill extraction, matching, grading, data sets and profiling (on a simulated pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestra import Orchestra, RecruitConfig
+from orchestra.datasets import Dataset, Item, load_dataset
+from orchestra.errors import DatasetError
+from orchestra.grading import AutoGrader, ExactMatchGrader, MultipleChoiceGrader, NumericGrader, get_grader
+from orchestra.loopback import LoopbackRequest, Reply
+from orchestra.matching import EmbeddingMatcher, LexicalMatcher
+from orchestra.models import ChatResult, FunctionModel
+from orchestra.profile import SkillProfile, load_profiles
+from orchestra.profiling import build_profiles, save_profiles
+from orchestra.simulation import simulated_pool
+from orchestra.skills import KeywordConfig, SkillExtractor
+
+from helpers import single_agent_pool
+
+# --- keyword extraction ------------------------------------------------------------------------
+
+
+def result(text: str = "", parsed: object = None) -> ChatResult:
+    return ChatResult(text=text, parsed=parsed)
+
+
+def test_extractor_defaults_follow_the_paper() -> None:
+    requests = SkillExtractor().requests("What is 2 + 2?", seed=10)
+    assert len(requests) == 5
+    assert {r.temperature for r in requests} == {0.7}
+    assert [r.seed for r in requests] == [10, 11, 12, 13, 14]
+    assert "What is 2 + 2?" in requests[0].prompt_text()
+
+
+def test_keywords_normalised_filtered_and_kept_when_repeated() -> None:
+    extractor = SkillExtractor()
+    samples = [result(parsed={"keywords": ["Algebra ", "arithmetic", "a very very long keyword indeed"]}),
+               result(parsed={"keywords": ["algebra", "ARITHMETIC", "algebra"]}),
+               result(text="Keywords: algebra, number theory"),
+               result(parsed={"keywords": ["geometry"]}),
+               BadResponseLike()]
+    assert extractor.combine(samples) == ["algebra", "arithmetic"]
+
+
+class BadResponseLike(Exception):
+    pass
+
+
+def test_keyword_settings_are_configurable() -> None:
+    extractor = SkillExtractor(KeywordConfig(samples=3, temperature=0.2, min_count=1, max_length=5,
+                                             structured=False))
+    requests = extractor.requests("q")
+    assert len(requests) == 3 and requests[0].output == "text" and requests[0].temperature == 0.2
+    assert extractor.combine([result("Keywords: logic, probability")]) == ["logic"]
+
+
+def test_all_samples_go_to_the_keyword_model_as_one_batch() -> None:
+    model = FunctionModel(lambda request: {"keywords": ["chemistry"]}, name="kw")
+    orc = Orchestra(single_agent_pool(model), plan=False, k=1)
+    result_ = orc.run("What is the pH of pure water?")
+    assert model.batches[0] == 5
+    assert result_.node("answer").skills == ["chemistry"]
+
+
+# --- matching ----------------------------------------------------------------------------------
+
+VOCABULARY = ["algebra", "geometry", "organic chemistry", "python programming", "european history", "probability"]
+
+
+def test_lexical_matcher_maps_to_nearest_skill_and_caches() -> None:
+    matcher = LexicalMatcher()
+    found = asyncio.run(matcher.match(["algebraic equations", "chemistry", "probabilities", "cooking"], VOCABULARY))
+    assert [(m.keyword, m.skill) for m in found] == [("algebraic equations", "algebra"),
+                                                     ("chemistry", "organic chemistry"),
+                                                     ("probabilities", "probability")]
+    assert matcher.nearest("chemistry", VOCABULARY) is matcher.nearest("chemistry", VOCABULARY)
+    assert asyncio.run(matcher.match(["algebra"], VOCABULARY))[0].similarity == 1.0
+
+
+def test_embedding_matcher_over_a_loopback_embeddings_endpoint(loopback) -> None:
+    axes = {"algebra": [1, 0, 0], "geometry": [0, 1, 0], "history": [0, 0, 1],
+            "equations": [0.9, 0.1, 0], "triangles": [0.1, 0.9, 0.1], "pottery": [0.5, 0.5, 0.5]}
+
+    def embeddings(request: LoopbackRequest) -> Reply:
+        inputs = request.json()["input"]
+        return Reply(body={"data": [{"index": i, "embedding": axes[t]} for i, t in enumerate(inputs)]})
+
+    server = loopback(embeddings)
+    matcher = EmbeddingMatcher(model="mini", base_url=server.url + "/v1", min_similarity=0.8)
+    found = asyncio.run(matcher.match(["equations", "triangles", "pottery"], ["algebra", "geometry", "history"]))
+    assert [(m.keyword, m.skill) for m in found] == [("equations", "algebra"), ("triangles", "geometry")]
+    asyncio.run(matcher.match(["equations"], ["algebra", "geometry", "history"]))
+    assert len(server.requests) == 1  # every text was cached after the first call
+    assert server.requests[0].path == "/v1/embeddings"
+
+
+# --- grading -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Let me think... The answer is (C).", "C"), ("answer: b", "B"), ("I pick (A) then (D)", "D"),
+    ("<think>maybe (A)</think> The answer is (B)", "B"),
+])
+def test_multiple_choice_extraction(text: str, expected: str) -> None:
+    item = Item(id="1", question="q", answer=expected, choices=("w", "x", "y", "z"))
+    assert MultipleChoiceGrader().extract(text, item) == expected
+    assert MultipleChoiceGrader().grade(text, item)
+
+
+def test_multiple_choice_reference_given_as_choice_text() -> None:
+    item = Item(id="1", question="q", answer="Paris", choices=("Rome", "Paris"))
+    assert MultipleChoiceGrader().grade("The answer is (B)", item)
+
+
+@pytest.mark.parametrize("text, reference", [
+    ("\\boxed{1,000}", "1000"), ("The answer is 2.50", "2.5"), ("so x = \\frac{1}{2}", "0.5"),
+    ("The answer is $12", "12"), ("first 3 then finally 7", "7"), ("\\boxed{\\frac{3}{4}}", "0.75"),
+    ("The answer is 50%", "50"),
+])
+def test_numeric_grading_normalises(text: str, reference: str) -> None:
+    assert NumericGrader().grade(text, Item(id="1", question="q", answer=reference))
+
+
+def test_numeric_wrong_and_missing() -> None:
+    grader = NumericGrader()
+    assert not grader.grade("The answer is 13", Item(id="1", question="q", answer="12"))
+    assert not grader.grade("no number here", Item(id="1", question="q", answer="12"))
+
+
+def test_exact_match_and_auto_choice() -> None:
+    assert ExactMatchGrader().grade("The answer is: The Eiffel Tower.", Item(id="1", question="q", answer="eiffel tower"))
+    auto = AutoGrader()
+    assert auto.pick(Item(id="1", question="q", answer="B", choices=("a", "b"))).name == "mc"
+    assert auto.pick(Item(id="1", question="q", answer="3/4")).name == "numeric"
+    assert auto.pick(Item(id="1", question="q", answer="Paris")).name == "exact"
+    assert get_grader("numeric").name == "numeric"
+    with pytest.raises(Exception, match="unknown grader 'fuzzy'"):
+        get_grader("fuzzy")
+
+
+# --- data sets ---------------------------------------------------------------------------------
+
+
+def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "val.jsonl"
+    path.write_text('{"id": 1, "question": "2+2?", "answer": 4}\n\n'
+                    '{"id": "b", "question": "Pick", "answer": "A", "choices": ["x", "y"], "category": "misc"}\n')
+    data = load_dataset(path)
+    assert len(data) == 2 and data.items[0].id == "1" and data.items[0].answer == "4"
+    assert len(data.sha256) == 64 and data.items[1].prompt() == "Pick\n(A) x\n(B) y"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": 1, "question": "q", "answer": 1}\nnot json\n', "val.jsonl:2: not valid JSON"),
+    ('{"id": 1, "answer": 1}\n', "val.jsonl:1: field 'question': missing"),
+    ('[1, 2]\n', "val.jsonl:1: each line must be a JSON object"),
+    ('{"id": 1, "question": "q", "answer": 1}\n{"id": 1, "question": "r", "answer": 2}\n',
+     "val.jsonl:2: duplicate id '1' (first on line 1)"),
+    ("\n", "val.jsonl: the data set has no items"),
+])
+def test_bad_rows_name_file_and_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "val.jsonl"
+    path.write_text(content)
+    with pytest.raises(DatasetError) as caught:
+        load_dataset(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+# --- profiling ---------------------------------------------------------------------------------
+
+
+def test_profiles_measure_skills_and_carry_provenance(tmp_path: Path) -> None:
+    sim = simulated_pool(seed=0)
+    pool = sim.pool()
+    progress: list[tuple[str, int, int]] = []
+    report = build_profiles(pool, sim.items(10), progress=lambda *p: progress.append(p))
+    assert set(report.profiles) == set(sim.agents)
+    for agent, prof in report.profiles.items():
+        best_skill = max(sim.skills, key=lambda s: sim.accuracy[agent][s])
+        assert prof.skills[best_skill] == max(prof.skills[s] for s in sim.skills)
+        assert prof.provenance.items == 80 and prof.provenance.dataset_sha256 == sim.items(10).sha256
+        assert set(prof.provenance.prompt_sha256) == {"keywords.j2", "expert.j2", "aggregator.j2"}
+        assert prof.provenance.model == f"FunctionModel:{agent}"
+        assert prof.aggregation_score is not None
+    assert sum(p.competence for p in report.profiles.values()) == pytest.approx(1.0)
+    stages = {stage for stage, _, _ in progress}
+    assert stages == {"keywords", "answers", "aggregation"}
+    assert ("answers", 480, 480) in progress
+    # every agent's items went to its model in one batch
+    assert all(len(a.model.batches) >= 1 and a.model.batches[0] == 80 for a in pool.agents)
+    written = save_profiles(report, tmp_path / "profiles")
+    assert len(written) == 6
+    loaded = load_profiles(tmp_path / "profiles")
+    assert loaded["expert0"] == report.profiles["expert0"].model_copy(
+        update={"skills": loaded["expert0"].skills})
+    assert json.loads(written[0].read_text())["provenance"]["items"] == 80
+    assert SkillProfile.load(written[0]).agent in sim.agents
+
+
+def test_recruited_experts_beat_the_best_single_agent_near_the_oracle() -> None:
+    sim = simulated_pool(seed=1)
+    pool = sim.pool()
+    pool.profiles = build_profiles(pool, sim.items(25)).profiles
+    held_out = sim.items(25, offset=500)
+    grader = AutoGrader()
+    skills_only = RecruitConfig(competence_weight=0)
+    orc = Orchestra(pool, mode="topk", k=1, aggregate="none", plan=False, recruit=skills_only, store=False)
+    results = orc.run_many([item.prompt() for item in held_out])
+    recruited = sum(grader.grade(r.answer or "", item) for r, item in zip(results, held_out)) / len(held_out)
+    best_single = max(sim.expected_accuracy(agent, held_out) for agent in sim.agents)
+    oracle = sim.oracle_accuracy(held_out)
+    assert recruited >= best_single + 0.10
+    assert recruited >= oracle - 0.05
+    explanation = results[0].node("answer").recruitment["explanation"][0]
+    assert held_out.items[0].category in explanation
+
+
+def test_aggregation_benchmark_uses_one_correct_and_two_wrong_traces() -> None:
+    sim = simulated_pool(seed=2)
+    pool = sim.pool()
+    report = build_profiles(pool, sim.items(10), aggregation_items=12)
+    assert report.aggregation_items == 12
+    prompts = [r.prompt_text() for r in pool.agents[0].model.requests if "responses from several" in r.prompt_text()]
+    assert len(prompts) == 12
+    for prompt in prompts:
+        assert prompt.count("The answer is") >= 3
+    ranked = sorted(report.profiles.values(), key=lambda p: p.aggregation_score or 0)
+    assert ranked[-1].aggregation_score >= ranked[0].aggregation_score
+
+
+def test_dataset_from_items_hash_changes_with_content() -> None:
+    a = Dataset.from_items([{"id": "1", "question": "q", "answer": "1"}])
+    b = Dataset.from_items([{"id": "1", "question": "q", "answer": "2"}])
+    assert a.sha256 != b.sha256
