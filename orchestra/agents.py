@@ -118,15 +118,20 @@ class Pool:
     def load(cls, path: str | Path | None = None) -> Pool:
         """Read a pool file (the embedded default pool when ``path`` is None)."""
         file = Path(path) if path is not None else default_pool_path()
-        document = read_yaml(file)
-        spec = document.validate(PoolFile)
-        _check_references(spec, document)
-        base = file.parent
+        return cls.from_document(read_yaml(file), base=file.parent, source=file)
+
+    @classmethod
+    def from_document(cls, document: YamlDocument, *, loc: tuple[Any, ...] = (), base: Path,
+                      source: Path | None = None) -> Pool:
+        """Build a pool from the pool data at ``loc`` of a YAML file (a pool file, or a workflow's inline pool)."""
+        spec = document.validate(PoolFile, loc)
+        _check_references(spec, document, loc)
         models = {name: model_spec.build(name, base) for name, model_spec in spec.models.items()}
         agents = []
         for agent in spec.agents:
             agents.append(Agent(
-                name=agent.name, model=models[agent.model or spec.defaults.model or ""], persona=agent.persona or spec.defaults.persona,
+                name=agent.name, model=models[agent.model or spec.defaults.model or ""],
+                persona=agent.persona or spec.defaults.persona,
                 temperature=agent.temperature if agent.temperature is not None else spec.defaults.temperature,
                 max_tokens=agent.max_tokens or spec.defaults.max_tokens,
                 skills=tuple(agent.skills), description=agent.description))
@@ -134,13 +139,14 @@ class Pool:
         profiles = load_profiles(profiles_dir) if profiles_dir else {}
         unknown = sorted(set(profiles) - {a.name for a in agents})
         if unknown:
-            raise ConfigError(f"profiles for unknown agent(s) {', '.join(unknown)} in {profiles_dir}",
-                              path=str(file))
+            raise document.error(f"profiles for unknown agent(s) {', '.join(unknown)} in {profiles_dir}",
+                                 (*loc, "profiles"))
+        name = spec.name or (source.stem if source else "pool")
         return cls(agents=agents, profiles=profiles,
                    planner=models[spec.planner] if spec.planner else None,
                    keyword_model=models[spec.keywords] if spec.keywords else None,
-                   aggregator=spec.aggregator, name=spec.name or file.stem, profiles_dir=profiles_dir,
-                   source=file, settings=spec.settings)
+                   aggregator=spec.aggregator, name=name, profiles_dir=profiles_dir,
+                   source=source, settings=spec.settings)
 
 
 # --- the pool file ---------------------------------------------------------------------------
@@ -154,7 +160,7 @@ class PoolSettings(_Strict):
     """Run defaults that suit this pool (a tiny local model wants small plans); flags override them."""
 
     k: int | None = Field(default=None, ge=1)
-    mode: Literal["symbolic-moe", "topk", "adaptive", "random"] | None = None
+    mode: Literal["symbolic-moe", "topk", "adaptive", "global", "random"] | None = None
     aggregate: Literal["synthesize", "vote", "refine", "none"] | None = None
     max_nodes: int | None = Field(default=None, ge=1)
     plan_fallback: Literal["fail", "single"] | None = None
@@ -199,30 +205,30 @@ class PoolFile(_Strict):
     agents: list[AgentFile] = Field(min_length=1)
 
 
-def _check_references(spec: PoolFile, document: YamlDocument) -> None:
+def _check_references(spec: PoolFile, document: YamlDocument, loc: tuple[Any, ...]) -> None:
     known = set(spec.models)
     choices = ", ".join(sorted(known))
     for key in ("planner", "keywords"):
         value = getattr(spec, key)
         if value is not None and value not in known:
-            raise document.error(f"{key} names unknown model {value!r}; models: {choices}", (key,))
+            raise document.error(f"{key} names unknown model {value!r}; models: {choices}", (*loc, key))
     if spec.defaults.model is not None and spec.defaults.model not in known:
         raise document.error(f"defaults.model names unknown model {spec.defaults.model!r}; models: {choices}",
-                             ("defaults", "model"))
+                             (*loc, "defaults", "model"))
     names: list[str] = []
     for index, agent in enumerate(spec.agents):
         if agent.name in names:
-            raise document.error(f"duplicate agent name {agent.name!r}", ("agents", index, "name"))
+            raise document.error(f"duplicate agent name {agent.name!r}", (*loc, "agents", index, "name"))
         names.append(agent.name)
         if agent.model is not None and agent.model not in known:
             raise document.error(f"agent {agent.name!r} names unknown model {agent.model!r}; models: {choices}",
-                                 ("agents", index, "model"))
+                                 (*loc, "agents", index, "model"))
         if agent.model is None and spec.defaults.model is None:
             raise document.error(f"agent {agent.name!r} names no model and defaults.model is unset",
-                                 ("agents", index))
+                                 (*loc, "agents", index))
     if spec.aggregator is not None and spec.aggregator not in names:
         raise document.error(f"aggregator {spec.aggregator!r} is not one of the agents: {', '.join(names)}",
-                             ("aggregator",))
+                             (*loc, "aggregator"))
 
 
 def pool_from_models(models: Mapping[str, Model], *, personas: Mapping[str, str] | None = None,

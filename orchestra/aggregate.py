@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from orchestra.grading import AutoGrader, Grader, strip_reasoning
 from orchestra.prompts import render
@@ -28,6 +28,7 @@ class Response:
     agent: str
     text: str
     weight: float = 1.0
+    data: Any = None
 
 
 def ranked(responses: Sequence[Response]) -> list[Response]:
@@ -56,6 +57,7 @@ class VoteResult:
     text: str
     answer: str | None
     tally: dict[str, int]
+    data: Any = None
 
 
 def vote(responses: Sequence[Response], grader: Grader | None = None) -> VoteResult:
@@ -70,7 +72,7 @@ def vote(responses: Sequence[Response], grader: Grader | None = None) -> VoteRes
     voting = [(r, a) for r, a in answers if a]
     if not voting:
         best = ranked(responses)[0]
-        return VoteResult(text=strip_reasoning(best.text), answer=None, tally={})
+        return VoteResult(text=strip_reasoning(best.text), answer=None, tally={}, data=best.data)
     tally = Counter(a for _, a in voting)
     weight = Counter()
     first: dict[str, int] = {}
@@ -79,4 +81,5 @@ def vote(responses: Sequence[Response], grader: Grader | None = None) -> VoteRes
         first.setdefault(answer, index)
     winner = max(tally, key=lambda a: (tally[a], weight[a], -first[a]))
     supporters = ranked([r for r, a in voting if a == winner])
-    return VoteResult(text=strip_reasoning(supporters[0].text), answer=winner, tally=dict(tally))
+    return VoteResult(text=strip_reasoning(supporters[0].text), answer=winner, tally=dict(tally),
+                      data=supporters[0].data)

@@ -21,7 +21,7 @@ from orchestra.matching import LexicalMatcher, SkillMatcher
 from orchestra.plan import Plan
 from orchestra.recruit import MODES, RecruitConfig, Recruiter
 from orchestra.result import RunResult
-from orchestra.run import Run, RunEnv, RunOptions
+from orchestra.run import NodeSettings, Outputs, Run, RunEnv, RunOptions
 from orchestra.skills import KeywordConfig, SkillExtractor
 from orchestra.store import RunStore
 
@@ -127,22 +127,26 @@ class Orchestra:
         return run_sync(self.arun(task, **overrides))
 
     async def arun(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
-                   meta: dict[str, Any] | None = None, **overrides: Any) -> RunResult:
+                   meta: dict[str, Any] | None = None, node_settings: dict[str, NodeSettings] | None = None,
+                   final: Callable[[Outputs], str] | None = None, **overrides: Any) -> RunResult:
         """Answer ``task``.
 
         Args:
             task: what to do.
             plan: a ``Plan`` to run as given, or a bool to switch planning on or off.
-            run_id: an id for the run (default: a new one).
+            run_id: an id for the run (default: a new one; an existing id continues that run).
             meta: JSON-ready facts stored with the run (how to rebuild it on resume).
+            node_settings: per-node recruiting, aggregation, output schema and prompt (workflows).
+            final: renders the answer from the nodes' outputs instead of aggregating the sinks.
             overrides: any ``RunOptions`` field for this run only (k, mode, aggregate, seed, budget...).
         """
-        run = self._make_run(task, plan=plan, run_id=run_id, **overrides)
+        run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final, **overrides)
         self._begin(run, meta)
         return await self._finish(run)
 
     def _make_run(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
-                  fixed_experts: dict[str, list[str]] | None = None, **overrides: Any) -> Run:
+                  fixed_experts: dict[str, list[str]] | None = None, node_settings: dict[str, NodeSettings] | None = None,
+                  final: Callable[[Outputs], str] | None = None, **overrides: Any) -> Run:
         if not task or not task.strip():
             raise ConfigError("the task is empty")
         given = plan if isinstance(plan, Plan) else None
@@ -151,7 +155,8 @@ class Orchestra:
         options = self._options(overrides)
         ledger = RunLedger.create(run_id or new_run_id(), options.budget, journal=self.store,
                                   cache=self.store.cache() if self.cache and self.store else None)
-        return Run(self.env, task, options, ledger, plan=given, fixed_experts=fixed_experts)
+        return Run(self.env, task, options, ledger, plan=given, fixed_experts=fixed_experts,
+                   node_settings=node_settings, final=final)
 
     def _begin(self, run: Run, meta: dict[str, Any] | None) -> None:
         if self.store is not None:
@@ -168,6 +173,22 @@ class Orchestra:
         if self.store is not None:
             self.store.finish_run(result)
         return result
+
+    # --- planning only -------------------------------------------------------------------------
+
+    def plan(self, task: str, **options: Any) -> tuple[Plan, str]:
+        """Make (and validate) a plan without running it (blocking). See ``aplan``."""
+        return run_sync(self.aplan(task, **options))
+
+    async def aplan(self, task: str, **overrides: Any) -> tuple[Plan, str]:
+        """Ask the planner for a plan and validate it, with the usual repairs; returns the plan and a note.
+
+        The plan can be shown, edited, and then run with ``arun(task, plan=plan)``.
+        """
+        run = self._make_run(task, plan=True, **overrides)
+        run.ledger.journal = None  # planning alone is not a run of its own
+        plan, _, _, note = await self.executor.run_task(run.make_plan())
+        return plan, note
 
     # --- resume ----------------------------------------------------------------------------
 
@@ -190,11 +211,15 @@ class Orchestra:
             if stored is not None:
                 return stored
         config = record.config
+        meta = config.get("meta") or {}
+        if meta.get("kind") == "workflow":
+            from orchestra.workflow import Workflow, arun_workflow
+
+            workflow = Workflow.load(meta["workflow"], pool=self.pool)
+            return await arun_workflow(workflow, meta.get("inputs") or {}, orchestra=self, run_id=record.id,
+                                       budget=self._resume_budget(RunOptions.from_dict(config["options"]), budget))
         options = RunOptions.from_dict(config["options"])
-        if isinstance(budget, Budget):
-            options = dataclasses.replace(options, budget=budget)
-        elif budget:
-            options = dataclasses.replace(options, budget=options.budget.merged(**budget))
+        options = dataclasses.replace(options, budget=self._resume_budget(options, budget))
         plan = Plan.model_validate(config["plan"]) if config.get("plan") else None
         ledger = RunLedger.create(record.id, options.budget, journal=self.store,
                                   cache=self.store.cache() if self.cache else None)
@@ -209,6 +234,12 @@ class Orchestra:
         if isinstance(overrides.get("budget"), dict):
             overrides["budget"] = self.options.budget.merged(**overrides["budget"])
         return dataclasses.replace(self.options, **overrides)
+
+    @staticmethod
+    def _resume_budget(options: RunOptions, budget: Budget | dict[str, Any] | None) -> Budget:
+        if isinstance(budget, Budget):
+            return budget
+        return options.budget.merged(**budget) if budget else options.budget
 
     # --- many runs -------------------------------------------------------------------------
 

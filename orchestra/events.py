@@ -115,14 +115,29 @@ class CallsQueued(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class CallsAnswered(Event):
-    """Calls were answered without reaching the model: from the cache or, on resume, from the store."""
+class CallsResolved(Event):
+    """Calls settled without reaching the model: from the cache, from the store on resume, or
+    refused because the run's budget is spent."""
 
-    kind: ClassVar[str] = "calls_answered"
+    kind: ClassVar[str] = "calls_resolved"
     model: str
     count: int
     run_id: str
-    source: str  # "cache" or "store"
+    source: str  # "cache", "store" or "budget"
+
+
+@dataclass(frozen=True, slots=True)
+class CallDone(Event):
+    """One call came back from its model (what ``--verbose`` shows)."""
+
+    kind: ClassVar[str] = "call_done"
+    run_id: str
+    model: str
+    purpose: str
+    node: str | None
+    request: Any  # the ChatRequest that was sent
+    response: str | None
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)

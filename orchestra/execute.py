@@ -24,7 +24,8 @@ from orchestra.events import (
     BatchFinished,
     BatchStarted,
     CallRetried,
-    CallsAnswered,
+    CallDone,
+    CallsResolved,
     CallsQueued,
     EventBus,
     ModelLoaded,
@@ -198,6 +199,16 @@ class Executor:
         self.spawn(wrapped(), owner=owner)
         return await owner
 
+    def reset(self) -> None:
+        """Forget queued work after the event loop that ran it was interrupted (Ctrl-C).
+
+        Resident models stay loaded; the next run starts from a clean schedule.
+        """
+        self._queue.clear()
+        self._active = 0
+        self._in_flight = False
+        self._kick_scheduled = False
+
     # --- calls -----------------------------------------------------------------------------
 
     async def call(self, ledger: RunLedger, calls: Sequence[tuple[Model, ChatRequest]], *, purpose: str,
@@ -277,7 +288,7 @@ class Executor:
             if recorded is not None:
                 ledger.budget.count(recorded.usage)
                 ledger.answered["store"] += 1
-                self.events.emit(CallsAnswered(model=call.model.name, count=1, run_id=ledger.run_id, source="store"))
+                self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="store"))
                 self._resolve(call, recorded)
                 return True
         if ledger.cache is not None:
@@ -287,13 +298,14 @@ class Executor:
                 if ledger.journal is not None:
                     ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request,
                                           cached, purpose=call.purpose, node=call.node, source="cache")
-                self.events.emit(CallsAnswered(model=call.model.name, count=1, run_id=ledger.run_id, source="cache"))
+                self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="cache"))
                 self._resolve(call, cached)
                 return True
             ledger.cache_misses += 1
         try:
             call.reserved = ledger.budget.admit(call.request, getattr(call.model, "price", FREE))
         except BudgetExceeded as exceeded:
+            self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="budget"))
             self._resolve(call, exceeded)
             return True
         return False
@@ -374,6 +386,12 @@ class Executor:
             ledger.budget.settle(call.reserved, outcome.usage)
             if ledger.cache is not None:
                 ledger.cache.put(call.model.name, call.key, call.request, outcome)
+        if self.events.listeners:
+            failed = isinstance(outcome, Exception)
+            self.events.emit(CallDone(run_id=ledger.run_id, model=call.model.name, purpose=call.purpose,
+                                      node=call.node, request=call.request,
+                                      response=None if failed else outcome.text,  # type: ignore[union-attr]
+                                      error=str(outcome) if failed else None))
         usage = ledger.usage
         self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=ledger.budget.calls,
                                       prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,

@@ -20,10 +20,10 @@ class Subtask(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: str = Field(pattern=ID_PATTERN)
-    instruction: str = Field(min_length=1)
-    depends_on: list[str] = []
-    skills: list[str] = []
+    id: str = Field(pattern=ID_PATTERN, max_length=40)
+    instruction: str = Field(min_length=1, max_length=600)
+    depends_on: list[str] = Field(default_factory=list, max_length=12)
+    skills: list[str] = Field(default_factory=list, max_length=5)
 
 
 class Plan(BaseModel):
@@ -71,9 +71,19 @@ def validate_plan(plan: Plan, *, max_nodes: int = 12) -> nx.DiGraph:
 
 
 def plan_schema(max_nodes: int) -> dict[str, Any]:
-    """The JSON schema the planner must follow, with the node limit built in."""
+    """The JSON schema the planner must follow, with the node limit built in.
+
+    Strings and lists are bounded too, so a grammar-constrained local model cannot ramble past
+    its token limit and leave the JSON unfinished.
+    """
     schema = copy.deepcopy(Plan.model_json_schema())
     schema["properties"]["subtasks"]["maxItems"] = max_nodes
+    subtask = schema["$defs"]["Subtask"]["properties"]
+    subtask["instruction"]["maxLength"] = 240
+    subtask["depends_on"]["maxItems"] = max_nodes
+    subtask["depends_on"]["items"]["maxLength"] = 40
+    subtask["skills"]["maxItems"] = 3
+    subtask["skills"]["items"]["maxLength"] = 30
     return schema
 
 

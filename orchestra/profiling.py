@@ -122,9 +122,11 @@ def save_profiles(report: ProfilingReport, directory: str | Path) -> list[Path]:
 
 
 def _model_id(agent: Agent) -> str:
+    """``Type:model`` (a file's name, not its local path, for in-process engines)."""
     model = agent.model
-    detail = getattr(model, "model", None) or getattr(model, "path", None)
-    return f"{type(model).__name__}:{detail}" if detail else f"{type(model).__name__}:{model.name}"
+    path = getattr(model, "path", None)
+    detail = getattr(model, "model", None) or (Path(path).name if path else None) or model.name
+    return f"{type(model).__name__}:{detail}"
 
 
 def _ok(outcome: ChatResult | Exception, item: Item, grade: Grader) -> bool:
@@ -145,7 +147,7 @@ async def _keywords(pool: Pool, items: Sequence[Item], executor: Executor, ledge
     counter.begin("keywords", len(items) * extractor.config.samples)
 
     async def one(item: Item) -> list[str]:
-        requests = extractor.requests(item.prompt(), seed=seed)
+        requests = extractor.requests(item.question, seed=seed)
         outcomes = await executor.call(ledger, [(pool.keyword_model, r) for r in requests], purpose="keywords")
         return extractor.combine(outcomes)
 

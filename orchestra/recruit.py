@@ -20,8 +20,8 @@ from typing import Literal, NamedTuple
 from orchestra.matching import Match
 from orchestra.profile import SkillProfile, global_competence
 
-Mode = Literal["symbolic-moe", "topk", "adaptive", "random"]
-MODES: tuple[str, ...] = ("symbolic-moe", "topk", "adaptive", "random")
+Mode = Literal["symbolic-moe", "topk", "adaptive", "global", "random"]
+MODES: tuple[str, ...] = ("symbolic-moe", "topk", "adaptive", "global", "random")
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class RecruitConfig:
 
     Attributes:
         mode: ``symbolic-moe`` (sample k with replacement), ``topk`` (k distinct by weight),
-            ``adaptive`` (add by weight until cumulative probability >= p, up to k_max), or
-            ``random`` (k distinct uniformly: a baseline).
+            ``adaptive`` (add by weight until cumulative probability >= p, up to k_max),
+            ``global`` (the k agents of highest global competence, whatever the subtask: the
+            MoA and best-single baselines) or ``random`` (k distinct uniformly: a baseline).
         k: experts per subtask.
         p: the adaptive mode's cumulative probability threshold.
         k_max: the adaptive mode's cap.
@@ -233,6 +234,9 @@ class Recruiter:
                 cumulative += candidate.probability
                 if cumulative >= self.config.p - 1e-12:
                     break
+        elif mode == "global":
+            experts = sorted(ranked, key=lambda c: (-c.competence, c.agent))[:k]
+            experts = [c.agent for c in experts]
         elif mode == "random":
             experts = rng.sample([c.agent for c in ranked], k)
         else:

@@ -32,6 +32,7 @@ class NodeTrace(BaseModel):
     aggregator: str | None = None
     strategy: str = "synthesize"
     output: str | None = None
+    data: Any = None
     expert_outputs: list[ExpertOutput] = Field(default_factory=list)
     recruitment: dict[str, Any] | None = None
     error: str | None = None

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -87,6 +87,35 @@ class RunEnv:
     grader: Grader
 
 
+Outputs = dict[str, dict[str, Any]]
+"""Finished nodes' results by id: ``{"output": text, "data": parsed JSON or None}``."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Per-node choices a workflow step can make; unset fields follow the run's options.
+
+    Attributes:
+        k, mode, aggregate: recruiting and aggregation for this node.
+        agent: a fixed expert (no recruiting).
+        skills: the skills to recruit on (no keyword extraction).
+        output: a JSON schema the node's output must follow.
+        prompt: renders the node's instruction from upstream outputs (then the expert prompt does
+            not list the dependencies' outputs itself).
+    """
+
+    k: int | None = None
+    mode: str | None = None
+    aggregate: str | None = None
+    agent: str | None = None
+    skills: tuple[str, ...] = ()
+    output: dict[str, Any] | None = None
+    prompt: Callable[[Outputs], str] | None = None
+
+
+DEFAULT_NODE = NodeSettings()
+
+
 @dataclass(slots=True, eq=False)
 class NodeState:
     """A node's mutable state during a run; turned into a ``NodeTrace`` for the result."""
@@ -100,6 +129,7 @@ class NodeState:
     explanation: list[str] = field(default_factory=list)
     aggregator: str | None = None
     output: str | None = None
+    data: Any = None
     expert_outputs: list[ExpertOutput] = field(default_factory=list)
     error: str | None = None
     elapsed_s: float = 0.0
@@ -111,9 +141,14 @@ class NodeState:
             id=self.id, instruction=self.instruction, depends_on=self.depends_on, status=self.status,
             skills=list(recruitment.keywords) if recruitment else [],
             experts=list(recruitment.experts) if recruitment else [], aggregator=self.aggregator,
-            strategy=self.strategy, output=self.output, expert_outputs=self.expert_outputs,
+            strategy=self.strategy, output=self.output, data=self.data, expert_outputs=self.expert_outputs,
             recruitment=recruitment.to_dict(self.explanation) if recruitment else None, error=self.error,
             elapsed_s=self.elapsed_s)
+
+
+def _plain(value: Any) -> Any:
+    """A parsed output as plain JSON data (pydantic models dumped)."""
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
 def node_seed(seed: int, task: str, node_id: str) -> int:
@@ -125,7 +160,9 @@ class Run:
     """Drives one task. Its coroutines run as managed tasks of the shared executor."""
 
     def __init__(self, env: RunEnv, task: str, options: RunOptions, ledger: RunLedger, *,
-                 plan: Plan | None = None, fixed_experts: dict[str, list[str]] | None = None) -> None:
+                 plan: Plan | None = None, fixed_experts: dict[str, list[str]] | None = None,
+                 node_settings: dict[str, NodeSettings] | None = None,
+                 final: Callable[[Outputs], str] | None = None) -> None:
         self.env = env
         self.task = task
         self.options = options
@@ -134,6 +171,8 @@ class Run:
         self.given_plan = plan
         self.presets: dict[str, Recruitment] = {}
         self.fixed_experts = fixed_experts or {}
+        self.node_settings = node_settings or {}
+        self.final_template = final
         self.future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
         self.traces: dict[str, NodeState] = {}
         self.plan_attempts, self.plan_note = 0, ""
@@ -166,7 +205,7 @@ class Run:
     async def _begin(self) -> None:
         started = time.perf_counter()
         try:
-            plan, self.graph, attempts, note = await self._make_plan()
+            plan, self.graph, attempts, note = await self.make_plan()
         except (OrchestraError, PlanInvalid) as error:
             self._finish(self._failure_status(), None, str(error))
             return
@@ -186,7 +225,8 @@ class Run:
             if self.graph.in_degree(node_id) == 0:
                 self._ready(node_id)
 
-    async def _make_plan(self) -> tuple[Plan, nx.DiGraph, int, str]:
+    async def make_plan(self) -> tuple[Plan, nx.DiGraph, int, str]:
+        """The plan: given, single-step, or from the planner with repairs; with its DAG, attempts and a note."""
         if self.given_plan is not None:
             given = self.given_plan
             return given, validate_plan(given, max_nodes=max(self.options.max_nodes, len(given.subtasks))), 0, "given"
@@ -229,27 +269,34 @@ class Run:
     async def _node(self, node_id: str) -> None:
         trace = self.traces[node_id]
         subtask = self.subtasks[node_id]
+        settings = self.node_settings.get(node_id, DEFAULT_NODE)
+        strategy = settings.aggregate or self.options.aggregate
         started = time.perf_counter()
         try:
+            instruction = settings.prompt(self.outputs()) if settings.prompt else subtask.instruction
             trace.status = "recruiting"
-            recruitment = await self.recruit(node_id, subtask.instruction, subtask.skills)
+            recruitment = await self.recruit(node_id, instruction, settings.skills or subtask.skills, settings)
             agents = [self.env.pool[name] for name in recruitment.experts]
             trace.recruitment = recruitment
             trace.explanation = recruitment.explain()
-            needs_aggregator = len(agents) > 1 and self.options.aggregate in ("synthesize", "refine")
+            needs_aggregator = len(agents) > 1 and strategy in ("synthesize", "refine")
             trace.aggregator = self.env.aggregator.name if needs_aggregator else None
             self.env.events.emit(ExpertsRecruited(
                 run_id=self.run_id, node=node_id, experts=recruitment.experts,
                 aggregator=trace.aggregator or "", skills=recruitment.keywords,
                 explanation=tuple(trace.explanation)))
             trace.status = "running"
-            prompt = render("expert.j2", task=self.task, instruction=subtask.instruction,
-                            inputs=self._inputs(node_id), answer_format=self.options.answer_format)
+            inputs = [] if settings.prompt else self._inputs(node_id)
+            prompt = render("expert.j2", task=self.task, instruction=instruction, inputs=inputs,
+                            answer_format=self.options.answer_format)
             seed = node_seed(self.options.seed, self.task, node_id)
-            calls = [(agent.model, agent.request(prompt, seed=seed + i)) for i, agent in enumerate(agents)]
+            output = settings.output or "text"
+            calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output))
+                     for i, agent in enumerate(agents)]
             outcomes = await self.env.executor.call(self.ledger, calls, purpose="expert", node=node_id)
             responses = self._collect(trace, agents, outcomes, recruitment)
-            trace.output = await self._aggregate(node_id, subtask.instruction, responses, seed)
+            trace.output, trace.data = await self._aggregate(node_id, instruction, responses, seed, strategy,
+                                                             settings.output)
             trace.status = "done"
             self.env.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
         except (OrchestraError, PlanInvalid) as error:
@@ -258,12 +305,23 @@ class Run:
         trace.elapsed_s = time.perf_counter() - started
         self._settle(node_id)
 
-    async def recruit(self, node_id: str, instruction: str, skills: Sequence[str]) -> Recruitment:
-        """Choose a node's experts: preset, else from the plan's skills, else from extracted keywords."""
+    def outputs(self) -> Outputs:
+        """The results of the nodes finished so far."""
+        return {node_id: {"output": state.output, "data": state.data}
+                for node_id, state in self.traces.items() if state.status == "done"}
+
+    async def recruit(self, node_id: str, instruction: str, skills: Sequence[str],
+                      settings: NodeSettings = DEFAULT_NODE) -> Recruitment:
+        """Choose a node's experts: preset or fixed, else from given skills, else from extracted keywords."""
         if node_id in self.presets:
             return self.presets[node_id]
+        if settings.agent is not None:
+            return Recruitment(experts=(settings.agent,), keywords=tuple(skills), matches=(), candidates=(),
+                               mode="fixed", notes=(f"{settings.agent}: fixed by the workflow",))
+        mode = settings.mode or self.options.mode
         keywords = [" ".join(s.lower().split()) for s in skills if s.strip()]
-        if not keywords:
+        skill_blind = mode in ("global", "random")  # these baselines ignore skills
+        if not keywords and not skill_blind:
             extractor = self.env.extractor
             requests = extractor.requests(instruction, seed=node_seed(self.options.seed, self.task, node_id))
             model = self.env.pool.keyword_model
@@ -275,7 +333,7 @@ class Run:
             keywords = extractor.combine(outcomes)
         matches = await self.env.matcher.match(keywords, self.env.table.vocabulary)
         recruitment = self.env.recruiter.recruit(keywords, matches, seed=node_seed(self.options.seed, self.task, node_id),
-                                                 k=self.options.k, mode=self.options.mode)
+                                                 k=settings.k or self.options.k, mode=mode)  # type: ignore[arg-type]
         fixed = self.fixed_experts.get(node_id)
         if fixed:  # a resumed run keeps the experts its batch's rare-expert filter chose
             recruitment = dataclasses.replace(recruitment, experts=tuple(fixed),
@@ -303,8 +361,8 @@ class Run:
             trace.expert_outputs.append(ExpertOutput.model_construct(agent=agent.name, model=agent.model.name,
                                                                      text=outcome.text, error=None))
             candidate = recruitment.candidate(agent.name)
-            responses.append(Response(agent=agent.name, text=outcome.text,
-                                      weight=candidate.probability if candidate else 0.0))
+            responses.append(Response(agent=agent.name, text=outcome.text, data=_plain(outcome.parsed),
+                                      weight=candidate.probability if candidate else 1.0))
         if not responses:
             errors = [o for o in outcomes if isinstance(o, Exception)]
             budget = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
@@ -313,22 +371,26 @@ class Run:
             raise OrchestraError(f"every expert failed; first error: {errors[0]}")
         return responses
 
-    async def _aggregate(self, node_id: str, instruction: str, responses: list[Response], seed: int) -> str:
-        strategy = self.options.aggregate
+    async def _aggregate(self, node_id: str, instruction: str, responses: list[Response], seed: int,
+                         strategy: str, schema: dict[str, Any] | None) -> tuple[str, Any]:
+        """The node's output text, and its parsed value when the node has an output schema."""
         if strategy == "none" or (len(responses) == 1 and strategy != "vote"):
-            return strip_reasoning(ranked(responses)[0].text)
+            best = ranked(responses)[0]
+            return strip_reasoning(best.text), best.data
         if strategy == "vote":
-            return vote(responses, self.env.grader).text
+            winner = vote(responses, self.env.grader)
+            return winner.text, winner.data
         self.traces[node_id].status = "aggregating"
         self.env.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=strategy))
         build = synthesize_prompt if strategy == "synthesize" else refine_prompt
         aggregator = self.env.aggregator
-        request = aggregator.request(build(self.task, instruction, responses), seed=seed + 101)
+        request = aggregator.request(build(self.task, instruction, responses), seed=seed + 101,
+                                     output=schema or "text")
         [outcome] = await self.env.executor.call(self.ledger, [(aggregator.model, request)],
                                                  purpose="aggregate", node=node_id)
         if isinstance(outcome, Exception):
             raise outcome
-        return strip_reasoning(outcome.text)
+        return strip_reasoning(outcome.text), _plain(outcome.parsed)
 
     def _settle(self, node_id: str) -> None:
         self._unresolved -= 1
@@ -359,7 +421,13 @@ class Run:
             self._finish(self._failure_status(), None, "; ".join(failures) or "no node finished")
             return
         answer = self.traces[done[0]].output
-        if len(done) > 1:
+        if self.final_template is not None and not failures:
+            try:
+                answer = self.final_template(self.outputs())
+            except OrchestraError as error:
+                self._finish("failed", None, str(error))
+                return
+        elif len(done) > 1:
             inputs = [{"id": n, "instruction": self.traces[n].instruction, "output": self.traces[n].output}
                       for n in done]
             aggregator = self.env.aggregator

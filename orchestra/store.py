@@ -36,7 +36,7 @@ from orchestra.result import RunResult
 
 APPLICATION_ID = 0x4F524348  # "ORCH"
 SCHEMA_VERSION = 1
-_QUIET_EVENTS = {"usage_updated", "calls_queued"}
+_QUIET_EVENTS = {"usage_updated", "calls_queued", "call_done"}  # calls live in their own table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -17,10 +17,19 @@ T = TypeVar("T", bound=BaseModel)
 class YamlDocument:
     """A parsed YAML file: its data plus the (line, column) of every value, by path."""
 
-    def __init__(self, data: Any, marks: dict[tuple[Any, ...], Location], path: str) -> None:
+    def __init__(self, data: Any, marks: dict[tuple[Any, ...], Location], path: str,
+                 blocks: set[tuple[Any, ...]] | None = None) -> None:
         self.data = data
         self.marks = marks
         self.path = path
+        self.blocks = blocks or set()
+
+    def text_error(self, message: str, loc: tuple[Any, ...], text_line: int = 1) -> ConfigError:
+        """An error at line ``text_line`` of the multi-line string value at ``loc``."""
+        line, column = self.where(loc) or (None, None)
+        if line is not None and (text_line > 1 or loc in self.blocks):
+            line, column = line + text_line - 1 + (1 if loc in self.blocks else 0), None
+        return ConfigError(message, path=self.path, line=line, column=column)
 
     def where(self, loc: tuple[Any, ...]) -> Location | None:
         """The position of ``loc``, or of its nearest parent that has one."""
@@ -35,17 +44,24 @@ class YamlDocument:
         line, column = self.where(loc) or (None, None)
         return ConfigError(message, path=self.path, line=line, column=column)
 
-    def validate(self, model: type[T], *, context: dict[str, Any] | None = None) -> T:
-        """Validate the data into ``model``; the first problem becomes a positioned ``ConfigError``."""
-        try:
-            return model.model_validate(self.data, context=context)
-        except ValidationError as error:
-            raise self.validation_error(error) from None
+    def value(self, loc: tuple[Any, ...]) -> Any:
+        """The data at ``loc``."""
+        value = self.data
+        for part in loc:
+            value = value[part]
+        return value
 
-    def validation_error(self, error: ValidationError) -> ConfigError:
+    def validate(self, model: type[T], loc: tuple[Any, ...] = ()) -> T:
+        """Validate the data at ``loc`` into ``model``; the first problem becomes a positioned ``ConfigError``."""
+        try:
+            return model.model_validate(self.value(loc))
+        except ValidationError as error:
+            raise self.validation_error(error, loc) from None
+
+    def validation_error(self, error: ValidationError, prefix: tuple[Any, ...] = ()) -> ConfigError:
         """The first problem of a pydantic error, positioned in this file."""
         first = error.errors()[0]
-        loc = tuple(first["loc"])
+        loc = (*prefix, *first["loc"])
         shown = ".".join(str(part) for part in loc)
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "missing":
@@ -79,8 +95,9 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
     if node is None:
         return YamlDocument({}, {(): (1, 1)}, shown)
     marks: dict[tuple[Any, ...], Location] = {}
-    data = _Builder(shown, marks).build(node, ())
-    return YamlDocument(data, marks, shown)
+    builder = _Builder(shown, marks)
+    data = builder.build(node, ())
+    return YamlDocument(data, marks, shown, builder.blocks)
 
 
 class _Builder:
@@ -88,6 +105,7 @@ class _Builder:
         self.path = path
         self.marks = marks
         self.constructor = yaml.SafeLoader("")
+        self.blocks: set[tuple[Any, ...]] = set()
 
     def build(self, node: yaml.Node, loc: tuple[Any, ...]) -> Any:
         self.marks[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
@@ -104,6 +122,8 @@ class _Builder:
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*loc, index)) for index, item in enumerate(node.value)]
+        if isinstance(node, yaml.ScalarNode) and node.style in ("|", ">"):
+            self.blocks.add(loc)
         try:
             return self.constructor.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as error:

@@ -9,7 +9,7 @@ from orchestra import Agent, Pool
 from orchestra.models import ChatRequest, FunctionModel
 
 PLANNER_MARK = "Break the task"
-KEYWORDS_MARK = "Which subjects or skills"
+KEYWORDS_MARK = "school subjects or skills"
 AGGREGATE_MARK = "responses from several experts"
 FINAL_MARK = "was split into steps"
 

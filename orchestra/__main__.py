@@ -1,0 +1,5 @@
+"""``python -m orchestra``: the command line."""
+
+from orchestra.cli import main
+
+main()

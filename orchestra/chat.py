@@ -1,0 +1,234 @@
+"""``orchestra chat``: an interactive session. Every task's plan is shown before anything runs."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestra.core import Orchestra
+from orchestra.errors import OrchestraError
+from orchestra.plan import Plan, PlanInvalid, validate_plan
+from orchestra.result import RunResult
+from orchestra.view import LiveView, LogView, print_result, summary_line
+
+HELP = """Type a task to plan it. Before it runs you can:
+  a / accept        run the plan
+  e / edit          change it: `drop N`, `reword N new instruction`, `done`
+  r / replan [hint] ask the planner again (optionally with a hint)
+  c / cancel        drop the task
+Commands:
+  /pool   the agents and their profiles      /k N    experts per subtask
+  /trace  the last run's plan and experts    /help   this text
+  /quit   leave (Ctrl-D too). Ctrl-C stops a running task, not the session."""
+
+
+@dataclass
+class Turn:
+    """One finished task of the session."""
+
+    task: str
+    result: RunResult
+
+
+@dataclass
+class ChatSession:
+    """A read-plan-confirm-run loop over one ``Orchestra``; history lasts for the session."""
+
+    orchestra: Orchestra
+    console: Console
+    interactive: bool = False
+    read: Callable[[str], str | None] | None = None
+    history: list[Turn] = field(default_factory=list)
+    history_chars: int = 1500
+    last: RunResult | None = None
+
+    def ask(self, prompt: str) -> str | None:
+        """One line from the user, or None at end of input."""
+        if self.read is not None:
+            return self.read(prompt)
+        if self.interactive:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+        self.console.print(prompt, end="")
+        line = sys.stdin.readline()
+        return None if not line else line.rstrip("\n")
+
+    def loop(self) -> None:
+        """Run until /quit or end of input."""
+        if self.interactive:
+            import readline  # noqa: F401 - line editing and arrow-key history for input()
+        pool = self.orchestra.pool
+        self.console.print(f"Orchestra chat · pool {pool.name} ({len(pool.agents)} agents) · "
+                           f"k={self.orchestra.options.k} · /help for commands")
+        while True:
+            line = self.ask("> ")
+            if line is None:
+                self.console.print("bye")
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            try:
+                self.task(line)
+            except KeyboardInterrupt:
+                self.console.print("cancelled")
+            except OrchestraError as error:
+                self.console.print(f"error: {error}", markup=False)
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; False means leave."""
+        name, _, argument = line.partition(" ")
+        if name in ("/quit", "/exit"):
+            self.console.print("bye")
+            return False
+        if name == "/help":
+            self.console.print(HELP, markup=False)
+        elif name == "/pool":
+            self.show_pool()
+        elif name == "/k":
+            if not argument.strip().isdigit() or int(argument) < 1:
+                self.console.print("usage: /k N (N >= 1)")
+            else:
+                self.orchestra.options = dataclasses.replace(self.orchestra.options, k=int(argument))
+                self.console.print(f"k = {int(argument)}")
+        elif name == "/trace":
+            self.show_trace()
+        else:
+            self.console.print(f"unknown command {name}; /help lists them", markup=False)
+        return True
+
+    def context(self) -> str:
+        """Earlier turns, most recent last, trimmed to ``history_chars``."""
+        text = "\n".join(f"Q: {t.task}\nA: {t.result.answer or t.result.error}" for t in self.history)
+        return text[-self.history_chars:]
+
+    def task(self, text: str) -> None:
+        """Plan, confirm (or edit / re-plan), run, show the answer."""
+        context = self.context()
+        full_task = f"{text}\n\n(Earlier in this conversation:\n{context})" if context else text
+        seed = self.orchestra.options.seed
+        plan, note = self.orchestra.plan(full_task, context=context, seed=seed)
+        while True:
+            self.show_plan(plan, note)
+            choice = (self.ask("[a]ccept · [e]dit · [r]eplan · [c]ancel > ") or "c").strip()
+            verb, _, rest = choice.partition(" ")
+            if verb in ("a", "accept", "y", "yes", ""):
+                break
+            if verb in ("c", "cancel", "n", "no"):
+                self.console.print("cancelled")
+                return
+            if verb in ("e", "edit"):
+                plan = self.edit(plan)
+            elif verb in ("r", "replan"):
+                seed += 1
+                hint = f"{context}\nThe user asks for a different plan: {rest}".strip() if rest else context
+                plan, note = self.orchestra.plan(full_task, context=hint, seed=seed)
+            else:
+                self.console.print("answer a, e, r or c")
+        result = self.run(full_task, plan)
+        if result is not None:
+            self.history.append(Turn(text, result))
+
+    def edit(self, plan: Plan) -> Plan:
+        """Edit commands until `done`; the plan stays valid after each one."""
+        while True:
+            line = (self.ask("edit (drop N · reword N text · done) > ") or "done").strip()
+            verb, _, rest = line.partition(" ")
+            if verb in ("done", "d", ""):
+                return plan
+            number, _, words = rest.partition(" ")
+            if not number.isdigit() or not 1 <= int(number) <= len(plan.subtasks):
+                self.console.print(f"no step {number!r}; steps are 1 to {len(plan.subtasks)}", markup=False)
+                continue
+            target = plan.subtasks[int(number) - 1]
+            if verb == "drop":
+                if len(plan.subtasks) == 1:
+                    self.console.print("cannot drop the only step")
+                    continue
+                kept = [s.model_copy(update={"depends_on": [d for d in s.depends_on if d != target.id]})
+                        for s in plan.subtasks if s.id != target.id]
+                candidate = Plan(subtasks=kept)
+            elif verb == "reword" and words.strip():
+                candidate = Plan(subtasks=[s.model_copy(update={"instruction": words.strip()}) if s.id == target.id
+                                           else s for s in plan.subtasks])
+            else:
+                self.console.print("use: drop N · reword N new instruction · done")
+                continue
+            try:
+                validate_plan(candidate, max_nodes=len(candidate.subtasks))
+            except PlanInvalid as problem:
+                self.console.print(f"that edit would break the plan: {problem}", markup=False)
+                continue
+            plan = candidate
+            self.show_plan(plan, "")
+
+    def run(self, task: str, plan: Plan) -> RunResult | None:
+        """Run an accepted plan with the live view; Ctrl-C stops it and keeps the session."""
+        orchestra = self.orchestra
+        view = LiveView(self.console) if self.interactive else LogView(self.console.file)
+        remove = orchestra.events.subscribe(view.listen)
+        try:
+            if isinstance(view, LiveView):
+                with view:
+                    result = asyncio.run(orchestra.arun(task, plan=plan, meta={"kind": "chat"}))
+            else:
+                result = asyncio.run(orchestra.arun(task, plan=plan, meta={"kind": "chat"}))
+        except KeyboardInterrupt:
+            orchestra.executor.reset()
+            self.console.print("task cancelled; its finished calls are saved (`orchestra runs`)")
+            return None
+        finally:
+            remove()
+        print_result(self.console, result, rich_output=self.interactive)
+        self.console.print(summary_line(result), style="dim", markup=False)
+        self.last = result
+        return result
+
+    def show_plan(self, plan: Plan, note: str) -> None:
+        """The plan as a numbered table."""
+        table = Table(title="plan" + (f" ({note})" if note else ""), title_justify="left")
+        for column in ("#", "step", "instruction", "needs"):
+            table.add_column(column)
+        for number, subtask in enumerate(plan.subtasks, start=1):
+            table.add_row(str(number), subtask.id, subtask.instruction, ", ".join(subtask.depends_on) or "-")
+        self.console.print(table)
+
+    def show_pool(self) -> None:
+        """The agents and their measured skills."""
+        pool = self.orchestra.pool
+        table = Table(title=f"pool {pool.name}")
+        for column in ("agent", "model", "γ", "skills"):
+            table.add_column(column)
+        competence = self.orchestra.env.table.competence
+        for agent in pool.agents:
+            profile = pool.profiles.get(agent.name)
+            skills = (", ".join(f"{k} {v:+d}" for k, v in sorted(profile.skills.items(), key=lambda kv: -kv[1])[:3])
+                      if profile else "(declared) " + ", ".join(agent.skills))
+            table.add_row(agent.name, agent.model.name, f"{competence[agent.name]:.3f}", skills)
+        self.console.print(table)
+
+    def show_trace(self) -> None:
+        """The last run: plan, experts, explanations."""
+        result = self.last
+        if result is None:
+            self.console.print("no run yet")
+            return
+        for node in result.plan.nodes:
+            self.console.print(f"[{node.status}] {node.id}: {node.instruction}", markup=False)
+            self.console.print(f"    experts {', '.join(node.experts) or '-'}; aggregator {node.aggregator or '-'}",
+                               markup=False)
+            for line in (node.recruitment or {}).get("explanation", []):
+                self.console.print(f"    {line}", markup=False)
+        self.console.print(summary_line(result), markup=False)

@@ -1,0 +1,434 @@
+"""The ``orchestra`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from orchestra import __version__
+from orchestra.agents import Pool
+from orchestra.budget import Budget
+from orchestra.core import Orchestra
+from orchestra.errors import ConfigError, OrchestraError, UserError
+from orchestra.evaluate import EvalReport
+from orchestra.recruit import MODES, RecruitConfig
+from orchestra.result import RunResult
+from orchestra.store import RunStore
+from orchestra.view import LiveView, LogView, print_result, summary_line
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_CODES = {"done": 0, "partial": 1, "failed": 1, "budget_exceeded": 3, "cancelled": 130}
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class OrchestraGroup(click.Group):
+    """Turns Orchestra's errors into one line on stderr and an exit code; no tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OrchestraError as error:
+            fail(str(error), error.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; finished calls are saved: `orchestra runs` lists the run to resume", 130)
+
+
+@click.group(cls=OrchestraGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="orchestra")
+def main() -> None:
+    """Answer tasks with a team of LLM experts recruited by measured skills."""
+
+
+# --- shared options ------------------------------------------------------------------------
+
+
+def output_options(fn: F) -> F:
+    """--json, --quiet, --verbose."""
+    fn = click.option("--verbose", "-v", is_flag=True, help="Show every prompt and response.")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, help="Print only the answer.")(fn)
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object and nothing else.")(fn)
+
+
+def store_options(fn: F) -> F:
+    """--store, --no-store."""
+    fn = click.option("--no-store", is_flag=True, help="Keep no record of the run (no resume).")(fn)
+    return click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path),
+                        help="The run store file (default ~/.orchestra/runs.db).")(fn)
+
+
+def budget_options(fn: F) -> F:
+    """--max-calls, --max-cost, --max-tokens."""
+    fn = click.option("--max-tokens", type=click.IntRange(min=1), help="Token budget for the run.")(fn)
+    fn = click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="USD budget for the run.")(fn)
+    return click.option("--max-calls", type=click.IntRange(min=1), help="Call budget for the run.")(fn)
+
+
+def run_options(fn: F) -> F:
+    """Recruiting, aggregation and caching flags."""
+    fn = click.option("--cache", is_flag=True, help="Reuse stored answers to identical requests.")(fn)
+    fn = click.option("--seed", type=int, help="Seed for every sampling choice.")(fn)
+    fn = click.option("--competence-weight", type=click.FloatRange(min=0),
+                      help="β in w = s·γ^β (1: Symbolic-MoE; 0: skills only).")(fn)
+    fn = click.option("--aggregate", type=click.Choice(["synthesize", "vote", "refine", "none"]))(fn)
+    fn = click.option("--mode", type=click.Choice(MODES), help="How experts are recruited.")(fn)
+    return click.option("--k", type=click.IntRange(min=1), help="Experts per subtask.")(fn)
+
+
+def budget_from(max_calls: int | None, max_cost: float | None, max_tokens: int | None,
+                base: Budget | None = None) -> Budget | None:
+    """A budget with the flags applied, or None when no flag was given."""
+    if max_calls is None and max_cost is None and max_tokens is None:
+        return base
+    return (base or Budget()).merged(max_calls=max_calls, max_cost_usd=max_cost, max_tokens=max_tokens)
+
+
+def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
+    """The run store the flags ask for."""
+    if no_store:
+        return False
+    return RunStore(store_path) if store_path else True
+
+
+def orchestra_options(opts: dict[str, Any], budget: Budget | None) -> dict[str, Any]:
+    """``Orchestra`` keyword arguments from the shared flags (unset flags left out)."""
+    recruit = None
+    if opts.get("competence_weight") is not None:
+        recruit = RecruitConfig(competence_weight=opts["competence_weight"])
+    options: dict[str, Any] = {
+        "k": opts.get("k"), "mode": opts.get("mode"), "aggregate": opts.get("aggregate"),
+        "seed": opts.get("seed"), "recruit": recruit, "budget": budget,
+        "store": store_from(opts.get("store_path"), opts.get("no_store", False)), "cache": opts.get("cache", False)}
+    if options["cache"] and options["store"] is False:
+        raise ConfigError("--cache needs the run store; drop --no-store")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def make_orchestra(pool: Pool, opts: dict[str, Any], *, budget: Budget | None = None) -> Orchestra:
+    """An ``Orchestra`` from the shared flags."""
+    return Orchestra(pool, **orchestra_options(opts, budget))
+
+
+def load_pool(path: Path | None) -> Pool:
+    """The pool file, or the embedded default pool."""
+    return Pool.load(path)
+
+
+def execute(orc: Orchestra, run: Callable[[], Coroutine[Any, Any, RunResult]], opts: dict[str, Any]) -> NoReturn:
+    """Run with the right view, print the outcome, and exit with the run's status code."""
+    stdout_tty = sys.stdout.isatty()
+    if opts["as_json"]:
+        view = None
+    elif stdout_tty and not opts["quiet"]:
+        view = LiveView(Console(), verbose=opts["verbose"])
+    elif not opts["quiet"] or opts["verbose"]:
+        view = LogView(sys.stderr, verbose=opts["verbose"])
+    else:
+        view = None
+    if view is not None:
+        orc.events.subscribe(view.listen)
+    if isinstance(view, LiveView):
+        with view:
+            result = asyncio.run(run())
+    else:
+        result = asyncio.run(run())
+    finish(result, opts, rich_output=stdout_tty)
+
+
+def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoReturn:
+    """Print a run's result (JSON, or the answer and a summary) and exit with its status code."""
+    if opts["as_json"]:
+        click.echo(result.dumps())
+        if result.status != "done":
+            click.echo(f"error: run {result.run_id} {result.status}: {result.error}", err=True)
+    else:
+        console = Console(highlight=False, soft_wrap=not rich_output, force_terminal=rich_output or None)
+        print_result(console, result, rich_output=rich_output)
+        if not opts["quiet"]:
+            click.echo(summary_line(result), err=True)
+    sys.exit(EXIT_CODES.get(result.status, 1))
+
+
+# --- ask / run / validate ------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("task")
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A pool file (default: the embedded local pool).")
+@click.option("--no-plan", is_flag=True, help="Run the task as one step.")
+@run_options
+@budget_options
+@store_options
+@output_options
+def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
+    """Plan TASK, recruit experts, run them in batches and aggregate an answer."""
+    orc = make_orchestra(load_pool(pool), opts, budget=budget_from(opts["max_calls"], opts["max_cost"],
+                                                                   opts["max_tokens"]))
+    meta = {"kind": "ask", "pool": str(pool.resolve()) if pool else None}
+    execute(orc, lambda: orc.arun(task, plan=False if no_plan else None, meta=meta), opts)
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-i", "--input", "inputs", multiple=True, metavar="KEY=VALUE", help="A workflow input (repeatable).")
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Run on this pool instead of the workflow's own.")
+@run_options
+@budget_options
+@store_options
+@output_options
+def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any) -> None:
+    """Run a YAML workflow."""
+    from orchestra.workflow import Workflow, arun_workflow, orchestra_for, parse_assignments
+
+    flow = Workflow.load(workflow, pool=load_pool(pool) if pool else None)
+    given = parse_assignments(list(inputs))
+    budget = budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"], flow.spec.budget)
+    orc = orchestra_for(flow, **orchestra_options(opts, budget))
+    if flow.spec.dataset is not None:
+        from orchestra.workflow import aevaluate_workflow
+
+        report = asyncio.run(aevaluate_workflow(flow, given, orchestra=orc))
+        print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
+        return
+    values = flow.resolve_inputs(given)
+    execute(orc, lambda: arun_workflow(flow, values, orchestra=orc), opts)
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def validate(workflow: Path) -> None:
+    """Check a workflow file: schema, pool, agents, needs, cycles and template references."""
+    from orchestra.workflow import Workflow
+
+    flow = Workflow.load(workflow)
+    kind = "plan: auto" if flow.spec.plan == "auto" else f"{len(flow.spec.steps)} step(s)"
+    click.echo(f"{workflow}: ok ({flow.name}: {kind}, pool {flow.pool.name} with {len(flow.pool.agents)} agents)")
+
+
+# --- pools and profiles --------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A pool file (default: the embedded local pool).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def agents(pool: Path | None, as_json: bool) -> None:
+    """List the pool's agents and a summary of their skill profiles."""
+    loaded = load_pool(pool)
+    table = loaded.skill_table(RecruitConfig())
+    aggregator = loaded.choose_aggregator(table).name
+    rows = []
+    for agent in loaded.agents:
+        profile = loaded.profiles.get(agent.name)
+        top = sorted(profile.skills.items(), key=lambda kv: -kv[1])[:4] if profile else []
+        rows.append({"name": agent.name, "model": agent.model.name, "declared_skills": list(agent.skills),
+                     "profiled": profile is not None, "accuracy": profile.accuracy if profile else None,
+                     "competence": round(table.competence[agent.name], 4),
+                     "aggregation_score": profile.aggregation_score if profile else None,
+                     "top_skills": [f"{k} {v:+d}" for k, v in top],
+                     "profile_items": profile.provenance.items if profile else None})
+    if as_json:
+        click.echo(json.dumps({"pool": loaded.name, "aggregator": aggregator, "agents": rows}, indent=2))
+        return
+    out = Table(title=f"pool {loaded.name} · aggregator: {aggregator}")
+    for column in ("agent", "model", "γ", "accuracy", "aggregation", "top skills / declared"):
+        out.add_column(column)
+    for row in rows:
+        skills = ", ".join(row["top_skills"]) if row["profiled"] else "(declared) " + ", ".join(row["declared_skills"])
+        out.add_row(row["name"], row["model"], f"{row['competence']:.3f}",
+                    "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
+                    "-" if row["aggregation_score"] is None else f"{row['aggregation_score']:.2f}", skills)
+    Console().print(out)
+
+
+@main.command()
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Validation set (JSONL).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to write the profiles (default: the pool's profiles folder).")
+@click.option("--grader", default="auto", type=click.Choice(["auto", "mc", "numeric", "exact"]))
+@click.option("--aggregation-items", default=30, type=click.IntRange(min=0), show_default=True)
+@click.option("--seed", default=0, type=int, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_items: int, seed: int,
+            as_json: bool) -> None:
+    """Measure every agent on a validation set and save skill profiles."""
+    from orchestra.datasets import load_dataset
+    from orchestra.profiling import aprofile, save_profiles
+
+    loaded = load_pool(pool)
+    dataset = load_dataset(data)
+    target = (out or loaded.profiles_dir or Path("skills/profiles") / loaded.name).resolve()
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), disable=as_json) as progress:
+        bars: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task(stage, total=total)
+            progress.update(bars[stage], completed=done, total=total)
+
+        report = asyncio.run(aprofile(loaded, dataset, grader=grader, aggregation_items=aggregation_items,
+                                      seed=seed, progress=update))
+    written = save_profiles(report, target)
+    if as_json:
+        click.echo(json.dumps({"written": [str(p) for p in written], "aggregation_items": report.aggregation_items,
+                               "profiles": {n: p.model_dump(mode="json") for n, p in report.profiles.items()}},
+                              indent=2))
+        return
+    table = Table(title=f"profiles of {loaded.name} on {dataset.path} ({len(dataset)} items)")
+    for column in ("agent", "accuracy", "γ", "aggregation", "best skills"):
+        table.add_column(column)
+    for name, prof in report.profiles.items():
+        best = ", ".join(f"{k} {v:+d}" for k, v in sorted(prof.skills.items(), key=lambda kv: -kv[1])[:3])
+        table.add_row(name, f"{prof.accuracy:.2f}", f"{prof.competence:.3f}",
+                      "-" if prof.aggregation_score is None else f"{prof.aggregation_score:.2f}", best)
+    Console().print(table)
+    click.echo(f"wrote {len(written)} profiles to {target}")
+
+
+@main.command(name="eval")
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Test set (JSONL).")
+@click.option("--method", default="symbolic-moe", show_default=True,
+              type=click.Choice(["symbolic-moe", "moa", "single", "random", "vote"]))
+@click.option("--limit", type=click.IntRange(min=1), help="Use the first N items.")
+@click.option("--k", type=click.IntRange(min=1))
+@click.option("--seed", type=int)
+@click.option("--competence-weight", type=click.FloatRange(min=0))
+@budget_options
+@store_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(pool: Path, data: Path, method: str, limit: int | None, as_json: bool, **opts: Any) -> None:
+    """Accuracy, cost and time of a method on a labelled data set."""
+    from orchestra.datasets import load_dataset
+    from orchestra.evaluate import aevaluate
+
+    dataset = load_dataset(data)
+    orc = make_orchestra(load_pool(pool), {**opts, "cache": False},
+                         budget=budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"]))
+    report = asyncio.run(aevaluate(orc, dataset, method=method, k=opts["k"], limit=limit))
+    print_report(report, f"{method} on {dataset.path}", as_json)
+
+
+def print_report(report: EvalReport, title: str, as_json: bool) -> None:
+    """An evaluation report as JSON or a table."""
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    per_correct = "-" if report.cost_per_correct_usd is None else f"${report.cost_per_correct_usd:.6f}"
+    for metric, value in [("items", str(report.items)), ("accuracy", f"{report.accuracy:.3f}"),
+                          ("calls", str(report.calls)), ("cost", f"${report.cost_usd:.6f}"),
+                          ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),
+                          ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),
+                          ("unfinished runs", str(report.failed))]:
+        table.add_row(metric, value)
+    Console().print(table)
+
+
+# --- runs: list, show, resume --------------------------------------------------------------
+
+
+def open_store(store_path: Path | None) -> RunStore:
+    """The run store to read."""
+    return RunStore(store_path)
+
+
+@main.command()
+@click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
+@click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
+    """List recorded runs, newest first."""
+    from datetime import datetime
+
+    store = open_store(store_path)
+    records = store.runs(limit)
+    if as_json:
+        click.echo(json.dumps([{"id": r.id, "status": r.status, "task": r.task, "created": r.created,
+                                "resumes": r.resumes, **store.run_totals(r.id)} for r in records], indent=2))
+        return
+    table = Table()
+    for column in ("run", "status", "when", "calls", "cost", "task"):
+        table.add_column(column)
+    for record in records:
+        totals = store.run_totals(record.id)
+        table.add_row(record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
+                      str(totals["calls"]), f"${totals['cost_usd']:.4f}", record.task[:60])
+    Console().print(table)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--export", type=click.Choice(["jsonl"]), help="Write everything recorded as JSON lines.")
+@click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool) -> None:
+    """A run's plan, recruitment explanations, every prompt and response, usage and cost."""
+    from orchestra.inspect import export_jsonl, run_report, show_run
+
+    store = open_store(store_path)
+    if export == "jsonl":
+        for line in export_jsonl(store, run_id):
+            click.echo(line)
+    elif as_json:
+        click.echo(json.dumps(run_report(store, run_id), indent=2, ensure_ascii=False))
+    else:
+        show_run(Console(), store, run_id)
+
+
+@main.command()
+@click.argument("run_id")
+@budget_options
+@store_options
+@output_options
+def resume(run_id: str, **opts: Any) -> None:
+    """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
+    if opts["no_store"]:
+        raise ConfigError("resume reads the run store; drop --no-store")
+    store = open_store(opts["store_path"])
+    record = store.run(run_id)
+    if record.config.get("pool") is None and (record.config.get("meta") or {}).get("kind") not in ("ask", "workflow"):
+        raise UserError(f"run {record.id} used a pool built in Python; resume it there: "
+                        f"Orchestra(pool).resume({record.id!r})")
+    pool_path = record.config.get("pool")
+    if pool_path and not Path(pool_path).is_file():
+        raise ConfigError(f"run {record.id} used pool {pool_path}, which no longer exists")
+    orc = Orchestra(Pool.load(pool_path) if pool_path else Pool.load(), store=store)
+    budget = {"max_calls": opts["max_calls"], "max_cost_usd": opts["max_cost"], "max_tokens": opts["max_tokens"]}
+    execute(orc, lambda: orc.aresume(record.id, budget={k: v for k, v in budget.items() if v is not None}), opts)
+
+
+@main.command()
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A pool file (default: the embedded local pool).")
+@click.option("--k", type=click.IntRange(min=1), help="Experts per subtask.")
+@store_options
+@budget_options
+def chat(pool: Path | None, k: int | None, **opts: Any) -> None:
+    """An interactive session: see each plan, edit or re-plan it, then run it."""
+    from orchestra.chat import ChatSession
+
+    orc = make_orchestra(load_pool(pool), {**opts, "k": k},
+                         budget=budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"]))
+    ChatSession(orc, console=Console(highlight=False), interactive=sys.stdin.isatty()).loop()

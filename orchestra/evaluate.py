@@ -1,0 +1,78 @@
+"""Evaluation: the accuracy, cost and speed of a method on a labelled data set."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from orchestra.core import Orchestra
+from orchestra.datasets import Dataset
+from orchestra.grading import answer_format
+
+#: method -> (recruiting mode, aggregation, k or None for the caller's k)
+METHODS: dict[str, tuple[str, str, int | None]] = {
+    "symbolic-moe": ("symbolic-moe", "synthesize", None),
+    "vote": ("symbolic-moe", "vote", None),
+    "moa": ("global", "synthesize", None),
+    "random": ("random", "synthesize", None),
+    "single": ("global", "none", 1),
+}
+
+
+@dataclass
+class EvalReport:
+    """What ``orchestra eval`` prints."""
+
+    method: str
+    items: int
+    correct: int
+    accuracy: float
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    cost_per_correct_usd: float | None
+    elapsed_s: float
+    model_loads: dict[str, int]
+    per_category: dict[str, dict[str, float]] = field(default_factory=dict)
+    failed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return asdict(self)
+
+
+async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str = "symbolic-moe",
+                    k: int | None = None, limit: int | None = None) -> EvalReport:
+    """Answer every item with ``method`` (all calls batched together) and grade the answers."""
+    mode, aggregate, fixed_k = METHODS[method]
+    items = list(dataset.items[:limit] if limit else dataset.items)
+    grader = orchestra.env.grader
+    started = time.perf_counter()
+    loads_before = dict(orchestra.executor.stats.loads)
+    results = await orchestra.arun_many([item.prompt() for item in items],
+                                        answer_formats=[answer_format(item) for item in items],
+                                        mode=mode, aggregate=aggregate, k=fixed_k or k or orchestra.options.k,
+                                        meta={"kind": "eval", "method": method, "dataset": dataset.path})
+    elapsed = time.perf_counter() - started
+    verdicts = [bool(r.answer) and grader.grade(r.answer or "", item) for r, item in zip(results, items)]
+    correct = sum(verdicts)
+    cost = sum(r.usage.cost_usd for r in results)
+    per_category: dict[str, Counter[str]] = {}
+    for item, ok in zip(items, verdicts):
+        tally = per_category.setdefault(item.category or "all", Counter())
+        tally["items"] += 1
+        tally["correct"] += ok
+    loads = {name: count - loads_before.get(name, 0) for name, count in orchestra.executor.stats.loads.items()
+             if count - loads_before.get(name, 0)}
+    return EvalReport(
+        method=method, items=len(items), correct=correct, accuracy=correct / len(items) if items else 0.0,
+        calls=sum(r.usage.calls for r in results),
+        prompt_tokens=sum(r.usage.prompt_tokens for r in results),
+        completion_tokens=sum(r.usage.completion_tokens for r in results),
+        cost_usd=cost, cost_per_correct_usd=cost / correct if correct else None, elapsed_s=elapsed,
+        model_loads=loads,
+        per_category={c: {"items": t["items"], "accuracy": t["correct"] / t["items"]} for c, t in per_category.items()},
+        failed=sum(r.status != "done" for r in results))

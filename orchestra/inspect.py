@@ -1,0 +1,88 @@
+"""Inspecting stored runs: everything recorded, as a report, as JSON lines, or on the terminal."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from orchestra.store import RunStore
+
+
+def run_report(store: RunStore, run_id: str) -> dict[str, Any]:
+    """The run, its nodes, every call (request and response), its events and totals."""
+    record = store.run(run_id)
+    result = store.result(record.id)
+    return {"run": {"id": record.id, "task": record.task, "status": record.status, "created": record.created,
+                    "updated": record.updated, "resumes": record.resumes, "answer": record.answer,
+                    "error": record.error, "config": record.config},
+            "totals": store.run_totals(record.id),
+            "nodes": store.nodes(record.id),
+            "calls": store.calls(record.id),
+            "events": list(store.events(record.id)),
+            "result": result.to_json() if result else None}
+
+
+def export_jsonl(store: RunStore, run_id: str) -> Iterator[str]:
+    """One JSON object per line: the run, then its nodes, calls and events, each tagged with ``type``."""
+    report = run_report(store, run_id)
+    yield json.dumps({"type": "run", **report["run"], "totals": report["totals"], "result": report["result"]},
+                     ensure_ascii=False)
+    for kind, rows in (("node", report["nodes"]), ("call", report["calls"]), ("event", report["events"])):
+        for row in rows:
+            yield json.dumps({"type": kind, **row}, ensure_ascii=False, default=str)
+
+
+def show_run(console: Console, store: RunStore, run_id: str) -> None:
+    """Print a run for a person: summary, plan, recruitment explanations, every prompt and response."""
+    report = run_report(store, run_id)
+    run, totals = report["run"], report["totals"]
+    when = datetime.fromtimestamp(run["created"]).strftime("%Y-%m-%d %H:%M:%S")
+    console.print(Panel(Text.assemble(
+        (f"{run['id']}  ", "bold"), (run["status"], "green" if run["status"] == "done" else "red"),
+        f"  {when}  resumed {run['resumes']}x\n", run["task"]), title="run"))
+
+    plan = Table(title="plan")
+    for column in ("node", "status", "needs", "skills", "experts", "aggregator"):
+        plan.add_column(column)
+    for node in report["nodes"]:
+        plan.add_row(node["node_id"], node["status"] or "", ", ".join(node["depends_on"]),
+                     ", ".join(node["skills"]), ", ".join(node["experts"]), node["aggregator"] or "")
+    console.print(plan)
+    for node in report["nodes"]:
+        if node["explanation"]:
+            console.print(Text(f"recruitment of {node['node_id']}:", style="bold"))
+            for line in node["explanation"]:
+                console.print(Text(f"  {line}"))
+        if node["error"]:
+            console.print(Text(f"{node['node_id']}: {node['error']}", style="red"))
+
+    for index, call in enumerate(report["calls"], start=1):
+        messages = call["request"]["messages"]
+        body = Text()
+        for message in messages:
+            body.append(f"[{message['role']}]\n", style="bold cyan")
+            body.append(message["content"] + "\n")
+        if call["status"] == "ok":
+            body.append("[response]\n", style="bold green")
+            body.append((call["response"] or {}).get("text", ""))
+        else:
+            body.append("[error]\n", style="bold red")
+            body.append(call["error"] or "")
+        title = (f"call {index} · {call['purpose']}{' · ' + call['node'] if call['node'] else ''} · {call['model']}"
+                 f" · {call['source']} · {call['prompt_tokens']}+{call['completion_tokens']} tokens"
+                 f" · ${call['cost_usd'] or 0:.6f}")
+        console.print(Panel(body, title=title, title_align="left", border_style="dim"))
+
+    console.print(Text(f"calls {totals['calls']} · tokens {totals['prompt_tokens']:,} in / "
+                       f"{totals['completion_tokens']:,} out · ${totals['cost_usd']:.6f}", style="bold"))
+    if run["answer"]:
+        console.print(Panel(run["answer"], title="answer"))
+    if run["error"]:
+        console.print(Text(run["error"], style="red"))

@@ -1,0 +1,384 @@
+"""YAML workflows: a pool, typed inputs, and either ``plan: auto`` or explicit steps.
+
+Everything is checked when the file is loaded (``orchestra validate``): the schema, the pool,
+agent names, ``needs`` and cycles, and every template's references to ``inputs.*`` and
+``steps.<id>.*``. Each problem is one line naming the file, line and column.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+from jinja2 import TemplateSyntaxError, nodes
+from jinja2.meta import find_undeclared_variables
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestra.agents import Pool, PoolSettings
+from orchestra.budget import Budget
+from orchestra.core import Orchestra, run_sync
+from orchestra.datasets import load_dataset
+from orchestra.errors import ConfigError
+from orchestra.evaluate import EvalReport
+from orchestra.grading import answer_format, get_grader
+from orchestra.plan import ID_PATTERN, Plan, Subtask
+from orchestra.result import RunResult
+from orchestra.prompts import environment, render_string
+from orchestra.run import NodeSettings, Outputs
+from orchestra.yamlfile import YamlDocument, read_yaml
+
+_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "number": (int, float),
+                                              "boolean": bool}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    """A declared input."""
+
+    type: Literal["string", "integer", "number", "boolean"] = "string"
+    required: bool = False
+    default: Any = None
+    description: str = ""
+
+
+class RecruitSpec(_Strict):
+    """How a step recruits its experts."""
+
+    k: int | None = Field(default=None, ge=1)
+    skills: list[str] = []
+    mode: Literal["symbolic-moe", "topk", "adaptive", "global", "random"] | None = None
+
+
+class StepSpec(_Strict):
+    """One explicit step."""
+
+    id: str = Field(pattern=ID_PATTERN)
+    prompt: str = Field(min_length=1)
+    needs: list[str] = []
+    description: str = ""
+    recruit: RecruitSpec | None = None
+    agent: str | None = None
+    aggregate: Literal["synthesize", "vote", "refine", "none"] | None = None
+    output: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_pick_experts(self) -> StepSpec:
+        if self.recruit is not None and self.agent is not None:
+            raise ValueError("a step sets either recruit or agent, not both")
+        return self
+
+
+class DatasetSpec(_Strict):
+    """Run the workflow once per item of a labelled data set and grade the final answers."""
+
+    path: str
+    grader: Literal["auto", "mc", "numeric", "exact"] = "auto"
+    limit: int | None = Field(default=None, ge=1)
+
+
+class WorkflowFile(_Strict):
+    """The schema of a workflow file."""
+
+    name: str | None = None
+    description: str = ""
+    pool: str | dict[str, Any] | None = None
+    inputs: dict[str, InputSpec] = {}
+    plan: Literal["auto"] | None = None
+    task: str | None = None
+    steps: list[StepSpec] = []
+    final: str | None = None
+    budget: Budget | None = None
+    settings: PoolSettings = PoolSettings()
+    seed: int = 0
+    dataset: DatasetSpec | None = None
+
+    @model_validator(mode="after")
+    def _plan_or_steps(self) -> WorkflowFile:
+        if self.plan == "auto" and self.steps:
+            raise ValueError("use either plan: auto (with task) or steps, not both")
+        if self.plan == "auto" and not self.task:
+            raise ValueError("plan: auto needs a task template")
+        if self.plan is None and not self.steps:
+            raise ValueError("a workflow needs steps, or plan: auto with a task")
+        return self
+
+
+class Workflow:
+    """A validated workflow, ready to run with given inputs."""
+
+    def __init__(self, spec: WorkflowFile, document: YamlDocument, pool: Pool, path: Path) -> None:
+        self.spec = spec
+        self.document = document
+        self.pool = pool
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        """The workflow's name (its file stem when unnamed)."""
+        return self.spec.name or self.path.stem
+
+    @classmethod
+    def load(cls, path: str | Path, *, pool: Pool | None = None) -> Workflow:
+        """Read and fully validate a workflow file; ``pool`` replaces the file's own pool."""
+        file = Path(path)
+        document = read_yaml(file)
+        if not isinstance(document.data, dict):
+            raise document.error("a workflow file must be a mapping")
+        spec = document.validate(WorkflowFile)
+        workflow = cls(spec, document, pool or _load_pool(spec, document, file), file)
+        workflow._check()
+        return workflow
+
+    # --- validation ------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        spec, document = self.spec, self.document
+        for name, declared in spec.inputs.items():
+            if declared.default is not None and not _is_type(declared.default, declared.type):
+                raise document.error(f"input {name!r}: default {declared.default!r} is not of type {declared.type}",
+                                     ("inputs", name, "default"))
+        if spec.dataset is not None:
+            if "question" not in spec.inputs:
+                raise document.error("a workflow with a dataset must declare the input 'question' (each item's "
+                                     "question goes there)", ("dataset",))
+            if not (self.path.parent / spec.dataset.path).is_file():
+                raise document.error(f"data set not found: {self.path.parent / spec.dataset.path}",
+                                     ("dataset", "path"))
+        if spec.plan == "auto":
+            self._check_template(spec.task or "", ("task",), steps_allowed=set())
+            return
+        ids = [step.id for step in spec.steps]
+        graph: nx.DiGraph = nx.DiGraph()
+        for index, step in enumerate(spec.steps):
+            if step.id in graph:
+                raise document.error(f"duplicate step id {step.id!r}", ("steps", index, "id"))
+            graph.add_node(step.id)
+        for index, step in enumerate(spec.steps):
+            for position, need in enumerate(step.needs):
+                if need not in graph:
+                    raise document.error(f"step {step.id!r} needs unknown step {need!r}; steps: {', '.join(ids)}",
+                                         ("steps", index, "needs", position))
+                graph.add_edge(need, step.id)
+            if step.agent is not None and step.agent not in self.pool:
+                raise document.error(f"step {step.id!r} names unknown agent {step.agent!r}; "
+                                     f"the pool has {', '.join(self.pool.names)}", ("steps", index, "agent"))
+        if not nx.is_directed_acyclic_graph(graph):
+            cycle = nx.find_cycle(graph)
+            path = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
+            first = ids.index(cycle[0][1])
+            raise document.error(f"the steps' needs form a cycle: {path}", ("steps", first, "needs"))
+        for index, step in enumerate(spec.steps):
+            self._check_template(step.prompt, ("steps", index, "prompt"), steps_allowed=nx.ancestors(graph, step.id),
+                                 step_id=step.id)
+        if spec.final is not None:
+            self._check_template(spec.final, ("final",), steps_allowed=set(ids))
+
+    def _check_template(self, source: str, loc: tuple[Any, ...], *, steps_allowed: set[str],
+                        step_id: str | None = None) -> None:
+        document = self.document
+        try:
+            tree = environment().parse(source)
+        except TemplateSyntaxError as error:
+            raise document.text_error(f"template syntax error: {error.message}", loc, error.lineno) from None
+        unknown = find_undeclared_variables(tree) - {"inputs", "steps"}
+        if unknown:
+            raise document.error(f"unknown template variable {sorted(unknown)[0]!r}; use inputs.<name> or "
+                                 "steps.<id>.output", loc)
+        owner = f"step {step_id!r}" if step_id else loc[0]
+        for name, kind, line in _references(tree):
+            if kind == "inputs" and name not in self.spec.inputs:
+                raise document.text_error(f"{owner} uses undeclared input {name!r}; declare it under inputs:",
+                                          loc, line)
+            if kind == "steps":
+                if name not in {s.id for s in self.spec.steps}:
+                    raise document.text_error(f"{owner} references unknown step {name!r}", loc, line)
+                if name not in steps_allowed:
+                    raise document.text_error(f"{owner} uses steps.{name} but does not need {name!r}; "
+                                              f"add it to needs", loc, line)
+
+    # --- running ---------------------------------------------------------------------------
+
+    def resolve_inputs(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Typed inputs: given values (strings from the command line are converted), then defaults."""
+        values: dict[str, Any] = {}
+        for name in given:
+            if name not in self.spec.inputs:
+                declared = ", ".join(self.spec.inputs) or "none"
+                raise ConfigError(f"unknown input {name!r} (declared: {declared})", path=str(self.path))
+        for name, declared in self.spec.inputs.items():
+            if name in given:
+                values[name] = _convert(name, given[name], declared, self)
+            elif declared.default is not None:
+                values[name] = declared.default
+            elif declared.required:
+                line, column = self.document.where(("inputs", name)) or (None, None)
+                raise ConfigError(f"missing input {name!r}; pass it with -i {name}=VALUE", path=str(self.path),
+                                  line=line, column=column)
+            else:
+                values[name] = None
+        return values
+
+    def task(self, inputs: Mapping[str, Any]) -> str:
+        """The task text: the rendered ``task`` template, or the workflow's name and description."""
+        if self.spec.task:
+            return render_string(self.spec.task, where=f"{self.path}: task", inputs=inputs, steps={})
+        return f"{self.name}: {self.spec.description}".rstrip(": ") or self.name
+
+    def plan(self) -> Plan | None:
+        """The explicit steps as a plan (None for ``plan: auto``)."""
+        if self.spec.plan == "auto":
+            return None
+        return Plan(subtasks=[Subtask(id=s.id, instruction=s.description or _first_line(s.prompt),
+                                      depends_on=list(s.needs), skills=list(s.recruit.skills) if s.recruit else [])
+                              for s in self.spec.steps])
+
+    def node_settings(self, inputs: Mapping[str, Any]) -> dict[str, NodeSettings]:
+        """Each step's recruiting, aggregation, output schema and prompt renderer."""
+        settings = {}
+        for step in self.spec.steps:
+            where = f"{self.path}: step {step.id!r}"
+            settings[step.id] = NodeSettings(
+                k=step.recruit.k if step.recruit else None, mode=step.recruit.mode if step.recruit else None,
+                aggregate=step.aggregate, agent=step.agent,
+                skills=tuple(step.recruit.skills) if step.recruit else (), output=step.output,
+                prompt=_renderer(step.prompt, where, inputs))
+        return settings
+
+    def final(self, inputs: Mapping[str, Any]) -> Any:
+        """The final-answer renderer, when the workflow defines one."""
+        if self.spec.final is None:
+            return None
+        return _renderer(self.spec.final, f"{self.path}: final", inputs)
+
+
+def orchestra_for(workflow: Workflow, **options: Any) -> Orchestra:
+    """An ``Orchestra`` on the workflow's pool with its settings, budget and seed (``options`` win)."""
+    settings = workflow.spec.settings
+    defaults: dict[str, Any] = {"k": settings.k, "mode": settings.mode, "aggregate": settings.aggregate,
+                                "max_nodes": settings.max_nodes, "plan_fallback": settings.plan_fallback,
+                                "seed": workflow.spec.seed}
+    if workflow.spec.budget is not None:
+        defaults["budget"] = workflow.spec.budget
+    defaults.update({k: v for k, v in options.items() if v is not None})
+    return Orchestra(workflow.pool, **defaults)
+
+
+async def arun_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
+                        run_id: str | None = None, budget: Budget | None = None) -> RunResult:
+    """Run a workflow with ``inputs`` (strings are converted to the declared types)."""
+    values = workflow.resolve_inputs(inputs)
+    orc = orchestra or orchestra_for(workflow)
+    plan = workflow.plan()
+    overrides: dict[str, Any] = {"budget": budget} if budget is not None else {}
+    return await orc.arun(workflow.task(values), plan=plan if plan is not None else True, run_id=run_id,
+                          node_settings=workflow.node_settings(values), final=workflow.final(values),
+                          meta={"kind": "workflow", "workflow": str(workflow.path.resolve()), "inputs": values},
+                          **overrides)
+
+
+async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *,
+                             orchestra: Orchestra | None = None) -> EvalReport:
+    """Run the workflow once per data-set item (``inputs.question`` and ``inputs.answer_format`` set per
+    item), all runs on one executor so their calls batch per model, and grade the answers."""
+    spec = workflow.spec.dataset
+    if spec is None:
+        raise ConfigError("this workflow has no dataset to evaluate", path=str(workflow.path))
+    dataset = load_dataset(workflow.path.parent / spec.path)
+    items = list(dataset.items[: spec.limit] if spec.limit else dataset.items)
+    orc = orchestra or orchestra_for(workflow)
+    grader = get_grader(spec.grader)
+    started = time.perf_counter()
+    results = await asyncio.gather(*(
+        arun_workflow(workflow, {**inputs, "question": item.prompt(),
+                                 **({"answer_format": answer_format(item)} if "answer_format" in workflow.spec.inputs
+                                    else {})}, orchestra=orc)
+        for item in items))
+    verdicts = [bool(r.answer) and grader.grade(r.answer or "", item) for r, item in zip(results, items)]
+    correct, cost = sum(verdicts), sum(r.usage.cost_usd for r in results)
+    return EvalReport(method=workflow.name, items=len(items), correct=correct, accuracy=correct / len(items),
+                      calls=sum(r.usage.calls for r in results),
+                      prompt_tokens=sum(r.usage.prompt_tokens for r in results),
+                      completion_tokens=sum(r.usage.completion_tokens for r in results),
+                      cost_usd=cost, cost_per_correct_usd=cost / correct if correct else None,
+                      elapsed_s=time.perf_counter() - started, model_loads=dict(orc.executor.stats.loads),
+                      failed=sum(r.status != "done" for r in results))
+
+
+def run_workflow(workflow: Workflow, inputs: Mapping[str, Any], **options: Any) -> RunResult:
+    """Run a workflow (blocking). See ``arun_workflow``."""
+    return run_sync(arun_workflow(workflow, inputs, **options))
+
+
+def _renderer(source: str, where: str, inputs: Mapping[str, Any]) -> Any:
+    def render(outputs: Outputs) -> str:
+        return render_string(source, where=where, inputs=dict(inputs), steps=outputs)
+    return render
+
+
+def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:
+    """``(name, "inputs" | "steps", line)`` for every ``inputs.x`` / ``steps.x`` (or ``["x"]``) in a template."""
+    found = []
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        base = node.node
+        if not isinstance(base, nodes.Name) or base.name not in ("inputs", "steps"):
+            continue
+        if isinstance(node, nodes.Getattr):
+            found.append((node.attr, base.name, node.lineno))
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            found.append((node.arg.value, base.name, node.lineno))
+    return found
+
+
+def _load_pool(spec: WorkflowFile, document: YamlDocument, file: Path) -> Pool:
+    if isinstance(spec.pool, dict):
+        return Pool.from_document(document, loc=("pool",), base=file.parent)
+    if isinstance(spec.pool, str):
+        pool_path = file.parent / spec.pool
+        if not pool_path.is_file():
+            raise document.error(f"pool file not found: {pool_path}", ("pool",))
+        return Pool.load(pool_path)
+    return Pool.load()
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    return isinstance(value, _TYPES[kind]) and not (kind in ("integer", "number") and isinstance(value, bool))
+
+
+def _convert(name: str, value: Any, declared: InputSpec, workflow: Workflow) -> Any:
+    if not isinstance(value, str) or declared.type == "string":
+        if _is_type(value, declared.type):
+            return value
+    else:
+        try:
+            if declared.type == "integer":
+                return int(value)
+            if declared.type == "number":
+                return float(value)
+            if value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+        except ValueError:
+            pass
+    raise ConfigError(f"input {name!r} must be of type {declared.type}, got {value!r}", path=str(workflow.path))
+
+
+def _first_line(text: str) -> str:
+    line = next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
+    return line if len(line) <= 100 else line[:97] + "..."
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """``["key=value", ...]`` from ``-i`` flags; a pair without ``=`` is an error naming it."""
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"-i expects KEY=VALUE, got {pair!r}")
+        values[key.strip()] = value
+    return values

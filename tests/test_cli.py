@@ -1,0 +1,188 @@
+"""The command line, run as a real subprocess against loopback endpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestra.loopback import error_reply
+
+from loopback_llm import ScriptedLLM, write_pool
+
+
+def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m orchestra ARGS`` with real model requests allowed (they go to loopback servers)."""
+    full_env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "COLUMNS": "120", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "orchestra", *args], input=stdin, capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def llm(loopback):  # noqa: ANN001, ANN201
+    scripted = ScriptedLLM()
+    server = loopback(scripted.handler())
+    scripted.server = server
+    return scripted
+
+
+def test_help_lists_the_commands() -> None:
+    done = cli("--help")
+    assert done.returncode == 0
+    for command in ("ask", "run", "validate", "profile", "eval", "chat", "agents", "resume", "runs", "show"):
+        assert command in done.stdout
+
+
+def test_ask_json_multi_step_dag_batches_and_aggregation(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("ask", "Write a short report on the numbers", "--pool", str(pool), "--json", "--k", "3")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    data = json.loads(done.stdout)
+    assert data["answer"] == "Final report: everything checks out." or data["answer"].startswith("Synthesized")
+    nodes = {n["id"]: n for n in data["plan"]["nodes"]}
+    assert set(nodes) == {"facts", "numbers", "report"}
+    assert nodes["report"]["depends_on"] == ["facts", "numbers"]
+    assert all(len(n["experts"]) == 3 and n["aggregator"] for n in nodes.values())
+    assert data["usage"]["calls"] == 1 + 3 * (3 + 1)  # plan, then per node 3 experts + 1 aggregation
+    # one batch per model per wave
+    per_wave = Counter((b["wave"], b["model"]) for b in data["batches"])
+    assert max(per_wave.values()) == 1
+    waves = {b["wave"] for b in data["batches"]}
+    assert len(waves) == 5  # plan, experts(facts+numbers), aggregate x2, experts(report), aggregate
+    assert data["model_loads"] == {} and data["elapsed_s"] > 0
+    assert set(data["usage"]) >= {"calls", "prompt_tokens", "completion_tokens", "cost_usd"}
+
+
+def test_ask_plain_output_is_the_answer_with_log_lines_on_stderr(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Synthesized answer. The answer is 42"
+    assert "batch" in done.stderr and "run " in done.stderr
+    quiet = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--quiet")
+    assert quiet.stderr == "" and quiet.stdout.strip() == "Synthesized answer. The answer is 42"
+
+
+def test_verbose_shows_every_prompt_and_response(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--verbose", "--k", "1")
+    assert done.returncode == 0, done.stderr
+    assert "--- system ---" in done.stderr and "--- user ---" in done.stderr
+    assert "Your assignment: Quick question" in done.stderr and "--- response ---" in done.stderr
+
+
+def test_unreachable_endpoint_is_one_line_naming_the_url(tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, "http://127.0.0.1:9")
+    done = cli("ask", "anything", "--pool", str(pool), "--no-plan", "--k", "1")
+    assert done.returncode != 0
+    lines = [line for line in done.stdout.splitlines() + done.stderr.splitlines()
+             if "127.0.0.1:9" in line]
+    assert lines and "cannot reach http://127.0.0.1:9/v1/chat/completions" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_api_key_is_one_line_naming_the_variable(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url, api_key_env="ORCHESTRA_TEST_MISSING_KEY")
+    env = {k: v for k, v in os.environ.items() if k != "ORCHESTRA_TEST_MISSING_KEY"}
+    done = subprocess.run([sys.executable, "-m", "orchestra", "ask", "x", "--pool", str(pool), "--json"],
+                          capture_output=True, text=True, env={**env, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    assert done.returncode != 0
+    assert "environment variable ORCHESTRA_TEST_MISSING_KEY is not set" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert llm.kinds == Counter()
+
+
+def test_bad_pool_file_is_one_line_with_file_and_line(tmp_path: Path) -> None:
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  m:\n    type: openai\n    model: x\nagents:\n  - name: a\n    model: nope\n")
+    done = cli("ask", "x", "--pool", str(pool))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: {pool}:7:12: agent 'a' names unknown model 'nope'; models: m")
+
+
+def test_agents_lists_pool_and_profiles(tmp_path: Path, llm) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("agents", "--pool", str(pool), "--json")
+    data = json.loads(done.stdout)
+    assert [a["name"] for a in data["agents"]] == ["alpha-expert", "beta-expert", "gamma-expert"]
+    assert data["agents"][0]["declared_skills"] == ["history"] and not data["agents"][0]["profiled"]
+    table = cli("agents")
+    assert table.returncode == 0 and "mathematician" in table.stdout
+
+
+def test_runs_show_and_export(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("ask", "Write a short report", "--pool", str(pool), "--json")
+    run_id = json.loads(done.stdout)["run_id"]
+    listed = json.loads(cli("runs", "--json").stdout)
+    assert listed[0]["id"] == run_id and listed[0]["status"] == "done" and listed[0]["calls"] == 13
+    shown = cli("show", run_id[:15])
+    assert shown.returncode == 0, shown.stderr
+    for fragment in ("plan", "recruitment of facts", "history +1", "[system]", "[response]", "calls 13"):
+        assert fragment in shown.stdout, fragment
+    lines = [json.loads(line) for line in cli("show", run_id, "--export", "jsonl").stdout.splitlines()]
+    types = Counter(line["type"] for line in lines)
+    assert types["run"] == 1 and types["node"] == 3 and types["call"] == 13 and types["event"] > 10
+    report = json.loads(cli("show", run_id, "--json").stdout)
+    assert report["result"]["answer"] == report["run"]["answer"]
+    missing = cli("show", "nope")
+    assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
+
+
+def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
+    def expert(model: str, assignment: str) -> str:
+        good = {"alpha": "history", "beta": "arithmetic", "gamma": "writing"}[model]
+        return "The answer is 1" if good in assignment else "The answer is 2"
+
+    scripted = ScriptedLLM(expert=expert)
+    server = loopback(scripted.handler())
+    data = tmp_path / "val.jsonl"
+    rows = [{"id": f"{topic}{i}", "question": f"A {topic} question number {i}", "answer": "1", "category": topic}
+            for topic in ("history", "arithmetic", "writing") for i in range(4)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    scripted.keywords = ["general"]
+    pool = write_pool(tmp_path, server.url)
+    out = tmp_path / "profiles"
+    done = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert len(report["written"]) == 3
+    alpha = json.loads((out / "alpha-expert.json").read_text())
+    assert alpha["provenance"]["items"] == 12 and len(alpha["provenance"]["dataset_sha256"]) == 64
+    assert alpha["accuracy"] == pytest.approx(4 / 12)
+    evaluated = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "single", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["items"] == 12 and result["method"] == "single" and 0 <= result["accuracy"] <= 1
+
+
+def test_exit_codes_budget_and_resume_hint(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("ask", "Write a short report", "--pool", str(pool), "--max-calls", "3", "--json")
+    assert done.returncode == 3
+    data = json.loads(done.stdout)
+    assert data["status"] == "budget_exceeded"
+    assert "--max-calls" in done.stderr and f"orchestra resume {data['run_id']}" in done.stderr
+    before = sum(llm.kinds.values())
+    resumed = cli("resume", data["run_id"], "--max-calls", "100", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    again = json.loads(resumed.stdout)
+    assert again["status"] == "done" and again["usage"]["replayed_calls"] == 3
+    assert sum(llm.kinds.values()) - before == 13 - 3  # the three recorded calls were not sent again
+
+
+def test_server_errors_surface_as_failed_nodes(loopback, tmp_path: Path) -> None:
+    server = loopback(lambda request: error_reply(400, "model is not loaded"))
+    pool = write_pool(tmp_path, server.url)
+    done = cli("ask", "x", "--pool", str(pool), "--no-plan", "--k", "1", "--json")
+    assert done.returncode == 1
+    data = json.loads(done.stdout)
+    assert data["status"] == "failed" and "model is not loaded" in data["error"]

