@@ -78,7 +78,8 @@ def budget_options(fn: F) -> F:
 
 
 def run_options(fn: F) -> F:
-    """Recruiting, aggregation and caching flags."""
+    """Recruiting, aggregation, caching and tracing flags."""
+    fn = click.option("--otel", is_flag=True, help="Emit OpenTelemetry spans (OTLP if configured, else stderr).")(fn)
     fn = click.option("--cache", is_flag=True, help="Reuse stored answers to identical requests.")(fn)
     fn = click.option("--seed", type=int, help="Seed for every sampling choice.")(fn)
     fn = click.option("--competence-weight", type=click.FloatRange(min=0),
@@ -114,6 +115,11 @@ def orchestra_options(opts: dict[str, Any], budget: Budget | None) -> dict[str, 
         "store": store_from(opts.get("store_path"), opts.get("no_store", False)), "cache": opts.get("cache", False)}
     if options["cache"] and options["store"] is False:
         raise ConfigError("--cache needs the run store; drop --no-store")
+    if opts.get("otel"):
+        from orchestra.tracing import configure_exporter
+
+        configure_exporter()
+        options["tracing"] = True
     return {k: v for k, v in options.items() if v is not None}
 
 

@@ -68,6 +68,8 @@ class Orchestra:
         store: the run store (a ``RunStore`` or a path); None means ``~/.orchestra/runs.db``,
             False keeps no record (and makes resume impossible).
         cache: reuse stored answers to identical requests across runs (opt-in).
+        tracing: OpenTelemetry spans for runs, nodes and batches: True for the global tracer, or a
+            tracer (needs the ``otel`` extra); off by default.
         on_event: a listener for every event.
     """
 
@@ -79,7 +81,8 @@ class Orchestra:
                  grader: str | Grader = "auto", aggregator: str | None = None,
                  max_resident_models: int | None = None, memory_budget_gb: float | None = None,
                  context_chars: int | None = None, store: RunStore | str | Path | bool | None = None,
-                 cache: bool = False, on_event: Callable[[Event], None] | None = None) -> None:
+                 cache: bool = False, tracing: Any = False,
+                 on_event: Callable[[Event], None] | None = None) -> None:
         self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)
         settings = self.pool.settings
         mode = mode or settings.mode or "symbolic-moe"
@@ -106,6 +109,10 @@ class Orchestra:
         if cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; do not combine cache=True with store=False")
         self.cache = cache
+        if tracing:
+            from orchestra.tracing import SpanRecorder
+
+            self.events.subscribe(SpanRecorder(None if tracing is True else tracing).listen)
         if on_event is not None:
             self.events.subscribe(on_event)
         self.executor = Executor(
