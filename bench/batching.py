@@ -61,7 +61,7 @@ class SimulatedEngine(ModelBase):
     async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
         assert self._loaded, f"{self.name} generating while not loaded"
         await asyncio.sleep(self.per_batch + len(requests) * self.per_request)
-        for index, request in enumerate(requests):
+        for index in range(len(requests)):
             yield index, ChatResult(text=f"{self.name}: The answer is 1", model=self.name)
 
     async def _generate(self, request: ChatRequest) -> ChatResult:  # pragma: no cover - batches only

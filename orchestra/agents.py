@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -229,12 +228,3 @@ def _check_references(spec: PoolFile, document: YamlDocument, loc: tuple[Any, ..
     if spec.aggregator is not None and spec.aggregator not in names:
         raise document.error(f"aggregator {spec.aggregator!r} is not one of the agents: {', '.join(names)}",
                              (*loc, "aggregator"))
-
-
-def pool_from_models(models: Mapping[str, Model], *, personas: Mapping[str, str] | None = None,
-                     skills: Mapping[str, Sequence[str]] | None = None, **options: Any) -> Pool:
-    """A pool with one agent per model, for quick use from Python."""
-    personas, skills = personas or {}, skills or {}
-    return Pool(agents=[Agent(name=name, model=model, persona=personas.get(name, DEFAULT_PERSONA),
-                              skills=tuple(skills.get(name, ()))) for name, model in models.items()],
-                **options)

@@ -111,7 +111,7 @@ def orchestra_options(opts: dict[str, Any], budget: Budget | None) -> dict[str, 
         recruit = RecruitConfig(competence_weight=opts["competence_weight"])
     options: dict[str, Any] = {
         "k": opts.get("k"), "mode": opts.get("mode"), "aggregate": opts.get("aggregate"),
-        "seed": opts.get("seed"), "recruit": recruit, "budget": budget,
+        "seed": opts.get("seed"), "recruit": recruit, "budget": budget, "grader": opts.get("grader"),
         "store": store_from(opts.get("store_path"), opts.get("no_store", False)), "cache": opts.get("cache", False)}
     if options["cache"] and options["store"] is False:
         raise ConfigError("--cache needs the run store; drop --no-store")
@@ -126,11 +126,6 @@ def orchestra_options(opts: dict[str, Any], budget: Budget | None) -> dict[str, 
 def make_orchestra(pool: Pool, opts: dict[str, Any], *, budget: Budget | None = None) -> Orchestra:
     """An ``Orchestra`` from the shared flags."""
     return Orchestra(pool, **orchestra_options(opts, budget))
-
-
-def load_pool(path: Path | None) -> Pool:
-    """The pool file, or the embedded default pool."""
-    return Pool.load(path)
 
 
 def execute(orc: Orchestra, run: Callable[[], Coroutine[Any, Any, RunResult]], opts: dict[str, Any]) -> NoReturn:
@@ -182,7 +177,7 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
 @output_options
 def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
     """Plan TASK, recruit experts, run them in batches and aggregate an answer."""
-    orc = make_orchestra(load_pool(pool), opts, budget=budget_from(opts["max_calls"], opts["max_cost"],
+    orc = make_orchestra(Pool.load(pool), opts, budget=budget_from(opts["max_calls"], opts["max_cost"],
                                                                    opts["max_tokens"]))
     meta = {"kind": "ask", "pool": str(pool.resolve()) if pool else None}
     execute(orc, lambda: orc.arun(task, plan=False if no_plan else None, meta=meta), opts)
@@ -201,7 +196,7 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
     """Run a YAML workflow."""
     from orchestra.workflow import Workflow, arun_workflow, orchestra_for, parse_assignments
 
-    flow = Workflow.load(workflow, pool=load_pool(pool) if pool else None)
+    flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     given = parse_assignments(list(inputs))
     budget = budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"], flow.spec.budget)
     orc = orchestra_for(flow, **orchestra_options(opts, budget))
@@ -235,7 +230,7 @@ def validate(workflow: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def agents(pool: Path | None, as_json: bool) -> None:
     """List the pool's agents and a summary of their skill profiles."""
-    loaded = load_pool(pool)
+    loaded = Pool.load(pool)
     table = loaded.skill_table(RecruitConfig())
     aggregator = loaded.choose_aggregator(table).name
     rows = []
@@ -278,7 +273,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     from orchestra.datasets import load_dataset
     from orchestra.profiling import aprofile, save_profiles
 
-    loaded = load_pool(pool)
+    loaded = Pool.load(pool)
     dataset = load_dataset(data)
     target = (out or loaded.profiles_dir or Path("skills/profiles") / loaded.name).resolve()
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -316,6 +311,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
 @click.option("--method", default="symbolic-moe", show_default=True,
               type=click.Choice(["symbolic-moe", "moa", "single", "random", "vote"]))
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N items.")
+@click.option("--grader", default="auto", show_default=True, type=click.Choice(["auto", "mc", "numeric", "exact"]))
 @click.option("--k", type=click.IntRange(min=1))
 @click.option("--seed", type=int)
 @click.option("--competence-weight", type=click.FloatRange(min=0))
@@ -328,7 +324,7 @@ def evaluate(pool: Path, data: Path, method: str, limit: int | None, as_json: bo
     from orchestra.evaluate import aevaluate
 
     dataset = load_dataset(data)
-    orc = make_orchestra(load_pool(pool), {**opts, "cache": False},
+    orc = make_orchestra(Pool.load(pool), {**opts, "cache": False},
                          budget=budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"]))
     report = asyncio.run(aevaluate(orc, dataset, method=method, k=opts["k"], limit=limit))
     print_report(report, f"{method} on {dataset.path}", as_json)
@@ -355,11 +351,6 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
 # --- runs: list, show, resume --------------------------------------------------------------
 
 
-def open_store(store_path: Path | None) -> RunStore:
-    """The run store to read."""
-    return RunStore(store_path)
-
-
 @main.command()
 @click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
 @click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path))
@@ -368,7 +359,7 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     """List recorded runs, newest first."""
     from datetime import datetime
 
-    store = open_store(store_path)
+    store = RunStore(store_path)
     records = store.runs(limit)
     if as_json:
         click.echo(json.dumps([{"id": r.id, "status": r.status, "task": r.task, "created": r.created,
@@ -393,7 +384,7 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
     """A run's plan, recruitment explanations, every prompt and response, usage and cost."""
     from orchestra.inspect import export_jsonl, run_report, show_run
 
-    store = open_store(store_path)
+    store = RunStore(store_path)
     if export == "jsonl":
         for line in export_jsonl(store, run_id):
             click.echo(line)
@@ -412,7 +403,7 @@ def resume(run_id: str, **opts: Any) -> None:
     """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
     if opts["no_store"]:
         raise ConfigError("resume reads the run store; drop --no-store")
-    store = open_store(opts["store_path"])
+    store = RunStore(opts["store_path"])
     record = store.run(run_id)
     if record.config.get("pool") is None and (record.config.get("meta") or {}).get("kind") not in ("ask", "workflow"):
         raise UserError(f"run {record.id} used a pool built in Python; resume it there: "
@@ -435,6 +426,6 @@ def chat(pool: Path | None, k: int | None, **opts: Any) -> None:
     """An interactive session: see each plan, edit or re-plan it, then run it."""
     from orchestra.chat import ChatSession
 
-    orc = make_orchestra(load_pool(pool), {**opts, "k": k},
+    orc = make_orchestra(Pool.load(pool), {**opts, "k": k},
                          budget=budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"]))
     ChatSession(orc, console=Console(highlight=False), interactive=sys.stdin.isatty()).loop()

@@ -202,6 +202,7 @@ class UsageUpdated(Event):
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
+    cache_misses: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -395,7 +395,7 @@ class Executor:
         usage = ledger.usage
         self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=ledger.budget.calls,
                                       prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                                      cost_usd=usage.cost_usd))
+                                      cost_usd=usage.cost_usd, cache_misses=ledger.cache_misses))
         self._resolve(call, outcome)
 
     def _fail(self, calls: list[_Call], error: Exception) -> None:

@@ -19,7 +19,7 @@ import json
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from orchestra.models.openai import estimate_tokens
 
@@ -59,7 +59,7 @@ class Reply:
     hang: bool = False
 
 
-Handler = Callable[[LoopbackRequest], Union[Reply, Awaitable[Reply]]]
+Handler = Callable[[LoopbackRequest], Reply | Awaitable[Reply]]
 
 
 class LoopbackServer:
@@ -234,7 +234,7 @@ def error_reply(status: int, message: str = "error", *, retry_after: str | None 
     return Reply(status=status, body={"error": {"message": message, "type": "loopback_error"}}, headers=headers)
 
 
-TextFunction = Callable[[LoopbackRequest], Union[str, Reply, Awaitable[Union[str, Reply]]]]
+TextFunction = Callable[[LoopbackRequest], str | Reply | Awaitable[str | Reply]]
 
 
 def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:

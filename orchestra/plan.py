@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestra.models import ChatRequest, Message
+from orchestra.models import ChatRequest
+from orchestra.models.structured import follow_up
 from orchestra.prompts import render
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
@@ -107,12 +107,6 @@ def planner_request(task: str, *, max_nodes: int, context: str = "", seed: int =
 
 def repair_request(previous: ChatRequest, answer: str, problem: str) -> ChatRequest:
     """The follow-up that shows the planner its invalid plan and why, asking for a fixed one."""
-    feedback = (f"That plan is invalid: {problem}. Return the whole corrected plan as JSON. "
-                "Every depends_on entry must be the id of another subtask, and there must be no cycles.")
-    messages = [*previous.messages, Message(role="assistant", content=answer), Message(role="user", content=feedback)]
-    return previous.model_copy(update={"messages": tuple(messages)})
-
-
-def plan_to_text(plan: Plan) -> str:
-    """The plan as JSON text (what a repair request shows the planner)."""
-    return json.dumps(plan.model_dump(), ensure_ascii=False)
+    return follow_up(previous, answer, f"That plan is invalid: {problem}. Return the whole corrected plan as JSON. "
+                                       "Every depends_on entry must be the id of another subtask, and there must "
+                                       "be no cycles.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,8 +96,3 @@ def global_competence(totals: Mapping[str, float], temperature: float = 0.5) -> 
     if norm == 0:
         return {name: 1 / len(totals) for name in totals}
     return {name: value / norm for name, value in powered.items()}
-
-
-def profile_json(profiles: Mapping[str, SkillProfile]) -> str:
-    """All profiles as one JSON document (for ``orchestra agents --json``)."""
-    return json.dumps({name: p.model_dump(mode="json") for name, p in profiles.items()}, indent=2)

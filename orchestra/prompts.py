@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+from functools import lru_cache, cache
 from typing import Any
 
 from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError
@@ -21,7 +21,7 @@ def environment() -> SandboxedEnvironment:
                                 autoescape=False)
 
 
-@lru_cache(maxsize=None)
+@cache
 def template(name: str) -> Template:
     """A template from ``prompts/`` by file name (``"planner.j2"``)."""
     return environment().get_template(name)

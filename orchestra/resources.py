@@ -28,11 +28,6 @@ def agents_dir() -> Path:
     return data_root() / "agents"
 
 
-def skills_dir() -> Path:
-    """The skill vocabulary and shipped skill profiles."""
-    return data_root() / "skills"
-
-
 def default_pool_path() -> Path:
     """The embedded default pool: expert personas on the in-process SmolLM2 model."""
     return agents_dir() / "pools" / "local.yaml"

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -79,6 +79,7 @@ class RunState:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     cache_hits: int = 0
+    cache_misses: int = 0
     replayed: int = 0
     retries: int = 0
     status: str = "running"
@@ -133,6 +134,7 @@ class RunState:
         elif isinstance(event, UsageUpdated):
             self.calls, self.prompt_tokens = event.calls, event.prompt_tokens
             self.completion_tokens, self.cost_usd = event.completion_tokens, event.cost_usd
+            self.cache_misses = event.cache_misses
         elif isinstance(event, RunDone):
             self.status = event.status
 
@@ -149,7 +151,8 @@ class RunState:
 
     def counters(self) -> str:
         """One line of totals."""
-        extra = f" · cache hits {self.cache_hits}" if self.cache_hits else ""
+        cached = self.cache_hits + self.cache_misses
+        extra = f" · cache {self.cache_hits} hit / {self.cache_misses} miss" if cached else ""
         extra += f" · replayed {self.replayed}" if self.replayed else ""
         extra += f" · retries {self.retries}" if self.retries else ""
         return (f"calls {self.calls} · tokens {self.prompt_tokens:,} in / {self.completion_tokens:,} out · "
@@ -285,8 +288,3 @@ def summary_line(result: RunResult) -> str:
     return (f"run {result.run_id} · {result.status} · {usage.calls} calls · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · ${usage.cost_usd:.4f} · "
             f"{result.elapsed_s:.1f} s")
-
-
-def describe(value: Any) -> str:
-    """Short text for a table cell."""
-    return "-" if value is None else str(value)

@@ -19,7 +19,7 @@ from orchestra.errors import (
     RequestTimeout,
 )
 from orchestra.loopback import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
-from orchestra.models import Anthropic, ChatRequest, OpenAICompatible, Price
+from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
 from orchestra.models.base import retry_listener
 from orchestra.models.http import parse_retry_after
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from orchestra.loopback import Reply
+
 from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli
 
@@ -96,3 +98,35 @@ def test_chat_edit_refuses_what_would_break_the_plan(served) -> None:
     done = cli("chat", "--pool", str(pool), stdin=script)
     assert "no step '9'; steps are 1 to 3" in done.stdout
     assert "use: drop N" in done.stdout and "cancelled" in done.stdout
+
+
+def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Path) -> None:
+    scripted = ScriptedLLM()
+    inner = scripted.handler()
+    hanging = {"on": True}
+
+    async def handler(request):  # noqa: ANN001, ANN202
+        if hanging["on"] and "Your assignment:" in request.prompt:
+            return Reply(hang=True)
+        return await inner(request)
+
+    server = loopback(handler)
+    pool = write_pool(tmp_path, server.url)
+    child = spawn("chat", "--pool", str(pool))
+    child.expect("> ")
+    child.sendline("Write a short report")
+    child.expect(r"\[a\]ccept")
+    child.sendline("a")
+    child.expect("batches per model")  # running, its expert calls hang
+    child.sendintr()
+    child.expect("task cancelled")
+    child.expect("> ")
+    hanging["on"] = False
+    child.sendline("Write a short report")
+    child.expect(r"\[a\]ccept")
+    child.sendline("a")
+    child.expect("Synthesized answer. The answer is 42")
+    child.expect("> ")
+    child.sendline("/quit")
+    child.expect("bye")
+    child.expect(pexpect.EOF)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from orchestra.errors import BadResponse, RequestRejected
 from orchestra.models.base import ModelBase
 from orchestra.models.http import shared_endpoint
-from orchestra.models.openai import estimate_tokens
+from orchestra.models.openai import reported_usage
 from orchestra.models.pricing import Price, coerce_price
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult
@@ -94,11 +94,8 @@ class Anthropic(ModelBase):
         else:
             text = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
         usage = body.get("usage") or {}
-        prompt_tokens = int(usage.get("input_tokens") or 0)
-        completion_tokens = usage.get("output_tokens")
-        completion_tokens = estimate_tokens(text) if completion_tokens is None else int(completion_tokens)
-        return ChatResult(text=text, usage=self.price.usage(prompt_tokens, completion_tokens),
-                          model=self.name, finish_reason=body.get("stop_reason"))
+        return ChatResult(text=text, model=self.name, finish_reason=body.get("stop_reason"),
+                          usage=reported_usage(self.price, usage.get("input_tokens"), usage.get("output_tokens"), text))
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -95,4 +95,4 @@ class VLLMSpec(_Spec):
                     memory_bytes=int(self.memory_gb * 2**30), engine_options=self.engine_options)
 
 
-ModelSpec = Annotated[Union[OpenAISpec, AnthropicSpec, LlamaCppSpec, VLLMSpec], Field(discriminator="type")]
+ModelSpec = Annotated[OpenAISpec | AnthropicSpec | LlamaCppSpec | VLLMSpec, Field(discriminator="type")]

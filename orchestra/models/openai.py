@@ -10,7 +10,7 @@ from orchestra.models.base import ModelBase
 from orchestra.models.http import shared_endpoint
 from orchestra.models.pricing import Price, coerce_price
 from orchestra.models.structured import with_instructions
-from orchestra.models.types import ChatRequest, ChatResult
+from orchestra.models.types import ChatRequest, ChatResult, Usage
 
 OPENAI_URL = "https://api.openai.com/v1"
 JsonMode = Literal["json_schema", "json_object", "prompt"]
@@ -21,6 +21,12 @@ _FALLBACK: dict[JsonMode, JsonMode | None] = {"json_schema": "json_object", "jso
 def estimate_tokens(text: str) -> int:
     """A rough token count (4 characters a token) for servers that report no usage."""
     return max(1, len(text) // 4)
+
+
+def reported_usage(price: Price, prompt_tokens: Any, completion_tokens: Any, text: str) -> Usage:
+    """Usage from a provider's counts, estimating completion tokens when the server gave none."""
+    completion = estimate_tokens(text) if completion_tokens is None else int(completion_tokens)
+    return price.usage(int(prompt_tokens or 0), completion)
 
 
 class OpenAICompatible(ModelBase):
@@ -101,11 +107,9 @@ class OpenAICompatible(ModelBase):
         except (KeyError, IndexError, TypeError, AttributeError):
             raise BadResponse(f"{self.endpoint.base_url} returned no choices[0].message for {self.model}") from None
         usage = body.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = usage.get("completion_tokens")
-        completion_tokens = estimate_tokens(text) if completion_tokens is None else int(completion_tokens)
-        return ChatResult(text=text, usage=self.price.usage(prompt_tokens, completion_tokens),
-                          model=self.name, finish_reason=choice.get("finish_reason"))
+        return ChatResult(text=text, model=self.name, finish_reason=choice.get("finish_reason"),
+                          usage=reported_usage(self.price, usage.get("prompt_tokens"), usage.get("completion_tokens"),
+                                               text))
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

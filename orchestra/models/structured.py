@@ -121,11 +121,13 @@ def with_instructions(request: ChatRequest) -> ChatRequest:
     return request.model_copy(update={"messages": tuple(messages)})
 
 
+def follow_up(request: ChatRequest, answer: str, feedback: str) -> ChatRequest:
+    """``request`` continued: the model's answer, then the user's feedback on it."""
+    messages = (*request.messages, Message(role="assistant", content=answer), Message(role="user", content=feedback))
+    return request.model_copy(update={"messages": messages})
+
+
 def repair_request(request: ChatRequest, bad_text: str, error: StructuredOutputError) -> ChatRequest:
     """A follow-up request that shows the model its invalid answer and the error, asking for a fix."""
-    messages = [*request.messages,
-                Message(role="assistant", content=bad_text),
-                Message(role="user", content=(
-                    f"That answer is not valid: {error}. Reply again with only the corrected JSON. "
-                    + json_instructions(request)))]
-    return request.model_copy(update={"messages": tuple(messages)})
+    return follow_up(request, bad_text, f"That answer is not valid: {error}. Reply again with only the corrected "
+                                        f"JSON. {json_instructions(request)}")

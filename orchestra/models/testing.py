@@ -8,7 +8,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from orchestra.errors import BadResponse
 from orchestra.models.base import ModelBase
@@ -16,7 +16,7 @@ from orchestra.models.openai import estimate_tokens
 from orchestra.models.pricing import Price, coerce_price
 from orchestra.models.types import ChatRequest, ChatResult
 
-Reply = Union[str, dict, list, ChatResult, Exception]
+Reply = str | dict | list | ChatResult | Exception
 """A scripted answer: text, a JSON value (sent as its JSON text), a full result, or an error to raise."""
 
 
@@ -112,7 +112,7 @@ class ScriptedModel(DoubleBase):
                           f"#{len(self.requests)}: {request.prompt_text()[:80]!r}")
 
 
-ReplyFunction = Callable[[ChatRequest], Union[Reply, Awaitable[Reply]]]
+ReplyFunction = Callable[[ChatRequest], Reply | Awaitable[Reply]]
 
 
 class FunctionModel(DoubleBase):
