@@ -109,9 +109,9 @@ class Pool:
         return SkillTable.build(self.names, self.profiles, {a.name: a.skills for a in self.agents},
                                 prices, config)
 
-    def choose_aggregator(self, table: SkillTable) -> Agent:
-        """The aggregating agent: configured, else the best measured aggregator."""
-        return self[choose_aggregator(self.profiles, table.competence, self.names, self.aggregator)]
+    def choose_aggregator(self, table: SkillTable, configured: str | None = None) -> Agent:
+        """The aggregating agent: ``configured``, else the pool's own choice, else the best measured aggregator."""
+        return self[choose_aggregator(self.profiles, table.competence, self.names, configured or self.aggregator)]
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Pool:

@@ -20,8 +20,8 @@ class Budget(BaseModel):
     max_tokens: int | None = Field(default=1_000_000, ge=1)
 
     def merged(self, **overrides: float | int | None) -> Budget:
-        """A copy with the given limits changed (``None`` values are ignored)."""
-        return self.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        """A validated copy with the given limits changed; ``None`` lifts a limit."""
+        return Budget.model_validate({**self.model_dump(), **overrides})
 
 
 _FLAGS = {"max_calls": "--max-calls", "max_cost_usd": "--max-cost", "max_tokens": "--max-tokens"}
@@ -40,27 +40,31 @@ class BudgetTracker:
         self.calls = calls
         self.usage = spent or Usage()
         self._reserved_calls = 0
-        self._reserved_cost = 0.0
+        self._reserved = Usage()
         self.exceeded: BudgetExceeded | None = None
 
-    def admit(self, request: ChatRequest, price: Price) -> float:
-        """Reserve room for one call and return its reserved cost; raise ``BudgetExceeded`` if none."""
+    def admit(self, request: ChatRequest, price: Price) -> Usage:
+        """Reserve one call's worst case (its prompt plus ``max_tokens`` at its price) and return the
+        reservation; raise ``BudgetExceeded`` if it does not fit."""
         budget = self.budget
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made")
-        if budget.max_tokens is not None and self.usage.total_tokens >= budget.max_tokens:
+        worst = price.usage(estimate_tokens(request.prompt_text()), request.max_tokens or 1024)
+        committed = self.usage + self._reserved
+        if budget.max_tokens is not None and committed.total_tokens + worst.total_tokens > budget.max_tokens:
             self._refuse("max_tokens", budget.max_tokens, f"{self.usage.total_tokens} tokens used")
-        worst = price.cost(estimate_tokens(request.prompt_text()), request.max_tokens or 1024)
-        if budget.max_cost_usd is not None and self.usage.cost_usd + self._reserved_cost + worst > budget.max_cost_usd:
+        if budget.max_cost_usd is not None and committed.cost_usd + worst.cost_usd > budget.max_cost_usd:
             self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.usage.cost_usd:.4f} spent")
         self._reserved_calls += 1
-        self._reserved_cost += worst
+        self._reserved = self._reserved + worst
         return worst
 
-    def settle(self, reserved_cost: float, usage: Usage | None) -> None:
+    def settle(self, reserved: Usage, usage: Usage | None) -> None:
         """Release a reservation and count what the call really spent (None: it was not made)."""
         self._reserved_calls -= 1
-        self._reserved_cost -= reserved_cost
+        self._reserved = Usage(prompt_tokens=self._reserved.prompt_tokens - reserved.prompt_tokens,
+                               completion_tokens=self._reserved.completion_tokens - reserved.completion_tokens,
+                               cost_usd=self._reserved.cost_usd - reserved.cost_usd)
         if usage is not None:
             self.calls += 1
             self.usage = self.usage + usage

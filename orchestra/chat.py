@@ -186,7 +186,6 @@ class ChatSession:
             else:
                 result = asyncio.run(orchestra.arun(task, plan=plan, meta={"kind": "chat"}))
         except KeyboardInterrupt:
-            orchestra.executor.reset()
             self.console.print("task cancelled; its finished calls are saved (`orchestra runs`)")
             return None
         finally:

@@ -92,9 +92,9 @@ def run_options(fn: F) -> F:
 def budget_from(max_calls: int | None, max_cost: float | None, max_tokens: int | None,
                 base: Budget | None = None) -> Budget | None:
     """A budget with the flags applied, or None when no flag was given."""
-    if max_calls is None and max_cost is None and max_tokens is None:
-        return base
-    return (base or Budget()).merged(max_calls=max_calls, max_cost_usd=max_cost, max_tokens=max_tokens)
+    given = {k: v for k, v in {"max_calls": max_calls, "max_cost_usd": max_cost, "max_tokens": max_tokens}.items()
+             if v is not None}
+    return (base or Budget()).merged(**given) if given else base
 
 
 def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
@@ -405,13 +405,22 @@ def resume(run_id: str, **opts: Any) -> None:
         raise ConfigError("resume reads the run store; drop --no-store")
     store = RunStore(opts["store_path"])
     record = store.run(run_id)
-    if record.config.get("pool") is None and (record.config.get("meta") or {}).get("kind") not in ("ask", "workflow"):
+    config, meta = record.config, record.config.get("meta") or {}
+    if meta.get("kind") == "workflow":
+        from orchestra.workflow import Workflow
+
+        pool = Workflow.load(meta["workflow"], pool=Pool.load(meta["pool"]) if meta.get("pool") else None).pool
+    elif config.get("pool"):
+        if not Path(config["pool"]).is_file():
+            raise ConfigError(f"run {record.id} used pool {config['pool']}, which no longer exists")
+        pool = Pool.load(config["pool"])
+    else:
         raise UserError(f"run {record.id} used a pool built in Python; resume it there: "
                         f"Orchestra(pool).resume({record.id!r})")
-    pool_path = record.config.get("pool")
-    if pool_path and not Path(pool_path).is_file():
-        raise ConfigError(f"run {record.id} used pool {pool_path}, which no longer exists")
-    orc = Orchestra(Pool.load(pool_path) if pool_path else Pool.load(), store=store)
+    settings = config.get("orchestra") or {}
+    orc = Orchestra(pool, store=store, recruit=RecruitConfig(**settings["recruit"]) if "recruit" in settings else None,
+                    aggregator=settings.get("aggregator"), grader=settings.get("grader", "auto"),
+                    cache=settings.get("cache", False))
     budget = {"max_calls": opts["max_calls"], "max_cost_usd": opts["max_cost"], "max_tokens": opts["max_tokens"]}
     execute(orc, lambda: orc.aresume(record.id, budget={k: v for k, v in budget.items() if v is not None}), opts)
 

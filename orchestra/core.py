@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 from orchestra.agents import Pool
 from orchestra.aggregate import STRATEGIES
 from orchestra.budget import Budget
-from orchestra.errors import ConfigError
+from orchestra.errors import ConfigError, StoreError
 from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, get_grader
@@ -42,6 +43,13 @@ def run_sync(coro: Awaitable[T]) -> T:
     if hasattr(coro, "close"):
         coro.close()  # type: ignore[union-attr]
     raise RuntimeError("an event loop is already running here; use the async method (arun, arun_many...)")
+
+
+def _check_choices(mode: str | None, aggregate: str | None) -> None:
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
+    if aggregate is not None and aggregate not in STRATEGIES:
+        raise ConfigError(f"unknown aggregation {aggregate!r}; choose one of {', '.join(STRATEGIES)}")
 
 
 class Orchestra:
@@ -87,10 +95,7 @@ class Orchestra:
         settings = self.pool.settings
         mode = mode or settings.mode or "symbolic-moe"
         aggregate = aggregate or settings.aggregate or "synthesize"
-        if mode not in MODES:
-            raise ConfigError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
-        if aggregate not in STRATEGIES:
-            raise ConfigError(f"unknown aggregation {aggregate!r}; choose one of {', '.join(STRATEGIES)}")
+        _check_choices(mode, aggregate)
         if aggregator is not None and aggregator not in self.pool:
             raise ConfigError(f"aggregator {aggregator!r} is not an agent of pool {self.pool.name!r}")
         self.options = RunOptions(
@@ -120,12 +125,13 @@ class Orchestra:
             memory_budget_bytes=int(memory_budget_gb * 2**30) if memory_budget_gb else None)
         recruit_config = dataclasses.replace(recruit or RecruitConfig(), mode=mode, k=self.options.k)
         table = self.pool.skill_table(recruit_config)
-        if aggregator is not None:
-            self.pool.aggregator = aggregator
         self.env = RunEnv(pool=self.pool, executor=self.executor, events=self.events, table=table,
                           recruiter=Recruiter(table, recruit_config), matcher=matcher or LexicalMatcher(),
-                          extractor=SkillExtractor(keywords), aggregator=self.pool.choose_aggregator(table),
+                          extractor=SkillExtractor(keywords), aggregator=self.pool.choose_aggregator(table, aggregator),
                           grader=get_grader(grader))
+        #: what a resume from the command line needs to rebuild this Orchestra (stored with each run)
+        self.settings = {"recruit": dataclasses.asdict(recruit_config), "aggregator": aggregator,
+                         "grader": grader if isinstance(grader, str) else "auto", "cache": cache}
 
     # --- single runs -----------------------------------------------------------------------
 
@@ -171,15 +177,29 @@ class Orchestra:
 
     def _config(self, run: Run, meta: dict[str, Any] | None) -> dict[str, Any]:
         return {"pool": str(self.pool.source) if self.pool.source else None, "options": run.options.to_dict(),
+                "orchestra": self.settings,
                 "plan": run.given_plan.model_dump() if run.given_plan else None,
                 "fixed_experts": {node: list(r.experts) for node, r in run.presets.items()} or run.fixed_experts,
                 "meta": meta or {}}
 
     async def _finish(self, run: Run) -> RunResult:
-        result = await run.start()
-        if self.store is not None:
-            self.store.finish_run(result)
+        try:
+            result = await run.start()
+        except BaseException:  # cancelled by the caller, or a bug: stop the run's other work, keep its record
+            run.cancel()
+            self._record(run.result("cancelled", None, "stopped before it finished"))
+            raise
+        self._record(result)
         return result
+
+    def _record(self, result: RunResult) -> None:
+        """Store a finished run; a store that cannot be written is a warning, not a lost answer."""
+        if self.store is None:
+            return
+        try:
+            self.store.finish_run(result)
+        except StoreError as error:
+            warnings.warn(f"run {result.run_id} finished but was not recorded: {error}", RuntimeWarning, stacklevel=2)
 
     # --- planning only -------------------------------------------------------------------------
 
@@ -218,19 +238,21 @@ class Orchestra:
             if stored is not None:
                 return stored
         config = record.config
-        meta = config.get("meta") or {}
-        if meta.get("kind") == "workflow":
-            from orchestra.workflow import Workflow, arun_workflow
-
-            workflow = Workflow.load(meta["workflow"], pool=self.pool)
-            return await arun_workflow(workflow, meta.get("inputs") or {}, orchestra=self, run_id=record.id,
-                                       budget=self._resume_budget(RunOptions.from_dict(config["options"]), budget))
         options = RunOptions.from_dict(config["options"])
         options = dataclasses.replace(options, budget=self._resume_budget(options, budget))
         plan = Plan.model_validate(config["plan"]) if config.get("plan") else None
         ledger = RunLedger.create(record.id, options.budget, journal=self.store,
                                   cache=self.store.cache() if self.cache else None)
-        run = Run(self.env, record.task, options, ledger, plan=plan, fixed_experts=config.get("fixed_experts"))
+        steps: dict[str, Any] = {}
+        meta = config.get("meta") or {}
+        if meta.get("kind") == "workflow":  # the steps' prompts and the final template come from the file
+            from orchestra.workflow import Workflow
+
+            workflow = Workflow.load(meta["workflow"], pool=self.pool)
+            values = workflow.resolve_inputs(meta.get("inputs") or {})
+            steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
+        run = Run(self.env, record.task, options, ledger, plan=plan, fixed_experts=config.get("fixed_experts"),
+                  **steps)
         self.store.begin_run(record.id, record.task, config)
         return await self._finish(run)
 
@@ -238,6 +260,7 @@ class Orchestra:
         unknown = sorted(set(overrides) - set(RunOptions.__dataclass_fields__))
         if unknown:
             raise TypeError(f"unknown run option(s): {', '.join(unknown)}")
+        _check_choices(overrides.get("mode"), overrides.get("aggregate"))
         if isinstance(overrides.get("budget"), dict):
             overrides["budget"] = self.options.budget.merged(**overrides["budget"])
         return dataclasses.replace(self.options, **overrides)
@@ -278,8 +301,9 @@ class Orchestra:
             self._begin(run, meta)
         if rare_filter and not plan and runs:
             await self._recruit_together(runs)
-            for run in runs:
-                self._begin(run, meta)
+            if self.store is not None:
+                for run in runs:  # keep the filtered experts, so a resume recruits the same ones
+                    self.store.update_config(run.run_id, self._config(run, meta))
         return list(await asyncio.gather(*(self._finish(run) for run in runs)))
 
     async def _recruit_together(self, runs: list[Run]) -> None:
@@ -287,7 +311,7 @@ class Orchestra:
         outcomes = await asyncio.gather(*(self.executor.run_task(run.recruit(node, run.task, ())) for run in runs),
                                         return_exceptions=True)
         recruited = [(run, o) for run, o in zip(runs, outcomes) if not isinstance(o, BaseException)]
-        filtered = self.env.recruiter.filter_rare([o for _, o in recruited], seed=self.options.seed)
+        filtered = self.env.recruiter.filter_rare([o for _, o in recruited], seed=runs[0].options.seed)
         for (run, _), recruitment in zip(recruited, filtered):
             run.presets[node] = recruitment
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class OrchestraError(Exception):
     """Base of every error Orchestra raises on purpose."""
@@ -61,7 +63,13 @@ class StoreError(UserError):
 
 
 class ModelError(OrchestraError):
-    """A model request that failed after the model layer's retries."""
+    """A model request that failed after the model layer's retries.
+
+    ``usage`` is what the failed attempts still cost (a structured answer that could not be
+    repaired was paid for twice), so budgets count it.
+    """
+
+    usage: Any = None
 
 
 class AuthenticationError(ModelError, UserError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -238,4 +239,8 @@ class EventBus:
             try:
                 listener(event)
             except Exception as error:  # noqa: BLE001 - a display bug must not lose work
-                self.listener_errors.append(f"{type(listener).__name__}: {error}")
+                problem = f"{getattr(listener, '__qualname__', type(listener).__name__)}: {error}"
+                if not self.listener_errors:
+                    warnings.warn(f"an event listener failed ({problem}); the run goes on, later failures are "
+                                  "collected in EventBus.listener_errors", RuntimeWarning, stacklevel=2)
+                self.listener_errors.append(problem)

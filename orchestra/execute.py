@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,6 +33,7 @@ from orchestra.events import (
     UsageUpdated,
 )
 from orchestra.models import ChatRequest, ChatResult, Model, Usage, is_heavy
+from orchestra.models.base import model_identity
 from orchestra.models.base import retry_listener
 from orchestra.models.pricing import FREE
 
@@ -42,8 +43,8 @@ Outcome = ChatResult | Exception
 class CallJournal(Protocol):
     """Durable record of a run's calls (the run store): replayed on resume, written as results arrive."""
 
-    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> ChatResult | None:
-        """The recorded result of this call, if it completed before."""
+    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> tuple[ChatResult, bool] | None:
+        """The recorded result of this call if it completed before, and whether it was paid for."""
         ...
 
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest, outcome: Outcome,
@@ -129,14 +130,13 @@ class _Call:
     index: int
     key: str
     seq: int
-    reserved: float = 0.0
+    reserved: Usage = Usage()
 
 
 @dataclass
 class ExecutorStats:
-    """Totals over the executor's life: batches sent and model loads."""
+    """Totals over the executor's life: model loads and unloads, waves."""
 
-    batches: list[tuple[str, int]] = field(default_factory=list)
     loads: Counter[str] = field(default_factory=Counter)
     unloads: Counter[str] = field(default_factory=Counter)
     waves: int = 0
@@ -164,16 +164,35 @@ class Executor:
         self._kick_scheduled = False
         self._resident: list[Model] = []  # least recently used first
         self._batch_no = 0
-        self._wave_runs: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- managed tasks ---------------------------------------------------------------------
 
-    def spawn(self, coro: Awaitable[Any], *, owner: asyncio.Future[Any] | None = None) -> asyncio.Task[Any]:
-        """Run ``coro`` as a managed task. If it raises, ``owner`` (a run's future) gets the error."""
-        self._active += 1
-        return asyncio.get_running_loop().create_task(self._managed(coro, owner))
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop; a new loop (a sync wrapper's next ``asyncio.run``, or one after Ctrl-C)
+        starts from a clean schedule, since the old loop's tasks are gone. Resident models stay."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._queue.clear()
+            self._active = 0
+            self._in_flight = False
+            self._kick_scheduled = False
+        return loop
 
-    async def _managed(self, coro: Awaitable[Any], owner: asyncio.Future[Any] | None) -> Any:
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, owner: asyncio.Future[Any] | None = None) -> asyncio.Task[Any]:
+        """Run ``coro`` as a managed task. If it raises, ``owner`` (a run's future) gets the error."""
+        loop = self._bind_loop()
+        self._active += 1
+        task = loop.create_task(self._managed(coro, owner))
+        task.add_done_callback(self._task_done)  # runs even if the task is cancelled before it starts
+        return task
+
+    def _task_done(self, _: asyncio.Task[Any]) -> None:
+        self._active -= 1
+        self._schedule_kick()
+
+    async def _managed(self, coro: Coroutine[Any, Any, Any], owner: asyncio.Future[Any] | None) -> Any:
         try:
             return await coro
         except asyncio.CancelledError:
@@ -183,11 +202,8 @@ class Executor:
                 owner.set_exception(error)
                 return None
             raise
-        finally:
-            self._active -= 1
-            self._schedule_kick()
 
-    async def run_task(self, coro: Awaitable[Any]) -> Any:
+    async def run_task(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run one managed coroutine from unmanaged code and wait for its result."""
         owner: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
@@ -196,18 +212,12 @@ class Executor:
             if not owner.done():
                 owner.set_result(result)
 
-        self.spawn(wrapped(), owner=owner)
-        return await owner
-
-    def reset(self) -> None:
-        """Forget queued work after the event loop that ran it was interrupted (Ctrl-C).
-
-        Resident models stay loaded; the next run starts from a clean schedule.
-        """
-        self._queue.clear()
-        self._active = 0
-        self._in_flight = False
-        self._kick_scheduled = False
+        task = self.spawn(wrapped(), owner=owner)
+        try:
+            return await owner
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
 
     # --- calls -----------------------------------------------------------------------------
 
@@ -224,7 +234,7 @@ class Executor:
         per_model: Counter[str] = Counter()
         for index, (model, request) in enumerate(calls):
             # the key (a hash of the canonical request) is needed only to journal or cache the call
-            key = request.key(model.name) if ledger.journal is not None or ledger.cache is not None else ""
+            key = request.key(model_identity(model)) if ledger.journal is not None or ledger.cache is not None else ""
             self._queue.append(_Call(model, request, ledger, purpose, node, waiter, index, key,
                                      ledger.next_seq(key) if key else 0))
             per_model[model.name] += 1
@@ -235,7 +245,8 @@ class Executor:
         try:
             outcomes = await waiter.future
         except asyncio.CancelledError:
-            self._active += 1  # _managed's finally takes it back off
+            if waiter.future.cancelled():  # nobody woke this task: count it as running until it ends
+                self._active += 1
             raise
         return outcomes
 
@@ -271,7 +282,12 @@ class Executor:
             for call in calls:
                 if call.waiter.future.done():  # its task was cancelled
                     continue
-                if not self._answer_without_model(call):
+                try:
+                    handled = self._answer_without_model(call)
+                except Exception as error:  # noqa: BLE001 - e.g. an unreadable store: fail this call, not the wave
+                    self._fail([call], error)
+                    continue
+                if not handled:
                     groups.setdefault(id(call.model), []).append(call)
             light = [g for g in groups.values() if not is_heavy(g[0].model)]
             heavy = [g for g in groups.values() if is_heavy(g[0].model)]
@@ -286,10 +302,12 @@ class Executor:
         if ledger.journal is not None:
             recorded = ledger.journal.replay(ledger.run_id, call.key, call.seq, call.request)
             if recorded is not None:
-                ledger.budget.count(recorded.usage)
+                result, paid = recorded
+                if paid:  # a call first answered from the cache cost nothing
+                    ledger.budget.count(result.usage)
                 ledger.answered["store"] += 1
                 self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="store"))
-                self._resolve(call, recorded)
+                self._resolve(call, result)
                 return True
         if ledger.cache is not None:
             cached = ledger.cache.get(call.model.name, call.key, call.request)
@@ -351,7 +369,6 @@ class Executor:
         self._batch_no += 1
         batch = self._batch_no
         runs = tuple(dict.fromkeys(c.ledger.run_id for c in group))
-        self.stats.batches.append((model.name, len(group)))
         own: Counter[int] = Counter(id(c.ledger) for c in group)
         for ledger in {id(c.ledger): c.ledger for c in group}.values():
             ledger.batches.append(BatchRecord(model=model.name, size=len(group), calls=own[id(ledger)],
@@ -376,16 +393,18 @@ class Executor:
 
     def _finish(self, call: _Call, outcome: Outcome) -> None:
         ledger = call.ledger
+        paid = getattr(outcome, "usage", None) or Usage()  # failed repairs carry what they cost
         if ledger.journal is not None:
-            ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request, outcome,
-                                  purpose=call.purpose, node=call.node, source="model")
+            try:
+                ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request, outcome,
+                                      purpose=call.purpose, node=call.node, source="model")
+            except Exception as error:  # noqa: BLE001 - an answer that cannot be saved is not handed on
+                outcome = error
+        ledger.budget.settle(call.reserved, paid)
         if isinstance(outcome, Exception):
             ledger.failed_calls += 1
-            ledger.budget.settle(call.reserved, Usage())
-        else:
-            ledger.budget.settle(call.reserved, outcome.usage)
-            if ledger.cache is not None:
-                ledger.cache.put(call.model.name, call.key, call.request, outcome)
+        elif ledger.cache is not None:
+            ledger.cache.put(call.model.name, call.key, call.request, outcome)
         if self.events.listeners:
             failed = isinstance(outcome, Exception)
             self.events.emit(CallDone(run_id=ledger.run_id, model=call.model.name, purpose=call.purpose,

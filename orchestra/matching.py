@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from orchestra.errors import BadResponse
-from orchestra.models.http import Endpoint, shared_endpoint
+from orchestra.models.http import Endpoint, display_url, shared_endpoint
 
 
 class Match(NamedTuple):
@@ -123,9 +123,9 @@ class EmbeddingMatcher:
                 rows = sorted(body["data"], key=lambda row: row["index"])
                 vectors = [list(map(float, row["embedding"])) for row in rows]
             except (KeyError, TypeError, ValueError):
-                raise BadResponse(f"{self.endpoint.base_url}/embeddings returned no data[].embedding") from None
+                raise BadResponse(f"{display_url(self.endpoint.base_url)}/embeddings returned no data[].embedding") from None
             if len(vectors) != len(missing):
-                raise BadResponse(f"{self.endpoint.base_url}/embeddings returned {len(vectors)} vectors "
+                raise BadResponse(f"{display_url(self.endpoint.base_url)}/embeddings returned {len(vectors)} vectors "
                                   f"for {len(missing)} inputs")
             self._vectors.update(zip(missing, vectors))
         return [self._vectors[t] for t in texts]

@@ -44,6 +44,8 @@ def render_string(source: str, *, where: str = "template", **variables: Any) -> 
         return compile_string(source).render(**variables).strip()
     except TemplateError as error:
         raise ConfigError(f"cannot render {where}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - e.g. arithmetic on a missing value inside a template
+        raise ConfigError(f"cannot render {where}: {type(error).__name__}: {error}") from None
 
 
 def template_hash(name: str) -> str:

@@ -300,10 +300,15 @@ class Run:
             trace.status = "done"
             self.env.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
         except (OrchestraError, PlanInvalid) as error:
-            trace.status, trace.error = "failed", str(error)
-            self.env.events.emit(NodeFailed(run_id=self.run_id, node=node_id, error=str(error)))
+            self._node_failed(trace, str(error))
+        except Exception as error:  # noqa: BLE001 - reported on the node, the rest of the run goes on
+            self._node_failed(trace, f"unexpected {type(error).__name__}: {error}")
         trace.elapsed_s = time.perf_counter() - started
         self._settle(node_id)
+
+    def _node_failed(self, trace: NodeState, error: str) -> None:
+        trace.status, trace.error = "failed", error
+        self.env.events.emit(NodeFailed(run_id=self.run_id, node=trace.id, error=error))
 
     def outputs(self) -> Outputs:
         """The results of the nodes finished so far."""
@@ -363,11 +368,11 @@ class Run:
             candidate = recruitment.candidate(agent.name)
             responses.append(Response(agent=agent.name, text=outcome.text, data=_plain(outcome.parsed),
                                       weight=candidate.probability if candidate else 1.0))
+        errors = [o for o in outcomes if isinstance(o, Exception)]
+        budget = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
+        if budget is not None:  # stop here rather than answer with fewer experts: a resume finishes the node
+            raise budget
         if not responses:
-            errors = [o for o in outcomes if isinstance(o, Exception)]
-            budget = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
-            if budget is not None:
-                raise budget
             raise OrchestraError(f"every expert failed; first error: {errors[0]}")
         return responses
 

@@ -11,16 +11,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field
-
 from orchestra.models import ChatRequest, ChatResult
 from orchestra.prompts import render
-
-
-class KeywordList(BaseModel):
-    """What the keyword LLM returns."""
-
-    keywords: list[str] = Field(min_length=1, max_length=5)
 
 
 @dataclass(frozen=True)

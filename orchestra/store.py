@@ -189,6 +189,11 @@ class RunStore:
             "config=excluded.config",
             (run_id, task, now, now, json.dumps(config, ensure_ascii=False)))
 
+    def update_config(self, run_id: str, config: dict[str, Any]) -> None:
+        """Replace a run's stored configuration (without counting a resume)."""
+        self._execute("UPDATE runs SET config=?, updated=? WHERE id=?",
+                      (json.dumps(config, ensure_ascii=False), time.time(), run_id))
+
     def finish_run(self, result: RunResult) -> None:
         """Record how a run ended, with its full result."""
         self._execute("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=? WHERE id=?",
@@ -225,11 +230,11 @@ class RunStore:
 
     # --- the call journal ------------------------------------------------------------------
 
-    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> ChatResult | None:
-        """A completed call's recorded result (for resume), or None."""
-        rows = self._query("SELECT response FROM calls WHERE run_id=? AND key=? AND seq=? AND status='ok'",
+    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> tuple[ChatResult, bool] | None:
+        """A completed call's recorded result (for resume) and whether it was paid for (not a cache hit)."""
+        rows = self._query("SELECT response, source FROM calls WHERE run_id=? AND key=? AND seq=? AND status='ok'",
                            (run_id, key, seq))
-        return self._revive(rows[0]["response"], request) if rows else None
+        return (self._revive(rows[0]["response"], request), rows[0]["source"] == "model") if rows else None
 
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest,
                outcome: ChatResult | Exception, *, purpose: str, node: str | None, source: str) -> None:

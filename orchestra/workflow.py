@@ -271,16 +271,16 @@ def orchestra_for(workflow: Workflow, **options: Any) -> Orchestra:
 
 
 async def arun_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
-                        run_id: str | None = None, budget: Budget | None = None) -> RunResult:
+                        run_id: str | None = None) -> RunResult:
     """Run a workflow with ``inputs`` (strings are converted to the declared types)."""
     values = workflow.resolve_inputs(inputs)
     orc = orchestra or orchestra_for(workflow)
     plan = workflow.plan()
-    overrides: dict[str, Any] = {"budget": budget} if budget is not None else {}
+    pool = orc.pool.source
     return await orc.arun(workflow.task(values), plan=plan if plan is not None else True, run_id=run_id,
                           node_settings=workflow.node_settings(values), final=workflow.final(values),
-                          meta={"kind": "workflow", "workflow": str(workflow.path.resolve()), "inputs": values},
-                          **overrides)
+                          meta={"kind": "workflow", "workflow": str(workflow.path.resolve()), "inputs": values,
+                                "pool": str(pool.resolve()) if pool else None})
 
 
 async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *,

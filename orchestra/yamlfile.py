@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from orchestra.errors import ConfigError
 
 Location = tuple[int, int]
+MAX_VALUES = 100_000  # a configuration file never needs more; alias bombs do
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -106,8 +107,22 @@ class _Builder:
         self.marks = marks
         self.constructor = yaml.SafeLoader("")
         self.blocks: set[tuple[Any, ...]] = set()
+        self.values = 0
+        self.building: set[int] = set()
 
     def build(self, node: yaml.Node, loc: tuple[Any, ...]) -> Any:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise self._error(f"more than {MAX_VALUES:,} values (aliases expanding too far?)", node)
+        if id(node) in self.building:
+            raise self._error("an alias refers to a value that contains it", node)
+        self.building.add(id(node))
+        try:
+            return self._build(node, loc)
+        finally:
+            self.building.discard(id(node))
+
+    def _build(self, node: yaml.Node, loc: tuple[Any, ...]) -> Any:
         self.marks[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
             self.constructor.flatten_mapping(node)

@@ -340,3 +340,17 @@ def test_retry_listener_sees_attempts(loopback) -> None:
         retry_listener.reset(token)
     assert seen == [("gpt-4o-mini", 1)]
     assert json.loads(server.requests[0].body)["messages"][0]["content"] == "hello"
+
+
+def test_a_key_echoed_by_a_gateway_is_redacted(loopback, monkeypatch) -> None:
+    monkeypatch.setenv("ECHO_KEY", "sk-echoed-secret-123")
+    server = loopback(lambda req: error_reply(400, f"bad key format: {req.headers['authorization']}"))
+    with pytest.raises(RequestRejected) as caught:
+        run(openai(server, api_key_env="ECHO_KEY").complete([ask()]))
+    assert "sk-echoed-secret-123" not in str(caught.value) and "[redacted]" in str(caught.value)
+
+
+def test_credentials_in_a_url_never_reach_messages() -> None:
+    from orchestra.models.http import display_url
+
+    assert display_url("https://user:pw@host:8443/v1/chat?key=abc") == "https://host:8443/v1/chat"

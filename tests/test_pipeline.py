@@ -225,3 +225,12 @@ def test_sync_api_refuses_inside_an_event_loop() -> None:
         assert result.status == "done"
 
     asyncio.run(inside())
+
+
+def test_invalid_per_run_overrides_are_one_clear_error() -> None:
+    pool, _ = scripted_pool()
+    orc = Orchestra(pool)
+    with pytest.raises(ConfigError, match="unknown recruiting mode 'bogus'"):
+        orc.run("x", mode="bogus")
+    with pytest.raises(ConfigError, match="unknown aggregation 'bogus'"):
+        orc.run("x", aggregate="bogus")

@@ -203,3 +203,78 @@ def test_store_records_nodes_calls_and_events(tmp_path: Path) -> None:
     assert kinds[0] == "run_started" and kinds[-1] == "run_done"
     assert store.result(result.run_id).answer == result.answer
     assert Orchestra(pool, store=False).store is None
+
+
+def test_a_store_that_stops_working_fails_the_call_instead_of_hanging(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "flaky.db")
+
+    def expert(name: str, request: ChatRequest) -> str:
+        store.close()  # the database goes away while the batch is in flight
+        return "answer"
+
+    pool, _ = scripted_pool(expert=expert)
+    with pytest.warns(RuntimeWarning, match="was not recorded: cannot write the run store"):
+        result = Orchestra(pool, k=1, plan=False, store=store).run("store breaks")
+    assert result.status == "failed"
+    assert "Cannot operate on a closed database" in result.error
+
+
+def test_cancelling_a_run_stops_its_calls_and_records_it(tmp_path: Path) -> None:
+    import asyncio
+
+    started = asyncio.Event()
+    calls: list[str] = []
+
+    async def expert(request: ChatRequest) -> str:
+        calls.append(kind_of(request))
+        if kind_of(request) == "expert":
+            started.set()
+            await asyncio.Event().wait()  # never answers
+        return {"keywords": ["general"]} if kind_of(request) == "keywords" else "ok"
+
+    pool, _ = scripted_pool()
+    for agent in pool.agents:
+        agent.model = FunctionModel(expert, name="slow")
+    pool.planner = pool.keyword_model = pool.agents[0].model
+    orc = Orchestra(pool, k=1, plan=False)
+
+    async def scenario() -> str:
+        task = asyncio.ensure_future(orc.arun("will be cancelled"))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        sent = len(calls)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(calls) == sent  # nothing more was sent after the cancel
+        return orc.store.runs()[0].status
+
+    assert asyncio.run(scenario()) == "cancelled"
+
+
+def test_cache_entries_belong_to_the_backend_not_the_alias() -> None:
+    from orchestra.models import OpenAICompatible
+    from orchestra.models.base import model_identity
+
+    one = OpenAICompatible(model="gpt-4o-mini", base_url="http://127.0.0.1:1/v1", name="fast")
+    two = OpenAICompatible(model="llama3", base_url="http://127.0.0.1:2/v1", name="fast")
+    request = ChatRequest.user("same question")
+    assert request.key(model_identity(one)) != request.key(model_identity(two))
+
+
+def test_budget_merging_validates_and_none_lifts_a_limit() -> None:
+    from pydantic import ValidationError
+
+    assert Budget().merged(max_calls=None).max_calls is None
+    assert Budget().merged(max_calls=7).max_calls == 7
+    with pytest.raises(ValidationError):
+        Budget().merged(max_calls=0)
+
+
+def test_token_budget_reserves_before_dispatch() -> None:
+    pool, models = scripted_pool(plan=plan_json(("a", [])))
+    result = Orchestra(pool, k=3, budget=Budget(max_tokens=2000)).run("token hungry")
+    # each call reserves its prompt plus max_tokens (1024 when unset): a wave cannot overshoot together
+    assert result.status == "budget_exceeded" and "max_tokens=2000" in result.error
+    assert result.usage.prompt_tokens + result.usage.completion_tokens <= 2000

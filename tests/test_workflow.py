@@ -199,3 +199,43 @@ def test_example_pipeline_runs(loopback_pool) -> None:
 def test_example_pools_load(pool: Path) -> None:
     loaded = Pool.load(pool)
     assert loaded.agents and all(a.model is not None for a in loaded.agents)
+
+
+def test_template_errors_at_run_time_fail_the_step_with_one_line(tmp_path: Path) -> None:
+    text = GOOD.replace("Write {{ inputs.words }} words", "Write {{ inputs.words + 'x' }} words")
+    pool = Pool(agents=[Agent(name="writer", model=FunctionModel(lambda r: "x", name="w")),
+                        Agent(name="checker", model=FunctionModel(lambda r: "x", name="c"))])
+    flow = Workflow.load(write(tmp_path, text), pool=pool)
+    result = run_workflow(flow, {"topic": "tides"})
+    assert result.status == "failed"
+    error = result.node("draft").error
+    assert error.startswith(f"cannot render {tmp_path}/wf.yaml: step 'draft': TypeError") and "\n" not in error
+
+
+def test_yaml_alias_bombs_and_loops_are_refused(tmp_path: Path) -> None:
+    loop = write(tmp_path, "a: &a [*a]\n", "loop.yaml")
+    with pytest.raises(ConfigError, match="loop.yaml:1:4: an alias refers to a value that contains it"):
+        Workflow.load(loop)
+    rows = ["a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]" for i in range(5)]
+    bomb = write(tmp_path, "\n".join(rows) + "\n", "bomb.yaml")
+    with pytest.raises(ConfigError, match="more than 100,000 values"):
+        Workflow.load(bomb)
+
+
+def test_workflow_resume_keeps_the_run_options(loopback, tmp_path: Path) -> None:
+    scripted = ScriptedLLM()
+    server = loopback(scripted.handler())
+    pool = write_pool(tmp_path, server.url, agents=LOCAL_AGENTS)
+    flow = EXAMPLES / "workflows/research-brief.yaml"
+    stopped = cli("run", str(flow), "-i", "topic=tides", "--pool", str(pool), "--seed", "5", "--k", "2",
+                  "--max-calls", "4", "--json")
+    assert stopped.returncode == 3, stopped.stderr
+    run_id = json.loads(stopped.stdout)["run_id"]
+    sent = sum(scripted.kinds.values())
+    resumed = cli("resume", run_id, "--max-calls", "50", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    data = json.loads(resumed.stdout)
+    assert data["usage"]["replayed_calls"] == 4  # the same seed and k: every recorded call matched
+    assert all(len(n["experts"]) == 2 for n in data["plan"]["nodes"])
+    assert sum(scripted.kinds.values()) - sent == data["usage"]["calls"] - 4

@@ -2,10 +2,12 @@
 
 from orchestra.models.anthropic import Anthropic
 from orchestra.models.base import HeavyModel, Model, ModelBase, allow_model_requests, is_heavy
+from orchestra.models.llamacpp import LlamaCpp
 from orchestra.models.openai import OpenAICompatible
 from orchestra.models.pricing import PRICES, Price, price_for
 from orchestra.models.testing import FunctionModel, ScriptedModel
 from orchestra.models.types import ChatRequest, ChatResult, Message, Usage
+from orchestra.models.vllm import VLLM
 
 __all__ = [
     "PRICES",
@@ -14,6 +16,7 @@ __all__ = [
     "ChatResult",
     "FunctionModel",
     "HeavyModel",
+    "LlamaCpp",
     "Message",
     "Model",
     "ModelBase",
@@ -21,6 +24,7 @@ __all__ = [
     "Price",
     "ScriptedModel",
     "Usage",
+    "VLLM",
     "allow_model_requests",
     "is_heavy",
     "price_for",

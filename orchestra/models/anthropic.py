@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from orchestra.errors import BadResponse, RequestRejected
 from orchestra.models.base import ModelBase
-from orchestra.models.http import shared_endpoint
+from orchestra.models.http import display_url, shared_endpoint
 from orchestra.models.openai import reported_usage
 from orchestra.models.pricing import Price, coerce_price
 from orchestra.models.structured import with_instructions
@@ -47,6 +47,11 @@ class Anthropic(ModelBase):
                                         timeout=timeout, max_attempts=max_attempts, headers=_headers)
         self.json_mode: Literal["tool", "prompt"] = "tool"
 
+    @property
+    def identity(self) -> str:
+        """Backend, endpoint and model id (what the response cache is keyed on)."""
+        return f"anthropic:{self.endpoint.base_url}:{self.model}"
+
     def __repr__(self) -> str:
         return f"Anthropic(model={self.model!r}, base_url={self.endpoint.base_url!r})"
 
@@ -59,8 +64,8 @@ class Anthropic(ModelBase):
         except RequestRejected:
             if mode != "tool":
                 raise
-            mode = self.json_mode = "prompt"
-            body = await self.endpoint.post_json("/v1/messages", self._payload(request, mode), model=self.model)
+            body = await self.endpoint.post_json("/v1/messages", self._payload(request, "prompt"), model=self.model)
+            self.json_mode = "prompt"  # remembered only once the fallback has worked
         return self._result(body)
 
     def _payload(self, request: ChatRequest, mode: str | None) -> dict[str, Any]:
@@ -87,7 +92,7 @@ class Anthropic(ModelBase):
     def _result(self, body: dict[str, Any]) -> ChatResult:
         content = body.get("content")
         if not isinstance(content, list):
-            raise BadResponse(f"{self.endpoint.base_url} returned no content blocks for {self.model}")
+            raise BadResponse(f"{display_url(self.endpoint.base_url)} returned no content blocks for {self.model}")
         tool_inputs = [b.get("input") for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
         if tool_inputs:
             text = json.dumps(tool_inputs[0])

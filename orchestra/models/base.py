@@ -83,6 +83,11 @@ class HeavyModel(Model, Protocol):
         ...
 
 
+def model_identity(model: Any) -> str:
+    """What a model really is (backend, endpoint, model id), not its alias in a pool: the cache key."""
+    return getattr(model, "identity", None) or f"{type(model).__name__}:{model.name}"
+
+
 def is_heavy(model: Any) -> bool:
     """Whether the executor must manage this model's residency."""
     return bool(getattr(model, "heavy", False))
@@ -159,7 +164,9 @@ class ModelBase(abc.ABC):
             try:
                 parsed = parse_output(repaired.text, request)
             except StructuredOutputError as second:
-                raise BadResponse(f"{self.name} returned invalid JSON for {request.schema_name} "
-                                  f"even after one repair attempt: {second}") from None
+                failure = BadResponse(f"{self.name} returned invalid JSON for {request.schema_name} "
+                                      f"even after one repair attempt: {second}")
+                failure.usage = result.usage + repaired.usage
+                raise failure from None
             result = repaired.model_copy(update={"usage": result.usage + repaired.usage})
         return result.model_copy(update={"parsed": parsed, "latency_s": time.perf_counter() - started})

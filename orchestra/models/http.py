@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import os
 import time
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,12 +144,13 @@ class Endpoint:
         key = os.environ.get(self.api_key_env)
         if not key:
             raise AuthenticationError(
-                f"environment variable {self.api_key_env} is not set; export it to use {self.base_url}")
+                f"environment variable {self.api_key_env} is not set; export it to use {display_url(self.base_url)}")
         return key
 
     async def post_json(self, path: str, payload: dict[str, Any], *, model: str) -> dict[str, Any]:
         """POST ``payload`` and return the JSON body, retrying what is worth retrying."""
-        headers = self.headers(self.api_key())
+        secret = self.api_key()
+        headers = self.headers(secret)
         url = self.base_url.rstrip("/") + path
 
         def wait(state: RetryCallState) -> float:
@@ -164,13 +166,14 @@ class Endpoint:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._post_once(url, payload, headers, model)
+                    return await self._post_once(url, payload, headers, model, secret)
         except _Retryable as exhausted:
             raise exhausted.final from None
         raise AssertionError("unreachable")  # pragma: no cover - tenacity always returns or raises
 
     async def _post_once(self, url: str, payload: dict[str, Any], headers: dict[str, str],
-                         model: str) -> dict[str, Any]:
+                         model: str, secret: str | None) -> dict[str, Any]:
+        shown = display_url(url)
         state = self._state()
         async with state.semaphore:
             if state.limiter is not None:
@@ -183,16 +186,16 @@ class Endpoint:
                 response = await state.clients[shard].post(url, json=payload, headers=headers)
             except httpx.TimeoutException:
                 raise _Retryable(RequestTimeout(
-                    f"{url} did not answer within {self.timeout:g} s (raise timeout= on the model)")) from None
+                    f"{shown} did not answer within {self.timeout:g} s (raise timeout= on the model)")) from None
             except httpx.TransportError as error:
                 raise _Retryable(EndpointUnreachable(
-                    f"cannot reach {url} ({type(error).__name__}); is the server running?")) from None
+                    f"cannot reach {shown} ({type(error).__name__}); is the server running?")) from None
             finally:
                 state.in_flight -= 1
                 state.busy[shard] -= 1
-        return self._check(response, url, model)
+        return self._check(response, shown, model, secret)
 
-    def _check(self, response: httpx.Response, url: str, model: str) -> dict[str, Any]:
+    def _check(self, response: httpx.Response, url: str, model: str, secret: str | None) -> dict[str, Any]:
         status = response.status_code
         if status in (401, 403):
             variable = self.api_key_env or "an API key variable (api_key_env)"
@@ -206,11 +209,11 @@ class Endpoint:
                     "lower max_concurrency or rpm on the model")
             else:
                 final = BadResponse(f"{url} failed with HTTP {status} after {self.max_attempts} attempts: "
-                                    f"{_error_text(response)}")
+                                    f"{_error_text(response, secret)}")
             raise _Retryable(final, retry_after)
         if status >= 400:
             raise RequestRejected(f"{url} refused the request for model {model} (HTTP {status}): "
-                                  f"{_error_text(response)}")
+                                  f"{_error_text(response, secret)}")
         try:
             body = response.json()
         except ValueError:
@@ -220,14 +223,27 @@ class Endpoint:
         return body
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(response: httpx.Response, secret: str | None) -> str:
+    """The server's error message, short, on one line, with the API key blanked if a gateway echoed it."""
     try:
         body = response.json()
     except ValueError:
-        return " ".join(response.text.split())[:200] or "(empty body)"
-    error = body.get("error", body) if isinstance(body, dict) else body
-    message = error.get("message", error) if isinstance(error, dict) else error
-    return " ".join(str(message).split())[:200]
+        text = response.text
+    else:
+        error = body.get("error", body) if isinstance(body, dict) else body
+        text = str(error.get("message", error) if isinstance(error, dict) else error)
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return " ".join(text.split())[:200] or "(empty body)"
+
+
+def display_url(url: str) -> str:
+    """``url`` without user:password or query string, fit for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 _REGISTRY: dict[tuple[str, str | None], Endpoint] = {}

@@ -68,6 +68,11 @@ class LlamaCpp(ModelBase):
         self.load_seconds: float | None = None
         self._llama: Any = None
 
+    @property
+    def identity(self) -> str:
+        """The GGUF file, by name and size (what the response cache is keyed on)."""
+        return f"llamacpp:{self.path.name}:{self.memory_bytes}"
+
     def __repr__(self) -> str:
         return f"LlamaCpp(path={str(self.path)!r}, threads={self.threads})"
 

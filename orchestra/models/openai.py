@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from orchestra.errors import BadResponse, RequestRejected
 from orchestra.models.base import ModelBase
-from orchestra.models.http import shared_endpoint
+from orchestra.models.http import display_url, shared_endpoint
 from orchestra.models.pricing import Price, coerce_price
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -60,6 +60,11 @@ class OpenAICompatible(ModelBase):
                                         timeout=timeout, max_attempts=max_attempts, headers=_headers)
         self.json_mode: JsonMode = "json_schema"
 
+    @property
+    def identity(self) -> str:
+        """Backend, endpoint and model id (what the response cache is keyed on)."""
+        return f"openai:{self.endpoint.base_url}:{self.model}"
+
     def __repr__(self) -> str:
         return f"OpenAICompatible(model={self.model!r}, base_url={self.endpoint.base_url!r})"
 
@@ -105,7 +110,7 @@ class OpenAICompatible(ModelBase):
             choice = body["choices"][0]
             text = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise BadResponse(f"{self.endpoint.base_url} returned no choices[0].message for {self.model}") from None
+            raise BadResponse(f"{display_url(self.endpoint.base_url)} returned no choices[0].message for {self.model}") from None
         usage = body.get("usage") or {}
         return ChatResult(text=text, model=self.name, finish_reason=choice.get("finish_reason"),
                           usage=reported_usage(self.price, usage.get("prompt_tokens"), usage.get("completion_tokens"),

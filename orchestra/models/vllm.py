@@ -74,6 +74,11 @@ class VLLM(ModelBase):
         self.sampling_factory = sampling_factory or _vllm_sampling
         self._engine: Any = None
 
+    @property
+    def identity(self) -> str:
+        """The served model (what the response cache is keyed on)."""
+        return f"vllm:{self.model}"
+
     def __repr__(self) -> str:
         return f"VLLM(model={self.model!r}, tensor_parallel_size={self.tensor_parallel_size})"
 
