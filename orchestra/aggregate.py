@@ -37,17 +37,18 @@ def ranked(responses: Sequence[Response]) -> list[Response]:
     return sorted(responses, key=lambda r: (-r.weight, order[id(r)]))
 
 
-def synthesize_prompt(task: str, instruction: str, responses: Sequence[Response]) -> str:
+def synthesize_prompt(task: str, instruction: str, responses: Sequence[Response],
+                      answer_format: str | None = None) -> str:
     """The MoA aggregate-and-synthesize prompt, reasoning stripped from every response."""
-    return render("aggregator.j2", task=task, instruction=instruction,
+    return render("aggregator.j2", task=task, instruction=instruction, answer_format=answer_format,
                   responses=[strip_reasoning(r.text) for r in responses])
 
 
-def refine_prompt(task: str, instruction: str, responses: Sequence[Response]) -> str:
+def refine_prompt(task: str, instruction: str, responses: Sequence[Response], answer_format: str | None = None) -> str:
     """The refine prompt: the strongest draft plus the other experts' answers as reviews."""
     best, *others = ranked(responses)
     return render("refine.j2", task=task, instruction=instruction, draft=strip_reasoning(best.text),
-                  reviews=[strip_reasoning(r.text) for r in others])
+                  reviews=[strip_reasoning(r.text) for r in others], answer_format=answer_format)
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
             click.echo(f"error: run {result.run_id} {result.status}: {result.error}", err=True)
     else:
         console = Console(highlight=False, soft_wrap=not rich_output, force_terminal=rich_output or None)
-        print_result(console, result, rich_output=rich_output)
+        print_result(console, result, rich_output=rich_output, errors=Console(stderr=True, highlight=False))
         if not opts["quiet"]:
             click.echo(summary_line(result), err=True)
     sys.exit(EXIT_CODES.get(result.status, 1))

@@ -201,8 +201,8 @@ async def _aggregation_scores(pool: Pool, bench: list[_AggregationItem], executo
     prompts = []
     for entry in bench:
         question = entry.item.prompt()
-        prompt = synthesize_prompt(question, question, [Response(agent="", text=t) for t in entry.responses])
-        prompts.append(f"{prompt}\n{answer_format(entry.item)}")
+        responses = [Response(agent="", text=t) for t in entry.responses]
+        prompts.append(synthesize_prompt(question, question, responses, answer_format(entry.item)))
 
     async def one(agent: Agent) -> float:
         calls = [(agent.model, agent.request(prompt, seed=seed)) for prompt in prompts]

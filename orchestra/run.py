@@ -209,6 +209,9 @@ class Run:
         except (OrchestraError, PlanInvalid) as error:
             self._finish(self._failure_status(), None, str(error))
             return
+        except Exception as error:  # noqa: BLE001 - e.g. a model backend's own bug: one line, not a traceback
+            self._finish("failed", None, f"planning failed: unexpected {type(error).__name__}: {error}")
+            return
         self.timings["plan_s"] = time.perf_counter() - started
         self.subtasks = plan.by_id()
         for subtask in plan.subtasks:
@@ -389,8 +392,8 @@ class Run:
         self.env.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=strategy))
         build = synthesize_prompt if strategy == "synthesize" else refine_prompt
         aggregator = self.env.aggregator
-        request = aggregator.request(build(self.task, instruction, responses), seed=seed + 101,
-                                     output=schema or "text")
+        request = aggregator.request(build(self.task, instruction, responses, self.options.answer_format),
+                                     seed=seed + 101, output=schema or "text")
         [outcome] = await self.env.executor.call(self.ledger, [(aggregator.model, request)],
                                                  purpose="aggregate", node=node_id)
         if isinstance(outcome, Exception):

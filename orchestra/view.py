@@ -273,13 +273,14 @@ def _call_text(event: CallDone) -> str:
     return "\n".join(parts)
 
 
-def print_result(console: Console, result: RunResult, *, rich_output: bool) -> None:
-    """The answer (Markdown in a terminal), and the reason when the run did not finish."""
+def print_result(console: Console, result: RunResult, *, rich_output: bool, errors: Console | None = None) -> None:
+    """The answer (Markdown in a terminal), and one line with the reason when the run did not finish
+    (on ``errors``, e.g. stderr, when given)."""
     if result.answer:
         console.print(Markdown(result.answer) if rich_output else result.answer, soft_wrap=not rich_output)
     if result.status != "done":
-        console.print(f"[{result.status}] {result.error or ''}".rstrip(), style="red" if rich_output else None,
-                      markup=False)
+        (errors or console).print(f"error: run {result.run_id} {result.status}: {result.error or ''}".rstrip(),
+                                  style="red" if rich_output else None, markup=False, soft_wrap=True)
 
 
 def summary_line(result: RunResult) -> str:

@@ -213,8 +213,11 @@ def test_a_store_that_stops_working_fails_the_call_instead_of_hanging(tmp_path: 
         return "answer"
 
     pool, _ = scripted_pool(expert=expert)
-    with pytest.warns(RuntimeWarning, match="was not recorded: cannot write the run store"):
+    with pytest.warns(RuntimeWarning) as warned:
         result = Orchestra(pool, k=1, plan=False, store=store).run("store breaks")
+    messages = [str(w.message) for w in warned]
+    assert any("was not recorded: cannot write the run store" in m for m in messages)
+    assert any(m.startswith("an event listener failed (RunStore.listen") for m in messages)
     assert result.status == "failed"
     assert "Cannot operate on a closed database" in result.error
 

@@ -67,13 +67,15 @@ class LlamaCppSpec(_Spec):
     threads: int | None = Field(default=None, ge=1)
     n_gpu_layers: int = 0
     default_max_tokens: int = Field(default=512, ge=1)
+    repeat_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
 
     def build(self, name: str, base_dir: Path) -> Model:
         from orchestra.models.llamacpp import LlamaCpp
 
         path = None if self.path is None else (base_dir / Path(self.path).expanduser())
         return LlamaCpp(path, name=name, n_ctx=self.n_ctx, threads=self.threads,
-                        n_gpu_layers=self.n_gpu_layers, default_max_tokens=self.default_max_tokens)
+                        n_gpu_layers=self.n_gpu_layers, default_max_tokens=self.default_max_tokens,
+                        repeat_penalty=self.repeat_penalty)
 
 
 class VLLMSpec(_Spec):

@@ -49,13 +49,16 @@ class LlamaCpp(ModelBase):
         threads: CPU threads for generation; defaults to every core.
         n_gpu_layers: layers offloaded to a GPU when llama.cpp was built with one.
         default_max_tokens: the answer limit when a request sets none.
+        repeat_penalty: discourages the loops small models fall into (not applied to JSON answers,
+            whose brackets and quotes must repeat).
     """
 
     heavy: ClassVar[bool] = True
     concurrent: ClassVar[bool] = False
 
     def __init__(self, path: str | Path | None = None, *, name: str | None = None, n_ctx: int = 4096,
-                 threads: int | None = None, n_gpu_layers: int = 0, default_max_tokens: int = 512) -> None:
+                 threads: int | None = None, n_gpu_layers: int = 0, default_max_tokens: int = 512,
+                 repeat_penalty: float = 1.1) -> None:
         self.path = Path(path) if path is not None else default_gguf_path()
         if not self.path.is_file():
             raise ConfigError(f"GGUF file not found: {self.path}")
@@ -64,6 +67,7 @@ class LlamaCpp(ModelBase):
         self.threads = threads or os.cpu_count() or 1
         self.n_gpu_layers = n_gpu_layers
         self.default_max_tokens = default_max_tokens
+        self.repeat_penalty = repeat_penalty
         self.memory_bytes = self.path.stat().st_size
         self.load_seconds: float | None = None
         self._llama: Any = None
@@ -126,6 +130,7 @@ class LlamaCpp(ModelBase):
             "messages": [m.model_dump() for m in request.messages],
             "max_tokens": request.max_tokens or self.default_max_tokens,
             "temperature": 0.2 if request.temperature is None else request.temperature,
+            "repeat_penalty": 1.0 if request.wants_json else self.repeat_penalty,
         }
         if request.seed is not None:
             options["seed"] = request.seed
