@@ -52,17 +52,24 @@ class SkillExtractor:
                 for i in range(self.config.samples)]
 
     def parse(self, result: ChatResult | Exception) -> list[str]:
-        """The normalised keywords of one sample (a failed sample gives none)."""
+        """The normalised keywords of one sample.
+
+        JSON (``{"keywords": [...]}``) or the paper's text form (``Keywords: a, b, c``) are both
+        read, also from an answer that failed JSON validation; a sample with neither gives none.
+        """
         if isinstance(result, Exception):
-            return []
-        if isinstance(result.parsed, dict) and isinstance(result.parsed.get("keywords"), list):
-            raw = [str(k) for k in result.parsed["keywords"]]
+            text, parsed = getattr(result, "text", None) or "", None
         else:
-            found = re.findall(r"keywords?\s*:\s*(.+)", result.text, flags=re.IGNORECASE)
-            raw = re.split(r"[,;]", found[-1]) if found else []
+            text, parsed = result.text, result.parsed
+        if isinstance(parsed, dict) and isinstance(parsed.get("keywords"), list):
+            raw = [str(k) for k in parsed["keywords"]]
+        else:
+            found = re.findall(r"keywords?\s*:\s*(.+)", text, flags=re.IGNORECASE)
+            line = found[-1] if found else (text.strip() if "\n" not in text.strip() and len(text) < 120 else "")
+            raw = re.split(r"[,;]", line) if line else []
         keywords = []
         for keyword in raw:
-            cleaned = " ".join(keyword.strip().strip(".\"'`*").lower().split())
+            cleaned = " ".join(keyword.strip().strip(".\"'`*[]{}").lower().split())
             if cleaned and len(cleaned) <= self.config.max_length and cleaned not in keywords:
                 keywords.append(cleaned)
         return keywords

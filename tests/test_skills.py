@@ -237,3 +237,21 @@ def test_dataset_from_items_hash_changes_with_content() -> None:
     a = Dataset.from_items([{"id": "1", "question": "q", "answer": "1"}])
     b = Dataset.from_items([{"id": "1", "question": "q", "answer": "2"}])
     assert a.sha256 != b.sha256
+
+
+def test_keywords_in_the_papers_text_form_are_read_even_when_json_was_asked(loopback) -> None:
+    from orchestra.loopback import chat_handler
+    from orchestra.models import OpenAICompatible
+
+    server = loopback(chat_handler(lambda request: "Keywords: Organic Chemistry, lab safety"))
+    model = OpenAICompatible(model="kw", base_url=server.url + "/v1")
+    extractor = SkillExtractor()
+
+    async def extract() -> list[str]:
+        outcomes = []
+        async for _, outcome in model.complete_each(extractor.requests("How do I neutralise an acid spill?")):
+            outcomes.append(outcome)
+        return extractor.combine(outcomes)
+
+    assert asyncio.run(extract()) == ["organic chemistry", "lab safety"]
+    assert server.requests[0].json()["response_format"]["type"] == "json_schema"

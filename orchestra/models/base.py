@@ -167,6 +167,7 @@ class ModelBase(abc.ABC):
                 failure = BadResponse(f"{self.name} returned invalid JSON for {request.schema_name} "
                                       f"even after one repair attempt: {second}")
                 failure.usage = result.usage + repaired.usage
+                failure.text = repaired.text
                 raise failure from None
             result = repaired.model_copy(update={"usage": result.usage + repaired.usage})
         return result.model_copy(update={"parsed": parsed, "latency_s": time.perf_counter() - started})
