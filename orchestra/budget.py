@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.errors import BudgetExceeded
@@ -27,52 +29,76 @@ class Budget(BaseModel):
 _FLAGS = {"max_calls": "--max-calls", "max_cost_usd": "--max-cost", "max_tokens": "--max-tokens"}
 
 
+class Reservation(NamedTuple):
+    """A call's worst case, held against the budget while it is in flight."""
+
+    tokens: int
+    cost_usd: float
+
+
+NOTHING_RESERVED = Reservation(0, 0.0)
+
+
 class BudgetTracker:
     """Counts one run's spending and admits or refuses each call before it is sent.
 
-    A call's worst-case cost (its prompt plus ``max_tokens`` at its model's price) is reserved
-    while it is in flight, so concurrent calls cannot overshoot ``max_cost_usd`` together.
+    A call's worst case (its prompt plus ``max_tokens`` at its model's price) is reserved while
+    it is in flight, so concurrent calls cannot overshoot ``max_tokens`` or ``max_cost_usd``
+    together. Totals are kept as plain numbers: this runs for every call.
     """
 
-    def __init__(self, budget: Budget, run_id: str, *, spent: Usage | None = None, calls: int = 0) -> None:
+    def __init__(self, budget: Budget, run_id: str) -> None:
         self.budget = budget
         self.run_id = run_id
-        self.calls = calls
-        self.usage = spent or Usage()
+        self.calls = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost_usd = 0.0
         self._reserved_calls = 0
-        self._reserved = Usage()
+        self._reserved_tokens = 0
+        self._reserved_cost = 0.0
         self.exceeded: BudgetExceeded | None = None
 
-    def admit(self, request: ChatRequest, price: Price) -> Usage:
-        """Reserve one call's worst case (its prompt plus ``max_tokens`` at its price) and return the
-        reservation; raise ``BudgetExceeded`` if it does not fit."""
+    @property
+    def usage(self) -> Usage:
+        """Tokens and cost spent so far."""
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     cost_usd=self.cost_usd)
+
+    def admit(self, request: ChatRequest, price: Price) -> Reservation:
+        """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it does not fit."""
         budget = self.budget
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made")
-        worst = price.usage(estimate_tokens(request.prompt_text()), request.max_tokens or 1024)
-        committed = self.usage + self._reserved
-        if budget.max_tokens is not None and committed.total_tokens + worst.total_tokens > budget.max_tokens:
-            self._refuse("max_tokens", budget.max_tokens, f"{self.usage.total_tokens} tokens used")
-        if budget.max_cost_usd is not None and committed.cost_usd + worst.cost_usd > budget.max_cost_usd:
-            self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.usage.cost_usd:.4f} spent")
+        if budget.max_tokens is None and budget.max_cost_usd is None:
+            self._reserved_calls += 1
+            return NOTHING_RESERVED
+        prompt, answer = estimate_tokens(request.prompt_text()), request.max_tokens or 1024
+        worst = Reservation(prompt + answer, price.cost(prompt, answer))
+        spent = self.prompt_tokens + self.completion_tokens
+        if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
+            self._refuse("max_tokens", budget.max_tokens, f"{spent} tokens used")
+        if budget.max_cost_usd is not None and self.cost_usd + self._reserved_cost + worst.cost_usd > budget.max_cost_usd:
+            self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.cost_usd:.4f} spent")
         self._reserved_calls += 1
-        self._reserved = self._reserved + worst
+        self._reserved_tokens += worst.tokens
+        self._reserved_cost += worst.cost_usd
         return worst
 
-    def settle(self, reserved: Usage, usage: Usage | None) -> None:
+    def settle(self, reserved: Reservation, usage: Usage | None) -> None:
         """Release a reservation and count what the call really spent (None: it was not made)."""
         self._reserved_calls -= 1
-        self._reserved = Usage(prompt_tokens=self._reserved.prompt_tokens - reserved.prompt_tokens,
-                               completion_tokens=self._reserved.completion_tokens - reserved.completion_tokens,
-                               cost_usd=self._reserved.cost_usd - reserved.cost_usd)
+        self._reserved_tokens -= reserved.tokens
+        self._reserved_cost -= reserved.cost_usd
         if usage is not None:
-            self.calls += 1
-            self.usage = self.usage + usage
+            self.count(usage)
 
     def count(self, usage: Usage) -> None:
-        """Count a call answered from the store on resume: it was paid for before."""
+        """Count one call's spending (also a call answered from the store on resume: it was paid before)."""
         self.calls += 1
-        self.usage = self.usage + usage
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.cost_usd += usage.cost_usd
 
     def _refuse(self, limit: str, value: float, state: str) -> None:
         self.exceeded = BudgetExceeded(

@@ -18,7 +18,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orchestra.budget import Budget, BudgetTracker
+from orchestra.budget import NOTHING_RESERVED, Budget, BudgetTracker, Reservation
 from orchestra.errors import BudgetExceeded
 from orchestra.events import (
     BatchFinished,
@@ -130,7 +130,7 @@ class _Call:
     index: int
     key: str
     seq: int
-    reserved: Usage = Usage()
+    reserved: Reservation = NOTHING_RESERVED
 
 
 @dataclass
@@ -405,16 +405,16 @@ class Executor:
             ledger.failed_calls += 1
         elif ledger.cache is not None:
             ledger.cache.put(call.model.name, call.key, call.request, outcome)
-        if self.events.listeners:
+        if self.events.listeners:  # events are cheap, but not free on a hot path with nobody listening
             failed = isinstance(outcome, Exception)
             self.events.emit(CallDone(run_id=ledger.run_id, model=call.model.name, purpose=call.purpose,
                                       node=call.node, request=call.request,
                                       response=None if failed else outcome.text,  # type: ignore[union-attr]
                                       error=str(outcome) if failed else None))
-        usage = ledger.usage
-        self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=ledger.budget.calls,
-                                      prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                                      cost_usd=usage.cost_usd, cache_misses=ledger.cache_misses))
+            spent = ledger.budget
+            self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=spent.calls, prompt_tokens=spent.prompt_tokens,
+                                          completion_tokens=spent.completion_tokens, cost_usd=spent.cost_usd,
+                                          cache_misses=ledger.cache_misses))
         self._resolve(call, outcome)
 
     def _fail(self, calls: list[_Call], error: Exception) -> None:

@@ -51,18 +51,22 @@ def validate_plan(plan: Plan, *, max_nodes: int = 12) -> nx.DiGraph:
     """The plan as a DAG (edges dependency -> dependent); ``PlanInvalid`` says what is wrong."""
     if len(plan.subtasks) > max_nodes:
         raise PlanInvalid(f"the plan has {len(plan.subtasks)} subtasks; at most {max_nodes} are allowed")
-    graph: nx.DiGraph = nx.DiGraph()
+    ids: set[str] = set()
     for subtask in plan.subtasks:
-        if subtask.id in graph:
+        if subtask.id in ids:
             raise PlanInvalid(f"duplicate subtask id {subtask.id!r}")
-        graph.add_node(subtask.id)
+        ids.add(subtask.id)
+    edges = []
     for subtask in plan.subtasks:
         for dependency in subtask.depends_on:
-            if dependency not in graph:
+            if dependency not in ids:
                 raise PlanInvalid(f"subtask {subtask.id!r} depends on unknown subtask {dependency!r}")
             if dependency == subtask.id:
                 raise PlanInvalid(f"subtask {subtask.id!r} depends on itself")
-            graph.add_edge(dependency, subtask.id)
+            edges.append((dependency, subtask.id))
+    graph: nx.DiGraph = nx.DiGraph()
+    graph.add_nodes_from(s.id for s in plan.subtasks)
+    graph.add_edges_from(edges)
     if nx.is_directed_acyclic_graph(graph):
         return graph
     cycle = nx.find_cycle(graph)

@@ -177,6 +177,7 @@ class Recruiter:
     def __init__(self, table: SkillTable, config: RecruitConfig | None = None) -> None:
         self.table = table
         self.config = config or RecruitConfig()
+        self._ranked: dict[tuple[Match, ...], list[Candidate]] = {}
 
     def suitability(self, agent: str, matches: Sequence[Match]) -> tuple[float, tuple[Contribution, ...]]:
         """``s(agent, query)`` and the part each matched skill played."""
@@ -191,7 +192,16 @@ class Recruiter:
         return sum(c.score for c in contributions), tuple(contributions)
 
     def candidates(self, matches: Sequence[Match]) -> list[Candidate]:
-        """Every agent with its weight and selection probability, best first."""
+        """Every agent with its weight and selection probability, best first (memoised per skill set)."""
+        key = tuple(matches)
+        ranked = self._ranked.get(key)
+        if ranked is None:
+            if len(self._ranked) >= 4096:
+                self._ranked.clear()
+            ranked = self._ranked[key] = self._rank(matches)
+        return ranked
+
+    def _rank(self, matches: Sequence[Match]) -> list[Candidate]:
         agents = list(self.table.scores)
         raw = {a: self.suitability(a, matches) for a in agents}
         suit = {a: s for a, (s, _) in raw.items()}
