@@ -45,12 +45,10 @@ class CallJournal(Protocol):
 
     def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> tuple[ChatResult, bool] | None:
         """The recorded result of this call if it completed before, and whether it was paid for."""
-        ...
 
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest, outcome: Outcome,
                *, purpose: str, node: str | None, source: str) -> None:
         """Commit one call's outcome before anything uses it."""
-        ...
 
 
 class ResponseCache(Protocol):
@@ -58,11 +56,9 @@ class ResponseCache(Protocol):
 
     def get(self, model: str, key: str, request: ChatRequest) -> ChatResult | None:
         """A cached result, or None."""
-        ...
 
     def put(self, model: str, key: str, request: ChatRequest, result: ChatResult) -> None:
         """Remember a successful result."""
-        ...
 
 
 @dataclass

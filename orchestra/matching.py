@@ -24,7 +24,6 @@ class SkillMatcher(Protocol):
 
     async def match(self, keywords: Sequence[str], vocabulary: Sequence[str]) -> list[Match]:
         """One ``Match`` per keyword that has a close enough skill."""
-        ...
 
 
 def _ngrams(text: str, sizes: tuple[int, ...]) -> Counter[str]:

@@ -55,11 +55,9 @@ class Model(Protocol):
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         """Complete every request; raise the first error."""
-        ...
 
     def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
         """Yield ``(index, result or error)`` as each request finishes."""
-        ...
 
 
 @runtime_checkable
@@ -72,15 +70,12 @@ class HeavyModel(Model, Protocol):
     @property
     def loaded(self) -> bool:
         """Whether the weights are in memory."""
-        ...
 
     async def load(self) -> float:
         """Load the weights; return the seconds it took."""
-        ...
 
     async def unload(self) -> None:
         """Free the weights."""
-        ...
 
 
 def model_identity(model: Any) -> str:
