@@ -103,6 +103,13 @@ class Pool:
                 seen.setdefault(id(model), model)
         return list(seen.values())
 
+    def check_credentials(self) -> None:
+        """Raise ``AuthenticationError`` (one line, naming the variable) if a model's API key is not set."""
+        for model in self.models:
+            endpoint = getattr(model, "endpoint", None)
+            if endpoint is not None:
+                endpoint.api_key()
+
     def skill_table(self, config: RecruitConfig) -> SkillTable:
         """Profiles, cold starts and prices in the form the recruiter uses."""
         prices = {a.name: getattr(a.model, "price", FREE).blended for a in self.agents}
@@ -163,9 +170,12 @@ class PoolSettings(_Strict):
     aggregate: Literal["synthesize", "vote", "refine", "none"] | None = None
     max_nodes: int | None = Field(default=None, ge=1)
     plan_fallback: Literal["fail", "single"] | None = None
+    plan_repairs: int | None = Field(default=None, ge=0)
     planner_max_tokens: int | None = Field(default=None, ge=16)
     context_chars: int | None = Field(default=None, ge=100)
     max_resident_models: int | None = Field(default=None, ge=1)
+    fast_path: bool | None = None
+    plan_check: bool | None = None
 
 
 class AgentDefaults(_Strict):

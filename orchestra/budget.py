@@ -69,7 +69,8 @@ class BudgetTracker:
         """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it does not fit."""
         budget = self.budget
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
-            self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made")
+            in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
+            self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made{in_flight}")
         if budget.max_tokens is None and budget.max_cost_usd is None:
             self._reserved_calls += 1
             return NOTHING_RESERVED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -10,8 +11,9 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from orchestra.core import Orchestra
+from orchestra.core import Orchestra, new_run_id
 from orchestra.errors import OrchestraError
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
@@ -115,11 +117,14 @@ class ChatSession:
         return text[-self.history_chars:]
 
     def task(self, text: str) -> None:
-        """Plan, confirm (or edit / re-plan), run, show the answer."""
+        """Plan, confirm (or edit / re-plan), run, show the answer.
+
+        Earlier turns are context for the planner and the experts; they never become part of the
+        task or of a subtask's instruction.
+        """
         context = self.context()
-        full_task = f"{text}\n\n(Earlier in this conversation:\n{context})" if context else text
         seed = self.orchestra.options.seed
-        plan, note = self.orchestra.plan(full_task, context=context, seed=seed)
+        plan, note = self.plan(text, context=context, seed=seed)
         while True:
             self.show_plan(plan, note)
             choice = (self.ask("[a]ccept · [e]dit · [r]eplan · [c]ancel > ") or "c").strip()
@@ -134,12 +139,19 @@ class ChatSession:
             elif verb in ("r", "replan"):
                 seed += 1
                 hint = f"{context}\nThe user asks for a different plan: {rest}".strip() if rest else context
-                plan, note = self.orchestra.plan(full_task, context=hint, seed=seed)
+                plan, note = self.plan(text, context=hint, seed=seed)
             else:
                 self.console.print("answer a, e, r or c")
-        result = self.run(full_task, plan)
+        result = self.run(text, plan, context)
         if result is not None:
             self.history.append(Turn(text, result))
+
+    def plan(self, text: str, *, context: str, seed: int) -> tuple[Plan, str]:
+        """Ask for a plan, with a progress line while the planner works."""
+        with self.console.status("planning…", spinner="dots") if self.interactive else contextlib.nullcontext():
+            if not self.interactive:
+                self.console.print("planning…")
+            return self.orchestra.plan(text, context=context, seed=seed)
 
     def edit(self, plan: Plan) -> Plan:
         """Edit commands until `done`; the plan stays valid after each one."""
@@ -148,6 +160,9 @@ class ChatSession:
             verb, _, rest = line.partition(" ")
             if verb in ("done", "d", ""):
                 return plan
+            if verb not in ("drop", "reword"):
+                self.console.print(f"unknown edit command {verb!r}; use: drop N · reword N new instruction · done")
+                continue
             number, _, words = rest.partition(" ")
             if not number.isdigit() or not 1 <= int(number) <= len(plan.subtasks):
                 self.console.print(f"no step {number!r}; steps are 1 to {len(plan.subtasks)}", markup=False)
@@ -161,8 +176,9 @@ class ChatSession:
                         for s in plan.subtasks if s.id != target.id]
                 candidate = Plan(subtasks=kept)
             elif verb == "reword" and words.strip():
-                candidate = Plan(subtasks=[s.model_copy(update={"instruction": words.strip()}) if s.id == target.id
-                                           else s for s in plan.subtasks])
+                # the planner's skills described the old words: the step is recruited on its new ones
+                reworded = target.model_copy(update={"instruction": words.strip(), "skills": []})
+                candidate = Plan(subtasks=[reworded if s.id == target.id else s for s in plan.subtasks])
             else:
                 self.console.print("use: drop N · reword N new instruction · done")
                 continue
@@ -174,24 +190,29 @@ class ChatSession:
             plan = candidate
             self.show_plan(plan, "")
 
-    def run(self, task: str, plan: Plan) -> RunResult | None:
+    def run(self, task: str, plan: Plan, context: str = "") -> RunResult | None:
         """Run an accepted plan with the live view; Ctrl-C stops it and keeps the session."""
         orchestra = self.orchestra
         view = LiveView(self.console) if self.interactive else LogView(self.console.file)
         remove = orchestra.events.subscribe(view.listen)
+        run_id = new_run_id()
+        work = lambda: orchestra.arun(task, plan=plan, context=context, run_id=run_id,  # noqa: E731
+                                      meta={"kind": "chat"})
         try:
             if isinstance(view, LiveView):
                 with view:
-                    result = asyncio.run(orchestra.arun(task, plan=plan, meta={"kind": "chat"}))
+                    result = asyncio.run(work())
             else:
-                result = asyncio.run(orchestra.arun(task, plan=plan, meta={"kind": "chat"}))
+                result = asyncio.run(work())
         except KeyboardInterrupt:
-            self.console.print("task cancelled; its finished calls are saved (`orchestra runs`)")
+            self.last = orchestra.store.result(run_id) if orchestra.store is not None else None
+            self.console.print(f"task cancelled; its finished calls are saved: `orchestra resume {run_id}` finishes it"
+                               if orchestra.store is not None else "task cancelled (no run store: nothing was kept)")
             return None
         finally:
             remove()
         print_result(self.console, result, rich_output=self.interactive)
-        self.console.print(summary_line(result), style="dim", markup=False)
+        self.console.print(summary_line(result), style="dim")
         self.last = result
         return result
 
@@ -201,7 +222,8 @@ class ChatSession:
         for column in ("#", "step", "instruction", "needs"):
             table.add_column(column)
         for number, subtask in enumerate(plan.subtasks, start=1):
-            table.add_row(str(number), subtask.id, subtask.instruction, ", ".join(subtask.depends_on) or "-")
+            table.add_row(str(number), Text(subtask.id), Text(subtask.instruction),
+                          Text(", ".join(subtask.depends_on) or "-"))
         self.console.print(table)
 
     def show_pool(self) -> None:
@@ -215,7 +237,7 @@ class ChatSession:
             profile = pool.profiles.get(agent.name)
             skills = (", ".join(f"{k} {v:+d}" for k, v in sorted(profile.skills.items(), key=lambda kv: -kv[1])[:3])
                       if profile else "(declared) " + ", ".join(agent.skills))
-            table.add_row(agent.name, agent.model.name, f"{competence[agent.name]:.3f}", skills)
+            table.add_row(agent.name, agent.model.name, f"{competence[agent.name]:.3f}", Text(skills))
         self.console.print(table)
 
     def show_trace(self) -> None:

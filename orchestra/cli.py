@@ -10,23 +10,21 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from orchestra import __version__
 from orchestra.agents import Pool
 from orchestra.budget import Budget
-from orchestra.core import Orchestra
+from orchestra.core import Orchestra, new_run_id
 from orchestra.errors import ConfigError, OrchestraError, UserError
 from orchestra.evaluate import EvalReport
 from orchestra.recruit import MODES, RecruitConfig
 from orchestra.result import RunResult
 from orchestra.store import RunStore
-from orchestra.view import LiveView, LogView, print_result, summary_line
+from orchestra.view import LiveView, LogView, print_result, summary_line, terminal
 
 F = TypeVar("F", bound=Callable[..., Any])
-EXIT_CODES = {"done": 0, "partial": 1, "failed": 1, "budget_exceeded": 3, "cancelled": 130}
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -124,43 +122,57 @@ def orchestra_options(opts: dict[str, Any], budget: Budget | None) -> dict[str, 
 
 
 def make_orchestra(pool: Pool, opts: dict[str, Any], *, budget: Budget | None = None) -> Orchestra:
-    """An ``Orchestra`` from the shared flags."""
+    """An ``Orchestra`` from the shared flags; a missing API key stops here, before anything runs."""
+    pool.check_credentials()
     return Orchestra(pool, **orchestra_options(opts, budget))
 
 
-def execute(orc: Orchestra, run: Callable[[], Coroutine[Any, Any, RunResult]], opts: dict[str, Any]) -> NoReturn:
-    """Run with the right view, print the outcome, and exit with the run's status code."""
+def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]], opts: dict[str, Any],
+            run_id: str | None = None) -> NoReturn:
+    """Run (``run(run_id)``) with the right view, print the outcome, and exit with the run's code.
+
+    Ctrl-C ends with one line naming the run to resume.
+    """
+    run_id = run_id or new_run_id()
     stdout_tty = sys.stdout.isatty()
     if opts["as_json"]:
         view = None
     elif stdout_tty and not opts["quiet"]:
-        view = LiveView(Console(), verbose=opts["verbose"])
+        view = LiveView(terminal(), verbose=opts["verbose"])
     elif not opts["quiet"] or opts["verbose"]:
         view = LogView(sys.stderr, verbose=opts["verbose"])
     else:
         view = None
     if view is not None:
         orc.events.subscribe(view.listen)
-    if isinstance(view, LiveView):
-        with view:
-            result = asyncio.run(run())
-    else:
-        result = asyncio.run(run())
+    try:
+        if isinstance(view, LiveView):
+            with view:
+                result = asyncio.run(run(run_id))
+        else:
+            result = asyncio.run(run(run_id))
+    except KeyboardInterrupt:
+        saved = (f"its finished calls are saved; `orchestra resume {run_id}` finishes it" if orc.store is not None
+                 else "nothing was kept (--no-store)")
+        fail(f"interrupted run {run_id}; {saved}", 130)
     finish(result, opts, rich_output=stdout_tty)
 
 
 def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoReturn:
-    """Print a run's result (JSON, or the answer and a summary) and exit with its status code."""
+    """Print a run's result (JSON, or the answer and a summary) and exit with its status code.
+
+    A run that failed for a reason the user must fix ends with exactly one line on stderr.
+    """
     if opts["as_json"]:
         click.echo(result.dumps())
         if result.status != "done":
             click.echo(f"error: run {result.run_id} {result.status}: {result.error}", err=True)
     else:
-        console = Console(highlight=False, soft_wrap=not rich_output, force_terminal=rich_output or None)
-        print_result(console, result, rich_output=rich_output, errors=Console(stderr=True, highlight=False))
-        if not opts["quiet"]:
+        console = terminal(soft_wrap=not rich_output, force_terminal=rich_output or None)
+        print_result(console, result, rich_output=rich_output, errors=terminal(stderr=True))
+        if not opts["quiet"] and not result.user_error:
             click.echo(summary_line(result), err=True)
-    sys.exit(EXIT_CODES.get(result.status, 1))
+    sys.exit(result.exit_code)
 
 
 # --- ask / run / validate ------------------------------------------------------------------
@@ -180,7 +192,7 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
     orc = make_orchestra(Pool.load(pool), opts, budget=budget_from(opts["max_calls"], opts["max_cost"],
                                                                    opts["max_tokens"]))
     meta = {"kind": "ask", "pool": str(pool.resolve()) if pool else None}
-    execute(orc, lambda: orc.arun(task, plan=False if no_plan else None, meta=meta), opts)
+    execute(orc, lambda run_id: orc.arun(task, plan=False if no_plan else None, meta=meta, run_id=run_id), opts)
 
 
 @main.command()
@@ -199,6 +211,7 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     given = parse_assignments(list(inputs))
     budget = budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"], flow.spec.budget)
+    flow.pool.check_credentials()
     orc = orchestra_for(flow, **orchestra_options(opts, budget))
     if flow.spec.dataset is not None:
         from orchestra.workflow import aevaluate_workflow
@@ -207,7 +220,7 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
         return
     values = flow.resolve_inputs(given)
-    execute(orc, lambda: arun_workflow(flow, values, orchestra=orc), opts)
+    execute(orc, lambda run_id: arun_workflow(flow, values, orchestra=orc, run_id=run_id), opts)
 
 
 @main.command()
@@ -254,7 +267,7 @@ def agents(pool: Path | None, as_json: bool) -> None:
         out.add_row(row["name"], row["model"], f"{row['competence']:.3f}",
                     "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
                     "-" if row["aggregation_score"] is None else f"{row['aggregation_score']:.2f}", skills)
-    Console().print(out)
+    terminal().print(out)
 
 
 @main.command()
@@ -274,10 +287,11 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     from orchestra.profiling import aprofile, save_profiles
 
     loaded = Pool.load(pool)
+    loaded.check_credentials()
     dataset = load_dataset(data)
     target = (out or loaded.profiles_dir or Path("skills/profiles") / loaded.name).resolve()
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), disable=as_json) as progress:
+                  console=terminal(stderr=True), disable=as_json) as progress:
         bars: dict[str, Any] = {}
 
         def update(stage: str, done: int, total: int) -> None:
@@ -300,12 +314,13 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
         best = ", ".join(f"{k} {v:+d}" for k, v in sorted(prof.skills.items(), key=lambda kv: -kv[1])[:3])
         table.add_row(name, f"{prof.accuracy:.2f}", f"{prof.competence:.3f}",
                       "-" if prof.aggregation_score is None else f"{prof.aggregation_score:.2f}", best)
-    Console().print(table)
+    terminal().print(table)
     click.echo(f"wrote {len(written)} profiles to {target}")
 
 
 @main.command(name="eval")
-@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A pool file (default: the embedded local pool).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Test set (JSONL).")
 @click.option("--method", default="symbolic-moe", show_default=True,
@@ -318,7 +333,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
 @budget_options
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(pool: Path, data: Path, method: str, limit: int | None, as_json: bool, **opts: Any) -> None:
+def evaluate(pool: Path | None, data: Path, method: str, limit: int | None, as_json: bool, **opts: Any) -> None:
     """Accuracy, cost and time of a method on a labelled data set."""
     from orchestra.datasets import load_dataset
     from orchestra.evaluate import aevaluate
@@ -345,7 +360,7 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),
                           ("unfinished runs", str(report.failed))]:
         table.add_row(metric, value)
-    Console().print(table)
+    terminal().print(table)
 
 
 # --- runs: list, show, resume --------------------------------------------------------------
@@ -372,7 +387,7 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
         totals = store.run_totals(record.id)
         table.add_row(record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
                       str(totals["calls"]), f"${totals['cost_usd']:.4f}", record.task[:60])
-    Console().print(table)
+    terminal().print(table)
 
 
 @main.command()
@@ -391,7 +406,7 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
     elif as_json:
         click.echo(json.dumps(run_report(store, run_id), indent=2, ensure_ascii=False))
     else:
-        show_run(Console(), store, run_id)
+        show_run(terminal(), store, run_id)
 
 
 @main.command()
@@ -422,7 +437,8 @@ def resume(run_id: str, **opts: Any) -> None:
                     aggregator=settings.get("aggregator"), grader=settings.get("grader", "auto"),
                     cache=settings.get("cache", False))
     budget = {"max_calls": opts["max_calls"], "max_cost_usd": opts["max_cost"], "max_tokens": opts["max_tokens"]}
-    execute(orc, lambda: orc.aresume(record.id, budget={k: v for k, v in budget.items() if v is not None}), opts)
+    execute(orc, lambda run_id: orc.aresume(run_id, budget={k: v for k, v in budget.items() if v is not None}), opts,
+            record.id)
 
 
 @main.command()
@@ -437,4 +453,4 @@ def chat(pool: Path | None, k: int | None, **opts: Any) -> None:
 
     orc = make_orchestra(Pool.load(pool), {**opts, "k": k},
                          budget=budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"]))
-    ChatSession(orc, console=Console(highlight=False), interactive=sys.stdin.isatty()).loop()
+    ChatSession(orc, console=terminal(), interactive=sys.stdin.isatty()).loop()

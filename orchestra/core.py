@@ -45,6 +45,11 @@ def run_sync(coro: Awaitable[T]) -> T:
     raise RuntimeError("an event loop is already running here; use the async method (arun, arun_many...)")
 
 
+def _first(*values: T | None) -> T:
+    """The first value that is set (the layering of a setting: call, then pool, then default)."""
+    return next(v for v in values if v is not None)
+
+
 def _check_choices(mode: str | None, aggregate: str | None) -> None:
     if mode is not None and mode not in MODES:
         raise ConfigError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -62,6 +67,9 @@ class Orchestra:
         aggregate: ``synthesize``, ``vote``, ``refine`` or ``none``.
         plan: plan the task into subtasks (False runs it as one node).
         max_nodes: the largest plan accepted.
+        fast_path: run a short, single-sentence task as one step without asking the planner.
+        plan_check: run the task as one step when the planner's steps are not about the task
+            (a small planner copies examples).
         plan_repairs: how often an invalid plan is sent back to the planner.
         plan_fallback: ``fail`` or ``single`` (run the task as one step) when planning fails.
         seed: the seed of every sampling choice; same seed, same recruitments.
@@ -83,12 +91,13 @@ class Orchestra:
 
     def __init__(self, pool: Pool | str | Path | None = None, *, k: int | None = None, mode: str | None = None,
                  aggregate: str | None = None, plan: bool = True, max_nodes: int | None = None,
-                 plan_repairs: int = 2, plan_fallback: str | None = None, seed: int = 0,
+                 plan_repairs: int | None = None, plan_fallback: str | None = None, seed: int = 0,
                  budget: Budget | dict[str, Any] | None = None, matcher: SkillMatcher | None = None,
                  keywords: KeywordConfig | None = None, recruit: RecruitConfig | None = None,
                  grader: str | Grader = "auto", aggregator: str | None = None,
                  max_resident_models: int | None = None, memory_budget_gb: float | None = None,
-                 context_chars: int | None = None, store: RunStore | str | Path | bool | None = None,
+                 context_chars: int | None = None, fast_path: bool | None = None,
+                 plan_check: bool | None = None, store: RunStore | str | Path | bool | None = None,
                  cache: bool = False, tracing: Any = False,
                  on_event: Callable[[Event], None] | None = None) -> None:
         self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)
@@ -100,11 +109,14 @@ class Orchestra:
             raise ConfigError(f"aggregator {aggregator!r} is not an agent of pool {self.pool.name!r}")
         self.options = RunOptions(
             k=k or settings.k or 3, mode=mode, aggregate=aggregate, plan=plan,  # type: ignore[arg-type]
-            max_nodes=max_nodes or settings.max_nodes or 12, plan_repairs=plan_repairs,
+            max_nodes=max_nodes or settings.max_nodes or 12,
+            plan_repairs=_first(plan_repairs, settings.plan_repairs, 2),
             plan_fallback=plan_fallback or settings.plan_fallback or "fail",  # type: ignore[arg-type]
             seed=seed, budget=budget if isinstance(budget, Budget) else Budget.model_validate(budget or {}),
             planner_max_tokens=settings.planner_max_tokens or 1024,
-            context_chars=context_chars or settings.context_chars or 4000)
+            context_chars=context_chars or settings.context_chars or 4000,
+            fast_path=_first(fast_path, settings.fast_path, True),
+            plan_check=_first(plan_check, settings.plan_check, True))
         self.events = EventBus()
         if store is None or store is True:
             store = RunStore()

@@ -96,6 +96,12 @@ class RequestRejected(ModelError):
     """The endpoint refused the request (400/404/422): a bad model name, parameter or prompt."""
 
 
+class ContextTooLong(RequestRejected, UserError):
+    """The prompt does not fit the model's context window; names the limit and the setting."""
+
+    exit_code = 2
+
+
 class BadResponse(ModelError):
     """The endpoint answered with something that is not a usable completion."""
 

@@ -52,8 +52,9 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
     for column in ("node", "status", "needs", "skills", "experts", "aggregator"):
         plan.add_column(column)
     for node in report["nodes"]:
-        plan.add_row(node["node_id"], node["status"] or "", ", ".join(node["depends_on"]),
-                     ", ".join(node["skills"]), ", ".join(node["experts"]), node["aggregator"] or "")
+        plan.add_row(*(Text(cell) for cell in (node["node_id"], node["status"] or "", ", ".join(node["depends_on"]),
+                                               ", ".join(node["skills"]), ", ".join(node["experts"]),
+                                               node["aggregator"] or "")))
     console.print(plan)
     for node in report["nodes"]:
         if node["explanation"]:
@@ -83,6 +84,6 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
     console.print(Text(f"calls {totals['calls']} · tokens {totals['prompt_tokens']:,} in / "
                        f"{totals['completion_tokens']:,} out · ${totals['cost_usd']:.6f}", style="bold"))
     if run["answer"]:
-        console.print(Panel(run["answer"], title="answer"))
+        console.print(Panel(Text(run["answer"]), title="answer"))
     if run["error"]:
         console.print(Text(run["error"], style="red"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import networkx as nx
@@ -21,7 +22,7 @@ class Subtask(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str = Field(pattern=ID_PATTERN, max_length=40)
-    instruction: str = Field(min_length=1, max_length=600)
+    instruction: str = Field(min_length=1)
     depends_on: list[str] = Field(default_factory=list, max_length=12)
     skills: list[str] = Field(default_factory=list, max_length=5)
 
@@ -114,3 +115,58 @@ def repair_request(previous: ChatRequest, answer: str, problem: str) -> ChatRequ
     return follow_up(previous, answer, f"That plan is invalid: {problem}. Return the whole corrected plan as JSON. "
                                        "Every depends_on entry must be the id of another subtask, and there must "
                                        "be no cycles.")
+
+
+# --- small-planner safeguards ---------------------------------------------------------------
+
+_STOPWORDS = frozenset("""
+a about above after again all also an and any are as at be been before being below between both but by can
+could did do does doing done each few for from further give had has have having here how i if in into is it
+its itself just list me more most my name no nor not now of off on once one only or other our out over own
+say same she should so some state such task tell than that the their them then there these they this those
+three through to too two under until up use very was we were what when where which while who whom why will
+with would write you your
+""".split())
+_SEQUENCING = frozenset("then after afterwards finally first second third next later compare contrast versus vs "
+                        "steps step before".split())
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def content_words(text: str) -> set[str]:
+    """The words of ``text`` that carry its subject: lower case, no stop words, a crude stem."""
+    return {_stem(w) for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in _STOPWORDS}
+
+
+def _stem(word: str) -> str:
+    for suffix in ("ing", "es", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)][:7]
+    return word[:7]
+
+
+def is_simple_task(task: str, *, max_words: int = 12) -> bool:
+    """A short, single-sentence task with no sequencing words: one step answers it, no planner call.
+
+    ``"Why is the sky blue?"`` is simple; ``"Give two facts about the Moon, then say which matters
+    most for tides."`` is not (``then``), nor is anything of several sentences.
+    """
+    words = _WORD.findall(task.lower())
+    sentences = [s for s in re.split(r"[.?!;:\n]+", task) if s.strip()]
+    return len(words) <= max_words and len(sentences) <= 1 and not _SEQUENCING.intersection(words)
+
+
+def off_topic_steps(plan: Plan, task: str, context: str = "") -> list[str]:
+    """The ids of the plan's steps that share no content word with the task (or the conversation).
+
+    A small planner copies whatever example it saw; such a plan has no step about the task. An
+    empty list means the plan is about the task, or the task has too few content words to judge.
+    """
+    subject = content_words(task) | content_words(context)
+    if not subject:
+        return []
+    return [s.id for s in plan.subtasks if not content_words(f"{s.id} {s.instruction}") & subject]
+
+
+def about_the_task(plan: Plan, task: str, context: str = "") -> bool:
+    """Whether at least half the plan's steps share content with the task (see ``off_topic_steps``)."""
+    return 2 * len(off_topic_steps(plan, task, context)) <= len(plan.subtasks)

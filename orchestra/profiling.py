@@ -49,7 +49,8 @@ class ProfilingReport:
 def expert_prompt(item: Item) -> str:
     """The zero-shot chain-of-thought prompt an expert sees for a validation item."""
     question = item.prompt()
-    return render("expert.j2", task=question, instruction=question, inputs=[], answer_format=answer_format(item))
+    return render("expert.j2", task=question, instruction=question, inputs=[], answer_format=answer_format(item),
+                  context="")
 
 
 class _Counter:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 RunStatus = Literal["done", "partial", "failed", "budget_exceeded", "cancelled"]
+EXIT_CODES = {"done": 0, "partial": 1, "failed": 1, "budget_exceeded": 3, "cancelled": 130}
 NodeStatus = Literal["pending", "recruiting", "running", "aggregating", "done", "failed", "skipped"]
 
 
@@ -84,6 +85,16 @@ class RunResult(BaseModel):
     model_loads: dict[str, int] = Field(default_factory=dict)
     elapsed_s: float = 0.0
     timings: dict[str, float] = Field(default_factory=dict)
+    user_error: bool = False
+    """The run failed for a reason the user must fix (a key, a URL, a context limit): exit code 2."""
+
+    @property
+    def exit_code(self) -> int:
+        """The command line's exit code for this run: 0 done, 1 failed or partial, 2 a user error,
+        3 a budget stopped it, 130 cancelled."""
+        if self.user_error and self.status == "failed":
+            return 2
+        return EXIT_CODES.get(self.status, 1)
 
     @property
     def ok(self) -> bool:

@@ -15,7 +15,15 @@ import networkx as nx
 from orchestra.agents import Agent, Pool
 from orchestra.aggregate import Response, Strategy, ranked, refine_prompt, synthesize_prompt, vote
 from orchestra.budget import Budget
-from orchestra.errors import BadResponse, BudgetExceeded, OrchestraError, PlanError
+from orchestra.errors import (
+    AuthenticationError,
+    BadResponse,
+    BudgetExceeded,
+    EndpointUnreachable,
+    OrchestraError,
+    PlanError,
+    UserError,
+)
 from orchestra.events import (
     EventBus,
     ExpertsRecruited,
@@ -31,8 +39,18 @@ from orchestra.events import (
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, strip_reasoning
 from orchestra.matching import SkillMatcher
-from orchestra.models import ChatResult
-from orchestra.plan import Plan, PlanInvalid, parse_plan, planner_request, repair_request, validate_plan
+from orchestra.models import ChatRequest, ChatResult, Model
+from orchestra.plan import (
+    Plan,
+    PlanInvalid,
+    about_the_task,
+    is_simple_task,
+    off_topic_steps,
+    parse_plan,
+    planner_request,
+    repair_request,
+    validate_plan,
+)
 from orchestra.prompts import render
 from orchestra.recruit import Mode, Recruiter, Recruitment, SkillTable
 from orchestra.result import BatchInfo, ExpertOutput, NodeTrace, PlanTrace, RunResult, RunUsage
@@ -56,6 +74,8 @@ class RunOptions:
     planner_max_tokens: int = 1024
     answer_format: str | None = None
     context: str = ""
+    fast_path: bool = True
+    plan_check: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -180,6 +200,7 @@ class Run:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.user_error = False  # a failure the user must fix (key, URL, context): exit code 2
         self._unresolved = 0
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -197,6 +218,24 @@ class Run:
         if not self.future.done():
             self._finish("cancelled", None, "cancelled by the user")
 
+    async def _call(self, calls: Sequence[tuple[Model, ChatRequest]], *, purpose: str,
+                    node: str | None = None) -> list[ChatResult | Exception]:
+        """Send calls through the shared executor. A key the endpoint refuses, or an endpoint that
+        cannot be reached, ends the whole run at once: every other call would fail the same way."""
+        outcomes = await self.env.executor.call(self.ledger, calls, purpose=purpose, node=node)
+        fatal = next((o for o in outcomes if isinstance(o, (AuthenticationError, EndpointUnreachable))), None)
+        if fatal is not None:
+            self.user_error = True
+            if node is not None:
+                self.traces[node].status, self.traces[node].error = "failed", str(fatal)
+            self._finish("failed", None, str(fatal))
+            current = asyncio.current_task()
+            for task in list(self.tasks):
+                if task is not current:
+                    task.cancel()
+            raise fatal
+        return outcomes
+
     def _spawn(self, coro: Any) -> None:
         task = self.env.executor.spawn(coro, owner=self.future)
         self.tasks.add(task)
@@ -207,6 +246,7 @@ class Run:
         try:
             plan, self.graph, attempts, note = await self.make_plan()
         except (OrchestraError, PlanInvalid) as error:
+            self.user_error |= isinstance(error, UserError)
             self._finish(self._failure_status(), None, str(error))
             return
         except Exception as error:  # noqa: BLE001 - e.g. a model backend's own bug: one line, not a traceback
@@ -236,12 +276,15 @@ class Run:
         if not self.options.plan:
             single = Plan.single(self.task)
             return single, validate_plan(single), 0, "planning off"
+        if self.options.fast_path and is_simple_task(self.task):
+            single = Plan.single(self.task)
+            return single, validate_plan(single), 0, "simple task: one step, no planner call (fast path)"
         pool = self.env.pool
         request = planner_request(self.task, max_nodes=self.options.max_nodes, context=self.options.context,
                                   seed=self.options.seed, max_tokens=self.options.planner_max_tokens)
         problem = ""
         for attempt in range(1, self.options.plan_repairs + 2):
-            [outcome] = await self.env.executor.call(self.ledger, [(pool.planner, request)], purpose="plan")
+            [outcome] = await self._call([(pool.planner, request)], purpose="plan")
             if isinstance(outcome, BadResponse):
                 problem, answer = str(outcome), "(invalid JSON)"
             elif isinstance(outcome, Exception):
@@ -254,8 +297,12 @@ class Run:
                 except PlanInvalid as invalid:
                     problem = str(invalid)
                 else:
-                    note = "single step (fast path)" if len(plan.subtasks) == 1 else ""
-                    return plan, graph, attempt, note
+                    if self.options.plan_check and not about_the_task(plan, self.task, self.options.context):
+                        strays = ", ".join(off_topic_steps(plan, self.task, self.options.context))
+                        single = Plan.single(self.task)
+                        return (single, validate_plan(single), attempt,
+                                f"the planner's steps ({strays}) were not about the task; ran it as one step")
+                    return plan, graph, attempt, "planned as one step" if len(plan.subtasks) == 1 else ""
             request = repair_request(request, answer, problem)
         if self.options.plan_fallback == "single":
             single = Plan.single(self.task)
@@ -291,18 +338,19 @@ class Run:
             trace.status = "running"
             inputs = [] if settings.prompt else self._inputs(node_id)
             prompt = render("expert.j2", task=self.task, instruction=instruction, inputs=inputs,
-                            answer_format=self.options.answer_format)
+                            answer_format=self.options.answer_format, context=self.options.context)
             seed = node_seed(self.options.seed, self.task, node_id)
             output = settings.output or "text"
             calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output))
                      for i, agent in enumerate(agents)]
-            outcomes = await self.env.executor.call(self.ledger, calls, purpose="expert", node=node_id)
+            outcomes = await self._call(calls, purpose="expert", node=node_id)
             responses = self._collect(trace, agents, outcomes, recruitment)
             trace.output, trace.data = await self._aggregate(node_id, instruction, responses, seed, strategy,
                                                              settings.output)
             trace.status = "done"
             self.env.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
         except (OrchestraError, PlanInvalid) as error:
+            self.user_error |= isinstance(error, UserError)
             self._node_failed(trace, str(error))
         except Exception as error:  # noqa: BLE001 - reported on the node, the rest of the run goes on
             self._node_failed(trace, f"unexpected {type(error).__name__}: {error}")
@@ -311,6 +359,8 @@ class Run:
 
     def _node_failed(self, trace: NodeState, error: str) -> None:
         trace.status, trace.error = "failed", error
+        if self.future.done():  # the run already ended (an endpoint-level failure)
+            return
         self.env.events.emit(NodeFailed(run_id=self.run_id, node=trace.id, error=error))
 
     def outputs(self) -> Outputs:
@@ -333,7 +383,7 @@ class Run:
             extractor = self.env.extractor
             requests = extractor.requests(instruction, seed=node_seed(self.options.seed, self.task, node_id))
             model = self.env.pool.keyword_model
-            outcomes = await self.env.executor.call(self.ledger, [(model, r) for r in requests],
+            outcomes = await self._call([(model, r) for r in requests],
                                                     purpose="keywords", node=node_id)
             budget_errors = [o for o in outcomes if isinstance(o, BudgetExceeded)]
             if budget_errors:
@@ -376,6 +426,8 @@ class Run:
         if budget is not None:  # stop here rather than answer with fewer experts: a resume finishes the node
             raise budget
         if not responses:
+            if all(isinstance(e, UserError) for e in errors):  # the cause itself, e.g. a rejected key
+                raise errors[0]
             raise OrchestraError(f"every expert failed; first error: {errors[0]}")
         return responses
 
@@ -394,13 +446,15 @@ class Run:
         aggregator = self.env.aggregator
         request = aggregator.request(build(self.task, instruction, responses, self.options.answer_format),
                                      seed=seed + 101, output=schema or "text")
-        [outcome] = await self.env.executor.call(self.ledger, [(aggregator.model, request)],
+        [outcome] = await self._call([(aggregator.model, request)],
                                                  purpose="aggregate", node=node_id)
         if isinstance(outcome, Exception):
             raise outcome
         return strip_reasoning(outcome.text), _plain(outcome.parsed)
 
     def _settle(self, node_id: str) -> None:
+        if self.future.done():
+            return
         self._unresolved -= 1
         if self.traces[node_id].status == "failed":
             for descendant in nx.descendants(self.graph, node_id):
@@ -439,12 +493,13 @@ class Run:
             inputs = [{"id": n, "instruction": self.traces[n].instruction, "output": self.traces[n].output}
                       for n in done]
             aggregator = self.env.aggregator
-            request = aggregator.request(render("final.j2", task=self.task, inputs=inputs),
+            request = aggregator.request(render("final.j2", task=self.task, inputs=inputs, context=self.options.context),
                                          seed=node_seed(self.options.seed, self.task, "final"))
             started = time.perf_counter()
-            [outcome] = await self.env.executor.call(self.ledger, [(aggregator.model, request)], purpose="final")
+            [outcome] = await self._call([(aggregator.model, request)], purpose="final")
             self.timings["final_s"] = time.perf_counter() - started
             if isinstance(outcome, Exception):
+                self.user_error |= isinstance(outcome, UserError)
                 failures.append(f"final aggregation: {outcome}")
                 self._finish(self._failure_status(), None, "; ".join(failures))
                 return
@@ -481,5 +536,5 @@ class Run:
                            cache_misses=ledger.cache_misses, replayed_calls=ledger.answered["store"]),
             batches=[BatchInfo(model=b.model, size=b.size, calls=b.calls, wave=b.wave, purpose=b.purpose)
                      for b in ledger.batches],
-            model_loads=loads, elapsed_s=time.perf_counter() - self.started,
+            model_loads=loads, elapsed_s=time.perf_counter() - self.started, user_error=self.user_error,
             timings={k: round(v, 4) for k, v in self.timings.items()})

@@ -13,7 +13,6 @@ from typing import IO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -41,6 +40,12 @@ from orchestra.events import (
     UsageUpdated,
 )
 from orchestra.result import RunResult
+
+def terminal(**options: object) -> Console:
+    """A console that prints every string literally: model output may contain ``[/INST]``,
+    ``[bold]`` or ``:emoji:`` codes, and none of it is Rich markup."""
+    return Console(markup=False, emoji=False, highlight=False, **options)  # type: ignore[arg-type]
+
 
 STATUS_STYLE = {"pending": ("·", "dim"), "recruiting": ("◌", "cyan"), "running": ("▶", "yellow"),
                 "aggregating": ("⧗", "magenta"), "done": ("✔", "green"), "failed": ("✘", "red"),
@@ -183,7 +188,7 @@ class LiveView:
         with self._lock:
             self.state.apply(event)
         if self.verbose and isinstance(event, CallDone):
-            self._live.console.print(Panel(_call_text(event), title=f"{event.model} · {event.purpose}",
+            self._live.console.print(Panel(Text(_call_text(event)), title=Text(f"{event.model} · {event.purpose}"),
                                            border_style="dim"))
 
     def _render(self) -> RenderableType:
@@ -229,6 +234,7 @@ class LogView:
         self.verbose = verbose
         self.clock = clock
         self.started = clock()
+        self._retries_shown: set[tuple[str, str]] = set()
 
     def listen(self, event: Event) -> None:
         """An event listener."""
@@ -252,8 +258,11 @@ class LogView:
             return f"loaded {event.model} in {event.seconds:.2f} s"
         if isinstance(event, ModelUnloaded):
             return f"unloaded {event.model}"
-        if isinstance(event, CallRetried):
-            return f"retrying {event.model} in {event.wait_s:.1f} s (attempt {event.attempt}): {event.reason}"
+        if isinstance(event, CallRetried):  # once per model and reason: a batch of calls fails alike
+            if (event.model, event.reason) in self._retries_shown:
+                return None
+            self._retries_shown.add((event.model, event.reason))
+            return f"retrying {event.model} (failed attempt {event.attempt}, next in {event.wait_s:.1f} s): {event.reason}"
         if isinstance(event, NodeDone):
             return f"{event.node}: done"
         if isinstance(event, NodeFailed):
@@ -274,13 +283,13 @@ def _call_text(event: CallDone) -> str:
 
 
 def print_result(console: Console, result: RunResult, *, rich_output: bool, errors: Console | None = None) -> None:
-    """The answer (Markdown in a terminal), and one line with the reason when the run did not finish
-    (on ``errors``, e.g. stderr, when given)."""
+    """The answer, exactly as the model wrote it, and one line with the reason when the run did not
+    finish (on ``errors``, e.g. stderr, when given)."""
     if result.answer:
-        console.print(Markdown(result.answer) if rich_output else result.answer, soft_wrap=not rich_output)
+        console.print(Text(result.answer), soft_wrap=not rich_output)
     if result.status != "done":
-        (errors or console).print(f"error: run {result.run_id} {result.status}: {result.error or ''}".rstrip(),
-                                  style="red" if rich_output else None, markup=False, soft_wrap=True)
+        (errors or console).print(Text(f"error: run {result.run_id} {result.status}: {result.error or ''}".rstrip(),
+                                       style="red" if rich_output else ""), soft_wrap=True)
 
 
 def summary_line(result: RunResult) -> str:

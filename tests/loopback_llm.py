@@ -14,8 +14,8 @@ from orchestra.loopback import LoopbackRequest, Reply, chat_handler
 from helpers import AGGREGATE_MARK, FINAL_MARK, KEYWORDS_MARK, PLANNER_MARK
 
 DEFAULT_PLAN = {"subtasks": [
-    {"id": "facts", "instruction": "List the key facts.", "depends_on": [], "skills": ["history"]},
-    {"id": "numbers", "instruction": "Compute the numbers.", "depends_on": [], "skills": ["arithmetic"]},
+    {"id": "facts", "instruction": "List the key facts for the report.", "depends_on": [], "skills": ["history"]},
+    {"id": "numbers", "instruction": "Compute the numbers of the report.", "depends_on": [], "skills": ["arithmetic"]},
     {"id": "report", "instruction": "Write the report.", "depends_on": ["facts", "numbers"], "skills": ["writing"]},
 ]}
 

@@ -41,7 +41,7 @@ def test_help_lists_the_commands() -> None:
 
 def test_ask_json_multi_step_dag_batches_and_aggregation(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
-    done = cli("ask", "Write a short report on the numbers", "--pool", str(pool), "--json", "--k", "3")
+    done = cli("ask", "Write a short report on the numbers, then check it", "--pool", str(pool), "--json", "--k", "3")
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     data = json.loads(done.stdout)
@@ -119,7 +119,7 @@ def test_agents_lists_pool_and_profiles(tmp_path: Path, llm) -> None:
 
 def test_runs_show_and_export(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
-    done = cli("ask", "Write a short report", "--pool", str(pool), "--json")
+    done = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--json")
     run_id = json.loads(done.stdout)["run_id"]
     listed = json.loads(cli("runs", "--json").stdout)
     assert listed[0]["id"] == run_id and listed[0]["status"] == "done" and listed[0]["calls"] == 13
@@ -166,7 +166,7 @@ def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
 
 def test_exit_codes_budget_and_resume_hint(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
-    done = cli("ask", "Write a short report", "--pool", str(pool), "--max-calls", "3", "--json")
+    done = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--max-calls", "3", "--json")
     assert done.returncode == 3
     data = json.loads(done.stdout)
     assert data["status"] == "budget_exceeded"

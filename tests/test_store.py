@@ -52,7 +52,7 @@ def test_sigkill_mid_run_then_resume_sends_no_completed_call_again(loopback, tmp
     server = loopback(gate.handle)
     pool = write_pool(tmp_path, server.url)
     env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Write a short report", "--pool", str(pool),
+    process = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Write a short report, then check it", "--pool", str(pool),
                                 "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         assert gate.reached.wait(timeout=120), "the run never reached its aggregation wave"
@@ -83,7 +83,7 @@ def test_api_keys_never_reach_the_store(loopback, tmp_path: Path) -> None:
     server = loopback(llm.handler())
     pool = write_pool(tmp_path, server.url, api_key_env="PLANTED_KEY")
     store = tmp_path / "runs.db"
-    done = cli("ask", "Write a short report", "--pool", str(pool), "--store", str(store), "--json", "--cache",
+    done = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--store", str(store), "--json", "--cache",
                env={"PLANTED_KEY": secret})
     assert done.returncode == 0, done.stderr
     assert server.requests[0].headers["authorization"] == f"Bearer {secret}"  # the key was really used

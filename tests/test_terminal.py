@@ -30,7 +30,7 @@ def spawn(*args: str) -> pexpect.spawn:
 
 def test_live_view_in_a_pseudo_terminal(served) -> None:
     _, pool = served
-    child = spawn("ask", "Write a short report", "--pool", str(pool))
+    child = spawn("ask", "Write a short report, then check it", "--pool", str(pool))
     child.expect("plan")
     child.expect("batches per model")
     child.expect("facts")
@@ -48,7 +48,7 @@ def test_chat_in_a_pseudo_terminal_with_a_plan_edit(served) -> None:
     child = spawn("chat", "--pool", str(pool))
     child.expect("/help for commands")
     child.expect("> ")
-    child.sendline("Write a short report")
+    child.sendline("Write a short report, then check it")
     child.expect(r"\[a\]ccept")
     child.sendline("e")
     child.expect("edit")
@@ -69,12 +69,12 @@ def test_chat_in_a_pseudo_terminal_with_a_plan_edit(served) -> None:
 def test_chat_through_stdin_accept_edit_and_replan(served) -> None:
     scripted, pool = served
     script = "\n".join([
-        "Write a short report",
+        "Write a short report, then check it",
         "e", "drop 2", "reword 1 List three key facts.", "done",
         "a",
         "/trace",
         "/k 2",
-        "Another report",
+        "Another report, then a summary",
         "r",
         "a",
         "/pool",
@@ -94,7 +94,7 @@ def test_chat_through_stdin_accept_edit_and_replan(served) -> None:
 
 def test_chat_edit_refuses_what_would_break_the_plan(served) -> None:
     _, pool = served
-    script = "Write a short report\ne\ndrop 9\nreword 2\ndone\nc\n/quit\n"
+    script = "Write a short report, then check it\ne\ndrop 9\nreword 2\ndone\nc\n/quit\n"
     done = cli("chat", "--pool", str(pool), stdin=script)
     assert "no step '9'; steps are 1 to 3" in done.stdout
     assert "use: drop N" in done.stdout and "cancelled" in done.stdout
@@ -114,7 +114,7 @@ def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Pat
     pool = write_pool(tmp_path, server.url)
     child = spawn("chat", "--pool", str(pool))
     child.expect("> ")
-    child.sendline("Write a short report")
+    child.sendline("Write a short report, then check it")
     child.expect(r"\[a\]ccept")
     child.sendline("a")
     child.expect("batches per model")  # running, its expert calls hang
@@ -122,7 +122,7 @@ def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Pat
     child.expect("task cancelled")
     child.expect("> ")
     hanging["on"] = False
-    child.sendline("Write a short report")
+    child.sendline("Write a short report, then check it")
     child.expect(r"\[a\]ccept")
     child.sendline("a")
     child.expect("Synthesized answer. The answer is 42")

@@ -154,6 +154,11 @@ def loopback_pool(loopback, tmp_path: Path) -> tuple[ScriptedLLM, Path]:
 
 def test_example_research_brief_runs(loopback_pool) -> None:
     scripted, pool = loopback_pool
+    scripted.plan = {"subtasks": [
+        {"id": "facts", "instruction": "List the key facts of tidal energy.", "depends_on": []},
+        {"id": "questions", "instruction": "Name two open questions about tidal energy.", "depends_on": []},
+        {"id": "summary", "instruction": "Summarise the brief in one paragraph.", "depends_on": ["facts", "questions"]},
+    ]}
     done = cli("run", str(EXAMPLES / "workflows/research-brief.yaml"), "-i", "topic=tidal energy",
                "--pool", str(pool), "--json")
     assert done.returncode == 0, done.stderr

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestra.models.anthropic import ANTHROPIC_URL, Anthropic
 from orchestra.models.base import Model
+from orchestra.models.http import check_base_url
 from orchestra.models.openai import OPENAI_URL, OpenAICompatible
 from orchestra.models.pricing import Price
 
@@ -17,7 +18,15 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class OpenAISpec(_Spec):
+class _RemoteSpec(_Spec):
+    @field_validator("base_url", check_fields=False)
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        check_base_url(value)
+        return value
+
+
+class OpenAISpec(_RemoteSpec):
     """``type: openai``: any OpenAI-compatible endpoint (OpenAI, vLLM serve, Ollama, LM Studio...)."""
 
     type: Literal["openai"]
@@ -38,7 +47,7 @@ class OpenAISpec(_Spec):
                                 extra_body=self.extra_body)
 
 
-class AnthropicSpec(_Spec):
+class AnthropicSpec(_RemoteSpec):
     """``type: anthropic``: the Messages API."""
 
     type: Literal["anthropic"]

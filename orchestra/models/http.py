@@ -17,6 +17,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from orchestra.errors import (
     AuthenticationError,
     BadResponse,
+    ConfigError,
     EndpointUnreachable,
     ModelError,
     RateLimited,
@@ -157,11 +158,14 @@ class Endpoint:
             error = state.outcome.exception() if state.outcome else None
             retry_after = getattr(error, "retry_after", None)
             backoff = min(self.max_wait, 0.5 * 2 ** (state.attempt_number - 1))
-            delay = min(self.max_wait, retry_after) if retry_after is not None else backoff
-            notify_retry(model, state.attempt_number, delay, str(error))
-            return delay
+            return min(self.max_wait, retry_after) if retry_after is not None else backoff
 
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.max_attempts), wait=wait,
+        def before_sleep(state: RetryCallState) -> None:  # only when another attempt really follows
+            error = state.outcome.exception() if state.outcome else None
+            delay = state.next_action.sleep if state.next_action else 0.0
+            notify_retry(model, state.attempt_number, delay, str(error))
+
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.max_attempts), wait=wait, before_sleep=before_sleep,
                                  retry=retry_if_exception_type(_Retryable), reraise=True)
         try:
             async for attempt in retrying:
@@ -237,6 +241,13 @@ def _error_text(response: httpx.Response, secret: str | None) -> str:
     return " ".join(text.split())[:200] or "(empty body)"
 
 
+def check_base_url(url: str) -> None:
+    """Refuse a base URL that is not ``http(s)://host...``, before anything is sent to it."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url {url!r} is not an http(s) URL such as http://localhost:8000/v1")
+
+
 def display_url(url: str) -> str:
     """``url`` without user:password or query string, fit for messages."""
     parts = urlsplit(url)
@@ -257,6 +268,10 @@ def shared_endpoint(base_url: str, api_key_env: str | None, *, max_concurrency: 
     Settings given later tighten the shared limits (smallest concurrency and rpm win), so two
     agents on one server never exceed what either asked for.
     """
+    try:
+        check_base_url(base_url)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     key = (base_url.rstrip("/"), api_key_env)
     endpoint = _REGISTRY.get(key)
     if endpoint is None:

