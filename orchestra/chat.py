@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import sys
@@ -13,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from orchestra.core import Orchestra, new_run_id
-from orchestra.errors import OrchestraError
+from orchestra.core import Orchestra, new_run_id, run_interruptibly
+from orchestra.errors import OrchestraError, StoreError
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
 from orchestra.view import LiveView, LogView, print_result, summary_line
@@ -201,13 +200,17 @@ class ChatSession:
         try:
             if isinstance(view, LiveView):
                 with view:
-                    result = asyncio.run(work())
+                    result = run_interruptibly(work())
             else:
-                result = asyncio.run(work())
+                result = run_interruptibly(work())
         except KeyboardInterrupt:
-            self.last = orchestra.store.result(run_id) if orchestra.store is not None else None
-            self.console.print(f"task cancelled; its finished calls are saved: `orchestra resume {run_id}` finishes it"
-                               if orchestra.store is not None else "task cancelled (no run store: nothing was kept)")
+            self.last = self._recorded(run_id)
+            if self.last is not None:
+                self.console.print(f"task cancelled; its finished calls are saved: `orchestra resume {run_id}` "
+                                   "finishes it")
+            else:
+                self.console.print("task cancelled" + (" (no run store: nothing was kept)"
+                                                       if orchestra.store is None else " before it started"))
             return None
         finally:
             remove()
@@ -216,15 +219,25 @@ class ChatSession:
         self.last = result
         return result
 
+    def _recorded(self, run_id: str) -> RunResult | None:
+        """A cancelled run as the store recorded it (None with no store, or if it never began)."""
+        store = self.orchestra.store
+        try:
+            return store.result(run_id) if store is not None else None
+        except StoreError:
+            return None
+
     def show_plan(self, plan: Plan, note: str) -> None:
         """The plan as a numbered table."""
-        table = Table(title="plan" + (f" ({note})" if note else ""), title_justify="left")
+        table = Table(title="plan", title_justify="left")
         for column in ("#", "step", "instruction", "needs"):
             table.add_column(column)
         for number, subtask in enumerate(plan.subtasks, start=1):
             table.add_row(str(number), Text(subtask.id), Text(subtask.instruction),
                           Text(", ".join(subtask.depends_on) or "-"))
         self.console.print(table)
+        if note:
+            self.console.print(Text(f"({note})", style="dim"))
 
     def show_pool(self) -> None:
         """The agents and their measured skills."""

@@ -16,7 +16,7 @@ from rich.table import Table
 from orchestra import __version__
 from orchestra.agents import Pool
 from orchestra.budget import Budget
-from orchestra.core import Orchestra, new_run_id
+from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import ConfigError, OrchestraError, UserError
 from orchestra.evaluate import EvalReport
 from orchestra.recruit import MODES, RecruitConfig
@@ -148,9 +148,9 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
     try:
         if isinstance(view, LiveView):
             with view:
-                result = asyncio.run(run(run_id))
+                result = run_interruptibly(run(run_id))
         else:
-            result = asyncio.run(run(run_id))
+            result = run_interruptibly(run(run_id))
     except KeyboardInterrupt:
         saved = (f"its finished calls are saved; `orchestra resume {run_id}` finishes it" if orc.store is not None
                  else "nothing was kept (--no-store)")

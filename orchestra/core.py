@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import signal
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +44,41 @@ def run_sync(coro: Awaitable[T]) -> T:
     if hasattr(coro, "close"):
         coro.close()  # type: ignore[union-attr]
     raise RuntimeError("an event loop is already running here; use the async method (arun, arun_many...)")
+
+
+def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` for the command line: Ctrl-C cancels the work, waits for it to stop (a run
+    records itself as ``cancelled``), then raises ``KeyboardInterrupt``.
+
+    The signal is handled by the event loop itself, installed before the work starts, so it is
+    seen even while every task waits on a socket.
+    """
+    interrupted = False
+
+    async def main() -> T:
+        work = asyncio.ensure_future(coro)
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            work.cancel()
+
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, interrupt)
+        except (RuntimeError, ValueError):  # not the main thread: Ctrl-C is not ours to handle
+            return await work
+        try:
+            return await work
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _first(*values: T | None) -> T:

@@ -32,6 +32,15 @@ class RunStarted(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PlanRequested(Event):
+    """The planner was asked for a plan (attempt 1), or for a repaired one (2 and later)."""
+
+    kind: ClassVar[str] = "plan_requested"
+    run_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class PlanReady(Event):
     """The plan was made (or given) and validated."""
 
@@ -216,6 +225,7 @@ class RunDone(Event):
     answer: str | None
     error: str | None
     elapsed_s: float
+    user_error: bool = False  # it failed for a reason the user must fix (a key, a URL): exit code 2
 
 
 Listener = Callable[[Event], None]

@@ -138,9 +138,9 @@ def content_words(text: str) -> set[str]:
 
 
 def _stem(word: str) -> str:
-    for suffix in ("ing", "es", "s"):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            return word[: -len(suffix)][:7]
+    """Plural ``s`` dropped and the word cut to 7 letters: ``tides``/``tide``, ``planets``/``planetary``."""
+    if word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+        word = word[:-1]
     return word[:7]
 
 

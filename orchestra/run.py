@@ -33,6 +33,7 @@ from orchestra.events import (
     NodeReady,
     NodeSkipped,
     PlanReady,
+    PlanRequested,
     RunDone,
     RunStarted,
 )
@@ -284,6 +285,7 @@ class Run:
                                   seed=self.options.seed, max_tokens=self.options.planner_max_tokens)
         problem = ""
         for attempt in range(1, self.options.plan_repairs + 2):
+            self.env.events.emit(PlanRequested(run_id=self.run_id, attempt=attempt))
             [outcome] = await self._call([(pool.planner, request)], purpose="plan")
             if isinstance(outcome, BadResponse):
                 problem, answer = str(outcome), "(invalid JSON)"
@@ -518,7 +520,7 @@ class Run:
             error = str(self.ledger.budget.exceeded) if not error else f"{self.ledger.budget.exceeded} ({error})"
         result = self.result(status, answer, error)
         self.env.events.emit(RunDone(run_id=self.run_id, status=status, answer=answer, error=error,
-                                     elapsed_s=result.elapsed_s))
+                                     elapsed_s=result.elapsed_s, user_error=result.exit_code == 2))
         self.future.set_result(result)
 
     def result(self, status: str, answer: str | None, error: str | None) -> RunResult:

@@ -35,6 +35,7 @@ from orchestra.events import (
     NodeReady,
     NodeSkipped,
     PlanReady,
+    PlanRequested,
     RunDone,
     RunStarted,
     UsageUpdated,
@@ -95,6 +96,8 @@ class RunState:
         """Update the state from one event."""
         if isinstance(event, RunStarted):
             self.task = event.task
+        elif isinstance(event, PlanRequested):
+            self.note = "planning…" if event.attempt == 1 else f"planning… (repair {event.attempt - 1})"
         elif isinstance(event, PlanReady):
             self.nodes = {n["id"]: _Node(n["instruction"], list(n["depends_on"])) for n in event.nodes}
             self.note = event.note
@@ -184,9 +187,12 @@ class LiveView:
         self._live.stop()
 
     def listen(self, event: Event) -> None:
-        """An event listener."""
+        """An event listener. A run that failed for a user's reason clears the view when it stops,
+        so the one line saying what to fix is all that stays on the screen."""
         with self._lock:
             self.state.apply(event)
+        if isinstance(event, RunDone) and event.user_error:
+            self._live.transient = True
         if self.verbose and isinstance(event, CallDone):
             self._live.console.print(Panel(Text(_call_text(event)), title=Text(f"{event.model} · {event.purpose}"),
                                            border_style="dim"))
@@ -226,7 +232,12 @@ class LiveView:
 
 
 class LogView:
-    """Plain log lines, one per notable event, for logs and pipes."""
+    """Plain log lines, one per notable event, for logs and pipes.
+
+    Lines are held back until the first call comes back answered: a run that cannot start (a
+    refused key, an unreachable endpoint) prints nothing here, and the command's one error line
+    is all the user reads. Each held line keeps the time of its event.
+    """
 
     def __init__(self, stream: IO[str], *, verbose: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -235,17 +246,29 @@ class LogView:
         self.clock = clock
         self.started = clock()
         self._retries_shown: set[tuple[str, str]] = set()
+        self._held: list[str] | None = []
 
     def listen(self, event: Event) -> None:
         """An event listener."""
         line = self._line(event)
         if line:
-            self.stream.write(f"[{self.clock() - self.started:6.1f}s] {line}\n")
-            self.stream.flush()
+            line = f"[{self.clock() - self.started:6.1f}s] {line}\n"
+            if self._held is not None:
+                self._held.append(line)
+            else:
+                self.stream.write(line)
+        answered = (isinstance(event, CallDone) and event.error is None) or isinstance(event, CallsResolved)
+        if self._held is not None and (answered or isinstance(event, RunDone)):
+            held, self._held = self._held, None
+            if not (isinstance(event, RunDone) and event.user_error):
+                self.stream.write("".join(held))
+        self.stream.flush()
 
     def _line(self, event: Event) -> str | None:
         if isinstance(event, RunStarted):
             return f"run {event.run_id}: {event.task}"
+        if isinstance(event, PlanRequested):
+            return "planning…" if event.attempt == 1 else f"planning… (repair {event.attempt - 1})"
         if isinstance(event, PlanReady):
             note = f" ({event.note})" if event.note else ""
             return f"plan: {len(event.nodes)} node(s): {', '.join(n['id'] for n in event.nodes)}{note}"

@@ -59,11 +59,33 @@ class YamlDocument:
         except ValidationError as error:
             raise self.validation_error(error, loc) from None
 
+    def _in_data(self, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str]:
+        """``loc`` as it is in the data (pydantic adds union tags such as ``openai``), and as a person
+        reads it: list items named by their ``id`` or ``name`` (``steps.review.recruit.k``, not ``steps.1``)."""
+        real: list[Any] = []
+        shown: list[str] = []
+        value = self.data
+        for part in loc:
+            if isinstance(value, dict) and part in value:
+                value = value[part]
+                real.append(part)
+                shown.append(str(part))
+            elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+                value = value[part]
+                real.append(part)
+                label = value.get("id", value.get("name")) if isinstance(value, dict) else None
+                shown.append(str(label) if isinstance(label, (str, int)) else str(part))
+            elif isinstance(value, (dict, list)):
+                continue  # a tag pydantic adds (the chosen member of a union): not in the file
+            else:
+                real.append(part)
+                shown.append(str(part))
+        return tuple(real), ".".join(shown)
+
     def validation_error(self, error: ValidationError, prefix: tuple[Any, ...] = ()) -> ConfigError:
         """The first problem of a pydantic error, positioned in this file."""
         first = error.errors()[0]
-        loc = (*prefix, *first["loc"])
-        shown = ".".join(str(part) for part in loc)
+        loc, shown = self._in_data((*prefix, *first["loc"]))
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "missing":
             message = f"missing required field '{loc[-1]}'"
@@ -82,8 +104,13 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError("file not found", path=shown) from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read file ({error})", path=shown) from None
+        except UnicodeDecodeError as error:
+            before = error.object[: error.start]
+            line, column = before.count(b"\n") + 1, error.start - (before.rfind(b"\n") + 1) + 1
+            raise ConfigError(f"not a UTF-8 text file (byte 0x{error.object[error.start]:02x}); save it as UTF-8 text",
+                              path=shown, line=line, column=column) from None
+        except OSError as error:
+            raise ConfigError(f"cannot read file ({error.strerror or error})", path=shown) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as error:
@@ -91,6 +118,11 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         raise ConfigError(f"invalid YAML: {error.problem or error.context}", path=shown, line=line,
                           column=column) from None
+    except yaml.reader.ReaderError as error:  # a control character such as NUL: not a text file
+        before = text[: error.position]
+        code = error.character if isinstance(error.character, int) else ord(error.character)
+        raise ConfigError(f"invalid YAML: character U+{code:04X} is not allowed in a YAML file", path=shown,
+                          line=before.count("\n") + 1, column=error.position - (before.rfind("\n") + 1) + 1) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid YAML: {error}", path=shown) from None
     if node is None:

@@ -31,6 +31,7 @@ class ScriptedLLM:
         self.expert = expert
         self.structured: dict[str, Any] | None = None  # the answer to requests that ask for JSON
         self.kinds: Counter[str] = Counter()
+        self.prompts: list[tuple[str, str]] = []  # (kind, prompt) of every request, in arrival order
         self.models: Counter[str] = Counter()
         self.lock = threading.Lock()
 
@@ -42,6 +43,7 @@ class ScriptedLLM:
                     "expert")
         with self.lock:
             self.kinds[kind] += 1
+            self.prompts.append((kind, prompt))
             self.models[model] += 1
             plan = self.plans.pop(0) if kind == "plan" and self.plans else self.plan
         if kind == "plan":

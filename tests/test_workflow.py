@@ -71,7 +71,7 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
     (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.output }"'),
      "wf.yaml:21:8: template syntax error: unexpected '}'"),
     (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 0}\n"),
-     "wf.yaml:17:18: steps.1.recruit.k: Input should be greater than or equal to 1"),
+     "wf.yaml:17:18: steps.review.recruit.k: Input should be greater than or equal to 1"),
     (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: integer, default: fifty}"),
      "wf.yaml:10:35: input 'words': default 'fifty' is not of type integer"),
 ])

@@ -1,0 +1,316 @@
+"""What a new user meets first: chat over several tasks, long tasks, the planner's safeguards,
+answers printed literally, and one-line errors with the exit codes the README promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from orchestra import Orchestra
+from orchestra.loopback import Reply, error_reply
+from orchestra.models import FunctionModel
+from orchestra.plan import content_words, is_simple_task, off_topic_steps, Plan
+
+from helpers import kind_of, single_agent_pool
+from loopback_llm import DEFAULT_PLAN, ScriptedLLM, write_pool
+from test_cli import cli
+
+LONG_TEXT = ("Summarise this text in two sentences. " + "The tide rises and falls twice a day because the Moon's "
+             "gravity pulls the oceans toward it, while the Earth turns beneath the bulge of water. " * 6).strip()
+HOSTILE = "Use [bold]x[/bold] and arr[i]; end the turn with [/INST] or [/oops] :smile: \\[done]"
+
+
+@pytest.fixture
+def llm(loopback):  # noqa: ANN001, ANN201
+    scripted = ScriptedLLM()
+    scripted.server = loopback(scripted.handler())
+    return scripted
+
+
+def stderr_lines(done) -> list[str]:  # noqa: ANN001
+    return [line for line in done.stderr.splitlines() if line.strip()]
+
+
+# --- chat: a whole session ---------------------------------------------------------------------
+
+
+def test_chat_session_of_three_tasks_survives_a_planner_failure(llm, tmp_path: Path) -> None:
+    """History is context: it never enters a task or a step's instruction, even when the planner
+    fails and the task runs as one step (the 600-character crash of the second task)."""
+    pool = write_pool(tmp_path, llm.server.url, extra="settings: {plan_fallback: single, plan_repairs: 0}\n")
+    cyclic = {"subtasks": [{"id": "a", "instruction": "tides of the moon", "depends_on": ["b"]},
+                           {"id": "b", "instruction": "tides and the moon", "depends_on": ["a"]}]}
+    on_topic = {"subtasks": [{"id": "orbit", "instruction": "Describe the orbit of the Moon.", "depends_on": []}]}
+    llm.plans = [DEFAULT_PLAN, cyclic, on_topic]
+    first = LONG_TEXT + " Then report on it."
+    second = "Now explain the tides, then relate them to the Moon."
+    third = "Describe the Moon's orbit, then say why it matters."
+    done = cli("chat", "--pool", str(pool), stdin="\n".join([first, "a", second, "a", third, "a", "/quit"]) + "\n")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 0 and "Traceback" not in output, output[-2000:]
+    assert output.count("Synthesized answer. The answer is 42") >= 3
+    assert "planner failed" in output and "ran the task as one step" in output
+    planner_prompts = [p for kind, p in llm.prompts if kind == "plan"]
+    assert len(planner_prompts) == 3
+    assert "Conversation so far" not in planner_prompts[0]
+    assert "Conversation so far" in planner_prompts[1] and "Q: Summarise this text" in planner_prompts[1]
+    assignments = [p.split("Your assignment:")[1] for kind, p in llm.prompts if kind == "expert"]
+    assert any(a.strip().startswith(second) for a in assignments)  # the failed plan's one step: the task itself
+    assert not any("Q: " in a for a in assignments)  # history stays out of every instruction
+    second_experts = [p for kind, p in llm.prompts if kind == "expert" and second in p]
+    assert second_experts and all("Conversation so far" in p and "Q: Summarise this text" in p
+                                  for p in second_experts)
+
+
+def test_chat_edit_reports_unknown_commands_and_rewords_recruit_on_new_words(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    script = "Write a short report, then check it\ne\nsplit 1\nreword 1 Summarise the tidal records\ndone\na\n/quit\n"
+    done = cli("chat", "--pool", str(pool), stdin=script)
+    assert done.returncode == 0, done.stderr
+    assert "unknown edit command 'split'" in done.stdout
+    keyword_prompts = [p for kind, p in llm.prompts if kind == "keywords"]
+    # step 1 lost the planner's skills with its old words, so its skills come from the new words
+    assert any("Summarise the tidal records" in p for p in keyword_prompts)
+
+
+def test_trace_after_a_cancelled_task_shows_that_task(loopback, tmp_path: Path) -> None:
+    scripted = ScriptedLLM()
+    inner = scripted.handler()
+
+    async def handler(request):  # noqa: ANN001, ANN202
+        if "Your assignment:" in request.prompt:
+            return Reply(hang=True)
+        return await inner(request)
+
+    pool = write_pool(tmp_path, loopback(handler).url)
+    child = pexpect.spawn(sys.executable, ["-m", "orchestra", "chat", "--pool", str(pool)],
+                          env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "TERM": "xterm-256color"},
+                          encoding="utf-8", dimensions=(50, 140), timeout=60)
+    child.expect("> ")
+    child.sendline("Write a short report, then check it")
+    child.expect(r"\[a\]ccept")
+    child.sendline("a")
+    child.expect("experts")  # recruited: its expert calls now hang
+    child.sendintr()
+    child.expect(r"orchestra resume (\d{8}-\d{6}-[0-9a-f]{6})")
+    run_id = child.match.group(1)
+    child.expect("> ")
+    child.sendline("/trace")
+    child.expect("facts")
+    child.expect(f"run {run_id} · cancelled")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+
+
+# --- long tasks and the context limit ------------------------------------------------------------
+
+
+def test_a_long_task_runs_without_planning(llm, tmp_path: Path) -> None:
+    assert len(LONG_TEXT) > 700
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("ask", LONG_TEXT, "--pool", str(pool), "--no-plan", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["plan"]["nodes"][0]["instruction"] == LONG_TEXT
+    assert any(LONG_TEXT in p for kind, p in llm.prompts if kind == "expert")
+
+
+@pytest.mark.llama
+def test_a_prompt_over_the_context_window_is_one_line_naming_n_ctx(tmp_path: Path) -> None:
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  tiny: {type: llamacpp, n_ctx: 256, default_max_tokens: 8}\n"
+                    "agents:\n  - {name: solo, model: tiny}\n")
+    done = cli("ask", LONG_TEXT * 2, "--pool", str(pool), "--no-plan", "--k", "1", "--no-store")
+    assert done.returncode == 2
+    assert stderr_lines(done) == [line for line in stderr_lines(done) if line.startswith("error:")]
+    assert len(stderr_lines(done)) == 1
+    assert "context window (n_ctx=256 tokens); raise n_ctx in the pool's entry for tiny" in done.stderr
+
+
+# --- the planner's safeguards ------------------------------------------------------------------
+
+
+MOON = "Give two facts about the Moon, then say which matters most for tides."
+COPIED_EXAMPLE = {"subtasks": [
+    {"id": "water", "instruction": "State the boiling point of water at sea level.", "depends_on": []},
+    {"id": "ethanol", "instruction": "State the boiling point of ethanol at sea level.", "depends_on": []},
+    {"id": "explain", "instruction": "Compare the two boiling points.", "depends_on": ["water", "ethanol"]}]}
+
+
+def planned(plan: dict, task: str) -> tuple:  # noqa: ANN001
+    def answer(request):  # noqa: ANN001, ANN202
+        if kind_of(request) == "plan":
+            return plan
+        return {"keywords": ["astronomy"]} if kind_of(request) == "keywords" else "The answer is 1"
+
+    model = FunctionModel(answer, name="solo")
+    result = Orchestra(single_agent_pool(model), k=1, store=False).run(task)
+    return result, sum(kind_of(r) == "plan" for r in model.requests)
+
+
+def test_a_plan_that_is_not_about_the_task_runs_the_task_as_one_step() -> None:
+    result, planner_calls = planned(COPIED_EXAMPLE, MOON)
+    assert result.status == "done" and planner_calls == 1
+    assert [(n.id, n.instruction) for n in result.plan.nodes] == [("answer", MOON)]
+    assert "water, ethanol, explain" in result.plan.note and "not about the task" in result.plan.note
+
+
+def test_a_plan_about_the_task_is_kept() -> None:
+    plan = {"subtasks": [
+        {"id": "facts", "instruction": "Give two facts about the Moon.", "depends_on": []},
+        {"id": "tides", "instruction": "Say which fact matters most for tides.", "depends_on": ["facts"]}]}
+    result, planner_calls = planned(plan, MOON)
+    assert [n.id for n in result.plan.nodes] == ["facts", "tides"] and planner_calls == 1
+
+
+def test_a_short_simple_task_takes_the_fast_path_without_a_planner_call() -> None:
+    result, planner_calls = planned(COPIED_EXAMPLE, "Why is the sky blue?")
+    assert planner_calls == 0 and [n.instruction for n in result.plan.nodes] == ["Why is the sky blue?"]
+    assert "fast path" in result.plan.note
+
+
+def test_fast_path_and_plan_check_can_be_switched_off() -> None:
+    model = FunctionModel(lambda r: COPIED_EXAMPLE if kind_of(r) == "plan" else "The answer is 1", name="solo")
+    orc = Orchestra(single_agent_pool(model), k=1, store=False, fast_path=False, plan_check=False)
+    result = orc.run("Why is the sky blue?")
+    assert [n.id for n in result.plan.nodes] == ["water", "ethanol", "explain"]
+
+
+@pytest.mark.parametrize(("task", "simple"), [
+    ("Why is the sky blue?", True),
+    ("Name three primary colours.", True),
+    (MOON, False),  # "then"
+    ("Why is the sky blue? Give one practical consequence.", False),  # two sentences
+    ("Compare lists and tuples in Python.", False),
+    ("What " + "very " * 20 + "long question is this?", False),
+])
+def test_which_tasks_are_simple(task: str, simple: bool) -> None:
+    assert is_simple_task(task) is simple
+
+
+def test_off_topic_steps_share_no_content_word_with_the_task() -> None:
+    assert off_topic_steps(Plan.model_validate(COPIED_EXAMPLE), MOON) == ["water", "ethanol", "explain"]
+    assert content_words("The Moon's tides") == {"moon", "tide"}
+    # the conversation counts: a follow-up's steps may use its words
+    follow_up = Plan.model_validate({"subtasks": [{"id": "x", "instruction": "List its moons."}]})
+    assert off_topic_steps(follow_up, "What about its satellites?") == ["x"]
+    assert off_topic_steps(follow_up, "What about its satellites?", "Q: Tell me about Jupiter's moons") == []
+
+
+@pytest.mark.llama
+def test_the_embedded_planner_plans_the_task_it_was_given() -> None:
+    from orchestra.models import allow_model_requests
+    from orchestra.plan import about_the_task
+
+    with allow_model_requests():
+        orc = Orchestra(store=False)
+        for task in (MOON, "Why is the sky blue? Give one practical consequence."):
+            plan, note = orc.plan(task)
+            assert about_the_task(plan, task), (task, plan, note)
+
+
+# --- answers are text, never markup ------------------------------------------------------------
+
+
+def test_answers_with_brackets_are_printed_literally_everywhere(loopback, tmp_path: Path) -> None:
+    scripted = ScriptedLLM(expert=lambda model, assignment: HOSTILE)
+    server = loopback(scripted.handler())
+    pool = write_pool(tmp_path, server.url)
+    done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--k", "1", "--aggregate", "none")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == HOSTILE
+    verbose = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--k", "1", "--aggregate", "none",
+                  "--verbose", "--json")
+    run_id = json.loads(verbose.stdout)["run_id"]
+    shown = cli("show", run_id)
+    assert shown.returncode == 0 and HOSTILE in shown.stdout.replace("\n", "")
+    chat = cli("chat", "--pool", str(pool), "--k", "1", stdin="Quick question\na\n/quit\n")
+    assert chat.returncode == 0 and HOSTILE in chat.stdout
+    tty = pexpect.spawn(sys.executable, ["-m", "orchestra", "ask", "Quick question", "--pool", str(pool),
+                                         "--no-plan", "--k", "1", "--aggregate", "none", "--verbose"],
+                        env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "TERM": "xterm-256color"},
+                        encoding="utf-8", dimensions=(50, 200), timeout=60)
+    tty.expect(re.escape(HOSTILE))
+    tty.expect(pexpect.EOF)
+    tty.close()
+    assert tty.exitstatus == 0 and "Traceback" not in (tty.before or "")
+
+
+# --- one-line errors and exit codes ------------------------------------------------------------
+
+
+def test_a_rejected_key_exits_2_with_one_line_after_one_batch(loopback, tmp_path: Path) -> None:
+    server = loopback(lambda request: error_reply(401, "invalid api key"))
+    pool = write_pool(tmp_path, server.url, api_key_env="ORCHESTRA_TEST_KEY")
+    done = cli("ask", MOON, "--pool", str(pool), env={"ORCHESTRA_TEST_KEY": "sk-test-123"})
+    assert done.returncode == 2 and done.stdout == ""
+    assert stderr_lines(done) == [stderr_lines(done)[0]] and "rejected the credentials (HTTP 401)" in done.stderr
+    assert "check ORCHESTRA_TEST_KEY" in done.stderr and "sk-test-123" not in done.stderr
+    assert len(server.requests) == 1  # the planner's request: a 401 is never retried, and the run stops
+
+
+def test_an_unreachable_endpoint_exits_2_with_one_line(tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, "http://127.0.0.1:9")
+    done = cli("ask", "anything at all", "--pool", str(pool), "--no-store")
+    assert done.returncode == 2
+    assert len(stderr_lines(done)) == 1 and "cannot reach http://127.0.0.1:9/v1" in done.stderr
+
+
+def test_a_missing_key_exits_2_before_any_request(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url, api_key_env="ORCHESTRA_TEST_MISSING_KEY")
+    env = {k: v for k, v in os.environ.items() if k != "ORCHESTRA_TEST_MISSING_KEY"}
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "1", "question": "What is 1 + 1?", "answer": "2"}\n')
+    for command in (["ask", "x"], ["eval", "--data", str(data)]):
+        done = cli(*command, "--pool", str(pool), env=env)
+        assert done.returncode == 2, done.stderr
+        assert stderr_lines(done) == ["error: environment variable ORCHESTRA_TEST_MISSING_KEY is not set; "
+                                      f"export it to use {llm.server.url}/v1"]
+    assert not llm.prompts
+
+
+def test_a_malformed_base_url_is_caught_when_the_pool_loads(tmp_path: Path) -> None:
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  m: {type: openai, model: x, base_url: not a url}\nagents:\n  - {name: a, model: m}\n")
+    done = cli("agents", "--pool", str(pool))
+    assert done.returncode == 2
+    assert stderr_lines(done) == [f"error: {pool}:2:41: models.m.base_url: base_url 'not a url' is not an "
+                                  "http(s) URL such as http://localhost:8000/v1"]
+
+
+def test_retrying_is_printed_only_when_a_retry_follows(loopback, tmp_path: Path) -> None:
+    server = loopback(lambda request: error_reply(503, "busy"))
+    pool = write_pool(tmp_path, server.url, models=("alpha",))  # max_attempts: 2
+    done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--k", "1")
+    assert done.returncode == 1
+    retries = [line for line in done.stderr.splitlines() if "retrying" in line]
+    assert len(retries) == 1 and "failed attempt 1" in retries[0]  # 2 attempts: one retry, printed once
+    assert len(server.requests) == 5 * 2 + 2  # 5 keyword calls and the expert call, 2 attempts each
+
+
+def test_the_budget_message_counts_calls_in_flight(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--max-calls", "3", "--json")
+    assert done.returncode == 3
+    assert "budget max_calls=3 reached (0 calls made, 3 in flight)" in done.stderr
+
+
+def test_ctrl_c_names_the_run_to_resume(loopback, tmp_path: Path) -> None:
+    server = loopback(lambda request: Reply(hang=True))
+    pool = write_pool(tmp_path, server.url)
+    child = pexpect.spawn(sys.executable, ["-m", "orchestra", "ask", "Quick question", "--pool", str(pool),
+                                           "--no-plan", "--quiet"],
+                          env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}, encoding="utf-8", timeout=60)
+    while not server.requests:
+        child.expect([pexpect.TIMEOUT], timeout=0.1)
+    child.sendintr()
+    child.expect(r"interrupted run (\d{8}-\d{6}-[0-9a-f]{6}); its finished calls are saved; "
+                 r"`orchestra resume \1` finishes it")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130
