@@ -176,6 +176,7 @@ class PoolSettings(_Strict):
     max_resident_models: int | None = Field(default=None, ge=1)
     fast_path: bool | None = None
     plan_check: bool | None = None
+    grader: Literal["auto", "mc", "numeric", "exact"] | None = None
 
 
 class AgentDefaults(_Strict):

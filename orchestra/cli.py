@@ -82,6 +82,8 @@ def run_options(fn: F) -> F:
     fn = click.option("--seed", type=int, help="Seed for every sampling choice.")(fn)
     fn = click.option("--competence-weight", type=click.FloatRange(min=0),
                       help="β in w = s·γ^β (1: Symbolic-MoE; 0: skills only).")(fn)
+    fn = click.option("--grader", type=click.Choice(["auto", "mc", "numeric", "exact"]),
+                      help="How answers are read for voting (default: the pool's, else auto).")(fn)
     fn = click.option("--aggregate", type=click.Choice(["synthesize", "vote", "refine", "none"]))(fn)
     fn = click.option("--mode", type=click.Choice(MODES), help="How experts are recruited.")(fn)
     return click.option("--k", type=click.IntRange(min=1), help="Experts per subtask.")(fn)
@@ -326,7 +328,8 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
 @click.option("--method", default="symbolic-moe", show_default=True,
               type=click.Choice(["symbolic-moe", "moa", "single", "random", "vote"]))
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N items.")
-@click.option("--grader", default="auto", show_default=True, type=click.Choice(["auto", "mc", "numeric", "exact"]))
+@click.option("--grader", type=click.Choice(["auto", "mc", "numeric", "exact"]),
+              help="How answers are graded (default: the pool's, else auto).")
 @click.option("--k", type=click.IntRange(min=1))
 @click.option("--seed", type=int)
 @click.option("--competence-weight", type=click.FloatRange(min=0))
@@ -358,7 +361,8 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           ("calls", str(report.calls)), ("cost", f"${report.cost_usd:.6f}"),
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),
                           ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),
-                          ("unfinished runs", str(report.failed))]:
+                          ("unfinished runs", str(report.failed)),
+                          ("skill extraction failures", str(report.skill_extraction_failures))]:
         table.add_row(metric, value)
     terminal().print(table)
 

@@ -113,7 +113,9 @@ class Orchestra:
         matcher: maps keywords to profile skills (lexical by default).
         keywords: the skill-extraction settings.
         recruit: recruiting settings beyond mode and k (adaptive p, cost λ, rare filter...).
-        grader: extracts answers for voting and evaluation.
+        grader: extracts answers for voting and evaluation (``auto``, ``mc``, ``numeric``, ``exact``).
+        planner_max_tokens: the planner's answer limit.
+        context_chars: the most characters of a dependency's output a node sees.
         aggregator: an agent name that always aggregates (default: best measured aggregator).
         max_resident_models: heavy models kept loaded at once.
         memory_budget_gb: heavy models are also evicted to stay within this.
@@ -130,9 +132,9 @@ class Orchestra:
                  plan_repairs: int | None = None, plan_fallback: str | None = None, seed: int = 0,
                  budget: Budget | dict[str, Any] | None = None, matcher: SkillMatcher | None = None,
                  keywords: KeywordConfig | None = None, recruit: RecruitConfig | None = None,
-                 grader: str | Grader = "auto", aggregator: str | None = None,
+                 grader: str | Grader | None = None, aggregator: str | None = None,
                  max_resident_models: int | None = None, memory_budget_gb: float | None = None,
-                 context_chars: int | None = None, fast_path: bool | None = None,
+                 context_chars: int | None = None, planner_max_tokens: int | None = None, fast_path: bool | None = None,
                  plan_check: bool | None = None, store: RunStore | str | Path | bool | None = None,
                  cache: bool = False, tracing: Any = False,
                  on_event: Callable[[Event], None] | None = None) -> None:
@@ -149,7 +151,7 @@ class Orchestra:
             plan_repairs=_first(plan_repairs, settings.plan_repairs, 2),
             plan_fallback=plan_fallback or settings.plan_fallback or "fail",  # type: ignore[arg-type]
             seed=seed, budget=budget if isinstance(budget, Budget) else Budget.model_validate(budget or {}),
-            planner_max_tokens=settings.planner_max_tokens or 1024,
+            planner_max_tokens=planner_max_tokens or settings.planner_max_tokens or 1024,
             context_chars=context_chars or settings.context_chars or 4000,
             fast_path=_first(fast_path, settings.fast_path, True),
             plan_check=_first(plan_check, settings.plan_check, True))
@@ -171,6 +173,7 @@ class Orchestra:
         self.executor = Executor(
             events=self.events, max_resident_models=max_resident_models or settings.max_resident_models or 1,
             memory_budget_bytes=int(memory_budget_gb * 2**30) if memory_budget_gb else None)
+        grader = _first(grader, settings.grader, "auto")
         recruit_config = dataclasses.replace(recruit or RecruitConfig(), mode=mode, k=self.options.k)
         table = self.pool.skill_table(recruit_config)
         self.env = RunEnv(pool=self.pool, executor=self.executor, events=self.events, table=table,

@@ -38,6 +38,7 @@ class EvalReport:
     model_loads: dict[str, int]
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
     failed: int = 0
+    skill_extraction_failures: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -75,4 +76,5 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str = "sy
         cost_usd=cost, cost_per_correct_usd=cost / correct if correct else None, elapsed_s=elapsed,
         model_loads=loads,
         per_category={c: {"items": t["items"], "accuracy": t["correct"] / t["items"]} for c, t in per_category.items()},
-        failed=sum(r.status != "done" for r in results))
+        failed=sum(r.status != "done" for r in results),
+        skill_extraction_failures=sum(r.usage.skill_extraction_failures for r in results))

@@ -74,6 +74,16 @@ class ExpertsRecruited(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SkillExtractionFailed(Event):
+    """A node's keyword calls named no skill; it is recruited without skills (a warning)."""
+
+    kind: ClassVar[str] = "skill_extraction_failed"
+    run_id: str
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class NodeAggregating(Event):
     """A node's expert outputs are being combined."""
 

@@ -12,6 +12,7 @@ from orchestra.datasets import Item
 from orchestra.errors import ConfigError
 
 LETTERS = "ABCDEFGHIJ"
+_LONE_LETTER = re.compile(r"\(?[A-Ja-j]\)?")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 
 
@@ -140,9 +141,10 @@ class NumericGrader:
 
 
 def normalize_text(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(word for word in text.split() if word not in ("a", "an", "the"))
+    """Lower case, no punctuation, no articles, single spaces; an answer that is only an article
+    (the letter "A") is kept."""
+    words = text.lower().translate(str.maketrans("", "", string.punctuation)).split()
+    return " ".join([word for word in words if word not in ("a", "an", "the")] or words)
 
 
 class ExactMatchGrader:
@@ -172,10 +174,14 @@ class AutoGrader:
     def __init__(self) -> None:
         self.mc, self.numeric, self.exact = MultipleChoiceGrader(), NumericGrader(), ExactMatchGrader()
 
-    def pick(self, item: Item | None) -> Grader:
-        """The grader for this item (exact match when no item is known)."""
+    def pick(self, item: Item | None, text: str = "") -> Grader:
+        """The grader for this item; with no item (voting), the one the answer's own form calls for:
+        a lone option letter ("The answer is (A)") is multiple choice, a number is numeric."""
         if item is None:
-            return self.exact
+            clause = (_answer_clause(strip_reasoning(text)) or "").strip().rstrip(".")
+            if _LONE_LETTER.fullmatch(clause):
+                return self.mc
+            return self.numeric if clause and normalize_number(clause) is not None else self.exact
         if item.choices:
             return self.mc
         if normalize_number(item.answer) is not None:
@@ -183,8 +189,8 @@ class AutoGrader:
         return self.exact
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
-        """Extract with the grader this item needs."""
-        return self.pick(item).extract(text, item)
+        """Extract with the grader this item (or, with none, this answer) needs."""
+        return self.pick(item, text).extract(text, item)
 
     def grade(self, text: str, item: Item) -> bool:
         """Grade with the grader this item needs."""

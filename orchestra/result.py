@@ -59,6 +59,8 @@ class RunUsage(BaseModel):
     cache_hits: int = 0
     cache_misses: int = 0
     replayed_calls: int = 0
+    skill_extraction_failures: int = 0
+    """Nodes whose keyword calls named no skill (they were recruited without skills)."""
 
 
 class BatchInfo(BaseModel):

@@ -36,6 +36,7 @@ from orchestra.events import (
     PlanRequested,
     RunDone,
     RunStarted,
+    SkillExtractionFailed,
 )
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, strip_reasoning
@@ -202,6 +203,7 @@ class Run:
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.user_error = False  # a failure the user must fix (key, URL, context): exit code 2
+        self.skill_extraction_failures = 0
         self._unresolved = 0
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -391,6 +393,10 @@ class Run:
             if budget_errors:
                 raise budget_errors[0]
             keywords = extractor.combine(outcomes)
+            if not keywords:  # recruiting goes on without skills; the user is told, not left guessing
+                self.skill_extraction_failures += 1
+                self.env.events.emit(SkillExtractionFailed(run_id=self.run_id, node=node_id,
+                                                           reason=extractor.failure(outcomes)))
         matches = await self.env.matcher.match(keywords, self.env.table.vocabulary)
         recruitment = self.env.recruiter.recruit(keywords, matches, seed=node_seed(self.options.seed, self.task, node_id),
                                                  k=settings.k or self.options.k, mode=mode)  # type: ignore[arg-type]
@@ -535,6 +541,7 @@ class Run:
             usage=RunUsage(calls=ledger.budget.calls, prompt_tokens=usage.prompt_tokens,
                            completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd,
                            failed_calls=ledger.failed_calls, cache_hits=ledger.answered["cache"],
+                           skill_extraction_failures=self.skill_extraction_failures,
                            cache_misses=ledger.cache_misses, replayed_calls=ledger.answered["store"]),
             batches=[BatchInfo(model=b.model, size=b.size, calls=b.calls, wave=b.wave, purpose=b.purpose)
                      for b in ledger.batches],

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestra.models import ChatRequest, ChatResult
+from orchestra.models.structured import StructuredOutputError, extract_json
 from orchestra.prompts import render
 
 
@@ -29,11 +30,43 @@ class KeywordConfig:
 
 
 def _schema(config: KeywordConfig) -> dict[str, object]:
-    return {"type": "object", "title": "KeywordList", "additionalProperties": False,
-            "required": ["keywords"],
+    # extra keys are allowed: a model that adds {"skills": [...]} beside the keywords still answered
+    return {"type": "object", "title": "KeywordList", "required": ["keywords"],
             "properties": {"keywords": {"type": "array", "minItems": 1, "maxItems": config.max_keywords,
                                         "items": {"type": "string", "minLength": 1,
                                                   "maxLength": config.max_length + 10}}}}
+
+
+#: a skill name is plain words: letters, digits, spaces and a few joiners (c++, c#, q&a, node.js, e-commerce)
+SKILL_NAME = re.compile(r"[a-z0-9][a-z0-9 +#&'./-]*")
+_TEXT_FORM = re.compile(r"keywords?\s*:\s*(.+)", re.IGNORECASE)
+
+
+def skill_names(raw: Sequence[object], max_length: int) -> list[str]:
+    """Normalised, distinct skill names from raw keywords; anything that is not plain words
+    (JSON syntax, long phrases, non-strings) is dropped, never turned into a skill."""
+    names: list[str] = []
+    for keyword in raw:
+        if not isinstance(keyword, str):
+            continue
+        cleaned = " ".join(keyword.strip().strip(".*`'\"").lower().split())
+        if cleaned and len(cleaned) <= max_length and SKILL_NAME.fullmatch(cleaned) and cleaned not in names:
+            names.append(cleaned)
+    return names
+
+
+def _listed(value: object) -> list[object] | None:
+    """The keyword list in a parsed answer: a list, ``{"keywords": [...]}``, or the first list of
+    strings under any other key (``{"skills": [...]}``, ``{"topics": [...]}``)."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        if isinstance(value.get("keywords"), list):
+            return value["keywords"]
+        for item in value.values():
+            if isinstance(item, list) and item and all(isinstance(v, str) for v in item):
+                return item
+    return None
 
 
 class SkillExtractor:
@@ -54,25 +87,25 @@ class SkillExtractor:
     def parse(self, result: ChatResult | Exception) -> list[str]:
         """The normalised keywords of one sample.
 
-        JSON (``{"keywords": [...]}``) or the paper's text form (``Keywords: a, b, c``) are both
-        read, also from an answer that failed JSON validation; a sample with neither gives none.
+        What real models send is read: JSON with extra keys or under another key, JSON inside prose
+        or code fences, and the paper's text form (``Keywords: a, b, c``), also from an answer that
+        failed JSON validation. A sample with none of these gives no keywords.
         """
         if isinstance(result, Exception):
             text, parsed = getattr(result, "text", None) or "", None
         else:
             text, parsed = result.text, result.parsed
-        if isinstance(parsed, dict) and isinstance(parsed.get("keywords"), list):
-            raw = [str(k) for k in parsed["keywords"]]
-        else:
-            found = re.findall(r"keywords?\s*:\s*(.+)", text, flags=re.IGNORECASE)
+        listed = _listed(parsed)
+        if listed is None and text.strip():
+            try:
+                listed = _listed(extract_json(text))
+            except StructuredOutputError:
+                listed = None
+        if listed is None:
+            found = _TEXT_FORM.findall(text)
             line = found[-1] if found else (text.strip() if "\n" not in text.strip() and len(text) < 120 else "")
-            raw = re.split(r"[,;]", line) if line else []
-        keywords = []
-        for keyword in raw:
-            cleaned = " ".join(keyword.strip().strip(".\"'`*[]{}").lower().split())
-            if cleaned and len(cleaned) <= self.config.max_length and cleaned not in keywords:
-                keywords.append(cleaned)
-        return keywords
+            listed = re.split(r"[,;]", line) if line else []
+        return skill_names(listed, self.config.max_length)
 
     def combine(self, results: Sequence[ChatResult | Exception]) -> list[str]:
         """Keywords produced by at least ``min_count`` samples, most frequent first."""
@@ -84,3 +117,12 @@ class SkillExtractor:
                 first_seen.setdefault(keyword, len(first_seen))
         kept = [k for k, n in counts.items() if n >= self.config.min_count]
         return sorted(kept, key=lambda k: (-counts[k], first_seen[k]))
+
+    def failure(self, results: Sequence[ChatResult | Exception]) -> str:
+        """Why ``combine`` found no skill in these samples, in one line."""
+        errors = [r for r in results if isinstance(r, Exception)]
+        if len(errors) == len(results):
+            return f"all {len(results)} keyword calls failed: {errors[0]}"
+        if any(self.parse(r) for r in results):
+            return f"no skill was named by at least {self.config.min_count} of the {len(results)} samples"
+        return f"the keyword model named no readable skill in {len(results) - len(errors)} answer(s)"

@@ -38,6 +38,7 @@ from orchestra.events import (
     PlanRequested,
     RunDone,
     RunStarted,
+    SkillExtractionFailed,
     UsageUpdated,
 )
 from orchestra.result import RunResult
@@ -106,6 +107,8 @@ class RunState:
         elif isinstance(event, ExpertsRecruited):
             node = self._node(event.node)
             node.status, node.experts, node.aggregator = "running", event.experts, event.aggregator
+        elif isinstance(event, SkillExtractionFailed):
+            self._node(event.node).detail = f"warning: no skills found ({event.reason}); recruited without skills"
         elif isinstance(event, NodeAggregating):
             self._node(event.node).status = "aggregating"
         elif isinstance(event, NodeDone):
@@ -286,6 +289,8 @@ class LogView:
                 return None
             self._retries_shown.add((event.model, event.reason))
             return f"retrying {event.model} (failed attempt {event.attempt}, next in {event.wait_s:.1f} s): {event.reason}"
+        if isinstance(event, SkillExtractionFailed):
+            return f"{event.node}: warning: no skills found ({event.reason}); recruited without skills"
         if isinstance(event, NodeDone):
             return f"{event.node}: done"
         if isinstance(event, NodeFailed):

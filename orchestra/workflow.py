@@ -261,9 +261,7 @@ class Workflow:
 def orchestra_for(workflow: Workflow, **options: Any) -> Orchestra:
     """An ``Orchestra`` on the workflow's pool with its settings, budget and seed (``options`` win)."""
     settings = workflow.spec.settings
-    defaults: dict[str, Any] = {"k": settings.k, "mode": settings.mode, "aggregate": settings.aggregate,
-                                "max_nodes": settings.max_nodes, "plan_fallback": settings.plan_fallback,
-                                "seed": workflow.spec.seed}
+    defaults: dict[str, Any] = {**settings.model_dump(exclude_none=True), "seed": workflow.spec.seed}
     if workflow.spec.budget is not None:
         defaults["budget"] = workflow.spec.budget
     defaults.update({k: v for k, v in options.items() if v is not None})
@@ -308,7 +306,8 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *,
                       completion_tokens=sum(r.usage.completion_tokens for r in results),
                       cost_usd=cost, cost_per_correct_usd=cost / correct if correct else None,
                       elapsed_s=time.perf_counter() - started, model_loads=dict(orc.executor.stats.loads),
-                      failed=sum(r.status != "done" for r in results))
+                      failed=sum(r.status != "done" for r in results),
+                      skill_extraction_failures=sum(r.usage.skill_extraction_failures for r in results))
 
 
 def run_workflow(workflow: Workflow, inputs: Mapping[str, Any], **options: Any) -> RunResult:

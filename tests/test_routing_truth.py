@@ -1,0 +1,105 @@
+"""Numbers and choices the routing reports truthfully: skills read from what real keyword models
+send, and votes that read every answer form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestra import Orchestra
+from orchestra.aggregate import Response, vote
+from orchestra.grading import AutoGrader, MultipleChoiceGrader
+from orchestra.loopback import chat_handler
+from orchestra.models import ChatResult
+from orchestra.skills import SkillExtractor
+
+from helpers import scripted_pool
+from loopback_llm import write_pool
+from test_cli import cli
+
+
+@pytest.mark.parametrize(("answer", "skills"), [
+    ('{"keywords": ["chemistry", "physics"], "skills": ["biology"]}', ["chemistry", "physics"]),
+    ('Here you go:\n```json\n{"skills": ["Organic Chemistry", "lab work"]}\n```', ["organic chemistry", "lab work"]),
+    ('The relevant ones are {"topics": ["algebra"]} I think.', ["algebra"]),
+    ('["geometry", "trigonometry"]', ["geometry", "trigonometry"]),
+    ("Keywords: algebra, geometry.", ["algebra", "geometry"]),
+    ('{"skills": ["chemistry', []),  # cut short: JSON syntax never becomes a skill name
+    ('{"keywords": [{"name": "x"}, "a very long keyword that goes on and on", "ok"]}', ["ok"]),
+])
+def test_keywords_are_read_from_what_real_models_send(answer: str, skills: list[str]) -> None:
+    assert SkillExtractor().parse(ChatResult(text=answer)) == skills
+
+
+def test_a_keyword_answer_with_an_extra_key_is_neither_repaired_nor_split(loopback, tmp_path: Path) -> None:
+    def answer(request) -> str:  # noqa: ANN001
+        if "school subjects or skills" in request.prompt:
+            return json.dumps({"keywords": ["chemistry"], "skills": ["chemistry", "lab"]})
+        return "The answer is 1"
+
+    server = loopback(chat_handler(answer))
+    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    done = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    keyword_requests = [r for r in server.requests if "school subjects or skills" in r.prompt]
+    assert len(keyword_requests) == 5  # one per sample: the extra key is no reason for a repair
+    assert data["plan"]["nodes"][0]["skills"] == ["chemistry"]
+    assert data["usage"]["skill_extraction_failures"] == 0
+
+
+def test_failed_skill_extraction_is_reported(loopback, tmp_path: Path) -> None:
+    server = loopback(chat_handler(lambda request: "I cannot help with that, sorry!\nTry again."
+                                   if "school subjects or skills" in request.prompt else "The answer is 1"))
+    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    done = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1")
+    assert done.returncode == 0, done.stderr
+    assert "answer: warning: no skills found" in done.stderr and "recruited without skills" in done.stderr
+    as_json = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1", "--json")
+    assert json.loads(as_json.stdout)["usage"]["skill_extraction_failures"] == 1
+
+
+def test_the_auto_grader_votes_letters_with_the_article_a() -> None:
+    responses = [Response("x", "Because of this, the answer is (A)"), Response("y", "The answer is (A)."),
+                 Response("z", "The answer is (B)")]
+    assert vote(responses, AutoGrader()).answer == vote(responses, MultipleChoiceGrader()).answer == "A"
+    numbers = [Response("x", "The answer is 12"), Response("y", "The answer is 12.0"), Response("z", "The answer is 7")]
+    assert vote(numbers, AutoGrader()).answer == "12"
+    words = [Response("x", "The answer is a cat"), Response("y", "The answer is the cat"), Response("z", "The answer is dog")]
+    assert vote(words, AutoGrader()).answer == "cat"
+
+
+def test_voting_through_a_run_picks_the_majority_letter() -> None:
+    answers = {"m0": "The answer is (A)", "m1": "The answer is (A)", "m2": "The answer is (B)"}
+    pool, _ = scripted_pool(3, expert=lambda name, request: answers[name])
+    result = Orchestra(pool, k=3, mode="topk", aggregate="vote", store=False).run("Which option?", plan=False)
+    assert result.answer == "The answer is (A)"
+
+
+def test_grader_is_a_flag_of_ask_and_a_pool_setting(loopback, tmp_path: Path) -> None:
+    server = loopback(chat_handler(lambda request: "The answer is (B)" if kind_of_prompt(request.prompt) == "expert"
+                                   else '{"keywords": ["general"]}'))
+    pool = write_pool(tmp_path, server.url, extra="settings: {grader: mc}\n")
+    done = cli("ask", "Which option?", "--pool", str(pool), "--no-plan", "--aggregate", "vote", "--grader", "exact",
+               "--json")
+    assert done.returncode == 0, done.stderr
+    bad = cli("ask", "Which option?", "--pool", str(pool), "--grader", "fuzzy")
+    assert bad.returncode == 2 and "fuzzy" in bad.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(pool.read_text().replace("grader: mc", "grader: fuzzy"))
+    refused = cli("agents", "--pool", str(broken))
+    assert refused.returncode == 2 and "settings.grader" in refused.stderr
+
+
+def kind_of_prompt(prompt: str) -> str:
+    return "keywords" if "school subjects or skills" in prompt else "expert"
+
+
+def test_pool_grader_setting_reaches_the_run() -> None:
+    from orchestra.agents import PoolSettings
+
+    pool, _ = scripted_pool(2, settings=PoolSettings(grader="mc", fast_path=False, plan_check=False))
+    assert Orchestra(pool, store=False).env.grader.name == "mc"
+    assert Orchestra(pool, store=False, grader="numeric").env.grader.name == "numeric"
