@@ -168,5 +168,6 @@ def off_topic_steps(plan: Plan, task: str, context: str = "") -> list[str]:
 
 
 def about_the_task(plan: Plan, task: str, context: str = "") -> bool:
-    """Whether at least half the plan's steps share content with the task (see ``off_topic_steps``)."""
-    return 2 * len(off_topic_steps(plan, task, context)) <= len(plan.subtasks)
+    """Whether every step of the plan shares content with the task (see ``off_topic_steps``); the
+    planner is asked to write each instruction in the task's own words."""
+    return not off_topic_steps(plan, task, context)

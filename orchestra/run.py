@@ -56,7 +56,7 @@ from orchestra.plan import (
 from orchestra.prompts import render
 from orchestra.recruit import Mode, Recruiter, Recruitment, SkillTable
 from orchestra.result import BatchInfo, ExpertOutput, NodeTrace, PlanTrace, RunResult, RunUsage
-from orchestra.skills import SkillExtractor
+from orchestra.skills import SkillExtractor, skill_names
 
 
 @dataclass(frozen=True)
@@ -381,7 +381,7 @@ class Run:
             return Recruitment(experts=(settings.agent,), keywords=tuple(skills), matches=(), candidates=(),
                                mode="fixed", notes=(f"{settings.agent}: fixed by the workflow",))
         mode = settings.mode or self.options.mode
-        keywords = [" ".join(s.lower().split()) for s in skills if s.strip()]
+        keywords = skill_names(skills, 40)  # a planner's skills too: plain words only
         skill_blind = mode in ("global", "random")  # these baselines ignore skills
         if not keywords and not skill_blind:
             extractor = self.env.extractor

@@ -153,6 +153,15 @@ def planned(plan: dict, task: str) -> tuple:  # noqa: ANN001
     return result, sum(kind_of(r) == "plan" for r in model.requests)
 
 
+def test_a_plan_with_a_step_off_the_task_runs_the_task_as_one_step() -> None:
+    half = {"subtasks": [{"id": "sky", "instruction": "Why is the sky blue?", "depends_on": []},
+                         {"id": "planner", "instruction": "To plan, you need to know how things work.",
+                          "depends_on": []}]}
+    task = "Why is the sky blue? Give one practical consequence."
+    result, _ = planned(half, task)
+    assert [n.instruction for n in result.plan.nodes] == [task] and "(planner)" in result.plan.note
+
+
 def test_a_plan_that_is_not_about_the_task_runs_the_task_as_one_step() -> None:
     result, planner_calls = planned(COPIED_EXAMPLE, MOON)
     assert result.status == "done" and planner_calls == 1
@@ -162,10 +171,12 @@ def test_a_plan_that_is_not_about_the_task_runs_the_task_as_one_step() -> None:
 
 def test_a_plan_about_the_task_is_kept() -> None:
     plan = {"subtasks": [
-        {"id": "facts", "instruction": "Give two facts about the Moon.", "depends_on": []},
+        {"id": "facts", "instruction": "Give two facts about the Moon.", "depends_on": [],
+         "skills": ["depends_on", "Astronomy"]},
         {"id": "tides", "instruction": "Say which fact matters most for tides.", "depends_on": ["facts"]}]}
     result, planner_calls = planned(plan, MOON)
     assert [n.id for n in result.plan.nodes] == ["facts", "tides"] and planner_calls == 1
+    assert result.node("facts").skills == ["astronomy"]  # a planner's skills are plain words too
 
 
 def test_a_short_simple_task_takes_the_fast_path_without_a_planner_call() -> None:
