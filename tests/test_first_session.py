@@ -325,3 +325,35 @@ def test_ctrl_c_names_the_run_to_resume(loopback, tmp_path: Path) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
+
+
+# --- small things a user trips on ---------------------------------------------------------------
+
+
+def test_a_binary_or_non_utf8_file_is_one_line(tmp_path: Path) -> None:
+    binary = tmp_path / "pool.yaml"
+    binary.write_bytes(b"name: x\n\x89PNG\r\n\x1a\n\x00\x00")
+    done = cli("validate", str(binary))
+    assert done.returncode == 2 and stderr_lines(done) == [f"error: {binary}:2:1: not a UTF-8 text file (byte 0x89); "
+                                                           "save it as UTF-8 text"]
+    nul = tmp_path / "nul.yaml"
+    nul.write_text("name: x\x00\n")
+    done = cli("agents", "--pool", str(nul))
+    assert done.returncode == 2 and stderr_lines(done) == [f"error: {nul}:1:8: invalid YAML: character U+0000 is not "
+                                                           "allowed in a YAML file"]
+
+
+def test_chat_shows_a_line_while_planning(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("chat", "--pool", str(pool), stdin="Write a short report, then check it\nc\n/quit\n")
+    assert done.returncode == 0 and done.stdout.index("planning…") < done.stdout.index("List the key facts")
+
+
+@pytest.mark.llama
+def test_eval_uses_the_embedded_pool_by_default(tmp_path: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "1", "question": "What is 2 + 2?", "answer": "4"}\n')
+    done = cli("eval", "--data", str(data), "--method", "single", "--json", "--no-store")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["items"] == 1 and report["model_loads"] == {"smollm2": 1}
