@@ -31,11 +31,9 @@ class Grader(Protocol):
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
         """The canonical final answer in ``text``, or None when there is none."""
-        ...
 
     def grade(self, text: str, item: Item) -> bool:
         """Whether ``text`` answers ``item`` correctly."""
-        ...
 
 
 def _answer_clause(text: str) -> str | None:
