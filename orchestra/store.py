@@ -82,6 +82,19 @@ class RunRecord:
     resumes: int
 
 
+def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:
+    """``journal_mode=WAL``: SQLite refuses the switch at once (no busy wait) while another process
+    is creating the same store, so it is retried a bounded number of times."""
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02)
+
+
 def _record(row: dict[str, Any]) -> RunRecord:
     return RunRecord(id=row["id"], task=row["task"], status=row["status"], created=row["created"],
                      updated=row["updated"], config=json.loads(row["config"]), answer=row["answer"],
@@ -125,7 +138,7 @@ class RunStore:
         if application_id != APPLICATION_ID and (application_id != 0 or tables):
             raise StoreError(f"{self.path} is a SQLite database of another program, not an Orchestra run "
                              "store; choose another file with --store")
-        db.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=30000")
         if application_id == 0:
