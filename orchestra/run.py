@@ -45,7 +45,6 @@ from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.plan import (
     Plan,
     PlanInvalid,
-    about_the_task,
     is_simple_task,
     off_topic_steps,
     parse_plan,
@@ -301,8 +300,9 @@ class Run:
                 except PlanInvalid as invalid:
                     problem = str(invalid)
                 else:
-                    if self.options.plan_check and not about_the_task(plan, self.task, self.options.context):
-                        strays = ", ".join(off_topic_steps(plan, self.task, self.options.context))
+                    strays = ", ".join(off_topic_steps(plan, self.task, self.options.context)
+                                       if self.options.plan_check else [])
+                    if strays:
                         single = Plan.single(self.task)
                         return (single, validate_plan(single), attempt,
                                 f"the planner's steps ({strays}) were not about the task; ran it as one step")
