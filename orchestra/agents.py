@@ -168,6 +168,7 @@ class PoolSettings(_Strict):
     k: int | None = Field(default=None, ge=1)
     mode: Literal["symbolic-moe", "topk", "adaptive", "global", "random"] | None = None
     aggregate: Literal["synthesize", "vote", "refine", "none"] | None = None
+    aggregator_choice: Literal["best", "per-node"] | None = None
     max_nodes: int | None = Field(default=None, ge=1)
     plan_fallback: Literal["fail", "single"] | None = None
     plan_repairs: int | None = Field(default=None, ge=0)

@@ -36,8 +36,6 @@ class Reservation(NamedTuple):
     cost_usd: float
 
 
-NOTHING_RESERVED = Reservation(0, 0.0)
-
 
 class BudgetTracker:
     """Counts one run's spending and admits or refuses each call before it is sent.
@@ -45,12 +43,17 @@ class BudgetTracker:
     A call's worst case (its prompt plus ``max_tokens`` at its model's price) is reserved while
     it is in flight, so concurrent calls cannot overshoot ``max_tokens`` or ``max_cost_usd``
     together. Totals are kept as plain numbers: this runs for every call.
+
+    ``parent`` is a budget shared by many runs (a data-set workflow's): a call must fit both, and
+    everything counted here is counted there too. A shared budget has no ``run_id``.
     """
 
-    def __init__(self, budget: Budget, run_id: str) -> None:
+    def __init__(self, budget: Budget, run_id: str | None, *, parent: BudgetTracker | None = None) -> None:
         self.budget = budget
         self.run_id = run_id
+        self.parent = parent
         self.calls = 0
+        self.requests = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cost_usd = 0.0
@@ -61,19 +64,17 @@ class BudgetTracker:
 
     @property
     def usage(self) -> Usage:
-        """Tokens and cost spent so far."""
+        """Requests, tokens and cost spent so far."""
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     cost_usd=self.cost_usd)
+                     cost_usd=self.cost_usd, requests=self.requests)
 
     def admit(self, request: ChatRequest, price: Price) -> Reservation:
-        """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it does not fit."""
+        """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it
+        does not fit this budget or the shared one."""
         budget = self.budget
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
             self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made{in_flight}")
-        if budget.max_tokens is None and budget.max_cost_usd is None:
-            self._reserved_calls += 1
-            return NOTHING_RESERVED
         prompt, answer = estimate_tokens(request.prompt_text()), request.max_tokens or 1024
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
         spent = self.prompt_tokens + self.completion_tokens
@@ -81,6 +82,12 @@ class BudgetTracker:
             self._refuse("max_tokens", budget.max_tokens, f"{spent} tokens used")
         if budget.max_cost_usd is not None and self.cost_usd + self._reserved_cost + worst.cost_usd > budget.max_cost_usd:
             self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.cost_usd:.4f} spent")
+        if self.parent is not None:
+            try:
+                self.parent.admit(request, price)
+            except BudgetExceeded as exceeded:
+                self.exceeded = exceeded
+                raise
         self._reserved_calls += 1
         self._reserved_tokens += worst.tokens
         self._reserved_cost += worst.cost_usd
@@ -92,18 +99,36 @@ class BudgetTracker:
         self._reserved_tokens -= reserved.tokens
         self._reserved_cost -= reserved.cost_usd
         if usage is not None:
-            self.count(usage)
+            self._add(usage, calls=1)
+        if self.parent is not None:
+            self.parent.settle(reserved, usage)
 
     def count(self, usage: Usage) -> None:
         """Count one call's spending (also a call answered from the store on resume: it was paid before)."""
-        self.calls += 1
+        self._add(usage, calls=1)
+        if self.parent is not None:
+            self.parent.count(usage)
+
+    def spend(self, usage: Usage) -> None:
+        """Count requests, tokens and cost that belong to no call (e.g. the embedding matcher's)."""
+        self._add(usage, calls=0)
+        if self.parent is not None:
+            self.parent.spend(usage)
+
+    def _add(self, usage: Usage, *, calls: int) -> None:
+        self.calls += calls
+        self.requests += usage.requests
         self.prompt_tokens += usage.prompt_tokens
         self.completion_tokens += usage.completion_tokens
         self.cost_usd += usage.cost_usd
 
     def _refuse(self, limit: str, value: float, state: str) -> None:
-        self.exceeded = BudgetExceeded(
-            f"budget {limit}={value:g} reached ({state}); raise it with {_FLAGS[limit]} "
-            f"(or budget.{limit} in the workflow) and run `orchestra resume {self.run_id}` to finish",
-            limit=limit)
+        if self.run_id is None:
+            message = (f"the data set's budget {limit}={value:g} is spent ({state}); raise budget.{limit} in the "
+                       f"workflow (or {_FLAGS[limit]}); each unfinished item's run can be finished with "
+                       "`orchestra resume RUN_ID`")
+        else:
+            message = (f"budget {limit}={value:g} reached ({state}); raise it with {_FLAGS[limit]} "
+                       f"(or budget.{limit} in the workflow) and run `orchestra resume {self.run_id}` to finish")
+        self.exceeded = BudgetExceeded(message, limit=limit)
         raise self.exceeded

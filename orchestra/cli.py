@@ -19,6 +19,7 @@ from orchestra.budget import Budget
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import ConfigError, OrchestraError, UserError
 from orchestra.evaluate import EvalReport
+from orchestra.profile import SkillProfile
 from orchestra.recruit import MODES, RecruitConfig
 from orchestra.result import RunResult
 from orchestra.store import RunStore
@@ -220,6 +221,8 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
 
         report = asyncio.run(aevaluate_workflow(flow, given, orchestra=orc))
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
+        if report.budget_exceeded:
+            fail(f"{report.budget_exceeded} ({report.failed} of {report.items} items unfinished)", 3)
         return
     values = flow.resolve_inputs(given)
     execute(orc, lambda run_id: arun_workflow(flow, values, orchestra=orc, run_id=run_id), opts)
@@ -256,6 +259,8 @@ def agents(pool: Path | None, as_json: bool) -> None:
                      "profiled": profile is not None, "accuracy": profile.accuracy if profile else None,
                      "competence": round(table.competence[agent.name], 4),
                      "aggregation_score": profile.aggregation_score if profile else None,
+                     "aggregation_stderr": profile.aggregation_stderr if profile else None,
+                     "aggregation_items": profile.aggregation_items if profile else None,
                      "top_skills": [f"{k} {v:+d}" for k, v in top],
                      "profile_items": profile.provenance.items if profile else None})
     if as_json:
@@ -268,7 +273,7 @@ def agents(pool: Path | None, as_json: bool) -> None:
         skills = ", ".join(row["top_skills"]) if row["profiled"] else "(declared) " + ", ".join(row["declared_skills"])
         out.add_row(row["name"], row["model"], f"{row['competence']:.3f}",
                     "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
-                    "-" if row["aggregation_score"] is None else f"{row['aggregation_score']:.2f}", skills)
+                    aggregation_cell(loaded.profiles.get(row["name"])), skills)
     terminal().print(out)
 
 
@@ -279,10 +284,11 @@ def agents(pool: Path | None, as_json: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the profiles (default: the pool's profiles folder).")
 @click.option("--grader", default="auto", type=click.Choice(["auto", "mc", "numeric", "exact"]))
-@click.option("--aggregation-items", default=30, type=click.IntRange(min=0), show_default=True)
+@click.option("--aggregation-items", type=click.IntRange(min=0),
+              help="Items in the aggregation benchmark (default: every usable item; 0: none).")
 @click.option("--seed", default=0, type=int, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_items: int, seed: int,
+def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_items: int | None, seed: int,
             as_json: bool) -> None:
     """Measure every agent on a validation set and save skill profiles."""
     from orchestra.datasets import load_dataset
@@ -314,10 +320,18 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
         table.add_column(column)
     for name, prof in report.profiles.items():
         best = ", ".join(f"{k} {v:+d}" for k, v in sorted(prof.skills.items(), key=lambda kv: -kv[1])[:3])
-        table.add_row(name, f"{prof.accuracy:.2f}", f"{prof.competence:.3f}",
-                      "-" if prof.aggregation_score is None else f"{prof.aggregation_score:.2f}", best)
+        table.add_row(name, f"{prof.accuracy:.2f}", f"{prof.competence:.3f}", aggregation_cell(prof), best)
     terminal().print(table)
+    click.echo(f"aggregation benchmark: {report.aggregation_items} item(s)")
     click.echo(f"wrote {len(written)} profiles to {target}")
+
+
+def aggregation_cell(profile: SkillProfile | None) -> str:
+    """``0.80 ±0.03`` (score and standard error), ``-`` when not measured."""
+    if profile is None or profile.aggregation_score is None:
+        return "-"
+    error = f" ±{profile.aggregation_stderr:.2f}" if profile.aggregation_stderr is not None else ""
+    return f"{profile.aggregation_score:.2f}{error}"
 
 
 @main.command(name="eval")
@@ -358,7 +372,8 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
     table.add_column("value", justify="right")
     per_correct = "-" if report.cost_per_correct_usd is None else f"${report.cost_per_correct_usd:.6f}"
     for metric, value in [("items", str(report.items)), ("accuracy", f"{report.accuracy:.3f}"),
-                          ("calls", str(report.calls)), ("cost", f"${report.cost_usd:.6f}"),
+                          ("calls", str(report.calls)), ("requests", str(report.requests)),
+                          ("cost", f"${report.cost_usd:.6f}"),
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),
                           ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),
                           ("unfinished runs", str(report.failed)),
@@ -381,16 +396,17 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     store = RunStore(store_path)
     records = store.runs(limit)
     if as_json:
-        click.echo(json.dumps([{"id": r.id, "status": r.status, "task": r.task, "created": r.created,
+        click.echo(json.dumps([{"id": r.id, "status": r.status, "task": r.task, "item": r.item, "created": r.created,
                                 "resumes": r.resumes, **store.run_totals(r.id)} for r in records], indent=2))
         return
     table = Table()
-    for column in ("run", "status", "when", "calls", "cost", "task"):
+    for column in ("run", "status", "when", "calls", "requests", "cost", "task"):
         table.add_column(column)
     for record in records:
         totals = store.run_totals(record.id)
         table.add_row(record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
-                      str(totals["calls"]), f"${totals['cost_usd']:.4f}", record.task[:60])
+                      str(totals["calls"]), str(totals["requests"]), f"${totals['cost_usd']:.4f}",
+                      record.task[:60] + (f" · item {record.item}" if record.item else ""))
     terminal().print(table)
 
 

@@ -14,14 +14,14 @@ from typing import Any, TypeVar
 
 from orchestra.agents import Pool
 from orchestra.aggregate import STRATEGIES
-from orchestra.budget import Budget
+from orchestra.budget import Budget, BudgetTracker
 from orchestra.errors import ConfigError, StoreError
 from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, get_grader
 from orchestra.matching import LexicalMatcher, SkillMatcher
 from orchestra.plan import Plan
-from orchestra.recruit import MODES, RecruitConfig, Recruiter
+from orchestra.recruit import AGGREGATOR_CHOICES, MODES, RecruitConfig, Recruiter
 from orchestra.result import RunResult
 from orchestra.run import NodeSettings, Outputs, Run, RunEnv, RunOptions
 from orchestra.skills import KeywordConfig, SkillExtractor
@@ -86,7 +86,10 @@ def _first(*values: T | None) -> T:
     return next(v for v in values if v is not None)
 
 
-def _check_choices(mode: str | None, aggregate: str | None) -> None:
+def _check_choices(mode: str | None, aggregate: str | None, aggregator_choice: str | None = None) -> None:
+    if aggregator_choice is not None and aggregator_choice not in AGGREGATOR_CHOICES:
+        raise ConfigError(f"unknown aggregator choice {aggregator_choice!r}; choose one of "
+                          f"{', '.join(AGGREGATOR_CHOICES)}")
     if mode is not None and mode not in MODES:
         raise ConfigError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
     if aggregate is not None and aggregate not in STRATEGIES:
@@ -117,6 +120,9 @@ class Orchestra:
         planner_max_tokens: the planner's answer limit.
         context_chars: the most characters of a dependency's output a node sees.
         aggregator: an agent name that always aggregates (default: best measured aggregator).
+        aggregator_choice: ``best`` (one aggregator for every node: the best measured aggregation
+            score) or ``per-node`` (each node's aggregator is the best measured aggregator on its
+            skills among the agents whose profile fits the node). A fixed ``aggregator`` wins.
         max_resident_models: heavy models kept loaded at once.
         memory_budget_gb: heavy models are also evicted to stay within this.
         store: the run store (a ``RunStore`` or a path); None means ``~/.orchestra/runs.db``,
@@ -133,6 +139,7 @@ class Orchestra:
                  budget: Budget | dict[str, Any] | None = None, matcher: SkillMatcher | None = None,
                  keywords: KeywordConfig | None = None, recruit: RecruitConfig | None = None,
                  grader: str | Grader | None = None, aggregator: str | None = None,
+                 aggregator_choice: str | None = None,
                  max_resident_models: int | None = None, memory_budget_gb: float | None = None,
                  context_chars: int | None = None, planner_max_tokens: int | None = None, fast_path: bool | None = None,
                  plan_check: bool | None = None, store: RunStore | str | Path | bool | None = None,
@@ -142,7 +149,8 @@ class Orchestra:
         settings = self.pool.settings
         mode = mode or settings.mode or "symbolic-moe"
         aggregate = aggregate or settings.aggregate or "synthesize"
-        _check_choices(mode, aggregate)
+        aggregator_choice = _first(aggregator_choice, settings.aggregator_choice, "best")
+        _check_choices(mode, aggregate, aggregator_choice)
         if aggregator is not None and aggregator not in self.pool:
             raise ConfigError(f"aggregator {aggregator!r} is not an agent of pool {self.pool.name!r}")
         self.options = RunOptions(
@@ -154,7 +162,8 @@ class Orchestra:
             planner_max_tokens=planner_max_tokens or settings.planner_max_tokens or 1024,
             context_chars=context_chars or settings.context_chars or 4000,
             fast_path=_first(fast_path, settings.fast_path, True),
-            plan_check=_first(plan_check, settings.plan_check, True))
+            plan_check=_first(plan_check, settings.plan_check, True),
+            aggregator_choice=aggregator_choice)  # type: ignore[arg-type]
         self.events = EventBus()
         if store is None or store is True:
             store = RunStore()
@@ -179,7 +188,7 @@ class Orchestra:
         self.env = RunEnv(pool=self.pool, executor=self.executor, events=self.events, table=table,
                           recruiter=Recruiter(table, recruit_config), matcher=matcher or LexicalMatcher(),
                           extractor=SkillExtractor(keywords), aggregator=self.pool.choose_aggregator(table, aggregator),
-                          grader=get_grader(grader))
+                          grader=get_grader(grader), aggregator_fixed=bool(aggregator or self.pool.aggregator))
         #: what a resume from the command line needs to rebuild this Orchestra (stored with each run)
         self.settings = {"recruit": dataclasses.asdict(recruit_config), "aggregator": aggregator,
                          "grader": grader if isinstance(grader, str) else "auto", "cache": cache}
@@ -192,7 +201,8 @@ class Orchestra:
 
     async def arun(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
                    meta: dict[str, Any] | None = None, node_settings: dict[str, NodeSettings] | None = None,
-                   final: Callable[[Outputs], str] | None = None, **overrides: Any) -> RunResult:
+                   final: Callable[[Outputs], str] | None = None, shared_budget: BudgetTracker | None = None,
+                   **overrides: Any) -> RunResult:
         """Answer ``task``.
 
         Args:
@@ -202,23 +212,26 @@ class Orchestra:
             meta: JSON-ready facts stored with the run (how to rebuild it on resume).
             node_settings: per-node recruiting, aggregation, output schema and prompt (workflows).
             final: renders the answer from the nodes' outputs instead of aggregating the sinks.
+            shared_budget: a budget this run shares with others (a data set's); its calls must fit both.
             overrides: any ``RunOptions`` field for this run only (k, mode, aggregate, seed, budget...).
         """
-        run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final, **overrides)
+        run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final,
+                             shared_budget=shared_budget, **overrides)
         self._begin(run, meta)
         return await self._finish(run)
 
     def _make_run(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
                   fixed_experts: dict[str, list[str]] | None = None, node_settings: dict[str, NodeSettings] | None = None,
-                  final: Callable[[Outputs], str] | None = None, **overrides: Any) -> Run:
+                  final: Callable[[Outputs], str] | None = None, shared_budget: BudgetTracker | None = None,
+                  **overrides: Any) -> Run:
         if not task or not task.strip():
             raise ConfigError("the task is empty")
         given = plan if isinstance(plan, Plan) else None
         if isinstance(plan, bool):
             overrides["plan"] = plan
         options = self._options(overrides)
-        ledger = RunLedger.create(run_id or new_run_id(), options.budget, journal=self.store,
-                                  cache=self.store.cache() if self.cache and self.store else None)
+        ledger = RunLedger.create(run_id or new_run_id(), options.budget, shared_budget=shared_budget,
+                                  journal=self.store, cache=self.store.cache() if self.cache and self.store else None)
         return Run(self.env, task, options, ledger, plan=given, fixed_experts=fixed_experts,
                    node_settings=node_settings, final=final)
 
@@ -311,7 +324,7 @@ class Orchestra:
         unknown = sorted(set(overrides) - set(RunOptions.__dataclass_fields__))
         if unknown:
             raise TypeError(f"unknown run option(s): {', '.join(unknown)}")
-        _check_choices(overrides.get("mode"), overrides.get("aggregate"))
+        _check_choices(overrides.get("mode"), overrides.get("aggregate"), overrides.get("aggregator_choice"))
         if isinstance(overrides.get("budget"), dict):
             overrides["budget"] = self.options.budget.merged(**overrides["budget"])
         return dataclasses.replace(self.options, **overrides)

@@ -219,6 +219,7 @@ class UsageUpdated(Event):
     kind: ClassVar[str] = "usage_updated"
     run_id: str
     calls: int
+    requests: int
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float

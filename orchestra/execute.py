@@ -18,7 +18,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orchestra.budget import NOTHING_RESERVED, Budget, BudgetTracker, Reservation
+from orchestra.budget import Budget, BudgetTracker, Reservation
 from orchestra.errors import BudgetExceeded
 from orchestra.events import (
     BatchFinished,
@@ -49,6 +49,10 @@ class CallJournal(Protocol):
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest, outcome: Outcome,
                *, purpose: str, node: str | None, source: str) -> None:
         """Commit one call's outcome before anything uses it."""
+
+    def record_embeddings(self, run_id: str, *, model: str, node: str | None, usage: Usage,
+                          keywords: list[str]) -> None:
+        """Record embedding requests made while recruiting a node (requests outside any call)."""
 
 
 class ResponseCache(Protocol):
@@ -84,13 +88,15 @@ class RunLedger:
     model_loads: Counter[str] = field(default_factory=Counter)
     answered: Counter[str] = field(default_factory=Counter)  # "cache" / "store" hits
     cache_misses: int = 0
+    cache_errors: int = 0  # answers that could not be written to the cache
     failed_calls: int = 0
     _seq: Counter[str] = field(default_factory=Counter)
 
     @classmethod
-    def create(cls, run_id: str, budget: Budget | None = None, **options: Any) -> RunLedger:
-        """A ledger with a fresh budget tracker."""
-        return cls(run_id=run_id, budget=BudgetTracker(budget or Budget(), run_id), **options)
+    def create(cls, run_id: str, budget: Budget | None = None, *, shared_budget: BudgetTracker | None = None,
+               **options: Any) -> RunLedger:
+        """A ledger with a fresh budget tracker (inside ``shared_budget`` when many runs share one)."""
+        return cls(run_id=run_id, budget=BudgetTracker(budget or Budget(), run_id, parent=shared_budget), **options)
 
     def next_seq(self, key: str) -> int:
         """How many identical requests this run made before this one."""
@@ -100,8 +106,14 @@ class RunLedger:
 
     @property
     def usage(self) -> Usage:
-        """Tokens and cost so far."""
+        """Requests, tokens and cost so far."""
         return self.budget.usage
+
+    def count_embeddings(self, usage: Usage, *, model: str, node: str | None, keywords: list[str]) -> None:
+        """Count (and journal) the embedding requests a recruitment made: requests, not calls."""
+        self.budget.spend(usage)
+        if self.journal is not None:
+            self.journal.record_embeddings(self.run_id, model=model, node=node, usage=usage, keywords=keywords)
 
 
 class _Waiter:
@@ -126,7 +138,7 @@ class _Call:
     index: int
     key: str
     seq: int
-    reserved: Reservation = NOTHING_RESERVED
+    reserved: Reservation | None = None  # set once the budget admitted the call
 
 
 @dataclass
@@ -281,7 +293,7 @@ class Executor:
                 try:
                     handled = self._answer_without_model(call)
                 except Exception as error:  # noqa: BLE001 - e.g. an unreadable store: fail this call, not the wave
-                    self._fail([call], error)
+                    self._fail([call], error, sent=False)
                     continue
                 if not handled:
                     groups.setdefault(id(call.model), []).append(call)
@@ -332,7 +344,7 @@ class Executor:
             try:
                 await self._make_resident(model, {c.ledger for c in group})
             except Exception as error:  # noqa: BLE001 - a model that cannot load fails its calls
-                self._fail(group, error)
+                self._fail(group, error, sent=False)
                 continue
             await self._send(group, wave)
 
@@ -381,7 +393,7 @@ class Executor:
                 self._finish(call, outcome)
         except Exception as error:  # noqa: BLE001 - an engine-level failure fails what is left
             failed += len(pending)
-            self._fail(list(pending.values()), error)
+            self._fail(list(pending.values()), error, sent=True)
         finally:
             retry_listener.reset(token)
         self.events.emit(BatchFinished(batch=batch, model=model.name, size=len(group), failed=failed,
@@ -389,33 +401,48 @@ class Executor:
 
     def _finish(self, call: _Call, outcome: Outcome) -> None:
         ledger = call.ledger
-        paid = getattr(outcome, "usage", None) or Usage()  # failed repairs carry what they cost
+        paid = getattr(outcome, "usage", None) or Usage()  # a failed call carries what it cost too
         if ledger.journal is not None:
             try:
                 ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request, outcome,
                                       purpose=call.purpose, node=call.node, source="model")
             except Exception as error:  # noqa: BLE001 - an answer that cannot be saved is not handed on
                 outcome = error
-        ledger.budget.settle(call.reserved, paid)
+        self._settle(call, paid)
         if isinstance(outcome, Exception):
             ledger.failed_calls += 1
         elif ledger.cache is not None:
-            ledger.cache.put(call.model.name, call.key, call.request, outcome)
+            try:
+                ledger.cache.put(call.model.name, call.key, call.request, outcome)
+            except Exception:  # noqa: BLE001 - the answer is saved in the journal; only its reuse is lost
+                ledger.cache_errors += 1
         if self.events.listeners:  # events are cheap, but not free on a hot path with nobody listening
             failed = isinstance(outcome, Exception)
             self.events.emit(CallDone(run_id=ledger.run_id, model=call.model.name, purpose=call.purpose,
                                       node=call.node, request=call.request,
                                       response=None if failed else outcome.text,  # type: ignore[union-attr]
                                       error=str(outcome) if failed else None))
-            spent = ledger.budget
-            self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=spent.calls, prompt_tokens=spent.prompt_tokens,
-                                          completion_tokens=spent.completion_tokens, cost_usd=spent.cost_usd,
-                                          cache_misses=ledger.cache_misses))
+            self.emit_usage(ledger)
         self._resolve(call, outcome)
 
-    def _fail(self, calls: list[_Call], error: Exception) -> None:
+    def emit_usage(self, ledger: RunLedger) -> None:
+        """Tell listeners a run's spending so far."""
+        spent = ledger.budget
+        self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=spent.calls, requests=spent.requests,
+                                      prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
+                                      cost_usd=spent.cost_usd, cache_misses=ledger.cache_misses))
+
+    @staticmethod
+    def _settle(call: _Call, usage: Usage | None) -> None:
+        """Release the call's reservation (if the budget admitted it) and count what it spent."""
+        if call.reserved is not None:
+            call.ledger.budget.settle(call.reserved, usage)
+            call.reserved = None
+
+    def _fail(self, calls: list[_Call], error: Exception, *, sent: bool) -> None:
+        """Fail calls that got no outcome of their own; ``sent``: they reached the model, so they count."""
         for call in calls:
-            call.ledger.budget.settle(call.reserved, None)
+            self._settle(call, (getattr(error, "usage", None) or Usage()) if sent else None)
             call.ledger.failed_calls += 1
             self._resolve(call, error)
 

@@ -12,7 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from orchestra.store import RunStore
+from orchestra.store import EMBEDDINGS, RunStore
 
 
 def run_report(store: RunStore, run_id: str) -> dict[str, Any]:
@@ -65,23 +65,25 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
             console.print(Text(f"{node['node_id']}: {node['error']}", style="red"))
 
     for index, call in enumerate(report["calls"], start=1):
-        messages = call["request"]["messages"]
         body = Text()
-        for message in messages:
+        for message in call["request"].get("messages", []):
             body.append(f"[{message['role']}]\n", style="bold cyan")
             body.append(message["content"] + "\n")
-        if call["status"] == "ok":
+        if call["purpose"] == EMBEDDINGS:
+            body.append(f"embedded to match the keywords: {', '.join(call['request'].get('keywords', []))}")
+        elif call["status"] == "ok":
             body.append("[response]\n", style="bold green")
             body.append((call["response"] or {}).get("text", ""))
         else:
             body.append("[error]\n", style="bold red")
             body.append(call["error"] or "")
         title = (f"call {index} · {call['purpose']}{' · ' + call['node'] if call['node'] else ''} · {call['model']}"
-                 f" · {call['source']} · {call['prompt_tokens']}+{call['completion_tokens']} tokens"
+                 f" · {call['source']} · {call['requests']} request{'s' if call['requests'] != 1 else ''}"
+                 f" · {call['prompt_tokens']}+{call['completion_tokens']} tokens"
                  f" · ${call['cost_usd'] or 0:.6f}")
         console.print(Panel(body, title=title, title_align="left", border_style="dim"))
 
-    console.print(Text(f"calls {totals['calls']} · tokens {totals['prompt_tokens']:,} in / "
+    console.print(Text(f"calls {totals['calls']} · requests {totals['requests']} · tokens {totals['prompt_tokens']:,} in / "
                        f"{totals['completion_tokens']:,} out · ${totals['cost_usd']:.6f}", style="bold"))
     if run["answer"]:
         console.print(Panel(Text(run["answer"]), title="answer"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -9,6 +10,8 @@ from typing import NamedTuple, Protocol
 
 from orchestra.errors import BadResponse
 from orchestra.models.http import Endpoint, display_url, shared_endpoint
+from orchestra.models.metering import charge
+from orchestra.models.types import Usage
 
 
 class Match(NamedTuple):
@@ -94,7 +97,8 @@ class LexicalMatcher:
 class EmbeddingMatcher:
     """Cosine similarity of embeddings from any OpenAI-compatible ``/v1/embeddings`` endpoint.
 
-    Embeddings are cached per text, so the vocabulary is embedded once.
+    Embeddings are cached per text, so the vocabulary is embedded once, and a text wanted by
+    several recruitments at the same time is fetched once.
 
     Args:
         model: the embedding model name.
@@ -111,23 +115,45 @@ class EmbeddingMatcher:
             base_url, api_key_env, max_concurrency=None, rpm=None, timeout=timeout, max_attempts=None,
             headers=lambda key: {"Authorization": f"Bearer {key}"} if key else {})
         self._vectors: dict[str, list[float]] = {}
+        self._fetching: dict[str, asyncio.Future[None]] = {}
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Embeddings for ``texts``, fetching only the ones not cached."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        """Embeddings for ``texts``. Each text is fetched once: texts already being fetched for
+        another recruitment are waited for, not asked again."""
+        loop = asyncio.get_running_loop()
+        fetching = {t: f for t, f in self._fetching.items() if f.get_loop() is loop}  # not a dead loop's
+        wanted = list(dict.fromkeys(texts))
+        missing = [t for t in wanted if t not in self._vectors and t not in fetching]
         if missing:
-            body = await self.endpoint.post_json("/embeddings", {"model": self.model, "input": missing},
-                                                 model=self.model)
-            try:
-                rows = sorted(body["data"], key=lambda row: row["index"])
-                vectors = [list(map(float, row["embedding"])) for row in rows]
-            except (KeyError, TypeError, ValueError):
-                raise BadResponse(f"{display_url(self.endpoint.base_url)}/embeddings returned no data[].embedding") from None
-            if len(vectors) != len(missing):
-                raise BadResponse(f"{display_url(self.endpoint.base_url)}/embeddings returned {len(vectors)} vectors "
-                                  f"for {len(missing)} inputs")
-            self._vectors.update(zip(missing, vectors))
+            fetch = asyncio.ensure_future(self._fetch(missing))  # runs in this task's context: its meter
+            for text in missing:
+                self._fetching[text] = fetching[text] = fetch
+            fetch.add_done_callback(lambda done: self._fetched(done, missing))
+        for fetch in {id(f): f for t in wanted if (f := fetching.get(t)) is not None}.values():
+            await asyncio.shield(fetch)  # a cancelled recruitment does not cancel the others' fetch
         return [self._vectors[t] for t in texts]
+
+    def _fetched(self, fetch: asyncio.Future[None], texts: list[str]) -> None:
+        for text in texts:
+            if self._fetching.get(text) is fetch:
+                del self._fetching[text]
+        if not fetch.cancelled():
+            fetch.exception()  # seen here, so a failure nobody waits for any more is not reported twice
+
+    async def _fetch(self, texts: list[str]) -> None:
+        body = await self.endpoint.post_json("/embeddings", {"model": self.model, "input": texts}, model=self.model)
+        usage = body.get("usage")
+        if isinstance(usage, dict):
+            charge(Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0)))
+        try:
+            rows = sorted(body["data"], key=lambda row: row["index"])
+            vectors = [list(map(float, row["embedding"])) for row in rows]
+        except (KeyError, TypeError, ValueError):
+            raise BadResponse(f"{display_url(self.endpoint.base_url)}/embeddings returned no data[].embedding") from None
+        if len(vectors) != len(texts):
+            raise BadResponse(f"{display_url(self.endpoint.base_url)}/embeddings returned {len(vectors)} vectors "
+                              f"for {len(texts)} inputs")
+        self._vectors.update(zip(texts, vectors))
 
     async def match(self, keywords: Sequence[str], vocabulary: Sequence[str]) -> list[Match]:
         """Map each keyword to the skill with the most similar embedding."""

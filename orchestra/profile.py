@@ -30,7 +30,13 @@ class Provenance(BaseModel):
 
 
 class SkillProfile(BaseModel):
-    """One agent's measured skills: ``{keyword: +correct -wrong}``, plus pool-relative scores."""
+    """One agent's measured skills: ``{keyword: +correct -wrong}``, plus pool-relative scores.
+
+    The aggregation benchmark's result: ``aggregation_score`` (accuracy), over ``aggregation_items``
+    items, with ``aggregation_stderr`` = sqrt(p(1-p)/n); ``aggregation_skills`` is the same benchmark
+    split by the items' keywords, ``{keyword: (correct, items)}`` (for per-node aggregator choice).
+    Profiles written before these were recorded load with them unset.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +46,9 @@ class SkillProfile(BaseModel):
     accuracy: float = Field(ge=0, le=1)
     competence: float = Field(default=0.0, ge=0)
     aggregation_score: float | None = Field(default=None, ge=0, le=1)
+    aggregation_items: int | None = Field(default=None, ge=0)
+    aggregation_stderr: float | None = Field(default=None, ge=0)
+    aggregation_skills: dict[str, tuple[int, int]] = {}
     provenance: Provenance
 
     @property
@@ -52,7 +61,8 @@ class SkillProfile(BaseModel):
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{self.agent}.json"
-        ordered = self.model_copy(update={"skills": dict(sorted(self.skills.items(), key=lambda kv: (-kv[1], kv[0])))})
+        ordered = self.model_copy(update={"skills": dict(sorted(self.skills.items(), key=lambda kv: (-kv[1], kv[0]))),
+                                          "aggregation_skills": dict(sorted(self.aggregation_skills.items()))})
         path.write_text(ordered.model_dump_json(indent=2) + "\n", encoding="utf-8")
         return path
 

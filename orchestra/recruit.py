@@ -312,12 +312,119 @@ class SeededDraws:
         return [pool.pop(int(self.uniform() * len(pool))) for _ in range(min(k, len(pool)))]
 
 
+AggregatorChoiceMode = Literal["best", "per-node"]
+AGGREGATOR_CHOICES: tuple[str, ...] = ("best", "per-node")
+
+NODE_PRIOR_ITEMS = 4.0
+"""Per-node aggregator choice: how many benchmark items the agent's overall aggregation score
+counts for when it is blended with its results on the node's own skills."""
+
+
+def aggregation_evidence(profile: SkillProfile | None) -> tuple[float, float] | None:
+    """A profile's aggregation score and its standard error (0 when not recorded), or None."""
+    if profile is None or profile.aggregation_score is None:
+        return None
+    return profile.aggregation_score, profile.aggregation_stderr or 0.0
+
+
+def near_tie_best(scored: Mapping[str, tuple[float, float]], tiebreak: Mapping[str, Sequence[float]], *,
+                  margin: float | None = None) -> tuple[str, list[str]]:
+    """The best score, near-ties broken by ``tiebreak``, then by name as a last resort.
+
+    Args:
+        scored: agent -> (score, standard error).
+        tiebreak: agent -> numbers compared in order, higher first (e.g. global competence).
+        margin: how far below the best score still counts as a tie; None means one standard error
+            of the best score (the largest, when several share it).
+
+    Returns:
+        The winner, and every agent that tied with the best (best score first).
+    """
+    best = max(score for score, _ in scored.values())
+    if margin is None:
+        margin = max(error for score, error in scored.values() if score == best)
+    tied = sorted((a for a, (score, _) in scored.items() if score >= best - margin - 1e-12),
+                  key=lambda a: -scored[a][0])
+    return max(tied, key=lambda a: (*tiebreak.get(a, ()), a)), tied
+
+
 def choose_aggregator(profiles: Mapping[str, SkillProfile], competence: Mapping[str, float],
-                      agents: Sequence[str], configured: str | None = None) -> str:
-    """The configured aggregator, else the best aggregation score, else the highest γ."""
+                      agents: Sequence[str], configured: str | None = None, *, margin: float | None = None) -> str:
+    """The configured aggregator, else the best aggregation score, else the highest γ.
+
+    Scores within one standard error of the best (``margin`` overrides it) are a near-tie: the
+    benchmark cannot tell them apart, so global competence decides, and the name only after that.
+    """
     if configured:
         return configured
-    scored = [a for a in agents if a in profiles and profiles[a].aggregation_score is not None]
+    scored = {a: evidence for a in agents if (evidence := aggregation_evidence(profiles.get(a))) is not None}
     if scored:
-        return max(scored, key=lambda a: (profiles[a].aggregation_score, competence.get(a, 0.0), a))
+        return near_tie_best(scored, {a: (competence.get(a, 0.0),) for a in scored}, margin=margin)[0]
     return max(agents, key=lambda a: (competence.get(a, 0.0), a))
+
+
+@dataclass(frozen=True)
+class NodeAggregator:
+    """Who aggregates one node under per-node choice, and why (one line for the explanation)."""
+
+    agent: str
+    reason: str
+    estimate: float | None = None
+    stderr: float | None = None
+
+    def explain(self) -> str:
+        """The explanation line."""
+        return f"aggregator {self.agent} (per node): {self.reason}"
+
+
+def node_aggregation_estimate(profile: SkillProfile, matches: Sequence[Match],
+                              prior_items: float = NODE_PRIOR_ITEMS) -> tuple[float, float, float]:
+    """An agent's expected aggregation accuracy on a node: (estimate, standard error, items of evidence).
+
+    The benchmark's items that carry the node's matched skills (each skill once, weighted by the
+    match's similarity) give ``correct / items``; it is shrunk toward the agent's overall
+    aggregation score, which counts as ``prior_items`` items: ``(c + m·A) / (n + m)``, with
+    standard error ``sqrt(p(1-p) / (n + m))``.
+    """
+    overall = profile.aggregation_score or 0.0
+    correct = items = 0.0
+    seen: set[str] = set()
+    for match in matches:
+        if match.skill in seen:
+            continue
+        seen.add(match.skill)
+        counts = profile.aggregation_skills.get(match.skill)
+        if counts:
+            correct += match.similarity * counts[0]
+            items += match.similarity * counts[1]
+    estimate = (correct + prior_items * overall) / (items + prior_items)
+    return estimate, math.sqrt(estimate * (1 - estimate) / (items + prior_items)), items
+
+
+def node_aggregator(profiles: Mapping[str, SkillProfile], competence: Mapping[str, float],
+                    recruitment: Recruitment, fallback: str, *, prior_items: float = NODE_PRIOR_ITEMS) -> NodeAggregator:
+    """Per-node aggregator recruiting: the best aggregation evidence among the agents that fit the node.
+
+    An agent fits when its profile gives the node's skills a positive suitability (the recruiter's
+    own ``s``, before any shift). Among the fitting agents with a measured aggregation score, the
+    highest ``node_aggregation_estimate`` wins; estimates within one standard error of the best are
+    a near-tie, broken by the better fit (higher ``s``), then global competence, then name. With no
+    fitting agent measured (no skills matched, a fixed expert, old profiles without a score), the
+    pool's best aggregator (``fallback``) aggregates.
+    """
+    fits = {c.agent: s for c in recruitment.candidates if (s := sum(x.score for x in c.contributions)) > 0}
+    estimates = {agent: node_aggregation_estimate(profiles[agent], recruitment.matches, prior_items)
+                 for agent in fits if aggregation_evidence(profiles.get(agent)) is not None}
+    if not estimates:
+        why = "no skill matched" if not recruitment.matches else "no agent that fits this node has a measured aggregation score"
+        return NodeAggregator(fallback, f"{why}; the pool's best aggregator")
+    winner, tied = near_tie_best({a: (e[0], e[1]) for a, e in estimates.items()},
+                                 {a: (fits[a], competence.get(a, 0.0)) for a in estimates})
+    estimate, error, items = estimates[winner]
+    overall = profiles[winner].aggregation_score or 0.0
+    reason = (f"aggregation {estimate:.2f} ±{error:.2f} on this node's skills ({items:g} benchmark item(s), "
+              f"overall {overall:.2f}), fit s={fits[winner]:+g}; best of {len(estimates)} fitting agent(s)")
+    others = [a for a in tied if a != winner]
+    if others:
+        reason += f"; near tie with {', '.join(others)}, broken by fit, then γ"
+    return NodeAggregator(winner, reason, estimate, error)

@@ -49,9 +49,16 @@ class PlanTrace(BaseModel):
 
 
 class RunUsage(BaseModel):
-    """Calls, tokens and cost of one run."""
+    """Calls, requests, tokens and cost of one run.
+
+    A *call* is one logical model call (an expert's answer, a keyword extraction...); *requests*
+    counts every HTTP request and engine generation behind the calls (retries, JSON repairs and
+    format fallbacks included) plus the embedding matcher's requests. Tokens and cost cover every
+    billed request, failed calls' included.
+    """
 
     calls: int = 0
+    requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -61,6 +68,8 @@ class RunUsage(BaseModel):
     replayed_calls: int = 0
     skill_extraction_failures: int = 0
     """Nodes whose keyword calls named no skill (they were recruited without skills)."""
+    cache_errors: int = 0
+    """Answers that could not be written to the response cache (they were saved in the store)."""
 
 
 class BatchInfo(BaseModel):

@@ -42,6 +42,7 @@ from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, strip_reasoning
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatRequest, ChatResult, Model
+from orchestra.models.metering import metering
 from orchestra.plan import (
     Plan,
     PlanInvalid,
@@ -53,7 +54,7 @@ from orchestra.plan import (
     validate_plan,
 )
 from orchestra.prompts import render
-from orchestra.recruit import Mode, Recruiter, Recruitment, SkillTable
+from orchestra.recruit import AggregatorChoiceMode, Mode, Recruiter, Recruitment, SkillTable, node_aggregator
 from orchestra.result import BatchInfo, ExpertOutput, NodeTrace, PlanTrace, RunResult, RunUsage
 from orchestra.skills import SkillExtractor, skill_names
 
@@ -77,6 +78,7 @@ class RunOptions:
     context: str = ""
     fast_path: bool = True
     plan_check: bool = True
+    aggregator_choice: AggregatorChoiceMode = "best"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -106,6 +108,8 @@ class RunEnv:
     extractor: SkillExtractor
     aggregator: Agent
     grader: Grader
+    aggregator_fixed: bool = False
+    """The aggregator was configured (``aggregator:``): it aggregates every node, whatever the choice."""
 
 
 Outputs = dict[str, dict[str, Any]]
@@ -334,7 +338,7 @@ class Run:
             trace.recruitment = recruitment
             trace.explanation = recruitment.explain()
             needs_aggregator = len(agents) > 1 and strategy in ("synthesize", "refine")
-            trace.aggregator = self.env.aggregator.name if needs_aggregator else None
+            trace.aggregator = self._node_aggregator(trace, recruitment) if needs_aggregator else None
             self.env.events.emit(ExpertsRecruited(
                 run_id=self.run_id, node=node_id, experts=recruitment.experts,
                 aggregator=trace.aggregator or "", skills=recruitment.keywords,
@@ -360,6 +364,16 @@ class Run:
             self._node_failed(trace, f"unexpected {type(error).__name__}: {error}")
         trace.elapsed_s = time.perf_counter() - started
         self._settle(node_id)
+
+    def _node_aggregator(self, trace: NodeState, recruitment: Recruitment) -> str:
+        """The node's aggregator: the pool's best, or with ``aggregator_choice="per-node"`` the best
+        measured aggregator among the agents that fit the node (a configured aggregator always wins)."""
+        env = self.env
+        if self.options.aggregator_choice != "per-node" or env.aggregator_fixed:
+            return env.aggregator.name
+        choice = node_aggregator(env.pool.profiles, env.table.competence, recruitment, env.aggregator.name)
+        trace.explanation.append(choice.explain())
+        return choice.agent
 
     def _node_failed(self, trace: NodeState, error: str) -> None:
         trace.status, trace.error = "failed", error
@@ -397,7 +411,12 @@ class Run:
                 self.skill_extraction_failures += 1
                 self.env.events.emit(SkillExtractionFailed(run_id=self.run_id, node=node_id,
                                                            reason=extractor.failure(outcomes)))
-        matches = await self.env.matcher.match(keywords, self.env.table.vocabulary)
+        with metering() as meter:  # an embedding matcher's requests belong to this run too
+            matches = await self.env.matcher.match(keywords, self.env.table.vocabulary)
+        if meter.requests:
+            self.ledger.count_embeddings(meter.usage, model=getattr(self.env.matcher, "model", "matcher"),
+                                         node=node_id, keywords=list(keywords))
+            self.env.executor.emit_usage(self.ledger)
         recruitment = self.env.recruiter.recruit(keywords, matches, seed=node_seed(self.options.seed, self.task, node_id),
                                                  k=settings.k or self.options.k, mode=mode)  # type: ignore[arg-type]
         fixed = self.fixed_experts.get(node_id)
@@ -451,7 +470,8 @@ class Run:
         self.traces[node_id].status = "aggregating"
         self.env.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=strategy))
         build = synthesize_prompt if strategy == "synthesize" else refine_prompt
-        aggregator = self.env.aggregator
+        chosen = self.traces[node_id].aggregator
+        aggregator = self.env.pool[chosen] if chosen else self.env.aggregator
         request = aggregator.request(build(self.task, instruction, responses, self.options.answer_format),
                                      seed=seed + 101, output=schema or "text")
         [outcome] = await self._call([(aggregator.model, request)],
@@ -538,11 +558,12 @@ class Run:
             run_id=self.run_id, task=self.task, status=status, answer=answer, error=error,  # type: ignore[arg-type]
             plan=PlanTrace(nodes=[state.trace() for state in self.traces.values()], attempts=self.plan_attempts,
                            note=self.plan_note),
-            usage=RunUsage(calls=ledger.budget.calls, prompt_tokens=usage.prompt_tokens,
+            usage=RunUsage(calls=ledger.budget.calls, requests=usage.requests, prompt_tokens=usage.prompt_tokens,
                            completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd,
                            failed_calls=ledger.failed_calls, cache_hits=ledger.answered["cache"],
                            skill_extraction_failures=self.skill_extraction_failures,
-                           cache_misses=ledger.cache_misses, replayed_calls=ledger.answered["store"]),
+                           cache_misses=ledger.cache_misses, replayed_calls=ledger.answered["store"],
+                           cache_errors=ledger.cache_errors),
             batches=[BatchInfo(model=b.model, size=b.size, calls=b.calls, wave=b.wave, purpose=b.purpose)
                      for b in ledger.batches],
             model_loads=loads, elapsed_s=time.perf_counter() - self.started, user_error=self.user_error,

@@ -3,7 +3,8 @@
 Each simulated agent answers an item correctly with its known accuracy on the item's skill
 (decided by a seeded hash, so runs repeat exactly). A simulated keyword LLM names the item's skill
 plus a random distractor; a simulated aggregator follows the majority and, when the responses
-disagree, recognises the right answer with its own aggregation skill. ``bench/recruit_sim.py`` and
+disagree, recognises the right answer with its own aggregation skill (optionally per skill: an
+aggregator that knows a topic recognises right answers on it more often). ``bench/recruit_sim.py`` and
 the test suite use it; so can anyone tuning recruiting settings.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestra.agents import Agent, Pool
@@ -34,12 +36,29 @@ def _uniform(*parts: object) -> float:
 
 @dataclass(frozen=True)
 class SimulatedPool:
-    """Agents with known accuracy per skill, and the items to test them on."""
+    """Agents with known accuracy per skill, and the items to test them on.
+
+    ``aggregation`` is each agent's chance to pick the right answer out of disagreeing responses,
+    on average over the skills; ``aggregation_by_skill``, when set, is that chance per skill.
+    """
 
     skills: tuple[str, ...]
     accuracy: dict[str, dict[str, float]]
     aggregation: dict[str, float]
     seed: int = 0
+    aggregation_by_skill: dict[str, dict[str, float]] | None = None
+
+    def aggregation_skill(self, agent: str, skill: str) -> float:
+        """``agent``'s chance to recognise the right answer among disagreeing responses on ``skill``."""
+        if self.aggregation_by_skill is not None:
+            return self.aggregation_by_skill[agent][skill]
+        return self.aggregation[agent]
+
+    def best_aggregator(self, skill: str | None = None) -> str:
+        """The truly best aggregator, overall or on one skill."""
+        if skill is None:
+            return max(self.agents, key=lambda a: self.aggregation[a])
+        return max(self.agents, key=lambda a: self.aggregation_skill(a, skill))
 
     @property
     def agents(self) -> list[str]:
@@ -63,12 +82,12 @@ class SimulatedPool:
             return "I cannot tell. The answer is 0"
         code, skill = int(found.group(1)), found.group(2)
         if "responses from several experts" in prompt:
-            return self._aggregate(agent, prompt, code)
+            return self._aggregate(agent, prompt, code, skill)
         right = _uniform(self.seed, agent, code) < self.accuracy[agent][skill]
         value = code if right else code + 1 + self.agents.index(agent)
         return f"Working through case {code} with {skill} knowledge. The answer is {value}"
 
-    def _aggregate(self, agent: str, prompt: str, code: int) -> str:
+    def _aggregate(self, agent: str, prompt: str, code: int, skill: str) -> str:
         section = prompt.split("Responses:", 1)[-1]
         votes = [int(v) for v in _ANSWER.findall(section)]
         if not votes:
@@ -78,7 +97,8 @@ class SimulatedPool:
         leaders = [v for v, n in counts.items() if n == top]
         if len(leaders) == 1 and top > 1:
             return f"The majority agrees. The answer is {leaders[0]}"
-        if code in votes and _uniform(self.seed, "aggregate", agent, code, len(votes)) < self.aggregation[agent]:
+        chance = self.aggregation_skill(agent, skill)
+        if code in votes and _uniform(self.seed, "aggregate", agent, code, len(votes)) < chance:
             return f"Checking each response, the correct one is clear. The answer is {code}"
         return f"The answer is {votes[0]}"
 
@@ -111,12 +131,18 @@ class SimulatedPool:
 
 
 def simulated_pool(n_agents: int = 6, skills: tuple[str, ...] = SKILLS, *, strong: float = 0.9,
-                   mean: float = 0.5, spread: float = 0.2, seed: int = 0) -> SimulatedPool:
+                   mean: float = 0.5, spread: float = 0.2, seed: int = 0,
+                   aggregation_levels: Sequence[float] | None = None,
+                   topical_aggregation: float = 0.0) -> SimulatedPool:
     """Agents equally good overall, each the best at different skills.
 
     Agent ``i`` has accuracy ``strong`` on skills ``i``, ``i + n_agents``...; its other skills
     scatter (seeded, by up to ``spread``) around the level that makes its mean accuracy ``mean``.
     So no agent is best overall, and only per-item routing can reach the per-skill oracle.
+
+    Aggregation skill is seeded at random in [0.3, 0.9], or ``aggregation_levels`` handed out to the
+    agents in a seeded order (e.g. 0.07 apart). With ``topical_aggregation`` w > 0, an agent's
+    aggregation skill on a topic is ``(1 - w) · level + w · accuracy on the topic``.
     """
     accuracy: dict[str, dict[str, float]] = {}
     aggregation: dict[str, float] = {}
@@ -131,4 +157,16 @@ def simulated_pool(n_agents: int = 6, skills: tuple[str, ...] = SKILLS, *, stron
         name = f"expert{a}"
         accuracy[name] = {skill: table[skill] for skill in skills}
         aggregation[name] = round(0.3 + 0.6 * _uniform(seed, "aggregation", a), 3)
-    return SimulatedPool(skills=tuple(skills), accuracy=accuracy, aggregation=aggregation, seed=seed)
+    if aggregation_levels is not None:
+        if len(aggregation_levels) != n_agents:
+            raise ValueError("aggregation_levels needs one level per agent")
+        order = sorted(aggregation, key=lambda name: _uniform(seed, "aggregation order", name))
+        aggregation = {name: aggregation_levels[order.index(name)] for name in aggregation}
+    by_skill = None
+    if topical_aggregation:
+        w = topical_aggregation
+        by_skill = {name: {skill: round((1 - w) * aggregation[name] + w * accuracy[name][skill], 4)
+                           for skill in skills} for name in aggregation}
+        aggregation = {name: round(sum(table.values()) / len(table), 4) for name, table in by_skill.items()}
+    return SimulatedPool(skills=tuple(skills), accuracy=accuracy, aggregation=aggregation, seed=seed,
+                         aggregation_by_skill=by_skill)

@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,9 @@ from orchestra.resources import orchestra_home
 from orchestra.result import RunResult
 
 APPLICATION_ID = 0x4F524348  # "ORCH"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Purpose of the rows that record the embedding matcher's requests (requests outside any call).
+EMBEDDINGS = "embedding"
 _QUIET_EVENTS = {"usage_updated", "calls_queued", "call_done"}  # calls live in their own table
 
 _SCHEMA = """
@@ -51,7 +54,8 @@ CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
     model TEXT NOT NULL, purpose TEXT, node TEXT, request TEXT NOT NULL, response TEXT,
     status TEXT NOT NULL, source TEXT NOT NULL, error TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
-    cost_usd REAL, latency_s REAL, created REAL NOT NULL, UNIQUE (run_id, key, seq));
+    cost_usd REAL, latency_s REAL, created REAL NOT NULL, requests INTEGER NOT NULL DEFAULT 1,
+    UNIQUE (run_id, key, seq));
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, run_id TEXT, kind TEXT NOT NULL, at REAL NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS cache (
@@ -80,6 +84,11 @@ class RunRecord:
     answer: str | None
     error: str | None
     resumes: int
+
+    @property
+    def item(self) -> str | None:
+        """The data-set item this run answered, for runs of a data-set workflow."""
+        return (self.config.get("meta") or {}).get("item")
 
 
 def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:
@@ -150,7 +159,18 @@ class RunStore:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} was written by a newer Orchestra (schema {version}); upgrade Orchestra")
+        if version < SCHEMA_VERSION:
+            self._migrate(version)
         db.execute("SELECT count(*) FROM runs").fetchone()  # fails early on a damaged file
+
+    def _migrate(self, version: int) -> None:
+        """Bring a store written by an older Orchestra up to this schema."""
+        with self._transaction() as db:
+            if version < 2:  # requests per call (1 was all an old store could know)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
+                if "requests" not in columns:
+                    db.execute("ALTER TABLE calls ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -234,11 +254,16 @@ class RunStore:
         return [_record(row) for row in self._query("SELECT * FROM runs ORDER BY created DESC LIMIT ?", (limit,))]
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
-        """Calls, tokens and cost recorded for a run."""
+        """Calls (failed ones included), requests, tokens and cost the run's models were sent and billed.
+
+        Calls answered from the cache cost nothing and are not counted; rows that record requests
+        outside any call (the embedding matcher's) count as requests only.
+        """
         rows = self._query(
-            "SELECT count(*) AS calls, coalesce(sum(prompt_tokens),0) AS prompt_tokens, "
-            "coalesce(sum(completion_tokens),0) AS completion_tokens, coalesce(sum(cost_usd),0) AS cost_usd "
-            "FROM calls WHERE run_id = ? AND status = 'ok' AND source = 'model'", (run_id,))
+            "SELECT coalesce(sum(purpose != ?), 0) AS calls, coalesce(sum(requests), 0) AS requests, "
+            "coalesce(sum(prompt_tokens),0) AS prompt_tokens, coalesce(sum(completion_tokens),0) AS completion_tokens, "
+            "coalesce(sum(cost_usd),0) AS cost_usd FROM calls WHERE run_id = ? AND source = 'model'",
+            (EMBEDDINGS, run_id))
         return rows[0]
 
     # --- the call journal ------------------------------------------------------------------
@@ -251,24 +276,39 @@ class RunStore:
 
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest,
                outcome: ChatResult | Exception, *, purpose: str, node: str | None, source: str) -> None:
-        """Commit one call's outcome. A success replaces an earlier error for the same call."""
+        """Commit one call's outcome with what it cost. A success replaces an earlier error for the same call."""
         now = time.time()
+        canonical = json.dumps(request.canonical(), ensure_ascii=False)
         if isinstance(outcome, Exception):
-            values = (run_id, key, seq, model, purpose, node, json.dumps(request.canonical(), ensure_ascii=False),
-                      None, "error", source, f"{type(outcome).__name__}: {outcome}", 0, 0, 0.0, 0.0, now)
+            usage = getattr(outcome, "usage", None) or Usage()
+            values = (run_id, key, seq, model, purpose, node, canonical, None, "error", source,
+                      f"{type(outcome).__name__}: {outcome}", usage.prompt_tokens, usage.completion_tokens,
+                      usage.cost_usd, 0.0, now, usage.requests)
         else:
             usage = outcome.usage if source == "model" else Usage()
-            values = (run_id, key, seq, model, purpose, node, json.dumps(request.canonical(), ensure_ascii=False),
-                      _result_json(outcome), "ok", source, None, usage.prompt_tokens, usage.completion_tokens,
-                      usage.cost_usd, outcome.latency_s, now)
+            values = (run_id, key, seq, model, purpose, node, canonical, _result_json(outcome), "ok", source, None,
+                      usage.prompt_tokens, usage.completion_tokens, usage.cost_usd, outcome.latency_s, now,
+                      usage.requests)
         self._execute(
             "INSERT INTO calls (run_id, key, seq, model, purpose, node, request, response, status, source, error, "
-            "prompt_tokens, completion_tokens, cost_usd, latency_s, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "prompt_tokens, completion_tokens, cost_usd, latency_s, created, requests) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(run_id, key, seq) DO UPDATE SET response=excluded.response, status=excluded.status, "
             "source=excluded.source, error=excluded.error, prompt_tokens=excluded.prompt_tokens, "
             "completion_tokens=excluded.completion_tokens, cost_usd=excluded.cost_usd, "
-            "latency_s=excluded.latency_s, created=excluded.created WHERE calls.status != 'ok'", values)
+            "latency_s=excluded.latency_s, created=excluded.created, requests=excluded.requests "
+            "WHERE calls.status != 'ok'", values)
+
+    def record_embeddings(self, run_id: str, *, model: str, node: str | None, usage: Usage,
+                          keywords: list[str]) -> None:
+        """Record the embedding requests made while recruiting a node (requests outside any call)."""
+        self._execute(
+            "INSERT INTO calls (run_id, key, seq, model, purpose, node, request, response, status, source, error, "
+            "prompt_tokens, completion_tokens, cost_usd, latency_s, created, requests) "
+            "VALUES (?, ?, 0, ?, ?, ?, ?, NULL, 'ok', 'model', NULL, ?, ?, ?, 0.0, ?, ?)",
+            (run_id, f"{EMBEDDINGS}:{uuid.uuid4().hex}", model, EMBEDDINGS, node,
+             json.dumps({"keywords": keywords}, ensure_ascii=False),
+             usage.prompt_tokens, usage.completion_tokens, usage.cost_usd, time.time(), usage.requests))
 
     def calls(self, run_id: str) -> list[dict[str, Any]]:
         """Every recorded call of a run, in order, with request and response parsed."""

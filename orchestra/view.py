@@ -82,6 +82,7 @@ class RunState:
     nodes: dict[str, _Node] = field(default_factory=dict)
     models: dict[str, _ModelRow] = field(default_factory=dict)
     calls: int = 0
+    requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -143,7 +144,7 @@ class RunState:
         elif isinstance(event, CallRetried):
             self.retries += 1
         elif isinstance(event, UsageUpdated):
-            self.calls, self.prompt_tokens = event.calls, event.prompt_tokens
+            self.calls, self.requests, self.prompt_tokens = event.calls, event.requests, event.prompt_tokens
             self.completion_tokens, self.cost_usd = event.completion_tokens, event.cost_usd
             self.cache_misses = event.cache_misses
         elif isinstance(event, RunDone):
@@ -166,7 +167,7 @@ class RunState:
         extra = f" · cache {self.cache_hits} hit / {self.cache_misses} miss" if cached else ""
         extra += f" · replayed {self.replayed}" if self.replayed else ""
         extra += f" · retries {self.retries}" if self.retries else ""
-        return (f"calls {self.calls} · tokens {self.prompt_tokens:,} in / {self.completion_tokens:,} out · "
+        return (f"calls {self.calls} · requests {self.requests} · tokens {self.prompt_tokens:,} in / {self.completion_tokens:,} out · "
                 f"${self.cost_usd:.4f}{extra} · {self.elapsed:.1f} s")
 
 
@@ -321,8 +322,8 @@ def print_result(console: Console, result: RunResult, *, rich_output: bool, erro
 
 
 def summary_line(result: RunResult) -> str:
-    """``run ID · status · calls · cost · time``."""
+    """``run ID · status · calls · requests · tokens · cost · time``."""
     usage = result.usage
-    return (f"run {result.run_id} · {result.status} · {usage.calls} calls · "
+    return (f"run {result.run_id} · {result.status} · {usage.calls} calls · {usage.requests} requests · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · ${usage.cost_usd:.4f} · "
             f"{result.elapsed_s:.1f} s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,11 +20,11 @@ from jinja2.meta import find_undeclared_variables
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestra.agents import Pool, PoolSettings
-from orchestra.budget import Budget
+from orchestra.budget import Budget, BudgetTracker
 from orchestra.core import Orchestra, run_sync
 from orchestra.datasets import load_dataset
 from orchestra.errors import ConfigError
-from orchestra.evaluate import EvalReport
+from orchestra.evaluate import EvalReport, grade_runs, loads_since
 from orchestra.grading import answer_format, get_grader
 from orchestra.plan import ID_PATTERN, Plan, Subtask
 from orchestra.result import RunResult
@@ -269,8 +270,10 @@ def orchestra_for(workflow: Workflow, **options: Any) -> Orchestra:
 
 
 async def arun_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
-                        run_id: str | None = None) -> RunResult:
-    """Run a workflow with ``inputs`` (strings are converted to the declared types)."""
+                        run_id: str | None = None, meta_extra: dict[str, Any] | None = None,
+                        **overrides: Any) -> RunResult:
+    """Run a workflow with ``inputs`` (strings are converted to the declared types); ``meta_extra``
+    is stored with the run, ``overrides`` go to ``Orchestra.arun`` (a seed, a shared budget...)."""
     values = workflow.resolve_inputs(inputs)
     orc = orchestra or orchestra_for(workflow)
     plan = workflow.plan()
@@ -278,36 +281,42 @@ async def arun_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orches
     return await orc.arun(workflow.task(values), plan=plan if plan is not None else True, run_id=run_id,
                           node_settings=workflow.node_settings(values), final=workflow.final(values),
                           meta={"kind": "workflow", "workflow": str(workflow.path.resolve()), "inputs": values,
-                                "pool": str(pool.resolve()) if pool else None})
+                                "pool": str(pool.resolve()) if pool else None, **(meta_extra or {})}, **overrides)
 
 
 async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *,
                              orchestra: Orchestra | None = None) -> EvalReport:
     """Run the workflow once per data-set item (``inputs.question`` and ``inputs.answer_format`` set per
-    item), all runs on one executor so their calls batch per model, and grade the answers."""
+    item), all runs on one executor so their calls batch per model, and grade the answers.
+
+    The Orchestra's budget (the workflow's ``budget:``, or the command line's) bounds the whole data
+    set; each item's run keeps the default per-run limits inside it. Each item gets its own seed
+    (from the workflow's seed and the item's id), so recruiting varies from item to item as it would
+    over separate runs.
+    """
     spec = workflow.spec.dataset
     if spec is None:
         raise ConfigError("this workflow has no dataset to evaluate", path=str(workflow.path))
     dataset = load_dataset(workflow.path.parent / spec.path)
     items = list(dataset.items[: spec.limit] if spec.limit else dataset.items)
     orc = orchestra or orchestra_for(workflow)
-    grader = get_grader(spec.grader)
+    shared = BudgetTracker(orc.options.budget, None)
+    loads_before = dict(orc.executor.stats.loads)
     started = time.perf_counter()
     results = await asyncio.gather(*(
         arun_workflow(workflow, {**inputs, "question": item.prompt(),
                                  **({"answer_format": answer_format(item)} if "answer_format" in workflow.spec.inputs
-                                    else {})}, orchestra=orc)
+                                    else {})}, orchestra=orc, shared_budget=shared, budget=Budget(),
+                      seed=item_seed(orc.options.seed, item.id), meta_extra={"item": item.id})
         for item in items))
-    verdicts = [bool(r.answer) and grader.grade(r.answer or "", item) for r, item in zip(results, items)]
-    correct, cost = sum(verdicts), sum(r.usage.cost_usd for r in results)
-    return EvalReport(method=workflow.name, items=len(items), correct=correct, accuracy=correct / len(items),
-                      calls=sum(r.usage.calls for r in results),
-                      prompt_tokens=sum(r.usage.prompt_tokens for r in results),
-                      completion_tokens=sum(r.usage.completion_tokens for r in results),
-                      cost_usd=cost, cost_per_correct_usd=cost / correct if correct else None,
-                      elapsed_s=time.perf_counter() - started, model_loads=dict(orc.executor.stats.loads),
-                      failed=sum(r.status != "done" for r in results),
-                      skill_extraction_failures=sum(r.usage.skill_extraction_failures for r in results))
+    return grade_runs(workflow.name, items, results, get_grader(spec.grader), elapsed_s=time.perf_counter() - started,
+                      model_loads=loads_since(orc, loads_before),
+                      budget_exceeded=str(shared.exceeded) if shared.exceeded else None)
+
+
+def item_seed(seed: int, item_id: str) -> int:
+    """The seed of one data-set item's run: the workflow's seed and the item's id."""
+    return zlib.crc32(f"{seed}:item:{item_id}".encode())
 
 
 def run_workflow(workflow: Workflow, inputs: Mapping[str, Any], **options: Any) -> RunResult:

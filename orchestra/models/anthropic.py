@@ -34,6 +34,8 @@ class Anthropic(ModelBase):
         max_concurrency, rpm, timeout, max_attempts, prices, name: as for ``OpenAICompatible``.
     """
 
+    counts_requests = True  # the endpoint counts every attempt it sends
+
     def __init__(self, *, model: str, base_url: str = ANTHROPIC_URL, api_key_env: str | None = "ANTHROPIC_API_KEY",
                  max_tokens: int = 1024, max_concurrency: int | None = None, rpm: float | None = None,
                  timeout: float | None = None, max_attempts: int | None = None,

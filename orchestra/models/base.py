@@ -12,8 +12,9 @@ from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from orchestra.errors import BadResponse, ModelRequestsForbidden
+from orchestra.models.metering import charge, count_request, metering
 from orchestra.models.structured import StructuredOutputError, parse_output, repair_request
-from orchestra.models.types import ChatRequest, ChatResult
+from orchestra.models.types import ChatRequest, ChatResult, Usage
 
 #: False makes every real (non-test-double) model request raise ``ModelRequestsForbidden``.
 #: The test suite turns it off; a test opts back in with ``allow_model_requests()``.
@@ -98,6 +99,9 @@ class ModelBase(abc.ABC):
     name: str
     concurrent: ClassVar[bool] = True
     is_test_double: ClassVar[bool] = False
+    #: True when the transport counts every request it sends (HTTP endpoints count each attempt);
+    #: otherwise each generation counts as one request.
+    counts_requests: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def _generate(self, request: ChatRequest) -> ChatResult:
@@ -145,24 +149,58 @@ class ModelBase(abc.ABC):
                 "wrap the test in orchestra.models.allow_model_requests()")
 
     async def complete_one(self, request: ChatRequest) -> ChatResult:
-        """One request, parsed if structured; an invalid structured answer gets one repair attempt."""
+        """One request, parsed if structured; an invalid structured answer gets one repair attempt.
+
+        The result's (or the error's) ``usage`` counts every request the call took and every
+        billed token, the repair's included.
+        """
         self.check_allowed()
         started = time.perf_counter()
-        result = await self._generate(request)
+        with metering() as meter:
+            try:
+                step = self.parse_or_repair(request, await self._metered(request))
+                if isinstance(step, ChatRequest):
+                    step = self.parse_repaired(request, await self._metered(step))
+            except Exception as error:
+                with_usage(error, meter.usage)
+                raise
+        return step.model_copy(update={"usage": meter.usage, "latency_s": time.perf_counter() - started})
+
+    async def _metered(self, request: ChatRequest) -> ChatResult:
+        """One generation, counted as a request (unless the transport counts its own) and charged."""
+        if not self.counts_requests:
+            count_request()
+        try:
+            result = await self._generate(request)
+        except Exception as error:
+            charge(getattr(error, "usage", None))  # a billed failure (e.g. a body without choices)
+            raise
+        charge(result.usage)
+        return result
+
+    def parse_or_repair(self, request: ChatRequest, result: ChatResult) -> ChatResult | ChatRequest:
+        """``result`` with its parsed value, or the repair request to send when its JSON is invalid."""
         if not request.wants_json or result.parsed is not None:
-            result.latency_s = time.perf_counter() - started
             return result
         try:
-            parsed = parse_output(result.text, request)
+            return result.model_copy(update={"parsed": parse_output(result.text, request)})
         except StructuredOutputError as error:
-            repaired = await self._generate(repair_request(request, result.text, error))
-            try:
-                parsed = parse_output(repaired.text, request)
-            except StructuredOutputError as second:
-                failure = BadResponse(f"{self.name} returned invalid JSON for {request.schema_name} "
-                                      f"even after one repair attempt: {second}")
-                failure.usage = result.usage + repaired.usage
-                failure.text = repaired.text
-                raise failure from None
-            result = repaired.model_copy(update={"usage": result.usage + repaired.usage})
-        return result.model_copy(update={"parsed": parsed, "latency_s": time.perf_counter() - started})
+            return repair_request(request, result.text, error)
+
+    def parse_repaired(self, request: ChatRequest, repaired: ChatResult) -> ChatResult:
+        """The repaired answer parsed; still invalid is a ``BadResponse`` carrying the answer's text."""
+        try:
+            return repaired.model_copy(update={"parsed": parse_output(repaired.text, request)})
+        except StructuredOutputError as error:
+            failure = BadResponse(f"{self.name} returned invalid JSON for {request.schema_name} "
+                                  f"even after one repair attempt: {error}")
+            failure.text = repaired.text
+            raise failure from None
+
+
+def with_usage(outcome: ChatResult | Exception, usage: Usage) -> ChatResult | Exception:
+    """``outcome`` carrying ``usage``: a result's copy, or the error itself with a ``usage`` attribute."""
+    if isinstance(outcome, Exception):
+        outcome.usage = usage  # type: ignore[attr-defined]
+        return outcome
+    return outcome.model_copy(update={"usage": usage})

@@ -25,6 +25,7 @@ from orchestra.errors import (
     RequestTimeout,
 )
 from orchestra.models.base import notify_retry
+from orchestra.models.metering import count_request
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
@@ -186,6 +187,7 @@ class Endpoint:
             state.busy[shard] += 1
             state.in_flight += 1
             state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+            count_request()
             try:
                 response = await state.clients[shard].post(url, json=payload, headers=headers)
             except httpx.TimeoutException:

@@ -46,6 +46,8 @@ class OpenAICompatible(ModelBase):
         extra_body: extra fields sent with every request.
     """
 
+    counts_requests = True  # the endpoint counts every attempt it sends
+
     def __init__(self, *, model: str, base_url: str = OPENAI_URL, api_key_env: str | None | Literal["auto"] = "auto",
                  max_concurrency: int | None = None, rpm: float | None = None, timeout: float | None = None,
                  max_attempts: int | None = None, prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
@@ -106,15 +108,18 @@ class OpenAICompatible(ModelBase):
         return payload
 
     def _result(self, body: dict[str, Any]) -> ChatResult:
+        reported = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         try:
             choice = body["choices"][0]
             text = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise BadResponse(f"{display_url(self.endpoint.base_url)} returned no choices[0].message for {self.model}") from None
-        usage = body.get("usage") or {}
+            failure = BadResponse(f"{display_url(self.endpoint.base_url)} returned no choices[0].message for {self.model}")
+            failure.usage = reported_usage(self.price, reported.get("prompt_tokens"),  # billed all the same
+                                           reported.get("completion_tokens") or 0, "")
+            raise failure from None
         return ChatResult(text=text, model=self.name, finish_reason=choice.get("finish_reason"),
-                          usage=reported_usage(self.price, usage.get("prompt_tokens"), usage.get("completion_tokens"),
-                                               text))
+                          usage=reported_usage(self.price, reported.get("prompt_tokens"),
+                                               reported.get("completion_tokens"), text))
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

@@ -123,19 +123,25 @@ class ChatRequest(BaseModel):
 
 
 class Usage(BaseModel):
-    """Tokens spent and their price. Adding two gives their sum."""
+    """Requests sent, tokens spent and their price. Adding two gives their sum.
+
+    ``requests`` counts every HTTP request and engine generation behind a call: retries,
+    structured-output repairs and format fallbacks included.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    requests: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             cost_usd=self.cost_usd + other.cost_usd,
+            requests=self.requests + other.requests,
         )
 
     @property

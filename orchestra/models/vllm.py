@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, ClassVar
 
 from orchestra.errors import BadResponse, MissingDependency
-from orchestra.models.base import ModelBase, Outcome
-from orchestra.models.structured import StructuredOutputError, parse_output, repair_request
+from orchestra.models.base import ModelBase, Outcome, with_usage
+from orchestra.models.metering import Meter
 from orchestra.models.types import ChatRequest, ChatResult, Usage
 
 
@@ -121,31 +121,31 @@ class VLLM(ModelBase):
         return result
 
     async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
-        """One ``LLM.chat`` over the batch; invalid structured answers are repaired in one more batch."""
+        """One ``LLM.chat`` over the batch; invalid structured answers are repaired in one more batch.
+
+        Parsing and repair are the shared ones (``parse_or_repair``, ``parse_repaired``); each
+        outcome's usage counts its generations, the repair's included.
+        """
         self.check_allowed()
         if not self.loaded:
             await self.load()
-        results = await self._chat(list(requests))
-        outcomes: dict[int, ChatResult | Exception] = {}
-        repairs: list[tuple[int, ChatRequest]] = []
-        for index, (request, result) in enumerate(zip(requests, results)):
-            if not request.wants_json:
-                outcomes[index] = result
-                continue
-            try:
-                outcomes[index] = result.model_copy(update={"parsed": parse_output(result.text, request)})
-            except StructuredOutputError as error:
-                repairs.append((index, repair_request(request, result.text, error)))
+        meters = [Meter() for _ in requests]
+        steps: list[ChatResult | ChatRequest | Exception] = []
+        for meter, request, result in zip(meters, requests, await self._chat(list(requests))):
+            meter.requests += 1
+            meter.charge(result.usage)
+            steps.append(self.parse_or_repair(request, result))
+        repairs = [(index, step) for index, step in enumerate(steps) if isinstance(step, ChatRequest)]
         if repairs:
-            repaired = await self._chat([request for _, request in repairs])
-            for (index, request), result in zip(repairs, repaired):
+            for (index, _), result in zip(repairs, await self._chat([step for _, step in repairs])):
+                meters[index].requests += 1
+                meters[index].charge(result.usage)
                 try:
-                    outcomes[index] = result.model_copy(update={"parsed": parse_output(result.text, request)})
-                except StructuredOutputError as error:
-                    outcomes[index] = BadResponse(f"{self.name} returned invalid JSON for {request.schema_name} "
-                                                  f"even after one repair attempt: {error}")
-        for index in range(len(requests)):
-            yield index, outcomes[index]
+                    steps[index] = self.parse_repaired(requests[index], result)
+                except BadResponse as failure:
+                    steps[index] = failure
+        for index, step in enumerate(steps):  # every repair request was replaced by its outcome
+            yield index, with_usage(step, meters[index].usage)  # type: ignore[arg-type]
 
     async def _chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
         conversations = [[m.model_dump() for m in r.messages] for r in requests]

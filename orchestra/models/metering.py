@@ -1,0 +1,63 @@
+"""Metering: what one call really cost, counted where the requests are sent.
+
+A logical *call* (one expert answer, one keyword extraction...) may take several *requests*:
+retries after a 5xx or 429, a structured-output repair, a fallback to a simpler JSON mode. The
+model layer opens a ``Meter`` around each call; the HTTP endpoint counts every attempt it sends,
+engines count every generation, and every billed response adds its tokens. Code outside a call
+(the embedding matcher) opens its own meter to count its requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from orchestra.models.types import Usage
+
+
+@dataclass
+class Meter:
+    """Requests and billed usage accumulated by one call (or one piece of work outside a call)."""
+
+    requests: int = 0
+    billed: Usage = field(default_factory=Usage)
+
+    def charge(self, usage: Usage | None) -> None:
+        """Add the tokens and cost of one billed response."""
+        if usage is not None:
+            self.billed = self.billed + usage.model_copy(update={"requests": 0})
+
+    @property
+    def usage(self) -> Usage:
+        """Everything counted so far, ``requests`` included."""
+        return self.billed.model_copy(update={"requests": self.requests})
+
+
+_current: ContextVar[Meter | None] = ContextVar("orchestra_meter", default=None)
+
+
+@contextlib.contextmanager
+def metering(meter: Meter | None = None) -> Iterator[Meter]:
+    """Count the requests sent (and usage charged) by the code inside, in this task."""
+    meter = meter or Meter()
+    token = _current.set(meter)
+    try:
+        yield meter
+    finally:
+        _current.reset(token)
+
+
+def count_request() -> None:
+    """Count one request sent on the wire (or one engine generation) against the open meter."""
+    meter = _current.get()
+    if meter is not None:
+        meter.requests += 1
+
+
+def charge(usage: Usage | None) -> None:
+    """Charge a billed response's tokens to the open meter."""
+    meter = _current.get()
+    if meter is not None:
+        meter.charge(usage)

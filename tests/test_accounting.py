@@ -1,0 +1,252 @@
+"""Calls, requests, tokens and budgets: what Orchestra reports must equal what the endpoints saw."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestra import Agent, Budget, Orchestra, Pool
+from orchestra.execute import Executor, RunLedger
+from orchestra.loopback import LoopbackRequest, Reply, chat_handler, error_reply
+from orchestra.matching import EmbeddingMatcher
+from orchestra.models import ChatRequest, FunctionModel
+from orchestra.store import RunStore
+
+from helpers import KEYWORDS_MARK, scripted_pool
+from loopback_llm import write_pool
+from test_cli import cli
+
+
+class BilledServer:
+    """A scripted endpoint that keeps its own books: requests seen and tokens billed, per kind."""
+
+    def __init__(self, *, failing_model: str | None = None) -> None:
+        self.failing_model = failing_model  # every expert request to it fails with HTTP 500
+        self.seen: Counter[str] = Counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.lock = threading.Lock()
+        self.inner = chat_handler(self.answer)
+
+    def answer(self, request: LoopbackRequest) -> str | Reply:
+        payload = request.json() or {}
+        kind = "keywords" if KEYWORDS_MARK in request.prompt else "expert"
+        if "responses from several experts" in request.prompt:
+            kind = "aggregate"
+        with self.lock:
+            self.seen[kind] += 1
+            self.seen[payload.get("model", "?")] += 1
+            count = self.seen[kind]
+            schema_refused = self.seen["json_schema refused"]
+            if payload.get("response_format", {}).get("type") == "json_schema" and not schema_refused:
+                self.seen["json_schema refused"] += 1
+                return error_reply(400, "response_format json_schema is not supported")
+        if kind == "keywords":
+            if count == 2:
+                return error_reply(503, "overloaded")  # retried
+            if count == 3:
+                return "I would say chemistry, mostly."  # no JSON: repaired
+            return json.dumps({"keywords": ["chemistry"]})
+        if kind == "expert" and payload.get("model") == self.failing_model:
+            return error_reply(500, "expert crashed")
+        return "The answer is 7"
+
+    async def __call__(self, request: LoopbackRequest) -> Reply:
+        reply = await self.inner(request)
+        usage = (reply.body or {}).get("usage") if isinstance(reply.body, dict) else None
+        if usage:
+            with self.lock:
+                self.prompt_tokens += usage["prompt_tokens"]
+                self.completion_tokens += usage["completion_tokens"]
+        return reply
+
+
+def _totals(data: dict[str, Any]) -> tuple[int, int, int, int]:
+    return data["calls"], data["requests"], data["prompt_tokens"], data["completion_tokens"]
+
+
+def test_calls_and_requests_agree_with_what_the_endpoint_counted(loopback, tmp_path: Path) -> None:
+    billed = BilledServer(failing_model="gamma")
+    server = loopback(billed)
+    pool = write_pool(tmp_path, server.url)
+    done = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    usage = json.loads(done.stdout)["usage"]
+    # 5 keyword samples + 3 experts + 1 aggregation; requests add a format fallback, a retry,
+    # a repair and the failing expert's second attempt
+    assert usage["calls"] == 9
+    assert usage["requests"] == len(server.requests) == 9 + 4
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (billed.prompt_tokens, billed.completion_tokens)
+    assert usage["failed_calls"] == 1
+
+    run_id = json.loads(done.stdout)["run_id"]
+    shown = json.loads(cli("show", run_id, "--json").stdout)
+    assert _totals(shown["totals"]) == _totals(usage)
+    stored_calls = shown["calls"]
+    assert sum(c["requests"] for c in stored_calls) == len(server.requests)
+    failed = [c for c in stored_calls if c["status"] == "error"]
+    assert [c["requests"] for c in failed] == [2]  # the failing expert was tried twice (max_attempts: 2)
+    listed = json.loads(cli("runs", "--json").stdout)[0]
+    assert _totals(listed) == _totals(usage)
+    text = cli("show", run_id).stdout
+    assert f"calls 9 · requests {len(server.requests)} ·" in text
+
+
+def test_a_failed_run_still_shows_its_calls_and_requests(loopback, tmp_path: Path) -> None:
+    server = loopback(chat_handler(lambda request: error_reply(500, "down")
+                                   if KEYWORDS_MARK not in request.prompt else json.dumps({"keywords": ["x"]})))
+    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    done = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1", "--json")
+    assert done.returncode == 1
+    usage = json.loads(done.stdout)["usage"]
+    assert usage["calls"] == 6 and usage["requests"] == len(server.requests) == 5 + 2
+    listed = json.loads(cli("runs", "--json").stdout)[0]
+    assert listed["status"] == "failed" and _totals(listed) == _totals(usage)
+
+
+def test_eval_reports_the_requests_the_endpoint_received(loopback, tmp_path: Path) -> None:
+    billed = BilledServer()
+    server = loopback(billed)
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "question": f"What is {i} + 7 - {i}?", "answer": "7"}) + "\n"
+                            for i in range(3)))
+    done = cli("eval", "--data", str(data), "--pool", str(pool), "--method", "symbolic-moe", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["requests"] == len(server.requests)
+    assert report["requests"] > report["calls"]  # the fallback, the retry and the repair are requests, not calls
+    assert (report["prompt_tokens"], report["completion_tokens"]) == (billed.prompt_tokens, billed.completion_tokens)
+
+
+def test_a_failed_repair_is_billed_and_stored(tmp_path: Path) -> None:
+    def answer(request: ChatRequest) -> Any:
+        return "never JSON" if request.wants_json else "The answer is 1"
+
+    model = FunctionModel(answer, name="m")
+    store = RunStore(tmp_path / "runs.db")
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model)]), store=store, plan=False)
+    result = orc.run("What is 1?")
+    keyword_rows = [c for c in store.calls(result.run_id) if c["purpose"] == "keywords"]
+    assert keyword_rows and all(c["status"] == "error" and c["requests"] == 2 for c in keyword_rows)
+    assert all(c["prompt_tokens"] > 0 for c in keyword_rows)  # both attempts were billed
+    assert result.usage.requests == len(model.requests) == store.run_totals(result.run_id)["requests"]
+    assert result.usage.prompt_tokens == store.run_totals(result.run_id)["prompt_tokens"]
+
+
+def test_embedding_requests_are_counted_and_each_text_is_fetched_once(loopback, tmp_path: Path) -> None:
+    topics = ["algebra", "geometry", "history", "chemistry", "physics", "biology"]
+
+    def embeddings(request: LoopbackRequest) -> Reply:
+        inputs = request.json()["input"]
+        vectors = [[float(text == topic) for topic in topics] + [0.1] for text in inputs]
+        return Reply(body={"data": [{"index": i, "embedding": v} for i, v in enumerate(vectors)],
+                           "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
+
+    server = loopback(embeddings)
+    pool, models = scripted_pool(3, keywords=None)
+    for agent, skills in zip(pool.agents, (topics[:2], topics[2:4], topics[4:])):
+        agent.skills = tuple(skills)
+    keyword_of = {f"Task about {t}": t for t in topics}
+    models["planner"].fn = lambda request: {"keywords": [next(t for q, t in keyword_of.items()
+                                                              if q in request.prompt_text())]}
+    store = RunStore(tmp_path / "runs.db")
+    orc = Orchestra(pool, store=store, matcher=EmbeddingMatcher(model="mini", base_url=server.url + "/v1"))
+    results = orc.run_many(list(keyword_of), k=1)
+    texts = [text for request in server.requests for text in request.json()["input"]]
+    assert len(texts) == len(set(texts))  # concurrent recruitments never fetch a text twice
+    generations = sum(len(m.requests) for m in models.values())
+    assert sum(r.usage.requests for r in results) == generations + len(server.requests)
+    assert sum(r.usage.prompt_tokens for r in results) >= len(texts)
+    stored = sum(store.run_totals(r.run_id)["requests"] for r in results)
+    assert stored == generations + len(server.requests)
+    assert [r.plan.nodes[0].experts for r in results] == [["agent0"], ["agent0"], ["agent1"], ["agent1"],
+                                                         ["agent2"], ["agent2"]]
+
+
+# --- budgets ------------------------------------------------------------------------------------
+
+
+class FlakyStore(RunStore):
+    """A real store whose replay fails for the first call it is asked about (a damaged page, say)."""
+
+    failures = 1
+
+    def replay(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("disk I/O error")
+        return super().replay(*args, **kwargs)
+
+
+def test_a_journal_failure_never_frees_budget_that_was_not_reserved(tmp_path: Path) -> None:
+    model = FunctionModel(lambda request: "ok", name="m")
+    ledger = RunLedger.create("r1", Budget(max_calls=2, max_cost_usd=None, max_tokens=None),
+                              journal=FlakyStore(tmp_path / "runs.db"))
+    executor = Executor()
+
+    async def main() -> list[Any]:
+        request = ChatRequest.user("hi")
+        first = await executor.run_task(executor.call(ledger, [(model, request)] * 3, purpose="expert"))
+        later = await executor.run_task(executor.call(ledger, [(model, request)], purpose="expert"))
+        return first + later
+
+    outcomes = asyncio.run(main())
+    assert isinstance(outcomes[0], OSError)
+    assert [isinstance(o, Exception) for o in outcomes[1:]] == [False, False, True]  # the 4th call is refused
+    assert len(model.requests) == 2 and ledger.budget.calls == 2
+
+
+def test_a_failed_call_counts_against_the_budget(loopback, tmp_path: Path) -> None:
+    server = loopback(chat_handler(lambda request: error_reply(500, "down")))
+    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    done = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--k", "1", "--max-calls", "3", "--json")
+    assert done.returncode == 3, done.stderr
+    assert json.loads(done.stdout)["usage"]["calls"] == 3
+    assert len(server.requests) == 3 * 2  # three calls made, each tried twice, then the budget stopped the run
+
+
+def test_a_workflow_budget_holds_over_a_whole_data_set(loopback, tmp_path: Path) -> None:
+    server = loopback(chat_handler(lambda request: json.dumps({"keywords": ["arithmetic"]})
+                                   if KEYWORDS_MARK in request.prompt else "The answer is 7"))
+    write_pool(tmp_path, server.url)
+    (tmp_path / "qa.jsonl").write_text("".join(
+        json.dumps({"id": str(i), "question": f"What is {i} + 7 - {i}?", "answer": "7"}) + "\n" for i in range(8)))
+    (tmp_path / "flow.yaml").write_text(
+        "pool: pool.yaml\ninputs:\n  question: {type: string}\nbudget: {max_calls: 20}\n"
+        "steps:\n  - id: answer\n    prompt: '{{ inputs.question }}'\n    recruit: {k: 3, skills: [arithmetic]}\n"
+        "dataset: {path: qa.jsonl}\n")
+    done = cli("run", str(tmp_path / "flow.yaml"), "--json")
+    assert done.returncode == 3, done.stderr
+    report = json.loads(done.stdout)
+    assert report["calls"] == len(server.requests) <= 20
+    assert report["failed"] > 0
+
+
+def test_a_data_set_workflow_recruits_per_item_and_reports_every_answer(loopback, tmp_path: Path) -> None:
+    server = loopback(chat_handler(lambda request: "The answer is 7"))
+    write_pool(tmp_path, server.url)
+    (tmp_path / "qa.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "question": f"What is {i} + 7 - {i}?", "answer": "7" if i % 2 else "8",
+                    "category": "odd" if i % 2 else "even"}) + "\n" for i in range(8)))
+    (tmp_path / "flow.yaml").write_text(
+        "pool: pool.yaml\ninputs:\n  question: {type: string}\n"
+        "steps:\n  - id: answer\n    prompt: '{{ inputs.question }}'\n    recruit: {k: 1, mode: random}\n"
+        "dataset: {path: qa.jsonl}\n")
+    done = cli("run", str(tmp_path / "flow.yaml"), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["per_category"] == {"even": {"items": 4, "accuracy": 0.0}, "odd": {"items": 4, "accuracy": 1.0}}
+    assert [(a["id"], a["correct"]) for a in report["answers"]] == [(f"q{i}", bool(i % 2)) for i in range(8)]
+    experts = {model for r in server.requests for model in [r.json()["model"]]}
+    assert len(experts) > 1  # each item has its own recruiting seed
+    listed = json.loads(cli("runs", "--json").stdout)
+    assert sorted(row["item"] for row in listed) == [f"q{i}" for i in range(8)]
+    table = cli("runs").stdout
+    assert "item q0" in table and "item q7" in table
