@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestra.errors import ConfigError
+from orchestra.matching import MatcherSpec
 from orchestra.models import ChatRequest, Model
 from orchestra.models.config import ModelSpec
 from orchestra.models.pricing import FREE
 from orchestra.profile import SkillProfile, load_profiles
 from orchestra.recruit import RecruitConfig, SkillTable, choose_aggregator
 from orchestra.resources import default_pool_path
+from orchestra.skills import KeywordConfig
 from orchestra.yamlfile import YamlDocument, read_yaml
 
 DEFAULT_PERSONA = "You are a knowledgeable, careful expert. Reason step by step, then answer."
@@ -178,6 +182,45 @@ class PoolSettings(_Strict):
     fast_path: bool | None = None
     plan_check: bool | None = None
     grader: Literal["auto", "mc", "numeric", "exact"] | None = None
+    memory_budget_gb: float | None = Field(default=None, gt=0)
+    recruit: RecruitConfig | None = None
+    keywords: KeywordConfig | None = None
+    matcher: MatcherSpec | None = None
+
+    def layered(self, over: PoolSettings | Mapping[str, Any] | None) -> PoolSettings:
+        """These settings with ``over``'s set values on top (a nested one, such as ``keywords``,
+        replaces the whole)."""
+        if over is None:
+            return self
+        given = over if isinstance(over, PoolSettings) else PoolSettings.model_validate(over)
+        return self.model_copy(update={name: getattr(given, name) for name in given.model_fields_set
+                                       if getattr(given, name) is not None})
+
+    def assigned(self, pairs: Sequence[str]) -> PoolSettings:
+        """These settings with ``KEY=VALUE`` assignments (``--set``) applied; a dotted key sets one
+        field of a nested setting (``keywords.samples=3``). Values are read as YAML scalars."""
+        data = self.model_dump(exclude_none=True)
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+            *parents, leaf = key.strip().split(".")
+            node = data
+            for part in parents:
+                child = node.get(part)
+                node[part] = child = dict(child) if isinstance(child, dict) else {}
+                node = child
+            try:
+                node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                node[leaf] = raw
+        try:
+            return PoolSettings.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+            unknown = first["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+            raise ConfigError(f"--set {where}: {'no such setting' if unknown else first['msg']}") from None
 
 
 class AgentDefaults(_Strict):

@@ -14,13 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestra import __version__
-from orchestra.agents import Pool
+from orchestra.agents import Pool, PoolSettings
 from orchestra.budget import Budget
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import ConfigError, OrchestraError, UserError
-from orchestra.evaluate import EvalReport
+from orchestra.evaluate import METHODS, EvalReport
 from orchestra.profile import SkillProfile
-from orchestra.recruit import MODES, RecruitConfig
+from orchestra.recruit import AGGREGATOR_CHOICES, MODES, RecruitConfig
 from orchestra.result import RunResult
 from orchestra.store import RunStore
 from orchestra.view import LiveView, LogView, print_result, summary_line, terminal
@@ -76,8 +76,24 @@ def budget_options(fn: F) -> F:
     return click.option("--max-calls", type=click.IntRange(min=1), help="Call budget for the run.")(fn)
 
 
+def settings_options(fn: F) -> F:
+    """--set KEY=VALUE (any pool setting) and --memory-budget-gb."""
+    fn = click.option("--memory-budget-gb", type=click.FloatRange(min=0, min_open=True),
+                      help="Keep loaded in-process models within this many GiB.")(fn)
+    return click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                        help="Any pool setting, e.g. keywords.samples=3 or matcher.type=embedding (repeatable).")(fn)
+
+
+def aggregator_choice_option(fn: F) -> F:
+    """--aggregator-choice."""
+    return click.option("--aggregator-choice", type=click.Choice(AGGREGATOR_CHOICES),
+                        help="best: one aggregator, the best measured; per-node: the best measured among "
+                             "the agents whose skills fit each node (default: the pool's, else best).")(fn)
+
+
 def run_options(fn: F) -> F:
     """Recruiting, aggregation, caching and tracing flags."""
+    fn = settings_options(fn)
     fn = click.option("--otel", is_flag=True, help="Emit OpenTelemetry spans (OTLP if configured, else stderr).")(fn)
     fn = click.option("--cache", is_flag=True, help="Reuse stored answers to identical requests.")(fn)
     fn = click.option("--seed", type=int, help="Seed for every sampling choice.")(fn)
@@ -86,6 +102,7 @@ def run_options(fn: F) -> F:
     fn = click.option("--grader", type=click.Choice(["auto", "mc", "numeric", "exact"]),
                       help="How answers are read for voting (default: the pool's, else auto).")(fn)
     fn = click.option("--aggregate", type=click.Choice(["synthesize", "vote", "refine", "none"]))(fn)
+    fn = aggregator_choice_option(fn)
     fn = click.option("--mode", type=click.Choice(MODES), help="How experts are recruited.")(fn)
     return click.option("--k", type=click.IntRange(min=1), help="Experts per subtask.")(fn)
 
@@ -105,15 +122,17 @@ def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
     return RunStore(store_path) if store_path else True
 
 
-def orchestra_options(opts: dict[str, Any], budget: Budget | None) -> dict[str, Any]:
-    """``Orchestra`` keyword arguments from the shared flags (unset flags left out)."""
-    recruit = None
-    if opts.get("competence_weight") is not None:
-        recruit = RecruitConfig(competence_weight=opts["competence_weight"])
+def orchestra_options(opts: dict[str, Any], budget: Budget | None, settings: PoolSettings) -> dict[str, Any]:
+    """``Orchestra`` keyword arguments from the shared flags (unset flags left out); ``settings``
+    (the pool's, or the workflow's over the pool's) gets the ``--set`` assignments."""
+    assignments = list(opts.get("assignments", ()))
+    if opts.get("competence_weight") is not None:  # merged into the pool's recruiting settings, not replacing them
+        assignments.append(f"recruit.competence_weight={opts['competence_weight']}")
     options: dict[str, Any] = {
         "k": opts.get("k"), "mode": opts.get("mode"), "aggregate": opts.get("aggregate"),
-        "seed": opts.get("seed"), "recruit": recruit, "budget": budget, "grader": opts.get("grader"),
-        "store": store_from(opts.get("store_path"), opts.get("no_store", False)), "cache": opts.get("cache", False)}
+        "aggregator_choice": opts.get("aggregator_choice"), "seed": opts.get("seed"), "budget": budget, "grader": opts.get("grader"),
+        "store": store_from(opts.get("store_path"), opts.get("no_store", False)), "cache": opts.get("cache", False),
+        "memory_budget_gb": opts.get("memory_budget_gb"), "settings": settings.assigned(assignments)}
     if options["cache"] and options["store"] is False:
         raise ConfigError("--cache needs the run store; drop --no-store")
     if opts.get("otel"):
@@ -127,7 +146,7 @@ def orchestra_options(opts: dict[str, Any], budget: Budget | None) -> dict[str, 
 def make_orchestra(pool: Pool, opts: dict[str, Any], *, budget: Budget | None = None) -> Orchestra:
     """An ``Orchestra`` from the shared flags; a missing API key stops here, before anything runs."""
     pool.check_credentials()
-    return Orchestra(pool, **orchestra_options(opts, budget))
+    return Orchestra(pool, **orchestra_options(opts, budget, pool.settings))
 
 
 def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]], opts: dict[str, Any],
@@ -209,13 +228,13 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @output_options
 def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any) -> None:
     """Run a YAML workflow."""
-    from orchestra.workflow import Workflow, arun_workflow, orchestra_for, parse_assignments
+    from orchestra.workflow import Workflow, arun_workflow, orchestra_for, parse_assignments, workflow_settings
 
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     given = parse_assignments(list(inputs))
     budget = budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"], flow.spec.budget)
     flow.pool.check_credentials()
-    orc = orchestra_for(flow, **orchestra_options(opts, budget))
+    orc = orchestra_for(flow, **orchestra_options(opts, budget, workflow_settings(flow)))
     if flow.spec.dataset is not None:
         from orchestra.workflow import aevaluate_workflow
 
@@ -339,18 +358,24 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
               help="A pool file (default: the embedded local pool).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Test set (JSONL).")
-@click.option("--method", default="symbolic-moe", show_default=True,
-              type=click.Choice(["symbolic-moe", "moa", "single", "random", "vote"]))
+@click.option("--method", type=click.Choice(list(METHODS)),
+              help="A baseline or method preset (default: the pool's settings, which default to symbolic-moe).")
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N items.")
 @click.option("--grader", type=click.Choice(["auto", "mc", "numeric", "exact"]),
               help="How answers are graded (default: the pool's, else auto).")
 @click.option("--k", type=click.IntRange(min=1))
+@click.option("--mode", type=click.Choice(MODES), help="How experts are recruited (wins over --method).")
+@click.option("--aggregate", type=click.Choice(["synthesize", "vote", "refine", "none"]),
+              help="How answers are combined (wins over --method).")
+@aggregator_choice_option
 @click.option("--seed", type=int)
 @click.option("--competence-weight", type=click.FloatRange(min=0))
+@settings_options
 @budget_options
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(pool: Path | None, data: Path, method: str, limit: int | None, as_json: bool, **opts: Any) -> None:
+def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | None, as_json: bool,
+             **opts: Any) -> None:
     """Accuracy, cost and time of a method on a labelled data set."""
     from orchestra.datasets import load_dataset
     from orchestra.evaluate import aevaluate
@@ -358,8 +383,9 @@ def evaluate(pool: Path | None, data: Path, method: str, limit: int | None, as_j
     dataset = load_dataset(data)
     orc = make_orchestra(Pool.load(pool), {**opts, "cache": False},
                          budget=budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"]))
-    report = asyncio.run(aevaluate(orc, dataset, method=method, k=opts["k"], limit=limit))
-    print_report(report, f"{method} on {dataset.path}", as_json)
+    report = asyncio.run(aevaluate(orc, dataset, method=method, k=opts["k"], limit=limit, mode=opts["mode"],
+                                   aggregate=opts["aggregate"]))
+    print_report(report, f"{report.method} on {dataset.path}", as_json)
 
 
 def print_report(report: EvalReport, title: str, as_json: bool) -> None:
@@ -452,10 +478,7 @@ def resume(run_id: str, **opts: Any) -> None:
     else:
         raise UserError(f"run {record.id} used a pool built in Python; resume it there: "
                         f"Orchestra(pool).resume({record.id!r})")
-    settings = config.get("orchestra") or {}
-    orc = Orchestra(pool, store=store, recruit=RecruitConfig(**settings["recruit"]) if "recruit" in settings else None,
-                    aggregator=settings.get("aggregator"), grader=settings.get("grader", "auto"),
-                    cache=settings.get("cache", False))
+    orc = Orchestra.restore(pool, config.get("orchestra") or {}, store=store)
     budget = {"max_calls": opts["max_calls"], "max_cost_usd": opts["max_cost"], "max_tokens": opts["max_tokens"]}
     execute(orc, lambda run_id: orc.aresume(run_id, budget={k: v for k, v in budget.items() if v is not None}), opts,
             record.id)

@@ -7,19 +7,19 @@ import dataclasses
 import secrets
 import signal
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestra.agents import Pool
+from orchestra.agents import Pool, PoolSettings
 from orchestra.aggregate import STRATEGIES
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.errors import ConfigError, StoreError
 from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, get_grader
-from orchestra.matching import LexicalMatcher, SkillMatcher
+from orchestra.matching import LexicalMatcher, MatcherSpec, SkillMatcher, matcher_spec
 from orchestra.plan import Plan
 from orchestra.recruit import AGGREGATOR_CHOICES, MODES, RecruitConfig, Recruiter
 from orchestra.result import RunResult
@@ -130,6 +130,8 @@ class Orchestra:
         cache: reuse stored answers to identical requests across runs (opt-in).
         tracing: OpenTelemetry spans for runs, nodes and batches: True for the global tracer, or a
             tracer (needs the ``otel`` extra); off by default.
+        settings: pool-style settings (``PoolSettings`` or its mapping, as under ``settings:`` in a
+            pool or workflow file) layered over the pool's own; keyword arguments win over both.
         on_event: a listener for every event.
     """
 
@@ -143,10 +145,10 @@ class Orchestra:
                  max_resident_models: int | None = None, memory_budget_gb: float | None = None,
                  context_chars: int | None = None, planner_max_tokens: int | None = None, fast_path: bool | None = None,
                  plan_check: bool | None = None, store: RunStore | str | Path | bool | None = None,
-                 cache: bool = False, tracing: Any = False,
+                 cache: bool = False, tracing: Any = False, settings: PoolSettings | Mapping[str, Any] | None = None,
                  on_event: Callable[[Event], None] | None = None) -> None:
         self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)
-        settings = self.pool.settings
+        settings = self.pool.settings.layered(settings)
         mode = mode or settings.mode or "symbolic-moe"
         aggregate = aggregate or settings.aggregate or "synthesize"
         aggregator_choice = _first(aggregator_choice, settings.aggregator_choice, "best")
@@ -179,19 +181,38 @@ class Orchestra:
             self.events.subscribe(SpanRecorder(None if tracing is True else tracing).listen)
         if on_event is not None:
             self.events.subscribe(on_event)
+        max_resident_models = max_resident_models or settings.max_resident_models or 1
+        memory_budget_gb = memory_budget_gb or settings.memory_budget_gb
         self.executor = Executor(
-            events=self.events, max_resident_models=max_resident_models or settings.max_resident_models or 1,
+            events=self.events, max_resident_models=max_resident_models,
             memory_budget_bytes=int(memory_budget_gb * 2**30) if memory_budget_gb else None)
         grader = _first(grader, settings.grader, "auto")
-        recruit_config = dataclasses.replace(recruit or RecruitConfig(), mode=mode, k=self.options.k)
+        recruit_config = dataclasses.replace(recruit or settings.recruit or RecruitConfig(), mode=mode, k=self.options.k)
+        keywords = keywords or settings.keywords or KeywordConfig()
+        if matcher is None:
+            matcher = settings.matcher.build() if settings.matcher else LexicalMatcher()
         table = self.pool.skill_table(recruit_config)
         self.env = RunEnv(pool=self.pool, executor=self.executor, events=self.events, table=table,
-                          recruiter=Recruiter(table, recruit_config), matcher=matcher or LexicalMatcher(),
+                          recruiter=Recruiter(table, recruit_config), matcher=matcher,
                           extractor=SkillExtractor(keywords), aggregator=self.pool.choose_aggregator(table, aggregator),
                           grader=get_grader(grader), aggregator_fixed=bool(aggregator or self.pool.aggregator))
-        #: what a resume from the command line needs to rebuild this Orchestra (stored with each run)
-        self.settings = {"recruit": dataclasses.asdict(recruit_config), "aggregator": aggregator,
-                         "grader": grader if isinstance(grader, str) else "auto", "cache": cache}
+        spec = matcher_spec(matcher)
+        #: what a resume needs to rebuild this Orchestra (stored with each run; see ``restore``)
+        self.settings = {"recruit": dataclasses.asdict(recruit_config), "keywords": dataclasses.asdict(keywords),
+                         "matcher": spec.model_dump(exclude_none=True) if spec else None, "aggregator": aggregator,
+                         "grader": grader if isinstance(grader, str) else "auto", "cache": cache,
+                         "max_resident_models": max_resident_models, "memory_budget_gb": memory_budget_gb}
+
+    @classmethod
+    def restore(cls, pool: Pool, stored: Mapping[str, Any], **options: Any) -> Orchestra:
+        """An Orchestra rebuilt from the settings a run recorded (``self.settings``), to resume it."""
+        matcher = stored.get("matcher")
+        return cls(pool, recruit=RecruitConfig(**stored["recruit"]) if stored.get("recruit") else None,
+                   keywords=KeywordConfig(**stored["keywords"]) if stored.get("keywords") else None,
+                   matcher=MatcherSpec.model_validate(matcher).build() if matcher else None,
+                   aggregator=stored.get("aggregator"), grader=stored.get("grader"), cache=stored.get("cache", False),
+                   max_resident_models=stored.get("max_resident_models"),
+                   memory_budget_gb=stored.get("memory_budget_gb"), **options)
 
     # --- single runs -----------------------------------------------------------------------
 

@@ -77,19 +77,29 @@ def grade_runs(method: str, items: Sequence[Item], results: Sequence[RunResult],
                   "run_id": r.run_id} for item, r, ok in zip(items, results, verdicts)])
 
 
-async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str = "symbolic-moe",
-                    k: int | None = None, limit: int | None = None) -> EvalReport:
-    """Answer every item with ``method`` (all calls batched together) and grade the answers."""
-    mode, aggregate, fixed_k = METHODS[method]
+async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None,
+                    k: int | None = None, limit: int | None = None, mode: str | None = None,
+                    aggregate: str | None = None) -> EvalReport:
+    """Answer every item (all calls batched together) and grade the answers.
+
+    ``method`` picks a preset (``METHODS``); ``mode`` and ``aggregate`` win over it; what neither
+    sets follows the Orchestra's settings (the pool's).
+    """
+    preset_mode, preset_aggregate, fixed_k = METHODS[method] if method else (None, None, None)
+    mode = mode or preset_mode or orchestra.options.mode
+    aggregate = aggregate or preset_aggregate or orchestra.options.aggregate
+    name = method if method and (mode, aggregate) == (preset_mode, preset_aggregate) else next(
+        (m for m, (m_mode, m_aggregate, m_k) in METHODS.items() if (m_mode, m_aggregate, m_k) == (mode, aggregate, None)),
+        f"{mode} + {aggregate}")
     items = list(dataset.items[:limit] if limit else dataset.items)
     started = time.perf_counter()
     loads_before = dict(orchestra.executor.stats.loads)
     results = await orchestra.arun_many([item.prompt() for item in items],
                                         answer_formats=[answer_format(item) for item in items],
                                         mode=mode, aggregate=aggregate, k=fixed_k or k or orchestra.options.k,
-                                        meta={"kind": "eval", "method": method, "dataset": dataset.path})
+                                        meta={"kind": "eval", "method": name, "dataset": dataset.path})
     elapsed = time.perf_counter() - started
-    return grade_runs(method, items, results, orchestra.env.grader, elapsed_s=elapsed,
+    return grade_runs(name, items, results, orchestra.env.grader, elapsed_s=elapsed,
                       model_loads=loads_since(orchestra, loads_before))
 
 

@@ -6,10 +6,12 @@ import asyncio
 import math
 from collections import Counter
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestra.errors import BadResponse
-from orchestra.models.http import Endpoint, display_url, shared_endpoint
+from orchestra.models.http import Endpoint, check_base_url, display_url, shared_endpoint
 from orchestra.models.metering import charge
 from orchestra.models.types import Usage
 
@@ -27,6 +29,48 @@ class SkillMatcher(Protocol):
 
     async def match(self, keywords: Sequence[str], vocabulary: Sequence[str]) -> list[Match]:
         """One ``Match`` per keyword that has a close enough skill."""
+
+
+class MatcherSpec(BaseModel):
+    """A matcher as settings (``settings: {matcher: ...}`` in a pool or workflow): stored with each
+    run, so a resume matches keywords the same way.
+
+    ``type: lexical`` needs nothing; ``type: embedding`` needs ``model`` and ``base_url`` (an
+    OpenAI-compatible ``/v1`` root) and takes ``api_key_env`` and ``timeout``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["lexical", "embedding"] = "lexical"
+    min_similarity: float | None = Field(default=None, ge=0, le=1)
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> MatcherSpec:
+        if self.type == "embedding":
+            if not self.model or not self.base_url:
+                raise ValueError("an embedding matcher needs model and base_url")
+            check_base_url(self.base_url)
+        elif self.model or self.base_url or self.api_key_env:
+            raise ValueError("model, base_url and api_key_env are settings of an embedding matcher (type: embedding)")
+        return self
+
+    def build(self) -> LexicalMatcher | EmbeddingMatcher:
+        """The matcher these settings describe."""
+        threshold = {} if self.min_similarity is None else {"min_similarity": self.min_similarity}
+        if self.type == "lexical":
+            return LexicalMatcher(**threshold)
+        return EmbeddingMatcher(model=self.model or "", base_url=self.base_url or "", api_key_env=self.api_key_env,
+                                timeout=self.timeout, **threshold)
+
+
+def matcher_spec(matcher: object) -> MatcherSpec | None:
+    """The settings that rebuild ``matcher`` (None for a matcher Orchestra does not know)."""
+    describe = getattr(matcher, "spec", None)
+    return describe() if callable(describe) else None
 
 
 def _ngrams(text: str, sizes: tuple[int, ...]) -> Counter[str]:
@@ -52,6 +96,10 @@ class LexicalMatcher:
         self._idf: dict[str, float] = {}
         self._postings: dict[str, list[tuple[int, float]]] = {}
         self._cache: dict[str, Match | None] = {}
+
+    def spec(self) -> MatcherSpec:
+        """The settings that rebuild this matcher."""
+        return MatcherSpec(type="lexical", min_similarity=self.min_similarity)
 
     def _build(self, vocabulary: tuple[str, ...]) -> None:
         documents = [_ngrams(skill, self.sizes) for skill in vocabulary]
@@ -114,8 +162,15 @@ class EmbeddingMatcher:
         self.endpoint: Endpoint = shared_endpoint(
             base_url, api_key_env, max_concurrency=None, rpm=None, timeout=timeout, max_attempts=None,
             headers=lambda key: {"Authorization": f"Bearer {key}"} if key else {})
+        self.api_key_env = api_key_env
+        self.timeout = timeout
         self._vectors: dict[str, list[float]] = {}
         self._fetching: dict[str, asyncio.Future[None]] = {}
+
+    def spec(self) -> MatcherSpec:
+        """The settings that rebuild this matcher."""
+        return MatcherSpec(type="embedding", model=self.model, base_url=self.endpoint.base_url,
+                           api_key_env=self.api_key_env, timeout=self.timeout, min_similarity=self.min_similarity)
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Embeddings for ``texts``. Each text is fetched once: texts already being fetched for

@@ -259,10 +259,15 @@ class Workflow:
         return _renderer(self.spec.final, f"{self.path}: final", inputs)
 
 
+def workflow_settings(workflow: Workflow) -> PoolSettings:
+    """The pool's settings with the workflow's on top."""
+    return workflow.pool.settings.layered(workflow.spec.settings)
+
+
 def orchestra_for(workflow: Workflow, **options: Any) -> Orchestra:
-    """An ``Orchestra`` on the workflow's pool with its settings, budget and seed (``options`` win)."""
-    settings = workflow.spec.settings
-    defaults: dict[str, Any] = {**settings.model_dump(exclude_none=True), "seed": workflow.spec.seed}
+    """An ``Orchestra`` on the workflow's pool with its settings, budget and seed (``options`` win,
+    ``settings`` among them replacing ``workflow_settings``)."""
+    defaults: dict[str, Any] = {"settings": workflow_settings(workflow), "seed": workflow.spec.seed}
     if workflow.spec.budget is not None:
         defaults["budget"] = workflow.spec.budget
     defaults.update({k: v for k, v in options.items() if v is not None})

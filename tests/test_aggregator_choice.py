@@ -1,0 +1,310 @@
+"""The aggregator is chosen on evidence: the whole benchmark, its standard error, near-ties, per-node choice."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestra import Agent, Orchestra, Plan, Pool
+from orchestra.agents import PoolSettings
+from orchestra.errors import ConfigError
+from orchestra.matching import Match
+from orchestra.models import ChatRequest, FunctionModel
+from orchestra.profile import Provenance, SkillProfile
+from orchestra.profiling import build_profiles
+from orchestra.recruit import RecruitConfig, Recruiter, SkillTable, choose_aggregator, node_aggregator
+from orchestra.run import RunOptions
+from orchestra.simulation import simulated_pool
+
+from helpers import kind_of
+from loopback_llm import ScriptedLLM, write_pool
+
+PROVENANCE = Provenance(dataset="val.jsonl", dataset_sha256="0" * 64, items=100, model="test")
+
+
+def profile(agent: str, skills: dict[str, int], *, score: float | None = None, items: int | None = None,
+            by_skill: dict[str, tuple[int, int]] | None = None) -> SkillProfile:
+    stderr = math.sqrt(score * (1 - score) / items) if score is not None and items else None
+    return SkillProfile(agent=agent, skills=skills, accuracy=0.5, aggregation_score=score, aggregation_items=items,
+                        aggregation_stderr=stderr, aggregation_skills=by_skill or {}, provenance=PROVENANCE)
+
+
+# --- profiling: every usable item, item count and standard error -------------------------------
+
+
+def test_profiling_uses_every_usable_item_and_records_count_and_stderr() -> None:
+    sim = simulated_pool(seed=3)
+    pool = sim.pool()
+    report = build_profiles(pool, sim.items(6), seed=3)
+    usable = [item_id for item_id in report.item_keywords
+              if any(report.correct[a][item_id] for a in sim.agents)
+              and sum(not report.correct[a][item_id] for a in sim.agents) >= 2]
+    assert len(usable) > 30  # more than the old default of 30
+    assert report.aggregation_items == len(usable)
+    keyword_items = sum(len(set(report.item_keywords[i])) for i in usable)
+    for prof in report.profiles.values():
+        p = prof.aggregation_score
+        assert prof.aggregation_items == len(usable)
+        assert prof.aggregation_stderr == pytest.approx(math.sqrt(p * (1 - p) / len(usable)))
+        # the same benchmark per keyword: each item counted once under each of its keywords
+        assert sum(n for _, n in prof.aggregation_skills.values()) == keyword_items
+        assert all(0 <= c <= n for c, n in prof.aggregation_skills.values())
+
+
+def test_an_explicit_limit_still_caps_the_benchmark() -> None:
+    sim = simulated_pool(seed=1)
+    report = build_profiles(sim.pool(), sim.items(4), seed=1, aggregation_items=7)
+    assert report.aggregation_items == 7
+    for prof in report.profiles.values():
+        p = prof.aggregation_score
+        assert prof.aggregation_items == 7 and prof.aggregation_stderr == pytest.approx(math.sqrt(p * (1 - p) / 7))
+    none = build_profiles(sim.pool(), sim.items(4), seed=1, aggregation_items=0)
+    assert all(p.aggregation_score is None and p.aggregation_items is None for p in none.profiles.values())
+
+
+def test_profiles_round_trip_and_old_files_without_the_new_fields_load(tmp_path: Path) -> None:
+    saved = profile("a", {"x": 2}, score=0.75, items=40, by_skill={"x": (3, 4)}).save(tmp_path)
+    again = SkillProfile.load(saved)
+    assert (again.aggregation_items, again.aggregation_skills) == (40, {"x": (3, 4)})
+    assert again.aggregation_stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 40))
+    old = {"version": 1, "agent": "old", "skills": {"x": 1}, "accuracy": 0.5, "competence": 0.2,
+           "aggregation_score": 0.6, "provenance": PROVENANCE.model_dump()}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = SkillProfile.load(tmp_path / "old.json")
+    assert loaded.aggregation_items is None and loaded.aggregation_stderr is None and loaded.aggregation_skills == {}
+    # an old profile still competes: its unknown error means only exact ties are ties
+    assert choose_aggregator({"old": loaded, "a": again}, {"old": 0.9, "a": 0.1}, ["old", "a"]) == "a"
+
+
+def test_cli_profile_uses_every_item_unless_limited(loopback, tmp_path: Path) -> None:
+    def expert(model: str, assignment: str) -> str:
+        good = {"alpha": "history", "beta": "arithmetic", "gamma": "writing"}[model]
+        return "The answer is 1" if good in assignment else "The answer is 2"
+
+    server = loopback(ScriptedLLM(expert=expert, keywords=["general"]).handler())
+    data = tmp_path / "val.jsonl"
+    rows = [{"id": f"{topic}{i}", "question": f"A {topic} question number {i}", "answer": "1", "category": topic}
+            for topic in ("history", "arithmetic", "writing") for i in range(4)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pool = write_pool(tmp_path, server.url)
+    env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}
+    for flags, expected in (((), 12), (("--aggregation-items", "5"), 5)):
+        out = tmp_path / f"profiles{expected}"
+        done = subprocess.run([sys.executable, "-m", "orchestra", "profile", "--pool", str(pool), "--data", str(data),
+                               "--out", str(out), "--json", *flags], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["aggregation_items"] == expected
+        written = json.loads((out / "alpha-expert.json").read_text())
+        assert written["aggregation_items"] == expected and written["aggregation_stderr"] is not None
+
+
+# --- the global choice: best score, near-ties by global competence -----------------------------
+
+
+def test_a_clearly_better_aggregator_wins_whatever_its_competence() -> None:
+    profiles = {"a": profile("a", {}, score=0.9, items=200), "b": profile("b", {}, score=0.6, items=200)}
+    assert choose_aggregator(profiles, {"a": 0.01, "b": 0.99}, ["a", "b"]) == "a"
+    # a gap the benchmark resolves (one standard error is about 0.01 on 2000 items) is not a tie either
+    profiles = {"a": profile("a", {}, score=0.80, items=2000), "b": profile("b", {}, score=0.77, items=2000)}
+    assert choose_aggregator(profiles, {"a": 0.01, "b": 0.99}, ["a", "b"]) == "a"
+
+
+def test_near_ties_go_to_global_competence_not_to_the_name() -> None:
+    # exact tie: the name rule would pick "zed" (or "abe", alphabetically); competence picks "mid"
+    profiles = {n: profile(n, {}, score=0.7, items=100) for n in ("abe", "mid", "zed")}
+    assert choose_aggregator(profiles, {"abe": 0.2, "mid": 0.5, "zed": 0.3}, ["abe", "mid", "zed"]) == "mid"
+    # within one standard error of the best (0.046 on 100 items): a near-tie, the more competent wins
+    profiles = {"zed": profile("zed", {}, score=0.70, items=100), "abe": profile("abe", {}, score=0.67, items=100)}
+    assert choose_aggregator(profiles, {"abe": 0.6, "zed": 0.4}, ["abe", "zed"]) == "abe"
+    assert choose_aggregator(profiles, {"abe": 0.4, "zed": 0.6}, ["abe", "zed"]) == "zed"
+    # the same gap on 30 items is a tie; with margin 0 the best score alone decides
+    assert choose_aggregator(profiles, {"abe": 0.6, "zed": 0.4}, ["abe", "zed"], margin=0.0) == "zed"
+    # a configured aggregator always wins; with no scores at all, competence decides
+    assert choose_aggregator(profiles, {"abe": 0.6, "zed": 0.4}, ["abe", "zed"], configured="zed") == "zed"
+    assert choose_aggregator({}, {"abe": 0.6, "zed": 0.4}, ["abe", "zed"]) == "abe"
+
+
+# --- per-node choice ---------------------------------------------------------------------------
+
+
+def per_node_profiles() -> dict[str, SkillProfile]:
+    """``chem`` and ``hist`` are specialists; ``gen`` fits both topics a little; ``hist`` is the best
+    aggregator overall, ``chem`` the best on chemistry."""
+    return {
+        "chem": profile("chem", {"chemistry": 10, "history": -6}, score=0.70, items=40,
+                        by_skill={"chemistry": (19, 20), "history": (9, 20)}),
+        "hist": profile("hist", {"chemistry": -6, "history": 10}, score=0.90, items=40,
+                        by_skill={"chemistry": (16, 20), "history": (20, 20)}),
+        "gen": profile("gen", {"chemistry": 2, "history": 2}, score=0.60, items=40,
+                       by_skill={"chemistry": (12, 20), "history": (12, 20)}),
+    }
+
+
+def recruiter(profiles: dict[str, SkillProfile]) -> Recruiter:
+    config = RecruitConfig(mode="topk", k=2)
+    table = SkillTable.build(list(profiles), profiles, {}, {}, config)
+    return Recruiter(table, config)
+
+
+def recruit_on(rec: Recruiter, skill: str | None):  # noqa: ANN201
+    matches = [Match(skill, skill, 1.0)] if skill else []
+    return rec.recruit([skill] if skill else [], matches, seed=0)
+
+
+def test_node_aggregator_is_the_best_measured_among_the_agents_that_fit() -> None:
+    profiles = per_node_profiles()
+    rec = recruiter(profiles)
+    gamma = rec.table.competence
+    best = choose_aggregator(profiles, gamma, list(profiles))
+    assert best == "hist"
+    chemistry = node_aggregator(profiles, gamma, recruit_on(rec, "chemistry"), best)
+    assert chemistry.agent == "chem"  # hist does not fit chemistry, gen fits but aggregates it worse
+    assert "chem (per node)" in chemistry.explain() and "2 fitting agent(s)" in chemistry.explain()
+    history = node_aggregator(profiles, gamma, recruit_on(rec, "history"), best)
+    assert history.agent == "hist"
+    # no matched skill: the pool's best aggregator
+    blind = node_aggregator(profiles, gamma, recruit_on(rec, None), best)
+    assert blind.agent == "hist" and "no skill matched" in blind.reason
+
+
+def test_node_aggregator_near_tie_goes_to_the_better_fit_and_old_profiles_use_the_overall_score() -> None:
+    profiles = {
+        "close": profile("close", {"chemistry": 3}, score=0.80, items=40),  # no per-skill record: overall score
+        "expert": profile("expert", {"chemistry": 12}, score=0.78, items=40),
+        "poor": profile("poor", {"chemistry": 5}, score=0.30, items=40),
+    }
+    rec = recruiter(profiles)
+    choice = node_aggregator(profiles, rec.table.competence, recruit_on(rec, "chemistry"), "close")
+    assert choice.agent == "expert" and "near tie with close" in choice.reason
+
+
+# --- in a run ----------------------------------------------------------------------------------
+
+
+def team(**options: object) -> tuple[Pool, dict[str, FunctionModel]]:
+    """Three agents with the per-node profiles; each names itself when it aggregates."""
+    models = {}
+    for name in ("chem", "hist", "gen"):
+        def reply(request: ChatRequest, name: str = name) -> str:
+            return f"aggregated by {name}" if kind_of(request) == "aggregate" else f"{name}: The answer is 1"
+        models[name] = FunctionModel(reply, name=name)
+    planner = FunctionModel(lambda request: "Final: both parts done.", name="planner")
+    pool = Pool(agents=[Agent(name=n, model=m) for n, m in models.items()], planner=planner,
+                profiles=per_node_profiles(), **options)  # type: ignore[arg-type]
+    return pool, models
+
+
+PLAN = Plan.model_validate({"subtasks": [
+    {"id": "reaction", "instruction": "Balance the reaction", "skills": ["chemistry"]},
+    {"id": "treaty", "instruction": "Date the treaty", "skills": ["history"]},
+]})
+
+
+def run_plan(orc: Orchestra, **overrides: object) -> dict[str, tuple[str | None, str | None]]:
+    result = orc.run("Balance the reaction and date the treaty", plan=PLAN, **overrides)
+    assert result.status == "done", result.error
+    return {node.id: (node.aggregator, node.output) for node in result.plan.nodes}
+
+
+def test_per_node_recruiting_in_a_run_changes_who_aggregates_each_node() -> None:
+    pool, models = team()
+    best = Orchestra(pool, k=2, mode="topk", store=False)
+    assert best.options.aggregator_choice == "best"
+    assert run_plan(best) == {"reaction": ("hist", "aggregated by hist"), "treaty": ("hist", "aggregated by hist")}
+
+    pool, models = team()
+    orc = Orchestra(pool, k=2, mode="topk", store=False, aggregator_choice="per-node")
+    result = orc.run("Balance the reaction and date the treaty", plan=PLAN)
+    nodes = {node.id: node for node in result.plan.nodes}
+    assert (nodes["reaction"].aggregator, nodes["reaction"].output) == ("chem", "aggregated by chem")
+    assert (nodes["treaty"].aggregator, nodes["treaty"].output) == ("hist", "aggregated by hist")
+    explanation = nodes["reaction"].recruitment["explanation"]  # type: ignore[index]
+    assert any(line.startswith("aggregator chem (per node):") for line in explanation)
+    # the chosen agent's model got the node's aggregation request, and hist's only its own node's
+    aggregations = {name: [r for r in model.requests if kind_of(r) == "aggregate"] for name, model in models.items()}
+    assert [len(aggregations[n]) for n in ("chem", "hist", "gen")] == [1, 1, 0]
+    assert "Balance the reaction" in aggregations["chem"][0].prompt_text()
+
+
+def test_choice_layers_call_over_pool_over_default_and_a_fixed_aggregator_wins() -> None:
+    pool, _ = team(settings=PoolSettings(aggregator_choice="per-node"))
+    assert Orchestra(pool, store=False).options.aggregator_choice == "per-node"
+    assert Orchestra(pool, store=False, aggregator_choice="best").options.aggregator_choice == "best"
+    # per run, too
+    pool, _ = team()
+    orc = Orchestra(pool, k=2, mode="topk", store=False)
+    assert run_plan(orc, aggregator_choice="per-node")["reaction"][0] == "chem"
+    # a configured aggregator (call or pool) aggregates every node
+    pool, _ = team()
+    fixed = Orchestra(pool, k=2, mode="topk", store=False, aggregator="gen", aggregator_choice="per-node")
+    assert {a for a, _ in run_plan(fixed).values()} == {"gen"}
+    pool, _ = team(aggregator="gen")
+    assert {a for a, _ in run_plan(Orchestra(pool, k=2, mode="topk", store=False,
+                                             aggregator_choice="per-node")).values()} == {"gen"}
+    with pytest.raises(ConfigError, match="aggregator choice"):
+        Orchestra(pool, store=False, aggregator_choice="smartest")
+    with pytest.raises(ConfigError, match="aggregator choice"):
+        orc.run("x", aggregator_choice="smartest")
+
+
+def test_the_choice_is_stored_with_the_run_options() -> None:
+    options = RunOptions(aggregator_choice="per-node")
+    assert RunOptions.from_dict(options.to_dict()).aggregator_choice == "per-node"
+    stored_before = {k: v for k, v in options.to_dict().items() if k != "aggregator_choice"}
+    assert RunOptions.from_dict(stored_before).aggregator_choice == "best"
+
+
+def test_pool_file_settings_accept_the_choice(tmp_path: Path) -> None:
+    path = tmp_path / "pool.yaml"
+    path.write_text("models:\n  m:\n    type: openai\n    model: x\n    base_url: http://127.0.0.1:9/v1\n"
+                    "    api_key_env: null\nsettings:\n  aggregator_choice: per-node\nagents:\n  - name: a\n    model: m\n")
+    assert Pool.load(path).settings.aggregator_choice == "per-node"
+    path.write_text(path.read_text().replace("per-node", "cleverest"))
+    with pytest.raises(ConfigError, match="aggregator_choice"):
+        Pool.load(path)
+
+
+def test_per_node_on_a_simulated_pool_picks_topical_aggregators() -> None:
+    """Aggregation skill that follows topic knowledge: per-node choice finds the topic's best aggregator
+    far more often than the single global best does (the bench measures how much it helps accuracy)."""
+    sim = simulated_pool(seed=2, aggregation_levels=[0.45, 0.52, 0.59, 0.66, 0.73, 0.80], topical_aggregation=1.0)
+    pool = sim.pool()
+    pool.profiles = build_profiles(pool, sim.items(12), seed=2).profiles
+    held_out = sim.items(6, offset=1000)
+    hits = {}
+    for choice in ("best", "per-node"):
+        orc = Orchestra(pool, k=3, mode="topk", aggregate="synthesize", plan=False, store=False, seed=2,
+                        aggregator_choice=choice)
+        results = orc.run_many([item.prompt() for item in held_out])
+        nodes = [(r.plan.nodes[0].aggregator, item.category) for r, item in zip(results, held_out)]
+        hits[choice] = sum(agent == sim.best_aggregator(skill) for agent, skill in nodes if agent)
+    assert hits["per-node"] > hits["best"]
+
+
+def test_cli_aggregator_choice_flag_recruits_per_node(loopback, tmp_path: Path) -> None:
+    llm = ScriptedLLM()  # plans facts (history), numbers (arithmetic), report (writing)
+    server = loopback(llm.handler())
+    own = {"alpha": "history", "beta": "arithmetic", "gamma": "writing"}
+    for model, skill in own.items():
+        skills = {s: (5 if s == skill else 1) for s in own.values()}
+        by_skill = {s: ((10, 10) if s == skill else (3, 10)) for s in own.values()}
+        overall = 0.9 if model == "gamma" else 0.6
+        profile(f"{model}-expert", skills, score=overall, items=30, by_skill=by_skill).save(tmp_path / "profiles")
+    pool = write_pool(tmp_path, server.url, extra="profiles: profiles\n")
+    env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}
+    aggregators = {}
+    for choice in ("best", "per-node"):
+        done = subprocess.run([sys.executable, "-m", "orchestra", "ask", "Write a short report, then check it",
+                               "--pool", str(pool), "--mode", "topk", "--k", "2", "--aggregator-choice", choice,
+                               "--no-store", "--json"], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        aggregators[choice] = {n["id"]: n["aggregator"] for n in json.loads(done.stdout)["plan"]["nodes"]}
+    assert aggregators["best"] == {"facts": "gamma-expert", "numbers": "gamma-expert", "report": "gamma-expert"}
+    assert aggregators["per-node"] == {"facts": "alpha-expert", "numbers": "beta-expert", "report": "gamma-expert"}

@@ -1,0 +1,141 @@
+"""Every setting reachable from Python, pool and workflow YAML and the command line, recorded with
+the run, restored on resume; an unknown one is an error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestra import KeywordConfig, Orchestra
+from orchestra.agents import Pool, PoolSettings
+from orchestra.errors import ConfigError
+from orchestra.loopback import LoopbackRequest, Reply, chat_handler
+from orchestra.store import RunStore
+from orchestra.workflow import Workflow, orchestra_for
+
+from helpers import AGGREGATE_MARK, KEYWORDS_MARK
+from loopback_llm import ScriptedLLM, write_pool
+from test_cli import cli, llm  # noqa: F401 - the llm fixture
+
+
+def _keyword_requests(server) -> int:  # noqa: ANN001
+    return sum(KEYWORDS_MARK in r.prompt for r in server.requests)
+
+
+def test_a_nested_setting_from_the_command_line_is_used_recorded_and_restored(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    stopped = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1",
+                  "--set", "keywords.samples=2", "--set", "keywords.min_count=1", "--max-calls", "1", "--json")
+    assert stopped.returncode == 3, stopped.stderr
+    assert _keyword_requests(server) == 1  # the second sample was refused by the budget
+    run_id = json.loads(stopped.stdout)["run_id"]
+    stored = RunStore().run(run_id).config["orchestra"]
+    assert stored["keywords"]["samples"] == 2 and stored["keywords"]["min_count"] == 1
+    resumed = cli("resume", run_id, "--max-calls", "10", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _keyword_requests(server) == 2  # resumed with 2 samples, not the default 5
+
+
+def test_a_pool_matcher_setting_is_used_and_kept_on_resume(loopback, tmp_path: Path) -> None:
+    def answer(request: LoopbackRequest) -> str | Reply:
+        if request.path.endswith("/embeddings"):
+            inputs = request.json()["input"]
+            return Reply(body={"data": [{"index": i, "embedding": [1.0, float(len(t))]} for i, t in enumerate(inputs)]})
+        return json.dumps({"keywords": ["history"]}) if KEYWORDS_MARK in request.prompt else "The answer is 1"
+
+    handler = chat_handler(answer)
+
+    async def route(request: LoopbackRequest) -> Reply:
+        return answer(request) if request.path.endswith("/embeddings") else await handler(request)  # type: ignore[return-value]
+
+    server = loopback(route)
+    extra = (f"settings:\n  matcher: {{type: embedding, model: mini, base_url: '{server.url}/v1', min_similarity: 0.1}}"
+             "\n  keywords: {samples: 1, min_count: 1}\n")
+    pool = write_pool(tmp_path, server.url, extra=extra)
+    done = cli("ask", "Who built the pyramids?", "--pool", str(pool), "--no-plan", "--k", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    embeddings = [r for r in server.requests if r.path.endswith("/embeddings")]
+    assert len(embeddings) == 1 and data["usage"]["requests"] == len(server.requests)
+    config = RunStore().run(data["run_id"]).config["orchestra"]
+    assert config["matcher"]["type"] == "embedding" and config["matcher"]["model"] == "mini"
+    rebuilt = Orchestra.restore(Pool.load(pool), config, store=False)
+    assert rebuilt.env.matcher.spec() == Pool.load(pool).settings.matcher.model_copy(
+        update={"base_url": f"{server.url}/v1"})
+    assert rebuilt.env.extractor.config == KeywordConfig(samples=1, min_count=1)
+
+
+def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, tmp_path: Path) -> None:
+    scripted = ScriptedLLM()
+    server = loopback(scripted.handler())
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "question": f"What is 6 x {i} / {i}?", "answer": "42"}) + "\n"
+                            for i in range(1, 4)))
+    pool = write_pool(tmp_path, server.url, extra="settings: {aggregate: vote, k: 2}\n")
+    by_pool = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--json").stdout)
+    assert by_pool["method"] == "vote" and scripted.kinds["aggregate"] == 0  # the pool votes: no aggregator
+    assert scripted.kinds["expert"] == 3 * 2  # and recruits k=2
+    flags = cli("eval", "--data", str(data), "--pool", str(pool), "--mode", "random", "--aggregate", "synthesize",
+                "--json")
+    assert flags.returncode == 0, flags.stderr
+    assert json.loads(flags.stdout)["method"] == "random" and scripted.kinds["aggregate"] == 3  # the random preset
+    preset = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "moa", "--aggregate",
+                            "vote", "--json").stdout)
+    assert preset["method"] == "global + vote"
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("nope=1", "error: --set nope: no such setting"),
+    ("keywords.samplez=3", "error: --set keywords.samplez: no such setting"),
+    ("k=many", "error: --set k: Input should be a valid integer, unable to parse string as an integer"),
+    ("matcher.type=embedding", "error: --set matcher: Value error, an embedding matcher needs model and base_url"),
+    ("novalue", "error: --set expects KEY=VALUE, got 'novalue'"),
+])
+def test_an_unknown_or_invalid_setting_is_one_line(llm, tmp_path: Path, flag: str, message: str) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("ask", "x", "--pool", str(pool), "--set", flag)
+    assert (done.returncode, done.stderr.strip()) == (2, message)
+    assert not llm.kinds
+
+
+def test_workflow_settings_reach_the_orchestra_and_a_pool_setting_stays_under_them(tmp_path: Path) -> None:
+    (tmp_path / "pool.yaml").write_text(
+        "models:\n  m: {type: openai, model: m, base_url: 'http://127.0.0.1:9/v1'}\nagents:\n  - {name: a, model: m}\n"
+        "settings: {k: 2, keywords: {samples: 4}, memory_budget_gb: 8}\n")
+    (tmp_path / "flow.yaml").write_text(
+        "pool: pool.yaml\nsettings:\n  context_chars: 321\n  planner_max_tokens: 77\n  max_resident_models: 2\n"
+        "  memory_budget_gb: 1.5\n  recruit: {competence_weight: 0}\n  grader: mc\n"
+        "steps:\n  - {id: s, prompt: hi}\n")
+    orc = orchestra_for(Workflow.load(tmp_path / "flow.yaml"), store=False)
+    assert (orc.options.context_chars, orc.options.planner_max_tokens, orc.options.k) == (321, 77, 2)
+    assert orc.executor.max_resident_models == 2 and orc.executor.memory_budget_bytes == int(1.5 * 2**30)
+    assert orc.env.recruiter.config.competence_weight == 0 and orc.env.extractor.config.samples == 4
+    assert orc.settings["memory_budget_gb"] == 1.5 and orc.settings["recruit"]["competence_weight"] == 0
+
+
+def test_python_keywords_win_over_settings_which_win_over_the_pool() -> None:
+    pool = Pool.load()
+    layered = Orchestra(pool, settings={"k": 4, "aggregate": "vote"}, aggregate="refine", store=False)
+    assert (layered.options.k, layered.options.aggregate) == (4, "refine")
+    with pytest.raises(ConfigError, match="no such setting"):
+        PoolSettings().assigned(["keyword.samples=2"])
+    with pytest.raises(TypeError):
+        Orchestra(pool, store=False, planner_tokens=5)  # type: ignore[call-arg]
+
+
+def test_a_workflow_with_an_unknown_setting_fails_to_load(tmp_path: Path) -> None:
+    (tmp_path / "flow.yaml").write_text("settings:\n  context_char: 10\nsteps:\n  - {id: s, prompt: hi}\n")
+    with pytest.raises(ConfigError, match=r"flow.yaml:2:\d+: unknown field 'context_char'"):
+        Workflow.load(tmp_path / "flow.yaml")
+
+
+def test_no_aggregation_when_voting(loopback, tmp_path: Path) -> None:
+    scripted = ScriptedLLM()
+    server = loopback(scripted.handler())
+    pool = write_pool(tmp_path, server.url)
+    done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--set", "aggregate=vote", "--json")
+    assert done.returncode == 0, done.stderr
+    assert scripted.kinds["aggregate"] == 0 and not any(AGGREGATE_MARK in r.prompt for r in server.requests)
