@@ -71,6 +71,8 @@ class ExpertsRecruited(Event):
     aggregator: str
     skills: tuple[str, ...]
     explanation: tuple[str, ...]
+    instruction: str = ""
+    """The node's instruction as its experts get it (a workflow step's prompt, rendered)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,8 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
                                                node["aggregator"] or "")))
     console.print(plan)
     for node in report["nodes"]:
+        console.print(Text(f"{node['node_id']}: ", style="bold") + Text(node["instruction"] or ""))
+    for node in report["nodes"]:
         if node["explanation"]:
             console.print(Text(f"recruitment of {node['node_id']}:", style="bold"))
             for line in node["explanation"]:

@@ -29,7 +29,7 @@ from orchestra.datasets import Dataset, Item
 from orchestra.events import Event, EventBus, UsageUpdated
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, answer_format, get_grader
-from orchestra.models import ChatResult
+from orchestra.models import ChatResult, Model
 from orchestra.profile import Provenance, SkillProfile, global_competence
 from orchestra.prompts import render, template_hash
 from orchestra.skills import KeywordConfig, SkillExtractor
@@ -103,12 +103,12 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
         aggregation = await _aggregation_scores(pool, bench, executor, ledger, grade, seed, counter, item_keywords)
     finally:
         counter.close()
-    keyword_model = pool.keyword_model.name if pool.keyword_model else ""
+    keyword_model = model_id(pool.keyword_model) if pool.keyword_model else ""
     prompts = {name: template_hash(name) for name in ("keywords.j2", "expert.j2", "aggregator.j2")}
     profiles = {}
     for agent in pool.agents:
         provenance = Provenance(dataset=Path(dataset.path).name, dataset_sha256=dataset.sha256,
-                                items=len(dataset), model=_model_id(agent), keyword_model=keyword_model,
+                                items=len(dataset), model=model_id(agent.model), keyword_model=keyword_model,
                                 grader=grade.name, prompt_sha256=prompts, seed=seed)
         accuracy = sum(correct[agent.name].values()) / len(dataset)
         measured = aggregation.get(agent.name)
@@ -133,9 +133,9 @@ def save_profiles(report: ProfilingReport, directory: str | Path) -> list[Path]:
     return report.written
 
 
-def _model_id(agent: Agent) -> str:
-    """``Type:model`` (a file's name, not its local path, for in-process engines)."""
-    model = agent.model
+def model_id(model: Model) -> str:
+    """What a model is, for provenance: ``Type:model id`` (a file's name, not its local path, for
+    in-process engines), never the pool's alias for it."""
     path = getattr(model, "path", None)
     detail = getattr(model, "model", None) or (Path(path).name if path else None) or model.name
     return f"{type(model).__name__}:{detail}"

@@ -332,6 +332,7 @@ class Run:
         started = time.perf_counter()
         try:
             instruction = settings.prompt(self.outputs()) if settings.prompt else subtask.instruction
+            trace.instruction = instruction  # a workflow step's prompt, rendered: what the experts get
             trace.status = "recruiting"
             recruitment = await self.recruit(node_id, instruction, settings.skills or subtask.skills, settings)
             agents = [self.env.pool[name] for name in recruitment.experts]
@@ -342,7 +343,7 @@ class Run:
             self.env.events.emit(ExpertsRecruited(
                 run_id=self.run_id, node=node_id, experts=recruitment.experts,
                 aggregator=trace.aggregator or "", skills=recruitment.keywords,
-                explanation=tuple(trace.explanation)))
+                explanation=tuple(trace.explanation), instruction=instruction))
             trace.status = "running"
             inputs = [] if settings.prompt else self._inputs(node_id)
             prompt = render("expert.j2", task=self.task, instruction=instruction, inputs=inputs,

@@ -372,10 +372,10 @@ class RunStore:
                                (now, event.run_id, event.node)))
         elif isinstance(event, ExpertsRecruited):
             statements.append((
-                "UPDATE nodes SET status='running', skills=?, experts=?, aggregator=?, explanation=?, updated=? "
-                "WHERE run_id=? AND node_id=?",
+                "UPDATE nodes SET status='running', skills=?, experts=?, aggregator=?, explanation=?, updated=?, "
+                "instruction=coalesce(nullif(?, ''), instruction) WHERE run_id=? AND node_id=?",
                 (json.dumps(event.skills), json.dumps(event.experts), event.aggregator,
-                 json.dumps(event.explanation), now, event.run_id, event.node)))
+                 json.dumps(event.explanation), now, event.instruction, event.run_id, event.node)))
         elif isinstance(event, NodeAggregating):
             statements.append(("UPDATE nodes SET status='aggregating', updated=? WHERE run_id=? AND node_id=?",
                                (now, event.run_id, event.node)))

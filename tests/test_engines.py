@@ -15,6 +15,7 @@ from orchestra import Agent, Orchestra, Pool
 from orchestra.agents import PoolSettings
 from orchestra.events import Event, ModelLoaded, ModelUnloaded
 from orchestra.execute import Executor, RunLedger
+from orchestra.errors import BadResponse
 from orchestra.models import ChatRequest, FunctionModel, allow_model_requests
 from orchestra.models.llamacpp import LlamaCpp, default_gguf_path
 from orchestra.models.vllm import VLLM
@@ -139,8 +140,26 @@ def test_vllm_generates_a_batch_in_one_call_and_repairs_json() -> None:
     assert engine.chats == [4, 1]  # the whole batch at once, then one repair batch for the bad JSON
     assert [r.text for r in results[:3]] == ["echo: q0", "echo: q1", "echo: q2"]
     assert results[3].parsed == {"city": "Oslo"} and results[0].usage.completion_tokens == 2
+    # the repaired answer's usage counts both generations, the first attempt's included
+    assert (results[3].usage.requests, results[3].usage.prompt_tokens, results[3].usage.completion_tokens) == (2, 6, 4)
+    assert results[0].usage.requests == 1
     asyncio.run(model.unload())
     assert engine.shut_down and not model.loaded
+
+
+def test_vllm_json_that_stays_invalid_fails_with_what_it_cost() -> None:
+    model = VLLM("some/model", engine_factory=FakeLLM, sampling_factory=lambda options, schema: {**options,
+                                                                                              "schema": schema})
+    schema = {"type": "object", "properties": {"town": {"type": "string"}}, "required": ["town"]}
+    with allow_model_requests():
+        outcomes = asyncio.run(_collect(model.complete_each([ChatRequest.user("where?", output=schema)])))
+    [(_, error)] = outcomes
+    assert isinstance(error, BadResponse) and "even after one repair attempt" in str(error)
+    assert (error.usage.requests, error.usage.prompt_tokens, error.usage.completion_tokens) == (2, 6, 4)
+
+
+async def _collect(outcomes: Any) -> list[Any]:
+    return [outcome async for outcome in outcomes]
 
 
 def test_vllm_without_vllm_installed_says_how_to_get_it() -> None:

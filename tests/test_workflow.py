@@ -177,6 +177,11 @@ def test_example_code_review_runs(loopback_pool) -> None:
     data = json.loads(done.stdout)
     assert data["answer"].startswith("## Code review\n**Verdict:** approve: looks right")
     assert [n["id"] for n in data["plan"]["nodes"]] == ["understand", "bugs", "style", "verdict"]
+    # each step's instruction is its prompt as rendered for the experts, in the result and in `show`
+    understand = data["plan"]["nodes"][0]["instruction"]
+    assert "def add(a, b): return a + b" in understand and "{{" not in understand
+    shown = cli("show", data["run_id"]).stdout
+    assert "understand: " in shown and "def add(a, b): return a + b" in shown.split("call 1")[0]
 
 
 def test_example_dataset_eval_runs(loopback_pool) -> None:
