@@ -178,6 +178,7 @@ class PoolSettings(_Strict):
     plan_repairs: int | None = Field(default=None, ge=0)
     planner_max_tokens: int | None = Field(default=None, ge=16)
     context_chars: int | None = Field(default=None, ge=100)
+    max_response_chars: int | None = Field(default=None, ge=100)
     max_resident_models: int | None = Field(default=None, ge=1)
     fast_path: bool | None = None
     plan_check: bool | None = None

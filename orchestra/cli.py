@@ -130,7 +130,8 @@ def orchestra_options(opts: dict[str, Any], budget: Budget | None, settings: Poo
         assignments.append(f"recruit.competence_weight={opts['competence_weight']}")
     options: dict[str, Any] = {
         "k": opts.get("k"), "mode": opts.get("mode"), "aggregate": opts.get("aggregate"),
-        "aggregator_choice": opts.get("aggregator_choice"), "seed": opts.get("seed"), "budget": budget, "grader": opts.get("grader"),
+        "aggregator_choice": opts.get("aggregator_choice"), "seed": opts.get("seed"), "budget": budget,
+        "grader": opts.get("grader"),
         "store": store_from(opts.get("store_path"), opts.get("no_store", False)), "cache": opts.get("cache", False),
         "memory_budget_gb": opts.get("memory_budget_gb"), "settings": settings.assigned(assignments)}
     if options["cache"] and options["store"] is False:

@@ -119,6 +119,7 @@ class Orchestra:
         grader: extracts answers for voting and evaluation (``auto``, ``mc``, ``numeric``, ``exact``).
         planner_max_tokens: the planner's answer limit.
         context_chars: the most characters of a dependency's output a node sees.
+        max_response_chars: the most characters of an expert's answer passed on to aggregation.
         aggregator: an agent name that always aggregates (default: best measured aggregator).
         aggregator_choice: ``best`` (one aggregator for every node: the best measured aggregation
             score) or ``per-node`` (each node's aggregator is the best measured aggregator on its
@@ -143,7 +144,8 @@ class Orchestra:
                  grader: str | Grader | None = None, aggregator: str | None = None,
                  aggregator_choice: str | None = None,
                  max_resident_models: int | None = None, memory_budget_gb: float | None = None,
-                 context_chars: int | None = None, planner_max_tokens: int | None = None, fast_path: bool | None = None,
+                 context_chars: int | None = None, max_response_chars: int | None = None,
+                 planner_max_tokens: int | None = None, fast_path: bool | None = None,
                  plan_check: bool | None = None, store: RunStore | str | Path | bool | None = None,
                  cache: bool = False, tracing: Any = False, settings: PoolSettings | Mapping[str, Any] | None = None,
                  on_event: Callable[[Event], None] | None = None) -> None:
@@ -163,6 +165,7 @@ class Orchestra:
             seed=seed, budget=budget if isinstance(budget, Budget) else Budget.model_validate(budget or {}),
             planner_max_tokens=planner_max_tokens or settings.planner_max_tokens or 1024,
             context_chars=context_chars or settings.context_chars or 4000,
+            max_response_chars=max_response_chars or settings.max_response_chars or 100_000,
             fast_path=_first(fast_path, settings.fast_path, True),
             plan_check=_first(plan_check, settings.plan_check, True),
             aggregator_choice=aggregator_choice)  # type: ignore[arg-type]

@@ -84,6 +84,10 @@ class EndpointUnreachable(ModelError, UserError):
     exit_code = 2
 
 
+class ConnectionBroke(ModelError):
+    """The endpoint was reached but the connection broke: reset, body cut short, protocol error."""
+
+
 class RequestTimeout(ModelError):
     """The endpoint accepted the connection but did not answer in time."""
 
@@ -104,6 +108,10 @@ class ContextTooLong(RequestRejected, UserError):
 
 class BadResponse(ModelError):
     """The endpoint answered with something that is not a usable completion."""
+
+
+class InvalidOutput(BadResponse):
+    """The model answered, but not in the requested structure, even after a repair."""
 
 
 class ModelRequestsForbidden(ModelError):

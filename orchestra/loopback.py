@@ -57,6 +57,12 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     hang: bool = False
+    drip: float = 0.0
+    """Send the answer 16 bytes at a time, this many seconds apart (a server that trickles)."""
+    cut: int | None = None
+    """Send only this many bytes of the body, then close the connection (a body cut short)."""
+    reset: bool = False
+    """Close the connection without answering."""
 
 
 Handler = Callable[[LoopbackRequest], Reply | Awaitable[Reply]]
@@ -140,8 +146,19 @@ class LoopbackServer:
                     reply = await self._answer(request)
                 finally:
                     self.in_flight -= 1
-                writer.write(_encode(reply))
-                await writer.drain()
+                if reply.reset:
+                    break
+                data = _encode(reply)
+                if reply.cut is not None:
+                    writer.write(data[: data.index(b"\r\n\r\n") + 4 + reply.cut])
+                    await writer.drain()
+                    break
+                step = 16 if reply.drip else len(data)
+                for start in range(0, len(data), step):
+                    writer.write(data[start:start + step])
+                    await writer.drain()
+                    if reply.drip:
+                        await asyncio.sleep(reply.drip)
                 if request.headers.get("connection", "").lower() == "close":
                     break
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestra.errors import ConfigError
 
 PROFILE_VERSION = 1
+_PAIR = re.compile(r"\[\s*(\d+),\s*(\d+)\s*\]")
 
 
 class Provenance(BaseModel):
@@ -63,7 +65,8 @@ class SkillProfile(BaseModel):
         path = folder / f"{self.agent}.json"
         ordered = self.model_copy(update={"skills": dict(sorted(self.skills.items(), key=lambda kv: (-kv[1], kv[0]))),
                                           "aggregation_skills": dict(sorted(self.aggregation_skills.items()))})
-        path.write_text(ordered.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        text = _PAIR.sub(r"[\1, \2]", ordered.model_dump_json(indent=2))  # (correct, items) on one line
+        path.write_text(text + "\n", encoding="utf-8")
         return path
 
     @classmethod

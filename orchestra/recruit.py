@@ -402,7 +402,8 @@ def node_aggregation_estimate(profile: SkillProfile, matches: Sequence[Match],
 
 
 def node_aggregator(profiles: Mapping[str, SkillProfile], competence: Mapping[str, float],
-                    recruitment: Recruitment, fallback: str, *, prior_items: float = NODE_PRIOR_ITEMS) -> NodeAggregator:
+                    recruitment: Recruitment, fallback: str, *,
+                    prior_items: float = NODE_PRIOR_ITEMS) -> NodeAggregator:
     """Per-node aggregator recruiting: the best aggregation evidence among the agents that fit the node.
 
     An agent fits when its profile gives the node's skills a positive suitability (the recruiter's
@@ -416,7 +417,8 @@ def node_aggregator(profiles: Mapping[str, SkillProfile], competence: Mapping[st
     estimates = {agent: node_aggregation_estimate(profiles[agent], recruitment.matches, prior_items)
                  for agent in fits if aggregation_evidence(profiles.get(agent)) is not None}
     if not estimates:
-        why = "no skill matched" if not recruitment.matches else "no agent that fits this node has a measured aggregation score"
+        why = ("no skill matched" if not recruitment.matches
+               else "no agent that fits this node has a measured aggregation score")
         return NodeAggregator(fallback, f"{why}; the pool's best aggregator")
     winner, tied = near_tie_best({a: (e[0], e[1]) for a, e in estimates.items()},
                                  {a: (fits[a], competence.get(a, 0.0)) for a in estimates})

@@ -17,9 +17,9 @@ from orchestra.aggregate import Response, Strategy, ranked, refine_prompt, synth
 from orchestra.budget import Budget
 from orchestra.errors import (
     AuthenticationError,
-    BadResponse,
     BudgetExceeded,
     EndpointUnreachable,
+    InvalidOutput,
     OrchestraError,
     PlanError,
     UserError,
@@ -73,6 +73,7 @@ class RunOptions:
     seed: int = 0
     budget: Budget = field(default_factory=Budget)
     context_chars: int = 4000
+    max_response_chars: int = 100_000
     planner_max_tokens: int = 1024
     answer_format: str | None = None
     context: str = ""
@@ -292,9 +293,9 @@ class Run:
         for attempt in range(1, self.options.plan_repairs + 2):
             self.env.events.emit(PlanRequested(run_id=self.run_id, attempt=attempt))
             [outcome] = await self._call([(pool.planner, request)], purpose="plan")
-            if isinstance(outcome, BadResponse):
+            if isinstance(outcome, InvalidOutput):  # a plan problem: worth a repair
                 problem, answer = str(outcome), "(invalid JSON)"
-            elif isinstance(outcome, Exception):
+            elif isinstance(outcome, Exception):  # HTTP or transport: not the plan's fault, never "repaired"
                 raise outcome
             else:
                 answer = outcome.text
@@ -447,7 +448,7 @@ class Run:
             trace.expert_outputs.append(ExpertOutput.model_construct(agent=agent.name, model=agent.model.name,
                                                                      text=outcome.text, error=None))
             candidate = recruitment.candidate(agent.name)
-            responses.append(Response(agent=agent.name, text=outcome.text, data=_plain(outcome.parsed),
+            responses.append(Response(agent=agent.name, text=self._capped(outcome.text), data=_plain(outcome.parsed),
                                       weight=candidate.probability if candidate else 1.0))
         errors = [o for o in outcomes if isinstance(o, Exception)]
         budget = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
@@ -458,6 +459,11 @@ class Run:
                 raise errors[0]
             raise OrchestraError(f"every expert failed; first error: {errors[0]}")
         return responses
+
+    def _capped(self, text: str) -> str:
+        """An expert's answer as the aggregator gets it: at most ``max_response_chars``."""
+        limit = self.options.max_response_chars
+        return text if len(text) <= limit else f"{text[:limit]} [... cut at max_response_chars={limit}]"
 
     async def _aggregate(self, node_id: str, instruction: str, responses: list[Response], seed: int,
                          strategy: str, schema: dict[str, Any] | None) -> tuple[str, Any]:

@@ -146,7 +146,7 @@ def test_missing_key_variable_is_one_clear_line(loopback, monkeypatch) -> None:
 
 def test_hung_server_hits_the_timeout(loopback) -> None:
     server = loopback(lambda req: Reply(hang=True))
-    with pytest.raises(RequestTimeout, match="did not answer within 0.2 s"):
+    with pytest.raises(RequestTimeout, match="did not finish answering within 0.2 s"):
         run(openai(server, timeout=0.2, max_attempts=2).complete([ask()]))
     assert len(server.requests) == 2
 

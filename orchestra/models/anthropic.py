@@ -31,14 +31,14 @@ class Anthropic(ModelBase):
         base_url: the API root (before ``/v1/messages``).
         api_key_env: the environment variable holding the key.
         max_tokens: the answer limit when a request sets none (the API requires one).
-        max_concurrency, rpm, timeout, max_attempts, prices, name: as for ``OpenAICompatible``.
+        max_concurrency, rpm, timeout, deadline, max_attempts, prices, name: as for ``OpenAICompatible``.
     """
 
     counts_requests = True  # the endpoint counts every attempt it sends
 
     def __init__(self, *, model: str, base_url: str = ANTHROPIC_URL, api_key_env: str | None = "ANTHROPIC_API_KEY",
                  max_tokens: int = 1024, max_concurrency: int | None = None, rpm: float | None = None,
-                 timeout: float | None = None, max_attempts: int | None = None,
+                 timeout: float | None = None, deadline: float | None = None, max_attempts: int | None = None,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  name: str | None = None) -> None:
         self.model = model
@@ -46,7 +46,8 @@ class Anthropic(ModelBase):
         self.default_max_tokens = max_tokens
         self.price = coerce_price(prices, model)
         self.endpoint = shared_endpoint(base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm,
-                                        timeout=timeout, max_attempts=max_attempts, headers=_headers)
+                                        timeout=timeout, max_attempts=max_attempts, headers=_headers,
+                                        deadline=deadline)
         self.json_mode: Literal["tool", "prompt"] = "tool"
 
     @property

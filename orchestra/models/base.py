@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from orchestra.errors import BadResponse, ModelRequestsForbidden
+from orchestra.errors import InvalidOutput, ModelRequestsForbidden
 from orchestra.models.metering import charge, count_request, metering
 from orchestra.models.structured import StructuredOutputError, parse_output, repair_request
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -188,11 +188,11 @@ class ModelBase(abc.ABC):
             return repair_request(request, result.text, error)
 
     def parse_repaired(self, request: ChatRequest, repaired: ChatResult) -> ChatResult:
-        """The repaired answer parsed; still invalid is a ``BadResponse`` carrying the answer's text."""
+        """The repaired answer parsed; still invalid is an ``InvalidOutput`` carrying the answer's text."""
         try:
             return repaired.model_copy(update={"parsed": parse_output(repaired.text, request)})
         except StructuredOutputError as error:
-            failure = BadResponse(f"{self.name} returned invalid JSON for {request.schema_name} "
+            failure = InvalidOutput(f"{self.name} returned invalid JSON for {request.schema_name} "
                                   f"even after one repair attempt: {error}")
             failure.text = repaired.text
             raise failure from None

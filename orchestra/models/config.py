@@ -36,6 +36,7 @@ class OpenAISpec(_RemoteSpec):
     max_concurrency: int | None = Field(default=None, ge=1)
     rpm: float | None = Field(default=None, gt=0)
     timeout: float | None = Field(default=None, gt=0)
+    deadline: float | None = Field(default=None, gt=0)
     max_attempts: int | None = Field(default=None, ge=1)
     prices: Price | None = None
     extra_body: dict[str, Any] = {}
@@ -43,7 +44,7 @@ class OpenAISpec(_RemoteSpec):
     def build(self, name: str, base_dir: Path) -> Model:
         return OpenAICompatible(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
                                 max_concurrency=self.max_concurrency, rpm=self.rpm, timeout=self.timeout,
-                                max_attempts=self.max_attempts, prices=self.prices, name=name,
+                                deadline=self.deadline, max_attempts=self.max_attempts, prices=self.prices, name=name,
                                 extra_body=self.extra_body)
 
 
@@ -58,13 +59,15 @@ class AnthropicSpec(_RemoteSpec):
     max_concurrency: int | None = Field(default=None, ge=1)
     rpm: float | None = Field(default=None, gt=0)
     timeout: float | None = Field(default=None, gt=0)
+    deadline: float | None = Field(default=None, gt=0)
     max_attempts: int | None = Field(default=None, ge=1)
     prices: Price | None = None
 
     def build(self, name: str, base_dir: Path) -> Model:
         return Anthropic(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
                          max_tokens=self.max_tokens, max_concurrency=self.max_concurrency, rpm=self.rpm,
-                         timeout=self.timeout, max_attempts=self.max_attempts, prices=self.prices, name=name)
+                         timeout=self.timeout, deadline=self.deadline, max_attempts=self.max_attempts,
+                         prices=self.prices, name=name)
 
 
 class LlamaCppSpec(_Spec):

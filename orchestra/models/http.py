@@ -18,6 +18,7 @@ from orchestra.errors import (
     AuthenticationError,
     BadResponse,
     ConfigError,
+    ConnectionBroke,
     EndpointUnreachable,
     ModelError,
     RateLimited,
@@ -108,6 +109,7 @@ class Endpoint:
     max_concurrency: int = 16
     rpm: float | None = None
     timeout: float = 120.0
+    deadline: float = 300.0
     max_attempts: int = 4
     max_wait: float = 60.0
     headers: Callable[[str | None], dict[str, str]] = field(default=lambda key: {})
@@ -150,10 +152,15 @@ class Endpoint:
         return key
 
     async def post_json(self, path: str, payload: dict[str, Any], *, model: str) -> dict[str, Any]:
-        """POST ``payload`` and return the JSON body, retrying what is worth retrying."""
+        """POST ``payload`` and return the JSON body, retrying what is worth retrying.
+
+        Each attempt is bounded by ``timeout`` (the whole answer, not each read), and the call by
+        ``deadline`` (every attempt and wait together).
+        """
         secret = self.api_key()
         headers = self.headers(secret)
         url = self.base_url.rstrip("/") + path
+        started = time.monotonic()
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
@@ -161,23 +168,28 @@ class Endpoint:
             backoff = min(self.max_wait, 0.5 * 2 ** (state.attempt_number - 1))
             return min(self.max_wait, retry_after) if retry_after is not None else backoff
 
+        def stop(state: RetryCallState) -> bool:  # out of attempts, or the next one would start past the deadline
+            elapsed = time.monotonic() - started
+            return state.attempt_number >= self.max_attempts or elapsed + wait(state) >= self.deadline
+
         def before_sleep(state: RetryCallState) -> None:  # only when another attempt really follows
             error = state.outcome.exception() if state.outcome else None
             delay = state.next_action.sleep if state.next_action else 0.0
             notify_retry(model, state.attempt_number, delay, str(error))
 
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.max_attempts), wait=wait, before_sleep=before_sleep,
+        retrying = AsyncRetrying(stop=stop, wait=wait, before_sleep=before_sleep,
                                  retry=retry_if_exception_type(_Retryable), reraise=True)
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._post_once(url, payload, headers, model, secret)
+                    limit = min(self.timeout, self.deadline - (time.monotonic() - started))
+                    return await self._post_once(url, payload, headers, model, secret, limit)
         except _Retryable as exhausted:
             raise exhausted.final from None
         raise AssertionError("unreachable")  # pragma: no cover - tenacity always returns or raises
 
     async def _post_once(self, url: str, payload: dict[str, Any], headers: dict[str, str],
-                         model: str, secret: str | None) -> dict[str, Any]:
+                         model: str, secret: str | None, limit: float) -> dict[str, Any]:
         shown = display_url(url)
         state = self._state()
         async with state.semaphore:
@@ -189,13 +201,21 @@ class Endpoint:
             state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
             count_request()
             try:
-                response = await state.clients[shard].post(url, json=payload, headers=headers)
-            except httpx.TimeoutException:
+                async with asyncio.timeout(limit):  # the whole answer: a server that trickles bytes is cut off too
+                    response = await state.clients[shard].post(url, json=payload, headers=headers)
+            except (TimeoutError, httpx.TimeoutException) as error:
+                if isinstance(error, httpx.ConnectTimeout):
+                    raise _Retryable(EndpointUnreachable(
+                        f"cannot reach {shown} (no connection within {self.timeout:g} s); is the server running?")) from None
                 raise _Retryable(RequestTimeout(
-                    f"{shown} did not answer within {self.timeout:g} s (raise timeout= on the model)")) from None
-            except httpx.TransportError as error:
+                    f"{shown} did not finish answering within {limit:g} s (timeout={self.timeout:g} s per attempt, "
+                    f"deadline={self.deadline:g} s per call; raise them on the model)")) from None
+            except httpx.ConnectError as error:
                 raise _Retryable(EndpointUnreachable(
                     f"cannot reach {shown} ({type(error).__name__}); is the server running?")) from None
+            except httpx.TransportError as error:  # reset, body cut short, protocol error: it was reached
+                raise _Retryable(ConnectionBroke(
+                    f"the connection to {shown} broke ({type(error).__name__}: {error or 'no detail'})")) from None
             finally:
                 state.in_flight -= 1
                 state.busy[shard] -= 1
@@ -209,6 +229,9 @@ class Endpoint:
                 f"{url} rejected the credentials (HTTP {status}); check {variable}")
         if status in RETRY_STATUSES:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if retry_after is not None and retry_after > self.max_wait:  # no point in waiting a fraction of it
+                raise RateLimited(f"{url} asked to wait {retry_after:g} s before another request (HTTP {status}, "
+                                  f"Retry-After), longer than Orchestra waits ({self.max_wait:g} s); try again later")
             if status == 429:
                 final: ModelError = RateLimited(
                     f"{url} is still rate limiting (HTTP 429) after {self.max_attempts} attempts; "
@@ -224,6 +247,8 @@ class Endpoint:
             body = response.json()
         except ValueError:
             raise BadResponse(f"{url} answered HTTP {status} with a body that is not JSON") from None
+        except RecursionError:
+            raise BadResponse(f"{url} answered with JSON nested too deeply to read") from None
         if not isinstance(body, dict):
             raise BadResponse(f"{url} answered with JSON that is not an object")
         return body
@@ -264,7 +289,7 @@ _REGISTRY: dict[tuple[str, str | None], Endpoint] = {}
 
 def shared_endpoint(base_url: str, api_key_env: str | None, *, max_concurrency: int | None,
                     rpm: float | None, timeout: float | None, max_attempts: int | None,
-                    headers: Callable[[str | None], dict[str, str]]) -> Endpoint:
+                    headers: Callable[[str | None], dict[str, str]], deadline: float | None = None) -> Endpoint:
     """The one ``Endpoint`` for this URL and key variable, created on first use.
 
     Settings given later tighten the shared limits (smallest concurrency and rpm win), so two
@@ -286,6 +311,8 @@ def shared_endpoint(base_url: str, api_key_env: str | None, *, max_concurrency: 
         endpoint.rpm = min(endpoint.rpm, rpm) if endpoint.rpm else rpm
     if timeout is not None:
         endpoint.timeout = timeout
+    if deadline is not None:
+        endpoint.deadline = deadline
     if max_attempts is not None:
         endpoint.max_attempts = max_attempts
     return endpoint

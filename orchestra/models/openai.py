@@ -39,7 +39,8 @@ class OpenAICompatible(ModelBase):
             to ``OPENAI_API_KEY`` for api.openai.com and to no key elsewhere.
         max_concurrency: requests in flight at once on this endpoint (shared by its models).
         rpm: requests started per minute on this endpoint.
-        timeout: seconds to wait for one answer.
+        timeout: seconds one attempt may take (the whole answer, not each read).
+        deadline: seconds one call may take, every attempt and retry wait included (default 300).
         max_attempts: attempts per request, retries included.
         prices: USD per million tokens, overriding the built-in table.
         name: how Orchestra shows this model; defaults to ``model``.
@@ -50,6 +51,7 @@ class OpenAICompatible(ModelBase):
 
     def __init__(self, *, model: str, base_url: str = OPENAI_URL, api_key_env: str | None | Literal["auto"] = "auto",
                  max_concurrency: int | None = None, rpm: float | None = None, timeout: float | None = None,
+                 deadline: float | None = None,
                  max_attempts: int | None = None, prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  name: str | None = None, extra_body: Mapping[str, Any] | None = None) -> None:
         if api_key_env == "auto":
@@ -59,7 +61,8 @@ class OpenAICompatible(ModelBase):
         self.price = coerce_price(prices, model)
         self.extra_body = dict(extra_body or {})
         self.endpoint = shared_endpoint(base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm,
-                                        timeout=timeout, max_attempts=max_attempts, headers=_headers)
+                                        timeout=timeout, max_attempts=max_attempts, headers=_headers,
+                                        deadline=deadline)
         self.json_mode: JsonMode = "json_schema"
 
     @property

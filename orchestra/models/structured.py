@@ -22,6 +22,8 @@ def extract_json(text: str) -> Any:
         stripped = stripped.rsplit("```", 1)[0]
     try:
         return json.loads(stripped)
+    except RecursionError:
+        raise StructuredOutputError("JSON nested too deeply to read") from None
     except json.JSONDecodeError as first_error:
         decoder = json.JSONDecoder()
         for start, char in enumerate(stripped):
@@ -30,6 +32,8 @@ def extract_json(text: str) -> Any:
                     return decoder.raw_decode(stripped[start:])[0]
                 except json.JSONDecodeError:
                     continue
+                except RecursionError:
+                    raise StructuredOutputError("JSON nested too deeply to read") from None
         raise StructuredOutputError(f"not valid JSON ({first_error.msg} at char {first_error.pos})") from None
 
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, ClassVar
 
-from orchestra.errors import BadResponse, MissingDependency
+from orchestra.errors import InvalidOutput, MissingDependency
 from orchestra.models.base import ModelBase, Outcome, with_usage
 from orchestra.models.metering import Meter
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -142,7 +142,7 @@ class VLLM(ModelBase):
                 meters[index].charge(result.usage)
                 try:
                     steps[index] = self.parse_repaired(requests[index], result)
-                except BadResponse as failure:
+                except InvalidOutput as failure:
                     steps[index] = failure
         for index, step in enumerate(steps):  # every repair request was replaced by its outcome
             yield index, with_usage(step, meters[index].usage)  # type: ignore[arg-type]
