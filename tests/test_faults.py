@@ -84,3 +84,32 @@ def test_a_huge_answer_is_capped_before_aggregation() -> None:
     [aggregation] = [r for m in models.values() for r in m.requests if AGGREGATE_MARK in r.prompt_text()]
     assert len(aggregation.prompt_text()) < 10_000 and "cut at max_response_chars=1000" in aggregation.prompt_text()
     assert kind_of(aggregation) == "aggregate"
+
+
+# --- templates with limits ----------------------------------------------------------------------
+
+BOMBS = {
+    "huge string": "{{ ('a' * 10**10) | length }}",
+    "huge power": "{{ 9 ** (9 ** 9) }}",
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "huge width": "{{ 'a' | center(10000000000) }}",
+    "huge format": "{{ '%01000000000d' % 1 }}",
+    "huge output": "{% for i in range(100000) %}{{ inputs.question * 100 }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("bomb", list(BOMBS), ids=list(BOMBS))
+def test_template_bombs_are_checked_without_running_and_refused_in_one_line(loopback, tmp_path: Path,
+                                                                            bomb: str) -> None:
+    server = loopback(chat_handler(lambda request: "The answer is 1"))
+    write_pool(tmp_path, server.url)
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("pool: pool.yaml\ninputs:\n  question: {type: string, default: 'why?'}\n"
+                    f"steps:\n  - id: s\n    agent: alpha-expert\n    prompt: \"{BOMBS[bomb]}\"\n")
+    checked = cli("validate", str(flow), timeout=60)
+    assert checked.returncode == 0, checked.stderr  # checking never evaluates the expressions
+    done = cli("run", str(flow), timeout=60)
+    assert done.returncode == 2  # the workflow file must be fixed
+    [line] = done.stderr.strip().splitlines()
+    assert "cannot render" in line and "template" in line and "Traceback" not in done.stderr
+    assert not server.requests  # the step failed before any call
