@@ -264,7 +264,8 @@ def test_the_choice_is_stored_with_the_run_options() -> None:
 def test_pool_file_settings_accept_the_choice(tmp_path: Path) -> None:
     path = tmp_path / "pool.yaml"
     path.write_text("models:\n  m:\n    type: openai\n    model: x\n    base_url: http://127.0.0.1:9/v1\n"
-                    "    api_key_env: null\nsettings:\n  aggregator_choice: per-node\nagents:\n  - name: a\n    model: m\n")
+                    "    api_key_env: null\nsettings:\n  aggregator_choice: per-node\n"
+                    "agents:\n  - name: a\n    model: m\n")
     assert Pool.load(path).settings.aggregator_choice == "per-node"
     path.write_text(path.read_text().replace("per-node", "cleverest"))
     with pytest.raises(ConfigError, match="aggregator_choice"):
