@@ -458,6 +458,7 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
 
 @main.command()
 @click.argument("run_id")
+@click.option("--force", is_flag=True, help="Take the run over even if another process seems to hold it.")
 @budget_options
 @store_options
 @output_options
@@ -481,8 +482,8 @@ def resume(run_id: str, **opts: Any) -> None:
                         f"Orchestra(pool).resume({record.id!r})")
     orc = Orchestra.restore(pool, config.get("orchestra") or {}, store=store)
     budget = {"max_calls": opts["max_calls"], "max_cost_usd": opts["max_cost"], "max_tokens": opts["max_tokens"]}
-    execute(orc, lambda run_id: orc.aresume(run_id, budget={k: v for k, v in budget.items() if v is not None}), opts,
-            record.id)
+    execute(orc, lambda run_id: orc.aresume(run_id, budget={k: v for k, v in budget.items() if v is not None},
+                                             force=opts["force"]), opts, record.id)
 
 
 @main.command()

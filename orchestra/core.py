@@ -25,7 +25,7 @@ from orchestra.recruit import AGGREGATOR_CHOICES, MODES, RecruitConfig, Recruite
 from orchestra.result import RunResult
 from orchestra.run import NodeSettings, Outputs, Run, RunEnv, RunOptions
 from orchestra.skills import KeywordConfig, SkillExtractor
-from orchestra.store import RunStore
+from orchestra.store import HEARTBEAT_SECONDS, RunStore
 
 T = TypeVar("T")
 
@@ -178,6 +178,8 @@ class Orchestra:
         if cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; do not combine cache=True with store=False")
         self.cache = cache
+        self._running = 0
+        self._heartbeat: asyncio.Task[None] | None = None
         if tracing:
             from orchestra.tracing import SpanRecorder
 
@@ -271,6 +273,31 @@ class Orchestra:
                 "meta": meta or {}}
 
     async def _finish(self, run: Run) -> RunResult:
+        self._running += 1
+        self._keep_alive()
+        try:
+            return await self._settle(run)
+        finally:
+            self._running -= 1
+
+    def _keep_alive(self) -> None:
+        """Make sure a heartbeat tells other processes this one still holds its running runs."""
+        if self.store is None:
+            return
+        loop = asyncio.get_running_loop()
+        beat = self._heartbeat
+        if beat is None or beat.done() or beat.get_loop() is not loop:
+            self._heartbeat = loop.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while self._running and self.store is not None:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                self.store.heartbeat()
+            except StoreError:  # a full or locked disk: the run's own writes will say so
+                pass
+
+    async def _settle(self, run: Run) -> RunResult:
         try:
             result = await run.start()
         except BaseException:  # cancelled by the caller, or a bug: stop the run's other work, keep its record
@@ -311,12 +338,15 @@ class Orchestra:
         """Finish an interrupted run (blocking). See ``aresume``."""
         return run_sync(self.aresume(run_id, **overrides))
 
-    async def aresume(self, run_id: str, *, budget: Budget | dict[str, Any] | None = None) -> RunResult:
+    async def aresume(self, run_id: str, *, budget: Budget | dict[str, Any] | None = None,
+                      force: bool = False) -> RunResult:
         """Finish a stored run: recorded calls are replayed, only missing ones are sent.
 
         Args:
             run_id: the run (a unique prefix is enough).
             budget: raised limits (a ``Budget`` or some of its fields) when the run stopped on one.
+            force: take the run over even if another process seems to hold it (it was killed
+                less than ``LEASE_SECONDS`` ago).
         """
         if self.store is None:
             raise ConfigError("resume needs the run store; this Orchestra was made with store=False")
@@ -341,7 +371,7 @@ class Orchestra:
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
         run = Run(self.env, record.task, options, ledger, plan=plan, fixed_experts=config.get("fixed_experts"),
                   **steps)
-        self.store.begin_run(record.id, record.task, config)
+        self.store.begin_run(record.id, record.task, config, force=force)
         return await self._finish(run)
 
     def _options(self, overrides: dict[str, Any]) -> RunOptions:

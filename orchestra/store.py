@@ -8,6 +8,9 @@ never reach the store: requests carry no credentials, and configs hold only vari
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -36,7 +39,10 @@ from orchestra.resources import orchestra_home
 from orchestra.result import RunResult
 
 APPLICATION_ID = 0x4F524348  # "ORCH"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: A running run's process touches it this often; a run untouched for LEASE_SECONDS is no longer held.
+HEARTBEAT_SECONDS = 10.0
+LEASE_SECONDS = 30.0
 #: Purpose of the rows that record the embedding matcher's requests (requests outside any call).
 EMBEDDINGS = "embedding"
 _QUIET_EVENTS = {"usage_updated", "calls_queued", "call_done"}  # calls live in their own table
@@ -45,7 +51,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, task TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL,
     updated REAL NOT NULL, config TEXT NOT NULL, answer TEXT, error TEXT, result TEXT,
-    resumes INTEGER NOT NULL DEFAULT 0);
+    resumes INTEGER NOT NULL DEFAULT 0, owner TEXT);
 CREATE TABLE IF NOT EXISTS nodes (
     run_id TEXT NOT NULL, node_id TEXT NOT NULL, instruction TEXT, depends_on TEXT, status TEXT,
     skills TEXT, experts TEXT, aggregator TEXT, explanation TEXT, output TEXT, error TEXT, updated REAL,
@@ -104,10 +110,31 @@ def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:
             time.sleep(0.02)
 
 
+def _alive(owner: str) -> bool:
+    """Whether the process named by an ``owner`` tag may still run (a dead one on this host is known)."""
+    host, _, rest = owner.partition(" pid ")
+    if host != socket.gethostname():
+        return True  # another machine's process: only its heartbeat can tell
+    try:
+        os.kill(int(rest.split(":")[0]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
 def _record(row: dict[str, Any]) -> RunRecord:
-    return RunRecord(id=row["id"], task=row["task"], status=row["status"], created=row["created"],
-                     updated=row["updated"], config=json.loads(row["config"]), answer=row["answer"],
-                     error=row["error"], resumes=row["resumes"])
+    """A run's row as a record; a damaged configuration is reported on the record, not raised, so one
+    bad row never makes the other runs unlistable."""
+    try:
+        config = json.loads(row["config"])
+        error = row["error"]
+    except (TypeError, ValueError):
+        config, error = {}, f"the stored configuration of this run is damaged; {row['error'] or ''}".rstrip("; ")
+    return RunRecord(id=str(row["id"]), task=str(row["task"]), status=str(row["status"]), created=row["created"] or 0.0,
+                     updated=row["updated"] or 0.0, config=config if isinstance(config, dict) else {},
+                     answer=row["answer"], error=error, resumes=row["resumes"] or 0)
 
 
 def _result_json(result: ChatResult) -> str:
@@ -132,36 +159,70 @@ class RunStore:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_store_path()
         self._lock = threading.RLock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        #: who holds the runs this store object begins: host, process and a random tag
+        self.owner = f"{socket.gethostname()} pid {os.getpid()}:{secrets.token_hex(4)}"
+        self.read_only = self.path.exists() and not os.access(self.path, os.W_OK)
+        if not self.read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+            target = f"file:{self.path}?mode=ro" if self.read_only else str(self.path)
+            self._db = sqlite3.connect(target, timeout=30, check_same_thread=False, isolation_level=None,
+                                       uri=self.read_only)
             self._open()
         except sqlite3.DatabaseError as error:
             raise StoreError(f"{self.path} is not a usable Orchestra run store ({error}); "
                              "move it away or choose another file with --store") from None
 
     def _open(self) -> None:
+        """Check the file, then (and only then) set it up: nothing is written to a file of another
+        program, of a newer Orchestra, or that is damaged."""
         db = self._db
-        application_id = db.execute("PRAGMA application_id").fetchone()[0]
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if application_id != APPLICATION_ID and (application_id != 0 or tables):
+        db.execute("PRAGMA busy_timeout=30000")  # this connection's setting; the file is untouched
+        application_id, version, tables = self._header()
+        if application_id == 0 and not tables and not self.read_only:
+            self._create()
+            application_id, version, tables = self._header()
+        if application_id != APPLICATION_ID:
             raise StoreError(f"{self.path} is a SQLite database of another program, not an Orchestra run "
                              "store; choose another file with --store")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} was written by a newer Orchestra (schema {version}); upgrade Orchestra")
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise StoreError(f"{self.path} is damaged ({problems[0]}); move it away (keep it for recovery) or "
+                             "choose another file with --store")
+        if self.read_only:
+            if version < SCHEMA_VERSION:
+                raise StoreError(f"{self.path} is read-only and from an older Orchestra (schema {version}); "
+                                 "make it writable once so it can be upgraded")
+            return
         _switch_to_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=30000")
-        if application_id == 0:
-            with self._transaction():
+        if version < SCHEMA_VERSION:
+            self._migrate(version)
+
+    def _header(self) -> tuple[int, int, set[str]]:
+        """The application id, schema version and table names, read in one snapshot."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                application_id = db.execute("PRAGMA application_id").fetchone()[0]
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            finally:
+                db.execute("COMMIT")
+        return application_id, version, tables
+
+    def _create(self) -> None:
+        """Create the schema in a new, empty file; many processes may try at once, one does it."""
+        with self._transaction() as db:  # BEGIN IMMEDIATE: the others wait here, then find it made
+            if db.execute("PRAGMA application_id").fetchone()[0] == 0 and not db.execute(
+                    "SELECT count(*) FROM sqlite_master").fetchone()[0]:
                 db.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     db.execute(statement)
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path} was written by a newer Orchestra (schema {version}); upgrade Orchestra")
-        if version < SCHEMA_VERSION:
-            self._migrate(version)
-        db.execute("SELECT count(*) FROM runs").fetchone()  # fails early on a damaged file
 
     def _migrate(self, version: int) -> None:
         """Bring a store written by an older Orchestra up to this schema."""
@@ -170,6 +231,9 @@ class RunStore:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
                 if "requests" not in columns:
                     db.execute("ALTER TABLE calls ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")
+            if version < 3:  # the process that holds a running run
+                if "owner" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+                    db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -213,14 +277,34 @@ class RunStore:
 
     # --- runs ------------------------------------------------------------------------------
 
-    def begin_run(self, run_id: str, task: str, config: dict[str, Any]) -> None:
-        """Record a new run, or mark a stored one as resumed."""
+    def begin_run(self, run_id: str, task: str, config: dict[str, Any], *, force: bool = False) -> None:
+        """Record a new run, or take a stored one over to resume it.
+
+        A run still held by another live process (touched within ``LEASE_SECONDS``) is refused,
+        unless ``force``: two processes finishing one run would send its calls twice.
+        """
         now = time.time()
-        self._execute(
-            "INSERT INTO runs (id, task, status, created, updated, config) VALUES (?, ?, 'running', ?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET status='running', updated=excluded.updated, resumes=resumes+1, "
-            "config=excluded.config",
-            (run_id, task, now, now, json.dumps(config, ensure_ascii=False)))
+        try:
+            with self._transaction() as db:
+                held = db.execute("SELECT owner, updated FROM runs WHERE id=? AND status='running'",
+                                  (run_id,)).fetchone()
+                if (held and held[0] and held[0] != self.owner and now - held[1] < LEASE_SECONDS
+                        and _alive(held[0]) and not force):
+                    raise StoreError(
+                        f"run {run_id} is still running in another process ({held[0].rsplit(':', 1)[0]}, active "
+                        f"{now - held[1]:.0f} s ago); wait for it to end, or if that process is gone, "
+                        f"`orchestra resume {run_id} --force`")
+                db.execute(
+                    "INSERT INTO runs (id, task, status, created, updated, config, owner) "
+                    "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status='running', "
+                    "updated=excluded.updated, resumes=resumes+1, config=excluded.config, owner=excluded.owner",
+                    (run_id, task, now, now, json.dumps(config, ensure_ascii=False), self.owner))
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+
+    def heartbeat(self) -> None:
+        """Tell other processes this one still runs the runs it holds."""
+        self._execute("UPDATE runs SET updated=? WHERE owner=? AND status='running'", (time.time(), self.owner))
 
     def update_config(self, run_id: str, config: dict[str, Any]) -> None:
         """Replace a run's stored configuration (without counting a resume)."""
@@ -229,7 +313,7 @@ class RunStore:
 
     def finish_run(self, result: RunResult) -> None:
         """Record how a run ended, with its full result."""
-        self._execute("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=? WHERE id=?",
+        self._execute("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE id=?",
                       (result.status, result.answer, result.error, result.model_dump_json(), time.time(),
                        result.run_id))
 
@@ -247,7 +331,12 @@ class RunStore:
     def result(self, run_id: str) -> RunResult | None:
         """The stored result of a finished run."""
         rows = self._query("SELECT result FROM runs WHERE id = ?", (self.run(run_id).id,))
-        return RunResult.model_validate_json(rows[0]["result"]) if rows and rows[0]["result"] else None
+        if not rows or not rows[0]["result"]:
+            return None
+        try:
+            return RunResult.model_validate_json(rows[0]["result"])
+        except ValueError:
+            raise StoreError(f"the stored result of run {run_id} in {self.path} is damaged") from None
 
     def runs(self, limit: int = 50) -> list[RunRecord]:
         """The latest runs, newest first."""

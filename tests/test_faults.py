@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orchestra import Orchestra
-from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout
+from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, StoreError
 from orchestra.loopback import Reply, chat_handler, error_reply, openai_reply
 from orchestra.models import ChatRequest, OpenAICompatible
+from orchestra.store import APPLICATION_ID, LEASE_SECONDS, SCHEMA_VERSION, RunStore
 
-from helpers import AGGREGATE_MARK, PLANNER_MARK, kind_of, scripted_pool
+from helpers import AGGREGATE_MARK, KEYWORDS_MARK, PLANNER_MARK, kind_of, scripted_pool
 from loopback_llm import write_pool
 from test_cli import cli
 
@@ -113,3 +121,129 @@ def test_template_bombs_are_checked_without_running_and_refused_in_one_line(loop
     [line] = done.stderr.strip().splitlines()
     assert "cannot render" in line and "template" in line and "Traceback" not in done.stderr
     assert not server.requests  # the step failed before any call
+
+
+# --- the run store --------------------------------------------------------------------------------
+
+
+def _stored_run(path: Path) -> str:
+    pool, _ = scripted_pool(2)
+    orc = Orchestra(pool, store=path, plan=False, k=1)
+    run_id = orc.run("What is 1?").run_id
+    orc.store.close()  # type: ignore[union-attr]
+    return run_id
+
+
+def test_many_processes_creating_one_new_store_all_succeed(tmp_path: Path) -> None:
+    script = "import sys\nfrom orchestra.store import RunStore\nRunStore(sys.argv[1]).runs()\nprint('ok')\n"
+    for round_ in range(3):
+        store = tmp_path / f"new{round_}.db"
+        processes = [subprocess.Popen([sys.executable, "-c", script, str(store)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        outputs = [p.communicate(timeout=120) for p in processes]
+        assert all(p.returncode == 0 for p in processes), [err for _, err in outputs if err]
+
+
+def test_a_store_of_a_newer_orchestra_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        db.execute("CREATE TABLE runs (id TEXT)")
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="written by a newer Orchestra"):
+        RunStore(path)
+    assert path.read_bytes() == before  # not even switched to WAL
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_a_read_only_store_can_be_listed_and_shown(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    run_id = _stored_run(path)
+    path.chmod(0o444)
+    try:
+        listed = cli("runs", "--store", str(path), "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [r["id"] for r in json.loads(listed.stdout)] == [run_id]
+        shown = cli("show", run_id, "--store", str(path), "--json")
+        assert shown.returncode == 0 and json.loads(shown.stdout)["run"]["status"] == "done"
+    finally:
+        path.chmod(0o644)
+
+
+def test_a_damaged_store_is_detected_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    _stored_run(path)
+    data = bytearray(path.read_bytes())
+    page = 4096
+    for offset in range(2 * page, len(data) - 64, page):  # scramble every page but the header's
+        data[offset + 8:offset + 64] = bytes(range(56))
+    path.write_bytes(bytes(data))
+    done = cli("runs", "--store", str(path))
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {path} ") and len(done.stderr.strip().splitlines()) == 1
+    assert "damaged" in done.stderr or "not a usable" in done.stderr
+
+
+def test_one_bad_row_does_not_hide_the_other_runs(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    good = _stored_run(path)
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO runs (id, task, status, created, updated, config) "
+                   "VALUES ('bad', 'x', 'done', 1.0, 1.0, '{not json')")
+    listed = cli("runs", "--store", str(path), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {r["id"] for r in json.loads(listed.stdout)} == {good, "bad"}
+
+
+# --- one process per running run ------------------------------------------------------------------
+
+
+def test_resume_refuses_a_run_that_another_process_is_running(loopback, tmp_path: Path) -> None:
+    release = threading.Event()
+
+    async def answer(request: Any) -> str:
+        if KEYWORDS_MARK in request.prompt:
+            return json.dumps({"keywords": ["history"]})
+        await asyncio.to_thread(release.wait, 60)  # the expert call hangs until the test lets it go
+        return "The answer is 1"
+
+    server = loopback(chat_handler(answer))
+    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    first = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Who built Rome?", "--pool", str(pool),
+                              "--no-plan", "--k", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    try:
+        for _ in range(600):  # wait (bounded) until the first process is inside its expert call
+            if any(KEYWORDS_MARK not in r.prompt for r in server.requests):
+                break
+            time.sleep(0.05)
+        [held] = json.loads(cli("runs", "--json").stdout)
+        sent = len(server.requests)
+        second = cli("resume", held["id"])
+        assert second.returncode == 2
+        assert f"run {held['id']} is still running in another process" in second.stderr and "--force" in second.stderr
+        assert len(server.requests) == sent  # nothing was sent twice
+    finally:
+        release.set()
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert json.loads(out)["status"] == "done"
+
+
+def test_a_held_run_can_be_forced_and_an_expired_lease_is_free(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    holder, other = RunStore(path), RunStore(path)
+    holder.begin_run("r1", "task", {"options": {}})
+    with pytest.raises(StoreError, match="still running in another process"):
+        other.begin_run("r1", "task", {"options": {}})
+    other.begin_run("r1", "task", {"options": {}}, force=True)  # the user says the holder is gone
+    with pytest.raises(StoreError):
+        holder.begin_run("r1", "task", {"options": {}})  # now the other one holds it
+    with sqlite3.connect(path) as db:  # the holder died LEASE_SECONDS ago: no heartbeat since
+        db.execute("UPDATE runs SET updated = updated - ? WHERE id = 'r1'", (LEASE_SECONDS + 1,))
+    holder.begin_run("r1", "task", {"options": {}})
+    holder.heartbeat()
+    with pytest.raises(StoreError):
+        other.begin_run("r1", "task", {"options": {}})
