@@ -186,11 +186,26 @@ def test_max_concurrency_holds_and_is_shared_by_models_on_one_endpoint(loopback)
 
 
 def test_rpm_spaces_request_starts(loopback) -> None:
-    server = loopback(lambda req: openai_reply("ok"))
-    model = openai(server, rpm=600)  # one start every 0.1 s
-    started = time.monotonic()
-    run(model.complete([ask(str(i)) for i in range(4)]))
-    assert time.monotonic() - started >= 0.29
+    async def handler(req: LoopbackRequest) -> Reply:
+        if len(server.requests) == 1:  # hold the first request until a second one arrives (up to 1 s)
+            for _ in range(100):
+                if len(server.requests) > 1:
+                    break
+                await asyncio.sleep(0.01)
+        return openai_reply("ok")
+
+    server = loopback(handler)
+    model = openai(server, rpm=1)  # one start a minute: the second request may not start yet
+
+    async def first_answer() -> tuple[str, int]:
+        stream = model.complete_each([ask("one"), ask("two"), ask("three")])
+        async for _, outcome in stream:
+            started = len(server.requests)
+            await stream.aclose()  # the others are still waiting for their slot: cancelled
+            return outcome.text, started
+        raise AssertionError("no answer")
+
+    assert run(first_answer()) == ("ok", 1)  # without the limit the server holds the first until the others arrive
 
 
 # --- structured output -------------------------------------------------------------------------
