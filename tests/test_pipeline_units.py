@@ -2,3 +2,493 @@
 dispatch), written to kill the mutants that mutation testing (``mutmut run``) showed surviving."""
 
 from __future__ import annotations
+
+import pytest
+
+from orchestra.aggregate import Response, refine_prompt, synthesize_prompt, vote
+from orchestra.errors import BadResponse
+from orchestra.grading import NumericGrader
+from orchestra.models import ChatResult
+from orchestra.skills import KeywordConfig, SkillExtractor, skill_names
+
+# --- aggregate -------------------------------------------------------------------------------
+
+
+def test_aggregation_prompts_name_the_task_the_assignment_and_the_answer_format() -> None:
+    responses = [Response("a", "first"), Response("b", "second")]
+    for build in (synthesize_prompt, refine_prompt):
+        step = build("Write the whole report", "Compute the totals", responses, "End with a number.")
+        assert "Overall task: Write the whole report" in step and "Assignment: Compute the totals" in step
+        assert step.rstrip().endswith("End with a number.")
+        single = build("Compute the totals", "Compute the totals", responses)
+        assert "Overall task" not in single and "Assignment: Compute the totals" in single
+        assert "End with" not in single
+
+
+def test_vote_sums_the_weights_of_each_answers_supporters() -> None:
+    # 7 has 0.5 + 0.1 = 0.6, 9 has 0.2 + 0.3 = 0.5: the sum decides, not the last supporter's weight
+    responses = [Response("a", "The answer is 7", weight=0.5), Response("b", "The answer is 9", weight=0.2),
+                 Response("c", "The answer is 7", weight=0.1), Response("d", "The answer is 9", weight=0.3)]
+    assert vote(responses).answer == "7"
+
+
+def test_vote_carries_the_parsed_data_of_the_winning_response() -> None:
+    responses = [Response("a", "The answer is 7", weight=0.2, data={"n": 7}),
+                 Response("b", "The answer is 9", weight=0.9, data={"n": 9}),
+                 Response("c", "The answer is 7", weight=0.5, data={"n": 77})]
+    assert vote(responses).data == {"n": 77}  # the strongest supporter of the winning 7
+    silent = [Response("a", "none", weight=0.2, data=1), Response("b", "nothing", weight=0.6, data=2)]
+    assert vote(silent, NumericGrader()).data == 2
+
+
+# --- skills ----------------------------------------------------------------------------------
+
+
+def test_keyword_requests_ask_for_the_keyword_schema_with_the_configured_sampling() -> None:
+    config = KeywordConfig(samples=3, temperature=0.9, max_length=12, max_keywords=4, max_tokens=50)
+    requests = SkillExtractor(config).requests("Why is the sky blue?")
+    assert [r.seed for r in requests] == [0, 1, 2]
+    assert [r.seed for r in SkillExtractor(config).requests("x", seed=40)] == [40, 41, 42]
+    assert all(r.temperature == 0.9 and r.max_tokens == 50 for r in requests)
+    assert requests[0].output == {
+        "type": "object", "title": "KeywordList", "required": ["keywords"],
+        "properties": {"keywords": {"type": "array", "minItems": 1, "maxItems": 4,
+                                    "items": {"type": "string", "minLength": 1, "maxLength": 22}}}}
+    prompt = requests[0].prompt_text()
+    assert "as 1 to 4 short keywords" in prompt and prompt.rstrip().endswith("Question: Why is the sky blue?")
+    assert '{"keywords": ["arithmetic"]}' in prompt  # the examples are shown in JSON when JSON is asked
+    text = SkillExtractor(KeywordConfig(structured=False)).requests("Why?")[0]
+    assert text.output == "text" and "Keywords: arithmetic" in text.prompt_text()
+
+
+def test_skill_names_are_cleaned_plain_words() -> None:
+    assert skill_names(["X-ray", " *Algebra.* ", "`Geometry`", "'Optics'", "\"Music\""], 20) == [
+        "x-ray", "algebra", "geometry", "optics", "music"]
+    assert skill_names(["a" * 21, "a" * 20, 3, None, "{bad}", "algebra", "Algebra"], 20) == ["a" * 20, "algebra"]
+
+
+@pytest.mark.parametrize(("parsed", "expected"), [
+    ({"note": "hello", "skills": ["algebra"]}, ["algebra"]),  # a string value is not the list
+    ({"ids": [1, 2], "skills": ["algebra", "geometry"]}, ["algebra", "geometry"]),  # nor a list of numbers
+    ({"empty": [], "topics": ["optics"]}, ["optics"]),  # nor an empty list
+    ({"keywords": ["chemistry"], "skills": ["biology"]}, ["chemistry"]),
+])
+def test_the_keyword_list_is_found_under_any_key(parsed: object, expected: list[str]) -> None:
+    assert SkillExtractor().parse(ChatResult(text="", parsed=parsed)) == expected
+
+
+def test_a_parsed_answer_wins_over_its_prose() -> None:
+    result = ChatResult(text="I think these fit", parsed={"keywords": ["algebra", "geometry"]})
+    assert SkillExtractor().parse(result) == ["algebra", "geometry"]
+
+
+def test_a_plain_answer_is_read_as_one_comma_separated_line_only_when_short() -> None:
+    parse = SkillExtractor(KeywordConfig(max_length=20)).parse
+    assert parse(ChatResult(text="algebra, geometry; optics")) == ["algebra", "geometry", "optics"]
+    assert parse(ChatResult(text="Here they are\nalgebra, geometry")) == []  # several lines, no "Keywords:"
+    line = "algebra, geometry, " + "z" * 101  # exactly 120 characters: too long to be a list
+    assert len(line) == 120 and parse(ChatResult(text=line)) == []
+    assert parse(ChatResult(text=line[:-1])) == ["algebra", "geometry"]
+    assert parse(ChatResult(text="Thinking...\nKeywords: Algebra, Geometry")) == ["algebra", "geometry"]
+
+
+def test_a_failed_sample_gives_no_keywords_unless_it_carried_an_answer() -> None:
+    extractor = SkillExtractor()
+    assert extractor.parse(RuntimeError("boom")) == []
+    assert extractor.parse(BadResponse("not JSON")) == []
+    carried = BadResponse("invalid JSON")
+    carried.text = "Keywords: optics"  # type: ignore[attr-defined]
+    assert extractor.parse(carried) == ["optics"]
+
+
+def test_combined_keywords_tie_in_count_by_first_appearance() -> None:
+    samples = [ChatResult(text="", parsed={"keywords": ["optics", "algebra"]}),
+               ChatResult(text="", parsed={"keywords": ["algebra", "optics", "music"]}),
+               ChatResult(text="", parsed={"keywords": ["music"]})]
+    assert SkillExtractor().combine(samples) == ["optics", "algebra", "music"]
+
+
+def test_why_no_skill_was_found_is_one_line() -> None:
+    extractor = SkillExtractor(KeywordConfig(min_count=2))
+    failed = [BadResponse("endpoint said no"), BadResponse("second")]
+    assert extractor.failure(failed) == "all 2 keyword calls failed: endpoint said no"
+    scattered = [ChatResult(text="", parsed={"keywords": ["optics"]}), ChatResult(text="", parsed={"keywords": ["music"]}),
+                 BadResponse("x")]
+    assert extractor.failure(scattered) == "no skill was named by at least 2 of the 3 samples"
+    unreadable = [ChatResult(text="I cannot say.\nSorry."), BadResponse("x"), ChatResult(text="")]
+    assert extractor.failure(unreadable) == "the keyword model named no readable skill in 2 answer(s)"
+
+
+# --- recruit ---------------------------------------------------------------------------------
+
+from fractions import Fraction  # noqa: E402
+
+from orchestra.matching import Match  # noqa: E402
+from orchestra.recruit import (  # noqa: E402
+    Candidate,
+    Contribution,
+    RecruitConfig,
+    Recruiter,
+    Recruitment,
+    SeededDraws,
+    SkillTable,
+    choose_aggregator,
+    near_tie_best,
+    node_aggregation_estimate,
+    node_aggregator,
+)
+
+from test_recruit import PROFILES, matches, probabilities, profile, recruiter  # noqa: E402
+
+
+def fractions(values: dict[str, float]) -> dict[str, Fraction]:
+    return {k: Fraction(v).limit_denominator(10_000) for k, v in values.items()}
+
+
+def test_seeded_draws_are_splitmix64() -> None:
+    # the reference outputs of splitmix64 from state 0, as 53-bit fractions
+    draws = SeededDraws(0)
+    assert [draws.uniform() for _ in range(3)] == [
+        (x >> 11) / 2**53 for x in (0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F)]
+    assert SeededDraws(2**64 + 5).uniform() == SeededDraws(5).uniform()  # the state is 64 bits
+
+
+def test_seeded_choices_follow_the_weights_and_sample_is_distinct() -> None:
+    picks = SeededDraws(3).choices(["rare", "common"], [1.0, 3.0], 4000)
+    assert 0.72 < picks.count("common") / 4000 < 0.78
+    assert SeededDraws(3).choices(["only"], [2.0], 3) == ["only"] * 3
+    sample = SeededDraws(9).sample(["a", "b", "c", "d"], 3)
+    assert len(set(sample)) == 3 and set(sample) <= {"a", "b", "c", "d"}
+    assert sorted(SeededDraws(9).sample(["a", "b"], 5)) == ["a", "b"]  # k above the population: all of it
+    assert {tuple(SeededDraws(s).sample(["a", "b", "c"], 1)) for s in range(60)} == {("a",), ("b",), ("c",)}
+
+
+def test_explanations_name_picks_skills_cold_starts_and_notes() -> None:
+    contributions = (Contribution("sums", "arithmetic", 0.9, 2.0), Contribution("algebra", "algebra", 1.0, -1.0),
+                     Contribution("poetry", "poetry", 1.0, 0.0))
+    recruitment = Recruitment(
+        experts=("ghost", "A", "A", "B"), keywords=("sums", "algebra"), matches=(), mode="symbolic-moe",
+        candidates=(Candidate("A", 1.0, 0.25, 1.0, 0.25, 0.625, contributions),
+                    Candidate("B", 0.0, 0.5, 1.0, 0.0, 0.375, (), cold_start=True)),
+        notes=("a note",))
+    assert recruitment.explain() == [
+        "A x2: p=0.625 s=1 γ=0.250; arithmetic +2 (from 'sums'), algebra -1",
+        "B: p=0.375 s=0 γ=0.500 [cold start]; no matched skill: chosen by global competence",
+        "a note"]
+    assert recruitment.candidate("ghost") is None and recruitment.candidate("B").cold_start
+
+
+def test_recruitment_to_dict_is_rounded_json() -> None:
+    candidate = Candidate("A", 2.0, 1 / 3, 1.0, 2 / 3, 1 / 7, (Contribution("kw", "skill", 0.5, 2.0),))
+    recruitment = Recruitment(experts=("A",), keywords=("kw",), matches=(Match("kw", "skill", 0.5),),
+                              candidates=(candidate,), mode="topk")
+    assert recruitment.to_dict() == {
+        "mode": "topk", "experts": ["A"], "keywords": ["kw"],
+        "matches": [{"keyword": "kw", "skill": "skill", "similarity": 0.5}],
+        "candidates": [{"agent": "A", "suitability": 2.0, "competence": 0.333333, "weight": 0.666667,
+                        "probability": 0.142857, "cold_start": False,
+                        "contributions": [{"keyword": "kw", "skill": "skill", "score": 2.0}]}],
+        "explanation": recruitment.explain()}
+    assert recruitment.to_dict(["given"])["explanation"] == ["given"]
+
+
+def test_skill_table_gives_cold_agents_the_mean_measured_competence() -> None:
+    config = RecruitConfig(temperature=1.0)
+    measured = {"A": profile("A", {"algebra": 3}), "B": profile("B", {"algebra": 1})}
+    table = SkillTable.build(["A", "B", "cold", "blank"], measured, {"cold": [" Optics "]}, {}, config)
+    # T = 1: γ = 3/4 and 1/4; each cold agent gets the mean 1/2; all normalised: 3/8, 1/8, 2/8, 2/8
+    assert fractions(table.competence) == {"A": Fraction(3, 8), "B": Fraction(1, 8), "cold": Fraction(1, 4),
+                                           "blank": Fraction(1, 4)}
+    assert table.scores["cold"] == {"optics": 1.0} and table.cold == {"cold", "blank"}
+    assert table.universal == {"blank"}
+    only_cold = SkillTable.build(["x", "y"], {}, {}, {}, config)
+    assert only_cold.competence == {"x": 0.5, "y": 0.5} and only_cold.universal == {"x", "y"}
+
+
+def test_suitability_keeps_each_matchs_similarity() -> None:
+    r = recruiter()
+    [a] = [c for c in r.candidates([Match("sums", "algebra", 0.8)]) if c.agent == "A"]
+    assert a.contributions == (Contribution("sums", "algebra", 0.8, 3.0),)
+
+
+def test_candidates_are_memoised_per_skill_set_and_the_memo_is_bounded() -> None:
+    r = recruiter()
+    assert r.candidates(matches("algebra")) is r.candidates(matches("algebra"))
+    for i in range(4097):
+        r.candidates([Match(f"k{i}", "algebra", 1.0)])
+    assert len(r._ranked) == 2  # cleared when it held 4096 entries, then two more
+
+
+def test_when_no_agent_fits_every_suitability_is_shifted_to_positive() -> None:
+    profiles = {"A": profile("A", {"music": -1, "x": 5}), "B": profile("B", {"music": -3, "x": 7})}
+    r = recruiter(profiles=profiles)
+    # s = -1, -3 -> shifted by -min + 1 = 4 -> 3, 1; equal γ -> 3/4, 1/4
+    assert probabilities(r, "music") == {"A": Fraction(3, 4), "B": Fraction(1, 4)}
+    assert {c.agent: c.suitability for c in r.candidates(matches("music"))} == {"A": 3, "B": 1}
+
+
+def test_prices_lower_weights_and_an_unpriced_agent_costs_nothing() -> None:
+    r = recruiter(RecruitConfig(cost_lambda=1.0), prices={"A": 2.0})
+    factors = {c.agent: c.cost_factor for c in r.candidates(matches("algebra"))}
+    assert factors == {"A": pytest.approx(0.36787944), "B": 1.0, "C": 1.0}
+    free = recruiter()
+    assert {c.cost_factor for c in free.candidates(matches("algebra"))} == {1.0}
+
+
+def test_competence_weight_is_an_exponent() -> None:
+    r = recruiter(RecruitConfig(competence_weight=2.0))
+    # algebra: s = 3, 1; γ² = (16/42)², (25/42)² -> 3 * 256, 1 * 625 -> 768/1393, 625/1393
+    assert probabilities(r, "algebra") == {"A": Fraction(768, 1393), "B": Fraction(625, 1393), "C": 0}
+
+
+def test_when_every_fitting_agent_has_zero_competence_suitability_alone_decides() -> None:
+    profiles = {"A": profile("A", {"algebra": 2, "geometry": -2}), "B": profile("B", {"geometry": 4}),
+                "C": profile("C", {"algebra": 1, "geometry": -1})}
+    r = recruiter(profiles=profiles)  # sums 0, 4, 0: γ = 0, 1, 0
+    assert probabilities(r, "algebra") == {"A": Fraction(2, 3), "C": Fraction(1, 3), "B": 0}
+
+
+def test_adaptive_recruiting_adds_experts_until_the_cumulative_probability() -> None:
+    r = recruiter()
+    weights = {c.agent: c.probability for c in r.candidates(matches("algebra", "geometry"))}  # B 75/107, A 32/107
+    exact = Recruiter(r.table, RecruitConfig(p=weights["B"], k_max=3))
+    assert exact.recruit([], matches("algebra", "geometry"), seed=0, mode="adaptive").experts == ("B",)
+    above = Recruiter(r.table, RecruitConfig(p=0.9, k_max=3))
+    assert above.recruit([], matches("algebra", "geometry"), seed=0, mode="adaptive").experts == ("B", "A")
+    probs = {"A": profile("A", {"algebra": 5}), "B": profile("B", {"algebra": 3}), "C": profile("C", {"algebra": 2})}
+    spread = recruiter(RecruitConfig(p=0.6, k_max=3, competence_weight=0), profiles=probs)
+    assert spread.recruit([], matches("algebra"), seed=0, mode="adaptive").experts == ("A", "B")  # .5 + .3 >= .6
+
+
+def test_global_and_random_modes_ignore_the_subtasks_skills() -> None:
+    r = recruiter()
+    chosen = r.recruit(["algebra"], matches("algebra"), seed=0, k=2, mode="global")
+    assert chosen.experts == ("B", "A") and chosen.mode == "global"  # γ 25/42, 16/42, whatever algebra says
+    assert r.recruit([], matches("algebra"), seed=0, k=3, mode="global").experts == ("B", "A", "C")
+    tied = recruiter(declared={"zed": ["x"], "amy": ["x"]}, profiles={})
+    assert tied.recruit([], [], seed=0, k=1, mode="global").experts == ("amy",)
+    drawn = {r.recruit([], matches("algebra"), seed=s, k=2, mode="random").experts for s in range(30)}
+    assert all(len(set(e)) == 2 for e in drawn) and any("C" in e for e in drawn)  # C has p = 0 but is drawn
+    assert r.recruit([], [], seed=4, k=2, mode="random") == r.recruit([], [], seed=4, k=2, mode="random")
+    assert r.recruit([], matches("algebra"), seed=0, k=2, mode="topk").mode == "topk"
+    with pytest.raises(ValueError, match="unknown recruiting mode 'best'; choose one of symbolic-moe, topk, "
+                                         "adaptive, global, random"):
+        r.recruit([], [], seed=0, mode="best")  # type: ignore[arg-type]
+
+
+def recruitment(experts: tuple[str, ...], probs: dict[str, float]) -> Recruitment:
+    return Recruitment(experts=experts, keywords=(), matches=(), mode="symbolic-moe",
+                       candidates=tuple(Candidate(a, 1.0, 1.0, 1.0, p, p, ()) for a, p in probs.items()))
+
+
+def test_rare_filter_threshold_is_inclusive_and_frequent_experts_stay() -> None:
+    r = recruiter(RecruitConfig(rare_threshold=0.25))
+    probs = {"F": 0.5, "G": 0.3, "R": 0.2}
+    batch = [recruitment(("F", "R"), probs)] + [recruitment(("F", "G"), probs)] * 3
+    assert r.filter_rare(batch, seed=0) == batch  # R is in 1 of 4: exactly the threshold, so kept
+    r = recruiter(RecruitConfig(rare_threshold=0.3))
+    filtered = r.filter_rare(batch, seed=0)
+    assert filtered[1:] == batch[1:]  # no rare expert: untouched
+    assert filtered[0].experts[0] == "F" and filtered[0].experts[1] in ("F", "G")
+    assert filtered[0].notes == ("rare-expert filter replaced R",)
+    everyone_rare = [recruitment(("A",), probs), recruitment(("B",), probs), recruitment(("C",), probs)]
+    assert recruiter(RecruitConfig(rare_threshold=0.5)).filter_rare(everyone_rare, seed=0) == everyone_rare
+    assert r.filter_rare([], seed=0) == []
+
+
+def test_rare_experts_are_replaced_by_the_instances_own_weights() -> None:
+    r = recruiter(RecruitConfig(rare_threshold=0.2))
+    # F is frequent but has p = 0 on the instances with rare experts: only G may replace them
+    frequent = [recruitment(("F", "G"), {"F": 0.5, "G": 0.5})] * 8
+    rare = [recruitment((f"R{i}", f"S{i}"), {"F": 0.0, "G": 0.1, f"R{i}": 0.5, f"S{i}": 0.4}) for i in range(4)]
+    filtered = r.filter_rare(frequent + rare, seed=1)
+    assert all(f.experts == ("G", "G") for f in filtered[8:])
+    assert filtered[8].notes == ("rare-expert filter replaced R0, S0",)
+    # where the instance gives F nearly all the weight, F replaces nearly always, however often G is chosen
+    common_g = [recruitment(("G",), {"F": 0.5, "G": 0.5})] * 40 + [recruitment(("F",), {"F": 1.0})] * 10
+    skewed = [recruitment((f"R{i}",), {"F": 0.99, "G": 0.01, f"R{i}": 0.5}) for i in range(10)]
+    loose = recruiter(RecruitConfig(rare_threshold=0.1))
+    replaced = [f.experts[0] for f in loose.filter_rare(common_g + skewed, seed=2)[50:]]
+    assert replaced.count("F") >= 8
+    # no frequent agent has weight on the instance: drawn by how often each is chosen overall (F 9, G 3)
+    often_f = [recruitment(("F",), {"F": 1.0})] * 9 + [recruitment(("G",), {"G": 1.0})] * 3
+    nowhere = [recruitment((f"R{i}",), {"F": 0.0, "G": 0.0, f"R{i}": 1.0}) for i in range(8)]
+    drawn = [f.experts[0] for f in loose.filter_rare(often_f + nowhere, seed=3)[12:]]
+    assert set(drawn) <= {"F", "G"} and drawn.count("F") >= 4
+
+
+def test_near_tie_best_lists_ties_best_first_and_falls_back_to_the_name() -> None:
+    scored = {"a": (0.70, 0.01), "b": (0.80, 0.2), "c": (0.75, 0.3), "d": (0.2, 0.0)}
+    winner, tied = near_tie_best(scored, {"a": (0.9,), "b": (0.1,), "c": (0.5,), "d": (1.0,)})
+    assert tied == ["b", "c", "a"] and winner == "a"
+    assert near_tie_best({"x": (0.5, 0.0), "y": (0.5, 0.0)}, {})[0] == "y"
+
+
+def test_choose_aggregator_treats_unknown_competence_as_zero() -> None:
+    scored = {"amy": profile("amy", {}, aggregation=0.5), "zed": profile("zed", {}, aggregation=0.5)}
+    assert choose_aggregator(scored, {"amy": 0.2}, ["amy", "zed"]) == "amy"
+    assert choose_aggregator({}, {"amy": 0.2}, ["amy", "zed"]) == "amy"
+    assert choose_aggregator({}, {"amy": 0.2}, ["amy", "zed"], configured="zed") == "zed"
+
+
+def test_node_aggregation_estimate_by_hand() -> None:
+    measured = profile("A", {}, aggregation=0.5).model_copy(
+        update={"aggregation_skills": {"algebra": (3, 4), "geometry": (1, 2)}})
+    node = [Match("sums", "algebra", 1.0), Match("equations", "algebra", 0.5), Match("shapes", "geometry", 0.5),
+            Match("music", "music", 1.0)]
+    # algebra once (similarity 1): 3 of 4; geometry at 0.5: 0.5 of 1; prior 4 items at 0.5 -> (3.5 + 2) / (5 + 4)
+    estimate, error, items = node_aggregation_estimate(measured, node)
+    assert (estimate, items) == (pytest.approx(5.5 / 9), 5.0)
+    assert error == pytest.approx((5.5 / 9 * (1 - 5.5 / 9) / 9) ** 0.5)
+    assert node_aggregation_estimate(measured, node, prior_items=1.0)[0] == pytest.approx(4.0 / 6)
+    unscored = profile("B", {}).model_copy(update={"aggregation_skills": {"algebra": (1, 1)}})
+    assert node_aggregation_estimate(unscored, [Match("a", "algebra", 1.0)], prior_items=1.0)[0] == 0.5
+
+
+def test_node_aggregator_prefers_the_best_fitting_measured_agent_and_says_why() -> None:
+    profiles = {"A": profile("A", {"algebra": 1}, aggregation=0.8), "B": profile("B", {"algebra": 3}, aggregation=0.5),
+                "C": profile("C", {"algebra": -1}, aggregation=1.0)}
+    r = recruiter(profiles=profiles)
+    chosen = r.recruit(["algebra"], matches("algebra"), seed=0)
+    choice = node_aggregator(profiles, r.table.competence, chosen, "fallback", prior_items=4.0)
+    assert choice.agent == "A"  # A fits with s = 1 (C does not fit at all)
+    assert (choice.estimate, choice.stderr) == (pytest.approx(0.8), pytest.approx((0.8 * 0.2 / 4) ** 0.5))
+    assert "overall 0.80" in choice.reason and "fit s=+1" in choice.reason and "best of 2 fitting" in choice.reason
+    assert "near tie with B, broken by fit, then γ" not in choice.reason
+    close = {"A": profile("A", {"algebra": 1}, aggregation=0.6), "B": profile("B", {"algebra": 3}, aggregation=0.5),
+             "D": profile("D", {"algebra": 2}, aggregation=0.55)}
+    r = recruiter(profiles=close)
+    tie = node_aggregator(close, r.table.competence, r.recruit(["algebra"], matches("algebra"), seed=0), "fallback")
+    assert tie.agent == "B" and tie.reason.startswith("aggregation 0.50")  # within one error: the better fit
+    assert tie.reason.endswith("; near tie with A, D, broken by fit, then γ")
+    none = node_aggregator(close, r.table.competence, r.recruit([], [], seed=0), "fallback")
+    assert (none.agent, none.reason) == ("fallback", "no skill matched; the pool's best aggregator")
+    unmeasured = {"A": profile("A", {"algebra": 1})}
+    r = recruiter(profiles=unmeasured)
+    missing = node_aggregator(unmeasured, r.table.competence, r.recruit([], matches("algebra"), seed=0), "fb")
+    assert missing.reason == "no agent that fits this node has a measured aggregation score; the pool's best aggregator"
+
+
+# --- grading ---------------------------------------------------------------------------------
+
+from orchestra.datasets import Item  # noqa: E402
+from orchestra.errors import ConfigError  # noqa: E402
+from orchestra.grading import (  # noqa: E402
+    AutoGrader,
+    ExactMatchGrader,
+    MultipleChoiceGrader,
+    answer_format,
+    get_grader,
+    last_boxed,
+    normalize_number,
+    normalize_text,
+    strip_reasoning,
+)
+
+COLOURS = Item(id="c", question="Which colour?", answer="B", choices=["Red", "Green", "Blue"])
+
+
+def test_strip_reasoning_drops_think_blocks_and_anything_before_a_dangling_close() -> None:
+    assert strip_reasoning("<think>hmm</think> The answer is 4") == "The answer is 4"
+    assert strip_reasoning("still thinking... </THINK> The answer is 4") == "The answer is 4"
+    assert strip_reasoning("a </think> b </think> c") == "c"
+    assert strip_reasoning("  plain  ") == "plain"
+
+
+def test_multiple_choice_extraction() -> None:
+    mc = MultipleChoiceGrader()
+    assert mc.extract("The answer is E", COLOURS) is None  # only A-C are options here
+    assert mc.extract("The answer is E") == "E"
+    assert mc.extract("not (A). not (B). so (C).") == "C"  # the last option named
+    assert mc.extract("so i pick C.") == "C"
+    assert mc.extract("no letter at all") is None
+    assert mc.extract("it must be green", COLOURS) == "B"  # the option's text
+    assert mc.extract("green? no, blue. yes: green after all", COLOURS) == "B"  # the text named last
+    assert mc.extract("GREEN", COLOURS) == "B"
+    assert mc.extract("purple", COLOURS) is None
+
+
+def test_multiple_choice_grading_reads_the_reference_as_letter_or_text() -> None:
+    mc = MultipleChoiceGrader()
+    assert mc.grade("The answer is (B)", COLOURS.model_copy(update={"answer": "(B)"}))
+    assert mc.grade("it must be green", COLOURS)  # the item's options count when grading
+    assert mc.grade("The answer is (B)", COLOURS.model_copy(update={"answer": "Green"}))
+    yes_no = Item(id="y", question="Is it?", answer="no", choices=["yes", "no"])
+    assert mc.grade("The answer is (B)", yes_no)
+    assert not mc.grade("The answer is (B)", COLOURS.model_copy(update={"answer": "maybe"}))
+
+
+def test_last_boxed_balances_braces() -> None:
+    assert last_boxed(r"first \boxed{1} then \boxed{\frac{a}{b}} end") == r"\frac{a}{b}"
+    assert last_boxed(r"\boxed {42}") == "42"
+    assert last_boxed(r"\boxed{12") is None
+    assert last_boxed("no box") is None
+
+
+NUMBERS = {"dollars": ("$1,000", Fraction(1000)), "latex percent": ("50\\%", Fraction(50)),
+           "percent": ("50%", Fraction(50)), "thin space": ("1\\!000", Fraction(1000)), "full stop": ("12.", Fraction(12)),
+           "leading point": (".5", Fraction(1, 2)), "minus frac": ("-\\frac{1}{2}", Fraction(-1, 2)),
+           "frac of minus": ("\\frac{-1}{2}", Fraction(-1, 2)), "minus frac of minus": ("-\\frac{1}{-2}", Fraction(1, 2)),
+           "dfrac": ("\\dfrac{3}{4}", Fraction(3, 4)), "over zero": ("1/0", None), "frac over zero": ("\\frac{1}{0}", None),
+           "words": ("twelve", None)}
+
+
+@pytest.mark.parametrize("case", list(NUMBERS))  # plain ids: mutmut selects tests by id
+def test_normalize_number(case: str) -> None:
+    text, value = NUMBERS[case]
+    assert normalize_number(text) == value
+
+
+def test_numbers_are_found_in_prose() -> None:
+    assert AutoGrader().numeric.extract("I counted 12 apples and 3 pears in total 15 fruit") == "15"
+    assert AutoGrader().numeric.extract("The answer is $1,200.") == "1200"
+    assert AutoGrader().numeric.extract("nothing numeric") is None
+    assert AutoGrader().numeric.extract("\\boxed{1\\!000}") == "1000"  # read whole, not as its last digits
+
+
+def test_exact_answers_are_normalised_and_fall_back_to_the_last_line() -> None:
+    assert normalize_text("The Big, Red Dog!") == "big red dog"
+    assert normalize_text("An apple") == "apple" and normalize_text("A") == "a"
+    exact = ExactMatchGrader()
+    assert exact.extract("Let me think.\nIt is in France.\nParis\n") == "paris"
+    assert exact.extract("") is None and exact.extract("\n  \n") is None
+    assert exact.extract("Final ANSWER: Paris\nthanks for asking") == "paris"
+
+
+def test_the_auto_grader_picks_by_item_or_by_the_answers_form() -> None:
+    auto = AutoGrader()
+    assert auto.pick(None, "The answer is (B).") is auto.mc
+    assert auto.pick(None, "The answer is 12.") is auto.numeric
+    assert auto.pick(None, "The answer is Paris.") is auto.exact
+    assert auto.extract("it must be green", COLOURS) == "B"
+    half = Item(id="h", question="Half?", answer="1/2")
+    assert auto.grade("The answer is 0.5", half)
+    with pytest.raises(ConfigError, match=r"^unknown grader 'fuzzy'; choose one of auto, mc, numeric, exact$"):
+        get_grader("fuzzy")
+    assert get_grader(auto) is auto and isinstance(get_grader("mc"), MultipleChoiceGrader)
+
+
+def test_answer_format_tells_the_expert_the_form_the_grader_reads() -> None:
+    assert answer_format(COLOURS) == 'End with "The answer is (X)" where X is the letter of your choice.'
+    assert answer_format(Item(id="n", question="?", answer="12")) == (
+        'End with "The answer is N" where N is the final number.')
+    generic = 'End with "The answer is ..." followed by your final answer.'
+    assert answer_format(Item(id="t", question="?", answer="Paris")) == generic
+    assert answer_format(None) == generic
+
+
+def test_node_aggregator_breaks_equal_fits_by_competence_and_uses_the_given_prior() -> None:
+    profiles = {"A": profile("A", {"algebra": 2, "geometry": 5}, aggregation=0.5),
+                "B": profile("B", {"algebra": 2}, aggregation=0.5)}
+    r = recruiter(profiles=profiles)  # same fit on algebra, A has the higher γ
+    chosen = r.recruit(["algebra"], matches("algebra"), seed=0)
+    assert node_aggregator(profiles, r.table.competence, chosen, "fallback").agent == "A"
+    measured = {"A": profile("A", {"algebra": 1}, aggregation=0.5).model_copy(
+        update={"aggregation_skills": {"algebra": (3, 4)}})}
+    r = recruiter(profiles=measured)
+    chosen = r.recruit(["algebra"], matches("algebra"), seed=0)
+    assert node_aggregator(measured, r.table.competence, chosen, "fb", prior_items=1.0).estimate == pytest.approx(0.7)
+    zero = {"A": profile("A", {"algebra": 1}, aggregation=0.0)}
+    r = recruiter(profiles=zero)
+    choice = node_aggregator(zero, r.table.competence, r.recruit([], matches("algebra"), seed=0), "fb")
+    assert "overall 0.00" in choice.reason
