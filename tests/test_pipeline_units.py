@@ -492,3 +492,477 @@ def test_node_aggregator_breaks_equal_fits_by_competence_and_uses_the_given_prio
     r = recruiter(profiles=zero)
     choice = node_aggregator(zero, r.table.competence, r.recruit([], matches("algebra"), seed=0), "fb")
     assert "overall 0.00" in choice.reason
+
+
+# --- budget ----------------------------------------------------------------------------------
+
+from orchestra.budget import Budget, BudgetTracker  # noqa: E402
+from orchestra.errors import BudgetExceeded  # noqa: E402
+from orchestra.models import ChatRequest, Usage  # noqa: E402
+from orchestra.models.pricing import FREE  # noqa: E402
+
+
+def test_a_shared_budget_counts_replayed_calls_and_outside_requests_of_every_run() -> None:
+    shared = BudgetTracker(Budget(max_calls=10), None)
+    run = BudgetTracker(Budget(), "run-1", parent=shared)
+    run.count(Usage(prompt_tokens=5, completion_tokens=2, cost_usd=0.5, requests=1))
+    run.spend(Usage(prompt_tokens=3, requests=2))  # e.g. the embedding matcher's: requests, not a call
+    for tracker in (run, shared):
+        assert (tracker.calls, tracker.requests, tracker.prompt_tokens, tracker.completion_tokens) == (1, 3, 8, 2)
+        assert tracker.cost_usd == 0.5
+
+
+def test_a_spent_shared_budget_says_how_to_raise_it_and_finish_the_items() -> None:
+    shared = BudgetTracker(Budget(max_calls=1), None)
+    run = BudgetTracker(Budget(), "run-2", parent=shared)
+    request = ChatRequest.user("hello", max_tokens=10)
+    run.settle(run.admit(request, FREE), Usage(requests=1))
+    with pytest.raises(BudgetExceeded) as refused:
+        BudgetTracker(Budget(), "run-3", parent=shared).admit(request, FREE)
+    assert refused.value.limit == "max_calls"
+    assert str(refused.value) == (
+        "the data set's budget max_calls=1 is spent (1 calls made); raise budget.max_calls in the workflow "
+        "(or --max-calls); each unfinished item's run can be finished with `orchestra resume RUN_ID`")
+    with pytest.raises(BudgetExceeded) as own:
+        BudgetTracker(Budget(max_tokens=5), "run-4").admit(request, FREE)
+    assert own.value.limit == "max_tokens" and str(own.value).startswith("budget max_tokens=5 reached (0 tokens used)")
+
+
+# --- execute ---------------------------------------------------------------------------------
+
+import asyncio  # noqa: E402
+
+from orchestra.events import BatchStarted, EventBus, ModelLoaded, ModelUnloaded, UsageUpdated  # noqa: E402
+from orchestra.execute import Executor, RunLedger  # noqa: E402
+from orchestra.models import FunctionModel, ScriptedModel  # noqa: E402
+
+
+def ask(text: str = "hi") -> ChatRequest:
+    return ChatRequest.user(text, max_tokens=8)
+
+
+def test_identical_requests_of_a_run_are_numbered_in_order() -> None:
+    ledger = RunLedger.create("r")
+    assert [ledger.next_seq("k"), ledger.next_seq("k"), ledger.next_seq("other"), ledger.next_seq("k")] == [0, 1, 0, 2]
+
+
+def test_a_managed_task_that_fails_hands_its_error_to_run_task() -> None:
+    executor = Executor()
+
+    async def broken() -> None:
+        raise ValueError("planner bug")
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="planner bug"):
+            await asyncio.wait_for(executor.run_task(broken()), 10)
+
+    asyncio.run(main())
+
+
+def heavy(name: str, memory: int = 0) -> ScriptedModel:
+    return ScriptedModel(default=f"{name} says hi", name=name, heavy=True, memory_bytes=memory)
+
+
+def test_heavy_models_load_once_per_residency_and_are_counted_and_announced() -> None:
+    events: list[object] = []
+    bus = EventBus()
+    bus.subscribe(events.append)
+    executor = Executor(events=bus, max_resident_models=1)
+    a, b = heavy("a"), heavy("b")
+    ledger = RunLedger.create("r")
+
+    async def main() -> None:
+        for model in (a, b, a, a):
+            await executor.run_task(executor.call(ledger, [(model, ask())], purpose="expert"))
+        await executor.unload_all()
+
+    asyncio.run(main())
+    assert executor.stats.loads == {"a": 2, "b": 1} and executor.stats.unloads == {"a": 2, "b": 1}
+    assert ledger.model_loads == {"a": 2, "b": 1}
+    assert [e.model for e in events if isinstance(e, ModelLoaded)] == ["a", "b", "a"]
+    assert all(isinstance(e.seconds, float) for e in events if isinstance(e, ModelLoaded))
+    assert [e.model for e in events if isinstance(e, ModelUnloaded)] == ["a", "b", "a"]
+    assert executor.resident == []
+
+
+def test_residency_respects_the_count_and_the_memory_budget() -> None:
+    async def visit(executor: Executor, *models: ScriptedModel) -> None:
+        ledger = RunLedger.create("r")
+        for model in models:
+            await executor.run_task(executor.call(ledger, [(model, ask())], purpose="expert"))
+
+    roomy = Executor(max_resident_models=2)
+    a, b = heavy("a"), heavy("b")
+    asyncio.run(visit(roomy, a, b, a))
+    assert roomy.resident == ["b", "a"] and roomy.stats.loads == {"a": 1, "b": 1}  # no memory budget: both stay
+    tight = Executor(max_resident_models=3, memory_budget_bytes=100)
+    big, small, other = heavy("big", 60), heavy("small", 40), heavy("other", 30)
+    asyncio.run(visit(tight, big, small, other))
+    assert tight.resident == ["small", "other"] and tight.stats.unloads == {"big": 1}
+
+
+def test_batches_are_numbered_and_shared_between_runs() -> None:
+    events: list[object] = []
+    bus = EventBus()
+    bus.subscribe(events.append)
+    executor = Executor(events=bus)
+    model = ScriptedModel(default="ok", name="m")
+    first, second = RunLedger.create("first"), RunLedger.create("second")
+
+    async def main() -> None:
+        await asyncio.gather(executor.run_task(executor.call(first, [(model, ask("1")), (model, ask("2"))],
+                                                             purpose="expert")),
+                             executor.run_task(executor.call(second, [(model, ask("3"))], purpose="expert")))
+        await executor.run_task(executor.call(first, [(model, ask("4"))], purpose="aggregate"))
+
+    asyncio.run(main())
+    batches = [e for e in events if isinstance(e, BatchStarted)]
+    assert [(b.batch, b.size, b.wave, b.runs) for b in batches] == [(1, 3, 1, ("first", "second")),
+                                                                   (2, 1, 2, ("first",))]
+    assert [(r.size, r.calls, r.wave, r.purpose) for r in first.batches] == [(3, 2, 1, "expert"), (1, 1, 2, "aggregate")]
+    assert [(r.size, r.calls) for r in second.batches] == [(3, 1)]
+    updates = [e for e in events if isinstance(e, UsageUpdated) and e.run_id == "first"]
+    last, spent = updates[-1], first.budget
+    assert (last.calls, last.requests, last.prompt_tokens, last.completion_tokens, last.cost_usd,
+            last.cache_misses) == (3, spent.requests, spent.prompt_tokens, spent.completion_tokens,
+                                   spent.cost_usd, 0)
+    assert spent.requests == 3 and spent.prompt_tokens > 0 and spent.completion_tokens > 0
+
+
+class DyingEngine(FunctionModel):
+    """An engine that answers the first request of a batch, then dies (billing what it had read)."""
+
+    async def complete_each(self, requests):  # type: ignore[override]
+        async for outcome in super().complete_each(requests[:1]):
+            yield outcome
+        error = RuntimeError("engine died")
+        error.usage = Usage(prompt_tokens=7, requests=1)  # type: ignore[attr-defined]
+        raise error
+
+
+def test_calls_lost_with_their_engine_or_their_load_fail_and_count_only_when_sent() -> None:
+    executor = Executor()
+    dying = DyingEngine(lambda request: "fine", name="dying")
+    ledger = RunLedger.create("r")
+
+    async def main(model, calls: int) -> list[object]:  # noqa: ANN001
+        return await executor.run_task(executor.call(ledger, [(model, ask(str(i))) for i in range(calls)],
+                                                     purpose="expert"))
+
+    first, second, third = asyncio.run(main(dying, 3))
+    assert first.text == "fine" and str(second) == str(third) == "engine died"
+    assert (ledger.budget.calls, ledger.failed_calls) == (3, 2)  # they reached the engine: they count
+    assert ledger.budget.prompt_tokens >= 14 and ledger.budget.requests >= 3
+    unloadable = heavy("unloadable")
+
+    async def refuse() -> float:
+        raise OSError("no memory for the weights")
+
+    unloadable.load = refuse  # type: ignore[method-assign]
+    fresh = RunLedger.create("s")
+
+    async def load_fails() -> list[object]:
+        return await executor.run_task(executor.call(fresh, [(unloadable, ask())] * 2, purpose="expert"))
+
+    outcomes = asyncio.run(load_fails())
+    assert all(str(o) == "no memory for the weights" for o in outcomes)
+    assert (fresh.budget.calls, fresh.failed_calls, fresh.budget.requests) == (0, 2, 0)  # never sent
+    assert fresh.budget._reserved_calls == 0  # the reservations were released
+
+
+# --- run: planning and recruiting inside a run ------------------------------------------------
+
+from orchestra import Orchestra, Plan  # noqa: E402
+from orchestra.events import PlanRequested, SkillExtractionFailed  # noqa: E402
+from orchestra.run import NodeSettings, node_seed  # noqa: E402
+
+from helpers import kind_of, plan_json, scripted_pool  # noqa: E402
+
+
+def test_how_the_plan_was_made_is_noted() -> None:
+    pool, models = scripted_pool(2)
+    orc = Orchestra(pool, k=1, aggregate="none", store=False)
+    big = Plan.model_validate(plan_json(*[(f"n{i}", []) for i in range(14)]))
+    given = orc.run("a given plan", plan=big, max_nodes=3)  # a given plan may be larger than max_nodes
+    assert (given.status, given.plan.attempts, given.plan.note, len(given.plan.nodes)) == ("done", 0, "given", 14)
+    off = orc.run("no plan please", plan=False)
+    assert (off.plan.attempts, off.plan.note) == (0, "planning off")
+    one = orc.run("one step from the planner, then nothing")
+    assert (one.plan.attempts, one.plan.note) == (1, "planned as one step")
+    fast = Orchestra(pool, k=1, aggregate="none", store=False, fast_path=True).run("Why is the sky blue?")
+    assert (fast.plan.attempts, fast.plan.note) == (0, "simple task: one step, no planner call (fast path)")
+    assert fast.plan.nodes[0].instruction == "Why is the sky blue?"
+    assert sum(kind_of(r) == "plan" for r in models["planner"].requests) == 1  # only the one planned run asked
+
+
+def test_the_planner_request_and_its_repairs() -> None:
+    events: list[object] = []
+    # not JSON, even after the model's own repair: the run asks the planner again, showing "(invalid JSON)"
+    answers = iter(["not json at all", "still not json", plan_json(("a", []), ("b", ["a"]))])
+    pool, models = scripted_pool(2)
+    planner = models["planner"]
+    fn = planner.fn
+    planner.fn = lambda request: next(answers) if kind_of(request) == "plan" else fn(request)
+    orc = Orchestra(pool, k=1, aggregate="none", store=False, seed=5, planner_max_tokens=77, plan_repairs=2,
+                    on_event=events.append)
+    result = orc.run("plan the report, then check it", context="earlier: we talked about reports")
+    assert (result.status, result.plan.attempts, result.plan.note) == ("done", 2, "")
+    plans = [r for r in planner.requests if kind_of(r) == "plan"]
+    assert (plans[0].seed, plans[0].max_tokens) == (5, 77) and (plans[-1].seed, plans[-1].max_tokens) == (5, 77)
+    assert "plan the report, then check it" in plans[0].prompt_text()
+    assert "earlier: we talked about reports" in plans[0].prompt_text()
+    assert "(invalid JSON)" in plans[-1].prompt_text()  # the repair shows what came back
+    assert [(e.run_id, e.attempt) for e in events if isinstance(e, PlanRequested)] == [(result.run_id, n) for n in (1, 2)]
+
+
+def test_a_planner_that_stays_wrong_falls_back_after_every_repair() -> None:
+    pool, _ = scripted_pool(2, plan={"subtasks": []})
+    result = Orchestra(pool, k=1, aggregate="none", store=False, plan_repairs=2, plan_fallback="single").run(
+        "plan this, then that")
+    assert result.status == "done" and result.plan.attempts == 3 and result.plan.note.startswith("planner failed (")
+
+
+def test_a_plan_about_something_else_runs_the_task_as_one_step() -> None:
+    pool, _ = scripted_pool(2, plan=plan_json(("weather", []), ("stocks", [])))
+    result = Orchestra(pool, k=1, aggregate="none", store=False, plan_check=True).run(
+        "Compare the poems of Keats, then summarise them")
+    assert [n.id for n in result.plan.nodes] == ["answer"] and result.plan.attempts == 1
+    assert result.plan.note == "the planner's steps (weather, stocks) were not about the task; ran it as one step"
+
+
+def test_a_workflow_step_can_fix_its_agent_and_mode() -> None:
+    pool, models = scripted_pool(3)
+    orc = Orchestra(pool, k=2, aggregate="none", store=False)
+    plan = Plan.model_validate(plan_json(("fixed", [], ["writing"]), ("ranked", [], ["writing"])))
+    result = orc.run("two steps, then done", plan=plan,
+                     node_settings={"fixed": NodeSettings(agent="agent2"), "ranked": NodeSettings(mode="topk", k=1)})
+    fixed = result.node("fixed")
+    assert fixed.experts == ["agent2"] and fixed.skills == ["writing"]
+    assert fixed.recruitment["mode"] == "fixed" and fixed.recruitment["explanation"] == ["agent2: fixed by the workflow"]
+    assert result.node("ranked").recruitment["mode"] == "topk" and len(result.node("ranked").experts) == 1
+    assert not any(kind_of(r) == "keywords" for r in models["planner"].requests)  # the skills were given
+
+
+def test_keyword_extraction_in_a_run() -> None:
+    events: list[object] = []
+    pool, models = scripted_pool(2)
+    orc = Orchestra(pool, k=1, aggregate="none", store=False, seed=3, on_event=events.append)
+    result = orc.run("one question", plan=False)
+    keyword_seeds = [r.seed for r in models["planner"].requests if kind_of(r) == "keywords"]
+    base = node_seed(3, "one question", "answer")
+    assert keyword_seeds == [base + i for i in range(5)] and result.node("answer").skills == ["general"]
+    blind = orc.run("another question", plan=False, mode="global")
+    assert blind.status == "done" and len(models["planner"].requests) == 5  # global ignores skills: no keyword call
+    orc.run("a third question", plan=False, mode="random")
+    assert len(models["planner"].requests) == 5
+    assert result.usage.skill_extraction_failures == 0 and not any(isinstance(e, SkillExtractionFailed) for e in events)
+
+
+def test_a_node_whose_keyword_calls_name_no_skill_is_recruited_without_and_reported() -> None:
+    events: list[object] = []
+    pool, models = scripted_pool(2, plan=plan_json(("a", [], []), ("b", [], [])))
+    planner = models["planner"]
+    fn = planner.fn
+    planner.fn = lambda request: "I don't know\nsorry" if kind_of(request) == "keywords" else fn(request)
+    result = Orchestra(pool, k=1, aggregate="none", store=False, on_event=events.append).run("two things, then done")
+    assert result.status == "done" and result.usage.skill_extraction_failures == 2
+    failed = [e for e in events if isinstance(e, SkillExtractionFailed)]
+    assert sorted((e.run_id, e.node) for e in failed) == [(result.run_id, "a"), (result.run_id, "b")]
+    assert all(e.reason.startswith("all 5 keyword calls failed: ") for e in failed)
+
+
+def test_a_budget_spent_on_keyword_calls_stops_the_node() -> None:
+    pool, _ = scripted_pool(2)
+    result = Orchestra(pool, k=1, aggregate="none", store=False, budget={"max_calls": 3}).run("a question", plan=False)
+    assert result.status == "budget_exceeded" and result.node("answer").status == "failed"
+    assert "max_calls=3" in result.node("answer").error
+
+
+# --- run: nodes, failures, the trace ---------------------------------------------------------
+
+from orchestra.errors import AuthenticationError  # noqa: E402
+from orchestra.events import ExpertsRecruited, NodeDone, NodeReady, PlanReady, RunDone, RunStarted  # noqa: E402
+
+
+def test_a_node_tells_its_experts_the_task_context_format_and_seeds() -> None:
+    events: list[object] = []
+    pool, models = scripted_pool(3, expert=lambda name, request: f"{name}: The answer is 4")
+    orc = Orchestra(pool, k=3, mode="topk", aggregate="synthesize", store=False, seed=11, on_event=events.append)
+    plan = Plan.model_validate(plan_json(("sum", [], ["arithmetic"])))
+    result = orc.run("add two and two", plan=plan, answer_format="End with a number.", context="we count apples")
+    expert_requests = [r for name in ("m0", "m1", "m2") for r in models[name].requests if kind_of(r) == "expert"]
+    base = node_seed(11, "add two and two", "sum")
+    assert sorted(r.seed for r in expert_requests) == [base, base + 1, base + 2]
+    prompt = expert_requests[0].prompt_text()
+    assert "add two and two" in prompt and "End with a number." in prompt and "we count apples" in prompt
+    node = result.node("sum")
+    assert node.aggregator and node.strategy == "synthesize" and node.depends_on == []
+    [started] = [e for e in events if isinstance(e, RunStarted)]
+    assert (started.run_id, started.task) == (result.run_id, "add two and two")
+    [ready] = [e for e in events if isinstance(e, PlanReady)]
+    assert (ready.attempts, ready.note) == (0, "given")
+    assert ready.nodes == ({"id": "sum", "instruction": "do sum", "depends_on": [], "skills": ["arithmetic"]},)
+    assert [(e.run_id, e.node) for e in events if isinstance(e, NodeReady)] == [(result.run_id, "sum")]
+    [recruited] = [e for e in events if isinstance(e, ExpertsRecruited)]
+    assert (recruited.aggregator, recruited.skills, recruited.instruction) == (node.aggregator, ("arithmetic",), "do sum")
+    assert len(recruited.experts) == 3 and recruited.explanation
+    [done] = [e for e in events if isinstance(e, NodeDone)]
+    assert (done.node, done.output) == ("sum", result.answer)
+    single = orc.run("add two and two", plan=plan, k=1)
+    assert single.node("sum").aggregator is None  # one expert: nothing to aggregate
+
+
+def test_a_workflow_prompt_renders_the_instruction_from_upstream_outputs() -> None:
+    pool, models = scripted_pool(2, plan=plan_json(("a", []), ("b", ["a"])),
+                                 expert=lambda name, request: "upstream says 7")
+    settings = {"b": NodeSettings(prompt=lambda outputs: f"Check this: {outputs['a']['output']}")}
+    result = Orchestra(pool, k=1, aggregate="none", store=False).run("two steps, then done", node_settings=settings)
+    assert result.node("b").instruction == "Check this: upstream says 7"
+    b_prompt = [r.prompt_text() for m in models.values() for r in m.requests if "Check this" in r.prompt_text()][0]
+    assert "[a] do a" not in b_prompt  # the step's prompt replaces the listing of upstream outputs
+
+
+def test_a_node_with_an_output_schema_keeps_the_parsed_value() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    pool, _ = scripted_pool(2, expert=lambda name, request: {"n": 4})
+    plan = Plan.model_validate(plan_json(("count", [])))
+    result = Orchestra(pool, k=1, aggregate="none", store=False).run(
+        "count them", plan=plan, node_settings={"count": NodeSettings(output=schema)})
+    assert result.node("count").data == {"n": 4}
+
+
+def test_an_unexpected_error_in_a_node_fails_only_that_node_in_one_line() -> None:
+    def broken(outputs: dict) -> str:
+        raise KeyError("missing")
+
+    pool, _ = scripted_pool(2, plan=plan_json(("a", []), ("b", [])))
+    result = Orchestra(pool, k=1, aggregate="none", store=False).run(
+        "two steps, then done", node_settings={"a": NodeSettings(prompt=broken)})
+    assert result.status == "partial" and result.exit_code == 1 and not result.user_error
+    assert result.node("a").error == "unexpected KeyError: 'missing'" and result.node("b").status == "done"
+
+
+def test_a_rejected_key_ends_the_whole_run_as_a_user_error() -> None:
+    events: list[object] = []
+
+    def expert(name: str, request: ChatRequest) -> object:
+        return AuthenticationError("the key in OPENAI_API_KEY was refused")
+
+    pool, _ = scripted_pool(2, plan=plan_json(("a", []), ("b", ["a"])), expert=expert)
+    result = Orchestra(pool, k=1, aggregate="none", store=False, on_event=events.append).run("two steps, then done")
+    assert (result.status, result.exit_code, result.user_error) == ("failed", 2, True)
+    assert result.error == "the key in OPENAI_API_KEY was refused"
+    assert result.node("a").status == "failed" and result.node("a").error == "the key in OPENAI_API_KEY was refused"
+    assert result.node("b").status == "pending"
+    [done] = [e for e in events if isinstance(e, RunDone)]
+    assert (done.status, done.user_error) == ("failed", True)
+
+
+def test_a_planner_that_crashes_fails_the_run_in_one_line() -> None:
+    pool, models = scripted_pool(2)
+    planner = models["planner"]
+    fn = planner.fn
+
+    def crash(request: ChatRequest) -> object:
+        if kind_of(request) == "plan":
+            raise ZeroDivisionError("planner bug")
+        return fn(request)
+
+    planner.fn = crash
+    result = Orchestra(pool, store=False).run("plan this, then that")
+    assert (result.status, result.answer) == ("failed", None)
+    assert result.error == "planning failed: unexpected ZeroDivisionError: planner bug" and not result.user_error
+    refused = AuthenticationError("no key")
+    planner.fn = lambda request: refused if kind_of(request) == "plan" else fn(request)
+    keyless = Orchestra(pool, store=False).run("plan this, then that")
+    assert (keyless.status, keyless.exit_code, keyless.error) == ("failed", 2, "no key")
+
+
+
+def test_failed_experts_are_traced_and_the_others_still_answer() -> None:
+    def expert(name: str, request: ChatRequest) -> object:
+        return BadResponse("m1 is down") if name == "m1" else f"{name}: The answer is 4"
+
+    pool, _ = scripted_pool(3, expert=expert)
+    result = Orchestra(pool, k=3, mode="topk", aggregate="vote", store=False).run("add", plan=False)
+    outputs = {o.agent: o for o in result.node("answer").expert_outputs}
+    assert result.status == "done" and set(outputs) == {"agent0", "agent1", "agent2"}
+    assert (outputs["agent1"].model, outputs["agent1"].text, outputs["agent1"].error) == ("m1", None, "m1 is down")
+    assert (outputs["agent2"].model, outputs["agent2"].text, outputs["agent2"].error) == ("m2", "m2: The answer is 4", None)
+
+
+def test_long_expert_answers_are_cut_for_the_aggregator_only() -> None:
+    answers = {"m0": "0123456789", "m1": "0123456789A"}
+    pool, models = scripted_pool(2, expert=lambda name, request: answers[name])
+    result = Orchestra(pool, k=2, mode="topk", store=False, max_response_chars=10).run("count", plan=False)
+    [prompt] = [r.prompt_text() for m in models.values() for r in m.requests if kind_of(r) == "aggregate"]
+    assert "0123456789 [... cut at max_response_chars=10]" in prompt and "0123456789\n" in prompt
+    assert sorted(o.text for o in result.node("answer").expert_outputs) == ["0123456789", "0123456789A"]
+
+
+def test_the_aggregator_request_has_its_own_seed_and_the_nodes_schema() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    pool, models = scripted_pool(2, expert=lambda name, request: {"n": 4})
+    for name in ("m0", "m1"):
+        fn = models[name].fn
+        models[name].fn = lambda request, fn=fn: {"n": 5} if kind_of(request) == "aggregate" else fn(request)
+    plan = Plan.model_validate(plan_json(("count", [])))
+    result = Orchestra(pool, k=2, mode="topk", store=False, seed=2).run(
+        "count them", plan=plan, node_settings={"count": NodeSettings(output=schema)}, answer_format="Say n.")
+    [request] = [r for m in models.values() for r in m.requests if kind_of(r) == "aggregate"]
+    assert request.seed == node_seed(2, "count them", "count") + 101 and request.output == schema
+    assert "Say n." in request.prompt_text() and "Overall task: count them" in request.prompt_text()
+    assert result.node("count").data == {"n": 5}
+
+
+def test_two_finished_sinks_are_merged_by_a_final_call() -> None:
+    pool, models = scripted_pool(2, plan=plan_json(("left", []), ("right", [])))
+    result = Orchestra(pool, k=1, aggregate="none", store=False, seed=4).run("two sides, then merge")
+    finals = [r for m in models.values() for r in m.requests if kind_of(r) == "final"]
+    assert len(finals) == 1 and finals[0].seed == node_seed(4, "two sides, then merge", "final")
+    assert result.status == "done" and "execute_s" in result.timings and "final_s" in result.timings
+
+
+def test_the_final_call_sees_the_task_and_context_and_its_failure_fails_the_run() -> None:
+    pool, models = scripted_pool(2, plan=plan_json(("left", []), ("right", [])))
+    orc = Orchestra(pool, k=1, aggregate="none", store=False)
+    result = orc.run("two sides, then merge", context="we discussed fruit")
+    [final] = [r for m in models.values() for r in m.requests if kind_of(r) == "final"]
+    assert "two sides, then merge" in final.prompt_text() and "we discussed fruit" in final.prompt_text()
+    assert [b.purpose for b in result.batches][-1] == "final"
+    aggregator = orc.env.aggregator.model
+    fn = aggregator.fn
+    aggregator.fn = lambda request: BadResponse("final model down") if kind_of(request) == "final" else fn(request)
+    broken = orc.run("two sides, then merge")
+    assert (broken.status, broken.answer, broken.error) == ("failed", None, "final aggregation: final model down")
+    aggregator.fn = lambda request: AuthenticationError("bad key") if kind_of(request) == "final" else fn(request)
+    keyless = orc.run("two sides, then merge")
+    assert (keyless.status, keyless.exit_code) == ("failed", 2)
+
+
+def test_a_budget_that_stops_one_branch_keeps_the_other_and_says_both() -> None:
+    events: list[object] = []
+    pool, _ = scripted_pool(2)
+    plan = Plan.model_validate(plan_json(("a", []), ("b", [])))
+    result = Orchestra(pool, k=1, aggregate="none", store=False, budget={"max_calls": 1},
+                       on_event=events.append).run("two sides, then merge", plan=plan)
+    assert result.status == "budget_exceeded" and result.exit_code == 3
+    done = [n for n in result.plan.nodes if n.status == "done"]
+    assert len(done) == 1 and result.answer == done[0].output
+    assert result.error.startswith("budget max_calls=1 reached") and "; " not in result.error.split(" (")[0]
+    assert result.error.endswith(")") and " (" in result.error  # the limit first, then the failed node
+    [finished] = [e for e in events if isinstance(e, RunDone)]
+    assert (finished.status, finished.answer, finished.error, finished.user_error) == (
+        "budget_exceeded", result.answer, result.error, False)
+    assert isinstance(finished.elapsed_s, float)
+
+
+def test_the_result_counts_failed_calls_and_rounds_timings() -> None:
+    def expert(name: str, request: ChatRequest) -> object:
+        return BadResponse("down") if name == "m1" else "The answer is 4"
+
+    pool, _ = scripted_pool(2, expert=expert)
+    result = Orchestra(pool, k=2, mode="topk", aggregate="vote", store=False).run("add", plan=False)
+    assert result.usage.failed_calls == 1 and result.usage.skill_extraction_failures == 0
+    assert result.timings and all(round(v, 4) == v for v in result.timings.values())
+    assert set(result.timings) >= {"plan_s", "execute_s"}

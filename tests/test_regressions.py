@@ -160,6 +160,9 @@ def test_upstream_outputs_are_cut_at_context_chars_in_the_downstream_prompt() ->
     # an output within the limit is passed whole, with no marker
     result = Orchestra(pool, k=1, aggregate="none", context_chars=400, store=False).run("two steps, then one")
     assert "x" * 300 + "TAIL" in seen["b"] and "[...]" not in seen["b"]
+    # exactly at the limit: passed whole
+    result = Orchestra(pool, k=1, aggregate="none", context_chars=304, store=False).run("two steps, then one")
+    assert "x" * 300 + "TAIL" in seen["b"] and "[...]" not in seen["b"]
 
 
 # --- e. per-node seeds -----------------------------------------------------------------------
