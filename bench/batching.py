@@ -127,7 +127,7 @@ def main() -> None:
     assert all(r.status == "done" for r in results), results[0].error
     ours_loads = sum(orc.executor.stats.loads.values())
     experts = [list(r.node("answer").experts) for r in results]
-    aggregator = orc.env.aggregator.name
+    aggregator = orc.stages.staffing.aggregator.name
     distinct = len({pool[name].model.name for names in experts for name in names})
 
     ideal_wall, ideal_loads = ideal(experts, pool, **{"load_s": args.load, "per_request": args.per_request,

@@ -6,9 +6,10 @@ from orchestra.core import Orchestra
 from orchestra.plan import Plan, Subtask
 from orchestra.recruit import RecruitConfig
 from orchestra.result import RunResult
+from orchestra.settings import RunSpec, Settings
 from orchestra.skills import KeywordConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["Agent", "Budget", "KeywordConfig", "Orchestra", "Plan", "Pool", "RecruitConfig", "RunResult",
-           "Subtask", "__version__"]
+__all__ = ["Agent", "Budget", "KeywordConfig", "Orchestra", "Plan", "Pool", "RecruitConfig", "RunResult", "RunSpec",
+           "Settings", "Subtask", "__version__"]

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.errors import ConfigError
-from orchestra.matching import MatcherSpec
 from orchestra.models import ChatRequest, Model
 from orchestra.models.config import ModelSpec
 from orchestra.models.pricing import FREE
 from orchestra.profile import SkillProfile, load_profiles
 from orchestra.recruit import RecruitConfig, SkillTable, choose_aggregator
 from orchestra.resources import default_pool_path
-from orchestra.skills import KeywordConfig
+from orchestra.settings import Settings
 from orchestra.yamlfile import YamlDocument, read_yaml
 
 DEFAULT_PERSONA = "You are a knowledgeable, careful expert. Reason step by step, then answer."
@@ -59,6 +56,7 @@ class Pool:
         name: shown in listings and provenance.
         profiles_dir: where ``orchestra profile`` writes this pool's profiles.
         source: the file the pool was read from.
+        settings: run settings that suit this pool (a layer over the defaults; see ``Settings``).
     """
 
     agents: list[Agent]
@@ -69,7 +67,7 @@ class Pool:
     name: str = "pool"
     profiles_dir: Path | None = None
     source: Path | None = None
-    settings: PoolSettings = field(default_factory=lambda: PoolSettings())
+    settings: Settings = field(default_factory=Settings)
 
     def __post_init__(self) -> None:
         if not self.agents:
@@ -166,64 +164,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class PoolSettings(_Strict):
-    """Run defaults that suit this pool (a tiny local model wants small plans); flags override them."""
-
-    k: int | None = Field(default=None, ge=1)
-    mode: Literal["symbolic-moe", "topk", "adaptive", "global", "random"] | None = None
-    aggregate: Literal["synthesize", "vote", "refine", "none"] | None = None
-    aggregator_choice: Literal["best", "per-node"] | None = None
-    max_nodes: int | None = Field(default=None, ge=1)
-    plan_fallback: Literal["fail", "single"] | None = None
-    plan_repairs: int | None = Field(default=None, ge=0)
-    planner_max_tokens: int | None = Field(default=None, ge=16)
-    context_chars: int | None = Field(default=None, ge=100)
-    max_response_chars: int | None = Field(default=None, ge=100)
-    max_resident_models: int | None = Field(default=None, ge=1)
-    fast_path: bool | None = None
-    plan_check: bool | None = None
-    grader: Literal["auto", "mc", "numeric", "exact"] | None = None
-    memory_budget_gb: float | None = Field(default=None, gt=0)
-    recruit: RecruitConfig | None = None
-    keywords: KeywordConfig | None = None
-    matcher: MatcherSpec | None = None
-
-    def layered(self, over: PoolSettings | Mapping[str, Any] | None) -> PoolSettings:
-        """These settings with ``over``'s set values on top (a nested one, such as ``keywords``,
-        replaces the whole)."""
-        if over is None:
-            return self
-        given = over if isinstance(over, PoolSettings) else PoolSettings.model_validate(over)
-        return self.model_copy(update={name: getattr(given, name) for name in given.model_fields_set
-                                       if getattr(given, name) is not None})
-
-    def assigned(self, pairs: Sequence[str]) -> PoolSettings:
-        """These settings with ``KEY=VALUE`` assignments (``--set``) applied; a dotted key sets one
-        field of a nested setting (``keywords.samples=3``). Values are read as YAML scalars."""
-        data = self.model_dump(exclude_none=True)
-        for pair in pairs:
-            key, sep, raw = pair.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-            *parents, leaf = key.strip().split(".")
-            node = data
-            for part in parents:
-                child = node.get(part)
-                node[part] = child = dict(child) if isinstance(child, dict) else {}
-                node = child
-            try:
-                node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError:
-                node[leaf] = raw
-        try:
-            return PoolSettings.model_validate(data)
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
-            unknown = first["type"] in ("extra_forbidden", "unexpected_keyword_argument")
-            raise ConfigError(f"--set {where}: {'no such setting' if unknown else first['msg']}") from None
-
-
 class AgentDefaults(_Strict):
     """Values every agent gets unless it sets its own."""
 
@@ -256,7 +196,7 @@ class PoolFile(_Strict):
     keywords: str | None = None
     aggregator: str | None = None
     profiles: str | None = None
-    settings: PoolSettings = PoolSettings()
+    settings: Settings = Settings()
     agents: list[AgentFile] = Field(min_length=1)
 
 

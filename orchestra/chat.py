@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ class ChatSession:
             import readline  # noqa: F401 - line editing and arrow-key history for input()
         pool = self.orchestra.pool
         self.console.print(f"Orchestra chat · pool {pool.name} ({len(pool.agents)} agents) · "
-                           f"k={self.orchestra.options.k} · /help for commands")
+                           f"k={self.orchestra.settings.k} · /help for commands")
         while True:
             line = self.ask("> ")
             if line is None:
@@ -102,7 +101,7 @@ class ChatSession:
             if not argument.strip().isdigit() or int(argument) < 1:
                 self.console.print("usage: /k N (N >= 1)")
             else:
-                self.orchestra.options = dataclasses.replace(self.orchestra.options, k=int(argument))
+                self.orchestra.settings = self.orchestra.settings.layered({"k": int(argument)})
                 self.console.print(f"k = {int(argument)}")
         elif name == "/trace":
             self.show_trace()
@@ -122,7 +121,7 @@ class ChatSession:
         task or of a subtask's instruction.
         """
         context = self.context()
-        seed = self.orchestra.options.seed
+        seed = self.orchestra.settings.seed
         plan, note = self.plan(text, context=context, seed=seed)
         while True:
             self.show_plan(plan, note)
@@ -245,7 +244,7 @@ class ChatSession:
         table = Table(title=f"pool {pool.name}")
         for column in ("agent", "model", "γ", "skills"):
             table.add_column(column)
-        competence = self.orchestra.env.table.competence
+        competence = self.orchestra.stages.staffing.table.competence
         for agent in pool.agents:
             profile = pool.profiles.get(agent.name)
             skills = (", ".join(f"{k} {v:+d}" for k, v in sorted(profile.skills.items(), key=lambda kv: -kv[1])[:3])

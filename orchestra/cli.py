@@ -7,21 +7,22 @@ import json
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar, get_args, get_origin
 
 import click
+from pydantic.fields import FieldInfo
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from orchestra import __version__
-from orchestra.agents import Pool, PoolSettings
-from orchestra.budget import Budget
+from orchestra.agents import Pool
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
-from orchestra.errors import ConfigError, OrchestraError, UserError
+from orchestra.errors import ConfigError, OrchestraError
 from orchestra.evaluate import METHODS, EvalReport
 from orchestra.profile import SkillProfile
-from orchestra.recruit import AGGREGATOR_CHOICES, MODES, RecruitConfig
+from orchestra.recruit import RecruitConfig
 from orchestra.result import RunResult
+from orchestra.settings import Settings
 from orchestra.store import RunStore
 from orchestra.view import LiveView, LogView, print_result, summary_line, terminal
 
@@ -69,50 +70,90 @@ def store_options(fn: F) -> F:
                         help="The run store file (default ~/.orchestra/runs.db).")(fn)
 
 
+#: click destination -> the setting it sets (a dotted path into ``Settings``)
+SETTING_FLAGS: dict[str, tuple[str, ...]] = {}
+
+
+def _click_type(field: FieldInfo) -> Any:
+    """The click type of a setting: its choices, or its number type with the model's bounds."""
+    annotation = field.annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return click.Choice(list(args))
+    kind = args[0] if len(args) == 1 else annotation
+    bounds = {type(m).__name__: m for m in field.metadata}
+    if kind is int:
+        return click.IntRange(min=bounds["Ge"].ge) if "Ge" in bounds else int
+    if kind is float:
+        if "Gt" in bounds:
+            return click.FloatRange(min=bounds["Gt"].gt, min_open=True)
+        return click.FloatRange(min=getattr(bounds.get("Ge"), "ge", None))
+    return kind
+
+
+def setting_option(path: str, flag: str | None = None, *, help: str | None = None) -> Callable[[F], F]:
+    """A command-line option that sets ``path`` (``k``, ``recruit.competence_weight``...), its type,
+    choices, bounds and help taken from the settings model."""
+    *parents, leaf = path.split(".")
+    model: Any = Settings
+    for part in parents:
+        model = model.model_fields[part].annotation
+    field = model.model_fields[leaf]
+    flag = flag or "--" + leaf.replace("_", "-")
+    dest = flag.lstrip("-").replace("-", "_")
+    SETTING_FLAGS[dest] = tuple(path.split("."))
+    kind = _click_type(field)
+    if kind is bool:
+        return click.option(flag, dest, is_flag=True, default=None, help=help or field.description)
+    return click.option(flag, dest, type=kind, help=help or field.description)
+
+
 def budget_options(fn: F) -> F:
     """--max-calls, --max-cost, --max-tokens."""
-    fn = click.option("--max-tokens", type=click.IntRange(min=1), help="Token budget for the run.")(fn)
-    fn = click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="USD budget for the run.")(fn)
-    return click.option("--max-calls", type=click.IntRange(min=1), help="Call budget for the run.")(fn)
+    fn = setting_option("budget.max_tokens", "--max-tokens", help="Token budget for the run.")(fn)
+    fn = setting_option("budget.max_cost_usd", "--max-cost", help="USD budget for the run.")(fn)
+    return setting_option("budget.max_calls", "--max-calls", help="Call budget for the run.")(fn)
 
 
 def settings_options(fn: F) -> F:
-    """--set KEY=VALUE (any pool setting) and --memory-budget-gb."""
-    fn = click.option("--memory-budget-gb", type=click.FloatRange(min=0, min_open=True),
-                      help="Keep loaded in-process models within this many GiB.")(fn)
+    """--set KEY=VALUE (any setting) and --memory-budget-gb."""
+    fn = setting_option("memory_budget_gb")(fn)
     return click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-                        help="Any pool setting, e.g. keywords.samples=3 or matcher.type=embedding (repeatable).")(fn)
+                        help="Any setting, e.g. keywords.samples=3 or matcher.type=embedding (repeatable).")(fn)
 
 
-def aggregator_choice_option(fn: F) -> F:
-    """--aggregator-choice."""
-    return click.option("--aggregator-choice", type=click.Choice(AGGREGATOR_CHOICES),
-                        help="best: one aggregator, the best measured; per-node: the best measured among "
-                             "the agents whose skills fit each node (default: the pool's, else best).")(fn)
+def choice_options(fn: F) -> F:
+    """--k, --mode, --aggregate, --aggregator-choice, --grader, --seed, --competence-weight."""
+    fn = setting_option("seed")(fn)
+    fn = setting_option("recruit.competence_weight", "--competence-weight",
+                        help="β in w = s·γ^β (1: Symbolic-MoE; 0: skills only).")(fn)
+    fn = setting_option("grader")(fn)
+    fn = setting_option("aggregator_choice")(fn)
+    fn = setting_option("aggregate")(fn)
+    fn = setting_option("mode")(fn)
+    return setting_option("k")(fn)
 
 
 def run_options(fn: F) -> F:
     """Recruiting, aggregation, caching and tracing flags."""
     fn = settings_options(fn)
     fn = click.option("--otel", is_flag=True, help="Emit OpenTelemetry spans (OTLP if configured, else stderr).")(fn)
-    fn = click.option("--cache", is_flag=True, help="Reuse stored answers to identical requests.")(fn)
-    fn = click.option("--seed", type=int, help="Seed for every sampling choice.")(fn)
-    fn = click.option("--competence-weight", type=click.FloatRange(min=0),
-                      help="β in w = s·γ^β (1: Symbolic-MoE; 0: skills only).")(fn)
-    fn = click.option("--grader", type=click.Choice(["auto", "mc", "numeric", "exact"]),
-                      help="How answers are read for voting (default: the pool's, else auto).")(fn)
-    fn = click.option("--aggregate", type=click.Choice(["synthesize", "vote", "refine", "none"]))(fn)
-    fn = aggregator_choice_option(fn)
-    fn = click.option("--mode", type=click.Choice(MODES), help="How experts are recruited.")(fn)
-    return click.option("--k", type=click.IntRange(min=1), help="Experts per subtask.")(fn)
+    fn = setting_option("cache")(fn)
+    return choice_options(fn)
 
 
-def budget_from(max_calls: int | None, max_cost: float | None, max_tokens: int | None,
-                base: Budget | None = None) -> Budget | None:
-    """A budget with the flags applied, or None when no flag was given."""
-    given = {k: v for k, v in {"max_calls": max_calls, "max_cost_usd": max_cost, "max_tokens": max_tokens}.items()
-             if v is not None}
-    return (base or Budget()).merged(**given) if given else base
+def settings_from(opts: dict[str, Any]) -> Settings:
+    """The command line's settings layer: the flags given, then ``--set`` assignments."""
+    data: dict[str, Any] = {}
+    for dest, path in SETTING_FLAGS.items():
+        value = opts.get(dest)
+        if value is None:
+            continue
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return Settings.layer(data, where="command line").assigned(list(opts.get("assignments", ())))
 
 
 def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
@@ -122,32 +163,23 @@ def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
     return RunStore(store_path) if store_path else True
 
 
-def orchestra_options(opts: dict[str, Any], budget: Budget | None, settings: PoolSettings) -> dict[str, Any]:
-    """``Orchestra`` keyword arguments from the shared flags (unset flags left out); ``settings``
-    (the pool's, or the workflow's over the pool's) gets the ``--set`` assignments."""
-    assignments = list(opts.get("assignments", ()))
-    if opts.get("competence_weight") is not None:  # merged into the pool's recruiting settings, not replacing them
-        assignments.append(f"recruit.competence_weight={opts['competence_weight']}")
-    options: dict[str, Any] = {
-        "k": opts.get("k"), "mode": opts.get("mode"), "aggregate": opts.get("aggregate"),
-        "aggregator_choice": opts.get("aggregator_choice"), "seed": opts.get("seed"), "budget": budget,
-        "grader": opts.get("grader"),
-        "store": store_from(opts.get("store_path"), opts.get("no_store", False)), "cache": opts.get("cache", False),
-        "memory_budget_gb": opts.get("memory_budget_gb"), "settings": settings.assigned(assignments)}
-    if options["cache"] and options["store"] is False:
+def orchestra_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """``Orchestra`` arguments other than settings from the shared flags: the store and tracing."""
+    options: dict[str, Any] = {"store": store_from(opts.get("store_path"), opts.get("no_store", False))}
+    if opts.get("cache") and options["store"] is False:
         raise ConfigError("--cache needs the run store; drop --no-store")
     if opts.get("otel"):
         from orchestra.tracing import configure_exporter
 
         configure_exporter()
         options["tracing"] = True
-    return {k: v for k, v in options.items() if v is not None}
+    return options
 
 
-def make_orchestra(pool: Pool, opts: dict[str, Any], *, budget: Budget | None = None) -> Orchestra:
+def make_orchestra(pool: Pool, opts: dict[str, Any]) -> Orchestra:
     """An ``Orchestra`` from the shared flags; a missing API key stops here, before anything runs."""
     pool.check_credentials()
-    return Orchestra(pool, **orchestra_options(opts, budget, pool.settings))
+    return Orchestra(pool, settings_from(opts), **orchestra_options(opts))
 
 
 def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]], opts: dict[str, Any],
@@ -212,8 +244,7 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
 @output_options
 def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
     """Plan TASK, recruit experts, run them in batches and aggregate an answer."""
-    orc = make_orchestra(Pool.load(pool), opts, budget=budget_from(opts["max_calls"], opts["max_cost"],
-                                                                   opts["max_tokens"]))
+    orc = make_orchestra(Pool.load(pool), opts)
     meta = {"kind": "ask", "pool": str(pool.resolve()) if pool else None}
     execute(orc, lambda run_id: orc.arun(task, plan=False if no_plan else None, meta=meta, run_id=run_id), opts)
 
@@ -229,13 +260,12 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @output_options
 def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any) -> None:
     """Run a YAML workflow."""
-    from orchestra.workflow import Workflow, arun_workflow, orchestra_for, parse_assignments, workflow_settings
+    from orchestra.workflow import Workflow, arun_workflow, orchestra_for, parse_assignments
 
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     given = parse_assignments(list(inputs))
-    budget = budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"], flow.spec.budget)
     flow.pool.check_credentials()
-    orc = orchestra_for(flow, **orchestra_options(opts, budget, workflow_settings(flow)))
+    orc = orchestra_for(flow, settings_from(opts), **orchestra_options(opts))
     if flow.spec.dataset is not None:
         from orchestra.workflow import aevaluate_workflow
 
@@ -360,17 +390,10 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Test set (JSONL).")
 @click.option("--method", type=click.Choice(list(METHODS)),
-              help="A baseline or method preset (default: the pool's settings, which default to symbolic-moe).")
+              help="A baseline or method preset (default: the pool's settings, which default to symbolic-moe); "
+                   "--k, --mode and --aggregate win over it.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N items.")
-@click.option("--grader", type=click.Choice(["auto", "mc", "numeric", "exact"]),
-              help="How answers are graded (default: the pool's, else auto).")
-@click.option("--k", type=click.IntRange(min=1))
-@click.option("--mode", type=click.Choice(MODES), help="How experts are recruited (wins over --method).")
-@click.option("--aggregate", type=click.Choice(["synthesize", "vote", "refine", "none"]),
-              help="How answers are combined (wins over --method).")
-@aggregator_choice_option
-@click.option("--seed", type=int)
-@click.option("--competence-weight", type=click.FloatRange(min=0))
+@choice_options
 @settings_options
 @budget_options
 @store_options
@@ -382,9 +405,9 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     from orchestra.evaluate import aevaluate
 
     dataset = load_dataset(data)
-    orc = make_orchestra(Pool.load(pool), {**opts, "cache": False},
-                         budget=budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"]))
-    report = asyncio.run(aevaluate(orc, dataset, method=method, k=opts["k"], limit=limit, mode=opts["mode"],
+    orc = make_orchestra(Pool.load(pool), opts)
+    # the flags win over the method's preset; both over the pool's settings
+    report = asyncio.run(aevaluate(orc, dataset, method=method, limit=limit, k=opts["k"], mode=opts["mode"],
                                    aggregate=opts["aggregate"]))
     print_report(report, f"{report.method} on {dataset.path}", as_json)
 
@@ -468,34 +491,20 @@ def resume(run_id: str, **opts: Any) -> None:
         raise ConfigError("resume reads the run store; drop --no-store")
     store = RunStore(opts["store_path"])
     record = store.run(run_id)
-    config, meta = record.config, record.config.get("meta") or {}
-    if meta.get("kind") == "workflow":
-        from orchestra.workflow import Workflow
-
-        pool = Workflow.load(meta["workflow"], pool=Pool.load(meta["pool"]) if meta.get("pool") else None).pool
-    elif config.get("pool"):
-        if not Path(config["pool"]).is_file():
-            raise ConfigError(f"run {record.id} used pool {config['pool']}, which no longer exists")
-        pool = Pool.load(config["pool"])
-    else:
-        raise UserError(f"run {record.id} used a pool built in Python; resume it there: "
-                        f"Orchestra(pool).resume({record.id!r})")
-    orc = Orchestra.restore(pool, config.get("orchestra") or {}, store=store)
-    budget = {"max_calls": opts["max_calls"], "max_cost_usd": opts["max_cost"], "max_tokens": opts["max_tokens"]}
-    execute(orc, lambda run_id: orc.aresume(run_id, budget={k: v for k, v in budget.items() if v is not None},
-                                             force=opts["force"]), opts, record.id)
+    orc = Orchestra.resuming(record.id, store=store)
+    budget = settings_from(opts).changes().get("budget")
+    execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts["force"]), opts, record.id)
 
 
 @main.command()
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A pool file (default: the embedded local pool).")
-@click.option("--k", type=click.IntRange(min=1), help="Experts per subtask.")
+@setting_option("k")
 @store_options
 @budget_options
-def chat(pool: Path | None, k: int | None, **opts: Any) -> None:
+def chat(pool: Path | None, **opts: Any) -> None:
     """An interactive session: see each plan, edit or re-plan it, then run it."""
     from orchestra.chat import ChatSession
 
-    orc = make_orchestra(Pool.load(pool), {**opts, "k": k},
-                         budget=budget_from(opts["max_calls"], opts["max_cost"], opts["max_tokens"]))
+    orc = make_orchestra(Pool.load(pool), opts)
     ChatSession(orc, console=terminal(), interactive=sys.stdin.isatty()).loop()

@@ -10,6 +10,7 @@ from typing import Any
 
 from orchestra.core import Orchestra
 from orchestra.datasets import Dataset, Item
+from orchestra.errors import ConfigError
 from orchestra.grading import Grader, answer_format
 from orchestra.result import RunResult
 
@@ -77,17 +78,20 @@ def grade_runs(method: str, items: Sequence[Item], results: Sequence[RunResult],
                   "run_id": r.run_id} for item, r, ok in zip(items, results, verdicts)])
 
 
-async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None,
-                    k: int | None = None, limit: int | None = None, mode: str | None = None,
-                    aggregate: str | None = None) -> EvalReport:
+async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None, limit: int | None = None,
+                    **overrides: Any) -> EvalReport:
     """Answer every item (all calls batched together) and grade the answers.
 
-    ``method`` picks a preset (``METHODS``); ``mode`` and ``aggregate`` win over it; what neither
-    sets follows the Orchestra's settings (the pool's).
+    ``method`` picks a preset (``METHODS``: its recruiting mode, aggregation and k) over the
+    Orchestra's settings; ``overrides`` (any ``Settings`` field, e.g. ``mode``) win over both.
     """
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset_mode, preset_aggregate, fixed_k = METHODS[method] if method else (None, None, None)
-    mode = mode or preset_mode or orchestra.options.mode
-    aggregate = aggregate or preset_aggregate or orchestra.options.aggregate
+    preset = {"mode": preset_mode, "aggregate": preset_aggregate, "k": fixed_k}
+    given = {**{k: v for k, v in preset.items() if v is not None}, **{k: v for k, v in overrides.items() if v is not None}}
+    settings = orchestra.run_settings(given)
+    mode, aggregate = settings.mode, settings.aggregate
     name = method if method and (mode, aggregate) == (preset_mode, preset_aggregate) else next(
         (m for m, (m_mode, m_aggregate, m_k) in METHODS.items() if (m_mode, m_aggregate, m_k) == (mode, aggregate, None)),
         f"{mode} + {aggregate}")
@@ -96,10 +100,10 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     loads_before = dict(orchestra.executor.stats.loads)
     results = await orchestra.arun_many([item.prompt() for item in items],
                                         answer_formats=[answer_format(item) for item in items],
-                                        mode=mode, aggregate=aggregate, k=fixed_k or k or orchestra.options.k,
-                                        meta={"kind": "eval", "method": name, "dataset": dataset.path})
+                                        meta={"kind": "eval", "method": name, "dataset": dataset.path},
+                                        **given)
     elapsed = time.perf_counter() - started
-    return grade_runs(name, items, results, orchestra.env.grader, elapsed_s=elapsed,
+    return grade_runs(name, items, results, orchestra.stages_for(settings).grader, elapsed_s=elapsed,
                       model_loads=loads_since(orchestra, loads_before))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestra.agents import Agent, Pool
-from orchestra.aggregate import Response, synthesize_prompt
+from orchestra.pipeline.aggregation import Response, synthesize_prompt
 from orchestra.budget import Budget
 from orchestra.core import run_sync
 from orchestra.datasets import Dataset, Item

@@ -15,25 +15,20 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, NamedTuple
+from typing import NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.matching import Match
 from orchestra.profile import SkillProfile, global_competence
-
-Mode = Literal["symbolic-moe", "topk", "adaptive", "global", "random"]
-MODES: tuple[str, ...] = ("symbolic-moe", "topk", "adaptive", "global", "random")
+from orchestra.vocabulary import MODES, Mode
 
 
-@dataclass(frozen=True)
-class RecruitConfig:
-    """How experts are chosen.
+
+class RecruitConfig(BaseModel):
+    """How experts are chosen, beyond the mode and k (which are run settings of their own).
 
     Attributes:
-        mode: ``symbolic-moe`` (sample k with replacement), ``topk`` (k distinct by weight),
-            ``adaptive`` (add by weight until cumulative probability >= p, up to k_max),
-            ``global`` (the k agents of highest global competence, whatever the subtask: the
-            MoA and best-single baselines) or ``random`` (k distinct uniformly: a baseline).
-        k: experts per subtask.
         p: the adaptive mode's cumulative probability threshold.
         k_max: the adaptive mode's cap.
         cost_lambda: the cost trade-off; weights are multiplied by ``exp(-λ · price / max price)``.
@@ -48,16 +43,16 @@ class RecruitConfig:
             competence measured on a mixed validation set mostly reflects sampling noise).
     """
 
-    mode: Mode = "symbolic-moe"
-    k: int = 3
-    p: float = 0.8
-    k_max: int = 5
-    cost_lambda: float = 0.0
-    rare_threshold: float = 0.05
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    p: float = Field(default=0.8, gt=0, le=1)
+    k_max: int = Field(default=5, ge=1)
+    cost_lambda: float = Field(default=0.0, ge=0)
+    rare_threshold: float = Field(default=0.05, ge=0, le=1)
     cold_start_score: float = 1.0
     uniform_prior_score: float = 0.5
-    temperature: float = 0.5
-    competence_weight: float = 1.0
+    temperature: float = Field(default=0.5, gt=0)
+    competence_weight: float = Field(default=1.0, ge=0)
 
 
 class Contribution(NamedTuple):
@@ -225,11 +220,9 @@ class Recruiter:
                   for a in agents]
         return sorted(result, key=lambda c: (-c.probability, c.agent))
 
-    def recruit(self, keywords: Sequence[str], matches: Sequence[Match], *, seed: int,
-                k: int | None = None, mode: Mode | None = None) -> Recruitment:
-        """Choose experts for one subtask."""
-        mode = mode or self.config.mode
-        k = k or self.config.k
+    def recruit(self, keywords: Sequence[str], matches: Sequence[Match], *, seed: int, k: int = 3,
+                mode: Mode = "symbolic-moe") -> Recruitment:
+        """Choose ``k`` experts (a cap, for ``adaptive``) for one subtask, the ``mode``'s way."""
         ranked = self.candidates(matches)
         eligible = [c for c in ranked if c.probability > 0]
         rng = SeededDraws(seed)
@@ -312,8 +305,6 @@ class SeededDraws:
         return [pool.pop(int(self.uniform() * len(pool))) for _ in range(min(k, len(pool)))]
 
 
-AggregatorChoiceMode = Literal["best", "per-node"]
-AGGREGATOR_CHOICES: tuple[str, ...] = ("best", "per-node")
 
 NODE_PRIOR_ITEMS = 4.0
 """Per-node aggregator choice: how many benchmark items the agent's overall aggregation score

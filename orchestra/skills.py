@@ -9,23 +9,35 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.models import ChatRequest, ChatResult
 from orchestra.models.structured import StructuredOutputError, extract_json
 from orchestra.prompts import render
 
 
-@dataclass(frozen=True)
-class KeywordConfig:
-    """How skills are extracted. The defaults are the paper's."""
+class KeywordConfig(BaseModel):
+    """How skills are extracted. The defaults are the paper's.
 
-    samples: int = 5
-    temperature: float = 0.7
-    max_length: int = 20
-    min_count: int = 2
-    max_keywords: int = 5
-    max_tokens: int = 64
+    Attributes:
+        samples: keyword requests per question or subtask.
+        temperature: their sampling temperature.
+        max_length: the longest keyword kept (characters).
+        min_count: a keyword is kept when this many samples name it.
+        max_keywords: the most keywords one sample may give.
+        max_tokens: each sample's answer limit.
+        structured: ask for JSON (else the paper's ``Keywords: a, b`` text).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int = Field(default=5, ge=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    max_length: int = Field(default=20, ge=1)
+    min_count: int = Field(default=2, ge=1)
+    max_keywords: int = Field(default=5, ge=1)
+    max_tokens: int = Field(default=64, ge=1)
     structured: bool = True
 
 

@@ -94,7 +94,9 @@ class RunRecord:
     @property
     def item(self) -> str | None:
         """The data-set item this run answered, for runs of a data-set workflow."""
-        return (self.config.get("meta") or {}).get("item")
+        spec = self.config.get("spec") or self.config  # a run spec, or a record of version 0.1
+        meta = spec.get("meta") if isinstance(spec, dict) else None
+        return meta.get("item") if isinstance(meta, dict) else None
 
 
 def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:

@@ -19,7 +19,7 @@ from jinja2 import TemplateSyntaxError, nodes
 from jinja2.meta import find_undeclared_variables
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestra.agents import Pool, PoolSettings
+from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.core import Orchestra, run_sync
 from orchestra.datasets import load_dataset
@@ -29,7 +29,9 @@ from orchestra.grading import answer_format, get_grader
 from orchestra.plan import ID_PATTERN, Plan, Subtask
 from orchestra.result import RunResult
 from orchestra.prompts import environment, render_string
-from orchestra.run import NodeSettings, Outputs
+from orchestra.settings import Settings, WorkflowRef
+from orchestra.vocabulary import GraderName, Mode, Strategy
+from orchestra.pipeline.scheduler import NodeSettings, Outputs
 from orchestra.yamlfile import YamlDocument, read_yaml
 
 _TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "number": (int, float),
@@ -54,7 +56,7 @@ class RecruitSpec(_Strict):
 
     k: int | None = Field(default=None, ge=1)
     skills: list[str] = []
-    mode: Literal["symbolic-moe", "topk", "adaptive", "global", "random"] | None = None
+    mode: Mode | None = None
 
 
 class StepSpec(_Strict):
@@ -66,7 +68,7 @@ class StepSpec(_Strict):
     description: str = ""
     recruit: RecruitSpec | None = None
     agent: str | None = None
-    aggregate: Literal["synthesize", "vote", "refine", "none"] | None = None
+    aggregate: Strategy | None = None
     output: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -80,7 +82,7 @@ class DatasetSpec(_Strict):
     """Run the workflow once per item of a labelled data set and grade the final answers."""
 
     path: str
-    grader: Literal["auto", "mc", "numeric", "exact"] = "auto"
+    grader: GraderName = "auto"
     limit: int | None = Field(default=None, ge=1)
 
 
@@ -96,7 +98,7 @@ class WorkflowFile(_Strict):
     steps: list[StepSpec] = []
     final: str | None = None
     budget: Budget | None = None
-    settings: PoolSettings = PoolSettings()
+    settings: Settings = Settings()
     seed: int = 0
     dataset: DatasetSpec | None = None
 
@@ -124,6 +126,12 @@ class Workflow:
     def name(self) -> str:
         """The workflow's name (its file stem when unnamed)."""
         return self.spec.name or self.path.stem
+
+    def settings(self) -> Settings:
+        """The pool's settings with the workflow's on top: its ``settings:``, ``budget:`` and ``seed:``."""
+        own = {name: getattr(self.spec, name) for name in ("budget", "seed")
+               if name in self.spec.model_fields_set and getattr(self.spec, name) is not None}
+        return self.pool.settings.layered(self.spec.settings, own)
 
     @classmethod
     def load(cls, path: str | Path, *, pool: Pool | None = None) -> Workflow:
@@ -259,19 +267,10 @@ class Workflow:
         return _renderer(self.spec.final, f"{self.path}: final", inputs)
 
 
-def workflow_settings(workflow: Workflow) -> PoolSettings:
-    """The pool's settings with the workflow's on top."""
-    return workflow.pool.settings.layered(workflow.spec.settings)
-
-
-def orchestra_for(workflow: Workflow, **options: Any) -> Orchestra:
-    """An ``Orchestra`` on the workflow's pool with its settings, budget and seed (``options`` win,
-    ``settings`` among them replacing ``workflow_settings``)."""
-    defaults: dict[str, Any] = {"settings": workflow_settings(workflow), "seed": workflow.spec.seed}
-    if workflow.spec.budget is not None:
-        defaults["budget"] = workflow.spec.budget
-    defaults.update({k: v for k, v in options.items() if v is not None})
-    return Orchestra(workflow.pool, **defaults)
+def orchestra_for(workflow: Workflow, settings: Settings | None = None, **options: Any) -> Orchestra:
+    """An ``Orchestra`` on the workflow's pool with its settings (the workflow's over the pool's,
+    ``settings`` over both); ``options`` are other ``Orchestra`` arguments (store, tracing...)."""
+    return Orchestra(workflow.pool, workflow.settings().layered(settings), **options)
 
 
 async def arun_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
@@ -282,11 +281,10 @@ async def arun_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orches
     values = workflow.resolve_inputs(inputs)
     orc = orchestra or orchestra_for(workflow)
     plan = workflow.plan()
-    pool = orc.pool.source
     return await orc.arun(workflow.task(values), plan=plan if plan is not None else True, run_id=run_id,
                           node_settings=workflow.node_settings(values), final=workflow.final(values),
-                          meta={"kind": "workflow", "workflow": str(workflow.path.resolve()), "inputs": values,
-                                "pool": str(pool.resolve()) if pool else None, **(meta_extra or {})}, **overrides)
+                          workflow=WorkflowRef(path=str(workflow.path.resolve()), inputs=values),
+                          meta={"kind": "workflow", **(meta_extra or {})}, **overrides)
 
 
 async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *,
@@ -305,14 +303,14 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *,
     dataset = load_dataset(workflow.path.parent / spec.path)
     items = list(dataset.items[: spec.limit] if spec.limit else dataset.items)
     orc = orchestra or orchestra_for(workflow)
-    shared = BudgetTracker(orc.options.budget, None)
+    shared = BudgetTracker(orc.settings.budget, None)
     loads_before = dict(orc.executor.stats.loads)
     started = time.perf_counter()
     results = await asyncio.gather(*(
         arun_workflow(workflow, {**inputs, "question": item.prompt(),
                                  **({"answer_format": answer_format(item)} if "answer_format" in workflow.spec.inputs
-                                    else {})}, orchestra=orc, shared_budget=shared, budget=Budget(),
-                      seed=item_seed(orc.options.seed, item.id), meta_extra={"item": item.id})
+                                    else {})}, orchestra=orc, shared_budget=shared, budget=Budget().model_dump(),
+                      seed=item_seed(orc.settings.seed, item.id), meta_extra={"item": item.id})
         for item in items))
     return grade_runs(workflow.name, items, results, get_grader(spec.grader), elapsed_s=time.perf_counter() - started,
                       model_loads=loads_since(orc, loads_before),

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestra import Agent, Pool
-from orchestra.agents import PoolSettings
+from orchestra.settings import Settings
 from orchestra.models import ChatRequest, FunctionModel
 
 PLANNER_MARK = "Break the task"
@@ -55,7 +55,7 @@ def scripted_pool(n_models: int = 4, *, plan: dict[str, Any] | None = None,
     agents = [Agent(name=f"agent{i}", model=models[f"m{i}"]) for i in range(n_models)]
     models["planner"] = planner
     # the scripted plans are abstract ("do a"): the planner safeguards for small models stay off unless asked
-    pool_options.setdefault("settings", PoolSettings(fast_path=False, plan_check=False))
+    pool_options.setdefault("settings", Settings(fast_path=False, plan_check=False))
     return Pool(agents=agents, planner=planner, **pool_options), models
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from orchestra import Agent, Orchestra, Plan, Pool
-from orchestra.agents import PoolSettings
+from orchestra.settings import Settings
 from orchestra.errors import ConfigError
 from orchestra.matching import Match
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.profile import Provenance, SkillProfile
 from orchestra.profiling import build_profiles
 from orchestra.recruit import RecruitConfig, Recruiter, SkillTable, choose_aggregator, node_aggregator
-from orchestra.run import RunOptions
+from orchestra.settings import RunSpec
 from orchestra.simulation import simulated_pool
 
 from helpers import kind_of
@@ -148,14 +148,14 @@ def per_node_profiles() -> dict[str, SkillProfile]:
 
 
 def recruiter(profiles: dict[str, SkillProfile]) -> Recruiter:
-    config = RecruitConfig(mode="topk", k=2)
+    config = RecruitConfig()
     table = SkillTable.build(list(profiles), profiles, {}, {}, config)
     return Recruiter(table, config)
 
 
 def recruit_on(rec: Recruiter, skill: str | None):  # noqa: ANN201
     matches = [Match(skill, skill, 1.0)] if skill else []
-    return rec.recruit([skill] if skill else [], matches, seed=0)
+    return rec.recruit([skill] if skill else [], matches, seed=0, k=2, mode="topk")
 
 
 def test_node_aggregator_is_the_best_measured_among_the_agents_that_fit() -> None:
@@ -216,7 +216,7 @@ def run_plan(orc: Orchestra, **overrides: object) -> dict[str, tuple[str | None,
 def test_per_node_recruiting_in_a_run_changes_who_aggregates_each_node() -> None:
     pool, models = team()
     best = Orchestra(pool, k=2, mode="topk", store=False)
-    assert best.options.aggregator_choice == "best"
+    assert best.settings.aggregator_choice == "best"
     assert run_plan(best) == {"reaction": ("hist", "aggregated by hist"), "treaty": ("hist", "aggregated by hist")}
 
     pool, models = team()
@@ -234,9 +234,9 @@ def test_per_node_recruiting_in_a_run_changes_who_aggregates_each_node() -> None
 
 
 def test_choice_layers_call_over_pool_over_default_and_a_fixed_aggregator_wins() -> None:
-    pool, _ = team(settings=PoolSettings(aggregator_choice="per-node"))
-    assert Orchestra(pool, store=False).options.aggregator_choice == "per-node"
-    assert Orchestra(pool, store=False, aggregator_choice="best").options.aggregator_choice == "best"
+    pool, _ = team(settings=Settings(aggregator_choice="per-node"))
+    assert Orchestra(pool, store=False).settings.aggregator_choice == "per-node"
+    assert Orchestra(pool, store=False, aggregator_choice="best").settings.aggregator_choice == "best"
     # per run, too
     pool, _ = team()
     orc = Orchestra(pool, k=2, mode="topk", store=False)
@@ -248,17 +248,17 @@ def test_choice_layers_call_over_pool_over_default_and_a_fixed_aggregator_wins()
     pool, _ = team(aggregator="gen")
     assert {a for a, _ in run_plan(Orchestra(pool, k=2, mode="topk", store=False,
                                              aggregator_choice="per-node")).values()} == {"gen"}
-    with pytest.raises(ConfigError, match="aggregator choice"):
+    with pytest.raises(ConfigError, match="aggregator_choice"):
         Orchestra(pool, store=False, aggregator_choice="smartest")
-    with pytest.raises(ConfigError, match="aggregator choice"):
+    with pytest.raises(ConfigError, match="aggregator_choice"):
         orc.run("x", aggregator_choice="smartest")
 
 
-def test_the_choice_is_stored_with_the_run_options() -> None:
-    options = RunOptions(aggregator_choice="per-node")
-    assert RunOptions.from_dict(options.to_dict()).aggregator_choice == "per-node"
-    stored_before = {k: v for k, v in options.to_dict().items() if k != "aggregator_choice"}
-    assert RunOptions.from_dict(stored_before).aggregator_choice == "best"
+def test_the_choice_is_stored_with_the_run_spec() -> None:
+    spec = RunSpec(task="t", settings=Settings(aggregator_choice="per-node"))
+    assert RunSpec.from_record(spec.record(), "t").settings.aggregator_choice == "per-node"
+    recorded_before = {"options": {"k": 2}, "orchestra": {}}  # a run recorded by version 0.1
+    assert RunSpec.from_record(recorded_before, "t").settings.aggregator_choice == "best"
 
 
 def test_pool_file_settings_accept_the_choice(tmp_path: Path) -> None:

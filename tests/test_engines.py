@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from orchestra import Agent, Orchestra, Pool
-from orchestra.agents import PoolSettings
+from orchestra.settings import Settings
 from orchestra.events import Event, ModelLoaded, ModelUnloaded
 from orchestra.execute import Executor, RunLedger
 from orchestra.errors import BadResponse
@@ -177,7 +177,7 @@ def heavy_pool(n: int, *, memory: int = 0) -> tuple[Pool, list[FunctionModel]]:
     light = FunctionModel(lambda r: {"keywords": ["general"]} if kind_of(r) == "keywords" else
                           plan_json(("a", []), ("b", []), ("c", ["a", "b"])), name="planner")
     return Pool(agents=[Agent(name=f"agent{i}", model=m) for i, m in enumerate(models)], planner=light,
-                settings=PoolSettings(fast_path=False, plan_check=False)), models
+                settings=Settings(fast_path=False, plan_check=False)), models
 
 
 def test_each_heavy_model_loads_once_per_wave_with_one_resident() -> None:

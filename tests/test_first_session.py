@@ -15,7 +15,8 @@ import pytest
 from orchestra import Orchestra
 from orchestra.loopback import Reply, error_reply
 from orchestra.models import FunctionModel
-from orchestra.plan import content_words, is_simple_task, off_topic_steps, Plan
+from orchestra.pipeline.planning import content_words, is_simple_task, off_topic_steps
+from orchestra.plan import Plan
 
 from helpers import kind_of, single_agent_pool
 from loopback_llm import DEFAULT_PLAN, ScriptedLLM, write_pool
@@ -216,7 +217,7 @@ def test_off_topic_steps_share_no_content_word_with_the_task() -> None:
 @pytest.mark.llama
 def test_the_embedded_planner_plans_the_task_it_was_given() -> None:
     from orchestra.models import allow_model_requests
-    from orchestra.plan import about_the_task
+    from orchestra.pipeline.planning import about_the_task
 
     with allow_model_requests():
         orc = Orchestra(store=False)

@@ -79,8 +79,8 @@ def test_twenty_instances_batch_once_per_model_per_phase() -> None:
     assert sum(n for _, n in expert_wave) == 60
     used = {pool[e].model.name for r in results for e in r.node("answer").experts}
     assert set(expert_models) == used
-    assert [(m, n) for w, m, n in batches if w == 3] == [(orc.env.aggregator.model.name, 20)]
-    assert all(len(models[m].batches) == 1 + (m == orc.env.aggregator.model.name) for m in used)
+    assert [(m, n) for w, m, n in batches if w == 3] == [(orc.stages.staffing.aggregator.model.name, 20)]
+    assert all(len(models[m].batches) == 1 + (m == orc.stages.staffing.aggregator.model.name) for m in used)
 
 
 def test_cyclic_plan_is_repaired() -> None:
@@ -206,10 +206,12 @@ def test_vote_refine_and_none_strategies() -> None:
 
 def test_unknown_options_are_clear() -> None:
     pool, _ = scripted_pool()
-    with pytest.raises(ConfigError, match="unknown recruiting mode 'best'"):
+    with pytest.raises(ConfigError, match="setting mode: unknown value 'best'; choose one of 'symbolic-moe', "):
         Orchestra(pool, mode="best")
-    with pytest.raises(ConfigError, match="unknown aggregation"):
+    with pytest.raises(ConfigError, match="setting aggregate: unknown value 'magic'"):
         Orchestra(pool, aggregate="magic")
+    with pytest.raises(ConfigError, match="run setting k: Input should be greater than or equal to 1"):
+        Orchestra(pool).run("x", k=0)
     with pytest.raises(ConfigError, match="the task is empty"):
         Orchestra(pool).run("  ")
 
@@ -230,7 +232,9 @@ def test_sync_api_refuses_inside_an_event_loop() -> None:
 def test_invalid_per_run_overrides_are_one_clear_error() -> None:
     pool, _ = scripted_pool()
     orc = Orchestra(pool)
-    with pytest.raises(ConfigError, match="unknown recruiting mode 'bogus'"):
+    with pytest.raises(ConfigError, match="run setting mode: unknown value 'bogus'"):
         orc.run("x", mode="bogus")
-    with pytest.raises(ConfigError, match="unknown aggregation 'bogus'"):
+    with pytest.raises(ConfigError, match="run setting aggregate: unknown value 'bogus'"):
         orc.run("x", aggregate="bogus")
+    with pytest.raises(ConfigError, match="max_resident_models set"):
+        orc.run("x", max_resident_models=3)

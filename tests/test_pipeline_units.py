@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestra.aggregate import Response, refine_prompt, synthesize_prompt, vote
+from orchestra.pipeline.aggregation import Response, refine_prompt, synthesize_prompt, vote
 from orchestra.errors import BadResponse
 from orchestra.grading import NumericGrader
 from orchestra.models import ChatResult
@@ -674,7 +674,7 @@ def test_calls_lost_with_their_engine_or_their_load_fail_and_count_only_when_sen
 
 from orchestra import Orchestra, Plan  # noqa: E402
 from orchestra.events import PlanRequested, SkillExtractionFailed  # noqa: E402
-from orchestra.run import NodeSettings, node_seed  # noqa: E402
+from orchestra.pipeline.scheduler import NodeSettings, node_seed  # noqa: E402
 
 from helpers import kind_of, plan_json, scripted_pool  # noqa: E402
 
@@ -930,7 +930,7 @@ def test_the_final_call_sees_the_task_and_context_and_its_failure_fails_the_run(
     [final] = [r for m in models.values() for r in m.requests if kind_of(r) == "final"]
     assert "two sides, then merge" in final.prompt_text() and "we discussed fruit" in final.prompt_text()
     assert [b.purpose for b in result.batches][-1] == "final"
-    aggregator = orc.env.aggregator.model
+    aggregator = orc.stages.staffing.aggregator.model
     fn = aggregator.fn
     aggregator.fn = lambda request: BadResponse("final model down") if kind_of(request) == "final" else fn(request)
     broken = orc.run("two sides, then merge")

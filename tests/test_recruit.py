@@ -82,11 +82,11 @@ def test_seeded_recruiting_is_deterministic() -> None:
 def test_topk_distinct_and_adaptive_modes() -> None:
     r = recruiter()
     assert r.recruit(["algebra"], matches("algebra"), seed=0, mode="topk", k=3).experts == ("A", "B")
-    adaptive = recruiter(RecruitConfig(mode="adaptive", p=0.6, k_max=3))
-    assert adaptive.recruit(["algebra"], matches("algebra"), seed=0).experts == ("A",)  # 48/73 >= 0.6
-    assert adaptive.recruit(["a"], matches("algebra", "geometry"), seed=0).experts == ("B",)  # 75/107 >= 0.6
-    wide = recruiter(RecruitConfig(mode="adaptive", p=0.99, k_max=2))
-    assert wide.recruit([], matches(), seed=0).experts == ("B", "A")  # capped at k_max
+    adaptive = recruiter(RecruitConfig(p=0.6, k_max=3))
+    assert adaptive.recruit(["algebra"], matches("algebra"), seed=0, mode="adaptive").experts == ("A",)  # 48/73 >= 0.6
+    assert adaptive.recruit(["a"], matches("algebra", "geometry"), seed=0, mode="adaptive").experts == ("B",)
+    wide = recruiter(RecruitConfig(p=0.99, k_max=2))
+    assert wide.recruit([], matches(), seed=0, mode="adaptive").experts == ("B", "A")  # capped at k_max
 
 
 def test_cost_aware_trade_off_shifts_choice_to_cheaper_agents() -> None:

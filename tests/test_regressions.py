@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from orchestra import Orchestra
-from orchestra.aggregate import Response, refine_prompt, synthesize_prompt, vote
+from orchestra.pipeline.aggregation import Response, refine_prompt, synthesize_prompt, vote
 from orchestra.datasets import Dataset
 from orchestra.grading import NumericGrader
 from orchestra.loopback import error_reply
@@ -21,7 +21,7 @@ from orchestra.models import ChatRequest
 from orchestra.profiling import build_profiles
 from orchestra.recruit import RecruitConfig
 from orchestra.result import EXIT_CODES, RunResult
-from orchestra.run import node_seed
+from orchestra.pipeline.scheduler import node_seed
 
 from helpers import kind_of, plan_json, scripted_pool
 from loopback_llm import ScriptedLLM, write_pool

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestra import Orchestra
-from orchestra.aggregate import Response, vote
+from orchestra.pipeline.aggregation import Response, vote
 from orchestra.grading import AutoGrader, MultipleChoiceGrader
 from orchestra.loopback import chat_handler
 from orchestra.models import ChatResult
@@ -98,8 +98,8 @@ def kind_of_prompt(prompt: str) -> str:
 
 
 def test_pool_grader_setting_reaches_the_run() -> None:
-    from orchestra.agents import PoolSettings
+    from orchestra.settings import Settings
 
-    pool, _ = scripted_pool(2, settings=PoolSettings(grader="mc", fast_path=False, plan_check=False))
-    assert Orchestra(pool, store=False).env.grader.name == "mc"
-    assert Orchestra(pool, store=False, grader="numeric").env.grader.name == "numeric"
+    pool, _ = scripted_pool(2, settings=Settings(grader="mc", fast_path=False, plan_check=False))
+    assert Orchestra(pool, store=False).stages.grader.name == "mc"
+    assert Orchestra(pool, store=False, grader="numeric").stages.grader.name == "numeric"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestra import KeywordConfig, Orchestra
-from orchestra.agents import Pool, PoolSettings
+from orchestra.agents import Pool
+from orchestra.settings import Settings
 from orchestra.errors import ConfigError
 from orchestra.loopback import LoopbackRequest, Reply, chat_handler
 from orchestra.store import RunStore
@@ -32,7 +33,7 @@ def test_a_nested_setting_from_the_command_line_is_used_recorded_and_restored(lo
     assert stopped.returncode == 3, stopped.stderr
     assert _keyword_requests(server) == 1  # the second sample was refused by the budget
     run_id = json.loads(stopped.stdout)["run_id"]
-    stored = RunStore().run(run_id).config["orchestra"]
+    stored = RunStore().run(run_id).config["spec"]["settings"]
     assert stored["keywords"]["samples"] == 2 and stored["keywords"]["min_count"] == 1
     resumed = cli("resume", run_id, "--max-calls", "10", "--json")
     assert resumed.returncode == 0, resumed.stderr
@@ -60,12 +61,12 @@ def test_a_pool_matcher_setting_is_used_and_kept_on_resume(loopback, tmp_path: P
     data = json.loads(done.stdout)
     embeddings = [r for r in server.requests if r.path.endswith("/embeddings")]
     assert len(embeddings) == 1 and data["usage"]["requests"] == len(server.requests)
-    config = RunStore().run(data["run_id"]).config["orchestra"]
+    config = RunStore().run(data["run_id"]).config["spec"]["settings"]
     assert config["matcher"]["type"] == "embedding" and config["matcher"]["model"] == "mini"
-    rebuilt = Orchestra.restore(Pool.load(pool), config, store=False)
-    assert rebuilt.env.matcher.spec() == Pool.load(pool).settings.matcher.model_copy(
+    rebuilt = Orchestra.resuming(data["run_id"], store=RunStore())
+    assert rebuilt.stages.staffing.matcher.spec() == Pool.load(pool).settings.matcher.model_copy(
         update={"base_url": f"{server.url}/v1"})
-    assert rebuilt.env.extractor.config == KeywordConfig(samples=1, min_count=1)
+    assert rebuilt.stages.staffing.extractor.config == KeywordConfig(samples=1, min_count=1)
 
 
 def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, tmp_path: Path) -> None:
@@ -110,18 +111,19 @@ def test_workflow_settings_reach_the_orchestra_and_a_pool_setting_stays_under_th
         "  memory_budget_gb: 1.5\n  recruit: {competence_weight: 0}\n  grader: mc\n"
         "steps:\n  - {id: s, prompt: hi}\n")
     orc = orchestra_for(Workflow.load(tmp_path / "flow.yaml"), store=False)
-    assert (orc.options.context_chars, orc.options.planner_max_tokens, orc.options.k) == (321, 77, 2)
+    assert (orc.settings.context_chars, orc.settings.planner_max_tokens, orc.settings.k) == (321, 77, 2)
     assert orc.executor.max_resident_models == 2 and orc.executor.memory_budget_bytes == int(1.5 * 2**30)
-    assert orc.env.recruiter.config.competence_weight == 0 and orc.env.extractor.config.samples == 4
-    assert orc.settings["memory_budget_gb"] == 1.5 and orc.settings["recruit"]["competence_weight"] == 0
+    assert orc.stages.staffing.recruiter.config.competence_weight == 0
+    assert orc.stages.staffing.extractor.config.samples == 4
+    assert orc.settings.memory_budget_gb == 1.5 and orc.settings.recruit.competence_weight == 0
 
 
 def test_python_keywords_win_over_settings_which_win_over_the_pool() -> None:
     pool = Pool.load()
     layered = Orchestra(pool, settings={"k": 4, "aggregate": "vote"}, aggregate="refine", store=False)
-    assert (layered.options.k, layered.options.aggregate) == (4, "refine")
+    assert (layered.settings.k, layered.settings.aggregate) == (4, "refine")
     with pytest.raises(ConfigError, match="no such setting"):
-        PoolSettings().assigned(["keyword.samples=2"])
+        Settings().assigned(["keyword.samples=2"])
     with pytest.raises(TypeError):
         Orchestra(pool, store=False, planner_tokens=5)  # type: ignore[call-arg]
 

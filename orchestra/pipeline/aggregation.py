@@ -1,0 +1,196 @@
+"""Aggregation: how a node's expert answers become its output, and the sinks' outputs the answer.
+
+Each strategy is an object behind one protocol (``Aggregation``), chosen by name:
+    synthesize: an aggregator LLM critically merges the responses (Mixture-of-Agents prompt).
+    vote: answers are extracted by the grader and the majority wins, no LLM call.
+    refine: the aggregator improves the strongest expert's draft using the others as reviews.
+    none: the strongest expert's output as is.
+``FinalSynthesis`` merges the outputs of several sink nodes into the run's answer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from orchestra.agents import Agent
+from orchestra.grading import AutoGrader, Grader, strip_reasoning
+from orchestra.models import ChatRequest, ChatResult, Model
+from orchestra.prompts import render
+from orchestra.vocabulary import Strategy
+
+Call = Callable[[Sequence[tuple[Model, ChatRequest]]], Awaitable[list[ChatResult | Exception]]]
+"""Sends calls for a run and returns their outcomes."""
+
+
+@dataclass(frozen=True)
+class Response:
+    """One expert's output with the recruiting weight that ranks it."""
+
+    agent: str
+    text: str
+    weight: float = 1.0
+    data: Any = None
+
+
+def ranked(responses: Sequence[Response]) -> list[Response]:
+    """Strongest first: by weight, then by position."""
+    order = {id(r): i for i, r in enumerate(responses)}
+    return sorted(responses, key=lambda r: (-r.weight, order[id(r)]))
+
+
+def synthesize_prompt(task: str, instruction: str, responses: Sequence[Response],
+                      answer_format: str | None = None) -> str:
+    """The MoA aggregate-and-synthesize prompt, reasoning stripped from every response."""
+    return render("aggregator.j2", task=task, instruction=instruction, answer_format=answer_format,
+                  responses=[strip_reasoning(r.text) for r in responses])
+
+
+def refine_prompt(task: str, instruction: str, responses: Sequence[Response], answer_format: str | None = None) -> str:
+    """The refine prompt: the strongest draft plus the other experts' answers as reviews."""
+    best, *others = ranked(responses)
+    return render("refine.j2", task=task, instruction=instruction, draft=strip_reasoning(best.text),
+                  reviews=[strip_reasoning(r.text) for r in others], answer_format=answer_format)
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    """The winning output and the tally."""
+
+    text: str
+    answer: str | None
+    tally: dict[str, int]
+    data: Any = None
+
+
+def vote(responses: Sequence[Response], grader: Grader | None = None) -> VoteResult:
+    """Majority vote over extracted answers.
+
+    Ties go to the answer whose supporters have the larger summed weight, then to the answer
+    given first. Responses with no extractable answer do not vote; if none has one, the strongest
+    response wins. The winning text is the strongest response that gave the winning answer.
+    """
+    grader = grader or AutoGrader()
+    answers = [(r, grader.extract(r.text)) for r in responses]
+    voting = [(r, a) for r, a in answers if a]
+    if not voting:
+        best = ranked(responses)[0]
+        return VoteResult(text=strip_reasoning(best.text), answer=None, tally={}, data=best.data)
+    tally = Counter(a for _, a in voting)
+    weight = Counter()
+    first: dict[str, int] = {}
+    for index, (response, answer) in enumerate(voting):
+        weight[answer] += response.weight
+        first.setdefault(answer, index)
+    winner = max(tally, key=lambda a: (tally[a], weight[a], -first[a]))
+    supporters = ranked([r for r, a in voting if a == winner])
+    return VoteResult(text=strip_reasoning(supporters[0].text), answer=winner, tally=dict(tally),
+                      data=supporters[0].data)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a strategy combines: one node's responses and what it needs to write about them."""
+
+    task: str
+    instruction: str
+    responses: Sequence[Response]
+    seed: int
+    aggregator: Agent
+    grader: Grader
+    answer_format: str | None = None
+    schema: dict[str, Any] | None = None
+
+
+class Aggregation(Protocol):
+    """A way to turn a node's responses into its output text and parsed value."""
+
+    name: Strategy
+    uses_aggregator: bool
+    """Whether it calls the aggregator LLM (a node then has an aggregator, and an ``aggregating`` phase)."""
+
+    async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
+        """The output text and its parsed value (None without an output schema)."""
+        ...
+
+
+class Strongest:
+    """``none``: the strongest expert's output as is."""
+
+    name: Strategy = "none"
+    uses_aggregator = False
+
+    async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
+        """The strongest response, reasoning stripped."""
+        best = ranked(job.responses)[0]
+        return strip_reasoning(best.text), best.data
+
+
+class Vote:
+    """``vote``: the grader reads each answer and the majority wins; no LLM call."""
+
+    name: Strategy = "vote"
+    uses_aggregator = False
+
+    async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
+        """The winning response (see ``vote``)."""
+        winner = vote(job.responses, job.grader)
+        return winner.text, winner.data
+
+
+class Synthesize:
+    """``synthesize``: the aggregator merges every response (the Mixture-of-Agents prompt)."""
+
+    name: Strategy = "synthesize"
+    uses_aggregator = True
+    prompt = staticmethod(synthesize_prompt)
+
+    async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
+        """The aggregator's answer to the strategy's prompt."""
+        request = job.aggregator.request(self.prompt(job.task, job.instruction, job.responses, job.answer_format),
+                                         seed=job.seed + 101, output=job.schema or "text")
+        [outcome] = await call([(job.aggregator.model, request)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        parsed = outcome.parsed
+        return strip_reasoning(outcome.text), parsed.model_dump(mode="json") if hasattr(parsed, "model_dump") else parsed
+
+
+class Refine(Synthesize):
+    """``refine``: the aggregator improves the strongest draft with the other answers as reviews."""
+
+    name: Strategy = "refine"
+    prompt = staticmethod(refine_prompt)
+
+
+STRATEGY_CLASSES: dict[str, type[Strongest | Vote | Synthesize]] = {
+    "none": Strongest, "vote": Vote, "synthesize": Synthesize, "refine": Refine}
+
+
+def strategy(name: Strategy, responses: int) -> Aggregation:
+    """The strategy that combines ``responses`` answers: one answer needs no aggregator (a vote
+    still reads it, so a vote's output is always an extracted answer)."""
+    if responses == 1 and name != "vote":
+        return Strongest()
+    return STRATEGY_CLASSES[name]()
+
+
+class FinalSynthesis:
+    """Merges the outputs of a plan's sink nodes into one answer with the aggregator."""
+
+    def __init__(self, aggregator: Agent) -> None:
+        self.aggregator = aggregator
+
+    def request(self, task: str, inputs: Sequence[dict[str, Any]], *, seed: int, context: str = "") -> ChatRequest:
+        """The final request: the task and each sink's instruction and output."""
+        return self.aggregator.request(render("final.j2", task=task, inputs=list(inputs), context=context), seed=seed)
+
+    async def answer(self, task: str, inputs: Sequence[dict[str, Any]], call: Call, *, seed: int,
+                     context: str = "") -> str:
+        """The run's answer (an exception from the call is raised)."""
+        [outcome] = await call([(self.aggregator.model, self.request(task, inputs, seed=seed, context=context))])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return strip_reasoning(outcome.text)

@@ -1,0 +1,487 @@
+"""The scheduler: one run driven through its DAG on a shared executor, and its result.
+
+A run plans (``planning``), then starts every node whose dependencies are done; each node is
+staffed (``staffing``), its experts are called through the executor (batched per model with every
+other run's calls), and their answers are combined (``aggregation``). A failed node skips its
+descendants; when every node is settled the sinks' outputs become the answer, merged by the
+aggregator when there are several. Every step is an event on the bus; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import networkx as nx
+
+from orchestra.agents import Agent, Pool
+from orchestra.errors import (
+    AuthenticationError,
+    BudgetExceeded,
+    EndpointUnreachable,
+    OrchestraError,
+    UserError,
+)
+from orchestra.events import (
+    EventBus,
+    ExpertsRecruited,
+    NodeAggregating,
+    NodeDone,
+    NodeFailed,
+    NodeReady,
+    NodeSkipped,
+    PlanReady,
+    PlanRequested,
+    RunDone,
+    RunStarted,
+    SkillExtractionFailed,
+)
+from orchestra.execute import Executor, RunLedger
+from orchestra.grading import Grader, get_grader
+from orchestra.matching import SkillMatcher
+from orchestra.models import ChatRequest, ChatResult, Model
+from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, strategy
+from orchestra.pipeline.planning import Planner
+from orchestra.pipeline.staffing import Pin, Staffing
+from orchestra.plan import Plan, PlanInvalid
+from orchestra.prompts import render
+from orchestra.recruit import Recruitment
+from orchestra.result import BatchInfo, ExpertOutput, NodeTrace, PlanTrace, RunResult, RunStatus, RunUsage
+from orchestra.settings import RunSpec, Settings
+from orchestra.vocabulary import Mode, Strategy
+
+
+class Stages:
+    """The pipeline's stages for one set of settings, shared by the runs that use them.
+
+    Args:
+        pool: the agents.
+        settings: the settings the stages are built from (recruiting, keywords, matcher, aggregator, grader).
+        executor: the shared executor every call goes through.
+        events: where every stage's events go.
+        matcher: a matcher object instead of ``settings.matcher`` (Python only).
+        grader: a grader object instead of ``settings.grader`` (Python only).
+    """
+
+    def __init__(self, pool: Pool, settings: Settings, executor: Executor, events: EventBus, *,
+                 matcher: SkillMatcher | None = None, grader: Grader | None = None) -> None:
+        assert pool.planner is not None  # a Pool always has one
+        self.pool = pool
+        self.executor = executor
+        self.events = events
+        self.planner = Planner(pool.planner)
+        self.staffing = Staffing(pool, settings, matcher=matcher)
+        self.grader: Grader = grader or get_grader(settings.grader)
+        self.final = FinalSynthesis(self.staffing.aggregator)
+
+
+Outputs = dict[str, dict[str, Any]]
+"""Finished nodes' results by id: ``{"output": text, "data": parsed JSON or None}``."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Per-node choices a workflow step can make; unset fields follow the run's settings.
+
+    Attributes:
+        k, mode, aggregate: recruiting and aggregation for this node.
+        agent: a fixed expert (no recruiting).
+        skills: the skills to recruit on (no keyword extraction).
+        output: a JSON schema the node's output must follow.
+        prompt: renders the node's instruction from upstream outputs (then the expert prompt does
+            not list the dependencies' outputs itself).
+    """
+
+    k: int | None = None
+    mode: Mode | None = None
+    aggregate: Strategy | None = None
+    agent: str | None = None
+    skills: tuple[str, ...] = ()
+    output: dict[str, Any] | None = None
+    prompt: Callable[[Outputs], str] | None = None
+
+
+DEFAULT_NODE = NodeSettings()
+
+
+@dataclass(slots=True, eq=False)
+class NodeState:
+    """A node's mutable state during a run; turned into a ``NodeTrace`` for the result."""
+
+    id: str
+    instruction: str
+    depends_on: list[str]
+    strategy: Strategy
+    status: str = "pending"
+    recruitment: Recruitment | None = None
+    explanation: list[str] = field(default_factory=list)
+    aggregator: str | None = None
+    output: str | None = None
+    data: Any = None
+    expert_outputs: list[ExpertOutput] = field(default_factory=list)
+    error: str | None = None
+    elapsed_s: float = 0.0
+
+    def trace(self) -> NodeTrace:
+        """The JSON-ready trace of this node."""
+        recruitment = self.recruitment
+        return NodeTrace.model_construct(
+            id=self.id, instruction=self.instruction, depends_on=self.depends_on, status=self.status,
+            skills=list(recruitment.keywords) if recruitment else [],
+            experts=list(recruitment.experts) if recruitment else [], aggregator=self.aggregator,
+            strategy=self.strategy, output=self.output, data=self.data, expert_outputs=self.expert_outputs,
+            recruitment=recruitment.to_dict(self.explanation) if recruitment else None, error=self.error,
+            elapsed_s=self.elapsed_s)
+
+
+def _plain(value: Any) -> Any:
+    """A parsed output as plain JSON data (pydantic models dumped)."""
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def node_seed(seed: int, task: str, node_id: str) -> int:
+    """A per-node seed from the run's seed, the task and the node id: reproducible, distinct per task."""
+    return zlib.crc32(f"{seed}:{node_id}:{task}".encode())
+
+
+class Run:
+    """Drives one task. Its coroutines run as managed tasks of the shared executor.
+
+    Args:
+        stages: the planner, staffing and aggregation this run uses.
+        spec: what the run was asked to do (task, resolved settings, given plan, pins...).
+        ledger: its accounting inside the executor.
+        node_settings: per-node choices (a workflow's steps).
+        final: renders the answer from the nodes' outputs instead of aggregating the sinks.
+    """
+
+    def __init__(self, stages: Stages, spec: RunSpec, ledger: RunLedger, *,
+                 node_settings: dict[str, NodeSettings] | None = None,
+                 final: Callable[[Outputs], str] | None = None) -> None:
+        self.stages = stages
+        self.spec = spec
+        self.task = spec.task
+        self.settings = spec.settings
+        self.ledger = ledger
+        self.run_id = ledger.run_id
+        self.pins: dict[str, Pin] = {node: Pin(tuple(names)) for node, names in spec.pinned.items()}
+        self.node_settings = node_settings or {}
+        self.final_template = final
+        self.future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
+        self.traces: dict[str, NodeState] = {}
+        self.plan_attempts, self.plan_note = 0, ""
+        self.graph: nx.DiGraph = nx.DiGraph()
+        self.subtasks: dict[str, Any] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.user_error = False  # a failure the user must fix (key, URL, context): exit code 2
+        self.skill_extraction_failures = 0
+        self._unresolved = 0
+        self._execute_started = self.started
+
+    def pin(self, node: str, recruitment: Recruitment) -> None:
+        """Fix a node's experts to this recruitment (and record them, so a resume keeps them)."""
+        self.pins[node] = Pin(recruitment.experts, recruitment)
+        self.spec.pinned[node] = list(recruitment.experts)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Future[RunResult]:
+        """Begin the run (from a managed task or the event loop); the future gets the result."""
+        self.stages.events.emit(RunStarted(run_id=self.run_id, task=self.task))
+        self._spawn(self._begin())
+        return self.future
+
+    def cancel(self) -> None:
+        """Stop the run: cancel its tasks and finish with status ``cancelled``."""
+        for task in list(self.tasks):
+            task.cancel()
+        self._finish("cancelled", None, "cancelled by the user")
+
+    def caller(self, purpose: str, node: str | None = None) -> Callable[
+            [Sequence[tuple[Model, ChatRequest]]], Coroutine[Any, Any, list[ChatResult | Exception]]]:
+        """A stage's way to send this run's calls for ``purpose`` (and ``node``)."""
+        async def call(calls: Sequence[tuple[Model, ChatRequest]]) -> list[ChatResult | Exception]:
+            return await self._call(calls, purpose=purpose, node=node)
+        return call
+
+    async def _call(self, calls: Sequence[tuple[Model, ChatRequest]], *, purpose: str,
+                    node: str | None = None) -> list[ChatResult | Exception]:
+        """Send calls through the shared executor. A key the endpoint refuses, or an endpoint that
+        cannot be reached, ends the whole run at once: every other call would fail the same way."""
+        outcomes = await self.stages.executor.call(self.ledger, calls, purpose=purpose, node=node)
+        fatal = next((o for o in outcomes if isinstance(o, (AuthenticationError, EndpointUnreachable))), None)
+        if fatal is not None:
+            self.user_error = True
+            if node is not None:
+                self.traces[node].status, self.traces[node].error = "failed", str(fatal)
+            self._finish("failed", None, str(fatal))
+            current = asyncio.current_task()
+            for task in list(self.tasks):
+                if task is not current:
+                    task.cancel()
+            raise fatal
+        return outcomes
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.stages.executor.spawn(coro, owner=self.future)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _emit_attempt(self, attempt: int) -> None:
+        self.stages.events.emit(PlanRequested(run_id=self.run_id, attempt=attempt))
+
+    async def make_plan(self) -> tuple[Plan, nx.DiGraph, int, str]:
+        """The plan (see ``Planner.plan``) with its DAG, the attempts it took and a note."""
+        outcome = await self.stages.planner.plan(self.task, self.settings, self.caller("plan"), given=self.spec.plan,
+                                                 context=self.spec.context, on_attempt=self._emit_attempt)
+        return outcome.plan, outcome.graph, outcome.attempts, outcome.note
+
+    async def _begin(self) -> None:
+        started = time.perf_counter()
+        try:
+            plan, self.graph, attempts, note = await self.make_plan()
+        except (OrchestraError, PlanInvalid) as error:
+            self.user_error |= isinstance(error, UserError)
+            self._finish(self._failure_status(), None, str(error))
+            return
+        except Exception as error:  # noqa: BLE001 - e.g. a model backend's own bug: one line, not a traceback
+            self._finish("failed", None, f"planning failed: unexpected {type(error).__name__}: {error}")
+            return
+        self.timings["plan_s"] = time.perf_counter() - started
+        self.subtasks = plan.by_id()
+        for subtask in plan.subtasks:
+            settings = self.node_settings.get(subtask.id, DEFAULT_NODE)
+            self.traces[subtask.id] = NodeState(id=subtask.id, instruction=subtask.instruction,
+                                                depends_on=list(subtask.depends_on),
+                                                strategy=settings.aggregate or self.settings.aggregate)
+        self.plan_attempts, self.plan_note = attempts, note
+        self.stages.events.emit(PlanReady(run_id=self.run_id, attempts=attempts, note=note,
+                                          nodes=tuple({"id": s.id, "instruction": s.instruction,
+                                                       "depends_on": list(s.depends_on), "skills": list(s.skills)}
+                                                      for s in plan.subtasks)))
+        self._unresolved = len(plan.subtasks)
+        self._execute_started = time.perf_counter()
+        for node_id in nx.topological_sort(self.graph):
+            if self.graph.in_degree(node_id) == 0:
+                self._ready(node_id)
+
+    # --- nodes -----------------------------------------------------------------------------
+
+    def _ready(self, node_id: str) -> None:
+        self.stages.events.emit(NodeReady(run_id=self.run_id, node=node_id))
+        self._spawn(self._node(node_id))
+
+    async def _node(self, node_id: str) -> None:
+        trace = self.traces[node_id]
+        subtask = self.subtasks[node_id]
+        settings = self.node_settings.get(node_id, DEFAULT_NODE)
+        started = time.perf_counter()
+        try:
+            instruction = settings.prompt(self.outputs()) if settings.prompt else subtask.instruction
+            trace.instruction = instruction  # a workflow step's prompt, rendered: what the experts get
+            trace.status = "recruiting"
+            recruitment = await self.recruit(node_id, instruction, settings.skills or subtask.skills, settings)
+            agents = [self.stages.pool[name] for name in recruitment.experts]
+            trace.recruitment = recruitment
+            trace.explanation = recruitment.explain()
+            if strategy(trace.strategy, len(agents)).uses_aggregator:  # chosen before the calls: it is shown
+                trace.aggregator, why = self.stages.staffing.aggregator_for(recruitment)
+                if why:
+                    trace.explanation.append(why)
+            self.stages.events.emit(ExpertsRecruited(
+                run_id=self.run_id, node=node_id, experts=recruitment.experts,
+                aggregator=trace.aggregator or "", skills=recruitment.keywords,
+                explanation=tuple(trace.explanation), instruction=instruction))
+            trace.status = "running"
+            responses = await self._experts(trace, agents, recruitment, instruction, settings)
+            combine = strategy(trace.strategy, len(responses))
+            if combine.uses_aggregator:
+                trace.status = "aggregating"
+                self.stages.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=trace.strategy))
+            job = Job(task=self.task, instruction=instruction, responses=responses,
+                      seed=node_seed(self.settings.seed, self.task, node_id),
+                      aggregator=self.stages.pool[trace.aggregator] if trace.aggregator else self.stages.staffing.aggregator,
+                      grader=self.stages.grader, answer_format=self.spec.answer_format, schema=settings.output)
+            trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
+            trace.status = "done"
+            self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
+        except (OrchestraError, PlanInvalid) as error:
+            self.user_error |= isinstance(error, UserError)
+            self._node_failed(trace, str(error))
+        except Exception as error:  # noqa: BLE001 - reported on the node, the rest of the run goes on
+            self._node_failed(trace, f"unexpected {type(error).__name__}: {error}")
+        trace.elapsed_s = time.perf_counter() - started
+        self._settle(node_id)
+
+    async def recruit(self, node_id: str, instruction: str, skills: Sequence[str],
+                      settings: NodeSettings = DEFAULT_NODE) -> Recruitment:
+        """Staff a node (see ``Staffing.recruit``), reporting a failed skill extraction and the
+        matcher's embedding requests."""
+        staffed = await self.stages.staffing.recruit(
+            instruction, skills, self.caller("keywords", node_id), seed=node_seed(self.settings.seed, self.task, node_id),
+            k=settings.k or self.settings.k, mode=settings.mode or self.settings.mode, agent=settings.agent,
+            pin=self.pins.get(node_id))
+        if staffed.extraction_failure is not None:  # recruiting went on without skills; the user is told
+            self.skill_extraction_failures += 1
+            self.stages.events.emit(SkillExtractionFailed(run_id=self.run_id, node=node_id,
+                                                          reason=staffed.extraction_failure))
+        if staffed.embedding_usage is not None:
+            self.ledger.count_embeddings(staffed.embedding_usage, model=staffed.matcher_model, node=node_id,
+                                         keywords=list(staffed.recruitment.keywords))
+            self.stages.executor.emit_usage(self.ledger)
+        return staffed.recruitment
+
+    async def _experts(self, trace: NodeState, agents: list[Agent], recruitment: Recruitment, instruction: str,
+                       settings: NodeSettings) -> list[Response]:
+        """The experts' answers to the node (a failed expert is traced; the others still count)."""
+        inputs = [] if settings.prompt else self._inputs(trace.id)
+        prompt = render("expert.j2", task=self.task, instruction=instruction, inputs=inputs,
+                        answer_format=self.spec.answer_format, context=self.spec.context)
+        seed = node_seed(self.settings.seed, self.task, trace.id)
+        output = settings.output or "text"
+        calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output)) for i, agent in enumerate(agents)]
+        outcomes = await self._call(calls, purpose="expert", node=trace.id)
+        return self._collect(trace, agents, outcomes, recruitment)
+
+    def _node_failed(self, trace: NodeState, error: str) -> None:
+        trace.status, trace.error = "failed", error
+        if self.future.done():  # the run already ended (an endpoint-level failure)
+            return
+        self.stages.events.emit(NodeFailed(run_id=self.run_id, node=trace.id, error=error))
+
+    def outputs(self) -> Outputs:
+        """The results of the nodes finished so far."""
+        return {node_id: {"output": state.output, "data": state.data}
+                for node_id, state in self.traces.items() if state.status == "done"}
+
+    def _inputs(self, node_id: str) -> list[dict[str, str]]:
+        limit = self.settings.context_chars
+        inputs = []
+        for dependency in self.subtasks[node_id].depends_on:
+            output = self.traces[dependency].output or ""
+            if len(output) > limit:
+                output = output[:limit] + " [...]"
+            inputs.append({"id": dependency, "instruction": self.traces[dependency].instruction, "output": output})
+        return inputs
+
+    def _collect(self, trace: NodeState, agents: list[Agent], outcomes: list[ChatResult | Exception],
+                 recruitment: Recruitment) -> list[Response]:
+        responses = []
+        for agent, outcome in zip(agents, outcomes):
+            if isinstance(outcome, Exception):
+                trace.expert_outputs.append(ExpertOutput.model_construct(agent=agent.name, model=agent.model.name,
+                                                                         text=None, error=str(outcome)))
+                continue
+            trace.expert_outputs.append(ExpertOutput.model_construct(agent=agent.name, model=agent.model.name,
+                                                                     text=outcome.text, error=None))
+            candidate = recruitment.candidate(agent.name)
+            responses.append(Response(agent=agent.name, text=self._capped(outcome.text), data=_plain(outcome.parsed),
+                                      weight=candidate.probability if candidate else 1.0))
+        errors = [o for o in outcomes if isinstance(o, Exception)]
+        budget = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
+        if budget is not None:  # stop here rather than answer with fewer experts: a resume finishes the node
+            raise budget
+        if not responses:
+            if all(isinstance(e, UserError) for e in errors):  # the cause itself, e.g. a rejected key
+                raise errors[0]
+            raise OrchestraError(f"every expert failed; first error: {errors[0]}")
+        return responses
+
+    def _capped(self, text: str) -> str:
+        """An expert's answer as the aggregator gets it: at most ``max_response_chars``."""
+        limit = self.settings.max_response_chars
+        return text if len(text) <= limit else f"{text[:limit]} [... cut at max_response_chars={limit}]"
+
+    def _settle(self, node_id: str) -> None:
+        if self.future.done():
+            return
+        self._unresolved -= 1
+        if self.traces[node_id].status == "failed":
+            for descendant in nx.descendants(self.graph, node_id):
+                trace = self.traces[descendant]
+                if trace.status == "pending":
+                    trace.status = "skipped"
+                    trace.error = f"skipped: dependency {node_id!r} failed"
+                    self._unresolved -= 1
+                    self.stages.events.emit(NodeSkipped(run_id=self.run_id, node=descendant, reason=trace.error))
+        else:
+            for dependent in self.graph.successors(node_id):
+                if self.traces[dependent].status == "pending" and all(
+                        self.traces[d].status == "done" for d in self.graph.predecessors(dependent)):
+                    self._ready(dependent)
+        if self._unresolved == 0:
+            self._spawn(self._final())
+
+    # --- the answer ------------------------------------------------------------------------
+
+    async def _final(self) -> None:
+        self.timings["execute_s"] = time.perf_counter() - self._execute_started
+        sinks = [n for n in nx.topological_sort(self.graph) if self.graph.out_degree(n) == 0]
+        done = [n for n in sinks if self.traces[n].status == "done"]
+        failures = [f"{t.id}: {t.error}" for t in self.traces.values() if t.status == "failed"]
+        if not done:
+            self._finish(self._failure_status(), None, "; ".join(failures) or "no node finished")
+            return
+        answer = self.traces[done[0]].output
+        if self.final_template is not None and not failures:
+            try:
+                answer = self.final_template(self.outputs())
+            except OrchestraError as error:
+                self._finish("failed", None, str(error))
+                return
+        elif len(done) > 1:
+            inputs = [{"id": n, "instruction": self.traces[n].instruction, "output": self.traces[n].output}
+                      for n in done]
+            started = time.perf_counter()
+            try:
+                answer = await self.stages.final.answer(self.task, inputs, self.caller("final"),
+                                                        seed=node_seed(self.settings.seed, self.task, "final"),
+                                                        context=self.spec.context)
+            except Exception as error:  # noqa: BLE001 - the run ends with what went wrong, in one line
+                self.user_error |= isinstance(error, UserError)
+                failures.append(f"final aggregation: {error}")
+                self._finish(self._failure_status(), None, "; ".join(failures))
+                return
+            finally:
+                self.timings["final_s"] = time.perf_counter() - started
+        complete = len(done) == len(sinks) and not failures
+        status = "done" if complete else ("budget_exceeded" if self.ledger.budget.exceeded else "partial")
+        self._finish(status, answer, "; ".join(failures) or None)
+
+    def _failure_status(self) -> Literal["failed", "budget_exceeded"]:
+        return "budget_exceeded" if self.ledger.budget.exceeded else "failed"
+
+    def _finish(self, status: RunStatus, answer: str | None, error: str | None) -> None:
+        if self.future.done():
+            return
+        if self.ledger.budget.exceeded is not None:
+            error = str(self.ledger.budget.exceeded) if not error else f"{self.ledger.budget.exceeded} ({error})"
+        result = self.result(status, answer, error)
+        self.stages.events.emit(RunDone(run_id=self.run_id, status=status, answer=answer, error=error,
+                                        elapsed_s=result.elapsed_s, user_error=result.exit_code == 2))
+        self.future.set_result(result)
+
+    def result(self, status: RunStatus, answer: str | None, error: str | None) -> RunResult:
+        """The ``RunResult`` as things stand."""
+        ledger = self.ledger
+        usage = ledger.usage
+        return RunResult(
+            run_id=self.run_id, task=self.task, status=status, answer=answer, error=error,
+            plan=PlanTrace(nodes=[state.trace() for state in self.traces.values()], attempts=self.plan_attempts,
+                           note=self.plan_note),
+            usage=RunUsage(calls=ledger.budget.calls, requests=usage.requests, prompt_tokens=usage.prompt_tokens,
+                           completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd,
+                           failed_calls=ledger.failed_calls, cache_hits=ledger.answered["cache"],
+                           skill_extraction_failures=self.skill_extraction_failures,
+                           cache_misses=ledger.cache_misses, replayed_calls=ledger.answered["store"],
+                           cache_errors=ledger.cache_errors),
+            batches=[BatchInfo(model=b.model, size=b.size, calls=b.calls, wave=b.wave, purpose=b.purpose)
+                     for b in ledger.batches],
+            model_loads=dict(ledger.model_loads), elapsed_s=time.perf_counter() - self.started,
+            user_error=self.user_error, timings={k: round(v, 4) for k, v in self.timings.items()})

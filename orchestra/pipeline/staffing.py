@@ -1,0 +1,130 @@
+"""Staffing: how the experts and the aggregator of a node are chosen.
+
+In order: a node whose experts are *pinned* with the recruitment that chose them (a batch's
+rare-expert filter) keeps it; a workflow step with a fixed ``agent`` gets that agent; otherwise
+the node's skills (given by the plan or the step, else extracted from its instruction by the
+keyword LLM) are matched onto the profile vocabulary and the recruiter weighs every agent by
+suitability and competence and draws ``k`` (see ``orchestra.recruit``). Experts pinned by name
+alone (a resumed run) replace the drawn ones. The aggregator is the pool's best measured one, or,
+with ``aggregator_choice: per-node``, the best measured among the agents that fit the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+
+from orchestra.agents import Agent, Pool
+from orchestra.errors import BudgetExceeded, ConfigError
+from orchestra.matching import Match, SkillMatcher
+from orchestra.models import ChatRequest, ChatResult, Model, Usage
+from orchestra.models.metering import metering
+from orchestra.recruit import Recruiter, Recruitment, SkillTable, node_aggregator
+from orchestra.settings import Settings
+from orchestra.skills import SkillExtractor, skill_names
+from orchestra.vocabulary import AggregatorChoice, Mode
+
+Call = Callable[[Sequence[tuple[Model, ChatRequest]]], Awaitable[list[ChatResult | Exception]]]
+"""Sends calls for a run and returns their outcomes."""
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Experts fixed for a node: by name (a resumed run), with the recruitment that chose them
+    when it was made in this process (a batch's rare-expert filter)."""
+
+    experts: tuple[str, ...]
+    recruitment: Recruitment | None = None
+
+
+@dataclass(frozen=True)
+class Staffed:
+    """A node's recruitment, with what it cost and what went wrong on the way."""
+
+    recruitment: Recruitment
+    extraction_failure: str | None = None
+    """Why the keyword LLM named no skill (recruiting then went on without skills)."""
+    embedding_usage: Usage | None = None
+    """The matcher's embedding requests, when it made any."""
+    matcher_model: str = ""
+
+
+class Staffing:
+    """Chooses experts and aggregators from a pool's profiles, with one run's settings.
+
+    Args:
+        pool: the agents, their profiles and the keyword model.
+        settings: recruiting (``recruit``), skill extraction (``keywords``), matching
+            (``matcher``), and the aggregator (``aggregator``, ``aggregator_choice``).
+        matcher: a matcher object to use instead of ``settings.matcher`` (Python only).
+    """
+
+    def __init__(self, pool: Pool, settings: Settings, *, matcher: SkillMatcher | None = None) -> None:
+        if settings.aggregator is not None and settings.aggregator not in pool:
+            raise ConfigError(f"aggregator {settings.aggregator!r} is not an agent of pool {pool.name!r}")
+        self.pool = pool
+        self.table: SkillTable = pool.skill_table(settings.recruit)
+        self.recruiter = Recruiter(self.table, settings.recruit)
+        self.matcher: SkillMatcher = matcher or settings.matcher.build()
+        self.extractor = SkillExtractor(settings.keywords)
+        self.aggregator: Agent = pool.choose_aggregator(self.table, settings.aggregator)
+        self.aggregator_fixed = bool(settings.aggregator or pool.aggregator)
+        """The aggregator was configured: it aggregates every node, whatever the choice."""
+        self.aggregator_choice: AggregatorChoice = settings.aggregator_choice
+
+    async def recruit(self, instruction: str, skills: Sequence[str], call: Call, *, seed: int, k: int, mode: Mode,
+                      agent: str | None = None, pin: Pin | None = None) -> Staffed:
+        """A node's experts (see the module's docstring for the order of the rules).
+
+        Args:
+            instruction: what the node does (skills are extracted from it when none are given).
+            skills: skills given by the plan or the workflow step.
+            call: sends the keyword requests.
+            seed: the node's seed (keyword sampling and the draw).
+            k: experts to draw; mode: how.
+            agent: a workflow step's fixed expert.
+            pin: experts fixed for this node.
+        """
+        if pin is not None and pin.recruitment is not None:
+            return Staffed(pin.recruitment)
+        if agent is not None:
+            return Staffed(Recruitment(experts=(agent,), keywords=tuple(skills), matches=(), candidates=(),
+                                       mode="fixed", notes=(f"{agent}: fixed by the workflow",)))
+        keywords = skill_names(skills, 40)  # a planner's skills too: plain words only
+        failure = None
+        if not keywords and mode not in ("global", "random"):  # these baselines ignore skills
+            keywords, failure = await self._extract(instruction, call, seed)
+        matches, usage = await self._match(keywords)
+        recruitment = self.recruiter.recruit(keywords, matches, seed=seed, k=k, mode=mode)
+        if pin is not None:  # a resumed run keeps the experts its batch's rare-expert filter chose
+            recruitment = replace(recruitment, experts=pin.experts,
+                                  notes=(*recruitment.notes, "experts as first recruited"))
+        return Staffed(recruitment, failure, usage, getattr(self.matcher, "model", "matcher"))
+
+    async def _extract(self, instruction: str, call: Call, seed: int) -> tuple[list[str], str | None]:
+        """Keywords from the keyword LLM, or none and the reason."""
+        model = self.pool.keyword_model
+        assert model is not None  # a Pool always has one (its planner's, by default)
+        outcomes = await call([(model, r) for r in self.extractor.requests(instruction, seed=seed)])
+        budget_errors = [o for o in outcomes if isinstance(o, BudgetExceeded)]
+        if budget_errors:
+            raise budget_errors[0]
+        keywords = self.extractor.combine(outcomes)
+        return (keywords, None) if keywords else ([], self.extractor.failure(outcomes))
+
+    async def _match(self, keywords: Sequence[str]) -> tuple[list[Match], Usage | None]:
+        """Keywords mapped onto the profile vocabulary, and the embedding usage this took."""
+        with metering() as meter:  # an embedding matcher's requests belong to this run too
+            matches = await self.matcher.match(keywords, self.table.vocabulary)
+        return list(matches), meter.usage if meter.requests else None
+
+    def aggregator_for(self, recruitment: Recruitment) -> tuple[str, str | None]:
+        """The node's aggregator and, for a per-node choice, the line that explains it."""
+        if self.aggregator_choice != "per-node" or self.aggregator_fixed:
+            return self.aggregator.name, None
+        choice = node_aggregator(self.pool.profiles, self.table.competence, recruitment, self.aggregator.name)
+        return choice.agent, choice.explain()
+
+    def filter_rare(self, recruitments: Sequence[Recruitment], *, seed: int) -> list[Recruitment]:
+        """A batch's recruitments with rarely chosen experts replaced (see ``Recruiter.filter_rare``)."""
+        return self.recruiter.filter_rare(recruitments, seed=seed)

@@ -1,0 +1,208 @@
+"""Settings: every knob of a run in one model, and how layers of them combine.
+
+Layers, lowest first: the defaults here < a pool's ``settings:`` < a workflow's (its ``settings:``,
+``budget:`` and ``seed:``) < the command line or the Python call. A layer is a ``Settings`` whose
+*explicitly set* fields are the ones it changes (pydantic's ``model_fields_set``, nested models
+included), so a workflow's ``recruit: {competence_weight: 0}`` keeps the pool's other recruiting
+settings, and a flag that is not given changes nothing. ``matcher`` is replaced whole (its fields
+depend on its type). A run records its fully resolved settings (``RunSpec``), and a resume
+rebuilds the run from that record alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestra.budget import Budget
+from orchestra.errors import ConfigError
+from orchestra.matching import MatcherSpec
+from orchestra.plan import Plan
+from orchestra.recruit import RecruitConfig
+from orchestra.skills import KeywordConfig
+from orchestra.vocabulary import AggregatorChoice, GraderName, Mode, PlanFallback, Strategy
+
+#: nested settings merged field by field when layered (``matcher`` is replaced whole)
+_MERGED = ("recruit", "keywords", "budget")
+
+#: settings of the Orchestra as a whole (its executor), not of one run
+ORCHESTRA_LEVEL = ("max_resident_models", "memory_budget_gb")
+
+
+class Settings(BaseModel):
+    """Every knob of a run, with its default (each field's ``description`` says what it does;
+    the command line's help is built from them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: int = Field(default=3, ge=1, description="Experts per subtask.")
+    mode: Mode = Field(default="symbolic-moe", description="How experts are recruited.")
+    aggregate: Strategy = Field(default="synthesize", description="How a node's expert answers are combined.")
+    aggregator_choice: AggregatorChoice = Field(
+        default="best", description="best: one aggregator, the best measured; per-node: the best measured among "
+                                    "the agents whose skills fit each node.")
+    aggregator: str | None = Field(default=None, description="An agent that aggregates every node.")
+    grader: GraderName = Field(default="auto", description="How answers are read, for voting and grading.")
+    plan: bool = Field(default=True, description="Plan the task into subtasks (false: run it as one step).")
+    max_nodes: int = Field(default=12, ge=1, description="The largest plan accepted.")
+    plan_repairs: int = Field(default=2, ge=0, description="How often an invalid plan is sent back to the planner.")
+    plan_fallback: PlanFallback = Field(default="fail", description="When planning fails: fail, or run the task "
+                                                                    "as one step (single).")
+    planner_max_tokens: int = Field(default=1024, ge=16, description="The planner's answer limit.")
+    fast_path: bool = Field(default=True, description="Run a short, single-sentence task as one step without "
+                                                      "asking the planner.")
+    plan_check: bool = Field(default=True, description="Run the task as one step when the planner's steps are "
+                                                       "not about it.")
+    context_chars: int = Field(default=4000, ge=1, description="The most characters of a dependency's output "
+                                                                 "a node sees.")
+    max_response_chars: int = Field(default=100_000, ge=1, description="The most characters of an expert's "
+                                                                         "answer passed on to aggregation.")
+    max_resident_models: int = Field(default=1, ge=1, description="In-process models kept loaded at once.")
+    memory_budget_gb: float | None = Field(default=None, gt=0, description="Keep loaded in-process models within "
+                                                                           "this many GiB.")
+    recruit: RecruitConfig = Field(default=RecruitConfig(), description="Recruiting beyond mode and k.")
+    keywords: KeywordConfig = Field(default=KeywordConfig(), description="Skill extraction.")
+    matcher: MatcherSpec = Field(default=MatcherSpec(), description="How keywords map onto profile skills.")
+    budget: Budget = Field(default=Budget(), description="Per-run limits (on by default).")
+    cache: bool = Field(default=False, description="Reuse stored answers to identical requests.")
+    seed: int = Field(default=0, description="Seed for every sampling choice; same seed, same recruitments.")
+
+    @classmethod
+    def layer(cls, values: Settings | Mapping[str, Any] | None, *, where: str = "setting") -> Settings:
+        """``values`` as a layer (a mapping is validated; an error names the setting to fix)."""
+        if values is None:
+            return cls()
+        if isinstance(values, Settings):
+            return values
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(f"{where} {_first_problem(error)}") from None
+
+    def changes(self) -> dict[str, Any]:
+        """The explicitly set values of this layer (nested ones too)."""
+        return self.model_dump(exclude_unset=True)
+
+    def layered(self, *overs: Settings | Mapping[str, Any] | None) -> Settings:
+        """These settings with each of ``overs`` on top, in order; the result's set fields are
+        the union, so it can be layered again."""
+        merged = self.changes()
+        for over in overs:
+            if over is None:
+                continue
+            for name, value in Settings.layer(over).changes().items():
+                if name in _MERGED and isinstance(merged.get(name), dict):
+                    merged[name] = {**merged[name], **value}
+                else:
+                    merged[name] = value
+        return Settings.model_validate(merged)
+
+    def assigned(self, pairs: Sequence[str]) -> Settings:
+        """These settings with ``KEY=VALUE`` assignments (``--set``) on top; a dotted key sets one
+        field of a nested setting (``keywords.samples=3``). Values are read as YAML scalars."""
+        return self.layered(Settings.layer(assignments(pairs), where="--set"))
+
+    def without(self, *names: str) -> Settings:
+        """This layer with some settings unset (as if never given)."""
+        return Settings.model_validate({k: v for k, v in self.changes().items() if k not in names})
+
+
+def assignments(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["keywords.samples=3", ...]`` as nested data; a pair without ``=`` is an error naming it."""
+    data: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for part in parents:
+            child = node.get(part)
+            node[part] = child = child if isinstance(child, dict) else {}
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            node[leaf] = raw
+    return data
+
+
+def _first_problem(error: ValidationError) -> str:
+    """``key.path: what is wrong`` for the first problem pydantic found."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"{where}: no such setting"
+    if first["type"] == "literal_error":
+        return f"{where}: unknown value {first['input']!r}; choose one of {first['ctx']['expected']}"
+    return f"{where}: {first['msg']}"
+
+
+class WorkflowRef(BaseModel):
+    """The workflow a run came from, and its inputs: the steps' prompts are rendered again on resume."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    inputs: dict[str, Any] = {}
+
+
+class RunSpec(BaseModel):
+    """Everything a run was asked to do, recorded with it: a resume rebuilds the run from this alone.
+
+    Attributes:
+        task: the task text.
+        settings: the fully resolved settings.
+        plan: a plan given to run as is (None: the planner's, or one step).
+        pinned: experts fixed per node (by a batch's rare-expert filter), kept on resume.
+        answer_format: how the final answer should be stated (for grading).
+        context: conversation context the planner and experts see (chat).
+        pool: the pool file (None: a pool built in Python).
+        workflow: the workflow file and inputs, for a workflow's run.
+        meta: JSON-ready facts shown in listings (``kind``, ``method``, ``dataset``, ``item``...).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str
+    settings: Settings
+    plan: Plan | None = None
+    pinned: dict[str, list[str]] = {}
+    answer_format: str | None = None
+    context: str = ""
+    pool: str | None = None
+    workflow: WorkflowRef | None = None
+    meta: dict[str, Any] = {}
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-ready form stored with the run."""
+        return {"spec": self.model_dump(mode="json")}
+
+    @classmethod
+    def from_record(cls, config: Mapping[str, Any], task: str) -> RunSpec:
+        """The spec a run recorded; a record written before specs existed is converted."""
+        if "spec" in config:
+            return cls.model_validate(config["spec"])
+        return _from_legacy(config, task)
+
+
+def _from_legacy(config: Mapping[str, Any], task: str) -> RunSpec:
+    """A run recorded by version 0.1 (``options`` + ``orchestra`` settings) as a spec."""
+    options = dict(config.get("options") or {})
+    stored = dict(config.get("orchestra") or {})
+    settings = {k: v for k, v in options.items() if k in Settings.model_fields}
+    recruit = {k: v for k, v in (stored.get("recruit") or {}).items() if k in RecruitConfig.model_fields}
+    settings.update(recruit=recruit, keywords=stored.get("keywords") or {},
+                    **{k: stored[k] for k in ("aggregator", "grader", "cache", "max_resident_models",
+                                              "memory_budget_gb", "matcher") if stored.get(k) is not None})
+    meta = dict(config.get("meta") or {})
+    workflow = (WorkflowRef(path=meta.pop("workflow"), inputs=meta.pop("inputs", None) or {})
+                if meta.get("kind") == "workflow" and meta.get("workflow") else None)
+    return RunSpec(task=task, settings=Settings.model_validate(settings),
+                   plan=Plan.model_validate(config["plan"]) if config.get("plan") else None,
+                   pinned=config.get("fixed_experts") or {}, answer_format=options.get("answer_format"),
+                   context=options.get("context") or "", pool=config.get("pool") or meta.get("pool"),
+                   workflow=workflow, meta=meta)

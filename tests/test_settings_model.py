@@ -1,0 +1,151 @@
+"""The one settings model: layering defaults < pool < workflow < call, every field reachable and
+kept, the run spec a resume rebuilds from alone, and the old record format converted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+
+from orchestra import Budget, Orchestra, RecruitConfig, RunSpec, Settings
+from orchestra.agents import Pool
+from orchestra.errors import ConfigError
+from orchestra.store import RunStore
+from orchestra.vocabulary import MODES, STRATEGIES, Mode, Strategy
+from orchestra.workflow import Workflow, orchestra_for
+
+from helpers import scripted_pool
+from loopback_llm import ScriptedLLM, write_pool
+from test_cli import cli
+
+#: a value other than the default for every top-level setting
+NON_DEFAULTS: dict[str, Any] = {
+    "k": 2, "mode": "topk", "aggregate": "vote", "aggregator_choice": "per-node", "aggregator": "a",
+    "grader": "mc", "plan": False, "max_nodes": 5, "plan_repairs": 0, "plan_fallback": "single",
+    "planner_max_tokens": 99, "fast_path": False, "plan_check": False, "context_chars": 321,
+    "max_response_chars": 4321, "max_resident_models": 2, "memory_budget_gb": 1.5,
+    "recruit": {"competence_weight": 0.0}, "keywords": {"samples": 2}, "matcher": {"min_similarity": 0.5},
+    "budget": {"max_calls": 7}, "cache": True, "seed": 11,
+}
+
+
+def test_every_setting_has_a_non_default_value_here() -> None:
+    assert set(NON_DEFAULTS) == set(Settings.model_fields)
+
+
+@pytest.mark.parametrize("name", sorted(NON_DEFAULTS))
+def test_every_setting_in_a_pool_file_reaches_the_orchestra_and_the_run_record(tmp_path: Path, name: str) -> None:
+    value = NON_DEFAULTS[name]
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text("models:\n  m: {type: openai, model: m, base_url: 'http://127.0.0.1:9/v1'}\n"
+                         f"agents:\n  - {{name: a, model: m}}\nsettings: {json.dumps({name: value})}\n")
+    orc = Orchestra(Pool.load(pool_file), store=tmp_path / "runs.db")
+    resolved = orc.settings.model_dump(mode="json")[name]
+    expected = Settings.layer({name: value}).model_dump(mode="json")[name]
+    assert resolved == expected != Settings().model_dump(mode="json")[name]
+
+    async def record() -> dict[str, Any]:
+        return orc._make_run("a task").spec.record()
+
+    spec = RunSpec.from_record(json.loads(json.dumps(asyncio.run(record()))), "a task")
+    assert spec.settings == orc.settings
+
+
+def test_layers_apply_in_order_and_nested_settings_merge_field_by_field(tmp_path: Path) -> None:
+    (tmp_path / "pool.yaml").write_text(
+        "models:\n  m: {type: openai, model: m, base_url: 'http://127.0.0.1:9/v1'}\nagents:\n  - {name: a, model: m}\n"
+        "settings: {k: 2, mode: topk, recruit: {p: 0.5, k_max: 4}, keywords: {samples: 4}, seed: 1}\n")
+    (tmp_path / "flow.yaml").write_text(
+        "pool: pool.yaml\nseed: 5\nbudget: {max_cost_usd: 0.25}\n"
+        "settings: {k: 3, recruit: {competence_weight: 0}}\nsteps:\n  - {id: s, prompt: hi}\n")
+    flow = Workflow.load(tmp_path / "flow.yaml")
+    orc = orchestra_for(flow, Settings.layer({"k": 4, "recruit": {"k_max": 2}, "budget": {"max_calls": 9}}),
+                        store=False)
+    s = orc.settings
+    assert (s.k, s.mode, s.seed) == (4, "topk", 5)  # call > workflow > pool > default
+    assert s.recruit == RecruitConfig(p=0.5, k_max=2, competence_weight=0)  # merged from three layers
+    assert s.keywords.samples == 4 and s.keywords.min_count == 2
+    assert s.budget == Budget(max_calls=9, max_cost_usd=0.25)  # the flag keeps the workflow's cost limit
+    # the workflow alone, and the pool alone
+    assert orchestra_for(flow, store=False).settings.k == 3
+    assert Orchestra(flow.pool, store=False).settings.k == 2 and Orchestra(flow.pool, store=False).settings.seed == 1
+    # keyword arguments win over settings=, which wins over the pool; a run's overrides over both
+    orc = Orchestra(flow.pool, {"k": 5, "mode": "adaptive"}, mode="random", store=False)
+    assert (orc.settings.k, orc.settings.mode) == (5, "random")
+    assert orc.run_settings({"k": 1}).k == 1 and orc.settings.k == 5
+
+
+def test_a_matcher_is_replaced_whole_and_an_unknown_nested_key_is_an_error() -> None:
+    embedding = {"type": "embedding", "model": "e", "base_url": "http://127.0.0.1:9/v1"}
+    layered = Settings.layer({"matcher": embedding}).layered({"matcher": {"min_similarity": 0.2}})
+    assert layered.matcher.type == "lexical" and layered.matcher.min_similarity == 0.2
+    with pytest.raises(ConfigError, match=r"setting recruit\.q: no such setting"):
+        Settings.layer({"recruit": {"q": 1}})
+    with pytest.raises(ConfigError, match=r"--set recruit\.mode: no such setting"):  # k and mode are top level
+        Settings().assigned(["recruit.mode=topk"])
+
+
+def test_the_vocabulary_is_the_models_and_the_command_lines() -> None:
+    assert MODES == get_args(Mode) == get_args(Settings.model_fields["mode"].annotation)
+    assert STRATEGIES == get_args(Strategy) == get_args(Settings.model_fields["aggregate"].annotation)
+    help_text = cli("ask", "--help").stdout
+    assert "[symbolic-moe|topk|adaptive|global|random]" in help_text
+    assert "[synthesize|vote|refine|none]" in help_text
+
+
+def test_a_python_resume_uses_the_recorded_settings_not_the_orchestras(tmp_path: Path) -> None:
+    pool, models = scripted_pool(4)
+    store = RunStore(tmp_path / "runs.db")
+    first = Orchestra(pool, store=store, k=2, mode="topk", budget={"max_calls": 2})
+    stopped = first.run("What is 1 + 1?", plan=False)
+    assert stopped.status == "budget_exceeded"
+    other = Orchestra(pool, store=store, k=4, mode="random", aggregate="none")
+    resumed = other.resume(stopped.run_id, budget={"max_calls": 50})
+    assert resumed.status == "done", resumed.error
+    node = resumed.node("answer")
+    assert len(node.experts) == 2 and node.recruitment["mode"] == "topk" and node.aggregator is not None
+    spec = RunSpec.from_record(store.run(stopped.run_id).config, "What is 1 + 1?")
+    assert spec.settings.budget.max_calls == 50 and spec.settings.k == 2
+
+
+def test_a_cli_resume_rebuilds_the_run_from_its_record_even_when_the_pool_file_changed(loopback,
+                                                                                       tmp_path: Path) -> None:
+    scripted = ScriptedLLM()
+    server = loopback(scripted.handler())
+    pool = write_pool(tmp_path, server.url, extra="settings: {k: 2, aggregate: vote}\n")
+    stopped = cli("ask", "What is 6 x 7?", "--pool", str(pool), "--no-plan", "--max-calls", "3", "--json")
+    assert stopped.returncode == 3, stopped.stderr
+    run_id = json.loads(stopped.stdout)["run_id"]
+    pool.write_text(pool.read_text().replace("settings: {k: 2, aggregate: vote}", "settings: {k: 1}"))
+    resumed = cli("resume", run_id, "--max-calls", "40", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    node = json.loads(resumed.stdout)["plan"]["nodes"][0]
+    assert len(node["experts"]) == 2 and node["strategy"] == "vote" and scripted.kinds["aggregate"] == 0
+
+
+def test_a_run_recorded_by_version_0_1_is_converted() -> None:
+    legacy = {"pool": "/pools/p.yaml", "options": {"k": 2, "mode": "topk", "answer_format": "End with X.",
+                                                   "context": "earlier", "budget": {"max_calls": 9}},
+              "orchestra": {"recruit": {"mode": "topk", "k": 2, "p": 0.6}, "keywords": {"samples": 3},
+                            "grader": "mc", "matcher": None, "aggregator": None},
+              "plan": None, "fixed_experts": {"answer": ["a", "b"]},
+              "meta": {"kind": "workflow", "workflow": "/flows/f.yaml", "inputs": {"x": 1}, "item": "q7"}}
+    spec = RunSpec.from_record(legacy, "task")
+    assert (spec.settings.k, spec.settings.mode, spec.settings.grader) == (2, "topk", "mc")
+    assert spec.settings.recruit.p == 0.6 and spec.settings.keywords.samples == 3
+    assert spec.settings.budget.max_calls == 9 and spec.answer_format == "End with X." and spec.context == "earlier"
+    assert spec.pinned == {"answer": ["a", "b"]} and spec.pool == "/pools/p.yaml"
+    assert spec.workflow is not None and (spec.workflow.path, spec.workflow.inputs) == ("/flows/f.yaml", {"x": 1})
+    assert spec.meta == {"kind": "workflow", "item": "q7"}
+
+
+def test_settings_of_the_executor_cannot_change_per_run() -> None:
+    pool, _ = scripted_pool(2)
+    orc = Orchestra(pool, store=False, max_resident_models=2)
+    with pytest.raises(ConfigError, match="memory_budget_gb set"):
+        orc.run("x", memory_budget_gb=3)
+    with pytest.raises(ConfigError, match="the response cache lives in the run store"):
+        orc.run("x", cache=True)
