@@ -190,6 +190,7 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
     """
     run_id = run_id or new_run_id()
     stdout_tty = sys.stdout.isatty()
+    view: LiveView | LogView | None
     if opts["as_json"]:
         view = None
     elif stdout_tty and not opts["quiet"]:
@@ -301,7 +302,7 @@ def agents(pool: Path | None, as_json: bool) -> None:
     loaded = Pool.load(pool)
     table = loaded.skill_table(RecruitConfig())
     aggregator = loaded.choose_aggregator(table).name
-    rows = []
+    rows: list[dict[str, Any]] = []
     for agent in loaded.agents:
         profile = loaded.profiles.get(agent.name)
         top = sorted(profile.skills.items(), key=lambda kv: -kv[1])[:4] if profile else []

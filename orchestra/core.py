@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import signal
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,14 +32,13 @@ def new_run_id() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def run_sync(coro: Awaitable[T]) -> T:
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from synchronous code; refuse clearly inside a running event loop."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    if hasattr(coro, "close"):
-        coro.close()  # type: ignore[union-attr]
+        return asyncio.run(coro)
+    coro.close()
     raise RuntimeError("an event loop is already running here; use the async method (arun, arun_many...)")
 
 

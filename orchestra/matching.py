@@ -60,11 +60,13 @@ class MatcherSpec(BaseModel):
 
     def build(self) -> LexicalMatcher | EmbeddingMatcher:
         """The matcher these settings describe."""
-        threshold = {} if self.min_similarity is None else {"min_similarity": self.min_similarity}
         if self.type == "lexical":
-            return LexicalMatcher(**threshold)
-        return EmbeddingMatcher(model=self.model or "", base_url=self.base_url or "", api_key_env=self.api_key_env,
-                                timeout=self.timeout, **threshold)
+            return LexicalMatcher() if self.min_similarity is None else LexicalMatcher(min_similarity=self.min_similarity)
+        matcher = EmbeddingMatcher(model=self.model or "", base_url=self.base_url or "", api_key_env=self.api_key_env,
+                                   timeout=self.timeout)
+        if self.min_similarity is not None:
+            matcher.min_similarity = self.min_similarity
+        return matcher
 
 
 def matcher_spec(matcher: object) -> MatcherSpec | None:
@@ -184,8 +186,8 @@ class EmbeddingMatcher:
             for text in missing:
                 self._fetching[text] = fetching[text] = fetch
             fetch.add_done_callback(lambda done: self._fetched(done, missing))
-        for fetch in {id(f): f for t in wanted if (f := fetching.get(t)) is not None}.values():
-            await asyncio.shield(fetch)  # a cancelled recruitment does not cancel the others' fetch
+        for pending in {id(f): f for t in wanted if (f := fetching.get(t)) is not None}.values():
+            await asyncio.shield(pending)  # a cancelled recruitment does not cancel the others' fetch
         return [self._vectors[t] for t in texts]
 
     def _fetched(self, fetch: asyncio.Future[None], texts: list[str]) -> None:

@@ -156,11 +156,13 @@ def _profile(correct: dict[str, bool], item_keywords: dict[str, list[str]]) -> d
 async def _keywords(pool: Pool, items: Sequence[Item], executor: Executor, ledger: RunLedger,
                     config: KeywordConfig | None, seed: int, counter: _Counter) -> dict[str, list[str]]:
     extractor = SkillExtractor(config)
+    model = pool.keyword_model
+    assert model is not None  # a Pool always has one (its planner's, by default)
     counter.begin("keywords", len(items) * extractor.config.samples)
 
     async def one(item: Item) -> list[str]:
         requests = extractor.requests(item.question, seed=seed)
-        outcomes = await executor.call(ledger, [(pool.keyword_model, r) for r in requests], purpose="keywords")
+        outcomes = await executor.call(ledger, [(model, r) for r in requests], purpose="keywords")
         return extractor.combine(outcomes)
 
     results = await _gather(executor, [one(item) for item in items])

@@ -238,8 +238,7 @@ class Recruiter:
                 if cumulative >= self.config.p - 1e-12:
                     break
         elif mode == "global":
-            experts = sorted(ranked, key=lambda c: (-c.competence, c.agent))[:k]
-            experts = [c.agent for c in experts]
+            experts = [c.agent for c in sorted(ranked, key=lambda c: (-c.competence, c.agent))[:k]]
         elif mode == "random":
             experts = rng.sample([c.agent for c in ranked], k)
         else:

@@ -370,6 +370,7 @@ class RunStore:
         """Commit one call's outcome with what it cost. A success replaces an earlier error for the same call."""
         now = time.time()
         canonical = json.dumps(request.canonical(), ensure_ascii=False)
+        values: tuple[Any, ...]
         if isinstance(outcome, Exception):
             usage = getattr(outcome, "usage", None) or Usage()
             values = (run_id, key, seq, model, purpose, node, canonical, None, "error", source,

@@ -129,7 +129,7 @@ class Workflow:
 
     def settings(self) -> Settings:
         """The pool's settings with the workflow's on top: its ``settings:``, ``budget:`` and ``seed:``."""
-        own = {name: getattr(self.spec, name) for name in ("budget", "seed")
+        own: dict[str, Any] = {name: getattr(self.spec, name) for name in ("budget", "seed")
                if name in self.spec.model_fields_set and getattr(self.spec, name) is not None}
         return self.pool.settings.layered(self.spec.settings, own)
 
@@ -219,8 +219,8 @@ class Workflow:
         values: dict[str, Any] = {}
         for name in given:
             if name not in self.spec.inputs:
-                declared = ", ".join(self.spec.inputs) or "none"
-                raise ConfigError(f"unknown input {name!r} (declared: {declared})", path=str(self.path))
+                known = ", ".join(self.spec.inputs) or "none"
+                raise ConfigError(f"unknown input {name!r} (declared: {known})", path=str(self.path))
         for name, declared in self.spec.inputs.items():
             if name in given:
                 values[name] = _convert(name, given[name], declared, self)
@@ -337,6 +337,7 @@ def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:
     """``(name, "inputs" | "steps", line)`` for every ``inputs.x`` / ``steps.x`` (or ``["x"]``) in a template."""
     found = []
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        assert isinstance(node, (nodes.Getattr, nodes.Getitem))
         base = node.node
         if not isinstance(base, nodes.Name) or base.name not in ("inputs", "steps"):
             continue

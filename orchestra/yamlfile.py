@@ -105,8 +105,8 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
         except FileNotFoundError:
             raise ConfigError("file not found", path=shown) from None
         except UnicodeDecodeError as error:
-            before = error.object[: error.start]
-            line, column = before.count(b"\n") + 1, error.start - (before.rfind(b"\n") + 1) + 1
+            raw = error.object[: error.start]
+            line, column = raw.count(b"\n") + 1, error.start - (raw.rfind(b"\n") + 1) + 1
             raise ConfigError(f"not a UTF-8 text file (byte 0x{error.object[error.start]:02x}); save it as UTF-8 text",
                               path=shown, line=line, column=column) from None
         except OSError as error:
@@ -115,9 +115,8 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        raise ConfigError(f"invalid YAML: {error.problem or error.context}", path=shown, line=line,
-                          column=column) from None
+        raise ConfigError(f"invalid YAML: {error.problem or error.context}", path=shown,
+                          line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
     except yaml.reader.ReaderError as error:  # a control character such as NUL: not a text file
         before = text[: error.position]
         code = error.character if isinstance(error.character, int) else ord(error.character)

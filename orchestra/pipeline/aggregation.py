@@ -10,7 +10,7 @@ Each strategy is an object behind one protocol (``Aggregation``), chosen by name
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -79,7 +79,7 @@ def vote(responses: Sequence[Response], grader: Grader | None = None) -> VoteRes
         best = ranked(responses)[0]
         return VoteResult(text=strip_reasoning(best.text), answer=None, tally={}, data=best.data)
     tally = Counter(a for _, a in voting)
-    weight = Counter()
+    weight: dict[str, float] = defaultdict(float)
     first: dict[str, int] = {}
     for index, (response, answer) in enumerate(voting):
         weight[answer] += response.weight

@@ -451,7 +451,7 @@ class Run:
             finally:
                 self.timings["final_s"] = time.perf_counter() - started
         complete = len(done) == len(sinks) and not failures
-        status = "done" if complete else ("budget_exceeded" if self.ledger.budget.exceeded else "partial")
+        status: RunStatus = "done" if complete else ("budget_exceeded" if self.ledger.budget.exceeded else "partial")
         self._finish(status, answer, "; ".join(failures) or None)
 
     def _failure_status(self) -> Literal["failed", "budget_exceeded"]:
