@@ -105,10 +105,6 @@ class Settings(BaseModel):
         field of a nested setting (``keywords.samples=3``). Values are read as YAML scalars."""
         return self.layered(Settings.layer(assignments(pairs), where="--set"))
 
-    def without(self, *names: str) -> Settings:
-        """This layer with some settings unset (as if never given)."""
-        return Settings.model_validate({k: v for k, v in self.changes().items() if k not in names})
-
 
 def assignments(pairs: Sequence[str]) -> dict[str, Any]:
     """``["keywords.samples=3", ...]`` as nested data; a pair without ``=`` is an error naming it."""
