@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, get_args, get_origin
@@ -51,6 +52,12 @@ class OrchestraGroup(click.Group):
 @click.version_option(__version__, prog_name="orchestra")
 def main() -> None:
     """Answer tasks with a team of LLM experts recruited by measured skills."""
+    warnings.formatwarning = _one_line
+
+
+def _one_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    """A warning as the command line shows it: one line, no source excerpt."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 # --- shared options ------------------------------------------------------------------------

@@ -292,6 +292,8 @@ class Orchestra:
         try:
             self.store.finish_run(result)
         except StoreError as error:
+            if str(error) in (result.error or ""):  # the run's own error already says so
+                return
             warnings.warn(f"run {result.run_id} finished but was not recorded: {error}", RuntimeWarning, stacklevel=2)
 
     # --- planning only -------------------------------------------------------------------------

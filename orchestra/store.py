@@ -126,15 +126,30 @@ def _alive(owner: str) -> bool:
     return True
 
 
-def _record(row: dict[str, Any]) -> RunRecord:
+#: why a run recorded as running is listed as failed
+ABANDONED = ("stopped without recording how it ended (its process was killed, or the store could not be "
+             "written); resume it to finish")
+
+
+def _abandoned(row: dict[str, Any], now: float) -> bool:
+    """Whether a run recorded as running is no longer held: its process is gone or its lease expired."""
+    owner = row.get("owner")
+    return not owner or not _alive(owner) or now - (row["updated"] or 0.0) >= LEASE_SECONDS
+
+
+def _record(row: dict[str, Any], ended: dict[str, str] | None = None) -> RunRecord:
     """A run's row as a record; a damaged configuration is reported on the record, not raised, so one
-    bad row never makes the other runs unlistable."""
+    bad row never makes the other runs unlistable. A running run nobody holds any more (or one this
+    process saw end but could not record, ``ended``) is listed as failed."""
     try:
         config = json.loads(row["config"])
         error = row["error"]
     except (TypeError, ValueError):
         config, error = {}, f"the stored configuration of this run is damaged; {row['error'] or ''}".rstrip("; ")
-    return RunRecord(id=str(row["id"]), task=str(row["task"]), status=str(row["status"]), created=row["created"] or 0.0,
+    status = str(row["status"])
+    if status == "running" and (str(row["id"]) in (ended or {}) or _abandoned(row, time.time())):
+        status, error = (ended or {}).get(str(row["id"]), "failed"), error or ABANDONED
+    return RunRecord(id=str(row["id"]), task=str(row["task"]), status=status, created=row["created"] or 0.0,
                      updated=row["updated"] or 0.0, config=config if isinstance(config, dict) else {},
                      answer=row["answer"], error=error, resumes=row["resumes"] or 0)
 
@@ -163,6 +178,7 @@ class RunStore:
         self._lock = threading.RLock()
         #: who holds the runs this store object begins: host, process and a random tag
         self.owner = f"{socket.gethostname()} pid {os.getpid()}:{secrets.token_hex(4)}"
+        self._ended: dict[str, str] = {}  # runs that ended here but whose end could not be written
         self.read_only = self.path.exists() and not os.access(self.path, os.W_OK)
         if not self.read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,8 +269,17 @@ class RunStore:
             return self.store._db
 
         def __exit__(self, kind: object, *rest: object) -> None:
+            db = self.store._db
             try:
-                self.store._db.execute("ROLLBACK" if kind else "COMMIT")
+                if kind is None:
+                    try:
+                        db.execute("COMMIT")
+                    except sqlite3.DatabaseError:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
+                        raise
+                elif db.in_transaction:  # SQLite rolls a full disk's transaction back itself
+                    db.execute("ROLLBACK")
             finally:
                 self.store._lock.release()
 
@@ -314,10 +339,20 @@ class RunStore:
                       (json.dumps(config, ensure_ascii=False), time.time(), run_id))
 
     def finish_run(self, result: RunResult) -> None:
-        """Record how a run ended, with its full result."""
-        self._execute("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE id=?",
-                      (result.status, result.answer, result.error, result.model_dump_json(), time.time(),
-                       result.run_id))
+        """Record how a run ended, with its full result. When the full result cannot be written (a
+        full disk), the run is still marked as ended with a status alone, which needs no new space,
+        so it is listed as failed and can be resumed; the error is raised either way."""
+        try:
+            self._execute("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE id=?",
+                          (result.status, result.answer, result.error, result.model_dump_json(), time.time(),
+                           result.run_id))
+        except StoreError:
+            status = "failed" if result.status == "done" else result.status  # its answer was not kept
+            try:
+                self._execute("UPDATE runs SET status=?, owner=NULL WHERE id=?", (status, result.run_id))
+            except StoreError:  # listed as ended by this process; by others once its lease expires
+                self._ended[result.run_id] = status
+            raise
 
     def run(self, run_id: str) -> RunRecord:
         """A stored run; an unknown id (or a unique prefix) is resolved or refused clearly."""
@@ -328,7 +363,7 @@ class RunStore:
                 raise StoreError(f"run id {run_id!r} is ambiguous ({len(rows)} runs start with it)")
         if not rows:
             raise StoreError(f"no run {run_id!r} in {self.path}; `orchestra runs` lists them")
-        return _record(rows[0])
+        return _record(rows[0], self._ended)
 
     def result(self, run_id: str) -> RunResult | None:
         """The stored result of a finished run."""
@@ -342,7 +377,8 @@ class RunStore:
 
     def runs(self, limit: int = 50) -> list[RunRecord]:
         """The latest runs, newest first."""
-        return [_record(row) for row in self._query("SELECT * FROM runs ORDER BY created DESC LIMIT ?", (limit,))]
+        return [_record(row, self._ended) for row in self._query("SELECT * FROM runs ORDER BY created DESC LIMIT ?",
+                                                                  (limit,))]
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
         """Calls (failed ones included), requests, tokens and cost the run's models were sent and billed.

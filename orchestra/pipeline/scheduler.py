@@ -24,6 +24,7 @@ from orchestra.errors import (
     BudgetExceeded,
     EndpointUnreachable,
     OrchestraError,
+    StoreError,
     UserError,
 )
 from orchestra.events import (
@@ -212,15 +213,20 @@ class Run:
 
     async def _call(self, calls: Sequence[tuple[Model, ChatRequest]], *, purpose: str,
                     node: str | None = None) -> list[ChatResult | Exception]:
-        """Send calls through the shared executor. A key the endpoint refuses, or an endpoint that
-        cannot be reached, ends the whole run at once: every other call would fail the same way."""
+        """Send calls through the shared executor. A key the endpoint refuses, an endpoint that
+        cannot be reached, or a run store that cannot be written (a full disk) ends the whole run
+        at once: every other call would fail the same way."""
         outcomes = await self.stages.executor.call(self.ledger, calls, purpose=purpose, node=node)
-        fatal = next((o for o in outcomes if isinstance(o, (AuthenticationError, EndpointUnreachable))), None)
+        fatal = next((o for o in outcomes if isinstance(o, (AuthenticationError, EndpointUnreachable, StoreError))),
+                     None)
         if fatal is not None:
             self.user_error = True
             if node is not None:
                 self.traces[node].status, self.traces[node].error = "failed", str(fatal)
-            self._finish("failed", None, str(fatal))
+            reason = str(fatal)
+            if isinstance(fatal, StoreError):
+                reason += f"; the calls answered before are saved: resume run {self.run_id} once it can be written"
+            self._finish("failed", None, reason)
             current = asyncio.current_task()
             for task in list(self.tasks):
                 if task is not current:

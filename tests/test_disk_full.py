@@ -1,0 +1,66 @@
+"""A full disk: the run stops with one line, is listed as failed, and a resume once space returns
+re-sends nothing that was committed."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from orchestra import Orchestra
+from orchestra.events import CallDone, Event
+from orchestra.store import ABANDONED, RunStore
+
+from helpers import scripted_pool
+
+
+def fill_disk_after(store: RunStore, calls: int):  # noqa: ANN201
+    """A listener that makes the store's file unable to grow after ``calls`` answered calls."""
+    seen = {"calls": 0}
+
+    def listen(event: Event) -> None:
+        if isinstance(event, CallDone):
+            seen["calls"] += 1
+            if seen["calls"] == calls:
+                pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+                store._db.execute(f"PRAGMA max_page_count={pages}")
+    return listen
+
+
+def free_space(store: RunStore) -> None:
+    store._db.execute("PRAGMA max_page_count=1073741823")
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_a_resume_resends_nothing_committed(tmp_path: Path) -> None:
+    pool, models = scripted_pool(3)
+    store = RunStore(tmp_path / "runs.db")
+    task = "Which long question fills the disk? " * 40  # big requests: every journal row needs new pages
+    orc = Orchestra(pool, store=store, k=2, on_event=fill_disk_after(store, 3))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        stopped = orc.run(task, plan=False)
+    assert not [w for w in warned if "was not recorded" in str(w.message)]  # the result says it, once
+    assert stopped.status == "failed" and stopped.exit_code == 2
+    assert "database or disk is full" in stopped.error and f"resume run {stopped.run_id}" in stopped.error
+    assert "\n" not in stopped.error
+    # the end could not be written, yet this store lists the run as failed, not running
+    assert store.run(stopped.run_id).status == "failed"
+    free_space(store)
+    sent_before = {name: len(model.requests) for name, model in models.items()}
+    resumed = Orchestra(pool, store=store, k=2).resume(stopped.run_id)
+    assert resumed.status == "done", resumed.error
+    assert resumed.usage.replayed_calls == 3  # the three calls committed before the disk filled
+    sent = sum(len(model.requests) - sent_before[name] for name, model in models.items())
+    assert sent == resumed.usage.calls - 3  # and only the others were sent again
+    assert store.run(stopped.run_id).status == "done"
+
+
+def test_a_run_left_running_by_a_dead_process_is_listed_as_failed(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "task", {})
+    assert store.run("r1").status == "running"  # this process holds it
+    store._execute("UPDATE runs SET owner=? WHERE id='r1'", ("somehost pid 999999999:ab",))
+    assert store.run("r1").status == "running"  # another host's process: its fresh lease holds it
+    store._execute("UPDATE runs SET updated=0 WHERE id='r1'")
+    record = store.run("r1")
+    assert (record.status, record.error) == ("failed", ABANDONED)
+    assert [r.status for r in store.runs()] == ["failed"]
