@@ -6,14 +6,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from helpers import scripted_pool
+
 from orchestra import Orchestra
 from orchestra.events import CallDone, Event
 from orchestra.store import ABANDONED, RunStore
 
-from helpers import scripted_pool
 
-
-def fill_disk_after(store: RunStore, calls: int):  # noqa: ANN201
+def fill_disk_after(store: RunStore, calls: int):
     """A listener that makes the store's file unable to grow after ``calls`` answered calls."""
     seen = {"calls": 0}
 

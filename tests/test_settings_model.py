@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+from helpers import scripted_pool
+from loopback_llm import ScriptedLLM, write_pool
+from test_cli import cli
 
 from orchestra import Budget, Orchestra, RecruitConfig, RunSpec, Settings
 from orchestra.agents import Pool
@@ -16,10 +19,6 @@ from orchestra.errors import ConfigError
 from orchestra.store import RunStore
 from orchestra.vocabulary import MODES, STRATEGIES, Mode, Strategy
 from orchestra.workflow import Workflow, orchestra_for
-
-from helpers import scripted_pool
-from loopback_llm import ScriptedLLM, write_pool
-from test_cli import cli
 
 #: a value other than the default for every top-level setting
 NON_DEFAULTS: dict[str, Any] = {
@@ -97,7 +96,7 @@ def test_the_vocabulary_is_the_models_and_the_command_lines() -> None:
 
 
 def test_a_python_resume_uses_the_recorded_settings_not_the_orchestras(tmp_path: Path) -> None:
-    pool, models = scripted_pool(4)
+    pool, _ = scripted_pool(4)
     store = RunStore(tmp_path / "runs.db")
     first = Orchestra(pool, store=store, k=2, mode="topk", budget={"max_calls": 2})
     stopped = first.run("What is 1 + 1?", plan=False)
