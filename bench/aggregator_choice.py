@@ -35,7 +35,7 @@ from orchestra.profile import SkillProfile
 from orchestra.profiling import build_profiles
 from orchestra.recruit import choose_aggregator
 from orchestra.result import RunResult
-from orchestra.simulation import SimulatedPool, simulated_pool
+from orchestra.testing.simulation import SimulatedPool, simulated_pool
 
 LEVELS = [round(0.45 + 0.07 * i, 2) for i in range(6)]
 

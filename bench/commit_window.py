@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestra import Orchestra, Pool
-from orchestra.loopback import LoopbackRequest, LoopbackServer, chat_handler
+from orchestra.testing import LoopbackRequest, LoopbackServer, chat_handler
 from orchestra.models import allow_model_requests
 from orchestra.store import RunStore
 

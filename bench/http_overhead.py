@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept")
     args = parser.parse_args()
 
-    server = subprocess.Popen([sys.executable, "-m", "orchestra.loopback", "--delay", str(args.delay)],
+    server = subprocess.Popen([sys.executable, "-m", "orchestra.testing", "--delay", str(args.delay)],
                               stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()  # type: ignore[union-attr]

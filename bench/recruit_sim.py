@@ -16,7 +16,7 @@ from orchestra import Orchestra, RecruitConfig
 from orchestra.datasets import Dataset
 from orchestra.grading import AutoGrader
 from orchestra.profiling import build_profiles
-from orchestra.simulation import SimulatedPool, simulated_pool
+from orchestra.testing.simulation import SimulatedPool, simulated_pool
 
 
 def accuracy(orc: Orchestra, items: Dataset) -> float:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.errors import ConfigError
 from orchestra.models import ChatRequest, Model
-from orchestra.models.config import ModelSpec
+from orchestra.models.config import ModelSpec, build_models
 from orchestra.models.pricing import FREE
 from orchestra.profile import SkillProfile, load_profiles
 from orchestra.recruit import RecruitConfig, SkillTable, choose_aggregator
@@ -105,6 +105,13 @@ class Pool:
                 seen.setdefault(id(model), model)
         return list(seen.values())
 
+    async def aclose(self) -> None:
+        """Close every model's open connections (each endpoint once, however many models share it)."""
+        for model in self.models:
+            close = getattr(model, "aclose", None)
+            if close is not None:
+                await close()
+
     def check_credentials(self) -> None:
         """Raise ``AuthenticationError`` (one line, naming the variable) if a model's API key is not set."""
         for model in self.models:
@@ -134,7 +141,7 @@ class Pool:
         """Build a pool from the pool data at ``loc`` of a YAML file (a pool file, or a workflow's inline pool)."""
         spec = document.validate(PoolFile, loc)
         _check_references(spec, document, loc)
-        models = {name: model_spec.build(name, base) for name, model_spec in spec.models.items()}
+        models = build_models(spec.models, base)
         agents = []
         for agent in spec.agents:
             agents.append(Agent(

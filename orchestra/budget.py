@@ -26,9 +26,6 @@ class Budget(BaseModel):
         return Budget.model_validate({**self.model_dump(), **overrides})
 
 
-_FLAGS = {"max_calls": "--max-calls", "max_cost_usd": "--max-cost", "max_tokens": "--max-tokens"}
-
-
 class Reservation(NamedTuple):
     """A call's worst case, held against the budget while it is in flight."""
 
@@ -122,13 +119,6 @@ class BudgetTracker:
         self.completion_tokens += usage.completion_tokens
         self.cost_usd += usage.cost_usd
 
-    def _refuse(self, limit: str, value: float, state: str) -> None:
-        if self.run_id is None:
-            message = (f"the data set's budget {limit}={value:g} is spent ({state}); raise budget.{limit} in the "
-                       f"workflow (or {_FLAGS[limit]}); each unfinished item's run can be finished with "
-                       "`orchestra resume RUN_ID`")
-        else:
-            message = (f"budget {limit}={value:g} reached ({state}); raise it with {_FLAGS[limit]} "
-                       f"(or budget.{limit} in the workflow) and run `orchestra resume {self.run_id}` to finish")
-        self.exceeded = BudgetExceeded(message, limit=limit)
+    def _refuse(self, limit: str, value: float, spent: str) -> None:
+        self.exceeded = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id)
         raise self.exceeded

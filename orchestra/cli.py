@@ -20,6 +20,7 @@ from orchestra.agents import Pool
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import ConfigError, OrchestraError
 from orchestra.evaluate import METHODS, EvalReport
+from orchestra.hints import cli_message, run_error
 from orchestra.profile import SkillProfile
 from orchestra.recruit import RecruitConfig
 from orchestra.result import RunResult
@@ -43,7 +44,7 @@ class OrchestraGroup(click.Group):
         try:
             return super().invoke(ctx)
         except OrchestraError as error:
-            fail(str(error), error.exit_code)
+            fail(cli_message(error), error.exit_code)
         except KeyboardInterrupt:
             fail("interrupted; finished calls are saved: `orchestra runs` lists the run to resume", 130)
 
@@ -229,7 +230,7 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
     if opts["as_json"]:
         click.echo(result.dumps())
         if result.status != "done":
-            click.echo(f"error: run {result.run_id} {result.status}: {result.error}", err=True)
+            click.echo(f"error: {run_error(result)}", err=True)
     else:
         console = terminal(soft_wrap=not rich_output, force_terminal=rich_output or None)
         print_result(console, result, rich_output=rich_output, errors=terminal(stderr=True))

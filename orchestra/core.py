@@ -398,12 +398,24 @@ class Orchestra:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Unload every resident model."""
+        """Unload every resident model and close every connection the pool's models and matchers hold."""
         await self.executor.unload_all()
+        await self.pool.aclose()
+        for stages in self._stages.values():
+            close = getattr(stages.staffing.matcher, "aclose", None)
+            if close is not None:
+                await close()
 
     def close(self) -> None:
-        """Unload every resident model (blocking)."""
+        """``aclose`` from synchronous code (each sync call runs its own event loop, whose
+        connections are closed with it)."""
         run_sync(self.aclose())
+
+    async def __aenter__(self) -> Orchestra:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 #: the settings the pipeline stages are built from (runs that differ only elsewhere share stages)

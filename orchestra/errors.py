@@ -46,17 +46,59 @@ class PlanError(OrchestraError):
 
 
 class BudgetExceeded(OrchestraError):
-    """A run reached one of its budget limits; the message says how to raise it."""
+    """A run, or a data set's shared budget, reached one of its limits.
+
+    Attributes: ``limit`` (the ``Budget`` field: ``max_calls``, ``max_cost_usd`` or ``max_tokens``),
+    ``value`` (its setting), ``spent`` (what was used, in words) and ``run_id`` (the stopped run;
+    None for a shared budget). ``Orchestra.resume(run_id, budget={limit: higher})`` finishes a run.
+    """
 
     exit_code = 3
 
-    def __init__(self, message: str, *, limit: str) -> None:
-        super().__init__(message)
-        self.limit = limit
+    def __init__(self, *, limit: str, value: float, spent: str, run_id: str | None) -> None:
+        if run_id is None:
+            super().__init__(f"the data set's budget {limit}={value:g} is spent ({spent})")
+        else:
+            super().__init__(f"budget {limit}={value:g} reached ({spent})")
+        self.limit, self.value, self.spent, self.run_id = limit, value, spent, run_id
 
 
 class StoreError(UserError):
-    """The run store cannot be opened or read."""
+    """The run store cannot be opened, read or written."""
+
+
+class StoreUnusable(StoreError):
+    """A file that cannot serve as a run store: not a database, another program's, or damaged.
+
+    Attributes: ``path``, ``problem`` (what is wrong with it) and ``move_away`` (the advice to
+    move it first, or empty when the file is another program's).
+    """
+
+    def __init__(self, path: object, problem: str, *, move_away: str = "") -> None:
+        self.path, self.problem, self.move_away = path, problem, move_away
+        super().__init__(f"{problem}; {self.remedy('use another store file')}")
+
+    def remedy(self, other_file: str) -> str:
+        """What to do, with ``other_file`` saying how to pick another file."""
+        return f"{self.move_away} or {other_file}" if self.move_away else other_file
+
+
+class RunHeld(StoreError):
+    """A stored run is still running in another live process (``owner``, active ``idle_s`` ago)."""
+
+    def __init__(self, run_id: str, owner: str, idle_s: float) -> None:
+        self.run_id, self.owner, self.idle_s = run_id, owner, idle_s
+        self.problem = f"run {run_id} is still running in another process ({owner}, active {idle_s:.0f} s ago)"
+        super().__init__(f"{self.problem}; wait for it to end, or if that process is gone, resume it with force=True")
+
+
+class RunNotFound(StoreError):
+    """No stored run has the id ``run_id`` (or starts with it) in the store at ``path``."""
+
+    def __init__(self, run_id: str, path: object) -> None:
+        self.run_id, self.path = run_id, path
+        self.problem = f"no run {run_id!r} in {path}"
+        super().__init__(self.problem)
 
 
 # --- model layer ---------------------------------------------------------------------------

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,3 +270,51 @@ class EventBus:
                     warnings.warn(f"an event listener failed ({problem}); the run goes on, later failures are "
                                   "collected in EventBus.listener_errors", RuntimeWarning, stacklevel=2)
                 self.listener_errors.append(problem)
+
+
+R = TypeVar("R")
+
+
+class EventHandler(Generic[R]):
+    """Base of listeners that handle events by type, each type in its own method.
+
+    A method named ``on_*`` handles the event types its event parameter is annotated with (a
+    union names several; an event's subclasses go to it too) and may return an ``R``. ``handle``
+    calls the method for an event's type; events no method handles are ignored. Handlers are
+    inherited; a subclass overrides one by name, or by handling the same type.
+    """
+
+    handlers: ClassVar[dict[type[Event], Callable[[Any, Any], Any]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.handlers = {}
+        for klass in reversed(cls.__mro__):  # bases first, so a subclass's handler wins
+            claimed: dict[type[Event], str] = {}
+            for name, method in vars(klass).items():
+                if not name.startswith("on_") or not inspect.isfunction(method) or getattr(cls, name) is not method:
+                    continue
+                for kind in _handled_types(klass, name, method):
+                    if kind in claimed:
+                        raise TypeError(f"{klass.__name__}.{name} and .{claimed[kind]} both handle {kind.__name__}")
+                    claimed[kind] = name
+                    cls.handlers[kind] = method
+
+    def handle(self, event: Event) -> R | None:
+        """Give ``event`` to the method for its type; None when no method handles it."""
+        for kind in type(event).__mro__:
+            handler = self.handlers.get(kind)
+            if handler is not None:
+                return handler(self, event)
+        return None
+
+
+def _handled_types(klass: type, name: str, method: Callable[..., Any]) -> tuple[type[Event], ...]:
+    """The event types an ``on_*`` method's event parameter is annotated with."""
+    parameters = list(inspect.signature(method).parameters)[1:]
+    hint = typing.get_type_hints(method).get(parameters[0]) if len(parameters) == 1 else None
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    kinds = typing.get_args(hint) if union else (hint,)
+    if not all(isinstance(kind, type) and issubclass(kind, Event) for kind in kinds):
+        raise TypeError(f"{klass.__name__}.{name} must take one event parameter annotated with Event types")
+    return kinds

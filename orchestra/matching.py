@@ -11,7 +11,8 @@ from typing import Literal, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestra.errors import BadResponse
-from orchestra.models.http import Endpoint, check_base_url, display_url, shared_endpoint
+from orchestra.models.http import CallPolicy, Endpoint, check_base_url, display_url
+from orchestra.models.openai import bearer_headers
 from orchestra.models.metering import charge
 from orchestra.models.types import Usage
 
@@ -161,13 +162,16 @@ class EmbeddingMatcher:
                  min_similarity: float = 0.5, timeout: float | None = None) -> None:
         self.model = model
         self.min_similarity = min_similarity
-        self.endpoint: Endpoint = shared_endpoint(
-            base_url, api_key_env, max_concurrency=None, rpm=None, timeout=timeout, max_attempts=None,
-            headers=lambda key: {"Authorization": f"Bearer {key}"} if key else {})
+        self.endpoint = Endpoint(base_url, api_key_env=api_key_env)
+        self.policy = CallPolicy.of(timeout=timeout)
         self.api_key_env = api_key_env
         self.timeout = timeout
         self._vectors: dict[str, list[float]] = {}
         self._fetching: dict[str, asyncio.Future[None]] = {}
+
+    async def aclose(self) -> None:
+        """Close the endpoint's connections in this event loop."""
+        await self.endpoint.aclose()
 
     def spec(self) -> MatcherSpec:
         """The settings that rebuild this matcher."""
@@ -198,7 +202,8 @@ class EmbeddingMatcher:
             fetch.exception()  # seen here, so a failure nobody waits for any more is not reported twice
 
     async def _fetch(self, texts: list[str]) -> None:
-        body = await self.endpoint.post_json("/embeddings", {"model": self.model, "input": texts}, model=self.model)
+        body = await self.endpoint.post_json("/embeddings", {"model": self.model, "input": texts}, model=self.model,
+                                             headers=bearer_headers, policy=self.policy)
         usage = body.get("usage")
         if isinstance(usage, dict):
             charge(Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0)))

@@ -22,9 +22,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestra.errors import StoreError
+from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable
 from orchestra.events import (
     Event,
+    EventHandler,
     ExpertsRecruited,
     NodeAggregating,
     NodeDone,
@@ -188,8 +189,8 @@ class RunStore:
                                        uri=self.read_only)
             self._open()
         except sqlite3.DatabaseError as error:
-            raise StoreError(f"{self.path} is not a usable Orchestra run store ({error}); "
-                             "move it away or choose another file with --store") from None
+            raise StoreUnusable(self.path, f"{self.path} is not a usable Orchestra run store ({error})",
+                                move_away="move it away") from None
 
     def _open(self) -> None:
         """Check the file, then (and only then) set it up: nothing is written to a file of another
@@ -201,14 +202,14 @@ class RunStore:
             self._create()
             application_id, version, tables = self._header()
         if application_id != APPLICATION_ID:
-            raise StoreError(f"{self.path} is a SQLite database of another program, not an Orchestra run "
-                             "store; choose another file with --store")
+            raise StoreUnusable(self.path, f"{self.path} is a SQLite database of another program, not an "
+                                "Orchestra run store")
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} was written by a newer Orchestra (schema {version}); upgrade Orchestra")
         problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
-            raise StoreError(f"{self.path} is damaged ({problems[0]}); move it away (keep it for recovery) or "
-                             "choose another file with --store")
+            raise StoreUnusable(self.path, f"{self.path} is damaged ({problems[0]})",
+                                move_away="move it away (keep it for recovery)")
         if self.read_only:
             if version < SCHEMA_VERSION:
                 raise StoreError(f"{self.path} is read-only and from an older Orchestra (schema {version}); "
@@ -317,10 +318,7 @@ class RunStore:
                                   (run_id,)).fetchone()
                 if (held and held[0] and held[0] != self.owner and now - held[1] < LEASE_SECONDS
                         and _alive(held[0]) and not force):
-                    raise StoreError(
-                        f"run {run_id} is still running in another process ({held[0].rsplit(':', 1)[0]}, active "
-                        f"{now - held[1]:.0f} s ago); wait for it to end, or if that process is gone, "
-                        f"`orchestra resume {run_id} --force`")
+                    raise RunHeld(run_id, held[0].rsplit(":", 1)[0], now - held[1])
                 db.execute(
                     "INSERT INTO runs (id, task, status, created, updated, config, owner) "
                     "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status='running', "
@@ -362,7 +360,7 @@ class RunStore:
             if len(rows) > 1:
                 raise StoreError(f"run id {run_id!r} is ambiguous ({len(rows)} runs start with it)")
         if not rows:
-            raise StoreError(f"no run {run_id!r} in {self.path}; `orchestra runs` lists them")
+            raise RunNotFound(run_id, self.path)
         return _record(rows[0], self._ended)
 
     def result(self, run_id: str) -> RunResult | None:
@@ -485,36 +483,9 @@ class RunStore:
             return
         run_id = getattr(event, "run_id", None)
         data = json.dumps(event.to_dict(), ensure_ascii=False, default=str)
-        statements: list[tuple[str, tuple[Any, ...]]] = [
+        statements: _Statements = [
             ("INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)", (run_id, event.kind, event.at, data))]
-        now = time.time()
-        if isinstance(event, PlanReady):
-            for node in event.nodes:
-                statements.append((
-                    "INSERT INTO nodes (run_id, node_id, instruction, depends_on, status, updated) "
-                    "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT(run_id, node_id) DO UPDATE SET "
-                    "instruction=excluded.instruction, depends_on=excluded.depends_on, updated=excluded.updated",
-                    (event.run_id, node["id"], node["instruction"], json.dumps(node["depends_on"]), now)))
-        elif isinstance(event, NodeReady):
-            statements.append(("UPDATE nodes SET status='recruiting', updated=? WHERE run_id=? AND node_id=?",
-                               (now, event.run_id, event.node)))
-        elif isinstance(event, ExpertsRecruited):
-            statements.append((
-                "UPDATE nodes SET status='running', skills=?, experts=?, aggregator=?, explanation=?, updated=?, "
-                "instruction=coalesce(nullif(?, ''), instruction) WHERE run_id=? AND node_id=?",
-                (json.dumps(event.skills), json.dumps(event.experts), event.aggregator,
-                 json.dumps(event.explanation), now, event.instruction, event.run_id, event.node)))
-        elif isinstance(event, NodeAggregating):
-            statements.append(("UPDATE nodes SET status='aggregating', updated=? WHERE run_id=? AND node_id=?",
-                               (now, event.run_id, event.node)))
-        elif isinstance(event, NodeDone):
-            statements.append(("UPDATE nodes SET status='done', output=?, updated=? WHERE run_id=? AND node_id=?",
-                               (event.output, now, event.run_id, event.node)))
-        elif isinstance(event, (NodeFailed, NodeSkipped)):
-            status = "failed" if isinstance(event, NodeFailed) else "skipped"
-            error = event.error if isinstance(event, NodeFailed) else event.reason
-            statements.append(("UPDATE nodes SET status=?, error=?, updated=? WHERE run_id=? AND node_id=?",
-                               (status, error, now, event.run_id, event.node)))
+        statements += _NODE_ROWS.handle(event) or []
         try:
             with self._transaction() as db:
                 for sql, params in statements:
@@ -549,3 +520,50 @@ class StoreCache:
     def put(self, model: str, key: str, request: ChatRequest, result: ChatResult) -> None:
         """Remember a successful result."""
         self.store.cache_put(model, key, request, result)
+
+
+_Statements = list[tuple[str, tuple[Any, ...]]]
+
+
+class _NodeRows(EventHandler[_Statements]):
+    """The statements that keep the ``nodes`` table current, for the events that change a node."""
+
+    def on_plan_ready(self, event: PlanReady) -> _Statements:
+        now = time.time()
+        return [("INSERT INTO nodes (run_id, node_id, instruction, depends_on, status, updated) "
+                 "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT(run_id, node_id) DO UPDATE SET "
+                 "instruction=excluded.instruction, depends_on=excluded.depends_on, updated=excluded.updated",
+                 (event.run_id, node["id"], node["instruction"], json.dumps(node["depends_on"]), now))
+                for node in event.nodes]
+
+    def on_node_ready(self, event: NodeReady) -> _Statements:
+        return [("UPDATE nodes SET status='recruiting', updated=? WHERE run_id=? AND node_id=?",
+                 (time.time(), event.run_id, event.node))]
+
+    def on_experts_recruited(self, event: ExpertsRecruited) -> _Statements:
+        return [("UPDATE nodes SET status='running', skills=?, experts=?, aggregator=?, explanation=?, updated=?, "
+                 "instruction=coalesce(nullif(?, ''), instruction) WHERE run_id=? AND node_id=?",
+                 (json.dumps(event.skills), json.dumps(event.experts), event.aggregator,
+                  json.dumps(event.explanation), time.time(), event.instruction, event.run_id, event.node))]
+
+    def on_node_aggregating(self, event: NodeAggregating) -> _Statements:
+        return [("UPDATE nodes SET status='aggregating', updated=? WHERE run_id=? AND node_id=?",
+                 (time.time(), event.run_id, event.node))]
+
+    def on_node_done(self, event: NodeDone) -> _Statements:
+        return [("UPDATE nodes SET status='done', output=?, updated=? WHERE run_id=? AND node_id=?",
+                 (event.output, time.time(), event.run_id, event.node))]
+
+    def on_node_failed(self, event: NodeFailed) -> _Statements:
+        return _node_ended("failed", event.error, event.run_id, event.node)
+
+    def on_node_skipped(self, event: NodeSkipped) -> _Statements:
+        return _node_ended("skipped", event.reason, event.run_id, event.node)
+
+
+def _node_ended(status: str, error: str, run_id: str, node: str) -> _Statements:
+    return [("UPDATE nodes SET status=?, error=?, updated=? WHERE run_id=? AND node_id=?",
+             (status, error, time.time(), run_id, node))]
+
+
+_NODE_ROWS = _NodeRows()

@@ -16,6 +16,7 @@ from orchestra.events import (
     BatchStarted,
     CallRetried,
     Event,
+    EventHandler,
     ExpertsRecruited,
     ModelLoaded,
     NodeDone,
@@ -37,7 +38,7 @@ def _trace_api() -> Any:
     return trace
 
 
-class SpanRecorder:
+class SpanRecorder(EventHandler[None]):
     """Turns Orchestra's events into OpenTelemetry spans.
 
     Args:
@@ -53,57 +54,77 @@ class SpanRecorder:
 
     def listen(self, event: Event) -> None:
         """An event listener."""
-        status = self.trace.Status
-        code = self.trace.StatusCode
-        if isinstance(event, RunStarted):
-            self.runs[event.run_id] = self.tracer.start_span(
-                "orchestra.run", attributes={"orchestra.run_id": event.run_id, "orchestra.task": event.task[:500]})
-        elif isinstance(event, PlanReady) and event.run_id in self.runs:
+        self.handle(event)
+
+    def on_run_started(self, event: RunStarted) -> None:
+        self.runs[event.run_id] = self.tracer.start_span(
+            "orchestra.run", attributes={"orchestra.run_id": event.run_id, "orchestra.task": event.task[:500]})
+
+    def on_plan_ready(self, event: PlanReady) -> None:
+        if event.run_id in self.runs:
             self.runs[event.run_id].add_event("plan_ready", {"nodes": len(event.nodes), "attempts": event.attempts})
-        elif isinstance(event, NodeReady) and event.run_id in self.runs:
+
+    def on_node_ready(self, event: NodeReady) -> None:
+        if event.run_id in self.runs:
             context = self.trace.set_span_in_context(self.runs[event.run_id])
             self.nodes[(event.run_id, event.node)] = self.tracer.start_span(
                 "orchestra.node", context=context, attributes={"orchestra.node": event.node})
-        elif isinstance(event, ExpertsRecruited) and (event.run_id, event.node) in self.nodes:
-            span = self.nodes[(event.run_id, event.node)]
+
+    def on_experts_recruited(self, event: ExpertsRecruited) -> None:
+        span = self.nodes.get((event.run_id, event.node))
+        if span is not None:
             span.set_attribute("orchestra.experts", list(event.experts))
             span.set_attribute("orchestra.skills", list(event.skills))
             if event.aggregator:
                 span.set_attribute("orchestra.aggregator", event.aggregator)
-        elif isinstance(event, (NodeDone, NodeFailed)):
-            span = self.nodes.pop((event.run_id, event.node), None)
-            if span is not None:
-                if isinstance(event, NodeFailed):
-                    span.set_status(status(code.ERROR, event.error))
-                span.end()
-        elif isinstance(event, NodeSkipped) and event.run_id in self.runs:
+
+    def on_node_done(self, event: NodeDone) -> None:
+        span = self.nodes.pop((event.run_id, event.node), None)
+        if span is not None:
+            span.end()
+
+    def on_node_failed(self, event: NodeFailed) -> None:
+        span = self.nodes.pop((event.run_id, event.node), None)
+        if span is not None:
+            span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, event.error))
+            span.end()
+
+    def on_node_skipped(self, event: NodeSkipped) -> None:
+        if event.run_id in self.runs:
             self.runs[event.run_id].add_event("node_skipped", {"node": event.node, "reason": event.reason})
-        elif isinstance(event, BatchStarted):
-            self.batches[event.batch] = self.tracer.start_span("orchestra.batch", attributes={
-                "orchestra.model": event.model, "orchestra.size": event.size, "orchestra.wave": event.wave,
-                "orchestra.runs": list(event.runs)})
-        elif isinstance(event, BatchFinished):
-            span = self.batches.pop(event.batch, None)
-            if span is not None:
-                span.set_attribute("orchestra.failed", event.failed)
-                span.end()
-        elif isinstance(event, (CallRetried, ModelLoaded)):
-            attributes = {k: v for k, v in event.to_dict().items() if isinstance(v, (str, int, float))}
-            for span in self.runs.values():
-                span.add_event(event.kind, attributes)
-        elif isinstance(event, UsageUpdated) and event.run_id in self.runs:
-            span = self.runs[event.run_id]
+
+    def on_batch_started(self, event: BatchStarted) -> None:
+        self.batches[event.batch] = self.tracer.start_span("orchestra.batch", attributes={
+            "orchestra.model": event.model, "orchestra.size": event.size, "orchestra.wave": event.wave,
+            "orchestra.runs": list(event.runs)})
+
+    def on_batch_finished(self, event: BatchFinished) -> None:
+        span = self.batches.pop(event.batch, None)
+        if span is not None:
+            span.set_attribute("orchestra.failed", event.failed)
+            span.end()
+
+    def on_engine_event(self, event: CallRetried | ModelLoaded) -> None:
+        """Retries and loads are events of every open run span."""
+        attributes = {k: v for k, v in event.to_dict().items() if isinstance(v, (str, int, float))}
+        for span in self.runs.values():
+            span.add_event(event.kind, attributes)
+
+    def on_usage_updated(self, event: UsageUpdated) -> None:
+        span = self.runs.get(event.run_id)
+        if span is not None:
             span.set_attribute("orchestra.calls", event.calls)
             span.set_attribute("orchestra.prompt_tokens", event.prompt_tokens)
             span.set_attribute("orchestra.completion_tokens", event.completion_tokens)
             span.set_attribute("orchestra.cost_usd", event.cost_usd)
-        elif isinstance(event, RunDone):
-            span = self.runs.pop(event.run_id, None)
-            if span is not None:
-                span.set_attribute("orchestra.status", event.status)
-                if event.status != "done":
-                    span.set_status(status(code.ERROR, event.error or event.status))
-                span.end()
+
+    def on_run_done(self, event: RunDone) -> None:
+        span = self.runs.pop(event.run_id, None)
+        if span is not None:
+            span.set_attribute("orchestra.status", event.status)
+            if event.status != "done":
+                span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, event.error or event.status))
+            span.end()
 
 
 def configure_exporter() -> None:

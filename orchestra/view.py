@@ -26,6 +26,7 @@ from orchestra.events import (
     CallsQueued,
     CallsResolved,
     Event,
+    EventHandler,
     ExpertsRecruited,
     ModelLoaded,
     ModelUnloaded,
@@ -41,7 +42,9 @@ from orchestra.events import (
     SkillExtractionFailed,
     UsageUpdated,
 )
+from orchestra.hints import run_error
 from orchestra.result import RunResult
+
 
 def terminal(**options: object) -> Console:
     """A console that prints every string literally: model output may contain ``[/INST]``,
@@ -75,8 +78,8 @@ class _ModelRow:
 
 
 @dataclass
-class RunState:
-    """Everything the views show, kept current from events."""
+class RunState(EventHandler[None]):
+    """Everything the views show, kept current from events (``handle`` applies one)."""
 
     task: str = ""
     nodes: dict[str, _Node] = field(default_factory=dict)
@@ -94,61 +97,79 @@ class RunState:
     note: str = ""
     started: float = field(default_factory=time.monotonic)
 
-    def apply(self, event: Event) -> None:
-        """Update the state from one event."""
-        if isinstance(event, RunStarted):
-            self.task = event.task
-        elif isinstance(event, PlanRequested):
-            self.note = "planning…" if event.attempt == 1 else f"planning… (repair {event.attempt - 1})"
-        elif isinstance(event, PlanReady):
-            self.nodes = {n["id"]: _Node(n["instruction"], list(n["depends_on"])) for n in event.nodes}
-            self.note = event.note
-        elif isinstance(event, NodeReady):
-            self._node(event.node).status = "recruiting"
-        elif isinstance(event, ExpertsRecruited):
-            node = self._node(event.node)
-            node.status, node.experts, node.aggregator = "running", event.experts, event.aggregator
-        elif isinstance(event, SkillExtractionFailed):
-            self._node(event.node).detail = f"warning: no skills found ({event.reason}); recruited without skills"
-        elif isinstance(event, NodeAggregating):
-            self._node(event.node).status = "aggregating"
-        elif isinstance(event, NodeDone):
-            self._node(event.node).status = "done"
-        elif isinstance(event, NodeFailed):
-            node = self._node(event.node)
-            node.status, node.detail = "failed", event.error
-        elif isinstance(event, NodeSkipped):
-            self._node(event.node).status = "skipped"
-        elif isinstance(event, CallsQueued):
-            self._model(event.model).queued += event.count
-        elif isinstance(event, CallsResolved):
-            row = self._model(event.model)
-            row.queued = max(0, row.queued - event.count)
-            if event.source == "cache":
-                self.cache_hits += event.count
-            elif event.source == "store":
-                self.replayed += event.count
-        elif isinstance(event, BatchStarted):
-            row = self._model(event.model)
-            row.queued, row.running, row.batches = max(0, row.queued - event.size), row.running + event.size, row.batches + 1
-        elif isinstance(event, CallDone):
-            row = self._model(event.model)
-            row.running, row.done = max(0, row.running - 1), row.done + 1
-        elif isinstance(event, BatchFinished):
-            self._model(event.model).running = 0
-        elif isinstance(event, ModelLoaded):
-            row = self._model(event.model)
-            row.loads, row.resident = row.loads + 1, True
-        elif isinstance(event, ModelUnloaded):
-            self._model(event.model).resident = False
-        elif isinstance(event, CallRetried):
-            self.retries += 1
-        elif isinstance(event, UsageUpdated):
-            self.calls, self.requests, self.prompt_tokens = event.calls, event.requests, event.prompt_tokens
-            self.completion_tokens, self.cost_usd = event.completion_tokens, event.cost_usd
-            self.cache_misses = event.cache_misses
-        elif isinstance(event, RunDone):
-            self.status = event.status
+    def on_run_started(self, event: RunStarted) -> None:
+        self.task = event.task
+
+    def on_plan_requested(self, event: PlanRequested) -> None:
+        self.note = "planning…" if event.attempt == 1 else f"planning… (repair {event.attempt - 1})"
+
+    def on_plan_ready(self, event: PlanReady) -> None:
+        self.nodes = {n["id"]: _Node(n["instruction"], list(n["depends_on"])) for n in event.nodes}
+        self.note = event.note
+
+    def on_node_ready(self, event: NodeReady) -> None:
+        self._node(event.node).status = "recruiting"
+
+    def on_experts_recruited(self, event: ExpertsRecruited) -> None:
+        node = self._node(event.node)
+        node.status, node.experts, node.aggregator = "running", event.experts, event.aggregator
+
+    def on_skill_extraction_failed(self, event: SkillExtractionFailed) -> None:
+        self._node(event.node).detail = f"warning: no skills found ({event.reason}); recruited without skills"
+
+    def on_node_aggregating(self, event: NodeAggregating) -> None:
+        self._node(event.node).status = "aggregating"
+
+    def on_node_done(self, event: NodeDone) -> None:
+        self._node(event.node).status = "done"
+
+    def on_node_failed(self, event: NodeFailed) -> None:
+        node = self._node(event.node)
+        node.status, node.detail = "failed", event.error
+
+    def on_node_skipped(self, event: NodeSkipped) -> None:
+        self._node(event.node).status = "skipped"
+
+    def on_calls_queued(self, event: CallsQueued) -> None:
+        self._model(event.model).queued += event.count
+
+    def on_calls_resolved(self, event: CallsResolved) -> None:
+        row = self._model(event.model)
+        row.queued = max(0, row.queued - event.count)
+        if event.source == "cache":
+            self.cache_hits += event.count
+        elif event.source == "store":
+            self.replayed += event.count
+
+    def on_batch_started(self, event: BatchStarted) -> None:
+        row = self._model(event.model)
+        row.queued, row.running = max(0, row.queued - event.size), row.running + event.size
+        row.batches += 1
+
+    def on_call_done(self, event: CallDone) -> None:
+        row = self._model(event.model)
+        row.running, row.done = max(0, row.running - 1), row.done + 1
+
+    def on_batch_finished(self, event: BatchFinished) -> None:
+        self._model(event.model).running = 0
+
+    def on_model_loaded(self, event: ModelLoaded) -> None:
+        row = self._model(event.model)
+        row.loads, row.resident = row.loads + 1, True
+
+    def on_model_unloaded(self, event: ModelUnloaded) -> None:
+        self._model(event.model).resident = False
+
+    def on_call_retried(self, event: CallRetried) -> None:
+        self.retries += 1
+
+    def on_usage_updated(self, event: UsageUpdated) -> None:
+        self.calls, self.requests, self.prompt_tokens = event.calls, event.requests, event.prompt_tokens
+        self.completion_tokens, self.cost_usd = event.completion_tokens, event.cost_usd
+        self.cache_misses = event.cache_misses
+
+    def on_run_done(self, event: RunDone) -> None:
+        self.status = event.status
 
     def _node(self, node_id: str) -> _Node:
         return self.nodes.setdefault(node_id, _Node(node_id, []))
@@ -167,11 +188,11 @@ class RunState:
         extra = f" · cache {self.cache_hits} hit / {self.cache_misses} miss" if cached else ""
         extra += f" · replayed {self.replayed}" if self.replayed else ""
         extra += f" · retries {self.retries}" if self.retries else ""
-        return (f"calls {self.calls} · requests {self.requests} · tokens {self.prompt_tokens:,} in / {self.completion_tokens:,} out · "
-                f"${self.cost_usd:.4f}{extra} · {self.elapsed:.1f} s")
+        return (f"calls {self.calls} · requests {self.requests} · tokens {self.prompt_tokens:,} in / "
+                f"{self.completion_tokens:,} out · ${self.cost_usd:.4f}{extra} · {self.elapsed:.1f} s")
 
 
-class LiveView:
+class LiveView(EventHandler[None]):
     """The rich terminal view: the plan as a tree, a per-model batch panel, counters."""
 
     def __init__(self, console: Console, *, verbose: bool = False) -> None:
@@ -180,7 +201,7 @@ class LiveView:
         self.state = RunState()
         self._lock = threading.Lock()
         self._live = Live(console=console, refresh_per_second=8, transient=False,
-                          get_renderable=self._render)  # type: ignore[call-arg]
+                          get_renderable=self._render)
 
     def __enter__(self) -> LiveView:
         self._live.start()
@@ -191,13 +212,20 @@ class LiveView:
         self._live.stop()
 
     def listen(self, event: Event) -> None:
-        """An event listener. A run that failed for a user's reason clears the view when it stops,
-        so the one line saying what to fix is all that stays on the screen."""
+        """An event listener."""
         with self._lock:
-            self.state.apply(event)
-        if isinstance(event, RunDone) and event.user_error:
+            self.state.handle(event)
+        self.handle(event)
+
+    def on_run_done(self, event: RunDone) -> None:
+        """A run that failed for a user's reason clears the view when it stops, so the one line
+        saying what to fix is all that stays on the screen."""
+        if event.user_error:
             self._live.transient = True
-        if self.verbose and isinstance(event, CallDone):
+
+    def on_call_done(self, event: CallDone) -> None:
+        """With ``verbose``, print each call's prompt and answer above the view."""
+        if self.verbose:
             self._live.console.print(Panel(Text(_call_text(event)), title=Text(f"{event.model} · {event.purpose}"),
                                            border_style="dim"))
 
@@ -218,8 +246,8 @@ class LiveView:
             branch = tree.add(label)
             if node.experts:
                 experts = ", ".join(node.experts)
-                branch.add(Text(f"experts: {experts}" + (f" · aggregator: {node.aggregator}" if node.aggregator else ""),
-                                style="cyan"))
+                aggregator = f" · aggregator: {node.aggregator}" if node.aggregator else ""
+                branch.add(Text(f"experts: {experts}{aggregator}", style="cyan"))
             if node.detail:
                 branch.add(Text(node.detail, style="red"))
         return Panel(tree, title="plan", border_style="blue")
@@ -235,7 +263,7 @@ class LiveView:
         return Panel(table, title="batches per model", border_style="blue")
 
 
-class LogView:
+class LogView(EventHandler[str]):
     """Plain log lines, one per notable event, for logs and pipes.
 
     Lines are held back until the first call comes back answered: a run that cannot start (a
@@ -254,55 +282,78 @@ class LogView:
 
     def listen(self, event: Event) -> None:
         """An event listener."""
-        line = self._line(event)
+        line = self.handle(event)
         if line:
             line = f"[{self.clock() - self.started:6.1f}s] {line}\n"
             if self._held is not None:
                 self._held.append(line)
             else:
                 self.stream.write(line)
-        answered = (isinstance(event, CallDone) and event.error is None) or isinstance(event, CallsResolved)
-        if self._held is not None and (answered or isinstance(event, RunDone)):
-            held, self._held = self._held, None
-            if not (isinstance(event, RunDone) and event.user_error):
-                self.stream.write("".join(held))
         self.stream.flush()
 
-    def _line(self, event: Event) -> str | None:
-        if isinstance(event, RunStarted):
-            return f"run {event.run_id}: {event.task}"
-        if isinstance(event, PlanRequested):
-            return "planning…" if event.attempt == 1 else f"planning… (repair {event.attempt - 1})"
-        if isinstance(event, PlanReady):
-            note = f" ({event.note})" if event.note else ""
-            return f"plan: {len(event.nodes)} node(s): {', '.join(n['id'] for n in event.nodes)}{note}"
-        if isinstance(event, ExpertsRecruited):
-            aggregator = f"; aggregator {event.aggregator}" if event.aggregator else ""
-            return f"{event.node}: experts {', '.join(event.experts)}{aggregator}"
-        if isinstance(event, BatchStarted):
-            return f"batch {event.batch}: {event.model} x{event.size} (wave {event.wave})"
-        if isinstance(event, ModelLoaded):
-            return f"loaded {event.model} in {event.seconds:.2f} s"
-        if isinstance(event, ModelUnloaded):
-            return f"unloaded {event.model}"
-        if isinstance(event, CallRetried):  # once per model and reason: a batch of calls fails alike
-            if (event.model, event.reason) in self._retries_shown:
-                return None
-            self._retries_shown.add((event.model, event.reason))
-            return f"retrying {event.model} (failed attempt {event.attempt}, next in {event.wait_s:.1f} s): {event.reason}"
-        if isinstance(event, SkillExtractionFailed):
-            return f"{event.node}: warning: no skills found ({event.reason}); recruited without skills"
-        if isinstance(event, NodeDone):
-            return f"{event.node}: done"
-        if isinstance(event, NodeFailed):
-            return f"{event.node}: FAILED: {event.error}"
-        if isinstance(event, NodeSkipped):
-            return f"{event.node}: skipped ({event.reason})"
-        if isinstance(event, RunDone):
-            return f"run {event.run_id} {event.status} in {event.elapsed_s:.1f} s"
-        if isinstance(event, CallDone) and self.verbose:
-            return f"{event.model} · {event.purpose}\n{_call_text(event)}"
-        return None
+    def _release(self) -> None:
+        """Write the held lines: a call came back answered, or the run ended."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self.stream.write("".join(held))
+
+    def on_run_started(self, event: RunStarted) -> str:
+        return f"run {event.run_id}: {event.task}"
+
+    def on_plan_requested(self, event: PlanRequested) -> str:
+        return "planning…" if event.attempt == 1 else f"planning… (repair {event.attempt - 1})"
+
+    def on_plan_ready(self, event: PlanReady) -> str:
+        note = f" ({event.note})" if event.note else ""
+        return f"plan: {len(event.nodes)} node(s): {', '.join(n['id'] for n in event.nodes)}{note}"
+
+    def on_experts_recruited(self, event: ExpertsRecruited) -> str:
+        aggregator = f"; aggregator {event.aggregator}" if event.aggregator else ""
+        return f"{event.node}: experts {', '.join(event.experts)}{aggregator}"
+
+    def on_batch_started(self, event: BatchStarted) -> str:
+        return f"batch {event.batch}: {event.model} x{event.size} (wave {event.wave})"
+
+    def on_model_loaded(self, event: ModelLoaded) -> str:
+        return f"loaded {event.model} in {event.seconds:.2f} s"
+
+    def on_model_unloaded(self, event: ModelUnloaded) -> str:
+        return f"unloaded {event.model}"
+
+    def on_call_retried(self, event: CallRetried) -> str | None:
+        """Once per model and reason: a batch of calls fails alike."""
+        if (event.model, event.reason) in self._retries_shown:
+            return None
+        self._retries_shown.add((event.model, event.reason))
+        return f"retrying {event.model} (failed attempt {event.attempt}, next in {event.wait_s:.1f} s): {event.reason}"
+
+    def on_skill_extraction_failed(self, event: SkillExtractionFailed) -> str:
+        return f"{event.node}: warning: no skills found ({event.reason}); recruited without skills"
+
+    def on_node_done(self, event: NodeDone) -> str:
+        return f"{event.node}: done"
+
+    def on_node_failed(self, event: NodeFailed) -> str:
+        return f"{event.node}: FAILED: {event.error}"
+
+    def on_node_skipped(self, event: NodeSkipped) -> str:
+        return f"{event.node}: skipped ({event.reason})"
+
+    def on_call_done(self, event: CallDone) -> str | None:
+        if event.error is None:
+            self._release()
+        return f"{event.model} · {event.purpose}\n{_call_text(event)}" if self.verbose else None
+
+    def on_calls_resolved(self, event: CallsResolved) -> None:
+        self._release()
+
+    def on_run_done(self, event: RunDone) -> str | None:
+        """A run that failed for a user's reason before any answer drops the held lines, its own too."""
+        if self._held is not None and event.user_error:
+            self._held = None
+            return None
+        self._release()
+        return f"run {event.run_id} {event.status} in {event.elapsed_s:.1f} s"
 
 
 def _call_text(event: CallDone) -> str:
@@ -317,8 +368,8 @@ def print_result(console: Console, result: RunResult, *, rich_output: bool, erro
     if result.answer:
         console.print(Text(result.answer), soft_wrap=not rich_output)
     if result.status != "done":
-        (errors or console).print(Text(f"error: run {result.run_id} {result.status}: {result.error or ''}".rstrip(),
-                                       style="red" if rich_output else ""), soft_wrap=True)
+        (errors or console).print(Text(f"error: {run_error(result)}", style="red" if rich_output else ""),
+                                  soft_wrap=True)
 
 
 def summary_line(result: RunResult) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 os.environ["ORCHESTRA_ALLOW_MODEL_REQUESTS"] = "0"
 
-from orchestra.loopback import Handler, LoopbackServer  # noqa: E402
+from orchestra.testing import Handler, LoopbackServer  # noqa: E402
 from orchestra.models import base  # noqa: E402
 
 base.ALLOW_MODEL_REQUESTS = False

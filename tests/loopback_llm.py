@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestra.loopback import LoopbackRequest, Reply, chat_handler
+from orchestra.testing import LoopbackRequest, Reply, chat_handler
 
 from helpers import AGGREGATE_MARK, FINAL_MARK, KEYWORDS_MARK, PLANNER_MARK
 

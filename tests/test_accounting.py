@@ -13,7 +13,7 @@ import pytest
 
 from orchestra import Agent, Budget, Orchestra, Pool
 from orchestra.execute import Executor, RunLedger
-from orchestra.loopback import LoopbackRequest, Reply, chat_handler, error_reply
+from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply
 from orchestra.matching import EmbeddingMatcher
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.store import RunStore

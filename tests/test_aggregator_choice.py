@@ -20,7 +20,7 @@ from orchestra.profile import Provenance, SkillProfile
 from orchestra.profiling import build_profiles
 from orchestra.recruit import RecruitConfig, Recruiter, SkillTable, choose_aggregator, node_aggregator
 from orchestra.settings import RunSpec
-from orchestra.simulation import simulated_pool
+from orchestra.testing.simulation import simulated_pool
 
 from helpers import kind_of
 from loopback_llm import ScriptedLLM, write_pool

@@ -17,7 +17,7 @@ from helpers import KEYWORDS_MARK
 from loopback_llm import write_pool
 from test_cli import cli
 
-from orchestra.loopback import LoopbackRequest, Reply, chat_handler, openai_reply
+from orchestra.testing import LoopbackRequest, Reply, chat_handler, openai_reply
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 KEY = "sk-chaos-0123456789abcdef"

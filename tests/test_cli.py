@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestra.loopback import error_reply
+from orchestra.testing import error_reply
 
 from loopback_llm import ScriptedLLM, write_pool
 

@@ -17,7 +17,7 @@ import pytest
 
 from orchestra import Orchestra
 from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, StoreError
-from orchestra.loopback import Reply, chat_handler, error_reply, openai_reply
+from orchestra.testing import Reply, chat_handler, error_reply, openai_reply
 from orchestra.models import ChatRequest, OpenAICompatible
 from orchestra.store import APPLICATION_ID, LEASE_SECONDS, SCHEMA_VERSION, RunStore
 

@@ -13,7 +13,7 @@ import pexpect
 import pytest
 
 from orchestra import Orchestra
-from orchestra.loopback import Reply, error_reply
+from orchestra.testing import Reply, error_reply
 from orchestra.models import FunctionModel
 from orchestra.pipeline.planning import content_words, is_simple_task, off_topic_steps
 from orchestra.plan import Plan

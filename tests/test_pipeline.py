@@ -11,6 +11,7 @@ from orchestra import Budget, Orchestra, Plan
 from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.errors import BadResponse, ConfigError
+from orchestra.hints import run_hint
 
 from helpers import kind_of, plan_json, scripted_pool
 
@@ -146,8 +147,9 @@ def test_budget_stops_dispatch_and_says_how_to_raise_it() -> None:
     pool, models = scripted_pool(plan=plan_json(("a", []), ("b", ["a"])))
     result = Orchestra(pool, k=3, budget=Budget(max_calls=4)).run("expensive")
     assert result.status == "budget_exceeded"
-    assert "budget max_calls=4 reached" in result.error and "--max-calls" in result.error
-    assert f"orchestra resume {result.run_id}" in result.error
+    assert result.error.startswith("budget max_calls=4 reached") and "--max-calls" not in result.error  # library words
+    assert f"--max-calls (or budget.max_calls in the workflow) and run `orchestra resume {result.run_id}`" in run_hint(
+        result)
     sent = sum(len(m.requests) for m in models.values())
     assert sent == 4 and result.usage.calls == 4
 

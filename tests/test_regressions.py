@@ -16,7 +16,7 @@ from orchestra import Orchestra
 from orchestra.pipeline.aggregation import Response, refine_prompt, synthesize_prompt, vote
 from orchestra.datasets import Dataset
 from orchestra.grading import NumericGrader
-from orchestra.loopback import error_reply
+from orchestra.testing import error_reply
 from orchestra.models import ChatRequest
 from orchestra.profiling import build_profiles
 from orchestra.recruit import RecruitConfig

@@ -11,7 +11,7 @@ import pytest
 from orchestra import Orchestra
 from orchestra.pipeline.aggregation import Response, vote
 from orchestra.grading import AutoGrader, MultipleChoiceGrader
-from orchestra.loopback import chat_handler
+from orchestra.testing import chat_handler
 from orchestra.models import ChatResult
 from orchestra.skills import SkillExtractor
 

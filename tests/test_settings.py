@@ -12,7 +12,7 @@ from orchestra import KeywordConfig, Orchestra
 from orchestra.agents import Pool
 from orchestra.settings import Settings
 from orchestra.errors import ConfigError
-from orchestra.loopback import LoopbackRequest, Reply, chat_handler
+from orchestra.testing import LoopbackRequest, Reply, chat_handler
 from orchestra.store import RunStore
 from orchestra.workflow import Workflow, orchestra_for
 

@@ -17,7 +17,7 @@ import pytest
 
 from orchestra import Budget, Orchestra
 from orchestra.errors import BadResponse, StoreError
-from orchestra.loopback import LoopbackRequest, Reply
+from orchestra.testing import LoopbackRequest, Reply
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.store import RunStore
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from orchestra.loopback import Reply
+from orchestra.testing import Reply
 
 from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli

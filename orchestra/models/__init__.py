@@ -5,9 +5,9 @@ from orchestra.models.base import HeavyModel, Model, ModelBase, allow_model_requ
 from orchestra.models.llamacpp import LlamaCpp
 from orchestra.models.openai import OpenAICompatible
 from orchestra.models.pricing import PRICES, Price, price_for
-from orchestra.models.testing import FunctionModel, ScriptedModel
 from orchestra.models.types import ChatRequest, ChatResult, Message, Usage
 from orchestra.models.vllm import VLLM
+from orchestra.testing.doubles import FunctionModel, ScriptedModel
 
 __all__ = [
     "PRICES",

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from orchestra.errors import BadResponse, RequestRejected
 from orchestra.models.base import ModelBase
-from orchestra.models.http import display_url, shared_endpoint
+from orchestra.models.http import CallPolicy, Endpoint, display_url, endpoint_for
 from orchestra.models.openai import reported_usage
 from orchestra.models.pricing import Price, coerce_price
 from orchestra.models.structured import with_instructions
@@ -31,13 +31,14 @@ class Anthropic(ModelBase):
         base_url: the API root (before ``/v1/messages``).
         api_key_env: the environment variable holding the key.
         max_tokens: the answer limit when a request sets none (the API requires one).
-        max_concurrency, rpm, timeout, deadline, max_attempts, prices, name: as for ``OpenAICompatible``.
+        endpoint, max_concurrency, rpm, timeout, deadline, max_attempts, prices, name: as for
+            ``OpenAICompatible``.
     """
 
     counts_requests = True  # the endpoint counts every attempt it sends
 
     def __init__(self, *, model: str, base_url: str = ANTHROPIC_URL, api_key_env: str | None = "ANTHROPIC_API_KEY",
-                 max_tokens: int = 1024, max_concurrency: int | None = None, rpm: float | None = None,
+                 max_tokens: int = 1024, endpoint: Endpoint | None = None, max_concurrency: int | None = None, rpm: float | None = None,
                  timeout: float | None = None, deadline: float | None = None, max_attempts: int | None = None,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  name: str | None = None) -> None:
@@ -45,10 +46,17 @@ class Anthropic(ModelBase):
         self.name = name or model
         self.default_max_tokens = max_tokens
         self.price = coerce_price(prices, model)
-        self.endpoint = shared_endpoint(base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm,
-                                        timeout=timeout, max_attempts=max_attempts, headers=_headers,
-                                        deadline=deadline)
+        self.endpoint = endpoint_for(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm)
+        self.policy = CallPolicy.of(timeout=timeout, deadline=deadline, max_attempts=max_attempts)
         self.json_mode: Literal["tool", "prompt"] = "tool"
+
+    async def aclose(self) -> None:
+        """Close the endpoint's connections in this event loop."""
+        await self.endpoint.aclose()
+
+    async def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self.endpoint.post_json("/v1/messages", payload, model=self.model, headers=_headers,
+                                             policy=self.policy)
 
     @property
     def identity(self) -> str:
@@ -63,11 +71,11 @@ class Anthropic(ModelBase):
         if mode == "tool" and request.output_schema is None:
             mode = "prompt"
         try:
-            body = await self.endpoint.post_json("/v1/messages", self._payload(request, mode), model=self.model)
+            body = await self._post(self._payload(request, mode))
         except RequestRejected:
             if mode != "tool":
                 raise
-            body = await self.endpoint.post_json("/v1/messages", self._payload(request, "prompt"), model=self.model)
+            body = await self._post(self._payload(request, "prompt"))
             self.json_mode = "prompt"  # remembered only once the fallback has worked
         return self._result(body)
 

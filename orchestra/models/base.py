@@ -103,6 +103,9 @@ class ModelBase(abc.ABC):
     #: otherwise each generation counts as one request.
     counts_requests: ClassVar[bool] = False
 
+    async def aclose(self) -> None:
+        """Release what the model holds open (an endpoint's connections); nothing by default."""
+
     @abc.abstractmethod
     async def _generate(self, request: ChatRequest) -> ChatResult:
         """One raw completion. Structured requests may come back unparsed; the base parses them."""

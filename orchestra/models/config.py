@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -9,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestra.models.anthropic import ANTHROPIC_URL, Anthropic
 from orchestra.models.base import Model
-from orchestra.models.http import check_base_url
+from orchestra.models.http import Endpoint, check_base_url
 from orchestra.models.openai import OPENAI_URL, OpenAICompatible
 from orchestra.models.pricing import Price
 
@@ -41,11 +42,16 @@ class OpenAISpec(_RemoteSpec):
     prices: Price | None = None
     extra_body: dict[str, Any] = {}
 
-    def build(self, name: str, base_dir: Path) -> Model:
-        return OpenAICompatible(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
-                                max_concurrency=self.max_concurrency, rpm=self.rpm, timeout=self.timeout,
-                                deadline=self.deadline, max_attempts=self.max_attempts, prices=self.prices, name=name,
-                                extra_body=self.extra_body)
+    def key_env(self) -> str | None:
+        """The key variable (``auto``: ``OPENAI_API_KEY`` for api.openai.com, none elsewhere)."""
+        if self.api_key_env == "auto":
+            return "OPENAI_API_KEY" if self.base_url.rstrip("/") == OPENAI_URL else None
+        return self.api_key_env
+
+    def build(self, name: str, base_dir: Path, endpoint: Endpoint) -> Model:
+        return OpenAICompatible(model=self.model, endpoint=endpoint, api_key_env=self.key_env(),
+                                timeout=self.timeout, deadline=self.deadline, max_attempts=self.max_attempts,
+                                prices=self.prices, name=name, extra_body=self.extra_body)
 
 
 class AnthropicSpec(_RemoteSpec):
@@ -63,11 +69,13 @@ class AnthropicSpec(_RemoteSpec):
     max_attempts: int | None = Field(default=None, ge=1)
     prices: Price | None = None
 
-    def build(self, name: str, base_dir: Path) -> Model:
-        return Anthropic(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
-                         max_tokens=self.max_tokens, max_concurrency=self.max_concurrency, rpm=self.rpm,
-                         timeout=self.timeout, deadline=self.deadline, max_attempts=self.max_attempts,
-                         prices=self.prices, name=name)
+    def key_env(self) -> str | None:
+        """The key variable."""
+        return self.api_key_env
+
+    def build(self, name: str, base_dir: Path, endpoint: Endpoint) -> Model:
+        return Anthropic(model=self.model, endpoint=endpoint, max_tokens=self.max_tokens, timeout=self.timeout,
+                         deadline=self.deadline, max_attempts=self.max_attempts, prices=self.prices, name=name)
 
 
 class LlamaCppSpec(_Spec):
@@ -110,3 +118,29 @@ class VLLMSpec(_Spec):
 
 
 ModelSpec = Annotated[OpenAISpec | AnthropicSpec | LlamaCppSpec | VLLMSpec, Field(discriminator="type")]
+
+
+def build_models(specs: Mapping[str, ModelSpec], base_dir: Path) -> dict[str, Model]:
+    """The models of a pool file, remote ones given one ``Endpoint`` per server (base URL and key
+    variable), made before any model: models on one server share its connections and limits.
+
+    When several models of one server set ``max_concurrency`` or ``rpm``, the smallest wins (no
+    model gets more than it asked for); each model keeps its own timeout, deadline and attempts.
+    """
+    remote = {name: spec for name, spec in specs.items() if isinstance(spec, (OpenAISpec, AnthropicSpec))}
+    servers: dict[tuple[str, str | None], list[OpenAISpec | AnthropicSpec]] = {}
+    for spec in remote.values():
+        servers.setdefault((spec.base_url.rstrip("/"), spec.key_env()), []).append(spec)
+    endpoints: dict[tuple[str, str | None], Endpoint] = {}
+    for (url, key_env), group in servers.items():
+        concurrency = [s.max_concurrency for s in group if s.max_concurrency is not None]
+        rpms = [s.rpm for s in group if s.rpm is not None]
+        endpoints[(url, key_env)] = Endpoint(url, api_key_env=key_env, rpm=min(rpms) if rpms else None,
+                                             **({"max_concurrency": min(concurrency)} if concurrency else {}))
+    models: dict[str, Model] = {}
+    for name, spec in specs.items():
+        if isinstance(spec, (OpenAISpec, AnthropicSpec)):
+            models[name] = spec.build(name, base_dir, endpoints[(spec.base_url.rstrip("/"), spec.key_env())])
+        else:
+            models[name] = spec.build(name, base_dir)
+    return models

@@ -1,4 +1,4 @@
-"""HTTP endpoints shared by every model that talks to them: one pool, one limit, retries with backoff."""
+"""HTTP endpoints: one server's shared connections and limits, given to its models; retries with backoff."""
 
 from __future__ import annotations
 
@@ -96,25 +96,68 @@ class _LoopState:
         return min(range(len(self.busy)), key=self.busy.__getitem__)
 
 
-@dataclass
-class Endpoint:
-    """One base URL with its credentials: shared connection pool, concurrency limit and rate limit.
+@dataclass(frozen=True)
+class CallPolicy:
+    """How long and how often one model's calls may try (each model has its own; the endpoint's
+    connection and rate limits are shared).
 
-    Async resources belong to an event loop, so they are made per running loop; a sync wrapper that
-    runs ``asyncio.run`` twice gets a fresh pool the second time instead of a dead one.
+    Attributes:
+        timeout: seconds one attempt may take (the whole answer, not each read).
+        deadline: seconds one call may take, every attempt and retry wait included.
+        max_attempts: attempts per call, retries included.
+        max_wait: the longest wait between attempts (a longer ``Retry-After`` fails at once).
     """
 
-    base_url: str
-    api_key_env: str | None
-    max_concurrency: int = 16
-    rpm: float | None = None
     timeout: float = 120.0
     deadline: float = 300.0
     max_attempts: int = 4
     max_wait: float = 60.0
-    headers: Callable[[str | None], dict[str, str]] = field(default=lambda key: {})
-    concurrency_set: bool = False
-    _states: dict[int, tuple[asyncio.AbstractEventLoop, _LoopState]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, *, timeout: float | None = None, deadline: float | None = None,
+           max_attempts: int | None = None) -> CallPolicy:
+        """A policy with the given values, the defaults for the rest."""
+        given = {"timeout": timeout, "deadline": deadline, "max_attempts": max_attempts}
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+class Endpoint:
+    """One server (base URL and API key variable) with the limits every model on it shares.
+
+    Made once and given to each model that talks to the server (a pool file makes one per
+    server): its limits are fixed when it is made, so they hold whatever the order in which
+    models are made or event loops started. Async resources belong to an event loop, so the
+    connection pool is made per running loop (a sync wrapper that runs ``asyncio.run`` twice gets
+    a fresh one), always from the same limits.
+
+    Args:
+        base_url: the API root (``http(s)://host.../v1``).
+        api_key_env: the environment variable holding the key; None sends no key.
+        max_concurrency: requests in flight at once, over every model on this endpoint.
+        rpm: requests started per minute, over every model on this endpoint.
+    """
+
+    def __init__(self, base_url: str, *, api_key_env: str | None = None, max_concurrency: int = 16,
+                 rpm: float | None = None) -> None:
+        try:
+            check_base_url(base_url)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if max_concurrency < 1 or (rpm is not None and rpm <= 0):
+            raise ConfigError(f"{display_url(base_url)}: max_concurrency must be >= 1 and rpm > 0")
+        self._base_url = base_url.rstrip("/")
+        self._api_key_env = api_key_env
+        self._max_concurrency = max_concurrency
+        self._rpm = rpm
+        self._states: dict[int, tuple[asyncio.AbstractEventLoop, _LoopState]] = {}
+
+    base_url = property(lambda self: self._base_url, doc="The API root, without a trailing slash.")
+    api_key_env = property(lambda self: self._api_key_env, doc="The variable holding the key (None: no key).")
+    max_concurrency = property(lambda self: self._max_concurrency, doc="Requests in flight at once.")
+    rpm = property(lambda self: self._rpm, doc="Requests started per minute (None: unlimited).")
+
+    def __repr__(self) -> str:
+        return f"Endpoint({display_url(self._base_url)!r}, max_concurrency={self._max_concurrency}, rpm={self._rpm})"
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -122,19 +165,28 @@ class Endpoint:
         if entry is None or entry[0] is not loop:
             for key in [k for k, (other, _) in self._states.items() if other.is_closed()]:
                 del self._states[key]
-            shards = -(-self.max_concurrency // CONNECTIONS_PER_CLIENT)
-            per_client = -(-self.max_concurrency // shards)
+            shards = -(-self._max_concurrency // CONNECTIONS_PER_CLIENT)
+            per_client = -(-self._max_concurrency // shards)
             limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
             state = _LoopState(
-                clients=[httpx.AsyncClient(timeout=httpx.Timeout(self.timeout), limits=limits)
-                         for _ in range(shards)],
-                semaphore=asyncio.Semaphore(self.max_concurrency),
-                limiter=RateLimiter(self.rpm) if self.rpm else None,
+                clients=[httpx.AsyncClient(timeout=None, limits=limits) for _ in range(shards)],
+                semaphore=asyncio.Semaphore(self._max_concurrency),
+                limiter=RateLimiter(self._rpm) if self._rpm else None,
                 busy=[0] * shards,
             )
             self._states[id(loop)] = (loop, state)
             return state
         return entry[1]
+
+    async def aclose(self) -> None:
+        """Close this endpoint's connections in the running event loop (those of loops already
+        closed are dropped); the next request opens new ones."""
+        loop = asyncio.get_running_loop()
+        for key, (owner, state) in list(self._states.items()):
+            if owner is loop:
+                await asyncio.gather(*(client.aclose() for client in state.clients))
+            if owner is loop or owner.is_closed():
+                del self._states[key]
 
     @property
     def peak_in_flight(self) -> int:
@@ -143,34 +195,36 @@ class Endpoint:
 
     def api_key(self) -> str | None:
         """The key from the environment; a missing variable is an ``AuthenticationError``."""
-        if not self.api_key_env:
+        if not self._api_key_env:
             return None
-        key = os.environ.get(self.api_key_env)
+        key = os.environ.get(self._api_key_env)
         if not key:
             raise AuthenticationError(
-                f"environment variable {self.api_key_env} is not set; export it to use {display_url(self.base_url)}")
+                f"environment variable {self._api_key_env} is not set; export it to use {display_url(self._base_url)}")
         return key
 
-    async def post_json(self, path: str, payload: dict[str, Any], *, model: str) -> dict[str, Any]:
+    async def post_json(self, path: str, payload: dict[str, Any], *, model: str,
+                        headers: Callable[[str | None], dict[str, str]], policy: CallPolicy) -> dict[str, Any]:
         """POST ``payload`` and return the JSON body, retrying what is worth retrying.
 
-        Each attempt is bounded by ``timeout`` (the whole answer, not each read), and the call by
-        ``deadline`` (every attempt and wait together).
+        Each attempt is bounded by ``policy.timeout`` (the whole answer, not each read), and the
+        call by ``policy.deadline`` (every attempt and wait together). ``headers`` builds the
+        backend's headers from the key.
         """
         secret = self.api_key()
-        headers = self.headers(secret)
-        url = self.base_url.rstrip("/") + path
+        sent_headers = headers(secret)
+        url = self._base_url + path
         started = time.monotonic()
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
             retry_after = getattr(error, "retry_after", None)
-            backoff = min(self.max_wait, 0.5 * 2 ** (state.attempt_number - 1))
-            return min(self.max_wait, retry_after) if retry_after is not None else backoff
+            backoff = min(policy.max_wait, 0.5 * 2 ** (state.attempt_number - 1))
+            return min(policy.max_wait, retry_after) if retry_after is not None else backoff
 
         def stop(state: RetryCallState) -> bool:  # out of attempts, or the next one would start past the deadline
             elapsed = time.monotonic() - started
-            return state.attempt_number >= self.max_attempts or elapsed + wait(state) >= self.deadline
+            return state.attempt_number >= policy.max_attempts or elapsed + wait(state) >= policy.deadline
 
         def before_sleep(state: RetryCallState) -> None:  # only when another attempt really follows
             error = state.outcome.exception() if state.outcome else None
@@ -182,14 +236,14 @@ class Endpoint:
         try:
             async for attempt in retrying:
                 with attempt:
-                    limit = min(self.timeout, self.deadline - (time.monotonic() - started))
-                    return await self._post_once(url, payload, headers, model, secret, limit)
+                    limit = min(policy.timeout, policy.deadline - (time.monotonic() - started))
+                    return await self._post_once(url, payload, sent_headers, model, secret, limit, policy)
         except _Retryable as exhausted:
             raise exhausted.final from None
         raise AssertionError("unreachable")  # pragma: no cover - tenacity always returns or raises
 
     async def _post_once(self, url: str, payload: dict[str, Any], headers: dict[str, str],
-                         model: str, secret: str | None, limit: float) -> dict[str, Any]:
+                         model: str, secret: str | None, limit: float, policy: CallPolicy) -> dict[str, Any]:
         shown = display_url(url)
         state = self._state()
         async with state.semaphore:
@@ -206,10 +260,10 @@ class Endpoint:
             except (TimeoutError, httpx.TimeoutException) as error:
                 if isinstance(error, httpx.ConnectTimeout):
                     raise _Retryable(EndpointUnreachable(
-                        f"cannot reach {shown} (no connection within {self.timeout:g} s); is the server running?")) from None
+                        f"cannot reach {shown} (no connection within {limit:g} s); is the server running?")) from None
                 raise _Retryable(RequestTimeout(
-                    f"{shown} did not finish answering within {limit:g} s (timeout={self.timeout:g} s per attempt, "
-                    f"deadline={self.deadline:g} s per call; raise them on the model)")) from None
+                    f"{shown} did not finish answering within {limit:g} s (timeout={policy.timeout:g} s per attempt, "
+                    f"deadline={policy.deadline:g} s per call; raise them on the model)")) from None
             except httpx.ConnectError as error:
                 raise _Retryable(EndpointUnreachable(
                     f"cannot reach {shown} ({type(error).__name__}); is the server running?")) from None
@@ -219,25 +273,26 @@ class Endpoint:
             finally:
                 state.in_flight -= 1
                 state.busy[shard] -= 1
-        return self._check(response, shown, model, secret)
+        return self._check(response, shown, model, secret, policy)
 
-    def _check(self, response: httpx.Response, url: str, model: str, secret: str | None) -> dict[str, Any]:
+    def _check(self, response: httpx.Response, url: str, model: str, secret: str | None,
+               policy: CallPolicy) -> dict[str, Any]:
         status = response.status_code
         if status in (401, 403):
-            variable = self.api_key_env or "an API key variable (api_key_env)"
+            variable = self._api_key_env or "an API key variable (api_key_env)"
             raise AuthenticationError(
                 f"{url} rejected the credentials (HTTP {status}); check {variable}")
         if status in RETRY_STATUSES:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
-            if retry_after is not None and retry_after > self.max_wait:  # no point in waiting a fraction of it
+            if retry_after is not None and retry_after > policy.max_wait:  # no point in waiting a fraction of it
                 raise RateLimited(f"{url} asked to wait {retry_after:g} s before another request (HTTP {status}, "
-                                  f"Retry-After), longer than Orchestra waits ({self.max_wait:g} s); try again later")
+                                  f"Retry-After), longer than Orchestra waits ({policy.max_wait:g} s); try again later")
             if status == 429:
                 final: ModelError = RateLimited(
-                    f"{url} is still rate limiting (HTTP 429) after {self.max_attempts} attempts; "
+                    f"{url} is still rate limiting (HTTP 429) after {policy.max_attempts} attempts; "
                     "lower max_concurrency or rpm on the model")
             else:
-                final = BadResponse(f"{url} failed with HTTP {status} after {self.max_attempts} attempts: "
+                final = BadResponse(f"{url} failed with HTTP {status} after {policy.max_attempts} attempts: "
                                     f"{_error_text(response, secret)}")
             raise _Retryable(final, retry_after)
         if status >= 400:
@@ -284,35 +339,13 @@ def display_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-_REGISTRY: dict[tuple[str, str | None], Endpoint] = {}
-
-
-def shared_endpoint(base_url: str, api_key_env: str | None, *, max_concurrency: int | None,
-                    rpm: float | None, timeout: float | None, max_attempts: int | None,
-                    headers: Callable[[str | None], dict[str, str]], deadline: float | None = None) -> Endpoint:
-    """The one ``Endpoint`` for this URL and key variable, created on first use.
-
-    Settings given later tighten the shared limits (smallest concurrency and rpm win), so two
-    agents on one server never exceed what either asked for.
-    """
-    try:
-        check_base_url(base_url)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    key = (base_url.rstrip("/"), api_key_env)
-    endpoint = _REGISTRY.get(key)
+def endpoint_for(endpoint: Endpoint | None, base_url: str, api_key_env: str | None, *,
+                 max_concurrency: int | None, rpm: float | None) -> Endpoint:
+    """The endpoint a model is given, or (without one) a private endpoint for ``base_url`` with
+    these limits. Limits belong to the shared endpoint: given with one, they are refused."""
     if endpoint is None:
-        endpoint = _REGISTRY[key] = Endpoint(base_url=key[0], api_key_env=api_key_env, headers=headers)
-    if max_concurrency is not None:
-        endpoint.max_concurrency = (min(endpoint.max_concurrency, max_concurrency)
-                                    if endpoint.concurrency_set else max_concurrency)
-        endpoint.concurrency_set = True
-    if rpm is not None:
-        endpoint.rpm = min(endpoint.rpm, rpm) if endpoint.rpm else rpm
-    if timeout is not None:
-        endpoint.timeout = timeout
-    if deadline is not None:
-        endpoint.deadline = deadline
-    if max_attempts is not None:
-        endpoint.max_attempts = max_attempts
+        return Endpoint(base_url, api_key_env=api_key_env, rpm=rpm,
+                        **({} if max_concurrency is None else {"max_concurrency": max_concurrency}))
+    if max_concurrency is not None or rpm is not None:
+        raise ConfigError(f"max_concurrency and rpm are limits of the shared endpoint {endpoint!r}; set them there")
     return endpoint

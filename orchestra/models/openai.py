@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from orchestra.errors import BadResponse, RequestRejected
 from orchestra.models.base import ModelBase
-from orchestra.models.http import display_url, shared_endpoint
+from orchestra.models.http import CallPolicy, Endpoint, display_url, endpoint_for
 from orchestra.models.pricing import Price, coerce_price
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -37,8 +37,10 @@ class OpenAICompatible(ModelBase):
         base_url: the API root, ending before ``/chat/completions``.
         api_key_env: the environment variable holding the key; ``None`` sends no key. It defaults
             to ``OPENAI_API_KEY`` for api.openai.com and to no key elsewhere.
-        max_concurrency: requests in flight at once on this endpoint (shared by its models).
-        rpm: requests started per minute on this endpoint.
+        endpoint: the server, shared with other models on it (its limits are theirs too); without
+            one, the model gets an endpoint of its own for ``base_url`` and ``api_key_env``.
+        max_concurrency: requests in flight at once, for a model without a shared ``endpoint``.
+        rpm: requests started per minute, for a model without a shared ``endpoint``.
         timeout: seconds one attempt may take (the whole answer, not each read).
         deadline: seconds one call may take, every attempt and retry wait included (default 300).
         max_attempts: attempts per request, retries included.
@@ -50,20 +52,24 @@ class OpenAICompatible(ModelBase):
     counts_requests = True  # the endpoint counts every attempt it sends
 
     def __init__(self, *, model: str, base_url: str = OPENAI_URL, api_key_env: str | None | Literal["auto"] = "auto",
-                 max_concurrency: int | None = None, rpm: float | None = None, timeout: float | None = None,
+                 endpoint: Endpoint | None = None, max_concurrency: int | None = None, rpm: float | None = None, timeout: float | None = None,
                  deadline: float | None = None,
                  max_attempts: int | None = None, prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  name: str | None = None, extra_body: Mapping[str, Any] | None = None) -> None:
         if api_key_env == "auto":
-            api_key_env = "OPENAI_API_KEY" if base_url.rstrip("/") == OPENAI_URL else None
+            api_key_env = "OPENAI_API_KEY" if (endpoint.base_url if endpoint else base_url.rstrip("/")) == OPENAI_URL \
+                else None
         self.model = model
         self.name = name or model
         self.price = coerce_price(prices, model)
         self.extra_body = dict(extra_body or {})
-        self.endpoint = shared_endpoint(base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm,
-                                        timeout=timeout, max_attempts=max_attempts, headers=_headers,
-                                        deadline=deadline)
+        self.endpoint = endpoint_for(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm)
+        self.policy = CallPolicy.of(timeout=timeout, deadline=deadline, max_attempts=max_attempts)
         self.json_mode: JsonMode = "json_schema"
+
+    async def aclose(self) -> None:
+        """Close the endpoint's connections in this event loop."""
+        await self.endpoint.aclose()
 
     @property
     def identity(self) -> str:
@@ -80,7 +86,7 @@ class OpenAICompatible(ModelBase):
         while True:
             try:
                 body = await self.endpoint.post_json("/chat/completions", self._payload(request, mode),
-                                                     model=self.model)
+                                                     model=self.model, headers=bearer_headers, policy=self.policy)
             except RequestRejected:
                 following = _FALLBACK[mode] if mode else None
                 if following is None:
@@ -125,5 +131,6 @@ class OpenAICompatible(ModelBase):
                                                reported.get("completion_tokens"), text))
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
+def bearer_headers(api_key: str | None) -> dict[str, str]:
+    """The OpenAI-style ``Authorization: Bearer`` header (none without a key)."""
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}

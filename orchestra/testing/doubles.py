@@ -1,4 +1,4 @@
-"""Test doubles: models whose answers are scripted, so tests and examples run without any LLM."""
+"""Model doubles: models whose answers are scripted, so tests and examples run without any LLM."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import inspect
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from orchestra.errors import BadResponse
-from orchestra.models.base import ModelBase
+from orchestra.models.base import ModelBase, Outcome
 from orchestra.models.openai import estimate_tokens
 from orchestra.models.pricing import Price, coerce_price
 from orchestra.models.types import ChatRequest, ChatResult
 
-Reply = str | dict | list | ChatResult | Exception
+ScriptedReply = str | dict | list | ChatResult | Exception
 """A scripted answer: text, a JSON value (sent as its JSON text), a full result, or an error to raise."""
 
 
@@ -25,8 +25,8 @@ class DoubleBase(ModelBase):
 
     is_test_double = True
 
-    def __init__(self, *, name: str, heavy: bool = False, load_seconds: float = 0.0,
-                 memory_bytes: int = 0, prices: Price | Mapping[str, float] | tuple[float, float] | None = None) -> None:
+    def __init__(self, *, name: str, heavy: bool = False, load_seconds: float = 0.0, memory_bytes: int = 0,
+                 prices: Price | Mapping[str, float] | tuple[float, float] | None = None) -> None:
         self.name = name
         self.heavy = heavy
         self.load_seconds = load_seconds
@@ -57,7 +57,7 @@ class DoubleBase(ModelBase):
         self.unloads += 1
         self._loaded = False
 
-    async def complete_each(self, requests: Sequence[ChatRequest]):  # type: ignore[override]
+    async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
         """As the base, but a heavy double refuses to generate while unloaded."""
         if self.heavy and not self._loaded:
             raise RuntimeError(f"{self.name} asked to generate while not loaded")
@@ -65,7 +65,7 @@ class DoubleBase(ModelBase):
         async for outcome in super().complete_each(requests):
             yield outcome
 
-    def _result(self, request: ChatRequest, reply: Reply) -> ChatResult:
+    def _result(self, request: ChatRequest, reply: ScriptedReply) -> ChatResult:
         if isinstance(reply, Exception):
             raise reply
         if isinstance(reply, ChatResult):
@@ -85,8 +85,9 @@ class ScriptedModel(DoubleBase):
         name, heavy, load_seconds, memory_bytes, prices: as for every double.
     """
 
-    def __init__(self, replies: Sequence[Reply] | Mapping[str, Reply] = (), *, default: Reply | None = None,
-                 name: str = "scripted", heavy: bool = False, load_seconds: float = 0.0, memory_bytes: int = 0,
+    def __init__(self, replies: Sequence[ScriptedReply] | Mapping[str, ScriptedReply] = (), *,
+                 default: ScriptedReply | None = None, name: str = "scripted", heavy: bool = False,
+                 load_seconds: float = 0.0, memory_bytes: int = 0,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None) -> None:
         super().__init__(name=name, heavy=heavy, load_seconds=load_seconds, memory_bytes=memory_bytes,
                          prices=prices)
@@ -98,7 +99,7 @@ class ScriptedModel(DoubleBase):
         self.requests.append(request)
         return self._result(request, self._pick(request))
 
-    def _pick(self, request: ChatRequest) -> Reply:
+    def _pick(self, request: ChatRequest) -> ScriptedReply:
         if self.by_pattern is not None:
             prompt = request.prompt_text()
             for pattern, reply in self.by_pattern.items():
@@ -112,7 +113,7 @@ class ScriptedModel(DoubleBase):
                           f"#{len(self.requests)}: {request.prompt_text()[:80]!r}")
 
 
-ReplyFunction = Callable[[ChatRequest], Reply | Awaitable[Reply]]
+ReplyFunction = Callable[[ChatRequest], ScriptedReply | Awaitable[ScriptedReply]]
 
 
 class FunctionModel(DoubleBase):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from orchestra.agents import Agent, Pool
 from orchestra.datasets import Dataset, Item
-from orchestra.models import ChatRequest, FunctionModel
+from orchestra.models.types import ChatRequest
+from orchestra.testing.doubles import FunctionModel
 
 SKILLS = ("algebra", "geometry", "genetics", "organic chemistry", "mechanics", "european history",
           "python programming", "microeconomics")
@@ -111,13 +112,13 @@ class SimulatedPool:
 
     def pool(self) -> Pool:
         """The agents as a ``Pool`` of ``FunctionModel``s, plus the keyword LLM as planner."""
-        agents = []
-        for name in self.agents:
-            model = FunctionModel(lambda request, name=name: self.answer(name, request.prompt_text()), name=name)
-            agents.append(Agent(name=name, model=model))
+        def expert(name: str) -> FunctionModel:
+            return FunctionModel(lambda request: self.answer(name, request.prompt_text()), name=name)
 
-        def keyword_llm(request: ChatRequest) -> object:
+        def keyword_llm(request: ChatRequest) -> dict[str, list[str]]:
             return self.keywords(request.prompt_text(), request.seed)
+
+        agents = [Agent(name=name, model=expert(name)) for name in self.agents]
 
         return Pool(agents=agents, planner=FunctionModel(keyword_llm, name="keyword-llm"), name="simulated")
 

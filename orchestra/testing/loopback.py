@@ -7,7 +7,7 @@ records the peak number in flight.
     with LoopbackServer(chat_handler(lambda req: "42")) as server:
         model = OpenAICompatible(model="m", base_url=server.url + "/v1")
 
-Run ``python -m orchestra.loopback --delay 0.02`` to serve a fixed answer from another process.
+Run ``python -m orchestra.testing --delay 0.02`` to serve a fixed answer from another process.
 """
 
 from __future__ import annotations
@@ -290,7 +290,3 @@ def main() -> None:
     server = LoopbackServer(chat_handler(lambda _: args.text, delay=args.delay), port=args.port).start()
     print(server.url, flush=True)
     threading.Event().wait()
-
-
-if __name__ == "__main__":
-    main()

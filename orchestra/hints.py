@@ -1,0 +1,64 @@
+"""Command-line wording for errors: the flags and commands that fix them.
+
+The library's messages say what went wrong in library terms; the command line prints them with
+the advice a shell user can act on (``--max-calls``, ``--store``, ``orchestra resume RUN_ID``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from orchestra.errors import BudgetExceeded, OrchestraError, RunHeld, RunNotFound, StoreUnusable
+from orchestra.result import RunResult
+
+#: The command-line flag that sets each ``Budget`` limit.
+BUDGET_FLAGS = {"max_calls": "--max-calls", "max_cost_usd": "--max-cost", "max_tokens": "--max-tokens"}
+
+
+def _raise_budget(limit: str, run_id: str | None) -> str:
+    if run_id is None:
+        return (f"raise budget.{limit} in the workflow (or {BUDGET_FLAGS[limit]}); each unfinished item's run can be "
+                "finished with `orchestra resume RUN_ID`")
+    return (f"raise it with {BUDGET_FLAGS[limit]} (or budget.{limit} in the workflow) and run "
+            f"`orchestra resume {run_id}` to finish")
+
+
+def budget_hint(message: str, run_id: str | None) -> str | None:
+    """The advice for the budget stop ``message`` describes (it starts with a ``BudgetExceeded``'s
+    text): the flag that raises the limit it names, and how to finish the stopped run ``run_id`` or,
+    when None, a data set's unfinished items. None when it names no limit."""
+    limit = next((limit for limit in BUDGET_FLAGS if f"budget {limit}=" in message), None)
+    return _raise_budget(limit, run_id) if limit is not None else None
+
+
+_MESSAGES: dict[type[OrchestraError], Callable[[Any], str]] = {
+    BudgetExceeded: lambda error: f"{error}; {_raise_budget(error.limit, error.run_id)}",
+    StoreUnusable: lambda error: f"{error.problem}; {error.remedy('choose another file with --store')}",
+    RunHeld: lambda error: (f"{error.problem}; wait for it to end, or if that process is gone, "
+                            f"`orchestra resume {error.run_id} --force`"),
+    RunNotFound: lambda error: f"{error.problem}; `orchestra runs` lists them",
+}
+
+
+def cli_message(error: OrchestraError) -> str:
+    """``error`` as the command line prints it, on one line: what went wrong, then what to do in flags
+    and commands."""
+    for kind in type(error).__mro__:
+        message = _MESSAGES.get(kind)
+        if message is not None:
+            return " ".join(message(error).split())
+    return str(error)
+
+
+def run_hint(result: RunResult) -> str | None:
+    """For a run its budget stopped: the flag that raises the limit and the command that finishes
+    the run. None for any other run."""
+    return budget_hint(result.error or "", result.run_id) if result.status == "budget_exceeded" else None
+
+
+def run_error(result: RunResult) -> str:
+    """Why a run did not finish, as the command line prints it: ``run ID STATUS: error; advice``."""
+    line = f"run {result.run_id} {result.status}: {result.error or ''}".rstrip()
+    hint = run_hint(result)
+    return f"{line}; {hint}" if hint else line
