@@ -97,7 +97,8 @@ async def naive(pool: Pool, experts: list[list[str]], aggregator: str) -> tuple[
     return time.perf_counter() - started, loads
 
 
-def ideal(experts: list[list[str]], pool: Pool, load_s: float, per_request: float, per_batch: float) -> tuple[float, int]:
+def ideal(experts: list[list[str]], pool: Pool, load_s: float, per_request: float,
+          per_batch: float) -> tuple[float, int]:
     """Each model used loaded once with all its requests in one batch, then the aggregator's batch."""
     per_model = Counter(pool[name].model.name for names in experts for name in names)
     expert_time = sum(load_s + per_batch + n * per_request for n in per_model.values())

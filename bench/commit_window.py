@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestra import Orchestra, Pool
-from orchestra.testing import LoopbackRequest, LoopbackServer, chat_handler
 from orchestra.models import allow_model_requests
 from orchestra.store import RunStore
+from orchestra.testing import LoopbackRequest, LoopbackServer, chat_handler
 
 POOL = """name: window
 models:

@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.errors import BudgetExceeded
 from orchestra.models import ChatRequest, Usage
-from orchestra.models.openai import estimate_tokens
 from orchestra.models.pricing import Price
+from orchestra.models.types import estimate_tokens
 
 
 class Budget(BaseModel):
@@ -77,7 +77,8 @@ class BudgetTracker:
         spent = self.prompt_tokens + self.completion_tokens
         if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
             self._refuse("max_tokens", budget.max_tokens, f"{spent} tokens used")
-        if budget.max_cost_usd is not None and self.cost_usd + self._reserved_cost + worst.cost_usd > budget.max_cost_usd:
+        cost = self.cost_usd + self._reserved_cost + worst.cost_usd
+        if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
             self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.cost_usd:.4f} spent")
         if self.parent is not None:
             try:

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import OrchestraError, StoreError
+from orchestra.hints import cli_message
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
 from orchestra.view import LiveView, LogView, print_result, summary_line
@@ -85,7 +86,7 @@ class ChatSession:
             except KeyboardInterrupt:
                 self.console.print("cancelled")
             except OrchestraError as error:
-                self.console.print(f"error: {error}", markup=False)
+                self.console.print(f"error: {cli_message(error)}", markup=False)
 
     def command(self, line: str) -> bool:
         """Handle a /command; False means leave."""

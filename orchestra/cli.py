@@ -20,7 +20,7 @@ from orchestra.agents import Pool
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import ConfigError, OrchestraError
 from orchestra.evaluate import METHODS, EvalReport
-from orchestra.hints import cli_message, run_error
+from orchestra.hints import budget_hint, cli_message, run_error
 from orchestra.profile import SkillProfile
 from orchestra.recruit import RecruitConfig
 from orchestra.result import RunResult
@@ -269,19 +269,22 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @output_options
 def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any) -> None:
     """Run a YAML workflow."""
-    from orchestra.workflow import Workflow, arun_workflow, orchestra_for, parse_assignments
+    from orchestra.workflow import Workflow, parse_assignments
+    from orchestra.workflow_run import arun_workflow, orchestra_for
 
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     given = parse_assignments(list(inputs))
     flow.pool.check_credentials()
     orc = orchestra_for(flow, settings_from(opts), **orchestra_options(opts))
     if flow.spec.dataset is not None:
-        from orchestra.workflow import aevaluate_workflow
+        from orchestra.workflow_run import aevaluate_workflow
 
         report = asyncio.run(aevaluate_workflow(flow, given, orchestra=orc))
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
         if report.budget_exceeded:
-            fail(f"{report.budget_exceeded} ({report.failed} of {report.items} items unfinished)", 3)
+            hint = budget_hint(report.budget_exceeded, None)
+            fail(f"{report.budget_exceeded} ({report.failed} of {report.items} items unfinished)"
+                 + (f"; {hint}" if hint else ""), 3)
         return
     values = flow.resolve_inputs(given)
     execute(orc, lambda run_id: arun_workflow(flow, values, orchestra=orc, run_id=run_id), opts)

@@ -23,6 +23,7 @@ from orchestra.plan import Plan
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, RunSpec, Settings, WorkflowRef
 from orchestra.store import HEARTBEAT_SECONDS, RunStore
+from orchestra.workflow import Workflow
 
 T = TypeVar("T")
 
@@ -165,8 +166,6 @@ class Orchestra:
         record = store.run(run_id)
         spec = RunSpec.from_record(record.config, record.task)
         if spec.workflow is not None:
-            from orchestra.workflow import Workflow
-
             pool = Workflow.load(spec.workflow.path, pool=Pool.load(spec.pool) if spec.pool else None).pool
         elif spec.pool:
             if not Path(spec.pool).is_file():
@@ -342,8 +341,6 @@ class Orchestra:
             spec = spec.model_copy(update={"settings": spec.settings.layered({"budget": budget})})
         steps: dict[str, Any] = {}
         if spec.workflow is not None:  # the steps' prompts and the final template come from the file
-            from orchestra.workflow import Workflow
-
             workflow = Workflow.load(spec.workflow.path, pool=self.pool)
             values = workflow.resolve_inputs(spec.workflow.inputs)
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}

@@ -155,6 +155,9 @@ class BadResponse(ModelError):
 class InvalidOutput(BadResponse):
     """The model answered, but not in the requested structure, even after a repair."""
 
+    text: str | None = None
+    """The last answer, for a repair request that shows it."""
+
 
 class ModelRequestsForbidden(ModelError):
     """A real model request was made while the test switch forbids them."""

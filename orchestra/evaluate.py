@@ -89,11 +89,12 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset_mode, preset_aggregate, fixed_k = METHODS[method] if method else (None, None, None)
     preset = {"mode": preset_mode, "aggregate": preset_aggregate, "k": fixed_k}
-    given = {**{k: v for k, v in preset.items() if v is not None}, **{k: v for k, v in overrides.items() if v is not None}}
+    given: dict[str, Any] = {k: v for k, v in preset.items() if v is not None}
+    given.update((k, v) for k, v in overrides.items() if v is not None)  # a given flag wins over the preset
     settings = orchestra.run_settings(given)
     mode, aggregate = settings.mode, settings.aggregate
     name = method if method and (mode, aggregate) == (preset_mode, preset_aggregate) else next(
-        (m for m, (m_mode, m_aggregate, m_k) in METHODS.items() if (m_mode, m_aggregate, m_k) == (mode, aggregate, None)),
+        (m for m, preset_of_m in METHODS.items() if preset_of_m == (mode, aggregate, None)),
         f"{mode} + {aggregate}")
     items = list(dataset.items[:limit] if limit else dataset.items)
     started = time.perf_counter()

@@ -264,7 +264,7 @@ class EventBus:
         for listener in list(self.listeners):
             try:
                 listener(event)
-            except Exception as error:  # noqa: BLE001 - a display bug must not lose work
+            except Exception as error:
                 problem = f"{getattr(listener, '__qualname__', type(listener).__name__)}: {error}"
                 if not self.listener_errors:
                     warnings.warn(f"an event listener failed ({problem}); the run goes on, later failures are "

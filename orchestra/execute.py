@@ -23,18 +23,17 @@ from orchestra.errors import BudgetExceeded
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
-    CallRetried,
     CallDone,
-    CallsResolved,
+    CallRetried,
     CallsQueued,
+    CallsResolved,
     EventBus,
     ModelLoaded,
     ModelUnloaded,
     UsageUpdated,
 )
-from orchestra.models import ChatRequest, ChatResult, Model, Usage, is_heavy
-from orchestra.models.base import model_identity
-from orchestra.models.base import retry_listener
+from orchestra.models import ChatRequest, ChatResult, HeavyModel, Model, Usage, is_heavy
+from orchestra.models.base import model_identity, retry_listener
 from orchestra.models.pricing import FREE
 
 Outcome = ChatResult | Exception
@@ -119,7 +118,7 @@ class RunLedger:
 class _Waiter:
     """One managed task waiting for several calls."""
 
-    __slots__ = ("remaining", "outcomes", "future")
+    __slots__ = ("future", "outcomes", "remaining")
 
     def __init__(self, size: int, future: asyncio.Future[list[Outcome]]) -> None:
         self.remaining = size
@@ -170,7 +169,7 @@ class Executor:
         self._active = 0
         self._in_flight = False
         self._kick_scheduled = False
-        self._resident: list[Model] = []  # least recently used first
+        self._resident: list[HeavyModel] = []  # least recently used first
         self._batch_no = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -292,7 +291,7 @@ class Executor:
                     continue
                 try:
                     handled = self._answer_without_model(call)
-                except Exception as error:  # noqa: BLE001 - e.g. an unreadable store: fail this call, not the wave
+                except Exception as error:
                     self._fail([call], error, sent=False)
                     continue
                 if not handled:
@@ -341,36 +340,37 @@ class Executor:
         ordered = sorted(groups, key=lambda g: id(g[0].model) not in resident)  # stable: resident first
         for group in ordered:
             model = group[0].model
+            assert is_heavy(model)  # grouped as heavy by the caller
             try:
                 await self._make_resident(model, {c.ledger for c in group})
-            except Exception as error:  # noqa: BLE001 - a model that cannot load fails its calls
+            except Exception as error:
                 self._fail(group, error, sent=False)
                 continue
             await self._send(group, wave)
 
-    async def _make_resident(self, model: Model, ledgers: set[RunLedger]) -> None:
+    async def _make_resident(self, model: HeavyModel, ledgers: set[RunLedger]) -> None:
         if model in self._resident:
             self._resident.remove(model)
             self._resident.append(model)
             return
         while self._resident and (len(self._resident) >= self.max_resident_models or self._over_memory(model)):
             evicted = self._resident.pop(0)
-            await evicted.unload()  # type: ignore[attr-defined]
+            await evicted.unload()
             self.stats.unloads[evicted.name] += 1
             self.events.emit(ModelUnloaded(model=evicted.name))
-        if not model.loaded:  # type: ignore[attr-defined]
-            seconds = await model.load()  # type: ignore[attr-defined]
+        if not model.loaded:
+            seconds = await model.load()
             self.stats.loads[model.name] += 1
             for ledger in ledgers:
                 ledger.model_loads[model.name] += 1
             self.events.emit(ModelLoaded(model=model.name, seconds=seconds))
         self._resident.append(model)
 
-    def _over_memory(self, incoming: Model) -> bool:
+    def _over_memory(self, incoming: HeavyModel) -> bool:
         if self.memory_budget_bytes is None:
             return False
-        used = sum(getattr(m, "memory_bytes", 0) for m in self._resident)
-        return used + getattr(incoming, "memory_bytes", 0) > self.memory_budget_bytes
+        used = sum(m.memory_bytes for m in self._resident)
+        return used + incoming.memory_bytes > self.memory_budget_bytes
 
     async def _send(self, group: list[_Call], wave: int) -> None:
         model = group[0].model
@@ -391,7 +391,7 @@ class Executor:
                 call = pending.pop(index)
                 failed += isinstance(outcome, Exception)
                 self._finish(call, outcome)
-        except Exception as error:  # noqa: BLE001 - an engine-level failure fails what is left
+        except Exception as error:
             failed += len(pending)
             self._fail(list(pending.values()), error, sent=True)
         finally:
@@ -406,7 +406,7 @@ class Executor:
             try:
                 ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request, outcome,
                                       purpose=call.purpose, node=call.node, source="model")
-            except Exception as error:  # noqa: BLE001 - an answer that cannot be saved is not handed on
+            except Exception as error:
                 outcome = error
         self._settle(call, paid)
         if isinstance(outcome, Exception):
@@ -414,7 +414,7 @@ class Executor:
         elif ledger.cache is not None:
             try:
                 ledger.cache.put(call.model.name, call.key, call.request, outcome)
-            except Exception:  # noqa: BLE001 - the answer is saved in the journal; only its reuse is lost
+            except Exception:
                 ledger.cache_errors += 1
         if self.events.listeners:  # events are cheap, but not free on a hot path with nobody listening
             failed = isinstance(outcome, Exception)
@@ -460,6 +460,6 @@ class Executor:
         """Unload every resident heavy model."""
         while self._resident:
             model = self._resident.pop(0)
-            await model.unload()  # type: ignore[attr-defined]
+            await model.unload()
             self.stats.unloads[model.name] += 1
             self.events.emit(ModelUnloaded(model=model.name))

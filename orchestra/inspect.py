@@ -85,8 +85,9 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
                  f" · ${call['cost_usd'] or 0:.6f}")
         console.print(Panel(body, title=title, title_align="left", border_style="dim"))
 
-    console.print(Text(f"calls {totals['calls']} · requests {totals['requests']} · tokens {totals['prompt_tokens']:,} in / "
-                       f"{totals['completion_tokens']:,} out · ${totals['cost_usd']:.6f}", style="bold"))
+    console.print(Text(f"calls {totals['calls']} · requests {totals['requests']} · "
+                       f"tokens {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out · "
+                       f"${totals['cost_usd']:.6f}", style="bold"))
     if run["answer"]:
         console.print(Panel(Text(run["answer"]), title="answer"))
     if run["error"]:

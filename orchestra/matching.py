@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestra.errors import BadResponse
 from orchestra.models.http import CallPolicy, Endpoint, check_base_url, display_url
-from orchestra.models.openai import bearer_headers
 from orchestra.models.metering import charge
+from orchestra.models.openai import bearer_headers
 from orchestra.models.types import Usage
 
 
@@ -62,7 +62,9 @@ class MatcherSpec(BaseModel):
     def build(self) -> LexicalMatcher | EmbeddingMatcher:
         """The matcher these settings describe."""
         if self.type == "lexical":
-            return LexicalMatcher() if self.min_similarity is None else LexicalMatcher(min_similarity=self.min_similarity)
+            if self.min_similarity is None:
+                return LexicalMatcher()
+            return LexicalMatcher(min_similarity=self.min_similarity)
         matcher = EmbeddingMatcher(model=self.model or "", base_url=self.base_url or "", api_key_env=self.api_key_env,
                                    timeout=self.timeout)
         if self.min_similarity is not None:
@@ -211,7 +213,8 @@ class EmbeddingMatcher:
             rows = sorted(body["data"], key=lambda row: row["index"])
             vectors = [list(map(float, row["embedding"])) for row in rows]
         except (KeyError, TypeError, ValueError):
-            raise BadResponse(f"{display_url(self.endpoint.base_url)}/embeddings returned no data[].embedding") from None
+            url = display_url(self.endpoint.base_url)
+            raise BadResponse(f"{url}/embeddings returned no data[].embedding") from None
         if len(vectors) != len(texts):
             raise BadResponse(f"{display_url(self.endpoint.base_url)}/embeddings returned {len(vectors)} vectors "
                               f"for {len(texts)} inputs")

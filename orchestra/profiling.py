@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestra.agents import Agent, Pool
-from orchestra.pipeline.aggregation import Response, synthesize_prompt
 from orchestra.budget import Budget
 from orchestra.core import run_sync
 from orchestra.datasets import Dataset, Item
@@ -30,6 +29,7 @@ from orchestra.events import Event, EventBus, UsageUpdated
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, answer_format, get_grader
 from orchestra.models import ChatResult, Model
+from orchestra.pipeline.aggregation import Response, synthesize_prompt
 from orchestra.profile import Provenance, SkillProfile, global_competence
 from orchestra.prompts import render, template_hash
 from orchestra.skills import KeywordConfig, SkillExtractor

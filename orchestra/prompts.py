@@ -18,7 +18,6 @@ from jinja2.sandbox import SandboxedEnvironment, SecurityError
 from orchestra.errors import ConfigError
 from orchestra.resources import prompts_dir
 
-
 #: Limits on what one template may build or do: a workflow's templates come from files that may
 #: not be the user's own, and ``{{ 9 ** (9 ** 9) }}`` or two nested ``range(100000)`` loops must
 #: not hang or exhaust the machine.
@@ -103,7 +102,7 @@ class LimitedSandbox(SandboxedEnvironment):
                 raise SecurityError(f"a value in a template went over {MAX_TEMPLATE_SIZE:,} items")
         return _checked(super().call_binop(context, operator, left, right))
 
-    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         """A call from template code, with bounded arguments and result."""
         _check_arguments(args, kwargs)
         return _checked(super().call(__context, __obj, *args, **kwargs))
@@ -158,7 +157,7 @@ def render_string(source: str, *, where: str = "template", **variables: Any) -> 
         return limited_render(compile_string(source), variables).strip()
     except TemplateError as error:
         raise ConfigError(f"cannot render {where}: {error}") from None
-    except Exception as error:  # noqa: BLE001 - e.g. arithmetic on a missing value inside a template
+    except Exception as error:
         raise ConfigError(f"cannot render {where}: {type(error).__name__}: {error}") from None
 
 

@@ -24,7 +24,6 @@ from orchestra.profile import SkillProfile, global_competence
 from orchestra.vocabulary import MODES, Mode
 
 
-
 class RecruitConfig(BaseModel):
     """How experts are chosen, beyond the mode and k (which are run settings of their own).
 

@@ -7,9 +7,6 @@ agent names, ``needs`` and cycles, and every template's references to ``inputs.*
 
 from __future__ import annotations
 
-import asyncio
-import time
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,18 +17,13 @@ from jinja2.meta import find_undeclared_variables
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestra.agents import Pool
-from orchestra.budget import Budget, BudgetTracker
-from orchestra.core import Orchestra, run_sync
-from orchestra.datasets import load_dataset
+from orchestra.budget import Budget
 from orchestra.errors import ConfigError
-from orchestra.evaluate import EvalReport, grade_runs, loads_since
-from orchestra.grading import answer_format, get_grader
-from orchestra.plan import ID_PATTERN, Plan, Subtask
-from orchestra.result import RunResult
-from orchestra.prompts import environment, render_string
-from orchestra.settings import Settings, WorkflowRef
-from orchestra.vocabulary import GraderName, Mode, Strategy
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
+from orchestra.plan import ID_PATTERN, Plan, Subtask
+from orchestra.prompts import environment, render_string
+from orchestra.settings import Settings
+from orchestra.vocabulary import GraderName, Mode, Strategy
 from orchestra.yamlfile import YamlDocument, read_yaml
 
 _TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "number": (int, float),
@@ -265,66 +257,6 @@ class Workflow:
         if self.spec.final is None:
             return None
         return _renderer(self.spec.final, f"{self.path}: final", inputs)
-
-
-def orchestra_for(workflow: Workflow, settings: Settings | None = None, **options: Any) -> Orchestra:
-    """An ``Orchestra`` on the workflow's pool with its settings (the workflow's over the pool's,
-    ``settings`` over both); ``options`` are other ``Orchestra`` arguments (store, tracing...)."""
-    return Orchestra(workflow.pool, workflow.settings().layered(settings), **options)
-
-
-async def arun_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
-                        run_id: str | None = None, meta_extra: dict[str, Any] | None = None,
-                        **overrides: Any) -> RunResult:
-    """Run a workflow with ``inputs`` (strings are converted to the declared types); ``meta_extra``
-    is stored with the run, ``overrides`` go to ``Orchestra.arun`` (a seed, a shared budget...)."""
-    values = workflow.resolve_inputs(inputs)
-    orc = orchestra or orchestra_for(workflow)
-    plan = workflow.plan()
-    return await orc.arun(workflow.task(values), plan=plan if plan is not None else True, run_id=run_id,
-                          node_settings=workflow.node_settings(values), final=workflow.final(values),
-                          workflow=WorkflowRef(path=str(workflow.path.resolve()), inputs=values),
-                          meta={"kind": "workflow", **(meta_extra or {})}, **overrides)
-
-
-async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *,
-                             orchestra: Orchestra | None = None) -> EvalReport:
-    """Run the workflow once per data-set item (``inputs.question`` and ``inputs.answer_format`` set per
-    item), all runs on one executor so their calls batch per model, and grade the answers.
-
-    The Orchestra's budget (the workflow's ``budget:``, or the command line's) bounds the whole data
-    set; each item's run keeps the default per-run limits inside it. Each item gets its own seed
-    (from the workflow's seed and the item's id), so recruiting varies from item to item as it would
-    over separate runs.
-    """
-    spec = workflow.spec.dataset
-    if spec is None:
-        raise ConfigError("this workflow has no dataset to evaluate", path=str(workflow.path))
-    dataset = load_dataset(workflow.path.parent / spec.path)
-    items = list(dataset.items[: spec.limit] if spec.limit else dataset.items)
-    orc = orchestra or orchestra_for(workflow)
-    shared = BudgetTracker(orc.settings.budget, None)
-    loads_before = dict(orc.executor.stats.loads)
-    started = time.perf_counter()
-    results = await asyncio.gather(*(
-        arun_workflow(workflow, {**inputs, "question": item.prompt(),
-                                 **({"answer_format": answer_format(item)} if "answer_format" in workflow.spec.inputs
-                                    else {})}, orchestra=orc, shared_budget=shared, budget=Budget().model_dump(),
-                      seed=item_seed(orc.settings.seed, item.id), meta_extra={"item": item.id})
-        for item in items))
-    return grade_runs(workflow.name, items, results, get_grader(spec.grader), elapsed_s=time.perf_counter() - started,
-                      model_loads=loads_since(orc, loads_before),
-                      budget_exceeded=str(shared.exceeded) if shared.exceeded else None)
-
-
-def item_seed(seed: int, item_id: str) -> int:
-    """The seed of one data-set item's run: the workflow's seed and the item's id."""
-    return zlib.crc32(f"{seed}:item:{item_id}".encode())
-
-
-def run_workflow(workflow: Workflow, inputs: Mapping[str, Any], **options: Any) -> RunResult:
-    """Run a workflow (blocking). See ``arun_workflow``."""
-    return run_sync(arun_workflow(workflow, inputs, **options))
 
 
 def _renderer(source: str, where: str, inputs: Mapping[str, Any]) -> Any:

@@ -10,8 +10,8 @@ import pytest
 
 os.environ["ORCHESTRA_ALLOW_MODEL_REQUESTS"] = "0"
 
-from orchestra.testing import Handler, LoopbackServer  # noqa: E402
-from orchestra.models import base  # noqa: E402
+from orchestra.models import base
+from orchestra.testing import Handler, LoopbackServer
 
 base.ALLOW_MODEL_REQUESTS = False
 

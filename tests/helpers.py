@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestra import Agent, Pool
-from orchestra.settings import Settings
 from orchestra.models import ChatRequest, FunctionModel
+from orchestra.settings import Settings
 
 PLANNER_MARK = "Break the task"
 KEYWORDS_MARK = "school subjects or skills"

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestra.testing import LoopbackRequest, Reply, chat_handler
-
 from helpers import AGGREGATE_MARK, FINAL_MARK, KEYWORDS_MARK, PLANNER_MARK
+
+from orchestra.testing import LoopbackRequest, Reply, chat_handler
 
 DEFAULT_PLAN = {"subtasks": [
     {"id": "facts", "instruction": "List the key facts for the report.", "depends_on": [], "skills": ["history"]},

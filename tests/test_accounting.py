@@ -9,18 +9,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from orchestra import Agent, Budget, Orchestra, Pool
-from orchestra.execute import Executor, RunLedger
-from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply
-from orchestra.matching import EmbeddingMatcher
-from orchestra.models import ChatRequest, FunctionModel
-from orchestra.store import RunStore
-
 from helpers import KEYWORDS_MARK, scripted_pool
 from loopback_llm import write_pool
 from test_cli import cli
+
+from orchestra import Agent, Budget, Orchestra, Pool
+from orchestra.execute import Executor, RunLedger
+from orchestra.matching import EmbeddingMatcher
+from orchestra.models import ChatRequest, FunctionModel
+from orchestra.store import RunStore
+from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply
 
 
 class BilledServer:
@@ -227,6 +225,8 @@ def test_a_workflow_budget_holds_over_a_whole_data_set(loopback, tmp_path: Path)
     report = json.loads(done.stdout)
     assert report["calls"] == len(server.requests) <= 20
     assert report["failed"] > 0
+    [line] = done.stderr.strip().splitlines()  # one line, with the command-line advice
+    assert "raise budget.max_calls in the workflow (or --max-calls)" in line and "orchestra resume RUN_ID" in line
 
 
 def test_a_data_set_workflow_recruits_per_item_and_reports_every_answer(loopback, tmp_path: Path) -> None:

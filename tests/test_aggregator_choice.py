@@ -10,20 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import kind_of
+from loopback_llm import ScriptedLLM, write_pool
 
 from orchestra import Agent, Orchestra, Plan, Pool
-from orchestra.settings import Settings
 from orchestra.errors import ConfigError
 from orchestra.matching import Match
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.profile import Provenance, SkillProfile
 from orchestra.profiling import build_profiles
 from orchestra.recruit import RecruitConfig, Recruiter, SkillTable, choose_aggregator, node_aggregator
-from orchestra.settings import RunSpec
+from orchestra.settings import RunSpec, Settings
 from orchestra.testing.simulation import simulated_pool
-
-from helpers import kind_of
-from loopback_llm import ScriptedLLM, write_pool
 
 PROVENANCE = Provenance(dataset="val.jsonl", dataset_sha256="0" * 64, items=100, model="test")
 
@@ -153,7 +151,7 @@ def recruiter(profiles: dict[str, SkillProfile]) -> Recruiter:
     return Recruiter(table, config)
 
 
-def recruit_on(rec: Recruiter, skill: str | None):  # noqa: ANN201
+def recruit_on(rec: Recruiter, skill: str | None):
     matches = [Match(skill, skill, 1.0)] if skill else []
     return rec.recruit([skill] if skill else [], matches, seed=0, k=2, mode="topk")
 

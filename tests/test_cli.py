@@ -10,10 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from loopback_llm import ScriptedLLM, write_pool
 
 from orchestra.testing import error_reply
-
-from loopback_llm import ScriptedLLM, write_pool
 
 
 def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
@@ -25,7 +24,7 @@ def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
 
 
 @pytest.fixture
-def llm(loopback):  # noqa: ANN001, ANN201
+def llm(loopback):
     scripted = ScriptedLLM()
     server = loopback(scripted.handler())
     scripted.server = server

@@ -10,19 +10,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import kind_of, plan_json
 
 from orchestra import Agent, Orchestra, Pool
-from orchestra.settings import Settings
+from orchestra.errors import BadResponse
 from orchestra.events import Event, ModelLoaded, ModelUnloaded
 from orchestra.execute import Executor, RunLedger
-from orchestra.errors import BadResponse
 from orchestra.models import ChatRequest, FunctionModel, allow_model_requests
 from orchestra.models.llamacpp import LlamaCpp, default_gguf_path
 from orchestra.models.vllm import VLLM
 from orchestra.plan import Plan, plan_schema, validate_plan
+from orchestra.settings import Settings
 from orchestra.skills import SkillExtractor
-
-from helpers import kind_of, plan_json
 
 # --- the embedded llama.cpp engine (real) ------------------------------------------------------
 
@@ -80,7 +79,7 @@ def test_main_job_end_to_end_on_llama() -> None:
 
 
 @pytest.mark.llama
-def test_readme_first_command_answers_offline(tmp_path) -> None:  # noqa: ANN001
+def test_readme_first_command_answers_offline(tmp_path) -> None:
     env = {"ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "ORCHESTRA_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "orchestra", "ask", "Name three primary colours.", "--json"],

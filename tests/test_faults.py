@@ -14,23 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from orchestra import Orchestra
-from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, StoreError
-from orchestra.testing import Reply, chat_handler, error_reply, openai_reply
-from orchestra.models import ChatRequest, OpenAICompatible
-from orchestra.store import APPLICATION_ID, LEASE_SECONDS, SCHEMA_VERSION, RunStore
-
 from helpers import AGGREGATE_MARK, KEYWORDS_MARK, PLANNER_MARK, kind_of, scripted_pool
 from loopback_llm import write_pool
 from test_cli import cli
 
+from orchestra import Orchestra
+from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, StoreError
+from orchestra.models import ChatRequest, OpenAICompatible
+from orchestra.store import APPLICATION_ID, LEASE_SECONDS, SCHEMA_VERSION, RunStore
+from orchestra.testing import Reply, chat_handler, error_reply, openai_reply
 
-def _ask(server, **options) -> Exception | str:  # noqa: ANN001
+
+def _ask(server, **options) -> Exception | str:
     model = OpenAICompatible(model="m", base_url=f"{server.url}/v1", **options)
     try:
         return asyncio.run(model.complete_one(ChatRequest.user("hi"))).text
-    except Exception as error:  # noqa: BLE001 - the test looks at it
+    except Exception as error:
         return error
 
 

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
-from orchestra import Orchestra
-from orchestra.testing import Reply, error_reply
-from orchestra.models import FunctionModel
-from orchestra.pipeline.planning import content_words, is_simple_task, off_topic_steps
-from orchestra.plan import Plan
-
 from helpers import kind_of, single_agent_pool
 from loopback_llm import DEFAULT_PLAN, ScriptedLLM, write_pool
 from test_cli import cli
+
+from orchestra import Orchestra
+from orchestra.models import FunctionModel
+from orchestra.pipeline.planning import content_words, is_simple_task, off_topic_steps
+from orchestra.plan import Plan
+from orchestra.testing import Reply, error_reply
 
 LONG_TEXT = ("Summarise this text in two sentences. " + "The tide rises and falls twice a day because the Moon's "
              "gravity pulls the oceans toward it, while the Earth turns beneath the bulge of water. " * 6).strip()
@@ -28,13 +27,13 @@ HOSTILE = "Use [bold]x[/bold] and arr[i]; end the turn with [/INST] or [/oops] :
 
 
 @pytest.fixture
-def llm(loopback):  # noqa: ANN001, ANN201
+def llm(loopback):
     scripted = ScriptedLLM()
     scripted.server = loopback(scripted.handler())
     return scripted
 
 
-def stderr_lines(done) -> list[str]:  # noqa: ANN001
+def stderr_lines(done) -> list[str]:
     return [line for line in done.stderr.splitlines() if line.strip()]
 
 
@@ -84,7 +83,7 @@ def test_trace_after_a_cancelled_task_shows_that_task(loopback, tmp_path: Path) 
     scripted = ScriptedLLM()
     inner = scripted.handler()
 
-    async def handler(request):  # noqa: ANN001, ANN202
+    async def handler(request):
         if "Your assignment:" in request.prompt:
             return Reply(hang=True)
         return await inner(request)
@@ -143,8 +142,8 @@ COPIED_EXAMPLE = {"subtasks": [
     {"id": "explain", "instruction": "Compare the two boiling points.", "depends_on": ["water", "ethanol"]}]}
 
 
-def planned(plan: dict, task: str) -> tuple:  # noqa: ANN001
-    def answer(request):  # noqa: ANN001, ANN202
+def planned(plan: dict, task: str) -> tuple:
+    def answer(request):
         if kind_of(request) == "plan":
             return plan
         return {"keywords": ["astronomy"]} if kind_of(request) == "keywords" else "The answer is 1"

@@ -21,10 +21,10 @@ from orchestra.errors import (
     RequestRejected,
     RequestTimeout,
 )
-from orchestra.testing import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
 from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
 from orchestra.models.base import retry_listener
 from orchestra.models.http import Endpoint, parse_retry_after
+from orchestra.testing import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
 
 
 class Answer(BaseModel):
@@ -36,15 +36,15 @@ def ask(text: str = "hello", **options: object) -> ChatRequest:
     return ChatRequest.user(text, **options)
 
 
-def run(coro):  # noqa: ANN001, ANN201 - test helper
+def run(coro):
     return asyncio.run(coro)
 
 
-def openai(server, **options) -> OpenAICompatible:  # noqa: ANN001
+def openai(server, **options) -> OpenAICompatible:
     return OpenAICompatible(model="gpt-4o-mini", base_url=server.url + "/v1", **options)
 
 
-def anthropic(server, **options) -> Anthropic:  # noqa: ANN001
+def anthropic(server, **options) -> Anthropic:
     return Anthropic(model="claude-sonnet-4-5", base_url=server.url, api_key_env=None, **options)
 
 

@@ -32,12 +32,12 @@ def test_wheel_contains_the_data_and_the_installed_package_finds_it(tmp_path: Pa
         "import orchestra, orchestra.resources as r\n"
         "from orchestra import Pool\n"
         "from orchestra.prompts import render\n"
-        "assert str(r.data_root()).startswith(%r), r.data_root()\n"
+        f"assert str(r.data_root()).startswith({str(site)!r}), r.data_root()\n"
         "pool = Pool.load()\n"
         "assert pool.name == 'local' and len(pool.profiles) == 5, pool.profiles\n"
         "assert 'Break the task' in render('planner.j2', task='t', max_nodes=2, context='')\n"
         "print('ok', r.data_root())\n"
-    ) % str(site)
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

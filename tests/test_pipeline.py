@@ -6,14 +6,13 @@ import asyncio
 import json
 
 import pytest
+from helpers import kind_of, plan_json, scripted_pool
 
 from orchestra import Budget, Orchestra, Plan
-from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
-from orchestra.models import ChatRequest, FunctionModel
 from orchestra.errors import BadResponse, ConfigError
+from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
 from orchestra.hints import run_hint
-
-from helpers import kind_of, plan_json, scripted_pool
+from orchestra.models import ChatRequest, FunctionModel
 
 
 def test_dag_order_is_respected_and_nodes_see_their_dependencies() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestra.pipeline.aggregation import Response, refine_prompt, synthesize_prompt, vote
 from orchestra.errors import BadResponse
 from orchestra.grading import NumericGrader
 from orchestra.models import ChatResult
+from orchestra.pipeline.aggregation import Response, refine_prompt, synthesize_prompt, vote
 from orchestra.skills import KeywordConfig, SkillExtractor, skill_names
 
 # --- aggregate -------------------------------------------------------------------------------
@@ -123,6 +123,8 @@ def test_why_no_skill_was_found_is_one_line() -> None:
 
 from fractions import Fraction  # noqa: E402
 
+from test_recruit import matches, probabilities, profile, recruiter  # noqa: E402
+
 from orchestra.matching import Match  # noqa: E402
 from orchestra.recruit import (  # noqa: E402
     Candidate,
@@ -137,8 +139,6 @@ from orchestra.recruit import (  # noqa: E402
     node_aggregation_estimate,
     node_aggregator,
 )
-
-from test_recruit import PROFILES, matches, probabilities, profile, recruiter  # noqa: E402
 
 
 def fractions(values: dict[str, float]) -> dict[str, Fraction]:
@@ -644,7 +644,7 @@ def test_calls_lost_with_their_engine_or_their_load_fail_and_count_only_when_sen
     dying = DyingEngine(lambda request: "fine", name="dying")
     ledger = RunLedger.create("r")
 
-    async def main(model, calls: int) -> list[object]:  # noqa: ANN001
+    async def main(model, calls: int) -> list[object]:
         return await executor.run_task(executor.call(ledger, [(model, ask(str(i))) for i in range(calls)],
                                                      purpose="expert"))
 
@@ -671,11 +671,11 @@ def test_calls_lost_with_their_engine_or_their_load_fail_and_count_only_when_sen
 
 # --- run: planning and recruiting inside a run ------------------------------------------------
 
+from helpers import kind_of, plan_json, scripted_pool  # noqa: E402
+
 from orchestra import Orchestra, Plan  # noqa: E402
 from orchestra.events import PlanRequested, SkillExtractionFailed  # noqa: E402
 from orchestra.pipeline.scheduler import NodeSettings, node_seed  # noqa: E402
-
-from helpers import kind_of, plan_json, scripted_pool  # noqa: E402
 
 
 def test_how_the_plan_was_made_is_noted() -> None:
@@ -817,7 +817,7 @@ def test_a_workflow_prompt_renders_the_instruction_from_upstream_outputs() -> No
     settings = {"b": NodeSettings(prompt=lambda outputs: f"Check this: {outputs['a']['output']}")}
     result = Orchestra(pool, k=1, aggregate="none", store=False).run("two steps, then done", node_settings=settings)
     assert result.node("b").instruction == "Check this: upstream says 7"
-    b_prompt = [r.prompt_text() for m in models.values() for r in m.requests if "Check this" in r.prompt_text()][0]
+    b_prompt = next(r.prompt_text() for m in models.values() for r in m.requests if "Check this" in r.prompt_text())
     assert "[a] do a" not in b_prompt  # the step's prompt replaces the listing of upstream outputs
 
 

@@ -12,20 +12,20 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from orchestra import Orchestra
-from orchestra.pipeline.aggregation import Response, refine_prompt, synthesize_prompt, vote
-from orchestra.datasets import Dataset
-from orchestra.grading import NumericGrader
-from orchestra.testing import error_reply
-from orchestra.models import ChatRequest
-from orchestra.profiling import build_profiles
-from orchestra.recruit import RecruitConfig
-from orchestra.result import EXIT_CODES, RunResult
-from orchestra.pipeline.scheduler import node_seed
-
 from helpers import kind_of, plan_json, scripted_pool
 from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli
+
+from orchestra import Orchestra
+from orchestra.datasets import Dataset
+from orchestra.grading import NumericGrader
+from orchestra.models import ChatRequest
+from orchestra.pipeline.aggregation import Response, refine_prompt, synthesize_prompt, vote
+from orchestra.pipeline.scheduler import node_seed
+from orchestra.profiling import build_profiles
+from orchestra.recruit import RecruitConfig
+from orchestra.result import EXIT_CODES, RunResult
+from orchestra.testing import error_reply
 
 REFINE_MARK = "Improve the draft answer below"
 SYNTHESIZE_MARK = "responses from several experts"

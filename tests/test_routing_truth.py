@@ -7,17 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-
-from orchestra import Orchestra
-from orchestra.pipeline.aggregation import Response, vote
-from orchestra.grading import AutoGrader, MultipleChoiceGrader
-from orchestra.testing import chat_handler
-from orchestra.models import ChatResult
-from orchestra.skills import SkillExtractor
-
 from helpers import scripted_pool
 from loopback_llm import write_pool
 from test_cli import cli
+
+from orchestra import Orchestra
+from orchestra.grading import AutoGrader, MultipleChoiceGrader
+from orchestra.models import ChatResult
+from orchestra.pipeline.aggregation import Response, vote
+from orchestra.skills import SkillExtractor
+from orchestra.testing import chat_handler
 
 
 @pytest.mark.parametrize(("answer", "skills"), [
@@ -34,7 +33,7 @@ def test_keywords_are_read_from_what_real_models_send(answer: str, skills: list[
 
 
 def test_a_keyword_answer_with_an_extra_key_is_neither_repaired_nor_split(loopback, tmp_path: Path) -> None:
-    def answer(request) -> str:  # noqa: ANN001
+    def answer(request) -> str:
         if "school subjects or skills" in request.prompt:
             return json.dumps({"keywords": ["chemistry"], "skills": ["chemistry", "lab"]})
         return "The answer is 1"

@@ -7,21 +7,21 @@ import json
 from pathlib import Path
 
 import pytest
-
-from orchestra import KeywordConfig, Orchestra
-from orchestra.agents import Pool
-from orchestra.settings import Settings
-from orchestra.errors import ConfigError
-from orchestra.testing import LoopbackRequest, Reply, chat_handler
-from orchestra.store import RunStore
-from orchestra.workflow import Workflow, orchestra_for
-
 from helpers import AGGREGATE_MARK, KEYWORDS_MARK
 from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli, llm  # noqa: F401 - the llm fixture
 
+from orchestra import KeywordConfig, Orchestra
+from orchestra.agents import Pool
+from orchestra.errors import ConfigError
+from orchestra.settings import Settings
+from orchestra.store import RunStore
+from orchestra.testing import LoopbackRequest, Reply, chat_handler
+from orchestra.workflow import Workflow
+from orchestra.workflow_run import orchestra_for
 
-def _keyword_requests(server) -> int:  # noqa: ANN001
+
+def _keyword_requests(server) -> int:
     return sum(KEYWORDS_MARK in r.prompt for r in server.requests)
 
 

@@ -18,7 +18,8 @@ from orchestra.agents import Pool
 from orchestra.errors import ConfigError
 from orchestra.store import RunStore
 from orchestra.vocabulary import MODES, STRATEGIES, Mode, Strategy
-from orchestra.workflow import Workflow, orchestra_for
+from orchestra.workflow import Workflow
+from orchestra.workflow_run import orchestra_for
 
 #: a value other than the default for every top-level setting
 NON_DEFAULTS: dict[str, Any] = {

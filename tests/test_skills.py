@@ -7,20 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import single_agent_pool
 
 from orchestra import Orchestra, RecruitConfig
 from orchestra.datasets import Dataset, Item, load_dataset
 from orchestra.errors import DatasetError
 from orchestra.grading import AutoGrader, ExactMatchGrader, MultipleChoiceGrader, NumericGrader, get_grader
-from orchestra.testing import LoopbackRequest, Reply
 from orchestra.matching import EmbeddingMatcher, LexicalMatcher
 from orchestra.models import ChatResult, FunctionModel
 from orchestra.profile import SkillProfile, load_profiles
 from orchestra.profiling import build_profiles, save_profiles
-from orchestra.testing.simulation import simulated_pool
 from orchestra.skills import KeywordConfig, SkillExtractor
-
-from helpers import single_agent_pool
+from orchestra.testing import LoopbackRequest, Reply
+from orchestra.testing.simulation import simulated_pool
 
 # --- keyword extraction ------------------------------------------------------------------------
 
@@ -240,8 +239,8 @@ def test_dataset_from_items_hash_changes_with_content() -> None:
 
 
 def test_keywords_in_the_papers_text_form_are_read_even_when_json_was_asked(loopback) -> None:
-    from orchestra.testing import chat_handler
     from orchestra.models import OpenAICompatible
+    from orchestra.testing import chat_handler
 
     server = loopback(chat_handler(lambda request: "Keywords: Organic Chemistry, lab safety"))
     model = OpenAICompatible(model="kw", base_url=server.url + "/v1")

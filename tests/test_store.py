@@ -14,16 +14,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from orchestra import Budget, Orchestra
-from orchestra.errors import BadResponse, StoreError
-from orchestra.testing import LoopbackRequest, Reply
-from orchestra.models import ChatRequest, FunctionModel
-from orchestra.store import RunStore
-
 from helpers import kind_of, plan_json, scripted_pool
 from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli
+
+from orchestra import Budget, Orchestra
+from orchestra.errors import BadResponse, StoreError
+from orchestra.models import ChatRequest, FunctionModel
+from orchestra.store import RunStore
+from orchestra.testing import LoopbackRequest, Reply
 
 
 class CrashGate:
@@ -277,7 +276,7 @@ def test_budget_merging_validates_and_none_lifts_a_limit() -> None:
 
 
 def test_token_budget_reserves_before_dispatch() -> None:
-    pool, models = scripted_pool(plan=plan_json(("a", [])))
+    pool, _ = scripted_pool(plan=plan_json(("a", [])))
     result = Orchestra(pool, k=3, budget=Budget(max_tokens=2000)).run("token hungry")
     # each call reserves its prompt plus max_tokens (1024 when unset): a wave cannot overshoot together
     assert result.status == "budget_exceeded" and "max_tokens=2000" in result.error

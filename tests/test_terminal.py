@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
-from orchestra.testing import Reply
-
 from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli
+
+from orchestra.testing import Reply
 
 
 @pytest.fixture
@@ -105,7 +104,7 @@ def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Pat
     inner = scripted.handler()
     hanging = {"on": True}
 
-    async def handler(request):  # noqa: ANN001, ANN202
+    async def handler(request):
         if hanging["on"] and "Your assignment:" in request.prompt:
             return Reply(hang=True)
         return await inner(request)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from helpers import kind_of, plan_json, scripted_pool
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from orchestra import Orchestra
-from orchestra.models import ChatRequest
 from orchestra.errors import BadResponse
-
-from helpers import kind_of, plan_json, scripted_pool
+from orchestra.models import ChatRequest
 
 
 def tracer_and_exporter() -> tuple[object, InMemorySpanExporter]:

@@ -6,15 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import kind_of
+from loopback_llm import LOCAL_AGENTS, ScriptedLLM, write_pool
+from test_cli import cli
 
 from orchestra import Agent, Pool
 from orchestra.errors import ConfigError
 from orchestra.models import ChatRequest, FunctionModel
-from orchestra.workflow import Workflow, run_workflow
-
-from helpers import kind_of
-from loopback_llm import LOCAL_AGENTS, ScriptedLLM, write_pool
-from test_cli import cli
+from orchestra.workflow import Workflow
+from orchestra.workflow_run import run_workflow
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -114,7 +114,7 @@ def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
 def test_workflow_runs_steps_with_their_settings(tmp_path: Path) -> None:
     seen: dict[str, list[str]] = {}
 
-    def answer(name: str):  # noqa: ANN202
+    def answer(name: str):
         def reply(request: ChatRequest) -> object:
             if kind_of(request) == "aggregate":
                 return "merged review"

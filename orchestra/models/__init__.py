@@ -11,6 +11,7 @@ from orchestra.testing.doubles import FunctionModel, ScriptedModel
 
 __all__ = [
     "PRICES",
+    "VLLM",
     "Anthropic",
     "ChatRequest",
     "ChatResult",
@@ -24,7 +25,6 @@ __all__ = [
     "Price",
     "ScriptedModel",
     "Usage",
-    "VLLM",
     "allow_model_requests",
     "is_heavy",
     "price_for",

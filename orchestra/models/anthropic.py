@@ -9,8 +9,7 @@ from typing import Any, Literal
 from orchestra.errors import BadResponse, RequestRejected
 from orchestra.models.base import ModelBase
 from orchestra.models.http import CallPolicy, Endpoint, display_url, endpoint_for
-from orchestra.models.openai import reported_usage
-from orchestra.models.pricing import Price, coerce_price
+from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult
 
@@ -38,7 +37,8 @@ class Anthropic(ModelBase):
     counts_requests = True  # the endpoint counts every attempt it sends
 
     def __init__(self, *, model: str, base_url: str = ANTHROPIC_URL, api_key_env: str | None = "ANTHROPIC_API_KEY",
-                 max_tokens: int = 1024, endpoint: Endpoint | None = None, max_concurrency: int | None = None, rpm: float | None = None,
+                 max_tokens: int = 1024, endpoint: Endpoint | None = None, max_concurrency: int | None = None,
+                 rpm: float | None = None,
                  timeout: float | None = None, deadline: float | None = None, max_attempts: int | None = None,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  name: str | None = None) -> None:

@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeGuard, runtime_checkable
 
 from orchestra.errors import InvalidOutput, ModelRequestsForbidden
 from orchestra.models.metering import charge, count_request, metering
@@ -84,8 +84,8 @@ def model_identity(model: Any) -> str:
     return getattr(model, "identity", None) or f"{type(model).__name__}:{model.name}"
 
 
-def is_heavy(model: Any) -> bool:
-    """Whether the executor must manage this model's residency."""
+def is_heavy(model: object) -> TypeGuard[HeavyModel]:
+    """Whether the executor must manage this model's residency (an in-process engine)."""
     return bool(getattr(model, "heavy", False))
 
 
@@ -141,7 +141,7 @@ class ModelBase(abc.ABC):
             return await self.complete_one(request)
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # noqa: BLE001 - handed to the caller as this request's outcome
+        except Exception as error:
             return error
 
     def check_allowed(self) -> None:

@@ -129,8 +129,8 @@ def build_models(specs: Mapping[str, ModelSpec], base_dir: Path) -> dict[str, Mo
     """
     remote = {name: spec for name, spec in specs.items() if isinstance(spec, (OpenAISpec, AnthropicSpec))}
     servers: dict[tuple[str, str | None], list[OpenAISpec | AnthropicSpec]] = {}
-    for spec in remote.values():
-        servers.setdefault((spec.base_url.rstrip("/"), spec.key_env()), []).append(spec)
+    for server_spec in remote.values():
+        servers.setdefault((server_spec.base_url.rstrip("/"), server_spec.key_env()), []).append(server_spec)
     endpoints: dict[tuple[str, str | None], Endpoint] = {}
     for (url, key_env), group in servers.items():
         concurrency = [s.max_concurrency for s in group if s.max_concurrency is not None]

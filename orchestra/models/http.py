@@ -6,13 +6,13 @@ import asyncio
 import email.utils
 import os
 import time
-from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from orchestra.errors import (
     AuthenticationError,
@@ -117,8 +117,10 @@ class CallPolicy:
     def of(cls, *, timeout: float | None = None, deadline: float | None = None,
            max_attempts: int | None = None) -> CallPolicy:
         """A policy with the given values, the defaults for the rest."""
-        given = {"timeout": timeout, "deadline": deadline, "max_attempts": max_attempts}
-        return cls(**{k: v for k, v in given.items() if v is not None})
+        default = cls()
+        return cls(timeout=default.timeout if timeout is None else timeout,
+                   deadline=default.deadline if deadline is None else deadline,
+                   max_attempts=default.max_attempts if max_attempts is None else max_attempts)
 
 
 class Endpoint:
@@ -254,10 +256,9 @@ class Endpoint:
             state.in_flight += 1
             state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
             count_request()
-            try:
-                async with asyncio.timeout(limit):  # the whole answer: a server that trickles bytes is cut off too
-                    response = await state.clients[shard].post(url, json=payload, headers=headers)
-            except (TimeoutError, httpx.TimeoutException) as error:
+            try:  # the whole answer within the limit: a server that trickles bytes is cut off too
+                response = await asyncio.wait_for(state.clients[shard].post(url, json=payload, headers=headers), limit)
+            except (asyncio.TimeoutError, httpx.TimeoutException) as error:
                 if isinstance(error, httpx.ConnectTimeout):
                     raise _Retryable(EndpointUnreachable(
                         f"cannot reach {shown} (no connection within {limit:g} s); is the server running?")) from None

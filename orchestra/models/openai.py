@@ -8,25 +8,14 @@ from typing import Any, Literal
 from orchestra.errors import BadResponse, RequestRejected
 from orchestra.models.base import ModelBase
 from orchestra.models.http import CallPolicy, Endpoint, display_url, endpoint_for
-from orchestra.models.pricing import Price, coerce_price
+from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.structured import with_instructions
-from orchestra.models.types import ChatRequest, ChatResult, Usage
+from orchestra.models.types import ChatRequest, ChatResult
 
 OPENAI_URL = "https://api.openai.com/v1"
 JsonMode = Literal["json_schema", "json_object", "prompt"]
 _FALLBACK: dict[JsonMode, JsonMode | None] = {"json_schema": "json_object", "json_object": "prompt",
                                               "prompt": None}
-
-
-def estimate_tokens(text: str) -> int:
-    """A rough token count (4 characters a token) for servers that report no usage."""
-    return max(1, len(text) // 4)
-
-
-def reported_usage(price: Price, prompt_tokens: Any, completion_tokens: Any, text: str) -> Usage:
-    """Usage from a provider's counts, estimating completion tokens when the server gave none."""
-    completion = estimate_tokens(text) if completion_tokens is None else int(completion_tokens)
-    return price.usage(int(prompt_tokens or 0), completion)
 
 
 class OpenAICompatible(ModelBase):
@@ -51,10 +40,12 @@ class OpenAICompatible(ModelBase):
 
     counts_requests = True  # the endpoint counts every attempt it sends
 
-    def __init__(self, *, model: str, base_url: str = OPENAI_URL, api_key_env: str | None | Literal["auto"] = "auto",
-                 endpoint: Endpoint | None = None, max_concurrency: int | None = None, rpm: float | None = None, timeout: float | None = None,
+    def __init__(self, *, model: str, base_url: str = OPENAI_URL, api_key_env: str | Literal["auto"] | None = "auto",
+                 endpoint: Endpoint | None = None, max_concurrency: int | None = None, rpm: float | None = None,
+                 timeout: float | None = None,
                  deadline: float | None = None,
-                 max_attempts: int | None = None, prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
+                 max_attempts: int | None = None,
+                 prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  name: str | None = None, extra_body: Mapping[str, Any] | None = None) -> None:
         if api_key_env == "auto":
             api_key_env = "OPENAI_API_KEY" if (endpoint.base_url if endpoint else base_url.rstrip("/")) == OPENAI_URL \
@@ -117,12 +108,14 @@ class OpenAICompatible(ModelBase):
         return payload
 
     def _result(self, body: dict[str, Any]) -> ChatResult:
-        reported = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        usage = body.get("usage")
+        reported: dict[str, Any] = usage if isinstance(usage, dict) else {}
         try:
             choice = body["choices"][0]
             text = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
-            failure = BadResponse(f"{display_url(self.endpoint.base_url)} returned no choices[0].message for {self.model}")
+            url = display_url(self.endpoint.base_url)
+            failure = BadResponse(f"{url} returned no choices[0].message for {self.model}")
             failure.usage = reported_usage(self.price, reported.get("prompt_tokens"),  # billed all the same
                                            reported.get("completion_tokens") or 0, "")
             raise failure from None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestra.models.types import Usage
+from orchestra.models.types import Usage, estimate_tokens
 
 
 class Price(BaseModel):
@@ -74,3 +75,9 @@ def coerce_price(value: Price | Mapping[str, float] | tuple[float, float] | None
     if isinstance(value, tuple):
         return Price(input=value[0], output=value[1])
     return Price.model_validate(dict(value))
+
+
+def reported_usage(price: Price, prompt_tokens: Any, completion_tokens: Any, text: str) -> Usage:
+    """Usage from a provider's counts, estimating completion tokens when the server gave none."""
+    completion = estimate_tokens(text) if completion_tokens is None else int(completion_tokens)
+    return price.usage(int(prompt_tokens or 0), completion)

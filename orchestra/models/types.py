@@ -161,3 +161,8 @@ class ChatResult(BaseModel):
     model: str = ""
     finish_reason: str | None = None
     latency_s: float = 0.0
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (4 characters a token) for servers that report no usage."""
+    return max(1, len(text) // 4)

@@ -155,7 +155,8 @@ class Synthesize:
         if isinstance(outcome, Exception):
             raise outcome
         parsed = outcome.parsed
-        return strip_reasoning(outcome.text), parsed.model_dump(mode="json") if hasattr(parsed, "model_dump") else parsed
+        plain = parsed.model_dump(mode="json") if hasattr(parsed, "model_dump") else parsed
+        return strip_reasoning(outcome.text), plain
 
 
 class Refine(Synthesize):

@@ -256,7 +256,7 @@ class Run:
             self.user_error |= isinstance(error, UserError)
             self._finish(self._failure_status(), None, str(error))
             return
-        except Exception as error:  # noqa: BLE001 - e.g. a model backend's own bug: one line, not a traceback
+        except Exception as error:
             self._finish("failed", None, f"planning failed: unexpected {type(error).__name__}: {error}")
             return
         self.timings["plan_s"] = time.perf_counter() - started
@@ -312,7 +312,8 @@ class Run:
                 self.stages.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=trace.strategy))
             job = Job(task=self.task, instruction=instruction, responses=responses,
                       seed=node_seed(self.settings.seed, self.task, node_id),
-                      aggregator=self.stages.pool[trace.aggregator] if trace.aggregator else self.stages.staffing.aggregator,
+                      aggregator=(self.stages.pool[trace.aggregator] if trace.aggregator
+                                  else self.stages.staffing.aggregator),
                       grader=self.stages.grader, answer_format=self.spec.answer_format, schema=settings.output)
             trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
             trace.status = "done"
@@ -320,7 +321,7 @@ class Run:
         except (OrchestraError, PlanInvalid) as error:
             self.user_error |= isinstance(error, UserError)
             self._node_failed(trace, str(error))
-        except Exception as error:  # noqa: BLE001 - reported on the node, the rest of the run goes on
+        except Exception as error:
             self._node_failed(trace, f"unexpected {type(error).__name__}: {error}")
         trace.elapsed_s = time.perf_counter() - started
         self._settle(node_id)
@@ -330,7 +331,8 @@ class Run:
         """Staff a node (see ``Staffing.recruit``), reporting a failed skill extraction and the
         matcher's embedding requests."""
         staffed = await self.stages.staffing.recruit(
-            instruction, skills, self.caller("keywords", node_id), seed=node_seed(self.settings.seed, self.task, node_id),
+            instruction, skills, self.caller("keywords", node_id),
+            seed=node_seed(self.settings.seed, self.task, node_id),
             k=settings.k or self.settings.k, mode=settings.mode or self.settings.mode, agent=settings.agent,
             pin=self.pins.get(node_id))
         if staffed.extraction_failure is not None:  # recruiting went on without skills; the user is told
@@ -449,7 +451,7 @@ class Run:
                 answer = await self.stages.final.answer(self.task, inputs, self.caller("final"),
                                                         seed=node_seed(self.settings.seed, self.task, "final"),
                                                         context=self.spec.context)
-            except Exception as error:  # noqa: BLE001 - the run ends with what went wrong, in one line
+            except Exception as error:
                 self.user_error |= isinstance(error, UserError)
                 failures.append(f"final aggregation: {error}")
                 self._finish(self._failure_status(), None, "; ".join(failures))

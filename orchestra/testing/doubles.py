@@ -12,9 +12,8 @@ from typing import Any
 
 from orchestra.errors import BadResponse
 from orchestra.models.base import ModelBase, Outcome
-from orchestra.models.openai import estimate_tokens
 from orchestra.models.pricing import Price, coerce_price
-from orchestra.models.types import ChatRequest, ChatResult
+from orchestra.models.types import ChatRequest, ChatResult, estimate_tokens
 
 ScriptedReply = str | dict | list | ChatResult | Exception
 """A scripted answer: text, a JSON value (sent as its JSON text), a full result, or an error to raise."""
