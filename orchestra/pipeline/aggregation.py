@@ -113,7 +113,6 @@ class Aggregation(Protocol):
 
     async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
         """The output text and its parsed value (None without an output schema)."""
-        ...
 
 
 class Strongest:
