@@ -106,10 +106,14 @@ class Pool:
         return list(seen.values())
 
     async def aclose(self) -> None:
-        """Close every model's open connections (each endpoint once, however many models share it)."""
+        """Close every model's open connections in this event loop: each distinct model once, and
+        an endpoint shared by several models once (through the first of them)."""
+        closed: set[int] = set()
         for model in self.models:
+            owner = id(getattr(model, "endpoint", model))
             close = getattr(model, "aclose", None)
-            if close is not None:
+            if close is not None and owner not in closed:
+                closed.add(owner)
                 await close()
 
     def check_credentials(self) -> None:

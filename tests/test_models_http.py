@@ -6,16 +6,13 @@ import asyncio
 import email.utils
 import json
 import time
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-from orchestra.agents import Pool
 from orchestra.errors import (
     AuthenticationError,
     BadResponse,
-    ConfigError,
     EndpointUnreachable,
     RateLimited,
     RequestRejected,
@@ -23,7 +20,7 @@ from orchestra.errors import (
 )
 from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
 from orchestra.models.base import retry_listener
-from orchestra.models.http import Endpoint, parse_retry_after
+from orchestra.models.http import parse_retry_after
 from orchestra.testing import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
 
 
@@ -171,76 +168,6 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
 
 
 # --- concurrency -------------------------------------------------------------------------------
-
-
-def test_max_concurrency_holds_and_is_shared_by_models_given_one_endpoint(loopback) -> None:
-    server = loopback(chat_handler(lambda req: "ok", delay=0.02))
-    shared = Endpoint(server.url + "/v1", max_concurrency=3)
-    first = OpenAICompatible(model="m", endpoint=shared)
-    second = OpenAICompatible(model="other", endpoint=shared, timeout=5)
-
-    async def both() -> None:
-        await asyncio.gather(first.complete([ask(str(i)) for i in range(20)]),
-                             second.complete([ask(str(i)) for i in range(20)]))
-
-    for _ in range(2):  # a second event loop gets fresh connections under the same limit
-        server.peak_in_flight = 0
-        run(both())
-        assert 1 <= server.peak_in_flight <= 3
-    assert len(server.requests) == 80
-    assert first.endpoint is second.endpoint and (first.policy.timeout, second.policy.timeout) == (120.0, 5)
-    with pytest.raises(ConfigError, match="limits of the shared endpoint"):
-        OpenAICompatible(model="greedy", endpoint=shared, max_concurrency=8)
-
-
-def test_models_made_without_an_endpoint_never_share_one(loopback) -> None:
-    server = loopback(chat_handler(lambda req: "ok", delay=0.02))
-    wide = OpenAICompatible(model="a", base_url=server.url + "/v1", max_concurrency=8)
-    narrow = OpenAICompatible(model="b", base_url=server.url + "/v1", max_concurrency=2)
-    assert wide.endpoint is not narrow.endpoint  # no hidden registry: nothing tightens or loosens another's limit
-    run(narrow.complete([ask(str(i)) for i in range(10)]))
-    assert server.peak_in_flight <= 2
-
-
-def test_a_pool_file_gives_models_of_one_server_one_endpoint_with_the_smallest_limits(loopback,
-                                                                                      tmp_path: Path) -> None:
-    server = loopback(chat_handler(lambda req: "ok", delay=0.02))
-    url = server.url + "/v1"
-    (tmp_path / "pool.yaml").write_text(
-        f"models:\n  wide: {{type: openai, model: w, base_url: '{url}', max_concurrency: 8, timeout: 30}}\n"
-        f"  narrow: {{type: openai, model: n, base_url: '{url}/', max_concurrency: 4, rpm: 6000}}\n"
-        f"  keyed: {{type: openai, model: k, base_url: '{url}', api_key_env: OTHER_KEY}}\n"
-        "agents:\n  - {name: a, model: wide}\n  - {name: b, model: narrow}\n  - {name: c, model: keyed}\n")
-    pool = Pool.load(tmp_path / "pool.yaml")
-    wide, narrow, keyed = (pool[name].model for name in ("a", "b", "c"))
-    assert wide.endpoint is narrow.endpoint is not keyed.endpoint  # one per server and key variable
-    assert (wide.endpoint.max_concurrency, wide.endpoint.rpm) == (4, 6000)
-    assert (wide.policy.timeout, narrow.policy.timeout) == (30, 120.0)  # each model keeps its own
-
-    async def both() -> None:
-        await asyncio.gather(wide.complete([ask(str(i)) for i in range(20)]),
-                             narrow.complete([ask(str(i)) for i in range(20)]))
-        await pool.aclose()
-
-    for _ in range(2):
-        server.peak_in_flight = 0
-        run(both())
-        assert 1 <= server.peak_in_flight <= 4
-
-
-def test_closing_an_endpoint_closes_its_connections_and_a_later_request_reopens(loopback) -> None:
-    server = loopback(chat_handler(lambda req: "ok"))
-    model = OpenAICompatible(model="m", base_url=server.url + "/v1")
-
-    async def use() -> tuple[bool, str]:
-        await model.complete([ask()])
-        clients = model.endpoint._state().clients  # default max_concurrency 16: two pools of 8
-        await model.aclose()
-        closed = all(client.is_closed for client in clients)
-        [again] = await model.complete([ask()])
-        return closed, again.text
-
-    assert run(use()) == (True, "ok")
 
 
 def test_rpm_spaces_request_starts(loopback) -> None:

@@ -1,5 +1,7 @@
 """The model layer: provider-independent requests and results, backends, and test doubles."""
 
+from typing import TYPE_CHECKING
+
 from orchestra.models.anthropic import Anthropic
 from orchestra.models.base import HeavyModel, Model, ModelBase, allow_model_requests, is_heavy
 from orchestra.models.llamacpp import LlamaCpp
@@ -8,6 +10,11 @@ from orchestra.models.pricing import PRICES, Price, price_for
 from orchestra.models.types import ChatRequest, ChatResult, Message, Usage
 from orchestra.models.vllm import VLLM
 from orchestra.testing.doubles import FunctionModel, ScriptedModel
+
+if TYPE_CHECKING:  # mypy checks that the in-process engines are heavy models, as the executor expects
+
+    def _engines_are_heavy(llama: LlamaCpp, vllm: VLLM) -> tuple[HeavyModel, HeavyModel]:
+        return llama, vllm
 
 __all__ = [
     "PRICES",

@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any, ClassVar, Protocol, TypeGuard, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeGuard, TypeVar, runtime_checkable
 
 from orchestra.errors import InvalidOutput, ModelRequestsForbidden
 from orchestra.models.metering import charge, count_request, metering
@@ -89,11 +89,15 @@ def is_heavy(model: object) -> TypeGuard[HeavyModel]:
     return bool(getattr(model, "heavy", False))
 
 
+_M = TypeVar("_M", bound="ModelBase")
+
+
 class ModelBase(abc.ABC):
     """Shared behaviour: batch fan-out, structured-output parsing with one repair, the test switch.
 
     Subclasses implement ``_generate`` for one request. ``concurrent`` says whether a batch is
     fanned out at once (remote endpoints) or generated one after another (in-process engines).
+    ``async with model:`` calls ``aclose()`` on the way out.
     """
 
     name: str
@@ -105,6 +109,12 @@ class ModelBase(abc.ABC):
 
     async def aclose(self) -> None:
         """Release what the model holds open (an endpoint's connections); nothing by default."""
+
+    async def __aenter__(self: _M) -> _M:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     @abc.abstractmethod
     async def _generate(self, request: ChatRequest) -> ChatResult:

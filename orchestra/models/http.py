@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import os
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -59,16 +60,17 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 class RateLimiter:
-    """Spaces request starts so no more than ``rpm`` begin in any minute."""
+    """Spaces request starts so no more than ``rpm`` begin in any minute, over every event loop
+    and thread that uses it (a slot is booked under a thread lock, then awaited)."""
 
     def __init__(self, rpm: float) -> None:
         self.interval = 60.0 / rpm
         self._next = 0.0
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()
 
     async def acquire(self) -> None:
         """Wait for the next free slot."""
-        async with self._lock:
+        with self._lock:
             now = time.monotonic()
             wait = self._next - now
             self._next = max(now, self._next) + self.interval
@@ -84,12 +86,12 @@ CONNECTIONS_PER_CLIENT = 8
 
 @dataclass
 class _LoopState:
+    """An endpoint's connections and concurrency semaphore in one event loop."""
+
     clients: list[httpx.AsyncClient]
     semaphore: asyncio.Semaphore
-    limiter: RateLimiter | None
-    busy: list[int] = field(default_factory=list)
-    in_flight: int = 0
-    peak_in_flight: int = 0
+    busy: list[int]
+    closer: AsyncGenerator[None, None]
 
     def least_busy(self) -> int:
         """The client with the fewest requests in flight (never over its own limit, given the semaphore)."""
@@ -127,10 +129,13 @@ class Endpoint:
     """One server (base URL and API key variable) with the limits every model on it shares.
 
     Made once and given to each model that talks to the server (a pool file makes one per
-    server): its limits are fixed when it is made, so they hold whatever the order in which
-    models are made or event loops started. Async resources belong to an event loop, so the
-    connection pool is made per running loop (a sync wrapper that runs ``asyncio.run`` twice gets
-    a fresh one), always from the same limits.
+    server): its limits are fixed when it is made (read-only afterwards), so they hold whatever
+    the order in which models are made or event loops started. Async resources belong to an event
+    loop, so the connections and the concurrency semaphore are made per running loop (a sync
+    wrapper that runs ``asyncio.run`` twice gets fresh ones), always from the same limits:
+    ``max_concurrency`` holds within each loop (loops running at once in several threads get it
+    each), ``rpm`` over all of them. A loop's connections are closed by ``aclose()`` in that loop,
+    or when the loop shuts down (``asyncio.run`` does). ``async with endpoint:`` closes them too.
 
     Args:
         base_url: the API root (``http(s)://host.../v1``).
@@ -151,6 +156,7 @@ class Endpoint:
         self._api_key_env = api_key_env
         self._max_concurrency = max_concurrency
         self._rpm = rpm
+        self._limiter = RateLimiter(rpm) if rpm else None
         self._states: dict[int, tuple[asyncio.AbstractEventLoop, _LoopState]] = {}
 
     base_url = property(lambda self: self._base_url, doc="The API root, without a trailing slash.")
@@ -161,39 +167,39 @@ class Endpoint:
     def __repr__(self) -> str:
         return f"Endpoint({display_url(self._base_url)!r}, max_concurrency={self._max_concurrency}, rpm={self._rpm})"
 
-    def _state(self) -> _LoopState:
+    async def _state(self) -> _LoopState:
+        """The running loop's connections and semaphore, made from the fixed limits on first use."""
         loop = asyncio.get_running_loop()
         entry = self._states.get(id(loop))
-        if entry is None or entry[0] is not loop:
-            for key in [k for k, (other, _) in self._states.items() if other.is_closed()]:
-                del self._states[key]
-            shards = -(-self._max_concurrency // CONNECTIONS_PER_CLIENT)
-            per_client = -(-self._max_concurrency // shards)
-            limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
-            state = _LoopState(
-                clients=[httpx.AsyncClient(timeout=None, limits=limits) for _ in range(shards)],
-                semaphore=asyncio.Semaphore(self._max_concurrency),
-                limiter=RateLimiter(self._rpm) if self._rpm else None,
-                busy=[0] * shards,
-            )
-            self._states[id(loop)] = (loop, state)
-            return state
-        return entry[1]
+        if entry is not None and entry[0] is loop:
+            return entry[1]
+        for key in [k for k, (other, _) in self._states.items() if other.is_closed()]:
+            del self._states[key]
+        shards = -(-self._max_concurrency // CONNECTIONS_PER_CLIENT)
+        per_client = -(-self._max_concurrency // shards)
+        limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+        clients = [httpx.AsyncClient(timeout=None, limits=limits) for _ in range(shards)]
+        state = _LoopState(clients=clients, semaphore=asyncio.Semaphore(self._max_concurrency),
+                           busy=[0] * shards, closer=_closes_with_loop(clients))
+        self._states[id(loop)] = (loop, state)
+        await state.closer.__anext__()  # started in this loop, so the loop closes it when it shuts down
+        return state
 
     async def aclose(self) -> None:
-        """Close this endpoint's connections in the running event loop (those of loops already
-        closed are dropped); the next request opens new ones."""
+        """Close the connections opened in the running loop (the next request opens new ones).
+        Those of another loop close when it shuts down; those of closed loops are dropped."""
         loop = asyncio.get_running_loop()
         for key, (owner, state) in list(self._states.items()):
-            if owner is loop:
-                await asyncio.gather(*(client.aclose() for client in state.clients))
             if owner is loop or owner.is_closed():
                 del self._states[key]
+            if owner is loop:
+                await state.closer.aclose()
 
-    @property
-    def peak_in_flight(self) -> int:
-        """The most requests this endpoint had in flight at once, in the current loop."""
-        return max((s.peak_in_flight for _, s in self._states.values()), default=0)
+    async def __aenter__(self) -> Endpoint:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def api_key(self) -> str | None:
         """The key from the environment; a missing variable is an ``AuthenticationError``."""
@@ -247,14 +253,12 @@ class Endpoint:
     async def _post_once(self, url: str, payload: dict[str, Any], headers: dict[str, str],
                          model: str, secret: str | None, limit: float, policy: CallPolicy) -> dict[str, Any]:
         shown = display_url(url)
-        state = self._state()
+        state = await self._state()
         async with state.semaphore:
-            if state.limiter is not None:
-                await state.limiter.acquire()
+            if self._limiter is not None:
+                await self._limiter.acquire()
             shard = state.least_busy()
             state.busy[shard] += 1
-            state.in_flight += 1
-            state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
             count_request()
             try:  # the whole answer within the limit: a server that trickles bytes is cut off too
                 response = await asyncio.wait_for(state.clients[shard].post(url, json=payload, headers=headers), limit)
@@ -272,7 +276,6 @@ class Endpoint:
                 raise _Retryable(ConnectionBroke(
                     f"the connection to {shown} broke ({type(error).__name__}: {error or 'no detail'})")) from None
             finally:
-                state.in_flight -= 1
                 state.busy[shard] -= 1
         return self._check(response, shown, model, secret, policy)
 
@@ -308,6 +311,15 @@ class Endpoint:
         if not isinstance(body, dict):
             raise BadResponse(f"{url} answered with JSON that is not an object")
         return body
+
+
+async def _closes_with_loop(clients: list[httpx.AsyncClient]) -> AsyncGenerator[None, None]:
+    """Waits at its ``yield`` until closed, then closes the clients: by ``Endpoint.aclose``, by the
+    loop's shutdown (``asyncio.run`` closes every async generator started in it), or when dropped."""
+    try:
+        yield
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
 
 
 def _error_text(response: httpx.Response, secret: str | None) -> str:

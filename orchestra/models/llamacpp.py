@@ -56,7 +56,7 @@ class LlamaCpp(ModelBase):
             whose brackets and quotes must repeat).
     """
 
-    heavy: ClassVar[bool] = True
+    heavy: bool = True
     concurrent: ClassVar[bool] = False
 
     def __init__(self, path: str | Path | None = None, *, name: str | None = None, n_ctx: int = 4096,

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from orchestra.errors import InvalidOutput, MissingDependency
 from orchestra.models.base import ModelBase, Outcome, with_usage
@@ -55,7 +55,7 @@ class VLLM(ModelBase):
             (tests inject fakes here).
     """
 
-    heavy: ClassVar[bool] = True
+    heavy: bool = True
 
     def __init__(self, model: str, *, name: str | None = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, memory_bytes: int = 0,
@@ -130,22 +130,26 @@ class VLLM(ModelBase):
         if not self.loaded:
             await self.load()
         meters = [Meter() for _ in requests]
-        steps: list[ChatResult | ChatRequest | Exception] = []
-        for meter, request, result in zip(meters, requests, await self._chat(list(requests))):
-            meter.requests += 1
-            meter.charge(result.usage)
-            steps.append(self.parse_or_repair(request, result))
-        repairs = [(index, step) for index, step in enumerate(steps) if isinstance(step, ChatRequest)]
+        outcomes: dict[int, ChatResult | Exception] = {}
+        repairs: dict[int, ChatRequest] = {}
+        for index, (request, result) in enumerate(zip(requests, await self._chat(list(requests)))):
+            meters[index].requests += 1
+            meters[index].charge(result.usage)
+            step = self.parse_or_repair(request, result)
+            if isinstance(step, ChatRequest):
+                repairs[index] = step
+            else:
+                outcomes[index] = step
         if repairs:
-            for (index, _), result in zip(repairs, await self._chat([step for _, step in repairs])):
+            for index, result in zip(repairs, await self._chat(list(repairs.values()))):
                 meters[index].requests += 1
                 meters[index].charge(result.usage)
                 try:
-                    steps[index] = self.parse_repaired(requests[index], result)
+                    outcomes[index] = self.parse_repaired(requests[index], result)
                 except InvalidOutput as failure:
-                    steps[index] = failure
-        for index, step in enumerate(steps):  # every repair request was replaced by its outcome
-            yield index, with_usage(step, meters[index].usage)  # type: ignore[arg-type]
+                    outcomes[index] = failure
+        for index in range(len(requests)):
+            yield index, with_usage(outcomes[index], meters[index].usage)
 
     async def _chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
         conversations = [[m.model_dump() for m in r.messages] for r in requests]

@@ -1,0 +1,207 @@
+"""Endpoints: explicit, with limits fixed when made, enforced at a real server on 127.0.0.1, and closed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestra.agents import Pool
+from orchestra.errors import ConfigError
+from orchestra.models import ChatRequest, OpenAICompatible
+from orchestra.models.http import Endpoint
+from orchestra.testing import LoopbackRequest, Reply, chat_handler, openai_reply
+
+
+def asks(count: int) -> list[ChatRequest]:
+    return [ChatRequest.user(str(i)) for i in range(count)]
+
+
+class PerModel:
+    """A handler that answers after ``delay`` and records the peak in flight per model name."""
+
+    def __init__(self, delay: float = 0.05) -> None:
+        self.delay = delay
+        self.in_flight: Counter[str] = Counter()
+        self.peak: Counter[str] = Counter()
+
+    async def __call__(self, request: LoopbackRequest) -> Reply:
+        model = request.json()["model"]
+        self.in_flight[model] += 1
+        self.peak[model] = max(self.peak[model], self.in_flight[model])
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight[model] -= 1
+        return openai_reply("ok")
+
+
+async def clients_of(endpoint: Endpoint) -> list[httpx.AsyncClient]:
+    return (await endpoint._state()).clients
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+def test_one_endpoint_caps_in_flight_at_its_limit_over_every_model_whatever_the_order_or_loop(loopback) -> None:
+    server = loopback(chat_handler(lambda req: "ok", delay=0.05))
+    shared = Endpoint(server.url + "/v1", max_concurrency=4)
+    first = OpenAICompatible(model="a", endpoint=shared)
+    asyncio.run(first.complete(asks(12)))  # the first loop's connections and semaphore exist before "b" is made
+    assert server.peak_in_flight == 4
+    second = OpenAICompatible(model="b", endpoint=shared, timeout=5)
+
+    async def both() -> None:
+        await asyncio.gather(first.complete(asks(20)), second.complete(asks(20)))
+
+    for _ in range(2):  # each new event loop gets fresh connections under the same limit
+        server.peak_in_flight = 0
+        asyncio.run(both())
+        assert server.peak_in_flight == 4
+    assert len(server.requests) == 12 + 2 * 40
+    assert (first.policy.timeout, second.policy.timeout) == (120.0, 5)  # attempts stay each model's own
+
+
+def test_a_model_made_later_with_a_tighter_limit_has_it_enforced(loopback) -> None:
+    counts = PerModel()
+    server = loopback(counts)
+    wide = OpenAICompatible(model="wide", base_url=server.url + "/v1", max_concurrency=9)  # 2 pools: 5 + 4
+
+    async def use() -> None:
+        await wide.complete(asks(16))  # the wide model's state is built first
+        narrow = OpenAICompatible(model="narrow", base_url=server.url + "/v1", max_concurrency=4)
+        await asyncio.gather(wide.complete(asks(24)), narrow.complete(asks(24)))
+        await narrow.complete(asks(12))
+
+    asyncio.run(use())
+    assert (counts.peak["wide"], counts.peak["narrow"]) == (9, 4)  # each model its own endpoint and limit
+
+
+def test_limits_are_fixed_when_the_endpoint_is_made(loopback) -> None:
+    shared = Endpoint("http://127.0.0.1:9/v1", max_concurrency=4, rpm=60)
+    with pytest.raises(AttributeError):
+        shared.max_concurrency = 8  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="limits of the shared endpoint"):
+        OpenAICompatible(model="greedy", endpoint=shared, max_concurrency=8)
+    with pytest.raises(ConfigError, match="max_concurrency must be >= 1"):
+        Endpoint("http://127.0.0.1:9/v1", max_concurrency=0)
+    assert (shared.max_concurrency, shared.rpm) == (4, 60)
+
+
+def test_rpm_holds_across_event_loops(loopback) -> None:
+    server = loopback(chat_handler(lambda req: "ok"))
+    model = OpenAICompatible(model="m", endpoint=Endpoint(server.url + "/v1", rpm=120))  # one start per 0.5 s
+    asyncio.run(model.complete(asks(1)))
+    started = time.monotonic()
+    asyncio.run(model.complete(asks(1)))  # a new loop may not start the next request sooner
+    assert time.monotonic() - started >= 0.4
+
+
+# --- pool files --------------------------------------------------------------------------------
+
+
+def test_a_pool_file_gives_models_of_one_server_one_endpoint_with_the_smallest_limits(loopback,
+                                                                                      tmp_path: Path) -> None:
+    server = loopback(chat_handler(lambda req: "ok", delay=0.05))
+    url = server.url + "/v1"
+    (tmp_path / "pool.yaml").write_text(
+        f"models:\n  wide: {{type: openai, model: w, base_url: '{url}', max_concurrency: 8, timeout: 30}}\n"
+        f"  narrow: {{type: openai, model: n, base_url: '{url}/', max_concurrency: 4, rpm: 6000}}\n"
+        f"  keyed: {{type: openai, model: k, base_url: '{url}', api_key_env: OTHER_KEY}}\n"
+        "agents:\n  - {name: a, model: wide}\n  - {name: b, model: narrow}\n  - {name: c, model: keyed}\n")
+    pool = Pool.load(tmp_path / "pool.yaml")
+    wide, narrow, keyed = (pool[name].model for name in ("a", "b", "c"))
+    assert wide.endpoint is narrow.endpoint is not keyed.endpoint  # one per server and key variable
+    assert (wide.endpoint.max_concurrency, wide.endpoint.rpm) == (4, 6000)
+    assert (keyed.endpoint.max_concurrency, keyed.endpoint.rpm) == (16, None)  # its own server: the defaults
+    assert (wide.policy.timeout, narrow.policy.timeout) == (30, 120.0)  # each model keeps its own
+
+    async def both() -> None:
+        await asyncio.gather(wide.complete(asks(20)), narrow.complete(asks(20)))
+
+    for _ in range(2):
+        server.peak_in_flight = 0
+        asyncio.run(both())
+        assert server.peak_in_flight == 4
+
+
+def test_pool_aclose_closes_each_endpoint_once(loopback, tmp_path: Path, monkeypatch) -> None:
+    server = loopback(chat_handler(lambda req: "ok"))
+    url = server.url + "/v1"
+    (tmp_path / "pool.yaml").write_text(
+        f"models:\n  one: {{type: openai, model: o, base_url: '{url}'}}\n"
+        f"  two: {{type: openai, model: t, base_url: '{url}'}}\n"
+        f"  other: {{type: openai, model: x, base_url: '{url}', api_key_env: OTHER_KEY}}\n"
+        "agents:\n  - {name: a, model: one}\n  - {name: b, model: two}\n  - {name: c, model: other}\n")
+    pool = Pool.load(tmp_path / "pool.yaml")
+    closes: Counter[int] = Counter()
+    real_aclose = Endpoint.aclose
+
+    async def counted(self: Endpoint) -> None:
+        closes[id(self)] += 1
+        await real_aclose(self)
+
+    monkeypatch.setattr(Endpoint, "aclose", counted)
+
+    async def use() -> list[httpx.AsyncClient]:
+        await pool["a"].model.complete(asks(1))
+        clients = [c for name in ("a", "c") for c in await clients_of(pool[name].model.endpoint)]
+        await pool.aclose()
+        return clients
+
+    clients = asyncio.run(use())
+    assert all(client.is_closed for client in clients)
+    assert sorted(closes.values()) == [1, 1] and id(pool["a"].model.endpoint) in closes
+
+
+# --- closing -----------------------------------------------------------------------------------
+
+
+def test_closing_an_endpoint_closes_its_connections_and_a_later_request_reopens(loopback) -> None:
+    server = loopback(chat_handler(lambda req: "ok"))
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1")
+
+    async def use() -> tuple[bool, str]:
+        await model.complete(asks(1))
+        clients = await clients_of(model.endpoint)  # default max_concurrency 16: two pools of 8
+        await model.aclose()
+        closed = len(clients) == 2 and all(client.is_closed for client in clients)
+        [again] = await model.complete(asks(1))
+        return closed, again.text
+
+    assert asyncio.run(use()) == (True, "ok")
+
+
+def test_connections_close_when_their_event_loop_ends(loopback) -> None:
+    server = loopback(chat_handler(lambda req: "ok"))
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1")
+    seen: list[httpx.AsyncClient] = []
+
+    async def use() -> None:
+        await model.complete(asks(3))
+        seen.extend(await clients_of(model.endpoint))
+
+    asyncio.run(use())  # no aclose: asyncio.run's shutdown closes them
+    assert seen and all(client.is_closed for client in seen)
+    asyncio.run(use())  # the next loop opens its own
+    assert len(seen) == 4 and all(client.is_closed for client in seen)
+
+
+def test_async_with_closes_models_and_endpoints(loopback) -> None:
+    server = loopback(chat_handler(lambda req: "ok"))
+
+    async def use() -> list[httpx.AsyncClient]:
+        async with Endpoint(server.url + "/v1", max_concurrency=2) as shared:
+            async with OpenAICompatible(model="m", endpoint=shared) as model:
+                await model.complete(asks(2))
+                inner = await clients_of(shared)
+            assert all(client.is_closed for client in inner)
+            await model.complete(asks(1))
+            return inner + await clients_of(shared)
+
+    clients = asyncio.run(use())
+    assert len(clients) == 2 and all(client.is_closed for client in clients)
