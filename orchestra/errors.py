@@ -142,6 +142,15 @@ class RequestRejected(ModelError):
     """The endpoint refused the request (400/404/422): a bad model name, parameter or prompt."""
 
 
+class FeatureRefused(RequestRejected):
+    """The server refused an optional feature of the request (``response_format:json_schema``,
+    ``seed``...): the request is rebuilt without it, never retried as it was."""
+
+    def __init__(self, message: str, feature: str) -> None:
+        super().__init__(message)
+        self.feature = feature
+
+
 class ContextTooLong(RequestRejected, UserError):
     """The prompt does not fit the model's context window; names the limit and the setting."""
 

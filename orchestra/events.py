@@ -218,6 +218,16 @@ class CallRetried(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class FeatureDropped(Event):
+    """A server refused an optional request feature; its requests go on without it."""
+
+    kind: ClassVar[str] = "feature_dropped"
+    model: str
+    feature: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class UsageUpdated(Event):
     """A run's running totals changed."""
 

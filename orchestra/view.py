@@ -28,6 +28,7 @@ from orchestra.events import (
     Event,
     EventHandler,
     ExpertsRecruited,
+    FeatureDropped,
     ModelLoaded,
     ModelUnloaded,
     NodeAggregating,
@@ -326,6 +327,9 @@ class LogView(EventHandler[str]):
             return None
         self._retries_shown.add((event.model, event.reason))
         return f"retrying {event.model} (failed attempt {event.attempt}, next in {event.wait_s:.1f} s): {event.reason}"
+
+    def on_feature_dropped(self, event: FeatureDropped) -> str:
+        return f"{event.model}: going on without {event.feature}: {event.reason}"
 
     def on_skill_extraction_failed(self, event: SkillExtractionFailed) -> str:
         return f"{event.node}: warning: no skills found ({event.reason}); recruited without skills"

@@ -223,23 +223,6 @@ def test_unrepairable_json_is_a_clear_error(loopback) -> None:
     assert len(server.requests) == 2
 
 
-def test_unsupported_json_schema_falls_back_to_json_object_then_prompt(loopback) -> None:
-    def handler(req: LoopbackRequest) -> Reply:
-        if "response_format" in req.json():
-            return error_reply(400, "response_format is not supported")
-        return openai_reply('```json\n{"city": "Oslo", "population": 700000}\n```')
-
-    server = loopback(handler)
-    model = openai(server)
-    [result] = run(model.complete([ask("facts", output=Answer)]))
-    assert result.parsed.city == "Oslo"
-    kinds = [req.json().get("response_format", {}).get("type") for req in server.requests]
-    assert kinds == ["json_schema", "json_object", None]
-    assert "JSON schema" in server.requests[-1].json()["messages"][-1]["content"]
-    run(model.complete([ask("again", output=Answer)]))  # the working mode is remembered
-    assert len(server.requests) == 4
-
-
 def test_dict_schema_is_validated(loopback) -> None:
     schema = {"type": "object", "properties": {"keywords": {"type": "array", "items": {"type": "string"}}},
               "required": ["keywords"]}

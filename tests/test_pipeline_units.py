@@ -764,10 +764,24 @@ def test_a_node_whose_keyword_calls_name_no_skill_is_recruited_without_and_repor
     fn = planner.fn
     planner.fn = lambda request: "I don't know\nsorry" if kind_of(request) == "keywords" else fn(request)
     result = Orchestra(pool, k=1, aggregate="none", store=False, on_event=events.append).run("two things, then done")
-    assert result.status == "done" and result.usage.skill_extraction_failures == 2
+    assert result.usage.skill_extraction_failures == 2
     failed = [e for e in events if isinstance(e, SkillExtractionFailed)]
     assert sorted((e.run_id, e.node) for e in failed) == [(result.run_id, "a"), (result.run_id, "b")]
     assert all(e.reason.startswith("all 5 keyword calls failed: ") for e in failed)
+    # every keyword call failed: the run has an answer but is not a clean "done", and says which stage failed
+    assert result.status == "partial" and result.exit_code == 1 and result.answer
+    assert result.error is not None and result.error.startswith("a: skill extraction failed (all 5 keyword calls failed")
+    assert "; b: skill extraction failed" in result.error and "recruited without skills" in result.error
+
+
+def test_keyword_answers_without_skills_are_reported_but_the_run_is_done() -> None:
+    pool, models = scripted_pool(2)
+    planner = models["planner"]
+    fn = planner.fn
+    planner.fn = lambda request: {"keywords": ["!!!"]} if kind_of(request) == "keywords" else fn(request)
+    result = Orchestra(pool, k=1, aggregate="none", store=False).run("a question", plan=False)
+    assert result.usage.skill_extraction_failures == 1  # the calls worked; the model named no skill
+    assert result.status == "done" and result.error is None
 
 
 def test_a_budget_spent_on_keyword_calls_stops_the_node() -> None:

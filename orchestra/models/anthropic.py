@@ -6,9 +6,10 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from orchestra.errors import BadResponse, RequestRejected
+from orchestra.errors import BadResponse
 from orchestra.models.base import ModelBase
 from orchestra.models.http import CallPolicy, Endpoint, display_url, endpoint_for
+from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult
@@ -48,15 +49,10 @@ class Anthropic(ModelBase):
         self.price = coerce_price(prices, model)
         self.endpoint = endpoint_for(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm)
         self.policy = CallPolicy.of(timeout=timeout, deadline=deadline, max_attempts=max_attempts)
-        self.json_mode: Literal["tool", "prompt"] = "tool"
 
     async def aclose(self) -> None:
         """Close the endpoint's connections in this event loop."""
         await self.endpoint.aclose()
-
-    async def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return await self.endpoint.post_json("/v1/messages", payload, model=self.model, headers=_headers,
-                                             policy=self.policy)
 
     @property
     def identity(self) -> str:
@@ -66,20 +62,23 @@ class Anthropic(ModelBase):
     def __repr__(self) -> str:
         return f"Anthropic(model={self.model!r}, base_url={self.endpoint.base_url!r})"
 
+    @property
+    def json_mode(self) -> Literal["tool", "prompt"]:
+        """How structured output is asked for on this endpoint now: a forced tool call until the
+        server refuses tools, then the schema in the prompt."""
+        return "tool" if _tools_allowed(self.endpoint.capabilities) else "prompt"
+
     async def _generate(self, request: ChatRequest) -> ChatResult:
-        mode = self.json_mode if request.wants_json else None
-        if mode == "tool" and request.output_schema is None:
-            mode = "prompt"
-        try:
-            body = await self._post(self._payload(request, mode))
-        except RequestRejected:
-            if mode != "tool":
-                raise
-            body = await self._post(self._payload(request, "prompt"))
-            self.json_mode = "prompt"  # remembered only once the fallback has worked
+        body = await self.endpoint.post_negotiated(
+            "/v1/messages", lambda capabilities: self._payload(request, capabilities),
+            model=self.model, headers=_headers, policy=self.policy)
         return self._result(body)
 
-    def _payload(self, request: ChatRequest, mode: str | None) -> dict[str, Any]:
+    def _payload(self, request: ChatRequest, capabilities: Capabilities) -> dict[str, Any]:
+        """The request body, using only the features the server has not refused."""
+        mode = None
+        if request.wants_json:
+            mode = "tool" if request.output_schema is not None and _tools_allowed(capabilities) else "prompt"
         if mode == "prompt":
             request = with_instructions(request)
         system = "\n\n".join(m.content for m in request.messages if m.role == "system")
@@ -98,7 +97,7 @@ class Anthropic(ModelBase):
             payload["tools"] = [{"name": _TOOL, "description": "Give the answer in the required structure.",
                                  "input_schema": request.output_schema}]
             payload["tool_choice"] = {"type": "tool", "name": _TOOL}
-        return payload
+        return capabilities.strip(payload)
 
     def _result(self, body: dict[str, Any]) -> ChatResult:
         content = body.get("content")
@@ -112,6 +111,10 @@ class Anthropic(ModelBase):
         usage = body.get("usage") or {}
         return ChatResult(text=text, model=self.name, finish_reason=body.get("stop_reason"),
                           usage=reported_usage(self.price, usage.get("input_tokens"), usage.get("output_tokens"), text))
+
+
+def _tools_allowed(capabilities: Capabilities) -> bool:
+    return capabilities.allows("tools") and capabilities.allows("tool_choice:tool")
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

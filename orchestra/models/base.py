@@ -45,6 +45,19 @@ def notify_retry(model: str, attempt: int, wait_s: float, reason: str) -> None:
         listener(model, attempt, wait_s, reason)
 
 
+DowngradeListener = Callable[[str, str, str], None]
+#: Set by the executor around a batch: called as (model, feature, reason) when a server refuses an
+#: optional feature and requests go on without it.
+downgrade_listener: ContextVar[DowngradeListener | None] = ContextVar("downgrade_listener", default=None)
+
+
+def notify_downgrade(model: str, feature: str, reason: str) -> None:
+    """Tell whoever dispatched the current batch that a server refused an optional feature."""
+    listener = downgrade_listener.get()
+    if listener is not None:
+        listener(model, feature, reason)
+
+
 Outcome = tuple[int, "ChatResult | Exception"]
 
 

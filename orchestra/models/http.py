@@ -21,13 +21,15 @@ from orchestra.errors import (
     ConfigError,
     ConnectionBroke,
     EndpointUnreachable,
+    FeatureRefused,
     ModelError,
     RateLimited,
     RequestRejected,
     RequestTimeout,
 )
-from orchestra.models.base import notify_retry
+from orchestra.models.base import notify_downgrade, notify_retry
 from orchestra.models.metering import count_request
+from orchestra.models.negotiation import Capabilities, refused_feature
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
@@ -92,6 +94,7 @@ class _LoopState:
     semaphore: asyncio.Semaphore
     busy: list[int]
     closer: AsyncGenerator[None, None]
+    probe: asyncio.Lock  # held by the one request that finds out whether the server takes a feature
 
     def least_busy(self) -> int:
         """The client with the fewest requests in flight (never over its own limit, given the semaphore)."""
@@ -157,6 +160,7 @@ class Endpoint:
         self._max_concurrency = max_concurrency
         self._rpm = rpm
         self._limiter = RateLimiter(rpm) if rpm else None
+        self.capabilities = Capabilities()
         self._states: dict[int, tuple[asyncio.AbstractEventLoop, _LoopState]] = {}
 
     base_url = property(lambda self: self._base_url, doc="The API root, without a trailing slash.")
@@ -180,7 +184,7 @@ class Endpoint:
         limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
         clients = [httpx.AsyncClient(timeout=None, limits=limits) for _ in range(shards)]
         state = _LoopState(clients=clients, semaphore=asyncio.Semaphore(self._max_concurrency),
-                           busy=[0] * shards, closer=_closes_with_loop(clients))
+                           busy=[0] * shards, closer=_closes_with_loop(clients), probe=asyncio.Lock())
         self._states[id(loop)] = (loop, state)
         await state.closer.__anext__()  # started in this loop, so the loop closes it when it shuts down
         return state
@@ -210,6 +214,40 @@ class Endpoint:
             raise AuthenticationError(
                 f"environment variable {self._api_key_env} is not set; export it to use {display_url(self._base_url)}")
         return key
+
+    async def post_negotiated(self, path: str, build: Callable[[Capabilities], dict[str, Any]], *, model: str,
+                              headers: Callable[[str | None], dict[str, str]], policy: CallPolicy) -> dict[str, Any]:
+        """POST the request ``build`` makes for what this server is known to accept.
+
+        When the server refuses an optional feature (``FeatureRefused``), the refusal is
+        remembered for every model on the endpoint and the request rebuilt without it; it is never
+        retried as it was. While a feature is untried, one request at a time (per event loop)
+        carries it and the others wait for its answer, so a refusal costs one request.
+        """
+        while True:
+            known = len(self.capabilities.refused)
+            refused_before = set(self.capabilities.refused)
+            payload = build(self.capabilities)
+            probe = None
+            if self.capabilities.unknown(payload):
+                probe = (await self._state()).probe
+                await probe.acquire()
+                if len(self.capabilities.refused) != known or not self.capabilities.unknown(payload):
+                    probe.release()  # another request found out meanwhile: build again from what it learnt
+                    continue
+            try:
+                body = await self.post_json(path, payload, model=model, headers=headers, policy=policy)
+            except FeatureRefused as refusal:
+                if refusal.feature in refused_before:  # sent although known refused (extra_body): nothing to drop
+                    raise
+                self.capabilities.refuse(refusal.feature, str(refusal))
+                notify_downgrade(model, refusal.feature, str(refusal))
+                continue
+            finally:
+                if probe is not None:
+                    probe.release()
+            self.capabilities.accept(payload)
+            return body
 
     async def post_json(self, path: str, payload: dict[str, Any], *, model: str,
                         headers: Callable[[str | None], dict[str, str]], policy: CallPolicy) -> dict[str, Any]:
@@ -277,11 +315,16 @@ class Endpoint:
                     f"the connection to {shown} broke ({type(error).__name__}: {error or 'no detail'})")) from None
             finally:
                 state.busy[shard] -= 1
-        return self._check(response, shown, model, secret, policy)
+        return self._check(response, shown, model, secret, policy, payload)
 
     def _check(self, response: httpx.Response, url: str, model: str, secret: str | None,
-               policy: CallPolicy) -> dict[str, Any]:
+               policy: CallPolicy, payload: dict[str, Any]) -> dict[str, Any]:
         status = response.status_code
+        if status >= 400:
+            feature = refused_feature(status, _error_body(response), payload)
+            if feature is not None:
+                raise FeatureRefused(f"{url} does not accept {feature} (HTTP {status}): "
+                                     f"{_error_text(response, secret)}", feature)
         if status in (401, 403):
             variable = self._api_key_env or "an API key variable (api_key_env)"
             raise AuthenticationError(
@@ -322,12 +365,19 @@ async def _closes_with_loop(clients: list[httpx.AsyncClient]) -> AsyncGenerator[
         await asyncio.gather(*(client.aclose() for client in clients))
 
 
+def _error_body(response: httpx.Response) -> Any:
+    """The decoded error body, or its text when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
 def _error_text(response: httpx.Response, secret: str | None) -> str:
     """The server's error message, short, on one line, with the API key blanked if a gateway echoed it."""
-    try:
-        body = response.json()
-    except ValueError:
-        text = response.text
+    body = _error_body(response)
+    if isinstance(body, str):
+        text = body
     else:
         error = body.get("error", body) if isinstance(body, dict) else body
         text = str(error.get("message", error) if isinstance(error, dict) else error)

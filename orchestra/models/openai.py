@@ -5,17 +5,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from orchestra.errors import BadResponse, RequestRejected
+from orchestra.errors import BadResponse
 from orchestra.models.base import ModelBase
 from orchestra.models.http import CallPolicy, Endpoint, display_url, endpoint_for
+from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult
 
 OPENAI_URL = "https://api.openai.com/v1"
-JsonMode = Literal["json_schema", "json_object", "prompt"]
-_FALLBACK: dict[JsonMode, JsonMode | None] = {"json_schema": "json_object", "json_object": "prompt",
-                                              "prompt": None}
+JsonMode = Literal["json_schema", "json_object+schema", "json_object", "prompt"]
+#: Strongest first. ``json_object+schema`` is ``json_object`` with the schema beside it, which
+#: llama-cpp-python's server turns into a grammar; servers that ignore the extra key still get JSON.
+JSON_MODES: tuple[JsonMode, ...] = ("json_schema", "json_object+schema", "json_object", "prompt")
+
+
+def json_mode(capabilities: Capabilities, *, schema: bool) -> JsonMode:
+    """The strongest structured-output mode the server has not refused (the first two need a schema)."""
+    for mode in JSON_MODES[0 if schema else 2:]:
+        if mode == "prompt" or capabilities.allows(f"response_format:{mode}"):
+            return mode
+    raise AssertionError("unreachable")  # pragma: no cover - "prompt" is always allowed
 
 
 class OpenAICompatible(ModelBase):
@@ -56,7 +66,6 @@ class OpenAICompatible(ModelBase):
         self.extra_body = dict(extra_body or {})
         self.endpoint = endpoint_for(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm)
         self.policy = CallPolicy.of(timeout=timeout, deadline=deadline, max_attempts=max_attempts)
-        self.json_mode: JsonMode = "json_schema"
 
     async def aclose(self) -> None:
         """Close the endpoint's connections in this event loop."""
@@ -70,26 +79,22 @@ class OpenAICompatible(ModelBase):
     def __repr__(self) -> str:
         return f"OpenAICompatible(model={self.model!r}, base_url={self.endpoint.base_url!r})"
 
-    async def _generate(self, request: ChatRequest) -> ChatResult:
-        mode: JsonMode | None = self.json_mode if request.wants_json else None
-        if mode == "json_schema" and request.output_schema is None:
-            mode = "json_object"
-        while True:
-            try:
-                body = await self.endpoint.post_json("/chat/completions", self._payload(request, mode),
-                                                     model=self.model, headers=bearer_headers, policy=self.policy)
-            except RequestRejected:
-                following = _FALLBACK[mode] if mode else None
-                if following is None:
-                    raise
-                mode = following
-                continue
-            if mode is not None:
-                self.json_mode = mode
-            return self._result(body)
+    @property
+    def json_mode(self) -> JsonMode:
+        """How structured output is asked for on this endpoint now: the first of ``JSON_MODES`` the
+        server has not refused."""
+        return json_mode(self.endpoint.capabilities, schema=True)
 
-    def _payload(self, request: ChatRequest, mode: JsonMode | None) -> dict[str, Any]:
-        if mode in ("json_object", "prompt"):
+    async def _generate(self, request: ChatRequest) -> ChatResult:
+        body = await self.endpoint.post_negotiated(
+            "/chat/completions", lambda capabilities: self._payload(request, capabilities),
+            model=self.model, headers=bearer_headers, policy=self.policy)
+        return self._result(body)
+
+    def _payload(self, request: ChatRequest, capabilities: Capabilities) -> dict[str, Any]:
+        """The request body, using only the features the server has not refused."""
+        mode = json_mode(capabilities, schema=request.output_schema is not None) if request.wants_json else None
+        if mode not in (None, "json_schema"):  # the others promise JSON at most, not this schema
             request = with_instructions(request)
         payload: dict[str, Any] = {"model": self.model,
                                    "messages": [m.model_dump() for m in request.messages],
@@ -103,9 +108,11 @@ class OpenAICompatible(ModelBase):
         if mode == "json_schema":
             payload["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": request.schema_name[:64], "schema": request.output_schema, "strict": False}}
+        elif mode == "json_object+schema":
+            payload["response_format"] = {"type": "json_object", "schema": request.output_schema}
         elif mode == "json_object":
             payload["response_format"] = {"type": "json_object"}
-        return payload
+        return capabilities.strip(payload)
 
     def _result(self, body: dict[str, Any]) -> ChatResult:
         usage = body.get("usage")

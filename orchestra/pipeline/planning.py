@@ -66,14 +66,15 @@ class Planner:
                 answer = outcome.text
                 try:
                     plan = parse_plan(outcome.parsed)
-                    graph = validate_plan(plan, max_nodes=settings.max_nodes)
-                except PlanInvalid as invalid:
-                    problem = str(invalid)
-                else:
+                    # steps about something else are not mended by a repair: checked before the DAG
                     strays = ", ".join(off_topic_steps(plan, task, context) if settings.plan_check else [])
                     if strays:
                         return _single(task, attempt, f"the planner's steps ({strays}) were not about the task; "
                                                       "ran it as one step")
+                    graph = validate_plan(plan, max_nodes=settings.max_nodes)
+                except PlanInvalid as invalid:
+                    problem = str(invalid)
+                else:
                     return PlanOutcome(plan, graph, attempt, "planned as one step" if len(plan.subtasks) == 1 else "")
             request = repair_request(request, answer, problem)
         if settings.plan_fallback == "single":

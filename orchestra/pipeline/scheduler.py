@@ -182,6 +182,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.user_error = False  # a failure the user must fix (key, URL, context): exit code 2
         self.skill_extraction_failures = 0
+        self.stage_failures: list[str] = []  # stages that failed without stopping the run: it is not done
         self._unresolved = 0
         self._execute_started = self.started
 
@@ -339,6 +340,9 @@ class Run:
             self.skill_extraction_failures += 1
             self.stages.events.emit(SkillExtractionFailed(run_id=self.run_id, node=node_id,
                                                           reason=staffed.extraction_failure))
+            if staffed.keyword_calls_failed:
+                self.stage_failures.append(f"{node_id}: skill extraction failed ({staffed.extraction_failure}); "
+                                           "its experts were recruited without skills")
         if staffed.embedding_usage is not None:
             self.ledger.count_embeddings(staffed.embedding_usage, model=staffed.matcher_model, node=node_id,
                                          keywords=list(staffed.recruitment.keywords))
@@ -458,6 +462,7 @@ class Run:
                 return
             finally:
                 self.timings["final_s"] = time.perf_counter() - started
+        failures += self.stage_failures
         complete = len(done) == len(sinks) and not failures
         status: RunStatus = "done" if complete else ("budget_exceeded" if self.ledger.budget.exceeded else "partial")
         self._finish(status, answer, "; ".join(failures) or None)

@@ -44,6 +44,8 @@ class Staffed:
     recruitment: Recruitment
     extraction_failure: str | None = None
     """Why the keyword LLM named no skill (recruiting then went on without skills)."""
+    keyword_calls_failed: bool = False
+    """Every keyword call failed (an endpoint or output error, not an answer without skills)."""
     embedding_usage: Usage | None = None
     """The matcher's embedding requests, when it made any."""
     matcher_model: str = ""
@@ -91,18 +93,18 @@ class Staffing:
             return Staffed(Recruitment(experts=(agent,), keywords=tuple(skills), matches=(), candidates=(),
                                        mode="fixed", notes=(f"{agent}: fixed by the workflow",)))
         keywords = skill_names(skills, 40)  # a planner's skills too: plain words only
-        failure = None
+        failure, calls_failed = None, False
         if not keywords and mode not in ("global", "random"):  # these baselines ignore skills
-            keywords, failure = await self._extract(instruction, call, seed)
+            keywords, failure, calls_failed = await self._extract(instruction, call, seed)
         matches, usage = await self._match(keywords)
         recruitment = self.recruiter.recruit(keywords, matches, seed=seed, k=k, mode=mode)
         if pin is not None:  # a resumed run keeps the experts its batch's rare-expert filter chose
             recruitment = replace(recruitment, experts=pin.experts,
                                   notes=(*recruitment.notes, "experts as first recruited"))
-        return Staffed(recruitment, failure, usage, getattr(self.matcher, "model", "matcher"))
+        return Staffed(recruitment, failure, calls_failed, usage, getattr(self.matcher, "model", "matcher"))
 
-    async def _extract(self, instruction: str, call: Call, seed: int) -> tuple[list[str], str | None]:
-        """Keywords from the keyword LLM, or none and the reason."""
+    async def _extract(self, instruction: str, call: Call, seed: int) -> tuple[list[str], str | None, bool]:
+        """Keywords from the keyword LLM, or none, the reason and whether every call failed."""
         model = self.pool.keyword_model
         assert model is not None  # a Pool always has one (its planner's, by default)
         outcomes = await call([(model, r) for r in self.extractor.requests(instruction, seed=seed)])
@@ -110,7 +112,9 @@ class Staffing:
         if budget_errors:
             raise budget_errors[0]
         keywords = self.extractor.combine(outcomes)
-        return (keywords, None) if keywords else ([], self.extractor.failure(outcomes))
+        if keywords:
+            return keywords, None, False
+        return [], self.extractor.failure(outcomes), all(isinstance(o, Exception) for o in outcomes)
 
     async def _match(self, keywords: Sequence[str]) -> tuple[list[Match], Usage | None]:
         """Keywords mapped onto the profile vocabulary, and the embedding usage this took."""
