@@ -7,14 +7,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 
 from orchestra.agents import Pool
-from orchestra.errors import ConfigError
+from orchestra.errors import ConfigError, EndpointUnreachable
 from orchestra.models import ChatRequest, OpenAICompatible
 from orchestra.models.http import Endpoint
-from orchestra.testing import LoopbackRequest, Reply, chat_handler, openai_reply
+from orchestra.models.transport import AiohttpTransport, HttpxTransport
+from orchestra.testing import LoopbackRequest, allow_model_requests, Reply, chat_handler, openai_reply
 
 
 def asks(count: int) -> list[ChatRequest]:
@@ -40,8 +42,11 @@ class PerModel:
         return openai_reply("ok")
 
 
-async def clients_of(endpoint: Endpoint) -> list[httpx.AsyncClient]:
-    return (await endpoint._state()).clients
+async def clients_of(endpoint: Endpoint) -> list[aiohttp.ClientSession]:
+    """The connection pool the endpoint uses in the running loop (none before its first request)."""
+    transport = (await endpoint._state()).transport
+    assert isinstance(transport, AiohttpTransport)
+    return [transport._session] if transport._session is not None else []
 
 
 # --- limits ------------------------------------------------------------------------------------
@@ -147,14 +152,14 @@ def test_pool_aclose_closes_each_endpoint_once(loopback, tmp_path: Path, monkeyp
 
     monkeypatch.setattr(Endpoint, "aclose", counted)
 
-    async def use() -> list[httpx.AsyncClient]:
+    async def use() -> list[aiohttp.ClientSession]:
         await pool["a"].model.complete(asks(1))
         clients = [c for name in ("a", "c") for c in await clients_of(pool[name].model.endpoint)]
         await pool.aclose()
         return clients
 
     clients = asyncio.run(use())
-    assert all(client.is_closed for client in clients)
+    assert len(clients) == 1 and all(client.closed for client in clients)  # "c" never opened any
     assert sorted(closes.values()) == [1, 1] and id(pool["a"].model.endpoint) in closes
 
 
@@ -167,9 +172,9 @@ def test_closing_an_endpoint_closes_its_connections_and_a_later_request_reopens(
 
     async def use() -> tuple[bool, str]:
         await model.complete(asks(1))
-        clients = await clients_of(model.endpoint)  # default max_concurrency 16: two pools of 8
+        clients = await clients_of(model.endpoint)
         await model.aclose()
-        closed = len(clients) == 2 and all(client.is_closed for client in clients)
+        closed = len(clients) == 1 and all(client.closed for client in clients)
         [again] = await model.complete(asks(1))
         return closed, again.text
 
@@ -179,29 +184,52 @@ def test_closing_an_endpoint_closes_its_connections_and_a_later_request_reopens(
 def test_connections_close_when_their_event_loop_ends(loopback) -> None:
     server = loopback(chat_handler(lambda req: "ok"))
     model = OpenAICompatible(model="m", base_url=server.url + "/v1")
-    seen: list[httpx.AsyncClient] = []
+    seen: list[aiohttp.ClientSession] = []
 
     async def use() -> None:
         await model.complete(asks(3))
         seen.extend(await clients_of(model.endpoint))
 
     asyncio.run(use())  # no aclose: asyncio.run's shutdown closes them
-    assert seen and all(client.is_closed for client in seen)
+    assert seen and all(client.closed for client in seen)
     asyncio.run(use())  # the next loop opens its own
-    assert len(seen) == 4 and all(client.is_closed for client in seen)
+    assert len(seen) == 2 and seen[0] is not seen[1] and all(client.closed for client in seen)
 
 
 def test_async_with_closes_models_and_endpoints(loopback) -> None:
     server = loopback(chat_handler(lambda req: "ok"))
 
-    async def use() -> list[httpx.AsyncClient]:
+    async def use() -> list[aiohttp.ClientSession]:
         async with Endpoint(server.url + "/v1", max_concurrency=2) as shared:
             async with OpenAICompatible(model="m", endpoint=shared) as model:
                 await model.complete(asks(2))
                 inner = await clients_of(shared)
-            assert all(client.is_closed for client in inner)
+            assert all(client.closed for client in inner)
             await model.complete(asks(1))
             return inner + await clients_of(shared)
 
     clients = asyncio.run(use())
-    assert len(clients) == 2 and all(client.is_closed for client in clients)
+    assert len(clients) == 2 and all(client.closed for client in clients)
+
+
+# --- transports ----------------------------------------------------------------------------------
+
+
+def test_any_httpx_transport_plugs_in_and_its_failures_read_as_the_default_transports_do() -> None:
+    seen: list[tuple[str, bytes]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.content))
+        if b'"down"' in request.content:
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, json=openai_reply("from httpx").body)
+
+    endpoint = Endpoint("http://models.test/v1", transport=lambda n: HttpxTransport(httpx.MockTransport(answer)))
+    model = OpenAICompatible(model="m", endpoint=endpoint)
+    down = OpenAICompatible(model="down", endpoint=endpoint, max_attempts=1)
+    with allow_model_requests():  # the requests never leave the process: the mock transport answers
+        [result] = asyncio.run(model.complete([ChatRequest.user("hi")]))
+        with pytest.raises(EndpointUnreachable, match="models.test"):
+            asyncio.run(down.complete([ChatRequest.user("hi")]))
+    assert result.text == "from httpx"
+    assert seen[0][0] == "http://models.test/v1/chat/completions" and b'"model":"m"' in seen[0][1]

@@ -55,6 +55,11 @@ class Anthropic(ModelBase):
         await self.endpoint.aclose()
 
     @property
+    def fan_out(self) -> int:
+        """The endpoint's concurrency limit: more requests at once would only wait for it."""
+        return self.endpoint.max_concurrency
+
+    @property
     def identity(self) -> str:
         """Backend, endpoint and model id (what the response cache is keyed on)."""
         return f"anthropic:{self.endpoint.base_url}:{self.model}"

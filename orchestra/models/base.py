@@ -148,16 +148,28 @@ class ModelBase(abc.ABC):
             for index, request in enumerate(requests):
                 yield index, await self._settle(request)
             return
-        tasks = [asyncio.ensure_future(self._indexed(i, r)) for i, r in enumerate(requests)]
+        finished: asyncio.Queue[Outcome] = asyncio.Queue()
+        waiting = iter(enumerate(requests))
+
+        async def worker() -> None:  # takes the next request as soon as its last one is answered
+            for index, request in waiting:
+                finished.put_nowait((index, await self._settle(request)))
+
+        width = min(len(requests), self.fan_out or len(requests))
+        workers = [asyncio.ensure_future(worker()) for _ in range(width)]
         try:
-            for next_done in asyncio.as_completed(tasks):
-                yield await next_done
+            for _ in requests:
+                yield await finished.get()
         finally:
-            for task in tasks:
+            for task in workers:
                 task.cancel()
 
-    async def _indexed(self, index: int, request: ChatRequest) -> Outcome:
-        return index, await self._settle(request)
+    @property
+    def fan_out(self) -> int | None:
+        """How many of a batch's requests are worth having in flight at once (None: all of them).
+        A remote model says its endpoint's limit, so a batch of thousands is not thousands of tasks
+        queued on the endpoint's semaphore."""
+        return None
 
     async def _settle(self, request: ChatRequest) -> ChatResult | Exception:
         try:

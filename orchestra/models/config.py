@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestra.models.anthropic import ANTHROPIC_URL, Anthropic
 from orchestra.models.base import Model
-from orchestra.models.http import Endpoint, check_base_url
+from orchestra.models.http import DEFAULT_MAX_CONCURRENCY, Endpoint, check_base_url
 from orchestra.models.openai import OPENAI_URL, OpenAICompatible
 from orchestra.models.pricing import Price
 
@@ -136,7 +136,7 @@ def build_models(specs: Mapping[str, ModelSpec], base_dir: Path) -> dict[str, Mo
         concurrency = [s.max_concurrency for s in group if s.max_concurrency is not None]
         rpms = [s.rpm for s in group if s.rpm is not None]
         endpoints[(url, key_env)] = Endpoint(url, api_key_env=key_env, rpm=min(rpms) if rpms else None,
-                                             **({"max_concurrency": min(concurrency)} if concurrency else {}))
+                                             max_concurrency=min(concurrency, default=DEFAULT_MAX_CONCURRENCY))
     models: dict[str, Model] = {}
     for name, spec in specs.items():
         if isinstance(spec, (OpenAISpec, AnthropicSpec)):

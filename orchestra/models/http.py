@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
+import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from orchestra.errors import (
     AuthenticationError,
@@ -30,6 +31,18 @@ from orchestra.errors import (
 from orchestra.models.base import notify_downgrade, notify_retry
 from orchestra.models.metering import count_request
 from orchestra.models.negotiation import Capabilities, refused_feature
+from orchestra.models.transport import AiohttpTransport, Answer, Headers, Transport, TransportFactory
+
+T = TypeVar("T")
+DEFAULT_MAX_CONCURRENCY = 16
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, or ``asyncio.TimeoutError`` after ``seconds``. ``asyncio.timeout``
+    where there is one (3.11+): ``wait_for`` wraps the awaitable in a task, a cost per request."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
+
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
@@ -80,25 +93,14 @@ class RateLimiter:
             await asyncio.sleep(wait)
 
 
-#: Connections per ``httpx.AsyncClient``. httpcore's pool does work proportional to requests x
-#: connections on every event, so one pool of 64 connections is several times slower than eight
-#: pools of 8; an endpoint's connections are therefore spread over several clients.
-CONNECTIONS_PER_CLIENT = 8
-
-
 @dataclass
 class _LoopState:
-    """An endpoint's connections and concurrency semaphore in one event loop."""
+    """An endpoint's transport (its connections) and concurrency semaphore in one event loop."""
 
-    clients: list[httpx.AsyncClient]
+    transport: Transport
     semaphore: asyncio.Semaphore
-    busy: list[int]
     closer: AsyncGenerator[None, None]
     probe: asyncio.Lock  # held by the one request that finds out whether the server takes a feature
-
-    def least_busy(self) -> int:
-        """The client with the fewest requests in flight (never over its own limit, given the semaphore)."""
-        return min(range(len(self.busy)), key=self.busy.__getitem__)
 
 
 @dataclass(frozen=True)
@@ -145,10 +147,13 @@ class Endpoint:
         api_key_env: the environment variable holding the key; None sends no key.
         max_concurrency: requests in flight at once, over every model on this endpoint.
         rpm: requests started per minute, over every model on this endpoint.
+        transport: makes the transport for each event loop from the connection limit (default:
+            ``AiohttpTransport``; ``lambda n: HttpxTransport(any httpx transport)`` works too).
     """
 
-    def __init__(self, base_url: str, *, api_key_env: str | None = None, max_concurrency: int = 16,
-                 rpm: float | None = None) -> None:
+    def __init__(self, base_url: str, *, api_key_env: str | None = None,
+                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+                 rpm: float | None = None, transport: TransportFactory = AiohttpTransport) -> None:
         try:
             check_base_url(base_url)
         except ValueError as error:
@@ -160,6 +165,8 @@ class Endpoint:
         self._max_concurrency = max_concurrency
         self._rpm = rpm
         self._limiter = RateLimiter(rpm) if rpm else None
+        self._transport = transport
+        self._shown_urls: dict[str, str] = {}
         self.capabilities = Capabilities()
         self._states: dict[int, tuple[asyncio.AbstractEventLoop, _LoopState]] = {}
 
@@ -179,12 +186,9 @@ class Endpoint:
             return entry[1]
         for key in [k for k, (other, _) in self._states.items() if other.is_closed()]:
             del self._states[key]
-        shards = -(-self._max_concurrency // CONNECTIONS_PER_CLIENT)
-        per_client = -(-self._max_concurrency // shards)
-        limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
-        clients = [httpx.AsyncClient(timeout=None, limits=limits) for _ in range(shards)]
-        state = _LoopState(clients=clients, semaphore=asyncio.Semaphore(self._max_concurrency),
-                           busy=[0] * shards, closer=_closes_with_loop(clients), probe=asyncio.Lock())
+        transport = self._transport(self._max_concurrency)
+        state = _LoopState(transport=transport, semaphore=asyncio.Semaphore(self._max_concurrency),
+                           closer=_closes_with_loop(transport), probe=asyncio.Lock())
         self._states[id(loop)] = (loop, state)
         await state.closer.__anext__()  # started in this loop, so the loop closes it when it shuts down
         return state
@@ -258,48 +262,42 @@ class Endpoint:
         backend's headers from the key.
         """
         secret = self.api_key()
-        sent_headers = headers(secret)
+        sent_headers = [("Content-Type", "application/json"), *headers(secret).items()]
         url = self._base_url + path
         started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            limit = min(policy.timeout, policy.deadline - (time.monotonic() - started))
+            try:
+                return await self._post_once(url, payload, sent_headers, model, secret, limit, policy)
+            except _Retryable as failure:
+                backoff = min(policy.max_wait, 0.5 * 2 ** (attempt - 1))
+                delay = backoff if failure.retry_after is None else min(policy.max_wait, failure.retry_after)
+                # out of attempts, or the next one would start past the deadline
+                if attempt >= policy.max_attempts or time.monotonic() - started + delay >= policy.deadline:
+                    raise failure.final from None
+                notify_retry(model, attempt, delay, str(failure))
+            await asyncio.sleep(delay)
 
-        def wait(state: RetryCallState) -> float:
-            error = state.outcome.exception() if state.outcome else None
-            retry_after = getattr(error, "retry_after", None)
-            backoff = min(policy.max_wait, 0.5 * 2 ** (state.attempt_number - 1))
-            return min(policy.max_wait, retry_after) if retry_after is not None else backoff
+    def _shown(self, url: str) -> str:
+        """``display_url(url)``, worked out once per URL."""
+        shown = self._shown_urls.get(url)
+        if shown is None:
+            shown = self._shown_urls[url] = display_url(url)
+        return shown
 
-        def stop(state: RetryCallState) -> bool:  # out of attempts, or the next one would start past the deadline
-            elapsed = time.monotonic() - started
-            return state.attempt_number >= policy.max_attempts or elapsed + wait(state) >= policy.deadline
-
-        def before_sleep(state: RetryCallState) -> None:  # only when another attempt really follows
-            error = state.outcome.exception() if state.outcome else None
-            delay = state.next_action.sleep if state.next_action else 0.0
-            notify_retry(model, state.attempt_number, delay, str(error))
-
-        retrying = AsyncRetrying(stop=stop, wait=wait, before_sleep=before_sleep,
-                                 retry=retry_if_exception_type(_Retryable), reraise=True)
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    limit = min(policy.timeout, policy.deadline - (time.monotonic() - started))
-                    return await self._post_once(url, payload, sent_headers, model, secret, limit, policy)
-        except _Retryable as exhausted:
-            raise exhausted.final from None
-        raise AssertionError("unreachable")  # pragma: no cover - tenacity always returns or raises
-
-    async def _post_once(self, url: str, payload: dict[str, Any], headers: dict[str, str],
+    async def _post_once(self, url: str, payload: dict[str, Any], headers: Headers,
                          model: str, secret: str | None, limit: float, policy: CallPolicy) -> dict[str, Any]:
-        shown = display_url(url)
+        shown = self._shown(url)
         state = await self._state()
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         async with state.semaphore:
             if self._limiter is not None:
                 await self._limiter.acquire()
-            shard = state.least_busy()
-            state.busy[shard] += 1
             count_request()
             try:  # the whole answer within the limit: a server that trickles bytes is cut off too
-                response = await asyncio.wait_for(state.clients[shard].post(url, json=payload, headers=headers), limit)
+                response = await within(limit, state.transport.post(url, headers, body))
             except (asyncio.TimeoutError, httpx.TimeoutException) as error:
                 if isinstance(error, httpx.ConnectTimeout):
                     raise _Retryable(EndpointUnreachable(
@@ -313,13 +311,11 @@ class Endpoint:
             except httpx.TransportError as error:  # reset, body cut short, protocol error: it was reached
                 raise _Retryable(ConnectionBroke(
                     f"the connection to {shown} broke ({type(error).__name__}: {error or 'no detail'})")) from None
-            finally:
-                state.busy[shard] -= 1
         return self._check(response, shown, model, secret, policy, payload)
 
-    def _check(self, response: httpx.Response, url: str, model: str, secret: str | None,
+    def _check(self, response: Answer, url: str, model: str, secret: str | None,
                policy: CallPolicy, payload: dict[str, Any]) -> dict[str, Any]:
-        status = response.status_code
+        status = response.status
         if status >= 400:
             feature = refused_feature(status, _error_body(response), payload)
             if feature is not None:
@@ -356,16 +352,16 @@ class Endpoint:
         return body
 
 
-async def _closes_with_loop(clients: list[httpx.AsyncClient]) -> AsyncGenerator[None, None]:
-    """Waits at its ``yield`` until closed, then closes the clients: by ``Endpoint.aclose``, by the
+async def _closes_with_loop(transport: Transport) -> AsyncGenerator[None, None]:
+    """Waits at its ``yield`` until closed, then closes the transport: by ``Endpoint.aclose``, by the
     loop's shutdown (``asyncio.run`` closes every async generator started in it), or when dropped."""
     try:
         yield
     finally:
-        await asyncio.gather(*(client.aclose() for client in clients))
+        await transport.aclose()
 
 
-def _error_body(response: httpx.Response) -> Any:
+def _error_body(response: Answer) -> Any:
     """The decoded error body, or its text when it is not JSON."""
     try:
         return response.json()
@@ -373,7 +369,7 @@ def _error_body(response: httpx.Response) -> Any:
         return response.text
 
 
-def _error_text(response: httpx.Response, secret: str | None) -> str:
+def _error_text(response: Answer, secret: str | None) -> str:
     """The server's error message, short, on one line, with the API key blanked if a gateway echoed it."""
     body = _error_body(response)
     if isinstance(body, str):
@@ -408,7 +404,7 @@ def endpoint_for(endpoint: Endpoint | None, base_url: str, api_key_env: str | No
     these limits. Limits belong to the shared endpoint: given with one, they are refused."""
     if endpoint is None:
         return Endpoint(base_url, api_key_env=api_key_env, rpm=rpm,
-                        **({} if max_concurrency is None else {"max_concurrency": max_concurrency}))
+                        max_concurrency=DEFAULT_MAX_CONCURRENCY if max_concurrency is None else max_concurrency)
     if max_concurrency is not None or rpm is not None:
         raise ConfigError(f"max_concurrency and rpm are limits of the shared endpoint {endpoint!r}; set them there")
     return endpoint

@@ -12,27 +12,35 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from orchestra.models.types import Usage
 
 
 @dataclass
 class Meter:
-    """Requests and billed usage accumulated by one call (or one piece of work outside a call)."""
+    """Requests and billed usage accumulated by one call (or one piece of work outside a call).
+
+    Kept as plain numbers (a ``Usage`` is made only when asked for): this runs on every request.
+    """
 
     requests: int = 0
-    billed: Usage = field(default_factory=Usage)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
 
     def charge(self, usage: Usage | None) -> None:
         """Add the tokens and cost of one billed response."""
         if usage is not None:
-            self.billed = self.billed + usage.model_copy(update={"requests": 0})
+            self.prompt_tokens += usage.prompt_tokens
+            self.completion_tokens += usage.completion_tokens
+            self.cost_usd += usage.cost_usd
 
     @property
     def usage(self) -> Usage:
         """Everything counted so far, ``requests`` included."""
-        return self.billed.model_copy(update={"requests": self.requests})
+        return Usage.model_construct(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                                     cost_usd=self.cost_usd, requests=self.requests)
 
 
 _current: ContextVar[Meter | None] = ContextVar("orchestra_meter", default=None)

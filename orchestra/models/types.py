@@ -137,7 +137,7 @@ class Usage(BaseModel):
     requests: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(
+        return Usage.model_construct(  # two valid usages make a valid sum: no validation to pay for
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             cost_usd=self.cost_usd + other.cost_usd,

@@ -1,0 +1,132 @@
+"""How an endpoint's requests travel: aiohttp's connection pool by default, or any httpx transport.
+
+Measured side by side (``bench/http_overhead.py``), httpx's own pool (httpcore) spends most of a
+request's client time managing connections, ``httpx.AsyncClient`` adds auth, redirect and cookie
+handling an API call does not need, and building ``httpx.Request``/``httpx.Response`` objects
+costs more than the rest of Orchestra's layer. An endpoint therefore asks a ``Transport`` for one
+thing, a POST of JSON bytes answered whole, and gets an ``Answer`` back:
+
+- ``AiohttpTransport`` (the default) sends it over one ``aiohttp`` session per event loop;
+- ``HttpxTransport`` wraps any ``httpx.AsyncBaseTransport`` (``httpx.AsyncHTTPTransport``,
+  ``httpx.MockTransport``, a user's own), so httpx's transport API still plugs in.
+
+Either way a failure surfaces as httpx's exception types (``ConnectError``, ``ReadTimeout``,
+``RemoteProtocolError``...), which the endpoint turns into Orchestra's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+import httpx
+import yarl
+
+Headers = Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A server's whole answer: status, headers (looked up case-insensitively) and body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body decoded as JSON (``ValueError`` when it is not JSON)."""
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        """The body as text."""
+        return self.body.decode("utf-8", errors="replace")
+
+
+class Transport(Protocol):
+    """Sends an endpoint's requests in one event loop."""
+
+    async def post(self, url: str, headers: Headers, body: bytes) -> Answer:
+        """POST ``body`` to ``url`` and return the whole answer."""
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+
+
+#: Makes an endpoint's transport for one event loop, given its connection limit.
+TransportFactory = Callable[[int], Transport]
+
+
+class AiohttpTransport:
+    """Requests over one ``aiohttp.ClientSession`` of at most ``max_connections`` connections,
+    made on first use in the running event loop and closed by ``aclose``."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}
+
+    def _url(self, url: str) -> yarl.URL:
+        """aiohttp's form of ``url``, parsed once per distinct URL (an endpoint posts to a few)."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = self._urls[url] = yarl.URL(url)
+        return parsed
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False,
+                                                  timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
+
+    async def post(self, url: str, headers: Headers, body: bytes) -> Answer:
+        """POST ``body`` and read the whole answer; aiohttp's failures become httpx's exception types."""
+        try:
+            async with self._open().post(self._url(url), headers=headers, data=body,
+                                         allow_redirects=False) as answer:
+                return Answer(answer.status, answer.headers, await answer.read())
+        except asyncio.TimeoutError as error:  # a socket timeout; the endpoint bounds each attempt itself
+            raise httpx.ReadTimeout(str(error) or "timed out") from error
+        except aiohttp.ClientConnectorError as error:  # no connection was made: refused, unknown host
+            raise httpx.ConnectError(str(error)) from error
+        except aiohttp.ClientPayloadError as error:  # the body was cut short
+            raise httpx.RemoteProtocolError(str(error) or "the answer's body was cut short") from error
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:  # reset after connecting
+            raise httpx.ReadError(str(error) or type(error).__name__) from error
+        except aiohttp.ClientResponseError as error:  # a malformed status line or headers
+            raise httpx.RemoteProtocolError(error.message or type(error).__name__) from error
+        except aiohttp.ClientError as error:
+            raise httpx.TransportError(str(error) or type(error).__name__) from error
+
+    async def aclose(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+
+class HttpxTransport:
+    """Requests through any ``httpx.AsyncBaseTransport``, e.g.
+    ``Endpoint(url, transport=lambda n: HttpxTransport(httpx.AsyncHTTPTransport(limits=...)))``."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self.transport = transport
+
+    async def post(self, url: str, headers: Headers, body: bytes) -> Answer:
+        """POST ``body`` through the httpx transport and read the whole answer."""
+        response = await self.transport.handle_async_request(
+            httpx.Request("POST", url, headers=list(headers), content=body))
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        return Answer(response.status_code, response.headers, content)
+
+    async def aclose(self) -> None:
+        """Close the httpx transport."""
+        await self.transport.aclose()
