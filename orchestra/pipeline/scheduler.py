@@ -213,11 +213,12 @@ class Run:
         return call
 
     async def _call(self, calls: Sequence[tuple[Model, ChatRequest]], *, purpose: str,
-                    node: str | None = None) -> list[ChatResult | Exception]:
+                    node: str | None = None, then: Sequence[Model] = ()) -> list[ChatResult | Exception]:
         """Send calls through the shared executor. A key the endpoint refuses, an endpoint that
         cannot be reached, or a run store that cannot be written (a full disk) ends the whole run
-        at once: every other call would fail the same way."""
-        outcomes = await self.stages.executor.call(self.ledger, calls, purpose=purpose, node=node)
+        at once: every other call would fail the same way. ``then``: the models this task calls
+        next (see ``Executor.call``)."""
+        outcomes = await self.stages.executor.call(self.ledger, calls, purpose=purpose, node=node, then=then)
         fatal = next((o for o in outcomes if isinstance(o, (AuthenticationError, EndpointUnreachable, StoreError))),
                      None)
         if fatal is not None:
@@ -358,7 +359,9 @@ class Run:
         seed = node_seed(self.settings.seed, self.task, trace.id)
         output = settings.output or "text"
         calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output)) for i, agent in enumerate(agents)]
-        outcomes = await self._call(calls, purpose="expert", node=trace.id)
+        # the aggregator is called next: announced, so an engine serving it stays loaded until then
+        then = [self.stages.pool[trace.aggregator].model] if trace.aggregator else []
+        outcomes = await self._call(calls, purpose="expert", node=trace.id, then=then)
         return self._collect(trace, agents, outcomes, recruitment)
 
     def _node_failed(self, trace: NodeState, error: str) -> None:
