@@ -2,7 +2,7 @@
 
 from orchestra.agents import Agent, Pool
 from orchestra.budget import Budget
-from orchestra.core import Orchestra
+from orchestra.core import Instance, Orchestra
 from orchestra.plan import Plan, Subtask
 from orchestra.recruit import RecruitConfig
 from orchestra.result import RunResult
@@ -11,5 +11,5 @@ from orchestra.skills import KeywordConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["Agent", "Budget", "KeywordConfig", "Orchestra", "Plan", "Pool", "RecruitConfig", "RunResult", "RunSpec",
-           "Settings", "Subtask", "__version__"]
+__all__ = ["Agent", "Budget", "Instance", "KeywordConfig", "Orchestra", "Plan", "Pool", "RecruitConfig", "RunResult",
+           "RunSpec", "Settings", "Subtask", "__version__"]

@@ -405,13 +405,16 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
               help="A baseline or method preset (default: the pool's settings, which default to symbolic-moe); "
                    "--k, --mode and --aggregate win over it.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N items.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write each item's answer to this JSONL file as its run finishes (the report then leaves "
+                   "them out).")
 @choice_options
 @settings_options
 @budget_options
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | None, as_json: bool,
-             **opts: Any) -> None:
+def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | None, output: Path | None,
+             as_json: bool, **opts: Any) -> None:
     """Accuracy, cost and time of a method on a labelled data set."""
     from orchestra.datasets import load_dataset
     from orchestra.evaluate import aevaluate
@@ -419,9 +422,13 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     dataset = load_dataset(data)
     orc = make_orchestra(Pool.load(pool), opts)
     # the flags win over the method's preset; both over the pool's settings
-    report = asyncio.run(aevaluate(orc, dataset, method=method, limit=limit, k=opts["k"], mode=opts["mode"],
-                                   aggregate=opts["aggregate"]))
+    report = asyncio.run(aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
+                                   mode=opts["mode"], aggregate=opts["aggregate"]))
     print_report(report, f"{report.method} on {dataset.path}", as_json)
+    if report.failed:  # the report stands, but a data set with unfinished runs is not a clean pass
+        click.echo(f"error: {report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}",
+                   err=True)
+        sys.exit(1)
 
 
 def print_report(report: EvalReport, title: str, as_json: bool) -> None:

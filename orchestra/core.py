@@ -6,10 +6,24 @@ import asyncio
 import secrets
 import signal
 import warnings
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+import zlib
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import aclosing
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker
@@ -20,6 +34,7 @@ from orchestra.grading import Grader
 from orchestra.matching import MatcherSpec, SkillMatcher, matcher_spec
 from orchestra.pipeline.scheduler import NodeSettings, Outputs, Run, Stages
 from orchestra.plan import Plan
+from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, RunSpec, Settings, WorkflowRef
 from orchestra.store import HEARTBEAT_SECONDS, RunStore
@@ -28,9 +43,28 @@ from orchestra.workflow import Workflow
 T = TypeVar("T")
 
 
+#: the second of the last run id made here, and the suffixes used in it
+_issued: tuple[str, set[str]] = ("", set())
+
+
 def new_run_id() -> str:
-    """A sortable, unique run id: ``20261122-143005-3fa2c1``."""
-    return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    """A sortable, unique run id: ``20261122-143005-3fa2c1``.
+
+    Unique within this process even when thousands are made in one second (a data set's runs):
+    a suffix already used in the same second is drawn again. (24 random bits alone collide about
+    once in 10,000 ids made in a second, and the store would take the second run for a resume of
+    the first.)
+    """
+    global _issued
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    if _issued[0] != stamp:
+        _issued = (stamp, set())
+    used = _issued[1]
+    suffix = secrets.token_hex(3)
+    while suffix in used:
+        suffix = secrets.token_hex(3)
+    used.add(suffix)
+    return f"{stamp}-{suffix}"
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -84,6 +118,248 @@ def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown setting(s): {', '.join(unknown)}; see orchestra.Settings")
     return {name: value for name, value in knobs.items() if value is not None}
+
+
+#: runs ``arun_iter`` and ``arun_many`` keep in flight at once by default
+DEFAULT_WINDOW = 1000
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One task of a data set for ``arun_iter``, with what differs from task to task.
+
+    Attributes:
+        task: the task text.
+        answer_format: how the final answer should be stated (for grading).
+        meta: JSON-ready facts stored with this run, over the ``meta`` of the call.
+        options: other ``arun`` keyword arguments for this run alone (``seed``, ``plan``,
+            ``node_settings``, ``final``, ``workflow``, ``shared_budget``, any setting...), over
+            those of the call.
+    """
+
+    task: str
+    answer_format: str | None = None
+    meta: Mapping[str, Any] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+Tasks = Iterable[str | Instance] | AsyncIterable[str | Instance]
+"""What ``arun_iter`` takes: tasks (or ``Instance``s) from a sequence, a generator or an async iterable."""
+
+
+class _NotReady:
+    """An async input has no next task ready at this moment."""
+
+
+NOT_READY = _NotReady()
+
+
+class _Source:
+    """The tasks of an ``arun_iter`` call, numbered from 0, read lazily from a sync or async iterable."""
+
+    def __init__(self, tasks: Tasks) -> None:
+        if isinstance(tasks, (str, bytes)):
+            raise TypeError("tasks must be an iterable of tasks, not one string")
+        self._sync: Iterator[str | Instance] | None = None
+        self._async: AsyncIterator[str | Instance] | None = None
+        if isinstance(tasks, AsyncIterable):
+            self._async = aiter(tasks)
+        elif isinstance(tasks, Iterable):
+            self._sync = iter(tasks)
+        else:
+            raise TypeError(f"tasks must be an iterable or an async iterable, not {type(tasks).__name__}")
+        self._pending: asyncio.Future[str | Instance] | None = None
+        self.count = 0
+        self.exhausted = False
+
+    async def next(self, *, wait: bool = True) -> tuple[int, Instance] | _NotReady | None:
+        """The next task and its index; None at the end. With ``wait=False`` an async input that has
+        no task ready within one turn of the event loop gives ``NOT_READY`` (the task it is
+        producing is kept for the next call)."""
+        if self.exhausted:
+            return None
+        try:
+            if self._sync is not None:
+                value = next(self._sync)
+            elif self._pending is not None or not wait:
+                if self._pending is None:
+                    self._pending = asyncio.ensure_future(anext(cast(AsyncIterator[str | Instance], self._async)))
+                if not wait and not self._pending.done():
+                    await asyncio.sleep(0)  # an input whose next task is ready hands it over in this turn
+                    if not self._pending.done():
+                        return NOT_READY
+                pending, self._pending = self._pending, None
+                value = await pending
+            else:
+                value = await anext(cast(AsyncIterator[str | Instance], self._async))
+        except (StopIteration, StopAsyncIteration):
+            self.exhausted = True
+            return None
+        if isinstance(value, str):
+            value = Instance(value)
+        elif not isinstance(value, Instance):
+            raise TypeError(f"task {self.count} is a {type(value).__name__}, not a str or an Instance")
+        self.count += 1
+        return self.count - 1, value
+
+    def close(self) -> None:
+        """Stop waiting for the async input."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+
+_END = object()
+
+
+class _Stream:
+    """One ``arun_iter`` call: a feeder task reads tasks and starts runs while at most ``window``
+    runs are held (made, and not yet handed to the caller); each finished run is recorded and
+    queued for the caller at once. Nothing here keeps a run after it was handed over."""
+
+    def __init__(self, orc: Orchestra, source: _Source, *, window: int | None, plan: bool, rare_filter: bool,
+                 meta: Mapping[str, Any] | None, overrides: dict[str, Any]) -> None:
+        self.orc = orc
+        self.source = source
+        self.slots = asyncio.Semaphore(window) if window is not None else None
+        #: instances recruited together by the rare-expert filter (None: the whole input)
+        self.chunk = max(1, window // 2) if window is not None else None
+        self.filter = rare_filter and not plan
+        self.plan = plan
+        self.meta = dict(meta) if meta else None
+        self.overrides = overrides
+        #: the settings of every run without options of its own (resolved once; a bad one fails here)
+        self.settings = orc.run_settings({**overrides, "plan": plan})
+        self.live: dict[Run, int] = {}  # made (begun in the store) and not yet finished: its index
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.feeding = True
+        self.chunks = 0
+
+    async def results(self) -> AsyncGenerator[tuple[int, RunResult], None]:
+        feeder = asyncio.ensure_future(self.feed())
+        try:
+            while True:
+                got = await self.queue.get()
+                if got is _END:
+                    return
+                if isinstance(got, BaseException):
+                    raise got
+                if self.slots is not None:
+                    self.slots.release()
+                yield got
+        finally:
+            feeder.cancel()
+            self.close()
+
+    # --- the feeder ----------------------------------------------------------------------
+
+    async def feed(self) -> None:
+        try:
+            if self.filter:
+                await self.feed_chunks()
+                return
+            while True:
+                await self.acquire()
+                got = await self.source.next()
+                if not isinstance(got, tuple):
+                    self.give_back()
+                    return
+                self.start(self.make(*got))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # the input failed, or a run could not begin: the caller gets it
+            self.queue.put_nowait(error)
+        finally:
+            self.feeding = False
+            self.maybe_end()
+
+    async def feed_chunks(self) -> None:
+        """Recruit each chunk of tasks together and filter rare experts across it, then run it. A
+        chunk ends at ``chunk`` tasks, at the end of the input, or when an async input has no task
+        ready (so an input that waits for results is never waited for); runs of the previous
+        chunks go on meanwhile."""
+        while True:
+            chunk: list[Run] = []
+            while self.chunk is None or len(chunk) < self.chunk:
+                await self.acquire()
+                got = await self.source.next(wait=not chunk)
+                if not isinstance(got, tuple):
+                    self.give_back()
+                    break
+                index, instance = got
+                run = self.make(index, instance)
+                if {"plan", "node_settings"} & instance.options.keys():  # its own steps: nothing to filter
+                    self.start(run)
+                else:
+                    chunk.append(run)
+            if chunk:
+                seed = chunk[0].settings.seed
+                if self.chunks:  # every chunk draws its replacements from its own seed
+                    seed = zlib.crc32(f"{seed}:rare-filter:{self.chunks}".encode())
+                self.chunks += 1
+                await self.orc._recruit_together(chunk, seed=seed)
+                for run in chunk:
+                    self.start(run)
+            if self.source.exhausted:
+                return
+
+    async def acquire(self) -> None:
+        if self.slots is not None:
+            await self.slots.acquire()
+
+    def give_back(self) -> None:
+        if self.slots is not None:
+            self.slots.release()
+
+    def make(self, index: int, instance: Instance) -> Run:
+        """A run of ``instance``, begun in the store."""
+        meta = {**(self.meta or {}), **instance.meta} if instance.meta else self.meta
+        if instance.options:
+            options = {**self.overrides, **instance.options}
+            run = self.orc._make_run(instance.task, plan=options.pop("plan", self.plan),
+                                     answer_format=instance.answer_format, meta=meta, **options)
+        else:
+            run = self.orc._make_run(instance.task, answer_format=instance.answer_format, meta=meta,
+                                     settings=self.settings)
+        self.orc._begin(run)
+        self.live[run] = index
+        return run
+
+    def start(self, run: Run) -> None:
+        self.orc._running += 1
+        self.orc._keep_alive()
+        run.start().add_done_callback(partial(self.finished, run))
+
+    # --- finished runs -------------------------------------------------------------------
+
+    def finished(self, run: Run, future: asyncio.Future[RunResult]) -> None:
+        self.orc._running -= 1
+        index = self.live.pop(run, None)
+        if index is None:  # given up by close(), which recorded it
+            return
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:  # a bug inside the run: stop it, keep its record
+            run.cancel()
+            self.orc._record(run.result("cancelled", None, "stopped before it finished"))
+            self.queue.put_nowait(error or asyncio.CancelledError())
+            return
+        result = future.result()
+        self.orc._record(result)
+        self.queue.put_nowait((index, result))
+        self.maybe_end()
+
+    def maybe_end(self) -> None:
+        if not self.feeding and not self.live:
+            self.queue.put_nowait(_END)
+
+    def close(self) -> None:
+        """Stop every run still held (the caller stopped early, or something failed): each is
+        recorded as cancelled, as an interrupted ``arun`` is."""
+        self.source.close()
+        while self.live:
+            run, _ = self.live.popitem()
+            run.cancel()
+            self.orc._record(run.result("cancelled", None, "stopped before it finished"))
 
 
 class Orchestra:
@@ -223,12 +499,16 @@ class Orchestra:
     def _make_run(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
                   node_settings: dict[str, NodeSettings] | None = None, final: Callable[[Outputs], str] | None = None,
                   shared_budget: BudgetTracker | None = None, answer_format: str | None = None, context: str = "",
-                  workflow: WorkflowRef | None = None, meta: dict[str, Any] | None = None, **overrides: Any) -> Run:
+                  workflow: WorkflowRef | None = None, meta: dict[str, Any] | None = None,
+                  settings: Settings | None = None, **overrides: Any) -> Run:
+        """A run of ``task``; ``settings``: the run's resolved settings, when the caller made them
+        already (then ``overrides`` are not read)."""
         if not task or not task.strip():
             raise ConfigError("the task is empty")
-        if isinstance(plan, bool):
-            overrides["plan"] = plan
-        settings = self.run_settings(overrides)
+        if settings is None:
+            if isinstance(plan, bool):
+                overrides["plan"] = plan
+            settings = self.run_settings(overrides)
         source = self.pool.source
         spec = RunSpec(task=task, settings=settings, plan=plan if isinstance(plan, Plan) else None,
                        answer_format=answer_format, context=context, workflow=workflow, meta=meta or {},
@@ -351,46 +631,94 @@ class Orchestra:
     # --- many runs -------------------------------------------------------------------------
 
     def run_many(self, tasks: Sequence[str], **options: Any) -> list[RunResult]:
-        """Answer many tasks at once, their calls batched together (blocking). See ``arun_many``."""
+        """Answer many tasks, their calls batched together (blocking). See ``arun_many``."""
         return run_sync(self.arun_many(tasks, **options))
 
     async def arun_many(self, tasks: Sequence[str], *, plan: bool = False, rare_filter: bool = True,
                         answer_formats: Sequence[str | None] | None = None, meta: dict[str, Any] | None = None,
-                        **overrides: Any) -> list[RunResult]:
-        """Answer many tasks on one executor so every wave's calls group per model.
+                        window: int | None = DEFAULT_WINDOW, **overrides: Any) -> list[RunResult]:
+        """Answer many tasks on one executor so every wave's calls group per model; the results
+        in the order of ``tasks``. Built on ``arun_iter``: at most ``window`` runs are in flight.
 
         Args:
             tasks: the questions.
             plan: plan each task (off by default at data-set scale).
-            rare_filter: without planning, recruit every task first and replace experts chosen for
-                under the rare threshold of tasks, so fewer models load. Only this call's tasks are
-                considered: runs of other callers never change these recruitments.
+            rare_filter: without planning, recruit the tasks together, a chunk at a time, and
+                replace experts chosen for under the rare threshold of a chunk's tasks, so fewer
+                models load (see ``arun_iter``). Only this call's tasks are considered: runs of
+                other callers never change these recruitments.
             answer_formats: a per-task hint on how to state the final answer (for grading).
             meta: JSON-ready facts stored with each run.
+            window: the most runs in flight at once (None: all of them).
             overrides: ``Settings`` fields for all these runs.
         """
         formats = list(answer_formats) if answer_formats is not None else [None] * len(tasks)
         if len(formats) != len(tasks):
             raise ValueError("answer_formats must have one entry per task")
-        runs = [self._make_run(task, plan=plan, answer_format=fmt, meta=meta, **overrides)
-                for task, fmt in zip(tasks, formats)]
-        for run in runs:
-            self._begin(run)
-        if rare_filter and not plan and runs:
-            await self._recruit_together(runs)
-            if self.store is not None:
-                for run in runs:  # keep the filtered experts, so a resume recruits the same ones
-                    self.store.update_config(run.run_id, run.spec.record())
-        return list(await asyncio.gather(*(self._finish(run) for run in runs)))
+        if any(not task or not task.strip() for task in tasks):  # refused before any run begins
+            raise ConfigError("the task is empty")
+        self.run_settings({**overrides, "plan": plan})
+        results: list[RunResult | None] = [None] * len(tasks)
+        instances = (Instance(task, answer_format=fmt) for task, fmt in zip(tasks, formats))
+        async with aclosing(self.arun_iter(instances, window=window, plan=plan, rare_filter=rare_filter, meta=meta,
+                                           **overrides)) as stream:
+            async for index, result in stream:
+                results[index] = result
+        return cast(list[RunResult], results)
 
-    async def _recruit_together(self, runs: list[Run]) -> None:
+    async def arun_iter(self, tasks: Tasks, *, window: int | None = DEFAULT_WINDOW, plan: bool = False,
+                        rare_filter: bool = True, meta: Mapping[str, Any] | None = None,
+                        **overrides: Any) -> AsyncGenerator[tuple[int, RunResult], None]:
+        """Answer a stream of tasks, at most ``window`` runs at a time; yield ``(index, result)``
+        as each run finishes (completion order; ``index`` is the task's position in ``tasks``).
+
+        Runs share the executor, so the calls of the runs in flight batch per model. A new task is
+        read only when a slot is free: a run holds its slot from the moment it is made until its
+        result is handed over, so memory stays bounded whatever the number of tasks (results the
+        caller keeps are its own). Each result is recorded in the store as its run finishes, before
+        it is yielded. Stopping early (``break``, an error, cancellation) stops the runs in flight;
+        they are recorded as cancelled (``contextlib.aclosing`` makes that immediate).
+
+        Args:
+            tasks: task strings or ``Instance``s (a task with its own answer format, meta and
+                options), from a sequence, a generator or an async iterable. An async input may
+                wait for results before giving more tasks.
+            window: the most runs held at once (None: no bound; every task is read at once).
+            plan: plan each task (off by default at data-set scale).
+            rare_filter: without planning, recruit tasks together a chunk at a time (``window // 2``
+                tasks, fewer at the end of the input or when an async input has no task ready)
+                and replace experts chosen for under the rare threshold of the chunk's tasks
+                (Symbolic-MoE's batch-level step, per chunk), so fewer models load. The next chunk
+                is recruited while the previous one runs. Instances with their own ``plan`` or
+                ``node_settings`` are not filtered.
+            meta: JSON-ready facts stored with each run.
+            overrides: ``Settings`` fields for all these runs.
+        """
+        if window is not None and window < 1:
+            raise ValueError("window must be at least 1 (or None for no bound)")
+        stream = _Stream(self, _Source(tasks), window=window, plan=plan, rare_filter=rare_filter, meta=meta,
+                         overrides=overrides)
+        async with aclosing(stream.results()) as results:
+            async for item in results:
+                yield item
+
+    async def _recruit_together(self, runs: list[Run], *, seed: int | None = None) -> None:
+        """Recruit the runs' one node together and filter rare experts across them (keeping the
+        filtered experts in each run's record, so a resume recruits the same ones)."""
         node = "answer"
-        outcomes = await asyncio.gather(*(self.executor.run_task(run.recruit(node, run.task, ())) for run in runs),
-                                        return_exceptions=True)
+
+        async def recruit(run: Run) -> Recruitment:  # the coroutine is made only once its task runs
+            return cast(Recruitment, await self.executor.run_task(run.recruit(node, run.task, ())))
+
+        outcomes = await asyncio.gather(*(recruit(run) for run in runs), return_exceptions=True)
         recruited = [(run, o) for run, o in zip(runs, outcomes) if not isinstance(o, BaseException)]
-        filtered = runs[0].stages.staffing.filter_rare([o for _, o in recruited], seed=runs[0].settings.seed)
+        filtered = runs[0].stages.staffing.filter_rare([o for _, o in recruited],
+                                                       seed=runs[0].settings.seed if seed is None else seed)
         for (run, _), recruitment in zip(recruited, filtered):
             run.pin(node, recruitment)
+        if self.store is not None:
+            for run in runs:
+                self.store.update_config(run.run_id, run.spec.record())
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from orchestra.core import Orchestra
+from orchestra.core import Instance, Orchestra
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError
 from orchestra.grading import Grader, answer_format
@@ -42,6 +45,8 @@ class EvalReport:
     model_loads: dict[str, int]
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
     failed: int = 0
+    first_failure: str | None = None
+    """The first unfinished run: its item, status and error (None: every run finished)."""
     skill_extraction_failures: int = 0
     budget_exceeded: str | None = None
     """Why a shared budget stopped the data set early (None: it did not)."""
@@ -52,38 +57,81 @@ class EvalReport:
         return asdict(self)
 
 
+class Tally:
+    """Grades finished runs one at a time and keeps only totals (and, unless they go to ``sink``,
+    the answer rows): a data set's report without holding its runs."""
+
+    def __init__(self, grader: Grader, *, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.grader = grader
+        self.sink = sink
+        self.items = self.correct = self.failed = self.skill_extraction_failures = 0
+        self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
+        self.cost_usd = 0.0
+        self.first_failure: tuple[int, str] | None = None  # (index, what happened)
+        self.categories: dict[str, Counter[str]] = {}
+        self.answers: list[tuple[int, dict[str, Any]]] = []
+
+    def add(self, index: int, item: Item, result: RunResult) -> None:
+        """Grade the run of item ``index`` and count what it spent."""
+        ok = bool(result.answer) and self.grader.grade(result.answer or "", item)
+        self.items += 1
+        self.correct += ok
+        usage = result.usage
+        self.calls += usage.calls
+        self.requests += usage.requests
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.cost_usd += usage.cost_usd
+        self.skill_extraction_failures += usage.skill_extraction_failures
+        tally = self.categories.setdefault(item.category or "all", Counter())
+        tally["items"] += 1
+        tally["correct"] += ok
+        if result.status != "done":
+            self.failed += 1
+            if self.first_failure is None or index < self.first_failure[0]:
+                self.first_failure = (index, f"item {item.id} ({result.status}): "
+                                             f"{result.error or 'no error recorded'}")
+        row = {"id": item.id, "category": item.category, "answer": result.answer, "correct": ok,
+               "status": result.status, "run_id": result.run_id}
+        if self.sink is not None:
+            self.sink(row)
+        else:
+            self.answers.append((index, row))
+
+    def report(self, method: str, *, elapsed_s: float, model_loads: dict[str, int],
+               budget_exceeded: str | None = None) -> EvalReport:
+        """The totals so far as a report (answers in data-set order)."""
+        return EvalReport(
+            method=method, items=self.items, correct=self.correct,
+            accuracy=self.correct / self.items if self.items else 0.0, calls=self.calls, requests=self.requests,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, cost_usd=self.cost_usd,
+            cost_per_correct_usd=self.cost_usd / self.correct if self.correct else None, elapsed_s=elapsed_s,
+            model_loads=model_loads,
+            per_category={c: {"items": t["items"], "accuracy": t["correct"] / t["items"]}
+                          for c, t in self.categories.items()},
+            failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
+            skill_extraction_failures=self.skill_extraction_failures, budget_exceeded=budget_exceeded,
+            answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
+
+
 def grade_runs(method: str, items: Sequence[Item], results: Sequence[RunResult], grader: Grader, *,
                elapsed_s: float, model_loads: dict[str, int], budget_exceeded: str | None = None) -> EvalReport:
     """Grade each run's answer against its item and total what the runs spent."""
-    verdicts = [bool(r.answer) and grader.grade(r.answer or "", item) for r, item in zip(results, items)]
-    correct = sum(verdicts)
-    cost = sum(r.usage.cost_usd for r in results)
-    per_category: dict[str, Counter[str]] = {}
-    for item, ok in zip(items, verdicts):
-        tally = per_category.setdefault(item.category or "all", Counter())
-        tally["items"] += 1
-        tally["correct"] += ok
-    return EvalReport(
-        method=method, items=len(items), correct=correct, accuracy=correct / len(items) if items else 0.0,
-        calls=sum(r.usage.calls for r in results), requests=sum(r.usage.requests for r in results),
-        prompt_tokens=sum(r.usage.prompt_tokens for r in results),
-        completion_tokens=sum(r.usage.completion_tokens for r in results),
-        cost_usd=cost, cost_per_correct_usd=cost / correct if correct else None, elapsed_s=elapsed_s,
-        model_loads=model_loads,
-        per_category={c: {"items": t["items"], "accuracy": t["correct"] / t["items"]} for c, t in per_category.items()},
-        failed=sum(r.status != "done" for r in results),
-        skill_extraction_failures=sum(r.usage.skill_extraction_failures for r in results),
-        budget_exceeded=budget_exceeded,
-        answers=[{"id": item.id, "category": item.category, "answer": r.answer, "correct": ok, "status": r.status,
-                  "run_id": r.run_id} for item, r, ok in zip(items, results, verdicts)])
+    tally = Tally(grader)
+    for index, (item, result) in enumerate(zip(items, results)):
+        tally.add(index, item, result)
+    return tally.report(method, elapsed_s=elapsed_s, model_loads=model_loads, budget_exceeded=budget_exceeded)
 
 
 async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None, limit: int | None = None,
-                    **overrides: Any) -> EvalReport:
-    """Answer every item (all calls batched together) and grade the answers.
+                    output: Path | None = None, **overrides: Any) -> EvalReport:
+    """Answer every item and grade the answers as their runs finish.
 
-    ``method`` picks a preset (``METHODS``: its recruiting mode, aggregation and k) over the
-    Orchestra's settings; ``overrides`` (any ``Settings`` field, e.g. ``mode``) win over both.
+    Items stream through ``Orchestra.arun_iter`` (a bounded window of runs in flight, their calls
+    batched per model). ``method`` picks a preset (``METHODS``: its recruiting mode, aggregation and
+    k) over the Orchestra's settings; ``overrides`` (any ``Settings`` field, e.g. ``mode``) win over
+    both. With ``output``, each item's answer row is written to that JSONL file as its run finishes
+    (completion order) instead of being kept in the report's ``answers``.
     """
     if method is not None and method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -96,16 +144,29 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     name = method if method and (mode, aggregate) == (preset_mode, preset_aggregate) else next(
         (m for m, preset_of_m in METHODS.items() if preset_of_m == (mode, aggregate, None)),
         f"{mode} + {aggregate}")
-    items = list(dataset.items[:limit] if limit else dataset.items)
+    items = dataset.items[:limit] if limit else dataset.items
+    instances = (Instance(item.prompt(), answer_format=answer_format(item)) for item in items)
     started = time.perf_counter()
     loads_before = dict(orchestra.executor.stats.loads)
-    results = await orchestra.arun_many([item.prompt() for item in items],
-                                        answer_formats=[answer_format(item) for item in items],
-                                        meta={"kind": "eval", "method": name, "dataset": dataset.path},
-                                        **given)
-    elapsed = time.perf_counter() - started
-    return grade_runs(name, items, results, orchestra.stages_for(settings).grader, elapsed_s=elapsed,
-                      model_loads=loads_since(orchestra, loads_before))
+    with contextlib.ExitStack() as stack:
+        sink = None
+        if output is not None:
+            try:
+                lines = stack.enter_context(output.open("w", encoding="utf-8"))
+            except OSError as error:
+                raise ConfigError(f"cannot write the answers to {output}: {error.strerror or error}") from None
+
+            def sink(row: dict[str, Any]) -> None:
+                lines.write(json.dumps(row, ensure_ascii=False) + "\n")
+                lines.flush()
+
+        tally = Tally(orchestra.stages_for(settings).grader, sink=sink)
+        stream = orchestra.arun_iter(instances, meta={"kind": "eval", "method": name, "dataset": dataset.path}, **given)
+        async with contextlib.aclosing(stream) as results:
+            async for index, result in results:
+                tally.add(index, items[index], result)
+    return tally.report(name, elapsed_s=time.perf_counter() - started,
+                        model_loads=loads_since(orchestra, loads_before))
 
 
 def loads_since(orchestra: Orchestra, before: dict[str, int]) -> dict[str, int]:

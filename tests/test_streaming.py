@@ -1,0 +1,145 @@
+"""Data sets streamed through a bounded window: ``arun_iter``, ``arun_many`` on it, ``eval --output``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+from helpers import kind_of, scripted_pool
+
+from orchestra import Orchestra
+from orchestra.core import Instance
+from orchestra.datasets import load_dataset
+from orchestra.evaluate import aevaluate
+from orchestra.models import ChatRequest
+from orchestra.result import RunResult
+
+GUARD_S = 10  # a deadlock guard, not a timing
+
+
+def counted(n: int, read: list[int]) -> Iterator[str]:
+    """``n`` questions; ``read[0]`` counts how many were taken."""
+    for i in range(n):
+        read[0] += 1
+        yield f"question {i}"
+
+
+@pytest.mark.parametrize("rare_filter", [True, False])
+def test_the_window_bounds_the_runs_held_and_every_result_comes_once(rare_filter: bool) -> None:
+    pool, _ = scripted_pool(3)
+    orc = Orchestra(pool, k=2, store=False)
+    read = [0]
+    held: list[int] = []
+
+    async def main() -> list[tuple[int, RunResult]]:
+        seen: list[tuple[int, RunResult]] = []
+        async for index, result in orc.arun_iter(counted(25, read), window=4, rare_filter=rare_filter):
+            held.append(read[0] - len(seen))  # read and not yet handed over, this one included
+            seen.append((index, result))
+        return seen
+
+    seen = asyncio.run(main())
+    assert sorted(index for index, _ in seen) == list(range(25))
+    assert all(result.task == f"question {index}" and result.status == "done" for index, result in seen)
+    assert max(held) == 4  # the window is used, never exceeded
+
+
+def test_arun_many_keeps_task_order_through_a_small_window() -> None:
+    def expert(name: str, request: ChatRequest) -> str:  # the answer names the question
+        return f"{request.prompt_text().split('question ')[1].split()[0]}: The answer is 1"
+
+    pool, _ = scripted_pool(3, expert=expert)
+    orc = Orchestra(pool, k=1, mode="topk", aggregate="none", store=False)
+    results = orc.run_many([f"question {i}" for i in range(9)], window=2)
+    assert [r.task for r in results] == [f"question {i}" for i in range(9)]
+    assert [r.answer.split(":")[0] for r in results] == [str(i) for i in range(9)]  # type: ignore[union-attr]
+
+
+def test_stopping_early_cancels_the_runs_in_flight_and_records_them(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def expert(name: str, request: ChatRequest) -> str:
+        if "question 0" not in request.prompt_text():  # every other question waits until the end
+            await asyncio.wait_for(release.wait(), GUARD_S)
+        return "The answer is 1"
+
+    pool, _ = scripted_pool(3, expert=expert)
+    orc = Orchestra(pool, k=2, store=tmp_path / "runs.db")
+    read = [0]
+
+    async def main() -> RunResult:
+        async with aclosing(orc.arun_iter(counted(10, read), window=3)) as stream:
+            async for _, result in stream:
+                return result
+        raise AssertionError("no result")
+
+    first = asyncio.run(main())
+    assert first.task == "question 0" and first.status == "done"
+    assert read[0] == 3  # nothing read past the window
+    assert orc.store is not None
+    statuses = {record.task: record.status for record in orc.store.runs()}
+    assert statuses == {"question 0": "done", "question 1": "cancelled", "question 2": "cancelled"}
+
+
+def test_an_async_input_may_wait_for_results_before_giving_more_tasks() -> None:
+    pool, _ = scripted_pool(3)
+    orc = Orchestra(pool, k=2, store=False)
+    answered: asyncio.Queue[int] = asyncio.Queue()
+
+    async def follow_ups() -> AsyncIterator[str | Instance]:  # each task after the first waits for an answer
+        yield "question 0"
+        for i in range(1, 4):
+            await answered.get()
+            yield Instance(f"question {i}", meta={"round": i})
+
+    async def main() -> list[int]:
+        order = []
+        async for index, _ in orc.arun_iter(follow_ups(), window=8):  # rare filter on: chunks must not wait
+            order.append(index)
+            answered.put_nowait(index)
+        return order
+
+    assert asyncio.run(asyncio.wait_for(main(), GUARD_S)) == [0, 1, 2, 3]
+
+
+def test_bad_input_is_refused_with_a_clear_error() -> None:
+    pool, _ = scripted_pool(2)
+    orc = Orchestra(pool, k=1, store=False)
+
+    async def consume(tasks: object, **options: object) -> None:
+        async for _ in orc.arun_iter(tasks, **options):  # type: ignore[arg-type]
+            pass
+
+    with pytest.raises(TypeError, match="not one string"):
+        asyncio.run(consume("question"))
+    with pytest.raises(TypeError, match="task 1 is a int"):
+        asyncio.run(consume(["question", 7]))
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        asyncio.run(consume(["question"], window=0))
+
+
+def test_eval_streams_answers_to_a_jsonl_file_and_a_failed_item_is_named(tmp_path: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} - {i} + 1?", "answer": "1"}) + "\n"
+                            for i in range(6)))
+
+    def expert(name: str, request: ChatRequest) -> str:
+        if "What is 4 - 4" in request.prompt_text():
+            raise RuntimeError("the expert crashed")
+        return "The answer is 1"
+
+    pool, models = scripted_pool(2, expert=expert)
+    orc = Orchestra(pool, k=2, mode="topk", store=False)
+    output = tmp_path / "answers.jsonl"
+    report = asyncio.run(aevaluate(orc, load_dataset(data), output=output))
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(row["id"] for row in rows) == [f"q{i}" for i in range(6)]
+    assert {row["id"]: row["status"] for row in rows}["q4"] == "failed"
+    assert sum(row["correct"] for row in rows) == report.correct == 5
+    assert report.answers == [] and report.items == 6 and report.failed == 1
+    assert report.first_failure is not None and report.first_failure.startswith("item q4 (failed): ")
+    assert sum(kind_of(r) == "expert" for m in models.values() for r in m.requests) == 12
