@@ -16,7 +16,7 @@ from orchestra.errors import ConfigError, EndpointUnreachable
 from orchestra.models import ChatRequest, OpenAICompatible
 from orchestra.models.http import Endpoint
 from orchestra.models.transport import AiohttpTransport, HttpxTransport
-from orchestra.testing import LoopbackRequest, allow_model_requests, Reply, chat_handler, openai_reply
+from orchestra.testing import LoopbackRequest, Reply, allow_model_requests, chat_handler, openai_reply
 
 
 def asks(count: int) -> list[ChatRequest]:

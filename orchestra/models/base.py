@@ -202,7 +202,9 @@ class ModelBase(abc.ABC):
             except Exception as error:
                 with_usage(error, meter.usage)
                 raise
-        return step.model_copy(update={"usage": meter.usage, "latency_s": time.perf_counter() - started})
+        # the result is this call's own (a backend makes a fresh one per generation): filled in place
+        step.usage, step.latency_s = meter.usage, time.perf_counter() - started
+        return step
 
     async def _metered(self, request: ChatRequest) -> ChatResult:
         """One generation, counted as a request (unless the transport counts its own) and charged."""

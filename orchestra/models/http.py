@@ -35,6 +35,8 @@ from orchestra.models.transport import AiohttpTransport, Answer, Headers, Transp
 
 T = TypeVar("T")
 DEFAULT_MAX_CONCURRENCY = 16
+
+
 async def within(seconds: float, awaitable: Awaitable[T]) -> T:
     """``awaitable``'s result, or ``asyncio.TimeoutError`` after ``seconds``. ``asyncio.timeout``
     where there is one (3.11+): ``wait_for`` wraps the awaitable in a task, a cost per request."""

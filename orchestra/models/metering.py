@@ -9,8 +9,6 @@ engines count every generation, and every billed response adds its tokens. Code 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -46,15 +44,23 @@ class Meter:
 _current: ContextVar[Meter | None] = ContextVar("orchestra_meter", default=None)
 
 
-@contextlib.contextmanager
-def metering(meter: Meter | None = None) -> Iterator[Meter]:
-    """Count the requests sent (and usage charged) by the code inside, in this task."""
-    meter = meter or Meter()
-    token = _current.set(meter)
-    try:
-        yield meter
-    finally:
-        _current.reset(token)
+class metering:  # lower case: used like a function, ``with metering() as meter``
+    """Count the requests sent (and usage charged) by the code inside, in this task.
+
+    A class rather than a generator-based context manager: it wraps every request.
+    """
+
+    __slots__ = ("meter", "token")
+
+    def __init__(self, meter: Meter | None = None) -> None:
+        self.meter = meter or Meter()
+
+    def __enter__(self) -> Meter:
+        self.token = _current.set(self.meter)
+        return self.meter
+
+    def __exit__(self, *_: object) -> None:
+        _current.reset(self.token)
 
 
 def count_request() -> None:

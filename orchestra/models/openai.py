@@ -131,9 +131,14 @@ class OpenAICompatible(ModelBase):
             failure.usage = reported_usage(self.price, reported.get("prompt_tokens"),  # billed all the same
                                            reported.get("completion_tokens") or 0, "")
             raise failure from None
-        return ChatResult(text=text, model=self.name, finish_reason=choice.get("finish_reason"),
-                          usage=reported_usage(self.price, reported.get("prompt_tokens"),
-                                               reported.get("completion_tokens"), text))
+        if not isinstance(text, str):
+            raise BadResponse(f"{display_url(self.endpoint.base_url)} returned a message content that is not text "
+                              f"for {self.model}")
+        reason = choice.get("finish_reason")
+        return ChatResult.model_construct(  # checked above: no validation to pay for on every request
+            text=text, parsed=None, model=self.name, latency_s=0.0,
+            finish_reason=reason if isinstance(reason, str) else None,
+            usage=reported_usage(self.price, reported.get("prompt_tokens"), reported.get("completion_tokens"), text))
 
 
 def bearer_headers(api_key: str | None) -> dict[str, str]:
