@@ -21,8 +21,19 @@ class Event:
     at: float = field(default_factory=time.time, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form, with ``kind`` first."""
-        return {"kind": self.kind, **dataclasses.asdict(self)}
+        """A JSON-ready form, with ``kind`` first. Shallow (an event's values are JSON-ready already,
+        and are never changed): this runs for every event the store keeps."""
+        return {"kind": self.kind, **{name: getattr(self, name) for name in _field_names(type(self))}}
+
+
+_FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {}
+
+
+def _field_names(kind: type[Event]) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(kind))
+    return names
 
 
 @dataclass(frozen=True, slots=True)

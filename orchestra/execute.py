@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,6 +53,8 @@ from orchestra.models.base import downgrade_listener, model_identity, retry_list
 from orchestra.models.pricing import FREE
 
 Outcome = ChatResult | Exception
+#: One answered call for the journal: run id, key, seq, model, request, outcome, purpose, node, source.
+CallEntry = tuple[str, str, int, str, ChatRequest, Outcome, str, str | None, str]
 
 
 class CallJournal(Protocol):
@@ -64,6 +66,9 @@ class CallJournal(Protocol):
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest, outcome: Outcome,
                *, purpose: str, node: str | None, source: str) -> None:
         """Commit one call's outcome before anything uses it."""
+
+    def record_all(self, entries: Iterable[CallEntry]) -> None:
+        """Commit several calls' outcomes together, before anything uses them."""
 
     def record_embeddings(self, run_id: str, *, model: str, node: str | None, usage: Usage,
                           keywords: list[str]) -> None:
@@ -531,30 +536,60 @@ class Executor:
         token = retry_listener.set(self._on_retry)
         dropped = downgrade_listener.set(self._on_downgrade)
         pending = dict(enumerate(group))
+        answered: list[tuple[_Call, Outcome]] = []  # answers of this turn of the loop, not yet committed
+        flush: asyncio.Handle | None = None
+
+        def finish_answered() -> None:
+            nonlocal flush
+            flush = None
+            done = answered[:]
+            answered.clear()
+            self._finish_all(done)
+
         failed = 0
         try:
             async for index, outcome in model.complete_each([c.request for c in group]):
-                call = pending.pop(index)
+                answered.append((pending.pop(index), outcome))
                 failed += isinstance(outcome, Exception)
-                self._finish(call, outcome)
+                if flush is None:
+                    flush = asyncio.get_running_loop().call_soon(finish_answered)
         except Exception as error:
             failed += len(pending)
             self._fail(list(pending.values()), error, sent=True)
         finally:
+            if flush is not None:
+                flush.cancel()
+                finish_answered()
             retry_listener.reset(token)
             downgrade_listener.reset(dropped)
         self.events.emit(BatchFinished(batch=batch, model=model.name, size=len(group), failed=failed,
                                        seconds=time.perf_counter() - started))
 
-    def _finish(self, call: _Call, outcome: Outcome) -> None:
+    def _finish_all(self, answered: list[tuple[_Call, Outcome]]) -> None:
+        """Commit answers to their runs' journals, one transaction per journal, and only then hand
+        them to their tasks. A journal that cannot be written fails its calls with that error."""
+        journals: dict[int, tuple[CallJournal, list[CallEntry]]] = {}
+        for call, outcome in answered:
+            journal = call.ledger.journal
+            if journal is not None:
+                journals.setdefault(id(journal), (journal, []))[1].append(
+                    (call.ledger.run_id, call.key, call.seq, call.model.name, call.request, outcome, call.purpose,
+                     call.node, "model"))
+        unwritten: dict[int, Exception] = {}
+        for key, (journal, entries) in journals.items():
+            try:
+                journal.record_all(entries)
+            except Exception as error:
+                unwritten[key] = error
+        for call, outcome in answered:
+            self._finish(call, outcome, unwritten.get(id(call.ledger.journal)))
+
+    def _finish(self, call: _Call, outcome: Outcome, unwritten: Exception | None = None) -> None:
+        """Settle an answered call; ``unwritten``: why its journal could not record it (then it fails)."""
         ledger = call.ledger
         paid = getattr(outcome, "usage", None) or Usage()  # a failed call carries what it cost too
-        if ledger.journal is not None:
-            try:
-                ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request, outcome,
-                                      purpose=call.purpose, node=call.node, source="model")
-            except Exception as error:
-                outcome = error
+        if unwritten is not None:
+            outcome = unwritten
         self._settle(call, paid)
         if isinstance(outcome, Exception):
             ledger.failed_calls += 1

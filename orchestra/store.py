@@ -7,6 +7,7 @@ never reach the store: requests carry no credentials, and configs hold only vari
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -15,7 +16,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from orchestra.events import (
     NodeSkipped,
     PlanReady,
 )
+from orchestra.execute import CallEntry
 from orchestra.models import ChatRequest, ChatResult, Usage
 from orchestra.models.structured import StructuredOutputError, parse_output
 from orchestra.resources import orchestra_home
@@ -46,6 +49,7 @@ HEARTBEAT_SECONDS = 10.0
 LEASE_SECONDS = 30.0
 #: Purpose of the rows that record the embedding matcher's requests (requests outside any call).
 EMBEDDINGS = "embedding"
+_LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
 _QUIET_EVENTS = {"usage_updated", "calls_queued", "call_done"}  # calls live in their own table
 
 _SCHEMA = """
@@ -155,6 +159,31 @@ def _record(row: dict[str, Any], ended: dict[str, str] | None = None) -> RunReco
                      answer=row["answer"], error=error, resumes=row["resumes"] or 0)
 
 
+_RECORD_CALL = (
+    "INSERT INTO calls (run_id, key, seq, model, purpose, node, request, response, status, source, error, "
+    "prompt_tokens, completion_tokens, cost_usd, latency_s, created, requests) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(run_id, key, seq) DO UPDATE SET response=excluded.response, status=excluded.status, "
+    "source=excluded.source, error=excluded.error, prompt_tokens=excluded.prompt_tokens, "
+    "completion_tokens=excluded.completion_tokens, cost_usd=excluded.cost_usd, "
+    "latency_s=excluded.latency_s, created=excluded.created, requests=excluded.requests "
+    "WHERE calls.status != 'ok'")
+
+
+def _call_row(run_id: str, key: str, seq: int, model: str, request: ChatRequest, outcome: ChatResult | Exception,
+              purpose: str, node: str | None, source: str, now: float) -> tuple[Any, ...]:
+    """The ``calls`` row of one call's outcome."""
+    canonical = json.dumps(request.canonical(), ensure_ascii=False)
+    if isinstance(outcome, Exception):
+        usage = getattr(outcome, "usage", None) or Usage()
+        return (run_id, key, seq, model, purpose, node, canonical, None, "error", source,
+                f"{type(outcome).__name__}: {outcome}", usage.prompt_tokens, usage.completion_tokens,
+                usage.cost_usd, 0.0, now, usage.requests)
+    usage = outcome.usage if source == "model" else Usage()
+    return (run_id, key, seq, model, purpose, node, canonical, _result_json(outcome), "ok", source, None,
+            usage.prompt_tokens, usage.completion_tokens, usage.cost_usd, outcome.latency_s, now, usage.requests)
+
+
 def _result_json(result: ChatResult) -> str:
     data = result.model_dump(mode="json", exclude={"parsed"})
     parsed = result.parsed
@@ -180,6 +209,12 @@ class RunStore:
         #: who holds the runs this store object begins: host, process and a random tag
         self.owner = f"{socket.gethostname()} pid {os.getpid()}:{secrets.token_hex(4)}"
         self._ended: dict[str, str] = {}  # runs that ended here but whose end could not be written
+        #: event-log and node statements not written yet: they go with the next transaction, at the
+        #: latest at the event loop's next turn (events come in bursts; one transaction per burst)
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._flush: asyncio.Handle | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_warned = False
         self.read_only = self.path.exists() and not os.access(self.path, os.W_OK)
         if not self.read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,18 +291,49 @@ class RunStore:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
-        """Close the connection."""
+        """Write what is held, then close the connection."""
+        self.flush()
         with self._lock:
             self._db.close()
+
+    def flush(self) -> None:
+        """Write the events held back (see ``listen``) now. A store that cannot be written warns
+        once; the run's own writes report the error."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if not self._pending or self.read_only:
+            return
+        try:
+            with self._transaction():
+                pass
+        except sqlite3.DatabaseError as error:
+            if not self._flush_warned:
+                self._flush_warned = True
+                warnings.warn(f"events could not be written to the run store {self.path}: {error}", RuntimeWarning,
+                              stacklevel=2)
 
     class _Tx:
         def __init__(self, store: RunStore) -> None:
             self.store = store
 
         def __enter__(self) -> sqlite3.Connection:
-            self.store._lock.acquire()
-            self.store._db.execute("BEGIN IMMEDIATE")
-            return self.store._db
+            store = self.store
+            store._lock.acquire()
+            try:
+                store._db.execute("BEGIN IMMEDIATE")
+                pending, store._pending = store._pending, []
+                if pending:  # the events held since the last write come first: the log's rows in
+                    store._db.executemany(_LOG_EVENT, [p for sql, p in pending if sql is _LOG_EVENT])  # one go,
+                    for sql, params in pending:  # node rows in their order
+                        if sql is not _LOG_EVENT:
+                            store._db.execute(sql, params)
+            except BaseException:
+                if store._db.in_transaction:
+                    store._db.execute("ROLLBACK")
+                store._lock.release()
+                raise
+            return store._db
 
         def __exit__(self, kind: object, *rest: object) -> None:
             db = self.store._db
@@ -295,6 +361,8 @@ class RunStore:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        if self._pending:
+            self.flush()
         with self._lock:
             try:
                 cursor = self._db.execute(sql, params)
@@ -402,28 +470,18 @@ class RunStore:
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest,
                outcome: ChatResult | Exception, *, purpose: str, node: str | None, source: str) -> None:
         """Commit one call's outcome with what it cost. A success replaces an earlier error for the same call."""
+        self.record_all([(run_id, key, seq, model, request, outcome, purpose, node, source)])
+
+    def record_all(self, entries: Iterable[CallEntry]) -> None:
+        """Commit calls' outcomes in one transaction (each: run id, key, seq, model, request,
+        outcome, purpose, node, source); see ``record``."""
         now = time.time()
-        canonical = json.dumps(request.canonical(), ensure_ascii=False)
-        values: tuple[Any, ...]
-        if isinstance(outcome, Exception):
-            usage = getattr(outcome, "usage", None) or Usage()
-            values = (run_id, key, seq, model, purpose, node, canonical, None, "error", source,
-                      f"{type(outcome).__name__}: {outcome}", usage.prompt_tokens, usage.completion_tokens,
-                      usage.cost_usd, 0.0, now, usage.requests)
-        else:
-            usage = outcome.usage if source == "model" else Usage()
-            values = (run_id, key, seq, model, purpose, node, canonical, _result_json(outcome), "ok", source, None,
-                      usage.prompt_tokens, usage.completion_tokens, usage.cost_usd, outcome.latency_s, now,
-                      usage.requests)
-        self._execute(
-            "INSERT INTO calls (run_id, key, seq, model, purpose, node, request, response, status, source, error, "
-            "prompt_tokens, completion_tokens, cost_usd, latency_s, created, requests) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(run_id, key, seq) DO UPDATE SET response=excluded.response, status=excluded.status, "
-            "source=excluded.source, error=excluded.error, prompt_tokens=excluded.prompt_tokens, "
-            "completion_tokens=excluded.completion_tokens, cost_usd=excluded.cost_usd, "
-            "latency_s=excluded.latency_s, created=excluded.created, requests=excluded.requests "
-            "WHERE calls.status != 'ok'", values)
+        rows = [_call_row(*entry, now) for entry in entries]
+        try:
+            with self._transaction() as db:
+                db.executemany(_RECORD_CALL, rows)
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
 
     def record_embeddings(self, run_id: str, *, model: str, node: str | None, usage: Usage,
                           keywords: list[str]) -> None:
@@ -478,20 +536,23 @@ class RunStore:
     # --- events and nodes ------------------------------------------------------------------
 
     def listen(self, event: Event) -> None:
-        """An event listener: keeps node state and the event log current."""
+        """An event listener: keeps node state and the event log current. Events are held until the
+        next write or the event loop's next turn, so a burst of them is one transaction."""
         if event.kind in _QUIET_EVENTS:
             return
         run_id = getattr(event, "run_id", None)
         data = json.dumps(event.to_dict(), ensure_ascii=False, default=str)
-        statements: _Statements = [
-            ("INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)", (run_id, event.kind, event.at, data))]
+        statements: _Statements = [(_LOG_EVENT, (run_id, event.kind, event.at, data))]
         statements += _NODE_ROWS.handle(event) or []
+        self._pending += statements
         try:
-            with self._transaction() as db:
-                for sql, params in statements:
-                    db.execute(sql, params)
-        except sqlite3.DatabaseError as error:
-            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop to wait for: write now
+            self.flush()
+            return
+        if self._flush is None or self._flush_loop is not loop:  # (a loop that ended ran its flush or lost it)
+            self._flush_loop = loop
+            self._flush = loop.call_soon(self.flush)
 
     def nodes(self, run_id: str) -> list[dict[str, Any]]:
         """A run's nodes as last recorded."""

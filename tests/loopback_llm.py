@@ -69,7 +69,8 @@ LOCAL_AGENTS = ("mathematician", "scientist", "programmer", "writer", "generalis
 
 
 def write_pool(directory: Path, url: str, *, models: tuple[str, ...] = ("alpha", "beta", "gamma"),
-               api_key_env: str | None = None, extra: str = "", agents: tuple[str, ...] = ()) -> Path:
+               api_key_env: str | None = None, extra: str = "", agents: tuple[str, ...] = (),
+               timeout: float = 10) -> Path:
     """A pool file with one agent per model, all on the loopback server (``agents`` adds named
     agents spread over the same models, e.g. the embedded pool's names)."""
     key = f"\n    api_key_env: {api_key_env}" if api_key_env else "\n    api_key_env: null"
@@ -79,7 +80,7 @@ def write_pool(directory: Path, url: str, *, models: tuple[str, ...] = ("alpha",
     model: {name}
     base_url: {url}/v1{key}
     max_attempts: 2
-    timeout: 10""" for name in models)
+    timeout: {timeout:g}""" for name in models)
     agent_lines = "".join(f"""
   - name: {name}-expert
     model: {name}

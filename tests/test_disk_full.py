@@ -45,12 +45,16 @@ def test_a_full_disk_stops_the_run_in_one_line_and_a_resume_resends_nothing_comm
     # the end could not be written, yet this store lists the run as failed, not running
     assert store.run(stopped.run_id).status == "failed"
     free_space(store)
+    # the first batch (5 keyword calls) was committed together before any of it was used; the disk
+    # filled while it was being used
+    committed = [c["purpose"] for c in store.calls(stopped.run_id) if c["status"] == "ok"]
+    assert committed == ["keywords"] * 5
     sent_before = {name: len(model.requests) for name, model in models.items()}
     resumed = Orchestra(pool, store=store, k=2).resume(stopped.run_id)
     assert resumed.status == "done", resumed.error
-    assert resumed.usage.replayed_calls == 3  # the three calls committed before the disk filled
+    assert resumed.usage.replayed_calls == 5  # the calls committed before the disk filled
     sent = sum(len(model.requests) - sent_before[name] for name, model in models.items())
-    assert sent == resumed.usage.calls - 3  # and only the others were sent again
+    assert sent == resumed.usage.calls - 5  # and only the others were sent again
     assert store.run(stopped.run_id).status == "done"
 
 

@@ -209,7 +209,8 @@ def test_resume_refuses_a_run_that_another_process_is_running(loopback, tmp_path
         return "The answer is 1"
 
     server = loopback(chat_handler(answer))
-    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    # a timeout far past the hang, so a slow machine cannot turn the held call into a retry
+    pool = write_pool(tmp_path, server.url, models=("alpha",), timeout=600)
     first = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Who built Rome?", "--pool", str(pool),
                               "--no-plan", "--k", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
