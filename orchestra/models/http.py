@@ -6,12 +6,11 @@ import asyncio
 import email.utils
 import json
 import os
-import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -29,21 +28,12 @@ from orchestra.errors import (
     RequestTimeout,
 )
 from orchestra.models.base import notify_downgrade, notify_retry
+from orchestra.models.deadlines import Deadlines
 from orchestra.models.metering import count_request
 from orchestra.models.negotiation import Capabilities, refused_feature
 from orchestra.models.transport import AiohttpTransport, Answer, Headers, Transport, TransportFactory
 
-T = TypeVar("T")
 DEFAULT_MAX_CONCURRENCY = 16
-
-
-async def within(seconds: float, awaitable: Awaitable[T]) -> T:
-    """``awaitable``'s result, or ``asyncio.TimeoutError`` after ``seconds``. ``asyncio.timeout``
-    where there is one (3.11+): ``wait_for`` wraps the awaitable in a task, a cost per request."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
 
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
@@ -103,6 +93,7 @@ class _LoopState:
     semaphore: asyncio.Semaphore
     closer: AsyncGenerator[None, None]
     probe: asyncio.Lock  # held by the one request that finds out whether the server takes a feature
+    deadlines: Deadlines  # each attempt's time limit
 
 
 @dataclass(frozen=True)
@@ -190,7 +181,7 @@ class Endpoint:
             del self._states[key]
         transport = self._transport(self._max_concurrency)
         state = _LoopState(transport=transport, semaphore=asyncio.Semaphore(self._max_concurrency),
-                           closer=_closes_with_loop(transport), probe=asyncio.Lock())
+                           closer=_closes_with_loop(transport), probe=asyncio.Lock(), deadlines=Deadlines())
         self._states[id(loop)] = (loop, state)
         await state.closer.__anext__()  # started in this loop, so the loop closes it when it shuts down
         return state
@@ -299,7 +290,7 @@ class Endpoint:
                 await self._limiter.acquire()
             count_request()
             try:  # the whole answer within the limit: a server that trickles bytes is cut off too
-                response = await within(limit, state.transport.post(url, headers, body))
+                response = await state.deadlines.within(limit, state.transport.post(url, headers, body))
             except (asyncio.TimeoutError, httpx.TimeoutException) as error:
                 if isinstance(error, httpx.ConnectTimeout):
                     raise _Retryable(EndpointUnreachable(
