@@ -287,12 +287,12 @@ class _Stream:
                     self.give_back()
                     break
                 index, instance = got
-                run = self.make(index, instance)
                 if {"plan", "node_settings"} & instance.options.keys():  # its own steps: nothing to filter
-                    self.start(run)
+                    self.start(self.make(index, instance))
                 else:
-                    chunk.append(run)
+                    chunk.append(self.make(index, instance, begin=False))
             if chunk:
+                self.orc._begin_all(chunk)  # one transaction for the chunk, before any of its calls
                 seed = chunk[0].settings.seed
                 if self.chunks:  # every chunk draws its replacements from its own seed
                     seed = zlib.crc32(f"{seed}:rare-filter:{self.chunks}".encode())
@@ -311,8 +311,8 @@ class _Stream:
         if self.slots is not None:
             self.slots.release()
 
-    def make(self, index: int, instance: Instance) -> Run:
-        """A run of ``instance``, begun in the store."""
+    def make(self, index: int, instance: Instance, *, begin: bool = True) -> Run:
+        """A run of ``instance``, begun in the store (unless ``begin`` is false: the caller begins it)."""
         meta = {**(self.meta or {}), **instance.meta} if instance.meta else self.meta
         if instance.options:
             options = {**self.overrides, **instance.options}
@@ -321,7 +321,8 @@ class _Stream:
         else:
             run = self.orc._make_run(instance.task, answer_format=instance.answer_format, meta=meta,
                                      settings=self.settings)
-        self.orc._begin(run)
+        if begin:
+            self.orc._begin(run)
         self.live[run] = index
         return run
 
@@ -529,6 +530,10 @@ class Orchestra:
         if self.store is not None:
             self.store.begin_run(run.run_id, run.task, run.spec.record())
 
+    def _begin_all(self, runs: Sequence[Run]) -> None:
+        if self.store is not None:
+            self.store.begin_runs([(run.run_id, run.task, run.spec.record()) for run in runs])
+
     async def _finish(self, run: Run) -> RunResult:
         self._running += 1
         self._keep_alive()
@@ -716,9 +721,8 @@ class Orchestra:
                                                        seed=runs[0].settings.seed if seed is None else seed)
         for (run, _), recruitment in zip(recruited, filtered):
             run.pin(node, recruitment)
-        if self.store is not None:
-            for run in runs:
-                self.store.update_config(run.run_id, run.spec.record())
+        if self.store is not None:  # one transaction for the chunk
+            self.store.update_configs((run.run_id, run.spec.record()) for run in runs)
 
     # --- lifecycle -------------------------------------------------------------------------
 

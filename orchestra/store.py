@@ -379,19 +379,24 @@ class RunStore:
         A run still held by another live process (touched within ``LEASE_SECONDS``) is refused,
         unless ``force``: two processes finishing one run would send its calls twice.
         """
+        self.begin_runs([(run_id, task, config)], force=force)
+
+    def begin_runs(self, runs: Iterable[tuple[str, str, dict[str, Any]]], *, force: bool = False) -> None:
+        """``begin_run`` for several runs (id, task, config) in one transaction: all or none."""
         now = time.time()
         try:
             with self._transaction() as db:
-                held = db.execute("SELECT owner, updated FROM runs WHERE id=? AND status='running'",
-                                  (run_id,)).fetchone()
-                if (held and held[0] and held[0] != self.owner and now - held[1] < LEASE_SECONDS
-                        and _alive(held[0]) and not force):
-                    raise RunHeld(run_id, held[0].rsplit(":", 1)[0], now - held[1])
-                db.execute(
-                    "INSERT INTO runs (id, task, status, created, updated, config, owner) "
-                    "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status='running', "
-                    "updated=excluded.updated, resumes=resumes+1, config=excluded.config, owner=excluded.owner",
-                    (run_id, task, now, now, json.dumps(config, ensure_ascii=False), self.owner))
+                for run_id, task, config in runs:
+                    held = db.execute("SELECT owner, updated FROM runs WHERE id=? AND status='running'",
+                                      (run_id,)).fetchone()
+                    if (held and held[0] and held[0] != self.owner and now - held[1] < LEASE_SECONDS
+                            and _alive(held[0]) and not force):
+                        raise RunHeld(run_id, held[0].rsplit(":", 1)[0], now - held[1])
+                    db.execute(
+                        "INSERT INTO runs (id, task, status, created, updated, config, owner) "
+                        "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status='running', "
+                        "updated=excluded.updated, resumes=resumes+1, config=excluded.config, owner=excluded.owner",
+                        (run_id, task, now, now, json.dumps(config, ensure_ascii=False), self.owner))
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
 
@@ -401,8 +406,17 @@ class RunStore:
 
     def update_config(self, run_id: str, config: dict[str, Any]) -> None:
         """Replace a run's stored configuration (without counting a resume)."""
-        self._execute("UPDATE runs SET config=?, updated=? WHERE id=?",
-                      (json.dumps(config, ensure_ascii=False), time.time(), run_id))
+        self.update_configs([(run_id, config)])
+
+    def update_configs(self, configs: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Replace several runs' stored configurations in one transaction."""
+        now = time.time()
+        rows = [(json.dumps(config, ensure_ascii=False), now, run_id) for run_id, config in configs]
+        try:
+            with self._transaction() as db:
+                db.executemany("UPDATE runs SET config=?, updated=? WHERE id=?", rows)
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
 
     def finish_run(self, result: RunResult) -> None:
         """Record how a run ended, with its full result. When the full result cannot be written (a

@@ -336,3 +336,14 @@ def test_a_burst_of_events_is_one_transaction_written_before_the_loop_turns(tmp_
     store.listen(NodeSkipped(run_id="r1", node="late", reason="x"))  # no loop running: written at once
     assert len(commits) == 2
     store.close()
+
+
+def test_a_chunk_of_runs_begins_in_one_transaction_all_or_none(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    holder, other = RunStore(path), RunStore(path)
+    holder.begin_run("r2", "held", {})
+    with pytest.raises(StoreError, match="still running in another process"):
+        other.begin_runs([("r1", "a", {}), ("r2", "b", {}), ("r3", "c", {})])
+    assert [record.id for record in other.runs()] == ["r2"]  # r1 was rolled back with the rest
+    other.begin_runs([("r1", "a", {}), ("r3", "c", {})])
+    assert sorted(record.id for record in other.runs()) == ["r1", "r2", "r3"]
