@@ -210,7 +210,7 @@ class Executor:
         self._expected: Counter[int] = Counter()  # id(heavy model) -> waiting tasks that will call it next
         self._wave_left: set[int] = set()  # heavy models still to run in the current wave
         self._settled: list[asyncio.Future[None]] = []  # woken once no managed task is running
-        self._light_batches: set[asyncio.Task[None]] = set()
+        self._in_flight: set[asyncio.Task[None]] = set()  # batches and waves in flight (kept referenced)
 
     # --- managed tasks ---------------------------------------------------------------------
 
@@ -363,7 +363,8 @@ class Executor:
         if self._heavy and not self._heavy_running and min(self._light_waiters, default=self._generation) \
                 > self._heavy_waits_for:
             self._heavy_running = True
-            asyncio.get_running_loop().create_task(self._heavy_wave())
+            self._in_flight.add(wave := asyncio.get_running_loop().create_task(self._heavy_wave()))
+            wave.add_done_callback(self._in_flight.discard)  # a reference, so it is not collected mid-flight
 
     def _dispatch(self) -> None:
         """Answer what the store, the cache or the budget can; send each light model its batch now;
@@ -392,8 +393,8 @@ class Executor:
             loop = asyncio.get_running_loop()
             for group in light.values():
                 task = loop.create_task(self._send(group, self.stats.waves))
-                self._light_batches.add(task)  # a reference, so the task is not collected mid-flight
-                task.add_done_callback(self._light_batches.discard)
+                self._in_flight.add(task)  # a reference, so the task is not collected mid-flight
+                task.add_done_callback(self._in_flight.discard)
 
     def _answer_without_model(self, call: _Call) -> bool:
         """Replay from the store, answer from the cache, or refuse on budget; True if handled."""
