@@ -140,7 +140,7 @@ def main() -> None:
     for _ in range(args.repeat):  # a fresh Orchestra each time, nothing loaded
         for agent in pool.agents:
             asyncio.run(agent.model.unload())  # type: ignore[attr-defined]
-        orc = Orchestra(pool, k=args.k, store=False, seed=args.seed,
+        orc = Orchestra(pool, k=args.k, mode="symbolic-moe", store=False, seed=args.seed,
                         budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=None))
         started = time.perf_counter()
         results = orc.run_many(questions)

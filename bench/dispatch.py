@@ -220,7 +220,7 @@ def scenario(name: str, mode: str, keyword_concurrency: int, args: argparse.Name
     questions = [f"Question {i}: what follows from fact {i * 7 % 97}?" for i in range(args.questions)]
     with Servers(mode, args.scale) as servers:
         pool = make_pool(servers.urls, keyword_concurrency, args.seed)
-        orc = Orchestra(pool, k=3, aggregate="synthesize", store=False, seed=args.seed,
+        orc = Orchestra(pool, k=3, mode="symbolic-moe", aggregate="synthesize", store=False, seed=args.seed,
                         budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=None))
 
         async def main() -> tuple[list[float], list[float], dict[str, dict[str, float]]]:

@@ -13,7 +13,13 @@ from orchestra.models import ChatRequest, Model
 from orchestra.models.config import ModelSpec, build_models
 from orchestra.models.pricing import FREE
 from orchestra.profile import SkillProfile, load_profiles
-from orchestra.recruit import RecruitConfig, SkillTable, choose_aggregator
+from orchestra.recruit import (
+    DEFAULT_AGGREGATION_TOKENS,
+    DEFAULT_ANSWER_TOKENS,
+    RecruitConfig,
+    SkillTable,
+    choose_aggregator,
+)
 from orchestra.resources import default_pool_path
 from orchestra.settings import Settings
 from orchestra.yamlfile import YamlDocument, read_yaml
@@ -125,9 +131,16 @@ class Pool:
 
     def skill_table(self, config: RecruitConfig) -> SkillTable:
         """Profiles, cold starts and prices in the form the recruiter uses."""
-        prices = {a.name: getattr(a.model, "price", FREE).blended for a in self.agents}
+        prices = {a.name: getattr(a.model, "price", FREE) for a in self.agents}
+        costs = {}
+        for agent in self.agents:
+            profile = self.profiles.get(agent.name)
+            answer = (profile.answer_tokens if profile else None) or DEFAULT_ANSWER_TOKENS
+            aggregation = (profile.aggregation_tokens if profile else None) or DEFAULT_AGGREGATION_TOKENS
+            price = prices[agent.name]
+            costs[agent.name] = (price.cost(*answer), price.cost(*aggregation))
         return SkillTable.build(self.names, self.profiles, {a.name: a.skills for a in self.agents},
-                                prices, config)
+                                {name: price.blended for name, price in prices.items()}, config, costs)
 
     def choose_aggregator(self, table: SkillTable, configured: str | None = None) -> Agent:
         """The aggregating agent: ``configured``, else the pool's own choice, else the best measured aggregator."""

@@ -18,6 +18,7 @@ from rich.table import Table
 from orchestra import __version__
 from orchestra.agents import Pool
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
+from orchestra.datasets import Dataset
 from orchestra.errors import ConfigError, OrchestraError
 from orchestra.evaluate import METHODS, EvalReport
 from orchestra.hints import budget_hint, cli_message, run_error
@@ -131,8 +132,14 @@ def settings_options(fn: F) -> F:
 
 
 def choice_options(fn: F) -> F:
-    """--k, --mode, --aggregate, --aggregator-choice, --grader, --seed, --competence-weight."""
+    """--k, --mode, --aggregate, --aggregator-choice, --grader, --seed, --competence-weight,
+    --cost-lambda, --max-cost-per-item."""
     fn = setting_option("seed")(fn)
+    fn = setting_option("recruit.max_cost_per_item", "--max-cost-per-item",
+                        help="calibrated: the most (USD) a node's team may be expected to cost.")(fn)
+    fn = setting_option("recruit.cost_lambda", "--cost-lambda",
+                        help="calibrated: the accuracy one call to the priciest model must buy (default 0.05); "
+                             "other modes: weights times exp(-λ·price/max price).")(fn)
     fn = setting_option("recruit.competence_weight", "--competence-weight",
                         help="β in w = s·γ^β (1: Symbolic-MoE; 0: skills only).")(fn)
     fn = setting_option("grader")(fn)
@@ -349,9 +356,12 @@ def agents(pool: Path | None, as_json: bool) -> None:
 @click.option("--aggregation-items", type=click.IntRange(min=0),
               help="Items in the aggregation benchmark (default: every usable item; 0: none).")
 @click.option("--seed", default=0, type=int, show_default=True)
+@click.option("--merge-similarity", type=click.FloatRange(min=0, max=1),
+              help="Name similarity at which keyword variants merge into one skill (default 0.6 lexical, 0.85 "
+                   "with an embedding matcher; 1: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_items: int | None, seed: int,
-            as_json: bool) -> None:
+            merge_similarity: float | None, as_json: bool) -> None:
     """Measure every agent on a validation set and save skill profiles."""
     from orchestra.datasets import load_dataset
     from orchestra.profiling import aprofile, save_profiles
@@ -370,20 +380,25 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
             progress.update(bars[stage], completed=done, total=total)
 
         report = asyncio.run(aprofile(loaded, dataset, grader=grader, aggregation_items=aggregation_items,
-                                      seed=seed, progress=update))
+                                      seed=seed, progress=update, matcher=loaded.settings.matcher.build(),
+                                      merge_similarity=merge_similarity))
     written = save_profiles(report, target)
     if as_json:
         click.echo(json.dumps({"written": [str(p) for p in written], "aggregation_items": report.aggregation_items,
+                               "merged_skills": report.vocabulary.merged,
                                "profiles": {n: p.model_dump(mode="json") for n, p in report.profiles.items()}},
                               indent=2))
         return
     table = Table(title=f"profiles of {loaded.name} on {dataset.path} ({len(dataset)} items)")
-    for column in ("agent", "accuracy", "γ", "aggregation", "best skills"):
+    for column in ("agent", "accuracy", "γ", "aggregation", "best skills (estimate, items)"):
         table.add_column(column)
     for name, prof in report.profiles.items():
-        best = ", ".join(f"{k} {v:+d}" for k, v in sorted(prof.skills.items(), key=lambda kv: -kv[1])[:3])
+        ranked = sorted(prof.estimates.items(), key=lambda kv: (-kv[1][0], kv[0]))[:3]
+        best = ", ".join(f"{k} {p:.2f} ({prof.skill_counts[k][1]})" for k, (p, _) in ranked)
         table.add_row(name, f"{prof.accuracy:.2f}", f"{prof.competence:.3f}", aggregation_cell(prof), best)
     terminal().print(table)
+    for line in report.vocabulary.explain():
+        click.echo(f"merged variants: {line}")
     click.echo(f"aggregation benchmark: {report.aggregation_items} item(s)")
     click.echo(f"wrote {len(written)} profiles to {target}")
 
@@ -402,25 +417,39 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Test set (JSONL).")
 @click.option("--method", type=click.Choice(list(METHODS)),
-              help="A baseline or method preset (default: the pool's settings, which default to symbolic-moe); "
+              help="A baseline or method preset (default: the pool's settings, which default to calibrated); "
                    "--k, --mode and --aggregate win over it.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N items.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write each item's answer to this JSONL file as its run finishes (the report then leaves "
                    "them out).")
+@click.option("--sweep", is_flag=True, help="Run every method, and the calibrated router at each cost preference "
+                                            "(--lambdas): accuracy, cost, cost per correct answer and calls for each, "
+                                            "with the accuracy/cost frontier marked.")
+@click.option("--lambdas", metavar="L1,L2,...", help="The cost preferences λ a sweep tries (default "
+                                                     "0,0.01,0.02,0.05,0.1,0.2,0.5,1).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --sweep: write the frontier as an HTML page (a chart and the table) to this file.")
 @choice_options
 @settings_options
 @budget_options
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | None, output: Path | None,
-             as_json: bool, **opts: Any) -> None:
-    """Accuracy, cost and time of a method on a labelled data set."""
+             sweep: bool, lambdas: str | None, plot: Path | None, as_json: bool, **opts: Any) -> None:
+    """Accuracy, cost and time of a method on a labelled data set (or, with --sweep, of every method)."""
     from orchestra.datasets import load_dataset
     from orchestra.evaluate import aevaluate
 
+    if plot is not None and not sweep:
+        raise click.UsageError("--plot draws a sweep's frontier: add --sweep")
+    if sweep and (method or output):
+        raise click.UsageError("--sweep runs every method: leave out --method and --output")
     dataset = load_dataset(data)
     orc = make_orchestra(Pool.load(pool), opts)
+    if sweep:
+        run_sweep(orc, dataset, lambdas, plot, limit, as_json, opts)
+        return
     # the flags win over the method's preset; both over the pool's settings
     report = asyncio.run(aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
                                    mode=opts["mode"], aggregate=opts["aggregate"]))
@@ -428,6 +457,53 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     if report.failed:  # the report stands, but a data set with unfinished runs is not a clean pass
         click.echo(f"error: {report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}",
                    err=True)
+        sys.exit(1)
+
+
+def parse_lambdas(text: str | None) -> tuple[float, ...]:
+    """``0,0.05,0.2`` as numbers (the default range when None); a bad list is a usage error."""
+    from orchestra.frontier import LAMBDAS
+
+    if text is None:
+        return LAMBDAS
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--lambdas") from None
+    if not values or any(v < 0 or v != v for v in values):
+        raise click.BadParameter("give one or more numbers >= 0, e.g. 0,0.05,0.2", param_hint="--lambdas")
+    return values
+
+
+def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path | None, limit: int | None,
+              as_json: bool, opts: dict[str, Any]) -> None:
+    """``eval --sweep``: every method and cost preference, as a table (or JSON) and an HTML page."""
+    from orchestra.frontier import asweep, frontier_html
+
+    points = asyncio.run(asweep(orc, dataset, lambdas=parse_lambdas(lambdas), limit=limit, k=opts["k"],
+                                aggregate=opts["aggregate"]))
+    if plot is not None:
+        try:
+            plot.write_text(frontier_html(points, f"accuracy/cost frontier on {dataset.path}"), encoding="utf-8")
+        except OSError as error:
+            raise click.ClickException(f"cannot write the plot to {plot}: {error.strerror or error}") from None
+    if as_json:
+        click.echo(json.dumps({"dataset": dataset.path, "points": [p.to_json() for p in points],
+                               "plot": str(plot) if plot else None}, indent=2))
+    else:
+        table = Table(title=f"accuracy/cost frontier on {dataset.path} ({points[0].items if points else 0} items)")
+        for column in ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for p in points:
+            per_correct = "-" if p.cost_per_correct_usd is None else f"${p.cost_per_correct_usd:.6f}"
+            table.add_row(p.method, f"{p.accuracy:.3f}", f"${p.cost_usd:.6f}", per_correct, str(p.calls),
+                          str(p.saved_calls), "●" if p.on_frontier else "")
+        terminal().print(table)
+        if plot is not None:
+            click.echo(f"wrote the frontier to {plot}")
+    unfinished = [p for p in points if p.failed]
+    if unfinished:
+        click.echo(f"error: {unfinished[0].failed} run(s) of {unfinished[0].method} did not finish", err=True)
         sys.exit(1)
 
 
@@ -445,6 +521,7 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           ("cost", f"${report.cost_usd:.6f}"),
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),
                           ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),
+                          ("calls saved by confident teams", str(report.saved_calls)),
                           ("unfinished runs", str(report.failed)),
                           ("skill extraction failures", str(report.skill_extraction_failures))]:
         table.add_row(metric, value)

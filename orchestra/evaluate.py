@@ -19,6 +19,7 @@ from orchestra.result import RunResult
 
 #: method -> (recruiting mode, aggregation, k or None for the caller's k)
 METHODS: dict[str, tuple[str, str, int | None]] = {
+    "calibrated": ("calibrated", "synthesize", None),
     "symbolic-moe": ("symbolic-moe", "synthesize", None),
     "vote": ("symbolic-moe", "vote", None),
     "moa": ("global", "synthesize", None),
@@ -48,6 +49,8 @@ class EvalReport:
     first_failure: str | None = None
     """The first unfinished run: its item, status and error (None: every run finished)."""
     skill_extraction_failures: int = 0
+    saved_calls: int = 0
+    """Calls confident teams did not need (their first experts agreed)."""
     budget_exceeded: str | None = None
     """Why a shared budget stopped the data set early (None: it did not)."""
     answers: list[dict[str, Any]] = field(default_factory=list)
@@ -64,7 +67,7 @@ class Tally:
     def __init__(self, grader: Grader, *, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.grader = grader
         self.sink = sink
-        self.items = self.correct = self.failed = self.skill_extraction_failures = 0
+        self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.cost_usd = 0.0
         self.first_failure: tuple[int, str] | None = None  # (index, what happened)
@@ -83,6 +86,7 @@ class Tally:
         self.completion_tokens += usage.completion_tokens
         self.cost_usd += usage.cost_usd
         self.skill_extraction_failures += usage.skill_extraction_failures
+        self.saved_calls += sum(node.saved_calls for node in result.plan.nodes)
         tally = self.categories.setdefault(item.category or "all", Counter())
         tally["items"] += 1
         tally["correct"] += ok
@@ -110,7 +114,8 @@ class Tally:
             per_category={c: {"items": t["items"], "accuracy": t["correct"] / t["items"]}
                           for c, t in self.categories.items()},
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
-            skill_extraction_failures=self.skill_extraction_failures, budget_exceeded=budget_exceeded,
+            skill_extraction_failures=self.skill_extraction_failures, saved_calls=self.saved_calls,
+            budget_exceeded=budget_exceeded,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
 
 

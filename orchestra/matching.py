@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -76,6 +76,20 @@ def matcher_spec(matcher: object) -> MatcherSpec | None:
     """The settings that rebuild ``matcher`` (None for a matcher Orchestra does not know)."""
     describe = getattr(matcher, "spec", None)
     return describe() if callable(describe) else None
+
+
+def ngram_vector(text: str, sizes: tuple[int, ...] = (2, 3, 4)) -> Counter[str]:
+    """A text's character n-gram counts (lower-cased, spaces normalised and padded)."""
+    return _ngrams(text, sizes)
+
+
+def sparse_cosine(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """The cosine similarity of two sparse vectors."""
+    if len(a) > len(b):
+        a, b = b, a
+    dot = sum(weight * b.get(key, 0.0) for key, weight in a.items())
+    norm = math.sqrt(sum(w * w for w in a.values())) * math.sqrt(sum(w * w for w in b.values()))
+    return dot / norm if norm else 0.0
 
 
 def _ngrams(text: str, sizes: tuple[int, ...]) -> Counter[str]:
@@ -228,14 +242,15 @@ class EmbeddingMatcher:
         query, skills = vectors[: len(keywords)], vectors[len(keywords):]
         matches = []
         for keyword, vector in zip(keywords, query):
-            scored = [(_cosine(vector, other), -i) for i, other in enumerate(skills)]
+            scored = [(cosine(vector, other), -i) for i, other in enumerate(skills)]
             similarity, negative_index = max(scored)
             if similarity >= self.min_similarity:
                 matches.append(Match(keyword, vocabulary[-negative_index], round(similarity, 4)))
         return matches
 
 
-def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    """The cosine similarity of two dense vectors."""
     dot = sum(x * y for x, y in zip(a, b))
     norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norm if norm else 0.0

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestra.errors import ConfigError
 
 PROFILE_VERSION = 1
-_PAIR = re.compile(r"\[\s*(\d+),\s*(\d+)\s*\]")
+_PAIR = re.compile(r"\[\s*([\d.]+),\s*([\d.]+)\s*\]")
 
 
 class Provenance(BaseModel):
@@ -38,6 +38,14 @@ class SkillProfile(BaseModel):
     items, with ``aggregation_stderr`` = sqrt(p(1-p)/n); ``aggregation_skills`` is the same benchmark
     split by the items' keywords, ``{keyword: (correct, items)}`` (for per-node aggregator choice).
     Profiles written before these were recorded load with them unset.
+
+    Calibration (see ``orchestra.calibration``): ``aliases`` maps each keyword variant onto its
+    canonical skill (``orchestra.variants``); ``skill_counts`` is ``{canonical skill: (correct,
+    items)}``, the evidence pooled over variants; ``estimates`` is ``{canonical skill: (accuracy,
+    standard deviation)}``, the Beta posterior computed from those counts. ``answer_tokens`` and
+    ``aggregation_tokens`` are the mean (prompt, completion) tokens of the agent's answers and of
+    its aggregation calls while profiling: with the model's price, what one call is expected to
+    cost. ``skills`` keeps the raw ±1 sums per keyword, so Symbolic-MoE's exact method still runs.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -51,6 +59,11 @@ class SkillProfile(BaseModel):
     aggregation_items: int | None = Field(default=None, ge=0)
     aggregation_stderr: float | None = Field(default=None, ge=0)
     aggregation_skills: dict[str, tuple[int, int]] = {}
+    aliases: dict[str, str] = {}
+    skill_counts: dict[str, tuple[int, int]] = {}
+    estimates: dict[str, tuple[float, float]] = {}
+    answer_tokens: tuple[float, float] | None = None
+    aggregation_tokens: tuple[float, float] | None = None
     provenance: Provenance
 
     @property
@@ -64,8 +77,11 @@ class SkillProfile(BaseModel):
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{self.agent}.json"
         ordered = self.model_copy(update={"skills": dict(sorted(self.skills.items(), key=lambda kv: (-kv[1], kv[0]))),
-                                          "aggregation_skills": dict(sorted(self.aggregation_skills.items()))})
-        text = _PAIR.sub(r"[\1, \2]", ordered.model_dump_json(indent=2))  # (correct, items) on one line
+                                          "aggregation_skills": dict(sorted(self.aggregation_skills.items())),
+                                          "aliases": dict(sorted(self.aliases.items())),
+                                          "skill_counts": dict(sorted(self.skill_counts.items())),
+                                          "estimates": dict(sorted(self.estimates.items()))})
+        text = _PAIR.sub(r"[\1, \2]", ordered.model_dump_json(indent=2))  # pairs on one line
         path.write_text(text + "\n", encoding="utf-8")
         return path
 

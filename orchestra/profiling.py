@@ -7,7 +7,12 @@ benchmark: items of one correct and two incorrect traces, shuffled, that each ca
 synthesize into the right answer; its accuracy is its aggregation score. By default the benchmark
 uses every usable item (one with a correct and two incorrect traces): on 30 items the standard
 error of a score is about 0.09, more than the gap between good aggregators. Each profile records
-the item count and the standard error, and the benchmark's results per keyword.
+the item count and the standard error, and the benchmark's results per canonical skill.
+
+Beyond the paper: keyword variants are merged into canonical skills (``orchestra.variants``), and
+each profile records its (correct, items) per canonical skill with their calibrated estimates
+(``orchestra.calibration``), and the mean tokens of its answers and aggregation calls (what a
+call costs at the model's price).
 """
 
 from __future__ import annotations
@@ -16,23 +21,26 @@ import asyncio
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestra.agents import Agent, Pool
 from orchestra.budget import Budget
+from orchestra.calibration import skill_estimates
 from orchestra.core import run_sync
 from orchestra.datasets import Dataset, Item
 from orchestra.events import Event, EventBus, UsageUpdated
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, answer_format, get_grader
+from orchestra.matching import SkillMatcher
 from orchestra.models import ChatResult, Model
 from orchestra.pipeline.aggregation import Response, synthesize_prompt
 from orchestra.profile import Provenance, SkillProfile, global_competence
 from orchestra.prompts import render, template_hash
 from orchestra.skills import KeywordConfig, SkillExtractor
+from orchestra.variants import Vocabulary, merge_variants, pooled_counts
 
 T = TypeVar("T")
 Progress = Callable[[str, int, int], None]
@@ -47,6 +55,8 @@ class ProfilingReport:
     item_keywords: dict[str, list[str]]
     correct: dict[str, dict[str, bool]]
     aggregation_items: int
+    vocabulary: Vocabulary = field(default_factory=Vocabulary)
+    """The canonical skills and the keyword variants merged into each."""
     written: list[Path] = field(default_factory=list)
 
 
@@ -83,10 +93,14 @@ class _Counter:
 async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto",
                    keywords: KeywordConfig | None = None, aggregation_items: int | None = None, seed: int = 0,
                    executor: Executor | None = None, progress: Progress | None = None,
-                   budget: Budget | None = None) -> ProfilingReport:
+                   budget: Budget | None = None, matcher: SkillMatcher | None = None,
+                   merge_similarity: float | None = None) -> ProfilingReport:
     """Profile every agent of ``pool`` on ``dataset``. See the module docstring for the method.
 
     ``aggregation_items`` caps the aggregation benchmark (None: every usable item; 0: no benchmark).
+    Keyword variants are merged into canonical skills (``orchestra.variants``) by name similarity,
+    with ``matcher`` (an embedding matcher compares embeddings; default lexical) and at
+    ``merge_similarity`` (1 merges nothing).
     """
     grade = get_grader(grader)
     executor = executor or Executor()
@@ -99,8 +113,10 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
                    for a in pool.agents}
         scores = {a.name: _profile(correct[a.name], item_keywords) for a in pool.agents}
         competence = global_competence({a: sum(s.values()) for a, s in scores.items()})
+        vocabulary = await merge_variants(item_keywords, correct, matcher=matcher, threshold=merge_similarity)
+        canonical = {item: [vocabulary.canonical(k) for k in words] for item, words in item_keywords.items()}
         bench = _aggregation_set(dataset.items, answers, correct, aggregation_items, seed)
-        aggregation = await _aggregation_scores(pool, bench, executor, ledger, grade, seed, counter, item_keywords)
+        aggregation = await _aggregation_scores(pool, bench, executor, ledger, grade, seed, counter, canonical)
     finally:
         counter.close()
     keyword_model = model_id(pool.keyword_model) if pool.keyword_model else ""
@@ -112,14 +128,18 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
                                 grader=grade.name, prompt_sha256=prompts, seed=seed)
         accuracy = sum(correct[agent.name].values()) / len(dataset)
         measured = aggregation.get(agent.name)
+        counts = pooled_counts(item_keywords, correct[agent.name], vocabulary)
         profiles[agent.name] = SkillProfile(
             agent=agent.name, skills=scores[agent.name], accuracy=accuracy, competence=competence[agent.name],
             aggregation_score=measured.score if measured else None,
             aggregation_items=measured.items if measured else None,
             aggregation_stderr=measured.stderr if measured else None,
-            aggregation_skills=measured.skills if measured else {}, provenance=provenance)
+            aggregation_skills=measured.skills if measured else {},
+            aliases={k: v for k, v in vocabulary.aliases.items() if k != v}, skill_counts=counts,
+            estimates=skill_estimates(counts, accuracy), answer_tokens=mean_tokens(answers[agent.name].values()),
+            aggregation_tokens=measured.tokens if measured else None, provenance=provenance)
     return ProfilingReport(profiles=profiles, item_keywords=item_keywords, correct=correct,
-                           aggregation_items=len(bench))
+                           aggregation_items=len(bench), vocabulary=vocabulary)
 
 
 def build_profiles(pool: Pool, dataset: Dataset, **options: object) -> ProfilingReport:
@@ -139,6 +159,15 @@ def model_id(model: Model) -> str:
     path = getattr(model, "path", None)
     detail = getattr(model, "model", None) or (Path(path).name if path else None) or model.name
     return f"{type(model).__name__}:{detail}"
+
+
+def mean_tokens(outcomes: Iterable[ChatResult | Exception]) -> tuple[float, float] | None:
+    """The mean (prompt, completion) tokens of the answered calls (None: none answered)."""
+    usages = [o.usage for o in outcomes if not isinstance(o, Exception)]
+    if not usages:
+        return None
+    return (round(sum(u.prompt_tokens for u in usages) / len(usages), 1),
+            round(sum(u.completion_tokens for u in usages) / len(usages), 1))
 
 
 def _ok(outcome: ChatResult | Exception, item: Item, grade: Grader) -> bool:
@@ -215,9 +244,11 @@ class AggregationResult:
     items: int
     stderr: float
     skills: dict[str, tuple[int, int]]
+    tokens: tuple[float, float] | None = None
 
     @classmethod
-    def from_grades(cls, grades: Sequence[bool], keywords: Sequence[Sequence[str]]) -> AggregationResult:
+    def from_grades(cls, grades: Sequence[bool], keywords: Sequence[Sequence[str]],
+                    tokens: tuple[float, float] | None = None) -> AggregationResult:
         """Accuracy p over n graded items, its standard error sqrt(p(1-p)/n), and (correct, items) per keyword."""
         n = len(grades)
         p = sum(grades) / n
@@ -228,7 +259,7 @@ class AggregationResult:
                 counts[0] += ok
                 counts[1] += 1
         return cls(score=p, items=n, stderr=math.sqrt(p * (1 - p) / n),
-                   skills={word: (c, t) for word, (c, t) in per_skill.items()})
+                   skills={word: (c, t) for word, (c, t) in per_skill.items()}, tokens=tokens)
 
 
 async def _aggregation_scores(pool: Pool, bench: list[_AggregationItem], executor: Executor, ledger: RunLedger,
@@ -248,7 +279,8 @@ async def _aggregation_scores(pool: Pool, bench: list[_AggregationItem], executo
     async def one(agent: Agent) -> AggregationResult:
         calls = [(agent.model, agent.request(prompt, seed=seed)) for prompt in prompts]
         outcomes = await executor.call(ledger, calls, purpose="aggregation-benchmark")
-        return AggregationResult.from_grades([_ok(o, e.item, grade) for o, e in zip(outcomes, bench)], keywords)
+        return AggregationResult.from_grades([_ok(o, e.item, grade) for o, e in zip(outcomes, bench)], keywords,
+                                             mean_tokens(outcomes))
 
     scores = await _gather(executor, [one(agent) for agent in pool.agents])
     return {agent.name: score for agent, score in zip(pool.agents, scores)}

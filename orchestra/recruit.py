@@ -1,10 +1,15 @@
-"""Recruiting: choose the experts for a subtask from measured skill profiles (Symbolic-MoE).
+"""Recruiting: choose the experts for a subtask from measured skill profiles.
 
-For query keywords already mapped onto the profile vocabulary, an agent's local suitability is
-``s = sum(profile[skill])``; agents with ``s > 0`` are kept (if none, every ``s`` is shifted by
-``-min + 1``); the weight is ``w = s * γ``; k experts are sampled from the normalised weights
-with replacement. Other modes (top-k distinct, adaptive k), a cost trade-off, the rare-expert
-filter, cold start and explanations are built on the same weights.
+``calibrated`` (the default): each agent's expected accuracy on the subtask comes from calibrated
+per-skill estimates (``orchestra.calibration``), and the team, experts and aggregator together, is
+the one with the most expected accuracy for its expected cost (``orchestra.teams``).
+
+``symbolic-moe`` (the paper, exact): for query keywords already mapped onto the profile
+vocabulary, an agent's local suitability is ``s = sum(profile[skill])``; agents with ``s > 0``
+are kept (if none, every ``s`` is shifted by ``-min + 1``); the weight is ``w = s * γ``; k experts
+are sampled from the normalised weights with replacement. Other modes (top-k distinct, adaptive
+k), a cost trade-off, the rare-expert filter, cold start and explanations are built on the same
+weights. ``calibrated`` with no measured profile at all draws as ``symbolic-moe`` does.
 """
 
 from __future__ import annotations
@@ -13,15 +18,20 @@ import bisect
 import itertools
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestra.calibration import PRIOR_ITEMS, AgentSkills, Calibration
 from orchestra.matching import Match
 from orchestra.profile import SkillProfile, global_competence
+from orchestra.teams import Option, Team, choose_team
 from orchestra.vocabulary import MODES, Mode
+
+CALIBRATED_COST_LAMBDA = 0.05
+"""The calibrated mode's default λ: one call to the priciest model must buy 5 points of accuracy."""
 
 
 class RecruitConfig(BaseModel):
@@ -30,7 +40,14 @@ class RecruitConfig(BaseModel):
     Attributes:
         p: the adaptive mode's cumulative probability threshold.
         k_max: the adaptive mode's cap.
-        cost_lambda: the cost trade-off; weights are multiplied by ``exp(-λ · price / max price)``.
+        cost_lambda: the cost trade-off λ. ``calibrated``: a team's utility is its expected accuracy
+            minus ``λ · expected cost / cost of one call to the priciest model`` (None: 0.05);
+            other modes multiply weights by ``exp(-λ · price / max price)`` (None: 0).
+        max_cost_per_item: ``calibrated``: the most (USD) a node's team may be expected to cost.
+        prior_items: ``calibrated``: how many items an agent's overall accuracy counts for in
+            each skill estimate.
+        confidence: ``calibrated``: when the first two experts are each estimated at least this
+            accurate, they are asked first, and their agreement ends the node (1 turns it off).
         rare_threshold: in a batch, experts chosen for fewer than this share of instances are replaced.
         cold_start_score: the profile score given to each declared skill of an agent that has
             no measured profile.
@@ -46,7 +63,10 @@ class RecruitConfig(BaseModel):
 
     p: float = Field(default=0.8, gt=0, le=1)
     k_max: int = Field(default=5, ge=1)
-    cost_lambda: float = Field(default=0.0, ge=0)
+    cost_lambda: float | None = Field(default=None, ge=0)
+    max_cost_per_item: float | None = Field(default=None, ge=0)
+    prior_items: float = Field(default=PRIOR_ITEMS, gt=0)
+    confidence: float = Field(default=0.75, gt=0, le=1)
     rare_threshold: float = Field(default=0.05, ge=0, le=1)
     cold_start_score: float = 1.0
     uniform_prior_score: float = 0.5
@@ -55,12 +75,14 @@ class RecruitConfig(BaseModel):
 
 
 class Contribution(NamedTuple):
-    """One matched skill's part in an agent's suitability."""
+    """One matched skill's part in an agent's suitability (``calibrated``: the agent's estimated
+    accuracy on the skill, and the items of evidence behind it)."""
 
     keyword: str
     skill: str
     similarity: float
     score: float
+    items: float = 0.0
 
 
 class Candidate(NamedTuple):
@@ -74,6 +96,8 @@ class Candidate(NamedTuple):
     probability: float
     contributions: tuple[Contribution, ...]
     cold_start: bool = False
+    cost: float = 0.0
+    """``calibrated``: the expected cost (USD) of one answer."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,13 @@ class Recruitment:
     candidates: tuple[Candidate, ...]
     mode: str
     notes: tuple[str, ...] = ()
+    team: Team | None = None
+    """``calibrated``: the chosen team, its aggregator, and what it is expected to achieve and cost."""
+
+    @property
+    def staged(self) -> int:
+        """Experts asked first, whose agreement ends the node (0: all at once)."""
+        return self.team.staged if self.team is not None and len(self.experts) == len(self.team.experts) else 0
 
     def candidate(self, agent: str) -> Candidate | None:
         """The numbers for one agent."""
@@ -93,6 +124,8 @@ class Recruitment:
 
     def explain(self) -> list[str]:
         """One line per chosen expert: its probability and the skills that earned it."""
+        if self.team is not None:
+            return self._explain_team(self.team)
         lines = []
         for agent, picks in Counter(self.experts).items():
             candidate = self.candidate(agent)
@@ -107,6 +140,27 @@ class Recruitment:
                          f"γ={candidate.competence:.3f}{cold}; {skills}")
         return lines + list(self.notes)
 
+    def _explain_team(self, team: Team) -> list[str]:
+        lines = []
+        for agent in self.experts:
+            candidate = self.candidate(agent)
+            if candidate is None:
+                continue
+            parts = [f"{c.skill} {c.score:.2f} ({c.items:g} items" + (f", from '{c.keyword}')" if c.keyword != c.skill
+                                                                      else ")")
+                     for c in candidate.contributions]
+            skills = "; ".join(parts) if parts else "no matched skill: overall accuracy"
+            cold = " [cold start]" if candidate.cold_start else ""
+            lines.append(f"{agent}: expected accuracy {candidate.suitability:.2f} (overall "
+                         f"{candidate.competence:.2f}), ${candidate.cost:.6f} per answer{cold}; {skills}")
+        summary = f"team: expected accuracy {team.expected_accuracy:.3f}, expected cost ${team.expected_cost:.6f}"
+        if team.aggregator is not None and len(self.experts) > 1:
+            summary += f"; aggregator {team.aggregator} (aggregation {team.aggregation_skill:.2f} here)"
+        if self.staged:
+            summary += (f"; the first {self.staged} experts are asked first, and if they agree, "
+                        "no further expert and no aggregation call")
+        return [*lines, summary, *self.notes]
+
     def to_dict(self, explanation: list[str] | None = None) -> dict[str, object]:
         """A JSON-ready explanation (``explanation`` saves recomputing ``explain()``)."""
         return {
@@ -120,29 +174,49 @@ class Recruitment:
                             "contributions": [{"keyword": x.keyword, "skill": x.skill, "score": x.score}
                                               for x in c.contributions]}
                            for c in self.candidates],
+            "team": None if self.team is None else {
+                "experts": list(self.team.experts), "aggregator": self.team.aggregator,
+                "expected_accuracy": round(self.team.expected_accuracy, 6),
+                "expected_cost_usd": self.team.expected_cost, "staged": self.staged},
             "explanation": self.explain() if explanation is None else explanation,
         }
 
 
+DEFAULT_ANSWER_TOKENS = (400.0, 300.0)
+"""(prompt, completion) tokens assumed for an answer when the profile measured none."""
+DEFAULT_AGGREGATION_TOKENS = (1200.0, 300.0)
+"""(prompt, completion) tokens assumed for an aggregation call when the profile measured none."""
+UNMEASURED_AGGREGATION = 0.5
+"""The aggregation skill assumed for an aggregator without a measured score."""
+
+
 @dataclass
 class SkillTable:
-    """The pool's profiles as recruiting needs them: per-agent skill scores, γ, vocabulary."""
+    """The pool's profiles as recruiting needs them: per-agent skill scores, γ, vocabulary, and
+    (for ``calibrated``) the calibrated estimates and each agent's expected cost per call."""
 
     scores: dict[str, dict[str, float]]
     competence: dict[str, float]
     cold: frozenset[str] = frozenset()
     universal: frozenset[str] = frozenset()
     prices: dict[str, float] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    costs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """agent -> expected USD of (one answer, one aggregation call)."""
+    profiles: Mapping[str, SkillProfile] = field(default_factory=dict)
 
     @property
     def vocabulary(self) -> list[str]:
-        """Every skill any agent has a score for, sorted."""
-        return sorted({skill for scores in self.scores.values() for skill in scores})
+        """Every skill any agent has a score for (and every variant merged into one), sorted."""
+        skills = {skill for scores in self.scores.values() for skill in scores}
+        if self.calibration is not None:
+            skills.update(self.calibration.aliases)
+        return sorted(skills)
 
     @classmethod
     def build(cls, agents: Sequence[str], profiles: Mapping[str, SkillProfile],
               declared: Mapping[str, Sequence[str]], prices: Mapping[str, float],
-              config: RecruitConfig) -> SkillTable:
+              config: RecruitConfig, costs: Mapping[str, tuple[float, float]] | None = None) -> SkillTable:
         """Measured agents use their profiles; the others start cold (declared skills, else uniform)."""
         scores: dict[str, dict[str, float]] = {}
         cold, universal = set(), set()
@@ -161,17 +235,34 @@ class SkillTable:
         cold_gamma = (sum(competence.values()) / len(competence)) if competence else 1.0
         gammas = {a: competence.get(a, cold_gamma) for a in agents}
         norm = sum(gammas.values()) or 1.0
+        aliases = {variant: skill for a in agents if (p := profiles.get(a)) is not None
+                   for variant, skill in p.aliases.items()}
+        calibration = Calibration({a: AgentSkills.of(profiles.get(a), declared.get(a, ())) for a in agents},
+                                  aliases, config.prior_items)
         return cls(scores=scores, competence={a: g / norm for a, g in gammas.items()},
-                   cold=frozenset(cold), universal=frozenset(universal), prices=dict(prices))
+                   cold=frozenset(cold), universal=frozenset(universal), prices=dict(prices),
+                   calibration=calibration, costs=dict(costs or {}),
+                   profiles={a: profiles[a] for a in agents if a in profiles})
 
 
 class Recruiter:
-    """Turns mapped skills into a recruitment, deterministically for a given seed."""
+    """Turns mapped skills into a recruitment, deterministically for a given seed.
 
-    def __init__(self, table: SkillTable, config: RecruitConfig | None = None) -> None:
+    Args:
+        table: the pool's profiles.
+        config: recruiting settings.
+        aggregators: who may aggregate a ``calibrated`` team (default: every agent with a measured
+            aggregation score, else every agent).
+    """
+
+    def __init__(self, table: SkillTable, config: RecruitConfig | None = None,
+                 aggregators: Sequence[str] | None = None) -> None:
         self.table = table
         self.config = config or RecruitConfig()
+        measured = [a for a in table.scores if aggregation_evidence(table.profiles.get(a)) is not None]
+        self.aggregators = list(aggregators) if aggregators else (measured or list(table.scores))
         self._ranked: dict[tuple[Match, ...], list[Candidate]] = {}
+        self._teams: dict[tuple[tuple[Match, ...], int], tuple[list[Candidate], Team]] = {}
 
     def suitability(self, agent: str, matches: Sequence[Match]) -> tuple[float, tuple[Contribution, ...]]:
         """``s(agent, query)`` and the part each matched skill played."""
@@ -204,9 +295,10 @@ class Recruiter:
             suit = {a: s - low + 1 for a, s in suit.items()}
         top_price = max(self.table.prices.values(), default=0.0)
         weights, factors = {}, {}
+        cost_lambda = self.config.cost_lambda or 0.0
         for agent in agents:
             price = self.table.prices.get(agent, 0.0)
-            factors[agent] = math.exp(-self.config.cost_lambda * price / top_price) if top_price else 1.0
+            factors[agent] = math.exp(-cost_lambda * price / top_price) if top_price else 1.0
             gamma = self.table.competence[agent] ** self.config.competence_weight
             weights[agent] = suit[agent] * gamma * factors[agent] if suit[agent] > 0 else 0.0
         total = sum(weights.values())
@@ -221,7 +313,16 @@ class Recruiter:
 
     def recruit(self, keywords: Sequence[str], matches: Sequence[Match], *, seed: int, k: int = 3,
                 mode: Mode = "symbolic-moe") -> Recruitment:
-        """Choose ``k`` experts (a cap, for ``adaptive``) for one subtask, the ``mode``'s way."""
+        """Choose ``k`` experts (a cap, for ``adaptive`` and ``calibrated``) for one subtask, the ``mode``'s way."""
+        if mode == "calibrated":
+            if len(self.table.cold) < len(self.table.scores):
+                ranked, team = self.team(matches, k)
+                return Recruitment(experts=team.experts, keywords=tuple(keywords), matches=tuple(matches),
+                                   candidates=tuple(ranked), mode=mode, team=team)
+            # nothing measured to calibrate: the paper's draw, from declared skills and the uniform prior
+            drawn = self.recruit(keywords, matches, seed=seed, k=k, mode="symbolic-moe")
+            return replace(drawn, notes=(*drawn.notes, "no agent has a measured profile: drawn as symbolic-moe "
+                                                       "does (run orchestra profile to calibrate)"))
         ranked = self.candidates(matches)
         eligible = [c for c in ranked if c.probability > 0]
         rng = SeededDraws(seed)
@@ -245,16 +346,63 @@ class Recruiter:
         return Recruitment(experts=tuple(experts), keywords=tuple(keywords), matches=tuple(matches),
                            candidates=tuple(ranked), mode=mode)
 
-    def filter_rare(self, recruitments: Sequence[Recruitment], *, seed: int) -> list[Recruitment]:
+    def team(self, matches: Sequence[Match], k: int) -> tuple[list[Candidate], Team]:
+        """``calibrated``: every agent's expected accuracy and cost on these skills, best first, and
+        the team chosen from them (memoised per skill set and k)."""
+        key = (tuple(matches), k)
+        found = self._teams.get(key)
+        if found is None:
+            if len(self._teams) >= 4096:
+                self._teams.clear()
+            found = self._teams[key] = self._choose_team(matches, k)
+        return found
+
+    def _choose_team(self, matches: Sequence[Match], k: int) -> tuple[list[Candidate], Team]:
+        calibration = self.table.calibration
+        assert calibration is not None  # SkillTable.build always sets it
+        costs = self.table.costs
+        canonical = [Match(m.keyword, calibration.canonical(m.skill), m.similarity) for m in matches]
+        ranked, options = [], []
+        for agent in self.table.scores:
+            accuracy, _, parts = calibration.query(agent, matches)
+            cost = costs.get(agent, (0.0, 0.0))[0]
+            options.append(Option(agent, accuracy, cost))
+            contributions = tuple(Contribution(p.keyword, p.skill, p.similarity, round(p.estimate, 4), p.items)
+                                  for p in parts)
+            ranked.append(Candidate(agent=agent, suitability=round(accuracy, 4),
+                                    competence=calibration.agents[agent].overall, cost_factor=1.0, weight=accuracy,
+                                    probability=0.0, contributions=contributions,
+                                    cold_start=agent in self.table.cold, cost=cost))
+        total = sum(c.weight for c in ranked) or 1.0
+        ranked = sorted((c._replace(probability=c.weight / total) for c in ranked),
+                        key=lambda c: (-c.weight, c.cost, c.agent))
+        aggregators = []
+        for agent in self.aggregators:
+            profile = self.table.profiles.get(agent)
+            skill = (node_aggregation_estimate(profile, canonical)[0]
+                     if aggregation_evidence(profile) is not None and profile is not None else UNMEASURED_AGGREGATION)
+            aggregators.append(Option(agent, skill, costs.get(agent, (0.0, 0.0))[1]))
+        lam = self.config.cost_lambda if self.config.cost_lambda is not None else CALIBRATED_COST_LAMBDA
+        unit = max((cost for cost, _ in costs.values()), default=0.0)
+        team = choose_team(options, aggregators, k=k, cost_lambda=lam, unit_cost=unit,
+                           max_cost=self.config.max_cost_per_item, confidence=self.config.confidence)
+        return ranked, team
+
+    def filter_rare(self, recruitments: Sequence[Recruitment], *, seed: int,
+                    light: Collection[str] = ()) -> list[Recruitment]:
         """Replace experts chosen for under ``rare_threshold`` of the instances, so fewer models load.
 
         A rare expert is resampled among the frequent ones by that instance's own weights (or,
-        when none of them has weight there, by how often they are chosen overall).
+        when none of them has weight there, by how often they are chosen overall). ``light``
+        agents (remote models: nothing to load) are never replaced in a ``calibrated``
+        recruitment, whose choices are estimates, not sampling noise.
         """
         if not recruitments:
             return []
         counts = Counter(agent for r in recruitments for agent in set(r.experts))
         frequent = {a for a, n in counts.items() if n / len(recruitments) >= self.config.rare_threshold}
+        if any(r.mode == "calibrated" for r in recruitments):
+            frequent |= set(light) & set(counts)
         if not frequent:
             return list(recruitments)
         rng = SeededDraws(seed)
@@ -379,10 +527,11 @@ def node_aggregation_estimate(profile: SkillProfile, matches: Sequence[Match],
     correct = items = 0.0
     seen: set[str] = set()
     for match in matches:
-        if match.skill in seen:
+        skill = profile.aliases.get(match.skill, match.skill)
+        if skill in seen:
             continue
-        seen.add(match.skill)
-        counts = profile.aggregation_skills.get(match.skill)
+        seen.add(skill)
+        counts = profile.aggregation_skills.get(skill)
         if counts:
             correct += match.similarity * counts[0]
             items += match.similarity * counts[1]

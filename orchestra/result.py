@@ -38,6 +38,9 @@ class NodeTrace(BaseModel):
     recruitment: dict[str, Any] | None = None
     error: str | None = None
     elapsed_s: float = 0.0
+    saved_calls: int = 0
+    """Calls a confident team did not need: its first experts agreed, so no further expert and no
+    aggregation call were made."""
 
 
 class PlanTrace(BaseModel):

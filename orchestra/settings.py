@@ -39,7 +39,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     k: int = Field(default=3, ge=1, description="Experts per subtask.")
-    mode: Mode = Field(default="symbolic-moe", description="How experts are recruited.")
+    mode: Mode = Field(default="calibrated", description="How experts are recruited.")
     aggregate: Strategy = Field(default="synthesize", description="How a node's expert answers are combined.")
     aggregator_choice: AggregatorChoice = Field(
         default="best", description="best: one aggregator, the best measured; per-node: the best measured among "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Mode = Literal["symbolic-moe", "topk", "adaptive", "global", "random"]
+Mode = Literal["calibrated", "symbolic-moe", "topk", "adaptive", "global", "random"]
 """How experts are recruited for a node."""
 
 Strategy = Literal["synthesize", "vote", "refine", "none"]

@@ -313,10 +313,11 @@ def test_the_batching_workload_loads_each_heavy_model_exactly_once() -> None:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     pool = bench.make_pool(16, {"load_s": 0.0, "per_request": 0.0, "per_batch": 0.0}, 0)
-    orc = Orchestra(pool, k=3, store=False, seed=0, budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=None))
+    orc = Orchestra(pool, k=3, mode="symbolic-moe", store=False, seed=0,
+                    budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=None))
     results = orc.run_many([f"question {i}" for i in range(100)])
     assert all(r.status == "done" for r in results)
     aggregator = orc.stages.staffing.aggregator.model.name
-    used = {pool[name].model.name for r in results for name in r.node("answer").experts}
+    used = {pool[o.agent].model.name for r in results for o in r.node("answer").expert_outputs}
     assert aggregator in used  # the case that needs look-ahead
     assert dict(orc.executor.stats.loads) == {name: 1 for name in used}

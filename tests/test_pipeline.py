@@ -177,7 +177,9 @@ def test_events_and_result_json_shape() -> None:
         assert kind in kinds
     assert kinds.index("plan_ready") < kinds.index("node_ready") < kinds.index("node_done") < kinds.index("run_done")
     explanation = result.node("a").recruitment["explanation"]
-    assert explanation and all(line.startswith("agent") for line in explanation)
+    *chosen, note = explanation  # an unprofiled pool: the paper's draw, and a note saying so
+    assert chosen and all(line.startswith("agent") for line in chosen)
+    assert note.startswith("no agent has a measured profile: drawn as symbolic-moe does")
     batch_events = [e for e in events if isinstance(e, BatchStarted)]
     assert sum(e.size for e in batch_events) == result.usage.calls
 
@@ -207,7 +209,7 @@ def test_vote_refine_and_none_strategies() -> None:
 
 def test_unknown_options_are_clear() -> None:
     pool, _ = scripted_pool()
-    with pytest.raises(ConfigError, match="setting mode: unknown value 'best'; choose one of 'symbolic-moe', "):
+    with pytest.raises(ConfigError, match="setting mode: unknown value 'best'; choose one of 'calibrated', 'symbolic-moe', "):
         Orchestra(pool, mode="best")
     with pytest.raises(ConfigError, match="setting aggregate: unknown value 'magic'"):
         Orchestra(pool, aggregate="magic")

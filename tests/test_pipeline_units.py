@@ -188,6 +188,7 @@ def test_recruitment_to_dict_is_rounded_json() -> None:
         "candidates": [{"agent": "A", "suitability": 2.0, "competence": 0.333333, "weight": 0.666667,
                         "probability": 0.142857, "cold_start": False,
                         "contributions": [{"keyword": "kw", "skill": "skill", "score": 2.0}]}],
+        "team": None,
         "explanation": recruitment.explain()}
     assert recruitment.to_dict(["given"])["explanation"] == ["given"]
 
@@ -271,7 +272,7 @@ def test_global_and_random_modes_ignore_the_subtasks_skills() -> None:
     assert all(len(set(e)) == 2 for e in drawn) and any("C" in e for e in drawn)  # C has p = 0 but is drawn
     assert r.recruit([], [], seed=4, k=2, mode="random") == r.recruit([], [], seed=4, k=2, mode="random")
     assert r.recruit([], matches("algebra"), seed=0, k=2, mode="topk").mode == "topk"
-    with pytest.raises(ValueError, match="unknown recruiting mode 'best'; choose one of symbolic-moe, topk, "
+    with pytest.raises(ValueError, match="unknown recruiting mode 'best'; choose one of calibrated, symbolic-moe, topk, "
                                          "adaptive, global, random"):
         r.recruit([], [], seed=0, mode="best")  # type: ignore[arg-type]
 

@@ -77,7 +77,7 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
                             for i in range(1, 4)))
     pool = write_pool(tmp_path, server.url, extra="settings: {aggregate: vote, k: 2}\n")
     by_pool = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--json").stdout)
-    assert by_pool["method"] == "vote" and scripted.kinds["aggregate"] == 0  # the pool votes: no aggregator
+    assert by_pool["method"] == "calibrated + vote" and scripted.kinds["aggregate"] == 0  # the pool votes: no aggregator
     assert scripted.kinds["expert"] == 3 * 2  # and recruits k=2
     flags = cli("eval", "--data", str(data), "--pool", str(pool), "--mode", "random", "--aggregate", "synthesize",
                 "--json")

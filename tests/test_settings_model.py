@@ -92,7 +92,7 @@ def test_the_vocabulary_is_the_models_and_the_command_lines() -> None:
     assert MODES == get_args(Mode) == get_args(Settings.model_fields["mode"].annotation)
     assert STRATEGIES == get_args(Strategy) == get_args(Settings.model_fields["aggregate"].annotation)
     help_text = cli("ask", "--help").stdout
-    assert "[symbolic-moe|topk|adaptive|global|random]" in help_text
+    assert "[calibrated|symbolic-moe|topk|adaptive|global|random]" in help_text
     assert "[synthesize|vote|refine|none]" in help_text
 
 

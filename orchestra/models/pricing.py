@@ -18,7 +18,7 @@ class Price(BaseModel):
     input: float = 0.0
     output: float = 0.0
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
         """The USD cost of the given token counts."""
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
 

@@ -126,6 +126,7 @@ class NodeState:
     expert_outputs: list[ExpertOutput] = field(default_factory=list)
     error: str | None = None
     elapsed_s: float = 0.0
+    saved_calls: int = 0
 
     def trace(self) -> NodeTrace:
         """The JSON-ready trace of this node."""
@@ -136,7 +137,7 @@ class NodeState:
             experts=list(recruitment.experts) if recruitment else [], aggregator=self.aggregator,
             strategy=self.strategy, output=self.output, data=self.data, expert_outputs=self.expert_outputs,
             recruitment=recruitment.to_dict(self.explanation) if recruitment else None, error=self.error,
-            elapsed_s=self.elapsed_s)
+            elapsed_s=self.elapsed_s, saved_calls=self.saved_calls)
 
 
 def _plain(value: Any) -> Any:
@@ -308,7 +309,9 @@ class Run:
                 explanation=tuple(trace.explanation), instruction=instruction))
             trace.status = "running"
             responses = await self._experts(trace, agents, recruitment, instruction, settings)
-            combine = strategy(trace.strategy, len(responses))
+            combine = strategy(trace.strategy, 1 if trace.saved_calls else len(responses))
+            if trace.saved_calls:  # a confident team's first experts agreed: their answer stands
+                trace.aggregator = None
             if combine.uses_aggregator:
                 trace.status = "aggregating"
                 self.stages.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=trace.strategy))
@@ -361,8 +364,24 @@ class Run:
         calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output)) for i, agent in enumerate(agents)]
         # the aggregator is called next: announced, so an engine serving it stays loaded until then
         then = [self.stages.pool[trace.aggregator].model] if trace.aggregator else []
-        outcomes = await self._call(calls, purpose="expert", node=trace.id, then=then)
+        first = recruitment.staged if len(agents) >= 2 else 0
+        if not first:
+            outcomes = await self._call(calls, purpose="expert", node=trace.id, then=then)
+            return self._collect(trace, agents, outcomes, recruitment)
+        rest = [model for model, _ in calls[first:]]
+        outcomes = await self._call(calls[:first], purpose="expert", node=trace.id, then=[*rest, *then])
+        if self._agree(outcomes):
+            aggregation = strategy(trace.strategy, len(agents)).uses_aggregator
+            trace.saved_calls = len(agents) - first + aggregation
+            return self._collect(trace, agents[:first], outcomes, recruitment)
+        if calls[first:]:
+            outcomes += await self._call(calls[first:], purpose="expert", node=trace.id, then=then)
         return self._collect(trace, agents, outcomes, recruitment)
+
+    def _agree(self, outcomes: Sequence[ChatResult | Exception]) -> bool:
+        """Whether every answer is there and the grader reads the same answer from each."""
+        answers = {None if isinstance(o, Exception) else self.stages.grader.extract(o.text) for o in outcomes}
+        return len(answers) == 1 and None not in answers
 
     def _node_failed(self, trace: NodeState, error: str) -> None:
         trace.status, trace.error = "failed", error

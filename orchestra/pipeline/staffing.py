@@ -3,9 +3,11 @@
 In order: a node whose experts are *pinned* with the recruitment that chose them (a batch's
 rare-expert filter) keeps it; a workflow step with a fixed ``agent`` gets that agent; otherwise
 the node's skills (given by the plan or the step, else extracted from its instruction by the
-keyword LLM) are matched onto the profile vocabulary and the recruiter weighs every agent by
-suitability and competence and draws ``k`` (see ``orchestra.recruit``). Experts pinned by name
-alone (a resumed run) replace the drawn ones. The aggregator is the pool's best measured one, or,
+keyword LLM) are matched onto the profile vocabulary and the recruiter chooses the team (the
+``calibrated`` default: experts and aggregator for expected accuracy per cost; ``symbolic-moe``:
+weighs every agent by suitability and competence and draws ``k``; see ``orchestra.recruit``).
+Experts pinned by name alone (a resumed run) replace the chosen ones. A configured aggregator
+aggregates every node; otherwise a calibrated team's own, else the pool's best measured one, or,
 with ``aggregator_choice: per-node``, the best measured among the agents that fit the node.
 """
 
@@ -66,12 +68,14 @@ class Staffing:
             raise ConfigError(f"aggregator {settings.aggregator!r} is not an agent of pool {pool.name!r}")
         self.pool = pool
         self.table: SkillTable = pool.skill_table(settings.recruit)
-        self.recruiter = Recruiter(self.table, settings.recruit)
-        self.matcher: SkillMatcher = matcher or settings.matcher.build()
-        self.extractor = SkillExtractor(settings.keywords)
         self.aggregator: Agent = pool.choose_aggregator(self.table, settings.aggregator)
         self.aggregator_fixed = bool(settings.aggregator or pool.aggregator)
         """The aggregator was configured: it aggregates every node, whatever the choice."""
+        self.recruiter = Recruiter(self.table, settings.recruit,
+                                   aggregators=[self.aggregator.name] if self.aggregator_fixed else None)
+        self.matcher: SkillMatcher = matcher or settings.matcher.build()
+        self.extractor = SkillExtractor(settings.keywords)
+        self.light = frozenset(a.name for a in pool.agents if not getattr(a.model, "heavy", False))
         self.aggregator_choice: AggregatorChoice = settings.aggregator_choice
 
     async def recruit(self, instruction: str, skills: Sequence[str], call: Call, *, seed: int, k: int, mode: Mode,
@@ -124,6 +128,9 @@ class Staffing:
 
     def aggregator_for(self, recruitment: Recruitment) -> tuple[str, str | None]:
         """The node's aggregator and, for a per-node choice, the line that explains it."""
+        team = recruitment.team
+        if team is not None and team.aggregator is not None and not self.aggregator_fixed:
+            return team.aggregator, None  # chosen with the team (the explanation says why)
         if self.aggregator_choice != "per-node" or self.aggregator_fixed:
             return self.aggregator.name, None
         choice = node_aggregator(self.pool.profiles, self.table.competence, recruitment, self.aggregator.name)
@@ -131,4 +138,4 @@ class Staffing:
 
     def filter_rare(self, recruitments: Sequence[Recruitment], *, seed: int) -> list[Recruitment]:
         """A batch's recruitments with rarely chosen experts replaced (see ``Recruiter.filter_rare``)."""
-        return self.recruiter.filter_rare(recruitments, seed=seed)
+        return self.recruiter.filter_rare(recruitments, seed=seed, light=self.light)

@@ -48,6 +48,12 @@ class SimulatedPool:
     aggregation: dict[str, float]
     seed: int = 0
     aggregation_by_skill: dict[str, dict[str, float]] | None = None
+    prices: dict[str, tuple[float, float]] | None = None
+    """agent -> USD per million (input, output) tokens (None: free)."""
+    variants: dict[str, tuple[str, ...]] | None = None
+    """skill -> the names the keyword LLM uses for it, one picked at random per answer."""
+    omit_rate: float = 0.0
+    """How often a keyword answer names only a distractor, not the item's skill."""
 
     def aggregation_skill(self, agent: str, skill: str) -> float:
         """``agent``'s chance to recognise the right answer among disagreeing responses on ``skill``."""
@@ -108,12 +114,18 @@ class SimulatedPool:
         found = _QUESTION.search(prompt)
         skill = found.group(2) if found else "general"
         distractor = DISTRACTORS[int(_uniform(self.seed, prompt, seed) * len(DISTRACTORS))]
+        if self.variants and skill in self.variants:
+            names = self.variants[skill]
+            skill = names[int(_uniform(self.seed, "variant", prompt, seed) * len(names))]
+        if _uniform(self.seed, "omit", prompt, seed) < self.omit_rate:
+            return {"keywords": [distractor]}
         return {"keywords": [skill, distractor]}
 
     def pool(self) -> Pool:
         """The agents as a ``Pool`` of ``FunctionModel``s, plus the keyword LLM as planner."""
         def expert(name: str) -> FunctionModel:
-            return FunctionModel(lambda request: self.answer(name, request.prompt_text()), name=name)
+            return FunctionModel(lambda request: self.answer(name, request.prompt_text()), name=name,
+                                 prices=(self.prices or {}).get(name))
 
         def keyword_llm(request: ChatRequest) -> dict[str, list[str]]:
             return self.keywords(request.prompt_text(), request.seed)
@@ -125,6 +137,30 @@ class SimulatedPool:
     def oracle_accuracy(self, items: Dataset) -> float:
         """Accuracy if every item went to the agent best at its skill."""
         return sum(max(self.accuracy[a][item.category or ""] for a in self.agents) for item in items) / len(items)
+
+    def best_routing(self, skill: str, k: int = 2) -> tuple[list[str], str]:
+        """The best achievable routing for a topic: its ``k`` truly best experts (the cheaper first
+        among equals) and its truly best aggregator."""
+        price = {a: sum((self.prices or {}).get(a, (0.0, 0.0))) for a in self.agents}
+        experts = sorted(self.agents, key=lambda a: (-self.accuracy[a][skill], price[a], a))[:k]
+        return experts, self.best_aggregator(skill)
+
+    def best_routing_accuracy(self, items: Dataset, k: int = 2) -> float:
+        """Accuracy when every item goes to its topic's best ``k`` experts and best aggregator,
+        decided by the same simulated answers (the aggregator sees the synthesize prompt)."""
+        from orchestra.pipeline.aggregation import Response, synthesize_prompt  # a test kit's helper only
+
+        hits = 0
+        for item in items:
+            experts, aggregator = self.best_routing(item.category or "", k)
+            texts = [self.answer(a, item.prompt()) for a in experts]
+            values = {_ANSWER.findall(t)[-1] for t in texts}
+            if len(texts) > 1 and len(values) > 1:
+                prompt = synthesize_prompt(item.prompt(), item.prompt(),
+                                           [Response(agent=a, text=t) for a, t in zip(experts, texts)], None)
+                texts = [self.answer(aggregator, prompt)]
+            hits += _ANSWER.findall(texts[0])[-1] == item.answer
+        return hits / len(items)
 
     def expected_accuracy(self, agent: str, items: Dataset) -> float:
         """An agent's expected accuracy on ``items``."""
@@ -171,3 +207,51 @@ def simulated_pool(n_agents: int = 6, skills: tuple[str, ...] = SKILLS, *, stron
         aggregation = {name: round(sum(table.values()) / len(table), 4) for name, table in by_skill.items()}
     return SimulatedPool(skills=tuple(skills), accuracy=accuracy, aggregation=aggregation, seed=seed,
                          aggregation_by_skill=by_skill)
+
+
+#: each topic's names in the keyword LLM's answers (all within the keyword length limit)
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "algebra": ("algebra", "basic algebra", "algebra problems"),
+    "geometry": ("geometry", "plane geometry", "geometry proofs"),
+    "genetics": ("genetics", "genetics problems", "human genetics"),
+    "organic chemistry": ("organic chemistry", "organic chem", "organic reactions"),
+    "mechanics": ("mechanics", "classical mechanics", "mechanics problems"),
+    "european history": ("european history", "history of europe", "europe history"),
+    "python programming": ("python programming", "python coding", "python code"),
+    "microeconomics": ("microeconomics", "micro economics", "microeconomic theory"),
+}
+
+
+def specialist_pool(*, seed: int = 0, omit_rate: float = 0.1) -> SimulatedPool:
+    """A market of experts: 10 cheap specialists and 6 expensive generalists over 8 topics.
+
+    Specialists ``spec0``-``spec9`` answer 0.9 on their one or two topics (every topic has two)
+    and 0.2-0.35 elsewhere, at $0.10/$0.40 per million tokens. Generalists ``gen0``-``gen5``
+    answer 0.70 down to 0.55 everywhere (seeded ±0.03 per topic) and cost 50x down to 10x a
+    specialist; their aggregation skill ranges from 0.90 (``gen2``, 20x) down, a specialist's is
+    0.35 (0.75 on its own topics). The keyword LLM names each topic by one of three variants
+    (``VARIANTS``) plus a distractor, and in ``omit_rate`` of its answers only the distractor.
+    """
+    skills = tuple(VARIANTS)
+    topics = {f"spec{i}": {skills[i]} for i in range(8)}
+    for i in range(6):
+        topics[f"spec{i}"].add(skills[(i + 4) % 8])
+    topics["spec8"], topics["spec9"] = {skills[2]}, {skills[3]}
+    accuracy: dict[str, dict[str, float]] = {}
+    by_skill: dict[str, dict[str, float]] = {}
+    prices: dict[str, tuple[float, float]] = {}
+    for name, own in topics.items():
+        accuracy[name] = {s: 0.9 if s in own else round(0.2 + 0.15 * _uniform(seed, name, s), 3) for s in skills}
+        by_skill[name] = {s: 0.75 if s in own else 0.35 for s in skills}
+        prices[name] = (0.10, 0.40)
+    levels = (0.70, 0.67, 0.64, 0.61, 0.58, 0.55)
+    multiples = (50, 40, 20, 30, 15, 10)
+    recognition = (0.70, 0.75, 0.90, 0.65, 0.60, 0.50)
+    for g in range(6):
+        name = f"gen{g}"
+        accuracy[name] = {s: round(levels[g] + 0.06 * (_uniform(seed, name, s) - 0.5), 3) for s in skills}
+        by_skill[name] = {s: recognition[g] for s in skills}
+        prices[name] = (0.10 * multiples[g], 0.40 * multiples[g])
+    aggregation = {name: round(sum(table.values()) / len(table), 4) for name, table in by_skill.items()}
+    return SimulatedPool(skills=skills, accuracy=accuracy, aggregation=aggregation, seed=seed,
+                         aggregation_by_skill=by_skill, prices=prices, variants=VARIANTS, omit_rate=omit_rate)

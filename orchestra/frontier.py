@@ -1,0 +1,149 @@
+"""The accuracy/cost frontier: every method and a range of cost preferences on one data set.
+
+``asweep`` evaluates each method of ``orchestra.evaluate.METHODS`` once and the ``calibrated``
+router once per cost preference λ, all on the same items with the same Orchestra (so the same
+pool, profiles and settings), and marks the points no other point beats on both accuracy and
+cost. ``frontier_html`` draws them as a self-contained page (an SVG chart and the table), so a
+user can pick a point.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from orchestra.core import Orchestra
+from orchestra.datasets import Dataset
+from orchestra.evaluate import METHODS, EvalReport, aevaluate
+
+LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""The calibrated router's cost preferences a sweep tries by default."""
+
+
+@dataclass
+class SweepPoint:
+    """One method (or one λ of the calibrated router) on the data set."""
+
+    method: str
+    cost_lambda: float | None
+    accuracy: float
+    cost_usd: float
+    cost_per_item_usd: float
+    cost_per_correct_usd: float | None
+    calls: int
+    saved_calls: int
+    items: int
+    failed: int
+    on_frontier: bool = False
+
+    @classmethod
+    def of(cls, report: EvalReport, method: str, cost_lambda: float | None) -> SweepPoint:
+        """A point from an evaluation report."""
+        return cls(method=method, cost_lambda=cost_lambda, accuracy=report.accuracy, cost_usd=report.cost_usd,
+                   cost_per_item_usd=report.cost_usd / report.items if report.items else 0.0,
+                   cost_per_correct_usd=report.cost_per_correct_usd, calls=report.calls,
+                   saved_calls=report.saved_calls, items=report.items, failed=report.failed)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return asdict(self)
+
+
+def mark_frontier(points: Sequence[SweepPoint]) -> None:
+    """Set ``on_frontier`` on the points that no other point beats on both accuracy and cost
+    (at least as good on both, better on one)."""
+    for point in points:
+        point.on_frontier = not any(
+            other.accuracy >= point.accuracy and other.cost_usd <= point.cost_usd
+            and (other.accuracy > point.accuracy or other.cost_usd < point.cost_usd) for other in points)
+
+
+async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[float] = LAMBDAS,
+                 methods: Sequence[str] | None = None, limit: int | None = None,
+                 **overrides: Any) -> list[SweepPoint]:
+    """Evaluate every method, and the calibrated router at each λ, on ``dataset``; frontier marked.
+
+    ``overrides`` (``k``, ``aggregate``... as for ``aevaluate``) apply to every method.
+    """
+    points = []
+    for method in methods or [m for m in METHODS if m != "calibrated"]:
+        report = await aevaluate(orchestra, dataset, method=method, limit=limit, **overrides)
+        points.append(SweepPoint.of(report, method, None))
+    recruit = dict(overrides.pop("recruit", None) or {})
+    for cost_lambda in lambdas:
+        report = await aevaluate(orchestra, dataset, method="calibrated", limit=limit,
+                                 recruit={**recruit, "cost_lambda": cost_lambda}, **overrides)
+        points.append(SweepPoint.of(report, f"calibrated λ={cost_lambda:g}", cost_lambda))
+    mark_frontier(points)
+    return points
+
+
+def frontier_html(points: Sequence[SweepPoint], title: str) -> str:
+    """A self-contained HTML page: accuracy against cost per item (log scale), the frontier drawn
+    through its points, and the table."""
+    width, height, pad = 760, 420, 60
+    costs = [p.cost_per_item_usd for p in points if p.cost_per_item_usd > 0]
+    low, high = (min(costs), max(costs)) if costs else (1e-6, 1e-5)
+    if high <= low:
+        low, high = low / 2, high * 2
+    log_low, log_high = math.log10(low) - 0.1, math.log10(high) + 0.1
+    acc_low = max(0.0, min(p.accuracy for p in points) - 0.05) if points else 0.0
+
+    def x(cost: float) -> float:
+        value = math.log10(cost) if cost > 0 else log_low
+        return pad + (value - log_low) / (log_high - log_low) * (width - 2 * pad)
+
+    def y(accuracy: float) -> float:
+        return height - pad - (accuracy - acc_low) / (1 - acc_low or 1) * (height - 2 * pad)
+
+    frontier = sorted((p for p in points if p.on_frontier), key=lambda p: p.cost_per_item_usd)
+    line = " ".join(f"{x(p.cost_per_item_usd):.1f},{y(p.accuracy):.1f}" for p in frontier)
+    marks = []
+    for p in points:
+        colour = "#c0392b" if p.on_frontier else "#7f8c8d"
+        label = html.escape(p.method)
+        marks.append(f'<circle cx="{x(p.cost_per_item_usd):.1f}" cy="{y(p.accuracy):.1f}" r="5" fill="{colour}">'
+                     f"<title>{label}: accuracy {p.accuracy:.3f}, ${p.cost_per_item_usd:.6f} per item</title></circle>"
+                     f'<text x="{x(p.cost_per_item_usd) + 7:.1f}" y="{y(p.accuracy) - 6:.1f}" font-size="11">'
+                     f"{label}</text>")
+    ticks = []
+    for power in range(math.floor(log_low), math.ceil(log_high) + 1):
+        if log_low <= power <= log_high:
+            ticks.append(f'<text x="{x(10 ** power):.1f}" y="{height - pad + 18}" font-size="11" '
+                         f'text-anchor="middle">${10 ** power:g}</text>')
+    for step in range(6):
+        accuracy = acc_low + (1 - acc_low) * step / 5
+        ticks.append(f'<text x="{pad - 8}" y="{y(accuracy) + 4:.1f}" font-size="11" text-anchor="end">'
+                     f"{accuracy:.2f}</text>")
+    rows = []
+    for p in points:
+        per_correct = "-" if p.cost_per_correct_usd is None else f"${p.cost_per_correct_usd:.6f}"
+        row = ' class="frontier"' if p.on_frontier else ""
+        rows.append(f"<tr{row}><td>{html.escape(p.method)}</td><td>{p.accuracy:.3f}</td><td>${p.cost_usd:.6f}</td>"
+                    f"<td>${p.cost_per_item_usd:.6f}</td><td>{per_correct}</td><td>{p.calls}</td>"
+                    f"<td>{p.saved_calls}</td><td>{'yes' if p.on_frontier else ''}</td></tr>")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}} td:first-child{{text-align:left}}
+tr.frontier{{font-weight:bold}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>Accuracy against cost per item (log scale). Red points are on the frontier: no other point is
+both more accurate and cheaper.</p>
+<svg width="{width}" height="{height}" role="img" aria-label="accuracy against cost">
+<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#333"/>
+<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#333"/>
+<text x="{width / 2}" y="{height - 15}" text-anchor="middle" font-size="12">cost per item (USD)</text>
+<text x="15" y="{height / 2}" font-size="12" transform="rotate(-90 15 {height / 2})"
+ text-anchor="middle">accuracy</text>
+{''.join(ticks)}
+<polyline points="{line}" fill="none" stroke="#c0392b" stroke-width="2"/>
+{''.join(marks)}
+</svg>
+<table><tr><th>method</th><th>accuracy</th><th>cost</th><th>per item</th><th>per correct</th><th>calls</th>
+<th>saved calls</th><th>frontier</th></tr>{''.join(rows)}</table>
+</body></html>
+"""

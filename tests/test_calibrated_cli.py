@@ -1,0 +1,143 @@
+"""The market of specialists and generalists over loopback HTTP, from the command line: profile,
+then eval each method and a sweep; accuracy and cost as the server counted them."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from test_cli import cli
+
+from orchestra.testing import LoopbackRequest, Reply
+from orchestra.testing.loopback import openai_reply
+from orchestra.testing.simulation import SimulatedPool, specialist_pool
+
+
+class Market:
+    """The server side: answers as the simulated agents, counts requests and the cost of each
+    answer at the agent's price (what a provider would bill)."""
+
+    def __init__(self, sim: SimulatedPool) -> None:
+        self.sim = sim
+        self.requests: Counter[str] = Counter()
+        self.cost = 0.0
+
+    def handler(self, request: LoopbackRequest) -> Reply:
+        payload = request.json()
+        model, prompt = payload["model"], request.prompt
+        self.requests[model] += 1
+        if model == "keywords":
+            return openai_reply(json.dumps(self.sim.keywords(prompt, payload.get("seed"))), model=model)
+        text = self.sim.answer(model, prompt)
+        prompt_tokens, completion_tokens = len(prompt) // 4 + 1, len(text) // 4 + 1
+        price_in, price_out = (self.sim.prices or {})[model]
+        self.cost += (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
+        return openai_reply(text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, model=model)
+
+    def reset(self) -> tuple[Counter[str], float]:
+        counted = (self.requests, self.cost)
+        self.requests, self.cost = Counter(), 0.0
+        return counted
+
+
+def market_files(directory: Path, url: str, sim: SimulatedPool) -> tuple[Path, Path, Path]:
+    models = "".join(f"""
+  {name}:
+    type: openai
+    model: {name}
+    base_url: {url}/v1
+    api_key_env: null
+    prices: {{input: {price[0]}, output: {price[1]}}}""" for name, price in (sim.prices or {}).items())
+    agents = "".join(f"\n  - {{name: {name}, model: {name}}}" for name in sim.agents)
+    pool = directory / "market.yaml"
+    pool.write_text(f"""name: market
+models:{models}
+  keywords:
+    type: openai
+    model: keywords
+    base_url: {url}/v1
+    api_key_env: null
+planner: keywords
+keywords: keywords
+profiles: profiles
+settings: {{k: 3}}
+agents:{agents}
+""")
+    validation, test = directory / "validation.jsonl", directory / "test.jsonl"
+    for path, items in ((validation, sim.items(15)), (test, sim.items(10, offset=1000))):
+        path.write_text("".join(json.dumps({"id": i.id, "question": i.question, "answer": i.answer,
+                                            "category": i.category}) + "\n" for i in items))
+    return pool, validation, test
+
+
+def test_profile_then_eval_each_method_as_the_server_counts_it(loopback, tmp_path: Path) -> None:
+    sim = specialist_pool(seed=1)
+    market = Market(sim)
+    server = loopback(market.handler)
+    pool, validation, test = market_files(tmp_path, server.url, sim)
+
+    profiled = cli("profile", "--pool", str(pool), "--data", str(validation), "--json")
+    assert profiled.returncode == 0, profiled.stderr
+    merged = json.loads(profiled.stdout)["merged_skills"]
+    groups = [{skill, *variants} for skill, variants in merged.items()]
+    assert {"algebra", "basic algebra", "algebra problems"} in groups
+    assert any({"organic chemistry", "organic chem"} <= group for group in groups)
+    stored = json.loads((tmp_path / "profiles" / "spec0.json").read_text())
+    algebra = stored["aliases"].get("algebra", "algebra")
+    assert stored["aliases"].get("basic algebra") in (algebra, None) and stored["answer_tokens"][1] > 0
+    assert 12 <= stored["skill_counts"][algebra][1] <= 15  # its variants pooled: one count per item
+    market.reset()
+
+    reports = {}
+    for method in ("calibrated", "moa", "symbolic-moe"):
+        done = cli("eval", "--pool", str(pool), "--data", str(test), "--method", method, "--no-store", "--json")
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        requests, cost = market.reset()
+        assert report["requests"] == sum(requests.values())  # our count is the server's
+        assert abs(report["cost_usd"] - cost) <= 1e-9 + 0.01 * cost  # and so is our bill
+        reports[method] = (report["accuracy"], cost, requests)
+
+    best = sim.best_routing_accuracy(sim.items(10, offset=1000))
+    (ours, our_cost, our_requests), (moa, moa_cost, _), (exact, _, _) = (
+        reports["calibrated"], reports["moa"], reports["symbolic-moe"])
+    assert ours > moa and ours > exact
+    assert our_cost <= 0.2 * moa_cost
+    assert ours >= best - 0.03
+    specialists = sum(n for model, n in our_requests.items() if model.startswith("spec"))
+    generalists = sum(n for model, n in our_requests.items() if model.startswith("gen"))
+    assert specialists > 2 * generalists
+
+
+def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path: Path) -> None:
+    sim = specialist_pool(seed=2)
+    market = Market(sim)
+    server = loopback(market.handler)
+    pool, validation, test = market_files(tmp_path, server.url, sim)
+    assert cli("profile", "--pool", str(pool), "--data", str(validation)).returncode == 0
+    market.reset()
+    plot = tmp_path / "frontier.html"
+    done = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0,0.05,1", "--limit", "24",
+               "--plot", str(plot), "--no-store", "--json")
+    assert done.returncode == 0, done.stderr
+    points = {p["method"]: p for p in json.loads(done.stdout)["points"]}
+    assert set(points) == {"symbolic-moe", "vote", "moa", "random", "single",
+                           "calibrated λ=0", "calibrated λ=0.05", "calibrated λ=1"}
+    requests, cost = market.reset()
+    assert sum(p["calls"] for p in points.values()) == sum(requests.values())  # no retries on this server
+    assert abs(sum(p["cost_usd"] for p in points.values()) - cost) <= 0.01 * cost
+    assert points["calibrated λ=1"]["cost_usd"] < points["calibrated λ=0.05"]["cost_usd"] < points["moa"]["cost_usd"]
+    frontier = {name for name, p in points.items() if p["on_frontier"]}
+    assert "moa" not in frontier and "calibrated λ=0.05" in frontier
+    page = plot.read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page and page.count("<circle") == len(points)
+    assert "calibrated λ=0.05" in page
+
+    table = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.05", "--limit", "4",
+                "--no-store")
+    assert table.returncode == 0 and "frontier" in table.stdout and "calibrated λ=0.05" in table.stdout
+    bad = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "cheap")
+    assert bad.returncode == 2 and "--lambdas" in bad.stderr and "comma-separated" in bad.stderr
+    lonely = cli("eval", "--pool", str(pool), "--data", str(test), "--plot", str(plot))
+    assert lonely.returncode == 2 and "add --sweep" in lonely.stderr
