@@ -151,8 +151,9 @@ def main() -> None:
     if len(stores) == 2:
         for n in sizes:
             on, off = table[(True, n)], table[(False, n)]
-            print(f"N={n:,}: store on vs off: median "
-                  f"{statistics.median(r['ms'] for r in on) / statistics.median(r['ms'] for r in off):.2f}x")
+            print(f"N={n:,}: store on vs off: min {min(r['ms'] for r in on) / min(r['ms'] for r in off):.2f}x, median "
+                  f"{statistics.median(r['ms'] for r in on) / statistics.median(r['ms'] for r in off):.2f}x "
+                  f"(target <= 1.25x)")
 
 
 if __name__ == "__main__":

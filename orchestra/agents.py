@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,14 @@ class Agent:
     skills: tuple[str, ...] = ()
     description: str = ""
 
-    def request(self, prompt: str, *, seed: int | None = None, output: Any = "text",
-                max_tokens: int | None = None) -> ChatRequest:
-        """A request from this agent: its persona as the system prompt and its sampling settings."""
-        return ChatRequest.user(prompt, system=self.persona or None, temperature=self.temperature,
-                                max_tokens=max_tokens or self.max_tokens, seed=seed, output=output)
+    def request(self, prompt: str, *, seed: int | None = None, output: Any = "text", max_tokens: int | None = None,
+                temperature: float | None = None, on_text: Callable[[str], None] | None = None) -> ChatRequest:
+        """A request from this agent: its persona as the system prompt and its sampling settings
+        (``max_tokens`` and ``temperature`` replace the agent's own when given; ``on_text``: see
+        ``ChatRequest``)."""
+        return ChatRequest.user(prompt, system=self.persona or None,
+                                temperature=self.temperature if temperature is None else temperature,
+                                max_tokens=max_tokens or self.max_tokens, seed=seed, output=output, on_text=on_text)
 
 
 @dataclass(eq=False)
@@ -63,6 +67,7 @@ class Pool:
         profiles_dir: where ``orchestra profile`` writes this pool's profiles.
         source: the file the pool was read from.
         settings: run settings that suit this pool (a layer over the defaults; see ``Settings``).
+        presets: named settings layers over ``settings`` (``orchestra serve`` serves each as a model).
     """
 
     agents: list[Agent]
@@ -74,6 +79,7 @@ class Pool:
     profiles_dir: Path | None = None
     source: Path | None = None
     settings: Settings = field(default_factory=Settings)
+    presets: dict[str, Settings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.agents:
@@ -178,7 +184,7 @@ class Pool:
                    planner=models[spec.planner] if spec.planner else None,
                    keyword_model=models[spec.keywords] if spec.keywords else None,
                    aggregator=spec.aggregator, name=name, profiles_dir=profiles_dir,
-                   source=source, settings=spec.settings)
+                   source=source, settings=spec.settings, presets=spec.presets)
 
 
 # --- the pool file ---------------------------------------------------------------------------
@@ -221,6 +227,7 @@ class PoolFile(_Strict):
     aggregator: str | None = None
     profiles: str | None = None
     settings: Settings = Settings()
+    presets: dict[str, Settings] = {}
     agents: list[AgentFile] = Field(min_length=1)
 
 

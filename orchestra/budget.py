@@ -41,12 +41,15 @@ class BudgetTracker:
     it is in flight, so concurrent calls cannot overshoot ``max_tokens`` or ``max_cost_usd``
     together. Totals are kept as plain numbers: this runs for every call.
 
-    ``parent`` is a budget shared by many runs (a data-set workflow's): a call must fit both, and
-    everything counted here is counted there too. A shared budget has no ``run_id``.
+    ``parent`` is a budget shared by many runs (a data-set workflow's, a server's): a call must fit
+    both, and everything counted here is counted there too. A shared budget has no ``run_id``;
+    ``name`` says whose it is in its error.
     """
 
-    def __init__(self, budget: Budget, run_id: str | None, *, parent: BudgetTracker | None = None) -> None:
+    def __init__(self, budget: Budget, run_id: str | None, *, parent: BudgetTracker | None = None,
+                 name: str = "the data set's budget") -> None:
         self.budget = budget
+        self.name = name  # a shared budget's, in its error
         self.run_id = run_id
         self.parent = parent
         self.calls = 0
@@ -121,5 +124,5 @@ class BudgetTracker:
         self.cost_usd += usage.cost_usd
 
     def _refuse(self, limit: str, value: float, spent: str) -> None:
-        self.exceeded = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id)
+        self.exceeded = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id, shared=self.name)
         raise self.exceeded

@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, get_args, get_origin
 
 import click
-from pydantic.fields import FieldInfo
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from orchestra import __version__
-from orchestra.agents import Pool
-from orchestra.core import Orchestra, new_run_id, run_interruptibly
-from orchestra.datasets import Dataset
 from orchestra.errors import ConfigError, OrchestraError
-from orchestra.evaluate import METHODS, EvalReport
-from orchestra.hints import budget_hint, cli_message, run_error
-from orchestra.profile import SkillProfile
-from orchestra.recruit import RecruitConfig
-from orchestra.result import RunResult
-from orchestra.settings import Settings
-from orchestra.store import RunStore
-from orchestra.view import LiveView, LogView, print_result, summary_line, terminal
+from orchestra.vocabulary import METHOD_NAMES
+
+if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `runs` start fast
+    from pydantic.fields import FieldInfo
+
+    from orchestra.agents import Pool
+    from orchestra.core import Orchestra
+    from orchestra.datasets import Dataset
+    from orchestra.evaluate import EvalReport
+    from orchestra.profile import SkillProfile
+    from orchestra.result import RunResult
+    from orchestra.settings import Settings
+    from orchestra.store import RunStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,13 +36,30 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+class SettingsCommand(click.Command):
+    """A command whose setting options (``setting_option``) are built from the settings model the
+    first time its parameters are needed (to parse its arguments or print its help), so starting
+    another command, or listing them all, never loads the model."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        """The command's parameters, the deferred setting options built in their place."""
+        params: list[Any] = self.params
+        if any(isinstance(p, _SettingOption) for p in params):
+            self.params = [p.build() if isinstance(p, _SettingOption) else p for p in params]
+        return super().get_params(ctx)
+
+
 class OrchestraGroup(click.Group):
     """Turns Orchestra's errors into one line on stderr and an exit code; no tracebacks."""
+
+    command_class = SettingsCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except OrchestraError as error:
+            from orchestra.hints import cli_message
+
             fail(cli_message(error), error.exit_code)
         except KeyboardInterrupt:
             fail("interrupted; finished calls are saved: `orchestra runs` lists the run to resume", 130)
@@ -100,21 +115,41 @@ def _click_type(field: FieldInfo) -> Any:
     return kind
 
 
+class _SettingOption:
+    """A ``setting_option`` not built yet: ``SettingsCommand`` builds it when the command needs it."""
+
+    def __init__(self, path: str, flag: str, dest: str, help: str | None) -> None:
+        self.path, self.flag, self.dest, self.help = path, flag, dest, help
+
+    def build(self) -> click.Option:
+        """The option, its type, choices, bounds and help read from the settings model."""
+        from orchestra.settings import Settings
+
+        *parents, leaf = self.path.split(".")
+        model: Any = Settings
+        for part in parents:
+            model = model.model_fields[part].annotation
+        field = model.model_fields[leaf]
+        kind = _click_type(field)
+        if kind is bool:
+            return click.Option([self.flag, self.dest], is_flag=True, default=None, help=self.help or field.description)
+        return click.Option([self.flag, self.dest], type=kind, help=self.help or field.description)
+
+
 def setting_option(path: str, flag: str | None = None, *, help: str | None = None) -> Callable[[F], F]:
     """A command-line option that sets ``path`` (``k``, ``recruit.competence_weight``...), its type,
-    choices, bounds and help taken from the settings model."""
-    *parents, leaf = path.split(".")
-    model: Any = Settings
-    for part in parents:
-        model = model.model_fields[part].annotation
-    field = model.model_fields[leaf]
+    choices, bounds and help taken from the settings model (when the command is run or its help
+    shown; the command must be a ``SettingsCommand``, as every ``main`` command is)."""
+    leaf = path.rsplit(".", 1)[-1]
     flag = flag or "--" + leaf.replace("_", "-")
     dest = flag.lstrip("-").replace("-", "_")
     SETTING_FLAGS[dest] = tuple(path.split("."))
-    kind = _click_type(field)
-    if kind is bool:
-        return click.option(flag, dest, is_flag=True, default=None, help=help or field.description)
-    return click.option(flag, dest, type=kind, help=help or field.description)
+
+    def decorate(fn: F) -> F:
+        fn.__dict__.setdefault("__click_params__", []).append(_SettingOption(path, flag, dest, help))
+        return fn
+
+    return decorate
 
 
 def budget_options(fn: F) -> F:
@@ -125,7 +160,10 @@ def budget_options(fn: F) -> F:
 
 
 def settings_options(fn: F) -> F:
-    """--set KEY=VALUE (any setting) and --memory-budget-gb."""
+    """--set KEY=VALUE (any setting), --memory-budget-gb and --ray [ADDRESS]."""
+    fn = click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+                      help="Run in-process models as Ray actors (executor: ray) on the cluster at ADDRESS "
+                           "(auto, HOST:PORT; default: RAY_ADDRESS, a running one or a new local one).")(fn)
     fn = setting_option("memory_budget_gb")(fn)
     return click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
                         help="Any setting, e.g. keywords.samples=3 or matcher.type=embedding (repeatable).")(fn)
@@ -159,6 +197,8 @@ def run_options(fn: F) -> F:
 
 def settings_from(opts: dict[str, Any]) -> Settings:
     """The command line's settings layer: the flags given, then ``--set`` assignments."""
+    from orchestra.settings import Settings
+
     data: dict[str, Any] = {}
     for dest, path in SETTING_FLAGS.items():
         value = opts.get(dest)
@@ -168,11 +208,17 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
+    if opts.get("ray") is not None:  # --ray [ADDRESS]: two settings in one flag
+        data["executor"] = "ray"
+        if opts["ray"]:
+            data["ray_address"] = opts["ray"]
     return Settings.layer(data, where="command line").assigned(list(opts.get("assignments", ())))
 
 
 def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
     """The run store the flags ask for."""
+    from orchestra.store import RunStore
+
     if no_store:
         return False
     return RunStore(store_path) if store_path else True
@@ -193,6 +239,8 @@ def orchestra_options(opts: dict[str, Any]) -> dict[str, Any]:
 
 def make_orchestra(pool: Pool, opts: dict[str, Any]) -> Orchestra:
     """An ``Orchestra`` from the shared flags; a missing API key stops here, before anything runs."""
+    from orchestra.core import Orchestra
+
     pool.check_credentials()
     return Orchestra(pool, settings_from(opts), **orchestra_options(opts))
 
@@ -203,6 +251,9 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
 
     Ctrl-C ends with one line naming the run to resume.
     """
+    from orchestra.core import new_run_id, run_interruptibly
+    from orchestra.view import LiveView, LogView, terminal
+
     run_id = run_id or new_run_id()
     stdout_tty = sys.stdout.isatty()
     view: LiveView | LogView | None
@@ -234,6 +285,9 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
 
     A run that failed for a reason the user must fix ends with exactly one line on stderr.
     """
+    from orchestra.hints import run_error
+    from orchestra.view import print_result, summary_line, terminal
+
     if opts["as_json"]:
         click.echo(result.dumps())
         if result.status != "done":
@@ -260,6 +314,8 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
 @output_options
 def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
     """Plan TASK, recruit experts, run them in batches and aggregate an answer."""
+    from orchestra.agents import Pool
+
     orc = make_orchestra(Pool.load(pool), opts)
     meta = {"kind": "ask", "pool": str(pool.resolve()) if pool else None}
     execute(orc, lambda run_id: orc.arun(task, plan=False if no_plan else None, meta=meta, run_id=run_id), opts)
@@ -276,6 +332,10 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @output_options
 def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any) -> None:
     """Run a YAML workflow."""
+    import asyncio
+
+    from orchestra.agents import Pool
+    from orchestra.hints import budget_hint
     from orchestra.workflow import Workflow, parse_assignments
     from orchestra.workflow_run import arun_workflow, orchestra_for
 
@@ -317,6 +377,12 @@ def validate(workflow: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def agents(pool: Path | None, as_json: bool) -> None:
     """List the pool's agents and a summary of their skill profiles."""
+    from rich.table import Table
+
+    from orchestra.agents import Pool
+    from orchestra.recruit import RecruitConfig
+    from orchestra.view import terminal
+
     loaded = Pool.load(pool)
     table = loaded.skill_table(RecruitConfig())
     aggregator = loaded.choose_aggregator(table).name
@@ -363,8 +429,15 @@ def agents(pool: Path | None, as_json: bool) -> None:
 def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_items: int | None, seed: int,
             merge_similarity: float | None, as_json: bool) -> None:
     """Measure every agent on a validation set and save skill profiles."""
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from orchestra.agents import Pool
     from orchestra.datasets import load_dataset
     from orchestra.profiling import aprofile, save_profiles
+    from orchestra.view import terminal
 
     loaded = Pool.load(pool)
     loaded.check_credentials()
@@ -416,7 +489,7 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
               help="A pool file (default: the embedded local pool).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Test set (JSONL).")
-@click.option("--method", type=click.Choice(list(METHODS)),
+@click.option("--method", type=click.Choice(list(METHOD_NAMES)),
               help="A baseline or method preset (default: the pool's settings, which default to calibrated); "
                    "--k, --mode and --aggregate win over it.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N items.")
@@ -438,6 +511,9 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
 def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | None, output: Path | None,
              sweep: bool, lambdas: str | None, plot: Path | None, as_json: bool, **opts: Any) -> None:
     """Accuracy, cost and time of a method on a labelled data set (or, with --sweep, of every method)."""
+    import asyncio
+
+    from orchestra.agents import Pool
     from orchestra.datasets import load_dataset
     from orchestra.evaluate import aevaluate
 
@@ -478,7 +554,12 @@ def parse_lambdas(text: str | None) -> tuple[float, ...]:
 def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path | None, limit: int | None,
               as_json: bool, opts: dict[str, Any]) -> None:
     """``eval --sweep``: every method and cost preference, as a table (or JSON) and an HTML page."""
+    import asyncio
+
+    from rich.table import Table
+
     from orchestra.frontier import asweep, frontier_html
+    from orchestra.view import terminal
 
     points = asyncio.run(asweep(orc, dataset, lambdas=parse_lambdas(lambdas), limit=limit, k=opts["k"],
                                 aggregate=opts["aggregate"]))
@@ -512,6 +593,10 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
+    from rich.table import Table
+
+    from orchestra.view import terminal
+
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -539,6 +624,11 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     """List recorded runs, newest first."""
     from datetime import datetime
 
+    from rich.table import Table
+
+    from orchestra.store import RunStore
+    from orchestra.view import terminal
+
     store = RunStore(store_path)
     records = store.runs(limit)
     if as_json:
@@ -564,6 +654,8 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
 def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool) -> None:
     """A run's plan, recruitment explanations, every prompt and response, usage and cost."""
     from orchestra.inspect import export_jsonl, run_report, show_run
+    from orchestra.store import RunStore
+    from orchestra.view import terminal
 
     store = RunStore(store_path)
     if export == "jsonl":
@@ -585,6 +677,9 @@ def resume(run_id: str, **opts: Any) -> None:
     """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
     if opts["no_store"]:
         raise ConfigError("resume reads the run store; drop --no-store")
+    from orchestra.core import Orchestra
+    from orchestra.store import RunStore
+
     store = RunStore(opts["store_path"])
     record = store.run(run_id)
     orc = Orchestra.resuming(record.id, store=store)
@@ -600,7 +695,62 @@ def resume(run_id: str, **opts: Any) -> None:
 @budget_options
 def chat(pool: Path | None, **opts: Any) -> None:
     """An interactive session: see each plan, edit or re-plan it, then run it."""
+    from orchestra.agents import Pool
     from orchestra.chat import ChatSession
+    from orchestra.view import terminal
 
     orc = make_orchestra(Pool.load(pool), opts)
     ChatSession(orc, console=terminal(), interactive=sys.stdin.isatty()).loop()
+
+
+@main.command()
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A pool file (default: the embedded local pool).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on (0.0.0.0 exposes the server to the network).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--api-key-env", metavar="VAR", help="Require 'Authorization: Bearer <key>', the key read from the "
+                                                   "environment variable VAR (never logged or stored).")
+@click.option("--presets", "presets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A YAML file of named settings layers, each served as a model (besides the pool's presets:).")
+@click.option("--total-max-calls", type=click.IntRange(min=1), help="Calls all requests together may make.")
+@click.option("--total-max-cost", type=click.FloatRange(min=0, min_open=True),
+              help="USD all requests together may spend.")
+@click.option("--total-max-tokens", type=click.IntRange(min=1), help="Tokens all requests together may use.")
+@click.option("--max-request-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024),
+              help="The largest request body accepted.")
+@click.option("--grace", default=30, show_default=True, type=click.IntRange(min=0),
+              help="Seconds runs in flight get to finish on Ctrl-C or SIGTERM; the rest are cancelled (resumable).")
+@choice_options
+@settings_options
+@budget_options
+@store_options
+def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, presets_file: Path | None,
+          total_max_calls: int | None, total_max_cost: float | None, total_max_tokens: int | None,
+          max_request_bytes: int, grace: int, **opts: Any) -> None:
+    """Serve the orchestra as an OpenAI-compatible model: /v1/chat/completions, /v1/models, /health."""
+    import os
+
+    from orchestra.agents import Pool
+    from orchestra.budget import Budget
+
+    try:
+        from orchestra import serve as serving
+    except ImportError as error:
+        from orchestra.errors import MissingDependency
+
+        raise MissingDependency(f"orchestra serve needs {error.name}: pip install 'skill-orchestra[serve]'") from None
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env, "").strip()
+        if not api_key:
+            raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set")
+    limits = (total_max_calls, total_max_cost, total_max_tokens)
+    budget = (Budget(max_calls=total_max_calls, max_cost_usd=total_max_cost, max_tokens=total_max_tokens)
+              if any(limit is not None for limit in limits) else None)
+    loaded = Pool.load(pool)
+    loaded.check_credentials()
+    application = serving.app(loaded, settings_from(opts), store=store_from(opts["store_path"], opts["no_store"]),
+                              presets=serving.read_presets(presets_file) if presets_file else None,
+                              api_key=api_key, budget=budget, max_request_bytes=max_request_bytes)
+    serving.run(application, host=host, port=port, grace=grace)

@@ -36,7 +36,7 @@ from orchestra.pipeline.scheduler import NodeSettings, Outputs, Run, Stages
 from orchestra.plan import Plan
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
-from orchestra.settings import ORCHESTRA_LEVEL, RunSpec, Settings, WorkflowRef
+from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
 from orchestra.store import HEARTBEAT_SECONDS, RunStore
 from orchestra.workflow import Workflow
 
@@ -345,7 +345,7 @@ class _Stream:
             self.queue.put_nowait(error or asyncio.CancelledError())
             return
         result = future.result()
-        self.orc._record(result)
+        self.orc._record(result, soon=True)  # with the runs that end in this turn: one transaction
         self.queue.put_nowait((index, result))
         self.maybe_end()
 
@@ -417,8 +417,13 @@ class Orchestra:
         if on_event is not None:
             self.events.subscribe(on_event)
         memory = self.settings.memory_budget_gb
+        placement = None
+        if self.settings.executor == "ray":  # engines as Ray actors; the cluster is joined when the first one loads
+            from orchestra.ray_engines import RayPlacement
+
+            placement = RayPlacement(self.settings.ray_address)
         self.executor = Executor(events=self.events, max_resident_models=self.settings.max_resident_models,
-                                 memory_budget_bytes=int(memory * 2**30) if memory else None)
+                                 memory_budget_bytes=int(memory * 2**30) if memory else None, placement=placement)
         self._stages: dict[str, Stages] = {}
         self.stages_for(self.settings)  # a bad aggregator or matcher setting fails here, not in the first run
 
@@ -463,7 +468,8 @@ class Orchestra:
                    meta: dict[str, Any] | None = None, node_settings: dict[str, NodeSettings] | None = None,
                    final: Callable[[Outputs], str] | None = None, shared_budget: BudgetTracker | None = None,
                    answer_format: str | None = None, context: str = "", workflow: WorkflowRef | None = None,
-                   **overrides: Any) -> RunResult:
+                   experts: Mapping[str, Sequence[str]] | None = None, answer: AnswerOptions | None = None,
+                   on_answer_text: Callable[[str], None] | None = None, **overrides: Any) -> RunResult:
         """Answer ``task``.
 
         Args:
@@ -477,17 +483,24 @@ class Orchestra:
             answer_format: how the final answer should be stated (for grading).
             context: conversation context the planner and the experts see.
             workflow: the workflow file and inputs this run comes from (rendered again on resume).
+            experts: agent names fixed per node id (``{"answer": ["coder"]}`` with ``plan=False``),
+                recorded, so a resume keeps them.
+            answer: how the answer is written: JSON or a JSON schema, token limit, temperature.
+            on_answer_text: given the answer's text so far while the call that writes it streams
+                (an OpenAI-compatible endpoint streams it; other backends do not call it).
             overrides: ``Settings`` fields for this run only (k, mode, aggregate, seed, budget...).
         """
         run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final,
                              shared_budget=shared_budget, answer_format=answer_format, context=context,
-                             workflow=workflow, meta=meta, **overrides)
+                             workflow=workflow, meta=meta, experts=experts, answer=answer, **overrides)
+        run.on_answer_text = on_answer_text
         self._begin(run)
         return await self._finish(run)
 
     def run_settings(self, overrides: Mapping[str, Any]) -> Settings:
         """This Orchestra's settings with a run's ``overrides`` on top; settings of the executor
-        (``max_resident_models``, ``memory_budget_gb``) belong to the Orchestra, not to a run."""
+        (``max_resident_models``, ``memory_budget_gb``, ``executor``, ``ray_address``) belong to
+        the Orchestra, not to a run."""
         settings = self.settings.layered(Settings.layer(_knobs(overrides), where="run setting"))
         fixed = [name for name in ORCHESTRA_LEVEL if getattr(settings, name) != getattr(self.settings, name)]
         if fixed:
@@ -501,7 +514,8 @@ class Orchestra:
                   node_settings: dict[str, NodeSettings] | None = None, final: Callable[[Outputs], str] | None = None,
                   shared_budget: BudgetTracker | None = None, answer_format: str | None = None, context: str = "",
                   workflow: WorkflowRef | None = None, meta: dict[str, Any] | None = None,
-                  settings: Settings | None = None, **overrides: Any) -> Run:
+                  settings: Settings | None = None, experts: Mapping[str, Sequence[str]] | None = None,
+                  answer: AnswerOptions | None = None, **overrides: Any) -> Run:
         """A run of ``task``; ``settings``: the run's resolved settings, when the caller made them
         already (then ``overrides`` are not read)."""
         if not task or not task.strip():
@@ -513,9 +527,19 @@ class Orchestra:
         source = self.pool.source
         spec = RunSpec(task=task, settings=settings, plan=plan if isinstance(plan, Plan) else None,
                        answer_format=answer_format, context=context, workflow=workflow, meta=meta or {},
-                       pool=str(source.resolve()) if source else None)
+                       pool=str(source.resolve()) if source else None, answer=answer or AnswerOptions(),
+                       pinned=self._known_experts(experts or {}))
         return self._run(spec, run_id or new_run_id(), shared_budget=shared_budget, node_settings=node_settings,
                          final=final)
+
+    def _known_experts(self, experts: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+        """Experts fixed per node, each an agent of the pool."""
+        for names in experts.values():
+            unknown = [name for name in names if name not in self.pool]
+            if unknown or not names:
+                raise ConfigError(f"experts: {', '.join(unknown) or 'none given'} not agents of pool "
+                                  f"{self.pool.name!r}; agents: {', '.join(self.pool.names)}")
+        return {node: list(names) for node, names in experts.items()}
 
     def _run(self, spec: RunSpec, run_id: str, *, shared_budget: BudgetTracker | None = None,
              node_settings: dict[str, NodeSettings] | None = None,
@@ -569,12 +593,13 @@ class Orchestra:
         self._record(result)
         return result
 
-    def _record(self, result: RunResult) -> None:
-        """Store a finished run; a store that cannot be written is a warning, not a lost answer."""
+    def _record(self, result: RunResult, *, soon: bool = False) -> None:
+        """Store a finished run (``soon``: at the event loop's next turn, before the caller's task
+        runs again); a store that cannot be written is a warning, not a lost answer."""
         if self.store is None:
             return
         try:
-            self.store.finish_run(result)
+            self.store.finish_run(result, soon=soon)
         except StoreError as error:
             if str(error) in (result.error or ""):  # the run's own error already says so
                 return

@@ -46,7 +46,7 @@ class PlanError(OrchestraError):
 
 
 class BudgetExceeded(OrchestraError):
-    """A run, or a data set's shared budget, reached one of its limits.
+    """A run, or a budget shared by many runs (a data set's, a server's), reached one of its limits.
 
     Attributes: ``limit`` (the ``Budget`` field: ``max_calls``, ``max_cost_usd`` or ``max_tokens``),
     ``value`` (its setting), ``spent`` (what was used, in words) and ``run_id`` (the stopped run;
@@ -55,9 +55,10 @@ class BudgetExceeded(OrchestraError):
 
     exit_code = 3
 
-    def __init__(self, *, limit: str, value: float, spent: str, run_id: str | None) -> None:
+    def __init__(self, *, limit: str, value: float, spent: str, run_id: str | None,
+                 shared: str = "the data set's budget") -> None:
         if run_id is None:
-            super().__init__(f"the data set's budget {limit}={value:g} is spent ({spent})")
+            super().__init__(f"{shared} {limit}={value:g} is spent ({spent})")
         else:
             super().__init__(f"budget {limit}={value:g} reached ({spent})")
         self.limit, self.value, self.spent, self.run_id = limit, value, spent, run_id
@@ -174,3 +175,19 @@ class ModelRequestsForbidden(ModelError):
 
 class MissingDependency(UserError):
     """An optional dependency is needed; the message names the pip extra."""
+
+
+# --- engines on a cluster ------------------------------------------------------------------
+
+
+class EngineLost(ModelError):
+    """The process holding an engine died (a Ray actor killed or crashed) while it generated a
+    batch; the batch's calls can be sent again to a fresh one."""
+
+
+class ResourceUnavailable(UserError):
+    """No node of the cluster has what a model asks for; names the model and the resource."""
+
+
+class ClusterUnreachable(UserError):
+    """The Ray cluster could not be started or connected to; names the address."""

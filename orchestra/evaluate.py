@@ -6,18 +6,20 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestra.core import Instance, Orchestra
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError
 from orchestra.grading import Grader, answer_format
 from orchestra.result import RunResult
 
-#: method -> (recruiting mode, aggregation, k or None for the caller's k)
+if TYPE_CHECKING:
+    from orchestra.core import Orchestra
+
+#: method (one of ``vocabulary.METHOD_NAMES``) -> (recruiting mode, aggregation, k or None for the caller's k)
 METHODS: dict[str, tuple[str, str, int | None]] = {
     "calibrated": ("calibrated", "synthesize", None),
     "symbolic-moe": ("symbolic-moe", "synthesize", None),
@@ -72,6 +74,7 @@ class Tally:
         self.cost_usd = 0.0
         self.first_failure: tuple[int, str] | None = None  # (index, what happened)
         self.categories: dict[str, Counter[str]] = {}
+        self.category_first: dict[str, int] = {}  # a category's first item: the report lists them in data-set order
         self.answers: list[tuple[int, dict[str, Any]]] = []
 
     def add(self, index: int, item: Item, result: RunResult) -> None:
@@ -87,7 +90,9 @@ class Tally:
         self.cost_usd += usage.cost_usd
         self.skill_extraction_failures += usage.skill_extraction_failures
         self.saved_calls += sum(node.saved_calls for node in result.plan.nodes)
-        tally = self.categories.setdefault(item.category or "all", Counter())
+        category = item.category or "all"
+        tally = self.categories.setdefault(category, Counter())
+        self.category_first[category] = min(index, self.category_first.get(category, index))
         tally["items"] += 1
         tally["correct"] += ok
         if result.status != "done":
@@ -112,20 +117,11 @@ class Tally:
             cost_per_correct_usd=self.cost_usd / self.correct if self.correct else None, elapsed_s=elapsed_s,
             model_loads=model_loads,
             per_category={c: {"items": t["items"], "accuracy": t["correct"] / t["items"]}
-                          for c, t in self.categories.items()},
+                          for c, t in sorted(self.categories.items(), key=lambda ct: self.category_first[ct[0]])},
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
             skill_extraction_failures=self.skill_extraction_failures, saved_calls=self.saved_calls,
             budget_exceeded=budget_exceeded,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
-
-
-def grade_runs(method: str, items: Sequence[Item], results: Sequence[RunResult], grader: Grader, *,
-               elapsed_s: float, model_loads: dict[str, int], budget_exceeded: str | None = None) -> EvalReport:
-    """Grade each run's answer against its item and total what the runs spent."""
-    tally = Tally(grader)
-    for index, (item, result) in enumerate(zip(items, results)):
-        tally.add(index, item, result)
-    return tally.report(method, elapsed_s=elapsed_s, model_loads=model_loads, budget_exceeded=budget_exceeded)
 
 
 async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None, limit: int | None = None,
@@ -138,6 +134,8 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     both. With ``output``, each item's answer row is written to that JSONL file as its run finishes
     (completion order) instead of being kept in the report's ``answers``.
     """
+    from orchestra.core import Instance  # here: the command line reads METHODS without loading the pipeline
+
     if method is not None and method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset_mode, preset_aggregate, fixed_k = METHODS[method] if method else (None, None, None)

@@ -13,7 +13,10 @@ its run's budget; the rest go to their model:
   heavy call (those could still add to the wave; later ones cannot hold it up, so steady remote
   traffic never starves the engines). The wave's calls are grouped by model, each model gets one
   batch, and the groups run one after another, each loading its model at most once, keeping at
-  most ``max_resident_models`` (and ``memory_budget_bytes``) loaded.
+  most ``max_resident_models`` (and ``memory_budget_bytes``) loaded. With a ``Placement`` (Ray
+  actors, ``orchestra.ray_engines``) the engines run elsewhere and as many groups run at once as
+  the placement has room for; the cluster's resources, not ``max_resident_models``, bound what
+  stays loaded.
 
 The order of a wave's groups is planned with look-ahead, one group at a time: resident models first
 (no load), then the others in queue order, except that a model with work waiting for a later phase
@@ -21,7 +24,11 @@ runs last, so it is still resident when that phase starts. Later-phase work is w
 groups' tasks have queued since (the executor lets them run before it picks the next group) and
 what callers announced with ``call(..., then=...)``: the models a task will call once its calls are
 answered, such as a node's aggregator while its experts run. Eviction spares the models still
-needed. Many runs share one executor, so a whole data set's calls batch together.
+needed. With a placement, the groups that fit start together, the largest first (so the wave
+ends close to its total work divided over the slots), a resident model keeping its slot. An engine
+whose process dies mid-batch (``EngineLost``) is loaded afresh and gets that batch once more; the
+calls fail only if it dies again. Many runs share one executor, so a whole data set's calls batch
+together.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from orchestra.budget import Budget, BudgetTracker, Reservation
-from orchestra.errors import BudgetExceeded
+from orchestra.errors import BudgetExceeded, EngineLost
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
@@ -73,6 +80,17 @@ class CallJournal(Protocol):
     def record_embeddings(self, run_id: str, *, model: str, node: str | None, usage: Usage,
                           keywords: list[str]) -> None:
         """Record embedding requests made while recruiting a node (requests outside any call)."""
+
+
+class Placement(Protocol):
+    """Where heavy models run when not in this process (``orchestra.ray_engines.RayPlacement``)."""
+
+    def engine(self, model: HeavyModel) -> HeavyModel:
+        """The stand-in the executor loads, sends batches to and unloads for ``model`` (one per model)."""
+
+    def fits(self, resident: Sequence[HeavyModel], engine: HeavyModel) -> bool:
+        """Whether ``engine`` can load while the ``resident`` stand-ins stay loaded; raises when
+        it could never run there (the error names the model and what it lacks)."""
 
 
 class ResponseCache(Protocol):
@@ -184,15 +202,19 @@ class Executor:
         max_resident_models: heavy models kept loaded at once.
         memory_budget_bytes: if set, heavy models are also evicted to keep their summed
             ``memory_bytes`` within it.
+        placement: where heavy models run instead of this process (Ray actors); then as many
+            groups run at once as it has room for, and it alone bounds what stays loaded.
     """
 
     def __init__(self, *, events: EventBus | None = None, max_resident_models: int = 1,
-                 memory_budget_bytes: int | None = None) -> None:
+                 memory_budget_bytes: int | None = None, placement: Placement | None = None) -> None:
         self.events = events or EventBus()
         self.max_resident_models = max(1, max_resident_models)
         self.memory_budget_bytes = memory_budget_bytes
+        self.placement = placement
         self.stats = ExecutorStats()
-        self._resident: list[HeavyModel] = []  # least recently used first
+        self._resident: list[HeavyModel] = []  # least recently used first (with a placement: its stand-ins)
+        self._busy: set[int] = set()  # heavy models (by id) whose group is running now
         self._batch_no = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reset()
@@ -210,7 +232,7 @@ class Executor:
         self._expected: Counter[int] = Counter()  # id(heavy model) -> waiting tasks that will call it next
         self._wave_left: set[int] = set()  # heavy models still to run in the current wave
         self._settled: list[asyncio.Future[None]] = []  # woken once no managed task is running
-        self._in_flight: set[asyncio.Task[None]] = set()  # batches and waves in flight (kept referenced)
+        self._in_flight: set[asyncio.Task[Any]] = set()  # batches and waves in flight (kept referenced)
 
     # --- managed tasks ---------------------------------------------------------------------
 
@@ -291,11 +313,13 @@ class Executor:
             # the key (a hash of the canonical request) is needed only to journal or cache the call
             key = request.key(model_identity(model)) if ledger.journal is not None or ledger.cache is not None else ""
             heavy = is_heavy(model)
+            if self.placement is not None and is_heavy(model):
+                model = self.placement.engine(model)  # its stand-in: queued, grouped and loaded as the model
             waiter.heavy += heavy
             self._pending.append(_Call(model, request, ledger, purpose, node, waiter, index, key,
                                        ledger.next_seq(key) if key else 0, heavy))
             per_model[model.name] += 1
-        waiter.then = tuple(m for m in then if is_heavy(m))
+        waiter.then = tuple(m if self.placement is None else self.placement.engine(m) for m in then if is_heavy(m))
         for name, count in per_model.items():
             self.events.emit(CallsQueued(model=name, count=count, run_id=ledger.run_id, purpose=purpose))
         self._active -= 1
@@ -434,31 +458,84 @@ class Executor:
         calls, self._heavy = self._heavy, []
         self.stats.waves += 1
         wave = self.stats.waves
+        running: set[asyncio.Task[None]] = set()
         try:
             groups: dict[int, list[_Call]] = {}
             for call in calls:
                 groups.setdefault(id(call.model), []).append(call)
             self._wave_left = set(groups)
-            while groups:
-                group = groups.pop(self._next_group(groups))
-                model = group[0].model
-                self._wave_left.discard(id(model))
-                group = self._live(group)
-                if not group:
+            while groups or running:
+                for key in self._startable(groups, running):
+                    group = self._live(groups.pop(key))
+                    self._wave_left.discard(key)
+                    if group:
+                        self._busy.add(key)
+                        running.add(asyncio.get_running_loop().create_task(self._run_group(group, wave)))
+                if not running:
                     continue
-                assert is_heavy(model)  # queued as heavy
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                running -= done
+                if groups:  # let the tasks these batches woke queue their next calls: they tell what comes later
+                    await self._until_settled()
+        finally:
+            for task in running:  # only when the wave itself is cancelled
+                task.cancel()
+            self._wave_left = set()
+            self._busy.clear()
+            self._heavy_running = False
+            self._schedule_kick()
+
+    def _startable(self, groups: dict[int, list[_Call]], running: set[asyncio.Task[None]]) -> list[int]:
+        """The groups to start now, in order. In process: the next one, once none runs. With a
+        placement: every group that fits beside those running, in planned order; a group whose model
+        could never fit is failed here with the reason."""
+        if self.placement is None:
+            return [] if running or not groups else [self._next_group(groups)]
+        chosen: list[int] = []
+        busy = [m for m in self._resident if id(m) in self._busy]
+        for key in self._group_order(groups, longest_first=True):
+            model = groups[key][0].model
+            assert is_heavy(model)  # queued as heavy
+            if model in self._resident:  # its slot is held already
+                chosen.append(key)
+                busy.append(model)
+                continue
+            try:
+                fits = self.placement.fits(busy, model)
+            except Exception as error:
+                self._wave_left.discard(key)
+                self._fail(self._live(groups.pop(key)), error, sent=False)
+                continue
+            if fits:
+                chosen.append(key)
+                busy.append(model)
+        return chosen
+
+    async def _run_group(self, group: list[_Call], wave: int) -> None:
+        """Load the group's model (once) and send it the group's batch; an engine lost mid-batch
+        is loaded afresh and gets the unanswered calls once more."""
+        model = group[0].model
+        assert is_heavy(model)  # queued as heavy
+        try:
+            for retry in (False, True):
                 try:
                     await self._make_resident(model, {c.ledger for c in group})
                 except Exception as error:
                     self._fail(group, error, sent=False)
-                    continue
-                await self._send(group, wave)
-                if groups:  # let the tasks this batch woke queue their next calls: they tell what comes later
-                    await self._until_settled()
+                    return
+                lost = await self._send(group, wave, lost_ok=True)
+                if lost is None:
+                    return
+                group, why = lost
+                if model in self._resident:  # its process is gone: nothing to unload
+                    self._resident.remove(model)
+                if retry:
+                    self._fail(group, EngineLost(f"{why}, again on a fresh start; not retried further"), sent=True)
+                    return
+                self.events.emit(CallRetried(model=model.name, attempt=2, wait_s=0.0,
+                                             reason=f"{why}; loading it afresh for {len(group)} call(s)"))
         finally:
-            self._wave_left = set()
-            self._heavy_running = False
-            self._schedule_kick()
+            self._busy.discard(id(model))
 
     def _live(self, group: list[_Call]) -> list[_Call]:
         """The calls whose task still waits; a cancelled one gives its budget reservation back."""
@@ -485,37 +562,59 @@ class Executor:
         return later
 
     def _next_group(self, groups: dict[int, list[_Call]]) -> int:
-        """The group to run next: a resident model first (no load); then, in queue order, models no
-        later phase needs, and last those with later work, the most wanted last, so it stays loaded."""
+        """The group to run next (see ``_group_order``)."""
+        return self._group_order(groups)[0]
+
+    def _group_order(self, groups: dict[int, list[_Call]], *, longest_first: bool = False) -> list[int]:
+        """The groups in the order to run them: a resident model first (no load); then, in queue
+        order (or the largest first, ``longest_first``), models no later phase needs, and last those
+        with later work, the most wanted last, so it stays loaded."""
         resident = {id(m) for m in self._resident}
         later = self._later()
         order = {key: position for position, key in enumerate(groups)}
-        return min(groups, key=lambda key: (key not in resident, later[key], order[key]))
+        size = {key: len(group) for key, group in groups.items()} if longest_first else {}
+        return sorted(groups, key=lambda key: (key not in resident, later[key], -size.get(key, 0), order[key]))
 
     async def _make_resident(self, model: HeavyModel, ledgers: set[RunLedger]) -> None:
         if model in self._resident:
             self._resident.remove(model)
             self._resident.append(model)
             return
-        while self._resident and (len(self._resident) >= self.max_resident_models or self._over_memory(model)):
-            evicted = self._eviction()
-            self._resident.remove(evicted)
-            await evicted.unload()
-            self.stats.unloads[evicted.name] += 1
-            self.events.emit(ModelUnloaded(model=evicted.name))
-        if not model.loaded:
-            seconds = await model.load()
-            self.stats.loads[model.name] += 1
-            for ledger in ledgers:
-                ledger.model_loads[model.name] += 1
-            self.events.emit(ModelLoaded(model=model.name, seconds=seconds))
+        evicted = []  # chosen and its place taken before any await, so groups starting together agree
+        while self._resident and not self._room_for(model):
+            evicted.append(victim := self._eviction())
+            self._resident.remove(victim)
         self._resident.append(model)
+        try:
+            for victim in evicted:
+                await victim.unload()
+                self.stats.unloads[victim.name] += 1
+                self.events.emit(ModelUnloaded(model=victim.name))
+            if not model.loaded:
+                seconds = await model.load()
+                self.stats.loads[model.name] += 1
+                for ledger in ledgers:
+                    ledger.model_loads[model.name] += 1
+                self.events.emit(ModelLoaded(model=model.name, seconds=seconds))
+        except BaseException:
+            if model in self._resident:
+                self._resident.remove(model)
+            raise
+
+    def _room_for(self, model: HeavyModel) -> bool:
+        """Whether ``model`` can load beside the resident models."""
+        if self.placement is not None:
+            return self.placement.fits(self._resident, model)
+        return len(self._resident) < self.max_resident_models and not self._over_memory(model)
 
     def _eviction(self) -> HeavyModel:
-        """The resident model to unload: one this wave and later phases do not need, least recently used first."""
+        """The resident model to unload: an idle one this wave and later phases do not need, least
+        recently used first."""
         later = self._later()
-        return min(self._resident, key=lambda m: (id(m) in self._wave_left, later[id(m)] > 0,
-                                                   self._resident.index(m)))
+        idle = [m for m in self._resident if id(m) not in self._busy]
+        if not idle:
+            raise RuntimeError("no idle engine to unload for the next one")  # the wave starts only what fits
+        return min(idle, key=lambda m: (id(m) in self._wave_left, later[id(m)] > 0, self._resident.index(m)))
 
     def _over_memory(self, incoming: HeavyModel) -> bool:
         if self.memory_budget_bytes is None:
@@ -523,7 +622,10 @@ class Executor:
         used = sum(m.memory_bytes for m in self._resident)
         return used + incoming.memory_bytes > self.memory_budget_bytes
 
-    async def _send(self, group: list[_Call], wave: int) -> None:
+    async def _send(self, group: list[_Call], wave: int, *,
+                    lost_ok: bool = False) -> tuple[list[_Call], EngineLost] | None:
+        """Send ``group`` as one batch and settle its calls as answers come. ``lost_ok``: when the
+        engine's process dies mid-batch, return the unanswered calls and why, instead of failing them."""
         model = group[0].model
         self._batch_no += 1
         batch = self._batch_no
@@ -548,12 +650,19 @@ class Executor:
             self._finish_all(done)
 
         failed = 0
+        lost: tuple[list[_Call], EngineLost] | None = None
         try:
             async for index, outcome in model.complete_each([c.request for c in group]):
                 answered.append((pending.pop(index), outcome))
                 failed += isinstance(outcome, Exception)
                 if flush is None:
                     flush = asyncio.get_running_loop().call_soon(finish_answered)
+        except EngineLost as error:
+            failed += len(pending)
+            if lost_ok:
+                lost = (list(pending.values()), error)
+            else:
+                self._fail(list(pending.values()), error, sent=True)
         except Exception as error:
             failed += len(pending)
             self._fail(list(pending.values()), error, sent=True)
@@ -565,6 +674,7 @@ class Executor:
             downgrade_listener.reset(dropped)
         self.events.emit(BatchFinished(batch=batch, model=model.name, size=len(group), failed=failed,
                                        seconds=time.perf_counter() - started))
+        return lost
 
     def _finish_all(self, answered: list[tuple[_Call, Outcome]]) -> None:
         """Commit answers to their runs' journals, one transaction per journal, and only then hand

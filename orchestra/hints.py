@@ -7,10 +7,12 @@ the advice a shell user can act on (``--max-calls``, ``--store``, ``orchestra re
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestra.errors import BudgetExceeded, OrchestraError, RunHeld, RunNotFound, StoreUnusable
-from orchestra.result import RunResult
+
+if TYPE_CHECKING:
+    from orchestra.result import RunResult
 
 #: The command-line flag that sets each ``Budget`` limit.
 BUDGET_FLAGS = {"max_calls": "--max-calls", "max_cost_usd": "--max-cost", "max_tokens": "--max-tokens"}

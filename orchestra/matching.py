@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestra.errors import BadResponse
-from orchestra.models.http import CallPolicy, Endpoint, check_base_url, display_url
 from orchestra.models.metering import charge
-from orchestra.models.openai import bearer_headers
 from orchestra.models.types import Usage
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from orchestra.models.http import CallPolicy, Endpoint
 
 
 class Match(NamedTuple):
@@ -54,6 +56,8 @@ class MatcherSpec(BaseModel):
         if self.type == "embedding":
             if not self.model or not self.base_url:
                 raise ValueError("an embedding matcher needs model and base_url")
+            from orchestra.models.http import check_base_url  # the HTTP layer loads only for embeddings
+
             check_base_url(self.base_url)
         elif self.model or self.base_url or self.api_key_env:
             raise ValueError("model, base_url and api_key_env are settings of an embedding matcher (type: embedding)")
@@ -176,10 +180,12 @@ class EmbeddingMatcher:
 
     def __init__(self, *, model: str, base_url: str, api_key_env: str | None = None,
                  min_similarity: float = 0.5, timeout: float | None = None) -> None:
+        from orchestra.models.http import CallPolicy, Endpoint
+
         self.model = model
         self.min_similarity = min_similarity
-        self.endpoint = Endpoint(base_url, api_key_env=api_key_env)
-        self.policy = CallPolicy.of(timeout=timeout)
+        self.endpoint: Endpoint = Endpoint(base_url, api_key_env=api_key_env)
+        self.policy: CallPolicy = CallPolicy.of(timeout=timeout)
         self.api_key_env = api_key_env
         self.timeout = timeout
         self._vectors: dict[str, list[float]] = {}
@@ -197,6 +203,8 @@ class EmbeddingMatcher:
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Embeddings for ``texts``. Each text is fetched once: texts already being fetched for
         another recruitment are waited for, not asked again."""
+        import asyncio  # (loaded with the HTTP layer when this matcher was made)
+
         loop = asyncio.get_running_loop()
         fetching = {t: f for t, f in self._fetching.items() if f.get_loop() is loop}  # not a dead loop's
         wanted = list(dict.fromkeys(texts))
@@ -218,6 +226,9 @@ class EmbeddingMatcher:
             fetch.exception()  # seen here, so a failure nobody waits for any more is not reported twice
 
     async def _fetch(self, texts: list[str]) -> None:
+        from orchestra.models.http import display_url
+        from orchestra.models.openai import bearer_headers
+
         body = await self.endpoint.post_json("/embeddings", {"model": self.model, "input": texts}, model=self.model,
                                              headers=bearer_headers, policy=self.policy)
         usage = body.get("usage")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
 
@@ -60,6 +62,8 @@ def validate_plan(plan: Plan, *, max_nodes: int = 12) -> nx.DiGraph:
             if dependency == subtask.id:
                 raise PlanInvalid(f"subtask {subtask.id!r} depends on itself")
             edges.append((dependency, subtask.id))
+    import networkx as nx  # here, not at import: it is the slowest part of a start
+
     graph: nx.DiGraph = nx.DiGraph()
     graph.add_nodes_from(s.id for s in plan.subtasks)
     graph.add_edges_from(edges)

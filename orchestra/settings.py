@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestra.budget import Budget
@@ -23,13 +22,13 @@ from orchestra.matching import MatcherSpec
 from orchestra.plan import Plan
 from orchestra.recruit import RecruitConfig
 from orchestra.skills import KeywordConfig
-from orchestra.vocabulary import AggregatorChoice, GraderName, Mode, PlanFallback, Strategy
+from orchestra.vocabulary import AggregatorChoice, ExecutorKind, GraderName, Mode, PlanFallback, Strategy
 
 #: nested settings merged field by field when layered (``matcher`` is replaced whole)
 _MERGED = ("recruit", "keywords", "budget")
 
 #: settings of the Orchestra as a whole (its executor), not of one run
-ORCHESTRA_LEVEL = ("max_resident_models", "memory_budget_gb")
+ORCHESTRA_LEVEL = ("max_resident_models", "memory_budget_gb", "executor", "ray_address")
 
 
 class Settings(BaseModel):
@@ -63,6 +62,10 @@ class Settings(BaseModel):
     max_resident_models: int = Field(default=1, ge=1, description="In-process models kept loaded at once.")
     memory_budget_gb: float | None = Field(default=None, gt=0, description="Keep loaded in-process models within "
                                                                            "this many GiB.")
+    executor: ExecutorKind = Field(default="local", description="Where in-process models run: in this process, "
+                                                                "or as Ray actors (ray), several at once.")
+    ray_address: str | None = Field(default=None, description="The Ray cluster for executor: ray (auto, HOST:PORT); "
+                                                              "none: RAY_ADDRESS, a running one or a new local one.")
     recruit: RecruitConfig = Field(default=RecruitConfig(), description="Recruiting beyond mode and k.")
     keywords: KeywordConfig = Field(default=KeywordConfig(), description="Skill extraction.")
     matcher: MatcherSpec = Field(default=MatcherSpec(), description="How keywords map onto profile skills.")
@@ -108,6 +111,8 @@ class Settings(BaseModel):
 
 def assignments(pairs: Sequence[str]) -> dict[str, Any]:
     """``["keywords.samples=3", ...]`` as nested data; a pair without ``=`` is an error naming it."""
+    import yaml  # only here: the command line starts without it
+
     data: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -146,6 +151,24 @@ class WorkflowRef(BaseModel):
     inputs: dict[str, Any] = {}
 
 
+class AnswerOptions(BaseModel):
+    """How the run's answer is written (``orchestra serve`` sets these from a chat request): they
+    apply to the calls that write the answer, the final node's experts and aggregator, or the
+    final synthesis of several sinks.
+
+    Attributes:
+        output: "text", "json" (any JSON value) or a JSON schema the answer must follow.
+        max_tokens: the answer-writing calls' token limit (None: each agent's own).
+        temperature: their sampling temperature (None: each agent's own).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: str | dict[str, Any] = "text"
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+
 class RunSpec(BaseModel):
     """Everything a run was asked to do, recorded with it: a resume rebuilds the run from this alone.
 
@@ -159,6 +182,7 @@ class RunSpec(BaseModel):
         pool: the pool file (None: a pool built in Python).
         workflow: the workflow file and inputs, for a workflow's run.
         meta: JSON-ready facts shown in listings (``kind``, ``method``, ``dataset``, ``item``...).
+        answer: how the answer is written (format, token limit, temperature).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -172,6 +196,7 @@ class RunSpec(BaseModel):
     pool: str | None = None
     workflow: WorkflowRef | None = None
     meta: dict[str, Any] = {}
+    answer: AnswerOptions = AnswerOptions()
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready form stored with the run."""

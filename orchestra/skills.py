@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.models import ChatRequest, ChatResult
 from orchestra.models.structured import StructuredOutputError, extract_json
-from orchestra.prompts import render
 
 
 class KeywordConfig(BaseModel):
@@ -89,6 +88,8 @@ class SkillExtractor:
 
     def requests(self, text: str, *, seed: int = 0) -> list[ChatRequest]:
         """One request per sample (seeds ``seed``, ``seed + 1``...), to be sent as one batch."""
+        from orchestra.prompts import render  # Jinja2 loads with the first prompt, not with the settings
+
         prompt = render("keywords.j2", question=text, max_keywords=self.config.max_keywords,
                         structured=self.config.structured)
         output = _schema(self.config) if self.config.structured else "text"

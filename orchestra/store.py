@@ -3,11 +3,15 @@
 Every call's outcome is committed before anything uses it, so a crash, a Ctrl-C or a spent budget
 loses nothing: a resumed run replays what was recorded and sends only what was not. API keys
 never reach the store: requests carry no credentials, and configs hold only variable names.
+
+Events, node rows and the ends of a data set's runs are written in groups: held until the next
+write or the event loop's next turn, then one transaction (statements of one kind in one
+``executemany``). SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives a
+crash of the process (not of the machine's power).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -20,9 +24,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable
 from orchestra.events import (
@@ -36,20 +38,29 @@ from orchestra.events import (
     NodeSkipped,
     PlanReady,
 )
-from orchestra.execute import CallEntry
-from orchestra.models import ChatRequest, ChatResult, Usage
-from orchestra.models.structured import StructuredOutputError, parse_output
 from orchestra.resources import orchestra_home
-from orchestra.result import RunResult
+
+if TYPE_CHECKING:  # (imported where used: `orchestra runs` lists a store without pydantic or asyncio)
+    import asyncio
+
+    from orchestra.execute import CallEntry
+    from orchestra.models import ChatRequest, ChatResult, Usage
+    from orchestra.result import RunResult
 
 APPLICATION_ID = 0x4F524348  # "ORCH"
 SCHEMA_VERSION = 3
 #: A running run's process touches it this often; a run untouched for LEASE_SECONDS is no longer held.
 HEARTBEAT_SECONDS = 10.0
 LEASE_SECONDS = 30.0
+#: WAL pages written between automatic checkpoints (of 4 KiB)
+CHECKPOINT_PAGES = 10_000
 #: Purpose of the rows that record the embedding matcher's requests (requests outside any call).
 EMBEDDINGS = "embedding"
 _LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
+_FINISH_RUN = "UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE id=?"
+_ENDED_RUN = "UPDATE runs SET status=?, owner=NULL WHERE id=?"
+_event_json = json.JSONEncoder(ensure_ascii=False, default=str).encode
+_json = json.JSONEncoder(ensure_ascii=False).encode
 _QUIET_EVENTS = {"usage_updated", "calls_queued", "call_done"}  # calls live in their own table
 
 _SCHEMA = """
@@ -172,28 +183,28 @@ _RECORD_CALL = (
 
 def _call_row(run_id: str, key: str, seq: int, model: str, request: ChatRequest, outcome: ChatResult | Exception,
               purpose: str, node: str | None, source: str, now: float) -> tuple[Any, ...]:
-    """The ``calls`` row of one call's outcome."""
-    canonical = json.dumps(request.canonical(), ensure_ascii=False)
+    """The ``calls`` row of one call's outcome (an answer from the cache or the store cost nothing)."""
+    canonical = _json(request.canonical())
     if isinstance(outcome, Exception):
-        usage = getattr(outcome, "usage", None) or Usage()
+        usage = getattr(outcome, "usage", None)
+        spent = (usage.prompt_tokens, usage.completion_tokens, usage.cost_usd) if usage else (0, 0, 0.0)
         return (run_id, key, seq, model, purpose, node, canonical, None, "error", source,
-                f"{type(outcome).__name__}: {outcome}", usage.prompt_tokens, usage.completion_tokens,
-                usage.cost_usd, 0.0, now, usage.requests)
-    usage = outcome.usage if source == "model" else Usage()
+                f"{type(outcome).__name__}: {outcome}", *spent, 0.0, now, usage.requests if usage else 0)
+    if source == "model":
+        usage = outcome.usage
+        return (run_id, key, seq, model, purpose, node, canonical, _result_json(outcome), "ok", source, None,
+                usage.prompt_tokens, usage.completion_tokens, usage.cost_usd, outcome.latency_s, now, usage.requests)
     return (run_id, key, seq, model, purpose, node, canonical, _result_json(outcome), "ok", source, None,
-            usage.prompt_tokens, usage.completion_tokens, usage.cost_usd, outcome.latency_s, now, usage.requests)
+            0, 0, 0.0, outcome.latency_s, now, 0)
 
 
 def _result_json(result: ChatResult) -> str:
-    data = result.model_dump(mode="json", exclude={"parsed"})
-    parsed = result.parsed
-    if isinstance(parsed, BaseModel):
-        parsed = parsed.model_dump(mode="json")
+    """A result as stored: its parsed value kept if JSON can hold it (a pydantic model as its
+    fields), else left out."""
     try:
-        data["parsed"] = json.loads(json.dumps(parsed))
-    except (TypeError, ValueError):
-        data["parsed"] = None
-    return json.dumps(data, ensure_ascii=False)
+        return result.model_dump_json()
+    except ValueError:  # pydantic's serialization error: a parsed value JSON cannot hold
+        return result.model_copy(update={"parsed": None}).model_dump_json()
 
 
 class RunStore:
@@ -215,6 +226,8 @@ class RunStore:
         self._flush: asyncio.Handle | None = None
         self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._flush_warned = False
+        #: runs this store began that had no record before: none of their calls can be replayed
+        self._fresh: set[str] = set()
         self.read_only = self.path.exists() and not os.access(self.path, os.W_OK)
         if not self.read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +265,10 @@ class RunStore:
             return
         _switch_to_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
+        # a checkpoint (the WAL copied into the file, then synced) every 40 MB written, not SQLite's 4 MB:
+        # a page a data set changes often is copied once; after one the WAL is cut back to 10 MB
+        db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+        db.execute(f"PRAGMA journal_size_limit={CHECKPOINT_PAGES * 4096 // 4}")
         if version < SCHEMA_VERSION:
             self._migrate(version)
 
@@ -320,27 +337,29 @@ class RunStore:
         def __enter__(self) -> sqlite3.Connection:
             store = self.store
             store._lock.acquire()
+            self.pending: _Statements = []
             try:
                 store._db.execute("BEGIN IMMEDIATE")
-                pending, store._pending = store._pending, []
-                if pending:  # the events held since the last write come first: the log's rows in
-                    store._db.executemany(_LOG_EVENT, [p for sql, p in pending if sql is _LOG_EVENT])  # one go,
-                    for sql, params in pending:  # node rows in their order
-                        if sql is not _LOG_EVENT:
-                            store._db.execute(sql, params)
+                self.pending, store._pending = store._pending, []
+                if self.pending:
+                    _write(store._db, self.pending)
             except BaseException:
                 if store._db.in_transaction:
                     store._db.execute("ROLLBACK")
                 store._lock.release()
+                store._lost(self.pending)
                 raise
             return store._db
 
         def __exit__(self, kind: object, *rest: object) -> None:
-            db = self.store._db
+            store = self.store
+            db = store._db
+            committed = False
             try:
                 if kind is None:
                     try:
                         db.execute("COMMIT")
+                        committed = True
                     except sqlite3.DatabaseError:
                         if db.in_transaction:
                             db.execute("ROLLBACK")
@@ -348,7 +367,34 @@ class RunStore:
                 elif db.in_transaction:  # SQLite rolls a full disk's transaction back itself
                     db.execute("ROLLBACK")
             finally:
-                self.store._lock.release()
+                store._lock.release()
+                if not committed:
+                    store._lost(self.pending)
+
+    def _lost(self, pending: _Statements) -> None:
+        """After a transaction that failed: the held statements it carried are gone, but a run whose
+        end was among them is still marked as ended, with a status alone (which needs no new space;
+        ``finish_run`` does the same), so it is listed as failed and can be resumed."""
+        for sql, params in pending:
+            if sql is _FINISH_RUN:
+                status, run_id = ("failed" if params[0] == "done" else params[0]), params[-1]
+                self._end_bare(run_id, status)
+
+    def _end_bare(self, run_id: str, status: str) -> None:
+        """Mark a run ended with a status alone; where even that cannot be written, this store lists
+        it as ended (other processes do once its lease expires)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute(_ENDED_RUN, (status, run_id))
+                    self._db.execute("COMMIT")
+                except sqlite3.DatabaseError:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.DatabaseError:
+                self._ended[run_id] = status
 
     def _transaction(self) -> RunStore._Tx:
         return RunStore._Tx(self)
@@ -384,21 +430,26 @@ class RunStore:
     def begin_runs(self, runs: Iterable[tuple[str, str, dict[str, Any]]], *, force: bool = False) -> None:
         """``begin_run`` for several runs (id, task, config) in one transaction: all or none."""
         now = time.time()
+        rows = [(run_id, task, now, now, _json(config), self.owner) for run_id, task, config in runs]
+        fresh: list[str] = []
         try:
             with self._transaction() as db:
-                for run_id, task, config in runs:
-                    held = db.execute("SELECT owner, updated FROM runs WHERE id=? AND status='running'",
-                                      (run_id,)).fetchone()
-                    if (held and held[0] and held[0] != self.owner and now - held[1] < LEASE_SECONDS
-                            and _alive(held[0]) and not force):
+                for row in rows:
+                    run_id = row[0]
+                    held = db.execute("SELECT owner, updated, status FROM runs WHERE id=?", (run_id,)).fetchone()
+                    if held is None:
+                        fresh.append(run_id)
+                    elif (held[2] == "running" and held[0] and held[0] != self.owner
+                          and now - held[1] < LEASE_SECONDS and _alive(held[0]) and not force):
                         raise RunHeld(run_id, held[0].rsplit(":", 1)[0], now - held[1])
-                    db.execute(
-                        "INSERT INTO runs (id, task, status, created, updated, config, owner) "
-                        "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status='running', "
-                        "updated=excluded.updated, resumes=resumes+1, config=excluded.config, owner=excluded.owner",
-                        (run_id, task, now, now, json.dumps(config, ensure_ascii=False), self.owner))
+                db.executemany(
+                    "INSERT INTO runs (id, task, status, created, updated, config, owner) "
+                    "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status='running', "
+                    "updated=excluded.updated, resumes=resumes+1, config=excluded.config, owner=excluded.owner", rows)
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+        self._fresh.difference_update(row[0] for row in rows)
+        self._fresh.update(fresh)
 
     def heartbeat(self) -> None:
         """Tell other processes this one still runs the runs it holds."""
@@ -411,27 +462,31 @@ class RunStore:
     def update_configs(self, configs: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """Replace several runs' stored configurations in one transaction."""
         now = time.time()
-        rows = [(json.dumps(config, ensure_ascii=False), now, run_id) for run_id, config in configs]
+        rows = [(_json(config), now, run_id) for run_id, config in configs]
         try:
             with self._transaction() as db:
                 db.executemany("UPDATE runs SET config=?, updated=? WHERE id=?", rows)
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
 
-    def finish_run(self, result: RunResult) -> None:
+    def finish_run(self, result: RunResult, *, soon: bool = False) -> None:
         """Record how a run ended, with its full result. When the full result cannot be written (a
         full disk), the run is still marked as ended with a status alone, which needs no new space,
-        so it is listed as failed and can be resumed; the error is raised either way."""
+        so it is listed as failed and can be resumed; the error is raised either way.
+
+        ``soon``: hold the record with the events, for the next write or the event loop's next turn
+        (runs of a data set that end together are one transaction; a failure then warns, as events
+        do, and the run is marked ended with its status alone)."""
+        self._fresh.discard(result.run_id)
+        params = (result.status, result.answer, result.error, result.model_dump_json(), time.time(), result.run_id)
+        if soon:
+            self._hold([(_FINISH_RUN, params)])
+            return
         try:
-            self._execute("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE id=?",
-                          (result.status, result.answer, result.error, result.model_dump_json(), time.time(),
-                           result.run_id))
+            self._execute(_FINISH_RUN, params)
         except StoreError:
             status = "failed" if result.status == "done" else result.status  # its answer was not kept
-            try:
-                self._execute("UPDATE runs SET status=?, owner=NULL WHERE id=?", (status, result.run_id))
-            except StoreError:  # listed as ended by this process; by others once its lease expires
-                self._ended[result.run_id] = status
+            self._end_bare(result.run_id, status)
             raise
 
     def run(self, run_id: str) -> RunRecord:
@@ -451,6 +506,8 @@ class RunStore:
         if not rows or not rows[0]["result"]:
             return None
         try:
+            from orchestra.result import RunResult
+
             return RunResult.model_validate_json(rows[0]["result"])
         except ValueError:
             raise StoreError(f"the stored result of run {run_id} in {self.path} is damaged") from None
@@ -477,6 +534,8 @@ class RunStore:
 
     def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> tuple[ChatResult, bool] | None:
         """A completed call's recorded result (for resume) and whether it was paid for (not a cache hit)."""
+        if run_id in self._fresh:  # begun here with no record before: nothing to replay
+            return None
         rows = self._query("SELECT response, source FROM calls WHERE run_id=? AND key=? AND seq=? AND status='ok'",
                            (run_id, key, seq))
         return (self._revive(rows[0]["response"], request), rows[0]["source"] == "model") if rows else None
@@ -504,8 +563,7 @@ class RunStore:
             "INSERT INTO calls (run_id, key, seq, model, purpose, node, request, response, status, source, error, "
             "prompt_tokens, completion_tokens, cost_usd, latency_s, created, requests) "
             "VALUES (?, ?, 0, ?, ?, ?, ?, NULL, 'ok', 'model', NULL, ?, ?, ?, 0.0, ?, ?)",
-            (run_id, f"{EMBEDDINGS}:{uuid.uuid4().hex}", model, EMBEDDINGS, node,
-             json.dumps({"keywords": keywords}, ensure_ascii=False),
+            (run_id, f"{EMBEDDINGS}:{uuid.uuid4().hex}", model, EMBEDDINGS, node, _json({"keywords": keywords}),
              usage.prompt_tokens, usage.completion_tokens, usage.cost_usd, time.time(), usage.requests))
 
     def calls(self, run_id: str) -> list[dict[str, Any]]:
@@ -518,6 +576,9 @@ class RunStore:
 
     @staticmethod
     def _revive(response: str, request: ChatRequest) -> ChatResult:
+        from orchestra.models.structured import StructuredOutputError, parse_output
+        from orchestra.models.types import ChatResult
+
         data = json.loads(response)
         parsed = data.pop("parsed", None)
         result = ChatResult.model_validate(data)
@@ -554,10 +615,15 @@ class RunStore:
         next write or the event loop's next turn, so a burst of them is one transaction."""
         if event.kind in _QUIET_EVENTS:
             return
-        run_id = getattr(event, "run_id", None)
-        data = json.dumps(event.to_dict(), ensure_ascii=False, default=str)
-        statements: _Statements = [(_LOG_EVENT, (run_id, event.kind, event.at, data))]
+        statements: _Statements = [(_LOG_EVENT, (getattr(event, "run_id", None), event.kind, event.at,
+                                                 _event_json(event.to_dict())))]
         statements += _NODE_ROWS.handle(event) or []
+        self._hold(statements)
+
+    def _hold(self, statements: _Statements) -> None:
+        """Add statements to the group written at the next write or the event loop's next turn."""
+        import asyncio  # (loaded already wherever there is an event loop)
+
         self._pending += statements
         try:
             loop = asyncio.get_running_loop()
@@ -598,6 +664,24 @@ class StoreCache:
 
 
 _Statements = list[tuple[str, tuple[Any, ...]]]
+
+
+def _write(db: sqlite3.Connection, statements: _Statements) -> None:
+    """Held statements, in their order, a run of one statement at a time in one ``executemany``;
+    the event log's rows first, in one go (no other statement reads or writes that table)."""
+    db.executemany(_LOG_EVENT, [params for sql, params in statements if sql is _LOG_EVENT])
+    run: list[tuple[Any, ...]] = []
+    current = ""
+    for sql, params in statements:
+        if sql is _LOG_EVENT:
+            continue
+        if sql != current and run:
+            db.executemany(current, run)
+            run = []
+        current = sql
+        run.append(params)
+    if run:
+        db.executemany(current, run)
 
 
 class _NodeRows(EventHandler[_Statements]):

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -44,7 +44,9 @@ from orchestra.events import (
     UsageUpdated,
 )
 from orchestra.hints import run_error
-from orchestra.result import RunResult
+
+if TYPE_CHECKING:
+    from orchestra.result import RunResult
 
 
 def terminal(**options: object) -> Console:

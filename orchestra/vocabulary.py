@@ -23,8 +23,15 @@ GraderName = Literal["auto", "mc", "numeric", "exact"]
 PlanFallback = Literal["fail", "single"]
 """What happens when the planner's plan stays invalid."""
 
+ExecutorKind = Literal["local", "ray"]
+"""Where in-process engines run: in this process, or as Ray actors on a cluster."""
+
+Method = Literal["calibrated", "symbolic-moe", "vote", "moa", "random", "single"]
+"""An evaluation method preset (``orchestra.evaluate.METHODS`` says what each sets)."""
+
 MODES: tuple[str, ...] = get_args(Mode)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 AGGREGATOR_CHOICES: tuple[str, ...] = get_args(AggregatorChoice)
 GRADER_NAMES: tuple[str, ...] = get_args(GraderName)
 PLAN_FALLBACKS: tuple[str, ...] = get_args(PlanFallback)
+METHOD_NAMES: tuple[str, ...] = get_args(Method)

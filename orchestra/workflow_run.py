@@ -5,17 +5,17 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from orchestra.budget import Budget, BudgetTracker
-from orchestra.core import Orchestra, run_sync
+from orchestra.core import DEFAULT_WINDOW, Instance, Orchestra, run_sync
 from orchestra.datasets import load_dataset
 from orchestra.errors import ConfigError
-from orchestra.evaluate import EvalReport, grade_runs, loads_since
+from orchestra.evaluate import EvalReport, Tally, loads_since
 from orchestra.grading import answer_format, get_grader
 from orchestra.result import RunResult
 from orchestra.settings import Settings, WorkflowRef
@@ -33,19 +33,30 @@ async def arun_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orches
                         **overrides: Any) -> RunResult:
     """Run a workflow with ``inputs`` (strings are converted to the declared types); ``meta_extra``
     is stored with the run, ``overrides`` go to ``Orchestra.arun`` (a seed, a shared budget...)."""
-    values = workflow.resolve_inputs(inputs)
+    task, options = run_arguments(workflow, inputs)
     orc = orchestra or orchestra_for(workflow)
+    return await orc.arun(task, run_id=run_id, meta={"kind": "workflow", **(meta_extra or {})}, **options,
+                          **overrides)
+
+
+def run_arguments(workflow: Workflow, inputs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The task of one run of ``workflow`` with ``inputs`` and its other ``Orchestra.arun``
+    arguments: the plan (the workflow's steps, or planned), per-node settings, the final answer's
+    template and the workflow's reference (for a resume)."""
+    values = workflow.resolve_inputs(inputs)
     plan = workflow.plan()
-    return await orc.arun(workflow.task(values), plan=plan if plan is not None else True, run_id=run_id,
-                          node_settings=workflow.node_settings(values), final=workflow.final(values),
-                          workflow=WorkflowRef(path=str(workflow.path.resolve()), inputs=values),
-                          meta={"kind": "workflow", **(meta_extra or {})}, **overrides)
+    return workflow.task(values), {"plan": plan if plan is not None else True,
+                                   "node_settings": workflow.node_settings(values), "final": workflow.final(values),
+                                   "workflow": WorkflowRef(path=str(workflow.path.resolve()), inputs=values)}
 
 
-async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *,
-                             orchestra: Orchestra | None = None) -> EvalReport:
+async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
+                             window: int | None = DEFAULT_WINDOW) -> EvalReport:
     """Run the workflow once per data-set item (``inputs.question`` and ``inputs.answer_format`` set per
     item), all runs on one executor so their calls batch per model, and grade the answers.
+
+    Items stream through ``Orchestra.arun_iter`` (at most ``window`` runs in flight; None: every
+    item at once), each run graded as it finishes: no item's run is held once graded.
 
     The Orchestra's budget (the workflow's ``budget:``, or the command line's) bounds the whole data
     set; each item's run keeps the default per-run limits inside it. Each item gets its own seed
@@ -56,20 +67,31 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *,
     if spec is None:
         raise ConfigError("this workflow has no dataset to evaluate", path=str(workflow.path))
     dataset = load_dataset(workflow.path.parent / spec.path)
-    items = list(dataset.items[: spec.limit] if spec.limit else dataset.items)
+    items = dataset.items[: spec.limit] if spec.limit else dataset.items
     orc = orchestra or orchestra_for(workflow)
     shared = BudgetTracker(orc.settings.budget, None)
+    per_run = Budget().model_dump()
+
+    def instances() -> Iterator[Instance]:
+        for item in items:
+            given = {**inputs, "question": item.prompt()}
+            if "answer_format" in workflow.spec.inputs:
+                given["answer_format"] = answer_format(item)
+            task, options = run_arguments(workflow, given)
+            yield Instance(task, meta={"item": item.id}, options={
+                **options, "shared_budget": shared, "budget": per_run, "seed": item_seed(orc.settings.seed, item.id)})
+
+    tally = Tally(get_grader(spec.grader))
     loads_before = dict(orc.executor.stats.loads)
     started = time.perf_counter()
-    results = await asyncio.gather(*(
-        arun_workflow(workflow, {**inputs, "question": item.prompt(),
-                                 **({"answer_format": answer_format(item)} if "answer_format" in workflow.spec.inputs
-                                    else {})}, orchestra=orc, shared_budget=shared, budget=Budget().model_dump(),
-                      seed=item_seed(orc.settings.seed, item.id), meta_extra={"item": item.id})
-        for item in items))
-    return grade_runs(workflow.name, items, results, get_grader(spec.grader), elapsed_s=time.perf_counter() - started,
-                      model_loads=loads_since(orc, loads_before),
-                      budget_exceeded=str(shared.exceeded) if shared.exceeded else None)
+    # each run has its workflow's steps (or plans): no chunk of runs to recruit together
+    stream = orc.arun_iter(instances(), window=window, rare_filter=False, meta={"kind": "workflow"})
+    async with contextlib.aclosing(stream) as results:
+        async for index, result in results:
+            tally.add(index, items[index], result)
+    return tally.report(workflow.name, elapsed_s=time.perf_counter() - started,
+                        model_loads=loads_since(orc, loads_before),
+                        budget_exceeded=str(shared.exceeded) if shared.exceeded else None)
 
 
 def item_seed(seed: int, item_id: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import AGGREGATE_MARK
 from loopback_llm import ScriptedLLM, write_pool
 
 from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply
@@ -38,8 +40,24 @@ def test_help_lists_the_commands() -> None:
         assert command in done.stdout
 
 
-def test_ask_json_multi_step_dag_batches_and_aggregation(llm, tmp_path: Path) -> None:
-    pool = write_pool(tmp_path, llm.server.url)
+def test_ask_json_multi_step_dag_batches_and_aggregation(loopback, tmp_path: Path) -> None:
+    llm = ScriptedLLM()
+    numbers_aggregated: list[asyncio.Event] = []  # made in the server's event loop
+
+    async def answer(request: LoopbackRequest) -> str | Reply:
+        if not numbers_aggregated:
+            numbers_aggregated.append(asyncio.Event())
+        aggregate = AGGREGATE_MARK in request.prompt
+        if aggregate and "Compute the numbers" in request.prompt:
+            numbers_aggregated[0].set()
+        elif not aggregate and "Your assignment: List the key facts" in request.prompt:
+            # the facts experts answer only once the numbers node's aggregation was sent: its own
+            # experts' answers were enough (remote calls have no barrier), so the two aggregations
+            # are two waves, whatever the timing
+            await asyncio.wait_for(numbers_aggregated[0].wait(), 10)
+        return llm.text(request)
+
+    pool = write_pool(tmp_path, loopback(chat_handler(answer)).url)
     done = cli("ask", "Write a short report on the numbers, then check it", "--pool", str(pool), "--json", "--k", "3")
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
@@ -53,11 +71,14 @@ def test_ask_json_multi_step_dag_batches_and_aggregation(llm, tmp_path: Path) ->
     # one batch per model per wave
     per_wave = Counter((b["wave"], b["model"]) for b in data["batches"])
     assert max(per_wave.values()) == 1
-    waves = {b["wave"] for b in data["batches"]}
-    # plan, experts(facts+numbers), each node's aggregation as soon as its own experts answered (one
-    # wave, or two: remote calls have no barrier), experts(report), aggregate
-    assert len(waves) in (5, 6)
-    assert len({b["wave"] for b in data["batches"] if b["purpose"] == "expert"}) == 2  # facts+numbers together
+    # plan, experts (facts and numbers together), numbers' aggregation, facts' aggregation, experts
+    # (report), report's aggregation
+    assert [(b["wave"], b["purpose"]) for b in data["batches"] if b["purpose"] != "expert"] == [
+        (1, "plan"), (3, "aggregate"), (4, "aggregate"), (6, "aggregate")]
+    assert {b["wave"] for b in data["batches"] if b["purpose"] == "expert"} == {2, 5}
+    aggregations = [prompt for kind, prompt in llm.prompts if kind == "aggregate"]
+    assert ["Compute the numbers" in p for p in aggregations] == [True, False, False]
+    assert "List the key facts" in aggregations[1]
     assert data["model_loads"] == {} and data["elapsed_s"] > 0
     assert set(data["usage"]) >= {"calls", "prompt_tokens", "completion_tokens", "cost_usd"}
 

@@ -9,6 +9,7 @@ failed call. The requests are counted in the server's access log, not by Orchest
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -170,3 +171,25 @@ def test_what_the_readme_table_says_about_the_proxy(litellm_proxy) -> None:
     assert wrong.status_code == 400  # quirk: a wrong key is a 400 ("No connected db."), not a 401
     installed = list(litellm_binary().parent.parent.glob("lib/python*/site-packages/litellm-*.dist-info"))
     assert [d.name for d in installed] == [f"litellm-{LITELLM_VERSION}.dist-info"]  # the version in the README
+
+
+def test_the_answer_streams_from_both_servers_as_it_is_written(litellm_proxy, llama_server) -> None:
+    """``on_text`` over real streams: llama-cpp-python's (no usage in it: the prompt is estimated)
+    and the proxy's in front of it."""
+    import asyncio
+
+    from orchestra.models import ChatRequest, OpenAICompatible, allow_model_requests
+
+    for url, key in ((llama_server.url, None), (litellm_proxy.url, "COMPAT_PROXY_KEY")):
+        seen: list[str] = []
+        model = OpenAICompatible(model="smollm2", base_url=url, api_key_env=key, timeout=120)
+        request = ChatRequest.user("Count from one to ten in words.", max_tokens=40, temperature=0.0,
+                                   on_text=seen.append)
+        os.environ["COMPAT_PROXY_KEY"] = PROXY_KEY
+        try:
+            with allow_model_requests():
+                result = asyncio.run(model.complete_one(request))
+        finally:
+            del os.environ["COMPAT_PROXY_KEY"]
+        assert len(seen) > 3 and seen[-1] == result.text and all(b.startswith(a) for a, b in itertools.pairwise(seen))
+        assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0

@@ -22,6 +22,7 @@ from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
 from orchestra.models.base import retry_listener
 from orchestra.models.http import parse_retry_after
 from orchestra.testing import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
+from orchestra.testing.loopback import openai_stream_reply
 
 
 class Answer(BaseModel):
@@ -337,3 +338,53 @@ def test_credentials_in_a_url_never_reach_messages() -> None:
     from orchestra.models.http import display_url
 
     assert display_url("https://user:pw@host:8443/v1/chat?key=abc") == "https://host:8443/v1/chat"
+
+
+# --- streaming the answer as it is written ---------------------------------------------------------
+
+
+def test_a_request_with_on_text_streams_and_gives_the_text_so_far_then_the_same_result(loopback) -> None:
+    seen: list[str] = []
+    payloads: list[dict] = []
+
+    async def client_has(index: int) -> None:  # the next piece only once the client has this one
+        for _ in range(1000):
+            if len(seen) > index:
+                return
+            await asyncio.sleep(0.005)
+
+    def handle(request: LoopbackRequest) -> Reply:
+        payloads.append(request.json())
+        if request.json().get("response_format"):
+            return openai_reply('{"a": 1}')
+        if request.json().get("stream"):
+            return openai_stream_reply(["Light ", "travels ", "30 cm."], prompt_tokens=17, between=client_has)
+        return openai_reply("Light travels 30 cm.", prompt_tokens=17, completion_tokens=6)
+
+    server = loopback(handle)
+    model = openai(server)
+    streamed = run(model.complete_one(ask(on_text=seen.append)))
+    plain = run(model.complete_one(ask()))
+    assert seen == ["Light ", "Light travels ", "Light travels 30 cm."]
+    assert streamed.text == plain.text == "Light travels 30 cm." and streamed.finish_reason == "stop"
+    assert streamed.usage.prompt_tokens == 17 and streamed.usage.requests == 1
+    assert payloads[0]["stream"] is True and payloads[0]["stream_options"] == {"include_usage": True}
+    assert "stream" not in payloads[1]
+    structured = run(model.complete_one(ask(on_text=seen.append, output="json")))  # JSON is only useful whole
+    assert structured.parsed == {"a": 1} and "stream" not in payloads[2]
+
+
+def test_a_stream_cut_short_is_retried_and_the_text_starts_again(loopback) -> None:
+    seen: list[str] = []
+    attempts: list[int] = []
+
+    def handle(request: LoopbackRequest) -> Reply:
+        attempts.append(1)
+        if len(attempts) == 1:
+            return Reply(status=503, body={"error": {"message": "warming up"}})
+        return openai_stream_reply(["Second ", "try."], usage=False)
+
+    server = loopback(handle)
+    result = run(openai(server).complete_one(ask("a question of some length", on_text=seen.append)))
+    assert result.text == "Second try." and seen[-1] == "Second try." and len(attempts) == 2
+    assert result.usage.prompt_tokens > 0  # no usage in the stream: the prompt is estimated, not zero

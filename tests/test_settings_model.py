@@ -28,7 +28,7 @@ NON_DEFAULTS: dict[str, Any] = {
     "planner_max_tokens": 99, "fast_path": False, "plan_check": False, "context_chars": 321,
     "max_response_chars": 4321, "max_resident_models": 2, "memory_budget_gb": 1.5,
     "recruit": {"competence_weight": 0.0}, "keywords": {"samples": 2}, "matcher": {"min_similarity": 0.5},
-    "budget": {"max_calls": 7}, "cache": True, "seed": 11,
+    "budget": {"max_calls": 7}, "cache": True, "seed": 11, "executor": "ray", "ray_address": "auto",
 }
 
 

@@ -12,6 +12,7 @@ from orchestra.models.anthropic import ANTHROPIC_URL, Anthropic
 from orchestra.models.base import Model
 from orchestra.models.http import DEFAULT_MAX_CONCURRENCY, Endpoint, check_base_url
 from orchestra.models.openai import OPENAI_URL, OpenAICompatible
+from orchestra.models.placement import EngineResources
 from orchestra.models.pricing import Price
 
 
@@ -88,6 +89,7 @@ class LlamaCppSpec(_Spec):
     n_gpu_layers: int = 0
     default_max_tokens: int = Field(default=512, ge=1)
     repeat_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
+    resources: EngineResources | None = None
 
     def build(self, name: str, base_dir: Path) -> Model:
         from orchestra.models.llamacpp import LlamaCpp
@@ -95,7 +97,7 @@ class LlamaCppSpec(_Spec):
         path = None if self.path is None else (base_dir / Path(self.path).expanduser())
         return LlamaCpp(path, name=name, n_ctx=self.n_ctx, threads=self.threads,
                         n_gpu_layers=self.n_gpu_layers, default_max_tokens=self.default_max_tokens,
-                        repeat_penalty=self.repeat_penalty)
+                        repeat_penalty=self.repeat_penalty, resources=self.resources)
 
 
 class VLLMSpec(_Spec):
@@ -108,13 +110,15 @@ class VLLMSpec(_Spec):
     max_model_len: int | None = None
     memory_gb: float = Field(default=0.0, ge=0)
     engine_options: dict[str, Any] = {}
+    resources: EngineResources | None = None
 
     def build(self, name: str, base_dir: Path) -> Model:
         from orchestra.models.vllm import VLLM
 
         return VLLM(self.model, name=name, tensor_parallel_size=self.tensor_parallel_size,
                     gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
-                    memory_bytes=int(self.memory_gb * 2**30), engine_options=self.engine_options)
+                    memory_bytes=int(self.memory_gb * 2**30), engine_options=self.engine_options,
+                    resources=self.resources)
 
 
 ModelSpec = Annotated[OpenAISpec | AnthropicSpec | LlamaCppSpec | VLLMSpec, Field(discriminator="type")]

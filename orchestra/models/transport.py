@@ -4,7 +4,8 @@ Measured side by side (``bench/http_overhead.py``), httpx's own pool (httpcore) 
 request's client time managing connections, ``httpx.AsyncClient`` adds auth, redirect and cookie
 handling an API call does not need, and building ``httpx.Request``/``httpx.Response`` objects
 costs more than the rest of Orchestra's layer. An endpoint therefore asks a ``Transport`` for one
-thing, a POST of JSON bytes answered whole, and gets an ``Answer`` back:
+thing, a POST of JSON bytes answered whole (its body also handed over piece by piece as it
+arrives, when the caller streams), and gets an ``Answer`` back:
 
 - ``AiohttpTransport`` (the default) sends it over one ``aiohttp`` session per event loop;
 - ``HttpxTransport`` wraps any ``httpx.AsyncBaseTransport`` (``httpx.AsyncHTTPTransport``,
@@ -50,12 +51,16 @@ class Answer:
 class Transport(Protocol):
     """Sends an endpoint's requests in one event loop."""
 
-    async def post(self, url: str, headers: Headers, body: bytes) -> Answer:
-        """POST ``body`` to ``url`` and return the whole answer."""
+    async def post(self, url: str, headers: Headers, body: bytes, on_chunk: Chunks = None) -> Answer:
+        """POST ``body`` to ``url`` and return the whole answer; ``on_chunk`` gets each piece of
+        the body as it arrives."""
 
     async def aclose(self) -> None:
         """Close the connections."""
 
+
+Chunks = Callable[[bytes], None] | None
+"""Given each piece of an answer's body as it arrives (a streamed answer), or None."""
 
 #: Makes an endpoint's transport for one event loop, given its connection limit.
 TransportFactory = Callable[[int], Transport]
@@ -84,12 +89,18 @@ class AiohttpTransport:
                                                   timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
-    async def post(self, url: str, headers: Headers, body: bytes) -> Answer:
+    async def post(self, url: str, headers: Headers, body: bytes, on_chunk: Chunks = None) -> Answer:
         """POST ``body`` and read the whole answer; aiohttp's failures become httpx's exception types."""
         try:
             async with self._open().post(self._url(url), headers=headers, data=body,
                                          allow_redirects=False) as answer:
-                return Answer(answer.status, answer.headers, await answer.read())
+                if on_chunk is None:
+                    return Answer(answer.status, answer.headers, await answer.read())
+                pieces = []
+                async for piece in answer.content.iter_any():
+                    pieces.append(piece)
+                    on_chunk(piece)
+                return Answer(answer.status, answer.headers, b"".join(pieces))
         except asyncio.TimeoutError as error:  # a socket timeout; the endpoint bounds each attempt itself
             raise httpx.ReadTimeout(str(error) or "timed out") from error
         except aiohttp.ClientConnectorError as error:  # no connection was made: refused, unknown host
@@ -117,12 +128,19 @@ class HttpxTransport:
     def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
         self.transport = transport
 
-    async def post(self, url: str, headers: Headers, body: bytes) -> Answer:
+    async def post(self, url: str, headers: Headers, body: bytes, on_chunk: Chunks = None) -> Answer:
         """POST ``body`` through the httpx transport and read the whole answer."""
         response = await self.transport.handle_async_request(
             httpx.Request("POST", url, headers=list(headers), content=body))
         try:
-            content = await response.aread()
+            if on_chunk is None:
+                content = await response.aread()
+            else:
+                pieces = []
+                async for piece in response.aiter_bytes():
+                    pieces.append(piece)
+                    on_chunk(piece)
+                content = b"".join(pieces)
         finally:
             await response.aclose()
         return Answer(response.status_code, response.headers, content)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -28,7 +28,9 @@ class ChatRequest(BaseModel):
     """A chat completion request, independent of any provider.
 
     ``output`` is ``"text"``, ``"json"`` (any JSON value), a JSON-schema ``dict``, or a pydantic
-    model class; structured outputs come back parsed in ``ChatResult.parsed``.
+    model class; structured outputs come back parsed in ``ChatResult.parsed``. ``on_text``, when
+    set, is given the answer's text so far each time more of it arrives, by a backend that can
+    stream (the others do not call it); it changes nothing else about the request.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
@@ -39,6 +41,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stop: tuple[str, ...] = ()
     output: OutputFormat = "text"
+    on_text: Callable[[str], None] | None = Field(default=None, exclude=True, repr=False)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -108,7 +111,7 @@ class ChatRequest(BaseModel):
         if self.output_model is not None:
             output = {"model": self.output_model.__name__, "schema": self.output_schema}
         return {
-            "messages": [m.model_dump() for m in self.messages],
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],  # (a message's fields)
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "seed": self.seed,
@@ -118,8 +121,12 @@ class ChatRequest(BaseModel):
 
     def key(self, model: str) -> str:
         """A stable hash of this request sent to ``model``."""
-        blob = json.dumps({"model": model, **self.canonical()}, sort_keys=True, ensure_ascii=False)
+        blob = _key_json({"model": model, **self.canonical()})
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+#: ``json.dumps(..., sort_keys=True, ensure_ascii=False)`` without making an encoder per call
+_key_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
 
 
 class Usage(BaseModel):

@@ -11,6 +11,7 @@ from typing import Any
 from orchestra.errors import InvalidOutput, MissingDependency
 from orchestra.models.base import ModelBase, Outcome, with_usage
 from orchestra.models.metering import Meter
+from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
 
 
@@ -51,6 +52,8 @@ class VLLM(ModelBase):
         max_model_len: context length (vLLM's default when None).
         memory_bytes: the model's size, for the executor's memory budget.
         engine_options: more keyword arguments for ``vllm.LLM``.
+        resources: what its Ray actor asks the cluster for (with ``executor: ray``; default one CPU
+            and ``tensor_parallel_size`` GPUs).
         engine_factory, sampling_factory: replace ``vllm.LLM`` and the ``SamplingParams`` builder
             (tests inject fakes here).
     """
@@ -60,6 +63,7 @@ class VLLM(ModelBase):
     def __init__(self, model: str, *, name: str | None = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, memory_bytes: int = 0,
                  default_max_tokens: int = 1024, engine_options: dict[str, Any] | None = None,
+                 resources: EngineResources | None = None,
                  engine_factory: Callable[..., Any] | None = None,
                  sampling_factory: Callable[[dict[str, Any], dict[str, Any] | None], Any] | None = None) -> None:
         self.model = model
@@ -70,6 +74,7 @@ class VLLM(ModelBase):
         self.memory_bytes = memory_bytes
         self.default_max_tokens = default_max_tokens
         self.engine_options = dict(engine_options or {})
+        self.resources = resources or EngineResources(num_gpus=tensor_parallel_size)
         self.engine_factory = engine_factory
         self.sampling_factory = sampling_factory or _vllm_sampling
         self._engine: Any = None

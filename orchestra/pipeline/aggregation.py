@@ -10,6 +10,7 @@ Each strategy is an object behind one protocol (``Aggregation``), chosen by name
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from orchestra.agents import Agent
 from orchestra.grading import AutoGrader, Grader, strip_reasoning
 from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.prompts import render
+from orchestra.settings import AnswerOptions
 from orchestra.vocabulary import Strategy
 
 Call = Callable[[Sequence[tuple[Model, ChatRequest]]], Awaitable[list[ChatResult | Exception]]]
@@ -101,7 +103,13 @@ class Job:
     aggregator: Agent
     grader: Grader
     answer_format: str | None = None
-    schema: dict[str, Any] | None = None
+    schema: str | dict[str, Any] | None = None
+    """The output's format: "json" or a JSON schema (None: text)."""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    """The aggregator's token limit and temperature (None: its own)."""
+    on_text: Callable[[str], None] | None = None
+    """Given the aggregator's text so far as it streams (the run's answer being written)."""
 
 
 class Aggregation(Protocol):
@@ -149,13 +157,12 @@ class Synthesize:
     async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
         """The aggregator's answer to the strategy's prompt."""
         request = job.aggregator.request(self.prompt(job.task, job.instruction, job.responses, job.answer_format),
-                                         seed=job.seed + 101, output=job.schema or "text")
+                                         seed=job.seed + 101, output=job.schema or "text", max_tokens=job.max_tokens,
+                                         temperature=job.temperature, on_text=job.on_text)
         [outcome] = await call([(job.aggregator.model, request)])
         if isinstance(outcome, Exception):
             raise outcome
-        parsed = outcome.parsed
-        plain = parsed.model_dump(mode="json") if hasattr(parsed, "model_dump") else parsed
-        return strip_reasoning(outcome.text), plain
+        return strip_reasoning(outcome.text), _plain(outcome.parsed)
 
 
 class Refine(Synthesize):
@@ -177,20 +184,37 @@ def strategy(name: Strategy, responses: int) -> Aggregation:
     return STRATEGY_CLASSES[name]()
 
 
+#: the default answer: text, each agent's own token limit and temperature
+TEXT_ANSWER = AnswerOptions()
+
+
+def _plain(parsed: Any) -> Any:
+    """A parsed output as JSON-ready data (a pydantic model dumped)."""
+    return parsed.model_dump(mode="json") if hasattr(parsed, "model_dump") else parsed
+
+
 class FinalSynthesis:
     """Merges the outputs of a plan's sink nodes into one answer with the aggregator."""
 
     def __init__(self, aggregator: Agent) -> None:
         self.aggregator = aggregator
 
-    def request(self, task: str, inputs: Sequence[dict[str, Any]], *, seed: int, context: str = "") -> ChatRequest:
-        """The final request: the task and each sink's instruction and output."""
-        return self.aggregator.request(render("final.j2", task=task, inputs=list(inputs), context=context), seed=seed)
+    def request(self, task: str, inputs: Sequence[dict[str, Any]], *, seed: int, context: str = "",
+                options: AnswerOptions = TEXT_ANSWER, on_text: Callable[[str], None] | None = None) -> ChatRequest:
+        """The final request: the task and each sink's instruction and output, in the answer's format."""
+        return self.aggregator.request(render("final.j2", task=task, inputs=list(inputs), context=context), seed=seed,
+                                       output=options.output, max_tokens=options.max_tokens,
+                                       temperature=options.temperature, on_text=on_text)
 
     async def answer(self, task: str, inputs: Sequence[dict[str, Any]], call: Call, *, seed: int,
-                     context: str = "") -> str:
-        """The run's answer (an exception from the call is raised)."""
-        [outcome] = await call([(self.aggregator.model, self.request(task, inputs, seed=seed, context=context))])
+                     context: str = "", options: AnswerOptions = TEXT_ANSWER,
+                     on_text: Callable[[str], None] | None = None) -> str:
+        """The run's answer, its JSON compact when the answer is JSON (an exception from the call is
+        raised); ``on_text`` is given the answer so far as it streams."""
+        request = self.request(task, inputs, seed=seed, context=context, options=options, on_text=on_text)
+        [outcome] = await call([(self.aggregator.model, request)])
         if isinstance(outcome, Exception):
             raise outcome
+        if options.output != "text":
+            return json.dumps(_plain(outcome.parsed), ensure_ascii=False)
         return strip_reasoning(outcome.text)

@@ -10,6 +10,7 @@ aggregator when there are several. Every step is an event on the bus; nothing he
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import zlib
 from collections.abc import Callable, Coroutine, Sequence
@@ -159,11 +160,14 @@ class Run:
         ledger: its accounting inside the executor.
         node_settings: per-node choices (a workflow's steps).
         final: renders the answer from the nodes' outputs instead of aggregating the sinks.
+        on_answer_text: given the answer's text so far while the call that writes it streams
+            (a backend that can stream; the answer in the result is the reference).
     """
 
     def __init__(self, stages: Stages, spec: RunSpec, ledger: RunLedger, *,
                  node_settings: dict[str, NodeSettings] | None = None,
-                 final: Callable[[Outputs], str] | None = None) -> None:
+                 final: Callable[[Outputs], str] | None = None,
+                 on_answer_text: Callable[[str], None] | None = None) -> None:
         self.stages = stages
         self.spec = spec
         self.task = spec.task
@@ -173,6 +177,7 @@ class Run:
         self.pins: dict[str, Pin] = {node: Pin(tuple(names)) for node, names in spec.pinned.items()}
         self.node_settings = node_settings or {}
         self.final_template = final
+        self.on_answer_text = on_answer_text
         self.future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
         self.traces: dict[str, NodeState] = {}
         self.plan_attempts, self.plan_note = 0, ""
@@ -186,6 +191,7 @@ class Run:
         self.stage_failures: list[str] = []  # stages that failed without stopping the run: it is not done
         self._unresolved = 0
         self._execute_started = self.started
+        self.answer_node: str | None = None  # the one sink whose output is the answer, once planned
 
     def pin(self, node: str, recruitment: Recruitment) -> None:
         """Fix a node's experts to this recruitment (and record them, so a resume keeps them)."""
@@ -275,6 +281,8 @@ class Run:
                                                        "depends_on": list(s.depends_on), "skills": list(s.skills)}
                                                       for s in plan.subtasks)))
         self._unresolved = len(plan.subtasks)
+        sinks = [n for n in self.graph if self.graph.out_degree(n) == 0]
+        self.answer_node = sinks[0] if len(sinks) == 1 and self.final_template is None else None
         self._execute_started = time.perf_counter()
         for node_id in nx.topological_sort(self.graph):
             if self.graph.in_degree(node_id) == 0:
@@ -308,7 +316,9 @@ class Run:
                 aggregator=trace.aggregator or "", skills=recruitment.keywords,
                 explanation=tuple(trace.explanation), instruction=instruction))
             trace.status = "running"
-            responses = await self._experts(trace, agents, recruitment, instruction, settings)
+            output = settings.output or self._answer_output(node_id)
+            responses = await self._experts(trace, agents, recruitment, instruction, settings.prompt is not None,
+                                            output)
             combine = strategy(trace.strategy, 1 if trace.saved_calls else len(responses))
             if trace.saved_calls:  # a confident team's first experts agreed: their answer stands
                 trace.aggregator = None
@@ -319,7 +329,8 @@ class Run:
                       seed=node_seed(self.settings.seed, self.task, node_id),
                       aggregator=(self.stages.pool[trace.aggregator] if trace.aggregator
                                   else self.stages.staffing.aggregator),
-                      grader=self.stages.grader, answer_format=self.spec.answer_format, schema=settings.output)
+                      grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
+                      on_text=self._answer_stream(node_id), **self._answer_sampling(node_id))
             trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
             trace.status = "done"
             self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
@@ -353,15 +364,36 @@ class Run:
             self.stages.executor.emit_usage(self.ledger)
         return staffed.recruitment
 
+    def _answer_output(self, node_id: str) -> str | dict[str, Any] | None:
+        """The answer's format ("json" or a JSON schema) for the node that writes it (None: text)."""
+        output = self.spec.answer.output
+        return None if node_id != self.answer_node or output == "text" else output
+
+    def _answer_stream(self, node_id: str) -> Callable[[str], None] | None:
+        """Where the text of the node's answer-writing call goes as it streams (a text answer's)."""
+        if node_id != self.answer_node or self.spec.answer.output != "text":
+            return None
+        return self.on_answer_text
+
+    def _answer_sampling(self, node_id: str) -> dict[str, Any]:
+        """The answer's token limit and temperature, for the calls that write it."""
+        if node_id != self.answer_node:
+            return {}
+        answer = self.spec.answer
+        return {"max_tokens": answer.max_tokens, "temperature": answer.temperature}
+
     async def _experts(self, trace: NodeState, agents: list[Agent], recruitment: Recruitment, instruction: str,
-                       settings: NodeSettings) -> list[Response]:
-        """The experts' answers to the node (a failed expert is traced; the others still count)."""
-        inputs = [] if settings.prompt else self._inputs(trace.id)
+                       prompted: bool, output: str | dict[str, Any] | None) -> list[Response]:
+        """The experts' answers to the node (a failed expert is traced; the others still count).
+        ``prompted``: the instruction is a workflow step's prompt, which shows the inputs itself."""
+        inputs = [] if prompted else self._inputs(trace.id)
         prompt = render("expert.j2", task=self.task, instruction=instruction, inputs=inputs,
                         answer_format=self.spec.answer_format, context=self.spec.context)
         seed = node_seed(self.settings.seed, self.task, trace.id)
-        output = settings.output or "text"
-        calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output)) for i, agent in enumerate(agents)]
+        sampling = self._answer_sampling(trace.id)
+        alone = self._answer_stream(trace.id) if len(agents) == 1 else None  # its answer is the answer
+        calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output or "text", on_text=alone,
+                                             **sampling)) for i, agent in enumerate(agents)]
         # the aggregator is called next: announced, so an engine serving it stays loaded until then
         then = [self.stages.pool[trace.aggregator].model] if trace.aggregator else []
         first = recruitment.staged if len(agents) >= 2 else 0
@@ -462,7 +494,7 @@ class Run:
         if not done:
             self._finish(self._failure_status(), None, "; ".join(failures) or "no node finished")
             return
-        answer = self.traces[done[0]].output
+        answer = self._answer_text(self.traces[done[0]])
         if self.final_template is not None and not failures:
             try:
                 answer = self.final_template(self.outputs())
@@ -476,7 +508,8 @@ class Run:
             try:
                 answer = await self.stages.final.answer(self.task, inputs, self.caller("final"),
                                                         seed=node_seed(self.settings.seed, self.task, "final"),
-                                                        context=self.spec.context)
+                                                        context=self.spec.context, options=self.spec.answer,
+                                                        on_text=self.on_answer_text)
             except Exception as error:
                 self.user_error |= isinstance(error, UserError)
                 failures.append(f"final aggregation: {error}")
@@ -488,6 +521,12 @@ class Run:
         complete = len(done) == len(sinks) and not failures
         status: RunStatus = "done" if complete else ("budget_exceeded" if self.ledger.budget.exceeded else "partial")
         self._finish(status, answer, "; ".join(failures) or None)
+
+    def _answer_text(self, trace: NodeState) -> str | None:
+        """A sink's output as the answer: its parsed JSON, compact, when the answer is JSON."""
+        if trace.id == self.answer_node and self.spec.answer.output != "text" and trace.data is not None:
+            return json.dumps(trace.data, ensure_ascii=False)
+        return trace.output
 
     def _failure_status(self) -> Literal["failed", "budget_exceeded"]:
         return "budget_exceeded" if self.ledger.budget.exceeded else "failed"

@@ -12,6 +12,7 @@ from typing import Any
 
 from orchestra.errors import BadResponse
 from orchestra.models.base import ModelBase, Outcome
+from orchestra.models.placement import EngineResources
 from orchestra.models.pricing import Price, coerce_price
 from orchestra.models.types import ChatRequest, ChatResult, estimate_tokens
 
@@ -20,14 +21,17 @@ ScriptedReply = str | dict | list | ChatResult | Exception
 
 
 class DoubleBase(ModelBase):
-    """Records every request; optionally behaves as a heavy engine with counted loads."""
+    """Records every request; optionally behaves as a heavy engine with counted loads (and, with
+    ``resources``, asks a Ray cluster for them when the executor runs engines as actors)."""
 
     is_test_double = True
 
     def __init__(self, *, name: str, heavy: bool = False, load_seconds: float = 0.0, memory_bytes: int = 0,
-                 prices: Price | Mapping[str, float] | tuple[float, float] | None = None) -> None:
+                 prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
+                 resources: EngineResources | None = None) -> None:
         self.name = name
         self.heavy = heavy
+        self.resources = resources
         self.load_seconds = load_seconds
         self.memory_bytes = memory_bytes
         self.price = coerce_price(prices, name)
@@ -81,15 +85,16 @@ class ScriptedModel(DoubleBase):
         replies: a list (answered in order) or a mapping from a prompt pattern to its reply; a
             pattern is a substring of the prompt, or a regular expression when it starts with ``re:``.
         default: the reply when the list is used up or no pattern matches; without one that is an error.
-        name, heavy, load_seconds, memory_bytes, prices: as for every double.
+        name, heavy, load_seconds, memory_bytes, prices, resources: as for every double.
     """
 
     def __init__(self, replies: Sequence[ScriptedReply] | Mapping[str, ScriptedReply] = (), *,
                  default: ScriptedReply | None = None, name: str = "scripted", heavy: bool = False,
                  load_seconds: float = 0.0, memory_bytes: int = 0,
-                 prices: Price | Mapping[str, float] | tuple[float, float] | None = None) -> None:
+                 prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
+                 resources: EngineResources | None = None) -> None:
         super().__init__(name=name, heavy=heavy, load_seconds=load_seconds, memory_bytes=memory_bytes,
-                         prices=prices)
+                         prices=prices, resources=resources)
         self.by_pattern = dict(replies) if isinstance(replies, Mapping) else None
         self.queue = [] if isinstance(replies, Mapping) else list(replies)
         self.default = default
@@ -123,9 +128,10 @@ class FunctionModel(DoubleBase):
 
     def __init__(self, fn: ReplyFunction, *, name: str = "function", heavy: bool = False,
                  load_seconds: float = 0.0, memory_bytes: int = 0,
-                 prices: Price | Mapping[str, float] | tuple[float, float] | None = None) -> None:
+                 prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
+                 resources: EngineResources | None = None) -> None:
         super().__init__(name=name, heavy=heavy, load_seconds=load_seconds, memory_bytes=memory_bytes,
-                         prices=prices)
+                         prices=prices, resources=resources)
         self.fn = fn
 
     async def _generate(self, request: ChatRequest) -> ChatResult:

@@ -17,7 +17,7 @@ import asyncio
 import inspect
 import json
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,9 @@ class Reply:
     """Send only this many bytes of the body, then close the connection (a body cut short)."""
     reset: bool = False
     """Close the connection without answering."""
+    parts: Callable[[], AsyncIterator[bytes]] | None = None
+    """Send the body as these parts, each as it is produced (chunked transfer encoding), instead
+    of ``body``; ``body``'s content type is replaced by ``text/event-stream``."""
 
 
 Handler = Callable[[LoopbackRequest], Reply | Awaitable[Reply]]
@@ -148,6 +151,9 @@ class LoopbackServer:
                     self.in_flight -= 1
                 if reply.reset:
                     break
+                if reply.parts is not None:
+                    await _send_parts(writer, reply)
+                    continue
                 data = _encode(reply)
                 if reply.cut is not None:
                     writer.write(data[: data.index(b"\r\n\r\n") + 4 + reply.cut])
@@ -202,6 +208,22 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
             500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
+async def _send_parts(writer: asyncio.StreamWriter, reply: Reply) -> None:
+    """A reply whose body is sent part by part, as each is produced (HTTP/1.1 chunked encoding)."""
+    assert reply.parts is not None
+    head = [f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Status')}", "Content-Type: text/event-stream",
+            "Transfer-Encoding: chunked", "Connection: keep-alive"]
+    head += [f"{name}: {value}" for name, value in reply.headers.items()]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+    await writer.drain()
+    async for part in reply.parts():
+        if part:
+            writer.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+            await writer.drain()
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
 def _encode(reply: Reply) -> bytes:
     if isinstance(reply.body, (dict, list)):
         payload, content_type = json.dumps(reply.body).encode(), "application/json"
@@ -227,6 +249,33 @@ def openai_reply(text: str, *, prompt_tokens: int = 10, completion_tokens: int |
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                   "total_tokens": prompt_tokens + completion},
     })
+
+
+def openai_stream_reply(pieces: Sequence[str], *, prompt_tokens: int = 10, model: str = "loopback",
+                        usage: bool = True, between: Callable[[int], Awaitable[None]] | None = None) -> Reply:
+    """A streamed Chat Completions answer: a ``chat.completion.chunk`` event per piece of text, the
+    finish chunk, the usage chunk (``usage``), ``[DONE]``. ``between(i)`` is awaited after piece
+    ``i`` is sent (a test can hold the rest of the answer until something happened)."""
+    text = "".join(pieces)
+
+    def event(body: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps({"id": "chatcmpl-loopback", "object": "chat.completion.chunk",
+                                       "model": model, **body}).encode() + b"\n\n"
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        for index, piece in enumerate(pieces):
+            yield event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            if between is not None:
+                await between(index)
+        yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if usage:
+            completion = estimate_tokens(text)
+            yield event({"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                                  "total_tokens": prompt_tokens + completion}})
+        yield b"data: [DONE]\n\n"
+
+    return Reply(parts=parts)
 
 
 def anthropic_reply(text: str | None = None, *, tool_input: Any = None, input_tokens: int = 10,

@@ -1,0 +1,59 @@
+"""What an in-process engine asks a cluster for when it runs as a Ray actor (``resources:`` in a pool's model entry)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: resource names Ray reserves for its own fields (``num_cpus``, ``num_gpus``, ``memory``)
+_RESERVED = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+class EngineResources(BaseModel):
+    """An engine's demand on a Ray cluster: its actor is placed only where all of it is free.
+
+    Attributes:
+        num_cpus: CPU slots (logical, as Ray counts them).
+        num_gpus: GPUs (fractions share one).
+        memory_gb: memory reserved for the actor (None: none reserved).
+        custom: custom resources by name, as the nodes declare them (``ray start --resources``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    memory_gb: float | None = Field(default=None, gt=0)
+    custom: dict[str, float] = {}
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, value: dict[str, float]) -> dict[str, float]:
+        reserved = sorted(_RESERVED & set(value))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} is set by num_cpus, num_gpus or memory_gb, not under custom")
+        if any(amount < 0 for amount in value.values()):
+            raise ValueError("custom resources are amounts of at least 0")
+        return value
+
+    def demand(self) -> dict[str, float]:
+        """Every resource asked for, by Ray's names (``CPU``, ``GPU``, ``memory`` in bytes, custom)."""
+        wanted = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.custom}
+        if self.memory_gb is not None:
+            wanted["memory"] = self.memory_gb * 2**30
+        return {name: amount for name, amount in wanted.items() if amount > 0}
+
+    def actor_options(self) -> dict[str, Any]:
+        """The keyword arguments of a Ray actor's ``.options(...)`` that reserve these resources."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_gb is not None:
+            options["memory"] = int(self.memory_gb * 2**30)
+        if self.custom:
+            options["resources"] = dict(self.custom)
+        return options
+
+
+def resources_of(model: object) -> EngineResources:
+    """What ``model`` asks a cluster for: its ``resources`` attribute, or one CPU."""
+    return getattr(model, "resources", None) or EngineResources()

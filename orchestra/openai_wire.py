@@ -1,0 +1,311 @@
+"""The OpenAI Chat Completions wire format, as ``orchestra serve`` speaks it.
+
+Requests are read into a ``Completion`` (the task, its context, the answer's format and the
+per-request settings); results and failures are written as OpenAI's response, chunk and error
+bodies. No web framework here: ``orchestra.serve`` does the HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestra.result import RunResult
+
+#: OpenAI parameters accepted and ignored: they shape sampling or bookkeeping Orchestra does not expose
+IGNORED = frozenset({"top_p", "stop", "user", "presence_penalty", "frequency_penalty", "logit_bias", "metadata",
+                     "store", "service_tier", "parallel_tool_calls", "reasoning_effort", "top_logprobs",
+                     "prompt_cache_key", "safety_identifier", "verbosity"})
+
+#: Orchestra's own per-request settings, sent as extra body fields (``extra_body`` in the openai SDK)
+SETTINGS = {"k": int, "mode": str, "aggregate": str, "plan": bool, "seed": int}
+
+#: the most characters of earlier turns kept as context (the most recent ones)
+CONTEXT_CHARS = 16_000
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class WireError(Exception):
+    """A request the server refuses: the HTTP status, OpenAI's error type and code, one clear message."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = kind or _ERROR_TYPES.get(status, "api_error")
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error shape."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                413: "invalid_request_error", 429: "insufficient_quota", 502: "api_error", 503: "api_error"}
+
+
+def bad_request(message: str, param: str | None = None) -> WireError:
+    """A 400 naming the parameter to fix."""
+    return WireError(400, message, param=param, code="invalid_value" if param else None)
+
+
+@dataclass
+class Completion:
+    """A chat completion request, read.
+
+    Attributes:
+        model: the model id asked for.
+        task: the last user message.
+        context: the earlier turns and system messages, as text for the planner and experts.
+        stream: answer as server-sent events.
+        include_usage: with ``stream``, a usage chunk before ``[DONE]``.
+        progress: with ``stream``, the plan's progress as extra chunks (Orchestra's extension).
+        output: the answer's format: "text", "json" or a JSON schema.
+        max_tokens, temperature: for the calls that write the answer.
+        settings: per-request settings (``k``, ``mode``, ``aggregate``, ``plan``, ``seed``).
+    """
+
+    model: str
+    task: str
+    context: str = ""
+    stream: bool = False
+    include_usage: bool = False
+    progress: bool = False
+    output: str | dict[str, Any] = "text"
+    max_tokens: int | None = None
+    temperature: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_completion(body: Any) -> Completion:
+    """Read a request body; ``WireError`` (400) names the first thing to fix."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    known = {"model", "messages", "stream", "stream_options", "response_format", "max_tokens",
+             "max_completion_tokens", "temperature", "n", "tools", "tool_choice", "functions", "function_call",
+             "logprobs", "modalities", "audio", "progress", *SETTINGS}
+    unknown = sorted(set(body) - known - IGNORED)
+    if unknown:
+        raise bad_request(f"unknown parameter {unknown[0]!r}", unknown[0])
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' must name a model; GET /v1/models lists them", "model")
+    task, context = _conversation(body.get("messages"))
+    _refuse_unsupported(body)
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object", "stream_options")
+    return Completion(
+        model=model, task=task, context=context, stream=stream,
+        include_usage=bool(options and options.get("include_usage")), progress=_flag(body, "progress"),
+        output=_output(body.get("response_format")), max_tokens=_max_tokens(body),
+        temperature=_number(body, "temperature", 0.0, 2.0), settings=_settings(body))
+
+
+def _conversation(messages: Any) -> tuple[str, str]:
+    """The task (the last message, the user's) and the earlier turns as context."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", "messages")
+    turns: list[tuple[str, str]] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object with 'role' and 'content'", where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
+        turns.append((role, _text(message.get("content"), f"{where}.content")))
+    role, task = turns[-1]
+    if role != "user" or not task.strip():
+        raise bad_request("the last message must be the user's, with the task as its text", "messages")
+    context = "\n".join(f"{_SPEAKERS[r]}: {text}" for r, text in turns[:-1] if text.strip())
+    return task, context[-CONTEXT_CHARS:]
+
+
+_SPEAKERS = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant",
+             "tool": "Tool", "function": "Tool"}
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's text: a string, or a list of text parts (other parts are refused)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise bad_request(f"{where} must be a string or a list of text parts", where)
+    texts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise bad_request(f"{where}[{index}] is {kind!r}: only text content is supported", f"{where}[{index}]")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _refuse_unsupported(body: Mapping[str, Any]) -> None:
+    if body.get("tools") or body.get("functions"):
+        name = "tools" if body.get("tools") else "functions"
+        raise bad_request("tool calling is not supported: an orchestra answers in text or JSON", name)
+    n = body.get("n", 1)
+    if n != 1:
+        raise bad_request("'n' must be 1: one orchestrated answer per request", "n")
+    if body.get("logprobs"):
+        raise bad_request("'logprobs' is not supported: an answer merges several models", "logprobs")
+    modalities = body.get("modalities")
+    if modalities not in (None, ["text"]):
+        raise bad_request("only the 'text' modality is supported", "modalities")
+
+
+def _flag(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"{name!r} must be true or false", name)
+    return value
+
+
+def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise bad_request(f"{name!r} must be a number from {low:g} to {high:g}", name)
+    return float(value)
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_request(f"{name!r} must be a positive integer", name)
+    return value
+
+
+def _output(response_format: Any) -> str | dict[str, Any]:
+    """``response_format`` as a request output: text, any JSON object, or a JSON schema."""
+    if response_format is None:
+        return "text"
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return "text"
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON schema object",
+                              "response_format.json_schema.schema")
+        return schema
+    raise bad_request("response_format.type must be text, json_object or json_schema", "response_format")
+
+
+def _settings(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Orchestra's per-request settings, type-checked here (values are checked by ``Settings``)."""
+    settings = {}
+    for name, kind in SETTINGS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
+            raise bad_request(f"{name!r} must be {'true or false' if kind is bool else f'a {kind.__name__}'}", name)
+        settings[name] = value
+    return settings
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+def usage(result: RunResult) -> dict[str, int]:
+    """OpenAI's usage: every call of the run together."""
+    prompt, completion = result.usage.prompt_tokens, result.usage.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def extension(result: RunResult) -> dict[str, Any]:
+    """Orchestra's facts about the run, beside OpenAI's fields (clients ignore them)."""
+    return {"run_id": result.run_id, "status": result.status, "calls": result.usage.calls,
+            "requests": result.usage.requests, "cost_usd": round(result.usage.cost_usd, 6),
+            "nodes": [{"id": n.id, "experts": [e.agent for e in n.expert_outputs], "aggregator": n.aggregator,
+                       "status": n.status} for n in result.plan.nodes],
+            **({"error": result.error} if result.error else {})}
+
+
+def completion_body(result: RunResult, model: str, created: int) -> dict[str, Any]:
+    """A ``chat.completion`` for a finished run; its ``id`` is the run id."""
+    return {"id": result.run_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer or "",
+                                                 "refusal": None},
+                         "finish_reason": "stop", "logprobs": None}],
+            "usage": usage(result), "system_fingerprint": None, "orchestra": extension(result)}
+
+
+@dataclass
+class ChunkWriter:
+    """Server-sent ``chat.completion.chunk`` events of one response: the same id and created on each."""
+
+    run_id: str
+    model: str
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def chunk(self, delta: dict[str, Any] | None, finish_reason: str | None = None, **extra: Any) -> bytes:
+        """One chunk (``delta`` None: a chunk without choices, as the usage and progress chunks are)."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                             "logprobs": None}]
+        body: dict[str, Any] = {"id": self.run_id, "object": "chat.completion.chunk", "created": self.created,
+                                "model": self.model, "system_fingerprint": None, "choices": choices}
+        if self.include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return sse(body)
+
+    def role(self) -> bytes:
+        """The first chunk: the assistant's role."""
+        return self.chunk({"role": "assistant", "content": ""})
+
+    def content(self, text: str) -> Iterator[bytes]:
+        """Content deltas for ``text``, a few words each."""
+        for piece in pieces(text):
+            yield self.chunk({"content": piece})
+
+    def end(self, result: RunResult) -> Iterator[bytes]:
+        """The finish chunk, the usage chunk when asked for, and ``[DONE]``."""
+        yield self.chunk({}, "stop", orchestra=extension(result))
+        if self.include_usage:
+            yield self.chunk(None, usage=usage(result))
+        yield DONE
+
+    def progress(self, event: dict[str, Any]) -> bytes:
+        """A progress chunk: no choices, the event under ``orchestra`` (plain clients skip it)."""
+        return self.chunk(None, orchestra={"event": event})
+
+
+def pieces(text: str, words: int = 4) -> Iterator[str]:
+    """``text`` in pieces of a few words, whitespace kept, so joining them gives ``text`` back."""
+    start, seen = 0, 0
+    for index, char in enumerate(text):
+        if char.isspace() and index and not text[index - 1].isspace():
+            seen += 1
+            if seen == words:
+                yield text[start:index]
+                start, seen = index, 0
+    if start < len(text):
+        yield text[start:]
+
+
+def sse(body: Mapping[str, Any]) -> bytes:
+    """One server-sent event carrying ``body`` as JSON."""
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"

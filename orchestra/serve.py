@@ -1,0 +1,471 @@
+"""``orchestra serve``: the whole orchestra as an OpenAI-compatible model.
+
+One ``Orchestra`` (one executor, one store) answers every request, so the expert calls of
+concurrent clients go to each model together, while each request is a run of its own: seeded by
+itself (its routing never depends on other requests), recorded in the store, resumable. The app
+is a Starlette application; ``app()`` builds it for ``uvicorn`` or for mounting in another app.
+
+Model ids: ``orchestra`` (the pool's settings), each preset (a named settings layer from the pool's
+``presets:`` or the server's), and each agent of the pool (that agent answers alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from orchestra.agents import Pool
+from orchestra.budget import Budget, BudgetTracker
+from orchestra.core import Orchestra, new_run_id
+from orchestra.errors import ConfigError
+from orchestra.events import Event
+from orchestra.openai_wire import ChunkWriter, Completion, WireError, bad_request, completion_body, parse_completion
+from orchestra.pipeline.scheduler import NodeSettings
+from orchestra.result import RunResult
+from orchestra.settings import AnswerOptions, Settings
+from orchestra.store import RunStore
+
+#: the model id of the pool's own settings
+ORCHESTRA_MODEL = "orchestra"
+
+#: the largest request body accepted by default (bytes)
+MAX_REQUEST_BYTES = 1 << 20
+
+#: the header that carries the run id of a completion
+RUN_HEADER = "x-orchestra-run-id"
+
+#: events offered as progress chunks (``"progress": true``)
+PROGRESS_EVENTS = frozenset({"plan_ready", "experts_recruited", "node_aggregating", "node_done", "node_failed",
+                             "node_skipped"})
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model id the server answers to: the settings layer it runs with, or the agent it calls."""
+
+    id: str
+    kind: str  # "orchestra", "preset" or "agent"
+    settings: Settings
+    agent: str | None = None
+    description: str = ""
+
+    def card(self, created: int) -> dict[str, Any]:
+        """The ``/v1/models`` entry (no endpoint, key or model behind it: nothing a client could misuse)."""
+        return {"id": self.id, "object": "model", "created": created, "owned_by": "orchestra",
+                "orchestra": {"kind": self.kind, "description": self.description,
+                              **({"settings": self.settings.changes()} if self.kind == "preset" else {})}}
+
+
+class Server:
+    """Answers chat completions with one ``Orchestra``.
+
+    Args:
+        orchestra: the orchestra every request runs on (its store records each request as a run).
+        presets: named settings layers served as model ids, on top of the pool's own presets.
+        api_key: the bearer token clients must send (None: no check).
+        budget: limits on all requests together (None: none beyond each run's own budget).
+        max_request_bytes: the largest request body accepted.
+    """
+
+    def __init__(self, orchestra: Orchestra, *, presets: Mapping[str, Settings | Mapping[str, Any]] | None = None,
+                 api_key: str | None = None, budget: Budget | None = None,
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+        self.orchestra = orchestra
+        self.models = served_models(orchestra.pool, presets or {})
+        self._api_key = api_key.encode() if api_key else None
+        self.shared = BudgetTracker(budget, None, name="the server's budget") if budget is not None else None
+        self.max_request_bytes = max_request_bytes
+        self.created = int(time.time())
+        self.closing = False
+        self.runs: set[asyncio.Task[RunResult]] = set()
+        self._feeds: dict[str, Feed] = {}
+        orchestra.events.subscribe(self._on_event)
+
+    # --- routes ----------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        """``POST /v1/chat/completions``."""
+        try:
+            self._authorize(request)
+            completion = parse_completion(await self._body(request))
+            served = self.models.get(completion.model)
+            if served is None:
+                raise WireError(404, f"the model {completion.model!r} does not exist; GET /v1/models lists them",
+                                param="model", code="model_not_found")
+            if self.closing:
+                raise WireError(503, "the server is shutting down; retry on another instance")
+            if self.shared is not None and self.shared.exceeded is not None:
+                raise WireError(429, f"the server's budget is exhausted: {self.shared.exceeded}",
+                                code="insufficient_quota")
+            feed = Feed(completion.progress) if completion.stream else None
+            run = self._start(completion, served, feed)
+        except WireError as error:
+            return _error(error)
+        if feed is not None and feed.progress:  # progress starts at once: a failure is the stream's last event
+            return self._stream(completion, run, feed)
+        try:  # the status line waits for the answer's first text (or the whole run), so a failure has its status
+            gone = await _wait(run, request, feed.first if feed is not None else None)
+        except asyncio.CancelledError:  # the server stops: the run is recorded as cancelled
+            await _stop(run)
+            raise
+        if gone:  # the client went away: nobody reads the answer
+            await _stop(run)
+            return Response(status_code=499)
+        if run.done():
+            if run.cancelled():
+                return _error(_cancelled(run), run.run_id)  # type: ignore[attr-defined]
+            result = run.result()
+            failure = _failure(result)
+            if failure is not None:
+                return _error(failure, result.run_id)
+            if feed is None:
+                return JSONResponse(completion_body(result, completion.model, int(time.time())),
+                                    headers={RUN_HEADER: result.run_id})
+        assert feed is not None
+        return self._stream(completion, run, feed)
+
+    async def list_models(self, request: Request) -> Response:
+        """``GET /v1/models``."""
+        try:
+            self._authorize(request)
+        except WireError as error:
+            return _error(error)
+        return JSONResponse({"object": "list", "data": [m.card(self.created) for m in self.models.values()]})
+
+    async def get_model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}``."""
+        try:
+            self._authorize(request)
+            model_id = request.path_params["model"]
+            served = self.models.get(model_id)
+            if served is None:
+                raise WireError(404, f"the model {model_id!r} does not exist; GET /v1/models lists them",
+                                param="model", code="model_not_found")
+        except WireError as error:
+            return _error(error)
+        return JSONResponse(served.card(self.created))
+
+    async def health(self, request: Request) -> Response:
+        """``GET /health``: 200 while serving, 503 once shutting down (no authentication, no details)."""
+        if self.closing:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok", "runs_in_flight": len(self.runs)})
+
+    # --- requests --------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise WireError(401, "missing bearer token: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), self._api_key):
+            raise WireError(401, "incorrect API key", code="invalid_api_key")
+
+    async def _body(self, request: Request) -> Any:
+        """The JSON body, read up to ``max_request_bytes``."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
+            raise WireError(413, f"the request body is over {self.max_request_bytes} bytes")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > self.max_request_bytes:
+                raise WireError(413, f"the request body is over {self.max_request_bytes} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise bad_request(f"the request body is not valid JSON ({error})") from None
+
+    def _start(self, completion: Completion, served: ServedModel, feed: Feed | None) -> asyncio.Task[RunResult]:
+        """Begin the request's run (settings checked first: a bad one is a 400 before any call);
+        a streaming request's ``feed`` gets its progress and its answer's text as they come."""
+        options: dict[str, Any] = {}
+        if served.agent is not None:  # that agent answers alone; pinned, so a resume keeps it
+            options = {"experts": {"answer": [served.agent]},
+                       "node_settings": {"answer": NodeSettings(agent=served.agent)}}
+        try:
+            overrides = served.settings.layered(completion.settings).changes()
+            plan = overrides.pop("plan", None)
+            self.orchestra.run_settings({**overrides, **({"plan": plan} if plan is not None else {})})
+            answer = AnswerOptions(output=completion.output, max_tokens=completion.max_tokens,
+                                   temperature=completion.temperature)
+        except (ConfigError, ValueError) as error:
+            raise bad_request(str(error).splitlines()[0]) from None
+        run_id = new_run_id()
+        if feed is not None and feed.progress:
+            self._feeds[run_id] = feed
+        work = self.orchestra.arun(completion.task, run_id=run_id, plan=plan, context=completion.context,
+                                   answer=answer, shared_budget=self.shared, **options,
+                                   on_answer_text=feed.text if feed is not None else None,
+                                   meta={"kind": "serve", "model": completion.model}, **overrides)
+        task = asyncio.ensure_future(work)
+        self.runs.add(task)
+        task.add_done_callback(self.runs.discard)
+        task.add_done_callback(lambda _: self._feeds.pop(run_id, None))
+        task.run_id = run_id  # type: ignore[attr-defined]
+        return task
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind in PROGRESS_EVENTS:
+            feed = self._feeds.get(getattr(event, "run_id", ""))
+            if feed is not None:
+                feed.items.put_nowait(("progress", event.to_dict()))
+
+    def _stream(self, completion: Completion, run: asyncio.Task[RunResult], feed: Feed) -> Response:
+        """The answer as server-sent chunks: progress events (when asked for) and the answer's text
+        as they come, then whatever of the answer was not streamed, the finish and usage chunks."""
+        run_id: str = run.run_id  # type: ignore[attr-defined]
+        writer = ChunkWriter(run_id, completion.model, include_usage=completion.include_usage)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                yield writer.role()
+                async for kind, item in _feed_until(run, feed):
+                    yield writer.progress(item) if kind == "progress" else writer.chunk({"content": item})
+                await asyncio.wait({run})
+                failure = _cancelled(run) if run.cancelled() else _failure(run.result())
+                if failure is not None:  # the status line is sent already: the error is the last event
+                    yield b"data: " + json.dumps(failure.body()).encode() + b"\n\n"
+                    return
+                result = run.result()
+                for chunk in writer.content(feed.rest(result.answer or "")):
+                    yield chunk
+                for chunk in writer.end(result):
+                    yield chunk
+            finally:
+                if not run.done():  # the client went away mid-stream
+                    await _stop(run)
+
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={RUN_HEADER: run_id, "cache-control": "no-cache"})
+
+    def cancel_runs(self) -> None:
+        """Cancel every run in flight (each is recorded as cancelled and stays resumable); their
+        clients get a 503 naming the run."""
+        self.closing = True
+        for run in list(self.runs):
+            run.cancel()
+
+    async def shutdown(self) -> None:
+        """Refuse new requests, cancel the runs still in flight (each is recorded as cancelled, so
+        it stays resumable), and close the orchestra's models and connections."""
+        self.closing = True
+        for run in list(self.runs):
+            await _stop(run)
+        await self.orchestra.aclose()
+
+
+class Feed:
+    """What a streaming response relays while its run works: the plan's progress (when asked for)
+    and the answer's text as the call that writes it streams.
+
+    Only text that the finished answer will begin with is relayed: leading and trailing
+    whitespace and a leading ``<think>`` section wait (the answer is stored without them), and
+    once the text so far stops extending what was sent (a retried request that wrote otherwise),
+    relaying stops.
+    """
+
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
+        self.items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.first = asyncio.Event()
+        self.sent = ""
+        self.diverged = False
+
+    def text(self, so_far: str) -> None:
+        """The answer-writing call's text so far."""
+        visible = _visible(so_far)
+        if self.diverged or visible == self.sent:
+            return
+        if not visible.startswith(self.sent):
+            self.diverged = True
+            return
+        self.items.put_nowait(("text", visible[len(self.sent):]))
+        self.sent = visible
+        self.first.set()
+
+    def rest(self, answer: str) -> str:
+        """What of the finished answer is still to send (nothing more when what was sent is not its
+        beginning: the stream cannot take text back)."""
+        return answer[len(self.sent):] if answer.startswith(self.sent) else ""
+
+
+def _visible(text: str) -> str:
+    """The part of a streaming answer the finished one will begin with (see ``strip_reasoning``)."""
+    text = text.lstrip()
+    lowered = text.lower()
+    if "</think>" in lowered:
+        text = text[lowered.rindex("</think>") + len("</think>"):].lstrip()
+    elif lowered.startswith("<think>") or "<think>".startswith(lowered):
+        return ""
+    return text.rstrip()
+
+
+async def _wait(run: asyncio.Task[RunResult], request: Request, started: asyncio.Event | None) -> bool:
+    """Wait until the run ends or ``started`` is set; True when the client disconnects first."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    waiters: set[asyncio.Future[Any]] = {run, watcher}
+    if started is not None:
+        waiters.add(asyncio.ensure_future(started.wait()))
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters - {run}:
+            waiter.cancel()
+    return watcher.done() and not watcher.cancelled() and not run.done() and not (started and started.is_set())
+
+
+async def _feed_until(run: asyncio.Task[RunResult], feed: Feed) -> AsyncIterator[tuple[str, Any]]:
+    """The feed's items as they come, until the run finishes (those already queued included)."""
+    while not run.done():
+        getter = asyncio.ensure_future(feed.items.get())
+        done, _ = await asyncio.wait({getter, run}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            yield getter.result()
+        else:
+            getter.cancel()
+    while not feed.items.empty():
+        yield feed.items.get_nowait()
+
+
+async def _stop(run: asyncio.Task[RunResult]) -> None:
+    """Cancel a run and wait until it has recorded itself as cancelled."""
+    run.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await run
+
+
+def _cancelled(run: asyncio.Task[RunResult]) -> WireError:
+    """The error of a run the server cancelled (a second Ctrl-C, or its shutdown)."""
+    run_id = run.run_id  # type: ignore[attr-defined]
+    return WireError(503, f"the server is shutting down and cancelled run {run_id}; "
+                          f"`orchestra resume {run_id}` finishes it")
+
+
+def _failure(result: RunResult) -> WireError | None:
+    """The error a finished run answers with, if any: 429 for a budget, 503 for endpoints that
+    cannot be used (a key, an address), 502 when the experts failed otherwise."""
+    if result.status == "done" or (result.status == "partial" and result.answer):
+        return None
+    reason = result.error or "no answer"
+    resume = f"; run {result.run_id} is saved: `orchestra resume {result.run_id}` finishes it"
+    if result.status == "budget_exceeded":
+        return WireError(429, f"budget exhausted: {reason}{resume}", code="insufficient_quota")
+    if result.status == "cancelled":
+        return WireError(503, f"the run was cancelled: {reason}{resume}")
+    if result.user_error:
+        return WireError(503, f"the experts' endpoints cannot be used: {reason}")
+    return WireError(502, f"the experts failed: {reason}{resume}")
+
+
+def _error(error: WireError, run_id: str | None = None) -> JSONResponse:
+    headers = {RUN_HEADER: run_id} if run_id else {}
+    if error.status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def served_models(pool: Pool, presets: Mapping[str, Settings | Mapping[str, Any]]) -> dict[str, ServedModel]:
+    """Every model id the server answers to; a preset named like an agent (or ``orchestra``) is refused."""
+    models = {ORCHESTRA_MODEL: ServedModel(ORCHESTRA_MODEL, "orchestra", Settings(),
+                                           description=f"pool {pool.name}: plan, recruit, aggregate")}
+    for name, layer in {**pool.presets, **presets}.items():
+        if name == ORCHESTRA_MODEL or name in pool:
+            taken = "the orchestra" if name == ORCHESTRA_MODEL else "an agent"
+            raise ConfigError(f"preset {name!r} has the name of {taken}; rename the preset")
+        settings = Settings.layer(layer, where=f"preset {name}")
+        models[name] = ServedModel(name, "preset", settings, description="the orchestra with "
+                                   + (", ".join(f"{k}={v}" for k, v in settings.changes().items()) or "no changes"))
+    for agent in pool.agents:
+        models[agent.name] = ServedModel(agent.name, "agent", Settings.layer({"plan": False, "k": 1}), agent=agent.name,
+                                         description=agent.description or f"agent {agent.name} alone")
+    return models
+
+
+def read_presets(path: Path) -> dict[str, Settings]:
+    """A presets file: a YAML mapping of model ids to settings layers; an error names the line."""
+    from orchestra.yamlfile import read_yaml
+
+    document = read_yaml(path)
+    if not isinstance(document.data, dict):
+        raise document.error("a presets file maps model ids to settings, e.g. 'vote: {aggregate: vote}'")
+    return {str(name): document.validate(Settings, (name,)) for name in document.data}
+
+
+def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, grace: int = 30) -> None:
+    """Serve ``application`` with uvicorn until Ctrl-C or SIGTERM; runs in flight get ``grace``
+    seconds to finish, then are cancelled (and stay resumable)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # ours below: a stop is a clean exit, not a re-raised signal
+            yield
+
+    server = Server(uvicorn.Config(application, host=host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=grace))
+
+    def stop() -> None:  # the first signal drains; a second one cancels the runs still in flight
+        if server.should_exit:
+            application.state.server.cancel_runs()
+        server.should_exit = True
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            bound = server.servers[0].sockets[0].getsockname()
+            models = ", ".join(application.state.server.models)
+            print(f"orchestra serve: http://{bound[0]}:{bound[1]}/v1 · models: {models} · Ctrl-C stops", flush=True)
+        await serving
+
+    asyncio.run(main())
+
+
+def app(pool: Pool | str | Path | None = None, settings: Settings | Mapping[str, Any] | None = None, *,
+        store: RunStore | str | Path | bool | None = None, presets: Mapping[str, Any] | None = None,
+        api_key: str | None = None, budget: Budget | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES) -> Starlette:
+    """The OpenAI-compatible ASGI app for ``pool`` (see ``Server`` for the arguments); its
+    ``state.server`` is the ``Server``. Shutting the app down cancels the runs still in flight."""
+    server = Server(Orchestra(pool, settings, store=store), presets=presets, api_key=api_key, budget=budget,
+                    max_request_bytes=max_request_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await server.shutdown()
+
+    application = Starlette(routes=[
+        Route("/v1/chat/completions", server.completions, methods=["POST"]),
+        Route("/v1/models", server.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", server.get_model, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+    ], lifespan=lifespan)
+    application.state.server = server
+    return application
+

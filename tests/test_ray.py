@@ -1,0 +1,301 @@
+"""Engines as Ray actors, on one local Ray instance started here (2 CPUs, 4 custom ``slot``s, no
+network): groups run in parallel as far as the slots go, each model loads once, an actor killed
+mid-batch is retried once on a fresh one, a model asking for what the cluster lacks (or whose class
+the actors cannot import) is one clear error, the setting and the pool entries' ``resources`` flow
+like every other, and the real llama.cpp engine answers from an actor.
+
+Engines that must behave in the actor are ``FunctionModel``s whose reply functions are defined
+inside the tests (so Ray ships them by value) and coordinate through files in ``tmp_path``:
+parallelism is shown by a rendezvous that only overlapping batches can pass, never by durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from orchestra import Agent, Orchestra, Pool
+from orchestra.cli import main, settings_from
+from orchestra.errors import ConfigError, MissingDependency, ResourceUnavailable
+from orchestra.events import BatchFinished, BatchStarted, CallRetried, Event
+from orchestra.models import ChatRequest, FunctionModel, allow_model_requests
+from orchestra.models.placement import EngineResources
+from orchestra.ray_engines import RayEngine, RayPlacement
+from orchestra.store import RunStore
+from orchestra.testing.engines import SimulatedEngine
+
+SLOTS = 4
+ONE_SLOT = EngineResources(num_cpus=0, custom={"slot": 1})
+GUARD_S = 30  # how long a rendezvous waits before it gives up (only a broken scheduler makes it wait)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[None]:
+    """One local Ray instance for the whole module."""
+    ray.init(num_cpus=2, resources={"slot": SLOTS}, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def orchestras() -> Iterator[Callable[..., Orchestra]]:
+    """Make Orchestras on the Ray executor; their actors are killed after the test, pass or fail."""
+    made: list[Orchestra] = []
+
+    def make(pool: Pool, **options: Any) -> Orchestra:
+        options = {"store": False, "plan": False, "aggregate": "vote", **options}
+        orc = Orchestra(pool, executor="ray", **options)
+        made.append(orc)
+        return orc
+
+    yield make
+    for orc in made:
+        orc.close()
+
+
+def keyword_model() -> FunctionModel:
+    return FunctionModel(lambda request: {"keywords": ["general"]}, name="keywords")
+
+
+def engine_pool(models: list[FunctionModel]) -> Pool:
+    return Pool(agents=[Agent(name=f"agent-{m.name}", model=m) for m in models], planner=keyword_model())
+
+
+def rendezvous_engine(name: str, folder: Path, count: int, resources: EngineResources) -> FunctionModel:
+    """An engine whose batch answers only once ``count`` engines have begun a batch (or, after
+    ``GUARD_S``, says it was alone)."""
+
+    async def reply(request: ChatRequest) -> str:
+        (folder / name).touch()
+        for _ in range(GUARD_S * 50):
+            if len(list(folder.iterdir())) >= count:
+                return f"{name}: The answer is 1"
+            await asyncio.sleep(0.02)
+        return f"{name}: alone. The answer is 1"
+
+    return FunctionModel(reply, name=name, heavy=True, resources=resources)
+
+
+def heavy_batches(events: list[Event]) -> list[tuple[str, str]]:
+    """("start" or "end", model) for every heavy batch, in the order the executor reported them."""
+    return [("start" if isinstance(e, BatchStarted) else "end", e.model) for e in events
+            if isinstance(e, (BatchStarted, BatchFinished)) and e.model != "keywords"]
+
+
+# --- slots: parallel groups, one load each ----------------------------------------------------------
+
+
+def test_four_slots_run_four_engines_at_once_each_loaded_once(tmp_path: Path, orchestras) -> None:
+    models = [rendezvous_engine(f"e{i}", tmp_path, SLOTS, ONE_SLOT) for i in range(6)]
+    events: list[Event] = []
+    orc = orchestras(engine_pool(models), k=6, on_event=events.append)
+    results = orc.run_many(["What is 1 + 1?", "What is 2 + 2?"])
+    assert [r.status for r in results] == ["done", "done"], results[0].error
+    assert not any("alone" in (out.text or "") for r in results for out in r.node("answer").expert_outputs)
+    order = heavy_batches(events)
+    assert [kind for kind, _ in order[:SLOTS]] == ["start"] * SLOTS  # four batches in flight together
+    assert dict(orc.executor.stats.loads) == {m.name: 1 for m in models}
+    assert set().union(*(r.model_loads for r in results)) == {m.name for m in models}
+    assert not any(m.loaded for m in models)  # the driver's copies never loaded: the actors did
+
+
+def test_a_model_asking_for_every_slot_runs_alone_and_evicts_the_one_before(orchestras) -> None:
+    whole = EngineResources(num_cpus=0, custom={"slot": SLOTS})
+    models = [FunctionModel(lambda r, i=i: f"w{i}: The answer is 1", name=f"w{i}", heavy=True, resources=whole)
+              for i in range(3)]
+    events: list[Event] = []
+    orc = orchestras(engine_pool(models), k=3, on_event=events.append)
+    result = orc.run("What is 3 + 3?")
+    assert result.status == "done", result.error
+    order = heavy_batches(events)
+    assert [kind for kind, _ in order] == ["start", "end"] * 3  # strictly one after another
+    assert dict(orc.executor.stats.loads) == {m.name: 1 for m in models}
+    assert sum(orc.executor.stats.unloads.values()) == 2  # each evicted for the next; the last stays
+    assert len(orc.executor.resident) == 1
+
+
+def test_slots_are_counted_per_node_from_what_each_engine_holds() -> None:
+    placement = RayPlacement()
+    one = [RayEngine(FunctionModel(lambda r: "x", name=f"s{i}", heavy=True, resources=ONE_SLOT), placement)
+           for i in range(SLOTS + 1)]
+    assert placement.fits(one[:SLOTS - 1], one[SLOTS - 1])
+    assert not placement.fits(one[:SLOTS], one[SLOTS])
+    cpu = RayEngine(FunctionModel(lambda r: "x", name="cpu", heavy=True, resources=EngineResources(num_cpus=2)),
+                    placement)
+    assert placement.fits(one[:SLOTS - 1], cpu)  # slots and CPUs are different resources
+    assert not placement.fits([cpu], RayEngine(FunctionModel(lambda r: "x", name="cpu2", heavy=True), placement))
+
+
+# --- failures -------------------------------------------------------------------------------------------
+
+
+def killed_once(name: str, folder: Path) -> FunctionModel:
+    """An engine whose actor process is killed in its first batch (marked by a file in ``folder``)."""
+
+    def reply(request: ChatRequest) -> str:
+        import os
+        import signal
+
+        if not (folder / "killed").exists():
+            (folder / "killed").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f"{name}: The answer is 2"
+
+    return FunctionModel(reply, name=name, heavy=True, resources=ONE_SLOT)
+
+
+def test_an_actor_killed_mid_batch_is_retried_once_on_a_fresh_actor(tmp_path: Path, orchestras) -> None:
+    fragile = killed_once("fragile", tmp_path)
+    steady = FunctionModel(lambda r: "steady: The answer is 2", name="steady", heavy=True, resources=ONE_SLOT)
+    events: list[Event] = []
+    orc = orchestras(engine_pool([fragile, steady]), k=2, on_event=events.append)
+    result = orc.run("What is 1 + 1?")
+    assert result.status == "done", result.error
+    assert sorted(r.text or "" for r in result.node("answer").expert_outputs) == ["fragile: The answer is 2",
+                                                                          "steady: The answer is 2"]
+    retried = [e for e in events if isinstance(e, CallRetried)]
+    assert [e.model for e in retried] == ["fragile"] and "died while generating a batch of 1" in retried[0].reason
+    assert dict(orc.executor.stats.loads) == {"fragile": 2, "steady": 1}  # the fresh actor is a load
+    assert result.usage.failed_calls == 0
+
+
+def test_an_actor_dying_again_fails_its_calls_clearly_and_resume_sends_only_them(tmp_path: Path,
+                                                                               orchestras) -> None:
+    (tmp_path / "doom").touch()
+
+    def aggregator_reply(request: ChatRequest) -> str:  # killed in every aggregation batch while doom is there
+        import os
+        import signal
+
+        if "responses from several experts" in request.prompt_text() and (tmp_path / "doom").exists():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return "fragile: The answer is 3"
+
+    fragile = FunctionModel(aggregator_reply, name="fragile", heavy=True, resources=ONE_SLOT)
+    steady = FunctionModel(lambda r: "steady: The answer is 2", name="steady", heavy=True, resources=ONE_SLOT)
+    pool = engine_pool([fragile, steady])
+    store = RunStore(tmp_path / "runs.db")
+    first = orchestras(pool, k=2, aggregate="synthesize", aggregator="agent-fragile", store=store)
+    failed = first.run("What is 1 + 1?")
+    assert failed.status == "failed"
+    assert "the Ray actor of fragile died while generating a batch of 1 call(s), again on a fresh start" in (
+        failed.error or "")
+    assert dict(first.executor.stats.loads) == {"fragile": 2, "steady": 1}  # resident for aggregation, then fresh
+    (tmp_path / "doom").unlink()
+    second = orchestras(pool, store=store)
+    resumed = second.resume(failed.run_id)
+    assert resumed.status == "done", resumed.error
+    assert resumed.answer == "fragile: The answer is 3"
+    assert dict(second.executor.stats.loads) == {"fragile": 1}  # the experts' answers came from the store
+    assert resumed.usage.replayed_calls >= 2
+
+
+def test_a_model_asking_for_a_resource_the_cluster_lacks_is_one_clear_error(orchestras) -> None:
+    gpu = FunctionModel(lambda r: "x", name="big", heavy=True, resources=EngineResources(num_gpus=1))
+    steady = FunctionModel(lambda r: "steady: The answer is 2", name="steady", heavy=True, resources=ONE_SLOT)
+    orc = orchestras(engine_pool([gpu, steady]), k=2)
+    result = orc.run("What is 1 + 1?")
+    assert result.status == "done"  # the other expert answered
+    [error] = [r.error for r in result.node("answer").expert_outputs if r.error]
+    assert error == ("model big asks the Ray cluster for 1 GPU, but no node has that (none); lower resources "
+                     "in its pool entry or add a node that has it")
+    wide = RayEngine(FunctionModel(lambda r: "x", name="wide", heavy=True,
+                                   resources=EngineResources(num_cpus=0, custom={"slot": 8})), RayPlacement())
+    with pytest.raises(ResourceUnavailable, match=r"model wide asks the Ray cluster for 8 slot, but no node has "
+                                                  r"that \(at most 4 slot\)"):
+        wide._placement.fits([], wide)
+    assert "big" not in orc.executor.stats.loads
+
+
+class Unshippable(SimulatedEngine):
+    """An engine class Ray's workers cannot import (this test module is not on their path)."""
+
+
+def test_a_model_class_the_actors_cannot_import_is_a_clear_error(orchestras) -> None:
+    engine = Unshippable("unshippable", load_s=0, per_request=0, per_batch=0, resources=ONE_SLOT)
+    orc = orchestras(engine_pool([engine]), k=1)
+    result = orc.run("What is 1 + 1?")
+    assert result.status == "failed"
+    assert ("the Ray actor of unshippable could not load it: ModuleNotFoundError: No module named 'test_ray' "
+            "(the model's class must be importable on every node)") in (result.error or "")
+    assert not orc.executor.stats.loads and orc.executor.resident == []
+
+
+# --- the setting ------------------------------------------------------------------------------------------
+
+
+def test_the_executor_setting_comes_from_the_command_line_the_pool_file_and_the_run_record(tmp_path: Path) -> None:
+    ask = main.get_command(None, "ask")  # type: ignore[arg-type]
+    for args, expected in ((["t"], ("local", None)), (["t", "--ray"], ("ray", None)),
+                           (["t", "--ray", "auto", "--json"], ("ray", "auto")),
+                           (["t", "--set", "executor=ray", "--set", "ray_address=10.0.0.1:6379"],
+                            ("ray", "10.0.0.1:6379"))):
+        layer = settings_from(ask.make_context("ask", args).params)
+        assert (layer.executor, layer.ray_address) == expected
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text("models:\n  m: {type: openai, model: m, base_url: 'http://127.0.0.1:9/v1'}\n"
+                         "agents:\n  - {name: a, model: m}\nsettings: {executor: ray, ray_address: auto}\n")
+    store = RunStore(tmp_path / "runs.db")
+    orc = Orchestra(pool_file, store=store)
+    assert isinstance(orc.executor.placement, RayPlacement) and orc.executor.placement.address == "auto"
+    run = asyncio.run(_record(orc))
+    store.begin_run(run.run_id, run.task, run.spec.record())
+    resumed = Orchestra.resuming(run.run_id, store=store)
+    assert isinstance(resumed.executor.placement, RayPlacement) and resumed.executor.placement.address == "auto"
+    assert Orchestra(pool_file, store=False, executor="local").executor.placement is None
+
+
+def test_a_pool_entry_says_what_its_engine_asks_the_cluster_for(tmp_path: Path) -> None:
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(
+        "models:\n"
+        "  small: {type: llamacpp, resources: {num_cpus: 2, memory_gb: 1.5, custom: {ssd: 1}}}\n"
+        "  big: {type: vllm, model: some/model, tensor_parallel_size: 2}\n"
+        "agents:\n  - {name: a, model: small}\n  - {name: b, model: big}\n")
+    pool = Pool.load(pool_file)
+    small, big = pool["a"].model, pool["b"].model
+    assert small.resources == EngineResources(num_cpus=2, memory_gb=1.5, custom={"ssd": 1})  # type: ignore[attr-defined]
+    assert small.resources.demand() == {"CPU": 2, "memory": 1.5 * 2**30, "ssd": 1}  # type: ignore[attr-defined]
+    assert big.resources == EngineResources(num_gpus=2)  # type: ignore[attr-defined]  # one GPU per shard
+    pool_file.write_text("models:\n  small: {type: llamacpp, resources: {custom: {GPU: 1}}}\n"
+                         "agents:\n  - {name: a, model: small}\n")
+    with pytest.raises(ConfigError, match=r"pool\.yaml:2:.*GPU is set by num_cpus, num_gpus or memory_gb"):
+        Pool.load(pool_file)
+
+
+async def _record(orc: Orchestra) -> Any:
+    return orc._make_run("a task")
+
+
+def test_the_ray_executor_without_ray_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray sees
+    with pytest.raises(MissingDependency, match=r"pip install 'skill-orchestra\[ray\]'"):
+        Orchestra(engine_pool([keyword_model()]), store=False, executor="ray")
+
+
+# --- the real embedded engine in an actor ---------------------------------------------------------------------
+
+
+@pytest.mark.llama
+def test_the_embedded_llama_engine_answers_from_an_actor(tmp_path: Path) -> None:
+    with allow_model_requests():
+        orc = Orchestra("agents/pools/local.yaml", store=tmp_path / "runs.db", executor="ray", k=2)
+        result = orc.run("What is 2 + 2?", plan=False)
+        engine = orc.executor.placement.engine(orc.pool.agents[0].model)  # type: ignore[union-attr]
+        node = engine.node
+        orc.close()
+    assert result.status == "done", result.error
+    assert result.answer and result.answer.strip()
+    assert result.model_loads == {"smollm2": 1}
+    assert not orc.pool.agents[0].model.loaded  # type: ignore[attr-defined]  # generated in the actor only
+    assert node in {n["NodeID"] for n in ray.nodes()} and not engine.loaded
+    stored = json.loads(json.dumps(RunStore(tmp_path / "runs.db").run(result.run_id).config))
+    assert stored["spec"]["settings"]["executor"] == "ray"

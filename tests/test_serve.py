@@ -1,0 +1,531 @@
+"""``orchestra serve`` with the official openai SDK: a real uvicorn server on 127.0.0.1 over a pool
+of loopback experts whose requests are counted at the loopback server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from orchestra.budget import Budget
+from orchestra.serve import RUN_HEADER, app
+from orchestra.store import RunStore
+from orchestra.testing import LoopbackRequest, LoopbackServer, Reply
+from orchestra.testing.loopback import error_reply, openai_reply, openai_stream_reply
+
+EXPERTS = ("alpha", "beta", "gamma")
+PLAN = {"subtasks": [{"id": "facts", "instruction": "Explain why the sky is blue."},
+                     {"id": "answer", "instruction": "Give one practical consequence of the sky being blue.",
+                      "depends_on": ["facts"]}]}
+
+
+class Experts:
+    """The loopback side: answers by model and prompt, counts requests per (model, purpose), and can
+    hold each purpose's requests until a given number have arrived (a batch, seen from the server)."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.payloads: list[dict[str, Any]] = []
+        self.gates: dict[str, tuple[int, asyncio.Event]] = {}
+        self.arrived: Counter[str] = Counter()
+        self.fail: set[str] = set()
+        self.release = threading.Event()
+        self.hold = False
+        self.seen = threading.Event()  # set by a client that has read the first piece of a streamed answer
+        self.hold_stream = False
+        self.streamed = 0
+
+    async def between(self, index: int) -> None:
+        """After the first piece of a streamed answer, wait (if asked to) until a client has seen it."""
+        self.streamed += 1
+        if index == 0 and self.hold_stream:
+            for _ in range(1000):
+                if self.seen.is_set():
+                    return
+                await asyncio.sleep(0.01)
+            raise TimeoutError("the client never saw the first piece of the answer while it was written")
+
+    @staticmethod
+    def purpose(payload: dict[str, Any], prompt: str) -> str:
+        if payload["model"] == "planner":
+            return "keywords" if "keyword" in prompt.lower() else "plan"
+        if "responses from" in prompt.lower() or "synthesi" in prompt.lower():
+            return "aggregate"
+        return "expert"
+
+    async def handler(self, request: LoopbackRequest) -> Reply:
+        payload = request.json()
+        model, prompt = payload["model"], request.prompt
+        purpose = self.purpose(payload, prompt)
+        self.requests[model, purpose] += 1
+        self.payloads.append(payload)
+        if model in self.fail:
+            return error_reply(500, "the expert is down")
+        if self.hold and purpose == "expert":
+            while not self.release.is_set():
+                await asyncio.sleep(0.01)
+        gate = self.gates.get(purpose)
+        if gate is not None:
+            self.arrived[purpose] += 1
+            size, opened = gate
+            if self.arrived[purpose] == size:
+                opened.set()
+            await asyncio.wait_for(opened.wait(), 30)
+        if purpose == "plan":
+            return openai_reply(json.dumps(PLAN))
+        if purpose == "keywords":
+            return openai_reply(json.dumps({"keywords": ["physics"]}))
+        if payload.get("response_format"):
+            return openai_reply(json.dumps({"answer": 42, "unit": "m"}))
+        if payload.get("stream"):  # asked to stream: the answer in three pieces
+            return openai_stream_reply(["The answer", " is", " 42."], between=self.between)
+        seed = payload.get("seed")
+        return openai_reply(f"{model} says 42 (seed {seed})" if purpose == "expert" else "The answer is 42.")
+
+    def count(self, purpose: str) -> dict[str, int]:
+        return {m: n for (m, p), n in self.requests.items() if p == purpose}
+
+
+def pool_file(directory: Path, url: str, *, extra: str = "") -> Path:
+    models = "".join(f"""
+  {name}:
+    type: openai
+    model: {name}
+    base_url: {url}/v1
+    api_key_env: null
+    max_concurrency: 128""" for name in (*EXPERTS, "planner"))
+    path = directory / "serve-pool.yaml"
+    path.write_text(f"""name: served
+models:{models}
+planner: planner
+keywords: planner
+aggregator: alpha
+settings: {{k: 3, mode: symbolic-moe}}
+presets:
+  vote: {{aggregate: vote}}
+  solo: {{k: 1, plan: false}}
+agents:
+  - {{name: alpha, model: alpha, description: the first expert}}
+  - {{name: beta, model: beta}}
+  - {{name: gamma, model: gamma}}
+{extra}""")
+    return path
+
+
+class Running:
+    """A uvicorn server on its own thread and event loop, on a free port of 127.0.0.1."""
+
+    def __init__(self, application: Any, *, grace: float | None = None) -> None:
+        self.app = application
+        self.server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=0, log_level="warning",
+                                                    timeout_graceful_shutdown=grace))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            self.thread.join(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, **options: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=options.pop("api_key", "unused"), max_retries=0,
+                             **options)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def serve(loopback: Callable[..., LoopbackServer], tmp_path: Path) -> Iterator[Callable[..., tuple[Running, Experts]]]:
+    """Start the served orchestra over fresh loopback experts; stopped at the end of the test."""
+    started: list[Running] = []
+
+    def start(*, extra: str = "", **options: Any) -> tuple[Running, Experts]:
+        experts = Experts()
+        server = loopback(experts.handler)
+        options.setdefault("store", tmp_path / "runs.db")
+        grace = options.pop("grace", None)
+        running = Running(app(pool_file(tmp_path, server.url, extra=extra), **options), grace=grace)
+        started.append(running)
+        return running, experts
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def test_a_completion_is_a_run_whose_usage_is_what_the_experts_saw(serve: Any, tmp_path: Path) -> None:
+    running, experts = serve()
+    client = running.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="orchestra", messages=[{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "How far does light travel in a nanosecond?"}])
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "The answer is 42."
+    assert completion.choices[0].finish_reason == "stop"
+    assert raw.headers[RUN_HEADER] == completion.id
+    # one short sentence: the fast path, no plan; three experts and the aggregator, as counted there
+    assert experts.count("expert") == {"alpha": 1, "beta": 1, "gamma": 1}
+    assert experts.count("aggregate") == {"alpha": 1}
+    assert completion.usage is not None
+    total = sum(experts.requests.values())
+    assert completion.model_extra["orchestra"]["requests"] == total
+    assert completion.usage.prompt_tokens > 0 and completion.usage.total_tokens == (
+        completion.usage.prompt_tokens + completion.usage.completion_tokens)
+    # the system message reached the experts as context, not as the task
+    expert_prompts = [json.dumps(p["messages"]) for p in experts.payloads if p["model"] == "beta"]
+    assert "Be brief." in expert_prompts[0]
+    record = RunStore(tmp_path / "runs.db").run(completion.id)
+    assert record.status == "done" and record.task == "How far does light travel in a nanosecond?"
+
+
+def test_streaming_sends_role_content_finish_and_usage_with_one_id(serve: Any) -> None:
+    running, _ = serve()
+
+    async def stream() -> list[Any]:
+        client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        chunks = [c async for c in await client.chat.completions.create(
+            model="orchestra", stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "How far does light travel in a nanosecond?"}])]
+        await client.close()
+        return chunks
+
+    chunks = asyncio.run(stream())
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "The answer is 42."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_the_aggregators_tokens_reach_the_client_while_it_writes(serve: Any) -> None:
+    running, experts = serve()
+    experts.hold_stream = True  # the aggregator's answer stops after its first piece until the client has it
+    received: list[str] = []
+    for chunk in running.client().chat.completions.create(
+            model="orchestra", stream=True,
+            messages=[{"role": "user", "content": "How far does light travel in a nanosecond?"}]):
+        if chunk.choices and chunk.choices[0].delta.content:
+            received.append(chunk.choices[0].delta.content)
+            experts.seen.set()
+    assert "".join(received) == "The answer is 42." and received[0] == "The answer"
+    aggregations = [p for p in experts.payloads if experts.purpose(p, json.dumps(p["messages"])) == "aggregate"]
+    assert [p.get("stream") for p in aggregations] == [True] and experts.streamed == 3
+    experts_payloads = [p for p in experts.payloads if p["model"] != "planner" and p not in aggregations]
+    assert not any(p.get("stream") for p in experts_payloads)  # only the call that writes the answer streams
+    direct = list(running.client().chat.completions.create(
+        model="gamma", stream=True, messages=[{"role": "user", "content": "How far does light travel?"}]))
+    assert "".join(c.choices[0].delta.content or "" for c in direct if c.choices) == "The answer is 42."
+    assert experts.payloads[-1]["model"] == "gamma" and experts.payloads[-1]["stream"] is True
+
+
+def test_progress_chunks_are_opt_in_and_the_plan_shows_in_them(serve: Any) -> None:
+    running, experts = serve()
+    client = running.client()
+    task = "Explain why the sky is blue. Then give one practical consequence of it."
+    plain = list(client.chat.completions.create(model="orchestra", stream=True,
+                                                messages=[{"role": "user", "content": task}]))
+    assert all(c.choices for c in plain)  # no progress unless asked for
+    chunks = list(client.chat.completions.create(model="orchestra", stream=True, extra_body={"progress": True},
+                                                 messages=[{"role": "user", "content": task}]))
+    events = [c.model_extra["orchestra"]["event"] for c in chunks if not c.choices]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "plan_ready" and [n["id"] for n in events[0]["nodes"]] == ["facts", "answer"]
+    assert kinds.count("node_done") == 2 and "experts_recruited" in kinds
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "The answer is 42."
+    assert experts.count("plan") == {"planner": 2}
+    experts.fail = set(EXPERTS)  # after the first chunk, a failure is the stream's last event
+    with pytest.raises(openai.APIError, match="the experts failed"):
+        list(client.chat.completions.create(model="orchestra", stream=True, extra_body={"progress": True},
+                                            messages=[{"role": "user", "content": task}]))
+
+
+def test_json_schema_answers_with_the_schema_and_sends_it_to_the_answer_writers(serve: Any) -> None:
+    running, experts = serve()
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}, "unit": {"type": "string"}},
+              "required": ["answer", "unit"]}
+    completion = running.client().chat.completions.create(
+        model="orchestra", messages=[{"role": "user", "content": "How far does light travel in a nanosecond?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "distance", "schema": schema}},
+        max_tokens=77, temperature=0.3)
+    assert json.loads(completion.choices[0].message.content or "") == {"answer": 42, "unit": "m"}
+    writers = [p for p in experts.payloads if p["model"] != "planner"]
+    assert len(writers) == 4
+    for payload in writers:
+        assert payload["response_format"]["json_schema"]["schema"] == schema
+        assert payload["max_tokens"] == 77 and payload["temperature"] == 0.3
+
+
+def test_models_presets_and_agents(serve: Any) -> None:
+    running, experts = serve()
+    client = running.client()
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["orchestra", "vote", "solo", "alpha", "beta", "gamma"]
+    assert client.models.retrieve("vote").model_extra["orchestra"]["settings"] == {"aggregate": "vote"}
+    listing = httpx.get(running.url + "/v1/models").text
+    assert "127.0.0.1:" not in listing and "base_url" not in listing  # nothing about the endpoints
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    client.chat.completions.create(model="beta", messages=question)
+    assert dict(experts.requests) == {("beta", "expert"): 1}  # the agent alone: no keywords, no aggregator
+    experts.requests.clear()
+    voted = client.chat.completions.create(model="vote", messages=question)
+    assert experts.count("aggregate") == {} and sum(experts.count("expert").values()) == 3
+    assert " says 42 (seed " in (voted.choices[0].message.content or "")  # an expert's own answer won
+    experts.requests.clear()
+    client.chat.completions.create(model="orchestra", messages=question, extra_body={"k": 1})
+    assert sum(experts.count("expert").values()) == 1 and experts.count("aggregate") == {}
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("nope")
+    assert missing.value.status_code == 404
+
+
+def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, tmp_path: Path) -> None:
+    running, experts = serve(max_request_bytes=4096)
+    client = running.client()
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    bad = {
+        "last message": dict(messages=[*question, {"role": "assistant", "content": "hi"}]),
+        "n": dict(messages=question, n=2),
+        "unknown": dict(messages=question, extra_body={"kk": 3}),
+        "k type": dict(messages=question, extra_body={"k": "three"}),
+        "mode": dict(messages=question, extra_body={"mode": "psychic"}),
+        "image": dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+    }
+    messages = {}
+    for name, arguments in bad.items():
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model="orchestra", **arguments)
+        assert error.value.status_code == 400
+        messages[name] = error.value.body["message"]
+        assert "\n" not in messages[name]
+    assert "last message must be the user's" in messages["last message"]
+    assert "'kk'" in messages["unknown"] and "'k'" in messages["k type"] and "psychic" in messages["mode"]
+    assert "only text content" in messages["image"]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-5", messages=question)
+    with pytest.raises(openai.APIStatusError) as large:
+        client.chat.completions.create(model="orchestra", messages=[{"role": "user", "content": "x" * 5000}])
+    assert large.value.status_code == 413
+    not_json = httpx.post(running.url + "/v1/chat/completions", content=b"{nope")
+    assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
+    assert sum(experts.requests.values()) == 0  # nothing bad reached an expert
+    experts.fail = set(EXPERTS)
+    with pytest.raises(openai.APIStatusError) as upstream:
+        client.chat.completions.create(model="orchestra", messages=question)
+    assert upstream.value.status_code == 502 and "experts failed" in upstream.value.message
+    run_id = upstream.value.response.headers[RUN_HEADER]
+    assert RunStore(tmp_path / "runs.db").run(run_id).status == "failed"
+
+
+def test_endpoints_that_cannot_be_reached_are_a_503(loopback: Any, tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = Running(app(pool_file(tmp_path, f"http://127.0.0.1:{port}"), store=tmp_path / "down.db"))
+    try:
+        with pytest.raises(openai.InternalServerError) as error:
+            down.client().chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi there?"}])
+        assert error.value.status_code == 503 and "endpoints cannot be used" in error.value.message
+    finally:
+        down.stop()
+
+
+def test_bearer_token_from_the_environment_is_checked(serve: Any) -> None:
+    running, experts = serve(api_key="s3cret")
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    with pytest.raises(openai.AuthenticationError) as error:
+        running.client(api_key="wrong").chat.completions.create(model="orchestra", messages=question)
+    assert error.value.status_code == 401 and error.value.body["message"] == "incorrect API key"
+    missing = httpx.post(running.url + "/v1/chat/completions", json={"model": "orchestra", "messages": question})
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert missing.json()["error"]["code"] == "invalid_api_key" and "missing bearer" in missing.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError):
+        running.client(api_key="wrong").models.list()
+    assert sum(experts.requests.values()) == 0
+    assert running.client(api_key="s3cret").chat.completions.create(model="orchestra", messages=question).choices
+    assert httpx.get(running.url + "/health").json()["status"] == "ok"  # health needs no key
+
+
+def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any) -> None:
+    running, experts = serve(budget=Budget(max_calls=12, max_cost_usd=None, max_tokens=None))
+    client = running.client()
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    first = client.chat.completions.create(model="orchestra", messages=question)
+    assert first.model_extra["orchestra"]["calls"] == 9  # 5 keyword samples, 3 experts, the aggregator
+    with pytest.raises(openai.RateLimitError) as second:
+        client.chat.completions.create(model="orchestra", messages=question)  # needs 9 more; 3 left
+    assert second.value.status_code == 429 and "the server's budget max_calls=12 is spent" in second.value.message
+    sent = sum(experts.requests.values())
+    assert sent <= 12
+    with pytest.raises(openai.RateLimitError, match="server's budget is exhausted"):
+        client.chat.completions.create(model="orchestra", messages=question)
+    assert sum(experts.requests.values()) == sent  # refused before any call
+
+
+def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: Path) -> None:
+    running, experts = serve(settings={"budget": {"max_calls": 6}})
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    for _ in range(2):  # each request has its own 6 calls: the second fails the same way, not earlier
+        with pytest.raises(openai.RateLimitError, match="budget max_calls=6 reached") as error:
+            running.client().chat.completions.create(model="orchestra", messages=question)
+        run_id = error.value.response.headers[RUN_HEADER]
+        assert RunStore(tmp_path / "runs.db").run(run_id).status == "budget_exceeded"
+    assert sum(experts.requests.values()) == 12
+
+
+def test_concurrent_requests_reach_each_model_together_and_route_alone(serve: Any) -> None:
+    running, experts = serve()
+    questions = [f"What is fact number {i} about light?" for i in range(32)]
+
+    async def ask_all(extra: dict[str, Any]) -> list[Any]:
+        client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        answers = await asyncio.gather(*(client.chat.completions.create(
+            model="orchestra", messages=[{"role": "user", "content": q}], extra_body=extra) for q in questions))
+        await client.close()
+        return answers
+
+    # every expert request is held until all 96 (32 requests x k=3) have arrived, and every
+    # aggregation until all 32 have: the loopback would time out if one request's calls waited
+    # for another request to finish
+    experts.gates = {"expert": (96, asyncio.Event()), "aggregate": (32, asyncio.Event())}
+    answers = asyncio.run(ask_all({}))
+    assert all(a.choices[0].message.content == "The answer is 42." for a in answers)
+    assert sum(experts.count("expert").values()) == 96 and experts.count("aggregate") == {"alpha": 32}
+    # routing is per request: with k=2 of 3, each question gets the experts it gets alone
+    experts.gates = {}
+    alone = running.client().chat.completions.create(
+        model="orchestra", messages=[{"role": "user", "content": questions[5]}], extra_body={"k": 2, "seed": 9})
+    together = asyncio.run(ask_all({"k": 2, "seed": 9}))
+    assert together[5].model_extra["orchestra"]["nodes"] == alone.model_extra["orchestra"]["nodes"]
+
+
+def test_stopping_the_server_cancels_runs_in_flight_and_they_stay_resumable(serve: Any, tmp_path: Path) -> None:
+    running, experts = serve(grace=0.2)
+    experts.hold = True
+    outcome: list[BaseException | Any] = []
+
+    def ask() -> None:
+        try:
+            outcome.append(running.client(timeout=30).chat.completions.create(
+                model="orchestra", messages=[{"role": "user", "content": "How far does light travel in a nanosecond?"}]))
+        except BaseException as error:  # the connection is closed under it
+            outcome.append(error)
+
+    caller = threading.Thread(target=ask)
+    caller.start()
+    while sum(experts.count("expert").values()) < 3:
+        caller.join(0.01)
+    running.stop()
+    caller.join(30)
+    store = RunStore(tmp_path / "runs.db")
+    [record] = store.runs()
+    assert record.status == "cancelled"
+    experts.release.set()
+    from orchestra.core import Orchestra
+
+    resumed = Orchestra.resuming(record.id, store=store).resume(record.id)
+    assert resumed.status == "done" and resumed.answer == "The answer is 42."
+
+
+class ServeProcess:
+    """``orchestra serve`` as a real subprocess on port 0; the address is read from its first line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        full_env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", **(env or {})}
+        self.process = subprocess.Popen([sys.executable, "-m", "orchestra", "serve", "--port", "0", *args],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+        assert self.process.stdout is not None
+        self.banner = self.process.stdout.readline()
+        self.url = self.banner.split(" ")[2].removesuffix("/v1") if self.banner.startswith("orchestra serve") else ""
+
+    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
+        self.process.send_signal(sig)
+        _, err = self.process.communicate(timeout=60)
+        return self.process.returncode, err
+
+
+def test_the_command_serves_with_a_key_from_the_environment_and_stops_cleanly(
+        loopback: Any, tmp_path: Path) -> None:
+    experts = Experts()
+    server = loopback(experts.handler)
+    pool = pool_file(tmp_path, server.url)
+    presets = tmp_path / "presets.yaml"
+    presets.write_text("five: {k: 5}\n")
+    served = ServeProcess("--pool", str(pool), "--store", str(tmp_path / "runs.db"), "--presets", str(presets),
+                          "--api-key-env", "ORCH_TEST_KEY", env={"ORCH_TEST_KEY": "k-123"})
+    try:
+        assert served.banner.startswith("orchestra serve: http://127.0.0.1:"), served.banner
+        assert "models: orchestra, vote, solo, five, alpha, beta, gamma" in served.banner
+        assert "k-123" not in served.banner
+        headers = {"Authorization": "Bearer k-123"}
+        body = {"model": "five", "messages": [{"role": "user", "content": "How far does light travel in a nanosecond?"}]}
+        answer = httpx.post(served.url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "The answer is 42."
+        assert sum(experts.count("expert").values()) == 5
+        assert httpx.post(served.url + "/v1/chat/completions", json=body).status_code == 401
+    finally:
+        code, err = served.stop(signal.SIGTERM)
+    assert code == 0, err
+    assert "k-123" not in err and "k-123" not in (tmp_path / "runs.db").read_bytes().decode("latin-1")
+    listed = subprocess.run([sys.executable, "-m", "orchestra", "runs", "--store", str(tmp_path / "runs.db")],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert "How far does light travel in a nanosecond?" in listed.stdout and " done " in listed.stdout
+
+
+def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(loopback: Any, tmp_path: Path) -> None:
+    experts = Experts()
+    experts.hold = True  # the experts never answer
+    server = loopback(experts.handler)
+    served = ServeProcess("--pool", str(pool_file(tmp_path, server.url)), "--store", str(tmp_path / "runs.db"))
+    answers: list[httpx.Response] = []
+    body = {"model": "orchestra", "messages": [{"role": "user", "content": "How far does light travel?"}]}
+    caller = threading.Thread(target=lambda: answers.append(
+        httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)))
+    caller.start()
+    while sum(experts.count("expert").values()) < 3:
+        caller.join(0.01)
+    served.process.send_signal(signal.SIGINT)  # drains: the run is still waiting for its experts
+    while True:  # signals are not queued: the second one only once the first has closed the listener
+        try:
+            httpx.get(served.url + "/health", timeout=5)
+        except httpx.TransportError:
+            break
+        caller.join(0.01)
+    served.process.send_signal(signal.SIGINT)
+    caller.join(60)
+    code, err = served.stop()
+    assert code == 0 and "Traceback" not in err, err
+    [answer] = answers
+    run_id = answer.headers[RUN_HEADER]
+    assert answer.status_code == 503 and f"cancelled run {run_id}" in answer.json()["error"]["message"]
+    assert RunStore(tmp_path / "runs.db").run(run_id).status == "cancelled"
+    experts.release.set()
+
+
+def test_the_command_refuses_a_missing_key_variable_and_a_clashing_preset(tmp_path: Path) -> None:
+    missing = ServeProcess("--api-key-env", "ORCH_UNSET_VARIABLE")
+    code, err = missing.stop()
+    assert code == 2 and err.strip() == "error: --api-key-env ORCH_UNSET_VARIABLE: that environment variable is not set"
+    presets = tmp_path / "presets.yaml"
+    presets.write_text("orchestra: {k: 2}\n")
+    clash = ServeProcess("--presets", str(presets), "--no-store")
+    code, err = clash.stop()
+    assert code == 2 and "preset 'orchestra' has the name of the orchestra" in err

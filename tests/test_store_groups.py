@@ -1,0 +1,104 @@
+"""The store keeps up with a data set: the ends of runs that finish together are one transaction
+(each committed before its result is handed over), a run begun here never looks for calls to
+replay, a failed group still marks its runs ended, and the request keys stay what they were."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+import warnings
+from pathlib import Path
+
+from helpers import scripted_pool
+from pydantic import BaseModel
+
+from orchestra import Orchestra
+from orchestra.models import ChatRequest
+from orchestra.skills import SkillExtractor
+from orchestra.store import RunStore
+
+REPLAY = "SELECT response, source FROM calls"
+
+
+def traced(store: RunStore) -> list[str]:
+    """Every statement the store's connection runs from now on."""
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    return statements
+
+
+def test_runs_that_end_together_are_one_transaction_committed_before_each_result_is_yielded(tmp_path: Path) -> None:
+    pool, _ = scripted_pool(3)
+    store = RunStore(tmp_path / "runs.db")
+    orc = Orchestra(pool, k=2, store=store)
+    statements = traced(store)
+
+    async def main() -> list[str]:
+        seen = []
+        tasks = [f"What is {i} + 1?" for i in range(12)]
+        async for _, result in orc.arun_iter(tasks, window=12, rare_filter=False):  # in lockstep: end together
+            # another connection (another process) sees the run ended, with its answer, already
+            with sqlite3.connect(tmp_path / "runs.db") as reader:
+                status, answer = reader.execute("SELECT status, answer FROM runs WHERE id=?",
+                                                (result.run_id,)).fetchone()
+            assert (status, answer) == ("done", result.answer)
+            seen.append(result.run_id)
+        return seen
+
+    finished = asyncio.run(main())
+    assert len(finished) == 12
+    commits = [i for i, s in enumerate(statements) if s == "COMMIT"]
+    ends = [i for i, s in enumerate(statements) if s.startswith("UPDATE runs SET status='done'")]  # (bound values)
+    assert len(ends) == 12
+    assert len({next(c for c in commits if c > i) for i in ends}) == 1  # ended in one turn: one transaction
+
+
+def test_a_run_begun_here_never_looks_for_calls_to_replay_and_a_resumed_one_does(tmp_path: Path) -> None:
+    pool, _ = scripted_pool(3)
+    store = RunStore(tmp_path / "runs.db")
+    statements = traced(store)
+    stopped = Orchestra(pool, k=2, store=store).run("What is 2 + 2?", plan=False, budget={"max_calls": 3})
+    assert stopped.status == "budget_exceeded"
+    assert not [s for s in statements if s.startswith(REPLAY)]
+    resumed = Orchestra(pool, k=2, store=store).resume(stopped.run_id, budget={"max_calls": 50})
+    assert resumed.status == "done" and resumed.usage.replayed_calls == 3
+    assert [s for s in statements if s.startswith(REPLAY)]
+
+
+def test_a_group_that_cannot_be_written_still_marks_its_runs_ended(tmp_path: Path) -> None:
+    pool, _ = scripted_pool(2)
+    store = RunStore(tmp_path / "runs.db")
+    done = Orchestra(pool, k=1, store=store).run("What is 1 + 1?", plan=False)
+    ended = done.model_copy(update={"run_id": "r-full", "answer": "x" * 200_000})  # needs new pages
+    store.begin_run("r-full", "t", {})
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")
+
+    async def finish() -> None:
+        store.finish_run(ended, soon=True)
+        await asyncio.sleep(0)  # the group is written at the loop's next turn: the disk is full
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        asyncio.run(finish())
+    assert any("could not be written" in str(w.message) for w in warned)
+    assert store.run("r-full").status == "failed"  # its status alone needed no new space
+    with sqlite3.connect(tmp_path / "runs.db") as reader:  # and it is on disk, for other processes too
+        assert reader.execute("SELECT status, owner FROM runs WHERE id='r-full'").fetchone() == ("failed", None)
+
+
+class Answer(BaseModel):
+    value: int
+
+
+def test_request_keys_are_the_sha256_of_the_sorted_canonical_request() -> None:
+    requests = [*SkillExtractor().requests("Qué é 5 + 5? ☃"),
+                ChatRequest.user("hi ☃", system="sys", temperature=0.3, max_tokens=5, seed=3, stop=["a"], output=Answer),
+                ChatRequest.user("plain", output="json")]
+    for request in requests:
+        blob = json.dumps({"model": "OpenAICompatible:m", **request.canonical()}, sort_keys=True, ensure_ascii=False)
+        assert request.key("OpenAICompatible:m") == hashlib.sha256(blob.encode()).hexdigest()
+    # the key of a stored call or cache entry never changes (this one was computed before any speed-up)
+    assert ChatRequest.user("hi").key("m") == "039b10d2fb25278b6c28a949d530ec8ba1966e8b7f1a3aef127f92db70a0df5f"
