@@ -60,8 +60,9 @@ from orchestra.models.base import downgrade_listener, model_identity, retry_list
 from orchestra.models.pricing import FREE
 
 Outcome = ChatResult | Exception
-#: One answered call for the journal: run id, key, seq, model, request, outcome, purpose, node, source.
-CallEntry = tuple[str, str, int, str, ChatRequest, Outcome, str, str | None, str]
+#: One answered call for the journal: run id, key, seq, model, request (or the canonical JSON its key
+#: hashed), outcome, purpose, node, source.
+CallEntry = tuple[str, str, int, str, ChatRequest | str, Outcome, str, str | None, str]
 
 
 class CallJournal(Protocol):
@@ -182,6 +183,7 @@ class _Call:
     seq: int
     heavy: bool
     reserved: Reservation | None = None  # set once the budget admitted the call
+    canonical: str = ""  # the JSON ``key`` hashes, recorded as the call's request
 
 
 @dataclass
@@ -311,13 +313,14 @@ class Executor:
         per_model: Counter[str] = Counter()
         for index, (model, request) in enumerate(calls):
             # the key (a hash of the canonical request) is needed only to journal or cache the call
-            key = request.key(model_identity(model)) if ledger.journal is not None or ledger.cache is not None else ""
+            key, canonical = (request.keyed(model_identity(model)) if ledger.journal is not None
+                              or ledger.cache is not None else ("", ""))
             heavy = is_heavy(model)
             if self.placement is not None and is_heavy(model):
                 model = self.placement.engine(model)  # its stand-in: queued, grouped and loaded as the model
             waiter.heavy += heavy
             self._pending.append(_Call(model, request, ledger, purpose, node, waiter, index, key,
-                                       ledger.next_seq(key) if key else 0, heavy))
+                                       ledger.next_seq(key) if key else 0, heavy, canonical=canonical))
             per_model[model.name] += 1
         waiter.then = tuple(m if self.placement is None else self.placement.engine(m) for m in then if is_heavy(m))
         for name, count in per_model.items():
@@ -684,8 +687,8 @@ class Executor:
             journal = call.ledger.journal
             if journal is not None:
                 journals.setdefault(id(journal), (journal, []))[1].append(
-                    (call.ledger.run_id, call.key, call.seq, call.model.name, call.request, outcome, call.purpose,
-                     call.node, "model"))
+                    (call.ledger.run_id, call.key, call.seq, call.model.name, call.canonical or call.request, outcome,
+                     call.purpose, call.node, "model"))
         unwritten: dict[int, Exception] = {}
         for key, (journal, entries) in journals.items():
             try:

@@ -181,10 +181,12 @@ _RECORD_CALL = (
     "WHERE calls.status != 'ok'")
 
 
-def _call_row(run_id: str, key: str, seq: int, model: str, request: ChatRequest, outcome: ChatResult | Exception,
-              purpose: str, node: str | None, source: str, now: float) -> tuple[Any, ...]:
-    """The ``calls`` row of one call's outcome (an answer from the cache or the store cost nothing)."""
-    canonical = _json(request.canonical())
+def _call_row(run_id: str, key: str, seq: int, model: str, request: ChatRequest | str,
+              outcome: ChatResult | Exception, purpose: str, node: str | None, source: str,
+              now: float) -> tuple[Any, ...]:
+    """The ``calls`` row of one call's outcome (an answer from the cache or the store cost nothing);
+    ``request`` may come as the canonical JSON its key hashed."""
+    canonical = request if isinstance(request, str) else _json(request.canonical())
     if isinstance(outcome, Exception):
         usage = getattr(outcome, "usage", None)
         spent = (usage.prompt_tokens, usage.completion_tokens, usage.cost_usd) if usage else (0, 0, 0.0)

@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 
 from orchestra.budget import Budget
-from orchestra.serve import RUN_HEADER, app
+from orchestra.serve import RUN_HEADER, Feed, app
 from orchestra.store import RunStore
 from orchestra.testing import LoopbackRequest, LoopbackServer, Reply
 from orchestra.testing.loopback import error_reply, openai_reply, openai_stream_reply
@@ -529,3 +529,20 @@ def test_the_command_refuses_a_missing_key_variable_and_a_clashing_preset(tmp_pa
     clash = ServeProcess("--presets", str(presets), "--no-store")
     code, err = clash.stop()
     assert code == 2 and "preset 'orchestra' has the name of the orchestra" in err
+
+
+def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
+    async def relay(updates: list[str], answer: str) -> tuple[list[str], str]:
+        feed = Feed(progress=False)
+        for so_far in updates:
+            feed.text(so_far)
+        sent = []
+        while not feed.items.empty():
+            sent.append(feed.items.get_nowait()[1])
+        return sent, feed.rest(answer)
+
+    thinking = ["<thi", "<think>hmm", "<think>hmm</think>\n", "<think>hmm</think>\nThe ", "<think>hmm</think>\nThe sky"]
+    assert asyncio.run(relay(thinking, "The sky is blue.")) == (["The", " sky"], " is blue.")
+    retried = ["The sky", "The sky is", "A different", "A different start"]  # a retry wrote otherwise
+    assert asyncio.run(relay(retried, "A different start.")) == (["The sky", " is"], "")
+    assert asyncio.run(relay(["  Hello ", "  Hello world  "], "Hello world")) == (["Hello", " world"], "")

@@ -121,8 +121,13 @@ class ChatRequest(BaseModel):
 
     def key(self, model: str) -> str:
         """A stable hash of this request sent to ``model``."""
+        return self.keyed(model)[0]
+
+    def keyed(self, model: str) -> tuple[str, str]:
+        """``key(model)`` and the JSON it hashes (the canonical form with ``model``, keys sorted):
+        what the run store records, so a call is encoded once."""
         blob = _key_json({"model": model, **self.canonical()})
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return hashlib.sha256(blob.encode()).hexdigest(), blob
 
 
 #: ``json.dumps(..., sort_keys=True, ensure_ascii=False)`` without making an encoder per call
