@@ -47,7 +47,8 @@ class WireError(Exception):
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                413: "invalid_request_error", 429: "insufficient_quota", 502: "api_error", 503: "api_error"}
+                405: "invalid_request_error", 413: "invalid_request_error", 429: "insufficient_quota",
+                502: "api_error", 503: "api_error"}
 
 
 def bad_request(message: str, param: str | None = None) -> WireError:
@@ -217,9 +218,12 @@ def _settings(body: Mapping[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
-            raise bad_request(f"{name!r} must be {'true or false' if kind is bool else f'a {kind.__name__}'}", name)
+            raise bad_request(f"{name!r} must be {_KINDS[kind]}", name)
         settings[name] = value
     return settings
+
+
+_KINDS = {bool: "true or false", int: "an integer", str: "a string"}
 
 
 # --- responses ---------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import contextlib
 import hmac
 import json
 import signal
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -43,6 +45,9 @@ ORCHESTRA_MODEL = "orchestra"
 
 #: the largest request body accepted by default (bytes)
 MAX_REQUEST_BYTES = 1 << 20
+
+#: the most experts per subtask a request may ask for
+MAX_K = 16
 
 #: the header that carries the run id of a completion
 RUN_HEADER = "x-orchestra-run-id"
@@ -85,6 +90,12 @@ class Server:
                  max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
         self.orchestra = orchestra
         self.models = served_models(orchestra.pool, presets or {})
+        for served in self.models.values():  # a preset that changes the server's own settings: refused now
+            if served.kind == "preset":
+                try:
+                    orchestra.run_settings(served.settings.changes())
+                except ConfigError as error:
+                    raise ConfigError(f"preset {served.id!r}: {error}") from None
         self._api_key = api_key.encode() if api_key else None
         self.shared = BudgetTracker(budget, None, name="the server's budget") if budget is not None else None
         self.max_request_bytes = max_request_bytes
@@ -189,6 +200,8 @@ class Server:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise bad_request(f"the request body is not valid JSON ({error})") from None
+        except RecursionError:
+            raise bad_request("the request body is JSON nested too deeply to read") from None
 
     def _start(self, completion: Completion, served: ServedModel, feed: Feed | None) -> asyncio.Task[RunResult]:
         """Begin the request's run (settings checked first: a bad one is a 400 before any call);
@@ -197,6 +210,8 @@ class Server:
         if served.agent is not None:  # that agent answers alone; pinned, so a resume keeps it
             options = {"experts": {"answer": [served.agent]},
                        "node_settings": {"answer": NodeSettings(agent=served.agent)}}
+        if completion.settings.get("k", 0) > MAX_K:
+            raise bad_request(f"'k' must be at most {MAX_K}", "k")
         try:
             overrides = served.settings.layered(completion.settings).changes()
             plan = overrides.pop("plan", None)
@@ -372,7 +387,7 @@ def _failure(result: RunResult) -> WireError | None:
     if result.status == "cancelled":
         return WireError(503, f"the run was cancelled: {reason}{resume}")
     if result.user_error:
-        return WireError(503, f"the experts' endpoints cannot be used: {reason}")
+        return WireError(503, f"the experts' endpoints cannot be used: {reason}{resume}")
     return WireError(502, f"the experts failed: {reason}{resume}")
 
 
@@ -415,30 +430,47 @@ def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, gr
     seconds to finish, then are cancelled (and stay resumable)."""
     import uvicorn
 
-    class Server(uvicorn.Server):
+    class Uvicorn(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:  # ours below: a stop is a clean exit, not a re-raised signal
             yield
 
-    server = Server(uvicorn.Config(application, host=host, port=port, log_level="warning",
-                                   timeout_graceful_shutdown=grace))
+    # the grace is kept here: runs still going when it ends are cancelled, so their clients get a
+    # 503 naming the run; uvicorn's own limit only catches connections that do not close after that
+    server = Uvicorn(uvicorn.Config(application, host=host, port=port, log_level="warning",
+                                    timeout_graceful_shutdown=grace + 30))
+    served: Server = application.state.server
 
-    def stop() -> None:  # the first signal drains; a second one cancels the runs still in flight
+    def stop() -> None:  # the first signal drains; a second one (or the grace's end) cancels the runs in flight
         if server.should_exit:
-            application.state.server.cancel_runs()
+            served.cancel_runs()
+            return
         server.should_exit = True
+        if served.runs:
+            print(f"orchestra serve: stopping; {len(served.runs)} run(s) in flight get {grace} s to finish "
+                  "(Ctrl-C again cancels them, resumable)", file=sys.stderr, flush=True)
+        asyncio.get_running_loop().call_later(grace, served.cancel_runs)
+
+    try:  # bound here, so an address in use is one line rather than uvicorn's exit
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port "
+                          "or --host") from None
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
-        serving = asyncio.ensure_future(server.serve())
+        serving = asyncio.ensure_future(server.serve(sockets=[listener]))
         while not server.started and not serving.done():
             await asyncio.sleep(0.02)
-        if server.started:
-            bound = server.servers[0].sockets[0].getsockname()
-            models = ", ".join(application.state.server.models)
-            print(f"orchestra serve: http://{bound[0]}:{bound[1]}/v1 · models: {models} · Ctrl-C stops", flush=True)
+        await asyncio.sleep(0) if server.started else await serving
+        bound = server.servers[0].sockets[0].getsockname()
+        models = ", ".join(served.models)
+        print(f"orchestra serve: http://{bound[0]}:{bound[1]}/v1 · models: {models} · Ctrl-C stops", flush=True)
         await serving
 
     asyncio.run(main())
@@ -460,7 +492,13 @@ def app(pool: Pool | str | Path | None = None, settings: Settings | Mapping[str,
         finally:
             await server.shutdown()
 
-    application = Starlette(routes=[
+    async def not_routed(request: Request, error: Exception) -> Response:
+        status = getattr(error, "status_code", 404)
+        message = (f"no route {request.method} {request.url.path}; the API is POST /v1/chat/completions, "
+                   "GET /v1/models, GET /v1/models/{id}, GET /health")
+        return _error(WireError(status, message, code="not_found" if status == 404 else "method_not_allowed"))
+
+    application = Starlette(exception_handlers={404: not_routed, 405: not_routed}, routes=[
         Route("/v1/chat/completions", server.completions, methods=["POST"]),
         Route("/v1/models", server.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", server.get_model, methods=["GET"]),

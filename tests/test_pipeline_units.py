@@ -738,7 +738,7 @@ def test_a_workflow_step_can_fix_its_agent_and_mode() -> None:
                      node_settings={"fixed": NodeSettings(agent="agent2"), "ranked": NodeSettings(mode="topk", k=1)})
     fixed = result.node("fixed")
     assert fixed.experts == ["agent2"] and fixed.skills == ["writing"]
-    assert fixed.recruitment["mode"] == "fixed" and fixed.recruitment["explanation"] == ["agent2: fixed by the workflow"]
+    assert fixed.recruitment["mode"] == "fixed" and fixed.recruitment["explanation"] == ["agent2: fixed for this step"]
     assert result.node("ranked").recruitment["mode"] == "topk" and len(result.node("ranked").experts) == 1
     assert not any(kind_of(r) == "keywords" for r in models["planner"].requests)  # the skills were given
 

@@ -191,6 +191,8 @@ def test_a_completion_is_a_run_whose_usage_is_what_the_experts_saw(serve: Any, t
     # the system message reached the experts as context, not as the task
     expert_prompts = [json.dumps(p["messages"]) for p in experts.payloads if p["model"] == "beta"]
     assert "Be brief." in expert_prompts[0]
+    [aggregation] = [p for p in experts.payloads if experts.purpose(p, json.dumps(p["messages"])) == "aggregate"]
+    assert "Be brief." in json.dumps(aggregation["messages"])  # and the aggregator, who writes the answer
     record = RunStore(tmp_path / "runs.db").run(completion.id)
     assert record.status == "done" and record.task == "How far does light travel in a nanosecond?"
 
@@ -266,7 +268,7 @@ def test_json_schema_answers_with_the_schema_and_sends_it_to_the_answer_writers(
         model="orchestra", messages=[{"role": "user", "content": "How far does light travel in a nanosecond?"}],
         response_format={"type": "json_schema", "json_schema": {"name": "distance", "schema": schema}},
         max_tokens=77, temperature=0.3)
-    assert json.loads(completion.choices[0].message.content or "") == {"answer": 42, "unit": "m"}
+    assert completion.choices[0].message.content == '{"answer":42,"unit":"m"}'  # compact
     writers = [p for p in experts.payloads if p["model"] != "planner"]
     assert len(writers) == 4
     for payload in writers:
@@ -307,6 +309,7 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
         "unknown": dict(messages=question, extra_body={"kk": 3}),
         "k type": dict(messages=question, extra_body={"k": "three"}),
         "mode": dict(messages=question, extra_body={"mode": "psychic"}),
+        "k cap": dict(messages=question, extra_body={"k": 17}),
         "image": dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
     }
     messages = {}
@@ -318,7 +321,13 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
         assert "\n" not in messages[name]
     assert "last message must be the user's" in messages["last message"]
     assert "'kk'" in messages["unknown"] and "'k'" in messages["k type"] and "psychic" in messages["mode"]
-    assert "only text content" in messages["image"]
+    assert "only text content" in messages["image"] and "'k' must be at most 16" in messages["k cap"]
+    assert "'k' must be an integer" in messages["k type"]
+    deep = httpx.post(running.url + "/v1/chat/completions", content=b"[" * 2000 + b"]" * 2000)
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
+    for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405)):
+        routed = httpx.request(method, running.url + path)
+        assert routed.status_code == status and "POST /v1/chat/completions" in routed.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-5", messages=question)
     with pytest.raises(openai.APIStatusError) as large:
@@ -344,8 +353,31 @@ def test_endpoints_that_cannot_be_reached_are_a_503(loopback: Any, tmp_path: Pat
         with pytest.raises(openai.InternalServerError) as error:
             down.client().chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi there?"}])
         assert error.value.status_code == 503 and "endpoints cannot be used" in error.value.message
+        assert f"orchestra resume {error.value.response.headers[RUN_HEADER]}" in error.value.message
     finally:
         down.stop()
+
+
+def test_an_agent_models_run_resumes_with_that_agent_alone(serve: Any, tmp_path: Path) -> None:
+    running, experts = serve()
+    experts.fail = {"beta"}
+    with pytest.raises(openai.InternalServerError) as failed:
+        running.client().chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi there?"}])
+    run_id = failed.value.response.headers[RUN_HEADER]
+    experts.fail = set()
+    experts.requests.clear()
+    from orchestra.core import Orchestra
+
+    store = RunStore(tmp_path / "runs.db")
+    resumed = Orchestra.resuming(run_id, store=store).resume(run_id)
+    assert resumed.status == "done" and dict(experts.requests) == {("beta", "expert"): 1}  # no keywords, no draw
+
+
+def test_a_preset_that_changes_the_servers_own_settings_is_refused_at_start(loopback: Any, tmp_path: Path) -> None:
+    from orchestra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="preset 'big'.*max_resident_models"):
+        app(pool_file(tmp_path, "http://127.0.0.1:9"), store=False, presets={"big": {"max_resident_models": 4}})
 
 
 def test_bearer_token_from_the_environment_is_checked(serve: Any) -> None:
@@ -518,6 +550,39 @@ def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(l
     assert answer.status_code == 503 and f"cancelled run {run_id}" in answer.json()["error"]["message"]
     assert RunStore(tmp_path / "runs.db").run(run_id).status == "cancelled"
     experts.release.set()
+
+
+def test_runs_still_going_when_the_grace_ends_are_cancelled_and_their_clients_told(
+        loopback: Any, tmp_path: Path) -> None:
+    experts = Experts()
+    experts.hold = True  # the experts never answer
+    server = loopback(experts.handler)
+    served = ServeProcess("--pool", str(pool_file(tmp_path, server.url)), "--store", str(tmp_path / "runs.db"),
+                          "--grace", "1")
+    answers: list[httpx.Response] = []
+    body = {"model": "orchestra", "messages": [{"role": "user", "content": "How far does light travel?"}]}
+    caller = threading.Thread(target=lambda: answers.append(
+        httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)))
+    caller.start()
+    while sum(experts.count("expert").values()) < 3:
+        caller.join(0.01)
+    code, err = served.stop()
+    caller.join(60)
+    experts.release.set()
+    assert code == 0 and "Traceback" not in err and "1 run(s) in flight get 1 s to finish" in err, err
+    [answer] = answers
+    assert answer.status_code == 503 and "cancelled run" in answer.json()["error"]["message"]
+
+
+def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "orchestra", "serve", "--port", str(port), "--no-store"],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
 def test_the_command_refuses_a_missing_key_variable_and_a_clashing_preset(tmp_path: Path) -> None:

@@ -44,17 +44,19 @@ def ranked(responses: Sequence[Response]) -> list[Response]:
 
 
 def synthesize_prompt(task: str, instruction: str, responses: Sequence[Response],
-                      answer_format: str | None = None) -> str:
-    """The MoA aggregate-and-synthesize prompt, reasoning stripped from every response."""
+                      answer_format: str | None = None, context: str = "") -> str:
+    """The MoA aggregate-and-synthesize prompt, reasoning stripped from every response;
+    ``context``: the conversation so far (a chat's earlier turns and system messages)."""
     return render("aggregator.j2", task=task, instruction=instruction, answer_format=answer_format,
-                  responses=[strip_reasoning(r.text) for r in responses])
+                  responses=[strip_reasoning(r.text) for r in responses], context=context)
 
 
-def refine_prompt(task: str, instruction: str, responses: Sequence[Response], answer_format: str | None = None) -> str:
+def refine_prompt(task: str, instruction: str, responses: Sequence[Response], answer_format: str | None = None,
+                  context: str = "") -> str:
     """The refine prompt: the strongest draft plus the other experts' answers as reviews."""
     best, *others = ranked(responses)
     return render("refine.j2", task=task, instruction=instruction, draft=strip_reasoning(best.text),
-                  reviews=[strip_reasoning(r.text) for r in others], answer_format=answer_format)
+                  reviews=[strip_reasoning(r.text) for r in others], answer_format=answer_format, context=context)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class Job:
     """The aggregator's token limit and temperature (None: its own)."""
     on_text: Callable[[str], None] | None = None
     """Given the aggregator's text so far as it streams (the run's answer being written)."""
+    context: str = ""
+    """The conversation so far, which the experts saw too."""
 
 
 class Aggregation(Protocol):
@@ -156,7 +160,8 @@ class Synthesize:
 
     async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
         """The aggregator's answer to the strategy's prompt."""
-        request = job.aggregator.request(self.prompt(job.task, job.instruction, job.responses, job.answer_format),
+        request = job.aggregator.request(self.prompt(job.task, job.instruction, job.responses, job.answer_format,
+                                                     job.context),
                                          seed=job.seed + 101, output=job.schema or "text", max_tokens=job.max_tokens,
                                          temperature=job.temperature, on_text=job.on_text)
         [outcome] = await call([(job.aggregator.model, request)])
@@ -216,5 +221,5 @@ class FinalSynthesis:
         if isinstance(outcome, Exception):
             raise outcome
         if options.output != "text":
-            return json.dumps(_plain(outcome.parsed), ensure_ascii=False)
+            return json.dumps(_plain(outcome.parsed), ensure_ascii=False, separators=(",", ":"))
         return strip_reasoning(outcome.text)

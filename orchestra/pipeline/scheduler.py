@@ -330,7 +330,7 @@ class Run:
                       aggregator=(self.stages.pool[trace.aggregator] if trace.aggregator
                                   else self.stages.staffing.aggregator),
                       grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
-                      on_text=self._answer_stream(node_id), **self._answer_sampling(node_id))
+                      on_text=self._answer_stream(node_id), context=self.spec.context, **self._answer_sampling(node_id))
             trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
             trace.status = "done"
             self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
@@ -525,7 +525,7 @@ class Run:
     def _answer_text(self, trace: NodeState) -> str | None:
         """A sink's output as the answer: its parsed JSON, compact, when the answer is JSON."""
         if trace.id == self.answer_node and self.spec.answer.output != "text" and trace.data is not None:
-            return json.dumps(trace.data, ensure_ascii=False)
+            return json.dumps(trace.data, ensure_ascii=False, separators=(",", ":"))
         return trace.output
 
     def _failure_status(self) -> Literal["failed", "budget_exceeded"]:

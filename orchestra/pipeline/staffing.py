@@ -6,7 +6,8 @@ the node's skills (given by the plan or the step, else extracted from its instru
 keyword LLM) are matched onto the profile vocabulary and the recruiter chooses the team (the
 ``calibrated`` default: experts and aggregator for expected accuracy per cost; ``symbolic-moe``:
 weighs every agent by suitability and competence and draws ``k``; see ``orchestra.recruit``).
-Experts pinned by name alone (a resumed run) replace the chosen ones. A configured aggregator
+Experts pinned by name alone (a resumed run) replace the chosen ones; one pinned agent of a k = 1
+node (a served agent model) is kept without recruiting at all. A configured aggregator
 aggregates every node; otherwise a calibrated team's own, else the pool's best measured one, or,
 with ``aggregator_choice: per-node``, the best measured among the agents that fit the node.
 """
@@ -95,7 +96,10 @@ class Staffing:
             return Staffed(pin.recruitment)
         if agent is not None:
             return Staffed(Recruitment(experts=(agent,), keywords=tuple(skills), matches=(), candidates=(),
-                                       mode="fixed", notes=(f"{agent}: fixed by the workflow",)))
+                                       mode="fixed", notes=(f"{agent}: fixed for this step",)))
+        if pin is not None and k == 1 and len(pin.experts) == 1:  # one agent, kept on resume: nothing to recruit
+            return Staffed(Recruitment(experts=pin.experts, keywords=tuple(skills), matches=(), candidates=(),
+                                       mode="fixed", notes=(f"{pin.experts[0]}: as recorded with the run",)))
         keywords = skill_names(skills, 40)  # a planner's skills too: plain words only
         failure, calls_failed = None, False
         if not keywords and mode not in ("global", "random"):  # these baselines ignore skills
