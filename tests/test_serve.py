@@ -522,11 +522,15 @@ def test_the_command_serves_with_a_key_from_the_environment_and_stops_cleanly(
     assert "How far does light travel in a nanosecond?" in listed.stdout and " done " in listed.stdout
 
 
-def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(loopback: Any, tmp_path: Path) -> None:
+def held_request(loopback: Any, tmp_path: Path, *options: str) -> tuple[ServeProcess, Experts, threading.Thread,
+                                                                         list[httpx.Response]]:
+    """The command serving a pool whose experts never answer, and a client waiting on one request
+    whose expert calls have all arrived."""
     experts = Experts()
-    experts.hold = True  # the experts never answer
+    experts.hold = True
     server = loopback(experts.handler)
-    served = ServeProcess("--pool", str(pool_file(tmp_path, server.url)), "--store", str(tmp_path / "runs.db"))
+    served = ServeProcess("--pool", str(pool_file(tmp_path, server.url)), "--store", str(tmp_path / "runs.db"),
+                          *options)
     answers: list[httpx.Response] = []
     body = {"model": "orchestra", "messages": [{"role": "user", "content": "How far does light travel?"}]}
     caller = threading.Thread(target=lambda: answers.append(
@@ -534,6 +538,11 @@ def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(l
     caller.start()
     while sum(experts.count("expert").values()) < 3:
         caller.join(0.01)
+    return served, experts, caller, answers
+
+
+def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(loopback: Any, tmp_path: Path) -> None:
+    served, experts, caller, answers = held_request(loopback, tmp_path)
     served.process.send_signal(signal.SIGINT)  # drains: the run is still waiting for its experts
     while True:  # signals are not queued: the second one only once the first has closed the listener
         try:
@@ -554,18 +563,7 @@ def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(l
 
 def test_runs_still_going_when_the_grace_ends_are_cancelled_and_their_clients_told(
         loopback: Any, tmp_path: Path) -> None:
-    experts = Experts()
-    experts.hold = True  # the experts never answer
-    server = loopback(experts.handler)
-    served = ServeProcess("--pool", str(pool_file(tmp_path, server.url)), "--store", str(tmp_path / "runs.db"),
-                          "--grace", "1")
-    answers: list[httpx.Response] = []
-    body = {"model": "orchestra", "messages": [{"role": "user", "content": "How far does light travel?"}]}
-    caller = threading.Thread(target=lambda: answers.append(
-        httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)))
-    caller.start()
-    while sum(experts.count("expert").values()) < 3:
-        caller.join(0.01)
+    served, experts, caller, answers = held_request(loopback, tmp_path, "--grace", "1")
     code, err = served.stop()
     caller.join(60)
     experts.release.set()
