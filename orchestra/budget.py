@@ -79,7 +79,9 @@ class BudgetTracker:
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
         spent = self.prompt_tokens + self.completion_tokens
         if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
-            self._refuse("max_tokens", budget.max_tokens, f"{spent} tokens used")
+            self._refuse("max_tokens", budget.max_tokens,
+                         f"{spent} tokens used, the next call may take {worst.tokens}: {prompt} of prompt and up to "
+                         f"{answer} of answer")
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
             self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.cost_usd:.4f} spent")

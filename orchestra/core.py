@@ -37,7 +37,7 @@ from orchestra.plan import Plan
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
-from orchestra.store import HEARTBEAT_SECONDS, RunStore
+from orchestra.store import HEARTBEAT_SECONDS, QUIET_EVENTS, RunStore
 from orchestra.workflow import Workflow
 
 T = TypeVar("T")
@@ -405,7 +405,7 @@ class Orchestra:
             store = RunStore()
         self.store: RunStore | None = RunStore(store) if isinstance(store, (str, Path)) else (store or None)
         if self.store is not None:
-            self.events.subscribe(self.store.listen)
+            self.events.subscribe(self.store.listen, ignore=QUIET_EVENTS)
         if self.settings.cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; do not combine cache=True with store=False")
         self._running = 0
@@ -552,11 +552,11 @@ class Orchestra:
 
     def _begin(self, run: Run) -> None:
         if self.store is not None:
-            self.store.begin_run(run.run_id, run.task, run.spec.record())
+            self.store.begin_run(run.run_id, run.task, run.spec.record_json())
 
     def _begin_all(self, runs: Sequence[Run]) -> None:
         if self.store is not None:
-            self.store.begin_runs([(run.run_id, run.task, run.spec.record()) for run in runs])
+            self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs])
 
     async def _finish(self, run: Run) -> RunResult:
         self._running += 1
@@ -655,7 +655,7 @@ class Orchestra:
             values = workflow.resolve_inputs(spec.workflow.inputs)
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
         run = self._run(spec, record.id, **steps)
-        self.store.begin_run(record.id, record.task, spec.record(), force=force)
+        self.store.begin_run(record.id, record.task, spec.record_json(), force=force)
         return await self._finish(run)
 
     # --- many runs -------------------------------------------------------------------------
@@ -747,7 +747,7 @@ class Orchestra:
         for (run, _), recruitment in zip(recruited, filtered):
             run.pin(node, recruitment)
         if self.store is not None:  # one transaction for the chunk
-            self.store.update_configs((run.run_id, run.spec.record()) for run in runs)
+            self.store.update_configs((run.run_id, run.spec.record_json()) for run in runs)
 
     # --- lifecycle -------------------------------------------------------------------------
 

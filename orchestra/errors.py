@@ -57,10 +57,11 @@ class BudgetExceeded(OrchestraError):
 
     def __init__(self, *, limit: str, value: float, spent: str, run_id: str | None,
                  shared: str = "the data set's budget") -> None:
+        setting = f"{limit}={int(value) if float(value).is_integer() else format(value, 'g')}"  # 1000000, not 1e+06
         if run_id is None:
-            super().__init__(f"{shared} {limit}={value:g} is spent ({spent})")
+            super().__init__(f"{shared} {setting} is spent ({spent})")
         else:
-            super().__init__(f"budget {limit}={value:g} reached ({spent})")
+            super().__init__(f"budget {setting} reached ({spent})")
         self.limit, self.value, self.spent, self.run_id = limit, value, spent, run_id
 
 

@@ -8,7 +8,7 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -274,15 +274,31 @@ class EventBus:
     def __init__(self) -> None:
         self.listeners: list[Listener] = []
         self.listener_errors: list[str] = []
+        self._ignored: list[frozenset[type[Event]]] = []  # per listener, the event types it does not want
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Add a listener; the returned function removes it."""
+    def subscribe(self, listener: Listener, *, ignore: Collection[type[Event]] = ()) -> Callable[[], None]:
+        """Add a listener; the returned function removes it. ``ignore``: event types it has no use
+        for (when no listener wants a type, the hot paths that make it need not)."""
         self.listeners.append(listener)
-        return lambda: self.listeners.remove(listener) if listener in self.listeners else None
+        self._ignored.append(frozenset(ignore))
+
+        def remove() -> None:
+            if listener in self.listeners:
+                del self._ignored[self.listeners.index(listener)]
+                self.listeners.remove(listener)
+
+        return remove
+
+    def wants(self, kind: type[Event]) -> bool:
+        """Whether some listener wants events of this type (the store, say, has no use for each call's)."""
+        return any(kind not in ignored for ignored in self._ignored)
 
     def emit(self, event: Event) -> None:
-        """Give ``event`` to every listener."""
-        for listener in list(self.listeners):
+        """Give ``event`` to every listener that does not ignore its type."""
+        kind = type(event)
+        for listener, ignored in list(zip(self.listeners, self._ignored)):
+            if kind in ignored:
+                continue
             try:
                 listener(event)
             except Exception as error:

@@ -323,8 +323,9 @@ class Executor:
                                        ledger.next_seq(key) if key else 0, heavy, canonical=canonical))
             per_model[model.name] += 1
         waiter.then = tuple(m if self.placement is None else self.placement.engine(m) for m in then if is_heavy(m))
-        for name, count in per_model.items():
-            self.events.emit(CallsQueued(model=name, count=count, run_id=ledger.run_id, purpose=purpose))
+        if self.events.wants(CallsQueued):
+            for name, count in per_model.items():
+                self.events.emit(CallsQueued(model=name, count=count, run_id=ledger.run_id, purpose=purpose))
         self._active -= 1
         self._track(waiter)
         self._schedule_kick()
@@ -712,17 +713,19 @@ class Executor:
                 ledger.cache.put(call.model.name, call.key, call.request, outcome)
             except Exception:
                 ledger.cache_errors += 1
-        if self.events.listeners:  # events are cheap, but not free on a hot path with nobody listening
+        if self.events.wants(CallDone):  # events are cheap, but not free on a hot path with nobody listening
             failed = isinstance(outcome, Exception)
             self.events.emit(CallDone(run_id=ledger.run_id, model=call.model.name, purpose=call.purpose,
                                       node=call.node, request=call.request,
                                       response=None if failed else outcome.text,  # type: ignore[union-attr]
                                       error=str(outcome) if failed else None))
-            self.emit_usage(ledger)
+        self.emit_usage(ledger)
         self._resolve(call, outcome)
 
     def emit_usage(self, ledger: RunLedger) -> None:
-        """Tell listeners a run's spending so far."""
+        """Tell listeners that want it a run's spending so far."""
+        if not self.events.wants(UsageUpdated):
+            return
         spent = ledger.budget
         self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=spent.calls, requests=spent.requests,
                                       prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,

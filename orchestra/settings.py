@@ -202,6 +202,10 @@ class RunSpec(BaseModel):
         """The JSON-ready form stored with the run."""
         return {"spec": self.model_dump(mode="json")}
 
+    def record_json(self) -> str:
+        """``record()`` as JSON text, written by pydantic in one step (what the store keeps)."""
+        return f'{{"spec": {self.model_dump_json()}}}'
+
     @classmethod
     def from_record(cls, config: Mapping[str, Any], task: str) -> RunSpec:
         """The spec a run recorded; a record written before specs existed is converted."""

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable
 from orchestra.events import (
+    CallDone,
+    CallsQueued,
     Event,
     EventHandler,
     ExpertsRecruited,
@@ -37,6 +40,7 @@ from orchestra.events import (
     NodeReady,
     NodeSkipped,
     PlanReady,
+    UsageUpdated,
 )
 from orchestra.resources import orchestra_home
 
@@ -52,16 +56,18 @@ SCHEMA_VERSION = 3
 #: A running run's process touches it this often; a run untouched for LEASE_SECONDS is no longer held.
 HEARTBEAT_SECONDS = 10.0
 LEASE_SECONDS = 30.0
-#: WAL pages written between automatic checkpoints (of 4 KiB)
-CHECKPOINT_PAGES = 10_000
+#: WAL pages (of 4 KiB) a writer copies into the file itself when the checkpoint thread falls behind
+CHECKPOINT_PAGES = 40_000
+#: seconds between the checkpoint thread's checkpoints (while commits come)
+CHECKPOINT_SECONDS = 1.0
 #: Purpose of the rows that record the embedding matcher's requests (requests outside any call).
 EMBEDDINGS = "embedding"
 _LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
 _FINISH_RUN = "UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE id=?"
+#: events the store does not log (each call's: calls live in their own table); ``subscribe(listen, ignore=...)``
+QUIET_EVENTS = frozenset({UsageUpdated, CallsQueued, CallDone})
 _ENDED_RUN = "UPDATE runs SET status=?, owner=NULL WHERE id=?"
-_event_json = json.JSONEncoder(ensure_ascii=False, default=str).encode
 _json = json.JSONEncoder(ensure_ascii=False).encode
-_QUIET_EVENTS = {"usage_updated", "calls_queued", "call_done"}  # calls live in their own table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -200,6 +206,11 @@ def _call_row(run_id: str, key: str, seq: int, model: str, request: ChatRequest 
             0, 0, 0.0, outcome.latency_s, now, 0)
 
 
+def _config_json(config: dict[str, Any] | str) -> str:
+    """A run's configuration as stored: given as JSON already, or as a JSON-ready dict."""
+    return config if isinstance(config, str) else _json(config)
+
+
 def _result_json(result: ChatResult) -> str:
     """A result as stored: its parsed value kept if JSON can hold it (a pydantic model as its
     fields), else left out."""
@@ -230,6 +241,7 @@ class RunStore:
         self._flush_warned = False
         #: runs this store began that had no record before: none of their calls can be replayed
         self._fresh: set[str] = set()
+        self._checkpoints: Checkpointer | None = None
         self.read_only = self.path.exists() and not os.access(self.path, os.W_OK)
         if not self.read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,10 +279,13 @@ class RunStore:
             return
         _switch_to_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
-        # a checkpoint (the WAL copied into the file, then synced) every 40 MB written, not SQLite's 4 MB:
-        # a page a data set changes often is copied once; after one the WAL is cut back to 10 MB
+        # checkpoints (the WAL copied into the file, then synced) are the checkpoint thread's, so a
+        # commit never waits for one; a writer does one itself only if that thread falls 160 MB behind.
+        # After one the WAL is cut back to 10 MB.
         db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
-        db.execute(f"PRAGMA journal_size_limit={CHECKPOINT_PAGES * 4096 // 4}")
+        db.execute(f"PRAGMA journal_size_limit={10 * 2**20}")
+        self._checkpoints = Checkpointer(self.path)
+        weakref.finalize(self, self._checkpoints.stop)
         if version < SCHEMA_VERSION:
             self._migrate(version)
 
@@ -310,8 +325,10 @@ class RunStore:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
-        """Write what is held, then close the connection."""
+        """Write what is held, then close the connection (the last one to close copies the WAL in)."""
         self.flush()
+        if self._checkpoints is not None:
+            self._checkpoints.stop(wait=True)
         with self._lock:
             self._db.close()
 
@@ -362,6 +379,8 @@ class RunStore:
                     try:
                         db.execute("COMMIT")
                         committed = True
+                        if store._checkpoints is not None:
+                            store._checkpoints.committed()
                     except sqlite3.DatabaseError:
                         if db.in_transaction:
                             db.execute("ROLLBACK")
@@ -421,18 +440,18 @@ class RunStore:
 
     # --- runs ------------------------------------------------------------------------------
 
-    def begin_run(self, run_id: str, task: str, config: dict[str, Any], *, force: bool = False) -> None:
-        """Record a new run, or take a stored one over to resume it.
+    def begin_run(self, run_id: str, task: str, config: dict[str, Any] | str, *, force: bool = False) -> None:
+        """Record a new run, or take a stored one over to resume it. ``config``: a JSON-ready dict, or its JSON.
 
         A run still held by another live process (touched within ``LEASE_SECONDS``) is refused,
         unless ``force``: two processes finishing one run would send its calls twice.
         """
         self.begin_runs([(run_id, task, config)], force=force)
 
-    def begin_runs(self, runs: Iterable[tuple[str, str, dict[str, Any]]], *, force: bool = False) -> None:
+    def begin_runs(self, runs: Iterable[tuple[str, str, dict[str, Any] | str]], *, force: bool = False) -> None:
         """``begin_run`` for several runs (id, task, config) in one transaction: all or none."""
         now = time.time()
-        rows = [(run_id, task, now, now, _json(config), self.owner) for run_id, task, config in runs]
+        rows = [(run_id, task, now, now, _config_json(config), self.owner) for run_id, task, config in runs]
         fresh: list[str] = []
         try:
             with self._transaction() as db:
@@ -457,14 +476,14 @@ class RunStore:
         """Tell other processes this one still runs the runs it holds."""
         self._execute("UPDATE runs SET updated=? WHERE owner=? AND status='running'", (time.time(), self.owner))
 
-    def update_config(self, run_id: str, config: dict[str, Any]) -> None:
+    def update_config(self, run_id: str, config: dict[str, Any] | str) -> None:
         """Replace a run's stored configuration (without counting a resume)."""
         self.update_configs([(run_id, config)])
 
-    def update_configs(self, configs: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    def update_configs(self, configs: Iterable[tuple[str, dict[str, Any] | str]]) -> None:
         """Replace several runs' stored configurations in one transaction."""
         now = time.time()
-        rows = [(_json(config), now, run_id) for run_id, config in configs]
+        rows = [(_config_json(config), now, run_id) for run_id, config in configs]
         try:
             with self._transaction() as db:
                 db.executemany("UPDATE runs SET config=?, updated=? WHERE id=?", rows)
@@ -615,10 +634,12 @@ class RunStore:
     def listen(self, event: Event) -> None:
         """An event listener: keeps node state and the event log current. Events are held until the
         next write or the event loop's next turn, so a burst of them is one transaction."""
-        if event.kind in _QUIET_EVENTS:
+        if type(event) in QUIET_EVENTS:
             return
-        statements: _Statements = [(_LOG_EVENT, (getattr(event, "run_id", None), event.kind, event.at,
-                                                 _event_json(event.to_dict())))]
+        from pydantic_core import to_json  # (loaded wherever events are made; a third of json's time)
+
+        data = to_json(event.to_dict(), fallback=str).decode()
+        statements: _Statements = [(_LOG_EVENT, (getattr(event, "run_id", None), event.kind, event.at, data))]
         statements += _NODE_ROWS.handle(event) or []
         self._hold(statements)
 
@@ -648,6 +669,67 @@ class RunStore:
         """A run's events in order."""
         for row in self._query("SELECT data FROM events WHERE run_id = ? ORDER BY id", (self.run(run_id).id,)):
             yield json.loads(row["data"])
+
+
+class Checkpointer:
+    """Copies a store's WAL into its file from a thread with a connection of its own, at most once a
+    ``CHECKPOINT_SECONDS`` while commits come: the copy and the sync a checkpoint ends with (most of
+    what a commit cost) no longer hold up the event loop. A passive checkpoint never waits for
+    readers or writers; one that fails (a full disk, say) leaves the pages in the WAL for the next."""
+
+    def __init__(self, path: Path, seconds: float = CHECKPOINT_SECONDS) -> None:
+        self.path, self.seconds = path, seconds
+        self.begun = self.done = 0  #: checkpoints begun and ended so far
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._finished = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def committed(self) -> None:
+        """A transaction was committed: a checkpoint is due (the first one starts the thread)."""
+        if self._thread is None and not self._stopped.is_set():
+            self._thread = threading.Thread(target=self._run, name=f"orchestra checkpoints {self.path.name}",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Block until a checkpoint that began after this call has ended (for tests and tools)."""
+        with self._finished:
+            target = self.begun + 1  # one running now may have begun before the pages to copy
+            self._wake.set()
+            if not self._finished.wait_for(lambda: self.done >= target or self._stopped.is_set(), timeout):
+                raise StoreError(f"no checkpoint of {self.path} ended within {timeout:g} s")
+
+    def stop(self, wait: bool = False) -> None:
+        """End the thread (``wait``: until its checkpoint in progress, if any, has ended)."""
+        self._stopped.set()
+        self._wake.set()
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        except sqlite3.DatabaseError:
+            return  # the writers' own checkpoints (CHECKPOINT_PAGES) take over
+        try:
+            while self._wake.wait() and not self._stopped.is_set():
+                self._wake.clear()
+                with self._finished:
+                    self.begun += 1
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.DatabaseError:
+                    pass
+                with self._finished:
+                    self.done += 1
+                    self._finished.notify_all()
+                self._stopped.wait(self.seconds)
+        finally:
+            db.close()
+            with self._finished:
+                self._finished.notify_all()
 
 
 class StoreCache:

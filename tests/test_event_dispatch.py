@@ -269,3 +269,23 @@ def test_spans_follow_every_traced_event_type() -> None:
     assert (b.status.status_code.name, b.status.description) == ("ERROR", "boom")
     assert (batch.attributes["orchestra.size"], batch.attributes["orchestra.failed"]) == (3, 1)
     assert not recorder.runs and not recorder.nodes and not recorder.batches  # every span ended
+
+
+def test_events_no_listener_wants_are_not_made_and_a_listener_gets_only_what_it_wants(tmp_path: Path) -> None:
+    from orchestra import Agent, Orchestra, Pool
+    from orchestra.models import FunctionModel
+
+    model = FunctionModel(lambda request: "The answer is 1", name="m")
+    orc = Orchestra(Pool(agents=[Agent(name="a", model=model)], planner=model), store=tmp_path / "runs.db")
+    assert not orc.events.wants(CallDone) and not orc.events.wants(UsageUpdated) and orc.events.wants(NodeDone)
+    seen: list[str] = []
+    remove = orc.events.subscribe(lambda event: seen.append(event.kind), ignore=[UsageUpdated])
+    assert orc.events.wants(CallDone) and not orc.events.wants(UsageUpdated)
+    result = orc.run("What is 1 + 1?", k=1, plan=False)
+    assert "call_done" in seen and "calls_queued" in seen and "usage_updated" not in seen
+    assert not {"call_done", "calls_queued"} & {e["kind"] for e in orc.store.events(result.run_id)}  # the store's own
+    remove()
+    assert not orc.events.wants(CallDone) and orc.events.listeners == [orc.store.listen]
+    orc.events.emit(CallDone(run_id=result.run_id, model="m", purpose="expert", node="answer",
+                             request=ChatRequest.user("q?"), response="42", error=None))
+    assert "call_done" not in {e["kind"] for e in orc.store.events(result.run_id)}

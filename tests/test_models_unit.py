@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -55,6 +57,32 @@ def test_request_key_changes_with_temperature_seed_and_model() -> None:
     assert base.key("m") != ChatRequest.user("same", temperature=0.2, seed=1).key("m")
     assert base.key("m") != ChatRequest.user("same", temperature=0.7, seed=2).key("m")
     assert ChatRequest.user("s", output=Point).canonical()["output"]["model"] == "Point"
+
+
+@pytest.mark.parametrize("request_", [
+    ChatRequest.user('quotes " and \\ back, a tab\t, a newline\n, a control \x01, ö and ☃', system="be \"brief\""),
+    ChatRequest.user("a", temperature=0.7, max_tokens=5, seed=3, stop=["x", '"y', "\n"]),
+    ChatRequest.user("a", temperature=float("nan")), ChatRequest.user("a", temperature=1e-30),
+    ChatRequest.user("a", temperature=float("inf")), ChatRequest.user("a", seed=-2**70),
+    ChatRequest.user("a", output="json"), ChatRequest.user("a", output=Point),
+    ChatRequest.user("a", output={"type": "object", "b": [1, {"z": None, "c": True}], "a": {"ü": 1.5}}),
+    ChatRequest(messages=[{"role": "user", "content": "1"}, {"role": "assistant", "content": ""},
+                          {"role": "user", "content": "2"}]),
+])
+def test_request_key_hashes_the_sorted_json_earlier_versions_recorded(request_: ChatRequest) -> None:
+    """The key is written field by field; a run recorded before must find its calls by it."""
+    expected = json.dumps({"model": 'm "ö"', **request_.canonical()}, sort_keys=True, ensure_ascii=False)
+    assert request_.keyed('m "ö"') == (hashlib.sha256(expected.encode()).hexdigest(), expected)
+
+
+def test_a_schema_changed_in_place_changes_the_key() -> None:
+    schema: dict[str, object] = {"type": "object", "properties": {"a": {"type": "string"}}}
+    before = ChatRequest.user("q", output=schema).key("m")
+    assert ChatRequest.user("q", output=schema).key("m") == before
+    schema["properties"] = {"a": {"type": "integer"}}
+    assert ChatRequest.user("q", output=schema).key("m") != before
+    assert ChatRequest.user("q", output=dict(schema, type="object")).key("m") == ChatRequest.user(
+        "q", output=schema).key("m")  # an equal schema, another dict
 
 
 def test_usage_adds() -> None:

@@ -525,7 +525,7 @@ def test_a_spent_shared_budget_says_how_to_raise_it_and_finish_the_items() -> No
     assert (refused.value.value, refused.value.spent, refused.value.run_id) == (1, "1 calls made", None)
     with pytest.raises(BudgetExceeded) as own:
         BudgetTracker(Budget(max_tokens=5), "run-4").admit(request, FREE)
-    assert own.value.limit == "max_tokens" and str(own.value).startswith("budget max_tokens=5 reached (0 tokens used)")
+    assert own.value.limit == "max_tokens" and str(own.value).startswith("budget max_tokens=5 reached (0 tokens used, the next call may take")
 
 
 # --- execute ---------------------------------------------------------------------------------

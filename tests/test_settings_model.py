@@ -47,10 +47,12 @@ def test_every_setting_in_a_pool_file_reaches_the_orchestra_and_the_run_record(t
     expected = Settings.layer({name: value}).model_dump(mode="json")[name]
     assert resolved == expected != Settings().model_dump(mode="json")[name]
 
-    async def record() -> dict[str, Any]:
-        return orc._make_run("a task").spec.record()
+    async def record() -> str:
+        run_spec = orc._make_run("a task").spec
+        assert json.loads(run_spec.record_json()) == json.loads(json.dumps(run_spec.record()))
+        return run_spec.record_json()  # what the store keeps
 
-    spec = RunSpec.from_record(json.loads(json.dumps(asyncio.run(record()))), "a task")
+    spec = RunSpec.from_record(json.loads(asyncio.run(record())), "a task")
     assert spec.settings == orc.settings
 
 

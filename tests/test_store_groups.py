@@ -102,3 +102,21 @@ def test_request_keys_are_the_sha256_of_the_sorted_canonical_request() -> None:
         assert request.key("OpenAICompatible:m") == hashlib.sha256(blob.encode()).hexdigest()
     # the key of a stored call or cache entry never changes (this one was computed before any speed-up)
     assert ChatRequest.user("hi").key("m") == "039b10d2fb25278b6c28a949d530ec8ba1966e8b7f1a3aef127f92db70a0df5f"
+
+
+def test_checkpoints_copy_the_wal_into_the_file_from_their_own_thread_and_close_ends_it(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    store = RunStore(path)
+    size = path.stat().st_size
+    payload = "x" * 4000
+    for i in range(200):  # 200 transactions, ~1 MB: far below the writers' own checkpoint threshold
+        store.begin_run(f"r{i}", payload, {"n": i})
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] >= 40_000
+    assert path.stat().st_size - size < 200 * 4000  # committed to the WAL; the file itself is behind
+    store._checkpoints.wait()
+    assert path.stat().st_size - size > 200 * 4000  # copied in by the thread
+    thread = store._checkpoints._thread
+    assert thread is not None and thread.is_alive() and thread is not __import__("threading").current_thread()
+    store.close()
+    assert not thread.is_alive()
+    assert [r.task for r in RunStore(path).runs(limit=1)] == [payload]
