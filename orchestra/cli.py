@@ -635,15 +635,27 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
         click.echo(json.dumps([{"id": r.id, "status": r.status, "task": r.task, "item": r.item, "created": r.created,
                                 "resumes": r.resumes, **store.run_totals(r.id)} for r in records], indent=2))
         return
-    table = Table()
-    for column in ("run", "status", "when", "calls", "requests", "cost", "task"):
-        table.add_column(column)
+    rows = []
     for record in records:
         totals = store.run_totals(record.id)
-        table.add_row(record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
-                      str(totals["calls"]), str(totals["requests"]), f"${totals['cost_usd']:.4f}",
-                      record.task[:60] + (f" · item {record.item}" if record.item else ""))
-    terminal().print(table)
+        rows.append((record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
+                     str(totals["calls"]), str(totals["requests"]), f"${totals['cost_usd']:.4f}",
+                     record.task[:60] + (f" · item {record.item}" if record.item else "")))
+    # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
+    # the task gives way on a narrow terminal
+    columns = ("run", "status", "when", "calls", "requests", "cost")
+    widths = [max(len(value) for value in (column, *(row[index] for row in rows))) for index, column in
+              enumerate(columns)]
+    console = terminal()
+    room = max(8, console.width - sum(widths) - 3 * (len(columns) + 1) - 1)  # (3: a cell's padding and edge)
+    table = Table()
+    for width, column in zip(widths, columns):
+        table.add_column(column, no_wrap=True, min_width=width)
+    table.add_column("task", no_wrap=True)
+    for row in rows:
+        task = row[-1] if len(row[-1]) <= room else row[-1][:room - 1] + "…"
+        table.add_row(*row[:-1], task)
+    console.print(table, crop=False)
 
 
 @main.command()

@@ -170,6 +170,9 @@ def test_runs_show_and_export(llm, tmp_path: Path) -> None:
     run_id = json.loads(done.stdout)["run_id"]
     listed = json.loads(cli("runs", "--json").stdout)
     assert listed[0]["id"] == run_id and listed[0]["status"] == "done" and listed[0]["calls"] == 13
+    for width in ("80", "60"):  # the id `resume` takes is whole on a narrow terminal; the task gives way
+        row = cli("runs", env={"COLUMNS": width}).stdout.splitlines()[3]
+        assert f" {run_id} " in row and " done " in row and " 13 " in row, row
     shown = cli("show", run_id[:15])
     assert shown.returncode == 0, shown.stderr
     for fragment in ("plan", "recruitment of facts", "history +1", "[system]", "[response]", "calls 13"):
