@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestra.models.structured import schema_problem
 from orchestra.result import RunResult
 
 #: OpenAI parameters accepted and ignored: they shape sampling or bookkeeping Orchestra does not expose
@@ -206,6 +207,9 @@ def _output(response_format: Any) -> str | dict[str, Any]:
         if not isinstance(schema, dict):
             raise bad_request("response_format.json_schema.schema must be a JSON schema object",
                               "response_format.json_schema.schema")
+        problem = schema_problem(schema)
+        if problem:
+            raise bad_request(f"response_format.json_schema.schema: {problem}", "response_format.json_schema.schema")
         return schema
     raise bad_request("response_format.type must be text, json_object or json_schema", "response_format")
 

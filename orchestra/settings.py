@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestra.budget import Budget
 from orchestra.errors import ConfigError
@@ -167,6 +167,20 @@ class AnswerOptions(BaseModel):
     output: str | dict[str, Any] = "text"
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
+
+    @field_validator("output")
+    @classmethod
+    def _usable_output(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        if isinstance(value, str):
+            if value not in ("text", "json"):
+                raise ValueError(f"must be 'text', 'json' or a JSON schema, not {value!r}")
+            return value
+        from orchestra.models.structured import schema_problem
+
+        problem = schema_problem(value)
+        if problem:
+            raise ValueError(f"the schema is not usable: {problem}")
+        return value
 
 
 class RunSpec(BaseModel):

@@ -85,6 +85,28 @@ def test_a_schema_changed_in_place_changes_the_key() -> None:
         "q", output=schema).key("m")  # an equal schema, another dict
 
 
+@pytest.mark.parametrize(("schema", "problem"), [
+    ({"type": "object", "properties": {"k": {"type": "array", "items": {"type": ["string", "null"]}, "minItems": 1}},
+      "required": ["k"], "additionalProperties": False, "$defs": {"x": {}}}, None),
+    (Point.model_json_schema(), None),
+    ({"type": "objekt"}, "$.type must be one of object, array"),
+    ({"properties": {"a": {"items": {"type": "float"}}}}, "$.properties.a.items.type must be one of"),
+    ({"required": "a"}, "$.required must be a list of property names"),
+    ({"type": "array", "maxItems": -1}, "$.maxItems must be a whole number"),
+    ({"properties": []}, "$.properties must be an object of schemas"),
+    ({"additionalProperties": "no"}, "$.additionalProperties must be true, false or a schema"),
+])
+def test_a_schema_check_schema_cannot_use_is_named_where(schema: dict[str, object], problem: str | None) -> None:
+    from orchestra.models.structured import schema_problem
+    from orchestra.settings import AnswerOptions
+
+    found = schema_problem(schema)
+    assert found == problem if problem is None else found is not None and found.startswith(problem)
+    if problem is not None:
+        with pytest.raises(ValidationError, match="the schema is not usable"):
+            AnswerOptions(output=schema)
+
+
 def test_usage_adds() -> None:
     total = Usage(prompt_tokens=1, completion_tokens=2, cost_usd=0.5) + Usage(prompt_tokens=3, cost_usd=0.25)
     assert total == Usage(prompt_tokens=4, completion_tokens=2, cost_usd=0.75)

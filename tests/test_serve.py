@@ -311,6 +311,8 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
         "mode": dict(messages=question, extra_body={"mode": "psychic"}),
         "k cap": dict(messages=question, extra_body={"k": 17}),
         "image": dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        "schema": dict(messages=question, response_format={"type": "json_schema", "json_schema": {
+            "name": "d", "schema": {"type": "object", "properties": {"m": {"type": "float"}}}}}),
     }
     messages = {}
     for name, arguments in bad.items():
@@ -323,6 +325,7 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
     assert "'kk'" in messages["unknown"] and "'k'" in messages["k type"] and "psychic" in messages["mode"]
     assert "only text content" in messages["image"] and "'k' must be at most 16" in messages["k cap"]
     assert "'k' must be an integer" in messages["k type"]
+    assert "$.properties.m.type must be one of object" in messages["schema"] and "'float'" in messages["schema"]
     deep = httpx.post(running.url + "/v1/chat/completions", content=b"[" * 2000 + b"]" * 2000)
     assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
     for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405)):

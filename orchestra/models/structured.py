@@ -48,6 +48,46 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+_COUNTS = ("minItems", "maxItems", "minLength", "maxLength")
+
+
+def schema_problem(schema: Any, path: str = "$") -> str | None:
+    """What makes ``schema`` unusable by ``check_schema``, in one line naming where (None: it is usable).
+
+    Checks the keywords ``check_schema`` reads, at every level: ``{"type": "objekt"}`` or a
+    ``required`` that is not a list of names is refused before any model is asked.
+    """
+    if not isinstance(schema, dict):
+        return f"{path} must be a JSON schema object, not {type(schema).__name__}"
+    kind = schema.get("type")
+    if kind is not None:
+        names = kind if isinstance(kind, list) else [kind]
+        unknown = [n for n in names if not isinstance(n, str) or n not in _TYPES]
+        if unknown or not names:
+            return f"{path}.type must be one of {', '.join(_TYPES)} (or a list of them), not {kind!r}"
+    if "enum" in schema and not isinstance(schema["enum"], list):
+        return f"{path}.enum must be a list"
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        return f"{path}.required must be a list of property names"
+    for count in _COUNTS:
+        value = schema.get(count, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{path}.{count} must be a whole number, 0 or more"
+    if not isinstance(schema.get("additionalProperties", True), (bool, dict)):
+        return f"{path}.additionalProperties must be true, false or a schema"
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        return f"{path}.properties must be an object of schemas"
+    for name, item in properties.items():
+        problem = schema_problem(item, f"{path}.properties.{name}")
+        if problem:
+            return problem
+    if "items" in schema and not isinstance(schema["items"], bool):
+        return schema_problem(schema["items"], f"{path}.items")
+    return None
+
+
 def check_schema(value: Any, schema: dict[str, Any], path: str = "$") -> None:
     """Validate ``value`` against the common JSON-schema keywords; raise ``StructuredOutputError``.
 
