@@ -248,12 +248,17 @@ def extension(result: RunResult) -> dict[str, Any]:
             **({"error": result.error} if result.error else {})}
 
 
+def finish_reason(result: RunResult) -> str:
+    """``length`` when the answer stopped at a token limit (``max_tokens``), else ``stop``."""
+    return "length" if result.answer_cut else "stop"
+
+
 def completion_body(result: RunResult, model: str, created: int) -> dict[str, Any]:
     """A ``chat.completion`` for a finished run; its ``id`` is the run id."""
     return {"id": result.run_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer or "",
                                                  "refusal": None},
-                         "finish_reason": "stop", "logprobs": None}],
+                         "finish_reason": finish_reason(result), "logprobs": None}],
             "usage": usage(result), "system_fingerprint": None, "orchestra": extension(result)}
 
 
@@ -288,7 +293,7 @@ class ChunkWriter:
 
     def end(self, result: RunResult) -> Iterator[bytes]:
         """The finish chunk, the usage chunk when asked for, and ``[DONE]``."""
-        yield self.chunk({}, "stop", orchestra=extension(result))
+        yield self.chunk({}, finish_reason(result), orchestra=extension(result))
         if self.include_usage:
             yield self.chunk(None, usage=usage(result))
         yield DONE

@@ -101,6 +101,8 @@ class RunResult(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     user_error: bool = False
     """The run failed for a reason the user must fix (a key, a URL, a context limit): exit code 2."""
+    answer_cut: bool = False
+    """The answer stopped at a token limit (its writer's ``max_tokens``), not where its writer ended it."""
 
     @property
     def exit_code(self) -> int:

@@ -91,8 +91,11 @@ class Experts:
             return openai_reply(json.dumps({"keywords": ["physics"]}))
         if payload.get("response_format"):
             return openai_reply(json.dumps({"answer": 42, "unit": "m"}))
+        cut = "length" if payload.get("max_tokens") == 3 else "stop"  # a limit that short cuts the answer
         if payload.get("stream"):  # asked to stream: the answer in three pieces
-            return openai_stream_reply(["The answer", " is", " 42."], between=self.between)
+            return openai_stream_reply(["The answer", " is", " 42."], between=self.between, finish_reason=cut)
+        if cut == "length":
+            return openai_reply(f"{model} says" if purpose == "expert" else "The answer is", finish_reason=cut)
         seed = payload.get("seed")
         return openai_reply(f"{model} says 42 (seed {seed})" if purpose == "expert" else "The answer is 42.")
 
@@ -237,6 +240,23 @@ def test_the_aggregators_tokens_reach_the_client_while_it_writes(serve: Any) -> 
         model="gamma", stream=True, messages=[{"role": "user", "content": "How far does light travel?"}]))
     assert "".join(c.choices[0].delta.content or "" for c in direct if c.choices) == "The answer is 42."
     assert experts.payloads[-1]["model"] == "gamma" and experts.payloads[-1]["stream"] is True
+
+
+def test_an_answer_cut_at_max_tokens_finishes_with_length_and_one_that_ended_with_stop(serve: Any) -> None:
+    running, _ = serve()
+    client = running.client()
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    for model in ("orchestra", "solo", "beta"):  # the aggregator's answer, a lone expert's, an agent's
+        cut = client.chat.completions.create(model=model, messages=question, max_tokens=3)
+        assert cut.choices[0].finish_reason == "length", model
+        assert client.chat.completions.create(model=model, messages=question).choices[0].finish_reason == "stop"
+    streamed = list(client.chat.completions.create(model="orchestra", messages=question, max_tokens=3, stream=True))
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "The answer is 42."
+    whole = list(client.chat.completions.create(model="orchestra", messages=question, stream=True))
+    assert [c.choices[0].finish_reason for c in whole if c.choices][-1] == "stop"
+    voted = client.chat.completions.create(model="vote", messages=question, max_tokens=3)  # an expert's own text
+    assert voted.choices[0].finish_reason == "length" and voted.choices[0].message.content.endswith(" says")
 
 
 def test_progress_chunks_are_opt_in_and_the_plan_shows_in_them(serve: Any) -> None:

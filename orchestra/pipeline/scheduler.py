@@ -43,7 +43,7 @@ from orchestra.events import (
     SkillExtractionFailed,
 )
 from orchestra.execute import Executor, RunLedger
-from orchestra.grading import Grader, get_grader
+from orchestra.grading import Grader, get_grader, strip_reasoning
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, strategy
@@ -192,6 +192,8 @@ class Run:
         self._unresolved = 0
         self._execute_started = self.started
         self.answer_node: str | None = None  # the one sink whose output is the answer, once planned
+        #: texts of answer-writing calls that stopped at a token limit, as an answer may show them
+        self._cut_texts: set[str] = set()
 
     def pin(self, node: str, recruitment: Recruitment) -> None:
         """Fix a node's experts to this recruitment (and record them, so a resume keeps them)."""
@@ -226,6 +228,8 @@ class Run:
         at once: every other call would fail the same way. ``then``: the models this task calls
         next (see ``Executor.call``)."""
         outcomes = await self.stages.executor.call(self.ledger, calls, purpose=purpose, node=node, then=then)
+        if node == self.answer_node or purpose == "final":
+            self._note_cut(outcomes)
         fatal = next((o for o in outcomes if isinstance(o, (AuthenticationError, EndpointUnreachable, StoreError))),
                      None)
         if fatal is not None:
@@ -522,6 +526,14 @@ class Run:
         status: RunStatus = "done" if complete else ("budget_exceeded" if self.ledger.budget.exceeded else "partial")
         self._finish(status, answer, "; ".join(failures) or None)
 
+    def _note_cut(self, outcomes: Sequence[ChatResult | Exception]) -> None:
+        """Remember the answers cut at a token limit, as the node's output or the run's answer may
+        show them (reasoning stripped, capped for the aggregator)."""
+        for outcome in outcomes:
+            if not isinstance(outcome, Exception) and outcome.finish_reason == "length":
+                capped = self._capped(outcome.text)
+                self._cut_texts.update((outcome.text, strip_reasoning(outcome.text), capped, strip_reasoning(capped)))
+
     def _answer_text(self, trace: NodeState) -> str | None:
         """A sink's output as the answer: its parsed JSON, compact, when the answer is JSON."""
         if trace.id == self.answer_node and self.spec.answer.output != "text" and trace.data is not None:
@@ -558,4 +570,5 @@ class Run:
             batches=[BatchInfo(model=b.model, size=b.size, calls=b.calls, wave=b.wave, purpose=b.purpose)
                      for b in ledger.batches],
             model_loads=dict(ledger.model_loads), elapsed_s=time.perf_counter() - self.started,
-            user_error=self.user_error, timings={k: round(v, 4) for k, v in self.timings.items()})
+            user_error=self.user_error, timings={k: round(v, 4) for k, v in self.timings.items()},
+            answer_cut=answer is not None and answer in self._cut_texts)

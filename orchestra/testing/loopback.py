@@ -252,7 +252,8 @@ def openai_reply(text: str, *, prompt_tokens: int = 10, completion_tokens: int |
 
 
 def openai_stream_reply(pieces: Sequence[str], *, prompt_tokens: int = 10, model: str = "loopback",
-                        usage: bool = True, between: Callable[[int], Awaitable[None]] | None = None) -> Reply:
+                        usage: bool = True, between: Callable[[int], Awaitable[None]] | None = None,
+                        finish_reason: str = "stop") -> Reply:
     """A streamed Chat Completions answer: a ``chat.completion.chunk`` event per piece of text, the
     finish chunk, the usage chunk (``usage``), ``[DONE]``. ``between(i)`` is awaited after piece
     ``i`` is sent (a test can hold the rest of the answer until something happened)."""
@@ -268,7 +269,7 @@ def openai_stream_reply(pieces: Sequence[str], *, prompt_tokens: int = 10, model
             yield event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
             if between is not None:
                 await between(index)
-        yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
         if usage:
             completion = estimate_tokens(text)
             yield event({"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
