@@ -26,8 +26,8 @@ what callers announced with ``call(..., then=...)``: the models a task will call
 answered, such as a node's aggregator while its experts run. Eviction spares the models still
 needed. With a placement, the groups that fit start together, the largest first (so the wave
 ends close to its total work divided over the slots), a resident model keeping its slot. An engine
-whose process dies mid-batch (``EngineLost``) is loaded afresh and gets that batch once more; the
-calls fail only if it dies again. Many runs share one executor, so a whole data set's calls batch
+whose process dies while loading or mid-batch (``EngineLost``) is loaded afresh and gets that batch
+(once more); the calls fail only if it dies again. Many runs share one executor, so a whole data set's calls batch
 together.
 """
 
@@ -524,6 +524,14 @@ class Executor:
             for retry in (False, True):
                 try:
                     await self._make_resident(model, {c.ledger for c in group})
+                except EngineLost as error:  # its process died while loading: nothing was sent
+                    if retry:
+                        self._fail(group, EngineLost(f"{error}, again on a fresh start; not retried further"),
+                                   sent=False)
+                        return
+                    self.events.emit(CallRetried(model=model.name, attempt=2, wait_s=0.0,
+                                                 reason=f"{error}; loading it afresh for {len(group)} call(s)"))
+                    continue
                 except Exception as error:
                     self._fail(group, error, sent=False)
                     return

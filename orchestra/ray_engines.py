@@ -202,6 +202,8 @@ class RayEngine:
         except BaseException as error:
             self._kill()
             if isinstance(error, self._placement.ray.exceptions.RayActorError):
+                if not getattr(error, "actor_init_failed", True):  # its process ended while loading
+                    raise EngineLost(f"the Ray actor of {self.name} died while loading it") from None
                 raise ModelError(f"the Ray actor of {self.name} could not load it: {_cause(error)} (the "
                                  "model's class must be importable on every node)") from None
             raise self._placement.unwrap(error) from None

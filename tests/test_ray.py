@@ -167,6 +167,43 @@ def test_an_actor_killed_mid_batch_is_retried_once_on_a_fresh_actor(tmp_path: Pa
     assert result.usage.failed_calls == 0
 
 
+def crash(marker: Path, times: int) -> Callable[[], None]:
+    """A load hook that kills its actor's process the first ``times`` loads (counted in ``marker``)."""
+
+    def on_load() -> None:
+        import os
+        import signal
+
+        count = int(marker.read_text()) if marker.exists() else 0
+        if count < times:
+            marker.write_text(str(count + 1))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_load
+
+
+@pytest.mark.parametrize("crashes", [1, 2])
+def test_an_actor_killed_while_loading_is_loaded_once_more_then_its_calls_fail_clearly(
+        tmp_path: Path, orchestras, crashes: int) -> None:
+    fragile = FunctionModel(lambda r: "fragile: The answer is 2", name="fragile", heavy=True, resources=ONE_SLOT,
+                            on_load=crash(tmp_path / "loads", crashes))
+    steady = FunctionModel(lambda r: "steady: The answer is 2", name="steady", heavy=True, resources=ONE_SLOT)
+    events: list[Event] = []
+    orc = orchestras(engine_pool([fragile, steady]), k=2, on_event=events.append)
+    result = orc.run("What is 1 + 1?")
+    retried = [e for e in events if isinstance(e, CallRetried)]
+    assert [e.model for e in retried] == ["fragile"] and "died while loading it" in retried[0].reason
+    outputs = {e.model: (e.text, e.error) for e in result.node("answer").expert_outputs}
+    if crashes == 1:
+        assert result.status == "done" and outputs["fragile"] == ("fragile: The answer is 2", None)
+        assert orc.executor.stats.loads["fragile"] == 1  # the load that finished
+    else:
+        assert outputs["steady"] == ("steady: The answer is 2", None)
+        assert "the Ray actor of fragile died while loading it, again on a fresh start" in outputs["fragile"][1]
+        assert not orc.executor.stats.loads["fragile"] and result.usage.failed_calls == 1
+    assert int((tmp_path / "loads").read_text()) == crashes
+
+
 def test_an_actor_dying_again_fails_its_calls_clearly_and_resume_sends_only_them(tmp_path: Path,
                                                                                orchestras) -> None:
     (tmp_path / "doom").touch()

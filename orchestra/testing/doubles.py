@@ -28,8 +28,9 @@ class DoubleBase(ModelBase):
 
     def __init__(self, *, name: str, heavy: bool = False, load_seconds: float = 0.0, memory_bytes: int = 0,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
-                 resources: EngineResources | None = None) -> None:
+                 resources: EngineResources | None = None, on_load: Callable[[], None] | None = None) -> None:
         self.name = name
+        self.on_load = on_load  #: called as each load begins (a test's way to fail or crash a load)
         self.heavy = heavy
         self.resources = resources
         self.load_seconds = load_seconds
@@ -49,6 +50,8 @@ class DoubleBase(ModelBase):
     async def load(self) -> float:
         """Simulate loading: count it and sleep ``load_seconds``."""
         started = time.perf_counter()
+        if self.on_load is not None:
+            self.on_load()
         if self.load_seconds:
             await asyncio.sleep(self.load_seconds)
         self.loads += 1
@@ -129,9 +132,9 @@ class FunctionModel(DoubleBase):
     def __init__(self, fn: ReplyFunction, *, name: str = "function", heavy: bool = False,
                  load_seconds: float = 0.0, memory_bytes: int = 0,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
-                 resources: EngineResources | None = None) -> None:
+                 resources: EngineResources | None = None, on_load: Callable[[], None] | None = None) -> None:
         super().__init__(name=name, heavy=heavy, load_seconds=load_seconds, memory_bytes=memory_bytes,
-                         prices=prices, resources=resources)
+                         prices=prices, resources=resources, on_load=on_load)
         self.fn = fn
 
     async def _generate(self, request: ChatRequest) -> ChatResult:
