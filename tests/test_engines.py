@@ -214,6 +214,40 @@ def test_dispatcher_drains_the_resident_model_before_loading_another() -> None:
     assert models[2].unloads == 1 and models[0].unloads == 1 and models[1].loaded
 
 
+class Slots:
+    """A placement of ``count`` equal slots, one engine each; an engine is its own stand-in."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def engine(self, model: Any) -> Any:
+        return model
+
+    def fits(self, resident: Any, engine: Any) -> bool:
+        return len(resident) < self.count
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_with_a_placement_the_largest_groups_start_first_and_those_that_fit_run_together(slots: int) -> None:
+    sizes = {"small": 1, "large": 5, "middle": 3}
+    models = {name: FunctionModel(lambda r: "x", name=name, heavy=True) for name in sizes}
+    executor = Executor(placement=Slots(slots))
+    seen: list[str] = []
+    executor.events.subscribe(lambda e: seen.append(f"{type(e).__name__} {getattr(e, 'model', '')}"))
+
+    async def scenario() -> None:
+        ledger = RunLedger.create("r")
+        calls = [(models[name], ChatRequest.user(f"{name} {i}")) for name, size in sizes.items() for i in range(size)]
+        await executor.run_task(executor.call(ledger, calls, purpose="expert"))
+
+    asyncio.run(scenario())
+    loads = [line.split()[1] for line in seen if line.startswith("ModelLoaded")]
+    assert loads == ["large", "middle", "small"]  # the largest first, whatever order the calls came in
+    assert [m.batches for m in models.values()] == [[1], [5], [3]]
+    together = seen.index("BatchStarted middle") < seen.index("BatchFinished large")
+    assert together == (slots == 2)  # two slots: the two largest run at once; one slot: one after the other
+
+
 def test_memory_budget_keeps_several_models_resident() -> None:
     models = [FunctionModel(lambda r: "x", name=f"h{i}", heavy=True, memory_bytes=4) for i in range(3)]
     executor = Executor(max_resident_models=3, memory_budget_bytes=8)
