@@ -68,6 +68,19 @@ class BudgetTracker:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
                      cost_usd=self.cost_usd, requests=self.requests)
 
+    def reached(self) -> BudgetExceeded | None:
+        """The limit that what was spent has reached, as its error (not raised); None while every
+        limit has room. (``exceeded`` is the last refusal: a call that did not fit may leave room
+        for smaller ones.)"""
+        budget, tokens = self.budget, self.prompt_tokens + self.completion_tokens
+        limits = (("max_calls", budget.max_calls, self.calls, f"{self.calls} calls made"),
+                  ("max_tokens", budget.max_tokens, tokens, f"{tokens} tokens used"),
+                  ("max_cost_usd", budget.max_cost_usd, self.cost_usd, f"${self.cost_usd:.4f} spent"))
+        for limit, value, spent, words in limits:
+            if value is not None and spent >= value:
+                return BudgetExceeded(limit=limit, value=value, spent=words, run_id=self.run_id, shared=self.name)
+        return None
+
     def admit(self, request: ChatRequest, price: Price) -> Reservation:
         """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it
         does not fit this budget or the shared one."""

@@ -118,9 +118,9 @@ class Server:
                                 param="model", code="model_not_found")
             if self.closing:
                 raise WireError(503, "the server is shutting down; retry on another instance")
-            if self.shared is not None and self.shared.exceeded is not None:
-                raise WireError(429, f"the server's budget is exhausted: {self.shared.exceeded}",
-                                code="insufficient_quota")
+            spent = self.shared.reached() if self.shared is not None else None
+            if spent is not None:
+                raise WireError(429, f"the server's budget is exhausted: {spent}", code="insufficient_quota")
             feed = Feed(completion.progress) if completion.stream else None
             run = self._start(completion, served, feed)
         except WireError as error:
@@ -395,6 +395,8 @@ def _error(error: WireError, run_id: str | None = None) -> JSONResponse:
     headers = {RUN_HEADER: run_id} if run_id else {}
     if error.status == 401:
         headers["www-authenticate"] = "Bearer"
+    if error.code == "insufficient_quota":  # a spent budget stays spent: SDKs that retry a 429 need not
+        headers["x-should-retry"] = "false"
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 

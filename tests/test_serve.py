@@ -435,6 +435,18 @@ def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any
     assert sum(experts.requests.values()) == sent  # refused before any call
 
 
+def test_a_request_too_big_for_the_servers_token_budget_leaves_the_rest_for_others(serve: Any) -> None:
+    running, _ = serve(budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=20_000))
+    client = running.client()
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    with pytest.raises(openai.RateLimitError) as big:
+        client.chat.completions.create(model="orchestra", messages=question, max_tokens=100_000)
+    assert big.value.message.count("max_tokens=20000") == 1 and "the next call may take" in big.value.message
+    assert big.value.response.headers["x-should-retry"] == "false"  # the SDK's retries would only repeat it
+    for _ in range(2):  # what is left still serves requests that fit
+        assert client.chat.completions.create(model="orchestra", messages=question).choices[0].finish_reason == "stop"
+
+
 def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: Path) -> None:
     running, experts = serve(settings={"budget": {"max_calls": 6}})
     question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]

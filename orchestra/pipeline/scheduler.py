@@ -546,8 +546,10 @@ class Run:
     def _finish(self, status: RunStatus, answer: str | None, error: str | None) -> None:
         if self.future.done():
             return
-        if self.ledger.budget.exceeded is not None:
-            error = str(self.ledger.budget.exceeded) if not error else f"{self.ledger.budget.exceeded} ({error})"
+        if self.ledger.budget.exceeded is not None:  # the budget first, then what else failed (not it again)
+            budget = str(self.ledger.budget.exceeded)
+            others = [part for part in (error or "").split("; ") if part and not part.endswith(budget)]
+            error = f"{budget} ({'; '.join(others)})" if others else budget
         result = self.result(status, answer, error)
         self.stages.events.emit(RunDone(run_id=self.run_id, status=status, answer=answer, error=error,
                                         elapsed_s=result.elapsed_s, user_error=result.exit_code == 2))
