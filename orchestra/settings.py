@@ -175,6 +175,8 @@ class AnswerOptions(BaseModel):
             if value not in ("text", "json"):
                 raise ValueError(f"must be 'text', 'json' or a JSON schema, not {value!r}")
             return value
+        if not value:  # an empty schema allows any JSON value
+            return "json"
         from orchestra.models.structured import schema_problem
 
         problem = schema_problem(value)

@@ -89,6 +89,9 @@ def test_a_schema_changed_in_place_changes_the_key() -> None:
     ({"type": "object", "properties": {"k": {"type": "array", "items": {"type": ["string", "null"]}, "minItems": 1}},
       "required": ["k"], "additionalProperties": False, "$defs": {"x": {}}}, None),
     (Point.model_json_schema(), None),
+    ({"type": "array", "items": [{"type": "string"}, {"type": "integer"}]}, None),  # draft 7's tuple
+    ({"properties": {"a": True, "b": False}, "items": False}, None),  # boolean subschemas
+    ({"items": [{"type": "string"}, {"type": "text"}]}, "$.items[1].type must be one of"),
     ({"type": "objekt"}, "$.type must be one of object, array"),
     ({"properties": {"a": {"items": {"type": "float"}}}}, "$.properties.a.items.type must be one of"),
     ({"required": "a"}, "$.required must be a list of property names"),

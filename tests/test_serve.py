@@ -296,6 +296,15 @@ def test_json_schema_answers_with_the_schema_and_sends_it_to_the_answer_writers(
         assert payload["max_tokens"] == 77 and payload["temperature"] == 0.3
 
 
+def test_an_empty_json_schema_asks_for_any_json_not_for_text(serve: Any) -> None:
+    running, experts = serve()
+    answered = running.client().chat.completions.create(
+        model="orchestra", messages=[{"role": "user", "content": "How far does light travel in a nanosecond?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "anything", "schema": {}}})
+    assert json.loads(answered.choices[0].message.content or "") == {"answer": 42, "unit": "m"}
+    assert experts.payloads[-1]["response_format"]  # the aggregator was asked for JSON
+
+
 def test_models_presets_and_agents(serve: Any) -> None:
     running, experts = serve()
     client = running.client()

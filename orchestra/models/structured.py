@@ -79,12 +79,16 @@ def schema_problem(schema: Any, path: str = "$") -> str | None:
     properties = schema.get("properties", {})
     if not isinstance(properties, dict):
         return f"{path}.properties must be an object of schemas"
-    for name, item in properties.items():
-        problem = schema_problem(item, f"{path}.properties.{name}")
+    items = schema.get("items", True)
+    subschemas = [(f"{path}.properties.{name}", item) for name, item in properties.items()]
+    if isinstance(items, list):  # draft 7's tuple: a schema per position
+        subschemas += [(f"{path}.items[{index}]", item) for index, item in enumerate(items)]
+    else:
+        subschemas.append((f"{path}.items", items))
+    for where, item in subschemas:
+        problem = None if isinstance(item, bool) else schema_problem(item, where)  # true/false: anything/nothing
         if problem:
             return problem
-    if "items" in schema and not isinstance(schema["items"], bool):
-        return schema_problem(schema["items"], f"{path}.items")
     return None
 
 
