@@ -285,7 +285,8 @@ class RunStore:
         db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
         db.execute(f"PRAGMA journal_size_limit={10 * 2**20}")
         self._checkpoints = Checkpointer(self.path)
-        weakref.finalize(self, self._checkpoints.stop)
+        # when this object goes (or the interpreter exits) without close(): the WAL copied in all the same
+        self._finish_checkpoints = weakref.finalize(self, self._checkpoints.finish)
         if version < SCHEMA_VERSION:
             self._migrate(version)
 
@@ -328,7 +329,7 @@ class RunStore:
         """Write what is held, then close the connection (the last one to close copies the WAL in)."""
         self.flush()
         if self._checkpoints is not None:
-            self._checkpoints.stop(wait=True)
+            self._finish_checkpoints()
         with self._lock:
             self._db.close()
 
@@ -707,6 +708,21 @@ class Checkpointer:
         self._wake.set()
         if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def finish(self) -> None:
+        """End the thread, then copy what is left of the WAL into the file and cut the WAL to nothing,
+        if no other connection is busy with it (so the file alone holds every commit made here)."""
+        self.stop(wait=True)
+        if self._thread is None:
+            return  # nothing committed here
+        try:
+            db = sqlite3.connect(str(self.path), timeout=0, isolation_level=None)
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                db.close()
+        except sqlite3.DatabaseError:
+            pass  # busy or gone: the WAL keeps the pages, and SQLite reads them from there
 
     def _run(self) -> None:
         try:

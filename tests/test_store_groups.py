@@ -120,3 +120,18 @@ def test_checkpoints_copy_the_wal_into_the_file_from_their_own_thread_and_close_
     store.close()
     assert not thread.is_alive()
     assert [r.task for r in RunStore(path).runs(limit=1)] == [payload]
+
+
+def test_a_store_never_closed_leaves_every_commit_in_the_file_when_the_process_ends(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "runs.db"
+    script = ("import sys\nfrom orchestra.store import RunStore\nstore = RunStore(sys.argv[1])\n"
+              "for i in range(300):\n    store.begin_run(f'r{i}', 'x' * 2000, {})\n")  # no close(): the process ends
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=120)
+    wal = path.with_name("runs.db-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    alone = sqlite3.connect(f"file:{path}?immutable=1", uri=True)  # the file by itself, no WAL read
+    assert alone.execute("SELECT count(*) FROM runs").fetchone()[0] == 300
+    alone.close()
