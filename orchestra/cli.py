@@ -643,18 +643,27 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
                      record.task[:60] + (f" · item {record.item}" if record.item else "")))
     # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
     # the task gives way on a narrow terminal
-    columns = ("run", "status", "when", "calls", "requests", "cost")
-    widths = [max(len(value) for value in (column, *(row[index] for row in rows))) for index, column in
-              enumerate(columns)]
+    columns = ["run", "status", "when", "calls", "requests", "cost"]
+    widths = {column: max(len(value) for value in (column, *(row[index] for row in rows)))
+              for index, column in enumerate(columns)}
     console = terminal()
-    room = max(8, console.width - sum(widths) - 3 * (len(columns) + 1) - 1)  # (3: a cell's padding and edge)
+
+    def room() -> int:  # what is left for the task (3: a cell's padding and edge)
+        return console.width - sum(widths[c] for c in columns) - 3 * (len(columns) + 1) - 1
+
+    for column in ("requests", "when", "cost", "calls"):  # on a narrow terminal these go first, whole
+        if room() >= 8:
+            break
+        columns.remove(column)
     table = Table()
-    for width, column in zip(widths, columns):
-        table.add_column(column, no_wrap=True, min_width=width)
+    for column in columns:
+        table.add_column(column, no_wrap=True, min_width=widths[column])
     table.add_column("task", no_wrap=True)
+    shown = [("run", "status", "when", "calls", "requests", "cost").index(c) for c in columns]
+    space = max(8, room())
     for row in rows:
-        task = row[-1] if len(row[-1]) <= room else row[-1][:room - 1] + "…"
-        table.add_row(*row[:-1], task)
+        task = row[-1] if len(row[-1]) <= space else row[-1][:space - 1] + "…"
+        table.add_row(*(row[i] for i in shown), task)
     console.print(table, crop=False)
 
 
