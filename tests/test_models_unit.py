@@ -135,9 +135,10 @@ def test_check_schema_catches_common_violations() -> None:
     schema = {"type": "object", "required": ["items"], "additionalProperties": False,
               "properties": {"items": {"type": "array", "maxItems": 2, "items": {"type": "integer"}}}}
     check_schema({"items": [1, 2]}, schema)
+    check_schema({"items": [1.0]}, schema)  # JSON's 1.0 is an integer
     for bad, why in [({}, "missing required"), ({"items": [1, 2, 3]}, "at most"),
                      ({"items": ["x"]}, r"\$.items\[0\]: expected integer"), ({"items": [], "z": 1}, "unexpected key"),
-                     ({"items": [True]}, "expected integer")]:
+                     ({"items": [True]}, "expected integer"), ({"items": [1.5]}, "expected integer")]:
         with pytest.raises(StructuredOutputError, match=why):
             check_schema(bad, schema)
 

@@ -103,7 +103,8 @@ def check_schema(value: Any, schema: dict[str, Any], path: str = "$") -> None:
     if expected is not None:
         names = expected if isinstance(expected, list) else [expected]
         ok = any(isinstance(value, _TYPES.get(n, object)) and not (n in ("integer", "number")
-                 and isinstance(value, bool)) for n in names)
+                 and isinstance(value, bool)) for n in names) or (
+            "integer" in names and isinstance(value, float) and value.is_integer())  # 1.0 is an integer
         if not ok:
             raise StructuredOutputError(f"{path}: expected {'/'.join(names)}, got {type(value).__name__}")
     if "enum" in schema and value not in schema["enum"]:
