@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestra.checkpoints import Checkpointer
 from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable
 from orchestra.events import (
     CallDone,
@@ -58,8 +59,6 @@ HEARTBEAT_SECONDS = 10.0
 LEASE_SECONDS = 30.0
 #: WAL pages (of 4 KiB) a writer copies into the file itself when the checkpoint thread falls behind
 CHECKPOINT_PAGES = 40_000
-#: seconds between the checkpoint thread's checkpoints (while commits come)
-CHECKPOINT_SECONDS = 1.0
 #: Purpose of the rows that record the embedding matcher's requests (requests outside any call).
 EMBEDDINGS = "embedding"
 _LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
@@ -670,82 +669,6 @@ class RunStore:
         """A run's events in order."""
         for row in self._query("SELECT data FROM events WHERE run_id = ? ORDER BY id", (self.run(run_id).id,)):
             yield json.loads(row["data"])
-
-
-class Checkpointer:
-    """Copies a store's WAL into its file from a thread with a connection of its own, at most once a
-    ``CHECKPOINT_SECONDS`` while commits come: the copy and the sync a checkpoint ends with (most of
-    what a commit cost) no longer hold up the event loop. A passive checkpoint never waits for
-    readers or writers; one that fails (a full disk, say) leaves the pages in the WAL for the next."""
-
-    def __init__(self, path: Path, seconds: float = CHECKPOINT_SECONDS) -> None:
-        self.path, self.seconds = path, seconds
-        self.begun = self.done = 0  #: checkpoints begun and ended so far
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
-        self._finished = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def committed(self) -> None:
-        """A transaction was committed: a checkpoint is due (the first one starts the thread)."""
-        if self._thread is None and not self._stopped.is_set():
-            self._thread = threading.Thread(target=self._run, name=f"orchestra checkpoints {self.path.name}",
-                                            daemon=True)
-            self._thread.start()
-        self._wake.set()
-
-    def wait(self, timeout: float = 60.0) -> None:
-        """Block until a checkpoint that began after this call has ended (for tests and tools)."""
-        with self._finished:
-            target = self.begun + 1  # one running now may have begun before the pages to copy
-            self._wake.set()
-            if not self._finished.wait_for(lambda: self.done >= target or self._stopped.is_set(), timeout):
-                raise StoreError(f"no checkpoint of {self.path} ended within {timeout:g} s")
-
-    def stop(self, wait: bool = False) -> None:
-        """End the thread (``wait``: until its checkpoint in progress, if any, has ended)."""
-        self._stopped.set()
-        self._wake.set()
-        if wait and self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def finish(self) -> None:
-        """End the thread, then copy what is left of the WAL into the file and cut the WAL to nothing,
-        if no other connection is busy with it (so the file alone holds every commit made here)."""
-        self.stop(wait=True)
-        if self._thread is None:
-            return  # nothing committed here
-        try:
-            db = sqlite3.connect(str(self.path), timeout=0, isolation_level=None)
-            try:
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            finally:
-                db.close()
-        except sqlite3.DatabaseError:
-            pass  # busy or gone: the WAL keeps the pages, and SQLite reads them from there
-
-    def _run(self) -> None:
-        try:
-            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
-        except sqlite3.DatabaseError:
-            return  # the writers' own checkpoints (CHECKPOINT_PAGES) take over
-        try:
-            while self._wake.wait() and not self._stopped.is_set():
-                self._wake.clear()
-                with self._finished:
-                    self.begun += 1
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.DatabaseError:
-                    pass
-                with self._finished:
-                    self.done += 1
-                    self._finished.notify_all()
-                self._stopped.wait(self.seconds)
-        finally:
-            db.close()
-            with self._finished:
-                self._finished.notify_all()
 
 
 class StoreCache:
