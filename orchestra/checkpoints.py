@@ -53,8 +53,8 @@ class Checkpointer:
         """End the thread, then copy what is left of the WAL into the file and cut the WAL to nothing,
         if no other connection is busy with it (so the file alone holds every commit made here)."""
         self.stop(wait=True)
-        if self._thread is None:
-            return  # nothing committed here
+        if self._thread is None or not self.path.exists():
+            return  # nothing committed here, or the file is gone (connecting would make an empty one)
         try:
             db = sqlite3.connect(str(self.path), timeout=0, isolation_level=None)
             try:
