@@ -220,12 +220,7 @@ class RayEngine:
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         """Complete every request in the actor, results in request order; raise the first error."""
-        results: list[ChatResult | None] = [None] * len(requests)
-        async for index, outcome in self.complete_each(requests):
-            if isinstance(outcome, Exception):
-                raise outcome
-            results[index] = outcome
-        return [r for r in results if r is not None]
+        return await model_base.in_order(self.complete_each(requests), len(requests))
 
     async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
         """Send the whole batch to the actor; yield its ``(index, outcome)`` pairs once it answers.

@@ -135,12 +135,7 @@ class ModelBase(abc.ABC):
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         """Complete every request, results in request order; raise the first error."""
-        results: list[ChatResult | None] = [None] * len(requests)
-        async for index, outcome in self.complete_each(requests):
-            if isinstance(outcome, Exception):
-                raise outcome
-            results[index] = outcome
-        return [r for r in results if r is not None]
+        return await in_order(self.complete_each(requests), len(requests))
 
     async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
         """Yield ``(index, result or error)`` as each request finishes."""
@@ -244,3 +239,13 @@ def with_usage(outcome: ChatResult | Exception, usage: Usage) -> ChatResult | Ex
         outcome.usage = usage  # type: ignore[attr-defined]
         return outcome
     return outcome.model_copy(update={"usage": usage})
+
+
+async def in_order(outcomes: AsyncIterator[Outcome], count: int) -> list[ChatResult]:
+    """``complete_each``'s ``(index, outcome)`` pairs as results in request order; the first error is raised."""
+    results: list[ChatResult | None] = [None] * count
+    async for index, outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+        results[index] = outcome
+    return [r for r in results if r is not None]
