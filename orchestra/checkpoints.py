@@ -68,7 +68,7 @@ class Checkpointer:
         try:
             db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
         except sqlite3.DatabaseError:
-            return  # the writers' own checkpoints (the store's CHECKPOINT_PAGES) take over
+            return  # the writers' own checkpoints (the store's CHECKPOINT_BYTES) take over
         try:
             while self._wake.wait() and not self._stopped.is_set():
                 self._wake.clear()

@@ -21,7 +21,7 @@ from test_cli import cli
 from orchestra import Orchestra
 from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, StoreError
 from orchestra.models import ChatRequest, OpenAICompatible
-from orchestra.store import APPLICATION_ID, LEASE_SECONDS, SCHEMA_VERSION, RunStore
+from orchestra.store import APPLICATION_ID, LEASE_SECONDS, PAGE_SIZE, SCHEMA_VERSION, RunStore
 from orchestra.testing import Reply, chat_handler, error_reply, openai_reply
 
 
@@ -141,6 +141,9 @@ def test_many_processes_creating_one_new_store_all_succeed(tmp_path: Path) -> No
                                       stderr=subprocess.PIPE, text=True) for _ in range(8)]
         outputs = [p.communicate(timeout=120) for p in processes]
         assert all(p.returncode == 0 for p in processes), [err for _, err in outputs if err]
+        with sqlite3.connect(store) as db:  # made once, with the store's pages (fewer WAL frames per commit)
+            assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_a_store_of_a_newer_orchestra_is_refused_untouched(tmp_path: Path) -> None:
@@ -155,6 +158,26 @@ def test_a_store_of_a_newer_orchestra_is_refused_untouched(tmp_path: Path) -> No
     assert path.read_bytes() == before  # not even switched to WAL
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_a_store_of_schema_3_is_upgraded_and_its_nodes_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    run_id = _stored_run(path)
+    nodes = RunStore(path).nodes(run_id)
+    with sqlite3.connect(path) as db:  # as Orchestra's schema 3 left a store: a nodes table and a second index
+        db.execute("CREATE TABLE nodes (run_id TEXT NOT NULL, node_id TEXT NOT NULL, instruction TEXT, "
+                   "depends_on TEXT, status TEXT, skills TEXT, experts TEXT, aggregator TEXT, explanation TEXT, "
+                   "output TEXT, error TEXT, updated REAL, PRIMARY KEY (run_id, node_id))")
+        db.execute("CREATE INDEX calls_by_run ON calls (run_id, id)")
+        db.execute("PRAGMA user_version=3")
+    store = RunStore(path)
+    assert store.nodes(run_id) == nodes and nodes[0]["status"] == "done" and nodes[0]["experts"]
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert not db.execute("SELECT name FROM sqlite_master WHERE name IN ('nodes', 'calls_by_run')").fetchall()
+    shown = cli("show", run_id, "--store", str(path), "--json")
+    assert shown.returncode == 0 and [n["status"] for n in json.loads(shown.stdout)["nodes"]] == ["done"]
 
 
 def test_a_read_only_store_can_be_listed_and_shown(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from orchestra import Orchestra
 from orchestra.models import ChatRequest
 from orchestra.skills import SkillExtractor
-from orchestra.store import RunStore
+from orchestra.store import CHECKPOINT_BYTES, RunStore
 
 REPLAY = "SELECT response, source FROM calls"
 
@@ -111,7 +111,8 @@ def test_checkpoints_copy_the_wal_into_the_file_from_their_own_thread_and_close_
     payload = "x" * 4000
     for i in range(200):  # 200 transactions, ~1 MB: far below the writers' own checkpoint threshold
         store.begin_run(f"r{i}", payload, {"n": i})
-    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] >= 40_000
+    pages = store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    assert pages * store._db.execute("PRAGMA page_size").fetchone()[0] == CHECKPOINT_BYTES
     assert path.stat().st_size - size < 200 * 4000  # committed to the WAL; the file itself is behind
     store._checkpoints.wait()
     assert path.stat().st_size - size > 200 * 4000  # copied in by the thread

@@ -138,7 +138,7 @@ class ChatRequest(BaseModel):
             output_json = _schema_json(output)
         else:
             output_json = _key_json(self.canonical()["output"])  # a pydantic class: its name and schema
-        messages = ", ".join(f'{{"content": {_string(m.content)}, "role": {_string(m.role)}}}' for m in self.messages)
+        messages = ", ".join(f'{{"content": {_text(m.content)}, "role": {_string(m.role)}}}' for m in self.messages)
         blob = (f'{{"max_tokens": {_scalar(self.max_tokens)}, "messages": [{messages}], "model": {_string(model)}, '
                 f'"output": {output_json}, "seed": {_scalar(self.seed)}, '
                 f'"stop": [{", ".join(map(_string, self.stop))}], "temperature": {_scalar(self.temperature)}}}')
@@ -149,6 +149,24 @@ class ChatRequest(BaseModel):
 _key_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
 #: a string as that encoder writes it
 _string: Callable[[str], str] = json.encoder.encode_basestring
+
+
+#: message texts as ``_string`` writes them, by the string's identity: the string itself (so its id is
+#: not reused) and its JSON. A stage's requests share texts (a persona, a question asked of k experts,
+#: the prompt of every keyword sample), so most are escaped once.
+_texts: dict[int, tuple[str, str]] = {}
+
+
+def _text(text: str) -> str:
+    """A message text as ``_string`` writes it; each string is escaped once while it is in use."""
+    known = _texts.get(id(text))
+    if known is not None and known[0] is text:
+        return known[1]
+    written = _string(text)
+    if len(_texts) >= 256:
+        _texts.clear()
+    _texts[id(text)] = (text, written)
+    return written
 
 
 def _scalar(value: Any) -> str:
