@@ -12,7 +12,9 @@ is the RSS after imports and set-up, before the first instance. The doubles reco
 for tests to read; the child clears those logs as it goes, so they do not count as Orchestra's.
 
 Targets: ms/instance at 100,000 within 1.10x of 1,000; peak RSS independent of N beyond the
-window. Store on vs off is printed too (issue 14, part 5: store-on <= 1.25x store-off).
+window. Store on vs off is printed too (issue 14, part 5: store-on <= 1.25x store-off): the two
+alternate, run by run, and the ratio of each side-by-side pair is reported with the ratios of the
+minimums and medians.
 
     python bench/scale.py [--max-n 10000] [--repeats 3] [--store off|on|both] [--window 1000] [--api iter|run_many]
 """
@@ -128,10 +130,15 @@ def main() -> None:
           f"{os.cpu_count()} CPUs")
     print(f"{'store':>5} {'N':>8} {'ms/inst min':>12} {'median':>7} {'peak MiB':>9} {'base':>5} "
           f"{'peak-base':>9} {'GC':>4} {'waves':>6}")
-    table: dict[tuple[bool, int], list[dict[str, Any]]] = {}
-    for store in stores:
-        for n in sizes:
-            rows = table[(store, n)] = [measure(n, store, args.window, args.api) for _ in range(args.repeats)]
+    table: dict[tuple[bool, int], list[dict[str, Any]]] = {(store, n): [] for store in stores for n in sizes}
+    for n in sizes:
+        # store on and off alternate (and swap which goes first), so a machine that slows down or
+        # speeds up during the script weighs on both alike
+        for repeat in range(args.repeats):
+            for store in stores if repeat % 2 == 0 else stores[::-1]:
+                table[(store, n)].append(measure(n, store, args.window, args.api))
+        for store in stores:
+            rows = table[(store, n)]
             ms = [r["ms"] for r in rows]
             peak = max(r["peak_mib"] for r in rows)
             base = min(r["base_mib"] for r in rows)
@@ -150,11 +157,11 @@ def main() -> None:
                   f"(target <= 1.10x); RSS growth over base {grow_a:.0f} vs {grow_b:.0f} MiB")
     if len(stores) == 2:
         for n in sizes:
-            on, off = table[(True, n)], table[(False, n)]
-            print(f"N={n:,}: store on vs off: min {min(r['ms'] for r in on) / min(r['ms'] for r in off):.2f}x, median "
-                  f"{statistics.median(r['ms'] for r in on) / statistics.median(r['ms'] for r in off):.2f}x "
-                  f"(target <= 1.25x)")
-
+            on, off = [r["ms"] for r in table[(True, n)]], [r["ms"] for r in table[(False, n)]]
+            paired = [a / b for a, b in zip(on, off)]
+            medians = statistics.median(on) / statistics.median(off)
+            print(f"N={n:,}: store on vs off: min {min(on) / min(off):.2f}x, median {medians:.2f}x, "
+                  f"median of {len(paired)} side-by-side pairs {statistics.median(paired):.2f}x (target <= 1.25x)")
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,8 @@ from orchestra.resources import orchestra_home
 if TYPE_CHECKING:  # (imported where used: `orchestra runs` lists a store without pydantic or asyncio)
     import asyncio
 
+    from pydantic import BaseModel
+
     from orchestra.execute import CallEntry
     from orchestra.models import ChatRequest, ChatResult, Usage
     from orchestra.result import RunResult
@@ -214,9 +216,21 @@ def _result_json(result: ChatResult) -> str:
     """A result as stored: its parsed value kept if JSON can hold it (a pydantic model as its
     fields), else left out."""
     try:
-        return result.model_dump_json()
+        return _model_json(result)
     except ValueError:  # pydantic's serialization error: a parsed value JSON cannot hold
-        return result.model_copy(update={"parsed": None}).model_dump_json()
+        return _model_json(result.model_copy(update={"parsed": None}))
+
+
+def _model_json(model: BaseModel) -> str:
+    """``model.model_dump_json()`` without its keyword handling (a run stores a dozen per instance)."""
+    return type(model).__pydantic_serializer__.to_json(model).decode()
+
+
+def _event_json(event: Event) -> str:
+    """``event.to_dict()`` as JSON, written by pydantic-core straight from the dataclass."""
+    from pydantic_core import to_json  # (loaded wherever events are made: a cached import is a lookup)
+
+    return f'{{"kind":"{event.kind}",{to_json(event, fallback=str).decode()[1:]}'  # an event has ``at``
 
 
 class RunStore:
@@ -506,7 +520,7 @@ class RunStore:
         (runs of a data set that end together are one transaction; a failure then warns, as events
         do, and the run is marked ended with its status alone)."""
         self._fresh.discard(result.run_id)
-        params = (result.status, result.answer, result.error, result.model_dump_json(), time.time(), result.run_id)
+        params = (result.status, result.answer, result.error, _model_json(result), time.time(), result.run_id)
         if soon:
             self._hold([(_FINISH_RUN, params)])
             return
@@ -643,10 +657,7 @@ class RunStore:
         next write or the event loop's next turn, so a burst of them is one transaction."""
         if type(event) in QUIET_EVENTS:
             return
-        from pydantic_core import to_json  # (loaded wherever events are made; a third of json's time)
-
-        data = to_json(event.to_dict(), fallback=str).decode()
-        self._hold([(_LOG_EVENT, (getattr(event, "run_id", None), event.kind, event.at, data))])
+        self._hold([(_LOG_EVENT, (getattr(event, "run_id", None), event.kind, event.at, _event_json(event)))])
 
     def _hold(self, statements: _Statements) -> None:
         """Add statements to the group written at the next write or the event loop's next turn."""

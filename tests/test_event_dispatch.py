@@ -4,6 +4,7 @@ listener cares about has a visible effect, step by step, in the view, the log, t
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -243,8 +244,8 @@ def test_the_store_keeps_node_rows_and_the_event_log_from_every_node_event(tmp_p
     assert (b["status"], b["error"], c["status"], c["error"], c["depends_on"]) == (
         "failed", "boom", "skipped", "dependency 'b' failed", ["b"])
     quiet = {"usage_updated", "calls_queued", "call_done"}  # calls live in their own table
-    assert [e["kind"] for e in store.events(R)] == [e.kind for e in RUN
-                                                    if e.kind not in quiet and getattr(e, "run_id", None) == R]
+    logged = [e for e in RUN if e.kind not in quiet and getattr(e, "run_id", None) == R]
+    assert list(store.events(R)) == [json.loads(json.dumps(e.to_dict(), default=str)) for e in logged]
     store.close()
 
 
