@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 import time
 import types
 import typing
@@ -23,17 +24,20 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, with ``kind`` first. Shallow (an event's values are JSON-ready already,
         and are never changed): this runs for every event the store keeps."""
-        return {"kind": self.kind, **{name: getattr(self, name) for name in _field_names(type(self))}}
+        names, values = _reader(type(self))
+        return dict(zip(names, values(self)))
 
 
-_FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {}
+#: per event type: ``kind`` and its field names, and a function reading their values in one call
+_READERS: dict[type[Event], tuple[tuple[str, ...], Callable[[Event], tuple[Any, ...]]]] = {}
 
 
-def _field_names(kind: type[Event]) -> tuple[str, ...]:
-    names = _FIELD_NAMES.get(kind)
-    if names is None:
-        names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(kind))
-    return names
+def _reader(kind: type[Event]) -> tuple[tuple[str, ...], Callable[[Event], tuple[Any, ...]]]:
+    reader = _READERS.get(kind)
+    if reader is None:
+        names = ("kind", *(f.name for f in dataclasses.fields(kind)))  # two at least: kind and at
+        reader = _READERS[kind] = (names, operator.attrgetter(*names))
+    return reader
 
 
 @dataclass(frozen=True, slots=True)

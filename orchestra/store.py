@@ -227,10 +227,10 @@ def _model_json(model: BaseModel) -> str:
 
 
 def _event_json(event: Event) -> str:
-    """``event.to_dict()`` as JSON, written by pydantic-core straight from the dataclass."""
+    """``event.to_dict()`` as JSON (pydantic-core's encoder: a third of json's time)."""
     from pydantic_core import to_json  # (loaded wherever events are made: a cached import is a lookup)
 
-    return f'{{"kind":"{event.kind}",{to_json(event, fallback=str).decode()[1:]}'  # an event has ``at``
+    return to_json(event.to_dict(), fallback=str).decode()
 
 
 class RunStore:

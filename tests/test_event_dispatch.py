@@ -3,6 +3,7 @@ listener cares about has a visible effect, step by step, in the view, the log, t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Callable
@@ -246,6 +247,9 @@ def test_the_store_keeps_node_rows_and_the_event_log_from_every_node_event(tmp_p
     quiet = {"usage_updated", "calls_queued", "call_done"}  # calls live in their own table
     logged = [e for e in RUN if e.kind not in quiet and getattr(e, "run_id", None) == R]
     assert list(store.events(R)) == [json.loads(json.dumps(e.to_dict(), default=str)) for e in logged]
+    for event in RUN:  # every field, kind first
+        assert list(event.to_dict().items()) == [("kind", event.kind), *(
+            (f.name, getattr(event, f.name)) for f in dataclasses.fields(event))]
     store.close()
 
 
