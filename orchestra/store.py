@@ -340,8 +340,8 @@ class RunStore:
             if version < 3:  # the process that holds a running run
                 if "owner" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
                     db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
-            if version < 4:  # nodes are read from the event log; calls are found by their unique index
-                db.execute("DROP TABLE IF EXISTS nodes")
+            if version < 4:  # calls are found by their unique index; nodes are read from the event log
+                # (the nodes table is left alone: a process of the older version still running writes it)
                 db.execute("DROP INDEX IF EXISTS calls_by_run")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
