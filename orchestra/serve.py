@@ -34,6 +34,7 @@ from orchestra.budget import Budget, BudgetTracker
 from orchestra.core import Orchestra, new_run_id
 from orchestra.errors import ConfigError
 from orchestra.events import Event
+from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import ChunkWriter, Completion, WireError, bad_request, completion_body, parse_completion
 from orchestra.pipeline.scheduler import NodeSettings
 from orchestra.result import RunResult
@@ -121,6 +122,7 @@ class Server:
             spent = self.shared.reached() if self.shared is not None else None
             if spent is not None:
                 raise WireError(429, f"the server's budget is exhausted: {spent}", code="insufficient_quota")
+            self._check_fits(completion)
             feed = Feed(completion.progress) if completion.stream else None
             run = self._start(completion, served, feed)
         except WireError as error:
@@ -202,6 +204,22 @@ class Server:
             raise bad_request(f"the request body is not valid JSON ({error})") from None
         except RecursionError:
             raise bad_request("the request body is JSON nested too deeply to read") from None
+
+    def _check_fits(self, completion: Completion) -> None:
+        """Refuse (400) a request that could never be served within the server's token budget: the
+        call that writes the answer carries the messages and may take ``max_tokens`` more, so that
+        much is a lower bound of what the request needs (what is left of the budget is the run's
+        concern: a 429 when it runs out)."""
+        limit = self.shared.budget.max_tokens if self.shared is not None else None
+        if limit is None:
+            return
+        prompt, answer = estimate_tokens(f"{completion.context}\n{completion.task}"), completion.max_tokens or 0
+        if prompt + answer > limit:
+            parts = f"about {prompt} of messages" + (f" and up to {answer} of answer" if answer else "")
+            fix = "a smaller max_tokens or a shorter conversation" if answer else "a shorter conversation"
+            raise WireError(400, f"this request needs more tokens than the server's whole budget allows "
+                            f"(max_tokens={limit}): {parts}; send {fix}",
+                            param="max_tokens" if answer > limit else "messages", code="invalid_value")
 
     def _start(self, completion: Completion, served: ServedModel, feed: Feed | None) -> asyncio.Task[RunResult]:
         """Begin the request's run (settings checked first: a bad one is a 400 before any call);

@@ -445,13 +445,20 @@ def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any
 
 
 def test_a_request_too_big_for_the_servers_token_budget_leaves_the_rest_for_others(serve: Any) -> None:
-    running, _ = serve(budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=20_000))
+    running, experts = serve(budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=20_000))
     client = running.client()
     question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
-    with pytest.raises(openai.RateLimitError) as big:
+    with pytest.raises(openai.BadRequestError) as big:  # it could never fit: a 400, not a 429 to retry
         client.chat.completions.create(model="orchestra", messages=question, max_tokens=100_000)
-    assert big.value.message.count("max_tokens=20000") == 1 and "the next call may take" in big.value.message
-    assert big.value.response.headers["x-should-retry"] == "false"  # the SDK's retries would only repeat it
+    assert big.value.message.count("max_tokens=20000") == 1 and "up to 100000 of answer" in big.value.message
+    assert big.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(model="orchestra", messages=[{"role": "user", "content": "word " * 30_000}])
+    assert "of messages" in long.value.message and long.value.body["param"] == "messages"
+    assert sum(experts.requests.values()) == 0  # refused before any call
+    with pytest.raises(openai.RateLimitError) as over:  # fits the budget, not what is left of it
+        client.chat.completions.create(model="orchestra", messages=question, max_tokens=19_900)
+    assert "the next call may take" in over.value.message and over.value.response.headers["x-should-retry"] == "false"
     for _ in range(2):  # what is left still serves requests that fit
         assert client.chat.completions.create(model="orchestra", messages=question).choices[0].finish_reason == "stop"
 
