@@ -288,6 +288,16 @@ def test_anthropic_malformed_json_repaired(loopback) -> None:
     assert result.parsed.population == 3
 
 
+def test_the_loopback_cuts_an_answer_at_max_tokens_as_a_real_server_does(loopback) -> None:
+    server = loopback(chat_handler(lambda req: "light travels about thirty centimetres " * 10))
+    for model in (openai(server), anthropic(server)):
+        short, full = run(model.complete([ask("how far?", max_tokens=5), ask("how far?", max_tokens=500)]))
+        assert (short.text, short.finish_reason) == ("light travels about ", "length")
+        assert full.text.count("thirty") == 10 and full.finish_reason == "stop"
+    sent = server.requests[0].json()
+    assert sent.get("max_completion_tokens", sent.get("max_tokens")) == 5
+
+
 def test_anthropic_hang_times_out_and_max_concurrency_holds(loopback) -> None:
     server = loopback(chat_handler(lambda req: "ok", delay=0.02))
     run(anthropic(server, max_concurrency=2).complete([ask(str(i)) for i in range(10)]))

@@ -114,8 +114,15 @@ class Anthropic(ModelBase):
         else:
             text = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
         usage = body.get("usage") or {}
-        return ChatResult(text=text, model=self.name, finish_reason=body.get("stop_reason"),
+        reason = body.get("stop_reason")
+        reason = _FINISH_REASONS.get(reason, reason) if isinstance(reason, str) else None
+        return ChatResult(text=text, model=self.name, finish_reason=reason,
                           usage=reported_usage(self.price, usage.get("input_tokens"), usage.get("output_tokens"), text))
+
+
+#: the Messages API's stop reasons in Chat Completions' words, which the rest of Orchestra reads
+#: (an answer cut at ``max_tokens`` is ``length``); others pass through as they are
+_FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "stop", "max_tokens": "length"}
 
 
 def _tools_allowed(capabilities: Capabilities) -> bool:

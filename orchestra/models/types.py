@@ -235,6 +235,8 @@ class ChatResult(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     model: str = ""
     finish_reason: str | None = None
+    """Why generation stopped, in Chat Completions' words whatever the backend: ``stop``, or
+    ``length`` when ``max_tokens`` cut the text."""
     latency_s: float = 0.0
 
 

@@ -280,7 +280,7 @@ def openai_stream_reply(pieces: Sequence[str], *, prompt_tokens: int = 10, model
 
 
 def anthropic_reply(text: str | None = None, *, tool_input: Any = None, input_tokens: int = 10,
-                    output_tokens: int | None = None, model: str = "loopback") -> Reply:
+                    output_tokens: int | None = None, model: str = "loopback", stop_reason: str = "end_turn") -> Reply:
     """A Messages API answer: text, or a forced tool call carrying ``tool_input``."""
     content: list[dict[str, Any]]
     if tool_input is not None:
@@ -290,7 +290,7 @@ def anthropic_reply(text: str | None = None, *, tool_input: Any = None, input_to
         content = [{"type": "text", "text": text or ""}]
         out = estimate_tokens(text or "")
     return Reply(body={"id": "msg_loopback", "type": "message", "role": "assistant", "model": model,
-                       "content": content, "stop_reason": "tool_use" if tool_input is not None else "end_turn",
+                       "content": content, "stop_reason": "tool_use" if tool_input is not None else stop_reason,
                        "usage": {"input_tokens": input_tokens,
                                  "output_tokens": out if output_tokens is None else output_tokens}})
 
@@ -308,7 +308,9 @@ def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:
     """A handler that answers chat requests on either API with the text ``fn(request)`` returns.
 
     ``fn`` may return a ``Reply`` to answer otherwise (an error, a hang). On the Anthropic path a
-    request with tools gets the text back as the forced tool call's input (it must be JSON).
+    request with tools gets the text back as the forced tool call's input (it must be JSON). As a
+    real server does, a text longer than the request's ``max_tokens`` (``max_completion_tokens``)
+    is cut there, with ``finish_reason`` ``length`` (``stop_reason`` ``max_tokens``).
     """
 
     async def handle(request: LoopbackRequest) -> Reply:
@@ -317,17 +319,29 @@ def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:
             result = await result
         if isinstance(result, Reply):
             return result
+        body = request.json() or {}
         if request.path.endswith("/messages"):
-            if (request.json() or {}).get("tools"):
+            if body.get("tools"):
                 reply = anthropic_reply(tool_input=json.loads(result))
             else:
-                reply = anthropic_reply(result)
+                text, cut = _cut(result, body.get("max_tokens"))
+                reply = anthropic_reply(text, stop_reason="max_tokens" if cut else "end_turn")
         else:
-            reply = openai_reply(result, prompt_tokens=estimate_tokens(request.prompt))
+            text, cut = _cut(result, body.get("max_completion_tokens", body.get("max_tokens")))
+            reply = openai_reply(text, prompt_tokens=estimate_tokens(request.prompt),
+                                 finish_reason="length" if cut else "stop")
         reply.delay = delay
         return reply
 
     return handle
+
+
+def _cut(text: str, max_tokens: Any) -> tuple[str, bool]:
+    """The text a server with this token limit sends (tokens counted as ``estimate_tokens`` does:
+    4 characters each), and whether the limit cut it."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or estimate_tokens(text) <= max_tokens:
+        return text, False
+    return text[:max(max_tokens, 1) * 4], True
 
 
 def main() -> None:
