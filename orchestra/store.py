@@ -320,7 +320,7 @@ class RunStore:
     def _create(self) -> None:
         """Create the schema in a new, empty file; many processes may try at once, one does it."""
         # pages of 16 KiB: a commit writes a quarter of the WAL frames 4 KiB pages take (a fifth less
-        # time per run with the store on); a no-op when another process made the file first
+        # SQL time per instance of a data-set run); a no-op when another process made the file first
         self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         with self._transaction() as db:  # BEGIN IMMEDIATE: the others wait here, then find it made
             if db.execute("PRAGMA application_id").fetchone()[0] == 0 and not db.execute(
