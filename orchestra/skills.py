@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,11 +42,17 @@ class KeywordConfig(BaseModel):
 
 
 def _schema(config: KeywordConfig) -> dict[str, object]:
+    return _keyword_schema(config.max_keywords, config.max_length)
+
+
+@lru_cache(maxsize=16)
+def _keyword_schema(max_keywords: int, max_length: int) -> dict[str, object]:
+    """The keyword answer's schema, one dict for every request of these settings (never changed in
+    place): a run store's request keys write a schema's JSON once per dict, not once per task."""
     # extra keys are allowed: a model that adds {"skills": [...]} beside the keywords still answered
     return {"type": "object", "title": "KeywordList", "required": ["keywords"],
-            "properties": {"keywords": {"type": "array", "minItems": 1, "maxItems": config.max_keywords,
-                                        "items": {"type": "string", "minLength": 1,
-                                                  "maxLength": config.max_length + 10}}}}
+            "properties": {"keywords": {"type": "array", "minItems": 1, "maxItems": max_keywords,
+                                        "items": {"type": "string", "minLength": 1, "maxLength": max_length + 10}}}}
 
 
 #: a skill name is plain words: letters, digits, spaces and a few joiners (c++, c#, q&a, node.js, e-commerce)

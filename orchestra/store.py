@@ -68,8 +68,10 @@ CHECKPOINT_BYTES = 160 * 2**20
 PAGE_SIZE = 16_384
 #: Purpose of the rows that record the embedding matcher's requests (requests outside any call).
 EMBEDDINGS = "embedding"
-_LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
-_FINISH_RUN = "UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE id=?"
+#: JSON comes as UTF-8 bytes, stored as text (``CAST``): no decoding to a str and encoding back
+_LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, CAST(? AS TEXT))"
+_FINISH_RUN = ("UPDATE runs SET status=?, answer=?, error=?, result=CAST(? AS TEXT), updated=?, owner=NULL "
+               "WHERE id=?")
 #: events the store does not log (each call's: calls live in their own table); ``subscribe(listen, ignore=...)``
 QUIET_EVENTS = frozenset({UsageUpdated, CallsQueued, CallDone})
 _ENDED_RUN = "UPDATE runs SET status=?, owner=NULL WHERE id=?"
@@ -180,7 +182,7 @@ def _record(row: dict[str, Any], ended: dict[str, str] | None = None) -> RunReco
 _RECORD_CALL = (
     "INSERT INTO calls (run_id, key, seq, model, purpose, node, request, response, status, source, error, "
     "prompt_tokens, completion_tokens, cost_usd, latency_s, created, requests) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(run_id, key, seq) DO UPDATE SET response=excluded.response, status=excluded.status, "
     "source=excluded.source, error=excluded.error, prompt_tokens=excluded.prompt_tokens, "
     "completion_tokens=excluded.completion_tokens, cost_usd=excluded.cost_usd, "
@@ -212,25 +214,32 @@ def _config_json(config: dict[str, Any] | str) -> str:
     return config if isinstance(config, str) else _json(config)
 
 
-def _result_json(result: ChatResult) -> str:
-    """A result as stored: its parsed value kept if JSON can hold it (a pydantic model as its
-    fields), else left out."""
+def _result_json(result: ChatResult) -> bytes:
+    """A result as stored (UTF-8 JSON): its parsed value kept if JSON can hold it (a pydantic model
+    as its fields), else left out."""
     try:
         return _model_json(result)
     except ValueError:  # pydantic's serialization error: a parsed value JSON cannot hold
         return _model_json(result.model_copy(update={"parsed": None}))
 
 
-def _model_json(model: BaseModel) -> str:
-    """``model.model_dump_json()`` without its keyword handling (a run stores a dozen per instance)."""
-    return type(model).__pydantic_serializer__.to_json(model).decode()
+def _model_json(model: BaseModel) -> bytes:
+    """``model.model_dump_json()`` as UTF-8, without its keyword handling (a run stores a dozen per
+    instance)."""
+    return type(model).__pydantic_serializer__.to_json(model)
 
 
-def _event_json(event: Event) -> str:
-    """``event.to_dict()`` as JSON (pydantic-core's encoder: a third of json's time)."""
-    from pydantic_core import to_json  # (loaded wherever events are made: a cached import is a lookup)
+def _event_json(event: Event) -> bytes:
+    """``event.to_dict()`` as UTF-8 JSON (pydantic-core's encoder: a third of json's time)."""
+    global _to_json
+    if _to_json is None:  # (pydantic-core is loaded wherever events are made; ``orchestra runs`` does without)
+        from pydantic_core import to_json
 
-    return to_json(event.to_dict(), fallback=str).decode()
+        _to_json = to_json
+    return _to_json(event.to_dict(), fallback=str)
+
+
+_to_json: Callable[..., bytes] | None = None
 
 
 class RunStore:
@@ -643,7 +652,8 @@ class RunStore:
 
     def cache_put(self, model: str, key: str, request: ChatRequest, result: ChatResult) -> None:
         """Cache a successful result (errors never reach here)."""
-        self._execute("INSERT OR REPLACE INTO cache (key, model, response, created, hits) VALUES (?, ?, ?, ?, 0)",
+        self._execute("INSERT OR REPLACE INTO cache (key, model, response, created, hits) "
+                      "VALUES (?, ?, CAST(? AS TEXT), ?, 0)",
                       (key, model, _result_json(result), time.time()))
 
     def cache(self) -> StoreCache:

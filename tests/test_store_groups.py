@@ -15,7 +15,7 @@ from helpers import scripted_pool
 from pydantic import BaseModel
 
 from orchestra import Orchestra
-from orchestra.models import ChatRequest
+from orchestra.models import ChatRequest, ChatResult
 from orchestra.skills import SkillExtractor
 from orchestra.store import CHECKPOINT_BYTES, RunStore
 
@@ -104,6 +104,17 @@ def test_request_keys_are_the_sha256_of_the_sorted_canonical_request() -> None:
     assert ChatRequest.user("hi").key("m") == "039b10d2fb25278b6c28a949d530ec8ba1966e8b7f1a3aef127f92db70a0df5f"
 
 
+def test_every_task_s_keyword_requests_share_one_schema_dict_so_its_json_is_written_once() -> None:
+    from orchestra.models import types
+
+    first, second = SkillExtractor().requests("What is 1 + 1?"), SkillExtractor().requests("Who wrote Hamlet?")
+    assert all(request.output is first[0].output for request in [*first, *second])
+    types._schemas.clear()
+    for request in [*first, *second]:
+        request.keyed("m")
+    assert len(types._schemas) == 1
+
+
 def test_checkpoints_copy_the_wal_into_the_file_from_their_own_thread_and_close_ends_it(tmp_path: Path) -> None:
     path = tmp_path / "runs.db"
     store = RunStore(path)
@@ -136,3 +147,22 @@ def test_a_store_never_closed_leaves_every_commit_in_the_file_when_the_process_e
     alone = sqlite3.connect(f"file:{path}?immutable=1", uri=True)  # the file by itself, no WAL read
     assert alone.execute("SELECT count(*) FROM runs").fetchone()[0] == 300
     alone.close()
+
+
+
+def test_json_columns_are_stored_as_text_even_when_written_from_bytes(tmp_path: Path) -> None:
+    """Results, responses and events go to SQLite as pydantic's UTF-8 bytes; they must land as TEXT
+    (not BLOB), so SQLite's JSON functions and other readers see JSON, non-ASCII included."""
+    pool, _ = scripted_pool(3)
+    store = RunStore(tmp_path / "runs.db")
+    result = Orchestra(pool, k=2, store=store).run("What is γ + 1?", plan=False)
+    assert result.status == "done", result.error
+    store.cache_put("m", "k" * 64, ChatRequest.user("γ?"), ChatResult(text="γ answer", model="m"))
+    db = sqlite3.connect(tmp_path / "runs.db")
+    columns = (("runs", "result"), ("calls", "response"), ("events", "data"), ("cache", "response"))
+    types = {f"{table}.{column}": {row[0] for row in db.execute(f"SELECT DISTINCT typeof({column}) FROM {table}")}
+             for table, column in columns}
+    assert types == {name: {"text"} for name in types}
+    assert db.execute("SELECT json_extract(result, '$.task') FROM runs").fetchone() == ("What is γ + 1?",)
+    assert db.execute("SELECT json_extract(response, '$.text') FROM cache").fetchone() == ("γ answer",)
+    assert store.result(result.run_id) == result

@@ -138,7 +138,8 @@ class ChatRequest(BaseModel):
             output_json = _schema_json(output)
         else:
             output_json = _key_json(self.canonical()["output"])  # a pydantic class: its name and schema
-        messages = ", ".join(f'{{"content": {_text(m.content)}, "role": {_string(m.role)}}}' for m in self.messages)
+        messages = ", ".join([f'{{"content": {_text(m.content)}, "role": {_ROLES.get(m.role) or _string(m.role)}}}'
+                              for m in self.messages])
         blob = (f'{{"max_tokens": {_scalar(self.max_tokens)}, "messages": [{messages}], "model": {_string(model)}, '
                 f'"output": {output_json}, "seed": {_scalar(self.seed)}, '
                 f'"stop": [{", ".join(map(_string, self.stop))}], "temperature": {_scalar(self.temperature)}}}')
@@ -150,6 +151,9 @@ _key_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
 #: a string as that encoder writes it
 _string: Callable[[str], str] = json.encoder.encode_basestring
 
+
+#: the roles as ``_string`` writes them
+_ROLES = {role: _string(role) for role in ("system", "user", "assistant")}
 
 #: message texts as ``_string`` writes them, by the string's identity: the string itself (so its id is
 #: not reused) and its JSON. A stage's requests share texts (a persona, a question asked of k experts,
