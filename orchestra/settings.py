@@ -219,8 +219,10 @@ class RunSpec(BaseModel):
         return {"spec": self.model_dump(mode="json")}
 
     def record_json(self) -> str:
-        """``record()`` as JSON text, written by pydantic in one step (what the store keeps)."""
-        return f'{{"spec": {self.model_dump_json()}}}'
+        """``record()`` as JSON text (what the store keeps, twice per run of a data set). The
+        settings, frozen and shared by a data set's runs, are written once per settings object."""
+        rest = type(self).__pydantic_serializer__.to_json(self, exclude=_SETTINGS_FIELD).decode()
+        return f'{{"spec": {{"settings": {_settings_json(self.settings)}, {rest[1:]}}}'
 
     @classmethod
     def from_record(cls, config: Mapping[str, Any], task: str) -> RunSpec:
@@ -228,6 +230,23 @@ class RunSpec(BaseModel):
         if "spec" in config:
             return cls.model_validate(config["spec"])
         return _from_legacy(config, task)
+
+
+_SETTINGS_FIELD = {"settings"}
+#: settings as JSON, by the object's identity: the object itself (so its id is not reused) and its JSON
+_settings_texts: dict[int, tuple[Settings, str]] = {}
+
+
+def _settings_json(settings: Settings) -> str:
+    """A settings object's JSON (frozen all the way down, so it is written once per object)."""
+    known = _settings_texts.get(id(settings))
+    if known is not None and known[0] is settings:
+        return known[1]
+    text = Settings.__pydantic_serializer__.to_json(settings).decode()
+    if len(_settings_texts) >= 64:
+        _settings_texts.clear()
+    _settings_texts[id(settings)] = (settings, text)
+    return text
 
 
 def _from_legacy(config: Mapping[str, Any], task: str) -> RunSpec:

@@ -100,9 +100,10 @@ class SkillExtractor:
         prompt = render("keywords.j2", question=text, max_keywords=self.config.max_keywords,
                         structured=self.config.structured)
         output = _schema(self.config) if self.config.structured else "text"
-        return [ChatRequest.user(prompt, temperature=self.config.temperature, seed=seed + i,
+        first = ChatRequest.user(prompt, temperature=self.config.temperature, seed=seed,
                                  max_tokens=self.config.max_tokens, output=output)
-                for i in range(self.config.samples)]
+        # the others share its messages (validated once; a store writes their keys' JSON once)
+        return [first, *(first.model_copy(update={"seed": seed + i}) for i in range(1, self.config.samples))]
 
     def parse(self, result: ChatResult | Exception) -> list[str]:
         """The normalised keywords of one sample.

@@ -104,6 +104,29 @@ def test_request_keys_are_the_sha256_of_the_sorted_canonical_request() -> None:
     assert ChatRequest.user("hi").key("m") == "039b10d2fb25278b6c28a949d530ec8ba1966e8b7f1a3aef127f92db70a0df5f"
 
 
+def test_keys_of_requests_sharing_their_messages_follow_every_other_field() -> None:
+    """Requests that share their messages reuse the JSON written around the seed; any other field
+    that differs (or a schema changed in place) must still give the key of the full JSON."""
+    schema: dict[str, object] = {"type": "object"}
+    first = ChatRequest.user("q ☃", output=schema, temperature=0.5, max_tokens=7, seed=1)
+    variants = [first, first.model_copy(update={"seed": 2}), first.model_copy(update={"temperature": 0.7}),
+                first.model_copy(update={"max_tokens": 8}), first.model_copy(update={"stop": ("x",)}),
+                first.model_copy(update={"output": "json"}), first.model_copy(update={"temperature": 1}),
+                first.model_copy(update={"temperature": 1.0})]
+    for request in variants:
+        for model in ("m1", "m2"):
+            first.keyed("m1")  # what the cache holds: the first request's JSON, for model m1
+            blob = json.dumps({"model": model, **request.canonical()}, sort_keys=True, ensure_ascii=False)
+            assert request.keyed(model) == (hashlib.sha256(blob.encode()).hexdigest(), blob)
+    first.model_copy(update={"temperature": 1.0}).keyed("m1")  # equal to 1, but JSON writes 1.0
+    whole = first.model_copy(update={"temperature": 1})  # (a copy is not validated: an int stays an int)
+    assert '"temperature": 1}' in whole.keyed("m1")[1]
+    first.keyed("m1")
+    schema["title"] = "changed in place"
+    again = first.model_copy(update={"seed": 3})
+    assert '"title": "changed in place"' in again.keyed("m1")[1]
+
+
 def test_every_task_s_keyword_requests_share_one_schema_dict_so_its_json_is_written_once() -> None:
     from orchestra.models import types
 
