@@ -7,7 +7,7 @@ import hashlib
 import json
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from orchestra.errors import BadResponse, ModelRequestsForbidden
 from orchestra.models import (
@@ -21,7 +21,7 @@ from orchestra.models import (
     Usage,
     price_for,
 )
-from orchestra.models.structured import StructuredOutputError, check_schema, extract_json, parse_output
+from orchestra.models.structured import StructuredOutputError, check_schema, extract_json, parse_output, schema_problem
 
 
 class Point(BaseModel):
@@ -210,3 +210,81 @@ def test_switch_forbids_real_requests_in_the_suite() -> None:
     model = OpenAICompatible(model="gpt-4o-mini", base_url="http://192.0.2.1/v1")
     with pytest.raises(ModelRequestsForbidden, match="allow_model_requests"):
         asyncio.run(model.complete([ChatRequest.user("hi")]))
+
+
+class Line(BaseModel):
+    start: Point
+    end: Point | None = None
+    label: str | None = Field(default=None, max_length=5)
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ({"start": {"x": 1, "y": 2}}, None),
+    ({"start": {"x": 1, "y": 2}, "end": None, "label": "ab"}, None),
+    ({"start": {"x": 1, "y": "2"}}, r"\$.start.y: expected integer"),  # through $ref to $defs
+    ({"start": {"x": 1, "y": 2}, "end": {"x": 1}}, r"\$.end: fits none of anyOf .*missing required key 'y'"),
+    ({"start": {"x": 1, "y": 2}, "label": "toolong"}, "fits none of anyOf"),
+])
+def test_schemas_written_by_pydantic_are_checked_through_refs_and_any_of(value: object, why: str | None) -> None:
+    schema = Line.model_json_schema()  # what an OpenAI client sends for response_format=Line
+    assert "$defs" in schema and schema_problem(schema) is None
+    if why is None:
+        check_schema(value, schema)
+    else:
+        with pytest.raises(StructuredOutputError, match=why):
+            check_schema(value, schema)
+
+
+@pytest.mark.parametrize(("schema", "good", "bad", "why"), [
+    ({"minimum": 1, "maximum": 3}, [1, 3, 2.5], [0, 3.5], "below the minimum|above the maximum"),
+    ({"exclusiveMinimum": 0, "exclusiveMaximum": 1}, [0.5], [0, 1], "must be above|must be below"),
+    ({"minimum": 0, "exclusiveMinimum": True}, [0.1], [0], "must be above 0"),  # draft 4
+    ({"multipleOf": 0.1}, [0.3, 1, 0], [0.35], "not a multiple of 0.1"),
+    ({"oneOf": [{"type": "integer"}, {"minimum": 2}]}, [1, 2.5, "x"], [3, 1.5], "fits 2 of oneOf|fits 0 of oneOf"),
+    ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, ["ab"], ["abc", 1], "longer than|expected string"),
+    ({"not": {"type": "null"}}, [0, ""], [None], "must not fit"),
+    ({"type": "array", "uniqueItems": True}, [[1, 2], [{"a": 1}, {"a": 2}]], [[1, 1], [{"a": 1}, {"a": 1}]], "repeats"),
+    ({"type": "array", "prefixItems": [{"type": "string"}], "items": {"type": "integer"}}, [["a", 1, 2]],
+     [[1], ["a", "b"]], r"\$\[0\]: expected string|\$\[1\]: expected integer"),
+    ({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1, "maxProperties": 2},
+     [{"a": 1}], [{}, {"a": "x"}, {"a": 1, "b": 2, "c": 3}], "at least 1 keys|expected integer|at most 2 keys"),
+    ({"properties": {"a": {"type": "integer"}}, "additionalProperties": False, "patternProperties": {"^x": {}}},
+     [{"a": 1, "x1": 2}], [{"a": "1"}], "expected integer"),  # key patterns are left to the endpoint
+    ({"$defs": {"tree": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/tree"}}}}},
+      "$ref": "#/$defs/tree"}, [{"kids": [{"kids": []}]}], [{"kids": [{"kids": [1]}]}], r"\$.kids\[0\].kids\[0\]: expected"),
+    (False, [], [1], "no value is allowed"),
+])
+def test_check_schema_covers_numbers_combinators_arrays_and_objects(schema: dict[str, object] | bool, good: list[object],
+                                                                      bad: list[object], why: str) -> None:
+    if isinstance(schema, dict):
+        assert schema_problem(schema) is None
+    for value in good:
+        check_schema(value, schema)
+    for value in bad:
+        with pytest.raises(StructuredOutputError, match=why):
+            check_schema(value, schema)
+
+
+@pytest.mark.parametrize("schema", [{"$ref": "#"}, {"anyOf": [{"$ref": "#"}]}, {"allOf": [{"$ref": "#"}]},
+                                    {"not": {"$ref": "#"}}, {"oneOf": [{"$ref": "#/oneOf/0"}]}])
+def test_a_reference_that_goes_round_in_a_circle_ends_with_one_line(schema: dict[str, object]) -> None:
+    with pytest.raises(StructuredOutputError, match="round in a circle"):
+        check_schema(1, schema)
+
+
+@pytest.mark.parametrize(("schema", "problem"), [
+    ({"$ref": "#/$defs/missing"}, "$.$ref must point inside the schema"),
+    ({"$ref": "https://example.com/s.json"}, "$.$ref must point inside the schema"),
+    ({"anyOf": []}, "$.anyOf must be a non-empty list of schemas"),
+    ({"oneOf": [{"type": "text"}]}, "$.oneOf[0].type must be one of"),
+    ({"$defs": {"a": {"required": "x"}}}, "$.$defs.a.required must be a list"),
+    ({"minimum": "1"}, "$.minimum must be a number"),
+    ({"maximum": True}, "$.maximum must be a number"),
+    ({"multipleOf": 0}, "$.multipleOf must be a number above 0"),
+    ({"additionalProperties": {"type": "float"}}, "$.additionalProperties.type must be one of"),
+    ({"not": {"minItems": -1}}, "$.not.minItems must be a whole number"),
+    ({"maxProperties": 1.5}, "$.maxProperties must be a whole number"),
+])
+def test_schema_problem_names_bad_new_keywords(schema: dict[str, object], problem: str) -> None:
+    found = schema_problem(schema)
+    assert found is not None and found.startswith(problem), found

@@ -48,17 +48,43 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-_COUNTS = ("minItems", "maxItems", "minLength", "maxLength")
+_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_COMBINERS = ("anyOf", "oneOf", "allOf")
+#: a chain of references that descends into nothing (``{"$ref": "#"}`` at the top) stops here
+_MAX_REFS = 32
 
 
-def schema_problem(schema: Any, path: str = "$") -> str | None:
+class _Circular(StructuredOutputError):
+    """A schema whose references go round in a circle: no value can be checked against it."""
+
+
+def _resolve(reference: Any, root: dict[str, Any]) -> Any:
+    """The subschema a local ``$ref`` (``#``, ``#/$defs/Name``...) points at; None if it points nowhere."""
+    if not isinstance(reference, str) or not reference.startswith("#"):
+        return None
+    target: Any = root
+    for part in filter(None, reference[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and part in target:
+            target = target[part]
+        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+        else:
+            return None
+    return target
+
+
+def schema_problem(schema: Any, path: str = "$", root: dict[str, Any] | None = None) -> str | None:
     """What makes ``schema`` unusable by ``check_schema``, in one line naming where (None: it is usable).
 
-    Checks the keywords ``check_schema`` reads, at every level: ``{"type": "objekt"}`` or a
-    ``required`` that is not a list of names is refused before any model is asked.
+    Checks the keywords ``check_schema`` reads, at every level: ``{"type": "objekt"}``, a
+    ``required`` that is not a list of names or a ``$ref`` that points nowhere in the schema is
+    refused before any model is asked.
     """
     if not isinstance(schema, dict):
         return f"{path} must be a JSON schema object, not {type(schema).__name__}"
+    root = schema if root is None else root
     kind = schema.get("type")
     if kind is not None:
         names = kind if isinstance(kind, list) else [kind]
@@ -74,31 +100,82 @@ def schema_problem(schema: Any, path: str = "$") -> str | None:
         value = schema.get(count, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"{path}.{count} must be a whole number, 0 or more"
+    for bound in _BOUNDS:
+        value = schema.get(bound, 0)
+        if (isinstance(value, bool) and "exclusive" not in bound) or not isinstance(value, (int, float)):
+            return f"{path}.{bound} must be a number" + (" (or, as in draft 4, true or false)" if "exclusive" in bound
+                                                         else "")
+    step = schema.get("multipleOf", 1)
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+        return f"{path}.multipleOf must be a number above 0"
+    if "$ref" in schema and not isinstance(_resolve(schema["$ref"], root), (dict, bool)):
+        return f"{path}.$ref must point inside the schema (#/$defs/Name), not {schema['$ref']!r}"
     if not isinstance(schema.get("additionalProperties", True), (bool, dict)):
         return f"{path}.additionalProperties must be true, false or a schema"
     properties = schema.get("properties", {})
     if not isinstance(properties, dict):
         return f"{path}.properties must be an object of schemas"
-    items = schema.get("items", True)
     subschemas = [(f"{path}.properties.{name}", item) for name, item in properties.items()]
+    items = schema.get("items", True)
     if isinstance(items, list):  # draft 7's tuple: a schema per position
         subschemas += [(f"{path}.items[{index}]", item) for index, item in enumerate(items)]
     else:
         subschemas.append((f"{path}.items", items))
+    for keyword in ("prefixItems", *_COMBINERS):
+        listed = schema.get(keyword, [True])
+        if not isinstance(listed, list) or not listed:
+            return f"{path}.{keyword} must be a non-empty list of schemas"
+        subschemas += [(f"{path}.{keyword}[{index}]", item) for index, item in enumerate(listed)]
+    for keyword in ("$defs", "definitions"):
+        defined = schema.get(keyword, {})
+        if not isinstance(defined, dict):
+            return f"{path}.{keyword} must be an object of schemas"
+        subschemas += [(f"{path}.{keyword}.{name}", item) for name, item in defined.items()]
+    subschemas += [(f"{path}.{keyword}", schema[keyword]) for keyword in ("additionalProperties", "not")
+                   if isinstance(schema.get(keyword), dict)]
     for where, item in subschemas:
-        problem = None if isinstance(item, bool) else schema_problem(item, where)  # true/false: anything/nothing
+        problem = None if isinstance(item, bool) else schema_problem(item, where, root)  # true/false: anything/nothing
         if problem:
             return problem
     return None
 
 
-def check_schema(value: Any, schema: dict[str, Any], path: str = "$") -> None:
+def check_schema(value: Any, schema: dict[str, Any] | bool, path: str = "$") -> None:
     """Validate ``value`` against the common JSON-schema keywords; raise ``StructuredOutputError``.
 
-    Covers type, enum, const, required, properties, additionalProperties: false, items, minItems,
-    maxItems, minLength and maxLength: enough for plain schemas handed in as dicts. Pydantic model
-    classes are validated by pydantic instead.
+    Covers type, enum, const, required, properties, additionalProperties (false or a schema),
+    items (a schema, or draft 7's list), prefixItems, minItems, maxItems, uniqueItems, minLength,
+    maxLength, minProperties, maxProperties, minimum, maximum, exclusiveMinimum, exclusiveMaximum,
+    multipleOf, anyOf, oneOf, allOf, not and local ``$ref`` (``#/$defs/...``): enough for the
+    schemas clients and pydantic write. ``pattern`` and ``format`` are left to the endpoint (a
+    pattern can take for ever to match). Pydantic model classes are validated by pydantic instead.
     """
+    _check(value, schema, path, schema if isinstance(schema, dict) else {}, 0)
+
+
+def _fits(value: Any, schema: Any, path: str, root: dict[str, Any], refs: int) -> StructuredOutputError | None:
+    """Why ``value`` does not fit ``schema`` (None: it fits)."""
+    try:
+        _check(value, schema, path, root, refs)
+    except _Circular:
+        raise
+    except StructuredOutputError as error:
+        return error
+    return None
+
+
+def _check(value: Any, schema: Any, path: str, root: dict[str, Any], refs: int) -> None:
+    if schema is True or schema == {}:
+        return
+    if schema is False:
+        raise StructuredOutputError(f"{path}: no value is allowed here")
+    if "$ref" in schema:
+        target = _resolve(schema["$ref"], root)
+        if not isinstance(target, (dict, bool)):
+            raise StructuredOutputError(f"{path}: $ref {schema['$ref']!r} points nowhere in the schema")
+        if refs >= _MAX_REFS:
+            raise _Circular(f"{path}: $ref {schema['$ref']!r} leads round in a circle")
+        _check(value, target, path, root, refs + 1)
     expected = schema.get("type")
     if expected is not None:
         names = expected if isinstance(expected, list) else [expected]
@@ -111,29 +188,100 @@ def check_schema(value: Any, schema: dict[str, Any], path: str = "$") -> None:
         raise StructuredOutputError(f"{path}: {value!r} is not one of {schema['enum']}")
     if "const" in schema and value != schema["const"]:
         raise StructuredOutputError(f"{path}: must be {schema['const']!r}")
+    _check_combined(value, schema, path, root, refs)
     if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                raise StructuredOutputError(f"{path}: missing required key {key!r}")
-        properties = schema.get("properties", {})
-        for key, item in value.items():
-            if key in properties:
-                check_schema(item, properties[key], f"{path}.{key}")
-            elif schema.get("additionalProperties") is False:
-                raise StructuredOutputError(f"{path}: unexpected key {key!r}")
-    if isinstance(value, list):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            raise StructuredOutputError(f"{path}: needs at least {schema['minItems']} items")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            raise StructuredOutputError(f"{path}: allows at most {schema['maxItems']} items")
-        if isinstance(schema.get("items"), dict):
-            for index, item in enumerate(value):
-                check_schema(item, schema["items"], f"{path}[{index}]")
-    if isinstance(value, str):
+        _check_object(value, schema, path, root)
+    elif isinstance(value, list):
+        _check_array(value, schema, path, root)
+    elif isinstance(value, str):
         if "minLength" in schema and len(value) < schema["minLength"]:
             raise StructuredOutputError(f"{path}: shorter than {schema['minLength']} characters")
         if "maxLength" in schema and len(value) > schema["maxLength"]:
             raise StructuredOutputError(f"{path}: longer than {schema['maxLength']} characters")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check_number(value, schema, path)
+
+
+def _check_combined(value: Any, schema: dict[str, Any], path: str, root: dict[str, Any], refs: int) -> None:
+    for part in schema.get("allOf", ()):
+        _check(value, part, path, root, refs)
+    if "anyOf" in schema:
+        errors = [_fits(value, part, path, root, refs) for part in schema["anyOf"]]
+        if all(errors):
+            raise StructuredOutputError(f"{path}: fits none of anyOf (first: {errors[0]})")
+    if "oneOf" in schema:
+        errors = [_fits(value, part, path, root, refs) for part in schema["oneOf"]]
+        fitting = errors.count(None)
+        if fitting != 1:
+            raise StructuredOutputError(f"{path}: fits {fitting} of oneOf, not exactly one"
+                                        + (f" (first: {errors[0]})" if not fitting else ""))
+    if "not" in schema and _fits(value, schema["not"], path, root, refs) is None:
+        raise StructuredOutputError(f"{path}: must not fit the schema under not")
+
+
+def _check_object(value: dict[str, Any], schema: dict[str, Any], path: str, root: dict[str, Any]) -> None:
+    for key in schema.get("required", []):
+        if key not in value:
+            raise StructuredOutputError(f"{path}: missing required key {key!r}")
+    if "minProperties" in schema and len(value) < schema["minProperties"]:
+        raise StructuredOutputError(f"{path}: needs at least {schema['minProperties']} keys")
+    if "maxProperties" in schema and len(value) > schema["maxProperties"]:
+        raise StructuredOutputError(f"{path}: allows at most {schema['maxProperties']} keys")
+    properties = schema.get("properties", {})
+    extra = schema.get("additionalProperties", True)
+    for key, item in value.items():
+        if key in properties:
+            _check(item, properties[key], f"{path}.{key}", root, 0)
+        elif "patternProperties" in schema:  # (key patterns are not matched here: see check_schema)
+            continue
+        elif extra is False:
+            raise StructuredOutputError(f"{path}: unexpected key {key!r}")
+        elif isinstance(extra, dict):
+            _check(item, extra, f"{path}.{key}", root, 0)
+
+
+def _check_array(value: list[Any], schema: dict[str, Any], path: str, root: dict[str, Any]) -> None:
+    if "minItems" in schema and len(value) < schema["minItems"]:
+        raise StructuredOutputError(f"{path}: needs at least {schema['minItems']} items")
+    if "maxItems" in schema and len(value) > schema["maxItems"]:
+        raise StructuredOutputError(f"{path}: allows at most {schema['maxItems']} items")
+    if schema.get("uniqueItems") is True:
+        seen: set[str] = set()
+        for index, item in enumerate(value):
+            text = json.dumps(item, sort_keys=True)
+            if text in seen:
+                raise StructuredOutputError(f"{path}[{index}]: repeats an earlier item (uniqueItems)")
+            seen.add(text)
+    items = schema.get("items", True)
+    positional = schema.get("prefixItems", items if isinstance(items, list) else [])
+    rest = items if not isinstance(items, list) else schema.get("additionalItems", True)
+    for index, item in enumerate(value):
+        _check(item, positional[index] if index < len(positional) else rest, f"{path}[{index}]", root, 0)
+
+
+def _check_number(value: float, schema: dict[str, Any], path: str) -> None:
+    if "minimum" in schema and value < schema["minimum"]:
+        raise StructuredOutputError(f"{path}: below the minimum {schema['minimum']}")
+    if "maximum" in schema and value > schema["maximum"]:
+        raise StructuredOutputError(f"{path}: above the maximum {schema['maximum']}")
+    low, high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+    if low is True:  # draft 4: a flag on minimum
+        low = schema.get("minimum")
+    if high is True:
+        high = schema.get("maximum")
+    if low is not None and low is not False and value <= low:
+        raise StructuredOutputError(f"{path}: must be above {low}")
+    if high is not None and high is not False and value >= high:
+        raise StructuredOutputError(f"{path}: must be below {high}")
+    step = schema.get("multipleOf")
+    if step is not None and not _multiple(value, step):
+        raise StructuredOutputError(f"{path}: not a multiple of {step}")
+
+
+def _multiple(value: float, step: float) -> bool:
+    """Whether ``value`` is a whole multiple of ``step`` (0.3 of 0.1 too, despite binary floats)."""
+    quotient = value / step
+    return abs(quotient - round(quotient)) <= 1e-9 * max(1.0, abs(quotient))
 
 
 def parse_output(text: str, request: ChatRequest) -> Any:
