@@ -660,3 +660,25 @@ def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
     retried = ["The sky", "The sky is", "A different", "A different start"]  # a retry wrote otherwise
     assert asyncio.run(relay(retried, "A different start.")) == (["The sky", " is"], "")
     assert asyncio.run(relay(["  Hello ", "  Hello world  "], "Hello world")) == (["Hello", " world"], "")
+
+
+def test_a_schema_s_refs_and_bounds_are_checked_before_an_answer_goes_out(serve: Any) -> None:
+    """The schema an SDK writes for a pydantic class keeps its parts in ``$defs``: the answer is
+    checked through them (every expert's 42 breaks ``maximum: 10``), so no answer goes out unchecked."""
+    running, experts = serve()
+    schema = {"type": "object", "required": ["answer", "unit"],
+              "properties": {"answer": {"$ref": "#/$defs/Small"}, "unit": {"anyOf": [{"type": "string"},
+                                                                                    {"type": "null"}]}},
+              "$defs": {"Small": {"type": "integer", "maximum": 10}}}
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    with pytest.raises(openai.APIStatusError) as failed:
+        running.client().chat.completions.create(
+            model="orchestra", messages=question,
+            response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": schema}})
+    assert "$.answer: above the maximum 10" in failed.value.body["message"]
+    schema["$defs"]["Small"]["maximum"] = 100  # type: ignore[index]
+    answered = running.client().chat.completions.create(
+        model="orchestra", messages=question,
+        response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": schema}})
+    assert answered.choices[0].message.content == '{"answer":42,"unit":"m"}'
+    assert experts.payloads[-1]["response_format"]["json_schema"]["schema"] == schema  # the endpoint gets it whole
