@@ -265,6 +265,13 @@ def test_check_schema_covers_numbers_combinators_arrays_and_objects(schema: dict
             check_schema(value, schema)
 
 
+def test_a_broken_schema_given_in_python_is_a_structured_output_error_not_a_crash() -> None:
+    with pytest.raises(StructuredOutputError, match=r"\$.a: the schema here is a int"):
+        check_schema({"a": 1}, {"properties": {"a": 5}})
+    with pytest.raises(StructuredOutputError, match="points nowhere"):
+        check_schema(1, {"$ref": "#/$defs/none"})
+
+
 @pytest.mark.parametrize("schema", [{"$ref": "#"}, {"anyOf": [{"$ref": "#"}]}, {"allOf": [{"$ref": "#"}]},
                                     {"not": {"$ref": "#"}}, {"oneOf": [{"$ref": "#/oneOf/0"}]}])
 def test_a_reference_that_goes_round_in_a_circle_ends_with_one_line(schema: dict[str, object]) -> None:

@@ -169,6 +169,8 @@ def _check(value: Any, schema: Any, path: str, root: dict[str, Any], refs: int) 
         return
     if schema is False:
         raise StructuredOutputError(f"{path}: no value is allowed here")
+    if not isinstance(schema, dict):  # (schemas given in Python are not checked by schema_problem)
+        raise StructuredOutputError(f"{path}: the schema here is a {type(schema).__name__}, not a schema object")
     if "$ref" in schema:
         target = _resolve(schema["$ref"], root)
         if not isinstance(target, (dict, bool)):
