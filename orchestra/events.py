@@ -279,23 +279,29 @@ class EventBus:
         self.listeners: list[Listener] = []
         self.listener_errors: list[str] = []
         self._ignored: list[frozenset[type[Event]]] = []  # per listener, the event types it does not want
+        self._wanted: dict[type[Event], bool] = {}  # wants(), per type, until the listeners change
 
     def subscribe(self, listener: Listener, *, ignore: Collection[type[Event]] = ()) -> Callable[[], None]:
         """Add a listener; the returned function removes it. ``ignore``: event types it has no use
         for (when no listener wants a type, the hot paths that make it need not)."""
         self.listeners.append(listener)
         self._ignored.append(frozenset(ignore))
+        self._wanted = {}
 
         def remove() -> None:
             if listener in self.listeners:
                 del self._ignored[self.listeners.index(listener)]
                 self.listeners.remove(listener)
+                self._wanted = {}
 
         return remove
 
     def wants(self, kind: type[Event]) -> bool:
         """Whether some listener wants events of this type (the store, say, has no use for each call's)."""
-        return any(kind not in ignored for ignored in self._ignored)
+        wanted = self._wanted.get(kind)
+        if wanted is None:
+            wanted = self._wanted[kind] = any(kind not in ignored for ignored in self._ignored)
+        return wanted
 
     def emit(self, event: Event) -> None:
         """Give ``event`` to every listener that does not ignore its type."""

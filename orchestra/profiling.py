@@ -38,7 +38,7 @@ from orchestra.matching import SkillMatcher
 from orchestra.models import ChatResult, Model
 from orchestra.pipeline.aggregation import Response, synthesize_prompt
 from orchestra.profile import Provenance, SkillProfile, global_competence
-from orchestra.prompts import render, template_hash
+from orchestra.prompts import render_expert, template_hash
 from orchestra.skills import KeywordConfig, SkillExtractor
 from orchestra.variants import Vocabulary, merge_variants, pooled_counts
 
@@ -63,8 +63,8 @@ class ProfilingReport:
 def expert_prompt(item: Item) -> str:
     """The zero-shot chain-of-thought prompt an expert sees for a validation item."""
     question = item.prompt()
-    return render("expert.j2", task=question, instruction=question, inputs=[], answer_format=answer_format(item),
-                  context="")
+    return render_expert(task=question, instruction=question, inputs=[], answer_format=answer_format(item),
+                         context="")
 
 
 class _Counter:

@@ -20,6 +20,7 @@ import math
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -124,8 +125,13 @@ class Recruitment:
 
     def explain(self) -> list[str]:
         """One line per chosen expert: its probability and the skills that earned it."""
-        if self.team is not None:
-            return self._explain_team(self.team)
+        return list(self._explanation)
+
+    @cached_property
+    def _explanation(self) -> tuple[str, ...]:  # written once: a recruitment is never changed
+        return tuple(self._explain_team(self.team) if self.team is not None else self._explain_draw())
+
+    def _explain_draw(self) -> list[str]:
         lines = []
         for agent, picks in Counter(self.experts).items():
             candidate = self.candidate(agent)
@@ -162,7 +168,11 @@ class Recruitment:
         return [*lines, summary, *self.notes]
 
     def to_dict(self, explanation: list[str] | None = None) -> dict[str, object]:
-        """A JSON-ready explanation (``explanation`` saves recomputing ``explain()``)."""
+        """A JSON-ready explanation (``explanation``: lines to show instead of ``explain()``'s)."""
+        return {**self._record, "explanation": self.explain() if explanation is None else explanation}
+
+    @cached_property
+    def _record(self) -> dict[str, object]:  # written once: a recruitment is never changed
         return {
             "mode": self.mode,
             "experts": list(self.experts),
@@ -178,7 +188,6 @@ class Recruitment:
                 "experts": list(self.team.experts), "aggregator": self.team.aggregator,
                 "expected_accuracy": round(self.team.expected_accuracy, 6),
                 "expected_cost_usd": self.team.expected_cost, "staged": self.staged},
-            "explanation": self.explain() if explanation is None else explanation,
         }
 
 
@@ -263,6 +272,7 @@ class Recruiter:
         self.aggregators = list(aggregators) if aggregators else (measured or list(table.scores))
         self._ranked: dict[tuple[Match, ...], list[Candidate]] = {}
         self._teams: dict[tuple[tuple[Match, ...], int], tuple[list[Candidate], Team]] = {}
+        self._recruitments: dict[tuple[object, ...], Recruitment] = {}
 
     def suitability(self, agent: str, matches: Sequence[Match]) -> tuple[float, tuple[Contribution, ...]]:
         """``s(agent, query)`` and the part each matched skill played."""
@@ -313,17 +323,21 @@ class Recruiter:
 
     def recruit(self, keywords: Sequence[str], matches: Sequence[Match], *, seed: int, k: int = 3,
                 mode: Mode = "symbolic-moe") -> Recruitment:
-        """Choose ``k`` experts (a cap, for ``adaptive`` and ``calibrated``) for one subtask, the ``mode``'s way."""
+        """Choose ``k`` experts (a cap, for ``adaptive`` and ``calibrated``) for one subtask, the ``mode``'s way.
+        Equal recruitments are one object (memoised), so its explanation is written once."""
+        keywords, matches = tuple(keywords), tuple(matches)
+        notes: tuple[str, ...] = ()
         if mode == "calibrated":
             if len(self.table.cold) < len(self.table.scores):
                 ranked, team = self.team(matches, k)
-                return Recruitment(experts=team.experts, keywords=tuple(keywords), matches=tuple(matches),
-                                   candidates=tuple(ranked), mode=mode, team=team)
+                return self._made(mode, k, keywords, matches, team.experts, ranked, team, notes)
             # nothing measured to calibrate: the paper's draw, from declared skills and the uniform prior
-            drawn = self.recruit(keywords, matches, seed=seed, k=k, mode="symbolic-moe")
-            return replace(drawn, notes=(*drawn.notes, "no agent has a measured profile: drawn as symbolic-moe "
-                                                       "does (run orchestra profile to calibrate)"))
+            mode, notes = "symbolic-moe", ("no agent has a measured profile: drawn as symbolic-moe does "
+                                           "(run orchestra profile to calibrate)",)
         ranked = self.candidates(matches)
+        return self._made(mode, k, keywords, matches, self._draw(ranked, seed, k, mode), ranked, None, notes)
+
+    def _draw(self, ranked: Sequence[Candidate], seed: int, k: int, mode: Mode) -> tuple[str, ...]:
         eligible = [c for c in ranked if c.probability > 0]
         rng = SeededDraws(seed)
         if mode == "symbolic-moe":
@@ -343,8 +357,22 @@ class Recruiter:
             experts = rng.sample([c.agent for c in ranked], k)
         else:
             raise ValueError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
-        return Recruitment(experts=tuple(experts), keywords=tuple(keywords), matches=tuple(matches),
-                           candidates=tuple(ranked), mode=mode)
+        return tuple(experts)
+
+    def _made(self, mode: str, k: int, keywords: tuple[str, ...], matches: tuple[Match, ...],
+              experts: tuple[str, ...], ranked: Sequence[Candidate], team: Team | None,
+              notes: tuple[str, ...]) -> Recruitment:
+        """The recruitment of these choices: one object per distinct one (``ranked`` and ``team``
+        follow from the matches and k)."""
+        key = (mode, k, keywords, matches, experts, notes)
+        found = self._recruitments.get(key)
+        if found is None:
+            if len(self._recruitments) >= 4096:
+                self._recruitments.clear()
+            found = self._recruitments[key] = Recruitment(experts=experts, keywords=keywords, matches=matches,
+                                                          candidates=tuple(ranked), mode=mode, notes=notes,
+                                                          team=team)
+        return found
 
     def team(self, matches: Sequence[Match], k: int) -> tuple[list[Candidate], Team]:
         """``calibrated``: every agent's expected accuracy and cost on these skills, best first, and

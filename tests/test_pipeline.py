@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 
 import pytest
 from helpers import kind_of, plan_json, scripted_pool
@@ -241,3 +242,17 @@ def test_invalid_per_run_overrides_are_one_clear_error() -> None:
         orc.run("x", aggregate="bogus")
     with pytest.raises(ConfigError, match="max_resident_models set"):
         orc.run("x", max_resident_models=3)
+
+
+def test_skills_that_are_no_plain_words_are_extracted_per_node_from_its_own_instruction() -> None:
+    # both nodes give the same unusable skills: each node's keywords come from its own instruction,
+    # and nodes with the same plain skills share one matching
+    plan = plan_json(("a", [], ["{json}"]), ("b", ["a"], ["{json}"]), ("c", ["b"], ["optics"]),
+                     ("d", ["c"], ["optics"]))
+    pool, models = scripted_pool(2, plan=plan)
+    result = Orchestra(pool, k=1, aggregate="none", store=False).run("Build it")
+    assert result.status == "done", result.error
+    asked = [r.prompt_text() for r in models["planner"].requests if kind_of(r) == "keywords"]
+    per_node = Counter(("do a" in p, "do b" in p) for p in asked)
+    assert set(per_node) == {(True, False), (False, True)} and len(set(per_node.values())) == 1
+    assert [n.skills for n in result.plan.nodes] == [["general"], ["general"], ["optics"], ["optics"]]

@@ -11,6 +11,42 @@ from orchestra.models import ChatResult
 from orchestra.pipeline.aggregation import Response, refine_prompt, synthesize_prompt, vote
 from orchestra.skills import KeywordConfig, SkillExtractor, skill_names
 
+# --- prompts ---------------------------------------------------------------------------------
+
+_INPUTS = [{"id": "a", "instruction": "Find x", "output": "x = 2\n"}, {"id": "b", "instruction": " ", "output": ""}]
+
+
+@pytest.mark.parametrize("context", ["", "  user: hi\nassistant: hello  "])
+@pytest.mark.parametrize("task", ["Solve it", "Overall {{ task }}"])
+@pytest.mark.parametrize("inputs", [[], _INPUTS[:1], _INPUTS])
+@pytest.mark.parametrize("answer_format", ["", "End with 'Answer: X'.  "])
+def test_the_expert_prompt_written_in_python_is_the_template_rendered(context: str, task: str,
+                                                                      inputs: list[dict[str, str]],
+                                                                      answer_format: str) -> None:
+    from orchestra.prompts import EXPERT_TEMPLATE_SHA256, render, render_expert, template_hash
+
+    assert template_hash("expert.j2") == EXPERT_TEMPLATE_SHA256, \
+        "prompts/expert.j2 changed: write the change into render_expert too, then update EXPERT_TEMPLATE_SHA256"
+    for instruction in ("Solve it", " Step two\n"):
+        variables = dict(task=task, instruction=instruction, inputs=inputs, answer_format=answer_format,
+                         context=context)
+        assert render_expert(**variables) == render("expert.j2", **variables)
+
+
+def test_an_edited_expert_template_is_rendered_by_jinja(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestra import prompts
+
+    monkeypatch.setattr(prompts, "EXPERT_TEMPLATE_SHA256", "0" * 64)
+    prompts._expert_template_unchanged.cache_clear()
+    rendered: list[str] = []
+    monkeypatch.setattr(prompts, "render", lambda name, **variables: rendered.append(name) or "jinja")
+    try:
+        assert prompts.render_expert(task="t", instruction="i", inputs=[], answer_format="", context="") == "jinja"
+    finally:
+        prompts._expert_template_unchanged.cache_clear()
+    assert rendered == ["expert.j2"]
+
+
 # --- aggregate -------------------------------------------------------------------------------
 
 

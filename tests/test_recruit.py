@@ -143,3 +143,25 @@ def test_aggregator_choice() -> None:
     assert choose_aggregator(profiles, {"A": 0.9, "B": 0.1}, ["A", "B"]) == "B"
     assert choose_aggregator(profiles, {}, ["A", "B"], configured="A") == "A"
     assert choose_aggregator({}, {"A": 0.2, "B": 0.8}, ["A", "B"]) == "B"
+
+
+def test_equal_recruitments_are_one_object_and_different_ones_are_not() -> None:
+    r = recruiter()
+    first = r.recruit(["algebra"], matches("algebra"), seed=1, k=2, mode="topk")
+    assert r.recruit(["algebra"], matches("algebra"), seed=2, k=2, mode="topk") is first  # topk ignores the seed
+    assert first.explain() is not first.explain() and first.explain() == first.explain()  # a copy each time
+    others = [r.recruit(["algebra"], matches("algebra"), seed=1, k=1, mode="topk"),
+              r.recruit(["geometry"], matches("geometry"), seed=1, k=2, mode="topk"),
+              r.recruit(["algebra"], matches("algebra"), seed=1, k=2, mode="global")]
+    assert all(o is not first for o in others)
+    assert [o.experts for o in others] == [("A",), ("B", "C"), ("B", "A")]
+    drawn = {r.recruit(["algebra"], matches("algebra"), seed=s, k=3).experts for s in range(40)}
+    assert len(drawn) > 1  # symbolic-moe still draws per seed
+
+
+def test_calibrated_with_nothing_measured_draws_and_says_so() -> None:
+    r = recruiter(profiles={}, declared={"A": ["algebra"], "B": ["geometry"]})
+    recruitment = r.recruit(["algebra"], matches("algebra"), seed=3, k=2, mode="calibrated")
+    assert recruitment.mode == "symbolic-moe" and recruitment.team is None
+    assert "drawn as symbolic-moe" in recruitment.explain()[-1]
+    assert r.recruit(["algebra"], matches("algebra"), seed=3, k=2, mode="symbolic-moe").notes == ()

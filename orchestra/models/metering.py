@@ -37,8 +37,8 @@ class Meter:
     @property
     def usage(self) -> Usage:
         """Everything counted so far, ``requests`` included."""
-        return Usage.model_construct(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                                     cost_usd=self.cost_usd, requests=self.requests)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     cost_usd=self.cost_usd, requests=self.requests)
 
 
 _current: ContextVar[Meter | None] = ContextVar("orchestra_meter", default=None)

@@ -145,7 +145,7 @@ class OpenAICompatible(ModelBase):
             raise BadResponse(f"{display_url(self.endpoint.base_url)} returned a message content that is not text "
                               f"for {self.model}")
         reason = choice.get("finish_reason")
-        return ChatResult.model_construct(  # checked above: no validation to pay for on every request
+        return ChatResult(
             text=text, parsed=None, model=self.name, latency_s=0.0,
             finish_reason=reason if isinstance(reason, str) else None,
             usage=reported_usage(self.price, reported.get("prompt_tokens"), reported.get("completion_tokens"), text))

@@ -24,8 +24,8 @@ class Price(BaseModel):
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> Usage:
         """A ``Usage`` with its cost filled in."""
-        return Usage.model_construct(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,  # ints already
-                                     cost_usd=self.cost(prompt_tokens, completion_tokens), requests=0)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     cost_usd=self.cost(prompt_tokens, completion_tokens), requests=0)
 
     @property
     def blended(self) -> float:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,6 +21,12 @@ class Message(BaseModel):
 
     role: Role
     content: str
+
+
+@lru_cache(maxsize=256)
+def _system_message(content: str) -> Message:
+    """A system message, one object per persona (messages are frozen): an agent's every request has it."""
+    return Message(role="system", content=content)
 
 
 OutputFormat = Any  # "text" | "json" | JSON-schema dict | pydantic model class
@@ -70,7 +77,7 @@ class ChatRequest(BaseModel):
     @classmethod
     def user(cls, prompt: str, *, system: str | None = None, **options: Any) -> ChatRequest:
         """Build a request from one user prompt and an optional system prompt."""
-        messages = [Message(role="system", content=system)] if system else []
+        messages = [_system_message(system)] if system else []
         messages.append(Message(role="user", content=prompt))
         return cls(messages=tuple(messages), **options)
 
@@ -239,7 +246,7 @@ class Usage(BaseModel):
     requests: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage.model_construct(  # two valid usages make a valid sum: no validation to pay for
+        return Usage(  # validated: pydantic-core does it faster than model_construct skips it
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             cost_usd=self.cost_usd + other.cost_usd,

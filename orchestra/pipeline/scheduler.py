@@ -50,9 +50,9 @@ from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, strate
 from orchestra.pipeline.planning import Planner
 from orchestra.pipeline.staffing import Pin, Staffing
 from orchestra.plan import Plan, PlanInvalid
-from orchestra.prompts import render
+from orchestra.prompts import render_expert
 from orchestra.recruit import Recruitment
-from orchestra.result import BatchInfo, ExpertOutput, NodeTrace, PlanTrace, RunResult, RunStatus, RunUsage
+from orchestra.result import BatchInfo, ExpertOutput, NodeStatus, NodeTrace, PlanTrace, RunResult, RunStatus, RunUsage
 from orchestra.settings import RunSpec, Settings
 from orchestra.vocabulary import Mode, Strategy
 
@@ -118,7 +118,9 @@ class NodeState:
     instruction: str
     depends_on: list[str]
     strategy: Strategy
-    status: str = "pending"
+    seed: int
+    """The node's seed (``node_seed``): its keyword samples, its draw and its calls."""
+    status: NodeStatus = "pending"
     recruitment: Recruitment | None = None
     explanation: list[str] = field(default_factory=list)
     aggregator: str | None = None
@@ -132,7 +134,7 @@ class NodeState:
     def trace(self) -> NodeTrace:
         """The JSON-ready trace of this node."""
         recruitment = self.recruitment
-        return NodeTrace.model_construct(
+        return NodeTrace(
             id=self.id, instruction=self.instruction, depends_on=self.depends_on, status=self.status,
             skills=list(recruitment.keywords) if recruitment else [],
             experts=list(recruitment.experts) if recruitment else [], aggregator=self.aggregator,
@@ -182,6 +184,9 @@ class Run:
         self.traces: dict[str, NodeState] = {}
         self.plan_attempts, self.plan_note = 0, ""
         self.graph: nx.DiGraph = nx.DiGraph()
+        self._order: list[str] = []  # the nodes in an order that puts each after its dependencies
+        self._dependents: dict[str, list[str]] = {}
+        self._waiting: dict[str, int] = {}  # per node, its dependencies not done yet
         self.subtasks: dict[str, Any] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.started = time.perf_counter()
@@ -278,24 +283,30 @@ class Run:
             settings = self.node_settings.get(subtask.id, DEFAULT_NODE)
             self.traces[subtask.id] = NodeState(id=subtask.id, instruction=subtask.instruction,
                                                 depends_on=list(subtask.depends_on),
-                                                strategy=settings.aggregate or self.settings.aggregate)
+                                                strategy=settings.aggregate or self.settings.aggregate,
+                                                seed=node_seed(self.settings.seed, self.task, subtask.id))
         self.plan_attempts, self.plan_note = attempts, note
-        self.stages.events.emit(PlanReady(run_id=self.run_id, attempts=attempts, note=note,
-                                          nodes=tuple({"id": s.id, "instruction": s.instruction,
-                                                       "depends_on": list(s.depends_on), "skills": list(s.skills)}
-                                                      for s in plan.subtasks)))
+        if self.stages.events.wants(PlanReady):
+            self.stages.events.emit(PlanReady(run_id=self.run_id, attempts=attempts, note=note,
+                                              nodes=tuple({"id": s.id, "instruction": s.instruction,
+                                                           "depends_on": list(s.depends_on), "skills": list(s.skills)}
+                                                          for s in plan.subtasks)))
         self._unresolved = len(plan.subtasks)
+        self._dependents = {node: list(self.graph.successors(node)) for node in self.graph}
+        self._waiting = {node: self.graph.in_degree(node) for node in self.graph}
+        self._order = list(nx.topological_sort(self.graph))
         sinks = [n for n in self.graph if self.graph.out_degree(n) == 0]
         self.answer_node = sinks[0] if len(sinks) == 1 and self.final_template is None else None
         self._execute_started = time.perf_counter()
-        for node_id in nx.topological_sort(self.graph):
-            if self.graph.in_degree(node_id) == 0:
+        for node_id in self._order:
+            if not self._waiting[node_id]:
                 self._ready(node_id)
 
     # --- nodes -----------------------------------------------------------------------------
 
     def _ready(self, node_id: str) -> None:
-        self.stages.events.emit(NodeReady(run_id=self.run_id, node=node_id))
+        if self.stages.events.wants(NodeReady):  # a node's events are built only for a listener
+            self.stages.events.emit(NodeReady(run_id=self.run_id, node=node_id))
         self._spawn(self._node(node_id))
 
     async def _node(self, node_id: str) -> None:
@@ -315,10 +326,11 @@ class Run:
                 trace.aggregator, why = self.stages.staffing.aggregator_for(recruitment)
                 if why:
                     trace.explanation.append(why)
-            self.stages.events.emit(ExpertsRecruited(
-                run_id=self.run_id, node=node_id, experts=recruitment.experts,
-                aggregator=trace.aggregator or "", skills=recruitment.keywords,
-                explanation=tuple(trace.explanation), instruction=instruction))
+            if self.stages.events.wants(ExpertsRecruited):
+                self.stages.events.emit(ExpertsRecruited(
+                    run_id=self.run_id, node=node_id, experts=recruitment.experts,
+                    aggregator=trace.aggregator or "", skills=recruitment.keywords,
+                    explanation=tuple(trace.explanation), instruction=instruction))
             trace.status = "running"
             output = settings.output or self._answer_output(node_id)
             responses = await self._experts(trace, agents, recruitment, instruction, settings.prompt is not None,
@@ -329,15 +341,15 @@ class Run:
             if combine.uses_aggregator:
                 trace.status = "aggregating"
                 self.stages.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=trace.strategy))
-            job = Job(task=self.task, instruction=instruction, responses=responses,
-                      seed=node_seed(self.settings.seed, self.task, node_id),
+            job = Job(task=self.task, instruction=instruction, responses=responses, seed=trace.seed,
                       aggregator=(self.stages.pool[trace.aggregator] if trace.aggregator
                                   else self.stages.staffing.aggregator),
                       grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
                       on_text=self._answer_stream(node_id), context=self.spec.context, **self._answer_sampling(node_id))
             trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
             trace.status = "done"
-            self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
+            if self.stages.events.wants(NodeDone):
+                self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
         except (OrchestraError, PlanInvalid) as error:
             self.user_error |= isinstance(error, UserError)
             self._node_failed(trace, str(error))
@@ -352,9 +364,8 @@ class Run:
         matcher's embedding requests."""
         staffed = await self.stages.staffing.recruit(
             instruction, skills, self.caller("keywords", node_id),
-            seed=node_seed(self.settings.seed, self.task, node_id),
-            k=settings.k or self.settings.k, mode=settings.mode or self.settings.mode, agent=settings.agent,
-            pin=self.pins.get(node_id))
+            seed=node_seed(self.settings.seed, self.task, node_id), k=settings.k or self.settings.k,
+            mode=settings.mode or self.settings.mode, agent=settings.agent, pin=self.pins.get(node_id))
         if staffed.extraction_failure is not None:  # recruiting went on without skills; the user is told
             self.skill_extraction_failures += 1
             self.stages.events.emit(SkillExtractionFailed(run_id=self.run_id, node=node_id,
@@ -391,9 +402,9 @@ class Run:
         """The experts' answers to the node (a failed expert is traced; the others still count).
         ``prompted``: the instruction is a workflow step's prompt, which shows the inputs itself."""
         inputs = [] if prompted else self._inputs(trace.id)
-        prompt = render("expert.j2", task=self.task, instruction=instruction, inputs=inputs,
-                        answer_format=self.spec.answer_format, context=self.spec.context)
-        seed = node_seed(self.settings.seed, self.task, trace.id)
+        prompt = render_expert(task=self.task, instruction=instruction, inputs=inputs,
+                               answer_format=self.spec.answer_format, context=self.spec.context)
+        seed = trace.seed
         sampling = self._answer_sampling(trace.id)
         alone = self._answer_stream(trace.id) if len(agents) == 1 else None  # its answer is the answer
         calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output or "text", on_text=alone,
@@ -445,11 +456,11 @@ class Run:
         responses = []
         for agent, outcome in zip(agents, outcomes):
             if isinstance(outcome, Exception):
-                trace.expert_outputs.append(ExpertOutput.model_construct(agent=agent.name, model=agent.model.name,
-                                                                         text=None, error=str(outcome)))
+                trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, text=None,
+                                                         error=str(outcome)))
                 continue
-            trace.expert_outputs.append(ExpertOutput.model_construct(agent=agent.name, model=agent.model.name,
-                                                                     text=outcome.text, error=None))
+            trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, text=outcome.text,
+                                                     error=None))
             candidate = recruitment.candidate(agent.name)
             responses.append(Response(agent=agent.name, text=self._capped(outcome.text), data=_plain(outcome.parsed),
                                       weight=candidate.probability if candidate else 1.0))
@@ -481,9 +492,9 @@ class Run:
                     self._unresolved -= 1
                     self.stages.events.emit(NodeSkipped(run_id=self.run_id, node=descendant, reason=trace.error))
         else:
-            for dependent in self.graph.successors(node_id):
-                if self.traces[dependent].status == "pending" and all(
-                        self.traces[d].status == "done" for d in self.graph.predecessors(dependent)):
+            for dependent in self._dependents[node_id]:
+                self._waiting[dependent] -= 1
+                if not self._waiting[dependent] and self.traces[dependent].status == "pending":
                     self._ready(dependent)
         if self._unresolved == 0:
             self._spawn(self._final())
@@ -492,7 +503,7 @@ class Run:
 
     async def _final(self) -> None:
         self.timings["execute_s"] = time.perf_counter() - self._execute_started
-        sinks = [n for n in nx.topological_sort(self.graph) if self.graph.out_degree(n) == 0]
+        sinks = [n for n in self._order if not self._dependents[n]]
         done = [n for n in sinks if self.traces[n].status == "done"]
         failures = [f"{t.id}: {t.error}" for t in self.traces.values() if t.status == "failed"]
         if not done:

@@ -78,6 +78,8 @@ class Staffing:
         self.extractor = SkillExtractor(settings.keywords)
         self.light = frozenset(a.name for a in pool.agents if not getattr(a.model, "heavy", False))
         self.aggregator_choice: AggregatorChoice = settings.aggregator_choice
+        #: given skills -> their plain names and matches, for a matcher that needed no request for them
+        self._matched: dict[tuple[str, ...], tuple[list[str], list[Match]]] = {}
 
     async def recruit(self, instruction: str, skills: Sequence[str], call: Call, *, seed: int, k: int, mode: Mode,
                       agent: str | None = None, pin: Pin | None = None) -> Staffed:
@@ -100,11 +102,21 @@ class Staffing:
         if pin is not None and k == 1 and len(pin.experts) == 1:  # one agent, kept on resume: nothing to recruit
             return Staffed(Recruitment(experts=pin.experts, keywords=tuple(skills), matches=(), candidates=(),
                                        mode="fixed", notes=(f"{pin.experts[0]}: as recorded with the run",)))
-        keywords = skill_names(skills, 40)  # a planner's skills too: plain words only
-        failure, calls_failed = None, False
-        if not keywords and mode not in ("global", "random"):  # these baselines ignore skills
-            keywords, failure, calls_failed = await self._extract(instruction, call, seed)
-        matches, usage = await self._match(keywords)
+        failure, calls_failed, usage = None, False, None
+        given = tuple(skills)
+        known = self._matched.get(given) if given else None
+        if known is not None:
+            keywords, matches = known
+        else:
+            keywords = skill_names(skills, 40)  # a planner's skills too: plain words only
+            extracted = not keywords and mode not in ("global", "random")  # these baselines ignore skills
+            if extracted:
+                keywords, failure, calls_failed = await self._extract(instruction, call, seed)
+            matches, usage = await self._match(keywords)
+            if keywords and not extracted and usage is None:  # skills of their own: the same for every node
+                if len(self._matched) >= 4096:
+                    self._matched.clear()
+                self._matched[given] = (keywords, matches)
         recruitment = self.recruiter.recruit(keywords, matches, seed=seed, k=k, mode=mode)
         if pin is not None:  # a resumed run keeps the experts its batch's rare-expert filter chose
             recruitment = replace(recruitment, experts=pin.experts,
