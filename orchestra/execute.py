@@ -310,7 +310,6 @@ class Executor:
             raise RuntimeError("Executor.call() must come from a task the executor manages: "
                                "wrap the coroutine in executor.run_task(...)")
         waiter = _Waiter(len(calls), loop.create_future())
-        per_model: Counter[str] = Counter()
         for index, (model, request) in enumerate(calls):
             # the key (a hash of the canonical request) is needed only to journal or cache the call
             key, canonical = (request.keyed(model_identity(model)) if ledger.journal is not None
@@ -321,9 +320,9 @@ class Executor:
             waiter.heavy += heavy
             self._pending.append(_Call(model, request, ledger, purpose, node, waiter, index, key,
                                        ledger.next_seq(key) if key else 0, heavy, canonical=canonical))
-            per_model[model.name] += 1
         waiter.then = tuple(m if self.placement is None else self.placement.engine(m) for m in then if is_heavy(m))
         if self.events.wants(CallsQueued):
+            per_model = Counter(call.model.name for call in self._pending[-len(calls):])  # as queued (stand-ins)
             for name, count in per_model.items():
                 self.events.emit(CallsQueued(model=name, count=count, run_id=ledger.run_id, purpose=purpose))
         self._active -= 1

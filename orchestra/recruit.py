@@ -273,6 +273,7 @@ class Recruiter:
         self._ranked: dict[tuple[Match, ...], list[Candidate]] = {}
         self._teams: dict[tuple[tuple[Match, ...], int], tuple[list[Candidate], Team]] = {}
         self._recruitments: dict[tuple[object, ...], Recruitment] = {}
+        self._cumulative: dict[tuple[Match, ...], tuple[list[str], list[float]]] = {}
 
     def suitability(self, agent: str, matches: Sequence[Match]) -> tuple[float, tuple[Contribution, ...]]:
         """``s(agent, query)`` and the part each matched skill played."""
@@ -335,21 +336,24 @@ class Recruiter:
             mode, notes = "symbolic-moe", ("no agent has a measured profile: drawn as symbolic-moe does "
                                            "(run orchestra profile to calibrate)",)
         ranked = self.candidates(matches)
-        return self._made(mode, k, keywords, matches, self._draw(ranked, seed, k, mode), ranked, None, notes)
+        return self._made(mode, k, keywords, matches, self._draw(matches, ranked, seed, k, mode), ranked, None,
+                          notes)
 
-    def _draw(self, ranked: Sequence[Candidate], seed: int, k: int, mode: Mode) -> tuple[str, ...]:
-        eligible = [c for c in ranked if c.probability > 0]
+    def _draw(self, matches: tuple[Match, ...], ranked: Sequence[Candidate], seed: int, k: int,
+              mode: Mode) -> tuple[str, ...]:
         rng = SeededDraws(seed)
         if mode == "symbolic-moe":
-            experts = rng.choices([c.agent for c in eligible], [c.probability for c in eligible], k)
-        elif mode == "topk":
+            agents, cumulative = self._weights(matches, ranked)
+            return tuple(rng.pick(agents, cumulative, k))
+        eligible = [c for c in ranked if c.probability > 0]
+        if mode == "topk":
             experts = [c.agent for c in eligible[:k]]
         elif mode == "adaptive":
-            experts, cumulative = [], 0.0
+            experts, covered = [], 0.0
             for candidate in eligible[: self.config.k_max]:
                 experts.append(candidate.agent)
-                cumulative += candidate.probability
-                if cumulative >= self.config.p - 1e-12:
+                covered += candidate.probability
+                if covered >= self.config.p - 1e-12:
                     break
         elif mode == "global":
             experts = [c.agent for c in sorted(ranked, key=lambda c: (-c.competence, c.agent))[:k]]
@@ -358,6 +362,17 @@ class Recruiter:
         else:
             raise ValueError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
         return tuple(experts)
+
+    def _weights(self, matches: tuple[Match, ...], ranked: Sequence[Candidate]) -> tuple[list[str], list[float]]:
+        """The agents a draw may pick on these matches and their cumulative probabilities (memoised)."""
+        found = self._cumulative.get(matches)
+        if found is None:
+            if len(self._cumulative) >= 4096:
+                self._cumulative.clear()
+            eligible = [c for c in ranked if c.probability > 0]
+            found = self._cumulative[matches] = ([c.agent for c in eligible],
+                                                 list(itertools.accumulate(c.probability for c in eligible)))
+        return found
 
     def _made(self, mode: str, k: int, keywords: tuple[str, ...], matches: tuple[Match, ...],
               experts: tuple[str, ...], ranked: Sequence[Candidate], team: Team | None,
@@ -468,7 +483,10 @@ class SeededDraws:
 
     def choices(self, items: Sequence[str], weights: Sequence[float], k: int) -> list[str]:
         """``k`` items drawn with replacement, each with probability proportional to its weight."""
-        cumulative = list(itertools.accumulate(weights))
+        return self.pick(items, list(itertools.accumulate(weights)), k)
+
+    def pick(self, items: Sequence[str], cumulative: Sequence[float], k: int) -> list[str]:
+        """``choices`` given the weights' running sums."""
         total = cumulative[-1]
         return [items[min(bisect.bisect_right(cumulative, self.uniform() * total), len(items) - 1)]
                 for _ in range(k)]
