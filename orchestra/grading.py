@@ -113,20 +113,22 @@ def normalize_number(text: str) -> Fraction | None:
 
 
 class NumericGrader:
-    """Numbers: the last ``\\boxed{}``, else "the answer is N", else the last number in the text."""
+    """Numbers: the last ``\\boxed{}``, else the first number after the last "the answer is", else the
+    last number in the text."""
 
     name = "numeric"
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
         """The final number, normalised (``"1/2"``, ``"12"``), or None."""
         text = strip_reasoning(text)
-        for candidate in (last_boxed(text), _answer_clause(text), text):
+        # "The answer is 63 (from 100 - 37)": the answer is the number the clause starts with
+        for candidate, pick in ((last_boxed(text), -1), (_answer_clause(text), 0), (text, -1)):
             if not candidate:
                 continue
             value = normalize_number(candidate)
             if value is None:
                 numbers = _NUMBER.findall(candidate)
-                value = normalize_number(numbers[-1]) if numbers else None
+                value = normalize_number(numbers[pick]) if numbers else None
             if value is not None:
                 return str(value)
         return None

@@ -763,10 +763,10 @@ def _recruited(event: dict[str, Any]) -> dict[str, Any]:
 
 #: how each node event changes its node's row (a plan's nodes are added by ``_node_rows`` itself)
 _NODE_CHANGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    NodeReady.kind: lambda event: {"status": "recruiting"},
+    NodeReady.kind: lambda event: {"status": "recruiting", "error": None},  # a resumed node starts afresh
     ExpertsRecruited.kind: _recruited,
     NodeAggregating.kind: lambda event: {"status": "aggregating"},
-    NodeDone.kind: lambda event: {"status": "done", "output": event["output"]},
+    NodeDone.kind: lambda event: {"status": "done", "output": event["output"], "error": None},
     NodeFailed.kind: lambda event: {"status": "failed", "error": event["error"]},
     NodeSkipped.kind: lambda event: {"status": "skipped", "error": event["reason"]},
 }

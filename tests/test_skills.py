@@ -119,7 +119,9 @@ def test_multiple_choice_reference_given_as_choice_text() -> None:
 @pytest.mark.parametrize("text, reference", [
     ("\\boxed{1,000}", "1000"), ("The answer is 2.50", "2.5"), ("so x = \\frac{1}{2}", "0.5"),
     ("The answer is $12", "12"), ("first 3 then finally 7", "7"), ("\\boxed{\\frac{3}{4}}", "0.75"),
-    ("The answer is 50%", "50"),
+    ("The answer is 50%", "50"), ("The answer is 63 (from 100 - 37).", "63"),
+    ("The answer is 12. Check: 7 + 5 = 12 in 1 step", "12"), ("The answer is 42 (m1)", "42"),
+    ("I think the answer is 5, not 6.\nFinal answer: 8 (after checking 2 cases)", "8"),
 ])
 def test_numeric_grading_normalises(text: str, reference: str) -> None:
     assert NumericGrader().grade(text, Item(id="1", question="q", answer=reference))

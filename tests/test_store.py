@@ -188,6 +188,9 @@ def test_budget_stop_keeps_state_and_resume_finishes(tmp_path: Path) -> None:
     assert sum(len(m.requests) for m in models.values()) - sent == finished.usage.calls - 5
     assert orc.store.run(stopped.run_id).resumes == 1
     assert orc.resume(stopped.run_id).answer == finished.answer  # a finished run is not run again
+    before = {e["node"]: e for e in orc.store.events(stopped.run_id) if e["kind"] in ("node_failed", "node_skipped")}
+    assert set(before) == {"b"}  # the stop failed node b (its error was logged); the resume finished it
+    assert [(n["status"], n["error"]) for n in orc.store.nodes(stopped.run_id)] == [("done", None), ("done", None)]
 
 
 def test_store_records_nodes_calls_and_events(tmp_path: Path) -> None:
