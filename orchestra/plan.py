@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     import networkx as nx
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
+MAX_SKILLS = 5
+"""The most skills a subtask (or a workflow step) may name."""
 
 
 class Subtask(BaseModel):
@@ -21,7 +23,7 @@ class Subtask(BaseModel):
     id: str = Field(pattern=ID_PATTERN, max_length=40)
     instruction: str = Field(min_length=1)
     depends_on: list[str] = Field(default_factory=list, max_length=12)
-    skills: list[str] = Field(default_factory=list, max_length=5)
+    skills: list[str] = Field(default_factory=list, max_length=MAX_SKILLS)
 
 
 class Plan(BaseModel):

@@ -55,8 +55,9 @@ def _keyword_schema(max_keywords: int, max_length: int) -> dict[str, object]:
                                         "items": {"type": "string", "minLength": 1, "maxLength": max_length + 10}}}}
 
 
-#: a skill name is plain words: letters, digits, spaces and a few joiners (c++, c#, q&a, node.js, e-commerce)
-SKILL_NAME = re.compile(r"[a-z0-9][a-z0-9 +#&'./-]*")
+#: a skill name is plain words: letters (of any script), digits, spaces and a few joiners (c++, c#, q&a,
+#: node.js, e-commerce, histoire-géo, математика)
+SKILL_NAME = re.compile(r"[^\W_](?:[^\W_]|[ +#&'./-])*")
 _TEXT_FORM = re.compile(r"keywords?\s*:\s*(.+)", re.IGNORECASE)
 
 

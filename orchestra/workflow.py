@@ -14,15 +14,16 @@ from typing import Any, Literal
 import networkx as nx
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.meta import find_undeclared_variables
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestra.agents import Pool
 from orchestra.budget import Budget
 from orchestra.errors import ConfigError
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
-from orchestra.plan import ID_PATTERN, Plan, Subtask
+from orchestra.plan import ID_PATTERN, MAX_SKILLS, Plan, Subtask
 from orchestra.prompts import environment, render_string
 from orchestra.settings import Settings
+from orchestra.skills import skill_names
 from orchestra.vocabulary import GraderName, Mode, Strategy
 from orchestra.yamlfile import YamlDocument, read_yaml
 
@@ -47,8 +48,17 @@ class RecruitSpec(_Strict):
     """How a step recruits its experts."""
 
     k: int | None = Field(default=None, ge=1)
-    skills: list[str] = []
+    skills: list[str] = Field(default=[], max_length=MAX_SKILLS)
     mode: Mode | None = None
+
+    @field_validator("skills")
+    @classmethod
+    def _plain_words(cls, skills: list[str]) -> list[str]:
+        for skill in skills:
+            if not skill_names([skill], 40):
+                raise ValueError(f"skill {skill!r} is not a plain word or phrase (letters, digits, spaces and "
+                                 "+ # & ' . / -, at most 40 characters)")
+        return skills
 
 
 class StepSpec(_Strict):

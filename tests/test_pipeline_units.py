@@ -101,6 +101,9 @@ def test_skill_names_are_cleaned_plain_words() -> None:
     assert skill_names(["X-ray", " *Algebra.* ", "`Geometry`", "'Optics'", "\"Music\""], 20) == [
         "x-ray", "algebra", "geometry", "optics", "music"]
     assert skill_names(["a" * 21, "a" * 20, 3, None, "{bad}", "algebra", "Algebra"], 20) == ["a" * 20, "algebra"]
+    # letters of any script are words; underscores and JSON punctuation are not
+    assert skill_names(["Математика", "histoire-géo", "数学", "C#", "snake_case", "!!!", "-x"], 20) == [
+        "математика", "histoire-géo", "数学", "c#"]
 
 
 @pytest.mark.parametrize(("parsed", "expected"), [

@@ -74,6 +74,10 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
      "wf.yaml:17:18: steps.review.recruit.k: Input should be greater than or equal to 1"),
     (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: integer, default: fifty}"),
      "wf.yaml:10:35: input 'words': default 'fifty' is not of type integer"),
+    (GOOD.replace("skills: [writing]", "skills: [a1, b2, c3, d4, e5, f6]"),
+     "wf.yaml:17:29: steps.review.recruit.skills: List should have at most 5 items"),
+    (GOOD.replace("skills: [writing]", "skills: [writing, '{json}']"),
+     "wf.yaml:17:29: steps.review.recruit.skills: skill '{json}' is not a plain word or phrase"),
 ])
 def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, broken: str, expected: str) -> None:
     path = write(tmp_path, broken)
