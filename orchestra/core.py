@@ -518,8 +518,7 @@ class Orchestra:
                   answer: AnswerOptions | None = None, **overrides: Any) -> Run:
         """A run of ``task``; ``settings``: the run's resolved settings, when the caller made them
         already (then ``overrides`` are not read)."""
-        if not task or not task.strip():
-            raise ConfigError("the task is empty")
+        _check_task(task)
         if settings is None:
             if isinstance(plan, bool):
                 overrides["plan"] = plan
@@ -685,8 +684,8 @@ class Orchestra:
         formats = list(answer_formats) if answer_formats is not None else [None] * len(tasks)
         if len(formats) != len(tasks):
             raise ValueError("answer_formats must have one entry per task")
-        if any(not task or not task.strip() for task in tasks):  # refused before any run begins
-            raise ConfigError("the task is empty")
+        for task in tasks:  # refused before any run begins
+            _check_task(task)
         self.run_settings({**overrides, "plan": plan})
         results: list[RunResult | None] = [None] * len(tasks)
         instances = (Instance(task, answer_format=fmt) for task, fmt in zip(tasks, formats))
@@ -774,3 +773,11 @@ class Orchestra:
 
 #: the settings the pipeline stages are built from (runs that differ only elsewhere share stages)
 _STAGE_SETTINGS = ("recruit", "keywords", "matcher", "aggregator", "aggregator_choice", "grader")
+
+
+def _check_task(task: object) -> None:
+    """Refuse a task that is not text, or is empty, in one line."""
+    if not isinstance(task, str):
+        raise ConfigError(f"the task must be a string, not {type(task).__name__}")
+    if not task.strip():
+        raise ConfigError("the task is empty")

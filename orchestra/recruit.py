@@ -137,11 +137,16 @@ class Recruitment:
             candidate = self.candidate(agent)
             if candidate is None:
                 continue
+            times = f" x{picks}" if picks > 1 else ""
+            cold = " [cold start]" if candidate.cold_start else ""
+            if self.mode in ("random", "global"):  # baselines that ignore the skills and the weights
+                how = (f"drawn uniformly, 1 in {len(self.candidates)}" if self.mode == "random"
+                       else f"among the most competent overall, γ={candidate.competence:.3f}")
+                lines.append(f"{agent}{times}: {how}{cold} (mode {self.mode}: skills not used)")
+                continue
             parts = [f"{c.skill} {c.score:+g}" + (f" (from '{c.keyword}')" if c.keyword != c.skill else "")
                      for c in candidate.contributions if c.score]
             skills = ", ".join(parts) if parts else "no matched skill: chosen by global competence"
-            times = f" x{picks}" if picks > 1 else ""
-            cold = " [cold start]" if candidate.cold_start else ""
             lines.append(f"{agent}{times}: p={candidate.probability:.3f} s={candidate.suitability:g} "
                          f"γ={candidate.competence:.3f}{cold}; {skills}")
         return lines + list(self.notes)

@@ -256,3 +256,15 @@ def test_skills_that_are_no_plain_words_are_extracted_per_node_from_its_own_inst
     per_node = Counter(("do a" in p, "do b" in p) for p in asked)
     assert set(per_node) == {(True, False), (False, True)} and len(set(per_node.values())) == 1
     assert [n.skills for n in result.plan.nodes] == [["general"], ["general"], ["optics"], ["optics"]]
+
+
+def test_a_task_that_is_not_text_is_one_line_before_any_call() -> None:
+    pool, models = scripted_pool(1)
+    orc = Orchestra(pool, store=False)
+    for task, message in ((42, "the task must be a string, not int"), (None, "the task must be a string, not NoneType"),
+                          (" \n", "the task is empty")):
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            orc.run(task)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="^the task must be a string, not bytes$"):
+        orc.run_many(["fine", b"bytes"])  # type: ignore[list-item]
+    assert not any(m.requests for m in models.values())

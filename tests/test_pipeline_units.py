@@ -310,6 +310,12 @@ def test_global_and_random_modes_ignore_the_subtasks_skills() -> None:
     drawn = {r.recruit([], matches("algebra"), seed=s, k=2, mode="random").experts for s in range(30)}
     assert all(len(set(e)) == 2 for e in drawn) and any("C" in e for e in drawn)  # C has p = 0 but is drawn
     assert r.recruit([], [], seed=4, k=2, mode="random") == r.recruit([], [], seed=4, k=2, mode="random")
+    # their explanations say how they chose, not a weight they did not use
+    c_drawn = next(r.recruit([], matches("algebra"), seed=s, k=2, mode="random") for s in range(30)
+                   if "C" in r.recruit([], matches("algebra"), seed=s, k=2, mode="random").experts)
+    assert "C: drawn uniformly, 1 in 3 (mode random: skills not used)" in c_drawn.explain()
+    assert chosen.explain() == ["B: among the most competent overall, γ=0.595 (mode global: skills not used)",
+                                "A: among the most competent overall, γ=0.381 (mode global: skills not used)"]
     assert r.recruit([], matches("algebra"), seed=0, k=2, mode="topk").mode == "topk"
     with pytest.raises(ValueError, match="unknown recruiting mode 'best'; choose one of calibrated, symbolic-moe, topk, "
                                          "adaptive, global, random"):
