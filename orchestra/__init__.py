@@ -1,7 +1,7 @@
 """Orchestra: answer a task with a team of LLM experts recruited by measured skills.
 
 The public names are imported on first use (PEP 562), so ``import orchestra`` and the command
-line's start-up stay fast: the HTTP clients, networkx and Jinja2 load only when a run needs them.
+line's start-up stay fast: the HTTP clients and Jinja2 load only when a run needs them.
 """
 
 from __future__ import annotations

@@ -43,14 +43,39 @@ class Agent:
     skills: tuple[str, ...] = ()
     description: str = ""
 
+    def __post_init__(self) -> None:
+        # checked once here, as its requests are built without validation (``ChatRequest.checked``)
+        if not isinstance(self.persona, str):
+            raise ConfigError(f"agent {self.name!r}: persona must be text, not {type(self.persona).__name__}")
+        if self.temperature is not None:
+            if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                    or not 0 <= self.temperature <= 2:
+                raise ConfigError(f"agent {self.name!r}: temperature must be a number from 0 to 2, "
+                                  f"not {self.temperature!r}")
+            self.temperature = float(self.temperature)
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            raise ConfigError(f"agent {self.name!r}: max_tokens must be a whole number of at least 1, "
+                              f"not {self.max_tokens!r}")
+
     def request(self, prompt: str, *, seed: int | None = None, output: Any = "text", max_tokens: int | None = None,
                 temperature: float | None = None, on_text: Callable[[str], None] | None = None) -> ChatRequest:
         """A request from this agent: its persona as the system prompt and its sampling settings
         (``max_tokens`` and ``temperature`` replace the agent's own when given; ``on_text``: see
         ``ChatRequest``)."""
-        return ChatRequest.user(prompt, system=self.persona or None,
-                                temperature=self.temperature if temperature is None else temperature,
-                                max_tokens=max_tokens or self.max_tokens, seed=seed, output=output, on_text=on_text)
+        temperature = self.temperature if temperature is None else temperature
+        max_tokens = max_tokens or self.max_tokens
+        plain = (type(prompt) is str and type(seed) in _SEEDS and type(temperature) in _TEMPERATURES
+                 and type(max_tokens) in _LIMITS and (on_text is None or callable(on_text)))
+        build = ChatRequest.checked if plain else ChatRequest.user  # anything else is validated (and converted)
+        return build(prompt, system=self.persona or None, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                     output=output, on_text=on_text)
+
+
+# the types ``ChatRequest.checked`` takes as they are (an agent's own values are checked when it is made)
+_SEEDS = (int, type(None))
+_TEMPERATURES = (float, type(None))
+_LIMITS = (int, type(None))
 
 
 @dataclass(eq=False)

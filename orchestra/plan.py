@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-if TYPE_CHECKING:
-    import networkx as nx
+from orchestra.dag import Dag
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
 MAX_SKILLS = 5
@@ -47,7 +46,7 @@ class PlanInvalid(ValueError):
     """Why a plan is not a valid DAG; fed back to the planner on repair."""
 
 
-def validate_plan(plan: Plan, *, max_nodes: int = 12) -> nx.DiGraph:
+def validate_plan(plan: Plan, *, max_nodes: int = 12) -> Dag:
     """The plan as a DAG (edges dependency -> dependent); ``PlanInvalid`` says what is wrong."""
     if len(plan.subtasks) > max_nodes:
         raise PlanInvalid(f"the plan has {len(plan.subtasks)} subtasks; at most {max_nodes} are allowed")
@@ -56,24 +55,18 @@ def validate_plan(plan: Plan, *, max_nodes: int = 12) -> nx.DiGraph:
         if subtask.id in ids:
             raise PlanInvalid(f"duplicate subtask id {subtask.id!r}")
         ids.add(subtask.id)
-    edges = []
     for subtask in plan.subtasks:
         for dependency in subtask.depends_on:
             if dependency not in ids:
                 raise PlanInvalid(f"subtask {subtask.id!r} depends on unknown subtask {dependency!r}")
             if dependency == subtask.id:
                 raise PlanInvalid(f"subtask {subtask.id!r} depends on itself")
-            edges.append((dependency, subtask.id))
-    import networkx as nx  # here, not at import: it is the slowest part of a start
-
-    graph: nx.DiGraph = nx.DiGraph()
-    graph.add_nodes_from(s.id for s in plan.subtasks)
-    graph.add_edges_from(edges)
-    if nx.is_directed_acyclic_graph(graph):
-        return graph
-    cycle = nx.find_cycle(graph)
-    path = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
-    raise PlanInvalid(f"the dependencies form a cycle: {path}")
+    graph = Dag({subtask.id: subtask.depends_on for subtask in plan.subtasks})
+    try:
+        graph.order()
+    except ValueError:
+        raise PlanInvalid(f"the dependencies form a cycle: {' -> '.join(graph.cycle() or [])}") from None
+    return graph
 
 
 def plan_schema(max_nodes: int) -> dict[str, Any]:

@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import networkx as nx
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.meta import find_undeclared_variables
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestra.agents import Pool
 from orchestra.budget import Budget
+from orchestra.dag import Dag
 from orchestra.errors import ConfigError
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
 from orchestra.plan import ID_PATTERN, MAX_SKILLS, Plan, Subtask
@@ -166,27 +166,26 @@ class Workflow:
             self._check_template(spec.task or "", ("task",), steps_allowed=set())
             return
         ids = [step.id for step in spec.steps]
-        graph: nx.DiGraph = nx.DiGraph()
+        seen: set[str] = set()
         for index, step in enumerate(spec.steps):
-            if step.id in graph:
+            if step.id in seen:
                 raise document.error(f"duplicate step id {step.id!r}", ("steps", index, "id"))
-            graph.add_node(step.id)
+            seen.add(step.id)
         for index, step in enumerate(spec.steps):
             for position, need in enumerate(step.needs):
-                if need not in graph:
+                if need not in seen:
                     raise document.error(f"step {step.id!r} needs unknown step {need!r}; steps: {', '.join(ids)}",
                                          ("steps", index, "needs", position))
-                graph.add_edge(need, step.id)
             if step.agent is not None and step.agent not in self.pool:
                 raise document.error(f"step {step.id!r} names unknown agent {step.agent!r}; "
                                      f"the pool has {', '.join(self.pool.names)}", ("steps", index, "agent"))
-        if not nx.is_directed_acyclic_graph(graph):
-            cycle = nx.find_cycle(graph)
-            path = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
-            first = ids.index(cycle[0][1])
-            raise document.error(f"the steps' needs form a cycle: {path}", ("steps", first, "needs"))
+        graph = Dag({step.id: step.needs for step in spec.steps})
+        cycle = graph.cycle()
+        if cycle is not None:
+            first = ids.index(cycle[1])  # the step whose needs close it
+            raise document.error(f"the steps' needs form a cycle: {' -> '.join(cycle)}", ("steps", first, "needs"))
         for index, step in enumerate(spec.steps):
-            self._check_template(step.prompt, ("steps", index, "prompt"), steps_allowed=nx.ancestors(graph, step.id),
+            self._check_template(step.prompt, ("steps", index, "prompt"), steps_allowed=graph.ancestors(step.id),
                                  step_id=step.id)
         if spec.final is not None:
             self._check_template(spec.final, ("final",), steps_allowed=set(ids))

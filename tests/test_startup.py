@@ -19,7 +19,7 @@ from orchestra.evaluate import METHODS
 from orchestra.models import ChatRequest
 from orchestra.vocabulary import METHOD_NAMES, Method
 
-HEAVY = ("networkx", "httpx", "aiohttp", "jinja2")
+HEAVY = ("httpx", "aiohttp", "jinja2")
 
 
 def loaded_after(code: str, env: dict[str, str] | None = None) -> set[str]:
@@ -68,7 +68,7 @@ def test_a_run_still_uses_the_heavy_dependencies_it_needs() -> None:
                           "validate_plan(Plan.single('a task'))\n"
                           "from orchestra.skills import SkillExtractor\n"
                           "SkillExtractor().requests('a task')\n")
-    assert {"networkx", "jinja2"} <= loaded
+    assert "jinja2" in loaded
 
 
 @pytest.mark.parametrize("module", [orchestra, orchestra.models], ids=["orchestra", "orchestra.models"])

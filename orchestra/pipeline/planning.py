@@ -13,8 +13,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import networkx as nx
-
+from orchestra.dag import Dag
 from orchestra.errors import InvalidOutput, PlanError
 from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.models.structured import follow_up
@@ -31,7 +30,7 @@ class PlanOutcome:
     """A plan with its validated DAG, the planner attempts it took and a note for the user."""
 
     plan: Plan
-    graph: nx.DiGraph
+    graph: Dag
     attempts: int
     note: str
 

@@ -17,9 +17,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import networkx as nx
-
 from orchestra.agents import Agent, Pool
+from orchestra.dag import Dag
 from orchestra.errors import (
     AuthenticationError,
     BudgetExceeded,
@@ -183,9 +182,8 @@ class Run:
         self.future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
         self.traces: dict[str, NodeState] = {}
         self.plan_attempts, self.plan_note = 0, ""
-        self.graph: nx.DiGraph = nx.DiGraph()
+        self.graph = Dag({})
         self._order: list[str] = []  # the nodes in an order that puts each after its dependencies
-        self._dependents: dict[str, list[str]] = {}
         self._waiting: dict[str, int] = {}  # per node, its dependencies not done yet
         self.subtasks: dict[str, Any] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -260,7 +258,7 @@ class Run:
     def _emit_attempt(self, attempt: int) -> None:
         self.stages.events.emit(PlanRequested(run_id=self.run_id, attempt=attempt))
 
-    async def make_plan(self) -> tuple[Plan, nx.DiGraph, int, str]:
+    async def make_plan(self) -> tuple[Plan, Dag, int, str]:
         """The plan (see ``Planner.plan``) with its DAG, the attempts it took and a note."""
         outcome = await self.stages.planner.plan(self.task, self.settings, self.caller("plan"), given=self.spec.plan,
                                                  context=self.spec.context, on_attempt=self._emit_attempt)
@@ -292,10 +290,9 @@ class Run:
                                                            "depends_on": list(s.depends_on), "skills": list(s.skills)}
                                                           for s in plan.subtasks)))
         self._unresolved = len(plan.subtasks)
-        self._dependents = {node: list(self.graph.successors(node)) for node in self.graph}
-        self._waiting = {node: self.graph.in_degree(node) for node in self.graph}
-        self._order = list(nx.topological_sort(self.graph))
-        sinks = [n for n in self.graph if self.graph.out_degree(n) == 0]
+        self._waiting = {node: len(needs) for node, needs in self.graph.dependencies.items()}
+        self._order = self.graph.order()
+        sinks = self.graph.sinks
         self.answer_node = sinks[0] if len(sinks) == 1 and self.final_template is None else None
         self._execute_started = time.perf_counter()
         for node_id in self._order:
@@ -362,9 +359,11 @@ class Run:
                       settings: NodeSettings = DEFAULT_NODE) -> Recruitment:
         """Staff a node (see ``Staffing.recruit``), reporting a failed skill extraction and the
         matcher's embedding requests."""
+        state = self.traces.get(node_id)
         staffed = await self.stages.staffing.recruit(
             instruction, skills, self.caller("keywords", node_id),
-            seed=node_seed(self.settings.seed, self.task, node_id), k=settings.k or self.settings.k,
+            seed=state.seed if state else node_seed(self.settings.seed, self.task, node_id),
+            k=settings.k or self.settings.k,
             mode=settings.mode or self.settings.mode, agent=settings.agent, pin=self.pins.get(node_id))
         if staffed.extraction_failure is not None:  # recruiting went on without skills; the user is told
             self.skill_extraction_failures += 1
@@ -484,7 +483,7 @@ class Run:
             return
         self._unresolved -= 1
         if self.traces[node_id].status == "failed":
-            for descendant in nx.descendants(self.graph, node_id):
+            for descendant in self.graph.descendants(node_id):
                 trace = self.traces[descendant]
                 if trace.status == "pending":
                     trace.status = "skipped"
@@ -492,7 +491,7 @@ class Run:
                     self._unresolved -= 1
                     self.stages.events.emit(NodeSkipped(run_id=self.run_id, node=descendant, reason=trace.error))
         else:
-            for dependent in self._dependents[node_id]:
+            for dependent in self.graph.dependents[node_id]:
                 self._waiting[dependent] -= 1
                 if not self._waiting[dependent] and self.traces[dependent].status == "pending":
                     self._ready(dependent)
@@ -503,7 +502,7 @@ class Run:
 
     async def _final(self) -> None:
         self.timings["execute_s"] = time.perf_counter() - self._execute_started
-        sinks = [n for n in self._order if not self._dependents[n]]
+        sinks = [n for n in self._order if not self.graph.dependents[n]]
         done = [n for n in sinks if self.traces[n].status == "done"]
         failures = [f"{t.id}: {t.error}" for t in self.traces.values() if t.status == "failed"]
         if not done:

@@ -1,0 +1,76 @@
+"""The dependency graph plans and workflows are checked and run with."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from orchestra.dag import Dag
+from orchestra.plan import Plan, PlanInvalid, Subtask, validate_plan
+
+DIAMOND = Dag({"a": [], "b": ["a"], "c": ["a"], "d": ["c", "b"]})
+
+
+def test_order_puts_each_node_after_its_dependencies_ties_in_given_order() -> None:
+    assert DIAMOND.order() == ["a", "b", "c", "d"]
+    assert Dag({"z": [], "y": [], "x": ["z"]}).order() == ["z", "y", "x"]
+    assert Dag({"late": ["early"], "early": []}).order() == ["early", "late"]
+
+
+def test_sources_sinks_descendants_and_ancestors() -> None:
+    assert DIAMOND.sources == ["a"] and DIAMOND.sinks == ["d"]
+    assert DIAMOND.descendants("a") == {"b", "c", "d"} and DIAMOND.descendants("b") == {"d"}
+    assert DIAMOND.descendants("d") == set()
+    assert DIAMOND.ancestors("d") == {"a", "b", "c"} and DIAMOND.ancestors("a") == set()
+    assert DIAMOND.dependents["a"] == ["b", "c"] and "d" in DIAMOND and "e" not in DIAMOND and len(DIAMOND) == 4
+
+
+def test_a_dependency_named_twice_is_one_edge() -> None:
+    graph = Dag({"a": [], "b": ["a", "a"]})
+    assert graph.dependencies["b"] == ["a"] and graph.dependents["a"] == ["b"] and graph.order() == ["a", "b"]
+
+
+@pytest.mark.parametrize("needs, cycle", [
+    ({"a": ["b"], "b": ["a"]}, ["a", "b", "a"]),
+    ({"x": ["x"]}, ["x", "x"]),
+    ({"s": [], "a": ["s", "c"], "b": ["a"], "c": ["b"], "t": ["c"]}, ["a", "b", "c", "a"]),
+])
+def test_a_cycle_is_named_as_the_path_that_closes_it(needs: dict[str, list[str]], cycle: list[str]) -> None:
+    graph = Dag(needs)
+    assert graph.cycle() == cycle
+    with pytest.raises(ValueError, match="cycle: " + " -> ".join(cycle)):
+        graph.order()
+
+
+def test_random_graphs_order_and_reach_agree_with_their_edges() -> None:
+    draw = random.Random(7)
+    for _ in range(50):
+        names = [f"n{i}" for i in range(draw.randint(1, 30))]
+        draw.shuffle(names)  # given order is not the topological one
+        rank = {name: i for i, name in enumerate(sorted(names, key=lambda n: int(n[1:])))}
+        needs = {n: [m for m in names if rank[m] < rank[n] and draw.random() < 0.2] for n in names}
+        graph = Dag(needs)
+        assert graph.cycle() is None
+        order = graph.order()
+        position = {n: i for i, n in enumerate(order)}
+        assert sorted(order) == sorted(names)
+        assert all(position[m] < position[n] for n in names for m in needs[n])
+        for n in names:  # descendants: exactly the nodes with a path from n
+            reach = {m for m in names if n in graph.ancestors(m)}
+            assert graph.descendants(n) == reach
+        if len(names) > 1:  # one back edge from the last to the first in order makes a cycle through both
+            first, last = order[0], order[-1]
+            if first in graph.ancestors(last):
+                cyclic = Dag({**needs, first: [*needs[first], last]})
+                cycle = cyclic.cycle()
+                assert cycle is not None and cycle[0] == cycle[-1]
+                assert all(b in cyclic.dependents[a] for a, b in zip(cycle, cycle[1:]))
+
+
+def test_a_plan_with_a_cycle_is_refused_with_the_cycle() -> None:
+    plan = Plan(subtasks=[Subtask(id="a", instruction="x", depends_on=["b"]),
+                          Subtask(id="b", instruction="y", depends_on=["a"])])
+    with pytest.raises(PlanInvalid, match="the dependencies form a cycle: a -> b -> a"):
+        validate_plan(plan)
+    assert validate_plan(Plan(subtasks=plan.subtasks[:1] + [Subtask(id="b", instruction="y")])).order() == ["b", "a"]
