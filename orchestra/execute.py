@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from orchestra.budget import Budget, BudgetTracker, Reservation
@@ -251,24 +252,28 @@ class Executor:
         """Run ``coro`` as a managed task. If it raises, ``owner`` (a run's future) gets the error."""
         loop = self._bind_loop()
         self._active += 1
-        task = loop.create_task(self._managed(coro, owner))
-        task.add_done_callback(self._task_done)  # runs even if the task is cancelled before it starts
+        task = loop.create_task(coro)
+        # runs even if the task is cancelled before it starts; a callback, not a wrapping coroutine,
+        # as every resumption of a task would pass through the wrapper's frame
+        task.add_done_callback(self._task_done if owner is None else partial(self._owned_task_done, owner))
         return task
 
     def _task_done(self, _: asyncio.Task[Any]) -> None:
         self._active -= 1
         self._schedule_kick()
 
-    async def _managed(self, coro: Coroutine[Any, Any, Any], owner: asyncio.Future[Any] | None) -> Any:
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            if owner is not None and not owner.done():
-                owner.set_exception(error)
-                return None
-            raise
+    def _owned_task_done(self, owner: asyncio.Future[Any], task: asyncio.Task[Any]) -> None:
+        self._task_done(task)
+        if task.cancelled():
+            return
+        error = task.exception()  # read here: the owner gets it, or the loop's handler reports it
+        if error is None:
+            return
+        if isinstance(error, Exception) and not owner.done():
+            owner.set_exception(error)
+        else:
+            task.get_loop().call_exception_handler({"message": "a managed task failed after its run ended",
+                                                    "exception": error, "task": task})
 
     async def run_task(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run one managed coroutine from unmanaged code and wait for its result."""

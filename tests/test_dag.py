@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -65,7 +66,7 @@ def test_random_graphs_order_and_reach_agree_with_their_edges() -> None:
                 cyclic = Dag({**needs, first: [*needs[first], last]})
                 cycle = cyclic.cycle()
                 assert cycle is not None and cycle[0] == cycle[-1]
-                assert all(b in cyclic.dependents[a] for a, b in zip(cycle, cycle[1:]))
+                assert all(b in cyclic.dependents[a] for a, b in itertools.pairwise(cycle))
 
 
 def test_a_plan_with_a_cycle_is_refused_with_the_cycle() -> None:
@@ -73,4 +74,4 @@ def test_a_plan_with_a_cycle_is_refused_with_the_cycle() -> None:
                           Subtask(id="b", instruction="y", depends_on=["a"])])
     with pytest.raises(PlanInvalid, match="the dependencies form a cycle: a -> b -> a"):
         validate_plan(plan)
-    assert validate_plan(Plan(subtasks=plan.subtasks[:1] + [Subtask(id="b", instruction="y")])).order() == ["b", "a"]
+    assert validate_plan(Plan(subtasks=[*plan.subtasks[:1], Subtask(id="b", instruction="y")])).order() == ["b", "a"]

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestra.prebuilt import assemble
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -28,8 +30,6 @@ def _system_message(content: str) -> Message:
     """A system message, one object per persona (messages are frozen): an agent's every request has it."""
     return Message(role="system", content=content)
 
-
-_CHECKED_FIELDS = frozenset({"messages", "temperature", "max_tokens", "seed", "output", "on_text"})
 
 OutputFormat = Any  # "text" | "json" | JSON-schema dict | pydantic model class
 
@@ -91,15 +91,8 @@ class ChatRequest(BaseModel):
         Built without pydantic's validation, which took two thirds of a node's request time."""
         user = Message(role="user", content=prompt)  # pydantic-core's validation is as fast as skipping it here
         messages = (_system_message(system), user) if system else (user,)
-        request = cls.__new__(cls)
-        _set = object.__setattr__
-        _set(request, "__dict__", {"messages": messages, "temperature": temperature, "max_tokens": max_tokens,
-                                   "seed": seed, "stop": (), "output": cls._check_output(output),
-                                   "on_text": on_text})
-        _set(request, "__pydantic_fields_set__", set(_CHECKED_FIELDS))  # its own: a copy may add to it
-        _set(request, "__pydantic_extra__", None)
-        _set(request, "__pydantic_private__", None)
-        return request
+        return assemble(cls, {"messages": messages, "temperature": temperature, "max_tokens": max_tokens,
+                              "seed": seed, "stop": (), "output": cls._check_output(output), "on_text": on_text})
 
     @property
     def wants_json(self) -> bool:

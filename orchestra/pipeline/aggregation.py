@@ -27,7 +27,7 @@ Call = Callable[[Sequence[tuple[Model, ChatRequest]]], Awaitable[list[ChatResult
 """Sends calls for a run and returns their outcomes."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made for every expert answer: not frozen, as frozen fields cost a call each to set
 class Response:
     """One expert's output with the recruiting weight that ranks it."""
 
@@ -94,7 +94,7 @@ def vote(responses: Sequence[Response], grader: Grader | None = None) -> VoteRes
                       data=supporters[0].data)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per node: not frozen, as frozen fields cost a call each to set
 class Job:
     """What a strategy combines: one node's responses and what it needs to write about them."""
 

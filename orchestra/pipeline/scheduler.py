@@ -49,6 +49,7 @@ from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, strate
 from orchestra.pipeline.planning import Planner
 from orchestra.pipeline.staffing import Pin, Staffing
 from orchestra.plan import Plan, PlanInvalid
+from orchestra.prebuilt import assemble
 from orchestra.prompts import render_expert
 from orchestra.recruit import Recruitment
 from orchestra.result import BatchInfo, ExpertOutput, NodeStatus, NodeTrace, PlanTrace, RunResult, RunStatus, RunUsage
@@ -133,13 +134,14 @@ class NodeState:
     def trace(self) -> NodeTrace:
         """The JSON-ready trace of this node."""
         recruitment = self.recruitment
-        return NodeTrace(
-            id=self.id, instruction=self.instruction, depends_on=self.depends_on, status=self.status,
-            skills=list(recruitment.keywords) if recruitment else [],
-            experts=list(recruitment.experts) if recruitment else [], aggregator=self.aggregator,
-            strategy=self.strategy, output=self.output, data=self.data, expert_outputs=self.expert_outputs,
-            recruitment=recruitment.to_dict(self.explanation) if recruitment else None, error=self.error,
-            elapsed_s=self.elapsed_s, saved_calls=self.saved_calls)
+        return assemble(NodeTrace, {  # the fields are typed here: validating them again took most of the time
+            "id": self.id, "instruction": self.instruction, "depends_on": list(self.depends_on),
+            "status": self.status, "skills": list(recruitment.keywords) if recruitment else [],
+            "experts": list(recruitment.experts) if recruitment else [], "aggregator": self.aggregator,
+            "strategy": self.strategy, "output": self.output, "data": self.data,
+            "expert_outputs": list(self.expert_outputs),
+            "recruitment": recruitment.to_dict(self.explanation) if recruitment else None, "error": self.error,
+            "elapsed_s": self.elapsed_s, "saved_calls": self.saved_calls})
 
 
 def _plain(value: Any) -> Any:
@@ -458,8 +460,8 @@ class Run:
                 trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, text=None,
                                                          error=str(outcome)))
                 continue
-            trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, text=outcome.text,
-                                                     error=None))
+            trace.expert_outputs.append(assemble(ExpertOutput, {"agent": agent.name, "model": agent.model.name,
+                                                                "text": outcome.text, "error": None}))
             candidate = recruitment.candidate(agent.name)
             responses.append(Response(agent=agent.name, text=self._capped(outcome.text), data=_plain(outcome.parsed),
                                       weight=candidate.probability if candidate else 1.0))

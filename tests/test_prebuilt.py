@@ -1,0 +1,90 @@
+"""Models assembled without validation on a node's hot path are what validation would have made."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from orchestra import Agent, Orchestra, Plan, Pool, Subtask
+from orchestra.errors import ConfigError
+from orchestra.models import ChatRequest
+from orchestra.prebuilt import assemble
+from orchestra.result import ExpertOutput, NodeTrace
+from orchestra.testing import FunctionModel
+
+
+def same_as_validated(model: object) -> None:
+    """Equal to the model validated from its own fields, each value of the type validation gives."""
+    cls = type(model)
+    validated = cls.model_validate(dict(model.__dict__))  # type: ignore[attr-defined]
+    assert validated == model
+    for name in cls.model_fields:  # type: ignore[attr-defined]
+        assert type(getattr(validated, name)) is type(getattr(model, name)), name
+
+
+def test_assemble_takes_exactly_the_models_fields() -> None:
+    built = assemble(ExpertOutput, {"agent": "a", "model": "m", "text": "t", "error": None})
+    assert built == ExpertOutput(agent="a", model="m", text="t") and built.model_fields_set == {
+        "agent", "model", "text", "error"}
+    with pytest.raises(TypeError, match="needs exactly the fields"):
+        assemble(ExpertOutput, {"agent": "a", "model": "m", "text": "t"})
+    with pytest.raises(TypeError, match="needs exactly the fields"):
+        assemble(ExpertOutput, {"agent": "a", "model": "m", "text": "t", "eror": None})
+
+
+@pytest.mark.parametrize("options", [
+    {"seed": 3}, {"seed": None, "temperature": 0.5, "max_tokens": 9, "output": "json"},
+    {"seed": 1, "output": {"type": "object"}, "on_text": print},
+])
+def test_an_agents_request_is_the_validated_request(options: dict[str, object]) -> None:
+    agent = Agent(name="a", model=FunctionModel(lambda r: "ok"), temperature=1, max_tokens=64)
+    request = agent.request("a prompt", **options)  # type: ignore[arg-type]
+    expected = ChatRequest.user("a prompt", system=agent.persona, temperature=options.get("temperature", 1.0),
+                                max_tokens=options.get("max_tokens", 64), seed=options["seed"],
+                                output=options.get("output", "text"), on_text=options.get("on_text"))
+    assert request == expected and request.keyed("m") == expected.keyed("m")
+    same_as_validated(request)
+    assert request.model_copy(update={"seed": 5}).seed == 5 and request.seed == options["seed"]
+
+
+def test_request_values_of_other_types_are_validated_and_bad_ones_refused() -> None:
+    agent = Agent(name="a", model=FunctionModel(lambda r: "ok"))
+    assert agent.request("p", temperature=1, max_tokens=5).temperature == 1.0  # type: ignore[arg-type]
+    assert type(agent.request("p", temperature=1).temperature) is float  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="output must be"):
+        agent.request("p", output="yaml")
+    with pytest.raises(ValueError):
+        agent.request("p", max_tokens="many")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field, value", [("temperature", "hot"), ("temperature", 3), ("temperature", True),
+                                          ("max_tokens", 0), ("max_tokens", 2.5), ("persona", None)])
+def test_an_agent_with_a_bad_sampling_value_is_refused(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"agent 'a': {field}"):
+        Agent(name="a", model=FunctionModel(lambda r: "ok"), **{field: value})  # type: ignore[arg-type]
+
+
+def test_an_agents_temperature_is_kept_as_a_float() -> None:
+    assert type(Agent(name="a", model=FunctionModel(lambda r: "ok"), temperature=1).temperature) is float
+
+
+def test_node_traces_are_what_validation_would_make() -> None:
+    def answer(request: ChatRequest) -> str:
+        if "fails" in request.prompt_text():
+            raise RuntimeError("no")
+        return "done"
+
+    pool = Pool(agents=[Agent(name="x", model=FunctionModel(answer), skills=("general",)),
+                        Agent(name="y", model=FunctionModel(answer, name="other"), skills=("general",))])
+    plan = Plan(subtasks=[Subtask(id="a", instruction="first", skills=["general"]),
+                          Subtask(id="b", instruction="it fails", depends_on=["a"], skills=["general"]),
+                          Subtask(id="c", instruction="third", depends_on=["b"])])
+    orc = Orchestra(pool, k=2, aggregate="none", store=False)
+    result = asyncio.run(orc.arun("task", plan=plan))
+    assert [n.status for n in result.plan.nodes] == ["done", "failed", "skipped"]
+    for node in result.plan.nodes:
+        same_as_validated(node)
+        for output in node.expert_outputs:
+            same_as_validated(output)
+    assert isinstance(result.plan.nodes[0], NodeTrace) and result.plan.nodes[0].recruitment is not None
