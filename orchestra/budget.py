@@ -33,6 +33,9 @@ class Reservation(NamedTuple):
     cost_usd: float
 
 
+NOTHING = Reservation(0, 0.0)
+"""The reservation of a call that no token or cost limit bounds."""
+
 
 class BudgetTracker:
     """Counts one run's spending and admits or refuses each call before it is sent.
@@ -88,6 +91,9 @@ class BudgetTracker:
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
             self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made{in_flight}")
+        if budget.max_tokens is None and budget.max_cost_usd is None and self.parent is None:
+            self._reserved_calls += 1  # no limit reads the worst case: not estimated (this runs for every call)
+            return NOTHING
         prompt, answer = estimate_tokens(request.prompt_text()), request.max_tokens or 1024
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
         spent = self.prompt_tokens + self.completion_tokens

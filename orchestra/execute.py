@@ -171,7 +171,7 @@ class _Waiter:
         self.expecting = False  # whether ``then`` is counted in the executor's look-ahead
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     model: Model
     request: ChatRequest
@@ -320,12 +320,13 @@ class Executor:
             key, canonical = (request.keyed(model_identity(model)) if ledger.journal is not None
                               or ledger.cache is not None else ("", ""))
             heavy = is_heavy(model)
-            if self.placement is not None and is_heavy(model):
+            if heavy and self.placement is not None and is_heavy(model):  # (narrowed for the type checker)
                 model = self.placement.engine(model)  # its stand-in: queued, grouped and loaded as the model
             waiter.heavy += heavy
             self._pending.append(_Call(model, request, ledger, purpose, node, waiter, index, key,
                                        ledger.next_seq(key) if key else 0, heavy, canonical=canonical))
-        waiter.then = tuple(m if self.placement is None else self.placement.engine(m) for m in then if is_heavy(m))
+        if then:
+            waiter.then = tuple(m if self.placement is None else self.placement.engine(m) for m in then if is_heavy(m))
         if self.events.wants(CallsQueued):
             per_model = Counter(call.model.name for call in self._pending[-len(calls):])  # as queued (stand-ins)
             for name, count in per_model.items():

@@ -25,7 +25,7 @@ def assemble(cls: type[M], values: dict[str, Any]) -> M:
     names = _fields.get(cls)
     if names is None:
         names = _fields[cls] = frozenset(cls.model_fields)
-    if len(values) != len(names) or not names.issuperset(values):
+    if values.keys() != names:
         raise TypeError(f"{cls.__name__} needs exactly the fields {sorted(names)}; got {sorted(values)}")
     instance = cls.__new__(cls)
     _set(instance, "__dict__", values)

@@ -121,7 +121,14 @@ class Recruitment:
 
     def candidate(self, agent: str) -> Candidate | None:
         """The numbers for one agent."""
-        return next((c for c in self.candidates if c.agent == agent), None)
+        return self._by_agent.get(agent)
+
+    @cached_property
+    def _by_agent(self) -> dict[str, Candidate]:
+        found: dict[str, Candidate] = {}
+        for candidate in self.candidates:
+            found.setdefault(candidate.agent, candidate)
+        return found
 
     def explain(self) -> list[str]:
         """One line per chosen expert: its probability and the skills that earned it."""
@@ -349,6 +356,8 @@ class Recruiter:
         rng = SeededDraws(seed)
         if mode == "symbolic-moe":
             agents, cumulative = self._weights(matches, ranked)
+            if len(agents) == 1:  # the only agent with weight, k times: nothing to draw
+                return (agents[0],) * k
             return tuple(rng.pick(agents, cumulative, k))
         eligible = [c for c in ranked if c.probability > 0]
         if mode == "topk":

@@ -465,6 +465,8 @@ class Run:
             candidate = recruitment.candidate(agent.name)
             responses.append(Response(agent=agent.name, text=self._capped(outcome.text), data=_plain(outcome.parsed),
                                       weight=candidate.probability if candidate else 1.0))
+        if len(responses) == len(outcomes):
+            return responses
         errors = [o for o in outcomes if isinstance(o, Exception)]
         budget = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
         if budget is not None:  # stop here rather than answer with fewer experts: a resume finishes the node
