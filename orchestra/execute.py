@@ -248,23 +248,31 @@ class Executor:
             self._reset()
         return loop
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], *, owner: asyncio.Future[Any] | None = None) -> asyncio.Task[Any]:
-        """Run ``coro`` as a managed task. If it raises, ``owner`` (a run's future) gets the error."""
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, owner: asyncio.Future[Any] | None = None,
+              group: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
+        """Run ``coro`` as a managed task. If it raises, ``owner`` (a run's future) gets the error;
+        ``group`` holds the task while it runs (a run's tasks, to cancel them)."""
         loop = self._bind_loop()
         self._active += 1
         task = loop.create_task(coro)
-        # runs even if the task is cancelled before it starts; a callback, not a wrapping coroutine,
-        # as every resumption of a task would pass through the wrapper's frame
-        task.add_done_callback(self._task_done if owner is None else partial(self._owned_task_done, owner))
+        if group is not None:
+            group.add(task)
+        # one done callback (each is a turn of the loop), which runs even if the task is cancelled
+        # before it starts; not a wrapping coroutine, as each resumption of the task would pass through it
+        task.add_done_callback(self._task_done if owner is None and group is None
+                               else partial(self._owned_task_done, owner, group))
         return task
 
     def _task_done(self, _: asyncio.Task[Any]) -> None:
         self._active -= 1
         self._schedule_kick()
 
-    def _owned_task_done(self, owner: asyncio.Future[Any], task: asyncio.Task[Any]) -> None:
+    def _owned_task_done(self, owner: asyncio.Future[Any] | None, group: set[asyncio.Task[Any]] | None,
+                         task: asyncio.Task[Any]) -> None:
         self._task_done(task)
-        if task.cancelled():
+        if group is not None:
+            group.discard(task)
+        if owner is None or task.cancelled():
             return
         error = task.exception()  # read here: the owner gets it, or the loop's handler reports it
         if error is None:

@@ -18,6 +18,8 @@ _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 
 def strip_reasoning(text: str) -> str:
     """Drop ``<think>...</think>`` blocks, and everything before a dangling ``</think>``."""
+    if "</" not in text:  # no closing tag: nothing to drop (most answers; this runs on each of them)
+        return text.strip()
     text = _THINK.sub("", text)
     if "</think>" in text.lower():
         text = text[text.lower().rindex("</think>") + len("</think>"):]

@@ -39,6 +39,8 @@ class Response:
 
 def ranked(responses: Sequence[Response]) -> list[Response]:
     """Strongest first: by weight, then by position."""
+    if len(responses) < 2:
+        return list(responses)
     order = {id(r): i for i, r in enumerate(responses)}
     return sorted(responses, key=lambda r: (-r.weight, order[id(r)]))
 

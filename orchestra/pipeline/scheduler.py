@@ -253,9 +253,7 @@ class Run:
         return outcomes
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.stages.executor.spawn(coro, owner=self.future)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.stages.executor.spawn(coro, owner=self.future, group=self.tasks)
 
     def _emit_attempt(self, attempt: int) -> None:
         self.stages.events.emit(PlanRequested(run_id=self.run_id, attempt=attempt))

@@ -40,7 +40,7 @@ class Pin:
     recruitment: Recruitment | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per node: not frozen, as frozen fields cost a call each to set
 class Staffed:
     """A node's recruitment, with what it cost and what went wrong on the way."""
 
