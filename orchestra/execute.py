@@ -717,11 +717,16 @@ class Executor:
                 journal.record_all(entries)
             except Exception as error:
                 unwritten[key] = error
+        report = self.events.wants(CallDone)  # asked once a batch: events are not free on this path
+        usage = self.events.wants(UsageUpdated)
         for call, outcome in answered:
-            self._finish(call, outcome, unwritten.get(id(call.ledger.journal)))
+            self._finish(call, outcome, unwritten.get(id(call.ledger.journal)) if unwritten else None,
+                         report=report, usage=usage)
 
-    def _finish(self, call: _Call, outcome: Outcome, unwritten: Exception | None = None) -> None:
-        """Settle an answered call; ``unwritten``: why its journal could not record it (then it fails)."""
+    def _finish(self, call: _Call, outcome: Outcome, unwritten: Exception | None, *, report: bool,
+                usage: bool) -> None:
+        """Settle an answered call; ``unwritten``: why its journal could not record it (then it
+        fails); ``report``, ``usage``: whether to emit its ``CallDone`` and the run's ``UsageUpdated``."""
         ledger = call.ledger
         paid = getattr(outcome, "usage", None) or Usage()  # a failed call carries what it cost too
         if unwritten is not None:
@@ -734,13 +739,14 @@ class Executor:
                 ledger.cache.put(call.model.name, call.key, call.request, outcome)
             except Exception:
                 ledger.cache_errors += 1
-        if self.events.wants(CallDone):  # events are cheap, but not free on a hot path with nobody listening
+        if report:
             failed = isinstance(outcome, Exception)
             self.events.emit(CallDone(run_id=ledger.run_id, model=call.model.name, purpose=call.purpose,
                                       node=call.node, request=call.request,
                                       response=None if failed else outcome.text,  # type: ignore[union-attr]
                                       error=str(outcome) if failed else None))
-        self.emit_usage(ledger)
+        if usage:
+            self.emit_usage(ledger)
         self._resolve(call, outcome)
 
     def emit_usage(self, ledger: RunLedger) -> None:

@@ -144,6 +144,10 @@ class NodeState:
             "elapsed_s": self.elapsed_s, "saved_calls": self.saved_calls})
 
 
+_RUN_ENDING = (AuthenticationError, EndpointUnreachable, StoreError)
+"""Failures that end the whole run at once: every other call would fail the same way."""
+
+
 def _plain(value: Any) -> Any:
     """A parsed output as plain JSON data (pydantic models dumped)."""
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
@@ -235,8 +239,11 @@ class Run:
         outcomes = await self.stages.executor.call(self.ledger, calls, purpose=purpose, node=node, then=then)
         if node == self.answer_node or purpose == "final":
             self._note_cut(outcomes)
-        fatal = next((o for o in outcomes if isinstance(o, (AuthenticationError, EndpointUnreachable, StoreError))),
-                     None)
+        fatal = None
+        for outcome in outcomes:  # a loop, not a generator: this runs for every call
+            if isinstance(outcome, _RUN_ENDING):
+                fatal = outcome
+                break
         if fatal is not None:
             self.user_error = True
             if node is not None:
@@ -315,7 +322,12 @@ class Run:
             instruction = settings.prompt(self.outputs()) if settings.prompt else subtask.instruction
             trace.instruction = instruction  # a workflow step's prompt, rendered: what the experts get
             trace.status = "recruiting"
-            recruitment = await self.recruit(node_id, instruction, settings.skills or subtask.skills, settings)
+            skills = settings.skills or subtask.skills
+            recruitment = self.stages.staffing.known(
+                skills, seed=trace.seed, k=settings.k or self.settings.k, mode=settings.mode or self.settings.mode,
+                agent=settings.agent, pin=self.pins.get(node_id))  # no request to make, so no coroutine either
+            if recruitment is None:
+                recruitment = await self.recruit(node_id, instruction, skills, settings)
             agents = [self.stages.pool[name] for name in recruitment.experts]
             trace.recruitment = recruitment
             trace.explanation = recruitment.explain()
@@ -329,9 +341,12 @@ class Run:
                     aggregator=trace.aggregator or "", skills=recruitment.keywords,
                     explanation=tuple(trace.explanation), instruction=instruction))
             trace.status = "running"
-            output = settings.output or self._answer_output(node_id)
+            writes = node_id == self.answer_node  # the node whose output is the answer
+            output = settings.output or (self._answer_output(node_id) if writes else None)
+            sampling = self._answer_sampling(node_id) if writes else {}
+            stream = self._answer_stream(node_id) if writes else None
             responses = await self._experts(trace, agents, recruitment, instruction, settings.prompt is not None,
-                                            output)
+                                            output, sampling, stream)
             combine = strategy(trace.strategy, 1 if trace.saved_calls else len(responses))
             if trace.saved_calls:  # a confident team's first experts agreed: their answer stands
                 trace.aggregator = None
@@ -342,7 +357,7 @@ class Run:
                       aggregator=(self.stages.pool[trace.aggregator] if trace.aggregator
                                   else self.stages.staffing.aggregator),
                       grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
-                      on_text=self._answer_stream(node_id), context=self.spec.context, **self._answer_sampling(node_id))
+                      on_text=stream, context=self.spec.context, **sampling)
             trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
             trace.status = "done"
             if self.stages.events.wants(NodeDone):
@@ -397,15 +412,16 @@ class Run:
         return {"max_tokens": answer.max_tokens, "temperature": answer.temperature}
 
     async def _experts(self, trace: NodeState, agents: list[Agent], recruitment: Recruitment, instruction: str,
-                       prompted: bool, output: str | dict[str, Any] | None) -> list[Response]:
+                       prompted: bool, output: str | dict[str, Any] | None, sampling: dict[str, Any],
+                       stream: Callable[[str], None] | None) -> list[Response]:
         """The experts' answers to the node (a failed expert is traced; the others still count).
-        ``prompted``: the instruction is a workflow step's prompt, which shows the inputs itself."""
+        ``prompted``: the instruction is a workflow step's prompt, which shows the inputs itself;
+        ``sampling`` and ``stream``: the answer's, for the node that writes it."""
         inputs = [] if prompted else self._inputs(trace.id)
         prompt = render_expert(task=self.task, instruction=instruction, inputs=inputs,
                                answer_format=self.spec.answer_format, context=self.spec.context)
         seed = trace.seed
-        sampling = self._answer_sampling(trace.id)
-        alone = self._answer_stream(trace.id) if len(agents) == 1 else None  # its answer is the answer
+        alone = stream if len(agents) == 1 else None  # its answer is the answer
         calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output or "text", on_text=alone,
                                              **sampling)) for i, agent in enumerate(agents)]
         # the aggregator is called next: announced, so an engine serving it stays loaded until then
@@ -453,6 +469,7 @@ class Run:
     def _collect(self, trace: NodeState, agents: list[Agent], outcomes: list[ChatResult | Exception],
                  recruitment: Recruitment) -> list[Response]:
         responses = []
+        limit = self.settings.max_response_chars
         for agent, outcome in zip(agents, outcomes):
             if isinstance(outcome, Exception):
                 trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, text=None,
@@ -461,7 +478,9 @@ class Run:
             trace.expert_outputs.append(assemble(ExpertOutput, {"agent": agent.name, "model": agent.model.name,
                                                                 "text": outcome.text, "error": None}))
             candidate = recruitment.candidate(agent.name)
-            responses.append(Response(agent=agent.name, text=self._capped(outcome.text), data=_plain(outcome.parsed),
+            text, data = outcome.text, outcome.parsed
+            responses.append(Response(agent=agent.name, text=text if len(text) <= limit else self._capped(text),
+                                      data=None if data is None else _plain(data),
                                       weight=candidate.probability if candidate else 1.0))
         if len(responses) == len(outcomes):
             return responses

@@ -79,7 +79,22 @@ class Staffing:
         self.light = frozenset(a.name for a in pool.agents if not getattr(a.model, "heavy", False))
         self.aggregator_choice: AggregatorChoice = settings.aggregator_choice
         #: given skills -> their plain names and matches, for a matcher that needed no request for them
-        self._matched: dict[tuple[str, ...], tuple[list[str], list[Match]]] = {}
+        self._matched: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[Match, ...]]] = {}
+
+    def known(self, skills: Sequence[str], *, seed: int, k: int, mode: Mode, agent: str | None = None,
+              pin: Pin | None = None) -> Recruitment | None:
+        """A node's experts when finding them takes no request (a pin, a fixed agent, or skills of
+        its own matched before: the same for every node that names them); None otherwise."""
+        if pin is not None and pin.recruitment is not None:
+            return pin.recruitment
+        if agent is not None:
+            return Recruitment(experts=(agent,), keywords=tuple(skills), matches=(), candidates=(),
+                               mode="fixed", notes=(f"{agent}: fixed for this step",))
+        if pin is not None and k == 1 and len(pin.experts) == 1:  # one agent, kept on resume: nothing to recruit
+            return Recruitment(experts=pin.experts, keywords=tuple(skills), matches=(), candidates=(),
+                               mode="fixed", notes=(f"{pin.experts[0]}: as recorded with the run",))
+        found = self._matched.get(tuple(skills)) if skills else None
+        return None if found is None else self._drawn(*found, seed=seed, k=k, mode=mode, pin=pin)
 
     async def recruit(self, instruction: str, skills: Sequence[str], call: Call, *, seed: int, k: int, mode: Mode,
                       agent: str | None = None, pin: Pin | None = None) -> Staffed:
@@ -94,34 +109,29 @@ class Staffing:
             agent: a workflow step's fixed expert.
             pin: experts fixed for this node.
         """
-        if pin is not None and pin.recruitment is not None:
-            return Staffed(pin.recruitment)
-        if agent is not None:
-            return Staffed(Recruitment(experts=(agent,), keywords=tuple(skills), matches=(), candidates=(),
-                                       mode="fixed", notes=(f"{agent}: fixed for this step",)))
-        if pin is not None and k == 1 and len(pin.experts) == 1:  # one agent, kept on resume: nothing to recruit
-            return Staffed(Recruitment(experts=pin.experts, keywords=tuple(skills), matches=(), candidates=(),
-                                       mode="fixed", notes=(f"{pin.experts[0]}: as recorded with the run",)))
-        failure, calls_failed, usage = None, False, None
-        given = tuple(skills)
-        known = self._matched.get(given) if given else None
+        known = self.known(skills, seed=seed, k=k, mode=mode, agent=agent, pin=pin)
         if known is not None:
-            keywords, matches = known
-        else:
-            keywords = skill_names(skills, 40)  # a planner's skills too: plain words only
-            extracted = not keywords and mode not in ("global", "random")  # these baselines ignore skills
-            if extracted:
-                keywords, failure, calls_failed = await self._extract(instruction, call, seed)
-            matches, usage = await self._match(keywords)
-            if keywords and not extracted and usage is None:  # skills of their own: the same for every node
-                if len(self._matched) >= 4096:
-                    self._matched.clear()
-                self._matched[given] = (keywords, matches)
+            return Staffed(known)
+        failure, calls_failed = None, False
+        keywords = skill_names(skills, 40)  # a planner's skills too: plain words only
+        extracted = not keywords and mode not in ("global", "random")  # these baselines ignore skills
+        if extracted:
+            keywords, failure, calls_failed = await self._extract(instruction, call, seed)
+        matches, usage = await self._match(keywords)
+        if keywords and not extracted and usage is None:  # skills of their own: the same for every node
+            if len(self._matched) >= 4096:
+                self._matched.clear()
+            self._matched[tuple(skills)] = (tuple(keywords), tuple(matches))
+        return Staffed(self._drawn(keywords, matches, seed=seed, k=k, mode=mode, pin=pin), failure, calls_failed,
+                       usage, getattr(self.matcher, "model", "matcher"))
+
+    def _drawn(self, keywords: Sequence[str], matches: Sequence[Match], *, seed: int, k: int, mode: Mode,
+               pin: Pin | None) -> Recruitment:
         recruitment = self.recruiter.recruit(keywords, matches, seed=seed, k=k, mode=mode)
         if pin is not None:  # a resumed run keeps the experts its batch's rare-expert filter chose
             recruitment = replace(recruitment, experts=pin.experts,
                                   notes=(*recruitment.notes, "experts as first recruited"))
-        return Staffed(recruitment, failure, calls_failed, usage, getattr(self.matcher, "model", "matcher"))
+        return recruitment
 
     async def _extract(self, instruction: str, call: Call, seed: int) -> tuple[list[str], str | None, bool]:
         """Keywords from the keyword LLM, or none, the reason and whether every call failed."""
