@@ -353,12 +353,11 @@ class Recruiter:
 
     def _draw(self, matches: tuple[Match, ...], ranked: Sequence[Candidate], seed: int, k: int,
               mode: Mode) -> tuple[str, ...]:
-        rng = SeededDraws(seed)
         if mode == "symbolic-moe":
             agents, cumulative = self._weights(matches, ranked)
             if len(agents) == 1:  # the only agent with weight, k times: nothing to draw
                 return (agents[0],) * k
-            return tuple(rng.pick(agents, cumulative, k))
+            return tuple(SeededDraws(seed).pick(agents, cumulative, k))
         eligible = [c for c in ranked if c.probability > 0]
         if mode == "topk":
             experts = [c.agent for c in eligible[:k]]
@@ -372,7 +371,7 @@ class Recruiter:
         elif mode == "global":
             experts = [c.agent for c in sorted(ranked, key=lambda c: (-c.competence, c.agent))[:k]]
         elif mode == "random":
-            experts = rng.sample([c.agent for c in ranked], k)
+            experts = SeededDraws(seed).sample([c.agent for c in ranked], k)
         else:
             raise ValueError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
         return tuple(experts)

@@ -144,6 +144,11 @@ class NodeState:
             "elapsed_s": self.elapsed_s, "saved_calls": self.saved_calls})
 
 
+async def _no_calls(calls: Sequence[tuple[Model, ChatRequest]]) -> list[ChatResult | Exception]:
+    """The caller a strategy that makes no call gets (made once, not per node)."""
+    raise RuntimeError(f"a strategy without an aggregator made {len(calls)} call(s)")
+
+
 _RUN_ENDING = (AuthenticationError, EndpointUnreachable, StoreError)
 """Failures that end the whole run at once: every other call would fail the same way."""
 
@@ -358,7 +363,8 @@ class Run:
                                   else self.stages.staffing.aggregator),
                       grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
                       on_text=stream, context=self.spec.context, **sampling)
-            trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
+            call = self.caller("aggregate", node_id) if combine.uses_aggregator else _no_calls
+            trace.output, trace.data = await combine.combine(job, call)
             trace.status = "done"
             if self.stages.events.wants(NodeDone):
                 self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
