@@ -92,7 +92,8 @@ class ChatRequest(BaseModel):
         user = assemble(Message, {"role": "user", "content": prompt})
         messages = (_system_message(system), user) if system else (user,)
         return assemble(cls, {"messages": messages, "temperature": temperature, "max_tokens": max_tokens,
-                              "seed": seed, "stop": (), "output": cls._check_output(output), "on_text": on_text})
+                              "seed": seed, "stop": (),
+                              "output": output if output == "text" else cls._check_output(output), "on_text": on_text})
 
     @property
     def wants_json(self) -> bool:
