@@ -55,6 +55,10 @@ class BudgetTracker:
         self.name = name  # a shared budget's, in its error
         self.run_id = run_id
         self.parent = parent
+        #: runs' budgets are inside this one: it reserves each call's worst case, which they settle
+        self.shared = False
+        if parent is not None:
+            parent.shared = True
         self.calls = 0
         self.requests = 0
         self.prompt_tokens = 0
@@ -91,7 +95,7 @@ class BudgetTracker:
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
             self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made{in_flight}")
-        if budget.max_tokens is None and budget.max_cost_usd is None and self.parent is None:
+        if budget.max_tokens is None and budget.max_cost_usd is None and self.parent is None and not self.shared:
             self._reserved_calls += 1  # no limit reads the worst case: not estimated (this runs for every call)
             return NOTHING
         prompt, answer = estimate_tokens(request.prompt_text()), request.max_tokens or 1024

@@ -16,19 +16,18 @@ M = TypeVar("M", bound=BaseModel)
 
 _set = object.__setattr__
 _new = object.__new__
-#: every field's name, per model: the fields an assembled instance was given (all of them). One set
-#: per model, shared: pydantic only adds to it (a field assigned), and every name is in it already.
-_all_fields: dict[type[BaseModel], set[str]] = {}
+#: every field's name, per model: the fields an assembled instance was given (all of them)
+_all_fields: dict[type[BaseModel], frozenset[str]] = {}
 
 
 def assemble(cls: type[M], values: dict[str, Any]) -> M:
     """An instance of ``cls`` holding ``values`` (every field, each of its type) as they are."""
     fields = _all_fields.get(cls)
     if fields is None:
-        fields = _all_fields[cls] = set(cls.model_fields)
+        fields = _all_fields[cls] = frozenset(cls.model_fields)
     instance: M = _new(cls)
     _set(instance, "__dict__", values)
-    _set(instance, "__pydantic_fields_set__", fields)
+    _set(instance, "__pydantic_fields_set__", set(fields))  # its own: pydantic adds to it in place
     _set(instance, "__pydantic_extra__", None)
     _set(instance, "__pydantic_private__", None)
     return instance

@@ -573,6 +573,23 @@ def test_a_spent_shared_budget_says_how_to_raise_it_and_finish_the_items() -> No
     assert own.value.limit == "max_tokens" and str(own.value).startswith("budget max_tokens=5 reached (0 tokens used, the next call may take")
 
 
+def test_a_shared_budget_without_limits_releases_what_its_runs_reserved() -> None:
+    # a budget with no token or cost limit skips estimating a call's worst case; one shared by runs
+    # still reserves it, since its runs settle their own worst case with it
+    shared = BudgetTracker(Budget(max_calls=None, max_tokens=None, max_cost_usd=None), None)
+    run = BudgetTracker(Budget(max_tokens=10_000), "run-5", parent=shared)
+    request = ChatRequest.user("hello", max_tokens=10)
+    for _ in range(3):
+        run.settle(run.admit(request, FREE), None)
+    for tracker in (run, shared):
+        assert (tracker._reserved_calls, tracker._reserved_tokens, tracker._reserved_cost) == (0, 0, 0.0)
+    alone = BudgetTracker(Budget(max_calls=None, max_tokens=None, max_cost_usd=None), "run-6")
+    reserved = alone.admit(request, FREE)
+    assert (reserved.tokens, alone._reserved_calls) == (0, 1)
+    alone.settle(reserved, Usage(requests=1))
+    assert (alone.calls, alone._reserved_calls) == (1, 0)
+
+
 # --- execute ---------------------------------------------------------------------------------
 
 import asyncio  # noqa: E402

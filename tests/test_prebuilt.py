@@ -88,3 +88,12 @@ def test_node_traces_are_what_validation_would_make() -> None:
         for output in node.expert_outputs:
             same_as_validated(output)
     assert isinstance(result.plan.nodes[0], NodeTrace) and result.plan.nodes[0].recruitment is not None
+
+
+def test_each_assembled_instance_has_its_own_fields_set() -> None:
+    def make(name: str) -> ExpertOutput:
+        return assemble(ExpertOutput, {"agent": name, "model": "m", "text": "t", "error": None})
+
+    first, second = make("a"), make("b")
+    first.model_fields_set.discard("error")
+    assert "error" in second.model_fields_set and "error" in make("c").model_fields_set

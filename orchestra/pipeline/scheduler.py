@@ -488,7 +488,7 @@ class Run:
             responses.append(Response(agent=agent.name, text=text if len(text) <= limit else self._capped(text),
                                       data=None if data is None else _plain(data),
                                       weight=candidate.probability if candidate else 1.0))
-        if len(responses) == len(outcomes):
+        if responses and len(responses) == len(outcomes):
             return responses
         errors = [o for o in outcomes if isinstance(o, Exception)]
         budget = next((e for e in errors if isinstance(e, BudgetExceeded)), None)
