@@ -45,6 +45,13 @@ class Agent:
 
     def __post_init__(self) -> None:
         # checked once here, as its requests are built without validation (``ChatRequest.checked``)
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"an agent's name must be non-empty text, not {self.name!r}")
+        _check_model(self.model, f"agent {self.name!r}: model")
+        if isinstance(self.skills, str) or not all(isinstance(skill, str) for skill in self.skills):
+            raise ConfigError(f"agent {self.name!r}: skills must be a list of names (e.g. skills=[\"algebra\"]), "
+                              f"not {self.skills!r}")
+        self.skills = tuple(self.skills)
         if not isinstance(self.persona, str):
             raise ConfigError(f"agent {self.name!r}: persona must be text, not {type(self.persona).__name__}")
         if self.temperature is not None:
@@ -70,6 +77,13 @@ class Agent:
         build = ChatRequest.checked if plain else ChatRequest.user  # anything else is validated (and converted)
         return build(prompt, system=self.persona or None, temperature=temperature, max_tokens=max_tokens, seed=seed,
                      output=output, on_text=on_text)
+
+
+def _check_model(model: Any, what: str) -> None:
+    """Refuse something that is not a model at once (the first call to it would fail mid-run)."""
+    if not isinstance(model, Model) or not isinstance(model.name, str):
+        raise ConfigError(f"{what} must be a model object (an OpenAICompatible, a LlamaCpp, a FunctionModel, "
+                          f"...), not {type(model).__name__} {model!r:.60}; in a pool file, name one of its models")
 
 
 # the types ``ChatRequest.checked`` takes as they are (an agent's own values are checked when it is made)
@@ -117,6 +131,8 @@ class Pool:
             raise ConfigError(f"aggregator {self.aggregator!r} is not an agent of the pool")
         self.planner = self.planner or self.agents[0].model
         self.keyword_model = self.keyword_model or self.planner
+        _check_model(self.planner, "the pool's planner")
+        _check_model(self.keyword_model, "the pool's keyword_model")
         self._by_name = {a.name: a for a in self.agents}
 
     def __getitem__(self, name: str) -> Agent:

@@ -62,7 +62,9 @@ class OrchestraGroup(click.Group):
 
             fail(cli_message(error), error.exit_code)
         except KeyboardInterrupt:
-            fail("interrupted; finished calls are saved: `orchestra runs` lists the run to resume", 130)
+            if "--no-store" in sys.argv[1:]:
+                fail("interrupted; nothing was kept (--no-store)", 130)
+            fail("interrupted; finished calls are saved: `orchestra runs` lists the runs to resume", 130)
 
 
 @click.group(cls=OrchestraGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -288,13 +290,14 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
     from orchestra.hints import run_error
     from orchestra.view import print_result, summary_line, terminal
 
+    stored = not opts.get("no_store")
     if opts["as_json"]:
         click.echo(result.dumps())
         if result.status != "done":
-            click.echo(f"error: {run_error(result)}", err=True)
+            click.echo(f"error: {run_error(result, stored=stored)}", err=True)
     else:
         console = terminal(soft_wrap=not rich_output, force_terminal=rich_output or None)
-        print_result(console, result, rich_output=rich_output, errors=terminal(stderr=True))
+        print_result(console, result, rich_output=rich_output, errors=terminal(stderr=True), stored=stored)
         if not opts["quiet"] and not result.user_error:
             click.echo(summary_line(result), err=True)
     sys.exit(result.exit_code)
@@ -349,7 +352,7 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
         report = asyncio.run(aevaluate_workflow(flow, given, orchestra=orc))
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
         if report.budget_exceeded:
-            hint = budget_hint(report.budget_exceeded, None)
+            hint = budget_hint(report.budget_exceeded, None, stored=orc.store is not None)
             fail(f"{report.budget_exceeded} ({report.failed} of {report.items} items unfinished)"
                  + (f"; {hint}" if hint else ""), 3)
         return

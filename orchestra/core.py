@@ -25,6 +25,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from pydantic import ValidationError
+
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.errors import ConfigError, StoreError, UserError
@@ -210,6 +212,21 @@ class _Source:
 
 
 _END = object()
+
+
+def _given_plan(plan: Any) -> Plan | bool | None:
+    """``plan`` as a run takes it: a Plan (or its JSON-ready dict), True or False (plan or not), or
+    None (the settings decide); anything else is refused rather than taken as "plan"."""
+    if plan is None or isinstance(plan, (bool, Plan)):
+        return plan
+    if isinstance(plan, dict):
+        try:
+            return Plan.model_validate(plan)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            raise ConfigError(f"plan: {where}: {problem['msg']}" if where else f"plan: {problem['msg']}") from None
+    raise ConfigError(f"plan must be a Plan (or its dict), True or False, not {type(plan).__name__} {plan!r:.40}")
 
 
 class _Stream:
@@ -519,6 +536,7 @@ class Orchestra:
         """A run of ``task``; ``settings``: the run's resolved settings, when the caller made them
         already (then ``overrides`` are not read)."""
         _check_task(task)
+        plan = _given_plan(plan)
         if settings is None:
             if isinstance(plan, bool):
                 overrides["plan"] = plan

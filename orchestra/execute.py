@@ -436,6 +436,20 @@ class Executor:
                 task = loop.create_task(self._send(group, self.stats.waves))
                 self._in_flight.add(task)  # a reference, so the task is not collected mid-flight
                 task.add_done_callback(self._in_flight.discard)
+                task.add_done_callback(partial(self._sent, group))
+
+    def _sent(self, group: list[_Call], task: asyncio.Future[Any]) -> None:
+        """After a batch's task: if it failed outside its model's answers (a bug, or an object that
+        is not a model), its unanswered calls fail with that error instead of waiting for ever."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        self._fail_unanswered(group, error if isinstance(error, Exception) else RuntimeError(repr(error)))
+
+    def _fail_unanswered(self, group: list[_Call], error: Exception) -> None:
+        """Fail the calls of ``group`` that have no outcome yet."""
+        self._fail([c for c in group if c.waiter.outcomes[c.index] is None and not c.waiter.future.done()], error,
+                   sent=False)
 
     def _answer_without_model(self, call: _Call) -> bool:
         """Replay from the store, answer from the cache, or refuse on budget; True if handled."""
@@ -476,8 +490,8 @@ class Executor:
         self.stats.waves += 1
         wave = self.stats.waves
         running: set[asyncio.Task[None]] = set()
+        groups: dict[int, list[_Call]] = {}
         try:
-            groups: dict[int, list[_Call]] = {}
             for call in calls:
                 groups.setdefault(id(call.model), []).append(call)
             self._wave_left = set(groups)
@@ -487,13 +501,18 @@ class Executor:
                     self._wave_left.discard(key)
                     if group:
                         self._busy.add(key)
-                        running.add(asyncio.get_running_loop().create_task(self._run_group(group, wave)))
+                        task = asyncio.get_running_loop().create_task(self._run_group(group, wave))
+                        task.add_done_callback(partial(self._sent, group))
+                        running.add(task)
                 if not running:
                     continue
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 running -= done
                 if groups:  # let the tasks these batches woke queue their next calls: they tell what comes later
                     await self._until_settled()
+        except Exception as error:  # a bug: the wave's calls not started fail with it, rather than wait for ever
+            for group in groups.values():
+                self._fail_unanswered(group, error)
         finally:
             for task in running:  # only when the wave itself is cancelled
                 task.cancel()

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 BUDGET_FLAGS = {"max_calls": "--max-calls", "max_cost_usd": "--max-cost", "max_tokens": "--max-tokens"}
 
 
-def _raise_budget(limit: str, run_id: str | None) -> str:
+def _raise_budget(limit: str, run_id: str | None, stored: bool = True) -> str:
+    if not stored:  # nothing to resume
+        return (f"raise it with {BUDGET_FLAGS[limit]} (or budget.{limit} in the workflow) and run it again "
+                "(nothing was kept: --no-store)")
     if run_id is None:
         return (f"raise budget.{limit} in the workflow (or {BUDGET_FLAGS[limit]}); each unfinished item's run can be "
                 "finished with `orchestra resume RUN_ID`")
@@ -26,12 +29,13 @@ def _raise_budget(limit: str, run_id: str | None) -> str:
             f"`orchestra resume {run_id}` to finish")
 
 
-def budget_hint(message: str, run_id: str | None) -> str | None:
+def budget_hint(message: str, run_id: str | None, *, stored: bool = True) -> str | None:
     """The advice for the budget stop ``message`` describes (it starts with a ``BudgetExceeded``'s
     text): the flag that raises the limit it names, and how to finish the stopped run ``run_id`` or,
-    when None, a data set's unfinished items. None when it names no limit."""
+    when None, a data set's unfinished items (``stored``: whether the runs were kept to resume).
+    None when it names no limit."""
     limit = next((limit for limit in BUDGET_FLAGS if f"budget {limit}=" in message), None)
-    return _raise_budget(limit, run_id) if limit is not None else None
+    return _raise_budget(limit, run_id, stored) if limit is not None else None
 
 
 _MESSAGES: dict[type[OrchestraError], Callable[[Any], str]] = {
@@ -53,14 +57,17 @@ def cli_message(error: OrchestraError) -> str:
     return str(error)
 
 
-def run_hint(result: RunResult) -> str | None:
+def run_hint(result: RunResult, *, stored: bool = True) -> str | None:
     """For a run its budget stopped: the flag that raises the limit and the command that finishes
-    the run. None for any other run."""
-    return budget_hint(result.error or "", result.run_id) if result.status == "budget_exceeded" else None
+    the run (``stored``: whether it was kept to resume). None for any other run."""
+    if result.status != "budget_exceeded":
+        return None
+    return budget_hint(result.error or "", result.run_id, stored=stored)
 
 
-def run_error(result: RunResult) -> str:
-    """Why a run did not finish, as the command line prints it: ``run ID STATUS: error; advice``."""
+def run_error(result: RunResult, *, stored: bool = True) -> str:
+    """Why a run did not finish, as the command line prints it: ``run ID STATUS: error; advice``
+    (``stored``: whether the run was kept to resume)."""
     line = f"run {result.run_id} {result.status}: {result.error or ''}".rstrip()
-    hint = run_hint(result)
+    hint = run_hint(result, stored=stored)
     return f"{line}; {hint}" if hint else line

@@ -264,17 +264,34 @@ class RunStore:
         #: runs this store began that had no record before: none of their calls can be replayed
         self._fresh: set[str] = set()
         self._checkpoints: Checkpointer | None = None
-        self.read_only = self.path.exists() and not os.access(self.path, os.W_OK)
-        if not self.read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.is_file()
+        self.read_only = existed and not os.access(self.path, os.W_OK)
         try:
-            target = f"file:{self.path}?mode=ro" if self.read_only else str(self.path)
-            self._db = sqlite3.connect(target, timeout=30, check_same_thread=False, isolation_level=None,
-                                       uri=self.read_only)
+            if not self.read_only:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = self._connect()
             self._open()
         except sqlite3.DatabaseError as error:
+            if not existed:  # nothing there to move away: the place is the problem
+                raise StoreUnusable(self.path, f"cannot create the run store {self.path} ({error})") from None
             raise StoreUnusable(self.path, f"{self.path} is not a usable Orchestra run store ({error})",
                                 move_away="move it away") from None
+        except OSError as error:  # a folder that cannot be made (a file is in the way, no permission)
+            where = error.filename or self.path.parent
+            why = (f"{where} is a file, not a folder" if isinstance(error, (FileExistsError, NotADirectoryError))
+                   else f"{error.strerror or error}: {where}")
+            raise StoreUnusable(self.path, f"cannot create the run store {self.path} ({why})") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        """The connection: read-only for a file this process cannot write. A read-only store in a
+        folder that cannot be written either (a read-only disk) is opened as immutable, as SQLite
+        cannot make the shared-memory file its WAL needs there; nobody can be writing it."""
+        options: dict[str, Any] = {"timeout": 30, "check_same_thread": False, "isolation_level": None}
+        if not self.read_only:
+            return sqlite3.connect(str(self.path), **options)
+        shared_memory = self.path.with_name(self.path.name + "-shm")
+        immutable = not os.access(self.path.parent, os.W_OK) and not shared_memory.exists()
+        return sqlite3.connect(f"file:{self.path}?mode=ro{'&immutable=1' if immutable else ''}", uri=True, **options)
 
     def _open(self) -> None:
         """Check the file, then (and only then) set it up: nothing is written to a file of another
@@ -564,9 +581,9 @@ class RunStore:
             raise StoreError(f"the stored result of run {run_id} in {self.path} is damaged") from None
 
     def runs(self, limit: int = 50) -> list[RunRecord]:
-        """The latest runs, newest first."""
-        return [_record(row, self._ended) for row in self._query("SELECT * FROM runs ORDER BY created DESC LIMIT ?",
-                                                                  (limit,))]
+        """The latest runs, newest first (runs begun together, as a data set's are: the last first)."""
+        return [_record(row, self._ended) for row in self._query(
+            "SELECT * FROM runs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,))]
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
         """Calls (failed ones included), requests, tokens and cost the run's models were sent and billed.

@@ -373,13 +373,15 @@ def _call_text(event: CallDone) -> str:
     return "\n".join(parts)
 
 
-def print_result(console: Console, result: RunResult, *, rich_output: bool, errors: Console | None = None) -> None:
+def print_result(console: Console, result: RunResult, *, rich_output: bool, errors: Console | None = None,
+                 stored: bool = True) -> None:
     """The answer, exactly as the model wrote it, and one line with the reason when the run did not
-    finish (on ``errors``, e.g. stderr, when given)."""
+    finish (on ``errors``, e.g. stderr, when given; ``stored``: whether the run was kept to resume)."""
     if result.answer:
         console.print(Text(result.answer), soft_wrap=not rich_output)
     if result.status != "done":
-        (errors or console).print(Text(f"error: {run_error(result)}", style="red" if rich_output else ""),
+        (errors or console).print(Text(f"error: {run_error(result, stored=stored)}",
+                                       style="red" if rich_output else ""),
                                   soft_wrap=True)
 
 

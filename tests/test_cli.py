@@ -232,6 +232,17 @@ def test_exit_codes_budget_and_resume_hint(llm, tmp_path: Path) -> None:
     assert sum(llm.kinds.values()) - before == 13 - 3  # the three recorded calls were not sent again
 
 
+def test_a_budget_stop_without_a_store_does_not_offer_a_resume(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    for json_flag in ([], ["--json"]):
+        done = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--max-calls", "3",
+                   "--no-store", *json_flag)
+        assert done.returncode == 3
+        assert "orchestra resume" not in done.stderr, done.stderr
+        assert "raise it with --max-calls (or budget.max_calls in the workflow) and run it again (nothing was kept: " \
+               "--no-store)" in done.stderr
+
+
 def test_server_errors_surface_as_failed_nodes(loopback, tmp_path: Path) -> None:
     server = loopback(lambda request: error_reply(400, "model is not loaded"))
     pool = write_pool(tmp_path, server.url)

@@ -270,3 +270,55 @@ def test_a_held_run_can_be_forced_and_an_expired_lease_is_free(tmp_path: Path) -
     holder.heartbeat()
     with pytest.raises(StoreError):
         other.begin_run("r1", "task", {"options": {}})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("heavy", [False, True], ids=["endpoint", "engine"])
+def test_a_batch_that_breaks_before_its_model_answers_fails_its_calls_instead_of_hanging(
+        heavy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a bug in a batch's bookkeeping (before any answer) used to leave its calls waiting for ever,
+    # and the run with them
+    from orchestra import Agent, Pool, execute
+    from orchestra.testing import FunctionModel
+    from orchestra.testing.engines import SimulatedEngine
+
+    def broken(**fields: Any) -> None:
+        raise RuntimeError("the batch's record broke")
+
+    monkeypatch.setattr(execute, "BatchRecord", broken)
+    model = (SimulatedEngine("x", load_s=0, per_request=0, per_batch=0) if heavy
+             else FunctionModel(lambda request: "4", name="x"))
+    result = Orchestra(Pool(agents=[Agent(name="a", model=model)], planner=model), store=False).run(
+        "What is 2 + 2?", plan=False)
+    assert result.status == "failed" and "the batch's record broke" in (result.error or ""), result.error
+
+
+def test_a_store_that_cannot_be_created_is_one_line_naming_what_is_in_the_way(tmp_path: Path) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    for args in (["runs", "--store", str(blocker / "runs.db")], ["show", "abc", "--store", str(blocker / "runs.db")]):
+        done = cli(*args)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip() == (f"error: cannot create the run store {blocker / 'runs.db'} ({blocker} is a "
+                                       "file, not a folder); choose another file with --store")
+    with pytest.raises(StoreError, match="is a file, not a folder"):
+        Orchestra(scripted_pool(1)[0], store=blocker / "deeper" / "runs.db")
+
+
+def test_a_read_only_store_in_a_folder_that_cannot_be_written_is_read_as_immutable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a store on a read-only disk: SQLite cannot make the shared-memory file its WAL needs beside
+    # it, so a plain read-only open failed ("unable to open database file") and the store could
+    # not even be listed; nobody can write there, so it is opened as immutable
+    path = tmp_path / "runs.db"
+    store = RunStore(path)
+    store.begin_run("r1", "a task", {})
+    store.close()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and real_access(p, mode))
+    opened: list[str] = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda target, **kw: opened.append(str(target)) or real_connect(target, **kw))
+    reader = RunStore(path)
+    assert reader.read_only and [run.task for run in reader.runs()] == ["a task"]
+    assert opened[0] == f"file:{path}?mode=ro&immutable=1"

@@ -65,6 +65,26 @@ def test_an_agent_with_a_bad_sampling_value_is_refused(field: str, value: object
         Agent(name="a", model=FunctionModel(lambda r: "ok"), **{field: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"model": None}, "agent 'a': model must be a model object .* not NoneType"),
+    ({"model": "gpt-4o"}, "agent 'a': model must be a model object .* not str 'gpt-4o'"),
+    ({"skills": "math"}, r"agent 'a': skills must be a list of names .* not 'math'"),
+    ({"skills": ["math", 3]}, "agent 'a': skills must be a list of names"),
+    ({"name": " "}, "an agent's name must be non-empty text"),
+])
+def test_an_agent_that_could_never_answer_is_refused_when_made(options: dict[str, object], message: str) -> None:
+    # a model that is not one used to be taken, then hang the run at its first call
+    with pytest.raises(ConfigError, match=message):
+        Agent(**{"name": "a", "model": FunctionModel(lambda r: "ok"), **options})  # type: ignore[arg-type]
+
+
+def test_a_pool_whose_planner_is_not_a_model_is_refused() -> None:
+    agent = Agent(name="a", model=FunctionModel(lambda r: "ok"), skills=["math"])
+    assert agent.skills == ("math",)
+    with pytest.raises(ConfigError, match="the pool's planner must be a model object"):
+        Pool(agents=[agent], planner="gpt-4o")  # type: ignore[arg-type]
+
+
 def test_an_agents_temperature_is_kept_as_a_float() -> None:
     assert type(Agent(name="a", model=FunctionModel(lambda r: "ok"), temperature=1).temperature) is float
 
@@ -97,3 +117,18 @@ def test_each_assembled_instance_has_its_own_fields_set() -> None:
     first, second = make("a"), make("b")
     first.model_fields_set.discard("error")
     assert "error" in second.model_fields_set and "error" in make("c").model_fields_set
+
+
+def test_a_plan_given_as_a_dict_is_run_and_anything_else_is_refused() -> None:
+    # a dict or a string used to be taken as "plan", and the planner was asked instead
+    model = FunctionModel(lambda request: "ok")
+    orc = Orchestra(Pool(agents=[Agent(name="a", model=model)]), k=1, aggregate="none", store=False)
+    given = {"subtasks": [{"id": "add", "instruction": "add", "skills": ["math"]},
+                          {"id": "double", "instruction": "double", "depends_on": ["add"], "skills": ["math"]}]}
+    result = orc.run("Compute 2+2 then double it", plan=given)
+    assert result.status == "done" and [node.id for node in result.plan.nodes] == ["add", "double"]
+    assert len(model.requests) == 2  # the two steps: no planner, and no keywords (the steps name their skills)
+    with pytest.raises(ConfigError, match=r"^plan: subtasks\.0\.instruction: Field required$"):
+        orc.run("Compute 2+2", plan={"subtasks": [{"id": "a"}]})
+    with pytest.raises(ConfigError, match="^plan must be a Plan .* not str 'yes'$"):
+        orc.run("Compute 2+2", plan="yes")  # type: ignore[arg-type]

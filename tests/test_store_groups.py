@@ -189,3 +189,11 @@ def test_json_columns_are_stored_as_text_even_when_written_from_bytes(tmp_path: 
     assert db.execute("SELECT json_extract(result, '$.task') FROM runs").fetchone() == ("What is γ + 1?",)
     assert db.execute("SELECT json_extract(response, '$.text') FROM cache").fetchone() == ("γ answer",)
     assert store.result(result.run_id) == result
+
+
+def test_runs_begun_together_are_listed_last_begun_first(tmp_path: Path) -> None:
+    # a data set's chunk of runs shares one time stamp: they were listed in no set order (item 0 first)
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_runs([(f"r{i}", f"item {i}", {}) for i in range(5)])
+    assert [run.id for run in store.runs()] == ["r4", "r3", "r2", "r1", "r0"]
+    assert len({run.created for run in store.runs()}) == 1
