@@ -66,6 +66,11 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     spec = workflow.spec.dataset
     if spec is None:
         raise ConfigError("this workflow has no dataset to evaluate", path=str(workflow.path))
+    per_item = [name for name in ("question", "answer_format")
+                if name in inputs and (name == "question" or name in workflow.spec.inputs)]
+    if per_item:  # the data set's item would silently replace it
+        raise ConfigError(f"input {per_item[0]!r} is set from each item of the data set; leave it out",
+                          path=str(workflow.path))
     dataset = load_dataset(workflow.path.parent / spec.path)
     items = dataset.items[: spec.limit] if spec.limit else dataset.items
     orc = orchestra or orchestra_for(workflow)

@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import scripted_pool
 
 from orchestra import Orchestra
+from orchestra.errors import ConfigError
 from orchestra.events import Event, RunDone, RunStarted
 from orchestra.models import ChatRequest
 from orchestra.workflow import Workflow
@@ -63,3 +65,12 @@ def test_a_data_set_workflow_streams_through_its_window_and_reports_in_data_set_
     assert list(streamed["per_category"]) == ["slow", "b", "a"]  # data-set order, not completion order
     assert [(a["id"], a["correct"]) for a in streamed["answers"]] == [(f"q{i}", i != 3) for i in range(7)]
     assert streamed["items"] == 7 and streamed["correct"] == 6 and streamed["failed"] == 0
+
+
+def test_an_input_the_data_set_sets_per_item_is_refused_not_ignored(tmp_path: Path) -> None:
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"id": "q0", "question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    (tmp_path / "flow.yaml").write_text(FLOW)
+    pool, _ = scripted_pool(1)
+    flow = Workflow.load(tmp_path / "flow.yaml", pool=pool)
+    with pytest.raises(ConfigError, match="input 'question' is set from each item of the data set; leave it out"):
+        asyncio.run(aevaluate_workflow(flow, {"question": "hi"}, orchestra=Orchestra(pool, store=False)))
