@@ -643,9 +643,9 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
         totals = store.run_totals(record.id)
         rows.append((record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
                      str(totals["calls"]), str(totals["requests"]), f"${totals['cost_usd']:.4f}",
-                     record.task[:60] + (f" · item {record.item}" if record.item else "")))
+                     (f"item {record.item} · " if record.item else "") + record.task[:60]))
     # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
-    # the task gives way on a narrow terminal
+    # the task gives way on a narrow terminal (a data-set item's id comes first, so it stays)
     columns = ["run", "status", "when", "calls", "requests", "cost"]
     widths = {column: max(len(value) for value in (column, *(row[index] for row in rows)))
               for index, column in enumerate(columns)}

@@ -250,3 +250,15 @@ def test_server_errors_surface_as_failed_nodes(loopback, tmp_path: Path) -> None
     assert done.returncode == 1
     data = json.loads(done.stdout)
     assert data["status"] == "failed" and "model is not loaded" in data["error"]
+
+
+def test_runs_lists_a_data_set_items_id_before_its_task_so_a_narrow_terminal_keeps_it(tmp_path: Path) -> None:
+    from orchestra.store import RunStore
+
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("20261203-000000-abcdef", "quiz-eval: Answer the question below with one number. " * 3,
+                    {"spec": {"meta": {"item": "q6"}}})
+    store.close()
+    done = cli("runs", "--store", str(tmp_path / "runs.db"), env={"COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    assert "item q6 · quiz-eval" in done.stdout, done.stdout
