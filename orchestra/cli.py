@@ -156,9 +156,10 @@ def setting_option(path: str, flag: str | None = None, *, help: str | None = Non
 
 def budget_options(fn: F) -> F:
     """--max-calls, --max-cost, --max-tokens."""
-    fn = setting_option("budget.max_tokens", "--max-tokens", help="Token budget for the run.")(fn)
-    fn = setting_option("budget.max_cost_usd", "--max-cost", help="USD budget for the run.")(fn)
-    return setting_option("budget.max_calls", "--max-calls", help="Call budget for the run.")(fn)
+    whole = " (of a data-set workflow: for all its items)"
+    fn = setting_option("budget.max_tokens", "--max-tokens", help=f"Token budget for the run{whole}.")(fn)
+    fn = setting_option("budget.max_cost_usd", "--max-cost", help=f"USD budget for the run{whole}.")(fn)
+    return setting_option("budget.max_calls", "--max-calls", help=f"Call budget for the run{whole}.")(fn)
 
 
 def settings_options(fn: F) -> F:

@@ -114,8 +114,12 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        raise ConfigError(f"invalid YAML: {error.problem or error.context}", path=shown,
+        mark, problem = error.problem_mark or error.context_mark, error.problem or error.context
+        if error.context_mark and error.context and "end of stream" in (error.problem or ""):
+            # an unclosed quote or bracket: the end of the file is where it was noticed, not where it is
+            thing = error.context.removeprefix("while scanning ").removeprefix("while parsing ")
+            mark, problem = error.context_mark, f"{thing} that starts here is never closed ({error.problem})"
+        raise ConfigError(f"invalid YAML: {problem}", path=shown,
                           line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
     except yaml.reader.ReaderError as error:  # a control character such as NUL: not a text file
         before = text[: error.position]

@@ -66,6 +66,9 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
      "wf.yaml:14:13: step 'draft' uses undeclared input 'subject'; declare it under inputs:"),
     (GOOD.replace("steps:\n  - id: draft", "steps:\n  - id: draft\n  bad indent: [", 1),
      "wf.yaml:13:3: invalid YAML: "),
+    (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.output }}'),
+     # where the quote opens, not the end of the file where the parser noticed
+     "wf.yaml:21:8: invalid YAML: a quoted scalar that starts here is never closed (found unexpected end of stream)"),
     (GOOD.replace("needs: [draft]", "needs: [drafts]"),
      "wf.yaml:16:13: step 'review' needs unknown step 'drafts'; steps: draft, review"),
     (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.output }"'),
