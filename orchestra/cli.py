@@ -605,7 +605,10 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     per_correct = "-" if report.cost_per_correct_usd is None else f"${report.cost_per_correct_usd:.6f}"
-    for metric, value in [("items", str(report.items)), ("accuracy", f"{report.accuracy:.3f}"),
+    accuracy = f"{report.accuracy:.3f}"
+    if report.failed:  # (a spent budget can leave every item unanswered: 0.000 alone reads as all wrong)
+        accuracy += f" ({report.items - report.failed} of {report.items} finished; the rest count as wrong)"
+    for metric, value in [("items", str(report.items)), ("accuracy", accuracy),
                           ("calls", str(report.calls)), ("requests", str(report.requests)),
                           ("cost", f"${report.cost_usd:.6f}"),
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),
