@@ -227,6 +227,17 @@ def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
     return RunStore(store_path) if store_path else True
 
 
+def existing_store(store_path: Path | None) -> RunStore:
+    """The store a command reads: a ``--store`` file that does not exist is refused (a typo would
+    make a new, empty store and show nothing); the default one is made if need be."""
+    from orchestra.errors import StoreError
+    from orchestra.store import RunStore
+
+    if store_path is not None and not store_path.exists():
+        raise StoreError(f"no run store at {store_path}: nothing was recorded there; check the path given to --store")
+    return RunStore(store_path)
+
+
 def orchestra_options(opts: dict[str, Any]) -> dict[str, Any]:
     """``Orchestra`` arguments other than settings from the shared flags: the store and tracing."""
     options: dict[str, Any] = {"store": store_from(opts.get("store_path"), opts.get("no_store", False))}
@@ -633,10 +644,9 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
 
     from rich.table import Table
 
-    from orchestra.store import RunStore
     from orchestra.view import terminal
 
-    store = RunStore(store_path)
+    store = existing_store(store_path)
     records = store.runs(limit)
     if as_json:
         click.echo(json.dumps([{"id": r.id, "status": r.status, "task": r.task, "item": r.item, "created": r.created,
@@ -682,10 +692,9 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
 def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool) -> None:
     """A run's plan, recruitment explanations, every prompt and response, usage and cost."""
     from orchestra.inspect import export_jsonl, run_report, show_run
-    from orchestra.store import RunStore
     from orchestra.view import terminal
 
-    store = RunStore(store_path)
+    store = existing_store(store_path)
     if export == "jsonl":
         for line in export_jsonl(store, run_id):
             click.echo(line)
@@ -706,9 +715,8 @@ def resume(run_id: str, **opts: Any) -> None:
     if opts["no_store"]:
         raise ConfigError("resume reads the run store; drop --no-store")
     from orchestra.core import Orchestra
-    from orchestra.store import RunStore
 
-    store = RunStore(opts["store_path"])
+    store = existing_store(opts["store_path"])
     record = store.run(run_id)
     orc = Orchestra.resuming(record.id, store=store)
     budget = settings_from(opts).changes().get("budget")

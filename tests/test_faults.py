@@ -296,13 +296,24 @@ def test_a_batch_that_breaks_before_its_model_answers_fails_its_calls_instead_of
 def test_a_store_that_cannot_be_created_is_one_line_naming_what_is_in_the_way(tmp_path: Path) -> None:
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder")
-    for args in (["runs", "--store", str(blocker / "runs.db")], ["show", "abc", "--store", str(blocker / "runs.db")]):
-        done = cli(*args)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert done.stderr.strip() == (f"error: cannot create the run store {blocker / 'runs.db'} ({blocker} is a "
-                                       "file, not a folder); choose another file with --store")
+    pool = write_pool(tmp_path, "http://127.0.0.1:9/v1")  # (never called: the store is opened first)
+    done = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--store", str(blocker / "runs.db"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (f"error: cannot create the run store {blocker / 'runs.db'} ({blocker} is a "
+                                   "file, not a folder); choose another file with --store")
     with pytest.raises(StoreError, match="is a file, not a folder"):
         Orchestra(scripted_pool(1)[0], store=blocker / "deeper" / "runs.db")
+
+
+def test_reading_a_store_that_does_not_exist_is_refused_not_made_empty(tmp_path: Path) -> None:
+    # a typo in --store used to make a new, empty store and list nothing
+    missing = tmp_path / "typo.db"
+    for args in (["runs"], ["show", "abc"], ["resume", "abc"]):
+        done = cli(*args, "--store", str(missing))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == (f"error: no run store at {missing}: nothing was recorded there; check the "
+                                       "path given to --store")
+    assert not missing.exists()
 
 
 def test_a_read_only_store_in_a_folder_that_cannot_be_written_is_read_as_immutable(

@@ -47,6 +47,9 @@ def test_import_orchestra_loads_no_heavy_dependency() -> None:
 
 def test_the_help_and_runs_commands_load_no_heavy_dependency(tmp_path: Path) -> None:
     # pydantic too: building every settings model is most of a start (the commands' own help loads it)
+    from orchestra.store import RunStore
+
+    RunStore(tmp_path / "runs.db").close()  # (a --store that does not exist is refused)
     for args in (["--help"], ["runs", "--store", str(tmp_path / "runs.db")], ["runs", "--json"]):
         loaded = loaded_after(run_cli(*args), env={**os.environ, "ORCHESTRA_HOME": str(tmp_path)})
         assert "click" in loaded  # (the probe did run the command line)
@@ -59,7 +62,7 @@ def test_a_commands_own_help_builds_its_setting_options() -> None:
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "--k INTEGER RANGE" in done.stdout and "[x>=1]" in done.stdout  # type and bounds from Settings
-    assert "--max-calls" in done.stdout and "Call budget for the run." in done.stdout
+    assert "--max-calls" in done.stdout and "Call budget for the run" in done.stdout
     assert "[calibrated|symbolic-moe|vote|moa|random|single]" in done.stdout  # --method
 
 
