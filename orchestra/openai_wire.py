@@ -125,8 +125,12 @@ def _conversation(messages: Any) -> tuple[str, str]:
             raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
         turns.append((role, _text(message.get("content"), f"{where}.content")))
     role, task = turns[-1]
-    if role != "user" or not task.strip():
-        raise bad_request("the last message must be the user's, with the task as its text", "messages")
+    if role != "user":
+        raise bad_request(f"the last message must be the user's, with the task as its text (it is the {role}'s)",
+                          "messages")
+    if not task.strip():
+        raise bad_request(f"messages[{len(turns) - 1}].content is empty: the last user message is the task",
+                          f"messages[{len(turns) - 1}].content")
     context = "\n".join(f"{_SPEAKERS[r]}: {text}" for r, text in turns[:-1] if text.strip())
     return task, context[-CONTEXT_CHARS:]
 

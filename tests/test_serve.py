@@ -334,6 +334,7 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
     question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
     bad = {
         "last message": dict(messages=[*question, {"role": "assistant", "content": "hi"}]),
+        "empty task": dict(messages=[*question, {"role": "user", "content": "  "}]),
         "n": dict(messages=question, n=2),
         "unknown": dict(messages=question, extra_body={"kk": 3}),
         "k type": dict(messages=question, extra_body={"k": "three"}),
@@ -350,7 +351,9 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
         assert error.value.status_code == 400
         messages[name] = error.value.body["message"]
         assert "\n" not in messages[name]
-    assert "last message must be the user's" in messages["last message"]
+    assert "last message must be the user's, with the task as its text (it is the assistant's)" in messages[
+        "last message"]
+    assert messages["empty task"] == "messages[1].content is empty: the last user message is the task"
     assert "'kk'" in messages["unknown"] and "'k'" in messages["k type"] and "psychic" in messages["mode"]
     assert "only text content" in messages["image"] and "'k' must be at most 16" in messages["k cap"]
     assert "'k' must be an integer" in messages["k type"]
