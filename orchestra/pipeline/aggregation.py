@@ -137,7 +137,12 @@ class Strongest:
 
     async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
         """The strongest response, reasoning stripped."""
-        best = ranked(job.responses)[0]
+        return self.pick(job.responses, job.grader)
+
+    @staticmethod
+    def pick(responses: Sequence[Response], grader: Grader) -> tuple[str, Any]:
+        """``combine`` without a job: this strategy calls no model (a node does not build one)."""
+        best = ranked(responses)[0]
         return strip_reasoning(best.text), best.data
 
 
@@ -149,7 +154,12 @@ class Vote:
 
     async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
         """The winning response (see ``vote``)."""
-        winner = vote(job.responses, job.grader)
+        return self.pick(job.responses, job.grader)
+
+    @staticmethod
+    def pick(responses: Sequence[Response], grader: Grader) -> tuple[str, Any]:
+        """``combine`` without a job: this strategy calls no model (a node does not build one)."""
+        winner = vote(responses, grader)
         return winner.text, winner.data
 
 
@@ -179,16 +189,15 @@ class Refine(Synthesize):
     prompt = staticmethod(refine_prompt)
 
 
-STRATEGY_CLASSES: dict[str, type[Strongest | Vote | Synthesize]] = {
-    "none": Strongest, "vote": Vote, "synthesize": Synthesize, "refine": Refine}
+#: each strategy, by name (they hold no state: one of each serves every node)
+STRATEGIES: dict[str, Strongest | Vote | Synthesize] = {
+    "none": Strongest(), "vote": Vote(), "synthesize": Synthesize(), "refine": Refine()}
 
 
 def strategy(name: Strategy, responses: int) -> Aggregation:
     """The strategy that combines ``responses`` answers: one answer needs no aggregator (a vote
     still reads it, so a vote's output is always an extracted answer)."""
-    if responses == 1 and name != "vote":
-        return Strongest()
-    return STRATEGY_CLASSES[name]()
+    return STRATEGIES["none" if responses == 1 and name != "vote" else name]
 
 
 #: the default answer: text, each agent's own token limit and temperature

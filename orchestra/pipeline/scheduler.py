@@ -45,7 +45,7 @@ from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, get_grader, strip_reasoning
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatRequest, ChatResult, Model
-from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, strategy
+from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, Strongest, Vote, strategy
 from orchestra.pipeline.planning import Planner
 from orchestra.pipeline.staffing import Pin, Staffing
 from orchestra.plan import Plan, PlanInvalid
@@ -142,11 +142,6 @@ class NodeState:
             "expert_outputs": list(self.expert_outputs),
             "recruitment": recruitment.to_dict(self.explanation) if recruitment else None, "error": self.error,
             "elapsed_s": self.elapsed_s, "saved_calls": self.saved_calls})
-
-
-async def _no_calls(calls: Sequence[tuple[Model, ChatRequest]]) -> list[ChatResult | Exception]:
-    """The caller a strategy that makes no call gets (made once, not per node)."""
-    raise RuntimeError(f"a strategy without an aggregator made {len(calls)} call(s)")
 
 
 _RUN_ENDING = (AuthenticationError, EndpointUnreachable, StoreError)
@@ -355,16 +350,17 @@ class Run:
             combine = strategy(trace.strategy, 1 if trace.saved_calls else len(responses))
             if trace.saved_calls:  # a confident team's first experts agreed: their answer stands
                 trace.aggregator = None
-            if combine.uses_aggregator:
+            if isinstance(combine, (Strongest, Vote)):  # no model to call: no job to build, nothing to await
+                trace.output, trace.data = combine.pick(responses, self.stages.grader)
+            else:
                 trace.status = "aggregating"
                 self.stages.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=trace.strategy))
-            job = Job(task=self.task, instruction=instruction, responses=responses, seed=trace.seed,
-                      aggregator=(self.stages.pool[trace.aggregator] if trace.aggregator
-                                  else self.stages.staffing.aggregator),
-                      grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
-                      on_text=stream, context=self.spec.context, **sampling)
-            call = self.caller("aggregate", node_id) if combine.uses_aggregator else _no_calls
-            trace.output, trace.data = await combine.combine(job, call)
+                job = Job(task=self.task, instruction=instruction, responses=responses, seed=trace.seed,
+                          aggregator=(self.stages.pool[trace.aggregator] if trace.aggregator
+                                      else self.stages.staffing.aggregator),
+                          grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
+                          on_text=stream, context=self.spec.context, **sampling)
+                trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
             trace.status = "done"
             if self.stages.events.wants(NodeDone):
                 self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
