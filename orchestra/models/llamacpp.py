@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from orchestra.errors import ConfigError, ContextTooLong, MissingDependency
 from orchestra.models.base import ModelBase, Outcome
+from orchestra.models.llama_check import check_llama_runs
 from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
 
@@ -37,6 +38,14 @@ def default_gguf_path() -> Path:
         if str(file).endswith(".gguf"):
             return Path(str(distribution.locate_file(file)))
     raise MissingDependency(f"{DEFAULT_PACKAGE} is installed but holds no .gguf file; reinstall it")
+
+
+def _small_model() -> Path | None:
+    """The embedded GGUF, to try llama.cpp's build with (None when it is not installed)."""
+    try:
+        return default_gguf_path()
+    except MissingDependency:
+        return None
 
 
 class LlamaCpp(ModelBase):
@@ -105,6 +114,7 @@ class LlamaCpp(ModelBase):
         except ImportError:
             raise MissingDependency(
                 "LlamaCpp needs llama-cpp-python: pip install 'skill-orchestra[local]'") from None
+        check_llama_runs(_small_model())  # a build this CPU cannot run would kill this process silently
         return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
                      n_gpu_layers=self.n_gpu_layers, verbose=False)
 
