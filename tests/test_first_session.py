@@ -304,11 +304,14 @@ def test_retrying_is_printed_only_when_a_retry_follows(loopback, tmp_path: Path)
     assert len(server.requests) == 5 * 2 + 2  # 5 keyword calls and the expert call, 2 attempts each
 
 
-def test_the_budget_message_counts_calls_in_flight(llm, tmp_path: Path) -> None:
+def test_the_budget_message_counts_the_calls_the_run_made(llm, tmp_path: Path) -> None:
+    # refused while three calls were in flight; the message said "0 calls made, 3 in flight" next
+    # to a footer of 3 calls: it is counted as the run ends
     pool = write_pool(tmp_path, llm.server.url)
     done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--max-calls", "3", "--json")
     assert done.returncode == 3
-    assert "budget max_calls=3 reached (0 calls made, 3 in flight)" in done.stderr
+    assert json.loads(done.stdout)["usage"]["calls"] == 3
+    assert "budget max_calls=3 reached (3 calls made);" in done.stderr and "in flight" not in done.stderr
 
 
 def test_ctrl_c_names_the_run_to_resume(loopback, tmp_path: Path) -> None:

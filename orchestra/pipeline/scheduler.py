@@ -579,9 +579,15 @@ class Run:
     def _finish(self, status: RunStatus, answer: str | None, error: str | None) -> None:
         if self.future.done():
             return
-        if self.ledger.budget.exceeded is not None:  # the budget first, then what else failed (not it again)
-            budget = str(self.ledger.budget.exceeded)
-            others = [part for part in (error or "").split("; ") if part and not part.endswith(budget)]
+        refused = self.ledger.budget.exceeded
+        if refused is not None:  # the budget first, then what else failed (not it again)
+            # counted as the run ends (the calls in flight at the refusal are made by now), so the
+            # message agrees with the run's usage; a limit the next call only might have passed keeps
+            # the refusal's words
+            final = self.ledger.budget.reached()
+            budget = str(final if final is not None and final.limit == refused.limit else refused)
+            others = [part for part in (error or "").split("; ")
+                      if part and not part.endswith(budget) and not part.endswith(str(refused))]
             error = f"{budget} ({'; '.join(others)})" if others else budget
         result = self.result(status, answer, error)
         self.stages.events.emit(RunDone(run_id=self.run_id, status=status, answer=answer, error=error,
