@@ -48,10 +48,14 @@ class Agent:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"an agent's name must be non-empty text, not {self.name!r}")
         _check_model(self.model, f"agent {self.name!r}: model")
-        if isinstance(self.skills, str) or not all(isinstance(skill, str) for skill in self.skills):
+        try:
+            skills = None if isinstance(self.skills, str) else tuple(self.skills)  # (a generator is read once)
+        except TypeError:
+            skills = None
+        if skills is None or not all(isinstance(skill, str) for skill in skills):
             raise ConfigError(f"agent {self.name!r}: skills must be a list of names (e.g. skills=[\"algebra\"]), "
                               f"not {self.skills!r}")
-        self.skills = tuple(self.skills)
+        self.skills = skills
         if not isinstance(self.persona, str):
             raise ConfigError(f"agent {self.name!r}: persona must be text, not {type(self.persona).__name__}")
         if self.temperature is not None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -489,7 +489,7 @@ class Executor:
         calls, self._heavy = self._heavy, []
         self.stats.waves += 1
         wave = self.stats.waves
-        running: set[asyncio.Task[None]] = set()
+        running: dict[asyncio.Task[None], list[_Call]] = {}  # the groups running, by their task
         groups: dict[int, list[_Call]] = {}
         try:
             for call in calls:
@@ -503,25 +503,27 @@ class Executor:
                         self._busy.add(key)
                         task = asyncio.get_running_loop().create_task(self._run_group(group, wave))
                         task.add_done_callback(partial(self._sent, group))
-                        running.add(task)
+                        running[task] = group
                 if not running:
                     continue
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                running -= done
+                for task in done:
+                    del running[task]
                 if groups:  # let the tasks these batches woke queue their next calls: they tell what comes later
                     await self._until_settled()
-        except Exception as error:  # a bug: the wave's calls not started fail with it, rather than wait for ever
-            for group in groups.values():
+        except Exception as error:  # a bug: the wave's calls fail with it, rather than wait for ever
+            for group in [*groups.values(), *running.values()]:
                 self._fail_unanswered(group, error)
         finally:
-            for task in running:  # only when the wave itself is cancelled
+            for task in running:  # when the wave itself is cancelled, or broke (its calls failed above)
                 task.cancel()
             self._wave_left = set()
             self._busy.clear()
             self._heavy_running = False
             self._schedule_kick()
 
-    def _startable(self, groups: dict[int, list[_Call]], running: set[asyncio.Task[None]]) -> list[int]:
+    def _startable(self, groups: dict[int, list[_Call]],
+                   running: Mapping[asyncio.Task[None], list[_Call]]) -> list[int]:
         """The groups to start now, in order. In process: the next one, once none runs. With a
         placement: every group that fits beside those running, in planned order; a group whose model
         could never fit is failed here with the reason."""

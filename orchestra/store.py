@@ -137,6 +137,14 @@ def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:
             time.sleep(0.02)
 
 
+def _read_only_disk(path: Path) -> bool:
+    """Whether ``path`` is on a file system mounted read-only (so nobody can be writing it)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        return False
+
+
 def _alive(owner: str) -> bool:
     """Whether the process named by an ``owner`` tag may still run (a dead one on this host is known)."""
     host, _, rest = owner.partition(" pid ")
@@ -277,21 +285,30 @@ class RunStore:
             raise StoreUnusable(self.path, f"{self.path} is not a usable Orchestra run store ({error})",
                                 move_away="move it away") from None
         except OSError as error:  # a folder that cannot be made (a file is in the way, no permission)
-            where = error.filename or self.path.parent
-            why = (f"{where} is a file, not a folder" if isinstance(error, (FileExistsError, NotADirectoryError))
-                   else f"{error.strerror or error}: {where}")
+            where = Path(error.filename or self.path.parent)
+            if isinstance(error, (FileExistsError, NotADirectoryError)):  # the file in the way, not the folder
+                blocker = next((p for p in (where, *where.parents) if p.exists()), where)
+                why = f"{blocker} is a file, not a folder"
+            else:
+                why = f"{error.strerror or error}: {where}"
             raise StoreUnusable(self.path, f"cannot create the run store {self.path} ({why})") from None
 
     def _connect(self) -> sqlite3.Connection:
-        """The connection: read-only for a file this process cannot write. A read-only store in a
-        folder that cannot be written either (a read-only disk) is opened as immutable, as SQLite
-        cannot make the shared-memory file its WAL needs there; nobody can be writing it."""
+        """The connection: read-only for a file this process cannot write. On a read-only disk,
+        where SQLite cannot make the shared-memory file its WAL needs, a store whose commits are all
+        in the file is opened as immutable (nobody can be writing it); one with commits still in its
+        WAL there cannot be read, and says so."""
         options: dict[str, Any] = {"timeout": 30, "check_same_thread": False, "isolation_level": None}
         if not self.read_only:
             return sqlite3.connect(str(self.path), **options)
-        shared_memory = self.path.with_name(self.path.name + "-shm")
-        immutable = not os.access(self.path.parent, os.W_OK) and not shared_memory.exists()
-        return sqlite3.connect(f"file:{self.path}?mode=ro{'&immutable=1' if immutable else ''}", uri=True, **options)
+        sidecar = {suffix: self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm")}
+        if not _read_only_disk(self.path) or sidecar["-shm"].exists():
+            return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, **options)
+        if sidecar["-wal"].exists() and sidecar["-wal"].stat().st_size:
+            raise StoreUnusable(self.path, f"{self.path} is on a read-only disk with commits still in "
+                                f"{sidecar['-wal'].name}, which SQLite cannot read there; copy both files to a "
+                                "writable folder and open the copy")
+        return sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, **options)
 
     def _open(self) -> None:
         """Check the file, then (and only then) set it up: nothing is written to a file of another

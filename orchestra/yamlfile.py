@@ -115,7 +115,8 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as error:
         mark, problem = error.problem_mark or error.context_mark, error.problem or error.context
-        if error.context_mark and error.context and "end of stream" in (error.problem or ""):
+        unclosed = "end of stream" in (error.problem or "") or (error.problem or "").endswith("'<stream end>'")
+        if error.context_mark and error.context and unclosed:
             # an unclosed quote or bracket: the end of the file is where it was noticed, not where it is
             thing = error.context.removeprefix("while scanning ").removeprefix("while parsing ")
             mark, problem = error.context_mark, f"{thing} that starts here is never closed ({error.problem})"

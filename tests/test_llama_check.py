@@ -44,6 +44,15 @@ def test_a_build_whose_first_prompt_dies_of_a_signal_is_refused_with_the_rebuild
     assert len(fresh) == 2 and not (tmp_path / "llama-cpp-check.json").exists()
 
 
+@pytest.mark.parametrize("probe", ["import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+                                   "raise KeyboardInterrupt\n"], ids=["killed", "interrupted"])
+def test_a_child_stopped_from_outside_says_nothing_of_the_cpu(fresh: list[list[str]], monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path, probe: str) -> None:
+    monkeypatch.setattr(llama_check, "PROBE", probe)  # (the OOM killer; Ctrl-C during the check)
+    llama_check.check_llama_runs(tmp_path / "small.gguf")  # no verdict either way: the load goes on
+    assert len(fresh) == 1 and not (tmp_path / "llama-cpp-check.json").exists()
+
+
 def test_a_build_that_runs_is_checked_once_per_install(fresh: list[list[str]], monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Path) -> None:
     monkeypatch.setattr(llama_check, "PROBE", "pass\n")

@@ -81,6 +81,8 @@ def test_an_agent_that_could_never_answer_is_refused_when_made(options: dict[str
 def test_a_pool_whose_planner_is_not_a_model_is_refused() -> None:
     agent = Agent(name="a", model=FunctionModel(lambda r: "ok"), skills=["math"])
     assert agent.skills == ("math",)
+    assert Agent(name="b", model=FunctionModel(lambda r: "ok"), skills=(s for s in ["math", "code"])).skills == (
+        "math", "code")  # a generator is read once, not emptied by the check
     with pytest.raises(ConfigError, match="the pool's planner must be a model object"):
         Pool(agents=[agent], planner="gpt-4o")  # type: ignore[arg-type]
 
@@ -132,3 +134,15 @@ def test_a_plan_given_as_a_dict_is_run_and_anything_else_is_refused() -> None:
         orc.run("Compute 2+2", plan={"subtasks": [{"id": "a"}]})
     with pytest.raises(ConfigError, match="^plan must be a Plan .* not str 'yes'$"):
         orc.run("Compute 2+2", plan="yes")  # type: ignore[arg-type]
+
+
+def test_a_budget_stop_over_several_nodes_reads_once_with_the_runs_final_count() -> None:
+    # each node refused wrote the counts of its moment ("0 calls made, 3 in flight"); they stood
+    # beside the run's own line, which said otherwise
+    pool = Pool(agents=[Agent(name=f"a{i}", model=FunctionModel(lambda r: "The answer is 4", name=f"m{i}"),
+                              skills=["math"]) for i in range(3)])
+    plan = {"subtasks": [{"id": name, "instruction": name, "skills": ["math"]} for name in ("one", "two", "three")]}
+    result = Orchestra(pool, k=2, aggregate="synthesize", store=False, budget={"max_calls": 3}).run(
+        "Compute things", plan=plan)
+    assert result.status == "budget_exceeded" and result.usage.calls == 3
+    assert result.error == "budget max_calls=3 reached (3 calls made)", result.error

@@ -256,3 +256,15 @@ def test_workflow_resume_keeps_the_run_options(loopback, tmp_path: Path) -> None
     assert data["usage"]["replayed_calls"] == 4  # the same seed and k: every recorded call matched
     assert all(len(n["experts"]) == 2 for n in data["plan"]["nodes"])
     assert sum(scripted.kinds.values()) - sent == data["usage"]["calls"] - 4
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: x\nsteps: [1, 2\n", "x.yaml:2:8: invalid YAML: a flow sequence that starts here is never closed"),
+    ("name: x\nmeta: {a: 1\n", "x.yaml:2:7: invalid YAML: a flow mapping that starts here is never closed"),
+])
+def test_an_unclosed_bracket_is_reported_where_it_opens(text: str, expected: str) -> None:
+    from orchestra.yamlfile import read_yaml
+
+    with pytest.raises(ConfigError) as error:
+        read_yaml("x.yaml", text)  # type: ignore[arg-type]
+    assert str(error.value).startswith(expected), str(error.value)

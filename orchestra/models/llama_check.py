@@ -29,6 +29,8 @@ PROBE = ("import sys\nfrom llama_cpp import Llama\n"
          "Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=False)('The sky is', max_tokens=2)\n")
 REBUILD = ('pip cache remove llama_cpp_python; CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall '
            '--no-deps --no-cache-dir llama-cpp-python')
+#: how a process dies of an instruction its CPU will not run (or of what such a build leads to)
+_CPU_FAULTS = frozenset(int(s) for s in (signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGABRT))
 _checked: set[str] = set()  # builds found to run, in this process
 _lock = threading.Lock()
 
@@ -48,10 +50,13 @@ def check_llama_runs(probe_model: Path | None) -> None:
         if _recorded(verdicts) == build:
             _checked.add(build)
             return
-        done = subprocess.run([sys.executable, "-c", PROBE, str(probe_model)], capture_output=True, timeout=600,
-                              check=False)
-        if done.returncode < 0:
-            name = signal.Signals(-done.returncode).name if -done.returncode in signal.valid_signals() else "a signal"
+        try:
+            done = subprocess.run([sys.executable, "-c", PROBE, str(probe_model)], capture_output=True, timeout=600,
+                                  check=False)
+        except subprocess.TimeoutExpired:  # no verdict: the load goes on
+            return
+        if -done.returncode in _CPU_FAULTS:  # (a child stopped by Ctrl-C or the OOM killer says nothing of the CPU)
+            name = signal.Signals(-done.returncode).name
             raise MissingDependency(
                 f"llama-cpp-python crashes on this machine (a first prompt in a child process died of {name}): "
                 f"it was built for CPU features this machine does not run; rebuild it: {REBUILD}")

@@ -586,8 +586,8 @@ class Run:
             # the refusal's words
             final = self.ledger.budget.reached()
             budget = str(final if final is not None and final.limit == refused.limit else refused)
-            others = [part for part in (error or "").split("; ")
-                      if part and not part.endswith(budget) and not part.endswith(str(refused))]
+            stop = str(refused).split(" (", 1)[0]  # its words before the counts, which each refusal wrote anew
+            others = [part for part in (error or "").split("; ") if part and stop not in part]
             error = f"{budget} ({'; '.join(others)})" if others else budget
         result = self.result(status, answer, error)
         self.stages.events.emit(RunDone(run_id=self.run_id, status=status, answer=answer, error=error,
