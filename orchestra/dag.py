@@ -22,10 +22,13 @@ class Dag:
 
     def __init__(self, dependencies: Mapping[str, Iterable[str]]) -> None:
         self.nodes: list[str] = list(dependencies)
-        self.dependencies: dict[str, list[str]] = {node: list(dict.fromkeys(needs))
-                                                   for node, needs in dependencies.items()}
+        self.dependencies: dict[str, list[str]] = {}
         self.dependents: dict[str, list[str]] = {node: [] for node in self.nodes}
-        for node, needs in self.dependencies.items():
+        for node, needs in dependencies.items():  # (a run's start walks every node: one loop, no dedupe unless needed)
+            needs = list(needs)
+            if len(needs) > 1 and len(set(needs)) < len(needs):
+                needs = list(dict.fromkeys(needs))
+            self.dependencies[node] = needs
             for dependency in needs:
                 self.dependents[dependency].append(node)
         self._order: list[str] | None = None
@@ -53,12 +56,14 @@ class Dag:
         return list(self._order)
 
     def _sorted(self) -> list[str]:
+        dependents = self.dependents
         waiting = {node: len(needs) for node, needs in self.dependencies.items()}
-        ordered = [node for node in self.nodes if not waiting[node]]
+        ordered = [node for node, needs in waiting.items() if not needs]
         for node in ordered:  # grows while it is read: each node's dependents once all their needs are in
-            for dependent in self.dependents[node]:
-                waiting[dependent] -= 1
-                if not waiting[dependent]:
+            for dependent in dependents[node]:
+                left = waiting[dependent] - 1
+                waiting[dependent] = left
+                if not left:
                     ordered.append(dependent)
         if len(ordered) < len(self.nodes):
             raise ValueError(f"the graph has a cycle: {' -> '.join(self.cycle() or [])}")

@@ -48,25 +48,35 @@ class PlanInvalid(ValueError):
 
 def validate_plan(plan: Plan, *, max_nodes: int = 12) -> Dag:
     """The plan as a DAG (edges dependency -> dependent); ``PlanInvalid`` says what is wrong."""
-    if len(plan.subtasks) > max_nodes:
-        raise PlanInvalid(f"the plan has {len(plan.subtasks)} subtasks; at most {max_nodes} are allowed")
+    subtasks = plan.subtasks
+    if len(subtasks) > max_nodes:
+        raise PlanInvalid(f"the plan has {len(subtasks)} subtasks; at most {max_nodes} are allowed")
+    dependencies = {subtask.id: subtask.depends_on for subtask in subtasks}
+    # checked in bulk (a given plan can have thousands of nodes); what is wrong is then found one by one
+    if len(dependencies) < len(subtasks) or not dependencies.keys() >= set().union(*dependencies.values()):
+        _name_problem(subtasks)
+    graph = Dag(dependencies)
+    try:
+        graph.order()
+    except ValueError:
+        _name_problem(subtasks)  # a subtask that depends on itself is named as such, not as a cycle
+        raise PlanInvalid(f"the dependencies form a cycle: {' -> '.join(graph.cycle() or [])}") from None
+    return graph
+
+
+def _name_problem(subtasks: list[Subtask]) -> None:
+    """Raise ``PlanInvalid`` for the first duplicate id, unknown dependency or self-dependency."""
     ids: set[str] = set()
-    for subtask in plan.subtasks:
+    for subtask in subtasks:
         if subtask.id in ids:
             raise PlanInvalid(f"duplicate subtask id {subtask.id!r}")
         ids.add(subtask.id)
-    for subtask in plan.subtasks:
+    for subtask in subtasks:
         for dependency in subtask.depends_on:
             if dependency not in ids:
                 raise PlanInvalid(f"subtask {subtask.id!r} depends on unknown subtask {dependency!r}")
             if dependency == subtask.id:
                 raise PlanInvalid(f"subtask {subtask.id!r} depends on itself")
-    graph = Dag({subtask.id: subtask.depends_on for subtask in plan.subtasks})
-    try:
-        graph.order()
-    except ValueError:
-        raise PlanInvalid(f"the dependencies form a cycle: {' -> '.join(graph.cycle() or [])}") from None
-    return graph
 
 
 def plan_schema(max_nodes: int) -> dict[str, Any]:

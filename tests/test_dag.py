@@ -75,3 +75,27 @@ def test_a_plan_with_a_cycle_is_refused_with_the_cycle() -> None:
     with pytest.raises(PlanInvalid, match="the dependencies form a cycle: a -> b -> a"):
         validate_plan(plan)
     assert validate_plan(Plan(subtasks=[*plan.subtasks[:1], Subtask(id="b", instruction="y")])).order() == ["b", "a"]
+
+
+@pytest.mark.parametrize("subtasks, problem", [
+    ([("a", []), ("a", [])], "duplicate subtask id 'a'"),
+    ([("a", ["ghost"]), ("b", ["a"])], "subtask 'a' depends on unknown subtask 'ghost'"),
+    ([("a", []), ("b", ["b", "a"])], "subtask 'b' depends on itself"),
+    # a node that needs itself is named as such, even next to a cycle of others and after it
+    ([("a", ["c"]), ("c", ["a"]), ("b", ["a", "b"])], "subtask 'b' depends on itself"),
+    # the first problem in the plan's order, whatever its kind
+    ([("a", ["a"]), ("b", ["ghost"])], "subtask 'a' depends on itself"),
+])
+def test_a_plan_names_the_first_thing_wrong_with_it(subtasks: list[tuple[str, list[str]]], problem: str) -> None:
+    plan = Plan(subtasks=[Subtask(id=id_, instruction=id_, depends_on=needs) for id_, needs in subtasks])
+    with pytest.raises(PlanInvalid) as raised:
+        validate_plan(plan)
+    assert str(raised.value) == problem
+
+
+def test_a_plan_whose_dependency_is_named_twice_runs_it_once() -> None:
+    plan = Plan(subtasks=[Subtask(id="a", instruction="x"), Subtask(id="b", instruction="y", depends_on=["a", "a"]),
+                          Subtask(id="c", instruction="z", depends_on=["b", "a", "b"])])
+    graph = validate_plan(plan)
+    assert graph.dependencies == {"a": [], "b": ["a"], "c": ["b", "a"]}
+    assert graph.dependents == {"a": ["b", "c"], "b": ["c"], "c": []} and graph.order() == ["a", "b", "c"]

@@ -14,7 +14,7 @@ import json
 import time
 import zlib
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from orchestra.agents import Agent, Pool
@@ -110,7 +110,7 @@ class NodeSettings:
 DEFAULT_NODE = NodeSettings()
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class NodeState:
     """A node's mutable state during a run; turned into a ``NodeTrace`` for the result."""
 
@@ -120,16 +120,24 @@ class NodeState:
     strategy: Strategy
     seed: int
     """The node's seed (``node_seed``): its keyword samples, its draw and its calls."""
-    status: NodeStatus = "pending"
-    recruitment: Recruitment | None = None
-    explanation: list[str] = field(default_factory=list)
-    aggregator: str | None = None
-    output: str | None = None
-    data: Any = None
-    expert_outputs: list[ExpertOutput] = field(default_factory=list)
-    error: str | None = None
-    elapsed_s: float = 0.0
-    saved_calls: int = 0
+    status: NodeStatus
+    recruitment: Recruitment | None
+    explanation: list[str]
+    aggregator: str | None
+    output: str | None
+    data: Any
+    expert_outputs: list[ExpertOutput]
+    error: str | None
+    elapsed_s: float
+    saved_calls: int
+
+    def __init__(self, id: str, instruction: str, depends_on: list[str], strategy: Strategy, seed: int) -> None:
+        # written out, positional: made for every node as a run starts (the generated one took half as long again)
+        self.id, self.instruction, self.depends_on = id, instruction, depends_on
+        self.strategy, self.seed = strategy, seed
+        self.status, self.recruitment, self.explanation, self.aggregator = "pending", None, [], None
+        self.output = self.data = self.error = None
+        self.expert_outputs, self.elapsed_s, self.saved_calls = [], 0.0, 0
 
     def trace(self) -> NodeTrace:
         """The JSON-ready trace of this node."""
@@ -284,12 +292,12 @@ class Run:
             return
         self.timings["plan_s"] = time.perf_counter() - started
         self.subtasks = plan.by_id()
+        traces, own, seed, task = self.traces, self.node_settings, self.settings.seed, self.task
         for subtask in plan.subtasks:
-            settings = self.node_settings.get(subtask.id, DEFAULT_NODE)
-            self.traces[subtask.id] = NodeState(id=subtask.id, instruction=subtask.instruction,
-                                                depends_on=list(subtask.depends_on),
-                                                strategy=settings.aggregate or self.settings.aggregate,
-                                                seed=node_seed(self.settings.seed, self.task, subtask.id))
+            settings = own.get(subtask.id, DEFAULT_NODE)
+            traces[subtask.id] = NodeState(subtask.id, subtask.instruction, list(subtask.depends_on),
+                                           settings.aggregate or self.settings.aggregate,
+                                           node_seed(seed, task, subtask.id))
         self.plan_attempts, self.plan_note = attempts, note
         if self.stages.events.wants(PlanReady):
             self.stages.events.emit(PlanReady(run_id=self.run_id, attempts=attempts, note=note,
