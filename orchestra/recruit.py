@@ -351,6 +351,19 @@ class Recruiter:
         return self._made(mode, k, keywords, matches, self._draw(matches, ranked, seed, k, mode), ranked, None,
                           notes)
 
+    def draws(self, matches: Sequence[Match], mode: Mode) -> bool:
+        """Whether the seed can change the experts ``recruit`` chooses on these matches in ``mode``
+        (a draw among several agents); when it cannot, one recruitment serves every node."""
+        if mode == "random":
+            return True
+        if mode == "calibrated" and len(self.table.cold) < len(self.table.scores):
+            return False  # a team chosen by expected accuracy and cost
+        if mode in ("symbolic-moe", "calibrated"):  # (calibrated with nothing measured draws as symbolic-moe)
+            key = tuple(matches)
+            agents, _ = self._weights(key, self.candidates(key))
+            return len(agents) != 1
+        return False  # topk, adaptive and global rank the agents
+
     def _draw(self, matches: tuple[Match, ...], ranked: Sequence[Candidate], seed: int, k: int,
               mode: Mode) -> tuple[str, ...]:
         if mode == "symbolic-moe":

@@ -1042,3 +1042,29 @@ def test_the_result_counts_failed_calls_and_rounds_timings() -> None:
     assert result.usage.failed_calls == 1 and result.usage.skill_extraction_failures == 0
     assert result.timings and all(round(v, 4) == v for v in result.timings.values())
     assert set(result.timings) >= {"plan_s", "execute_s"}
+
+
+@pytest.mark.parametrize("mode, skilled, varies", [
+    ("symbolic-moe", 3, True),  # a draw among three: each node's seed picks its own expert
+    ("symbolic-moe", 1, False),  # one agent has the skill: every node gets it, one recruitment for all
+    ("topk", 3, False),
+])
+def test_nodes_with_given_skills_get_the_draw_of_their_own_seed(mode: str, skilled: int, varies: bool) -> None:
+    from orchestra import Agent, Orchestra, Plan, Pool, Subtask
+    from orchestra.models import FunctionModel
+    from orchestra.pipeline.scheduler import node_seed
+
+    model = FunctionModel(lambda request: "ok", name="m")
+    pool = Pool(agents=[Agent(name=f"a{i}", model=model, skills=("algebra",) if i < skilled else ("poetry",))
+                        for i in range(3)])
+    plan = Plan(subtasks=[Subtask(id=f"n{i}", instruction=f"step {i}", skills=["algebra"]) for i in range(12)])
+    orc = Orchestra(pool, k=1, mode=mode, aggregate="none", store=False)
+    result = orc.run("task", plan=plan)
+    assert result.status == "done", result.error
+    experts = {node.id: tuple(node.experts) for node in result.plan.nodes}
+    # each node's own draw, made afresh (nothing remembered between nodes)
+    staffing = orc.stages.staffing
+    [(keywords, matches)] = staffing._matched.values()
+    assert experts == {f"n{i}": staffing._drawn(keywords, matches, seed=node_seed(orc.settings.seed, "task", f"n{i}"),
+                                                k=1, mode=mode, pin=None).experts for i in range(12)}
+    assert (len(set(experts.values())) > 1) is varies

@@ -140,14 +140,15 @@ class NodeState:
         self.expert_outputs, self.elapsed_s, self.saved_calls = [], 0.0, 0
 
     def trace(self) -> NodeTrace:
-        """The JSON-ready trace of this node."""
+        """The JSON-ready trace of this node: it takes the node's own lists (a run's result is made
+        as it ends, when its nodes change no more)."""
         recruitment = self.recruitment
         return assemble(NodeTrace, {  # the fields are typed here: validating them again took most of the time
-            "id": self.id, "instruction": self.instruction, "depends_on": list(self.depends_on),
+            "id": self.id, "instruction": self.instruction, "depends_on": self.depends_on,
             "status": self.status, "skills": list(recruitment.keywords) if recruitment else [],
             "experts": list(recruitment.experts) if recruitment else [], "aggregator": self.aggregator,
             "strategy": self.strategy, "output": self.output, "data": self.data,
-            "expert_outputs": list(self.expert_outputs),
+            "expert_outputs": self.expert_outputs,
             "recruitment": recruitment.to_dict(self.explanation) if recruitment else None, "error": self.error,
             "elapsed_s": self.elapsed_s, "saved_calls": self.saved_calls})
 

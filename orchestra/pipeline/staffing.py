@@ -27,6 +27,9 @@ from orchestra.settings import Settings
 from orchestra.skills import SkillExtractor, skill_names
 from orchestra.vocabulary import AggregatorChoice, Mode
 
+#: not looked at yet (see ``Staffing.known``)
+_UNKNOWN = object()
+
 Call = Callable[[Sequence[tuple[Model, ChatRequest]]], Awaitable[list[ChatResult | Exception]]]
 """Sends calls for a run and returns their outcomes."""
 
@@ -80,6 +83,8 @@ class Staffing:
         self.aggregator_choice: AggregatorChoice = settings.aggregator_choice
         #: given skills -> their plain names and matches, for a matcher that needed no request for them
         self._matched: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[Match, ...]]] = {}
+        #: (given skills, k, mode) -> the one recruitment every seed gets, or None where the seed draws
+        self._settled: dict[tuple[tuple[str, ...], int, str], Recruitment | None] = {}
 
     def known(self, skills: Sequence[str], *, seed: int, k: int, mode: Mode, agent: str | None = None,
               pin: Pin | None = None) -> Recruitment | None:
@@ -93,8 +98,18 @@ class Staffing:
         if pin is not None and k == 1 and len(pin.experts) == 1:  # one agent, kept on resume: nothing to recruit
             return Recruitment(experts=pin.experts, keywords=tuple(skills), matches=(), candidates=(),
                                mode="fixed", notes=(f"{pin.experts[0]}: as recorded with the run",))
-        found = self._matched.get(tuple(skills)) if skills else None
-        return None if found is None else self._drawn(*found, seed=seed, k=k, mode=mode, pin=pin)
+        given = tuple(skills)
+        found = self._matched.get(given) if skills else None
+        if found is None or pin is not None:
+            return None if found is None else self._drawn(*found, seed=seed, k=k, mode=mode, pin=pin)
+        key = (given, k, mode)
+        settled = self._settled.get(key, _UNKNOWN)
+        if isinstance(settled, Recruitment):
+            return settled
+        recruitment = self._drawn(*found, seed=seed, k=k, mode=mode, pin=None)
+        if settled is _UNKNOWN:  # (the matches of these skills are fixed: asked once)
+            self._settled[key] = None if self.recruiter.draws(found[1], mode) else recruitment
+        return recruitment
 
     async def recruit(self, instruction: str, skills: Sequence[str], call: Call, *, seed: int, k: int, mode: Mode,
                       agent: str | None = None, pin: Pin | None = None) -> Staffed:
@@ -121,6 +136,7 @@ class Staffing:
         if keywords and not extracted and usage is None:  # skills of their own: the same for every node
             if len(self._matched) >= 4096:
                 self._matched.clear()
+                self._settled.clear()
             self._matched[tuple(skills)] = (tuple(keywords), tuple(matches))
         return Staffed(self._drawn(keywords, matches, seed=seed, k=k, mode=mode, pin=pin), failure, calls_failed,
                        usage, getattr(self.matcher, "model", "matcher"))
