@@ -88,9 +88,10 @@ class BudgetTracker:
                 return BudgetExceeded(limit=limit, value=value, spent=words, run_id=self.run_id, shared=self.name)
         return None
 
-    def admit(self, request: ChatRequest, price: Price) -> Reservation:
+    def admit(self, request: ChatRequest, price: Price, *, held_here: Reservation | None = None) -> Reservation:
         """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it
-        does not fit this budget or the shared one."""
+        does not fit this budget or the shared one. ``held_here``: what the asking run holds itself
+        (for a shared budget: a call that fits but for other runs' calls in flight is told so)."""
         budget = self.budget
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
@@ -102,15 +103,22 @@ class BudgetTracker:
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
         spent = self.prompt_tokens + self.completion_tokens
         if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
+            held = f", {self._reserved_tokens} held for {self._reserved_calls} calls in flight" \
+                if self._reserved_calls else ""
+            alone = held_here is not None and spent + held_here.tokens + worst.tokens <= budget.max_tokens
             self._refuse("max_tokens", budget.max_tokens,
-                         f"{spent} tokens used, the next call may take {worst.tokens}: {prompt} of prompt and up to "
-                         f"{answer} of answer")
+                         f"{spent} tokens used{held}, the next call may take {worst.tokens}: {prompt} of prompt and "
+                         f"up to {answer} of answer", held=alone)
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
-            self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.cost_usd:.4f} spent")
+            held = f", ${self._reserved_cost:.4f} held for {self._reserved_calls} calls in flight" \
+                if self._reserved_calls else ""
+            alone = held_here is not None and \
+                self.cost_usd + held_here.cost_usd + worst.cost_usd <= budget.max_cost_usd
+            self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.cost_usd:.4f} spent{held}", held=alone)
         if self.parent is not None:
             try:
-                self.parent.admit(request, price)
+                self.parent.admit(request, price, held_here=Reservation(self._reserved_tokens, self._reserved_cost))
             except BudgetExceeded as exceeded:
                 self.exceeded = exceeded
                 raise
@@ -148,6 +156,7 @@ class BudgetTracker:
         self.completion_tokens += usage.completion_tokens
         self.cost_usd += usage.cost_usd
 
-    def _refuse(self, limit: str, value: float, spent: str) -> None:
-        self.exceeded = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id, shared=self.name)
+    def _refuse(self, limit: str, value: float, spent: str, *, held: bool = False) -> None:
+        self.exceeded = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id, shared=self.name,
+                                       held=held)
         raise self.exceeded

@@ -19,7 +19,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -35,7 +35,7 @@ from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader
 from orchestra.matching import MatcherSpec, SkillMatcher, matcher_spec
 from orchestra.pipeline.scheduler import NodeSettings, Outputs, Run, Stages
-from orchestra.plan import Plan
+from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
@@ -217,16 +217,22 @@ _END = object()
 def _given_plan(plan: Any) -> Plan | bool | None:
     """``plan`` as a run takes it: a Plan (or its JSON-ready dict), True or False (plan or not), or
     None (the settings decide); anything else is refused rather than taken as "plan"."""
-    if plan is None or isinstance(plan, (bool, Plan)):
+    if plan is None or isinstance(plan, bool):
         return plan
     if isinstance(plan, dict):
         try:
-            return Plan.model_validate(plan)
+            plan = Plan.model_validate(plan)
         except ValidationError as error:
             problem = error.errors()[0]
             where = ".".join(str(part) for part in problem["loc"])
             raise ConfigError(f"plan: {where}: {problem['msg']}" if where else f"plan: {problem['msg']}") from None
-    raise ConfigError(f"plan must be a Plan (or its dict), True or False, not {type(plan).__name__} {plan!r:.40}")
+    if not isinstance(plan, Plan):
+        raise ConfigError(f"plan must be a Plan (or its dict), True or False, not {type(plan).__name__} {plan!r:.40}")
+    try:  # a given plan's graph is the caller's to mend: refused before the run, as its fields are
+        validate_plan(plan, max_nodes=len(plan.subtasks))
+    except PlanInvalid as error:
+        raise ConfigError(f"plan: {error}") from None
+    return plan
 
 
 class _Stream:
@@ -403,6 +409,16 @@ class Orchestra:
                  *, store: RunStore | str | Path | bool | None = None, tracing: Any = False,
                  on_event: Callable[[Event], None] | None = None, matcher: SkillMatcher | MatcherSpec | None = None,
                  grader: str | Grader | None = None, **knobs: Any) -> None:
+        if pool is not None and not isinstance(pool, (Pool, str, Path)):
+            raise ConfigError(f"pool must be a Pool, a pool file's path or None (the embedded default), "
+                              f"not {type(pool).__name__} {pool!r:.40}")
+        if settings is not None and not isinstance(settings, (Settings, Mapping)):
+            raise ConfigError(f"settings must be a Settings or a mapping of setting names to values, "
+                              f"not {type(settings).__name__} {settings!r:.40}")
+        if on_event is not None and (not callable(on_event) or asyncio.iscoroutinefunction(on_event)):
+            why = ("an async function: listeners are called, not awaited; hand the event to your own task"
+                   if callable(on_event) else f"{type(on_event).__name__} {on_event!r:.40}")
+            raise ConfigError(f"on_event must be a plain function that takes an event, not {why}")
         self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)
         layer = _knobs(knobs)
         self._matcher: SkillMatcher | None = None
@@ -535,7 +551,9 @@ class Orchestra:
                   answer: AnswerOptions | None = None, **overrides: Any) -> Run:
         """A run of ``task``; ``settings``: the run's resolved settings, when the caller made them
         already (then ``overrides`` are not read)."""
-        _check_task(task)
+        check_task(task)
+        if context:
+            _check_text(context, "the context")
         plan = _given_plan(plan)
         if settings is None:
             if isinstance(plan, bool):
@@ -677,36 +695,45 @@ class Orchestra:
 
     # --- many runs -------------------------------------------------------------------------
 
-    def run_many(self, tasks: Sequence[str], **options: Any) -> list[RunResult]:
+    def run_many(self, tasks: Iterable[str | Instance], **options: Any) -> list[RunResult]:
         """Answer many tasks, their calls batched together (blocking). See ``arun_many``."""
         return run_sync(self.arun_many(tasks, **options))
 
-    async def arun_many(self, tasks: Sequence[str], *, plan: bool = False, rare_filter: bool = True,
+    async def arun_many(self, tasks: Iterable[str | Instance], *, plan: bool = False, rare_filter: bool = True,
                         answer_formats: Sequence[str | None] | None = None, meta: dict[str, Any] | None = None,
                         window: int | None = DEFAULT_WINDOW, **overrides: Any) -> list[RunResult]:
         """Answer many tasks on one executor so every wave's calls group per model; the results
         in the order of ``tasks``. Built on ``arun_iter``: at most ``window`` runs are in flight.
 
         Args:
-            tasks: the questions.
+            tasks: the questions: strings or ``Instance`` objects, from a list or any iterable.
             plan: plan each task (off by default at data-set scale).
             rare_filter: without planning, recruit the tasks together, a chunk at a time, and
                 replace experts chosen for under the rare threshold of a chunk's tasks, so fewer
                 models load (see ``arun_iter``). Only this call's tasks are considered: runs of
                 other callers never change these recruitments.
-            answer_formats: a per-task hint on how to state the final answer (for grading).
+            answer_formats: a per-task hint on how to state the final answer (for grading; over an
+                ``Instance``'s own).
             meta: JSON-ready facts stored with each run.
             window: the most runs in flight at once (None: all of them).
             overrides: ``Settings`` fields for all these runs.
         """
-        formats = list(answer_formats) if answer_formats is not None else [None] * len(tasks)
-        if len(formats) != len(tasks):
+        if isinstance(tasks, str):  # (a string is an iterable of one-letter tasks)
+            raise ConfigError("tasks must be a list of tasks, not one string; run(...) answers one task")
+        items = list(tasks)
+        formats = list(answer_formats) if answer_formats is not None else [None] * len(items)
+        if len(formats) != len(items):
             raise ValueError("answer_formats must have one entry per task")
-        for task in tasks:  # refused before any run begins
-            _check_task(task)
+        instances: list[Instance] = []
+        for item, fmt in zip(items, formats):  # refused before any run begins
+            if isinstance(item, Instance):
+                check_task(item.task)
+                instances.append(item if fmt is None else replace(item, answer_format=fmt))
+            else:
+                check_task(item)
+                instances.append(Instance(item, answer_format=fmt))
         self.run_settings({**overrides, "plan": plan})
-        results: list[RunResult | None] = [None] * len(tasks)
-        instances = (Instance(task, answer_format=fmt) for task, fmt in zip(tasks, formats))
+        results: list[RunResult | None] = [None] * len(instances)
         async with aclosing(self.arun_iter(instances, window=window, plan=plan, rare_filter=rare_filter, meta=meta,
                                            **overrides)) as stream:
             async for index, result in stream:
@@ -793,9 +820,30 @@ class Orchestra:
 _STAGE_SETTINGS = ("recruit", "keywords", "matcher", "aggregator", "aggregator_choice", "grader")
 
 
-def _check_task(task: object) -> None:
-    """Refuse a task that is not text, or is empty, in one line."""
+#: the longest task a run takes: the planner's prompt holds the task twice, with its context, and a
+#: prompt template may write at most 2,000,000 characters (``prompts.MAX_TEMPLATE_OUTPUT``)
+MAX_TASK_CHARS = 500_000
+
+
+def check_task(task: object) -> None:
+    """Refuse a task that is not text, is empty, is longer than ``MAX_TASK_CHARS`` or cannot be sent
+    (see ``_check_text``), in one line."""
     if not isinstance(task, str):
         raise ConfigError(f"the task must be a string, not {type(task).__name__}")
     if not task.strip():
         raise ConfigError("the task is empty")
+    if len(task) > MAX_TASK_CHARS:
+        raise ConfigError(f"the task is {len(task):,} characters; at most {MAX_TASK_CHARS:,} fit Orchestra's "
+                          "prompts (the planner's holds the task twice): shorten it")
+    _check_text(task, "the task")
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuse text no endpoint can be sent and no store can keep: a lone surrogate (JSON's ``\\ud800``
+    escape, or a command line's bytes that are not UTF-8 in its locale)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ConfigError(f"{what} is not valid Unicode: character {error.start + 1} is a lone surrogate "
+                          f"({text[error.start]!r}); send UTF-8 text (on a command line: bytes that are "
+                          "not UTF-8 in this locale)") from None

@@ -49,20 +49,26 @@ class BudgetExceeded(OrchestraError):
     """A run, or a budget shared by many runs (a data set's, a server's), reached one of its limits.
 
     Attributes: ``limit`` (the ``Budget`` field: ``max_calls``, ``max_cost_usd`` or ``max_tokens``),
-    ``value`` (its setting), ``spent`` (what was used, in words) and ``run_id`` (the stopped run;
-    None for a shared budget). ``Orchestra.resume(run_id, budget={limit: higher})`` finishes a run.
+    ``value`` (its setting), ``spent`` (what was used, in words), ``run_id`` (the stopped run;
+    None for a shared budget) and ``held`` (a shared budget that is not spent: other runs' calls in
+    flight hold what it has left, so the call would fit once they end).
+    ``Orchestra.resume(run_id, budget={limit: higher})`` finishes a run.
     """
 
     exit_code = 3
 
     def __init__(self, *, limit: str, value: float, spent: str, run_id: str | None,
-                 shared: str = "the data set's budget") -> None:
+                 shared: str = "the data set's budget", held: bool = False) -> None:
         setting = f"{limit}={int(value) if float(value).is_integer() else format(value, 'g')}"  # 1000000, not 1e+06
         if run_id is None:
-            super().__init__(f"{shared} {setting} is spent ({spent})")
+            super().__init__(f"{shared} {setting} is {HELD if held else 'spent'} ({spent})")
         else:
             super().__init__(f"budget {setting} reached ({spent})")
-        self.limit, self.value, self.spent, self.run_id = limit, value, spent, run_id
+        self.limit, self.value, self.spent, self.run_id, self.held = limit, value, spent, run_id, held
+
+
+#: how a shared budget that other runs' calls in flight fill up is described (see ``BudgetExceeded``)
+HELD = "held by other calls in flight"
 
 
 class StoreError(UserError):

@@ -123,7 +123,13 @@ def _conversation(messages: Any) -> tuple[str, str]:
         role = message.get("role")
         if role not in ROLES:
             raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
-        turns.append((role, _text(message.get("content"), f"{where}.content")))
+        text = _text(message.get("content"), f"{where}.content")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate (a "\ud800" escape): no endpoint takes it
+            raise bad_request(f"{where}.content is not valid Unicode: character {error.start + 1} is a lone "
+                              "surrogate; send UTF-8 text", f"{where}.content") from None
+        turns.append((role, text))
     role, task = turns[-1]
     if role != "user":
         raise bad_request(f"the last message must be the user's, with the task as its text (it is the {role}'s)",
@@ -158,8 +164,8 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     if body.get("tools") or body.get("functions"):
         name = "tools" if body.get("tools") else "functions"
         raise bad_request("tool calling is not supported: an orchestra answers in text or JSON", name)
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # (null: the default, as OpenAI takes it)
         raise bad_request("'n' must be 1: one orchestrated answer per request", "n")
     if body.get("logprobs"):
         raise bad_request("'logprobs' is not supported: an answer merges several models", "logprobs")

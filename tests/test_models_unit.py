@@ -98,6 +98,13 @@ def test_a_schema_changed_in_place_changes_the_key() -> None:
     ({"type": "array", "maxItems": -1}, "$.maxItems must be a whole number"),
     ({"properties": []}, "$.properties must be an object of schemas"),
     ({"additionalProperties": "no"}, "$.additionalProperties must be true, false or a schema"),
+    ({"contains": 3}, "$.contains must be a schema (or true or false)"),
+    ({"if": {"type": "objekt"}, "then": {}}, "$.if.type must be one of"),
+    ({"dependentRequired": {"a": "b"}}, "$.dependentRequired.a must be a list of property names"),
+    ({"dependentSchemas": {"a": {"required": 3}}}, "$.dependentSchemas.a.required must be a list"),
+    ({"dependencies": {"a": 3}}, "$.dependencies.a must be a list of property names or a schema"),
+    ({"propertyNames": {"maxLength": -2}}, "$.propertyNames.maxLength must be a whole number"),
+    ({"minContains": 1.5}, "$.minContains must be a whole number"),
 ])
 def test_a_schema_check_schema_cannot_use_is_named_where(schema: dict[str, object], problem: str | None) -> None:
     from orchestra.models.structured import schema_problem
@@ -253,6 +260,21 @@ def test_schemas_written_by_pydantic_are_checked_through_refs_and_any_of(value: 
     ({"$defs": {"tree": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/tree"}}}}},
       "$ref": "#/$defs/tree"}, [{"kids": [{"kids": []}]}], [{"kids": [{"kids": [1]}]}], r"\$.kids\[0\].kids\[0\]: expected"),
     (False, [], [1], "no value is allowed"),
+    ({"type": "object", "if": {"properties": {"a": {"const": 1}}, "required": ["a"]}, "then": {"required": ["b"]},
+      "else": {"required": ["c"]}}, [{"a": 1, "b": 0}, {"a": 2, "c": 0}, {"c": 0}], [{"a": 1}, {"a": 2, "b": 0}],
+     r"missing required key 'b' \(under then, as \$ fits if\)|missing required key 'c' \(under else"),
+    ({"type": "array", "contains": {"type": "integer"}, "maxContains": 2}, [["x", 1], [1, 2]], [["x"], [], [1, 2, 3]],
+     "0 items fit contains, at least 1 must|3 items fit contains, at most 2 may"),
+    ({"contains": {"const": "a"}, "minContains": 2}, [["a", "a"]], [["a", "b"]], "1 items fit contains, at least 2"),
+    ({"dependentRequired": {"card": ["billing"]}, "dependentSchemas": {"vip": {"required": ["tier"]}}},
+     [{}, {"card": 1, "billing": 2}, {"vip": True, "tier": 1}], [{"card": 1}, {"vip": True}],
+     "key 'card' needs key 'billing' too|missing required key 'tier'"),
+    ({"dependencies": {"a": ["b"], "c": {"required": ["d"]}}}, [{"a": 1, "b": 1}, {"c": 1, "d": 1}], [{"a": 1}, {"c": 1}],
+     "key 'a' needs key 'b' too|missing required key 'd'"),  # draft 7's form of both
+    ({"propertyNames": {"maxLength": 2, "enum": ["ab", "c"]}}, [{"ab": 1, "c": 2}], [{"abc": 1}, {"x": 1}],
+     "the key name 'abc' does not fit propertyNames|the key name 'x' does not fit"),
+    ({"$defs": {"a b": {"type": "string"}, "c/d": {"type": "integer"}}, "anyOf": [{"$ref": "#/$defs/a%20b"},
+      {"$ref": "#/$defs/c~1d"}]}, ["x", 3], [1.5], "fits none of anyOf"),  # a pointer is a URI fragment
 ])
 def test_check_schema_covers_numbers_combinators_arrays_and_objects(schema: dict[str, object] | bool, good: list[object],
                                                                       bad: list[object], why: str) -> None:

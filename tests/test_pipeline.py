@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from typing import Any
 
 import pytest
 from helpers import kind_of, plan_json, scripted_pool
@@ -218,6 +219,55 @@ def test_unknown_options_are_clear() -> None:
         Orchestra(pool).run("x", k=0)
     with pytest.raises(ConfigError, match="the task is empty"):
         Orchestra(pool).run("  ")
+
+
+async def _async_listener(event: Event) -> None:
+    pass
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda pool: Orchestra(123), "pool must be a Pool, a pool file's path or None (the embedded default), not int 123"),
+    (lambda pool: Orchestra(pool, [1, 2]), "settings must be a Settings or a mapping of setting names to values, "
+                                           "not list [1, 2]"),
+    (lambda pool: Orchestra(pool, on_event=5), "on_event must be a plain function that takes an event, not int 5"),
+    (lambda pool: Orchestra(pool, on_event=_async_listener), "on_event must be a plain function that takes an "
+     "event, not an async function: listeners are called, not awaited; hand the event to your own task"),
+    (lambda pool: Orchestra(pool, store=False).run("hi \ud800 there"),
+     "the task is not valid Unicode: character 4 is a lone surrogate ('\\ud800'); send UTF-8 text (on a command "
+     "line: bytes that are not UTF-8 in this locale)"),
+    (lambda pool: Orchestra(pool, store=False).run("hi", context="caf\udce9"),
+     "the context is not valid Unicode: character 4 is a lone surrogate ('\\udce9'); send UTF-8 text (on a "
+     "command line: bytes that are not UTF-8 in this locale)"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [
+        {"id": "a", "instruction": "x", "depends_on": ["a"]}]}), "plan: subtask 'a' depends on itself"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan=Plan.model_validate({"subtasks": [
+        {"id": "a", "instruction": "x", "depends_on": ["b"]}, {"id": "b", "instruction": "y", "depends_on": ["a"]}]})),
+     "plan: the dependencies form a cycle: a -> b -> a"),
+    (lambda pool: Orchestra(pool, store=False).run("x" * 500_001), "the task is 500,001 characters; at most "
+     "500,000 fit Orchestra's prompts (the planner's holds the task twice): shorten it"),
+    (lambda pool: Orchestra(pool, store=False).run_many("abc"),
+     "tasks must be a list of tasks, not one string; run(...) answers one task"),
+])
+def test_what_a_run_cannot_use_is_refused_at_once_in_one_line(make: Any, problem: str) -> None:
+    pool, models = scripted_pool()
+    with pytest.raises(ConfigError) as refused:
+        make(pool)
+    assert str(refused.value) == problem
+    assert not any(model.requests for model in models.values())  # refused before any call
+
+
+def test_run_many_takes_any_iterable_of_tasks_and_instances() -> None:
+    from orchestra import Instance
+
+    pool, models = scripted_pool()
+    orc = Orchestra(pool, store=False, k=1)
+    results = orc.run_many(task for task in ("a?", "b?"))
+    assert [r.task for r in results] == ["a?", "b?"] and all(r.status == "done" for r in results)
+    mixed = orc.run_many([Instance("c?", answer_format="End with X."), "d?"], answer_formats=[None, "End with Y."])
+    assert [(r.task, r.status) for r in mixed] == [("c?", "done"), ("d?", "done")]
+    prompts = [r.prompt_text() for m in models.values() for r in m.requests if "Your assignment" in r.prompt_text()]
+    assert any("c?" in p and "End with X." in p for p in prompts)  # an Instance's own format
+    assert any("d?" in p and "End with Y." in p for p in prompts) and not any("c?" in p and "Y." in p for p in prompts)
 
 
 def test_sync_api_refuses_inside_an_event_loop() -> None:

@@ -573,6 +573,33 @@ def test_a_spent_shared_budget_says_how_to_raise_it_and_finish_the_items() -> No
     assert own.value.limit == "max_tokens" and str(own.value).startswith("budget max_tokens=5 reached (0 tokens used, the next call may take")
 
 
+def test_a_refusal_for_what_calls_in_flight_hold_says_so_and_serve_lets_it_be_retried() -> None:
+    from orchestra.result import RunResult
+    from orchestra.serve import _failure
+
+    shared = BudgetTracker(Budget(max_tokens=2_000), None, name="the server's budget")
+    first, second = (BudgetTracker(Budget(), f"run-{i}", parent=shared) for i in (6, 7))
+    request = ChatRequest.user("hello", max_tokens=1000)
+    held = first.admit(request, FREE)  # in flight: its worst case is held
+    with pytest.raises(BudgetExceeded) as refused:  # another run's call would fit, but for the first one's
+        second.admit(request, FREE)
+    assert refused.value.held and str(refused.value) == (
+        f"the server's budget max_tokens=2000 is held by other calls in flight (0 tokens used, {held.tokens} held "
+        f"for 1 calls in flight, the next call may take {held.tokens}: {held.tokens - 1000} of prompt and up to "
+        "1000 of answer)")
+    retry = _failure(RunResult(run_id="run-7", task="t", status="budget_exceeded", error=str(refused.value)))
+    assert retry is not None and retry.status == 429 and retry.code == "rate_limit_exceeded"
+    with pytest.raises(BudgetExceeded) as own:  # the first run's own calls fill it: retrying would not help
+        first.admit(request, FREE)
+    assert not own.value.held and "max_tokens=2000 is spent (0 tokens used" in str(own.value)
+    spent = _failure(RunResult(run_id="run-6", task="t", status="budget_exceeded", error=str(own.value)))
+    assert spent is not None and spent.code == "insufficient_quota"
+    first.settle(held, Usage(prompt_tokens=1_500, completion_tokens=600, requests=1))
+    with pytest.raises(BudgetExceeded) as gone:  # spent: nothing in flight holds it
+        second.admit(request, FREE)
+    assert not gone.value.held and "is spent (2100 tokens used, the next call" in str(gone.value)
+
+
 def test_a_shared_budget_without_limits_releases_what_its_runs_reserved() -> None:
     # a budget with no token or cost limit skips estimating a call's worst case; one shared by runs
     # still reserves it, since its runs settle their own worst case with it

@@ -198,6 +198,12 @@ def test_a_completion_is_a_run_whose_usage_is_what_the_experts_saw(serve: Any, t
     assert "Be brief." in json.dumps(aggregation["messages"])  # and the aggregator, who writes the answer
     record = RunStore(tmp_path / "runs.db").run(completion.id)
     assert record.status == "done" and record.task == "How far does light travel in a nanosecond?"
+    before = sum(experts.requests.values())
+    with pytest.raises(openai.BadRequestError) as long:  # within the body limit, but no prompt could hold it
+        client.chat.completions.create(model="orchestra", messages=[{"role": "user", "content": "x" * 600_000}])
+    assert long.value.body["message"] == ("the task is 600,000 characters; at most 500,000 fit Orchestra's prompts "
+                                          "(the planner's holds the task twice): shorten it")
+    assert sum(experts.requests.values()) == before and len(RunStore(tmp_path / "runs.db").runs()) == 1
 
 
 def test_streaming_sends_role_content_finish_and_usage_with_one_id(serve: Any) -> None:
@@ -336,6 +342,7 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
         "last message": dict(messages=[*question, {"role": "assistant", "content": "hi"}]),
         "empty task": dict(messages=[*question, {"role": "user", "content": "  "}]),
         "n": dict(messages=question, n=2),
+        "n true": dict(messages=question, n=True),
         "unknown": dict(messages=question, extra_body={"kk": 3}),
         "k type": dict(messages=question, extra_body={"k": "three"}),
         "mode": dict(messages=question, extra_body={"mode": "psychic"}),
@@ -370,7 +377,15 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
     assert large.value.status_code == 413
     not_json = httpx.post(running.url + "/v1/chat/completions", content=b"{nope")
     assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
+    lone = httpx.post(running.url + "/v1/chat/completions",  # JSON's escape of half a character: not Unicode
+                      content=b'{"model": "orchestra", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}')
+    assert lone.status_code == 400 and lone.json()["error"] == {
+        "message": "messages[0].content is not valid Unicode: character 4 is a lone surrogate; send UTF-8 text",
+        "type": "invalid_request_error", "param": "messages[0].content", "code": "invalid_value"}
     assert sum(experts.requests.values()) == 0  # nothing bad reached an expert
+    default_n = httpx.post(running.url + "/v1/chat/completions", timeout=60,
+                           json={"model": "orchestra", "messages": question, "n": None})
+    assert default_n.status_code == 200 and len(default_n.json()["choices"]) == 1  # null: OpenAI's default, 1
     experts.fail = set(EXPERTS)
     with pytest.raises(openai.APIStatusError) as upstream:
         client.chat.completions.create(model="orchestra", messages=question)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import ValidationError
 
@@ -48,7 +49,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains",
+           "maxContains")
+#: keywords whose value is one schema
+_SUBSCHEMA = ("additionalProperties", "not", "if", "then", "else", "contains", "propertyNames", "additionalItems")
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _COMBINERS = ("anyOf", "oneOf", "allOf")
 #: a chain of references that descends into nothing (``{"$ref": "#"}`` at the top) stops here
@@ -64,7 +68,7 @@ def _resolve(reference: Any, root: dict[str, Any]) -> Any:
     if not isinstance(reference, str) or not reference.startswith("#"):
         return None
     target: Any = root
-    for part in filter(None, reference[1:].split("/")):
+    for part in filter(None, unquote(reference[1:]).split("/")):  # (a URI fragment: %20 is a space)
         part = part.replace("~1", "/").replace("~0", "~")
         if isinstance(target, dict) and part in target:
             target = target[part]
@@ -131,8 +135,25 @@ def schema_problem(schema: Any, path: str = "$", root: dict[str, Any] | None = N
         if not isinstance(defined, dict):
             return f"{path}.{keyword} must be an object of schemas"
         subschemas += [(f"{path}.{keyword}.{name}", item) for name, item in defined.items()]
-    subschemas += [(f"{path}.{keyword}", schema[keyword]) for keyword in ("additionalProperties", "not")
+    subschemas += [(f"{path}.{keyword}", schema[keyword]) for keyword in _SUBSCHEMA
                    if isinstance(schema.get(keyword), dict)]
+    for keyword in ("if", "then", "else", "contains", "propertyNames", "additionalItems"):
+        if not isinstance(schema.get(keyword, True), (bool, dict)):
+            return f"{path}.{keyword} must be a schema (or true or false)"
+    for keyword in ("dependentRequired", "dependentSchemas", "dependencies"):
+        depends = schema.get(keyword, {})
+        if not isinstance(depends, dict):
+            return f"{path}.{keyword} must be an object keyed by property name"
+        for name, need in depends.items():
+            named = isinstance(need, list) and all(isinstance(n, str) for n in need)
+            if keyword == "dependentRequired" and not named:
+                return f"{path}.{keyword}.{name} must be a list of property names"
+            if keyword == "dependentSchemas" and not isinstance(need, (bool, dict)):
+                return f"{path}.{keyword}.{name} must be a schema"
+            if keyword == "dependencies" and not named and not isinstance(need, (bool, dict)):
+                return f"{path}.{keyword}.{name} must be a list of property names or a schema"
+            if isinstance(need, dict):
+                subschemas.append((f"{path}.{keyword}.{name}", need))
     for where, item in subschemas:
         problem = None if isinstance(item, bool) else schema_problem(item, where, root)  # true/false: anything/nothing
         if problem:
@@ -144,10 +165,12 @@ def check_schema(value: Any, schema: dict[str, Any] | bool, path: str = "$") -> 
     """Validate ``value`` against the common JSON-schema keywords; raise ``StructuredOutputError``.
 
     Covers type, enum, const, required, properties, additionalProperties (false or a schema),
-    items (a schema, or draft 7's list), prefixItems, minItems, maxItems, uniqueItems, minLength,
-    maxLength, minProperties, maxProperties, minimum, maximum, exclusiveMinimum, exclusiveMaximum,
-    multipleOf, anyOf, oneOf, allOf, not and local ``$ref`` (``#/$defs/...``): enough for the
-    schemas clients and pydantic write. ``pattern`` and ``format`` are left to the endpoint (a
+    propertyNames, dependentRequired, dependentSchemas (and draft 7's dependencies), items (a
+    schema, or draft 7's list with additionalItems), prefixItems, contains (minContains,
+    maxContains), minItems, maxItems, uniqueItems, minLength, maxLength, minProperties,
+    maxProperties, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf, anyOf, oneOf,
+    allOf, not, if/then/else and local ``$ref`` (``#/$defs/...``, percent-encoded or not): enough
+    for the schemas clients and pydantic write. ``pattern`` and ``format`` are left to the endpoint (a
     pattern can take for ever to match). Pydantic model classes are validated by pydantic instead.
     """
     _check(value, schema, path, schema if isinstance(schema, dict) else {}, 0)
@@ -219,6 +242,13 @@ def _check_combined(value: Any, schema: dict[str, Any], path: str, root: dict[st
                                         + (f" (first: {errors[0]})" if not fitting else ""))
     if "not" in schema and _fits(value, schema["not"], path, root, refs) is None:
         raise StructuredOutputError(f"{path}: must not fit the schema under not")
+    if "if" in schema:
+        branch = "then" if _fits(value, schema["if"], path, root, refs) is None else "else"
+        if branch in schema:
+            error = _fits(value, schema[branch], path, root, refs)
+            if error is not None:
+                raise StructuredOutputError(f"{error} (under {branch}, as {path} "
+                                            f"{'fits' if branch == 'then' else 'does not fit'} if)")
 
 
 def _check_object(value: dict[str, Any], schema: dict[str, Any], path: str, root: dict[str, Any]) -> None:
@@ -229,6 +259,22 @@ def _check_object(value: dict[str, Any], schema: dict[str, Any], path: str, root
         raise StructuredOutputError(f"{path}: needs at least {schema['minProperties']} keys")
     if "maxProperties" in schema and len(value) > schema["maxProperties"]:
         raise StructuredOutputError(f"{path}: allows at most {schema['maxProperties']} keys")
+    depends = {**schema.get("dependencies", {}), **schema.get("dependentRequired", {}),
+               **schema.get("dependentSchemas", {})}
+    for key, need in depends.items():
+        if key not in value:
+            continue
+        if isinstance(need, list):
+            missing = [name for name in need if name not in value]
+            if missing:
+                raise StructuredOutputError(f"{path}: key {key!r} needs key {missing[0]!r} too")
+        else:
+            _check(value, need, path, root, 0)
+    if "propertyNames" in schema:
+        for key in value:
+            error = _fits(key, schema["propertyNames"], f"{path}.{key}", root, 0)
+            if error is not None:
+                raise StructuredOutputError(f"{path}: the key name {key!r} does not fit propertyNames ({error})")
     properties = schema.get("properties", {})
     extra = schema.get("additionalProperties", True)
     for key, item in value.items():
@@ -254,6 +300,14 @@ def _check_array(value: list[Any], schema: dict[str, Any], path: str, root: dict
             if text in seen:
                 raise StructuredOutputError(f"{path}[{index}]: repeats an earlier item (uniqueItems)")
             seen.add(text)
+    if "contains" in schema:
+        fitting = sum(_fits(item, schema["contains"], f"{path}[{index}]", root, 0) is None
+                      for index, item in enumerate(value))
+        least, most = schema.get("minContains", 1), schema.get("maxContains")
+        if fitting < least:
+            raise StructuredOutputError(f"{path}: {fitting} items fit contains, at least {least} must")
+        if most is not None and fitting > most:
+            raise StructuredOutputError(f"{path}: {fitting} items fit contains, at most {most} may")
     items = schema.get("items", True)
     positional = schema.get("prefixItems", items if isinstance(items, list) else [])
     rest = items if not isinstance(items, list) else schema.get("additionalItems", True)
