@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Coroutine
@@ -19,6 +20,7 @@ if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `run
     from pydantic.fields import FieldInfo
 
     from orchestra.agents import Pool
+    from orchestra.budget import Budget
     from orchestra.core import Orchestra
     from orchestra.datasets import Dataset
     from orchestra.evaluate import EvalReport
@@ -156,7 +158,7 @@ def setting_option(path: str, flag: str | None = None, *, help: str | None = Non
 
 def budget_options(fn: F) -> F:
     """--max-calls, --max-cost, --max-tokens."""
-    whole = " (of a data-set workflow: for all its items)"
+    whole = " (of a data set, eval's or a workflow's: for all its items)"
     fn = setting_option("budget.max_tokens", "--max-tokens", help=f"Token budget for the run{whole}.")(fn)
     fn = setting_option("budget.max_cost_usd", "--max-cost", help=f"USD budget for the run{whole}.")(fn)
     return setting_option("budget.max_calls", "--max-calls", help=f"Call budget for the run{whole}.")(fn)
@@ -537,18 +539,42 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     if sweep and (method or output):
         raise click.UsageError("--sweep runs every method: leave out --method and --output")
     dataset = load_dataset(data)
+    budget = _whole_budget(opts)  # the budget flags bound the evaluation (a sweep: each method's), not each item
     orc = make_orchestra(Pool.load(pool), opts)
     if sweep:
-        run_sweep(orc, dataset, lambdas, plot, limit, as_json, opts)
+        run_sweep(orc, dataset, lambdas, plot, limit, as_json, opts, budget)
         return
     # the flags win over the method's preset; both over the pool's settings
     report = asyncio.run(aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
-                                   mode=opts["mode"], aggregate=opts["aggregate"]))
+                                   mode=opts["mode"], aggregate=opts["aggregate"], budget=budget))
     print_report(report, f"{report.method} on {dataset.path}", as_json)
+    if report.budget_exceeded:
+        from orchestra.hints import budget_hint
+
+        hint = budget_hint(report.budget_exceeded, None, stored=orc.store is not None, evaluation=True)
+        fail(f"{report.budget_exceeded} ({report.failed} of {report.items} items unfinished)"
+             + (f"; {hint}" if hint else ""), 3)
     if report.failed:  # the report stands, but a data set with unfinished runs is not a clean pass
         click.echo(f"error: {report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}",
                    err=True)
-        sys.exit(1)
+        sys.exit(report.failure_exit or 1)  # the first unfinished run's: 2 a rejected key, 3 a budget...
+
+
+def _whole_budget(opts: dict[str, Any]) -> Budget | None:
+    """The budget the command line's --max-calls, --max-cost and --max-tokens give a whole data set
+    (taken out of ``opts``, so each run keeps the default limits of one run); None if none is given."""
+    from orchestra.budget import Budget
+
+    limits = {field: opts.pop(dest) for dest, field in (("max_calls", "max_calls"), ("max_cost", "max_cost_usd"),
+                                                        ("max_tokens", "max_tokens")) if opts.get(dest) is not None}
+    return Budget(**{"max_calls": None, "max_cost_usd": None, "max_tokens": None, **limits}) if limits else None
+
+
+def _writable(path: Path) -> bool:
+    """Whether a file can be written at ``path`` (an existing one replaced), without writing it."""
+    if path.exists():
+        return path.is_file() and os.access(path, os.W_OK)
+    return path.parent.is_dir() and os.access(path.parent, os.W_OK)
 
 
 def parse_lambdas(text: str | None) -> tuple[float, ...]:
@@ -567,7 +593,7 @@ def parse_lambdas(text: str | None) -> tuple[float, ...]:
 
 
 def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path | None, limit: int | None,
-              as_json: bool, opts: dict[str, Any]) -> None:
+              as_json: bool, opts: dict[str, Any], budget: Budget | None = None) -> None:
     """``eval --sweep``: every method and cost preference, as a table (or JSON) and an HTML page."""
     import asyncio
 
@@ -576,13 +602,15 @@ def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path 
     from orchestra.frontier import asweep, frontier_html
     from orchestra.view import terminal
 
+    if plot is not None and not _writable(plot):  # found out before the sweep's calls, not after them
+        raise ConfigError(f"cannot write the plot to {plot}: no such folder, or no permission to write there")
     points = asyncio.run(asweep(orc, dataset, lambdas=parse_lambdas(lambdas), limit=limit, k=opts["k"],
-                                aggregate=opts["aggregate"]))
+                                aggregate=opts["aggregate"], budget=budget))
     if plot is not None:
         try:
             plot.write_text(frontier_html(points, f"accuracy/cost frontier on {dataset.path}"), encoding="utf-8")
         except OSError as error:
-            raise click.ClickException(f"cannot write the plot to {plot}: {error.strerror or error}") from None
+            raise ConfigError(f"cannot write the plot to {plot}: {error.strerror or error}") from None
     if as_json:
         click.echo(json.dumps({"dataset": dataset.path, "points": [p.to_json() for p in points],
                                "plot": str(plot) if plot else None}, indent=2))
@@ -628,6 +656,9 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           ("unfinished runs", str(report.failed)),
                           ("skill extraction failures", str(report.skill_extraction_failures))]:
         table.add_row(metric, value)
+    if len(report.per_category) > 1:  # (one category: the accuracy above)
+        for category, numbers in report.per_category.items():
+            table.add_row(f"accuracy: {category}", f"{numbers['accuracy']:.3f} of {int(numbers['items'])}")
     terminal().print(table)
 
 
@@ -657,7 +688,7 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
         totals = store.run_totals(record.id)
         rows.append((record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
                      str(totals["calls"]), str(totals["requests"]), f"${totals['cost_usd']:.4f}",
-                     (f"item {record.item} · " if record.item else "") + record.task[:60]))
+                     (f"item {record.item} · " if record.item else "") + " ".join(record.task.split())[:60]))
     # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
     # the task gives way on a narrow terminal (a data-set item's id comes first, so it stays)
     columns = ["run", "status", "when", "calls", "requests", "cost"]

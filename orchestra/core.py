@@ -241,8 +241,10 @@ class _Stream:
     queued for the caller at once. Nothing here keeps a run after it was handed over."""
 
     def __init__(self, orc: Orchestra, source: _Source, *, window: int | None, plan: bool, rare_filter: bool,
-                 meta: Mapping[str, Any] | None, overrides: dict[str, Any]) -> None:
+                 meta: Mapping[str, Any] | None, overrides: dict[str, Any],
+                 shared_budget: BudgetTracker | None = None) -> None:
         self.orc = orc
+        self.shared_budget = shared_budget
         self.source = source
         self.slots = asyncio.Semaphore(window) if window is not None else None
         #: instances recruited together by the rare-expert filter (None: the whole input)
@@ -338,12 +340,12 @@ class _Stream:
         """A run of ``instance``, begun in the store (unless ``begin`` is false: the caller begins it)."""
         meta = {**(self.meta or {}), **instance.meta} if instance.meta else self.meta
         if instance.options:
-            options = {**self.overrides, **instance.options}
+            options = {"shared_budget": self.shared_budget, **self.overrides, **instance.options}
             run = self.orc._make_run(instance.task, plan=options.pop("plan", self.plan),
                                      answer_format=instance.answer_format, meta=meta, **options)
         else:
             run = self.orc._make_run(instance.task, answer_format=instance.answer_format, meta=meta,
-                                     settings=self.settings)
+                                     settings=self.settings, shared_budget=self.shared_budget)
         if begin:
             self.orc._begin(run)
         self.live[run] = index
@@ -742,6 +744,7 @@ class Orchestra:
 
     async def arun_iter(self, tasks: Tasks, *, window: int | None = DEFAULT_WINDOW, plan: bool = False,
                         rare_filter: bool = True, meta: Mapping[str, Any] | None = None,
+                        shared_budget: BudgetTracker | None = None,
                         **overrides: Any) -> AsyncGenerator[tuple[int, RunResult], None]:
         """Answer a stream of tasks, at most ``window`` runs at a time; yield ``(index, result)``
         as each run finishes (completion order; ``index`` is the task's position in ``tasks``).
@@ -766,12 +769,14 @@ class Orchestra:
                 is recruited while the previous one runs. Instances with their own ``plan`` or
                 ``node_settings`` are not filtered.
             meta: JSON-ready facts stored with each run.
+            shared_budget: a budget all these runs spend together (``BudgetTracker(Budget(...), None)``),
+                on top of each run's own; an ``Instance``'s options may give its own.
             overrides: ``Settings`` fields for all these runs.
         """
         if window is not None and window < 1:
             raise ValueError("window must be at least 1 (or None for no bound)")
         stream = _Stream(self, _Source(tasks), window=window, plan=plan, rare_filter=rare_filter, meta=meta,
-                         overrides=overrides)
+                         overrides=overrides, shared_budget=shared_budget)
         async with aclosing(stream.results()) as results:
             async for item in results:
                 yield item

@@ -70,7 +70,8 @@ def load_dataset(path: str | Path) -> Dataset:
         raise DatasetError(f"{path}: cannot read data set ({error.strerror or error})") from None
     items: list[Item] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    # utf-8-sig: a byte-order mark some editors put first is not part of the first line
+    for number, line in enumerate(raw.decode("utf-8-sig", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestra.budget import Budget, BudgetTracker
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError
 from orchestra.grading import Grader, answer_format
@@ -50,6 +51,8 @@ class EvalReport:
     failed: int = 0
     first_failure: str | None = None
     """The first unfinished run: its item, status and error (None: every run finished)."""
+    failure_exit: int = 0
+    """That run's exit code (2: a user error such as a rejected key, 3: a budget stopped it; 0: none failed)."""
     skill_extraction_failures: int = 0
     saved_calls: int = 0
     """Calls confident teams did not need (their first experts agreed)."""
@@ -72,7 +75,7 @@ class Tally:
         self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.cost_usd = 0.0
-        self.first_failure: tuple[int, str] | None = None  # (index, what happened)
+        self.first_failure: tuple[int, str, int] | None = None  # (index, what happened, its exit code)
         self.categories: dict[str, Counter[str]] = {}
         self.category_first: dict[str, int] = {}  # a category's first item: the report lists them in data-set order
         self.answers: list[tuple[int, dict[str, Any]]] = []
@@ -99,7 +102,7 @@ class Tally:
             self.failed += 1
             if self.first_failure is None or index < self.first_failure[0]:
                 self.first_failure = (index, f"item {item.id} ({result.status}): "
-                                             f"{result.error or 'no error recorded'}")
+                                             f"{result.error or 'no error recorded'}", result.exit_code)
         row = {"id": item.id, "category": item.category, "answer": result.answer, "correct": ok,
                "status": result.status, "run_id": result.run_id}
         if self.sink is not None:
@@ -119,20 +122,23 @@ class Tally:
             per_category={c: {"items": t["items"], "accuracy": t["correct"] / t["items"]}
                           for c, t in sorted(self.categories.items(), key=lambda ct: self.category_first[ct[0]])},
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
+            failure_exit=self.first_failure[2] if self.first_failure else 0,
             skill_extraction_failures=self.skill_extraction_failures, saved_calls=self.saved_calls,
             budget_exceeded=budget_exceeded,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
 
 
 async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None, limit: int | None = None,
-                    output: Path | None = None, **overrides: Any) -> EvalReport:
+                    output: Path | None = None, budget: Budget | None = None, **overrides: Any) -> EvalReport:
     """Answer every item and grade the answers as their runs finish.
 
     Items stream through ``Orchestra.arun_iter`` (a bounded window of runs in flight, their calls
     batched per model). ``method`` picks a preset (``METHODS``: its recruiting mode, aggregation and
     k) over the Orchestra's settings; ``overrides`` (any ``Settings`` field, e.g. ``mode``) win over
     both. With ``output``, each item's answer row is written to that JSONL file as its run finishes
-    (completion order) instead of being kept in the report's ``answers``.
+    (completion order) instead of being kept in the report's ``answers``. ``budget`` bounds the
+    whole evaluation (each run keeps its own limits inside it); once it is spent the items left
+    are not run, and the report says why.
     """
     from orchestra.core import Instance  # here: the command line reads METHODS without loading the pipeline
 
@@ -148,12 +154,15 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
         (m for m, preset_of_m in METHODS.items() if preset_of_m == (mode, aggregate, None)),
         f"{mode} + {aggregate}")
     items = dataset.items[:limit] if limit else dataset.items
-    instances = (Instance(item.prompt(), answer_format=answer_format(item)) for item in items)
+    instances = (Instance(item.prompt(), answer_format=answer_format(item), meta={"item": item.id}) for item in items)
     started = time.perf_counter()
     loads_before = dict(orchestra.executor.stats.loads)
     with contextlib.ExitStack() as stack:
         sink = None
         if output is not None:
+            if output.exists() and Path(dataset.path).exists() and output.samefile(dataset.path):
+                raise ConfigError(f"the answers would overwrite the data set {dataset.path}: give --output another "
+                                  "file")
             try:
                 lines = stack.enter_context(output.open("w", encoding="utf-8"))
             except OSError as error:
@@ -164,12 +173,15 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
                 lines.flush()
 
         tally = Tally(orchestra.stages_for(settings).grader, sink=sink)
-        stream = orchestra.arun_iter(instances, meta={"kind": "eval", "method": name, "dataset": dataset.path}, **given)
+        shared = BudgetTracker(budget, None) if budget is not None else None
+        stream = orchestra.arun_iter(instances, meta={"kind": "eval", "method": name, "dataset": dataset.path},
+                                     shared_budget=shared, **given)
         async with contextlib.aclosing(stream) as results:
             async for index, result in results:
                 tally.add(index, items[index], result)
     return tally.report(name, elapsed_s=time.perf_counter() - started,
-                        model_loads=loads_since(orchestra, loads_before))
+                        model_loads=loads_since(orchestra, loads_before),
+                        budget_exceeded=str(shared.exceeded) if shared is not None and shared.exceeded else None)
 
 
 def loads_since(orchestra: Orchestra, before: dict[str, int]) -> dict[str, int]:

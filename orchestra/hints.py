@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 BUDGET_FLAGS = {"max_calls": "--max-calls", "max_cost_usd": "--max-cost", "max_tokens": "--max-tokens"}
 
 
-def _raise_budget(limit: str, run_id: str | None, stored: bool = True) -> str:
+def _raise_budget(limit: str, run_id: str | None, stored: bool = True, evaluation: bool = False) -> str:
+    if evaluation:  # the budget of an `orchestra eval`: its flags are the only place it is set
+        return (f"raise it with {BUDGET_FLAGS[limit]} and run the evaluation again"
+                + ("; each unfinished item's run can be finished with `orchestra resume RUN_ID`" if stored else ""))
     if not stored:  # nothing to resume
         return (f"raise it with {BUDGET_FLAGS[limit]} (or budget.{limit} in the workflow) and run it again "
                 "(nothing was kept: --no-store)")
@@ -29,13 +32,13 @@ def _raise_budget(limit: str, run_id: str | None, stored: bool = True) -> str:
             f"`orchestra resume {run_id}` to finish")
 
 
-def budget_hint(message: str, run_id: str | None, *, stored: bool = True) -> str | None:
+def budget_hint(message: str, run_id: str | None, *, stored: bool = True, evaluation: bool = False) -> str | None:
     """The advice for the budget stop ``message`` describes (it starts with a ``BudgetExceeded``'s
     text): the flag that raises the limit it names, and how to finish the stopped run ``run_id`` or,
-    when None, a data set's unfinished items (``stored``: whether the runs were kept to resume).
-    None when it names no limit."""
+    when None, a data set's unfinished items (``stored``: whether the runs were kept to resume;
+    ``evaluation``: the data set of an ``orchestra eval``, not a workflow's). None when it names no limit."""
     limit = next((limit for limit in BUDGET_FLAGS if f"budget {limit}=" in message), None)
-    return _raise_budget(limit, run_id, stored) if limit is not None else None
+    return _raise_budget(limit, run_id, stored, evaluation) if limit is not None else None
 
 
 _MESSAGES: dict[type[OrchestraError], Callable[[Any], str]] = {

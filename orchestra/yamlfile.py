@@ -85,11 +85,13 @@ class YamlDocument:
     def validation_error(self, error: ValidationError, prefix: tuple[Any, ...] = ()) -> ConfigError:
         """The first problem of a pydantic error, positioned in this file."""
         first = error.errors()[0]
-        loc, shown = self._in_data((*prefix, *first["loc"]))
+        full = (*prefix, *first["loc"])
+        if first["type"] == "missing" and full:  # the field is not in the file: placed at what should hold it
+            loc, shown = self._in_data(full[:-1])
+            return self.error(f"{shown + ': ' if shown else ''}missing required field '{full[-1]}'", loc)
+        loc, shown = self._in_data(full)
         message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "missing":
-            message = f"missing required field '{loc[-1]}'"
-        elif first["type"] == "extra_forbidden":
+        if first["type"] == "extra_forbidden":
             message = f"unknown field '{loc[-1]}'"
         elif shown:
             message = f"{shown}: {message}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -215,6 +216,47 @@ def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
     assert result["items"] == 12 and result["method"] == "single" and 0 <= result["accuracy"] <= 1
+    shown = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "single")
+    assert shown.returncode == 0, shown.stderr
+    for topic in ("history", "arithmetic", "writing"):  # the text report has each category's accuracy too
+        accuracy = result["per_category"][topic]["accuracy"]
+        assert re.search(rf"accuracy: {topic}\s.*{accuracy:.3f} of 4", shown.stdout), shown.stdout
+
+
+def test_eval_refuses_to_overwrite_its_data_or_to_plot_nowhere_before_any_call(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"id": "a", "question": "What is 1 + 1?", "answer": "2"}\n')
+    kept = data.read_bytes()
+    same = cli("eval", "--pool", str(pool), "--data", str(data), "--output", str(data))
+    assert same.returncode == 2 and same.stderr == (f"error: the answers would overwrite the data set {data}: "
+                                                    "give --output another file\n")
+    nowhere = cli("eval", "--pool", str(pool), "--data", str(data), "--sweep", "--lambdas", "0",
+                  "--plot", str(tmp_path / "no" / "such" / "plot.html"))
+    assert nowhere.returncode == 2 and nowhere.stderr == (
+        f"error: cannot write the plot to {tmp_path / 'no' / 'such' / 'plot.html'}: no such folder, or no "
+        "permission to write there\n")
+    assert data.read_bytes() == kept and not server.requests
+
+
+def test_eval_budget_flags_bound_the_whole_evaluation(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + {i}?", "answer": "{2 * i}"}}\n'
+                            for i in range(4)))
+    done = cli("eval", "--pool", str(pool), "--data", str(data), "--max-calls", "10", "--json")
+    assert done.returncode == 3, done.stderr
+    report = json.loads(done.stdout)
+    # 10 calls for the four items together (the flags used to cap each item alone)
+    assert report["calls"] == 10 == len(llm.server.requests)
+    assert report["budget_exceeded"] == "the data set's budget max_calls=10 is spent (10 calls made)"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: the data set's budget max_calls=10 is spent (10 calls made) ({report['failed']} of 4 items "
+        "unfinished); raise it with --max-calls and run the evaluation again; each unfinished item's run can be "
+        "finished with `orchestra resume RUN_ID`")
+    listed = json.loads(cli("runs", "--json").stdout)  # each run says which item it answered
+    assert sorted(run["item"] for run in listed) == ["q0", "q1", "q2", "q3"]
 
 
 def test_exit_codes_budget_and_resume_hint(llm, tmp_path: Path) -> None:

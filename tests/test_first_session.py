@@ -265,6 +265,25 @@ def test_a_rejected_key_exits_2_with_one_line_after_one_batch(loopback, tmp_path
     assert len(server.requests) == 1  # the planner's request: a 401 is never retried, and the run stops
 
 
+def test_a_rejected_key_costs_one_request_per_run_not_one_per_call(loopback, tmp_path: Path) -> None:
+    server = loopback(lambda request: error_reply(401, "invalid api key"))
+    pool = write_pool(tmp_path, server.url, api_key_env="ORCHESTRA_TEST_KEY")
+    env = {"ORCHESTRA_TEST_KEY": "sk-test-123"}
+    # five keyword samples wait for the first request to learn what the server takes: its 401 is theirs
+    done = cli("ask", MOON, "--pool", str(pool), "--no-plan", env=env)
+    assert done.returncode == 2 and "rejected the credentials (HTTP 401)" in done.stderr
+    assert len(server.requests) == 1
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + {i}?", "answer": "{2 * i}"}}\n'
+                            for i in range(3)))
+    server.requests.clear()
+    evaluated = cli("eval", "--pool", str(pool), "--data", str(data), env=env)
+    assert evaluated.returncode == 2, evaluated.stderr  # the first unfinished item's code: a user error
+    assert "3 of 3 run(s) did not finish; first: item q0 (failed):" in evaluated.stderr
+    assert "rejected the credentials (HTTP 401)" in evaluated.stderr
+    assert 1 <= len(server.requests) <= 3  # (each item's keyword calls once: they were sent twice, 5 each)
+
+
 def test_an_unreachable_endpoint_exits_2_with_one_line(tmp_path: Path) -> None:
     pool = write_pool(tmp_path, "http://127.0.0.1:9")
     done = cli("ask", "anything at all", "--pool", str(pool), "--no-store")
@@ -301,6 +320,9 @@ def test_retrying_is_printed_only_when_a_retry_follows(loopback, tmp_path: Path)
     assert done.returncode == 1
     retries = [line for line in done.stderr.splitlines() if "retrying" in line]
     assert len(retries) == 1 and "failed attempt 1" in retries[0]  # 2 attempts: one retry, printed once
+    # what the attempt met, not the final error ("... after 2 attempts", when one more is to come)
+    assert "answered HTTP 503: busy" in retries[0] and "after 2 attempts" not in retries[0]
+    assert "failed with HTTP 503 after 2 attempts: busy" in done.stderr
     assert len(server.requests) == 5 * 2 + 2  # 5 keyword calls and the expert call, 2 attempts each
 
 

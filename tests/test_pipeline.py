@@ -270,6 +270,27 @@ def test_run_many_takes_any_iterable_of_tasks_and_instances() -> None:
     assert any("d?" in p and "End with Y." in p for p in prompts) and not any("c?" in p and "Y." in p for p in prompts)
 
 
+def test_a_data_set_whose_keyword_endpoint_refuses_the_key_asks_it_once_per_item() -> None:
+    from orchestra.errors import AuthenticationError
+
+    def refuse(request: ChatRequest) -> str:
+        raise AuthenticationError("http://keywords.test/v1 rejected the credentials (HTTP 401)")
+
+    pool, models = scripted_pool()
+    keywords = FunctionModel(refuse, name="keywords")
+    pool.keyword_model = keywords
+    seen: list[Event] = []
+    results = Orchestra(pool, store=False, on_event=seen.append).run_many(["What is 1 + 1?", "What is 2 + 2?"])
+    assert [(r.status, r.exit_code) for r in results] == [("failed", 2), ("failed", 2)]
+    for result in results:  # each ended where it failed: it was not begun after its end
+        kinds = [e.kind for e in seen if getattr(e, "run_id", None) == result.run_id and e.kind.startswith("run_")]
+        assert kinds == ["run_done"], kinds
+    assert all("rejected the credentials" in (r.error or "") for r in results)
+    # each item's five samples once: a run that ended while its chunk was recruited is not begun again
+    assert len(keywords.requests) == 10
+    assert not any(m.requests for m in models.values() if m is not keywords)  # no expert was asked
+
+
 def test_sync_api_refuses_inside_an_event_loop() -> None:
     pool, _ = scripted_pool()
     orc = Orchestra(pool)

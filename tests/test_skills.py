@@ -154,6 +154,10 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     data = load_dataset(path)
     assert len(data) == 2 and data.items[0].id == "1" and data.items[0].answer == "4"
     assert len(data.sha256) == 64 and data.items[1].prompt() == "Pick\n(A) x\n(B) y"
+    marked = tmp_path / "bom.jsonl"  # a byte-order mark first, as some editors write: not part of line 1
+    marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    again = load_dataset(marked)
+    assert again.items == data.items and again.sha256 != data.sha256  # (the hash is of the file's bytes)
 
 
 @pytest.mark.parametrize("content, message", [

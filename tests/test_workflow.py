@@ -81,6 +81,14 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
      "wf.yaml:17:29: steps.review.recruit.skills: List should have at most 5 items"),
     (GOOD.replace("skills: [writing]", "skills: [writing, '{json}']"),
      "wf.yaml:17:29: steps.review.recruit.skills: skill '{json}' is not a plain word or phrase"),
+    # a missing field is named, where what should hold it is
+    (GOOD.replace("  - id: draft\n", "  - agent: writer\n").replace("    agent: writer\n    prompt", "    prompt"),
+     "wf.yaml:12:5: steps.0: missing required field 'id'"),
+    (GOOD.replace("    prompt: \"Write {{ inputs.words }} words on {{ inputs.topic }}.\"\n", ""),
+     "wf.yaml:12:5: steps.draft: missing required field 'prompt'"),
+    (GOOD.replace("model: x, ", ""), "wf.yaml:4:8: pool.models.m: missing required field 'model'"),
+    (GOOD.replace("    - {name: checker, model: m}", "    - {model: m}"),
+     "wf.yaml:7:7: pool.agents.1: missing required field 'name'"),
 ])
 def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, broken: str, expected: str) -> None:
     path = write(tmp_path, broken)
@@ -91,6 +99,12 @@ def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, b
     assert lines[0].startswith(f"error: {tmp_path}/"), lines[0]
     assert expected in lines[0], lines[0]
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("text", ["", "name: broken\n", "name: broken\nagents: []\n"])
+def test_a_pool_file_without_models_says_so_in_one_line(tmp_path: Path, text: str) -> None:
+    done = cli("agents", "--pool", str(write(tmp_path, text, "pool.yaml")))
+    assert done.returncode == 2 and done.stderr == f"error: {tmp_path}/pool.yaml:1:1: missing required field 'models'\n"
 
 
 def test_step_using_output_it_does_not_need_is_refused(tmp_path: Path) -> None:

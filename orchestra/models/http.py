@@ -42,8 +42,8 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 class _Retryable(Exception):
     """A failure worth another attempt; carries the final error to raise when attempts run out."""
 
-    def __init__(self, final: ModelError, retry_after: float | None = None) -> None:
-        super().__init__(str(final))
+    def __init__(self, final: ModelError, retry_after: float | None = None, now: str | None = None) -> None:
+        super().__init__(now or str(final))  # what this attempt met (the retry notice says it), else the final error
         self.final = final
         self.retry_after = retry_after
 
@@ -94,6 +94,10 @@ class _LoopState:
     closer: AsyncGenerator[None, None]
     probe: asyncio.Lock  # held by the one request that finds out whether the server takes a feature
     deadlines: Deadlines  # each attempt's time limit
+    #: probes that found the endpoint unusable (unreachable, or the key refused), and the last one's
+    #: error: the requests that waited for them fail alike at once instead of each trying in turn
+    probes_failed: int = 0
+    unusable: ModelError | None = None
 
 
 @dataclass(frozen=True)
@@ -229,8 +233,12 @@ class Endpoint:
             payload = build(self.capabilities)
             probe = None
             if self.capabilities.unknown(payload):
-                probe = (await self._state()).probe
+                state = await self._state()
+                probe, failed = state.probe, state.probes_failed
                 await probe.acquire()
+                if state.probes_failed != failed and state.unusable is not None:
+                    probe.release()  # the probe it waited for found the endpoint unusable: so would it
+                    raise type(state.unusable)(str(state.unusable))
                 if len(self.capabilities.refused) != known or not self.capabilities.unknown(payload):
                     probe.release()  # another request found out meanwhile: build again from what it learnt
                     continue
@@ -242,6 +250,11 @@ class Endpoint:
                 self.capabilities.refuse(refusal.feature, str(refusal))
                 notify_downgrade(model, refusal.feature, str(refusal))
                 continue
+            except (EndpointUnreachable, AuthenticationError) as unusable:
+                if probe is not None:
+                    state.probes_failed += 1
+                    state.unusable = unusable
+                raise
             finally:
                 if probe is not None:
                     probe.release()
@@ -336,7 +349,7 @@ class Endpoint:
             else:
                 final = BadResponse(f"{url} failed with HTTP {status} after {policy.max_attempts} attempts: "
                                     f"{_error_text(response, secret)}")
-            raise _Retryable(final, retry_after)
+            raise _Retryable(final, retry_after, f"{url} answered HTTP {status}: {_error_text(response, secret)}")
         if status >= 400:
             raise RequestRejected(f"{url} refused the request for model {model} (HTTP {status}): "
                                   f"{_error_text(response, secret)}")

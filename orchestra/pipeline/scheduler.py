@@ -221,9 +221,12 @@ class Run:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> asyncio.Future[RunResult]:
-        """Begin the run (from a managed task or the event loop); the future gets the result."""
-        self.stages.events.emit(RunStarted(run_id=self.run_id, task=self.task))
-        self._spawn(self._begin())
+        """Begin the run (from a managed task or the event loop); the future gets the result. A run
+        that ended already (an endpoint that cannot be used, found while its chunk of a data set was
+        recruited together) is not begun again."""
+        if not self.future.done():
+            self.stages.events.emit(RunStarted(run_id=self.run_id, task=self.task))
+            self._spawn(self._begin())
         return self.future
 
     def cancel(self) -> None:
@@ -255,8 +258,9 @@ class Run:
                 break
         if fatal is not None:
             self.user_error = True
-            if node is not None:
-                self.traces[node].status, self.traces[node].error = "failed", str(fatal)
+            trace = self.traces.get(node) if node is not None else None  # (none yet in a chunk's recruiting)
+            if trace is not None:
+                trace.status, trace.error = "failed", str(fatal)
             reason = str(fatal)
             if isinstance(fatal, StoreError):
                 reason += f"; the calls answered before are saved: resume run {self.run_id} once it can be written"
