@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker
+from orchestra.dag import Dag
 from orchestra.errors import ConfigError, StoreError, UserError
 from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
@@ -228,11 +229,16 @@ def _given_plan(plan: Any) -> Plan | bool | None:
             raise ConfigError(f"plan: {where}: {problem['msg']}" if where else f"plan: {problem['msg']}") from None
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a Plan (or its dict), True or False, not {type(plan).__name__} {plan!r:.40}")
-    try:  # a given plan's graph is the caller's to mend: refused before the run, as its fields are
-        validate_plan(plan, max_nodes=len(plan.subtasks))
+    return plan
+
+
+def _given_graph(plan: Plan) -> Dag:
+    """A given plan's DAG; a plan that is not one is the caller's to mend, so it is refused before
+    the run (a ``ConfigError``, as a plan with a wrong field is), not a failed run."""
+    try:
+        return validate_plan(plan, max_nodes=len(plan.subtasks))
     except PlanInvalid as error:
         raise ConfigError(f"plan: {error}") from None
-    return plan
 
 
 class _Stream:
@@ -557,6 +563,7 @@ class Orchestra:
         if context:
             _check_text(context, "the context")
         plan = _given_plan(plan)
+        graph = _given_graph(plan) if isinstance(plan, Plan) else None
         if settings is None:
             if isinstance(plan, bool):
                 overrides["plan"] = plan
@@ -566,8 +573,10 @@ class Orchestra:
                        answer_format=answer_format, context=context, workflow=workflow, meta=meta or {},
                        pool=str(source.resolve()) if source else None, answer=answer or AnswerOptions(),
                        pinned=self._known_experts(experts or {}))
-        return self._run(spec, run_id or new_run_id(), shared_budget=shared_budget, node_settings=node_settings,
-                         final=final)
+        run = self._run(spec, run_id or new_run_id(), shared_budget=shared_budget, node_settings=node_settings,
+                        final=final)
+        run.given_graph = graph  # checked here: the planner does not check it again
+        return run
 
     def _known_experts(self, experts: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         """Experts fixed per node, each an agent of the pool."""

@@ -198,6 +198,8 @@ class Run:
         self.traces: dict[str, NodeState] = {}
         self.plan_attempts, self.plan_note = 0, ""
         self.graph = Dag({})
+        #: the DAG of the spec's given plan, when it was checked as the run was made
+        self.given_graph: Dag | None = None
         self._order: list[str] = []  # the nodes in an order that puts each after its dependencies
         self._waiting: dict[str, int] = {}  # per node, its dependencies not done yet
         self.subtasks: dict[str, Any] = {}
@@ -280,6 +282,8 @@ class Run:
 
     async def make_plan(self) -> tuple[Plan, Dag, int, str]:
         """The plan (see ``Planner.plan``) with its DAG, the attempts it took and a note."""
+        if self.given_graph is not None and self.spec.plan is not None:
+            return self.spec.plan, self.given_graph, 0, "given"
         outcome = await self.stages.planner.plan(self.task, self.settings, self.caller("plan"), given=self.spec.plan,
                                                  context=self.spec.context, on_attempt=self._emit_attempt)
         return outcome.plan, outcome.graph, outcome.attempts, outcome.note
