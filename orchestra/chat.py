@@ -13,6 +13,7 @@ from rich.text import Text
 
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import OrchestraError, StoreError
+from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
@@ -146,11 +147,28 @@ class ChatSession:
             self.history.append(Turn(text, result))
 
     def plan(self, text: str, *, context: str, seed: int) -> tuple[Plan, str]:
-        """Ask for a plan, with a progress line while the planner works."""
-        with self.console.status("planning…", spinner="dots") if self.interactive else contextlib.nullcontext():
-            if not self.interactive:
-                self.console.print("planning…")
-            return self.orchestra.plan(text, context=context, seed=seed)
+        """Ask for a plan, with a progress line while the planner works, then what the planner's
+        calls cost (they are not part of the run that follows, nor of its record)."""
+        spent: list[UsageUpdated] = []
+
+        def listen(event: Event) -> None:
+            if isinstance(event, UsageUpdated):
+                spent.append(event)
+
+        remove = self.orchestra.events.subscribe(listen)
+        try:
+            with self.console.status("planning…", spinner="dots") if self.interactive else contextlib.nullcontext():
+                if not self.interactive:
+                    self.console.print("planning…")
+                planned = self.orchestra.plan(text, context=context, seed=seed)
+        finally:
+            remove()
+        if spent:
+            last = spent[-1]
+            self.console.print(f"planning: {last.calls} calls · {last.requests} requests · "
+                               f"{last.prompt_tokens + last.completion_tokens:,} tokens · ${last.cost_usd:.4f}",
+                               style="dim", markup=False)
+        return planned
 
     def edit(self, plan: Plan) -> Plan:
         """Edit commands until `done`; the plan stays valid after each one."""

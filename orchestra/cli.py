@@ -292,8 +292,22 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
     except KeyboardInterrupt:
         saved = (f"its finished calls are saved; `orchestra resume {run_id}` finishes it" if orc.store is not None
                  else "nothing was kept (--no-store)")
+        if opts["as_json"]:  # still one JSON object on stdout: the run as it was recorded when it stopped
+            stopped = _recorded_result(orc, run_id)
+            if stopped is not None:
+                click.echo(stopped.dumps())
         fail(f"interrupted run {run_id}; {saved}", 130)
     finish(result, opts, rich_output=stdout_tty)
+
+
+def _recorded_result(orc: Orchestra, run_id: str) -> RunResult | None:
+    """A run's result as the store recorded it (None: no store, or it was not recorded)."""
+    from orchestra.errors import StoreError
+
+    try:
+        return orc.store.result(run_id) if orc.store is not None else None
+    except StoreError:
+        return None
 
 
 def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoReturn:
@@ -382,6 +396,11 @@ def validate(workflow: Path) -> None:
 
     flow = Workflow.load(workflow)
     kind = "plan: auto" if flow.spec.plan == "auto" else f"{len(flow.spec.steps)} step(s)"
+    if flow.spec.dataset is not None:  # its data set is read as a run would read it
+        from orchestra.datasets import load_dataset
+
+        items = len(load_dataset(flow.path.parent / flow.spec.dataset.path))
+        kind += f", a data set of {items} item(s)"
     click.echo(f"{workflow}: ok ({flow.name}: {kind}, pool {flow.pool.name} with {len(flow.pool.agents)} agents)")
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from orchestra.errors import DatasetError
 
@@ -29,6 +29,21 @@ class Item(BaseModel):
     @classmethod
     def _stringify(cls, value: Any) -> Any:
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("choices")
+    @classmethod
+    def _answer_among_choices(cls, choices: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
+        """A multiple-choice answer is a letter of its choices, or one of their texts: any other
+        could never be graded correct."""
+        answer = info.data.get("answer")
+        if not choices or answer is None:
+            return choices
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(choices)]
+        letter, text = answer.strip().strip("()").upper(), answer.strip().lower()
+        if (len(letter) == 1 and letter in letters) or any(c.strip().lower() == text for c in choices):
+            return choices
+        raise ValueError(f"the answer {answer!r} is neither a letter of its {len(choices)} choices "
+                         f"({letters[0]}-{letters[-1]}) nor the text of one")
 
     def prompt(self) -> str:
         """The question with its lettered choices, as experts see it."""
@@ -85,7 +100,7 @@ def load_dataset(path: str | Path) -> Dataset:
         except ValidationError as error:
             first = error.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
-            problem = "missing" if first["type"] == "missing" else first["msg"]
+            problem = "missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
             raise DatasetError(f"{path}:{number}: field '{field}': {problem}") from None
         if item.id in seen:
             raise DatasetError(f"{path}:{number}: duplicate id {item.id!r} (first on line {seen[item.id]})")

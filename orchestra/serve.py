@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import signal
 import socket
 import sys
@@ -38,7 +39,7 @@ from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import ChunkWriter, Completion, WireError, bad_request, completion_body, parse_completion
 from orchestra.pipeline.scheduler import NodeSettings
 from orchestra.result import RunResult
-from orchestra.settings import AnswerOptions, Settings
+from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, Settings
 from orchestra.store import RunStore
 
 #: the model id of the pool's own settings
@@ -93,6 +94,11 @@ class Server:
         self.models = served_models(orchestra.pool, presets or {})
         for served in self.models.values():  # a preset that changes the server's own settings: refused now
             if served.kind == "preset":
+                fixed = [name for name in ORCHESTRA_LEVEL if name in served.settings.changes()]
+                if fixed:
+                    raise ConfigError(f"preset {served.id!r}: {', '.join(fixed)} belong(s) to the server, whose one "
+                                      "executor serves every request: set it in the pool's settings or with --set, "
+                                      "not in a preset")
                 try:
                     orchestra.run_settings(served.settings.changes())
                 except ConfigError as error:
@@ -122,7 +128,6 @@ class Server:
             spent = self.shared.reached() if self.shared is not None else None
             if spent is not None:
                 raise WireError(429, f"the server's budget is exhausted: {spent}", code="insufficient_quota")
-            self._check_fits(completion)
             feed = Feed(completion.progress) if completion.stream else None
             run = self._start(completion, served, feed)
         except WireError as error:
@@ -205,21 +210,22 @@ class Server:
         except RecursionError:
             raise bad_request("the request body is JSON nested too deeply to read") from None
 
-    def _check_fits(self, completion: Completion) -> None:
-        """Refuse (400) a request that could never be served within the server's token budget: the
-        call that writes the answer carries the messages and may take ``max_tokens`` more, so that
-        much is a lower bound of what the request needs (what is left of the budget is the run's
-        concern: a 429 when it runs out)."""
-        limit = self.shared.budget.max_tokens if self.shared is not None else None
-        if limit is None:
-            return
+    def _check_fits(self, completion: Completion, own: int | None) -> None:
+        """Refuse (400) a request that could never be served within the server's token budget or
+        its own run's (``own``: that budget's ``max_tokens``): the call that writes the answer
+        carries the messages and may take ``max_tokens`` more, so that much is a lower bound of
+        what the request needs (what is left of the budget is the run's concern: a 429 when it
+        runs out)."""
+        limits = [("the server's whole budget", self.shared.budget.max_tokens if self.shared is not None else None),
+                  ("a request's own budget", own)]
         prompt, answer = estimate_tokens(f"{completion.context}\n{completion.task}"), completion.max_tokens or 0
-        if prompt + answer > limit:
-            parts = f"about {prompt} of messages" + (f" and up to {answer} of answer" if answer else "")
-            fix = "a smaller max_tokens or a shorter conversation" if answer else "a shorter conversation"
-            raise WireError(400, f"this request needs more tokens than the server's whole budget allows "
-                            f"(max_tokens={limit}): {parts}; send {fix}",
-                            param="max_tokens" if answer > limit else "messages", code="invalid_value")
+        for whose, limit in limits:
+            if limit is not None and prompt + answer > limit:
+                parts = f"about {prompt} of messages" + (f" and up to {answer} of answer" if answer else "")
+                fix = "a smaller max_tokens or a shorter conversation" if answer else "a shorter conversation"
+                raise WireError(400, f"this request needs more tokens than {whose} allows (max_tokens={limit}): "
+                                f"{parts}; send {fix}", param="max_tokens" if answer > limit else "messages",
+                                code="invalid_value")
 
     def _start(self, completion: Completion, served: ServedModel, feed: Feed | None) -> asyncio.Task[RunResult]:
         """Begin the request's run (settings checked first: a bad one is a 400 before any call);
@@ -234,11 +240,14 @@ class Server:
             check_task(completion.task)
             overrides = served.settings.layered(completion.settings).changes()
             plan = overrides.pop("plan", None)
-            self.orchestra.run_settings({**overrides, **({"plan": plan} if plan is not None else {})})
+            settings = self.orchestra.run_settings({**overrides, **({"plan": plan} if plan is not None else {})})
             answer = AnswerOptions(output=completion.output, max_tokens=completion.max_tokens,
                                    temperature=completion.temperature)
         except (ConfigError, ValueError) as error:
-            raise bad_request(str(error).splitlines()[0]) from None
+            message = str(error).splitlines()[0]
+            named = re.search(r"setting ([\w.]+):", message)  # the parameter it is about, as param
+            raise bad_request(message, named.group(1) if named else None) from None
+        self._check_fits(completion, settings.budget.max_tokens)
         run_id = new_run_id()
         if feed is not None and feed.progress:
             self._feeds[run_id] = feed

@@ -352,6 +352,27 @@ def test_ctrl_c_names_the_run_to_resume(loopback, tmp_path: Path) -> None:
     assert child.exitstatus == 130
 
 
+def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    server = loopback(lambda request: Reply(hang=True))
+    pool = write_pool(tmp_path, server.url)
+    child = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Quick question", "--pool", str(pool),
+                              "--no-plan", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    while not server.requests:  # (waits for the run to be under way, not for a time)
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130
+    stopped = json.loads(out)  # one JSON object, as --json promises
+    assert stopped["status"] == "cancelled" and stopped["task"] == "Quick question"
+    assert err.strip() == (f"error: interrupted run {stopped['run_id']}; its finished calls are saved; "
+                           f"`orchestra resume {stopped['run_id']}` finishes it")
+
+
 # --- small things a user trips on ---------------------------------------------------------------
 
 
@@ -370,8 +391,12 @@ def test_a_binary_or_non_utf8_file_is_one_line(tmp_path: Path) -> None:
 
 def test_chat_shows_a_line_while_planning(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
-    done = cli("chat", "--pool", str(pool), stdin="Write a short report, then check it\nc\n/quit\n")
+    done = cli("chat", "--pool", str(pool), stdin="Write a short report, then check it\nr\nc\n/quit\n")
     assert done.returncode == 0 and done.stdout.index("planning…") < done.stdout.index("List the key facts")
+    # what each plan cost, as the endpoint counted it: the task was cancelled, so no run records it
+    planned = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("planning: ")]
+    assert planned == ["planning: 1 calls · 1 requests · " + planned[0].split(" · ", 2)[2]] * 2
+    assert len(llm.server.requests) == 2 and llm.kinds == {"plan": 2}
 
 
 @pytest.mark.llama

@@ -364,6 +364,9 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
     assert "'kk'" in messages["unknown"] and "'k'" in messages["k type"] and "psychic" in messages["mode"]
     assert "only text content" in messages["image"] and "'k' must be at most 16" in messages["k cap"]
     assert "'k' must be an integer" in messages["k type"]
+    with pytest.raises(openai.BadRequestError) as zero:  # a setting's value out of range names it as param
+        client.chat.completions.create(model="orchestra", messages=question, extra_body={"k": 0})
+    assert zero.value.body["param"] == "k" and "k: Input should be greater than or equal to 1" in zero.value.message
     assert "$.properties.m.type must be one of object" in messages["schema"] and "'float'" in messages["schema"]
     deep = httpx.post(running.url + "/v1/chat/completions", content=b"[" * 2000 + b"]" * 2000)
     assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
@@ -426,8 +429,10 @@ def test_an_agent_models_run_resumes_with_that_agent_alone(serve: Any, tmp_path:
 def test_a_preset_that_changes_the_servers_own_settings_is_refused_at_start(loopback: Any, tmp_path: Path) -> None:
     from orchestra.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="preset 'big'.*max_resident_models"):
+    with pytest.raises(ConfigError) as refused:
         app(pool_file(tmp_path, "http://127.0.0.1:9"), store=False, presets={"big": {"max_resident_models": 4}})
+    assert str(refused.value) == ("preset 'big': max_resident_models belong(s) to the server, whose one executor "
+                                  "serves every request: set it in the pool's settings or with --set, not in a preset")
 
 
 def test_bearer_token_from_the_environment_is_checked(serve: Any) -> None:
@@ -490,6 +495,16 @@ def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: 
         run_id = error.value.response.headers[RUN_HEADER]
         assert RunStore(tmp_path / "runs.db").run(run_id).status == "budget_exceeded"
     assert sum(experts.requests.values()) == 12
+
+
+def test_a_request_its_own_budget_could_never_hold_is_a_400_before_any_call(serve: Any) -> None:
+    running, experts = serve(settings={"budget": {"max_tokens": 5_000}})
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    with pytest.raises(openai.BadRequestError) as big:  # a resume could never finish it: not a 429
+        running.client().chat.completions.create(model="orchestra", messages=question, max_tokens=6_000)
+    assert "than a request's own budget allows (max_tokens=5000)" in big.value.message
+    assert "up to 6000 of answer" in big.value.message and big.value.body["param"] == "max_tokens"
+    assert sum(experts.requests.values()) == 0
 
 
 def test_concurrent_requests_reach_each_model_together_and_route_alone(serve: Any) -> None:

@@ -167,6 +167,8 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     ('{"id": 1, "question": "q", "answer": 1}\n{"id": 1, "question": "r", "answer": 2}\n',
      "val.jsonl:2: duplicate id '1' (first on line 1)"),
     ("\n", "val.jsonl: the data set has no items"),
+    ('{"id": 1, "question": "q", "answer": "E", "choices": ["a", "b"]}\n',
+     "val.jsonl:1: field 'choices': the answer 'E' is neither a letter of its 2 choices (A-B) nor the text of one"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "val.jsonl"

@@ -101,6 +101,19 @@ def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, b
     assert done.stdout == ""
 
 
+def test_validate_reads_a_workflows_data_set_as_a_run_would(tmp_path: Path) -> None:
+    text = GOOD.split("inputs:")[0] + ("inputs:\n  question: {type: string, required: true}\n"
+                                       "dataset: {path: items.jsonl}\nsteps:\n  - id: answer\n"
+                                       "    prompt: \"{{ inputs.question }}\"\n")
+    path = write(tmp_path, text)
+    (tmp_path / "items.jsonl").write_text('{"id": "a", "question": "1 + 1?", "answer": "2"}\nnot json\n')
+    bad = cli("validate", str(path))
+    assert bad.returncode == 2 and bad.stderr == f"error: {tmp_path}/items.jsonl:2: not valid JSON (Expecting value)\n"
+    (tmp_path / "items.jsonl").write_text('{"id": "a", "question": "1 + 1?", "answer": "2"}\n')
+    good = cli("validate", str(path))
+    assert good.returncode == 0 and "(demo: 1 step(s), a data set of 1 item(s), pool" in good.stdout
+
+
 @pytest.mark.parametrize("text", ["", "name: broken\n", "name: broken\nagents: []\n"])
 def test_a_pool_file_without_models_says_so_in_one_line(tmp_path: Path, text: str) -> None:
     done = cli("agents", "--pool", str(write(tmp_path, text, "pool.yaml")))
