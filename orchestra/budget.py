@@ -88,14 +88,15 @@ class BudgetTracker:
                 return BudgetExceeded(limit=limit, value=value, spent=words, run_id=self.run_id, shared=self.name)
         return None
 
-    def admit(self, request: ChatRequest, price: Price, *, held_here: Reservation | None = None) -> Reservation:
+    def admit(self, request: ChatRequest, price: Price) -> Reservation:
         """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it
-        does not fit this budget or the shared one. ``held_here``: what the asking run holds itself
-        (for a shared budget: a call that fits but for other runs' calls in flight is told so)."""
+        does not fit this budget or the shared one (``held`` on it: it would fit once the calls in
+        flight end, so the caller may wait for them and ask again)."""
         budget = self.budget
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
-            self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made{in_flight}")
+            self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made{in_flight}",
+                         held=bool(in_flight) and self.calls + 1 <= budget.max_calls)  # (one that fails unsent is free)
         if budget.max_tokens is None and budget.max_cost_usd is None and self.parent is None and not self.shared:
             self._reserved_calls += 1  # no limit reads the worst case: not estimated (this runs for every call)
             return NOTHING
@@ -105,22 +106,21 @@ class BudgetTracker:
         if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
             held = f", {self._reserved_tokens} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
-            alone = held_here is not None and spent + held_here.tokens + worst.tokens <= budget.max_tokens
             self._refuse("max_tokens", budget.max_tokens,
                          f"{spent} tokens used{held}, the next call may take {worst.tokens}: {prompt} of prompt and "
-                         f"up to {answer} of answer", held=alone)
+                         f"up to {answer} of answer", held=bool(held) and spent + worst.tokens <= budget.max_tokens)
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
             held = f", ${self._reserved_cost:.4f} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
-            alone = held_here is not None and \
-                self.cost_usd + held_here.cost_usd + worst.cost_usd <= budget.max_cost_usd
-            self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.cost_usd:.4f} spent{held}", held=alone)
+            self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.cost_usd:.4f} spent{held}",
+                         held=bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd)
         if self.parent is not None:
             try:
-                self.parent.admit(request, price, held_here=Reservation(self._reserved_tokens, self._reserved_cost))
+                self.parent.admit(request, price)
             except BudgetExceeded as exceeded:
-                self.exceeded = exceeded
+                if not exceeded.held:  # (a call that waits for the calls in flight did not stop anything)
+                    self.exceeded = exceeded
                 raise
         self._reserved_calls += 1
         self._reserved_tokens += worst.tokens
@@ -157,6 +157,7 @@ class BudgetTracker:
         self.cost_usd += usage.cost_usd
 
     def _refuse(self, limit: str, value: float, spent: str, *, held: bool = False) -> None:
-        self.exceeded = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id, shared=self.name,
-                                       held=held)
-        raise self.exceeded
+        refused = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id, shared=self.name, held=held)
+        if not held:  # ``exceeded`` is the refusal that stopped something
+            self.exceeded = refused
+        raise refused

@@ -366,7 +366,6 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
     import asyncio
 
     from orchestra.agents import Pool
-    from orchestra.hints import budget_hint
     from orchestra.workflow import Workflow, parse_assignments
     from orchestra.workflow_run import arun_workflow, orchestra_for
 
@@ -379,10 +378,7 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
 
         report = asyncio.run(aevaluate_workflow(flow, given, orchestra=orc))
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
-        if report.budget_exceeded:
-            hint = budget_hint(report.budget_exceeded, None, stored=orc.store is not None)
-            fail(f"{report.budget_exceeded} ({report.failed} of {report.items} items unfinished)"
-                 + (f"; {hint}" if hint else ""), 3)
+        end_data_set(report, stored=orc.store is not None, evaluation=False)
         return
     values = flow.resolve_inputs(given)
     execute(orc, lambda run_id: arun_workflow(flow, values, orchestra=orc, run_id=run_id), opts)
@@ -567,25 +563,31 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     report = asyncio.run(aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
                                    mode=opts["mode"], aggregate=opts["aggregate"], budget=budget))
     print_report(report, f"{report.method} on {dataset.path}", as_json)
-    if report.budget_exceeded:
-        from orchestra.hints import budget_hint
+    end_data_set(report, stored=orc.store is not None, evaluation=True)
 
-        hint = budget_hint(report.budget_exceeded, None, stored=orc.store is not None, evaluation=True)
+
+def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
+    """After a data set's report: exit 3 with a hint when its budget stopped it; with the first
+    unfinished item's code (2 a rejected key, 3 its own budget, else 1) when a run did not finish.
+    The report stands either way; a data set with unfinished runs is not a clean pass."""
+    from orchestra.hints import budget_hint
+
+    if report.budget_exceeded:
+        hint = budget_hint(report.budget_exceeded, None, stored=stored, evaluation=evaluation)
         fail(f"{report.budget_exceeded} ({report.failed} of {report.items} items unfinished)"
              + (f"; {hint}" if hint else ""), 3)
-    if report.failed:  # the report stands, but a data set with unfinished runs is not a clean pass
-        click.echo(f"error: {report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}",
-                   err=True)
-        sys.exit(report.failure_exit or 1)  # the first unfinished run's: 2 a rejected key, 3 a budget...
+    if report.failed:
+        fail(f"{report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}",
+             report.failure_exit or 1)
 
 
 def _whole_budget(opts: dict[str, Any]) -> Budget | None:
     """The budget the command line's --max-calls, --max-cost and --max-tokens give a whole data set
-    (taken out of ``opts``, so each run keeps the default limits of one run); None if none is given."""
+    (each run may spend as much, within it); None if none is given."""
     from orchestra.budget import Budget
 
-    limits = {field: opts.pop(dest) for dest, field in (("max_calls", "max_calls"), ("max_cost", "max_cost_usd"),
-                                                        ("max_tokens", "max_tokens")) if opts.get(dest) is not None}
+    limits = {field: opts[dest] for dest, field in (("max_calls", "max_calls"), ("max_cost", "max_cost_usd"),
+                                                    ("max_tokens", "max_tokens")) if opts.get(dest) is not None}
     return Budget(**{"max_calls": None, "max_cost_usd": None, "max_tokens": None, **limits}) if limits else None
 
 

@@ -562,6 +562,8 @@ class Orchestra:
         check_task(task)
         if context:
             _check_text(context, "the context")
+        if answer_format:
+            _check_text(answer_format, "the answer format")
         plan = _given_plan(plan)
         graph = _given_graph(plan) if isinstance(plan, Plan) else None
         if settings is None:

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from orchestra.errors import DatasetError
 
+#: the letters of a multiple-choice item's choices, as its prompt lists them and answers are read
+LETTERS = "ABCDEFGHIJ"
+
 
 class Item(BaseModel):
     """One labelled question: ``{"id", "question", "answer", "choices"?, "category"?}``."""
@@ -38,7 +41,10 @@ class Item(BaseModel):
         answer = info.data.get("answer")
         if not choices or answer is None:
             return choices
-        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(choices)]
+        if len(choices) > len(LETTERS):
+            raise ValueError(f"{len(choices)} choices; at most {len(LETTERS)} (A-{LETTERS[-1]}), the letters answers "
+                             "are read in")
+        letters = LETTERS[: len(choices)]
         letter, text = answer.strip().strip("()").upper(), answer.strip().lower()
         if (len(letter) == 1 and letter in letters) or any(c.strip().lower() == text for c in choices):
             return choices
@@ -49,8 +55,7 @@ class Item(BaseModel):
         """The question with its lettered choices, as experts see it."""
         if not self.choices:
             return self.question
-        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-        lines = [f"({letters[i]}) {choice}" for i, choice in enumerate(self.choices)]
+        lines = [f"({LETTERS[i]}) {choice}" for i, choice in enumerate(self.choices)]
         return self.question + "\n" + "\n".join(lines)
 
 

@@ -50,8 +50,8 @@ class BudgetExceeded(OrchestraError):
 
     Attributes: ``limit`` (the ``Budget`` field: ``max_calls``, ``max_cost_usd`` or ``max_tokens``),
     ``value`` (its setting), ``spent`` (what was used, in words), ``run_id`` (the stopped run;
-    None for a shared budget) and ``held`` (a shared budget that is not spent: other runs' calls in
-    flight hold what it has left, so the call would fit once they end).
+    None for a shared budget) and ``held`` (the calls in flight hold what is left: the call would
+    fit once they end, so the executor waits for them instead of stopping).
     ``Orchestra.resume(run_id, budget={limit: higher})`` finishes a run.
     """
 
@@ -61,14 +61,11 @@ class BudgetExceeded(OrchestraError):
                  shared: str = "the data set's budget", held: bool = False) -> None:
         setting = f"{limit}={int(value) if float(value).is_integer() else format(value, 'g')}"  # 1000000, not 1e+06
         if run_id is None:
-            super().__init__(f"{shared} {setting} is {HELD if held else 'spent'} ({spent})")
+            super().__init__(f"{shared} {setting} is spent ({spent})")
         else:
             super().__init__(f"budget {setting} reached ({spent})")
         self.limit, self.value, self.spent, self.run_id, self.held = limit, value, spent, run_id, held
 
-
-#: how a shared budget that other runs' calls in flight fill up is described (see ``BudgetExceeded``)
-HELD = "held by other calls in flight"
 
 
 class StoreError(UserError):

@@ -225,6 +225,8 @@ class Executor:
     def _reset(self) -> None:
         """A clean schedule (the loop's tasks are gone); resident models stay."""
         self._pending: list[_Call] = []  # queued since the last dispatch (this tick)
+        #: calls the budget would take once the calls in flight end: queued again when one does
+        self._held: list[_Call] = []
         self._heavy: list[_Call] = []  # admitted heavy calls waiting for the next heavy wave
         self._active = 0  # managed tasks that are running, not waiting on a call
         self._kick_scheduled = False
@@ -478,6 +480,11 @@ class Executor:
         try:
             call.reserved = ledger.budget.admit(call.request, getattr(call.model, "price", FREE))
         except BudgetExceeded as exceeded:
+            # it fits once the calls in flight end (their worst cases are held): it waits for them, unless
+            # they are heavy calls whose wave waits for this call's task (then it stops, as before)
+            if exceeded.held and not (self._heavy and not self._heavy_running):
+                self._held.append(call)
+                return True
             self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="budget"))
             self._resolve(call, exceeded)
             return True
@@ -779,12 +786,16 @@ class Executor:
                                       prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
                                       cost_usd=spent.cost_usd, cache_misses=ledger.cache_misses))
 
-    @staticmethod
-    def _settle(call: _Call, usage: Usage | None) -> None:
-        """Release the call's reservation (if the budget admitted it) and count what it spent."""
+    def _settle(self, call: _Call, usage: Usage | None) -> None:
+        """Release the call's reservation (if the budget admitted it) and count what it spent; the
+        calls that waited for a reservation to end are asked about again."""
         if call.reserved is not None:
             call.ledger.budget.settle(call.reserved, usage)
             call.reserved = None
+            if self._held:
+                self._pending += self._held
+                self._held = []
+                self._schedule_kick()
 
     def _fail(self, calls: list[_Call], error: Exception, *, sent: bool) -> None:
         """Fail calls that got no outcome of their own; ``sent``: they reached the model, so they count."""

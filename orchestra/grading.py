@@ -8,10 +8,9 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Protocol
 
-from orchestra.datasets import Item
+from orchestra.datasets import LETTERS, Item
 from orchestra.errors import ConfigError
 
-LETTERS = "ABCDEFGHIJ"
 _LONE_LETTER = re.compile(r"\(?[A-Ja-j]\)?")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 

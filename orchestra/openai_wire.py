@@ -99,6 +99,14 @@ def parse_completion(body: Any) -> Completion:
     if not isinstance(model, str) or not model:
         raise bad_request("'model' must name a model; GET /v1/models lists them", "model")
     task, context = _conversation(body.get("messages"))
+    for name, value in body.items():  # (the messages were checked one by one, naming the one to fix)
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"'{name}' holds text that is not valid Unicode (a lone surrogate); send UTF-8 text",
+                              name) from None
+        except (TypeError, ValueError):
+            pass  # (JSON from the wire is always encodable otherwise)
     _refuse_unsupported(body)
     stream = _flag(body, "stream")
     options = body.get("stream_options")

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.core import Orchestra, check_task, new_run_id
-from orchestra.errors import HELD, ConfigError
+from orchestra.errors import ConfigError
 from orchestra.events import Event
 from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import ChunkWriter, Completion, WireError, bad_request, completion_body, parse_completion
@@ -405,16 +405,12 @@ def _cancelled(run: asyncio.Task[RunResult]) -> WireError:
 
 def _failure(result: RunResult) -> WireError | None:
     """The error a finished run answers with, if any: 429 for a budget, 503 for endpoints that
-    cannot be used (a key, an address), 502 when the experts failed otherwise. A run the server's
-    budget refused while the calls of other requests held what it has left is a 429 worth
-    retrying once they end, unlike a spent budget."""
+    cannot be used (a key, an address), 502 when the experts failed otherwise."""
     if result.status == "done" or (result.status == "partial" and result.answer):
         return None
     reason = result.error or "no answer"
     resume = f"; run {result.run_id} is saved: `orchestra resume {result.run_id}` finishes it"
     if result.status == "budget_exceeded":
-        if HELD in reason:
-            return WireError(429, f"busy: {reason}; retry once they end{resume}", code="rate_limit_exceeded")
         return WireError(429, f"budget exhausted: {reason}{resume}", code="insufficient_quota")
     if result.status == "cancelled":
         return WireError(503, f"the run was cancelled: {reason}{resume}")

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticSerializationError
 
 from orchestra.budget import Budget
 from orchestra.errors import ConfigError
@@ -221,7 +222,14 @@ class RunSpec(BaseModel):
     def record_json(self) -> str:
         """``record()`` as JSON text (what the store keeps, twice per run of a data set). The
         settings, frozen and shared by a data set's runs, are written once per settings object."""
-        rest = type(self).__pydantic_serializer__.to_json(self, exclude=_SETTINGS_FIELD).decode()
+        try:
+            rest = type(self).__pydantic_serializer__.to_json(self, exclude=_SETTINGS_FIELD).decode()
+        except PydanticSerializationError as error:
+            if "surrogates not allowed" not in str(error):
+                raise
+            raise ConfigError("the run holds text that is not valid Unicode (a lone surrogate, from JSON's "
+                              "\\ud800 escape or bytes that are not UTF-8) in its inputs, plan or meta; send UTF-8 "
+                              "text") from None
         return f'{{"spec": {{"settings": {_settings_json(self.settings)}, {rest[1:]}}}'
 
     @classmethod

@@ -333,5 +333,9 @@ def parse_assignments(pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"-i expects KEY=VALUE, got {pair!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a command line's bytes that are not UTF-8 in its locale
+            raise ConfigError(f"-i {key.strip()}: the value is not valid UTF-8 text in this locale") from None
         values[key.strip()] = value
     return values

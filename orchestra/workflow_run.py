@@ -11,7 +11,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from orchestra.budget import Budget, BudgetTracker
+from orchestra.budget import BudgetTracker
 from orchestra.core import DEFAULT_WINDOW, Instance, Orchestra, run_sync
 from orchestra.datasets import load_dataset
 from orchestra.errors import ConfigError
@@ -59,7 +59,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     item at once), each run graded as it finishes: no item's run is held once graded.
 
     The Orchestra's budget (the workflow's ``budget:``, or the command line's) bounds the whole data
-    set; each item's run keeps the default per-run limits inside it. Each item gets its own seed
+    set; each item's run may spend as much, within it. Each item gets its own seed
     (from the workflow's seed and the item's id), so recruiting varies from item to item as it would
     over separate runs.
     """
@@ -75,7 +75,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     items = dataset.items[: spec.limit] if spec.limit else dataset.items
     orc = orchestra or orchestra_for(workflow)
     shared = BudgetTracker(orc.settings.budget, None)
-    per_run = Budget().model_dump()
+    per_run = orc.settings.budget.model_dump()  # each run may spend as much, within the whole
 
     def instances() -> Iterator[Instance]:
         for item in items:

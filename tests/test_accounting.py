@@ -233,6 +233,21 @@ def test_a_workflow_budget_holds_over_a_whole_data_set(loopback, tmp_path: Path)
     assert f"({finished} of 8 finished; the rest count as wrong)" in accuracy, table.stdout
 
 
+def test_a_data_set_workflow_whose_items_fail_says_so_and_exits_with_the_first_ones_code(tmp_path: Path) -> None:
+    write_pool(tmp_path, "http://127.0.0.1:9")  # nothing listens there
+    (tmp_path / "qa.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "question": f"What is {i} + 7 - {i}?", "answer": "7"}) + "\n" for i in range(2)))
+    (tmp_path / "flow.yaml").write_text(
+        "pool: pool.yaml\ninputs:\n  question: {type: string}\n"
+        "steps:\n  - id: answer\n    prompt: '{{ inputs.question }}'\n    recruit: {k: 1, skills: [arithmetic]}\n"
+        "dataset: {path: qa.jsonl}\n")
+    done = cli("run", str(tmp_path / "flow.yaml"), "--json", timeout=120)
+    assert done.returncode == 2, done.stderr  # it exited 0, the report alone saying "unfinished runs 2"
+    assert json.loads(done.stdout)["failed"] == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: 2 of 2 run(s) did not finish; first: item q0 (failed): cannot reach http://127.0.0.1:9")
+
+
 def test_a_data_set_workflow_recruits_per_item_and_reports_every_answer(loopback, tmp_path: Path) -> None:
     server = loopback(chat_handler(lambda request: "The answer is 7"))
     write_pool(tmp_path, server.url)

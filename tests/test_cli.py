@@ -257,6 +257,13 @@ def test_eval_budget_flags_bound_the_whole_evaluation(llm, tmp_path: Path) -> No
         "finished with `orchestra resume RUN_ID`")
     listed = json.loads(cli("runs", "--json").stdout)  # each run says which item it answered
     assert sorted(run["item"] for run in listed) == ["q0", "q1", "q2", "q3"]
+    # the flags raise what one item's run may spend too: a pool's own per-run limit of 5 calls (an item
+    # takes 9) stopped every item, whatever the flag said
+    small = write_pool(tmp_path, llm.server.url, extra="settings: {budget: {max_calls: 5}}\n")
+    assert cli("eval", "--pool", str(small), "--data", str(data), "--json").returncode == 3
+    raised = cli("eval", "--pool", str(small), "--data", str(data), "--max-calls", "100", "--json")
+    assert raised.returncode == 0, raised.stderr
+    assert json.loads(raised.stdout)["failed"] == 0
 
 
 def test_exit_codes_budget_and_resume_hint(llm, tmp_path: Path) -> None:

@@ -240,6 +240,12 @@ async def _async_listener(event: Event) -> None:
      "command line: bytes that are not UTF-8 in this locale)"),
     (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [
         {"id": "a", "instruction": "x", "depends_on": ["a"]}]}), "plan: subtask 'a' depends on itself"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", answer_format="End \ud800"),
+     "the answer format is not valid Unicode: character 5 is a lone surrogate ('\\ud800'); send UTF-8 text (on a "
+     "command line: bytes that are not UTF-8 in this locale)"),
+    (lambda pool: Orchestra(pool).run("x?", meta={"x": "\ud800"}),  # (the store writes the meta)
+     "the run holds text that is not valid Unicode (a lone surrogate, from JSON's \\ud800 escape or bytes that "
+     "are not UTF-8) in its inputs, plan or meta; send UTF-8 text"),
     (lambda pool: Orchestra(pool, store=False).run("x?", plan=Plan.model_validate({"subtasks": [
         {"id": "a", "instruction": "x", "depends_on": ["b"]}, {"id": "b", "instruction": "y", "depends_on": ["a"]}]})),
      "plan: the dependencies form a cycle: a -> b -> a"),

@@ -573,31 +573,44 @@ def test_a_spent_shared_budget_says_how_to_raise_it_and_finish_the_items() -> No
     assert own.value.limit == "max_tokens" and str(own.value).startswith("budget max_tokens=5 reached (0 tokens used, the next call may take")
 
 
-def test_a_refusal_for_what_calls_in_flight_hold_says_so_and_serve_lets_it_be_retried() -> None:
-    from orchestra.result import RunResult
-    from orchestra.serve import _failure
-
+def test_a_call_that_fits_once_the_calls_in_flight_end_is_told_so() -> None:
     shared = BudgetTracker(Budget(max_tokens=2_000), None, name="the server's budget")
     first, second = (BudgetTracker(Budget(), f"run-{i}", parent=shared) for i in (6, 7))
     request = ChatRequest.user("hello", max_tokens=1000)
     held = first.admit(request, FREE)  # in flight: its worst case is held
-    with pytest.raises(BudgetExceeded) as refused:  # another run's call would fit, but for the first one's
+    with pytest.raises(BudgetExceeded) as refused:  # it would fit once the first call ends
         second.admit(request, FREE)
     assert refused.value.held and str(refused.value) == (
-        f"the server's budget max_tokens=2000 is held by other calls in flight (0 tokens used, {held.tokens} held "
-        f"for 1 calls in flight, the next call may take {held.tokens}: {held.tokens - 1000} of prompt and up to "
-        "1000 of answer)")
-    retry = _failure(RunResult(run_id="run-7", task="t", status="budget_exceeded", error=str(refused.value)))
-    assert retry is not None and retry.status == 429 and retry.code == "rate_limit_exceeded"
-    with pytest.raises(BudgetExceeded) as own:  # the first run's own calls fill it: retrying would not help
-        first.admit(request, FREE)
-    assert not own.value.held and "max_tokens=2000 is spent (0 tokens used" in str(own.value)
-    spent = _failure(RunResult(run_id="run-6", task="t", status="budget_exceeded", error=str(own.value)))
-    assert spent is not None and spent.code == "insufficient_quota"
+        f"the server's budget max_tokens=2000 is spent (0 tokens used, {held.tokens} held for 1 calls in flight, the "
+        f"next call may take {held.tokens}: {held.tokens - 1000} of prompt and up to 1000 of answer)")
     first.settle(held, Usage(prompt_tokens=1_500, completion_tokens=600, requests=1))
-    with pytest.raises(BudgetExceeded) as gone:  # spent: nothing in flight holds it
+    with pytest.raises(BudgetExceeded) as spent:  # nothing in flight: spent, not held
         second.admit(request, FREE)
-    assert not gone.value.held and "is spent (2100 tokens used, the next call" in str(gone.value)
+    assert not spent.value.held and "is spent (2100 tokens used, the next call" in str(spent.value)
+    big = ChatRequest.user("hello", max_tokens=5_000)
+    run = BudgetTracker(Budget(max_tokens=4_000), "run-8")
+    small = run.admit(request, FREE)
+    with pytest.raises(BudgetExceeded) as never:  # would not fit even alone: no use waiting
+        run.admit(big, FREE)
+    assert not never.value.held
+    run.settle(small, None)
+
+
+def test_calls_the_budget_takes_once_the_calls_in_flight_end_wait_for_them() -> None:
+    from helpers import scripted_pool
+
+    from orchestra import Orchestra
+
+    # each expert call holds its worst case (its prompt and 1,024 answer tokens) while in flight: of
+    # three, two fit at once next to what the keyword calls spent; the third waited for them instead
+    # of stopping the run (their answers take a few dozen tokens)
+    pool, _ = scripted_pool()
+    result = Orchestra(pool, store=False, k=3, aggregate="none",
+                       budget=Budget(max_tokens=2_500, max_calls=None, max_cost_usd=None)).run("What is 2 + 2?",
+                                                                                            plan=False)
+    assert result.status == "done", result.error
+    assert result.usage.calls == 5 + 3 and len(result.node("answer").expert_outputs) == 3
+    assert result.usage.prompt_tokens + result.usage.completion_tokens < 2_500
 
 
 def test_a_shared_budget_without_limits_releases_what_its_runs_reserved() -> None:

@@ -385,6 +385,11 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
     assert lone.status_code == 400 and lone.json()["error"] == {
         "message": "messages[0].content is not valid Unicode: character 4 is a lone surrogate; send UTF-8 text",
         "type": "invalid_request_error", "param": "messages[0].content", "code": "invalid_value"}
+    schema = httpx.post(running.url + "/v1/chat/completions", content=(
+        b'{"model": "orchestra", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": '
+        b'"json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a\\ud800": {}}}}}}'))
+    assert schema.status_code == 400 and schema.json()["error"]["param"] == "response_format"
+    assert "'response_format' holds text that is not valid Unicode" in schema.json()["error"]["message"]
     assert sum(experts.requests.values()) == 0  # nothing bad reached an expert
     default_n = httpx.post(running.url + "/v1/chat/completions", timeout=60,
                            json={"model": "orchestra", "messages": question, "n": None})
