@@ -93,6 +93,20 @@ def test_a_plan_names_the_first_thing_wrong_with_it(subtasks: list[tuple[str, li
     assert str(raised.value) == problem
 
 
+def test_a_dependency_named_twice_is_shown_to_the_experts_once() -> None:
+    from orchestra import Agent, Orchestra, Pool
+    from orchestra.models import FunctionModel
+
+    model = FunctionModel(lambda request: "The answer is 42", name="m")
+    pool = Pool(agents=[Agent(name="a", model=model, skills=("general",))])
+    plan = Plan(subtasks=[Subtask(id="a", instruction="do a", skills=["general"]),
+                          Subtask(id="b", instruction="do b", depends_on=["a", "a"], skills=["general"])])
+    result = Orchestra(pool, k=1, aggregate="none", store=False).run("task", plan=plan)
+    assert result.status == "done"
+    [prompt] = [r.prompt_text() for r in model.requests if "Your assignment: do b" in r.prompt_text()]
+    assert prompt.count("[a] do a") == 1
+
+
 def test_a_plan_whose_dependency_is_named_twice_runs_it_once() -> None:
     plan = Plan(subtasks=[Subtask(id="a", instruction="x"), Subtask(id="b", instruction="y", depends_on=["a", "a"]),
                           Subtask(id="c", instruction="z", depends_on=["b", "a", "b"])])

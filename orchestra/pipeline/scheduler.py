@@ -478,7 +478,7 @@ class Run:
     def _inputs(self, node_id: str) -> list[dict[str, str]]:
         limit = self.settings.context_chars
         inputs = []
-        for dependency in self.subtasks[node_id].depends_on:
+        for dependency in self.graph.dependencies[node_id]:  # (each once, as the DAG has it)
             output = self.traces[dependency].output or ""
             if len(output) > limit:
                 output = output[:limit] + " [...]"
