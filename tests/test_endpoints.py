@@ -233,3 +233,38 @@ def test_any_httpx_transport_plugs_in_and_its_failures_read_as_the_default_trans
             asyncio.run(down.complete([ChatRequest.user("hi")]))
     assert result.text == "from httpx"
     assert seen[0][0] == "http://models.test/v1/chat/completions" and b'"model":"m"' in seen[0][1]
+
+
+def test_requests_that_waited_for_a_probe_the_endpoint_refused_or_missed_fail_or_try_themselves() -> None:
+    from orchestra.errors import AuthenticationError
+
+    def run(first: httpx.Response | Exception) -> tuple[list[object], int]:
+        sent: list[bytes] = []
+
+        async def answer(request: httpx.Request) -> httpx.Response:
+            sent.append(request.content)
+            if len(sent) == 1:  # the first request probes whether the server takes json_schema
+                for _ in range(20):  # the loop's other turns: the other requests queue behind the probe
+                    await asyncio.sleep(0)
+                if isinstance(first, Exception):
+                    raise first
+                return first
+            return httpx.Response(200, json=openai_reply('{"a": 1}').body)
+
+        endpoint = Endpoint("http://models.test/v1", transport=lambda n: HttpxTransport(httpx.MockTransport(answer)))
+        model = OpenAICompatible(model="m", endpoint=endpoint, max_attempts=1)
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        requests = [ChatRequest.user(f"q{i}", output=schema) for i in range(3)]
+
+        async def each() -> list[object]:
+            return [outcome async for _, outcome in model.complete_each(requests)]
+
+        with allow_model_requests():
+            return asyncio.run(each()), len(sent)
+
+    refused, sent = run(httpx.Response(401, json={"error": {"message": "bad key"}}))
+    assert sent == 1 and all(isinstance(o, AuthenticationError) for o in refused)  # the key is refused alike
+    missed, sent = run(httpx.ConnectError("connection refused"))
+    assert sent == 3  # unreachable once: the others tried themselves (it may be back) and were answered
+    assert sum(isinstance(o, EndpointUnreachable) for o in missed) == 1
+    assert [o.parsed for o in missed if not isinstance(o, Exception)] == [{"a": 1}, {"a": 1}]

@@ -95,7 +95,7 @@ class _LoopState:
     probe: asyncio.Lock  # held by the one request that finds out whether the server takes a feature
     deadlines: Deadlines  # each attempt's time limit
     #: probes that found the endpoint unusable (unreachable, or the key refused), and the last one's
-    #: error: the requests that waited for them fail alike at once instead of each trying in turn
+    #: error: the requests that waited for them do not each probe in turn (see ``post_negotiated``)
     probes_failed: int = 0
     unusable: ModelError | None = None
 
@@ -237,9 +237,14 @@ class Endpoint:
                 probe, failed = state.probe, state.probes_failed
                 await probe.acquire()
                 if state.probes_failed != failed and state.unusable is not None:
-                    probe.release()  # the probe it waited for found the endpoint unusable: so would it
-                    raise type(state.unusable)(str(state.unusable))
-                if len(self.capabilities.refused) != known or not self.capabilities.unknown(payload):
+                    # the probe it waited for found the endpoint unusable: a refused key would be refused
+                    # again; an unreachable one is tried by all the waiters at once (it may be back), each
+                    # with its own retries, not one after another
+                    probe.release()
+                    if isinstance(state.unusable, AuthenticationError):
+                        raise AuthenticationError(str(state.unusable))
+                    probe = None
+                elif len(self.capabilities.refused) != known or not self.capabilities.unknown(payload):
                     probe.release()  # another request found out meanwhile: build again from what it learnt
                     continue
             try:
