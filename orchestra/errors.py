@@ -131,6 +131,11 @@ class EndpointUnreachable(ModelError, UserError):
     exit_code = 2
 
 
+class CallCancelled(ModelError):
+    """A call cancelled while its request was in flight (Ctrl-C, a cancelled run): the endpoint got
+    the request, so what it cost is counted and recorded."""
+
+
 class ConnectionBroke(ModelError):
     """The endpoint was reached but the connection broke: reset, body cut short, protocol error."""
 

@@ -42,7 +42,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from orchestra.budget import Budget, BudgetTracker, Reservation
-from orchestra.errors import BudgetExceeded, EngineLost
+from orchestra.errors import BudgetExceeded, CallCancelled, EngineLost
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
@@ -57,7 +57,7 @@ from orchestra.events import (
     UsageUpdated,
 )
 from orchestra.models import ChatRequest, ChatResult, HeavyModel, Model, Usage, is_heavy
-from orchestra.models.base import downgrade_listener, model_identity, retry_listener
+from orchestra.models.base import cancel_listener, downgrade_listener, model_identity, retry_listener
 from orchestra.models.pricing import FREE
 
 Outcome = ChatResult | Exception
@@ -691,6 +691,7 @@ class Executor:
         started = time.perf_counter()
         token = retry_listener.set(self._on_retry)
         dropped = downgrade_listener.set(self._on_downgrade)
+        cancelled = cancel_listener.set(partial(self._cancelled_in_flight, {id(c.request): c for c in group}))
         pending = dict(enumerate(group))
         answered: list[tuple[_Call, Outcome]] = []  # answers of this turn of the loop, not yet committed
         flush: asyncio.Handle | None = None
@@ -725,6 +726,7 @@ class Executor:
                 finish_answered()
             retry_listener.reset(token)
             downgrade_listener.reset(dropped)
+            cancel_listener.reset(cancelled)
         self.events.emit(BatchFinished(batch=batch, model=model.name, size=len(group), failed=failed,
                                        seconds=time.perf_counter() - started))
         return lost
@@ -803,6 +805,25 @@ class Executor:
             self._settle(call, (getattr(error, "usage", None) or Usage()) if sent else None)
             call.ledger.failed_calls += 1
             self._resolve(call, error)
+
+    def _cancelled_in_flight(self, calls: dict[int, _Call], request: ChatRequest, usage: Usage) -> None:
+        """A call cancelled after its requests went out (Ctrl-C, the loop ending): the endpoint got
+        them, so its run counts them and its journal records them, as a failed call would be."""
+        call = calls.get(id(request))
+        if call is None or call.waiter.outcomes[call.index] is not None:
+            return
+        error = CallCancelled(f"{call.model.name}: cancelled while its request was in flight")
+        error.usage = usage
+        self._settle(call, usage)
+        call.ledger.failed_calls += 1
+        journal = call.ledger.journal
+        if journal is not None:
+            try:
+                journal.record_all([(call.ledger.run_id, call.key, call.seq, call.model.name,
+                                     call.canonical or call.request, error, call.purpose, call.node, "model")])
+            except Exception:  # (a store that cannot be written already told its run)
+                pass
+        self._resolve(call, error)
 
     def _on_retry(self, model: str, attempt: int, wait_s: float, reason: str) -> None:
         self.events.emit(CallRetried(model=model, attempt=attempt, wait_s=wait_s, reason=reason))

@@ -192,9 +192,10 @@ _RECORD_CALL = (
     "prompt_tokens, completion_tokens, cost_usd, latency_s, created, requests) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(run_id, key, seq) DO UPDATE SET response=excluded.response, status=excluded.status, "
-    "source=excluded.source, error=excluded.error, prompt_tokens=excluded.prompt_tokens, "
-    "completion_tokens=excluded.completion_tokens, cost_usd=excluded.cost_usd, "
-    "latency_s=excluded.latency_s, created=excluded.created, requests=excluded.requests "
+    "source=excluded.source, error=excluded.error, prompt_tokens=calls.prompt_tokens+excluded.prompt_tokens, "
+    "completion_tokens=calls.completion_tokens+excluded.completion_tokens, "
+    "cost_usd=calls.cost_usd+excluded.cost_usd, latency_s=excluded.latency_s, created=excluded.created, "
+    "requests=calls.requests+excluded.requests "
     "WHERE calls.status != 'ok'")
 
 
@@ -627,7 +628,8 @@ class RunStore:
 
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest,
                outcome: ChatResult | Exception, *, purpose: str, node: str | None, source: str) -> None:
-        """Commit one call's outcome with what it cost. A success replaces an earlier error for the same call."""
+        """Commit one call's outcome with what it cost. A success replaces an earlier error for the same
+        call, adding what the failed attempts cost (their requests reached the endpoint too)."""
         self.record_all([(run_id, key, seq, model, request, outcome, purpose, node, source)])
 
     def record_all(self, entries: Iterable[CallEntry]) -> None:

@@ -79,6 +79,38 @@ def test_sigkill_mid_run_then_resume_sends_no_completed_call_again(loopback, tmp
     assert json.loads(cli("runs", "--json").stdout)[0]["status"] == "done"
 
 
+def test_requests_cut_off_by_ctrl_c_are_counted_as_the_endpoint_received_them(loopback, tmp_path: Path) -> None:
+    gate = CrashGate()
+    server = loopback(gate.handle)
+    pool = write_pool(tmp_path, server.url)
+    env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Write a short report, then check it",
+                                "--pool", str(pool), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert gate.reached.wait(timeout=120), "the run never reached its aggregation wave"
+        while len(server.requests) < 9:  # both aggregations are in flight (each waits for an answer)
+            threading.Event().wait(0.01)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=120)
+    assert process.returncode == 130
+    stopped = json.loads(out)
+    assert stopped["status"] == "cancelled"
+    assert len(server.requests) == 9 and sum(gate.answered.values()) == 7
+    [record] = json.loads(cli("runs", "--json").stdout)
+    assert record["requests"] == 9  # what the endpoint received, the 2 cut off included (it said 7)
+    failed = [c for c in RunStore(Path(os.environ["ORCHESTRA_HOME"]) / "runs.db").calls(record["id"])
+              if c["status"] == "error"]
+    assert len(failed) == 2 and all(c["error"].startswith("CallCancelled: ") and c["requests"] == 1 and
+                                    c["error"].endswith(": cancelled while its request was in flight") for c in failed)
+
+    gate.hang_aggregates = False
+    resumed = cli("resume", record["id"], "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    # the cut-off calls were sent again and answered: their rows keep the first attempts' requests
+    assert json.loads(cli("runs", "--json").stdout)[0]["requests"] == len(server.requests) == 15
+
+
 def test_api_keys_never_reach_the_store(loopback, tmp_path: Path) -> None:
     secret = "sk-planted-" + "7" * 24
     llm = ScriptedLLM()

@@ -58,6 +58,12 @@ def notify_downgrade(model: str, feature: str, reason: str) -> None:
         listener(model, feature, reason)
 
 
+CancelListener = Callable[[ChatRequest, Usage], None]
+#: Set by the executor around a batch: called as (request, usage) when a call is cancelled after
+#: requests went out, so what the endpoint received is still counted.
+cancel_listener: ContextVar[CancelListener | None] = ContextVar("cancel_listener", default=None)
+
+
 Outcome = tuple[int, "ChatResult | Exception"]
 
 
@@ -194,6 +200,11 @@ class ModelBase(abc.ABC):
                 step = self.parse_or_repair(request, await self._metered(request))
                 if isinstance(step, ChatRequest):
                     step = self.parse_repaired(request, await self._metered(step))
+            except asyncio.CancelledError:
+                listener = cancel_listener.get()
+                if meter.requests and listener is not None:
+                    listener(request, meter.usage)
+                raise
             except Exception as error:
                 with_usage(error, meter.usage)
                 raise
