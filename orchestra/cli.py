@@ -293,21 +293,11 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
         saved = (f"its finished calls are saved; `orchestra resume {run_id}` finishes it" if orc.store is not None
                  else "nothing was kept (--no-store)")
         if opts["as_json"]:  # still one JSON object on stdout: the run as it was recorded when it stopped
-            stopped = _recorded_result(orc, run_id)
+            stopped = orc.ended(run_id)
             if stopped is not None:
                 click.echo(stopped.dumps())
         fail(f"interrupted run {run_id}; {saved}", 130)
     finish(result, opts, rich_output=stdout_tty)
-
-
-def _recorded_result(orc: Orchestra, run_id: str) -> RunResult | None:
-    """A run's result as the store recorded it (None: no store, or it was not recorded)."""
-    from orchestra.errors import StoreError
-
-    try:
-        return orc.store.result(run_id) if orc.store is not None else None
-    except StoreError:
-        return None
 
 
 def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoReturn:

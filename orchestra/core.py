@@ -451,6 +451,7 @@ class Orchestra:
             raise ConfigError("the response cache lives in the run store; do not combine cache=True with store=False")
         self._running = 0
         self._heartbeat: asyncio.Task[None] | None = None
+        self._last_unstored: RunResult | None = None  # with no store: the run that ended last
         if tracing:
             from orchestra.tracing import SpanRecorder
 
@@ -645,6 +646,7 @@ class Orchestra:
         """Store a finished run (``soon``: at the event loop's next turn, before the caller's task
         runs again); a store that cannot be written is a warning, not a lost answer."""
         if self.store is None:
+            self._last_unstored = result
             return
         try:
             self.store.finish_run(result, soon=soon)
@@ -652,6 +654,17 @@ class Orchestra:
             if str(error) in (result.error or ""):  # the run's own error already says so
                 return
             warnings.warn(f"run {result.run_id} finished but was not recorded: {error}", RuntimeWarning, stacklevel=2)
+
+    def ended(self, run_id: str) -> RunResult | None:
+        """The result of a run this Orchestra saw end, as recorded (a caller whose ``await`` was
+        cancelled never got it): from the store, or with ``store=False`` the run that ended last."""
+        if self.store is None:
+            last = self._last_unstored
+            return last if last is not None and last.run_id == run_id else None
+        try:
+            return self.store.result(run_id)
+        except StoreError:
+            return None
 
     # --- planning only -------------------------------------------------------------------------
 

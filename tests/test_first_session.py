@@ -352,7 +352,8 @@ def test_ctrl_c_names_the_run_to_resume(loopback, tmp_path: Path) -> None:
     assert child.exitstatus == 130
 
 
-def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", [True, False])
+def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: Path, store: bool) -> None:
     import signal
     import subprocess
     import time
@@ -360,7 +361,8 @@ def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: P
     server = loopback(lambda request: Reply(hang=True))
     pool = write_pool(tmp_path, server.url)
     child = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Quick question", "--pool", str(pool),
-                              "--no-plan", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              "--no-plan", "--json", *([] if store else ["--no-store"])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
     while not server.requests:  # (waits for the run to be under way, not for a time)
         time.sleep(0.01)
@@ -369,8 +371,9 @@ def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: P
     assert child.returncode == 130
     stopped = json.loads(out)  # one JSON object, as --json promises
     assert stopped["status"] == "cancelled" and stopped["task"] == "Quick question"
-    assert err.strip() == (f"error: interrupted run {stopped['run_id']}; its finished calls are saved; "
-                           f"`orchestra resume {stopped['run_id']}` finishes it")
+    saved = (f"its finished calls are saved; `orchestra resume {stopped['run_id']}` finishes it" if store
+             else "nothing was kept (--no-store)")
+    assert err.strip() == f"error: interrupted run {stopped['run_id']}; {saved}"
 
 
 # --- small things a user trips on ---------------------------------------------------------------
