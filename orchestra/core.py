@@ -234,7 +234,14 @@ def _given_plan(plan: Any) -> Plan | bool | None:
 
 def _given_graph(plan: Plan) -> Dag:
     """A given plan's DAG; a plan that is not one is the caller's to mend, so it is refused before
-    the run (a ``ConfigError``, as a plan with a wrong field is), not a failed run."""
+    the run (a ``ConfigError``, as a plan with a wrong field is), not a failed run. Its skills are
+    checked as a task's text is (validation lets their lone surrogates through; instructions not)."""
+    try:
+        "".join(skill for subtask in plan.subtasks for skill in subtask.skills).encode()
+    except UnicodeEncodeError:
+        for subtask in plan.subtasks:
+            for skill in subtask.skills:
+                _check_text(skill, f"plan: subtask {subtask.id!r}'s skill {skill!r}")
     try:
         return validate_plan(plan, max_nodes=len(plan.subtasks))
     except PlanInvalid as error:

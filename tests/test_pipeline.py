@@ -249,6 +249,10 @@ async def _async_listener(event: Event) -> None:
     (lambda pool: Orchestra(pool, store=False).run("x?", plan=Plan.model_validate({"subtasks": [
         {"id": "a", "instruction": "x", "depends_on": ["b"]}, {"id": "b", "instruction": "y", "depends_on": ["a"]}]})),
      "plan: the dependencies form a cycle: a -> b -> a"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [
+        {"id": "a", "instruction": "x", "skills": ["math", "caf\udce9"]}]}),
+     "plan: subtask 'a''s skill 'caf\\udce9' is not valid Unicode: character 4 is a lone surrogate ('\\udce9'); "
+     "send UTF-8 text (on a command line: bytes that are not UTF-8 in this locale)"),
     (lambda pool: Orchestra(pool, store=False).run("x" * 500_001), "the task is 500,001 characters; at most "
      "500,000 fit Orchestra's prompts (the planner's holds the task twice): shorten it"),
     (lambda pool: Orchestra(pool, store=False).run_many("abc"),
