@@ -533,9 +533,8 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
 def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | None, output: Path | None,
              sweep: bool, lambdas: str | None, plot: Path | None, as_json: bool, **opts: Any) -> None:
     """Accuracy, cost and time of a method on a labelled data set (or, with --sweep, of every method)."""
-    import asyncio
-
     from orchestra.agents import Pool
+    from orchestra.core import run_interruptibly
     from orchestra.datasets import load_dataset
     from orchestra.evaluate import aevaluate
 
@@ -550,8 +549,16 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
         run_sweep(orc, dataset, lambdas, plot, limit, as_json, opts, budget)
         return
     # the flags win over the method's preset; both over the pool's settings
-    report = asyncio.run(aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
-                                   mode=opts["mode"], aggregate=opts["aggregate"], budget=budget))
+    stopped: list[EvalReport] = []
+    try:
+        report = run_interruptibly(aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
+                                             mode=opts["mode"], aggregate=opts["aggregate"], budget=budget,
+                                             on_cancel=stopped.append))
+    except KeyboardInterrupt:  # the items finished so far, then the one line naming what to resume
+        if stopped:
+            print_report(stopped[0], f"{stopped[0].method} on {dataset.path}: interrupted after "
+                                     f"{stopped[0].items} item(s)", as_json)
+        raise
     print_report(report, f"{report.method} on {dataset.path}", as_json)
     end_data_set(report, stored=orc.store is not None, evaluation=True)
 

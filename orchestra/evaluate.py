@@ -129,7 +129,8 @@ class Tally:
 
 
 async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None, limit: int | None = None,
-                    output: Path | None = None, budget: Budget | None = None, **overrides: Any) -> EvalReport:
+                    output: Path | None = None, budget: Budget | None = None,
+                    on_cancel: Callable[[EvalReport], None] | None = None, **overrides: Any) -> EvalReport:
     """Answer every item and grade the answers as their runs finish.
 
     Items stream through ``Orchestra.arun_iter`` (a bounded window of runs in flight, their calls
@@ -138,8 +139,11 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     both. With ``output``, each item's answer row is written to that JSONL file as its run finishes
     (completion order) instead of being kept in the report's ``answers``. ``budget`` bounds the
     whole evaluation (each run keeps its own limits inside it); once it is spent the items left
-    are not run, and the report says why.
+    are not run, and the report says why. ``on_cancel`` is given the report of the items finished
+    so far when the evaluation is cancelled (Ctrl-C), before the cancellation goes on.
     """
+    import asyncio
+
     from orchestra.core import Instance  # here: the command line reads METHODS without loading the pipeline
 
     if method is not None and method not in METHODS:
@@ -176,9 +180,15 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
         shared = BudgetTracker(budget, None) if budget is not None else None
         stream = orchestra.arun_iter(instances, meta={"kind": "eval", "method": name, "dataset": dataset.path},
                                      shared_budget=shared, **given)
-        async with contextlib.aclosing(stream) as results:
-            async for index, result in results:
-                tally.add(index, items[index], result)
+        try:
+            async with contextlib.aclosing(stream) as results:
+                async for index, result in results:
+                    tally.add(index, items[index], result)
+        except asyncio.CancelledError:
+            if on_cancel is not None:
+                on_cancel(tally.report(name, elapsed_s=time.perf_counter() - started,
+                                       model_loads=loads_since(orchestra, loads_before)))
+            raise
     return tally.report(name, elapsed_s=time.perf_counter() - started,
                         model_loads=loads_since(orchestra, loads_before),
                         budget_exceeded=str(shared.exceeded) if shared is not None and shared.exceeded else None)

@@ -240,6 +240,42 @@ def test_eval_refuses_to_overwrite_its_data_or_to_plot_nowhere_before_any_call(l
     assert data.read_bytes() == kept and not server.requests
 
 
+@pytest.mark.parametrize("as_json", [True, False])
+def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path: Path, as_json: bool) -> None:
+    import signal
+    import time
+
+    scripted = ScriptedLLM()
+    inner = scripted.handler()
+
+    async def handler(request: LoopbackRequest) -> Reply:
+        hang = "question q2" in request.prompt and "Your assignment:" in request.prompt  # q2's experts
+        return Reply(hang=True) if hang else await inner(request)
+
+    server = loopback(handler)
+    pool = write_pool(tmp_path, server.url)
+    data, answers = tmp_path / "val.jsonl", tmp_path / "answers.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "The question q{i}", "answer": "42"}}\n' for i in range(3)))
+    child = subprocess.Popen([sys.executable, "-m", "orchestra", "eval", "--pool", str(pool), "--data", str(data),
+                              "--output", str(answers), *(["--json"] if as_json else [])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    while len(answers.read_text().splitlines() if answers.exists() else []) < 2:  # q0 and q1 are graded
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130
+    if as_json:
+        report = json.loads(out)  # one JSON object: the report of the items finished before Ctrl-C
+        assert report["items"] == 2 and report["correct"] == 2 and report["failed"] == 0
+    else:
+        assert "interrupted after 2 item(s)" in " ".join(out.split()) and re.search(r"items\s.*\b2\b", out), out
+    assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved: `orchestra runs` lists "
+                                            "the runs to resume")
+    listed = {run["item"]: run["status"] for run in json.loads(cli("runs", "--json").stdout)}
+    assert listed == {"q0": "done", "q1": "done", "q2": "cancelled"}
+
+
 def test_eval_budget_flags_bound_the_whole_evaluation(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     data = tmp_path / "val.jsonl"
