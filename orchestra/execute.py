@@ -130,7 +130,7 @@ class RunLedger:
     cache_misses: int = 0
     cache_errors: int = 0  # answers that could not be written to the cache
     failed_calls: int = 0
-    _seq: Counter[str] = field(default_factory=Counter)
+    _seq: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def create(cls, run_id: str, budget: Budget | None = None, *, shared_budget: BudgetTracker | None = None,
@@ -140,8 +140,8 @@ class RunLedger:
 
     def next_seq(self, key: str) -> int:
         """How many identical requests this run made before this one."""
-        seq = self._seq[key]
-        self._seq[key] += 1
+        seq = self._seq.get(key, 0)  # (a Counter's missing key calls Python code twice; this runs per call)
+        self._seq[key] = seq + 1
         return seq
 
     @property
