@@ -19,7 +19,8 @@ def run_report(store: RunStore, run_id: str) -> dict[str, Any]:
     """The run, its nodes, every call (request and response), its events and totals."""
     record = store.run(run_id)
     result = store.result(record.id)
-    return {"run": {"id": record.id, "task": record.task, "status": record.status, "created": record.created,
+    return {"run": {"id": record.id, "task": record.task, "item": record.item, "status": record.status,
+                    "created": record.created,
                     "updated": record.updated, "resumes": record.resumes, "answer": record.answer,
                     "error": record.error, "config": record.config},
             "totals": store.run_totals(record.id),
@@ -39,6 +40,18 @@ def export_jsonl(store: RunStore, run_id: str) -> Iterator[str]:
             yield json.dumps({"type": kind, **row}, ensure_ascii=False, default=str)
 
 
+def _inputs(config: dict[str, Any]) -> list[str]:
+    """A workflow run's inputs as lines for the run's panel (a step's prompt is shown as written
+    until the step runs, so ``{{ inputs.question }}`` is read against them)."""
+    spec = config.get("spec")
+    workflow = spec.get("workflow") if isinstance(spec, dict) else None
+    inputs = workflow.get("inputs") if isinstance(workflow, dict) else None
+    if not isinstance(inputs, dict):
+        return []
+    return [f"\ninputs.{name}: {value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}"
+            for name, value in inputs.items()]
+
+
 def show_run(console: Console, store: RunStore, run_id: str) -> None:
     """Print a run for a person: summary, plan, recruitment explanations, every prompt and response."""
     report = run_report(store, run_id)
@@ -46,7 +59,8 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
     when = datetime.fromtimestamp(run["created"]).strftime("%Y-%m-%d %H:%M:%S")
     console.print(Panel(Text.assemble(
         (f"{run['id']}  ", "bold"), (run["status"], "green" if run["status"] == "done" else "red"),
-        f"  {when}  resumed {run['resumes']}x\n", run["task"]), title="run"))
+        f"  {when}  resumed {run['resumes']}x\n", (f"item {run['item']} · " if run["item"] else ""), run["task"],
+        *_inputs(run["config"])), title="run"))
 
     plan = Table(title="plan")
     for column in ("node", "status", "needs", "skills", "experts", "aggregator"):

@@ -276,6 +276,27 @@ def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path:
     assert listed == {"q0": "done", "q1": "done", "q2": "cancelled"}
 
 
+def test_show_of_a_data_set_item_names_the_item_and_its_inputs(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    (tmp_path / "quiz.jsonl").write_text("".join(
+        f'{{"id": "q{i}", "question": "What is {i} + {i}? [bold]", "answer": "{2 * i}"}}\n' for i in range(3)))
+    (tmp_path / "wf.yaml").write_text(
+        "name: quiz-eval\npool: pool.yaml\ninputs:\n  question: {type: string, required: true}\n"
+        "dataset: {path: quiz.jsonl}\nsteps:\n  - id: answer\n    prompt: '{{ inputs.question }}'\n"
+        "budget: {max_calls: 10}\n")
+    done = cli("run", str(tmp_path / "wf.yaml"))
+    assert done.returncode == 3, done.stderr  # the budget stopped it before the last item's first call
+    runs = {run["item"]: run for run in json.loads(cli("runs", "--json").stdout)}
+    never = runs["q2"]
+    assert never["calls"] == 0
+    shown = cli("show", never["id"])
+    text = " ".join(shown.stdout.split())
+    # which item, and the inputs its step's prompt ("{{ inputs.question }}", as written until it runs) reads
+    assert "item q2 · quiz-eval" in text and "inputs.question: What is 2 + 2? [bold]" in text, shown.stdout
+    assert json.loads(cli("show", never["id"], "--json").stdout)["run"]["item"] == "q2"
+
+
 def test_eval_budget_flags_bound_the_whole_evaluation(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     data = tmp_path / "val.jsonl"
