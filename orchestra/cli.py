@@ -525,13 +525,16 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
                                                      "0,0.01,0.02,0.05,0.1,0.2,0.5,1).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="With --sweep: write the frontier as an HTML page (a chart and the table) to this file.")
+@click.option("--resume", is_flag=True,
+              help="Go on with this data set's earlier evaluation (same method and settings) from the store: "
+                   "finished items are counted as recorded, cut-off ones resumed, only the rest run.")
 @choice_options
 @settings_options
 @budget_options
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | None, output: Path | None,
-             sweep: bool, lambdas: str | None, plot: Path | None, as_json: bool, **opts: Any) -> None:
+             sweep: bool, lambdas: str | None, plot: Path | None, resume: bool, as_json: bool, **opts: Any) -> None:
     """Accuracy, cost and time of a method on a labelled data set (or, with --sweep, of every method)."""
     from orchestra.agents import Pool
     from orchestra.core import run_interruptibly
@@ -540,8 +543,8 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
 
     if plot is not None and not sweep:
         raise click.UsageError("--plot draws a sweep's frontier: add --sweep")
-    if sweep and (method or output):
-        raise click.UsageError("--sweep runs every method: leave out --method and --output")
+    if sweep and (method or output or resume):
+        raise click.UsageError("--sweep runs every method: leave out --method, --output and --resume")
     dataset = load_dataset(data)
     budget = _whole_budget(opts)  # the budget flags bound the evaluation (a sweep: each method's), not each item
     orc = make_orchestra(Pool.load(pool), opts)
@@ -553,7 +556,7 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     try:
         report = run_interruptibly(aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
                                              mode=opts["mode"], aggregate=opts["aggregate"], budget=budget,
-                                             on_cancel=stopped.append))
+                                             on_cancel=stopped.append, resume=resume))
     except KeyboardInterrupt:  # the items finished so far, then the one line naming what to resume
         if stopped:
             print_report(stopped[0], f"{stopped[0].method} on {dataset.path}: interrupted after "
@@ -672,6 +675,8 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),
                           ("calls saved by confident teams", str(report.saved_calls)),
                           ("unfinished runs", str(report.failed)),
+                          *([("from the earlier evaluation", f"{report.reused} finished, {report.resumed} resumed")]
+                            if report.reused or report.resumed else []),
                           ("skill extraction failures", str(report.skill_extraction_failures))]:
         table.add_row(metric, value)
     if len(report.per_category) > 1:  # (one category: the accuracy above)

@@ -325,7 +325,7 @@ class _Stream:
                     self.give_back()
                     break
                 index, instance = got
-                if {"plan", "node_settings"} & instance.options.keys():  # its own steps: nothing to filter
+                if {"plan", "node_settings", "experts"} & instance.options.keys():  # its own steps or experts
                     self.start(self.make(index, instance))
                 else:
                     chunk.append(self.make(index, instance, begin=False))
@@ -798,7 +798,7 @@ class Orchestra:
                 and replace experts chosen for under the rare threshold of the chunk's tasks
                 (Symbolic-MoE's batch-level step, per chunk), so fewer models load. The next chunk
                 is recruited while the previous one runs. Instances with their own ``plan`` or
-                ``node_settings`` are not filtered.
+                ``node_settings`` or ``experts`` are not filtered.
             meta: JSON-ready facts stored with each run.
             shared_budget: a budget all these runs spend together (``BudgetTracker(Budget(...), None)``),
                 on top of each run's own; an ``Instance``'s options may give its own.

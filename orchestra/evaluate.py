@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,8 @@ from orchestra.result import RunResult
 
 if TYPE_CHECKING:
     from orchestra.core import Orchestra
+    from orchestra.settings import Settings
+    from orchestra.store import RunRecord
 
 #: method (one of ``vocabulary.METHOD_NAMES``) -> (recruiting mode, aggregation, k or None for the caller's k)
 METHODS: dict[str, tuple[str, str, int | None]] = {
@@ -58,6 +60,10 @@ class EvalReport:
     """Calls confident teams did not need (their first experts agreed)."""
     budget_exceeded: str | None = None
     """Why a shared budget stopped the data set early (None: it did not)."""
+    reused: int = 0
+    """With ``resume``: items whose earlier run had finished, counted from the store (no call made)."""
+    resumed: int = 0
+    """With ``resume``: items whose earlier run was cut off, finished now (its recorded calls replayed)."""
     answers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -130,7 +136,8 @@ class Tally:
 
 async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None, limit: int | None = None,
                     output: Path | None = None, budget: Budget | None = None,
-                    on_cancel: Callable[[EvalReport], None] | None = None, **overrides: Any) -> EvalReport:
+                    on_cancel: Callable[[EvalReport], None] | None = None, resume: bool = False,
+                    **overrides: Any) -> EvalReport:
     """Answer every item and grade the answers as their runs finish.
 
     Items stream through ``Orchestra.arun_iter`` (a bounded window of runs in flight, their calls
@@ -141,6 +148,11 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     whole evaluation (each run keeps its own limits inside it); once it is spent the items left
     are not run, and the report says why. ``on_cancel`` is given the report of the items finished
     so far when the evaluation is cancelled (Ctrl-C), before the cancellation goes on.
+
+    ``resume``: go on with this data set's earlier evaluation by the same method and settings, from
+    the store: an item whose latest earlier run finished is counted from its record (no call), one
+    whose run was cut off (Ctrl-C, a crash, a budget) is resumed under its own id (recorded calls
+    replayed, its experts kept), and the others run. The budget then bounds what is spent now.
     """
     import asyncio
 
@@ -158,7 +170,13 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
         (m for m, preset_of_m in METHODS.items() if preset_of_m == (mode, aggregate, None)),
         f"{mode} + {aggregate}")
     items = dataset.items[:limit] if limit else dataset.items
-    instances = (Instance(item.prompt(), answer_format=answer_format(item), meta={"item": item.id}) for item in items)
+    meta = {"kind": "eval", "method": name, "dataset": dataset.path}
+    # its runs' settings, as arun_iter makes them (without planning)
+    earlier = _earlier_runs(orchestra, meta, orchestra.run_settings({**given, "plan": False}), items) if resume else {}
+    todo = [index for index in range(len(items)) if earlier.get(index, (None, None))[1] is None]
+    instances = (Instance(items[index].prompt(), answer_format=answer_format(items[index]),
+                          meta={"item": items[index].id}, options=_resuming(earlier.get(index)))
+                 for index in todo)
     started = time.perf_counter()
     loads_before = dict(orchestra.executor.stats.loads)
     with contextlib.ExitStack() as stack:
@@ -177,21 +195,63 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
                 lines.flush()
 
         tally = Tally(orchestra.stages_for(settings).grader, sink=sink)
+        for index, (_, finished) in sorted(earlier.items()):
+            if finished is not None:
+                tally.add(index, items[index], finished)
         shared = BudgetTracker(budget, None) if budget is not None else None
-        stream = orchestra.arun_iter(instances, meta={"kind": "eval", "method": name, "dataset": dataset.path},
-                                     shared_budget=shared, **given)
+        stream = orchestra.arun_iter(instances, meta=meta, shared_budget=shared, **given)
         try:
             async with contextlib.aclosing(stream) as results:
-                async for index, result in results:
-                    tally.add(index, items[index], result)
+                async for position, result in results:
+                    tally.add(todo[position], items[todo[position]], result)
         except asyncio.CancelledError:
             if on_cancel is not None:
                 on_cancel(tally.report(name, elapsed_s=time.perf_counter() - started,
                                        model_loads=loads_since(orchestra, loads_before)))
             raise
-    return tally.report(name, elapsed_s=time.perf_counter() - started,
-                        model_loads=loads_since(orchestra, loads_before),
-                        budget_exceeded=str(shared.exceeded) if shared is not None and shared.exceeded else None)
+    report = tally.report(name, elapsed_s=time.perf_counter() - started,
+                          model_loads=loads_since(orchestra, loads_before),
+                          budget_exceeded=str(shared.exceeded) if shared is not None and shared.exceeded else None)
+    report.reused = sum(finished is not None for _, finished in earlier.values())
+    report.resumed = len(earlier) - report.reused
+    return report
+
+
+def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings,
+                  items: Sequence[Item]) -> dict[int, tuple[RunRecord, RunResult | None]]:
+    """Per item (by index): the latest earlier run of this evaluation's data set and method that
+    asked the same question with the same settings, and its result if it finished."""
+    from orchestra.settings import RunSpec
+
+    if orchestra.store is None:
+        raise ConfigError("resuming an evaluation reads the run store; drop --no-store")
+    latest = {record.item: record for record in orchestra.store.runs_with_meta(**meta)}  # (oldest first)
+    earlier: dict[int, tuple[RunRecord, RunResult | None]] = {}
+    for index, item in enumerate(items):
+        record = latest.get(item.id)
+        if record is None:
+            continue
+        try:
+            spec = RunSpec.from_record(record.config, record.task)
+        except ValueError:  # a damaged record: the item runs again
+            continue
+        if (spec.task, spec.answer_format, spec.settings) != (item.prompt(), answer_format(item), settings):
+            continue
+        finished = orchestra.store.result(record.id) if record.status == "done" else None
+        earlier[index] = (record, finished)
+    return earlier
+
+
+def _resuming(earlier: tuple[RunRecord, RunResult | None] | None) -> dict[str, Any]:
+    """An ``Instance``'s options to go on with an earlier run cut off: its id, and its experts
+    where it had recruited them (so its recorded expert calls are asked again, and replayed)."""
+    if earlier is None:
+        return {}
+    from orchestra.settings import RunSpec
+
+    record = earlier[0]
+    pinned = RunSpec.from_record(record.config, record.task).pinned
+    return {"run_id": record.id, **({"experts": pinned} if pinned else {})}
 
 
 def loads_since(orchestra: Orchestra, before: dict[str, int]) -> dict[str, int]:

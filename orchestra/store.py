@@ -603,6 +603,13 @@ class RunStore:
         return [_record(row, self._ended) for row in self._query(
             "SELECT * FROM runs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,))]
 
+    def runs_with_meta(self, **meta: str) -> list[RunRecord]:
+        """Runs whose ``meta`` has these values (e.g. ``kind="eval", dataset=...``), oldest first."""
+        where = " AND ".join("json_extract(config, ?) = ?" for _ in meta)
+        params = tuple(value for name, value in meta.items() for value in (f'$.spec.meta."{name}"', value))
+        return [_record(row, self._ended) for row in self._query(
+            f"SELECT * FROM runs WHERE {where or 'true'} ORDER BY created, rowid", params)]
+
     def run_totals(self, run_id: str) -> dict[str, Any]:
         """Calls (failed ones included), requests, tokens and cost the run's models were sent and billed.
 

@@ -276,6 +276,53 @@ def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path:
     assert listed == {"q0": "done", "q1": "done", "q2": "cancelled"}
 
 
+def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    scripted = ScriptedLLM()
+    inner = scripted.handler()
+    hanging = [True]
+
+    async def handler(request: LoopbackRequest) -> Reply:
+        if hanging[0] and "question q2" in request.prompt and "Your assignment:" in request.prompt:
+            return Reply(hang=True)
+        return await inner(request)
+
+    server = loopback(handler)
+    pool = write_pool(tmp_path, server.url)
+    data, answers = tmp_path / "val.jsonl", tmp_path / "answers.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "The question q{i}", "answer": "42"}}\n' for i in range(3)))
+    child = subprocess.Popen([sys.executable, "-m", "orchestra", "eval", "--pool", str(pool), "--data", str(data),
+                              "--output", str(answers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    while len(answers.read_text().splitlines() if answers.exists() else []) < 2:  # q0 and q1 are graded
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    child.communicate(timeout=60)
+    assert child.returncode == 130
+    before = len(server.requests)
+    hanging[0] = False
+
+    resumed = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert (report["items"], report["correct"], report["reused"], report["resumed"]) == (3, 3, 2, 1)
+    assert [row["id"] for row in report["answers"]] == ["q0", "q1", "q2"]
+    sent = [r.prompt for r in server.requests[before:]]
+    # only q2's calls that had no answer: its experts (cut off) and the synthesis; not its keyword samples,
+    # and nothing of q0 and q1
+    assert sent and all("q2" in prompt for prompt in sent) and not any("as 1 to 5" in p for p in sent), sent
+    assert len(sent) == 4
+    runs = json.loads(cli("runs", "--json").stdout)
+    assert sorted((run["item"], run["status"]) for run in runs) == [("q0", "done"), ("q1", "done"), ("q2", "done")]
+    again = json.loads(cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--json").stdout)
+    assert (again["reused"], again["resumed"], again["correct"]) == (3, 0, 3)
+    assert len(server.requests) == before + 4  # everything came from the store
+    other = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--k", "2", "--json")
+    assert json.loads(other.stdout)["reused"] == 0  # other settings: the earlier runs do not count
+
+
 def test_show_of_a_data_set_item_names_the_item_and_its_inputs(loopback, tmp_path: Path) -> None:
     server = loopback(ScriptedLLM().handler())
     write_pool(tmp_path, server.url)
