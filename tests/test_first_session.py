@@ -371,6 +371,11 @@ def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: P
     assert child.returncode == 130
     stopped = json.loads(out)  # one JSON object, as --json promises
     assert stopped["status"] == "cancelled" and stopped["task"] == "Quick question"
+    # the node it was working on does not read as running
+    assert [(n["status"], n["error"]) for n in stopped["plan"]["nodes"]] == [("failed", "cancelled by the user")]
+    if store:
+        shown = json.loads(cli("show", stopped["run_id"], "--json").stdout)
+        assert [(n["status"], n["error"]) for n in shown["nodes"]] == [("failed", "cancelled by the user")]
     saved = (f"its finished calls are saved; `orchestra resume {stopped['run_id']}` finishes it" if store
              else "nothing was kept (--no-store)")
     assert err.strip() == f"error: interrupted run {stopped['run_id']}; {saved}"

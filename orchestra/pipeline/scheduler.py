@@ -232,9 +232,15 @@ class Run:
         return self.future
 
     def cancel(self) -> None:
-        """Stop the run: cancel its tasks and finish with status ``cancelled``."""
+        """Stop the run: cancel its tasks and finish with status ``cancelled``; the nodes it was
+        working on fail with that reason (they are not left reading as running)."""
         for task in list(self.tasks):
             task.cancel()
+        # told even when the caller's cancelled await has ended the run's future (the store's nodes agree)
+        for trace in self.traces.values():
+            if trace.status in ("recruiting", "running", "aggregating"):
+                trace.status, trace.error = "failed", "cancelled by the user"
+                self.stages.events.emit(NodeFailed(run_id=self.run_id, node=trace.id, error=trace.error))
         self._finish("cancelled", None, "cancelled by the user")
 
     def caller(self, purpose: str, node: str | None = None) -> Callable[
