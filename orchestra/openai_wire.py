@@ -99,7 +99,9 @@ def parse_completion(body: Any) -> Completion:
     if not isinstance(model, str) or not model:
         raise bad_request("'model' must name a model; GET /v1/models lists them", "model")
     task, context = _conversation(body.get("messages"))
-    for name, value in body.items():  # (the messages were checked one by one, naming the one to fix)
+    for name, value in body.items():
+        if name == "messages":  # checked one by one above, naming the one to fix (their other fields are unused)
+            continue
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
