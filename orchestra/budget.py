@@ -113,7 +113,9 @@ class BudgetTracker:
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
             held = f", ${self._reserved_cost:.4f} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
-            self._refuse("max_cost_usd", budget.max_cost_usd, f"${self.cost_usd:.4f} spent{held}",
+            self._refuse("max_cost_usd", budget.max_cost_usd,
+                         f"${self.cost_usd:.4f} spent{held}, the next call may cost ${worst.cost_usd:.4f}: {prompt} "
+                         f"tokens of prompt and up to {answer} of answer",
                          held=bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd)
         if self.parent is not None:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -162,6 +163,9 @@ def test_cost_budget_reserves_worst_case_before_dispatch() -> None:
     result = Orchestra(pool, budget=Budget(max_cost_usd=0.5)).run("pricey")
     assert result.status == "budget_exceeded" and "max_cost_usd=0.5" in result.error
     assert sum(len(m.requests) for m in models.values()) == 0
+    # nothing was spent: the message says why the budget is reached (it read "reached ($0.0000 spent)")
+    assert re.fullmatch(r"budget max_cost_usd=0\.5 reached \(\$0\.0000 spent, the next call may cost \$(\d+\.\d{4}): "
+                        r"\d+ tokens of prompt and up to \d+ of answer\)", result.error), result.error
 
 
 def test_events_and_result_json_shape() -> None:
