@@ -557,11 +557,13 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
         report = run_interruptibly(aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
                                              mode=opts["mode"], aggregate=opts["aggregate"], budget=budget,
                                              on_cancel=stopped.append, resume=resume))
-    except KeyboardInterrupt:  # the items finished so far, then the one line naming what to resume
+    except KeyboardInterrupt:  # the items finished so far, then the one line saying how to go on
         if stopped:
             print_report(stopped[0], f"{stopped[0].method} on {dataset.path}: interrupted after "
                                      f"{stopped[0].items} item(s)", as_json)
-        raise
+        if orc.store is None:
+            fail("interrupted; nothing was kept (--no-store)", 130)
+        fail("interrupted; finished calls are saved: the same command with --resume goes on with this evaluation", 130)
     print_report(report, f"{report.method} on {dataset.path}", as_json)
     end_data_set(report, stored=orc.store is not None, evaluation=True)
 

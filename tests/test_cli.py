@@ -270,8 +270,8 @@ def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path:
         assert report["items"] == 2 and report["correct"] == 2 and report["failed"] == 0
     else:
         assert "interrupted after 2 item(s)" in " ".join(out.split()) and re.search(r"items\s.*\b2\b", out), out
-    assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved: `orchestra runs` lists "
-                                            "the runs to resume")
+    assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved: the same command with "
+                                            "--resume goes on with this evaluation")
     listed = {run["item"]: run["status"] for run in json.loads(cli("runs", "--json").stdout)}
     assert listed == {"q0": "done", "q1": "done", "q2": "cancelled"}
 
