@@ -159,9 +159,11 @@ class Workflow:
             if "question" not in spec.inputs:
                 raise document.error("a workflow with a dataset must declare the input 'question' (each item's "
                                      "question goes there)", ("dataset",))
-            if not (self.path.parent / spec.dataset.path).is_file():
-                raise document.error(f"data set not found: {self.path.parent / spec.dataset.path}",
-                                     ("dataset", "path"))
+            data = self.path.parent / spec.dataset.path
+            if data.is_dir():
+                raise document.error(f"the data set {data} is a folder; name its JSONL file", ("dataset", "path"))
+            if not data.is_file():
+                raise document.error(f"data set not found: {data}", ("dataset", "path"))
         if spec.plan == "auto":
             self._check_template(spec.task or "", ("task",), steps_allowed=set())
             return

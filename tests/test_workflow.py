@@ -112,6 +112,9 @@ def test_validate_reads_a_workflows_data_set_as_a_run_would(tmp_path: Path) -> N
     (tmp_path / "items.jsonl").write_text('{"id": "a", "question": "1 + 1?", "answer": "2"}\n')
     good = cli("validate", str(path))
     assert good.returncode == 0 and "(demo: 1 step(s), a data set of 1 item(s), pool" in good.stdout
+    folder = cli("validate", str(write(tmp_path, text.replace("path: items.jsonl", "path: ."))))
+    assert folder.returncode == 2 and folder.stderr.endswith(f"the data set {tmp_path} is a folder; name its JSONL "
+                                                             "file\n"), folder.stderr  # (it said "not found: .")
 
 
 @pytest.mark.parametrize("text", ["", "name: broken\n", "name: broken\nagents: []\n"])
