@@ -20,7 +20,6 @@ from orchestra.result import RunResult
 if TYPE_CHECKING:
     from orchestra.core import Orchestra
     from orchestra.settings import Settings
-    from orchestra.store import RunRecord
 
 #: method (one of ``vocabulary.METHOD_NAMES``) -> (recruiting mode, aggregation, k or None for the caller's k)
 METHODS: dict[str, tuple[str, str, int | None]] = {
@@ -173,9 +172,10 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     meta = {"kind": "eval", "method": name, "dataset": dataset.path}
     # its runs' settings, as arun_iter makes them (without planning)
     earlier = _earlier_runs(orchestra, meta, orchestra.run_settings({**given, "plan": False}), items) if resume else {}
-    todo = [index for index in range(len(items)) if earlier.get(index, (None, None))[1] is None]
+    todo = [index for index in range(len(items)) if not isinstance(earlier.get(index), RunResult)]
+    going_on = {index: options for index, options in earlier.items() if isinstance(options, dict)}
     instances = (Instance(items[index].prompt(), answer_format=answer_format(items[index]),
-                          meta={"item": items[index].id}, options=_resuming(earlier.get(index)))
+                          meta={"item": items[index].id}, options=going_on.get(index, {}))
                  for index in todo)
     started = time.perf_counter()
     loads_before = dict(orchestra.executor.stats.loads)
@@ -195,8 +195,8 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
                 lines.flush()
 
         tally = Tally(orchestra.stages_for(settings).grader, sink=sink)
-        for index, (_, finished) in sorted(earlier.items()):
-            if finished is not None:
+        for index, finished in sorted(earlier.items()):
+            if isinstance(finished, RunResult):
                 tally.add(index, items[index], finished)
         shared = BudgetTracker(budget, None) if budget is not None else None
         stream = orchestra.arun_iter(instances, meta=meta, shared_budget=shared, **given)
@@ -212,21 +212,23 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     report = tally.report(name, elapsed_s=time.perf_counter() - started,
                           model_loads=loads_since(orchestra, loads_before),
                           budget_exceeded=str(shared.exceeded) if shared is not None and shared.exceeded else None)
-    report.reused = sum(finished is not None for _, finished in earlier.values())
+    report.reused = sum(isinstance(finished, RunResult) for finished in earlier.values())
     report.resumed = len(earlier) - report.reused
     return report
 
 
 def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings,
-                  items: Sequence[Item]) -> dict[int, tuple[RunRecord, RunResult | None]]:
-    """Per item (by index): the latest earlier run of this evaluation's data set and method that
-    asked the same question with the same settings, and its result if it finished."""
+                  items: Sequence[Item]) -> dict[int, RunResult | dict[str, Any]]:
+    """Per item (by index), from its latest earlier run of this evaluation's data set and method
+    that asked the same question with the same settings (its budget may differ: a raised one goes
+    on with it): the result if it finished, else the ``Instance`` options that go on with it (its
+    id, and its experts where it had recruited them, so its recorded expert calls are replayed)."""
     from orchestra.settings import RunSpec
 
     if orchestra.store is None:
         raise ConfigError("resuming an evaluation reads the run store; drop --no-store")
     latest = {record.item: record for record in orchestra.store.runs_with_meta(**meta)}  # (oldest first)
-    earlier: dict[int, tuple[RunRecord, RunResult | None]] = {}
+    earlier: dict[int, RunResult | dict[str, Any]] = {}
     for index, item in enumerate(items):
         record = latest.get(item.id)
         if record is None:
@@ -235,23 +237,12 @@ def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings
             spec = RunSpec.from_record(record.config, record.task)
         except ValueError:  # a damaged record: the item runs again
             continue
-        if (spec.task, spec.answer_format, spec.settings) != (item.prompt(), answer_format(item), settings):
+        asked = (spec.task, spec.answer_format, spec.settings.model_copy(update={"budget": settings.budget}))
+        if asked != (item.prompt(), answer_format(item), settings):
             continue
         finished = orchestra.store.result(record.id) if record.status == "done" else None
-        earlier[index] = (record, finished)
+        earlier[index] = finished or {"run_id": record.id, **({"experts": spec.pinned} if spec.pinned else {})}
     return earlier
-
-
-def _resuming(earlier: tuple[RunRecord, RunResult | None] | None) -> dict[str, Any]:
-    """An ``Instance``'s options to go on with an earlier run cut off: its id, and its experts
-    where it had recruited them (so its recorded expert calls are asked again, and replayed)."""
-    if earlier is None:
-        return {}
-    from orchestra.settings import RunSpec
-
-    record = earlier[0]
-    pinned = RunSpec.from_record(record.config, record.task).pinned
-    return {"run_id": record.id, **({"experts": pinned} if pinned else {})}
 
 
 def loads_since(orchestra: Orchestra, before: dict[str, int]) -> dict[str, int]:

@@ -319,6 +319,9 @@ def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback,
     again = json.loads(cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--json").stdout)
     assert (again["reused"], again["resumed"], again["correct"]) == (3, 0, 3)
     assert len(server.requests) == before + 4  # everything came from the store
+    raised = json.loads(cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--max-calls", "500",
+                            "--json").stdout)
+    assert raised["reused"] == 3 and len(server.requests) == before + 4  # another budget: the same answers
     other = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--k", "2", "--json")
     assert json.loads(other.stdout)["reused"] == 0  # other settings: the earlier runs do not count
 
