@@ -139,11 +139,11 @@ class BudgetTracker:
         if self.parent is not None:
             self.parent.settle(reserved, usage)
 
-    def count(self, usage: Usage) -> None:
-        """Count one call's spending (also a call answered from the store on resume: it was paid before)."""
-        self._add(usage, calls=1)
-        if self.parent is not None:
-            self.parent.count(usage)
+    def count(self, usage: Usage, *, calls: int = 1) -> None:
+        """Count what a resumed run paid before: a call answered from the store (``calls=0``: failed
+        attempts of calls it sends again). Its run counts it, but a shared budget (a data set's, a
+        server's) bounds what its runs spend now and does not."""
+        self._add(usage, calls=calls)
 
     def spend(self, usage: Usage) -> None:
         """Count requests, tokens and cost that belong to no call (e.g. the embedding matcher's)."""

@@ -607,12 +607,18 @@ class Orchestra:
         return Run(self.stages_for(settings), spec, ledger, node_settings=node_settings, final=final)
 
     def _begin(self, run: Run) -> None:
-        if self.store is not None:
-            self.store.begin_run(run.run_id, run.task, run.spec.record_json())
+        self._begin_all([run])
 
     def _begin_all(self, runs: Sequence[Run]) -> None:
-        if self.store is not None:
-            self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs])
+        """Record the runs as begun (one transaction); a run resumed counts what its failed attempts
+        cost before (their calls are sent again, and the store adds both up)."""
+        if self.store is None:
+            return
+        self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs])
+        failed = self.store.failed_usage([run.run_id for run in runs])
+        for run in runs:
+            if run.run_id in failed:
+                run.ledger.budget.count(failed[run.run_id], calls=0)
 
     async def _finish(self, run: Run) -> RunResult:
         self._running += 1
@@ -724,6 +730,9 @@ class Orchestra:
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
         run = self._run(spec, record.id, **steps)
         self.store.begin_run(record.id, record.task, spec.record_json(), force=force)
+        failed = self.store.failed_usage([record.id])
+        if failed:
+            run.ledger.budget.count(failed[record.id], calls=0)
         return await self._finish(run)
 
     # --- many runs -------------------------------------------------------------------------

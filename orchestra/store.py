@@ -24,7 +24,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -610,6 +610,21 @@ class RunStore:
         return [_record(row, self._ended) for row in self._query(
             f"SELECT * FROM runs WHERE {where or 'true'} ORDER BY created, rowid", params)]
 
+    def failed_usage(self, run_ids: Sequence[str]) -> dict[str, Usage]:
+        """What the failed calls of runs begun before cost (none for runs this store began afresh)."""
+        from orchestra.models.types import Usage
+
+        earlier = [run_id for run_id in run_ids if run_id not in self._fresh]
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(earlier), 500):  # (SQLite takes at most 999 parameters a statement)
+            part = earlier[start:start + 500]
+            rows += self._query(
+                "SELECT run_id, sum(prompt_tokens) AS p, sum(completion_tokens) AS c, sum(cost_usd) AS usd, "
+                f"sum(requests) AS r FROM calls WHERE run_id IN ({', '.join('?' * len(part))}) AND status='error' "
+                "AND source='model' GROUP BY run_id", tuple(part))
+        return {row["run_id"]: Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,
+                                     cost_usd=row["usd"] or 0.0, requests=row["r"] or 0) for row in rows}
+
     def run_totals(self, run_id: str) -> dict[str, Any]:
         """Calls (failed ones included), requests, tokens and cost the run's models were sent and billed.
 
@@ -626,12 +641,24 @@ class RunStore:
     # --- the call journal ------------------------------------------------------------------
 
     def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> tuple[ChatResult, bool] | None:
-        """A completed call's recorded result (for resume) and whether it was paid for (not a cache hit)."""
+        """A completed call's recorded result (for resume) and whether it was paid for (not a cache hit).
+        Its usage is the row's: the answer's requests and tokens with its failed attempts' (a resumed
+        run then counts what the endpoint received, as ``run_totals`` does)."""
         if run_id in self._fresh:  # begun here with no record before: nothing to replay
             return None
-        rows = self._query("SELECT response, source FROM calls WHERE run_id=? AND key=? AND seq=? AND status='ok'",
-                           (run_id, key, seq))
-        return (self._revive(rows[0]["response"], request), rows[0]["source"] == "model") if rows else None
+        rows = self._query("SELECT response, source, prompt_tokens, completion_tokens, cost_usd, requests FROM calls "
+                           "WHERE run_id=? AND key=? AND seq=? AND status='ok'", (run_id, key, seq))
+        if not rows:
+            return None
+        row = rows[0]
+        result = self._revive(row["response"], request)
+        if row["source"] != "model":
+            return result, False
+        from orchestra.models.types import Usage
+
+        usage = Usage(prompt_tokens=row["prompt_tokens"] or 0, completion_tokens=row["completion_tokens"] or 0,
+                      cost_usd=row["cost_usd"] or 0.0, requests=row["requests"])
+        return result.model_copy(update={"usage": usage}), True
 
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest,
                outcome: ChatResult | Exception, *, purpose: str, node: str | None, source: str) -> None:

@@ -548,14 +548,15 @@ from orchestra.models import ChatRequest, Usage  # noqa: E402
 from orchestra.models.pricing import FREE  # noqa: E402
 
 
-def test_a_shared_budget_counts_replayed_calls_and_outside_requests_of_every_run() -> None:
+def test_a_shared_budget_counts_outside_requests_of_every_run_but_not_replayed_calls() -> None:
     shared = BudgetTracker(Budget(max_calls=10), None)
     run = BudgetTracker(Budget(), "run-1", parent=shared)
-    run.count(Usage(prompt_tokens=5, completion_tokens=2, cost_usd=0.5, requests=1))
+    run.count(Usage(prompt_tokens=5, completion_tokens=2, cost_usd=0.5, requests=1))  # replayed: paid before
     run.spend(Usage(prompt_tokens=3, requests=2))  # e.g. the embedding matcher's: requests, not a call
-    for tracker in (run, shared):
-        assert (tracker.calls, tracker.requests, tracker.prompt_tokens, tracker.completion_tokens) == (1, 3, 8, 2)
-        assert tracker.cost_usd == 0.5
+    assert (run.calls, run.requests, run.prompt_tokens, run.completion_tokens, run.cost_usd) == (1, 3, 8, 2, 0.5)
+    # the shared budget bounds what its runs spend now (an eval --resume under the same limit goes on)
+    assert (shared.calls, shared.requests, shared.prompt_tokens, shared.completion_tokens, shared.cost_usd) == \
+        (0, 2, 3, 0, 0.0)
 
 
 def test_a_spent_shared_budget_says_how_to_raise_it_and_finish_the_items() -> None:

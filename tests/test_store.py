@@ -107,8 +107,10 @@ def test_requests_cut_off_by_ctrl_c_are_counted_as_the_endpoint_received_them(lo
     gate.hang_aggregates = False
     resumed = cli("resume", record["id"], "--json")
     assert resumed.returncode == 0, resumed.stderr
-    # the cut-off calls were sent again and answered: their rows keep the first attempts' requests
+    # the cut-off calls were sent again and answered: their rows keep the first attempts' requests, and the
+    # resumed run's result counts them too
     assert json.loads(cli("runs", "--json").stdout)[0]["requests"] == len(server.requests) == 15
+    assert json.loads(resumed.stdout)["usage"]["requests"] == 15
 
 
 def test_api_keys_never_reach_the_store(loopback, tmp_path: Path) -> None:
