@@ -51,7 +51,15 @@ class Checkpointer:
 
     def finish(self) -> None:
         """End the thread, then copy what is left of the WAL into the file and cut the WAL to nothing,
-        if no other connection is busy with it (so the file alone holds every commit made here)."""
+        if no other connection is busy with it (so the file alone holds every commit made here). A
+        Ctrl-C meanwhile (at exit, after the one that stopped the run) leaves the WAL as it is: SQLite
+        reads the commits from there."""
+        try:
+            self._finish()
+        except KeyboardInterrupt:
+            pass
+
+    def _finish(self) -> None:
         self.stop(wait=True)
         if self._thread is None or not self.path.exists():
             return  # nothing committed here, or the file is gone (connecting would make an empty one)

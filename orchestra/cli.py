@@ -232,12 +232,18 @@ def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
 def existing_store(store_path: Path | None) -> RunStore:
     """The store a command reads: a ``--store`` file that does not exist is refused (a typo would
     make a new, empty store and show nothing); the default one is made if need be."""
-    from orchestra.errors import StoreError
     from orchestra.store import RunStore
+
+    refuse_missing_store(store_path)
+    return RunStore(store_path)
+
+
+def refuse_missing_store(store_path: Path | None) -> None:
+    """Refuse a ``--store`` file that does not exist, for a command that reads what was recorded."""
+    from orchestra.errors import StoreError
 
     if store_path is not None and not store_path.exists():
         raise StoreError(f"no run store at {store_path}: nothing was recorded there; check the path given to --store")
-    return RunStore(store_path)
 
 
 def orchestra_options(opts: dict[str, Any]) -> dict[str, Any]:
@@ -546,6 +552,8 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     if sweep and (method or output or resume):
         raise click.UsageError("--sweep runs every method: leave out --method, --output and --resume")
     dataset = load_dataset(data)
+    if resume:  # (a mistyped --store would be a new, empty store: every item would run again)
+        refuse_missing_store(opts["store_path"])
     budget = _whole_budget(opts)  # the budget flags bound the evaluation (a sweep: each method's), not each item
     orc = make_orchestra(Pool.load(pool), opts)
     if sweep:

@@ -20,6 +20,7 @@ from orchestra.result import RunResult
 if TYPE_CHECKING:
     from orchestra.core import Orchestra
     from orchestra.settings import Settings
+    from orchestra.store import RunRecord
 
 #: method (one of ``vocabulary.METHOD_NAMES``) -> (recruiting mode, aggregation, k or None for the caller's k)
 METHODS: dict[str, tuple[str, str, int | None]] = {
@@ -63,6 +64,8 @@ class EvalReport:
     """With ``resume``: items whose earlier run had finished, counted from the store (no call made)."""
     resumed: int = 0
     """With ``resume``: items whose earlier run was cut off, finished now (its recorded calls replayed)."""
+    interrupted: bool = False
+    """Cancelled (Ctrl-C) before every item ran: the report holds the items finished by then."""
     answers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -169,7 +172,9 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
         (m for m, preset_of_m in METHODS.items() if preset_of_m == (mode, aggregate, None)),
         f"{mode} + {aggregate}")
     items = dataset.items[:limit] if limit else dataset.items
-    meta = {"kind": "eval", "method": name, "dataset": dataset.path}
+    # the data set by its absolute path: a resume from another folder, or with ./data.jsonl, finds it
+    where = Path(dataset.path)
+    meta = {"kind": "eval", "method": name, "dataset": str(where.resolve()) if where.is_file() else dataset.path}
     # its runs' settings, as arun_iter makes them (without planning)
     earlier = _earlier_runs(orchestra, meta, orchestra.run_settings({**given, "plan": False}), items) if resume else {}
     todo = [index for index in range(len(items)) if not isinstance(earlier.get(index), RunResult)]
@@ -206,40 +211,52 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
                     tally.add(todo[position], items[todo[position]], result)
         except asyncio.CancelledError:
             if on_cancel is not None:
-                on_cancel(tally.report(name, elapsed_s=time.perf_counter() - started,
-                                       model_loads=loads_since(orchestra, loads_before)))
+                stopped = tally.report(name, elapsed_s=time.perf_counter() - started,
+                                       model_loads=loads_since(orchestra, loads_before))
+                stopped.interrupted = True
+                _count_earlier(stopped, earlier)
+                on_cancel(stopped)
             raise
     report = tally.report(name, elapsed_s=time.perf_counter() - started,
                           model_loads=loads_since(orchestra, loads_before),
                           budget_exceeded=str(shared.exceeded) if shared is not None and shared.exceeded else None)
+    _count_earlier(report, earlier)
+    return report
+
+
+def _count_earlier(report: EvalReport, earlier: dict[int, RunResult | dict[str, Any]]) -> None:
     report.reused = sum(isinstance(finished, RunResult) for finished in earlier.values())
     report.resumed = len(earlier) - report.reused
-    return report
 
 
 def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings,
                   items: Sequence[Item]) -> dict[int, RunResult | dict[str, Any]]:
     """Per item (by index), from its latest earlier run of this evaluation's data set and method
-    that asked the same question with the same settings (its budget may differ: a raised one goes
-    on with it): the result if it finished, else the ``Instance`` options that go on with it (its
-    id, and its experts where it had recruited them, so its recorded expert calls are replayed)."""
+    that asked the same question with the same settings and pool file (its budget may differ: a
+    raised one goes on with it): the result if it finished, else the ``Instance`` options that go
+    on with it (its id, and its experts where it had recruited them, so its recorded expert calls
+    are replayed)."""
     from orchestra.settings import RunSpec
 
     if orchestra.store is None:
         raise ConfigError("resuming an evaluation reads the run store; drop --no-store")
-    latest = {record.item: record for record in orchestra.store.runs_with_meta(**meta)}  # (oldest first)
-    earlier: dict[int, RunResult | dict[str, Any]] = {}
-    for index, item in enumerate(items):
-        record = latest.get(item.id)
-        if record is None:
-            continue
+    source = orchestra.pool.source
+    pool = str(source.resolve()) if source else None  # (as a run's record names it)
+    wanted = {item.id: (item.prompt(), answer_format(item), settings, pool) for item in items}
+    latest: dict[str, tuple[RunRecord, RunSpec]] = {}
+    for record in orchestra.store.runs_with_meta(**meta):  # oldest first: the latest that matches wins
         try:
             spec = RunSpec.from_record(record.config, record.task)
-        except ValueError:  # a damaged record: the item runs again
+        except ValueError:  # a damaged record: not one to go on with
             continue
-        asked = (spec.task, spec.answer_format, spec.settings.model_copy(update={"budget": settings.budget}))
-        if asked != (item.prompt(), answer_format(item), settings):
+        asked = (spec.task, spec.answer_format, spec.settings.model_copy(update={"budget": settings.budget}), spec.pool)
+        if record.item in wanted and asked == wanted[record.item]:
+            latest[record.item] = (record, spec)
+    earlier: dict[int, RunResult | dict[str, Any]] = {}
+    for index, item in enumerate(items):
+        if item.id not in latest:
             continue
+        record, spec = latest[item.id]
         finished = orchestra.store.result(record.id) if record.status == "done" else None
         earlier[index] = finished or {"run_id": record.id, **({"experts": spec.pinned} if spec.pinned else {})}
     return earlier

@@ -267,7 +267,7 @@ def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path:
     assert child.returncode == 130
     if as_json:
         report = json.loads(out)  # one JSON object: the report of the items finished before Ctrl-C
-        assert report["items"] == 2 and report["correct"] == 2 and report["failed"] == 0
+        assert report["items"] == 2 and report["correct"] == 2 and report["failed"] == 0 and report["interrupted"]
     else:
         assert "interrupted after 2 item(s)" in " ".join(out.split()) and re.search(r"items\s.*\b2\b", out), out
     assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved: the same command with "
@@ -324,6 +324,16 @@ def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback,
     assert raised["reused"] == 3 and len(server.requests) == before + 4  # another budget: the same answers
     other = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--k", "2", "--json")
     assert json.loads(other.stdout)["reused"] == 0  # other settings: the earlier runs do not count
+    sent = len(server.requests)
+    # the latest run that matches counts (the k=2 runs came later), and the data set is found by any path to it
+    back = cli("eval", "--pool", str(pool), "--data", os.path.relpath(data), "--resume", "--json")
+    assert json.loads(back.stdout)["reused"] == 3 and len(server.requests) == sent
+    moved = tmp_path / "same-pool.yaml"
+    moved.write_text(pool.read_text())
+    elsewhere = cli("eval", "--pool", str(moved), "--data", str(data), "--resume", "--json")
+    assert json.loads(elsewhere.stdout)["reused"] == 0  # another pool file: its models may differ
+    typo = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--store", str(tmp_path / "nope.db"))
+    assert typo.returncode == 2 and "no run store at" in typo.stderr
 
 
 def test_show_of_a_data_set_item_names_the_item_and_its_inputs(loopback, tmp_path: Path) -> None:
