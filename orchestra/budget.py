@@ -37,6 +37,13 @@ NOTHING = Reservation(0, 0.0)
 """The reservation of a call that no token or cost limit bounds."""
 
 
+def usd(amount: float) -> str:
+    """Dollars in a budget message: four decimals, or as many as a smaller amount needs to show."""
+    if amount == 0 or amount >= 0.0001:
+        return f"${amount:.4f}"
+    return "$" + f"{amount:.10f}".rstrip("0")
+
+
 class BudgetTracker:
     """Counts one run's spending and admits or refuses each call before it is sent.
 
@@ -82,7 +89,7 @@ class BudgetTracker:
         budget, tokens = self.budget, self.prompt_tokens + self.completion_tokens
         limits = (("max_calls", budget.max_calls, self.calls, f"{self.calls} calls made"),
                   ("max_tokens", budget.max_tokens, tokens, f"{tokens} tokens used"),
-                  ("max_cost_usd", budget.max_cost_usd, self.cost_usd, f"${self.cost_usd:.4f} spent"))
+                  ("max_cost_usd", budget.max_cost_usd, self.cost_usd, f"{usd(self.cost_usd)} spent"))
         for limit, value, spent, words in limits:
             if value is not None and spent >= value:
                 return BudgetExceeded(limit=limit, value=value, spent=words, run_id=self.run_id, shared=self.name)
@@ -111,10 +118,10 @@ class BudgetTracker:
                          f"up to {answer} of answer", held=bool(held) and spent + worst.tokens <= budget.max_tokens)
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
-            held = f", ${self._reserved_cost:.4f} held for {self._reserved_calls} calls in flight" \
+            held = f", {usd(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
             self._refuse("max_cost_usd", budget.max_cost_usd,
-                         f"${self.cost_usd:.4f} spent{held}, the next call may cost ${worst.cost_usd:.4f}: {prompt} "
+                         f"{usd(self.cost_usd)} spent{held}, the next call may cost {usd(worst.cost_usd)}: {prompt} "
                          f"tokens of prompt and up to {answer} of answer",
                          held=bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd)
         if self.parent is not None:

@@ -59,7 +59,8 @@ class BudgetExceeded(OrchestraError):
 
     def __init__(self, *, limit: str, value: float, spent: str, run_id: str | None,
                  shared: str = "the data set's budget", held: bool = False) -> None:
-        setting = f"{limit}={int(value) if float(value).is_integer() else format(value, 'g')}"  # 1000000, not 1e+06
+        # 1000000 and 0.000001, not 1e+06 and 1e-06
+        setting = f"{limit}={int(value) if float(value).is_integer() else f'{value:.10f}'.rstrip('0')}"
         if run_id is None:
             super().__init__(f"{shared} {setting} is spent ({spent})")
         else:

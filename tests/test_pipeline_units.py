@@ -574,6 +574,18 @@ def test_a_spent_shared_budget_says_how_to_raise_it_and_finish_the_items() -> No
     assert own.value.limit == "max_tokens" and str(own.value).startswith("budget max_tokens=5 reached (0 tokens used, the next call may take")
 
 
+def test_a_tiny_cost_budget_reads_in_plain_numbers() -> None:
+    from orchestra.models.pricing import Price
+
+    request = ChatRequest.user("hi", max_tokens=1)
+    with pytest.raises(BudgetExceeded) as refused:
+        BudgetTracker(Budget(max_cost_usd=0.000001, max_calls=None, max_tokens=None), "r").admit(
+            request, Price(input=2.5, output=10))
+    # (it read "max_cost_usd=1e-06 reached ($0.0000 spent, the next call may cost $0.0000 ...")
+    assert str(refused.value) == ("budget max_cost_usd=0.000001 reached ($0.0000 spent, the next call may cost "
+                                  "$0.0000125: 1 tokens of prompt and up to 1 of answer)")
+
+
 def test_a_call_that_fits_once_the_calls_in_flight_end_is_told_so() -> None:
     shared = BudgetTracker(Budget(max_tokens=2_000), None, name="the server's budget")
     first, second = (BudgetTracker(Budget(), f"run-{i}", parent=shared) for i in (6, 7))
