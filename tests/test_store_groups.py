@@ -19,7 +19,7 @@ from orchestra.models import ChatRequest, ChatResult
 from orchestra.skills import SkillExtractor
 from orchestra.store import CHECKPOINT_BYTES, RunStore
 
-REPLAY = "SELECT response, source FROM calls"
+REPLAY = "SELECT response, source, prompt_tokens, completion_tokens, cost_usd, requests FROM calls"
 
 
 def traced(store: RunStore) -> list[str]:
