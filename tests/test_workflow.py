@@ -123,6 +123,20 @@ def test_a_pool_file_without_models_says_so_in_one_line(tmp_path: Path, text: st
     assert done.returncode == 2 and done.stderr == f"error: {tmp_path}/pool.yaml:1:1: missing required field 'models'\n"
 
 
+def test_a_pool_file_gives_prices_as_a_mapping_or_an_input_output_pair(tmp_path: Path) -> None:
+    from orchestra.agents import Pool
+
+    text = ("name: priced\nmodels:\n  m:\n    type: openai\n    model: m\n    base_url: http://127.0.0.1:9/v1\n"
+            "    api_key_env: null\n    prices: {prices}\nagents:\n  - name: a\n    model: m\n")
+    pair = Pool.load(write(tmp_path, text.replace("{prices}", "[0.15, 0.6]"), "pool.yaml"))
+    mapping = Pool.load(write(tmp_path, text.replace("{prices}", "{input: 0.15, output: 0.6}"), "pool.yaml"))
+    assert pair.agents[0].model.price == mapping.agents[0].model.price  # type: ignore[attr-defined]
+    assert (pair.agents[0].model.price.input, pair.agents[0].model.price.output) == (0.15, 0.6)  # type: ignore
+    bad = cli("agents", "--pool", str(write(tmp_path, text.replace("{prices}", "[0.15]"), "pool.yaml")))
+    assert bad.returncode == 2 and bad.stderr.startswith(f"error: {tmp_path}/pool.yaml:") and bad.stderr.endswith(
+        "models.m.prices: give prices as {input: USD, output: USD} per million tokens, or [input, output]\n"), bad.stderr
+
+
 def test_step_using_output_it_does_not_need_is_refused(tmp_path: Path) -> None:
     text = GOOD.replace("    needs: [draft]\n", "")
     with pytest.raises(ConfigError, match="step 'review' uses steps.draft but does not need 'draft'; add it to needs"):

@@ -27,6 +27,16 @@ class _RemoteSpec(_Spec):
         check_base_url(value)
         return value
 
+    @field_validator("prices", mode="before", check_fields=False)
+    @classmethod
+    def _price_pair(cls, value: Any) -> Any:
+        """``[input, output]`` (USD per million tokens) as the Python API's ``(input, output)``."""
+        if isinstance(value, list):
+            if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ValueError("give prices as {input: USD, output: USD} per million tokens, or [input, output]")
+            return {"input": value[0], "output": value[1]}
+        return value
+
 
 class OpenAISpec(_RemoteSpec):
     """``type: openai``: any OpenAI-compatible endpoint (OpenAI, vLLM serve, Ollama, LM Studio...)."""
