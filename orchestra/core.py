@@ -609,12 +609,12 @@ class Orchestra:
     def _begin(self, run: Run) -> None:
         self._begin_all([run])
 
-    def _begin_all(self, runs: Sequence[Run]) -> None:
+    def _begin_all(self, runs: Sequence[Run], *, force: bool = False) -> None:
         """Record the runs as begun (one transaction); a run resumed counts what its failed attempts
         cost before (their calls are sent again, and the store adds both up)."""
         if self.store is None:
             return
-        self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs])
+        self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs], force=force)
         failed = self.store.failed_usage([run.run_id for run in runs])
         for run in runs:
             if run.run_id in failed:
@@ -729,10 +729,7 @@ class Orchestra:
             values = workflow.resolve_inputs(spec.workflow.inputs)
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
         run = self._run(spec, record.id, **steps)
-        self.store.begin_run(record.id, record.task, spec.record_json(), force=force)
-        failed = self.store.failed_usage([record.id])
-        if failed:
-            run.ledger.budget.count(failed[record.id], calls=0)
+        self._begin_all([run], force=force)
         return await self._finish(run)
 
     # --- many runs -------------------------------------------------------------------------

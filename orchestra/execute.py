@@ -691,7 +691,7 @@ class Executor:
         started = time.perf_counter()
         token = retry_listener.set(self._on_retry)
         dropped = downgrade_listener.set(self._on_downgrade)
-        cancelled = cancel_listener.set(partial(self._cancelled_in_flight, {id(c.request): c for c in group}))
+        cancelled = cancel_listener.set(partial(self._cancelled_in_flight, group))
         pending = dict(enumerate(group))
         answered: list[tuple[_Call, Outcome]] = []  # answers of this turn of the loop, not yet committed
         flush: asyncio.Handle | None = None
@@ -806,10 +806,11 @@ class Executor:
             call.ledger.failed_calls += 1
             self._resolve(call, error)
 
-    def _cancelled_in_flight(self, calls: dict[int, _Call], request: ChatRequest, usage: Usage) -> None:
-        """A call cancelled after its requests went out (Ctrl-C, the loop ending): the endpoint got
-        them, so its run counts them and its journal records them, as a failed call would be."""
-        call = calls.get(id(request))
+    def _cancelled_in_flight(self, group: list[_Call], request: ChatRequest, usage: Usage) -> None:
+        """A call of ``group`` cancelled after its requests went out (Ctrl-C, the loop ending): the
+        endpoint got them, so its run counts them and its journal records them, as a failed call
+        would be. (Found by a search: this is rare, and the batch's path stays as it was.)"""
+        call = next((c for c in group if c.request is request), None)
         if call is None or call.waiter.outcomes[call.index] is not None:
             return
         error = CallCancelled(f"{call.model.name}: cancelled while its request was in flight")
