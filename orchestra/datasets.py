@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from orchestra.errors import DatasetError
 
@@ -23,10 +23,18 @@ class Item(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     id: str
-    question: str = Field(min_length=1)
+    question: str
     answer: str
     choices: tuple[str, ...] | None = None
     category: str | None = None
+
+    @field_validator("question")
+    @classmethod
+    def _asked(cls, question: str) -> str:
+        """A question with text: blanks alone would be refused as an empty task, with no file or line."""
+        if not question.strip():
+            raise ValueError("the question is empty")
+        return question
 
     @field_validator("id", "answer", mode="before")
     @classmethod
