@@ -25,7 +25,7 @@ from orchestra.events import NodeSkipped
 from orchestra.execute import Executor, RunLedger
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.store import RunStore
-from orchestra.testing import LoopbackRequest, Reply
+from orchestra.testing import LoopbackRequest, LoopbackServer, Reply
 
 
 class CrashGate:
@@ -49,6 +49,20 @@ class CrashGate:
         return reply
 
 
+def await_both_aggregations(gate: CrashGate, server: LoopbackServer) -> None:
+    """Block until both aggregations are in flight: each is sent only once its experts' answers are stored.
+
+    Waiting for the first alone races the other node's expert answers, which the server may have counted before
+    the client stored them.
+    """
+    assert gate.reached.wait(timeout=120), "the run never reached its aggregation wave"
+    for _ in range(12_000):
+        if len(server.requests) >= 9:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"only {len(server.requests)} requests reached the server, 9 expected")
+
+
 def test_sigkill_mid_run_then_resume_sends_no_completed_call_again(loopback, tmp_path: Path) -> None:
     gate = CrashGate()
     server = loopback(gate.handle)
@@ -57,7 +71,7 @@ def test_sigkill_mid_run_then_resume_sends_no_completed_call_again(loopback, tmp
     process = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Write a short report, then check it", "--pool", str(pool),
                                 "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
-        assert gate.reached.wait(timeout=120), "the run never reached its aggregation wave"
+        await_both_aggregations(gate, server)
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.communicate()
@@ -87,9 +101,7 @@ def test_requests_cut_off_by_ctrl_c_are_counted_as_the_endpoint_received_them(lo
     process = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Write a short report, then check it",
                                 "--pool", str(pool), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
-        assert gate.reached.wait(timeout=120), "the run never reached its aggregation wave"
-        while len(server.requests) < 9:  # both aggregations are in flight (each waits for an answer)
-            threading.Event().wait(0.01)
+        await_both_aggregations(gate, server)
     finally:
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=120)
