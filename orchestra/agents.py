@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.errors import ConfigError
 from orchestra.models import ChatRequest, Model
+from orchestra.models.base import model_identity
 from orchestra.models.config import ModelSpec, build_models
 from orchestra.models.pricing import FREE
 from orchestra.profile import SkillProfile, load_profiles
@@ -161,6 +164,19 @@ class Pool:
             if model is not None:
                 seen.setdefault(id(model), model)
         return list(seen.values())
+
+    def fingerprint(self) -> str:
+        """A short hash of what makes this pool's answers: each agent's name, model (what it really is,
+        endpoint and model id), persona and sampling settings, the planner, the keyword model, the
+        aggregator and the skill profiles. A pool file edited in place (another model behind an agent)
+        gets another one; reformatting or comments do not change it."""
+        described = {
+            "agents": [[a.name, model_identity(a.model), a.persona, a.temperature, a.max_tokens] for a in self.agents],
+            "planner": model_identity(self.planner), "keywords": model_identity(self.keyword_model),
+            "aggregator": self.aggregator,
+            "profiles": {name: profile.model_dump(mode="json") for name, profile in sorted(self.profiles.items())},
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
     async def aclose(self) -> None:
         """Close every model's open connections in this event loop: each distinct model once, and

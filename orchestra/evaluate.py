@@ -151,10 +151,11 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     are not run, and the report says why. ``on_cancel`` is given the report of the items finished
     so far when the evaluation is cancelled (Ctrl-C), before the cancellation goes on.
 
-    ``resume``: go on with this data set's earlier evaluation by the same method and settings, from
-    the store: an item whose latest earlier run finished is counted from its record (no call), one
-    whose run was cut off (Ctrl-C, a crash, a budget) is resumed under its own id (recorded calls
-    replayed, its experts kept), and the others run. The budget then bounds what is spent now.
+    ``resume``: go on with this data set's earlier evaluation by the same method, settings and pool
+    (the same file, its models and profiles unchanged), from the store: an item whose latest
+    earlier run finished is counted from its record (no call), one whose run was cut off (Ctrl-C, a
+    crash, a budget) is resumed under its own id (recorded calls replayed, its experts kept), and
+    the others run. The budget then bounds what is spent now.
     """
     import asyncio
 
@@ -174,7 +175,9 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     items = dataset.items[:limit] if limit else dataset.items
     # the data set by its absolute path: a resume from another folder, or with ./data.jsonl, finds it
     where = Path(dataset.path)
-    meta = {"kind": "eval", "method": name, "dataset": str(where.resolve()) if where.is_file() else dataset.path}
+    # and the pool by what answers (its models, personas, profiles): one edited in place is another pool
+    meta = {"kind": "eval", "method": name, "dataset": str(where.resolve()) if where.is_file() else dataset.path,
+            "pool_fingerprint": orchestra.pool.fingerprint()}
     # its runs' settings, as arun_iter makes them (without planning)
     earlier = _earlier_runs(orchestra, meta, orchestra.run_settings({**given, "plan": False}), items) if resume else {}
     todo = [index for index in range(len(items)) if not isinstance(earlier.get(index), RunResult)]
@@ -232,8 +235,8 @@ def _count_earlier(report: EvalReport, earlier: dict[int, RunResult | dict[str, 
 def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings,
                   items: Sequence[Item]) -> dict[int, RunResult | dict[str, Any]]:
     """Per item (by index), from its latest earlier run of this evaluation's data set and method
-    that asked the same question with the same settings and pool file (its budget may differ: a
-    raised one goes on with it): the result if it finished, else the ``Instance`` options that go
+    that asked the same question with the same settings and pool file, unchanged (its budget may
+    differ: a raised one goes on with it): the result if it finished, else the ``Instance`` options that go
     on with it (its id, and its experts where it had recruited them, so its recorded expert calls
     are replayed)."""
     from orchestra.settings import RunSpec

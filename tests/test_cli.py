@@ -332,6 +332,14 @@ def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback,
     moved.write_text(pool.read_text())
     elsewhere = cli("eval", "--pool", str(moved), "--data", str(data), "--resume", "--json")
     assert json.loads(elsewhere.stdout)["reused"] == 0  # another pool file: its models may differ
+    pool.write_text("# the same pool, reformatted\n" + pool.read_text().replace("\n", "\n\n"))
+    reformatted = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--json")
+    assert json.loads(reformatted.stdout)["reused"] == 3  # what answers did not change
+    pool.write_text(pool.read_text().replace("model: beta\n", "model: beta-2\n", 1))  # another model behind beta
+    sent = len(server.requests)
+    edited = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--json")
+    assert edited.returncode == 0, edited.stderr
+    assert json.loads(edited.stdout)["reused"] == 0 and len(server.requests) > sent  # its answers are not reused
     typo = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--store", str(tmp_path / "nope.db"))
     assert typo.returncode == 2 and "no run store at" in typo.stderr
 
