@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `run
     from orchestra.core import Orchestra
     from orchestra.datasets import Dataset
     from orchestra.evaluate import EvalReport
+    from orchestra.frontier import SweepPoint
     from orchestra.profile import SkillProfile
     from orchestra.result import RunResult
     from orchestra.settings import Settings
@@ -625,18 +626,35 @@ def parse_lambdas(text: str | None) -> tuple[float, ...]:
 
 def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path | None, limit: int | None,
               as_json: bool, opts: dict[str, Any], budget: Budget | None = None) -> None:
-    """``eval --sweep``: every method and cost preference, as a table (or JSON) and an HTML page."""
-    import asyncio
-
-    from rich.table import Table
-
-    from orchestra.frontier import asweep, frontier_html
-    from orchestra.view import terminal
+    """``eval --sweep``: every method and cost preference, as a table (or JSON) and an HTML page.
+    Ctrl-C prints the points evaluated in full so far (no page), then exits 130."""
+    from orchestra.core import run_interruptibly
+    from orchestra.frontier import asweep, sweep_size
 
     if plot is not None and not _writable(plot):  # found out before the sweep's calls, not after them
         raise ConfigError(f"cannot write the plot to {plot}: no such folder, or no permission to write there")
-    points = asyncio.run(asweep(orc, dataset, lambdas=parse_lambdas(lambdas), limit=limit, k=opts["k"],
-                                aggregate=opts["aggregate"], budget=budget))
+    chosen = parse_lambdas(lambdas)
+    stopped: list[list[SweepPoint]] = []
+    try:
+        points = run_interruptibly(asweep(orc, dataset, lambdas=chosen, limit=limit, k=opts["k"],
+                                          aggregate=opts["aggregate"], budget=budget, on_cancel=stopped.append))
+    except KeyboardInterrupt:
+        done = stopped[0] if stopped else []
+        print_sweep(done, dataset, None, as_json, interrupted=f"interrupted after {len(done)} of "
+                                                              f"{sweep_size(chosen)} points")
+        kept = "nothing was kept (--no-store)" if orc.store is None else "finished calls are saved"
+        fail(f"interrupted; {kept}; the points above are the ones evaluated in full", 130)
+    print_sweep(points, dataset, plot, as_json)
+
+
+def print_sweep(points: list[SweepPoint], dataset: Dataset, plot: Path | None, as_json: bool, *,
+                interrupted: str | None = None) -> None:
+    """A sweep's points as a table (or JSON), the page written to ``plot``; exit 1 if a run did not finish."""
+    from rich.table import Table
+
+    from orchestra.frontier import frontier_html
+    from orchestra.view import terminal
+
     if plot is not None:
         try:
             plot.write_text(frontier_html(points, f"accuracy/cost frontier on {dataset.path}"), encoding="utf-8")
@@ -644,9 +662,11 @@ def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path 
             raise ConfigError(f"cannot write the plot to {plot}: {error.strerror or error}") from None
     if as_json:
         click.echo(json.dumps({"dataset": dataset.path, "points": [p.to_json() for p in points],
-                               "plot": str(plot) if plot else None}, indent=2))
+                               "plot": str(plot) if plot else None, "interrupted": interrupted is not None},
+                              indent=2))
     else:
-        table = Table(title=f"accuracy/cost frontier on {dataset.path} ({points[0].items if points else 0} items)")
+        table = Table(title=f"accuracy/cost frontier on {dataset.path} ({points[0].items if points else 0} items)"
+                            + (f": {interrupted}" if interrupted else ""))
         for column in ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier"):
             table.add_column(column, justify="left" if column == "method" else "right")
         for p in points:
@@ -657,7 +677,7 @@ def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path 
         if plot is not None:
             click.echo(f"wrote the frontier to {plot}")
     unfinished = [p for p in points if p.failed]
-    if unfinished:
+    if unfinished and not interrupted:
         click.echo(f"error: {unfinished[0].failed} run(s) of {unfinished[0].method} did not finish", err=True)
         sys.exit(1)
 

@@ -9,9 +9,10 @@ user can pick a point.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,22 +62,40 @@ def mark_frontier(points: Sequence[SweepPoint]) -> None:
             and (other.accuracy > point.accuracy or other.cost_usd < point.cost_usd) for other in points)
 
 
+def sweep_size(lambdas: Sequence[float] = LAMBDAS, methods: Sequence[str] | None = None) -> int:
+    """How many points a sweep evaluates: each method once, the calibrated router once per λ."""
+    return len(_methods(methods)) + len(lambdas)
+
+
+def _methods(methods: Sequence[str] | None) -> list[str]:
+    return list(methods) if methods else [m for m in METHODS if m != "calibrated"]
+
+
 async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[float] = LAMBDAS,
                  methods: Sequence[str] | None = None, limit: int | None = None,
+                 on_cancel: Callable[[list[SweepPoint]], None] | None = None,
                  **overrides: Any) -> list[SweepPoint]:
     """Evaluate every method, and the calibrated router at each λ, on ``dataset``; frontier marked.
 
-    ``overrides`` (``k``, ``aggregate``... as for ``aevaluate``) apply to every method.
+    ``overrides`` (``k``, ``aggregate``... as for ``aevaluate``) apply to every method. ``on_cancel``
+    is given the points evaluated in full so far (frontier marked among them) when the sweep is
+    cancelled (Ctrl-C), before the cancellation goes on.
     """
-    points = []
-    for method in methods or [m for m in METHODS if m != "calibrated"]:
-        report = await aevaluate(orchestra, dataset, method=method, limit=limit, **overrides)
-        points.append(SweepPoint.of(report, method, None))
-    recruit = dict(overrides.pop("recruit", None) or {})
-    for cost_lambda in lambdas:
-        report = await aevaluate(orchestra, dataset, method="calibrated", limit=limit,
-                                 recruit={**recruit, "cost_lambda": cost_lambda}, **overrides)
-        points.append(SweepPoint.of(report, f"calibrated λ={cost_lambda:g}", cost_lambda))
+    points: list[SweepPoint] = []
+    try:
+        for method in _methods(methods):
+            report = await aevaluate(orchestra, dataset, method=method, limit=limit, **overrides)
+            points.append(SweepPoint.of(report, method, None))
+        recruit = dict(overrides.pop("recruit", None) or {})
+        for cost_lambda in lambdas:
+            report = await aevaluate(orchestra, dataset, method="calibrated", limit=limit,
+                                     recruit={**recruit, "cost_lambda": cost_lambda}, **overrides)
+            points.append(SweepPoint.of(report, f"calibrated λ={cost_lambda:g}", cost_lambda))
+    except asyncio.CancelledError:
+        if on_cancel is not None:
+            mark_frontier(points)
+            on_cancel(points)
+        raise
     mark_frontier(points)
     return points
 

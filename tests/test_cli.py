@@ -276,6 +276,48 @@ def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path:
     assert listed == {"q0": "done", "q1": "done", "q2": "cancelled"}
 
 
+@pytest.mark.parametrize("as_json", [True, False])
+def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp_path: Path, as_json: bool) -> None:
+    import signal
+    import time
+
+    scripted = ScriptedLLM()
+    inner = scripted.handler()
+    answered = [0]
+    first_method = [10**9]  # requests the sweep's first method sends; later ones hang
+
+    async def handler(request: LoopbackRequest) -> Reply:
+        answered[0] += 1
+        return Reply(hang=True) if answered[0] > first_method[0] else await inner(request)
+
+    server = loopback(handler)
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"id": "q0", "question": "The question q0", "answer": "42"}\n')
+    alone = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "symbolic-moe", "--no-store", "--json")
+    assert json.loads(alone.stdout)["requests"] == answered[0]
+    first_method[0] = answered[0]
+    child = subprocess.Popen([sys.executable, "-m", "orchestra", "eval", "--pool", str(pool), "--data", str(data),
+                              "--sweep", "--lambdas", "0,1", *(["--json"] if as_json else [])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    answered[0] = 0
+    while answered[0] <= first_method[0]:  # the second method has sent a request, which hangs
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    if as_json:
+        swept = json.loads(out)  # one JSON object: the points evaluated in full
+        assert swept["interrupted"] and [p["method"] for p in swept["points"]] == ["symbolic-moe"]
+        assert swept["points"][0]["items"] == 1 and swept["points"][0]["on_frontier"]
+    else:
+        text = " ".join(out.split())
+        assert "interrupted after 1 of 7 points" in text and "symbolic-moe" in text and "vote" not in text, out
+    assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved; the points above are "
+                                            "the ones evaluated in full")
+
+
 def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback, tmp_path: Path) -> None:
     import signal
     import time
