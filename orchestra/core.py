@@ -379,7 +379,7 @@ class _Stream:
         error = None if future.cancelled() else future.exception()
         if future.cancelled() or error is not None:  # a bug inside the run: stop it, keep its record
             run.cancel()
-            self.orc._record(run.result("cancelled", None, "stopped before it finished"))
+            self.orc._record_cancelled(run)
             self.queue.put_nowait(error or asyncio.CancelledError())
             return
         result = future.result()
@@ -398,7 +398,7 @@ class _Stream:
         while self.live:
             run, _ = self.live.popitem()
             run.cancel()
-            self.orc._record(run.result("cancelled", None, "stopped before it finished"))
+            self.orc._record_cancelled(run)
 
 
 class Orchestra:
@@ -650,10 +650,20 @@ class Orchestra:
             result = await run.start()
         except BaseException:  # cancelled by the caller, or a bug: stop the run's other work, keep its record
             run.cancel()
-            self._record(run.result("cancelled", None, "stopped before it finished"))
+            self._record_cancelled(run)
             raise
         self._record(result)
         return result
+
+    def _record_cancelled(self, run: Run) -> None:
+        """Record a run stopped before it finished, and again whenever a request it had in flight is
+        cut off later (the loop cancels those after the run's own tasks): its record counts what the
+        endpoints received."""
+        def record() -> None:
+            self._record(run.result("cancelled", None, "stopped before it finished"))
+
+        record()
+        run.ledger.after_end = record
 
     def _record(self, result: RunResult, *, soon: bool = False) -> None:
         """Store a finished run (``soon``: at the event loop's next turn, before the caller's task

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -130,6 +130,8 @@ class RunLedger:
     cache_misses: int = 0
     cache_errors: int = 0  # answers that could not be written to the cache
     failed_calls: int = 0
+    #: called when a request of the run, ended already, is cut off in flight and counted (its record is written again)
+    after_end: Callable[[], None] | None = None
     _seq: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -824,6 +826,8 @@ class Executor:
                                      call.canonical or call.request, error, call.purpose, call.node, "model")])
             except Exception:  # (a store that cannot be written already told its run)
                 pass
+        if call.ledger.after_end is not None:
+            call.ledger.after_end()
         self._resolve(call, error)
 
     def _on_retry(self, model: str, attempt: int, wait_s: float, reason: str) -> None:

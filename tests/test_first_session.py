@@ -371,6 +371,7 @@ def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: P
     assert child.returncode == 130
     stopped = json.loads(out)  # one JSON object, as --json promises
     assert stopped["status"] == "cancelled" and stopped["task"] == "Quick question"
+    assert stopped["usage"]["requests"] == len(server.requests) > 0  # the requests cut off in flight count
     # the node it was working on does not read as running
     assert [(n["status"], n["error"]) for n in stopped["plan"]["nodes"]] == [("failed", "cancelled by the user")]
     if store:

@@ -109,8 +109,11 @@ def test_requests_cut_off_by_ctrl_c_are_counted_as_the_endpoint_received_them(lo
     stopped = json.loads(out)
     assert stopped["status"] == "cancelled"
     assert len(server.requests) == 9 and sum(gate.answered.values()) == 7
+    # what it printed counts them too (it was built before they were cut off, and said 7)
+    assert stopped["usage"]["requests"] == 9 and stopped["usage"]["failed_calls"] == 2
     [record] = json.loads(cli("runs", "--json").stdout)
     assert record["requests"] == 9  # what the endpoint received, the 2 cut off included (it said 7)
+    assert json.loads(cli("show", record["id"], "--json").stdout)["result"]["usage"]["requests"] == 9
     failed = [c for c in RunStore(Path(os.environ["ORCHESTRA_HOME"]) / "runs.db").calls(record["id"])
               if c["status"] == "error"]
     assert len(failed) == 2 and all(c["error"].startswith("CallCancelled: ") and c["requests"] == 1 and
