@@ -37,9 +37,18 @@ class Grader(Protocol):
         """Whether ``text`` answers ``item`` correctly."""
 
 
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*", re.IGNORECASE)
+
+
 def _answer_clause(text: str) -> str | None:
-    found = re.findall(r"answer\s*(?:is|:)\s*(.+)", text, flags=re.IGNORECASE)
-    return found[-1].strip() if found else None
+    """What follows the last "the answer is" (or "answer:") with text after it, to the end of its
+    line: a reply that corrects itself on one line ("I thought the answer is 5, but the answer is
+    7") or repeats the question's own "the answer is" before its answer is read by its final word."""
+    for found in reversed(list(_ANSWER_IS.finditer(text))):
+        clause = text[found.end():].split("\n", 1)[0].strip()
+        if clause:
+            return clause
+    return None
 
 
 class MultipleChoiceGrader:

@@ -104,6 +104,7 @@ def test_embedding_matcher_over_a_loopback_embeddings_endpoint(loopback) -> None
 @pytest.mark.parametrize("text, expected", [
     ("Let me think... The answer is (C).", "C"), ("answer: b", "B"), ("I pick (A) then (D)", "D"),
     ("<think>maybe (A)</think> The answer is (B)", "B"),
+    ("The answer is (A) is tempting, but the answer is (C)", "C"),  # the last clause on a line counts
 ])
 def test_multiple_choice_extraction(text: str, expected: str) -> None:
     item = Item(id="1", question="q", answer=expected, choices=("w", "x", "y", "z"))
@@ -122,6 +123,8 @@ def test_multiple_choice_reference_given_as_choice_text() -> None:
     ("The answer is 50%", "50"), ("The answer is 63 (from 100 - 37).", "63"),
     ("The answer is 12. Check: 7 + 5 = 12 in 1 step", "12"), ("The answer is 42 (m1)", "42"),
     ("I think the answer is 5, not 6.\nFinal answer: 8 (after checking 2 cases)", "8"),
+    ("At first I thought the answer is 5, but the answer is 7.", "7"),
+    ("The answer is 4 because the answer: 9", "9"), ("The answer is 6. Final answer:", "6"),
 ])
 def test_numeric_grading_normalises(text: str, reference: str) -> None:
     assert NumericGrader().grade(text, Item(id="1", question="q", answer=reference))
@@ -135,6 +138,8 @@ def test_numeric_wrong_and_missing() -> None:
 
 def test_exact_match_and_auto_choice() -> None:
     assert ExactMatchGrader().grade("The answer is: The Eiffel Tower.", Item(id="1", question="q", answer="eiffel tower"))
+    echoed = "You asked: end with 'The answer is N'. The answer is Paris"  # the question's own clause comes first
+    assert ExactMatchGrader().grade(echoed, Item(id="1", question="q", answer="Paris"))
     auto = AutoGrader()
     assert auto.pick(Item(id="1", question="q", answer="B", choices=("a", "b"))).name == "mc"
     assert auto.pick(Item(id="1", question="q", answer="3/4")).name == "numeric"
