@@ -73,6 +73,13 @@ class StepSpec(_Strict):
     aggregate: Strategy | None = None
     output: dict[str, Any] | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _says_something(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("is blank; write what the step should do")
+        return prompt
+
     @model_validator(mode="after")
     def _one_way_to_pick_experts(self) -> StepSpec:
         if self.recruit is not None and self.agent is not None:
@@ -218,14 +225,15 @@ class Workflow:
     # --- running ---------------------------------------------------------------------------
 
     def resolve_inputs(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """Typed inputs: given values (strings from the command line are converted), then defaults."""
+        """Typed inputs: given values (strings from the command line are converted), then defaults.
+        A value given as None is one not given (so inputs resolved once resolve again the same)."""
         values: dict[str, Any] = {}
         for name in given:
             if name not in self.spec.inputs:
                 known = ", ".join(self.spec.inputs) or "none"
                 raise ConfigError(f"unknown input {name!r} (declared: {known})", path=str(self.path))
         for name, declared in self.spec.inputs.items():
-            if name in given:
+            if given.get(name) is not None:
                 values[name] = _convert(name, given[name], declared, self)
             elif declared.default is not None:
                 values[name] = declared.default
@@ -247,7 +255,7 @@ class Workflow:
         """The explicit steps as a plan (None for ``plan: auto``)."""
         if self.spec.plan == "auto":
             return None
-        return Plan(subtasks=[Subtask(id=s.id, instruction=s.description or _first_line(s.prompt),
+        return Plan(subtasks=[Subtask(id=s.id, instruction=s.description.strip() or _first_line(s.prompt),
                                       depends_on=list(s.needs), skills=list(s.recruit.skills) if s.recruit else [])
                               for s in self.spec.steps])
 

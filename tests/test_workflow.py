@@ -154,6 +154,30 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
     assert "unknown input 'colour' (declared: topic, words)" in unknown.stderr
 
 
+def test_an_optional_input_without_a_default_may_be_left_out(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    path = write(tmp_path, "name: opt\npool: pool.yaml\ninputs:\n  topic: {type: string, required: true}\n"
+                           "  note: {type: string}\n  tone: {type: string, required: false}\nsteps:\n"
+                           "  - id: a\n    agent: alpha-expert\n"
+                           "    prompt: 'On {{ inputs.topic }}{% if inputs.note %} ({{ inputs.note }}){% endif %}'\n")
+    done = cli("run", str(path), "-i", "topic=tides", "--json")
+    assert done.returncode == 0, done.stderr  # (it said: input 'note' must be of type string, got None)
+    result = json.loads(done.stdout)
+    assert result["status"] == "done"
+    again = cli("resume", result["run_id"], "--json")  # its inputs resolve again from the record
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "done", again.stderr
+
+
+def test_a_blank_step_prompt_is_one_line_naming_it(tmp_path: Path) -> None:
+    blank = write(tmp_path, GOOD.replace('prompt: "Write {{ inputs.words }} words on {{ inputs.topic }}."',
+                                         'prompt: "   "'))
+    done = cli("validate", str(blank))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: {blank}:14:13: steps.draft.prompt: is blank; write what the step "
+                                   "should do"), done.stderr
+
+
 def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="a workflow needs steps, or plan: auto with a task"):
         Workflow.load(write(tmp_path, "pool:\n  models: {m: {type: openai, model: x}}\n  agents: [{name: a, model: m}]\n"))
