@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from helpers import kind_of, plan_json, scripted_pool
 from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli
@@ -286,3 +287,18 @@ def test_aggregation_benchmark_items_hold_exactly_one_right_and_two_wrong_traces
         assert len(traces) == 3, prompt
         assert [int(value) == code for _, value in traces].count(True) == 1
         assert len({agent for agent, _ in traces}) == 3
+
+
+def test_a_loopback_server_on_a_taken_port_fails_at_once() -> None:
+    import subprocess
+    import sys
+
+    from orchestra.testing import LoopbackServer, Reply
+
+    with LoopbackServer(lambda request: Reply(body={"ok": True})) as first:
+        with pytest.raises(OSError):  # (start() waited for ever: the error stayed in the server's thread)
+            LoopbackServer(lambda request: Reply(body={"ok": True}), port=first.port).start()
+        done = subprocess.run([sys.executable, "-m", "orchestra.testing", "--port", str(first.port)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: cannot listen on port {first.port}: "), done.stderr

@@ -91,11 +91,22 @@ class LoopbackServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> LoopbackServer:
-        """Start serving; returns once the port is bound."""
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True,
-                                        name="loopback-server")
+        """Start serving; returns once the port is bound (``OSError`` if it cannot be, e.g. taken)."""
+        failed: list[OSError] = []
+
+        def serve() -> None:
+            try:
+                asyncio.run(self._main())
+            except OSError as error:  # (binding failed: told to the caller, not printed by the thread)
+                failed.append(error)
+                self._ready.set()
+
+        self._thread = threading.Thread(target=serve, daemon=True, name="loopback-server")
         self._thread.start()
         self._ready.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
         return self
 
     def stop(self) -> None:
@@ -351,6 +362,9 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--text", default="ok")
     args = parser.parse_args()
-    server = LoopbackServer(chat_handler(lambda _: args.text, delay=args.delay), port=args.port).start()
+    try:
+        server = LoopbackServer(chat_handler(lambda _: args.text, delay=args.delay), port=args.port).start()
+    except OSError as error:
+        parser.exit(2, f"error: cannot listen on port {args.port}: {error.strerror or error}\n")
     print(server.url, flush=True)
     threading.Event().wait()
