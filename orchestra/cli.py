@@ -369,11 +369,13 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     given = parse_assignments(list(inputs))
     flow.pool.check_credentials()
-    orc = orchestra_for(flow, settings_from(opts), **orchestra_options(opts))
+    layer = settings_from(opts)
+    orc = orchestra_for(flow, layer, **orchestra_options(opts))
     if flow.spec.dataset is not None:
         from orchestra.workflow_run import aevaluate_workflow
 
-        report = asyncio.run(aevaluate_workflow(flow, given, orchestra=orc))
+        given_grader = layer.grader if "grader" in layer.model_fields_set else None  # --grader or --set grader=
+        report = asyncio.run(aevaluate_workflow(flow, given, orchestra=orc, grader=given_grader))
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
         end_data_set(report, stored=orc.store is not None, evaluation=False)
         return

@@ -91,7 +91,8 @@ class DatasetSpec(_Strict):
     """Run the workflow once per item of a labelled data set and grade the final answers."""
 
     path: str
-    grader: GraderName = "auto"
+    grader: GraderName | None = None
+    """How answers are graded (default: the run settings' ``grader``, as votes read them)."""
     limit: int | None = Field(default=None, ge=1)
 
 

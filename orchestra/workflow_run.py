@@ -19,6 +19,7 @@ from orchestra.evaluate import EvalReport, Tally, loads_since
 from orchestra.grading import answer_format, get_grader
 from orchestra.result import RunResult
 from orchestra.settings import Settings, WorkflowRef
+from orchestra.vocabulary import GraderName
 from orchestra.workflow import Workflow
 
 
@@ -51,7 +52,7 @@ def run_arguments(workflow: Workflow, inputs: Mapping[str, Any]) -> tuple[str, d
 
 
 async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
-                             window: int | None = DEFAULT_WINDOW) -> EvalReport:
+                             window: int | None = DEFAULT_WINDOW, grader: GraderName | None = None) -> EvalReport:
     """Run the workflow once per data-set item (``inputs.question`` and ``inputs.answer_format`` set per
     item), all runs on one executor so their calls batch per model, and grade the answers.
 
@@ -62,6 +63,9 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     set; each item's run may spend as much, within it. Each item gets its own seed
     (from the workflow's seed and the item's id), so recruiting varies from item to item as it would
     over separate runs.
+
+    Answers are graded by ``grader`` when given (the command line's ``--grader``), else by the
+    data set's ``grader:``, else by the run settings' (the one votes read answers with).
     """
     spec = workflow.spec.dataset
     if spec is None:
@@ -86,7 +90,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
             yield Instance(task, meta={"item": item.id}, options={
                 **options, "shared_budget": shared, "budget": per_run, "seed": item_seed(orc.settings.seed, item.id)})
 
-    tally = Tally(get_grader(spec.grader))
+    tally = Tally(get_grader(grader or spec.grader or orc.settings.grader))
     loads_before = dict(orc.executor.stats.loads)
     started = time.perf_counter()
     # each run has its workflow's steps (or plans): no chunk of runs to recruit together

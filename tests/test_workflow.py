@@ -336,3 +336,23 @@ def test_an_unclosed_bracket_is_reported_where_it_opens(text: str, expected: str
     with pytest.raises(ConfigError) as error:
         read_yaml("x.yaml", text)  # type: ignore[arg-type]
     assert str(error.value).startswith(expected), str(error.value)
+
+
+def test_a_given_grader_grades_a_data_set_workflow(loopback_pool, tmp_path: Path) -> None:
+    scripted, pool = loopback_pool
+    scripted.expert = lambda model, assignment: "The answer is 42.0"  # a number, not the reference's text
+    (tmp_path / "quiz.jsonl").write_text('{"id": "q0", "question": "Six times seven?", "answer": "42"}\n')
+    flow = write(tmp_path, f"name: quiz\npool: {pool}\ninputs:\n  question: {{type: string}}\n"
+                           "dataset: {path: quiz.jsonl}\nsteps:\n  - id: answer\n    agent: alpha-expert\n"
+                           "    prompt: '{{ inputs.question }}'\n")
+
+    def accuracy(*flags: str) -> float:
+        done = cli("run", str(flow), "--json", *flags)
+        assert done.returncode == 0, done.stderr
+        return float(json.loads(done.stdout)["accuracy"])
+
+    assert accuracy() == 1.0  # auto: a number graded as a number
+    assert accuracy("--grader", "exact") == 0.0  # (the flag was ignored: 1.0)
+    assert accuracy("--set", "grader=exact") == 0.0
+    flow.write_text(flow.read_text().replace("{path: quiz.jsonl}", "{path: quiz.jsonl, grader: exact}"))
+    assert accuracy() == 0.0 and accuracy("--grader", "numeric") == 1.0  # the flag wins over the file
