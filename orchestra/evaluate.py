@@ -33,6 +33,10 @@ METHODS: dict[str, tuple[str, str, int | None]] = {
 }
 
 
+#: the ``per_category`` entry of items without a category (they were listed as "all", which read as every item)
+UNCATEGORIZED = "uncategorized"
+
+
 @dataclass
 class EvalReport:
     """What ``orchestra eval`` (and a data-set workflow) prints; ``answers`` holds every item's answer."""
@@ -101,7 +105,7 @@ class Tally:
         self.cost_usd += usage.cost_usd
         self.skill_extraction_failures += usage.skill_extraction_failures
         self.saved_calls += sum(node.saved_calls for node in result.plan.nodes)
-        category = item.category or "all"
+        category = item.category or UNCATEGORIZED
         tally = self.categories.setdefault(category, Counter())
         self.category_first[category] = min(index, self.category_first.get(category, index))
         tally["items"] += 1

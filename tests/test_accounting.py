@@ -269,3 +269,12 @@ def test_a_data_set_workflow_recruits_per_item_and_reports_every_answer(loopback
     assert sorted(row["item"] for row in listed) == [f"q{i}" for i in range(8)]
     table = cli("runs").stdout
     assert "item q0" in table and "item q7" in table
+
+    # items without a category are listed apart, not as "all" (which read as every item, and took in a
+    # category really named "all")
+    with (tmp_path / "qa.jsonl").open("a") as data:
+        data.write(json.dumps({"id": "q8", "question": "What is 7?", "answer": "7"}) + "\n")
+        data.write(json.dumps({"id": "q9", "question": "What is 7?", "answer": "7", "category": "all"}) + "\n")
+    more = json.loads(cli("run", str(tmp_path / "flow.yaml"), "--json").stdout)
+    assert more["per_category"]["uncategorized"] == {"items": 1, "accuracy": 1.0}
+    assert more["per_category"]["all"] == {"items": 1, "accuracy": 1.0} and more["items"] == 10
