@@ -734,8 +734,8 @@ class Orchestra:
         if budget:
             spec = spec.model_copy(update={"settings": spec.settings.layered({"budget": budget})})
         steps: dict[str, Any] = {}
-        if spec.workflow is not None:  # the steps' prompts and the final template come from the file
-            workflow = Workflow.load(spec.workflow.path, pool=self.pool)
+        if spec.workflow is not None:  # the steps' prompts and the final template, as they were when it began
+            workflow = Workflow.load(spec.workflow.path, pool=self.pool, text=spec.workflow.source)
             values = workflow.resolve_inputs(spec.workflow.inputs)
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
         run = self._run(spec, record.id, **steps)

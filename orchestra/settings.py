@@ -144,12 +144,15 @@ def _first_problem(error: ValidationError) -> str:
 
 
 class WorkflowRef(BaseModel):
-    """The workflow a run came from, and its inputs: the steps' prompts are rendered again on resume."""
+    """The workflow a run came from, its inputs and its text: a resume renders the steps' prompts
+    again from the workflow as it was when the run began, even if the file was edited since."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str
     inputs: dict[str, Any] = {}
+    source: str | None = None
+    """The workflow file's text when the run began (None in records made before it was kept: the file is read)."""
 
 
 class AnswerOptions(BaseModel):

@@ -144,10 +144,11 @@ class Workflow:
         return self.pool.settings.layered(self.spec.settings, own)
 
     @classmethod
-    def load(cls, path: str | Path, *, pool: Pool | None = None) -> Workflow:
-        """Read and fully validate a workflow file; ``pool`` replaces the file's own pool."""
+    def load(cls, path: str | Path, *, pool: Pool | None = None, text: str | None = None) -> Workflow:
+        """Read and fully validate a workflow file; ``pool`` replaces the file's own pool; ``text``:
+        the file's text as it was (a run's record), read instead of the file."""
         file = Path(path)
-        document = read_yaml(file)
+        document = read_yaml(file, text)
         if not isinstance(document.data, dict):
             raise document.error("a workflow file must be a mapping")
         spec = document.validate(WorkflowFile)

@@ -48,7 +48,8 @@ def run_arguments(workflow: Workflow, inputs: Mapping[str, Any]) -> tuple[str, d
     plan = workflow.plan()
     return workflow.task(values), {"plan": plan if plan is not None else True,
                                    "node_settings": workflow.node_settings(values), "final": workflow.final(values),
-                                   "workflow": WorkflowRef(path=str(workflow.path.resolve()), inputs=values)}
+                                   "workflow": WorkflowRef(path=str(workflow.path.resolve()), inputs=values,
+                                                           source=workflow.document.text)}
 
 
 async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,

@@ -19,11 +19,12 @@ class YamlDocument:
     """A parsed YAML file: its data plus the (line, column) of every value, by path."""
 
     def __init__(self, data: Any, marks: dict[tuple[Any, ...], Location], path: str,
-                 blocks: set[tuple[Any, ...]] | None = None) -> None:
+                 blocks: set[tuple[Any, ...]] | None = None, text: str = "") -> None:
         self.data = data
         self.marks = marks
         self.path = path
         self.blocks = blocks or set()
+        self.text = text  # the file's text as read
 
     def text_error(self, message: str, loc: tuple[Any, ...], text_line: int = 1) -> ConfigError:
         """An error at line ``text_line`` of the multi-line string value at ``loc``."""
@@ -132,11 +133,11 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid YAML: {error}", path=shown) from None
     if node is None:
-        return YamlDocument({}, {(): (1, 1)}, shown)
+        return YamlDocument({}, {(): (1, 1)}, shown, text=text)
     marks: dict[tuple[Any, ...], Location] = {}
     builder = _Builder(shown, marks)
     data = builder.build(node, ())
-    return YamlDocument(data, marks, shown, builder.blocks)
+    return YamlDocument(data, marks, shown, builder.blocks, text=text)
 
 
 class _Builder:

@@ -356,3 +356,24 @@ def test_a_given_grader_grades_a_data_set_workflow(loopback_pool, tmp_path: Path
     assert accuracy("--set", "grader=exact") == 0.0
     flow.write_text(flow.read_text().replace("{path: quiz.jsonl}", "{path: quiz.jsonl, grader: exact}"))
     assert accuracy() == 0.0 and accuracy("--grader", "numeric") == 1.0  # the flag wins over the file
+
+
+def test_resume_renders_the_workflow_as_it_was_when_the_run_began(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    path = write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+                           "    prompt: Draft a note on tides\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
+                           "    prompt: 'Check this: {{ steps.a.output }}'\n")
+    stopped = cli("run", str(path), "--max-calls", "1", "--json")
+    assert stopped.returncode == 3, stopped.stderr  # step a answered, b refused by the budget
+    run_id = json.loads(stopped.stdout)["run_id"]
+    sent = [r.prompt for r in server.requests]
+    path.write_text(path.read_text().replace("Draft a note on tides", "Draft a note on volcanoes")
+                    .replace("id: a", "id: first").replace("[a]", "[first]").replace("steps.a.", "steps.first."))
+    resumed = cli("resume", run_id, "--max-calls", "5", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(resumed.stdout)
+    assert result["status"] == "done" and [n["id"] for n in result["plan"]["nodes"]] == ["a", "b"]
+    later = [r.prompt for r in server.requests[len(sent):]]
+    # only b's call: a's answer was replayed, and nothing of the edited file reached the model
+    assert len(later) == 1 and "Check this:" in later[0] and not any("volcanoes" in p for p in later), later
