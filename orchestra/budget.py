@@ -37,6 +37,10 @@ NOTHING = Reservation(0, 0.0)
 """The reservation of a call that no token or cost limit bounds."""
 
 
+def _calls_made(calls: int) -> str:
+    return f"{calls} call made" if calls == 1 else f"{calls} calls made"
+
+
 def usd(amount: float) -> str:
     """Dollars in a budget message: four decimals, or as many as a smaller amount needs to show."""
     if amount == 0 or amount >= 0.0001:
@@ -87,7 +91,7 @@ class BudgetTracker:
         limit has room. (``exceeded`` is the last refusal: a call that did not fit may leave room
         for smaller ones.)"""
         budget, tokens = self.budget, self.prompt_tokens + self.completion_tokens
-        limits = (("max_calls", budget.max_calls, self.calls, f"{self.calls} calls made"),
+        limits = (("max_calls", budget.max_calls, self.calls, _calls_made(self.calls)),
                   ("max_tokens", budget.max_tokens, tokens, f"{tokens} tokens used"),
                   ("max_cost_usd", budget.max_cost_usd, self.cost_usd, f"{usd(self.cost_usd)} spent"))
         for limit, value, spent, words in limits:
@@ -102,7 +106,7 @@ class BudgetTracker:
         budget = self.budget
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
-            self._refuse("max_calls", budget.max_calls, f"{self.calls} calls made{in_flight}",
+            self._refuse("max_calls", budget.max_calls, f"{_calls_made(self.calls)}{in_flight}",
                          held=bool(in_flight) and self.calls + 1 <= budget.max_calls)  # (one that fails unsent is free)
         if budget.max_tokens is None and budget.max_cost_usd is None and self.parent is None and not self.shared:
             self._reserved_calls += 1  # no limit reads the worst case: not estimated (this runs for every call)

@@ -165,7 +165,8 @@ class ChatSession:
             remove()
         if spent:
             last = spent[-1]
-            self.console.print(f"planning: {last.calls} calls · {last.requests} requests · "
+            self.console.print(f"planning: {last.calls} call{'s' * (last.calls != 1)} · "
+                               f"{last.requests} request{'s' * (last.requests != 1)} · "
                                f"{last.prompt_tokens + last.completion_tokens:,} tokens · ${last.cost_usd:.4f}",
                                style="dim", markup=False)
         return planned

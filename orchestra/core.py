@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.dag import Dag
-from orchestra.errors import ConfigError, StoreError, UserError
+from orchestra.errors import BudgetExceeded, ConfigError, StoreError, UserError
 from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader
@@ -702,7 +702,11 @@ class Orchestra:
         """
         run = self._make_run(task, plan=True, context=context, **overrides)
         run.ledger.journal = None  # planning alone is not a run of its own
-        plan, _, _, note = await self.executor.run_task(run.make_plan())
+        try:
+            plan, _, _, note = await self.executor.run_task(run.make_plan())
+        except BudgetExceeded as error:
+            error.resumable = False  # (its run id is no stored run)
+            raise
         return plan, note
 
     # --- resume ----------------------------------------------------------------------------

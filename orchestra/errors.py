@@ -66,6 +66,8 @@ class BudgetExceeded(OrchestraError):
         else:
             super().__init__(f"budget {setting} reached ({spent})")
         self.limit, self.value, self.spent, self.run_id, self.held = limit, value, spent, run_id, held
+        #: whether ``run_id`` was recorded and can be resumed (planning alone, ``Orchestra.plan``, is no run)
+        self.resumable = True
 
 
 

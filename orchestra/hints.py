@@ -41,8 +41,14 @@ def budget_hint(message: str, run_id: str | None, *, stored: bool = True, evalua
     return _raise_budget(limit, run_id, stored, evaluation) if limit is not None else None
 
 
+def _budget_message(error: BudgetExceeded) -> str:
+    if not error.resumable:  # the planner's calls alone: no run to resume
+        return f"{error} while planning; raise it with {BUDGET_FLAGS[error.limit]} and ask again"
+    return f"{error}; {_raise_budget(error.limit, error.run_id)}"
+
+
 _MESSAGES: dict[type[OrchestraError], Callable[[Any], str]] = {
-    BudgetExceeded: lambda error: f"{error}; {_raise_budget(error.limit, error.run_id)}",
+    BudgetExceeded: _budget_message,
     StoreUnusable: lambda error: f"{error.problem}; {error.remedy('choose another file with --store')}",
     RunHeld: lambda error: (f"{error.problem}; wait for it to end, or if that process is gone, "
                             f"`orchestra resume {error.run_id} --force`"),

@@ -68,6 +68,20 @@ def test_chat_session_of_three_tasks_survives_a_planner_failure(llm, tmp_path: P
                                   for p in second_experts)
 
 
+def test_chat_budget_spent_while_planning_names_no_run_to_resume(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    cyclic = {"subtasks": [{"id": "a", "instruction": "tides", "depends_on": ["b"]},
+                           {"id": "b", "instruction": "moon", "depends_on": ["a"]}]}
+    llm.plans = [cyclic, DEFAULT_PLAN]  # the first plan needs a repair: a second call the budget refuses
+    done = cli("chat", "--pool", str(pool), "--max-calls", "1", stdin="Explain the tides, then the moon\n/quit\n")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 0 and "Traceback" not in output, output
+    # (it said: run `orchestra resume ID`, an id no store had: planning alone is no run)
+    assert "error: budget max_calls=1 reached (1 call made) while planning; raise it with --max-calls and ask " \
+           "again" in output, output
+    assert "orchestra resume" not in output and json.loads(cli("runs", "--json").stdout) == []
+
+
 def test_chat_edit_reports_unknown_commands_and_rewords_recruit_on_new_words(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     script = "Write a short report, then check it\ne\nsplit 1\nreword 1 Summarise the tidal records\ndone\na\n/quit\n"
@@ -404,7 +418,7 @@ def test_chat_shows_a_line_while_planning(llm, tmp_path: Path) -> None:
     assert done.returncode == 0 and done.stdout.index("planning…") < done.stdout.index("List the key facts")
     # what each plan cost, as the endpoint counted it: the task was cancelled, so no run records it
     planned = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("planning: ")]
-    assert planned == ["planning: 1 calls · 1 requests · " + planned[0].split(" · ", 2)[2]] * 2
+    assert planned == ["planning: 1 call · 1 request · " + planned[0].split(" · ", 2)[2]] * 2
     assert len(llm.server.requests) == 2 and llm.kinds == {"plan": 2}
 
 

@@ -567,8 +567,8 @@ def test_a_spent_shared_budget_says_how_to_raise_it_and_finish_the_items() -> No
     with pytest.raises(BudgetExceeded) as refused:
         BudgetTracker(Budget(), "run-3", parent=shared).admit(request, FREE)
     assert refused.value.limit == "max_calls"
-    assert str(refused.value) == "the data set's budget max_calls=1 is spent (1 calls made)"
-    assert (refused.value.value, refused.value.spent, refused.value.run_id) == (1, "1 calls made", None)
+    assert str(refused.value) == "the data set's budget max_calls=1 is spent (1 call made)"
+    assert (refused.value.value, refused.value.spent, refused.value.run_id) == (1, "1 call made", None)
     with pytest.raises(BudgetExceeded) as own:
         BudgetTracker(Budget(max_tokens=5), "run-4").admit(request, FREE)
     assert own.value.limit == "max_tokens" and str(own.value).startswith("budget max_tokens=5 reached (0 tokens used, the next call may take")
