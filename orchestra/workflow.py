@@ -80,6 +80,16 @@ class StepSpec(_Strict):
             raise ValueError("is blank; write what the step should do")
         return prompt
 
+    @field_validator("output")
+    @classmethod
+    def _usable_schema(cls, output: dict[str, Any] | None) -> dict[str, Any] | None:
+        from orchestra.models.structured import schema_problem
+
+        problem = schema_problem(output) if output else None
+        if problem:  # (a run would send it, then blame the model for answers it cannot check)
+            raise ValueError(f"the schema is not usable: {problem}")
+        return output
+
     @model_validator(mode="after")
     def _one_way_to_pick_experts(self) -> StepSpec:
         if self.recruit is not None and self.agent is not None:

@@ -178,6 +178,20 @@ def test_a_blank_step_prompt_is_one_line_naming_it(tmp_path: Path) -> None:
                                    "should do"), done.stderr
 
 
+@pytest.mark.parametrize("schema, problem", [
+    ("{type: objekt, properties: {v: {type: string}}}", "$.type must be one of object, array"),
+    ("{type: object, required: v}", "$.required"),
+    ("{$ref: '#/nowhere'}", "$ref"),
+])
+def test_a_step_output_schema_is_checked_at_validate(tmp_path: Path, schema: str, problem: str) -> None:
+    broken = write(tmp_path, GOOD.replace("    agent: writer\n", f"    agent: writer\n    output: {schema}\n", 1))
+    done = cli("validate", str(broken))
+    assert done.returncode == 2, done.stdout  # (it passed, and the run blamed the model for the schema)
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {broken}:") and "steps.draft.output: the schema is not usable: " in line
+    assert problem in line, line
+
+
 def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="a workflow needs steps, or plan: auto with a task"):
         Workflow.load(write(tmp_path, "pool:\n  models: {m: {type: openai, model: x}}\n  agents: [{name: a, model: m}]\n"))
