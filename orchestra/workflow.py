@@ -185,6 +185,8 @@ class Workflow:
                 raise document.error(f"data set not found: {data}", ("dataset", "path"))
         if spec.plan == "auto":
             self._check_template(spec.task or "", ("task",), steps_allowed=set())
+            if spec.final is not None:  # its inputs and syntax (the steps are named when planned)
+                self._check_template(spec.final, ("final",), steps_allowed=set())
             return
         ids = [step.id for step in spec.steps]
         seen: set[str] = set()
@@ -227,12 +229,23 @@ class Workflow:
             if kind == "inputs" and name not in self.spec.inputs:
                 raise document.text_error(f"{owner} uses undeclared input {name!r}; declare it under inputs:",
                                           loc, line)
-            if kind == "steps":
+            if kind == "steps" and self.spec.plan != "auto":  # (planned steps are named at run time)
                 if name not in {s.id for s in self.spec.steps}:
                     raise document.text_error(f"{owner} references unknown step {name!r}", loc, line)
                 if name not in steps_allowed:
                     raise document.text_error(f"{owner} uses steps.{name} but does not need {name!r}; "
                                               f"add it to needs", loc, line)
+        schemas = {s.id: s.output for s in self.spec.steps}
+        for step, part, line in _step_parts(tree):
+            if step is None:
+                raise document.text_error(f"{owner} picks a step by a computed name; name it: steps.<id>.output",
+                                          loc, line)
+            if part not in ("output", "data"):
+                raise document.text_error(f"{owner} uses steps.{step}.{part}; a step has output (its text) and "
+                                          "data (its JSON, with an output: schema)", loc, line)
+            if part == "data" and step in schemas and not schemas[step]:
+                raise document.text_error(f"{owner} uses steps.{step}.data, but step {step!r} has no output: "
+                                          f"schema (data is the JSON it asks for); use steps.{step}.output", loc, line)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -309,6 +322,36 @@ def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:
         elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
             found.append((node.arg.value, base.name, node.lineno))
     return found
+
+
+def _step_parts(tree: nodes.Template) -> list[tuple[str | None, str, int]]:
+    """``(step, part, line)`` for every ``steps.<id>.<part>`` (or ``["..."]``) in a template; the step
+    is None when it is picked by a computed name (``steps[inputs.which]``)."""
+    found: list[tuple[str | None, str, int]] = []
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        assert isinstance(node, (nodes.Getattr, nodes.Getitem))
+        step = node.node
+        if isinstance(step, nodes.Getitem) and isinstance(step.node, nodes.Name) and step.node.name == "steps" \
+                and not isinstance(step.arg, nodes.Const):
+            found.append((None, "", node.lineno))
+            continue
+        name = _key(step, "steps")
+        part = node.attr if isinstance(node, nodes.Getattr) else _constant(node.arg)
+        if name is not None and part is not None:
+            found.append((name, part, node.lineno))
+    return found
+
+
+def _key(node: nodes.Node, base: str) -> str | None:
+    """``x`` for ``base.x`` or ``base["x"]``, else None."""
+    if not isinstance(node, (nodes.Getattr, nodes.Getitem)) or not isinstance(node.node, nodes.Name) \
+            or node.node.name != base:
+        return None
+    return node.attr if isinstance(node, nodes.Getattr) else _constant(node.arg)
+
+
+def _constant(node: nodes.Node) -> str | None:
+    return node.value if isinstance(node, nodes.Const) and isinstance(node.value, str) else None
 
 
 def _load_pool(spec: WorkflowFile, document: YamlDocument, file: Path) -> Pool:

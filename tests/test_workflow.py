@@ -89,6 +89,18 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
     (GOOD.replace("model: x, ", ""), "wf.yaml:4:8: pool.models.m: missing required field 'model'"),
     (GOOD.replace("    - {name: checker, model: m}", "    - {model: m}"),
      "wf.yaml:7:7: pool.agents.1: missing required field 'name'"),
+    # what a run finds only after its calls are spent
+    (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.outptu }}"'),
+     "wf.yaml:21:8: final uses steps.review.outptu; a step has output (its text) and data (its JSON, with an "
+     "output: schema)"),
+    (GOOD.replace("{{ steps.draft.output }}", "{{ steps.draft.data.verdict }}"),
+     "wf.yaml:20: step 'review' uses steps.draft.data, but step 'draft' has no output: schema (data is the JSON "
+     "it asks for); use steps.draft.output"),
+    (GOOD.replace("{{ steps.draft.output }}", "{{ steps[inputs.topic].output }}"),
+     "wf.yaml:20: step 'review' picks a step by a computed name; name it: steps.<id>.output"),
+    ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
+     "task: 'Write on tides'\nfinal: '{{ inputs.nothing }}'\n",
+     "wf.yaml:4:8: final uses undeclared input 'nothing'; declare it under inputs:"),
 ])
 def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, broken: str, expected: str) -> None:
     path = write(tmp_path, broken)
