@@ -395,7 +395,10 @@ def validate(workflow: Path) -> None:
         from orchestra.datasets import load_dataset
 
         items = len(load_dataset(flow.path.parent / flow.spec.dataset.path))
+        limit = flow.spec.dataset.limit
         kind += f", a data set of {items} item(s)"
+        if limit and limit < items:
+            kind += f", the first {limit} run (limit)"
     click.echo(f"{workflow}: ok ({flow.name}: {kind}, pool {flow.pool.name} with {len(flow.pool.agents)} agents)")
 
 

@@ -392,12 +392,16 @@ def _first_line(text: str) -> str:
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, str]:
-    """``["key=value", ...]`` from ``-i`` flags; a pair without ``=`` is an error naming it."""
-    values = {}
+    """``["key=value", ...]`` from ``-i`` flags; a pair without ``=``, or a key given twice, is an
+    error naming it."""
+    values: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"-i expects KEY=VALUE, got {pair!r}")
+        if key.strip() in values:
+            raise ConfigError(f"input {key.strip()!r} is given twice (-i {key.strip()}={values[key.strip()]} and "
+                              f"-i {pair}); give it once")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # a command line's bytes that are not UTF-8 in its locale

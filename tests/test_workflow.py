@@ -124,6 +124,10 @@ def test_validate_reads_a_workflows_data_set_as_a_run_would(tmp_path: Path) -> N
     (tmp_path / "items.jsonl").write_text('{"id": "a", "question": "1 + 1?", "answer": "2"}\n')
     good = cli("validate", str(path))
     assert good.returncode == 0 and "(demo: 1 step(s), a data set of 1 item(s), pool" in good.stdout
+    (tmp_path / "items.jsonl").write_text('{"id": "a", "question": "1 + 1?", "answer": "2"}\n'
+                                          '{"id": "b", "question": "2 + 2?", "answer": "4"}\n')
+    limited = cli("validate", str(write(tmp_path, text.replace("{path: items.jsonl}", "{path: items.jsonl, limit: 1}"))))
+    assert "a data set of 2 item(s), the first 1 run (limit), pool" in limited.stdout, limited.stdout
     folder = cli("validate", str(write(tmp_path, text.replace("path: items.jsonl", "path: ."))))
     assert folder.returncode == 2 and folder.stderr.endswith(f"the data set {tmp_path} is a folder; name its JSONL "
                                                              "file\n"), folder.stderr  # (it said "not found: .")
@@ -164,6 +168,9 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
     assert wrong.stderr.strip() == f"error: {path}: input 'words' must be of type integer, got 'many'"
     unknown = cli("run", str(path), "-i", "colour=red")
     assert "unknown input 'colour' (declared: topic, words)" in unknown.stderr
+    twice = cli("run", str(path), "-i", "topic=x", "-i", "topic=y")  # (the last one was kept, silently)
+    assert twice.returncode == 2 and twice.stderr.strip() == ("error: input 'topic' is given twice (-i topic=x "
+                                                              "and -i topic=y); give it once")
 
 
 def test_an_optional_input_without_a_default_may_be_left_out(loopback, tmp_path: Path) -> None:
