@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
-from orchestra.errors import OrchestraError, StoreError
+from orchestra.errors import OrchestraError
 from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message
 from orchestra.plan import Plan, PlanInvalid, validate_plan
@@ -223,13 +223,14 @@ class ChatSession:
             else:
                 result = run_interruptibly(work())
         except KeyboardInterrupt:
-            self.last = self._recorded(run_id)
-            if self.last is not None:
+            self.last = orchestra.ended(run_id)  # (for /trace: from the store, or as it ended with none)
+            if orchestra.store is None:
+                self.console.print("task cancelled (no run store: nothing was kept)")
+            elif self.last is not None:
                 self.console.print(f"task cancelled; its finished calls are saved: `orchestra resume {run_id}` "
                                    "finishes it")
             else:
-                self.console.print("task cancelled" + (" (no run store: nothing was kept)"
-                                                       if orchestra.store is None else " before it started"))
+                self.console.print("task cancelled before it started")
             return None
         finally:
             remove()
@@ -237,14 +238,6 @@ class ChatSession:
         self.console.print(summary_line(result), style="dim")
         self.last = result
         return result
-
-    def _recorded(self, run_id: str) -> RunResult | None:
-        """A cancelled run as the store recorded it (None with no store, or if it never began)."""
-        store = self.orchestra.store
-        try:
-            return store.result(run_id) if store is not None else None
-        except StoreError:
-            return None
 
     def show_plan(self, plan: Plan, note: str) -> None:
         """The plan as a numbered table."""

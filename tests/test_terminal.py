@@ -129,3 +129,27 @@ def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Pat
     child.sendline("/quit")
     child.expect("bye")
     child.expect(pexpect.EOF)
+
+
+def test_trace_after_ctrl_c_without_a_store_shows_the_cancelled_task(loopback, tmp_path: Path) -> None:
+    inner = ScriptedLLM().handler()
+
+    async def handler(request):
+        return Reply(hang=True) if "Your assignment:" in request.prompt else await inner(request)
+
+    server = loopback(handler)
+    pool = write_pool(tmp_path, server.url)
+    child = spawn("chat", "--pool", str(pool), "--no-store")
+    child.expect("> ")
+    child.sendline("Write a short report, then check it")
+    child.expect(r"\[a\]ccept")
+    child.sendline("a")
+    child.expect("batches per model")  # running, its expert calls hang
+    child.sendintr()
+    child.expect(r"task cancelled \(no run store: nothing was kept\)")
+    child.expect("> ")
+    child.sendline("/trace")  # (it said "no run yet")
+    child.expect(r"\[failed\] \w+: ")
+    child.expect("> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
