@@ -237,9 +237,6 @@ class Workflow:
                                               f"add it to needs", loc, line)
         schemas = {s.id: s.output for s in self.spec.steps}
         for step, part, line in _step_parts(tree):
-            if step is None:
-                raise document.text_error(f"{owner} picks a step by a computed name; name it: steps.<id>.output",
-                                          loc, line)
             if part not in ("output", "data"):
                 raise document.text_error(f"{owner} uses steps.{step}.{part}; a step has output (its text) and "
                                           "data (its JSON, with an output: schema)", loc, line)
@@ -324,18 +321,13 @@ def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:
     return found
 
 
-def _step_parts(tree: nodes.Template) -> list[tuple[str | None, str, int]]:
-    """``(step, part, line)`` for every ``steps.<id>.<part>`` (or ``["..."]``) in a template; the step
-    is None when it is picked by a computed name (``steps[inputs.which]``)."""
-    found: list[tuple[str | None, str, int]] = []
+def _step_parts(tree: nodes.Template) -> list[tuple[str, str, int]]:
+    """``(step, part, line)`` for every ``steps.<id>.<part>`` (or ``["..."]``) in a template (a step
+    picked by a computed name, ``steps[name]`` in a loop, is left to the run)."""
+    found = []
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
         assert isinstance(node, (nodes.Getattr, nodes.Getitem))
-        step = node.node
-        if isinstance(step, nodes.Getitem) and isinstance(step.node, nodes.Name) and step.node.name == "steps" \
-                and not isinstance(step.arg, nodes.Const):
-            found.append((None, "", node.lineno))
-            continue
-        name = _key(step, "steps")
+        name = _key(node.node, "steps")
         part = node.attr if isinstance(node, nodes.Getattr) else _constant(node.arg)
         if name is not None and part is not None:
             found.append((name, part, node.lineno))

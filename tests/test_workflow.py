@@ -96,8 +96,6 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
     (GOOD.replace("{{ steps.draft.output }}", "{{ steps.draft.data.verdict }}"),
      "wf.yaml:20: step 'review' uses steps.draft.data, but step 'draft' has no output: schema (data is the JSON "
      "it asks for); use steps.draft.output"),
-    (GOOD.replace("{{ steps.draft.output }}", "{{ steps[inputs.topic].output }}"),
-     "wf.yaml:20: step 'review' picks a step by a computed name; name it: steps.<id>.output"),
     ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
      "task: 'Write on tides'\nfinal: '{{ inputs.nothing }}'\n",
      "wf.yaml:4:8: final uses undeclared input 'nothing'; declare it under inputs:"),
