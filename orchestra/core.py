@@ -497,7 +497,8 @@ class Orchestra:
         record = store.run(run_id)
         spec = RunSpec.from_record(record.config, record.task)
         if spec.workflow is not None:
-            pool = Workflow.load(spec.workflow.path, pool=Pool.load(spec.pool) if spec.pool else None).pool
+            pool = Workflow.load(spec.workflow.path, pool=Pool.load(spec.pool) if spec.pool else None,
+                                 text=spec.workflow.source).pool
         elif spec.pool:
             if not Path(spec.pool).is_file():
                 raise ConfigError(f"run {record.id} used pool {spec.pool}, which no longer exists")

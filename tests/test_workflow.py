@@ -408,3 +408,17 @@ def test_resume_renders_the_workflow_as_it_was_when_the_run_began(loopback, tmp_
     later = [r.prompt for r in server.requests[len(sent):]]
     # only b's call: a's answer was replayed, and nothing of the edited file reached the model
     assert len(later) == 1 and "Check this:" in later[0] and not any("volcanoes" in p for p in later), later
+
+
+def test_resume_needs_no_workflow_file(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    path = write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+                           "    prompt: Draft a note on tides\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
+                           "    prompt: 'Check this: {{ steps.a.output }}'\n")
+    stopped = cli("run", str(path), "--max-calls", "1", "--json")
+    assert stopped.returncode == 3, stopped.stderr
+    path.unlink()  # moved away (or broken): the run's record holds the text it began with
+    resumed = cli("resume", json.loads(stopped.stdout)["run_id"], "--max-calls", "5", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["status"] == "done" and len(server.requests) == 2
