@@ -251,10 +251,15 @@ def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings
     pool = str(source.resolve()) if source else None  # (as a run's record names it)
     wanted = {item.id: (item.prompt(), answer_format(item), settings, pool) for item in items}
     latest: dict[str, tuple[RunRecord, RunSpec]] = {}
-    for record in orchestra.store.runs_with_meta(**meta):  # oldest first: the latest that matches wins
+    fingerprint = meta.get("pool_fingerprint")
+    # runs stored before fingerprints were recorded have none: their pool file's path decides, as it did then
+    query = {name: value for name, value in meta.items() if name != "pool_fingerprint"}
+    for record in orchestra.store.runs_with_meta(**query):  # oldest first: the latest that matches wins
         try:
             spec = RunSpec.from_record(record.config, record.task)
         except ValueError:  # a damaged record: not one to go on with
+            continue
+        if spec.meta.get("pool_fingerprint", fingerprint) != fingerprint:
             continue
         asked = (spec.task, spec.answer_format, spec.settings.model_copy(update={"budget": settings.budget}), spec.pool)
         if record.item in wanted and asked == wanted[record.item]:

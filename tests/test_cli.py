@@ -386,6 +386,22 @@ def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback,
     assert typo.returncode == 2 and "no run store at" in typo.stderr
 
 
+def test_eval_resume_reuses_runs_stored_before_pools_were_fingerprinted(loopback, tmp_path: Path,
+                                                                          orchestra_home: Path) -> None:
+    import sqlite3
+
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "The question q{i}", "answer": "42"}}\n' for i in range(2)))
+    assert cli("eval", "--pool", str(pool), "--data", str(data)).returncode == 0
+    with sqlite3.connect(orchestra_home / "runs.db") as db:  # as an older Orchestra stored them
+        db.execute("UPDATE runs SET config = json_remove(config, '$.spec.meta.pool_fingerprint')")
+    sent = len(server.requests)
+    back = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--json")
+    assert json.loads(back.stdout)["reused"] == 2 and len(server.requests) == sent
+
+
 def test_show_of_a_data_set_item_names_the_item_and_its_inputs(loopback, tmp_path: Path) -> None:
     server = loopback(ScriptedLLM().handler())
     write_pool(tmp_path, server.url)
