@@ -183,10 +183,11 @@ class Workflow:
                 raise document.error(f"the data set {data} is a folder; name its JSONL file", ("dataset", "path"))
             if not data.is_file():
                 raise document.error(f"data set not found: {data}", ("dataset", "path"))
+        if spec.task is not None:  # rendered before any step runs
+            self._check_template(spec.task, ("task",), steps_allowed=set())
         if spec.plan == "auto":
-            self._check_template(spec.task or "", ("task",), steps_allowed=set())
             if spec.final is not None:  # its inputs and syntax (the steps are named when planned)
-                self._check_template(spec.final, ("final",), steps_allowed=set())
+                self._check_template(spec.final, ("final",), steps_allowed=set(), planned=True)
             return
         ids = [step.id for step in spec.steps]
         seen: set[str] = set()
@@ -214,7 +215,9 @@ class Workflow:
             self._check_template(spec.final, ("final",), steps_allowed=set(ids))
 
     def _check_template(self, source: str, loc: tuple[Any, ...], *, steps_allowed: set[str],
-                        step_id: str | None = None) -> None:
+                        step_id: str | None = None, planned: bool = False) -> None:
+        """Refuse what would fail when ``source`` renders: bad syntax, unknown names, steps it may not
+        read (``planned``: the steps are named by the planner at run time, so any may be read)."""
         document = self.document
         try:
             tree = environment().parse(source)
@@ -229,7 +232,10 @@ class Workflow:
             if kind == "inputs" and name not in self.spec.inputs:
                 raise document.text_error(f"{owner} uses undeclared input {name!r}; declare it under inputs:",
                                           loc, line)
-            if kind == "steps" and self.spec.plan != "auto":  # (planned steps are named at run time)
+            if kind == "steps" and loc == ("task",):
+                raise document.text_error(f"task uses steps.{name}, but the task is written before any step "
+                                          "runs; use inputs there", loc, line)
+            if kind == "steps" and not planned:
                 if name not in {s.id for s in self.spec.steps}:
                     raise document.text_error(f"{owner} references unknown step {name!r}", loc, line)
                 if name not in steps_allowed:
@@ -306,6 +312,9 @@ def _renderer(source: str, where: str, inputs: Mapping[str, Any]) -> Any:
     return render
 
 
+_DICT_READS = frozenset({"get", "items", "keys", "values"})  # a dict's methods a template may call
+
+
 def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:
     """``(name, "inputs" | "steps", line)`` for every ``inputs.x`` / ``steps.x`` (or ``["x"]``) in a template."""
     found = []
@@ -315,7 +324,8 @@ def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:
         if not isinstance(base, nodes.Name) or base.name not in ("inputs", "steps"):
             continue
         if isinstance(node, nodes.Getattr):
-            found.append((node.attr, base.name, node.lineno))
+            if node.attr not in _DICT_READS:  # (steps.items() is the dict's, whatever the steps are named)
+                found.append((node.attr, base.name, node.lineno))
         elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
             found.append((node.arg.value, base.name, node.lineno))
     return found
@@ -329,7 +339,7 @@ def _step_parts(tree: nodes.Template) -> list[tuple[str, str, int]]:
         assert isinstance(node, (nodes.Getattr, nodes.Getitem))
         name = _key(node.node, "steps")
         part = node.attr if isinstance(node, nodes.Getattr) else _constant(node.arg)
-        if name is not None and part is not None:
+        if name is not None and part is not None and not (isinstance(node, nodes.Getattr) and part in _DICT_READS):
             found.append((name, part, node.lineno))
     return found
 

@@ -99,6 +99,11 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
     ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
      "task: 'Write on tides'\nfinal: '{{ inputs.nothing }}'\n",
      "wf.yaml:4:8: final uses undeclared input 'nothing'; declare it under inputs:"),
+    ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
+     "task: 'Improve {{ steps.draft.output }}'\n",
+     "wf.yaml:3:7: task uses steps.draft, but the task is written before any step runs; use inputs there"),
+    (GOOD.replace("inputs:\n", "task: 'On {{ steps.draft.output }}'\ninputs:\n", 1),
+     "wf.yaml:8:7: task uses steps.draft, but the task is written before any step runs; use inputs there"),
 ])
 def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, broken: str, expected: str) -> None:
     path = write(tmp_path, broken)
@@ -109,6 +114,24 @@ def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, b
     assert lines[0].startswith(f"error: {tmp_path}/"), lines[0]
     assert expected in lines[0], lines[0]
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("review", [
+    "{% for id in ['draft'] %}{{ steps[id].output }}{% endfor %}",  # a step picked by a computed name
+    "{{ steps.draft.get('output') }} {% for part, text in steps.draft.items() %}{{ part }}{% endfor %}",
+    "{{ steps.get('draft').output }} {% for id, step in steps.items() %}{{ step.output }}{% endfor %}",
+    "{{ steps.draft.keys() | list }} {{ steps.values() | list | length }}",
+])
+def test_templates_that_render_also_validate(loopback, tmp_path: Path, review: str) -> None:
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    path = write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: draft\n    agent: alpha-expert\n"
+                           "    prompt: Draft a note on tides\n  - id: review\n    needs: [draft]\n"
+                           f"    agent: beta-expert\n    prompt: \"Check: {review}\"\n")
+    checked = cli("validate", str(path))
+    assert checked.returncode == 0, checked.stderr
+    done = cli("run", str(path), "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["status"] == "done", done.stderr
 
 
 def test_validate_reads_a_workflows_data_set_as_a_run_would(tmp_path: Path) -> None:
