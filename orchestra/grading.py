@@ -37,11 +37,14 @@ class Grader(Protocol):
         """Whether ``text`` answers ``item`` correctly."""
 
 
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*", re.IGNORECASE)
+# "the / final / my / correct answer is", or "Answer:" opening a line or a sentence ("**Answer**: B"
+# too); not "its answer is 4", which speaks of something else
+_ANSWER_IS = re.compile(r"(?:\b(?:the|final|my|correct|right)\s+answer|(?:^|(?<=[.!?]\s))[^\w\n]*answer)"
+                        r"[\s*_]*(?:is|:)\s*", re.IGNORECASE | re.MULTILINE)
 
 
 def _answer_clause(text: str) -> str | None:
-    """What follows the last "the answer is" (or "answer:") with text after it, to the end of its
+    """What follows the last "the answer is" (or "Answer:") with text after it, to the end of its
     line: a reply that corrects itself on one line ("I thought the answer is 5, but the answer is
     7") or repeats the question's own "the answer is" before its answer is read by its final word."""
     for found in reversed(list(_ANSWER_IS.finditer(text))):

@@ -105,6 +105,8 @@ def test_embedding_matcher_over_a_loopback_embeddings_endpoint(loopback) -> None
     ("Let me think... The answer is (C).", "C"), ("answer: b", "B"), ("I pick (A) then (D)", "D"),
     ("<think>maybe (A)</think> The answer is (B)", "B"),
     ("The answer is (A) is tempting, but the answer is (C)", "C"),  # the last clause on a line counts
+    ("The answer is (C). Option A is wrong because its answer is 4.", "C"),  # "its answer" is not the reply's
+    ("**Answer**: D", "D"), ("Checked twice. Answer: (B)", "B"),
 ])
 def test_multiple_choice_extraction(text: str, expected: str) -> None:
     item = Item(id="1", question="q", answer=expected, choices=("w", "x", "y", "z"))
@@ -125,6 +127,7 @@ def test_multiple_choice_reference_given_as_choice_text() -> None:
     ("I think the answer is 5, not 6.\nFinal answer: 8 (after checking 2 cases)", "8"),
     ("At first I thought the answer is 5, but the answer is 7.", "7"),
     ("The answer is 4 because the answer: 9", "9"), ("The answer is 6. Final answer:", "6"),
+    ("The answer is 12; option B is off since their answer is 15.", "12"), ("**Final answer:** 21", "21"),
 ])
 def test_numeric_grading_normalises(text: str, reference: str) -> None:
     assert NumericGrader().grade(text, Item(id="1", question="q", answer=reference))
