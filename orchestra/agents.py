@@ -99,6 +99,12 @@ _TEMPERATURES = (float, type(None))
 _LIMITS = (int, type(None))
 
 
+def _answering(model: Model) -> list[Any]:
+    """What a model is and the options it adds to each request (``extra_body``, a default
+    ``max_tokens``): what its answers depend on besides the request itself."""
+    return [model_identity(model), getattr(model, "extra_body", None), getattr(model, "default_max_tokens", None)]
+
+
 @dataclass(eq=False)
 class Pool:
     """The agents available for recruiting, their profiles, and the models that plan and extract skills.
@@ -167,12 +173,13 @@ class Pool:
 
     def fingerprint(self) -> str:
         """A short hash of what makes this pool's answers: each agent's name, model (what it really is,
-        endpoint and model id), persona and sampling settings, the planner, the keyword model, the
-        aggregator and the skill profiles. A pool file edited in place (another model behind an agent)
-        gets another one; reformatting or comments do not change it."""
+        endpoint and model id, and the request options it adds), persona, sampling settings and declared
+        skills, the planner, the keyword model, the aggregator and the skill profiles. A pool file edited
+        in place (another model behind an agent) gets another one; reformatting or comments do not."""
         described = {
-            "agents": [[a.name, model_identity(a.model), a.persona, a.temperature, a.max_tokens] for a in self.agents],
-            "planner": model_identity(self.planner), "keywords": model_identity(self.keyword_model),
+            "agents": [[a.name, _answering(a.model), a.persona, a.temperature, a.max_tokens, sorted(a.skills)]
+                       for a in self.agents],
+            "planner": _answering(self.planner), "keywords": _answering(self.keyword_model),
             "aggregator": self.aggregator,
             "profiles": {name: profile.model_dump(mode="json") for name, profile in sorted(self.profiles.items())},
         }

@@ -141,3 +141,19 @@ def test_no_aggregation_when_voting(loopback, tmp_path: Path) -> None:
     done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--set", "aggregate=vote", "--json")
     assert done.returncode == 0, done.stderr
     assert scripted.kinds["aggregate"] == 0 and not any(AGGREGATE_MARK in r.prompt for r in server.requests)
+
+
+def test_a_pools_fingerprint_changes_with_what_its_answers_depend_on(tmp_path: Path) -> None:
+    base = ("models:\n  m: {type: openai, model: x, base_url: 'http://127.0.0.1:9/v1', api_key_env: null}\n"
+            "agents:\n  - {name: a, model: m, skills: [algebra]}\n")
+
+    def fingerprint(text: str) -> str:
+        (tmp_path / "pool.yaml").write_text(text)
+        return Pool.load(tmp_path / "pool.yaml").fingerprint()
+
+    first = fingerprint(base)
+    assert fingerprint("# a comment\n" + base.replace("\n", "\n\n")) == first  # the same pool, reformatted
+    for edited in (base.replace("[algebra]", "[geometry]"),  # declared skills route before profiles exist
+                   base.replace("api_key_env: null", "api_key_env: null, extra_body: {top_k: 5}"),
+                   base.replace("model: x", "model: y"), base.replace("skills:", "temperature: 0.2, skills:")):
+        assert fingerprint(edited) != first, edited
