@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -62,3 +64,17 @@ def scripted_pool(n_models: int = 4, *, plan: dict[str, Any] | None = None,
 def single_agent_pool(model: FunctionModel) -> Pool:
     """One agent on ``model``, which also plans and extracts keywords."""
     return Pool(agents=[Agent(name="solo", model=model)])
+
+
+def wait_for(child: subprocess.Popen[str], condition: Callable[[], bool], what: str) -> None:
+    """Block until ``condition()`` holds while ``child`` runs; fail (naming ``what``) if the child
+    ends first or it takes longer than two minutes (a guard against hanging, not a timing check)."""
+    for _ in range(12_000):
+        if condition():
+            return
+        if child.poll() is not None:
+            _, err = child.communicate()
+            raise AssertionError(f"the process ended (exit {child.returncode}) before {what}: {err[-2000:]}")
+        threading.Event().wait(0.01)
+    child.kill()
+    raise AssertionError(f"waited two minutes for {what}")

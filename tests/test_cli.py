@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import AGGREGATE_MARK
+from helpers import AGGREGATE_MARK, wait_for
 from loopback_llm import ScriptedLLM, write_pool
 
 from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply
@@ -243,7 +243,6 @@ def test_eval_refuses_to_overwrite_its_data_or_to_plot_nowhere_before_any_call(l
 @pytest.mark.parametrize("as_json", [True, False])
 def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path: Path, as_json: bool) -> None:
     import signal
-    import time
 
     scripted = ScriptedLLM()
     inner = scripted.handler()
@@ -260,8 +259,8 @@ def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path:
                               "--output", str(answers), *(["--json"] if as_json else [])],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
-    while len(answers.read_text().splitlines() if answers.exists() else []) < 2:  # q0 and q1 are graded
-        time.sleep(0.01)
+    wait_for(child, lambda: len(answers.read_text().splitlines() if answers.exists() else []) >= 2,
+             "q0 and q1 were graded")
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130
@@ -279,7 +278,6 @@ def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path:
 @pytest.mark.parametrize("as_json", [True, False])
 def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp_path: Path, as_json: bool) -> None:
     import signal
-    import time
 
     scripted = ScriptedLLM()
     inner = scripted.handler()
@@ -302,8 +300,7 @@ def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
     answered[0] = 0
-    while answered[0] <= first_method[0]:  # the second method has sent a request, which hangs
-        time.sleep(0.01)
+    wait_for(child, lambda: answered[0] > first_method[0], "the second method sent a request (it hangs)")
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130, err
@@ -320,7 +317,6 @@ def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp
 
 def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback, tmp_path: Path) -> None:
     import signal
-    import time
 
     scripted = ScriptedLLM()
     inner = scripted.handler()
@@ -338,8 +334,8 @@ def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback,
     child = subprocess.Popen([sys.executable, "-m", "orchestra", "eval", "--pool", str(pool), "--data", str(data),
                               "--output", str(answers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
-    while len(answers.read_text().splitlines() if answers.exists() else []) < 2:  # q0 and q1 are graded
-        time.sleep(0.01)
+    wait_for(child, lambda: len(answers.read_text().splitlines() if answers.exists() else []) >= 2,
+             "q0 and q1 were graded")
     child.send_signal(signal.SIGINT)
     child.communicate(timeout=60)
     assert child.returncode == 130

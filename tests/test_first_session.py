@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers import kind_of, single_agent_pool
+from helpers import kind_of, single_agent_pool, wait_for
 from loopback_llm import DEFAULT_PLAN, ScriptedLLM, write_pool
 from test_cli import cli
 
@@ -370,7 +370,6 @@ def test_ctrl_c_names_the_run_to_resume(loopback, tmp_path: Path) -> None:
 def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: Path, store: bool) -> None:
     import signal
     import subprocess
-    import time
 
     server = loopback(lambda request: Reply(hang=True))
     pool = write_pool(tmp_path, server.url)
@@ -378,8 +377,7 @@ def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: P
                               "--no-plan", "--json", *([] if store else ["--no-store"])],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
-    while not server.requests:  # (waits for the run to be under way, not for a time)
-        time.sleep(0.01)
+    wait_for(child, lambda: bool(server.requests), "the run was under way")
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130

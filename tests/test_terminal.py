@@ -99,9 +99,10 @@ def test_chat_edit_refuses_what_would_break_the_plan(served) -> None:
     assert "use: drop N" in done.stdout and "cancelled" in done.stdout
 
 
-def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Path) -> None:
-    scripted = ScriptedLLM()
-    inner = scripted.handler()
+def chat_interrupted_mid_task(loopback, tmp_path: Path, *flags: str) -> tuple[pexpect.spawn, dict[str, bool]]:
+    """A chat whose accepted task is cut off by Ctrl-C while its expert calls hang (until
+    ``hanging["on"]`` is set False)."""
+    inner = ScriptedLLM().handler()
     hanging = {"on": True}
 
     async def handler(request):
@@ -111,13 +112,18 @@ def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Pat
 
     server = loopback(handler)
     pool = write_pool(tmp_path, server.url)
-    child = spawn("chat", "--pool", str(pool))
+    child = spawn("chat", "--pool", str(pool), *flags)
     child.expect("> ")
     child.sendline("Write a short report, then check it")
     child.expect(r"\[a\]ccept")
     child.sendline("a")
     child.expect("batches per model")  # running, its expert calls hang
     child.sendintr()
+    return child, hanging
+
+
+def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Path) -> None:
+    child, hanging = chat_interrupted_mid_task(loopback, tmp_path)
     child.expect("task cancelled")
     child.expect("> ")
     hanging["on"] = False
@@ -132,20 +138,7 @@ def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Pat
 
 
 def test_trace_after_ctrl_c_without_a_store_shows_the_cancelled_task(loopback, tmp_path: Path) -> None:
-    inner = ScriptedLLM().handler()
-
-    async def handler(request):
-        return Reply(hang=True) if "Your assignment:" in request.prompt else await inner(request)
-
-    server = loopback(handler)
-    pool = write_pool(tmp_path, server.url)
-    child = spawn("chat", "--pool", str(pool), "--no-store")
-    child.expect("> ")
-    child.sendline("Write a short report, then check it")
-    child.expect(r"\[a\]ccept")
-    child.sendline("a")
-    child.expect("batches per model")  # running, its expert calls hang
-    child.sendintr()
+    child, _ = chat_interrupted_mid_task(loopback, tmp_path, "--no-store")
     child.expect(r"task cancelled \(no run store: nothing was kept\)")
     child.expect("> ")
     child.sendline("/trace")  # (it said "no run yet")
