@@ -663,8 +663,17 @@ class Orchestra:
         def record() -> None:
             self._record(run.result("cancelled", None, "stopped before it finished"))
 
+        def again() -> None:  # unless the run has been resumed since (it is running, or done)
+            if self.store is not None:
+                try:
+                    if self.store.run(run.run_id).status != "cancelled":
+                        return
+                except StoreError:
+                    return
+            record()
+
         record()
-        run.ledger.after_end = record
+        run.ledger.after_end = again
 
     def _record(self, result: RunResult, *, soon: bool = False) -> None:
         """Store a finished run (``soon``: at the event loop's next turn, before the caller's task

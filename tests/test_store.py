@@ -311,6 +311,37 @@ def test_cancelling_a_run_stops_its_calls_and_records_it(tmp_path: Path) -> None
     assert asyncio.run(scenario()) == "cancelled"
 
 
+def test_a_run_resumed_in_the_same_loop_stays_done_when_its_first_requests_are_cut_off(loopback,
+                                                                                      tmp_path: Path) -> None:
+    from orchestra import Pool
+
+    inner = ScriptedLLM().handler()
+    hanging = {"on": True}
+
+    async def handler(request: LoopbackRequest) -> Reply:
+        return Reply(hang=True) if hanging["on"] and "Your assignment:" in request.prompt else await inner(request)
+
+    server = loopback(handler)
+    store = RunStore(tmp_path / "runs.db")
+    orc = Orchestra(Pool.load(write_pool(tmp_path, server.url)), store=store, plan=False, k=2)
+
+    async def scenario() -> str:
+        task = asyncio.ensure_future(orc.arun("Write a note"))
+        while sum("Your assignment:" in r.prompt for r in server.requests) < 2:  # both experts' requests hang
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        hanging["on"] = False
+        [run] = store.runs()
+        assert run.status == "cancelled"
+        assert (await orc.aresume(run.id)).status == "done"
+        return run.id
+
+    run_id = asyncio.run(scenario())  # its end cuts off the first, hanging requests (counted again)...
+    assert store.run(run_id).status == "done"  # ...without overwriting the resumed run's record
+
+
 def test_cache_entries_belong_to_the_backend_not_the_alias() -> None:
     from orchestra.models import OpenAICompatible
     from orchestra.models.base import model_identity
