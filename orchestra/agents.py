@@ -99,9 +99,11 @@ _TEMPERATURES = (float, type(None))
 _LIMITS = (int, type(None))
 
 
-def _answering(model: Model) -> list[Any]:
+def _answering(model: Model | None) -> list[Any] | None:
     """What a model is and the options it adds to each request (``extra_body``, a default
     ``max_tokens``): what its answers depend on besides the request itself."""
+    if model is None:
+        return None
     return [model_identity(model), getattr(model, "extra_body", None), getattr(model, "default_max_tokens", None)]
 
 

@@ -761,15 +761,16 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
         if room() >= 8:
             break
         columns.remove(column)
+    space = room()
     table = Table()
     for column in columns:
         table.add_column(column, no_wrap=True, min_width=widths[column])
-    table.add_column("task", no_wrap=True)
+    if space >= 8:  # (on a terminal narrower still, the ids and statuses alone, whole)
+        table.add_column("task", no_wrap=True)
     shown = [("run", "status", "when", "calls", "requests", "cost").index(c) for c in columns]
-    space = max(8, room())
     for row in rows:
         task = row[-1] if len(row[-1]) <= space else row[-1][:space - 1] + "…"
-        table.add_row(*(row[i] for i in shown), task)
+        table.add_row(*(row[i] for i in shown), *([task] if space >= 8 else []))
     console.print(table, crop=False)
 
 

@@ -106,9 +106,10 @@ class RunResult(BaseModel):
 
     @property
     def exit_code(self) -> int:
-        """The command line's exit code for this run: 0 done, 1 failed or partial, 2 a user error,
-        3 a budget stopped it, 130 cancelled."""
-        if self.user_error and self.status == "failed":
+        """The command line's exit code for this run: 0 done, 1 failed or partial, 2 failed or
+        partial for a user error (what the user must fix: a key, a template), 3 a budget stopped it,
+        130 cancelled."""
+        if self.user_error and self.status in ("failed", "partial"):
             return 2
         return EXIT_CODES.get(self.status, 1)
 

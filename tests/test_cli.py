@@ -490,3 +490,7 @@ def test_runs_lists_a_data_set_items_id_before_its_task_so_a_narrow_terminal_kee
     done = cli("runs", "--store", str(tmp_path / "runs.db"), env={"COLUMNS": "80"})
     assert done.returncode == 0, done.stderr
     assert "item q6 · quiz-eval" in done.stdout, done.stdout
+    narrow = cli("runs", "--store", str(tmp_path / "runs.db"), env={"COLUMNS": "30"})
+    # no room for a task: the run id and status stay whole, without an empty task column beside them
+    assert narrow.stdout.splitlines()[1].split() == ["┃", "run", "┃", "status", "┃"], narrow.stdout
+    assert "20261203-000000-abcdef" in narrow.stdout and "running" in narrow.stdout

@@ -445,3 +445,18 @@ def test_resume_needs_no_workflow_file(loopback, tmp_path: Path) -> None:
     resumed = cli("resume", json.loads(stopped.stdout)["run_id"], "--max-calls", "5", "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["status"] == "done" and len(server.requests) == 2
+
+
+def test_a_step_that_cannot_render_is_a_user_error_even_when_another_step_answered(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    path = write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+                           "    prompt: Draft a note on tides\n  - id: b\n    agent: beta-expert\n"
+                           "    prompt: 'Count {{ 9 ** (9 ** 9) }}'\n")
+    assert cli("validate", str(path)).returncode == 0  # (validate never evaluates expressions)
+    done = cli("run", str(path), "--json")
+    assert json.loads(done.stdout)["status"] == "partial" and len(server.requests) == 1  # a answered
+    assert done.returncode == 2, done.stderr  # the workflow is what to fix (was 1, as for a failed endpoint)
+    assert done.stderr.strip().splitlines() == [
+        f"error: run {json.loads(done.stdout)['run_id']} partial: b: cannot render {path}: step 'b': a number in a "
+        "template went over 256 bits"]

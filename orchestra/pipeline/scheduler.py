@@ -614,7 +614,8 @@ class Run:
             error = f"{budget} ({'; '.join(others)})" if others else budget
         result = self.result(status, answer, error)
         self.stages.events.emit(RunDone(run_id=self.run_id, status=status, answer=answer, error=error,
-                                        elapsed_s=result.elapsed_s, user_error=result.exit_code == 2))
+                                        elapsed_s=result.elapsed_s,
+                                        user_error=result.exit_code == 2 and status == "failed"))
         self.future.set_result(result)
 
     def result(self, status: RunStatus, answer: str | None, error: str | None) -> RunResult:
