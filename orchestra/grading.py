@@ -43,15 +43,32 @@ _ANSWER_IS = re.compile(r"(?:\b(?:the|final|my|correct|right)\s+answer|(?:^|(?<=
                         r"[\s*_]*(?:is|:)\s*", re.IGNORECASE | re.MULTILINE)
 
 
+#: where a clause's sentence ends: a stop, then a space or the end ("2.5" and "1,000" go on)
+_SENTENCE_END = re.compile(r"[.!?;](?:\s|$)")
+
+
 def _answer_clause(text: str) -> str | None:
     """What follows the last "the answer is" (or "Answer:") with text after it, to the end of its
-    line: a reply that corrects itself on one line ("I thought the answer is 5, but the answer is
-    7") or repeats the question's own "the answer is" before its answer is read by its final word."""
+    sentence: a reply that corrects itself on one line ("I thought the answer is 5, but the answer
+    is 7") or repeats the question's own "the answer is" before its answer is read by its final
+    word, and one that explains itself after ("The answer is Paris. It is the capital.") by its answer."""
     for found in reversed(list(_ANSWER_IS.finditer(text))):
-        clause = text[found.end():].split("\n", 1)[0].strip()
+        line = text[found.end():].split("\n", 1)[0]
+        end = _SENTENCE_END.search(line)
+        clause = (line[:end.start()] if end else line).strip()
         if clause:
             return clause
     return None
+
+
+def _chosen_letter(clause: str, valid: str) -> str | None:
+    """The option an answer clause names: the first "(c)" or standalone capital letter ("I'd" and
+    the article "a" are words, not options), else a clause that is a single letter of either case."""
+    match = re.search(rf"\(([{valid}{valid.lower()}])\)|\b([{valid}])\b(?!['’])", clause)
+    if match:
+        return (match.group(1) or match.group(2)).upper()
+    lone = clause.strip(" *_.:()")
+    return lone.upper() if len(lone) == 1 and lone.upper() in valid else None
 
 
 class MultipleChoiceGrader:
@@ -64,10 +81,9 @@ class MultipleChoiceGrader:
         text = strip_reasoning(text)
         valid = LETTERS[: len(item.choices)] if item is not None and item.choices else LETTERS
         clause = _answer_clause(text)
-        if clause:
-            match = re.search(rf"\(?\b([{valid}{valid.lower()}])\b\)?", clause)
-            if match:
-                return match.group(1).upper()
+        chosen = _chosen_letter(clause, valid) if clause else None
+        if chosen:
+            return chosen
         letters = re.findall(rf"\(([{valid}])\)|\b([{valid}])\b(?=[).:\s]|$)", text)
         if letters:
             last = letters[-1]
@@ -190,11 +206,12 @@ class AutoGrader:
     def pick(self, item: Item | None, text: str = "") -> Grader:
         """The grader for this item; with no item (voting), the one the answer's own form calls for:
         a lone option letter ("The answer is (A)") is multiple choice, a number is numeric."""
-        if item is None:
-            clause = (_answer_clause(strip_reasoning(text)) or "").strip().rstrip(".")
-            if _LONE_LETTER.fullmatch(clause):
+        if item is None:  # by the clause's first word: "(C)", "21 (3 times 7)", "Paris"
+            clause = _answer_clause(strip_reasoning(text)) or ""
+            first = clause.split(maxsplit=1)[0].rstrip(".,:") if clause.strip() else ""
+            if _LONE_LETTER.fullmatch(first) and (first.startswith("(") or first.isupper() or first == clause.strip()):
                 return self.mc
-            return self.numeric if clause and normalize_number(clause) is not None else self.exact
+            return self.numeric if first and normalize_number(first) is not None else self.exact
         if item.choices:
             return self.mc
         if normalize_number(item.answer) is not None:

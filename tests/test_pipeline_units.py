@@ -1020,6 +1020,16 @@ def test_failed_experts_are_traced_and_the_others_still_answer() -> None:
     assert (outputs["agent2"].model, outputs["agent2"].text, outputs["agent2"].error) == ("m2", "m2: The answer is 4", None)
 
 
+@pytest.mark.parametrize("explained", [
+    ["The answer is (B).", "The answer is (C). B is wrong because it is 4.", "The answer is (C). A is wrong: 3."],
+    ["The answer is 20.", "The answer is 21. Because 3*7 = 21.", "The answer is 21 (3 times 7)."],
+])
+def test_a_vote_counts_answers_that_explain_themselves_as_the_option_they_name(explained: list[str]) -> None:
+    pool, _ = scripted_pool(3, expert=lambda name, request: explained[int(name[1:])])
+    result = Orchestra(pool, k=3, mode="topk", aggregate="vote", store=False).run("Which is it?", plan=False)
+    assert result.answer in explained[1:], result.answer  # two of three name it (the lone one won)
+
+
 def test_long_expert_answers_are_cut_for_the_aggregator_only() -> None:
     answers = {"m0": "0123456789", "m1": "0123456789A"}
     pool, models = scripted_pool(2, expert=lambda name, request: answers[name])

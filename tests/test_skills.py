@@ -107,6 +107,8 @@ def test_embedding_matcher_over_a_loopback_embeddings_endpoint(loopback) -> None
     ("The answer is (A) is tempting, but the answer is (C)", "C"),  # the last clause on a line counts
     ("The answer is (C). Option A is wrong because its answer is 4.", "C"),  # "its answer" is not the reply's
     ("**Answer**: D", "D"), ("Checked twice. Answer: (B)", "B"),
+    ("The answer is a bit tricky, but it is (C).", "C"), ("My answer: I'd go with C.", "C"),  # words, not options
+    ("The answer is, I'd say, (C).", "C"), ("The answer is C. A is wrong.", "C"),
 ])
 def test_multiple_choice_extraction(text: str, expected: str) -> None:
     item = Item(id="1", question="q", answer=expected, choices=("w", "x", "y", "z"))
@@ -131,6 +133,14 @@ def test_multiple_choice_reference_given_as_choice_text() -> None:
 ])
 def test_numeric_grading_normalises(text: str, reference: str) -> None:
     assert NumericGrader().grade(text, Item(id="1", question="q", answer=reference))
+
+
+def test_an_answer_clause_ends_with_its_sentence() -> None:
+    paris, letter = Item(id="1", question="q", answer="Paris"), Item(id="2", question="q", answer="C")
+    assert AutoGrader().grade("The answer is Paris. It is the capital of France.", paris)
+    assert AutoGrader().grade("The answer is (C). Option A is wrong because its answer is 4.", letter)
+    assert NumericGrader().extract("The answer is 2.5; it is half of 5.") == "5/2"  # (a decimal point goes on)
+    assert not AutoGrader().grade("The answer is Lyon. Paris is the capital.", paris)
 
 
 def test_numeric_wrong_and_missing() -> None:
