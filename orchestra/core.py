@@ -496,12 +496,12 @@ class Orchestra:
         recorded pool or workflow file (see ``aresume`` for everything else)."""
         record = store.run(run_id)
         spec = RunSpec.from_record(record.config, record.task)
+        if spec.pool and not Path(spec.pool).is_file():
+            raise ConfigError(f"run {record.id} used pool {spec.pool}, which no longer exists")
         if spec.workflow is not None:
             pool = Workflow.load(spec.workflow.path, pool=Pool.load(spec.pool) if spec.pool else None,
                                  text=spec.workflow.source).pool
         elif spec.pool:
-            if not Path(spec.pool).is_file():
-                raise ConfigError(f"run {record.id} used pool {spec.pool}, which no longer exists")
             pool = Pool.load(spec.pool)
         else:
             raise UserError(f"run {record.id} used a pool built in Python; resume it there: "

@@ -156,19 +156,20 @@ class Workflow:
     @classmethod
     def load(cls, path: str | Path, *, pool: Pool | None = None, text: str | None = None) -> Workflow:
         """Read and fully validate a workflow file; ``pool`` replaces the file's own pool; ``text``:
-        the file's text as it was (a run's record), read instead of the file."""
+        the file's text as it was (a run's record), read instead of the file (its data set is not
+        read then: a recorded run holds its item's inputs)."""
         file = Path(path)
         document = read_yaml(file, text)
         if not isinstance(document.data, dict):
             raise document.error("a workflow file must be a mapping")
         spec = document.validate(WorkflowFile)
         workflow = cls(spec, document, pool or _load_pool(spec, document, file), file)
-        workflow._check()
+        workflow._check(data=text is None)
         return workflow
 
     # --- validation ------------------------------------------------------------------------
 
-    def _check(self) -> None:
+    def _check(self, *, data: bool = True) -> None:
         spec, document = self.spec, self.document
         for name, declared in spec.inputs.items():
             if declared.default is not None and not _is_type(declared.default, declared.type):
@@ -178,11 +179,11 @@ class Workflow:
             if "question" not in spec.inputs:
                 raise document.error("a workflow with a dataset must declare the input 'question' (each item's "
                                      "question goes there)", ("dataset",))
-            data = self.path.parent / spec.dataset.path
-            if data.is_dir():
-                raise document.error(f"the data set {data} is a folder; name its JSONL file", ("dataset", "path"))
-            if not data.is_file():
-                raise document.error(f"data set not found: {data}", ("dataset", "path"))
+            where = self.path.parent / spec.dataset.path
+            if data and where.is_dir():
+                raise document.error(f"the data set {where} is a folder; name its JSONL file", ("dataset", "path"))
+            if data and not where.is_file():
+                raise document.error(f"data set not found: {where}", ("dataset", "path"))
         if spec.task is not None:  # rendered before any step runs
             self._check_template(spec.task, ("task",), steps_allowed=set())
         if spec.plan == "auto":
@@ -246,6 +247,9 @@ class Workflow:
             if part not in ("output", "data"):
                 raise document.text_error(f"{owner} uses steps.{step}.{part}; a step has output (its text) and "
                                           "data (its JSON, with an output: schema)", loc, line)
+            if part == "data" and planned:
+                raise document.text_error(f"{owner} uses steps.{step}.data, but planned steps have no output: "
+                                          f"schema (data is the JSON one asks for); use steps.{step}.output", loc, line)
             if part == "data" and step in schemas and not schemas[step]:
                 raise document.text_error(f"{owner} uses steps.{step}.data, but step {step!r} has no output: "
                                           f"schema (data is the JSON it asks for); use steps.{step}.output", loc, line)
@@ -316,32 +320,47 @@ _DICT_READS = frozenset({"get", "items", "keys", "values"})  # a dict's methods 
 
 
 def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:
-    """``(name, "inputs" | "steps", line)`` for every ``inputs.x`` / ``steps.x`` (or ``["x"]``) in a template."""
+    """``(name, "inputs" | "steps", line)`` for every ``inputs.x`` / ``steps.x`` (or ``["x"]``, or
+    ``.get("x")``) in a template."""
     found = []
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        assert isinstance(node, (nodes.Getattr, nodes.Getitem))
-        base = node.node
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Call)):
+        base = node.node if isinstance(node, (nodes.Getattr, nodes.Getitem)) else _get_of(node)
         if not isinstance(base, nodes.Name) or base.name not in ("inputs", "steps"):
             continue
         if isinstance(node, nodes.Getattr):
             if node.attr not in _DICT_READS:  # (steps.items() is the dict's, whatever the steps are named)
                 found.append((node.attr, base.name, node.lineno))
-        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-            found.append((node.arg.value, base.name, node.lineno))
+            continue
+        name = _constant(node.arg if isinstance(node, nodes.Getitem) else node.args[0])
+        if name is not None:
+            found.append((name, base.name, node.lineno))
     return found
 
 
 def _step_parts(tree: nodes.Template) -> list[tuple[str, str, int]]:
-    """``(step, part, line)`` for every ``steps.<id>.<part>`` (or ``["..."]``) in a template (a step
-    picked by a computed name, ``steps[name]`` in a loop, is left to the run)."""
+    """``(step, part, line)`` for every ``steps.<id>.<part>`` (or ``["..."]``, or ``.get("...")``) in a
+    template (a step picked by a computed name, ``steps[name]`` in a loop, is left to the run)."""
     found = []
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        assert isinstance(node, (nodes.Getattr, nodes.Getitem))
-        name = _key(node.node, "steps")
-        part = node.attr if isinstance(node, nodes.Getattr) else _constant(node.arg)
-        if name is not None and part is not None and not (isinstance(node, nodes.Getattr) and part in _DICT_READS):
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Call)):
+        if isinstance(node, nodes.Call):
+            base = _get_of(node)
+            name, part = (_key(base, "steps"), _constant(node.args[0])) if base is not None else (None, None)
+        else:
+            name = _key(node.node, "steps")
+            part = node.attr if isinstance(node, nodes.Getattr) else _constant(node.arg)
+            if isinstance(node, nodes.Getattr) and part in _DICT_READS:
+                continue
+        if name is not None and part is not None:
             found.append((name, part, node.lineno))
     return found
+
+
+def _get_of(call: nodes.Call) -> nodes.Node | None:
+    """``x`` for a call ``x.get("key")`` (its first argument a constant), else None."""
+    func = call.node
+    if isinstance(func, nodes.Getattr) and func.attr == "get" and call.args and _constant(call.args[0]) is not None:
+        return func.node
+    return None
 
 
 def _key(node: nodes.Node, base: str) -> str | None:

@@ -104,6 +104,15 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
      "wf.yaml:3:7: task uses steps.draft, but the task is written before any step runs; use inputs there"),
     (GOOD.replace("inputs:\n", "task: 'On {{ steps.draft.output }}'\ninputs:\n", 1),
      "wf.yaml:8:7: task uses steps.draft, but the task is written before any step runs; use inputs there"),
+    (GOOD.replace("{{ steps.draft.output }}", "{{ steps.draft.get('outptu') }}"),  # (it sent "None")
+     "wf.yaml:20: step 'review' uses steps.draft.outptu; a step has output (its text) and data"),
+    ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
+     "task: \"Improve {{ steps.get('draft') }}\"\n",
+     "wf.yaml:3:7: task uses steps.draft, but the task is written before any step runs; use inputs there"),
+    ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
+     "task: 'Write on tides'\nfinal: '{{ steps.report.data.verdict }}'\n",
+     "wf.yaml:4:8: final uses steps.report.data, but planned steps have no output: schema (data is the JSON one "
+     "asks for); use steps.report.output"),
 ])
 def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, broken: str, expected: str) -> None:
     path = write(tmp_path, broken)
@@ -460,3 +469,31 @@ def test_a_step_that_cannot_render_is_a_user_error_even_when_another_step_answer
     assert done.stderr.strip().splitlines() == [
         f"error: run {json.loads(done.stdout)['run_id']} partial: b: cannot render {path}: step 'b': a number in a "
         "template went over 256 bits"]
+    path.write_text(path.read_text().replace("Count {{ 9 ** (9 ** 9) }}", "Count") + "final: '{{ 9 ** (9 ** 9) }}'\n")
+    final = cli("run", str(path), "--json")
+    assert json.loads(final.stdout)["status"] == "failed" and final.returncode == 2, final.stderr  # (was 1)
+
+
+def test_a_data_set_items_run_resumes_without_its_data_set_and_names_a_missing_pool(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    text = (f"name: quiz\npool: {pool}\ninputs:\n  question: {{type: string}}\n"
+            "dataset: {path: quiz.jsonl}\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+            "    prompt: '{{ inputs.question }}'\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
+            "    prompt: 'Check: {{ steps.a.output }}'\n")
+
+    def stopped_item() -> str:
+        (tmp_path / "quiz.jsonl").write_text('{"id": "q0", "question": "Six times seven?", "answer": "42"}\n')
+        assert cli("run", str(write(tmp_path, text)), "--max-calls", "1").returncode == 3
+        return str(json.loads(cli("runs", "--json").stdout)[0]["id"])
+
+    run_id = stopped_item()
+    (tmp_path / "quiz.jsonl").unlink()  # the item's question is in the run's record, and so is the workflow
+    (tmp_path / "wf.yaml").unlink()
+    resumed = cli("resume", run_id, "--max-calls", "5", "--json")
+    assert resumed.returncode == 0, resumed.stderr  # (was: data set not found)
+    assert json.loads(resumed.stdout)["status"] == "done" and len(server.requests) == 2
+    run_id = stopped_item()
+    pool.unlink()
+    gone = cli("resume", run_id)
+    assert (gone.returncode, gone.stderr) == (2, f"error: run {run_id} used pool {pool}, which no longer exists\n")

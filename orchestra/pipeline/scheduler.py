@@ -558,7 +558,8 @@ class Run:
         if self.final_template is not None and not failures:
             try:
                 answer = self.final_template(self.outputs())
-            except OrchestraError as error:
+            except OrchestraError as error:  # a template that cannot render: the workflow is to fix
+                self.user_error |= isinstance(error, UserError)
                 self._finish("failed", None, str(error))
                 return
         elif len(done) > 1:
