@@ -324,6 +324,7 @@ def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:
     ``.get("x")``) in a template."""
     found = []
     for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Call)):
+        assert isinstance(node, (nodes.Getattr, nodes.Getitem, nodes.Call))
         base = node.node if isinstance(node, (nodes.Getattr, nodes.Getitem)) else _get_of(node)
         if not isinstance(base, nodes.Name) or base.name not in ("inputs", "steps"):
             continue
@@ -342,6 +343,7 @@ def _step_parts(tree: nodes.Template) -> list[tuple[str, str, int]]:
     template (a step picked by a computed name, ``steps[name]`` in a loop, is left to the run)."""
     found = []
     for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Call)):
+        assert isinstance(node, (nodes.Getattr, nodes.Getitem, nodes.Call))
         if isinstance(node, nodes.Call):
             base = _get_of(node)
             name, part = (_key(base, "steps"), _constant(node.args[0])) if base is not None else (None, None)
