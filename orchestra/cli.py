@@ -555,6 +555,8 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
 
     if plot is not None and not sweep:
         raise click.UsageError("--plot draws a sweep's frontier: add --sweep")
+    if lambdas is not None and not sweep:  # (a plain eval would drop them: use --cost-lambda for one λ)
+        raise click.UsageError("--lambdas are the points of a sweep: add --sweep (or give one λ with --cost-lambda)")
     if sweep and (method or output or resume):
         raise click.UsageError("--sweep runs every method: leave out --method, --output and --resume")
     dataset = load_dataset(data)

@@ -141,3 +141,5 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
     assert bad.returncode == 2 and "--lambdas" in bad.stderr and "comma-separated" in bad.stderr
     lonely = cli("eval", "--pool", str(pool), "--data", str(test), "--plot", str(plot))
     assert lonely.returncode == 2 and "add --sweep" in lonely.stderr
+    dropped = cli("eval", "--pool", str(pool), "--data", str(test), "--lambdas", "0,1")  # (ran a plain eval)
+    assert dropped.returncode == 2 and "--lambdas are the points of a sweep: add --sweep" in dropped.stderr
