@@ -89,6 +89,15 @@ class Dataset:
         return cls(items=parsed, path=name, sha256=hashlib.sha256(blob.encode()).hexdigest())
 
 
+def _is_text(value: object) -> bool:
+    """Whether ``value`` (a JSON value) encodes as UTF-8: no lone surrogate anywhere in it."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_dataset(path: str | Path) -> Dataset:
     """Read a JSONL data set; a bad row is a ``DatasetError`` naming the file and line."""
     file = Path(path)
@@ -108,6 +117,11 @@ def load_dataset(path: str | Path) -> Dataset:
             raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{path}:{number}: each line must be a JSON object")
+        if "\\u" in line:  # an escape may stand for half a character, which no model can be sent
+            broken = next((name for name, value in row.items() if not _is_text(value)), None)
+            if broken is not None:
+                raise DatasetError(f"{path}:{number}: field '{broken}' holds a lone surrogate (a \\ud800-style escape "
+                                   "that is half a character); write the character itself")
         try:
             item = Item.model_validate(row)
         except ValidationError as error:

@@ -191,6 +191,8 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
      "val.jsonl:1: field 'choices': the answer 'E' is neither a letter of its 2 choices (A-B) nor the text of one"),
     ('{"id": 1, "question": "q", "answer": "A", "choices": ' + json.dumps([f"c{i}" for i in range(11)]) + '}\n',
      "val.jsonl:1: field 'choices': 11 choices; at most 10 (A-J), the letters answers are read in"),
+    ('{"id": 1, "question": "caf\\u00e9 \\ud83d\\ude00", "answer": 1}\n{"id": 2, "question": "q\\ud800", "answer": 1}\n',
+     "val.jsonl:2: field 'question' holds a lone surrogate"),  # (line 1's escapes are whole characters)
 ])
 def test_bad_rows_name_file_and_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "val.jsonl"
