@@ -799,10 +799,12 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
 @main.command()
 @click.argument("run_id")
 @click.option("--force", is_flag=True, help="Take the run over even if another process seems to hold it.")
+@click.option("--reload", is_flag=True, help="A workflow run: read its file as it is now (a template fixed since); "
+                                            "calls whose prompts did not change are still replayed.")
 @budget_options
 @store_options
 @output_options
-def resume(run_id: str, **opts: Any) -> None:
+def resume(run_id: str, reload: bool, **opts: Any) -> None:
     """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
     if opts["no_store"]:
         raise ConfigError("resume reads the run store; drop --no-store")
@@ -810,9 +812,10 @@ def resume(run_id: str, **opts: Any) -> None:
 
     store = existing_store(opts["store_path"])
     record = store.run(run_id)
-    orc = Orchestra.resuming(record.id, store=store)
+    orc = Orchestra.resuming(record.id, store=store, reload=reload)
     budget = settings_from(opts).changes().get("budget")
-    execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts["force"]), opts, record.id)
+    execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts["force"], reload=reload), opts,
+            record.id)
 
 
 @main.command()

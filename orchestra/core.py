@@ -491,16 +491,16 @@ class Orchestra:
         return stages
 
     @classmethod
-    def resuming(cls, run_id: str, *, store: RunStore) -> Orchestra:
+    def resuming(cls, run_id: str, *, store: RunStore, reload: bool = False) -> Orchestra:
         """An Orchestra to resume a stored run from the command line: its pool comes from the
-        recorded pool or workflow file (see ``aresume`` for everything else)."""
+        recorded pool or workflow (``reload``: the workflow file as it is now; see ``aresume``)."""
         record = store.run(run_id)
         spec = RunSpec.from_record(record.config, record.task)
         if spec.pool and not Path(spec.pool).is_file():
             raise ConfigError(f"run {record.id} used pool {spec.pool}, which no longer exists")
         if spec.workflow is not None:
             pool = Workflow.load(spec.workflow.path, pool=Pool.load(spec.pool) if spec.pool else None,
-                                 text=spec.workflow.source).pool
+                                 text=None if reload else spec.workflow.source).pool
         elif spec.pool:
             pool = Pool.load(spec.pool)
         else:
@@ -726,7 +726,7 @@ class Orchestra:
         return run_sync(self.aresume(run_id, **overrides))
 
     async def aresume(self, run_id: str, *, budget: Budget | dict[str, Any] | None = None,
-                      force: bool = False) -> RunResult:
+                      force: bool = False, reload: bool = False) -> RunResult:
         """Finish a stored run from its record alone: the recorded settings, plan, pinned experts and
         workflow steps (not this Orchestra's settings); recorded calls are replayed, only missing
         ones are sent.
@@ -736,6 +736,9 @@ class Orchestra:
             budget: raised limits (a ``Budget`` or some of its fields) when the run stopped on one.
             force: take the run over even if another process seems to hold it (it was killed
                 less than ``LEASE_SECONDS`` ago).
+            reload: for a workflow run, read the workflow file as it is now (a template fixed
+                since the run failed on it): its steps, prompts and final template, recorded with
+                the run from then on; calls whose requests did not change are still replayed.
         """
         if self.store is None:
             raise ConfigError("resume needs the run store; this Orchestra was made with store=False")
@@ -748,8 +751,15 @@ class Orchestra:
         if budget:
             spec = spec.model_copy(update={"settings": spec.settings.layered({"budget": budget})})
         steps: dict[str, Any] = {}
+        if reload and spec.workflow is None:
+            raise ConfigError(f"run {record.id} is not a workflow run; --reload reads a workflow file again")
         if spec.workflow is not None:  # the steps' prompts and the final template, as they were when it began
-            workflow = Workflow.load(spec.workflow.path, pool=self.pool, text=spec.workflow.source)
+            workflow = Workflow.load(spec.workflow.path, pool=self.pool, text=None if reload else spec.workflow.source)
+            if reload:  # the file as it is now, recorded as the run's from here on
+                plan = workflow.plan()
+                spec = spec.model_copy(update={
+                    "workflow": spec.workflow.model_copy(update={"source": workflow.document.text}),
+                    "plan": plan if spec.plan is not None and plan is not None else spec.plan})
             values = workflow.resolve_inputs(spec.workflow.inputs)
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
         run = self._run(spec, record.id, **steps)

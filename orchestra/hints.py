@@ -68,10 +68,15 @@ def cli_message(error: OrchestraError) -> str:
 
 def run_hint(result: RunResult, *, stored: bool = True) -> str | None:
     """For a run its budget stopped: the flag that raises the limit and the command that finishes
-    the run (``stored``: whether it was kept to resume). None for any other run."""
-    if result.status != "budget_exceeded":
-        return None
-    return budget_hint(result.error or "", result.run_id, stored=stored)
+    the run; for one a workflow's template failed: the command that finishes it once the file is
+    fixed (``stored``: whether it was kept to resume). None for any other run."""
+    from orchestra.prompts import RENDER_FAILED
+
+    if result.status == "budget_exceeded":
+        return budget_hint(result.error or "", result.run_id, stored=stored)
+    if stored and result.user_error and RENDER_FAILED in (result.error or ""):
+        return f"fix the workflow, then `orchestra resume {result.run_id} --reload` (its answers are kept)"
+    return None
 
 
 def run_error(result: RunResult, *, stored: bool = True) -> str:

@@ -180,14 +180,18 @@ def render_expert(*, task: str, instruction: str, inputs: Sequence[Mapping[str, 
     return text.strip()
 
 
+#: how a template that fails as it renders is reported (a run's error starts so: its hint depends on it)
+RENDER_FAILED = "cannot render "
+
+
 def render_string(source: str, *, where: str = "template", **variables: Any) -> str:
     """Render a template string; errors name ``where`` (a file, an agent)."""
     try:
         return limited_render(compile_string(source), variables).strip()
     except TemplateError as error:
-        raise ConfigError(f"cannot render {where}: {error}") from None
+        raise ConfigError(f"{RENDER_FAILED}{where}: {error}") from None
     except Exception as error:
-        raise ConfigError(f"cannot render {where}: {type(error).__name__}: {error}") from None
+        raise ConfigError(f"{RENDER_FAILED}{where}: {type(error).__name__}: {error}") from None
 
 
 def template_hash(name: str) -> str:

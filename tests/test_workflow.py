@@ -466,9 +466,10 @@ def test_a_step_that_cannot_render_is_a_user_error_even_when_another_step_answer
     done = cli("run", str(path), "--json")
     assert json.loads(done.stdout)["status"] == "partial" and len(server.requests) == 1  # a answered
     assert done.returncode == 2, done.stderr  # the workflow is what to fix (was 1, as for a failed endpoint)
+    run_id = json.loads(done.stdout)["run_id"]
     assert done.stderr.strip().splitlines() == [
-        f"error: run {json.loads(done.stdout)['run_id']} partial: b: cannot render {path}: step 'b': a number in a "
-        "template went over 256 bits"]
+        f"error: run {run_id} partial: b: cannot render {path}: step 'b': a number in a template went over 256 "
+        f"bits; fix the workflow, then `orchestra resume {run_id} --reload` (its answers are kept)"]
     path.write_text(path.read_text().replace("Count {{ 9 ** (9 ** 9) }}", "Count") + "final: '{{ 9 ** (9 ** 9) }}'\n")
     final = cli("run", str(path), "--json")
     assert json.loads(final.stdout)["status"] == "failed" and final.returncode == 2, final.stderr  # (was 1)
@@ -497,3 +498,28 @@ def test_a_data_set_items_run_resumes_without_its_data_set_and_names_a_missing_p
     pool.unlink()
     gone = cli("resume", run_id)
     assert (gone.returncode, gone.stderr) == (2, f"error: run {run_id} used pool {pool}, which no longer exists\n")
+
+
+def test_resume_reload_finishes_a_run_with_the_template_fixed_since(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    path = write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+                           "    prompt: Draft a note on tides\n  - id: b\n    agent: beta-expert\n"
+                           "    prompt: \"Check: {% for id in ['a'] %}{{ steps[id].output }}{% endfor %}\"\n")
+    failed = cli("run", str(path), "--json")  # b reads a without needing it: nothing to read when it renders
+    assert failed.returncode == 2 and "'dict object' has no attribute 'a'" in failed.stderr, failed.stderr
+    run_id = json.loads(failed.stdout)["run_id"]
+    path.write_text(path.read_text().replace("    agent: beta-expert\n", "    needs: [a]\n    agent: beta-expert\n"))
+    again = cli("resume", run_id, "--json")  # the recorded text: the same failure
+    assert again.returncode == 2 and "'dict object' has no attribute 'a'" in again.stderr
+    sent = len(server.requests)
+    fixed = cli("resume", run_id, "--reload", "--json")
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads(fixed.stdout)["status"] == "done"
+    later = [r.prompt for r in server.requests[sent:]]
+    assert len(later) == 1 and "Check: " in later[0]  # a's answer replayed; b's call sent once, rendered
+    assert json.loads(cli("resume", run_id, "--json").stdout)["status"] == "done"  # (recorded as done)
+    plain = cli("ask", "Quick question", "--no-plan", "--pool", str(tmp_path / "pool.yaml"), "--max-calls", "1",
+                "--json")
+    refused = cli("resume", json.loads(plain.stdout)["run_id"], "--reload")
+    assert refused.returncode == 2 and "is not a workflow run; --reload reads a workflow file again" in refused.stderr
