@@ -753,14 +753,15 @@ class Orchestra:
         steps: dict[str, Any] = {}
         if reload and spec.workflow is None:
             raise ConfigError(f"run {record.id} is not a workflow run; --reload reads a workflow file again")
-        if spec.workflow is not None:  # the steps' prompts and the final template, as they were when it began
-            workflow = Workflow.load(spec.workflow.path, pool=self.pool, text=None if reload else spec.workflow.source)
+        ref = spec.workflow
+        if ref is not None:  # the steps' prompts and the final template, as they were when it began
+            workflow = Workflow.load(ref.path, pool=self.pool, text=None if reload else ref.source)
             if reload:  # the file as it is now, recorded as the run's from here on
                 plan = workflow.plan()
                 spec = spec.model_copy(update={
-                    "workflow": spec.workflow.model_copy(update={"source": workflow.document.text}),
+                    "workflow": ref.model_copy(update={"source": workflow.document.text}),
                     "plan": plan if spec.plan is not None and plan is not None else spec.plan})
-            values = workflow.resolve_inputs(spec.workflow.inputs)
+            values = workflow.resolve_inputs(ref.inputs)
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
         run = self._run(spec, record.id, **steps)
         self._begin_all([run], force=force)
