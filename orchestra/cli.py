@@ -360,7 +360,6 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @output_options
 def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any) -> None:
     """Run a YAML workflow."""
-    import asyncio
 
     from orchestra.agents import Pool
     from orchestra.workflow import Workflow, parse_assignments
@@ -375,7 +374,10 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
         from orchestra.workflow_run import aevaluate_workflow
 
         given_grader = layer.grader if "grader" in layer.model_fields_set else None  # --grader or --set grader=
-        report = asyncio.run(aevaluate_workflow(flow, given, orchestra=orc, grader=given_grader))
+        report = evaluate_interruptibly(
+            lambda on_cancel: aevaluate_workflow(flow, given, orchestra=orc, grader=given_grader, on_cancel=on_cancel),
+            flow.spec.dataset.path, opts["as_json"],
+            then=None if orc.store is None else "`orchestra runs` lists the runs to resume")
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
         end_data_set(report, stored=orc.store is not None, evaluation=False)
         return
@@ -549,7 +551,6 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
              sweep: bool, lambdas: str | None, plot: Path | None, resume: bool, as_json: bool, **opts: Any) -> None:
     """Accuracy, cost and time of a method on a labelled data set (or, with --sweep, of every method)."""
     from orchestra.agents import Pool
-    from orchestra.core import run_interruptibly
     from orchestra.datasets import load_dataset
     from orchestra.evaluate import aevaluate
 
@@ -568,20 +569,32 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
         run_sweep(orc, dataset, lambdas, plot, limit, as_json, opts, budget)
         return
     # the flags win over the method's preset; both over the pool's settings
-    stopped: list[EvalReport] = []
-    try:
-        report = run_interruptibly(aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
-                                             mode=opts["mode"], aggregate=opts["aggregate"], budget=budget,
-                                             on_cancel=stopped.append, resume=resume))
-    except KeyboardInterrupt:  # the items finished so far, then the one line saying how to go on
-        if stopped:
-            print_report(stopped[0], f"{stopped[0].method} on {dataset.path}: interrupted after "
-                                     f"{stopped[0].items} item(s)", as_json)
-        if orc.store is None:
-            fail("interrupted; nothing was kept (--no-store)", 130)
-        fail("interrupted; finished calls are saved: the same command with --resume goes on with this evaluation", 130)
+    report = evaluate_interruptibly(
+        lambda on_cancel: aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
+                                    mode=opts["mode"], aggregate=opts["aggregate"], budget=budget,
+                                    on_cancel=on_cancel, resume=resume),
+        dataset.path, as_json,
+        then=None if orc.store is None else "the same command with --resume goes on with this evaluation")
     print_report(report, f"{report.method} on {dataset.path}", as_json)
     end_data_set(report, stored=orc.store is not None, evaluation=True)
+
+
+def evaluate_interruptibly(work: Callable[[Callable[[EvalReport], None]], Coroutine[Any, Any, EvalReport]],
+                           source: str, as_json: bool, *, then: str | None) -> EvalReport:
+    """Run an evaluation of the data set ``source`` (``work(on_cancel)``); at Ctrl-C print the report
+    of the items finished so far, then the one line saying how to go on (``then``; None: nothing
+    was kept), and exit 130."""
+    from orchestra.core import run_interruptibly
+
+    stopped: list[EvalReport] = []
+    try:
+        return run_interruptibly(work(stopped.append))
+    except KeyboardInterrupt:
+        if stopped:
+            print_report(stopped[0], f"{stopped[0].method} on {source}: interrupted after {stopped[0].items} item(s)",
+                         as_json)
+        fail(f"interrupted; finished calls are saved: {then}" if then else "interrupted; nothing was kept (--no-store)",
+             130)
 
 
 def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:

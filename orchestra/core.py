@@ -102,10 +102,13 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
             loop.add_signal_handler(signal.SIGINT, interrupt)
         except (RuntimeError, ValueError):  # not the main thread: Ctrl-C is not ours to handle
             return await work
+        # the handler stays until the loop closes (closing removes it): a Ctrl-C while asyncio.run
+        # shuts the loop down (its tasks, the connections) is this one's too, not a traceback there
         try:
             return await work
         finally:
-            loop.remove_signal_handler(signal.SIGINT)
+            if interrupted:
+                await _drain()
 
     try:
         return asyncio.run(main())
@@ -113,6 +116,19 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
         if interrupted:
             raise KeyboardInterrupt from None
         raise
+
+
+async def _drain() -> None:
+    """Cancel the loop's other tasks and wait for them, again for any their cancelling started (a
+    batch dispatched as runs stop): ``asyncio.run`` cancels only the tasks alive when it begins to
+    close, and one made after that is destroyed still pending, with warnings on stderr."""
+    for _ in range(100):
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task() and not task.done()]
+        if not others:
+            return
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
 
 def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:

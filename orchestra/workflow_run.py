@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from orchestra.budget import BudgetTracker
@@ -53,7 +54,8 @@ def run_arguments(workflow: Workflow, inputs: Mapping[str, Any]) -> tuple[str, d
 
 
 async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
-                             window: int | None = DEFAULT_WINDOW, grader: GraderName | None = None) -> EvalReport:
+                             window: int | None = DEFAULT_WINDOW, grader: GraderName | None = None,
+                             on_cancel: Callable[[EvalReport], None] | None = None) -> EvalReport:
     """Run the workflow once per data-set item (``inputs.question`` and ``inputs.answer_format`` set per
     item), all runs on one executor so their calls batch per model, and grade the answers.
 
@@ -67,6 +69,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
 
     Answers are graded by ``grader`` when given (the command line's ``--grader``), else by the
     data set's ``grader:``, else by the run settings' (the one votes read answers with).
+    ``on_cancel`` is given the report of the items finished when the evaluation is cancelled (Ctrl-C).
     """
     spec = workflow.spec.dataset
     if spec is None:
@@ -96,9 +99,17 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     started = time.perf_counter()
     # each run has its workflow's steps (or plans): no chunk of runs to recruit together
     stream = orc.arun_iter(instances(), window=window, rare_filter=False, meta={"kind": "workflow"})
-    async with contextlib.aclosing(stream) as results:
-        async for index, result in results:
-            tally.add(index, items[index], result)
+    try:
+        async with contextlib.aclosing(stream) as results:
+            async for index, result in results:
+                tally.add(index, items[index], result)
+    except asyncio.CancelledError:
+        if on_cancel is not None:
+            stopped = tally.report(workflow.name, elapsed_s=time.perf_counter() - started,
+                                   model_loads=loads_since(orc, loads_before))
+            stopped.interrupted = True
+            on_cancel(stopped)
+        raise
     return tally.report(workflow.name, elapsed_s=time.perf_counter() - started,
                         model_loads=loads_since(orc, loads_before),
                         budget_exceeded=str(shared.exceeded) if shared.exceeded else None)

@@ -303,3 +303,71 @@ def test_a_loopback_server_on_a_taken_port_fails_at_once() -> None:
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: cannot listen on port {first.port}: "), done.stderr
+
+
+# --- Ctrl-C on the command line: the loop's own shutdown is covered too ---------------------
+
+_LATE_CTRL_C = """
+import asyncio, os, signal
+from orchestra.core import run_interruptibly
+
+async def work():
+    async def closes_late():  # (an endpoint's connections close so, as asyncio.run shuts the loop down)
+        try:
+            yield
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.sleep(0.05)
+    held = closes_late()
+    await held.__anext__()
+    return "answered"
+
+print(run_interruptibly(work()))
+"""
+
+_SPAWNS_AS_IT_STOPS = """
+import asyncio, os, signal
+from orchestra.core import run_interruptibly
+
+ended = []
+
+async def late():
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        ended.append("cancelled")
+        raise
+    except GeneratorExit:
+        ended.append("destroyed")
+        raise
+
+async def background():  # cancelled, it starts more work (as an executor dispatching as runs stop)
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        asyncio.ensure_future(late())
+        raise
+
+async def work():
+    asyncio.ensure_future(background())
+    await asyncio.sleep(0)
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.Event().wait()
+
+try:
+    run_interruptibly(work())
+except KeyboardInterrupt:
+    print("interrupted", ended)
+"""
+
+
+@pytest.mark.parametrize("script, expected", [
+    (_LATE_CTRL_C, "answered"),  # (was a KeyboardInterrupt traceback from inside asyncio.run's shutdown)
+    (_SPAWNS_AS_IT_STOPS, "interrupted ['cancelled']"),  # (was destroyed pending: "Task was destroyed...")
+])
+def test_ctrl_c_around_the_loops_shutdown_is_handled(script: str, expected: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.stdout.strip(), done.stderr) == (expected, ""), done.stderr

@@ -523,3 +523,47 @@ def test_resume_reload_finishes_a_run_with_the_template_fixed_since(loopback, tm
                 "--json")
     refused = cli("resume", json.loads(plain.stdout)["run_id"], "--reload")
     assert refused.returncode == 2 and "is not a workflow run; --reload reads a workflow file again" in refused.stderr
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_during_a_data_set_workflow_prints_the_items_finished(loopback, tmp_path: Path, as_json: bool) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import wait_for
+
+    from orchestra.testing import LoopbackRequest, Reply
+
+    inner = ScriptedLLM().handler()
+
+    async def handler(request: LoopbackRequest) -> Reply:
+        return Reply(hang=True) if "question q2" in request.prompt else await inner(request)
+
+    server = loopback(handler)
+    write_pool(tmp_path, server.url)
+    (tmp_path / "quiz.jsonl").write_text("".join(
+        f'{{"id": "q{i}", "question": "The question q{i}", "answer": "42"}}\n' for i in range(3)))
+    path = write(tmp_path, "name: quiz\npool: pool.yaml\ninputs:\n  question: {type: string}\n"
+                           "dataset: {path: quiz.jsonl}\nsteps:\n  - id: answer\n    agent: alpha-expert\n"
+                           "    prompt: '{{ inputs.question }}'\n")
+    child = subprocess.Popen([sys.executable, "-m", "orchestra", "run", str(path), *(["--json"] if as_json else [])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "COLUMNS": "120"})
+
+    def two_done() -> bool:
+        listed = cli("runs", "--json")
+        return listed.returncode == 0 and sum(r["status"] == "done" for r in json.loads(listed.stdout)) == 2
+
+    wait_for(child, two_done, "q0 and q1 were answered (q2 hangs)")
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    if as_json:
+        report = json.loads(out)  # one JSON object, as after Ctrl-C elsewhere (it printed nothing)
+        assert report["interrupted"] and report["items"] == 2 and report["correct"] == 2
+    else:
+        assert "quiz on quiz.jsonl: interrupted after 2 item(s)" in " ".join(out.split()), out
+    assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved: `orchestra runs` lists "
+                                            "the runs to resume")
