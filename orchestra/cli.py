@@ -354,11 +354,13 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @click.option("-i", "--input", "inputs", multiple=True, metavar="KEY=VALUE", help="A workflow input (repeatable).")
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Run on this pool instead of the workflow's own.")
+@click.option("--resume", is_flag=True, help="A data-set workflow: go on with its earlier evaluation (finished "
+                                            "items are counted, cut-off ones finished, only the rest run).")
 @run_options
 @budget_options
 @store_options
 @output_options
-def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any) -> None:
+def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, resume: bool, **opts: Any) -> None:
     """Run a YAML workflow."""
 
     from orchestra.agents import Pool
@@ -366,6 +368,11 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
     from orchestra.workflow_run import arun_workflow, orchestra_for
 
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
+    if resume and flow.spec.dataset is None:
+        raise click.UsageError("--resume goes on with a data-set workflow's evaluation; a single run is finished "
+                               "with `orchestra resume RUN_ID`")
+    if resume:  # (a mistyped --store would be a new, empty store: every item would run again)
+        refuse_missing_store(opts["store_path"])
     given = parse_assignments(list(inputs))
     flow.pool.check_credentials()
     layer = settings_from(opts)
@@ -375,9 +382,10 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, **opts: Any)
 
         given_grader = layer.grader if "grader" in layer.model_fields_set else None  # --grader or --set grader=
         report = evaluate_interruptibly(
-            lambda on_cancel: aevaluate_workflow(flow, given, orchestra=orc, grader=given_grader, on_cancel=on_cancel),
+            lambda on_cancel: aevaluate_workflow(flow, given, orchestra=orc, grader=given_grader, on_cancel=on_cancel,
+                                                 resume=resume),
             flow.spec.dataset.path, opts["as_json"],
-            then=None if orc.store is None else "`orchestra runs` lists the runs to resume")
+            then=None if orc.store is None else "the same command with --resume goes on with this evaluation")
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
         end_data_set(report, stored=orc.store is not None, evaluation=False)
         return

@@ -14,12 +14,13 @@ from typing import Any
 
 from orchestra.budget import BudgetTracker
 from orchestra.core import DEFAULT_WINDOW, Instance, Orchestra, run_sync
-from orchestra.datasets import load_dataset
+from orchestra.datasets import Item, load_dataset
 from orchestra.errors import ConfigError
 from orchestra.evaluate import EvalReport, Tally, loads_since
 from orchestra.grading import answer_format, get_grader
 from orchestra.result import RunResult
-from orchestra.settings import Settings, WorkflowRef
+from orchestra.settings import RunSpec, Settings, WorkflowRef
+from orchestra.store import RunRecord
 from orchestra.vocabulary import GraderName
 from orchestra.workflow import Workflow
 
@@ -55,7 +56,8 @@ def run_arguments(workflow: Workflow, inputs: Mapping[str, Any]) -> tuple[str, d
 
 async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
                              window: int | None = DEFAULT_WINDOW, grader: GraderName | None = None,
-                             on_cancel: Callable[[EvalReport], None] | None = None) -> EvalReport:
+                             on_cancel: Callable[[EvalReport], None] | None = None,
+                             resume: bool = False) -> EvalReport:
     """Run the workflow once per data-set item (``inputs.question`` and ``inputs.answer_format`` set per
     item), all runs on one executor so their calls batch per model, and grade the answers.
 
@@ -70,6 +72,9 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     Answers are graded by ``grader`` when given (the command line's ``--grader``), else by the
     data set's ``grader:``, else by the run settings' (the one votes read answers with).
     ``on_cancel`` is given the report of the items finished when the evaluation is cancelled (Ctrl-C).
+    ``resume``: go on with an earlier evaluation of this workflow (its text unchanged): each item's
+    latest run with the same inputs, settings (a raised budget aside) and pool is counted if it
+    finished, or finished under its own id (its recorded calls replayed); only the others run.
     """
     spec = workflow.spec.dataset
     if spec is None:
@@ -85,34 +90,84 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     shared = BudgetTracker(orc.settings.budget, None)
     per_run = orc.settings.budget.model_dump()  # each run may spend as much, within the whole
 
+    def given(item: Item) -> dict[str, Any]:
+        values = {**inputs, "question": item.prompt()}
+        if "answer_format" in workflow.spec.inputs:
+            values["answer_format"] = answer_format(item)
+        return values
+
+    earlier = _earlier_item_runs(orc, workflow, [(item, given(item)) for item in items], per_run) if resume else {}
+    todo = [index for index in range(len(items)) if not isinstance(earlier.get(index), RunResult)]
+
     def instances() -> Iterator[Instance]:
-        for item in items:
-            given = {**inputs, "question": item.prompt()}
-            if "answer_format" in workflow.spec.inputs:
-                given["answer_format"] = answer_format(item)
-            task, options = run_arguments(workflow, given)
+        for index in todo:
+            item = items[index]
+            task, options = run_arguments(workflow, given(item))
+            going_on = earlier.get(index)  # the id of its earlier run, cut off: it goes on under that id
             yield Instance(task, meta={"item": item.id}, options={
-                **options, "shared_budget": shared, "budget": per_run, "seed": item_seed(orc.settings.seed, item.id)})
+                **options, "shared_budget": shared, "budget": per_run, "seed": item_seed(orc.settings.seed, item.id),
+                **({"run_id": going_on} if isinstance(going_on, str) else {})})
 
     tally = Tally(get_grader(grader or spec.grader or orc.settings.grader))
+    for index, finished in sorted(earlier.items()):
+        if isinstance(finished, RunResult):
+            tally.add(index, items[index], finished)
     loads_before = dict(orc.executor.stats.loads)
     started = time.perf_counter()
+
+    def report(**extra: Any) -> EvalReport:
+        made = tally.report(workflow.name, elapsed_s=time.perf_counter() - started,
+                            model_loads=loads_since(orc, loads_before), **extra)
+        made.reused = sum(isinstance(finished, RunResult) for finished in earlier.values())
+        made.resumed = len(earlier) - made.reused
+        return made
+
     # each run has its workflow's steps (or plans): no chunk of runs to recruit together
     stream = orc.arun_iter(instances(), window=window, rare_filter=False, meta={"kind": "workflow"})
     try:
         async with contextlib.aclosing(stream) as results:
-            async for index, result in results:
-                tally.add(index, items[index], result)
+            async for position, result in results:
+                tally.add(todo[position], items[todo[position]], result)
     except asyncio.CancelledError:
         if on_cancel is not None:
-            stopped = tally.report(workflow.name, elapsed_s=time.perf_counter() - started,
-                                   model_loads=loads_since(orc, loads_before))
+            stopped = report()
             stopped.interrupted = True
             on_cancel(stopped)
         raise
-    return tally.report(workflow.name, elapsed_s=time.perf_counter() - started,
-                        model_loads=loads_since(orc, loads_before),
-                        budget_exceeded=str(shared.exceeded) if shared.exceeded else None)
+    return report(budget_exceeded=str(shared.exceeded) if shared.exceeded else None)
+
+
+def _earlier_item_runs(orc: Orchestra, workflow: Workflow, items: list[tuple[Item, dict[str, Any]]],
+                       budget: dict[str, Any]) -> dict[int, RunResult | str]:
+    """Per item (by index): the result of its latest earlier run of this workflow (the same text,
+    inputs, pool and settings, a raised budget aside) if it finished, else that run's id to go on with."""
+    if orc.store is None:
+        raise ConfigError("resuming an evaluation reads the run store; drop --no-store")
+    path, text = str(workflow.path.resolve()), workflow.document.text
+    source = orc.pool.source
+    pool = str(source.resolve()) if source else None  # (as a run's record names it)
+    planned = {"plan": True} if workflow.plan() is None else {}
+    wanted = {item.id: (index, workflow.resolve_inputs(values),
+                        orc.run_settings({"budget": budget, "seed": item_seed(orc.settings.seed, item.id), **planned}))
+              for index, (item, values) in enumerate(items)}
+    latest: dict[int, RunRecord] = {}
+    for record in orc.store.runs_with_meta(kind="workflow"):  # oldest first: the latest that matches wins
+        if record.item not in wanted:
+            continue
+        try:
+            spec = RunSpec.from_record(record.config, record.task)
+        except ValueError:  # a damaged record: not one to go on with
+            continue
+        index, values, settings = wanted[record.item]
+        ref = spec.workflow
+        if (ref is not None and (ref.path, ref.source, ref.inputs, spec.pool) == (path, text, values, pool)
+                and spec.settings.model_copy(update={"budget": settings.budget}) == settings):
+            latest[index] = record
+    earlier: dict[int, RunResult | str] = {}
+    for index, record in latest.items():
+        finished = orc.store.result(record.id) if record.status == "done" else None
+        earlier[index] = finished or record.id
+    return earlier
 
 
 def item_seed(seed: int, item_id: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import kind_of
@@ -565,5 +566,36 @@ def test_ctrl_c_during_a_data_set_workflow_prints_the_items_finished(loopback, t
         assert report["interrupted"] and report["items"] == 2 and report["correct"] == 2
     else:
         assert "quiz on quiz.jsonl: interrupted after 2 item(s)" in " ".join(out.split()), out
-    assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved: `orchestra runs` lists "
-                                            "the runs to resume")
+    assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved: the same command with "
+                                            "--resume goes on with this evaluation")
+
+
+def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    (tmp_path / "quiz.jsonl").write_text("".join(
+        f'{{"id": "q{i}", "question": "The question q{i}", "answer": "42"}}\n' for i in range(3)))
+    path = write(tmp_path, "name: quiz\npool: pool.yaml\ninputs:\n  question: {type: string}\n"
+                           "dataset: {path: quiz.jsonl}\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+                           "    prompt: '{{ inputs.question }}'\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
+                           "    prompt: 'Check: {{ steps.a.output }}'\n")
+
+    def evaluate(*flags: str) -> tuple[dict[str, Any], int]:
+        sent = len(server.requests)
+        done = cli("run", str(path), "--json", *flags)
+        assert done.returncode in (0, 3), done.stderr
+        return json.loads(done.stdout), len(server.requests) - sent
+
+    first, sent = evaluate("--max-calls", "3")  # every item's step a, then the budget stops each b
+    assert (first["items"], first["failed"], sent) == (3, 3, 3)
+    resumed, sent = evaluate("--resume", "--max-calls", "10")
+    assert (resumed["resumed"], resumed["reused"], resumed["correct"], sent) == (3, 0, 3, 3)  # only the b calls
+    again, sent = evaluate("--resume")
+    assert (again["reused"], again["correct"], sent) == (3, 3, 0)  # nothing is sent again
+    assert evaluate("--resume", "--k", "2")[0]["reused"] == 0  # other settings: other runs
+    path.write_text(path.read_text().replace("Check: ", "Verify: "))
+    edited, sent = evaluate("--resume")
+    assert (edited["reused"], edited["resumed"], sent) == (0, 0, 6)  # another workflow text: every item runs
+    single = cli("run", str(write(tmp_path, "name: one\npool: pool.yaml\nsteps:\n  - id: a\n    prompt: x\n",
+                                  "one.yaml")), "--resume")
+    assert single.returncode == 2 and "--resume goes on with a data-set workflow's evaluation" in single.stderr
