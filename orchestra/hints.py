@@ -21,13 +21,13 @@ BUDGET_FLAGS = {"max_calls": "--max-calls", "max_cost_usd": "--max-cost", "max_t
 def _raise_budget(limit: str, run_id: str | None, stored: bool = True, evaluation: bool = False) -> str:
     if evaluation:  # the budget of an `orchestra eval`: its flags are the only place it is set
         return (f"raise it with {BUDGET_FLAGS[limit]} and run the evaluation again"
-                + ("; each unfinished item's run can be finished with `orchestra resume RUN_ID`" if stored else ""))
+                + (" with --resume (finished items are kept)" if stored else ""))
     if not stored:  # nothing to resume
         return (f"raise it with {BUDGET_FLAGS[limit]} (or budget.{limit} in the workflow) and run it again "
                 "(nothing was kept: --no-store)")
-    if run_id is None:
-        return (f"raise budget.{limit} in the workflow (or {BUDGET_FLAGS[limit]}); each unfinished item's run can be "
-                "finished with `orchestra resume RUN_ID`")
+    if run_id is None:  # a data-set workflow's
+        return (f"raise budget.{limit} in the workflow (or {BUDGET_FLAGS[limit]}) and run it again with --resume "
+                "(finished items are kept)")
     return (f"raise it with {BUDGET_FLAGS[limit]} (or budget.{limit} in the workflow) and run "
             f"`orchestra resume {run_id}` to finish")
 

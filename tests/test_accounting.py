@@ -226,7 +226,7 @@ def test_a_workflow_budget_holds_over_a_whole_data_set(loopback, tmp_path: Path)
     assert report["calls"] == len(server.requests) <= 20
     assert report["failed"] > 0
     [line] = done.stderr.strip().splitlines()  # one line, with the command-line advice
-    assert "raise budget.max_calls in the workflow (or --max-calls)" in line and "orchestra resume RUN_ID" in line
+    assert "raise budget.max_calls in the workflow (or --max-calls)" in line and "run it again with --resume" in line
     table = cli("run", str(tmp_path / "flow.yaml"), env={"COLUMNS": "200"})  # the table says how many finished
     accuracy = next(row for row in table.stdout.splitlines() if "accuracy" in row)
     finished = 8 - json.loads(cli("run", str(tmp_path / "flow.yaml"), "--json").stdout)["failed"]

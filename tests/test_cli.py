@@ -432,8 +432,8 @@ def test_eval_budget_flags_bound_the_whole_evaluation(llm, tmp_path: Path) -> No
     assert report["budget_exceeded"] == "the data set's budget max_calls=10 is spent (10 calls made)"
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: the data set's budget max_calls=10 is spent (10 calls made) ({report['failed']} of 4 items "
-        "unfinished); raise it with --max-calls and run the evaluation again; each unfinished item's run can be "
-        "finished with `orchestra resume RUN_ID`")
+        "unfinished); raise it with --max-calls and run the evaluation again with --resume (finished items are "
+        "kept)")
     listed = json.loads(cli("runs", "--json").stdout)  # each run says which item it answered
     assert sorted(run["item"] for run in listed) == ["q0", "q1", "q2", "q3"]
     # the flags raise what one item's run may spend too: a pool's own per-run limit of 5 calls (an item

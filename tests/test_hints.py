@@ -51,8 +51,7 @@ def test_a_spent_shared_budget_tells_the_cli_how_to_finish_every_item() -> None:
     assert (error.value, error.spent) == (5, spent)
     assert str(BudgetExceeded(limit="max_tokens", value=1e6, spent=spent, run_id="r")).startswith(
         "budget max_tokens=1000000 reached")  # not 1e+06
-    advice = ("raise budget.max_tokens in the workflow (or --max-tokens); each unfinished item's run can be finished "
-              "with `orchestra resume RUN_ID`")
+    advice = "raise budget.max_tokens in the workflow (or --max-tokens) and run it again with --resume (finished items are kept)"
     assert cli_message(error) == f"{error}; {advice}"
     assert budget_hint(f"{error} (3 of 5 items unfinished)", None) == advice
 
