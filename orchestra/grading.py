@@ -37,14 +37,43 @@ class Grader(Protocol):
         """Whether ``text`` answers ``item`` correctly."""
 
 
-# "the / final / my / correct answer is", or "Answer:" opening a line or a sentence ("**Answer**: B"
-# too); not "its answer is 4", which speaks of something else
-_ANSWER_IS = re.compile(r"(?:\b(?:the|final|my|correct|right)\s+answer|(?:^|(?<=[.!?]\s))[^\w\n]*answer)"
-                        r"[\s*_]*(?:is|:)\s*", re.IGNORECASE | re.MULTILINE)
+# "the answer is", "Answer:", "The best answer is"...; not "its answer is 4" or "a wrong answer is",
+# which speak of something else (Python's lookbehinds are of a fixed width: one per word)
+_ANSWER_IS = re.compile("".join(rf"(?<!\b{word} )" for word in ("its", "his", "her", "their", "your", "wrong",
+                                                                 "incorrect", "an"))
+                        + r"\banswer[\s*_]*(?:is|:)\s*", re.IGNORECASE)
 
-
-#: where a clause's sentence ends: a stop, then a space or the end ("2.5" and "1,000" go on)
+#: a stop that may end a clause's sentence: then a space or the end ("2.5" and "1,000" go on)
 _SENTENCE_END = re.compile(r"[.!?;](?:\s|$)")
+#: words a full stop follows without ending a sentence
+_ABBREVIATIONS = frozenset({"approx", "ca", "cf", "co", "dr", "e.g", "eq", "etc", "fig", "ft", "i.e", "in", "inc",
+                            "jr", "ltd", "mr", "mrs", "ms", "mt", "no", "prof", "sr", "st", "vol", "vs"})
+
+
+def _sentence(line: str) -> str:
+    """``line`` to the end of its first sentence; a stop after an abbreviation ("Dr.", "approx.") or
+    an initial ("J. K. Rowling"), or before a word in lower case ("E. coli"), goes on."""
+    for end in _SENTENCE_END.finditer(line):
+        if line[end.start()] == ".":
+            before = line[:end.start()].split()
+            word = before[-1].lstrip("(*_\"'").lower() if before else ""
+            rest = line[end.end():].lstrip()
+            if (word in _ABBREVIATIONS or rest[:1].islower()
+                    or (len(word) == 1 and word.isalpha() and _initial_follows(rest))):
+                continue
+        return line[:end.start()]
+    return line
+
+
+def _initial_follows(rest: str) -> bool:
+    """Whether the text after "X. " goes on with a name ("K. Rowling", "Einstein"), not a sentence
+    ("A is wrong", "It is")."""
+    words = rest.split(maxsplit=2)
+    if not words or not words[0][:1].isupper():
+        return False
+    if len(words[0].rstrip(".")) == 1:  # another initial, or a letter that opens a sentence ("A is wrong")
+        return words[0].endswith(".")
+    return len(words) < 2 or words[1][:1].isupper() or not words[0].isalpha()
 
 
 def _answer_clause(text: str) -> str | None:
@@ -53,17 +82,20 @@ def _answer_clause(text: str) -> str | None:
     is 7") or repeats the question's own "the answer is" before its answer is read by its final
     word, and one that explains itself after ("The answer is Paris. It is the capital.") by its answer."""
     for found in reversed(list(_ANSWER_IS.finditer(text))):
-        line = text[found.end():].split("\n", 1)[0]
-        end = _SENTENCE_END.search(line)
-        clause = (line[:end.start()] if end else line).strip()
+        clause = _sentence(text[found.end():].split("\n", 1)[0]).strip()
         if clause:
             return clause
     return None
 
 
 def _chosen_letter(clause: str, valid: str) -> str | None:
-    """The option an answer clause names: the first "(c)" or standalone capital letter ("I'd" and
-    the article "a" are words, not options), else a clause that is a single letter of either case."""
+    """The option an answer clause names: one it opens with ("b) 42", "option b.", "(C)"), else the
+    first "(c)" or standalone capital letter in it ("I'd" and the article "a" are words, not
+    options), else a clause that is a single letter of either case."""
+    opening = re.match(rf"[\s*_]*(?:option|choice)?\s*\(?([{valid}{valid.lower()}])(?:\)|(?=[.,:;]|$))", clause,
+                       re.IGNORECASE)
+    if opening:
+        return opening.group(1).upper()
     match = re.search(rf"\(([{valid}{valid.lower()}])\)|\b([{valid}])\b(?!['’])", clause)
     if match:
         return (match.group(1) or match.group(2)).upper()
@@ -206,13 +238,15 @@ class AutoGrader:
     def pick(self, item: Item | None, text: str = "") -> Grader:
         """The grader for this item; with no item (voting), the one the answer's own form calls for:
         a lone option letter ("The answer is (A)") is multiple choice, a number is numeric."""
-        if item is None:  # by the clause's first word: "(C)", "21 (3 times 7)", "Paris"
+        if item is None:  # by the clause's first word: "(C)", "b)", "21 (3 times 7)", "Paris"
             clause = _answer_clause(strip_reasoning(text)) or ""
-            first = clause.split(maxsplit=1)[0].rstrip(".,:") if clause.strip() else ""
-            if _LONE_LETTER.fullmatch(first) and (first.startswith("(") or first.isupper() or first == clause.strip()):
-                return self.mc
-            return self.numeric if first and normalize_number(first) is not None else self.exact
-        if item.choices:
+            first = clause.split(maxsplit=1)[0] if clause.strip() else ""
+            bare = first.rstrip(".,:;")
+            if _LONE_LETTER.fullmatch(bare) and (bare != first.rstrip(".") or bare == clause.strip(" .")
+                                                 or bare.startswith("(") or bare.endswith(")")):
+                return self.mc  # "(C)", "b)", "C,", a clause that is the letter: not "J. K. Rowling"
+            return self.numeric if bare and normalize_number(bare) is not None else self.exact
+        if item.choices or _LONE_LETTER.fullmatch(item.answer.strip()):  # a letter answers a choice
             return self.mc
         if normalize_number(item.answer) is not None:
             return self.numeric

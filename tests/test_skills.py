@@ -109,6 +109,8 @@ def test_embedding_matcher_over_a_loopback_embeddings_endpoint(loopback) -> None
     ("**Answer**: D", "D"), ("Checked twice. Answer: (B)", "B"),
     ("The answer is a bit tricky, but it is (C).", "C"), ("My answer: I'd go with C.", "C"),  # words, not options
     ("The answer is, I'd say, (C).", "C"), ("The answer is C. A is wrong.", "C"),
+    ("The best answer is A. Option B is wrong because it is 4.", "A"), ("Hence, Answer: C. The others fail, e.g. D.", "C"),
+    ("A is tempting, but the answer is b, since 42 > 3", "B"), ("Answer: b) 42\nA would be wrong.", "B"),
 ])
 def test_multiple_choice_extraction(text: str, expected: str) -> None:
     item = Item(id="1", question="q", answer=expected, choices=("w", "x", "y", "z"))
@@ -130,6 +132,8 @@ def test_multiple_choice_reference_given_as_choice_text() -> None:
     ("At first I thought the answer is 5, but the answer is 7.", "7"),
     ("The answer is 4 because the answer: 9", "9"), ("The answer is 6. Final answer:", "6"),
     ("The answer is 12; option B is off since their answer is 15.", "12"), ("**Final answer:** 21", "21"),
+    ("Our answer is 42. It is not 43.", "42"), ("So, answer is 17. Because 10 + 7 = 17 and not 18", "17"),
+    ("The answer is approx. 3.14, rounded from 3.14159", "3.14"),  # ("approx." ends no sentence)
 ])
 def test_numeric_grading_normalises(text: str, reference: str) -> None:
     assert NumericGrader().grade(text, Item(id="1", question="q", answer=reference))
@@ -141,6 +145,11 @@ def test_an_answer_clause_ends_with_its_sentence() -> None:
     assert AutoGrader().grade("The answer is (C). Option A is wrong because its answer is 4.", letter)
     assert NumericGrader().extract("The answer is 2.5; it is half of 5.") == "5/2"  # (a decimal point goes on)
     assert not AutoGrader().grade("The answer is Lyon. Paris is the capital.", paris)
+    for name in ("Mt. Everest", "J. K. Rowling", "E. coli", "Dr. Watson"):  # a stop that ends no sentence
+        assert AutoGrader().grade(f"The answer is {name}. It is well known.", Item(id="3", question="q", answer=name))
+    # in a vote (no item) initials are a name, not an option: these two disagree
+    assert AutoGrader().extract("The answer is J. K. Rowling.") != AutoGrader().extract("The answer is J. R. R. Tolkien.")
+    assert AutoGrader().extract("The answer is C. A is wrong.") == "C"
 
 
 def test_numeric_wrong_and_missing() -> None:
