@@ -94,6 +94,10 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
 
         def interrupt() -> None:
             nonlocal interrupted
+            if interrupted:  # a second Ctrl-C: stop waiting (for a model load, a worker thread) at once
+                loop.remove_signal_handler(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+                return
             interrupted = True
             work.cancel()
 
@@ -516,7 +520,7 @@ class Orchestra:
             raise ConfigError(f"run {record.id} used pool {spec.pool}, which no longer exists")
         if spec.workflow is not None:
             pool = Workflow.load(spec.workflow.path, pool=Pool.load(spec.pool) if spec.pool else None,
-                                 text=None if reload else spec.workflow.source).pool
+                                 text=None if reload else spec.workflow.source, data=False).pool
         elif spec.pool:
             pool = Pool.load(spec.pool)
         else:
@@ -771,7 +775,7 @@ class Orchestra:
             raise ConfigError(f"run {record.id} is not a workflow run; --reload reads a workflow file again")
         ref = spec.workflow
         if ref is not None:  # the steps' prompts and the final template, as they were when it began
-            workflow = Workflow.load(ref.path, pool=self.pool, text=None if reload else ref.source)
+            workflow = Workflow.load(ref.path, pool=self.pool, text=None if reload else ref.source, data=False)
             if reload:  # the file as it is now, recorded as the run's from here on
                 plan = workflow.plan()
                 spec = spec.model_copy(update={

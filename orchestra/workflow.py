@@ -154,17 +154,18 @@ class Workflow:
         return self.pool.settings.layered(self.spec.settings, own)
 
     @classmethod
-    def load(cls, path: str | Path, *, pool: Pool | None = None, text: str | None = None) -> Workflow:
+    def load(cls, path: str | Path, *, pool: Pool | None = None, text: str | None = None,
+             data: bool | None = None) -> Workflow:
         """Read and fully validate a workflow file; ``pool`` replaces the file's own pool; ``text``:
-        the file's text as it was (a run's record), read instead of the file (its data set is not
-        read then: a recorded run holds its item's inputs)."""
+        the file's text as it was (a run's record), read instead of the file; ``data``: whether its
+        data set must be there (default: unless ``text`` is given; a recorded run holds its item's inputs)."""
         file = Path(path)
         document = read_yaml(file, text)
         if not isinstance(document.data, dict):
             raise document.error("a workflow file must be a mapping")
         spec = document.validate(WorkflowFile)
         workflow = cls(spec, document, pool or _load_pool(spec, document, file), file)
-        workflow._check(data=text is None)
+        workflow._check(data=text is None if data is None else data)
         return workflow
 
     # --- validation ------------------------------------------------------------------------
@@ -316,20 +317,18 @@ def _renderer(source: str, where: str, inputs: Mapping[str, Any]) -> Any:
     return render
 
 
-_DICT_READS = frozenset({"get", "items", "keys", "values"})  # a dict's methods a template may call
-
-
 def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:
     """``(name, "inputs" | "steps", line)`` for every ``inputs.x`` / ``steps.x`` (or ``["x"]``, or
     ``.get("x")``) in a template."""
     found = []
+    called = _called(tree)
     for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Call)):
         assert isinstance(node, (nodes.Getattr, nodes.Getitem, nodes.Call))
         base = node.node if isinstance(node, (nodes.Getattr, nodes.Getitem)) else _get_of(node)
         if not isinstance(base, nodes.Name) or base.name not in ("inputs", "steps"):
             continue
         if isinstance(node, nodes.Getattr):
-            if node.attr not in _DICT_READS:  # (steps.items() is the dict's, whatever the steps are named)
+            if id(node) not in called:  # (steps.items() is the dict's, whatever the steps are named)
                 found.append((node.attr, base.name, node.lineno))
             continue
         name = _constant(node.arg if isinstance(node, nodes.Getitem) else node.args[0])
@@ -342,6 +341,7 @@ def _step_parts(tree: nodes.Template) -> list[tuple[str, str, int]]:
     """``(step, part, line)`` for every ``steps.<id>.<part>`` (or ``["..."]``, or ``.get("...")``) in a
     template (a step picked by a computed name, ``steps[name]`` in a loop, is left to the run)."""
     found = []
+    called = _called(tree)
     for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Call)):
         assert isinstance(node, (nodes.Getattr, nodes.Getitem, nodes.Call))
         if isinstance(node, nodes.Call):
@@ -350,11 +350,16 @@ def _step_parts(tree: nodes.Template) -> list[tuple[str, str, int]]:
         else:
             name = _key(node.node, "steps")
             part = node.attr if isinstance(node, nodes.Getattr) else _constant(node.arg)
-            if isinstance(node, nodes.Getattr) and part in _DICT_READS:
+            if id(node) in called:  # steps.a.get(...), steps.a.items(): the dict's methods
                 continue
         if name is not None and part is not None:
             found.append((name, part, node.lineno))
     return found
+
+
+def _called(tree: nodes.Template) -> set[int]:
+    """The ids of the attribute reads a template calls (``x.items()``: a method, not a key)."""
+    return {id(call.node) for call in tree.find_all(nodes.Call) if isinstance(call.node, nodes.Getattr)}
 
 
 def _get_of(call: nodes.Call) -> nodes.Node | None:

@@ -123,7 +123,8 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
         return made
 
     # each run has its workflow's steps (or plans): no chunk of runs to recruit together
-    stream = orc.arun_iter(instances(), window=window, rare_filter=False, meta={"kind": "workflow"})
+    stream = orc.arun_iter(instances(), window=window, rare_filter=False,
+                           meta={"kind": "workflow", "pool_fingerprint": orc.pool.fingerprint()})
     try:
         async with contextlib.aclosing(stream) as results:
             async for position, result in results:
@@ -140,12 +141,14 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
 def _earlier_item_runs(orc: Orchestra, workflow: Workflow, items: list[tuple[Item, dict[str, Any]]],
                        budget: dict[str, Any]) -> dict[int, RunResult | str]:
     """Per item (by index): the result of its latest earlier run of this workflow (the same text,
-    inputs, pool and settings, a raised budget aside) if it finished, else that run's id to go on with."""
+    inputs, pool, as it answers, and settings, a raised budget aside) if it finished, else that
+    run's id to go on with."""
     if orc.store is None:
         raise ConfigError("resuming an evaluation reads the run store; drop --no-store")
     path, text = str(workflow.path.resolve()), workflow.document.text
     source = orc.pool.source
     pool = str(source.resolve()) if source else None  # (as a run's record names it)
+    fingerprint = orc.pool.fingerprint()  # (a pool file edited in place is another pool)
     planned = {"plan": True} if workflow.plan() is None else {}
     wanted = {item.id: (index, workflow.resolve_inputs(values),
                         orc.run_settings({"budget": budget, "seed": item_seed(orc.settings.seed, item.id), **planned}))
@@ -161,6 +164,7 @@ def _earlier_item_runs(orc: Orchestra, workflow: Workflow, items: list[tuple[Ite
         index, values, settings = wanted[record.item]
         ref = spec.workflow
         if (ref is not None and (ref.path, ref.source, ref.inputs, spec.pool) == (path, text, values, pool)
+                and spec.meta.get("pool_fingerprint") == fingerprint
                 and spec.settings.model_copy(update={"budget": settings.budget}) == settings):
             latest[index] = record
     earlier: dict[int, RunResult | str] = {}

@@ -361,7 +361,36 @@ except KeyboardInterrupt:
 """
 
 
+_SECOND_CTRL_C = """
+import asyncio, os, signal, sys, threading
+from orchestra.core import run_interruptibly
+
+stopping = threading.Event()
+
+def stuck():  # a worker thread that does not end (a model load): asyncio.run waits for it as it closes
+    stopping.wait()
+    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again
+    threading.Event().wait()
+
+async def work():
+    asyncio.get_running_loop().run_in_executor(None, stuck)
+    os.kill(os.getpid(), signal.SIGINT)
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        stopping.set()
+        raise
+
+try:
+    run_interruptibly(work())
+except KeyboardInterrupt:
+    print("escaped", flush=True)
+    os._exit(0)  # (the stuck thread would hold the interpreter's exit)
+"""
+
+
 @pytest.mark.parametrize("script, expected", [
+    (_SECOND_CTRL_C, "escaped"),  # (the second Ctrl-C was swallowed: it waited for the thread for ever)
     (_LATE_CTRL_C, "answered"),  # (was a KeyboardInterrupt traceback from inside asyncio.run's shutdown)
     (_SPAWNS_AS_IT_STOPS, "interrupted ['cancelled']"),  # (was destroyed pending: "Task was destroyed...")
 ])

@@ -105,6 +105,8 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
      "wf.yaml:3:7: task uses steps.draft, but the task is written before any step runs; use inputs there"),
     (GOOD.replace("inputs:\n", "task: 'On {{ steps.draft.output }}'\ninputs:\n", 1),
      "wf.yaml:8:7: task uses steps.draft, but the task is written before any step runs; use inputs there"),
+    (GOOD.replace("{{ steps.draft.output }}", "{{ steps.keys.output }}"),  # (only a called .keys() is the dict's)
+     "wf.yaml:20: step 'review' references unknown step 'keys'"),
     (GOOD.replace("{{ steps.draft.output }}", "{{ steps.draft.get('outptu') }}"),  # (it sent "None")
      "wf.yaml:20: step 'review' uses steps.draft.outptu; a step has output (its text) and data"),
     ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
@@ -496,6 +498,10 @@ def test_a_data_set_items_run_resumes_without_its_data_set_and_names_a_missing_p
     assert resumed.returncode == 0, resumed.stderr  # (was: data set not found)
     assert json.loads(resumed.stdout)["status"] == "done" and len(server.requests) == 2
     run_id = stopped_item()
+    (tmp_path / "quiz.jsonl").unlink()
+    reloaded = cli("resume", run_id, "--reload", "--max-calls", "5", "--json")  # the file as it is now, no data set
+    assert reloaded.returncode == 0 and json.loads(reloaded.stdout)["status"] == "done", reloaded.stderr
+    run_id = stopped_item()
     pool.unlink()
     gone = cli("resume", run_id)
     assert (gone.returncode, gone.stderr) == (2, f"error: run {run_id} used pool {pool}, which no longer exists\n")
@@ -593,6 +599,9 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
     again, sent = evaluate("--resume")
     assert (again["reused"], again["correct"], sent) == (3, 3, 0)  # nothing is sent again
     assert evaluate("--resume", "--k", "2")[0]["reused"] == 0  # other settings: other runs
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(pool.read_text().replace("model: alpha\n", "model: alpha-2\n", 1))  # another model behind alpha
+    assert evaluate("--resume", "--k", "2")[0]["reused"] == 0  # (its answers were reused)
     path.write_text(path.read_text().replace("Check: ", "Verify: "))
     edited, sent = evaluate("--resume")
     assert (edited["reused"], edited["resumed"], sent) == (0, 0, 6)  # another workflow text: every item runs
