@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,8 +161,6 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     crash, a budget) is resumed under its own id (recorded calls replayed, its experts kept), and
     the others run. The budget then bounds what is spent now.
     """
-    import asyncio
-
     from orchestra.core import Instance  # here: the command line reads METHODS without loading the pipeline
 
     if method is not None and method not in METHODS:
@@ -211,29 +209,42 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
             if isinstance(finished, RunResult):
                 tally.add(index, items[index], finished)
         shared = BudgetTracker(budget, None) if budget is not None else None
-        stream = orchestra.arun_iter(instances, meta=meta, shared_budget=shared, **given)
-        try:
-            async with contextlib.aclosing(stream) as results:
-                async for position, result in results:
-                    tally.add(todo[position], items[todo[position]], result)
-        except asyncio.CancelledError:
-            if on_cancel is not None:
-                stopped = tally.report(name, elapsed_s=time.perf_counter() - started,
-                                       model_loads=loads_since(orchestra, loads_before))
-                stopped.interrupted = True
-                _count_earlier(stopped, earlier)
-                on_cancel(stopped)
-            raise
-    report = tally.report(name, elapsed_s=time.perf_counter() - started,
-                          model_loads=loads_since(orchestra, loads_before),
-                          budget_exceeded=str(shared.exceeded) if shared is not None and shared.exceeded else None)
-    _count_earlier(report, earlier)
-    return report
+
+        def report(**extra: Any) -> EvalReport:
+            return count_earlier(tally.report(name, elapsed_s=time.perf_counter() - started,
+                                              model_loads=loads_since(orchestra, loads_before), **extra), earlier)
+
+        await grade_as_they_finish(orchestra.arun_iter(instances, meta=meta, shared_budget=shared, **given), tally,
+                                   [(index, items[index]) for index in todo], report, on_cancel)
+    return report(budget_exceeded=str(shared.exceeded) if shared is not None and shared.exceeded else None)
 
 
-def _count_earlier(report: EvalReport, earlier: dict[int, RunResult | dict[str, Any]]) -> None:
+async def grade_as_they_finish(stream: AsyncGenerator[tuple[int, RunResult], None], tally: Tally,
+                               todo: Sequence[tuple[int, Item]], report: Callable[[], EvalReport],
+                               on_cancel: Callable[[EvalReport], None] | None) -> None:
+    """Grade each run of ``stream`` (``arun_iter``'s, its positions those of ``todo``: the data
+    set's index and item) as it finishes; cancelled, give ``on_cancel`` the ``report()`` so far."""
+    import asyncio  # (loaded already wherever there is an event loop)
+
+    try:
+        async with contextlib.aclosing(stream) as results:
+            async for position, result in results:
+                index, item = todo[position]
+                tally.add(index, item, result)
+    except asyncio.CancelledError:
+        if on_cancel is not None:
+            stopped = report()
+            stopped.interrupted = True
+            on_cancel(stopped)
+        raise
+
+
+def count_earlier(report: EvalReport, earlier: Mapping[int, object]) -> EvalReport:
+    """``report`` with its ``reused`` (earlier runs that finished: results) and ``resumed`` (the
+    others, gone on with) counted from ``earlier``, per item index."""
     report.reused = sum(isinstance(finished, RunResult) for finished in earlier.values())
     report.resumed = len(earlier) - report.reused
+    return report
 
 
 def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings,

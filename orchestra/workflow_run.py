@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -16,7 +14,7 @@ from orchestra.budget import BudgetTracker
 from orchestra.core import DEFAULT_WINDOW, Instance, Orchestra, run_sync
 from orchestra.datasets import Item, load_dataset
 from orchestra.errors import ConfigError
-from orchestra.evaluate import EvalReport, Tally, loads_since
+from orchestra.evaluate import EvalReport, Tally, count_earlier, grade_as_they_finish, loads_since
 from orchestra.grading import answer_format, get_grader
 from orchestra.result import RunResult
 from orchestra.settings import RunSpec, Settings, WorkflowRef
@@ -116,25 +114,13 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     started = time.perf_counter()
 
     def report(**extra: Any) -> EvalReport:
-        made = tally.report(workflow.name, elapsed_s=time.perf_counter() - started,
-                            model_loads=loads_since(orc, loads_before), **extra)
-        made.reused = sum(isinstance(finished, RunResult) for finished in earlier.values())
-        made.resumed = len(earlier) - made.reused
-        return made
+        return count_earlier(tally.report(workflow.name, elapsed_s=time.perf_counter() - started,
+                                          model_loads=loads_since(orc, loads_before), **extra), earlier)
 
     # each run has its workflow's steps (or plans): no chunk of runs to recruit together
     stream = orc.arun_iter(instances(), window=window, rare_filter=False,
                            meta={"kind": "workflow", "pool_fingerprint": orc.pool.fingerprint()})
-    try:
-        async with contextlib.aclosing(stream) as results:
-            async for position, result in results:
-                tally.add(todo[position], items[todo[position]], result)
-    except asyncio.CancelledError:
-        if on_cancel is not None:
-            stopped = report()
-            stopped.interrupted = True
-            on_cancel(stopped)
-        raise
+    await grade_as_they_finish(stream, tally, [(index, items[index]) for index in todo], report, on_cancel)
     return report(budget_exceeded=str(shared.exceeded) if shared.exceeded else None)
 
 

@@ -424,7 +424,9 @@ def test_a_given_grader_grades_a_data_set_workflow(loopback_pool, tmp_path: Path
     assert accuracy() == 0.0 and accuracy("--grader", "numeric") == 1.0  # the flag wins over the file
 
 
-def test_resume_renders_the_workflow_as_it_was_when_the_run_began(loopback, tmp_path: Path) -> None:
+def stopped_after_step_a(loopback, tmp_path: Path) -> tuple[Any, Path, str]:
+    """A two-step workflow run (b needs a) that its budget stopped after step a: the server, the
+    workflow file and the run's id."""
     server = loopback(ScriptedLLM().handler())
     write_pool(tmp_path, server.url)
     path = write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: a\n    agent: alpha-expert\n"
@@ -432,7 +434,11 @@ def test_resume_renders_the_workflow_as_it_was_when_the_run_began(loopback, tmp_
                            "    prompt: 'Check this: {{ steps.a.output }}'\n")
     stopped = cli("run", str(path), "--max-calls", "1", "--json")
     assert stopped.returncode == 3, stopped.stderr  # step a answered, b refused by the budget
-    run_id = json.loads(stopped.stdout)["run_id"]
+    return server, path, json.loads(stopped.stdout)["run_id"]
+
+
+def test_resume_renders_the_workflow_as_it_was_when_the_run_began(loopback, tmp_path: Path) -> None:
+    server, path, run_id = stopped_after_step_a(loopback, tmp_path)
     sent = [r.prompt for r in server.requests]
     path.write_text(path.read_text().replace("Draft a note on tides", "Draft a note on volcanoes")
                     .replace("id: a", "id: first").replace("[a]", "[first]").replace("steps.a.", "steps.first."))
@@ -446,15 +452,9 @@ def test_resume_renders_the_workflow_as_it_was_when_the_run_began(loopback, tmp_
 
 
 def test_resume_needs_no_workflow_file(loopback, tmp_path: Path) -> None:
-    server = loopback(ScriptedLLM().handler())
-    write_pool(tmp_path, server.url)
-    path = write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: a\n    agent: alpha-expert\n"
-                           "    prompt: Draft a note on tides\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
-                           "    prompt: 'Check this: {{ steps.a.output }}'\n")
-    stopped = cli("run", str(path), "--max-calls", "1", "--json")
-    assert stopped.returncode == 3, stopped.stderr
+    server, path, run_id = stopped_after_step_a(loopback, tmp_path)
     path.unlink()  # moved away (or broken): the run's record holds the text it began with
-    resumed = cli("resume", json.loads(stopped.stdout)["run_id"], "--max-calls", "5", "--json")
+    resumed = cli("resume", run_id, "--max-calls", "5", "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["status"] == "done" and len(server.requests) == 2
 
