@@ -459,12 +459,18 @@ def test_resume_needs_no_workflow_file(loopback, tmp_path: Path) -> None:
     assert json.loads(resumed.stdout)["status"] == "done" and len(server.requests) == 2
 
 
-def test_a_step_that_cannot_render_is_a_user_error_even_when_another_step_answered(loopback, tmp_path: Path) -> None:
+def two_steps_apart(loopback, tmp_path: Path, b_prompt: str) -> tuple[Any, Path]:
+    """A workflow of two steps that do not need each other (a drafts; b's prompt is ``b_prompt``, a
+    YAML scalar) on a scripted loopback pool: the server and the file."""
     server = loopback(ScriptedLLM().handler())
     write_pool(tmp_path, server.url)
-    path = write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: a\n    agent: alpha-expert\n"
-                           "    prompt: Draft a note on tides\n  - id: b\n    agent: beta-expert\n"
-                           "    prompt: 'Count {{ 9 ** (9 ** 9) }}'\n")
+    return server, write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+                                   "    prompt: Draft a note on tides\n  - id: b\n    agent: beta-expert\n"
+                                   f"    prompt: {b_prompt}\n")
+
+
+def test_a_step_that_cannot_render_is_a_user_error_even_when_another_step_answered(loopback, tmp_path: Path) -> None:
+    server, path = two_steps_apart(loopback, tmp_path, "'Count {{ 9 ** (9 ** 9) }}'")
     assert cli("validate", str(path)).returncode == 0  # (validate never evaluates expressions)
     done = cli("run", str(path), "--json")
     assert json.loads(done.stdout)["status"] == "partial" and len(server.requests) == 1  # a answered
@@ -508,11 +514,8 @@ def test_a_data_set_items_run_resumes_without_its_data_set_and_names_a_missing_p
 
 
 def test_resume_reload_finishes_a_run_with_the_template_fixed_since(loopback, tmp_path: Path) -> None:
-    server = loopback(ScriptedLLM().handler())
-    write_pool(tmp_path, server.url)
-    path = write(tmp_path, "name: two\npool: pool.yaml\nsteps:\n  - id: a\n    agent: alpha-expert\n"
-                           "    prompt: Draft a note on tides\n  - id: b\n    agent: beta-expert\n"
-                           "    prompt: \"Check: {% for id in ['a'] %}{{ steps[id].output }}{% endfor %}\"\n")
+    server, path = two_steps_apart(loopback, tmp_path,
+                                   "\"Check: {% for id in ['a'] %}{{ steps[id].output }}{% endfor %}\"")
     failed = cli("run", str(path), "--json")  # b reads a without needing it: nothing to read when it renders
     assert failed.returncode == 2 and "'dict object' has no attribute 'a'" in failed.stderr, failed.stderr
     run_id = json.loads(failed.stdout)["run_id"]
