@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.datasets import Dataset, Item
@@ -19,8 +19,10 @@ from orchestra.result import RunResult
 
 if TYPE_CHECKING:
     from orchestra.core import Orchestra
-    from orchestra.settings import Settings
+    from orchestra.settings import RunSpec, Settings
     from orchestra.store import RunRecord
+
+T = TypeVar("T")
 
 #: method (one of ``vocabulary.METHOD_NAMES``) -> (recruiting mode, aggregation, k or None for the caller's k)
 METHODS: dict[str, tuple[str, str, int | None]] = {
@@ -254,34 +256,49 @@ def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings
     differ: a raised one goes on with it): the result if it finished, else the ``Instance`` options that go
     on with it (its id, and its experts where it had recruited them, so its recorded expert calls
     are replayed)."""
+    source = orchestra.pool.source
+    pool = str(source.resolve()) if source else None  # (as a run's record names it)
+    wanted = {item.id: (index, (item.prompt(), answer_format(item), settings, pool))
+              for index, item in enumerate(items)}
+    fingerprint = meta.get("pool_fingerprint")
+
+    def match(record: RunRecord, spec: RunSpec) -> int | None:
+        # runs stored before fingerprints were recorded have none: their pool file's path decides, as it did then
+        if record.item not in wanted or spec.meta.get("pool_fingerprint", fingerprint) != fingerprint:
+            return None
+        index, asked = wanted[record.item]
+        same = (spec.task, spec.answer_format, spec.settings.model_copy(update={"budget": settings.budget}), spec.pool)
+        return index if same == asked else None
+
+    def going_on(record: RunRecord, spec: RunSpec) -> dict[str, Any]:
+        return {"run_id": record.id, **({"experts": spec.pinned} if spec.pinned else {})}
+
+    query = {name: value for name, value in meta.items() if name != "pool_fingerprint"}
+    return earlier_item_runs(orchestra, query, match, going_on)
+
+
+def earlier_item_runs(orchestra: Orchestra, meta: dict[str, str], match: Callable[[RunRecord, RunSpec], int | None],
+                      going_on: Callable[[RunRecord, RunSpec], T]) -> dict[int, RunResult | T]:
+    """What a resumed data-set run keeps of its earlier runs. Of the stored runs with this ``meta``,
+    ``match`` names the item (by index) each one answered the same way, or None; per item, its
+    latest match's result if that run finished, else ``going_on`` of it (how its run goes on)."""
     from orchestra.settings import RunSpec
 
     if orchestra.store is None:
         raise ConfigError("resuming an evaluation reads the run store; drop --no-store")
-    source = orchestra.pool.source
-    pool = str(source.resolve()) if source else None  # (as a run's record names it)
-    wanted = {item.id: (item.prompt(), answer_format(item), settings, pool) for item in items}
-    latest: dict[str, tuple[RunRecord, RunSpec]] = {}
-    fingerprint = meta.get("pool_fingerprint")
-    # runs stored before fingerprints were recorded have none: their pool file's path decides, as it did then
-    query = {name: value for name, value in meta.items() if name != "pool_fingerprint"}
-    for record in orchestra.store.runs_with_meta(**query):  # oldest first: the latest that matches wins
+    latest: dict[int, tuple[RunRecord, RunSpec]] = {}
+    for record in orchestra.store.runs_with_meta(**meta):  # oldest first: the latest that matches wins
         try:
             spec = RunSpec.from_record(record.config, record.task)
         except ValueError:  # a damaged record: not one to go on with
             continue
-        if spec.meta.get("pool_fingerprint", fingerprint) != fingerprint:
-            continue
-        asked = (spec.task, spec.answer_format, spec.settings.model_copy(update={"budget": settings.budget}), spec.pool)
-        if record.item in wanted and asked == wanted[record.item]:
-            latest[record.item] = (record, spec)
-    earlier: dict[int, RunResult | dict[str, Any]] = {}
-    for index, item in enumerate(items):
-        if item.id not in latest:
-            continue
-        record, spec = latest[item.id]
+        index = match(record, spec)
+        if index is not None:
+            latest[index] = (record, spec)
+    earlier: dict[int, RunResult | T] = {}
+    for index, (record, spec) in sorted(latest.items()):
         finished = orchestra.store.result(record.id) if record.status == "done" else None
-        earlier[index] = finished or {"run_id": record.id, **({"experts": spec.pinned} if spec.pinned else {})}
+        earlier[index] = finished or going_on(record, spec)
     return earlier
 
 

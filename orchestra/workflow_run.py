@@ -14,7 +14,7 @@ from orchestra.budget import BudgetTracker
 from orchestra.core import DEFAULT_WINDOW, Instance, Orchestra, run_sync
 from orchestra.datasets import Item, load_dataset
 from orchestra.errors import ConfigError
-from orchestra.evaluate import EvalReport, Tally, count_earlier, grade_as_they_finish, loads_since
+from orchestra.evaluate import EvalReport, Tally, count_earlier, earlier_item_runs, grade_as_they_finish, loads_since
 from orchestra.grading import answer_format, get_grader
 from orchestra.result import RunResult
 from orchestra.settings import RunSpec, Settings, WorkflowRef
@@ -129,8 +129,6 @@ def _earlier_item_runs(orc: Orchestra, workflow: Workflow, items: list[tuple[Ite
     """Per item (by index): the result of its latest earlier run of this workflow (the same text,
     inputs, pool, as it answers, and settings, a raised budget aside) if it finished, else that
     run's id to go on with."""
-    if orc.store is None:
-        raise ConfigError("resuming an evaluation reads the run store; drop --no-store")
     path, text = str(workflow.path.resolve()), workflow.document.text
     source = orc.pool.source
     pool = str(source.resolve()) if source else None  # (as a run's record names it)
@@ -139,25 +137,18 @@ def _earlier_item_runs(orc: Orchestra, workflow: Workflow, items: list[tuple[Ite
     wanted = {item.id: (index, workflow.resolve_inputs(values),
                         orc.run_settings({"budget": budget, "seed": item_seed(orc.settings.seed, item.id), **planned}))
               for index, (item, values) in enumerate(items)}
-    latest: dict[int, RunRecord] = {}
-    for record in orc.store.runs_with_meta(kind="workflow"):  # oldest first: the latest that matches wins
+
+    def match(record: RunRecord, spec: RunSpec) -> int | None:
         if record.item not in wanted:
-            continue
-        try:
-            spec = RunSpec.from_record(record.config, record.task)
-        except ValueError:  # a damaged record: not one to go on with
-            continue
+            return None
         index, values, settings = wanted[record.item]
         ref = spec.workflow
-        if (ref is not None and (ref.path, ref.source, ref.inputs, spec.pool) == (path, text, values, pool)
+        same = (ref is not None and (ref.path, ref.source, ref.inputs, spec.pool) == (path, text, values, pool)
                 and spec.meta.get("pool_fingerprint") == fingerprint
-                and spec.settings.model_copy(update={"budget": settings.budget}) == settings):
-            latest[index] = record
-    earlier: dict[int, RunResult | str] = {}
-    for index, record in latest.items():
-        finished = orc.store.result(record.id) if record.status == "done" else None
-        earlier[index] = finished or record.id
-    return earlier
+                and spec.settings.model_copy(update={"budget": settings.budget}) == settings)
+        return index if same else None
+
+    return earlier_item_runs(orc, {"kind": "workflow"}, match, lambda record, spec: record.id)
 
 
 def item_seed(seed: int, item_id: str) -> int:
