@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from orchestra.errors import BadResponse
-from orchestra.models.base import ModelBase
-from orchestra.models.http import CallPolicy, Endpoint, display_url, endpoint_for
+from orchestra.models.http import Endpoint, EndpointModel, display_url
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.structured import with_instructions
@@ -19,7 +18,7 @@ API_VERSION = "2023-06-01"
 _TOOL = "respond"
 
 
-class Anthropic(ModelBase):
+class Anthropic(EndpointModel):
     """Claude through ``POST /v1/messages``.
 
     Structured output is asked for as a forced tool call whose input schema is the output schema;
@@ -35,8 +34,6 @@ class Anthropic(ModelBase):
             ``OpenAICompatible``.
     """
 
-    counts_requests = True  # the endpoint counts every attempt it sends
-
     def __init__(self, *, model: str, base_url: str = ANTHROPIC_URL, api_key_env: str | None = "ANTHROPIC_API_KEY",
                  max_tokens: int = 1024, endpoint: Endpoint | None = None, max_concurrency: int | None = None,
                  rpm: float | None = None,
@@ -47,17 +44,8 @@ class Anthropic(ModelBase):
         self.name = name or model
         self.default_max_tokens = max_tokens
         self.price = coerce_price(prices, model)
-        self.endpoint = endpoint_for(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm)
-        self.policy = CallPolicy.of(timeout=timeout, deadline=deadline, max_attempts=max_attempts)
-
-    async def aclose(self) -> None:
-        """Close the endpoint's connections in this event loop."""
-        await self.endpoint.aclose()
-
-    @property
-    def fan_out(self) -> int:
-        """The endpoint's concurrency limit: more requests at once would only wait for it."""
-        return self.endpoint.max_concurrency
+        self._connect(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm, timeout=timeout,
+                      deadline=deadline, max_attempts=max_attempts)
 
     @property
     def identity(self) -> str:

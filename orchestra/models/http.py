@@ -27,7 +27,7 @@ from orchestra.errors import (
     RequestRejected,
     RequestTimeout,
 )
-from orchestra.models.base import notify_downgrade, notify_retry
+from orchestra.models.base import ModelBase, notify_downgrade, notify_retry
 from orchestra.models.deadlines import Deadlines
 from orchestra.models.metering import count_request
 from orchestra.models.negotiation import Capabilities, refused_feature
@@ -441,3 +441,28 @@ def endpoint_for(endpoint: Endpoint | None, base_url: str, api_key_env: str | No
     if max_concurrency is not None or rpm is not None:
         raise ConfigError(f"max_concurrency and rpm are limits of the shared endpoint {endpoint!r}; set them there")
     return endpoint
+
+
+class EndpointModel(ModelBase):
+    """A model behind an HTTP endpoint: the endpoint's connection and rate limits (shared with the
+    other models on it), and this model's own policy for how long and how often a call may try."""
+
+    counts_requests = True  # the endpoint counts every attempt it sends
+    endpoint: Endpoint
+    policy: CallPolicy
+
+    def _connect(self, endpoint: Endpoint | None, base_url: str, api_key_env: str | None, *,
+                 max_concurrency: int | None, rpm: float | None, timeout: float | None, deadline: float | None,
+                 max_attempts: int | None) -> None:
+        """Take the shared ``endpoint`` (or make a private one for ``base_url``) and set the policy."""
+        self.endpoint = endpoint_for(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm)
+        self.policy = CallPolicy.of(timeout=timeout, deadline=deadline, max_attempts=max_attempts)
+
+    async def aclose(self) -> None:
+        """Close the endpoint's connections in this event loop."""
+        await self.endpoint.aclose()
+
+    @property
+    def fan_out(self) -> int:
+        """The endpoint's concurrency limit: more requests at once would only wait for it."""
+        return self.endpoint.max_concurrency

@@ -7,8 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from orchestra.errors import BadResponse
-from orchestra.models.base import ModelBase
-from orchestra.models.http import CallPolicy, Endpoint, display_url, endpoint_for
+from orchestra.models.http import Endpoint, EndpointModel, display_url
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.structured import with_instructions
@@ -29,7 +28,7 @@ def json_mode(capabilities: Capabilities, *, schema: bool) -> JsonMode:
     raise AssertionError("unreachable")  # pragma: no cover - "prompt" is always allowed
 
 
-class OpenAICompatible(ModelBase):
+class OpenAICompatible(EndpointModel):
     """Chat Completions over one shared ``httpx.AsyncClient`` per endpoint.
 
     Args:
@@ -49,8 +48,6 @@ class OpenAICompatible(ModelBase):
         extra_body: extra fields sent with every request.
     """
 
-    counts_requests = True  # the endpoint counts every attempt it sends
-
     def __init__(self, *, model: str, base_url: str = OPENAI_URL, api_key_env: str | Literal["auto"] | None = "auto",
                  endpoint: Endpoint | None = None, max_concurrency: int | None = None, rpm: float | None = None,
                  timeout: float | None = None,
@@ -65,17 +62,8 @@ class OpenAICompatible(ModelBase):
         self.name = name or model
         self.price = coerce_price(prices, model)
         self.extra_body = dict(extra_body or {})
-        self.endpoint = endpoint_for(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm)
-        self.policy = CallPolicy.of(timeout=timeout, deadline=deadline, max_attempts=max_attempts)
-
-    async def aclose(self) -> None:
-        """Close the endpoint's connections in this event loop."""
-        await self.endpoint.aclose()
-
-    @property
-    def fan_out(self) -> int:
-        """The endpoint's concurrency limit: more requests at once would only wait for it."""
-        return self.endpoint.max_concurrency
+        self._connect(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm, timeout=timeout,
+                      deadline=deadline, max_attempts=max_attempts)
 
     @property
     def identity(self) -> str:
