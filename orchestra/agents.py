@@ -16,7 +16,7 @@ from orchestra.models import ChatRequest, Model
 from orchestra.models.base import model_identity
 from orchestra.models.config import ModelSpec, build_models
 from orchestra.models.pricing import FREE
-from orchestra.profile import SkillProfile, load_profiles
+from orchestra.profile import SkillProfile, load_profiles, model_id
 from orchestra.recruit import (
     DEFAULT_AGGREGATION_TOKENS,
     DEFAULT_ANSWER_TOKENS,
@@ -204,6 +204,28 @@ class Pool:
             endpoint = getattr(model, "endpoint", None)
             if endpoint is not None:
                 endpoint.api_key()
+
+    def profile_warnings(self) -> list[str]:
+        """What makes this pool's profiles unfit to route by, one line each: a ``profiles`` folder
+        that is not there, agents left unprofiled among profiled ones, and profiles measured on
+        another model than the agent now has."""
+        if self.profiles_dir is not None and not self.profiles_dir.is_dir():
+            return [f"the profiles folder {self.profiles_dir} does not exist: no agent has a measured profile, so "
+                    "recruiting cannot route by skill (check the pool's `profiles:` path, or run orchestra profile)"]
+        if not self.profiles:
+            return []
+        warnings = []
+        unprofiled = [agent.name for agent in self.agents if agent.name not in self.profiles]
+        if unprofiled:
+            warnings.append(f"{', '.join(unprofiled)} {'has' if len(unprofiled) == 1 else 'have'} no measured "
+                            "profile: recruited on a uniform prior until orchestra profile measures "
+                            f"{'it' if len(unprofiled) == 1 else 'them'}")
+        for agent in self.agents:
+            profile = self.profiles.get(agent.name)
+            if profile is not None and profile.provenance.model != model_id(agent.model):
+                warnings.append(f"the profile of {agent.name} was measured on {profile.provenance.model}, but the "
+                                f"pool now gives it {model_id(agent.model)}: run orchestra profile again")
+        return warnings
 
     def skill_table(self, config: RecruitConfig) -> SkillTable:
         """Profiles, cold starts and prices in the form the recruiter uses."""

@@ -264,8 +264,20 @@ def make_orchestra(pool: Pool, opts: dict[str, Any]) -> Orchestra:
     """An ``Orchestra`` from the shared flags; a missing API key stops here, before anything runs."""
     from orchestra.core import Orchestra
 
-    pool.check_credentials()
+    ready(pool)
     return Orchestra(pool, settings_from(opts), **orchestra_options(opts))
+
+
+def ready(pool: Pool) -> None:
+    """Before a command sends anything: stop on a missing API key, warn about profiles unfit to route by."""
+    pool.check_credentials()
+    warn_about_profiles(pool)
+
+
+def warn_about_profiles(pool: Pool) -> None:
+    """One warning line per reason the pool's profiles are unfit to route by (``Pool.profile_warnings``)."""
+    for line in pool.profile_warnings():
+        warnings.warn(line, UserWarning, stacklevel=2)
 
 
 def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]], opts: dict[str, Any],
@@ -374,7 +386,7 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, resume: bool
     if resume:  # (a mistyped --store would be a new, empty store: every item would run again)
         refuse_missing_store(opts["store_path"])
     given = parse_assignments(list(inputs))
-    flow.pool.check_credentials()
+    ready(flow.pool)
     layer = settings_from(opts)
     orc = orchestra_for(flow, layer, **orchestra_options(opts))
     if flow.spec.dataset is not None:
@@ -428,6 +440,7 @@ def agents(pool: Path | None, as_json: bool) -> None:
     from orchestra.view import terminal
 
     loaded = Pool.load(pool)
+    warn_about_profiles(loaded)
     table = loaded.skill_table(RecruitConfig())
     aggregator = loaded.choose_aggregator(table).name
     rows: list[dict[str, Any]] = []
@@ -449,7 +462,8 @@ def agents(pool: Path | None, as_json: bool) -> None:
     for column in ("agent", "model", "γ", "accuracy", "aggregation", "top skills / declared"):
         out.add_column(column)
     for row in rows:
-        skills = ", ".join(row["top_skills"]) if row["profiled"] else "(declared) " + ", ".join(row["declared_skills"])
+        skills = (", ".join(row["top_skills"]) if row["profiled"] else
+                  "(declared) " + ", ".join(row["declared_skills"]) if row["declared_skills"] else "(no profile)")
         out.add_row(row["name"], row["model"], f"{row['competence']:.3f}",
                     "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
                     aggregation_cell(loaded.profiles.get(row["name"])), skills)
@@ -901,7 +915,7 @@ def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, pres
     budget = (Budget(max_calls=total_max_calls, max_cost_usd=total_max_cost, max_tokens=total_max_tokens)
               if any(limit is not None for limit in limits) else None)
     loaded = Pool.load(pool)
-    loaded.check_credentials()
+    ready(loaded)
     application = serving.app(loaded, settings_from(opts), store=store_from(opts["store_path"], opts["no_store"]),
                               presets=serving.read_presets(presets_file) if presets_file else None,
                               api_key=api_key, budget=budget, max_request_bytes=max_request_bytes)

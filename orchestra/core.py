@@ -883,6 +883,9 @@ class Orchestra:
 
         outcomes = await asyncio.gather(*(recruit(run) for run in runs), return_exceptions=True)
         recruited = [(run, o) for run, o in zip(runs, outcomes) if not isinstance(o, BaseException)]
+        for run, outcome in zip(runs, outcomes):
+            if isinstance(outcome, Exception):  # (its keyword calls were made: not made again)
+                run.recruiting_failed(node, outcome)
         filtered = runs[0].stages.staffing.filter_rare([o for _, o in recruited],
                                                        seed=runs[0].settings.seed if seed is None else seed)
         for (run, _), recruitment in zip(recruited, filtered):

@@ -6,13 +6,33 @@ import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, ValidationError
 
 from orchestra.errors import ConfigError
 
 PROFILE_VERSION = 1
 _PAIR = re.compile(r"\[\s*([\d.]+),\s*([\d.]+)\s*\]")
+
+
+def _within_items(pair: tuple[int, int]) -> tuple[int, int]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"{pair[0]} correct of {pair[1]} items: (correct, items) needs correct <= items")
+    return pair
+
+
+def _known_version(version: int) -> int:
+    if version > PROFILE_VERSION:
+        raise ValueError(f"profile version {version} was written by a newer Orchestra (this one reads "
+                         f"{PROFILE_VERSION}); upgrade Orchestra")
+    return version
+
+
+#: (correct, items) of a benchmark: counts, the first at most the second
+Counts = Annotated[tuple[NonNegativeInt, NonNegativeInt], AfterValidator(_within_items)]
+#: (accuracy, standard deviation) of a posterior
+Estimate = tuple[Annotated[float, Field(ge=0, le=1)], NonNegativeFloat]
 
 
 class Provenance(BaseModel):
@@ -50,7 +70,7 @@ class SkillProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = PROFILE_VERSION
+    version: Annotated[int, AfterValidator(_known_version)] = PROFILE_VERSION
     agent: str
     skills: dict[str, int]
     accuracy: float = Field(ge=0, le=1)
@@ -58,12 +78,12 @@ class SkillProfile(BaseModel):
     aggregation_score: float | None = Field(default=None, ge=0, le=1)
     aggregation_items: int | None = Field(default=None, ge=0)
     aggregation_stderr: float | None = Field(default=None, ge=0)
-    aggregation_skills: dict[str, tuple[int, int]] = {}
+    aggregation_skills: dict[str, Counts] = {}
     aliases: dict[str, str] = {}
-    skill_counts: dict[str, tuple[int, int]] = {}
-    estimates: dict[str, tuple[float, float]] = {}
-    answer_tokens: tuple[float, float] | None = None
-    aggregation_tokens: tuple[float, float] | None = None
+    skill_counts: dict[str, Counts] = {}
+    estimates: dict[str, Estimate] = {}
+    answer_tokens: tuple[NonNegativeFloat, NonNegativeFloat] | None = None
+    aggregation_tokens: tuple[NonNegativeFloat, NonNegativeFloat] | None = None
     provenance: Provenance
 
     @property
@@ -94,20 +114,35 @@ class SkillProfile(BaseModel):
             raise ConfigError(f"cannot read profile ({error.strerror or error})", path=str(path)) from None
         except ValidationError as error:
             first = error.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"invalid skill profile: {where}: {first['msg']}", path=str(path)) from None
+            where = ".".join(str(p) for p in first["loc"])  # (none for a file that is not JSON)
+            why = first["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"invalid skill profile: {f'{where}: ' if where else ''}{why}",
+                              path=str(path)) from None
 
 
 def load_profiles(directory: str | Path) -> dict[str, SkillProfile]:
-    """Every ``*.json`` profile in ``directory`` by agent name (empty when the folder is absent)."""
+    """Every ``*.json`` profile in ``directory`` by agent name (empty when the folder is absent); two
+    files that profile one agent are refused (which one counts would depend on their names)."""
     folder = Path(directory)
     if not folder.is_dir():
         return {}
-    profiles = {}
+    profiles: dict[str, SkillProfile] = {}
+    files: dict[str, Path] = {}
     for path in sorted(folder.glob("*.json")):
         profile = SkillProfile.load(path)
-        profiles[profile.agent] = profile
+        if profile.agent in files:
+            raise ConfigError(f"{files[profile.agent].name} and {path.name} both profile agent {profile.agent!r}; "
+                              "keep one (move the other out of the folder)", path=str(folder))
+        profiles[profile.agent], files[profile.agent] = profile, path
     return profiles
+
+
+def model_id(model: object) -> str:
+    """What a model is, for provenance: ``Type:model id`` (a file's name, not its local path, for
+    in-process engines), never the pool's alias for it."""
+    path = getattr(model, "path", None)
+    detail = getattr(model, "model", None) or (Path(path).name if path else None) or getattr(model, "name", "")
+    return f"{type(model).__name__}:{detail}"
 
 
 def global_competence(totals: Mapping[str, float], temperature: float = 0.5) -> dict[str, float]:

@@ -35,9 +35,9 @@ from orchestra.events import Event, EventBus, UsageUpdated
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, answer_format, get_grader
 from orchestra.matching import SkillMatcher
-from orchestra.models import ChatResult, Model
+from orchestra.models import ChatResult
 from orchestra.pipeline.aggregation import Response, synthesize_prompt
-from orchestra.profile import Provenance, SkillProfile, global_competence
+from orchestra.profile import Provenance, SkillProfile, global_competence, model_id
 from orchestra.prompts import render_expert, template_hash
 from orchestra.skills import KeywordConfig, SkillExtractor
 from orchestra.variants import Vocabulary, merge_variants, pooled_counts
@@ -151,14 +151,6 @@ def save_profiles(report: ProfilingReport, directory: str | Path) -> list[Path]:
     """Write each profile as ``<directory>/<agent>.json``."""
     report.written = [profile.save(directory) for profile in report.profiles.values()]
     return report.written
-
-
-def model_id(model: Model) -> str:
-    """What a model is, for provenance: ``Type:model id`` (a file's name, not its local path, for
-    in-process engines), never the pool's alias for it."""
-    path = getattr(model, "path", None)
-    detail = getattr(model, "model", None) or (Path(path).name if path else None) or model.name
-    return f"{type(model).__name__}:{detail}"
 
 
 def mean_tokens(outcomes: Iterable[ChatResult | Exception]) -> tuple[float, float] | None:

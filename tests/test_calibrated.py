@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orchestra import Orchestra, RecruitConfig
 from orchestra.calibration import AgentSkills, Calibration, posterior
 from orchestra.datasets import Dataset
+from orchestra.errors import ConfigError
 from orchestra.grading import AutoGrader
 from orchestra.matching import Match
-from orchestra.profile import Provenance, SkillProfile
+from orchestra.profile import Provenance, SkillProfile, load_profiles
 from orchestra.profiling import build_profiles
 from orchestra.recruit import Recruiter, SkillTable
 from orchestra.result import RunResult
@@ -115,6 +119,38 @@ def test_profiles_from_before_calibration_still_route_by_their_net_scores() -> N
     assert pick.experts == ("chem",)
     pick = recruiter.recruit(["history"], [Match("history", "history", 1.0)], seed=0, k=1, mode="calibrated")
     assert pick.experts == ("hist",)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"skill_counts": {"arithmetic": [9, 3]}}, "skill_counts.arithmetic: 9 correct of 3 items"),
+    ({"skill_counts": {"arithmetic": [-3, 8]}}, "skill_counts.arithmetic.0: Input should be greater than or equal to 0"),
+    ({"aggregation_skills": {"math": [9, 2]}}, "aggregation_skills.math: 9 correct of 2 items"),
+    ({"estimates": {"math": [5.0, 0.1]}}, "estimates.math.0: Input should be less than or equal to 1"),
+    ({"estimates": {"math": [0.5, -0.1]}}, "estimates.math.1: Input should be greater than or equal to 0"),
+    ({"answer_tokens": [-1, 20]}, "answer_tokens.0: Input should be greater than or equal to 0"),
+    ({"version": 99}, "version: profile version 99 was written by a newer Orchestra"),
+])
+def test_a_profile_with_impossible_numbers_is_refused_when_it_loads(tmp_path: Path, change: dict[str, Any],
+                                                                    message: str) -> None:
+    # (counts beyond their items made a calibrated run fail on a math domain error, item after item)
+    path = tmp_path / "math.json"
+    path.write_text(json.dumps({**json.loads(_profile("math", 0.5, {"math": 2}).model_dump_json()), **change}))
+    with pytest.raises(ConfigError) as refused:
+        SkillProfile.load(path)
+    assert str(refused.value).startswith(f"{path}: invalid skill profile: {message}")
+
+
+def test_a_profile_that_is_not_json_is_refused_without_an_empty_location(tmp_path: Path) -> None:
+    (tmp_path / "math.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"math.json: invalid skill profile: Invalid JSON: EOF"):
+        SkillProfile.load(tmp_path / "math.json")
+
+
+def test_two_profiles_of_one_agent_are_refused_rather_than_one_chosen_by_file_name(tmp_path: Path) -> None:
+    _profile("bio", 0.9, {"biology": 5}).save(tmp_path)
+    (tmp_path / "bio.v1.json").write_text(_profile("bio", 0.1, {"biology": -5}).model_dump_json())
+    with pytest.raises(ConfigError, match=r"bio.json and bio.v1.json both profile agent 'bio'; keep one"):
+        load_profiles(tmp_path)
 
 
 # --- the market of specialists and generalists -----------------------------------------------

@@ -143,3 +143,38 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
     assert lonely.returncode == 2 and "add --sweep" in lonely.stderr
     dropped = cli("eval", "--pool", str(pool), "--data", str(test), "--lambdas", "0,1")  # (ran a plain eval)
     assert dropped.returncode == 2 and "--lambdas are the points of a sweep: add --sweep" in dropped.stderr
+
+
+def test_profiles_unfit_to_route_by_are_named_before_anything_runs(tmp_path: Path) -> None:
+    from orchestra.profile import Provenance, SkillProfile
+
+    for agent, model in (("math", "mathbot"), ("bio", "biobot")):
+        SkillProfile(agent=agent, skills={agent: 3}, accuracy=0.8, provenance=Provenance(
+            dataset="v.jsonl", dataset_sha256="x", items=10, model=f"OpenAICompatible:{model}")).save(tmp_path / "p")
+
+    def pool(profiles: str, math_model: str = "mathbot", extra: str = "") -> str:
+        models = "".join(f"\n  {m}: {{type: openai, model: {m}, base_url: 'http://127.0.0.1:9/v1', api_key_env: null}}"
+                         for m in ("mathbot", "biobot", "other"))
+        path = tmp_path / "pool.yaml"
+        path.write_text(f"models:{models}\nprofiles: {profiles}\nagents:\n  - {{name: math, model: {math_model}}}\n"
+                        f"  - {{name: bio, model: biobot}}\n{extra}")
+        return str(path)
+
+    fine = cli("agents", "--pool", pool("p"))
+    assert fine.returncode == 0 and fine.stderr == ""
+    mistyped = cli("agents", "--pool", pool("profils"))
+    assert mistyped.returncode == 0
+    assert mistyped.stderr.startswith(f"warning: the profiles folder {tmp_path / 'profils'} does not exist")
+    swapped = cli("agents", "--pool", pool("p", math_model="other"))
+    assert swapped.stderr == ("warning: the profile of math was measured on OpenAICompatible:mathbot, but the pool "
+                              "now gives it OpenAICompatible:other: run orchestra profile again\n")
+    joined = cli("agents", "--pool", pool("p", extra="  - {name: newbie, model: other}\n"))
+    assert joined.stderr == ("warning: newbie has no measured profile: recruited on a uniform prior until orchestra "
+                             "profile measures it\n")
+    assert "(no profile)" in joined.stdout and "(declared)" not in joined.stdout
+    # the commands that send requests warn too (eval stops later, at the closed port; the warning came first)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "1", "question": "1+1?", "answer": "2"}\n')
+    tried = cli("eval", "--pool", pool("p", math_model="other"), "--data", str(data), "--no-store",
+                env={"ORCHESTRA_ALLOW_MODEL_REQUESTS": "0"})
+    assert tried.stderr.startswith("warning: the profile of math was measured on OpenAICompatible:mathbot")

@@ -6,6 +6,8 @@ import asyncio
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -353,3 +355,18 @@ def test_a_task_that_is_not_text_is_one_line_before_any_call() -> None:
     with pytest.raises(ConfigError, match="^the task must be a string, not bytes$"):
         orc.run_many(["fine", b"bytes"])  # type: ignore[list-item]
     assert not any(m.requests for m in models.values())
+
+
+def test_a_run_whose_recruiting_failed_with_its_chunk_fails_without_paying_for_it_twice(tmp_path: Path) -> None:
+    class BrokenMatcher:
+        async def match(self, keywords: Sequence[str], vocabulary: Sequence[str]) -> list[Any]:
+            raise RuntimeError("matcher broke")
+
+    pool, models = scripted_pool(3, keywords=["algebra"])
+    orc = Orchestra(pool, k=2, store=tmp_path / "runs.db", matcher=BrokenMatcher())
+    results = orc.run_many(["What is 1 + 1?", "What is 2 + 2?"])
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert all("matcher broke" in (r.error or "") for r in results), [r.error for r in results]
+    # each run's 5 keyword samples were sent once, with its chunk; its own recruiting made no more
+    assert sum(kind_of(request) == "keywords" for request in models["planner"].requests) == 10
+    assert not any(models[f"m{i}"].requests for i in range(3))

@@ -191,6 +191,9 @@ class Run:
         self.ledger = ledger
         self.run_id = ledger.run_id
         self.pins: dict[str, Pin] = {node: Pin(tuple(names)) for node, names in spec.pinned.items()}
+        #: nodes whose recruiting failed before the run began (with its chunk of a data set): the error
+        #: it raises when it recruits them, rather than making the same calls again
+        self._recruit_errors: dict[str, Exception] = {}
         self.node_settings = node_settings or {}
         self.final_template = final
         self.on_answer_text = on_answer_text
@@ -219,6 +222,11 @@ class Run:
         """Fix a node's experts to this recruitment (and record them, so a resume keeps them)."""
         self.pins[node] = Pin(recruitment.experts, recruitment)
         self.spec.pinned[node] = list(recruitment.experts)
+
+    def recruiting_failed(self, node: str, error: Exception) -> None:
+        """The node's recruiting failed with its chunk (see ``Orchestra._recruit_together``): when
+        the run recruits it, it fails as it would have alone, with no second round of calls."""
+        self._recruit_errors[node] = error
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -399,6 +407,8 @@ class Run:
                       settings: NodeSettings = DEFAULT_NODE) -> Recruitment:
         """Staff a node (see ``Staffing.recruit``), reporting a failed skill extraction and the
         matcher's embedding requests."""
+        if node_id in self._recruit_errors:
+            raise self._recruit_errors.pop(node_id)
         state = self.traces.get(node_id)
         staffed = await self.stages.staffing.recruit(
             instruction, skills, self.caller("keywords", node_id),
