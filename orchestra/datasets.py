@@ -41,12 +41,27 @@ class Item(BaseModel):
     def _stringify(cls, value: Any) -> Any:
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
+    @field_validator("answer")
+    @classmethod
+    def _answered(cls, answer: str) -> str:
+        """A reference answer with text: an empty one could never be graded correct."""
+        if not answer.strip():
+            raise ValueError("the answer is empty: no reply could be graded correct against it")
+        return answer
+
     @field_validator("choices")
     @classmethod
     def _answer_among_choices(cls, choices: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
         """A multiple-choice answer is a letter of its choices, or one of their texts: any other
         could never be graded correct."""
         answer = info.data.get("answer")
+        if choices is not None:
+            if not choices:
+                raise ValueError("no choices: leave the field out for an open question, or list the options")
+            blank = next((LETTERS[i] if i < len(LETTERS) else str(i + 1) for i, c in enumerate(choices)
+                          if not c.strip()), None)
+            if blank is not None:
+                raise ValueError(f"choice {blank} is empty")
         if not choices or answer is None:
             return choices
         if len(choices) > len(LETTERS):
@@ -105,10 +120,15 @@ def load_dataset(path: str | Path) -> Dataset:
         raw = file.read_bytes()
     except OSError as error:
         raise DatasetError(f"{path}: cannot read data set ({error.strerror or error})") from None
+    try:  # utf-8-sig: a byte-order mark some editors put first is not part of the first line
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:  # (replacing the bytes would ask the models another question)
+        where = raw[: error.start].count(b"\n") + 1
+        raise DatasetError(f"{path}:{where}: not UTF-8 text (byte 0x{raw[error.start]:02x}); save the file as "
+                           "UTF-8") from None
     items: list[Item] = []
     seen: dict[str, int] = {}
-    # utf-8-sig: a byte-order mark some editors put first is not part of the first line
-    for number, line in enumerate(raw.decode("utf-8-sig", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

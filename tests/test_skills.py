@@ -202,10 +202,16 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
      "val.jsonl:1: field 'choices': 11 choices; at most 10 (A-J), the letters answers are read in"),
     ('{"id": 1, "question": "caf\\u00e9 \\ud83d\\ude00", "answer": 1}\n{"id": 2, "question": "q\\ud800", "answer": 1}\n',
      "val.jsonl:2: field 'question' holds a lone surrogate"),  # (line 1's escapes are whole characters)
+    ('{"id": 1, "question": "q", "answer": "  "}\n', "val.jsonl:1: field 'answer': the answer is empty"),
+    ('{"id": 1, "question": "q", "answer": "A", "choices": []}\n',
+     "val.jsonl:1: field 'choices': no choices: leave the field out for an open question"),
+    ('{"id": 1, "question": "q", "answer": "A", "choices": ["x", " "]}\n', "val.jsonl:1: field 'choices': choice B is empty"),
+    ('{"id": 1, "question": "q", "answer": 1}\n{"id": 2, "question": "caf\xe9?", "answer": 1}\n'.encode("latin-1"),
+     "val.jsonl:2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),  # (not read as another question)
 ])
-def test_bad_rows_name_file_and_line(tmp_path: Path, content: str, message: str) -> None:
+def test_bad_rows_name_file_and_line(tmp_path: Path, content: str | bytes, message: str) -> None:
     path = tmp_path / "val.jsonl"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DatasetError) as caught:
         load_dataset(path)
     assert message in str(caught.value) and "\n" not in str(caught.value)
