@@ -153,7 +153,10 @@ class Recruitment:
                 continue
             parts = [f"{c.skill} {c.score:+g}" + (f" (from '{c.keyword}')" if c.keyword != c.skill else "")
                      for c in candidate.contributions if c.score]
-            skills = ", ".join(parts) if parts else "no matched skill: chosen by global competence"
+            matched = dict.fromkeys(c.skill for c in candidate.contributions)  # (in order, each once)
+            skills = (", ".join(parts) if parts else
+                      f"{', '.join(matched)} +0 in its profile: chosen by global competence" if matched else
+                      "no matched skill: chosen by global competence")
             lines.append(f"{agent}{times}: p={candidate.probability:.3f} s={candidate.suitability:g} "
                          f"γ={candidate.competence:.3f}{cold}; {skills}")
         return lines + list(self.notes)
@@ -177,6 +180,8 @@ class Recruitment:
         if self.staged:
             summary += (f"; the first {self.staged} experts are asked first, and if they agree, "
                         "no further expert and no aggregation call")
+        if team.over_cap is not None:
+            summary += f"; no team fits the cost cap (${team.over_cap:g} per item): the cheapest expert alone"
         return [*lines, summary, *self.notes]
 
     def to_dict(self, explanation: list[str] | None = None) -> dict[str, object]:
@@ -199,7 +204,8 @@ class Recruitment:
             "team": None if self.team is None else {
                 "experts": list(self.team.experts), "aggregator": self.team.aggregator,
                 "expected_accuracy": round(self.team.expected_accuracy, 6),
-                "expected_cost_usd": self.team.expected_cost, "staged": self.staged},
+                "expected_cost_usd": self.team.expected_cost, "staged": self.staged,
+                "over_cap_usd": self.team.over_cap},
         }
 
 

@@ -47,6 +47,8 @@ class Team:
     staged: int
     """Experts asked first (2), whose agreement ends the node; 0 when all are asked at once."""
     utility: float
+    over_cap: float | None = None
+    """The cost cap no team fitted (this team is then the cheapest expert), else None."""
 
 
 def majority_odds(accuracies: Sequence[float]) -> tuple[float, float]:
@@ -113,7 +115,7 @@ def choose_team(experts: Sequence[Option], aggregators: Sequence[Option], *, k: 
     if best is None:  # nothing fits the cap: the cheapest single expert
         cheapest = min(experts, key=lambda o: (o.cost, -o.accuracy, o.agent))
         return Team((cheapest.agent,), None, None, cheapest.accuracy, cheapest.cost, 0,
-                    cheapest.accuracy - scale * cheapest.cost)
+                    cheapest.accuracy - scale * cheapest.cost, over_cap=max_cost)
     return best
 
 

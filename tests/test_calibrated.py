@@ -18,7 +18,7 @@ from orchestra.grading import AutoGrader
 from orchestra.matching import Match
 from orchestra.profile import Provenance, SkillProfile, load_profiles
 from orchestra.profiling import build_profiles
-from orchestra.recruit import Recruiter, SkillTable
+from orchestra.recruit import Candidate, Recruiter, Recruitment, SkillTable
 from orchestra.result import RunResult
 from orchestra.teams import Option, choose_team, majority_odds, team_accuracy, team_cost
 from orchestra.testing.simulation import SimulatedPool, specialist_pool
@@ -100,7 +100,13 @@ def test_team_choice_trades_accuracy_for_cost() -> None:
     miser = choose_team(experts, aggregators, k=3, cost_lambda=5, unit_cost=0.05)
     assert miser.experts == ("spec",) and miser.aggregator is None
     capped = choose_team(experts, aggregators, k=3, cost_lambda=0, unit_cost=0.05, max_cost=0.0025)
-    assert capped.expected_cost <= 0.0025 and "gen" not in capped.experts
+    assert capped.expected_cost <= 0.0025 and "gen" not in capped.experts and capped.over_cap is None
+    beyond = choose_team(experts, aggregators, k=3, cost_lambda=0, unit_cost=0.05, max_cost=0.0005)
+    assert beyond.experts == ("spec",) and beyond.over_cap == 0.0005  # the cheapest, best of the cheap, said so
+    recruitment = Recruitment(experts=beyond.experts, keywords=(), matches=(), mode="calibrated",
+                              candidates=(Candidate("spec", 0.9, 0.9, 1.0, 0.9, 1.0, (), cost=0.001),), team=beyond)
+    assert recruitment.explain()[-1].endswith("; no team fits the cost cap ($0.0005 per item): the cheapest expert alone")
+    assert recruitment.to_dict()["team"]["over_cap_usd"] == 0.0005  # type: ignore[index]
     never_staged = choose_team(experts, aggregators, k=3, cost_lambda=0.05, unit_cost=0.05, confidence=None)
     assert never_staged.staged == 0
 

@@ -206,13 +206,15 @@ def test_explanations_name_picks_skills_cold_starts_and_notes() -> None:
     contributions = (Contribution("sums", "arithmetic", 0.9, 2.0), Contribution("algebra", "algebra", 1.0, -1.0),
                      Contribution("poetry", "poetry", 1.0, 0.0))
     recruitment = Recruitment(
-        experts=("ghost", "A", "A", "B"), keywords=("sums", "algebra"), matches=(), mode="symbolic-moe",
+        keywords=("sums", "algebra"), matches=(), mode="symbolic-moe",
         candidates=(Candidate("A", 1.0, 0.25, 1.0, 0.25, 0.625, contributions),
-                    Candidate("B", 0.0, 0.5, 1.0, 0.0, 0.375, (), cold_start=True)),
-        notes=("a note",))
+                    Candidate("B", 0.0, 0.5, 1.0, 0.0, 0.375, (), cold_start=True),
+                    Candidate("C", 0.0, 0.5, 1.0, 0.0, 0.375, contributions[2:] * 2)),
+        experts=("ghost", "A", "A", "B", "C"), notes=("a note",))
     assert recruitment.explain() == [
         "A x2: p=0.625 s=1 γ=0.250; arithmetic +2 (from 'sums'), algebra -1",
         "B: p=0.375 s=0 γ=0.500 [cold start]; no matched skill: chosen by global competence",
+        "C: p=0.375 s=0 γ=0.500; poetry +0 in its profile: chosen by global competence",  # (matched, not missed)
         "a note"]
     assert recruitment.candidate("ghost") is None and recruitment.candidate("B").cold_start
 
