@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from orchestra.agents import Pool
-from orchestra.errors import ConfigError, EndpointUnreachable
+from orchestra.errors import ConfigError, EndpointUnreachable, ModelError
 from orchestra.models import ChatRequest, OpenAICompatible
 from orchestra.models.http import Endpoint
 from orchestra.models.transport import AiohttpTransport, HttpxTransport
@@ -268,3 +268,37 @@ def test_requests_that_waited_for_a_probe_the_endpoint_refused_or_missed_fail_or
     assert sent == 3  # unreachable once: the others tried themselves (it may be back) and were answered
     assert sum(isinstance(o, EndpointUnreachable) for o in missed) == 1
     assert [o.parsed for o in missed if not isinstance(o, Exception)] == [{"a": 1}, {"a": 1}]
+
+
+def test_requests_are_not_sent_one_after_another_while_an_endpoint_fails_its_probes() -> None:
+    # (a server that answers 5xx, 429 or too slowly when a process starts got its calls one at a time:
+    # each waiter of a failed probe became the next probe)
+    in_flight, most, sent = [0], [0], [0]
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        sent[0] += 1
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        for _ in range(20):  # the loop's other turns: requests sent at once arrive meanwhile
+            await asyncio.sleep(0)
+        in_flight[0] -= 1
+        return httpx.Response(500, json={"error": {"message": "overloaded"}})
+
+    endpoint = Endpoint("http://models.test/v1", transport=lambda n: HttpxTransport(httpx.MockTransport(answer)))
+    model = OpenAICompatible(model="m", endpoint=endpoint, max_attempts=1)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    requests = [ChatRequest.user(f"q{i}", output=schema) for i in range(4)]
+
+    async def rounds() -> list[tuple[int, int]]:
+        seen = []
+        for _ in range(2):
+            most[0] = sent[0] = 0
+            outcomes = [outcome async for _, outcome in model.complete_each(requests)]
+            assert all(isinstance(o, ModelError) and "HTTP 500" in str(o) for o in outcomes)
+            seen.append((sent[0], most[0]))
+        return seen
+
+    with allow_model_requests():
+        first, second = asyncio.run(rounds())
+    assert first == (4, 3)  # the probe alone, then the three that waited for it at once
+    assert second == (4, 4)  # still failing, nothing answered since: nobody waits for a probe

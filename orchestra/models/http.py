@@ -94,10 +94,11 @@ class _LoopState:
     closer: AsyncGenerator[None, None]
     probe: asyncio.Lock  # held by the one request that finds out whether the server takes a feature
     deadlines: Deadlines  # each attempt's time limit
-    #: probes that found the endpoint unusable (unreachable, or the key refused), and the last one's
-    #: error: the requests that waited for them do not each probe in turn (see ``post_negotiated``)
+    #: probes that failed other than by a refused feature (unreachable, a refused key, timeouts, 5xx,
+    #: 429...), and the last one's error while no request has succeeded since: the requests that waited
+    #: for them do not each probe in turn, nor do later ones wait for a probe (see ``post_negotiated``)
     probes_failed: int = 0
-    unusable: ModelError | None = None
+    failing: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -231,22 +232,25 @@ class Endpoint:
             known = len(self.capabilities.refused)
             refused_before = set(self.capabilities.refused)
             payload = build(self.capabilities)
-            probe = None
+            probe = state = None
             if self.capabilities.unknown(payload):
                 state = await self._state()
-                probe, failed = state.probe, state.probes_failed
-                await probe.acquire()
-                if state.probes_failed != failed and state.unusable is not None:
-                    # the probe it waited for found the endpoint unusable: a refused key would be refused
-                    # again; an unreachable one is tried by all the waiters at once (it may be back), each
-                    # with its own retries, not one after another
-                    probe.release()
-                    if isinstance(state.unusable, AuthenticationError):
-                        raise AuthenticationError(str(state.unusable))
-                    probe = None
-                elif len(self.capabilities.refused) != known or not self.capabilities.unknown(payload):
-                    probe.release()  # another request found out meanwhile: build again from what it learnt
-                    continue
+                if state.failing is None or isinstance(state.failing, AuthenticationError):
+                    probe, failed = state.probe, state.probes_failed
+                    await probe.acquire()
+                    if state.probes_failed != failed and state.failing is not None:
+                        # the probe it waited for failed: a refused key would be refused again; an endpoint
+                        # that is down, slow or erroring is tried by all the waiters at once (it may be
+                        # back), each with its own retries, not one after another
+                        probe.release()
+                        if isinstance(state.failing, AuthenticationError):
+                            raise AuthenticationError(str(state.failing))
+                        probe = None
+                    elif len(self.capabilities.refused) != known or not self.capabilities.unknown(payload):
+                        probe.release()  # another request found out meanwhile: build again from what it learnt
+                        continue
+                # else the last probe failed at the endpoint and nothing has succeeded since: no request
+                # waits for another (a refused feature may then cost one request each)
             try:
                 body = await self.post_json(path, payload, model=model, headers=headers, policy=policy, stream=stream)
             except FeatureRefused as refusal:
@@ -255,14 +259,16 @@ class Endpoint:
                 self.capabilities.refuse(refusal.feature, str(refusal))
                 notify_downgrade(model, refusal.feature, str(refusal))
                 continue
-            except (EndpointUnreachable, AuthenticationError) as unusable:
-                if probe is not None:
+            except Exception as failure:
+                if probe is not None and state is not None:
                     state.probes_failed += 1
-                    state.unusable = unusable
+                    state.failing = failure
                 raise
             finally:
                 if probe is not None:
                     probe.release()
+            if state is not None:
+                state.failing = None
             self.capabilities.accept(payload)
             return body
 
