@@ -128,6 +128,10 @@ def test_prices_exact_prefix_and_unknown() -> None:
     assert price_for("gpt-4o-mini-2024-07-18") == price_for("gpt-4o-mini")
     assert price_for("llama3:8b") == Price()
     assert Price(input=1, output=2).cost(1_000_000, 500_000) == pytest.approx(2.0)
+    # a negative or non-finite price would make a bill negative and a cost budget meaningless
+    for wrong in ({"input": -1.0}, {"output": float("nan")}, {"output": float("inf")}):
+        with pytest.raises(ValidationError):
+            Price(**wrong)
 
 
 def test_extract_json_variants() -> None:

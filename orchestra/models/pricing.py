@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.models.types import Usage, estimate_tokens
 
@@ -15,8 +15,8 @@ class Price(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    input: float = 0.0
-    output: float = 0.0
+    input: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    output: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
         """The USD cost of the given token counts."""
