@@ -896,7 +896,13 @@ class Orchestra:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Unload every resident model and close every connection the pool's models and matchers hold."""
+        """Stop the calls still going (of runs cancelled or abandoned), unload every resident model,
+        and close every connection the pool's models and matchers hold."""
+        await self.executor.stop_in_flight()
+        beat = self._heartbeat
+        if beat is not None and not beat.done() and beat.get_loop() is asyncio.get_running_loop():
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
         await self.executor.unload_all()
         await self.pool.aclose()
         for stages in self._stages.values():

@@ -843,6 +843,17 @@ class Executor:
         """Names of the heavy models loaded now, least recently used first."""
         return [m.name for m in self._resident]
 
+    async def stop_in_flight(self) -> None:
+        """Cancel the batches and waves still going in this loop (those of runs that were cancelled
+        or abandoned: nobody waits for them any more) and wait until they have stopped; requests
+        they had sent are counted and journaled as cut off. Connections can then be closed without
+        a retry opening them again."""
+        loop = asyncio.get_running_loop()
+        going = [task for task in self._in_flight if task.get_loop() is loop and not task.done()]
+        for task in going:
+            task.cancel()
+        await asyncio.gather(*going, return_exceptions=True)
+
     async def unload_all(self) -> None:
         """Unload every resident heavy model."""
         while self._resident:

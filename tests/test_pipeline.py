@@ -370,3 +370,36 @@ def test_a_run_whose_recruiting_failed_with_its_chunk_fails_without_paying_for_i
     # each run's 5 keyword samples were sent once, with its chunk; its own recruiting made no more
     assert sum(kind_of(request) == "keywords" for request in models["planner"].requests) == 10
     assert not any(models[f"m{i}"].requests for i in range(3))
+
+
+def test_closing_an_orchestra_stops_the_calls_a_cancelled_run_left_going(tmp_path: Path) -> None:
+    # (they went on after the connections closed: a retry then opened a session nobody closed)
+    never = asyncio.Event()
+
+    async def expert(request: ChatRequest) -> str:
+        if kind_of(request) == "expert":
+            await never.wait()
+        return "The answer is 1"
+
+    pool, _ = scripted_pool(3)
+    for agent in pool.agents:
+        agent.model = FunctionModel(expert, name=agent.model.name)
+
+    async def cancel_then_close() -> tuple[list[str], set[asyncio.Task[Any]]]:
+        orc = Orchestra(pool, k=3, store=tmp_path / "runs.db")
+        run = asyncio.ensure_future(orc.arun("What is 1 + 1?", run_id="r1"))
+        while sum(len(agent.model.requests) for agent in pool.agents) < 3:  # every expert call is in flight
+            await asyncio.sleep(0)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        await orc.aclose()
+        await asyncio.sleep(0)  # (tasks cancelled on the way out end at the loop's next turn)
+        left = asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+        assert orc.store is not None
+        errors = [call["error"] for call in orc.store.calls("r1") if call["purpose"] == "expert"]
+        return errors, left
+
+    errors, left = asyncio.run(cancel_then_close())
+    assert not left  # nothing of the run goes on once the orchestra is closed
+    assert len(errors) == 3 and all("cancelled while its request was in flight" in e for e in errors)

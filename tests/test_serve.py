@@ -657,8 +657,12 @@ def test_runs_still_going_when_the_grace_ends_are_cancelled_and_their_clients_to
     caller.join(60)
     experts.release.set()
     assert code == 0 and "Traceback" not in err and "1 run(s) in flight get 1 s to finish" in err, err
+    assert "Unclosed" not in err, err  # (the calls went on after the connections closed, and reopened them)
     [answer] = answers
     assert answer.status_code == 503 and "cancelled run" in answer.json()["error"]["message"]
+    calls = RunStore(tmp_path / "runs.db").calls(answer.headers[RUN_HEADER])
+    cut = [c for c in calls if c["purpose"] == "expert"]
+    assert len(cut) == 3 and all("cancelled while its request was in flight" in c["error"] for c in cut)
 
 
 def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
