@@ -294,7 +294,7 @@ def test_requests_are_not_sent_one_after_another_while_an_endpoint_fails_its_pro
         for _ in range(2):
             most[0] = sent[0] = 0
             outcomes = [outcome async for _, outcome in model.complete_each(requests)]
-            assert all(isinstance(o, ModelError) and "HTTP 500" in str(o) for o in outcomes)
+            assert all(isinstance(o, ModelError) and "HTTP 500 after 1 attempt: " in str(o) for o in outcomes)
             seen.append((sent[0], most[0]))
         return seen
 

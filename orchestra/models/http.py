@@ -292,7 +292,7 @@ class Endpoint:
             attempt += 1
             limit = min(policy.timeout, policy.deadline - (time.monotonic() - started))
             try:
-                return await self._post_once(url, payload, sent_headers, model, secret, limit, policy,
+                return await self._post_once(url, payload, sent_headers, model, secret, limit, policy, attempt,
                                              stream() if stream is not None else None)
             except _Retryable as failure:
                 backoff = min(policy.max_wait, 0.5 * 2 ** (attempt - 1))
@@ -311,7 +311,9 @@ class Endpoint:
         return shown
 
     async def _post_once(self, url: str, payload: dict[str, Any], headers: Headers, model: str, secret: str | None,
-                         limit: float, policy: CallPolicy, on_chunk: Chunks = None) -> dict[str, Any]:
+                         limit: float, policy: CallPolicy, attempt: int, on_chunk: Chunks = None) -> dict[str, Any]:
+        """One attempt (the ``attempt``-th); a failure worth another is raised as ``_Retryable``, with
+        the error that ends the call if it is the last."""
         shown = self._shown(url)
         state = await self._state()
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
@@ -334,10 +336,10 @@ class Endpoint:
             except httpx.TransportError as error:  # reset, body cut short, protocol error: it was reached
                 raise _Retryable(ConnectionBroke(
                     f"the connection to {shown} broke ({type(error).__name__}: {error or 'no detail'})")) from None
-        return self._check(response, shown, model, secret, policy, payload)
+        return self._check(response, shown, model, secret, policy, payload, attempt)
 
     def _check(self, response: Answer, url: str, model: str, secret: str | None,
-               policy: CallPolicy, payload: dict[str, Any]) -> dict[str, Any]:
+               policy: CallPolicy, payload: dict[str, Any], attempt: int) -> dict[str, Any]:
         status = response.status
         if status >= 400:
             feature = refused_feature(status, _error_body(response), payload)
@@ -355,10 +357,10 @@ class Endpoint:
                                   f"Retry-After), longer than Orchestra waits ({policy.max_wait:g} s); try again later")
             if status == 429:
                 final: ModelError = RateLimited(
-                    f"{url} is still rate limiting (HTTP 429) after {policy.max_attempts} attempts; "
+                    f"{url} is still rate limiting (HTTP 429) after {_attempts(attempt)}; "
                     "lower max_concurrency or rpm on the model")
             else:
-                final = BadResponse(f"{url} failed with HTTP {status} after {policy.max_attempts} attempts: "
+                final = BadResponse(f"{url} failed with HTTP {status} after {_attempts(attempt)}: "
                                     f"{_error_text(response, secret)}")
             raise _Retryable(final, retry_after, f"{url} answered HTTP {status}: {_error_text(response, secret)}")
         if status >= 400:
@@ -373,6 +375,10 @@ class Endpoint:
         if not isinstance(body, dict):
             raise BadResponse(f"{url} answered with JSON that is not an object")
         return body
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt{'s' if count != 1 else ''}"
 
 
 async def _closes_with_loop(transport: Transport) -> AsyncGenerator[None, None]:
