@@ -260,6 +260,17 @@ def orchestra_options(opts: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def read_stdin_task() -> str:
+    """The task given as `-`: standard input as UTF-8 text (a terminal is not waited on)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise click.UsageError("TASK `-` reads the task from standard input; pipe it in (`orchestra ask - < task.txt`)")
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"standard input is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start}); send the task as UTF-8") from None
+
+
 def make_orchestra(pool: Pool, opts: dict[str, Any]) -> Orchestra:
     """An ``Orchestra`` from the shared flags; a missing API key stops here, before anything runs."""
     from orchestra.core import Orchestra
@@ -353,9 +364,12 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
 @store_options
 @output_options
 def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
-    """Plan TASK, recruit experts, run them in batches and aggregate an answer."""
+    """Plan TASK, recruit experts, run them in batches and aggregate an answer. A TASK of `-` is
+    read from standard input (a long task, or one from a file: `orchestra ask - < task.txt`)."""
     from orchestra.agents import Pool
 
+    if task == "-":
+        task = read_stdin_task()
     orc = make_orchestra(Pool.load(pool), opts)
     meta = {"kind": "ask", "pool": str(pool.resolve()) if pool else None}
     execute(orc, lambda run_id: orc.arun(task, plan=False if no_plan else None, meta=meta, run_id=run_id), opts)

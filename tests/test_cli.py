@@ -94,6 +94,17 @@ def test_ask_plain_output_is_the_answer_with_log_lines_on_stderr(llm, tmp_path: 
     assert quiet.stderr == "" and quiet.stdout.strip() == "Synthesized answer. The answer is 42"
 
 
+def test_a_task_of_dash_is_read_from_standard_input(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    long_task = "Quick question about this log:\n" + "line of the log\n" * 20_000  # beyond a command line's reach
+    done = cli("ask", "-", "--pool", str(pool), "--no-plan", "--json", stdin=long_task)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["task"] == long_task
+    assert any(long_task.strip() in request.prompt for request in llm.server.requests)
+    empty = cli("ask", "-", "--pool", str(pool), stdin="")
+    assert empty.returncode == 2 and "empty" in empty.stderr
+
+
 def test_a_feature_the_server_refuses_is_reported_once_and_the_run_goes_on(loopback, tmp_path: Path) -> None:
     scripted = ScriptedLLM()
     refusals: list[str] = []

@@ -724,3 +724,23 @@ def test_a_schema_s_refs_and_bounds_are_checked_before_an_answer_goes_out(serve:
         response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": schema}})
     assert answered.choices[0].message.content == '{"answer":42,"unit":"m"}'
     assert experts.payloads[-1]["response_format"]["json_schema"]["schema"] == schema  # the endpoint gets it whole
+
+
+def test_a_client_that_disconnects_cancels_its_run(serve: Any, tmp_path: Path) -> None:
+    running, experts = serve()
+    experts.hold = True  # the experts do not answer until released
+    body = json.dumps({"model": "orchestra", "messages": [{"role": "user", "content": "How far does light go?"}]})
+    host, port = running.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        while sum(experts.count("expert").values()) < 3:  # the run is waiting for its experts
+            threading.Event().wait(0.01)
+    store = RunStore(tmp_path / "runs.db")  # the client has gone: its run ends, recorded as cancelled
+    for _ in range(3000):
+        if (runs := store.runs()) and runs[0].status != "running":
+            break
+        threading.Event().wait(0.01)
+    experts.release.set()
+    assert runs[0].status == "cancelled"
+    assert httpx.get(running.url + "/health").json()["runs_in_flight"] == 0
