@@ -40,6 +40,13 @@ def export_jsonl(store: RunStore, run_id: str) -> Iterator[str]:
             yield json.dumps({"type": kind, **row}, ensure_ascii=False, default=str)
 
 
+def _stopped_early(result: dict[str, Any] | None) -> dict[str, tuple[list[str], int]]:
+    """Per node that a confident team ended early: the experts asked, and the calls saved."""
+    nodes = ((result or {}).get("plan") or {}).get("nodes") or []
+    return {node["id"]: ([output["agent"] for output in node.get("expert_outputs") or []], node["saved_calls"])
+            for node in nodes if node.get("saved_calls")}
+
+
 def _inputs(config: dict[str, Any]) -> list[str]:
     """A workflow run's inputs as lines for the run's panel (a step's prompt is shown as written
     until the step runs, so ``{{ inputs.question }}`` is read against them)."""
@@ -62,16 +69,29 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
         f"  {when}  resumed {run['resumes']}x\n", (f"item {run['item']} · " if run["item"] else ""), run["task"],
         *_inputs(run["config"])), title="run"))
 
+    stopped = _stopped_early(report["result"])
     plan = Table(title="plan")
     for column in ("node", "status", "needs", "skills", "experts", "aggregator"):
         plan.add_column(column)
     for node in report["nodes"]:
+        experts, aggregator = ", ".join(node["experts"]), node["aggregator"] or ""
+        early = stopped.get(node["node_id"])
+        if early is not None:  # the recruited team, as far as it was asked
+            asked, _ = early
+            left = list(node["experts"])
+            for agent in asked:
+                if agent in left:
+                    left.remove(agent)
+            experts = ", ".join(asked) + (f" (not asked: {', '.join(left)})" if left else "")
+            aggregator = f"{aggregator} (not needed)" if aggregator else ""
         plan.add_row(*(Text(cell) for cell in (node["node_id"], node["status"] or "", ", ".join(node["depends_on"]),
-                                               ", ".join(node["skills"]), ", ".join(node["experts"]),
-                                               node["aggregator"] or "")))
+                                               ", ".join(node["skills"]), experts, aggregator)))
     console.print(plan)
     for node in report["nodes"]:
         console.print(Text(f"{node['node_id']}: ", style="bold") + Text(node["instruction"] or ""))
+    for node_id, (asked, saved) in stopped.items():
+        console.print(Text(f"{node_id}: stopped early: its first {len(asked)} experts agreed, so {saved} "
+                           f"call{'s' if saved != 1 else ''} (the other experts and the aggregation) were not made"))
     for node in report["nodes"]:
         if node["explanation"]:
             console.print(Text(f"recruitment of {node['node_id']}:", style="bold"))

@@ -226,6 +226,27 @@ def test_confident_experts_who_agree_end_the_node_without_more_calls(market) -> 
     assert any("asked first" in line for line in node.recruitment["explanation"])
 
 
+def test_show_tells_which_experts_a_confident_team_did_not_need(market, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from orchestra.inspect import show_run
+    from orchestra.store import RunStore
+
+    _, orc, held_out = market
+    stored = Orchestra(orc.pool, k=3, plan=False, store=tmp_path / "runs.db")
+    results = stored.run_many([item.prompt() for item in held_out.items[:8]])
+    early = next(r for r in results if r.plan.nodes[0].saved_calls)
+    node = early.plan.nodes[0]
+    asked = [o.agent for o in node.expert_outputs]
+    left = [e for e in node.recruitment["team"]["experts"] if e not in asked]
+    console = Console(record=True, width=300)
+    show_run(console, RunStore(tmp_path / "runs.db"), early.run_id)
+    shown = console.export_text()
+    assert f"{', '.join(asked)} (not asked: {', '.join(left)})" in shown and "(not needed)" in shown
+    assert "answer: stopped early: its first 2 experts agreed, so 2 calls (the other experts and the aggregation)" \
+           " were not made" in shown
+
+
 def test_staged_teams_ask_the_rest_when_the_first_two_disagree(market) -> None:
     _, orc, held_out = market
     results = orc.run_many([item.prompt() for item in held_out])
