@@ -844,10 +844,10 @@ class Executor:
         return [m.name for m in self._resident]
 
     async def stop_in_flight(self) -> None:
-        """Cancel the batches and waves still going in this loop (those of runs that were cancelled
-        or abandoned: nobody waits for them any more) and wait until they have stopped; requests
-        they had sent are counted and journaled as cut off. Connections can then be closed without
-        a retry opening them again."""
+        """Cancel every batch and wave still going in this loop and wait until they have stopped
+        (on the way to closing: any still going belong to runs cancelled or abandoned, or to runs
+        the caller is shutting down); requests they had sent are counted and journaled as cut off.
+        Connections can then be closed without a retry opening them again."""
         loop = asyncio.get_running_loop()
         going = [task for task in self._in_flight if task.get_loop() is loop and not task.done()]
         for task in going:
