@@ -896,11 +896,12 @@ class Orchestra:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Stop the calls still going (of runs cancelled or abandoned), unload every resident model,
+        """Stop the calls that runs cancelled or abandoned left going, unload every resident model,
         and close every connection the pool's models and matchers hold."""
         await self.executor.stop_in_flight()
         beat = self._heartbeat
-        if beat is not None and not beat.done() and beat.get_loop() is asyncio.get_running_loop():
+        if (beat is not None and not beat.done() and beat.get_loop() is asyncio.get_running_loop()
+                and not self._running):  # (a run still going keeps telling other processes it is held)
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
         await self.executor.unload_all()

@@ -55,14 +55,13 @@ class Item(BaseModel):
         """A multiple-choice answer is a letter of its choices, or one of their texts: any other
         could never be graded correct."""
         answer = info.data.get("answer")
-        if choices is not None:
-            if not choices:
-                raise ValueError("no choices: leave the field out for an open question, or list the options")
-            blank = next((LETTERS[i] if i < len(LETTERS) else str(i + 1) for i, c in enumerate(choices)
-                          if not c.strip()), None)
-            if blank is not None:
-                raise ValueError(f"choice {blank} is empty")
-        if not choices or answer is None:
+        if not choices:  # (an empty list, as a table with a choices column writes it: an open question)
+            return None
+        blank = next((LETTERS[i] if i < len(LETTERS) else str(i + 1) for i, c in enumerate(choices) if not c.strip()),
+                     None)
+        if blank is not None:
+            raise ValueError(f"choice {blank} is empty")
+        if answer is None:
             return choices
         if len(choices) > len(LETTERS):
             raise ValueError(f"{len(choices)} choices; at most {len(LETTERS)} (A-{LETTERS[-1]}), the letters answers "
@@ -123,8 +122,9 @@ def load_dataset(path: str | Path) -> Dataset:
     try:  # utf-8-sig: a byte-order mark some editors put first is not part of the first line
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:  # (replacing the bytes would ask the models another question)
-        where = raw[: error.start].count(b"\n") + 1
-        raise DatasetError(f"{path}:{where}: not UTF-8 text (byte 0x{raw[error.start]:02x}); save the file as "
+        read = error.object  # (after a byte-order mark, which the codec took off)
+        where = read[: error.start].count(b"\n") + 1
+        raise DatasetError(f"{path}:{where}: not UTF-8 text (byte 0x{read[error.start]:02x}); save the file as "
                            "UTF-8") from None
     items: list[Item] = []
     seen: dict[str, int] = {}

@@ -239,7 +239,8 @@ class Executor:
         self._expected: Counter[int] = Counter()  # id(heavy model) -> waiting tasks that will call it next
         self._wave_left: set[int] = set()  # heavy models still to run in the current wave
         self._settled: list[asyncio.Future[None]] = []  # woken once no managed task is running
-        self._in_flight: set[asyncio.Task[Any]] = set()  # batches and waves in flight (kept referenced)
+        #: batches and waves in flight (kept referenced, so none is collected mid-flight), with their calls
+        self._in_flight: dict[asyncio.Task[Any], list[_Call]] = {}
 
     # --- managed tasks ---------------------------------------------------------------------
 
@@ -408,8 +409,9 @@ class Executor:
         if self._heavy and not self._heavy_running and min(self._light_waiters, default=self._generation) \
                 > self._heavy_waits_for:
             self._heavy_running = True
-            self._in_flight.add(wave := asyncio.get_running_loop().create_task(self._heavy_wave()))
-            wave.add_done_callback(self._in_flight.discard)  # a reference, so it is not collected mid-flight
+            wave = asyncio.get_running_loop().create_task(self._heavy_wave())
+            self._in_flight[wave] = self._heavy  # (the list the wave takes when it starts)
+            wave.add_done_callback(self._in_flight.pop)
 
     def _dispatch(self) -> None:
         """Answer what the store, the cache or the budget can; send each light model its batch now;
@@ -438,14 +440,18 @@ class Executor:
             loop = asyncio.get_running_loop()
             for group in light.values():
                 task = loop.create_task(self._send(group, self.stats.waves))
-                self._in_flight.add(task)  # a reference, so the task is not collected mid-flight
-                task.add_done_callback(self._in_flight.discard)
+                self._in_flight[task] = group
+                task.add_done_callback(self._in_flight.pop)
                 task.add_done_callback(partial(self._sent, group))
 
     def _sent(self, group: list[_Call], task: asyncio.Future[Any]) -> None:
         """After a batch's task: if it failed outside its model's answers (a bug, or an object that
-        is not a model), its unanswered calls fail with that error instead of waiting for ever."""
-        if task.cancelled() or task.exception() is None:
+        is not a model) or was cancelled, its unanswered calls fail with that error instead of
+        waiting for ever (those cut off in flight were failed as such already)."""
+        if task.cancelled():
+            self._fail_unanswered(group, CallCancelled(f"{group[0].model.name}: cancelled before its request was sent"))
+            return
+        if task.exception() is None:
             return
         error = task.exception()
         self._fail_unanswered(group, error if isinstance(error, Exception) else RuntimeError(repr(error)))
@@ -844,12 +850,13 @@ class Executor:
         return [m.name for m in self._resident]
 
     async def stop_in_flight(self) -> None:
-        """Cancel every batch and wave still going in this loop and wait until they have stopped
-        (on the way to closing: any still going belong to runs cancelled or abandoned, or to runs
-        the caller is shutting down); requests they had sent are counted and journaled as cut off.
-        Connections can then be closed without a retry opening them again."""
+        """Cancel the batches and waves of this loop that no run waits for any more (those of runs
+        cancelled or abandoned) and wait until they have stopped; requests they had sent are counted
+        and journaled as cut off. Connections can then be closed without a retry opening them again.
+        Those of runs still going are left to finish."""
         loop = asyncio.get_running_loop()
-        going = [task for task in self._in_flight if task.get_loop() is loop and not task.done()]
+        going = [task for task, calls in self._in_flight.items() if task.get_loop() is loop and not task.done()
+                 and all(call.waiter.future.done() for call in calls)]
         for task in going:
             task.cancel()
         await asyncio.gather(*going, return_exceptions=True)

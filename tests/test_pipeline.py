@@ -18,6 +18,7 @@ from orchestra.errors import BadResponse, ConfigError
 from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
 from orchestra.hints import run_hint
 from orchestra.models import ChatRequest, FunctionModel
+from orchestra.result import RunResult
 
 
 def test_dag_order_is_respected_and_nodes_see_their_dependencies() -> None:
@@ -403,3 +404,28 @@ def test_closing_an_orchestra_stops_the_calls_a_cancelled_run_left_going(tmp_pat
     errors, left = asyncio.run(cancel_then_close())
     assert not left  # nothing of the run goes on once the orchestra is closed
     assert len(errors) == 3 and all("cancelled while its request was in flight" in e for e in errors)
+
+
+def test_closing_an_orchestra_leaves_a_run_that_is_still_going_to_finish(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def expert(request: ChatRequest) -> str:
+        if kind_of(request) == "expert":
+            await release.wait()
+        return "The answer is 1"
+
+    pool, _ = scripted_pool(3)
+    for agent in pool.agents:
+        agent.model = FunctionModel(expert, name=agent.model.name)
+
+    async def close_while_it_runs() -> RunResult:
+        orc = Orchestra(pool, k=3, store=tmp_path / "runs.db")
+        run = asyncio.ensure_future(orc.arun("What is 1 + 1?"))
+        while sum(len(agent.model.requests) for agent in pool.agents) < 3:
+            await asyncio.sleep(0)
+        await orc.aclose()  # (another part of the program closes it: the run's calls are not its to stop)
+        release.set()
+        return await run
+
+    result = asyncio.run(close_while_it_runs())
+    assert result.status == "done", result.error

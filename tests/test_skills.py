@@ -185,6 +185,9 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     again = load_dataset(marked)
     assert again.items == data.items and again.sha256 != data.sha256  # (the hash is of the file's bytes)
+    open_question = tmp_path / "table.jsonl"  # a table's export: every row has a choices column, empty if open
+    open_question.write_text('{"id": 1, "question": "2+2?", "answer": 4, "choices": []}\n')
+    assert load_dataset(open_question).items[0].choices is None
 
 
 @pytest.mark.parametrize("content, message", [
@@ -203,11 +206,11 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     ('{"id": 1, "question": "caf\\u00e9 \\ud83d\\ude00", "answer": 1}\n{"id": 2, "question": "q\\ud800", "answer": 1}\n',
      "val.jsonl:2: field 'question' holds a lone surrogate"),  # (line 1's escapes are whole characters)
     ('{"id": 1, "question": "q", "answer": "  "}\n', "val.jsonl:1: field 'answer': the answer is empty"),
-    ('{"id": 1, "question": "q", "answer": "A", "choices": []}\n',
-     "val.jsonl:1: field 'choices': no choices: leave the field out for an open question"),
     ('{"id": 1, "question": "q", "answer": "A", "choices": ["x", " "]}\n', "val.jsonl:1: field 'choices': choice B is empty"),
     ('{"id": 1, "question": "q", "answer": 1}\n{"id": 2, "question": "caf\xe9?", "answer": 1}\n'.encode("latin-1"),
      "val.jsonl:2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),  # (not read as another question)
+    (b"\xef\xbb\xbf" + '{"id": 1, "question": "q", "answer": 1}\n{"id": 2, "question": "a\xe9\\n", "answer": 1}\n'
+     .encode("latin-1"), "val.jsonl:2: not UTF-8 text (byte 0xe9)"),  # after a byte-order mark, still the right byte
 ])
 def test_bad_rows_name_file_and_line(tmp_path: Path, content: str | bytes, message: str) -> None:
     path = tmp_path / "val.jsonl"
