@@ -273,7 +273,7 @@ def test_requests_that_waited_for_a_probe_the_endpoint_refused_or_missed_fail_or
 def test_requests_are_not_sent_one_after_another_while_an_endpoint_fails_its_probes() -> None:
     # (a server that answers 5xx, 429 or too slowly when a process starts got its calls one at a time:
     # each waiter of a failed probe became the next probe)
-    in_flight, most, sent = [0], [0], [0]
+    in_flight, most, sent, mode = [0], [0], [0], ["500"]
 
     async def answer(request: httpx.Request) -> httpx.Response:
         sent[0] += 1
@@ -282,23 +282,50 @@ def test_requests_are_not_sent_one_after_another_while_an_endpoint_fails_its_pro
         for _ in range(20):  # the loop's other turns: requests sent at once arrive meanwhile
             await asyncio.sleep(0)
         in_flight[0] -= 1
+        if mode[0] == "ok" or (mode[0] == "reject first" and sent[0] > 1):
+            return httpx.Response(200, json=openai_reply('{"a": 1}').body)
+        if mode[0] == "reject first":  # about this request alone, not the endpoint
+            return httpx.Response(400, json={"error": {"message": "the prompt is too long for the model"}})
         return httpx.Response(500, json={"error": {"message": "overloaded"}})
 
     endpoint = Endpoint("http://models.test/v1", transport=lambda n: HttpxTransport(httpx.MockTransport(answer)))
     model = OpenAICompatible(model="m", endpoint=endpoint, max_attempts=1)
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    requests = [ChatRequest.user(f"q{i}", output=schema) for i in range(4)]
+    structured = [ChatRequest.user(f"q{i}", output=schema) for i in range(4)]
+
+    async def batch(requests: list[ChatRequest], how: str) -> tuple[int, int]:
+        mode[0], most[0], sent[0] = how, 0, 0
+        [_ async for _ in model.complete_each(requests)]
+        return sent[0], most[0]
 
     async def rounds() -> list[tuple[int, int]]:
-        seen = []
-        for _ in range(2):
-            most[0] = sent[0] = 0
-            outcomes = [outcome async for _, outcome in model.complete_each(requests)]
-            assert all(isinstance(o, ModelError) and "HTTP 500 after 1 attempt: " in str(o) for o in outcomes)
-            seen.append((sent[0], most[0]))
-        return seen
+        return [await batch(structured, "500"), await batch(structured, "500"),
+                await batch([ChatRequest.user("plain")], "ok"), await batch(structured, "500")]
 
     with allow_model_requests():
-        first, second = asyncio.run(rounds())
-    assert first == (4, 3)  # the probe alone, then the three that waited for it at once
-    assert second == (4, 4)  # still failing, nothing answered since: nobody waits for a probe
+        failing, still, _, after = asyncio.run(rounds())
+    assert failing == (4, 3)  # the probe alone, then the three that waited for it at once
+    assert still == (4, 4)  # still failing, nothing answered since: nobody waits for a probe
+    assert after == (4, 3)  # it answered since: the structured requests wait for their probe again
+
+    async def rejected() -> tuple[tuple[int, int], list[object]]:
+        fresh = OpenAICompatible(model="m", endpoint=Endpoint(
+            "http://models.test/v1", transport=lambda n: HttpxTransport(httpx.MockTransport(answer))), max_attempts=1)
+        mode[0], most[0], sent[0] = "reject first", 0, 0
+        outcomes = [outcome async for _, outcome in fresh.complete_each(structured)]
+        return (sent[0], most[0]), outcomes
+
+    with allow_model_requests():
+        counted, outcomes = asyncio.run(rejected())
+    # a probe rejected for itself says nothing of the endpoint: the next request probes, alone, and
+    # once it is answered the rest go together
+    assert counted == (4, 2) and sum(isinstance(o, ModelError) for o in outcomes) == 1
+
+
+def test_a_failure_says_how_many_attempts_were_made_when_the_deadline_stopped_them() -> None:
+    endpoint = Endpoint("http://models.test/v1", transport=lambda n: HttpxTransport(httpx.MockTransport(
+        lambda request: httpx.Response(503, json={"error": {"message": "busy"}}))))
+    # the first retry would wait 0.5 s, past the whole call's 0.3 s: one attempt of the four allowed
+    model = OpenAICompatible(model="m", endpoint=endpoint, max_attempts=4, deadline=0.3)
+    with allow_model_requests(), pytest.raises(ModelError, match=r"HTTP 503 after 1 attempt: busy"):
+        asyncio.run(model.complete([ChatRequest.user("hi")]))

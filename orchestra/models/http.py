@@ -260,15 +260,15 @@ class Endpoint:
                 notify_downgrade(model, refusal.feature, str(refusal))
                 continue
             except Exception as failure:
-                if probe is not None and state is not None:
+                # a request the server rejected for itself (too long, an unknown model) says nothing of
+                # the endpoint: the next request probes as before
+                if probe is not None and state is not None and not isinstance(failure, RequestRejected):
                     state.probes_failed += 1
                     state.failing = failure
                 raise
             finally:
                 if probe is not None:
                     probe.release()
-            if state is not None:
-                state.failing = None
             self.capabilities.accept(payload)
             return body
 
@@ -336,7 +336,9 @@ class Endpoint:
             except httpx.TransportError as error:  # reset, body cut short, protocol error: it was reached
                 raise _Retryable(ConnectionBroke(
                     f"the connection to {shown} broke ({type(error).__name__}: {error or 'no detail'})")) from None
-        return self._check(response, shown, model, secret, policy, payload, attempt)
+        answer = self._check(response, shown, model, secret, policy, payload, attempt)
+        state.failing = None  # it answers: requests wait for a probe again
+        return answer
 
     def _check(self, response: Answer, url: str, model: str, secret: str | None,
                policy: CallPolicy, payload: dict[str, Any], attempt: int) -> dict[str, Any]:
