@@ -207,15 +207,16 @@ class Pool:
 
     def profile_warnings(self) -> list[str]:
         """What makes this pool's profiles unfit to route by, one line each: a ``profiles`` folder
-        that is not there, agents left unprofiled among profiled ones, and profiles measured on
-        another model than the agent now has."""
+        that is not there, agents with neither profile nor declared skills among profiled ones, and
+        profiles measured on another model than the agent now has."""
         if self.profiles_dir is not None and not self.profiles_dir.is_dir():
             return [f"the profiles folder {self.profiles_dir} does not exist: no agent has a measured profile, so "
                     "recruiting cannot route by skill (check the pool's `profiles:` path, or run orchestra profile)"]
         if not self.profiles:
             return []
         warnings = []
-        unprofiled = [agent.name for agent in self.agents if agent.name not in self.profiles]
+        # (an agent with declared skills is recruited on them until it is profiled, as documented)
+        unprofiled = [agent.name for agent in self.agents if agent.name not in self.profiles and not agent.skills]
         if unprofiled:
             warnings.append(f"{', '.join(unprofiled)} {'has' if len(unprofiled) == 1 else 'have'} no measured "
                             "profile: recruited on a uniform prior until orchestra profile measures "

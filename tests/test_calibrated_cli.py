@@ -168,9 +168,10 @@ def test_profiles_unfit_to_route_by_are_named_before_anything_runs(tmp_path: Pat
     swapped = cli("agents", "--pool", pool("p", math_model="other"))
     assert swapped.stderr == ("warning: the profile of math was measured on OpenAICompatible:mathbot, but the pool "
                               "now gives it OpenAICompatible:other: run orchestra profile again\n")
-    joined = cli("agents", "--pool", pool("p", extra="  - {name: newbie, model: other}\n"))
+    joined = cli("agents", "--pool", pool("p", extra="  - {name: newbie, model: other}\n"
+                                                    "  - {name: chemist, model: other, skills: [chemistry]}\n"))
     assert joined.stderr == ("warning: newbie has no measured profile: recruited on a uniform prior until orchestra "
-                             "profile measures it\n")
+                             "profile measures it\n")  # (the chemist is recruited on its declared skills)
     assert "(no profile)" in joined.stdout and "(declared)" not in joined.stdout
     # the commands that send requests warn too (eval stops later, at the closed port; the warning came first)
     data = tmp_path / "d.jsonl"
