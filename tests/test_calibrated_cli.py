@@ -172,7 +172,7 @@ def test_profiles_unfit_to_route_by_are_named_before_anything_runs(tmp_path: Pat
                                                     "  - {name: chemist, model: other, skills: [chemistry]}\n"))
     assert joined.stderr == ("warning: newbie has no measured profile: recruited on a uniform prior until orchestra "
                              "profile measures it\n")  # (the chemist is recruited on its declared skills)
-    assert "(no profile)" in joined.stdout and "(declared)" not in joined.stdout
+    assert "(no profile)" in joined.stdout and "(declared) chemistry" in joined.stdout
     # the commands that send requests warn too (eval stops later, at the closed port; the warning came first)
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "1", "question": "1+1?", "answer": "2"}\n')
