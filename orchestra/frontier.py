@@ -13,7 +13,7 @@ import asyncio
 import html
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestra.core import Orchestra
@@ -38,6 +38,8 @@ class SweepPoint:
     saved_calls: int
     items: int
     failed: int
+    requests: int = 0
+    per_category: dict[str, dict[str, float]] = field(default_factory=dict)
     on_frontier: bool = False
 
     @classmethod
@@ -46,7 +48,8 @@ class SweepPoint:
         return cls(method=method, cost_lambda=cost_lambda, accuracy=report.accuracy, cost_usd=report.cost_usd,
                    cost_per_item_usd=report.cost_usd / report.items if report.items else 0.0,
                    cost_per_correct_usd=report.cost_per_correct_usd, calls=report.calls,
-                   saved_calls=report.saved_calls, items=report.items, failed=report.failed)
+                   saved_calls=report.saved_calls, items=report.items, failed=report.failed,
+                   requests=report.requests, per_category=report.per_category)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form."""

@@ -126,6 +126,8 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
                            "calibrated λ=0", "calibrated λ=0.05", "calibrated λ=1"}
     requests, cost = market.reset()
     assert sum(p["calls"] for p in points.values()) == sum(requests.values())  # no retries on this server
+    assert sum(p["requests"] for p in points.values()) == sum(requests.values())  # each point's, as counted there
+    assert all(sum(category["items"] for category in p["per_category"].values()) == 24 for p in points.values())
     assert abs(sum(p["cost_usd"] for p in points.values()) - cost) <= 0.01 * cost
     assert points["calibrated λ=1"]["cost_usd"] < points["calibrated λ=0.05"]["cost_usd"] < points["moa"]["cost_usd"]
     frontier = {name for name, p in points.items() if p["on_frontier"]}
