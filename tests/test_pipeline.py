@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from helpers import kind_of, plan_json, scripted_pool
 
-from orchestra import Budget, Orchestra, Plan
+from orchestra import Budget, Orchestra, Plan, Pool
 from orchestra.errors import BadResponse, ConfigError
 from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
 from orchestra.hints import run_hint
@@ -373,24 +373,34 @@ def test_a_run_whose_recruiting_failed_with_its_chunk_fails_without_paying_for_i
     assert not any(models[f"m{i}"].requests for i in range(3))
 
 
-def test_closing_an_orchestra_stops_the_calls_a_cancelled_run_left_going(tmp_path: Path) -> None:
-    # (they went on after the connections closed: a retry then opened a session nobody closed)
-    never = asyncio.Event()
+async def run_with_experts_in_flight(orc: Orchestra) -> asyncio.Future[RunResult]:
+    """A run of ``orc`` (whose pool came from ``held_experts_pool``) once all 3 of its expert calls
+    are in flight."""
+    run = asyncio.ensure_future(orc.arun("What is 1 + 1?", run_id="r1"))
+    while sum(len(agent.model.requests) for agent in orc.pool.agents) < 3:
+        await asyncio.sleep(0)
+    return run
 
+
+def held_experts_pool(release: asyncio.Event) -> Pool:
+    """3 agents whose expert calls are answered once ``release`` is set."""
     async def expert(request: ChatRequest) -> str:
         if kind_of(request) == "expert":
-            await never.wait()
+            await release.wait()
         return "The answer is 1"
 
     pool, _ = scripted_pool(3)
     for agent in pool.agents:
         agent.model = FunctionModel(expert, name=agent.model.name)
+    return pool
 
+
+def test_closing_an_orchestra_stops_the_calls_a_cancelled_run_left_going(tmp_path: Path) -> None:
+    # (they went on after the connections closed: a retry then opened a session nobody closed)
     async def cancel_then_close() -> tuple[list[str], set[asyncio.Task[Any]]]:
-        orc = Orchestra(pool, k=3, store=tmp_path / "runs.db")
-        run = asyncio.ensure_future(orc.arun("What is 1 + 1?", run_id="r1"))
-        while sum(len(agent.model.requests) for agent in pool.agents) < 3:  # every expert call is in flight
-            await asyncio.sleep(0)
+        never = asyncio.Event()
+        orc = Orchestra(held_experts_pool(never), k=3, store=tmp_path / "runs.db")
+        run = await run_with_experts_in_flight(orc)
         run.cancel()
         with pytest.raises(asyncio.CancelledError):
             await run
@@ -407,22 +417,10 @@ def test_closing_an_orchestra_stops_the_calls_a_cancelled_run_left_going(tmp_pat
 
 
 def test_closing_an_orchestra_leaves_a_run_that_is_still_going_to_finish(tmp_path: Path) -> None:
-    release = asyncio.Event()
-
-    async def expert(request: ChatRequest) -> str:
-        if kind_of(request) == "expert":
-            await release.wait()
-        return "The answer is 1"
-
-    pool, _ = scripted_pool(3)
-    for agent in pool.agents:
-        agent.model = FunctionModel(expert, name=agent.model.name)
-
     async def close_while_it_runs() -> RunResult:
-        orc = Orchestra(pool, k=3, store=tmp_path / "runs.db")
-        run = asyncio.ensure_future(orc.arun("What is 1 + 1?"))
-        while sum(len(agent.model.requests) for agent in pool.agents) < 3:
-            await asyncio.sleep(0)
+        release = asyncio.Event()
+        orc = Orchestra(held_experts_pool(release), k=3, store=tmp_path / "runs.db")
+        run = await run_with_experts_in_flight(orc)
         await orc.aclose()  # (another part of the program closes it: the run's calls are not its to stop)
         release.set()
         return await run
