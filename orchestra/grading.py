@@ -165,7 +165,7 @@ def normalize_number(text: str) -> Fraction | None:
             value = Fraction(frac.group(1)) / Fraction(frac.group(2))
         except (ValueError, ZeroDivisionError):
             return None
-        return -value if text.startswith("-") and not frac.group(1).startswith("-") else value
+        return -value if text.startswith("-") else value  # (a sign before the fraction and one inside cancel)
     text = text.replace(",", "").rstrip(".")
     try:
         return Fraction(text)

@@ -477,6 +477,7 @@ NUMBERS = {"dollars": ("$1,000", Fraction(1000)), "latex percent": ("50\\%", Fra
            "percent": ("50%", Fraction(50)), "thin space": ("1\\!000", Fraction(1000)), "full stop": ("12.", Fraction(12)),
            "leading point": (".5", Fraction(1, 2)), "minus frac": ("-\\frac{1}{2}", Fraction(-1, 2)),
            "frac of minus": ("\\frac{-1}{2}", Fraction(-1, 2)), "minus frac of minus": ("-\\frac{1}{-2}", Fraction(1, 2)),
+           "minus frac of minus numerator": ("-\\frac{-1}{2}", Fraction(1, 2)),
            "dfrac": ("\\dfrac{3}{4}", Fraction(3, 4)), "over zero": ("1/0", None), "frac over zero": ("\\frac{1}{0}", None),
            "words": ("twelve", None)}
 
@@ -485,6 +486,18 @@ NUMBERS = {"dollars": ("$1,000", Fraction(1000)), "latex percent": ("50\\%", Fra
 def test_normalize_number(case: str) -> None:
     text, value = NUMBERS[case]
     assert normalize_number(text) == value
+
+
+def test_answers_are_read_where_the_reply_settles_them() -> None:
+    # (each of these was read otherwise by a one-line change no other test noticed)
+    assert AutoGrader().numeric.extract("Guess: the answer is 4. Rechecking, the total is \\boxed{5}.") == "5"
+    assert AutoGrader().grade("The answer is (C) because the others fail", Item(id="1", question="q", answer="C"))
+    assert MultipleChoiceGrader().extract("The answer is I'd say B.") == "B"  # "I'd" is a word, not option I
+    auto = AutoGrader()
+    assert auto.pick(None, "The answer is b) 42") is auto.mc  # a vote reads "b) 42" and "(B)" alike
+    four = Item(id="1", question="q", answer="B", choices=["w", "x", "y", "z"])
+    assert MultipleChoiceGrader().extract("(B) is my choice. See appendix E.", four) == "B"  # E is no option here
+    assert MultipleChoiceGrader().grade("The answer is B", Item(id="1", question="q", answer="10")) is False
 
 
 def test_numbers_are_found_in_prose() -> None:
@@ -1133,3 +1146,22 @@ def test_nodes_with_given_skills_get_the_draw_of_their_own_seed(mode: str, skill
     assert experts == {f"n{i}": staffing._drawn(keywords, matches, seed=node_seed(orc.settings.seed, "task", f"n{i}"),
                                                 k=1, mode=mode, pin=None).experts for i in range(12)}
     assert (len(set(experts.values())) > 1) is varies
+
+
+def test_calls_in_flight_hold_their_worst_case_against_the_budget() -> None:
+    from orchestra.models.pricing import Price
+
+    price = Price(input=1.0, output=5.0)
+    request = ChatRequest.user("hi")  # no max_tokens: an answer of 1,024 tokens is assumed
+    costly = BudgetTracker(Budget(max_cost_usd=0.008, max_calls=None, max_tokens=None), "r")
+    first = costly.admit(request, price)
+    assert first.tokens >= 1024 and first.cost_usd == pytest.approx(price.cost(1, 1024))
+    with pytest.raises(BudgetExceeded) as held:  # together they could cost more than the budget
+        costly.admit(request, price)
+    assert held.value.held and costly.exceeded is None  # it waits for the first rather than stopping the run
+    calls = BudgetTracker(Budget(max_calls=2, max_tokens=None, max_cost_usd=None), "r")
+    calls.settle(calls.admit(request, price), Usage(requests=1))
+    calls.admit(request, price)
+    with pytest.raises(BudgetExceeded) as third:
+        calls.admit(request, price)
+    assert third.value.held and calls.exceeded is None
