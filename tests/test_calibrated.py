@@ -34,6 +34,15 @@ def test_a_posterior_is_shrunk_toward_overall_accuracy_by_how_little_evidence_th
     assert many_sd < few_sd
 
 
+def test_extreme_and_cold_agents_get_estimates_the_router_can_use() -> None:
+    perfect = Calibration({"a": AgentSkills(1.0, {"x": (5, 5)}), "b": AgentSkills(0.5, {})})
+    assert 0 < perfect.query("a", [Match("x", "x", 1.0)])[0] <= 0.98  # (no division by zero at accuracy 1)
+    assert perfect.query("a", [])[0] == 0.98  # no matched skill: the overall accuracy, kept off certainty
+    # an agent not yet profiled counts each declared skill as one right answer of one
+    cold = Calibration({"m": AgentSkills(0.5, {"law": (2, 4)}), "c": AgentSkills.of(None, ["Law"])})
+    assert cold.estimate("c", "law")[0] == pytest.approx(0.6)
+
+
 def test_variants_merge_by_name_unless_the_agents_results_tell_them_apart() -> None:
     item_keywords = {f"o{i}": ["organic chemistry"] for i in range(6)}
     item_keywords.update({f"c{i}": ["organic chem"] for i in range(4)})

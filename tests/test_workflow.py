@@ -601,13 +601,16 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
     assert (resumed["resumed"], resumed["reused"], resumed["correct"], sent) == (3, 0, 3, 3)  # only the b calls
     again, sent = evaluate("--resume")
     assert (again["reused"], again["correct"], sent) == (3, 3, 0)  # nothing is sent again
+    path.write_text(path.read_text().replace("Check: ", "Verify: "))
+    edited, sent = evaluate("--resume")
+    assert (edited["reused"], edited["resumed"], sent) == (0, 0, 6)  # another workflow text: every item runs
     assert evaluate("--resume", "--k", "2")[0]["reused"] == 0  # other settings: other runs
     pool = tmp_path / "pool.yaml"
     pool.write_text(pool.read_text().replace("model: alpha\n", "model: alpha-2\n", 1))  # another model behind alpha
     assert evaluate("--resume", "--k", "2")[0]["reused"] == 0  # (its answers were reused)
-    path.write_text(path.read_text().replace("Check: ", "Verify: "))
-    edited, sent = evaluate("--resume")
-    assert (edited["reused"], edited["resumed"], sent) == (0, 0, 6)  # another workflow text: every item runs
+    path.write_text(path.read_text().replace("dataset: {path: quiz.jsonl}", "dataset: {path: quiz.jsonl, limit: 2}"))
+    limited, sent = evaluate()
+    assert (limited["items"], sent) == (2, 4)  # the first two items, each with its two steps
     single = cli("run", str(write(tmp_path, "name: one\npool: pool.yaml\nsteps:\n  - id: a\n    prompt: x\n",
                                   "one.yaml")), "--resume")
     assert single.returncode == 2 and "--resume goes on with a data-set workflow's evaluation" in single.stderr
