@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,36 @@ def test_show_tells_which_experts_a_confident_team_did_not_need(market, tmp_path
     assert f"{', '.join(asked)} (not asked: {', '.join(left)})" in shown and "(not needed)" in shown
     assert "answer: stopped early: its first 2 experts agreed, so 2 calls (the other experts and the aggregation)" \
            " were not made" in shown
+
+
+def test_a_staged_team_whose_first_experts_failed_asks_the_rest() -> None:
+    from helpers import kind_of
+
+    from orchestra import Agent, Pool
+    from orchestra.errors import BadResponse
+    from orchestra.models import ChatRequest, FunctionModel
+
+    def answer(name: str) -> Callable[[ChatRequest], object]:
+        def reply(request: ChatRequest) -> object:
+            if kind_of(request) == "keywords":
+                return {"keywords": ["math"]}
+            if kind_of(request) == "expert" and name in ("a", "b"):
+                return BadResponse(f"{name} is down")  # two failures are not two experts agreeing
+            return "The answer is 4"
+        return reply
+
+    models = {name: FunctionModel(answer(name), name=name) for name in "abck"}
+    provenance = Provenance(dataset="v", dataset_sha256="x", items=40, model="m")
+    profiles = {name: SkillProfile(agent=name, skills={"math": 30}, accuracy=accuracy, aggregation_score=0.9,
+                                   skill_counts={"math": (int(40 * accuracy), 40)}, provenance=provenance)
+                for name, accuracy in (("a", 0.95), ("b", 0.95), ("c", 0.9))}
+    pool = Pool(agents=[Agent(name=name, model=models[name]) for name in "abc"], profiles=profiles,
+                planner=models["k"])
+    result = Orchestra(pool, k=3, plan=False, store=False).run("What is 2 + 2?")
+    node = result.plan.nodes[0]
+    assert node.recruitment is not None and node.recruitment["team"]["staged"] == 2
+    assert [o.agent for o in node.expert_outputs] == ["a", "b", "c"] and node.saved_calls == 0
+    assert result.status == "done" and result.answer == "The answer is 4"
 
 
 def test_staged_teams_ask_the_rest_when_the_first_two_disagree(market) -> None:
