@@ -427,3 +427,34 @@ def test_closing_an_orchestra_leaves_a_run_that_is_still_going_to_finish(tmp_pat
 
     result = asyncio.run(close_while_it_runs())
     assert result.status == "done", result.error
+
+
+def test_a_node_whose_two_dependencies_failed_is_skipped_once_and_the_healthy_branch_finishes() -> None:
+    # (skipped again at its second failed dependency, it was counted twice: the run ended while an
+    # independent branch was still working, and lost its answer)
+    gate = asyncio.Event()
+
+    async def expert(name: str, request: ChatRequest) -> Any:
+        text = request.prompt_text()
+        if "do bad2" in text:
+            for _ in range(50):  # fails after bad1, on a later turn of the loop
+                await asyncio.sleep(0)
+            return BadResponse("bad2 is down")
+        if "do bad1" in text:
+            return BadResponse("bad1 is down")
+        if "do slow" in text:
+            await gate.wait()  # answers only after both failures were handled
+            for _ in range(50):
+                await asyncio.sleep(0)
+        return "The answer is 1"
+
+    def seen(event: Event) -> None:
+        if isinstance(event, NodeFailed) and event.node == "bad2":
+            gate.set()
+
+    events: list[Event] = []
+    plan = plan_json(("bad1", []), ("bad2", []), ("both", ["bad1", "bad2"]), ("slow", []))
+    pool, _ = scripted_pool(plan=plan, expert=expert)
+    result = Orchestra(pool, k=1, on_event=lambda e: (events.append(e), seen(e))).run("four steps")
+    assert result.status == "partial" and result.node("slow").status == "done", (result.status, result.error)
+    assert result.node("both").status == "skipped" and sum(isinstance(e, NodeSkipped) for e in events) == 1
