@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -165,3 +166,42 @@ def test_calibrated_with_nothing_measured_draws_and_says_so() -> None:
     assert recruitment.mode == "symbolic-moe" and recruitment.team is None
     assert "drawn as symbolic-moe" in recruitment.explain()[-1]
     assert r.recruit(["algebra"], matches("algebra"), seed=3, k=2, mode="symbolic-moe").notes == ()
+
+
+def test_two_agents_with_weight_on_a_skill_make_a_draw_the_seed_can_change() -> None:
+    profiles = {"A": profile("A", {"algebra": 2}), "B": profile("B", {"algebra": 1}), "C": profile("C", {"algebra": -1})}
+    recruiter = Recruiter(SkillTable.build(list(profiles), profiles, {}, {}, RecruitConfig()), RecruitConfig())
+    # (with exactly two, one cached recruitment served every node: their seeds stopped mattering)
+    assert recruiter.draws([Match("algebra", "algebra", 1.0)], "symbolic-moe") is True
+
+
+def test_a_rare_remote_expert_chosen_by_its_estimate_is_kept() -> None:
+    from orchestra.recruit import Candidate, Recruitment
+
+    def chosen(experts: tuple[str, ...]) -> Recruitment:
+        return Recruitment(experts=experts, keywords=(), matches=(), mode="calibrated",
+                           candidates=tuple(Candidate(a, 1.0, 1.0, 1.0, 0.5, 0.5, ()) for a in ("F", "R")))
+
+    profiles = {"F": profile("F", {"law": 1}), "R": profile("R", {"law": 1})}
+    config = RecruitConfig(rare_threshold=0.05)
+    recruiter = Recruiter(SkillTable.build(list(profiles), profiles, {}, {}, config), config)
+    batch = [chosen(("F",))] * 24 + [chosen(("R",))]
+    assert recruiter.filter_rare(batch, seed=0, light={"R"})[-1].experts == ("R",)  # no model load to save
+    assert recruiter.filter_rare(batch, seed=0)[-1].experts == ("F",)  # an engine's: replaced
+
+
+def test_a_team_is_priced_with_its_aggregators_aggregation_call() -> None:
+    from orchestra.recruit import Recruitment
+    from orchestra.teams import Team
+
+    profiles = {name: SkillProfile(agent=name, skills={"law": 1}, accuracy=0.7, aggregation_score=0.8,
+                                   provenance=PROVENANCE) for name in ("X", "Y", "Z")}
+    costs = {"X": (0.001, 0.05), "Y": (0.002, 0.003), "Z": (0.002, 0.004)}  # X answers cheaply, aggregates dearly
+    config = RecruitConfig(confidence=1.0, cost_lambda=0.0)
+    recruiter = Recruiter(SkillTable.build(list(profiles), profiles, {}, {}, config, costs=costs), config)
+    _, team = recruiter.team([Match("law", "law", 1.0)], 3)
+    assert len(team.experts) == 3 and team.aggregator == "Y"
+    assert team.expected_cost == pytest.approx(0.001 + 0.002 + 0.002 + 0.003)
+    staged = Recruitment(experts=("A", "B", "C"), keywords=(), matches=(), candidates=(), mode="calibrated",
+                         team=Team(("A", "B", "C"), "A", 0.9, 0.95, 1.0, 2, 0.9))
+    assert staged.staged == 2 and replace(staged, experts=("A", "B")).staged == 0  # no longer that team
