@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from orchestra import Orchestra, RecruitConfig
+from orchestra import Agent, Orchestra, Pool, RecruitConfig
 from orchestra.calibration import AgentSkills, Calibration, posterior
 from orchestra.datasets import Dataset
-from orchestra.errors import ConfigError
+from orchestra.errors import BadResponse, ConfigError
 from orchestra.grading import AutoGrader
 from orchestra.matching import Match
+from orchestra.models import ChatRequest, FunctionModel
 from orchestra.profile import Provenance, SkillProfile, load_profiles
 from orchestra.profiling import build_profiles
 from orchestra.recruit import Candidate, Recruiter, Recruitment, SkillTable
@@ -257,19 +258,16 @@ def test_show_tells_which_experts_a_confident_team_did_not_need(market, tmp_path
            " were not made" in shown
 
 
-def test_a_staged_team_whose_first_experts_failed_asks_the_rest() -> None:
+def confident_pool(failing: str = "") -> tuple[Pool, dict[str, FunctionModel]]:
+    """Agents a, b (0.95) and c (0.9), measured on math: a staged team; ``failing`` experts fail."""
     from helpers import kind_of
-
-    from orchestra import Agent, Pool
-    from orchestra.errors import BadResponse
-    from orchestra.models import ChatRequest, FunctionModel
 
     def answer(name: str) -> Callable[[ChatRequest], object]:
         def reply(request: ChatRequest) -> object:
             if kind_of(request) == "keywords":
                 return {"keywords": ["math"]}
-            if kind_of(request) == "expert" and name in ("a", "b"):
-                return BadResponse(f"{name} is down")  # two failures are not two experts agreeing
+            if kind_of(request) == "expert" and name in failing:
+                return BadResponse(f"{name} is down")
             return "The answer is 4"
         return reply
 
@@ -278,13 +276,26 @@ def test_a_staged_team_whose_first_experts_failed_asks_the_rest() -> None:
     profiles = {name: SkillProfile(agent=name, skills={"math": 30}, accuracy=accuracy, aggregation_score=0.9,
                                    skill_counts={"math": (int(40 * accuracy), 40)}, provenance=provenance)
                 for name, accuracy in (("a", 0.95), ("b", 0.95), ("c", 0.9))}
-    pool = Pool(agents=[Agent(name=name, model=models[name]) for name in "abc"], profiles=profiles,
-                planner=models["k"])
+    return Pool(agents=[Agent(name=name, model=models[name]) for name in "abc"], profiles=profiles,
+                planner=models["k"]), models
+
+
+def test_a_staged_team_whose_first_experts_failed_asks_the_rest() -> None:
+    pool, _ = confident_pool(failing="ab")  # two failures are not two experts agreeing
     result = Orchestra(pool, k=3, plan=False, store=False).run("What is 2 + 2?")
     node = result.plan.nodes[0]
     assert node.recruitment is not None and node.recruitment["team"]["staged"] == 2
     assert [o.agent for o in node.expert_outputs] == ["a", "b", "c"] and node.saved_calls == 0
     assert result.status == "done" and result.answer == "The answer is 4"
+
+
+def test_a_staged_team_of_two_that_agrees_needs_no_aggregation() -> None:
+    pool, models = confident_pool()
+    result = Orchestra(pool, k=2, plan=False, store=False).run("What is 2 + 2?")
+    node = result.plan.nodes[0]
+    assert node.recruitment is not None and node.recruitment["team"]["staged"] == 2
+    assert node.saved_calls == 1 and node.aggregator is None
+    assert sum(len(models[name].requests) for name in "abc") == 2  # the two answers, no aggregation call
 
 
 def test_staged_teams_ask_the_rest_when_the_first_two_disagree(market) -> None:
