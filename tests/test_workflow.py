@@ -597,6 +597,7 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
 
     first, sent = evaluate("--max-calls", "3")  # every item's step a, then the budget stops each b
     assert (first["items"], first["failed"], sent) == (3, 3, 3)
+    assert "max_calls" in first["budget_exceeded"]  # the report says what stopped it
     resumed, sent = evaluate("--resume", "--max-calls", "10")
     assert (resumed["resumed"], resumed["reused"], resumed["correct"], sent) == (3, 0, 3, 3)  # only the b calls
     again, sent = evaluate("--resume")
