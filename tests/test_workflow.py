@@ -484,6 +484,14 @@ def test_a_step_that_cannot_render_is_a_user_error_even_when_another_step_answer
     assert json.loads(final.stdout)["status"] == "failed" and final.returncode == 2, final.stderr  # (was 1)
 
 
+def test_a_final_template_waits_for_every_step_and_a_partial_run_answers_with_what_finished(
+        loopback, tmp_path: Path) -> None:
+    _, path = two_steps_apart(loopback, tmp_path, "'Count {{ 9 ** (9 ** 9) }}'")  # b cannot render
+    path.write_text(path.read_text() + "final: '{{ steps.a.output }} / {{ steps.b.output }}'\n")
+    done = json.loads(cli("run", str(path), "--json").stdout)
+    assert done["status"] == "partial" and done["answer"] == done["plan"]["nodes"][0]["output"]  # step a's
+
+
 def test_a_data_set_items_run_resumes_without_its_data_set_and_names_a_missing_pool(loopback, tmp_path: Path) -> None:
     server = loopback(ScriptedLLM().handler())
     pool = write_pool(tmp_path, server.url)
