@@ -618,8 +618,10 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
     pool.write_text(pool.read_text().replace("model: alpha\n", "model: alpha-2\n", 1))  # another model behind alpha
     assert evaluate("--resume", "--k", "2")[0]["reused"] == 0  # (its answers were reused)
     path.write_text(path.read_text().replace("dataset: {path: quiz.jsonl}", "dataset: {path: quiz.jsonl, limit: 2}"))
+    assert evaluate("--max-calls", "1")[1] == 1  # stopped at once; then evaluated afresh:
     limited, sent = evaluate()
     assert (limited["items"], sent) == (2, 4)  # the first two items, each with its two steps
+    assert evaluate("--resume")[1] == 0  # each item's latest run counts (not the stopped one before it)
     single = cli("run", str(write(tmp_path, "name: one\npool: pool.yaml\nsteps:\n  - id: a\n    prompt: x\n",
                                   "one.yaml")), "--resume")
     assert single.returncode == 2 and "--resume goes on with a data-set workflow's evaluation" in single.stderr
