@@ -45,6 +45,19 @@ def test_extreme_and_cold_agents_get_estimates_the_router_can_use() -> None:
     assert cold.estimate("c", "law")[0] == pytest.approx(0.6)
 
 
+def test_a_query_weighs_each_skill_by_match_and_separation_and_counts_a_skill_once() -> None:
+    agents = {"s": AgentSkills(0.5, {"alg": (18, 20), "geo": (2, 20)}),
+              "g": AgentSkills(0.5, {"alg": (10, 20), "geo": (10, 20)})}
+    calibration = Calibration(agents)
+    weak_geo = calibration.query("s", [Match("alg", "alg", 1.0), Match("geo", "geo", 0.1)])[0]
+    assert weak_geo > 0.7  # a barely similar keyword barely pulls the specialist's estimate down
+    one = calibration.query("s", [Match("alg", "alg", 1.0), Match("geo", "geo", 1.0)])
+    two = calibration.query("s", [Match("alg", "alg", 1.0), Match("algebra", "alg", 1.0), Match("geo", "geo", 1.0)])
+    assert len(two[2]) == 2 and two[0] == pytest.approx(one[0])  # two keywords of one skill count once
+    [part] = calibration.query("s", [Match("alg", "alg", 1.0)])[2]
+    assert part.weight == pytest.approx(max(calibration.separation("alg"), 0.05) ** 2)
+
+
 def test_variants_merge_by_name_unless_the_agents_results_tell_them_apart() -> None:
     item_keywords = {f"o{i}": ["organic chemistry"] for i in range(6)}
     item_keywords.update({f"c{i}": ["organic chem"] for i in range(4)})

@@ -1159,6 +1159,13 @@ def test_calls_in_flight_hold_their_worst_case_against_the_budget() -> None:
     with pytest.raises(BudgetExceeded) as held:  # together they could cost more than the budget
         costly.admit(request, price)
     assert held.value.held and costly.exceeded is None  # it waits for the first rather than stopping the run
+    exact = first.tokens  # a budget the call fits exactly admits it, and no more
+    tokens = BudgetTracker(Budget(max_tokens=exact, max_calls=None, max_cost_usd=None), "r")
+    tokens.admit(request, price)
+    with pytest.raises(BudgetExceeded):
+        tokens.admit(request, price)
+    dollars = BudgetTracker(Budget(max_cost_usd=first.cost_usd, max_calls=None, max_tokens=None), "r")
+    dollars.admit(request, price)
     calls = BudgetTracker(Budget(max_calls=2, max_tokens=None, max_cost_usd=None), "r")
     calls.settle(calls.admit(request, price), Usage(requests=1))
     calls.admit(request, price)
