@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import signal
+import sys
 import warnings
 import zlib
 from collections.abc import (
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from pydantic import ValidationError
 
@@ -95,9 +98,7 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
         def interrupt() -> None:
             nonlocal interrupted
             if interrupted:  # a second Ctrl-C: stop waiting (for a model load, a worker thread) at once
-                loop.remove_signal_handler(signal.SIGINT)
-                signal.raise_signal(signal.SIGINT)
-                return
+                escape()
             interrupted = True
             work.cancel()
 
@@ -120,6 +121,19 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
         if interrupted:
             raise KeyboardInterrupt from None
         raise
+
+
+def escape() -> NoReturn:
+    """End the process now, without waiting for worker threads: a KeyboardInterrupt cannot do it,
+    as closing the loop waits for its executor's threads, and so does the interpreter's exit.
+    What was committed is kept (calls are committed as they are answered); runs still going are
+    left to their owner's lease, which ends with the process."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os.write(2, b"error: interrupted again: stopped without waiting for the work in progress; finished calls "
+                b"are saved where a store was kept\n")
+    os._exit(130)
 
 
 async def _drain() -> None:
