@@ -19,6 +19,7 @@ from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
 from orchestra.hints import run_hint
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.result import RunResult
+from orchestra.store import RunStore
 
 
 def test_dag_order_is_respected_and_nodes_see_their_dependencies() -> None:
@@ -458,3 +459,30 @@ def test_a_node_whose_two_dependencies_failed_is_skipped_once_and_the_healthy_br
     result = Orchestra(pool, k=1, on_event=lambda e: (events.append(e), seen(e))).run("four steps")
     assert result.status == "partial" and result.node("slow").status == "done", (result.status, result.error)
     assert result.node("both").status == "skipped" and sum(isinstance(e, NodeSkipped) for e in events) == 1
+
+
+def test_a_run_cancelled_while_aggregating_records_its_node_as_failed(tmp_path: Path) -> None:
+    never = asyncio.Event()
+
+    async def agent(request: ChatRequest) -> str:
+        if kind_of(request) == "aggregate":
+            await never.wait()
+        return "The answer is 1"
+
+    pool, _ = scripted_pool(3)
+    for each in pool.agents:
+        each.model = FunctionModel(agent, name=each.model.name)
+
+    async def cancel_while_aggregating() -> None:
+        orc = Orchestra(pool, k=3, store=tmp_path / "runs.db")
+        run = asyncio.ensure_future(orc.arun("What is 1 + 1?", run_id="r1"))
+        while not any(kind_of(r) == "aggregate" for a in pool.agents for r in a.model.requests):
+            await asyncio.sleep(0)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        await orc.aclose()
+
+    asyncio.run(cancel_while_aggregating())
+    [node] = RunStore(tmp_path / "runs.db").nodes("r1")
+    assert (node["status"], node["error"]) == ("failed", "cancelled by the user")  # not left "aggregating"
