@@ -383,16 +383,16 @@ async def run_with_experts_in_flight(orc: Orchestra) -> asyncio.Future[RunResult
     return run
 
 
-def held_experts_pool(release: asyncio.Event) -> Pool:
-    """3 agents whose expert calls are answered once ``release`` is set."""
-    async def expert(request: ChatRequest) -> str:
-        if kind_of(request) == "expert":
+def held_experts_pool(release: asyncio.Event, kind: str = "expert") -> Pool:
+    """3 agents whose calls of ``kind`` (``kind_of``) are answered once ``release`` is set."""
+    async def answer(request: ChatRequest) -> str:
+        if kind_of(request) == kind:
             await release.wait()
         return "The answer is 1"
 
     pool, _ = scripted_pool(3)
     for agent in pool.agents:
-        agent.model = FunctionModel(expert, name=agent.model.name)
+        agent.model = FunctionModel(answer, name=agent.model.name)
     return pool
 
 
@@ -462,16 +462,7 @@ def test_a_node_whose_two_dependencies_failed_is_skipped_once_and_the_healthy_br
 
 
 def test_a_run_cancelled_while_aggregating_records_its_node_as_failed(tmp_path: Path) -> None:
-    never = asyncio.Event()
-
-    async def agent(request: ChatRequest) -> str:
-        if kind_of(request) == "aggregate":
-            await never.wait()
-        return "The answer is 1"
-
-    pool, _ = scripted_pool(3)
-    for each in pool.agents:
-        each.model = FunctionModel(agent, name=each.model.name)
+    pool = held_experts_pool(asyncio.Event(), kind="aggregate")  # never answers an aggregation
 
     async def cancel_while_aggregating() -> None:
         orc = Orchestra(pool, k=3, store=tmp_path / "runs.db")
