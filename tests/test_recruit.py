@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 from fractions import Fraction
+from typing import Any
 
 import pytest
+from helpers import kind_of
 
 from orchestra.matching import Match
 from orchestra.profile import Provenance, SkillProfile, global_competence
@@ -205,3 +207,25 @@ def test_a_team_is_priced_with_its_aggregators_aggregation_call() -> None:
     staged = Recruitment(experts=("A", "B", "C"), keywords=(), matches=(), candidates=(), mode="calibrated",
                          team=Team(("A", "B", "C"), "A", 0.9, 0.95, 1.0, 2, 0.9))
     assert staged.staged == 2 and replace(staged, experts=("A", "B")).staged == 0  # no longer that team
+
+
+def test_a_tied_vote_goes_to_the_expert_recruiting_favoured_even_when_drawn_second() -> None:
+    from orchestra import Agent, Orchestra, Pool
+    from orchestra.models import ChatRequest, FunctionModel
+
+    def answer(name: str) -> Any:
+        def reply(request: ChatRequest) -> object:
+            if kind_of(request) == "keywords":
+                return {"keywords": ["math"]}
+            return f"{name} says: The answer is {4 if name == 'a' else 5}"
+        return reply
+
+    models = {name: FunctionModel(answer(name), name=name) for name in "abk"}
+    profiles = {"a": SkillProfile(agent="a", skills={"math": 6}, accuracy=0.6, provenance=PROVENANCE),
+                "b": SkillProfile(agent="b", skills={"math": 2}, accuracy=0.6, provenance=PROVENANCE)}
+    pool = Pool(agents=[Agent(name=name, model=models[name]) for name in "ab"], profiles=profiles,
+                planner=models["k"])
+    result = Orchestra(pool, k=2, plan=False, store=False, mode="symbolic-moe", aggregate="vote", seed=3).run(
+        "What is 2 + 2?")
+    assert result.plan.nodes[0].experts == ["b", "a"]  # (this seed draws the weaker one first)
+    assert result.answer == "a says: The answer is 4"  # one vote each: the drawing weights break the tie
