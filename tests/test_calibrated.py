@@ -334,3 +334,17 @@ def test_a_cost_cap_per_item_is_honoured(market) -> None:
         assert team["expected_cost_usd"] <= 0.00002
         assert result.usage.cost_usd <= 0.0001  # keyword calls are free here; experts within the cap's reach
     assert all(len(r.plan.nodes[0].experts) == 1 for r in results)
+
+
+def test_equally_accurate_candidates_are_ranked_cheapest_first() -> None:
+    """The calibrated ranking (what explanations and ``show`` list) puts the cheaper of two agents
+    with the same expected accuracy first, whatever their names."""
+    profiles = {name: SkillProfile(agent=name, skills={"math": 5}, accuracy=0.8,
+                                   skill_counts={"math": (16, 20)},
+                                   provenance=Provenance(dataset="v", dataset_sha256="x", items=20, model="m"))
+                for name in ("alpha", "beta")}
+    costs = {"alpha": (0.002, 0.002), "beta": (0.001, 0.001)}
+    table = SkillTable.build(list(profiles), profiles, {}, {}, RecruitConfig(), costs=costs)
+    ranked, _ = Recruiter(table).team([Match("math", "math", 1.0)], k=1)
+    assert [c.agent for c in ranked] == ["beta", "alpha"]
+    assert ranked[0].suitability == ranked[1].suitability

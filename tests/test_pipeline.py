@@ -19,6 +19,7 @@ from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
 from orchestra.hints import run_hint
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.result import RunResult
+from orchestra.settings import AnswerOptions
 from orchestra.store import RunStore
 
 
@@ -477,3 +478,32 @@ def test_a_run_cancelled_while_aggregating_records_its_node_as_failed(tmp_path: 
     asyncio.run(cancel_while_aggregating())
     [node] = RunStore(tmp_path / "runs.db").nodes("r1")
     assert (node["status"], node["error"]) == ("failed", "cancelled by the user")  # not left "aggregating"
+
+
+def test_answer_options_skip_a_sink_whose_answer_a_final_template_renders() -> None:
+    """With a ``final`` template no call writes the answer: the one sink's experts and aggregator
+    keep their own token limit and temperature, and nothing streams as the answer."""
+    pool, models = scripted_pool(3)
+    streamed: list[str] = []
+
+    async def run() -> RunResult:
+        return await Orchestra(pool, k=2).arun(
+            "Say one", plan=False, final=lambda outputs: f"[{outputs['answer']['output']}]",
+            answer=AnswerOptions(max_tokens=7, temperature=0.3), on_answer_text=streamed.append)
+
+    result = asyncio.run(run())
+    assert result.status == "done" and result.answer.startswith("[") and "answer is 1" in result.answer, result.error
+    sent = [r for m in models.values() for r in m.requests if kind_of(r) in ("expert", "aggregate")]
+    assert len(sent) == 3 and all((r.max_tokens, r.temperature) != (7, 0.3) for r in sent)
+    assert not streamed
+
+
+def test_answer_options_reach_the_calls_that_write_the_answer() -> None:
+    """Without a template the one sink's experts and aggregator write the answer: they get its
+    token limit and temperature."""
+    pool, models = scripted_pool(3)
+    result = asyncio.run(Orchestra(pool, k=2).arun("Say one", plan=False,
+                                                   answer=AnswerOptions(max_tokens=7, temperature=0.3)))
+    assert result.status == "done", result.error
+    sent = [r for m in models.values() for r in m.requests if kind_of(r) in ("expert", "aggregate")]
+    assert len(sent) == 3 and all((r.max_tokens, r.temperature) == (7, 0.3) for r in sent)

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import kind_of
+from helpers import kind_of, plan_json, scripted_pool
 from loopback_llm import LOCAL_AGENTS, ScriptedLLM, write_pool
 from test_cli import cli
 
-from orchestra import Agent, Pool
+from orchestra import Agent, Orchestra, Pool
 from orchestra.errors import ConfigError
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.workflow import Workflow
@@ -625,3 +625,16 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
     single = cli("run", str(write(tmp_path, "name: one\npool: pool.yaml\nsteps:\n  - id: a\n    prompt: x\n",
                                   "one.yaml")), "--resume")
     assert single.returncode == 2 and "--resume goes on with a data-set workflow's evaluation" in single.stderr
+
+
+def test_a_plan_auto_workflow_plans_even_where_the_orchestra_does_not(tmp_path: Path) -> None:
+    """``plan: auto`` asks the planner although the Orchestra's settings turn planning off (its
+    data-set runs the same way)."""
+    pool, models = scripted_pool(2, plan=plan_json(("facts", []), ("brief", ["facts"])))
+    text = ("name: auto\npool:\n  models: {m: {type: openai, model: x}}\n  agents: [{name: a, model: m}]\n"
+            "plan: auto\ntask: 'Brief on {{ inputs.topic }}'\ninputs:\n  topic: {type: string}\n")
+    flow = Workflow.load(write(tmp_path, text), pool=pool)
+    result = run_workflow(flow, {"topic": "tides"}, orchestra=Orchestra(pool, plan=False, k=1))
+    assert result.status == "done", result.error
+    assert [n.id for n in result.plan.nodes] == ["facts", "brief"]
+    assert sum(kind_of(r) == "plan" for r in models["planner"].requests) == 1
