@@ -139,6 +139,13 @@ class MultipleChoiceGrader:
 _BOXED = re.compile(r"\\boxed\s*\{")
 
 
+def states_answer(text: str) -> bool:
+    """Whether a reply states its answer as ``answer_format`` asks: "the answer is ..." (or
+    "Answer: ...") or a ``\\boxed{...}`` answer, outside its reasoning."""
+    text = strip_reasoning(text)
+    return _answer_clause(text) is not None or last_boxed(text) is not None
+
+
 def last_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}``, braces balanced."""
     starts = [m.end() for m in _BOXED.finditer(text)]

@@ -271,8 +271,9 @@ def test_show_tells_which_experts_a_confident_team_did_not_need(market, tmp_path
            " were not made" in shown
 
 
-def confident_pool(failing: str = "") -> tuple[Pool, dict[str, FunctionModel]]:
-    """Agents a, b (0.95) and c (0.9), measured on math: a staged team; ``failing`` experts fail."""
+def confident_pool(failing: str = "", unsure: str = "") -> tuple[Pool, dict[str, FunctionModel]]:
+    """Agents a, b (0.95) and c (0.9), measured on math: a staged team; ``failing`` experts fail,
+    ``unsure`` ones state no answer."""
     from helpers import kind_of
 
     def answer(name: str) -> Callable[[ChatRequest], object]:
@@ -281,6 +282,8 @@ def confident_pool(failing: str = "") -> tuple[Pool, dict[str, FunctionModel]]:
                 return {"keywords": ["math"]}
             if kind_of(request) == "expert" and name in failing:
                 return BadResponse(f"{name} is down")
+            if kind_of(request) == "expert" and name in unsure:
+                return "Let me think.\nI am not sure."
             return "The answer is 4"
         return reply
 
@@ -309,6 +312,21 @@ def test_a_staged_team_of_two_that_agrees_needs_no_aggregation() -> None:
     assert node.recruitment is not None and node.recruitment["team"]["staged"] == 2
     assert node.saved_calls == 1 and node.aggregator is None
     assert sum(len(models[name].requests) for name in "abc") == 2  # the two answers, no aggregation call
+
+
+@pytest.mark.parametrize("answer_format", ['End with "The answer is ..."', None])
+def test_staged_experts_told_how_to_answer_agree_only_on_stated_answers(answer_format: str | None) -> None:
+    """Two replies ending "I am not sure" stop a staged team only where nobody asked the experts
+    to state their answer (then their last lines are all there is to compare)."""
+    pool, models = confident_pool(unsure="ab")
+    result = asyncio.run(Orchestra(pool, k=3, plan=False, store=False).arun("What is 2 + 2?",
+                                                                             answer_format=answer_format))
+    node = result.plan.nodes[0]
+    assert node.recruitment is not None and node.recruitment["team"]["staged"] == 2
+    if answer_format is None:
+        assert node.saved_calls == 2 and len(models["c"].requests) == 0
+    else:
+        assert [o.agent for o in node.expert_outputs] == ["a", "b", "c"] and node.saved_calls == 0
 
 
 def test_staged_teams_ask_the_rest_when_the_first_two_disagree(market) -> None:

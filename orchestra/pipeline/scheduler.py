@@ -42,7 +42,7 @@ from orchestra.events import (
     SkillExtractionFailed,
 )
 from orchestra.execute import Executor, RunLedger
-from orchestra.grading import Grader, get_grader, strip_reasoning
+from orchestra.grading import Grader, get_grader, states_answer, strip_reasoning
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, Strongest, Vote, strategy
@@ -476,9 +476,13 @@ class Run:
         return self._collect(trace, agents, outcomes, recruitment)
 
     def _agree(self, outcomes: Sequence[ChatResult | Exception]) -> bool:
-        """Whether every answer is there and the grader reads the same answer from each."""
+        """Whether every answer is there and the grader reads the same answer from each. Experts
+        told how to state their answer (``answer_format``) agree only on answers they stated: two
+        replies ending in "I am not sure" are no agreement."""
+        stated = self.spec.answer_format is None or all(
+            not isinstance(o, Exception) and states_answer(o.text) for o in outcomes)
         answers = {None if isinstance(o, Exception) else self.stages.grader.extract(o.text) for o in outcomes}
-        return len(answers) == 1 and None not in answers
+        return stated and len(answers) == 1 and None not in answers
 
     def _node_failed(self, trace: NodeState, error: str) -> None:
         trace.status, trace.error = "failed", error
