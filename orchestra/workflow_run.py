@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from orchestra.budget import BudgetTracker
@@ -21,6 +22,7 @@ from orchestra.settings import RunSpec, Settings, WorkflowRef
 from orchestra.store import RunRecord
 from orchestra.vocabulary import GraderName
 from orchestra.workflow import Workflow
+from orchestra.yamlfile import read_yaml
 
 
 def orchestra_for(workflow: Workflow, settings: Settings | None = None, **options: Any) -> Orchestra:
@@ -70,7 +72,8 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     Answers are graded by ``grader`` when given (the command line's ``--grader``), else by the
     data set's ``grader:``, else by the run settings' (the one votes read answers with).
     ``on_cancel`` is given the report of the items finished when the evaluation is cancelled (Ctrl-C).
-    ``resume``: go on with an earlier evaluation of this workflow (its text unchanged): each item's
+    ``resume``: go on with an earlier evaluation of this workflow (its content unchanged, but for
+    comments, layout, its budget and its data set's ``limit`` and ``grader``): each item's
     latest run with the same inputs, settings (a raised budget aside) and pool is counted if it
     finished, or finished under its own id (its recorded calls replayed); only the others run.
     """
@@ -126,10 +129,11 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
 
 def _earlier_item_runs(orc: Orchestra, workflow: Workflow, items: list[tuple[Item, dict[str, Any]]],
                        budget: dict[str, Any]) -> dict[int, RunResult | str]:
-    """Per item (by index): the result of its latest earlier run of this workflow (the same text,
+    """Per item (by index): the result of its latest earlier run of this workflow (the same content,
     inputs, pool, as it answers, and settings, a raised budget aside) if it finished, else that
     run's id to go on with."""
-    path, text = str(workflow.path.resolve()), workflow.document.text
+    path, content = str(workflow.path.resolve()), _content(workflow.document.text, workflow.path)
+    contents: dict[str, Any] = {}  # per recorded text (a data set's runs share theirs)
     source = orc.pool.source
     pool = str(source.resolve()) if source else None  # (as a run's record names it)
     fingerprint = orc.pool.fingerprint()  # (a pool file edited in place is another pool)
@@ -143,12 +147,33 @@ def _earlier_item_runs(orc: Orchestra, workflow: Workflow, items: list[tuple[Ite
             return None
         index, values, settings = wanted[record.item]
         ref = spec.workflow
-        same = (ref is not None and (ref.path, ref.source, ref.inputs, spec.pool) == (path, text, values, pool)
+        if ref is None or ref.source is None:
+            return None
+        if ref.source not in contents:
+            contents[ref.source] = _content(ref.source, workflow.path)
+        same = ((ref.path, ref.inputs, spec.pool) == (path, values, pool) and contents[ref.source] == content
                 and spec.meta.get("pool_fingerprint") == fingerprint
                 and spec.settings.model_copy(update={"budget": settings.budget}) == settings)
         return index if same else None
 
     return earlier_item_runs(orc, {"kind": "workflow"}, match, lambda record, spec: record.id)
+
+
+def _content(text: str, path: Path) -> Any:
+    """A workflow as a resume compares it: its data (comments and layout do not count) without its
+    budget (a raised budget goes on with the same runs) or its data set's ``limit`` and ``grader``
+    (items are matched by id, and graded as the evaluation ends); None for a text that no longer parses."""
+    try:
+        data = read_yaml(path, text).data
+    except ConfigError:
+        return None
+    if not isinstance(data, dict):
+        return data
+    data = {key: value for key, value in data.items() if key != "budget"}
+    for part, left_out in (("settings", ("budget",)), ("dataset", ("limit", "grader"))):
+        if isinstance(data.get(part), dict):
+            data[part] = {key: value for key, value in data[part].items() if key not in left_out}
+    return data
 
 
 def item_seed(seed: int, item_id: str) -> int:
