@@ -135,6 +135,8 @@ def load_dataset(path: str | Path) -> Dataset:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise DatasetError(f"{path}:{number}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{path}:{number}: each line must be a JSON object")
         if "\\u" in line:  # an escape may stand for half a character, which no model can be sent

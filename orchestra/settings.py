@@ -129,6 +129,8 @@ def assignments(pairs: Sequence[str]) -> dict[str, Any]:
             node[leaf] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             node[leaf] = raw
+        except RecursionError:
+            raise ConfigError(f"--set {key.strip()}: the value is nested too deeply to read") from None
     return data
 
 

@@ -99,6 +99,10 @@ class YamlDocument:
         return self.error(message, loc)
 
 
+#: a document nested deeper than the parser's recursion goes (no configuration needs that)
+_TOO_DEEP = "invalid YAML: nested too deeply to read (lists or mappings hundreds of levels deep)"
+
+
 def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
     """Parse a YAML file (safely: no tags that run code) and record where each value is."""
     shown = str(path)
@@ -132,11 +136,16 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
                           line=before.count("\n") + 1, column=error.position - (before.rfind("\n") + 1) + 1) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid YAML: {error}", path=shown) from None
+    except RecursionError:
+        raise ConfigError(_TOO_DEEP, path=shown) from None
     if node is None:
         return YamlDocument({}, {(): (1, 1)}, shown, text=text)
     marks: dict[tuple[Any, ...], Location] = {}
     builder = _Builder(shown, marks)
-    data = builder.build(node, ())
+    try:
+        data = builder.build(node, ())
+    except RecursionError:
+        raise ConfigError(_TOO_DEEP, path=shown) from None
     return YamlDocument(data, marks, shown, builder.blocks, text=text)
 
 

@@ -68,6 +68,8 @@ FAULTS = [
           1, 1, "returned no choices[0].message"),
     Fault("JSON nested too deeply", (lambda: Reply(200, "[" * 100_000 + "]" * 100_000),),
           1, 1, "answered with JSON nested too deeply to read"),
+    Fault("an error body nested too deeply", (lambda: Reply(400, "[" * 100_000 + "]" * 100_000),),
+          1, 1, "refused the request for model"),
     Fault("a JSON answer sent as text/plain", (lambda: Reply(200, json.dumps(ok_body())),), 1, 0, "The answer is 42"),
     Fault("a huge answer (2 MB)", (lambda: Reply(200, ok_body("The answer is 42. " + "y" * 2_000_000)),),
           1, 0, "The answer is 42"),

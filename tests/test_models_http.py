@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import json
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from pydantic import BaseModel
@@ -398,3 +399,22 @@ def test_a_stream_cut_short_is_retried_and_the_text_starts_again(loopback) -> No
     result = run(openai(server).complete_one(ask("a question of some length", on_text=seen.append)))
     assert result.text == "Second try." and seen[-1] == "Second try." and len(attempts) == 2
     assert result.usage.prompt_tokens > 0  # no usage in the stream: the prompt is estimated, not zero
+
+
+def test_a_streamed_event_nested_too_deeply_is_a_bad_response_not_a_crash(loopback) -> None:
+    """A stream with an event too deep to decode: the call fails with the whole answer's one-line
+    error (the text seen so far is kept from the events that could be read)."""
+    seen: list[str] = []
+    good = openai_stream_reply(["Light "], usage=False)
+
+    async def parts() -> AsyncIterator[bytes]:
+        assert good.parts is not None
+        async for part in good.parts():
+            if b"[DONE]" in part:
+                yield b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n"
+            yield part
+
+    server = loopback(lambda request: Reply(parts=parts))
+    with pytest.raises(BadResponse, match="nested too deeply"):
+        run(openai(server).complete_one(ask(on_text=seen.append)))
+    assert seen == ["Light "]

@@ -196,6 +196,8 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     ('{"id": 1, "question": "q", "answer": 1}\n{"id": 2, "question": "  ", "answer": 1}\n',
      "val.jsonl:2: field 'question': the question is empty"),
     ('[1, 2]\n', "val.jsonl:1: each line must be a JSON object"),
+    ('{"id": 1, "question": ' + "[" * 5000 + "]" * 5000 + ', "answer": 1}\n',
+     "val.jsonl:1: JSON nested too deeply to read"),  # (not Python's RecursionError)
     ('{"id": 1, "question": "q", "answer": 1}\n{"id": 1, "question": "r", "answer": 2}\n',
      "val.jsonl:2: duplicate id '1' (first on line 1)"),
     ("\n", "val.jsonl: the data set has no items"),

@@ -372,6 +372,11 @@ def test_yaml_alias_bombs_and_loops_are_refused(tmp_path: Path) -> None:
     bomb = write(tmp_path, "\n".join(rows) + "\n", "bomb.yaml")
     with pytest.raises(ConfigError, match="more than 100,000 values"):
         Workflow.load(bomb)
+    for depth in (600, 5000):  # deeper than the parser recurses (composing, then building): no RecursionError
+        deep = write(tmp_path, GOOD.replace('name: demo', 'name: demo\ndescription: ' + "[" * depth + "]" * depth),
+                     "deep.yaml")
+        with pytest.raises(ConfigError, match="deep.yaml: invalid YAML: nested too deeply to read"):
+            Workflow.load(deep)
 
 
 def test_workflow_resume_keeps_the_run_options(loopback, tmp_path: Path) -> None:

@@ -412,7 +412,7 @@ def _error_body(response: Answer) -> Any:
     """The decoded error body, or its text when it is not JSON."""
     try:
         return response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # (JSON nested too deeply to read is text too)
         return response.text
 
 

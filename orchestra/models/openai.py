@@ -155,7 +155,7 @@ def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
                 continue
             try:
                 delta = json.loads(line[5:])["choices"][0]["delta"].get("content")
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
                 continue  # the usage chunk, or something the whole answer's check will judge
             if isinstance(delta, str) and delta:
                 text.append(delta)
