@@ -760,7 +760,8 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),
                           ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),
                           ("calls saved by confident teams", str(report.saved_calls)),
-                          ("unfinished runs", str(report.failed)),
+                          ("unfinished runs", str(report.failed)
+                           + (f" (and {report.cut_off} cut off, to resume)" if report.cut_off else "")),
                           *([("from the earlier evaluation", f"{report.reused} finished, {report.resumed} resumed")]
                             if report.reused or report.resumed else []),
                           ("skill extraction failures", str(report.skill_extraction_failures))]:

@@ -289,8 +289,10 @@ class _Stream:
 
     def __init__(self, orc: Orchestra, source: _Source, *, window: int | None, plan: bool, rare_filter: bool,
                  meta: Mapping[str, Any] | None, overrides: dict[str, Any],
-                 shared_budget: BudgetTracker | None = None) -> None:
+                 shared_budget: BudgetTracker | None = None,
+                 on_stopped: Callable[[int, RunResult], None] | None = None) -> None:
         self.orc = orc
+        self.on_stopped = on_stopped
         self.shared_budget = shared_budget
         self.source = source
         self.slots = asyncio.Semaphore(window) if window is not None else None
@@ -413,7 +415,9 @@ class _Stream:
         error = None if future.cancelled() else future.exception()
         if future.cancelled() or error is not None:  # a bug inside the run: stop it, keep its record
             run.cancel()
-            self.orc._record_cancelled(run)
+            stopped = self.orc._record_cancelled(run)
+            if self.on_stopped is not None:
+                self.on_stopped(index, stopped)
             self.queue.put_nowait(error or asyncio.CancelledError())
             return
         result = future.result()
@@ -430,9 +434,11 @@ class _Stream:
         recorded as cancelled, as an interrupted ``arun`` is."""
         self.source.close()
         while self.live:
-            run, _ = self.live.popitem()
+            run, index = self.live.popitem()
             run.cancel()
-            self.orc._record_cancelled(run)
+            stopped = self.orc._record_cancelled(run)
+            if self.on_stopped is not None:
+                self.on_stopped(index, stopped)
 
 
 class Orchestra:
@@ -690,12 +696,14 @@ class Orchestra:
         self._record(result)
         return result
 
-    def _record_cancelled(self, run: Run) -> None:
+    def _record_cancelled(self, run: Run) -> RunResult:
         """Record a run stopped before it finished, and again whenever a request it had in flight is
         cut off later (the loop cancels those after the run's own tasks): its record counts what the
-        endpoints received."""
-        def record() -> None:
-            self._record(run.result("cancelled", None, "stopped before it finished"))
+        endpoints received. Returns the result first recorded."""
+        def record() -> RunResult:
+            result = run.result("cancelled", None, "stopped before it finished")
+            self._record(result)
+            return result
 
         def again() -> None:  # unless the run has been resumed since (it is running, or done)
             if self.store is not None:
@@ -706,8 +714,9 @@ class Orchestra:
                     return
             record()
 
-        record()
+        stopped = record()
         run.ledger.after_end = again
+        return stopped
 
     def _record(self, result: RunResult, *, soon: bool = False) -> None:
         """Store a finished run (``soon``: at the event loop's next turn, before the caller's task
@@ -851,6 +860,7 @@ class Orchestra:
     async def arun_iter(self, tasks: Tasks, *, window: int | None = DEFAULT_WINDOW, plan: bool = False,
                         rare_filter: bool = True, meta: Mapping[str, Any] | None = None,
                         shared_budget: BudgetTracker | None = None,
+                        on_stopped: Callable[[int, RunResult], None] | None = None,
                         **overrides: Any) -> AsyncGenerator[tuple[int, RunResult], None]:
         """Answer a stream of tasks, at most ``window`` runs at a time; yield ``(index, result)``
         as each run finishes (completion order; ``index`` is the task's position in ``tasks``).
@@ -877,12 +887,14 @@ class Orchestra:
             meta: JSON-ready facts stored with each run.
             shared_budget: a budget all these runs spend together (``BudgetTracker(Budget(...), None)``),
                 on top of each run's own; an ``Instance``'s options may give its own.
+            on_stopped: given ``(index, result)`` of each run stopped early (its status ``cancelled``,
+                its usage what it had spent), as it is recorded.
             overrides: ``Settings`` fields for all these runs.
         """
         if window is not None and window < 1:
             raise ValueError("window must be at least 1 (or None for no bound)")
         stream = _Stream(self, _Source(tasks), window=window, plan=plan, rare_filter=rare_filter, meta=meta,
-                         overrides=overrides, shared_budget=shared_budget)
+                         overrides=overrides, shared_budget=shared_budget, on_stopped=on_stopped)
         async with aclosing(stream.results()) as results:
             async for item in results:
                 yield item

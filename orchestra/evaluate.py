@@ -72,6 +72,9 @@ class EvalReport:
     """With ``resume``: items whose earlier run was cut off, finished now (its recorded calls replayed)."""
     interrupted: bool = False
     """Cancelled (Ctrl-C) before every item ran: the report holds the items finished by then."""
+    cut_off: int = 0
+    """Runs an interruption stopped before they finished (not among ``items``): what they had
+    spent is in the totals, and ``resume`` goes on with them."""
     answers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -87,6 +90,7 @@ class Tally:
         self.grader = grader
         self.sink = sink
         self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
+        self.cut_off = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.cost_usd = 0.0
         self.first_failure: tuple[int, str, int] | None = None  # (index, what happened, its exit code)
@@ -99,13 +103,7 @@ class Tally:
         ok = bool(result.answer) and self.grader.grade(result.answer or "", item)
         self.items += 1
         self.correct += ok
-        usage = result.usage
-        self.calls += usage.calls
-        self.requests += usage.requests
-        self.prompt_tokens += usage.prompt_tokens
-        self.completion_tokens += usage.completion_tokens
-        self.cost_usd += usage.cost_usd
-        self.skill_extraction_failures += usage.skill_extraction_failures
+        self._spent(result)
         self.saved_calls += sum(node.saved_calls for node in result.plan.nodes)
         category = item.category or UNCATEGORIZED
         tally = self.categories.setdefault(category, Counter())
@@ -124,6 +122,21 @@ class Tally:
         else:
             self.answers.append((index, row))
 
+    def stopped_run(self, position: int, result: RunResult) -> None:
+        """Count what a run stopped before it finished (an interrupted evaluation) had spent; its
+        item is not graded (``arun_iter``'s ``on_stopped``)."""
+        self.cut_off += 1
+        self._spent(result)
+
+    def _spent(self, result: RunResult) -> None:
+        usage = result.usage
+        self.calls += usage.calls
+        self.requests += usage.requests
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.cost_usd += usage.cost_usd
+        self.skill_extraction_failures += usage.skill_extraction_failures
+
     def report(self, method: str, *, elapsed_s: float, model_loads: dict[str, int],
                budget_exceeded: str | None = None) -> EvalReport:
         """The totals so far as a report (answers in data-set order)."""
@@ -138,7 +151,7 @@ class Tally:
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
             failure_exit=self.first_failure[2] if self.first_failure else 0,
             skill_extraction_failures=self.skill_extraction_failures, saved_calls=self.saved_calls,
-            budget_exceeded=budget_exceeded,
+            budget_exceeded=budget_exceeded, cut_off=self.cut_off,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
 
 
@@ -216,7 +229,8 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
             return count_earlier(tally.report(name, elapsed_s=time.perf_counter() - started,
                                               model_loads=loads_since(orchestra, loads_before), **extra), earlier)
 
-        await grade_as_they_finish(orchestra.arun_iter(instances, meta=meta, shared_budget=shared, **given), tally,
+        await grade_as_they_finish(orchestra.arun_iter(instances, meta=meta, shared_budget=shared,
+                                                       on_stopped=tally.stopped_run, **given), tally,
                                    [(index, items[index]) for index in todo], report, on_cancel)
     return report(budget_exceeded=str(shared.exceeded) if shared is not None and shared.exceeded else None)
 

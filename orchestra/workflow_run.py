@@ -121,7 +121,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
                                           model_loads=loads_since(orc, loads_before), **extra), earlier)
 
     # each run has its workflow's steps (or plans): no chunk of runs to recruit together
-    stream = orc.arun_iter(instances(), window=window, rare_filter=False,
+    stream = orc.arun_iter(instances(), window=window, rare_filter=False, on_stopped=tally.stopped_run,
                            meta={"kind": "workflow", "pool_fingerprint": orc.pool.fingerprint()})
     await grade_as_they_finish(stream, tally, [(index, items[index]) for index in todo], report, on_cancel)
     return report(budget_exceeded=str(shared.exceeded) if shared.exceeded else None)

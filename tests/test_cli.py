@@ -278,8 +278,11 @@ def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path:
     if as_json:
         report = json.loads(out)  # one JSON object: the report of the items finished before Ctrl-C
         assert report["items"] == 2 and report["correct"] == 2 and report["failed"] == 0 and report["interrupted"]
+        # q2 was cut off: what it had spent counts (its keyword requests), its 3 hanging expert requests not yet
+        assert report["cut_off"] == 1 and report["requests"] == len(server.requests) - 3, report
     else:
         assert "interrupted after 2 item(s)" in " ".join(out.split()) and re.search(r"items\s.*\b2\b", out), out
+        assert "0 (and 1 cut off, to resume)" in " ".join(out.split()), out
     assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved: the same command with "
                                             "--resume goes on with this evaluation")
     listed = {run["item"]: run["status"] for run in json.loads(cli("runs", "--json").stdout)}

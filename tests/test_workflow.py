@@ -586,6 +586,7 @@ def test_ctrl_c_during_a_data_set_workflow_prints_the_items_finished(loopback, t
     if as_json:
         report = json.loads(out)  # one JSON object, as after Ctrl-C elsewhere (it printed nothing)
         assert report["interrupted"] and report["items"] == 2 and report["correct"] == 2
+        assert report["cut_off"] == 1 and report["requests"] == 2  # q2's one request hangs: sent, not yet answered
     else:
         assert "quiz on quiz.jsonl: interrupted after 2 item(s)" in " ".join(out.split()), out
     assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved: the same command with "
