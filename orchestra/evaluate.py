@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -197,6 +198,8 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
             "pool_fingerprint": orchestra.pool.fingerprint()}
     # its runs' settings, as arun_iter makes them (without planning)
     earlier = _earlier_runs(orchestra, meta, orchestra.run_settings({**given, "plan": False}), items) if resume else {}
+    if resume and not earlier:
+        nothing_to_resume("data set, method, settings and pool")
     todo = [index for index in range(len(items)) if not isinstance(earlier.get(index), RunResult)]
     going_on = {index: options for index, options in earlier.items() if isinstance(options, dict)}
     instances = (Instance(items[index].prompt(), answer_format=answer_format(items[index]),
@@ -314,6 +317,13 @@ def earlier_item_runs(orchestra: Orchestra, meta: dict[str, str], match: Callabl
         finished = orchestra.store.result(record.id) if record.status == "done" else None
         earlier[index] = finished or going_on(record, spec)
     return earlier
+
+
+def nothing_to_resume(same: str) -> None:
+    """Warn that a resumed evaluation found no earlier run to go on with: every item runs (and is
+    paid for) again."""
+    warnings.warn(f"resume found no earlier run of this evaluation (the same {same}) to go on with: every "
+                  "item runs", UserWarning, stacklevel=3)
 
 
 def loads_since(orchestra: Orchestra, before: dict[str, int]) -> dict[str, int]:

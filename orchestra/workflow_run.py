@@ -15,7 +15,15 @@ from orchestra.budget import BudgetTracker
 from orchestra.core import DEFAULT_WINDOW, Instance, Orchestra, run_sync
 from orchestra.datasets import Item, load_dataset
 from orchestra.errors import ConfigError
-from orchestra.evaluate import EvalReport, Tally, count_earlier, earlier_item_runs, grade_as_they_finish, loads_since
+from orchestra.evaluate import (
+    EvalReport,
+    Tally,
+    count_earlier,
+    earlier_item_runs,
+    grade_as_they_finish,
+    loads_since,
+    nothing_to_resume,
+)
 from orchestra.grading import answer_format, get_grader
 from orchestra.result import RunResult
 from orchestra.settings import RunSpec, Settings, WorkflowRef
@@ -98,6 +106,8 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
         return values
 
     earlier = _earlier_item_runs(orc, workflow, [(item, given(item)) for item in items], per_run) if resume else {}
+    if resume and not earlier:
+        nothing_to_resume("workflow, inputs, settings and pool")
     todo = [index for index in range(len(items)) if not isinstance(earlier.get(index), RunResult)]
 
     def instances() -> Iterator[Instance]:

@@ -376,6 +376,8 @@ def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback,
     assert raised["reused"] == 3 and len(server.requests) == before + 4  # another budget: the same answers
     other = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--k", "2", "--json")
     assert json.loads(other.stdout)["reused"] == 0  # other settings: the earlier runs do not count
+    assert ("warning: resume found no earlier run of this evaluation (the same data set, method, settings and pool) "
+            "to go on with: every item runs") in other.stderr and "resume found" not in resumed.stderr
     sent = len(server.requests)
     # the latest run that matches counts (the k=2 runs came later), and the data set is found by any path to it
     back = cli("eval", "--pool", str(pool), "--data", os.path.relpath(data), "--resume", "--json")

@@ -626,12 +626,17 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
                            "    prompt: '{{ inputs.question }}'\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
                            "    prompt: 'Check: {{ steps.a.output }}'\n")
 
+    warned: list[str] = []
+
     def evaluate(*flags: str) -> tuple[dict[str, Any], int]:
         sent = len(server.requests)
         done = cli("run", str(path), "--json", *flags)
         assert done.returncode in (0, 3), done.stderr
+        warned.append(done.stderr)
         return json.loads(done.stdout), len(server.requests) - sent
 
+    nothing = ("warning: resume found no earlier run of this evaluation (the same workflow, inputs, settings and "
+               "pool) to go on with: every item runs")
     first, sent = evaluate("--max-calls", "3")  # every item's step a, then the budget stops each b
     assert (first["items"], first["failed"], sent) == (3, 3, 3)
     assert "max_calls" in first["budget_exceeded"]  # the report says what stopped it
@@ -640,8 +645,10 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
     again, sent = evaluate("--resume")
     assert (again["reused"], again["correct"], sent) == (3, 3, 0)  # nothing is sent again
     path.write_text(path.read_text().replace("Check: ", "Verify: "))
+    assert nothing not in warned[-1]
     edited, sent = evaluate("--resume")
     assert (edited["reused"], edited["resumed"], sent) == (0, 0, 6)  # another workflow text: every item runs
+    assert nothing in warned[-1]  # said, not silently paid for again
     assert evaluate("--resume", "--k", "2")[0]["reused"] == 0  # other settings: other runs
     pool = tmp_path / "pool.yaml"
     pool.write_text(pool.read_text().replace("model: alpha\n", "model: alpha-2\n", 1))  # another model behind alpha
