@@ -139,16 +139,17 @@ class ChatSession:
             elif verb in ("r", "replan"):
                 seed += 1
                 hint = f"{context}\nThe user asks for a different plan: {rest}".strip() if rest else context
-                plan, note = self.plan(text, context=hint, seed=seed)
+                plan, note = self.plan(text, context=hint, seed=seed, replan=True)
             else:
                 self.console.print("answer a, e, r or c")
         result = self.run(text, plan, context)
         if result is not None:
             self.history.append(Turn(text, result))
 
-    def plan(self, text: str, *, context: str, seed: int) -> tuple[Plan, str]:
+    def plan(self, text: str, *, context: str, seed: int, replan: bool = False) -> tuple[Plan, str]:
         """Ask for a plan, with a progress line while the planner works, then what the planner's
-        calls cost (they are not part of the run that follows, nor of its record)."""
+        calls cost (they are not part of the run that follows, nor of its record). A ``replan``
+        asks the planner even for a task simple enough for one step (the user asked for another plan)."""
         spent: list[UsageUpdated] = []
 
         def listen(event: Event) -> None:
@@ -160,7 +161,8 @@ class ChatSession:
             with self.console.status("planning…", spinner="dots") if self.interactive else contextlib.nullcontext():
                 if not self.interactive:
                     self.console.print("planning…")
-                planned = self.orchestra.plan(text, context=context, seed=seed)
+                planned = self.orchestra.plan(text, context=context, seed=seed,
+                                              **({"fast_path": False} if replan else {}))
         finally:
             remove()
         if spent:

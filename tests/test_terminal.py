@@ -76,6 +76,9 @@ def test_chat_through_stdin_accept_edit_and_replan(served) -> None:
         "Another report, then a summary",
         "r",
         "a",
+        "What is 2+2?",  # one step, no planner call (fast path); a replan with a hint asks the planner
+        "r split it into two steps: compute, then verify",
+        "a",
         "/pool",
         "/help",
         "/quit",
@@ -86,7 +89,7 @@ def test_chat_through_stdin_accept_edit_and_replan(served) -> None:
     assert out.count("plan") >= 4  # shown, edited twice, ...
     assert "List three key facts." in out and "bye" in out
     assert "Synthesized answer" in out  # the first task's answer
-    assert scripted.kinds["plan"] == 3  # first task, second task, and its re-plan
+    assert scripted.kinds["plan"] == 4  # first task, second task, its re-plan, the simple task's re-plan
     assert "experts alpha-expert" in out or "experts beta-expert" in out or "experts gamma-expert" in out
     assert "k = 2" in out and "pool loopback" in out and "/trace" in out
 
