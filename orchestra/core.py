@@ -651,15 +651,18 @@ class Orchestra:
         self._begin_all([run])
 
     def _begin_all(self, runs: Sequence[Run], *, force: bool = False) -> None:
-        """Record the runs as begun (one transaction); a run resumed counts what its failed attempts
-        cost before (their calls are sent again, and the store adds both up)."""
+        """Record the runs as begun (one transaction); a run resumed counts what it spent before:
+        the calls it replays, its failed attempts (their calls are sent again, and the store adds
+        both up) and calls it will not ask again (a request changed since), so its usage is what
+        the endpoints received, as the store's totals say."""
         if self.store is None:
             return
         self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs], force=force)
-        failed = self.store.failed_usage([run.run_id for run in runs])
+        earlier = self.store.earlier_usage([run.run_id for run in runs])
         for run in runs:
-            if run.run_id in failed:
-                run.ledger.budget.count(failed[run.run_id], calls=0)
+            if run.run_id in earlier:
+                usage, answered = earlier[run.run_id]
+                run.ledger.budget.count(usage, calls=answered)
 
     async def _finish(self, run: Run) -> RunResult:
         self._running += 1

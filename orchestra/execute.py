@@ -69,8 +69,9 @@ CallEntry = tuple[str, str, int, str, ChatRequest | str, Outcome, str, str | Non
 class CallJournal(Protocol):
     """Durable record of a run's calls (the run store): replayed on resume, written as results arrive."""
 
-    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> tuple[ChatResult, bool] | None:
-        """The recorded result of this call if it completed before, and whether it was paid for."""
+    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> ChatResult | None:
+        """The recorded result of this call if it completed before (what it cost was counted as its
+        run was resumed)."""
 
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest, outcome: Outcome,
                *, purpose: str, node: str | None, source: str) -> None:
@@ -467,12 +468,9 @@ class Executor:
         if ledger.journal is not None:
             recorded = ledger.journal.replay(ledger.run_id, call.key, call.seq, call.request)
             if recorded is not None:
-                result, paid = recorded
-                if paid:  # a call first answered from the cache cost nothing
-                    ledger.budget.count(result.usage)
                 ledger.answered["store"] += 1
                 self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="store"))
-                self._resolve(call, result)
+                self._resolve(call, recorded)
                 return True
         if ledger.cache is not None:
             cached = ledger.cache.get(call.model.name, call.key, call.request)

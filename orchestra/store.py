@@ -610,8 +610,10 @@ class RunStore:
         return [_record(row, self._ended) for row in self._query(
             f"SELECT * FROM runs WHERE {where or 'true'} ORDER BY created, rowid", params)]
 
-    def failed_usage(self, run_ids: Sequence[str]) -> dict[str, Usage]:
-        """What the failed calls of runs begun before cost (none for runs this store began afresh)."""
+    def earlier_usage(self, run_ids: Sequence[str]) -> dict[str, tuple[Usage, int]]:
+        """What runs begun before spent (none for runs this store began afresh): the requests,
+        tokens and cost of their recorded calls, failed ones and ones a resume will not ask again
+        included (a request changed since, an endpoint moved), and how many of them answered."""
         from orchestra.models.types import Usage
 
         earlier = [run_id for run_id in run_ids if run_id not in self._fresh]
@@ -620,10 +622,12 @@ class RunStore:
             part = earlier[start:start + 500]
             rows += self._query(
                 "SELECT run_id, sum(prompt_tokens) AS p, sum(completion_tokens) AS c, sum(cost_usd) AS usd, "
-                f"sum(requests) AS r FROM calls WHERE run_id IN ({', '.join('?' * len(part))}) AND status='error' "
-                "AND source='model' GROUP BY run_id", tuple(part))
-        return {row["run_id"]: Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,
-                                     cost_usd=row["usd"] or 0.0, requests=row["r"] or 0) for row in rows}
+                "sum(requests) AS r, sum(status = 'ok' AND purpose != ?) AS answered FROM calls "
+                f"WHERE run_id IN ({', '.join('?' * len(part))}) AND source='model' GROUP BY run_id",
+                (EMBEDDINGS, *part))
+        return {row["run_id"]: (Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,
+                                      cost_usd=row["usd"] or 0.0, requests=row["r"] or 0), row["answered"] or 0)
+                for row in rows}
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
         """Calls (failed ones included), requests, tokens and cost the run's models were sent and billed.
@@ -640,10 +644,10 @@ class RunStore:
 
     # --- the call journal ------------------------------------------------------------------
 
-    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> tuple[ChatResult, bool] | None:
-        """A completed call's recorded result (for resume) and whether it was paid for (not a cache hit).
-        Its usage is the row's: the answer's requests and tokens with its failed attempts' (a resumed
-        run then counts what the endpoint received, as ``run_totals`` does)."""
+    def replay(self, run_id: str, key: str, seq: int, request: ChatRequest) -> ChatResult | None:
+        """A completed call's recorded result (for resume). Where a model answered it, its usage is
+        the row's: the answer's requests and tokens with its failed attempts' (a resumed run counted
+        them as it began: ``earlier_usage``)."""
         if run_id in self._fresh:  # begun here with no record before: nothing to replay
             return None
         rows = self._query("SELECT response, source, prompt_tokens, completion_tokens, cost_usd, requests FROM calls "
@@ -653,12 +657,12 @@ class RunStore:
         row = rows[0]
         result = self._revive(row["response"], request)
         if row["source"] != "model":
-            return result, False
+            return result
         from orchestra.models.types import Usage
 
         usage = Usage(prompt_tokens=row["prompt_tokens"] or 0, completion_tokens=row["completion_tokens"] or 0,
                       cost_usd=row["cost_usd"] or 0.0, requests=row["requests"])
-        return result.model_copy(update={"usage": usage}), True
+        return result.model_copy(update={"usage": usage})
 
     def record(self, run_id: str, key: str, seq: int, model: str, request: ChatRequest,
                outcome: ChatResult | Exception, *, purpose: str, node: str | None, source: str) -> None:

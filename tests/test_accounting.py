@@ -278,3 +278,21 @@ def test_a_data_set_workflow_recruits_per_item_and_reports_every_answer(loopback
     more = json.loads(cli("run", str(tmp_path / "flow.yaml"), "--json").stdout)
     assert more["per_category"]["uncategorized"] == {"items": 1, "accuracy": 1.0}
     assert more["per_category"]["all"] == {"items": 1, "accuracy": 1.0} and more["items"] == 10
+
+
+def test_a_run_resumed_on_another_endpoint_counts_what_both_endpoints_received(loopback, tmp_path: Path) -> None:
+    """Calls recorded before the pool's endpoint moved are not asked again (their requests differ),
+    but they were paid for: the resumed run's usage, its record and the servers agree."""
+    first, second = loopback(BilledServer()), loopback(BilledServer())
+    pool = write_pool(tmp_path, first.url)
+    stopped = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "3",
+                  "--max-calls", "7", "--json")
+    assert stopped.returncode == 3, stopped.stderr
+    run_id = json.loads(stopped.stdout)["run_id"]
+    write_pool(tmp_path, second.url)  # the same pool, its endpoint moved
+    resumed = cli("resume", run_id, "--max-calls", "50", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    usage = json.loads(resumed.stdout)["usage"]
+    assert len(second.requests) > 0 and usage["requests"] == len(first.requests) + len(second.requests)
+    shown = json.loads(cli("show", run_id, "--json").stdout)
+    assert _totals(shown["totals"]) == _totals(usage)
