@@ -202,14 +202,19 @@ def run_options(fn: F) -> F:
 
 
 def settings_from(opts: dict[str, Any]) -> Settings:
-    """The command line's settings layer: the flags given, then ``--set`` assignments."""
-    from orchestra.settings import Settings
+    """The command line's settings layer: the flags given, then ``--set`` assignments (one setting
+    given both ways is refused: which should win?)."""
+    from orchestra.settings import Settings, assignments
 
+    assigned = assignments(list(opts.get("assignments", ())))
     data: dict[str, Any] = {}
     for dest, path in SETTING_FLAGS.items():
         value = opts.get(dest)
         if value is None:
             continue
+        if _assigns(assigned, path):
+            raise ConfigError(f"--{dest.replace('_', '-')} and --set {'.'.join(path)} both set {'.'.join(path)}; "
+                              "give it once")
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -219,6 +224,18 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         if opts["ray"]:
             data["ray_address"] = opts["ray"]
     return Settings.layer(data, where="command line").assigned(list(opts.get("assignments", ())))
+
+
+def _assigns(assigned: dict[str, Any], path: tuple[str, ...]) -> bool:
+    """Whether ``--set`` assignments set the setting at ``path`` (or all of a setting above it)."""
+    node: Any = assigned
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+        if not isinstance(node, dict):
+            return True
+    return True
 
 
 def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:

@@ -103,6 +103,24 @@ def test_an_unknown_or_invalid_setting_is_one_line(llm, tmp_path: Path, flag: st
     assert not llm.kinds
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--max-calls", "1", "--set", "budget.max_calls=3"),
+     "error: --max-calls and --set budget.max_calls both set budget.max_calls; give it once"),
+    (("--set", "k=2", "--k", "3"), "error: --k and --set k both set k; give it once"),
+    (("--set", "budget={max_calls: 3}", "--max-calls", "1"),
+     "error: --max-calls and --set budget.max_calls both set budget.max_calls; give it once"),
+])
+def test_one_setting_given_by_a_flag_and_by_set_is_refused(llm, tmp_path: Path, flags: tuple[str, ...],
+                                                          message: str) -> None:
+    """Which of two values on one command line should win? Neither silently."""
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("ask", "x", "--pool", str(pool), *flags)
+    assert (done.returncode, done.stderr.strip()) == (2, message)
+    assert not llm.kinds
+    other = cli("ask", "x", "--pool", str(pool), "--no-plan", "--max-calls", "20", "--set", "budget.max_tokens=90000")
+    assert other.returncode == 0, other.stderr  # two different settings of one group are fine
+
+
 def test_workflow_settings_reach_the_orchestra_and_a_pool_setting_stays_under_them(tmp_path: Path) -> None:
     (tmp_path / "pool.yaml").write_text(
         "models:\n  m: {type: openai, model: m, base_url: 'http://127.0.0.1:9/v1'}\nagents:\n  - {name: a, model: m}\n"
