@@ -7,6 +7,7 @@ agent names, ``needs`` and cycles, and every template's references to ``inputs.*
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -398,20 +399,33 @@ def _is_type(value: Any, kind: str) -> bool:
 
 
 def _convert(name: str, value: Any, declared: InputSpec, workflow: Workflow) -> Any:
-    if not isinstance(value, str) or declared.type == "string":
-        if _is_type(value, declared.type):
-            return value
-    else:
-        try:
-            if declared.type == "integer":
-                return int(value)
-            if declared.type == "number":
-                return float(value)
-            if value.lower() in ("true", "yes", "1", "false", "no", "0"):
-                return value.lower() in ("true", "yes", "1")
-        except ValueError:
-            pass
-    raise ConfigError(f"input {name!r} must be of type {declared.type}, got {value!r}", path=str(workflow.path))
+    """A given input as its declared type; a required string input must not be blank, a number
+    must be finite."""
+    converted = _typed(value, declared.type)
+    if converted is None:
+        raise ConfigError(f"input {name!r} must be of type {declared.type}, got {value!r}", path=str(workflow.path))
+    if isinstance(converted, float) and not math.isfinite(converted):
+        raise ConfigError(f"input {name!r} must be a finite number, got {value!r}", path=str(workflow.path))
+    if declared.required and isinstance(converted, str) and not converted.strip():
+        raise ConfigError(f"input {name!r} is required and was given empty; pass it with -i {name}=VALUE",
+                          path=str(workflow.path))
+    return converted
+
+
+def _typed(value: Any, kind: str) -> Any:
+    """``value`` as ``kind`` (strings from the command line converted), or None when it is not one."""
+    if not isinstance(value, str) or kind == "string":
+        return value if _is_type(value, kind) else None
+    try:
+        if kind == "integer":
+            return int(value)
+        if kind == "number":
+            return float(value)
+    except ValueError:
+        return None
+    if value.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.lower() in ("true", "yes", "1")
+    return None
 
 
 def _first_line(text: str) -> str:
