@@ -22,7 +22,7 @@ from orchestra.dag import Dag
 from orchestra.errors import ConfigError
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
 from orchestra.plan import ID_PATTERN, MAX_SKILLS, Plan, Subtask
-from orchestra.prompts import environment, render_string
+from orchestra.prompts import RENDER_FAILED, environment, render_string
 from orchestra.settings import Settings
 from orchestra.skills import skill_names
 from orchestra.vocabulary import GraderName, Mode, Strategy
@@ -302,7 +302,7 @@ class Workflow:
                 k=step.recruit.k if step.recruit else None, mode=step.recruit.mode if step.recruit else None,
                 aggregate=step.aggregate, agent=step.agent,
                 skills=tuple(step.recruit.skills) if step.recruit else (), output=step.output,
-                prompt=_renderer(step.prompt, where, inputs))
+                prompt=_renderer(step.prompt, where, inputs, blank="the prompt is empty once rendered"))
         return settings
 
     def final(self, inputs: Mapping[str, Any]) -> Any:
@@ -312,9 +312,14 @@ class Workflow:
         return _renderer(self.spec.final, f"{self.path}: final", inputs)
 
 
-def _renderer(source: str, where: str, inputs: Mapping[str, Any]) -> Any:
+def _renderer(source: str, where: str, inputs: Mapping[str, Any], *, blank: str = "") -> Any:
+    """The template as a function of the steps' outputs; ``blank``: why a blank rendering is an
+    error (a step's prompt: its experts would be sent nothing to do)."""
     def render(outputs: Outputs) -> str:
-        return render_string(source, where=where, inputs=dict(inputs), steps=outputs)
+        text = render_string(source, where=where, inputs=dict(inputs), steps=outputs)
+        if blank and not text:
+            raise ConfigError(f"{RENDER_FAILED}{where}: {blank}")
+        return text
     return render
 
 

@@ -371,6 +371,19 @@ def test_template_errors_at_run_time_fail_the_step_with_one_line(tmp_path: Path)
     assert error.startswith(f"cannot render {tmp_path}/wf.yaml: step 'draft': TypeError") and "\n" not in error
 
 
+def test_a_step_prompt_that_renders_blank_fails_the_step_without_a_call(tmp_path: Path) -> None:
+    """A prompt that passes validation but renders to nothing (a condition that is false) is not
+    sent: its experts would be asked to do nothing."""
+    text = GOOD.replace("Write {{ inputs.words }} words on {{ inputs.topic }}.",
+                        "{% if inputs.words > 100 %}Write at length on {{ inputs.topic }}.{% endif %}")
+    models = [FunctionModel(lambda r: "x", name=name) for name in ("w", "c")]
+    pool = Pool(agents=[Agent(name="writer", model=models[0]), Agent(name="checker", model=models[1])])
+    result = run_workflow(Workflow.load(write(tmp_path, text), pool=pool), {"topic": "tides"})
+    assert result.status == "failed" and result.node("review").status == "skipped"
+    assert result.node("draft").error == f"cannot render {tmp_path}/wf.yaml: step 'draft': the prompt is empty once rendered"
+    assert not models[0].requests and not models[1].requests
+
+
 def test_yaml_alias_bombs_and_loops_are_refused(tmp_path: Path) -> None:
     loop = write(tmp_path, "a: &a [*a]\n", "loop.yaml")
     with pytest.raises(ConfigError, match="loop.yaml:1:4: an alias refers to a value that contains it"):
