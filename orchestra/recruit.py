@@ -354,8 +354,11 @@ class Recruiter:
             mode, notes = "symbolic-moe", ("no agent has a measured profile: drawn as symbolic-moe does "
                                            "(run orchestra profile to calibrate)",)
         ranked = self.candidates(matches)
-        return self._made(mode, k, keywords, matches, self._draw(matches, ranked, seed, k, mode), ranked, None,
-                          notes)
+        experts = self._draw(matches, ranked, seed, k, mode)
+        if mode == "topk" and len(experts) < k:
+            notes += (f"topk: only {len(experts)} of the {k} experts asked for have a positive weight on these "
+                      "skills; the other agents score 0 or less on them",)
+        return self._made(mode, k, keywords, matches, experts, ranked, None, notes)
 
     def draws(self, matches: Sequence[Match], mode: Mode) -> bool:
         """Whether the seed can change the experts ``recruit`` chooses on these matches in ``mode``

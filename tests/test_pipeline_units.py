@@ -319,6 +319,11 @@ def test_global_and_random_modes_ignore_the_subtasks_skills() -> None:
     assert chosen.explain() == ["B: among the most competent overall, γ=0.595 (mode global: skills not used)",
                                 "A: among the most competent overall, γ=0.381 (mode global: skills not used)"]
     assert r.recruit([], matches("algebra"), seed=0, k=2, mode="topk").mode == "topk"
+    short = r.recruit([], matches("algebra"), seed=0, k=3, mode="topk")  # C scores nothing on algebra
+    assert len(short.experts) == 2 and short.explain()[-1] == (
+        "topk: only 2 of the 3 experts asked for have a positive weight on these skills; the other agents score 0 "
+        "or less on them")
+    assert not any("topk:" in line for line in r.recruit([], matches("algebra"), seed=0, k=2, mode="topk").explain())
     with pytest.raises(ValueError, match="unknown recruiting mode 'best'; choose one of calibrated, symbolic-moe, topk, "
                                          "adaptive, global, random"):
         r.recruit([], [], seed=0, mode="best")  # type: ignore[arg-type]
