@@ -86,10 +86,18 @@ def _one_line(message: Warning | str, category: type[Warning], *args: Any, **kwa
 
 
 def output_options(fn: F) -> F:
-    """--json, --quiet, --verbose."""
-    fn = click.option("--verbose", "-v", is_flag=True, help="Show every prompt and response.")(fn)
-    fn = click.option("--quiet", "-q", is_flag=True, help="Print only the answer.")(fn)
+    """--json, --quiet, --verbose (--quiet and --verbose together are refused)."""
+    fn = click.option("--verbose", "-v", is_flag=True, callback=_not_both,
+                      help="Show every prompt and response.")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, callback=_not_both, help="Print only the answer.")(fn)
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object and nothing else.")(fn)
+
+
+def _not_both(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """Refuse --quiet with --verbose (whichever is read second sees the first)."""
+    if value and ctx.params.get("verbose" if param.name == "quiet" else "quiet"):
+        raise click.UsageError("--quiet and --verbose contradict each other; give one")
+    return value
 
 
 def store_options(fn: F) -> F:

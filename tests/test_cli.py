@@ -92,6 +92,11 @@ def test_ask_plain_output_is_the_answer_with_log_lines_on_stderr(llm, tmp_path: 
     assert "batch" in done.stderr and "run " in done.stderr
     quiet = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--quiet")
     assert quiet.stderr == "" and quiet.stdout.strip() == "Synthesized answer. The answer is 42"
+    sent = len(llm.server.requests)
+    for flags in (("-q", "-v"), ("--verbose", "--quiet")):  # (--verbose silently won)
+        both = cli("ask", "Quick question", "--pool", str(pool), *flags)
+        assert both.returncode == 2 and "--quiet and --verbose contradict each other; give one" in both.stderr
+    assert len(llm.server.requests) == sent
 
 
 def test_a_task_of_dash_is_read_from_standard_input(llm, tmp_path: Path) -> None:
