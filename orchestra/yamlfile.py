@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -19,9 +20,11 @@ class YamlDocument:
     """A parsed YAML file: its data plus the (line, column) of every value, by path."""
 
     def __init__(self, data: Any, marks: dict[tuple[Any, ...], Location], path: str,
-                 blocks: set[tuple[Any, ...]] | None = None, text: str = "") -> None:
+                 blocks: set[tuple[Any, ...]] | None = None, text: str = "",
+                 keys: dict[tuple[Any, ...], Location] | None = None) -> None:
         self.data = data
         self.marks = marks
+        self.keys = keys or {}  # where each mapping key is written (``marks``: where its value is)
         self.path = path
         self.blocks = blocks or set()
         self.text = text  # the file's text as read
@@ -58,7 +61,7 @@ class YamlDocument:
         try:
             return model.model_validate(self.value(loc))
         except ValidationError as error:
-            raise self.validation_error(error, loc) from None
+            raise self.validation_error(error, loc, model) from None
 
     def _in_data(self, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str]:
         """``loc`` as it is in the data (pydantic adds union tags such as ``openai``), and as a person
@@ -83,9 +86,13 @@ class YamlDocument:
                 shown.append(str(part))
         return tuple(real), ".".join(shown)
 
-    def validation_error(self, error: ValidationError, prefix: tuple[Any, ...] = ()) -> ConfigError:
-        """The first problem of a pydantic error, positioned in this file."""
-        first = error.errors()[0]
+    def validation_error(self, error: ValidationError, prefix: tuple[Any, ...] = (),
+                         model: type[BaseModel] | None = None) -> ConfigError:
+        """The first problem of a pydantic error, positioned in this file; an unknown key first (a
+        misspelt one also leaves its field missing), at the key, with the field of ``model`` (the
+        one validated) it is closest to."""
+        errors = error.errors()
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         full = (*prefix, *first["loc"])
         if first["type"] == "missing" and full:  # the field is not in the file: placed at what should hold it
             loc, shown = self._in_data(full[:-1])
@@ -93,8 +100,14 @@ class YamlDocument:
         loc, shown = self._in_data(full)
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = f"unknown field '{loc[-1]}'"
-        elif shown:
+            known = [str(e["loc"][-1]) for e in errors
+                     if e["type"] == "missing" and e["loc"][:-1] == first["loc"][:-1]]
+            known += _fields_at(model, first["loc"][:-1]) if model is not None else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            line, column = self.keys.get(loc) or self.where(loc) or (None, None)
+            return ConfigError(f"unknown field '{loc[-1]}'" + (f" (did you mean '{close[0]}'?)" if close else ""),
+                               path=self.path, line=line, column=column)
+        if shown:
             message = f"{shown}: {message}"
         return self.error(message, loc)
 
@@ -146,7 +159,36 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
         data = builder.build(node, ())
     except RecursionError:
         raise ConfigError(_TOO_DEEP, path=shown) from None
-    return YamlDocument(data, marks, shown, builder.blocks, text=text)
+    return YamlDocument(data, marks, shown, builder.blocks, text=text, keys=builder.keys)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the pydantic model found at ``loc`` inside ``model`` (list indexes and
+    mapping keys stepped over), or none where no model is found."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        else:  # a list index, a mapping key, or a union's tag: into the model the container holds
+            current = _inner_model(current)
+        if current is None:
+            return []
+    found = current if isinstance(current, type) and issubclass(current, BaseModel) else _inner_model(current)
+    return list(found.model_fields) if found is not None else []
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The first pydantic model an annotation holds (``list[Step]``, ``dict[str, Input] | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _inner_model(argument)
+        if found is not None:
+            return found
+    return None
 
 
 class _Builder:
@@ -155,6 +197,7 @@ class _Builder:
         self.marks = marks
         self.constructor = yaml.SafeLoader("")
         self.blocks: set[tuple[Any, ...]] = set()
+        self.keys: dict[tuple[Any, ...], Location] = {}
         self.values = 0
         self.building: set[int] = set()
 
@@ -181,7 +224,9 @@ class _Builder:
                     raise self._error("mapping keys must be plain values", key_node)
                 if key in result:
                     raise self._error(f"duplicate key '{key}'", key_node)
-                result[key] = self.build(value_node, (*loc, key))
+                where = (*loc, key)
+                self.keys[where] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                result[key] = self.build(value_node, where)
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*loc, index)) for index, item in enumerate(node.value)]

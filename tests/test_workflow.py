@@ -116,6 +116,12 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
      "task: 'Write on tides'\nfinal: '{{ steps.report.data.verdict }}'\n",
      "wf.yaml:4:8: final uses steps.report.data, but planned steps have no output: schema (data is the JSON one "
      "asks for); use steps.report.output"),
+    # a misspelt key: named where it is written (not at its value), before the field it left missing
+    (GOOD.replace('    prompt: "Write', '    promt: "Write'), "wf.yaml:14:5: unknown field 'promt' (did you mean 'prompt'?)"),
+    (GOOD.replace("steps:\n", "stpes:\n"), "wf.yaml:11:1: unknown field 'stpes' (did you mean 'steps'?)"),
+    (GOOD.replace("skills: [writing]", "skils: [writing]"), "wf.yaml:17:21: unknown field 'skils' (did you mean 'skills'?)"),
+    (GOOD.replace("default: 50", "defualt: 50"), "wf.yaml:10:26: unknown field 'defualt' (did you mean 'default'?)"),
+    (GOOD.replace("name: demo", "colour: blue"), "wf.yaml:1:1: unknown field 'colour'"),
 ])
 def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, broken: str, expected: str) -> None:
     path = write(tmp_path, broken)
