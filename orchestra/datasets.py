@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,18 @@ from orchestra.errors import DatasetError
 
 #: the letters of a multiple-choice item's choices, as its prompt lists them and answers are read
 LETTERS = "ABCDEFGHIJ"
+
+
+def _misspelt_field(row: dict[str, Any]) -> tuple[str, str] | None:
+    """A key of ``row`` that is nearly the name of an item field the row lacks (``categroy``), and
+    that field; other keys are extra columns, kept as they are."""
+    absent = [name for name in Item.model_fields if name not in row]
+    for key in row:
+        if key not in Item.model_fields:
+            close = difflib.get_close_matches(key, absent, n=1, cutoff=0.8)
+            if close:
+                return key, close[0]
+    return None
 
 
 class Item(BaseModel):
@@ -144,6 +157,10 @@ def load_dataset(path: str | Path) -> Dataset:
             if broken is not None:
                 raise DatasetError(f"{path}:{number}: field '{broken}' holds a lone surrogate (a \\ud800-style escape "
                                    "that is half a character); write the character itself")
+        misspelt = _misspelt_field(row)
+        if misspelt is not None:
+            raise DatasetError(f"{path}:{number}: unknown field {misspelt[0]!r} (did you mean {misspelt[1]!r}?); "
+                               "a field of another name is kept as it is, so a misspelt one would be lost")
         try:
             item = Item.model_validate(row)
         except ValidationError as error:

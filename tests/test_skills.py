@@ -196,6 +196,10 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     ('{"id": 1, "question": "q", "answer": 1}\n{"id": 2, "question": "  ", "answer": 1}\n',
      "val.jsonl:2: field 'question': the question is empty"),
     ('[1, 2]\n', "val.jsonl:1: each line must be a JSON object"),
+    ('{"id": 1, "question": "q", "answer": 1, "categroy": "math"}\n',
+     "val.jsonl:1: unknown field 'categroy' (did you mean 'category'?); a field of another name is kept as it is, "
+     "so a misspelt one would be lost"),
+    ('{"id": 1, "question": "q", "anwser": 1}\n', "val.jsonl:1: unknown field 'anwser' (did you mean 'answer'?)"),
     ('{"id": 1, "question": ' + "[" * 5000 + "]" * 5000 + ', "answer": 1}\n',
      "val.jsonl:1: JSON nested too deeply to read"),  # (not Python's RecursionError)
     ('{"id": 1, "question": "q", "answer": 1}\n{"id": 1, "question": "r", "answer": 2}\n',
