@@ -252,7 +252,7 @@ class Workflow:
             if part == "data" and planned:
                 raise document.text_error(f"{owner} uses steps.{step}.data, but planned steps have no output: "
                                           f"schema (data is the JSON one asks for); use steps.{step}.output", loc, line)
-            if part == "data" and step in schemas and not schemas[step]:
+            if part == "data" and step in schemas and schemas[step] is None:
                 raise document.text_error(f"{owner} uses steps.{step}.data, but step {step!r} has no output: "
                                           f"schema (data is the JSON it asks for); use steps.{step}.output", loc, line)
 

@@ -377,6 +377,23 @@ def test_template_errors_at_run_time_fail_the_step_with_one_line(tmp_path: Path)
     assert error.startswith(f"cannot render {tmp_path}/wf.yaml: step 'draft': TypeError") and "\n" not in error
 
 
+def test_an_empty_output_schema_asks_for_any_json_value(tmp_path: Path) -> None:
+    """``output: {}`` is a schema that allows any JSON value (as for an answer), not no schema:
+    the step asks for JSON, its experts' and aggregator's, and its data is the value."""
+    def reply(request: ChatRequest) -> object:
+        return {"facts": ["tides"]} if request.wants_json else "plain text"
+
+    models = [FunctionModel(reply, name=name) for name in ("w", "c")]
+    pool = Pool(agents=[Agent(name="writer", model=models[0]), Agent(name="checker", model=models[1])])
+    text = GOOD.replace("    agent: writer\n", "    agent: writer\n    output: {}\n").replace(
+        'final: "{{ steps.review.output }}"', 'final: "{{ steps.draft.data.facts[0] }}"')
+    result = run_workflow(Workflow.load(write(tmp_path, text), pool=pool), {"topic": "tides"})
+    assert result.status == "done" and result.answer == "tides", result.error
+    assert result.node("draft").data == {"facts": ["tides"]}
+    drafted = [r for r in models[0].requests if "Write 50 words" in r.prompt_text()]
+    assert drafted and all(r.wants_json for r in drafted)
+
+
 def test_a_step_prompt_that_renders_blank_fails_the_step_without_a_call(tmp_path: Path) -> None:
     """A prompt that passes validation but renders to nothing (a condition that is false) is not
     sent: its experts would be asked to do nothing."""

@@ -174,8 +174,8 @@ class Synthesize:
         """The aggregator's answer to the strategy's prompt."""
         request = job.aggregator.request(self.prompt(job.task, job.instruction, job.responses, job.answer_format,
                                                      job.context),
-                                         seed=job.seed + 101, output=job.schema or "text", max_tokens=job.max_tokens,
-                                         temperature=job.temperature, on_text=job.on_text)
+                                         seed=job.seed + 101, output="text" if job.schema is None else job.schema,
+                                         max_tokens=job.max_tokens, temperature=job.temperature, on_text=job.on_text)
         [outcome] = await call([(job.aggregator.model, request)])
         if isinstance(outcome, Exception):
             raise outcome

@@ -373,7 +373,8 @@ class Run:
                     explanation=tuple(trace.explanation), instruction=instruction))
             trace.status = "running"
             writes = node_id == self.answer_node  # the node whose output is the answer
-            output = settings.output or (self._answer_output(node_id) if writes else None)
+            output = settings.output if settings.output is not None else (
+                self._answer_output(node_id) if writes else None)  # (a schema of {}: any JSON value)
             sampling = self._answer_sampling(node_id) if writes else {}
             stream = self._answer_stream(node_id) if writes else None
             responses = await self._experts(trace, agents, recruitment, instruction, settings.prompt is not None,
@@ -457,8 +458,9 @@ class Run:
                                answer_format=self.spec.answer_format, context=self.spec.context)
         seed = trace.seed
         alone = stream if len(agents) == 1 else None  # its answer is the answer
-        calls = [(agent.model, agent.request(prompt, seed=seed + i, output=output or "text", on_text=alone,
-                                             **sampling)) for i, agent in enumerate(agents)]
+        asked = "text" if output is None else output  # (a schema of {}: any JSON value)
+        calls = [(agent.model, agent.request(prompt, seed=seed + i, output=asked, on_text=alone, **sampling))
+                 for i, agent in enumerate(agents)]
         # the aggregator is called next: announced, so an engine serving it stays loaded until then
         then = [self.stages.pool[trace.aggregator].model] if trace.aggregator else []
         first = recruitment.staged if len(agents) >= 2 else 0
