@@ -637,17 +637,22 @@ def test_ctrl_c_during_a_data_set_workflow_prints_the_items_finished(loopback, t
                                             "--resume goes on with this evaluation")
 
 
+def quiz_workflow(tmp_path: Path, url: str, settings: str = "") -> Path:
+    """A data-set workflow over three questions: step a answers, step b checks a's answer."""
+    write_pool(tmp_path, url)
+    (tmp_path / "quiz.jsonl").write_text("".join(
+        f'{{"id": "q{i}", "question": "The question q{i}", "answer": "42"}}\n' for i in range(3)))
+    return write(tmp_path, "name: quiz\npool: pool.yaml\ninputs:\n  question: {type: string}\n"
+                           f"dataset: {{path: quiz.jsonl}}\n{settings}steps:\n  - id: a\n    agent: alpha-expert\n"
+                           "    prompt: '{{ inputs.question }}'\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
+                           "    prompt: 'Check: {{ steps.a.output }}'\n")
+
+
 def test_resume_goes_on_after_the_budget_is_raised_in_the_workflow_itself(loopback, tmp_path: Path) -> None:
     """The budget stop's advice, raise ``budget.max_calls`` in the workflow and run it again with
     --resume, keeps the finished work: a budget, a comment or a data-set limit is no other workflow."""
     server = loopback(ScriptedLLM().handler())
-    write_pool(tmp_path, server.url)
-    (tmp_path / "quiz.jsonl").write_text("".join(
-        f'{{"id": "q{i}", "question": "The question q{i}", "answer": "42"}}\n' for i in range(3)))
-    path = write(tmp_path, "name: quiz\npool: pool.yaml\ninputs:\n  question: {type: string}\n"
-                           "dataset: {path: quiz.jsonl}\nbudget: {max_calls: 3}\nsteps:\n  - id: a\n"
-                           "    agent: alpha-expert\n    prompt: '{{ inputs.question }}'\n  - id: b\n    needs: [a]\n"
-                           "    agent: beta-expert\n    prompt: 'Check: {{ steps.a.output }}'\n")
+    path = quiz_workflow(tmp_path, server.url, "budget: {max_calls: 3}\n")
     stopped = cli("run", str(path))
     assert stopped.returncode == 3 and len(server.requests) == 3, stopped.stderr
     assert "raise budget.max_calls in the workflow" in stopped.stderr and "--resume" in stopped.stderr
@@ -662,13 +667,7 @@ def test_resume_goes_on_after_the_budget_is_raised_in_the_workflow_itself(loopba
 
 def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_path: Path) -> None:
     server = loopback(ScriptedLLM().handler())
-    write_pool(tmp_path, server.url)
-    (tmp_path / "quiz.jsonl").write_text("".join(
-        f'{{"id": "q{i}", "question": "The question q{i}", "answer": "42"}}\n' for i in range(3)))
-    path = write(tmp_path, "name: quiz\npool: pool.yaml\ninputs:\n  question: {type: string}\n"
-                           "dataset: {path: quiz.jsonl}\nsteps:\n  - id: a\n    agent: alpha-expert\n"
-                           "    prompt: '{{ inputs.question }}'\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
-                           "    prompt: 'Check: {{ steps.a.output }}'\n")
+    path = quiz_workflow(tmp_path, server.url)
 
     warned: list[str] = []
 
