@@ -1,0 +1,448 @@
+"""Behaviour of the run store and the executor that a mutation run found unpinned: the journal's
+upserts and totals, how runs are listed when they end badly, and the executor's accounting.
+
+Each test names the behaviour it pins; all use a real SQLite store and scripted models only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import scripted_pool
+from pydantic import BaseModel
+
+from orchestra import Orchestra
+from orchestra.errors import BadResponse, StoreError
+from orchestra.events import (
+    BatchFinished,
+    BatchStarted,
+    CallDone,
+    CallsResolved,
+    Event,
+    NodeFailed,
+    NodeReady,
+    NodeSkipped,
+    PlanReady,
+    UsageUpdated,
+)
+from orchestra.execute import BatchRecord, Executor, Outcome, RunLedger
+from orchestra.models import ChatRequest, ChatResult, FunctionModel, Usage
+from orchestra.store import ABANDONED, SCHEMA_VERSION, RunStore
+
+
+def answer(text: str, *, prompt: int = 10, completion: int = 5, requests: int = 1, cost: float = 0.0) -> ChatResult:
+    return ChatResult(text=text, model="m", usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
+                                                         cost_usd=cost, requests=requests))
+
+
+def billed_error(message: str, *, prompt: int, completion: int, requests: int) -> BadResponse:
+    error = BadResponse(message)
+    error.usage = Usage(prompt_tokens=prompt, completion_tokens=completion, requests=requests)  # type: ignore[attr-defined]
+    return error
+
+
+def journal(store: RunStore, run_id: str, outcome: ChatResult | Exception, *, key: str = "k1", seq: int = 0,
+            source: str = "model", request: ChatRequest | None = None) -> None:
+    store.record(run_id, key, seq, "m", request or ChatRequest.user("question"), outcome, purpose="expert",
+                 node="a", source=source)
+
+
+# --- the journal: upserts, replay and totals ---------------------------------------------------------
+
+
+def test_a_late_error_for_a_call_never_replaces_its_recorded_answer(tmp_path: Path) -> None:
+    """Once a call is recorded ``ok``, a later error for the same (run, key, seq) (a copy of it cut
+    off in flight) leaves the answer in place, so a resume still replays it instead of re-sending."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    journal(store, "r1", answer("kept"))
+    journal(store, "r1", billed_error("cut off", prompt=3, completion=0, requests=1))
+    [row] = store.calls("r1")
+    assert (row["status"], row["response"]["text"], row["error"]) == ("ok", "kept", None)
+    resumed = RunStore(tmp_path / "runs.db")  # another process: the run is not fresh there
+    replayed = resumed.replay("r1", "k1", 0, ChatRequest.user("question"))
+    assert replayed is not None and replayed.text == "kept"
+
+
+def test_an_answer_after_failed_attempts_adds_up_every_attempts_tokens_and_requests(tmp_path: Path) -> None:
+    """A success that replaces an error for the same call adds the failed attempts' prompt and
+    completion tokens and requests to its own (the endpoint received them all); replay and
+    ``run_totals`` report the sum."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    journal(store, "r1", billed_error("first try failed", prompt=7, completion=2, requests=2))
+    journal(store, "r1", answer("second try", prompt=10, completion=5, requests=1))
+    totals = store.run_totals("r1")
+    assert (totals["calls"], totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == (1, 3, 17, 7)
+    result = RunStore(tmp_path / "runs.db").replay("r1", "k1", 0, ChatRequest.user("question"))
+    assert result is not None and result.text == "second try"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.requests) == (17, 7, 3)
+
+
+def test_an_error_that_carries_no_usage_records_no_request(tmp_path: Path) -> None:
+    """An error with no ``usage`` (nothing says the endpoint got it) counts as a failed call with
+    zero requests and tokens, not as one request."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    journal(store, "r1", BadResponse("never sent"))
+    [row] = store.calls("r1")
+    assert (row["status"], row["requests"], row["prompt_tokens"]) == ("error", 0, 0)
+    assert store.run_totals("r1")["requests"] == 0 and store.run_totals("r1")["calls"] == 1
+
+
+def test_a_call_answered_from_the_cache_is_journaled_at_no_cost(tmp_path: Path) -> None:
+    """A call recorded with source ``cache`` keeps the answer but none of the original call's
+    requests, tokens or cost, and a resume replays it."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    journal(store, "r1", answer("from cache", prompt=40, completion=9, requests=2, cost=0.5), source="cache")
+    [row] = store.calls("r1")
+    assert (row["source"], row["response"]["text"]) == ("cache", "from cache")
+    assert (row["requests"], row["prompt_tokens"], row["completion_tokens"], row["cost_usd"]) == (0, 0, 0, 0.0)
+    result = RunStore(tmp_path / "runs.db").replay("r1", "k1", 0, ChatRequest.user("question"))
+    assert result is not None and result.text == "from cache"
+    totals = store.run_totals("r1")
+    assert (totals["calls"], totals["requests"], totals["prompt_tokens"]) == (0, 0, 0)
+
+
+def test_a_resumed_run_counts_what_its_models_answered_before_but_not_its_cache_hits(tmp_path: Path) -> None:
+    """``run_totals`` and ``earlier_usage`` of a run begun before: the requests and tokens of every
+    call a model was sent (failed ones and the embedding matcher's included); as calls, the model
+    calls (``earlier_usage``: the successful ones) but not the embedding rows; calls answered from
+    the cache count for nothing."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    journal(store, "r1", answer("paid", prompt=10, completion=5, requests=1), key="a")
+    journal(store, "r1", billed_error("failed", prompt=4, completion=1, requests=2), key="b")
+    journal(store, "r1", answer("cached", prompt=99, completion=99, requests=1), key="c", source="cache")
+    store.record_embeddings("r1", model="embedder", node="a", usage=Usage(prompt_tokens=3, requests=1),
+                            keywords=["x"])
+    totals = store.run_totals("r1")  # the embedding requests are requests, not calls
+    assert (totals["calls"], totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == (2, 4, 17, 6)
+    assert store.earlier_usage(["r1"]) == {}  # begun here afresh: nothing before
+    earlier = RunStore(tmp_path / "runs.db").earlier_usage(["r1"])
+    assert earlier == {"r1": (Usage(prompt_tokens=17, completion_tokens=6, cost_usd=0.0, requests=4), 1)}
+
+
+def test_earlier_usage_of_many_runs_misses_none_of_them(tmp_path: Path) -> None:
+    """Runs are looked up in chunks (SQLite's parameter limit): every run of a large resumed data
+    set is counted, those at the chunks' edges included."""
+    store = RunStore(tmp_path / "runs.db")
+    ids = [f"r{i:04}" for i in range(1001)]
+    store.begin_runs([(run_id, "t", {}) for run_id in ids])
+    request = ChatRequest.user("question")
+    store.record_all([(run_id, "k", 0, "m", request, answer("a", requests=1), "expert", None, "model")
+                      for run_id in ids])
+    earlier = RunStore(tmp_path / "runs.db").earlier_usage(ids)
+    assert sorted(earlier) == ids
+    assert all(usage.requests == 1 and answered == 1 for usage, answered in earlier.values())
+
+
+class Reading(BaseModel):
+    value: int
+
+
+def test_a_replayed_structured_answer_is_parsed_again_into_its_model(tmp_path: Path) -> None:
+    """A structured call's answer is stored as JSON; replayed, its ``parsed`` value is the request's
+    pydantic model again (not the stored dict), and a plain request's parsed value stays None."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    structured = ChatRequest.user("how many?", output=Reading)
+    journal(store, "r1", answer('{"value": 3}').model_copy(update={"parsed": Reading(value=3)}), request=structured)
+    journal(store, "r1", answer('{"value": 4}'), key="plain")
+    again = RunStore(tmp_path / "runs.db")
+    replayed = again.replay("r1", "k1", 0, structured)
+    assert replayed is not None and replayed.parsed == Reading(value=3) and isinstance(replayed.parsed, Reading)
+    plain = again.replay("r1", "plain", 0, ChatRequest.user("question"))
+    assert plain is not None and plain.text == '{"value": 4}' and plain.parsed is None
+
+
+# --- runs: lookup and how they end ---------------------------------------------------------------------
+
+
+def test_a_run_id_prefix_matching_two_runs_is_refused_as_ambiguous(tmp_path: Path) -> None:
+    """``run(prefix)`` resolves a unique prefix and refuses one that two runs share (it never picks one)."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_runs([("abc-1", "t", {}), ("abc-2", "t", {}), ("xyz-1", "t", {})])
+    assert store.run("xyz").id == "xyz-1"
+    with pytest.raises(StoreError, match="ambiguous"):
+        store.run("abc")
+
+
+def test_a_done_run_whose_result_cannot_be_written_is_marked_failed_not_done(tmp_path: Path) -> None:
+    """``finish_run`` on a full disk: the run is still marked ended with its status alone, and a
+    ``done`` run whose answer was lost is marked ``failed`` (on disk too), so it can be resumed."""
+    pool, _ = scripted_pool(2)
+    store = RunStore(tmp_path / "runs.db")
+    done = Orchestra(pool, k=1, store=store).run("What is 1 + 1?", plan=False)
+    assert done.status == "done"
+    ended = done.model_copy(update={"run_id": "r-full", "answer": "x" * 200_000})  # needs new pages
+    store.begin_run("r-full", "t", {})
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(StoreError, match="full"):
+        store.finish_run(ended)
+    assert store.run("r-full").status == "failed"
+    with sqlite3.connect(tmp_path / "runs.db") as reader:
+        assert reader.execute("SELECT status, owner FROM runs WHERE id='r-full'").fetchone() == ("failed", None)
+
+
+def test_an_abandoned_run_with_a_damaged_configuration_still_says_it_is_damaged(tmp_path: Path) -> None:
+    """A running run nobody holds is listed as failed; when its configuration is damaged the
+    record's error names that damage rather than being replaced by the generic abandoned note."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    store._execute("UPDATE runs SET config='{not json', owner=NULL, updated=0 WHERE id='r1'")
+    record = store.run("r1")
+    assert record.status == "failed" and record.config == {}
+    assert "damaged" in (record.error or "") and record.error != ABANDONED
+
+
+def test_the_process_that_holds_a_run_can_take_it_up_again(tmp_path: Path) -> None:
+    """``begin_run`` on a run this store object itself still holds as running (its end was never
+    written) takes it up again as a resume; only another live process's hold refuses it."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    store.begin_run("r1", "t", {"again": True})
+    record = store.run("r1")
+    assert (record.status, record.resumes, record.config) == ("running", 1, {"again": True})
+
+
+def test_a_heartbeat_renews_the_lease_of_its_own_runs_only(tmp_path: Path) -> None:
+    """``heartbeat`` refreshes the runs this store object holds (a lapsed lease is held again) and
+    leaves other processes' runs alone (their lapsed leases stay lapsed)."""
+    path = tmp_path / "runs.db"
+    mine, theirs = RunStore(path), RunStore(path)
+    mine.begin_run("mine", "t", {})
+    theirs.begin_run("theirs", "t", {})
+    mine._execute("UPDATE runs SET updated=0")  # both leases lapsed
+    assert [mine.run(r).status for r in ("mine", "theirs")] == ["failed", "failed"]
+    mine.heartbeat()
+    assert [mine.run(r).status for r in ("mine", "theirs")] == ["running", "failed"]
+
+
+def test_a_run_whose_end_cannot_be_written_at_all_is_still_listed_as_ended_here(tmp_path: Path) -> None:
+    """When not even a run's status can be written (another connection holds the write lock), the
+    store that saw it end lists it as ended (a ``done`` run as failed, its answer lost) instead of
+    still running, and ``finish_run`` raises."""
+    pool, _ = scripted_pool(2)
+    store = RunStore(tmp_path / "runs.db")
+    done = Orchestra(pool, k=1, store=store).run("What is 1 + 1?", plan=False)
+    store.begin_run("r-locked", "t", {})
+    store._db.execute("PRAGMA busy_timeout=0")  # (fail at once instead of waiting for the lock)
+    locker = sqlite3.connect(tmp_path / "runs.db", isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            store.finish_run(done.model_copy(update={"run_id": "r-locked"}))
+        record = store.run("r-locked")  # (reading works while the lock is held)
+        assert (record.status, record.error) == ("failed", ABANDONED)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+
+def test_a_node_resumed_after_failing_starts_afresh_and_a_replan_updates_its_step(tmp_path: Path) -> None:
+    """Node rows are read from the event log: a node that failed and is ready again is listed as
+    recruiting without its old error, and a later plan's instruction and dependencies replace the
+    earlier plan's for a node it keeps."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    plan = ({"id": "a", "instruction": "do a", "depends_on": []}, {"id": "b", "instruction": "do b", "depends_on": []})
+    store.listen(PlanReady(run_id="r1", nodes=plan, attempts=1))
+    store.listen(NodeFailed(run_id="r1", node="a", error="budget spent"))
+    assert [(n["node_id"], n["status"], n["error"]) for n in store.nodes("r1")] == [
+        ("a", "failed", "budget spent"), ("b", "pending", None)]
+    store.listen(NodeReady(run_id="r1", node="a"))
+    store.listen(PlanReady(run_id="r1", nodes=(plan[0], {"id": "b", "instruction": "do b better",
+                                                          "depends_on": ["a"]}), attempts=2))
+    rows = store.nodes("r1")
+    assert [(n["node_id"], n["status"], n["error"]) for n in rows] == [("a", "recruiting", None), ("b", "pending", None)]
+    assert (rows[1]["instruction"], rows[1]["depends_on"]) == ("do b better", ["a"])
+
+
+def test_runs_are_found_by_their_meta_and_every_run_when_none_is_given(tmp_path: Path) -> None:
+    """``runs_with_meta`` filters on the run spec's meta, oldest first; with no meta it lists every
+    run; a record's ``item`` is read from the spec's meta, or from a record of version 0.1 (meta
+    at the top of its configuration)."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_runs([("r1", "t", {"spec": {"meta": {"kind": "eval", "item": "q1"}}}),
+                      ("r2", "t", {"spec": {"meta": {"kind": "chat"}}}),
+                      ("r3", "t", {"meta": {"kind": "eval", "item": "q3"}})])
+    assert [r.id for r in store.runs_with_meta(kind="eval")] == ["r1"]
+    assert [r.id for r in store.runs_with_meta()] == ["r1", "r2", "r3"]
+    assert [store.run(r).item for r in ("r1", "r2", "r3")] == ["q1", None, "q3"]
+
+
+def test_an_event_held_for_the_next_turn_is_seen_by_a_read_in_the_same_turn(tmp_path: Path) -> None:
+    """Events are held until the loop's next turn, but a read of the store writes them first: a
+    node's row reflects an event listened to just before, without yielding to the loop."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    plan = ({"id": "a", "instruction": "do a", "depends_on": []},)
+
+    async def same_turn() -> list[tuple[str, str]]:
+        store.listen(PlanReady(run_id="r1", nodes=plan, attempts=1))
+        store.listen(NodeSkipped(run_id="r1", node="a", reason="not needed"))
+        return [(n["node_id"], n["status"]) for n in store.nodes("r1")]
+
+    assert asyncio.run(same_turn()) == [("a", "skipped")]
+
+
+def test_a_store_of_schema_2_is_upgraded_and_takes_new_runs(tmp_path: Path) -> None:
+    """A store written by schema 2 (runs had no ``owner``) is upgraded when opened: its calls keep
+    what they recorded, and new runs can be begun, held and listed."""
+    path = tmp_path / "runs.db"
+    old = RunStore(path)
+    old.begin_run("old", "t", {})
+    journal(old, "old", answer("a", requests=5))
+    old.close()
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE runs DROP COLUMN owner")
+        db.execute("PRAGMA user_version=2")
+    store = RunStore(path)
+    assert store.run_totals("old")["requests"] == 5
+    store.begin_run("new", "t", {})
+    assert [(r.id, r.status) for r in store.runs()] == [("new", "running"), ("old", "failed")]
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_store_that_cannot_be_written_warns_about_its_events_once(tmp_path: Path) -> None:
+    """While the store cannot be written (another connection holds the write lock), each failed
+    write of held events is dropped with one ``RuntimeWarning`` for the store's life, not one per write."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    store._db.execute("PRAGMA busy_timeout=0")  # (fail at once instead of waiting for the lock)
+    locker = sqlite3.connect(tmp_path / "runs.db", isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            for node in ("a", "b", "c"):
+                store.listen(NodeSkipped(run_id="r1", node=node, reason="x"))  # no loop: written at once
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 1 and messages[0].startswith("events could not be written to the run store")
+
+
+# --- the executor: what a batch reports, the cache and the journal -----------------------------------
+
+
+def run_calls(executor: Executor, *jobs: tuple[RunLedger, list[tuple[Any, ChatRequest]]]) -> list[list[Outcome]]:
+    """Each job's calls from its own managed task, all queued in one tick; their outcomes."""
+
+    async def main() -> list[list[Outcome]]:
+        return list(await asyncio.gather(*(executor.run_task(executor.call(ledger, calls, purpose="expert"))
+                                           for ledger, calls in jobs)))
+
+    return asyncio.run(main())
+
+
+def test_a_shared_batch_reports_its_failures_and_each_runs_share_of_it() -> None:
+    """Calls of two runs queued in one tick go as one batch: ``BatchStarted`` names both runs,
+    ``BatchFinished`` counts the failed call, each run's batch record says how many of the batch's
+    calls were its own, and ``CallDone`` carries the error (no response) for the failed call."""
+    model = FunctionModel(lambda r: BadResponse("no good") if "bad" in r.prompt_text() else "fine", name="m")
+    executor = Executor()
+    events: list[Event] = []
+    executor.events.subscribe(events.append)
+    one, two = RunLedger.create("r1"), RunLedger.create("r2")
+    first, second = run_calls(executor, (one, [(model, ChatRequest.user("ok 1")), (model, ChatRequest.user("bad 2"))]),
+                              (two, [(model, ChatRequest.user("ok 3"))]))
+    assert model.batches == [3]
+    assert isinstance(first[1], BadResponse) and [o.text for o in (first[0], second[0])] == ["fine", "fine"]  # type: ignore[union-attr]
+    [started] = [e for e in events if isinstance(e, BatchStarted)]
+    [finished] = [e for e in events if isinstance(e, BatchFinished)]
+    assert started.runs == ("r1", "r2") and (finished.size, finished.failed) == (3, 1)
+    assert one.batches == [BatchRecord(model="m", size=3, calls=2, wave=1, purpose="expert")]
+    assert two.batches == [BatchRecord(model="m", size=3, calls=1, wave=1, purpose="expert")]
+    assert (one.failed_calls, two.failed_calls) == (1, 0)
+    done = {e.request.prompt_text(): e for e in events if isinstance(e, CallDone)}
+    assert (done["bad 2"].response, done["bad 2"].run_id) == (None, "r1") and "no good" in (done["bad 2"].error or "")
+    assert (done["ok 3"].response, done["ok 3"].error, done["ok 3"].run_id) == ("fine", None, "r2")
+
+
+def test_a_cache_hit_is_journaled_as_from_the_cache_and_a_miss_is_reported(tmp_path: Path) -> None:
+    """With the cache on, a miss is counted on the ledger and in ``UsageUpdated``; a later run's
+    identical call is answered from the cache, announced as such, and journaled with source
+    ``cache`` (so it costs its run nothing and a resume replays it)."""
+    store = RunStore(tmp_path / "runs.db")
+    model = FunctionModel(lambda r: "the answer", name="m")
+    executor = Executor()
+    events: list[Event] = []
+    executor.events.subscribe(events.append)
+    store.begin_runs([("r1", "t", {}), ("r2", "t", {})])
+    first = RunLedger.create("r1", journal=store, cache=store.cache())
+    run_calls(executor, (first, [(model, ChatRequest.user("question"))]))
+    assert first.cache_misses == 1 and first.answered["cache"] == 0
+    assert [e.cache_misses for e in events if isinstance(e, UsageUpdated) and e.run_id == "r1"][-1] == 1
+    second = RunLedger.create("r2", journal=store, cache=store.cache())
+    [[outcome]] = run_calls(executor, (second, [(model, ChatRequest.user("question"))]))
+    assert outcome.text == "the answer" and len(model.requests) == 1  # type: ignore[union-attr]
+    assert second.answered["cache"] == 1 and second.cache_misses == 0
+    assert [(e.source, e.run_id) for e in events if isinstance(e, CallsResolved)] == [("cache", "r2")]
+    [row] = store.calls("r2")
+    assert (row["source"], row["status"], row["response"]["text"]) == ("cache", "ok", "the answer")
+    assert store.run_totals("r2")["calls"] == 0 and store.run_totals("r1")["calls"] == 1
+
+
+def test_a_resumed_run_announces_each_replayed_call(tmp_path: Path) -> None:
+    """On resume, a call answered from the journal is not sent again; it is counted as replayed
+    and announced with a ``CallsResolved`` event whose source is ``store``."""
+    store = RunStore(tmp_path / "runs.db")
+    model = FunctionModel(lambda r: "recorded", name="m")
+    store.begin_run("r1", "t", {})
+    run_calls(Executor(), (RunLedger.create("r1", journal=store), [(model, ChatRequest.user("question"))]))
+    again = RunStore(tmp_path / "runs.db")  # another process resumes it
+    again.begin_run("r1", "t", {}, force=True)  # (the first one stopped without ending it)
+    executor = Executor()
+    resolved: list[Event] = []
+    executor.events.subscribe(lambda e: resolved.append(e) if isinstance(e, CallsResolved) else None)
+    ledger = RunLedger.create("r1", journal=again)
+    [[outcome]] = run_calls(executor, (ledger, [(model, ChatRequest.user("question"))]))
+    assert outcome.text == "recorded" and len(model.requests) == 1  # type: ignore[union-attr]
+    assert ledger.answered["store"] == 1
+    assert [(e.source, e.run_id, e.model, e.count) for e in resolved] == [("store", "r1", "m", 1)]
+
+
+def test_executor_call_from_unmanaged_code_is_refused() -> None:
+    """``Executor.call`` from a coroutine the executor does not manage raises at once (its wave
+    accounting could never see the caller), naming ``run_task`` as the way to call it."""
+    executor = Executor()
+    model = FunctionModel(lambda r: "x", name="m")
+
+    async def unmanaged() -> None:
+        await executor.call(RunLedger.create("r"), [(model, ChatRequest.user("q"))], purpose="expert")
+
+    with pytest.raises(RuntimeError, match="run_task"):
+        asyncio.run(unmanaged())
+    assert model.requests == []
+
+
+def test_a_call_whose_task_is_cancelled_before_dispatch_is_never_sent_or_counted() -> None:
+    """A call queued by a task that is cancelled in the same tick (before the executor dispatches)
+    is dropped: no request reaches the model and its run counts nothing."""
+    executor = Executor()
+    model = FunctionModel(lambda r: "x", name="m")
+    ledger = RunLedger.create("r")
+
+    async def main() -> None:
+        task = executor.spawn(executor.call(ledger, [(model, ChatRequest.user("q"))], purpose="expert"))
+        await asyncio.sleep(0)  # the task runs once: its call is queued, the dispatch is due next
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await executor.run_task(asyncio.sleep(0))  # the executor runs on afterwards
+
+    asyncio.run(main())
+    assert model.requests == [] and model.batches == []
+    assert (ledger.usage.requests, ledger.budget.calls, ledger.failed_calls) == (0, 0, 0)
