@@ -16,12 +16,14 @@ import pytest
 from helpers import scripted_pool
 from pydantic import BaseModel
 
-from orchestra import Orchestra
-from orchestra.errors import BadResponse, StoreError
+from orchestra import Budget, Orchestra
+from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost, StoreError
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
     CallDone,
+    CallRetried,
+    CallsQueued,
     CallsResolved,
     Event,
     NodeFailed,
@@ -393,6 +395,12 @@ def test_a_cache_hit_is_journaled_as_from_the_cache_and_a_miss_is_reported(tmp_p
     [row] = store.calls("r2")
     assert (row["source"], row["status"], row["response"]["text"]) == ("cache", "ok", "the answer")
     assert store.run_totals("r2")["calls"] == 0 and store.run_totals("r1")["calls"] == 1
+    failing = FunctionModel(lambda r: BadResponse("down"), name="failing")
+    third = RunLedger.create("r3", cache=store.cache())
+    [[error]] = run_calls(executor, (third, [(failing, ChatRequest.user("question"))]))
+    assert isinstance(error, BadResponse)  # an error is never offered to the cache (so it is no cache error)
+    assert (third.failed_calls, third.cache_errors) == (1, 0)
+    assert store._db.execute("SELECT count(*) FROM cache").fetchone()[0] == 1
 
 
 def test_a_resumed_run_announces_each_replayed_call(tmp_path: Path) -> None:
@@ -446,3 +454,230 @@ def test_a_call_whose_task_is_cancelled_before_dispatch_is_never_sent_or_counted
     asyncio.run(main())
     assert model.requests == [] and model.batches == []
     assert (ledger.usage.requests, ledger.budget.calls, ledger.failed_calls) == (0, 0, 0)
+
+
+GUARD_S = 10  # a deadlock guard, not a timing: correct dispatch never waits for it
+
+
+def test_a_call_the_budget_could_take_only_after_a_queued_heavy_wave_is_refused_not_held() -> None:
+    """With ``max_calls=1`` and a heavy call admitted but its wave not started, a remote call from
+    another task would fit only once that heavy call ends; since the wave waits for that task,
+    the call is refused with ``BudgetExceeded`` at once (not held, which would deadlock), and the
+    heavy call still runs."""
+    engine = FunctionModel(lambda r: "heavy", name="engine", heavy=True)
+    remote = FunctionModel(lambda r: "light", name="remote")
+    executor = Executor()
+    ledger = RunLedger.create("r", Budget(max_calls=1, max_tokens=None, max_cost_usd=None))
+
+    async def main() -> list[list[Outcome]]:
+        return list(await asyncio.gather(
+            executor.run_task(executor.call(ledger, [(engine, ChatRequest.user("h"))], purpose="expert")),
+            executor.run_task(executor.call(ledger, [(remote, ChatRequest.user("l"))], purpose="expert"))))
+
+    [heavy], [light] = asyncio.run(asyncio.wait_for(main(), GUARD_S))
+    assert heavy.text == "heavy" and isinstance(light, BudgetExceeded)  # type: ignore[union-attr]
+    assert remote.requests == [] and ledger.budget.calls == 1
+
+
+class CutAfterFirst(FunctionModel):
+    """A model whose batch answers its first request, then ends cancelled (as a batch cut off by the
+    loop ending does) with the others unanswered."""
+
+    async def complete_each(self, requests):  # type: ignore[no-untyped-def,override]
+        async for outcome in super().complete_each(requests[:1]):
+            yield outcome
+        raise asyncio.CancelledError
+
+
+def test_a_batch_cancelled_after_some_answers_fails_only_its_unanswered_calls() -> None:
+    """When a batch's task ends cancelled part-way, the calls it answered keep their answers and
+    only the unanswered ones fail (with ``CallCancelled``), each counted once as failed."""
+    model = CutAfterFirst(lambda r: "fine", name="cut")
+    executor = Executor()
+    ledger = RunLedger.create("r")
+    [[first, second]] = run_calls(executor, (ledger, [(model, ChatRequest.user("a")), (model, ChatRequest.user("b"))]))
+    assert first.text == "fine"  # type: ignore[union-attr]
+    assert isinstance(second, CallCancelled) and "cancelled before its request was sent" in str(second)
+    assert ledger.failed_calls == 1
+
+
+class LostOnce(FunctionModel):
+    """An engine whose process dies in its first batch after one answer (it is then no longer
+    loaded, as a Ray actor's engine is); loaded afresh, it answers."""
+
+    died = False
+
+    async def complete_each(self, requests):  # type: ignore[no-untyped-def,override]
+        if self.died:
+            async for outcome in super().complete_each(requests):
+                yield outcome
+            return
+        async for outcome in super().complete_each(requests[:1]):
+            yield outcome
+        self.died, self._loaded = True, False
+        raise EngineLost(f"the engine of {self.name} died while generating a batch")
+
+
+def test_an_engine_lost_mid_batch_is_loaded_afresh_and_gets_its_unanswered_calls_once_more() -> None:
+    """A heavy engine lost mid-batch is no longer counted as resident: it is loaded again and only
+    the calls it had not answered are sent once more (a ``CallRetried`` says so); none fail."""
+    engine = LostOnce(lambda r: f"answer to {r.prompt_text()}", name="engine", heavy=True)
+    executor = Executor()
+    retried: list[Event] = []
+    executor.events.subscribe(lambda e: retried.append(e) if isinstance(e, CallRetried) else None)
+    ledger = RunLedger.create("r")
+    [outcomes] = run_calls(executor, (ledger, [(engine, ChatRequest.user(q)) for q in ("a", "b", "c")]))
+    assert [o.text for o in outcomes] == ["answer to a", "answer to b", "answer to c"]  # type: ignore[union-attr]
+    assert engine.batches == [1, 2]  # (one answered before it died, then the other two)
+    assert engine.loads == 2 and executor.stats.loads["engine"] == 2
+    assert [(e.model, e.attempt) for e in retried] == [("engine", 2)]  # type: ignore[attr-defined]
+    assert "loading it afresh for 2 call(s)" in retried[0].reason  # type: ignore[attr-defined]
+    assert ledger.failed_calls == 0 and executor.resident == ["engine"]
+
+
+def test_an_engine_lost_twice_while_loading_fails_its_calls_as_never_sent() -> None:
+    """An engine whose process dies while loading is loaded once more; dying again, its calls fail
+    with an error saying so, counted as failed but not as calls made (nothing was sent), and their
+    budget reservations are released."""
+
+    def die() -> None:
+        raise EngineLost("the engine of fragile died while loading it")
+
+    engine = FunctionModel(lambda r: "never", name="fragile", heavy=True, on_load=die)
+    executor = Executor()
+    ledger = RunLedger.create("r", Budget(max_calls=5, max_tokens=None, max_cost_usd=None))
+    [outcomes] = run_calls(executor, (ledger, [(engine, ChatRequest.user(q)) for q in ("a", "b")]))
+    assert all(isinstance(o, EngineLost) and "again on a fresh start; not retried further" in str(o) for o in outcomes)
+    assert engine.requests == [] and executor.resident == []
+    assert (ledger.failed_calls, ledger.budget.calls, ledger.usage.requests) == (2, 0, 0)
+    assert ledger.budget._reserved_calls == 0
+
+
+def test_a_heavy_wave_waits_for_a_task_left_waiting_only_on_a_remote_call_sent_before_it() -> None:
+    """A task that asked an engine and a remote model together, and whose engine call is answered,
+    waits on the remote call alone; a heavy call queued meanwhile by another task does not start a
+    wave until that remote call is answered, so the first task's next engine call joins the same
+    batch (a task waiting only on remote calls sent before the queued heavy call holds the wave)."""
+    executor = Executor()
+    answered_a, queued_d = asyncio.Event(), asyncio.Event()
+    executor.events.subscribe(lambda e: answered_a.set() if isinstance(e, CallDone) and e.request.prompt_text() == "a"
+                              else queued_d.set() if isinstance(e, CallsQueued) and e.run_id == "second" else None)
+    engine = FunctionModel(lambda r: f"engine: {r.prompt_text()}", name="engine", heavy=True)
+    started: list[asyncio.Future[Any]] = []
+
+    async def second() -> str:
+        return await first_text(executor, RunLedger.create("second"), engine, "d")
+
+    async def remote_answer(request: ChatRequest) -> str:
+        await answered_a.wait()  # the first task now waits on this call alone
+        started.append(asyncio.ensure_future(executor.run_task(second())))
+        await queued_d.wait()
+        for _ in range(5):  # turns of the loop in which a wave could start, if anything let it
+            await asyncio.sleep(0)
+        return "remote"
+
+    remote = FunctionModel(remote_answer, name="remote")
+
+    async def first() -> str:
+        ledger = RunLedger.create("first")
+        await executor.call(ledger, [(engine, ChatRequest.user("a")), (remote, ChatRequest.user("b"))], purpose="expert")
+        return await first_text(executor, ledger, engine, "c")
+
+    async def main() -> list[str]:
+        text = await asyncio.wait_for(executor.run_task(first()), GUARD_S)
+        return [text, await asyncio.wait_for(started[0], GUARD_S)]
+
+    assert asyncio.run(main()) == ["engine: c", "engine: d"]
+    assert engine.batches == [1, 2] and engine.loads == 1  # "c" and "d" went in one batch
+
+
+async def first_text(executor: Executor, ledger: RunLedger, model: Any, text: str) -> str:
+    [outcome] = await executor.call(ledger, [(model, ChatRequest.user(text))], purpose="expert")
+    assert not isinstance(outcome, Exception), outcome
+    return outcome.text
+
+
+def test_stopping_in_flight_work_spares_a_batch_another_run_still_waits_for() -> None:
+    """``stop_in_flight`` after one run is cancelled cuts off only batches no run waits for: a batch
+    shared with a run still going is left to finish, and that run gets its answer."""
+    gate = asyncio.Event()
+
+    async def slow(request: ChatRequest) -> str:
+        await asyncio.wait_for(gate.wait(), GUARD_S)
+        return f"answer to {request.prompt_text()}"
+
+    model = FunctionModel(slow, name="m")
+    executor = Executor()
+    going = RunLedger.create("going")
+
+    async def main() -> list[Outcome]:
+        cancelled = asyncio.ensure_future(executor.run_task(first_text(executor, RunLedger.create("gone"), model, "a")))
+        kept = asyncio.ensure_future(executor.run_task(
+            executor.call(going, [(model, ChatRequest.user("b"))], purpose="expert")))
+        while len(model.requests) < 2:  # a yield, not a wait: until both requests of the one batch are out
+            await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await executor.stop_in_flight()
+        gate.set()
+        return await kept
+
+    [outcome] = asyncio.run(main())
+    assert model.batches == [2] and outcome.text == "answer to b"  # type: ignore[union-attr]
+    assert going.failed_calls == 0
+
+
+class Slots:
+    """A placement of ``count`` equal slots, one engine each; an engine is its own stand-in."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def engine(self, model: Any) -> Any:
+        return model
+
+    def fits(self, resident: Any, engine: Any) -> bool:
+        return len(resident) < self.count
+
+
+def test_with_a_placement_a_resident_engines_group_holds_its_slot() -> None:
+    """With a placement, a wave's group on an engine already resident runs in the slot it holds:
+    another engine that does not fit beside it waits for that group to end, then takes the slot
+    (the resident one is unloaded), and every call is answered."""
+    warm, cold = (FunctionModel(lambda r, n=n: f"{n}: {r.prompt_text()}", name=n, heavy=True) for n in ("warm", "cold"))
+    executor = Executor(placement=Slots(1))
+
+    async def main() -> list[Outcome]:
+        ledger = RunLedger.create("r")
+        await first_text(executor, ledger, warm, "first")  # "warm" is resident, in the only slot
+        return await executor.call(ledger, [(warm, ChatRequest.user("x")), (cold, ChatRequest.user("y"))],
+                                   purpose="expert")
+
+    outcomes = asyncio.run(executor.run_task(main()))
+    assert [getattr(o, "text", o) for o in outcomes] == ["warm: x", "cold: y"]
+    assert (warm.loads, warm.unloads, cold.loads) == (1, 1, 1) and executor.resident == ["cold"]
+
+
+def test_a_managed_task_failing_after_its_run_ended_is_reported_to_the_loop() -> None:
+    """Tasks share their run's future: the first error ends the run; a later task's error cannot
+    be given to it, so it goes to the loop's exception handler, named as such (not a crash of
+    the executor's own callback)."""
+    executor = Executor()
+    reported: list[dict[str, Any]] = []
+
+    async def fails(message: str) -> None:
+        raise ValueError(message)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        owner: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        tasks = [executor.spawn(fails(m), owner=owner) for m in ("first", "second")]
+        with pytest.raises(ValueError, match="first"):
+            await owner
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # (the done callbacks run a turn after the tasks end)
+
+    asyncio.run(main())
+    assert [(c["message"], str(c["exception"])) for c in reported] == [
+        ("a managed task failed after its run ended", "second")]
