@@ -26,6 +26,7 @@ from orchestra.events import (
     CallsQueued,
     CallsResolved,
     Event,
+    ModelLoaded,
     NodeFailed,
     NodeReady,
     NodeSkipped,
@@ -520,13 +521,17 @@ class LostOnce(FunctionModel):
 
 def test_an_engine_lost_mid_batch_is_loaded_afresh_and_gets_its_unanswered_calls_once_more() -> None:
     """A heavy engine lost mid-batch is no longer counted as resident: it is loaded again and only
-    the calls it had not answered are sent once more (a ``CallRetried`` says so); none fail."""
+    the calls it had not answered are sent once more (a ``CallRetried`` says so, and the lost
+    batch's ``BatchFinished`` counts them as failed there); none of the calls fails."""
     engine = LostOnce(lambda r: f"answer to {r.prompt_text()}", name="engine", heavy=True)
     executor = Executor()
     retried: list[Event] = []
-    executor.events.subscribe(lambda e: retried.append(e) if isinstance(e, CallRetried) else None)
+    finished: list[BatchFinished] = []
+    executor.events.subscribe(lambda e: retried.append(e) if isinstance(e, CallRetried)
+                              else finished.append(e) if isinstance(e, BatchFinished) else None)
     ledger = RunLedger.create("r")
     [outcomes] = run_calls(executor, (ledger, [(engine, ChatRequest.user(q)) for q in ("a", "b", "c")]))
+    assert [(e.size, e.failed) for e in finished] == [(3, 2), (2, 0)]  # the lost batch says what it lost
     assert [o.text for o in outcomes] == ["answer to a", "answer to b", "answer to c"]  # type: ignore[union-attr]
     assert engine.batches == [1, 2]  # (one answered before it died, then the other two)
     assert engine.loads == 2 and executor.stats.loads["engine"] == 2
@@ -681,3 +686,44 @@ def test_a_managed_task_failing_after_its_run_ended_is_reported_to_the_loop() ->
     asyncio.run(main())
     assert [(c["message"], str(c["exception"])) for c in reported] == [
         ("a managed task failed after its run ended", "second")]
+
+
+def test_a_heavy_wave_waits_while_a_managed_task_is_still_running() -> None:
+    """A heavy wave starts only once every managed task waits on a call: a task still working (it
+    has not yet asked the engine) holds the wave, so its call joins the other task's in one batch."""
+    engine = FunctionModel(lambda r: f"engine: {r.prompt_text()}", name="engine", heavy=True)
+    executor = Executor()
+    ledger = RunLedger.create("r")
+
+    async def busy_first() -> str:
+        for _ in range(3):  # work between calls: turns of the loop in which it runs, not waiting on a call
+            await asyncio.sleep(0)
+        return await first_text(executor, ledger, engine, "b")
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(executor.run_task(first_text(executor, ledger, engine, "a")),
+                                         executor.run_task(busy_first())))
+
+    assert asyncio.run(main()) == ["engine: a", "engine: b"]
+    assert engine.batches == [2] and engine.loads == 1
+
+
+def test_a_look_ahead_stops_counting_once_the_task_that_announced_it_is_answered() -> None:
+    """``then=`` defers the announced engine to the end of its wave only while the announcing task
+    waits: once answered, it no longer counts, so a later wave runs that engine in queue order."""
+    h0, h1, h2, h3 = (FunctionModel(lambda r, n=n: f"{n}: {r.prompt_text()}", name=n, heavy=True)
+                      for n in ("h0", "h1", "h2", "h3"))
+    executor = Executor()
+    loads: list[str] = []
+    executor.events.subscribe(lambda e: loads.append(e.model) if isinstance(e, ModelLoaded) else None)
+
+    async def main() -> None:
+        ledger = RunLedger.create("r")
+        await executor.call(ledger, [(h1, ChatRequest.user("e1")), (h2, ChatRequest.user("e2"))], purpose="expert",
+                            then=[h0])
+        await first_text(executor, ledger, h0, "aggregate")
+        await first_text(executor, ledger, h3, "evicts h0")
+        await executor.call(ledger, [(h0, ChatRequest.user("x")), (h1, ChatRequest.user("y"))], purpose="expert")
+
+    asyncio.run(executor.run_task(main()))
+    assert loads == ["h1", "h2", "h0", "h3", "h0", "h1"]  # the last wave in queue order: h0, then h1

@@ -326,10 +326,12 @@ print(run_interruptibly(work()))
 """
 
 _SPAWNS_AS_IT_STOPS = """
-import asyncio, os, signal
+import asyncio, gc, os, signal
 from orchestra.core import run_interruptibly
 
 ended = []
+held = set()  # (the loop keeps only weak references to tasks: one nobody holds may be collected pending)
+gc.set_threshold(1)  # (and collection comes early and often, so a task the code fails to hold is seen lost)
 
 async def late():
     try:
@@ -345,11 +347,11 @@ async def background():  # cancelled, it starts more work (as an executor dispat
     try:
         await asyncio.Event().wait()
     except asyncio.CancelledError:
-        asyncio.ensure_future(late())
+        held.add(asyncio.ensure_future(late()))
         raise
 
 async def work():
-    asyncio.ensure_future(background())
+    held.add(asyncio.ensure_future(background()))
     await asyncio.sleep(0)
     os.kill(os.getpid(), signal.SIGINT)
     await asyncio.Event().wait()
