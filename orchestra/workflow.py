@@ -306,10 +306,56 @@ class Workflow:
         return settings
 
     def final(self, inputs: Mapping[str, Any]) -> Any:
-        """The final-answer renderer, when the workflow defines one."""
+        """The final-answer renderer, when the workflow defines one (a ``plan: auto`` one also checks
+        the plan, once it is made, for the steps it reads)."""
         if self.spec.final is None:
             return None
-        return _renderer(self.spec.final, f"{self.path}: final", inputs)
+        where = f"{self.path}: final"
+        if self.spec.plan == "auto":
+            return PlannedFinal(self.spec.final, where, inputs)
+        return _renderer(self.spec.final, where, inputs)
+
+
+class PlannedFinal:
+    """The ``final`` template of a ``plan: auto`` workflow, whose steps the planner names at run time.
+
+    ``check_plan`` runs once the plan is made, before any step: a template that reads a step the
+    plan lacks (``steps.summary.output``, no step ``summary``) would fail only after every step
+    was paid for.
+    """
+
+    def __init__(self, source: str, where: str, inputs: Mapping[str, Any]) -> None:
+        self.source, self.where, self.inputs = source, where, dict(inputs)
+        self.named = list(dict.fromkeys(name for name, kind, _ in _references(environment().parse(source))
+                                        if kind == "steps"))
+
+    def __call__(self, outputs: Outputs) -> str:
+        return render_string(self.source, where=self.where, inputs=self.inputs, steps=outputs)
+
+    def check_plan(self, planned: list[str]) -> str | None:
+        """Why the template cannot render with these steps, or None. A step it names but the plan
+        lacks is a problem only where reading it fails (not behind ``steps.get(...)`` or ``is
+        defined``): the template is tried with placeholder outputs without, then with, those steps."""
+        missing = [name for name in self.named if name not in planned]
+        if not missing:
+            return None
+        try:
+            self(_placeholders(planned))
+            return None
+        except ConfigError:
+            pass
+        try:
+            self(_placeholders([*planned, *missing]))
+        except ConfigError:  # it fails for another reason too: the run's own rendering says which
+            return None
+        return (f"{RENDER_FAILED}{self.where}: it reads steps.{missing[0]}, but the plan has no step "
+                f"{missing[0]!r} (its steps: {', '.join(planned)}); with plan: auto, read the steps in a loop "
+                "(steps.items()) or write the steps out")
+
+
+def _placeholders(steps: list[str]) -> Outputs:
+    """Outputs for a trial rendering: each step with a short text and no data."""
+    return {step: {"output": f"(the output of {step})", "data": None} for step in steps}
 
 
 def _renderer(source: str, where: str, inputs: Mapping[str, Any], *, blank: str = "") -> Any:

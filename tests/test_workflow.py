@@ -717,3 +717,26 @@ def test_a_plan_auto_workflow_plans_even_where_the_orchestra_does_not(tmp_path: 
     assert result.status == "done", result.error
     assert [n.id for n in result.plan.nodes] == ["facts", "brief"]
     assert sum(kind_of(r) == "plan" for r in models["planner"].requests) == 1
+
+
+@pytest.mark.parametrize("final, sent", [
+    ("'{{ steps.summary.output }}'", 0),  # fails once planned, before the steps are paid for
+    ("'{{ steps.get(\"summary\") or steps.brief.output }}'", 2),  # reads it only where it is there
+    ("'{% if steps.summary is defined %}x{% else %}{{ steps.brief.output }}{% endif %}'", 2),
+])
+def test_a_plan_auto_final_reading_a_step_the_plan_lacks_fails_before_the_steps(tmp_path: Path, final: str,
+                                                                                   sent: int) -> None:
+    pool, models = scripted_pool(2, plan=plan_json(("facts", []), ("brief", ["facts"])))
+    text = ("name: auto\npool:\n  models: {m: {type: openai, model: x}}\n  agents: [{name: a, model: m}]\n"
+            f"plan: auto\ntask: 'Brief on {{{{ inputs.topic }}}}'\ninputs:\n  topic: {{type: string}}\nfinal: {final}\n")
+    flow = Workflow.load(write(tmp_path, text), pool=pool)
+    result = run_workflow(flow, {"topic": "tides"}, orchestra=Orchestra(pool, k=1))
+    assert sum(len(models[m].requests) for m in ("m0", "m1")) == sent
+    if sent:
+        assert result.status == "done", result.error
+        assert result.answer == "m1: The answer is 1"
+    else:
+        assert result.status == "failed" and result.user_error
+        assert result.error == (f"cannot render {tmp_path / 'wf.yaml'}: final: it reads steps.summary, but the plan "
+                                "has no step 'summary' (its steps: facts, brief); with plan: auto, read the steps in a "
+                                "loop (steps.items()) or write the steps out")

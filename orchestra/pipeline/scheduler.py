@@ -327,6 +327,12 @@ class Run:
                                               nodes=tuple({"id": s.id, "instruction": s.instruction,
                                                            "depends_on": list(s.depends_on), "skills": list(s.skills)}
                                                           for s in plan.subtasks)))
+        check_plan = getattr(self.final_template, "check_plan", None)  # (a plan: auto workflow's final)
+        problem = check_plan([s.id for s in plan.subtasks]) if check_plan is not None else None
+        if problem is not None:  # before any step is paid for
+            self.user_error = True
+            self._finish("failed", None, problem)
+            return
         self._unresolved = len(plan.subtasks)
         self._waiting = {node: len(needs) for node, needs in self.graph.dependencies.items()}
         self._order = self.graph.order()
