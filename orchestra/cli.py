@@ -65,9 +65,15 @@ class OrchestraGroup(click.Group):
 
             fail(cli_message(error), error.exit_code)
         except KeyboardInterrupt:
-            if "--no-store" in sys.argv[1:]:
-                fail("interrupted; nothing was kept (--no-store)", 130)
-            fail("interrupted; finished calls are saved: `orchestra runs` lists the runs to resume", 130)
+            fail(f"interrupted{_kept(ctx.invoked_subcommand)}", 130)
+
+
+def _kept(command: str | None) -> str:
+    """What an interrupted command kept, for commands that do not say it themselves (those that run
+    tasks say which run to resume)."""
+    if command == "profile":
+        return "; no profiles were written (they are written once every agent is measured)"
+    return ""
 
 
 @click.group(cls=OrchestraGroup, context_settings={"help_option_names": ["-h", "--help"]})
