@@ -65,15 +65,7 @@ class OrchestraGroup(click.Group):
 
             fail(cli_message(error), error.exit_code)
         except KeyboardInterrupt:
-            fail(f"interrupted{_kept(ctx.invoked_subcommand)}", 130)
-
-
-def _kept(command: str | None) -> str:
-    """What an interrupted command kept, for commands that do not say it themselves (those that run
-    tasks say which run to resume)."""
-    if command == "profile":
-        return "; no profiles were written (they are written once every agent is measured)"
-    return ""
+            fail("interrupted", 130)  # (commands that keep work say what they kept and how to go on)
 
 
 @click.group(cls=OrchestraGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -529,9 +521,13 @@ def agents(pool: Path | None, as_json: bool) -> None:
 @click.option("--merge-similarity", type=click.FloatRange(min=0, max=1),
               help="Name similarity at which keyword variants merge into one skill (default 0.6 lexical, 0.85 "
                    "with an embedding matcher; 1: never).")
+@click.option("--resume", is_flag=True, help="Go on with an interrupted profile: answers recorded for the same "
+                                            "calls are reused, only the rest are sent.")
+@store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_items: int | None, seed: int,
-            merge_similarity: float | None, as_json: bool) -> None:
+            merge_similarity: float | None, resume: bool, store_path: Path | None, no_store: bool,
+            as_json: bool) -> None:
     """Measure every agent on a validation set and save skill profiles."""
     import asyncio
 
@@ -541,12 +537,24 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     from orchestra.agents import Pool
     from orchestra.datasets import load_dataset
     from orchestra.profiling import aprofile, save_profiles
+    from orchestra.store import RunStore
     from orchestra.view import terminal
 
+    if resume and no_store:
+        raise ConfigError("--resume reuses the answers recorded in the run store; drop --no-store")
     loaded = Pool.load(pool)
     loaded.check_credentials()
     dataset = load_dataset(data)
     target = (out or loaded.profiles_dir or Path("skills/profiles") / loaded.name).resolve()
+    if resume:
+        refuse_missing_store(store_path)
+    # every answer is recorded as it comes (in the store's cache, apart from the runs' entries), so an
+    # interrupted profile loses nothing: --resume reads them back
+    store = None if no_store else RunStore(store_path)
+    if store is not None and store.read_only:
+        raise ConfigError(f"the run store {store.path} is read-only, and profile records its answers there as they "
+                          "come; give --store a writable file, or --no-store")
+    answers = None if store is None else store.cache(namespace="profile:", reads=resume)
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=terminal(stderr=True), disable=as_json) as progress:
         bars: dict[str, Any] = {}
@@ -556,13 +564,18 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
                 bars[stage] = progress.add_task(stage, total=total)
             progress.update(bars[stage], completed=done, total=total)
 
-        report = asyncio.run(aprofile(loaded, dataset, grader=grader, aggregation_items=aggregation_items,
-                                      seed=seed, progress=update, matcher=loaded.settings.matcher.build(),
-                                      merge_similarity=merge_similarity))
+        try:
+            report = asyncio.run(aprofile(loaded, dataset, grader=grader, aggregation_items=aggregation_items,
+                                          seed=seed, progress=update, matcher=loaded.settings.matcher.build(),
+                                          merge_similarity=merge_similarity, cache=answers))
+        except KeyboardInterrupt:
+            progress.stop()
+            fail("interrupted; no profiles were written; " + ("nothing was kept (--no-store)" if answers is None else
+                 "the answers so far are saved: the same command with --resume goes on with this profile"), 130)
     written = save_profiles(report, target)
     if as_json:
         click.echo(json.dumps({"written": [str(p) for p in written], "aggregation_items": report.aggregation_items,
-                               "merged_skills": report.vocabulary.merged,
+                               "reused": report.reused, "merged_skills": report.vocabulary.merged,
                                "profiles": {n: p.model_dump(mode="json") for n, p in report.profiles.items()}},
                               indent=2))
         return
@@ -577,6 +590,8 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     for line in report.vocabulary.explain():
         click.echo(f"merged variants: {line}")
     click.echo(f"aggregation benchmark: {report.aggregation_items} item(s)")
+    if resume:
+        click.echo(f"reused {report.reused} recorded answer(s); sent the rest")
     click.echo(f"wrote {len(written)} profiles to {target}")
 
 

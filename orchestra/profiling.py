@@ -31,8 +31,8 @@ from orchestra.budget import Budget
 from orchestra.calibration import skill_estimates
 from orchestra.core import run_sync
 from orchestra.datasets import Dataset, Item
-from orchestra.events import Event, EventBus, UsageUpdated
-from orchestra.execute import Executor, RunLedger
+from orchestra.events import CallsResolved, Event, EventBus, UsageUpdated
+from orchestra.execute import Executor, ResponseCache, RunLedger
 from orchestra.grading import Grader, answer_format, get_grader
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatResult
@@ -58,6 +58,8 @@ class ProfilingReport:
     vocabulary: Vocabulary = field(default_factory=Vocabulary)
     """The canonical skills and the keyword variants merged into each."""
     written: list[Path] = field(default_factory=list)
+    reused: int = 0
+    """Calls answered from ``cache`` (answers recorded by an earlier, interrupted profile) instead of sent."""
 
 
 def expert_prompt(item: Item) -> str:
@@ -81,8 +83,8 @@ class _Counter:
             self.progress(stage, 0, total)
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, UsageUpdated) and event.run_id == self.run_id:
-            self.done += 1
+        if isinstance(event, (UsageUpdated, CallsResolved)) and event.run_id == self.run_id:
+            self.done += event.count if isinstance(event, CallsResolved) else 1  # (answers reused, sent)
             if self.progress:
                 self.progress(self.stage, min(self.done, self.total), self.total)
 
@@ -94,17 +96,20 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
                    keywords: KeywordConfig | None = None, aggregation_items: int | None = None, seed: int = 0,
                    executor: Executor | None = None, progress: Progress | None = None,
                    budget: Budget | None = None, matcher: SkillMatcher | None = None,
-                   merge_similarity: float | None = None) -> ProfilingReport:
+                   merge_similarity: float | None = None, cache: ResponseCache | None = None) -> ProfilingReport:
     """Profile every agent of ``pool`` on ``dataset``. See the module docstring for the method.
 
     ``aggregation_items`` caps the aggregation benchmark (None: every usable item; 0: no benchmark).
     Keyword variants are merged into canonical skills (``orchestra.variants``) by name similarity,
     with ``matcher`` (an embedding matcher compares embeddings; default lexical) and at
-    ``merge_similarity`` (1 merges nothing).
+    ``merge_similarity`` (1 merges nothing). ``cache`` records every answer as it comes, and
+    answers an identical call again (the requests are made the same way each time: ``RunStore.cache``
+    with a namespace of its own lets an interrupted profile go on).
     """
     grade = get_grader(grader)
     executor = executor or Executor()
-    ledger = RunLedger.create("profile", budget or Budget(max_calls=None, max_cost_usd=None, max_tokens=None))
+    ledger = RunLedger.create("profile", budget or Budget(max_calls=None, max_cost_usd=None, max_tokens=None),
+                              cache=cache)
     counter = _Counter(executor.events, ledger.run_id, progress)
     try:
         item_keywords = await _keywords(pool, dataset.items, executor, ledger, keywords, seed, counter)
@@ -139,7 +144,7 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
             estimates=skill_estimates(counts, accuracy), answer_tokens=mean_tokens(answers[agent.name].values()),
             aggregation_tokens=measured.tokens if measured else None, provenance=provenance)
     return ProfilingReport(profiles=profiles, item_keywords=item_keywords, correct=correct,
-                           aggregation_items=len(bench), vocabulary=vocabulary)
+                           aggregation_items=len(bench), vocabulary=vocabulary, reused=ledger.answered["cache"])
 
 
 def build_profiles(pool: Pool, dataset: Dataset, **options: object) -> ProfilingReport:

@@ -730,9 +730,11 @@ class RunStore:
                       "VALUES (?, ?, CAST(? AS TEXT), ?, 0)",
                       (key, model, _result_json(result), time.time()))
 
-    def cache(self) -> StoreCache:
-        """The cache as the executor wants it."""
-        return StoreCache(self)
+    def cache(self, *, namespace: str = "", reads: bool = True) -> StoreCache:
+        """The cache as the executor wants it. ``namespace`` keeps a use's entries apart (a
+        profile's answers are not the runs' cache); ``reads=False`` only records answers (for a
+        later resume to read)."""
+        return StoreCache(self, namespace=namespace, reads=reads)
 
     # --- events and nodes ------------------------------------------------------------------
 
@@ -769,18 +771,18 @@ class RunStore:
 
 
 class StoreCache:
-    """Adapter: the store's cache table as the executor's ``ResponseCache``."""
+    """Adapter: the store's cache table as the executor's ``ResponseCache`` (see ``RunStore.cache``)."""
 
-    def __init__(self, store: RunStore) -> None:
-        self.store = store
+    def __init__(self, store: RunStore, *, namespace: str = "", reads: bool = True) -> None:
+        self.store, self.namespace, self.reads = store, namespace, reads
 
     def get(self, model: str, key: str, request: ChatRequest) -> ChatResult | None:
         """A cached result, or None."""
-        return self.store.cache_get(model, key, request)
+        return self.store.cache_get(model, self.namespace + key, request) if self.reads else None
 
     def put(self, model: str, key: str, request: ChatRequest, result: ChatResult) -> None:
         """Remember a successful result."""
-        self.store.cache_put(model, key, request, result)
+        self.store.cache_put(model, self.namespace + key, request, result)
 
 
 _Statements = list[tuple[str, tuple[Any, ...]]]

@@ -6,13 +6,14 @@ import asyncio
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import AGGREGATE_MARK, wait_for
+from helpers import AGGREGATE_MARK, KEYWORDS_MARK, wait_for
 from loopback_llm import ScriptedLLM, write_pool
 
 from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply
@@ -202,6 +203,59 @@ def test_runs_show_and_export(llm, tmp_path: Path) -> None:
     assert report["result"]["answer"] == report["run"]["answer"]
     missing = cli("show", "nope")
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
+
+
+def test_an_interrupted_profile_goes_on_with_resume_sending_only_what_it_had_not(loopback, tmp_path: Path) -> None:
+    """Ctrl-C of a profile (it writes its profiles only at the end) lost every answer and said
+    "finished calls are saved: `orchestra runs` lists the runs to resume": there was no such run.
+    Answers are now recorded as they come; ``--resume`` reuses them and sends only the rest,
+    counted at the server, and the profiles are those of an uninterrupted profile."""
+    import signal
+
+    hang = [True]
+    scripted = ScriptedLLM(expert=lambda model, assignment: "The answer is 1" if model == "alpha" else "The answer is 2")
+
+    def text(request: LoopbackRequest) -> str | Reply:
+        if hang[0] and (request.json() or {}).get("model") == "gamma" and KEYWORDS_MARK not in request.prompt:
+            return Reply(hang=True)  # gamma's answers never come: the profile is stopped there
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} minus {i - 1}?", "answer": "1"}) + "\n"
+                            for i in range(3)))
+    argv = [sys.executable, "-m", "orchestra", "profile", "--pool", str(pool), "--data", str(data), "--json"]
+    env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}
+    child = subprocess.Popen([*argv, "--out", str(tmp_path / "stopped")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(child, lambda: any((r.json() or {}).get("model") == "gamma" and KEYWORDS_MARK not in r.prompt
+                                for r in list(server.requests)), "gamma was asked")
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130
+    assert err.strip().splitlines()[-1] == ("error: interrupted; no profiles were written; the answers so far are "
+                                            "saved: the same command with --resume goes on with this profile")
+    assert not (tmp_path / "stopped").exists()
+    home = Path(os.environ["ORCHESTRA_HOME"])
+    with sqlite3.connect(home / "runs.db") as db:
+        [(recorded,)] = db.execute("SELECT count(*) FROM cache WHERE key LIKE 'profile:%'").fetchall()
+    assert recorded >= 3 * 5  # every keyword sample at least: that stage ends before any agent is asked
+    hang[0] = False
+    before = len(server.requests)
+    resumed = cli(*argv[3:], "--out", str(tmp_path / "resumed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    sent = len(server.requests) - before
+    assert json.loads(resumed.stdout)["reused"] == recorded
+    before = len(server.requests)
+    whole = cli(*argv[3:], "--out", str(tmp_path / "whole"), "--no-store")  # uninterrupted, nothing reused
+    assert whole.returncode == 0, whole.stderr
+    assert sent == len(server.requests) - before - recorded  # only what was not answered before
+    assert [json.loads(p.read_text())["skills"] for p in sorted((tmp_path / "resumed").glob("*.json"))] == \
+        [json.loads(p.read_text())["skills"] for p in sorted((tmp_path / "whole").glob("*.json"))]
+    refused = cli(*argv[3:], "--resume", "--no-store")
+    assert (refused.returncode, refused.stderr.strip()) == (
+        2, "error: --resume reuses the answers recorded in the run store; drop --no-store")
 
 
 def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:

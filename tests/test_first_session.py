@@ -394,28 +394,6 @@ def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: P
     assert err.strip() == f"error: interrupted run {stopped['run_id']}; {saved}"
 
 
-def test_ctrl_c_of_profile_does_not_promise_saved_calls(loopback, tmp_path: Path) -> None:
-    """(Every command but a run's ended on "finished calls are saved: `orchestra runs` lists the runs
-    to resume", also ``profile``, which stores no run and writes its profiles only at the end.)"""
-    import signal
-    import subprocess
-
-    server = loopback(lambda request: Reply(hang=True))
-    pool = write_pool(tmp_path, server.url)
-    data = tmp_path / "val.jsonl"
-    data.write_text(json.dumps({"id": "q1", "question": "What is 1 + 0?", "answer": "1"}) + "\n")
-    child = subprocess.Popen([sys.executable, "-m", "orchestra", "profile", "--pool", str(pool), "--data", str(data)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
-    wait_for(child, lambda: bool(server.requests), "profiling was under way")
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=60)
-    assert child.returncode == 130
-    assert err.strip().splitlines()[-1] == ("error: interrupted; no profiles were written (they are written once "
-                                            "every agent is measured)")
-    assert not list(tmp_path.glob("**/*.json"))
-
-
 # --- small things a user trips on ---------------------------------------------------------------
 
 
