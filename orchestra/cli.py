@@ -536,6 +536,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
 
     from orchestra.agents import Pool
     from orchestra.datasets import load_dataset
+    from orchestra.errors import ProfilingIncomplete
     from orchestra.profiling import aprofile, save_profiles
     from orchestra.store import RunStore
     from orchestra.view import terminal
@@ -546,6 +547,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     loaded.check_credentials()
     dataset = load_dataset(data)
     target = (out or loaded.profiles_dir or Path("skills/profiles") / loaded.name).resolve()
+    writable_folder(target, "the profiles")  # before any call is paid for
     if resume:
         refuse_missing_store(store_path)
     # every answer is recorded as it comes (in the store's cache, apart from the runs' entries), so an
@@ -572,7 +574,19 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
             progress.stop()
             fail("interrupted; no profiles were written; " + ("nothing was kept (--no-store)" if answers is None else
                  "the answers so far are saved: the same command with --resume goes on with this profile"), 130)
-    written = save_profiles(report, target)
+        except ProfilingIncomplete as error:
+            progress.stop()
+            fail(f"{error}; " + ("fix the cause and profile again" if answers is None else "the answers so far are "
+                 "saved: once the cause is fixed, the same command with --resume sends only the calls not answered"),
+                 error.exit_code)
+    try:
+        written = save_profiles(report, target)
+    except OSError as error:
+        fail(f"cannot write the profiles to {target}: {error.strerror or error}"
+             + ("" if answers is None else "; every answer is saved: --resume writes them without a call"))
+    if loaded.profiles_dir is None or loaded.profiles_dir.resolve() != target:  # (profiles nobody would read)
+        click.echo(f"note: {pool} reads its profiles from {loaded.profiles_dir or 'nowhere (it has no profiles: line)'}"
+                   f"; to recruit by these, set `profiles: {target}` in it", err=True)
     if as_json:
         click.echo(json.dumps({"written": [str(p) for p in written], "aggregation_items": report.aggregation_items,
                                "reused": report.reused, "merged_skills": report.vocabulary.merged,
@@ -703,6 +717,19 @@ def _whole_budget(opts: dict[str, Any]) -> Budget | None:
     limits = {field: opts[dest] for dest, field in (("max_calls", "max_calls"), ("max_cost", "max_cost_usd"),
                                                     ("max_tokens", "max_tokens")) if opts.get(dest) is not None}
     return Budget(**{"max_calls": None, "max_cost_usd": None, "max_tokens": None, **limits}) if limits else None
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """Make the folder ``what`` goes to, before the work that makes it: one that cannot be made (a
+    file in the way, no permission) is refused in one line while nothing is spent yet."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
+        raise ConfigError(f"cannot write {what} to {folder}: {why}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {what} to {folder}: it is not writable")
 
 
 def _writable(path: Path) -> bool:

@@ -41,6 +41,15 @@ class DatasetError(UserError):
     """A data set file that cannot be read; names the file and line."""
 
 
+class ProfilingIncomplete(OrchestraError):
+    """Calls of a profile failed: an unanswered question is not a wrong answer, so no profile is made.
+    The exit code is that of the first failure (2 for a rejected key or an endpoint that is down)."""
+
+    def __init__(self, message: str, cause: Exception) -> None:
+        super().__init__(message)
+        self.exit_code = getattr(cause, "exit_code", 1)
+
+
 class PlanError(OrchestraError):
     """A plan that stayed invalid after the repair attempts."""
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError
-from orchestra.grading import Grader, answer_format
+from orchestra.grading import Grader, answer_format, check_grader
 from orchestra.result import RunResult
 
 if TYPE_CHECKING:
@@ -191,6 +191,7 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
         (m for m, preset_of_m in METHODS.items() if preset_of_m == (mode, aggregate, None)),
         f"{mode} + {aggregate}")
     items = dataset.items[:limit] if limit else dataset.items
+    check_grader(orchestra.stages_for(settings).grader, items, dataset.path)  # (before any call is paid for)
     # the data set by its absolute path: a resume from another folder, or with ./data.jsonl, finds it
     where = Path(dataset.path)
     # and the pool by what answers (its models, personas, profiles): one edited in place is another pool

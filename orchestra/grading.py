@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from fractions import Fraction
 from typing import Protocol
 
@@ -127,13 +127,18 @@ class MultipleChoiceGrader:
                 return LETTERS[max(hits)[1]]
         return None
 
-    def grade(self, text: str, item: Item) -> bool:
-        """Compare letters; a reference given as the choice's text is turned into its letter."""
+    @staticmethod
+    def reference(item: Item) -> str:
+        """The letter the item's answer names (a choice's text turned into its letter)."""
         reference = item.answer.strip().strip("()").upper()
         if len(reference) != 1 and item.choices:
             matches = [i for i, c in enumerate(item.choices) if c.strip().lower() == item.answer.strip().lower()]
             reference = LETTERS[matches[0]] if matches else reference
-        return self.extract(text, item) == reference
+        return reference
+
+    def grade(self, text: str, item: Item) -> bool:
+        """Compare letters; a reference given as the choice's text is turned into its letter."""
+        return self.extract(text, item) == self.reference(item)
 
 
 _BOXED = re.compile(r"\\boxed\s*\{")
@@ -274,6 +279,30 @@ GRADERS: dict[str, Callable[[], Grader]] = {
     "numeric": NumericGrader,
     "exact": ExactMatchGrader,
 }
+
+
+def ungradable(grader: Grader, item: Item) -> str | None:
+    """Why ``grader`` could never grade ``item`` correct, or None: the letters grader on an answer
+    that is no letter of its choices, the numbers grader on an answer that is no number."""
+    if isinstance(grader, MultipleChoiceGrader):
+        valid = LETTERS[: len(item.choices)] if item.choices else LETTERS
+        reference = grader.reference(item)
+        if len(reference) != 1 or reference not in valid:
+            has = f"its {len(item.choices)} choices" if item.choices else "no choices"
+            return f"its answer {item.answer!r} is not the letter of a choice (it has {has})"
+    if isinstance(grader, NumericGrader) and normalize_number(item.answer) is None:
+        return f"its answer {item.answer!r} is not a number"
+    return None
+
+
+def check_grader(grader: Grader, items: Iterable[Item], source: str) -> None:
+    """Refuse a grader that could never grade an item of ``source`` correct (every answer would
+    count as wrong): one line naming the item."""
+    for item in items:
+        why = ungradable(grader, item)
+        if why is not None:
+            raise ConfigError(f"the {grader.name} grader cannot grade item {item.id} of {source}: {why}; choose "
+                              "another grader (auto picks one per item)")
 
 
 def get_grader(name: str | Grader) -> Grader:

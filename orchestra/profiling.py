@@ -31,9 +31,10 @@ from orchestra.budget import Budget
 from orchestra.calibration import skill_estimates
 from orchestra.core import run_sync
 from orchestra.datasets import Dataset, Item
+from orchestra.errors import ProfilingIncomplete
 from orchestra.events import CallsResolved, Event, EventBus, UsageUpdated
 from orchestra.execute import Executor, ResponseCache, RunLedger
-from orchestra.grading import Grader, answer_format, get_grader
+from orchestra.grading import Grader, answer_format, check_grader, get_grader
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatResult
 from orchestra.pipeline.aggregation import Response, synthesize_prompt
@@ -107,13 +108,19 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
     with a namespace of its own lets an interrupted profile go on).
     """
     grade = get_grader(grader)
+    check_grader(grade, dataset.items, dataset.path)
     executor = executor or Executor()
     ledger = RunLedger.create("profile", budget or Budget(max_calls=None, max_cost_usd=None, max_tokens=None),
                               cache=cache)
     counter = _Counter(executor.events, ledger.run_id, progress)
     try:
-        item_keywords = await _keywords(pool, dataset.items, executor, ledger, keywords, seed, counter)
+        failed: list[tuple[str, Exception]] = []
+        item_keywords = await _keywords(pool, dataset.items, executor, ledger, keywords, seed, counter, failed)
+        _stop_if_failed(failed, counter)
         answers = await _answers(pool, dataset.items, executor, ledger, seed, counter)
+        failed += [(f"agent {name} on item {item}", outcome) for name, outcomes in answers.items()
+                   for item, outcome in outcomes.items() if isinstance(outcome, Exception)]
+        _stop_if_failed(failed, counter)
         correct = {a.name: {item.id: _ok(answers[a.name][item.id], item, grade) for item in dataset.items}
                    for a in pool.agents}
         scores = {a.name: _profile(correct[a.name], item_keywords) for a in pool.agents}
@@ -121,7 +128,9 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
         vocabulary = await merge_variants(item_keywords, correct, matcher=matcher, threshold=merge_similarity)
         canonical = {item: [vocabulary.canonical(k) for k in words] for item, words in item_keywords.items()}
         bench = _aggregation_set(dataset.items, answers, correct, aggregation_items, seed)
-        aggregation = await _aggregation_scores(pool, bench, executor, ledger, grade, seed, counter, canonical)
+        aggregation = await _aggregation_scores(pool, bench, executor, ledger, grade, seed, counter, canonical,
+                                                failed)
+        _stop_if_failed(failed, counter)
     finally:
         counter.close()
     keyword_model = model_id(pool.keyword_model) if pool.keyword_model else ""
@@ -179,8 +188,18 @@ def _profile(correct: dict[str, bool], item_keywords: dict[str, list[str]]) -> d
     return dict(scores)
 
 
+def _stop_if_failed(failed: list[tuple[str, Exception]], counter: _Counter) -> None:
+    """Raise ``ProfilingIncomplete`` if a call of the stage failed: a question not answered (an
+    endpoint down, a key refused) must not count as a wrong answer in anyone's profile."""
+    if failed:
+        what, error = failed[0]
+        raise ProfilingIncomplete(f"profiling stopped after its {counter.stage} stage: {len(failed)} of its calls "
+                                  f"failed (first: {what}: {error}); no profiles were written", error)
+
+
 async def _keywords(pool: Pool, items: Sequence[Item], executor: Executor, ledger: RunLedger,
-                    config: KeywordConfig | None, seed: int, counter: _Counter) -> dict[str, list[str]]:
+                    config: KeywordConfig | None, seed: int, counter: _Counter,
+                    failed: list[tuple[str, Exception]]) -> dict[str, list[str]]:
     extractor = SkillExtractor(config)
     model = pool.keyword_model
     assert model is not None  # a Pool always has one (its planner's, by default)
@@ -189,6 +208,7 @@ async def _keywords(pool: Pool, items: Sequence[Item], executor: Executor, ledge
     async def one(item: Item) -> list[str]:
         requests = extractor.requests(item.question, seed=seed)
         outcomes = await executor.call(ledger, [(model, r) for r in requests], purpose="keywords")
+        failed.extend((f"the keywords of item {item.id}", o) for o in outcomes if isinstance(o, Exception))
         return extractor.combine(outcomes)
 
     results = await _gather(executor, [one(item) for item in items])
@@ -260,8 +280,8 @@ class AggregationResult:
 
 
 async def _aggregation_scores(pool: Pool, bench: list[_AggregationItem], executor: Executor, ledger: RunLedger,
-                              grade: Grader, seed: int, counter: _Counter,
-                              item_keywords: dict[str, list[str]]) -> dict[str, AggregationResult]:
+                              grade: Grader, seed: int, counter: _Counter, item_keywords: dict[str, list[str]],
+                              failed: list[tuple[str, Exception]]) -> dict[str, AggregationResult]:
     if not bench:
         return {}
     counter.begin("aggregation", len(bench) * len(pool.agents))
@@ -276,6 +296,8 @@ async def _aggregation_scores(pool: Pool, bench: list[_AggregationItem], executo
     async def one(agent: Agent) -> AggregationResult:
         calls = [(agent.model, agent.request(prompt, seed=seed)) for prompt in prompts]
         outcomes = await executor.call(ledger, calls, purpose="aggregation-benchmark")
+        failed.extend((f"agent {agent.name} aggregating item {e.item.id}", o) for o, e in zip(outcomes, bench)
+                      if isinstance(o, Exception))
         return AggregationResult.from_grades([_ok(o, e.item, grade) for o, e in zip(outcomes, bench)], keywords,
                                              mean_tokens(outcomes))
 

@@ -236,7 +236,7 @@ def test_an_interrupted_profile_goes_on_with_resume_sending_only_what_it_had_not
     assert child.returncode == 130
     assert err.strip().splitlines()[-1] == ("error: interrupted; no profiles were written; the answers so far are "
                                             "saved: the same command with --resume goes on with this profile")
-    assert not (tmp_path / "stopped").exists()
+    assert not list((tmp_path / "stopped").iterdir())  # (the folder is made, and checked, before any call)
     home = Path(os.environ["ORCHESTRA_HOME"])
     with sqlite3.connect(home / "runs.db") as db:
         [(recorded,)] = db.execute("SELECT count(*) FROM cache WHERE key LIKE 'profile:%'").fetchall()
@@ -256,6 +256,68 @@ def test_an_interrupted_profile_goes_on_with_resume_sending_only_what_it_had_not
     refused = cli(*argv[3:], "--resume", "--no-store")
     assert (refused.returncode, refused.stderr.strip()) == (
         2, "error: --resume reuses the answers recorded in the run store; drop --no-store")
+
+
+def test_a_profile_whose_calls_fail_writes_nothing_and_resume_finishes_it(loopback, tmp_path: Path) -> None:
+    """An endpoint that refused every call was profiled as always wrong (accuracy 0.0, exit 0), over
+    the good profiles there: a question not answered is not a wrong answer. Now nothing is written,
+    the exit code is the failure's, and --resume sends only the calls not answered."""
+    refuse = [True]
+    scripted = ScriptedLLM(expert=lambda model, assignment: "The answer is 1")
+
+    def text(request: LoopbackRequest) -> str | Reply:
+        if refuse[0] and (request.json() or {}).get("model") == "gamma":
+            return error_reply(401, "bad key")
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} minus {i - 1}?", "answer": "1"}) + "\n"
+                            for i in range(3)))
+    out = tmp_path / "profiles"
+    out.mkdir()
+    (out / "gamma-expert.json").write_text("the profile measured before")
+    argv = ("profile", "--pool", str(pool), "--data", str(data), "--out", str(out), "--json")
+    failed = cli(*argv)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1].startswith(
+        "error: profiling stopped after its answers stage: 3 of its calls failed (first: agent gamma-expert on item q0: ")
+    assert failed.stderr.strip().endswith("no profiles were written; the answers so far are saved: once the cause is "
+                                          "fixed, the same command with --resume sends only the calls not answered")
+    assert [p.name for p in out.iterdir()] == ["gamma-expert.json"]
+    assert (out / "gamma-expert.json").read_text() == "the profile measured before"
+    refuse[0] = False
+    before = len(server.requests)
+    resumed = cli(*argv, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    answered_before = 3 * 5 + 2 * 3  # the keyword samples, and the two other agents' answers
+    assert json.loads(resumed.stdout)["reused"] == answered_before
+    assert len(server.requests) - before == 3  # gamma's three answers (no aggregation set: all are right)
+    assert json.loads((out / "gamma-expert.json").read_text())["accuracy"] == 1.0
+    # (written where the pool does not read them, it says so)
+    assert resumed.stderr.strip().splitlines()[-1] == (f"note: {pool} reads its profiles from nowhere (it has no "
+                                                       f"profiles: line); to recruit by these, set `profiles: {out}` in it")
+
+
+def test_profile_refuses_before_any_call_what_could_not_finish(llm, tmp_path: Path) -> None:
+    pool = write_pool(tmp_path, llm.server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text(json.dumps({"id": "q1", "question": "Name the capital of France.", "answer": "Paris"}) + "\n")
+    wrong_grader = cli("profile", "--pool", str(pool), "--data", str(data), "--grader", "mc")
+    assert (wrong_grader.returncode, wrong_grader.stderr.strip()) == (
+        2, f"error: the mc grader cannot grade item q1 of {data}: its answer 'Paris' is not the letter of a choice "
+           "(it has no choices); choose another grader (auto picks one per item)")
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    no_folder = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(blocker / "sub"))
+    assert (no_folder.returncode, no_folder.stderr.strip()) == (
+        2, f"error: cannot write the profiles to {blocker / 'sub'}: {blocker} is a file, not a folder")
+    numbers = cli("eval", "--pool", str(pool), "--data", str(data), "--set", "grader=numeric")
+    assert (numbers.returncode, numbers.stderr.strip()) == (
+        2, f"error: the numeric grader cannot grade item q1 of {data}: its answer 'Paris' is not a number; choose "
+           "another grader (auto picks one per item)")
+    assert not llm.server.requests
 
 
 def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
