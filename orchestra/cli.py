@@ -35,7 +35,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line to stderr and exit."""
-    click.echo(f"error: {message}", err=True)
+    from orchestra.terminal_text import printable
+
+    click.echo(f"error: {printable(message)}", err=True)  # (it may quote an endpoint's error, or a task)
     sys.exit(code)
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -44,6 +45,7 @@ from orchestra.events import (
     UsageUpdated,
 )
 from orchestra.hints import run_error
+from orchestra.terminal_text import UNSAFE, printable
 
 if TYPE_CHECKING:
     from orchestra.result import RunResult
@@ -51,8 +53,21 @@ if TYPE_CHECKING:
 
 def terminal(**options: object) -> Console:
     """A console that prints every string literally: model output may contain ``[/INST]``,
-    ``[bold]`` or ``:emoji:`` codes, and none of it is Rich markup."""
-    return Console(markup=False, emoji=False, highlight=False, **options)  # type: ignore[arg-type]
+    ``[bold]`` or ``:emoji:`` codes, and none of it is Rich markup; nor is any of it a terminal
+    command (see ``printable``)."""
+    return _Literal(markup=False, emoji=False, highlight=False, **options)  # type: ignore[arg-type]
+
+
+class _Literal(Console):
+    """A console whose text segments are made printable as they are rendered, whatever renderable
+    (a table cell, a tree label, a panel) holds them; Rich's own styles and cursor moves are not text."""
+
+    def render(self, renderable: RenderableType, options: ConsoleOptions | None = None) -> Iterable[Segment]:
+        for segment in super().render(renderable, options):
+            if segment.control is None and UNSAFE.search(segment.text):
+                yield Segment(printable(segment.text), segment.style)
+            else:
+                yield segment
 
 
 STATUS_STYLE = {"pending": ("·", "dim"), "recruiting": ("◌", "cyan"), "running": ("▶", "yellow"),
@@ -292,7 +307,7 @@ class LogView(EventHandler[str]):
         """An event listener."""
         line = self.handle(event)
         if line:
-            line = f"[{self.clock() - self.started:6.1f}s] {line}\n"
+            line = f"[{self.clock() - self.started:6.1f}s] {printable(line)}\n"
             if self._held is not None:
                 self._held.append(line)
             else:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from helpers import KEYWORDS_MARK
 from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli
 
@@ -149,3 +150,42 @@ def test_trace_after_ctrl_c_without_a_store_shows_the_cancelled_task(loopback, t
     child.expect("> ")
     child.sendline("/quit")
     child.expect(pexpect.EOF)
+
+
+def test_control_characters_from_a_task_or_a_model_never_reach_the_terminal(loopback, tmp_path: Path) -> None:
+    """An answer, a task (a client of `serve` writes it) or an endpoint's error holding an escape
+    sequence was written as it is by ask, runs, show, the log lines and the error line: a remote
+    party could recolour, retitle or clear the terminal. Each is shown as its escape instead."""
+    import json
+
+    hostile = "red \x1b[31mRED\x1b[0m \x1b]0;title\x07 nul \x00 rtl \u202eLTR"
+    refuse = [False]
+
+    def text(request) -> str | Reply:
+        if refuse[0]:
+            return Reply(status=400, body={"error": {"message": "bad request \x1b[2J"}})
+        if KEYWORDS_MARK in request.prompt:
+            return json.dumps({"keywords": ["general"]})
+        return f"The answer: {hostile}"
+
+    from orchestra.testing import chat_handler
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    asked = cli("ask", "-", "--pool", str(pool), "--no-plan", "--verbose", stdin=f"Task {hostile}")
+    assert asked.returncode == 0, asked.stderr
+    run_id = json.loads(cli("runs", "--json").stdout)[0]["id"]
+    shown = [asked.stdout, asked.stderr, cli("runs").stdout, cli("show", run_id).stdout]
+    refuse[0] = True
+    failed = cli("ask", "Another task", "--pool", str(pool), "--no-plan")
+    assert failed.returncode != 0
+    refused = cli("ask", "x", "--pool", str(pool), "--set", "mode=\x1b[2J")  # (an error line of the command line)
+    assert refused.returncode == 2 and "\\x1b[2J" in refused.stderr
+    for output in [*shown, failed.stderr, refused.stderr]:
+        assert not any(c in output for c in "\x1b\x00\u202e"), output
+    assert "red \\x1b[31mRED\\x1b[0m" in asked.stdout and "\\u202eLTR" in asked.stdout
+    assert "Task red \\x1b[31mRED" in asked.stderr  # (the log lines)
+    assert "red \\x1b[31mRED" in shown[2] and "red \\x1b[31mRED" in shown[3]
+    assert "bad request \\x1b[2J" in failed.stderr
+    # --json keeps the text as it is
+    assert json.loads(cli("show", run_id, "--json").stdout)["run"]["answer"] == f"The answer: {hostile}"

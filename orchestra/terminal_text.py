@@ -1,0 +1,17 @@
+"""Text made safe to show on a terminal: what a model or a client wrote is never a terminal command."""
+
+from __future__ import annotations
+
+import re
+
+#: control characters (the escape that starts a terminal command, NUL, DEL, C1) and the bidirectional
+#: overrides that make a line read other than it is (a carriage return too: it would write over
+#: the line); tab and newline are kept
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character written as its escape (``\\x1b``): a task sent to
+    ``serve`` or a model's answer could otherwise recolour, retitle or rewrite the terminal that
+    shows it. (``--json`` keeps the text as it is.)"""
+    return UNSAFE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
