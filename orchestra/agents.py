@@ -16,7 +16,7 @@ from orchestra.models import ChatRequest, Model
 from orchestra.models.base import model_identity
 from orchestra.models.config import ModelSpec, build_models
 from orchestra.models.pricing import FREE
-from orchestra.profile import SkillProfile, load_profiles, model_id
+from orchestra.profile import SkillProfile, load_profiles, model_id, stale_profiles
 from orchestra.recruit import (
     DEFAULT_AGGREGATION_TOKENS,
     DEFAULT_ANSWER_TOKENS,
@@ -246,14 +246,15 @@ class Pool:
         return self[choose_aggregator(self.profiles, table.competence, self.names, configured or self.aggregator)]
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> Pool:
-        """Read a pool file (the embedded default pool when ``path`` is None)."""
+    def load(cls, path: str | Path | None = None, *, profiles: bool = True) -> Pool:
+        """Read a pool file (the embedded default pool when ``path`` is None); ``profiles=False``
+        leaves its profiles unread (``orchestra profile`` measures them anew)."""
         file = Path(path) if path is not None else default_pool_path()
-        return cls.from_document(read_yaml(file), base=file.parent, source=file)
+        return cls.from_document(read_yaml(file), base=file.parent, source=file, profiles=profiles)
 
     @classmethod
     def from_document(cls, document: YamlDocument, *, loc: tuple[Any, ...] = (), base: Path,
-                      source: Path | None = None) -> Pool:
+                      source: Path | None = None, profiles: bool = True) -> Pool:
         """Build a pool from the pool data at ``loc`` of a YAML file (a pool file, or a workflow's inline pool)."""
         spec = document.validate(PoolFile, loc)
         _check_references(spec, document, loc)
@@ -267,13 +268,15 @@ class Pool:
                 max_tokens=agent.max_tokens or spec.defaults.max_tokens,
                 skills=tuple(agent.skills), description=agent.description))
         profiles_dir = (base / spec.profiles) if spec.profiles else None
-        profiles = load_profiles(profiles_dir) if profiles_dir else {}
-        unknown = sorted(set(profiles) - {a.name for a in agents})
-        if unknown:
-            raise document.error(f"profiles for unknown agent(s) {', '.join(unknown)} in {profiles_dir}",
+        measured = load_profiles(profiles_dir) if profiles_dir and profiles else {}
+        if set(measured) - {a.name for a in agents}:
+            assert profiles_dir is not None
+            raise document.error(f"{profiles_dir} holds profiles of agents the pool does not have: "
+                                 f"{stale_profiles(profiles_dir, (a.name for a in agents))}; move those files out "
+                                 "of the folder (an agent removed or renamed since it was profiled)",
                                  (*loc, "profiles"))
         name = spec.name or (source.stem if source else "pool")
-        return cls(agents=agents, profiles=profiles,
+        return cls(agents=agents, profiles=measured,
                    planner=models[spec.planner] if spec.planner else None,
                    keyword_model=models[spec.keywords] if spec.keywords else None,
                    aggregator=spec.aggregator, name=name, profiles_dir=profiles_dir,

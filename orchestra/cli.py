@@ -539,13 +539,14 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     from orchestra.agents import Pool
     from orchestra.datasets import load_dataset
     from orchestra.errors import ProfilingIncomplete
+    from orchestra.profile import stale_profiles
     from orchestra.profiling import aprofile, save_profiles
     from orchestra.store import RunStore
     from orchestra.view import terminal
 
     if resume and no_store:
         raise ConfigError("--resume reuses the answers recorded in the run store; drop --no-store")
-    loaded = Pool.load(pool)
+    loaded = Pool.load(pool, profiles=False)  # (measured anew: one of an agent since removed stops nothing)
     loaded.check_credentials()
     dataset = load_dataset(data)
     target = (out or loaded.profiles_dir or Path("skills/profiles") / loaded.name).resolve()
@@ -586,6 +587,10 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     except OSError as error:
         fail(f"cannot write the profiles to {target}: {error.strerror or error}"
              + ("" if answers is None else "; every answer is saved: --resume writes them without a call"))
+    stale = stale_profiles(target, loaded.names)
+    if stale:  # the pool would not load with them there
+        click.echo(f"note: {target} also holds profiles of agents {pool} does not have: {stale}; move those files "
+                   "out of the folder", err=True)
     if loaded.profiles_dir is None or loaded.profiles_dir.resolve() != target:  # (profiles nobody would read)
         click.echo(f"note: {pool} reads its profiles from {loaded.profiles_dir or 'nowhere (it has no profiles: line)'}"
                    f"; to recruit by these, set `profiles: {target}` in it", err=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
@@ -123,18 +123,31 @@ class SkillProfile(BaseModel):
 def load_profiles(directory: str | Path) -> dict[str, SkillProfile]:
     """Every ``*.json`` profile in ``directory`` by agent name (empty when the folder is absent); two
     files that profile one agent are refused (which one counts would depend on their names)."""
+    return {agent: profile for agent, (profile, _) in profile_files(directory).items()}
+
+
+def profile_files(directory: str | Path) -> dict[str, tuple[SkillProfile, Path]]:
+    """``load_profiles`` with the file each profile was read from."""
     folder = Path(directory)
     if not folder.is_dir():
         return {}
-    profiles: dict[str, SkillProfile] = {}
-    files: dict[str, Path] = {}
+    found: dict[str, tuple[SkillProfile, Path]] = {}
     for path in sorted(folder.glob("*.json")):
         profile = SkillProfile.load(path)
-        if profile.agent in files:
-            raise ConfigError(f"{files[profile.agent].name} and {path.name} both profile agent {profile.agent!r}; "
+        if profile.agent in found:
+            raise ConfigError(f"{found[profile.agent][1].name} and {path.name} both profile agent {profile.agent!r}; "
                               "keep one (move the other out of the folder)", path=str(folder))
-        profiles[profile.agent], files[profile.agent] = profile, path
-    return profiles
+        found[profile.agent] = (profile, path)
+    return found
+
+
+def stale_profiles(directory: str | Path, agents: Iterable[str]) -> str | None:
+    """Which profile files in ``directory`` profile no agent of ``agents`` (one removed or renamed
+    since it was profiled), as ``writer.json (agent 'writer')``, or None."""
+    names = set(agents)
+    stale = [f"{path.name} (agent {agent!r})" for agent, (_, path) in profile_files(directory).items()
+             if agent not in names]
+    return ", ".join(stale) or None
 
 
 def model_id(model: object) -> str:

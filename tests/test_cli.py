@@ -320,6 +320,30 @@ def test_profile_refuses_before_any_call_what_could_not_finish(llm, tmp_path: Pa
     assert not llm.server.requests
 
 
+def test_a_pool_with_the_profile_of_a_removed_agent_says_which_file_and_can_be_profiled_again(
+        llm, tmp_path: Path) -> None:
+    """(Removing a profiled agent made the pool unloadable, `orchestra profile` too, with a message
+    that did not say which file to move.)"""
+    pool = write_pool(tmp_path, llm.server.url, extra="profiles: profiles\n")
+    data = tmp_path / "val.jsonl"
+    data.write_text(json.dumps({"id": "q1", "question": "What is 1 + 0?", "answer": "1"}) + "\n")
+    assert cli("profile", "--pool", str(pool), "--data", str(data)).returncode == 0
+    text = pool.read_text()
+    pool.write_text(text[:text.index("\n  - name: gamma-expert")] + text[text.index("\nprofiles:"):])
+    listed = cli("agents", "--pool", str(pool))
+    assert listed.returncode == 2
+    assert listed.stderr.strip().endswith(
+        f"{tmp_path / 'profiles'} holds profiles of agents the pool does not have: gamma-expert.json (agent "
+        "'gamma-expert'); move those files out of the folder (an agent removed or renamed since it was profiled)")
+    again = cli("profile", "--pool", str(pool), "--data", str(data))
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"note: {tmp_path / 'profiles'} also holds profiles of agents {pool} does not have: gamma-expert.json (agent "
+        "'gamma-expert'); move those files out of the folder")
+    (tmp_path / "profiles" / "gamma-expert.json").unlink()
+    assert cli("agents", "--pool", str(pool)).returncode == 0
+
+
 def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
     def expert(model: str, assignment: str) -> str:
         good = {"alpha": "history", "beta": "arithmetic", "gamma": "writing"}[model]
