@@ -917,6 +917,8 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
     from orchestra.inspect import export_jsonl, run_report, show_run
     from orchestra.view import terminal
 
+    if export and as_json:
+        raise click.UsageError("--export jsonl and --json are two formats; give one")
     store = existing_store(store_path)
     if export == "jsonl":
         for line in export_jsonl(store, run_id):
@@ -1005,8 +1007,10 @@ def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, pres
     api_key = None
     if api_key_env is not None:
         api_key = os.environ.get(api_key_env, "").strip()
-        if not api_key:
-            raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set")
+        if not api_key:  # (an empty key would let any client in with an empty bearer token)
+            state = "is not set" if api_key_env not in os.environ else "is empty"
+            raise ConfigError(f"--api-key-env {api_key_env}: that environment variable {state}; set it to the key "
+                              "clients must send")
     limits = (total_max_calls, total_max_cost, total_max_tokens)
     budget = (Budget(max_calls=total_max_calls, max_cost_usd=total_max_cost, max_tokens=total_max_tokens)
               if any(limit is not None for limit in limits) else None)

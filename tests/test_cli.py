@@ -344,6 +344,11 @@ def test_a_pool_with_the_profile_of_a_removed_agent_says_which_file_and_can_be_p
     assert cli("agents", "--pool", str(pool)).returncode == 0
 
 
+def test_show_refuses_two_formats_at_once(tmp_path: Path) -> None:
+    done = cli("show", "some-run", "--export", "jsonl", "--json")  # (--json was silently ignored)
+    assert done.returncode == 2 and "--export jsonl and --json are two formats; give one" in done.stderr
+
+
 def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
     def expert(model: str, assignment: str) -> str:
         good = {"alpha": "history", "beta": "arithmetic", "gamma": "writing"}[model]

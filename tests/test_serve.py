@@ -679,7 +679,12 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
 def test_the_command_refuses_a_missing_key_variable_and_a_clashing_preset(tmp_path: Path) -> None:
     missing = ServeProcess("--api-key-env", "ORCH_UNSET_VARIABLE")
     code, err = missing.stop()
-    assert code == 2 and err.strip() == "error: --api-key-env ORCH_UNSET_VARIABLE: that environment variable is not set"
+    assert code == 2 and err.strip() == ("error: --api-key-env ORCH_UNSET_VARIABLE: that environment variable is not "
+                                         "set; set it to the key clients must send")
+    empty = ServeProcess("--api-key-env", "ORCH_EMPTY_VARIABLE", env={"ORCH_EMPTY_VARIABLE": " "})
+    code, err = empty.stop()
+    assert code == 2 and err.strip() == ("error: --api-key-env ORCH_EMPTY_VARIABLE: that environment variable is "
+                                         "empty; set it to the key clients must send")
     presets = tmp_path / "presets.yaml"
     presets.write_text("orchestra: {k: 2}\n")
     clash = ServeProcess("--presets", str(presets), "--no-store")
