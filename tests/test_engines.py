@@ -57,6 +57,49 @@ def test_llama_load_unload_and_grammar_constrained_json(smollm2: LlamaCpp) -> No
     assert not smollm2.loaded
 
 
+def _generating() -> bool:
+    """Whether a thread of this process is inside a llama.cpp generation now."""
+    return any(frame.f_code.co_name == "_chat" and "llamacpp" in frame.f_code.co_filename
+               for top in sys._current_frames().values() for frame in _stack(top))
+
+
+def _stack(frame: Any) -> list[Any]:
+    frames = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
+
+
+@pytest.mark.llama
+def test_a_cancelled_generation_stops_and_frees_the_engine(smollm2: LlamaCpp) -> None:
+    """A call cancelled mid-generation (a `serve` client gone, Ctrl-C) let its worker thread
+    generate on for minutes: the next request waited behind it, on the same llama.cpp context, and
+    its tokens reached the cancelled run's record later. It now ends at the next token, and the
+    cancellation returns only once the engine is free."""
+    # (an answer the grammar makes long: 300 numbers, well over a second on any CPU)
+    long = ChatRequest.user("List numbers.", max_tokens=3000, temperature=0.0, output={
+        "type": "object", "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 300}},
+        "required": ["n"]})
+
+    async def main() -> str:
+        generation = asyncio.ensure_future(smollm2.complete([long]))
+        while not _generating():
+            await asyncio.sleep(0.01)
+        generation.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await generation
+        assert not _generating()  # (it was still generating its 300 numbers)
+        # and it ended where it was: the context holds the prompt and a few tokens, not the 600-odd
+        # tokens of 300 numbers that a generation left to run (or awaited to its end) holds
+        assert smollm2._llama.n_tokens < 300
+        [after] = await smollm2.complete([ChatRequest.user("Say hi.", max_tokens=5, temperature=0.0)])
+        return after.text
+
+    with allow_model_requests():
+        assert asyncio.run(main())  # the engine answers the next call as usual
+
+
 @pytest.mark.llama
 def test_main_job_end_to_end_on_llama() -> None:
     events: list[Event] = []

