@@ -38,7 +38,7 @@ from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader
 from orchestra.matching import MatcherSpec, SkillMatcher, matcher_spec
-from orchestra.pipeline.scheduler import NodeSettings, Outputs, Run, Stages
+from orchestra.pipeline.scheduler import CANCELLED_BY_USER, NodeSettings, Outputs, Run, Stages
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
@@ -692,19 +692,22 @@ class Orchestra:
     async def _settle(self, run: Run) -> RunResult:
         try:
             result = await run.start()
-        except BaseException:  # cancelled by the caller, or a bug: stop the run's other work, keep its record
-            run.cancel()
-            self._record_cancelled(run)
+        except BaseException as error:  # cancelled by the caller, or a bug: stop the run's other work, keep its record
+            said = error.args[0] if isinstance(error, asyncio.CancelledError) and error.args else None
+            reason = said if isinstance(said, str) and said else None  # (task.cancel("why"), as serve says it)
+            run.cancel(reason or CANCELLED_BY_USER)
+            self._record_cancelled(run, reason)
             raise
         self._record(result)
         return result
 
-    def _record_cancelled(self, run: Run) -> RunResult:
-        """Record a run stopped before it finished, and again whenever a request it had in flight is
-        cut off later (the loop cancels those after the run's own tasks): its record counts what the
-        endpoints received. Returns the result first recorded."""
+    def _record_cancelled(self, run: Run, reason: str | None = None) -> RunResult:
+        """Record a run stopped before it finished (``reason``: why, where its canceller said), and
+        again whenever a request it had in flight is cut off later (the loop cancels those after the
+        run's own tasks): its record counts what the endpoints received. Returns the result first
+        recorded."""
         def record() -> RunResult:
-            result = run.result("cancelled", None, "stopped before it finished")
+            result = run.result("cancelled", None, reason or "stopped before it finished")
             self._record(result)
             return result
 

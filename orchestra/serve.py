@@ -137,10 +137,10 @@ class Server:
         try:  # the status line waits for the answer's first text (or the whole run), so a failure has its status
             gone = await _wait(run, request, feed.first if feed is not None else None)
         except asyncio.CancelledError:  # the server stops: the run is recorded as cancelled
-            await _stop(run)
+            await _stop(run, SHUTTING_DOWN)
             raise
         if gone:  # the client went away: nobody reads the answer
-            await _stop(run)
+            await _stop(run, CLIENT_GONE)
             return Response(status_code=499)
         if run.done():
             if run.cancelled():
@@ -291,7 +291,7 @@ class Server:
                     yield chunk
             finally:
                 if not run.done():  # the client went away mid-stream
-                    await _stop(run)
+                    await _stop(run, CLIENT_GONE)
 
         return StreamingResponse(chunks(), media_type="text/event-stream",
                                  headers={RUN_HEADER: run_id, "cache-control": "no-cache"})
@@ -301,14 +301,14 @@ class Server:
         clients get a 503 naming the run."""
         self.closing = True
         for run in list(self.runs):
-            run.cancel()
+            run.cancel(SHUTTING_DOWN)
 
     async def shutdown(self) -> None:
         """Refuse new requests, cancel the runs still in flight (each is recorded as cancelled, so
         it stays resumable), and close the orchestra's models and connections."""
         self.closing = True
         for run in list(self.runs):
-            await _stop(run)
+            await _stop(run, SHUTTING_DOWN)
         await self.orchestra.aclose()
 
 
@@ -389,9 +389,14 @@ async def _feed_until(run: asyncio.Task[RunResult], feed: Feed) -> AsyncIterator
         yield feed.items.get_nowait()
 
 
-async def _stop(run: asyncio.Task[RunResult]) -> None:
-    """Cancel a run and wait until it has recorded itself as cancelled."""
-    run.cancel()
+#: why ``serve`` cancels a run (recorded as its error, and its nodes')
+CLIENT_GONE = "cancelled: the client disconnected"
+SHUTTING_DOWN = "cancelled: the server is shutting down"
+
+
+async def _stop(run: asyncio.Task[RunResult], reason: str) -> None:
+    """Cancel a run and wait until it has recorded itself as cancelled, with ``reason``."""
+    run.cancel(reason)
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await run
 

@@ -646,7 +646,8 @@ def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(l
     [answer] = answers
     run_id = answer.headers[RUN_HEADER]
     assert answer.status_code == 503 and f"cancelled run {run_id}" in answer.json()["error"]["message"]
-    assert RunStore(tmp_path / "runs.db").run(run_id).status == "cancelled"
+    stopped = RunStore(tmp_path / "runs.db").run(run_id)
+    assert (stopped.status, stopped.error) == ("cancelled", "cancelled: the server is shutting down")
     experts.release.set()
 
 
@@ -748,4 +749,7 @@ def test_a_client_that_disconnects_cancels_its_run(serve: Any, tmp_path: Path) -
         threading.Event().wait(0.01)
     experts.release.set()
     assert runs[0].status == "cancelled"
+    # (it read "cancelled by the user", the Ctrl-C words, as if the operator had stopped it)
+    assert runs[0].error == "cancelled: the client disconnected"
+    assert {node["error"] for node in store.nodes(runs[0].id)} == {"cancelled: the client disconnected"}
     assert httpx.get(running.url + "/health").json()["runs_in_flight"] == 0

@@ -167,6 +167,10 @@ def node_seed(seed: int, task: str, node_id: str) -> int:
     return zlib.crc32(f"{seed}:{node_id}:{task}".encode())
 
 
+#: why a run was cancelled, unless whoever cancelled it said (``task.cancel("the client disconnected")``)
+CANCELLED_BY_USER = "cancelled by the user"
+
+
 class Run:
     """Drives one task. Its coroutines run as managed tasks of the shared executor.
 
@@ -239,17 +243,17 @@ class Run:
             self._spawn(self._begin())
         return self.future
 
-    def cancel(self) -> None:
-        """Stop the run: cancel its tasks and finish with status ``cancelled``; the nodes it was
-        working on fail with that reason (they are not left reading as running)."""
+    def cancel(self, reason: str = CANCELLED_BY_USER) -> None:
+        """Stop the run: cancel its tasks and finish with status ``cancelled`` and ``reason``; the
+        nodes it was working on fail with that reason (they are not left reading as running)."""
         for task in list(self.tasks):
             task.cancel()
         # told even when the caller's cancelled await has ended the run's future (the store's nodes agree)
         for trace in self.traces.values():
             if trace.status in ("recruiting", "running", "aggregating"):
-                trace.status, trace.error = "failed", "cancelled by the user"
+                trace.status, trace.error = "failed", reason
                 self.stages.events.emit(NodeFailed(run_id=self.run_id, node=trace.id, error=trace.error))
-        self._finish("cancelled", None, "cancelled by the user")
+        self._finish("cancelled", None, reason)
 
     def caller(self, purpose: str, node: str | None = None) -> Callable[
             [Sequence[tuple[Model, ChatRequest]]], Coroutine[Any, Any, list[ChatResult | Exception]]]:
