@@ -10,7 +10,9 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import AGGREGATE_MARK, KEYWORDS_MARK, wait_for
@@ -205,6 +207,25 @@ def test_runs_show_and_export(llm, tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
 
 
+def gamma_gated(loopback: Any, tmp_path: Path, reply: Reply,
+                expert: Callable[[str], str]) -> tuple[Any, Path, Path, list[bool]]:
+    """A loopback server whose model gamma answers its expert calls with ``reply`` while the gate
+    (the list returned, ``[True]``) is shut, a pool of three models on it, and three questions."""
+    gate = [True]
+    scripted = ScriptedLLM(expert=lambda model, assignment: expert(model))
+
+    def text(request: LoopbackRequest) -> str | Reply:
+        if gate[0] and (request.json() or {}).get("model") == "gamma" and KEYWORDS_MARK not in request.prompt:
+            return reply
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} minus {i - 1}?", "answer": "1"}) + "\n"
+                            for i in range(3)))
+    return server, write_pool(tmp_path, server.url), data, gate
+
+
 def test_an_interrupted_profile_goes_on_with_resume_sending_only_what_it_had_not(loopback, tmp_path: Path) -> None:
     """Ctrl-C of a profile (it writes its profiles only at the end) lost every answer and said
     "finished calls are saved: `orchestra runs` lists the runs to resume": there was no such run.
@@ -212,19 +233,9 @@ def test_an_interrupted_profile_goes_on_with_resume_sending_only_what_it_had_not
     counted at the server, and the profiles are those of an uninterrupted profile."""
     import signal
 
-    hang = [True]
-    scripted = ScriptedLLM(expert=lambda model, assignment: "The answer is 1" if model == "alpha" else "The answer is 2")
-
-    def text(request: LoopbackRequest) -> str | Reply:
-        if hang[0] and (request.json() or {}).get("model") == "gamma" and KEYWORDS_MARK not in request.prompt:
-            return Reply(hang=True)  # gamma's answers never come: the profile is stopped there
-        return scripted.text(request)
-
-    server = loopback(chat_handler(text))
-    pool = write_pool(tmp_path, server.url)
-    data = tmp_path / "val.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} minus {i - 1}?", "answer": "1"}) + "\n"
-                            for i in range(3)))
+    # gamma's answers never come: the profile is stopped there
+    server, pool, data, hang = gamma_gated(loopback, tmp_path, Reply(hang=True),
+                                           lambda model: "The answer is 1" if model == "alpha" else "The answer is 2")
     argv = [sys.executable, "-m", "orchestra", "profile", "--pool", str(pool), "--data", str(data), "--json"]
     env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}
     child = subprocess.Popen([*argv, "--out", str(tmp_path / "stopped")], stdout=subprocess.PIPE,
@@ -262,19 +273,8 @@ def test_a_profile_whose_calls_fail_writes_nothing_and_resume_finishes_it(loopba
     """An endpoint that refused every call was profiled as always wrong (accuracy 0.0, exit 0), over
     the good profiles there: a question not answered is not a wrong answer. Now nothing is written,
     the exit code is the failure's, and --resume sends only the calls not answered."""
-    refuse = [True]
-    scripted = ScriptedLLM(expert=lambda model, assignment: "The answer is 1")
-
-    def text(request: LoopbackRequest) -> str | Reply:
-        if refuse[0] and (request.json() or {}).get("model") == "gamma":
-            return error_reply(401, "bad key")
-        return scripted.text(request)
-
-    server = loopback(chat_handler(text))
-    pool = write_pool(tmp_path, server.url)
-    data = tmp_path / "val.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} minus {i - 1}?", "answer": "1"}) + "\n"
-                            for i in range(3)))
+    server, pool, data, refuse = gamma_gated(loopback, tmp_path, error_reply(401, "bad key"),
+                                             lambda model: "The answer is 1")
     out = tmp_path / "profiles"
     out.mkdir()
     (out / "gamma-expert.json").write_text("the profile measured before")
