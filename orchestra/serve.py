@@ -231,6 +231,10 @@ class Server:
         """Begin the request's run (settings checked first: a bad one is a 400 before any call);
         a streaming request's ``feed`` gets its progress and its answer's text as they come."""
         options: dict[str, Any] = {}
+        team = sorted(set(completion.settings) - {"seed"})
+        if served.agent is not None and team:  # (they were accepted, and changed nothing)
+            raise bad_request(f"{team[0]!r} does not apply to the model {completion.model!r}: that agent answers "
+                              "alone, in one call; ask the model 'orchestra' (or a preset) for a team", team[0])
         if served.agent is not None:  # that agent answers alone; pinned, so a resume keeps it
             options = {"experts": {"answer": [served.agent]},
                        "node_settings": {"answer": NodeSettings(agent=served.agent)}}

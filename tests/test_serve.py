@@ -320,8 +320,14 @@ def test_models_presets_and_agents(serve: Any) -> None:
     listing = httpx.get(running.url + "/v1/models").text
     assert "127.0.0.1:" not in listing and "base_url" not in listing  # nothing about the endpoints
     question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
-    client.chat.completions.create(model="beta", messages=question)
+    client.chat.completions.create(model="beta", messages=question, extra_body={"seed": 3})
     assert dict(experts.requests) == {("beta", "expert"): 1}  # the agent alone: no keywords, no aggregator
+    with pytest.raises(openai.BadRequestError) as team:  # (accepted, and silently changed nothing)
+        client.chat.completions.create(model="beta", messages=question, extra_body={"k": 5})
+    assert team.value.body["param"] == "k" and team.value.body["message"] == (
+        "'k' does not apply to the model 'beta': that agent answers alone, in one call; ask the model 'orchestra' "
+        "(or a preset) for a team")
+    assert dict(experts.requests) == {("beta", "expert"): 1}  # refused before any call
     experts.requests.clear()
     voted = client.chat.completions.create(model="vote", messages=question)
     assert experts.count("aggregate") == {} and sum(experts.count("expert").values()) == 3
