@@ -106,6 +106,10 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
     ``merge_similarity`` (1 merges nothing). ``cache`` records every answer as it comes, and
     answers an identical call again (the requests are made the same way each time: ``RunStore.cache``
     with a namespace of its own lets an interrupted profile go on).
+
+    Raises ``ProfilingIncomplete`` after a stage in which a call failed (an unanswered question is
+    not a wrong answer), and ``ConfigError`` before any call for a grader that could never grade an
+    item correct.
     """
     grade = get_grader(grader)
     check_grader(grade, dataset.items, dataset.path)
@@ -266,16 +270,22 @@ class AggregationResult:
     @classmethod
     def from_grades(cls, grades: Sequence[bool], keywords: Sequence[Sequence[str]],
                     tokens: tuple[float, float] | None = None) -> AggregationResult:
-        """Accuracy p over n graded items, its standard error sqrt(p(1-p)/n), and (correct, items) per keyword."""
+        """Accuracy p over n graded items, its standard error, and (correct, items) per keyword.
+
+        The error is Agresti-Coull's, ``sqrt(q(1-q)/(n+4))`` with ``q = (correct+2)/(n+4)``: the plain
+        ``sqrt(p(1-p)/n)`` is 0 for a perfect (or null) score, so one lucky item read as certain
+        (``1.00 ±0.00``) and won the aggregator's choice over a long, strong record; this one is
+        0.22 there, and near ``sqrt(p(1-p)/n)`` once n is large."""
         n = len(grades)
         p = sum(grades) / n
+        q = (sum(grades) + 2) / (n + 4)
         per_skill: dict[str, list[int]] = {}
         for ok, words in zip(grades, keywords):
             for word in dict.fromkeys(words):
                 counts = per_skill.setdefault(word, [0, 0])
                 counts[0] += ok
                 counts[1] += 1
-        return cls(score=p, items=n, stderr=math.sqrt(p * (1 - p) / n),
+        return cls(score=p, items=n, stderr=math.sqrt(q * (1 - q) / (n + 4)),
                    skills={word: (c, t) for word, (c, t) in per_skill.items()}, tokens=tokens)
 
 

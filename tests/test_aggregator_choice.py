@@ -18,7 +18,7 @@ from orchestra.errors import ConfigError
 from orchestra.matching import Match
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.profile import Provenance, SkillProfile
-from orchestra.profiling import build_profiles
+from orchestra.profiling import AggregationResult, build_profiles
 from orchestra.recruit import RecruitConfig, Recruiter, SkillTable, choose_aggregator, node_aggregator
 from orchestra.settings import RunSpec, Settings
 from orchestra.testing.simulation import simulated_pool
@@ -49,7 +49,9 @@ def test_profiling_uses_every_usable_item_and_records_count_and_stderr() -> None
     for prof in report.profiles.values():
         p = prof.aggregation_score
         assert prof.aggregation_items == len(usable)
-        assert prof.aggregation_stderr == pytest.approx(math.sqrt(p * (1 - p) / len(usable)))
+        n = len(usable)
+        q = (p * n + 2) / (n + 4)  # (Agresti-Coull)
+        assert prof.aggregation_stderr == pytest.approx(math.sqrt(q * (1 - q) / (n + 4)))
         # the same benchmark per keyword: each item counted once under each of its keywords
         assert sum(n for _, n in prof.aggregation_skills.values()) == keyword_items
         assert all(0 <= c <= n for c, n in prof.aggregation_skills.values())
@@ -61,9 +63,24 @@ def test_an_explicit_limit_still_caps_the_benchmark() -> None:
     assert report.aggregation_items == 7
     for prof in report.profiles.values():
         p = prof.aggregation_score
-        assert prof.aggregation_items == 7 and prof.aggregation_stderr == pytest.approx(math.sqrt(p * (1 - p) / 7))
+        q = (p * 7 + 2) / 11
+        assert prof.aggregation_items == 7 and prof.aggregation_stderr == pytest.approx(math.sqrt(q * (1 - q) / 11))
     none = build_profiles(sim.pool(), sim.items(4), seed=1, aggregation_items=0)
     assert all(p.aggregation_score is None and p.aggregation_items is None for p in none.profiles.values())
+
+
+def test_one_lucky_benchmark_item_does_not_outweigh_a_long_strong_record() -> None:
+    """A 1-item benchmark answered right read ``1.00 ±0.00`` and won the choice over 34 of 40 with
+    a higher γ: its error is now that of one item (0.22), so the two are a near-tie γ breaks."""
+    lucky = AggregationResult.from_grades([True], [["x"]])
+    strong = AggregationResult.from_grades([True] * 34 + [False] * 6, [["x"]] * 40)
+    assert lucky.stderr == pytest.approx(math.sqrt(0.6 * 0.4 / 5))  # 0.22
+    assert strong.stderr == pytest.approx(math.sqrt((36 / 44) * (8 / 44) / 44))  # near sqrt(p(1-p)/n) = 0.056
+    profiles = {name: SkillProfile(agent=name, skills={"x": 1}, accuracy=0.5, aggregation_score=result.score,
+                                   aggregation_items=result.items, aggregation_stderr=result.stderr,
+                                   provenance=PROVENANCE)
+                for name, result in (("lucky", lucky), ("strong", strong))}
+    assert choose_aggregator(profiles, {"lucky": 0.3, "strong": 0.7}, ["lucky", "strong"]) == "strong"
 
 
 def test_profiles_round_trip_and_old_files_without_the_new_fields_load(tmp_path: Path) -> None:
