@@ -78,3 +78,16 @@ def wait_for(child: subprocess.Popen[str], condition: Callable[[], bool], what: 
         threading.Event().wait(0.01)
     child.kill()
     raise AssertionError(f"waited two minutes for {what}")
+
+
+class Slots:
+    """A placement of ``count`` equal slots, one engine each; an engine is its own stand-in."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def engine(self, model: Any) -> Any:
+        return model
+
+    def fits(self, resident: Any, engine: Any) -> bool:
+        return len(resident) < self.count

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from helpers import kind_of, plan_json
+from helpers import Slots, kind_of, plan_json
 
 from orchestra import Agent, Orchestra, Pool
 from orchestra.errors import BadResponse
@@ -255,19 +255,6 @@ def test_dispatcher_drains_the_resident_model_before_loading_another() -> None:
     assert [m.batches for m in models] == [[3], [3], [3]]  # every queued call of a model in one batch
     assert order == ["load h0", "load h1"]  # h2 was resident: drained first, never reloaded
     assert models[2].unloads == 1 and models[0].unloads == 1 and models[1].loaded
-
-
-class Slots:
-    """A placement of ``count`` equal slots, one engine each; an engine is its own stand-in."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def engine(self, model: Any) -> Any:
-        return model
-
-    def fits(self, resident: Any, engine: Any) -> bool:
-        return len(resident) < self.count
 
 
 @pytest.mark.parametrize("slots", [1, 2])

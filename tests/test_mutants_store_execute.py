@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import scripted_pool
+from helpers import Slots, scripted_pool
 from pydantic import BaseModel
 
 from orchestra import Budget, Orchestra
@@ -631,19 +631,6 @@ def test_stopping_in_flight_work_spares_a_batch_another_run_still_waits_for() ->
     [outcome] = asyncio.run(main())
     assert model.batches == [2] and outcome.text == "answer to b"  # type: ignore[union-attr]
     assert going.failed_calls == 0
-
-
-class Slots:
-    """A placement of ``count`` equal slots, one engine each; an engine is its own stand-in."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def engine(self, model: Any) -> Any:
-        return model
-
-    def fits(self, resident: Any, engine: Any) -> bool:
-        return len(resident) < self.count
 
 
 def test_with_a_placement_a_resident_engines_group_holds_its_slot() -> None:
