@@ -222,15 +222,21 @@ class Workflow:
         """Refuse what would fail when ``source`` renders: bad syntax, unknown names, steps it may not
         read (``planned``: the steps are named by the planner at run time, so any may be read)."""
         document = self.document
+        jinja = environment()
         try:
-            tree = environment().parse(source)
+            tree = jinja.parse(source)
+            unknown = find_undeclared_variables(tree) - {"inputs", "steps"}  # (compiles it: an unknown filter)
         except TemplateSyntaxError as error:
             raise document.text_error(f"template syntax error: {error.message}", loc, error.lineno) from None
-        unknown = find_undeclared_variables(tree) - {"inputs", "steps"}
         if unknown:
             raise document.error(f"unknown template variable {sorted(unknown)[0]!r}; use inputs.<name> or "
                                  "steps.<id>.output", loc)
         owner = f"step {step_id!r}" if step_id else loc[0]
+        for test in tree.find_all(nodes.Test):  # (Jinja finds an unknown test only when it runs)
+            if test.name not in jinja.tests:
+                named = ", ".join(sorted(filter(str.isidentifier, jinja.tests)))
+                raise document.text_error(f"{owner} uses the unknown template test {test.name!r} (`is "
+                                          f"{test.name}`); tests: {named}", loc, test.lineno)
         for name, kind, line in _references(tree):
             if kind == "inputs" and name not in self.spec.inputs:
                 raise document.text_error(f"{owner} uses undeclared input {name!r}; declare it under inputs:",

@@ -74,6 +74,14 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
      "wf.yaml:16:13: step 'review' needs unknown step 'drafts'; steps: draft, review"),
     (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.output }"'),
      "wf.yaml:21:8: template syntax error: unexpected '}'"),
+    # a misspelt filter (found as the template compiles: it was a traceback) and test (Jinja finds one only
+    # when the test runs, after the steps before it were paid for)
+    (GOOD.replace("{{ inputs.topic }}", "{{ inputs.topic | uper }}"),
+     "wf.yaml:14:13: template syntax error: No filter named 'uper'."),
+    (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.output if steps is mapping and '
+                  'steps.review is defnied }}"'),
+     "wf.yaml:21:8: final uses the unknown template test 'defnied' (`is defnied`); tests: boolean, callable, "
+     "defined, "),
     (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 0}\n"),
      "wf.yaml:17:18: steps.review.recruit.k: Input should be greater than or equal to 1"),
     (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: integer, default: fifty}"),
