@@ -10,6 +10,7 @@ from orchestra.errors import BudgetExceeded
 from orchestra.models import ChatRequest, Usage
 from orchestra.models.pricing import Price
 from orchestra.models.types import estimate_tokens
+from orchestra.money import usd
 
 
 class Budget(BaseModel):
@@ -39,13 +40,6 @@ NOTHING = Reservation(0, 0.0)
 
 def _calls_made(calls: int) -> str:
     return f"{calls} call made" if calls == 1 else f"{calls} calls made"
-
-
-def usd(amount: float) -> str:
-    """Dollars in a budget message: four decimals, or as many as a smaller amount needs to show."""
-    if amount == 0 or amount >= 0.0001:
-        return f"${amount:.4f}"
-    return "$" + f"{amount:.10f}".rstrip("0")
 
 
 class BudgetTracker:

@@ -15,6 +15,7 @@ from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import OrchestraError
 from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message
+from orchestra.money import usd
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
 from orchestra.view import LiveView, LogView, print_result, summary_line
@@ -169,7 +170,7 @@ class ChatSession:
             last = spent[-1]
             self.console.print(f"planning: {last.calls} call{'s' * (last.calls != 1)} · "
                                f"{last.requests} request{'s' * (last.requests != 1)} · "
-                               f"{last.prompt_tokens + last.completion_tokens:,} tokens · ${last.cost_usd:.4f}",
+                               f"{last.prompt_tokens + last.completion_tokens:,} tokens · {usd(last.cost_usd)}",
                                style="dim", markup=False)
         return planned
 

@@ -14,6 +14,7 @@ import click
 
 from orchestra import __version__
 from orchestra.errors import ConfigError, OrchestraError
+from orchestra.money import usd
 from orchestra.vocabulary import METHOD_NAMES
 
 if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `runs` start fast
@@ -878,7 +879,7 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     for record in records:
         totals = store.run_totals(record.id)
         rows.append((record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
-                     str(totals["calls"]), str(totals["requests"]), f"${totals['cost_usd']:.4f}",
+                     str(totals["calls"]), str(totals["requests"]), usd(totals['cost_usd']),
                      (f"item {record.item} · " if record.item else "") + " ".join(record.task.split())[:60]))
     # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
     # the task gives way on a narrow terminal (a data-set item's id comes first, so it stays)

@@ -45,6 +45,7 @@ from orchestra.events import (
     UsageUpdated,
 )
 from orchestra.hints import run_error
+from orchestra.money import usd
 from orchestra.terminal_text import UNSAFE, printable
 
 if TYPE_CHECKING:
@@ -212,7 +213,7 @@ class RunState(EventHandler[None]):
         extra += f" · retries {self.retries}" if self.retries else ""
         extra += "".join(f" · {dropped}" for dropped in self.dropped)
         return (f"calls {self.calls} · requests {self.requests} · tokens {self.prompt_tokens:,} in / "
-                f"{self.completion_tokens:,} out · ${self.cost_usd:.4f}{extra} · {self.elapsed:.1f} s")
+                f"{self.completion_tokens:,} out · {usd(self.cost_usd)}{extra} · {self.elapsed:.1f} s")
 
 
 class LiveView(EventHandler[None]):
@@ -404,5 +405,5 @@ def summary_line(result: RunResult) -> str:
     """``run ID · status · calls · requests · tokens · cost · time``."""
     usage = result.usage
     return (f"run {result.run_id} · {result.status} · {usage.calls} calls · {usage.requests} requests · "
-            f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · ${usage.cost_usd:.4f} · "
+            f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd(usage.cost_usd)} · "
             f"{result.elapsed_s:.1f} s")

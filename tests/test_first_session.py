@@ -412,11 +412,14 @@ def test_a_binary_or_non_utf8_file_is_one_line(tmp_path: Path) -> None:
 
 def test_chat_shows_a_line_while_planning(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
+    pool.write_text(pool.read_text().replace("    timeout: 10", "    timeout: 10\n    prices: [0.15, 0.6]"))
     done = cli("chat", "--pool", str(pool), stdin="Write a short report, then check it\nr\nc\n/quit\n")
     assert done.returncode == 0 and done.stdout.index("planning…") < done.stdout.index("List the key facts")
-    # what each plan cost, as the endpoint counted it: the task was cancelled, so no run records it
+    # what each plan cost, as the endpoint counted it: the task was cancelled, so no run records it; a
+    # cheap model's millionths of a dollar show (four decimals read "$0.0000": free)
     planned = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("planning: ")]
     assert planned == ["planning: 1 call · 1 request · " + planned[0].split(" · ", 2)[2]] * 2
+    assert re.search(r" · \$0\.0000[1-9]\d*$", planned[0]), planned[0]
     assert len(llm.server.requests) == 2 and llm.kinds == {"plan": 2}
 
 
