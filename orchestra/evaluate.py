@@ -187,9 +187,10 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     given.update((k, v) for k, v in overrides.items() if v is not None)  # a given flag wins over the preset
     settings = orchestra.run_settings(given)
     mode, aggregate = settings.mode, settings.aggregate
-    name = method if method and (mode, aggregate) == (preset_mode, preset_aggregate) else next(
+    k = settings.k if fixed_k is not None else None  # (a preset that fixes k is another method with another k)
+    name = method if method and (mode, aggregate, k) == (preset_mode, preset_aggregate, fixed_k) else next(
         (m for m, preset_of_m in METHODS.items() if preset_of_m == (mode, aggregate, None)),
-        f"{mode} + {aggregate}")
+        f"{mode} + {aggregate}" + (f", k={k}" if k is not None else ""))
     items = dataset.items[:limit] if limit else dataset.items
     check_grader(orchestra.stages_for(settings).grader, items, dataset.path)  # (before any call is paid for)
     # the data set by its absolute path: a resume from another folder, or with ./data.jsonl, finds it

@@ -86,6 +86,12 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
     preset = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "moa", "--aggregate",
                             "vote", "--json").stdout)
     assert preset["method"] == "global + vote"
+    calls = scripted.kinds["expert"]
+    single = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "single", "--k", "3",
+                            "--json").stdout)  # single's one expert is its k: another k is another method
+    assert single["method"] == "global + none, k=3" and scripted.kinds["expert"] - calls == 3 * 3
+    alone = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "single", "--json").stdout)
+    assert alone["method"] == "single" and scripted.kinds["expert"] - calls == 3 * 3 + 3
 
 
 @pytest.mark.parametrize(("flag", "message"), [
