@@ -442,8 +442,9 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, resume: bool
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
         end_data_set(report, stored=orc.store is not None, evaluation=False)
         return
-    values = flow.resolve_inputs(given)
-    execute(orc, lambda run_id: arun_workflow(flow, values, orchestra=orc, run_id=run_id), opts)
+    flow.resolve_inputs(given)  # a missing or mistyped input: one line, before anything starts
+    # (the inputs as given: the run records which took their defaults, for a resume --reload)
+    execute(orc, lambda run_id: arun_workflow(flow, given, orchestra=orc, run_id=run_id), opts)
 
 
 @main.command()

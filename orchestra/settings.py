@@ -153,6 +153,8 @@ class WorkflowRef(BaseModel):
 
     path: str
     inputs: dict[str, Any] = {}
+    defaulted: list[str] = []
+    """The inputs that took the workflow's default (a resume that reads the file again takes its defaults now)."""
     source: str | None = None
     """The workflow file's text when the run began (None in records made before it was kept: the file is read)."""
 

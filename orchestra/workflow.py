@@ -285,6 +285,11 @@ class Workflow:
                 values[name] = None
         return values
 
+    def defaulted(self, given: Mapping[str, Any]) -> list[str]:
+        """The inputs ``resolve_inputs(given)`` takes from their declared defaults."""
+        return [name for name, declared in self.spec.inputs.items()
+                if given.get(name) is None and declared.default is not None]
+
     def task(self, inputs: Mapping[str, Any]) -> str:
         """The task text: the rendered ``task`` template, or the workflow's name and description."""
         if self.spec.task:

@@ -59,6 +59,7 @@ def run_arguments(workflow: Workflow, inputs: Mapping[str, Any]) -> tuple[str, d
     return workflow.task(values), {"plan": plan if plan is not None else True,
                                    "node_settings": workflow.node_settings(values), "final": workflow.final(values),
                                    "workflow": WorkflowRef(path=str(workflow.path.resolve()), inputs=values,
+                                                           defaulted=workflow.defaulted(inputs),
                                                            source=workflow.document.text)}
 
 

@@ -14,6 +14,7 @@ from test_cli import cli
 from orchestra import Agent, Orchestra, Pool
 from orchestra.errors import ConfigError
 from orchestra.models import ChatRequest, FunctionModel
+from orchestra.store import RunStore, default_store_path
 from orchestra.workflow import Workflow
 from orchestra.workflow_run import run_workflow
 
@@ -598,6 +599,29 @@ def test_resume_reload_finishes_a_run_with_the_template_fixed_since(loopback, tm
                 "--json")
     refused = cli("resume", json.loads(plain.stdout)["run_id"], "--reload")
     assert refused.returncode == 2 and "is not a workflow run; --reload reads a workflow file again" in refused.stderr
+
+
+def test_resume_reload_takes_an_inputs_default_changed_since_and_keeps_a_given_input(loopback, tmp_path: Path) -> None:
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    text = ("name: ratio\npool: pool.yaml\ninputs:\n  n: {type: integer, default: 0}\n  m: {type: integer, default: 0}\n"
+            "steps:\n  - id: a\n    agent: alpha-expert\n    prompt: Draft a note on tides\n  - id: b\n    needs: [a]\n"
+            "    agent: beta-expert\n    prompt: 'Ratio {{ 10 // inputs.n }} and {{ inputs.m }}'\n")
+    path = write(tmp_path, text)
+    failed = cli("run", str(path), "-i", "m=0", "--json")  # n takes its default, m is given (as the default is)
+    assert failed.returncode == 2 and "ZeroDivisionError" in failed.stderr, failed.stderr
+    run_id = json.loads(failed.stdout)["run_id"]
+    # the obvious fix, a default that cannot divide by zero: a resume that reads the file again takes it (the
+    # run kept the old default, and failed the same way for ever); what the user gave stays
+    path.write_text(text.replace("n: {type: integer, default: 0}", "n: {type: integer, default: 2}")
+                    .replace("m: {type: integer, default: 0}", "m: {type: integer, default: 7}"))
+    sent = len(server.requests)
+    fixed = cli("resume", run_id, "--reload", "--json")
+    assert fixed.returncode == 0 and json.loads(fixed.stdout)["status"] == "done", fixed.stderr
+    later = [r.prompt for r in server.requests[sent:]]
+    assert len(later) == 1 and "Your assignment: Ratio 5 and 0\n" in later[0]  # a's answer replayed
+    recorded = RunStore(default_store_path()).run(run_id).config["spec"]["workflow"]
+    assert (recorded["inputs"], recorded["defaulted"]) == ({"n": 2, "m": 0}, ["n"])
 
 
 @pytest.mark.parametrize("as_json", [False, True])
