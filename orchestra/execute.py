@@ -57,7 +57,7 @@ from orchestra.events import (
     UsageUpdated,
 )
 from orchestra.models import ChatRequest, ChatResult, HeavyModel, Model, Usage, is_heavy
-from orchestra.models.base import cancel_listener, downgrade_listener, model_identity, retry_listener
+from orchestra.models.base import cancel_listener, downgrade_listener, model_identity, retry_listener, still_wanted
 from orchestra.models.pricing import FREE
 
 Outcome = ChatResult | Exception
@@ -698,6 +698,15 @@ class Executor:
         token = retry_listener.set(self._on_retry)
         dropped = downgrade_listener.set(self._on_downgrade)
         cancelled = cancel_listener.set(partial(self._cancelled_in_flight, group))
+        unsent: set[int] = set()  # calls whose tasks stopped before their turn came: never sent
+
+        def wanted(index: int) -> bool:
+            if group[index].waiter.future.done():  # (done before all its calls are answered: cancelled)
+                unsent.add(index)
+                return False
+            return True
+
+        asked = still_wanted.set(wanted)
         pending = dict(enumerate(group))
         answered: list[tuple[_Call, Outcome]] = []  # answers of this turn of the loop, not yet committed
         flush: asyncio.Handle | None = None
@@ -713,6 +722,9 @@ class Executor:
         lost: tuple[list[_Call], EngineLost] | None = None
         try:
             async for index, outcome in model.complete_each([c.request for c in group]):
+                if index in unsent:  # nothing to record or count: its reservation is given back
+                    self._settle(pending.pop(index), None)
+                    continue
                 answered.append((pending.pop(index), outcome))
                 failed += isinstance(outcome, Exception)
                 if flush is None:
@@ -733,6 +745,7 @@ class Executor:
             retry_listener.reset(token)
             downgrade_listener.reset(dropped)
             cancel_listener.reset(cancelled)
+            still_wanted.reset(asked)
         self.events.emit(BatchFinished(batch=batch, model=model.name, size=len(group), failed=failed,
                                        seconds=time.perf_counter() - started))
         return lost
@@ -768,6 +781,8 @@ class Executor:
         if unwritten is not None:
             outcome = unwritten
         self._settle(call, paid)
+        if ledger.after_end is not None:  # its run was recorded as stopped before this answer came: again
+            ledger.after_end()
         if isinstance(outcome, Exception):
             ledger.failed_calls += 1
         elif ledger.cache is not None:

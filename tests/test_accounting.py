@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from test_cli import cli
 from orchestra import Agent, Budget, Orchestra, Pool
 from orchestra.execute import Executor, RunLedger
 from orchestra.matching import EmbeddingMatcher
-from orchestra.models import ChatRequest, FunctionModel
+from orchestra.models import ChatRequest, FunctionModel, OpenAICompatible
 from orchestra.store import RunStore
 from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply
 
@@ -94,6 +95,40 @@ def test_calls_and_requests_agree_with_what_the_endpoint_counted(loopback, tmp_p
     assert _totals(listed) == _totals(usage)
     text = cli("show", run_id).stdout
     assert f"calls 9 · requests {len(server.requests)} ·" in text
+
+
+def test_an_answer_that_comes_after_its_run_was_cancelled_is_counted_in_its_record(loopback, tmp_path: Path) -> None:
+    """A run cancelled while its expert's request was at the server: the request is not cut off (the
+    batch is the executor's), its answer comes later and is stored; the run's record counts it too."""
+    at_server, release = threading.Event(), threading.Event()
+
+    def answer(request: LoopbackRequest) -> str:
+        if KEYWORDS_MARK in request.prompt:
+            return '{"keywords": ["physics"]}'
+        at_server.set()
+        release.wait(10)
+        return "About 300,000 km per second."
+
+    server = loopback(chat_handler(answer))
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1")
+    orc = Orchestra(Pool(agents=[Agent(name="a", model=model)], planner=model), store=tmp_path / "runs.db", k=1)
+
+    async def main() -> tuple[int, int]:
+        run = asyncio.ensure_future(orc.arun("How fast is light?", plan=False, run_id="late-1"))
+        assert await asyncio.to_thread(at_server.wait, 10)
+        run.cancel()
+        with suppress(asyncio.CancelledError):
+            await run
+        before = orc.ended("late-1")
+        release.set()
+        await asyncio.gather(*list(orc.executor._in_flight), return_exceptions=True)  # the late answer is in
+        after = orc.ended("late-1")
+        assert before is not None and after is not None and after.status == "cancelled"
+        return before.usage.requests, after.usage.requests
+
+    assert asyncio.run(main()) == (5, 6) and len(server.requests) == 6  # (it stayed 5: the keyword calls)
+    totals = RunStore(tmp_path / "runs.db").run_totals("late-1")
+    assert (totals["calls"], totals["requests"]) == (6, 6)
 
 
 def test_a_failed_run_still_shows_its_calls_and_requests(loopback, tmp_path: Path) -> None:

@@ -242,6 +242,42 @@ def test_a_cancelled_heavy_call_loads_nothing_and_gives_its_budget_back() -> Non
     assert second.loads == 0 and second.batches == []
 
 
+def test_calls_whose_tasks_stopped_before_their_turn_are_never_sent(loopback) -> None:
+    """A batch waits on its endpoint's limit: calls whose tasks stop meanwhile (a loop left early, a
+    run cancelled) are dropped when their turn comes, not sent, and give their budget back."""
+    first_in, release = threading.Event(), threading.Event()
+
+    def answer(request: Any) -> str:
+        if "call 0" in request.prompt:
+            first_in.set()
+            release.wait(GUARD_S)
+        return "ok"
+
+    server = loopback(chat_handler(answer))
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1", max_concurrency=1)
+    executor = Executor()
+    ledger = RunLedger.create("r", Budget(max_calls=3, max_cost_usd=None, max_tokens=None))
+
+    async def main() -> list[str]:
+        tasks = [asyncio.ensure_future(executor.run_task(first_text(executor, ledger, model, f"call {i}")))
+                 for i in range(3)]
+        assert await asyncio.to_thread(first_in.wait, GUARD_S)  # call 0 is at the server; 1 and 2 wait their turn
+        for task in tasks[1:]:
+            task.cancel()
+        release.set()
+        texts = [await tasks[0]]
+        for task in tasks[1:]:
+            with suppress(asyncio.CancelledError):
+                await task
+        # the two calls never sent hold no budget: two more fit max_calls=3
+        texts += [await executor.run_task(first_text(executor, ledger, model, f"again {i}")) for i in range(2)]
+        return texts
+
+    assert asyncio.run(main()) == ["ok"] * 3
+    assert [r.prompt for r in server.requests] == ["call 0", "again 0", "again 1"]  # (1 and 2 were sent as well)
+    assert ledger.budget.calls == 3
+
+
 def test_steady_remote_traffic_does_not_starve_a_heavy_wave() -> None:
     engine = FunctionModel(lambda r: "heavy", name="engine", heavy=True)
     remote = FunctionModel(lambda r: "light", name="remote")

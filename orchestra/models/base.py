@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol, TypeGuard, TypeVar, runtime_checkable
 
-from orchestra.errors import InvalidOutput, ModelRequestsForbidden
+from orchestra.errors import CallCancelled, InvalidOutput, ModelRequestsForbidden
 from orchestra.models.metering import charge, count_request, metering
 from orchestra.models.structured import StructuredOutputError, parse_output, repair_request
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -62,6 +62,16 @@ CancelListener = Callable[[ChatRequest, Usage], None]
 #: Set by the executor around a batch: called as (request, usage) when a call is cancelled after
 #: requests went out, so what the endpoint received is still counted.
 cancel_listener: ContextVar[CancelListener | None] = ContextVar("cancel_listener", default=None)
+
+
+#: Set by the executor around a batch: whether the batch's request at an index is still wanted (its
+#: caller may have stopped since the batch began, a run cancelled or a loop left early); one that is
+#: not is never sent, and comes back as ``CallCancelled``.
+still_wanted: ContextVar[Callable[[int], bool] | None] = ContextVar("still_wanted", default=None)
+
+
+def _unsent(model: str) -> CallCancelled:
+    return CallCancelled(f"{model}: cancelled before its request was sent")
 
 
 Outcome = tuple[int, "ChatResult | Exception"]
@@ -145,15 +155,19 @@ class ModelBase(abc.ABC):
 
     async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
         """Yield ``(index, result or error)`` as each request finishes."""
+        wanted = still_wanted.get()
         if not self.concurrent:
             for index, request in enumerate(requests):
-                yield index, await self._settle(request)
+                yield index, (await self._settle(request) if wanted is None or wanted(index) else _unsent(self.name))
             return
         finished: asyncio.Queue[Outcome] = asyncio.Queue()
         waiting = iter(enumerate(requests))
 
         async def worker() -> None:  # takes the next request as soon as its last one is answered
             for index, request in waiting:
+                if wanted is not None and not wanted(index):
+                    finished.put_nowait((index, _unsent(self.name)))
+                    continue
                 finished.put_nowait((index, await self._settle(request)))
 
         width = min(len(requests), self.fan_out or len(requests))
