@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import os
 import secrets
 import signal
@@ -33,7 +34,7 @@ from pydantic import ValidationError
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.dag import Dag
-from orchestra.errors import BudgetExceeded, ConfigError, StoreError, UserError
+from orchestra.errors import BudgetExceeded, ConfigError, StoreError, UnknownSetting, UserError
 from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader
@@ -153,7 +154,10 @@ def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments that name settings, as a settings layer (unset ones left out)."""
     unknown = sorted(set(knobs) - set(Settings.model_fields))
     if unknown:
-        raise TypeError(f"unknown setting(s): {', '.join(unknown)}; see orchestra.Settings")
+        close = difflib.get_close_matches(unknown[0], Settings.model_fields, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see orchestra.Settings"
+        raise UnknownSetting(f"unknown setting{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}; {hint}")
     return {name: value for name, value in knobs.items() if value is not None}
 
 

@@ -37,6 +37,11 @@ class ConfigError(UserError):
         self.path, self.line, self.column = path, line, column
 
 
+class UnknownSetting(ConfigError, TypeError):
+    """A keyword argument that names no setting: a ``ConfigError`` like every bad setting, and a
+    ``TypeError`` as Python's own unexpected keyword is."""
+
+
 class DatasetError(UserError):
     """A data set file that cannot be read; names the file and line."""
 

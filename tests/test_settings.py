@@ -149,8 +149,13 @@ def test_python_keywords_win_over_settings_which_win_over_the_pool() -> None:
     assert (layered.settings.k, layered.settings.aggregate) == (4, "refine")
     with pytest.raises(ConfigError, match="no such setting"):
         Settings().assigned(["keyword.samples=2"])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError):  # (Python's own error for a keyword nobody takes)
         Orchestra(pool, store=False, planner_tokens=5)  # type: ignore[call-arg]
+    # and a ConfigError, as every bad setting is, naming the setting it is likely to mean
+    with pytest.raises(ConfigError, match=r"^unknown setting 'planner_tokens'; did you mean 'planner_max_tokens'\?$"):
+        Orchestra(pool, store=False, planner_tokens=5)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match=r"^unknown settings 'kk', 'windw'; did you mean 'k'\?$"):
+        layered.run("Hi", kk=2, windw=3)
 
 
 def test_a_workflow_with_an_unknown_setting_fails_to_load(tmp_path: Path) -> None:
