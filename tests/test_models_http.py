@@ -385,6 +385,14 @@ def test_a_request_with_on_text_streams_and_gives_the_text_so_far_then_the_same_
     assert structured.parsed == {"a": 1} and "stream" not in payloads[2]
 
 
+def test_a_server_that_ignores_stream_still_gives_on_text_the_whole_text(loopback) -> None:
+    server = loopback(lambda request: openai_reply("Light travels 30 cm."))  # (as orchestra.testing's does)
+    seen: list[str] = []
+    result = run(openai(server).complete_one(ask(on_text=seen.append)))
+    assert server.requests[0].json()["stream"] is True
+    assert seen == [result.text] == ["Light travels 30 cm."]  # (it was never called)
+
+
 def test_a_stream_cut_short_is_retried_and_the_text_starts_again(loopback) -> None:
     seen: list[str] = []
     attempts: list[int] = []

@@ -89,7 +89,11 @@ class OpenAICompatible(EndpointModel):
             body = assembled(body["events"])
             body.setdefault("usage", None)
             body["usage"] = body["usage"] or {"prompt_tokens": estimate_tokens(request.prompt_text())}
-        return self._result(body)
+            return self._result(body)
+        result = self._result(body)
+        if on_text is not None:  # a server that ignored ``stream``: the whole text, at once
+            on_text(result.text)
+        return result
 
     def _payload(self, request: ChatRequest, capabilities: Capabilities, *, stream: bool = False) -> dict[str, Any]:
         """The request body, using only the features the server has not refused."""

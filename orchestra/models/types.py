@@ -40,7 +40,8 @@ class ChatRequest(BaseModel):
     ``output`` is ``"text"``, ``"json"`` (any JSON value), a JSON-schema ``dict``, or a pydantic
     model class; structured outputs come back parsed in ``ChatResult.parsed``. ``on_text``, when
     set, is given the answer's text so far each time more of it arrives, by a backend that can
-    stream (the others do not call it); it changes nothing else about the request.
+    stream (the others do not call it; a server that answers whole gives it the whole text once);
+    it changes nothing else about the request.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
