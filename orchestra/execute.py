@@ -781,8 +781,6 @@ class Executor:
         if unwritten is not None:
             outcome = unwritten
         self._settle(call, paid)
-        if ledger.after_end is not None:  # its run was recorded as stopped before this answer came: again
-            ledger.after_end()
         if isinstance(outcome, Exception):
             ledger.failed_calls += 1
         elif ledger.cache is not None:
@@ -790,6 +788,8 @@ class Executor:
                 ledger.cache.put(call.model.name, call.key, call.request, outcome)
             except Exception:
                 ledger.cache_errors += 1
+        if ledger.after_end is not None:  # its run was recorded as stopped before this answer came: again
+            ledger.after_end()
         if report:
             failed = isinstance(outcome, Exception)
             self.events.emit(CallDone(run_id=ledger.run_id, model=call.model.name, purpose=call.purpose,
