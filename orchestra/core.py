@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast, get_args
 
 from pydantic import ValidationError
 
@@ -150,15 +150,21 @@ async def _drain() -> None:
         await asyncio.gather(*others, return_exceptions=True)
 
 
+#: settings for which None is a value (``aggregator=None``: chosen per run), not "not given"
+_NULLABLE = frozenset(name for name, spec in Settings.model_fields.items() if type(None) in get_args(spec.annotation))
+
+
 def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments that name settings, as a settings layer (unset ones left out)."""
+    """Keyword arguments that name settings, as a settings layer. None leaves a setting as it is,
+    except where None is one of its values (``aggregator=None`` clears an Orchestra's aggregator
+    for that run)."""
     unknown = sorted(set(knobs) - set(Settings.model_fields))
     if unknown:
         close = difflib.get_close_matches(unknown[0], Settings.model_fields, n=1)
         hint = f"did you mean {close[0]!r}?" if close else "see orchestra.Settings"
         raise UnknownSetting(f"unknown setting{'s' if len(unknown) > 1 else ''} "
                              f"{', '.join(map(repr, unknown))}; {hint}")
-    return {name: value for name, value in knobs.items() if value is not None}
+    return {name: value for name, value in knobs.items() if value is not None or name in _NULLABLE}
 
 
 #: runs ``arun_iter`` and ``arun_many`` keep in flight at once by default

@@ -158,6 +158,17 @@ def test_python_keywords_win_over_settings_which_win_over_the_pool() -> None:
         layered.run("Hi", kk=2, windw=3)
 
 
+def test_a_run_can_clear_a_setting_whose_value_may_be_none() -> None:
+    orc = Orchestra(Pool.load(), aggregator="writer", store=False)
+    assert orc.run_settings({}).aggregator == "writer"
+    # None is one of aggregator's values (chosen per run): passing it clears the Orchestra's for this run
+    assert orc.run_settings({"aggregator": None}).aggregator is None
+    # for a setting that cannot be None, None still means "not given" (the Orchestra's value stays)
+    assert orc.run_settings({"k": None, "aggregate": None}).k == orc.settings.k
+    with pytest.raises(ConfigError, match="memory_budget_gb set\\(s\\) the Orchestra"):
+        Orchestra(Pool.load(), memory_budget_gb=2, store=False).run_settings({"memory_budget_gb": None})
+
+
 def test_a_workflow_with_an_unknown_setting_fails_to_load(tmp_path: Path) -> None:
     (tmp_path / "flow.yaml").write_text("settings:\n  context_char: 10\nsteps:\n  - {id: s, prompt: hi}\n")
     with pytest.raises(ConfigError, match=r"flow.yaml:2:\d+: unknown field 'context_char'"):
