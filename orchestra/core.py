@@ -815,16 +815,16 @@ class Orchestra:
         ref = spec.workflow
         if ref is not None:  # the steps' prompts and the final template, as they were when it began
             workflow = Workflow.load(ref.path, pool=self.pool, text=None if reload else ref.source, data=False)
-            given = ref.inputs
             if reload:  # the file as it is now, its inputs' defaults too, recorded as the run's from here on
                 given = {name: value for name, value in ref.inputs.items() if name not in ref.defaulted}
+                values = workflow.resolve_inputs(given)
                 plan = workflow.plan()
                 spec = spec.model_copy(update={
-                    "workflow": ref.model_copy(update={"source": workflow.document.text,
-                                                       "inputs": workflow.resolve_inputs(given),
+                    "workflow": ref.model_copy(update={"source": workflow.document.text, "inputs": values,
                                                        "defaulted": workflow.defaulted(given)}),
                     "plan": plan if spec.plan is not None and plan is not None else spec.plan})
-            values = workflow.resolve_inputs(given)
+            else:
+                values = workflow.resolve_inputs(ref.inputs)
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
         run = self._run(spec, record.id, **steps)
         self._begin_all([run], force=force)
