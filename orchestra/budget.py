@@ -72,6 +72,8 @@ class BudgetTracker:
         self._reserved_calls = 0
         self._reserved_tokens = 0
         self._reserved_cost = 0.0
+        #: what ``count`` added (a resumed run's earlier spending), which no shared budget saw
+        self._counted = (0, 0, 0.0)
         self.exceeded: BudgetExceeded | None = None
 
     @property
@@ -149,6 +151,17 @@ class BudgetTracker:
         attempts of calls it sends again). Its run counts it, but a shared budget (a data set's, a
         server's) bounds what its runs spend now and does not."""
         self._add(usage, calls=calls)
+        calls_before, tokens_before, cost_before = self._counted
+        self._counted = (calls_before + calls, tokens_before + usage.prompt_tokens + usage.completion_tokens,
+                         cost_before + usage.cost_usd)
+
+    def committed(self) -> tuple[float, float, float]:
+        """Calls, tokens and cost spent now (a resumed run's earlier spending left out) or held for
+        the calls in flight."""
+        calls, tokens, cost = self._counted
+        return (self.calls - calls + self._reserved_calls,
+                self.prompt_tokens + self.completion_tokens - tokens + self._reserved_tokens,
+                self.cost_usd - cost + self._reserved_cost)
 
     def spend(self, usage: Usage) -> None:
         """Count requests, tokens and cost that belong to no call (e.g. the embedding matcher's)."""
@@ -168,3 +181,50 @@ class BudgetTracker:
         if not held:  # ``exceeded`` is the refusal that stopped something
             self.exceeded = refused
         raise refused
+
+
+class RunAdmission:
+    """Which of a data set's runs may start while they share a budget.
+
+    Started all at once, the runs' first calls (every run's keyword samples) would spend a budget
+    smaller than the data set, and no run would finish. So a run starts only while the budget can
+    be expected to finish it after the runs in flight: each is expected to spend what the runs
+    that finished whole spent on average (before one has, ``prior_calls`` calls, and nothing is
+    known of tokens or cost), a run in flight at least that. With no run in flight one always
+    starts (the estimate may be high; a run that does not fit stops at the budget, as any run).
+    """
+
+    def __init__(self, shared: BudgetTracker, *, prior_calls: int) -> None:
+        self.shared = shared
+        self.prior_calls = prior_calls
+        #: what the budget had committed before these runs (other runs may share it)
+        self._base = shared.committed()
+        self._ended = (0.0, 0.0, 0.0)  # committed by the runs that ended
+        self._whole = (0.0, 0.0, 0.0)  # by the runs that finished whole
+        self._finished = 0
+
+    def admits(self, live: int) -> bool:
+        """Whether one more run may start beside ``live`` runs in flight."""
+        if live == 0:
+            return True
+        budget = self.shared.budget
+        committed = self.shared.committed()
+        for dimension, limit in enumerate((budget.max_calls, budget.max_tokens, budget.max_cost_usd)):
+            if self._finished:
+                per_run: float | None = self._whole[dimension] / self._finished
+            else:
+                per_run = self.prior_calls if dimension == 0 else None
+            if limit is None or per_run is None:
+                continue
+            expected = self._base[dimension] + self._ended[dimension] + live * per_run
+            if max(expected, committed[dimension]) + per_run > limit:
+                return False
+        return True
+
+    def ended(self, run: BudgetTracker, *, whole: bool) -> None:
+        """Count a run that ended (``whole``: it finished, so it shows what a run spends)."""
+        spent = run.committed()
+        self._ended = (self._ended[0] + spent[0], self._ended[1] + spent[1], self._ended[2] + spent[2])
+        if whole:
+            self._finished += 1
+            self._whole = (self._whole[0] + spent[0], self._whole[1] + spent[1], self._whole[2] + spent[2])

@@ -32,7 +32,7 @@ from typing import Any, NoReturn, TypeVar, cast, get_args
 from pydantic import ValidationError
 
 from orchestra.agents import Pool
-from orchestra.budget import Budget, BudgetTracker
+from orchestra.budget import Budget, BudgetTracker, RunAdmission
 from orchestra.dag import Dag
 from orchestra.errors import BudgetExceeded, ConfigError, StoreError, UnknownSetting, UserError
 from orchestra.events import Event, EventBus
@@ -315,6 +315,10 @@ class _Stream:
         #: the settings of every run without options of its own (resolved once; a bad one fails here)
         self.settings = orc.run_settings({**overrides, "plan": plan})
         self.live: dict[Run, int] = {}  # made (begun in the store) and not yet finished: its index
+        #: under a shared budget, runs start only while it can be expected to finish them
+        self.admission = None if shared_budget is None else RunAdmission(shared_budget, prior_calls=(
+            self.settings.keywords.samples + self.settings.k + 1 + plan))
+        self.changed = asyncio.Event()  # a run ended
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.feeding = True
         self.chunks = 0
@@ -344,6 +348,7 @@ class _Stream:
                 return
             while True:
                 await self.acquire()
+                await self.admitted()
                 got = await self.source.next()
                 if not isinstance(got, tuple):
                     self.give_back()
@@ -365,7 +370,10 @@ class _Stream:
         while True:
             chunk: list[Run] = []
             while self.chunk is None or len(chunk) < self.chunk:
+                if chunk and not self.room():  # (the chunk's runs start only when it ends)
+                    break
                 await self.acquire()
+                await self.admitted()
                 got = await self.source.next(wait=not chunk)
                 if not isinstance(got, tuple):
                     self.give_back()
@@ -390,6 +398,16 @@ class _Stream:
     async def acquire(self) -> None:
         if self.slots is not None:
             await self.slots.acquire()
+
+    def room(self) -> bool:
+        """Whether one more run may start now (see ``RunAdmission``)."""
+        return self.admission is None or self.admission.admits(len(self.live))
+
+    async def admitted(self) -> None:
+        """Wait until one more run may start: every run in flight has started, so one will end."""
+        while not self.room():
+            self.changed.clear()
+            await self.changed.wait()
 
     def give_back(self) -> None:
         if self.slots is not None:
@@ -423,6 +441,10 @@ class _Stream:
         if index is None:  # given up by close(), which recorded it
             return
         error = None if future.cancelled() else future.exception()
+        if self.admission is not None:
+            self.admission.ended(run.ledger.budget, whole=error is None and not future.cancelled()
+                                 and future.result().status == "done")
+            self.changed.set()
         if future.cancelled() or error is not None:  # a bug inside the run: stop it, keep its record
             run.cancel()
             stopped = self.orc._record_cancelled(run)

@@ -143,3 +143,59 @@ def test_eval_streams_answers_to_a_jsonl_file_and_a_failed_item_is_named(tmp_pat
     assert report.answers == [] and report.items == 6 and report.failed == 1
     assert report.first_failure is not None and report.first_failure.startswith("item q4 (failed): ")
     assert sum(kind_of(r) == "expert" for m in models.values() for r in m.requests) == 12
+
+
+@pytest.mark.parametrize("rare_filter", [True, False])
+def test_a_shared_budget_smaller_than_the_data_set_finishes_the_runs_it_can_pay_for(rare_filter: bool) -> None:
+    from orchestra.budget import Budget, BudgetTracker
+
+    pool, models = scripted_pool(4)
+    orc = Orchestra(pool, store=False)  # a run: 5 keyword samples, 3 experts, 1 synthesis
+
+    async def main() -> list[str]:
+        shared = BudgetTracker(Budget(max_calls=100, max_tokens=None, max_cost_usd=None), None)
+        return [result.status async for _, result in orc.arun_iter(
+            [f"question {i}" for i in range(30)], shared_budget=shared, rare_filter=rare_filter)]
+
+    statuses = asyncio.run(main())
+    # started all at once, the 30 runs' 150 keyword samples spent the budget and none finished;
+    # started while the budget can be expected to finish them, 11 finish (99 calls)
+    assert statuses.count("done") == 11 and statuses.count("budget_exceeded") == 19
+    assert sum(len(model.requests) for model in models.values()) == 100  # counted where they arrive
+
+
+def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> None:
+    from orchestra.budget import Budget, BudgetTracker, RunAdmission
+    from orchestra.models import Usage
+    from orchestra.models.pricing import FREE
+
+    def spent(tracker: BudgetTracker, calls: int, tokens: int) -> None:
+        for _ in range(calls):
+            tracker.settle(tracker.admit(ChatRequest.user("hi", max_tokens=1), FREE),
+                           Usage(prompt_tokens=tokens // calls, requests=1))
+
+    shared = BudgetTracker(Budget(max_calls=19, max_tokens=None, max_cost_usd=None), None)
+    spent(BudgetTracker(Budget(), "earlier", parent=shared), 2, 20)  # before these runs (another evaluation's)
+    admission = RunAdmission(shared, prior_calls=6)
+    assert admission.admits(0)  # with nothing in flight one always starts
+    assert admission.admits(1) and not admission.admits(2)  # 2 + 6 + 6 <= 19 < 2 + 12 + 6
+    spent(BudgetTracker(Budget(), "r1", parent=shared), 12, 120)  # in flight, spending more than expected
+    assert not admission.admits(1)  # it counts as what it spent: 2 + 12 + 6 > 19
+    learned = RunAdmission(BudgetTracker(Budget(max_calls=19, max_tokens=None, max_cost_usd=None), None),
+                           prior_calls=6)
+    cheap = BudgetTracker(Budget(), "r2", parent=learned.shared)
+    spent(cheap, 3, 30)
+    learned.ended(cheap, whole=True)  # a finished run teaches what a run spends: 3 calls, not 6
+    assert learned.admits(4) and not learned.admits(5)  # 3 + 12 + 3 <= 19 < 3 + 15 + 3
+    tokens = BudgetTracker(Budget(max_calls=None, max_tokens=399, max_cost_usd=None), None)
+    learning = RunAdmission(tokens, prior_calls=1)
+    assert learning.admits(5)  # nothing known of tokens before a run finished
+    resumed = BudgetTracker(Budget(), "r2", parent=tokens)
+    resumed.count(Usage(prompt_tokens=1000, requests=1))  # paid before this resume: not this budget's
+    spent(resumed, 1, 100)
+    learning.ended(resumed, whole=True)
+    assert learning.admits(1) and not learning.admits(2)  # 100 + 100 + 100 <= 399 < 100 + 200 + 100
+    cut = BudgetTracker(Budget(), "r3", parent=tokens)
+    spent(cut, 1, 30)
+    learning.ended(cut, whole=False)  # a run cut short counts as spent, not as what a run spends
+    assert learning.admits(1) and not learning.admits(2)  # 130 + 100 + 100 <= 399 < 130 + 200 + 100
