@@ -117,7 +117,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
             task, options = run_arguments(workflow, given(item))
             going_on = earlier.get(index)  # the id of its earlier run, cut off: it goes on under that id
             yield Instance(task, meta={"item": item.id}, options={
-                **options, "shared_budget": shared, "budget": per_run, "seed": item_seed(orc.settings.seed, item.id),
+                **options, "budget": per_run, "seed": item_seed(orc.settings.seed, item.id),
                 **({"run_id": going_on} if isinstance(going_on, str) else {})})
 
     tally = Tally(get_grader(grader or spec.grader or orc.settings.grader))
@@ -133,7 +133,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
 
     # each run has its workflow's steps (or plans): no chunk of runs to recruit together
     stream = orc.arun_iter(instances(), window=window, rare_filter=False, on_stopped=tally.stopped_run,
-                           meta={"kind": "workflow", "pool_fingerprint": orc.pool.fingerprint()})
+                           shared_budget=shared, meta={"kind": "workflow", "pool_fingerprint": orc.pool.fingerprint()})
     await grade_as_they_finish(stream, tally, [(index, items[index]) for index in todo], report, on_cancel)
     return report(budget_exceeded=str(shared.exceeded) if shared.exceeded else None)
 

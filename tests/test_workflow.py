@@ -694,7 +694,8 @@ def test_resume_goes_on_after_the_budget_is_raised_in_the_workflow_itself(loopba
     done = cli("run", str(path), "--resume", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert (report["resumed"], report["correct"], len(server.requests)) == (3, 3, 6)  # only the three b calls
+    # the first item finished (runs start while the budget can finish them); the third sent nothing
+    assert (report["resumed"], report["reused"], report["correct"], len(server.requests)) == (2, 1, 3, 6)
 
 
 def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_path: Path) -> None:
@@ -712,11 +713,11 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
 
     nothing = ("warning: resume found no earlier run of this evaluation (the same workflow, inputs, settings and "
                "pool) to go on with: every item runs")
-    first, sent = evaluate("--max-calls", "3")  # every item's step a, then the budget stops each b
-    assert (first["items"], first["failed"], sent) == (3, 3, 3)
+    first, sent = evaluate("--max-calls", "3")  # item 1's a and b, item 2's a, then the budget stops the rest
+    assert (first["items"], first["failed"], first["correct"], sent) == (3, 2, 1, 3)
     assert "max_calls" in first["budget_exceeded"]  # the report says what stopped it
     resumed, sent = evaluate("--resume", "--max-calls", "10")
-    assert (resumed["resumed"], resumed["reused"], resumed["correct"], sent) == (3, 0, 3, 3)  # only the b calls
+    assert (resumed["resumed"], resumed["reused"], resumed["correct"], sent) == (2, 1, 3, 3)  # only what is missing
     again, sent = evaluate("--resume")
     assert (again["reused"], again["correct"], sent) == (3, 3, 0)  # nothing is sent again
     path.write_text(path.read_text().replace("Check: ", "Verify: "))
