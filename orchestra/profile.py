@@ -108,10 +108,14 @@ class SkillProfile(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> SkillProfile:
         """Read a profile file; a bad one is a ``ConfigError`` naming it."""
-        try:
-            return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+        try:  # utf-8-sig: a byte-order mark some editors put first is not part of the JSON
+            return cls.model_validate_json(Path(path).read_text(encoding="utf-8-sig"))
         except OSError as error:
             raise ConfigError(f"cannot read profile ({error.strerror or error})", path=str(path)) from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"invalid skill profile: not UTF-8 text (byte 0x{error.object[error.start]:02x} at "
+                              f"offset {error.start}); save it as UTF-8, or run orchestra profile again",
+                              path=str(path)) from None
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first["loc"])  # (none for a file that is not JSON)

@@ -176,6 +176,15 @@ def test_a_profile_that_is_not_json_is_refused_without_an_empty_location(tmp_pat
         SkillProfile.load(tmp_path / "math.json")
 
 
+def test_a_profile_saved_in_another_encoding_is_one_line_and_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    text = _profile("math", 0.5, {"math": 2}).model_dump_json()
+    (tmp_path / "math.json").write_text(text, encoding="utf-16")  # (an editor's "Unicode": a traceback before)
+    with pytest.raises(ConfigError, match=r"math.json: invalid skill profile: not UTF-8 text \(byte 0xff at offset 0\)"):
+        SkillProfile.load(tmp_path / "math.json")
+    (tmp_path / "math.json").write_text(text, encoding="utf-8-sig")
+    assert SkillProfile.load(tmp_path / "math.json").skills == {"math": 2}
+
+
 def test_two_profiles_of_one_agent_are_refused_rather_than_one_chosen_by_file_name(tmp_path: Path) -> None:
     _profile("bio", 0.9, {"biology": 5}).save(tmp_path)
     (tmp_path / "bio.v1.json").write_text(_profile("bio", 0.1, {"biology": -5}).model_dump_json())
