@@ -578,8 +578,9 @@ class RunStore:
     def run(self, run_id: str) -> RunRecord:
         """A stored run; an unknown id (or a unique prefix) is resolved or refused clearly."""
         rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
-        if not rows:
-            rows = self._query("SELECT * FROM runs WHERE id LIKE ? ORDER BY created DESC", (run_id + "%",))
+        if not rows and run_id:  # a prefix, exactly (ids sort as UTF-8 bytes: those after it, up to it + U+10FFFF)
+            rows = self._query("SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY created DESC",
+                               (run_id, run_id + "\U0010ffff"))
             if len(rows) > 1:
                 raise StoreError(f"run id {run_id!r} is ambiguous ({len(rows)} runs start with it)")
         if not rows:

@@ -17,7 +17,7 @@ from helpers import Slots, scripted_pool
 from pydantic import BaseModel
 
 from orchestra import Budget, Orchestra
-from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost, StoreError
+from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost, RunNotFound, StoreError
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
@@ -175,6 +175,10 @@ def test_a_run_id_prefix_matching_two_runs_is_refused_as_ambiguous(tmp_path: Pat
     assert store.run("xyz").id == "xyz-1"
     with pytest.raises(StoreError, match="ambiguous"):
         store.run("abc")
+    # a prefix is taken as it is: SQL's wildcards match only themselves, case counts, and nothing is no prefix
+    for not_a_prefix in ("%", "_yz", "x_z", "XYZ", "", "xyz-1 "):
+        with pytest.raises(RunNotFound):
+            store.run(not_a_prefix)
 
 
 def test_a_done_run_whose_result_cannot_be_written_is_marked_failed_not_done(tmp_path: Path) -> None:
