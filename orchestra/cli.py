@@ -533,12 +533,11 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
             merge_similarity: float | None, resume: bool, store_path: Path | None, no_store: bool,
             as_json: bool) -> None:
     """Measure every agent on a validation set and save skill profiles."""
-    import asyncio
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from orchestra.agents import Pool
+    from orchestra.core import run_interruptibly
     from orchestra.datasets import load_dataset
     from orchestra.errors import ProfilingIncomplete
     from orchestra.profile import stale_profiles
@@ -572,9 +571,9 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
             progress.update(bars[stage], completed=done, total=total)
 
         try:
-            report = asyncio.run(aprofile(loaded, dataset, grader=grader, aggregation_items=aggregation_items,
-                                          seed=seed, progress=update, matcher=loaded.settings.matcher.build(),
-                                          merge_similarity=merge_similarity, cache=answers))
+            report = run_interruptibly(aprofile(loaded, dataset, grader=grader, aggregation_items=aggregation_items,
+                                                seed=seed, progress=update, matcher=loaded.settings.matcher.build(),
+                                                merge_similarity=merge_similarity, cache=answers))
         except KeyboardInterrupt:
             progress.stop()
             fail("interrupted; no profiles were written; " + ("nothing was kept (--no-store)" if answers is None else
