@@ -12,6 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from orchestra.money import usd
 from orchestra.store import EMBEDDINGS, RunStore
 
 
@@ -101,7 +102,10 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
             console.print(Text(f"{node['node_id']}: {node['error']}", style="red"))
 
     for index, call in enumerate(report["calls"], start=1):
-        body = Text()
+        # what it cost opens the body, which wraps: in the title a narrow terminal cut it ($0.0000...)
+        body = Text(f"{call['source']} · {call['requests']} request{'s' if call['requests'] != 1 else ''} · "
+                    f"{call['prompt_tokens']}+{call['completion_tokens']} tokens · {usd(call['cost_usd'] or 0)}\n",
+                    style="dim")
         for message in call["request"].get("messages", []):
             body.append(f"[{message['role']}]\n", style="bold cyan")
             body.append(message["content"] + "\n")
@@ -113,15 +117,12 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
         else:
             body.append("[error]\n", style="bold red")
             body.append(call["error"] or "")
-        title = (f"call {index} · {call['purpose']}{' · ' + call['node'] if call['node'] else ''} · {call['model']}"
-                 f" · {call['source']} · {call['requests']} request{'s' if call['requests'] != 1 else ''}"
-                 f" · {call['prompt_tokens']}+{call['completion_tokens']} tokens"
-                 f" · ${call['cost_usd'] or 0:.6f}")
+        title = f"call {index} · {call['purpose']}{' · ' + call['node'] if call['node'] else ''} · {call['model']}"
         console.print(Panel(body, title=title, title_align="left", border_style="dim"))
 
     console.print(Text(f"calls {totals['calls']} · requests {totals['requests']} · "
                        f"tokens {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out · "
-                       f"${totals['cost_usd']:.6f}", style="bold"))
+                       f"{usd(totals['cost_usd'])}", style="bold"))
     if run["answer"]:
         console.print(Panel(Text(run["answer"]), title="answer"))
     if run["error"]:

@@ -331,3 +331,26 @@ def test_a_run_resumed_on_another_endpoint_counts_what_both_endpoints_received(l
     assert len(second.requests) > 0 and usage["requests"] == len(first.requests) + len(second.requests)
     shown = json.loads(cli("show", run_id, "--json").stdout)
     assert _totals(shown["totals"]) == _totals(usage)
+
+
+def test_show_never_cuts_a_calls_cost_on_a_narrow_terminal(tmp_path: Path) -> None:
+    """At 80 columns the call's title was cut inside its cost (``$0.0000`` for $0.000068): a paid
+    call read as free. The accounting opens the call's body now, which wraps."""
+    from rich.console import Console
+
+    from orchestra import Agent, Orchestra, Pool
+    from orchestra.inspect import show_run
+    from orchestra.models import FunctionModel
+    from orchestra.store import RunStore
+
+    model = FunctionModel(lambda request: "The answer is 4", name="a-model-with-a-rather-long-name",
+                          prices=(0.15, 0.6))  # dollars per million tokens
+    pool = Pool(agents=[Agent(name="solo-agent-with-a-long-name", model=model)])
+    result = Orchestra(pool, k=1, plan=False, mode="global", aggregate="none",
+                       store=tmp_path / "runs.db").run("What is 2 + 2?")
+    cost = result.usage.cost_usd
+    assert 0 < cost < 0.0001
+    console = Console(record=True, width=80)
+    show_run(console, RunStore(tmp_path / "runs.db"), result.run_id)
+    shown = console.export_text()
+    assert f"tokens · ${cost:.10f}".rstrip("0") in shown
