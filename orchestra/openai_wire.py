@@ -203,6 +203,10 @@ def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> floa
 
 
 def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    given = [body.get(name) for name in ("max_tokens", "max_completion_tokens")]
+    if None not in given and given[0] != given[1]:  # which one would win is a guess
+        raise bad_request(f"'max_tokens' ({given[0]!r}) and 'max_completion_tokens' ({given[1]!r}) disagree; "
+                          "give one", "max_completion_tokens")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     value = body.get(name)
     if value is None:

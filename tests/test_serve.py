@@ -356,6 +356,7 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
         "image": dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
         "schema": dict(messages=question, response_format={"type": "json_schema", "json_schema": {
             "name": "d", "schema": {"type": "object", "properties": {"m": {"type": "float"}}}}}),
+        "two limits": dict(messages=question, max_tokens=10, max_completion_tokens=20),
     }
     messages = {}
     for name, arguments in bad.items():
@@ -370,6 +371,7 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
     assert "'kk'" in messages["unknown"] and "'k'" in messages["k type"] and "psychic" in messages["mode"]
     assert "only text content" in messages["image"] and "'k' must be at most 16" in messages["k cap"]
     assert "'k' must be an integer" in messages["k type"]
+    assert messages["two limits"] == "'max_tokens' (10) and 'max_completion_tokens' (20) disagree; give one"
     with pytest.raises(openai.BadRequestError) as zero:  # a setting's value out of range names it as param
         client.chat.completions.create(model="orchestra", messages=question, extra_body={"k": 0})
     assert zero.value.body["param"] == "k" and "k: Input should be greater than or equal to 1" in zero.value.message
