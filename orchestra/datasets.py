@@ -54,6 +54,14 @@ class Item(BaseModel):
     def _stringify(cls, value: Any) -> Any:
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
+    @field_validator("id")
+    @classmethod
+    def _named(cls, id: str) -> str:
+        """An id with text: runs, reports and resumes know an item by it."""
+        if not id.strip():
+            raise ValueError("the id is empty: runs, reports and --resume know an item by its id")
+        return id
+
     @field_validator("answer")
     @classmethod
     def _answered(cls, answer: str) -> str:
@@ -125,6 +133,22 @@ def _is_text(value: object) -> bool:
     return True
 
 
+class _RepeatedKey(Exception):
+    """A JSON object names one key twice (``json`` would keep the last silently)."""
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return row
+
+
 def load_dataset(path: str | Path) -> Dataset:
     """Read a JSONL data set; a bad row is a ``DatasetError`` naming the file and line."""
     file = Path(path)
@@ -145,7 +169,9 @@ def load_dataset(path: str | Path) -> Dataset:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_once_each)
+        except _RepeatedKey as repeated:
+            raise DatasetError(f"{path}:{number}: field {repeated.args[0]!r} is given twice; keep one") from None
         except json.JSONDecodeError as error:
             raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         except RecursionError:

@@ -205,6 +205,8 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     ('{"id": 1, "question": "q", "answer": 1}\n{"id": 1, "question": "r", "answer": 2}\n',
      "val.jsonl:2: duplicate id '1' (first on line 1)"),
     ("\n", "val.jsonl: the data set has no items"),
+    ('{"id": " ", "question": "q", "answer": 1}\n', "val.jsonl:1: field 'id': the id is empty"),
+    ('{"id": "a", "question": "q", "answer": 1, "id": "b"}\n', "val.jsonl:1: field 'id' is given twice; keep one"),
     ('{"id": 1, "question": "q", "answer": "E", "choices": ["a", "b"]}\n',
      "val.jsonl:1: field 'choices': the answer 'E' is neither a letter of its 2 choices (A-B) nor the text of one"),
     ('{"id": 1, "question": "q", "answer": "A", "choices": ' + json.dumps([f"c{i}" for i in range(11)]) + '}\n',
