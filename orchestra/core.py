@@ -626,8 +626,8 @@ class Orchestra:
         settings = self.settings.layered(Settings.layer(_knobs(overrides), where="run setting"))
         fixed = [name for name in ORCHESTRA_LEVEL if getattr(settings, name) != getattr(self.settings, name)]
         if fixed:
-            raise ConfigError(f"{', '.join(fixed)} set(s) the Orchestra's executor; pass it to Orchestra(...), "
-                              "not to a run")
+            raise ConfigError(f"{', '.join(fixed)} set{'s' if len(fixed) == 1 else ''} the Orchestra's executor; "
+                              f"pass {'it' if len(fixed) == 1 else 'them'} to Orchestra(...), not to a run")
         if settings.cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; this Orchestra was made with store=False")
         return settings

@@ -96,7 +96,8 @@ class Server:
             if served.kind == "preset":
                 fixed = [name for name in ORCHESTRA_LEVEL if name in served.settings.changes()]
                 if fixed:
-                    raise ConfigError(f"preset {served.id!r}: {', '.join(fixed)} belong(s) to the server, whose one "
+                    verb = "belongs" if len(fixed) == 1 else "belong"
+                    raise ConfigError(f"preset {served.id!r}: {', '.join(fixed)} {verb} to the server, whose one "
                                       "executor serves every request: set it in the pool's settings or with --set, "
                                       "not in a preset")
                 try:

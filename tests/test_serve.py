@@ -444,7 +444,7 @@ def test_a_preset_that_changes_the_servers_own_settings_is_refused_at_start(loop
 
     with pytest.raises(ConfigError) as refused:
         app(pool_file(tmp_path, "http://127.0.0.1:9"), store=False, presets={"big": {"max_resident_models": 4}})
-    assert str(refused.value) == ("preset 'big': max_resident_models belong(s) to the server, whose one executor "
+    assert str(refused.value) == ("preset 'big': max_resident_models belongs to the server, whose one executor "
                                   "serves every request: set it in the pool's settings or with --set, not in a preset")
 
 

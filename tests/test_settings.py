@@ -165,7 +165,7 @@ def test_a_run_can_clear_a_setting_whose_value_may_be_none() -> None:
     assert orc.run_settings({"aggregator": None}).aggregator is None
     # for a setting that cannot be None, None still means "not given" (the Orchestra's value stays)
     assert orc.run_settings({"k": None, "aggregate": None}).k == orc.settings.k
-    with pytest.raises(ConfigError, match="memory_budget_gb set\\(s\\) the Orchestra"):
+    with pytest.raises(ConfigError, match="memory_budget_gb sets the Orchestra"):
         Orchestra(Pool.load(), memory_budget_gb=2, store=False).run_settings({"memory_budget_gb": None})
 
 
