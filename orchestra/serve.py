@@ -35,6 +35,7 @@ from orchestra.budget import Budget, BudgetTracker
 from orchestra.core import Orchestra, check_task, new_run_id
 from orchestra.errors import ConfigError
 from orchestra.events import Event
+from orchestra.hints import budget_hint
 from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import ChunkWriter, Completion, WireError, bad_request, completion_body, parse_completion
 from orchestra.pipeline.scheduler import NodeSettings
@@ -58,6 +59,9 @@ RUN_HEADER = "x-orchestra-run-id"
 PROGRESS_EVENTS = frozenset({"plan_ready", "experts_recruited", "node_aggregating", "node_done", "node_failed",
                              "node_skipped"})
 
+
+#: how a stop by the budget all requests share begins (``--total-max-calls``...)
+SERVER_BUDGET = "the server's budget"
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -105,7 +109,7 @@ class Server:
                 except ConfigError as error:
                     raise ConfigError(f"preset {served.id!r}: {error}") from None
         self._api_key = api_key.encode() if api_key else None
-        self.shared = BudgetTracker(budget, None, name="the server's budget") if budget is not None else None
+        self.shared = BudgetTracker(budget, None, name=SERVER_BUDGET) if budget is not None else None
         self.max_request_bytes = max_request_bytes
         self.created = int(time.time())
         self.closing = False
@@ -421,7 +425,11 @@ def _failure(result: RunResult) -> WireError | None:
     reason = result.error or "no answer"
     resume = f"; run {result.run_id} is saved: `orchestra resume {result.run_id}` finishes it"
     if result.status == "budget_exceeded":
-        return WireError(429, f"budget exhausted: {reason}{resume}", code="insufficient_quota")
+        # the run's own budget stays its own on resume: the advice says what to raise
+        # (a resume is not under the server's budget, so one that stopped it needs nothing raised)
+        hint = None if reason.startswith(SERVER_BUDGET) else budget_hint(reason, result.run_id)
+        advice = f"; run {result.run_id} is saved: {hint}" if hint else resume
+        return WireError(429, f"budget exhausted: {reason}{advice}", code="insufficient_quota")
     if result.status == "cancelled":
         return WireError(503, f"the run was cancelled: {reason}{resume}")
     if result.user_error:

@@ -473,6 +473,8 @@ def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any
     with pytest.raises(openai.RateLimitError) as second:
         client.chat.completions.create(model="orchestra", messages=question)  # needs 9 more; 3 left
     assert second.value.status_code == 429 and "the server's budget max_calls=12 is spent" in second.value.message
+    run_id = second.value.response.headers[RUN_HEADER]  # a resume is not under the server's budget: nothing to raise
+    assert second.value.message.endswith(f"run {run_id} is saved: `orchestra resume {run_id}` finishes it")
     sent = sum(experts.requests.values())
     assert sent <= 12
     with pytest.raises(openai.RateLimitError, match="server's budget is exhausted"):
@@ -506,6 +508,10 @@ def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: 
         with pytest.raises(openai.RateLimitError, match="budget max_calls=6 reached") as error:
             running.client().chat.completions.create(model="orchestra", messages=question)
         run_id = error.value.response.headers[RUN_HEADER]
+        # its own budget comes along on resume: the advice says to raise it (a plain resume stopped again)
+        assert error.value.message.endswith(f"run {run_id} is saved: raise it with --max-calls (or "
+                                            f"budget.max_calls in the workflow) and run `orchestra resume {run_id}` "
+                                            "to finish")
         assert RunStore(tmp_path / "runs.db").run(run_id).status == "budget_exceeded"
     assert sum(experts.requests.values()) == 12
 
