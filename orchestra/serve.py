@@ -37,7 +37,15 @@ from orchestra.errors import ConfigError
 from orchestra.events import Event
 from orchestra.hints import budget_hint
 from orchestra.models.types import estimate_tokens
-from orchestra.openai_wire import ChunkWriter, Completion, WireError, bad_request, completion_body, parse_completion
+from orchestra.openai_wire import (
+    ChunkWriter,
+    Completion,
+    WireError,
+    bad_request,
+    completion_body,
+    parse_completion,
+    sse,
+)
 from orchestra.pipeline.scheduler import NodeSettings
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, Settings
@@ -291,7 +299,7 @@ class Server:
                 await asyncio.wait({run})
                 failure = _cancelled(run) if run.cancelled() else _failure(run.result())
                 if failure is not None:  # the status line is sent already: the error is the last event
-                    yield b"data: " + json.dumps(failure.body()).encode() + b"\n\n"
+                    yield sse(failure.body())
                     return
                 result = run.result()
                 for chunk in writer.content(feed.rest(result.answer or "")):

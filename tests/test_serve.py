@@ -284,6 +284,10 @@ def test_progress_chunks_are_opt_in_and_the_plan_shows_in_them(serve: Any) -> No
     with pytest.raises(openai.APIError, match="the experts failed"):
         list(client.chat.completions.create(model="orchestra", stream=True, extra_body={"progress": True},
                                             messages=[{"role": "user", "content": task}]))
+    raw = httpx.post(running.url + "/v1/chat/completions", timeout=60, json={
+        "model": "orchestra", "stream": True, "progress": True, "messages": [{"role": "user", "content": task}]})
+    last = [line for line in raw.text.splitlines() if line.startswith("data: ")][-1]
+    assert last.startswith('data: {"error":{"message":"the experts failed')  # compact, as every other event
 
 
 def test_json_schema_answers_with_the_schema_and_sends_it_to_the_answer_writers(serve: Any) -> None:
