@@ -74,6 +74,9 @@ class BudgetTracker:
         self._reserved_cost = 0.0
         #: what ``count`` added (a resumed run's earlier spending), which no shared budget saw
         self._counted = (0, 0, 0.0)
+        #: the largest worst case (tokens, cost) one call has reserved: a run's last call needs that much left
+        self.largest = NOTHING
+        self.closed: BudgetExceeded | None = None  # see ``close``
         self.exceeded: BudgetExceeded | None = None
 
     @property
@@ -100,6 +103,9 @@ class BudgetTracker:
         does not fit this budget or the shared one (``held`` on it: it would fit once the calls in
         flight end, so the caller may wait for them and ask again)."""
         budget = self.budget
+        if self.closed is not None:
+            self.exceeded = self.closed
+            raise self.closed
         if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
             self._refuse("max_calls", budget.max_calls, f"{_calls_made(self.calls)}{in_flight}",
@@ -115,7 +121,8 @@ class BudgetTracker:
                 if self._reserved_calls else ""
             self._refuse("max_tokens", budget.max_tokens,
                          f"{spent} tokens used{held}, the next call may take {worst.tokens}: {prompt} of prompt and "
-                         f"up to {answer} of answer", held=bool(held) and spent + worst.tokens <= budget.max_tokens)
+                         f"up to {answer} of answer", held=bool(held) and spent + worst.tokens <= budget.max_tokens,
+                         hopeless=worst.tokens > budget.max_tokens)
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
             held = f", {usd(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
@@ -123,7 +130,8 @@ class BudgetTracker:
             self._refuse("max_cost_usd", budget.max_cost_usd,
                          f"{usd(self.cost_usd)} spent{held}, the next call may cost {usd(worst.cost_usd)}: {prompt} "
                          f"tokens of prompt and up to {answer} of answer",
-                         held=bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd)
+                         held=bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd,
+                         hopeless=worst.cost_usd > budget.max_cost_usd)
         if self.parent is not None:
             try:
                 self.parent.admit(request, price)
@@ -134,6 +142,9 @@ class BudgetTracker:
         self._reserved_calls += 1
         self._reserved_tokens += worst.tokens
         self._reserved_cost += worst.cost_usd
+        if worst.tokens > self.largest.tokens or worst.cost_usd > self.largest.cost_usd:
+            self.largest = Reservation(max(worst.tokens, self.largest.tokens),
+                                       max(worst.cost_usd, self.largest.cost_usd))
         return worst
 
     def settle(self, reserved: Reservation, usage: Usage | None) -> None:
@@ -176,8 +187,13 @@ class BudgetTracker:
         self.completion_tokens += usage.completion_tokens
         self.cost_usd += usage.cost_usd
 
-    def _refuse(self, limit: str, value: float, spent: str, *, held: bool = False) -> None:
-        refused = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id, shared=self.name, held=held)
+    def close(self, reason: BudgetExceeded) -> None:
+        """Refuse every call from now on with ``reason`` (a run a shared budget cannot be expected to finish)."""
+        self.closed = reason
+
+    def _refuse(self, limit: str, value: float, spent: str, *, held: bool = False, hopeless: bool = False) -> None:
+        refused = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id, shared=self.name, held=held,
+                                 hopeless=hopeless)
         if not held:  # ``exceeded`` is the refusal that stopped something
             self.exceeded = refused
         raise refused
@@ -188,43 +204,67 @@ class RunAdmission:
 
     Started all at once, the runs' first calls (every run's keyword samples) would spend a budget
     smaller than the data set, and no run would finish. So a run starts only while the budget can
-    be expected to finish it after the runs in flight: each is expected to spend what the runs
-    that finished whole spent on average (before one has, ``prior_calls`` calls, and nothing is
-    known of tokens or cost), a run in flight at least that. With no run in flight one always
-    starts (the estimate may be high; a run that does not fit stops at the budget, as any run).
+    be expected to finish it after the runs in flight: each is expected to spend what the runs that
+    ended on their own spent on average, all they cost (a resumed run's calls paid before
+    included; runs a budget or a cancellation cut short do not show what a run costs), and a run
+    in flight at least what it has committed; the last call of all needs its worst case left (the
+    largest one a call has reserved), which is what the budget admits it by. Until one has ended
+    so, runs start one at a time: nothing is known of what a run spends (a workflow's steps, a
+    plan's nodes, the models' prices). With no run in flight one always starts (a run that does not
+    fit stops at the budget, as any run).
     """
 
-    def __init__(self, shared: BudgetTracker, *, prior_calls: int) -> None:
+    def __init__(self, shared: BudgetTracker) -> None:
         self.shared = shared
-        self.prior_calls = prior_calls
         #: what the budget had committed before these runs (other runs may share it)
         self._base = shared.committed()
         self._ended = (0.0, 0.0, 0.0)  # committed by the runs that ended
-        self._whole = (0.0, 0.0, 0.0)  # by the runs that finished whole
-        self._finished = 0
+        self._whole = (0.0, 0.0, 0.0)  # the full cost of the runs that ended on their own
+        self._learned = 0
+        self._futile: BudgetExceeded | None = None  # a call of a run was over a limit on its own
 
     def admits(self, live: int) -> bool:
         """Whether one more run may start beside ``live`` runs in flight."""
-        if live == 0:
-            return True
-        budget = self.shared.budget
-        committed = self.shared.committed()
-        for dimension, limit in enumerate((budget.max_calls, budget.max_tokens, budget.max_cost_usd)):
-            if self._finished:
-                per_run: float | None = self._whole[dimension] / self._finished
-            else:
-                per_run = self.prior_calls if dimension == 0 else None
-            if limit is None or per_run is None:
-                continue
-            expected = self._base[dimension] + self._ended[dimension] + live * per_run
-            if max(expected, committed[dimension]) + per_run > limit:
-                return False
-        return True
+        return live == 0 or (self._learned > 0 and self.refusal(live) is None)
 
-    def ended(self, run: BudgetTracker, *, whole: bool) -> None:
-        """Count a run that ended (``whole``: it finished, so it shows what a run spends)."""
+    def refusal(self, live: int) -> BudgetExceeded | None:
+        """Why one more run cannot be expected to finish beside ``live`` runs in flight, or None
+        (None too while nothing is known): a run whose call was over a limit on its own, or the
+        budget's room against what a run costs."""
+        if self._futile is not None:
+            return self._futile
+        if not self._learned:
+            return None
+        budget, largest = self.shared.budget, self.shared.largest
+        committed = self.shared.committed()
+        limits = (("max_calls", budget.max_calls, 0.0), ("max_tokens", budget.max_tokens, largest.tokens),
+                  ("max_cost_usd", budget.max_cost_usd, largest.cost_usd))
+        for dimension, (name, limit, last_call) in enumerate(limits):
+            if limit is None:
+                continue
+            per_run = self._whole[dimension] / self._learned
+            expected = self._base[dimension] + self._ended[dimension] + live * per_run
+            if max(expected, committed[dimension]) + per_run + last_call > limit:
+                need = (f"{per_run:.0f} calls" if name == "max_calls" else f"{per_run:.0f} tokens"
+                        if name == "max_tokens" else usd(per_run))
+                return BudgetExceeded(limit=name, value=limit, run_id=None, shared=self.shared.name,
+                                      spent=f"what is left cannot be expected to finish another run, which takes "
+                                            f"about {need}; it was not started")
+        return None
+
+    def ended(self, run: BudgetTracker, *, on_its_own: bool) -> None:
+        """Count a run that ended (``on_its_own``: not cut short by a budget or a cancellation, so
+        it shows what a run costs). One stopped by a call over a limit on its own (with the budget
+        empty it would not fit either) stops the runs not started: they would send their first
+        calls and stop there too."""
+        if run.exceeded is not None and run.exceeded.hopeless and self._futile is None:
+            refused = run.exceeded
+            self._futile = BudgetExceeded(limit=refused.limit, value=refused.value, run_id=None,
+                                          shared=self.shared.name, hopeless=True,
+                                          spent=f"one call of a run needs more than all of it: {refused.spent}")
         spent = run.committed()
         self._ended = (self._ended[0] + spent[0], self._ended[1] + spent[1], self._ended[2] + spent[2])
-        if whole:
-            self._finished += 1
-            self._whole = (self._whole[0] + spent[0], self._whole[1] + spent[1], self._whole[2] + spent[2])
+        if on_its_own:
+            self._learned += 1
+            tokens = run.prompt_tokens + run.completion_tokens
+            self._whole = (self._whole[0] + run.calls, self._whole[1] + tokens, self._whole[2] + run.cost_usd)

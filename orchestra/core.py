@@ -316,8 +316,9 @@ class _Stream:
         self.settings = orc.run_settings({**overrides, "plan": plan})
         self.live: dict[Run, int] = {}  # made (begun in the store) and not yet finished: its index
         #: under a shared budget, runs start only while it can be expected to finish them
-        self.admission = None if shared_budget is None else RunAdmission(shared_budget, prior_calls=(
-            self.settings.keywords.samples + self.settings.k + 1 + plan))
+        limited = shared_budget is not None and any(
+            limit is not None for limit in shared_budget.budget.model_dump().values())
+        self.admission = RunAdmission(shared_budget) if shared_budget is not None and limited else None
         self.changed = asyncio.Event()  # a run ended
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.feeding = True
@@ -423,6 +424,12 @@ class _Stream:
         else:
             run = self.orc._make_run(instance.task, answer_format=instance.answer_format, meta=meta,
                                      settings=self.settings, shared_budget=self.shared_budget)
+        if self.admission is not None:  # (admitted with nothing in flight: it may still not be expected to finish)
+            refused = self.admission.refusal(len(self.live))
+            if refused is not None:
+                run.ledger.budget.close(refused)  # it ends at its first call, which is not sent
+                if self.admission.shared.exceeded is None:  # (the data set's report says what stopped it)
+                    self.admission.shared.exceeded = refused
         if begin:
             self.orc._begin(run)
         self.live[run] = index
@@ -442,8 +449,8 @@ class _Stream:
             return
         error = None if future.cancelled() else future.exception()
         if self.admission is not None:
-            self.admission.ended(run.ledger.budget, whole=error is None and not future.cancelled()
-                                 and future.result().status == "done")
+            self.admission.ended(run.ledger.budget, on_its_own=error is None and not future.cancelled()
+                                 and future.result().status not in ("budget_exceeded", "cancelled"))
             self.changed.set()
         if future.cancelled() or error is not None:  # a bug inside the run: stop it, keep its record
             run.cancel()

@@ -72,7 +72,7 @@ class BudgetExceeded(OrchestraError):
     exit_code = 3
 
     def __init__(self, *, limit: str, value: float, spent: str, run_id: str | None,
-                 shared: str = "the data set's budget", held: bool = False) -> None:
+                 shared: str = "the data set's budget", held: bool = False, hopeless: bool = False) -> None:
         # 1000000 and 0.000001, not 1e+06 and 1e-06
         setting = f"{limit}={int(value) if float(value).is_integer() else f'{value:.10f}'.rstrip('0')}"
         if run_id is None:
@@ -80,6 +80,8 @@ class BudgetExceeded(OrchestraError):
         else:
             super().__init__(f"budget {setting} reached ({spent})")
         self.limit, self.value, self.spent, self.run_id, self.held = limit, value, spent, run_id, held
+        #: the call alone is over the limit: no budget of this size could admit it
+        self.hopeless = hopeless
         #: whether ``run_id`` was recorded and can be resumed (planning alone, ``Orchestra.plan``, is no run)
         self.resumable = True
 

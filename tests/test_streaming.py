@@ -152,50 +152,80 @@ def test_a_shared_budget_smaller_than_the_data_set_finishes_the_runs_it_can_pay_
     pool, models = scripted_pool(4)
     orc = Orchestra(pool, store=False)  # a run: 5 keyword samples, 3 experts, 1 synthesis
 
-    async def main() -> list[str]:
-        shared = BudgetTracker(Budget(max_calls=100, max_tokens=None, max_cost_usd=None), None)
-        return [result.status async for _, result in orc.arun_iter(
-            [f"question {i}" for i in range(30)], shared_budget=shared, rare_filter=rare_filter)]
+    async def main(**limits: float | None) -> tuple[list[RunResult], BudgetTracker]:
+        shared = BudgetTracker(Budget(**{"max_calls": None, "max_tokens": None, "max_cost_usd": None, **limits}), None)
+        results = [result async for _, result in orc.arun_iter(
+            [f"question {i:02d}" for i in range(30)], shared_budget=shared, rare_filter=rare_filter)]
+        return results, shared
 
-    statuses = asyncio.run(main())
+    def sent() -> int:
+        return sum(len(model.requests) for model in models.values())
+
     # started all at once, the 30 runs' 150 keyword samples spent the budget and none finished;
-    # started while the budget can be expected to finish them, 11 finish (99 calls)
+    # started while the budget can be expected to finish them, 11 finish (99 calls) and the others
+    # are not started (their first call is refused unsent), so no call is spent on a run cut short
+    results, shared = asyncio.run(main(max_calls=100))
+    statuses = [r.status for r in results]
     assert statuses.count("done") == 11 and statuses.count("budget_exceeded") == 19
-    assert sum(len(model.requests) for model in models.values()) == 100  # counted where they arrive
+    assert sent() == 99  # counted where they arrive
+    stopped = next(r for r in results if r.status == "budget_exceeded")
+    assert stopped.usage.calls == 0 and "cannot be expected to finish another run, which takes about 9 calls" in \
+        str(stopped.error)
+    assert str(shared.exceeded).startswith("the data set's budget max_calls=100 is spent")
+    # tokens too (nothing is known of them before a run ends: the first runs alone), each run's
+    # last call needing its worst case (prompt + max_tokens) left
+    per_run = results[0].usage.prompt_tokens + results[0].usage.completion_tokens
+    before = sent()
+    results, shared = asyncio.run(main(max_tokens=12 * per_run))
+    finished = [r for r in results if r.status == "done"]
+    assert 8 <= len(finished) <= 12 and sent() - before == 9 * len(finished)  # no run cut short
 
 
 def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> None:
     from orchestra.budget import Budget, BudgetTracker, RunAdmission
+    from orchestra.errors import BudgetExceeded
     from orchestra.models import Usage
     from orchestra.models.pricing import FREE
 
-    def spent(tracker: BudgetTracker, calls: int, tokens: int) -> None:
+    def spent(tracker: BudgetTracker, calls: int, tokens: int, max_tokens: int = 1) -> None:
         for _ in range(calls):
-            tracker.settle(tracker.admit(ChatRequest.user("hi", max_tokens=1), FREE),
+            tracker.settle(tracker.admit(ChatRequest.user("hi", max_tokens=max_tokens), FREE),
                            Usage(prompt_tokens=tokens // calls, requests=1))
 
     shared = BudgetTracker(Budget(max_calls=19, max_tokens=None, max_cost_usd=None), None)
     spent(BudgetTracker(Budget(), "earlier", parent=shared), 2, 20)  # before these runs (another evaluation's)
-    admission = RunAdmission(shared, prior_calls=6)
-    assert admission.admits(0)  # with nothing in flight one always starts
-    assert admission.admits(1) and not admission.admits(2)  # 2 + 6 + 6 <= 19 < 2 + 12 + 6
-    spent(BudgetTracker(Budget(), "r1", parent=shared), 12, 120)  # in flight, spending more than expected
-    assert not admission.admits(1)  # it counts as what it spent: 2 + 12 + 6 > 19
-    learned = RunAdmission(BudgetTracker(Budget(max_calls=19, max_tokens=None, max_cost_usd=None), None),
-                           prior_calls=6)
-    cheap = BudgetTracker(Budget(), "r2", parent=learned.shared)
-    spent(cheap, 3, 30)
-    learned.ended(cheap, whole=True)  # a finished run teaches what a run spends: 3 calls, not 6
-    assert learned.admits(4) and not learned.admits(5)  # 3 + 12 + 3 <= 19 < 3 + 15 + 3
-    tokens = BudgetTracker(Budget(max_calls=None, max_tokens=399, max_cost_usd=None), None)
-    learning = RunAdmission(tokens, prior_calls=1)
-    assert learning.admits(5)  # nothing known of tokens before a run finished
-    resumed = BudgetTracker(Budget(), "r2", parent=tokens)
-    resumed.count(Usage(prompt_tokens=1000, requests=1))  # paid before this resume: not this budget's
-    spent(resumed, 1, 100)
-    learning.ended(resumed, whole=True)
-    assert learning.admits(1) and not learning.admits(2)  # 100 + 100 + 100 <= 399 < 100 + 200 + 100
-    cut = BudgetTracker(Budget(), "r3", parent=tokens)
-    spent(cut, 1, 30)
-    learning.ended(cut, whole=False)  # a run cut short counts as spent, not as what a run spends
-    assert learning.admits(1) and not learning.admits(2)  # 130 + 100 + 100 <= 399 < 130 + 200 + 100
+    admission = RunAdmission(shared)
+    assert admission.admits(0) and not admission.admits(1)  # nothing known: one at a time
+    first = BudgetTracker(Budget(), "r1", parent=shared)
+    spent(first, 3, 30)
+    admission.ended(first, on_its_own=True)  # a finished run teaches what a run spends: 3 calls
+    assert admission.admits(3) and not admission.admits(4)  # 2 + 3 + 9 + 3 <= 19 < 2 + 3 + 12 + 3
+    spent(BudgetTracker(Budget(), "r2", parent=shared), 12, 120)  # in flight, spending more than expected
+    assert not admission.admits(1)  # it counts as what it spent: 2 + 3 + 12 + 3 > 19 (as expected: 2 + 3 + 3 + 3)
+    assert "which takes about 3 calls" in str(admission.refusal(1))
+    cut = BudgetTracker(Budget(), "r3", parent=shared)
+    spent(cut, 1, 10)
+    admission.ended(cut, on_its_own=False)  # a run cut short counts as spent, not as what a run costs
+    assert admission._learned == 1
+
+    tokens = BudgetTracker(Budget(max_calls=None, max_tokens=450, max_cost_usd=None), None)
+    learning = RunAdmission(tokens)
+    resumed = BudgetTracker(Budget(), "r4", parent=tokens)
+    resumed.count(Usage(prompt_tokens=60, requests=1))  # paid before this resume: not this budget's, but its cost
+    spent(resumed, 1, 40, max_tokens=50)  # the call reserved its worst case: about 51 tokens
+    learning.ended(resumed, on_its_own=True)  # a run costs 100 tokens; 40 of them spent here
+    # 40 + 200 in flight + 100 + ~51 for the last call's worst case <= 450 < 40 + 300 + 100 + ~51
+    assert learning.admits(2) and not learning.admits(3)
+
+    hopeless = RunAdmission(BudgetTracker(Budget(max_calls=None, max_tokens=30, max_cost_usd=None), None))
+    run = BudgetTracker(Budget(), "r5", parent=hopeless.shared)
+    with pytest.raises(BudgetExceeded):
+        run.admit(ChatRequest.user("hi", max_tokens=64), FREE)  # its worst case alone is over the limit
+    hopeless.ended(run, on_its_own=False)
+    refused = hopeless.refusal(0)  # the next run is not started: it would stop at the same call
+    assert refused is not None and "one call of a run needs more than all of it" in str(refused)
+    closed = BudgetTracker(Budget(), "r6", parent=hopeless.shared)
+    closed.close(refused)
+    with pytest.raises(BudgetExceeded, match="needs more than all of it"):
+        closed.admit(ChatRequest.user("hi", max_tokens=1), FREE)
+    assert closed.exceeded is refused

@@ -686,7 +686,7 @@ def test_resume_goes_on_after_the_budget_is_raised_in_the_workflow_itself(loopba
     server = loopback(ScriptedLLM().handler())
     path = quiz_workflow(tmp_path, server.url, "budget: {max_calls: 3}\n")
     stopped = cli("run", str(path))
-    assert stopped.returncode == 3 and len(server.requests) == 3, stopped.stderr
+    assert stopped.returncode == 3 and len(server.requests) == 2, stopped.stderr  # q0's a and b; q1 not started
     assert "raise budget.max_calls in the workflow" in stopped.stderr and "--resume" in stopped.stderr
     path.write_text("# budget raised after a stop\n" + path.read_text().replace(
         "budget: {max_calls: 3}", "budget:\n  max_calls: 10").replace(
@@ -713,11 +713,11 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
 
     nothing = ("warning: resume found no earlier run of this evaluation (the same workflow, inputs, settings and "
                "pool) to go on with: every item runs")
-    first, sent = evaluate("--max-calls", "3")  # item 1's a and b, item 2's a, then the budget stops the rest
-    assert (first["items"], first["failed"], first["correct"], sent) == (3, 2, 1, 3)
+    first, sent = evaluate("--max-calls", "3")  # item 1's a and b; the rest are not started (2 calls each)
+    assert (first["items"], first["failed"], first["correct"], sent) == (3, 2, 1, 2)
     assert "max_calls" in first["budget_exceeded"]  # the report says what stopped it
     resumed, sent = evaluate("--resume", "--max-calls", "10")
-    assert (resumed["resumed"], resumed["reused"], resumed["correct"], sent) == (2, 1, 3, 3)  # only what is missing
+    assert (resumed["resumed"], resumed["reused"], resumed["correct"], sent) == (2, 1, 3, 4)  # only what is missing
     again, sent = evaluate("--resume")
     assert (again["reused"], again["correct"], sent) == (3, 3, 0)  # nothing is sent again
     path.write_text(path.read_text().replace("Check: ", "Verify: "))

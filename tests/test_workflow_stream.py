@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from helpers import scripted_pool
 
-from orchestra import Orchestra
+from orchestra import Budget, Orchestra
 from orchestra.errors import ConfigError
 from orchestra.events import Event, RunDone, RunStarted
 from orchestra.models import ChatRequest
@@ -23,7 +23,7 @@ FLOW = ("pool: pool.yaml\ninputs:\n  question: {type: string}\n"
         "dataset: {path: qa.jsonl}\n")
 
 
-def report_of(tmp_path: Path, window: int | None) -> tuple[dict[str, Any], int]:
+def report_of(tmp_path: Path, window: int | None, **settings: Any) -> tuple[dict[str, Any], int]:
     """The report of the data set with ``window`` runs at most in flight, and the most that were."""
     (tmp_path / "qa.jsonl").write_text("".join(
         json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1),
@@ -48,7 +48,7 @@ def report_of(tmp_path: Path, window: int | None) -> tuple[dict[str, Any], int]:
             live["now"] -= 1
 
     flow = Workflow.load(tmp_path / "flow.yaml", pool=pool)
-    orc = Orchestra(pool, store=False, on_event=count)
+    orc = Orchestra(pool, store=False, on_event=count, **settings)
     report = asyncio.run(aevaluate_workflow(flow, {}, orchestra=orc, window=window)).to_json()
     for row in report["answers"]:
         row.pop("run_id")
@@ -60,8 +60,13 @@ def test_a_data_set_workflow_streams_through_its_window_and_reports_in_data_set_
     streamed, most = report_of(tmp_path, window=2)
     assert most == 2  # never more runs than the window, though the first is slow
     whole, most_at_once = report_of(tmp_path, window=None)
-    assert most_at_once == 7
+    # the data set shares a budget (the default one): until a run has ended, nothing is known of
+    # what a run costs, so the first runs alone; then the six others go at once
+    assert most_at_once == 6
     assert streamed == whole
+    unbounded, most_at_once = report_of(tmp_path, window=None,
+                                        budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=None))
+    assert most_at_once == 7 and unbounded == whole  # a budget without limits does not hold runs back
     assert list(streamed["per_category"]) == ["slow", "b", "a"]  # data-set order, not completion order
     assert [(a["id"], a["correct"]) for a in streamed["answers"]] == [(f"q{i}", i != 3) for i in range(7)]
     assert streamed["items"] == 7 and streamed["correct"] == 6 and streamed["failed"] == 0
