@@ -10,7 +10,7 @@ from orchestra.errors import BudgetExceeded
 from orchestra.models import ChatRequest, Usage
 from orchestra.models.pricing import Price
 from orchestra.models.types import estimate_tokens
-from orchestra.money import usd
+from orchestra.money import usd, usd_exact
 
 
 class Budget(BaseModel):
@@ -125,11 +125,11 @@ class BudgetTracker:
                          hopeless=worst.tokens > budget.max_tokens)
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
-            held = f", {usd(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
+            held = f", {usd_exact(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
             self._refuse("max_cost_usd", budget.max_cost_usd,
-                         f"{usd(self.cost_usd)} spent{held}, the next call may cost {usd(worst.cost_usd)}: {prompt} "
-                         f"tokens of prompt and up to {answer} of answer",
+                         f"{usd_exact(self.cost_usd)} spent{held}, the next call may cost "
+                         f"{usd_exact(worst.cost_usd)}: {prompt} tokens of prompt and up to {answer} of answer",
                          held=bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd,
                          hopeless=worst.cost_usd > budget.max_cost_usd)
         if self.parent is not None:

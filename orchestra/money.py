@@ -9,3 +9,13 @@ def usd(amount: float) -> str:
     if amount == 0 or amount >= 0.0001:
         return f"${amount:.4f}"
     return "$" + f"{amount:.10f}".rstrip("0")
+
+
+def usd_exact(amount: float) -> str:
+    """Dollars to the millionth (at least four decimals), for amounts set against a limit:
+    ``$0.0011`` spent and ``$0.0004`` to come would seem to fit a limit of 0.0015 that ``$0.001053``
+    and ``$0.000447`` do not."""
+    if 0 < amount < 0.0001:  # (``usd`` shows every digit of those)
+        return usd(amount)
+    whole, _, decimals = f"{amount:.6f}".rstrip("0").partition(".")
+    return f"${whole}.{decimals.ljust(4, '0')}"

@@ -606,6 +606,21 @@ def test_a_tiny_cost_budget_reads_in_plain_numbers() -> None:
                                   "$0.0000125: 1 tokens of prompt and up to 1 of answer)")
 
 
+def test_a_cost_refusal_shows_the_digits_that_tell_it_from_a_fit() -> None:
+    from orchestra.models import Usage
+    from orchestra.models.pricing import Price
+
+    tracker = BudgetTracker(Budget(max_cost_usd=0.0015, max_calls=None, max_tokens=None), "r")
+    price = Price(input=1, output=2)  # dollars per million tokens
+    request = ChatRequest.user("x" * 200, max_tokens=200)  # 50 tokens of prompt: $0.00045 at worst
+    tracker.settle(tracker.admit(request, price), Usage(prompt_tokens=50, completion_tokens=501, cost_usd=0.001053))
+    with pytest.raises(BudgetExceeded) as refused:
+        tracker.admit(request, price)
+    # (it read "$0.0011 spent, the next call may cost $0.0004": seemingly 0.0015, within the limit)
+    assert str(refused.value) == ("budget max_cost_usd=0.0015 reached ($0.001053 spent, the next call may cost "
+                                  "$0.00045: 50 tokens of prompt and up to 200 of answer)")
+
+
 def test_a_call_that_fits_once_the_calls_in_flight_end_is_told_so() -> None:
     shared = BudgetTracker(Budget(max_tokens=2_000), None, name="the server's budget")
     first, second = (BudgetTracker(Budget(), f"run-{i}", parent=shared) for i in (6, 7))
