@@ -813,15 +813,23 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, plot: Path | None, a
             table.add_column(column, justify="left" if column == "method" else "right")
         for p in points:
             per_correct = "-" if p.cost_per_correct_usd is None else f"${p.cost_per_correct_usd:.6f}"
-            table.add_row(p.method, f"{p.accuracy:.3f}", f"${p.cost_usd:.6f}", per_correct, str(p.calls),
+            accuracy = f"{p.accuracy:.3f}" + (f" ({p.items - p.failed} of {p.items} finished)" if p.failed else "")
+            table.add_row(p.method, accuracy, f"${p.cost_usd:.6f}", per_correct, str(p.calls),
                           str(p.saved_calls), "●" if p.on_frontier else "")
         terminal().print(table)
         if plot is not None:
             click.echo(f"wrote the frontier to {plot}")
     unfinished = [p for p in points if p.failed]
     if unfinished and not interrupted:
-        click.echo(f"error: {unfinished[0].failed} run(s) of {unfinished[0].method} did not finish", err=True)
-        sys.exit(1)
+        first = unfinished[0]
+        left_off = f"{first.failed} of {first.items} items of {first.method} unfinished: it is left off the frontier"
+        if first.budget_exceeded:
+            from orchestra.hints import BUDGET_FLAGS
+
+            flag = next((f for limit, f in BUDGET_FLAGS.items() if f"budget {limit}=" in first.budget_exceeded), None)
+            fail(f"{first.budget_exceeded} ({left_off}); "
+                 + (f"raise it with {flag} and sweep again" if flag else "sweep again with a larger budget"), 3)
+        fail(f"{left_off}; each method's items must all finish for its point to count", first.failure_exit or 1)
 
 
 def print_report(report: EvalReport, title: str, as_json: bool) -> None:

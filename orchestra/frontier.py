@@ -41,6 +41,10 @@ class SweepPoint:
     requests: int = 0
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
     on_frontier: bool = False
+    budget_exceeded: str | None = None
+    """The data set's budget that stopped this method's evaluation, if one did."""
+    failure_exit: int = 0
+    """The exit code of its first unfinished item (2 a user error, 3 a budget, else 1)."""
 
     @classmethod
     def of(cls, report: EvalReport, method: str, cost_lambda: float | None) -> SweepPoint:
@@ -49,7 +53,8 @@ class SweepPoint:
                    cost_per_item_usd=report.cost_usd / report.items if report.items else 0.0,
                    cost_per_correct_usd=report.cost_per_correct_usd, calls=report.calls,
                    saved_calls=report.saved_calls, items=report.items, failed=report.failed,
-                   requests=report.requests, per_category=report.per_category)
+                   requests=report.requests, per_category=report.per_category,
+                   budget_exceeded=report.budget_exceeded, failure_exit=report.failure_exit)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -58,11 +63,13 @@ class SweepPoint:
 
 def mark_frontier(points: Sequence[SweepPoint]) -> None:
     """Set ``on_frontier`` on the points that no other point beats on both accuracy and cost
-    (at least as good on both, better on one)."""
+    (at least as good on both, better on one). A method whose evaluation did not finish (a budget
+    stopped it) has neither its accuracy nor its cost: it is left out, and beats nothing."""
+    whole = [point for point in points if not point.failed]
     for point in points:
-        point.on_frontier = not any(
+        point.on_frontier = not point.failed and not any(
             other.accuracy >= point.accuracy and other.cost_usd <= point.cost_usd
-            and (other.accuracy > point.accuracy or other.cost_usd < point.cost_usd) for other in points)
+            and (other.accuracy > point.accuracy or other.cost_usd < point.cost_usd) for other in whole)
 
 
 def sweep_size(lambdas: Sequence[float] = LAMBDAS, methods: Sequence[str] | None = None) -> int:

@@ -663,3 +663,22 @@ def test_runs_lists_a_data_set_items_id_before_its_task_so_a_narrow_terminal_kee
     # no room for a task: the run id and status stay whole, without an empty task column beside them
     assert narrow.stdout.splitlines()[1].split() == ["┃", "run", "┃", "status", "┃"], narrow.stdout
     assert "20261203-000000-abcdef" in narrow.stdout and "running" in narrow.stdout
+
+
+def test_a_sweep_a_budget_cut_short_says_so_and_leaves_the_method_off_the_frontier(loopback, tmp_path: Path) -> None:
+    """Each method's evaluation under --max-calls: one the budget stopped was on the frontier by its
+    few finished items' accuracy, and the command said only "6 run(s) of symbolic-moe did not finish" (exit 1)."""
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "The question q{i}", "answer": "42"}}\n' for i in range(3)))
+    swept = cli("eval", "--pool", str(pool), "--data", str(data), "--sweep", "--lambdas", "0", "--max-calls", "12",
+                "--no-store", "--json")
+    assert swept.returncode == 3, swept.stderr
+    points = {p["method"]: p for p in json.loads(swept.stdout)["points"]}
+    cut = [p for p in points.values() if p["failed"]]
+    assert cut and not any(p["on_frontier"] for p in cut) and any(p["on_frontier"] for p in points.values())
+    first = cut[0]
+    assert swept.stderr.strip().splitlines()[-1] == (
+        f"error: {first['budget_exceeded']} ({first['failed']} of 3 items of {first['method']} unfinished: it is left "
+        "off the frontier); raise it with --max-calls and sweep again")
