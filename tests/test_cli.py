@@ -596,13 +596,15 @@ def test_eval_budget_flags_bound_the_whole_evaluation(llm, tmp_path: Path) -> No
     done = cli("eval", "--pool", str(pool), "--data", str(data), "--max-calls", "10", "--json")
     assert done.returncode == 3, done.stderr
     report = json.loads(done.stdout)
-    # 10 calls for the four items together (the flags used to cap each item alone)
-    assert report["calls"] == 10 == len(llm.server.requests)
-    assert report["budget_exceeded"] == "the data set's budget max_calls=10 is spent (10 calls made)"
+    # 10 calls for the four items together (the flags used to cap each item alone): the first item
+    # takes 9, and a second, which could not finish in the 1 left, is not started (no call spent on it)
+    assert report["calls"] == 9 == len(llm.server.requests)
+    spent = ("the data set's budget max_calls=10 is spent (what is left cannot be expected to finish another run, "
+             "which takes about 9 calls; it was not started)")
+    assert report["budget_exceeded"] == spent
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: the data set's budget max_calls=10 is spent (10 calls made) ({report['failed']} of 4 items "
-        "unfinished); raise it with --max-calls and run the evaluation again with --resume (finished items are "
-        "kept)")
+        f"error: {spent} ({report['failed']} of 4 items unfinished); raise it with --max-calls and run the "
+        "evaluation again with --resume (finished items are kept)")
     listed = json.loads(cli("runs", "--json").stdout)  # each run says which item it answered
     assert sorted(run["item"] for run in listed) == ["q0", "q1", "q2", "q3"]
     # the flags raise what one item's run may spend too: a pool's own per-run limit of 5 calls (an item
