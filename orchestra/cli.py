@@ -658,6 +658,7 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     from orchestra.agents import Pool
     from orchestra.datasets import load_dataset
     from orchestra.evaluate import aevaluate
+    from orchestra.settings import assignments
 
     if plot is not None and not sweep:
         raise click.UsageError("--plot draws a sweep's frontier: add --sweep")
@@ -665,6 +666,8 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
         raise click.UsageError("--lambdas are the points of a sweep: add --sweep (or give one λ with --cost-lambda)")
     if sweep and (method or output or resume):
         raise click.UsageError("--sweep runs every method: leave out --method, --output and --resume")
+    if _assigns(assignments(list(opts["assignments"])), ("plan",)):  # (it would be accepted, then not used)
+        raise click.UsageError("eval answers each item in one step, without a plan: leave out --set plan")
     dataset = load_dataset(data)
     if resume:  # (a mistyped --store would be a new, empty store: every item would run again)
         refuse_missing_store(opts["store_path"])

@@ -145,6 +145,8 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
     assert lonely.returncode == 2 and "add --sweep" in lonely.stderr
     dropped = cli("eval", "--pool", str(pool), "--data", str(test), "--lambdas", "0,1")  # (ran a plain eval)
     assert dropped.returncode == 2 and "--lambdas are the points of a sweep: add --sweep" in dropped.stderr
+    planned = cli("eval", "--pool", str(pool), "--data", str(test), "--set", "plan=true")  # (was accepted, unused)
+    assert planned.returncode == 2 and "without a plan: leave out --set plan" in planned.stderr
     for sweep in ((), ("--sweep",)):  # (a traceback: eval built the data set's budget unvalidated)
         nan = cli("eval", "--pool", str(pool), "--data", str(test), "--max-cost", "nan", *sweep)
         assert nan.returncode == 2 and nan.stderr.strip() == ("error: command line budget.max_cost_usd: Input should "
