@@ -78,10 +78,12 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from synchronous code; refuse clearly inside a running event loop."""
     try:
         asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    coro.close()
-    raise RuntimeError("an event loop is already running here; use the async method (arun, arun_many...)")
+    except RuntimeError:  # none: run it below, outside this handler (its errors are not chained to this one)
+        pass
+    else:
+        coro.close()
+        raise RuntimeError("an event loop is already running here; use the async method (arun, arun_many...)")
+    return asyncio.run(coro)
 
 
 def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:

@@ -181,6 +181,15 @@ def test_a_run_id_prefix_matching_two_runs_is_refused_as_ambiguous(tmp_path: Pat
             store.run(not_a_prefix)
 
 
+def test_the_sync_api_raises_its_own_error_alone(tmp_path: Path) -> None:
+    """``run_sync`` ran the coroutine inside its ``except RuntimeError`` (no running loop): every
+    error of a sync call came chained to that RuntimeError in its traceback."""
+    pool, _ = scripted_pool(2)
+    with pytest.raises(RunNotFound) as missing:
+        Orchestra(pool, store=tmp_path / "runs.db").resume("nope")
+    assert missing.value.__context__ is None
+
+
 def test_a_done_run_whose_result_cannot_be_written_is_marked_failed_not_done(tmp_path: Path) -> None:
     """``finish_run`` on a full disk: the run is still marked ended with its status alone, and a
     ``done`` run whose answer was lost is marked ``failed`` (on disk too), so it can be resumed."""
