@@ -200,12 +200,12 @@ class BudgetTracker:
 
 
 class RunAdmission:
-    """Which of a data set's runs may start while they share a budget.
+    """Which of a data set's runs (or a server's requests) may start while they share a budget.
 
     Started all at once, the runs' first calls (every run's keyword samples) would spend a budget
-    smaller than the data set, and no run would finish. So a run starts only while the budget can
-    be expected to finish it after the runs in flight: each is expected to spend what the runs that
-    ended on their own spent on average, all they cost (a resumed run's calls paid before
+    smaller than the data set (or a burst of requests), and no run would finish. So a run starts
+    only while the budget can be expected to finish it after the runs in flight: each is expected
+    to spend what the runs that ended on their own spent on average, all they cost (a resumed run's calls paid before
     included; runs a budget or a cancellation cut short do not show what a run costs), and a run
     in flight at least what it has committed; the last call of all needs its worst case left (the
     largest one a call has reserved), which is what the budget admits it by. Until one has ended
@@ -249,7 +249,7 @@ class RunAdmission:
                         if name == "max_tokens" else usd(per_run))
                 return BudgetExceeded(limit=name, value=limit, run_id=None, shared=self.shared.name,
                                       spent=f"what is left cannot be expected to finish another run, which takes "
-                                            f"about {need}; it was not started")
+                                            f"about {need}, so it was not started")
         return None
 
     def ended(self, run: BudgetTracker, *, on_its_own: bool) -> None:
@@ -262,9 +262,13 @@ class RunAdmission:
             self._futile = BudgetExceeded(limit=refused.limit, value=refused.value, run_id=None,
                                           shared=self.shared.name, hopeless=True,
                                           spent=f"one call of a run needs more than all of it: {refused.spent}")
-        spent = run.committed()
+        whole = (run.calls, run.prompt_tokens + run.completion_tokens, run.cost_usd)
+        self.count(run.committed(), whole if on_its_own else None)
+
+    def count(self, spent: tuple[float, float, float], whole: tuple[float, float, float] | None) -> None:
+        """Count a run that ended, by what it had committed to the shared budget (calls, tokens,
+        dollars) and, if it ended on its own, all it cost (``whole``: what a run takes)."""
         self._ended = (self._ended[0] + spent[0], self._ended[1] + spent[1], self._ended[2] + spent[2])
-        if on_its_own:
+        if whole is not None:
             self._learned += 1
-            tokens = run.prompt_tokens + run.completion_tokens
-            self._whole = (self._whole[0] + run.calls, self._whole[1] + tokens, self._whole[2] + run.cost_usd)
+            self._whole = (self._whole[0] + whole[0], self._whole[1] + whole[1], self._whole[2] + whole[2])

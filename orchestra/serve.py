@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from orchestra.agents import Pool
-from orchestra.budget import Budget, BudgetTracker
+from orchestra.budget import Budget, BudgetTracker, RunAdmission
 from orchestra.core import Orchestra, check_task, new_run_id
 from orchestra.errors import ConfigError
 from orchestra.events import Event
@@ -118,6 +118,12 @@ class Server:
                     raise ConfigError(f"preset {served.id!r}: {error}") from None
         self._api_key = api_key.encode() if api_key else None
         self.shared = BudgetTracker(budget, None, name=SERVER_BUDGET) if budget is not None else None
+        #: under a limited server budget, a request's run starts only while the budget can be expected
+        #: to finish it (a burst would otherwise spend it on keyword samples and finish nothing)
+        limited = budget is not None and any(limit is not None for limit in budget.model_dump().values())
+        self.admission = RunAdmission(self.shared) if self.shared is not None and limited else None
+        self.live = 0  # runs in flight
+        self.changed = asyncio.Event()  # a run ended
         self.max_request_bytes = max_request_bytes
         self.created = int(time.time())
         self.closing = False
@@ -141,6 +147,8 @@ class Server:
             spent = self.shared.reached() if self.shared is not None else None
             if spent is not None:
                 raise WireError(429, f"the server's budget is exhausted: {spent}", code="insufficient_quota")
+            if self.admission is not None and not await self._admitted(request):
+                return Response(status_code=499)  # the client went away while its request waited
             feed = Feed(completion.progress) if completion.stream else None
             run = self._start(completion, served, feed)
         except WireError as error:
@@ -223,6 +231,37 @@ class Server:
         except RecursionError:
             raise bad_request("the request body is JSON nested too deeply to read") from None
 
+    async def _admitted(self, request: Request) -> bool:
+        """Wait until the server's budget can be expected to finish one more request's run besides
+        those in flight (see ``RunAdmission``: until one has ended, runs go one at a time); a request
+        it cannot be expected to finish is refused (429) before any call. False: the client went
+        away while it waited."""
+        assert self.admission is not None
+        while not self.admission.admits(self.live):
+            self.changed.clear()
+            if await _disconnected_before(self.changed, request):
+                return False
+            if self.closing:
+                raise WireError(503, "the server is shutting down; retry on another instance")
+        refused = self.admission.refusal(self.live)
+        if refused is not None:
+            raise WireError(429, str(refused), code="insufficient_quota")
+        return True
+
+    def _run_ended(self, run: asyncio.Task[RunResult]) -> None:
+        """Count a request's run that ended for ``RunAdmission``: what it spent, and (if it ended on
+        its own, not cut short by a budget or a cancellation) what a run takes."""
+        assert self.admission is not None
+        self.live -= 1
+        self.changed.set()
+        if run.cancelled() or run.exception() is not None:  # what it spent is in the budget's own count
+            self.admission.count((0, 0, 0.0), None)
+            return
+        result = run.result()
+        usage = result.usage
+        spent = (usage.calls, usage.prompt_tokens + usage.completion_tokens, usage.cost_usd)
+        self.admission.count(spent, spent if result.status not in ("budget_exceeded", "cancelled") else None)
+
     def _check_fits(self, completion: Completion, own: int | None) -> None:
         """Refuse (400) a request that could never be served within the server's token budget or
         its own run's (``own``: that budget's ``max_tokens``): the call that writes the answer
@@ -277,6 +316,9 @@ class Server:
         task.add_done_callback(self.runs.discard)
         task.add_done_callback(lambda _: self._feeds.pop(run_id, None))
         task.run_id = run_id  # type: ignore[attr-defined]
+        if self.admission is not None:
+            self.live += 1
+            task.add_done_callback(self._run_ended)
         return task
 
     def _on_event(self, event: Event) -> None:
@@ -391,6 +433,21 @@ async def _wait(run: asyncio.Task[RunResult], request: Request, started: asyncio
         for waiter in waiters - {run}:
             waiter.cancel()
     return watcher.done() and not watcher.cancelled() and not run.done() and not (started and started.is_set())
+
+
+async def _disconnected_before(event: asyncio.Event, request: Request) -> bool:
+    """Wait until ``event`` is set; True when the client disconnects first."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher, waiter = asyncio.ensure_future(disconnected()), asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({watcher, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        waiter.cancel()
+    return watcher.done() and not watcher.cancelled() and not waiter.done()
 
 
 async def _feed_until(run: asyncio.Task[RunResult], feed: Feed) -> AsyncIterator[tuple[str, Any]]:

@@ -474,16 +474,39 @@ def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any
     question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
     first = client.chat.completions.create(model="orchestra", messages=question)
     assert first.model_extra["orchestra"]["calls"] == 9  # 5 keyword samples, 3 experts, the aggregator
-    with pytest.raises(openai.RateLimitError) as second:
-        client.chat.completions.create(model="orchestra", messages=question)  # needs 9 more; 3 left
-    assert second.value.status_code == 429 and "the server's budget max_calls=12 is spent" in second.value.message
-    run_id = second.value.response.headers[RUN_HEADER]  # a resume is not under the server's budget: nothing to raise
-    assert second.value.message.endswith(f"run {run_id} is saved: `orchestra resume {run_id}` finishes it")
-    sent = sum(experts.requests.values())
-    assert sent <= 12
-    with pytest.raises(openai.RateLimitError, match="server's budget is exhausted"):
-        client.chat.completions.create(model="orchestra", messages=question)
-    assert sum(experts.requests.values()) == sent  # refused before any call
+    for _ in range(2):  # a request takes 9 calls; 3 are left: refused before any call, with no run to resume
+        with pytest.raises(openai.RateLimitError) as second:
+            client.chat.completions.create(model="orchestra", messages=question)
+        assert second.value.status_code == 429 and second.value.message.endswith(
+            " - the server's budget max_calls=12 is spent (what is left cannot be expected to finish another run, "
+            "which takes about 9 calls, so it was not started)")
+        assert RUN_HEADER not in second.value.response.headers
+        assert second.value.response.headers["x-should-retry"] == "false"
+    assert sum(experts.requests.values()) == 9
+
+
+def test_a_burst_under_the_servers_budget_gets_the_answers_it_can_pay_for(serve: Any, tmp_path: Path) -> None:
+    """Started at once, 6 requests' keyword samples spent a budget of 2 answers and none was
+    answered; admitted while the budget can be expected to finish them, 2 are answered and the
+    rest refused before any call."""
+    running, experts = serve(budget=Budget(max_calls=20, max_cost_usd=None, max_tokens=None))
+
+    async def burst() -> list[Any]:
+        client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        outcomes = await asyncio.gather(*(client.chat.completions.create(
+            model="orchestra", messages=[{"role": "user", "content": f"What is fact number {i} about light?"}])
+            for i in range(6)), return_exceptions=True)
+        await client.close()
+        return outcomes
+
+    outcomes = asyncio.run(burst())
+    answered = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+    assert len(answered) == 2 and len(refused) == 4  # the first alone, then one more beside nothing: 18 of 20
+    assert all(a.choices[0].message.content == "The answer is 42." for a in answered)
+    assert all("it was not started" in r.message for r in refused)
+    assert sum(experts.requests.values()) == 18  # counted where they arrive: none for a refused request
+    assert len(RunStore(tmp_path / "runs.db").runs()) == 2  # and no run recorded for them
 
 
 def test_a_request_too_big_for_the_servers_token_budget_leaves_the_rest_for_others(serve: Any) -> None:
