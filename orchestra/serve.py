@@ -35,7 +35,7 @@ from orchestra.budget import Budget, BudgetTracker, RunAdmission
 from orchestra.core import Orchestra, check_task, new_run_id
 from orchestra.errors import ConfigError
 from orchestra.events import Event
-from orchestra.hints import budget_hint
+from orchestra.hints import BUDGET_FLAGS
 from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import (
     ChunkWriter,
@@ -123,6 +123,7 @@ class Server:
         limited = budget is not None and any(limit is not None for limit in budget.model_dump().values())
         self.admission = RunAdmission(self.shared) if self.shared is not None and limited else None
         self.live = 0  # runs in flight
+        self.stored = orchestra.store is not None  # whether a failed request's run can be resumed
         self.changed = asyncio.Event()  # a run ended
         self.max_request_bytes = max_request_bytes
         self.created = int(time.time())
@@ -165,9 +166,9 @@ class Server:
             return Response(status_code=499)
         if run.done():
             if run.cancelled():
-                return _error(_cancelled(run), run.run_id)  # type: ignore[attr-defined]
+                return _error(_cancelled(run, self.stored), run.run_id)  # type: ignore[attr-defined]
             result = run.result()
-            failure = _failure(result)
+            failure = _failure(result, self.stored)
             if failure is not None:
                 return _error(failure, result.run_id)
             if feed is None:
@@ -268,14 +269,15 @@ class Server:
         carries the messages and may take ``max_tokens`` more, so that much is a lower bound of
         what the request needs (what is left of the budget is the run's concern: a 429 when it
         runs out)."""
-        limits = [("the server's whole budget", self.shared.budget.max_tokens if self.shared is not None else None),
-                  ("a request's own budget", own)]
+        limits = [("the server's whole budget", "--total-max-tokens",
+                   self.shared.budget.max_tokens if self.shared is not None else None),
+                  ("a request's own budget", "budget.max_tokens", own)]
         prompt, answer = estimate_tokens(f"{completion.context}\n{completion.task}"), completion.max_tokens or 0
-        for whose, limit in limits:
+        for whose, setting, limit in limits:
             if limit is not None and prompt + answer > limit:
                 parts = f"about {prompt} of messages" + (f" and up to {answer} of answer" if answer else "")
                 fix = "a smaller max_tokens or a shorter conversation" if answer else "a shorter conversation"
-                raise WireError(400, f"this request needs more tokens than {whose} allows (max_tokens={limit}): "
+                raise WireError(400, f"this request needs more tokens than {whose} allows ({setting}={limit}): "
                                 f"{parts}; send {fix}", param="max_tokens" if answer > limit else "messages",
                                 code="invalid_value")
 
@@ -339,7 +341,7 @@ class Server:
                 async for kind, item in _feed_until(run, feed):
                     yield writer.progress(item) if kind == "progress" else writer.chunk({"content": item})
                 await asyncio.wait({run})
-                failure = _cancelled(run) if run.cancelled() else _failure(run.result())
+                failure = _cancelled(run, self.stored) if run.cancelled() else _failure(run.result(), self.stored)
                 if failure is not None:  # the status line is sent already: the error is the last event
                     yield sse(failure.body())
                     return
@@ -475,38 +477,59 @@ async def _stop(run: asyncio.Task[RunResult], reason: str) -> None:
         await run
 
 
-def _cancelled(run: asyncio.Task[RunResult]) -> WireError:
+def base_url(host: str, port: int) -> str:
+    """The base URL clients give an OpenAI SDK for a server listening on ``host`` (an IPv6 address
+    bracketed, as a URL writes it) and ``port``."""
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+
+def _kept(run_id: str, stored: bool) -> str:
+    """How to finish a request's run that did not: resume it, or (with no store) nothing to resume."""
+    if stored:
+        return f"run {run_id} is saved: `orchestra resume {run_id}` finishes it"
+    return f"run {run_id} was not saved (the server runs with --no-store)"
+
+
+def _cancelled(run: asyncio.Task[RunResult], stored: bool) -> WireError:
     """The error of a run the server cancelled (a second Ctrl-C, or its shutdown)."""
     run_id = run.run_id  # type: ignore[attr-defined]
-    return WireError(503, f"the server is shutting down and cancelled run {run_id}; "
-                          f"`orchestra resume {run_id}` finishes it")
+    then = (f"`orchestra resume {run_id}` finishes it" if stored
+            else "it was not saved (the server runs with --no-store)")
+    return WireError(503, f"the server is shutting down and cancelled run {run_id}; {then}")
 
 
-def _failure(result: RunResult) -> WireError | None:
+def _failure(result: RunResult, stored: bool) -> WireError | None:
     """The error a finished run answers with, if any: 429 for a budget, 503 for endpoints that
-    cannot be used (a key, an address), 502 when the experts failed otherwise."""
+    cannot be used (a key, an address), 502 when the run failed otherwise (``stored``: whether it
+    can be resumed)."""
     if result.status == "done" or (result.status == "partial" and result.answer):
         return None
     reason = result.error or "no answer"
-    resume = f"; run {result.run_id} is saved: `orchestra resume {result.run_id}` finishes it"
+    kept = _kept(result.run_id, stored)
     if result.status == "budget_exceeded":
         # the run's own budget stays its own on resume: the advice says what to raise
         # (a resume is not under the server's budget, so one that stopped it needs nothing raised)
-        hint = None if reason.startswith(SERVER_BUDGET) else budget_hint(reason, result.run_id)
-        advice = f"; run {result.run_id} is saved: {hint}" if hint else resume
-        return WireError(429, f"budget exhausted: {reason}{advice}", code="insufficient_quota")
+        limit = None if reason.startswith(SERVER_BUDGET) else next(
+            (name for name in BUDGET_FLAGS if f"budget {name}=" in reason), None)
+        if limit is not None:
+            bound = f"each request's run has the server's {BUDGET_FLAGS[limit]} (budget.{limit} in its settings)"
+            kept = (f"run {result.run_id} is saved; {bound}: raise it, then `orchestra resume {result.run_id}` "
+                    "finishes it") if stored else f"{bound}; {kept}"
+        return WireError(429, f"budget exhausted: {reason}; {kept}", code="insufficient_quota")
     if result.status == "cancelled":
-        return WireError(503, f"the run was cancelled: {reason}{resume}")
+        return WireError(503, f"the run was cancelled: {reason}; {kept}")
     if result.user_error:
-        return WireError(503, f"the experts' endpoints cannot be used: {reason}{resume}")
-    return WireError(502, f"the experts failed: {reason}{resume}")
+        return WireError(503, f"the experts' endpoints cannot be used: {reason}; {kept}")
+    return WireError(502, f"the run failed: {reason}; {kept}")
 
 
 def _error(error: WireError, run_id: str | None = None) -> JSONResponse:
     headers = {RUN_HEADER: run_id} if run_id else {}
     if error.status == 401:
         headers["www-authenticate"] = "Bearer"
-    if error.code == "insufficient_quota":  # a spent budget stays spent: SDKs that retry a 429 need not
+    # a spent budget stays spent, and a request whose run ended without an answer (after Orchestra's
+    # own retries) would start another run, paid again: SDKs that retry a 429 or a 5xx need not
+    if error.code == "insufficient_quota" or run_id:
         headers["x-should-retry"] = "false"
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
@@ -583,7 +606,7 @@ def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, gr
         await asyncio.sleep(0) if server.started else await serving
         bound = server.servers[0].sockets[0].getsockname()
         models = ", ".join(served.models)
-        print(f"orchestra serve: http://{bound[0]}:{bound[1]}/v1 · models: {models} · Ctrl-C stops", flush=True)
+        print(f"orchestra serve: {base_url(bound[0], bound[1])} · models: {models} · Ctrl-C stops", flush=True)
         await serving
 
     asyncio.run(main())

@@ -22,6 +22,7 @@ from orchestra.errors import (
 from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
 from orchestra.models.base import retry_listener
 from orchestra.models.http import parse_retry_after
+from orchestra.models.types import estimate_tokens
 from orchestra.testing import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
 from orchestra.testing.loopback import openai_stream_reply
 
@@ -391,6 +392,20 @@ def test_a_server_that_ignores_stream_still_gives_on_text_the_whole_text(loopbac
     result = run(openai(server).complete_one(ask(on_text=seen.append)))
     assert server.requests[0].json()["stream"] is True
     assert seen == [result.text] == ["Light travels 30 cm."]  # (it was never called)
+
+
+def test_an_answer_without_usage_has_its_prompt_tokens_estimated_as_a_streamed_one(loopback) -> None:
+    """A server that counts nothing: the prompt was 0 tokens when not streamed (budgets undercounted)
+    and estimated when streamed; both estimate it now, and completion tokens too."""
+    def bare(request: LoopbackRequest) -> Reply:
+        reply = openai_reply("Light travels 30 cm.")
+        del reply.body["usage"]
+        return reply
+
+    server = loopback(bare)
+    result = run(openai(server).complete_one(ask("a question of some length")))
+    assert result.usage.prompt_tokens == estimate_tokens("a question of some length") > 0
+    assert result.usage.completion_tokens == estimate_tokens("Light travels 30 cm.")
 
 
 def test_a_stream_cut_short_is_retried_and_the_text_starts_again(loopback) -> None:

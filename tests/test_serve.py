@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 
 from orchestra.budget import Budget
-from orchestra.serve import RUN_HEADER, Feed, app
+from orchestra.serve import RUN_HEADER, Feed, app, base_url
 from orchestra.store import RunStore
 from orchestra.testing import LoopbackRequest, LoopbackServer, Reply
 from orchestra.testing.loopback import error_reply, openai_reply, openai_stream_reply
@@ -146,8 +146,8 @@ class Running:
         self.url = f"http://127.0.0.1:{port}"
 
     def client(self, **options: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=options.pop("api_key", "unused"), max_retries=0,
-                             **options)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=options.pop("api_key", "unused"),
+                             max_retries=options.pop("max_retries", 0), **options)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -281,13 +281,13 @@ def test_progress_chunks_are_opt_in_and_the_plan_shows_in_them(serve: Any) -> No
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "The answer is 42."
     assert experts.count("plan") == {"planner": 2}
     experts.fail = set(EXPERTS)  # after the first chunk, a failure is the stream's last event
-    with pytest.raises(openai.APIError, match="the experts failed"):
+    with pytest.raises(openai.APIError, match="the run failed"):
         list(client.chat.completions.create(model="orchestra", stream=True, extra_body={"progress": True},
                                             messages=[{"role": "user", "content": task}]))
     raw = httpx.post(running.url + "/v1/chat/completions", timeout=60, json={
         "model": "orchestra", "stream": True, "progress": True, "messages": [{"role": "user", "content": task}]})
     last = [line for line in raw.text.splitlines() if line.startswith("data: ")][-1]
-    assert last.startswith('data: {"error":{"message":"the experts failed')  # compact, as every other event
+    assert last.startswith('data: {"error":{"message":"the run failed')  # compact, as every other event
 
 
 def test_json_schema_answers_with_the_schema_and_sends_it_to_the_answer_writers(serve: Any) -> None:
@@ -407,11 +407,16 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
                            json={"model": "orchestra", "messages": question, "n": None})
     assert default_n.status_code == 200 and len(default_n.json()["choices"]) == 1  # null: OpenAI's default, 1
     experts.fail = set(EXPERTS)
-    with pytest.raises(openai.APIStatusError) as upstream:
-        client.chat.completions.create(model="orchestra", messages=question)
-    assert upstream.value.status_code == 502 and "experts failed" in upstream.value.message
+    sent = sum(experts.requests.values())
+    with pytest.raises(openai.APIStatusError) as upstream:  # (an SDK that retries a 502 twice, as by default)
+        running.client(max_retries=2).chat.completions.create(model="orchestra", messages=question)
+    assert upstream.value.status_code == 502 and "the run failed" in upstream.value.message
     run_id = upstream.value.response.headers[RUN_HEADER]
     assert RunStore(tmp_path / "runs.db").run(run_id).status == "failed"
+    # the run is saved: the SDK is told not to retry, which would start (and pay for) a new run each time
+    assert upstream.value.response.headers["x-should-retry"] == "false"
+    assert len([r for r in RunStore(tmp_path / "runs.db").runs() if r.status == "failed"]) == 1
+    assert sum(experts.requests.values()) - sent == RunStore(tmp_path / "runs.db").run_totals(run_id)["requests"]
 
 
 def test_endpoints_that_cannot_be_reached_are_a_503(loopback: Any, tmp_path: Path) -> None:
@@ -515,7 +520,7 @@ def test_a_request_too_big_for_the_servers_token_budget_leaves_the_rest_for_othe
     question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
     with pytest.raises(openai.BadRequestError) as big:  # it could never fit: a 400, not a 429 to retry
         client.chat.completions.create(model="orchestra", messages=question, max_tokens=100_000)
-    assert big.value.message.count("max_tokens=20000") == 1 and "up to 100000 of answer" in big.value.message
+    assert big.value.message.count("(--total-max-tokens=20000)") == 1 and "up to 100000 of answer" in big.value.message
     assert big.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as long:
         client.chat.completions.create(model="orchestra", messages=[{"role": "user", "content": "word " * 30_000}])
@@ -536,11 +541,26 @@ def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: 
             running.client().chat.completions.create(model="orchestra", messages=question)
         run_id = error.value.response.headers[RUN_HEADER]
         # its own budget comes along on resume: the advice says to raise it (a plain resume stopped again)
-        assert error.value.message.endswith(f"run {run_id} is saved: raise it with --max-calls (or "
-                                            f"budget.max_calls in the workflow) and run `orchestra resume {run_id}` "
-                                            "to finish")
+        assert error.value.message.endswith(f"; run {run_id} is saved; each request's run has the server's "
+                                            "--max-calls (budget.max_calls in its settings): raise it, then "
+                                            f"`orchestra resume {run_id}` finishes it")
         assert RunStore(tmp_path / "runs.db").run(run_id).status == "budget_exceeded"
     assert sum(experts.requests.values()) == 12
+
+
+def test_without_a_store_no_error_says_the_run_is_saved(serve: Any) -> None:
+    running, _ = serve(store=False, settings={"budget": {"max_calls": 3}})
+    with pytest.raises(openai.RateLimitError) as error:
+        running.client().chat.completions.create(model="orchestra", messages=[{"role": "user", "content": "Why?"}])
+    run_id = error.value.response.headers[RUN_HEADER]
+    assert error.value.message.endswith(f"budget.max_calls in its settings); run {run_id} was not saved (the server "
+                                        "runs with --no-store)")
+    assert "resume" not in error.value.message
+
+
+def test_the_banner_url_brackets_an_ipv6_address() -> None:
+    assert base_url("::1", 8000) == "http://[::1]:8000/v1"
+    assert base_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/v1"
 
 
 def test_a_request_its_own_budget_could_never_hold_is_a_400_before_any_call(serve: Any) -> None:
@@ -548,7 +568,7 @@ def test_a_request_its_own_budget_could_never_hold_is_a_400_before_any_call(serv
     question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
     with pytest.raises(openai.BadRequestError) as big:  # a resume could never finish it: not a 429
         running.client().chat.completions.create(model="orchestra", messages=question, max_tokens=6_000)
-    assert "than a request's own budget allows (max_tokens=5000)" in big.value.message
+    assert "than a request's own budget allows (budget.max_tokens=5000)" in big.value.message
     assert "up to 6000 of answer" in big.value.message and big.value.body["param"] == "max_tokens"
     assert sum(experts.requests.values()) == 0
 

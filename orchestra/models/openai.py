@@ -85,13 +85,16 @@ class OpenAICompatible(EndpointModel):
             "/chat/completions", lambda capabilities: self._payload(request, capabilities, stream=on_text is not None),
             model=self.model, headers=bearer_headers, policy=self.policy,
             stream=(lambda: text_relay(on_text)) if on_text is not None else None)
-        if "events" in body:  # streamed; a server that sends no usage then (llama-cpp-python's) gets an estimate
+        streamed = "events" in body
+        if streamed:
             body = assembled(body["events"])
-            body.setdefault("usage", None)
-            body["usage"] = body["usage"] or {"prompt_tokens": estimate_tokens(request.prompt_text())}
-            return self._result(body)
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(body, dict) and not (isinstance(usage, dict) and usage.get("prompt_tokens") is not None):
+            # a server that counts no prompt tokens (llama-cpp-python's streams, some proxies): an estimate, not 0
+            body["usage"] = {**(usage if isinstance(usage, dict) else {}),
+                             "prompt_tokens": estimate_tokens(request.prompt_text())}
         result = self._result(body)
-        if on_text is not None:  # a server that ignored ``stream``: the whole text, at once
+        if on_text is not None and not streamed:  # a server that ignored ``stream``: the whole text, at once
             on_text(result.text)
         return result
 
