@@ -158,9 +158,11 @@ def test_unreachable_endpoint_names_the_url() -> None:
     from orchestra.models.base import allow_model_requests
 
     with allow_model_requests():
-        model = OpenAICompatible(model="m", base_url="http://127.0.0.1:9/v1", max_attempts=1)
-        with pytest.raises(EndpointUnreachable, match=r"cannot reach http://127.0.0.1:9/v1/chat/completions"):
+        model = OpenAICompatible(model="m", base_url="http://127.0.0.1:9/v1", max_attempts=2)
+        with pytest.raises(EndpointUnreachable, match=r"cannot reach http://127.0.0.1:9/v1/chat/completions") as down:
             run(model.complete([ask()]))
+    # two attempts, neither connected: no request reached a server, so none is reported (as the server logs)
+    assert down.value.usage.requests == 0  # type: ignore[attr-defined]
 
 
 def test_retry_after_accepts_seconds_and_http_dates() -> None:

@@ -29,7 +29,7 @@ from orchestra.errors import (
 )
 from orchestra.models.base import ModelBase, notify_downgrade, notify_retry
 from orchestra.models.deadlines import Deadlines
-from orchestra.models.metering import count_request
+from orchestra.models.metering import count_request, take_back_request
 from orchestra.models.negotiation import Capabilities, refused_feature
 from orchestra.models.transport import AiohttpTransport, Answer, Chunks, Headers, Transport, TransportFactory
 
@@ -324,13 +324,15 @@ class Endpoint:
             try:  # the whole answer within the limit: a server that trickles bytes is cut off too
                 response = await state.deadlines.within(limit, state.transport.post(url, headers, body, on_chunk))
             except (asyncio.TimeoutError, httpx.TimeoutException) as error:
-                if isinstance(error, httpx.ConnectTimeout):
+                if isinstance(error, httpx.ConnectTimeout):  # no connection: the server never saw it
+                    take_back_request()
                     raise _Retryable(EndpointUnreachable(
                         f"cannot reach {shown} (no connection within {limit:g} s); is the server running?")) from None
                 raise _Retryable(RequestTimeout(
                     f"{shown} did not finish answering within {limit:g} s (timeout={policy.timeout:g} s per attempt, "
                     f"deadline={policy.deadline:g} s per call; raise them on the model)")) from None
-            except httpx.ConnectError as error:
+            except httpx.ConnectError as error:  # no connection: the server never saw it
+                take_back_request()
                 raise _Retryable(EndpointUnreachable(
                     f"cannot reach {shown} ({type(error).__name__}); is the server running?")) from None
             except httpx.TransportError as error:  # reset, body cut short, protocol error: it was reached

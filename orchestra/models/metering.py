@@ -70,6 +70,14 @@ def count_request() -> None:
         meter.requests += 1
 
 
+def take_back_request() -> None:
+    """Uncount a request ``count_request`` counted that never reached the server (no connection was
+    made), so the requests reported are the ones the server saw."""
+    meter = _current.get()
+    if meter is not None:
+        meter.requests -= 1
+
+
 def charge(usage: Usage | None) -> None:
     """Charge a billed response's tokens to the open meter."""
     meter = _current.get()
