@@ -439,6 +439,7 @@ class _Stream:
 
     def start(self, run: Run) -> None:
         self.orc._running += 1
+        self.orc._going[run.run_id] = run
         self.orc._keep_alive()
         run.start().add_done_callback(partial(self.finished, run))
 
@@ -446,6 +447,7 @@ class _Stream:
 
     def finished(self, run: Run, future: asyncio.Future[RunResult]) -> None:
         self.orc._running -= 1
+        self.orc._going.pop(run.run_id, None)
         index = self.live.pop(run, None)
         if index is None:  # given up by close(), which recorded it
             return
@@ -539,6 +541,8 @@ class Orchestra:
             raise ConfigError("the response cache lives in the run store; do not combine cache=True with store=False")
         self._running = 0
         self._heartbeat: asyncio.Task[None] | None = None
+        #: the runs going here, by id (one cannot be begun again while it goes)
+        self._going: dict[str, Run] = {}
         self._last_unstored: RunResult | None = None  # with no store: the run that ended last
         if tracing:
             from orchestra.tracing import SpanRecorder
@@ -621,12 +625,28 @@ class Orchestra:
                 (an OpenAI-compatible endpoint streams it; other backends do not call it).
             overrides: ``Settings`` fields for this run only (k, mode, aggregate, seed, budget...).
         """
+        if run_id is not None:
+            self._check_same_task(run_id, task)
         run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final,
                              shared_budget=shared_budget, answer_format=answer_format, context=context,
                              workflow=workflow, meta=meta, experts=experts, answer=answer, **overrides)
         run.on_answer_text = on_answer_text
         self._begin(run)
         return await self._finish(run)
+
+    def _check_same_task(self, run_id: str, task: str) -> None:
+        """An existing ``run_id`` continues that run: one of another task is refused (its record
+        would hold one task and the other's answer and calls)."""
+        if self.store is None:
+            return
+        try:
+            record = self.store.run(run_id)
+        except StoreError:  # none (or an id that is a prefix of several): a new run
+            return
+        if record.id == run_id and record.task != task:
+            shown = record.task if len(record.task) <= 60 else record.task[:57] + "..."
+            raise ConfigError(f"run {run_id} answers another task ({shown!r}); leave out run_id for a new run, "
+                              f"or resume that one (orchestra resume {run_id})")
 
     def run_settings(self, overrides: Mapping[str, Any]) -> Settings:
         """This Orchestra's settings with a run's ``overrides`` on top; settings of the executor
@@ -696,6 +716,10 @@ class Orchestra:
         the calls it replays, its failed attempts (their calls are sent again, and the store adds
         both up) and calls it will not ask again (a request changed since), so its usage is what
         the endpoints received, as the store's totals say."""
+        for run in runs:
+            if self._going.get(run.run_id, run) is not run:
+                raise ConfigError(f"run {run.run_id} is already running here; wait for it to end, or leave out "
+                                  "run_id for a new run")
         if self.store is None:
             return
         self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs], force=force)
@@ -707,11 +731,13 @@ class Orchestra:
 
     async def _finish(self, run: Run) -> RunResult:
         self._running += 1
+        self._going[run.run_id] = run
         self._keep_alive()
         try:
             return await self._settle(run)
         finally:
             self._running -= 1
+            self._going.pop(run.run_id, None)
 
     def _keep_alive(self) -> None:
         """Make sure a heartbeat tells other processes this one still holds its running runs."""

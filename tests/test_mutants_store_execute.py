@@ -17,7 +17,15 @@ from helpers import Slots, scripted_pool
 from pydantic import BaseModel
 
 from orchestra import Budget, Orchestra
-from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost, RunNotFound, StoreError
+from orchestra.errors import (
+    BadResponse,
+    BudgetExceeded,
+    CallCancelled,
+    ConfigError,
+    EngineLost,
+    RunNotFound,
+    StoreError,
+)
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
@@ -188,6 +196,34 @@ def test_the_sync_api_raises_its_own_error_alone(tmp_path: Path) -> None:
     with pytest.raises(RunNotFound) as missing:
         Orchestra(pool, store=tmp_path / "runs.db").resume("nope")
     assert missing.value.__context__ is None
+
+
+def test_a_run_id_continues_its_own_task_and_one_run_at_a_time(tmp_path: Path) -> None:
+    """``run_id`` of another task, or of a run still going here, merged two runs into one record
+    (one task, the other's calls and answer); both are refused before anything is sent or stored."""
+    pool, models = scripted_pool(2)
+    orc = Orchestra(pool, k=1, store=tmp_path / "runs.db")
+    first = orc.run("What is 1 + 1?", plan=False)
+
+    def sent() -> int:
+        return sum(len(model.requests) for model in models.values())
+
+    before = sent()
+    with pytest.raises(ConfigError, match=rf"run {first.run_id} answers another task \('What is 1 \+ 1\?'\); leave "
+                                          "out run_id for a new run"):
+        orc.run("Name the largest planet.", plan=False, run_id=first.run_id)
+    record = RunStore(tmp_path / "runs.db").run(first.run_id)
+    assert sent() == before and record.task == "What is 1 + 1?" and record.resumes == 0
+    assert orc.run("What is 1 + 1?", plan=False, run_id=first.run_id).status == "done"  # its own task goes on
+
+    async def twice() -> list[Any]:
+        return await asyncio.gather(*(orc.arun("What is 2 + 2?", run_id="twin", plan=False) for _ in range(2)),
+                                    return_exceptions=True)
+
+    done, refused = asyncio.run(twice())
+    assert done.status == "done" and isinstance(refused, ConfigError)
+    assert str(refused) == "run twin is already running here; wait for it to end, or leave out run_id for a new run"
+    assert orc.run("What is 2 + 2?", run_id="twin", plan=False).status == "done"  # once it has ended
 
 
 def test_a_done_run_whose_result_cannot_be_written_is_marked_failed_not_done(tmp_path: Path) -> None:
