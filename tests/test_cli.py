@@ -642,6 +642,18 @@ def test_a_budget_stop_without_a_store_does_not_offer_a_resume(llm, tmp_path: Pa
                "--no-store)" in done.stderr
 
 
+def test_a_cost_budget_names_the_models_it_cannot_bound(llm, tmp_path: Path) -> None:
+    """--max-cost on models with no price did nothing and said nothing (their calls cost $0 here)."""
+    pool = write_pool(tmp_path, llm.server.url, models=("alpha", "beta"))
+    pool.write_text(pool.read_text().replace("    max_attempts: 2\n", "    max_attempts: 2\n    prices: [1, 2]\n", 1))
+    done = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--no-store", "--max-cost", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert ("warning: --max-cost counts no dollars for beta: it has no price (give prices: [input, output] per "
+            "million tokens in the pool)") in done.stderr
+    plain = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--no-store")
+    assert "no price" not in plain.stderr
+
+
 def test_server_errors_surface_as_failed_nodes(loopback, tmp_path: Path) -> None:
     server = loopback(lambda request: error_reply(400, "model is not loaded"))
     pool = write_pool(tmp_path, server.url)
