@@ -124,6 +124,17 @@ class WorkflowFile(_Strict):
     dataset: DatasetSpec | None = None
 
     @model_validator(mode="after")
+    def _set_once(self) -> WorkflowFile:
+        twice = ["seed"] if "seed" in self.model_fields_set and "seed" in self.settings.model_fields_set else []
+        if self.budget is not None and "budget" in self.settings.model_fields_set:
+            twice += [f"budget.{name}" for name in Budget.model_fields
+                      if name in self.budget.model_fields_set & self.settings.budget.model_fields_set]
+        if twice:  # (which should win?)
+            raise ValueError(f"{', '.join(twice)} {'is' if len(twice) == 1 else 'are'} set both at the top and under "
+                             "settings: give each once")
+        return self
+
+    @model_validator(mode="after")
     def _plan_or_steps(self) -> WorkflowFile:
         if self.plan == "auto" and self.steps:
             raise ValueError("use either plan: auto (with task) or steps, not both")
@@ -181,11 +192,18 @@ class Workflow:
             if "question" not in spec.inputs:
                 raise document.error("a workflow with a dataset must declare the input 'question' (each item's "
                                      "question goes there)", ("dataset",))
+            if spec.inputs["question"].type != "string":  # (every item would fail at its run)
+                raise document.error("the input 'question' of a workflow with a dataset is each item's question, "
+                                     "which is text: declare it as type string", ("inputs", "question", "type"))
             where = self.path.parent / spec.dataset.path
             if data and where.is_dir():
                 raise document.error(f"the data set {where} is a folder; name its JSONL file", ("dataset", "path"))
             if data and not where.is_file():
                 raise document.error(f"data set not found: {where}", ("dataset", "path"))
+        aggregator = spec.settings.aggregator
+        if aggregator is not None and aggregator not in self.pool:  # (the run would stop at its start)
+            raise document.error(f"aggregator {aggregator!r} is not an agent of pool {self.pool.name!r}; the pool has "
+                                 f"{', '.join(self.pool.names)}", ("settings", "aggregator"))
         if spec.task is not None:  # rendered before any step runs
             self._check_template(spec.task, ("task",), steps_allowed=set())
         if spec.plan == "auto":

@@ -275,6 +275,19 @@ def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
         Workflow.load(write(tmp_path, both))
 
 
+def test_a_setting_given_at_the_top_and_under_settings_is_refused(tmp_path: Path) -> None:
+    """The top-level ``seed:``/``budget:`` silently won over the same ones under ``settings:``."""
+    twice = "seed: 5\nbudget: {max_calls: 2}\nsettings: {seed: 7, budget: {max_calls: 50, max_tokens: 900}}\n" + GOOD
+    with pytest.raises(ConfigError, match="seed, budget.max_calls are set both at the top and under settings: give "
+                                          "each once"):
+        Workflow.load(write(tmp_path, twice))
+    with pytest.raises(ConfigError, match=r"wf.yaml:1:24: aggregator 'zed' is not an agent of pool"):  # (at run)
+        Workflow.load(write(tmp_path, "settings: {aggregator: zed}\n" + GOOD))
+    apart = "budget: {max_calls: 2}\nsettings: {seed: 7, budget: {max_tokens: 900}}\n" + GOOD  # fields apart: merged
+    budget = Workflow.load(write(tmp_path, apart)).settings().budget
+    assert (budget.max_calls, budget.max_tokens) == (2, 900)
+
+
 def test_workflow_runs_steps_with_their_settings(tmp_path: Path) -> None:
     seen: dict[str, list[str]] = {}
 

@@ -79,3 +79,7 @@ def test_an_input_the_data_set_sets_per_item_is_refused_not_ignored(tmp_path: Pa
     flow = Workflow.load(tmp_path / "flow.yaml", pool=pool)
     with pytest.raises(ConfigError, match="input 'question' is set from each item of the data set; leave it out"):
         asyncio.run(aevaluate_workflow(flow, {"question": "hi"}, orchestra=Orchestra(pool, store=False)))
+    (tmp_path / "flow.yaml").write_text(FLOW.replace("question: {type: string}", "question: {type: integer}"))
+    with pytest.raises(ConfigError, match=r"flow.yaml:3:20: the input 'question' of a workflow with a dataset is each "
+                                          "item's question, which is text: declare it as type string"):
+        Workflow.load(tmp_path / "flow.yaml", pool=pool)  # (validate said ok; every item then failed)
