@@ -813,14 +813,13 @@ def _node_rows(run_id: str, events: Iterable[dict[str, Any]]) -> list[dict[str, 
     nodes: dict[str, dict[str, Any]] = {}
     for event in events:
         kind, at = event.get("kind"), event.get("at")
-        if kind == PlanReady.kind:
+        if kind == PlanReady.kind:  # the plan as it is now (a resume with --reload may rename or drop steps)
+            earlier, nodes = nodes, {}
             for planned in event["nodes"]:
-                node = nodes.get(planned["id"])
-                if node is None:
-                    node = nodes[planned["id"]] = {
-                        "run_id": run_id, "node_id": planned["id"], "instruction": None, "depends_on": [],
-                        "status": "pending", "skills": [], "experts": [], "aggregator": None, "explanation": [],
-                        "output": None, "error": None, "updated": at}
+                node = nodes[planned["id"]] = earlier.get(planned["id"]) or {
+                    "run_id": run_id, "node_id": planned["id"], "instruction": None, "depends_on": [],
+                    "status": "pending", "skills": [], "experts": [], "aggregator": None, "explanation": [],
+                    "output": None, "error": None, "updated": at}
                 node.update(instruction=planned["instruction"], depends_on=list(planned["depends_on"]), updated=at)
             continue
         node = nodes.get(event.get("node"))  # type: ignore[arg-type]

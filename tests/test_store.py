@@ -13,6 +13,7 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import kind_of, plan_json, scripted_pool
@@ -257,6 +258,18 @@ def test_store_records_nodes_calls_and_events(tmp_path: Path) -> None:
     assert kinds[0] == "run_started" and kinds[-1] == "run_done"
     assert store.result(result.run_id).answer == result.answer
     assert Orchestra(pool, store=False).store is None
+
+
+def test_a_runs_nodes_are_those_of_its_latest_plan() -> None:
+    """A resume with --reload that renames a step: ``show`` listed the old step and the new one."""
+    from orchestra.store import _node_rows
+
+    def plan(*ids: str) -> dict[str, Any]:
+        return {"kind": "plan_ready", "at": 1.0, "nodes": [{"id": i, "instruction": i, "depends_on": []} for i in ids]}
+
+    rows = _node_rows("r", [plan("a", "b"), {"kind": "node_done", "at": 2.0, "node": "b", "output": "B"},
+                            plan("first", "b")])
+    assert [(n["node_id"], n["status"], n["output"]) for n in rows] == [("first", "pending", None), ("b", "done", "B")]
 
 
 def test_a_store_that_stops_working_fails_the_call_instead_of_hanging(tmp_path: Path) -> None:
