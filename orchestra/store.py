@@ -822,11 +822,11 @@ def _node_rows(run_id: str, events: Iterable[dict[str, Any]]) -> list[dict[str, 
                     "output": None, "error": None, "updated": at}
                 node.update(instruction=planned["instruction"], depends_on=list(planned["depends_on"]), updated=at)
             continue
-        node = nodes.get(event.get("node"))  # type: ignore[arg-type]
+        changed = nodes.get(event.get("node"))  # type: ignore[arg-type]
         change = _NODE_CHANGES.get(kind)  # type: ignore[arg-type]
-        if node is None or change is None:
+        if changed is None or change is None:
             continue
-        node.update(change(event), updated=at)
+        changed.update(change(event), updated=at)
     return list(nodes.values())
 
 
