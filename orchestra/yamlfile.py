@@ -220,6 +220,8 @@ class _Builder:
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:
                 key = self.constructor.construct_object(key_node, deep=True)
+                if isinstance(key, bool) and key_node.style is None:  # YAML 1.1 reads no, on, yes... as booleans:
+                    key = key_node.value  # a key in these files is a name, the word as written (an input named no)
                 if not isinstance(key, (str, int, float, bool)):
                     raise self._error("mapping keys must be plain values", key_node)
                 if key in result:

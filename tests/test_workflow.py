@@ -475,6 +475,14 @@ def test_an_unclosed_bracket_is_reported_where_it_opens(text: str, expected: str
     assert str(error.value).startswith(expected), str(error.value)
 
 
+def test_a_key_yaml_would_read_as_a_boolean_is_the_word_written() -> None:
+    """``inputs: {no: ...}`` was ``inputs.0: Input should be a valid string`` (YAML 1.1 read the key as false)."""
+    from orchestra.yamlfile import read_yaml
+
+    document = read_yaml("x.yaml", "inputs:\n  no: {type: string}\n  on: {default: yes}\n  'true': {}\n")  # type: ignore[arg-type]
+    assert document.data == {"inputs": {"no": {"type": "string"}, "on": {"default": True}, "true": {}}}
+
+
 def test_a_given_grader_grades_a_data_set_workflow(loopback_pool, tmp_path: Path) -> None:
     scripted, pool = loopback_pool
     scripted.expert = lambda model, assignment: "The answer is 42.0"  # a number, not the reference's text
