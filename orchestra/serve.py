@@ -123,6 +123,7 @@ class Server:
         limited = budget is not None and any(limit is not None for limit in budget.model_dump().values())
         self.admission = RunAdmission(self.shared) if self.shared is not None and limited else None
         self.live = 0  # runs in flight
+        self.waiting = 0  # requests waiting for the server's budget to admit their runs
         self.stored = orchestra.store is not None  # whether a failed request's run can be resumed
         self.changed = asyncio.Event()  # a run ended
         self.max_request_bytes = max_request_bytes
@@ -157,7 +158,7 @@ class Server:
         if feed is not None and feed.progress:  # progress starts at once: a failure is the stream's last event
             return self._stream(completion, run, feed)
         try:  # the status line waits for the answer's first text (or the whole run), so a failure has its status
-            gone = await _wait(run, request, feed.first if feed is not None else None)
+            gone = await _client_left(request, run, feed.first if feed is not None else None)
         except asyncio.CancelledError:  # the server stops: the run is recorded as cancelled
             await _stop(run, SHUTTING_DOWN)
             raise
@@ -199,10 +200,11 @@ class Server:
         return JSONResponse(served.card(self.created))
 
     async def health(self, request: Request) -> Response:
-        """``GET /health``: 200 while serving, 503 once shutting down (no authentication, no details)."""
+        """``GET /health``: 200 while serving, 503 once shutting down (no authentication, no details
+        beyond the runs in flight and the requests waiting for the server's budget to admit theirs)."""
         if self.closing:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        return JSONResponse({"status": "ok", "runs_in_flight": len(self.runs)})
+        return JSONResponse({"status": "ok", "runs_in_flight": len(self.runs), "requests_waiting": self.waiting})
 
     # --- requests --------------------------------------------------------------------------
 
@@ -240,8 +242,12 @@ class Server:
         assert self.admission is not None
         while not self.admission.admits(self.live):
             self.changed.clear()
-            if await _disconnected_before(self.changed, request):
-                return False
+            self.waiting += 1
+            try:
+                if await _client_left(request, None, self.changed):
+                    return False
+            finally:
+                self.waiting -= 1
             if self.closing:
                 raise WireError(503, "the server is shutting down; retry on another instance")
         refused = self.admission.refusal(self.live)
@@ -419,37 +425,24 @@ def _visible(text: str) -> str:
     return text.rstrip()
 
 
-async def _wait(run: asyncio.Task[RunResult], request: Request, started: asyncio.Event | None) -> bool:
-    """Wait until the run ends or ``started`` is set; True when the client disconnects first."""
+async def _client_left(request: Request, run: asyncio.Task[RunResult] | None, event: asyncio.Event | None) -> bool:
+    """Wait until ``run`` ends or ``event`` is set (whichever is given); True when the client
+    disconnects before either."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     watcher = asyncio.ensure_future(disconnected())
-    waiters: set[asyncio.Future[Any]] = {run, watcher}
-    if started is not None:
-        waiters.add(asyncio.ensure_future(started.wait()))
+    ours: set[asyncio.Future[Any]] = {watcher}
+    if event is not None:
+        ours.add(asyncio.ensure_future(event.wait()))
     try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(ours | ({run} if run is not None else set()), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for waiter in waiters - {run}:
+        for waiter in ours:
             waiter.cancel()
-    return watcher.done() and not watcher.cancelled() and not run.done() and not (started and started.is_set())
-
-
-async def _disconnected_before(event: asyncio.Event, request: Request) -> bool:
-    """Wait until ``event`` is set; True when the client disconnects first."""
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher, waiter = asyncio.ensure_future(disconnected()), asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait({watcher, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        waiter.cancel()
-    return watcher.done() and not watcher.cancelled() and not waiter.done()
+    return (watcher.done() and not watcher.cancelled() and not (run is not None and run.done())
+            and not (event is not None and event.is_set()))
 
 
 async def _feed_until(run: asyncio.Task[RunResult], feed: Feed) -> AsyncIterator[tuple[str, Any]]:

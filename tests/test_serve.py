@@ -814,3 +814,42 @@ def test_a_client_that_disconnects_cancels_its_run(serve: Any, tmp_path: Path) -
     assert runs[0].error == "cancelled: the client disconnected"
     assert {node["error"] for node in store.nodes(runs[0].id)} == {"cancelled: the client disconnected"}
     assert httpx.get(running.url + "/health").json()["runs_in_flight"] == 0
+
+
+def test_a_client_that_leaves_while_its_request_waits_for_the_budget_gets_no_run(serve: Any, tmp_path: Path) -> None:
+    """Under a server budget the second request waits while the first runs alone; its client leaving
+    then must not start a run once the first ends (nobody would read it, and it would be paid)."""
+    running, experts = serve(budget=Budget(max_calls=40, max_cost_usd=None, max_tokens=None))
+    experts.hold = True  # the first run waits for its experts until released
+    first = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    answers: list[Any] = []
+    asker = threading.Thread(target=lambda: answers.append(first.chat.completions.create(
+        model="orchestra", messages=[{"role": "user", "content": "How far does light go?"}])))
+    asker.start()
+    while sum(experts.count("expert").values()) < 3:  # the first run is waiting for its experts
+        threading.Event().wait(0.01)
+
+    def health() -> dict[str, Any]:
+        return httpx.get(running.url + "/health").json()  # type: ignore[no-any-return]
+
+    body = json.dumps({"model": "orchestra", "messages": [{"role": "user", "content": "How far does sound go?"}]})
+    host, port = running.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        for _ in range(3000):
+            if health()["requests_waiting"] == 1:
+                break
+            threading.Event().wait(0.01)
+        assert health() == {"status": "ok", "runs_in_flight": 1, "requests_waiting": 1}
+    for _ in range(3000):  # its client has gone: it stops waiting
+        if health()["requests_waiting"] == 0:
+            break
+        threading.Event().wait(0.01)
+    before = sum(experts.requests.values())
+    experts.release.set()
+    asker.join(60)
+    assert answers and answers[0].choices[0].message.content == "The answer is 42."
+    assert health() == {"status": "ok", "runs_in_flight": 0, "requests_waiting": 0}
+    assert sum(experts.requests.values()) == before + 1  # the first run's aggregation, and nothing else
+    assert [run.task for run in RunStore(tmp_path / "runs.db").runs()] == ["How far does light go?"]
