@@ -22,7 +22,7 @@ from orchestra.dag import Dag
 from orchestra.errors import ConfigError
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
 from orchestra.plan import ID_PATTERN, MAX_SKILLS, Plan, Subtask
-from orchestra.prompts import RENDER_FAILED, environment, render_string
+from orchestra.prompts import MAX_TEMPLATE_OUTPUT, RENDER_FAILED, environment, render_string
 from orchestra.settings import Settings
 from orchestra.skills import skill_names
 from orchestra.vocabulary import GraderName, Mode, Strategy
@@ -186,8 +186,10 @@ class Workflow:
         spec, document = self.spec, self.document
         for name, declared in spec.inputs.items():
             if declared.default is not None and not _is_type(declared.default, declared.type):
-                raise document.error(f"input {name!r}: default {declared.default!r} is not of type {declared.type}",
-                                     ("inputs", name, "default"))
+                quote = (" (YAML reads the unquoted words on, off, yes, no, true and false as booleans: quote it, "
+                         "\"on\")" if isinstance(declared.default, bool) else "")
+                raise document.error(f"input {name!r}: default {declared.default!r} is not of type "
+                                     f"{declared.type}{quote}", ("inputs", name, "default"))
         if spec.dataset is not None:
             if "question" not in spec.inputs:
                 raise document.error("a workflow with a dataset must declare the input 'question' (each item's "
@@ -250,6 +252,10 @@ class Workflow:
             raise document.error(f"unknown template variable {sorted(unknown)[0]!r}; use inputs.<name> or "
                                  "steps.<id>.output", loc)
         owner = f"step {step_id!r}" if step_id else loc[0]
+        written = sum(len(data.data) for data in tree.find_all(nodes.TemplateData))
+        if written > MAX_TEMPLATE_OUTPUT:  # (the run would refuse it at that step, after the steps before)
+            raise document.error(f"{owner}: its template has {written:,} characters of its own text; a template may "
+                                 f"write at most {MAX_TEMPLATE_OUTPUT:,}: shorten it", loc)
         for test in tree.find_all(nodes.Test):  # (Jinja finds an unknown test only when it runs)
             if test.name not in jinja.tests:
                 named = ", ".join(sorted(filter(str.isidentifier, jinja.tests)))

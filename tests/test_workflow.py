@@ -87,6 +87,13 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
      "wf.yaml:17:18: steps.review.recruit.k: Input should be greater than or equal to 1"),
     (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: integer, default: fifty}"),
      "wf.yaml:10:35: input 'words': default 'fifty' is not of type integer"),
+    (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: on}"),
+     "wf.yaml:9:34: input 'topic': default True is not of type string (YAML reads the unquoted words on, off, yes, "
+     "no, true and false as booleans: quote it, \"on\")"),
+    # literal text no run can send (it refused the step after the steps before it were paid for)
+    (GOOD.replace("Review this draft:", "Review this draft: " + "x" * 2_000_001),
+     "wf.yaml:18:13: step 'review': its template has 2,000,021 characters of its own text; a template may write "
+     "at most 2,000,000: shorten it"),
     (GOOD.replace("skills: [writing]", "skills: [a1, b2, c3, d4, e5, f6]"),
      "wf.yaml:17:29: steps.review.recruit.skills: List should have at most 5 items"),
     (GOOD.replace("skills: [writing]", "skills: [writing, '{json}']"),
