@@ -165,12 +165,14 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+#: minus signs that are not ASCII's hyphen-minus: the minus sign (models write "−5"), the small and the fullwidth one
+_MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
 _NUMBER = re.compile(r"-?\\d?frac\{-?[\d.]+\}\{-?[\d.]+\}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
 def normalize_number(text: str) -> Fraction | None:
     """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` handled."""
-    text = text.strip().replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
+    text = text.strip().translate(_MINUS).replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
     frac = re.fullmatch(r"-?\\d?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", text)
     if frac:
         try:
@@ -193,7 +195,7 @@ class NumericGrader:
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
         """The final number, normalised (``"1/2"``, ``"12"``), or None."""
-        text = strip_reasoning(text)
+        text = strip_reasoning(text).translate(_MINUS)
         # "The answer is 63 (from 100 - 37)": the answer is the number the clause starts with
         for candidate, pick in ((last_boxed(text), -1), (_answer_clause(text), 0), (text, -1)):
             if not candidate:

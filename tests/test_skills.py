@@ -158,6 +158,15 @@ def test_numeric_wrong_and_missing() -> None:
     assert not grader.grade("no number here", Item(id="1", question="q", answer="12"))
 
 
+def test_a_unicode_minus_sign_is_a_minus() -> None:
+    """Models write "\u22125" (U+2212): it was read as 5, so a wrong answer was graded right."""
+    grader, auto = NumericGrader(), AutoGrader()
+    assert not auto.grade("The answer is \u22125.", Item(id="1", question="q", answer="5"))
+    assert auto.grade("The answer is \u22125.", Item(id="1", question="q", answer="-5"))
+    assert auto.grade("The answer is -5.", Item(id="1", question="q", answer="\u22125"))  # a reference written so
+    assert grader.extract("\\boxed{\uff0d3/4}") == "-3/4"  # (the fullwidth one)
+
+
 def test_exact_match_and_auto_choice() -> None:
     assert ExactMatchGrader().grade("The answer is: The Eiffel Tower.", Item(id="1", question="q", answer="eiffel tower"))
     echoed = "You asked: end with 'The answer is N'. The answer is Paris"  # the question's own clause comes first
@@ -188,6 +197,10 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     open_question = tmp_path / "table.jsonl"  # a table's export: every row has a choices column, empty if open
     open_question.write_text('{"id": 1, "question": "2+2?", "answer": 4, "choices": []}\n')
     assert load_dataset(open_question).items[0].choices is None
+    separated = tmp_path / "separated.jsonl"  # U+2028 is plain text to JSON (str.splitlines cut the line there)
+    separated.write_text('{"id": 1, "question": "2+2?\u2028Show work.\u0085", "answer": 4}\r\n{"id": 2, '
+                         '"question": "3+3?", "answer": 6}\r\n', encoding="utf-8")
+    assert [item.question for item in load_dataset(separated).items] == ["2+2?\u2028Show work.\u0085", "3+3?"]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -214,6 +227,11 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     ('{"id": 1, "question": "caf\\u00e9 \\ud83d\\ude00", "answer": 1}\n{"id": 2, "question": "q\\ud800", "answer": 1}\n',
      "val.jsonl:2: field 'question' holds a lone surrogate"),  # (line 1's escapes are whole characters)
     ('{"id": 1, "question": "q", "answer": "  "}\n', "val.jsonl:1: field 'answer': the answer is empty"),
+    ('{"id": 1, "question": "q", "answer": ' + "9" * 5000 + '}\n',  # (Python's ValueError, as a traceback)
+     "val.jsonl:1: a number too long to read (Exceeds the limit (4300 digits) for integer string conversion); write "
+     "it as a string, in quotes"),
+    ('{"id": 1, "question": "' + "x" * 500_001 + '", "answer": 1}\n',  # (eval refused it naming no file or line)
+     "val.jsonl:1: field 'question': the question is 500,001 characters; at most 500,000 fit Orchestra's prompts"),
     ('{"id": 1, "question": "q", "answer": "A", "choices": ["x", " "]}\n', "val.jsonl:1: field 'choices': choice B is empty"),
     ('{"id": 1, "question": "q", "answer": 1}\n{"id": 2, "question": "caf\xe9?", "answer": 1}\n'.encode("latin-1"),
      "val.jsonl:2: not UTF-8 text (byte 0xe9); save the file as UTF-8"),  # (not read as another question)
