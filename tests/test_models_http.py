@@ -388,6 +388,15 @@ def test_a_request_with_on_text_streams_and_gives_the_text_so_far_then_the_same_
     assert structured.parsed == {"a": 1} and "stream" not in payloads[2]
 
 
+def test_a_streamed_answer_holding_a_line_separator_is_read_whole(loopback) -> None:
+    """U+2028 is a line end to ``str.splitlines`` but plain text to JSON and to server-sent events:
+    an answer holding one was cut in two and failed as "not JSON"."""
+    server = loopback(lambda request: openai_stream_reply(["First line\u2028", "second\u2029 line."]))
+    seen: list[str] = []
+    result = run(openai(server).complete_one(ask(on_text=seen.append)))
+    assert result.text == seen[-1] == "First line\u2028second\u2029 line."
+
+
 def test_a_server_that_ignores_stream_still_gives_on_text_the_whole_text(loopback) -> None:
     server = loopback(lambda request: openai_reply("Light travels 30 cm."))  # (as orchestra.testing's does)
     seen: list[str] = []

@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -402,7 +403,8 @@ def server_sent_events(body: bytes) -> list[Any]:
     """The JSON data of each server-sent event in ``body``, in order (``[DONE]`` and comments left
     out); ``ValueError`` when one is not JSON."""
     events = []
-    for line in body.decode("utf-8", errors="replace").splitlines():
+    # (lines end at CR LF, LF or CR only: ``splitlines`` also cut at U+2028, which JSON holds unescaped)
+    for line in re.split(r"\r\n|\r|\n", body.decode("utf-8", errors="replace")):
         if line.startswith("data:"):
             data = line[5:].strip()
             if data and data != "[DONE]":

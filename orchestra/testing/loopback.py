@@ -266,13 +266,14 @@ def openai_stream_reply(pieces: Sequence[str], *, prompt_tokens: int = 10, model
                         usage: bool = True, between: Callable[[int], Awaitable[None]] | None = None,
                         finish_reason: str = "stop") -> Reply:
     """A streamed Chat Completions answer: a ``chat.completion.chunk`` event per piece of text, the
-    finish chunk, the usage chunk (``usage``), ``[DONE]``. ``between(i)`` is awaited after piece
+    finish chunk, the usage chunk (``usage``), ``[DONE]``; its JSON is UTF-8 unescaped, as servers
+    write it. ``between(i)`` is awaited after piece
     ``i`` is sent (a test can hold the rest of the answer until something happened)."""
     text = "".join(pieces)
 
     def event(body: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps({"id": "chatcmpl-loopback", "object": "chat.completion.chunk",
-                                       "model": model, **body}).encode() + b"\n\n"
+                                       "model": model, **body}, ensure_ascii=False).encode() + b"\n\n"
 
     async def parts() -> AsyncIterator[bytes]:
         yield event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
