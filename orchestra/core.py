@@ -41,6 +41,7 @@ from orchestra.grading import Grader
 from orchestra.matching import MatcherSpec, SkillMatcher, matcher_spec
 from orchestra.pipeline.scheduler import CANCELLED_BY_USER, NodeSettings, Outputs, Run, Stages
 from orchestra.plan import Plan, PlanInvalid, validate_plan
+from orchestra.prompts import MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
@@ -1028,11 +1029,6 @@ class Orchestra:
 
 #: the settings the pipeline stages are built from (runs that differ only elsewhere share stages)
 _STAGE_SETTINGS = ("recruit", "keywords", "matcher", "aggregator", "aggregator_choice", "grader")
-
-
-#: the longest task a run takes: the planner's prompt holds the task twice, with its context, and a
-#: prompt template may write at most 2,000,000 characters (``prompts.MAX_TEMPLATE_OUTPUT``)
-MAX_TASK_CHARS = 500_000
 
 
 def check_task(task: object) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from orchestra.errors import DatasetError
+from orchestra.prompts import MAX_TASK_CHARS
 
 #: the letters of a multiple-choice item's choices, as its prompt lists them and answers are read
 LETTERS = "ABCDEFGHIJ"
@@ -47,6 +48,9 @@ class Item(BaseModel):
         """A question with text: blanks alone would be refused as an empty task, with no file or line."""
         if not question.strip():
             raise ValueError("the question is empty")
+        if len(question) > MAX_TASK_CHARS:  # (a run refuses it, naming no file or line)
+            raise ValueError(f"the question is {len(question):,} characters; at most {MAX_TASK_CHARS:,} fit "
+                             "Orchestra's prompts: shorten it")
         return question
 
     @field_validator("id", "answer", mode="before")
@@ -165,7 +169,8 @@ def load_dataset(path: str | Path) -> Dataset:
                            "UTF-8") from None
     items: list[Item] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # (JSON Lines end at LF, CR LF included: ``splitlines`` also cut at U+2028, which JSON holds unescaped)
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -176,6 +181,9 @@ def load_dataset(path: str | Path) -> Dataset:
             raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         except RecursionError:
             raise DatasetError(f"{path}:{number}: JSON nested too deeply to read") from None
+        except ValueError as error:  # an integer of more digits than Python converts (4,300)
+            raise DatasetError(f"{path}:{number}: a number too long to read ({str(error).split(':')[0]}); "
+                               "write it as a string, in quotes") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{path}:{number}: each line must be a JSON object")
         if "\\u" in line:  # an escape may stand for half a character, which no model can be sent

@@ -32,6 +32,9 @@ MAX_TEMPLATE_OUTPUT = 2_000_000
 """The most characters one render may write."""
 MAX_TEMPLATE_SECONDS = 5.0
 """The longest one render may take."""
+MAX_TASK_CHARS = 500_000
+"""The longest task a run takes (a data set's question too): the planner's prompt holds the task
+twice, with its context, within ``MAX_TEMPLATE_OUTPUT``."""
 
 _HUGE_WIDTH = re.compile(r"%[-+ #0]*\d{7,}")  # "%01000000000d" would build a gigabyte
 _iterations: ContextVar[list[int] | None] = ContextVar("template_iterations", default=None)
