@@ -205,9 +205,10 @@ class RunAdmission:
     Started all at once, the runs' first calls (every run's keyword samples) would spend a budget
     smaller than the data set (or a burst of requests), and no run would finish. So a run starts
     only while the budget can be expected to finish it after the runs in flight: each is expected
-    to spend what the runs that ended on their own spent on average, all they cost (a resumed run's calls paid before
-    included; runs a budget or a cancellation cut short do not show what a run costs), and a run
-    in flight at least what it has committed; the last call of all needs its worst case left (the
+    to spend as much as the costliest run that ended on its own, all it cost (a resumed run's calls
+    paid before included; runs a budget or a cancellation cut short do not show what a run costs;
+    the average would start runs that cost more than it, to be cut off with their calls spent), and
+    a run in flight at least what it has committed; the last call of all needs its worst case left (the
     largest one a call has reserved), which is what the budget admits it by. Until one has ended
     so, runs start one at a time: nothing is known of what a run spends (a workflow's steps, a
     plan's nodes, the models' prices). With no run in flight one always starts (a run that does not
@@ -219,7 +220,7 @@ class RunAdmission:
         #: what the budget had committed before these runs (other runs may share it)
         self._base = shared.committed()
         self._ended = (0.0, 0.0, 0.0)  # committed by the runs that ended
-        self._whole = (0.0, 0.0, 0.0)  # the full cost of the runs that ended on their own
+        self._largest = (0.0, 0.0, 0.0)  # the full cost of the costliest runs that ended on their own
         self._learned = 0
         self._futile: BudgetExceeded | None = None  # a call of a run was over a limit on its own
 
@@ -242,14 +243,14 @@ class RunAdmission:
         for dimension, (name, limit, last_call) in enumerate(limits):
             if limit is None:
                 continue
-            per_run = self._whole[dimension] / self._learned
+            per_run = self._largest[dimension]
             expected = self._base[dimension] + self._ended[dimension] + live * per_run
             if max(expected, committed[dimension]) + per_run + last_call > limit:
                 need = (f"{per_run:.0f} calls" if name == "max_calls" else f"{per_run:.0f} tokens"
                         if name == "max_tokens" else usd(per_run))
                 return BudgetExceeded(limit=name, value=limit, run_id=None, shared=self.shared.name,
                                       spent=f"what is left cannot be expected to finish another run, which takes "
-                                            f"about {need}, so it was not started")
+                                            f"up to {need}, so it was not started")
         return None
 
     def ended(self, run: BudgetTracker, *, on_its_own: bool) -> None:
@@ -271,4 +272,5 @@ class RunAdmission:
         self._ended = (self._ended[0] + spent[0], self._ended[1] + spent[1], self._ended[2] + spent[2])
         if whole is not None:
             self._learned += 1
-            self._whole = (self._whole[0] + whole[0], self._whole[1] + whole[1], self._whole[2] + whole[2])
+            self._largest = (max(self._largest[0], whole[0]), max(self._largest[1], whole[1]),
+                             max(self._largest[2], whole[2]))
