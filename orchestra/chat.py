@@ -101,7 +101,7 @@ class ChatSession:
         elif name == "/pool":
             self.show_pool()
         elif name == "/k":
-            if not argument.strip().isdigit() or int(argument) < 1:
+            if not argument.strip().isdecimal() or int(argument) < 1:  # ("²" is a digit int() refuses)
                 self.console.print("usage: /k N (N >= 1)")
             else:
                 self.orchestra.settings = self.orchestra.settings.layered({"k": int(argument)})
@@ -114,7 +114,7 @@ class ChatSession:
 
     def context(self) -> str:
         """Earlier turns, most recent last, trimmed to ``history_chars``."""
-        text = "\n".join(f"Q: {t.task}\nA: {t.result.answer or t.result.error}" for t in self.history)
+        text = "\n".join(f"Q: {t.task}\nA: {t.result.answer or '(not answered)'}" for t in self.history)
         return text[-self.history_chars:]
 
     def task(self, text: str) -> None:
@@ -128,7 +128,8 @@ class ChatSession:
         plan, note = self.plan(text, context=context, seed=seed)
         while True:
             self.show_plan(plan, note)
-            choice = (self.ask("[a]ccept · [e]dit · [r]eplan · [c]ancel > ") or "c").strip()
+            answer = self.ask("[a]ccept · [e]dit · [r]eplan · [c]ancel > ")  # (Enter accepts; end of input cancels)
+            choice = "c" if answer is None else answer.strip()
             verb, _, rest = choice.partition(" ")
             if verb in ("a", "accept", "y", "yes", ""):
                 break
@@ -162,17 +163,16 @@ class ChatSession:
             with self.console.status("planning…", spinner="dots") if self.interactive else contextlib.nullcontext():
                 if not self.interactive:
                     self.console.print("planning…")
-                planned = self.orchestra.plan(text, context=context, seed=seed,
-                                              **({"fast_path": False} if replan else {}))
-        finally:
+                return self.orchestra.plan(text, context=context, seed=seed,
+                                           **({"fast_path": False} if replan else {}))
+        finally:  # (a planning that failed cost its requests too)
             remove()
-        if spent:
-            last = spent[-1]
-            self.console.print(f"planning: {last.calls} call{'s' * (last.calls != 1)} · "
-                               f"{last.requests} request{'s' * (last.requests != 1)} · "
-                               f"{last.prompt_tokens + last.completion_tokens:,} tokens · {usd(last.cost_usd)}",
-                               style="dim", markup=False)
-        return planned
+            if spent:
+                last = spent[-1]
+                self.console.print(f"planning: {last.calls} call{'s' * (last.calls != 1)} · "
+                                   f"{last.requests} request{'s' * (last.requests != 1)} · "
+                                   f"{last.prompt_tokens + last.completion_tokens:,} tokens · {usd(last.cost_usd)}",
+                                   style="dim", markup=False)
 
     def edit(self, plan: Plan) -> Plan:
         """Edit commands until `done`; the plan stays valid after each one."""
@@ -185,7 +185,7 @@ class ChatSession:
                 self.console.print(f"unknown edit command {verb!r}; use: drop N · reword N new instruction · done")
                 continue
             number, _, words = rest.partition(" ")
-            if not number.isdigit() or not 1 <= int(number) <= len(plan.subtasks):
+            if not number.isdecimal() or not 1 <= int(number) <= len(plan.subtasks):
                 self.console.print(f"no step {number!r}; steps are 1 to {len(plan.subtasks)}", markup=False)
                 continue
             target = plan.subtasks[int(number) - 1]

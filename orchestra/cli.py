@@ -288,11 +288,12 @@ def orchestra_options(opts: dict[str, Any]) -> dict[str, Any]:
 
 def read_stdin_task() -> str:
     """The task given as `-`: standard input as UTF-8 text (a terminal is not waited on), without
-    the newlines that end it (as a shell's ``$(cat file)`` reads it)."""
+    a byte-order mark an editor put first or the newlines that end it (as a shell's ``$(cat file)``
+    reads it)."""
     if sys.stdin is None or sys.stdin.isatty():
         raise click.UsageError("TASK `-` reads the task from standard input; pipe it in (`orchestra ask - < task.txt`)")
     try:
-        return sys.stdin.buffer.read().decode("utf-8").rstrip("\r\n")
+        return sys.stdin.buffer.read().decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError as error:
         raise ConfigError(f"standard input is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
                           f"{error.start}); send the task as UTF-8") from None

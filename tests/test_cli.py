@@ -111,6 +111,8 @@ def test_a_task_of_dash_is_read_from_standard_input(llm, tmp_path: Path) -> None
     assert any(long_task.strip() in request.prompt for request in llm.server.requests)
     empty = cli("ask", "-", "--pool", str(pool), stdin="")
     assert empty.returncode == 2 and "empty" in empty.stderr
+    marked = cli("ask", "-", "--pool", str(pool), "--no-plan", "--json", stdin="\ufeffQuick question\n")
+    assert json.loads(marked.stdout)["task"] == "Quick question"  # an editor's byte-order mark is no part of it
 
 
 def test_a_feature_the_server_refuses_is_reported_once_and_the_run_goes_on(loopback, tmp_path: Path) -> None:

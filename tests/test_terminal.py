@@ -189,3 +189,43 @@ def test_control_characters_from_a_task_or_a_model_never_reach_the_terminal(loop
     assert "bad request \\x1b[2J" in failed.stderr
     # --json keeps the text as it is
     assert json.loads(cli("show", run_id, "--json").stdout)["run"]["answer"] == f"The answer: {hostile}"
+
+
+def test_chat_takes_enter_as_accept_refuses_unicode_digits_and_shows_a_failed_planning_s_cost(loopback,
+                                                                                           tmp_path: Path) -> None:
+    """Enter at the plan prompt cancelled (though listed as accept); `/k ²` and `drop ³` were
+    tracebacks that ended the session; a planning that failed showed no cost for its requests; a
+    failed turn's error went to the next planner as its answer."""
+    from helpers import PLANNER_MARK
+
+    from orchestra.testing import error_reply
+
+    scripted = ScriptedLLM()
+    inner = scripted.handler()
+    planner_down = {"on": False}
+    prompts: list[str] = []
+
+    async def handler(request):
+        if PLANNER_MARK in request.prompt:
+            prompts.append(request.prompt)
+            if planner_down["on"]:
+                return error_reply(500, "the planner is down")
+        return await inner(request)
+
+    server = loopback(handler)
+    pool = write_pool(tmp_path, server.url, extra="settings: {fast_path: false}\n")
+    script = "\n".join(["/k \u00b2", "Write a short report, then check it", "e", "drop \u00b3", "done", "",
+                        "/quit"]) + "\n"
+    done = cli("chat", "--pool", str(pool), stdin=script)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "usage: /k N (N >= 1)" in done.stdout and "no step '\u00b3'; steps are 1 to 3" in done.stdout
+    assert "cancelled" not in done.stdout and "Synthesized answer" in done.stdout  # Enter accepted the plan
+    planner_down["on"] = True
+    done = cli("chat", "--pool", str(pool), stdin="Write a short report, then check it\n/quit\n")
+    assert "planning: 1 call · 2 requests" in done.stdout, done.stdout  # (max_attempts 2, both refused)
+    planner_down["on"] = False
+    prompts.clear()
+    done = cli("chat", "--pool", str(pool), "--max-calls", "4",
+               stdin="Write a short report, then check it\na\nAnd a summary?\nc\n/quit\n")
+    assert "budget max_calls=4" in done.stdout and len(prompts) == 2
+    assert "Q: Write a short report, then check it\nA: (not answered)" in prompts[1] and "budget" not in prompts[1]
