@@ -790,6 +790,7 @@ class Orchestra:
 
         stopped = record()
         run.ledger.after_end = again
+        self.executor.orphan(run.run_id)  # (a resume here waits for the requests it left in flight)
         return stopped
 
     def _record(self, result: RunResult, *, soon: bool = False) -> None:

@@ -188,6 +188,9 @@ class _Call:
     heavy: bool
     reserved: Reservation | None = None  # set once the budget admitted the call
     canonical: str = ""  # the JSON ``key`` hashes, recorded as the call's request
+    #: it waited for the same call of its run stopped earlier (see ``Executor.orphan``): a replay of
+    #: that one's answer counts its usage, which the resumed run did not find recorded as it began
+    orphaned: bool = False
 
 
 @dataclass
@@ -242,6 +245,9 @@ class Executor:
         self._settled: list[asyncio.Future[None]] = []  # woken once no managed task is running
         #: batches and waves in flight (kept referenced, so none is collected mid-flight), with their calls
         self._in_flight: dict[asyncio.Task[Any], list[_Call]] = {}
+        #: calls of stopped runs whose requests are still in flight, by (run id, key, seq): the
+        #: batch or wave that sent them (see ``orphan``)
+        self._orphans: dict[tuple[str, str, int], asyncio.Task[Any]] = {}
 
     # --- managed tasks ---------------------------------------------------------------------
 
@@ -422,6 +428,8 @@ class Executor:
         for call in calls:
             if call.waiter.future.done():  # its task was cancelled
                 continue
+            if self._orphans and self._waits_for_orphan(call):
+                continue
             try:
                 handled = self._answer_without_model(call)
             except Exception as error:
@@ -444,6 +452,35 @@ class Executor:
                 self._in_flight[task] = group
                 task.add_done_callback(self._in_flight.pop)
                 task.add_done_callback(partial(self._sent, group))
+
+    def orphan(self, run_id: str) -> None:
+        """Note the calls of a run stopped while their requests were in flight (they go on: the
+        endpoint has them, and their answers are stored as they come). A resume of that run in this
+        process waits for them instead of sending the same requests again (paid twice)."""
+        for task, group in self._in_flight.items():
+            for call in group:
+                if call.ledger.run_id == run_id and call.key and call.waiter.outcomes[call.index] is None:
+                    orphan = (run_id, call.key, call.seq)
+                    self._orphans[orphan] = task
+                    task.add_done_callback(partial(self._orphan_ended, orphan))
+
+    def _orphan_ended(self, orphan: tuple[str, str, int], _: asyncio.Task[Any]) -> None:
+        self._orphans.pop(orphan, None)
+
+    def _waits_for_orphan(self, call: _Call) -> bool:
+        """Whether ``call`` is one a stopped run still has in flight: then it is queued again once that
+        one is answered (and so recorded, to be replayed) or has failed (then it is sent)."""
+        task = self._orphans.get((call.ledger.run_id, call.key, call.seq))
+        if task is None or task.done():
+            return False
+
+        def again(_: asyncio.Task[Any]) -> None:
+            call.orphaned = True
+            self._pending.append(call)
+            self._schedule_kick()
+
+        task.add_done_callback(again)
+        return True
 
     def _sent(self, group: list[_Call], task: asyncio.Future[Any]) -> None:
         """After a batch's task: if it failed outside its model's answers (a bug, or an object that
@@ -468,6 +505,8 @@ class Executor:
         if ledger.journal is not None:
             recorded = ledger.journal.replay(ledger.run_id, call.key, call.seq, call.request)
             if recorded is not None:
+                if call.orphaned:
+                    ledger.budget.count(recorded.usage, calls=1)
                 ledger.answered["store"] += 1
                 self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="store"))
                 self._resolve(call, recorded)

@@ -131,6 +131,50 @@ def test_an_answer_that_comes_after_its_run_was_cancelled_is_counted_in_its_reco
     assert (totals["calls"], totals["requests"]) == (6, 6)
 
 
+def test_a_run_resumed_while_its_cancelled_request_is_in_flight_waits_for_that_answer(loopback,
+                                                                                      tmp_path: Path) -> None:
+    """Resumed at once in the same Orchestra, a cancelled run sent its in-flight expert call again
+    (paid twice, and counted once); the resume now waits for that request's answer and replays it."""
+    from orchestra.events import CallsQueued
+
+    at_server, release = threading.Event(), threading.Event()
+
+    def answer(request: LoopbackRequest) -> str:
+        if KEYWORDS_MARK in request.prompt:
+            return '{"keywords": ["physics"]}'
+        at_server.set()
+        release.wait(10)
+        return "About 300,000 km per second."
+
+    server = loopback(chat_handler(answer))
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1")
+    orc = Orchestra(Pool(agents=[Agent(name="a", model=model)], planner=model), store=tmp_path / "runs.db", k=1)
+    queued: list[CallsQueued] = []
+    orc.events.subscribe(lambda event: queued.append(event) if isinstance(event, CallsQueued) else None)
+
+    async def main() -> tuple[int, Any]:
+        run = asyncio.ensure_future(orc.arun("How fast is light?", plan=False, run_id="late-2"))
+        assert await asyncio.to_thread(at_server.wait, 10)
+        run.cancel()
+        with suppress(asyncio.CancelledError):
+            await run
+        queued.clear()
+        resumed = asyncio.ensure_future(orc.aresume("late-2"))
+        while not any(event.purpose == "expert" for event in queued):  # the resume has asked for the expert
+            await asyncio.sleep(0)
+        await orc.executor._until_settled()  # ... and waits: for the request in flight, not a new one
+        sent = len(server.requests)
+        release.set()
+        return sent, await resumed
+
+    sent, result = asyncio.run(main())
+    assert sent == 6 and len(server.requests) == 6  # 5 keyword samples and one expert request, each sent once
+    assert result.status == "done" and result.answer == "About 300,000 km per second."
+    assert result.usage.requests == 6 and result.usage.replayed_calls == 6
+    totals = RunStore(tmp_path / "runs.db").run_totals("late-2")
+    assert (totals["calls"], totals["requests"]) == (6, 6)
+
+
 def test_a_failed_run_still_shows_its_calls_and_requests(loopback, tmp_path: Path) -> None:
     server = loopback(chat_handler(lambda request: error_reply(500, "down")
                                    if KEYWORDS_MARK not in request.prompt else json.dumps({"keywords": ["x"]})))
