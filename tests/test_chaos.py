@@ -66,6 +66,11 @@ FAULTS = [
           1, 1, "answered HTTP 200 with a body that is not JSON"),
     Fault("choices: []", (lambda: Reply(200, {"id": "x", "object": "chat.completion", "choices": []}),),
           1, 1, "returned no choices[0].message"),
+    Fault("content null (no text)", (lambda: Reply(200, {**ok_body(), "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "stop"}]}),),
+          1, 1, "answered with no text for alpha (finish_reason stop)"),  # (it was a run done, answer "")
+    Fault("an error sent with HTTP 200", (lambda: Reply(200, {"error": {"message": "model overloaded"}}),),
+          1, 1, "answered with an error for alpha: model overloaded"),
     Fault("JSON nested too deeply", (lambda: Reply(200, "[" * 100_000 + "]" * 100_000),),
           1, 1, "answered with JSON nested too deeply to read"),
     Fault("an error body nested too deeply", (lambda: Reply(400, "[" * 100_000 + "]" * 100_000),),

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from orchestra.errors import BadResponse
-from orchestra.models.http import Endpoint, EndpointModel, display_url
+from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.structured import with_instructions
@@ -101,11 +101,13 @@ class Anthropic(EndpointModel):
             text = json.dumps(tool_inputs[0])
         else:
             text = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
-        usage = body.get("usage") or {}
+        reported = body.get("usage") or {}
         reason = body.get("stop_reason")
         reason = _FINISH_REASONS.get(reason, reason) if isinstance(reason, str) else None
-        return ChatResult(text=text, model=self.name, finish_reason=reason,
-                          usage=reported_usage(self.price, usage.get("input_tokens"), usage.get("output_tokens"), text))
+        usage = reported_usage(self.price, reported.get("input_tokens"), reported.get("output_tokens"), text)
+        if not text.strip():
+            raise no_text(self.endpoint.base_url, self.model, reason, usage)
+        return ChatResult(text=text, model=self.name, finish_reason=reason, usage=usage)
 
 
 #: the Messages API's stop reasons in Chat Completions' words, which the rest of Orchestra reads

@@ -33,6 +33,7 @@ from orchestra.models.deadlines import Deadlines
 from orchestra.models.metering import count_request, take_back_request
 from orchestra.models.negotiation import Capabilities, refused_feature
 from orchestra.models.transport import AiohttpTransport, Answer, Chunks, Headers, Transport, TransportFactory
+from orchestra.models.types import Usage
 
 DEFAULT_MAX_CONCURRENCY = 16
 
@@ -438,6 +439,17 @@ def check_base_url(url: str) -> None:
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"base_url {url!r} is not an http(s) URL such as http://localhost:8000/v1")
+
+
+def no_text(url: str, model: str, reason: str | None, usage: Usage) -> BadResponse:
+    """The error of an answer without text (content null, empty or blank): a run must not finish
+    on it as if answered. ``usage``: what it cost all the same."""
+    hint = ("; it reached max_tokens first (a reasoning model's thinking counts): raise max_tokens"
+            if reason == "length" else "")
+    error = BadResponse(f"{display_url(url)} answered with no text for {model} (finish_reason "
+                        f"{reason or 'none'}){hint}")
+    error.usage = usage
+    return error
 
 
 def display_url(url: str) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from orchestra.errors import BadResponse
-from orchestra.models.http import Endpoint, EndpointModel, display_url
+from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.structured import with_instructions
@@ -132,7 +132,10 @@ class OpenAICompatible(EndpointModel):
             text = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
             url = display_url(self.endpoint.base_url)
-            failure = BadResponse(f"{url} returned no choices[0].message for {self.model}")
+            said = body.get("error")  # an error sent with HTTP 200 (some proxies and servers do)
+            said = said.get("message") if isinstance(said, dict) else said
+            failure = BadResponse(f"{url} answered with an error for {self.model}: {str(said)[:500]}" if said
+                                  else f"{url} returned no choices[0].message for {self.model}")
             failure.usage = reported_usage(self.price, reported.get("prompt_tokens"),  # billed all the same
                                            reported.get("completion_tokens") or 0, "")
             raise failure from None
@@ -140,10 +143,11 @@ class OpenAICompatible(EndpointModel):
             raise BadResponse(f"{display_url(self.endpoint.base_url)} returned a message content that is not text "
                               f"for {self.model}")
         reason = choice.get("finish_reason")
-        return ChatResult(
-            text=text, parsed=None, model=self.name, latency_s=0.0,
-            finish_reason=reason if isinstance(reason, str) else None,
-            usage=reported_usage(self.price, reported.get("prompt_tokens"), reported.get("completion_tokens"), text))
+        reason = reason if isinstance(reason, str) else None
+        usage = reported_usage(self.price, reported.get("prompt_tokens"), reported.get("completion_tokens"), text)
+        if not text.strip():
+            raise no_text(self.endpoint.base_url, self.model, reason, usage)
+        return ChatResult(text=text, parsed=None, model=self.name, latency_s=0.0, finish_reason=reason, usage=usage)
 
 
 def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
