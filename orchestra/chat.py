@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import OrchestraError
@@ -18,7 +17,7 @@ from orchestra.hints import cli_message
 from orchestra.money import usd
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
-from orchestra.view import LiveView, LogView, print_result, summary_line
+from orchestra.view import LiveView, LogView, literal, print_result, summary_line
 
 HELP = """Type a task to plan it. Before it runs you can:
   a / accept        run the plan
@@ -248,11 +247,11 @@ class ChatSession:
         for column in ("#", "step", "instruction", "needs"):
             table.add_column(column)
         for number, subtask in enumerate(plan.subtasks, start=1):
-            table.add_row(str(number), Text(subtask.id), Text(subtask.instruction),
-                          Text(", ".join(subtask.depends_on) or "-"))
+            table.add_row(str(number), literal(subtask.id), literal(subtask.instruction),
+                          literal(", ".join(subtask.depends_on) or "-"))
         self.console.print(table)
         if note:
-            self.console.print(Text(f"({note})", style="dim"))
+            self.console.print(literal(f"({note})", style="dim"))
 
     def show_pool(self) -> None:
         """The agents and their measured skills."""
@@ -265,7 +264,7 @@ class ChatSession:
             profile = pool.profiles.get(agent.name)
             skills = (", ".join(f"{k} {v:+d}" for k, v in sorted(profile.skills.items(), key=lambda kv: -kv[1])[:3])
                       if profile else "(declared) " + ", ".join(agent.skills))
-            table.add_row(agent.name, agent.model.name, f"{competence[agent.name]:.3f}", Text(skills))
+            table.add_row(agent.name, agent.model.name, f"{competence[agent.name]:.3f}", literal(skills))
         self.console.print(table)
 
     def show_trace(self) -> None:

@@ -14,6 +14,8 @@ from rich.text import Text
 
 from orchestra.money import usd
 from orchestra.store import EMBEDDINGS, RunStore
+from orchestra.terminal_text import printable
+from orchestra.view import literal
 
 
 def run_report(store: RunStore, run_id: str) -> dict[str, Any]:
@@ -67,8 +69,8 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
     when = datetime.fromtimestamp(run["created"]).strftime("%Y-%m-%d %H:%M:%S")
     console.print(Panel(Text.assemble(
         (f"{run['id']}  ", "bold"), (run["status"], "green" if run["status"] == "done" else "red"),
-        f"  {when}  resumed {run['resumes']}x\n", (f"item {run['item']} · " if run["item"] else ""), run["task"],
-        *_inputs(run["config"])), title="run"))
+        f"  {when}  resumed {run['resumes']}x\n", printable(f"item {run['item']} · " if run["item"] else ""),
+        printable(run["task"]), *map(printable, _inputs(run["config"]))), title="run"))
 
     stopped = _stopped_early(report["result"])
     plan = Table(title="plan")
@@ -85,45 +87,46 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
                     left.remove(agent)
             experts = ", ".join(asked) + (f" (not asked: {', '.join(left)})" if left else "")
             aggregator = f"{aggregator} (not needed)" if aggregator else ""
-        plan.add_row(*(Text(cell) for cell in (node["node_id"], node["status"] or "", ", ".join(node["depends_on"]),
+        plan.add_row(*(literal(cell) for cell in (node["node_id"], node["status"] or "", ", ".join(node["depends_on"]),
                                                ", ".join(node["skills"]), experts, aggregator)))
     console.print(plan)
     for node in report["nodes"]:
-        console.print(Text(f"{node['node_id']}: ", style="bold") + Text(node["instruction"] or ""))
+        console.print(literal(f"{node['node_id']}: ", style="bold") + literal(node["instruction"] or ""))
     for node_id, (asked, saved) in stopped.items():
-        console.print(Text(f"{node_id}: stopped early: its first {len(asked)} experts agreed, so {saved} "
+        console.print(literal(f"{node_id}: stopped early: its first {len(asked)} experts agreed, so {saved} "
                            f"call{'s' if saved != 1 else ''} (the other experts and the aggregation) were not made"))
     for node in report["nodes"]:
         if node["explanation"]:
-            console.print(Text(f"recruitment of {node['node_id']}:", style="bold"))
+            console.print(literal(f"recruitment of {node['node_id']}:", style="bold"))
             for line in node["explanation"]:
-                console.print(Text(f"  {line}"))
+                console.print(literal(f"  {line}"))
         if node["error"]:
-            console.print(Text(f"{node['node_id']}: {node['error']}", style="red"))
+            console.print(literal(f"{node['node_id']}: {node['error']}", style="red"))
 
     for index, call in enumerate(report["calls"], start=1):
         # what it cost opens the body, which wraps: in the title a narrow terminal cut it ($0.0000...)
-        body = Text(f"{call['source']} · {call['requests']} request{'s' if call['requests'] != 1 else ''} · "
-                    f"{call['prompt_tokens']}+{call['completion_tokens']} tokens · {usd(call['cost_usd'] or 0)}\n",
-                    style="dim")
+        body = literal(f"{call['source']} · {call['requests']} request{'s' if call['requests'] != 1 else ''} · "
+                       f"{call['prompt_tokens']}+{call['completion_tokens']} tokens · {usd(call['cost_usd'] or 0)}\n",
+                       style="dim")
         for message in call["request"].get("messages", []):
             body.append(f"[{message['role']}]\n", style="bold cyan")
-            body.append(message["content"] + "\n")
+            body.append(printable(message["content"] + "\n"))
         if call["purpose"] == EMBEDDINGS:
-            body.append(f"embedded to match the keywords: {', '.join(call['request'].get('keywords', []))}")
+            body.append(printable(f"embedded to match the keywords: {', '.join(call['request'].get('keywords', []))}"))
         elif call["status"] == "ok":
             body.append("[response]\n", style="bold green")
-            body.append((call["response"] or {}).get("text", ""))
+            body.append(printable((call["response"] or {}).get("text", "")))
         else:
             body.append("[error]\n", style="bold red")
-            body.append(call["error"] or "")
-        title = f"call {index} · {call['purpose']}{' · ' + call['node'] if call['node'] else ''} · {call['model']}"
+            body.append(printable(call["error"] or ""))
+        title = literal(f"call {index} · {call['purpose']}{' · ' + call['node'] if call['node'] else ''} · "
+                        f"{call['model']}")
         console.print(Panel(body, title=title, title_align="left", border_style="dim"))
 
-    console.print(Text(f"calls {totals['calls']} · requests {totals['requests']} · "
+    console.print(literal(f"calls {totals['calls']} · requests {totals['requests']} · "
                        f"tokens {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out · "
                        f"{usd(totals['cost_usd'])}", style="bold"))
     if run["answer"]:
-        console.print(Panel(Text(run["answer"]), title="answer"))
+        console.print(Panel(literal(run["answer"]), title="answer"))
     if run["error"]:
-        console.print(Text(run["error"], style="red"))
+        console.print(literal(run["error"], style="red"))

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType
 from rich.live import Live
@@ -59,9 +59,20 @@ def terminal(**options: object) -> Console:
     return _Literal(markup=False, emoji=False, highlight=False, **options)  # type: ignore[arg-type]
 
 
+def literal(text: str, style: str = "") -> Text:
+    """``Text`` of ``text`` as it is, its control characters written as escapes (see ``printable``):
+    Rich drops a carriage return, a backspace, a bell... as it makes a ``Text`` (``10\\r50`` read
+    ``1050``)."""
+    return Text(printable(text), style=style)
+
+
 class _Literal(Console):
     """A console whose text segments are made printable as they are rendered, whatever renderable
-    (a table cell, a tree label, a panel) holds them; Rich's own styles and cursor moves are not text."""
+    (a table cell, a tree label, a panel) holds them, and whose strings are made printable before
+    Rich makes them ``Text`` (see ``literal``); Rich's own styles and cursor moves are not text."""
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        return super().render_str(printable(text), **options)
 
     def render(self, renderable: RenderableType, options: ConsoleOptions | None = None) -> Iterable[Segment]:
         for segment in super().render(renderable, options):
@@ -250,30 +261,30 @@ class LiveView(EventHandler[None]):
     def on_call_done(self, event: CallDone) -> None:
         """With ``verbose``, print each call's prompt and answer above the view."""
         if self.verbose:
-            self._live.console.print(Panel(Text(_call_text(event)), title=Text(f"{event.model} · {event.purpose}"),
-                                           border_style="dim"))
+            self._live.console.print(Panel(literal(_call_text(event)), border_style="dim",
+                                           title=literal(f"{event.model} · {event.purpose}")))
 
     def _render(self) -> RenderableType:
         with self._lock:
-            return Group(self._tree(), self._models(), Text(self.state.counters(), style="bold"))
+            return Group(self._tree(), self._models(), literal(self.state.counters(), style="bold"))
 
     def _tree(self) -> RenderableType:
         state = self.state
-        tree = Tree(Text(state.task or "planning…", style="bold"))
+        tree = Tree(literal(state.task or "planning…", style="bold"))
         if state.note:
-            tree.add(Text(state.note, style="dim italic"))
+            tree.add(literal(state.note, style="dim italic"))
         for node_id, node in state.nodes.items():
             icon, style = STATUS_STYLE.get(node.status, ("?", ""))
-            label = Text.assemble((f"{icon} {node_id}", style), f"  {node.instruction}")
+            label = Text.assemble((printable(f"{icon} {node_id}"), style), printable(f"  {node.instruction}"))
             if node.depends_on:
                 label.append(f"  ← {', '.join(node.depends_on)}", style="dim")
             branch = tree.add(label)
             if node.experts:
                 experts = ", ".join(node.experts)
                 aggregator = f" · aggregator: {node.aggregator}" if node.aggregator else ""
-                branch.add(Text(f"experts: {experts}{aggregator}", style="cyan"))
+                branch.add(literal(f"experts: {experts}{aggregator}", style="cyan"))
             if node.detail:
-                branch.add(Text(node.detail, style="red"))
+                branch.add(literal(node.detail, style="red"))
         return Panel(tree, title="plan", border_style="blue")
 
     def _models(self) -> RenderableType:
@@ -394,9 +405,9 @@ def print_result(console: Console, result: RunResult, *, rich_output: bool, erro
     """The answer, exactly as the model wrote it, and one line with the reason when the run did not
     finish (on ``errors``, e.g. stderr, when given; ``stored``: whether the run was kept to resume)."""
     if result.answer:
-        console.print(Text(result.answer), soft_wrap=not rich_output)
+        console.print(literal(result.answer), soft_wrap=not rich_output)
     if result.status != "done":
-        (errors or console).print(Text(f"error: {run_error(result, stored=stored)}",
+        (errors or console).print(literal(f"error: {run_error(result, stored=stored)}",
                                        style="red" if rich_output else ""),
                                   soft_wrap=True)
 

@@ -158,7 +158,7 @@ def test_control_characters_from_a_task_or_a_model_never_reach_the_terminal(loop
     party could recolour, retitle or clear the terminal. Each is shown as its escape instead."""
     import json
 
-    hostile = "red \x1b[31mRED\x1b[0m \x1b]0;title\x07 nul \x00 rtl \u202eLTR"
+    hostile = "red \x1b[31mRED\x1b[0m \x1b]0;title\x07 nul \x00 rtl \u202eLTR cr 10\r50 bs a\x08b"
     refuse = [False]
 
     def text(request) -> str | Reply:
@@ -182,8 +182,11 @@ def test_control_characters_from_a_task_or_a_model_never_reach_the_terminal(loop
     refused = cli("ask", "x", "--pool", str(pool), "--set", "mode=\x1b[2J")  # (an error line of the command line)
     assert refused.returncode == 2 and "\\x1b[2J" in refused.stderr
     for output in [*shown, failed.stderr, refused.stderr]:
-        assert not any(c in output for c in "\x1b\x00\u202e"), output
+        assert not any(c in output for c in "\x1b\x00\u202e\r\x08"), output
     assert "red \\x1b[31mRED\\x1b[0m" in asked.stdout and "\\u202eLTR" in asked.stdout
+    # Rich drops a carriage return or a backspace where it makes its text: "10\r50" read "1050"
+    assert "cr 10\\r50 bs a\\x08b" in asked.stdout and "Task red" in shown[3].split("cr 10\\r50 bs a\\x08b")[0]
+    assert shown[3].count("cr 10\\r50 bs a\\x08b") >= 3  # the task, the expert's response, the answer
     assert "Task red \\x1b[31mRED" in asked.stderr  # (the log lines)
     assert "red \\x1b[31mRED" in shown[2] and "red \\x1b[31mRED" in shown[3]
     assert "bad request \\x1b[2J" in failed.stderr
