@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import difflib
 import os
+import re
 import secrets
 import signal
 import sys
@@ -671,6 +672,8 @@ class Orchestra:
         """A run of ``task``; ``settings``: the run's resolved settings, when the caller made them
         already (then ``overrides`` are not read)."""
         check_task(task)
+        if run_id is not None:
+            check_run_id(run_id)
         if context:
             _check_text(context, "the context")
         if answer_format:
@@ -1043,6 +1046,19 @@ def check_task(task: object) -> None:
         raise ConfigError(f"the task is {len(task):,} characters; at most {MAX_TASK_CHARS:,} fit Orchestra's "
                           "prompts (the planner's holds the task twice): shorten it")
     _check_text(task, "the task")
+
+
+#: what a run id given by a caller may hold: it is typed into ``orchestra resume`` and shown in tables
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def check_run_id(run_id: object) -> None:
+    """Refuse a run id a person could not type, read or see whole (a newline, an escape sequence,
+    a path, 5,000 characters), in one line."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        shown = repr(run_id) if len(repr(run_id)) <= 40 else repr(run_id)[:37] + "..."
+        raise ConfigError(f"run_id {shown} is not a run id: use 1 to 128 letters, digits and . _ : - "
+                          "(starting with a letter or digit), or leave it out for a new one")
 
 
 def _check_text(text: str, what: str) -> None:

@@ -224,6 +224,12 @@ def test_a_run_id_continues_its_own_task_and_one_run_at_a_time(tmp_path: Path) -
     assert done.status == "done" and isinstance(refused, ConfigError)
     assert str(refused) == "run twin is already running here; wait for it to end, or leave out run_id for a new run"
     assert orc.run("What is 2 + 2?", run_id="twin", plan=False).status == "done"  # once it has ended
+    # an id no one could type into `orchestra resume`, or read whole in `orchestra runs`: refused, nothing sent
+    before = sent()
+    for hostile in ("a\nb", "\x1b[31mred", "../../etc", "x" * 129, ""):
+        with pytest.raises(ConfigError, match="is not a run id: use 1 to 128 letters, digits and"):
+            orc.run("What is 3 + 3?", plan=False, run_id=hostile)
+    assert sent() == before and orc.run("What is 3 + 3?", plan=False, run_id="Q1.b_2:c-3").status == "done"
 
 
 def test_a_done_run_whose_result_cannot_be_written_is_marked_failed_not_done(tmp_path: Path) -> None:
