@@ -715,15 +715,15 @@ class Orchestra:
     def _begin(self, run: Run) -> None:
         self._begin_all([run])
 
-    def _begin_all(self, runs: Sequence[Run], *, force: bool = False) -> None:
+    def _begin_all(self, runs: Sequence[Run], *, force: bool = False, resuming: bool = False) -> None:
         """Record the runs as begun (one transaction); a run resumed counts what it spent before:
         the calls it replays, its failed attempts (their calls are sent again, and the store adds
         both up) and calls it will not ask again (a request changed since), so its usage is what
         the endpoints received, as the store's totals say."""
         for run in runs:
             if self._going.get(run.run_id, run) is not run:
-                raise ConfigError(f"run {run.run_id} is already running here; wait for it to end, or leave out "
-                                  "run_id for a new run")
+                raise ConfigError(f"run {run.run_id} is already running here; wait for it to end" + (
+                    "" if resuming else ", or leave out run_id for a new run"))
         if self.store is None:
             return
         self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs], force=force)
@@ -889,7 +889,7 @@ class Orchestra:
                 values = workflow.resolve_inputs(ref.inputs)
             steps = {"node_settings": workflow.node_settings(values), "final": workflow.final(values)}
         run = self._run(spec, record.id, **steps)
-        self._begin_all([run], force=force)
+        self._begin_all([run], force=force, resuming=True)
         return await self._finish(run)
 
     # --- many runs -------------------------------------------------------------------------

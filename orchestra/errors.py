@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 
@@ -112,6 +114,11 @@ class RunHeld(StoreError):
 
     def __init__(self, run_id: str, owner: str, idle_s: float) -> None:
         self.run_id, self.owner, self.idle_s = run_id, owner, idle_s
+        if owner.partition(":")[0] == f"{socket.gethostname()} pid {os.getpid()}":  # another RunStore of this process
+            self.problem = (f"run {run_id} is still running in this process, in another Orchestra on the same store "
+                            f"(active {idle_s:.0f} s ago)")
+            super().__init__(f"{self.problem}; wait for it to end")
+            return
         self.problem = f"run {run_id} is still running in another process ({owner}, active {idle_s:.0f} s ago)"
         super().__init__(f"{self.problem}; wait for it to end, or if that process is gone, resume it with force=True")
 

@@ -259,7 +259,7 @@ def test_a_held_run_can_be_forced_and_an_expired_lease_is_free(tmp_path: Path) -
     path = tmp_path / "runs.db"
     holder, other = RunStore(path), RunStore(path)
     holder.begin_run("r1", "task", {"options": {}})
-    with pytest.raises(StoreError, match="still running in another process"):
+    with pytest.raises(StoreError, match="still running in this process, in another Orchestra on the same store"):
         other.begin_run("r1", "task", {"options": {}})
     other.begin_run("r1", "task", {"options": {}}, force=True)  # the user says the holder is gone
     with pytest.raises(StoreError):

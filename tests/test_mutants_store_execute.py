@@ -16,7 +16,7 @@ import pytest
 from helpers import Slots, scripted_pool
 from pydantic import BaseModel
 
-from orchestra import Budget, Orchestra
+from orchestra import Agent, Budget, Orchestra, Pool
 from orchestra.errors import (
     BadResponse,
     BudgetExceeded,
@@ -224,6 +224,25 @@ def test_a_run_id_continues_its_own_task_and_one_run_at_a_time(tmp_path: Path) -
     assert done.status == "done" and isinstance(refused, ConfigError)
     assert str(refused) == "run twin is already running here; wait for it to end, or leave out run_id for a new run"
     assert orc.run("What is 2 + 2?", run_id="twin", plan=False).status == "done"  # once it has ended
+
+    async def resumed_while_running() -> tuple[Any, Any]:
+        gate = asyncio.Event()
+
+        async def held(request: Any) -> str:
+            await gate.wait()
+            return "The answer is 4"
+
+        slow = Orchestra(Pool(agents=[Agent(name="a", model=FunctionModel(held, name="slow"))]), k=1,
+                         store=tmp_path / "slow.db")
+        running = asyncio.ensure_future(slow.arun("What is 2 + 2?", run_id="held", plan=False))
+        while slow.ended("held") is None and not slow._going:
+            await asyncio.sleep(0)
+        refused = await asyncio.gather(slow.aresume("held"), return_exceptions=True)
+        gate.set()
+        return await running, refused[0]
+
+    done, refused = asyncio.run(resumed_while_running())  # (it said "leave out run_id", which resume does not take)
+    assert done.status == "done" and str(refused) == "run held is already running here; wait for it to end"
     # an id no one could type into `orchestra resume`, or read whole in `orchestra runs`: refused, nothing sent
     before = sent()
     for hostile in ("a\nb", "\x1b[31mred", "../../etc", "x" * 129, ""):

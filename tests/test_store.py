@@ -443,7 +443,7 @@ def test_a_chunk_of_runs_begins_in_one_transaction_all_or_none(tmp_path: Path) -
     path = tmp_path / "runs.db"
     holder, other = RunStore(path), RunStore(path)
     holder.begin_run("r2", "held", {})
-    with pytest.raises(StoreError, match="still running in another process"):
+    with pytest.raises(StoreError, match="still running in this process, in another Orchestra on the same store"):
         other.begin_runs([("r1", "a", {}), ("r2", "b", {}), ("r3", "c", {})])
     assert [record.id for record in other.runs()] == ["r2"]  # r1 was rolled back with the rest
     other.begin_runs([("r1", "a", {}), ("r3", "c", {})])
