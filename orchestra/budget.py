@@ -246,11 +246,16 @@ class RunAdmission:
             per_run = self._largest[dimension]
             expected = self._base[dimension] + self._ended[dimension] + live * per_run
             if max(expected, committed[dimension]) + per_run + last_call > limit:
-                need = (f"{per_run:.0f} calls" if name == "max_calls" else f"{per_run:.0f} tokens"
-                        if name == "max_tokens" else usd(per_run))
+                def amount(value: float, name: str = name) -> str:
+                    return (f"{value:,.0f} calls" if name == "max_calls" else f"{value:,.0f} tokens"
+                            if name == "max_tokens" else usd(value))
+
+                # (a call is admitted by its worst case, so the last one needs that much left)
+                reserve = f", and a call may need {amount(last_call)} at worst" if last_call else ""
                 return BudgetExceeded(limit=name, value=limit, run_id=None, shared=self.shared.name,
-                                      spent=f"what is left cannot be expected to finish another run, which takes "
-                                            f"up to {need}, so it was not started")
+                                      spent=f"{amount(committed[dimension])} so far, and what is left cannot be "
+                                            f"expected to finish another run, which takes up to {amount(per_run)}"
+                                            f"{reserve}, so it was not started")
         return None
 
     def ended(self, run: BudgetTracker, *, on_its_own: bool) -> None:

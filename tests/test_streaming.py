@@ -170,7 +170,7 @@ def test_a_shared_budget_smaller_than_the_data_set_finishes_the_runs_it_can_pay_
     assert sent() == 99  # counted where they arrive
     stopped = next(r for r in results if r.status == "budget_exceeded")
     assert stopped.usage.calls == 0 and str(stopped.error).endswith(
-        "(what is left cannot be expected to finish another run, which takes up to 9 calls, so it was not started)")
+        "(99 calls so far, and what is left cannot be expected to finish another run, which takes up to 9 calls, so it was not started)")
     assert str(shared.exceeded).startswith("the data set's budget max_calls=100 is spent")
     # tokens too (nothing is known of them before a run ends: the first runs alone), each run's
     # last call needing its worst case (prompt + max_tokens) left
