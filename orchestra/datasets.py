@@ -141,6 +141,14 @@ class _RepeatedKey(Exception):
     """A JSON object names one key twice (``json`` would keep the last silently)."""
 
 
+class _NotJson(Exception):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python's ``json`` reads them, JSON has none of them."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(name)
+
+
 def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object's pairs as a dict, refusing a key given twice."""
     row = dict(pairs)
@@ -174,9 +182,12 @@ def load_dataset(path: str | Path) -> Dataset:
         if not line.strip():
             continue
         try:
-            row = json.loads(line, object_pairs_hook=_once_each)
+            row = json.loads(line, object_pairs_hook=_once_each, parse_constant=_no_constant)
         except _RepeatedKey as repeated:
             raise DatasetError(f"{path}:{number}: field {repeated.args[0]!r} is given twice; keep one") from None
+        except _NotJson as constant:
+            raise DatasetError(f"{path}:{number}: {constant.args[0]} is not JSON; write it as a string, in "
+                               "quotes") from None
         except json.JSONDecodeError as error:
             raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         except RecursionError:

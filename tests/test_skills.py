@@ -227,6 +227,8 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     ('{"id": 1, "question": "caf\\u00e9 \\ud83d\\ude00", "answer": 1}\n{"id": 2, "question": "q\\ud800", "answer": 1}\n',
      "val.jsonl:2: field 'question' holds a lone surrogate"),  # (line 1's escapes are whole characters)
     ('{"id": 1, "question": "q", "answer": "  "}\n', "val.jsonl:1: field 'answer': the answer is empty"),
+    ('{"id": 1, "question": "q", "answer": NaN}\n',  # (Python's json reads it, and the answer was "nan")
+     "val.jsonl:1: NaN is not JSON; write it as a string, in quotes"),
     ('{"id": 1, "question": "q", "answer": ' + "9" * 5000 + '}\n',  # (Python's ValueError, as a traceback)
      "val.jsonl:1: a number too long to read (Exceeds the limit (4300 digits) for integer string conversion); write "
      "it as a string, in quotes"),
