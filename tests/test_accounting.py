@@ -97,36 +97,48 @@ def test_calls_and_requests_agree_with_what_the_endpoint_counted(loopback, tmp_p
     assert f"calls 9 · requests {len(server.requests)} ·" in text
 
 
-def test_an_answer_that_comes_after_its_run_was_cancelled_is_counted_in_its_record(loopback, tmp_path: Path) -> None:
-    """A run cancelled while its expert's request was at the server: the request is not cut off (the
-    batch is the executor's), its answer comes later and is stored; the run's record counts it too."""
-    at_server, release = threading.Event(), threading.Event()
+class HeldExpert:
+    """An Orchestra of one agent whose expert's request is held at a loopback server until released."""
 
-    def answer(request: LoopbackRequest) -> str:
+    def __init__(self, loopback: Any, tmp_path: Path) -> None:
+        self.at_server, self.release = threading.Event(), threading.Event()
+        self.server = loopback(chat_handler(self.answer))
+        model = OpenAICompatible(model="m", base_url=self.server.url + "/v1")
+        self.orc = Orchestra(Pool(agents=[Agent(name="a", model=model)], planner=model), store=tmp_path / "runs.db",
+                             k=1)
+
+    def answer(self, request: LoopbackRequest) -> str:
         if KEYWORDS_MARK in request.prompt:
             return '{"keywords": ["physics"]}'
-        at_server.set()
-        release.wait(10)
+        self.at_server.set()
+        self.release.wait(10)
         return "About 300,000 km per second."
 
-    server = loopback(chat_handler(answer))
-    model = OpenAICompatible(model="m", base_url=server.url + "/v1")
-    orc = Orchestra(Pool(agents=[Agent(name="a", model=model)], planner=model), store=tmp_path / "runs.db", k=1)
-
-    async def main() -> tuple[int, int]:
-        run = asyncio.ensure_future(orc.arun("How fast is light?", plan=False, run_id="late-1"))
-        assert await asyncio.to_thread(at_server.wait, 10)
+    async def cancelled_at_the_server(self, run_id: str) -> None:
+        """Start a run and cancel it once its expert's request is at the server."""
+        run = asyncio.ensure_future(self.orc.arun("How fast is light?", plan=False, run_id=run_id))
+        assert await asyncio.to_thread(self.at_server.wait, 10)
         run.cancel()
         with suppress(asyncio.CancelledError):
             await run
+
+
+def test_an_answer_that_comes_after_its_run_was_cancelled_is_counted_in_its_record(loopback, tmp_path: Path) -> None:
+    """A run cancelled while its expert's request was at the server: the request is not cut off (the
+    batch is the executor's), its answer comes later and is stored; the run's record counts it too."""
+    held = HeldExpert(loopback, tmp_path)
+    orc = held.orc
+
+    async def main() -> tuple[int, int]:
+        await held.cancelled_at_the_server("late-1")
         before = orc.ended("late-1")
-        release.set()
+        held.release.set()
         await asyncio.gather(*list(orc.executor._in_flight), return_exceptions=True)  # the late answer is in
         after = orc.ended("late-1")
         assert before is not None and after is not None and after.status == "cancelled"
         return before.usage.requests, after.usage.requests
 
-    assert asyncio.run(main()) == (5, 6) and len(server.requests) == 6  # (it stayed 5: the keyword calls)
+    assert asyncio.run(main()) == (5, 6) and len(held.server.requests) == 6  # (it stayed 5: the keyword calls)
     totals = RunStore(tmp_path / "runs.db").run_totals("late-1")
     assert (totals["calls"], totals["requests"]) == (6, 6)
 
@@ -137,34 +149,20 @@ def test_a_run_resumed_while_its_cancelled_request_is_in_flight_waits_for_that_a
     (paid twice, and counted once); the resume now waits for that request's answer and replays it."""
     from orchestra.events import CallsQueued
 
-    at_server, release = threading.Event(), threading.Event()
-
-    def answer(request: LoopbackRequest) -> str:
-        if KEYWORDS_MARK in request.prompt:
-            return '{"keywords": ["physics"]}'
-        at_server.set()
-        release.wait(10)
-        return "About 300,000 km per second."
-
-    server = loopback(chat_handler(answer))
-    model = OpenAICompatible(model="m", base_url=server.url + "/v1")
-    orc = Orchestra(Pool(agents=[Agent(name="a", model=model)], planner=model), store=tmp_path / "runs.db", k=1)
+    held = HeldExpert(loopback, tmp_path)
+    orc, server = held.orc, held.server
     queued: list[CallsQueued] = []
     orc.events.subscribe(lambda event: queued.append(event) if isinstance(event, CallsQueued) else None)
 
     async def main() -> tuple[int, Any]:
-        run = asyncio.ensure_future(orc.arun("How fast is light?", plan=False, run_id="late-2"))
-        assert await asyncio.to_thread(at_server.wait, 10)
-        run.cancel()
-        with suppress(asyncio.CancelledError):
-            await run
+        await held.cancelled_at_the_server("late-2")
         queued.clear()
         resumed = asyncio.ensure_future(orc.aresume("late-2"))
         while not any(event.purpose == "expert" for event in queued):  # the resume has asked for the expert
             await asyncio.sleep(0)
         await orc.executor._until_settled()  # ... and waits: for the request in flight, not a new one
         sent = len(server.requests)
-        release.set()
+        held.release.set()
         return sent, await resumed
 
     sent, result = asyncio.run(main())
