@@ -461,6 +461,7 @@ class _Stream:
         if future.cancelled() or error is not None:  # a bug inside the run: stop it, keep its record
             run.cancel()
             stopped = self.orc._record_cancelled(run)
+            self.orc.executor.orphan({run.run_id})
             if self.on_stopped is not None:
                 self.on_stopped(index, stopped)
             self.queue.put_nowait(error or asyncio.CancelledError())
@@ -478,12 +479,15 @@ class _Stream:
         """Stop every run still held (the caller stopped early, or something failed): each is
         recorded as cancelled, as an interrupted ``arun`` is."""
         self.source.close()
+        stopped_ids: set[str] = set()
         while self.live:
             run, index = self.live.popitem()
             run.cancel()
             stopped = self.orc._record_cancelled(run)
+            stopped_ids.add(run.run_id)
             if self.on_stopped is not None:
                 self.on_stopped(index, stopped)
+        self.orc.executor.orphan(stopped_ids)  # (one look at the calls in flight for all of them)
 
 
 class Orchestra:
@@ -768,6 +772,7 @@ class Orchestra:
             reason = said if isinstance(said, str) and said else None  # (task.cancel("why"), as serve says it)
             run.cancel(reason or CANCELLED_BY_USER)
             self._record_cancelled(run, reason)
+            self.executor.orphan({run.run_id})  # (a resume here waits for the requests it left in flight)
             raise
         self._record(result)
         return result
@@ -793,7 +798,6 @@ class Orchestra:
 
         stopped = record()
         run.ledger.after_end = again
-        self.executor.orphan(run.run_id)  # (a resume here waits for the requests it left in flight)
         return stopped
 
     def _record(self, result: RunResult, *, soon: bool = False) -> None:

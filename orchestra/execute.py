@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -453,13 +453,16 @@ class Executor:
                 task.add_done_callback(self._in_flight.pop)
                 task.add_done_callback(partial(self._sent, group))
 
-    def orphan(self, run_id: str) -> None:
-        """Note the calls of a run stopped while their requests were in flight (they go on: the
-        endpoint has them, and their answers are stored as they come). A resume of that run in this
+    def orphan(self, run_ids: Collection[str]) -> None:
+        """Note the calls of runs stopped while their requests were in flight (they go on: the
+        endpoint has them, and their answers are stored as they come). A resume of such a run in this
         process waits for them instead of sending the same requests again (paid twice)."""
+        if not run_ids:
+            return
         for task, group in self._in_flight.items():
             for call in group:
-                if call.ledger.run_id == run_id and call.key and call.waiter.outcomes[call.index] is None:
+                run_id = call.ledger.run_id
+                if run_id in run_ids and call.key and call.waiter.outcomes[call.index] is None:
                     orphan = (run_id, call.key, call.seq)
                     self._orphans[orphan] = task
                     task.add_done_callback(partial(self._orphan_ended, orphan))

@@ -10,6 +10,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import KEYWORDS_MARK, scripted_pool
 from loopback_llm import write_pool
 from test_cli import cli
@@ -114,13 +115,22 @@ class HeldExpert:
         self.release.wait(10)
         return "About 300,000 km per second."
 
-    async def cancelled_at_the_server(self, run_id: str) -> None:
-        """Start a run and cancel it once its expert's request is at the server."""
-        run = asyncio.ensure_future(self.orc.arun("How fast is light?", plan=False, run_id=run_id))
+    async def cancelled_at_the_server(self, run_id: str, *, streamed: bool = False) -> str:
+        """Start a run (``streamed``: the one task of ``arun_iter``) and cancel it once its expert's
+        request is at the server; its id."""
+        if streamed:
+            iterator = self.orc.arun_iter(["How fast is light?"])
+            run: asyncio.Future[Any] = asyncio.ensure_future(anext(iterator))
+        else:
+            run = asyncio.ensure_future(self.orc.arun("How fast is light?", plan=False, run_id=run_id))
         assert await asyncio.to_thread(self.at_server.wait, 10)
         run.cancel()
         with suppress(asyncio.CancelledError):
             await run
+        if streamed:
+            await iterator.aclose()  # (stopping early stops the runs in flight)
+        assert self.orc.store is not None
+        return self.orc.store.runs()[0].id
 
 
 def test_an_answer_that_comes_after_its_run_was_cancelled_is_counted_in_its_record(loopback, tmp_path: Path) -> None:
@@ -143,10 +153,12 @@ def test_an_answer_that_comes_after_its_run_was_cancelled_is_counted_in_its_reco
     assert (totals["calls"], totals["requests"]) == (6, 6)
 
 
-def test_a_run_resumed_while_its_cancelled_request_is_in_flight_waits_for_that_answer(loopback,
-                                                                                      tmp_path: Path) -> None:
-    """Resumed at once in the same Orchestra, a cancelled run sent its in-flight expert call again
-    (paid twice, and counted once); the resume now waits for that request's answer and replays it."""
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_run_resumed_while_its_cancelled_request_is_in_flight_waits_for_that_answer(loopback, tmp_path: Path,
+                                                                                      streamed: bool) -> None:
+    """Resumed at once in the same Orchestra, a cancelled run (an ``arun``, or one of ``arun_iter``
+    stopped early) sent its in-flight expert call again (paid twice, and counted once); the resume
+    now waits for that request's answer and replays it."""
     from orchestra.events import CallsQueued
 
     held = HeldExpert(loopback, tmp_path)
@@ -155,9 +167,9 @@ def test_a_run_resumed_while_its_cancelled_request_is_in_flight_waits_for_that_a
     orc.events.subscribe(lambda event: queued.append(event) if isinstance(event, CallsQueued) else None)
 
     async def main() -> tuple[int, Any]:
-        await held.cancelled_at_the_server("late-2")
+        run_id = await held.cancelled_at_the_server("late-2", streamed=streamed)
         queued.clear()
-        resumed = asyncio.ensure_future(orc.aresume("late-2"))
+        resumed = asyncio.ensure_future(orc.aresume(run_id))
         while not any(event.purpose == "expert" for event in queued):  # the resume has asked for the expert
             await asyncio.sleep(0)
         await orc.executor._until_settled()  # ... and waits: for the request in flight, not a new one
@@ -168,8 +180,9 @@ def test_a_run_resumed_while_its_cancelled_request_is_in_flight_waits_for_that_a
     sent, result = asyncio.run(main())
     assert sent == 6 and len(server.requests) == 6  # 5 keyword samples and one expert request, each sent once
     assert result.status == "done" and result.answer == "About 300,000 km per second."
-    assert result.usage.requests == 6 and result.usage.replayed_calls == 6
-    totals = RunStore(tmp_path / "runs.db").run_totals("late-2")
+    # (a data set's run keeps the experts its chunk recruited: only the expert's call is replayed)
+    assert result.usage.requests == 6 and result.usage.replayed_calls == (1 if streamed else 6)
+    totals = RunStore(tmp_path / "runs.db").run_totals(result.run_id)
     assert (totals["calls"], totals["requests"]) == (6, 6)
 
 
