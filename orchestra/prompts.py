@@ -91,6 +91,14 @@ class LimitedSandbox(SandboxedEnvironment):
         self.globals["range"] = _range
         self.filters = {name: _limited_filter(f) for name, f in self.filters.items()}
 
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        """``x.name``: a dict's key before its method of that name, so an input, a step or a JSON
+        field named ``items``, ``values``, ``keys`` or ``get`` is that value, not the method
+        (``steps.items()`` still loops over the steps where no step is named so)."""
+        if type(obj) is dict and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         """Arithmetic with bounded results: a power is refused before it is computed."""
         if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:

@@ -261,6 +261,14 @@ class Workflow:
                 named = ", ".join(sorted(filter(str.isidentifier, jinja.tests)))
                 raise document.text_error(f"{owner} uses the unknown template test {test.name!r} (`is "
                                           f"{test.name}`); tests: {named}", loc, test.lineno)
+        keyed = {"inputs": set(self.spec.inputs), "steps": {step.id for step in self.spec.steps}}
+        for call in tree.find_all(nodes.Call):  # a key is read before the dict's method of its name
+            method = call.node
+            if isinstance(method, nodes.Getattr) and isinstance(method.node, nodes.Name) \
+                    and method.attr in keyed.get(method.node.name, ()):
+                base, kind = method.node.name, method.node.name[:-1]
+                raise document.text_error(f"{owner} calls {base}.{method.attr}(), but {base}.{method.attr} is the "
+                                          f"{kind} named {method.attr!r}; rename the {kind}", loc, call.lineno)
         for name, kind, line in _references(tree):
             if kind == "inputs" and name not in self.spec.inputs:
                 raise document.text_error(f"{owner} uses undeclared input {name!r}; declare it under inputs:",
@@ -458,7 +466,10 @@ def _get_of(call: nodes.Call) -> nodes.Node | None:
 
 
 def _key(node: nodes.Node, base: str) -> str | None:
-    """``x`` for ``base.x`` or ``base["x"]``, else None."""
+    """``x`` for ``base.x``, ``base["x"]`` or ``base.get("x")``, else None."""
+    if isinstance(node, nodes.Call):
+        of = _get_of(node)
+        return _constant(node.args[0]) if isinstance(of, nodes.Name) and of.name == base else None
     if not isinstance(node, (nodes.Getattr, nodes.Getitem)) or not isinstance(node.node, nodes.Name) \
             or node.node.name != base:
         return None

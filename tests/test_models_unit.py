@@ -254,7 +254,12 @@ def test_schemas_written_by_pydantic_are_checked_through_refs_and_any_of(value: 
     ({"oneOf": [{"type": "integer"}, {"minimum": 2}]}, [1, 2.5, "x"], [3, 1.5], "fits 2 of oneOf|fits 0 of oneOf"),
     ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, ["ab"], ["abc", 1], "longer than|expected string"),
     ({"not": {"type": "null"}}, [0, ""], [None], "must not fit"),
-    ({"type": "array", "uniqueItems": True}, [[1, 2], [{"a": 1}, {"a": 2}]], [[1, 1], [{"a": 1}, {"a": 1}]], "repeats"),
+    ({"type": "array", "uniqueItems": True}, [[1, 2], [{"a": 1}, {"a": 2}], [True, 1]],
+     [[1, 1], [{"a": 1}, {"a": 1}], [1, 1.0], [{"a": [2]}, {"a": [2.0]}]], "repeats"),  # (1 and 1.0: one JSON value)
+    # JSON's true is not 1 (Python's True == 1 let a boolean answer pass a numeric enum)
+    ({"properties": {"s": {"enum": [0, 1]}, "t": {"const": 1}, "u": {"enum": [True, [1]]}}},
+     [{"s": 1, "t": 1.0, "u": True}, {"u": [1.0]}], [{"s": True}, {"t": True}, {"u": 1}, {"u": [True]}],
+     "is not one of|must be 1"),
     ({"type": "array", "prefixItems": [{"type": "string"}], "items": {"type": "integer"}}, [["a", 1, 2]],
      [[1], ["a", "b"]], r"\$\[0\]: expected string|\$\[1\]: expected integer"),
     ({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1, "maxProperties": 2},
@@ -291,6 +296,17 @@ def test_check_schema_covers_numbers_combinators_arrays_and_objects(schema: dict
             check_schema(value, schema)
 
 
+def test_nan_and_infinity_are_not_json() -> None:
+    """Python's json reads them: {"score": NaN} passed a number schema (every comparison with NaN is
+    false) and went to clients as JSON their parsers refuse."""
+    from orchestra.models.structured import extract_json
+
+    for text in ('{"score": NaN}', '{"score": -Infinity}', 'Here: {"score": Infinity}'):
+        with pytest.raises(StructuredOutputError, match="is not JSON"):
+            extract_json(text)
+    assert extract_json('{"score": 1e308}') == {"score": 1e308}
+
+
 def test_a_broken_schema_given_in_python_is_a_structured_output_error_not_a_crash() -> None:
     with pytest.raises(StructuredOutputError, match=r"\$.a: the schema here is a int"):
         check_schema({"a": 1}, {"properties": {"a": 5}})
@@ -307,6 +323,10 @@ def test_a_reference_that_goes_round_in_a_circle_ends_with_one_line(schema: dict
 
 @pytest.mark.parametrize(("schema", "problem"), [
     ({"$ref": "#/$defs/missing"}, "$.$ref must point inside the schema"),
+    # refused before any call (it was found only as a model's answer was checked, then blamed on the model)
+    ({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}}},
+     "$.$ref '#/$defs/A' leads round in a circle"),
+    ({"properties": {"a": {"$ref": "#/properties/a"}}}, "$.properties.a.$ref '#/properties/a' leads round"),
     ({"$ref": "https://example.com/s.json"}, "$.$ref must point inside the schema"),
     ({"anyOf": []}, "$.anyOf must be a non-empty list of schemas"),
     ({"oneOf": [{"type": "text"}]}, "$.oneOf[0].type must be one of"),

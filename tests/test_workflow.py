@@ -123,6 +123,11 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
      "wf.yaml:8:7: task uses steps.draft, but the task is written before any step runs; use inputs there"),
     (GOOD.replace("{{ steps.draft.output }}", "{{ steps.keys.output }}"),  # (only a called .keys() is the dict's)
      "wf.yaml:20: step 'review' references unknown step 'keys'"),
+    # steps.get('x') is steps.x (its part was not checked: the run failed after the steps were paid)
+    (GOOD.replace('final: "{{ steps.review.output }}"', "final: \"{{ steps.get('review').outptu }}\""),
+     "wf.yaml:21:8: final uses steps.review.outptu; a step has output (its text) and data"),
+    (GOOD.replace("{{ steps.draft.output }}", "{{ steps.get('draft').data.x }}"),
+     "wf.yaml:20: step 'review' uses steps.draft.data, but step 'draft' has no output: schema"),
     (GOOD.replace("{{ steps.draft.output }}", "{{ steps.draft.get('outptu') }}"),  # (it sent "None")
      "wf.yaml:20: step 'review' uses steps.draft.outptu; a step has output (its text) and data"),
     ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
@@ -249,6 +254,28 @@ def test_an_optional_input_without_a_default_may_be_left_out(loopback, tmp_path:
     assert result["status"] == "done"
     again = cli("resume", result["run_id"], "--json")  # its inputs resolve again from the record
     assert again.returncode == 0 and json.loads(again.stdout)["status"] == "done", again.stderr
+
+
+def test_an_input_or_step_named_like_a_dict_method_is_itself_in_templates(loopback, tmp_path: Path) -> None:
+    """``inputs.items`` was the dict's method: the model was sent "<built-in method items of dict
+    object at 0x...>", and ``steps.items.output`` failed at run time after the step before was paid."""
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    path = write(tmp_path, "name: sort\npool: pool.yaml\ninputs:\n  items: {type: string, required: true}\nsteps:\n"
+                           "  - {id: items, agent: alpha-expert, prompt: 'Sort these: {{ inputs.items }}'}\n"
+                           "  - {id: check, agent: beta-expert, needs: [items], prompt: 'Check: {{ steps.items.output }}'}\n"
+                           "final: '{{ steps.check.output }}'\n")
+    looped = write(tmp_path, path.read_text().replace("{{ steps.check.output }}", "{% for name, step in steps.items() "
+                                                      "%}{{ step.output }}{% endfor %}"), name="looped.yaml")
+    refused = cli("validate", str(looped))  # (steps.items is the step now: calling it would fail at run time)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        "final calls steps.items(), but steps.items is the step named 'items'; rename the step"), refused.stderr
+    done = cli("run", str(path), "-i", "items=pear, apple", "--json")
+    assert done.returncode == 0, done.stderr
+    prompts = [request.prompt for request in server.requests]
+    assert any("Sort these: pear, apple" in prompt for prompt in prompts)
+    assert not any("built-in method" in prompt for prompt in prompts)
+    assert any("Check: " in prompt and "built-in" not in prompt for prompt in prompts)
 
 
 def test_a_blank_step_prompt_is_one_line_naming_it(tmp_path: Path) -> None:

@@ -15,18 +15,23 @@ class StructuredOutputError(ValueError):
     """The model's text is not valid JSON for the requested output; the message says why."""
 
 
+def _no_constant(name: str) -> Any:
+    raise StructuredOutputError(f"{name} is not JSON (write a number, or null)")
+
+
 def extract_json(text: str) -> Any:
-    """Parse the JSON value in ``text``: the whole text, a fenced block, or the first balanced object."""
+    """Parse the JSON value in ``text``: the whole text, a fenced block, or the first balanced object.
+    ``NaN`` and ``Infinity``, which Python's ``json`` reads, are not JSON (a client's parser refuses them)."""
     stripped = text.strip()
     if stripped.startswith("```"):
         stripped = stripped.split("\n", 1)[1] if "\n" in stripped else ""
         stripped = stripped.rsplit("```", 1)[0]
     try:
-        return json.loads(stripped)
+        return json.loads(stripped, parse_constant=_no_constant)
     except RecursionError:
         raise StructuredOutputError("JSON nested too deeply to read") from None
     except json.JSONDecodeError as first_error:
-        decoder = json.JSONDecoder()
+        decoder = json.JSONDecoder(parse_constant=_no_constant)
         for start, char in enumerate(stripped):
             if char in "{[":
                 try:
@@ -112,8 +117,15 @@ def schema_problem(schema: Any, path: str = "$", root: dict[str, Any] | None = N
     step = schema.get("multipleOf", 1)
     if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
         return f"{path}.multipleOf must be a number above 0"
-    if "$ref" in schema and not isinstance(_resolve(schema["$ref"], root), (dict, bool)):
-        return f"{path}.$ref must point inside the schema (#/$defs/Name), not {schema['$ref']!r}"
+    if "$ref" in schema:
+        if not isinstance(_resolve(schema["$ref"], root), (dict, bool)):
+            return f"{path}.$ref must point inside the schema (#/$defs/Name), not {schema['$ref']!r}"
+        seen, target = set(), schema  # a $ref is followed before the value is looked into: a chain must end
+        while isinstance(target, dict) and isinstance(target.get("$ref"), str):
+            if target["$ref"] in seen:
+                return f"{path}.$ref {schema['$ref']!r} leads round in a circle: no value could be checked"
+            seen.add(target["$ref"])
+            target = _resolve(target["$ref"], root)
     if not isinstance(schema.get("additionalProperties", True), (bool, dict)):
         return f"{path}.additionalProperties must be true, false or a schema"
     properties = schema.get("properties", {})
@@ -209,9 +221,9 @@ def _check(value: Any, schema: Any, path: str, root: dict[str, Any], refs: int) 
             "integer" in names and isinstance(value, float) and value.is_integer())  # 1.0 is an integer
         if not ok:
             raise StructuredOutputError(f"{path}: expected {'/'.join(names)}, got {type(value).__name__}")
-    if "enum" in schema and value not in schema["enum"]:
+    if "enum" in schema and not any(_same(value, allowed) for allowed in schema["enum"]):
         raise StructuredOutputError(f"{path}: {value!r} is not one of {schema['enum']}")
-    if "const" in schema and value != schema["const"]:
+    if "const" in schema and not _same(value, schema["const"]):
         raise StructuredOutputError(f"{path}: must be {schema['const']!r}")
     _check_combined(value, schema, path, root, refs)
     if isinstance(value, dict):
@@ -296,7 +308,7 @@ def _check_array(value: list[Any], schema: dict[str, Any], path: str, root: dict
     if schema.get("uniqueItems") is True:
         seen: set[str] = set()
         for index, item in enumerate(value):
-            text = json.dumps(item, sort_keys=True)
+            text = json.dumps(_whole_numbers(item), sort_keys=True)  # (true and 1 stay apart, as _same has them)
             if text in seen:
                 raise StructuredOutputError(f"{path}[{index}]: repeats an earlier item (uniqueItems)")
             seen.add(text)
@@ -313,6 +325,31 @@ def _check_array(value: list[Any], schema: dict[str, Any], path: str, root: dict
     rest = items if not isinstance(items, list) else schema.get("additionalItems", True)
     for index, item in enumerate(value):
         _check(item, positional[index] if index < len(positional) else rest, f"{path}[{index}]", root, 0)
+
+
+def _same(value: Any, other: Any) -> bool:
+    """Equal as JSON values: ``true`` is not ``1`` (Python's ``True == 1``), ``1`` is ``1.0``, and
+    arrays and objects are compared item by item so."""
+    if isinstance(value, bool) or isinstance(other, bool):
+        return type(value) is type(other) and value == other
+    if isinstance(value, list) and isinstance(other, list):
+        return len(value) == len(other) and all(map(_same, value, other))
+    if isinstance(value, dict) and isinstance(other, dict):
+        return value.keys() == other.keys() and all(_same(value[key], other[key]) for key in value)
+    if isinstance(value, (list, dict)) or isinstance(other, (list, dict)):
+        return False
+    return bool(value == other)
+
+
+def _whole_numbers(value: Any) -> Any:
+    """``value`` with each float that is a whole number as an int: ``1.0`` and ``1`` are one JSON value."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    return value
 
 
 def _check_number(value: float, schema: dict[str, Any], path: str) -> None:
