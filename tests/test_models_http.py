@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -395,6 +396,24 @@ def test_a_streamed_answer_holding_a_line_separator_is_read_whole(loopback) -> N
     seen: list[str] = []
     result = run(openai(server).complete_one(ask(on_text=seen.append)))
     assert result.text == seen[-1] == "First line\u2028second\u2029 line."
+
+
+@pytest.mark.parametrize("ending, says", [
+    ([b'data: {"error": {"message": "upstream died"}}\n\n'], "answered with an error for m: upstream died"),
+    ([], "ended its stream for m before the answer was finished (no finish_reason, no [DONE])"),
+])
+def test_a_stream_that_breaks_off_is_a_failed_call_not_an_answer(loopback, ending: list[bytes], says: str) -> None:
+    """Its text so far was taken for the whole answer (a run 'done', and serve's finish_reason 'stop')."""
+    async def parts():
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "The answer"}, "finish_reason": null}]}\n\n'
+        for part in ending:
+            yield part
+
+    server = loopback(lambda request: Reply(parts=parts))
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None, max_attempts=1)
+    with pytest.raises(BadResponse, match=re.escape(says)):
+        run(model.complete_one(ask(on_text=lambda text: None)))
+    assert len(server.requests) == 1
 
 
 def test_a_server_that_ignores_stream_still_gives_on_text_the_whole_text(loopback) -> None:

@@ -401,15 +401,15 @@ def _is_event_stream(response: Answer) -> bool:
 
 
 def server_sent_events(body: bytes) -> list[Any]:
-    """The JSON data of each server-sent event in ``body``, in order (``[DONE]`` and comments left
-    out); ``ValueError`` when one is not JSON."""
-    events = []
+    """The JSON data of each server-sent event in ``body``, in order, and the string ``"[DONE]"``
+    where the stream said it was done (comments left out); ``ValueError`` when one is not JSON."""
+    events: list[Any] = []
     # (lines end at CR LF, LF or CR only: ``splitlines`` also cut at U+2028, which JSON holds unescaped)
     for line in re.split(r"\r\n|\r|\n", body.decode("utf-8", errors="replace")):
         if line.startswith("data:"):
             data = line[5:].strip()
-            if data and data != "[DONE]":
-                events.append(json.loads(data))
+            if data:
+                events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
 

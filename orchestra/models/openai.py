@@ -94,6 +94,11 @@ class OpenAICompatible(EndpointModel):
             body["usage"] = {**(usage if isinstance(usage, dict) else {}),
                              "prompt_tokens": estimate_tokens(request.prompt_text())}
         result = self._result(body)
+        if body.get("cut"):
+            failure = BadResponse(f"{display_url(self.endpoint.base_url)} ended its stream for {self.model} before "
+                                  "the answer was finished (no finish_reason, no [DONE])")
+            failure.usage = result.usage  # (billed all the same)
+            raise failure
         if on_text is not None and not streamed:  # a server that ignored ``stream``: the whole text, at once
             on_text(result.text)
         return result
@@ -178,22 +183,29 @@ def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
 
 
 def assembled(events: list[Any]) -> dict[str, Any]:
-    """A streamed answer's ``chat.completion.chunk`` events as one ``chat.completion`` body."""
+    """A streamed answer's ``chat.completion.chunk`` events as one ``chat.completion`` body; an
+    error event makes it an error body (whatever text came before it), and a stream that ended with
+    neither a ``finish_reason`` nor ``[DONE]`` is marked ``cut`` (its text is not the whole answer)."""
     content: list[str] = []
-    reason, usage = None, None
+    reason, usage, error = None, None, None
     for event in events:
         if not isinstance(event, dict):
             continue
         if isinstance(event.get("usage"), dict):
             usage = event["usage"]
+        if event.get("error"):
+            error = event["error"]
         for choice in event.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                 content.append(delta["content"])
             reason = choice.get("finish_reason") or reason if isinstance(choice, dict) else reason
-    if not content and reason is None:  # no choice at all: an error event, or nothing
+    if error is not None:
+        return {"error": error, "usage": usage}
+    if not content and reason is None:  # no choice at all: nothing
         return {"usage": usage} if usage else {}
-    return {"choices": [{"message": {"content": "".join(content)}, "finish_reason": reason}], "usage": usage}
+    body = {"choices": [{"message": {"content": "".join(content)}, "finish_reason": reason}], "usage": usage}
+    return {**body, "cut": True} if reason is None and "[DONE]" not in events else body
 
 
 def bearer_headers(api_key: str | None) -> dict[str, str]:
