@@ -32,13 +32,18 @@ _MERGED = ("recruit", "keywords", "budget")
 ORCHESTRA_LEVEL = ("max_resident_models", "memory_budget_gb", "executor", "ray_address")
 
 
+#: the most experts a subtask may have: each is a call, and the aggregator reads them all in one
+#: prompt (100,000 asked for sent hundreds of calls, then hung on gigabytes of recruiting)
+MAX_K = 64
+
+
 class Settings(BaseModel):
     """Every knob of a run, with its default (each field's ``description`` says what it does;
     the command line's help is built from them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    k: int = Field(default=3, ge=1, description="Experts per subtask.")
+    k: int = Field(default=3, ge=1, le=MAX_K, description="Experts per subtask.")
     mode: Mode = Field(default="calibrated", description="How experts are recruited.")
     aggregate: Strategy = Field(default="synthesize", description="How a node's expert answers are combined.")
     aggregator_choice: AggregatorChoice = Field(

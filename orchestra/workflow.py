@@ -23,7 +23,7 @@ from orchestra.errors import ConfigError
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
 from orchestra.plan import ID_PATTERN, MAX_SKILLS, Plan, Subtask
 from orchestra.prompts import MAX_TEMPLATE_OUTPUT, RENDER_FAILED, environment, render_string
-from orchestra.settings import Settings
+from orchestra.settings import MAX_K, Settings
 from orchestra.skills import skill_names
 from orchestra.vocabulary import GraderName, Mode, Strategy
 from orchestra.yamlfile import YamlDocument, read_yaml
@@ -48,7 +48,7 @@ class InputSpec(_Strict):
 class RecruitSpec(_Strict):
     """How a step recruits its experts."""
 
-    k: int | None = Field(default=None, ge=1)
+    k: int | None = Field(default=None, ge=1, le=MAX_K)
     skills: list[str] = Field(default=[], max_length=MAX_SKILLS)
     mode: Mode | None = None
 

@@ -101,6 +101,8 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
     ("matcher.type=embedding", "error: --set matcher: Value error, an embedding matcher needs model and base_url"),
     ("novalue", "error: --set expects KEY=VALUE, got 'novalue'"),
     ("k=" + "[" * 5000 + "]" * 5000, "error: --set k: the value is nested too deeply to read"),
+    # (100,000 experts sent hundreds of calls, then hung on gigabytes of recruiting)
+    ("k=100000", "error: --set k: Input should be less than or equal to 64"),
 ])
 def test_an_unknown_or_invalid_setting_is_one_line(llm, tmp_path: Path, flag: str, message: str) -> None:
     pool = write_pool(tmp_path, llm.server.url)
