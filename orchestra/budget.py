@@ -248,7 +248,7 @@ class RunAdmission:
             if max(expected, committed[dimension]) + per_run + last_call > limit:
                 def amount(value: float, name: str = name) -> str:
                     return (f"{value:,.0f} calls" if name == "max_calls" else f"{value:,.0f} tokens"
-                            if name == "max_tokens" else usd(value))
+                            if name == "max_tokens" else usd_exact(value))  # (amounts set against a limit)
 
                 # (a call is admitted by its worst case, so the last one needs that much left)
                 reserve = f", and a call may need {amount(last_call)} at worst" if last_call else ""

@@ -632,6 +632,7 @@ class Orchestra:
             overrides: ``Settings`` fields for this run only (k, mode, aggregate, seed, budget...).
         """
         if run_id is not None:
+            check_run_id(run_id)
             self._check_same_task(run_id, task)
         run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final,
                              shared_budget=shared_budget, answer_format=answer_format, context=context,
@@ -867,6 +868,8 @@ class Orchestra:
         """
         if self.store is None:
             raise ConfigError("resume needs the run store; this Orchestra was made with store=False")
+        if not isinstance(run_id, str):
+            raise ConfigError(f"run_id must be a run's id (text), not {type(run_id).__name__}")
         record = self.store.run(run_id)
         if record.status == "done":
             stored = self.store.result(record.id)

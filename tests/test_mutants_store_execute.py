@@ -245,9 +245,11 @@ def test_a_run_id_continues_its_own_task_and_one_run_at_a_time(tmp_path: Path) -
     assert done.status == "done" and str(refused) == "run held is already running here; wait for it to end"
     # an id no one could type into `orchestra resume`, or read whole in `orchestra runs`: refused, nothing sent
     before = sent()
-    for hostile in ("a\nb", "\x1b[31mred", "../../etc", "x" * 129, ""):
+    for hostile in ("a\nb", "\x1b[31mred", "../../etc", "x" * 129, "", 5, b"abc"):  # (5: a TypeError from the store)
         with pytest.raises(ConfigError, match="is not a run id: use 1 to 128 letters, digits and"):
-            orc.run("What is 3 + 3?", plan=False, run_id=hostile)
+            orc.run("What is 3 + 3?", plan=False, run_id=hostile)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="run_id must be a run's id \\(text\\), not int"):
+        orc.resume(5)  # type: ignore[arg-type]
     assert sent() == before and orc.run("What is 3 + 3?", plan=False, run_id="Q1.b_2:c-3").status == "done"
 
 
