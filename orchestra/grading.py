@@ -165,14 +165,16 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-#: minus signs that are not ASCII's hyphen-minus: the minus sign (models write "−5"), the small and the fullwidth one
-_MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
+#: a sign written with another character than ASCII's hyphen-minus: the minus sign (models write "−5"),
+#: a figure or en dash, the small or the fullwidth minus, before a number (a space between them too,
+#: "− 5"), and not after a word or a number ("3–5" is a range, not 3 and -5)
+_MINUS = re.compile(r"(?<![\w.])[\u2212\u2012\u2013\ufe63\uff0d][ \u00a0\u2009\u202f]?(?=\.?\d)")
 _NUMBER = re.compile(r"-?\\d?frac\{-?[\d.]+\}\{-?[\d.]+\}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
 def normalize_number(text: str) -> Fraction | None:
     """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` handled."""
-    text = text.strip().translate(_MINUS).replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
+    text = _MINUS.sub("-", text.strip()).replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
     frac = re.fullmatch(r"-?\\d?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", text)
     if frac:
         try:
@@ -195,7 +197,7 @@ class NumericGrader:
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
         """The final number, normalised (``"1/2"``, ``"12"``), or None."""
-        text = strip_reasoning(text).translate(_MINUS)
+        text = _MINUS.sub("-", strip_reasoning(text))
         # "The answer is 63 (from 100 - 37)": the answer is the number the clause starts with
         for candidate, pick in ((last_boxed(text), -1), (_answer_clause(text), 0), (text, -1)):
             if not candidate:

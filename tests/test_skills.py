@@ -165,6 +165,9 @@ def test_a_unicode_minus_sign_is_a_minus() -> None:
     assert auto.grade("The answer is \u22125.", Item(id="1", question="q", answer="-5"))
     assert auto.grade("The answer is -5.", Item(id="1", question="q", answer="\u22125"))  # a reference written so
     assert grader.extract("\\boxed{\uff0d3/4}") == "-3/4"  # (the fullwidth one)
+    for written in ("\u2212 5", "\u20135", "\u20125", "\u2212\u20095"):  # a space after it, an en or figure dash
+        assert not auto.grade(f"The answer is {written}.", Item(id="1", question="q", answer="5")), written
+    assert grader.extract("between 3\u20135") == "5"  # (a range, not 3 and -5)
 
 
 def test_exact_match_and_auto_choice() -> None:
