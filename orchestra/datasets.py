@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,26 @@ class _RepeatedKey(Exception):
     """A JSON object names one key twice (``json`` would keep the last silently)."""
 
 
+class _Written(str):
+    """A JSON number as the file writes it: an ``id`` or ``answer`` is that text (``1e999`` read as a
+    float was ``inf``, and ``123456789012345678901234567890.0`` lost its digits)."""
+
+
+#: a JSON number that is an integer as written
+_INTEGER = re.compile(r"-?\d+")
+
+
+def _restored(value: Any) -> Any:
+    """``value`` with each written number read as Python reads JSON's (the fields that are not text)."""
+    if isinstance(value, _Written):
+        return int(value) if _INTEGER.fullmatch(value) else float(value)
+    if isinstance(value, list):
+        return [_restored(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _restored(item) for key, item in value.items()}
+    return value
+
+
 class _NotJson(Exception):
     """``NaN``, ``Infinity`` or ``-Infinity``: Python's ``json`` reads them, JSON has none of them."""
 
@@ -182,7 +203,8 @@ def load_dataset(path: str | Path) -> Dataset:
         if not line.strip():
             continue
         try:
-            row = json.loads(line, object_pairs_hook=_once_each, parse_constant=_no_constant)
+            row = json.loads(line, object_pairs_hook=_once_each, parse_constant=_no_constant, parse_int=_Written,
+                             parse_float=_Written)
         except _RepeatedKey as repeated:
             raise DatasetError(f"{path}:{number}: field {repeated.args[0]!r} is given twice; keep one") from None
         except _NotJson as constant:
@@ -192,11 +214,14 @@ def load_dataset(path: str | Path) -> Dataset:
             raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         except RecursionError:
             raise DatasetError(f"{path}:{number}: JSON nested too deeply to read") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}:{number}: each line must be a JSON object")
+        try:  # an id or an answer written as a number is that text; other numbers are numbers
+            row = {key: str(value) if key in ("id", "answer") and isinstance(value, _Written) else _restored(value)
+                   for key, value in row.items()}
         except ValueError as error:  # an integer of more digits than Python converts (4,300)
             raise DatasetError(f"{path}:{number}: a number too long to read ({str(error).split(':')[0]}); "
                                "write it as a string, in quotes") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path}:{number}: each line must be a JSON object")
         if "\\u" in line:  # an escape may stand for half a character, which no model can be sent
             broken = next((name for name, value in row.items() if not _is_text(value)), None)
             if broken is not None:

@@ -200,6 +200,15 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     open_question = tmp_path / "table.jsonl"  # a table's export: every row has a choices column, empty if open
     open_question.write_text('{"id": 1, "question": "2+2?", "answer": 4, "choices": []}\n')
     assert load_dataset(open_question).items[0].choices is None
+    written = tmp_path / "numbers.jsonl"  # an id or answer is the number as written (read as a float: 'inf', digits lost)
+    written.write_text('{"id": 1e999, "question": "q", "answer": 123456789012345678901234567890.0, "rank": 2.5}\n'
+                       '{"id": 2e999, "question": "r", "answer": 0.30000000000000000000001, "rank": 3}\n'
+                       '{"id": 3, "question": "s", "answer": ' + "9" * 5000 + '}\n')
+    first, second, third = load_dataset(written).items
+    assert (first.id, first.answer, second.id, second.answer) == (
+        "1e999", "123456789012345678901234567890.0", "2e999", "0.30000000000000000000001")
+    assert third.answer == "9" * 5000 and (first.model_extra, second.model_extra) == ({"rank": 2.5}, {"rank": 3})
+    assert NumericGrader().grade("The answer is 123456789012345678901234567890", first)
     separated = tmp_path / "separated.jsonl"  # U+2028 is plain text to JSON (str.splitlines cut the line there)
     separated.write_text('{"id": 1, "question": "2+2?\u2028Show work.\u0085", "answer": 4}\r\n{"id": 2, '
                          '"question": "3+3?", "answer": 6}\r\n', encoding="utf-8")
@@ -232,7 +241,7 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     ('{"id": 1, "question": "q", "answer": "  "}\n', "val.jsonl:1: field 'answer': the answer is empty"),
     ('{"id": 1, "question": "q", "answer": NaN}\n',  # (Python's json reads it, and the answer was "nan")
      "val.jsonl:1: NaN is not JSON; write it as a string, in quotes"),
-    ('{"id": 1, "question": "q", "answer": ' + "9" * 5000 + '}\n',  # (Python's ValueError, as a traceback)
+    ('{"id": 1, "question": "q", "answer": 1, "rank": ' + "9" * 5000 + '}\n',  # (Python's ValueError, as a traceback)
      "val.jsonl:1: a number too long to read (Exceeds the limit (4300 digits) for integer string conversion); write "
      "it as a string, in quotes"),
     ('{"id": 1, "question": "' + "x" * 500_001 + '", "answer": 1}\n',  # (eval refused it naming no file or line)
