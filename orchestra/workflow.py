@@ -22,7 +22,7 @@ from orchestra.dag import Dag
 from orchestra.errors import ConfigError
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
 from orchestra.plan import ID_PATTERN, MAX_SKILLS, Plan, Subtask
-from orchestra.prompts import MAX_TEMPLATE_OUTPUT, RENDER_FAILED, environment, render_string
+from orchestra.prompts import MAX_TASK_CHARS, MAX_TEMPLATE_OUTPUT, RENDER_FAILED, environment, render_string
 from orchestra.settings import MAX_K, Settings
 from orchestra.skills import skill_names
 from orchestra.vocabulary import GraderName, Mode, Strategy
@@ -185,9 +185,15 @@ class Workflow:
     def _check(self, *, data: bool = True) -> None:
         spec, document = self.spec, self.document
         for name, declared in spec.inputs.items():
+            if isinstance(declared.default, float) and not math.isfinite(declared.default):  # (.nan, .inf in YAML)
+                raise document.error(f"input {name!r}: default {declared.default} is not a finite number (a given "
+                                     "value would be refused so)", ("inputs", name, "default"))
             if declared.default is not None and not _is_type(declared.default, declared.type):
+                default = declared.default
                 quote = (" (YAML reads the unquoted words on, off, yes, no, true and false as booleans: quote it, "
-                         "\"on\")" if isinstance(declared.default, bool) else "")
+                         "\"on\")" if isinstance(default, bool) else
+                         f" (YAML read the unquoted value as {_YAML_KINDS.get(type(default).__name__, 'another type')}"
+                         ": quote it to keep it as written)" if declared.type == "string" else "")
                 raise document.error(f"input {name!r}: default {declared.default!r} is not of type "
                                      f"{declared.type}{quote}", ("inputs", name, "default"))
         if spec.dataset is not None:
@@ -253,9 +259,11 @@ class Workflow:
                                  "steps.<id>.output", loc)
         owner = f"step {step_id!r}" if step_id else loc[0]
         written = sum(len(data.data) for data in tree.find_all(nodes.TemplateData))
-        if written > MAX_TEMPLATE_OUTPUT:  # (the run would refuse it at that step, after the steps before)
-            raise document.error(f"{owner}: its template has {written:,} characters of its own text; a template may "
-                                 f"write at most {MAX_TEMPLATE_OUTPUT:,}: shorten it", loc)
+        limit, what = ((MAX_TASK_CHARS, "a task is") if loc == ("task",)
+                       else (MAX_TEMPLATE_OUTPUT, "a template may write"))
+        if written > limit:  # (the run would refuse it at that step, after the steps before)
+            raise document.error(f"{owner}: its template has {written:,} characters of its own text; {what} at most "
+                                 f"{limit:,}: shorten it", loc)
         for test in tree.find_all(nodes.Test):  # (Jinja finds an unknown test only when it runs)
             if test.name not in jinja.tests:
                 named = ", ".join(sorted(filter(str.isidentifier, jinja.tests)))
@@ -489,6 +497,11 @@ def _load_pool(spec: WorkflowFile, document: YamlDocument, file: Path) -> Pool:
             raise document.error(f"pool file not found: {pool_path}", ("pool",))
         return Pool.load(pool_path)
     return Pool.load()
+
+
+#: what YAML made of an unquoted value (``010`` is 8, ``12:30`` is 750, ``2024-01-01`` a date)
+_YAML_KINDS = {"int": "a number", "float": "a number", "date": "a date", "datetime": "a date and time",
+               "list": "a list", "dict": "a mapping"}
 
 
 def _is_type(value: Any, kind: str) -> bool:

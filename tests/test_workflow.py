@@ -90,6 +90,14 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
     (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: on}"),
      "wf.yaml:9:34: input 'topic': default True is not of type string (YAML reads the unquoted words on, off, yes, "
      "no, true and false as booleans: quote it, \"on\")"),
+    (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: 12:30}"),
+     "wf.yaml:9:34: input 'topic': default 750 is not of type string (YAML read the unquoted value as a number: "
+     "quote it to keep it as written)"),  # (YAML 1.1's base 60)
+    (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: number, default: .nan}"),
+     "wf.yaml:10:34: input 'words': default nan is not a finite number"),  # (-i words=nan is refused)
+    ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
+     "task: '" + "x" * 500_001 + "'\n",
+     "wf.yaml:3:7: task: its template has 500,001 characters of its own text; a task is at most 500,000"),
     # literal text no run can send (it refused the step after the steps before it were paid for)
     (GOOD.replace("Review this draft:", "Review this draft: " + "x" * 2_000_001),
      "wf.yaml:18:13: step 'review': its template has 2,000,021 characters of its own text; a template may write "
