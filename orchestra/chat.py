@@ -17,6 +17,7 @@ from orchestra.hints import cli_message
 from orchestra.money import usd
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
+from orchestra.settings import MAX_K
 from orchestra.view import LiveView, LogView, literal, print_result, summary_line
 
 HELP = """Type a task to plan it. Before it runs you can:
@@ -100,8 +101,8 @@ class ChatSession:
         elif name == "/pool":
             self.show_pool()
         elif name == "/k":
-            if not argument.strip().isdecimal() or int(argument) < 1:  # ("²" is a digit int() refuses)
-                self.console.print("usage: /k N (N >= 1)")
+            if not argument.strip().isdecimal() or not 1 <= int(argument) <= MAX_K:  # ("²": a digit int() refuses)
+                self.console.print(f"usage: /k N (1 <= N <= {MAX_K})")
             else:
                 self.orchestra.settings = self.orchestra.settings.layered({"k": int(argument)})
                 self.console.print(f"k = {int(argument)}")

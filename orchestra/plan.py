@@ -42,6 +42,30 @@ class Plan(BaseModel):
         return {s.id: s for s in self.subtasks}
 
 
+#: names a template reads as the dict's method (``steps.items()`` in a workflow's ``final``)
+TEMPLATE_METHODS = frozenset(name for name in dir(dict) if not name.startswith("_"))
+
+
+def without_method_names(plan: Plan) -> Plan:
+    """``plan`` with each subtask the planner named as a dict method (``items``, ``get``...) renamed
+    ``items-step``: in a template a step's name comes before the method, so ``steps.items()`` in a
+    ``final`` would call the step."""
+    taken = {subtask.id for subtask in plan.subtasks}
+    renamed: dict[str, str] = {}
+    for subtask in plan.subtasks:
+        if subtask.id in TEMPLATE_METHODS:
+            new, number = f"{subtask.id}-step", 2
+            while new in taken:
+                new, number = f"{subtask.id}-step{number}", number + 1
+            renamed[subtask.id] = new
+            taken.add(new)
+    if not renamed:
+        return plan
+    return Plan(subtasks=[subtask.model_copy(update={"id": renamed.get(subtask.id, subtask.id),
+                                                     "depends_on": [renamed.get(d, d) for d in subtask.depends_on]})
+                          for subtask in plan.subtasks])
+
+
 class PlanInvalid(ValueError):
     """Why a plan is not a valid DAG; fed back to the planner on repair."""
 

@@ -185,17 +185,20 @@ class Workflow:
     def _check(self, *, data: bool = True) -> None:
         spec, document = self.spec, self.document
         for name, declared in spec.inputs.items():
-            if isinstance(declared.default, float) and not math.isfinite(declared.default):  # (.nan, .inf in YAML)
-                raise document.error(f"input {name!r}: default {declared.default} is not a finite number (a given "
-                                     "value would be refused so)", ("inputs", name, "default"))
-            if declared.default is not None and not _is_type(declared.default, declared.type):
-                default = declared.default
+            default, kind = declared.default, declared.type
+            if default is not None and not _is_type(default, kind):
+                number = _typed(default, kind) if kind in ("integer", "number") else None
                 quote = (" (YAML reads the unquoted words on, off, yes, no, true and false as booleans: quote it, "
                          "\"on\")" if isinstance(default, bool) else
                          f" (YAML read the unquoted value as {_YAML_KINDS.get(type(default).__name__, 'another type')}"
-                         ": quote it to keep it as written)" if declared.type == "string" else "")
-                raise document.error(f"input {name!r}: default {declared.default!r} is not of type "
-                                     f"{declared.type}{quote}", ("inputs", name, "default"))
+                         ": quote it to keep it as written)" if kind == "string" else
+                         f" (YAML reads {default} as text, not a number: write {number!r})" if number is not None
+                         else "")
+                raise document.error(f"input {name!r}: default {default!r} is not of type {kind}{quote}",
+                                     ("inputs", name, "default"))
+            if isinstance(default, float) and not math.isfinite(default):  # (.nan, .inf in YAML)
+                raise document.error(f"input {name!r}: default {default} is not a finite number (a given value "
+                                     "would be refused so)", ("inputs", name, "default"))
         if spec.dataset is not None:
             if "question" not in spec.inputs:
                 raise document.error("a workflow with a dataset must declare the input 'question' (each item's "

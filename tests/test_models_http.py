@@ -401,6 +401,10 @@ def test_a_streamed_answer_holding_a_line_separator_is_read_whole(loopback) -> N
 @pytest.mark.parametrize("ending, says", [
     ([b'data: {"error": {"message": "upstream died"}}\n\n'], "answered with an error for m: upstream died"),
     ([], "ended its stream for m before the answer was finished (no finish_reason, no [DONE])"),
+    ([b'data: {"object": "error", "message": "upstream exploded"}\n\n', b"data: [DONE]\n\n"],
+     "answered with an error for m: upstream exploded"),  # (vLLM's older shape)
+    ([b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "abort"}]}\n\n', b"data: [DONE]\n\n"],
+     "answered with an error for m: the server aborted the answer part way"),
 ])
 def test_a_stream_that_breaks_off_is_a_failed_call_not_an_answer(loopback, ending: list[bytes], says: str) -> None:
     """Its text so far was taken for the whole answer (a run 'done', and serve's finish_reason 'stop')."""

@@ -304,6 +304,9 @@ def test_nan_and_infinity_are_not_json() -> None:
     for text in ('{"score": NaN}', '{"score": -Infinity}', 'Here: {"score": Infinity}'):
         with pytest.raises(StructuredOutputError, match="is not JSON"):
             extract_json(text)
+    for text in ('{"score": 1e999}', 'Here: {"score": -1e999}'):  # (read as inf, sent on as Infinity)
+        with pytest.raises(StructuredOutputError, match="is too large a number"):
+            extract_json(text)
     assert extract_json('{"score": 1e308}') == {"score": 1e308}
 
 
@@ -325,8 +328,10 @@ def test_a_reference_that_goes_round_in_a_circle_ends_with_one_line(schema: dict
     ({"$ref": "#/$defs/missing"}, "$.$ref must point inside the schema"),
     # refused before any call (it was found only as a model's answer was checked, then blamed on the model)
     ({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}}},
-     "$.$ref '#/$defs/A' leads round in a circle"),
-    ({"properties": {"a": {"$ref": "#/properties/a"}}}, "$.properties.a.$ref '#/properties/a' leads round"),
+     "$ leads round in a circle through $ref"),
+    ({"properties": {"a": {"$ref": "#/properties/a"}}}, "$.properties.a leads round in a circle"),
+    ({"anyOf": [{"$ref": "#"}]}, "$ leads round in a circle"),  # (through a branch checked against the same value)
+    ({"$defs": {"A": {"allOf": [{"$ref": "#/$defs/A"}]}}, "$ref": "#/$defs/A"}, "$ leads round in a circle"),
     ({"$ref": "https://example.com/s.json"}, "$.$ref must point inside the schema"),
     ({"anyOf": []}, "$.anyOf must be a non-empty list of schemas"),
     ({"oneOf": [{"type": "text"}]}, "$.oneOf[0].type must be one of"),

@@ -217,11 +217,11 @@ def test_chat_takes_enter_as_accept_refuses_unicode_digits_and_shows_a_failed_pl
 
     server = loopback(handler)
     pool = write_pool(tmp_path, server.url, extra="settings: {fast_path: false}\n")
-    script = "\n".join(["/k \u00b2", "Write a short report, then check it", "e", "drop \u00b3", "done", "",
-                        "/quit"]) + "\n"
+    script = "\n".join(["/k \u00b2", "/k 65", "Write a short report, then check it", "e", "drop \u00b3", "done", "",
+                        "/quit"]) + "\n"  # (/k 65 was an error that ended the session)
     done = cli("chat", "--pool", str(pool), stdin=script)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
-    assert "usage: /k N (N >= 1)" in done.stdout and "no step '\u00b3'; steps are 1 to 3" in done.stdout
+    assert done.stdout.count("usage: /k N (1 <= N <= 64)") == 2 and "no step '\u00b3'; steps are 1 to 3" in done.stdout
     assert "cancelled" not in done.stdout and "Synthesized answer" in done.stdout  # Enter accepted the plan
     planner_down["on"] = True
     done = cli("chat", "--pool", str(pool), stdin="Write a short report, then check it\n/quit\n")

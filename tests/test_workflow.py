@@ -815,6 +815,19 @@ def test_a_plan_auto_workflow_plans_even_where_the_orchestra_does_not(tmp_path: 
     assert sum(kind_of(r) == "plan" for r in models["planner"].requests) == 1
 
 
+def test_a_planned_step_named_like_a_dict_method_is_renamed_so_final_can_loop(tmp_path: Path) -> None:
+    """A step's name comes before the dict's method in a template: a planner that named its steps
+    items and get broke a final that loops with steps.items(), after every step was paid for."""
+    pool, _ = scripted_pool(2, plan=plan_json(("items", []), ("get", ["items"])))
+    text = ("name: auto\npool:\n  models: {m: {type: openai, model: x}}\n  agents: [{name: a, model: m}]\n"
+            "plan: auto\ntask: 'Brief on tides'\n"
+            "final: \"{% for id, step in steps.items() %}[{{ id }}]{% endfor %}\"\n")
+    result = run_workflow(Workflow.load(write(tmp_path, text), pool=pool), {}, orchestra=Orchestra(pool, k=1))
+    assert result.status == "done", result.error
+    assert [n.id for n in result.plan.nodes] == ["items-step", "get-step"]
+    assert result.plan.nodes[1].depends_on == ["items-step"] and result.answer == "[items-step][get-step]"
+
+
 @pytest.mark.parametrize("final, sent", [
     ("'{{ steps.summary.output }}'", 0),  # fails once planned, before the steps are paid for
     ("'{{ steps.get(\"summary\") or steps.brief.output }}'", 2),  # reads it only where it is there

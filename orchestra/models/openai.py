@@ -195,11 +195,15 @@ def assembled(events: list[Any]) -> dict[str, Any]:
             usage = event["usage"]
         if event.get("error"):
             error = event["error"]
+        elif event.get("object") == "error":  # (vLLM's older shape: the message at the top)
+            error = event.get("message") or "an error event"
         for choice in event.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                 content.append(delta["content"])
             reason = choice.get("finish_reason") or reason if isinstance(choice, dict) else reason
+    if reason == "abort":  # (vLLM: the server gave the request up part way)
+        error = error or "the server aborted the answer part way (finish_reason abort)"
     if error is not None:
         return {"error": error, "usage": usage}
     if not content and reason is None:  # no choice at all: nothing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 from urllib.parse import unquote
 
@@ -19,6 +20,15 @@ def _no_constant(name: str) -> Any:
     raise StructuredOutputError(f"{name} is not JSON (write a number, or null)")
 
 
+def _finite(written: str) -> float:
+    """A JSON number with a fraction or exponent; one too large for a float (``1e999``, which would
+    be ``inf``, and go out again as ``Infinity``) is refused."""
+    value = float(written)
+    if math.isinf(value):
+        raise StructuredOutputError(f"{written} is too large a number (write a smaller one, or a string)")
+    return value
+
+
 def extract_json(text: str) -> Any:
     """Parse the JSON value in ``text``: the whole text, a fenced block, or the first balanced object.
     ``NaN`` and ``Infinity``, which Python's ``json`` reads, are not JSON (a client's parser refuses them)."""
@@ -27,11 +37,11 @@ def extract_json(text: str) -> Any:
         stripped = stripped.split("\n", 1)[1] if "\n" in stripped else ""
         stripped = stripped.rsplit("```", 1)[0]
     try:
-        return json.loads(stripped, parse_constant=_no_constant)
+        return json.loads(stripped, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise StructuredOutputError("JSON nested too deeply to read") from None
     except json.JSONDecodeError as first_error:
-        decoder = json.JSONDecoder(parse_constant=_no_constant)
+        decoder = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
         for start, char in enumerate(stripped):
             if char in "{[":
                 try:
@@ -117,15 +127,11 @@ def schema_problem(schema: Any, path: str = "$", root: dict[str, Any] | None = N
     step = schema.get("multipleOf", 1)
     if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
         return f"{path}.multipleOf must be a number above 0"
-    if "$ref" in schema:
-        if not isinstance(_resolve(schema["$ref"], root), (dict, bool)):
-            return f"{path}.$ref must point inside the schema (#/$defs/Name), not {schema['$ref']!r}"
-        seen, target = set(), schema  # a $ref is followed before the value is looked into: a chain must end
-        while isinstance(target, dict) and isinstance(target.get("$ref"), str):
-            if target["$ref"] in seen:
-                return f"{path}.$ref {schema['$ref']!r} leads round in a circle: no value could be checked"
-            seen.add(target["$ref"])
-            target = _resolve(target["$ref"], root)
+    if "$ref" in schema and not isinstance(_resolve(schema["$ref"], root), (dict, bool)):
+        return f"{path}.$ref must point inside the schema (#/$defs/Name), not {schema['$ref']!r}"
+    if _round_in_a_circle(schema, root):
+        return f"{path} leads round in a circle through $ref (checked against the same value again): no value " \
+               "could be checked"
     if not isinstance(schema.get("additionalProperties", True), (bool, dict)):
         return f"{path}.additionalProperties must be true, false or a schema"
     properties = schema.get("properties", {})
@@ -171,6 +177,36 @@ def schema_problem(schema: Any, path: str = "$", root: dict[str, Any] | None = N
         if problem:
             return problem
     return None
+
+
+#: keywords whose schemas are checked against the same value as the schema holding them
+_SAME_VALUE = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else")
+
+
+def _round_in_a_circle(schema: dict[str, Any], root: dict[str, Any]) -> bool:
+    """Whether checking a value against ``schema`` comes back to a schema it is being checked
+    against, without looking into the value (``$ref``s and ``allOf``/``anyOf``/``oneOf``/``not``/
+    ``if`` branches, which apply to the same value): no value could ever be checked."""
+    on_path: set[int] = set()
+    done: set[int] = set()
+
+    def visit(node: Any) -> bool:
+        if not isinstance(node, dict) or id(node) in done:
+            return False
+        if id(node) in on_path:
+            return True
+        on_path.add(id(node))
+        following = [_resolve(node["$ref"], root)] if "$ref" in node else []
+        for keyword in _SAME_VALUE:
+            branch = node.get(keyword)
+            following += branch if isinstance(branch, list) else [branch]
+        if any(visit(item) for item in following):
+            return True
+        on_path.discard(id(node))
+        done.add(id(node))
+        return False
+
+    return visit(schema)
 
 
 def check_schema(value: Any, schema: dict[str, Any] | bool, path: str = "$") -> None:

@@ -17,7 +17,7 @@ from orchestra.dag import Dag
 from orchestra.errors import InvalidOutput, PlanError
 from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.models.structured import follow_up
-from orchestra.plan import Plan, PlanInvalid, parse_plan, plan_schema, validate_plan
+from orchestra.plan import Plan, PlanInvalid, parse_plan, plan_schema, validate_plan, without_method_names
 from orchestra.prompts import render
 from orchestra.settings import Settings
 
@@ -64,7 +64,7 @@ class Planner:
             else:
                 answer = outcome.text
                 try:
-                    plan = parse_plan(outcome.parsed)
+                    plan = without_method_names(parse_plan(outcome.parsed))
                     # steps about something else are not mended by a repair: checked before the DAG
                     strays = ", ".join(off_topic_steps(plan, task, context) if settings.plan_check else [])
                     if strays:
