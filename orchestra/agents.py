@@ -16,6 +16,7 @@ from orchestra.models import ChatRequest, Model
 from orchestra.models.base import model_identity
 from orchestra.models.config import ModelSpec, build_models
 from orchestra.models.pricing import FREE
+from orchestra.numbers import Amount, Count
 from orchestra.profile import SkillProfile, load_profiles, model_id, stale_profiles
 from orchestra.recruit import (
     DEFAULT_AGGREGATION_TOKENS,
@@ -295,8 +296,8 @@ class AgentDefaults(_Strict):
 
     model: str | None = None
     persona: str = DEFAULT_PERSONA
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: Amount | None = Field(default=None, ge=0, le=2)
+    max_tokens: Count | None = Field(default=None, ge=1)
 
 
 class AgentFile(_Strict):
@@ -305,8 +306,8 @@ class AgentFile(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     model: str | None = None
     persona: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: Amount | None = Field(default=None, ge=0, le=2)
+    max_tokens: Count | None = Field(default=None, ge=1)
     skills: list[str] = []
     description: str = ""
 

@@ -11,6 +11,7 @@ from orchestra.models import ChatRequest, Usage
 from orchestra.models.pricing import Price
 from orchestra.models.types import estimate_tokens
 from orchestra.money import usd, usd_exact
+from orchestra.numbers import Amount, Count
 
 
 class Budget(BaseModel):
@@ -18,9 +19,9 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_calls: int | None = Field(default=500, ge=1)
-    max_cost_usd: float | None = Field(default=1.0, gt=0)
-    max_tokens: int | None = Field(default=1_000_000, ge=1)
+    max_calls: Count | None = Field(default=500, ge=1)
+    max_cost_usd: Amount | None = Field(default=1.0, gt=0)
+    max_tokens: Count | None = Field(default=1_000_000, ge=1)
 
     def merged(self, **overrides: float | int | None) -> Budget:
         """A validated copy with the given limits changed; ``None`` lifts a limit."""
@@ -30,8 +31,8 @@ class Budget(BaseModel):
 class Reservation(NamedTuple):
     """A call's worst case, held against the budget while it is in flight."""
 
-    tokens: int
-    cost_usd: float
+    tokens: Count
+    cost_usd: Amount
 
 
 NOTHING = Reservation(0, 0.0)

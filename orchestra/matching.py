@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from orchestra.errors import BadResponse
 from orchestra.models.metering import charge
 from orchestra.models.types import Usage
+from orchestra.numbers import Amount
 
 if TYPE_CHECKING:
     import asyncio
@@ -24,7 +25,7 @@ class Match(NamedTuple):
 
     keyword: str
     skill: str
-    similarity: float
+    similarity: Amount
 
 
 class SkillMatcher(Protocol):
@@ -45,11 +46,11 @@ class MatcherSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["lexical", "embedding"] = "lexical"
-    min_similarity: float | None = Field(default=None, ge=0, le=1)
+    min_similarity: Amount | None = Field(default=None, ge=0, le=1)
     model: str | None = None
     base_url: str | None = None
     api_key_env: str | None = None
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: Amount | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _complete(self) -> MatcherSpec:

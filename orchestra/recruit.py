@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.calibration import PRIOR_ITEMS, AgentSkills, Calibration
 from orchestra.matching import Match
+from orchestra.numbers import Amount, Count
 from orchestra.profile import SkillProfile, global_competence
 from orchestra.teams import Option, Team, choose_team
 from orchestra.vocabulary import MODES, Mode
@@ -62,17 +63,17 @@ class RecruitConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    p: float = Field(default=0.8, gt=0, le=1)
-    k_max: int = Field(default=5, ge=1)
-    cost_lambda: float | None = Field(default=None, ge=0)
-    max_cost_per_item: float | None = Field(default=None, ge=0)
-    prior_items: float = Field(default=PRIOR_ITEMS, gt=0)
-    confidence: float = Field(default=0.75, gt=0, le=1)
-    rare_threshold: float = Field(default=0.05, ge=0, le=1)
-    cold_start_score: float = 1.0
-    uniform_prior_score: float = 0.5
-    temperature: float = Field(default=0.5, gt=0)
-    competence_weight: float = Field(default=1.0, ge=0)
+    p: Amount = Field(default=0.8, gt=0, le=1)
+    k_max: Count = Field(default=5, ge=1)
+    cost_lambda: Amount | None = Field(default=None, ge=0)
+    max_cost_per_item: Amount | None = Field(default=None, ge=0)
+    prior_items: Amount = Field(default=PRIOR_ITEMS, gt=0)
+    confidence: Amount = Field(default=0.75, gt=0, le=1)
+    rare_threshold: Amount = Field(default=0.05, ge=0, le=1)
+    cold_start_score: Amount = 1.0
+    uniform_prior_score: Amount = 0.5
+    temperature: Amount = Field(default=0.5, gt=0)
+    competence_weight: Amount = Field(default=1.0, ge=0)
 
 
 class Contribution(NamedTuple):

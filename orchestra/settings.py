@@ -20,6 +20,7 @@ from pydantic_core import PydanticSerializationError
 from orchestra.budget import Budget
 from orchestra.errors import ConfigError
 from orchestra.matching import MatcherSpec
+from orchestra.numbers import Amount, Count
 from orchestra.plan import Plan
 from orchestra.recruit import RecruitConfig
 from orchestra.skills import KeywordConfig
@@ -43,7 +44,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    k: int = Field(default=3, ge=1, le=MAX_K, description="Experts per subtask.")
+    k: Count = Field(default=3, ge=1, le=MAX_K, description="Experts per subtask.")
     mode: Mode = Field(default="calibrated", description="How experts are recruited.")
     aggregate: Strategy = Field(default="synthesize", description="How a node's expert answers are combined.")
     aggregator_choice: AggregatorChoice = Field(
@@ -52,21 +53,21 @@ class Settings(BaseModel):
     aggregator: str | None = Field(default=None, description="An agent that aggregates every node.")
     grader: GraderName = Field(default="auto", description="How answers are read, for voting and grading.")
     plan: bool = Field(default=True, description="Plan the task into subtasks (false: run it as one step).")
-    max_nodes: int = Field(default=12, ge=1, description="The largest plan accepted.")
-    plan_repairs: int = Field(default=2, ge=0, description="How often an invalid plan is sent back to the planner.")
+    max_nodes: Count = Field(default=12, ge=1, description="The largest plan accepted.")
+    plan_repairs: Count = Field(default=2, ge=0, description="How often an invalid plan is sent back to the planner.")
     plan_fallback: PlanFallback = Field(default="fail", description="When planning fails: fail, or run the task "
                                                                     "as one step (single).")
-    planner_max_tokens: int = Field(default=1024, ge=16, description="The planner's answer limit.")
+    planner_max_tokens: Count = Field(default=1024, ge=16, description="The planner's answer limit.")
     fast_path: bool = Field(default=True, description="Run a short, single-sentence task as one step without "
                                                       "asking the planner.")
     plan_check: bool = Field(default=True, description="Run the task as one step when the planner's steps are "
                                                        "not about it.")
-    context_chars: int = Field(default=4000, ge=1, description="The most characters of a dependency's output "
+    context_chars: Count = Field(default=4000, ge=1, description="The most characters of a dependency's output "
                                                                  "a node sees.")
-    max_response_chars: int = Field(default=100_000, ge=1, description="The most characters of an expert's "
+    max_response_chars: Count = Field(default=100_000, ge=1, description="The most characters of an expert's "
                                                                          "answer passed on to aggregation.")
-    max_resident_models: int = Field(default=1, ge=1, description="In-process models kept loaded at once.")
-    memory_budget_gb: float | None = Field(default=None, gt=0, description="Keep loaded in-process models within "
+    max_resident_models: Count = Field(default=1, ge=1, description="In-process models kept loaded at once.")
+    memory_budget_gb: Amount | None = Field(default=None, gt=0, description="Keep loaded in-process models within "
                                                                            "this many GiB.")
     executor: ExecutorKind = Field(default="local", description="Where in-process models run: in this process, "
                                                                 "or as Ray actors (ray), several at once.")
@@ -77,7 +78,7 @@ class Settings(BaseModel):
     matcher: MatcherSpec = Field(default=MatcherSpec(), description="How keywords map onto profile skills.")
     budget: Budget = Field(default=Budget(), description="Per-run limits (on by default).")
     cache: bool = Field(default=False, description="Reuse stored answers to identical requests.")
-    seed: int = Field(default=0, description="Seed for every sampling choice; same seed, same recruitments.")
+    seed: Count = Field(default=0, description="Seed for every sampling choice; same seed, same recruitments.")
 
     @classmethod
     def layer(cls, values: Settings | Mapping[str, Any] | None, *, where: str = "setting") -> Settings:
@@ -147,7 +148,7 @@ def _first_problem(error: ValidationError) -> str:
         return f"{where}: no such setting"
     if first["type"] == "literal_error":
         return f"{where}: unknown value {first['input']!r}; choose one of {first['ctx']['expected']}"
-    return f"{where}: {first['msg']}"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
 
 
 class WorkflowRef(BaseModel):
@@ -178,8 +179,8 @@ class AnswerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     output: str | dict[str, Any] = "text"
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: Count | None = Field(default=None, ge=1)
+    temperature: Amount | None = Field(default=None, ge=0, le=2)
 
     @field_validator("output")
     @classmethod

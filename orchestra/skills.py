@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.models import ChatRequest, ChatResult
 from orchestra.models.structured import StructuredOutputError, extract_json
+from orchestra.numbers import Amount, Count
 
 
 class KeywordConfig(BaseModel):
@@ -32,12 +33,12 @@ class KeywordConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    samples: int = Field(default=5, ge=1)
-    temperature: float = Field(default=0.7, ge=0, le=2)
-    max_length: int = Field(default=20, ge=1)
-    min_count: int = Field(default=2, ge=1)
-    max_keywords: int = Field(default=5, ge=1)
-    max_tokens: int = Field(default=64, ge=1)
+    samples: Count = Field(default=5, ge=1)
+    temperature: Amount = Field(default=0.7, ge=0, le=2)
+    max_length: Count = Field(default=20, ge=1)
+    min_count: Count = Field(default=2, ge=1)
+    max_keywords: Count = Field(default=5, ge=1)
+    max_tokens: Count = Field(default=64, ge=1)
     structured: bool = True
 
 

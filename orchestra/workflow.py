@@ -20,6 +20,7 @@ from orchestra.agents import Pool
 from orchestra.budget import Budget
 from orchestra.dag import Dag
 from orchestra.errors import ConfigError
+from orchestra.numbers import Count
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
 from orchestra.plan import ID_PATTERN, MAX_SKILLS, Plan, Subtask
 from orchestra.prompts import MAX_TASK_CHARS, MAX_TEMPLATE_OUTPUT, RENDER_FAILED, environment, render_string
@@ -48,7 +49,7 @@ class InputSpec(_Strict):
 class RecruitSpec(_Strict):
     """How a step recruits its experts."""
 
-    k: int | None = Field(default=None, ge=1, le=MAX_K)
+    k: Count | None = Field(default=None, ge=1, le=MAX_K)
     skills: list[str] = Field(default=[], max_length=MAX_SKILLS)
     mode: Mode | None = None
 
@@ -104,7 +105,7 @@ class DatasetSpec(_Strict):
     path: str
     grader: GraderName | None = None
     """How answers are graded (default: the run settings' ``grader``, as votes read them)."""
-    limit: int | None = Field(default=None, ge=1)
+    limit: Count | None = Field(default=None, ge=1)
 
 
 class WorkflowFile(_Strict):
@@ -120,7 +121,7 @@ class WorkflowFile(_Strict):
     final: str | None = None
     budget: Budget | None = None
     settings: Settings = Settings()
-    seed: int = 0
+    seed: Count = 0
     dataset: DatasetSpec | None = None
 
     @model_validator(mode="after")

@@ -98,11 +98,15 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
     ("nope=1", "error: --set nope: no such setting"),
     ("keywords.samplez=3", "error: --set keywords.samplez: no such setting"),
     ("k=many", "error: --set k: Input should be a valid integer, unable to parse string as an integer"),
-    ("matcher.type=embedding", "error: --set matcher: Value error, an embedding matcher needs model and base_url"),
+    ("matcher.type=embedding", "error: --set matcher: an embedding matcher needs model and base_url"),
     ("novalue", "error: --set expects KEY=VALUE, got 'novalue'"),
     ("k=" + "[" * 5000 + "]" * 5000, "error: --set k: the value is nested too deeply to read"),
     # (100,000 experts sent hundreds of calls, then hung on gigabytes of recruiting)
     ("k=100000", "error: --set k: Input should be less than or equal to 64"),
+    # (pydantic reads true as 1 and 1.0: one expert, one dollar, without a word)
+    ("k=true", "error: --set k: give a number, not true"),
+    ("budget.max_cost_usd=yes", "error: --set budget.max_cost_usd: give a number, not true"),
+    ("recruit.p=off", "error: --set recruit.p: give a number, not false"),
 ])
 def test_an_unknown_or_invalid_setting_is_one_line(llm, tmp_path: Path, flag: str, message: str) -> None:
     pool = write_pool(tmp_path, llm.server.url)

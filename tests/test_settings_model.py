@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 import pytest
 from helpers import scripted_pool
 from loopback_llm import ScriptedLLM, write_pool
+from pydantic import BaseModel, ValidationError
 from test_cli import cli
 
 from orchestra import Budget, Orchestra, RecruitConfig, RunSpec, Settings
@@ -151,3 +152,49 @@ def test_settings_of_the_executor_cannot_change_per_run() -> None:
         orc.run("x", memory_budget_gb=3)
     with pytest.raises(ConfigError, match="the response cache lives in the run store"):
         orc.run("x", cache=True)
+
+
+def _config_models() -> list[type[BaseModel]]:
+    """Every model that reads a pool file, a workflow file or settings, nested ones included."""
+    from orchestra.agents import AgentDefaults, AgentFile, PoolFile
+    from orchestra.matching import MatcherSpec
+    from orchestra.models.config import AnthropicSpec, LlamaCppSpec, OpenAISpec, VLLMSpec
+    from orchestra.models.placement import EngineResources
+    from orchestra.models.pricing import Price
+    from orchestra.settings import AnswerOptions
+    from orchestra.skills import KeywordConfig
+    from orchestra.workflow import DatasetSpec, RecruitSpec, StepSpec, WorkflowFile
+
+    return [Settings, Budget, RecruitConfig, KeywordConfig, MatcherSpec, AnswerOptions, AgentDefaults, AgentFile,
+            PoolFile, OpenAISpec, AnthropicSpec, LlamaCppSpec, VLLMSpec, EngineResources, Price, RecruitSpec,
+            StepSpec, DatasetSpec, WorkflowFile]
+
+
+def _numeric(annotation: Any) -> bool:
+    return any(a in (int, float) for a in (annotation, *get_args(annotation)))
+
+
+def _switched(name: str, annotation: Any, switch: bool) -> dict[str, Any]:
+    """The field given ``switch`` where a number goes (as a value of a dict of numbers)."""
+    numbers_by_name = get_args(annotation)[-1:] if get_origin(annotation) is dict else ()
+    return {name: {"gpu": switch} if numbers_by_name else switch}
+
+
+@pytest.mark.parametrize("model", _config_models(), ids=lambda m: m.__name__)
+def test_no_number_setting_takes_true_or_false(model: type[BaseModel]) -> None:
+    """pydantic reads true as 1 (and 1.0): ``k: true`` was one expert, ``max_cost_usd: yes`` one dollar."""
+    numbers = [name for name, field in model.model_fields.items() if _numeric(field.annotation)]
+    for name in numbers:
+        for switch in (True, False):
+            with pytest.raises(ValidationError) as refused:
+                model.model_validate(_switched(name, model.model_fields[name].annotation, switch))
+            problems = [e for e in refused.value.errors() if e["loc"][0] == name]
+            assert problems and problems[0]["msg"] == f"Value error, give a number, not {str(switch).lower()}", name
+
+
+def test_a_pool_file_with_true_for_a_number_names_its_line(tmp_path: Path) -> None:
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text("models:\n  m: {type: openai, model: m, base_url: 'http://127.0.0.1:9/v1'}\n"
+                         "agents:\n  - {name: a, model: m, temperature: on}\n")
+    with pytest.raises(ConfigError, match=r"pool.yaml:4:\d+: agents.a.temperature: give a number, not true$"):
+        Pool.load(pool_file)

@@ -14,6 +14,7 @@ from orchestra.models.http import DEFAULT_MAX_CONCURRENCY, Endpoint, check_base_
 from orchestra.models.openai import OPENAI_URL, OpenAICompatible
 from orchestra.models.placement import EngineResources
 from orchestra.models.pricing import Price
+from orchestra.numbers import Amount, Count
 
 
 class _Spec(BaseModel):
@@ -45,11 +46,11 @@ class OpenAISpec(_RemoteSpec):
     model: str
     base_url: str = OPENAI_URL
     api_key_env: str | None = "auto"
-    max_concurrency: int | None = Field(default=None, ge=1)
-    rpm: float | None = Field(default=None, gt=0)
-    timeout: float | None = Field(default=None, gt=0)
-    deadline: float | None = Field(default=None, gt=0)
-    max_attempts: int | None = Field(default=None, ge=1)
+    max_concurrency: Count | None = Field(default=None, ge=1)
+    rpm: Amount | None = Field(default=None, gt=0)
+    timeout: Amount | None = Field(default=None, gt=0)
+    deadline: Amount | None = Field(default=None, gt=0)
+    max_attempts: Count | None = Field(default=None, ge=1)
     prices: Price | None = None
     extra_body: dict[str, Any] = {}
 
@@ -72,12 +73,12 @@ class AnthropicSpec(_RemoteSpec):
     model: str
     base_url: str = ANTHROPIC_URL
     api_key_env: str | None = "ANTHROPIC_API_KEY"
-    max_tokens: int = Field(default=1024, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=1)
-    rpm: float | None = Field(default=None, gt=0)
-    timeout: float | None = Field(default=None, gt=0)
-    deadline: float | None = Field(default=None, gt=0)
-    max_attempts: int | None = Field(default=None, ge=1)
+    max_tokens: Count = Field(default=1024, ge=1)
+    max_concurrency: Count | None = Field(default=None, ge=1)
+    rpm: Amount | None = Field(default=None, gt=0)
+    timeout: Amount | None = Field(default=None, gt=0)
+    deadline: Amount | None = Field(default=None, gt=0)
+    max_attempts: Count | None = Field(default=None, ge=1)
     prices: Price | None = None
 
     def key_env(self) -> str | None:
@@ -94,11 +95,11 @@ class LlamaCppSpec(_Spec):
 
     type: Literal["llamacpp"]
     path: str | None = None
-    n_ctx: int = Field(default=4096, ge=256)
-    threads: int | None = Field(default=None, ge=1)
-    n_gpu_layers: int = 0
-    default_max_tokens: int = Field(default=512, ge=1)
-    repeat_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
+    n_ctx: Count = Field(default=4096, ge=256)
+    threads: Count | None = Field(default=None, ge=1)
+    n_gpu_layers: Count = 0
+    default_max_tokens: Count = Field(default=512, ge=1)
+    repeat_penalty: Amount = Field(default=1.1, ge=1.0, le=2.0)
     resources: EngineResources | None = None
 
     def build(self, name: str, base_dir: Path) -> Model:
@@ -115,10 +116,10 @@ class VLLMSpec(_Spec):
 
     type: Literal["vllm"]
     model: str
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    max_model_len: int | None = None
-    memory_gb: float = Field(default=0.0, ge=0)
+    tensor_parallel_size: Count = Field(default=1, ge=1)
+    gpu_memory_utilization: Amount = Field(default=0.9, gt=0, le=1)
+    max_model_len: Count | None = None
+    memory_gb: Amount = Field(default=0.0, ge=0)
     engine_options: dict[str, Any] = {}
     resources: EngineResources | None = None
 

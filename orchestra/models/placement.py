@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestra.numbers import Amount
+
 #: resource names Ray reserves for its own fields (``num_cpus``, ``num_gpus``, ``memory``)
 _RESERVED = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
@@ -22,10 +24,10 @@ class EngineResources(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    memory_gb: float | None = Field(default=None, gt=0)
-    custom: dict[str, float] = {}
+    num_cpus: Amount = Field(default=1.0, ge=0)
+    num_gpus: Amount = Field(default=0.0, ge=0)
+    memory_gb: Amount | None = Field(default=None, gt=0)
+    custom: dict[str, Amount] = {}
 
     @field_validator("custom")
     @classmethod

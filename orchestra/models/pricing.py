@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestra.models.types import Usage, estimate_tokens
+from orchestra.numbers import Amount
 
 
 class Price(BaseModel):
@@ -15,8 +16,8 @@ class Price(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    input: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    output: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    input: Amount = Field(default=0.0, ge=0, allow_inf_nan=False)
+    output: Amount = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
         """The USD cost of the given token counts."""
