@@ -199,6 +199,17 @@ class Pool:
                 closed.add(owner)
                 await close()
 
+    def unpriced(self) -> str | None:
+        """Under a cost budget: the models with no price, whose calls count no dollars against it (so it
+        does not bound them), as one warning line; None when every model has a price."""
+        free = [model.name for model in self.models if not (getattr(model, "price", None) and (
+            model.price.input or model.price.output))]  # type: ignore[attr-defined]
+        if not free:
+            return None
+        one = len(free) == 1
+        return (f"the cost budget counts no dollars for {', '.join(free)}: {'it has' if one else 'they have'} no "
+                "price (give prices: [input, output] per million tokens in the pool, or prices= in Python)")
+
     def check_credentials(self) -> None:
         """Raise ``AuthenticationError`` (one line, naming the variable) if a model's API key is not set."""
         for model in self.models:

@@ -304,22 +304,7 @@ def make_orchestra(pool: Pool, opts: dict[str, Any]) -> Orchestra:
     from orchestra.core import Orchestra
 
     ready(pool)
-    settings = settings_from(opts)
-    if "max_cost_usd" in settings.changes().get("budget", {}):
-        warn_unpriced(pool)
-    return Orchestra(pool, settings, **orchestra_options(opts))
-
-
-def warn_unpriced(pool: Pool) -> None:
-    """Under a cost budget given on the command line: name the pool's models that have no price, whose
-    calls count no dollars against it (so it does not bound them)."""
-    free = [model.name for model in pool.models if not (getattr(model, "price", None) and (
-        model.price.input or model.price.output))]  # type: ignore[attr-defined]
-    if free:
-        verb = "has" if len(free) == 1 else "have"
-        warnings.warn(f"--max-cost counts no dollars for {', '.join(free)}: {'it' if len(free) == 1 else 'they'} "
-                      f"{verb} no price (give prices: [input, output] per million tokens in the pool)", UserWarning,
-                      stacklevel=2)
+    return Orchestra(pool, settings_from(opts), **orchestra_options(opts))
 
 
 def ready(pool: Pool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import json
 import os
 import re
 import secrets
@@ -519,10 +520,10 @@ class Orchestra:
         if settings is not None and not isinstance(settings, (Settings, Mapping)):
             raise ConfigError(f"settings must be a Settings or a mapping of setting names to values, "
                               f"not {type(settings).__name__} {settings!r:.40}")
-        if on_event is not None and (not callable(on_event) or asyncio.iscoroutinefunction(on_event)):
-            why = ("an async function: listeners are called, not awaited; hand the event to your own task"
-                   if callable(on_event) else f"{type(on_event).__name__} {on_event!r:.40}")
-            raise ConfigError(f"on_event must be a plain function that takes an event, not {why}")
+        _check_callback(on_event, "on_event", "an event")
+        if store is not None and not isinstance(store, (bool, str, Path, RunStore)):
+            raise ConfigError(f"store must be a RunStore, a path, None (~/.orchestra/runs.db) or False (no record), "
+                              f"not {type(store).__name__} {store!r:.40}")
         self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)
         layer = _knobs(knobs)
         self._matcher: SkillMatcher | None = None
@@ -545,6 +546,9 @@ class Orchestra:
             self.events.subscribe(self.store.listen, ignore=QUIET_EVENTS)
         if self.settings.cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; do not combine cache=True with store=False")
+        self._unpriced_told = False
+        if "max_cost_usd" in self.settings.changes().get("budget", {}):
+            self._tell_unpriced()
         self._running = 0
         self._heartbeat: asyncio.Task[None] | None = None
         #: the runs going here, by id (one cannot be begun again while it goes)
@@ -631,6 +635,7 @@ class Orchestra:
                 (an OpenAI-compatible endpoint streams it; other backends do not call it).
             overrides: ``Settings`` fields for this run only (k, mode, aggregate, seed, budget...).
         """
+        _check_callback(on_answer_text, "on_answer_text", "the answer's text so far")
         if run_id is not None:
             check_run_id(run_id)
             self._check_same_task(run_id, task)
@@ -659,14 +664,25 @@ class Orchestra:
         """This Orchestra's settings with a run's ``overrides`` on top; settings of the executor
         (``max_resident_models``, ``memory_budget_gb``, ``executor``, ``ray_address``) belong to
         the Orchestra, not to a run."""
-        settings = self.settings.layered(Settings.layer(_knobs(overrides), where="run setting"))
+        layer = Settings.layer(_knobs(overrides), where="run setting")
+        settings = self.settings.layered(layer)
         fixed = [name for name in ORCHESTRA_LEVEL if getattr(settings, name) != getattr(self.settings, name)]
         if fixed:
             raise ConfigError(f"{', '.join(fixed)} set{'s' if len(fixed) == 1 else ''} the Orchestra's executor; "
                               f"pass {'it' if len(fixed) == 1 else 'them'} to Orchestra(...), not to a run")
         if settings.cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; this Orchestra was made with store=False")
+        if not self._unpriced_told and settings.budget.max_cost_usd != self.settings.budget.max_cost_usd and (
+                "max_cost_usd" in layer.changes().get("budget", {})):  # (a data set's runs get the Orchestra's)
+            self._tell_unpriced()
         return settings
+
+    def _tell_unpriced(self) -> None:
+        """Given a cost budget: warn once that the models with no price are not bounded by it."""
+        self._unpriced_told = True
+        warning = self.pool.unpriced()
+        if warning:
+            warnings.warn(warning, UserWarning, stacklevel=3)
 
     def _make_run(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
                   node_settings: dict[str, NodeSettings] | None = None, final: Callable[[Outputs], str] | None = None,
@@ -679,10 +695,15 @@ class Orchestra:
         check_task(task)
         if run_id is not None:
             check_run_id(run_id)
-        if context:
-            _check_text(context, "the context")
-        if answer_format:
-            _check_text(answer_format, "the answer format")
+        if context is None:
+            context = ""
+        for text, what in ((context, "context"), (answer_format, "answer_format")):
+            if text is not None and not isinstance(text, str):
+                raise ConfigError(f"{what} must be text, not {type(text).__name__} {text!r:.40}")
+            if text:
+                _check_text(text, f"the {what.replace('_', ' ')}")
+        if meta:
+            _check_meta(meta)
         plan = _given_plan(plan)
         graph = _given_graph(plan) if isinstance(plan, Plan) else None
         if settings is None:
@@ -701,7 +722,13 @@ class Orchestra:
 
     def _known_experts(self, experts: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         """Experts fixed per node, each an agent of the pool."""
-        for names in experts.values():
+        if not isinstance(experts, Mapping):
+            raise ConfigError(f"experts must map node ids to lists of agent names ({{'answer': ['coder']}}), "
+                              f"not {type(experts).__name__} {experts!r:.40}")
+        for node, names in experts.items():
+            if isinstance(names, str) or not isinstance(names, Sequence):
+                raise ConfigError(f"experts[{node!r}] must be a list of agent names ([{names!r:.40}]), "
+                                  f"not {type(names).__name__} {names!r:.40}")
             unknown = [name for name in names if name not in self.pool]
             if unknown or not names:
                 raise ConfigError(f"experts: {', '.join(unknown) or 'none given'} not agents of pool "
@@ -907,7 +934,8 @@ class Orchestra:
 
     async def arun_many(self, tasks: Iterable[str | Instance], *, plan: bool = False, rare_filter: bool = True,
                         answer_formats: Sequence[str | None] | None = None, meta: dict[str, Any] | None = None,
-                        window: int | None = DEFAULT_WINDOW, **overrides: Any) -> list[RunResult]:
+                        window: int | None = DEFAULT_WINDOW, shared_budget: BudgetTracker | None = None,
+                        **overrides: Any) -> list[RunResult]:
         """Answer many tasks on one executor so every wave's calls group per model; the results
         in the order of ``tasks``. Built on ``arun_iter``: at most ``window`` runs are in flight.
 
@@ -922,6 +950,8 @@ class Orchestra:
                 ``Instance``'s own).
             meta: JSON-ready facts stored with each run.
             window: the most runs in flight at once (None: all of them).
+            shared_budget: a budget all these runs spend together (``BudgetTracker(Budget(...), None)``),
+                on top of each run's own.
             overrides: ``Settings`` fields for all these runs.
         """
         if isinstance(tasks, str):  # (a string is an iterable of one-letter tasks)
@@ -941,7 +971,7 @@ class Orchestra:
         self.run_settings({**overrides, "plan": plan})
         results: list[RunResult | None] = [None] * len(instances)
         async with aclosing(self.arun_iter(instances, window=window, plan=plan, rare_filter=rare_filter, meta=meta,
-                                           **overrides)) as stream:
+                                           shared_budget=shared_budget, **overrides)) as stream:
             async for index, result in stream:
                 results[index] = result
         return cast(list[RunResult], results)
@@ -977,11 +1007,16 @@ class Orchestra:
             shared_budget: a budget all these runs spend together (``BudgetTracker(Budget(...), None)``),
                 on top of each run's own; an ``Instance``'s options may give its own.
             on_stopped: given ``(index, result)`` of each run stopped early (its status ``cancelled``,
-                its usage what it had spent), as it is recorded.
+                its usage what it had counted when stopped), as it is recorded. Requests it had in
+                flight then reached their endpoint too: the store counts them as they end
+                (``store.result(run_id)``); this result does not.
             overrides: ``Settings`` fields for all these runs.
         """
-        if window is not None and window < 1:
-            raise ValueError("window must be at least 1 (or None for no bound)")
+        if window is not None and (type(window) is not int or window < 1):
+            raise ConfigError(f"window must be a whole number of at least 1 (or None for no bound), not {window!r:.40}")
+        if meta:
+            _check_meta(meta)
+        _check_callback(on_stopped, "on_stopped", "(index, result)")
         stream = _Stream(self, _Source(tasks), window=window, plan=plan, rare_filter=rare_filter, meta=meta,
                          overrides=overrides, shared_budget=shared_budget, on_stopped=on_stopped)
         async with aclosing(stream.results()) as results:
@@ -1066,6 +1101,24 @@ def check_run_id(run_id: object) -> None:
         shown = repr(run_id) if len(repr(run_id)) <= 40 else repr(run_id)[:37] + "..."
         raise ConfigError(f"run_id {shown} is not a run id: use 1 to 128 letters, digits and . _ : - "
                           "(starting with a letter or digit), or leave it out for a new one")
+
+
+def _check_callback(callback: Any, name: str, takes: str) -> None:
+    """Refuse a callback that is not a plain function: an ``async def`` one would never be awaited."""
+    if callback is not None and (not callable(callback) or asyncio.iscoroutinefunction(callback)):
+        why = ("an async function: it is called, not awaited; hand what it gets to your own task"
+               if callable(callback) else f"{type(callback).__name__} {callback!r:.40}")
+        raise ConfigError(f"{name} must be a plain function that takes {takes}, not {why}")
+
+
+def _check_meta(meta: Any) -> None:
+    """``meta`` is stored with each run as JSON: a mapping of names to JSON-ready values."""
+    if not isinstance(meta, Mapping) or not all(isinstance(key, str) for key in meta):
+        raise ConfigError(f"meta must be a dict of names to JSON-ready values, not {type(meta).__name__} {meta!r:.40}")
+    try:
+        json.dumps(dict(meta), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"meta must hold JSON-ready values (text, numbers, lists, dicts): {error}") from None
 
 
 def _check_text(text: str, what: str) -> None:

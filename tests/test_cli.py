@@ -650,8 +650,8 @@ def test_a_cost_budget_names_the_models_it_cannot_bound(llm, tmp_path: Path) -> 
     pool.write_text(pool.read_text().replace("    max_attempts: 2\n", "    max_attempts: 2\n    prices: [1, 2]\n", 1))
     done = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--no-store", "--max-cost", "0.5")
     assert done.returncode == 0, done.stderr
-    assert ("warning: --max-cost counts no dollars for beta: it has no price (give prices: [input, output] per "
-            "million tokens in the pool)") in done.stderr
+    assert ("warning: the cost budget counts no dollars for beta: it has no price (give prices: [input, output] per "
+            "million tokens in the pool, or prices= in Python)") in done.stderr
     plain = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--no-store")
     assert "no price" not in plain.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from helpers import kind_of, plan_json, scripted_pool
 
-from orchestra import Budget, Orchestra, Plan, Pool
+from orchestra import Agent, Budget, Orchestra, Plan, Pool
 from orchestra.errors import BadResponse, ConfigError
 from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
 from orchestra.hints import run_hint
@@ -234,13 +235,42 @@ async def _async_listener(event: Event) -> None:
     pass
 
 
+async def _first(results: Any) -> Any:
+    async for item in results:
+        return item
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda pool: Orchestra(123), "pool must be a Pool, a pool file's path or None (the embedded default), not int 123"),
     (lambda pool: Orchestra(pool, [1, 2]), "settings must be a Settings or a mapping of setting names to values, "
                                            "not list [1, 2]"),
     (lambda pool: Orchestra(pool, on_event=5), "on_event must be a plain function that takes an event, not int 5"),
     (lambda pool: Orchestra(pool, on_event=_async_listener), "on_event must be a plain function that takes an "
-     "event, not an async function: listeners are called, not awaited; hand the event to your own task"),
+     "event, not an async function: it is called, not awaited; hand what it gets to your own task"),
+    (lambda pool: Orchestra(pool, store=5), "store must be a RunStore, a path, None (~/.orchestra/runs.db) or False "
+                                            "(no record), not int 5"),
+    # a callback that is not one cost the run's requests before it failed; an async one was never awaited
+    (lambda pool: Orchestra(pool, store=False).run("x?", on_answer_text="print"),
+     "on_answer_text must be a plain function that takes the answer's text so far, not str 'print'"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", on_answer_text=_async_listener),
+     "on_answer_text must be a plain function that takes the answer's text so far, not an async function: it is "
+     "called, not awaited; hand what it gets to your own task"),
+    (lambda pool: asyncio.run(_first(Orchestra(pool, store=False).arun_iter(["x?"], on_stopped=5))),
+     "on_stopped must be a plain function that takes (index, result), not int 5"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", context=5), "context must be text, not int 5"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", answer_format=b"End"),
+     "answer_format must be text, not bytes b'End'"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", meta=[1, 2]),
+     "meta must be a dict of names to JSON-ready values, not list [1, 2]"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", meta={"x": object()}),  # (with a store, a crash)
+     "meta must hold JSON-ready values (text, numbers, lists, dicts): Object of type object is not JSON serializable"),
+    (lambda pool: Orchestra(pool, store=False).run_many(["x?"], meta={"n": float("nan")}),
+     "meta must hold JSON-ready values (text, numbers, lists, dicts): Out of range float values are not JSON "
+     "compliant"),
+    (lambda pool: Orchestra(pool, store=False).run_many(["x?"], window="3"),
+     "window must be a whole number of at least 1 (or None for no bound), not '3'"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan=False, experts={"answer": "agent1"}),
+     "experts['answer'] must be a list of agent names (['agent1']), not str 'agent1'"),
     (lambda pool: Orchestra(pool, store=False).run("hi \ud800 there"),
      "the task is not valid Unicode: character 4 is a lone surrogate ('\\ud800'); send UTF-8 text (on a command "
      "line: bytes that are not UTF-8 in this locale)"),
@@ -507,3 +537,43 @@ def test_answer_options_reach_the_calls_that_write_the_answer() -> None:
     assert result.status == "done", result.error
     sent = [r for m in models.values() for r in m.requests if kind_of(r) in ("expert", "aggregate")]
     assert len(sent) == 3 and all((r.max_tokens, r.temperature) == (7, 0.3) for r in sent)
+
+
+def test_no_context_is_no_context() -> None:
+    pool, _ = scripted_pool()
+    assert Orchestra(pool, store=False, k=1).run("x?", plan=False, context=None).status == "done"
+
+
+def test_a_function_model_that_returns_nothing_fails_its_call() -> None:
+    """A forgotten ``return`` answered the text "null", and the run was done."""
+    silent = FunctionModel(lambda request: None, name="silent")
+    result = Orchestra(Pool(agents=[Agent(name="a", model=silent)], planner=silent), store=False).run(
+        "x?", plan=False, k=1)
+    assert result.status == "failed" and "silent replied None" in (result.error or ""), result.error
+    assert "null" not in (result.answer or "")
+
+
+def test_run_many_takes_a_budget_for_all_its_runs() -> None:
+    """run_many's budget= bounds each run; a shared budget bounds them together (it was refused)."""
+    from orchestra.budget import BudgetTracker
+
+    pool, models = scripted_pool()
+    shared = BudgetTracker(Budget(max_calls=20), None)
+    results = Orchestra(pool, store=False, k=1).run_many([f"q{i}?" for i in range(6)], shared_budget=shared)
+    sent = sum(len(model.requests) for model in models.values())
+    assert sent == shared.calls == sum(r.usage.requests for r in results) == 18  # (not 36: each run's own 500)
+    assert [r.status for r in results] == ["done"] * 3 + ["budget_exceeded"] * 3  # (5 keyword samples, 1 expert)
+
+
+def test_a_cost_budget_in_python_names_the_models_it_cannot_bound() -> None:
+    pool, _ = scripted_pool()
+    with pytest.warns(UserWarning, match=r"^the cost budget counts no dollars for m0, m1, m2, m3, planner: they have "
+                                         r"no price"):
+        Orchestra(pool, store=False, budget=Budget(max_cost_usd=0.5))
+    orc = Orchestra(pool, store=False)
+    with pytest.warns(UserWarning, match="the cost budget counts no dollars"):
+        orc.run("x?", plan=False, budget={"max_cost_usd": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        orc.run("x?", plan=False, budget={"max_cost_usd": 0.5})  # once per Orchestra
+        Orchestra(pool, store=False, budget=Budget(max_calls=9)).run("x?", plan=False)  # no cost budget: no word

@@ -76,6 +76,9 @@ class DoubleBase(ModelBase):
             raise reply
         if isinstance(reply, ChatResult):
             return reply
+        if reply is None:  # (json.dumps made it the answer "null")
+            raise BadResponse(f"{self.name} replied None: a reply is text, a dict or list (sent as JSON), a "
+                              "ChatResult or an exception (does the function return its reply?)")
         text = reply if isinstance(reply, str) else json.dumps(reply)
         usage = self.price.usage(estimate_tokens(request.prompt_text()), estimate_tokens(text))
         return ChatResult(text=text, usage=usage, model=self.name, finish_reason="stop")
