@@ -390,8 +390,8 @@ class Run:
             responses = await self._experts(trace, agents, recruitment, instruction, settings.prompt is not None,
                                             output, sampling, stream)
             combine = strategy(trace.strategy, 1 if trace.saved_calls else len(responses))
-            if trace.saved_calls:  # a confident team's first experts agreed: their answer stands
-                trace.aggregator = None
+            if not combine.uses_aggregator:  # a confident team's first experts agreed, or one expert answered
+                trace.aggregator = None  # (the node's aggregator was never asked)
             if isinstance(combine, (Strongest, Vote)):  # no model to call: no job to build, nothing to await
                 trace.output, trace.data = combine.pick(responses, self.stages.grader)
             else:
