@@ -6,9 +6,9 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, get_args, get_origin
 
 import click
 
@@ -59,6 +59,24 @@ class OrchestraGroup(click.Group):
     """Turns Orchestra's errors into one line on stderr and an exit code; no tracebacks."""
 
     command_class = SettingsCommand
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        """As click's, but a usage error (an unknown flag, a bad value, a missing option) is one line
+        naming where help is, as every error here, not click's usage block."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as error:
+            where = error.ctx.command_path if error.ctx is not None else "orchestra"
+            fail(f"{' '.join(error.format_message().split())} (see {where} --help)", error.exit_code)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)  # (click returns what ends a command early: its exit code)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -119,9 +137,13 @@ def _click_type(field: FieldInfo) -> Any:
     if get_origin(annotation) is Literal:
         return click.Choice(list(args))
     kind = args[0] if len(args) == 1 else annotation
+    if get_origin(kind) is Annotated:  # a number type that refuses true/false (orchestra.numbers)
+        kind = get_args(kind)[0]
     bounds = {type(m).__name__: m for m in field.metadata}
     if kind is int:
-        return click.IntRange(min=bounds["Ge"].ge) if "Ge" in bounds else int
+        if "Ge" not in bounds and "Le" not in bounds:
+            return int
+        return click.IntRange(min=getattr(bounds.get("Ge"), "ge", None), max=getattr(bounds.get("Le"), "le", None))
     if kind is float:
         if "Gt" in bounds:
             return click.FloatRange(min=bounds["Gt"].gt, min_open=True)
@@ -229,6 +251,9 @@ def settings_from(opts: dict[str, Any]) -> Settings:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     if opts.get("ray") is not None:  # --ray [ADDRESS]: two settings in one flag
+        given = [name for name in ("executor", "ray_address") if _assigns(assigned, (name,))]
+        if given:
+            raise ConfigError(f"--ray and --set {given[0]} both set {given[0]}; give it once")
         data["executor"] = "ray"
         if opts["ray"]:
             data["ray_address"] = opts["ray"]
@@ -395,7 +420,10 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
     """Plan TASK, recruit experts, run them in batches and aggregate an answer. A TASK of `-` is
     read from standard input (a long task, or one from a file: `orchestra ask - < task.txt`)."""
     from orchestra.agents import Pool
+    from orchestra.settings import assignments
 
+    if no_plan and _assigns(assignments(list(opts.get("assignments", ()))), ("plan",)):
+        raise ConfigError("--no-plan and --set plan both set plan; give it once")
     if task == "-":
         task = read_stdin_task()
     orc = make_orchestra(Pool.load(pool), opts)

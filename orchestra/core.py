@@ -52,6 +52,9 @@ from orchestra.workflow import Workflow
 
 T = TypeVar("T")
 
+#: the default budget's dollars: a cost budget no one set warns of no unpriced model
+DEFAULT_COST_BUDGET = Budget.model_fields["max_cost_usd"].default
+
 
 #: the second of the last run id made here, and the suffixes used in it
 _issued: tuple[str, set[str]] = ("", set())
@@ -547,7 +550,7 @@ class Orchestra:
         if self.settings.cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; do not combine cache=True with store=False")
         self._unpriced_told = False
-        if "max_cost_usd" in self.settings.changes().get("budget", {}):
+        if self.settings.budget.max_cost_usd not in (None, DEFAULT_COST_BUDGET):  # (a resume's record sets all)
             self._tell_unpriced()
         self._running = 0
         self._heartbeat: asyncio.Task[None] | None = None
@@ -664,16 +667,15 @@ class Orchestra:
         """This Orchestra's settings with a run's ``overrides`` on top; settings of the executor
         (``max_resident_models``, ``memory_budget_gb``, ``executor``, ``ray_address``) belong to
         the Orchestra, not to a run."""
-        layer = Settings.layer(_knobs(overrides), where="run setting")
-        settings = self.settings.layered(layer)
+        settings = self.settings.layered(Settings.layer(_knobs(overrides), where="run setting"))
         fixed = [name for name in ORCHESTRA_LEVEL if getattr(settings, name) != getattr(self.settings, name)]
         if fixed:
             raise ConfigError(f"{', '.join(fixed)} set{'s' if len(fixed) == 1 else ''} the Orchestra's executor; "
                               f"pass {'it' if len(fixed) == 1 else 'them'} to Orchestra(...), not to a run")
         if settings.cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; this Orchestra was made with store=False")
-        if not self._unpriced_told and settings.budget.max_cost_usd != self.settings.budget.max_cost_usd and (
-                "max_cost_usd" in layer.changes().get("budget", {})):  # (a data set's runs get the Orchestra's)
+        if not self._unpriced_told and settings.budget.max_cost_usd not in (
+                None, DEFAULT_COST_BUDGET, self.settings.budget.max_cost_usd):  # (data-set runs: the Orchestra's)
             self._tell_unpriced()
         return settings
 

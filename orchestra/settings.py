@@ -121,11 +121,18 @@ def assignments(pairs: Sequence[str]) -> dict[str, Any]:
     import yaml  # only here: the command line starts without it
 
     data: dict[str, Any] = {}
+    given: list[str] = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        *parents, leaf = key.strip().split(".")
+        key = key.strip()
+        earlier = next((k for k in given if k == key or key.startswith(k + ".") or k.startswith(key + ".")), None)
+        if earlier is not None:  # which should win? neither silently
+            raise ConfigError(f"--set {key} is given twice; give it once" if earlier == key else
+                              f"--set {earlier} and --set {key} both set {max(earlier, key, key=len)}; give it once")
+        given.append(key)
+        *parents, leaf = key.split(".")
         node = data
         for part in parents:
             child = node.get(part)

@@ -644,6 +644,32 @@ def test_a_budget_stop_without_a_store_does_not_offer_a_resume(llm, tmp_path: Pa
                "--no-store)" in done.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (("ask", "x", "--bogus"), "error: No such option '--bogus'. Did you mean '--verbose'? (see orchestra ask --help)"),
+    (("ask", "x", "--max-calls", "abc"), "error: Invalid value for '--max-calls': 'abc' is not a valid integer range. "
+                                         "(see orchestra ask --help)"),
+    (("ask", "x", "--k", "65"), "error: Invalid value for '--k': 65 is not in the range 1<=x<=64. "
+                                "(see orchestra ask --help)"),
+    (("eval",), "error: Missing option '--data'. (see orchestra eval --help)"),
+    (("ask",), "error: Missing argument 'TASK'. (see orchestra ask --help)"),
+])
+def test_a_usage_error_is_one_line(args: tuple[str, ...], message: str) -> None:
+    """click printed four lines (its usage block, a hint, a blank line and the error), --json or not."""
+    done = cli(*args)  # (run as python -m orchestra, which click names it)
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (2, message.replace("see orchestra",
+                                                                                      "see python -m orchestra"), "")
+
+
+def test_number_flags_show_their_type_and_bounds() -> None:
+    """Settings that refuse true/false are Annotated types: the flags showed ANNOTATED and parsed with int()."""
+    shown = " ".join(cli("ask", "--help").stdout.split())
+    assert "ANNOTATED" not in shown
+    for flag, kind in (("--max-calls", "INTEGER RANGE"), ("--max-cost", "FLOAT RANGE"), ("--seed", "INTEGER"),
+                       ("--memory-budget-gb", "FLOAT RANGE"), ("--cost-lambda", "FLOAT RANGE")):
+        assert f"{flag} {kind} " in shown, flag
+    assert "Experts per subtask. [1<=x<=64]" in shown
+
+
 def test_a_cost_budget_names_the_models_it_cannot_bound(llm, tmp_path: Path) -> None:
     """--max-cost on models with no price did nothing and said nothing (their calls cost $0 here)."""
     pool = write_pool(tmp_path, llm.server.url, models=("alpha", "beta"))
@@ -652,8 +678,11 @@ def test_a_cost_budget_names_the_models_it_cannot_bound(llm, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     assert ("warning: the cost budget counts no dollars for beta: it has no price (give prices: [input, output] per "
             "million tokens in the pool, or prices= in Python)") in done.stderr
-    plain = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--no-store")
-    assert "no price" not in plain.stderr
+    plain = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan")
+    assert plain.returncode == 0 and "no price" not in plain.stderr
+    run_id = cli("runs", "--json").stdout and json.loads(cli("runs", "--json").stdout)[0]["id"]
+    again = cli("resume", run_id)  # its record holds the default budget, every field of it: no word either
+    assert again.returncode == 0 and "no price" not in again.stderr, again.stderr
 
 
 def test_server_errors_surface_as_failed_nodes(loopback, tmp_path: Path) -> None:

@@ -121,6 +121,12 @@ def test_an_unknown_or_invalid_setting_is_one_line(llm, tmp_path: Path, flag: st
     (("--set", "k=2", "--k", "3"), "error: --k and --set k both set k; give it once"),
     (("--set", "budget={max_calls: 3}", "--max-calls", "1"),
      "error: --max-calls and --set budget.max_calls both set budget.max_calls; give it once"),
+    # (these went through: --no-plan won over plan=true, --set over --ray, the last --set over the first)
+    (("--no-plan", "--set", "plan=true"), "error: --no-plan and --set plan both set plan; give it once"),
+    (("--ray", "--set", "executor=local"), "error: --ray and --set executor both set executor; give it once"),
+    (("--set", "k=2", "--set", "k=3"), "error: --set k is given twice; give it once"),
+    (("--set", "budget={max_calls: 3}", "--set", "budget.max_calls=4"),
+     "error: --set budget and --set budget.max_calls both set budget.max_calls; give it once"),
 ])
 def test_one_setting_given_by_a_flag_and_by_set_is_refused(llm, tmp_path: Path, flags: tuple[str, ...],
                                                           message: str) -> None:
