@@ -277,6 +277,8 @@ def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
     from orchestra.store import RunStore
 
     if no_store:
+        if store_path is not None:  # (the record asked for would silently not be kept)
+            raise click.UsageError("--store and --no-store contradict each other; give one")
         return False
     return RunStore(store_path) if store_path else True
 
@@ -808,22 +810,26 @@ def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path 
     if plot is not None and not _writable(plot):  # found out before the sweep's calls, not after them
         raise ConfigError(f"cannot write the plot to {plot}: no such folder, or no permission to write there")
     chosen = parse_lambdas(lambdas)
+    items = len(dataset.items[:limit] if limit else dataset.items)
     stopped: list[list[SweepPoint]] = []
     try:
         points = run_interruptibly(asweep(orc, dataset, lambdas=chosen, limit=limit, k=opts["k"],
                                           aggregate=opts["aggregate"], budget=budget, on_cancel=stopped.append))
     except KeyboardInterrupt:
         done = stopped[0] if stopped else []
-        print_sweep(done, dataset, None, as_json, interrupted=f"interrupted after {len(done)} of "
-                                                              f"{sweep_size(chosen)} points")
+        print_sweep(done, dataset, items, None, as_json, interrupted=f"interrupted after {len(done)} of "
+                                                                     f"{sweep_size(chosen)} points")
         kept = "nothing was kept (--no-store)" if orc.store is None else "finished calls are saved"
-        fail(f"interrupted; {kept}; the points above are the ones evaluated in full", 130)
-    print_sweep(points, dataset, plot, as_json)
+        shown = ("no point was evaluated in full" if not done else
+                 f"the points {'printed' if as_json else 'above'} are the ones evaluated in full")
+        fail(f"interrupted; {kept}; {shown}", 130)
+    print_sweep(points, dataset, items, plot, as_json)
 
 
-def print_sweep(points: list[SweepPoint], dataset: Dataset, plot: Path | None, as_json: bool, *,
+def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Path | None, as_json: bool, *,
                 interrupted: str | None = None) -> None:
-    """A sweep's points as a table (or JSON), the page written to ``plot``; exit 1 if a run did not finish."""
+    """A sweep's points (each over ``items`` items) as a table (or JSON), the page written to ``plot``;
+    exit 1 if a run did not finish."""
     from rich.table import Table
 
     from orchestra.frontier import frontier_html
@@ -839,7 +845,7 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, plot: Path | None, a
                                "plot": str(plot) if plot else None, "interrupted": interrupted is not None},
                               indent=2))
     else:
-        table = Table(title=f"accuracy/cost frontier on {dataset.path} ({points[0].items if points else 0} items)"
+        table = Table(title=f"accuracy/cost frontier on {dataset.path} ({items} items)"
                             + (f": {interrupted}" if interrupted else ""))
         for column in ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier"):
             table.add_column(column, justify="left" if column == "method" else "right")

@@ -444,8 +444,9 @@ def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path:
     assert listed == {"q0": "done", "q1": "done", "q2": "cancelled"}
 
 
-@pytest.mark.parametrize("as_json", [True, False])
-def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp_path: Path, as_json: bool) -> None:
+@pytest.mark.parametrize("as_json, first_done", [(True, True), (False, True), (False, False)])
+def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp_path: Path, as_json: bool,
+                                                                   first_done: bool) -> None:
     import signal
 
     scripted = ScriptedLLM()
@@ -463,7 +464,7 @@ def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp
     data.write_text('{"id": "q0", "question": "The question q0", "answer": "42"}\n')
     alone = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "symbolic-moe", "--no-store", "--json")
     assert json.loads(alone.stdout)["requests"] == answered[0]
-    first_method[0] = answered[0]
+    first_method[0] = answered[0] if first_done else 0
     child = subprocess.Popen([sys.executable, "-m", "orchestra", "eval", "--pool", str(pool), "--data", str(data),
                               "--sweep", "--lambdas", "0,1", *(["--json"] if as_json else [])],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -477,11 +478,15 @@ def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp
         swept = json.loads(out)  # one JSON object: the points evaluated in full
         assert swept["interrupted"] and [p["method"] for p in swept["points"]] == ["symbolic-moe"]
         assert swept["points"][0]["items"] == 1 and swept["points"][0]["on_frontier"]
-    else:
+    elif first_done:
         text = " ".join(out.split())
-        assert "interrupted after 1 of 7 points" in text and "symbolic-moe" in text and "vote" not in text, out
-    assert err.strip().splitlines()[-1] == ("error: interrupted; finished calls are saved; the points above are "
-                                            "the ones evaluated in full")
+        assert "(1 items): interrupted after 1 of 7 points" in text, out
+        assert "symbolic-moe" in text and "vote" not in text, out
+    else:  # (the title said 0 items, and the line below pointed at points above)
+        assert "(1 items): interrupted after 0 of 7 points" in " ".join(out.split()), out
+    shown = ("no point was evaluated in full" if not first_done else
+             f"the points {'printed' if as_json else 'above'} are the ones evaluated in full")
+    assert err.strip().splitlines()[-1] == f"error: interrupted; finished calls are saved; {shown}"
 
 
 def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback, tmp_path: Path) -> None:

@@ -125,6 +125,8 @@ def test_an_unknown_or_invalid_setting_is_one_line(llm, tmp_path: Path, flag: st
     (("--no-plan", "--set", "plan=true"), "error: --no-plan and --set plan both set plan; give it once"),
     (("--ray", "--set", "executor=local"), "error: --ray and --set executor both set executor; give it once"),
     (("--set", "k=2", "--set", "k=3"), "error: --set k is given twice; give it once"),
+    (("--store", "s.db", "--no-store"),  # (nothing was kept, in silence)
+     "error: --store and --no-store contradict each other; give one (see python -m orchestra ask --help)"),
     (("--set", "budget={max_calls: 3}", "--set", "budget.max_calls=4"),
      "error: --set budget and --set budget.max_calls both set budget.max_calls; give it once"),
 ])
