@@ -1015,7 +1015,7 @@ class Orchestra:
             overrides: ``Settings`` fields for all these runs.
         """
         if window is not None and (type(window) is not int or window < 1):
-            raise ConfigError(f"window must be a whole number of at least 1 (or None for no bound), not {window!r:.40}")
+            raise ValueError(f"window must be a whole number of at least 1 (or None for no bound), not {window!r:.40}")
         if meta:
             _check_meta(meta)
         _check_callback(on_stopped, "on_stopped", "(index, result)")

@@ -267,8 +267,6 @@ async def _first(results: Any) -> Any:
     (lambda pool: Orchestra(pool, store=False).run_many(["x?"], meta={"n": float("nan")}),
      "meta must hold JSON-ready values (text, numbers, lists, dicts): Out of range float values are not JSON "
      "compliant"),
-    (lambda pool: Orchestra(pool, store=False).run_many(["x?"], window="3"),
-     "window must be a whole number of at least 1 (or None for no bound), not '3'"),
     (lambda pool: Orchestra(pool, store=False).run("x?", plan=False, experts={"answer": "agent1"}),
      "experts['answer'] must be a list of agent names (['agent1']), not str 'agent1'"),
     (lambda pool: Orchestra(pool, store=False).run("hi \ud800 there"),

@@ -118,8 +118,10 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
         asyncio.run(consume("question"))
     with pytest.raises(TypeError, match="task 1 is a int"):
         asyncio.run(consume(["question", 7]))
-    with pytest.raises(ValueError, match="window must be at least 1"):
+    with pytest.raises(ValueError, match=r"^window must be a whole number of at least 1 \(or None for no bound\), not 0$"):
         asyncio.run(consume(["question"], window=0))
+    with pytest.raises(ValueError, match=r"not '3'$"):  # (it was "'<' not supported between 'str' and 'int'")
+        orc.run_many(["question"], window="3")
 
 
 def test_eval_streams_answers_to_a_jsonl_file_and_a_failed_item_is_named(tmp_path: Path) -> None:
