@@ -222,7 +222,8 @@ class Pool:
         that is not there, agents with neither profile nor declared skills among profiled ones, and
         profiles measured on another model than the agent now has."""
         if self.profiles_dir is not None and not self.profiles_dir.is_dir():
-            return [f"the profiles folder {self.profiles_dir} does not exist: no agent has a measured profile, so "
+            missing = "is a file, not a folder" if self.profiles_dir.exists() else "does not exist"
+            return [f"the profiles folder {self.profiles_dir} {missing}: no agent has a measured profile, so "
                     "recruiting cannot route by skill (check the pool's `profiles:` path, or run orchestra profile)"]
         if not self.profiles:
             return []

@@ -124,6 +124,13 @@ class WorkflowFile(_Strict):
     seed: Count = 0
     dataset: DatasetSpec | None = None
 
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _pool_file_or_pool(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, (str, dict)):  # (pydantic named its union's branches)
+            raise ValueError(f"give a pool file's path, or the pool itself (models:, agents:), not {value!r:.40}")
+        return value
+
     @model_validator(mode="after")
     def _set_once(self) -> WorkflowFile:
         twice = ["seed"] if "seed" in self.model_fields_set and "seed" in self.settings.model_fields_set else []
@@ -498,7 +505,9 @@ def _load_pool(spec: WorkflowFile, document: YamlDocument, file: Path) -> Pool:
     if isinstance(spec.pool, str):
         pool_path = file.parent / spec.pool
         if not pool_path.is_file():
-            raise document.error(f"pool file not found: {pool_path}", ("pool",))
+            why = "is a folder, not a pool file" if pool_path.is_dir() else "not found"
+            raise document.error(f"pool file {why}: {pool_path}" if why == "not found" else f"{pool_path} {why}",
+                                 ("pool",))
         return Pool.load(pool_path)
     return Pool.load()
 

@@ -173,6 +173,9 @@ def test_profiles_unfit_to_route_by_are_named_before_anything_runs(tmp_path: Pat
     mistyped = cli("agents", "--pool", pool("profils"))
     assert mistyped.returncode == 0
     assert mistyped.stderr.startswith(f"warning: the profiles folder {tmp_path / 'profils'} does not exist")
+    (tmp_path / "afile").write_text("")
+    a_file = cli("agents", "--pool", pool("afile"))  # (it said a file that is there does not exist)
+    assert a_file.stderr.startswith(f"warning: the profiles folder {tmp_path / 'afile'} is a file, not a folder:")
     swapped = cli("agents", "--pool", pool("p", math_model="other"))
     assert swapped.stderr == ("warning: the profile of math was measured on OpenAICompatible:mathbot, but the pool "
                               "now gives it OpenAICompatible:other: run orchestra profile again\n")

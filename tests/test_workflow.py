@@ -57,6 +57,12 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
     assert "ok (demo: 2 step(s)" in done.stdout
 
 
+def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
+    path = write(tmp_path, "pool: .\nsteps:\n  - {id: a, prompt: hi}\n")
+    done = cli("validate", str(path))  # (it said "pool file not found")
+    assert (done.returncode, done.stderr.strip()) == (2, f"error: {path}:1:7: {tmp_path} is a folder, not a pool file")
+
+
 @pytest.mark.parametrize("broken, expected", [
     (GOOD.replace("    agent: writer\n", "    agent: poet\n"),
      "wf.yaml:13:12: step 'draft' names unknown agent 'poet'; the pool has writer, checker"),
@@ -151,6 +157,9 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
     (GOOD.replace("skills: [writing]", "skils: [writing]"), "wf.yaml:17:21: unknown field 'skils' (did you mean 'skills'?)"),
     (GOOD.replace("default: 50", "defualt: 50"), "wf.yaml:10:26: unknown field 'defualt' (did you mean 'default'?)"),
     (GOOD.replace("name: demo", "colour: blue"), "wf.yaml:1:1: unknown field 'colour'"),
+    # (pydantic's union named a branch: "pool.str: Input should be a valid string"; a folder was "not found")
+    ("pool: 5\nsteps:\n  - {id: a, prompt: hi}\n",
+     "wf.yaml:1:7: pool: give a pool file's path, or the pool itself (models:, agents:), not 5"),
 ])
 def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, broken: str, expected: str) -> None:
     path = write(tmp_path, broken)
