@@ -861,6 +861,9 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
     if unfinished and not interrupted:
         first = unfinished[0]
         left_off = f"{first.failed} of {first.items} items of {first.method} unfinished: it is left off the frontier"
+        if len(unfinished) > 1:  # (only the first was named, while every one of them was left off)
+            left_off = (f"items of {', '.join(p.method for p in unfinished)} unfinished ({first.failed} of "
+                        f"{first.items} of {first.method}): they are left off the frontier")
         if first.budget_exceeded:
             from orchestra.hints import BUDGET_FLAGS
 

@@ -101,7 +101,9 @@ class Tally:
 
     def add(self, index: int, item: Item, result: RunResult) -> None:
         """Grade the run of item ``index`` and count what it spent."""
-        ok = bool(result.answer) and self.grader.grade(result.answer or "", item)
+        # an unfinished run counts as wrong, as the report says, even where it left an answer (a partial
+        # run whose skill extraction failed did: its right answers made 1.000 "(0 of 12 finished)")
+        ok = result.status == "done" and bool(result.answer) and self.grader.grade(result.answer or "", item)
         self.items += 1
         self.correct += ok
         self._spent(result)

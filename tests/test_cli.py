@@ -727,8 +727,9 @@ def test_a_sweep_a_budget_cut_short_says_so_and_leaves_the_method_off_the_fronti
     assert swept.returncode == 3, swept.stderr
     points = {p["method"]: p for p in json.loads(swept.stdout)["points"]}
     cut = [p for p in points.values() if p["failed"]]
-    assert cut and not any(p["on_frontier"] for p in cut) and any(p["on_frontier"] for p in points.values())
+    assert len(cut) > 1 and not any(p["on_frontier"] for p in cut) and any(p["on_frontier"] for p in points.values())
     first = cut[0]
+    left_off = (f"items of {', '.join(p['method'] for p in cut)} unfinished ({first['failed']} of 3 of "  # (each named:
+                f"{first['method']}): they are left off the frontier")  # only the first was)
     assert swept.stderr.strip().splitlines()[-1] == (
-        f"error: {first['budget_exceeded']} ({first['failed']} of 3 items of {first['method']} unfinished: it is left "
-        "off the frontier); raise it with --max-calls and sweep again")
+        f"error: {first['budget_exceeded']} ({left_off}); raise it with --max-calls and sweep again")

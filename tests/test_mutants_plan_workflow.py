@@ -271,6 +271,18 @@ def test_a_report_lists_answers_categories_and_the_first_failure_in_data_set_ord
     assert (report.skill_extraction_failures, report.saved_calls) == (4, 8)
 
 
+def test_an_unfinished_run_counts_as_wrong_even_with_a_right_answer() -> None:
+    """A partial run (its skill extraction failed) left a right answer: eval reported 1.000 "(0 of 1 finished;
+    the rest count as wrong)"."""
+    tally = Tally(get_grader("auto"))
+    item = Item(id="q0", question="q", answer="1")
+    tally.add(0, item, _finished("r0", "partial", "The answer is 1", "skill extraction failed"))
+    tally.add(1, item, _finished("r1", "done", "The answer is 1"))
+    report = tally.report("vote", elapsed_s=0.0, model_loads={})
+    assert (report.items, report.correct, report.failed) == (2, 1, 1)
+    assert [row["correct"] for row in report.answers] == [False, True]
+
+
 DATA = Dataset.from_items([{"id": f"q{i}", "question": f"What is {i} - {i} + 1?", "answer": "1"} for i in range(2)])
 
 
