@@ -177,15 +177,20 @@ class Pool:
     def fingerprint(self) -> str:
         """A short hash of what makes this pool's answers: each agent's name, model (what it really is,
         endpoint and model id, and the request options it adds), persona, sampling settings and declared
-        skills, the planner, the keyword model, the aggregator and the skill profiles. A pool file edited
-        in place (another model behind an agent) gets another one; reformatting or comments do not."""
-        described = {
+        skills, the planner, the keyword model, the aggregator, the skill profiles and the models' prices
+        (what a run's calls cost, and what the calibrated router weighs). A pool file edited in place
+        (another model behind an agent, another price) gets another one; reformatting or comments do not."""
+        described: dict[str, Any] = {
             "agents": [[a.name, _answering(a.model), a.persona, a.temperature, a.max_tokens, sorted(a.skills)]
                        for a in self.agents],
             "planner": _answering(self.planner), "keywords": _answering(self.keyword_model),
             "aggregator": self.aggregator,
             "profiles": {name: profile.model_dump(mode="json") for name, profile in sorted(self.profiles.items())},
         }
+        prices = {model.name: [price.input, price.output] for model in self.models
+                  if (price := getattr(model, "price", None)) is not None and (price.input or price.output)}
+        if prices:  # (a pool without prices keeps the fingerprint it had before prices were part of it)
+            described["prices"] = prices
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
     async def aclose(self) -> None:

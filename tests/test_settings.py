@@ -212,3 +212,8 @@ def test_a_pools_fingerprint_changes_with_what_its_answers_depend_on(tmp_path: P
                    base.replace("api_key_env: null", "api_key_env: null, extra_body: {top_k: 5}"),
                    base.replace("model: x", "model: y"), base.replace("skills:", "temperature: 0.2, skills:")):
         assert fingerprint(edited) != first, edited
+    # prices (an eval --resume reused runs routed and costed at the old ones); none given: the fingerprint of before
+    priced = fingerprint(base.replace("api_key_env: null", "api_key_env: null, prices: [1, 2]"))
+    assert priced != first and priced != fingerprint(base.replace("api_key_env: null", "api_key_env: null, prices: [100, 2]"))
+    assert fingerprint(base.replace("api_key_env: null", "api_key_env: null, prices: [0, 0]")) == first
+    assert first == "b834a7c437a2097b"  # what earlier versions stored: their runs of this pool are still reused
