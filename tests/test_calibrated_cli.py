@@ -141,6 +141,9 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
     assert table.returncode == 0 and "frontier" in table.stdout and "calibrated λ=0.05" in table.stdout
     bad = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "cheap")
     assert bad.returncode == 2 and "--lambdas" in bad.stderr and "comma-separated" in bad.stderr
+    twice = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.05,0,0.050")
+    assert (twice.returncode, twice.stderr.strip()) == (2, "error: Invalid value for --lambdas: 0.05 is given twice "
+                                                           "(see python -m orchestra eval --help)")  # (paid twice)
     lonely = cli("eval", "--pool", str(pool), "--data", str(test), "--plot", str(plot))
     assert lonely.returncode == 2 and "add --sweep" in lonely.stderr
     dropped = cli("eval", "--pool", str(pool), "--data", str(test), "--lambdas", "0,1")  # (ran a plain eval)
