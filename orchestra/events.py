@@ -121,6 +121,8 @@ class NodeDone(Event):
     run_id: str
     node: str
     output: str
+    aggregator: str | None = None
+    """The agent that aggregated the node's answers (None: none was asked, one answer stood)."""
 
 
 @dataclass(frozen=True, slots=True)

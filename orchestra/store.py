@@ -842,7 +842,9 @@ _NODE_CHANGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     NodeReady.kind: lambda event: {"status": "recruiting", "error": None},  # a resumed node starts afresh
     ExpertsRecruited.kind: _recruited,
     NodeAggregating.kind: lambda event: {"status": "aggregating"},
-    NodeDone.kind: lambda event: {"status": "done", "output": event["output"], "error": None},
+    NodeDone.kind: lambda event: {"status": "done", "output": event["output"], "error": None,
+                                  # (recorded since it was part of the event: an aggregator recruited but not asked)
+                                  **({"aggregator": event["aggregator"]} if "aggregator" in event else {})},
     NodeFailed.kind: lambda event: {"status": "failed", "error": event["error"]},
     NodeSkipped.kind: lambda event: {"status": "skipped", "error": event["reason"]},
 }

@@ -71,7 +71,7 @@ RUN: list[Event] = [
     BatchFinished(batch=1, model="m", size=3, failed=1, seconds=0.1),
     ModelUnloaded(model="m"),
     NodeAggregating(run_id=R, node="a", strategy="vote"),
-    NodeDone(run_id=R, node="a", output="out"),
+    NodeDone(run_id=R, node="a", output="out", aggregator="x"),
     NodeFailed(run_id=R, node="b", error="boom"),
     NodeSkipped(run_id=R, node="c", reason="dependency 'b' failed"),
     UsageUpdated(run_id=R, calls=3, requests=4, prompt_tokens=10, completion_tokens=5, cost_usd=0.01, cache_misses=2),

@@ -577,17 +577,20 @@ def test_a_cost_budget_in_python_names_the_models_it_cannot_bound() -> None:
         Orchestra(pool, store=False, budget=Budget(max_calls=9)).run("x?", plan=False)  # no cost budget: no word
 
 
-def test_a_node_left_with_one_answer_names_no_aggregator() -> None:
-    """Two of three experts failed and the third's answer stood, yet the trace named an aggregator
-    that was never asked."""
+def test_a_node_left_with_one_answer_names_no_aggregator(tmp_path: Path) -> None:
+    """Two of three experts failed and the third's answer stood, yet the trace (and the store's node
+    rows, which ``orchestra show --json`` lists) named an aggregator that was never asked."""
     def expert(name: str, request: ChatRequest) -> str:
         if name != "m0":
             raise BadResponse(f"{name} is down")
         return "The answer is 4"
 
     pool, models = scripted_pool(expert=expert)
-    result = Orchestra(pool, store=False).run("x?", plan=False, experts={"answer": ["agent0", "agent1", "agent2"]})
+    store = RunStore(tmp_path / "runs.db")
+    result = Orchestra(pool, store=store).run("x?", plan=False, experts={"answer": ["agent0", "agent1", "agent2"]})
     [node] = result.plan.nodes
     assert result.status == "done" and node.output == "The answer is 4" and node.aggregator is None
+    [row] = store.nodes(result.run_id)
+    assert (row["status"], row["aggregator"]) == ("done", None)
     assert [bool(output.error) for output in node.expert_outputs] == [False, True, True]
     assert [kind_of(r) for m in models.values() for r in m.requests].count("aggregate") == 0

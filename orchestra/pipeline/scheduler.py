@@ -405,7 +405,8 @@ class Run:
                 trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
             trace.status = "done"
             if self.stages.events.wants(NodeDone):
-                self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output))
+                self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output,
+                                                 aggregator=trace.aggregator))
         except (OrchestraError, PlanInvalid) as error:
             self.user_error |= isinstance(error, UserError)
             self._node_failed(trace, str(error))
