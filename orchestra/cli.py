@@ -55,6 +55,12 @@ class SettingsCommand(click.Command):
         return super().get_params(ctx)
 
 
+#: the usage error click raises to show a group's help when no command is given (click 8.2 on; before,
+#: click showed the help and exited itself)
+_HELP_INSTEAD: tuple[type[click.UsageError], ...] = tuple(
+    kind for kind in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if kind is not None)
+
+
 class OrchestraGroup(click.Group):
     """Turns Orchestra's errors into one line on stderr and an exit code; no tracebacks."""
 
@@ -68,6 +74,9 @@ class OrchestraGroup(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
+        except _HELP_INSTEAD as error:  # no command given: the help, as click shows it
+            error.show()
+            sys.exit(error.exit_code)
         except click.UsageError as error:
             where = error.ctx.command_path if error.ctx is not None else "orchestra"
             fail(f"{' '.join(error.format_message().split())} (see {where} --help)", error.exit_code)

@@ -44,6 +44,15 @@ def test_help_lists_the_commands() -> None:
         assert command in done.stdout
 
 
+def test_no_command_shows_the_help() -> None:
+    """Not a one-line usage error holding the whole help text (click raises the help as a usage error)."""
+    done = cli()
+    assert done.returncode in (0, 2)  # (click before 8.2 exits 0)
+    shown = done.stdout + done.stderr
+    assert shown.startswith("Usage: ") and "error:" not in shown
+    assert all(command in shown for command in ("ask", "run", "eval", "serve"))
+
+
 def test_ask_json_multi_step_dag_batches_and_aggregation(loopback, tmp_path: Path) -> None:
     llm = ScriptedLLM()
     numbers_aggregated: list[asyncio.Event] = []  # made in the server's event loop
