@@ -43,10 +43,12 @@ def export_jsonl(store: RunStore, run_id: str) -> Iterator[str]:
             yield json.dumps({"type": kind, **row}, ensure_ascii=False, default=str)
 
 
-def _stopped_early(result: dict[str, Any] | None) -> dict[str, tuple[list[str], int]]:
-    """Per node that a confident team ended early: the experts asked, and the calls saved."""
+def _stopped_early(result: dict[str, Any] | None) -> dict[str, tuple[list[str], int, str | None]]:
+    """Per node that a confident team ended early: the experts asked, the calls saved, and the aggregator
+    its team was recruited with (not asked)."""
     nodes = ((result or {}).get("plan") or {}).get("nodes") or []
-    return {node["id"]: ([output["agent"] for output in node.get("expert_outputs") or []], node["saved_calls"])
+    return {node["id"]: ([output["agent"] for output in node.get("expert_outputs") or []], node["saved_calls"],
+                         (((node.get("recruitment") or {}).get("team") or {}).get("aggregator")))
             for node in nodes if node.get("saved_calls")}
 
 
@@ -80,19 +82,19 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
         experts, aggregator = ", ".join(node["experts"]), node["aggregator"] or ""
         early = stopped.get(node["node_id"])
         if early is not None:  # the recruited team, as far as it was asked
-            asked, _ = early
+            asked, _, recruited = early
             left = list(node["experts"])
             for agent in asked:
                 if agent in left:
                     left.remove(agent)
             experts = ", ".join(asked) + (f" (not asked: {', '.join(left)})" if left else "")
-            aggregator = f"{aggregator} (not needed)" if aggregator else ""
+            aggregator = f"{recruited} (not needed)" if recruited else ""
         plan.add_row(*(literal(cell) for cell in (node["node_id"], node["status"] or "", ", ".join(node["depends_on"]),
                                                ", ".join(node["skills"]), experts, aggregator)))
     console.print(plan)
     for node in report["nodes"]:
         console.print(literal(f"{node['node_id']}: ", style="bold") + literal(node["instruction"] or ""))
-    for node_id, (asked, saved) in stopped.items():
+    for node_id, (asked, saved, _) in stopped.items():
         console.print(literal(f"{node_id}: stopped early: its first {len(asked)} experts agreed, so {saved} "
                            f"call{'s' if saved != 1 else ''} (the other experts and the aggregation) were not made"))
     for node in report["nodes"]:

@@ -275,7 +275,8 @@ def test_show_tells_which_experts_a_confident_team_did_not_need(market, tmp_path
     console = Console(record=True, width=300)
     show_run(console, RunStore(tmp_path / "runs.db"), early.run_id)
     shown = console.export_text()
-    assert f"{', '.join(asked)} (not asked: {', '.join(left)})" in shown and "(not needed)" in shown
+    assert f"{', '.join(asked)} (not asked: {', '.join(left)})" in shown
+    assert f"{node.recruitment['team']['aggregator']} (not needed)" in shown  # (the node itself names none)
     assert "answer: stopped early: its first 2 experts agreed, so 2 calls (the other experts and the aggregation)" \
            " were not made" in shown
 
