@@ -25,7 +25,8 @@ from orchestra.profile import SkillProfile
 PRIOR_ITEMS = 4.0
 """How many items the prior (the agent's overall accuracy) counts for on each skill."""
 COLD_ACCURACY = 0.5
-"""The overall accuracy assumed for an agent without a measured profile."""
+"""The overall accuracy assumed for an agent without a measured profile where no agent has one
+(otherwise it is the measured agents' mean: a newcomer is taken for an average agent)."""
 _FLOOR = 0.02  # keeps log-odds finite and every estimate off 0 and 1
 _SEPARATION_FLOOR = 0.05  # a skill that separates nobody still counts a little
 
@@ -61,11 +62,13 @@ class AgentSkills:
     measured: bool = True
 
     @classmethod
-    def of(cls, profile: SkillProfile | None, declared: Sequence[str] = ()) -> AgentSkills:
+    def of(cls, profile: SkillProfile | None, declared: Sequence[str] = (),
+           cold_accuracy: float = COLD_ACCURACY) -> AgentSkills:
         """From a profile; one without pooled counts (written before calibration) uses its ±1 sums as
-        net evidence; an agent without a profile counts each declared skill as one right answer."""
+        net evidence; an agent without a profile has ``cold_accuracy`` overall and counts each
+        declared skill as one right answer."""
         if profile is None:
-            return cls(COLD_ACCURACY, {skill.lower().strip(): (1.0, 1.0) for skill in declared}, measured=False)
+            return cls(cold_accuracy, {skill.lower().strip(): (1.0, 1.0) for skill in declared}, measured=False)
         if profile.skill_counts:
             return cls(profile.accuracy, {s: (float(c), float(n)) for s, (c, n) in profile.skill_counts.items()})
         return cls(profile.accuracy, {s: (float(max(v, 0)), float(abs(v))) for s, v in profile.skills.items()})

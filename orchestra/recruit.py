@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestra.calibration import PRIOR_ITEMS, AgentSkills, Calibration
+from orchestra.calibration import COLD_ACCURACY, PRIOR_ITEMS, AgentSkills, Calibration
 from orchestra.matching import Match
 from orchestra.numbers import Amount, Count
 from orchestra.profile import SkillProfile, global_competence
@@ -265,8 +265,12 @@ class SkillTable:
         norm = sum(gammas.values()) or 1.0
         aliases = {variant: skill for a in agents if (p := profiles.get(a)) is not None
                    for variant, skill in p.aliases.items()}
-        calibration = Calibration({a: AgentSkills.of(profiles.get(a), declared.get(a, ())) for a in agents},
-                                  aliases, config.prior_items)
+        # a newcomer is taken for an average agent: at 0.5 it outranked, on skills it never declared,
+        # every measured agent below 0.5 (a pool on hard questions)
+        accuracies = [p.accuracy for a in agents if (p := profiles.get(a)) is not None]
+        cold_accuracy = sum(accuracies) / len(accuracies) if accuracies else COLD_ACCURACY
+        calibration = Calibration({a: AgentSkills.of(profiles.get(a), declared.get(a, ()), cold_accuracy)
+                                   for a in agents}, aliases, config.prior_items)
         return cls(scores=scores, competence={a: g / norm for a, g in gammas.items()},
                    cold=frozenset(cold), universal=frozenset(universal), prices=dict(prices),
                    calibration=calibration, costs=dict(costs or {}),

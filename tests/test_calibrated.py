@@ -376,3 +376,24 @@ def test_equally_accurate_candidates_are_ranked_cheapest_first() -> None:
     ranked, _ = Recruiter(table).team([Match("math", "math", 1.0)], k=1)
     assert [c.agent for c in ranked] == ["beta", "alpha"]
     assert ranked[0].suitability == ranked[1].suitability
+
+
+def test_a_newcomer_is_taken_for_an_average_agent_not_for_one_right_half_the_time() -> None:
+    """An agent without a profile starts at the measured agents' mean accuracy: on hard questions
+    (every measured agent under 0.5) one that declared arithmetic outranked the biologist on biology."""
+    def measured(agent: str, accuracy: float, counts: dict[str, tuple[int, int]]) -> SkillProfile:
+        return SkillProfile(agent=agent, skills={s: 2 * c - n for s, (c, n) in counts.items()}, accuracy=accuracy,
+                            skill_counts=counts, provenance=Provenance(dataset="v", dataset_sha256="x", items=40, model="m"))
+
+    profiles = {"bio": measured("bio", 0.3, {"biology": (8, 20), "arithmetic": (4, 20)}),
+                "calc": measured("calc", 0.2, {"biology": (3, 20), "arithmetic": (5, 20)})}
+    table = SkillTable.build([*profiles, "new"], profiles, {"new": ["arithmetic"]}, {}, RecruitConfig())
+    assert table.calibration is not None and table.calibration.agents["new"].overall == pytest.approx(0.25)
+    ranked, _ = Recruiter(table).team([Match("biology", "biology", 1.0)], k=1)
+    assert [c.agent for c in ranked] == ["bio", "new", "calc"]  # (the newcomer: average, so between them)
+    # on the skill it declared, the newcomer is still recruited before it is measured
+    ranked, _ = Recruiter(table).team([Match("arithmetic", "arithmetic", 1.0)], k=1)
+    assert ranked[0].agent == "new"
+    # with nobody measured, a newcomer is one right half the time, as before
+    cold = SkillTable.build(["a", "b"], {}, {"a": ["arithmetic"]}, {}, RecruitConfig())
+    assert cold.calibration is not None and cold.calibration.agents["b"].overall == 0.5
