@@ -15,7 +15,7 @@ from orchestra.errors import ConfigError
 from orchestra.models import ChatRequest, Model
 from orchestra.models.base import model_identity
 from orchestra.models.config import ModelSpec, build_models
-from orchestra.models.pricing import FREE
+from orchestra.models.pricing import FREE, Price
 from orchestra.numbers import Amount, Count
 from orchestra.profile import SkillProfile, load_profiles, model_id, stale_profiles
 from orchestra.recruit import (
@@ -108,6 +108,12 @@ def _answering(model: Model | None) -> list[Any] | None:
     return [model_identity(model), getattr(model, "extra_body", None), getattr(model, "default_max_tokens", None)]
 
 
+def _price(model: Model) -> Price | None:
+    """A model's price when it has one that is not zero (a model may have no price at all)."""
+    price = getattr(model, "price", None)
+    return price if price is not None and (price.input or price.output) else None
+
+
 @dataclass(eq=False)
 class Pool:
     """The agents available for recruiting, their profiles, and the models that plan and extract skills.
@@ -188,7 +194,7 @@ class Pool:
             "profiles": {name: profile.model_dump(mode="json") for name, profile in sorted(self.profiles.items())},
         }
         prices = {model.name: [price.input, price.output] for model in self.models
-                  if (price := getattr(model, "price", None)) is not None and (price.input or price.output)}
+                  if (price := _price(model)) is not None}
         if prices:  # (a pool without prices keeps the fingerprint it had before prices were part of it)
             described["prices"] = prices
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
@@ -207,8 +213,7 @@ class Pool:
     def unpriced(self) -> str | None:
         """Under a cost budget: the models with no price, whose calls count no dollars against it (so it
         does not bound them), as one warning line; None when every model has a price."""
-        free = [model.name for model in self.models if not (getattr(model, "price", None) and (
-            model.price.input or model.price.output))]  # type: ignore[attr-defined]
+        free = [model.name for model in self.models if _price(model) is None]
         if not free:
             return None
         one = len(free) == 1
