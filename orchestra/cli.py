@@ -681,7 +681,8 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
                                             "(--lambdas): accuracy, cost, cost per correct answer and calls for each, "
                                             "with the accuracy/cost frontier marked.")
 @click.option("--lambdas", metavar="L1,L2,...", help="The cost preferences λ a sweep tries (default "
-                                                     "0,0.01,0.02,0.05,0.1,0.2,0.5,1).")
+                                                     "0,0.01,0.02,0.05,0.1,0.2,0.5,1); a --cost-lambda beside "
+                                                     "them weighs prices in the other methods only.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="With --sweep: write the frontier as an HTML page (a chart and the table) to this file.")
 @click.option("--resume", is_flag=True,
