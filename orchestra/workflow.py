@@ -7,8 +7,9 @@ agent names, ``needs`` and cycles, and every template's references to ``inputs.*
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,6 +154,22 @@ class WorkflowFile(_Strict):
         return self
 
 
+class _Ancestors:
+    """The steps one step may read (those it needs, directly or not), worked out only when a
+    template reads a step it does not need directly (each step's at once made validation quadratic)."""
+
+    def __init__(self, graph: Dag, step: str) -> None:
+        self.graph, self.step = graph, step
+        self._all: set[str] | None = None
+
+    def __contains__(self, name: object) -> bool:
+        if name in self.graph.dependencies[self.step]:
+            return True
+        if self._all is None:
+            self._all = self.graph.ancestors(self.step)
+        return name in self._all
+
+
 class Workflow:
     """A validated workflow, ready to run with given inputs."""
 
@@ -161,6 +178,11 @@ class Workflow:
         self.document = document
         self.pool = pool
         self.path = path
+
+    @functools.cached_property
+    def _step_outputs(self) -> dict[str, Any]:
+        """Each step's ``output:`` schema (None for text), by step id."""
+        return {step.id: step.output for step in self.spec.steps}
 
     @property
     def name(self) -> str:
@@ -249,12 +271,12 @@ class Workflow:
             first = ids.index(cycle[1])  # the step whose needs close it
             raise document.error(f"the steps' needs form a cycle: {' -> '.join(cycle)}", ("steps", first, "needs"))
         for index, step in enumerate(spec.steps):
-            self._check_template(step.prompt, ("steps", index, "prompt"), steps_allowed=graph.ancestors(step.id),
+            self._check_template(step.prompt, ("steps", index, "prompt"), steps_allowed=_Ancestors(graph, step.id),
                                  step_id=step.id)
         if spec.final is not None:
             self._check_template(spec.final, ("final",), steps_allowed=set(ids))
 
-    def _check_template(self, source: str, loc: tuple[Any, ...], *, steps_allowed: set[str],
+    def _check_template(self, source: str, loc: tuple[Any, ...], *, steps_allowed: Container[str],
                         step_id: str | None = None, planned: bool = False) -> None:
         """Refuse what would fail when ``source`` renders: bad syntax, unknown names, steps it may not
         read (``planned``: the steps are named by the planner at run time, so any may be read)."""
@@ -280,7 +302,8 @@ class Workflow:
                 named = ", ".join(sorted(filter(str.isidentifier, jinja.tests)))
                 raise document.text_error(f"{owner} uses the unknown template test {test.name!r} (`is "
                                           f"{test.name}`); tests: {named}", loc, test.lineno)
-        keyed = {"inputs": set(self.spec.inputs), "steps": {step.id for step in self.spec.steps}}
+        schemas = self._step_outputs  # (each step's output: schema, by id; its keys are the step ids)
+        keyed = {"inputs": self.spec.inputs.keys(), "steps": schemas.keys()}
         for call in tree.find_all(nodes.Call):  # a key is read before the dict's method of its name
             method = call.node
             if isinstance(method, nodes.Getattr) and isinstance(method.node, nodes.Name) \
@@ -296,12 +319,14 @@ class Workflow:
                 raise document.text_error(f"task uses steps.{name}, but the task is written before any step "
                                           "runs; use inputs there", loc, line)
             if kind == "steps" and not planned:
-                if name not in {s.id for s in self.spec.steps}:
+                if name not in schemas:
                     raise document.text_error(f"{owner} references unknown step {name!r}", loc, line)
+                if name == step_id:  # (needing itself would be a cycle)
+                    raise document.text_error(f"{owner} uses its own output (steps.{name}); a step can read only "
+                                              "the steps it needs, which run before it", loc, line)
                 if name not in steps_allowed:
                     raise document.text_error(f"{owner} uses steps.{name} but does not need {name!r}; "
                                               f"add it to needs", loc, line)
-        schemas = {s.id: s.output for s in self.spec.steps}
         for step, part, line in _step_parts(tree):
             if part not in ("output", "data"):
                 raise document.text_error(f"{owner} uses steps.{step}.{part}; a step has output (its text) and "
