@@ -116,7 +116,8 @@ def parse_completion(body: Any) -> Completion:
         raise bad_request("'stream_options' must be an object", "stream_options")
     return Completion(
         model=model, task=task, context=context, stream=stream,
-        include_usage=bool(options and options.get("include_usage")), progress=_flag(body, "progress"),
+        include_usage=_flag(options or {}, "include_usage", "stream_options.include_usage"),
+        progress=_flag(body, "progress"),
         output=_output(body.get("response_format")), max_tokens=_max_tokens(body),
         temperature=_number(body, "temperature", 0.0, 2.0), settings=_settings(body))
 
@@ -184,12 +185,13 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
         raise bad_request("only the 'text' modality is supported", "modalities")
 
 
-def _flag(body: Mapping[str, Any], name: str) -> bool:
+def _flag(body: Mapping[str, Any], name: str, where: str | None = None) -> bool:
+    """A true/false field (absent or null: false); ``where``: its path, when nested."""
     value = body.get(name, False)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise bad_request(f"{name!r} must be true or false", name)
+        raise bad_request(f"'{where or name}' must be true or false", where or name)
     return value
 
 

@@ -156,7 +156,7 @@ class Server:
         except WireError as error:
             return _error(error)
         if feed is not None and feed.progress:  # progress starts at once: a failure is the stream's last event
-            return self._stream(completion, run, feed)
+            return self._stream(completion, run, feed, served)
         try:  # the status line waits for the answer's first text (or the whole run), so a failure has its status
             gone = await _client_left(request, run, feed.first if feed is not None else None)
         except asyncio.CancelledError:  # the server stops: the run is recorded as cancelled
@@ -169,14 +169,14 @@ class Server:
             if run.cancelled():
                 return _error(_cancelled(run, self.stored), run.run_id)  # type: ignore[attr-defined]
             result = run.result()
-            failure = _failure(result, self.stored)
+            failure = _failure(result, self.stored, served)
             if failure is not None:
                 return _error(failure, result.run_id)
             if feed is None:
                 return JSONResponse(completion_body(result, completion.model, int(time.time())),
                                     headers={RUN_HEADER: result.run_id})
         assert feed is not None
-        return self._stream(completion, run, feed)
+        return self._stream(completion, run, feed, served)
 
     async def list_models(self, request: Request) -> Response:
         """``GET /v1/models``."""
@@ -335,7 +335,8 @@ class Server:
             if feed is not None:
                 feed.items.put_nowait(("progress", event.to_dict()))
 
-    def _stream(self, completion: Completion, run: asyncio.Task[RunResult], feed: Feed) -> Response:
+    def _stream(self, completion: Completion, run: asyncio.Task[RunResult], feed: Feed,
+                served: ServedModel) -> Response:
         """The answer as server-sent chunks: progress events (when asked for) and the answer's text
         as they come, then whatever of the answer was not streamed, the finish and usage chunks."""
         run_id: str = run.run_id  # type: ignore[attr-defined]
@@ -347,7 +348,8 @@ class Server:
                 async for kind, item in _feed_until(run, feed):
                     yield writer.progress(item) if kind == "progress" else writer.chunk({"content": item})
                 await asyncio.wait({run})
-                failure = _cancelled(run, self.stored) if run.cancelled() else _failure(run.result(), self.stored)
+                failure = (_cancelled(run, self.stored) if run.cancelled()
+                           else _failure(run.result(), self.stored, served))
                 if failure is not None:  # the status line is sent already: the error is the last event
                     yield sse(failure.body())
                     return
@@ -491,10 +493,10 @@ def _cancelled(run: asyncio.Task[RunResult], stored: bool) -> WireError:
     return WireError(503, f"the server is shutting down and cancelled run {run_id}; {then}")
 
 
-def _failure(result: RunResult, stored: bool) -> WireError | None:
+def _failure(result: RunResult, stored: bool, served: ServedModel) -> WireError | None:
     """The error a finished run answers with, if any: 429 for a budget, 503 for endpoints that
     cannot be used (a key, an address), 502 when the run failed otherwise (``stored``: whether it
-    can be resumed)."""
+    can be resumed; ``served``: the model id the request named, whose preset may set its budget)."""
     if result.status == "done" or (result.status == "partial" and result.answer):
         return None
     reason = result.error or "no answer"
@@ -505,9 +507,12 @@ def _failure(result: RunResult, stored: bool) -> WireError | None:
         limit = None if reason.startswith(SERVER_BUDGET) else next(
             (name for name in BUDGET_FLAGS if f"budget {name}=" in reason), None)
         if limit is not None:
-            bound = f"each request's run has the server's {BUDGET_FLAGS[limit]} (budget.{limit} in its settings)"
-            kept = (f"run {result.run_id} is saved; {bound}: raise it, then `orchestra resume {result.run_id}` "
-                    "finishes it") if stored else f"{bound}; {kept}"
+            flag = BUDGET_FLAGS[limit]
+            preset = served.kind == "preset" and limit in served.settings.changes().get("budget", {})
+            bound = (f"model {served.id!r} is a preset that sets budget.{limit}" if preset
+                     else f"each request's run has the server's {flag} (budget.{limit} in its settings)")
+            kept = (f"run {result.run_id} is saved and keeps its budget: `orchestra resume {result.run_id} {flag} N`, "
+                    f"N above it, finishes it ({bound})") if stored else f"{bound}; {kept}"
         return WireError(429, f"budget exhausted: {reason}; {kept}", code="insufficient_quota")
     if result.status == "cancelled":
         return WireError(503, f"the run was cancelled: {reason}; {kept}")

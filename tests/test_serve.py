@@ -361,6 +361,7 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
         "schema": dict(messages=question, response_format={"type": "json_schema", "json_schema": {
             "name": "d", "schema": {"type": "object", "properties": {"m": {"type": "float"}}}}}),
         "two limits": dict(messages=question, max_tokens=10, max_completion_tokens=20),
+        "usage flag": dict(messages=question, stream=True, stream_options={"include_usage": "false"}),
     }
     messages = {}
     for name, arguments in bad.items():
@@ -376,6 +377,7 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
     assert "only text content" in messages["image"] and "'k' must be at most 16" in messages["k cap"]
     assert "'k' must be an integer" in messages["k type"]
     assert messages["two limits"] == "'max_tokens' (10) and 'max_completion_tokens' (20) disagree; give one"
+    assert messages["usage flag"] == "'stream_options.include_usage' must be true or false"  # ("false" read as true)
     with pytest.raises(openai.BadRequestError) as zero:  # a setting's value out of range names it as param
         client.chat.completions.create(model="orchestra", messages=question, extra_body={"k": 0})
     assert zero.value.body["param"] == "k" and "k: Input should be greater than or equal to 1" in zero.value.message
@@ -540,12 +542,26 @@ def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: 
         with pytest.raises(openai.RateLimitError, match="budget max_calls=6 reached") as error:
             running.client().chat.completions.create(model="orchestra", messages=question)
         run_id = error.value.response.headers[RUN_HEADER]
-        # its own budget comes along on resume: the advice says to raise it (a plain resume stopped again)
-        assert error.value.message.endswith(f"; run {run_id} is saved; each request's run has the server's "
-                                            "--max-calls (budget.max_calls in its settings): raise it, then "
-                                            f"`orchestra resume {run_id}` finishes it")
+        # its own budget comes along on resume: the advice says to raise it there (a plain resume stopped again)
+        assert error.value.message.endswith(
+            f"; run {run_id} is saved and keeps its budget: `orchestra resume {run_id} --max-calls N`, N above it, "
+            "finishes it (each request's run has the server's --max-calls (budget.max_calls in its settings))")
         assert RunStore(tmp_path / "runs.db").run(run_id).status == "budget_exceeded"
     assert sum(experts.requests.values()) == 12
+    # the advice, followed: the run finishes, sending only what it had not sent
+    done = subprocess.run([sys.executable, "-m", "orchestra", "resume", run_id, "--max-calls", "20", "--store",
+                           str(tmp_path / "runs.db")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert RunStore(tmp_path / "runs.db").run(run_id).status == "done" and sum(experts.requests.values()) > 12
+
+
+def test_a_budget_a_preset_sets_is_named_as_the_presets(serve: Any) -> None:
+    """The server's own --max-calls did not set it: the advice names the preset."""
+    running, _ = serve(presets={"fast": {"budget": {"max_calls": 2}}})
+    with pytest.raises(openai.RateLimitError, match="budget max_calls=2 reached") as error:
+        running.client().chat.completions.create(model="fast", messages=[{"role": "user", "content": "Hi there?"}])
+    assert error.value.message.endswith("finishes it (model 'fast' is a preset that sets budget.max_calls)")
 
 
 def test_without_a_store_no_error_says_the_run_is_saved(serve: Any) -> None:
