@@ -329,3 +329,31 @@ def test_a_failure_says_how_many_attempts_were_made_when_the_deadline_stopped_th
     model = OpenAICompatible(model="m", endpoint=endpoint, max_attempts=4, deadline=0.3)
     with allow_model_requests(), pytest.raises(ModelError, match=r"HTTP 503 after 1 attempt: busy"):
         asyncio.run(model.complete([ChatRequest.user("hi")]))
+
+
+def test_requests_wait_for_a_probe_only_briefly_a_long_first_answer_does_not_hold_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal comes as the server reads the request: a probe still unanswered after
+    ``PROBE_WAIT_SECONDS`` is being answered, so the others go ahead (a long first answer held every
+    other request to the endpoint until it ended)."""
+    import orchestra.models.http as http
+
+    monkeypatch.setattr(http, "PROBE_WAIT_SECONDS", 0.05)
+    others = asyncio.Event()
+    sent: list[bytes] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        if len(sent) == 1:  # the probe: answered only once the others have arrived
+            await asyncio.wait_for(others.wait(), 10)
+        elif len(sent) == 3:
+            others.set()
+        return httpx.Response(200, json=openai_reply('{"a": 1}').body)
+
+    endpoint = Endpoint("http://models.test/v1", transport=lambda n: HttpxTransport(httpx.MockTransport(answer)))
+    model = OpenAICompatible(model="m", endpoint=endpoint, max_attempts=1)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    with allow_model_requests():
+        results = asyncio.run(model.complete([ChatRequest.user(f"q{i}", output=schema) for i in range(3)]))
+    assert [r.parsed for r in results] == [{"a": 1}] * 3  # (held for ever, the probe would time out instead)
+    assert all(b'"json_schema"' in body for body in sent)  # each carried the feature the probe was trying

@@ -39,6 +39,10 @@ DEFAULT_MAX_CONCURRENCY = 16
 
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+#: how long requests wait for the one probing an untried feature: a server refuses a field as it reads
+#: the request, so a probe still unanswered by then is being answered, and they go ahead carrying it too
+#: (a long first answer held every other request to its endpoint until it ended)
+PROBE_WAIT_SECONDS = 3.0
 
 
 class _Retryable(Exception):
@@ -227,7 +231,8 @@ class Endpoint:
         When the server refuses an optional feature (``FeatureRefused``), the refusal is
         remembered for every model on the endpoint and the request rebuilt without it; it is never
         retried as it was. While a feature is untried, one request at a time (per event loop)
-        carries it and the others wait for its answer, so a refusal costs one request.
+        carries it and the others wait for its answer, so a refusal costs one request; they wait
+        ``PROBE_WAIT_SECONDS`` at most (a refusal comes at once, an answer may take minutes).
         ``stream``: see ``post_json``.
         """
         while True:
@@ -239,8 +244,9 @@ class Endpoint:
                 state = await self._state()
                 if state.failing is None or isinstance(state.failing, AuthenticationError):
                     probe, failed = state.probe, state.probes_failed
-                    await probe.acquire()
-                    if state.probes_failed != failed and state.failing is not None:
+                    if not await _acquired(probe, PROBE_WAIT_SECONDS):
+                        probe = None  # the probe is being answered: this one goes ahead beside it
+                    elif state.probes_failed != failed and state.failing is not None:
                         # the probe it waited for failed: a refused key would be refused again; an endpoint
                         # that is down, slow or erroring is tried by all the waiters at once (it may be
                         # back), each with its own retries, not one after another
@@ -496,3 +502,12 @@ class EndpointModel(ModelBase):
     def fan_out(self) -> int:
         """The endpoint's concurrency limit: more requests at once would only wait for it."""
         return self.endpoint.max_concurrency
+
+
+async def _acquired(lock: asyncio.Lock, seconds: float) -> bool:
+    """Acquire ``lock`` if it comes free within ``seconds``; False (not holding it) if not."""
+    try:
+        await asyncio.wait_for(lock.acquire(), seconds)
+    except asyncio.TimeoutError:  # (not the built-in TimeoutError before Python 3.11)
+        return False
+    return True
