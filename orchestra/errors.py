@@ -110,10 +110,18 @@ class StoreUnusable(StoreError):
 
 
 class RunHeld(StoreError):
-    """A stored run is still running in another live process (``owner``, active ``idle_s`` ago)."""
+    """A stored run is still running in another live process (``owner``, active ``idle_s`` ago);
+    ``running``: refused even to ``force``, that process being certainly alive on this machine."""
 
-    def __init__(self, run_id: str, owner: str, idle_s: float) -> None:
-        self.run_id, self.owner, self.idle_s = run_id, owner, idle_s
+    def __init__(self, run_id: str, owner: str, idle_s: float, *, running: bool = False) -> None:
+        self.run_id, self.owner, self.idle_s, self.running = run_id, owner, idle_s, running
+        if running:  # refused to ``force``: that process of this machine certainly still runs
+            pid = owner.rpartition(" pid ")[2]
+            self.problem = (f"run {run_id} is running in process {pid} of this machine (active {idle_s:.0f} s ago), "
+                            "which is still alive")
+            super().__init__(f"{self.problem}; stop it first (kill {pid}): force takes over only a run whose "
+                             "process is gone, since both would send its calls")
+            return
         if owner.partition(":")[0] == f"{socket.gethostname()} pid {os.getpid()}":  # another RunStore of this process
             self.problem = (f"run {run_id} is still running in this process, in another Orchestra on the same store "
                             f"(active {idle_s:.0f} s ago)")

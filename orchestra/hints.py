@@ -50,7 +50,8 @@ def _budget_message(error: BudgetExceeded) -> str:
 _MESSAGES: dict[type[OrchestraError], Callable[[Any], str]] = {
     BudgetExceeded: _budget_message,
     StoreUnusable: lambda error: f"{error.problem}; {error.remedy('choose another file with --store')}",
-    RunHeld: lambda error: (f"{error.problem}; wait for it to end, or if that process is gone, "
+    RunHeld: lambda error: (str(error).replace("force takes", "--force takes") if error.running else
+                            f"{error.problem}; wait for it to end, or if that process is gone, "
                             f"`orchestra resume {error.run_id} --force`"),
     RunNotFound: lambda error: f"{error.problem}; `orchestra runs` lists them",
 }

@@ -164,6 +164,29 @@ ABANDONED = ("stopped without recording how it ended (its process was killed, or
              "written); resume it to finish")
 
 
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``): with its pid, it names
+    one process, not one that got the pid later; None where it cannot be read (no ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            fields = stat.read()
+        return fields[fields.rindex(")") + 2:].split()[19]  # (field 22; the name in brackets may hold spaces)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _surely_running(owner: str) -> bool:
+    """Whether ``owner`` is another process of this machine that is certainly still running: its pid
+    and its start time (recorded in the tag) match a live process. (Then ``force`` cannot take its
+    runs: two processes would send their calls twice.)"""
+    host, _, rest = owner.partition(" pid ")
+    pid, _, tag = rest.partition(":")
+    _, _, started = tag.partition("@")
+    if host != socket.gethostname() or not started or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    return _started(int(pid)) == started
+
+
 def _abandoned(row: dict[str, Any], now: float) -> bool:
     """Whether a run recorded as running is no longer held: its process is gone or its lease expired."""
     owner = row.get("owner")
@@ -262,7 +285,8 @@ class RunStore:
         self.path = Path(path) if path is not None else default_store_path()
         self._lock = threading.RLock()
         #: who holds the runs this store object begins: host, process and a random tag
-        self.owner = f"{socket.gethostname()} pid {os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = (f"{socket.gethostname()} pid {os.getpid()}:{secrets.token_hex(4)}"
+                      + (f"@{started}" if (started := _started(os.getpid())) else ""))
         self._ended: dict[str, str] = {}  # runs that ended here but whose end could not be written
         #: event-log and node statements not written yet: they go with the next transaction, at the
         #: latest at the event loop's next turn (events come in bursts; one transaction per burst)
@@ -509,7 +533,9 @@ class RunStore:
         """Record a new run, or take a stored one over to resume it. ``config``: a JSON-ready dict, or its JSON.
 
         A run still held by another live process (touched within ``LEASE_SECONDS``) is refused,
-        unless ``force``: two processes finishing one run would send its calls twice.
+        unless ``force``: two processes finishing one run would send its calls twice. ``force`` takes
+        a run from a process that is gone or cannot be checked, not from one of this machine that
+        certainly still runs (its pid and start time match).
         """
         self.begin_runs([(run_id, task, config)], force=force)
 
@@ -526,8 +552,10 @@ class RunStore:
                     if held is None:
                         fresh.append(run_id)
                     elif (held[2] == "running" and held[0] and held[0] != self.owner
-                          and now - held[1] < LEASE_SECONDS and _alive(held[0]) and not force):
-                        raise RunHeld(run_id, held[0].rsplit(":", 1)[0], now - held[1])
+                          and ((now - held[1] < LEASE_SECONDS and _alive(held[0]) and not force)
+                               or (force and _surely_running(held[0])))):
+                        raise RunHeld(run_id, held[0].rsplit(":", 1)[0], now - held[1],
+                                      running=force)
                 db.executemany(
                     "INSERT INTO runs (id, task, status, created, updated, config, owner) "
                     "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status='running', "

@@ -19,7 +19,8 @@ from loopback_llm import write_pool
 from test_cli import cli
 
 from orchestra import Orchestra
-from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, StoreError
+from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, RunHeld, StoreError
+from orchestra.hints import cli_message
 from orchestra.models import ChatRequest, OpenAICompatible
 from orchestra.store import APPLICATION_ID, LEASE_SECONDS, PAGE_SIZE, SCHEMA_VERSION, RunStore
 from orchestra.testing import Reply, chat_handler, error_reply, openai_reply
@@ -393,3 +394,25 @@ def test_a_wave_that_breaks_fails_the_groups_it_was_running_too(monkeypatch: pyt
     outcomes = asyncio.run(main())
     assert isinstance(outcomes["gated"], RuntimeError) and str(outcomes["gated"]) == "the wave's bookkeeping broke"
     assert sum(isinstance(o, RuntimeError) for o in outcomes.values()) == 2  # one group finished before it broke
+
+
+def test_force_does_not_take_a_run_from_a_process_of_this_machine_that_still_runs(tmp_path: Path) -> None:
+    """``--force`` is for a holder that is gone: taking a run from one that is certainly alive (its pid
+    and start time match) made two processes send its calls, and the record kept one side's count."""
+    path = tmp_path / "runs.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from orchestra.store import RunStore; "
+         "RunStore(sys.argv[1]).begin_run('r1', 't', {}); print('held', flush=True); time.sleep(120)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(RunHeld) as refused:
+            RunStore(path).begin_run("r1", "t", {}, force=True)
+        said = cli_message(refused.value)
+        assert refused.value.running and said.startswith(f"run r1 is running in process {holder.pid} of this machine")
+        assert said.endswith(f"which is still alive; stop it first (kill {holder.pid}): --force takes over only a run "
+                             "whose process is gone, since both would send its calls")
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    RunStore(path).begin_run("r1", "t", {})  # its process gone, the run is free (no force needed)
