@@ -789,9 +789,16 @@ class RunStore:
             self._flush = loop.call_soon(self.flush)
 
     def nodes(self, run_id: str) -> list[dict[str, Any]]:
-        """A run's nodes as its events left them (status, experts, output or error)."""
-        run_id = self.run(run_id).id
-        return _node_rows(run_id, self.events(run_id))
+        """A run's nodes as its events left them (status, experts, output or error). Of a run that
+        is no longer running, a node its events left at work failed with the run's error (its
+        process was killed: no event said how the node ended)."""
+        record = self.run(run_id)
+        rows = _node_rows(record.id, self.events(record.id))
+        if record.status != "running":
+            for node in rows:
+                if node["status"] in _AT_WORK:
+                    node.update(status="failed", error=node["error"] or record.error)
+        return rows
 
     def events(self, run_id: str) -> Iterator[dict[str, Any]]:
         """A run's events in order."""
@@ -864,6 +871,9 @@ def _recruited(event: dict[str, Any]) -> dict[str, Any]:
         change["instruction"] = event["instruction"]
     return change
 
+
+#: the statuses of a node being worked on
+_AT_WORK = frozenset({"recruiting", "running", "aggregating"})
 
 #: how each node event changes its node's row (a plan's nodes are added by ``_node_rows`` itself)
 _NODE_CHANGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

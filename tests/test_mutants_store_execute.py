@@ -790,3 +790,21 @@ def test_a_look_ahead_stops_counting_once_the_task_that_announced_it_is_answered
 
     asyncio.run(executor.run_task(main()))
     assert loads == ["h1", "h2", "h0", "h3", "h0", "h1"]  # the last wave in queue order: h0, then h1
+
+
+def test_the_nodes_a_killed_run_was_working_on_failed_with_it(tmp_path: Path) -> None:
+    """A run whose process was killed is listed as failed; the nodes its events left at work are
+    failed too, with its error (show listed a failed run's node as running)."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r1", "t", {})
+    plan = ({"id": "a", "instruction": "do a", "depends_on": []}, {"id": "b", "instruction": "do b", "depends_on": []},
+            {"id": "c", "instruction": "do c", "depends_on": ["a"]})
+    for event in (PlanReady(run_id="r1", nodes=plan, attempts=1), NodeReady(run_id="r1", node="a"),
+                  NodeReady(run_id="r1", node="b"), NodeSkipped(run_id="r1", node="b", reason="not needed")):
+        store.listen(event)
+    assert [(n["node_id"], n["status"]) for n in store.nodes("r1")] == [("a", "recruiting"), ("b", "skipped"),
+                                                                         ("c", "pending")]  # (running: as it is)
+    with sqlite3.connect(tmp_path / "runs.db") as db:  # its process is gone: nobody holds it
+        db.execute("UPDATE runs SET owner = NULL")
+    assert [(n["node_id"], n["status"], n["error"]) for n in RunStore(tmp_path / "runs.db").nodes("r1")] == [
+        ("a", "failed", ABANDONED), ("b", "skipped", "not needed"), ("c", "pending", None)]
