@@ -933,6 +933,7 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
 
     from rich.table import Table
 
+    from orchestra.terminal_text import one_line
     from orchestra.view import terminal
 
     store = existing_store(store_path)
@@ -946,7 +947,7 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
         totals = store.run_totals(record.id)
         rows.append((record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
                      str(totals["calls"]), str(totals["requests"]), usd(totals['cost_usd']),
-                     (f"item {record.item} · " if record.item else "") + " ".join(record.task.split())[:60]))
+                     (f"item {one_line(record.item)} · " if record.item else "") + " ".join(record.task.split())[:60]))
     # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
     # the task gives way on a narrow terminal (a data-set item's id comes first, so it stays)
     columns = ["run", "status", "when", "calls", "requests", "cost"]

@@ -15,3 +15,9 @@ def printable(text: str) -> str:
     ``serve`` or a model's answer could otherwise recolour, retitle or rewrite the terminal that
     shows it. (``--json`` keeps the text as it is.)"""
     return UNSAFE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: its line breaks and tabs written as escapes (``\\n``), so a value kept
+    whole (a data-set item's id) is neither split across rows nor mistaken for another."""
+    return text.replace("\n", "\\n").replace("\t", "\\t")  # (other control characters: see ``printable``)

@@ -714,10 +714,12 @@ def test_runs_lists_a_data_set_items_id_before_its_task_so_a_narrow_terminal_kee
     store = RunStore(tmp_path / "runs.db")
     store.begin_run("20261203-000000-abcdef", "quiz-eval: Answer the question below with one number. " * 3,
                     {"spec": {"meta": {"item": "q6"}}})
+    store.begin_run("20261203-000000-fedcba", "quiz-eval: another", {"spec": {"meta": {"item": "q\n7"}}})
     store.close()
-    done = cli("runs", "--store", str(tmp_path / "runs.db"), env={"COLUMNS": "80"})
+    done = cli("runs", "--store", str(tmp_path / "runs.db"), env={"COLUMNS": "130"})
     assert done.returncode == 0, done.stderr
     assert "item q6 · quiz-eval" in done.stdout, done.stdout
+    assert "item q\\n7 · quiz-eval" in done.stdout, done.stdout  # an id's line break does not split its row
     narrow = cli("runs", "--store", str(tmp_path / "runs.db"), env={"COLUMNS": "30"})
     # no room for a task: the run id and status stay whole, without an empty task column beside them
     assert narrow.stdout.splitlines()[1].split() == ["┃", "run", "┃", "status", "┃"], narrow.stdout
