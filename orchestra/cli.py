@@ -832,7 +832,9 @@ def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path 
         done = stopped[0] if stopped else []
         print_sweep(done, dataset, items, None, as_json, interrupted=f"interrupted after {len(done)} of "
                                                                      f"{sweep_size(chosen)} points")
-        kept = "nothing was kept (--no-store)" if orc.store is None else "finished calls are saved"
+        kept = ("nothing was kept (--no-store)" if orc.store is None else "finished calls are saved (a sweep "
+                "starts afresh, but `orchestra eval --method M --resume`, with the sweep's other flags, goes on with "
+                "one method's evaluation from them)")
         shown = ("no point was evaluated in full" if not done else
                  f"the points {'printed' if as_json else 'above'} are the ones evaluated in full")
         fail(f"interrupted; {kept}; {shown}", 130)

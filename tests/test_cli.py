@@ -495,7 +495,14 @@ def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp
         assert "(1 items): interrupted after 0 of 7 points" in " ".join(out.split()), out
     shown = ("no point was evaluated in full" if not first_done else
              f"the points {'printed' if as_json else 'above'} are the ones evaluated in full")
-    assert err.strip().splitlines()[-1] == f"error: interrupted; finished calls are saved; {shown}"
+    assert err.strip().splitlines()[-1] == (
+        "error: interrupted; finished calls are saved (a sweep starts afresh, but `orchestra eval --method M --resume`, "
+        f"with the sweep's other flags, goes on with one method's evaluation from them); {shown}")
+    if first_done and not as_json:  # as said: the method the sweep finished is reused, nothing sent again
+        sent, first_method[0] = answered[0], 10**9
+        again = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "symbolic-moe", "--resume", "--json")
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["reused"] == 1 and answered[0] == sent
 
 
 def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback, tmp_path: Path) -> None:
