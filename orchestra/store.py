@@ -166,11 +166,13 @@ ABANDONED = ("stopped without recording how it ended (its process was killed, or
 
 def _started(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks since boot, from ``/proc``): with its pid, it names
-    one process, not one that got the pid later; None where it cannot be read (no ``/proc``)."""
+    one process, not one that got the pid later; None where it cannot be read (no ``/proc``) or the
+    process has ended (a zombie its parent has not reaped yet)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            fields = stat.read()
-        return fields[fields.rindex(")") + 2:].split()[19]  # (field 22; the name in brackets may hold spaces)
+            text = stat.read()
+        fields = text[text.rindex(")") + 2:].split()  # (the name in brackets may hold spaces)
+        return None if fields[0] in ("Z", "X") else fields[19]  # (fields 3, the state, and 22)
     except (OSError, ValueError, IndexError):
         return None
 

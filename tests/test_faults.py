@@ -412,7 +412,13 @@ def test_force_does_not_take_a_run_from_a_process_of_this_machine_that_still_run
         assert refused.value.running and said.startswith(f"run r1 is running in process {holder.pid} of this machine")
         assert said.endswith(f"which is still alive; stop it first (kill {holder.pid}): --force takes over only a run "
                              "whose process is gone, since both would send its calls")
+        holder.kill()  # killed, not yet reaped by its parent (a zombie): gone for force
+        for _ in range(600):
+            with open(f"/proc/{holder.pid}/stat") as stat:
+                if stat.read().rpartition(")")[2].split()[0] == "Z":
+                    break
+            time.sleep(0.05)
+        RunStore(path).begin_run("r1", "t", {}, force=True)
     finally:
         holder.kill()
         holder.wait(timeout=60)
-    RunStore(path).begin_run("r1", "t", {})  # its process gone, the run is free (no force needed)
