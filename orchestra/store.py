@@ -145,48 +145,59 @@ def _read_only_disk(path: Path) -> bool:
         return False
 
 
-def _alive(owner: str) -> bool:
-    """Whether the process named by an ``owner`` tag may still run (a dead one on this host is known)."""
-    host, _, rest = owner.partition(" pid ")
-    if host != socket.gethostname():
-        return True  # another machine's process: only its heartbeat can tell
-    try:
-        os.kill(int(rest.split(":")[0]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, OverflowError):
-        return True
-    return True
-
-
 #: why a run recorded as running is listed as failed
 ABANDONED = ("stopped without recording how it ended (its process was killed, or the store could not be "
              "written); resume it to finish")
 
 
-def _started(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, from ``/proc``): with its pid, it names
-    one process, not one that got the pid later; None where it cannot be read (no ``/proc``) or the
-    process has ended (a zombie its parent has not reaped yet)."""
+def _process(pid: int) -> tuple[str, str] | None:
+    """Process ``pid``'s state and start time (clock ticks since boot) from ``/proc``: with its pid,
+    the start time names one process, not one that got the pid later. None where it cannot be read
+    (no such process, or no ``/proc``)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
             text = stat.read()
         fields = text[text.rindex(")") + 2:].split()  # (the name in brackets may hold spaces)
-        return None if fields[0] in ("Z", "X") else fields[19]  # (fields 3, the state, and 22)
+        return fields[0], fields[19]  # (fields 3 and 22)
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _owner_process(owner: str) -> tuple[int, str] | None:
+    """The pid and recorded start time ("" when not recorded) of an ``owner`` tag of this machine."""
+    host, _, rest = owner.partition(" pid ")
+    pid, _, tag = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    return int(pid), tag.partition("@")[2]
+
+
+def _alive(owner: str) -> bool:
+    """Whether the process named by an ``owner`` tag may still run: one of this machine that has
+    ended (a zombie too), or whose pid another process has taken since, is known to be gone."""
+    known = _owner_process(owner)
+    if known is None:
+        return True  # another machine's process (or a tag not read): only its heartbeat can tell
+    pid, started = known
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    seen = _process(pid)
+    return seen is None or (seen[0] not in ("Z", "X") and (not started or seen[1] == started))
 
 
 def _surely_running(owner: str) -> bool:
     """Whether ``owner`` is another process of this machine that is certainly still running: its pid
     and its start time (recorded in the tag) match a live process. (Then ``force`` cannot take its
     runs: two processes would send their calls twice.)"""
-    host, _, rest = owner.partition(" pid ")
-    pid, _, tag = rest.partition(":")
-    _, _, started = tag.partition("@")
-    if host != socket.gethostname() or not started or not pid.isdigit() or int(pid) == os.getpid():
+    known = _owner_process(owner)
+    if known is None or not known[1] or known[0] == os.getpid():
         return False
-    return _started(int(pid)) == started
+    seen = _process(known[0])
+    return seen is not None and seen[0] not in ("Z", "X") and seen[1] == known[1]
 
 
 def _abandoned(row: dict[str, Any], now: float) -> bool:
@@ -288,7 +299,7 @@ class RunStore:
         self._lock = threading.RLock()
         #: who holds the runs this store object begins: host, process and a random tag
         self.owner = (f"{socket.gethostname()} pid {os.getpid()}:{secrets.token_hex(4)}"
-                      + (f"@{started}" if (started := _started(os.getpid())) else ""))
+                      + (f"@{me[1]}" if (me := _process(os.getpid())) else ""))
         self._ended: dict[str, str] = {}  # runs that ended here but whose end could not be written
         #: event-log and node statements not written yet: they go with the next transaction, at the
         #: latest at the event loop's next turn (events come in bursts; one transaction per burst)

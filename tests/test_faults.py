@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -418,7 +419,25 @@ def test_force_does_not_take_a_run_from_a_process_of_this_machine_that_still_run
                 if stat.read().rpartition(")")[2].split()[0] == "Z":
                     break
             time.sleep(0.05)
-        RunStore(path).begin_run("r1", "t", {}, force=True)
+        assert RunStore(path).run("r1").status == "failed"  # listed as gone at once, not after its lease
+        RunStore(path).begin_run("r1", "t", {})
     finally:
         holder.kill()
         holder.wait(timeout=60)
+
+
+def test_a_pid_another_process_has_taken_since_does_not_hold_a_run() -> None:
+    """The owner tag records its process's start time: a live process with that pid but another
+    start time is not the holder (it held the run until its lease ran out, and --force was refused)."""
+    from orchestra.store import _alive, _surely_running
+
+    host, pid = socket.gethostname(), os.getpid()
+    with open(f"/proc/{pid}/stat") as stat:
+        started = stat.read().rpartition(")")[2].split()[19]
+    assert _alive(f"{host} pid {pid}:tag@{started}") and _alive(f"{host} pid {pid}:tag")  # (no start time: as before)
+    assert not _alive(f"{host} pid {pid}:tag@{int(started) + 1}")
+    parent = os.getppid()
+    with open(f"/proc/{parent}/stat") as stat:
+        its = stat.read().rpartition(")")[2].split()[19]
+    assert _surely_running(f"{host} pid {parent}:tag@{its}") and not _surely_running(f"{host} pid {parent}:tag@1")
+    assert not _surely_running(f"{host} pid {parent}:tag") and not _surely_running(f"elsewhere pid {parent}:tag@{its}")
