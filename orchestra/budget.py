@@ -253,10 +253,9 @@ class RunAdmission:
 
                 # (a call is admitted by its worst case, so the last one needs that much left)
                 reserve = f", and a call may need {amount(last_call)} at worst" if last_call else ""
-                return BudgetExceeded(limit=name, value=limit, run_id=None, shared=self.shared.name,
-                                      spent=f"{amount(committed[dimension])} so far, and what is left cannot be "
-                                            f"expected to finish another run, which takes up to {amount(per_run)}"
-                                            f"{reserve}, so it was not started")
+                return BudgetExceeded(limit=name, value=limit, run_id=None, shared=self.shared.name, no_room=True,
+                                      spent=f"{amount(committed[dimension])} so far, and a run takes up to "
+                                            f"{amount(per_run)}{reserve}, so it was not started")
         return None
 
     def ended(self, run: BudgetTracker, *, on_its_own: bool) -> None:

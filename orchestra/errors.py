@@ -74,11 +74,12 @@ class BudgetExceeded(OrchestraError):
     exit_code = 3
 
     def __init__(self, *, limit: str, value: float, spent: str, run_id: str | None,
-                 shared: str = "the data set's budget", held: bool = False, hopeless: bool = False) -> None:
+                 shared: str = "the data set's budget", held: bool = False, hopeless: bool = False,
+                 no_room: bool = False) -> None:
         # 1000000 and 0.000001, not 1e+06 and 1e-06
         setting = f"{limit}={int(value) if float(value).is_integer() else f'{value:.10f}'.rstrip('0')}"
-        if run_id is None:
-            super().__init__(f"{shared} {setting} is spent ({spent})")
+        if run_id is None:  # (``no_room``: what is left is too little for a run, not all spent)
+            super().__init__(f"{shared} {setting} {'has no room for another run' if no_room else 'is spent'} ({spent})")
         else:
             super().__init__(f"budget {setting} reached ({spent})")
         self.limit, self.value, self.spent, self.run_id, self.held = limit, value, spent, run_id, held

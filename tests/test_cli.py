@@ -622,8 +622,8 @@ def test_eval_budget_flags_bound_the_whole_evaluation(llm, tmp_path: Path) -> No
     # 10 calls for the four items together (the flags used to cap each item alone): the first item
     # takes 9, and a second, which could not finish in the 1 left, is not started (no call spent on it)
     assert report["calls"] == 9 == len(llm.server.requests)
-    spent = ("the data set's budget max_calls=10 is spent (9 calls so far, and what is left cannot be expected to finish another run, "
-             "which takes up to 9 calls, so it was not started)")
+    spent = ("the data set's budget max_calls=10 has no room for another run (9 calls so far, and a run takes up to 9 calls, "
+             "so it was not started)")
     assert report["budget_exceeded"] == spent
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: {spent} ({report['failed']} of 4 items unfinished); raise it with --max-calls and run the "

@@ -485,8 +485,8 @@ def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any
         with pytest.raises(openai.RateLimitError) as second:
             client.chat.completions.create(model="orchestra", messages=question)
         assert second.value.status_code == 429 and second.value.message.endswith(
-            " - the server's budget max_calls=12 is spent (9 calls so far, and what is left cannot be expected to finish another run, "
-            "which takes up to 9 calls, so it was not started)")
+            " - the server's budget max_calls=12 has no room for another run (9 calls so far, and a run takes up to 9 calls, "
+            "so it was not started)")
         assert RUN_HEADER not in second.value.response.headers
         assert second.value.response.headers["x-should-retry"] == "false"
     assert sum(experts.requests.values()) == 9

@@ -172,8 +172,8 @@ def test_a_shared_budget_smaller_than_the_data_set_finishes_the_runs_it_can_pay_
     assert sent() == 99  # counted where they arrive
     stopped = next(r for r in results if r.status == "budget_exceeded")
     assert stopped.usage.calls == 0 and str(stopped.error).endswith(
-        "(99 calls so far, and what is left cannot be expected to finish another run, which takes up to 9 calls, so it was not started)")
-    assert str(shared.exceeded).startswith("the data set's budget max_calls=100 is spent")
+        "has no room for another run (99 calls so far, and a run takes up to 9 calls, so it was not started)")
+    assert str(shared.exceeded).startswith("the data set's budget max_calls=100 has no room for another run")
     # tokens too (nothing is known of them before a run ends: the first runs alone), each run's
     # last call needing its worst case (prompt + max_tokens) left
     per_run = results[0].usage.prompt_tokens + results[0].usage.completion_tokens
@@ -204,7 +204,7 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
     assert admission.admits(3) and not admission.admits(4)  # 2 + 3 + 9 + 3 <= 19 < 2 + 3 + 12 + 3
     spent(BudgetTracker(Budget(), "r2", parent=shared), 12, 120)  # in flight, spending more than expected
     assert not admission.admits(1)  # it counts as what it spent: 2 + 3 + 12 + 3 > 19 (as expected: 2 + 3 + 3 + 3)
-    assert "which takes up to 3 calls" in str(admission.refusal(1))
+    assert "a run takes up to 3 calls" in str(admission.refusal(1))
     cut = BudgetTracker(Budget(), "r3", parent=shared)
     spent(cut, 1, 10)
     admission.ended(cut, on_its_own=False)  # a run cut short counts as spent, not as what a run costs
@@ -218,7 +218,7 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
         spent(run, calls, 10 * calls)
         varied.ended(run, on_its_own=True)
     assert varied.admits(3) and not varied.admits(4)  # 8 + 15 + 5 <= 30 < 8 + 20 + 5 (by the average: 8 + 16 + 4)
-    assert "which takes up to 5 calls" in str(varied.refusal(4))
+    assert "a run takes up to 5 calls" in str(varied.refusal(4))
 
     tokens = BudgetTracker(Budget(max_calls=None, max_tokens=450, max_cost_usd=None), None)
     learning = RunAdmission(tokens)
