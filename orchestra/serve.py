@@ -354,6 +354,9 @@ class Server:
                     yield sse(failure.body())
                     return
                 result = run.result()
+                if feed.diverged:  # what was streamed is not the answer's beginning: say so, not "stop"
+                    yield sse(_diverged(result, self.stored))
+                    return
                 for chunk in writer.content(feed.rest(result.answer or "")):
                     yield chunk
                 for chunk in writer.end(result):
@@ -491,6 +494,18 @@ def _cancelled(run: asyncio.Task[RunResult], stored: bool) -> WireError:
     then = (f"`orchestra resume {run_id}` finishes it" if stored
             else "it was not saved (the server runs with --no-store)")
     return WireError(503, f"the server is shutting down and cancelled run {run_id}; {then}")
+
+
+def _diverged(result: RunResult, stored: bool) -> dict[str, Any]:
+    """The last event of a stream whose text the answer does not begin with (the call writing it
+    broke off mid-stream and its retry wrote otherwise): an error naming the run, the whole answer
+    beside it (``answer``), since a stream cannot take back the text it sent."""
+    stored_too = f" and in run {result.run_id} (orchestra show {result.run_id})" if stored else ""
+    body = WireError(502, "the call writing the answer broke off mid-stream and its retry wrote another answer, "
+                          f"so the text streamed is not the answer; the answer is under 'answer' here{stored_too}",
+                     code="answer_rewritten").body()
+    body["error"]["answer"] = result.answer
+    return body
 
 
 def _failure(result: RunResult, stored: bool, served: ServedModel) -> WireError | None:

@@ -48,6 +48,7 @@ class Experts:
         self.seen = threading.Event()  # set by a client that has read the first piece of a streamed answer
         self.hold_stream = False
         self.streamed = 0
+        self.streams: list[list[str | None]] = []  # scripted streamed answers, in order (see scripted_stream)
 
     async def between(self, index: int) -> None:
         """After the first piece of a streamed answer, wait (if asked to) until a client has seen it."""
@@ -92,6 +93,8 @@ class Experts:
         if payload.get("response_format"):
             return openai_reply(json.dumps({"answer": 42, "unit": "m"}))
         cut = "length" if payload.get("max_tokens") == 3 else "stop"  # a limit that short cuts the answer
+        if payload.get("stream") and self.streams:  # scripted: each stream's pieces, None where it breaks
+            return scripted_stream(self.streams.pop(0))
         if payload.get("stream"):  # asked to stream: the answer in three pieces
             return openai_stream_reply(["The answer", " is", " 42."], between=self.between, finish_reason=cut)
         if cut == "length":
@@ -101,6 +104,21 @@ class Experts:
 
     def count(self, purpose: str) -> dict[str, int]:
         return {m: n for (m, p), n in self.requests.items() if p == purpose}
+
+
+def scripted_stream(pieces: list[str | None]) -> Reply:
+    """A streamed answer of these pieces; at a None the connection breaks (the stream is cut off)."""
+    async def parts() -> Any:
+        for piece in pieces:
+            if piece is None:
+                raise ConnectionResetError("the stream broke")
+            delta = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+            yield b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", **delta}).encode() + b"\n\n"
+        finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        yield b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", **finish}).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return Reply(parts=parts)
 
 
 def pool_file(directory: Path, url: str, *, extra: str = "") -> Path:
@@ -768,6 +786,27 @@ def test_the_command_refuses_a_missing_key_variable_and_a_clashing_preset(tmp_pa
     clash = ServeProcess("--presets", str(presets), "--no-store")
     code, err = clash.stop()
     assert code == 2 and "preset 'orchestra' has the name of the orchestra" in err
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_a_stream_whose_retry_wrote_another_answer_ends_in_an_error_with_the_answer(serve: Any, tmp_path: Path,
+                                                                                   store: bool) -> None:
+    """The answer's call broke off mid-stream and its retry wrote otherwise: the text the client got
+    is not the answer's beginning, and a stream cannot take it back. It ended with finish_reason
+    "stop", the client none the wiser; it ends in an error event carrying the whole answer."""
+    running, experts = serve(**({} if store else {"store": False}))
+    experts.streams = [["The answer is ", "41, ", None], ["Another ", "answer: 42."]]
+    chunks = running.client().chat.completions.create(
+        model="orchestra", stream=True, messages=[{"role": "user", "content": "How far does light travel?"}])
+    got: list[str] = []
+    with pytest.raises(openai.APIError) as error:
+        for chunk in chunks:
+            got += [choice.delta.content or "" for choice in chunk.choices]
+    assert "".join(got) == "The answer is 41,"  # (relayed as it came, before the break)
+    assert error.value.body["answer"] == "Another answer: 42."  # type: ignore[index]
+    assert "its retry wrote another answer, so the text streamed is not the answer" in error.value.message
+    assert ("orchestra show" in error.value.message) is store
+    assert experts.count("aggregate") == {"alpha": 2} and experts.streams == []
 
 
 def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
