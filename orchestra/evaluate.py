@@ -16,6 +16,7 @@ from orchestra.budget import Budget, BudgetTracker
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError
 from orchestra.grading import Grader, answer_format, check_grader
+from orchestra.recruit import CALIBRATED_COST_LAMBDA
 from orchestra.result import RunResult
 
 if TYPE_CHECKING:
@@ -193,6 +194,9 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     name = method if method and (mode, aggregate, k) == (preset_mode, preset_aggregate, fixed_k) else next(
         (m for m, preset_of_m in METHODS.items() if preset_of_m == (mode, aggregate, None)),
         f"{mode} + {aggregate}" + (f", k={k}" if k is not None else ""))
+    cost_lambda = settings.recruit.cost_lambda  # (None: the mode's default, 0.05 calibrated's, else 0)
+    if cost_lambda is not None and cost_lambda != (CALIBRATED_COST_LAMBDA if mode == "calibrated" else 0):
+        name += f", λ={cost_lambda:g}"  # another trade-off is another method, as another k is
     items = dataset.items[:limit] if limit else dataset.items
     check_grader(orchestra.stages_for(settings).grader, items, dataset.path)  # (before any call is paid for)
     # the data set by its absolute path: a resume from another folder, or with ./data.jsonl, finds it

@@ -148,8 +148,9 @@ class Recruitment:
             times = f" x{picks}" if picks > 1 else ""
             cold = " [cold start]" if candidate.cold_start else ""
             if self.mode in ("random", "global"):  # baselines that ignore the skills and the weights
+                priced = f", cost factor {candidate.cost_factor:.3f}" if candidate.cost_factor != 1 else ""
                 how = (f"drawn uniformly, 1 in {len(self.candidates)}" if self.mode == "random"
-                       else f"among the most competent overall, γ={candidate.competence:.3f}")
+                       else f"among the most competent overall, γ={candidate.competence:.3f}{priced}")
                 lines.append(f"{agent}{times}: {how}{cold} (mode {self.mode}: skills not used)")
                 continue
             parts = [f"{c.skill} {c.score:+g}" + (f" (from '{c.keyword}')" if c.keyword != c.skill else "")
@@ -395,10 +396,10 @@ class Recruiter:
                 covered += candidate.probability
                 if covered >= self.config.p - 1e-12:
                     break
-        elif mode == "global":
-            experts = [c.agent for c in sorted(ranked, key=lambda c: (-c.competence, c.agent))[:k]]
-        elif mode == "random":
-            experts = SeededDraws(seed).sample([c.agent for c in ranked], k)
+        elif mode == "global":  # (γ times the cost factor: --cost-lambda was accepted and did nothing here)
+            experts = [c.agent for c in sorted(ranked, key=lambda c: (-c.competence * c.cost_factor, c.agent))[:k]]
+        elif mode == "random":  # (in the pool's order: neither the skills nor a price changes the draw)
+            experts = SeededDraws(seed).sample(list(self.table.scores), k)
         else:
             raise ValueError(f"unknown recruiting mode {mode!r}; choose one of {', '.join(MODES)}")
         return tuple(experts)

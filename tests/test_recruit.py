@@ -229,3 +229,18 @@ def test_a_tied_vote_goes_to_the_expert_recruiting_favoured_even_when_drawn_seco
         "What is 2 + 2?")
     assert result.plan.nodes[0].experts == ["b", "a"]  # (this seed draws the weaker one first)
     assert result.answer == "a says: The answer is 4"  # one vote each: the drawing weights break the tie
+
+
+def test_global_weighs_prices_under_a_cost_lambda_and_random_draws_alike_whatever_the_prices() -> None:
+    """``global`` (moa, single) ranks by γ times the cost factor (--cost-lambda was accepted and did
+    nothing there); ``random`` draws from the pool's order, so neither skills nor prices move it."""
+    prices = {"A": 1.0, "B": 10.0, "C": 1.0}
+    plain = recruiter(prices=prices).recruit(["x"], matches("algebra"), seed=1, k=1, mode="global")
+    assert plain.experts == ("B",)  # the most competent overall
+    weighed = recruiter(RecruitConfig(cost_lambda=5), prices=prices).recruit(["x"], matches("algebra"), seed=1, k=1,
+                                                                           mode="global")
+    assert weighed.experts == ("A",) and "cost factor" in weighed.explain()[0]
+    draws = {recruiter(RecruitConfig(cost_lambda=lam), prices=prices).recruit(["x"], matches(skill), seed=7, k=2,
+                                                                              mode="random").experts
+             for lam in (0, 5) for skill in ("algebra", "geometry")}
+    assert len(draws) == 1

@@ -92,6 +92,11 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
     assert single["method"] == "global + none, k=3" and scripted.kinds["expert"] - calls == 3 * 3
     alone = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "single", "--json").stdout)
     assert alone["method"] == "single" and scripted.kinds["expert"] - calls == 3 * 3 + 3
+    priced = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "single", "--cost-lambda",
+                            "5", "--json").stdout)  # another trade-off is another method too
+    default = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "calibrated",
+                             "--cost-lambda", "0.05", "--json").stdout)
+    assert (priced["method"], default["method"]) == ("single, λ=5", "calibrated")  # (the default λ: no rename)
 
 
 @pytest.mark.parametrize(("flag", "message"), [
