@@ -68,7 +68,8 @@ class SkillProfile(BaseModel):
     cost. ``skills`` keeps the raw ±1 sums per keyword, so Symbolic-MoE's exact method still runs.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # (an infinite token mean made every other agent's cost nothing beside it; NaN failed as "not <= 1")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     version: Annotated[int, AfterValidator(_known_version)] = PROFILE_VERSION
     agent: str

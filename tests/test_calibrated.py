@@ -158,6 +158,9 @@ def test_profiles_from_before_calibration_still_route_by_their_net_scores() -> N
     ({"estimates": {"math": [5.0, 0.1]}}, "estimates.math.0: Input should be less than or equal to 1"),
     ({"estimates": {"math": [0.5, -0.1]}}, "estimates.math.1: Input should be greater than or equal to 0"),
     ({"answer_tokens": [-1, 20]}, "answer_tokens.0: Input should be greater than or equal to 0"),
+    # (an infinite mean made every other agent's cost nothing beside it: λ weighed nothing)
+    ({"answer_tokens": [math.inf, 3]}, "answer_tokens.0: Input should be a finite number"),
+    ({"estimates": {"math": [math.nan, 0.1]}}, "estimates.math.0: Input should be a finite number"),
     ({"version": 99}, "version: profile version 99 was written by a newer Orchestra"),
 ])
 def test_a_profile_with_impossible_numbers_is_refused_when_it_loads(tmp_path: Path, change: dict[str, Any],
