@@ -698,7 +698,7 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     """Accuracy, cost and time of a method on a labelled data set (or, with --sweep, of every method)."""
     from orchestra.agents import Pool
     from orchestra.datasets import load_dataset
-    from orchestra.evaluate import aevaluate
+    from orchestra.evaluate import METHODS, aevaluate
     from orchestra.settings import assignments
 
     if plot is not None and not sweep:
@@ -714,6 +714,11 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
         refuse_missing_store(opts["store_path"])
     budget = _whole_budget(opts)  # the budget flags bound the evaluation (a sweep: each method's), not each item
     orc = make_orchestra(Pool.load(pool), opts)
+    capped = settings_from(opts).changes().get("recruit", {}).get("max_cost_per_item") is not None
+    mode = opts["mode"] or (METHODS[method][0] if method in METHODS else None) or orc.settings.mode
+    if capped and not sweep and mode != "calibrated":  # (accepted, then not used)
+        raise click.UsageError(f"--max-cost-per-item (recruit.max_cost_per_item) caps the calibrated router's teams; "
+                               f"{mode} recruiting does not use it: leave it out, or use --method calibrated")
     if sweep:
         run_sweep(orc, dataset, lambdas, plot, limit, as_json, opts, budget)
         return
