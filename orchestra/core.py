@@ -645,7 +645,7 @@ class Orchestra:
         run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final,
                              shared_budget=shared_budget, answer_format=answer_format, context=context,
                              workflow=workflow, meta=meta, experts=experts, answer=answer, **overrides)
-        run.on_answer_text = on_answer_text
+        run.on_answer_text = _going_on(on_answer_text) if on_answer_text is not None else None
         self._begin(run)
         return await self._finish(run)
 
@@ -1111,6 +1111,23 @@ def _check_callback(callback: Any, name: str, takes: str) -> None:
         why = ("an async function: it is called, not awaited; hand what it gets to your own task"
                if callable(callback) else f"{type(callback).__name__} {callback!r:.40}")
         raise ConfigError(f"{name} must be a plain function that takes {takes}, not {why}")
+
+
+def _going_on(on_answer_text: Callable[[str], None]) -> Callable[[str], None]:
+    """``on_answer_text`` whose failures are warned about (once) instead of failing the call that
+    writes the answer: it raised inside that call, which failed, paid for, and the run with it."""
+    failed: list[str] = []
+
+    def relay(text: str) -> None:
+        try:
+            on_answer_text(text)
+        except Exception as error:
+            if not failed:
+                warnings.warn(f"on_answer_text failed ({type(error).__name__}: {error}); the run goes on and its "
+                              "answer is written whole", RuntimeWarning, stacklevel=2)
+            failed.append(str(error))
+
+    return relay
 
 
 def _check_meta(meta: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from helpers import AGGREGATE_MARK, KEYWORDS_MARK, PLANNER_MARK, kind_of, scripted_pool
-from loopback_llm import write_pool
+from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli
 
 from orchestra import Orchestra
@@ -441,3 +441,19 @@ def test_a_pid_another_process_has_taken_since_does_not_hold_a_run() -> None:
         its = stat.read().rpartition(")")[2].split()[19]
     assert _surely_running(f"{host} pid {parent}:tag@{its}") and not _surely_running(f"{host} pid {parent}:tag@1")
     assert not _surely_running(f"{host} pid {parent}:tag") and not _surely_running(f"elsewhere pid {parent}:tag@{its}")
+
+
+def test_an_on_answer_text_that_raises_is_warned_about_and_the_run_answers(loopback, tmp_path: Path) -> None:
+    """It raised inside the call that writes the answer: that call failed, paid for, and the run
+    with it (a resume paid for the call again). Like a listener that raises, it is warned about."""
+    from orchestra.agents import Pool
+
+    server = loopback(ScriptedLLM().handler())
+    pool = Pool.load(write_pool(tmp_path, server.url))
+
+    def fails(text: str) -> None:
+        raise RuntimeError("text boom")
+
+    with pytest.warns(RuntimeWarning, match=r"on_answer_text failed \(RuntimeError: text boom\); the run goes on"):
+        result = Orchestra(pool, store=False).run("Why is the sky blue?", plan=False, on_answer_text=fails)
+    assert result.status == "done" and result.answer and result.usage.requests == len(server.requests)
