@@ -72,7 +72,11 @@ class ChatSession:
         self.console.print(f"Orchestra chat · pool {pool.name} ({len(pool.agents)} agents) · "
                            f"k={self.orchestra.settings.k} · /help for commands")
         while True:
-            line = self.ask("> ")
+            try:
+                line = self.ask("> ")
+            except KeyboardInterrupt:  # (at the prompt, as in Python's: the session goes on)
+                self.console.print("\n(Ctrl-C stops a running task; /quit or Ctrl-D leaves)")
+                continue
             if line is None:
                 self.console.print("bye")
                 return

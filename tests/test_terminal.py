@@ -141,6 +141,21 @@ def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Pat
     child.expect(pexpect.EOF)
 
 
+def test_ctrl_c_at_the_prompt_keeps_the_session(served) -> None:
+    """A Ctrl-C that lands just after an answer, at the idle prompt, ended the whole chat (exit 130)."""
+    _, pool = served
+    child = spawn("chat", "--pool", str(pool))
+    child.expect("> ")
+    child.sendintr()
+    child.expect(r"Ctrl-C stops a running task; /quit or Ctrl-D leaves")
+    child.expect("> ")
+    child.sendline("/quit")
+    child.expect("bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 def test_trace_after_ctrl_c_without_a_store_shows_the_cancelled_task(loopback, tmp_path: Path) -> None:
     child, _ = chat_interrupted_mid_task(loopback, tmp_path, "--no-store")
     child.expect(r"task cancelled \(no run store: nothing was kept\)")
