@@ -524,7 +524,8 @@ class Orchestra:
             raise ConfigError(f"settings must be a Settings or a mapping of setting names to values, "
                               f"not {type(settings).__name__} {settings!r:.40}")
         _check_callback(on_event, "on_event", "an event")
-        if store is not None and not isinstance(store, (bool, str, Path, RunStore)):
+        if (store is not None and not isinstance(store, (bool, str, Path, RunStore))) or (
+                isinstance(store, str) and not store.strip()):  # ("" was the current folder: "cannot create .")
             raise ConfigError(f"store must be a RunStore, a path, None (~/.orchestra/runs.db) or False (no record), "
                               f"not {type(store).__name__} {store!r:.40}")
         self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)

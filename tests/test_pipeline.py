@@ -248,6 +248,8 @@ async def _first(results: Any) -> Any:
      "event, not an async function: it is called, not awaited; hand what it gets to your own task"),
     (lambda pool: Orchestra(pool, store=5), "store must be a RunStore, a path, None (~/.orchestra/runs.db) or False "
                                             "(no record), not int 5"),
+    (lambda pool: Orchestra(pool, store=""), "store must be a RunStore, a path, None (~/.orchestra/runs.db) or False "
+                                             "(no record), not str ''"),
     # a callback that is not one cost the run's requests before it failed; an async one was never awaited
     (lambda pool: Orchestra(pool, store=False).run("x?", on_answer_text="print"),
      "on_answer_text must be a plain function that takes the answer's text so far, not str 'print'"),
