@@ -223,7 +223,7 @@ def choice_options(fn: F) -> F:
                         help="calibrated: the most (USD) a node's team may be expected to cost.")(fn)
     fn = setting_option("recruit.cost_lambda", "--cost-lambda",
                         help="calibrated: the accuracy one call to the priciest model must buy (default 0.05); "
-                             "other modes: weights times exp(-λ·price/max price).")(fn)
+                             "other modes but random: weights times exp(-λ·price/max price).")(fn)
     fn = setting_option("recruit.competence_weight", "--competence-weight",
                         help="β in w = s·γ^β (1: Symbolic-MoE; 0: skills only).")(fn)
     fn = setting_option("grader")(fn)

@@ -44,7 +44,7 @@ class RecruitConfig(BaseModel):
         k_max: the adaptive mode's cap.
         cost_lambda: the cost trade-off λ. ``calibrated``: a team's utility is its expected accuracy
             minus ``λ · expected cost / cost of one call to the priciest model`` (None: 0.05);
-            other modes multiply weights by ``exp(-λ · price / max price)`` (None: 0).
+            other modes but ``random`` multiply weights by ``exp(-λ · price / max price)`` (None: 0).
         max_cost_per_item: ``calibrated``: the most (USD) a node's team may be expected to cost.
         prior_items: ``calibrated``: how many items an agent's overall accuracy counts for in
             each skill estimate.

@@ -357,3 +357,38 @@ def test_requests_wait_for_a_probe_only_briefly_a_long_first_answer_does_not_hol
         results = asyncio.run(model.complete([ChatRequest.user(f"q{i}", output=schema) for i in range(3)]))
     assert [r.parsed for r in results] == [{"a": 1}] * 3  # (held for ever, the probe would time out instead)
     assert all(b'"json_schema"' in body for body in sent)  # each carried the feature the probe was trying
+
+
+def test_requests_that_went_ahead_beside_a_slow_probe_that_is_refused_are_told_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal slower than ``PROBE_WAIT_SECONDS`` costs one request per waiter that went ahead,
+    each then sent without the feature; the downgrade is announced once, not once per waiter."""
+    import orchestra.models.http as http
+    from orchestra.models.base import downgrade_listener
+
+    monkeypatch.setattr(http, "PROBE_WAIT_SECONDS", 0.05)
+    arrived = asyncio.Event()
+    sent: list[bytes] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        if b'"json_schema"' in request.content:
+            if len(sent) == 3:
+                arrived.set()
+            await asyncio.wait_for(arrived.wait(), 10)  # refused once all three carried it
+            return httpx.Response(400, json={"error": {"message": "response_format json_schema is not supported",
+                                                       "param": "response_format"}})
+        return httpx.Response(200, json=openai_reply('{"a": 1}').body)
+
+    endpoint = Endpoint("http://models.test/v1", transport=lambda n: HttpxTransport(httpx.MockTransport(answer)))
+    model = OpenAICompatible(model="m", endpoint=endpoint, max_attempts=1)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    told: list[str] = []
+    token = downgrade_listener.set(lambda model, feature, reason: told.append(feature))
+    try:
+        with allow_model_requests():
+            results = asyncio.run(model.complete([ChatRequest.user(f"q{i}", output=schema) for i in range(3)]))
+    finally:
+        downgrade_listener.reset(token)
+    assert [r.parsed for r in results] == [{"a": 1}] * 3
+    assert len(sent) == 6 and told == ["response_format:json_schema"]

@@ -264,8 +264,9 @@ class Endpoint:
             except FeatureRefused as refusal:
                 if refusal.feature in refused_before:  # sent although known refused (extra_body): nothing to drop
                     raise
-                self.capabilities.refuse(refusal.feature, str(refusal))
-                notify_downgrade(model, refusal.feature, str(refusal))
+                if refusal.feature not in self.capabilities.refused:  # (else one sent beside the probe learnt it)
+                    self.capabilities.refuse(refusal.feature, str(refusal))
+                    notify_downgrade(model, refusal.feature, str(refusal))
                 continue
             except Exception as failure:
                 # a request the server rejected for itself (too long, an unknown model) says nothing of
