@@ -68,9 +68,10 @@ CHECKPOINT_BYTES = 160 * 2**20
 PAGE_SIZE = 16_384
 #: Purpose of the rows that record the embedding matcher's requests (requests outside any call).
 EMBEDDINGS = "embedding"
-#: JSON comes as UTF-8 bytes, stored as text (``CAST``): no decoding to a str and encoding back
-_LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, CAST(? AS TEXT))"
-_FINISH_RUN = ("UPDATE runs SET status=?, answer=?, error=?, result=CAST(? AS TEXT), updated=?, owner=NULL "
+#: (Values are bound as str, int and float, and constants written into the statements: Python's
+#: sqlite3 looks for an adapter, raising and catching an AttributeError, for each bytes or None.)
+_LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
+_FINISH_RUN = ("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL "
                "WHERE id=?")
 #: events the store does not log (each call's: calls live in their own table); ``subscribe(listen, ignore=...)``
 QUIET_EVENTS = frozenset({UsageUpdated, CallsQueued, CallDone})
@@ -223,35 +224,43 @@ def _record(row: dict[str, Any], ended: dict[str, str] | None = None) -> RunReco
                      answer=row["answer"], error=error, resumes=row["resumes"] or 0)
 
 
-_RECORD_CALL = (
-    "INSERT INTO calls (run_id, key, seq, model, purpose, node, request, response, status, source, error, "
-    "prompt_tokens, completion_tokens, cost_usd, latency_s, created, requests) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT(run_id, key, seq) DO UPDATE SET response=excluded.response, status=excluded.status, "
-    "source=excluded.source, error=excluded.error, prompt_tokens=calls.prompt_tokens+excluded.prompt_tokens, "
-    "completion_tokens=calls.completion_tokens+excluded.completion_tokens, "
-    "cost_usd=calls.cost_usd+excluded.cost_usd, latency_s=excluded.latency_s, created=excluded.created, "
-    "requests=calls.requests+excluded.requests "
-    "WHERE calls.status != 'ok'")
+def _record_call(outcome: str) -> str:
+    """The statement that records a call's ``outcome`` (SQL of its response, status and error):
+    a success replaces an earlier error for the same call, adding what the failed attempts cost."""
+    return ("INSERT INTO calls (run_id, key, seq, model, purpose, node, request, response, status, error, source, "
+            "prompt_tokens, completion_tokens, cost_usd, latency_s, created, requests) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, {outcome}, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(run_id, key, seq) DO UPDATE SET response=excluded.response, status=excluded.status, "
+            "source=excluded.source, error=excluded.error, prompt_tokens=calls.prompt_tokens+excluded.prompt_tokens, "
+            "completion_tokens=calls.completion_tokens+excluded.completion_tokens, "
+            "cost_usd=calls.cost_usd+excluded.cost_usd, latency_s=excluded.latency_s, created=excluded.created, "
+            "requests=calls.requests+excluded.requests "
+            "WHERE calls.status != 'ok'")
+
+
+_RECORD_ANSWER = _record_call("?, 'ok', NULL")
+_RECORD_FAILURE = _record_call("NULL, 'error', ?")
 
 
 def _call_row(run_id: str, key: str, seq: int, model: str, request: ChatRequest | str,
               outcome: ChatResult | Exception, purpose: str, node: str | None, source: str,
-              now: float) -> tuple[Any, ...]:
-    """The ``calls`` row of one call's outcome (an answer from the cache or the store cost nothing);
-    ``request`` may come as the canonical JSON its key hashed."""
+              now: float) -> tuple[str, tuple[Any, ...]]:
+    """The statement and values that record one call's outcome (an answer from the cache or the
+    store cost nothing); ``request`` may come as the canonical JSON its key hashed."""
     canonical = request if isinstance(request, str) else _json(request.canonical())
     if isinstance(outcome, Exception):
         usage = getattr(outcome, "usage", None)
         spent = (usage.prompt_tokens, usage.completion_tokens, usage.cost_usd) if usage else (0, 0, 0.0)
-        return (run_id, key, seq, model, purpose, node, canonical, None, "error", source,
-                f"{type(outcome).__name__}: {outcome}", *spent, 0.0, now, usage.requests if usage else 0)
+        error = f"{type(outcome).__name__}: {outcome}"
+        return _RECORD_FAILURE, (run_id, key, seq, model, purpose, node, canonical, error, source, *spent, 0.0, now,
+                                 usage.requests if usage else 0)
     if source == "model":
         usage = outcome.usage
-        return (run_id, key, seq, model, purpose, node, canonical, _result_json(outcome), "ok", source, None,
-                usage.prompt_tokens, usage.completion_tokens, usage.cost_usd, outcome.latency_s, now, usage.requests)
-    return (run_id, key, seq, model, purpose, node, canonical, _result_json(outcome), "ok", source, None,
-            0, 0, 0.0, outcome.latency_s, now, 0)
+        return _RECORD_ANSWER, (run_id, key, seq, model, purpose, node, canonical, _result_json(outcome), source,
+                                usage.prompt_tokens, usage.completion_tokens, usage.cost_usd, outcome.latency_s, now,
+                                usage.requests)
+    return _RECORD_ANSWER, (run_id, key, seq, model, purpose, node, canonical, _result_json(outcome), source,
+                            0, 0, 0.0, outcome.latency_s, now, 0)
 
 
 def _config_json(config: dict[str, Any] | str) -> str:
@@ -259,7 +268,7 @@ def _config_json(config: dict[str, Any] | str) -> str:
     return config if isinstance(config, str) else _json(config)
 
 
-def _result_json(result: ChatResult) -> bytes:
+def _result_json(result: ChatResult) -> str:
     """A result as stored (UTF-8 JSON): its parsed value kept if JSON can hold it (a pydantic model
     as its fields), else left out."""
     try:
@@ -268,20 +277,19 @@ def _result_json(result: ChatResult) -> bytes:
         return _model_json(result.model_copy(update={"parsed": None}))
 
 
-def _model_json(model: BaseModel) -> bytes:
-    """``model.model_dump_json()`` as UTF-8, without its keyword handling (a run stores a dozen per
-    instance)."""
-    return type(model).__pydantic_serializer__.to_json(model)
+def _model_json(model: BaseModel) -> str:
+    """``model.model_dump_json()`` without its keyword handling (a run stores a dozen per instance)."""
+    return type(model).__pydantic_serializer__.to_json(model).decode()
 
 
-def _event_json(event: Event) -> bytes:
-    """``event.to_dict()`` as UTF-8 JSON (pydantic-core's encoder: a third of json's time)."""
+def _event_json(event: Event) -> str:
+    """``event.to_dict()`` as JSON (pydantic-core's encoder: a third of json's time)."""
     global _to_json
     if _to_json is None:  # (pydantic-core is loaded wherever events are made; ``orchestra runs`` does without)
         from pydantic_core import to_json
 
         _to_json = to_json
-    return _to_json(event.to_dict(), fallback=str)
+    return _to_json(event.to_dict(), fallback=str).decode()
 
 
 _to_json: Callable[..., bytes] | None = None
@@ -559,9 +567,15 @@ class RunStore:
         fresh: list[str] = []
         try:
             with self._transaction() as db:
+                known: dict[str, tuple[Any, ...]] = {}
+                for start in range(0, len(rows), 500):  # (SQLite takes at most 999 parameters a statement)
+                    part = [row[0] for row in rows[start:start + 500]]
+                    marks = ", ".join("?" * len(part))
+                    known.update((found[0], found[1:]) for found in db.execute(
+                        f"SELECT id, owner, updated, status FROM runs WHERE id IN ({marks})", part))
                 for row in rows:
                     run_id = row[0]
-                    held = db.execute("SELECT owner, updated, status FROM runs WHERE id=?", (run_id,)).fetchone()
+                    held = known.get(run_id)
                     if held is None:
                         fresh.append(run_id)
                     elif (held[2] == "running" and held[0] and held[0] != self.owner
@@ -716,10 +730,10 @@ class RunStore:
         """Commit calls' outcomes in one transaction (each: run id, key, seq, model, request,
         outcome, purpose, node, source); see ``record``."""
         now = time.time()
-        rows = [_call_row(*entry, now) for entry in entries]
+        statements = [_call_row(*entry, now) for entry in entries]
         try:
             with self._transaction() as db:
-                db.executemany(_RECORD_CALL, rows)
+                _write(db, statements)
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
 
@@ -769,7 +783,7 @@ class RunStore:
     def cache_put(self, model: str, key: str, request: ChatRequest, result: ChatResult) -> None:
         """Cache a successful result (errors never reach here)."""
         self._execute("INSERT OR REPLACE INTO cache (key, model, response, created, hits) "
-                      "VALUES (?, ?, CAST(? AS TEXT), ?, 0)",
+                      "VALUES (?, ?, ?, ?, 0)",
                       (key, model, _result_json(result), time.time()))
 
     def cache(self, *, namespace: str = "", reads: bool = True) -> StoreCache:
