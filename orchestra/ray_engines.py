@@ -220,6 +220,7 @@ class RayEngine:
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         """Complete every request in the actor, results in request order; raise the first error."""
+        requests = model_base.checked_batch(requests)
         return await model_base.in_order(self.complete_each(requests), len(requests))
 
     async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:

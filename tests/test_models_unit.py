@@ -42,6 +42,25 @@ def test_request_accepts_dicts_or_messages_and_normalises_stop() -> None:
         ChatRequest(messages=[], output="xml")
 
 
+@pytest.mark.parametrize("limits", [{"max_tokens": 0}, {"max_tokens": -5}, {"temperature": -0.5},
+                                    {"temperature": float("nan")}, {"temperature": float("inf")}])
+def test_a_request_refuses_limits_no_endpoint_takes(limits: dict[str, float]) -> None:
+    # (llama.cpp reads a max_tokens of 0 or less as "no limit": the tiny model then wrote to the end of its context)
+    with pytest.raises(ValidationError, match=next(iter(limits))):
+        ChatRequest.user("hi", **limits)  # type: ignore[arg-type]
+    assert ChatRequest.user("hi", max_tokens=1, temperature=0).max_tokens == 1
+
+
+@pytest.mark.parametrize("batch, named", [("hi", "not str"), (["hi"], "not a list holding str"), (None, "not NoneType"),
+                                          (ChatRequest.user("hi"), "not ChatRequest")])
+def test_complete_refuses_what_is_not_a_list_of_requests_in_one_line(batch: object, named: str) -> None:
+    model = FunctionModel(lambda request: "answer", name="f")
+    with pytest.raises(TypeError, match=f"complete\\(\\) takes a list of ChatRequest, {named}: ChatRequest.user"):
+        asyncio.run(model.complete(batch))  # type: ignore[arg-type]
+    assert not model.requests
+    assert [r.text for r in asyncio.run(model.complete([ChatRequest.user("hi")]))] == ["answer"]
+
+
 def test_request_output_formats() -> None:
     assert not ChatRequest.user("a").wants_json
     assert ChatRequest.user("a", output="json").output_schema is None
@@ -62,8 +81,9 @@ def test_request_key_changes_with_temperature_seed_and_model() -> None:
 @pytest.mark.parametrize("request_", [
     ChatRequest.user('quotes " and \\ back, a tab\t, a newline\n, a control \x01, ö and ☃', system="be \"brief\""),
     ChatRequest.user("a", temperature=0.7, max_tokens=5, seed=3, stop=["x", '"y', "\n"]),
-    ChatRequest.user("a", temperature=float("nan")), ChatRequest.user("a", temperature=1e-30),
-    ChatRequest.user("a", temperature=float("inf")), ChatRequest.user("a", seed=-2**70),
+    # (a request refuses a temperature that is not a finite number of at least 0: built without checks)
+    ChatRequest.user("a").model_copy(update={"temperature": float("nan")}), ChatRequest.user("a", temperature=1e-30),
+    ChatRequest.user("a").model_copy(update={"temperature": float("inf")}), ChatRequest.user("a", seed=-2**70),
     ChatRequest.user("a", output="json"), ChatRequest.user("a", output=Point),
     ChatRequest.user("a", output={"type": "object", "b": [1, {"z": None, "c": True}], "a": {"ü": 1.5}}),
     ChatRequest(messages=[{"role": "user", "content": "1"}, {"role": "assistant", "content": ""},

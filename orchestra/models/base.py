@@ -151,6 +151,7 @@ class ModelBase(abc.ABC):
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         """Complete every request, results in request order; raise the first error."""
+        requests = checked_batch(requests)
         return await in_order(self.complete_each(requests), len(requests))
 
     async def complete_each(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Outcome]:
@@ -264,6 +265,20 @@ def with_usage(outcome: ChatResult | Exception, usage: Usage) -> ChatResult | Ex
         outcome.usage = usage  # type: ignore[attr-defined]
         return outcome
     return outcome.model_copy(update={"usage": usage})
+
+
+def checked_batch(requests: object) -> Sequence[ChatRequest]:
+    """``complete``'s argument, refused in one line unless it is a list of ``ChatRequest`` (text,
+    or a lone request, was met later as an attribute error)."""
+    if isinstance(requests, (str, bytes, ChatRequest)) or not isinstance(requests, Sequence):
+        wrong = type(requests).__name__
+    else:
+        item = next((item for item in requests if not isinstance(item, ChatRequest)), requests)
+        if item is requests:
+            return requests
+        wrong = f"a list holding {type(item).__name__}"
+    raise TypeError(f"complete() takes a list of ChatRequest, not {wrong}: ChatRequest.user('...') makes one "
+                    "request, and complete_one() sends one")
 
 
 async def in_order(outcomes: AsyncIterator[Outcome], count: int) -> list[ChatResult]:

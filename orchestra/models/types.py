@@ -47,8 +47,8 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     messages: tuple[Message, ...]
-    temperature: float | None = None
-    max_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max_tokens: int | None = Field(default=None, ge=1)  # (llama.cpp reads 0 or less as "no limit")
     seed: int | None = None
     stop: tuple[str, ...] = ()
     output: OutputFormat = "text"
