@@ -1117,16 +1117,17 @@ def _check_callback(callback: Any, name: str, takes: str) -> None:
 def _going_on(on_answer_text: Callable[[str], None]) -> Callable[[str], None]:
     """``on_answer_text`` whose failures are warned about (once) instead of failing the call that
     writes the answer: it raised inside that call, which failed, paid for, and the run with it."""
-    failed: list[str] = []
+    warned = False
 
     def relay(text: str) -> None:
+        nonlocal warned
         try:
             on_answer_text(text)
         except Exception as error:
-            if not failed:
+            if not warned:
+                warned = True
                 warnings.warn(f"on_answer_text failed ({type(error).__name__}: {error}); the run goes on and its "
                               "answer is written whole", RuntimeWarning, stacklevel=2)
-            failed.append(str(error))
 
     return relay
 

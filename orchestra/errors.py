@@ -110,18 +110,23 @@ class StoreUnusable(StoreError):
         return f"{self.move_away} or {other_file}" if self.move_away else other_file
 
 
+def running_advice(pid: str, force: str) -> str:
+    """What to do about a run whose process certainly still runs (``force``: how the reader says it)."""
+    return (f"stop it first (kill {pid}): {force} takes over only a run whose process is gone, since both would "
+            "send its calls")
+
+
 class RunHeld(StoreError):
     """A stored run is still running in another live process (``owner``, active ``idle_s`` ago);
     ``running``: refused even to ``force``, that process being certainly alive on this machine."""
 
     def __init__(self, run_id: str, owner: str, idle_s: float, *, running: bool = False) -> None:
         self.run_id, self.owner, self.idle_s, self.running = run_id, owner, idle_s, running
+        self.pid = owner.rpartition(" pid ")[2]  # (owner: "host pid N")
         if running:  # refused to ``force``: that process of this machine certainly still runs
-            pid = owner.rpartition(" pid ")[2]
-            self.problem = (f"run {run_id} is running in process {pid} of this machine (active {idle_s:.0f} s ago), "
-                            "which is still alive")
-            super().__init__(f"{self.problem}; stop it first (kill {pid}): force takes over only a run whose "
-                             "process is gone, since both would send its calls")
+            self.problem = (f"run {run_id} is running in process {self.pid} of this machine (active {idle_s:.0f} s "
+                            "ago), which is still alive")
+            super().__init__(f"{self.problem}; {running_advice(self.pid, 'force')}")
             return
         if owner.partition(":")[0] == f"{socket.gethostname()} pid {os.getpid()}":  # another RunStore of this process
             self.problem = (f"run {run_id} is still running in this process, in another Orchestra on the same store "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from orchestra.errors import BudgetExceeded, OrchestraError, RunHeld, RunNotFound, StoreUnusable
+from orchestra.errors import BudgetExceeded, OrchestraError, RunHeld, RunNotFound, StoreUnusable, running_advice
 
 if TYPE_CHECKING:
     from orchestra.result import RunResult
@@ -50,7 +50,7 @@ def _budget_message(error: BudgetExceeded) -> str:
 _MESSAGES: dict[type[OrchestraError], Callable[[Any], str]] = {
     BudgetExceeded: _budget_message,
     StoreUnusable: lambda error: f"{error.problem}; {error.remedy('choose another file with --store')}",
-    RunHeld: lambda error: (str(error).replace("force takes", "--force takes") if error.running else
+    RunHeld: lambda error: (f"{error.problem}; {running_advice(error.pid, '--force')}" if error.running else
                             f"{error.problem}; wait for it to end, or if that process is gone, "
                             f"`orchestra resume {error.run_id} --force`"),
     RunNotFound: lambda error: f"{error.problem}; `orchestra runs` lists them",
