@@ -93,11 +93,12 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` for the command line: Ctrl-C cancels the work, waits for it to stop (a run
-    records itself as ``cancelled``), then raises ``KeyboardInterrupt``.
+    """``asyncio.run`` for the command line: Ctrl-C, or SIGTERM (what ``timeout``, ``kill``, docker
+    and systemd send), cancels the work, waits for it to stop (a run records itself as
+    ``cancelled``), then raises ``KeyboardInterrupt``.
 
-    The signal is handled by the event loop itself, installed before the work starts, so it is
-    seen even while every task waits on a socket.
+    The signals are handled by the event loop itself, installed before the work starts, so they
+    are seen even while every task waits on a socket.
     """
     interrupted = False
 
@@ -113,8 +114,9 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
 
         loop = asyncio.get_running_loop()
         try:
-            loop.add_signal_handler(signal.SIGINT, interrupt)
-        except (RuntimeError, ValueError):  # not the main thread: Ctrl-C is not ours to handle
+            for stop in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(stop, interrupt)
+        except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (or Windows): not ours
             return await work
         # the handler stays until the loop closes (closing removes it): a Ctrl-C while asyncio.run
         # shuts the loop down (its tasks, the connections) is this one's too, not a traceback there
