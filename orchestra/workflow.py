@@ -216,10 +216,11 @@ class Workflow:
         spec, document = self.spec, self.document
         for name, declared in spec.inputs.items():
             default, kind = declared.default, declared.type
+            written = document.written(("inputs", name, "default"))
             if default is not None and not _is_type(default, kind):
                 number = _typed(default, kind) if kind in ("integer", "number") else None
                 quote = (" (YAML reads the unquoted words on, off, yes, no, true and false as booleans: quote it, "
-                         "\"on\")" if isinstance(default, bool) else
+                         f"\"{written}\")" if isinstance(default, bool) else
                          f" (YAML read the unquoted value as {_YAML_KINDS.get(type(default).__name__, 'another type')}"
                          ": quote it to keep it as written)" if kind == "string" else
                          f" (YAML reads {default} as text, not a number: write {number!r})" if number is not None
@@ -229,6 +230,11 @@ class Workflow:
             if isinstance(default, float) and not math.isfinite(default):  # (.nan, .inf in YAML)
                 raise document.error(f"input {name!r}: default {default} is not a finite number (a given value "
                                      "would be refused so)", ("inputs", name, "default"))
+            given = _typed(written, kind) if written is not None and kind in ("integer", "number") else default
+            if given != default:  # 010 (octal), 12:30 (base 60), 0x1f: not what `-i name=...` reads
+                raise document.error(f"input {name!r}: YAML reads the default {written} as {default!r}" + (
+                    f", and -i {name}={written} as {given!r}" if given is not None else "") + ": write the number "
+                    "meant in decimal digits", ("inputs", name, "default"))
         if spec.dataset is not None:
             if "question" not in spec.inputs:
                 raise document.error("a workflow with a dataset must declare the input 'question' (each item's "

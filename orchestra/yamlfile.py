@@ -21,13 +21,20 @@ class YamlDocument:
 
     def __init__(self, data: Any, marks: dict[tuple[Any, ...], Location], path: str,
                  blocks: set[tuple[Any, ...]] | None = None, text: str = "",
-                 keys: dict[tuple[Any, ...], Location] | None = None) -> None:
+                 keys: dict[tuple[Any, ...], Location] | None = None,
+                 plain: dict[tuple[Any, ...], str] | None = None) -> None:
         self.data = data
         self.marks = marks
         self.keys = keys or {}  # where each mapping key is written (``marks``: where its value is)
         self.path = path
         self.blocks = blocks or set()
         self.text = text  # the file's text as read
+        self.plain = plain or {}  # unquoted values YAML read as something other than text, as written
+
+    def written(self, loc: tuple[Any, ...]) -> str | None:
+        """How the value at ``loc`` is written, where it is unquoted and YAML read it as something
+        other than text (a boolean, a number, a date): ``no``, ``010``, ``12:30``."""
+        return self.plain.get(loc)
 
     def text_error(self, message: str, loc: tuple[Any, ...], text_line: int = 1) -> ConfigError:
         """An error at line ``text_line`` of the multi-line string value at ``loc``."""
@@ -159,7 +166,7 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
         data = builder.build(node, ())
     except RecursionError:
         raise ConfigError(_TOO_DEEP, path=shown) from None
-    return YamlDocument(data, marks, shown, builder.blocks, text=text, keys=builder.keys)
+    return YamlDocument(data, marks, shown, builder.blocks, text=text, keys=builder.keys, plain=builder.plain)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -198,6 +205,7 @@ class _Builder:
         self.constructor = yaml.SafeLoader("")
         self.blocks: set[tuple[Any, ...]] = set()
         self.keys: dict[tuple[Any, ...], Location] = {}
+        self.plain: dict[tuple[Any, ...], str] = {}
         self.values = 0
         self.building: set[int] = set()
 
@@ -235,9 +243,13 @@ class _Builder:
         if isinstance(node, yaml.ScalarNode) and node.style in ("|", ">"):
             self.blocks.add(loc)
         try:
-            return self.constructor.construct_object(node, deep=True)
+            value = self.constructor.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as error:
             raise self._error(f"invalid value: {error.problem}", node) from None
+        if isinstance(node, yaml.ScalarNode) and node.style is None and value is not None \
+                and not isinstance(value, str):
+            self.plain[loc] = node.value
+        return value
 
     def _error(self, message: str, node: yaml.Node) -> ConfigError:
         return ConfigError(message, path=self.path, line=node.start_mark.line + 1,

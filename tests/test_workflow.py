@@ -96,6 +96,15 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: on}"),
      "wf.yaml:9:34: input 'topic': default True is not of type string (YAML reads the unquoted words on, off, yes, "
      "no, true and false as booleans: quote it, \"on\")"),
+    (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: No}"),
+     "wf.yaml:9:34: input 'topic': default False is not of type string (YAML reads the unquoted words on, off, yes, "
+     "no, true and false as booleans: quote it, \"No\")"),  # (the word written: it said "on" whatever it was)
+    # a number YAML 1.1 reads otherwise than -i does (010 was 8 as a default, 10 given): it ran as 8
+    (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: integer, default: 010}"),
+     "wf.yaml:10:35: input 'words': YAML reads the default 010 as 8, and -i words=010 as 10: write the number meant "
+     "in decimal digits"),
+    (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: number, default: 12:30}"),
+     "wf.yaml:10:34: input 'words': YAML reads the default 12:30 as 750: write the number meant in decimal digits"),
     (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: 12:30}"),
      "wf.yaml:9:34: input 'topic': default 750 is not of type string (YAML read the unquoted value as a number: "
      "quote it to keep it as written)"),  # (YAML 1.1's base 60)
