@@ -16,7 +16,9 @@ engine is placed: a Ray already initialised in this process, else ``ray.init(ray
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -64,6 +66,25 @@ def _demand_text(name: str, amount: float) -> str:
     return f"{amount:g} {name}"
 
 
+#: seconds to wait for a cluster's address to accept a connection before it is called unreachable
+CONNECT_SECONDS = 5.0
+
+
+def _check_listening(address: str) -> None:
+    """Refuse at once a ``HOST:PORT`` (or ``ray://HOST:PORT``) where nothing accepts connections:
+    ``ray.init`` retries such an address for ever, deaf to Ctrl-C. (``auto`` and no address are
+    Ray's to find.)"""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        raise ClusterUnreachable(f"cannot join the Ray cluster at {address}: nothing accepts connections there "
+                                 f"({error.strerror or error}); start one with `ray start --head --port {port}`, or "
+                                 "give the address it printed (--ray ADDRESS, ray_address)") from None
+
+
 class RayPlacement:
     """Heavy models on a Ray cluster, one actor per loaded model (see the module's docstring).
 
@@ -97,6 +118,7 @@ class RayPlacement:
     def nodes(self, *, refresh: bool = False) -> dict[str, dict[str, float]]:
         """Each live node's resources, by node id; joins the cluster the first time."""
         if not self.ray.is_initialized():
+            _check_listening(self.address or os.environ.get("RAY_ADDRESS") or "")
             try:
                 self.ray.init(address=self.address, logging_level=logging.WARNING)
             except Exception as error:

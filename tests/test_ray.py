@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import ray
 
 from orchestra import Agent, Orchestra, Pool
 from orchestra.cli import main, settings_from
-from orchestra.errors import ConfigError, MissingDependency, ResourceUnavailable
+from orchestra.errors import ClusterUnreachable, ConfigError, MissingDependency, ResourceUnavailable
 from orchestra.events import BatchFinished, BatchStarted, CallRetried, Event
 from orchestra.models import ChatRequest, FunctionModel, allow_model_requests
 from orchestra.models.placement import EngineResources
@@ -316,6 +317,36 @@ def test_the_ray_executor_without_ray_installed_names_the_extra(monkeypatch: pyt
     monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray sees
     with pytest.raises(MissingDependency, match=r"pip install 'skill-orchestra\[ray\]'"):
         Orchestra(engine_pool([keyword_model()]), store=False, executor="ray")
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once_without_joining(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init retried such an address for ever, deaf to Ctrl-C and SIGTERM (only kill -9 ended it)."""
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # (nothing listens there now)
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        placement = RayPlacement(address)
+        monkeypatch.setattr(placement, "ray", type("NotJoined", (), {
+            "is_initialized": staticmethod(lambda: False),
+            "init": staticmethod(lambda **options: pytest.fail("ray.init was called"))}))
+        with pytest.raises(ClusterUnreachable, match=f"cannot join the Ray cluster at {re.escape(address)}: nothing "
+                           f"accepts connections there .*; start one with `ray start --head --port {port}`"):
+            placement.nodes()
+    with socket.socket() as listening:  # a port that accepts connections, and addresses Ray finds itself, go on
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        joined: list[str | None] = []
+        for address in (f"127.0.0.1:{listening.getsockname()[1]}", "auto", None):
+            placement = RayPlacement(address)
+            monkeypatch.setattr(placement, "ray", type("Joins", (), {
+                "is_initialized": staticmethod(lambda: bool(joined) and joined[-1] == "done"),
+                "init": staticmethod(lambda address, **options: joined.extend([address, "done"])),
+                "nodes": staticmethod(lambda: [])}))
+            joined.clear()
+            assert placement.nodes() == {} and joined[0] == address
 
 
 # --- the real embedded engine in an actor ---------------------------------------------------------------------
