@@ -636,8 +636,11 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
         click.echo(f"note: {pool} reads its profiles from {loaded.profiles_dir or 'nowhere (it has no profiles: line)'}"
                    f"; to recruit by these, set `profiles: {target}` in it", err=True)
     if as_json:
+        spent = report.usage
         click.echo(json.dumps({"written": [str(p) for p in written], "aggregation_items": report.aggregation_items,
-                               "reused": report.reused, "merged_skills": report.vocabulary.merged,
+                               "reused": report.reused, "calls": report.calls, "requests": spent.requests,
+                               "prompt_tokens": spent.prompt_tokens, "completion_tokens": spent.completion_tokens,
+                               "cost_usd": spent.cost_usd, "merged_skills": report.vocabulary.merged,
                                "profiles": {n: p.model_dump(mode="json") for n, p in report.profiles.items()}},
                               indent=2))
         return
@@ -655,6 +658,8 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     if resume:
         click.echo(f"reused {report.reused} recorded answer(s); sent the rest")
     click.echo(f"wrote {len(written)} profiles to {target}")
+    click.echo(f"profile · {report.calls} calls · {report.usage.requests} requests · "
+               f"{report.usage.prompt_tokens + report.usage.completion_tokens:,} tokens · {usd(report.usage.cost_usd)}")
 
 
 def aggregation_cell(profile: SkillProfile | None) -> str:

@@ -36,7 +36,7 @@ from orchestra.events import CallsResolved, Event, EventBus, UsageUpdated
 from orchestra.execute import Executor, ResponseCache, RunLedger
 from orchestra.grading import Grader, answer_format, check_grader, get_grader
 from orchestra.matching import SkillMatcher
-from orchestra.models import ChatResult
+from orchestra.models import ChatResult, Usage
 from orchestra.pipeline.aggregation import Response, synthesize_prompt
 from orchestra.profile import Provenance, SkillProfile, global_competence, model_id
 from orchestra.prompts import render_expert, template_hash
@@ -61,6 +61,10 @@ class ProfilingReport:
     written: list[Path] = field(default_factory=list)
     reused: int = 0
     """Calls answered from ``cache`` (answers recorded by an earlier, interrupted profile) instead of sent."""
+    calls: int = 0
+    """Calls sent to the models (``reused`` ones aside)."""
+    usage: Usage = field(default_factory=Usage)
+    """What those calls cost: requests (retries and repairs too), tokens and USD."""
 
 
 def expert_prompt(item: Item) -> str:
@@ -156,8 +160,12 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
             aliases={k: v for k, v in vocabulary.aliases.items() if k != v}, skill_counts=counts,
             estimates=skill_estimates(counts, accuracy), answer_tokens=mean_tokens(answers[agent.name].values()),
             aggregation_tokens=measured.tokens if measured else None, provenance=provenance)
+    spent = ledger.budget
     return ProfilingReport(profiles=profiles, item_keywords=item_keywords, correct=correct,
-                           aggregation_items=len(bench), vocabulary=vocabulary, reused=ledger.answered["cache"])
+                           aggregation_items=len(bench), vocabulary=vocabulary, reused=ledger.answered["cache"],
+                           calls=spent.calls, usage=Usage(prompt_tokens=spent.prompt_tokens,
+                                                          completion_tokens=spent.completion_tokens,
+                                                          cost_usd=spent.cost_usd, requests=spent.requests))
 
 
 def build_profiles(pool: Pool, dataset: Dataset, **options: object) -> ProfilingReport:

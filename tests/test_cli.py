@@ -272,10 +272,14 @@ def test_an_interrupted_profile_goes_on_with_resume_sending_only_what_it_had_not
     assert resumed.returncode == 0, resumed.stderr
     sent = len(server.requests) - before
     assert json.loads(resumed.stdout)["reused"] == recorded
+    # what a profile cost is said (it said nothing): the requests the server received, reused answers aside
+    assert json.loads(resumed.stdout)["requests"] == json.loads(resumed.stdout)["calls"] == sent
     before = len(server.requests)
     whole = cli(*argv[3:], "--out", str(tmp_path / "whole"), "--no-store")  # uninterrupted, nothing reused
     assert whole.returncode == 0, whole.stderr
     assert sent == len(server.requests) - before - recorded  # only what was not answered before
+    assert json.loads(whole.stdout)["requests"] == len(server.requests) - before
+    assert json.loads(whole.stdout)["prompt_tokens"] > 0
     assert [json.loads(p.read_text())["skills"] for p in sorted((tmp_path / "resumed").glob("*.json"))] == \
         [json.loads(p.read_text())["skills"] for p in sorted((tmp_path / "whole").glob("*.json"))]
     refused = cli(*argv[3:], "--resume", "--no-store")
@@ -382,6 +386,13 @@ def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert len(report["written"]) == 3
+    assert report["requests"] == report["calls"] == len(server.requests)  # (each answered at once)
+    before = len(server.requests)
+    shown = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(out))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[-1] == (f"profile · {len(server.requests) - before} calls · "
+                                             f"{len(server.requests) - before} requests · "
+                                             f"{report['prompt_tokens'] + report['completion_tokens']:,} tokens · $0.0000")
     alpha = json.loads((out / "alpha-expert.json").read_text())
     assert alpha["provenance"]["items"] == 12 and len(alpha["provenance"]["dataset_sha256"]) == 64
     # what the models are, not the pool's aliases for them
