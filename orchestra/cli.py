@@ -128,11 +128,20 @@ def _not_both(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
     return value
 
 
+#: where the run store is when no --store is given
+STORE_DEFAULT = "$ORCHESTRA_HOME/runs.db, else ~/.orchestra/runs.db"
+
+
+def store_option(fn: F) -> F:
+    """--store."""
+    return click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path),
+                        help=f"The run store file (default {STORE_DEFAULT}).")(fn)
+
+
 def store_options(fn: F) -> F:
     """--store, --no-store."""
     fn = click.option("--no-store", is_flag=True, help="Keep no record of the run (no resume).")(fn)
-    return click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path),
-                        help="The run store file (default ~/.orchestra/runs.db).")(fn)
+    return store_option(fn)
 
 
 #: click destination -> the setting it sets (a dotted path into ``Settings``)
@@ -937,7 +946,7 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
-@click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path))
+@store_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     """List recorded runs, newest first."""
@@ -990,7 +999,7 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
 @main.command()
 @click.argument("run_id")
 @click.option("--export", type=click.Choice(["jsonl"]), help="Write everything recorded as JSON lines.")
-@click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path))
+@store_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool) -> None:
     """A run's plan, recruitment explanations, every prompt and response, usage and cost."""
@@ -1015,12 +1024,10 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
 @click.option("--reload", is_flag=True, help="A workflow run: read its file as it is now (a template fixed since); "
                                             "calls whose prompts did not change are still replayed.")
 @budget_options
-@store_options
+@store_option
 @output_options
 def resume(run_id: str, reload: bool, **opts: Any) -> None:
     """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
-    if opts["no_store"]:
-        raise ConfigError("resume reads the run store; drop --no-store")
     from orchestra.core import Orchestra
 
     store = existing_store(opts["store_path"])

@@ -6,7 +6,9 @@ the advice a shell user can act on (``--max-calls``, ``--store``, ``orchestra re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestra.errors import BudgetExceeded, OrchestraError, RunHeld, RunNotFound, StoreUnusable, running_advice
@@ -47,9 +49,20 @@ def _budget_message(error: BudgetExceeded) -> str:
     return f"{error}; {_raise_budget(error.limit, error.run_id)}"
 
 
+def _other_store(path: object) -> str:
+    """How to pick another store file on the command line: the default one is ORCHESTRA_HOME's."""
+    from orchestra.store import default_store_path
+
+    if Path(str(path)) != default_store_path():
+        return "choose another file with --store"
+    home = os.environ.get("ORCHESTRA_HOME")
+    return (f"set ORCHESTRA_HOME (now {home}) to a folder you can write, or choose a file with --store" if home
+            else "choose another file with --store, or a folder with ORCHESTRA_HOME")
+
+
 _MESSAGES: dict[type[OrchestraError], Callable[[Any], str]] = {
     BudgetExceeded: _budget_message,
-    StoreUnusable: lambda error: f"{error.problem}; {error.remedy('choose another file with --store')}",
+    StoreUnusable: lambda error: f"{error.problem}; {error.remedy(_other_store(error.path))}",
     RunHeld: lambda error: (f"{error.problem}; {running_advice(error.pid, '--force')}" if error.running else
                             f"{error.problem}; wait for it to end, or if that process is gone, "
                             f"`orchestra resume {error.run_id} --force`"),

@@ -307,6 +307,23 @@ def test_a_store_that_cannot_be_created_is_one_line_naming_what_is_in_the_way(tm
         Orchestra(scripted_pool(1)[0], store=blocker / "deeper" / "still" / "runs.db")
 
 
+def test_a_default_store_that_cannot_be_made_names_orchestra_home_and_resume_offers_no_no_store(
+        tmp_path: Path) -> None:
+    """The store ORCHESTRA_HOME places is its fault, not a --store the user never gave; resume's help
+    offered --no-store, which it always refused."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    home = blocker / "home"
+    done = subprocess.run([sys.executable, "-m", "orchestra", "runs"], capture_output=True, text=True,
+                          env={**os.environ, "ORCHESTRA_HOME": str(home)})
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"error: cannot create the run store {home / 'runs.db'} ({blocker} is a file, not a folder); set "
+        f"ORCHESTRA_HOME (now {home}) to a folder you can write, or choose a file with --store")
+    helped = cli("resume", "--help")
+    assert "--store FILE" in helped.stdout and "--no-store" not in helped.stdout
+    assert "$ORCHESTRA_HOME/runs.db, else ~/.orchestra/runs.db" in " ".join(helped.stdout.split())
+
+
 def test_reading_a_store_that_does_not_exist_is_refused_not_made_empty(tmp_path: Path) -> None:
     # a typo in --store used to make a new, empty store and list nothing
     missing = tmp_path / "typo.db"
