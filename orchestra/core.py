@@ -1089,11 +1089,16 @@ def check_task(task: object) -> None:
         raise ConfigError(f"the task must be a string, not {type(task).__name__}")
     if not task.strip():
         raise ConfigError("the task is empty")
+    if _INVISIBLE.fullmatch(task):  # (NUL bytes piped in: nine paid requests answered nothing)
+        raise ConfigError("the task has no visible character (only control characters such as NUL, and spaces)")
     if len(task) > MAX_TASK_CHARS:
         raise ConfigError(f"the task is {len(task):,} characters; at most {MAX_TASK_CHARS:,} fit Orchestra's "
                           "prompts (the planner's holds the task twice): shorten it")
     _check_text(task, "the task")
 
+
+#: text with nothing to read in it: whitespace and control characters only
+_INVISIBLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]*")
 
 #: what a run id given by a caller may hold: it is typed into ``orchestra resume`` and shown in tables
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")

@@ -381,7 +381,10 @@ def test_a_task_that_is_not_text_is_one_line_before_any_call() -> None:
     pool, models = scripted_pool(1)
     orc = Orchestra(pool, store=False)
     for task, message in ((42, "the task must be a string, not int"), (None, "the task must be a string, not NoneType"),
-                          (" \n", "the task is empty")):
+                          (" \n", "the task is empty"),
+                          # (NUL bytes piped to `ask -` were nine paid requests that answered nothing)
+                          ("\x00\x00", "the task has no visible character \\(only control characters such as NUL, "
+                                         "and spaces\\)"), (" \x00\x1b\x7f\n", "the task has no visible character .*")):
         with pytest.raises(ConfigError, match=f"^{message}$"):
             orc.run(task)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="^the task must be a string, not bytes$"):
