@@ -14,7 +14,7 @@ import click
 
 from orchestra import __version__
 from orchestra.errors import ConfigError, OrchestraError
-from orchestra.money import usd
+from orchestra.money import usd, usd_exact
 from orchestra.vocabulary import METHOD_NAMES
 
 if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `runs` start fast
@@ -884,9 +884,9 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
         for column in ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier"):
             table.add_column(column, justify="left" if column == "method" else "right")
         for p in points:
-            per_correct = "-" if p.cost_per_correct_usd is None else f"${p.cost_per_correct_usd:.6f}"
+            per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)
             accuracy = f"{p.accuracy:.3f}" + (f" ({p.items - p.failed} of {p.items} finished)" if p.failed else "")
-            table.add_row(p.method, accuracy, f"${p.cost_usd:.6f}", per_correct, str(p.calls),
+            table.add_row(p.method, accuracy, usd_exact(p.cost_usd), per_correct, str(p.calls),
                           str(p.saved_calls), "●" if p.on_frontier else "")
         terminal().print(table)
         if plot is not None:
@@ -919,13 +919,13 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    per_correct = "-" if report.cost_per_correct_usd is None else f"${report.cost_per_correct_usd:.6f}"
+    per_correct = "-" if report.cost_per_correct_usd is None else usd_exact(report.cost_per_correct_usd)
     accuracy = f"{report.accuracy:.3f}"
     if report.failed:  # (a spent budget can leave every item unanswered: 0.000 alone reads as all wrong)
         accuracy += f" ({report.items - report.failed} of {report.items} finished; the rest count as wrong)"
     for metric, value in [("items", str(report.items)), ("accuracy", accuracy),
                           ("calls", str(report.calls)), ("requests", str(report.requests)),
-                          ("cost", f"${report.cost_usd:.6f}"),
+                          ("cost", usd_exact(report.cost_usd)),
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),
                           ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),
                           ("calls saved by confident teams", str(report.saved_calls)),

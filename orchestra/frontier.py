@@ -19,6 +19,7 @@ from typing import Any
 from orchestra.core import Orchestra
 from orchestra.datasets import Dataset
 from orchestra.evaluate import METHODS, EvalReport, aevaluate
+from orchestra.money import usd_exact
 
 LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """The calibrated router's cost preferences a sweep tries by default."""
@@ -135,7 +136,8 @@ def frontier_html(points: Sequence[SweepPoint], title: str) -> str:
         colour = "#c0392b" if p.on_frontier else "#7f8c8d"
         label = html.escape(p.method)
         marks.append(f'<circle cx="{x(p.cost_per_item_usd):.1f}" cy="{y(p.accuracy):.1f}" r="5" fill="{colour}">'
-                     f"<title>{label}: accuracy {p.accuracy:.3f}, ${p.cost_per_item_usd:.6f} per item</title></circle>"
+                     f"<title>{label}: accuracy {p.accuracy:.3f}, {usd_exact(p.cost_per_item_usd)} per item"
+                     "</title></circle>"
                      f'<text x="{x(p.cost_per_item_usd) + 7:.1f}" y="{y(p.accuracy) - 6:.1f}" font-size="11">'
                      f"{label}</text>")
     ticks = []
@@ -149,10 +151,10 @@ def frontier_html(points: Sequence[SweepPoint], title: str) -> str:
                      f"{accuracy:.2f}</text>")
     rows = []
     for p in points:
-        per_correct = "-" if p.cost_per_correct_usd is None else f"${p.cost_per_correct_usd:.6f}"
+        per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)
         row = ' class="frontier"' if p.on_frontier else ""
-        rows.append(f"<tr{row}><td>{html.escape(p.method)}</td><td>{p.accuracy:.3f}</td><td>${p.cost_usd:.6f}</td>"
-                    f"<td>${p.cost_per_item_usd:.6f}</td><td>{per_correct}</td><td>{p.calls}</td>"
+        rows.append(f"<tr{row}><td>{html.escape(p.method)}</td><td>{p.accuracy:.3f}</td><td>{usd_exact(p.cost_usd)}</td>"
+                    f"<td>{usd_exact(p.cost_per_item_usd)}</td><td>{per_correct}</td><td>{p.calls}</td>"
                     f"<td>{p.saved_calls}</td><td>{'yes' if p.on_frontier else ''}</td></tr>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

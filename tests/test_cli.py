@@ -404,6 +404,8 @@ def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
     assert result["items"] == 12 and result["method"] == "single" and 0 <= result["accuracy"] <= 1
     shown = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "single")
     assert shown.returncode == 0, shown.stderr
+    # dollars as everywhere else: four decimals, more where a smaller amount needs them (it printed $0.000000)
+    assert "$0.0000 " in shown.stdout and "$0.000000" not in shown.stdout, shown.stdout
     for topic in ("history", "arithmetic", "writing"):  # the text report has each category's accuracy too
         accuracy = result["per_category"][topic]["accuracy"]
         assert re.search(rf"accuracy: {topic}\s.*{accuracy:.3f} of 4", shown.stdout), shown.stdout
