@@ -112,6 +112,9 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
     ("k=true", "error: --set k: give a number, not true"),
     ("budget.max_cost_usd=yes", "error: --set budget.max_cost_usd: give a number, not true"),
     ("recruit.p=off", "error: --set recruit.p: give a number, not false"),
+    # (nan was said to be not above 0; an infinite λ or budget was taken)
+    ("budget.max_cost_usd=nan", "error: --set budget.max_cost_usd: Input should be a finite number"),
+    ("recruit.cost_lambda=inf", "error: --set recruit.cost_lambda: Input should be a finite number"),
 ])
 def test_an_unknown_or_invalid_setting_is_one_line(llm, tmp_path: Path, flag: str, message: str) -> None:
     pool = write_pool(tmp_path, llm.server.url)
