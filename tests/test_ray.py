@@ -307,6 +307,14 @@ def test_a_pool_entry_says_what_its_engine_asks_the_cluster_for(tmp_path: Path) 
                          "agents:\n  - {name: a, model: small}\n")
     with pytest.raises(ConfigError, match=r"pool\.yaml:2:.*GPU is set by num_cpus, num_gpus or memory_gb"):
         Pool.load(pool_file)
+    # amounts Ray cannot count are refused as the pool loads (Ray's error came with every call, naming no model)
+    for resources, problem in (("{custom: {slot: 0.00001}}", "slot: 1e-05 is less than Ray counts (0.0001); ask for "
+                                "0 or at least 0.0001"), ("{num_cpus: 0.00005}", "5e-05 is less than Ray counts"),
+                               ("{num_gpus: 1.5}", "more than 1 GPU is a whole number of them")):
+        pool_file.write_text(f"models:\n  small: {{type: llamacpp, resources: {resources}}}\n"
+                             "agents:\n  - {name: a, model: small}\n")
+        with pytest.raises(ConfigError, match=rf"pool\.yaml:2:.*resources.*{re.escape(problem)}"):
+            Pool.load(pool_file)
 
 
 async def _record(orc: Orchestra) -> Any:

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from orchestra.numbers import Amount
 
 #: resource names Ray reserves for its own fields (``num_cpus``, ``num_gpus``, ``memory``)
 _RESERVED = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+#: the smallest amount of a resource Ray counts (it keeps them in ten-thousandths)
+RESOURCE_UNIT = 0.0001
+
+
+def _countable(amount: float, name: str) -> None:
+    """Refuse an amount Ray cannot count (its error came with every call, naming no model)."""
+    if 0 < amount < RESOURCE_UNIT:
+        raise ValueError(f"{name}{': ' if name else ''}{amount:g} is less than Ray counts ({RESOURCE_UNIT:g}); ask "
+                         f"for 0 or at least {RESOURCE_UNIT:g}")
 
 
 class EngineResources(BaseModel):
@@ -37,6 +48,16 @@ class EngineResources(BaseModel):
             raise ValueError(f"{', '.join(reserved)} is set by num_cpus, num_gpus or memory_gb, not under custom")
         if any(amount < 0 for amount in value.values()):
             raise ValueError("custom resources are amounts of at least 0")
+        for name, amount in value.items():
+            _countable(amount, name)
+        return value
+
+    @field_validator("num_cpus", "num_gpus")
+    @classmethod
+    def _ray_counts_it(cls, value: float, info: ValidationInfo) -> float:
+        _countable(value, "")
+        if info.field_name == "num_gpus" and value > 1 and not float(value).is_integer():
+            raise ValueError("more than 1 GPU is a whole number of them (fractions below 1 share a GPU)")
         return value
 
     def demand(self) -> dict[str, float]:
