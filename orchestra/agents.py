@@ -273,7 +273,14 @@ class Pool:
         """Read a pool file (the embedded default pool when ``path`` is None); ``profiles=False``
         leaves its profiles unread (``orchestra profile`` measures them anew)."""
         file = Path(path) if path is not None else default_pool_path()
-        return cls.from_document(read_yaml(file), base=file.parent, source=file, profiles=profiles)
+        document = read_yaml(file)
+        data = document.data
+        workflow_keys = sorted({"steps", "task", "pool"} & data.keys()) if isinstance(data, dict) else []
+        if workflow_keys and "agents" not in data:
+            has = " and ".join(f"{key}:" for key in workflow_keys)
+            raise document.error(f"{file.name} is a workflow file (it has {has}), not a pool: run it with "
+                                 f"`orchestra run {file}`, or give a pool file here")
+        return cls.from_document(document, base=file.parent, source=file, profiles=profiles)
 
     @classmethod
     def from_document(cls, document: YamlDocument, *, loc: tuple[Any, ...] = (), base: Path,

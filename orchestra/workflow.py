@@ -205,6 +205,9 @@ class Workflow:
         document = read_yaml(file, text)
         if not isinstance(document.data, dict):
             raise document.error("a workflow file must be a mapping")
+        if {"models", "agents"} <= document.data.keys() and not {"steps", "task", "pool"} & document.data.keys():
+            raise document.error(f"{file.name} is a pool file (it has models: and agents:), not a workflow: give it "
+                                 f"with --pool (orchestra ask \"...\" --pool {file}), or run a workflow file")
         spec = document.validate(WorkflowFile)
         workflow = cls(spec, document, pool or _load_pool(spec, document, file), file)
         workflow._check(data=text is None if data is None else data)

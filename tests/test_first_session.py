@@ -399,6 +399,25 @@ def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: P
 # --- small things a user trips on ---------------------------------------------------------------
 
 
+def test_a_pool_file_given_as_a_workflow_and_the_reverse_say_which_is_which(tmp_path: Path) -> None:
+    """They said "unknown field 'models'" and "unknown field 'pool'"."""
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models: {m: {type: openai, model: x, base_url: 'http://127.0.0.1:9/v1'}}\n"
+                    "agents: [{name: a, model: m}]\n")
+    workflow = tmp_path / "wf.yaml"
+    workflow.write_text(f"pool: {pool}\nsteps:\n  - {{id: a, prompt: hi}}\n")
+    for command in ("run", "validate"):
+        done = cli(command, str(pool))
+        assert done.returncode == 2 and stderr_lines(done) == [
+            f"error: {pool}:1:1: pool.yaml is a pool file (it has models: and agents:), not a workflow: give it with "
+            f"--pool (orchestra ask \"...\" --pool {pool}), or run a workflow file"]
+    done = cli("ask", "hi", "--pool", str(workflow))
+    assert done.returncode == 2 and stderr_lines(done) == [
+        f"error: {workflow}:1:1: wf.yaml is a workflow file (it has pool: and steps:), not a pool: run it with "
+        f"`orchestra run {workflow}`, or give a pool file here"]
+    assert cli("validate", str(workflow)).returncode == 0
+
+
 def test_a_binary_or_non_utf8_file_is_one_line(tmp_path: Path) -> None:
     binary = tmp_path / "pool.yaml"
     binary.write_bytes(b"name: x\n\x89PNG\r\n\x1a\n\x00\x00")
