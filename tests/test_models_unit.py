@@ -237,6 +237,19 @@ def test_heavy_double_counts_loads_and_refuses_unloaded_generation() -> None:
     assert (model.loads, model.unloads, model.batches) == (1, 1, [2])
 
 
+def test_the_simulated_engine_counts_each_generation_as_a_request() -> None:
+    """Usage.requests counts every engine generation: the benchmarks' engine counted none (calls 48, requests 30)."""
+    from orchestra import Agent, Orchestra, Pool
+    from orchestra.testing.engines import SimulatedEngine
+
+    engine = SimulatedEngine("e", load_s=0, per_request=0, per_batch=0)
+    planner = FunctionModel(lambda request: '{"keywords": ["general"]}', name="keywords")
+    pool = Pool(agents=[Agent(name="a", model=engine), Agent(name="b", model=engine)], planner=planner)
+    result = Orchestra(pool, store=False, k=2).run("What is 1 + 1?", plan=False)
+    assert result.status == "done", result.error
+    assert result.usage.requests == result.usage.calls == len(planner.requests) + 3  # two experts, one synthesis
+
+
 def test_switch_forbids_real_requests_in_the_suite() -> None:
     model = OpenAICompatible(model="gpt-4o-mini", base_url="http://192.0.2.1/v1")
     with pytest.raises(ModelRequestsForbidden, match="allow_model_requests"):

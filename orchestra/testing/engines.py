@@ -12,7 +12,9 @@ from typing import ClassVar
 
 from orchestra.models.base import ModelBase, Outcome
 from orchestra.models.placement import EngineResources
-from orchestra.models.types import ChatRequest, ChatResult
+from orchestra.models.types import ChatRequest, ChatResult, Usage
+
+_ONE_GENERATION = Usage(requests=1)
 
 
 class SimulatedEngine(ModelBase):
@@ -54,8 +56,8 @@ class SimulatedEngine(ModelBase):
         if not self._loaded:
             raise RuntimeError(f"{self.name} asked to generate while not loaded")
         await asyncio.sleep(self.per_batch + len(requests) * self.per_request)
-        for index in range(len(requests)):
-            yield index, ChatResult(text=f"{self.name}: The answer is 1", model=self.name)
+        for index in range(len(requests)):  # (one generation each: a request, as ``Usage.requests`` counts them)
+            yield index, ChatResult(text=f"{self.name}: The answer is 1", model=self.name, usage=_ONE_GENERATION)
 
     async def _generate(self, request: ChatRequest) -> ChatResult:  # pragma: no cover - whole batches only
         raise AssertionError("SimulatedEngine generates whole batches")
