@@ -16,7 +16,8 @@ after another in its own actor, so no schedule ends before the longest w_m. Crea
 killing them and Orchestra's own CPU time are not in it; the aggregation batch waiting for the
 last expert batch is not either (it could only raise the bound).
 
-Targets: loads = distinct heavy models used; 1 -> 4 slots >= 3x faster; wall <= 1.2x the bound.
+Targets: loads = distinct heavy models used; wall <= 1.2x the bound; the speed-up from the fewer
+slots to the more at least 0.75x what the bounds allow (1 -> 4 slots, with 16 models: >= 3x).
 
     python bench/ray_scale.py [--slots 1 4] [--load 15] [--per-request 0.004] [--per-batch 0.02] [--repeat 3]
 """
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="runs per slot count (min and median reported)")
     args = parser.parse_args()
+    if not 1 <= args.slots[0] < args.slots[1]:
+        parser.error("--slots takes two counts of at least 1, the smaller first (1 4)")
 
     print(f"{args.models} models, {args.instances} instances, k={args.k}; load {args.load:g} s, "
           f"{args.per_request * 1000:g} ms/request + {args.per_batch * 1000:g} ms/batch; "
@@ -83,18 +86,22 @@ def main() -> None:
           f"{'min/bound':>11}{'median/bound':>14}")
     medians: dict[int, float] = {}
     mins: dict[int, float] = {}
+    bounds: dict[int, float] = {}
     ok = True
     for slots in args.slots:
         walls, loads, bound, used = run(slots, args)
-        mins[slots], medians[slots] = min(walls), statistics.median(walls)
+        mins[slots], medians[slots], bounds[slots] = min(walls), statistics.median(walls), bound
         print(f"{slots:>5}{loads:>7}{used:>6}{mins[slots]:>10.2f}{medians[slots]:>12.2f}{bound:>11.2f}"
               f"{mins[slots] / bound:>11.3f}{medians[slots] / bound:>14.3f}")
         ok &= loads == used and medians[slots] <= 1.2 * bound
     few, many = args.slots
     speedup_min, speedup_median = mins[few] / mins[many], medians[few] / medians[many]
-    ok &= speedup_median >= 3
-    print(f"speed-up {few} -> {many} slots: {speedup_min:.2f}x (min), {speedup_median:.2f}x (median)")
-    print(f"targets (loads = models used, median <= 1.2x bound, speed-up >= 3x): {'met' if ok else 'NOT met'}")
+    wanted = 0.75 * bounds[few] / bounds[many]  # (the bounds' ratio is the most more slots can give)
+    ok &= speedup_median >= wanted
+    print(f"speed-up {few} -> {many} slots: {speedup_min:.2f}x (min), {speedup_median:.2f}x (median); the bounds "
+          f"allow {bounds[few] / bounds[many]:.2f}x")
+    print(f"targets (loads = models used, median <= 1.2x bound, speed-up >= {wanted:.2f}x): "
+          f"{'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":
