@@ -100,6 +100,7 @@ class RayPlacement:
         self._engines: dict[int, RayEngine] = {}
         self._nodes: dict[str, dict[str, float]] | None = None
         self._actor_class: Any = None
+        self._session: tuple[str, str] | None = None  # the Ray connection the engines' actors belong to
 
     def engine(self, model: HeavyModel) -> HeavyModel:
         """The ``RayEngine`` standing in for ``model`` (the same one every time)."""
@@ -125,6 +126,14 @@ class RayPlacement:
                 where = self.address or "RAY_ADDRESS, a running one or a new local one"
                 raise ClusterUnreachable(f"cannot start or join the Ray cluster ({where}): {error}; start one "
                                          "with `ray start --head` and set ray_address (or --ray ADDRESS)") from None
+        context = self.ray.get_runtime_context()
+        session = (context.get_job_id(), context.get_node_id())
+        if session != self._session:
+            if self._session is not None:  # ray.shutdown() and ray.init() since: its actors went with it
+                for engine in self._engines.values():
+                    engine.forget_actor()
+                self._nodes = None
+            self._session = session
         if self._nodes is None or refresh:
             self._nodes = {node["NodeID"]: dict(node["Resources"]) for node in self.ray.nodes() if node["Alive"]}
         return self._nodes
@@ -238,7 +247,14 @@ class RayEngine:
     def _kill(self) -> None:
         actor, self._actor, self.node = self._actor, None, None
         if actor is not None:
-            self._placement.ray.kill(actor)
+            try:
+                self._placement.ray.kill(actor)
+            except Exception:  # (an actor of an ended Ray session: gone with it)
+                pass
+
+    def forget_actor(self) -> None:
+        """Its actor went with a Ray session that ended (``ray.shutdown()``): it is no longer loaded."""
+        self._actor, self.node = None, None
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         """Complete every request in the actor, results in request order; raise the first error."""
@@ -250,6 +266,9 @@ class RayEngine:
         An actor that dies meanwhile is an ``EngineLost`` (and this engine is no longer loaded)."""
         if self._actor is None:
             raise RuntimeError(f"{self.name} asked to generate while not loaded")
+        self._placement.nodes()  # (a Ray session ended since it loaded: its actor is gone)
+        if self._actor is None:
+            raise EngineLost(f"the Ray session that held the actor of {self.name} ended (ray.shutdown)")
         try:
             outcomes = await self._actor.generate.remote(list(requests), model_base.ALLOW_MODEL_REQUESTS)
         except self._placement.ray.exceptions.RayActorError:

@@ -327,6 +327,22 @@ def test_the_ray_executor_without_ray_installed_names_the_extra(monkeypatch: pyt
         Orchestra(engine_pool([keyword_model()]), store=False, executor="ray")
 
 
+def test_after_ray_is_shut_down_and_started_again_the_engines_load_afresh(orchestras) -> None:
+    """ray.shutdown() then ray.init(), as a notebook restarts Ray: every call failed with "Can't find
+    actor ... from a different cluster" and close() raised ActorHandleNotFoundError."""
+    engine = FunctionModel(lambda request: "e0: The answer is 1", name="e0", heavy=True, resources=ONE_SLOT)
+    events: list[Event] = []
+    orc = orchestras(engine_pool([engine]), k=1, on_event=events.append)
+    assert orc.run("What is 1 + 1?").status == "done"
+    ray.shutdown()
+    ray.init(num_cpus=2, resources={"slot": SLOTS}, include_dashboard=False, logging_level=logging.WARNING)
+    again = orc.run("What is 2 + 2?")
+    assert again.status == "done" and again.usage.failed_calls == 0, again.error
+    assert dict(orc.executor.stats.loads) == {"e0": 2}  # loaded again, in the new session
+    assert [e.model for e in events if isinstance(e, CallRetried)] == ["e0"]
+    orc.close()  # (no traceback: the old actors went with their session)
+
+
 def test_an_address_where_nothing_listens_is_refused_at_once_without_joining(monkeypatch: pytest.MonkeyPatch) -> None:
     """ray.init retried such an address for ever, deaf to Ctrl-C and SIGTERM (only kill -9 ended it)."""
     import socket
@@ -352,6 +368,8 @@ def test_an_address_where_nothing_listens_is_refused_at_once_without_joining(mon
             monkeypatch.setattr(placement, "ray", type("Joins", (), {
                 "is_initialized": staticmethod(lambda: bool(joined) and joined[-1] == "done"),
                 "init": staticmethod(lambda address, **options: joined.extend([address, "done"])),
+                "get_runtime_context": staticmethod(lambda: type("Context", (), {
+                    "get_job_id": staticmethod(lambda: "01"), "get_node_id": staticmethod(lambda: "n")})),
                 "nodes": staticmethod(lambda: [])}))
             joined.clear()
             assert placement.nodes() == {} and joined[0] == address
