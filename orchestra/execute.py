@@ -880,6 +880,7 @@ class Executor:
         error.usage = usage
         self._settle(call, usage)
         call.ledger.failed_calls += 1
+        self.emit_usage(call.ledger)  # (a live panel shows them too, as the run's record counts them)
         journal = call.ledger.journal
         if journal is not None:
             try:

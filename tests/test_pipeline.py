@@ -16,7 +16,7 @@ from helpers import kind_of, plan_json, scripted_pool
 
 from orchestra import Agent, Budget, Orchestra, Plan, Pool
 from orchestra.errors import BadResponse, ConfigError
-from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped
+from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped, UsageUpdated
 from orchestra.hints import run_hint
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.result import RunResult
@@ -448,6 +448,27 @@ def test_closing_an_orchestra_stops_the_calls_a_cancelled_run_left_going(tmp_pat
     errors, left = asyncio.run(cancel_then_close())
     assert not left  # nothing of the run goes on once the orchestra is closed
     assert len(errors) == 3 and all("cancelled while its request was in flight" in e for e in errors)
+
+
+def test_the_requests_a_cancel_cuts_off_in_flight_reach_the_usage_listeners() -> None:
+    """The live panel (ask's, chat's) ended on the run's spending without the requests a Ctrl-C cut
+    off in flight, which its record counts: the listeners of usage are told of them too."""
+    async def cancel() -> tuple[list[UsageUpdated], RunResult | None, int]:
+        never = asyncio.Event()
+        seen: list[UsageUpdated] = []
+        orc = Orchestra(held_experts_pool(never), k=3, store=False,
+                        on_event=lambda e: seen.append(e) if isinstance(e, UsageUpdated) else None)
+        run = await run_with_experts_in_flight(orc)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        await orc.aclose()
+        models = {id(m): m for m in (orc.pool.planner, *(a.model for a in orc.pool.agents))}.values()
+        return seen, orc.ended("r1"), sum(len(m.requests) for m in models)  # type: ignore[union-attr]
+
+    seen, recorded, sent = asyncio.run(cancel())
+    assert recorded is not None and recorded.usage.requests == sent >= 3
+    assert seen[-1].run_id == "r1" and seen[-1].requests == sent  # (it said 3 fewer: the experts' requests)
 
 
 def test_closing_an_orchestra_leaves_a_run_that_is_still_going_to_finish(tmp_path: Path) -> None:
