@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from orchestra.errors import (
     AuthenticationError,
     BadResponse,
+    ConnectionBroke,
     EndpointUnreachable,
     RateLimited,
     RequestRejected,
@@ -400,7 +401,6 @@ def test_a_streamed_answer_holding_a_line_separator_is_read_whole(loopback) -> N
 
 @pytest.mark.parametrize("ending, says", [
     ([b'data: {"error": {"message": "upstream died"}}\n\n'], "answered with an error for m: upstream died"),
-    ([], "ended its stream for m before the answer was finished (no finish_reason, no [DONE])"),
     ([b'data: {"object": "error", "message": "upstream exploded"}\n\n', b"data: [DONE]\n\n"],
      "answered with an error for m: upstream exploded"),  # (vLLM's older shape)
     ([b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "abort"}]}\n\n', b"data: [DONE]\n\n"],
@@ -418,6 +418,32 @@ def test_a_stream_that_breaks_off_is_a_failed_call_not_an_answer(loopback, endin
     with pytest.raises(BadResponse, match=re.escape(says)):
         run(model.complete_one(ask(on_text=lambda text: None)))
     assert len(server.requests) == 1
+
+
+def test_a_stream_the_server_ends_early_is_retried_as_a_broken_connection(loopback) -> None:
+    """A stream closed cleanly before its end (a proxy's idle timeout, a worker restarting) was
+    a failed call at once, while the same cut with a reset connection was retried."""
+    seen: list[str] = []
+
+    async def cut():
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "The ans"}, "finish_reason": null}]}\n\n'
+
+    def handle(request: LoopbackRequest) -> Reply:
+        if len(server.requests) == 1:
+            return Reply(parts=cut)
+        return openai_stream_reply(["The answer ", "is 4."])
+
+    server = loopback(handle)
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None, max_attempts=2)
+    result = run(model.complete_one(ask(on_text=seen.append)))
+    assert result.text == seen[-1] == "The answer is 4." and seen[0] == "The ans"
+    assert len(server.requests) == 2 and result.usage.requests == 2
+    last = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None, max_attempts=1)
+    server.requests.clear()
+    with pytest.raises(ConnectionBroke, match=re.escape(
+            "ended its stream for m before the answer was finished (no finish_reason, no [DONE])")) as failed:
+        run(last.complete_one(ask(on_text=seen.append)))
+    assert len(server.requests) == 1 and failed.value.usage.prompt_tokens > 0  # (billed all the same)
 
 
 def test_a_server_that_ignores_stream_still_gives_on_text_the_whole_text(loopback) -> None:

@@ -225,7 +225,8 @@ class Endpoint:
 
     async def post_negotiated(self, path: str, build: Callable[[Capabilities], dict[str, Any]], *, model: str,
                               headers: Callable[[str | None], dict[str, str]], policy: CallPolicy,
-                              stream: Callable[[], Chunks] | None = None) -> dict[str, Any]:
+                              stream: Callable[[], Chunks] | None = None,
+                              complete: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
         """POST the request ``build`` makes for what this server is known to accept.
 
         When the server refuses an optional feature (``FeatureRefused``), the refusal is
@@ -233,7 +234,7 @@ class Endpoint:
         retried as it was. While a feature is untried, one request at a time (per event loop)
         carries it and the others wait for its answer, so a refusal costs one request; they wait
         ``PROBE_WAIT_SECONDS`` at most (a refusal comes at once, an answer may take minutes).
-        ``stream``: see ``post_json``.
+        ``stream``, ``complete``: see ``post_json``.
         """
         while True:
             known = len(self.capabilities.refused)
@@ -260,7 +261,8 @@ class Endpoint:
                 # else the last probe failed at the endpoint and nothing has succeeded since: no request
                 # waits for another (a refused feature may then cost one request each)
             try:
-                body = await self.post_json(path, payload, model=model, headers=headers, policy=policy, stream=stream)
+                body = await self.post_json(path, payload, model=model, headers=headers, policy=policy, stream=stream,
+                                            complete=complete)
             except FeatureRefused as refusal:
                 if refusal.feature in refused_before:  # sent although known refused (extra_body): nothing to drop
                     raise
@@ -283,14 +285,17 @@ class Endpoint:
 
     async def post_json(self, path: str, payload: dict[str, Any], *, model: str,
                         headers: Callable[[str | None], dict[str, str]], policy: CallPolicy,
-                        stream: Callable[[], Chunks] | None = None) -> dict[str, Any]:
+                        stream: Callable[[], Chunks] | None = None,
+                        complete: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
         """POST ``payload`` and return the JSON body, retrying what is worth retrying.
 
         Each attempt is bounded by ``policy.timeout`` (the whole answer, not each read), and the
         call by ``policy.deadline`` (every attempt and wait together). ``headers`` builds the
         backend's headers from the key. ``stream`` makes each attempt's handler of the body's
         pieces as they arrive; an answer of server-sent events comes back as ``{"events": [...]}``,
-        each event's JSON data in order.
+        each event's JSON data in order. ``complete`` makes each attempt's body the answer (a
+        stream's events into one body); a ``ConnectionBroke`` it raises (a stream the server ended
+        before the answer was whole) is retried as a connection that broke is.
         """
         secret = self.api_key()
         sent_headers = [("Content-Type", "application/json"), *headers(secret).items()]
@@ -301,8 +306,14 @@ class Endpoint:
             attempt += 1
             limit = min(policy.timeout, policy.deadline - (time.monotonic() - started))
             try:
-                return await self._post_once(url, payload, sent_headers, model, secret, limit, policy, attempt,
+                body = await self._post_once(url, payload, sent_headers, model, secret, limit, policy, attempt,
                                              stream() if stream is not None else None)
+                if complete is None:
+                    return body
+                try:
+                    return complete(body)
+                except ConnectionBroke as cut:
+                    raise _Retryable(cut) from None
             except _Retryable as failure:
                 backoff = min(policy.max_wait, 0.5 * 2 ** (attempt - 1))
                 delay = backoff if failure.retry_after is None else min(policy.max_wait, failure.retry_after)

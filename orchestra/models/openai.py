@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from orchestra.errors import BadResponse
+from orchestra.errors import BadResponse, ConnectionBroke
 from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
@@ -81,24 +81,30 @@ class OpenAICompatible(EndpointModel):
 
     async def _generate(self, request: ChatRequest) -> ChatResult:
         on_text = request.on_text if not request.wants_json else None  # JSON is only useful whole
+        streamed: list[bool] = []  # (whether the answer came as a stream: a server may ignore ``stream``)
+
+        def complete(body: dict[str, Any]) -> dict[str, Any]:
+            """An attempt's answer as one body; a stream the server ended before its end is retried."""
+            if "events" in body:
+                streamed.append(True)
+                body = assembled(body["events"])
+            usage = body.get("usage")
+            if not (isinstance(usage, dict) and usage.get("prompt_tokens") is not None):
+                # a server that counts no prompt tokens (llama-cpp-python's streams, some proxies): an estimate, not 0
+                body["usage"] = {**(usage if isinstance(usage, dict) else {}),
+                                 "prompt_tokens": estimate_tokens(request.prompt_text())}
+            if body.get("cut"):
+                failure = ConnectionBroke(f"{display_url(self.endpoint.base_url)} ended its stream for {self.model} "
+                                          "before the answer was finished (no finish_reason, no [DONE])")
+                failure.usage = self._result(body).usage  # (billed all the same)
+                raise failure
+            return body
+
         body = await self.endpoint.post_negotiated(
             "/chat/completions", lambda capabilities: self._payload(request, capabilities, stream=on_text is not None),
             model=self.model, headers=bearer_headers, policy=self.policy,
-            stream=(lambda: text_relay(on_text)) if on_text is not None else None)
-        streamed = "events" in body
-        if streamed:
-            body = assembled(body["events"])
-        usage = body.get("usage") if isinstance(body, dict) else None
-        if isinstance(body, dict) and not (isinstance(usage, dict) and usage.get("prompt_tokens") is not None):
-            # a server that counts no prompt tokens (llama-cpp-python's streams, some proxies): an estimate, not 0
-            body["usage"] = {**(usage if isinstance(usage, dict) else {}),
-                             "prompt_tokens": estimate_tokens(request.prompt_text())}
+            stream=(lambda: text_relay(on_text)) if on_text is not None else None, complete=complete)
         result = self._result(body)
-        if body.get("cut"):
-            failure = BadResponse(f"{display_url(self.endpoint.base_url)} ended its stream for {self.model} before "
-                                  "the answer was finished (no finish_reason, no [DONE])")
-            failure.usage = result.usage  # (billed all the same)
-            raise failure
         if on_text is not None and not streamed:  # a server that ignored ``stream``: the whole text, at once
             on_text(result.text)
         return result
