@@ -298,6 +298,19 @@ def test_a_rejected_key_costs_one_request_per_run_not_one_per_call(loopback, tmp
     assert 1 <= len(server.requests) <= 3  # (each item's keyword calls once: they were sent twice, 5 each)
 
 
+def test_a_rejected_key_costs_one_request_when_a_budget_holds_calls_back(loopback, tmp_path: Path) -> None:
+    """With prices, the default $1 budget holds a keyword sample back (the worst cases of the others
+    fill it); released by the 401, it sent a request of its own: 2 requests for one refused key."""
+    server = loopback(lambda request: error_reply(401, "invalid api key"))
+    pool = write_pool(tmp_path, server.url, api_key_env="ORCHESTRA_TEST_KEY")
+    pool.write_text(pool.read_text().replace("    max_attempts: 2", "    max_attempts: 2\n"
+                                             "    prices: {input: 1000, output: 2000}"))
+    done = cli("ask", MOON, "--pool", str(pool), "--no-plan", "--json", env={"ORCHESTRA_TEST_KEY": "sk-test-123"})
+    assert done.returncode == 2 and "rejected the credentials (HTTP 401)" in done.stderr
+    assert len(server.requests) == 1
+    assert json.loads(done.stdout)["usage"]["requests"] == 1
+
+
 def test_an_unreachable_endpoint_exits_2_with_one_line(tmp_path: Path) -> None:
     pool = write_pool(tmp_path, "http://127.0.0.1:9")
     done = cli("ask", "anything at all", "--pool", str(pool), "--no-store")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from orchestra.errors import (
     RequestTimeout,
 )
 from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
+from orchestra.models import http as http_module
 from orchestra.models.base import retry_listener
 from orchestra.models.http import parse_retry_after
 from orchestra.models.types import estimate_tokens
@@ -139,6 +141,36 @@ def test_401_fails_at_once_naming_the_variable_not_the_key(loopback, monkeypatch
     assert "MY_PROVIDER_KEY" in message and "sk-secret-value" not in message
     assert "\n" not in message
     assert len(server.requests) == 1
+
+
+def test_a_refused_key_is_refused_again_unsent_until_it_changes_or_time_passes(loopback, monkeypatch) -> None:
+    """Calls queued behind a 401 (by a budget or the concurrency limit) each sent the refused key again."""
+    def handle(request: LoopbackRequest) -> Reply:
+        good = {k.lower(): v for k, v in request.headers.items()}.get("authorization") == "Bearer sk-good"
+        return openai_reply("fine") if good else error_reply(401, "invalid api key")
+
+    server = loopback(handle)
+    monkeypatch.setenv("MY_PROVIDER_KEY", "sk-bad")
+    model = openai(server, api_key_env="MY_PROVIDER_KEY")
+
+    async def calls() -> list[str]:
+        outcomes = []
+        for key in ("sk-bad", "sk-bad", "sk-good", "sk-bad"):
+            os.environ["MY_PROVIDER_KEY"] = key
+            try:
+                outcomes.append((await model.complete_one(ask())).text)
+            except AuthenticationError as refused:
+                outcomes.append(f"refused: {refused}")
+        return outcomes
+
+    outcomes = run(calls())
+    assert outcomes[0] == outcomes[1] == outcomes[3] and "check MY_PROVIDER_KEY" in outcomes[1]
+    assert outcomes[2] == "fine" and outcomes[3].startswith("refused")
+    assert len(server.requests) == 3  # the second, with the key just refused, was never sent
+    monkeypatch.setattr(http_module, "REFUSED_KEY_SECONDS", 0.0)  # (a long-lived process tries it again later)
+    server.requests.clear()
+    run(calls())
+    assert len(server.requests) == 4
 
 
 def test_missing_key_variable_is_one_clear_line(loopback, monkeypatch) -> None:

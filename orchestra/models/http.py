@@ -39,6 +39,9 @@ DEFAULT_MAX_CONCURRENCY = 16
 
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+#: how long a key the server refused is refused again without a request (a key changed in the
+#: environment is tried at once; a long-lived process tries the same key again after this)
+REFUSED_KEY_SECONDS = 10.0
 #: how long requests wait for the one probing an untried feature: a server refuses a field as it reads
 #: the request, so a probe still unanswered by then is being answered, and they go ahead carrying it too
 #: (a long first answer held every other request to its endpoint until it ended)
@@ -105,6 +108,10 @@ class _LoopState:
     #: for them do not each probe in turn, nor do later ones wait for a probe (see ``post_negotiated``)
     probes_failed: int = 0
     failing: Exception | None = None
+    #: the last key the server refused (401/403), when, and its error: requests with that key in the
+    #: next ``REFUSED_KEY_SECONDS`` fail with it unsent (calls queued behind the refusal, by a budget's
+    #: reservation or the concurrency limit, would each be refused alike)
+    refused: tuple[str | None, float, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -340,6 +347,9 @@ class Endpoint:
         async with state.semaphore:
             if self._limiter is not None:
                 await self._limiter.acquire()
+            refused = state.refused
+            if refused is not None and refused[0] == secret and time.monotonic() - refused[1] < REFUSED_KEY_SECONDS:
+                raise AuthenticationError(refused[2])
             count_request()
             try:  # the whole answer within the limit: a server that trickles bytes is cut off too
                 response = await state.deadlines.within(limit, state.transport.post(url, headers, body, on_chunk))
@@ -358,8 +368,12 @@ class Endpoint:
             except httpx.TransportError as error:  # reset, body cut short, protocol error: it was reached
                 raise _Retryable(ConnectionBroke(
                     f"the connection to {shown} broke ({type(error).__name__}: {error or 'no detail'})")) from None
-        answer = self._check(response, shown, model, secret, policy, payload, attempt)
-        state.failing = None  # it answers: requests wait for a probe again
+        try:
+            answer = self._check(response, shown, model, secret, policy, payload, attempt)
+        except AuthenticationError as rejected:
+            state.refused = (secret, time.monotonic(), str(rejected))
+            raise
+        state.failing = state.refused = None  # it answers: requests wait for a probe again
         return answer
 
     def _check(self, response: Answer, url: str, model: str, secret: str | None,
