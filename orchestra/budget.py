@@ -79,6 +79,8 @@ class BudgetTracker:
         self.largest = NOTHING
         self.closed: BudgetExceeded | None = None  # see ``close``
         self.exceeded: BudgetExceeded | None = None
+        #: the worst case of the call a refusal stopped: a run cut short needed that much more
+        self.wanted = NOTHING
 
     @property
     def usage(self) -> Usage:
@@ -118,6 +120,7 @@ class BudgetTracker:
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
         spent = self.prompt_tokens + self.completion_tokens
         if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
+            self.wanted = worst
             held = f", {self._reserved_tokens} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
             self._refuse("max_tokens", budget.max_tokens,
@@ -126,6 +129,7 @@ class BudgetTracker:
                          hopeless=worst.tokens > budget.max_tokens)
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
+            self.wanted = worst
             held = f", {usd_exact(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
             self._refuse("max_cost_usd", budget.max_cost_usd,
@@ -138,7 +142,7 @@ class BudgetTracker:
                 self.parent.admit(request, price)
             except BudgetExceeded as exceeded:
                 if not exceeded.held:  # (a call that waits for the calls in flight did not stop anything)
-                    self.exceeded = exceeded
+                    self.exceeded, self.wanted = exceeded, worst
                 raise
         self._reserved_calls += 1
         self._reserved_tokens += worst.tokens
@@ -212,8 +216,10 @@ class RunAdmission:
     a run in flight at least what it has committed; the last call of all needs its worst case left (the
     largest one a call has reserved), which is what the budget admits it by. Until one has ended
     so, runs start one at a time: nothing is known of what a run spends (a workflow's steps, a
-    plan's nodes, the models' prices). With no run in flight one always starts (a run that does not
-    fit stops at the budget, as any run).
+    plan's nodes, the models' prices), unless a run the budget cut short shows that the next one
+    would be cut too: a run takes at least what that one spent and the call it was refused. With
+    no run in flight one starts unless that is known (a run that does not fit stops at the budget,
+    as any run).
     """
 
     def __init__(self, shared: BudgetTracker) -> None:
@@ -223,6 +229,9 @@ class RunAdmission:
         self._ended = (0.0, 0.0, 0.0)  # committed by the runs that ended
         self._largest = (0.0, 0.0, 0.0)  # the full cost of the costliest runs that ended on their own
         self._learned = 0
+        #: all that runs a budget cut short had cost: a run takes more than that (known before any run
+        #: ends on its own when the first one is cut, so the next is not started to be cut in turn)
+        self._floor = (0.0, 0.0, 0.0)
         self._futile: BudgetExceeded | None = None  # a call of a run was over a limit on its own
 
     def admits(self, live: int) -> bool:
@@ -235,7 +244,7 @@ class RunAdmission:
         budget's room against what a run costs."""
         if self._futile is not None:
             return self._futile
-        if not self._learned:
+        if not self._learned and not any(self._floor):
             return None
         budget, largest = self.shared.budget, self.shared.largest
         committed = self.shared.committed()
@@ -244,7 +253,8 @@ class RunAdmission:
         for dimension, (name, limit, last_call) in enumerate(limits):
             if limit is None:
                 continue
-            per_run = self._largest[dimension]
+            per_run = max(self._largest[dimension], self._floor[dimension])
+            takes = "at least" if self._floor[dimension] > self._largest[dimension] else "up to"
             expected = self._base[dimension] + self._ended[dimension] + live * per_run
             if max(expected, committed[dimension]) + per_run + last_call > limit:
                 def amount(value: float, name: str = name) -> str:
@@ -254,7 +264,7 @@ class RunAdmission:
                 # (a call is admitted by its worst case, so the last one needs that much left)
                 reserve = f", and a call may need {amount(last_call)} at worst" if last_call else ""
                 return BudgetExceeded(limit=name, value=limit, run_id=None, shared=self.shared.name, no_room=True,
-                                      spent=f"{amount(committed[dimension])} so far, and a run takes up to "
+                                      spent=f"{amount(committed[dimension])} so far, and a run takes {takes} "
                                             f"{amount(per_run)}{reserve}, so it was not started")
         return None
 
@@ -269,13 +279,25 @@ class RunAdmission:
                                           shared=self.shared.name, hopeless=True,
                                           spent=f"one call of a run needs more than all of it: {refused.spent}")
         whole = (run.calls, run.prompt_tokens + run.completion_tokens, run.cost_usd)
-        self.count(run.committed(), whole if on_its_own else None)
+        if on_its_own or run.exceeded is None:
+            self.count(run.committed(), whole if on_its_own else None)
+            return
+        # cut short by a budget: a run takes what this one spent and the call it was refused, at least
+        wanted = run.wanted
+        self.count(run.committed(), (whole[0] + 1, whole[1] + wanted.tokens, whole[2] + wanted.cost_usd), cut=True)
 
-    def count(self, spent: tuple[float, float, float], whole: tuple[float, float, float] | None) -> None:
+    def count(self, spent: tuple[float, float, float], whole: tuple[float, float, float] | None, *,
+              cut: bool = False) -> None:
         """Count a run that ended, by what it had committed to the shared budget (calls, tokens,
-        dollars) and, if it ended on its own, all it cost (``whole``: what a run takes)."""
+        dollars) and all it cost (``whole``): what a run takes, if it ended on its own; at least
+        that if a budget cut it short (``cut``: with the call it was refused). None: it shows
+        nothing (a cancellation)."""
         self._ended = (self._ended[0] + spent[0], self._ended[1] + spent[1], self._ended[2] + spent[2])
-        if whole is not None:
-            self._learned += 1
-            self._largest = (max(self._largest[0], whole[0]), max(self._largest[1], whole[1]),
-                             max(self._largest[2], whole[2]))
+        if whole is None:
+            return
+        if cut:
+            self._floor = (max(self._floor[0], whole[0]), max(self._floor[1], whole[1]), max(self._floor[2], whole[2]))
+            return
+        self._learned += 1
+        self._largest = (max(self._largest[0], whole[0]), max(self._largest[1], whole[1]),
+                         max(self._largest[2], whole[2]))

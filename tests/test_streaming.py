@@ -181,6 +181,12 @@ def test_a_shared_budget_smaller_than_the_data_set_finishes_the_runs_it_can_pay_
     results, shared = asyncio.run(main(max_tokens=12 * per_run))
     finished = [r for r in results if r.status == "done"]
     assert 8 <= len(finished) <= 12 and sent() - before == 9 * len(finished)  # no run cut short
+    # a first run the budget cuts short (its synthesis's worst case no longer fits) shows that the
+    # next would be cut too: none is started (each sent its keyword samples and stopped there)
+    before = sent()
+    results, shared = asyncio.run(main(max_tokens=per_run + 600))
+    assert [r.usage.calls for r in results] == [5] + [0] * 29 and sent() - before == 5
+    assert "a run takes at least" in str(results[1].error)
 
 
 def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> None:
@@ -207,8 +213,19 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
     assert "a run takes up to 3 calls" in str(admission.refusal(1))
     cut = BudgetTracker(Budget(), "r3", parent=shared)
     spent(cut, 1, 10)
-    admission.ended(cut, on_its_own=False)  # a run cut short counts as spent, not as what a run costs
+    admission.ended(cut, on_its_own=False)  # a run cancelled counts as spent, not as what a run costs
     assert admission._learned == 1
+
+    # a run a budget cut short: a run takes at least what it spent and the call it was refused
+    short = RunAdmission(BudgetTracker(Budget(max_calls=None, max_tokens=100, max_cost_usd=None), None))
+    assert short.refusal(0) is None  # nothing known
+    first = BudgetTracker(Budget(), "c1", parent=short.shared)
+    spent(first, 2, 40, max_tokens=5)
+    with pytest.raises(BudgetExceeded):
+        first.admit(ChatRequest.user("hi", max_tokens=60), FREE)  # 40 + ~61 > 100
+    short.ended(first, on_its_own=False)
+    refused = short.refusal(0)  # 40 so far + a run of at least 40 + ~61
+    assert refused is not None and "a run takes at least 101 tokens" in str(refused) and short._learned == 0
 
     # runs of different costs: the costliest is what a run may take (the average, 4, started a run
     # that then cost 5 and was cut off with its calls spent)
