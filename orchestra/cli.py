@@ -352,6 +352,19 @@ def make_orchestra(pool: Pool, opts: dict[str, Any]) -> Orchestra:
     return Orchestra(pool, settings_from(opts), **orchestra_options(opts))
 
 
+def refuse_unused_recruiting(opts: dict[str, Any], mode: str, *, switch: str = "--mode") -> None:
+    """Refuse a recruiting flag ``mode`` would accept and then not use: the cost cap per item is
+    the calibrated router's, and random recruiting weighs no prices (``switch``: the flag that
+    picks another method)."""
+    given = settings_from(opts).changes().get("recruit", {})
+    if given.get("max_cost_per_item") is not None and mode != "calibrated":
+        raise click.UsageError(f"--max-cost-per-item (recruit.max_cost_per_item) caps the calibrated router's teams; "
+                               f"{mode} recruiting does not use it: leave it out, or use {switch} calibrated")
+    if given.get("cost_lambda") is not None and mode == "random":
+        raise click.UsageError(f"--cost-lambda (recruit.cost_lambda) weighs the experts' prices; random recruiting "
+                               f"does not use it: leave it out, or use another {switch}")
+
+
 def ready(pool: Pool) -> None:
     """Before a command sends anything: stop on a missing API key, warn about profiles unfit to route by."""
     pool.check_credentials()
@@ -447,6 +460,7 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
     if task == "-":
         task = read_stdin_task()
     orc = make_orchestra(Pool.load(pool), opts)
+    refuse_unused_recruiting(opts, orc.settings.mode)
     meta = {"kind": "ask", "pool": str(pool.resolve()) if pool else None}
     execute(orc, lambda run_id: orc.arun(task, plan=False if no_plan else None, meta=meta, run_id=run_id), opts)
 
@@ -728,11 +742,9 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
         refuse_missing_store(opts["store_path"])
     budget = _whole_budget(opts)  # the budget flags bound the evaluation (a sweep: each method's), not each item
     orc = make_orchestra(Pool.load(pool), opts)
-    capped = settings_from(opts).changes().get("recruit", {}).get("max_cost_per_item") is not None
-    mode = opts["mode"] or (METHODS[method][0] if method in METHODS else None) or orc.settings.mode
-    if capped and not sweep and mode != "calibrated":  # (accepted, then not used)
-        raise click.UsageError(f"--max-cost-per-item (recruit.max_cost_per_item) caps the calibrated router's teams; "
-                               f"{mode} recruiting does not use it: leave it out, or use --method calibrated")
+    if not sweep:
+        refuse_unused_recruiting(opts, opts["mode"] or (METHODS[method][0] if method in METHODS else None)
+                                 or orc.settings.mode, switch="--method")
     if sweep:
         run_sweep(orc, dataset, lambdas, plot, limit, as_json, opts, budget)
         return
@@ -1051,6 +1063,7 @@ def chat(pool: Path | None, **opts: Any) -> None:
     from orchestra.view import terminal
 
     orc = make_orchestra(Pool.load(pool), opts)
+    refuse_unused_recruiting(opts, orc.settings.mode)
     ChatSession(orc, console=terminal(), interactive=sys.stdin.isatty()).loop()
 
 

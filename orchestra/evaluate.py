@@ -16,6 +16,7 @@ from orchestra.budget import Budget, BudgetTracker
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError
 from orchestra.grading import Grader, answer_format, check_grader
+from orchestra.money import usd_exact
 from orchestra.recruit import CALIBRATED_COST_LAMBDA
 from orchestra.result import RunResult
 
@@ -159,6 +160,28 @@ class Tally:
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
 
 
+def method_variant(settings: Settings, *, fixed_k: int | None = None) -> str:
+    """What a method's name adds for settings that make it another method: another k (unless the
+    preset fixes one, which its name says), another price trade-off λ (random recruiting weighs no
+    prices), the calibrated router's cost cap per item."""
+    from orchestra.settings import Settings  # (here: the command line reads METHODS without pydantic)
+
+    variant = ""
+    if fixed_k is None and settings.k != Settings.model_fields["k"].default:
+        variant += f", k={settings.k}"
+    recruit = settings.recruit
+    if recruit.cost_lambda is not None and settings.mode != "random" and recruit.cost_lambda != (
+            CALIBRATED_COST_LAMBDA if settings.mode == "calibrated" else 0):  # (None: the mode's default)
+        variant += f", λ={recruit.cost_lambda:g}"
+    return variant + cost_cap(settings)
+
+
+def cost_cap(settings: Settings) -> str:
+    """``, cap $X/item`` for the calibrated router with a cost cap per item (else nothing)."""
+    cap = settings.recruit.max_cost_per_item
+    return f", cap {usd_exact(cap)}/item" if cap is not None and settings.mode == "calibrated" else ""
+
+
 async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None, limit: int | None = None,
                     output: Path | None = None, budget: Budget | None = None,
                     on_cancel: Callable[[EvalReport], None] | None = None, resume: bool = False,
@@ -194,9 +217,7 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     name = method if method and (mode, aggregate, k) == (preset_mode, preset_aggregate, fixed_k) else next(
         (m for m, preset_of_m in METHODS.items() if preset_of_m == (mode, aggregate, None)),
         f"{mode} + {aggregate}" + (f", k={k}" if k is not None else ""))
-    cost_lambda = settings.recruit.cost_lambda  # (None: the mode's default, 0.05 calibrated's, else 0)
-    if cost_lambda is not None and cost_lambda != (CALIBRATED_COST_LAMBDA if mode == "calibrated" else 0):
-        name += f", λ={cost_lambda:g}"  # another trade-off is another method, as another k is
+    name += method_variant(settings, fixed_k=fixed_k)
     items = dataset.items[:limit] if limit else dataset.items
     check_grader(orchestra.stages_for(settings).grader, items, dataset.path)  # (before any call is paid for)
     # the data set by its absolute path: a resume from another folder, or with ./data.jsonl, finds it

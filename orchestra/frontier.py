@@ -18,7 +18,7 @@ from typing import Any
 
 from orchestra.core import Orchestra
 from orchestra.datasets import Dataset
-from orchestra.evaluate import METHODS, EvalReport, aevaluate
+from orchestra.evaluate import METHODS, EvalReport, aevaluate, cost_cap
 from orchestra.money import usd_exact
 
 LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -99,9 +99,11 @@ async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[fl
             points.append(SweepPoint.of(report, method, None))
         recruit = dict(overrides.pop("recruit", None) or {})
         for cost_lambda in lambdas:
-            report = await aevaluate(orchestra, dataset, method="calibrated", limit=limit,
-                                     recruit={**recruit, "cost_lambda": cost_lambda}, **overrides)
-            points.append(SweepPoint.of(report, f"calibrated λ={cost_lambda:g}", cost_lambda))
+            options = {"recruit": {**recruit, "cost_lambda": cost_lambda}, **overrides}
+            report = await aevaluate(orchestra, dataset, method="calibrated", limit=limit, **options)
+            given = {key: value for key, value in options.items() if value is not None}
+            capped = cost_cap(orchestra.run_settings({**given, "mode": "calibrated"}))
+            points.append(SweepPoint.of(report, f"calibrated λ={cost_lambda:g}{capped}", cost_lambda))
     except asyncio.CancelledError:
         if on_cancel is not None:
             mark_frontier(points)

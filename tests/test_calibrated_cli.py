@@ -139,6 +139,10 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
     table = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.05", "--limit", "4",
                 "--no-store")
     assert table.returncode == 0 and "frontier" in table.stdout and "calibrated λ=0.05" in table.stdout
+    capped = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "1", "--limit", "2",
+                 "--max-cost-per-item", "0.5", "--no-store", "--json")  # (the cap changes the router's points)
+    assert capped.returncode == 0, capped.stderr
+    assert [p["method"] for p in json.loads(capped.stdout)["points"]][-1] == "calibrated λ=1, cap $0.5000/item"
     bad = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "cheap")
     assert bad.returncode == 2 and "--lambdas" in bad.stderr and "comma-separated" in bad.stderr
     twice = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.05,0,0.050")

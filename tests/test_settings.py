@@ -77,15 +77,16 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
                             for i in range(1, 4)))
     pool = write_pool(tmp_path, server.url, extra="settings: {aggregate: vote, k: 2}\n")
     by_pool = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--json").stdout)
-    assert by_pool["method"] == "calibrated + vote" and scripted.kinds["aggregate"] == 0  # the pool votes: no aggregator
-    assert scripted.kinds["expert"] == 3 * 2  # and recruits k=2
+    # (the pool votes: no aggregator; and recruits k=2, which the name says: another k is another method)
+    assert by_pool["method"] == "calibrated + vote, k=2" and scripted.kinds["aggregate"] == 0
+    assert scripted.kinds["expert"] == 3 * 2
     flags = cli("eval", "--data", str(data), "--pool", str(pool), "--mode", "random", "--aggregate", "synthesize",
                 "--json")
     assert flags.returncode == 0, flags.stderr
-    assert json.loads(flags.stdout)["method"] == "random" and scripted.kinds["aggregate"] == 3  # the random preset
+    assert json.loads(flags.stdout)["method"] == "random, k=2" and scripted.kinds["aggregate"] == 3  # the random preset
     preset = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "moa", "--aggregate",
-                            "vote", "--json").stdout)
-    assert preset["method"] == "global + vote"
+                            "vote", "--k", "3", "--json").stdout)
+    assert preset["method"] == "global + vote"  # (k=3 given: the default, no rename)
     calls = scripted.kinds["expert"]
     single = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "single", "--k", "3",
                             "--json").stdout)  # single's one expert is its k: another k is another method
@@ -96,7 +97,29 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
                             "5", "--json").stdout)  # another trade-off is another method too
     default = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--method", "calibrated",
                              "--cost-lambda", "0.05", "--json").stdout)
-    assert (priced["method"], default["method"]) == ("single, λ=5", "calibrated")  # (the default λ: no rename)
+    assert (priced["method"], default["method"]) == ("single, λ=5", "calibrated, k=2")  # (the default λ: no rename)
+    capped = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--max-cost-per-item", "0.5",
+                            "--limit", "1", "--json").stdout)
+    assert capped["method"] == "calibrated + vote, k=2, cap $0.5000/item"
+    # settings a method would take and then not use are refused before any call
+    sent = len(server.requests)
+    for command, flags, method in [("eval", ("--data", str(data), "--method", "random", "--cost-lambda", "1"), "--method"),
+                                   ("ask", ("What is 6 x 7?", "--mode", "random", "--set", "recruit.cost_lambda=1"),
+                                    "--mode")]:
+        refused = cli(command, *flags, "--pool", str(pool))
+        assert (refused.returncode, refused.stderr.splitlines()[0]) == (
+            2, "error: --cost-lambda (recruit.cost_lambda) weighs the experts' prices; random recruiting does not use "
+               f"it: leave it out, or use another {method} (see python -m orchestra {command} --help)")
+    assert len(server.requests) == sent
+    for command, flags in [("eval", ("--data", str(data), "--method", "moa")), ("ask", ("What is 6 x 7?",)),
+                           ("ask", ("What is 6 x 7?", "--mode", "symbolic-moe"))]:
+        mode = {"moa": "global"}.get(flags[-1], flags[-1] if "--mode" in flags else "calibrated")
+        sent = len(server.requests)
+        refused = cli(command, *flags, "--pool", str(pool), "--max-cost-per-item", "0.5")
+        assert refused.returncode == (0 if mode == "calibrated" else 2), refused.stderr
+        if mode != "calibrated":
+            assert f"caps the calibrated router's teams; {mode} recruiting does not use it" in refused.stderr
+            assert len(server.requests) == sent
 
 
 @pytest.mark.parametrize(("flag", "message"), [
