@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -171,31 +173,47 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names of the pydantic model found at ``loc`` inside ``model`` (list indexes and
-    mapping keys stepped over), or none where no model is found."""
-    current: Any = model
+    mapping keys stepped over, a union's member taken by the tag pydantic names it by), or none
+    where no model is found."""
+    current = _alternatives(model)
     for part in loc:
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(str(part))
-            if field is None:
-                return []
-            current = field.annotation
-        else:  # a list index, a mapping key, or a union's tag: into the model the container holds
-            current = _inner_model(current)
-        if current is None:
+        models = [c for c in current if isinstance(c, type) and issubclass(c, BaseModel)]
+        if models:  # the part is a field, or the tag of the union member it holds
+            tagged = [m for m in models if part in _tags(m)]
+            current = tagged or [alternative for m in models if str(part) in m.model_fields
+                                 for alternative in _alternatives(m.model_fields[str(part)].annotation)]
+        else:  # a list index or a mapping key: what the container holds
+            current = [alternative for c in current for alternative in _alternatives(_held(c))]
+        if not current:
             return []
-    found = current if isinstance(current, type) and issubclass(current, BaseModel) else _inner_model(current)
-    return list(found.model_fields) if found is not None else []
+    found = [c for c in current if isinstance(c, type) and issubclass(c, BaseModel)]
+    return list(found[0].model_fields) if found else []
 
 
-def _inner_model(annotation: Any) -> type[BaseModel] | None:
-    """The first pydantic model an annotation holds (``list[Step]``, ``dict[str, Input] | None``)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for argument in get_args(annotation):
-        found = _inner_model(argument)
-        if found is not None:
-            return found
-    return None
+def _alternatives(annotation: Any) -> list[Any]:
+    """What a value of ``annotation`` may be: a union's members, with ``Annotated`` and None left out."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _alternatives(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return [alternative for member in get_args(annotation) if member is not type(None)
+                for alternative in _alternatives(member)]
+    return [annotation] if annotation is not None else []
+
+
+def _held(container: Any) -> Any:
+    """What a list holds, or a mapping's values (None for anything else)."""
+    arguments = get_args(container)
+    if not arguments:
+        return None
+    origin = get_origin(container)
+    return arguments[-1] if isinstance(origin, type) and issubclass(origin, Mapping) else arguments[0]
+
+
+def _tags(model: type[BaseModel]) -> tuple[Any, ...]:
+    """The values of a model's ``type`` field when it is a ``Literal`` (its tag in a union)."""
+    field = model.model_fields.get("type")
+    return get_args(field.annotation) if field is not None and get_origin(field.annotation) is Literal else ()
 
 
 class _Builder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -197,4 +198,19 @@ def test_a_pool_file_with_true_for_a_number_names_its_line(tmp_path: Path) -> No
     pool_file.write_text("models:\n  m: {type: openai, model: m, base_url: 'http://127.0.0.1:9/v1'}\n"
                          "agents:\n  - {name: a, model: m, temperature: on}\n")
     with pytest.raises(ConfigError, match=r"pool.yaml:4:\d+: agents.a.temperature: give a number, not true$"):
+        Pool.load(pool_file)
+
+
+@pytest.mark.parametrize(("model", "written", "message"), [
+    # (a misspelt price was dropped: the model cost nothing, and a cost budget said to give prices)
+    ("{type: openai, model: m, base_url: 'http://127.0.0.1:9/v1', prices: {inptu: 0.15, output: 0.6}}",
+     "inptu", "did you mean 'input'?"),
+    ("{type: anthropic, model: c, max_tokns: 100}", "max_tokns", "did you mean 'max_tokens'?"),
+])
+def test_a_misspelt_key_inside_a_model_names_the_field_it_is_closest_to(tmp_path: Path, model: str, written: str,
+                                                                      message: str) -> None:
+    """The closest field was looked for in the first kind of model of the union, whatever the type."""
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(f"models:\n  m: {model}\nagents:\n  - {{name: a, model: m}}\n")
+    with pytest.raises(ConfigError, match=rf"pool.yaml:2:\d+: unknown field '{written}' \({re.escape(message)}\)$"):
         Pool.load(pool_file)

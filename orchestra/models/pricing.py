@@ -14,7 +14,7 @@ from orchestra.numbers import Amount
 class Price(BaseModel):
     """USD per million input (prompt) and output (completion) tokens."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # (a misspelt price was a free model)
 
     input: Amount = Field(default=0.0, ge=0, allow_inf_nan=False)
     output: Amount = Field(default=0.0, ge=0, allow_inf_nan=False)
