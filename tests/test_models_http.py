@@ -313,6 +313,13 @@ def test_anthropic_structured_output_uses_a_forced_tool(loopback) -> None:
     assert body["tools"][0]["input_schema"]["properties"]["city"]["type"] == "string"
 
 
+def test_the_chat_handler_says_an_anthropic_tool_call_needs_json(loopback) -> None:
+    """It failed with "handler failed: Expecting value: line 1 column 1 (char 0)"."""
+    server = loopback(chat_handler(lambda req: "hello there"))
+    with pytest.raises(BadResponse, match="return the JSON of the tool's input"):
+        run(anthropic(server, max_attempts=1).complete([ask("facts", output=Answer)]))
+
+
 def test_anthropic_malformed_json_repaired(loopback) -> None:
     answers = iter([anthropic_reply("not json at all"), anthropic_reply('{"city": "Rome", "population": 3}')])
 

@@ -18,7 +18,7 @@ from orchestra.models import ChatResult, FunctionModel
 from orchestra.profile import SkillProfile, load_profiles
 from orchestra.profiling import build_profiles, save_profiles
 from orchestra.skills import KeywordConfig, SkillExtractor
-from orchestra.testing import LoopbackRequest, Reply
+from orchestra.testing import LoopbackRequest, Reply, chat_handler, embeddings_reply
 from orchestra.testing.simulation import simulated_pool
 
 # --- keyword extraction ------------------------------------------------------------------------
@@ -96,6 +96,17 @@ def test_embedding_matcher_over_a_loopback_embeddings_endpoint(loopback) -> None
     asyncio.run(matcher.match(["equations"], ["algebra", "geometry", "history"]))
     assert len(server.requests) == 1  # every text was cached after the first call
     assert server.requests[0].path == "/v1/embeddings"
+
+
+def test_the_chat_handlers_server_answers_embeddings_too(loopback) -> None:
+    """The README calls the loopback server an embeddings server too; ``chat_handler`` (and
+    ``python -m orchestra.testing``) answered ``/embeddings`` with a chat completion."""
+    server = loopback(chat_handler(lambda request: "never asked"))
+    matcher = EmbeddingMatcher(model="mini", base_url=server.url + "/v1", min_similarity=0.6)
+    found = asyncio.run(matcher.match(["Algebraic", "pottery"], ["algebra", "geometry", "history"]))
+    assert [(m.keyword, m.skill) for m in found] == [("Algebraic", "algebra")]  # (shared spelling is near)
+    assert [r.path for r in server.requests] == ["/v1/embeddings"]
+    assert embeddings_reply(["a b"]).body == embeddings_reply(["a b"]).body  # the same text, the same vector
 
 
 # --- grading -----------------------------------------------------------------------------------

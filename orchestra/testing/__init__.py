@@ -2,7 +2,8 @@
 
 - model doubles: ``ScriptedModel`` (answers from a script) and ``FunctionModel`` (answers from a function);
 - ``LoopbackServer``: a real OpenAI/Anthropic-shaped HTTP server on 127.0.0.1 whose answers come from
-  a handler (``chat_handler``, ``Reply``, ``openai_reply``, ``anthropic_reply``, ``error_reply``);
+  a handler (``chat_handler``, ``Reply``, ``openai_reply``, ``anthropic_reply``, ``embeddings_reply``,
+  ``error_reply``);
   ``python -m orchestra.testing`` serves one from another process;
 - ``allow_model_requests``: the switch that forbids (``ORCHESTRA_ALLOW_MODEL_REQUESTS=0``) or allows
   real model requests;
@@ -19,6 +20,7 @@ from orchestra.testing.loopback import (
     Reply,
     anthropic_reply,
     chat_handler,
+    embeddings_reply,
     error_reply,
     openai_reply,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "allow_model_requests",
     "anthropic_reply",
     "chat_handler",
+    "embeddings_reply",
     "error_reply",
     "openai_reply",
 ]

@@ -16,7 +16,9 @@ import argparse
 import asyncio
 import inspect
 import json
+import math
 import threading
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -307,6 +309,27 @@ def anthropic_reply(text: str | None = None, *, tool_input: Any = None, input_to
                                  "output_tokens": out if output_tokens is None else output_tokens}})
 
 
+#: dimensions of ``embeddings_reply``'s vectors
+EMBEDDING_DIMENSIONS = 64
+
+
+def embeddings_reply(inputs: Sequence[str], *, model: str = "loopback") -> Reply:
+    """An embeddings answer for ``inputs``: each text's character trigrams hashed into
+    ``EMBEDDING_DIMENSIONS`` counts, normalised, so texts that share spelling are near (``algebra``
+    and ``algebraic``) and the same text always gets the same vector."""
+    data = []
+    for index, text in enumerate(inputs):
+        padded = f"  {text.lower()} "
+        vector = [0.0] * EMBEDDING_DIMENSIONS
+        for start in range(len(padded) - 2):
+            vector[zlib.crc32(padded[start:start + 3].encode()) % EMBEDDING_DIMENSIONS] += 1.0
+        norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+        data.append({"object": "embedding", "index": index, "embedding": [value / norm for value in vector]})
+    tokens = sum(estimate_tokens(text) for text in inputs)
+    return Reply(body={"object": "list", "data": data, "model": model,
+                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
 def error_reply(status: int, message: str = "error", *, retry_after: str | None = None) -> Reply:
     """An error answer in the shape both APIs use."""
     headers = {"Retry-After": retry_after} if retry_after is not None else {}
@@ -317,7 +340,8 @@ TextFunction = Callable[[LoopbackRequest], str | Reply | Awaitable[str | Reply]]
 
 
 def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:
-    """A handler that answers chat requests on either API with the text ``fn(request)`` returns.
+    """A handler that answers chat requests on either API with the text ``fn(request)`` returns,
+    and embeddings requests (``/embeddings``) with ``embeddings_reply``'s vectors.
 
     ``fn`` may return a ``Reply`` to answer otherwise (an error, a hang). On the Anthropic path a
     request with tools gets the text back as the forced tool call's input (it must be JSON). As a
@@ -326,6 +350,11 @@ def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:
     """
 
     async def handle(request: LoopbackRequest) -> Reply:
+        if request.path.endswith("/embeddings"):
+            texts = (request.json() or {}).get("input")
+            reply = embeddings_reply([texts] if isinstance(texts, str) else list(texts or ()))
+            reply.delay = delay
+            return reply
         result: Any = fn(request)
         if inspect.isawaitable(result):
             result = await result
@@ -334,7 +363,12 @@ def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:
         body = request.json() or {}
         if request.path.endswith("/messages"):
             if body.get("tools"):
-                reply = anthropic_reply(tool_input=json.loads(result))
+                try:
+                    tool_input = json.loads(result)
+                except ValueError:
+                    raise ValueError(f"the function answered {result[:40]!r} to a request with tools (Anthropic "
+                                     "structured output): return the JSON of the tool's input") from None
+                reply = anthropic_reply(tool_input=tool_input)
             else:
                 text, cut = _cut(result, body.get("max_tokens"))
                 reply = anthropic_reply(text, stop_reason="max_tokens" if cut else "end_turn")
@@ -357,7 +391,7 @@ def _cut(text: str, max_tokens: Any) -> tuple[str, bool]:
 
 
 def main() -> None:
-    """Serve a fixed answer until killed; print the URL first."""
+    """Serve a fixed answer (and embeddings) until killed; print the URL first."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
