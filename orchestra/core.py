@@ -650,7 +650,10 @@ class Orchestra:
                              workflow=workflow, meta=meta, experts=experts, answer=answer, **overrides)
         run.on_answer_text = _going_on(on_answer_text) if on_answer_text is not None else None
         self._begin(run)
-        return await self._finish(run)
+        result = await self._finish(run)
+        if run.forbidden is not None:
+            raise run.forbidden
+        return result
 
     def _check_same_task(self, run_id: str, task: str) -> None:
         """An existing ``run_id`` continues that run: one of another task is refused (its record

@@ -9,6 +9,7 @@ import json
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
+from orchestra import Agent, Orchestra, Pool
 from orchestra.errors import BadResponse, ModelRequestsForbidden
 from orchestra.models import (
     ChatRequest,
@@ -254,6 +255,20 @@ def test_switch_forbids_real_requests_in_the_suite() -> None:
     model = OpenAICompatible(model="gpt-4o-mini", base_url="http://192.0.2.1/v1")
     with pytest.raises(ModelRequestsForbidden, match="allow_model_requests"):
         asyncio.run(model.complete([ChatRequest.user("hi")]))
+
+
+def test_a_run_that_forgot_a_double_raises_the_switchs_error(tmp_path) -> None:
+    """It came back as a failed run (its error naming the switch), so a test that checked nothing
+    of the result passed; the run stops at the first forbidden request, recorded, and raises."""
+    from orchestra.store import RunStore
+
+    model = OpenAICompatible(model="gpt-4o-mini", base_url="http://192.0.2.1/v1", api_key_env=None)
+    planner = FunctionModel(lambda request: {"keywords": ["general"]}, name="keywords")
+    orc = Orchestra(Pool(agents=[Agent(name="a", model=model), Agent(name="b", model=planner)], planner=planner),
+                    store=tmp_path / "runs.db", k=2)
+    with pytest.raises(ModelRequestsForbidden, match="wrap the test in orchestra.models.allow_model_requests"):
+        orc.run("What is 1 + 1?", plan=False)
+    assert [r.status for r in RunStore(tmp_path / "runs.db").runs()] == ["failed"]
 
 
 class Line(BaseModel):

@@ -23,6 +23,7 @@ from orchestra.errors import (
     AuthenticationError,
     BudgetExceeded,
     EndpointUnreachable,
+    ModelRequestsForbidden,
     OrchestraError,
     StoreError,
     UserError,
@@ -153,7 +154,7 @@ class NodeState:
             "elapsed_s": self.elapsed_s, "saved_calls": self.saved_calls})
 
 
-_RUN_ENDING = (AuthenticationError, EndpointUnreachable, StoreError)
+_RUN_ENDING = (AuthenticationError, EndpointUnreachable, StoreError, ModelRequestsForbidden)
 """Failures that end the whole run at once: every other call would fail the same way."""
 
 
@@ -214,6 +215,9 @@ class Run:
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.user_error = False  # a failure the user must fix (key, URL, context): exit code 2
+        #: a real model's request the test switch forbade: ``Orchestra.arun`` raises it once the run
+        #: is recorded (a test that forgot a double fails there, whatever it asserts)
+        self.forbidden: ModelRequestsForbidden | None = None
         self.skill_extraction_failures = 0
         self.stage_failures: list[str] = []  # stages that failed without stopping the run: it is not done
         self._unresolved = 0
@@ -278,6 +282,8 @@ class Run:
                 break
         if fatal is not None:
             self.user_error = True
+            if isinstance(fatal, ModelRequestsForbidden):
+                self.forbidden = fatal
             trace = self.traces.get(node) if node is not None else None  # (none yet in a chunk's recruiting)
             if trace is not None:
                 trace.status, trace.error = "failed", str(fatal)
