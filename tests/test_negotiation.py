@@ -47,6 +47,9 @@ def run(coro):
 
 @pytest.mark.parametrize(("status", "error", "payload", "feature"), [
     (500, LLAMA_CPP_500, {"response_format": SCHEMA_FORMAT}, "response_format:json_schema"),
+    (500, "1 validation error: response_format.json_schema: extra fields not permitted",  # a location as a path
+     {"response_format": SCHEMA_FORMAT, "seed": 1}, "response_format:json_schema"),
+    (500, "body -> seed\n  field not allowed", {"seed": 1}, "seed"),
     (400, {"error": {"message": "Unrecognized request argument supplied: seed", "param": None}},
      {"seed": 1, "stop": ["x"]}, "seed"),
     (400, {"error": {"message": "Unsupported parameter.", "param": "stop"}}, {"seed": 1, "stop": ["x"]}, "stop"),
@@ -61,7 +64,9 @@ def test_a_refusal_names_the_feature_it_refuses(status, error, payload, feature)
 
 @pytest.mark.parametrize(("status", "error", "payload"), [
     (400, {"error": {"message": "This model's maximum context length is 4096 tokens"}}, {"seed": 1}),
-    (500, "worker crashed while handling stop tokens", {"stop": ["x"]}),  # a 5xx must quote the field
+    (500, "worker crashed while handling stop tokens", {"stop": ["x"]}),  # a 5xx must place the field
+    (500, "worker crashed: seed. Restarting", {"seed": 1}),  # (a sentence's full stop is no path)
+    (500, "crashed in engine.seed.py", {"seed": 1}),
     (404, {"error": {"message": "model 'x' not found; response_format ignored"}}, {"response_format": SCHEMA_FORMAT}),
     (401, {"error": {"message": "bad key for seed"}}, {"seed": 1}),
     (400, {"error": {"message": "seed must be an integer"}}, {"stop": ["x"]}),  # names a field not sent

@@ -49,9 +49,10 @@ def refused_feature(status: int, error: Any, payload: Mapping[str, Any]) -> str 
     """The feature of ``payload`` that an error response refuses, if it names one.
 
     ``error`` is the decoded error body (OpenAI's ``{"error": {"message", "param"}}``, or text).
-    A 4xx may name the field plainly; a 5xx must name it quoted (``'response_format'``, as a
-    validation error's location does) or in ``param``, so a crash that merely mentions a word
-    is not taken for a refusal.
+    A 4xx may name the field plainly; a 5xx must name it as a validation error's location does,
+    quoted (``'response_format'``) or as a path into the body (``response_format.json_schema``,
+    ``response_format -> type``), or in ``param``, so a crash that merely mentions a word is not
+    taken for a refusal.
     """
     if status < 400 or status in NOT_ABOUT_A_FIELD:
         return None
@@ -66,8 +67,10 @@ def refused_feature(status: int, error: Any, payload: Mapping[str, Any]) -> str 
         if isinstance(param, str) and (param == field or param.startswith(field + ".")):
             return feature
         for word in OPTIONAL_FIELDS[field]:
-            quoted, plain = rf"['\"`]{re.escape(word)}['\"`]", rf"(?<![\w-]){re.escape(word)}(?![\w-])"
-            pattern = quoted if status >= 500 else plain
+            plain = rf"(?<![\w-]){re.escape(word)}(?![\w-])"
+            located = (rf"['\"`]{re.escape(word)}['\"`]|(?<![\w.-]){re.escape(word)}(?:\.\w|\s*->)"
+                       rf"|->\s*{re.escape(word)}(?![\w-])")
+            pattern = located if status >= 500 else plain
             found = re.search(pattern, text, flags=re.IGNORECASE)
             if found and (earliest is None or found.start() < earliest[0]):
                 earliest = (found.start(), feature)
