@@ -120,23 +120,21 @@ class BudgetTracker:
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
         spent = self.prompt_tokens + self.completion_tokens
         if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
-            self.wanted = worst
             held = f", {self._reserved_tokens} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
             self._refuse("max_tokens", budget.max_tokens,
                          f"{spent} tokens used{held}, the next call may take {worst.tokens}: {prompt} of prompt and "
                          f"up to {answer} of answer", held=bool(held) and spent + worst.tokens <= budget.max_tokens,
-                         hopeless=worst.tokens > budget.max_tokens)
+                         hopeless=worst.tokens > budget.max_tokens, wanted=worst)
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
-            self.wanted = worst
             held = f", {usd_exact(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
             self._refuse("max_cost_usd", budget.max_cost_usd,
                          f"{usd_exact(self.cost_usd)} spent{held}, the next call may cost "
                          f"{usd_exact(worst.cost_usd)}: {prompt} tokens of prompt and up to {answer} of answer",
                          held=bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd,
-                         hopeless=worst.cost_usd > budget.max_cost_usd)
+                         hopeless=worst.cost_usd > budget.max_cost_usd, wanted=worst)
         if self.parent is not None:
             try:
                 self.parent.admit(request, price)
@@ -196,11 +194,12 @@ class BudgetTracker:
         """Refuse every call from now on with ``reason`` (a run a shared budget cannot be expected to finish)."""
         self.closed = reason
 
-    def _refuse(self, limit: str, value: float, spent: str, *, held: bool = False, hopeless: bool = False) -> None:
+    def _refuse(self, limit: str, value: float, spent: str, *, held: bool = False, hopeless: bool = False,
+                wanted: Reservation = NOTHING) -> None:
         refused = BudgetExceeded(limit=limit, value=value, spent=spent, run_id=self.run_id, shared=self.name, held=held,
                                  hopeless=hopeless)
-        if not held:  # ``exceeded`` is the refusal that stopped something
-            self.exceeded = refused
+        if not held:  # ``exceeded`` is the refusal that stopped something (``wanted``: the call's worst case)
+            self.exceeded, self.wanted = refused, wanted
         raise refused
 
 
@@ -214,12 +213,12 @@ class RunAdmission:
     paid before included; runs a budget or a cancellation cut short do not show what a run costs;
     the average would start runs that cost more than it, to be cut off with their calls spent), and
     a run in flight at least what it has committed; the last call of all needs its worst case left (the
-    largest one a call has reserved), which is what the budget admits it by. Until one has ended
-    so, runs start one at a time: nothing is known of what a run spends (a workflow's steps, a
-    plan's nodes, the models' prices), unless a run the budget cut short shows that the next one
-    would be cut too: a run takes at least what that one spent and the call it was refused. With
-    no run in flight one starts unless that is known (a run that does not fit stops at the budget,
-    as any run).
+    largest one a call has reserved, or a data set's run was refused), which is what the budget
+    admits it by. Until one has ended so, runs start one at a time: nothing is known of what a run
+    spends (a workflow's steps, a plan's nodes, the models' prices), but a call a data set's run was
+    refused (``ended(..., cut=True)``) is one its runs make: with no room for it, no run is started (it would send its first
+    calls and be cut there). With no run in flight one starts unless that is known (a run that does
+    not fit stops at the budget, as any run).
     """
 
     def __init__(self, shared: BudgetTracker) -> None:
@@ -229,9 +228,9 @@ class RunAdmission:
         self._ended = (0.0, 0.0, 0.0)  # committed by the runs that ended
         self._largest = (0.0, 0.0, 0.0)  # the full cost of the costliest runs that ended on their own
         self._learned = 0
-        #: all that runs a budget cut short had cost: a run takes more than that (known before any run
-        #: ends on its own when the first one is cut, so the next is not started to be cut in turn)
-        self._floor = (0.0, 0.0, 0.0)
+        #: the largest worst case of a call a run was refused (it reserved nothing, so the shared
+        #: budget's ``largest`` does not know it): the last call of a run may need that much
+        self._refused = NOTHING
         self._futile: BudgetExceeded | None = None  # a call of a run was over a limit on its own
 
     def admits(self, live: int) -> bool:
@@ -241,20 +240,20 @@ class RunAdmission:
     def refusal(self, live: int) -> BudgetExceeded | None:
         """Why one more run cannot be expected to finish beside ``live`` runs in flight, or None
         (None too while nothing is known): a run whose call was over a limit on its own, or the
-        budget's room against what a run costs."""
+        budget's room against what a run costs and what its last call may need."""
         if self._futile is not None:
             return self._futile
-        if not self._learned and not any(self._floor):
+        if not self._learned and self._refused is NOTHING:
             return None
-        budget, largest = self.shared.budget, self.shared.largest
+        budget, largest, refused = self.shared.budget, self.shared.largest, self._refused
         committed = self.shared.committed()
-        limits = (("max_calls", budget.max_calls, 0.0), ("max_tokens", budget.max_tokens, largest.tokens),
-                  ("max_cost_usd", budget.max_cost_usd, largest.cost_usd))
+        limits = (("max_calls", budget.max_calls, 0.0),
+                  ("max_tokens", budget.max_tokens, max(largest.tokens, refused.tokens)),
+                  ("max_cost_usd", budget.max_cost_usd, max(largest.cost_usd, refused.cost_usd)))
         for dimension, (name, limit, last_call) in enumerate(limits):
             if limit is None:
                 continue
-            per_run = max(self._largest[dimension], self._floor[dimension])
-            takes = "at least" if self._floor[dimension] > self._largest[dimension] else "up to"
+            per_run = self._largest[dimension]
             expected = self._base[dimension] + self._ended[dimension] + live * per_run
             if max(expected, committed[dimension]) + per_run + last_call > limit:
                 def amount(value: float, name: str = name) -> str:
@@ -262,15 +261,17 @@ class RunAdmission:
                             if name == "max_tokens" else usd_exact(value))  # (amounts set against a limit)
 
                 # (a call is admitted by its worst case, so the last one needs that much left)
+                takes = f", and a run takes up to {amount(per_run)}" if self._learned else ""
                 reserve = f", and a call may need {amount(last_call)} at worst" if last_call else ""
                 return BudgetExceeded(limit=name, value=limit, run_id=None, shared=self.shared.name, no_room=True,
-                                      spent=f"{amount(committed[dimension])} so far, and a run takes {takes} "
-                                            f"{amount(per_run)}{reserve}, so it was not started")
+                                      spent=f"{amount(committed[dimension])} so far{takes}{reserve}, "
+                                            "so it was not started")
         return None
 
-    def ended(self, run: BudgetTracker, *, on_its_own: bool) -> None:
+    def ended(self, run: BudgetTracker, *, on_its_own: bool, cut: bool = False) -> None:
         """Count a run that ended (``on_its_own``: not cut short by a budget or a cancellation, so
-        it shows what a run costs). One stopped by a call over a limit on its own (with the budget
+        it shows what a run costs; ``cut``: a budget cut it short, so the call it was refused is one
+        a run may need room for). One stopped by a call over a limit on its own (with the budget
         empty it would not fit either) stops the runs not started: they would send their first
         calls and stop there too."""
         if run.exceeded is not None and run.exceeded.hopeless and self._futile is None:
@@ -278,26 +279,18 @@ class RunAdmission:
             self._futile = BudgetExceeded(limit=refused.limit, value=refused.value, run_id=None,
                                           shared=self.shared.name, hopeless=True,
                                           spent=f"one call of a run needs more than all of it: {refused.spent}")
-        whole = (run.calls, run.prompt_tokens + run.completion_tokens, run.cost_usd)
-        if on_its_own or run.exceeded is None:
-            self.count(run.committed(), whole if on_its_own else None)
-            return
-        # cut short by a budget: a run takes what this one spent and the call it was refused, at least
         wanted = run.wanted
-        self.count(run.committed(), (whole[0] + 1, whole[1] + wanted.tokens, whole[2] + wanted.cost_usd), cut=True)
+        if cut and (wanted.tokens > self._refused.tokens or wanted.cost_usd > self._refused.cost_usd):
+            self._refused = Reservation(max(wanted.tokens, self._refused.tokens),
+                                        max(wanted.cost_usd, self._refused.cost_usd))
+        whole = (run.calls, run.prompt_tokens + run.completion_tokens, run.cost_usd)
+        self.count(run.committed(), whole if on_its_own else None)
 
-    def count(self, spent: tuple[float, float, float], whole: tuple[float, float, float] | None, *,
-              cut: bool = False) -> None:
+    def count(self, spent: tuple[float, float, float], whole: tuple[float, float, float] | None) -> None:
         """Count a run that ended, by what it had committed to the shared budget (calls, tokens,
-        dollars) and all it cost (``whole``): what a run takes, if it ended on its own; at least
-        that if a budget cut it short (``cut``: with the call it was refused). None: it shows
-        nothing (a cancellation)."""
+        dollars) and, if it ended on its own, all it cost (``whole``: what a run takes)."""
         self._ended = (self._ended[0] + spent[0], self._ended[1] + spent[1], self._ended[2] + spent[2])
-        if whole is None:
-            return
-        if cut:
-            self._floor = (max(self._floor[0], whole[0]), max(self._floor[1], whole[1]), max(self._floor[2], whole[2]))
-            return
-        self._learned += 1
-        self._largest = (max(self._largest[0], whole[0]), max(self._largest[1], whole[1]),
-                         max(self._largest[2], whole[2]))
+        if whole is not None:
+            self._learned += 1
+            self._largest = (max(self._largest[0], whole[0]), max(self._largest[1], whole[1]),
+                             max(self._largest[2], whole[2]))

@@ -461,8 +461,9 @@ class _Stream:
             return
         error = None if future.cancelled() else future.exception()
         if self.admission is not None:
-            self.admission.ended(run.ledger.budget, on_its_own=error is None and not future.cancelled()
-                                 and future.result().status not in ("budget_exceeded", "cancelled"))
+            status = None if future.cancelled() or error is not None else future.result().status
+            self.admission.ended(run.ledger.budget, on_its_own=status not in (None, "budget_exceeded", "cancelled"),
+                                 cut=status == "budget_exceeded")
             self.changed.set()
         if future.cancelled() or error is not None:  # a bug inside the run: stop it, keep its record
             run.cancel()

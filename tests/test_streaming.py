@@ -186,7 +186,7 @@ def test_a_shared_budget_smaller_than_the_data_set_finishes_the_runs_it_can_pay_
     before = sent()
     results, shared = asyncio.run(main(max_tokens=per_run + 600))
     assert [r.usage.calls for r in results] == [5] + [0] * 29 and sent() - before == 5
-    assert "a run takes at least" in str(results[1].error)
+    assert str(results[1].error).endswith("so far, and a call may need 1,066 tokens at worst, so it was not started)")
 
 
 def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> None:
@@ -216,16 +216,22 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
     admission.ended(cut, on_its_own=False)  # a run cancelled counts as spent, not as what a run costs
     assert admission._learned == 1
 
-    # a run a budget cut short: a run takes at least what it spent and the call it was refused
+    # a run a budget cut short: the call it was refused is one a run may make, and needs room
+    def cut_run(admission: RunAdmission) -> BudgetTracker:
+        run = BudgetTracker(Budget(), "c1", parent=admission.shared)
+        spent(run, 2, 40, max_tokens=5)
+        with pytest.raises(BudgetExceeded):
+            run.admit(ChatRequest.user("hi", max_tokens=60), FREE)  # 40 + 61 > 100
+        return run
+
+    cancelled = RunAdmission(BudgetTracker(Budget(max_calls=None, max_tokens=100, max_cost_usd=None), None))
+    cancelled.ended(cut_run(cancelled), on_its_own=False)  # (cancelled after the refusal: it shows nothing)
+    assert cancelled.refusal(0) is None
     short = RunAdmission(BudgetTracker(Budget(max_calls=None, max_tokens=100, max_cost_usd=None), None))
-    assert short.refusal(0) is None  # nothing known
-    first = BudgetTracker(Budget(), "c1", parent=short.shared)
-    spent(first, 2, 40, max_tokens=5)
-    with pytest.raises(BudgetExceeded):
-        first.admit(ChatRequest.user("hi", max_tokens=60), FREE)  # 40 + ~61 > 100
-    short.ended(first, on_its_own=False)
-    refused = short.refusal(0)  # 40 so far + a run of at least 40 + ~61
-    assert refused is not None and "a run takes at least 101 tokens" in str(refused) and short._learned == 0
+    short.ended(cut_run(short), on_its_own=False, cut=True)
+    refused = short.refusal(0)  # 40 so far, and 61 for that call: no room
+    assert str(refused).endswith("(40 tokens so far, and a call may need 61 tokens at worst, so it was not started)")
+    assert short._learned == 0
 
     # runs of different costs: the costliest is what a run may take (the average, 4, started a run
     # that then cost 5 and was cut off with its calls spent)
