@@ -173,6 +173,24 @@ def test_a_refused_key_is_refused_again_unsent_until_it_changes_or_time_passes(l
     assert len(server.requests) == 4
 
 
+@pytest.mark.parametrize(("status", "sent"), [(401, 1), (403, 2)])
+def test_calls_queued_behind_a_401_fail_unsent_and_a_403_is_not_taken_for_the_key(loopback, monkeypatch,
+                                                                                 status: int, sent: int) -> None:
+    """Two calls at max_concurrency 1: the second waited for the first's slot, then sent the key the
+    server had just refused. A 403 may be about one request or model (moderation, a model the key may
+    not use), so it is not remembered for the key."""
+    server = loopback(lambda req: error_reply(status, "no"))
+    monkeypatch.setenv("MY_PROVIDER_KEY", "sk-bad")
+    model = openai(server, api_key_env="MY_PROVIDER_KEY", max_concurrency=1)
+
+    async def both() -> list[Exception | object]:
+        return await asyncio.gather(*(model.complete_one(ask()) for _ in range(2)), return_exceptions=True)
+
+    outcomes = run(both())
+    assert all(isinstance(outcome, AuthenticationError) for outcome in outcomes)
+    assert len(server.requests) == sent
+
+
 def test_missing_key_variable_is_one_clear_line(loopback, monkeypatch) -> None:
     server = loopback(lambda req: openai_reply("never"))
     monkeypatch.delenv("ABSENT_KEY", raising=False)
@@ -477,6 +495,9 @@ def test_a_stream_the_server_ends_early_is_retried_as_a_broken_connection(loopba
     result = run(model.complete_one(ask(on_text=seen.append)))
     assert result.text == seen[-1] == "The answer is 4." and seen[0] == "The ans"
     assert len(server.requests) == 2 and result.usage.requests == 2
+    # the cut attempt was billed too (its prompt estimated: the stream said no usage)
+    assert result.usage.prompt_tokens == estimate_tokens("hello") + 10
+    assert result.usage.completion_tokens == estimate_tokens("The ans") + estimate_tokens("The answer is 4.")
     last = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None, max_attempts=1)
     server.requests.clear()
     with pytest.raises(ConnectionBroke, match=re.escape(

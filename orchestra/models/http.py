@@ -30,7 +30,7 @@ from orchestra.errors import (
 )
 from orchestra.models.base import ModelBase, notify_downgrade, notify_retry
 from orchestra.models.deadlines import Deadlines
-from orchestra.models.metering import count_request, take_back_request
+from orchestra.models.metering import charge, count_request, take_back_request
 from orchestra.models.negotiation import Capabilities, refused_feature
 from orchestra.models.transport import AiohttpTransport, Answer, Chunks, Headers, Transport, TransportFactory
 from orchestra.models.types import Usage
@@ -39,7 +39,7 @@ DEFAULT_MAX_CONCURRENCY = 16
 
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
-#: how long a key the server refused is refused again without a request (a key changed in the
+#: how long a key the server refused (401) is refused again without a request (a key changed in the
 #: environment is tried at once; a long-lived process tries the same key again after this)
 REFUSED_KEY_SECONDS = 10.0
 #: how long requests wait for the one probing an untried feature: a server refuses a field as it reads
@@ -108,9 +108,9 @@ class _LoopState:
     #: for them do not each probe in turn, nor do later ones wait for a probe (see ``post_negotiated``)
     probes_failed: int = 0
     failing: Exception | None = None
-    #: the last key the server refused (401/403), when, and its error: requests with that key in the
+    #: the last key the server refused (HTTP 401), when, and its error: requests with that key in the
     #: next ``REFUSED_KEY_SECONDS`` fail with it unsent (calls queued behind the refusal, by a budget's
-    #: reservation or the concurrency limit, would each be refused alike)
+    #: reservation or the concurrency and rate limits, would each be refused alike)
     refused: tuple[str | None, float, str] | None = None
 
 
@@ -327,6 +327,7 @@ class Endpoint:
                 # out of attempts, or the next one would start past the deadline
                 if attempt >= policy.max_attempts or time.monotonic() - started + delay >= policy.deadline:
                     raise failure.final from None
+                charge(getattr(failure.final, "usage", None))  # a billed attempt (a stream cut short) counts
                 notify_retry(model, attempt, delay, str(failure))
             await asyncio.sleep(delay)
 
@@ -344,12 +345,13 @@ class Endpoint:
         shown = self._shown(url)
         state = await self._state()
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        if state.refused is not None:  # (before the concurrency and rate limits: it would not use their slots)
+            _refuse_known(state, secret)
         async with state.semaphore:
             if self._limiter is not None:
                 await self._limiter.acquire()
-            refused = state.refused
-            if refused is not None and refused[0] == secret and time.monotonic() - refused[1] < REFUSED_KEY_SECONDS:
-                raise AuthenticationError(refused[2])
+            if state.refused is not None:  # (refused while this one waited)
+                _refuse_known(state, secret)
             count_request()
             try:  # the whole answer within the limit: a server that trickles bytes is cut off too
                 response = await state.deadlines.within(limit, state.transport.post(url, headers, body, on_chunk))
@@ -371,7 +373,8 @@ class Endpoint:
         try:
             answer = self._check(response, shown, model, secret, policy, payload, attempt)
         except AuthenticationError as rejected:
-            state.refused = (secret, time.monotonic(), str(rejected))
+            if response.status == 401:  # (a 403 may be about this request or model, not the key)
+                state.refused = (secret, time.monotonic(), str(rejected))
             raise
         state.failing = state.refused = None  # it answers: requests wait for a probe again
         return answer
@@ -413,6 +416,13 @@ class Endpoint:
         if not isinstance(body, dict):
             raise BadResponse(f"{url} answered with JSON that is not an object")
         return body
+
+
+def _refuse_known(state: _LoopState, secret: str | None) -> None:
+    """Raise the 401 ``secret`` met less than ``REFUSED_KEY_SECONDS`` ago, unsent."""
+    refused = state.refused
+    if refused is not None and refused[0] == secret and time.monotonic() - refused[1] < REFUSED_KEY_SECONDS:
+        raise AuthenticationError(refused[2])
 
 
 def _attempts(count: int) -> str:
