@@ -67,6 +67,8 @@ def test_a_refusal_names_the_feature_it_refuses(status, error, payload, feature)
     (500, "worker crashed while handling stop tokens", {"stop": ["x"]}),  # a 5xx must place the field
     (500, "worker crashed: seed. Restarting", {"seed": 1}),  # (a sentence's full stop is no path)
     (500, "crashed in engine.seed.py", {"seed": 1}),
+    (500, 'Traceback: File "/srv/app/stop.py", line 3', {"stop": ["x"]}),  # a file, not a path into the body
+    (500, "CUDA out of memory in tools.py, line 9", {"tools": [], "stop": ["x"]}),
     (404, {"error": {"message": "model 'x' not found; response_format ignored"}}, {"response_format": SCHEMA_FORMAT}),
     (401, {"error": {"message": "bad key for seed"}}, {"seed": 1}),
     (400, {"error": {"message": "seed must be an integer"}}, {"stop": ["x"]}),  # names a field not sent

@@ -45,6 +45,10 @@ def features_of(payload: Mapping[str, Any]) -> dict[str, str]:
     return {feature_of(field, payload[field]): field for field in OPTIONAL_FIELDS if field in payload}
 
 
+#: file name endings a crash's traceback shows (``stop.py`` is a file, ``response_format.type`` a path)
+_SOURCE_FILES = r"(?:py|pyc|pyx|so|c|cc|cpp|cu|h|hpp|js|ts|go|rs|java)"
+
+
 def refused_feature(status: int, error: Any, payload: Mapping[str, Any]) -> str | None:
     """The feature of ``payload`` that an error response refuses, if it names one.
 
@@ -68,8 +72,8 @@ def refused_feature(status: int, error: Any, payload: Mapping[str, Any]) -> str 
             return feature
         for word in OPTIONAL_FIELDS[field]:
             plain = rf"(?<![\w-]){re.escape(word)}(?![\w-])"
-            located = (rf"['\"`]{re.escape(word)}['\"`]|(?<![\w.-]){re.escape(word)}(?:\.\w|\s*->)"
-                       rf"|->\s*{re.escape(word)}(?![\w-])")
+            located = (rf"['\"`]{re.escape(word)}['\"`]|->\s*{re.escape(word)}(?![\w-])"
+                       rf"|(?<![\w./\\-]){re.escape(word)}(?:\s*->|\.(?!{_SOURCE_FILES}\b)[a-z_])")
             pattern = located if status >= 500 else plain
             found = re.search(pattern, text, flags=re.IGNORECASE)
             if found and (earliest is None or found.start() < earliest[0]):
