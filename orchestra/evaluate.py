@@ -297,11 +297,11 @@ def count_earlier(report: EvalReport, earlier: Mapping[int, object]) -> EvalRepo
 
 def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings,
                   items: Sequence[Item]) -> dict[int, RunResult | dict[str, Any]]:
-    """Per item (by index), from its latest earlier run of this evaluation's data set and method
-    that asked the same question with the same settings and pool file, unchanged (its budget may
-    differ: a raised one goes on with it): the result if it finished, else the ``Instance`` options that go
-    on with it (its id, and its experts where it had recruited them, so its recorded expert calls
-    are replayed)."""
+    """Per item (by index), from its latest earlier run of this evaluation's data set that asked
+    the same question with the same settings (so by the same method, whatever its name was then)
+    and pool file, unchanged (its budget may differ: a raised one goes on with it): the result if
+    it finished, else the ``Instance`` options that go on with it (its id, and its experts where it
+    had recruited them, so its recorded expert calls are replayed)."""
     source = orchestra.pool.source
     pool = str(source.resolve()) if source else None  # (as a run's record names it)
     wanted = {item.id: (index, (item.prompt(), answer_format(item), settings, pool))
@@ -319,7 +319,9 @@ def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings
     def going_on(record: RunRecord, spec: RunSpec) -> dict[str, Any]:
         return {"run_id": record.id, **({"experts": spec.pinned} if spec.pinned else {})}
 
-    query = {name: value for name, value in meta.items() if name != "pool_fingerprint"}
+    # (not by the method's name either: the settings compared decide, and a name may gain words
+    # between versions, as ", k=2" did)
+    query = {name: value for name, value in meta.items() if name not in ("pool_fingerprint", "method")}
     return earlier_item_runs(orchestra, query, match, going_on)
 
 

@@ -122,6 +122,27 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
             assert len(server.requests) == sent
 
 
+def test_an_evaluation_named_otherwise_by_an_older_version_is_resumed(loopback, tmp_path: Path) -> None:
+    """Method names gained ", k=2" (a pool's k) and a cost cap; resume looked earlier runs up by the
+    name, so one begun before found nothing and ran every item again."""
+    import sqlite3
+
+    scripted = ScriptedLLM()
+    server = loopback(scripted.handler())
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "question": f"What is 6 x {i} / {i}?", "answer": "42"}) + "\n"
+                            for i in range(1, 3)))
+    pool = write_pool(tmp_path, server.url, extra="settings: {k: 2}\n")
+    first = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--json").stdout)
+    assert first["method"] == "calibrated, k=2"
+    with sqlite3.connect(RunStore().path) as db:  # as the older version named it
+        db.execute("UPDATE runs SET config = json_set(config, '$.spec.meta.method', 'calibrated')")
+    sent = len(server.requests)
+    again = cli("eval", "--data", str(data), "--pool", str(pool), "--resume", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["correct"] == first["correct"] and len(server.requests) == sent
+
+
 @pytest.mark.parametrize(("flag", "message"), [
     ("nope=1", "error: --set nope: no such setting"),
     ("keywords.samplez=3", "error: --set keywords.samplez: no such setting"),
