@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from helpers import single_agent_pool
 
@@ -106,7 +110,13 @@ def test_the_chat_handlers_server_answers_embeddings_too(loopback) -> None:
     found = asyncio.run(matcher.match(["Algebraic", "pottery"], ["algebra", "geometry", "history"]))
     assert [(m.keyword, m.skill) for m in found] == [("Algebraic", "algebra")]  # (shared spelling is near)
     assert [r.path for r in server.requests] == ["/v1/embeddings"]
-    assert embeddings_reply(["a b"]).body == embeddings_reply(["a b"]).body  # the same text, the same vector
+    # the same text, the same vector, in another process too (python -m orchestra.testing serves from one)
+    other = subprocess.run([sys.executable, "-c", "import json; from orchestra.testing import embeddings_reply; "
+                            "print(json.dumps(embeddings_reply(['algebra']).body))"], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": "1"})
+    assert json.loads(other.stdout) == embeddings_reply(["algebra"]).body
+    tokens = httpx.post(server.url + "/v1/embeddings", json={"model": "mini", "input": [101, 2023]}).json()
+    assert len(tokens["data"]) == 1 and len(tokens["data"][0]["embedding"]) == 64  # (a text as token ids)
 
 
 # --- grading -----------------------------------------------------------------------------------

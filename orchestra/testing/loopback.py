@@ -352,7 +352,9 @@ def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:
     async def handle(request: LoopbackRequest) -> Reply:
         if request.path.endswith("/embeddings"):
             texts = (request.json() or {}).get("input")
-            reply = embeddings_reply([texts] if isinstance(texts, str) else list(texts or ()))
+            texts = [texts] if isinstance(texts, str) or not isinstance(texts, list) or (
+                texts and isinstance(texts[0], int)) else texts  # (one text, or one text as token ids)
+            reply = embeddings_reply([text if isinstance(text, str) else json.dumps(text) for text in texts])
             reply.delay = delay
             return reply
         result: Any = fn(request)
