@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import AGGREGATE_MARK, KEYWORDS_MARK
@@ -69,13 +70,18 @@ def test_a_pool_matcher_setting_is_used_and_kept_on_resume(loopback, tmp_path: P
     assert rebuilt.stages.staffing.extractor.config == KeywordConfig(samples=1, min_count=1)
 
 
-def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, tmp_path: Path) -> None:
+def eval_files(loopback, tmp_path: Path, items: int, settings: str) -> tuple[ScriptedLLM, Any, Path, Path]:
+    """A scripted server, a data set of ``items`` questions (answer 42) and a pool with ``settings``."""
     scripted = ScriptedLLM()
     server = loopback(scripted.handler())
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"id": str(i), "question": f"What is 6 x {i} / {i}?", "answer": "42"}) + "\n"
-                            for i in range(1, 4)))
-    pool = write_pool(tmp_path, server.url, extra="settings: {aggregate: vote, k: 2}\n")
+                            for i in range(1, items + 1)))
+    return scripted, server, data, write_pool(tmp_path, server.url, extra=f"settings: {settings}\n")
+
+
+def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, tmp_path: Path) -> None:
+    scripted, server, data, pool = eval_files(loopback, tmp_path, 3, "{aggregate: vote, k: 2}")
     by_pool = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--json").stdout)
     # (the pool votes: no aggregator; and recruits k=2, which the name says: another k is another method)
     assert by_pool["method"] == "calibrated + vote, k=2" and scripted.kinds["aggregate"] == 0
@@ -127,12 +133,7 @@ def test_an_evaluation_named_otherwise_by_an_older_version_is_resumed(loopback, 
     name, so one begun before found nothing and ran every item again."""
     import sqlite3
 
-    scripted = ScriptedLLM()
-    server = loopback(scripted.handler())
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"id": str(i), "question": f"What is 6 x {i} / {i}?", "answer": "42"}) + "\n"
-                            for i in range(1, 3)))
-    pool = write_pool(tmp_path, server.url, extra="settings: {k: 2}\n")
+    _, server, data, pool = eval_files(loopback, tmp_path, 2, "{k: 2}")
     first = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--json").stdout)
     assert first["method"] == "calibrated, k=2"
     with sqlite3.connect(RunStore().path) as db:  # as the older version named it
