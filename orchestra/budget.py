@@ -216,9 +216,9 @@ class RunAdmission:
     largest one a call has reserved, or a data set's run was refused), which is what the budget
     admits it by. Until one has ended so, runs start one at a time: nothing is known of what a run
     spends (a workflow's steps, a plan's nodes, the models' prices), but a call a data set's run was
-    refused (``ended(..., cut=True)``) is one its runs make: with no room for it, no run is started (it would send its first
-    calls and be cut there). With no run in flight one starts unless that is known (a run that does
-    not fit stops at the budget, as any run).
+    refused (``ended(..., cut=True)``) is one its runs make: with no room for it, no run is started
+    (it would send its first calls and be cut there). With no run in flight one starts unless that
+    is known (a run that does not fit stops at the budget, as any run).
     """
 
     def __init__(self, shared: BudgetTracker) -> None:

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker, RunAdmission
 from orchestra.dag import Dag
-from orchestra.errors import BudgetExceeded, ConfigError, StoreError, UnknownSetting, UserError
+from orchestra.errors import BudgetExceeded, ConfigError, RunHeld, StoreError, UnknownSetting, UserError
 from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader
@@ -51,6 +51,9 @@ from orchestra.store import HEARTBEAT_SECONDS, QUIET_EVENTS, RunStore
 from orchestra.workflow import Workflow
 
 T = TypeVar("T")
+
+#: why a run still going when its Orchestra was closed stopped
+CLOSED = "stopped: its Orchestra was closed while it ran; resume it to finish"
 
 #: the default budget's dollars: a cost budget no one set warns of no unpriced model
 DEFAULT_COST_BUDGET = Budget.model_fields["max_cost_usd"].default
@@ -446,16 +449,13 @@ class _Stream:
         return run
 
     def start(self, run: Run) -> None:
-        self.orc._running += 1
-        self.orc._going[run.run_id] = run
-        self.orc._keep_alive()
+        self.orc._hold(run)
         run.start().add_done_callback(partial(self.finished, run))
 
     # --- finished runs -------------------------------------------------------------------
 
     def finished(self, run: Run, future: asyncio.Future[RunResult]) -> None:
-        self.orc._running -= 1
-        self.orc._going.pop(run.run_id, None)
+        self.orc._let_go(run)
         index = self.live.pop(run, None)
         if index is None:  # given up by close(), which recorded it
             return
@@ -767,6 +767,9 @@ class Orchestra:
                     "" if resuming else ", or leave out run_id for a new run"))
         if self.store is None:
             return
+        for run in runs:  # (Orchestras sharing one store object share its owner tag: the store cannot tell)
+            if self.store.going.get(run.run_id, self) is not self:
+                raise RunHeld(run.run_id, self.store.owner.rpartition(":")[0], 0.0)
         self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs], force=force)
         earlier = self.store.earlier_usage([run.run_id for run in runs])
         for run in runs:
@@ -775,14 +778,27 @@ class Orchestra:
                 run.ledger.budget.count(usage, calls=answered)
 
     async def _finish(self, run: Run) -> RunResult:
-        self._running += 1
-        self._going[run.run_id] = run
-        self._keep_alive()
+        self._hold(run)
         try:
             return await self._settle(run)
         finally:
-            self._running -= 1
-            self._going.pop(run.run_id, None)
+            self._let_go(run)
+
+    def _hold(self, run: Run) -> None:
+        """Count ``run`` as going here, and in the store object (other Orchestras may share it)."""
+        self._running += 1
+        self._going[run.run_id] = run
+        if self.store is not None:
+            self.store.going[run.run_id] = self
+        self._keep_alive()
+
+    def _let_go(self, run: Run) -> None:
+        """``run`` has ended (or was given up): it is no longer going here."""
+        self._running -= 1
+        if self._going.get(run.run_id) is run:
+            del self._going[run.run_id]
+        if self.store is not None and self.store.going.get(run.run_id) is self:
+            del self.store.going[run.run_id]
 
     def _keep_alive(self) -> None:
         """Make sure a heartbeat tells other processes this one still holds its running runs."""
@@ -1055,8 +1071,18 @@ class Orchestra:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Stop the calls that runs cancelled or abandoned left going, unload every resident model,
-        and close every connection the pool's models and matchers hold."""
+        """Stop the runs still going in this event loop (each recorded as cancelled, to resume) and
+        the calls that runs cancelled or abandoned left going, unload every resident model, and
+        close every connection the pool's models and matchers hold (closed under a run still going,
+        its requests were cut and its retries sent them again on new connections)."""
+        loop = asyncio.get_running_loop()
+        going = [run for run in self._going.values() if run.future.get_loop() is loop and not run.future.done()]
+        for run in going:
+            run.cancel(CLOSED)
+            self._record_cancelled(run, CLOSED)  # (and again as its requests in flight are cut off)
+        if going:
+            await asyncio.gather(*(run.future for run in going), return_exceptions=True)
+            await asyncio.sleep(0)  # (their callers record them: the loop's next turn)
         await self.executor.stop_in_flight()
         beat = self._heartbeat
         if (beat is not None and not beat.done() and beat.get_loop() is asyncio.get_running_loop()

@@ -317,6 +317,9 @@ class RunStore:
         self._flush_warned = False
         #: runs this store began that had no record before: none of their calls can be replayed
         self._fresh: set[str] = set()
+        #: the runs going in this process through this store object, by id: the Orchestra running
+        #: each (Orchestras sharing one store object share its owner tag, so the file cannot tell them apart)
+        self.going: dict[str, object] = {}
         self._checkpoints: Checkpointer | None = None
         existed = self.path.is_file()
         self.read_only = existed and not os.access(self.path, os.W_OK)

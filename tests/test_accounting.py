@@ -153,6 +153,47 @@ def test_an_answer_that_comes_after_its_run_was_cancelled_is_counted_in_its_reco
     assert (totals["calls"], totals["requests"]) == (6, 6)
 
 
+def test_orchestras_sharing_one_store_object_never_run_one_run_twice(loopback, tmp_path: Path) -> None:
+    """The store's owner tag is per store object: a second Orchestra on the same object resumed a
+    run the first was running, and the expert's request was sent twice."""
+    from orchestra.errors import RunHeld
+
+    held = HeldExpert(loopback, tmp_path)
+    other = Orchestra(held.orc.pool, store=held.orc.store, k=1)
+
+    async def main() -> Any:
+        run = asyncio.ensure_future(held.orc.arun("How fast is light?", plan=False, run_id="shared-1"))
+        assert await asyncio.to_thread(held.at_server.wait, 10)
+        with pytest.raises(RunHeld, match="still running in this process, in another Orchestra on the same store"):
+            await other.aresume("shared-1")
+        held.release.set()
+        return await run
+
+    result = asyncio.run(main())
+    assert result.status == "done" and result.usage.requests == len(held.server.requests) == 6
+
+
+def test_closing_an_orchestra_under_a_run_stops_it_and_sends_nothing_again(loopback, tmp_path: Path) -> None:
+    """``aclose`` closed the connections under a run still going: its request in flight was cut,
+    and the retry sent it again on a new connection (paid twice)."""
+    from orchestra.core import CLOSED
+
+    held = HeldExpert(loopback, tmp_path)
+
+    async def main() -> Any:
+        run = asyncio.ensure_future(held.orc.arun("How fast is light?", plan=False, run_id="closed-1"))
+        assert await asyncio.to_thread(held.at_server.wait, 10)
+        await held.orc.aclose()
+        held.release.set()
+        return await run
+
+    result = asyncio.run(main())
+    assert (result.status, result.error) == ("cancelled", CLOSED) and len(held.server.requests) == 6
+    store = RunStore(tmp_path / "runs.db")
+    stored = store.result("closed-1")
+    assert stored is not None and stored.usage.requests == store.run_totals("closed-1")["requests"] == 6
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_a_run_resumed_while_its_cancelled_request_is_in_flight_waits_for_that_answer(loopback, tmp_path: Path,
                                                                                       streamed: bool) -> None:
