@@ -153,6 +153,19 @@ def test_an_answer_that_comes_after_its_run_was_cancelled_is_counted_in_its_reco
     assert (totals["calls"], totals["requests"]) == (6, 6)
 
 
+def test_a_cancelled_arun_tells_its_listeners_how_it_ended(loopback, tmp_path: Path) -> None:
+    """The caller's cancel ended the run's future first, and RunDone was never emitted: a service
+    tracking runs by their events never learned this one ended."""
+    from orchestra.events import RunDone
+
+    held = HeldExpert(loopback, tmp_path)
+    done: list[RunDone] = []
+    held.orc.events.subscribe(lambda event: done.append(event) if isinstance(event, RunDone) else None)
+    asyncio.run(held.cancelled_at_the_server("told-1"))
+    held.release.set()
+    assert [(event.run_id, event.status) for event in done] == [("told-1", "cancelled")]
+
+
 def test_orchestras_sharing_one_store_object_never_run_one_run_twice(loopback, tmp_path: Path) -> None:
     """The store's owner tag is per store object: a second Orchestra on the same object resumed a
     run the first was running, and the expert's request was sent twice."""

@@ -218,6 +218,7 @@ class Run:
         #: a real model's request the test switch forbade: ``Orchestra.arun`` raises it once the run
         #: is recorded (a test that forgot a double fails there, whatever it asserts)
         self.forbidden: ModelRequestsForbidden | None = None
+        self._told_done = False  # RunDone emitted
         self.skill_extraction_failures = 0
         self.stage_failures: list[str] = []  # stages that failed without stopping the run: it is not done
         self._unresolved = 0
@@ -635,6 +636,8 @@ class Run:
 
     def _finish(self, status: RunStatus, answer: str | None, error: str | None) -> None:
         if self.future.done():
+            if self.future.cancelled() and not self._told_done:  # (the caller's cancelled await ended it)
+                self._tell_done(self.result(status, answer, error))
             return
         refused = self.ledger.budget.exceeded
         if refused is not None:  # the budget first, then what else failed (not it again)
@@ -647,10 +650,15 @@ class Run:
             others = [part for part in (error or "").split("; ") if part and stop not in part]
             error = f"{budget} ({'; '.join(others)})" if others else budget
         result = self.result(status, answer, error)
-        self.stages.events.emit(RunDone(run_id=self.run_id, status=status, answer=answer, error=error,
-                                        elapsed_s=result.elapsed_s,
-                                        user_error=result.exit_code == 2 and status == "failed"))
+        self._tell_done(result)
         self.future.set_result(result)
+
+    def _tell_done(self, result: RunResult) -> None:
+        """Tell the listeners how the run ended (once)."""
+        self._told_done = True
+        self.stages.events.emit(RunDone(run_id=self.run_id, status=result.status, answer=result.answer,
+                                        error=result.error, elapsed_s=result.elapsed_s,
+                                        user_error=result.exit_code == 2 and result.status == "failed"))
 
     def result(self, status: RunStatus, answer: str | None, error: str | None) -> RunResult:
         """The ``RunResult`` as things stand."""
