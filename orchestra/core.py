@@ -36,7 +36,15 @@ from pydantic import ValidationError
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker, RunAdmission
 from orchestra.dag import Dag
-from orchestra.errors import BudgetExceeded, ConfigError, RunHeld, StoreError, UnknownSetting, UserError
+from orchestra.errors import (
+    BudgetExceeded,
+    ConfigError,
+    OrchestraError,
+    RunHeld,
+    StoreError,
+    UnknownSetting,
+    UserError,
+)
 from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader
@@ -328,6 +336,7 @@ class _Stream:
         #: the settings of every run without options of its own (resolved once; a bad one fails here)
         self.settings = orc.run_settings({**overrides, "plan": plan})
         self.live: dict[Run, int] = {}  # made (begun in the store) and not yet finished: its index
+        self.unbegun: set[Run] = set()  # made for a chunk still recruiting, not yet begun in the store
         #: under a shared budget, runs start only while it can be expected to finish them
         limited = shared_budget is not None and any(
             limit is not None for limit in shared_budget.budget.model_dump().values())
@@ -399,6 +408,7 @@ class _Stream:
                     chunk.append(self.make(index, instance, begin=False))
             if chunk:
                 self.orc._begin_all(chunk)  # one transaction for the chunk, before any of its calls
+                self.unbegun.difference_update(chunk)
                 seed = chunk[0].settings.seed
                 if self.chunks:  # every chunk draws its replacements from its own seed
                     seed = zlib.crc32(f"{seed}:rare-filter:{self.chunks}".encode())
@@ -430,7 +440,13 @@ class _Stream:
     def make(self, index: int, instance: Instance, *, begin: bool = True) -> Run:
         """A run of ``instance``, begun in the store (unless ``begin`` is false: the caller begins it)."""
         meta = {**(self.meta or {}), **instance.meta} if instance.meta else self.meta
-        if instance.options:
+        run_id = instance.options.get("run_id") if instance.options else None
+        if run_id is not None:  # (as arun checks it)
+            check_run_id(run_id)
+            self.orc._check_same_task(run_id, instance.task)
+            if any(other.run_id == run_id for other in self.live):
+                raise ConfigError(f"run id {run_id} is given to two of the tasks; give each its own, or leave "
+                                  "run_id out")
             options = {"shared_budget": self.shared_budget, **self.overrides, **instance.options}
             run = self.orc._make_run(instance.task, plan=options.pop("plan", self.plan),
                                      answer_format=instance.answer_format, meta=meta, **options)
@@ -445,6 +461,8 @@ class _Stream:
                     self.admission.shared.exceeded = refused
         if begin:
             self.orc._begin(run)
+        else:
+            self.unbegun.add(run)
         self.live[run] = index
         return run
 
@@ -455,10 +473,10 @@ class _Stream:
     # --- finished runs -------------------------------------------------------------------
 
     def finished(self, run: Run, future: asyncio.Future[RunResult]) -> None:
-        self.orc._let_go(run)
         index = self.live.pop(run, None)
-        if index is None:  # given up by close(), which recorded it
+        if index is None:  # given up by close(), which let it go and recorded it
             return
+        self.orc._let_go(run)
         error = None if future.cancelled() else future.exception()
         if self.admission is not None:
             status = None if future.cancelled() or error is not None else future.result().status
@@ -486,9 +504,19 @@ class _Stream:
         """Stop every run still held (the caller stopped early, or something failed): each is
         recorded as cancelled, as an interrupted ``arun`` is."""
         self.source.close()
+        unbegun = [run for run in self.live if run in self.unbegun]
+        if unbegun:  # (made for a chunk still recruiting: recorded now, so each stopped run can be resumed)
+            try:
+                self.orc._begin_all(unbegun)
+            except OrchestraError:
+                for run in unbegun:
+                    del self.live[run]
+            self.unbegun.clear()
         stopped_ids: set[str] = set()
         while self.live:
             run, index = self.live.popitem()
+            if self.orc._going.get(run.run_id) is run:  # (started: free its id at once, for a resume)
+                self.orc._let_go(run)
             run.cancel()
             stopped = self.orc._record_cancelled(run)
             stopped_ids.add(run.run_id)

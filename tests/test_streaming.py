@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import kind_of, scripted_pool
@@ -17,6 +18,7 @@ from orchestra.datasets import load_dataset
 from orchestra.evaluate import aevaluate
 from orchestra.models import ChatRequest
 from orchestra.result import RunResult
+from orchestra.store import RunStore
 
 GUARD_S = 10  # a deadlock guard, not a timing
 
@@ -264,3 +266,59 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
     with pytest.raises(BudgetExceeded, match="needs more than all of it"):
         closed.admit(ChatRequest.user("hi", max_tokens=1), FREE)
     assert closed.exceeded is refused
+
+
+def test_runs_stopped_by_leaving_the_loop_early_are_recorded_and_resume_at_once(tmp_path: Path) -> None:
+    """A run made for a chunk not yet begun (waiting for a free slot) was reported to ``on_stopped``
+    as cancelled but never stored (its resume: no such run), and a stopped run resumed right after
+    the loop was refused as "already running here" until a later turn of the event loop."""
+    pool, models = scripted_pool(4)
+    released = asyncio.Event()
+    for name in ("m0", "m1", "m2", "m3"):
+        answer = models[name].fn
+
+        async def held(request: ChatRequest, answer: Any = answer) -> object:
+            if "question 0" not in request.prompt_text():
+                await released.wait()  # every run but the first stays in flight
+            return answer(request)
+
+        models[name].fn = held
+    orc = Orchestra(pool, store=tmp_path / "runs.db")
+
+    async def main() -> tuple[list[str], list[str]]:
+        stopped: list[RunResult] = []
+        async with aclosing(orc.arun_iter([f"question {i}" for i in range(8)], window=4,
+                                          on_stopped=lambda index, result: stopped.append(result))) as results:
+            async for _, result in results:
+                assert (result.task, result.status) == ("question 0", "done")
+                for _ in range(10):  # (the feeder takes the freed slot: question 4 made, waiting for the next)
+                    await asyncio.sleep(0)
+                break
+        released.set()
+        resumed = [await orc.aresume(result.run_id) for result in stopped]  # at once, each
+        await orc.aclose()
+        return sorted(result.task for result in stopped), [result.status for result in resumed]
+
+    tasks, statuses = asyncio.run(main())
+    assert tasks == ["question 1", "question 2", "question 3", "question 4"] and set(statuses) == {"done"}
+
+
+def test_a_run_id_given_to_a_data_sets_task_is_checked_as_arun_checks_it(tmp_path: Path) -> None:
+    """Through ``Instance(options={"run_id": ...})`` two tasks ran at once under one id (one record,
+    counting half the requests), and a stored run's id took another task's calls and answer."""
+    from orchestra.errors import ConfigError
+
+    pool, models = scripted_pool(4)
+    orc = Orchestra(pool, store=tmp_path / "runs.db")
+    twice = [Instance("What is 3 + 1?", options={"run_id": "same-1"}) for _ in range(2)]
+    with pytest.raises(ConfigError, match="run id same-1 is given to two of the tasks"):
+        orc.run_many(twice)
+    assert all(not model.requests for model in models.values())
+    orc.run("What is 3 + 1?", run_id="kept-1", plan=False)
+    sent = sum(len(model.requests) for model in models.values())
+    with pytest.raises(ConfigError, match="run kept-1 answers another task"):
+        orc.run_many([Instance("A different task?", options={"run_id": "kept-1"})])
+    with pytest.raises(ConfigError, match="run_id"):
+        orc.run_many([Instance("What is 4 + 1?", options={"run_id": "bad id\nwith a line break"})])
+    assert sum(len(model.requests) for model in models.values()) == sent
+    assert RunStore(tmp_path / "runs.db").run("kept-1").task == "What is 3 + 1?"
