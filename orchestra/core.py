@@ -793,6 +793,11 @@ class Orchestra:
             if self._going.get(run.run_id, run) is not run:
                 raise ConfigError(f"run {run.run_id} is already running here; wait for it to end" + (
                     "" if resuming else ", or leave out run_id for a new run"))
+        loop = asyncio.get_running_loop()
+        if any(other.future.get_loop() is not loop and not other.future.done() for other in self._going.values()):
+            raise ConfigError("this Orchestra is running runs in another event loop (another thread); give each "
+                              "thread its own Orchestra (they may share the pool and the store file), or run the "
+                              "tasks together in one loop (arun_many)")
         if self.store is None:
             return
         for run in runs:  # (Orchestras sharing one store object share its owner tag: the store cannot tell)
@@ -821,12 +826,16 @@ class Orchestra:
         self._keep_alive()
 
     def _let_go(self, run: Run) -> None:
-        """``run`` has ended (or was given up): it is no longer going here."""
+        """``run`` has ended (or was given up): it is no longer going here; with none going, the
+        heartbeat stops (left sleeping, a loop closed without ``aclose`` destroyed it pending)."""
         self._running -= 1
         if self._going.get(run.run_id) is run:
             del self._going[run.run_id]
         if self.store is not None and self.store.going.get(run.run_id) is self:
             del self.store.going[run.run_id]
+        beat = self._heartbeat
+        if not self._running and beat is not None and not beat.done() and beat.get_loop() is run.future.get_loop():
+            beat.cancel()
 
     def _keep_alive(self) -> None:
         """Make sure a heartbeat tells other processes this one still holds its running runs."""

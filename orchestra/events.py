@@ -13,6 +13,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from orchestra.errors import ConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -285,7 +287,11 @@ class EventBus:
 
     def subscribe(self, listener: Listener, *, ignore: Collection[type[Event]] = ()) -> Callable[[], None]:
         """Add a listener; the returned function removes it. ``ignore``: event types it has no use
-        for (when no listener wants a type, the hot paths that make it need not)."""
+        for (when no listener wants a type, the hot paths that make it need not). An ``async def``
+        listener is refused: it would be called, never awaited."""
+        if inspect.iscoroutinefunction(listener):
+            raise ConfigError("an event listener must be a plain function, not an async one: it is called, not "
+                              "awaited; hand what it gets to your own task (an asyncio.Queue)")
         self.listeners.append(listener)
         self._ignored.append(frozenset(ignore))
         self._wanted = {}

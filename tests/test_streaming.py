@@ -322,3 +322,56 @@ def test_a_run_id_given_to_a_data_sets_task_is_checked_as_arun_checks_it(tmp_pat
         orc.run_many([Instance("What is 4 + 1?", options={"run_id": "bad id\nwith a line break"})])
     assert sum(len(model.requests) for model in models.values()) == sent
     assert RunStore(tmp_path / "runs.db").run("kept-1").task == "What is 3 + 1?"
+
+
+def test_one_orchestra_in_two_threads_at_once_is_refused_before_any_call(tmp_path: Path) -> None:
+    """The second thread's run sent its keyword calls, then failed with an internal error about
+    tasks the executor manages."""
+    import threading
+
+    from orchestra.errors import ConfigError
+
+    pool, models = scripted_pool(2)
+    entered, gate = threading.Event(), threading.Event()
+    answer = models["m0"].fn
+
+    def slow(request: ChatRequest) -> object:
+        entered.set()
+        gate.wait(10)  # (blocks the first thread's event loop, as a long call would)
+        return answer(request)
+
+    models["m0"].fn = models["m1"].fn = slow
+    orc = Orchestra(pool, store=tmp_path / "runs.db", k=1)
+    first = threading.Thread(target=lambda: orc.run("question 1", plan=False))
+    first.start()
+    assert entered.wait(10)
+    sent = sum(len(model.requests) for model in models.values())
+    try:
+        with pytest.raises(ConfigError, match="this Orchestra is running runs in another event loop"):
+            orc.run("question 2", plan=False)
+    finally:
+        gate.set()
+        first.join(10)
+    assert sum(len(model.requests) for model in models.values()) == sent
+
+
+def test_the_heartbeat_ends_with_the_last_run_and_async_listeners_are_refused(tmp_path: Path) -> None:
+    """A loop closed without aclose destroyed the heartbeat task pending ("Task was destroyed but it
+    is pending!"), and an async listener was called, never awaited, once per event."""
+    from orchestra.errors import ConfigError
+
+    pool, _ = scripted_pool(2)
+    orc = Orchestra(pool, store=tmp_path / "runs.db")
+
+    async def main() -> None:
+        await orc.arun("question 1", plan=False)
+        await asyncio.sleep(0)
+        assert orc._heartbeat is not None and orc._heartbeat.done()
+
+    asyncio.run(main())
+
+    async def listen(event: object) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="an event listener must be a plain function, not an async one"):
+        orc.events.subscribe(listen)
