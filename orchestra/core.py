@@ -60,9 +60,6 @@ from orchestra.workflow import Workflow
 
 T = TypeVar("T")
 
-#: why a run still going when its Orchestra was closed stopped
-CLOSED = "stopped: its Orchestra was closed while it ran; resume it to finish"
-
 #: the default budget's dollars: a cost budget no one set warns of no unpriced model
 DEFAULT_COST_BUDGET = Budget.model_fields["max_cost_usd"].default
 
@@ -447,6 +444,7 @@ class _Stream:
             if any(other.run_id == run_id for other in self.live):
                 raise ConfigError(f"run id {run_id} is given to two of the tasks; give each its own, or leave "
                                   "run_id out")
+        if instance.options:
             options = {"shared_budget": self.shared_budget, **self.overrides, **instance.options}
             run = self.orc._make_run(instance.task, plan=options.pop("plan", self.plan),
                                      answer_format=instance.answer_format, meta=meta, **options)
@@ -1108,19 +1106,15 @@ class Orchestra:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Stop the runs still going in this event loop (each recorded as cancelled, to resume) and
-        the calls that runs cancelled or abandoned left going, unload every resident model, and
-        close every connection the pool's models and matchers hold (closed under a run still going,
-        its requests were cut and its retries sent them again on new connections)."""
-        loop = asyncio.get_running_loop()
-        going = [run for run in self._going.values() if run.future.get_loop() is loop and not run.future.done()]
-        for run in going:
-            run.cancel(CLOSED)
-            self._record_cancelled(run, CLOSED)  # (and again as its requests in flight are cut off)
-        if going:
-            await asyncio.gather(*(run.future for run in going), return_exceptions=True)
-            await asyncio.sleep(0)  # (their callers record them: the loop's next turn)
+        """Stop the calls that runs cancelled or abandoned left going; then, unless runs are still
+        going in this event loop (another part of the program awaits them: they are left to finish,
+        and the loop's end closes their connections), unload every resident model and close every
+        connection the pool's models and matchers hold (closed under a run still going, its requests
+        were cut and its retries sent them again on new connections)."""
         await self.executor.stop_in_flight()
+        loop = asyncio.get_running_loop()
+        if any(run.future.get_loop() is loop and not run.future.done() for run in self._going.values()):
+            return
         beat = self._heartbeat
         if (beat is not None and not beat.done() and beat.get_loop() is asyncio.get_running_loop()
                 and not self._running):  # (a run still going keeps telling other processes it is held)
