@@ -242,16 +242,21 @@ class _Builder:
     def _build(self, node: yaml.Node, loc: tuple[Any, ...]) -> Any:
         self.marks[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
-            self.constructor.flatten_mapping(node)
+            written = sum(key.tag != "tag:yaml.org,2002:merge" for key, _ in node.value)
+            self.constructor.flatten_mapping(node)  # (the keys merged in with ``<<: *anchor`` come first)
+            merged = len(node.value) - written
             result: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
+            explicit: set[Any] = set()
+            for position, (key_node, value_node) in enumerate(node.value):
                 key = self.constructor.construct_object(key_node, deep=True)
                 if isinstance(key, bool) and key_node.style is None:  # YAML 1.1 reads no, on, yes... as booleans:
                     key = key_node.value  # a key in these files is a name, the word as written (an input named no)
                 if not isinstance(key, (str, int, float, bool)):
                     raise self._error("mapping keys must be plain values", key_node)
-                if key in result:
+                if key in explicit:  # (a key written here overrides a merged one, as in every YAML reader)
                     raise self._error(f"duplicate key '{key}'", key_node)
+                if position >= merged:
+                    explicit.add(key)
                 where = (*loc, key)
                 self.keys[where] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                 result[key] = self.build(value_node, where)

@@ -239,6 +239,22 @@ def test_a_pool_file_gives_prices_as_a_mapping_or_an_input_output_pair(tmp_path:
         "models.m.prices: give prices as {input: USD, output: USD} per million tokens, or [input, output]\n"), bad.stderr
 
 
+def test_a_key_written_after_a_yaml_merge_overrides_the_merged_one(tmp_path: Path) -> None:
+    """``<<: *anchor`` then ``id: b`` (sharing a step's settings, as every YAML reader allows) was
+    refused as a duplicate key; a key written twice is still refused."""
+    steps = ("steps:\n  - &base\n    id: draft\n    recruit: &team {k: 2, skills: [writing]}\n"
+             "    prompt: \"Write on {{ inputs.topic }}.\"\n  - <<: *base\n    id: again\n    needs: [draft]\n"
+             "    recruit: {<<: *team, k: 1}\n    prompt: \"Again: {{ steps.draft.output }}\"\n")
+    head = GOOD.split("steps:\n")[0]
+    flow = Workflow.load(write(tmp_path, head + steps))
+    second = flow.spec.steps[1]
+    assert [step.id for step in flow.spec.steps] == ["draft", "again"] and second.prompt.startswith("Again:")
+    assert second.recruit is not None and (second.recruit.k, second.recruit.skills) == (1, ["writing"])
+    twice = head + steps.replace("    id: again\n", "    id: again\n    id: other\n")
+    with pytest.raises(ConfigError, match=r"wf.yaml:\d+:5: duplicate key 'id'"):
+        Workflow.load(write(tmp_path, twice))
+
+
 def test_step_using_output_it_does_not_need_is_refused(tmp_path: Path) -> None:
     text = GOOD.replace("    needs: [draft]\n", "")
     with pytest.raises(ConfigError, match="step 'review' uses steps.draft but does not need 'draft'; add it to needs"):
