@@ -108,22 +108,24 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
     The signals are handled by the event loop itself, installed before the work starts, so they
     are seen even while every task waits on a socket.
     """
-    interrupted = False
+    interrupted = terminated = False
 
     async def main() -> T:
         work = asyncio.ensure_future(coro)
 
-        def interrupt() -> None:
-            nonlocal interrupted
-            if interrupted:  # a second Ctrl-C: stop waiting (for a model load, a worker thread) at once
-                escape()
-            interrupted = True
+        def interrupt(stop: signal.Signals) -> None:
+            nonlocal interrupted, terminated
+            if interrupted:
+                if stop == signal.SIGINT:  # a second Ctrl-C: stop waiting (for a model load, a worker thread) at once
+                    escape()
+                return  # (a second SIGTERM: timeout sends one to the command and one to its group)
+            interrupted, terminated = True, stop == signal.SIGTERM
             work.cancel()
 
         loop = asyncio.get_running_loop()
         try:
             for stop in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(stop, interrupt)
+                loop.add_signal_handler(stop, interrupt, stop)
         except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (or Windows): not ours
             return await work
         # the handler stays until the loop closes (closing removes it): a Ctrl-C while asyncio.run
@@ -140,6 +142,10 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
         if interrupted:
             raise KeyboardInterrupt from None
         raise
+    finally:
+        if terminated:  # (the loop's handler is gone: a late second SIGTERM ended the process with 143)
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def escape() -> NoReturn:
