@@ -125,6 +125,13 @@ class WorkflowFile(_Strict):
     seed: Count = 0
     dataset: DatasetSpec | None = None
 
+    @field_validator("final")
+    @classmethod
+    def _renders_something(cls, final: str | None) -> str | None:
+        if final is not None and not final.strip():  # (the run ended done with a blank answer)
+            raise ValueError("is blank; write the template of the answer (steps.ID.output...), or leave final out")
+        return final
+
     @field_validator("pool", mode="before")
     @classmethod
     def _pool_file_or_pool(cls, value: Any) -> Any:

@@ -255,6 +255,12 @@ def test_a_key_written_after_a_yaml_merge_overrides_the_merged_one(tmp_path: Pat
         Workflow.load(write(tmp_path, twice))
 
 
+def test_a_blank_final_is_refused_as_a_blank_prompt_is(tmp_path: Path) -> None:
+    """``final: ""`` validated, and the run ended done with a blank answer."""
+    with pytest.raises(ConfigError, match=r"wf.yaml:\d+:\d+: final: is blank; write the template of the answer"):
+        Workflow.load(write(tmp_path, GOOD.replace('final: "{{ steps.review.output }}"', 'final: "  "')))
+
+
 def test_step_using_output_it_does_not_need_is_refused(tmp_path: Path) -> None:
     text = GOOD.replace("    needs: [draft]\n", "")
     with pytest.raises(ConfigError, match="step 'review' uses steps.draft but does not need 'draft'; add it to needs"):
