@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import os
@@ -189,6 +190,46 @@ def test_calls_queued_behind_a_401_fail_unsent_and_a_403_is_not_taken_for_the_ke
     outcomes = run(both())
     assert all(isinstance(outcome, AuthenticationError) for outcome in outcomes)
     assert len(server.requests) == sent
+
+
+def test_a_request_a_busy_server_never_accepted_is_not_counted(loopback) -> None:
+    """A server whose accept queue is full (a loaded server that accepts slowly): a request still
+    waiting for its connection at the time limit, or at a Ctrl-C, was counted as sent (and, cut off,
+    recorded as a request the server never saw)."""
+    import socket
+
+    from orchestra.models.base import cancel_listener
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accepted: one connection fills the queue, later ones wait for ever
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+    model = OpenAICompatible(model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None, timeout=0.5,
+                             max_attempts=1)
+    try:  # (the loopback fixture allows model requests)
+        with pytest.raises(EndpointUnreachable, match=r"no connection within 0.5 s") as failed:
+            run(model.complete_one(ask()))
+        assert failed.value.usage.requests == 0  # type: ignore[attr-defined]
+        cut: list[object] = []
+
+        async def cancelled() -> None:
+            cancel_listener.set(lambda request, usage: cut.append(usage))
+            call = asyncio.ensure_future(model.complete_one(ask()))
+            await asyncio.sleep(0.2)  # (still connecting: the queue stays full)
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+
+        run(cancelled())
+        assert cut == []  # no request was in flight to count
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
 
 
 def test_missing_key_variable_is_one_clear_line(loopback, monkeypatch) -> None:

@@ -32,7 +32,15 @@ from orchestra.models.base import ModelBase, notify_downgrade, notify_retry
 from orchestra.models.deadlines import Deadlines
 from orchestra.models.metering import charge, count_request, take_back_request
 from orchestra.models.negotiation import Capabilities, refused_feature
-from orchestra.models.transport import AiohttpTransport, Answer, Chunks, Headers, Transport, TransportFactory
+from orchestra.models.transport import (
+    CONNECTED,
+    AiohttpTransport,
+    Answer,
+    Chunks,
+    Headers,
+    Transport,
+    TransportFactory,
+)
 from orchestra.models.types import Usage
 
 DEFAULT_MAX_CONCURRENCY = 16
@@ -353,10 +361,16 @@ class Endpoint:
             if state.refused is not None:  # (refused while this one waited)
                 _refuse_known(state, secret)
             count_request()
+            connected = [False] if getattr(state.transport, "tells_connected", False) else [True]
+            token = CONNECTED.set(connected)
             try:  # the whole answer within the limit: a server that trickles bytes is cut off too
                 response = await state.deadlines.within(limit, state.transport.post(url, headers, body, on_chunk))
+            except asyncio.CancelledError:
+                if not connected[0]:  # (stopped while a busy server had not accepted it: it never saw it)
+                    take_back_request()
+                raise
             except (asyncio.TimeoutError, httpx.TimeoutException) as error:
-                if isinstance(error, httpx.ConnectTimeout):  # no connection: the server never saw it
+                if isinstance(error, httpx.ConnectTimeout) or not connected[0]:  # no connection: never seen
                     take_back_request()
                     raise _Retryable(EndpointUnreachable(
                         f"cannot reach {shown} (no connection within {limit:g} s); is the server running?")) from None
@@ -370,6 +384,8 @@ class Endpoint:
             except httpx.TransportError as error:  # reset, body cut short, protocol error: it was reached
                 raise _Retryable(ConnectionBroke(
                     f"the connection to {shown} broke ({type(error).__name__}: {error or 'no detail'})")) from None
+            finally:
+                CONNECTED.reset(token)
         try:
             answer = self._check(response, shown, model, secret, policy, payload, attempt)
         except AuthenticationError as rejected:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +29,23 @@ import httpx
 import yarl
 
 Headers = Sequence[tuple[str, str]]
+
+#: Set by an endpoint around ``post`` to ``[False]``; a transport that can tell (``AiohttpTransport``)
+#: makes it ``[True]`` once it holds a connection to the server, so a request stopped before that (a
+#: Ctrl-C, a time limit, while a busy server has not accepted it) is known never to have reached it.
+#: (A list, so the flag set inside a task ``wait_for`` makes is seen outside it.)
+CONNECTED: ContextVar[list[bool] | None] = ContextVar("orchestra_connected", default=None)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, raising ``CONNECTED`` once a request has its connection."""
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> aiohttp.connector.Connection:
+        connection = await super().connect(req, traces, timeout)
+        connected = CONNECTED.get()
+        if connected is not None:
+            connected[0] = True
+        return connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +86,9 @@ TransportFactory = Callable[[int], Transport]
 
 class AiohttpTransport:
     """Requests over one ``aiohttp.ClientSession`` of at most ``max_connections`` connections,
-    made on first use in the running event loop and closed by ``aclose``."""
+    made on first use in the running event loop and closed by ``aclose``; it tells ``CONNECTED``."""
+
+    tells_connected = True
 
     def __init__(self, max_connections: int) -> None:
         self.max_connections = max_connections
@@ -84,7 +104,7 @@ class AiohttpTransport:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300)
+            connector = _Connector(limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(connector=connector, trust_env=False,
                                                   timeout=aiohttp.ClientTimeout(total=None))
         return self._session
