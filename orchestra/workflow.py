@@ -566,13 +566,14 @@ def _convert(name: str, value: Any, declared: InputSpec, workflow: Workflow) -> 
     """A given input as its declared type; a required string input must not be blank, a number
     must be finite."""
     converted = _typed(value, declared.type)
+    where = ("inputs", name)  # (each error points at the input's declaration, as a missing input's does)
     if converted is None:
-        raise ConfigError(f"input {name!r} must be of type {declared.type}, got {value!r}", path=str(workflow.path))
+        raise workflow.document.error(f"input {name!r} must be of type {declared.type}, got {value!r}", where)
     if isinstance(converted, float) and not math.isfinite(converted):
-        raise ConfigError(f"input {name!r} must be a finite number, got {value!r}", path=str(workflow.path))
+        raise workflow.document.error(f"input {name!r} must be a finite number, got {value!r}", where)
     if declared.required and isinstance(converted, str) and not converted.strip():
-        raise ConfigError(f"input {name!r} is required and was given empty; pass it with -i {name}=VALUE",
-                          path=str(workflow.path))
+        raise workflow.document.error(f"input {name!r} is required and was given empty; pass it with -i "
+                                      f"{name}=VALUE", where)
     return converted
 
 

@@ -273,7 +273,7 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {path}:9:10: missing input 'topic'; pass it with -i topic=VALUE"
     wrong = cli("run", str(path), "-i", "topic=x", "-i", "words=many")
-    assert wrong.stderr.strip() == f"error: {path}: input 'words' must be of type integer, got 'many'"
+    assert wrong.stderr.strip() == f"error: {path}:10:10: input 'words' must be of type integer, got 'many'"
     unknown = cli("run", str(path), "-i", "colour=red")
     assert "unknown input 'colour' (declared: topic, words)" in unknown.stderr
     twice = cli("run", str(path), "-i", "topic=x", "-i", "topic=y")  # (the last one was kept, silently)
@@ -281,12 +281,13 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
                                                               "and -i topic=y); give it once")
     blank = cli("run", str(path), "-i", "topic= ")  # (it sent "Write 50 words on  .")
     assert blank.returncode == 2 and blank.stderr.strip() == (
-        f"error: {path}: input 'topic' is required and was given empty; pass it with -i topic=VALUE")
+        f"error: {path}:9:10: input 'topic' is required and was given empty; pass it with -i topic=VALUE")
     numbers = path.with_name("numbers.yaml")
     numbers.write_text(GOOD.replace("words: {type: integer, default: 50}", "words: {type: number, default: 50}"))
     for value in ("nan", "inf", "-Infinity"):
         endless = cli("run", str(numbers), "-i", "topic=x", "-i", f"words={value}")
-        assert endless.stderr.strip() == f"error: {numbers}: input 'words' must be a finite number, got '{value}'"
+        assert endless.stderr.strip() == (f"error: {numbers}:10:10: input 'words' must be a finite number, "
+                                          f"got '{value}'")
 
 
 def test_an_optional_input_without_a_default_may_be_left_out(loopback, tmp_path: Path) -> None:
