@@ -592,6 +592,7 @@ class Orchestra:
         self._heartbeat: asyncio.Task[None] | None = None
         #: the runs going here, by id (one cannot be begun again while it goes)
         self._going: dict[str, Run] = {}
+        self._going_loop: asyncio.AbstractEventLoop | None = None  # the event loop they go in
         self._last_unstored: RunResult | None = None  # with no store: the run that ended last
         if tracing:
             from orchestra.tracing import SpanRecorder
@@ -797,8 +798,8 @@ class Orchestra:
             if self._going.get(run.run_id, run) is not run:
                 raise ConfigError(f"run {run.run_id} is already running here; wait for it to end" + (
                     "" if resuming else ", or leave out run_id for a new run"))
-        loop = asyncio.get_running_loop()
-        if any(other.future.get_loop() is not loop and not other.future.done() for other in self._going.values()):
+        going = self._going_loop  # (one loop for all the runs going: a scan of them ran for every run begun)
+        if self._running and going is not None and going is not asyncio.get_running_loop() and not going.is_closed():
             raise ConfigError("this Orchestra is running runs in another event loop (another thread); give each "
                               "thread its own Orchestra (they may share the pool and the store file), or run the "
                               "tasks together in one loop (arun_many)")
@@ -823,6 +824,8 @@ class Orchestra:
 
     def _hold(self, run: Run) -> None:
         """Count ``run`` as going here, and in the store object (other Orchestras may share it)."""
+        if not self._running:
+            self._going_loop = run.future.get_loop()
         self._running += 1
         self._going[run.run_id] = run
         if self.store is not None:
