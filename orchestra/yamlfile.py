@@ -122,7 +122,31 @@ class YamlDocument:
 
 
 #: a document nested deeper than the parser's recursion goes (no configuration needs that)
-_TOO_DEEP = "invalid YAML: nested too deeply to read (lists or mappings hundreds of levels deep)"
+_TOO_DEEP = "invalid YAML: nested too deeply to read (lists or mappings hundreds of levels deep{})"
+#: the depth at which a too-deep document's nesting is pointed at
+_DEEP = 100
+_OPENERS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+            yaml.FlowSequenceStartToken)
+_CLOSERS = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _too_deep(text: str, shown: str) -> ConfigError:
+    """The error for a document nested deeper than the parser goes, at the list or mapping that
+    opens its ``_DEEP``-th level (the scanner, unlike the parser, does not recurse)."""
+    depth = 0
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, _OPENERS):
+                depth += 1
+                if depth == _DEEP:
+                    mark = token.start_mark
+                    return ConfigError(_TOO_DEEP.format(", from here"), path=shown, line=mark.line + 1,
+                                       column=mark.column + 1)
+            elif isinstance(token, _CLOSERS):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    return ConfigError(_TOO_DEEP.format(""), path=shown)
 
 
 def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
@@ -159,7 +183,7 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid YAML: {error}", path=shown) from None
     except RecursionError:
-        raise ConfigError(_TOO_DEEP, path=shown) from None
+        raise _too_deep(text, shown) from None
     if node is None:
         return YamlDocument({}, {(): (1, 1)}, shown, text=text)
     marks: dict[tuple[Any, ...], Location] = {}
@@ -167,7 +191,7 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
     try:
         data = builder.build(node, ())
     except RecursionError:
-        raise ConfigError(_TOO_DEEP, path=shown) from None
+        raise _too_deep(text, shown) from None
     return YamlDocument(data, marks, shown, builder.blocks, text=text, keys=builder.keys, plain=builder.plain)
 
 
