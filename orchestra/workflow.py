@@ -16,6 +16,7 @@ from typing import Any, Literal
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.meta import find_undeclared_variables
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from orchestra.agents import Pool
 from orchestra.budget import Budget
@@ -145,9 +146,11 @@ class WorkflowFile(_Strict):
         if self.budget is not None and "budget" in self.settings.model_fields_set:
             twice += [f"budget.{name}" for name in Budget.model_fields
                       if name in self.budget.model_fields_set & self.settings.budget.model_fields_set]
-        if twice:  # (which should win?)
-            raise ValueError(f"{', '.join(twice)} {'is' if len(twice) == 1 else 'are'} set both at the top and under "
-                             "settings: give each once")
+        if twice:  # (which should win?) placed at the first one under settings:
+            raise PydanticCustomError("set_twice",
+                                      "{names} {verb} set both at the top and under settings: give each once", {
+                                          "names": ", ".join(twice), "verb": "is" if len(twice) == 1 else "are",
+                                          "at": ("settings", *twice[0].split("."))})
         return self
 
     @model_validator(mode="after")

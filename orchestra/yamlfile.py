@@ -106,6 +106,9 @@ class YamlDocument:
         if first["type"] == "missing" and full:  # the field is not in the file: placed at what should hold it
             loc, shown = self._in_data(full[:-1])
             return self.error(f"{shown + ': ' if shown else ''}missing required field '{full[-1]}'", loc)
+        at = (first.get("ctx") or {}).get("at")
+        if isinstance(at, tuple):  # a check of the whole that names the value it is about
+            return self.error(first["msg"], self._in_data((*full, *at))[0])
         loc, shown = self._in_data(full)
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":

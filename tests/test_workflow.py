@@ -361,8 +361,9 @@ def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
 def test_a_setting_given_at_the_top_and_under_settings_is_refused(tmp_path: Path) -> None:
     """The top-level ``seed:``/``budget:`` silently won over the same ones under ``settings:``."""
     twice = "seed: 5\nbudget: {max_calls: 2}\nsettings: {seed: 7, budget: {max_calls: 50, max_tokens: 900}}\n" + GOOD
-    with pytest.raises(ConfigError, match="seed, budget.max_calls are set both at the top and under settings: give "
-                                          "each once"):
+    # placed at the first one under settings: (3:18 is its seed), not at the file's start
+    with pytest.raises(ConfigError, match="wf.yaml:3:18: seed, budget.max_calls are set both at the top and under "
+                                          "settings: give each once"):
         Workflow.load(write(tmp_path, twice))
     with pytest.raises(ConfigError, match=r"wf.yaml:1:24: aggregator 'zed' is not an agent of pool"):  # (at run)
         Workflow.load(write(tmp_path, "settings: {aggregator: zed}\n" + GOOD))
