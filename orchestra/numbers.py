@@ -18,7 +18,21 @@ def _not_a_switch(value: Any) -> Any:
     return value
 
 
-Count = Annotated[int, BeforeValidator(_not_a_switch)]
+def _whole_number(value: Any) -> Any:
+    """A whole number; a text YAML 1.1 did not read as one but that is one (``1e3``, ``1.5e3``: an
+    exponent needs a dot and a sign there) is refused with the digits to write."""
+    value = _not_a_switch(value)
+    if isinstance(value, str) and not value.strip().lstrip("+-").replace("_", "").isdigit():
+        try:
+            number = float(value.replace("_", ""))
+        except ValueError:
+            return value
+        if number.is_integer():
+            raise ValueError(f"give a whole number; YAML reads {value} as text, not a number: write {int(number)}")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_whole_number)]
 """A whole number setting (true/false refused)."""
 
 Amount = Annotated[float, BeforeValidator(_not_a_switch), AllowInfNan(False)]

@@ -157,6 +157,10 @@ def test_an_evaluation_named_otherwise_by_an_older_version_is_resumed(loopback, 
     ("k=true", "error: --set k: give a number, not true"),
     ("budget.max_cost_usd=yes", "error: --set budget.max_cost_usd: give a number, not true"),
     ("recruit.p=off", "error: --set recruit.p: give a number, not false"),
+    # (YAML 1.1 reads 1e3 as text: "unable to parse string as an integer" named no fix)
+    ("budget.max_calls=1e3", "error: --set budget.max_calls: give a whole number; YAML reads 1e3 as text, not a "
+                             "number: write 1000"),
+    ("k=2.5e0", "error: --set k: Input should be a valid integer, unable to parse string as an integer"),
     # (nan was said to be not above 0; an infinite λ or budget was taken)
     ("budget.max_cost_usd=nan", "error: --set budget.max_cost_usd: Input should be a finite number"),
     ("recruit.cost_lambda=inf", "error: --set recruit.cost_lambda: Input should be a finite number"),

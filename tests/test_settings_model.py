@@ -12,12 +12,13 @@ from typing import Any, get_args, get_origin
 import pytest
 from helpers import scripted_pool
 from loopback_llm import ScriptedLLM, write_pool
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from test_cli import cli
 
 from orchestra import Budget, Orchestra, RecruitConfig, RunSpec, Settings
 from orchestra.agents import Pool
 from orchestra.errors import ConfigError
+from orchestra.numbers import Count
 from orchestra.store import RunStore
 from orchestra.vocabulary import MODES, STRATEGIES, Mode, Strategy
 from orchestra.workflow import Workflow
@@ -191,6 +192,17 @@ def test_no_number_setting_takes_true_or_false(model: type[BaseModel]) -> None:
                 model.model_validate(_switched(name, model.model_fields[name].annotation, switch))
             problems = [e for e in refused.value.errors() if e["loc"][0] == name]
             assert problems and problems[0]["msg"] == f"Value error, give a number, not {str(switch).lower()}", name
+
+
+def test_a_whole_number_written_with_an_exponent_says_what_to_write(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1e3`` (no dot, no sign) as text; pydantic said only that it is not an integer."""
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text("models:\n  m: {type: openai, model: m, base_url: 'http://127.0.0.1:9/v1'}\n"
+                         "agents:\n  - {name: a, model: m, max_tokens: 1.5e3}\n")
+    with pytest.raises(ConfigError, match=r"pool.yaml:4:\d+: agents.a.max_tokens: give a whole number; YAML reads "
+                                          r"1.5e3 as text, not a number: write 1500$"):
+        Pool.load(pool_file)
+    assert TypeAdapter(Count).validate_python(" 12 ") == 12  # (a quoted number pydantic reads stays one)
 
 
 def test_a_pool_file_with_true_for_a_number_names_its_line(tmp_path: Path) -> None:
