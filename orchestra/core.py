@@ -340,6 +340,7 @@ class _Stream:
         self.settings = orc.run_settings({**overrides, "plan": plan})
         self.live: dict[Run, int] = {}  # made (begun in the store) and not yet finished: its index
         self.unbegun: set[Run] = set()  # made for a chunk still recruiting, not yet begun in the store
+        self.named: set[str] = set()  # the ids of the live runs whose instance gave one
         #: under a shared budget, runs start only while it can be expected to finish them
         limited = shared_budget is not None and any(
             limit is not None for limit in shared_budget.budget.model_dump().values())
@@ -447,7 +448,7 @@ class _Stream:
         if run_id is not None:  # (as arun checks it)
             check_run_id(run_id)
             self.orc._check_same_task(run_id, instance.task)
-            if any(other.run_id == run_id for other in self.live):
+            if run_id in self.named:
                 raise ConfigError(f"run id {run_id} is given to two of the tasks; give each its own, or leave "
                                   "run_id out")
         if instance.options:
@@ -468,6 +469,8 @@ class _Stream:
         else:
             self.unbegun.add(run)
         self.live[run] = index
+        if run_id is not None:
+            self.named.add(run_id)
         return run
 
     def start(self, run: Run) -> None:
@@ -480,6 +483,7 @@ class _Stream:
         index = self.live.pop(run, None)
         if index is None:  # given up by close(), which let it go and recorded it
             return
+        self.named.discard(run.run_id)
         self.orc._let_go(run)
         error = None if future.cancelled() else future.exception()
         if self.admission is not None:

@@ -314,6 +314,11 @@ def test_a_run_id_given_to_a_data_sets_task_is_checked_as_arun_checks_it(tmp_pat
     with pytest.raises(ConfigError, match="run id same-1 is given to two of the tasks"):
         orc.run_many(twice)
     assert all(not model.requests for model in models.values())
+    # one after the other (window 1), the second finds the first's record, as a second arun does
+    assert [r.status for r in orc.run_many(twice, window=1)] == ["done", "done"]
+    assert sum(len(model.requests) for model in models.values()) == 9  # (one run's calls: the second replays them)
+    for model in models.values():
+        model.requests.clear()
     orc.run("What is 3 + 1?", run_id="kept-1", plan=False)
     sent = sum(len(model.requests) for model in models.values())
     with pytest.raises(ConfigError, match="run kept-1 answers another task"):
