@@ -354,7 +354,7 @@ class Server:
                     yield sse(failure.body())
                     return
                 result = run.result()
-                if feed.diverged:  # what was streamed is not the answer's beginning: say so, not "stop"
+                if feed.rewritten(result.answer or ""):  # what was streamed is not its beginning: say so, not "stop"
                     yield sse(_diverged(result, self.stored))
                     return
                 for chunk in writer.content(feed.rest(result.answer or "")):
@@ -391,7 +391,8 @@ class Feed:
     Only text that the finished answer will begin with is relayed: leading and trailing
     whitespace and a leading ``<think>`` section wait (the answer is stored without them), and
     once the text so far stops extending what was sent (a retried request that wrote otherwise),
-    relaying stops.
+    relaying stops. A retry's text that is still a beginning of what was sent is waited on: relaying
+    goes on once it extends what was sent (a seeded retry writes the same text again).
     """
 
     def __init__(self, progress: bool) -> None:
@@ -404,7 +405,7 @@ class Feed:
     def text(self, so_far: str) -> None:
         """The answer-writing call's text so far."""
         visible = _visible(so_far)
-        if self.diverged or visible == self.sent:
+        if self.diverged or self.sent.startswith(visible):
             return
         if not visible.startswith(self.sent):
             self.diverged = True
@@ -413,10 +414,13 @@ class Feed:
         self.sent = visible
         self.first.set()
 
+    def rewritten(self, answer: str) -> bool:
+        """Whether what was sent is not the finished answer's beginning (the stream cannot take it back)."""
+        return self.diverged or not answer.startswith(self.sent)
+
     def rest(self, answer: str) -> str:
-        """What of the finished answer is still to send (nothing more when what was sent is not its
-        beginning: the stream cannot take text back)."""
-        return answer[len(self.sent):] if answer.startswith(self.sent) else ""
+        """What of the finished answer is still to send (see ``rewritten``)."""
+        return answer[len(self.sent):]
 
 
 def _visible(text: str) -> str:

@@ -809,6 +809,19 @@ def test_a_stream_whose_retry_wrote_another_answer_ends_in_an_error_with_the_ans
     assert experts.count("aggregate") == {"alpha": 2} and experts.streams == []
 
 
+def test_a_stream_whose_retry_writes_the_same_text_goes_on_after_it(serve: Any) -> None:
+    """A seeded retry writes the text the broken stream had sent again: it started from its first
+    word, a beginning of what was sent, and that ended the stream in "answer_rewritten" (on
+    llama.cpp's server, every stream broken mid-answer)."""
+    running, experts = serve()
+    experts.streams = [["The answer is ", "41, ", None], ["The answer ", "is 41, ", "give or take."]]
+    chunks = running.client().chat.completions.create(
+        model="orchestra", stream=True, messages=[{"role": "user", "content": "How far does light travel?"}])
+    got = [choice.delta.content or "" for chunk in chunks for choice in chunk.choices]
+    assert "".join(got) == "The answer is 41, give or take."
+    assert experts.count("aggregate") == {"alpha": 2} and experts.streams == []
+
+
 def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
     async def relay(updates: list[str], answer: str) -> tuple[list[str], str]:
         feed = Feed(progress=False)
@@ -817,12 +830,17 @@ def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
         sent = []
         while not feed.items.empty():
             sent.append(feed.items.get_nowait()[1])
-        return sent, feed.rest(answer)
+        return sent, "(rewritten)" if feed.rewritten(answer) else feed.rest(answer)
 
     thinking = ["<thi", "<think>hmm", "<think>hmm</think>\n", "<think>hmm</think>\nThe ", "<think>hmm</think>\nThe sky"]
     assert asyncio.run(relay(thinking, "The sky is blue.")) == (["The", " sky"], " is blue.")
     retried = ["The sky", "The sky is", "A different", "A different start"]  # a retry wrote otherwise
-    assert asyncio.run(relay(retried, "A different start.")) == (["The sky", " is"], "")
+    assert asyncio.run(relay(retried, "A different start.")) == (["The sky", " is"], "(rewritten)")
+    # a retry that writes the same text again: its beginning is waited on, then relaying goes on
+    again = ["The sky", "The sky is", "The", "The sky", "The sky is", "The sky is blue"]
+    assert asyncio.run(relay(again, "The sky is blue.")) == (["The sky", " is", " blue"], ".")
+    shorter = ["The sky", "The sky is", "The"]  # a retry that wrote a shorter answer than was sent
+    assert asyncio.run(relay(shorter, "The end.")) == (["The sky", " is"], "(rewritten)")
     assert asyncio.run(relay(["  Hello ", "  Hello world  "], "Hello world")) == (["Hello", " world"], "")
 
 
