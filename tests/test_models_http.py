@@ -321,6 +321,22 @@ def test_unrepairable_json_is_a_clear_error(loopback) -> None:
     assert len(server.requests) == 2
 
 
+def test_json_cut_by_max_tokens_is_not_repaired_under_the_same_limit(loopback) -> None:
+    """An answer that was all JSON until max_tokens cut it: a repair (a longer prompt, the same
+    limit) was sent, cut again and paid for, and the error hid why."""
+    server = loopback(lambda req: openai_reply('{"city": "Malm', completion_tokens=8, finish_reason="length"))
+    with pytest.raises(BadResponse, match=r"invalid JSON for Answer: .*; the answer reached max_tokens=8 before it "
+                                          r"was complete: raise max_tokens") as failed:
+        run(openai(server).complete([ask("facts", output=Answer, max_tokens=8)]))
+    assert len(server.requests) == 1 and failed.value.usage.completion_tokens == 8  # (billed all the same)
+    # words before the JSON: the repair, asking for the JSON alone, may fit
+    answers = iter([openai_reply('Sure! Here is the JSON: {"city": "Par', finish_reason="length"),
+                    openai_reply('{"city": "Paris", "population": 1}')])
+    chatty = loopback(lambda req: next(answers))
+    [result] = run(openai(chatty).complete([ask("facts", output=Answer, max_tokens=8)]))
+    assert result.parsed.population == 1 and len(chatty.requests) == 2
+
+
 def test_dict_schema_is_validated(loopback) -> None:
     schema = {"type": "object", "properties": {"keywords": {"type": "array", "items": {"type": "string"}}},
               "required": ["keywords"]}

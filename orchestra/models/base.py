@@ -213,6 +213,8 @@ class ModelBase(abc.ABC):
         with metering() as meter:
             try:
                 step = self.parse_or_repair(request, await self._metered(request))
+                if isinstance(step, InvalidOutput):
+                    raise step
                 if isinstance(step, ChatRequest):
                     step = self.parse_repaired(request, await self._metered(step))
             except asyncio.CancelledError:
@@ -239,14 +241,22 @@ class ModelBase(abc.ABC):
         charge(result.usage)
         return result
 
-    def parse_or_repair(self, request: ChatRequest, result: ChatResult) -> ChatResult | ChatRequest:
-        """``result`` with its parsed value, or the repair request to send when its JSON is invalid."""
+    def parse_or_repair(self, request: ChatRequest, result: ChatResult) -> ChatResult | ChatRequest | InvalidOutput:
+        """``result`` with its parsed value, or the repair request to send when its JSON is invalid;
+        an answer that was all JSON until ``max_tokens`` cut it is a failure (a repair under the
+        same limit would be cut as well; one with words before its JSON may fit once they go)."""
         if not request.wants_json or result.parsed is not None:
             return result
         try:
             return result.model_copy(update={"parsed": parse_output(result.text, request)})
         except StructuredOutputError as error:
-            return repair_request(request, result.text, error)
+            if result.finish_reason != "length" or not result.text.lstrip().startswith(("{", "[", "```")):
+                return repair_request(request, result.text, error)
+            limit = f"max_tokens={request.max_tokens}" if request.max_tokens else "its max_tokens"
+            failure = InvalidOutput(f"{self.name} returned invalid JSON for {request.schema_name}: {error}; the "
+                                    f"answer reached {limit} before it was complete: raise max_tokens")
+            failure.text = result.text
+            return failure
 
     def parse_repaired(self, request: ChatRequest, repaired: ChatResult) -> ChatResult:
         """The repaired answer parsed; still invalid is an ``InvalidOutput`` carrying the answer's text."""

@@ -143,7 +143,7 @@ class VLLM(ModelBase):
             step = self.parse_or_repair(request, result)
             if isinstance(step, ChatRequest):
                 repairs[index] = step
-            else:
+            else:  # parsed, or a failure (an invalid answer cut short)
                 outcomes[index] = step
         if repairs:
             for index, result in zip(repairs, await self._chat(list(repairs.values()))):
