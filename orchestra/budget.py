@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestra.errors import BudgetExceeded
 from orchestra.models import ChatRequest, Usage
 from orchestra.models.pricing import Price
-from orchestra.models.types import estimate_tokens
+from orchestra.models.prompt_gauge import PromptGauge
 from orchestra.money import usd, usd_exact
 from orchestra.numbers import Amount, Count
 
@@ -37,6 +37,9 @@ class Reservation(NamedTuple):
 
 NOTHING = Reservation(0, 0.0)
 """The reservation of a call that no token or cost limit bounds."""
+
+#: how a prompt is reserved for a model that learns nothing of its server's billing
+_UNKNOWN = PromptGauge()
 
 
 def _calls_made(calls: int) -> str:
@@ -101,7 +104,7 @@ class BudgetTracker:
                 return BudgetExceeded(limit=limit, value=value, spent=words, run_id=self.run_id, shared=self.name)
         return None
 
-    def admit(self, request: ChatRequest, price: Price) -> Reservation:
+    def admit(self, request: ChatRequest, price: Price, gauge: PromptGauge | None = None) -> Reservation:
         """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it
         does not fit this budget or the shared one (``held`` on it: it would fit once the calls in
         flight end, so the caller may wait for them and ask again)."""
@@ -116,7 +119,7 @@ class BudgetTracker:
         if budget.max_tokens is None and budget.max_cost_usd is None and self.parent is None and not self.shared:
             self._reserved_calls += 1  # no limit reads the worst case: not estimated (this runs for every call)
             return NOTHING
-        prompt, answer = estimate_tokens(request.prompt_text()), request.max_tokens or 1024
+        prompt, answer = (gauge or _UNKNOWN).worst(request), request.max_tokens or 1024
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
         spent = self.prompt_tokens + self.completion_tokens
         if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
@@ -137,7 +140,7 @@ class BudgetTracker:
                          hopeless=worst.cost_usd > budget.max_cost_usd, wanted=worst)
         if self.parent is not None:
             try:
-                self.parent.admit(request, price)
+                self.parent.admit(request, price, gauge)
             except BudgetExceeded as exceeded:
                 if not exceeded.held:  # (a call that waits for the calls in flight did not stop anything)
                     self.exceeded, self.wanted = exceeded, worst

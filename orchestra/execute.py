@@ -526,7 +526,8 @@ class Executor:
                 return True
             ledger.cache_misses += 1
         try:
-            call.reserved = ledger.budget.admit(call.request, getattr(call.model, "price", FREE))
+            call.reserved = ledger.budget.admit(call.request, getattr(call.model, "price", FREE),
+                                                getattr(call.model, "prompt_gauge", None))
         except BudgetExceeded as exceeded:
             # it fits once the calls in flight end (their worst cases are held): it waits for them, unless
             # they are heavy calls whose wave waits for this call's task (then it stops, as before)

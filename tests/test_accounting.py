@@ -98,6 +98,49 @@ def test_calls_and_requests_agree_with_what_the_endpoint_counted(loopback, tmp_p
     assert f"calls 9 · requests {len(server.requests)} ·" in text
 
 
+class TemplateServer:
+    """An endpoint as llama-cpp-python's server bills: its chat template's tokens on top of each
+    prompt's text, and no ``json_schema`` mode (the JSON instructions go into the prompt)."""
+
+    TEMPLATE = 24
+
+    def __init__(self) -> None:
+        self.billed = 0
+        self.lock = threading.Lock()
+        self.inner = chat_handler(self.answer)
+
+    def answer(self, request: LoopbackRequest) -> str | Reply:
+        if (request.json() or {}).get("response_format", {}).get("type") == "json_schema":
+            return error_reply(400, "response_format json_schema is not supported")
+        if KEYWORDS_MARK in request.prompt:
+            return json.dumps({"keywords": ["chemistry"]})
+        return "The answer is 7, as the reasoning above shows in some detail."
+
+    async def __call__(self, request: LoopbackRequest) -> Reply:
+        reply = await self.inner(request)
+        usage = (reply.body or {}).get("usage") if isinstance(reply.body, dict) else None
+        if usage:
+            usage["prompt_tokens"] += self.TEMPLATE
+            with self.lock:
+                self.billed += usage["prompt_tokens"] + usage["completion_tokens"]
+        return reply
+
+
+@pytest.mark.parametrize("limit", [300, 600, 900, 1200, 1500])
+def test_a_token_budget_is_not_overshot_by_a_server_that_adds_a_template(loopback, limit: int) -> None:
+    """A budget reserved each call's prompt at 4 characters a token of the request as written: the
+    JSON instructions a server without json_schema gets, and its chat template's tokens, were
+    billed beyond it (llama.cpp's server: 966 tokens under --max-tokens 700)."""
+    billed = TemplateServer()
+    server = loopback(billed)
+    models = [OpenAICompatible(model=name, base_url=server.url + "/v1", max_attempts=1) for name in "abc"]
+    pool = Pool(agents=[Agent(name=f"agent-{m.model}", model=m, max_tokens=40) for m in models], planner=models[0])
+    orc = Orchestra(pool, store=False, budget=Budget(max_tokens=limit, max_calls=None, max_cost_usd=None))
+    result = orc.run("What is the pH of pure water?", plan=False)
+    assert billed.billed <= limit, (billed.billed, result.status)
+    assert result.usage.prompt_tokens + result.usage.completion_tokens == billed.billed
+
+
 class HeldExpert:
     """An Orchestra of one agent whose expert's request is held at a loopback server until released."""
 

@@ -601,6 +601,44 @@ def test_a_stream_cut_short_is_retried_and_the_text_starts_again(loopback) -> No
     assert result.usage.prompt_tokens > 0  # no usage in the stream: the prompt is estimated, not zero
 
 
+def test_a_stream_without_usage_is_counted_at_the_rates_its_server_billed(loopback) -> None:
+    """llama-cpp-python's streams carry no usage: the prompt was counted at 4 characters a token
+    (half what the server bills with its template) and the answer likewise, 16 tokens where
+    max_tokens=12 had cut it. The prompt is now counted at the rate the server billed this model's
+    other prompts, and an answer cut by max_tokens is that many tokens."""
+    def handle(request: LoopbackRequest) -> Reply:
+        billed = len(request.prompt) // 2 + 20  # a dense tokenizer and a chat template
+        payload = request.json() or {}
+        if payload.get("stream"):  # cut by max_tokens=12; at 5 said to have stopped on its own
+            return openai_stream_reply(["A rather long answer that ", "the limit cut off here"], usage=False,
+                                       finish_reason="length" if payload["max_tokens"] == 12 else "stop")
+        return openai_reply("Plain.", prompt_tokens=billed)
+
+    server = loopback(handle)
+    model = openai(server)
+    before = run(model.complete_one(ask("x" * 400, max_tokens=12, on_text=lambda text: None)))
+    assert (before.usage.prompt_tokens, before.usage.completion_tokens) == (100, 12)  # nothing billed yet: 4 a token
+    run(model.complete_one(ask("y" * 400)))  # billed 220 for 400 characters
+    streamed = run(model.complete_one(ask("z" * 800, max_tokens=12, on_text=lambda text: None)))
+    assert (streamed.usage.prompt_tokens, streamed.usage.completion_tokens) == (440, 12)
+    stopped = run(model.complete_one(ask("z" * 800, max_tokens=5, on_text=lambda text: None)))
+    assert stopped.usage.completion_tokens == 5  # (its 48 characters, 12 tokens at 4 a token, cannot be)
+
+
+def test_a_token_budget_reserves_a_prompt_at_the_highest_rate_its_server_billed() -> None:
+    from orchestra.models.prompt_gauge import TEMPLATE_TOKENS, PromptGauge
+
+    gauge = PromptGauge()
+    request = ask("x" * 400)
+    assert gauge.worst(request) == 100 + TEMPLATE_TOKENS  # nothing billed: 4 characters a token, and a template
+    gauge.billed(request, 80)  # under that: the floor stays
+    assert gauge.worst(request) == 100 + TEMPLATE_TOKENS
+    gauge.billed(ask("y" * 200), 132)  # (132 - 32) / 200: half a token a character
+    assert gauge.worst(request) == 200 + TEMPLATE_TOKENS and gauge.worst(ask("z" * 1000)) == 500 + TEMPLATE_TOKENS
+    structured = ask("x" * 400, output={"type": "object"})  # the JSON instructions may be appended: counted
+    assert gauge.worst(structured) > gauge.worst(request) + 20
+
+
 def test_a_streamed_event_nested_too_deeply_is_a_bad_response_not_a_crash(loopback) -> None:
     """A stream with an event too deep to decode: the call fails with the whole answer's one-line
     error (the text seen so far is kept from the events that could be read)."""

@@ -10,6 +10,7 @@ from orchestra.errors import BadResponse
 from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
+from orchestra.models.prompt_gauge import PromptGauge
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult
 
@@ -44,6 +45,7 @@ class Anthropic(EndpointModel):
         self.name = name or model
         self.default_max_tokens = max_tokens
         self.price = coerce_price(prices, model)
+        self.prompt_gauge = PromptGauge()  # (what its server bills for prompts: budgets reserve by it)
         self._connect(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm, timeout=timeout,
                       deadline=deadline, max_attempts=max_attempts)
 
@@ -65,6 +67,9 @@ class Anthropic(EndpointModel):
         body = await self.endpoint.post_negotiated(
             "/v1/messages", lambda capabilities: self._payload(request, capabilities),
             model=self.model, headers=_headers, policy=self.policy)
+        billed = (body.get("usage") or {}).get("input_tokens") if isinstance(body, dict) else None
+        if isinstance(billed, int) and not isinstance(billed, bool):
+            self.prompt_gauge.billed(request, billed)
         return self._result(body)
 
     def _payload(self, request: ChatRequest, capabilities: Capabilities) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from orchestra.errors import BadResponse, ConnectionBroke
 from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
+from orchestra.models.prompt_gauge import PromptGauge
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult, estimate_tokens
 
@@ -62,6 +63,7 @@ class OpenAICompatible(EndpointModel):
         self.name = name or model
         self.price = coerce_price(prices, model)
         self.extra_body = dict(extra_body or {})
+        self.prompt_gauge = PromptGauge()  # (what its server bills for prompts: budgets reserve by it)
         self._connect(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm, timeout=timeout,
                       deadline=deadline, max_attempts=max_attempts)
 
@@ -89,10 +91,15 @@ class OpenAICompatible(EndpointModel):
                 streamed.append(True)
                 body = assembled(body["events"])
             usage = body.get("usage")
-            if not (isinstance(usage, dict) and usage.get("prompt_tokens") is not None):
-                # a server that counts no prompt tokens (llama-cpp-python's streams, some proxies): an estimate, not 0
-                body["usage"] = {**(usage if isinstance(usage, dict) else {}),
-                                 "prompt_tokens": estimate_tokens(request.prompt_text())}
+            usage = dict(usage) if isinstance(usage, dict) else {}
+            billed = usage.get("prompt_tokens")
+            if billed is None:  # a server that counts none (llama-cpp-python's streams, some proxies): an estimate
+                usage["prompt_tokens"] = self.prompt_gauge.estimate(request)
+            elif isinstance(billed, (int, float)) and not isinstance(billed, bool):
+                self.prompt_gauge.billed(request, int(billed))
+            if usage.get("completion_tokens") is None:
+                usage["completion_tokens"] = _completion_estimate(body, request.max_tokens)
+            body["usage"] = usage
             if body.get("cut"):
                 failure = ConnectionBroke(f"{display_url(self.endpoint.base_url)} ended its stream for {self.model} "
                                           "before the answer was finished (no finish_reason, no [DONE])")
@@ -159,6 +166,21 @@ class OpenAICompatible(EndpointModel):
         if not text.strip():
             raise no_text(self.endpoint.base_url, self.model, reason, usage)
         return ChatResult(text=text, parsed=None, model=self.name, latency_s=0.0, finish_reason=reason, usage=usage)
+
+
+def _completion_estimate(body: dict[str, Any], max_tokens: int | None) -> int:
+    """The completion tokens of an answer whose server did not count them: its text at 4 characters
+    a token, never above ``max_tokens``, and ``max_tokens`` itself where that limit ended it."""
+    try:
+        choice = body["choices"][0]
+        text = choice["message"].get("content") or ""
+        reason = choice.get("finish_reason")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return 0
+    if max_tokens is not None and reason == "length":
+        return max_tokens
+    estimate = estimate_tokens(text) if isinstance(text, str) and text else 0
+    return min(estimate, max_tokens) if max_tokens is not None else estimate
 
 
 def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
