@@ -104,48 +104,53 @@ class BudgetTracker:
                 return BudgetExceeded(limit=limit, value=value, spent=words, run_id=self.run_id, shared=self.name)
         return None
 
-    def admit(self, request: ChatRequest, price: Price, gauge: PromptGauge | None = None) -> Reservation:
+    def admit(self, request: ChatRequest, price: Price, gauge: PromptGauge | None = None, *,
+              within: bool = False) -> Reservation:
         """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it
         does not fit this budget or the shared one (``held`` on it: it would fit once the calls in
-        flight end, so the caller may wait for them and ask again)."""
+        flight end, so the caller may wait for them and ask again). ``within``: a further request of
+        a call in flight (a structured answer's repair), reserved on top of the call's own and
+        refused outright (it cannot wait)."""
         budget = self.budget
         if self.closed is not None:
             self.exceeded = self.closed
             raise self.closed
-        if budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
+        if not within and budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
             self._refuse("max_calls", budget.max_calls, f"{_calls_made(self.calls)}{in_flight}",
                          held=bool(in_flight) and self.calls + 1 <= budget.max_calls)  # (one that fails unsent is free)
         if budget.max_tokens is None and budget.max_cost_usd is None and self.parent is None and not self.shared:
-            self._reserved_calls += 1  # no limit reads the worst case: not estimated (this runs for every call)
+            self._reserved_calls += not within  # no limit reads the worst case: not estimated (this runs per call)
             return NOTHING
         prompt, answer = (gauge or _UNKNOWN).worst(request), request.max_tokens or 1024
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
         spent = self.prompt_tokens + self.completion_tokens
+        what = "its invalid JSON's repair" if within else "the next call"
         if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
             held = f", {self._reserved_tokens} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
             self._refuse("max_tokens", budget.max_tokens,
-                         f"{spent} tokens used{held}, the next call may take {worst.tokens}: {prompt} of prompt and "
-                         f"up to {answer} of answer", held=bool(held) and spent + worst.tokens <= budget.max_tokens,
+                         f"{spent} tokens used{held}, {what} may take {worst.tokens}: {prompt} of prompt and "
+                         f"up to {answer} of answer",
+                         held=not within and bool(held) and spent + worst.tokens <= budget.max_tokens,
                          hopeless=worst.tokens > budget.max_tokens, wanted=worst)
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
             held = f", {usd_exact(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
             self._refuse("max_cost_usd", budget.max_cost_usd,
-                         f"{usd_exact(self.cost_usd)} spent{held}, the next call may cost "
+                         f"{usd_exact(self.cost_usd)} spent{held}, {what} may cost "
                          f"{usd_exact(worst.cost_usd)}: {prompt} tokens of prompt and up to {answer} of answer",
-                         held=bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd,
+                         held=not within and bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd,
                          hopeless=worst.cost_usd > budget.max_cost_usd, wanted=worst)
         if self.parent is not None:
             try:
-                self.parent.admit(request, price, gauge)
+                self.parent.admit(request, price, gauge, within=within)
             except BudgetExceeded as exceeded:
                 if not exceeded.held:  # (a call that waits for the calls in flight did not stop anything)
                     self.exceeded, self.wanted = exceeded, worst
                 raise
-        self._reserved_calls += 1
+        self._reserved_calls += not within
         self._reserved_tokens += worst.tokens
         self._reserved_cost += worst.cost_usd
         if worst.tokens > self.largest.tokens or worst.cost_usd > self.largest.cost_usd:

@@ -57,7 +57,14 @@ from orchestra.events import (
     UsageUpdated,
 )
 from orchestra.models import ChatRequest, ChatResult, HeavyModel, Model, Usage, is_heavy
-from orchestra.models.base import cancel_listener, downgrade_listener, model_identity, retry_listener, still_wanted
+from orchestra.models.base import (
+    cancel_listener,
+    downgrade_listener,
+    model_identity,
+    repair_admission,
+    retry_listener,
+    still_wanted,
+)
 from orchestra.models.pricing import FREE
 
 Outcome = ChatResult | Exception
@@ -750,6 +757,16 @@ class Executor:
             return True
 
         asked = still_wanted.set(wanted)
+
+        def reserve_repair(request: ChatRequest, repair: ChatRequest) -> None:
+            call = next((c for c in group if c.request is request), None)  # (repairs are rare: no index kept)
+            if call is None or call.reserved is None:
+                return
+            extra = call.ledger.budget.admit(repair, getattr(model, "price", FREE),
+                                             getattr(model, "prompt_gauge", None), within=True)
+            call.reserved = Reservation(call.reserved.tokens + extra.tokens, call.reserved.cost_usd + extra.cost_usd)
+
+        repairing = repair_admission.set(reserve_repair)
         pending = dict(enumerate(group))
         answered: list[tuple[_Call, Outcome]] = []  # answers of this turn of the loop, not yet committed
         flush: asyncio.Handle | None = None
@@ -789,6 +806,7 @@ class Executor:
             downgrade_listener.reset(dropped)
             cancel_listener.reset(cancelled)
             still_wanted.reset(asked)
+            repair_admission.reset(repairing)
         self.events.emit(BatchFinished(batch=batch, model=model.name, size=len(group), failed=failed,
                                        seconds=time.perf_counter() - started))
         return lost

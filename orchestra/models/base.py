@@ -64,6 +64,19 @@ CancelListener = Callable[[ChatRequest, Usage], None]
 cancel_listener: ContextVar[CancelListener | None] = ContextVar("cancel_listener", default=None)
 
 
+RepairAdmission = Callable[[ChatRequest, ChatRequest], None]
+#: Set by the executor around a batch: called as (request, repair) before a structured answer's
+#: repair is sent, to reserve it against the call's budget; raises ``BudgetExceeded`` where it has no room.
+repair_admission: ContextVar[RepairAdmission | None] = ContextVar("repair_admission", default=None)
+
+
+def admit_repair(request: ChatRequest, repair: ChatRequest) -> None:
+    """Have whoever dispatched the current batch reserve ``repair``, a further request of ``request``'s call."""
+    admission = repair_admission.get()
+    if admission is not None:
+        admission(request, repair)
+
+
 #: Set by the executor around a batch: whether the batch's request at an index is still wanted (its
 #: caller may have stopped since the batch began, a run cancelled or a loop left early); one that is
 #: not is never sent, and comes back as ``CallCancelled``.
@@ -216,6 +229,7 @@ class ModelBase(abc.ABC):
                 if isinstance(step, InvalidOutput):
                     raise step
                 if isinstance(step, ChatRequest):
+                    admit_repair(request, step)
                     step = self.parse_repaired(request, await self._metered(step))
             except asyncio.CancelledError:
                 listener = cancel_listener.get()

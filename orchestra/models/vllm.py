@@ -8,8 +8,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from orchestra.errors import InvalidOutput, MissingDependency
-from orchestra.models.base import ModelBase, Outcome, with_usage
+from orchestra.errors import BudgetExceeded, InvalidOutput, MissingDependency
+from orchestra.models.base import ModelBase, Outcome, admit_repair, with_usage
 from orchestra.models.metering import Meter
 from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -142,7 +142,12 @@ class VLLM(ModelBase):
             meters[index].charge(result.usage)
             step = self.parse_or_repair(request, result)
             if isinstance(step, ChatRequest):
-                repairs[index] = step
+                try:
+                    admit_repair(request, step)
+                except BudgetExceeded as refused:
+                    outcomes[index] = refused
+                else:
+                    repairs[index] = step
             else:  # parsed, or a failure (an invalid answer cut short)
                 outcomes[index] = step
         if repairs:
