@@ -287,6 +287,7 @@ def test_a_run_resumed_while_its_cancelled_request_is_in_flight_waits_for_that_a
     assert result.usage.requests == 6 and result.usage.replayed_calls == (1 if streamed else 6)
     totals = RunStore(tmp_path / "runs.db").run_totals(result.run_id)
     assert (totals["calls"], totals["requests"]) == (6, 6)
+    assert result.usage.calls == 6  # (the call it waited for is one of its calls, as its record says)
 
 
 def test_a_failed_run_still_shows_its_calls_and_requests(loopback, tmp_path: Path) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -49,6 +51,23 @@ def test_the_deadline_bounds_a_call_over_all_its_attempts(loopback) -> None:
     error = _ask(server, timeout=0.3, max_attempts=10, deadline=1)
     assert isinstance(error, RequestTimeout) and "deadline=1 s per call" in str(error)
     assert 1 <= len(server.requests) < 10  # the deadline stopped the retries, not the attempt count
+
+
+def test_an_attempt_ends_at_the_call_s_deadline_when_that_comes_before_its_timeout(loopback) -> None:
+    """With a deadline shorter than the timeout, an attempt at a hanging server is cut at the deadline
+    (it was held for the whole timeout: the deadline overrun by up to one attempt)."""
+    server = loopback(lambda request: Reply(hang=True))
+    error = _ask(server, timeout=30, max_attempts=1, deadline=0.5)
+    assert isinstance(error, RequestTimeout) and "deadline=0.5 s per call" in str(error), error
+    assert re.search(r"did not finish answering within 0\.\d+ s", str(error)), error  # (not "within 30 s")
+
+
+def test_a_retry_after_of_exactly_the_longest_wait_is_waited_out(loopback) -> None:
+    answers = iter([error_reply(429, "slow down", retry_after="1"), openai_reply("done")])
+    server = loopback(lambda request: next(answers))
+    model = OpenAICompatible(model="m", base_url=f"{server.url}/v1")
+    model.policy = dataclasses.replace(model.policy, max_wait=1.0)
+    assert asyncio.run(model.complete_one(ChatRequest.user("hi"))).text == "done" and len(server.requests) == 2
 
 
 @pytest.mark.parametrize("retry_after", ["120", "Wed, 21 Oct 2099 07:28:00 GMT"])
