@@ -148,7 +148,7 @@ class Server:
                 raise WireError(503, "the server is shutting down; retry on another instance")
             spent = self.shared.reached() if self.shared is not None else None
             if spent is not None:
-                raise WireError(429, f"the server's budget is exhausted: {spent}", code="insufficient_quota")
+                raise WireError(429, str(spent), code="insufficient_quota")  # (it names the server's budget)
             if self.admission is not None and not await self._admitted(request):
                 return Response(status_code=499)  # the client went away while its request waited
             feed = Feed(completion.progress) if completion.stream else None

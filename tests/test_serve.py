@@ -510,6 +510,41 @@ def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any
     assert sum(experts.requests.values()) == 9
 
 
+def test_a_servers_budget_spent_to_its_limit_refuses_a_request_at_once(serve: Any, tmp_path: Path) -> None:
+    running, experts = serve(budget=Budget(max_calls=9, max_cost_usd=None, max_tokens=None))
+    client = running.client()
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    assert client.chat.completions.create(model="orchestra", messages=question).model_extra["orchestra"]["calls"] == 9
+    with pytest.raises(openai.RateLimitError) as spent:
+        client.chat.completions.create(model="orchestra", messages=question)
+    # refused as spent, before the admission is asked (it would say "no room for another run")
+    assert spent.value.message.endswith(" - the server's budget max_calls=9 is spent (9 calls made)")
+    assert sum(experts.requests.values()) == 9 and len(RunStore(tmp_path / "runs.db").runs()) == 1
+
+
+def test_a_run_cut_short_does_not_teach_the_server_what_a_run_takes(serve: Any, tmp_path: Path) -> None:
+    """A request cut off by its own budget after 6 calls was taken for what a run takes: the next
+    burst was let in two at a time under a budget with room for one, and one was cut mid-way."""
+    running, experts = serve(budget=Budget(max_calls=20, max_cost_usd=None, max_tokens=None),
+                             presets={"tight": {"budget": {"max_calls": 6}}})
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    with pytest.raises(openai.RateLimitError, match="budget max_calls=6 reached"):
+        running.client().chat.completions.create(model="tight", messages=question)
+
+    async def burst() -> list[Any]:
+        client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        outcomes = await asyncio.gather(*(client.chat.completions.create(
+            model="orchestra", messages=[{"role": "user", "content": f"What is fact number {i} about light?"}])
+            for i in range(4)), return_exceptions=True)
+        await client.close()
+        return outcomes
+
+    outcomes = asyncio.run(burst())
+    answered = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(answered) == 1 and all("it was not started" in o.message for o in outcomes if o not in answered)
+    assert sum(experts.requests.values()) == 6 + 9  # the cut run's, then one whole run; none cut mid-way
+
+
 def test_a_burst_under_the_servers_budget_gets_the_answers_it_can_pay_for(serve: Any, tmp_path: Path) -> None:
     """Started at once, 6 requests' keyword samples spent a budget of 2 answers and none was
     answered; admitted while the budget can be expected to finish them, 2 are answered and the

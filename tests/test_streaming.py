@@ -380,3 +380,17 @@ def test_the_heartbeat_ends_with_the_last_run_and_async_listeners_are_refused(tm
 
     with pytest.raises(ConfigError, match="an event listener must be a plain function, not an async one"):
         orc.events.subscribe(listen)
+
+
+def test_the_rare_expert_filter_recruits_half_a_window_at_a_time() -> None:
+    """Tasks are recruited together a chunk of half the window at a time, so one chunk's runs work
+    while the next is recruited: each chunk's keyword samples (5 per task) are one batch."""
+    pool, models = scripted_pool(4)
+    orc = Orchestra(pool, store=False)
+
+    async def main() -> list[RunResult]:
+        return [result async for _, result in orc.arun_iter([f"question {i}" for i in range(8)], window=4,
+                                                             rare_filter=True)]
+
+    assert [result.status for result in asyncio.run(main())] == ["done"] * 8
+    assert models["planner"].batches == [10, 10, 10, 10]  # 4 chunks of 2 tasks
