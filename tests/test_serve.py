@@ -510,6 +510,16 @@ def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any
     assert sum(experts.requests.values()) == 9
 
 
+async def burst(running: Running, size: int) -> list[Any]:
+    """``size`` questions sent at once; each one's completion, or the error it got."""
+    client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    outcomes = await asyncio.gather(*(client.chat.completions.create(
+        model="orchestra", messages=[{"role": "user", "content": f"What is fact number {i} about light?"}])
+        for i in range(size)), return_exceptions=True)
+    await client.close()
+    return outcomes
+
+
 def test_a_servers_budget_spent_to_its_limit_refuses_a_request_at_once(serve: Any, tmp_path: Path) -> None:
     running, experts = serve(budget=Budget(max_calls=9, max_cost_usd=None, max_tokens=None))
     client = running.client()
@@ -531,15 +541,7 @@ def test_a_run_cut_short_does_not_teach_the_server_what_a_run_takes(serve: Any, 
     with pytest.raises(openai.RateLimitError, match="budget max_calls=6 reached"):
         running.client().chat.completions.create(model="tight", messages=question)
 
-    async def burst() -> list[Any]:
-        client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        outcomes = await asyncio.gather(*(client.chat.completions.create(
-            model="orchestra", messages=[{"role": "user", "content": f"What is fact number {i} about light?"}])
-            for i in range(4)), return_exceptions=True)
-        await client.close()
-        return outcomes
-
-    outcomes = asyncio.run(burst())
+    outcomes = asyncio.run(burst(running, 4))
     answered = [o for o in outcomes if not isinstance(o, BaseException)]
     assert len(answered) == 1 and all("it was not started" in o.message for o in outcomes if o not in answered)
     assert sum(experts.requests.values()) == 6 + 9  # the cut run's, then one whole run; none cut mid-way
@@ -551,15 +553,7 @@ def test_a_burst_under_the_servers_budget_gets_the_answers_it_can_pay_for(serve:
     rest refused before any call."""
     running, experts = serve(budget=Budget(max_calls=20, max_cost_usd=None, max_tokens=None))
 
-    async def burst() -> list[Any]:
-        client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        outcomes = await asyncio.gather(*(client.chat.completions.create(
-            model="orchestra", messages=[{"role": "user", "content": f"What is fact number {i} about light?"}])
-            for i in range(6)), return_exceptions=True)
-        await client.close()
-        return outcomes
-
-    outcomes = asyncio.run(burst())
+    outcomes = asyncio.run(burst(running, 6))
     answered = [o for o in outcomes if not isinstance(o, BaseException)]
     refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
     assert len(answered) == 2 and len(refused) == 4  # the first alone, then one more beside nothing: 18 of 20
