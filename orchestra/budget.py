@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -114,7 +115,7 @@ class BudgetTracker:
         budget = self.budget
         if self.closed is not None:
             self.exceeded = self.closed
-            raise self.closed
+            raise copy.copy(self.closed) if within else self.closed  # (a call's error gets its usage written on)
         if not within and budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
             self._refuse("max_calls", budget.max_calls, f"{_calls_made(self.calls)}{in_flight}",
@@ -133,7 +134,7 @@ class BudgetTracker:
                          f"{spent} tokens used{held}, {what} may take {worst.tokens}: {prompt} of prompt and "
                          f"up to {answer} of answer",
                          held=not within and bool(held) and spent + worst.tokens <= budget.max_tokens,
-                         hopeless=worst.tokens > budget.max_tokens, wanted=worst)
+                         hopeless=not within and worst.tokens > budget.max_tokens, wanted=NOTHING if within else worst)
         cost = self.cost_usd + self._reserved_cost + worst.cost_usd
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
             held = f", {usd_exact(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
@@ -142,13 +143,14 @@ class BudgetTracker:
                          f"{usd_exact(self.cost_usd)} spent{held}, {what} may cost "
                          f"{usd_exact(worst.cost_usd)}: {prompt} tokens of prompt and up to {answer} of answer",
                          held=not within and bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd,
-                         hopeless=worst.cost_usd > budget.max_cost_usd, wanted=worst)
+                         hopeless=not within and worst.cost_usd > budget.max_cost_usd,
+                         wanted=NOTHING if within else worst)
         if self.parent is not None:
             try:
                 self.parent.admit(request, price, gauge, within=within)
             except BudgetExceeded as exceeded:
                 if not exceeded.held:  # (a call that waits for the calls in flight did not stop anything)
-                    self.exceeded, self.wanted = exceeded, worst
+                    self.exceeded, self.wanted = exceeded, NOTHING if within else worst
                 raise
         self._reserved_calls += not within
         self._reserved_tokens += worst.tokens
@@ -157,6 +159,15 @@ class BudgetTracker:
             self.largest = Reservation(max(worst.tokens, self.largest.tokens),
                                        max(worst.cost_usd, self.largest.cost_usd))
         return worst
+
+    def hold(self, reserved: Reservation, instead: Reservation) -> Reservation:
+        """Hold ``instead`` of ``reserved`` for a call in flight (what its first request cost, once
+        known, rather than that request's worst case); returns it."""
+        self._reserved_tokens += instead.tokens - reserved.tokens
+        self._reserved_cost += instead.cost_usd - reserved.cost_usd
+        if self.parent is not None:
+            self.parent.hold(reserved, instead)
+        return instead
 
     def settle(self, reserved: Reservation, usage: Usage | None) -> None:
         """Release a reservation and count what the call really spent (None: it was not made)."""

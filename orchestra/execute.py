@@ -758,12 +758,17 @@ class Executor:
 
         asked = still_wanted.set(wanted)
 
-        def reserve_repair(request: ChatRequest, repair: ChatRequest) -> None:
-            call = next((c for c in group if c.request is request), None)  # (repairs are rare: no index kept)
+        def reserve_repair(request: ChatRequest, repair: ChatRequest, spent: Usage) -> None:
+            # (repairs are rare: no index kept; a call settled already holds nothing)
+            call = next((c for c in group if c.request is request and c.reserved is not None), None)
             if call is None or call.reserved is None:
                 return
-            extra = call.ledger.budget.admit(repair, getattr(model, "price", FREE),
-                                             getattr(model, "prompt_gauge", None), within=True)
+            budget = call.ledger.budget
+            # the call holds what its first request cost, no longer that request's worst case
+            call.reserved = budget.hold(call.reserved, Reservation(spent.prompt_tokens + spent.completion_tokens,
+                                                                   spent.cost_usd))
+            extra = budget.admit(repair, getattr(model, "price", FREE), getattr(model, "prompt_gauge", None),
+                                 within=True)
             call.reserved = Reservation(call.reserved.tokens + extra.tokens, call.reserved.cost_usd + extra.cost_usd)
 
         repairing = repair_admission.set(reserve_repair)

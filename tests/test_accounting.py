@@ -16,11 +16,12 @@ from loopback_llm import write_pool
 from test_cli import cli
 
 from orchestra import Agent, Budget, Orchestra, Pool
+from orchestra.errors import BudgetExceeded
 from orchestra.execute import Executor, RunLedger
 from orchestra.matching import EmbeddingMatcher
 from orchestra.models import ChatRequest, FunctionModel, OpenAICompatible
 from orchestra.store import RunStore
-from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply
+from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply, openai_reply
 
 
 class BilledServer:
@@ -393,6 +394,34 @@ def test_a_journal_failure_never_frees_budget_that_was_not_reserved(tmp_path: Pa
     assert isinstance(outcomes[0], OSError)
     assert [isinstance(o, Exception) for o in outcomes[1:]] == [False, False, True]  # the 4th call is refused
     assert len(model.requests) == 2 and ledger.budget.calls == 2
+
+
+@pytest.mark.parametrize("limit", [700, 560])
+def test_a_repair_is_reserved_beside_what_its_call_has_cost(loopback, limit: int) -> None:
+    """A repair was admitted beside its call's whole worst case (440 tokens, though its first request
+    had cost 46): under 700 it was refused and the run stopped with most of its budget left. It is
+    a request of the call, not another call (max_calls=1), and the budget holds nothing after."""
+    def handle(request: LoopbackRequest) -> Reply:
+        if "not valid" in request.prompt:  # the repair
+            return openai_reply('{"fact": "Light is fast."}', prompt_tokens=60)
+        return openai_reply("Light is fast, I would say.", prompt_tokens=40)
+
+    server = loopback(handle)
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None)
+    ledger = RunLedger.create("r1", Budget(max_calls=1, max_tokens=limit, max_cost_usd=None))
+    executor = Executor()
+    schema = {"type": "object", "properties": {"fact": {"type": "string"}}, "required": ["fact"]}
+    request = ChatRequest.user("Give one fact about light.", output=schema, max_tokens=400)
+    [outcome] = asyncio.run(executor.run_task(executor.call(ledger, [(model, request)], purpose="expert")))
+    budget = ledger.budget
+    if limit == 700:  # 46 spent + the repair's 554 at worst fit
+        assert not isinstance(outcome, Exception) and outcome.parsed == {"fact": "Light is fast."}
+        assert len(server.requests) == 2 and budget.calls == 1 and budget.requests == 2
+    else:  # the repair has no room: the call stops there, its first request counted
+        assert isinstance(outcome, BudgetExceeded) and not outcome.hopeless and len(server.requests) == 1
+        assert "46 held for 1 calls in flight, its invalid JSON's repair may take 554" in str(outcome)
+        assert budget.prompt_tokens + budget.completion_tokens == 46
+    assert (budget._reserved_calls, budget._reserved_tokens) == (0, 0)
 
 
 def test_a_failed_call_counts_against_the_budget(loopback, tmp_path: Path) -> None:

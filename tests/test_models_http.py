@@ -27,6 +27,7 @@ from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
 from orchestra.models import http as http_module
 from orchestra.models.base import retry_listener
 from orchestra.models.http import parse_retry_after
+from orchestra.models.prompt_gauge import text_units
 from orchestra.models.types import estimate_tokens
 from orchestra.testing import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
 from orchestra.testing.loopback import openai_stream_reply
@@ -335,6 +336,12 @@ def test_json_cut_by_max_tokens_is_not_repaired_under_the_same_limit(loopback) -
     chatty = loopback(lambda req: next(answers))
     [result] = run(openai(chatty).complete([ask("facts", output=Answer, max_tokens=8)]))
     assert result.parsed.population == 1 and len(chatty.requests) == 2
+    # whole JSON that breaks the schema, then words the limit cut: repaired, as any invalid answer
+    answers = iter([openai_reply('{"city": "Paris", "population": "about two million"}\n\nNote: the',
+                                 finish_reason="length"), openai_reply('{"city": "Paris", "population": 2100000}')])
+    wordy = loopback(lambda req: next(answers))
+    [result] = run(openai(wordy).complete([ask("facts", output=Answer, max_tokens=30)]))
+    assert result.parsed.population == 2100000 and len(wordy.requests) == 2
 
 
 def test_dict_schema_is_validated(loopback) -> None:
@@ -553,7 +560,7 @@ def test_a_stream_the_server_ends_early_is_retried_as_a_broken_connection(loopba
     assert result.text == seen[-1] == "The answer is 4." and seen[0] == "The ans"
     assert len(server.requests) == 2 and result.usage.requests == 2
     # the cut attempt was billed too (its prompt estimated: the stream said no usage)
-    assert result.usage.prompt_tokens == estimate_tokens("hello") + 10
+    assert result.usage.prompt_tokens == text_units("hello") + 10
     assert result.usage.completion_tokens == estimate_tokens("The ans") + estimate_tokens("The answer is 4.")
     last = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None, max_attempts=1)
     server.requests.clear()
@@ -581,7 +588,7 @@ def test_an_answer_without_usage_has_its_prompt_tokens_estimated_as_a_streamed_o
 
     server = loopback(bare)
     result = run(openai(server).complete_one(ask("a question of some length")))
-    assert result.usage.prompt_tokens == estimate_tokens("a question of some length") > 0
+    assert result.usage.prompt_tokens == text_units("a question of some length") > 0
     assert result.usage.completion_tokens == estimate_tokens("Light travels 30 cm.")
 
 
@@ -604,8 +611,8 @@ def test_a_stream_cut_short_is_retried_and_the_text_starts_again(loopback) -> No
 def test_a_stream_without_usage_is_counted_at_the_rates_its_server_billed(loopback) -> None:
     """llama-cpp-python's streams carry no usage: the prompt was counted at 4 characters a token
     (half what the server bills with its template) and the answer likewise, 16 tokens where
-    max_tokens=12 had cut it. The prompt is now counted at the rate the server billed this model's
-    other prompts, and an answer cut by max_tokens is that many tokens."""
+    max_tokens=12 had cut it. The prompt is now counted as the server billed this model's other
+    prompts (a fixed part, its template, and a rate), and an answer cut by max_tokens is that many."""
     def handle(request: LoopbackRequest) -> Reply:
         billed = len(request.prompt) // 2 + 20  # a dense tokenizer and a chat template
         payload = request.json() or {}
@@ -617,26 +624,34 @@ def test_a_stream_without_usage_is_counted_at_the_rates_its_server_billed(loopba
     server = loopback(handle)
     model = openai(server)
     before = run(model.complete_one(ask("x" * 400, max_tokens=12, on_text=lambda text: None)))
-    assert (before.usage.prompt_tokens, before.usage.completion_tokens) == (100, 12)  # nothing billed yet: 4 a token
-    run(model.complete_one(ask("y" * 400)))  # billed 220 for 400 characters
-    streamed = run(model.complete_one(ask("z" * 800, max_tokens=12, on_text=lambda text: None)))
-    assert (streamed.usage.prompt_tokens, streamed.usage.completion_tokens) == (440, 12)
+    assert (before.usage.prompt_tokens, before.usage.completion_tokens) == (100, 12)  # nothing billed yet: units
+    run(model.complete_one(ask("y" * 400)))  # billed 220: 100 units
+    run(model.complete_one(ask("w" * 800)))  # billed 420: 200 units (so 20 of template, 2 a unit)
+    streamed = run(model.complete_one(ask("z" * 1200, max_tokens=12, on_text=lambda text: None)))
+    assert (streamed.usage.prompt_tokens, streamed.usage.completion_tokens) == (620, 12)  # as it would be billed
+    short = run(model.complete_one(ask("hi", max_tokens=12, on_text=lambda text: None)))
+    assert short.usage.prompt_tokens == 22  # (its template, not 4 tokens at the overall rate)
     stopped = run(model.complete_one(ask("z" * 800, max_tokens=5, on_text=lambda text: None)))
     assert stopped.usage.completion_tokens == 5  # (its 48 characters, 12 tokens at 4 a token, cannot be)
 
 
-def test_a_token_budget_reserves_a_prompt_at_the_highest_rate_its_server_billed() -> None:
+def test_a_prompt_is_reserved_at_the_highest_rate_and_template_its_server_billed() -> None:
     from orchestra.models.prompt_gauge import TEMPLATE_TOKENS, PromptGauge
 
+    assert (text_units("word " * 20), text_units("1234, 5678"), text_units("光合作用")) == (25, 10, 12)
     gauge = PromptGauge()
-    request = ask("x" * 400)
-    assert gauge.worst(request) == 100 + TEMPLATE_TOKENS  # nothing billed: 4 characters a token, and a template
-    gauge.billed(request, 80)  # under that: the floor stays
+    request = ask("x" * 400)  # 100 units
+    assert gauge.worst(request) == 100 + TEMPLATE_TOKENS  # nothing billed: a token a unit, and a template
+    gauge.billed(request, 80)  # under that: nothing changes
     assert gauge.worst(request) == 100 + TEMPLATE_TOKENS
-    gauge.billed(ask("y" * 200), 132)  # (132 - 32) / 200: half a token a character
+    gauge.billed(ask("y" * 600), 332)  # (332 - 32) / 150: two tokens a unit
     assert gauge.worst(request) == 200 + TEMPLATE_TOKENS and gauge.worst(ask("z" * 1000)) == 500 + TEMPLATE_TOKENS
+    gauge.billed(ask("hi"), 300)  # a short prompt's big bill is its template, not a rate of 268 a unit
+    assert gauge.worst(request) == 200 + 298
     structured = ask("x" * 400, output={"type": "object"})  # the JSON instructions may be appended: counted
-    assert gauge.worst(structured) > gauge.worst(request) + 20
+    assert gauge.worst(structured) > gauge.worst(request) + 10
+    enforced = PromptGauge(instructions=lambda request: False)  # a server that takes the schema as such
+    assert enforced.worst(structured) == enforced.worst(request)
 
 
 def test_a_streamed_event_nested_too_deeply_is_a_bad_response_not_a_crash(loopback) -> None:

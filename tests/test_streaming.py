@@ -188,7 +188,7 @@ def test_a_shared_budget_smaller_than_the_data_set_finishes_the_runs_it_can_pay_
     before = sent()
     results, shared = asyncio.run(main(max_tokens=per_run + 600))
     assert [r.usage.calls for r in results] == [5] + [0] * 29 and sent() - before == 5
-    assert str(results[1].error).endswith("so far, and a call may need 1,099 tokens at worst, so it was not started)")
+    assert str(results[1].error).endswith("so far, and a call may need 1,107 tokens at worst, so it was not started)")
 
 
 def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> None:
@@ -394,3 +394,22 @@ def test_the_rare_expert_filter_recruits_half_a_window_at_a_time() -> None:
 
     assert [result.status for result in asyncio.run(main())] == ["done"] * 8
     assert models["planner"].batches == [10, 10, 10, 10]  # 4 chunks of 2 tasks
+
+
+def test_a_repair_a_run_had_no_room_for_is_not_taken_for_a_call_every_run_makes() -> None:
+    """A structured answer's repair refused by one item's budget was marked hopeless and kept as a
+    call a run may need: the data set's other items, which need no repair, were not started."""
+    from orchestra.budget import Budget, BudgetTracker, RunAdmission
+    from orchestra.errors import BudgetExceeded
+    from orchestra.models import ChatRequest
+    from orchestra.models.pricing import FREE
+
+    admission = RunAdmission(BudgetTracker(Budget(max_calls=None, max_tokens=2_000, max_cost_usd=None), None))
+    run = BudgetTracker(Budget(max_calls=None, max_tokens=1_000, max_cost_usd=None), "r1", parent=admission.shared)
+    held = run.admit(ChatRequest.user("hi", max_tokens=100), FREE)
+    with pytest.raises(BudgetExceeded) as refused:
+        run.admit(ChatRequest.user("a long repair " * 400, max_tokens=900), FREE, within=True)
+    assert not refused.value.held and not refused.value.hopeless and run.exceeded is not None
+    run.settle(held, None)
+    admission.ended(run, on_its_own=False, cut=True)
+    assert admission.refusal(0) is None  # the next item starts

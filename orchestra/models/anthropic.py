@@ -45,7 +45,10 @@ class Anthropic(EndpointModel):
         self.name = name or model
         self.default_max_tokens = max_tokens
         self.price = coerce_price(prices, model)
-        self.prompt_gauge = PromptGauge()  # (what its server bills for prompts: budgets reserve by it)
+        # what its server bills for prompts (budgets reserve by it); the JSON instructions are in the
+        # prompt where a schema cannot go as a tool
+        self.prompt_gauge = PromptGauge(lambda request: not (
+            isinstance(request.output, (dict, type)) and _tools_allowed(self.endpoint.capabilities)))
         self._connect(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm, timeout=timeout,
                       deadline=deadline, max_attempts=max_attempts)
 

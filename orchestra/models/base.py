@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Protocol, TypeGuard, TypeVar, runtime_checkabl
 
 from orchestra.errors import CallCancelled, InvalidOutput, ModelRequestsForbidden
 from orchestra.models.metering import charge, count_request, metering
-from orchestra.models.structured import StructuredOutputError, parse_output, repair_request
+from orchestra.models.structured import StructuredOutputError, extract_json, parse_output, repair_request
 from orchestra.models.types import ChatRequest, ChatResult, Usage
 
 #: False makes every real (non-test-double) model request raise ``ModelRequestsForbidden``.
@@ -64,17 +64,19 @@ CancelListener = Callable[[ChatRequest, Usage], None]
 cancel_listener: ContextVar[CancelListener | None] = ContextVar("cancel_listener", default=None)
 
 
-RepairAdmission = Callable[[ChatRequest, ChatRequest], None]
-#: Set by the executor around a batch: called as (request, repair) before a structured answer's
-#: repair is sent, to reserve it against the call's budget; raises ``BudgetExceeded`` where it has no room.
+RepairAdmission = Callable[[ChatRequest, ChatRequest, Usage], None]
+#: Set by the executor around a batch: called as (request, repair, spent) before a structured
+#: answer's repair is sent, ``spent`` being what the call's first request cost, to reserve the
+#: repair against the call's budget; raises ``BudgetExceeded`` where it has no room.
 repair_admission: ContextVar[RepairAdmission | None] = ContextVar("repair_admission", default=None)
 
 
-def admit_repair(request: ChatRequest, repair: ChatRequest) -> None:
-    """Have whoever dispatched the current batch reserve ``repair``, a further request of ``request``'s call."""
+def admit_repair(request: ChatRequest, repair: ChatRequest, spent: Usage) -> None:
+    """Have whoever dispatched the current batch reserve ``repair``, a further request of
+    ``request``'s call, whose first request cost ``spent``."""
     admission = repair_admission.get()
     if admission is not None:
-        admission(request, repair)
+        admission(request, repair, spent)
 
 
 #: Set by the executor around a batch: whether the batch's request at an index is still wanted (its
@@ -229,7 +231,7 @@ class ModelBase(abc.ABC):
                 if isinstance(step, InvalidOutput):
                     raise step
                 if isinstance(step, ChatRequest):
-                    admit_repair(request, step)
+                    admit_repair(request, step, meter.usage)
                     step = self.parse_repaired(request, await self._metered(step))
             except asyncio.CancelledError:
                 listener = cancel_listener.get()
@@ -257,14 +259,16 @@ class ModelBase(abc.ABC):
 
     def parse_or_repair(self, request: ChatRequest, result: ChatResult) -> ChatResult | ChatRequest | InvalidOutput:
         """``result`` with its parsed value, or the repair request to send when its JSON is invalid;
-        an answer that was all JSON until ``max_tokens`` cut it is a failure (a repair under the
-        same limit would be cut as well; one with words before its JSON may fit once they go)."""
+        an answer that was all JSON until ``max_tokens`` cut it before its JSON was whole is a
+        failure (a repair under the same limit would be cut as well; one with words before its JSON
+        may fit once they go, and whole JSON that breaks the schema gets its repair)."""
         if not request.wants_json or result.parsed is not None:
             return result
         try:
             return result.model_copy(update={"parsed": parse_output(result.text, request)})
         except StructuredOutputError as error:
-            if result.finish_reason != "length" or not result.text.lstrip().startswith(("{", "[", "```")):
+            if result.finish_reason != "length" or not result.text.lstrip().startswith(("{", "[", "```")) \
+                    or _holds_json(result.text):
                 return repair_request(request, result.text, error)
             limit = f"max_tokens={request.max_tokens}" if request.max_tokens else "its max_tokens"
             failure = InvalidOutput(f"{self.name} returned invalid JSON for {request.schema_name}: {error}; the "
@@ -281,6 +285,15 @@ class ModelBase(abc.ABC):
                                   f"even after one repair attempt: {error}")
             failure.text = repaired.text
             raise failure from None
+
+
+def _holds_json(text: str) -> bool:
+    """Whether ``text`` holds a whole JSON value (one that may break its schema)."""
+    try:
+        extract_json(text)
+    except StructuredOutputError:
+        return False
+    return True
 
 
 def with_usage(outcome: ChatResult | Exception, usage: Usage) -> ChatResult | Exception:

@@ -63,7 +63,10 @@ class OpenAICompatible(EndpointModel):
         self.name = name or model
         self.price = coerce_price(prices, model)
         self.extra_body = dict(extra_body or {})
-        self.prompt_gauge = PromptGauge()  # (what its server bills for prompts: budgets reserve by it)
+        # what its server bills for prompts (budgets reserve by it); the JSON instructions are in the
+        # prompt where the server has refused json_schema
+        self.prompt_gauge = PromptGauge(lambda request: json_mode(
+            self.endpoint.capabilities, schema=isinstance(request.output, (dict, type))) != "json_schema")
         self._connect(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm, timeout=timeout,
                       deadline=deadline, max_attempts=max_attempts)
 

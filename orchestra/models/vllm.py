@@ -143,7 +143,7 @@ class VLLM(ModelBase):
             step = self.parse_or_repair(request, result)
             if isinstance(step, ChatRequest):
                 try:
-                    admit_repair(request, step)
+                    admit_repair(request, step, meters[index].usage)
                 except BudgetExceeded as refused:
                     outcomes[index] = refused
                 else:
