@@ -608,6 +608,33 @@ def test_a_stream_cut_short_is_retried_and_the_text_starts_again(loopback) -> No
     assert result.usage.prompt_tokens > 0  # no usage in the stream: the prompt is estimated, not zero
 
 
+def test_a_stream_whose_connection_broke_mid_answer_is_counted_as_billed(loopback) -> None:
+    """The server generated (and billed) the text a broken stream had sent: that attempt counted 0
+    tokens (only its request), so a retried answer's tokens were half what the server billed."""
+    def broken(pieces: list[str]) -> Reply:
+        good = openai_stream_reply(pieces, usage=False)
+
+        async def parts() -> AsyncIterator[bytes]:
+            assert good.parts is not None
+            async for part in good.parts():
+                if b"finish_reason\": \"stop" in part:
+                    raise ConnectionResetError("the stream broke")
+                yield part
+        return Reply(parts=parts)
+
+    answers = iter([broken(["The answer ", "is four"]), openai_stream_reply(["The answer is 4."], prompt_tokens=30)])
+    server = loopback(lambda request: next(answers))
+    result = run(openai(server).complete_one(ask("What is 2 + 2?", max_tokens=50, on_text=lambda text: None)))
+    assert result.text == "The answer is 4." and result.usage.requests == 2
+    cut = text_units("What is 2 + 2?"), estimate_tokens("The answer is four")  # (nothing billed before it)
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (
+        cut[0] + 30, cut[1] + estimate_tokens("The answer is 4."))
+    last = loopback(lambda request: broken(["The answer ", "is four"]))
+    with pytest.raises(ConnectionBroke) as failed:  # no attempt left: the error carries what it cost
+        run(openai(last, max_attempts=1).complete_one(ask("What is 2 + 2?", on_text=lambda text: None)))
+    assert (failed.value.usage.prompt_tokens, failed.value.usage.completion_tokens) == cut
+
+
 def test_a_stream_without_usage_is_counted_at_the_rates_its_server_billed(loopback) -> None:
     """llama-cpp-python's streams carry no usage: the prompt was counted at 4 characters a token
     (half what the server bills with its template) and the answer likewise, 16 tokens where

@@ -8,11 +8,12 @@ from typing import Any, Literal
 
 from orchestra.errors import BadResponse, ConnectionBroke
 from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
+from orchestra.models.metering import charge
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage
 from orchestra.models.prompt_gauge import PromptGauge
 from orchestra.models.structured import with_instructions
-from orchestra.models.types import ChatRequest, ChatResult, estimate_tokens
+from orchestra.models.types import ChatRequest, ChatResult, Usage, estimate_tokens
 
 OPENAI_URL = "https://api.openai.com/v1"
 JsonMode = Literal["json_schema", "json_object+schema", "json_object", "prompt"]
@@ -88,8 +89,12 @@ class OpenAICompatible(EndpointModel):
         on_text = request.on_text if not request.wants_json else None  # JSON is only useful whole
         streamed: list[bool] = []  # (whether the answer came as a stream: a server may ignore ``stream``)
 
+        attempts = _StreamedAttempts(self, request, on_text) if on_text is not None else None
+
         def complete(body: dict[str, Any]) -> dict[str, Any]:
             """An attempt's answer as one body; a stream the server ended before its end is retried."""
+            if attempts is not None:
+                attempts.ended()
             if "events" in body:
                 streamed.append(True)
                 body = assembled(body["events"])
@@ -110,10 +115,17 @@ class OpenAICompatible(EndpointModel):
                 raise failure
             return body
 
-        body = await self.endpoint.post_negotiated(
-            "/chat/completions", lambda capabilities: self._payload(request, capabilities, stream=on_text is not None),
-            model=self.model, headers=bearer_headers, policy=self.policy,
-            stream=(lambda: text_relay(on_text)) if on_text is not None else None, complete=complete)
+        try:
+            body = await self.endpoint.post_negotiated(
+                "/chat/completions",
+                lambda capabilities: self._payload(request, capabilities, stream=on_text is not None),
+                model=self.model, headers=bearer_headers, policy=self.policy,
+                stream=attempts.begin if attempts is not None else None, complete=complete)
+        except ConnectionBroke as broke:
+            cut = attempts.broke() if attempts is not None else None
+            if cut is not None and getattr(broke, "usage", None) is None:
+                broke.usage = cut
+            raise
         result = self._result(body)
         if on_text is not None and not streamed:  # a server that ignored ``stream``: the whole text, at once
             on_text(result.text)
@@ -184,6 +196,43 @@ def _completion_estimate(body: dict[str, Any], max_tokens: int | None) -> int:
         return max_tokens
     estimate = estimate_tokens(text) if isinstance(text, str) and text else 0
     return min(estimate, max_tokens) if max_tokens is not None else estimate
+
+
+class _StreamedAttempts:
+    """The streamed attempts of one call. One whose connection broke after it had written some text
+    (its body never reached ``complete``) was billed by the server all the same: its prompt and that
+    text, estimated, are charged when the next attempt begins (or set on the error when none does)."""
+
+    def __init__(self, model: OpenAICompatible, request: ChatRequest, on_text: Callable[[str], None]) -> None:
+        self.model, self.request, self.on_text = model, request, on_text
+        self.text, self.open = "", False
+
+    def begin(self) -> Callable[[bytes], None]:
+        """The next attempt's handler of the body's pieces."""
+        cut = self.broke()
+        if cut is not None:
+            charge(cut)
+        self.text, self.open = "", True
+        return text_relay(self._seen)
+
+    def _seen(self, so_far: str) -> None:
+        self.text = so_far
+        self.on_text(so_far)
+
+    def ended(self) -> None:
+        """The attempt's body came whole (or as far as the server sent it): it counts as it says."""
+        self.open = False
+
+    def broke(self) -> Usage | None:
+        """What the attempt in progress, if it broke after writing text, cost (once)."""
+        if not self.open or not self.text:
+            self.open = False
+            return None
+        self.open = False
+        written = estimate_tokens(self.text)
+        max_tokens = self.request.max_tokens
+        return self.model.price.usage(self.model.prompt_gauge.estimate(self.request),
+                                      min(written, max_tokens) if max_tokens is not None else written)
 
 
 def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
