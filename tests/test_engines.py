@@ -302,3 +302,24 @@ def test_model_loads_are_reported_per_model_with_events() -> None:
     assert any(isinstance(e, ModelUnloaded) for e in events)
     asyncio.run(orc.aclose())
     assert not any(m.loaded for m in models)
+
+
+def test_vllm_sends_no_repair_its_budget_has_no_room_for() -> None:
+    """A batch's repairs go out in one more batch: each is reserved first, and one the budget has no
+    room for is not sent (its call stops at the budget, its first generation counted)."""
+    from orchestra.budget import _UNKNOWN, Budget
+    from orchestra.errors import BudgetExceeded
+    from orchestra.execute import Executor, RunLedger
+
+    model = VLLM("some/model", engine_factory=FakeLLM, sampling_factory=fake_sampling)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    request = ChatRequest.user("structured", output=schema, max_tokens=10)
+    limit = _UNKNOWN.worst(request) + 10 + 5  # the first generation fits; it and its repair do not
+    ledger = RunLedger.create("r1", Budget(max_tokens=limit, max_calls=None, max_cost_usd=None))
+    executor = Executor()
+    with allow_model_requests():
+        [outcome] = asyncio.run(executor.run_task(executor.call(ledger, [(model, request)], purpose="expert")))
+    assert isinstance(outcome, BudgetExceeded) and "its invalid JSON's repair may take" in str(outcome)
+    assert FakeLLM.instances[-1].chats == [1]  # no repair batch
+    assert ledger.budget.prompt_tokens + ledger.budget.completion_tokens == 5
+    assert (ledger.budget._reserved_calls, ledger.budget._reserved_tokens) == (0, 0)
