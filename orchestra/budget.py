@@ -81,6 +81,9 @@ class BudgetTracker:
         self._counted = (0, 0, 0.0)
         #: the largest worst case (tokens, cost) one call has reserved: a run's last call needs that much left
         self.largest = NOTHING
+        #: the most a call held beyond what it spent (tokens, cost): what a run's last call needs left
+        #: besides what it spends
+        self.slack = NOTHING
         self.closed: BudgetExceeded | None = None  # see ``close``
         self.exceeded: BudgetExceeded | None = None
         #: the worst case of the call a refusal stopped: a run cut short needed that much more
@@ -176,6 +179,11 @@ class BudgetTracker:
         self._reserved_cost -= reserved.cost_usd
         if usage is not None:
             self._add(usage, calls=1)
+            if reserved is not NOTHING:  # (no limit reads it otherwise: this runs for every call)
+                tokens = reserved.tokens - usage.prompt_tokens - usage.completion_tokens
+                cost = reserved.cost_usd - usage.cost_usd
+                if tokens > self.slack.tokens or cost > self.slack.cost_usd:
+                    self.slack = Reservation(max(tokens, self.slack.tokens), max(cost, self.slack.cost_usd))
         if self.parent is not None:
             self.parent.settle(reserved, usage)
 
@@ -231,9 +239,10 @@ class RunAdmission:
     to spend as much as the costliest run that ended on its own, all it cost (a resumed run's calls
     paid before included; runs a budget or a cancellation cut short do not show what a run costs;
     the average would start runs that cost more than it, to be cut off with their calls spent), and
-    a run in flight at least what it has committed; the last call of all needs its worst case left (the
-    largest one a call has reserved, or a data set's run was refused), which is what the budget
-    admits it by. Until one has ended so, runs start one at a time: nothing is known of what a run
+    a run in flight at least what it has committed; the last call of all needs its worst case left
+    beyond what it spends (the most a call of those runs held beyond what it spent; before any ended,
+    the largest worst case a call has reserved, or a data set's run was refused), which is what the
+    budget admits it by. Until one has ended so, runs start one at a time: nothing is known of what a run
     spends (a workflow's steps, a plan's nodes, the models' prices), but a call a data set's run was
     refused (``ended(..., cut=True)``) is one its runs make: with no room for it, no run is started
     (it would send its first calls and be cut there). With no run in flight one starts unless that
@@ -246,6 +255,8 @@ class RunAdmission:
         self._base = shared.committed()
         self._ended = (0.0, 0.0, 0.0)  # committed by the runs that ended
         self._largest = (0.0, 0.0, 0.0)  # the full cost of the costliest runs that ended on their own
+        #: the most a call of those runs held beyond what it spent (None: a run ended without saying)
+        self._slack: Reservation | None = NOTHING
         self._learned = 0
         #: the largest worst case of a call a run was refused (it reserved nothing, so the shared
         #: budget's ``largest`` does not know it): the last call of a run may need that much
@@ -264,7 +275,11 @@ class RunAdmission:
             return self._futile
         if not self._learned and self._refused is NOTHING:
             return None
-        budget, largest, refused = self.shared.budget, self.shared.largest, self._refused
+        budget, refused = self.shared.budget, self._refused
+        # a run's last call needs its worst case left, beyond what the run spends: what calls held
+        # beyond what they spent, once runs have shown it (else the largest worst case of a call)
+        beyond = self._learned > 0 and self._slack is not None
+        largest = self._slack if beyond and self._slack is not None else self.shared.largest
         committed = self.shared.committed()
         limits = (("max_calls", budget.max_calls, 0.0),
                   ("max_tokens", budget.max_tokens, max(largest.tokens, refused.tokens)),
@@ -281,7 +296,9 @@ class RunAdmission:
 
                 # (a call is admitted by its worst case, so the last one needs that much left)
                 takes = f", and a run takes up to {amount(per_run)}" if self._learned else ""
-                reserve = f", and a call may need {amount(last_call)} at worst" if last_call else ""
+                reserve = "" if not last_call else (
+                    f", and a call may hold {amount(last_call)} more than it spends" if beyond
+                    else f", and a call may need {amount(last_call)} at worst")
                 return BudgetExceeded(limit=name, value=limit, run_id=None, shared=self.shared.name, no_room=True,
                                       spent=f"{amount(committed[dimension])} so far{takes}{reserve}, "
                                             "so it was not started")
@@ -303,13 +320,20 @@ class RunAdmission:
             self._refused = Reservation(max(wanted.tokens, self._refused.tokens),
                                         max(wanted.cost_usd, self._refused.cost_usd))
         whole = (run.calls, run.prompt_tokens + run.completion_tokens, run.cost_usd)
-        self.count(run.committed(), whole if on_its_own else None)
+        self.count(run.committed(), whole if on_its_own else None, run.slack)
 
-    def count(self, spent: tuple[float, float, float], whole: tuple[float, float, float] | None) -> None:
+    def count(self, spent: tuple[float, float, float], whole: tuple[float, float, float] | None,
+              slack: Reservation | None = None) -> None:
         """Count a run that ended, by what it had committed to the shared budget (calls, tokens,
-        dollars) and, if it ended on its own, all it cost (``whole``: what a run takes)."""
+        dollars) and, if it ended on its own, all it cost (``whole``: what a run takes) and the most
+        a call of it held beyond what it spent (``slack``; None: not known)."""
         self._ended = (self._ended[0] + spent[0], self._ended[1] + spent[1], self._ended[2] + spent[2])
         if whole is not None:
+            if slack is None or self._slack is None:
+                self._slack = None
+            elif slack.tokens > self._slack.tokens or slack.cost_usd > self._slack.cost_usd:
+                self._slack = Reservation(max(slack.tokens, self._slack.tokens),
+                                          max(slack.cost_usd, self._slack.cost_usd))
             self._learned += 1
             self._largest = (max(self._largest[0], whole[0]), max(self._largest[1], whole[1]),
                              max(self._largest[2], whole[2]))

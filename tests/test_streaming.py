@@ -413,3 +413,33 @@ def test_a_repair_a_run_had_no_room_for_is_not_taken_for_a_call_every_run_makes(
     run.settle(held, None)
     admission.ended(run, on_its_own=False, cut=True)
     assert admission.refusal(0) is None  # the next item starts
+
+
+def test_a_run_is_admitted_by_what_its_last_call_holds_beyond_what_it_spends() -> None:
+    """A data set of one-call items (each spent 75 tokens, reserving 121) under 300 tokens: the
+    admission wanted a run's whole cost and then a call's whole worst case on top (196), so two of
+    four items were not started with 158 tokens free. A run's last call holds only its worst case
+    beyond what it spends (46)."""
+    from orchestra.budget import Budget, BudgetTracker, RunAdmission
+    from orchestra.models import ChatRequest, Usage
+    from orchestra.models.pricing import FREE
+
+    shared = BudgetTracker(Budget(max_calls=None, max_tokens=300, max_cost_usd=None), None)
+    admission = RunAdmission(shared)
+    request = ChatRequest.user("x" * 236, max_tokens=30)  # 59 units + 32 + 30: 121 at worst
+
+    def one_run(name: str) -> None:
+        run = BudgetTracker(Budget(), name, parent=shared)
+        reserved = run.admit(request, FREE)
+        assert reserved.tokens == 121
+        run.settle(reserved, Usage(prompt_tokens=70, completion_tokens=5, requests=1))
+        admission.ended(run, on_its_own=True)
+
+    one_run("r1")
+    one_run("r2")
+    assert admission.refusal(0) is None  # 150 spent + 75 + 46 <= 300 (it was 150 + 75 + 121 > 300)
+    one_run("r3")
+    refused = admission.refusal(0)  # 225 + 75 + 46 > 300
+    assert refused is not None and str(refused).endswith(
+        "(225 tokens so far, and a run takes up to 75 tokens, and a call may hold 46 tokens more than it spends, "
+        "so it was not started)")
