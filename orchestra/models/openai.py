@@ -194,7 +194,12 @@ def _completion_estimate(body: dict[str, Any], max_tokens: int | None) -> int:
         return 0
     if max_tokens is not None and reason == "length":
         return max_tokens
-    estimate = estimate_tokens(text) if isinstance(text, str) and text else 0
+    return _written_tokens(text if isinstance(text, str) else "", max_tokens)
+
+
+def _written_tokens(text: str, max_tokens: int | None) -> int:
+    """``text``'s tokens at 4 characters a token, never above ``max_tokens``."""
+    estimate = estimate_tokens(text) if text else 0
     return min(estimate, max_tokens) if max_tokens is not None else estimate
 
 
@@ -229,10 +234,8 @@ class _StreamedAttempts:
             self.open = False
             return None
         self.open = False
-        written = estimate_tokens(self.text)
-        max_tokens = self.request.max_tokens
         return self.model.price.usage(self.model.prompt_gauge.estimate(self.request),
-                                      min(written, max_tokens) if max_tokens is not None else written)
+                                      _written_tokens(self.text, self.request.max_tokens))
 
 
 def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
