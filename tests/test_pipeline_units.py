@@ -1074,6 +1074,23 @@ def test_long_expert_answers_are_cut_for_the_aggregator_only() -> None:
     assert sorted(o.text for o in result.node("answer").expert_outputs) == ["0123456789", "0123456789A"]
 
 
+@pytest.mark.parametrize("k, aggregate", [(1, "synthesize"), (2, "vote"), (2, "none")])
+def test_max_response_chars_cuts_only_what_an_aggregator_reads_never_the_answer(k: int, aggregate: str) -> None:
+    # (found by a trial: with one expert, a vote or none, the answer itself came back cut and marked)
+    answer = "The answer is 42. " + "Because " * 20
+    pool, _ = scripted_pool(2, expert=lambda name, request: answer)
+    result = Orchestra(pool, k=k, mode="topk", aggregate=aggregate, store=False,
+                       max_response_chars=10).run("count", plan=False)
+    assert result.answer == answer.strip() and "cut at" not in result.node("answer").output
+
+
+def test_the_cut_for_the_aggregator_comes_after_the_reasoning_is_stripped() -> None:
+    pool, models = scripted_pool(2, expert=lambda name, request: f"<think>{'x' * 50}</think>answer {name}")
+    Orchestra(pool, k=2, mode="topk", store=False, max_response_chars=9).run("count", plan=False)
+    [prompt] = [r.prompt_text() for m in models.values() for r in m.requests if kind_of(r) == "aggregate"]
+    assert "answer m0" in prompt and "answer m1" in prompt and "xxx" not in prompt
+
+
 def test_the_aggregator_request_has_its_own_seed_and_the_nodes_schema() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     pool, models = scripted_pool(2, expert=lambda name, request: {"n": 4})

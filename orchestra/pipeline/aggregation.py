@@ -35,6 +35,16 @@ class Response:
     text: str
     weight: float = 1.0
     data: Any = None
+    limit: int | None = None
+    """The most characters of it an aggregator's prompt shows (``max_response_chars``); its text
+    stays whole everywhere else (a node's output picked from it, a vote, the grader)."""
+
+
+def shown(response: Response) -> str:
+    """A response as an aggregator's prompt shows it: reasoning stripped, then cut at its ``limit``
+    with a mark saying so."""
+    text, limit = strip_reasoning(response.text), response.limit
+    return text if limit is None or len(text) <= limit else f"{text[:limit]} [... cut at max_response_chars={limit}]"
 
 
 def ranked(responses: Sequence[Response]) -> list[Response]:
@@ -50,15 +60,15 @@ def synthesize_prompt(task: str, instruction: str, responses: Sequence[Response]
     """The MoA aggregate-and-synthesize prompt, reasoning stripped from every response;
     ``context``: the conversation so far (a chat's earlier turns and system messages)."""
     return render("aggregator.j2", task=task, instruction=instruction, answer_format=answer_format,
-                  responses=[strip_reasoning(r.text) for r in responses], context=context)
+                  responses=[shown(r) for r in responses], context=context)
 
 
 def refine_prompt(task: str, instruction: str, responses: Sequence[Response], answer_format: str | None = None,
                   context: str = "") -> str:
     """The refine prompt: the strongest draft plus the other experts' answers as reviews."""
     best, *others = ranked(responses)
-    return render("refine.j2", task=task, instruction=instruction, draft=strip_reasoning(best.text),
-                  reviews=[strip_reasoning(r.text) for r in others], answer_format=answer_format, context=context)
+    return render("refine.j2", task=task, instruction=instruction, draft=shown(best),
+                  reviews=[shown(r) for r in others], answer_format=answer_format, context=context)
 
 
 @dataclass(frozen=True)

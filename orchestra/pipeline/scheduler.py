@@ -538,9 +538,8 @@ class Run:
                                                                 "text": outcome.text, "error": None}))
             candidate = recruitment.candidate(agent.name)
             text, data = outcome.text, outcome.parsed
-            responses.append(Response(agent=agent.name, text=text if len(text) <= limit else self._capped(text),
-                                      data=None if data is None else _plain(data),
-                                      weight=candidate.probability if candidate else 1.0))
+            responses.append(Response(agent=agent.name, text=text, data=None if data is None else _plain(data),
+                                      weight=candidate.probability if candidate else 1.0, limit=limit))
         if responses and len(responses) == len(outcomes):
             return responses
         errors = [o for o in outcomes if isinstance(o, Exception)]
@@ -552,11 +551,6 @@ class Run:
                 raise errors[0]
             raise OrchestraError(f"every expert failed; first error: {errors[0]}")
         return responses
-
-    def _capped(self, text: str) -> str:
-        """An expert's answer as the aggregator gets it: at most ``max_response_chars``."""
-        limit = self.settings.max_response_chars
-        return text if len(text) <= limit else f"{text[:limit]} [... cut at max_response_chars={limit}]"
 
     def _settle(self, node_id: str) -> None:
         if self.future.done():
@@ -619,11 +613,10 @@ class Run:
 
     def _note_cut(self, outcomes: Sequence[ChatResult | Exception]) -> None:
         """Remember the answers cut at a token limit, as the node's output or the run's answer may
-        show them (reasoning stripped, capped for the aggregator)."""
+        show them (reasoning stripped)."""
         for outcome in outcomes:
             if not isinstance(outcome, Exception) and outcome.finish_reason == "length":
-                capped = self._capped(outcome.text)
-                self._cut_texts.update((outcome.text, strip_reasoning(outcome.text), capped, strip_reasoning(capped)))
+                self._cut_texts.update((outcome.text, strip_reasoning(outcome.text)))
 
     def _answer_text(self, trace: NodeState) -> str | None:
         """A sink's output as the answer: its parsed JSON, compact, when the answer is JSON."""
