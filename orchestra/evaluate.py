@@ -164,16 +164,19 @@ def method_variant(settings: Settings, *, fixed_k: int | None = None) -> str:
     """What a method's name adds for settings that make it another method: another k (unless the
     preset fixes one, which its name says), another price trade-off λ (random recruiting weighs no
     prices), the calibrated router's cost cap per item."""
-    from orchestra.settings import Settings  # (here: the command line reads METHODS without pydantic)
-
-    variant = ""
-    if fixed_k is None and settings.k != Settings.model_fields["k"].default:
-        variant += f", k={settings.k}"
+    variant = "" if fixed_k is not None else k_variant(settings)
     recruit = settings.recruit
     if recruit.cost_lambda is not None and settings.mode != "random" and recruit.cost_lambda != (
             CALIBRATED_COST_LAMBDA if settings.mode == "calibrated" else 0):  # (None: the mode's default)
         variant += f", λ={recruit.cost_lambda:g}"
     return variant + cost_cap(settings)
+
+
+def k_variant(settings: Settings) -> str:
+    """``, k=N`` for a k other than the default (else nothing)."""
+    from orchestra.settings import Settings  # (here: the command line reads METHODS without pydantic)
+
+    return f", k={settings.k}" if settings.k != Settings.model_fields["k"].default else ""
 
 
 def cost_cap(settings: Settings) -> str:

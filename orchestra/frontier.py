@@ -18,7 +18,7 @@ from typing import Any
 
 from orchestra.core import Orchestra
 from orchestra.datasets import Dataset
-from orchestra.evaluate import METHODS, EvalReport, aevaluate, cost_cap
+from orchestra.evaluate import METHODS, EvalReport, aevaluate, cost_cap, k_variant
 from orchestra.money import usd_exact
 
 LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -95,15 +95,18 @@ async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[fl
     points: list[SweepPoint] = []
     try:
         for method in _methods(methods):
-            report = await aevaluate(orchestra, dataset, method=method, limit=limit, **overrides)
-            points.append(SweepPoint.of(report, method, None))
+            # a method whose preset fixes k (single: one expert) keeps it; the others take a given k
+            given = {key: value for key, value in overrides.items() if not (key == "k" and METHODS[method][2])}
+            report = await aevaluate(orchestra, dataset, method=method, limit=limit, **given)
+            points.append(SweepPoint.of(report, report.method, None))  # (named as its own eval names it: ", k=2")
         recruit = dict(overrides.pop("recruit", None) or {})
         for cost_lambda in lambdas:
             options = {"recruit": {**recruit, "cost_lambda": cost_lambda}, **overrides}
             report = await aevaluate(orchestra, dataset, method="calibrated", limit=limit, **options)
             given = {key: value for key, value in options.items() if value is not None}
-            capped = cost_cap(orchestra.run_settings({**given, "mode": "calibrated"}))
-            points.append(SweepPoint.of(report, f"calibrated λ={cost_lambda:g}{capped}", cost_lambda))
+            settings = orchestra.run_settings({**given, "mode": "calibrated"})
+            name = f"calibrated λ={cost_lambda:g}{k_variant(settings)}{cost_cap(settings)}"
+            points.append(SweepPoint.of(report, name, cost_lambda))
     except asyncio.CancelledError:
         if on_cancel is not None:
             mark_frontier(points)

@@ -143,6 +143,15 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
                  "--max-cost-per-item", "0.5", "--no-store", "--json")  # (the cap changes the router's points)
     assert capped.returncode == 0, capped.stderr
     assert [p["method"] for p in json.loads(capped.stdout)["points"]][-1] == "calibrated λ=1, cap $0.5000/item"
+    market.reset()
+    two = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.05", "--limit", "2",
+              "--k", "2", "--no-store", "--json")  # (its points were named as at k=3, single's with 2 experts)
+    assert two.returncode == 0, two.stderr
+    named = {p["method"]: p for p in json.loads(two.stdout)["points"]}
+    assert set(named) == {"symbolic-moe, k=2", "vote, k=2", "moa, k=2", "random, k=2", "single",
+                          "calibrated λ=0.05, k=2"}
+    assert named["single"]["calls"] == 2 and named["moa, k=2"]["calls"] == 2 * 3  # one expert an item; two + synthesis
+    assert sum(p["requests"] for p in named.values()) == sum(market.reset()[0].values())
     bad = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "cheap")
     assert bad.returncode == 2 and "--lambdas" in bad.stderr and "comma-separated" in bad.stderr
     twice = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.05,0,0.050")
