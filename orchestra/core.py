@@ -11,6 +11,7 @@ import re
 import secrets
 import signal
 import sys
+import time
 import warnings
 import zlib
 from collections.abc import (
@@ -100,6 +101,11 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+#: seconds after an interrupt within which a SIGINT is the same one again, not a second Ctrl-C
+#: (faster than a person presses twice; a sender's duplicate comes within microseconds)
+SAME_INTERRUPT_S = 0.25
+
+
 def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run`` for the command line: Ctrl-C, or SIGTERM (what ``timeout``, ``kill``, docker
     and systemd send), cancels the work, waits for it to stop (a run records itself as
@@ -109,17 +115,22 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
     are seen even while every task waits on a socket.
     """
     interrupted = terminated = False
+    first = 0.0  # when the first signal came (monotonic seconds)
 
     async def main() -> T:
         work = asyncio.ensure_future(coro)
 
         def interrupt(stop: signal.Signals) -> None:
-            nonlocal interrupted, terminated
+            nonlocal interrupted, terminated, first
+            now = time.monotonic()
             if interrupted:
-                if stop == signal.SIGINT:  # a second Ctrl-C: stop waiting (for a model load, a worker thread) at once
+                # a second Ctrl-C stops waiting (for a model load, a worker thread) at once; a second
+                # SIGTERM, or a SIGINT within SAME_INTERRUPT_S of the first, is the same interrupt:
+                # `timeout -s INT` sends the signal to the command and again to its process group
+                if stop == signal.SIGINT and now - first >= SAME_INTERRUPT_S:
                     escape()
-                return  # (a second SIGTERM: timeout sends one to the command and one to its group)
-            interrupted, terminated = True, stop == signal.SIGTERM
+                return
+            interrupted, terminated, first = True, stop == signal.SIGTERM, now
             work.cancel()
 
         loop = asyncio.get_running_loop()
