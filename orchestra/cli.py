@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `run
     from orchestra.datasets import Dataset
     from orchestra.evaluate import EvalReport
     from orchestra.frontier import SweepPoint
+    from orchestra.models import Usage
     from orchestra.profile import SkillProfile
     from orchestra.result import RunResult
     from orchestra.settings import Settings
@@ -604,7 +605,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     from orchestra.datasets import load_dataset
     from orchestra.errors import ProfilingIncomplete
     from orchestra.profile import stale_profiles
-    from orchestra.profiling import aprofile, save_profiles
+    from orchestra.profiling import ProfilingSpent, aprofile, save_profiles
     from orchestra.store import RunStore
     from orchestra.view import terminal
 
@@ -633,16 +634,29 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
                 bars[stage] = progress.add_task(stage, total=total)
             progress.update(bars[stage], completed=done, total=total)
 
+        stopped: list[ProfilingSpent] = []
+
+        def spent_json(spent: ProfilingSpent, interrupted: bool, error: str | None) -> None:
+            if as_json:  # (the same keys as a finished profile's, its profiles aside)
+                click.echo(json.dumps({"interrupted": interrupted, "error": error, "written": [],
+                                       "reused": spent.reused, "calls": spent.calls, **_usage_json(spent.usage)},
+                                      indent=2))
+
         try:
             report = run_interruptibly(aprofile(loaded, dataset, grader=grader, aggregation_items=aggregation_items,
                                                 seed=seed, progress=update, matcher=loaded.settings.matcher.build(),
-                                                merge_similarity=merge_similarity, cache=answers))
+                                                merge_similarity=merge_similarity, cache=answers,
+                                                on_stop=stopped.append))
         except KeyboardInterrupt:
             progress.stop()
+            if stopped:
+                spent_json(stopped[0], True, "interrupted")
             fail("interrupted; no profiles were written; " + ("nothing was kept (--no-store)" if answers is None else
                  "the answers so far are saved: the same command with --resume goes on with this profile"), 130)
         except ProfilingIncomplete as error:
             progress.stop()
+            if stopped:
+                spent_json(stopped[0], False, str(error))
             fail(f"{error}; " + ("fix the cause and profile again" if answers is None else "the answers so far are "
                  "saved: once the cause is fixed, the same command with --resume sends only the calls not answered"),
                  error.exit_code)
@@ -659,11 +673,10 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
         click.echo(f"note: {pool} reads its profiles from {loaded.profiles_dir or 'nowhere (it has no profiles: line)'}"
                    f"; to recruit by these, set `profiles: {target}` in it", err=True)
     if as_json:
-        spent = report.usage
-        click.echo(json.dumps({"written": [str(p) for p in written], "aggregation_items": report.aggregation_items,
-                               "reused": report.reused, "calls": report.calls, "requests": spent.requests,
-                               "prompt_tokens": spent.prompt_tokens, "completion_tokens": spent.completion_tokens,
-                               "cost_usd": spent.cost_usd, "merged_skills": report.vocabulary.merged,
+        click.echo(json.dumps({"interrupted": False, "error": None, "written": [str(p) for p in written],
+                               "aggregation_items": report.aggregation_items, "reused": report.reused,
+                               "calls": report.calls, **_usage_json(report.usage),
+                               "merged_skills": report.vocabulary.merged,
                                "profiles": {n: p.model_dump(mode="json") for n, p in report.profiles.items()}},
                               indent=2))
         return
@@ -683,6 +696,12 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     click.echo(f"wrote {len(written)} profiles to {target}")
     click.echo(f"profile · {report.calls} calls · {report.usage.requests} requests · "
                f"{report.usage.prompt_tokens + report.usage.completion_tokens:,} tokens · {usd(report.usage.cost_usd)}")
+
+
+def _usage_json(usage: Usage) -> dict[str, Any]:
+    """A profile's spending as ``--json`` writes it."""
+    return {"requests": usage.requests, "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens, "cost_usd": usage.cost_usd}
 
 
 def aggregation_cell(profile: SkillProfile | None) -> str:

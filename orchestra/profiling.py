@@ -67,6 +67,31 @@ class ProfilingReport:
     """What those calls cost: requests (retries and repairs too), tokens and USD."""
 
 
+class ProfilingSpent:
+    """What a profile has reused and spent so far, read from its accounts when asked: a profile
+    that stopped (Ctrl-C) counts its requests cancelled in flight as its event loop ends."""
+
+    def __init__(self, ledger: RunLedger) -> None:
+        self._ledger = ledger
+
+    @property
+    def reused(self) -> int:
+        """Calls answered from the cache instead of sent."""
+        return self._ledger.answered["cache"]
+
+    @property
+    def calls(self) -> int:
+        """Calls sent to the models."""
+        return self._ledger.budget.calls
+
+    @property
+    def usage(self) -> Usage:
+        """What those calls cost: requests (retries and repairs too), tokens and USD."""
+        spent = self._ledger.budget
+        return Usage(prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
+                     cost_usd=spent.cost_usd, requests=spent.requests)
+
+
 def expert_prompt(item: Item) -> str:
     """The zero-shot chain-of-thought prompt an expert sees for a validation item."""
     question = item.prompt()
@@ -101,7 +126,8 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
                    keywords: KeywordConfig | None = None, aggregation_items: int | None = None, seed: int = 0,
                    executor: Executor | None = None, progress: Progress | None = None,
                    budget: Budget | None = None, matcher: SkillMatcher | None = None,
-                   merge_similarity: float | None = None, cache: ResponseCache | None = None) -> ProfilingReport:
+                   merge_similarity: float | None = None, cache: ResponseCache | None = None,
+                   on_stop: Callable[[ProfilingSpent], None] | None = None) -> ProfilingReport:
     """Profile every agent of ``pool`` on ``dataset``. See the module docstring for the method.
 
     ``aggregation_items`` caps the aggregation benchmark (None: every usable item; 0: no benchmark).
@@ -113,7 +139,8 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
 
     Raises ``ProfilingIncomplete`` after a stage in which a call failed (an unanswered question is
     not a wrong answer), and ``ConfigError`` before any call for a grader that could never grade an
-    item correct.
+    item correct. ``on_stop`` is given the profile's spending (``ProfilingSpent``) when it ends without
+    a report (cancelled, or a call failed), before the exception goes on.
     """
     grade = get_grader(grader)
     check_grader(grade, dataset.items, dataset.path)
@@ -139,6 +166,10 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
         aggregation = await _aggregation_scores(pool, bench, executor, ledger, grade, seed, counter, canonical,
                                                 failed)
         _stop_if_failed(failed, counter)
+    except (asyncio.CancelledError, ProfilingIncomplete):
+        if on_stop is not None:
+            on_stop(ProfilingSpent(ledger))
+        raise
     finally:
         counter.close()
     keyword_model = model_id(pool.keyword_model) if pool.keyword_model else ""
@@ -160,12 +191,10 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
             aliases={k: v for k, v in vocabulary.aliases.items() if k != v}, skill_counts=counts,
             estimates=skill_estimates(counts, accuracy), answer_tokens=mean_tokens(answers[agent.name].values()),
             aggregation_tokens=measured.tokens if measured else None, provenance=provenance)
-    spent = ledger.budget
+    spent = ProfilingSpent(ledger)
     return ProfilingReport(profiles=profiles, item_keywords=item_keywords, correct=correct,
-                           aggregation_items=len(bench), vocabulary=vocabulary, reused=ledger.answered["cache"],
-                           calls=spent.calls, usage=Usage(prompt_tokens=spent.prompt_tokens,
-                                                          completion_tokens=spent.completion_tokens,
-                                                          cost_usd=spent.cost_usd, requests=spent.requests))
+                           aggregation_items=len(bench), vocabulary=vocabulary, reused=spent.reused,
+                           calls=spent.calls, usage=spent.usage)
 
 
 def build_profiles(pool: Pool, dataset: Dataset, **options: object) -> ProfilingReport:

@@ -257,8 +257,11 @@ def test_an_interrupted_profile_goes_on_with_resume_sending_only_what_it_had_not
     wait_for(child, lambda: any((r.json() or {}).get("model") == "gamma" and KEYWORDS_MARK not in r.prompt
                                 for r in list(server.requests)), "gamma was asked")
     child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=60)
+    out, err = child.communicate(timeout=60)
     assert child.returncode == 130
+    stopped = json.loads(out)  # (--json printed nothing) what was sent, as the server counted it
+    assert (stopped["interrupted"], stopped["written"], stopped["reused"]) == (True, [], 0)
+    assert stopped["requests"] == len(server.requests) and stopped["prompt_tokens"] > 0
     assert err.strip().splitlines()[-1] == ("error: interrupted; no profiles were written; the answers so far are "
                                             "saved: the same command with --resume goes on with this profile")
     assert not list((tmp_path / "stopped").iterdir())  # (the folder is made, and checked, before any call)
@@ -299,6 +302,9 @@ def test_a_profile_whose_calls_fail_writes_nothing_and_resume_finishes_it(loopba
     argv = ("profile", "--pool", str(pool), "--data", str(data), "--out", str(out), "--json")
     failed = cli(*argv)
     assert failed.returncode == 2
+    spent = json.loads(failed.stdout)  # (--json printed nothing)
+    assert (spent["interrupted"], spent["written"], spent["requests"]) == (False, [], len(server.requests))
+    assert spent["error"].startswith("profiling stopped after its answers stage")
     assert failed.stderr.strip().splitlines()[-1].startswith(
         "error: profiling stopped after its answers stage: 3 of its calls failed (first: agent gamma-expert on item q0: ")
     assert failed.stderr.strip().endswith("no profiles were written; the answers so far are saved: once the cause is "
