@@ -98,6 +98,9 @@ class StepSpec(_Strict):
     def _one_way_to_pick_experts(self) -> StepSpec:
         if self.recruit is not None and self.agent is not None:
             raise ValueError("a step sets either recruit or agent, not both")
+        if self.aggregate is not None and self.agent is not None:  # (accepted, it did nothing)
+            raise ValueError("a step with agent: has that one expert, so there is nothing to aggregate; "
+                             "drop aggregate, or recruit several experts instead of naming one")
         return self
 
 

@@ -356,6 +356,11 @@ def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
     both = GOOD.replace("    agent: writer\n", "    agent: writer\n    recruit: {k: 1}\n")
     with pytest.raises(ConfigError, match="a step sets either recruit or agent, not both"):
         Workflow.load(write(tmp_path, both))
+    voted = write(tmp_path, GOOD.replace("    agent: writer\n", "    agent: writer\n    aggregate: vote\n"))
+    done = cli("validate", str(voted))  # (it passed, and the one expert's answer was the step's output all the same)
+    assert (done.returncode, done.stderr.split(": ", 2)[2].strip()) == (
+        2, "steps.draft: a step with agent: has that one expert, so there is nothing to aggregate; drop aggregate, "
+           "or recruit several experts instead of naming one")
 
 
 def test_a_setting_given_at_the_top_and_under_settings_is_refused(tmp_path: Path) -> None:
