@@ -182,6 +182,16 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return row
 
 
+def _not_jsonl(file: Path, line: str) -> str:
+    """What to say of a line that is not JSON at all (not an object gone wrong): a data set is JSON
+    Lines, and a CSV or plain text file is read as that."""
+    if line.lstrip().startswith(("{", "[")):
+        return ""
+    kind = {".csv": "a CSV file", ".tsv": "a TSV file"}.get(file.suffix.lower(), "this file")
+    return (f"; a data set is JSON Lines, one object per line such as "
+            f'{{"id": "q1", "question": "...", "answer": "..."}}, and {kind} is not: convert it')
+
+
 def load_dataset(path: str | Path) -> Dataset:
     """Read a JSONL data set; a bad row is a ``DatasetError`` naming the file and line."""
     file = Path(path)
@@ -211,7 +221,7 @@ def load_dataset(path: str | Path) -> Dataset:
             raise DatasetError(f"{path}:{number}: {constant.args[0]} is not JSON; write it as a string, in "
                                "quotes") from None
         except json.JSONDecodeError as error:
-            raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg}){_not_jsonl(file, line)}") from None
         except RecursionError:
             raise DatasetError(f"{path}:{number}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):

@@ -236,6 +236,21 @@ def test_dataset_loads_and_hashes(tmp_path: Path) -> None:
     assert [item.question for item in load_dataset(separated).items] == ["2+2?\u2028Show work.\u0085", "3+3?"]
 
 
+def test_a_csv_data_set_is_told_to_be_json_lines(tmp_path: Path) -> None:
+    # (it was "data.csv:1: not valid JSON (Expecting value)", which did not say what a data set is)
+    data = tmp_path / "data.csv"
+    data.write_text("id,question,answer\n1,What is 2+2?,4\n")
+    with pytest.raises(DatasetError) as refused:
+        load_dataset(data)
+    assert str(refused.value) == (f"{data}:1: not valid JSON (Expecting value); a data set is JSON Lines, one object "
+                                  'per line such as {"id": "q1", "question": "...", "answer": "..."}, and a CSV file '
+                                  "is not: convert it")
+    broken = tmp_path / "broken.jsonl"  # (an object gone wrong is not told what JSON Lines are)
+    broken.write_text('{"id": 1, "question": "q" "answer": 1}\n')
+    with pytest.raises(DatasetError, match=r"broken.jsonl:1: not valid JSON \(Expecting ',' delimiter\)$"):
+        load_dataset(broken)
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"id": 1, "question": "q", "answer": 1}\nnot json\n', "val.jsonl:2: not valid JSON"),
     ('{"id": 1, "answer": 1}\n', "val.jsonl:1: field 'question': missing"),
