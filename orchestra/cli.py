@@ -1102,7 +1102,7 @@ def chat(pool: Path | None, **opts: Any) -> None:
 @click.option("--total-max-tokens", type=click.IntRange(min=1), help="Tokens all requests together may use.")
 @click.option("--max-request-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024),
               help="The largest request body accepted.")
-@click.option("--grace", default=30, show_default=True, type=click.IntRange(min=0),
+@click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0, max=86_400),
               help="Seconds runs in flight get to finish on Ctrl-C or SIGTERM; the rest are cancelled (resumable).")
 @choice_options
 @settings_options
@@ -1110,7 +1110,7 @@ def chat(pool: Path | None, **opts: Any) -> None:
 @store_options
 def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, presets_file: Path | None,
           total_max_calls: int | None, total_max_cost: float | None, total_max_tokens: int | None,
-          max_request_bytes: int, grace: int, **opts: Any) -> None:
+          max_request_bytes: int, grace: float, **opts: Any) -> None:
     """Serve the orchestra as an OpenAI-compatible model: /v1/chat/completions, /v1/models, /health."""
     import os
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import re
 import signal
 import socket
@@ -578,7 +579,7 @@ def read_presets(path: Path) -> dict[str, Settings]:
     return {str(name): document.validate(Settings, (name,)) for name in document.data}
 
 
-def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, grace: int = 30) -> None:
+def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0) -> None:
     """Serve ``application`` with uvicorn until Ctrl-C or SIGTERM; runs in flight get ``grace``
     seconds to finish, then are cancelled (and stay resumable)."""
     import uvicorn
@@ -591,7 +592,7 @@ def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, gr
     # the grace is kept here: runs still going when it ends are cancelled, so their clients get a
     # 503 naming the run; uvicorn's own limit only catches connections that do not close after that
     server = Uvicorn(uvicorn.Config(application, host=host, port=port, log_level="warning",
-                                    timeout_graceful_shutdown=grace + 30))
+                                    timeout_graceful_shutdown=math.ceil(grace) + 30))
     served: Server = application.state.server
 
     def stop() -> None:  # the first signal drains; a second one (or the grace's end) cancels the runs in flight
@@ -600,7 +601,7 @@ def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, gr
             return
         server.should_exit = True
         if served.runs:
-            print(f"orchestra serve: stopping; {len(served.runs)} run(s) in flight get {grace} s to finish "
+            print(f"orchestra serve: stopping; {len(served.runs)} run(s) in flight get {grace:g} s to finish "
                   "(Ctrl-C again cancels them, resumable)", file=sys.stderr, flush=True)
         asyncio.get_running_loop().call_later(grace, served.cancel_runs)
 

@@ -777,11 +777,11 @@ def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(l
 
 def test_runs_still_going_when_the_grace_ends_are_cancelled_and_their_clients_told(
         loopback: Any, tmp_path: Path) -> None:
-    served, experts, caller, answers = held_request(loopback, tmp_path, "--grace", "1")
+    served, experts, caller, answers = held_request(loopback, tmp_path, "--grace", "0.5")  # (a whole number was asked)
     code, err = served.stop()
     caller.join(60)
     experts.release.set()
-    assert code == 0 and "Traceback" not in err and "1 run(s) in flight get 1 s to finish" in err, err
+    assert code == 0 and "Traceback" not in err and "1 run(s) in flight get 0.5 s to finish" in err, err
     assert "Unclosed" not in err, err  # (the calls went on after the connections closed, and reopened them)
     [answer] = answers
     assert answer.status_code == 503 and "cancelled run" in answer.json()["error"]["message"]
