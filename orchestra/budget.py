@@ -11,7 +11,7 @@ from orchestra.errors import BudgetExceeded
 from orchestra.models import ChatRequest, Usage
 from orchestra.models.pricing import Price
 from orchestra.models.prompt_gauge import PromptGauge
-from orchestra.money import usd, usd_exact
+from orchestra.money import dollars, usd, usd_exact
 from orchestra.numbers import Amount, Count
 
 
@@ -93,7 +93,7 @@ class BudgetTracker:
     def usage(self) -> Usage:
         """Requests, tokens and cost spent so far."""
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     cost_usd=self.cost_usd, requests=self.requests)
+                     cost_usd=dollars(self.cost_usd), requests=self.requests)
 
     def reached(self) -> BudgetExceeded | None:
         """The limit that what was spent has reached, as its error (not raised); None while every

@@ -991,8 +991,10 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     store = existing_store(store_path)
     records = store.runs(limit)
     if as_json:
-        click.echo(json.dumps([{"id": r.id, "status": r.status, "task": r.task, "item": r.item, "created": r.created,
-                                "resumes": r.resumes, **store.run_totals(r.id)} for r in records], indent=2))
+        # ("run_id" as every other --json names it; "id" as this one always did)
+        click.echo(json.dumps([{"run_id": r.id, "id": r.id, "status": r.status, "task": r.task, "item": r.item,
+                                "created": r.created, "resumes": r.resumes, **store.run_totals(r.id)}
+                               for r in records], indent=2))
         return
     rows = []
     for record in records:

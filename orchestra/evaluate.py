@@ -16,7 +16,7 @@ from orchestra.budget import Budget, BudgetTracker
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError
 from orchestra.grading import Grader, answer_format, check_grader
-from orchestra.money import usd_exact
+from orchestra.money import dollars, usd_exact
 from orchestra.recruit import CALIBRATED_COST_LAMBDA
 from orchestra.result import RunResult
 
@@ -148,7 +148,7 @@ class Tally:
         return EvalReport(
             method=method, items=self.items, correct=self.correct,
             accuracy=self.correct / self.items if self.items else 0.0, calls=self.calls, requests=self.requests,
-            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, cost_usd=self.cost_usd,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, cost_usd=dollars(self.cost_usd),
             cost_per_correct_usd=self.cost_usd / self.correct if self.correct else None, elapsed_s=elapsed_s,
             model_loads=model_loads,
             per_category={c: {"items": t["items"], "accuracy": t["correct"] / t["items"]}

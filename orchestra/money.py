@@ -19,3 +19,9 @@ def usd_exact(amount: float) -> str:
         return usd(amount)
     whole, _, decimals = f"{amount:.6f}".rstrip("0").partition(".")
     return f"${whole}.{decimals.ljust(4, '0')}"
+
+
+def dollars(amount: float) -> float:
+    """A sum of prices as reported: to the 10^-12 dollar, so sums of the same costs made in another
+    order (SQLite's, a run's as its answers came) read alike (0.000795, not 0.0007950000000000001)."""
+    return round(amount, 12)

@@ -88,8 +88,7 @@ class ProfilingSpent:
     def usage(self) -> Usage:
         """What those calls cost: requests (retries and repairs too), tokens and USD."""
         spent = self._ledger.budget
-        return Usage(prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
-                     cost_usd=spent.cost_usd, requests=spent.requests)
+        return spent.usage
 
 
 def expert_prompt(item: Item) -> str:

@@ -44,6 +44,7 @@ from orchestra.events import (
     PlanReady,
     UsageUpdated,
 )
+from orchestra.money import dollars
 from orchestra.resources import orchestra_home
 
 if TYPE_CHECKING:  # (imported where used: `orchestra runs` lists a store without pydantic or asyncio)
@@ -685,7 +686,8 @@ class RunStore:
                 f"WHERE run_id IN ({', '.join('?' * len(part))}) AND source='model' GROUP BY run_id",
                 (EMBEDDINGS, *part))
         return {row["run_id"]: (Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,
-                                      cost_usd=row["usd"] or 0.0, requests=row["r"] or 0), row["answered"] or 0)
+                                      cost_usd=dollars(row["usd"] or 0.0), requests=row["r"] or 0),
+                 row["answered"] or 0)
                 for row in rows}
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
@@ -699,7 +701,7 @@ class RunStore:
             "coalesce(sum(prompt_tokens),0) AS prompt_tokens, coalesce(sum(completion_tokens),0) AS completion_tokens, "
             "coalesce(sum(cost_usd),0) AS cost_usd FROM calls WHERE run_id = ? AND source = 'model'",
             (EMBEDDINGS, run_id))
-        return rows[0]
+        return {**rows[0], "cost_usd": dollars(rows[0]["cost_usd"])}
 
     # --- the call journal ------------------------------------------------------------------
 

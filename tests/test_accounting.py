@@ -94,7 +94,7 @@ def test_calls_and_requests_agree_with_what_the_endpoint_counted(loopback, tmp_p
     failed = [c for c in stored_calls if c["status"] == "error"]
     assert [c["requests"] for c in failed] == [2]  # the failing expert was tried twice (max_attempts: 2)
     listed = json.loads(cli("runs", "--json").stdout)[0]
-    assert _totals(listed) == _totals(usage)
+    assert _totals(listed) == _totals(usage) and listed["run_id"] == listed["id"] == run_id
     text = cli("show", run_id).stdout
     assert f"calls 9 · requests {len(server.requests)} ·" in text
 
@@ -542,3 +542,17 @@ def test_show_never_cuts_a_calls_cost_on_a_narrow_terminal(tmp_path: Path) -> No
     show_run(console, RunStore(tmp_path / "runs.db"), result.run_id)
     shown = console.export_text()
     assert f"tokens · ${cost:.10f}".rstrip("0") in shown
+
+
+def test_a_runs_cost_reads_alike_however_its_calls_costs_were_summed(tmp_path: Path) -> None:
+    # (found by a trial: `ask --json` said 0.000795 and `show --json` 0.0007950000000000001, SQLite
+    # summing the same costs in another order)
+    models = [FunctionModel(lambda request, i=i: f"expert {i}: The answer is {'7' * (i + 1)}", name=f"m{i}",
+                            prices=(0.1 * (i + 1), 0.37)) for i in range(3)]
+    pool = Pool(agents=[Agent(name=f"a{i}", model=m) for i, m in enumerate(models)])
+    store = RunStore(tmp_path / "runs.db")
+    orc = Orchestra(pool, store=store, k=3, mode="topk")
+    results = [orc.run(f"What is {q} times {q}? " + "x" * q, plan=False) for q in range(12)]
+    assert all(r.usage.cost_usd > 0 for r in results)
+    assert [r.usage.cost_usd for r in results] == [store.run_totals(r.run_id)["cost_usd"] for r in results]
+    assert [r.usage.cost_usd for r in results] == [round(r.usage.cost_usd, 12) for r in results]
