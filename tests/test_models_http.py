@@ -330,6 +330,11 @@ def test_json_cut_by_max_tokens_is_not_repaired_under_the_same_limit(loopback) -
                                           r"was complete: raise max_tokens") as failed:
         run(openai(server).complete([ask("facts", output=Answer, max_tokens=8)]))
     assert len(server.requests) == 1 and failed.value.usage.completion_tokens == 8  # (billed all the same)
+    for cut in ('\n  {"city": "Malm', '```json\n{"city": "Malm'):  # after blanks, or in a fence: cut JSON as well
+        fenced = loopback(lambda req, cut=cut: openai_reply(cut, completion_tokens=8, finish_reason="length"))
+        with pytest.raises(BadResponse, match="raise max_tokens"):
+            run(openai(fenced).complete([ask("facts", output=Answer, max_tokens=8)]))
+        assert len(fenced.requests) == 1
     # words before the JSON: the repair, asking for the JSON alone, may fit
     answers = iter([openai_reply('Sure! Here is the JSON: {"city": "Par', finish_reason="length"),
                     openai_reply('{"city": "Paris", "population": 1}')])
@@ -633,6 +638,30 @@ def test_a_stream_whose_connection_broke_mid_answer_is_counted_as_billed(loopbac
     with pytest.raises(ConnectionBroke) as failed:  # no attempt left: the error carries what it cost
         run(openai(last, max_attempts=1).complete_one(ask("What is 2 + 2?", on_text=lambda text: None)))
     assert (failed.value.usage.prompt_tokens, failed.value.usage.completion_tokens) == cut
+
+
+def test_a_short_answer_cut_by_max_tokens_without_usage_counts_max_tokens(loopback) -> None:
+    # (a 48-character answer is 12 tokens at 4 a token: the test below could not tell them apart)
+    server = loopback(lambda request: openai_stream_reply(["Cut"], usage=False, finish_reason="length"))
+    result = run(openai(server).complete_one(ask("a question", max_tokens=12, on_text=lambda text: None)))
+    assert result.usage.completion_tokens == 12
+
+
+def test_a_stream_that_broke_before_any_text_is_a_request_and_no_tokens(loopback) -> None:
+    def broken() -> Reply:  # the role chunk, then the connection goes
+        good = openai_stream_reply(["The answer"], usage=False)
+
+        async def parts() -> AsyncIterator[bytes]:
+            assert good.parts is not None
+            async for part in good.parts():
+                yield part
+                raise ConnectionResetError("the stream broke")
+        return Reply(parts=parts)
+
+    answers = iter([broken(), openai_stream_reply(["The answer is 4."], prompt_tokens=30)])
+    server = loopback(lambda request: next(answers))
+    result = run(openai(server).complete_one(ask("What is 2 + 2?", on_text=lambda text: None)))
+    assert (result.text, result.usage.requests, result.usage.prompt_tokens) == ("The answer is 4.", 2, 30)
 
 
 def test_a_stream_without_usage_is_counted_at_the_rates_its_server_billed(loopback) -> None:
