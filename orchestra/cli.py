@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -168,6 +169,16 @@ def _click_type(field: FieldInfo) -> Any:
             return click.FloatRange(min=bounds["Gt"].gt, min_open=True)
         return click.FloatRange(min=getattr(bounds.get("Ge"), "ge", None))
     return kind
+
+
+class FiniteRange(click.FloatRange):
+    """A ``click.FloatRange`` that refuses nan and inf (click's takes nan: no comparison with it is true)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class _SettingOption:
@@ -586,7 +597,7 @@ def agents(pool: Path | None, as_json: bool) -> None:
 @click.option("--aggregation-items", type=click.IntRange(min=0),
               help="Items in the aggregation benchmark (default: every usable item; 0: none).")
 @click.option("--seed", default=0, type=int, show_default=True)
-@click.option("--merge-similarity", type=click.FloatRange(min=0, max=1),
+@click.option("--merge-similarity", type=FiniteRange(min=0, max=1),
               help="Name similarity at which keyword variants merge into one skill (default 0.6 lexical, 0.85 "
                    "with an embedding matcher; 1: never).")
 @click.option("--resume", is_flag=True, help="Go on with an interrupted profile: answers recorded for the same "
@@ -660,6 +671,11 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
             fail(f"{error}; " + ("fix the cause and profile again" if answers is None else "the answers so far are "
                  "saved: once the cause is fixed, the same command with --resume sends only the calls not answered"),
                  error.exit_code)
+        except OrchestraError as error:  # (a budget, a matcher's endpoint: its one line follows, as for any command)
+            progress.stop()
+            if stopped:
+                spent_json(stopped[0], False, str(error))
+            raise
     try:
         written = save_profiles(report, target)
     except OSError as error:
@@ -754,6 +770,12 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
         raise click.UsageError("--lambdas are the points of a sweep: add --sweep (or give one λ with --cost-lambda)")
     if sweep and (method or output or resume):
         raise click.UsageError("--sweep runs every method: leave out --method, --output and --resume")
+    assigned = assignments(list(opts["assignments"]))
+    if sweep and (opts["mode"] or opts["aggregate"] or _assigns(assigned, ("mode",))
+                  or _assigns(assigned, ("aggregate",))):
+        # (every method would recruit or aggregate alike: two points were one method, named alike)
+        raise click.UsageError("--sweep compares the methods, each with its own recruiting and aggregation: leave "
+                               "out --mode and --aggregate")
     if _assigns(assignments(list(opts["assignments"])), ("plan",)):  # (it would be accepted, then not used)
         raise click.UsageError("eval answers each item in one step, without a plan: leave out --set plan")
     dataset = load_dataset(data)
@@ -1099,12 +1121,12 @@ def chat(pool: Path | None, **opts: Any) -> None:
 @click.option("--presets", "presets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A YAML file of named settings layers, each served as a model (besides the pool's presets:).")
 @click.option("--total-max-calls", type=click.IntRange(min=1), help="Calls all requests together may make.")
-@click.option("--total-max-cost", type=click.FloatRange(min=0, min_open=True),
+@click.option("--total-max-cost", type=FiniteRange(min=0, min_open=True),
               help="USD all requests together may spend.")
 @click.option("--total-max-tokens", type=click.IntRange(min=1), help="Tokens all requests together may use.")
 @click.option("--max-request-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024),
               help="The largest request body accepted.")
-@click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0, max=86_400),
+@click.option("--grace", default=30, show_default=True, type=FiniteRange(min=0, max=86_400),
               help="Seconds runs in flight get to finish on Ctrl-C or SIGTERM; the rest are cancelled (resumable).")
 @choice_options
 @settings_options

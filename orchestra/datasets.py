@@ -183,8 +183,8 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _not_jsonl(file: Path, line: str) -> str:
-    """What to say of a line that is not JSON at all (not an object gone wrong): a data set is JSON
-    Lines, and a CSV or plain text file is read as that."""
+    """What to say of a first line that is not JSON at all (not an object gone wrong): a data set is
+    JSON Lines, and a CSV or plain text file was given."""
     if line.lstrip().startswith(("{", "[")):
         return ""
     kind = {".csv": "a CSV file", ".tsv": "a TSV file"}.get(file.suffix.lower(), "this file")
@@ -221,7 +221,8 @@ def load_dataset(path: str | Path) -> Dataset:
             raise DatasetError(f"{path}:{number}: {constant.args[0]} is not JSON; write it as a string, in "
                                "quotes") from None
         except json.JSONDecodeError as error:
-            raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg}){_not_jsonl(file, line)}") from None
+            hint = "" if items else _not_jsonl(file, line)  # (a file whose first row was JSON is JSON Lines)
+            raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg}){hint}") from None
         except RecursionError:
             raise DatasetError(f"{path}:{number}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):

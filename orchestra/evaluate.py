@@ -149,7 +149,7 @@ class Tally:
             method=method, items=self.items, correct=self.correct,
             accuracy=self.correct / self.items if self.items else 0.0, calls=self.calls, requests=self.requests,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, cost_usd=dollars(self.cost_usd),
-            cost_per_correct_usd=self.cost_usd / self.correct if self.correct else None, elapsed_s=elapsed_s,
+            cost_per_correct_usd=dollars(self.cost_usd / self.correct) if self.correct else None, elapsed_s=elapsed_s,
             model_loads=model_loads,
             per_category={c: {"items": t["items"], "accuracy": t["correct"] / t["items"]}
                           for c, t in sorted(self.categories.items(), key=lambda ct: self.category_first[ct[0]])},

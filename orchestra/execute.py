@@ -66,6 +66,7 @@ from orchestra.models.base import (
     still_wanted,
 )
 from orchestra.models.pricing import FREE
+from orchestra.money import dollars
 
 Outcome = ChatResult | Exception
 #: One answered call for the journal: run id, key, seq, model, request (or the canonical JSON its key
@@ -873,7 +874,7 @@ class Executor:
         spent = ledger.budget
         self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=spent.calls, requests=spent.requests,
                                       prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
-                                      cost_usd=spent.cost_usd, cache_misses=ledger.cache_misses))
+                                      cost_usd=dollars(spent.cost_usd), cache_misses=ledger.cache_misses))
 
     def _settle(self, call: _Call, usage: Usage | None) -> None:
         """Release the call's reservation (if the budget admitted it) and count what it spent; the

@@ -19,7 +19,7 @@ from typing import Any
 from orchestra.core import Orchestra
 from orchestra.datasets import Dataset
 from orchestra.evaluate import METHODS, EvalReport, aevaluate, cost_cap, k_variant
-from orchestra.money import usd_exact
+from orchestra.money import dollars, usd_exact
 
 LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """The calibrated router's cost preferences a sweep tries by default."""
@@ -51,7 +51,7 @@ class SweepPoint:
     def of(cls, report: EvalReport, method: str, cost_lambda: float | None) -> SweepPoint:
         """A point from an evaluation report."""
         return cls(method=method, cost_lambda=cost_lambda, accuracy=report.accuracy, cost_usd=report.cost_usd,
-                   cost_per_item_usd=report.cost_usd / report.items if report.items else 0.0,
+                   cost_per_item_usd=dollars(report.cost_usd / report.items) if report.items else 0.0,
                    cost_per_correct_usd=report.cost_per_correct_usd, calls=report.calls,
                    saved_calls=report.saved_calls, items=report.items, failed=report.failed,
                    requests=report.requests, per_category=report.per_category,

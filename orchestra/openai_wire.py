@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestra.models.structured import schema_problem
+from orchestra.money import dollars
 from orchestra.result import RunResult
 
 #: OpenAI parameters accepted and ignored: they shape sampling or bookkeeping Orchestra does not expose
@@ -268,7 +269,7 @@ def usage(result: RunResult) -> dict[str, int]:
 def extension(result: RunResult) -> dict[str, Any]:
     """Orchestra's facts about the run, beside OpenAI's fields (clients ignore them)."""
     return {"run_id": result.run_id, "status": result.status, "calls": result.usage.calls,
-            "requests": result.usage.requests, "cost_usd": round(result.usage.cost_usd, 6),
+            "requests": result.usage.requests, "cost_usd": dollars(result.usage.cost_usd),
             "nodes": [{"id": n.id, "experts": [e.agent for e in n.expert_outputs], "aggregator": n.aggregator,
                        "status": n.status} for n in result.plan.nodes],
             **({"error": result.error} if result.error else {})}

@@ -138,8 +138,9 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
 
     Raises ``ProfilingIncomplete`` after a stage in which a call failed (an unanswered question is
     not a wrong answer), and ``ConfigError`` before any call for a grader that could never grade an
-    item correct. ``on_stop`` is given the profile's spending (``ProfilingSpent``) when it ends without
-    a report (cancelled, or a call failed), before the exception goes on.
+    item correct. ``on_stop`` is given the profile's spending (``ProfilingSpent``, read when asked:
+    requests cancelled in flight count once the event loop has ended) when it ends without a report
+    (cancelled, a call failed, any other error), before the exception goes on.
     """
     grade = get_grader(grader)
     check_grader(grade, dataset.items, dataset.path)
@@ -165,7 +166,7 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
         aggregation = await _aggregation_scores(pool, bench, executor, ledger, grade, seed, counter, canonical,
                                                 failed)
         _stop_if_failed(failed, counter)
-    except (asyncio.CancelledError, ProfilingIncomplete):
+    except BaseException:
         if on_stop is not None:
             on_stop(ProfilingSpent(ledger))
         raise

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from orchestra.money import dollars
+
 RunStatus = Literal["done", "partial", "failed", "budget_exceeded", "cancelled"]
 EXIT_CODES = {"done": 0, "partial": 1, "failed": 1, "budget_exceeded": 3, "cancelled": 130}
 NodeStatus = Literal["pending", "recruiting", "running", "aggregating", "done", "failed", "skipped"]
@@ -125,7 +127,7 @@ class RunResult(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` shape: answer, plan.nodes[], usage, batches[], model_loads, elapsed_s, and more."""
         data = self.model_dump(mode="json")
-        data["usage"]["cost_usd"] = round(data["usage"]["cost_usd"], 8)
+        data["usage"]["cost_usd"] = dollars(data["usage"]["cost_usd"])
         data["elapsed_s"] = round(data["elapsed_s"], 3)
         return data
 

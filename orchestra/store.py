@@ -758,6 +758,8 @@ class RunStore:
         for row in rows:
             row["request"] = json.loads(row["request"])
             row["response"] = json.loads(row["response"]) if row["response"] else None
+            if row["cost_usd"] is not None:  # (tokens times a price per million: 4.6124999999999995e-06)
+                row["cost_usd"] = dollars(row["cost_usd"])
         return rows
 
     @staticmethod

@@ -556,3 +556,23 @@ def test_a_runs_cost_reads_alike_however_its_calls_costs_were_summed(tmp_path: P
     assert all(r.usage.cost_usd > 0 for r in results)
     assert [r.usage.cost_usd for r in results] == [store.run_totals(r.run_id)["cost_usd"] for r in results]
     assert [r.usage.cost_usd for r in results] == [round(r.usage.cost_usd, 12) for r in results]
+
+
+def test_ask_show_and_runs_print_one_cost_for_a_run(loopback, tmp_path: Path) -> None:
+    # (ask --json rounded to 8 places, show --json's totals were SQLite's sum, its calls each a
+    # product of floats: 6.971e-05, 6.97125e-05, 4.6124999999999995e-06)
+    def answer(request: LoopbackRequest) -> str:
+        return json.dumps({"keywords": ["chemistry"]}) if KEYWORDS_MARK in request.prompt else "The answer is 7."
+
+    server = loopback(chat_handler(answer))
+    pool = write_pool(tmp_path, server.url)
+    pool.write_text(pool.read_text().replace("    timeout: 10", "    timeout: 10\n    prices: [0.0123457, 0.3]"))
+    done = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    asked = json.loads(done.stdout)
+    shown = json.loads(cli("show", asked["run_id"], "--json").stdout)
+    [listed] = json.loads(cli("runs", "--json").stdout)
+    cost = asked["usage"]["cost_usd"]
+    assert cost > 0 and cost == shown["totals"]["cost_usd"] == shown["result"]["usage"]["cost_usd"] == listed["cost_usd"]
+    assert all(call["cost_usd"] == round(call["cost_usd"], 12) for call in shown["calls"])
+    assert abs(sum(call["cost_usd"] for call in shown["calls"]) - cost) < 1e-11  # (each to the 10^-12 dollar)

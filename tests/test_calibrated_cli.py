@@ -152,6 +152,11 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
                           "calibrated λ=0.05, k=2"}
     assert named["single"]["calls"] == 2 and named["moa, k=2"]["calls"] == 2 * 3  # one expert an item; two + synthesis
     assert sum(p["requests"] for p in named.values()) == sum(market.reset()[0].values())
+    for flag in (("--aggregate", "vote"), ("--mode", "topk"), ("--set", "aggregate=vote")):  # (two points were one)
+        mixed = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", *flag)
+        assert (mixed.returncode, mixed.stderr.splitlines()[-1]) == (
+            2, "error: --sweep compares the methods, each with its own recruiting and aggregation: leave out --mode "
+               "and --aggregate (see python -m orchestra eval --help)")
     bad = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "cheap")
     assert bad.returncode == 2 and "--lambdas" in bad.stderr and "comma-separated" in bad.stderr
     twice = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.05,0,0.050")

@@ -1084,11 +1084,24 @@ def test_max_response_chars_cuts_only_what_an_aggregator_reads_never_the_answer(
     assert result.answer == answer.strip() and "cut at" not in result.node("answer").output
 
 
-def test_the_cut_for_the_aggregator_comes_after_the_reasoning_is_stripped() -> None:
-    pool, models = scripted_pool(2, expert=lambda name, request: f"<think>{'x' * 50}</think>answer {name}")
-    Orchestra(pool, k=2, mode="topk", store=False, max_response_chars=9).run("count", plan=False)
-    [prompt] = [r.prompt_text() for m in models.values() for r in m.requests if kind_of(r) == "aggregate"]
-    assert "answer m0" in prompt and "answer m1" in prompt and "xxx" not in prompt
+@pytest.mark.parametrize("aggregate", ["synthesize", "refine"])
+def test_the_cut_for_the_aggregator_comes_after_the_reasoning_is_stripped(aggregate: str) -> None:
+    answers = {"m0": f"<think>{'x' * 50}</think>answer m0", "m1": f"<think>{'x' * 50}</think>answer m1 and more"}
+    pool, models = scripted_pool(2, expert=lambda name, request: answers.get(name, "merged"))
+    Orchestra(pool, k=2, mode="topk", aggregate=aggregate, store=False, max_response_chars=9).run("count", plan=False)
+    [prompt] = [r.prompt_text() for m in models.values() for r in m.requests
+                if kind_of(r) == "aggregate" or "Improve the draft" in r.prompt_text()]
+    assert "answer m0" in prompt and "answer m1 [... cut at max_response_chars=9]" in prompt and "xxx" not in prompt
+
+
+def test_the_final_synthesis_reads_each_sinks_output_cut_as_an_aggregator_does() -> None:
+    # (a sink answered by one expert was cut there by accident; then, whole, it was not at all)
+    pool, models = scripted_pool(2, plan=plan_json(("left", []), ("right", [])),
+                                 expert=lambda name, request: "long " * 20)
+    result = Orchestra(pool, k=1, aggregate="none", store=False, max_response_chars=10).run("two sides, then merge")
+    [final] = [r.prompt_text() for m in models.values() for r in m.requests if kind_of(r) == "final"]
+    assert final.count("long long  [... cut at max_response_chars=10]") == 2
+    assert result.node("left").output == ("long " * 20).strip()  # (the node's own output is whole)
 
 
 def test_the_aggregator_request_has_its_own_seed_and_the_nodes_schema() -> None:

@@ -955,3 +955,12 @@ def test_a_client_that_leaves_while_its_request_waits_for_the_budget_gets_no_run
     assert health() == {"status": "ok", "runs_in_flight": 0, "requests_waiting": 0}
     assert sum(experts.requests.values()) == before + 1  # the first run's aggregation, and nothing else
     assert [run.task for run in RunStore(tmp_path / "runs.db").runs()] == ["How far does light go?"]
+
+
+@pytest.mark.parametrize("flag", ["--grace", "--total-max-cost"])
+def test_a_number_flag_that_is_not_finite_is_refused_in_one_line(flag: str) -> None:
+    # (click's float range takes nan: --grace nan was a ValueError traceback, --total-max-cost nan pydantic's lines)
+    done = subprocess.run([sys.executable, "-m", "orchestra", "serve", flag, "nan", "--no-store"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (
+        2, f"error: Invalid value for '{flag}': 'nan' is not a finite number (see python -m orchestra serve --help)\n")

@@ -245,6 +245,10 @@ def test_a_csv_data_set_is_told_to_be_json_lines(tmp_path: Path) -> None:
     assert str(refused.value) == (f"{data}:1: not valid JSON (Expecting value); a data set is JSON Lines, one object "
                                   'per line such as {"id": "q1", "question": "...", "answer": "..."}, and a CSV file '
                                   "is not: convert it")
+    plain = tmp_path / "plain.txt"  # (any file whose first line is not JSON at all)
+    plain.write_text("What is 2+2?\n")
+    with pytest.raises(DatasetError, match=r"plain.txt:1: .*JSON Lines.*, and this file is not: convert it$"):
+        load_dataset(plain)
     broken = tmp_path / "broken.jsonl"  # (an object gone wrong is not told what JSON Lines are)
     broken.write_text('{"id": 1, "question": "q" "answer": 1}\n')
     with pytest.raises(DatasetError, match=r"broken.jsonl:1: not valid JSON \(Expecting ',' delimiter\)$"):

@@ -41,9 +41,13 @@ class Response:
 
 
 def shown(response: Response) -> str:
-    """A response as an aggregator's prompt shows it: reasoning stripped, then cut at its ``limit``
-    with a mark saying so."""
-    text, limit = strip_reasoning(response.text), response.limit
+    """A response as an aggregator's prompt shows it: reasoning stripped, then cut at its ``limit``."""
+    return cut_for_aggregator(strip_reasoning(response.text), response.limit)
+
+
+def cut_for_aggregator(text: str, limit: int | None) -> str:
+    """``text`` as an aggregator's prompt shows it: at most ``limit`` characters (``max_response_chars``),
+    the cut marked."""
     return text if limit is None or len(text) <= limit else f"{text[:limit]} [... cut at max_response_chars={limit}]"
 
 
@@ -57,7 +61,7 @@ def ranked(responses: Sequence[Response]) -> list[Response]:
 
 def synthesize_prompt(task: str, instruction: str, responses: Sequence[Response],
                       answer_format: str | None = None, context: str = "") -> str:
-    """The MoA aggregate-and-synthesize prompt, reasoning stripped from every response;
+    """The MoA aggregate-and-synthesize prompt, every response as ``shown``;
     ``context``: the conversation so far (a chat's earlier turns and system messages)."""
     return render("aggregator.j2", task=task, instruction=instruction, answer_format=answer_format,
                   responses=[shown(r) for r in responses], context=context)

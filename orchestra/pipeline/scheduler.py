@@ -46,7 +46,7 @@ from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, get_grader, states_answer, strip_reasoning
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatRequest, ChatResult, Model
-from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, Strongest, Vote, strategy
+from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, Strongest, Vote, cut_for_aggregator, strategy
 from orchestra.pipeline.planning import Planner
 from orchestra.pipeline.staffing import Pin, Staffing
 from orchestra.plan import Plan, PlanInvalid
@@ -591,8 +591,9 @@ class Run:
                 self._finish("failed", None, str(error))
                 return
         elif len(done) > 1:
-            inputs = [{"id": n, "instruction": self.traces[n].instruction, "output": self.traces[n].output}
-                      for n in done]
+            limit = self.settings.max_response_chars  # (a sink's output may be one expert's answer, whole)
+            inputs = [{"id": n, "instruction": self.traces[n].instruction,
+                       "output": cut_for_aggregator(self.traces[n].output or "", limit)} for n in done]
             started = time.perf_counter()
             try:
                 answer = await self.stages.final.answer(self.task, inputs, self.caller("final"),
