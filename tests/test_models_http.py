@@ -126,7 +126,16 @@ def test_429_forever_ends_in_rate_limited(loopback) -> None:
     assert len(server.requests) == 3
 
 
-@pytest.mark.parametrize("status", [400, 404, 422])
+@pytest.mark.parametrize("status", [520, 522, 524, 507, 599])
+def test_every_5xx_but_not_implemented_is_retried(loopback, status: int) -> None:
+    # (a proxy's 522 failed the call at once as "refused the request", though the README said 5xx are retried)
+    answers = iter([error_reply(status, "upstream timed out"), openai_reply("second time")])
+    server = loopback(lambda req: next(answers))
+    [result] = run(openai(server).complete([ask()]))
+    assert result.text == "second time" and len(server.requests) == 2
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 501, 505])
 def test_client_errors_are_never_retried(loopback, status: int) -> None:
     server = loopback(lambda req: error_reply(status, "model 'nope' does not exist"))
     with pytest.raises(RequestRejected, match="does not exist"):

@@ -46,7 +46,9 @@ from orchestra.models.types import Usage
 DEFAULT_MAX_CONCURRENCY = 16
 
 
-RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+#: statuses a request is sent again after: a timeout, a conflict, a rate limit and every 5xx but 501
+#: and 505 (what the server does not implement: asking again changes nothing); a proxy's 520-524 too
+RETRY_STATUSES = frozenset({408, 409, 429, *range(500, 600)}) - {501, 505}
 #: how long a key the server refused (401) is refused again without a request (a key changed in the
 #: environment is tried at once; a long-lived process tries the same key again after this)
 REFUSED_KEY_SECONDS = 10.0
