@@ -649,6 +649,29 @@ def test_a_stream_whose_connection_broke_mid_answer_is_counted_as_billed(loopbac
     assert (failed.value.usage.prompt_tokens, failed.value.usage.completion_tokens) == cut
 
 
+@pytest.mark.parametrize("backend", ["openai", "anthropic"])
+def test_token_counts_that_are_not_counts_are_estimated_not_taken(loopback, backend: str) -> None:
+    # (a proxy's "prompt_tokens": -5 lowered the run's totals and budget; "7" as text was taken, 7.0 too)
+    def reply(prompt: object, completion: object) -> Reply:
+        if backend == "openai":
+            answer = openai_reply("The answer is four.")
+            assert answer.body is not None
+            answer.body["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion}
+            return answer
+        answer = anthropic_reply("The answer is four.")
+        assert answer.body is not None
+        answer.body["usage"] = {"input_tokens": prompt, "output_tokens": completion}
+        return answer
+
+    replies = iter([reply(-5, "7"), reply("12", 3.0), reply(True, "many")])
+    server = loopback(lambda request: next(replies))
+    model = openai(server) if backend == "openai" else anthropic(server)
+    counted = [run(model.complete_one(ask("What is 2 + 2?"))).usage for _ in range(3)]
+    written = estimate_tokens("The answer is four.")
+    assert [(u.prompt_tokens >= 0, u.completion_tokens) for u in counted] == [(True, 7), (True, 3), (True, written)]
+    assert counted[1].prompt_tokens == 12
+
+
 def test_a_short_answer_cut_by_max_tokens_without_usage_counts_max_tokens(loopback) -> None:
     # (a 48-character answer is 12 tokens at 4 a token: the test below could not tell them apart)
     server = loopback(lambda request: openai_stream_reply(["Cut"], usage=False, finish_reason="length"))

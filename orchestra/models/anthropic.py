@@ -9,7 +9,7 @@ from typing import Any, Literal
 from orchestra.errors import BadResponse
 from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
 from orchestra.models.negotiation import Capabilities
-from orchestra.models.pricing import Price, coerce_price, reported_usage
+from orchestra.models.pricing import Price, coerce_price, reported_usage, token_count
 from orchestra.models.prompt_gauge import PromptGauge
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult
@@ -70,8 +70,9 @@ class Anthropic(EndpointModel):
         body = await self.endpoint.post_negotiated(
             "/v1/messages", lambda capabilities: self._payload(request, capabilities),
             model=self.model, headers=_headers, policy=self.policy)
-        billed = (body.get("usage") or {}).get("input_tokens") if isinstance(body, dict) else None
-        if isinstance(billed, int) and not isinstance(billed, bool):
+        usage = body.get("usage") if isinstance(body, dict) else None
+        billed = token_count(usage.get("input_tokens")) if isinstance(usage, dict) else None
+        if billed is not None:
             self.prompt_gauge.billed(request, billed)
         return self._result(body)
 

@@ -10,7 +10,7 @@ from orchestra.errors import BadResponse, ConnectionBroke
 from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
 from orchestra.models.metering import charge
 from orchestra.models.negotiation import Capabilities
-from orchestra.models.pricing import Price, coerce_price, reported_usage
+from orchestra.models.pricing import Price, coerce_price, reported_usage, token_count
 from orchestra.models.prompt_gauge import PromptGauge
 from orchestra.models.structured import with_instructions
 from orchestra.models.types import ChatRequest, ChatResult, Usage, estimate_tokens
@@ -100,13 +100,14 @@ class OpenAICompatible(EndpointModel):
                 body = assembled(body["events"])
             usage = body.get("usage")
             usage = dict(usage) if isinstance(usage, dict) else {}
-            billed = usage.get("prompt_tokens")
+            billed = token_count(usage.get("prompt_tokens"))  # (a count that is not one, -5 or "many": none)
             if billed is None:  # a server that counts none (llama-cpp-python's streams, some proxies): an estimate
                 usage["prompt_tokens"] = self.prompt_gauge.estimate(request)
-            elif isinstance(billed, (int, float)) and not isinstance(billed, bool):
-                self.prompt_gauge.billed(request, int(billed))
-            if usage.get("completion_tokens") is None:
-                usage["completion_tokens"] = _completion_estimate(body, request.max_tokens)
+            else:
+                usage["prompt_tokens"] = billed
+                self.prompt_gauge.billed(request, billed)
+            written = token_count(usage.get("completion_tokens"))
+            usage["completion_tokens"] = _completion_estimate(body, request.max_tokens) if written is None else written
             body["usage"] = usage
             if body.get("cut"):
                 failure = ConnectionBroke(f"{display_url(self.endpoint.base_url)} ended its stream for {self.model} "

@@ -79,6 +79,21 @@ def coerce_price(value: Price | Mapping[str, float] | tuple[float, float] | None
 
 
 def reported_usage(price: Price, prompt_tokens: Any, completion_tokens: Any, text: str) -> Usage:
-    """Usage from a provider's counts, estimating completion tokens when the server gave none."""
-    completion = estimate_tokens(text) if completion_tokens is None else int(completion_tokens)
-    return price.usage(int(prompt_tokens or 0), completion)
+    """Usage from a provider's counts, estimating completion tokens when the server gave none (or
+    a count that is not one)."""
+    completion = token_count(completion_tokens)
+    return price.usage(token_count(prompt_tokens) or 0, estimate_tokens(text) if completion is None else completion)
+
+
+def token_count(value: Any) -> int | None:
+    """A server's token count: a whole number of at least 0 (written as text too); anything else
+    (a negative count, a word, true) is None, as if the server had given none."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and value >= 0 else None
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        return int(value)
+    return None
