@@ -103,16 +103,21 @@ def _name_problem(subtasks: list[Subtask]) -> None:
                 raise PlanInvalid(f"subtask {subtask.id!r} depends on itself")
 
 
-def plan_schema(max_nodes: int) -> dict[str, Any]:
+#: the most characters of a planned step's instruction (a task's own, as one step, may be longer)
+INSTRUCTION_CHARS = 240
+
+
+def plan_schema(max_nodes: int, task_chars: int = 0) -> dict[str, Any]:
     """The JSON schema the planner must follow, with the node limit built in.
 
     Strings and lists are bounded too, so a grammar-constrained local model cannot ramble past
-    its token limit and leave the JSON unfinished.
+    its token limit and leave the JSON unfinished; an instruction may be as long as the task
+    (``task_chars``), which the planner is told to return as the one step of a simple task.
     """
     schema = copy.deepcopy(Plan.model_json_schema())
     schema["properties"]["subtasks"]["maxItems"] = max_nodes
     subtask = schema["$defs"]["Subtask"]["properties"]
-    subtask["instruction"]["maxLength"] = 240
+    subtask["instruction"]["maxLength"] = max(INSTRUCTION_CHARS, task_chars)
     subtask["depends_on"]["maxItems"] = max_nodes
     subtask["depends_on"]["items"]["maxLength"] = 40
     subtask["skills"]["maxItems"] = 3

@@ -1222,3 +1222,14 @@ def test_calls_in_flight_hold_their_worst_case_against_the_budget() -> None:
     with pytest.raises(BudgetExceeded) as third:
         calls.admit(request, price)
     assert third.value.held and calls.exceeded is None
+
+
+def test_a_long_task_the_planner_returns_as_its_one_step_is_a_valid_plan() -> None:
+    # (the prompt asks for the task itself as the one step of a simple task, but the schema allowed
+    # 240 characters: a long task failed planning after its repairs, each one paid for)
+    task = "Summarise the following note in one line. " + "The meeting moved to Thursday at noon. " * 8
+    pool, models = scripted_pool(2, plan={"subtasks": [{"id": "answer", "instruction": task, "depends_on": []}]})
+    result = Orchestra(pool, k=1, store=False, plan_fallback="fail").run(task, plan=True)
+    assert result.status == "done" and result.plan.nodes[0].instruction == task and len(task) > 240
+    [planned] = [r for m in models.values() for r in m.requests if kind_of(r) == "plan"]
+    assert planned.output_schema["$defs"]["Subtask"]["properties"]["instruction"]["maxLength"] == len(task)

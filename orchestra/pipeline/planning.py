@@ -91,7 +91,7 @@ def planner_request(task: str, *, max_nodes: int, context: str = "", seed: int =
     """The first request to the planner."""
     prompt = render("planner.j2", task=task, max_nodes=max_nodes, context=context)
     return ChatRequest.user(prompt, temperature=0.0, seed=seed, max_tokens=max_tokens,
-                            output=plan_schema(max_nodes))
+                            output=plan_schema(max_nodes, len(task)))
 
 
 def repair_request(previous: ChatRequest, answer: str, problem: str) -> ChatRequest:
