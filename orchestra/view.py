@@ -5,9 +5,11 @@ Both are event listeners; nothing in the pipeline prints.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -227,6 +229,20 @@ class RunState(EventHandler[None]):
                 f"{self.completion_tokens:,} out · {usd(self.cost_usd)}{extra} · {self.elapsed:.1f} s")
 
 
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """Ctrl-C ignored while the view closes (in the main thread, where signals are handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if before is not None:  # (None: a handler not set from Python, which it cannot put back)
+            signal.signal(signal.SIGINT, before)
+
+
 class LiveView(EventHandler[None]):
     """The rich terminal view: the plan as a tree, a per-model batch panel, counters."""
 
@@ -243,8 +259,9 @@ class LiveView(EventHandler[None]):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._live.refresh()  # the final state; _render takes the lock itself
-        self._live.stop()
+        with _interrupts_ignored():  # (a second Ctrl-C here left the refresh thread drawing for ever: chat)
+            self._live.refresh()  # the final state; _render takes the lock itself
+            self._live.stop()
 
     def listen(self, event: Event) -> None:
         """An event listener."""

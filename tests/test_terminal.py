@@ -247,3 +247,32 @@ def test_chat_takes_enter_as_accept_refuses_unicode_digits_and_shows_a_failed_pl
                stdin="Write a short report, then check it\na\nAnd a summary?\nc\n/quit\n")
     assert "budget max_calls=4" in done.stdout and len(prompts) == 2
     assert "Q: Write a short report, then check it\nA: (not answered)" in prompts[1] and "budget" not in prompts[1]
+
+
+_CTRL_C_AS_THE_VIEW_CLOSES = """
+import io, os, signal
+from rich.console import Console
+from orchestra.view import LiveView
+
+view = LiveView(Console(file=io.StringIO(), force_terminal=True, width=80))
+refresh = view._live.refresh
+
+def pressed_again() -> None:  # a second Ctrl-C lands as the view draws its last state
+    os.kill(os.getpid(), signal.SIGINT)
+    refresh()
+
+view._live.refresh = pressed_again
+with view:
+    pass
+print("stopped" if not view._live.is_started else "still drawing")
+os.kill(os.getpid(), signal.SIGINT)  # (Ctrl-C is Python's own again afterwards)
+"""
+
+
+def test_a_ctrl_c_as_the_live_view_closes_does_not_leave_it_drawing() -> None:
+    # (found by a trial: two quick Ctrl-Cs during a chat task left the panel redrawing over the prompt for ever)
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_AS_THE_VIEW_CLOSES], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout == "stopped\n" and done.stderr.rstrip().endswith("KeyboardInterrupt"), done.stderr
