@@ -532,7 +532,7 @@ def _failure(result: RunResult, stored: bool, served: ServedModel) -> WireError 
             bound = (f"model {served.id!r} is a preset that sets budget.{limit}" if preset
                      else f"each request's run has the server's {flag} (budget.{limit} in its settings)")
             kept = (f"run {result.run_id} is saved and keeps its budget: `orchestra resume {result.run_id} {flag} N`, "
-                    f"N above it, finishes it ({bound})") if stored else f"{bound}; {kept}"
+                    f"N above it, goes on with it ({bound})") if stored else f"{bound}; {kept}"
         return WireError(429, f"budget exhausted: {reason}; {kept}", code="insufficient_quota")
     if result.status == "cancelled":
         return WireError(503, f"the run was cancelled: {reason}; {kept}")

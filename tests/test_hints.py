@@ -37,7 +37,7 @@ def test_a_budget_stop_names_its_limit_and_the_cli_adds_the_flag_and_the_resume_
     error = refused(budget, "run-1")
     assert (error.limit, error.run_id, error.exit_code) == (limit, "run-1", 3)
     assert str(error).startswith(f"budget {limit}=") and not any(word in str(error) for word in CLI_WORDS)
-    assert cli_message(error) == (f"{error}; `orchestra resume run-1 {flag} N`, N above it, finishes it (a resume "
+    assert cli_message(error) == (f"{error}; `orchestra resume run-1 {flag} N`, N above it, goes on with it (a resume "
                                   "keeps its budget)")
     stopped = RunResult(run_id="run-1", task="t", status="budget_exceeded", error=f"{error} (b: refused)")
     assert run_error(stopped) == f"run run-1 budget_exceeded: {error} (b: refused); {run_hint(stopped)}"

@@ -156,7 +156,7 @@ def test_budget_stops_dispatch_and_says_how_to_raise_it() -> None:
     result = Orchestra(pool, k=3, budget=Budget(max_calls=4)).run("expensive")
     assert result.status == "budget_exceeded"
     assert result.error.startswith("budget max_calls=4 reached") and "--max-calls" not in result.error  # library words
-    assert f"`orchestra resume {result.run_id} --max-calls N`, N above it, finishes it" in run_hint(result)
+    assert f"`orchestra resume {result.run_id} --max-calls N`, N above it, goes on with it" in run_hint(result)
     sent = sum(len(m.requests) for m in models.values())
     assert sent == 4 and result.usage.calls == 4
 

@@ -592,7 +592,7 @@ def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: 
         # its own budget comes along on resume: the advice says to raise it there (a plain resume stopped again)
         assert error.value.message.endswith(
             f"; run {run_id} is saved and keeps its budget: `orchestra resume {run_id} --max-calls N`, N above it, "
-            "finishes it (each request's run has the server's --max-calls (budget.max_calls in its settings))")
+            "goes on with it (each request's run has the server's --max-calls (budget.max_calls in its settings))")
         assert RunStore(tmp_path / "runs.db").run(run_id).status == "budget_exceeded"
     assert sum(experts.requests.values()) == 12
     # the advice, followed: the run finishes, sending only what it had not sent
@@ -608,7 +608,7 @@ def test_a_budget_a_preset_sets_is_named_as_the_presets(serve: Any) -> None:
     running, _ = serve(presets={"fast": {"budget": {"max_calls": 2}}})
     with pytest.raises(openai.RateLimitError, match="budget max_calls=2 reached") as error:
         running.client().chat.completions.create(model="fast", messages=[{"role": "user", "content": "Hi there?"}])
-    assert error.value.message.endswith("finishes it (model 'fast' is a preset that sets budget.max_calls)")
+    assert error.value.message.endswith("goes on with it (model 'fast' is a preset that sets budget.max_calls)")
 
 
 def test_without_a_store_no_error_says_the_run_is_saved(serve: Any) -> None:
