@@ -31,7 +31,8 @@ def _raise_budget(limit: str, run_id: str | None, stored: bool = True, evaluatio
         return (f"raise budget.{limit} in the workflow (or {BUDGET_FLAGS[limit]}) and run it again with --resume "
                 "(finished items are kept)")
     # (a resume keeps the run's recorded budget: the workflow file's is not read again, even with --reload)
-    return f"`orchestra resume {run_id} {BUDGET_FLAGS[limit]} N`, N above it, goes on with it (a resume keeps its budget)"
+    return (f"`orchestra resume {run_id} {BUDGET_FLAGS[limit]} N`, N above it, goes on with it "
+            "(a resume keeps its budget)")
 
 
 def budget_hint(message: str, run_id: str | None, *, stored: bool = True, evaluation: bool = False) -> str | None:
