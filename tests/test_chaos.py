@@ -63,7 +63,10 @@ FAULTS = [
     Fault("a body cut short", (lambda: Reply(200, ok_body("x" * 400), cut=60),), 2, 1, "the connection to"),
     Fault("a hang", (lambda: Reply(hang=True),), 2, 1, "did not finish answering within 1 s"),
     Fault("a non-JSON 200 (an HTML page)", (lambda: Reply(200, "<html><body>Welcome</body></html>"),),
-          1, 1, "answered HTTP 200 with a body that is not JSON"),
+          1, 1, "a body that is not JSON (text/plain: '<html><body>Welcome</body></html>'); is base_url the API's"),
+    Fault("JSON that breaks off at a length that matches, then an answer",  # (a proxy cut it and set the length)
+          (lambda: Reply(200, json.dumps(ok_body())[:40]), lambda: Reply(200, ok_body())), 2, 0, "The answer is 42"),
+    Fault("an empty 200 on every attempt", (lambda: Reply(200, ""),), 2, 1, "answered HTTP 200 with an empty body"),
     Fault("choices: []", (lambda: Reply(200, {"id": "x", "object": "chat.completion", "choices": []}),),
           1, 1, "returned no choices[0].message"),
     Fault("content null (no text)", (lambda: Reply(200, {**ok_body(), "choices": [

@@ -428,12 +428,28 @@ class Endpoint:
         try:
             body = response.json() if not _is_event_stream(response) else {"events": server_sent_events(response.body)}
         except ValueError:
-            raise BadResponse(f"{url} answered HTTP {status} with a body that is not JSON") from None
+            raise _not_json(response, url, status) from None
         except RecursionError:
             raise BadResponse(f"{url} answered with JSON nested too deeply to read") from None
         if not isinstance(body, dict):
             raise BadResponse(f"{url} answered with JSON that is not an object")
         return body
+
+
+def _not_json(response: Answer, url: str, status: int) -> BadResponse | _Retryable:
+    """The error of a success whose body is not JSON: retried when it is empty or JSON broken off (a
+    proxy that cut the answer and its length alike), else at once, saying what came (a web page:
+    base_url is not the API's)."""
+    if _is_event_stream(response):
+        return BadResponse(f"{url} answered HTTP {status} with a server-sent event that is not JSON")
+    text = response.text.strip()
+    kind = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+    if not text or text[0] in "{[":
+        what = "an empty body" if not text else "JSON that breaks off"
+        return _Retryable(BadResponse(f"{url} answered HTTP {status} with {what} (not JSON)"))
+    start = " ".join(text[:60].split())
+    return BadResponse(f"{url} answered HTTP {status} with a body that is not JSON ({kind}: {start!r}); is base_url "
+                       "the API's address (often ending in /v1)?")
 
 
 def _refuse_known(state: _LoopState, secret: str | None) -> None:
