@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
+from orchestra.budget import BudgetTracker
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import OrchestraError
 from orchestra.events import Event, UsageUpdated
@@ -129,7 +130,9 @@ class ChatSession:
         """
         context = self.context()
         seed = self.orchestra.settings.seed
-        plan, note = self.plan(text, context=context, seed=seed)
+        # (one budget for the task: its planning, every replan and its run spend it together)
+        spending = BudgetTracker(self.orchestra.settings.budget, None, name="this task's budget")
+        plan, note = self.plan(text, context=context, seed=seed, spending=spending)
         while True:
             self.show_plan(plan, note)
             answer = self.ask("[a]ccept · [e]dit · [r]eplan · [c]ancel > ")  # (Enter accepts; end of input cancels)
@@ -145,17 +148,19 @@ class ChatSession:
             elif verb in ("r", "replan"):
                 seed += 1
                 hint = f"{context}\nThe user asks for a different plan: {rest}".strip() if rest else context
-                plan, note = self.plan(text, context=hint, seed=seed, replan=True)
+                plan, note = self.plan(text, context=hint, seed=seed, spending=spending, replan=True)
             else:
                 self.console.print("answer a, e, r or c")
-        result = self.run(text, plan, context)
+        result = self.run(text, plan, context, spending)
         if result is not None:
             self.history.append(Turn(text, result))
 
-    def plan(self, text: str, *, context: str, seed: int, replan: bool = False) -> tuple[Plan, str]:
+    def plan(self, text: str, *, context: str, seed: int, spending: BudgetTracker | None = None,
+             replan: bool = False) -> tuple[Plan, str]:
         """Ask for a plan, with a progress line while the planner works, then what the planner's
-        calls cost (they are not part of the run that follows, nor of its record). A ``replan``
-        asks the planner even for a task simple enough for one step (the user asked for another plan)."""
+        calls cost (they are not part of the run that follows, nor of its record; ``spending``, the
+        task's budget, counts them). A ``replan`` asks the planner even for a task simple enough for
+        one step (the user asked for another plan)."""
         spent: list[UsageUpdated] = []
 
         def listen(event: Event) -> None:
@@ -167,7 +172,7 @@ class ChatSession:
             with self.console.status("planning…", spinner="dots") if self.interactive else contextlib.nullcontext():
                 if not self.interactive:
                     self.console.print("planning…")
-                return self.orchestra.plan(text, context=context, seed=seed,
+                return self.orchestra.plan(text, context=context, seed=seed, shared_budget=spending,
                                            **({"fast_path": False} if replan else {}))
         finally:  # (a planning that failed cost its requests too)
             remove()
@@ -215,14 +220,15 @@ class ChatSession:
             plan = candidate
             self.show_plan(plan, "")
 
-    def run(self, task: str, plan: Plan, context: str = "") -> RunResult | None:
-        """Run an accepted plan with the live view; Ctrl-C stops it and keeps the session."""
+    def run(self, task: str, plan: Plan, context: str = "", spending: BudgetTracker | None = None) -> RunResult | None:
+        """Run an accepted plan with the live view; Ctrl-C stops it and keeps the session.
+        ``spending``: the task's budget, which its planning spent from too."""
         orchestra = self.orchestra
         view = LiveView(self.console) if self.interactive else LogView(self.console.file)
         remove = orchestra.events.subscribe(view.listen)
         run_id = new_run_id()
         work = lambda: orchestra.arun(task, plan=plan, context=context, run_id=run_id,  # noqa: E731
-                                      meta={"kind": "chat"})
+                                      meta={"kind": "chat"}, shared_budget=spending)
         try:
             if isinstance(view, LiveView):
                 with view:

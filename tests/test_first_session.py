@@ -82,6 +82,23 @@ def test_chat_budget_spent_while_planning_names_no_run_to_resume(llm, tmp_path: 
     assert "orchestra resume" not in output and json.loads(cli("runs", "--json").stdout) == []
 
 
+def test_chat_max_calls_bounds_a_task_s_planning_and_its_run_together(llm, tmp_path: Path) -> None:
+    """--max-calls is the task's: three plannings (two replans) spent 3 of 6, so its run had 3 left (it
+    had 6 of its own, and the server saw 9 requests); the run is resumed with a higher limit."""
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("chat", "--pool", str(pool), "--max-calls", "6",
+               stdin="Write a report on the tides, then check it\nr\nr\na\n/quit\n")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 0 and "Traceback" not in output, output
+    assert llm.kinds == {"plan": 3, "expert": 3}, output
+    [run] = json.loads(cli("runs", "--json").stdout)
+    assert (f"error: run {run['id']} budget_exceeded: this task's budget max_calls=6 is spent (6 calls made); "
+            f"`orchestra resume {run['id']} --max-calls N`, N above it, goes on with it") in output
+    resumed = cli("resume", run["id"], "--max-calls", "40")
+    assert resumed.returncode == 0 and "The answer is 42" in resumed.stdout, resumed.stderr
+    assert llm.kinds["plan"] == 3 and llm.kinds["expert"] == 9  # (the 3 answered were replayed)
+
+
 def test_chat_edit_reports_unknown_commands_and_rewords_recruit_on_new_words(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     script = "Write a short report, then check it\ne\nsplit 1\nreword 1 Summarise the tidal records\ndone\na\n/quit\n"
