@@ -101,6 +101,9 @@ class StepSpec(_Strict):
         if self.aggregate is not None and self.agent is not None:  # (accepted, it did nothing)
             raise ValueError("a step with agent: has that one expert, so there is nothing to aggregate; "
                              "drop aggregate, or recruit several experts instead of naming one")
+        if self.recruit is not None and self.recruit.k == 1 and self.aggregate in ("synthesize", "refine"):
+            raise ValueError(f"a step that recruits one expert (k: 1) has nothing to {self.aggregate}; drop "
+                             "aggregate, or recruit more experts")  # (its one answer was the output all the same)
         return self
 
 

@@ -361,6 +361,14 @@ def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
     assert (done.returncode, done.stderr.split(": ", 2)[2].strip()) == (
         2, "steps.draft: a step with agent: has that one expert, so there is nothing to aggregate; drop aggregate, "
            "or recruit several experts instead of naming one")
+    alone = write(tmp_path, GOOD.replace("    agent: writer\n", "    recruit: {k: 1}\n    aggregate: refine\n"))
+    done = cli("validate", str(alone))
+    assert (done.returncode, done.stderr.split(": ", 2)[2].strip()) == (
+        2, "steps.draft: a step that recruits one expert (k: 1) has nothing to refine; drop aggregate, or recruit "
+           "more experts")
+    for kept in ("{k: 1}\n    aggregate: vote", "{k: 2}\n    aggregate: refine"):  # (a vote reads its one answer)
+        fine = write(tmp_path, GOOD.replace("    agent: writer\n", f"    recruit: {kept}\n"))
+        assert cli("validate", str(fine)).returncode == 0
 
 
 def test_a_setting_given_at_the_top_and_under_settings_is_refused(tmp_path: Path) -> None:
