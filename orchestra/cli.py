@@ -761,11 +761,14 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     """Accuracy, cost and time of a method on a labelled data set (or, with --sweep, of every method)."""
     from orchestra.agents import Pool
     from orchestra.datasets import load_dataset
-    from orchestra.evaluate import METHODS, aevaluate
+    from orchestra.evaluate import METHODS, aevaluate, check_output, html_page
     from orchestra.settings import assignments
 
     if plot is not None and not sweep:
         raise click.UsageError("--plot draws a sweep's frontier: add --sweep")
+    if plot is not None:  # (before the sweep is paid for)
+        check_output(plot, "the plot", "an earlier plot (an HTML page)", html_page, {"the data set": data},
+                     flag="--plot")
     if lambdas is not None and not sweep:  # (a plain eval would drop them: use --cost-lambda for one λ)
         raise click.UsageError("--lambdas are the points of a sweep: add --sweep (or give one λ with --cost-lambda)")
     if sweep and (method or output or resume):

@@ -185,6 +185,44 @@ def cost_cap(settings: Settings) -> str:
     return f", cap {usd_exact(cap)}/item" if cap is not None and settings.mode == "calibrated" else ""
 
 
+def check_output(path: Path, what: str, kind: str, earlier: Callable[[str], bool],
+                 precious: Mapping[str, str | Path | None], *, flag: str) -> None:
+    """Refuse to write ``what`` over one of the ``precious`` files (a data set, the run store...) or
+    over any file that is not an earlier one of its ``kind`` (``earlier`` reads its first line):
+    ``--output runs.db`` emptied the store, ``--output pool.yaml`` replaced the pool."""
+    if not path.exists():
+        return
+    for name, other in precious.items():
+        if other is not None and Path(other).exists() and path.samefile(other):
+            raise ConfigError(f"{what} would overwrite {name} {other}: give {flag} another file")
+    try:
+        with path.open("rb") as file:
+            first = file.readline(_FIRST_LINE).decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+    except OSError:  # (a folder, a file it cannot read: opening it for writing says why)
+        return
+    if first and not earlier(first):
+        raise ConfigError(f"{path} exists and is not {kind}: give {flag} a new file, or remove it first")
+
+
+#: the most of a file's first line read to tell what it holds
+_FIRST_LINE = 1 << 20
+
+
+def _answers_line(line: str) -> bool:
+    """Whether ``line`` is the first of an answers file: a JSON object (or the start of one too long to read)."""
+    if len(line) >= _FIRST_LINE - 1:
+        return line.startswith('{"')
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def html_page(line: str) -> bool:
+    """Whether ``line`` is the first of an HTML page (an earlier plot)."""
+    return line.lower().startswith(("<!doctype html", "<html"))
+
+
 async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None, limit: int | None = None,
                     output: Path | None = None, budget: Budget | None = None,
                     on_cancel: Callable[[EvalReport], None] | None = None, resume: bool = False,
@@ -242,9 +280,10 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     with contextlib.ExitStack() as stack:
         sink = None
         if output is not None:
-            if output.exists() and Path(dataset.path).exists() and output.samefile(dataset.path):
-                raise ConfigError(f"the answers would overwrite the data set {dataset.path}: give --output another "
-                                  "file")
+            store = orchestra.store.path if orchestra.store is not None else None
+            check_output(output, "the answers", "an earlier answers file (JSON Lines)", _answers_line,
+                         {"the data set": dataset.path, "the run store": store, "the pool file": orchestra.pool.source},
+                         flag="--output")
             try:
                 lines = stack.enter_context(output.open("w", encoding="utf-8"))
             except OSError as error:

@@ -432,6 +432,26 @@ def test_eval_refuses_to_overwrite_its_data_or_to_plot_nowhere_before_any_call(l
         f"error: cannot write the plot to {tmp_path / 'no' / 'such' / 'plot.html'}: no such folder, or no "
         "permission to write there\n")
     assert data.read_bytes() == kept and not server.requests
+    # the run store, the pool file, or any file that is not an earlier answers file or plot (they were emptied)
+    store = tmp_path / "runs.db"
+    assert cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--store", str(store)).returncode == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    files, asked = {path: path.read_bytes() for path in (store, pool, notes)}, len(server.requests)
+    for output, says in ((store, f"the answers would overwrite the run store {store}: give --output another file"),
+                         (pool, f"the answers would overwrite the pool file {pool}: give --output another file"),
+                         (notes, f"{notes} exists and is not an earlier answers file (JSON Lines): give --output a "
+                                 "new file, or remove it first")):
+        refused = cli("eval", "--pool", str(pool), "--data", str(data), "--store", str(store), "--output", str(output))
+        assert (refused.returncode, refused.stderr) == (2, f"error: {says}\n")
+    plotted = cli("eval", "--pool", str(pool), "--data", str(data), "--sweep", "--lambdas", "0", "--plot", str(notes))
+    assert (plotted.returncode, plotted.stderr) == (2, f"error: {notes} exists and is not an earlier plot (an HTML "
+                                                       "page): give --plot a new file, or remove it first\n")
+    assert {path: path.read_bytes() for path in files} == files and len(server.requests) == asked
+    answers = tmp_path / "answers.jsonl"  # an earlier answers file is written over
+    for _ in range(2):
+        again = cli("eval", "--pool", str(pool), "--data", str(data), "--no-store", "--output", str(answers))
+        assert again.returncode == 0 and len(answers.read_text().splitlines()) == 1, again.stderr
 
 
 @pytest.mark.parametrize("as_json", [True, False])
