@@ -11,6 +11,7 @@ import re
 import secrets
 import signal
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -536,6 +537,8 @@ class _Stream:
             run, index = self.live.popitem()
             if self.orc._going.get(run.run_id) is run:  # (started: free its id at once, for a resume)
                 self.orc._let_go(run)
+            else:  # (begun, not started: its claim on this loop ends)
+                self.orc._unclaim([run])
             run.cancel()
             stopped = self.orc._record_cancelled(run)
             stopped_ids.add(run.run_id)
@@ -608,6 +611,9 @@ class Orchestra:
         #: the runs going here, by id (one cannot be begun again while it goes)
         self._going: dict[str, Run] = {}
         self._going_loop: asyncio.AbstractEventLoop | None = None  # the event loop they go in
+        #: runs begun and not yet going (their loop is claimed: another thread's check must see them)
+        self._claimed: set[Run] = set()
+        self._claim_lock = threading.Lock()  # (the check and the claim as one step: threads may begin at once)
         self._last_unstored: RunResult | None = None  # with no store: the run that ended last
         if tracing:
             from orchestra.tracing import SpanRecorder
@@ -813,22 +819,42 @@ class Orchestra:
             if self._going.get(run.run_id, run) is not run:
                 raise ConfigError(f"run {run.run_id} is already running here; wait for it to end" + (
                     "" if resuming else ", or leave out run_id for a new run"))
-        going = self._going_loop  # (one loop for all the runs going: a scan of them ran for every run begun)
-        if self._running and going is not None and going is not asyncio.get_running_loop() and not going.is_closed():
-            raise ConfigError("this Orchestra is running runs in another event loop (another thread); give each "
-                              "thread its own Orchestra (they may share the pool and the store file), or run the "
-                              "tasks together in one loop (arun_many)")
+        self._claim(runs)
         if self.store is None:
             return
-        for run in runs:  # (Orchestras sharing one store object share its owner tag: the store cannot tell)
-            if self.store.going.get(run.run_id, self) is not self:
-                raise RunHeld(run.run_id, self.store.owner.rpartition(":")[0], 0.0)
-        self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs], force=force)
+        try:
+            for run in runs:  # (Orchestras sharing one store object share its owner tag: the store cannot tell)
+                if self.store.going.get(run.run_id, self) is not self:
+                    raise RunHeld(run.run_id, self.store.owner.rpartition(":")[0], 0.0)
+            self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs], force=force)
+        except BaseException:
+            self._unclaim(runs)
+            raise
         earlier = self.store.earlier_usage([run.run_id for run in runs])
         for run in runs:
             if run.run_id in earlier:
                 usage, answered = earlier[run.run_id]
                 run.ledger.budget.count(usage, calls=answered)
+
+    def _claim(self, runs: Sequence[Run]) -> None:
+        """Claim this event loop for ``runs`` (until each goes, or is given up), refusing one while
+        runs begun or going here belong to another loop (another thread's)."""
+        loop = asyncio.get_running_loop()
+        with self._claim_lock:
+            going = self._going_loop  # (one loop for all the runs going: a scan of them ran for every run begun)
+            if self._running or self._claimed:
+                if going is not None and going is not loop and not going.is_closed():
+                    raise ConfigError("this Orchestra is running runs in another event loop (another thread); give "
+                                      "each thread its own Orchestra (they may share the pool and the store file), "
+                                      "or run the tasks together in one loop (arun_many)")
+            else:
+                self._going_loop = loop
+            self._claimed.update(runs)
+
+    def _unclaim(self, runs: Iterable[Run]) -> None:
+        """``runs`` were begun here but will not go (their beginning failed, or they were given up)."""
+        with self._claim_lock:
+            self._claimed.difference_update(runs)
 
     async def _finish(self, run: Run) -> RunResult:
         self._hold(run)
@@ -839,9 +865,11 @@ class Orchestra:
 
     def _hold(self, run: Run) -> None:
         """Count ``run`` as going here, and in the store object (other Orchestras may share it)."""
-        if not self._running:
-            self._going_loop = run.future.get_loop()
-        self._running += 1
+        with self._claim_lock:
+            self._claimed.discard(run)
+            if not self._running:
+                self._going_loop = run.future.get_loop()
+            self._running += 1
         self._going[run.run_id] = run
         if self.store is not None:
             self.store.going[run.run_id] = self
@@ -850,7 +878,8 @@ class Orchestra:
     def _let_go(self, run: Run) -> None:
         """``run`` has ended (or was given up): it is no longer going here; with none going, the
         heartbeat stops (left sleeping, a loop closed without ``aclose`` destroyed it pending)."""
-        self._running -= 1
+        with self._claim_lock:
+            self._running -= 1
         if self._going.get(run.run_id) is run:
             del self._going[run.run_id]
         if self.store is not None and self.store.going.get(run.run_id) is self:

@@ -360,6 +360,40 @@ def test_one_orchestra_in_two_threads_at_once_is_refused_before_any_call(tmp_pat
     assert sum(len(model.requests) for model in models.values()) == sent
 
 
+def test_two_threads_beginning_runs_at_once_on_one_orchestra_the_second_is_refused(tmp_path: Path) -> None:
+    """Both threads passed the check while the first wrote its run's beginning (SQLite lets go of the
+    GIL), then both runs failed with an internal error, or the process hung (found by a trial)."""
+    import threading
+
+    from orchestra.errors import ConfigError
+
+    pool, _ = scripted_pool(2)
+    orc = Orchestra(pool, store=tmp_path / "runs.db", k=1)
+    assert orc.store is not None
+    writing, gate = threading.Event(), threading.Event()
+    begin_runs = orc.store.begin_runs
+
+    def held_begin(*args: object, **kwargs: object) -> None:
+        if not writing.is_set():  # the first thread's beginning: held while the second one begins
+            writing.set()
+            gate.wait(10)
+        begin_runs(*args, **kwargs)
+
+    orc.store.begin_runs = held_begin  # type: ignore[method-assign]
+    results: list[str] = []
+    first = threading.Thread(target=lambda: results.append(orc.run("question 1", plan=False).status))
+    first.start()
+    assert writing.wait(10)
+    try:
+        with pytest.raises(ConfigError, match="this Orchestra is running runs in another event loop"):
+            orc.run("question 2", plan=False)
+    finally:
+        gate.set()
+        first.join(10)
+    assert results == ["done"] and [run.task for run in orc.store.runs()] == ["question 1"]
+    assert orc.run("question 3", plan=False).status == "done"  # (its loop has ended: another may go)
+
+
 def test_the_heartbeat_ends_with_the_last_run_and_async_listeners_are_refused(tmp_path: Path) -> None:
     """A loop closed without aclose destroyed the heartbeat task pending ("Task was destroyed but it
     is pending!"), and an async listener was called, never awaited, once per event."""
