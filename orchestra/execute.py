@@ -60,6 +60,7 @@ from orchestra.models import ChatRequest, ChatResult, HeavyModel, Model, Usage, 
 from orchestra.models.base import (
     cancel_listener,
     downgrade_listener,
+    generations,
     model_identity,
     repair_admission,
     retry_listener,
@@ -758,6 +759,15 @@ class Executor:
             return True
 
         asked = still_wanted.set(wanted)
+        # an engine generating one request at a time: a call whose task stops has its generation stopped
+        # (left to run, a long answer held the engine for minutes, and the next calls waited behind it)
+        running: dict[int, asyncio.Task[Any]] = {}
+        stoppers = [] if getattr(model, "concurrent", True) else [
+            (call.waiter.future, partial(self._stop_generation, running, index, unsent))
+            for index, call in enumerate(group)]
+        for future, stop in stoppers:
+            future.add_done_callback(stop)
+        stopping = generations.set(running if stoppers else None)
 
         def reserve_repair(request: ChatRequest, repair: ChatRequest, spent: Usage) -> None:
             # (repairs are rare: no index kept; a call settled already holds nothing)
@@ -812,10 +822,23 @@ class Executor:
             downgrade_listener.reset(dropped)
             cancel_listener.reset(cancelled)
             still_wanted.reset(asked)
+            generations.reset(stopping)
+            for future, stop in stoppers:
+                future.remove_done_callback(stop)
             repair_admission.reset(repairing)
         self.events.emit(BatchFinished(batch=batch, model=model.name, size=len(group), failed=failed,
                                        seconds=time.perf_counter() - started))
         return lost
+
+    @staticmethod
+    def _stop_generation(running: dict[int, asyncio.Task[Any]], index: int, unsent: set[int],
+                         _: asyncio.Future[Any]) -> None:
+        """The task waiting for a batch's call ``index`` stopped (or has its answers): a generation
+        still running for it is stopped (its request is recorded as cut off, as the endpoint got it)."""
+        generation = running.get(index)
+        if generation is not None and not generation.done():
+            unsent.add(index)  # (its outcome comes back as a cancellation: nothing more to record)
+            generation.cancel()
 
     def _finish_all(self, answered: list[tuple[_Call, Outcome]]) -> None:
         """Commit answers to their runs' journals, one transaction per journal, and only then hand

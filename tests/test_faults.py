@@ -24,7 +24,8 @@ from test_cli import cli
 from orchestra import Orchestra
 from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, RunHeld, StoreError
 from orchestra.hints import cli_message
-from orchestra.models import ChatRequest, OpenAICompatible
+from orchestra.models import ChatRequest, ChatResult, OpenAICompatible, Usage
+from orchestra.models.base import ModelBase
 from orchestra.store import APPLICATION_ID, LEASE_SECONDS, PAGE_SIZE, SCHEMA_VERSION, RunStore
 from orchestra.testing import Reply, chat_handler, error_reply, openai_reply
 
@@ -493,3 +494,70 @@ def test_an_on_answer_text_that_raises_is_warned_about_and_the_run_answers(loopb
     with pytest.warns(RuntimeWarning, match=r"on_answer_text failed \(RuntimeError: text boom\); the run goes on"):
         result = Orchestra(pool, store=False).run("Why is the sky blue?", plan=False, on_answer_text=fails)
     assert result.status == "done" and result.answer and result.usage.requests == len(server.requests)
+
+
+
+class EndlessEngine(ModelBase):
+    """An in-process engine (one generation at a time): an expert's generation for a task saying
+    "endless" never ends until it is stopped; the others answer at once."""
+
+    heavy = True
+    is_test_double = True
+    concurrent = False
+
+    def __init__(self, name: str) -> None:
+        self.name, self.memory_bytes, self._loaded = name, 1, False
+        self.generating: asyncio.Event | None = None
+        self.stopped = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    async def load(self) -> float:
+        self._loaded = True
+        return 0.0
+
+    async def unload(self) -> None:
+        self._loaded = False
+
+    async def _generate(self, request: ChatRequest) -> ChatResult:
+        prompt = request.prompt_text()
+        if "endless" in prompt and KEYWORDS_MARK not in prompt:
+            assert self.generating is not None
+            self.generating.set()
+            try:
+                await asyncio.Event().wait()  # (a long answer: it ends only when stopped)
+            except asyncio.CancelledError:
+                self.stopped += 1
+                raise
+        return ChatResult(text="The answer is 4", model=self.name, usage=Usage(requests=1))
+
+
+@pytest.mark.timeout(60)
+def test_a_run_cancelled_while_an_engine_generates_its_call_stops_that_generation(tmp_path: Path) -> None:
+    """The generation went on to its end (600 tokens, minutes on the embedded model), and the next
+    run's calls waited behind it: the engine's batch was cancelled only when the Orchestra closed
+    (found by a trial, with `orchestra serve` and a client that gave up)."""
+    from orchestra import Agent, Pool
+
+    engine = EndlessEngine("engine")
+    orc = Orchestra(Pool(agents=[Agent(name="a", model=engine)], planner=engine), store=tmp_path / "runs.db", k=1)
+
+    async def main() -> str:
+        engine.generating = asyncio.Event()
+        endless = asyncio.ensure_future(orc.arun("An endless question?", plan=False, run_id="endless"))
+        await engine.generating.wait()
+        endless.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await endless
+        # the engine is free at once: the next run is answered (it waited for ever behind the first)
+        after = await asyncio.wait_for(orc.arun("What is 2 + 2?", plan=False), 30)
+        return after.status
+
+    assert asyncio.run(main()) == "done"
+    assert engine.stopped == 1
+    assert orc.store is not None
+    [cut] = [call for call in orc.store.calls("endless") if call["purpose"] == "expert"]
+    assert (cut["status"], cut["requests"]) == ("error", 1)  # (the engine got it: counted, to send again on resume)
+    assert "cancelled while its request was in flight" in cut["error"]

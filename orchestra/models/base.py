@@ -85,6 +85,13 @@ def admit_repair(request: ChatRequest, repair: ChatRequest, spent: Usage) -> Non
 still_wanted: ContextVar[Callable[[int], bool] | None] = ContextVar("still_wanted", default=None)
 
 
+#: Set by the executor around a batch of an engine that generates one request at a time: the
+#: generation running for a batch index, so that a call whose caller stops meanwhile (a run
+#: cancelled, a client gone) has it cancelled, and the engine goes on with the next request.
+generations: ContextVar[dict[int, asyncio.Task[ChatResult | Exception]] | None] = ContextVar(
+    "generations", default=None)
+
+
 def _unsent(model: str) -> CallCancelled:
     return CallCancelled(f"{model}: cancelled before its request was sent")
 
@@ -173,8 +180,14 @@ class ModelBase(abc.ABC):
         """Yield ``(index, result or error)`` as each request finishes."""
         wanted = still_wanted.get()
         if not self.concurrent:
+            running = generations.get()
             for index, request in enumerate(requests):
-                yield index, (await self._settle(request) if wanted is None or wanted(index) else _unsent(self.name))
+                if wanted is not None and not wanted(index):
+                    yield index, _unsent(self.name)
+                elif running is None:
+                    yield index, await self._settle(request)
+                else:
+                    yield index, await self._stoppable(request, index, running)
             return
         finished: asyncio.Queue[Outcome] = asyncio.Queue()
         waiting = iter(enumerate(requests))
@@ -201,6 +214,24 @@ class ModelBase(abc.ABC):
         A remote model says its endpoint's limit, so a batch of thousands is not thousands of tasks
         queued on the endpoint's semaphore."""
         return None
+
+    async def _stoppable(self, request: ChatRequest, index: int,
+                         running: dict[int, asyncio.Task[ChatResult | Exception]]) -> ChatResult | Exception:
+        """``_settle(request)`` as a task listed in ``running`` under ``index`` while it runs; stopped
+        (cancelled) there, its outcome is ``CallCancelled``."""
+        generation = asyncio.ensure_future(self._settle(request))
+        running[index] = generation
+        try:
+            await asyncio.wait((generation,))
+        except asyncio.CancelledError:  # the batch itself: its generation stops too, and is waited for
+            generation.cancel()
+            await asyncio.wait((generation,))
+            raise
+        finally:
+            running.pop(index, None)
+        if generation.cancelled():
+            return CallCancelled(f"{self.name}: its generation was stopped: its call was cancelled")
+        return generation.result()
 
     async def _settle(self, request: ChatRequest) -> ChatResult | Exception:
         try:
