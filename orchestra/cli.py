@@ -532,9 +532,12 @@ def validate(workflow: Path) -> None:
     kind = "plan: auto" if flow.spec.plan == "auto" else f"{len(flow.spec.steps)} step(s)"
     if flow.spec.dataset is not None:  # its data set is read as a run would read it
         from orchestra.datasets import load_dataset
+        from orchestra.grading import check_grader, get_grader
 
-        items = len(load_dataset(flow.path.parent / flow.spec.dataset.path))
-        limit = flow.spec.dataset.limit
+        dataset = load_dataset(flow.path.parent / flow.spec.dataset.path)
+        items, limit = len(dataset.items), flow.spec.dataset.limit
+        check_grader(get_grader(flow.spec.dataset.grader or flow.settings().grader), dataset.items[:limit],
+                     dataset.path)  # (as a run would: one that could grade no answer correct is refused)
         kind += f", a data set of {items} item(s)"
         if limit and limit < items:
             kind += f", the first {limit} run (limit)"

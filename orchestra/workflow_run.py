@@ -24,7 +24,7 @@ from orchestra.evaluate import (
     loads_since,
     nothing_to_resume,
 )
-from orchestra.grading import answer_format, get_grader
+from orchestra.grading import answer_format, check_grader, get_grader
 from orchestra.result import RunResult
 from orchestra.settings import RunSpec, Settings, WorkflowRef
 from orchestra.store import RunRecord
@@ -97,6 +97,8 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     dataset = load_dataset(workflow.path.parent / spec.path)
     items = dataset.items[: spec.limit] if spec.limit else dataset.items
     orc = orchestra or orchestra_for(workflow)
+    grading = get_grader(grader or spec.grader or orc.settings.grader)
+    check_grader(grading, items, dataset.path)  # (before any call is paid for: every answer would count wrong)
     shared = BudgetTracker(orc.settings.budget, None)
     per_run = orc.settings.budget.model_dump()  # each run may spend as much, within the whole
 
@@ -120,7 +122,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
                 **options, "budget": per_run, "seed": item_seed(orc.settings.seed, item.id),
                 **({"run_id": going_on} if isinstance(going_on, str) else {})})
 
-    tally = Tally(get_grader(grader or spec.grader or orc.settings.grader))
+    tally = Tally(grading)
     for index, finished in sorted(earlier.items()):
         if isinstance(finished, RunResult):
             tally.add(index, items[index], finished)

@@ -599,6 +599,16 @@ def test_a_given_grader_grades_a_data_set_workflow(loopback_pool, tmp_path: Path
     assert accuracy("--set", "grader=exact") == 0.0
     flow.write_text(flow.read_text().replace("{path: quiz.jsonl}", "{path: quiz.jsonl, grader: exact}"))
     assert accuracy() == 0.0 and accuracy("--grader", "numeric") == 1.0  # the flag wins over the file
+    # a grader that could grade no item correct (mc without choices) is refused before any call, as eval does
+    # (the run paid for every item and graded each wrong; validate said ok)
+    sent = sum(scripted.kinds.values())
+    refused = cli("run", str(flow), "--grader", "mc")
+    says = (f"error: the mc grader cannot grade item q0 of {tmp_path / 'quiz.jsonl'}: its answer '42' is not the "
+            "letter of a choice (it has no choices); choose another grader (auto picks one per item)\n")
+    assert (refused.returncode, refused.stderr) == (2, says)
+    flow.write_text(flow.read_text().replace("grader: exact", "grader: mc"))
+    assert (cli("validate", str(flow)).stderr, cli("run", str(flow)).stderr) == (says, says)
+    assert sum(scripted.kinds.values()) == sent
 
 
 def stopped_after_step_a(loopback, tmp_path: Path) -> tuple[Any, Path, str]:
