@@ -14,7 +14,7 @@ from orchestra.budget import BudgetTracker
 from orchestra.core import Orchestra, new_run_id, run_interruptibly
 from orchestra.errors import OrchestraError
 from orchestra.events import Event, UsageUpdated
-from orchestra.hints import cli_message
+from orchestra.hints import cli_message, command
 from orchestra.money import usd
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
@@ -240,8 +240,8 @@ class ChatSession:
             if orchestra.store is None:
                 self.console.print("task cancelled (no run store: nothing was kept)")
             elif self.last is not None:
-                self.console.print(f"task cancelled; its finished calls are saved: `orchestra resume {run_id}` "
-                                   "finishes it")
+                self.console.print(f"task cancelled; its finished calls are saved: `{command('resume', run_id)}` "
+                                   "finishes it", markup=False)
             else:
                 self.console.print("task cancelled before it started")
             return None

@@ -15,6 +15,7 @@ import click
 
 from orchestra import __version__
 from orchestra.errors import ConfigError, OrchestraError
+from orchestra.hints import advise_store, command
 from orchestra.money import usd, usd_exact
 from orchestra.vocabulary import METHOD_NAMES
 
@@ -310,6 +311,7 @@ def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
         if store_path is not None:  # (the record asked for would silently not be kept)
             raise click.UsageError("--store and --no-store contradict each other; give one")
         return False
+    advise_store(store_path)
     return RunStore(store_path) if store_path else True
 
 
@@ -319,6 +321,7 @@ def existing_store(store_path: Path | None) -> RunStore:
     from orchestra.store import RunStore
 
     refuse_missing_store(store_path)
+    advise_store(store_path)
     return RunStore(store_path)
 
 
@@ -418,7 +421,7 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
         else:
             result = run_interruptibly(run(run_id))
     except KeyboardInterrupt:
-        saved = (f"its finished calls are saved; `orchestra resume {run_id}` finishes it" if orc.store is not None
+        saved = (f"its finished calls are saved; `{command('resume', run_id)}` finishes it" if orc.store is not None
                  else "nothing was kept (--no-store)")
         if opts["as_json"]:  # still one JSON object on stdout: the run as it was recorded when it stopped
             stopped = orc.ended(run_id)
@@ -634,6 +637,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
         refuse_missing_store(store_path)
     # every answer is recorded as it comes (in the store's cache, apart from the runs' entries), so an
     # interrupted profile loses nothing: --resume reads them back
+    advise_store(store_path)
     store = None if no_store else RunStore(store_path)
     if store is not None and store.read_only:
         raise ConfigError(f"the run store {store.path} is read-only, and profile records its answers there as they "

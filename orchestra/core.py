@@ -50,6 +50,7 @@ from orchestra.errors import (
 from orchestra.events import Event, EventBus
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader
+from orchestra.hints import command
 from orchestra.matching import MatcherSpec, SkillMatcher, matcher_spec
 from orchestra.pipeline.scheduler import CANCELLED_BY_USER, NodeSettings, Outputs, Run, Stages
 from orchestra.plan import Plan, PlanInvalid, validate_plan
@@ -722,7 +723,7 @@ class Orchestra:
         if record.id == run_id and record.task != task:
             shown = record.task if len(record.task) <= 60 else record.task[:57] + "..."
             raise ConfigError(f"run {run_id} answers another task ({shown!r}); leave out run_id for a new run, "
-                              f"or resume that one (orchestra resume {run_id})")
+                              f"or resume that one ({command('resume', run_id)})")
 
     def run_settings(self, overrides: Mapping[str, Any]) -> Settings:
         """This Orchestra's settings with a run's ``overrides`` on top; settings of the executor

@@ -7,6 +7,7 @@ the advice a shell user can act on (``--max-calls``, ``--store``, ``orchestra re
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,27 @@ if TYPE_CHECKING:
 BUDGET_FLAGS = {"max_calls": "--max-calls", "max_cost_usd": "--max-cost", "max_tokens": "--max-tokens"}
 
 
+#: `` --store PATH`` when this command reads a store other than the default one (see ``advise_store``)
+_store_flag = ""
+
+
+def advise_store(path: Path | str | None) -> None:
+    """Have the commands the advice names read the store at ``path`` (a ``--store`` given): a resume
+    copied from a message looked in the default store and found no such run."""
+    global _store_flag
+    from orchestra.store import default_store_path
+
+    given = Path(path).resolve() if path is not None else None
+    default = given is None or given == default_store_path().resolve()
+    _store_flag = "" if default else f" --store {shlex.quote(str(given))}"
+
+
+def command(verb: str, run_id: str = "", *flags: str) -> str:
+    """``orchestra VERB RUN_ID [--store PATH] FLAGS``: a command to copy from a message."""
+    return " ".join(word for word in (f"orchestra {verb}", run_id) if word) + _store_flag + "".join(
+        f" {flag}" for flag in flags)
+
+
 def _raise_budget(limit: str, run_id: str | None, stored: bool = True, evaluation: bool = False) -> str:
     if evaluation:  # the budget of an `orchestra eval`: its flags are the only place it is set
         return (f"raise it with {BUDGET_FLAGS[limit]} and run the evaluation again"
@@ -31,7 +53,7 @@ def _raise_budget(limit: str, run_id: str | None, stored: bool = True, evaluatio
         return (f"raise budget.{limit} in the workflow (or {BUDGET_FLAGS[limit]}) and run it again with --resume "
                 "(finished items are kept)")
     # (a resume keeps the run's recorded budget: the workflow file's is not read again, even with --reload)
-    return (f"`orchestra resume {run_id} {BUDGET_FLAGS[limit]} N`, N above it, goes on with it "
+    return (f"`{command('resume', run_id, BUDGET_FLAGS[limit], 'N')}`, N above it, goes on with it "
             "(a resume keeps its budget)")
 
 
@@ -66,8 +88,8 @@ _MESSAGES: dict[type[OrchestraError], Callable[[Any], str]] = {
     StoreUnusable: lambda error: f"{error.problem}; {error.remedy(_other_store(error.path))}",
     RunHeld: lambda error: (f"{error.problem}; {running_advice(error.pid, '--force')}" if error.running else
                             f"{error.problem}; wait for it to end, or if that process is gone, "
-                            f"`orchestra resume {error.run_id} --force`"),
-    RunNotFound: lambda error: f"{error.problem}; `orchestra runs` lists them",
+                            f"`{command('resume', error.run_id, '--force')}`"),
+    RunNotFound: lambda error: f"{error.problem}; `{command('runs')}` lists them",
 }
 
 
@@ -90,7 +112,7 @@ def run_hint(result: RunResult, *, stored: bool = True) -> str | None:
     if result.status == "budget_exceeded":
         return budget_hint(result.error or "", result.run_id, stored=stored)
     if stored and result.user_error and RENDER_FAILED in (result.error or ""):
-        return f"fix the workflow, then `orchestra resume {result.run_id} --reload` (its answers are kept)"
+        return f"fix the workflow, then `{command('resume', result.run_id, '--reload')}` (its answers are kept)"
     return None
 
 

@@ -36,7 +36,7 @@ from orchestra.budget import Budget, BudgetTracker, RunAdmission
 from orchestra.core import Orchestra, check_task, new_run_id
 from orchestra.errors import ConfigError
 from orchestra.events import Event
-from orchestra.hints import BUDGET_FLAGS
+from orchestra.hints import BUDGET_FLAGS, command
 from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import (
     ChunkWriter,
@@ -489,14 +489,14 @@ def base_url(host: str, port: int) -> str:
 def _kept(run_id: str, stored: bool) -> str:
     """How to finish a request's run that did not: resume it, or (with no store) nothing to resume."""
     if stored:
-        return f"run {run_id} is saved: `orchestra resume {run_id}` finishes it"
+        return f"run {run_id} is saved: `{command('resume', run_id)}` finishes it"
     return f"run {run_id} was not saved (the server runs with --no-store)"
 
 
 def _cancelled(run: asyncio.Task[RunResult], stored: bool) -> WireError:
     """The error of a run the server cancelled (a second Ctrl-C, or its shutdown)."""
     run_id = run.run_id  # type: ignore[attr-defined]
-    then = (f"`orchestra resume {run_id}` finishes it" if stored
+    then = (f"`{command('resume', run_id)}` finishes it" if stored
             else "it was not saved (the server runs with --no-store)")
     return WireError(503, f"the server is shutting down and cancelled run {run_id}; {then}")
 
@@ -505,7 +505,7 @@ def _diverged(result: RunResult, stored: bool) -> dict[str, Any]:
     """The last event of a stream whose text the answer does not begin with (the call writing it
     broke off mid-stream and its retry wrote otherwise): an error naming the run, the whole answer
     beside it (``answer``), since a stream cannot take back the text it sent."""
-    stored_too = f" and in run {result.run_id} (orchestra show {result.run_id})" if stored else ""
+    stored_too = f" and in run {result.run_id} ({command('show', result.run_id)})" if stored else ""
     body = WireError(502, "the call writing the answer broke off mid-stream and its retry wrote another answer, "
                           f"so the text streamed is not the answer; the answer is under 'answer' here{stored_too}",
                      code="answer_rewritten").body()
@@ -531,8 +531,9 @@ def _failure(result: RunResult, stored: bool, served: ServedModel) -> WireError 
             preset = served.kind == "preset" and limit in served.settings.changes().get("budget", {})
             bound = (f"model {served.id!r} is a preset that sets budget.{limit}" if preset
                      else f"each request's run has the server's {flag} (budget.{limit} in its settings)")
-            kept = (f"run {result.run_id} is saved and keeps its budget: `orchestra resume {result.run_id} {flag} N`, "
-                    f"N above it, goes on with it ({bound})") if stored else f"{bound}; {kept}"
+            resume = command("resume", result.run_id, flag, "N")
+            kept = (f"run {result.run_id} is saved and keeps its budget: `{resume}`, N above it, goes on with it "
+                    f"({bound})") if stored else f"{bound}; {kept}"
         return WireError(429, f"budget exhausted: {reason}; {kept}", code="insufficient_quota")
     if result.status == "cancelled":
         return WireError(503, f"the run was cancelled: {reason}; {kept}")

@@ -693,6 +693,28 @@ def test_exit_codes_budget_and_resume_hint(llm, tmp_path: Path) -> None:
     assert sum(llm.kinds.values()) - before == 13 - 3  # the three recorded calls were not sent again
 
 
+def test_advice_given_with_store_names_that_store_and_works_as_printed(llm, tmp_path: Path) -> None:
+    """The resume a message named looked in the default store: `no run 'ID' in ~/.orchestra/runs.db`
+    (found by a trial, with ask, run, Ctrl-C and serve)."""
+    import shlex
+
+    pool = write_pool(tmp_path, llm.server.url)
+    other = tmp_path / "my folder" / "other.db"  # (a space: the path is quoted to be copied)
+    done = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--max-calls", "3",
+               "--store", str(other))
+    assert done.returncode == 3
+    run_id = json.loads(cli("runs", "--store", str(other), "--json").stdout)[0]["run_id"]
+    advice = f"`orchestra resume {run_id} --store {shlex.quote(str(other))} --max-calls N`, N above it"
+    assert advice in done.stderr, done.stderr
+    copied = shlex.split(advice.split("`")[1].replace(" N", " 100"))[1:]
+    resumed = cli(*copied)
+    assert resumed.returncode == 0 and "The answer is 42" in resumed.stdout, resumed.stderr
+    missing = cli("show", "nosuchrun", "--store", str(other))
+    assert missing.stderr.endswith(f"`orchestra runs --store {shlex.quote(str(other))}` lists them\n"), missing.stderr
+    default = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--max-calls", "3")
+    assert "--store" not in default.stderr and "`orchestra resume " in default.stderr  # (the default store: as it was)
+
+
 def test_a_budget_stop_without_a_store_does_not_offer_a_resume(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     for json_flag in ([], ["--json"]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -78,3 +79,20 @@ def test_k_at_its_cap_is_served_and_one_above_is_a_400() -> None:
         assert client.post("/v1/chat/completions", json={**ask, "k": 16}).status_code == 200
         over = client.post("/v1/chat/completions", json={**ask, "k": 17})
         assert over.status_code == 400 and over.json()["error"]["param"] == "k"
+
+
+def test_a_served_run_s_advice_names_the_store_the_server_was_given(tmp_path: Path) -> None:
+    """`orchestra serve --store F` answered "`orchestra resume R` finishes it", which looked in the default store."""
+    from orchestra import hints
+
+    served = ServedModel("orchestra", "orchestra", Settings())
+    failed = RunResult(run_id="r1", task="t", status="failed", error="boom")
+    hints.advise_store(tmp_path / "served.db")
+    try:
+        failure = _failure(failed, True, served)
+        assert failure is not None and failure.message.endswith(
+            f"run r1 is saved: `orchestra resume r1 --store {tmp_path / 'served.db'}` finishes it")
+    finally:
+        hints.advise_store(None)
+    failure = _failure(failed, True, served)
+    assert failure is not None and failure.message.endswith("run r1 is saved: `orchestra resume r1` finishes it")
