@@ -53,7 +53,7 @@ from orchestra.grading import Grader
 from orchestra.hints import command
 from orchestra.matching import MatcherSpec, SkillMatcher, matcher_spec
 from orchestra.pipeline.scheduler import CANCELLED_BY_USER, NodeSettings, Outputs, Run, Stages
-from orchestra.plan import Plan, PlanInvalid, validate_plan
+from orchestra.plan import Plan, PlanInvalid, Subtask, validate_plan
 from orchestra.prompts import MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
@@ -302,6 +302,7 @@ def _given_plan(plan: Any) -> Plan | bool | None:
     if plan is None or isinstance(plan, bool):
         return plan
     if isinstance(plan, dict):
+        _known_fields(plan)
         try:
             plan = Plan.model_validate(plan)
         except ValidationError as error:
@@ -311,6 +312,20 @@ def _given_plan(plan: Any) -> Plan | bool | None:
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a Plan (or its dict), True or False, not {type(plan).__name__} {plan!r:.40}")
     return plan
+
+
+def _known_fields(plan: dict[str, Any]) -> None:
+    """Refuse a field a given plan's dict names that a plan has not (a typo, ``dependson``, was
+    dropped without a word: its step ran with no dependencies)."""
+    subtasks = plan.get("subtasks")
+    steps = enumerate(subtasks) if isinstance(subtasks, list) else ()
+    fields = [(plan, Plan.model_fields, "plan"), *((subtask, Subtask.model_fields, f"plan: subtasks.{index}")
+                                                   for index, subtask in steps if isinstance(subtask, dict))]
+    for given, known, where in fields:
+        unknown = [str(name) for name in given if name not in known]
+        if unknown:
+            what = "plan" if given is plan else "step"
+            raise ConfigError(f"{where}: unknown field {unknown[0]!r}; a {what} has {', '.join(known)}")
 
 
 def _given_graph(plan: Plan) -> Dag:
@@ -323,6 +338,12 @@ def _given_graph(plan: Plan) -> Dag:
         for subtask in plan.subtasks:
             for skill in subtask.skills:
                 _check_text(skill, f"plan: subtask {subtask.id!r}'s skill {skill!r}")
+    for subtask in plan.subtasks:  # (a blank step was sent to k experts, each asked nothing)
+        try:
+            check_task(subtask.instruction)
+        except ConfigError as error:
+            raise ConfigError(f"plan: subtask {subtask.id!r}'s instruction {str(error).removeprefix('the task ')}"
+                              ) from None
     try:
         return validate_plan(plan, max_nodes=len(plan.subtasks))
     except PlanInvalid as error:

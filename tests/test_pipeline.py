@@ -291,6 +291,17 @@ async def _first(results: Any) -> Any:
         {"id": "a", "instruction": "x", "skills": ["math", "caf\udce9"]}]}),
      "plan: subtask 'a''s skill 'caf\\udce9' is not valid Unicode: character 4 is a lone surrogate ('\\udce9'); "
      "send UTF-8 text (on a command line: bytes that are not UTF-8 in this locale)"),
+    # a given plan's step: blank or unreadable, or a field a plan has not, was run (9 requests each) or dropped
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [{"id": "a", "instruction": "  "}]}),
+     "plan: subtask 'a''s instruction is empty"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [{"id": "a", "instruction": "\x00\x01"}]}),
+     "plan: subtask 'a''s instruction has no visible character (only control characters such as NUL, and spaces)"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [
+        {"id": "a", "instruction": "x"}, {"id": "b", "instruction": "y", "dependson": ["a"]}]}),
+     "plan: subtasks.1: unknown field 'dependson'; a step has id, instruction, depends_on, skills"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [{"id": "a", "instruction": "x"}],
+                                                               "note": "draft"}),
+     "plan: unknown field 'note'; a plan has subtasks"),
     (lambda pool: Orchestra(pool, store=False).run("x" * 500_001), "the task is 500,001 characters; at most "
      "500,000 fit Orchestra's prompts (the planner's holds the task twice): shorten it"),
     (lambda pool: Orchestra(pool, store=False).run_many("abc"),
