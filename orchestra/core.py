@@ -799,14 +799,18 @@ class Orchestra:
         spec = RunSpec(task=task, settings=settings, plan=plan if isinstance(plan, Plan) else None,
                        answer_format=answer_format, context=context, workflow=workflow, meta=meta or {},
                        pool=str(source.resolve()) if source else None, answer=answer or AnswerOptions(),
-                       pinned=self._known_experts(experts or {}))
+                       pinned=self._known_experts(experts or {}, nodes=(
+                           [subtask.id for subtask in plan.subtasks] if isinstance(plan, Plan)
+                           else [Plan.single(task).subtasks[0].id] if plan is False else None)))
         run = self._run(spec, run_id or new_run_id(), shared_budget=shared_budget, node_settings=node_settings,
                         final=final)
         run.given_graph = graph  # checked here: the planner does not check it again
         return run
 
-    def _known_experts(self, experts: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-        """Experts fixed per node, each an agent of the pool."""
+    def _known_experts(self, experts: Mapping[str, Sequence[str]], *,
+                       nodes: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Experts fixed per node, each an agent of the pool; ``nodes``: the run's node ids where they
+        are known before it runs (a given plan, or none), so a node misnamed is refused, not ignored."""
         if not isinstance(experts, Mapping):
             raise ConfigError(f"experts must map node ids to lists of agent names ({{'answer': ['coder']}}), "
                               f"not {type(experts).__name__} {experts!r:.40}")
@@ -814,9 +818,14 @@ class Orchestra:
             if isinstance(names, str) or not isinstance(names, Sequence):
                 raise ConfigError(f"experts[{node!r}] must be a list of agent names ([{names!r:.40}]), "
                                   f"not {type(names).__name__} {names!r:.40}")
+            if nodes is not None and node not in nodes:
+                raise ConfigError(f"experts[{node!r}]: the run has no node {node!r}; its nodes: {', '.join(nodes)}")
+            if not names:
+                raise ConfigError(f"experts[{node!r}] names no agent; give a list of agents of pool "
+                                  f"{self.pool.name!r}: {', '.join(self.pool.names)}")
             unknown = [name for name in names if name not in self.pool]
-            if unknown or not names:
-                raise ConfigError(f"experts: {', '.join(unknown) or 'none given'} not agents of pool "
+            if unknown:
+                raise ConfigError(f"experts: {', '.join(unknown)} not agents of pool "
                                   f"{self.pool.name!r}; agents: {', '.join(self.pool.names)}")
         return {node: list(names) for node, names in experts.items()}
 

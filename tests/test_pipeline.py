@@ -302,6 +302,16 @@ async def _first(results: Any) -> Any:
     (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [{"id": "a", "instruction": "x"}],
                                                                "note": "draft"}),
      "plan: unknown field 'note'; a plan has subtasks"),
+    # experts for a node the run has not (a typo) ran without them; none at all said "none given not agents"
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan=False, experts={"answr": ["agent1"]}),
+     "experts['answr']: the run has no node 'answr'; its nodes: answer"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [{"id": "a", "instruction": "x"}]},
+                                                   experts={"b": ["agent1"]}),
+     "experts['b']: the run has no node 'b'; its nodes: a"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan=False, experts={"answer": []}),
+     "experts['answer'] names no agent; give a list of agents of pool 'pool': agent0, agent1, agent2, agent3"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan=False, experts={"answer": ["agent9"]}),
+     "experts: agent9 not agents of pool 'pool'; agents: agent0, agent1, agent2, agent3"),
     (lambda pool: Orchestra(pool, store=False).run("x" * 500_001), "the task is 500,001 characters; at most "
      "500,000 fit Orchestra's prompts (the planner's holds the task twice): shorten it"),
     (lambda pool: Orchestra(pool, store=False).run_many("abc"),
