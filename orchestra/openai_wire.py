@@ -165,7 +165,10 @@ def _text(content: Any, where: str) -> str:
         raise bad_request(f"{where} must be a string or a list of text parts", where)
     texts = []
     for index, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        if isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}[{index}] is a text part without its text (a string under 'text')",
+                              f"{where}[{index}].text")
+        if not isinstance(part, dict) or part.get("type") != "text":
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise bad_request(f"{where}[{index}] is {kind!r}: only text content is supported", f"{where}[{index}]")
         texts.append(part["text"])

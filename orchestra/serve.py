@@ -558,6 +558,9 @@ def served_models(pool: Pool, presets: Mapping[str, Settings | Mapping[str, Any]
     models = {ORCHESTRA_MODEL: ServedModel(ORCHESTRA_MODEL, "orchestra", Settings(),
                                            description=f"pool {pool.name}: plan, recruit, aggregate")}
     for name, layer in {**pool.presets, **presets}.items():
+        if not name or not name.isprintable() or any(character.isspace() for character in name):
+            raise ConfigError(f"preset {name!r} is no model id a client can send (it was listed, and every request "
+                              "naming it refused); name it without spaces, e.g. 'fast'")
         if name == ORCHESTRA_MODEL or name in pool:
             taken = "the orchestra" if name == ORCHESTRA_MODEL else "an agent"
             raise ConfigError(f"preset {name!r} has the name of {taken}; rename the preset")

@@ -80,3 +80,11 @@ def test_chunks_carry_usage_null_only_when_usage_was_asked_for() -> None:
 @pytest.mark.parametrize("text", ["a", "one two three four five", "one two three four x", "  lead  and trail  ", ""])
 def test_pieces_join_back_to_the_text(text: str) -> None:
     assert "".join(pieces(text)) == text
+
+
+@pytest.mark.parametrize("part", [{"type": "text"}, {"type": "text", "text": 5}])
+def test_a_text_part_without_its_text_says_so(part: dict) -> None:
+    """It said "is 'text': only text content is supported" of a text part."""
+    error = refused({"model": "orchestra", "messages": [{"role": "user", "content": [part]}]})
+    assert (error.status, error.param) == (400, "messages[0].content[0].text")
+    assert str(error) == "messages[0].content[0] is a text part without its text (a string under 'text')"

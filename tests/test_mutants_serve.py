@@ -96,3 +96,11 @@ def test_a_served_run_s_advice_names_the_store_the_server_was_given(tmp_path: Pa
         hints.advise_store(None)
     failure = _failure(failed, True, served)
     assert failure is not None and failure.message.endswith("run r1 is saved: `orchestra resume r1` finishes it")
+
+
+@pytest.mark.parametrize("name", ["", "two words", "tab\there"])
+def test_a_preset_no_client_could_name_is_refused(name: str) -> None:
+    pool, _ = scripted_pool(2)
+    with pytest.raises(ConfigError, match="is no model id a client can send"):
+        served_models(pool, {name: {"k": 1}})
+    assert "fast" in served_models(pool, {"fast": {"k": 1}})
