@@ -326,10 +326,14 @@ def test_a_method_is_named_by_what_ran_and_single_asks_one_expert(tmp_path: Path
 
 
 def test_answers_of_a_data_set_built_in_code_may_replace_an_earlier_answers_file(tmp_path: Path) -> None:
-    """A data set built in code has no file the answers could overwrite: an existing output file is replaced."""
+    """A data set built in code has no file the answers could overwrite: an earlier answers file is replaced
+    (a file that is not one is refused)."""
     pool, _ = scripted_pool(1)
     output = tmp_path / "answers.jsonl"
-    output.write_text("from an earlier evaluation\n")
+    output.write_text("notes, not answers\n")
+    with pytest.raises(ConfigError, match="exists and is not an earlier answers file"):
+        asyncio.run(aevaluate(Orchestra(pool, k=1, store=False), DATA, output=output))
+    output.write_text('{"id": "old", "answer": "from an earlier evaluation"}\n')
     report = asyncio.run(aevaluate(Orchestra(pool, k=1, store=False), DATA, output=output))
     assert report.items == 2
     assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == ["q0", "q1"]
