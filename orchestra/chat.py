@@ -85,8 +85,11 @@ class ChatSession:
             if not line:
                 continue
             if line.startswith("/"):
-                if not self.command(line):
-                    return
+                try:
+                    if not self.command(line):
+                        return
+                except KeyboardInterrupt:  # (while a command printed: it left the session, exit 130)
+                    self.console.print(f"\n({line.split()[0]} interrupted; /quit or Ctrl-D leaves)", markup=False)
                 continue
             try:
                 self.task(line)
