@@ -987,7 +987,9 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
     if report.failed:  # (a spent budget can leave every item unanswered: 0.000 alone reads as all wrong)
         accuracy += f" ({report.items - report.failed} of {report.items} finished; the rest count as wrong)"
     for metric, value in [("items", str(report.items)), ("accuracy", accuracy),
-                          ("calls", str(report.calls)), ("requests", str(report.requests)),
+                          ("calls", str(report.calls) + (f" ({report.failed_calls} failed after their retries)"
+                                                         if report.failed_calls else "")),
+                          ("requests", str(report.requests)),
                           ("cost", usd_exact(report.cost_usd)),
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),
                           ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),

@@ -65,6 +65,8 @@ class EvalReport:
     failure_exit: int = 0
     """That run's exit code (2: a user error such as a rejected key, 3: a budget stopped it; 0: none failed)."""
     skill_extraction_failures: int = 0
+    failed_calls: int = 0
+    """Calls that failed after their retries (a run that lost an expert may still finish, on the others)."""
     saved_calls: int = 0
     """Calls confident teams did not need (their first experts agreed)."""
     budget_exceeded: str | None = None
@@ -93,6 +95,7 @@ class Tally:
         self.grader = grader
         self.sink = sink
         self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
+        self.failed_calls = 0
         self.cut_off = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.cost_usd = 0.0
@@ -141,6 +144,7 @@ class Tally:
         self.completion_tokens += usage.completion_tokens
         self.cost_usd += usage.cost_usd
         self.skill_extraction_failures += usage.skill_extraction_failures
+        self.failed_calls += usage.failed_calls
 
     def report(self, method: str, *, elapsed_s: float, model_loads: dict[str, int],
                budget_exceeded: str | None = None) -> EvalReport:
@@ -155,7 +159,8 @@ class Tally:
                           for c, t in sorted(self.categories.items(), key=lambda ct: self.category_first[ct[0]])},
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
             failure_exit=self.first_failure[2] if self.first_failure else 0,
-            skill_extraction_failures=self.skill_extraction_failures, saved_calls=self.saved_calls,
+            skill_extraction_failures=self.skill_extraction_failures, failed_calls=self.failed_calls,
+            saved_calls=self.saved_calls,
             budget_exceeded=budget_exceeded, cut_off=self.cut_off,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
 

@@ -432,6 +432,7 @@ def print_result(console: Console, result: RunResult, *, rich_output: bool, erro
 def summary_line(result: RunResult) -> str:
     """``run ID · status · calls · requests · tokens · cost · time``."""
     usage = result.usage
-    return (f"run {result.run_id} · {result.status} · {usage.calls} calls · {usage.requests} requests · "
+    failed = f" ({usage.failed_calls} failed)" if usage.failed_calls else ""  # (a done run may have lost an expert)
+    return (f"run {result.run_id} · {result.status} · {usage.calls} calls{failed} · {usage.requests} requests · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd(usage.cost_usd)} · "
             f"{result.elapsed_s:.1f} s")

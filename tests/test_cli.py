@@ -454,6 +454,30 @@ def test_eval_refuses_to_overwrite_its_data_or_to_plot_nowhere_before_any_call(l
         assert again.returncode == 0 and len(answers.read_text().splitlines()) == 1, again.stderr
 
 
+def test_eval_and_ask_say_how_many_calls_failed_after_their_retries(loopback, tmp_path: Path) -> None:
+    """An expert whose endpoint failed every item left accuracy looking merely lower: exit 0, no word of it
+    (the requests, 4 attempts a call, were the only trace; found by a trial)."""
+    scripted = ScriptedLLM()
+
+    def text(request: Any) -> Any:
+        if (request.json() or {}).get("model") == "beta" and KEYWORDS_MARK not in request.prompt:
+            scripted.kinds["refused"] += 1
+            return error_reply(503, "overloaded")
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n' for i in range(2)))
+    done = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "moa", "--json", "--no-store")
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["failed_calls"] == 2 and scripted.kinds["refused"] == 2 * 2, done.stderr
+    shown = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "moa", "--no-store")
+    assert re.search(r"│ calls +│ +\d+ \(2 failed after their retries\) │", shown.stdout), shown.stdout
+    asked = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--mode", "global", "--no-store")
+    assert asked.returncode == 0 and re.search(r"· done · \d+ calls \(1 failed\) · ", asked.stderr), asked.stderr
+
+
 @pytest.mark.parametrize("as_json", [True, False])
 def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path: Path, as_json: bool) -> None:
     import signal
