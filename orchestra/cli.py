@@ -663,6 +663,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
         try:
             report = run_interruptibly(aprofile(loaded, dataset, grader=grader, aggregation_items=aggregation_items,
                                                 seed=seed, progress=update, matcher=loaded.settings.matcher.build(),
+                                                keywords=loaded.settings.keywords,  # (as its runs extract them)
                                                 merge_similarity=merge_similarity, cache=answers,
                                                 on_stop=stopped.append))
         except KeyboardInterrupt:
@@ -692,6 +693,12 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     if stale:  # the pool would not load with them there
         click.echo(f"note: {target} also holds profiles of agents {pool} does not have: {stale}; move those files "
                    "out of the folder", err=True)
+    if report.profiles and not any(profile.skill_counts for profile in report.profiles.values()):
+        keywords = loaded.settings.keywords  # (recruiting would rank these agents by overall accuracy alone)
+        click.echo(f"note: the profiles have no skills: no keyword was named by {keywords.min_count} of an item's "
+                   f"{keywords.samples} samples, so recruiting ranks these agents by overall accuracy alone; set "
+                   "keywords.min_count (or the keyword model's temperature) under the pool's settings: and profile "
+                   "again", err=True)
     if loaded.profiles_dir is None or loaded.profiles_dir.resolve() != target:  # (profiles nobody would read)
         click.echo(f"note: {pool} reads its profiles from {loaded.profiles_dir or 'nowhere (it has no profiles: line)'}"
                    f"; to recruit by these, set `profiles: {target}` in it", err=True)

@@ -454,6 +454,33 @@ def test_eval_refuses_to_overwrite_its_data_or_to_plot_nowhere_before_any_call(l
         assert again.returncode == 0 and len(answers.read_text().splitlines()) == 1, again.stderr
 
 
+def test_profile_extracts_keywords_with_the_pool_s_settings_and_says_when_no_skill_came_of_them(
+        loopback, tmp_path: Path) -> None:
+    """A keyword model that never named a word twice left every profile without skills, silently (recruiting
+    then ranked by overall accuracy alone), and the pool's keywords settings were not used by profile."""
+    import itertools
+
+    scripted, fresh = ScriptedLLM(), itertools.count()
+
+    def text(request: Any) -> Any:
+        if KEYWORDS_MARK in request.prompt:  # (a new word each time: no keyword reaches min_count 2)
+            return json.dumps({"keywords": [f"topic{next(fresh)}"]})
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n' for i in range(3)))
+    pool = write_pool(tmp_path, server.url)
+    bare = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(tmp_path / "p1"), "--no-store")
+    assert bare.returncode == 0 and "note: the profiles have no skills: no keyword was named by 2 of an item's 5 " \
+        "samples" in " ".join(bare.stderr.split()), bare.stderr
+    assert json.loads((tmp_path / "p1" / "alpha-expert.json").read_text())["skill_counts"] == {}
+    pool = write_pool(tmp_path, server.url, extra="settings: {keywords: {min_count: 1}}\n")
+    kept = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(tmp_path / "p2"), "--no-store")
+    assert kept.returncode == 0 and "no skills" not in kept.stderr, kept.stderr
+    assert json.loads((tmp_path / "p2" / "alpha-expert.json").read_text())["skill_counts"]  # (variants merged)
+
+
 def test_eval_and_ask_say_how_many_calls_failed_after_their_retries(loopback, tmp_path: Path) -> None:
     """An expert whose endpoint failed every item left accuracy looking merely lower: exit 0, no word of it
     (the requests, 4 attempts a call, were the only trace; found by a trial)."""
