@@ -78,10 +78,12 @@ class BudgetExceeded(OrchestraError):
                  no_room: bool = False) -> None:
         # 1000000 and 0.000001, not 1e+06 and 1e-06
         setting = f"{limit}={int(value) if float(value).is_integer() else f'{value:.10f}'.rstrip('0')}"
+        alone = "is less than the next call alone may need"  # (``hopeless``: nothing was near the limit)
         if run_id is None:  # (``no_room``: what is left is too little for a run, not all spent)
-            super().__init__(f"{shared} {setting} {'has no room for another run' if no_room else 'is spent'} ({spent})")
+            state = "has no room for another run" if no_room else alone if hopeless else "is spent"
+            super().__init__(f"{shared} {setting} {state} ({spent})")
         else:
-            super().__init__(f"budget {setting} reached ({spent})")
+            super().__init__(f"budget {setting} {alone if hopeless else 'reached'} ({spent})")
         self.limit, self.value, self.spent, self.run_id, self.held = limit, value, spent, run_id, held
         #: the call alone is over the limit: no budget of this size could admit it
         self.hopeless = hopeless

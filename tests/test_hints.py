@@ -47,7 +47,7 @@ def test_a_budget_stop_names_its_limit_and_the_cli_adds_the_flag_and_the_resume_
 def test_a_spent_shared_budget_tells_the_cli_how_to_finish_every_item() -> None:
     error = refused(Budget(max_tokens=5), None)
     spent = "0 tokens used, the next call may take 44: 34 of prompt and up to 10 of answer"
-    assert str(error) == f"the data set's budget max_tokens=5 is spent ({spent})" and error.run_id is None
+    assert str(error) == f"the data set's budget max_tokens=5 is less than the next call alone may need ({spent})" and error.run_id is None
     assert (error.value, error.spent) == (5, spent)
     assert str(BudgetExceeded(limit="max_tokens", value=1e6, spent=spent, run_id="r")).startswith(
         "budget max_tokens=1000000 reached")  # not 1e+06

@@ -169,7 +169,7 @@ def test_cost_budget_reserves_worst_case_before_dispatch() -> None:
     assert result.status == "budget_exceeded" and "max_cost_usd=0.5" in result.error
     assert sum(len(m.requests) for m in models.values()) == 0
     # nothing was spent: the message says why the budget is reached (it read "reached ($0.0000 spent)")
-    assert re.fullmatch(r"budget max_cost_usd=0\.5 reached \(\$0\.0000 spent, the next call may cost \$(\d+\.\d{4}): "
+    assert re.fullmatch(r"budget max_cost_usd=0\.5 is less than the next call alone may need \(\$0\.0000 spent, the next call may cost \$(\d+\.\d{4}): "
                         r"\d+ tokens of prompt and up to \d+ of answer\)", result.error), result.error
 
 

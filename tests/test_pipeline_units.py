@@ -591,7 +591,8 @@ def test_a_spent_shared_budget_says_how_to_raise_it_and_finish_the_items() -> No
     assert (refused.value.value, refused.value.spent, refused.value.run_id) == (1, "1 call made", None)
     with pytest.raises(BudgetExceeded) as own:
         BudgetTracker(Budget(max_tokens=5), "run-4").admit(request, FREE)
-    assert own.value.limit == "max_tokens" and str(own.value).startswith("budget max_tokens=5 reached (0 tokens used, the next call may take")
+    assert own.value.limit == "max_tokens" and str(own.value).startswith(
+        "budget max_tokens=5 is less than the next call alone may need (0 tokens used, the next call may take")
 
 
 def test_a_tiny_cost_budget_reads_in_plain_numbers() -> None:
@@ -602,7 +603,8 @@ def test_a_tiny_cost_budget_reads_in_plain_numbers() -> None:
         BudgetTracker(Budget(max_cost_usd=0.000001, max_calls=None, max_tokens=None), "r").admit(
             request, Price(input=2.5, output=10))
     # (it read "max_cost_usd=1e-06 reached ($0.0000 spent, the next call may cost $0.0000 ...")
-    assert str(refused.value) == ("budget max_cost_usd=0.000001 reached ($0.0000 spent, the next call may cost "
+    assert str(refused.value) == ("budget max_cost_usd=0.000001 is less than the next call alone may need "
+                                  "($0.0000 spent, the next call may cost "
                                   "$0.0000925: 33 tokens of prompt and up to 1 of answer)")
 
 
