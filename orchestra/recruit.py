@@ -553,7 +553,8 @@ def aggregation_evidence(profile: SkillProfile | None) -> tuple[float, float] | 
 
 def near_tie_best(scored: Mapping[str, tuple[float, float]], tiebreak: Mapping[str, Sequence[float]], *,
                   margin: float | None = None) -> tuple[str, list[str]]:
-    """The best score, near-ties broken by ``tiebreak``, then by name as a last resort.
+    """The best score, near-ties broken by ``tiebreak``, then by the score itself, then by name as a
+    last resort.
 
     Args:
         scored: agent -> (score, standard error).
@@ -569,7 +570,7 @@ def near_tie_best(scored: Mapping[str, tuple[float, float]], tiebreak: Mapping[s
         margin = max(error for score, error in scored.values() if score == best)
     tied = sorted((a for a, (score, _) in scored.items() if score >= best - margin - 1e-12),
                   key=lambda a: -scored[a][0])
-    return max(tied, key=lambda a: (*tiebreak.get(a, ()), a)), tied
+    return max(tied, key=lambda a: (*tiebreak.get(a, ()), scored[a][0], a)), tied
 
 
 def choose_aggregator(profiles: Mapping[str, SkillProfile], competence: Mapping[str, float],
@@ -577,7 +578,8 @@ def choose_aggregator(profiles: Mapping[str, SkillProfile], competence: Mapping[
     """The configured aggregator, else the best aggregation score, else the highest γ.
 
     Scores within one standard error of the best (``margin`` overrides it) are a near-tie: the
-    benchmark cannot tell them apart, so global competence decides, and the name only after that.
+    benchmark cannot tell them apart, so global competence decides, then the score (equal γ: the
+    better measured one), and the name only after that.
     """
     if configured:
         return configured

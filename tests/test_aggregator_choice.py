@@ -324,3 +324,14 @@ def test_cli_aggregator_choice_flag_recruits_per_node(loopback, tmp_path: Path) 
         aggregators[choice] = {n["id"]: n["aggregator"] for n in json.loads(done.stdout)["plan"]["nodes"]}
     assert aggregators["best"] == {"facts": "gamma-expert", "numbers": "gamma-expert", "report": "gamma-expert"}
     assert aggregators["per-node"] == {"facts": "alpha-expert", "numbers": "beta-expert", "report": "gamma-expert"}
+
+
+def test_a_near_tie_with_equal_competence_goes_to_the_better_measured_score_not_the_later_name() -> None:
+    """generalist 0.625 ± 0.14 and math 0.50 tie within an error; with equal γ, "math" won by its name
+    (found by a trial: `orchestra agents` said aggregator: math)."""
+    from orchestra.recruit import near_tie_best
+
+    scored = {"generalist": (0.625, 0.14), "math": (0.50, 0.10)}
+    assert near_tie_best(scored, {"generalist": (0.7,), "math": (0.7,)}) == ("generalist", ["generalist", "math"])
+    assert near_tie_best(scored, {"generalist": (0.6,), "math": (0.7,)})[0] == "math"  # (γ still decides first)
+    assert near_tie_best({"b": (0.5, 0.1), "a": (0.5, 0.1)}, {})[0] == "b"  # (the name, last)
