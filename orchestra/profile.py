@@ -8,7 +8,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    ValidationError,
+    model_validator,
+)
 
 from orchestra.errors import ConfigError
 
@@ -86,6 +95,17 @@ class SkillProfile(BaseModel):
     answer_tokens: tuple[NonNegativeFloat, NonNegativeFloat] | None = None
     aggregation_tokens: tuple[NonNegativeFloat, NonNegativeFloat] | None = None
     provenance: Provenance
+
+    @model_validator(mode="after")
+    def _measured_on_its_items(self) -> SkillProfile:
+        # (a sum of -10**30 flattened every other agent's γ to 0.5, and an aggregator that was wrong won)
+        for skill, total in self.skills.items():
+            if not skill.strip():
+                raise ValueError("skills: a skill has an empty name")
+            if abs(total) > self.provenance.items:
+                raise ValueError(f"skills.{skill}: {total} is beyond ±{self.provenance.items}, the items it was "
+                                 "measured on (one +1 or -1 each); run orchestra profile again")
+        return self
 
     @property
     def total(self) -> int:

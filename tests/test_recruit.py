@@ -14,7 +14,7 @@ from orchestra.matching import Match
 from orchestra.profile import Provenance, SkillProfile, global_competence
 from orchestra.recruit import RecruitConfig, Recruiter, SkillTable, choose_aggregator
 
-PROVENANCE = Provenance(dataset="val.jsonl", dataset_sha256="0" * 64, items=10, model="test")
+PROVENANCE = Provenance(dataset="val.jsonl", dataset_sha256="0" * 64, items=40, model="test")
 
 
 def profile(agent: str, skills: dict[str, int], aggregation: float | None = None) -> SkillProfile:

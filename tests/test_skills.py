@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from helpers import single_agent_pool
 
 from orchestra import Orchestra, RecruitConfig
 from orchestra.datasets import Dataset, Item, load_dataset
-from orchestra.errors import DatasetError
+from orchestra.errors import ConfigError, DatasetError
 from orchestra.grading import AutoGrader, ExactMatchGrader, MultipleChoiceGrader, NumericGrader, get_grader
 from orchestra.matching import EmbeddingMatcher, LexicalMatcher
 from orchestra.models import ChatResult, FunctionModel
@@ -384,3 +385,21 @@ def test_keywords_in_the_papers_text_form_are_read_even_when_json_was_asked(loop
 
     assert asyncio.run(extract()) == ["organic chemistry", "lab safety"]
     assert server.requests[0].json()["response_format"]["type"] == "json_schema"
+
+
+@pytest.mark.parametrize(("skills", "says"), [
+    ({"arithmetic": 10 ** 30}, "skills.arithmetic: 1000000000000000000000000000000 is beyond ±4, the items it was measured on"),
+    ({"arithmetic": -5}, "skills.arithmetic: -5 is beyond ±4"),
+    ({" ": 1}, "skills: a skill has an empty name"),
+])
+def test_a_profile_whose_sums_no_items_could_give_is_refused(tmp_path: Path, skills: dict[str, int], says: str) -> None:
+    """A hand-edited sum of -10**30 flattened the other agents' γ to 0.5, and an aggregator that was wrong won."""
+    from orchestra.profile import Provenance, SkillProfile
+
+    good = SkillProfile(agent="a", skills={"arithmetic": 4}, accuracy=0.5,
+                        provenance=Provenance(dataset="d", dataset_sha256="0" * 64, items=4, model="m"))
+    path = good.save(tmp_path)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "skills": skills}))
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        SkillProfile.load(path)
