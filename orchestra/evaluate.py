@@ -190,22 +190,26 @@ def cost_cap(settings: Settings) -> str:
     return f", cap {usd_exact(cap)}/item" if cap is not None and settings.mode == "calibrated" else ""
 
 
-def check_output(path: Path, what: str, kind: str, earlier: Callable[[str], bool],
+def check_output(path: Path, what: str, kind: str, earlier: Callable[[str, bool], bool],
                  precious: Mapping[str, str | Path | None], *, flag: str) -> None:
     """Refuse to write ``what`` over one of the ``precious`` files (a data set, the run store...) or
-    over any file that is not an earlier one of its ``kind`` (``earlier`` reads its first line):
+    over any file that is not an earlier one of its ``kind`` (``earlier`` reads its first line, and
+    whether that line was too long to read whole):
     ``--output runs.db`` emptied the store, ``--output pool.yaml`` replaced the pool."""
     if not path.exists():
         return
     for name, other in precious.items():
         if other is not None and Path(other).exists() and path.samefile(other):
             raise ConfigError(f"{what} would overwrite {name} {other}: give {flag} another file")
+    if not path.is_file():  # (a device, a pipe: /dev/stdout is written, never read, which would wait for ever)
+        return
     try:
         with path.open("rb") as file:
-            first = file.readline(_FIRST_LINE).decode("utf-8", errors="replace").lstrip("\ufeff").strip()
-    except OSError:  # (a folder, a file it cannot read: opening it for writing says why)
+            raw = file.readline(_FIRST_LINE)
+    except OSError:  # (a file it cannot read: opening it for writing says why)
         return
-    if first and not earlier(first):
+    first = raw.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+    if first and not earlier(first, len(raw) >= _FIRST_LINE and not raw.endswith(b"\n")):
         raise ConfigError(f"{path} exists and is not {kind}: give {flag} a new file, or remove it first")
 
 
@@ -213,17 +217,23 @@ def check_output(path: Path, what: str, kind: str, earlier: Callable[[str], bool
 _FIRST_LINE = 1 << 20
 
 
-def _answers_line(line: str) -> bool:
-    """Whether ``line`` is the first of an answers file: a JSON object (or the start of one too long to read)."""
-    if len(line) >= _FIRST_LINE - 1:
-        return line.startswith('{"')
+#: the fields every answers row has (``Tally.add``): another JSON Lines file, a data set, has not all of them
+_ANSWER_FIELDS = frozenset({"id", "answer", "correct", "status", "run_id"})
+
+
+def _answers_line(line: str, cut: bool) -> bool:
+    """Whether ``line`` is the first of an answers file: a row with an answer's fields (or, ``cut``, the
+    start of one too long to read whole)."""
+    if cut:
+        return line.startswith('{"id": ')
     try:
-        return isinstance(json.loads(line), dict)
+        row = json.loads(line)
     except ValueError:
         return False
+    return isinstance(row, dict) and row.keys() >= _ANSWER_FIELDS
 
 
-def html_page(line: str) -> bool:
+def html_page(line: str, cut: bool = False) -> bool:
     """Whether ``line`` is the first of an HTML page (an earlier plot)."""
     return line.lower().startswith(("<!doctype html", "<html"))
 

@@ -448,6 +448,12 @@ def test_eval_refuses_to_overwrite_its_data_or_to_plot_nowhere_before_any_call(l
     assert (plotted.returncode, plotted.stderr) == (2, f"error: {notes} exists and is not an earlier plot (an HTML "
                                                        "page): give --plot a new file, or remove it first\n")
     assert {path: path.read_bytes() for path in files} == files and len(server.requests) == asked
+    other = tmp_path / "other.jsonl"  # another data set is JSON Lines too, not answers: refused
+    other.write_text('{"id": "b", "question": "What is 2 + 2?", "answer": "4"}\n')
+    refused = cli("eval", "--pool", str(pool), "--data", str(data), "--no-store", "--output", str(other))
+    assert refused.returncode == 2 and "is not an earlier answers file" in refused.stderr, refused.stderr
+    piped = cli("eval", "--pool", str(pool), "--data", str(data), "--no-store", "--output", "/dev/stdout", timeout=60)
+    assert piped.returncode == 0 and '{"id": "a", ' in piped.stdout, piped.stderr  # (it read the pipe: for ever)
     answers = tmp_path / "answers.jsonl"  # an earlier answers file is written over
     for _ in range(2):
         again = cli("eval", "--pool", str(pool), "--data", str(data), "--no-store", "--output", str(answers))

@@ -333,7 +333,8 @@ def test_answers_of_a_data_set_built_in_code_may_replace_an_earlier_answers_file
     output.write_text("notes, not answers\n")
     with pytest.raises(ConfigError, match="exists and is not an earlier answers file"):
         asyncio.run(aevaluate(Orchestra(pool, k=1, store=False), DATA, output=output))
-    output.write_text('{"id": "old", "answer": "from an earlier evaluation"}\n')
+    output.write_text('{"id": "old", "category": null, "answer": "4", "correct": true, "status": "done", '
+                      '"run_id": "r"}\n')
     report = asyncio.run(aevaluate(Orchestra(pool, k=1, store=False), DATA, output=output))
     assert report.items == 2
     assert sorted(json.loads(line)["id"] for line in output.read_text().splitlines()) == ["q0", "q1"]
