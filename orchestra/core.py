@@ -801,7 +801,7 @@ class Orchestra:
                        pool=str(source.resolve()) if source else None, answer=answer or AnswerOptions(),
                        pinned=self._known_experts(experts or {}, nodes=(
                            [subtask.id for subtask in plan.subtasks] if isinstance(plan, Plan)
-                           else [Plan.single(task).subtasks[0].id] if plan is False else None)))
+                           else [Plan.single(task).subtasks[0].id] if not settings.plan else None)))
         run = self._run(spec, run_id or new_run_id(), shared_budget=shared_budget, node_settings=node_settings,
                         final=final)
         run.given_graph = graph  # checked here: the planner does not check it again
@@ -858,10 +858,10 @@ class Orchestra:
                 if self.store.going.get(run.run_id, self) is not self:
                     raise RunHeld(run.run_id, self.store.owner.rpartition(":")[0], 0.0)
             self.store.begin_runs([(run.run_id, run.task, run.spec.record_json()) for run in runs], force=force)
+            earlier = self.store.earlier_usage([run.run_id for run in runs])
         except BaseException:
             self._unclaim(runs)
             raise
-        earlier = self.store.earlier_usage([run.run_id for run in runs])
         for run in runs:
             if run.run_id in earlier:
                 usage, answered = earlier[run.run_id]
@@ -873,13 +873,13 @@ class Orchestra:
         loop = asyncio.get_running_loop()
         with self._claim_lock:
             going = self._going_loop  # (one loop for all the runs going: a scan of them ran for every run begun)
-            if self._running or self._claimed:
-                if going is not None and going is not loop and not going.is_closed():
-                    raise ConfigError("this Orchestra is running runs in another event loop (another thread); give "
-                                      "each thread its own Orchestra (they may share the pool and the store file), "
-                                      "or run the tasks together in one loop (arun_many)")
-            else:
-                self._going_loop = loop
+            if going is None or going.is_closed():  # (claims a loop left behind end with it)
+                self._claimed = {run for run in self._claimed if not run.future.get_loop().is_closed()}
+            elif going is not loop and (self._running or self._claimed):
+                raise ConfigError("this Orchestra is running runs in another event loop (another thread); give "
+                                  "each thread its own Orchestra (they may share the pool and the store file), "
+                                  "or run the tasks together in one loop (arun_many)")
+            self._going_loop = loop
             self._claimed.update(runs)
 
     def _unclaim(self, runs: Iterable[Run]) -> None:

@@ -305,6 +305,8 @@ async def _first(results: Any) -> Any:
     # experts for a node the run has not (a typo) ran without them; none at all said "none given not agents"
     (lambda pool: Orchestra(pool, store=False).run("x?", plan=False, experts={"answr": ["agent1"]}),
      "experts['answr']: the run has no node 'answr'; its nodes: answer"),
+    (lambda pool: Orchestra(pool, store=False, plan=False).run("x?", experts={"answr": ["agent1"]}),
+     "experts['answr']: the run has no node 'answr'; its nodes: answer"),  # (no plan by the settings: as well)
     (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [{"id": "a", "instruction": "x"}]},
                                                    experts={"b": ["agent1"]}),
      "experts['b']: the run has no node 'b'; its nodes: a"),

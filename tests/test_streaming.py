@@ -394,6 +394,38 @@ def test_two_threads_beginning_runs_at_once_on_one_orchestra_the_second_is_refus
     assert orc.run("question 3", plan=False).status == "done"  # (its loop has ended: another may go)
 
 
+def test_a_run_whose_beginning_failed_leaves_no_claim_on_its_event_loop(tmp_path: Path) -> None:
+    """A store error while a run began left it claimed: with its loop still open (a server, a notebook),
+    every other thread's run was refused for ever, though nothing ran (found by a review)."""
+    import threading
+
+    from orchestra.errors import StoreError
+
+    pool, _ = scripted_pool(2)
+    orc = Orchestra(pool, store=tmp_path / "runs.db", k=1)
+    assert orc.store is not None
+    earlier_usage = orc.store.earlier_usage
+    failures = [StoreError("cannot read the run store: database is locked")]
+
+    def flaky(run_ids: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return earlier_usage(run_ids)
+
+    orc.store.earlier_usage = flaky  # type: ignore[method-assign]
+    loop = asyncio.new_event_loop()  # (a loop that stays open, in its own thread)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(StoreError):
+            asyncio.run_coroutine_threadsafe(orc.arun("question 1", plan=False), loop).result(30)
+        assert orc.run("question 2", plan=False).status == "done"  # (another thread: refused before)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
 def test_the_heartbeat_ends_with_the_last_run_and_async_listeners_are_refused(tmp_path: Path) -> None:
     """A loop closed without aclose destroyed the heartbeat task pending ("Task was destroyed but it
     is pending!"), and an async listener was called, never awaited, once per event."""
