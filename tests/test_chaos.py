@@ -67,6 +67,8 @@ FAULTS = [
     Fault("JSON that breaks off at a length that matches, then an answer",  # (a proxy cut it and set the length)
           (lambda: Reply(200, json.dumps(ok_body())[:40]), lambda: Reply(200, ok_body())), 2, 0, "The answer is 42"),
     Fault("an empty 200 on every attempt", (lambda: Reply(200, ""),), 2, 1, "answered HTTP 200 with an empty body"),
+    Fault("JSON Lines with HTTP 200 (another API's answer, whole)", (lambda: Reply(200, '{"a": 1}\n{"b": 2}\n'),),
+          1, 1, "a body that is not JSON (text/plain: '{\"a\": 1} {\"b\": 2}'); is base_url the API's"),
     Fault("choices: []", (lambda: Reply(200, {"id": "x", "object": "chat.completion", "choices": []}),),
           1, 1, "returned no choices[0].message"),
     Fault("content null (no text)", (lambda: Reply(200, {**ok_body(), "choices": [

@@ -759,3 +759,20 @@ def test_a_streamed_event_nested_too_deeply_is_a_bad_response_not_a_crash(loopba
     with pytest.raises(BadResponse, match="nested too deeply"):
         run(openai(server).complete_one(ask(on_text=seen.append)))
     assert seen == ["Light "]
+
+
+def test_a_stream_cut_inside_its_last_event_is_retried_and_a_whole_bad_one_is_not() -> None:
+    """A stream cut inside an event (a proxy's cut) failed at once; whole bodies that are not JSON (JSON Lines,
+    `[ERROR] ...`) were retried as JSON that broke off (found by a review)."""
+    from orchestra.models.http import _not_json, _Retryable
+    from orchestra.models.transport import Answer
+
+    def outcome(body: bytes, kind: str = "text/event-stream") -> object:
+        return _not_json(Answer(200, {"content-type": kind}, body), "http://x/v1/chat/completions", 200)
+
+    assert isinstance(outcome(b'data: {"id": "a"}\n\ndata: {"id": "b", "cho'), _Retryable)
+    assert not isinstance(outcome(b"data: not json\n\n"), _Retryable)
+    for whole in (b'{"a": 1}\n{"b": 2}\n', b"[ERROR] upstream failed"):
+        assert not isinstance(outcome(whole, "application/json"), _Retryable)
+    for cut in (b'{"id": "x", "choices": [{"mess', b'{"a": 1,', b""):
+        assert isinstance(outcome(cut, "application/json"), _Retryable)

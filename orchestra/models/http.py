@@ -441,15 +441,27 @@ def _not_json(response: Answer, url: str, status: int) -> BadResponse | _Retryab
     proxy that cut the answer and its length alike), else at once, saying what came (a web page:
     base_url is not the API's)."""
     if _is_event_stream(response):
+        if not response.body.endswith((b"\n", b"\r")):  # (cut inside its last event, as a body cut short)
+            return _Retryable(ConnectionBroke(f"{url} ended its stream inside an event (HTTP {status})"))
         return BadResponse(f"{url} answered HTTP {status} with a server-sent event that is not JSON")
     text = response.text.strip()
     kind = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
-    if not text or text[0] in "{[":
+    if not text or _breaks_off(text):
         what = "an empty body" if not text else "JSON that breaks off"
         return _Retryable(BadResponse(f"{url} answered HTTP {status} with {what} (not JSON)"))
     start = " ".join(text[:60].split())
     return BadResponse(f"{url} answered HTTP {status} with a body that is not JSON ({kind}: {start!r}); is base_url "
                        "the API's address (often ending in /v1)?")
+
+
+def _breaks_off(text: str) -> bool:
+    """Whether ``text`` is JSON that ran out before its end (a whole text that is not JSON, such as
+    JSON Lines or ``[ERROR] ...``, is not: asked again, it would answer the same)."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return text[0] in "{[" and (error.pos >= len(text) or error.msg.startswith("Unterminated string"))
+    return False
 
 
 def _refuse_known(state: _LoopState, secret: str | None) -> None:
