@@ -310,6 +310,7 @@ def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
     if no_store:
         if store_path is not None:  # (the record asked for would silently not be kept)
             raise click.UsageError("--store and --no-store contradict each other; give one")
+        advise_store(None)
         return False
     advise_store(store_path)
     return RunStore(store_path) if store_path else True

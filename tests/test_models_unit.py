@@ -20,6 +20,7 @@ from orchestra.models import (
     Price,
     ScriptedModel,
     Usage,
+    allow_model_requests,
     price_for,
 )
 from orchestra.models.structured import StructuredOutputError, check_schema, extract_json, parse_output, schema_problem
@@ -394,3 +395,40 @@ def test_a_reference_that_goes_round_in_a_circle_ends_with_one_line(schema: dict
 def test_schema_problem_names_bad_new_keywords(schema: dict[str, object], problem: str) -> None:
     found = schema_problem(schema)
     assert found is not None and found.startswith(problem), found
+
+
+def test_an_answer_that_ends_as_its_batch_is_cancelled_reaches_the_batch() -> None:
+    """With a generation as its own task (so one call can be stopped), a batch cancelled between the
+    answer's end and its own next turn lost that answer: neither recorded nor counted (found by a review)."""
+    from orchestra.models.base import ModelBase, generations
+
+    class Engine(ModelBase):
+        concurrent = False
+        is_test_double = True
+        name = "engine"
+        batch: asyncio.Future[None] | None = None
+
+        async def _generate(self, request: ChatRequest) -> ChatResult:
+            assert self.batch is not None
+            asyncio.get_running_loop().call_soon(self.batch.cancel)  # (runs before the batch hears of the answer)
+            return ChatResult(text="answer", model=self.name, usage=Usage(requests=1))
+
+    async def main() -> list[object]:
+        engine, got = Engine(), []
+
+        async def batch() -> None:
+            token = generations.set({})
+            try:
+                async for _, outcome in engine.complete_each([ChatRequest.user("q"), ChatRequest.user("r")]):
+                    got.append(outcome)
+            finally:
+                generations.reset(token)
+
+        engine.batch = asyncio.ensure_future(batch())
+        with pytest.raises(asyncio.CancelledError):
+            await engine.batch
+        return got
+
+    with allow_model_requests():
+        got = asyncio.run(main())
+    assert [getattr(outcome, "text", outcome) for outcome in got] == ["answer"]  # (the second was never begun)

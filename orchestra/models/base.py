@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any, ClassVar, Protocol, TypeGuard, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeAlias, TypeGuard, TypeVar, runtime_checkable
 
 from orchestra.errors import CallCancelled, InvalidOutput, ModelRequestsForbidden
 from orchestra.models.metering import charge, count_request, metering
@@ -90,6 +90,10 @@ still_wanted: ContextVar[Callable[[int], bool] | None] = ContextVar("still_wante
 #: cancelled, a client gone) has it cancelled, and the engine goes on with the next request.
 generations: ContextVar[dict[int, asyncio.Task[ChatResult | Exception]] | None] = ContextVar(
     "generations", default=None)
+
+
+#: what one request settles as: its answer, or the error it ended with
+Settled: TypeAlias = "ChatResult | Exception"
 
 
 def _unsent(model: str) -> CallCancelled:
@@ -187,7 +191,10 @@ class ModelBase(abc.ABC):
                 elif running is None:
                     yield index, await self._settle(request)
                 else:
-                    yield index, await self._stoppable(request, index, running)
+                    outcome, cancelled = await self._stoppable(request, index, running)
+                    yield index, outcome
+                    if cancelled:  # (the batch was cancelled as this answer ended: it had the answer first)
+                        raise asyncio.CancelledError
             return
         finished: asyncio.Queue[Outcome] = asyncio.Queue()
         waiting = iter(enumerate(requests))
@@ -216,22 +223,26 @@ class ModelBase(abc.ABC):
         return None
 
     async def _stoppable(self, request: ChatRequest, index: int,
-                         running: dict[int, asyncio.Task[ChatResult | Exception]]) -> ChatResult | Exception:
-        """``_settle(request)`` as a task listed in ``running`` under ``index`` while it runs; stopped
-        (cancelled) there, its outcome is ``CallCancelled``."""
+                         running: dict[int, asyncio.Task[Settled]]) -> tuple[Settled, bool]:
+        """``_settle(request)`` as a task listed in ``running`` under ``index`` while it runs (stopped
+        there, its outcome is ``CallCancelled``), and whether the batch was cancelled as it ended
+        (a generation that ended first keeps its answer; one still going is stopped and waited for)."""
         generation = asyncio.ensure_future(self._settle(request))
         running[index] = generation
+        cancelled = False
         try:
             await asyncio.wait((generation,))
-        except asyncio.CancelledError:  # the batch itself: its generation stops too, and is waited for
-            generation.cancel()
-            await asyncio.wait((generation,))
-            raise
+        except asyncio.CancelledError:
+            if not generation.done() or generation.cancelled():
+                generation.cancel()
+                await asyncio.wait((generation,))
+                raise
+            cancelled = True
         finally:
             running.pop(index, None)
         if generation.cancelled():
-            return CallCancelled(f"{self.name}: its generation was stopped: its call was cancelled")
-        return generation.result()
+            return CallCancelled(f"{self.name}: its generation was stopped: its call was cancelled"), cancelled
+        return generation.result(), cancelled
 
     async def _settle(self, request: ChatRequest) -> ChatResult | Exception:
         try:
