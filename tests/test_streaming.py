@@ -329,12 +329,29 @@ def test_a_run_id_given_to_a_data_sets_task_is_checked_as_arun_checks_it(tmp_pat
     assert RunStore(tmp_path / "runs.db").run("kept-1").task == "What is 3 + 1?"
 
 
+def _refused_beside(orc: Orchestra, first: Any, reached: Any, gate: Any, *, sent: Any = lambda: 0) -> int:
+    """Start ``first`` (a thread running a run on ``orc``); once it has ``reached`` the point it waits at,
+    a run in this thread is refused; then ``gate`` lets the first go on. Returns ``sent()`` as the
+    second run began."""
+    from orchestra.errors import ConfigError
+
+    first.start()
+    assert reached.wait(10)
+    before = sent()
+    try:
+        with pytest.raises(ConfigError, match="this Orchestra is running runs in another event loop"):
+            orc.run("question 2", plan=False)
+    finally:
+        gate.set()
+        first.join(10)
+    return before
+
+
 def test_one_orchestra_in_two_threads_at_once_is_refused_before_any_call(tmp_path: Path) -> None:
     """The second thread's run sent its keyword calls, then failed with an internal error about
     tasks the executor manages."""
     import threading
 
-    from orchestra.errors import ConfigError
 
     pool, models = scripted_pool(2)
     entered, gate = threading.Event(), threading.Event()
@@ -348,15 +365,7 @@ def test_one_orchestra_in_two_threads_at_once_is_refused_before_any_call(tmp_pat
     models["m0"].fn = models["m1"].fn = slow
     orc = Orchestra(pool, store=tmp_path / "runs.db", k=1)
     first = threading.Thread(target=lambda: orc.run("question 1", plan=False))
-    first.start()
-    assert entered.wait(10)
-    sent = sum(len(model.requests) for model in models.values())
-    try:
-        with pytest.raises(ConfigError, match="this Orchestra is running runs in another event loop"):
-            orc.run("question 2", plan=False)
-    finally:
-        gate.set()
-        first.join(10)
+    sent = _refused_beside(orc, first, entered, gate, sent=lambda: sum(len(m.requests) for m in models.values()))
     assert sum(len(model.requests) for model in models.values()) == sent
 
 
@@ -365,7 +374,6 @@ def test_two_threads_beginning_runs_at_once_on_one_orchestra_the_second_is_refus
     GIL), then both runs failed with an internal error, or the process hung (found by a trial)."""
     import threading
 
-    from orchestra.errors import ConfigError
 
     pool, _ = scripted_pool(2)
     orc = Orchestra(pool, store=tmp_path / "runs.db", k=1)
@@ -382,14 +390,7 @@ def test_two_threads_beginning_runs_at_once_on_one_orchestra_the_second_is_refus
     orc.store.begin_runs = held_begin  # type: ignore[method-assign]
     results: list[str] = []
     first = threading.Thread(target=lambda: results.append(orc.run("question 1", plan=False).status))
-    first.start()
-    assert writing.wait(10)
-    try:
-        with pytest.raises(ConfigError, match="this Orchestra is running runs in another event loop"):
-            orc.run("question 2", plan=False)
-    finally:
-        gate.set()
-        first.join(10)
+    _refused_beside(orc, first, writing, gate)
     assert results == ["done"] and [run.task for run in orc.store.runs()] == ["question 1"]
     assert orc.run("question 3", plan=False).status == "done"  # (its loop has ended: another may go)
 
