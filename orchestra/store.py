@@ -253,7 +253,8 @@ def _call_row(run_id: str, key: str, seq: int, model: str, request: ChatRequest 
         usage = getattr(outcome, "usage", None)
         spent = (usage.prompt_tokens, usage.completion_tokens, usage.cost_usd) if usage else (0, 0, 0.0)
         error = f"{type(outcome).__name__}: {outcome}"
-        return _RECORD_FAILURE, (run_id, key, seq, model, purpose, node, canonical, error, source, *spent, 0.0, now,
+        return _RECORD_FAILURE, (run_id, key, seq, model, purpose, node, canonical, error, source, *spent,
+                                 getattr(outcome, "latency_s", 0.0), now,
                                  usage.requests if usage else 0)
     if source == "model":
         usage = outcome.usage

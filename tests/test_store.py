@@ -448,3 +448,24 @@ def test_a_chunk_of_runs_begins_in_one_transaction_all_or_none(tmp_path: Path) -
     assert [record.id for record in other.runs()] == ["r2"]  # r1 was rolled back with the rest
     other.begin_runs([("r1", "a", {}), ("r3", "c", {})])
     assert sorted(record.id for record in other.runs()) == ["r1", "r2", "r3"]
+
+
+def test_a_failed_call_is_recorded_with_the_time_its_attempts_took(tmp_path: Path) -> None:
+    """A call that failed after its retries was recorded with latency_s 0.0 (found by a trial: 3.5 s of
+    attempts read as none)."""
+    import time
+
+    from orchestra.errors import BadResponse
+
+    def expert(name: str, request: ChatRequest) -> str:
+        if name == "m0":
+            time.sleep(0.01)  # (a floor for the time recorded, not a wait on anything)
+            raise BadResponse("overloaded")
+        return "The answer is 1"
+
+    pool, _ = scripted_pool(2, expert=expert)
+    orc = Orchestra(pool, store=tmp_path / "runs.db", k=2)
+    result = orc.run("What is 2 + 2?", plan=False, experts={"answer": ["agent0", "agent1"]})
+    assert orc.store is not None
+    failed = [call for call in orc.store.calls(result.run_id) if call["status"] == "error"]
+    assert failed and all(call["latency_s"] >= 0.01 for call in failed), failed

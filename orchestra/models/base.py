@@ -282,6 +282,7 @@ class ModelBase(abc.ABC):
                 raise
             except Exception as error:
                 with_usage(error, meter.usage)
+                error.latency_s = time.perf_counter() - started  # type: ignore[attr-defined]  # (its attempts')
                 raise
         # the result is this call's own (a backend makes a fresh one per generation): filled in place
         step.usage, step.latency_s = meter.usage, time.perf_counter() - started
