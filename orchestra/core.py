@@ -53,7 +53,7 @@ from orchestra.grading import Grader
 from orchestra.hints import command
 from orchestra.matching import MatcherSpec, SkillMatcher, matcher_spec
 from orchestra.pipeline.scheduler import CANCELLED_BY_USER, NodeSettings, Outputs, Run, Stages
-from orchestra.plan import Plan, PlanInvalid, Subtask, validate_plan
+from orchestra.plan import SINGLE_NODE, Plan, PlanInvalid, Subtask, validate_plan
 from orchestra.prompts import MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
@@ -799,18 +799,19 @@ class Orchestra:
         spec = RunSpec(task=task, settings=settings, plan=plan if isinstance(plan, Plan) else None,
                        answer_format=answer_format, context=context, workflow=workflow, meta=meta or {},
                        pool=str(source.resolve()) if source else None, answer=answer or AnswerOptions(),
-                       pinned=self._known_experts(experts or {}, nodes=(
-                           [subtask.id for subtask in plan.subtasks] if isinstance(plan, Plan)
-                           else [Plan.single(task).subtasks[0].id] if not settings.plan else None)))
+                       pinned=self._known_experts(experts, plan if isinstance(plan, Plan) else None,
+                                                  settings.plan) if experts else {})
         run = self._run(spec, run_id or new_run_id(), shared_budget=shared_budget, node_settings=node_settings,
                         final=final)
         run.given_graph = graph  # checked here: the planner does not check it again
         return run
 
-    def _known_experts(self, experts: Mapping[str, Sequence[str]], *,
-                       nodes: Sequence[str] | None = None) -> dict[str, list[str]]:
-        """Experts fixed per node, each an agent of the pool; ``nodes``: the run's node ids where they
-        are known before it runs (a given plan, or none), so a node misnamed is refused, not ignored."""
+    def _known_experts(self, experts: Mapping[str, Sequence[str]], plan: Plan | None,
+                       planned: bool) -> dict[str, list[str]]:
+        """Experts fixed per node, each an agent of the pool; where the run's nodes are known before it
+        runs (a given ``plan``, or none: not ``planned``), a node misnamed is refused, not ignored."""
+        nodes = ([subtask.id for subtask in plan.subtasks] if plan is not None
+                 else None if planned else [SINGLE_NODE])
         if not isinstance(experts, Mapping):
             raise ConfigError(f"experts must map node ids to lists of agent names ({{'answer': ['coder']}}), "
                               f"not {type(experts).__name__} {experts!r:.40}")

@@ -14,6 +14,10 @@ MAX_SKILLS = 5
 """The most skills a subtask (or a workflow step) may name."""
 
 
+#: the one node of a run without a plan
+SINGLE_NODE = "answer"
+
+
 class Subtask(BaseModel):
     """One node of a plan."""
 
@@ -35,7 +39,7 @@ class Plan(BaseModel):
     @classmethod
     def single(cls, task: str) -> Plan:
         """The one-node plan: the task itself (the fast path, or ``plan=False``)."""
-        return cls(subtasks=[Subtask(id="answer", instruction=task)])
+        return cls(subtasks=[Subtask(id=SINGLE_NODE, instruction=task)])
 
     def by_id(self) -> dict[str, Subtask]:
         """Subtasks keyed by id."""
