@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -88,6 +89,8 @@ class BudgetTracker:
         self.exceeded: BudgetExceeded | None = None
         #: the worst case of the call a refusal stopped: a run cut short needed that much more
         self.wanted = NOTHING
+        #: called once when a reservation is next released here (calls that wait for room; see ``on_release``)
+        self._on_release: list[Callable[[], None]] = []
 
     @property
     def usage(self) -> Usage:
@@ -172,6 +175,16 @@ class BudgetTracker:
             self.parent.hold(reserved, instead)
         return instead
 
+    def on_release(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when a reservation is next released here or in the shared budget
+        above: a call held for room (``BudgetExceeded.held``) may fit then, whoever held the room (a
+        shared budget's reservation may be another executor's)."""
+        tracker: BudgetTracker | None = self
+        while tracker is not None:
+            if callback not in tracker._on_release:
+                tracker._on_release.append(callback)
+            tracker = tracker.parent
+
     def settle(self, reserved: Reservation, usage: Usage | None) -> None:
         """Release a reservation and count what the call really spent (None: it was not made)."""
         self._reserved_calls -= 1
@@ -186,6 +199,10 @@ class BudgetTracker:
                     self.slack = Reservation(max(tokens, self.slack.tokens), max(cost, self.slack.cost_usd))
         if self.parent is not None:
             self.parent.settle(reserved, usage)
+        if self._on_release:
+            waiting, self._on_release = self._on_release, []
+            for callback in waiting:
+                callback()
 
     def count(self, usage: Usage, *, calls: int = 1) -> None:
         """Count what a resumed run paid before: a call answered from the store (``calls=0``: failed

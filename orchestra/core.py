@@ -434,6 +434,9 @@ class _Stream:
                 if chunk and not self.room():  # (the chunk's runs start only when it ends)
                     break
                 await self.acquire()
+                if chunk and not self.room():  # (no room since: waiting for it, the chunk would wait on itself)
+                    self.give_back()
+                    break
                 await self.admitted()
                 got = await self.source.next(wait=not chunk)
                 if not isinstance(got, tuple):
@@ -554,6 +557,8 @@ class _Stream:
                 for run in unbegun:
                     del self.live[run]
             self.unbegun.clear()
+        for run in [run for run in self.live if run.future.done()]:  # (ended before this: kept as they ended)
+            self.finished(run, run.future)
         stopped_ids: set[str] = set()
         while self.live:
             run, index = self.live.popitem()
@@ -863,6 +868,7 @@ class Orchestra:
         except BaseException:
             self._unclaim(runs)
             raise
+        self.executor.forget_recorded_orphans({run.run_id for run in runs})  # (counted just now, with ``earlier``)
         for run in runs:
             if run.run_id in earlier:
                 usage, answered = earlier[run.run_id]

@@ -256,7 +256,7 @@ class Executor:
         self._in_flight: dict[asyncio.Task[Any], list[_Call]] = {}
         #: calls of stopped runs whose requests are still in flight, by (run id, key, seq): the
         #: batch or wave that sent them (see ``orphan``)
-        self._orphans: dict[tuple[str, str, int], asyncio.Task[Any]] = {}
+        self._orphans: dict[tuple[str, str, int], tuple[asyncio.Task[Any], _Call]] = {}
 
     # --- managed tasks ---------------------------------------------------------------------
 
@@ -428,6 +428,7 @@ class Executor:
             wave = asyncio.get_running_loop().create_task(self._heavy_wave())
             self._in_flight[wave] = self._heavy  # (the list the wave takes when it starts)
             wave.add_done_callback(self._in_flight.pop)
+            wave.add_done_callback(partial(self._unbegun_wave, self._heavy))
 
     def _dispatch(self) -> None:
         """Answer what the store, the cache or the budget can; send each light model its batch now;
@@ -473,16 +474,24 @@ class Executor:
                 run_id = call.ledger.run_id
                 if run_id in run_ids and call.key and call.waiter.outcomes[call.index] is None:
                     orphan = (run_id, call.key, call.seq)
-                    self._orphans[orphan] = task
+                    self._orphans[orphan] = (task, call)
                     task.add_done_callback(partial(self._orphan_ended, orphan))
 
     def _orphan_ended(self, orphan: tuple[str, str, int], _: asyncio.Task[Any]) -> None:
         self._orphans.pop(orphan, None)
 
+    def forget_recorded_orphans(self, run_ids: Collection[str]) -> None:
+        """Forget the calls in flight of stopped runs ``run_ids`` that have their outcomes recorded
+        by now: resumes of those runs have just counted what the store holds, so these are replayed
+        as any recorded call (waited for, they would be counted twice)."""
+        for orphan, (_, call) in list(self._orphans.items()):
+            if orphan[0] in run_ids and call.reserved is None:  # (settled: recorded in its journal first)
+                del self._orphans[orphan]
+
     def _waits_for_orphan(self, call: _Call) -> bool:
         """Whether ``call`` is one a stopped run still has in flight: then it is queued again once that
         one is answered (and so recorded, to be replayed) or has failed (then it is sent)."""
-        task = self._orphans.get((call.ledger.run_id, call.key, call.seq))
+        task, _ = self._orphans.get((call.ledger.run_id, call.key, call.seq), (None, None))
         if task is None or task.done():
             return False
 
@@ -499,7 +508,7 @@ class Executor:
         is not a model) or was cancelled, its unanswered calls fail with that error instead of
         waiting for ever (those cut off in flight were failed as such already)."""
         if task.cancelled():
-            self._fail_unanswered(group, CallCancelled(f"{group[0].model.name}: cancelled before its request was sent"))
+            self._fail_unanswered(group, _unsent_error(group))
             return
         if task.exception() is None:
             return
@@ -507,9 +516,12 @@ class Executor:
         self._fail_unanswered(group, error if isinstance(error, Exception) else RuntimeError(repr(error)))
 
     def _fail_unanswered(self, group: list[_Call], error: Exception) -> None:
-        """Fail the calls of ``group`` that have no outcome yet."""
-        self._fail([c for c in group if c.waiter.outcomes[c.index] is None and not c.waiter.future.done()], error,
-                   sent=False)
+        """Fail the calls of ``group`` that have no outcome yet; those nobody waits for any more give
+        their budget reservations back."""
+        unanswered = [c for c in group if c.waiter.outcomes[c.index] is None]
+        self._fail([c for c in unanswered if not c.waiter.future.done()], error, sent=False)
+        for call in unanswered:
+            self._settle(call, None)  # (a no-op for a call settled already: cut off in flight, or failed above)
 
     def _answer_without_model(self, call: _Call) -> bool:
         """Replay from the store, answer from the cache, or refuse on budget; True if handled."""
@@ -542,6 +554,7 @@ class Executor:
             # they are heavy calls whose wave waits for this call's task (then it stops, as before)
             if exceeded.held and not (self._heavy and not self._heavy_running):
                 self._held.append(call)
+                ledger.budget.on_release(self._release_held)  # (the room may be another executor's, in a shared budget)
                 return True
             self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="budget"))
             self._resolve(call, exceeded)
@@ -582,9 +595,24 @@ class Executor:
         finally:
             for task in running:  # when the wave itself is cancelled, or broke (its calls failed above)
                 task.cancel()
+            for group in groups.values():  # (cancelled: the groups not started give their reservations back)
+                self._fail_unanswered(group, _unsent_error(group))
             self._wave_left = set()
             self._busy.clear()
             self._heavy_running = False
+            # calls held for room while the wave ran are asked about again: with heavy calls queued
+            # for the next wave, which waits for their tasks, they cannot wait any longer
+            self._pending += self._held
+            self._held = []
+            self._schedule_kick()
+
+    def _unbegun_wave(self, calls: list[_Call], wave: asyncio.Task[None]) -> None:
+        """A wave cancelled before it began (its calls are still the queued ones): they fail or give
+        their reservations back, and the next wave may start."""
+        if wave.cancelled() and calls is self._heavy:
+            self._heavy = []
+            self._heavy_running = False
+            self._fail_unanswered(calls, _unsent_error(calls))
             self._schedule_kick()
 
     def _startable(self, groups: dict[int, list[_Call]],
@@ -749,7 +777,7 @@ class Executor:
         started = time.perf_counter()
         token = retry_listener.set(self._on_retry)
         dropped = downgrade_listener.set(self._on_downgrade)
-        cancelled = cancel_listener.set(partial(self._cancelled_in_flight, group))
+        cancelled = cancel_listener.set(partial(self._cancelled_in_flight, group, set()))
         unsent: set[int] = set()  # calls whose tasks stopped before their turn came: never sent
 
         def wanted(index: int) -> bool:
@@ -905,10 +933,24 @@ class Executor:
         if call.reserved is not None:
             call.ledger.budget.settle(call.reserved, usage)
             call.reserved = None
-            if self._held:
-                self._pending += self._held
-                self._held = []
-                self._schedule_kick()
+
+    def _release_held(self) -> None:
+        """A reservation was released: the calls that waited for room are asked about again (from
+        another thread's loop, in this executor's)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:
+            loop.call_soon_threadsafe(self._release_held)
+            return
+        if self._held:
+            self._pending += self._held
+            self._held = []
+            self._schedule_kick()
 
     def _fail(self, calls: list[_Call], error: Exception, *, sent: bool) -> None:
         """Fail calls that got no outcome of their own; ``sent``: they reached the model, so they count."""
@@ -917,13 +959,17 @@ class Executor:
             call.ledger.failed_calls += 1
             self._resolve(call, error)
 
-    def _cancelled_in_flight(self, group: list[_Call], request: ChatRequest, usage: Usage) -> None:
+    def _cancelled_in_flight(self, group: list[_Call], counted: set[int], request: ChatRequest, usage: Usage) -> None:
         """A call of ``group`` cancelled after its requests went out (Ctrl-C, the loop ending): the
         endpoint got them, so its run counts them and its journal records them, as a failed call
         would be. (Found by a search: this is rare, and the batch's path stays as it was.)"""
-        call = next((c for c in group if c.request is request), None)
-        if call is None or call.waiter.outcomes[call.index] is not None:
+        # (one request object may be sent twice in a batch: the first of them not yet counted here)
+        place = next((i for i, c in enumerate(group) if c.request is request and i not in counted
+                      and c.waiter.outcomes[c.index] is None), None)
+        if place is None:
             return
+        counted.add(place)
+        call = group[place]
         error = CallCancelled(f"{call.model.name}: cancelled while its request was in flight")
         error.usage = usage
         self._settle(call, usage)
@@ -972,3 +1018,8 @@ class Executor:
             await model.unload()
             self.stats.unloads[model.name] += 1
             self.events.emit(ModelUnloaded(model=model.name))
+
+
+def _unsent_error(calls: list[_Call]) -> CallCancelled:
+    """What calls cancelled before their requests were sent fail with."""
+    return CallCancelled(f"{calls[0].model.name}: cancelled before its request was sent")

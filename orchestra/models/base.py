@@ -210,7 +210,15 @@ class ModelBase(abc.ABC):
         workers = [asyncio.ensure_future(worker()) for _ in range(width)]
         try:
             for _ in requests:
-                yield await finished.get()
+                try:
+                    answered = await finished.get()
+                except asyncio.CancelledError:
+                    # the batch was cancelled with answers queued that it had not taken yet: their
+                    # requests were answered (and billed), so they are delivered before it stops
+                    while not finished.empty():
+                        yield finished.get_nowait()
+                    raise
+                yield answered
         finally:
             for task in workers:
                 task.cancel()
