@@ -25,7 +25,8 @@ class Subtask(BaseModel):
 
     id: str = Field(pattern=ID_PATTERN, max_length=40)
     instruction: str = Field(min_length=1)
-    depends_on: list[str] = Field(default_factory=list, max_length=12)
+    #: (a workflow's step may merge any number of steps; the planner's schema caps a planner's)
+    depends_on: list[str] = Field(default_factory=list)
     skills: list[str] = Field(default_factory=list, max_length=MAX_SKILLS)
 
 

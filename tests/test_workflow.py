@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +418,27 @@ def test_workflow_runs_steps_with_their_settings(tmp_path: Path) -> None:
     assert any("Review this draft:\nw: draft about tides" in p for prompts in seen.values() for p in prompts)
     assert result.node("verdict").data == {"verdict": "approve", "summary": "fine"}
     assert not any(kind_of(r) == "keywords" for m in models.values() for r in m.requests)
+
+
+def test_a_step_may_need_more_steps_than_a_planner_may_write(tmp_path: Path) -> None:
+    """A fan-in of 13 parts validates and runs (a step's needs were capped at 12, a planner's limit:
+    validate said ok, then the run died of a traceback)."""
+    def answer(request: ChatRequest) -> str:
+        chapter = re.search(r"Summarise chapter (\d+)", request.prompt_text())
+        return f"summary {chapter.group(1)}." if chapter else "merged"
+
+    model = FunctionModel(answer, name="w")
+    pool = Pool(agents=[Agent(name="writer", model=model)])
+    parts = "".join(f"  - id: part{i}\n    agent: writer\n    prompt: Summarise chapter {i}.\n" for i in range(13))
+    needs = ", ".join(f"part{i}" for i in range(13))
+    merge = ("  - id: merge\n    agent: writer\n    needs: [" + needs + "]\n    prompt: \"Merge: "
+             + " ".join("{{ steps.part" + str(i) + ".output }}" for i in range(13)) + "\"\n")
+    text = "name: fan-in\nsteps:\n" + parts + merge + "final: \"{{ steps.merge.output }}\"\n"
+    flow = Workflow.load(write(tmp_path, text), pool=pool)
+    result = run_workflow(flow, {})
+    assert result.status == "done", result.error
+    assert result.answer == "merged" and len(model.requests) == 14
+    assert all(f"summary {i}." in model.requests[-1].prompt_text() for i in range(13))
 
 
 @pytest.fixture
