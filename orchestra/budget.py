@@ -234,6 +234,13 @@ class BudgetTracker:
         self.completion_tokens += usage.completion_tokens
         self.cost_usd += usage.cost_usd
 
+    def stop(self, refused: BudgetExceeded) -> None:
+        """Make ``refused``, a refusal to wait for room (``held``), the one that stops this run: its
+        call could not wait (its run ends ``budget_exceeded``, not ``failed``)."""
+        refused.held = False
+        if self.exceeded is None:
+            self.exceeded = refused
+
     def close(self, reason: BudgetExceeded) -> None:
         """Refuse every call from now on with ``reason`` (a run a shared budget cannot be expected to finish)."""
         self.closed = reason

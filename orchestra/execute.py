@@ -551,11 +551,14 @@ class Executor:
                                                 getattr(call.model, "prompt_gauge", None))
         except BudgetExceeded as exceeded:
             # it fits once the calls in flight end (their worst cases are held): it waits for them, unless
-            # they are heavy calls whose wave waits for this call's task (then it stops, as before)
-            if exceeded.held and not (self._heavy and not self._heavy_running):
+            # they are heavy calls queued for a wave that waits for this call's task (a task waiting on
+            # light calls only: then it stops); a task with an engine's calls outstanding holds up no wave
+            if exceeded.held and (call.waiter.heavy > 0 or not (self._heavy and not self._heavy_running)):
                 self._held.append(call)
                 ledger.budget.on_release(self._release_held)  # (the room may be another executor's, in a shared budget)
                 return True
+            if exceeded.held:  # (it could not wait: its run stops at the budget, as any refused call's)
+                ledger.budget.stop(exceeded)
             self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="budget"))
             self._resolve(call, exceeded)
             return True

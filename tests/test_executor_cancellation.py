@@ -10,6 +10,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import KEYWORDS_MARK
 
 from orchestra import Agent, Orchestra, Pool
@@ -224,6 +225,7 @@ def test_a_light_call_held_while_a_wave_runs_does_not_block_the_next_wave() -> N
         first_wave.set()
         outcomes = await asyncio.wait_for(asyncio.gather(*tasks), HANG)
         assert [type(out[0]).__name__ for out in outcomes] == ["ChatResult", "ChatResult", "BudgetExceeded"]
+        assert ledger.budget.exceeded is outcomes[2][0]  # (its run ends budget_exceeded, not failed)
 
     asyncio.run(main())
 
@@ -342,3 +344,28 @@ def test_a_stream_under_a_shared_budget_ends_when_a_costly_run_ends_while_it_wai
         assert sorted(index for index, _ in got) == list(range(8))
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("limit", [1000, 1500])
+def test_an_engines_calls_wait_for_room_under_a_token_budget_as_an_endpoints_do(limit: int) -> None:
+    """Keyword samples to an in-process engine, a budget that fits two at once: the others wait for
+    room, and the run ends as it does on an endpoint (it failed, with a budget error and exit 1)."""
+    def answer(request: ChatRequest) -> Any:
+        return {"keywords": ["history"]} if KEYWORDS_MARK in request.prompt_text() else "The answer is 42"
+
+    outcomes = []
+    for heavy in (False, True):
+        model = FunctionModel(answer, name="engine", heavy=heavy)
+        pool = Pool(agents=[Agent(name="a", model=model, max_tokens=50), Agent(name="b", model=model, max_tokens=50)],
+                    planner=model)
+        result = Orchestra(pool, store=False, k=2, budget=Budget(max_tokens=limit)).run("What is 6*7?", plan=False)
+        outcomes.append((result.status, result.usage.calls, len(model.requests)))
+    assert outcomes[0] == outcomes[1] == ("done", 8, 8)
+
+
+def test_an_engines_call_that_cannot_fit_stops_its_run_at_the_budget() -> None:
+    """Under a budget too small for the keyword samples, a run on an engine ends budget_exceeded (exit 3)."""
+    model = FunctionModel(lambda request: {"keywords": ["history"]}, name="engine", heavy=True)
+    pool = Pool(agents=[Agent(name="a", model=model, max_tokens=50)], planner=model)
+    result = Orchestra(pool, store=False, k=1, budget=Budget(max_tokens=700)).run("What is 6*7?", plan=False)
+    assert (result.status, result.exit_code) == ("budget_exceeded", 3)
