@@ -30,6 +30,9 @@ class Budget(BaseModel):
         return Budget.model_validate({**self.model_dump(), **overrides})
 
 
+_DEFAULT = Budget()
+
+
 class Reservation(NamedTuple):
     """A call's worst case, held against the budget while it is in flight."""
 
@@ -39,6 +42,10 @@ class Reservation(NamedTuple):
 
 NOTHING = Reservation(0, 0.0)
 """The reservation of a call that no token or cost limit bounds."""
+
+#: the answer a call is reserved for when neither its request nor its model sets a limit; under a
+#: token or cost limit of the user's, an endpoint's request without one is sent with this one
+ANSWER_ALLOWANCE = 1024
 
 #: how a prompt is reserved for a model that learns nothing of its server's billing
 _UNKNOWN = PromptGauge()
@@ -64,6 +71,11 @@ class BudgetTracker:
                  name: str = "the data set's budget") -> None:
         self.budget = budget
         self.name = name  # a shared budget's, in its error
+        #: a token or cost limit other than the default's applies, here or in the shared budget above:
+        #: an endpoint's answer is then bounded by what it was reserved for (see ``ANSWER_ALLOWANCE``)
+        self.bounds_answers: bool = (budget.max_tokens not in (None, _DEFAULT.max_tokens)
+                               or budget.max_cost_usd not in (None, _DEFAULT.max_cost_usd)
+                               or (parent is not None and parent.bounds_answers))
         self.run_id = run_id
         self.parent = parent
         #: runs' budgets are inside this one: it reserves each call's worst case, which they settle
@@ -112,12 +124,13 @@ class BudgetTracker:
         return None
 
     def admit(self, request: ChatRequest, price: Price, gauge: PromptGauge | None = None, *,
-              within: bool = False) -> Reservation:
+              within: bool = False, answer_limit: int | None = None) -> Reservation:
         """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it
         does not fit this budget or the shared one (``held`` on it: it would fit once the calls in
         flight end, so the caller may wait for them and ask again). ``within``: a further request of
         a call in flight (a structured answer's repair), reserved on top of the call's own and
-        refused outright (it cannot wait)."""
+        refused outright (it cannot wait). ``answer_limit``: the model's own limit on an answer whose
+        request sets none (an engine's ``default_max_tokens``)."""
         budget = self.budget
         if self.closed is not None:
             self.exceeded = self.closed
@@ -129,7 +142,7 @@ class BudgetTracker:
         if budget.max_tokens is None and budget.max_cost_usd is None and self.parent is None and not self.shared:
             self._reserved_calls += not within  # no limit reads the worst case: not estimated (this runs per call)
             return NOTHING
-        prompt, answer = (gauge or _UNKNOWN).worst(request), request.max_tokens or 1024
+        prompt, answer = (gauge or _UNKNOWN).worst(request), request.max_tokens or answer_limit or ANSWER_ALLOWANCE
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
         spent = self.prompt_tokens + self.completion_tokens
         what = "its invalid JSON's repair" if within else "the next call"

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from orchestra.budget import Budget, BudgetTracker, Reservation
+from orchestra.budget import ANSWER_ALLOWANCE, Budget, BudgetTracker, Reservation
 from orchestra.errors import BudgetExceeded, CallCancelled, EngineLost
 from orchestra.events import (
     BatchFinished,
@@ -546,9 +546,10 @@ class Executor:
                 self._resolve(call, cached)
                 return True
             ledger.cache_misses += 1
+        answer_limit = getattr(call.model, "default_max_tokens", None)
         try:
             call.reserved = ledger.budget.admit(call.request, getattr(call.model, "price", FREE),
-                                                getattr(call.model, "prompt_gauge", None))
+                                                getattr(call.model, "prompt_gauge", None), answer_limit=answer_limit)
         except BudgetExceeded as exceeded:
             # it fits once the calls in flight end (their worst cases are held): it waits for them, unless
             # they are heavy calls queued for a wave that waits for this call's task (a task waiting on
@@ -562,6 +563,10 @@ class Executor:
             self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="budget"))
             self._resolve(call, exceeded)
             return True
+        if call.request.max_tokens is None and answer_limit is None and not call.heavy and ledger.budget.bounds_answers:
+            # an endpoint's answer without a limit is unbounded: under a limit of the user's it gets the
+            # one it was reserved for, so the budget holds (its key stays the request's own)
+            call.request = call.request.model_copy(update={"max_tokens": ANSWER_ALLOWANCE})
         return False
 
     # --- heavy waves -----------------------------------------------------------------------

@@ -576,3 +576,53 @@ def test_ask_show_and_runs_print_one_cost_for_a_run(loopback, tmp_path: Path) ->
     assert cost > 0 and cost == shown["totals"]["cost_usd"] == shown["result"]["usage"]["cost_usd"] == listed["cost_usd"]
     assert all(call["cost_usd"] == round(call["cost_usd"], 12) for call in shown["calls"])
     assert abs(sum(call["cost_usd"] for call in shown["calls"]) - cost) < 1e-11  # (each to the 10^-12 dollar)
+
+
+class LongAnswerServer:
+    """An endpoint whose experts write at length (about 2,400 tokens), cut at a request's ``max_tokens``
+    as a real server cuts them; it keeps its own books of tokens billed and limits asked for."""
+
+    def __init__(self) -> None:
+        self.billed = 0
+        self.limits: list[int | None] = []
+        self.lock = threading.Lock()
+        self.inner = chat_handler(self.answer)
+
+    def answer(self, request: LoopbackRequest) -> str:
+        with self.lock:
+            self.limits.append((request.json() or {}).get("max_tokens"))
+        if KEYWORDS_MARK in request.prompt:
+            return json.dumps({"keywords": ["chemistry"]})
+        return "The answer is 42. " + "word " * 2400
+
+    async def __call__(self, request: LoopbackRequest) -> Reply:
+        reply = await self.inner(request)
+        usage = (reply.body or {}).get("usage") if isinstance(reply.body, dict) else None
+        if usage:
+            with self.lock:
+                self.billed += usage["prompt_tokens"] + usage["completion_tokens"]
+        return reply
+
+
+@pytest.mark.parametrize("limit", [{"max_tokens": 5000}, {"max_cost_usd": 0.005}])
+def test_a_limit_of_the_users_bounds_answers_that_set_no_max_tokens(loopback, tmp_path: Path,
+                                                                     limit: dict[str, float]) -> None:
+    """Expert requests without ``max_tokens``: under a token or cost limit the user set, each is sent
+    the answer it was reserved for, so the limit holds (9,102 tokens under 5,000, the run `done`);
+    under the default budget they are sent none (a long answer is not cut for a limit nobody set)."""
+    billed = LongAnswerServer()
+    server = loopback(billed)
+    pool = write_pool(tmp_path, server.url)
+    pool.write_text(pool.read_text().replace("    timeout: 10", "    timeout: 10\n    prices: [1, 1]"))  # $1 a million
+    orc = Orchestra(pool, store=False, plan=False, k=3, aggregate="vote", mode="global")
+    result = orc.run("What is 6*7?", budget=Budget(**limit))
+    assert billed.billed == result.usage.prompt_tokens + result.usage.completion_tokens
+    if "max_tokens" in limit:
+        assert billed.billed <= limit["max_tokens"]
+    else:
+        assert result.usage.cost_usd <= limit["max_cost_usd"]
+    experts = [n for n in billed.limits if n != 64]  # (keyword samples ask for 64)
+    assert experts and experts == [1024] * len(experts)
+    billed.limits.clear()
+    orc.run("What is 6*7?")
+    assert [n for n in billed.limits if n != 64] == [None] * 3
