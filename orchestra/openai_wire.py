@@ -149,8 +149,29 @@ def _conversation(messages: Any) -> tuple[str, str]:
     if not task.strip():
         raise bad_request(f"messages[{len(turns) - 1}].content is empty: the last user message is the task",
                           f"messages[{len(turns) - 1}].content")
-    context = "\n".join(f"{_SPEAKERS[r]}: {text}" for r, text in turns[:-1] if text.strip())
-    return task, context[-CONTEXT_CHARS:]
+    return task, _context([(_SPEAKERS[r], text) for r, text in turns[:-1] if text.strip()])
+
+
+def _context(turns: list[tuple[str, str]]) -> str:
+    """The earlier turns (speaker, text) as context of at most ``CONTEXT_CHARS``: the system messages
+    first (their beginning, should they be longer), then the most recent turns whole, in order, and
+    the end of the turn before them, marked as cut (``User: …``)."""
+    system = "\n".join(f"{speaker}: {text}" for speaker, text in turns if speaker == "System")
+    if len(system) > CONTEXT_CHARS:
+        return system[:CONTEXT_CHARS - 1] + "…"
+    room = CONTEXT_CHARS - len(system) - bool(system)  # (a newline after the system messages)
+    kept: list[str] = []
+    for speaker, text in reversed([turn for turn in turns if turn[0] != "System"]):
+        line = f"{speaker}: {text}"
+        if len(line) + bool(kept) > room:
+            head = f"{speaker}: …"
+            left = room - bool(kept) - len(head)
+            if left > 0:
+                kept.append(head + text[-left:])
+            break
+        kept.append(line)
+        room -= len(line) + (len(kept) > 1)
+    return "\n".join([*([system] if system else []), *reversed(kept)])
 
 
 _SPEAKERS = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant",

@@ -37,6 +37,18 @@ def test_a_long_conversation_keeps_its_most_recent_turns_as_context() -> None:
     assert len(completion.context) == CONTEXT_CHARS and completion.context.endswith(f"Assistant: {recent}")
 
 
+def test_a_long_conversation_keeps_its_system_message_and_cuts_old_turns_at_their_start() -> None:
+    """Past 16,000 characters the system message stayed behind ("Answer in French." lost) and the
+    context began mid-message without its speaker."""
+    completion = parse_completion({"model": "orchestra", "messages": [
+        {"role": "system", "content": "Answer in French."}, {"role": "user", "content": "u" * 20_000},
+        {"role": "assistant", "content": "recent"}, {"role": "developer", "content": "Be brief."}, *ASK]})
+    context = completion.context
+    assert len(context) == CONTEXT_CHARS
+    assert context.startswith("System: Answer in French.\nSystem: Be brief.\nUser: …uuu")
+    assert context.endswith("uuu\nAssistant: recent")
+
+
 @pytest.mark.parametrize("value", [0, 0.0, 2, 1.5])
 def test_temperature_takes_both_ends_of_its_range(value: float) -> None:
     assert parse_completion({"model": "orchestra", "messages": ASK, "temperature": value}).temperature == value
