@@ -852,12 +852,12 @@ def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
 
 
 def _whole_budget(opts: dict[str, Any]) -> Budget | None:
-    """The budget the command line's --max-calls, --max-cost and --max-tokens give a whole data set
-    (each run may spend as much, within it); None if none is given."""
+    """The budget the command line's --max-calls, --max-cost and --max-tokens (or ``--set budget.*``,
+    the same settings) give a whole data set (each run may spend as much, within it); None if none
+    is given."""
     from orchestra.settings import Settings
 
-    limits = {field: opts[dest] for dest, field in (("max_calls", "max_calls"), ("max_cost", "max_cost_usd"),
-                                                    ("max_tokens", "max_tokens")) if opts.get(dest) is not None}
+    limits = settings_from(opts).changes().get("budget") or {}
     if not limits:
         return None
     # validated as the other commands' flags are (``--max-cost nan`` is one line, not a traceback)

@@ -707,12 +707,15 @@ def test_show_of_a_data_set_item_names_the_item_and_its_inputs(loopback, tmp_pat
     assert json.loads(cli("show", never["id"], "--json").stdout)["run"]["item"] == "q2"
 
 
-def test_eval_budget_flags_bound_the_whole_evaluation(llm, tmp_path: Path) -> None:
+@pytest.mark.parametrize("limit", [("--max-calls", "10"), ("--set", "budget.max_calls=10")])
+def test_eval_budget_flags_bound_the_whole_evaluation(llm, tmp_path: Path, limit: tuple[str, str]) -> None:
+    """--max-calls bounds the whole evaluation, and so does --set budget.max_calls, the same setting
+    (it bounded each item: 72 requests under 20)."""
     pool = write_pool(tmp_path, llm.server.url)
     data = tmp_path / "val.jsonl"
     data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + {i}?", "answer": "{2 * i}"}}\n'
                             for i in range(4)))
-    done = cli("eval", "--pool", str(pool), "--data", str(data), "--max-calls", "10", "--json")
+    done = cli("eval", "--pool", str(pool), "--data", str(data), *limit, "--json")
     assert done.returncode == 3, done.stderr
     report = json.loads(done.stdout)
     # 10 calls for the four items together (the flags used to cap each item alone): the first item
