@@ -15,7 +15,7 @@ import click
 
 from orchestra import __version__
 from orchestra.errors import ConfigError, OrchestraError
-from orchestra.hints import advise_store, command
+from orchestra.hints import BUDGET_FLAGS, advise_store, command
 from orchestra.money import usd, usd_exact
 from orchestra.vocabulary import METHOD_NAMES
 
@@ -610,18 +610,21 @@ def agents(pool: Path | None, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Go on with an interrupted profile: answers recorded for the same "
                                             "calls are reused, only the rest are sent.")
 @store_options
+@budget_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_items: int | None, seed: int,
             merge_similarity: float | None, resume: bool, store_path: Path | None, no_store: bool,
-            as_json: bool) -> None:
-    """Measure every agent on a validation set and save skill profiles."""
+            as_json: bool, max_calls: int | None, max_cost: float | None, max_tokens: int | None) -> None:
+    """Measure every agent on a validation set and save skill profiles (--max-calls, --max-cost and
+    --max-tokens bound the whole profile; a pool's budget bounds each run of the other commands)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from orchestra.agents import Pool
+    from orchestra.budget import Budget
     from orchestra.core import run_interruptibly
     from orchestra.datasets import load_dataset
-    from orchestra.errors import ProfilingIncomplete
+    from orchestra.errors import BudgetExceeded, ProfilingIncomplete
     from orchestra.profile import stale_profiles
     from orchestra.profiling import ProfilingSpent, aprofile, save_profiles
     from orchestra.store import RunStore
@@ -631,6 +634,10 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
         raise ConfigError("--resume reuses the answers recorded in the run store; drop --no-store")
     loaded = Pool.load(pool, profiles=False)  # (measured anew: one of an agent since removed stops nothing)
     loaded.check_credentials()
+    budget = _whole_budget({"max_calls": max_calls, "max_cost": max_cost, "max_tokens": max_tokens})
+    if budget is None and loaded.settings.budget != Budget():  # (it bounds a run; a profile is none)
+        click.echo("note: the pool's budget bounds each run of ask, eval and run, not a profile; give profile "
+                   "--max-calls, --max-cost or --max-tokens to bound this one", err=True)
     dataset = load_dataset(data)
     target = (out or loaded.profiles_dir or Path("skills/profiles") / loaded.name).resolve()
     writable_folder(target, "the profiles")  # before any call is paid for
@@ -666,7 +673,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
                                                 seed=seed, progress=update, matcher=loaded.settings.matcher.build(),
                                                 keywords=loaded.settings.keywords,  # (as its runs extract them)
                                                 merge_similarity=merge_similarity, cache=answers,
-                                                on_stop=stopped.append))
+                                                budget=budget, on_stop=stopped.append))
         except KeyboardInterrupt:
             progress.stop()
             if stopped:
@@ -677,8 +684,10 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
             progress.stop()
             if stopped:
                 spent_json(stopped[0], False, str(error))
-            fail(f"{error}; " + ("fix the cause and profile again" if answers is None else "the answers so far are "
-                 "saved: once the cause is fixed, the same command with --resume sends only the calls not answered"),
+            cause = (f"raise it with {BUDGET_FLAGS[error.cause.limit]}" if isinstance(error.cause, BudgetExceeded)
+                     else "fix the cause")
+            fail(f"{error}; " + (f"{cause} and profile again" if answers is None else "the answers so far are "
+                 f"saved: {cause}, then the same command with --resume sends only the calls not answered"),
                  error.exit_code)
         except OrchestraError as error:  # (a budget, a matcher's endpoint: its one line follows, as for any command)
             progress.stop()

@@ -54,6 +54,7 @@ class ProfilingIncomplete(OrchestraError):
 
     def __init__(self, message: str, cause: Exception) -> None:
         super().__init__(message)
+        self.cause = cause
         self.exit_code = getattr(cause, "exit_code", 1)
 
 

@@ -344,6 +344,27 @@ def test_profile_refuses_before_any_call_what_could_not_finish(llm, tmp_path: Pa
     assert not llm.server.requests
 
 
+def test_profile_budget_flags_bound_the_whole_profile(llm, tmp_path: Path) -> None:
+    """profile took no budget (a pool's, which bounds a run, was ignored without a word: 96 requests
+    under max_calls 10): --max-calls bounds it, and a pool's budget gets a note."""
+    pool = write_pool(tmp_path, llm.server.url, extra="settings: {budget: {max_calls: 10}}\n")
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(4)))
+    stopped = cli("profile", "--pool", str(pool), "--data", str(data), "--max-calls", "7")
+    assert stopped.returncode == 3, stopped.stderr
+    assert len(llm.server.requests) == 7
+    assert stopped.stderr.strip().splitlines()[-1].endswith(
+        "budget max_calls=7 reached (7 calls made)); no profiles were written; the answers so far are saved: raise "
+        "it with --max-calls, then the same command with --resume sends only the calls not answered")
+    whole = cli("profile", "--pool", str(pool), "--data", str(data), "--resume")
+    assert whole.returncode == 0, whole.stderr
+    assert whole.stderr.splitlines()[0] == ("note: the pool's budget bounds each run of ask, eval and run, not a "
+                                            "profile; give profile --max-calls, --max-cost or --max-tokens to bound "
+                                            "this one")
+    assert len(llm.server.requests) == 4 * 5 + 3 * 4  # keyword samples and answers, each sent once
+
+
 def test_a_pool_with_the_profile_of_a_removed_agent_says_which_file_and_can_be_profiled_again(
         llm, tmp_path: Path) -> None:
     """(Removing a profiled agent made the pool unloadable, `orchestra profile` too, with a message
