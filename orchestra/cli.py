@@ -684,11 +684,11 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
             progress.stop()
             if stopped:
                 spent_json(stopped[0], False, str(error))
-            cause = (f"raise it with {BUDGET_FLAGS[error.cause.limit]}" if isinstance(error.cause, BudgetExceeded)
-                     else "fix the cause")
-            fail(f"{error}; " + (f"{cause} and profile again" if answers is None else "the answers so far are "
-                 f"saved: {cause}, then the same command with --resume sends only the calls not answered"),
-                 error.exit_code)
+            raised = (f"raise it with {BUDGET_FLAGS[error.cause.limit]}" if isinstance(error.cause, BudgetExceeded)
+                      else None)
+            fail(f"{error}; " + (f"{raised or 'fix the cause'} and profile again" if answers is None else
+                 f"the answers so far are saved: {f'{raised}, then' if raised else 'once the cause is fixed,'} "
+                 "the same command with --resume sends only the calls not answered"), error.exit_code)
         except OrchestraError as error:  # (a budget, a matcher's endpoint: its one line follows, as for any command)
             progress.stop()
             if stopped:
