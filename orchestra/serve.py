@@ -554,7 +554,8 @@ def _error(error: WireError, run_id: str | None = None) -> JSONResponse:
 
 
 def served_models(pool: Pool, presets: Mapping[str, Settings | Mapping[str, Any]]) -> dict[str, ServedModel]:
-    """Every model id the server answers to; a preset named like an agent (or ``orchestra``) is refused."""
+    """Every model id the server answers to; a preset named like an agent (or ``orchestra``), and an
+    agent named ``orchestra``, are refused."""
     models = {ORCHESTRA_MODEL: ServedModel(ORCHESTRA_MODEL, "orchestra", Settings(),
                                            description=f"pool {pool.name}: plan, recruit, aggregate")}
     for name, layer in {**pool.presets, **presets}.items():
@@ -568,6 +569,9 @@ def served_models(pool: Pool, presets: Mapping[str, Settings | Mapping[str, Any]
         models[name] = ServedModel(name, "preset", settings, description="the orchestra with "
                                    + (", ".join(f"{k}={v}" for k, v in settings.changes().items()) or "no changes"))
     for agent in pool.agents:
+        if agent.name == ORCHESTRA_MODEL:  # (it hid the team: no request could reach it)
+            raise ConfigError(f"agent {ORCHESTRA_MODEL!r} has the name serve gives the team; rename the agent in "
+                              "the pool")
         models[agent.name] = ServedModel(agent.name, "agent", Settings.layer({"plan": False, "k": 1}), agent=agent.name,
                                          description=agent.description or f"agent {agent.name} alone")
     return models

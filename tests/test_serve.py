@@ -21,8 +21,11 @@ import openai
 import pytest
 import uvicorn
 
+from orchestra import Agent, Pool
 from orchestra.budget import Budget
-from orchestra.serve import RUN_HEADER, Feed, app, base_url
+from orchestra.errors import ConfigError
+from orchestra.models import FunctionModel
+from orchestra.serve import RUN_HEADER, Feed, app, base_url, served_models
 from orchestra.store import RunStore
 from orchestra.testing import LoopbackRequest, LoopbackServer, Reply
 from orchestra.testing.loopback import error_reply, openai_reply, openai_stream_reply
@@ -815,6 +818,14 @@ def test_the_command_refuses_a_missing_key_variable_and_a_clashing_preset(tmp_pa
     clash = ServeProcess("--presets", str(presets), "--no-store")
     code, err = clash.stop()
     assert code == 2 and "preset 'orchestra' has the name of the orchestra" in err
+
+
+def test_an_agent_named_like_the_team_is_refused() -> None:
+    """An agent named ``orchestra`` hid the team: /v1/models listed one 'orchestra', and a request for
+    a team of 2 was refused as that agent's."""
+    pool = Pool(agents=[Agent(name="orchestra", model=FunctionModel(lambda request: "hi", name="m"))])
+    with pytest.raises(ConfigError, match="^agent 'orchestra' has the name serve gives the team; rename the agent"):
+        served_models(pool, {})
 
 
 @pytest.mark.parametrize("store", [True, False])
