@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 import warnings
 import zlib
 from collections.abc import (
@@ -1241,8 +1242,9 @@ def check_task(task: object) -> None:
         raise ConfigError(f"the task must be a string, not {type(task).__name__}")
     if not task.strip():
         raise ConfigError("the task is empty")
-    if _INVISIBLE.fullmatch(task):  # (NUL bytes piped in: nine paid requests answered nothing)
-        raise ConfigError("the task has no visible character (only control characters such as NUL, and spaces)")
+    if _invisible(task):  # (NUL bytes piped in, or zero-width spaces: nine paid requests answered nothing)
+        raise ConfigError("the task has no visible character (only spaces, control characters such as NUL and "
+                          "format characters such as a zero-width space)")
     if len(task) > MAX_TASK_CHARS:
         raise ConfigError(f"the task is {len(task):,} characters; at most {MAX_TASK_CHARS:,} fit Orchestra's "
                           "prompts (the planner's holds the task twice): shorten it")
@@ -1250,7 +1252,11 @@ def check_task(task: object) -> None:
 
 
 #: text with nothing to read in it: whitespace and control characters only
-_INVISIBLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]*")
+def _invisible(text: str) -> bool:
+    """Whether ``text`` shows nothing: spaces, control characters and format characters (a zero-width
+    space, a word joiner, a byte-order mark) only. (It stops at the first visible character.)"""
+    return all(character.isspace() or unicodedata.category(character) in ("Cc", "Cf") for character in text)
+
 
 #: what a run id given by a caller may hold: it is typed into ``orchestra resume`` and shown in tables
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")

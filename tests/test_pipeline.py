@@ -295,7 +295,8 @@ async def _first(results: Any) -> Any:
     (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [{"id": "a", "instruction": "  "}]}),
      "plan: subtask 'a''s instruction is empty"),
     (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [{"id": "a", "instruction": "\x00\x01"}]}),
-     "plan: subtask 'a''s instruction has no visible character (only control characters such as NUL, and spaces)"),
+     "plan: subtask 'a''s instruction has no visible character (only spaces, control characters such as NUL and "
+     "format characters such as a zero-width space)"),
     (lambda pool: Orchestra(pool, store=False).run("x?", plan={"subtasks": [
         {"id": "a", "instruction": "x"}, {"id": "b", "instruction": "y", "dependson": ["a"]}]}),
      "plan: subtasks.1: unknown field 'dependson'; a step has id, instruction, depends_on, skills"),
@@ -406,8 +407,11 @@ def test_a_task_that_is_not_text_is_one_line_before_any_call() -> None:
     for task, message in ((42, "the task must be a string, not int"), (None, "the task must be a string, not NoneType"),
                           (" \n", "the task is empty"),
                           # (NUL bytes piped to `ask -` were nine paid requests that answered nothing)
-                          ("\x00\x00", "the task has no visible character \\(only control characters such as NUL, "
-                                         "and spaces\\)"), (" \x00\x1b\x7f\n", "the task has no visible character .*")):
+                          ("\x00\x00", "the task has no visible character \\(only spaces, control characters such "
+                                         "as NUL and format characters such as a zero-width space\\)"),
+                          (" \x00\x1b\x7f\n", "the task has no visible character .*"),
+                          # (zero-width spaces, a word joiner and a byte-order mark ran 13 paid calls)
+                          ("\u200b\u2060\ufeff \u200d", "the task has no visible character .*")):
         with pytest.raises(ConfigError, match=f"^{message}$"):
             orc.run(task)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="^the task must be a string, not bytes$"):
