@@ -94,7 +94,16 @@ class Item(BaseModel):
                              "are read in")
         letters = LETTERS[: len(choices)]
         letter, text = answer.strip().strip("()").upper(), answer.strip().lower()
-        if (len(letter) == 1 and letter in letters) or any(c.strip().lower() == text for c in choices):
+        named = [LETTERS[i] for i, c in enumerate(choices) if c.strip().lower() == text]  # (choices it is the text of)
+        if len(letter) == 1 and letter in letters:
+            if named and named[0] != letter:  # (which did it mean?)
+                raise ValueError(f"the answer {answer!r} is both the letter {letter} and the text of choice "
+                                 f"{named[0]}; give the letter of the right choice")
+            return choices
+        if len(named) > 1:  # (one of them would be graded wrong)
+            raise ValueError(f"the answer {answer!r} is the text of choices {' and '.join(named)}; give the letter of "
+                             "the right one")
+        if named:
             return choices
         raise ValueError(f"the answer {answer!r} is neither a letter of its {len(choices)} choices "
                          f"({letters[0]}-{letters[-1]}) nor the text of one")

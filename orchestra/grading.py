@@ -131,7 +131,8 @@ class MultipleChoiceGrader:
     def reference(item: Item) -> str:
         """The letter the item's answer names (a choice's text turned into its letter)."""
         reference = item.answer.strip().strip("()").upper()
-        if len(reference) != 1 and item.choices:
+        if item.choices and not (len(reference) == 1 and reference in LETTERS[: len(item.choices)]):
+            # (a one-letter text too: "y" of choices x, y, z is B, not the letter Y)
             matches = [i for i, c in enumerate(item.choices) if c.strip().lower() == item.answer.strip().lower()]
             reference = LETTERS[matches[0]] if matches else reference
         return reference

@@ -143,6 +143,10 @@ def test_multiple_choice_extraction(text: str, expected: str) -> None:
 def test_multiple_choice_reference_given_as_choice_text() -> None:
     item = Item(id="1", question="q", answer="Paris", choices=("Rome", "Paris"))
     assert MultipleChoiceGrader().grade("The answer is (B)", item)
+    # a one-letter text is the choice's, not that letter ("y" of x, y, z was read as the letter Y)
+    short = Item(id="2", question="q", answer="y", choices=("x", "y", "z"))
+    assert MultipleChoiceGrader().grade("The answer is (B)", short)
+    assert not MultipleChoiceGrader().grade("The answer is (C)", short)
 
 
 @pytest.mark.parametrize("text, reference", [
@@ -275,6 +279,12 @@ def test_a_csv_data_set_is_told_to_be_json_lines(tmp_path: Path) -> None:
     ('{"id": "a", "question": "q", "answer": 1, "id": "b"}\n', "val.jsonl:1: field 'id' is given twice; keep one"),
     ('{"id": 1, "question": "q", "answer": "E", "choices": ["a", "b"]}\n',
      "val.jsonl:1: field 'choices': the answer 'E' is neither a letter of its 2 choices (A-B) nor the text of one"),
+    # (answered "y", choices x, y, y could never be graded right: (B) and (C) both read wrong)
+    ('{"id": 1, "question": "q", "answer": "y", "choices": ["x", "y", "y"]}\n',
+     "val.jsonl:1: field 'choices': the answer 'y' is the text of choices B and C; give the letter of the right one"),
+    ('{"id": 1, "question": "q", "answer": "a", "choices": ["b", "a"]}\n',
+     "val.jsonl:1: field 'choices': the answer 'a' is both the letter A and the text of choice B; give the letter of "
+     "the right choice"),
     ('{"id": 1, "question": "q", "answer": "A", "choices": ' + json.dumps([f"c{i}" for i in range(11)]) + '}\n',
      "val.jsonl:1: field 'choices': 11 choices; at most 10 (A-J), the letters answers are read in"),
     ('{"id": 1, "question": "caf\\u00e9 \\ud83d\\ude00", "answer": 1}\n{"id": 2, "question": "q\\ud800", "answer": 1}\n',
