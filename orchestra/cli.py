@@ -368,11 +368,18 @@ def make_orchestra(pool: Pool, opts: dict[str, Any]) -> Orchestra:
     return Orchestra(pool, settings_from(opts), **orchestra_options(opts))
 
 
-def refuse_unused_recruiting(opts: dict[str, Any], mode: str, *, switch: str = "--mode") -> None:
+def refuse_unused_recruiting(opts: dict[str, Any], mode: str, *, switch: str = "--mode",
+                             pool: Pool | None = None) -> None:
     """Refuse a recruiting flag ``mode`` would accept and then not use: the cost cap per item is
-    the calibrated router's, and random recruiting weighs no prices (``switch``: the flag that
-    picks another method)."""
+    the calibrated router's, random recruiting weighs no prices, and β weighs the draw and ranks of
+    symbolic-moe, topk and adaptive (calibrated recruiting uses it only while ``pool`` has no
+    measured profile) (``switch``: the flag that picks another method)."""
     given = settings_from(opts).changes().get("recruit", {})
+    measured = mode == "calibrated" and pool is not None and bool(pool.profiles)
+    if given.get("competence_weight") is not None and (mode in ("random", "global") or measured):
+        what = "calibrated recruiting on measured profiles" if measured else f"{mode} recruiting"
+        raise click.UsageError(f"--competence-weight (recruit.competence_weight) weighs the Symbolic-MoE draw; {what} "
+                               f"does not use it: leave it out, or use {switch} symbolic-moe")
     if given.get("max_cost_per_item") is not None and mode != "calibrated":
         raise click.UsageError(f"--max-cost-per-item (recruit.max_cost_per_item) caps the calibrated router's teams; "
                                f"{mode} recruiting does not use it: leave it out, or use {switch} calibrated")
@@ -476,7 +483,7 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
     if task == "-":
         task = read_stdin_task()
     orc = make_orchestra(Pool.load(pool), opts)
-    refuse_unused_recruiting(opts, orc.settings.mode)
+    refuse_unused_recruiting(opts, orc.settings.mode, pool=orc.pool)
     meta = {"kind": "ask", "pool": str(pool.resolve()) if pool else None}
     execute(orc, lambda run_id: orc.arun(task, plan=False if no_plan else None, meta=meta, run_id=run_id), opts)
 
@@ -812,7 +819,7 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     orc = make_orchestra(Pool.load(pool), opts)
     if not sweep:
         refuse_unused_recruiting(opts, opts["mode"] or (METHODS[method][0] if method in METHODS else None)
-                                 or orc.settings.mode, switch="--method")
+                                 or orc.settings.mode, switch="--method", pool=orc.pool)
     if sweep:
         run_sweep(orc, dataset, lambdas, plot, limit, as_json, opts, budget)
         return
@@ -1135,7 +1142,7 @@ def chat(pool: Path | None, **opts: Any) -> None:
     from orchestra.view import terminal
 
     orc = make_orchestra(Pool.load(pool), opts)
-    refuse_unused_recruiting(opts, orc.settings.mode)
+    refuse_unused_recruiting(opts, orc.settings.mode, pool=orc.pool)
     ChatSession(orc, console=terminal(), interactive=sys.stdin.isatty()).loop()
 
 

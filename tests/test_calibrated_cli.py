@@ -84,6 +84,15 @@ def test_profile_then_eval_each_method_as_the_server_counts_it(loopback, tmp_pat
     assert {"algebra", "basic algebra", "algebra problems"} in groups
     assert any({"organic chemistry", "organic chem"} <= group for group in groups)
     stored = json.loads((tmp_path / "profiles" / "spec0.json").read_text())
+    market.reset()
+    # β weighs the Symbolic-MoE draw; calibrated recruiting on measured profiles ranks by calibrated
+    # accuracy (β 0, 1 and 50 gave the same team): the flag is refused, not accepted and dropped
+    unused = cli("eval", "--pool", str(pool), "--data", str(test), "--competence-weight", "0", "--no-store")
+    assert (unused.returncode, unused.stderr.splitlines()[0]) == (
+        2, "error: --competence-weight (recruit.competence_weight) weighs the Symbolic-MoE draw; calibrated recruiting "
+           "on measured profiles does not use it: leave it out, or use --method symbolic-moe (see python -m "
+           "orchestra eval --help)")
+    assert sum(market.reset()[0].values()) == 0
     algebra = stored["aliases"].get("algebra", "algebra")
     assert stored["aliases"].get("basic algebra") in (algebra, None) and stored["answer_tokens"][1] > 0
     assert 12 <= stored["skill_counts"][algebra][1] <= 15  # its variants pooled: one count per item

@@ -117,6 +117,15 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
             2, "error: --cost-lambda (recruit.cost_lambda) weighs the experts' prices; random recruiting does not use "
                f"it: leave it out, or use another {method} (see python -m orchestra {command} --help)")
     assert len(server.requests) == sent
+    for command, flags, mode in [("eval", ("--data", str(data), "--method", "random"), "random"),
+                                 ("ask", ("What is 6 x 7?", "--mode", "global"), "global")]:
+        refused = cli(command, *flags, "--pool", str(pool), "--competence-weight", "2")
+        assert (refused.returncode, refused.stderr.splitlines()[0].split(";")[1]) == (
+            2, f" {mode} recruiting does not use it: leave it out, or use {flags[-2]} symbolic-moe (see python -m "
+               f"orchestra {command} --help)")
+    assert cli("ask", "What is 6 x 7?", "--pool", str(pool), "--mode", "topk", "--competence-weight", "2").returncode == 0
+    assert len(server.requests) > sent
+    sent = len(server.requests)
     for command, flags in [("eval", ("--data", str(data), "--method", "moa")), ("ask", ("What is 6 x 7?",)),
                            ("ask", ("What is 6 x 7?", "--mode", "symbolic-moe"))]:
         mode = {"moa": "global"}.get(flags[-1], flags[-1] if "--mode" in flags else "calibrated")
