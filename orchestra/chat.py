@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,19 @@ Commands:
   /quit   leave (Ctrl-D too). Ctrl-C stops a running task, not the session."""
 
 
+class _Leave(Exception):
+    """/quit at a task's plan prompt: the task is dropped and the session ends."""
+
+
+def _pending_input() -> bool:
+    """Whether the terminal has more input waiting: the rest of a paste (what a user types comes
+    after the line is read)."""
+    try:
+        return bool(select.select([sys.stdin], [], [], 0)[0])
+    except (OSError, ValueError):  # (no selectable standard input)
+        return False
+
+
 @dataclass
 class Turn:
     """One finished task of the session."""
@@ -58,9 +72,12 @@ class ChatSession:
             return self.read(prompt)
         if self.interactive:
             try:
-                return input(prompt)
+                line = input(prompt)
+                while _pending_input():  # (pasted lines are in the terminal already: one answer, one task)
+                    line += "\n" + input("")
             except EOFError:
                 return None
+            return line
         self.console.print(prompt, end="")
         line = sys.stdin.readline()
         return None if not line else line.rstrip("\n")
@@ -93,6 +110,9 @@ class ChatSession:
                 continue
             try:
                 self.task(line)
+            except _Leave:
+                self.console.print("bye")
+                return
             except KeyboardInterrupt:
                 self.console.print("cancelled")
             except OrchestraError as error:
@@ -146,6 +166,9 @@ class ChatSession:
             if verb in ("c", "cancel", "n", "no"):
                 self.console.print("cancelled")
                 return
+            if verb in ("/quit", "/exit"):  # (it read as a wrong answer: the session went on)
+                self.console.print("cancelled")
+                raise _Leave
             if verb in ("e", "edit"):
                 plan = self.edit(plan)
             elif verb in ("r", "replan"):

@@ -66,6 +66,23 @@ def test_chat_in_a_pseudo_terminal_with_a_plan_edit(served) -> None:
     assert dict(scripted.kinds) == {"plan": 1, "expert": 6, "aggregate": 2}
 
 
+def test_chat_takes_a_pasted_block_as_one_task_and_quit_at_its_plan_leaves(served) -> None:
+    """A pasted multi-line task was planned from its first line, the next ones read as answers to the
+    plan prompt ("r = x + 1" a paid replan, "a" ran the cut-down task); /quit there read as a wrong answer."""
+    scripted, pool = served
+    child = spawn("chat", "--pool", str(pool))
+    child.expect("/help for commands")
+    child.expect("> ")
+    child.send("Fix this code so it prints 2:\rr = x + 1\ra\rprint(r)\r")  # (one write, as a terminal pastes)
+    child.expect(r"\[a\]ccept")
+    child.sendline("/quit")
+    child.expect("bye")
+    child.expect(pexpect.EOF)
+    assert dict(scripted.kinds) == {"plan": 1}
+    planned = next(prompt for kind, prompt in scripted.prompts if kind == "plan")
+    assert "Fix this code so it prints 2:\nr = x + 1\na\nprint(r)" in planned
+
+
 def test_chat_through_stdin_accept_edit_and_replan(served) -> None:
     scripted, pool = served
     script = "\n".join([
