@@ -347,7 +347,7 @@ def test_profile_refuses_before_any_call_what_could_not_finish(llm, tmp_path: Pa
 def test_profile_budget_flags_bound_the_whole_profile(llm, tmp_path: Path) -> None:
     """profile took no budget (a pool's, which bounds a run, was ignored without a word: 96 requests
     under max_calls 10): --max-calls bounds it, and a pool's budget gets a note."""
-    pool = write_pool(tmp_path, llm.server.url, extra="settings: {budget: {max_calls: 10}}\n")
+    pool = write_pool(tmp_path, llm.server.url, extra="settings: {budget: {max_calls: 10}}\nprofiles: profiles\n")
     data = tmp_path / "val.jsonl"
     data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
                             for i in range(4)))
