@@ -94,6 +94,8 @@ class Experts:
         if purpose == "keywords":
             return openai_reply(json.dumps({"keywords": ["physics"]}))
         if payload.get("response_format"):
+            if payload.get("max_tokens") == 3:  # (its JSON cut there)
+                return openai_reply('{"answer": 4', finish_reason="length")
             return openai_reply(json.dumps({"answer": 42, "unit": "m"}))
         cut = "length" if payload.get("max_tokens") == 3 else "stop"  # a limit that short cuts the answer
         if payload.get("stream") and self.streams:  # scripted: each stream's pieces, None where it breaks
@@ -325,6 +327,23 @@ def test_json_schema_answers_with_the_schema_and_sends_it_to_the_answer_writers(
     for payload in writers:
         assert payload["response_format"]["json_schema"]["schema"] == schema
         assert payload["max_tokens"] == 77 and payload["temperature"] == 0.3
+
+
+def test_json_cut_at_the_requests_max_tokens_is_a_400_naming_it_not_a_resume(serve: Any) -> None:
+    """A structured answer cut by the request's own max_tokens was a 502 advising `orchestra resume`,
+    which sent the same capped calls and failed the same way."""
+    running, _ = serve()
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}, "unit": {"type": "string"}},
+              "required": ["answer", "unit"]}
+    with pytest.raises(openai.BadRequestError) as cut:
+        running.client().chat.completions.create(
+            model="orchestra", messages=[{"role": "user", "content": "How far does light travel in a nanosecond?"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "distance", "schema": schema}},
+            max_tokens=3)
+    body = cut.value.body
+    assert body["param"] == "max_tokens" and body["message"].startswith("the answer's JSON needs more than max_tokens=3")
+    assert body["message"].endswith("send the request again with a larger max_tokens (a resume would keep this one)")
+    assert "orchestra resume" not in body["message"] and "starting at at" not in body["message"]
 
 
 def test_an_empty_json_schema_asks_for_any_json_not_for_text(serve: Any) -> None:

@@ -50,7 +50,9 @@ def extract_json(text: str) -> Any:
                     continue
                 except RecursionError:
                     raise StructuredOutputError("JSON nested too deeply to read") from None
-        raise StructuredOutputError(f"not valid JSON ({first_error.msg} at char {first_error.pos})") from None
+        # ("Unterminated string starting at" ends in "at" already)
+        raise StructuredOutputError(f"not valid JSON ({first_error.msg.removesuffix(' at')} at char "
+                                    f"{first_error.pos})") from None
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
