@@ -362,6 +362,17 @@ class Workflow:
             if part == "data" and step in schemas and schemas[step] is None:
                 raise document.text_error(f"{owner} uses steps.{step}.data, but step {step!r} has no output: "
                                           f"schema (data is the JSON it asks for); use steps.{step}.output", loc, line)
+        for step, field, line in _data_fields(tree):  # (a misspelt field paid every step, then failed to render)
+            schema = schemas.get(step) if not planned else None
+            if not isinstance(schema, dict):
+                continue
+            listed = schema.get("properties")
+            if isinstance(listed, dict) and field not in listed and not schema.get("additionalProperties") \
+                    and not schema.get("patternProperties"):
+                has = ", ".join(sorted(listed)) or "none"
+                raise document.text_error(f"{owner} uses steps.{step}.data.{field}, but step {step!r}'s output: "
+                                          f"schema has no property {field!r} (it has: {has}); fix the name, or list "
+                                          "it under properties", loc, line)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -518,6 +529,25 @@ def _step_parts(tree: nodes.Template) -> list[tuple[str, str, int]]:
                 continue
         if name is not None and part is not None:
             found.append((name, part, node.lineno))
+    return found
+
+
+def _data_fields(tree: nodes.Template) -> list[tuple[str, str, int]]:
+    """``(step, field, line)`` for every ``steps.<id>.data.<field>`` (or ``["field"]``) in a template
+    (``data.get(...)``, ``data.items()`` and fields picked by a computed name are left to the run)."""
+    found = []
+    called = _called(tree)
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        assert isinstance(node, (nodes.Getattr, nodes.Getitem))
+        inner = node.node
+        if id(node) in called or not isinstance(inner, (nodes.Getattr, nodes.Getitem)):
+            continue
+        if (inner.attr if isinstance(inner, nodes.Getattr) else _constant(inner.arg)) != "data":
+            continue
+        step = _key(inner.node, "steps")
+        field = node.attr if isinstance(node, nodes.Getattr) else _constant(node.arg)
+        if step is not None and field is not None:
+            found.append((step, field, node.lineno))
     return found
 
 

@@ -52,6 +52,15 @@ def write(tmp_path: Path, text: str, name: str = "wf.yaml") -> Path:
     return path
 
 
+def test_a_data_field_a_schema_leaves_open_validates(tmp_path: Path) -> None:
+    """A field the schema does not list is refused only where the schema closes its properties."""
+    for extra in ("additionalProperties: true", "patternProperties: {'^x': {type: string}}"):
+        text = (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n"
+                             f"    output: {{type: object, properties: {{verdict: {{type: string}}}}, {extra}}}\n")
+                .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data.xtra }}"'))
+        Workflow.load(write(tmp_path, text))
+
+
 def test_good_workflow_validates(tmp_path: Path) -> None:
     done = cli("validate", str(write(tmp_path, GOOD)))
     assert done.returncode == 0, done.stderr
@@ -161,6 +170,16 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
      "task: 'Write on tides'\nfinal: '{{ steps.report.data.verdict }}'\n",
      "wf.yaml:4:8: final uses steps.report.data, but planned steps have no output: schema (data is the JSON one "
      "asks for); use steps.report.output"),
+    # a data field its schema does not list (the steps were paid, then the final failed to render)
+    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
+                  "{type: object, properties: {verdict: {type: string}, notes: {type: string}}}\n")
+     .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data.verdikt }}"'),
+     "wf.yaml:22:8: final uses steps.review.data.verdikt, but step 'review''s output: schema has no property "
+     "'verdikt' (it has: notes, verdict); fix the name, or list it under properties"),
+    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
+                  "{type: object, properties: {verdict: {type: string}}}\n")
+     .replace('final: "{{ steps.review.output }}"', "final: \"{{ steps['review'].data['verdikt'] }}\""),
+     "wf.yaml:22:8: final uses steps.review.data.verdikt, but step 'review''s output: schema has no property"),
     # a misspelt key: named where it is written (not at its value), before the field it left missing
     (GOOD.replace('    prompt: "Write', '    promt: "Write'), "wf.yaml:14:5: unknown field 'promt' (did you mean 'prompt'?)"),
     (GOOD.replace("steps:\n", "stpes:\n"), "wf.yaml:11:1: unknown field 'stpes' (did you mean 'steps'?)"),
