@@ -12,7 +12,7 @@ rebuilds the run from that record alone.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticSerializationError
@@ -152,10 +152,26 @@ def _first_problem(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        return f"{where}: no such setting"
+        near = _near_setting([str(part) for part in first["loc"]])
+        return f"{where}: no such setting" + (f"; did you mean {near!r}?" if near else "")
     if first["type"] == "literal_error":
         return f"{where}: unknown value {first['input']!r}; choose one of {first['ctx']['expected']}"
     return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+
+
+def _near_setting(path: list[str]) -> str | None:
+    """The setting beside ``path``'s last name that it most likely misspells (``kk``: ``k``), or None."""
+    import difflib
+
+    model: type[BaseModel] = Settings
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        inner = next((kind for kind in (field.annotation, *get_args(field.annotation)) if isinstance(kind, type)
+                      and issubclass(kind, BaseModel)), None) if field is not None else None
+        if inner is None:
+            return None
+        model = inner
+    return next(iter(difflib.get_close_matches(path[-1], list(model.model_fields), n=1)), None)
 
 
 class WorkflowRef(BaseModel):

@@ -155,7 +155,8 @@ def test_an_evaluation_named_otherwise_by_an_older_version_is_resumed(loopback, 
 
 @pytest.mark.parametrize(("flag", "message"), [
     ("nope=1", "error: --set nope: no such setting"),
-    ("keywords.samplez=3", "error: --set keywords.samplez: no such setting"),
+    ("keywords.samplez=3", "error: --set keywords.samplez: no such setting; did you mean 'samples'?"),
+    ("budget.max_call=3", "error: --set budget.max_call: no such setting; did you mean 'max_calls'?"),
     ("k=many", "error: --set k: Input should be a valid integer, unable to parse string as an integer"),
     ("matcher.type=embedding", "error: --set matcher: an embedding matcher needs model and base_url"),
     ("novalue", "error: --set expects KEY=VALUE, got 'novalue'"),

@@ -91,6 +91,11 @@ def test_a_matcher_is_replaced_whole_and_an_unknown_nested_key_is_an_error() -> 
         Settings.layer({"recruit": {"q": 1}})
     with pytest.raises(ConfigError, match=r"--set recruit\.mode: no such setting"):  # k and mode are top level
         Settings().assigned(["recruit.mode=topk"])
+    # (only a keyword argument named the setting it misspelt: settings={"kk": 2} said "no such setting")
+    with pytest.raises(ConfigError, match=r"^setting kk: no such setting; did you mean 'k'\?$"):
+        Settings.layer({"kk": 2})
+    with pytest.raises(ConfigError, match=r"^setting recruit\.cost_lamda: no such setting; did you mean 'cost_lambda'"):
+        Settings.layer({"recruit": {"cost_lamda": 1}})
 
 
 def test_the_vocabulary_is_the_models_and_the_command_lines() -> None:
