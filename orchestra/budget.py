@@ -166,7 +166,7 @@ class BudgetTracker:
                          wanted=NOTHING if within else worst)
         if self.parent is not None:
             try:
-                self.parent.admit(request, price, gauge, within=within)
+                self.parent.admit(request, price, gauge, within=within, answer_limit=answer_limit)
             except BudgetExceeded as exceeded:
                 if not exceeded.held:  # (a call that waits for the calls in flight did not stop anything)
                     self.exceeded, self.wanted = exceeded, NOTHING if within else worst

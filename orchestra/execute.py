@@ -197,6 +197,7 @@ class _Call:
     heavy: bool
     reserved: Reservation | None = None  # set once the budget admitted the call
     canonical: str = ""  # the JSON ``key`` hashes, recorded as the call's request
+    capped: bool = False  # sent with the answer limit its budget reserved (its request set none)
     #: it waited for the same call of its run stopped earlier (see ``Executor.orphan``): a replay of
     #: that one's answer counts its usage, which the resumed run did not find recorded as it began
     orphaned: bool = False
@@ -546,7 +547,7 @@ class Executor:
                 self._resolve(call, cached)
                 return True
             ledger.cache_misses += 1
-        answer_limit = getattr(call.model, "default_max_tokens", None)
+        answer_limit = _answer_limit(call.model)
         try:
             call.reserved = ledger.budget.admit(call.request, getattr(call.model, "price", FREE),
                                                 getattr(call.model, "prompt_gauge", None), answer_limit=answer_limit)
@@ -565,8 +566,10 @@ class Executor:
             return True
         if call.request.max_tokens is None and answer_limit is None and not call.heavy and ledger.budget.bounds_answers:
             # an endpoint's answer without a limit is unbounded: under a limit of the user's it gets the
-            # one it was reserved for, so the budget holds (its key stays the request's own)
+            # one it was reserved for, so the budget holds (its key stays the request's own; its answer,
+            # cut there, is not one for the response cache)
             call.request = call.request.model_copy(update={"max_tokens": ANSWER_ALLOWANCE})
+            call.capped = True
         return False
 
     # --- heavy waves -----------------------------------------------------------------------
@@ -909,7 +912,7 @@ class Executor:
         self._settle(call, paid)
         if isinstance(outcome, Exception):
             ledger.failed_calls += 1
-        elif ledger.cache is not None:
+        elif ledger.cache is not None and not call.capped:
             try:
                 ledger.cache.put(call.model.name, call.key, call.request, outcome)
             except Exception:
@@ -973,7 +976,7 @@ class Executor:
         would be. (Found by a search: this is rare, and the batch's path stays as it was.)"""
         # (one request object may be sent twice in a batch: the first of them not yet counted here)
         place = next((i for i, c in enumerate(group) if c.request is request and i not in counted
-                      and c.waiter.outcomes[c.index] is None), None)
+                      and c.reserved is not None), None)  # (not settled: a cancelled task's outcomes stay unset)
         if place is None:
             return
         counted.add(place)
@@ -1026,6 +1029,17 @@ class Executor:
             await model.unload()
             self.stats.unloads[model.name] += 1
             self.events.emit(ModelUnloaded(model=model.name))
+
+
+def _answer_limit(model: Any) -> int | None:
+    """A model's own limit on an answer whose request sets none: an engine's ``default_max_tokens``,
+    or ``max_completion_tokens`` / ``max_tokens`` in an endpoint's ``extra_body``; None: unbounded."""
+    limit = getattr(model, "default_max_tokens", None)
+    if limit is None:
+        extra = getattr(model, "extra_body", None) or {}
+        limit = next((extra[key] for key in ("max_completion_tokens", "max_tokens")
+                      if isinstance(extra.get(key), int) and not isinstance(extra.get(key), bool)), None)
+    return limit if isinstance(limit, int) else None
 
 
 def _unsent_error(calls: list[_Call]) -> CallCancelled:

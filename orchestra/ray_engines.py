@@ -208,6 +208,8 @@ class RayEngine:
         self.memory_bytes = model.memory_bytes
         self.identity = model_identity(model)
         self.price = getattr(model, "price", FREE)
+        #: the engine's answer limit where a request sets none (what a budget reserves for its answers)
+        self.default_max_tokens: int | None = getattr(model, "default_max_tokens", None)
         self.resources = resources_of(model)
         self.demand = self.resources.demand()
         self.node: str | None = None  # where its actor runs, once loaded

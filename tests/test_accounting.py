@@ -626,3 +626,27 @@ def test_a_limit_of_the_users_bounds_answers_that_set_no_max_tokens(loopback, tm
     billed.limits.clear()
     orc.run("What is 6*7?")
     assert [n for n in billed.limits if n != 64] == [None] * 3
+
+
+def test_an_agents_own_answer_limit_is_kept_under_a_users_budget_and_capped_answers_are_not_cached(
+        loopback, tmp_path: Path) -> None:
+    """An endpoint's ``extra_body`` max_tokens is its answer limit: a user's budget reserves it and
+    sends it (it was replaced by 1,024); an answer cut at the budget's 1,024 is not cached for runs
+    without that limit (the cache served the cut answer to them)."""
+    billed = LongAnswerServer()
+    server = loopback(billed)
+    pool = write_pool(tmp_path, server.url)
+    own = pool.read_text().replace("    timeout: 10", "    timeout: 10\n    extra_body: {max_tokens: 2000}")
+    owned = tmp_path / "owned.yaml"
+    owned.write_text(own)
+    Orchestra(owned, store=False, plan=False, k=1, mode="global").run("What is 6*7?", budget=Budget(max_tokens=200_000))
+    assert [n for n in billed.limits if n != 64] == [2000]
+    billed.limits.clear()
+    store = tmp_path / "runs.db"
+    orc = Orchestra(pool, store=store, plan=False, k=1, mode="global", cache=True)
+    capped = orc.run("What is 6*7?", budget=Budget(max_tokens=200_000))
+    assert [n for n in billed.limits if n != 64] == [1024]
+    billed.limits.clear()
+    whole = orc.run("What is 6*7?")
+    assert [n for n in billed.limits if n != 64] == [None]  # sent, not served the cut answer from the cache
+    assert len(whole.answer) > len(capped.answer)

@@ -369,3 +369,59 @@ def test_an_engines_call_that_cannot_fit_stops_its_run_at_the_budget() -> None:
     pool = Pool(agents=[Agent(name="a", model=model, max_tokens=50)], planner=model)
     result = Orchestra(pool, store=False, k=1, budget=Budget(max_tokens=700)).run("What is 6*7?", plan=False)
     assert (result.status, result.exit_code) == ("budget_exceeded", 3)
+
+
+def test_a_duplicate_request_cut_off_after_its_run_stopped_is_counted(tmp_path: Path) -> None:
+    """The same request twice, the run cancelled, the first answered, then the batch stopped: the
+    second, cut off, is counted and recorded (it was taken for the answered first one)."""
+    async def main() -> None:
+        executor = Executor()
+        store = RunStore(tmp_path / "runs.db")
+        store.begin_run("r", "task", {})
+        ledger = RunLedger.create("r", Budget(), journal=store)
+        first = asyncio.Event()
+        asked = {"n": 0}
+
+        async def answer(request: ChatRequest) -> str:
+            asked["n"] += 1
+            if asked["n"] == 1:
+                await first.wait()
+                return "first answer"
+            await asyncio.Event().wait()
+            return "never"
+
+        model = FunctionModel(answer, name="m")
+        request = ask("same", temperature=1.0)
+        task = asyncio.ensure_future(executor.run_task(executor.call(ledger, [(model, request), (model, request)],
+                                                                     purpose="expert")))
+        await until(lambda: len(model.requests) == 2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        first.set()
+        await until(lambda: [status for _, status in journal(store, "r")] == ["ok"])
+        await asyncio.wait_for(executor.stop_in_flight(), HANG)
+        assert (ledger.budget.calls, ledger.budget.requests) == (2, 2)
+        assert ledger.budget.committed()[0] == 2  # (nothing held)
+        assert [(call["seq"], call["status"]) for call in store.calls("r")] == [(0, "ok"), (1, "error")]
+        store.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("own_limit", [256, 4096])
+def test_an_engines_calls_give_back_what_a_shared_budget_held_for_them(own_limit: int) -> None:
+    """An engine with its own answer limit under a shared budget: the run's budget reserved the
+    engine's limit and the shared one 1,024, so each call left the difference held (after 4 short
+    calls every later one was refused), or released more than it held."""
+    async def main() -> None:
+        engine = FunctionModel(lambda request: "short answer", name="engine", heavy=True)
+        engine.default_max_tokens = own_limit  # type: ignore[attr-defined]
+        shared = BudgetTracker(Budget(max_calls=None, max_cost_usd=None, max_tokens=5000), None)
+        executor = Executor()
+        for i in range(8):
+            ledger = RunLedger.create(f"r{i}", Budget(**UNLIMITED), shared_budget=shared)
+            outcome = await executor.run_task(executor.call(ledger, [(engine, ask(f"q{i}"))], purpose="expert"))
+            assert getattr(outcome[0], "text", None) == "short answer", outcome
+            assert shared.committed()[0] == i + 1 and shared._reserved_tokens == 0
+
+    asyncio.run(main())

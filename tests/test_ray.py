@@ -393,3 +393,11 @@ def test_the_embedded_llama_engine_answers_from_an_actor(tmp_path: Path) -> None
     assert node in {n["NodeID"] for n in ray.nodes()} and not engine.loaded
     stored = json.loads(json.dumps(RunStore(tmp_path / "runs.db").run(result.run_id).config))
     assert stored["spec"]["settings"]["executor"] == "ray"
+
+
+def test_a_ray_engine_stands_in_with_its_models_answer_limit() -> None:
+    """A budget reserves an engine's answer at its own ``default_max_tokens``; the stand-in on the
+    driver had none, so a Ray engine was reserved at 1,024 whatever its limit."""
+    model = FunctionModel(lambda request: "x", name="engine", heavy=True)
+    model.default_max_tokens = 4096  # type: ignore[attr-defined]
+    assert RayEngine(model, RayPlacement.__new__(RayPlacement)).default_max_tokens == 4096
