@@ -108,6 +108,13 @@ def _answering(model: Model | None) -> list[Any] | None:
     return [model_identity(model), getattr(model, "extra_body", None), getattr(model, "default_max_tokens", None)]
 
 
+def _unpriced(model: Model) -> bool:
+    """Whether ``model`` has no price: none at all, or the price table's "not known" (``FREE`` itself;
+    a price given as 0 is a price)."""
+    price = getattr(model, "price", None)
+    return price is None or price is FREE
+
+
 def _price(model: Model) -> Price | None:
     """A model's price when it has one that is not zero (a model may have no price at all)."""
     price = getattr(model, "price", None)
@@ -213,7 +220,8 @@ class Pool:
     def unpriced(self) -> str | None:
         """Under a cost budget: the models with no price, whose calls count no dollars against it (so it
         does not bound them), as one warning line; None when every model has a price."""
-        free = [model.name for model in self.models if _price(model) is None]
+        # (a price given as 0 is a price: only the table's "not known" is none)
+        free = [model.name for model in self.models if _unpriced(model)]
         if not free:
             return None
         one = len(free) == 1

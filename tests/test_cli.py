@@ -846,6 +846,12 @@ def test_a_cost_budget_names_the_models_it_cannot_bound(llm, tmp_path: Path) -> 
     run_id = cli("runs", "--json").stdout and json.loads(cli("runs", "--json").stdout)[0]["id"]
     again = cli("resume", run_id)  # its record holds the default budget, every field of it: no word either
     assert again.returncode == 0 and "no price" not in again.stderr, again.stderr
+    # a price given as 0 is a price (it was warned about as none)
+    text = pool.read_text()
+    beta = text.rindex("    max_attempts: 2\n") + len("    max_attempts: 2\n")
+    pool.write_text(text[:beta] + "    prices: [0, 0]\n" + text[beta:])
+    free = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--no-store", "--max-cost", "0.5")
+    assert free.returncode == 0 and "no price" not in free.stderr, free.stderr
 
 
 def test_server_errors_surface_as_failed_nodes(loopback, tmp_path: Path) -> None:
