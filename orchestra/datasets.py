@@ -59,6 +59,13 @@ class Item(BaseModel):
     def _stringify(cls, value: Any) -> Any:
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
+    @field_validator("category")
+    @classmethod
+    def _trimmed(cls, category: str | None) -> str | None:
+        """A category without surrounding spaces; a blank one is none (it was a row of its own, with a
+        blank label, apart from the items without a category)."""
+        return category.strip() or None if category is not None else None
+
     @field_validator("id")
     @classmethod
     def _named(cls, id: str) -> str:

@@ -87,7 +87,8 @@ class YamlDocument:
                 value = value[part]
                 real.append(part)
                 label = value.get("id", value.get("name")) if isinstance(value, dict) else None
-                shown.append(str(label) if isinstance(label, (str, int)) else str(part))
+                named = isinstance(label, int) or (isinstance(label, str) and label.strip() != "")
+                shown.append(str(label) if named else str(part))  # (an empty name read "agents..name")
             elif isinstance(value, (dict, list)):
                 continue  # a tag pydantic adds (the chosen member of a union): not in the file
             else:

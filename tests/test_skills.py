@@ -413,3 +413,9 @@ def test_a_profile_whose_sums_no_items_could_give_is_refused(tmp_path: Path, ski
     path.write_text(json.dumps({**data, "skills": skills}))
     with pytest.raises(ConfigError, match=re.escape(says)):
         SkillProfile.load(path)
+
+
+def test_a_blank_category_is_none_and_a_category_is_trimmed() -> None:
+    """A category of spaces was a report row of its own with a blank label, apart from the items without one."""
+    assert [Item(id="1", question="q", answer="a", category=c).category for c in ("  ", "", " math ", None)] == [
+        None, None, "math", None]

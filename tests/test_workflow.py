@@ -139,6 +139,8 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     (GOOD.replace("model: x, ", ""), "wf.yaml:4:8: pool.models.m: missing required field 'model'"),
     (GOOD.replace("    - {name: checker, model: m}", "    - {model: m}"),
      "wf.yaml:7:7: pool.agents.1: missing required field 'name'"),
+    (GOOD.replace("    - {name: checker, model: m}", "    - {name: '', model: m}"),  # (it read "pool.agents..name")
+     "wf.yaml:7:14: pool.agents.1.name: String should match pattern"),
     # what a run finds only after its calls are spent
     (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.outptu }}"'),
      "wf.yaml:21:8: final uses steps.review.outptu; a step has output (its text) and data (its JSON, with an "
