@@ -200,7 +200,7 @@ def render_string(source: str, *, where: str = "template", **variables: Any) -> 
     try:
         return limited_render(compile_string(source), variables).strip()
     except TemplateError as error:
-        raise ConfigError(f"{RENDER_FAILED}{where}: {error}") from None
+        raise ConfigError(f"{RENDER_FAILED}{where}: {str(error).rstrip('.')}") from None  # (advice follows a ";")
     except Exception as error:
         raise ConfigError(f"{RENDER_FAILED}{where}: {type(error).__name__}: {error}") from None
 

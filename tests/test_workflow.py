@@ -958,3 +958,12 @@ def test_a_plan_auto_final_reading_a_step_the_plan_lacks_fails_before_the_steps(
         assert result.error == (f"cannot render {tmp_path / 'wf.yaml'}: final: it reads steps.summary, but the plan "
                                 "has no step 'summary' (its steps: facts, brief); with plan: auto, read the steps in a "
                                 "loop (steps.items()) or write the steps out")
+
+
+def test_a_sandbox_refusal_reads_as_one_clause_before_its_advice() -> None:
+    """Jinja's sentence ends in a period, and the advice after it read "is unsafe.; fix the workflow"."""
+    from orchestra.prompts import render_string
+
+    with pytest.raises(ConfigError) as refused:
+        render_string("{{ x.__class__ }}", where="wf.yaml: step 'a'", x="text")
+    assert str(refused.value) == "cannot render wf.yaml: step 'a': access to attribute '__class__' of 'str' object is unsafe"
