@@ -349,8 +349,11 @@ class RunAdmission:
         calls and stop there too."""
         if run.exceeded is not None and run.exceeded.hopeless and self._futile is None:
             refused = run.exceeded
+            # (the run's own budget, not the shared one, where the run's refused it: it read "the data
+            # set's budget max_cost_usd=1" under a data-set budget of tokens only)
+            whose = self.shared.name if refused.run_id is None else "each run's budget"
             self._futile = BudgetExceeded(limit=refused.limit, value=refused.value, run_id=None,
-                                          shared=self.shared.name, hopeless=True,
+                                          shared=whose, hopeless=True,
                                           spent=f"one call of a run needs more than all of it: {refused.spent}")
         wanted = run.wanted
         if cut and (wanted.tokens > self._refused.tokens or wanted.cost_usd > self._refused.cost_usd):

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from orchestra.budget import Budget, BudgetTracker, Reservation
+from orchestra.budget import Budget, BudgetTracker, Reservation, RunAdmission
 from orchestra.errors import BudgetExceeded
 from orchestra.models import ChatRequest, ChatResult, Usage
 from orchestra.models.base import ModelBase
@@ -137,3 +137,17 @@ def test_a_signed_whole_number_given_as_text_is_read_as_one() -> None:
     assert Budget.model_validate({"max_calls": "+7"}).max_calls == 7
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         Budget.model_validate({"max_calls": "-7"})
+
+
+def test_a_run_over_its_own_budget_names_that_budget_not_the_data_sets() -> None:
+    """A data set's budget of tokens, each run's of $1, one call of $50: the runs not started were
+    refused as "the data set's budget max_cost_usd=1", a limit the data set's budget does not have."""
+    shared = BudgetTracker(Budget(max_calls=None, max_cost_usd=None, max_tokens=100_000), None)
+    admission = RunAdmission(shared)
+    run = BudgetTracker(Budget(max_cost_usd=1.0), "r1", parent=shared)
+    with pytest.raises(BudgetExceeded) as refused:
+        run.admit(ChatRequest.user("What is 2 + 2?", max_tokens=64), Price(input=200_000, output=200_000))
+    assert refused.value.hopeless
+    admission.ended(run, on_its_own=False, cut=True)
+    stop = admission.refusal(0)
+    assert stop is not None and str(stop).startswith("each run's budget max_cost_usd=1 is less than the next call")
