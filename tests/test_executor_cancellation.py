@@ -44,6 +44,20 @@ def cancel_batches(executor: Executor) -> None:
         task.cancel()
 
 
+def journaled(tmp_path: Path) -> tuple[Executor, RunStore, RunLedger]:
+    """An executor, a store and a run ``r`` begun in it, with its ledger."""
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r", "task", {})
+    return Executor(), store, RunLedger.create("r", Budget(), journal=store)
+
+
+def same_request_twice(executor: Executor, ledger: RunLedger, model: FunctionModel) -> asyncio.Future[Any]:
+    """One request object sent twice to ``model`` in one call (a batch of two)."""
+    request = ask("same", temperature=1.0)
+    return asyncio.ensure_future(executor.run_task(executor.call(ledger, [(model, request), (model, request)],
+                                                                 purpose="expert")))
+
+
 def journal(store: RunStore, run_id: str) -> list[tuple[str, str]]:
     return [(call["request"]["messages"][-1]["content"], call["status"]) for call in store.calls(run_id)]
 
@@ -51,10 +65,7 @@ def journal(store: RunStore, run_id: str) -> list[tuple[str, str]]:
 def test_an_answer_queued_when_its_batch_is_cancelled_is_delivered_counted_and_recorded(tmp_path: Path) -> None:
     """A remote batch cancelled in the turn an answer came back: that answer (billed) is not lost."""
     async def main() -> None:
-        executor = Executor()
-        store = RunStore(tmp_path / "runs.db")
-        store.begin_run("r", "task", {})
-        ledger = RunLedger.create("r", Budget(), journal=store)
+        executor, store, ledger = journaled(tmp_path)
         release = asyncio.Event()
 
         async def answer(request: ChatRequest) -> str:
@@ -83,19 +94,14 @@ def test_an_answer_queued_when_its_batch_is_cancelled_is_delivered_counted_and_r
 def test_one_request_sent_twice_and_cut_off_is_counted_twice(tmp_path: Path) -> None:
     """The same request object twice in a batch, both cut off in flight: both reached the endpoint."""
     async def main() -> None:
-        executor = Executor()
-        store = RunStore(tmp_path / "runs.db")
-        store.begin_run("r", "task", {})
-        ledger = RunLedger.create("r", Budget(), journal=store)
+        executor, store, ledger = journaled(tmp_path)
 
         async def never(request: ChatRequest) -> str:
             await asyncio.Event().wait()
             return "never"
 
         model = FunctionModel(never, name="m")
-        request = ask("same", temperature=1.0)
-        task = asyncio.ensure_future(executor.run_task(executor.call(ledger, [(model, request), (model, request)],
-                                                                     purpose="expert")))
+        task = same_request_twice(executor, ledger, model)
         await until(lambda: len(model.requests) == 2)
         cancel_batches(executor)
         outcomes = await asyncio.wait_for(task, HANG)
@@ -375,10 +381,7 @@ def test_a_duplicate_request_cut_off_after_its_run_stopped_is_counted(tmp_path: 
     """The same request twice, the run cancelled, the first answered, then the batch stopped: the
     second, cut off, is counted and recorded (it was taken for the answered first one)."""
     async def main() -> None:
-        executor = Executor()
-        store = RunStore(tmp_path / "runs.db")
-        store.begin_run("r", "task", {})
-        ledger = RunLedger.create("r", Budget(), journal=store)
+        executor, store, ledger = journaled(tmp_path)
         first = asyncio.Event()
         asked = {"n": 0}
 
@@ -391,9 +394,7 @@ def test_a_duplicate_request_cut_off_after_its_run_stopped_is_counted(tmp_path: 
             return "never"
 
         model = FunctionModel(answer, name="m")
-        request = ask("same", temperature=1.0)
-        task = asyncio.ensure_future(executor.run_task(executor.call(ledger, [(model, request), (model, request)],
-                                                                     purpose="expert")))
+        task = same_request_twice(executor, ledger, model)
         await until(lambda: len(model.requests) == 2)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
