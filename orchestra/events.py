@@ -106,6 +106,17 @@ class SkillExtractionFailed(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class AggregationFellBack(Event):
+    """A node's aggregator failed; its experts' answers were put to a vote instead (a warning)."""
+
+    kind: ClassVar[str] = "aggregation_fell_back"
+    run_id: str
+    node: str
+    aggregator: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class NodeAggregating(Event):
     """A node's expert outputs are being combined."""
 

@@ -22,6 +22,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from orchestra.events import (
+    AggregationFellBack,
     BatchFinished,
     BatchStarted,
     CallDone,
@@ -149,6 +150,9 @@ class RunState(EventHandler[None]):
 
     def on_skill_extraction_failed(self, event: SkillExtractionFailed) -> None:
         self._node(event.node).detail = f"warning: no skills found ({event.reason}); recruited without skills"
+
+    def on_aggregation_fell_back(self, event: AggregationFellBack) -> None:
+        self._node(event.node).detail = f"warning: {_fell_back(event)}"
 
     def on_node_aggregating(self, event: NodeAggregating) -> None:
         self._node(event.node).status = "aggregating"
@@ -385,6 +389,9 @@ class LogView(EventHandler[str]):
     def on_skill_extraction_failed(self, event: SkillExtractionFailed) -> str:
         return f"{event.node}: warning: no skills found ({event.reason}); recruited without skills"
 
+    def on_aggregation_fell_back(self, event: AggregationFellBack) -> str:
+        return f"{event.node}: warning: {_fell_back(event)}"
+
     def on_node_done(self, event: NodeDone) -> str:
         return f"{event.node}: done"
 
@@ -436,3 +443,7 @@ def summary_line(result: RunResult) -> str:
     return (f"run {result.run_id} · {result.status} · {usage.calls} calls{failed} · {usage.requests} requests · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd(usage.cost_usd)} · "
             f"{result.elapsed_s:.1f} s")
+
+
+def _fell_back(event: AggregationFellBack) -> str:
+    return f"aggregator {event.aggregator} failed ({event.reason}); the experts' answers were put to a vote"

@@ -335,3 +335,32 @@ def test_a_near_tie_with_equal_competence_goes_to_the_better_measured_score_not_
     assert near_tie_best(scored, {"generalist": (0.7,), "math": (0.7,)}) == ("generalist", ["generalist", "math"])
     assert near_tie_best(scored, {"generalist": (0.6,), "math": (0.7,)})[0] == "math"  # (γ still decides first)
     assert near_tie_best({"b": (0.5, 0.1), "a": (0.5, 0.1)}, {})[0] == "b"  # (the name, last)
+
+
+@pytest.mark.parametrize("failure", ["server", "json"])
+def test_a_failed_aggregator_leaves_the_experts_answers_to_a_vote(failure: str) -> None:
+    """One aggregator endpoint failing (HTTP 500, or JSON it could not repair) failed every node it
+    aggregated though its experts had answered (21 of 80 items of an evaluation); the node now takes
+    its experts' vote, says so, and the run is done."""
+    from helpers import AGGREGATE_MARK
+
+    from orchestra.errors import InvalidOutput, RequestRejected
+    from orchestra.events import AggregationFellBack
+
+    def answer(request: ChatRequest) -> str:
+        if AGGREGATE_MARK in request.prompt_text():
+            raise RequestRejected("http://127.0.0.1:9/v1 answered HTTP 500") if failure == "server" else \
+                InvalidOutput("judge returned invalid JSON for Answer")
+        return "The answer is 7"
+
+    models = {name: FunctionModel(answer, name=name) for name in ("a", "b", "judge")}
+    pool = Pool(agents=[Agent(name=name, model=model) for name, model in models.items()])
+    told: list[AggregationFellBack] = []
+    orc = Orchestra(pool, k=2, mode="topk", store=False, aggregator="judge", aggregate="synthesize",
+                    on_event=lambda event: told.append(event) if isinstance(event, AggregationFellBack) else None)
+    result = orc.run("What is 3 + 4?", plan=False)
+    assert (result.status, result.answer) == ("done", "The answer is 7")
+    [node] = result.plan.nodes
+    assert node.aggregator is None and any("aggregator judge failed" in line for line in node.recruitment["explanation"])
+    assert [(event.node, event.aggregator) for event in told] == [("answer", "judge")]
+    assert sum(1 for request in models["judge"].requests if AGGREGATE_MARK in request.prompt_text()) == 1

@@ -22,13 +22,16 @@ from orchestra.dag import Dag
 from orchestra.errors import (
     AuthenticationError,
     BudgetExceeded,
+    CallCancelled,
     EndpointUnreachable,
+    ModelError,
     ModelRequestsForbidden,
     OrchestraError,
     StoreError,
     UserError,
 )
 from orchestra.events import (
+    AggregationFellBack,
     EventBus,
     ExpertsRecruited,
     NodeAggregating,
@@ -156,6 +159,12 @@ class NodeState:
 
 _RUN_ENDING = (AuthenticationError, EndpointUnreachable, StoreError, ModelRequestsForbidden)
 """Failures that end the whole run at once: every other call would fail the same way."""
+
+
+def _falls_back(error: ModelError) -> bool:
+    """Whether a node whose aggregator's call failed with ``error`` answers by a vote of its experts
+    instead: not when the call was cancelled or the failure ends the run."""
+    return not isinstance(error, (CallCancelled, *_RUN_ENDING))
 
 
 def _plain(value: Any) -> Any:
@@ -409,7 +418,18 @@ class Run:
                                       else self.stages.staffing.aggregator),
                           grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
                           on_text=stream, context=self.spec.context, **sampling)
-                trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
+                try:
+                    trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
+                except ModelError as error:
+                    if not _falls_back(error):
+                        raise
+                    # the experts answered: one failing aggregator endpoint failed the whole node
+                    trace.output, trace.data = Vote.pick(responses, self.stages.grader)
+                    failed, trace.aggregator = job.aggregator.name, None
+                    trace.explanation.append(f"aggregator {failed} failed ({error}): the experts' answers were put "
+                                             "to a vote")
+                    self.stages.events.emit(AggregationFellBack(run_id=self.run_id, node=node_id, aggregator=failed,
+                                                                reason=str(error)))
             trace.status = "done"
             if self.stages.events.wants(NodeDone):
                 self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output,
