@@ -108,7 +108,8 @@ class Tally:
         """Grade the run of item ``index`` and count what it spent."""
         # an unfinished run counts as wrong, as the report says, even where it left an answer (a partial
         # run whose skill extraction failed did: its right answers made 1.000 "(0 of 12 finished)")
-        ok = result.status == "done" and bool(result.answer) and self.grader.grade(result.answer or "", item)
+        grade = self.grader.grade(result.answer, item) if result.answer else None  # (the answer's own, shown apart)
+        ok = result.status == "done" and bool(grade)
         self.items += 1
         self.correct += ok
         self._spent(result)
@@ -123,7 +124,7 @@ class Tally:
             if self.first_failure is None or index < self.first_failure[0]:
                 self.first_failure = (index, f"item {item.id} ({result.status}): "
                                              f"{result.error or 'no error recorded'}", result.exit_code)
-        row = {"id": item.id, "category": item.category, "answer": result.answer, "correct": ok,
+        row = {"id": item.id, "category": item.category, "answer": result.answer, "correct": ok, "grade": grade,
                "status": result.status, "run_id": result.run_id}
         if self.sink is not None:
             self.sink(row)

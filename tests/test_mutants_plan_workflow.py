@@ -305,6 +305,10 @@ def test_an_unfinished_run_counts_as_wrong_even_with_a_right_answer() -> None:
     report = tally.report("vote", elapsed_s=0.0, model_loads={})
     assert (report.items, report.correct, report.failed) == (2, 1, 1)
     assert [row["correct"] for row in report.answers] == [False, True]
+    # the answer's own grade is shown apart: "wrong" and "not counted" read alike in an answers file
+    assert [row["grade"] for row in report.answers] == [True, True]
+    tally.add(2, item, _finished("r2", "failed", None, "every expert failed"))
+    assert tally.report("vote", elapsed_s=0.0, model_loads={}).answers[-1]["grade"] is None
 
 
 DATA = Dataset.from_items([{"id": f"q{i}", "question": f"What is {i} - {i} + 1?", "answer": "1"} for i in range(2)])
