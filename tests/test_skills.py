@@ -165,6 +165,14 @@ def test_numeric_grading_normalises(text: str, reference: str) -> None:
     assert NumericGrader().grade(text, Item(id="1", question="q", answer=reference))
 
 
+@pytest.mark.parametrize("text", ["The answer is 3–5", "The answer is 3-5 days", "The answer is 3 or 4",
+                                  "The answer is 3, or maybe 4", "The answer is about 3 to 5"])
+def test_a_hedged_numeric_answer_gets_no_credit(text: str) -> None:
+    """A range or a choice of numbers is no one answer: its first number got the credit."""
+    assert not NumericGrader().grade(text, Item(id="1", question="q", answer="3"))
+    assert not AutoGrader().grade(text, Item(id="1", question="q", answer="3"))
+
+
 def test_an_answer_clause_ends_with_its_sentence() -> None:
     paris, letter = Item(id="1", question="q", answer="Paris"), Item(id="2", question="q", answer="C")
     assert AutoGrader().grade("The answer is Paris. It is the capital of France.", paris)
