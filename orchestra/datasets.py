@@ -198,9 +198,15 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return row
 
 
+#: what to say of a data set written as one JSON array
+_ARRAY = "; this is a JSON array: a data set is JSON Lines, each object on a line of its own"
+
+
 def _not_jsonl(file: Path, line: str) -> str:
     """What to say of a first line that is not JSON at all (not an object gone wrong): a data set is
     JSON Lines, and a CSV or plain text file was given."""
+    if line.strip() == "[":  # (a JSON array written over several lines)
+        return _ARRAY
     if line.lstrip().startswith(("{", "[")):
         return ""
     kind = {".csv": "a CSV file", ".tsv": "a TSV file"}.get(file.suffix.lower(), "this file")
@@ -242,7 +248,8 @@ def load_dataset(path: str | Path) -> Dataset:
         except RecursionError:
             raise DatasetError(f"{path}:{number}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):
-            raise DatasetError(f"{path}:{number}: each line must be a JSON object")
+            array = _ARRAY if not items and isinstance(row, list) and row and isinstance(row[0], dict) else ""
+            raise DatasetError(f"{path}:{number}: each line must be a JSON object{array}")
         try:  # an id or an answer written as a number is that text; other numbers are numbers
             row = {key: str(value) if key in ("id", "answer") and isinstance(value, _Written) else _restored(value)
                    for key, value in row.items()}
