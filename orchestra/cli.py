@@ -564,6 +564,8 @@ def validate(workflow: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def agents(pool: Path | None, as_json: bool) -> None:
     """List the pool's agents and a summary of their skill profiles."""
+    from collections import Counter
+
     from rich.table import Table
 
     from orchestra.agents import Pool
@@ -574,10 +576,19 @@ def agents(pool: Path | None, as_json: bool) -> None:
     warn_about_profiles(loaded)
     table = loaded.skill_table(RecruitConfig())
     aggregator = loaded.choose_aggregator(table).name
+    settings = loaded.settings
+    # (the header named one aggregator where calibrated routing, or a per-node choice, picks each team's)
+    chosen = "" if settings.aggregator or loaded.aggregator else (
+        " (calibrated teams choose their own)" if settings.mode == "calibrated" and loaded.profiles
+        else " (each node chooses its own)" if settings.aggregator_choice == "per-node" else "")
     rows: list[dict[str, Any]] = []
     for agent in loaded.agents:
         profile = loaded.profiles.get(agent.name)
-        top = sorted(profile.skills.items(), key=lambda kv: -kv[1])[:4] if profile else []
+        merged: Counter[str] = Counter()  # keyword variants under their skill, as recruiting reads them
+        if profile is not None:
+            for keyword, score in profile.skills.items():
+                merged[profile.aliases.get(keyword, keyword)] += score
+        top = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
         rows.append({"name": agent.name, "model": agent.model.name, "declared_skills": list(agent.skills),
                      "profiled": profile is not None, "accuracy": profile.accuracy if profile else None,
                      "competence": round(table.competence[agent.name], 4),
@@ -589,7 +600,7 @@ def agents(pool: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"pool": loaded.name, "aggregator": aggregator, "agents": rows}, indent=2))
         return
-    out = Table(title=f"pool {loaded.name} · aggregator: {aggregator}")
+    out = Table(title=f"pool {loaded.name} · aggregator: {aggregator}{chosen}")
     for column in ("agent", "model", "γ", "accuracy", "aggregation", "top skills / declared"):
         out.add_column(column)
     for row in rows:

@@ -220,3 +220,21 @@ def test_profiles_unfit_to_route_by_are_named_before_anything_runs(tmp_path: Pat
     tried = cli("eval", "--pool", pool("p", math_model="other"), "--data", str(data), "--no-store",
                 env={"ORCHESTRA_ALLOW_MODEL_REQUESTS": "0"})
     assert tried.stderr.startswith("warning: the profile of math was measured on OpenAICompatible:mathbot")
+
+
+def test_agents_shows_skills_merged_as_recruiting_reads_them_and_who_aggregates(tmp_path: Path) -> None:
+    """`agents` listed keyword variants apart ("european history +10, history of europe +7", which
+    profile had merged), and named one aggregator where calibrated teams choose their own."""
+    from orchestra.profile import Provenance, SkillProfile
+
+    SkillProfile(agent="hist", skills={"european history": 10, "history of europe": 7, "geometry": 3}, accuracy=0.8,
+                 aliases={"history of europe": "european history"},
+                 provenance=Provenance(dataset="v.jsonl", dataset_sha256="x", items=20,
+                                       model="OpenAICompatible:histbot")).save(tmp_path / "p")
+    path = tmp_path / "pool.yaml"
+    path.write_text("models:\n  histbot: {type: openai, model: histbot, base_url: 'http://127.0.0.1:9/v1', "
+                    "api_key_env: null}\nprofiles: p\nagents:\n  - {name: hist, model: histbot}\n")
+    listed = json.loads(cli("agents", "--pool", str(path), "--json").stdout)
+    assert listed["agents"][0]["top_skills"] == ["european history +17", "geometry +3"]
+    table = cli("agents", "--pool", str(path))
+    assert "aggregator: hist (calibrated teams choose their own)" in table.stdout
