@@ -170,9 +170,11 @@ def last_boxed(text: str) -> str | None:
 #: a figure or en dash, the small or the fullwidth minus, before a number (a space between them too,
 #: "− 5"), and not after a word or a number ("3–5" is a range, not 3 and -5)
 _MINUS = re.compile(r"(?<![\w.])[\u2212\u2012\u2013\ufe63\uff0d][ \u00a0\u2009\u202f]?(?=\.?\d)")
-#: an answer clause that opens with a range or a choice of numbers ("3-5", "3 to 5", "3, or 4")
-_HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?\$?\d[\d,]*(?:\.\d+)?\s*(?:,\s*)?"
-                     r"(?:[-\u2012\u2013\u2014]|to|or|and)\s*(?:maybe |perhaps |possibly )?\$?-?\d")
+#: an answer clause that opens with a range or a choice of two numbers ("3-5", "3 to 5", "3, or 4"): not
+#: a restatement of one ("0.5 or 1/2", told apart by value), a date or "3-4-5", a sum ("7 - 3") or "10^3"
+_HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?\$?(\d[\d,]*(?:\.\d+)?(?:/\d+)?)"
+                     r"(?:[-\u2012\u2013\u2014]|\s+[\u2013\u2014]\s+|\s+to\s+|,?\s+or\s+(?:maybe |perhaps |possibly )?)"
+                     r"\$?(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d^*]|[-\u2013/]\d)")
 _NUMBER = re.compile(r"-?\\d?frac\{-?[\d.]+\}\{-?[\d.]+\}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
@@ -206,8 +208,9 @@ class NumericGrader:
         for candidate, pick in ((last_boxed(text), -1), (_answer_clause(text), 0), (text, -1)):
             if not candidate:
                 continue
-            if pick == 0 and _HEDGED.match(candidate):  # "3-5", "3 or 4": no one answer (the first got credit)
-                return None
+            hedged = _HEDGED.match(candidate) if pick == 0 else None
+            if hedged and normalize_number(hedged[1]) != normalize_number(hedged[2]):  # no one answer: "3 or 4"
+                return None  # (its first number got the credit)
             value = normalize_number(candidate)
             if value is None:
                 numbers = _NUMBER.findall(candidate)

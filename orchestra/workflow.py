@@ -366,9 +366,9 @@ class Workflow:
             schema = schemas.get(step) if not planned else None
             if not isinstance(schema, dict):
                 continue
-            listed = schema.get("properties")
-            if isinstance(listed, dict) and field not in listed and not schema.get("additionalProperties") \
-                    and not schema.get("patternProperties"):
+            listed, extra = schema.get("properties"), schema.get("additionalProperties", False)
+            # (closed only where nothing else may add a property: allOf/anyOf, an open additionalProperties ({}))
+            if isinstance(listed, dict) and field not in listed and extra is False and not _OPENING.keys() & schema:
                 has = ", ".join(sorted(listed)) or "none"
                 raise document.text_error(f"{owner} uses steps.{step}.data.{field}, but step {step!r}'s output: "
                                           f"schema has no property {field!r} (it has: {has}); fix the name, or list "
@@ -530,6 +530,11 @@ def _step_parts(tree: nodes.Template) -> list[tuple[str, str, int]]:
         if name is not None and part is not None:
             found.append((name, part, node.lineno))
     return found
+
+
+#: schema keywords through which an object may have properties its own ``properties`` does not list
+_OPENING = dict.fromkeys(("patternProperties", "allOf", "anyOf", "oneOf", "if", "then", "else", "$ref",
+                          "dependentSchemas", "unevaluatedProperties"))
 
 
 def _data_fields(tree: nodes.Template) -> list[tuple[str, str, int]]:

@@ -54,7 +54,8 @@ def write(tmp_path: Path, text: str, name: str = "wf.yaml") -> Path:
 
 def test_a_data_field_a_schema_leaves_open_validates(tmp_path: Path) -> None:
     """A field the schema does not list is refused only where the schema closes its properties."""
-    for extra in ("additionalProperties: true", "patternProperties: {'^x': {type: string}}"):
+    for extra in ("additionalProperties: true", "additionalProperties: {}", "patternProperties: {'^x': {type: string}}",
+                  "allOf: [{properties: {xtra: {type: string}}}]", "anyOf: [{required: [verdict]}]"):
         text = (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n"
                              f"    output: {{type: object, properties: {{verdict: {{type: string}}}}, {extra}}}\n")
                 .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data.xtra }}"'))
