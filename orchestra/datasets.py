@@ -205,9 +205,9 @@ _ARRAY = "; this is a JSON array: a data set is JSON Lines, each object on a lin
 def _not_jsonl(file: Path, line: str) -> str:
     """What to say of a first line that is not JSON at all (not an object gone wrong): a data set is
     JSON Lines, and a CSV or plain text file was given."""
-    if line.strip() == "[":  # (a JSON array written over several lines)
+    if line.lstrip().startswith("["):  # (a JSON array written over several lines)
         return _ARRAY
-    if line.lstrip().startswith(("{", "[")):
+    if line.lstrip().startswith("{"):
         return ""
     kind = {".csv": "a CSV file", ".tsv": "a TSV file"}.get(file.suffix.lower(), "this file")
     return (f"; a data set is JSON Lines, one object per line such as "

@@ -116,6 +116,15 @@ class AggregationFellBack(Event):
     reason: str
 
 
+#: how a node's explanation ends when its aggregator failed (see ``fell_back``)
+VOTED_INSTEAD = "the experts' answers were put to a vote"
+
+
+def fell_back(aggregator: str, reason: str) -> str:
+    """What a node whose aggregator failed says of it (its explanation, the views, ``show``)."""
+    return f"aggregator {aggregator} failed ({reason}); {VOTED_INSTEAD}"
+
+
 @dataclass(frozen=True, slots=True)
 class NodeAggregating(Event):
     """A node's expert outputs are being combined."""

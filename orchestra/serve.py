@@ -35,7 +35,7 @@ from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker, RunAdmission
 from orchestra.core import Orchestra, check_task, new_run_id
 from orchestra.errors import ConfigError
-from orchestra.events import Event
+from orchestra.events import VOTED_INSTEAD, Event
 from orchestra.hints import BUDGET_FLAGS, command
 from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import (
@@ -65,8 +65,8 @@ MAX_K = 16
 RUN_HEADER = "x-orchestra-run-id"
 
 #: events offered as progress chunks (``"progress": true``)
-PROGRESS_EVENTS = frozenset({"plan_ready", "experts_recruited", "node_aggregating", "node_done", "node_failed",
-                             "node_skipped"})
+PROGRESS_EVENTS = frozenset({"plan_ready", "experts_recruited", "node_aggregating", "aggregation_fell_back",
+                             "node_done", "node_failed", "node_skipped"})
 
 
 #: how a stop by the budget all requests share begins (``--total-max-calls``...)
@@ -506,9 +506,12 @@ def _diverged(result: RunResult, stored: bool) -> dict[str, Any]:
     broke off mid-stream and its retry wrote otherwise): an error naming the run, the whole answer
     beside it (``answer``), since a stream cannot take back the text it sent."""
     stored_too = f" and in run {result.run_id} ({command('show', result.run_id)})" if stored else ""
-    body = WireError(502, "the call writing the answer broke off mid-stream and its retry wrote another answer, "
-                          f"so the text streamed is not the answer; the answer is under 'answer' here{stored_too}",
-                     code="answer_rewritten").body()
+    voted = any(line.endswith(VOTED_INSTEAD) for node in result.plan.nodes if node.recruitment
+                for line in node.recruitment.get("explanation", ()))  # (its aggregator failed as it streamed)
+    why = ("the aggregator writing the answer failed mid-stream and a vote of the experts answered instead" if voted
+           else "the call writing the answer broke off mid-stream and its retry wrote another answer")
+    body = WireError(502, f"{why}, so the text streamed is not the answer; the answer is under 'answer' "
+                          f"here{stored_too}", code="answer_rewritten").body()
     body["error"]["answer"] = result.answer
     return body
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from orchestra.checkpoints import Checkpointer
 from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable
 from orchestra.events import (
+    AggregationFellBack,
     CallDone,
     CallsQueued,
     Event,
@@ -43,6 +44,7 @@ from orchestra.events import (
     NodeSkipped,
     PlanReady,
     UsageUpdated,
+    fell_back,
 )
 from orchestra.money import dollars
 from orchestra.resources import orchestra_home
@@ -893,6 +895,10 @@ def _node_rows(run_id: str, events: Iterable[dict[str, Any]]) -> list[dict[str, 
                 node.update(instruction=planned["instruction"], depends_on=list(planned["depends_on"]), updated=at)
             continue
         changed = nodes.get(event.get("node"))  # type: ignore[arg-type]
+        if changed is not None and kind == AggregationFellBack.kind:  # (show said nothing of why it had none)
+            changed.update(aggregator=None, updated=at,
+                           explanation=[*changed["explanation"], fell_back(event["aggregator"], event["reason"])])
+            continue
         change = _NODE_CHANGES.get(kind)  # type: ignore[arg-type]
         if changed is None or change is None:
             continue

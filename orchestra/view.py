@@ -46,6 +46,7 @@ from orchestra.events import (
     RunStarted,
     SkillExtractionFailed,
     UsageUpdated,
+    fell_back,
 )
 from orchestra.hints import run_error
 from orchestra.money import usd
@@ -152,7 +153,8 @@ class RunState(EventHandler[None]):
         self._node(event.node).detail = f"warning: no skills found ({event.reason}); recruited without skills"
 
     def on_aggregation_fell_back(self, event: AggregationFellBack) -> None:
-        self._node(event.node).detail = f"warning: {_fell_back(event)}"
+        node = self._node(event.node)
+        node.detail, node.aggregator = f"warning: {fell_back(event.aggregator, event.reason)}", ""
 
     def on_node_aggregating(self, event: NodeAggregating) -> None:
         self._node(event.node).status = "aggregating"
@@ -390,7 +392,7 @@ class LogView(EventHandler[str]):
         return f"{event.node}: warning: no skills found ({event.reason}); recruited without skills"
 
     def on_aggregation_fell_back(self, event: AggregationFellBack) -> str:
-        return f"{event.node}: warning: {_fell_back(event)}"
+        return f"{event.node}: warning: {fell_back(event.aggregator, event.reason)}"
 
     def on_node_done(self, event: NodeDone) -> str:
         return f"{event.node}: done"
@@ -443,7 +445,3 @@ def summary_line(result: RunResult) -> str:
     return (f"run {result.run_id} · {result.status} · {usage.calls} calls{failed} · {usage.requests} requests · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd(usage.cost_usd)} · "
             f"{result.elapsed_s:.1f} s")
-
-
-def _fell_back(event: AggregationFellBack) -> str:
-    return f"aggregator {event.aggregator} failed ({event.reason}); the experts' answers were put to a vote"

@@ -21,6 +21,7 @@ from orchestra.profile import Provenance, SkillProfile
 from orchestra.profiling import AggregationResult, build_profiles
 from orchestra.recruit import RecruitConfig, Recruiter, SkillTable, choose_aggregator, node_aggregator
 from orchestra.settings import RunSpec, Settings
+from orchestra.store import RunStore
 from orchestra.testing.simulation import simulated_pool
 
 PROVENANCE = Provenance(dataset="val.jsonl", dataset_sha256="0" * 64, items=100, model="test")
@@ -338,7 +339,7 @@ def test_a_near_tie_with_equal_competence_goes_to_the_better_measured_score_not_
 
 
 @pytest.mark.parametrize("failure", ["server", "json"])
-def test_a_failed_aggregator_leaves_the_experts_answers_to_a_vote(failure: str) -> None:
+def test_a_failed_aggregator_leaves_the_experts_answers_to_a_vote(failure: str, tmp_path: Path) -> None:
     """One aggregator endpoint failing (HTTP 500, or JSON it could not repair) failed every node it
     aggregated though its experts had answered (21 of 80 items of an evaluation); the node now takes
     its experts' vote, says so, and the run is done."""
@@ -356,9 +357,12 @@ def test_a_failed_aggregator_leaves_the_experts_answers_to_a_vote(failure: str) 
     models = {name: FunctionModel(answer, name=name) for name in ("a", "b", "judge")}
     pool = Pool(agents=[Agent(name=name, model=model) for name, model in models.items()])
     told: list[AggregationFellBack] = []
-    orc = Orchestra(pool, k=2, mode="topk", store=False, aggregator="judge", aggregate="synthesize",
+    store = RunStore(tmp_path / "runs.db")
+    orc = Orchestra(pool, k=2, mode="topk", store=store, aggregator="judge", aggregate="synthesize",
                     on_event=lambda event: told.append(event) if isinstance(event, AggregationFellBack) else None)
     result = orc.run("What is 3 + 4?", plan=False)
+    [row] = store.nodes(result.run_id)  # what `orchestra show` reads: it said nothing of why there was none
+    assert row["aggregator"] is None and row["explanation"][-1].startswith("aggregator judge failed (")
     assert (result.status, result.answer) == ("done", "The answer is 7")
     [node] = result.plan.nodes
     assert node.aggregator is None and any("aggregator judge failed" in line for line in node.recruitment["explanation"])

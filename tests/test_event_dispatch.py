@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from orchestra import events
 from orchestra.events import (
+    AggregationFellBack,
     BatchFinished,
     BatchStarted,
     CallDone,
@@ -47,6 +48,7 @@ from orchestra.tracing import SpanRecorder
 from orchestra.view import LogView, RunState
 
 R = "r1"
+FELL_BACK = "aggregator x failed (HTTP 500); the experts' answers were put to a vote"
 NODES = tuple({"id": n, "instruction": f"do {n}", "depends_on": d} for n, d in (("a", []), ("b", []), ("c", ["b"])))
 #: One run that touches every event type, in a plausible order.
 RUN: list[Event] = [
@@ -71,7 +73,8 @@ RUN: list[Event] = [
     BatchFinished(batch=1, model="m", size=3, failed=1, seconds=0.1),
     ModelUnloaded(model="m"),
     NodeAggregating(run_id=R, node="a", strategy="vote"),
-    NodeDone(run_id=R, node="a", output="out", aggregator="x"),
+    AggregationFellBack(run_id=R, node="a", aggregator="x", reason="HTTP 500"),
+    NodeDone(run_id=R, node="a", output="out", aggregator=None),
     NodeFailed(run_id=R, node="b", error="boom"),
     NodeSkipped(run_id=R, node="c", reason="dependency 'b' failed"),
     UsageUpdated(run_id=R, calls=3, requests=4, prompt_tokens=10, completion_tokens=5, cost_usd=0.01, cache_misses=2),
@@ -172,6 +175,7 @@ STATE_AFTER: list[Callable[[RunState], Any]] = [
     lambda s: _model(s) == (0, 0, 1, 1, 1, True),
     lambda s: _model(s) == (0, 0, 1, 1, 1, False),
     lambda s: _node(s, "a")[0] == "aggregating",
+    lambda s: _node(s, "a")[2:] == ("", f"warning: {FELL_BACK}"),
     lambda s: _node(s, "a")[0] == "done",
     lambda s: (_node(s, "b")[0], _node(s, "b")[3]) == ("failed", "boom"),
     lambda s: _node(s, "c")[0] == "skipped",
@@ -210,6 +214,7 @@ def test_the_log_holds_lines_until_an_answer_then_writes_one_per_notable_event()
         f"{at}retrying m (failed attempt 1, next in 0.5 s): 503",  # once per model and reason
         f"{at}m: going on without response_format:json_schema: the server refused it (400)",
         f"{at}unloaded m",
+        f"{at}a: warning: {FELL_BACK}",
         f"{at}a: done",
         f"{at}b: FAILED: boom",
         f"{at}c: skipped (dependency 'b' failed)",
@@ -237,11 +242,11 @@ def test_the_store_keeps_node_rows_and_the_event_log_from_every_node_event(tmp_p
         store.listen(event)
         statuses.append({row["node_id"]: row["status"] for row in store.nodes(R)}.get("a"))
     assert statuses == [None, None, "pending", "recruiting", "recruiting", "running", *["running"] * 12,
-                        "aggregating", "done", "done", "done", "done", "done"]
+                        "aggregating", "aggregating", "done", "done", "done", "done", "done"]
     nodes = {row["node_id"]: row for row in store.nodes(R)}
     a, b, c = nodes["a"], nodes["b"], nodes["c"]
     assert (a["output"], a["experts"], a["aggregator"], a["skills"], a["explanation"], a["instruction"]) == (
-        "out", ["x", "y"], "x", ["math"], ["why"], "do a, rendered")
+        "out", ["x", "y"], None, ["math"], ["why", FELL_BACK], "do a, rendered")
     assert (b["status"], b["error"], c["status"], c["error"], c["depends_on"]) == (
         "failed", "boom", "skipped", "dependency 'b' failed", ["b"])
     quiet = {"usage_updated", "calls_queued", "call_done"}  # calls live in their own table

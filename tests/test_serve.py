@@ -868,6 +868,25 @@ def test_a_stream_whose_retry_wrote_another_answer_ends_in_an_error_with_the_ans
     assert experts.count("aggregate") == {"alpha": 2} and experts.streams == []
 
 
+def test_a_stream_whose_aggregator_failed_mid_answer_says_a_vote_answered(serve: Any) -> None:
+    """The aggregator broke off on every attempt and the experts' vote answered: the error said a
+    retry had written another answer."""
+    running, experts = serve()
+    experts.streams = [["The answer is ", "41, ", None]] * 6  # (more than its attempts)
+    chunks = running.client().chat.completions.create(
+        model="orchestra", stream=True, extra_body={"progress": True},
+        messages=[{"role": "user", "content": "How far does light travel?"}])
+    events: list[str] = []
+    with pytest.raises(openai.APIError) as error:
+        for chunk in chunks:
+            if not chunk.choices:
+                events.append(chunk.model_extra["orchestra"]["event"]["kind"])
+    assert "the aggregator writing the answer failed mid-stream and a vote of the experts answered instead" in (
+        error.value.message)
+    assert "says 42" in error.value.body["answer"]  # type: ignore[index]  # (an expert's answer, voted for)
+    assert "aggregation_fell_back" in events
+
+
 def test_a_stream_whose_retry_writes_the_same_text_goes_on_after_it(serve: Any) -> None:
     """A seeded retry writes the text the broken stream had sent again: it started from its first
     word, a beginning of what was sent, and that ended the stream in "answer_rewritten" (on

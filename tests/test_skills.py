@@ -290,6 +290,8 @@ def test_a_csv_data_set_is_told_to_be_json_lines(tmp_path: Path) -> None:
      "array: a data set is JSON Lines, each object on a line of its own"),
     ('[\n  {"id": 1, "question": "q", "answer": 1}\n]\n', "val.jsonl:1: not valid JSON (Expecting value); this is "
      "a JSON array: a data set is JSON Lines, each object on a line of its own"),
+    ('[{"id": 1, "question": "q", "answer": 1},\n {"id": 2, "question": "q", "answer": 1}]\n',
+     "val.jsonl:1: not valid JSON (Expecting value); this is a JSON array: a data set is JSON Lines"),
     ('{"id": 1, "question": "q", "answer": 1, "categroy": "math"}\n',
      "val.jsonl:1: unknown field 'categroy' (did you mean 'category'?); a field of another name is kept as it is, "
      "so a misspelt one would be lost"),

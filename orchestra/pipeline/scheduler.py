@@ -44,6 +44,7 @@ from orchestra.events import (
     RunDone,
     RunStarted,
     SkillExtractionFailed,
+    fell_back,
 )
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, get_grader, states_answer, strip_reasoning
@@ -426,8 +427,7 @@ class Run:
                     # the experts answered: one failing aggregator endpoint failed the whole node
                     trace.output, trace.data = Vote.pick(responses, self.stages.grader)
                     failed, trace.aggregator = job.aggregator.name, None
-                    trace.explanation.append(f"aggregator {failed} failed ({error}): the experts' answers were put "
-                                             "to a vote")
+                    trace.explanation.append(fell_back(failed, str(error)))
                     self.stages.events.emit(AggregationFellBack(run_id=self.run_id, node=node_id, aggregator=failed,
                                                                 reason=str(error)))
             trace.status = "done"
