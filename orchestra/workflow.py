@@ -7,14 +7,16 @@ agent names, ``needs`` and cycles, and every template's references to ``inputs.*
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Container, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.meta import find_undeclared_variables
+from jinja2.visitor import NodeTransformer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -316,6 +318,7 @@ class Workflow:
             raise document.error(f"unknown template variable {sorted(unknown)[0]!r}; use inputs.<name> or "
                                  "steps.<id>.output", loc)
         owner = f"step {step_id!r}" if step_id else loc[0]
+        tree = _unaliased(tree)  # ({% set s = steps.a %}{{ s.outptu }} was checked as nothing)
         written = sum(len(data.data) for data in tree.find_all(nodes.TemplateData))
         limit, what = ((MAX_TASK_CHARS, "a task is") if loc == ("task",)
                        else (MAX_TEMPLATE_OUTPUT, "a template may write"))
@@ -490,6 +493,36 @@ def _renderer(source: str, where: str, inputs: Mapping[str, Any], *, blank: str 
             raise ConfigError(f"{RENDER_FAILED}{where}: {blank}")
         return text
     return render
+
+
+def _unaliased(tree: nodes.Template) -> nodes.Template:
+    """``tree`` with each name given a step or the inputs once (``{% set s = steps.a %}``, ``{% with s =
+    steps.a %}``) read as what it names, so its parts are checked as ``steps.a``'s are. A name given
+    more than once, or anything else, is left as it is (the run finds what is wrong with it)."""
+    given: dict[str, list[nodes.Node]] = {}
+    for assign in tree.find_all(nodes.Assign):
+        if isinstance(assign.target, nodes.Name):
+            given.setdefault(assign.target.name, []).append(assign.node)
+    for block in tree.find_all(nodes.With):
+        for target, value in zip(block.targets, block.values):
+            if isinstance(target, nodes.Name):
+                given.setdefault(target.name, []).append(value)
+    for bound in tree.find_all((nodes.For, nodes.Macro, nodes.CallBlock)):  # (a loop's or macro's own names)
+        for name in bound.find_all(nodes.Name):
+            if name.ctx in ("store", "param"):
+                given.setdefault(name.name, []).append(name)
+    aliases = {name: values[0] for name, values in given.items() if len(values) == 1 and (
+        _key(values[0], "steps") is not None
+        or (isinstance(values[0], nodes.Name) and values[0].name in ("steps", "inputs")))}
+    if not aliases:
+        return tree
+
+    class Unalias(NodeTransformer):
+        def visit_Name(self, node: nodes.Name) -> nodes.Node:
+            value = aliases.get(node.name) if node.ctx == "load" else None
+            return node if value is None else copy.deepcopy(value).set_lineno(node.lineno, override=True)
+
+    return cast(nodes.Template, Unalias().visit(copy.deepcopy(tree)))
 
 
 def _references(tree: nodes.Template) -> list[tuple[str, str, int]]:

@@ -52,6 +52,13 @@ def write(tmp_path: Path, text: str, name: str = "wf.yaml") -> Path:
     return path
 
 
+def test_a_name_given_twice_or_bound_by_a_loop_is_left_to_the_run(tmp_path: Path) -> None:
+    """Only a name given one step (or the inputs) once is read as it: a loop's own name is its own."""
+    for final in ("{% set r = steps.review %}{% for r in [1, 2] %}{{ r.real }}{% endfor %}",
+                  "{% set r = steps.review %}{% set r = inputs %}{{ r.topic }}"):
+        Workflow.load(write(tmp_path, GOOD.replace('final: "{{ steps.review.output }}"', f'final: "{final}"')))
+
+
 def test_a_data_field_a_schema_leaves_open_validates(tmp_path: Path) -> None:
     """A field the schema does not list is refused only where the schema closes its properties."""
     for extra in ("additionalProperties: true", "additionalProperties: {}", "patternProperties: {'^x': {type: string}}",
@@ -183,6 +190,14 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
                   "{type: object, properties: {verdict: {type: string}}}\n")
      .replace('final: "{{ steps.review.output }}"', "final: \"{{ steps['review'].data['verdikt'] }}\""),
      "wf.yaml:22:8: final uses steps.review.data.verdikt, but step 'review''s output: schema has no property"),
+    # a step or the inputs given a name of their own (they were checked as nothing: the run failed after paying)
+    (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{% set r = steps.review %}{{ r.outptu }}"'),
+     "wf.yaml:21:8: final uses steps.review.outptu; a step has output (its text) and data"),
+    (GOOD.replace('final: "{{ steps.review.output }}"',
+                  'final: "{% with r = steps.review %}{{ r.outptu }}{% endwith %}"'),
+     "wf.yaml:21:8: final uses steps.review.outptu; a step has output (its text) and data"),
+    (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{% set all = steps %}{{ all.zz.output }}"'),
+     "wf.yaml:21:8: final references unknown step 'zz'"),
     # a misspelt key: named where it is written (not at its value), before the field it left missing
     (GOOD.replace('    prompt: "Write', '    promt: "Write'), "wf.yaml:14:5: unknown field 'promt' (did you mean 'prompt'?)"),
     (GOOD.replace("steps:\n", "stpes:\n"), "wf.yaml:11:1: unknown field 'stpes' (did you mean 'steps'?)"),
