@@ -216,6 +216,9 @@ class ChatSession:
             verb, _, rest = line.partition(" ")
             if verb in ("done", "d", ""):
                 return plan
+            if verb in ("/quit", "/exit"):  # (as at the plan's prompt: the task is dropped, the session ends)
+                self.console.print("cancelled")
+                raise _Leave
             if verb not in ("drop", "reword"):
                 self.console.print(f"unknown edit command {verb!r}; use: drop N · reword N new instruction · done")
                 continue

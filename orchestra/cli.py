@@ -516,6 +516,8 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, resume: bool
     ready(flow.pool)
     layer = settings_from(opts)
     orc = orchestra_for(flow, layer, **orchestra_options(opts))
+    if not any(step.recruit and step.recruit.mode for step in flow.spec.steps):  # (a step's own mode may use them)
+        refuse_unused_recruiting(opts, orc.settings.mode, pool=orc.pool)
     if flow.spec.dataset is not None:
         from orchestra.workflow_run import aevaluate_workflow
 
@@ -1033,7 +1035,9 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                            + (f" (and {report.cut_off} cut off, to resume)" if report.cut_off else "")),
                           *([("from the earlier evaluation", f"{report.reused} finished, {report.resumed} resumed")]
                             if report.reused or report.resumed else []),
-                          ("skill extraction failures", str(report.skill_extraction_failures))]:
+                          ("skill extraction failures", str(report.skill_extraction_failures)),
+                          *([("aggregators failed (voted instead)", str(report.voted_instead))]
+                            if report.voted_instead else [])]:
         table.add_row(metric, value)
     if len(report.per_category) > 1:  # (one category: the accuracy above)
         for category, numbers in report.per_category.items():

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError
+from orchestra.events import VOTED_INSTEAD
 from orchestra.grading import Grader, answer_format, check_grader
 from orchestra.money import dollars, usd_exact
 from orchestra.recruit import CALIBRATED_COST_LAMBDA
@@ -69,6 +70,8 @@ class EvalReport:
     """Calls that failed after their retries (a run that lost an expert may still finish, on the others)."""
     saved_calls: int = 0
     """Calls confident teams did not need (their first experts agreed)."""
+    voted_instead: int = 0
+    """Nodes whose aggregator failed, answered by a vote of their experts instead (see ``AggregationFellBack``)."""
     budget_exceeded: str | None = None
     """Why a shared budget stopped the data set early (None: it did not)."""
     reused: int = 0
@@ -95,6 +98,7 @@ class Tally:
         self.grader = grader
         self.sink = sink
         self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
+        self.voted_instead = 0
         self.failed_calls = 0
         self.cut_off = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
@@ -114,6 +118,8 @@ class Tally:
         self.correct += ok
         self._spent(result)
         self.saved_calls += sum(node.saved_calls for node in result.plan.nodes)
+        self.voted_instead += sum(1 for node in result.plan.nodes if node.recruitment and any(
+            line.endswith(VOTED_INSTEAD) for line in node.recruitment.get("explanation", ())))
         category = item.category or UNCATEGORIZED
         tally = self.categories.setdefault(category, Counter())
         self.category_first[category] = min(index, self.category_first.get(category, index))
@@ -161,7 +167,7 @@ class Tally:
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
             failure_exit=self.first_failure[2] if self.first_failure else 0,
             skill_extraction_failures=self.skill_extraction_failures, failed_calls=self.failed_calls,
-            saved_calls=self.saved_calls,
+            saved_calls=self.saved_calls, voted_instead=self.voted_instead,
             budget_exceeded=budget_exceeded, cut_off=self.cut_off,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
 

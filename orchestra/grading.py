@@ -172,8 +172,10 @@ def last_boxed(text: str) -> str | None:
 _MINUS = re.compile(r"(?<![\w.])[\u2212\u2012\u2013\ufe63\uff0d][ \u00a0\u2009\u202f]?(?=\.?\d)")
 #: an answer clause that opens with a range or a choice of two numbers ("3-5", "3 to 5", "3, or 4"): not
 #: a restatement of one ("0.5 or 1/2", told apart by value), a date or "3-4-5", a sum ("7 - 3") or "10^3"
-_HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?\$?(\d[\d,]*(?:\.\d+)?(?:/\d+)?)"
-                     r"(?:[-\u2012\u2013\u2014]|\s+[\u2013\u2014]\s+|\s+to\s+|,?\s+or\s+(?:maybe |perhaps |possibly )?)"
+_HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?(?:(?P<between>between )\$?)?\$?"
+                     r"(\d[\d,]*(?:\.\d+)?(?:/\d+)?)"
+                     r"(?(between)\s+and\s+|(?:[-\u2012\u2013\u2014~]|\s+[\u2013\u2014~]\s+|\s+to\s+|"
+                     r",?\s+\(?or\s+(?:maybe |perhaps |possibly )?))"
                      r"\$?(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d^*]|[-\u2013/]\d)")
 _NUMBER = re.compile(r"-?\\d?frac\{-?[\d.]+\}\{-?[\d.]+\}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
@@ -209,7 +211,7 @@ class NumericGrader:
             if not candidate:
                 continue
             hedged = _HEDGED.match(candidate) if pick == 0 else None
-            if hedged and normalize_number(hedged[1]) != normalize_number(hedged[2]):  # no one answer: "3 or 4"
+            if hedged and normalize_number(hedged[2]) != normalize_number(hedged[3]):  # no one answer: "3 or 4"
                 return None  # (its first number got the credit)
             value = normalize_number(candidate)
             if value is None:

@@ -384,3 +384,16 @@ def test_resume_counts_each_items_latest_finished_run_and_skips_a_damaged_record
     again = asyncio.run(aevaluate(orc, DATA, resume=True))
     assert (again.correct, again.reused) == (1, 2)  # q1 from the first evaluation, which answered 2
     assert [row["correct"] for row in again.answers] == [True, False] and len(model.requests) == asked
+
+
+def test_an_evaluation_counts_the_nodes_its_aggregators_failed_and_votes_answered() -> None:
+    """eval said nothing when every item's aggregator failed and a vote answered (ask and run warn)."""
+    from orchestra.events import fell_back
+
+    tally = Tally(get_grader("auto"))
+    item = Item(id="q0", question="q", answer="1")
+    voted = _finished("r0")
+    voted.plan.nodes[0].recruitment = {"explanation": ["why", fell_back("judge", "HTTP 500")]}
+    tally.add(0, item, voted)
+    tally.add(1, item, _finished("r1"))
+    assert tally.report("moa", elapsed_s=0.0, model_loads={}).voted_instead == 1

@@ -166,7 +166,8 @@ def test_numeric_grading_normalises(text: str, reference: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["The answer is 3–5", "The answer is 3-5 days", "The answer is 3 or 4",
-                                  "The answer is 3, or maybe 4", "The answer is about 3 to 5"])
+                                  "The answer is 3, or maybe 4", "The answer is about 3 to 5",
+                                  "The answer is between 3 and 5", "The answer is 3 (or 4)", "The answer is 3 ~ 5"])
 def test_a_hedged_numeric_answer_gets_no_credit(text: str) -> None:
     """A range or a choice of numbers is no one answer: its first number got the credit."""
     assert not NumericGrader().grade(text, Item(id="1", question="q", answer="3"))
@@ -177,7 +178,7 @@ def test_a_hedged_numeric_answer_gets_no_credit(text: str) -> None:
     ("The answer is 0.5 or 1/2.", "0.5"), ("The answer is 4 or 4.0", "4"), ("The answer is $12, or $12.00", "12"),
     ("The answer is 18, and 18 is divisible by 3.", "18"), ("The answer is 1969-07-20", "1969"),
     ("The answer is 3-4-5 triangle", "3"), ("The answer is 7 - 3 is wrong", "7"), ("The answer is 1000 or 10^3", "1000"),
-    ("The answer is 1,000 or so", "1000"), ("The answer is 5 and 7/8", "5"),
+    ("The answer is 1,000 or so", "1000"), ("The answer is 5 and 7/8", "5"), ("The answer is 3 and 1/2 cups", "3"),
 ])
 def test_an_answer_restated_or_continued_keeps_its_credit(text: str, reference: str) -> None:
     """One answer written twice ("0.5 or 1/2"), or followed by a sentence that reuses it, is no hedge."""

@@ -79,6 +79,15 @@ def test_chat_takes_a_pasted_block_as_one_task_and_quit_at_its_plan_leaves(serve
     child.expect("bye")
     child.expect(pexpect.EOF)
     assert dict(scripted.kinds) == {"plan": 1}
+    editing = spawn("chat", "--pool", str(pool))  # (and at the edit prompt, where it was an unknown command)
+    editing.expect("> ")
+    editing.sendline("Write a short report, then check it")
+    editing.expect(r"\[a\]ccept")
+    editing.sendline("e")
+    editing.expect("edit")
+    editing.sendline("/quit")
+    editing.expect("bye")
+    editing.expect(pexpect.EOF)
     planned = next(prompt for kind, prompt in scripted.prompts if kind == "plan")
     assert "Fix this code so it prints 2:\nr = x + 1\na\nprint(r)" in planned
 

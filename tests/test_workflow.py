@@ -983,3 +983,12 @@ def test_a_sandbox_refusal_reads_as_one_clause_before_its_advice() -> None:
     with pytest.raises(ConfigError) as refused:
         render_string("{{ x.__class__ }}", where="wf.yaml: step 'a'", x="text")
     assert str(refused.value) == "cannot render wf.yaml: step 'a': access to attribute '__class__' of 'str' object is unsafe"
+
+
+def test_run_refuses_a_recruiting_flag_the_workflows_mode_would_not_use(tmp_path: Path) -> None:
+    """--competence-weight beside a workflow of `mode: random` was accepted and dropped (ask refused it)."""
+    path = write(tmp_path, "settings: {mode: random}\n" + GOOD)
+    refused = cli("run", str(path), "-i", "topic=tides", "--no-store", "--competence-weight", "2")
+    assert (refused.returncode, refused.stderr.splitlines()[0]) == (
+        2, "error: --competence-weight (recruit.competence_weight) weighs the Symbolic-MoE draw; random recruiting "
+           "does not use it: leave it out, or use --mode symbolic-moe (see python -m orchestra run --help)")
