@@ -328,7 +328,8 @@ class RunAdmission:
             expected = self._base[dimension] + self._ended[dimension] + live * per_run
             if max(expected, committed[dimension]) + per_run + last_call > limit:
                 def amount(value: float, name: str = name) -> str:
-                    return (f"{value:,.0f} calls" if name == "max_calls" else f"{value:,.0f} tokens"
+                    return (f"{value:,.0f} call{'s' if value != 1 else ''}" if name == "max_calls"
+                            else f"{value:,.0f} tokens"
                             if name == "max_tokens" else usd_exact(value))  # (amounts set against a limit)
 
                 # (a call is admitted by its worst case, so the last one needs that much left)

@@ -171,7 +171,10 @@ def _near_setting(path: list[str]) -> str | None:
         if inner is None:
             return None
         model = inner
-    return next(iter(difflib.get_close_matches(path[-1], list(model.model_fields), n=1)), None)
+    names = list(model.model_fields)
+    same = [name for name in names if name.lower() == path[-1].lower()]  # ("K": k; difflib weighs case)
+    near = same or difflib.get_close_matches(path[-1], names, n=1)
+    return near[0] if near else None
 
 
 class WorkflowRef(BaseModel):

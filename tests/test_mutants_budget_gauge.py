@@ -151,3 +151,14 @@ def test_a_run_over_its_own_budget_names_that_budget_not_the_data_sets() -> None
     admission.ended(run, on_its_own=False, cut=True)
     stop = admission.refusal(0)
     assert stop is not None and str(stop).startswith("each run's budget max_cost_usd=1 is less than the next call")
+
+
+def test_a_run_of_one_call_is_one_call_in_the_refusal() -> None:
+    """The refusal read "a run takes up to 1 calls"."""
+    shared = BudgetTracker(Budget(max_calls=1, max_cost_usd=None, max_tokens=None), None)
+    admission = RunAdmission(shared)
+    run = BudgetTracker(Budget(**{"max_calls": None, "max_cost_usd": None, "max_tokens": None}), "r1", parent=shared)
+    run.settle(run.admit(ChatRequest.user("q?"), Price()), Usage(requests=1))
+    admission.ended(run, on_its_own=True)
+    stop = admission.refusal(0)
+    assert stop is not None and "1 call so far, and a run takes up to 1 call, so it was not started" in str(stop)
