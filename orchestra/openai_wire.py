@@ -71,6 +71,8 @@ class Completion:
         progress: with ``stream``, the plan's progress as extra chunks (Orchestra's extension).
         output: the answer's format: "text", "json" or a JSON schema.
         max_tokens, temperature: for the calls that write the answer.
+        max_tokens_name: the parameter that gave ``max_tokens`` (``max_completion_tokens`` or
+            ``max_tokens``), named in errors about it.
         settings: per-request settings (``k``, ``mode``, ``aggregate``, ``plan``, ``seed``).
     """
 
@@ -82,6 +84,7 @@ class Completion:
     progress: bool = False
     output: str | dict[str, Any] = "text"
     max_tokens: int | None = None
+    max_tokens_name: str = "max_tokens"
     temperature: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -115,11 +118,12 @@ def parse_completion(body: Any) -> Completion:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
+    max_tokens, max_tokens_name = _max_tokens(body)
     return Completion(
         model=model, task=task, context=context, stream=stream,
         include_usage=_flag(options or {}, "include_usage", "stream_options.include_usage"),
         progress=_flag(body, "progress"),
-        output=_output(body.get("response_format")), max_tokens=_max_tokens(body),
+        output=_output(body.get("response_format")), max_tokens=max_tokens, max_tokens_name=max_tokens_name,
         temperature=_number(body, "temperature", 0.0, 2.0), settings=_settings(body))
 
 
@@ -229,7 +233,8 @@ def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> floa
     return float(value)
 
 
-def _max_tokens(body: Mapping[str, Any]) -> int | None:
+def _max_tokens(body: Mapping[str, Any]) -> tuple[int | None, str]:
+    """The answer's token limit and the name of the parameter that gave it."""
     given = [body.get(name) for name in ("max_tokens", "max_completion_tokens")]
     if None not in given and given[0] != given[1]:  # which one would win is a guess
         raise bad_request(f"'max_tokens' ({given[0]!r}) and 'max_completion_tokens' ({given[1]!r}) disagree; "
@@ -237,10 +242,10 @@ def _max_tokens(body: Mapping[str, Any]) -> int | None:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     value = body.get(name)
     if value is None:
-        return None
+        return None, name
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise bad_request(f"{name!r} must be a positive integer", name)
-    return value
+    return value, name
 
 
 def _output(response_format: Any) -> str | dict[str, Any]:

@@ -170,7 +170,7 @@ class Server:
             if run.cancelled():
                 return _error(_cancelled(run, self.stored), run.run_id)  # type: ignore[attr-defined]
             result = run.result()
-            failure = _failure(result, self.stored, served, completion.max_tokens)
+            failure = _failure(result, self.stored, served, completion)
             if failure is not None:
                 return _error(failure, result.run_id)
             if feed is None:
@@ -283,9 +283,10 @@ class Server:
         for whose, setting, limit in limits:
             if limit is not None and prompt + answer > limit:
                 parts = f"about {prompt} of messages" + (f" and up to {answer} of answer" if answer else "")
-                fix = "a smaller max_tokens or a shorter conversation" if answer else "a shorter conversation"
+                name = completion.max_tokens_name
+                fix = f"a smaller {name} or a shorter conversation" if answer else "a shorter conversation"
                 raise WireError(400, f"this request needs more tokens than {whose} allows ({setting}={limit}): "
-                                f"{parts}; send {fix}", param="max_tokens" if answer > limit else "messages",
+                                f"{parts}; send {fix}", param=name if answer > limit else "messages",
                                 code="invalid_value")
 
     def _start(self, completion: Completion, served: ServedModel, feed: Feed | None) -> asyncio.Task[RunResult]:
@@ -350,7 +351,7 @@ class Server:
                     yield writer.progress(item) if kind == "progress" else writer.chunk({"content": item})
                 await asyncio.wait({run})
                 failure = (_cancelled(run, self.stored) if run.cancelled()
-                           else _failure(run.result(), self.stored, served, completion.max_tokens))
+                           else _failure(run.result(), self.stored, served, completion))
                 if failure is not None:  # the status line is sent already: the error is the last event
                     yield sse(failure.body())
                     return
@@ -516,18 +517,20 @@ def _diverged(result: RunResult, stored: bool) -> dict[str, Any]:
     return body
 
 
-def _failure(result: RunResult, stored: bool, served: ServedModel, max_tokens: int | None = None) -> WireError | None:
+def _failure(result: RunResult, stored: bool, served: ServedModel, completion: Completion) -> WireError | None:
     """The error a finished run answers with, if any: 429 for a budget, 503 for endpoints that
     cannot be used (a key, an address), 400 for a structured answer the request's ``max_tokens``
     cut (a resume keeps that limit), 502 when the run failed otherwise (``stored``: whether it can
-    be resumed; ``served``: the model id the request named, whose preset may set its budget)."""
+    be resumed; ``served``: the model id the request named, whose preset may set its budget;
+    ``completion``: the request)."""
     if result.status == "done" or (result.status == "partial" and result.answer):
         return None
     reason = result.error or "no answer"
+    max_tokens, name = completion.max_tokens, completion.max_tokens_name
     if max_tokens is not None and f"reached max_tokens={max_tokens} before it was complete" in reason:
         # (it advised `orchestra resume`, which sent the same capped calls and failed the same way)
-        return WireError(400, f"the answer's JSON needs more than max_tokens={max_tokens}: {reason}; send the "
-                         "request again with a larger max_tokens (a resume would keep this one)", param="max_tokens")
+        return WireError(400, f"the answer's JSON needs more than {name}={max_tokens}: {reason}; send the "
+                         f"request again with a larger {name} (a resume would keep this one)", param=name)
     kept = _kept(result.run_id, stored)
     if result.status == "budget_exceeded":
         # the run's own budget stays its own on resume: the advice says what to raise

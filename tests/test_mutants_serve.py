@@ -13,10 +13,13 @@ from starlette.testclient import TestClient
 
 from orchestra.budget import Budget
 from orchestra.errors import ConfigError
-from orchestra.openai_wire import WireError
+from orchestra.openai_wire import Completion, WireError
 from orchestra.result import RunResult
 from orchestra.serve import ServedModel, Server, _error, _failure, app, served_models
 from orchestra.settings import Settings
+
+#: a request as `_failure` reads it (no token limit)
+ASKED = Completion(model="orchestra", task="t")
 
 
 def request(body: bytes, *, declared: bool = True) -> Request:
@@ -53,9 +56,9 @@ def test_an_error_naming_a_run_tells_sdks_not_to_retry() -> None:
 def test_a_partial_run_without_an_answer_is_an_error() -> None:
     served = ServedModel("orchestra", "orchestra", Settings())
     partial = RunResult(run_id="r", task="t", status="partial", answer=None, error="a step failed")
-    failure = _failure(partial, True, served)
+    failure = _failure(partial, True, served, ASKED)
     assert failure is not None and failure.status == 502
-    assert _failure(partial.model_copy(update={"answer": "half of it"}), True, served) is None
+    assert _failure(partial.model_copy(update={"answer": "half of it"}), True, served, ASKED) is None
 
 
 def test_a_preset_named_orchestra_is_refused() -> None:
@@ -89,12 +92,12 @@ def test_a_served_run_s_advice_names_the_store_the_server_was_given(tmp_path: Pa
     failed = RunResult(run_id="r1", task="t", status="failed", error="boom")
     hints.advise_store(tmp_path / "served.db")
     try:
-        failure = _failure(failed, True, served)
+        failure = _failure(failed, True, served, ASKED)
         assert failure is not None and failure.message.endswith(
             f"run r1 is saved: `orchestra resume r1 --store {tmp_path / 'served.db'}` finishes it")
     finally:
         hints.advise_store(None)
-    failure = _failure(failed, True, served)
+    failure = _failure(failed, True, served, ASKED)
     assert failure is not None and failure.message.endswith("run r1 is saved: `orchestra resume r1` finishes it")
 
 

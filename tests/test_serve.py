@@ -344,6 +344,15 @@ def test_json_cut_at_the_requests_max_tokens_is_a_400_naming_it_not_a_resume(ser
     assert body["param"] == "max_tokens" and body["message"].startswith("the answer's JSON needs more than max_tokens=3")
     assert body["message"].endswith("send the request again with a larger max_tokens (a resume would keep this one)")
     assert "orchestra resume" not in body["message"] and "starting at at" not in body["message"]
+    with pytest.raises(openai.BadRequestError) as named:  # the error names the parameter the client sent
+        running.client().chat.completions.create(
+            model="orchestra", messages=[{"role": "user", "content": "How far does light travel in a nanosecond?"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "distance", "schema": schema}},
+            max_completion_tokens=3)
+    body = named.value.body
+    assert body["param"] == "max_completion_tokens"
+    assert body["message"].startswith("the answer's JSON needs more than max_completion_tokens=3")
+    assert body["message"].endswith("with a larger max_completion_tokens (a resume would keep this one)")
 
 
 def test_an_empty_json_schema_asks_for_any_json_not_for_text(serve: Any) -> None:
@@ -655,6 +664,9 @@ def test_a_request_its_own_budget_could_never_hold_is_a_400_before_any_call(serv
         running.client().chat.completions.create(model="orchestra", messages=question, max_tokens=6_000)
     assert "than a request's own budget allows (budget.max_tokens=5000)" in big.value.message
     assert "up to 6000 of answer" in big.value.message and big.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as named:
+        running.client().chat.completions.create(model="orchestra", messages=question, max_completion_tokens=6_000)
+    assert named.value.body["param"] == "max_completion_tokens" and "a smaller max_completion_tokens" in named.value.message
     assert sum(experts.requests.values()) == 0
 
 
