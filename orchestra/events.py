@@ -120,6 +120,10 @@ class AggregationFellBack(Event):
 VOTED_INSTEAD = "the experts' answers were put to a vote"
 
 
+#: what a run whose final synthesis failed says of its answer (the sinks' outputs, one after another)
+UNSYNTHESIZED = "the answer is the last steps' outputs one after another, not synthesized"
+
+
 def fell_back(aggregator: str, reason: str) -> str:
     """What a node whose aggregator failed says of it (its explanation, the views, ``show``)."""
     return f"aggregator {aggregator} failed ({reason}); {VOTED_INSTEAD}"

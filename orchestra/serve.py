@@ -35,7 +35,7 @@ from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker, RunAdmission
 from orchestra.core import Orchestra, check_task, new_run_id
 from orchestra.errors import ConfigError
-from orchestra.events import VOTED_INSTEAD, Event
+from orchestra.events import UNSYNTHESIZED, VOTED_INSTEAD, Event
 from orchestra.hints import BUDGET_FLAGS, command
 from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import (
@@ -509,8 +509,12 @@ def _diverged(result: RunResult, stored: bool) -> dict[str, Any]:
     stored_too = f" and in run {result.run_id} ({command('show', result.run_id)})" if stored else ""
     voted = any(line.endswith(VOTED_INSTEAD) for node in result.plan.nodes if node.recruitment
                 for line in node.recruitment.get("explanation", ()))  # (its aggregator failed as it streamed)
-    why = ("the aggregator writing the answer failed mid-stream and a vote of the experts answered instead" if voted
-           else "the call writing the answer broke off mid-stream and its retry wrote another answer")
+    if voted:
+        why = "the aggregator writing the answer failed mid-stream and a vote of the experts answered instead"
+    elif UNSYNTHESIZED in (result.error or ""):
+        why = f"the final synthesis failed mid-stream and {UNSYNTHESIZED}"
+    else:
+        why = "the call writing the answer broke off mid-stream and its retry wrote another answer"
     body = WireError(502, f"{why}, so the text streamed is not the answer; the answer is under 'answer' "
                           f"here{stored_too}", code="answer_rewritten").body()
     body["error"]["answer"] = result.answer

@@ -107,3 +107,16 @@ def test_a_preset_no_client_could_name_is_refused(name: str) -> None:
     with pytest.raises(ConfigError, match="is no model id a client can send"):
         served_models(pool, {name: {"k": 1}})
     assert "fast" in served_models(pool, {"fast": {"k": 1}})
+
+
+def test_a_stream_whose_final_synthesis_failed_says_the_answer_is_the_steps_outputs() -> None:
+    from orchestra.events import UNSYNTHESIZED
+    from orchestra.serve import _diverged
+
+    result = RunResult(run_id="r", task="t", status="partial", answer="## a\n\nA\n\n## b\n\nB",
+                       error=f"final aggregation: boom ({UNSYNTHESIZED})")
+    body = _diverged(result, False)["error"]
+    assert body["message"].startswith(f"the final synthesis failed mid-stream and {UNSYNTHESIZED}, so the text")
+    assert body["answer"] == result.answer
+    retried = _diverged(result.model_copy(update={"error": None, "status": "done"}), False)["error"]
+    assert retried["message"].startswith("the call writing the answer broke off mid-stream")

@@ -3,6 +3,8 @@ dispatch), written to kill the mutants that mutation testing (``mutmut run``) sh
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from orchestra.errors import BadResponse
@@ -947,7 +949,16 @@ def test_a_budget_spent_on_keyword_calls_stops_the_node() -> None:
 # --- run: nodes, failures, the trace ---------------------------------------------------------
 
 from orchestra.errors import AuthenticationError  # noqa: E402
-from orchestra.events import ExpertsRecruited, NodeDone, NodeReady, PlanReady, RunDone, RunStarted  # noqa: E402
+from orchestra.events import (  # noqa: E402
+    UNSYNTHESIZED,
+    ExpertsRecruited,
+    NodeDone,
+    NodeReady,
+    PlanReady,
+    RunDone,
+    RunStarted,
+)
+from orchestra.settings import AnswerOptions  # noqa: E402
 
 
 def test_a_node_tells_its_experts_the_task_context_format_and_seeds() -> None:
@@ -1129,7 +1140,8 @@ def test_two_finished_sinks_are_merged_by_a_final_call() -> None:
     assert result.status == "done" and "execute_s" in result.timings and "final_s" in result.timings
 
 
-def test_the_final_call_sees_the_task_and_context_and_its_failure_fails_the_run() -> None:
+def test_the_final_call_sees_the_task_and_context_and_its_failure_keeps_the_steps_outputs() -> None:
+    """A failing final synthesis failed the run with no answer, though every step had answered."""
     pool, models = scripted_pool(2, plan=plan_json(("left", []), ("right", [])))
     orc = Orchestra(pool, k=1, aggregate="none", store=False)
     result = orc.run("two sides, then merge", context="we discussed fruit")
@@ -1140,10 +1152,17 @@ def test_the_final_call_sees_the_task_and_context_and_its_failure_fails_the_run(
     fn = aggregator.fn
     aggregator.fn = lambda request: BadResponse("final model down") if kind_of(request) == "final" else fn(request)
     broken = orc.run("two sides, then merge")
-    assert (broken.status, broken.answer, broken.error) == ("failed", None, "final aggregation: final model down")
+    assert (broken.status, broken.exit_code) == ("partial", 1)  # not done: a resume asks the final call again
+    assert broken.error == f"final aggregation: final model down ({UNSYNTHESIZED})"
+    left, right = broken.node("left"), broken.node("right")
+    assert broken.answer == (f"## {left.instruction}\n\n{left.output}\n\n## {right.instruction}\n\n{right.output}")
     aggregator.fn = lambda request: AuthenticationError("bad key") if kind_of(request) == "final" else fn(request)
-    keyless = orc.run("two sides, then merge")
-    assert (keyless.status, keyless.exit_code) == ("failed", 2)
+    keyless = orc.run("two sides, then merge")  # a failure that ends the run still ends it
+    assert (keyless.status, keyless.answer, keyless.exit_code) == ("failed", None, 2)
+    aggregator.fn = lambda request: BadResponse("final model down") if kind_of(request) == "final" else fn(request)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    structured = orc.run("two sides, then merge", answer=AnswerOptions(output=schema))  # no JSON to make of them
+    assert (structured.status, structured.answer) == ("failed", None)
 
 
 def test_a_budget_that_stops_one_branch_keeps_the_other_and_says_both() -> None:
@@ -1235,3 +1254,19 @@ def test_a_long_task_the_planner_returns_as_its_one_step_is_a_valid_plan() -> No
     assert result.status == "done" and result.plan.nodes[0].instruction == task and len(task) > 240
     [planned] = [r for m in models.values() for r in m.requests if kind_of(r) == "plan"]
     assert planned.output_schema["$defs"]["Subtask"]["properties"]["instruction"]["maxLength"] == len(task)
+
+
+def test_a_resume_asks_the_failed_final_synthesis_again_and_replays_the_steps(tmp_path: Path) -> None:
+    pool, models = scripted_pool(2, plan=plan_json(("left", []), ("right", [])))
+    orc = Orchestra(pool, k=1, aggregate="none", store=tmp_path / "runs.db")
+    aggregator = orc.stages.staffing.aggregator.model
+    fn = aggregator.fn
+    aggregator.fn = lambda request: BadResponse("final model down") if kind_of(request) == "final" else fn(request)
+    broken = orc.run("two sides, then merge")
+    assert broken.status == "partial" and broken.answer is not None and broken.answer.startswith("## ")
+    asked = {name: len(m.requests) for name, m in models.items()}
+    aggregator.fn = fn
+    resumed = orc.resume(broken.run_id)
+    assert resumed.status == "done" and resumed.error is None and not resumed.answer.startswith("## ")
+    sent = [kind_of(r) for name, m in models.items() for r in m.requests[asked[name]:]]
+    assert sent == ["final"]  # the steps replayed from the store

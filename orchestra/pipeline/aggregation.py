@@ -236,6 +236,12 @@ class FinalSynthesis:
                                        output=options.output, max_tokens=options.max_tokens,
                                        temperature=options.temperature, on_text=on_text)
 
+    @staticmethod
+    def unsynthesized(outputs: Sequence[tuple[str, str]]) -> str:
+        """The answer when the final call failed: each sink's output whole under its instruction
+        (``outputs``: instruction and output pairs)."""
+        return "\n\n".join(f"## {' '.join(instruction.split())}\n\n{output}" for instruction, output in outputs)
+
     async def answer(self, task: str, inputs: Sequence[dict[str, Any]], call: Call, *, seed: int,
                      context: str = "", options: AnswerOptions = TEXT_ANSWER,
                      on_text: Callable[[str], None] | None = None) -> str:

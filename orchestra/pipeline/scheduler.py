@@ -31,6 +31,7 @@ from orchestra.errors import (
     UserError,
 )
 from orchestra.events import (
+    UNSYNTHESIZED,
     AggregationFellBack,
     EventBus,
     ExpertsRecruited,
@@ -623,8 +624,13 @@ class Run:
             except Exception as error:
                 self.user_error |= isinstance(error, UserError)
                 failures.append(f"final aggregation: {error}")
-                self._finish(self._failure_status(), None, "; ".join(failures))
-                return
+                if not isinstance(error, ModelError) or not _falls_back(error) or self.spec.answer.output != "text":
+                    self._finish(self._failure_status(), None, "; ".join(failures))
+                    return
+                # the steps answered: their outputs are kept as the answer, and the run is partial (a resume asks again)
+                answer = FinalSynthesis.unsynthesized([(self.traces[n].instruction, self.traces[n].output or "")
+                                                       for n in done])
+                failures[-1] += f" ({UNSYNTHESIZED})"
             finally:
                 self.timings["final_s"] = time.perf_counter() - started
         failures += self.stage_failures
