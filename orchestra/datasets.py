@@ -106,6 +106,11 @@ class Item(BaseModel):
             if named and named[0] != letter:  # (which did it mean?)
                 raise ValueError(f"the answer {answer!r} is both the letter {letter} and the text of choice "
                                  f"{named[0]}; give the letter of the right choice")
+            same = choices[letters.index(letter)].strip().lower()
+            twins = [LETTERS[i] for i, c in enumerate(choices) if c.strip().lower() == same and LETTERS[i] != letter]
+            if twins:  # (an expert choosing the twin would be graded wrong for the same answer)
+                raise ValueError(f"the answer {letter} is a choice whose text is also choice {' and '.join(twins)}'s; "
+                                 "make the choices differ")
             return choices
         if len(named) > 1:  # (one of them would be graded wrong)
             raise ValueError(f"the answer {answer!r} is the text of choices {' and '.join(named)}; give the letter of "

@@ -147,6 +147,8 @@ def test_multiple_choice_reference_given_as_choice_text() -> None:
     short = Item(id="2", question="q", answer="y", choices=("x", "y", "z"))
     assert MultipleChoiceGrader().grade("The answer is (B)", short)
     assert not MultipleChoiceGrader().grade("The answer is (C)", short)
+    # repeated choices the answer is not one of leave nothing to doubt: kept
+    assert Item(id="3", question="q", answer="C", choices=("4", "4", "5")).choices == ("4", "4", "5")
 
 
 @pytest.mark.parametrize("text, reference", [
@@ -309,6 +311,9 @@ def test_a_csv_data_set_is_told_to_be_json_lines(tmp_path: Path) -> None:
     # (answered "y", choices x, y, y could never be graded right: (B) and (C) both read wrong)
     ('{"id": 1, "question": "q", "answer": "y", "choices": ["x", "y", "y"]}\n',
      "val.jsonl:1: field 'choices': the answer 'y' is the text of choices B and C; give the letter of the right one"),
+    # (answered B of choices 4, 4, 5: an expert choosing (A) gave the same answer and was graded wrong)
+    ('{"id": 1, "question": "q", "answer": "B", "choices": ["4", "4 ", "5"]}\n',
+     "val.jsonl:1: field 'choices': the answer B is a choice whose text is also choice A's; make the choices differ"),
     ('{"id": 1, "question": "q", "answer": "a", "choices": ["b", "a"]}\n',
      "val.jsonl:1: field 'choices': the answer 'a' is both the letter A and the text of choice B; give the letter of "
      "the right choice"),
