@@ -19,18 +19,26 @@ from orchestra.view import literal
 
 
 def run_report(store: RunStore, run_id: str) -> dict[str, Any]:
-    """The run, its nodes, every call (request and response), its events and totals."""
+    """The run, its nodes, every call (request and response), its events and totals. A node's
+    ``not_asked`` lists the recruited experts a confident team did not ask, and ``saved_calls``
+    the calls that saved (see ``_stopped_early``)."""
     record = store.run(run_id)
-    result = store.result(record.id)
+    stored = store.result(record.id)
+    result = stored.to_json() if stored else None
+    stopped = _stopped_early(result)
+    nodes = store.nodes(record.id)
+    for node in nodes:
+        asked, saved, _ = stopped.get(node["node_id"], (node["experts"], 0, None))
+        node.update(not_asked=_not_asked(node["experts"], asked), saved_calls=saved)
     return {"run": {"id": record.id, "task": record.task, "item": record.item, "status": record.status,
                     "created": record.created,
                     "updated": record.updated, "resumes": record.resumes, "answer": record.answer,
                     "error": record.error, "config": record.config},
             "totals": store.run_totals(record.id),
-            "nodes": store.nodes(record.id),
+            "nodes": nodes,
             "calls": store.calls(record.id),
             "events": list(store.events(record.id)),
-            "result": result.to_json() if result else None}
+            "result": result}
 
 
 def export_jsonl(store: RunStore, run_id: str) -> Iterator[str]:
@@ -41,6 +49,15 @@ def export_jsonl(store: RunStore, run_id: str) -> Iterator[str]:
     for kind, rows in (("node", report["nodes"]), ("call", report["calls"]), ("event", report["events"])):
         for row in rows:
             yield json.dumps({"type": kind, **row}, ensure_ascii=False, default=str)
+
+
+def _not_asked(recruited: list[str], asked: list[str]) -> list[str]:
+    """The recruited experts left once each asked one is taken out (an agent may be recruited twice)."""
+    left = list(recruited)
+    for agent in asked:
+        if agent in left:
+            left.remove(agent)
+    return left
 
 
 def _stopped_early(result: dict[str, Any] | None) -> dict[str, tuple[list[str], int, str | None]]:
@@ -83,10 +100,7 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
         early = stopped.get(node["node_id"])
         if early is not None:  # the recruited team, as far as it was asked
             asked, _, recruited = early
-            left = list(node["experts"])
-            for agent in asked:
-                if agent in left:
-                    left.remove(agent)
+            left = node["not_asked"]
             experts = ", ".join(asked) + (f" (not asked: {', '.join(left)})" if left else "")
             aggregator = f"{recruited} (not needed)" if recruited else ""
         plan.add_row(*(literal(cell) for cell in (node["node_id"], node["status"] or "", ", ".join(node["depends_on"]),

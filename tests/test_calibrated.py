@@ -282,6 +282,14 @@ def test_show_tells_which_experts_a_confident_team_did_not_need(market, tmp_path
     assert f"{node.recruitment['team']['aggregator']} (not needed)" in shown  # (the node itself names none)
     assert "answer: stopped early: its first 2 experts agreed, so 2 calls (the other experts and the aggregation)" \
            " were not made" in shown
+    from orchestra.inspect import run_report
+
+    report = run_report(RunStore(tmp_path / "runs.db"), early.run_id)  # `show --json` says it too
+    [row] = report["nodes"]
+    assert (row["not_asked"], row["saved_calls"]) == (left, 2) and row["experts"] == [*asked, *left]
+    everyone = next(r for r in results if not r.plan.nodes[0].saved_calls)
+    [row] = run_report(RunStore(tmp_path / "runs.db"), everyone.run_id)["nodes"]
+    assert (row["not_asked"], row["saved_calls"]) == ([], 0) and len(row["experts"]) == 3
 
 
 def confident_pool(failing: str = "", unsure: str = "") -> tuple[Pool, dict[str, FunctionModel]]:
