@@ -467,6 +467,10 @@ class RunStore:
                               stacklevel=2)
 
     class _Tx:
+        """A write transaction that first writes the statements held for later (events, ends of
+        runs, of any run), then its own. Its body failing for a reason of its own (``RunHeld``, an
+        interrupt) undoes its own statements only: the held ones are still committed."""
+
         def __init__(self, store: RunStore) -> None:
             self.store = store
 
@@ -479,6 +483,7 @@ class RunStore:
                 self.pending, store._pending = store._pending, []
                 if self.pending:
                     _write(store._db, self.pending)
+                    store._db.execute("SAVEPOINT body")
             except BaseException:
                 if store._db.in_transaction:
                     store._db.execute("ROLLBACK")
@@ -502,6 +507,15 @@ class RunStore:
                         if db.in_transaction:
                             db.execute("ROLLBACK")
                         raise
+                elif db.in_transaction and self.pending and not issubclass(kind, sqlite3.DatabaseError):  # type: ignore[arg-type]
+                    # (a refused begin_runs dropped other runs' held events, and their held ends became failed)
+                    try:
+                        db.execute("ROLLBACK TO body")
+                        db.execute("COMMIT")
+                        committed = True
+                    except sqlite3.DatabaseError:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
                 elif db.in_transaction:  # SQLite rolls a full disk's transaction back itself
                     db.execute("ROLLBACK")
             finally:

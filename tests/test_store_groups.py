@@ -11,6 +11,7 @@ import sqlite3
 import warnings
 from pathlib import Path
 
+import pytest
 from helpers import scripted_pool
 from pydantic import BaseModel
 
@@ -87,6 +88,31 @@ def test_a_group_that_cannot_be_written_still_marks_its_runs_ended(tmp_path: Pat
     assert store.run("r-full").status == "failed"  # its status alone needed no new space
     with sqlite3.connect(tmp_path / "runs.db") as reader:  # and it is on disk, for other processes too
         assert reader.execute("SELECT status, owner FROM runs WHERE id='r-full'").fetchone() == ("failed", None)
+
+
+def test_a_refused_begin_keeps_the_ends_and_events_held_for_other_runs(tmp_path: Path) -> None:
+    """A resume refused (another owner holds the run) rolled back the transaction that carried the
+    held statements of other runs: their events were lost and a held `done` end became `failed`."""
+    from orchestra.errors import RunHeld
+    from orchestra.events import NodeFailed
+
+    pool, _ = scripted_pool(2)
+    RunStore(tmp_path / "runs.db").begin_run("held", "t", {})  # another owner holds it
+    store = RunStore(tmp_path / "runs.db")
+    done = Orchestra(pool, k=1, store=store).run("What is 1 + 1?", plan=False)
+
+    async def end_one_and_begin_the_held_one() -> None:
+        store.begin_run("B", "t", {})
+        store.listen(NodeFailed(run_id="B", node="answer", error="marker"))
+        store.finish_run(done.model_copy(update={"run_id": "B"}), soon=True)
+        with pytest.raises(RunHeld):
+            store.begin_run("held", "t", {})  # in the same turn: the held statements are written first
+
+    asyncio.run(end_one_and_begin_the_held_one())
+    with sqlite3.connect(tmp_path / "runs.db") as reader:
+        assert reader.execute("SELECT status, answer FROM runs WHERE id='B'").fetchone() == ("done", done.answer)
+        assert reader.execute("SELECT kind FROM events WHERE run_id='B'").fetchall() == [("node_failed",)]
+        assert reader.execute("SELECT status, resumes FROM runs WHERE id='held'").fetchone() == ("running", 0)
 
 
 class Answer(BaseModel):
