@@ -869,6 +869,7 @@ class Orchestra:
         except BaseException:
             self._unclaim(runs)
             raise
+        self._keep_alive()
         self.executor.forget_recorded_orphans({run.run_id for run in runs})  # (counted just now, with ``earlier``)
         for run in runs:
             if run.run_id in earlier:
@@ -894,6 +895,7 @@ class Orchestra:
         """``runs`` were begun here but will not go (their beginning failed, or they were given up)."""
         with self._claim_lock:
             self._claimed.difference_update(runs)
+        self._rest()
 
     async def _finish(self, run: Run) -> RunResult:
         self._hold(run)
@@ -923,12 +925,20 @@ class Orchestra:
             del self._going[run.run_id]
         if self.store is not None and self.store.going.get(run.run_id) is self:
             del self.store.going[run.run_id]
+        self._rest()
+
+    def _rest(self) -> None:
+        """Stop the heartbeat when no run is going or begun here (left sleeping, a loop closed without
+        ``aclose`` destroyed it pending)."""
         beat = self._heartbeat
-        if not self._running and beat is not None and not beat.done() and beat.get_loop() is run.future.get_loop():
+        if (not self._running and not self._claimed and beat is not None and not beat.done()
+                and beat.get_loop() is _running_loop()):
             beat.cancel()
 
     def _keep_alive(self) -> None:
-        """Make sure a heartbeat tells other processes this one still holds its running runs."""
+        """Make sure a heartbeat tells other processes this one still holds its runs: those going, and
+        those begun and not going yet (a data set's chunk while it is recruited: keyword calls to a
+        slow endpoint let their lease run out, and another process took them over)."""
         if self.store is None:
             return
         loop = asyncio.get_running_loop()
@@ -937,12 +947,17 @@ class Orchestra:
             self._heartbeat = loop.create_task(self._beat())
 
     async def _beat(self) -> None:
-        while self._running and self.store is not None:
+        while (self._running or self._claimed) and self.store is not None:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
-                self.store.heartbeat()
+                lost = self.store.heartbeat(self._going)
             except StoreError:  # a full or locked disk: the run's own writes will say so
-                pass
+                continue
+            for run_id, owner in lost.items():  # (two processes finishing one run send its calls twice)
+                run = self._going.get(run_id)
+                if run is not None:
+                    run.cancel(f"run {run_id} was taken over by another process ({owner.rsplit(':', 1)[0]}), "
+                               "which finishes it; this process stopped it")
 
     async def _settle(self, run: Run) -> RunResult:
         try:
@@ -1233,6 +1248,14 @@ class Orchestra:
 
 #: the settings the pipeline stages are built from (runs that differ only elsewhere share stages)
 _STAGE_SETTINGS = ("recruit", "keywords", "matcher", "aggregator", "aggregator_choice", "grader")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if one is."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def check_task(task: object) -> None:

@@ -74,11 +74,12 @@ EMBEDDINGS = "embedding"
 #: (Values are bound as str, int and float, and constants written into the statements: Python's
 #: sqlite3 looks for an adapter, raising and catching an AttributeError, for each bytes or None.)
 _LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
+#: (A run another process took over, its lease run out or forced, is no longer this owner's to end.)
 _FINISH_RUN = ("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL "
-               "WHERE id=?")
+               "WHERE id=? AND (owner IS NULL OR owner=?)")
 #: events the store does not log (each call's: calls live in their own table); ``subscribe(listen, ignore=...)``
 QUIET_EVENTS = frozenset({UsageUpdated, CallsQueued, CallDone})
-_ENDED_RUN = "UPDATE runs SET status=?, owner=NULL WHERE id=?"
+_ENDED_RUN = "UPDATE runs SET status=?, owner=NULL WHERE id=? AND (owner IS NULL OR owner=?)"
 _json = json.JSONEncoder(ensure_ascii=False).encode
 
 _SCHEMA = """
@@ -529,7 +530,7 @@ class RunStore:
         ``finish_run`` does the same), so it is listed as failed and can be resumed."""
         for sql, params in pending:
             if sql is _FINISH_RUN:
-                status, run_id = ("failed" if params[0] == "done" else params[0]), params[-1]
+                status, run_id = ("failed" if params[0] == "done" else params[0]), params[5]
                 self._end_bare(run_id, status)
 
     def _end_bare(self, run_id: str, status: str) -> None:
@@ -539,7 +540,7 @@ class RunStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._db.execute(_ENDED_RUN, (status, run_id))
+                    self._db.execute(_ENDED_RUN, (status, run_id, self.owner))
                     self._db.execute("COMMIT")
                 except sqlite3.DatabaseError:
                     if self._db.in_transaction:
@@ -613,9 +614,22 @@ class RunStore:
         self._fresh.difference_update(row[0] for row in rows)
         self._fresh.update(fresh)
 
-    def heartbeat(self) -> None:
-        """Tell other processes this one still runs the runs it holds."""
-        self._execute("UPDATE runs SET updated=? WHERE owner=? AND status='running'", (time.time(), self.owner))
+    def heartbeat(self, held: Iterable[str] = ()) -> dict[str, str]:
+        """Tell other processes this one still runs the runs it holds; of ``held`` (runs going here),
+        those another process has taken over since (its lease ran out, or ``force``), with their
+        owner now: this process is to stop them (its end would no longer be written)."""
+        held = list(held)
+        lost: dict[str, str] = {}
+        try:
+            with self._transaction() as db:
+                db.execute("UPDATE runs SET updated=? WHERE owner=? AND status='running'", (time.time(), self.owner))
+                for start in range(0, len(held), 500):  # (SQLite takes at most 999 parameters a statement)
+                    part = held[start:start + 500]
+                    lost.update(db.execute(f"SELECT id, owner FROM runs WHERE id IN ({', '.join('?' * len(part))}) "
+                                           "AND owner IS NOT NULL AND owner != ?", (*part, self.owner)))
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+        return lost
 
     def update_config(self, run_id: str, config: dict[str, Any] | str) -> None:
         """Replace a run's stored configuration (without counting a resume)."""
@@ -640,7 +654,8 @@ class RunStore:
         (runs of a data set that end together are one transaction; a failure then warns, as events
         do, and the run is marked ended with its status alone)."""
         self._fresh.discard(result.run_id)
-        params = (result.status, result.answer, result.error, _model_json(result), time.time(), result.run_id)
+        params = (result.status, result.answer, result.error, _model_json(result), time.time(), result.run_id,
+                  self.owner)
         if soon:
             self._hold([(_FINISH_RUN, params)])
             return

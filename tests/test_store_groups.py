@@ -223,3 +223,72 @@ def test_runs_begun_together_are_listed_last_begun_first(tmp_path: Path) -> None
     store.begin_runs([(f"r{i}", f"item {i}", {}) for i in range(5)])
     assert [run.id for run in store.runs()] == ["r4", "r3", "r2", "r1", "r0"]
     assert len({run.created for run in store.runs()}) == 1
+
+
+def test_a_data_set_chunk_being_recruited_is_kept_alive_by_the_heartbeat(tmp_path: Path, monkeypatch) -> None:
+    """A chunk's runs are begun, then recruited together before they go: nothing beat for them, so
+    slow keyword calls (over the 30 s lease) let another process list them failed and take them over."""
+    from helpers import kind_of
+
+    from orchestra import Agent, Pool
+    from orchestra.core import Instance
+    from orchestra.models import FunctionModel
+
+    monkeypatch.setattr("orchestra.core.HEARTBEAT_SECONDS", 0)  # a beat every turn of the loop
+    path = tmp_path / "runs.db"
+    beats: list[bool] = []
+    slow = [True]  # the first keyword call only
+
+    async def reply(request: ChatRequest) -> object:
+        if kind_of(request) != "keywords":
+            return "The answer is 4"
+        if slow:
+            slow.clear()
+            with sqlite3.connect(path) as other:  # as if the lease had run out, seen from another process
+                other.execute("UPDATE runs SET updated=0 WHERE id='ds-1'")
+            for _ in range(200):  # the keyword call is slow: turns of the loop go by
+                await asyncio.sleep(0)
+            with sqlite3.connect(path) as other:
+                beats.append(other.execute("SELECT updated FROM runs WHERE id='ds-1'").fetchone()[0] > 0)
+        return {"keywords": ["arithmetic"]}
+
+    model = FunctionModel(reply, name="m")
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model)]), k=1, plan=False, store=path)
+    results = orc.run_many([Instance("What is 2 + 2?", options={"run_id": "ds-1"}),
+                            Instance("What is 3 + 3?", options={"run_id": "ds-2"})])
+    assert [r.status for r in results] == ["done", "done"]
+    assert beats == [True]
+
+
+def test_a_run_another_process_took_over_is_stopped_here_and_its_end_not_written(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """An owner whose lease ran out was never told: it went on sending the run's calls beside the
+    process that took it over, and its end overwrote that process's record."""
+    from helpers import kind_of
+
+    from orchestra import Agent, Pool
+    from orchestra.models import FunctionModel
+
+    monkeypatch.setattr("orchestra.core.HEARTBEAT_SECONDS", 0)
+    path = tmp_path / "runs.db"
+    turns: list[int] = []
+
+    async def reply(request: ChatRequest) -> object:
+        if kind_of(request) == "keywords":
+            return {"keywords": ["arithmetic"]}
+        with sqlite3.connect(path) as other:  # another process takes the run over (its lease ran out)
+            other.execute("UPDATE runs SET owner='elsewhere pid 1:beef', updated=1e12 WHERE id='taken'")
+        for turn in range(500):  # a slow expert: the next heartbeat finds the run taken
+            turns.append(turn)
+            await asyncio.sleep(0)
+        return "The answer is 4"
+
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=FunctionModel(reply, name="m"))]), k=1, plan=False,
+                    store=path)
+    result = orc.run("What is 2 + 2?", run_id="taken")
+    assert result.status == "cancelled" and len(turns) < 500
+    assert result.error == "run taken was taken over by another process (elsewhere pid 1), which finishes it; " \
+                           "this process stopped it"
+    with sqlite3.connect(path) as reader:  # the new owner's record stands
+        assert reader.execute("SELECT status, owner, answer, result FROM runs WHERE id='taken'").fetchone() == (
+            "running", "elsewhere pid 1:beef", None, None)
