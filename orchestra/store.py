@@ -242,6 +242,9 @@ def _record_call(outcome: str) -> str:
             "WHERE calls.status != 'ok'")
 
 
+#: the call rows whose requests reached a model: answered by it, or by the cache or the store after
+#: attempts that failed (a cache answer relabels the row, whose failed attempts were billed)
+_BILLED = "(source = 'model' OR requests > 0)"
 _RECORD_ANSWER = _record_call("?, 'ok', NULL")
 _RECORD_FAILURE = _record_call("NULL, 'error', ?")
 
@@ -715,7 +718,7 @@ class RunStore:
             rows += self._query(
                 "SELECT run_id, sum(prompt_tokens) AS p, sum(completion_tokens) AS c, sum(cost_usd) AS usd, "
                 "sum(requests) AS r, sum(status = 'ok' AND purpose != ?) AS answered FROM calls "
-                f"WHERE run_id IN ({', '.join('?' * len(part))}) AND source='model' GROUP BY run_id",
+                f"WHERE run_id IN ({', '.join('?' * len(part))}) AND {_BILLED} GROUP BY run_id",
                 (EMBEDDINGS, *part))
         return {row["run_id"]: (Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,
                                       cost_usd=dollars(row["usd"] or 0.0), requests=row["r"] or 0),
@@ -725,13 +728,14 @@ class RunStore:
     def run_totals(self, run_id: str) -> dict[str, Any]:
         """Calls (failed ones included), requests, tokens and cost the run's models were sent and billed.
 
-        Calls answered from the cache cost nothing and are not counted; rows that record requests
-        outside any call (the embedding matcher's) count as requests only.
+        Calls answered from the cache cost nothing and are not counted (unless attempts that failed
+        before were sent and billed); rows that record requests outside any call (the embedding
+        matcher's) count as requests only.
         """
         rows = self._query(
             "SELECT coalesce(sum(purpose != ?), 0) AS calls, coalesce(sum(requests), 0) AS requests, "
             "coalesce(sum(prompt_tokens),0) AS prompt_tokens, coalesce(sum(completion_tokens),0) AS completion_tokens, "
-            "coalesce(sum(cost_usd),0) AS cost_usd FROM calls WHERE run_id = ? AND source = 'model'",
+            f"coalesce(sum(cost_usd),0) AS cost_usd FROM calls WHERE run_id = ? AND {_BILLED}",
             (EMBEDDINGS, run_id))
         return {**rows[0], "cost_usd": dollars(rows[0]["cost_usd"])}
 

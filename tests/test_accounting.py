@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import KEYWORDS_MARK, scripted_pool
+from helpers import KEYWORDS_MARK, kind_of, scripted_pool
 from loopback_llm import write_pool
 from test_cli import cli
 
@@ -650,3 +650,35 @@ def test_an_agents_own_answer_limit_is_kept_under_a_users_budget_and_capped_answ
     whole = orc.run("What is 6*7?")
     assert [n for n in billed.limits if n != 64] == [None]  # sent, not served the cut answer from the cache
     assert len(whole.answer) > len(capped.answer)
+
+
+def test_failed_billed_attempts_of_a_call_the_cache_answers_on_resume_stay_in_the_stored_totals(
+        tmp_path: Path) -> None:
+    """A call that failed (billed) and was answered from the response cache on resume was relabelled
+    a cache answer: `show` and `runs` dropped what its failed attempts had cost, the result did not."""
+    from orchestra.settings import Settings
+
+    good = [False]
+
+    def reply(request: ChatRequest) -> object:
+        if kind_of(request) == "keywords":
+            return {"keywords": ["arithmetic"]} if good[0] else "no JSON here"  # (billed, then refused)
+        if not good[0]:
+            raise RuntimeError("expert endpoint down")
+        return "The answer is 4"
+
+    store = RunStore(tmp_path / "runs.db")
+    model = FunctionModel(reply, name="m", prices=(1.0, 2.0))
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model)], settings=Settings(fast_path=False)), k=1,
+                    store=store, cache=True)
+    first = orc.run("What is 2 + 2?", plan=False)
+    before = store.run_totals(first.run_id)
+    assert first.status != "done" and before["requests"] == first.usage.requests > 0
+    good[0] = True
+    orc.run("What is 2 + 2?", plan=False)  # another run of the task fills the cache
+    resumed = orc.resume(first.run_id)
+    assert resumed.status == "done" and resumed.usage.cache_hits > 0
+    after = store.run_totals(first.run_id)
+    assert (after["requests"], after["prompt_tokens"], after["completion_tokens"]) == (
+        resumed.usage.requests, resumed.usage.prompt_tokens, resumed.usage.completion_tokens)
+    assert after["requests"] == before["requests"] and after["cost_usd"] == before["cost_usd"] > 0
