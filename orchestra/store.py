@@ -611,7 +611,8 @@ class RunStore:
                 db.executemany(
                     "INSERT INTO runs (id, task, status, created, updated, config, owner) "
                     "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status='running', "
-                    "updated=excluded.updated, resumes=resumes+1, config=excluded.config, owner=excluded.owner", rows)
+                    "updated=excluded.updated, resumes=resumes+1, config=excluded.config, owner=excluded.owner, "
+                    "answer=NULL, error=NULL, result=NULL", rows)  # (a resume killed showed the last attempt's end)
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
         self._fresh.difference_update(row[0] for row in rows)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 import sqlite3
 import warnings
 from pathlib import Path
@@ -292,3 +293,21 @@ def test_a_run_another_process_took_over_is_stopped_here_and_its_end_not_written
     with sqlite3.connect(path) as reader:  # the new owner's record stands
         assert reader.execute("SELECT status, owner, answer, result FROM runs WHERE id='taken'").fetchone() == (
             "running", "elsewhere pid 1:beef", None, None)
+
+
+def test_a_resume_clears_the_last_attempts_end_so_a_killed_one_reads_abandoned(tmp_path: Path) -> None:
+    """A resume left the last attempt's answer, error and result on the run: killed, it was listed
+    with that attempt's error (a budget's, advising a larger budget), and its result was the old one."""
+    from orchestra.store import ABANDONED
+
+    pool, _ = scripted_pool(3)
+    first = Orchestra(pool, k=2, store=tmp_path / "runs.db").run("What is 2 + 2?", plan=False,
+                                                                  budget={"max_calls": 3}, run_id="b1")
+    assert first.status == "budget_exceeded"
+    resuming = RunStore(tmp_path / "runs.db")
+    resuming.begin_run("b1", "What is 2 + 2?", {})  # then its process is killed: no end recorded
+    with sqlite3.connect(tmp_path / "runs.db") as db:  # (a process of this machine that is gone)
+        db.execute("UPDATE runs SET owner=? WHERE id='b1'", (f"{socket.gethostname()} pid 999999999:dead",))
+    record = RunStore(tmp_path / "runs.db").run("b1")
+    assert (record.status, record.error, record.answer, record.resumes) == ("failed", ABANDONED, None, 1)
+    assert RunStore(tmp_path / "runs.db").result("b1") is None
