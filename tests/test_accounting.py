@@ -682,3 +682,24 @@ def test_failed_billed_attempts_of_a_call_the_cache_answers_on_resume_stay_in_th
     assert (after["requests"], after["prompt_tokens"], after["completion_tokens"]) == (
         resumed.usage.requests, resumed.usage.prompt_tokens, resumed.usage.completion_tokens)
     assert after["requests"] == before["requests"] and after["cost_usd"] == before["cost_usd"] > 0
+
+
+def test_an_answer_with_a_lone_surrogate_is_recorded_and_used_not_a_failed_run(loopback, tmp_path: Path) -> None:
+    """JSON's "\\ud83d" (a lone half of a surrogate pair) in an answer could be neither stored nor sent
+    on: the paid call failed unrecorded and the run with it; a pair split apart is joined, a lone half
+    becomes U+FFFD."""
+    from orchestra.models import ChatResult
+
+    def answer(request: LoopbackRequest) -> str:
+        if KEYWORDS_MARK in request.prompt:
+            return json.dumps({"keywords": ["chemistry"]})
+        return "The answer is 7 \ud83d"  # (sent as the JSON escape it is)
+
+    server = loopback(chat_handler(answer))
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None)
+    store = RunStore(tmp_path / "runs.db")
+    result = Orchestra(Pool(agents=[Agent(name="solo", model=model)]), k=1, plan=False, store=store).run(
+        "What is the pH of pure water?")
+    assert result.status == "done" and result.answer == "The answer is 7 \ufffd"
+    assert store.run_totals(result.run_id)["requests"] == len(server.requests) == 6
+    assert ChatResult(text="\ud83d\ude00 and \ude00").text == "\U0001f600 and \ufffd"

@@ -288,6 +288,20 @@ class ChatResult(BaseModel):
     ``length`` when ``max_tokens`` cut the text."""
     latency_s: float = 0.0
 
+    @field_validator("text")
+    @classmethod
+    def _whole_characters(cls, text: str) -> str:
+        """Lone surrogates (JSON's ``"\\ud83d"``, or a pair split across two streamed chunks) made
+        whole: a pair split apart is joined, a lone half becomes U+FFFD. (Such text could be neither
+        stored nor sent on: the paid call failed unrecorded, and its run with it.)"""
+        if text.isascii():
+            return text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return text
+
 
 def estimate_tokens(text: str) -> int:
     """A rough token count (4 characters a token) for servers that report no usage."""
