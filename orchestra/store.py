@@ -791,10 +791,15 @@ class RunStore:
 
     def calls(self, run_id: str) -> list[dict[str, Any]]:
         """Every recorded call of a run, in order, with request and response parsed."""
-        rows = self._query("SELECT * FROM calls WHERE run_id = ? ORDER BY id", (self.run(run_id).id,))
+        record = self.run(run_id)
+        rows = self._query("SELECT * FROM calls WHERE run_id = ? ORDER BY id", (record.id,))
         for row in rows:
-            row["request"] = json.loads(row["request"])
-            row["response"] = json.loads(row["response"]) if row["response"] else None
+            try:
+                row["request"] = json.loads(row["request"])
+                row["response"] = json.loads(row["response"]) if row["response"] else None
+            except (TypeError, ValueError):
+                raise StoreError(f"call {row['id']} of run {record.id} in {self.path} is damaged (its request or "
+                                 "response is not JSON)") from None
             if row["cost_usd"] is not None:  # (tokens times a price per million: 4.6124999999999995e-06)
                 row["cost_usd"] = dollars(row["cost_usd"])
         return rows
@@ -873,8 +878,12 @@ class RunStore:
 
     def events(self, run_id: str) -> Iterator[dict[str, Any]]:
         """A run's events in order."""
-        for row in self._query("SELECT data FROM events WHERE run_id = ? ORDER BY id", (self.run(run_id).id,)):
-            yield json.loads(row["data"])
+        record = self.run(run_id)
+        for row in self._query("SELECT id, data FROM events WHERE run_id = ? ORDER BY id", (record.id,)):
+            try:
+                yield json.loads(row["data"])
+            except (TypeError, ValueError):
+                raise StoreError(f"event {row['id']} of run {record.id} in {self.path} is damaged (not JSON)") from None
 
 
 class StoreCache:

@@ -311,3 +311,23 @@ def test_a_resume_clears_the_last_attempts_end_so_a_killed_one_reads_abandoned(t
     record = RunStore(tmp_path / "runs.db").run("b1")
     assert (record.status, record.error, record.answer, record.resumes) == ("failed", ABANDONED, None, 1)
     assert RunStore(tmp_path / "runs.db").result("b1") is None
+
+
+def test_a_damaged_event_or_call_row_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    from test_cli import cli
+
+    pool, _ = scripted_pool(2)
+    path = tmp_path / "runs.db"
+    Orchestra(pool, k=1, store=path).run("What is 1 + 1?", plan=False, run_id="dmg")
+    with sqlite3.connect(path) as db:
+        event = db.execute("SELECT max(id) FROM events").fetchone()[0]
+        db.execute("UPDATE events SET data = substr(data, 1, 20) WHERE id = ?", (event,))
+    shown = cli("show", "dmg", "--store", str(path))
+    assert (shown.returncode, shown.stderr) == (2, f"error: event {event} of run dmg in {path} is damaged (not JSON)\n")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE events SET data = '{}' WHERE id = ?", (event,))
+        call = db.execute("SELECT max(id) FROM calls").fetchone()[0]
+        db.execute("UPDATE calls SET response = 'oops' WHERE id = ?", (call,))
+    shown = cli("show", "dmg", "--store", str(path), "--json")
+    assert shown.returncode == 2 and shown.stderr == (f"error: call {call} of run dmg in {path} is damaged (its "
+                                                      "request or response is not JSON)\n")
