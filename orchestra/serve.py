@@ -232,6 +232,8 @@ class Server:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise bad_request(f"the request body is not valid JSON ({error})") from None
+        except ValueError as error:  # (an integer of over 4,300 digits: Python's limit on reading one)
+            raise bad_request(f"the request body holds a number too long to read ({error})") from None
         except RecursionError:
             raise bad_request("the request body is JSON nested too deeply to read") from None
 

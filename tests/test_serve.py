@@ -470,6 +470,23 @@ def test_each_error_status_is_openais_shape_with_one_clear_message(serve: Any, t
     assert sum(experts.requests.values()) - sent == RunStore(tmp_path / "runs.db").run_totals(run_id)["requests"]
 
 
+def test_a_number_too_long_to_read_or_a_schema_too_deep_is_a_400_not_a_500(serve: Any) -> None:
+    running, experts = serve()
+    client = running.client()
+    question = [{"role": "user", "content": "What is 1 + 0?"}]
+    long = httpx.post(running.url + "/v1/chat/completions", content=b'{"model": "orchestra", "seed": ' + b"9" * 5000
+                      + b"}")  # (Python's limit on reading an integer: a 500 in text/plain)
+    assert long.status_code == 400 and "a number too long to read" in long.json()["error"]["message"]
+    schema: dict = {"type": "string"}
+    for _ in range(127):  # (the run's record could not hold it: a 500, retried twice by the SDK)
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(openai.BadRequestError) as nested:
+        client.chat.completions.create(model="orchestra", messages=question, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert "nests objects and lists more than 64 levels deep" in nested.value.message
+    assert sum(experts.requests.values()) == 0
+
+
 def test_endpoints_that_cannot_be_reached_are_a_503(loopback: Any, tmp_path: Path) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))

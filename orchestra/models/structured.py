@@ -74,6 +74,8 @@ _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _COMBINERS = ("anyOf", "oneOf", "allOf")
 #: a chain of references that descends into nothing (``{"$ref": "#"}`` at the top) stops here
 _MAX_REFS = 32
+#: the deepest a schema's objects and lists may nest (real schemas nest a few levels)
+MAX_SCHEMA_DEPTH = 64
 
 
 class _Circular(StructuredOutputError):
@@ -96,6 +98,17 @@ def _resolve(reference: Any, root: dict[str, Any]) -> Any:
     return target
 
 
+def _depth(value: Any) -> int:
+    """How deeply JSON objects and lists nest in ``value`` (0 for a plain value)."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            level += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
 def schema_problem(schema: Any, path: str = "$", root: dict[str, Any] | None = None) -> str | None:
     """What makes ``schema`` unusable by ``check_schema``, in one line naming where (None: it is usable).
 
@@ -105,6 +118,8 @@ def schema_problem(schema: Any, path: str = "$", root: dict[str, Any] | None = N
     """
     if not isinstance(schema, dict):
         return f"{path} must be a JSON schema object, not {type(schema).__name__}"
+    if root is None and _depth(schema) > MAX_SCHEMA_DEPTH:  # (a run's record could not hold it: a 500 in serve)
+        return f"{path} nests objects and lists more than {MAX_SCHEMA_DEPTH} levels deep"
     root = schema if root is None else root
     kind = schema.get("type")
     if kind is not None:
