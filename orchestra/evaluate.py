@@ -203,6 +203,10 @@ def check_output(path: Path, what: str, kind: str, earlier: Callable[[str, bool]
     over any file that is not an earlier one of its ``kind`` (``earlier`` reads its first line, and
     whether that line was too long to read whole):
     ``--output runs.db`` emptied the store, ``--output pool.yaml`` replaced the pool."""
+    for name, other in precious.items():  # (SQLite's own files beside a store, there or not yet)
+        for sibling in ("-wal", "-shm", "-journal") if other is not None else ():
+            if path.resolve() == Path(f"{Path(other).resolve()}{sibling}"):
+                raise ConfigError(f"{what} would overwrite {name}'s {sibling} file {path}: give {flag} another file")
     if not path.exists():
         return
     for name, other in precious.items():
@@ -302,6 +306,8 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     with contextlib.ExitStack() as stack:
         sink = None
         if output is not None:
+            if orchestra.store is not None:  # refused before the answers file is written over
+                orchestra.store.check_free([options["run_id"] for options in going_on.values()])
             store = orchestra.store.path if orchestra.store is not None else None
             check_output(output, "the answers", "an earlier answers file (JSON Lines)", _answers_line,
                          {"the data set": dataset.path, "the run store": store, "the pool file": orchestra.pool.source},

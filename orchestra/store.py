@@ -603,11 +603,8 @@ class RunStore:
                     held = known.get(run_id)
                     if held is None:
                         fresh.append(run_id)
-                    elif (held[2] == "running" and held[0] and held[0] != self.owner
-                          and ((now - held[1] < LEASE_SECONDS and _alive(held[0]) and not force)
-                               or (force and _surely_running(held[0])))):
-                        raise RunHeld(run_id, held[0].rsplit(":", 1)[0], now - held[1],
-                                      running=force)
+                    else:
+                        self._refuse_held(run_id, held, now, force=force)
                 db.executemany(
                     "INSERT INTO runs (id, task, status, created, updated, config, owner) "
                     "VALUES (?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status='running', "
@@ -617,6 +614,28 @@ class RunStore:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
         self._fresh.difference_update(row[0] for row in rows)
         self._fresh.update(fresh)
+
+    def _refuse_held(self, run_id: str, held: tuple[Any, ...], now: float, *, force: bool) -> None:
+        """Raise ``RunHeld`` if the run (its owner, updated and status: ``held``) is another live
+        process's (see ``begin_run``)."""
+        owner, updated, status = held
+        if (status == "running" and owner and owner != self.owner
+                and ((now - updated < LEASE_SECONDS and _alive(owner) and not force)
+                     or (force and _surely_running(owner)))):
+            raise RunHeld(run_id, owner.rsplit(":", 1)[0], now - updated, running=force)
+
+    def check_free(self, run_ids: Sequence[str], *, force: bool = False) -> None:
+        """Refuse, as ``begin_runs`` would (``RunHeld``), runs another live process holds, and any
+        run in a store that cannot be written, before anything is begun (an evaluation checks so
+        before it writes its answers file)."""
+        if self.read_only:
+            raise StoreError(f"cannot write the run store {self.path}: it is read-only")
+        now = time.time()
+        for start in range(0, len(run_ids), 500):  # (SQLite takes at most 999 parameters a statement)
+            part = list(run_ids[start:start + 500])
+            for row in self._query(f"SELECT id, owner, updated, status FROM runs WHERE id IN "
+                                   f"({', '.join('?' * len(part))})", tuple(part)):
+                self._refuse_held(row["id"], (row["owner"], row["updated"], row["status"]), now, force=force)
 
     def heartbeat(self, held: Iterable[str] = ()) -> dict[str, str]:
         """Tell other processes this one still runs the runs it holds; of ``held`` (runs going here),

@@ -481,6 +481,34 @@ def test_eval_refuses_to_overwrite_its_data_or_to_plot_nowhere_before_any_call(l
         assert again.returncode == 0 and len(answers.read_text().splitlines()) == 1, again.stderr
 
 
+
+def test_eval_resume_refused_for_a_held_run_leaves_the_answers_file_as_it_was(loopback, tmp_path: Path) -> None:
+    """A refused `eval --resume` had already written the answers file over (its earlier rows again),
+    while the evaluation still running in another process appended to it: NUL bytes, rows lost."""
+    import socket
+    import time
+
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    data, answers, store = tmp_path / "val.jsonl", tmp_path / "answers.jsonl", tmp_path / "runs.db"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "{i + 1}"}}\n'
+                            for i in range(3)))
+    argv = ("eval", "--pool", str(pool), "--data", str(data), "--store", str(store), "--output", str(answers))
+    first = cli(*argv, "--set", "budget.max_calls=5")  # (each run's budget stops it: they go on in a resume)
+    assert first.returncode != 0 and len(answers.read_text().splitlines()) == 3, first.stderr
+    kept, asked = answers.read_bytes(), len(server.requests)
+    with sqlite3.connect(store) as db:  # one run of it goes on in another live process (this one)
+        db.execute("UPDATE runs SET status='running', owner=?, updated=? WHERE id=(SELECT id FROM runs "
+                   "WHERE status != 'done' LIMIT 1)", (f"{socket.gethostname()} pid {os.getpid()}:beef", time.time()))
+    refused = cli(*argv, "--resume")
+    assert refused.returncode == 2 and "is still running in another process" in refused.stderr, refused.stderr
+    assert answers.read_bytes() == kept and len(server.requests) == asked
+    for sibling in ("-wal", "-shm", "-journal"):  # (the answers went into SQLite's own files)
+        into = cli(*argv[:-1], f"{store}{sibling}")
+        assert (into.returncode, into.stderr) == (2, f"error: the answers would overwrite the run store's {sibling} "
+                                                     f"file {store}{sibling}: give --output another file\n")
+
+
 def test_profile_extracts_keywords_with_the_pool_s_settings_and_says_when_no_skill_came_of_them(
         loopback, tmp_path: Path) -> None:
     """A keyword model that never named a word twice left every profile without skills, silently (recruiting
