@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestra.budget import BudgetTracker
-from orchestra.core import Orchestra, new_run_id, run_interruptibly
+from orchestra.core import Orchestra, interrupts_as_usual, new_run_id, run_interruptibly
 from orchestra.errors import OrchestraError
 from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message, command
@@ -265,6 +265,7 @@ class ChatSession:
             else:
                 result = run_interruptibly(work())
         except KeyboardInterrupt:
+            interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's, not a second one)
             self.last = orchestra.ended(run_id)  # (for /trace: from the store, or as it ended with none)
             if orchestra.store is None:
                 self.console.print("task cancelled (no run store: nothing was kept)")

@@ -149,6 +149,13 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
         finally:
             if interrupted:
                 await _drain()
+                # until the caller has said what was kept (a report, the line saying how to go on), a
+                # duplicate SIGINT is still this one and a second Ctrl-C ends the process at once: the
+                # loop's handler gave way to Python's as the loop closed, and a second press lost the
+                # report in a KeyboardInterrupt, or a traceback (``interrupts_as_usual`` ends this)
+                with contextlib.suppress(RuntimeError, ValueError):
+                    loop.remove_signal_handler(signal.SIGINT)
+                    signal.signal(signal.SIGINT, partial(_interrupted_again, first))
 
     try:
         return asyncio.run(main())
@@ -160,6 +167,20 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
         if terminated:  # (the loop's handler is gone: a late second SIGTERM ended the process with 143)
             with contextlib.suppress(ValueError):
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _interrupted_again(first: float, *_: Any) -> None:
+    """SIGINT after an interrupt ended the work: the same one within ``SAME_INTERRUPT_S``, else a
+    second Ctrl-C (``escape``)."""
+    if time.monotonic() - first >= SAME_INTERRUPT_S:
+        escape()
+
+
+def interrupts_as_usual() -> None:
+    """Ctrl-C raises ``KeyboardInterrupt`` again (after ``run_interruptibly`` was interrupted, for
+    a caller that goes on, as chat does)."""
+    with contextlib.suppress(ValueError):  # (not the main thread: never changed)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def escape() -> NoReturn:

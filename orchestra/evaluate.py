@@ -204,7 +204,9 @@ def check_output(path: Path, what: str, kind: str, earlier: Callable[[str, bool]
     whether that line was too long to read whole):
     ``--output runs.db`` emptied the store, ``--output pool.yaml`` replaced the pool."""
     for name, other in precious.items():  # (SQLite's own files beside a store, there or not yet)
-        for sibling in ("-wal", "-shm", "-journal") if other is not None else ():
+        if other is None:
+            continue
+        for sibling in ("-wal", "-shm", "-journal"):
             if path.resolve() == Path(f"{Path(other).resolve()}{sibling}"):
                 raise ConfigError(f"{what} would overwrite {name}'s {sibling} file {path}: give {flag} another file")
     if not path.exists():

@@ -434,6 +434,44 @@ def test_a_sigint_sent_twice_at_once_is_one_interrupt_not_a_second_ctrl_c() -> N
     assert (done.returncode, done.stdout, done.stderr) == (0, "stopped cleanly\ninterrupted\n", "")
 
 
+_SIGINT_AGAIN_AS_THE_REPORT_IS_PRINTED = """
+import asyncio, os, signal, time
+from orchestra import core
+from orchestra.core import interrupts_as_usual, run_interruptibly
+
+core.SAME_INTERRUPT_S = 3600.0  # (the duplicate comes however long the report takes)
+
+async def work():
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.Event().wait()
+
+try:
+    run_interruptibly(work())
+except KeyboardInterrupt:
+    print("report:", flush=True, end=" ")
+    os.kill(os.getpid(), signal.SIGINT)  # the same interrupt again, as the caller says what was kept
+    time.sleep(0.01)
+    print("printed whole", flush=True)
+interrupts_as_usual()  # (chat goes on: its next Ctrl-C is the user's own)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1)
+except KeyboardInterrupt:
+    print("then as usual", flush=True)
+"""
+
+
+def test_a_sigint_while_an_interrupted_command_reports_what_it_kept_does_not_cut_the_report() -> None:
+    # (a trial: `eval`'s report and its line on how to go on were lost to a second SIGINT a few ms after
+    # the first, with "Exception ignored ... signal wakeup fd" tracebacks: the loop's handler had gone)
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SIGINT_AGAIN_AS_THE_REPORT_IS_PRINTED], capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "report: printed whole\nthen as usual\n", "")
+
+
 @pytest.mark.parametrize("script, expected", [
     (_LATE_CTRL_C, "answered"),  # (was a KeyboardInterrupt traceback from inside asyncio.run's shutdown)
     (_SPAWNS_AS_IT_STOPS, "interrupted ['cancelled']"),  # (was destroyed pending: "Task was destroyed...")
