@@ -1026,6 +1026,8 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
     for metric, value in [("items", str(report.items)), ("accuracy", accuracy),
                           ("calls", str(report.calls) + (f" ({report.failed_calls} failed after their retries)"
                                                          if report.failed_calls else "")),
+                          *([("answered from the cache (free)", f"{report.cache_hits} calls")]
+                            if report.cache_hits else []),
                           ("requests", str(report.requests)),
                           ("cost", usd_exact(report.cost_usd)),
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),

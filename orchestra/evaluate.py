@@ -70,6 +70,9 @@ class EvalReport:
     """Calls that failed after their retries (a run that lost an expert may still finish, on the others)."""
     saved_calls: int = 0
     """Calls confident teams did not need (their first experts agreed)."""
+    cache_hits: int = 0
+    """Calls the response cache answered: not made, so not among ``calls`` nor in the cost (a repeated
+    evaluation with the cache on cost $0, and said nothing of why)."""
     voted_instead: int = 0
     """Nodes whose aggregator failed, answered by a vote of their experts instead (see ``AggregationFellBack``)."""
     budget_exceeded: str | None = None
@@ -98,7 +101,7 @@ class Tally:
         self.grader = grader
         self.sink = sink
         self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
-        self.voted_instead = 0
+        self.voted_instead = self.cache_hits = 0
         self.failed_calls = 0
         self.cut_off = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
@@ -152,6 +155,7 @@ class Tally:
         self.cost_usd += usage.cost_usd
         self.skill_extraction_failures += usage.skill_extraction_failures
         self.failed_calls += usage.failed_calls
+        self.cache_hits += usage.cache_hits
 
     def report(self, method: str, *, elapsed_s: float, model_loads: dict[str, int],
                budget_exceeded: str | None = None) -> EvalReport:
@@ -167,7 +171,7 @@ class Tally:
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
             failure_exit=self.first_failure[2] if self.first_failure else 0,
             skill_extraction_failures=self.skill_extraction_failures, failed_calls=self.failed_calls,
-            saved_calls=self.saved_calls, voted_instead=self.voted_instead,
+            saved_calls=self.saved_calls, voted_instead=self.voted_instead, cache_hits=self.cache_hits,
             budget_exceeded=budget_exceeded, cut_off=self.cut_off,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
 

@@ -509,6 +509,26 @@ def test_eval_resume_refused_for_a_held_run_leaves_the_answers_file_as_it_was(lo
                                                      f"file {store}{sibling}: give --output another file\n")
 
 
+
+def test_eval_reports_the_calls_the_response_cache_answered(loopback, tmp_path: Path) -> None:
+    """A repeated evaluation with the cache on reported 0 calls and $0 per correct answer, and never
+    said the cache had answered."""
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"id": "a", "question": "What is 1 + 1?", "answer": "2"}\n')
+    argv = ("eval", "--pool", str(pool), "--data", str(data), "--store", str(tmp_path / "runs.db"), "--set",
+            "cache=true")
+    first = json.loads(cli(*argv, "--json").stdout)
+    assert first["cache_hits"] == 0 and first["calls"] > 0
+    asked = len(server.requests)
+    again = json.loads(cli(*argv, "--json").stdout)
+    assert (again["cache_hits"], again["calls"], again["cost_usd"]) == (first["calls"], 0, 0)
+    assert len(server.requests) == asked
+    table = " ".join(cli(*argv).stdout.split())
+    assert f"answered from the cache (free) │ {first['calls']} calls" in table, table
+
+
 def test_profile_extracts_keywords_with_the_pool_s_settings_and_says_when_no_skill_came_of_them(
         loopback, tmp_path: Path) -> None:
     """A keyword model that never named a word twice left every profile without skills, silently (recruiting
