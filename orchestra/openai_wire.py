@@ -118,6 +118,11 @@ def parse_completion(body: Any) -> Completion:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
+    if options is not None and not stream:  # (as OpenAI answers it)
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if _flag(body, "progress") and not stream:
+        raise bad_request("'progress' sends the plan's progress as stream chunks: it needs 'stream' true",
+                          "progress")
     max_tokens, max_tokens_name = _max_tokens(body)
     return Completion(
         model=model, task=task, context=context, stream=stream,
@@ -209,9 +214,18 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
         raise bad_request("'n' must be 1: one orchestrated answer per request", "n")
     if body.get("logprobs"):
         raise bad_request("'logprobs' is not supported: an answer merges several models", "logprobs")
+    if body.get("top_logprobs") is not None:  # (OpenAI refuses it without logprobs, which is refused here)
+        raise bad_request("'top_logprobs' needs logprobs, which is not supported: an answer merges several models",
+                          "top_logprobs")
+    for name in ("tool_choice", "function_call"):  # (a client forcing a tool call got text instead)
+        if body.get(name) not in (None, "none", "auto"):
+            raise bad_request(f"'{name}' asks for a tool call, but tool calling is not supported: an orchestra "
+                              "answers in text or JSON", name)
     modalities = body.get("modalities")
     if modalities not in (None, ["text"]):
         raise bad_request("only the 'text' modality is supported", "modalities")
+    if body.get("audio") is not None:
+        raise bad_request("audio output is not supported: only the 'text' modality is", "audio")
 
 
 def _flag(body: Mapping[str, Any], name: str, where: str | None = None) -> bool:

@@ -100,3 +100,25 @@ def test_a_text_part_without_its_text_says_so(part: dict) -> None:
     error = refused({"model": "orchestra", "messages": [{"role": "user", "content": [part]}]})
     assert (error.status, error.param) == (400, "messages[0].content[0].text")
     assert str(error) == "messages[0].content[0] is a text part without its text (a string under 'text')"
+
+
+@pytest.mark.parametrize("extra, param, says", [
+    # (each was accepted and ignored: a full, paid run answered in text)
+    ({"tool_choice": "required"}, "tool_choice", "asks for a tool call, but tool calling is not supported"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "asks for a tool call"),
+    ({"function_call": {"name": "f"}}, "function_call", "asks for a tool call"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when 'stream' is true"),
+    ({"top_logprobs": 3}, "top_logprobs", "needs logprobs, which is not supported"),
+    ({"audio": {"voice": "x", "format": "wav"}}, "audio", "audio output is not supported"),
+    ({"progress": True}, "progress", "it needs 'stream' true"),
+])
+def test_parameters_asking_for_what_an_orchestra_cannot_give_are_400s(extra: dict, param: str, says: str) -> None:
+    error = refused({"model": "orchestra", "messages": ASK, **extra})
+    assert (error.status, error.param) == (400, param) and says in error.message
+
+
+def test_the_defaults_of_those_parameters_are_accepted() -> None:
+    for extra in ({"tool_choice": "none"}, {"tool_choice": "auto"}, {"function_call": "auto"}, {"audio": None},
+                  {"top_logprobs": None}, {"stream": True, "stream_options": {"include_usage": True}},
+                  {"stream": True, "progress": True}, {"progress": False}):
+        parse_completion({"model": "orchestra", "messages": ASK, **extra})
