@@ -675,14 +675,20 @@ def app(pool: Pool | str | Path | None = None, settings: Settings | Mapping[str,
         status = getattr(error, "status_code", 404)
         message = (f"no route {request.method} {request.url.path}; the API is POST /v1/chat/completions, "
                    "GET /v1/models, GET /v1/models/{id}, GET /health")
-        return _error(WireError(status, message, code="not_found" if status == 404 else "method_not_allowed"))
+        answer = _error(WireError(status, message, code="not_found" if status == 404 else "method_not_allowed"))
+        answer.headers.update(getattr(error, "headers", None) or {})  # (a 405's Allow: HTTP requires it)
+        return answer
 
+    # each path with a trailing slash too: Starlette redirected one (a POST's 307 to a URL made from
+    # the Host header), and `GET /v1/models/` asked for the model '' (a 404)
+    routes = [(path, endpoint, method) for bare, endpoint, method in (
+        ("/v1/chat/completions", server.completions, "POST"), ("/v1/models", server.list_models, "GET"),
+        ("/health", server.health, "GET")) for path in (bare, f"{bare}/")]
     application = Starlette(exception_handlers={404: not_routed, 405: not_routed}, routes=[
-        Route("/v1/chat/completions", server.completions, methods=["POST"]),
-        Route("/v1/models", server.list_models, methods=["GET"]),
+        *(Route(path, endpoint, methods=[method]) for path, endpoint, method in routes),
         Route("/v1/models/{model:path}", server.get_model, methods=["GET"]),
-        Route("/health", server.health, methods=["GET"]),
     ], lifespan=lifespan)
+    application.router.redirect_slashes = False
     application.state.server = server
     return application
 

@@ -120,3 +120,18 @@ def test_a_stream_whose_final_synthesis_failed_says_the_answer_is_the_steps_outp
     assert body["answer"] == result.answer
     retried = _diverged(result.model_copy(update={"error": None, "status": "done"}), False)["error"]
     assert retried["message"].startswith("the call writing the answer broke off mid-stream")
+
+
+def test_a_405_names_the_allowed_method_and_a_trailing_slash_is_the_same_path() -> None:
+    pool, _ = scripted_pool(2)
+    with TestClient(app(pool, store=False), follow_redirects=False) as client:
+        wrong = client.get("/v1/chat/completions")
+        assert (wrong.status_code, wrong.headers["allow"]) == (405, "POST")  # (HTTP requires Allow on a 405)
+        assert "GET" in client.post("/v1/models").headers["allow"]
+        listed = client.get("/v1/models/")  # (it asked for the model '': a 404)
+        assert listed.status_code == 200 and listed.json() == client.get("/v1/models").json()
+        asked = client.post("/v1/chat/completions/", json={"model": "orchestra", "messages": [
+            {"role": "user", "content": "What is 1 + 0?"}]})  # (a 307 to a URL made from the Host header)
+        assert asked.status_code == 200 and asked.json()["object"] == "chat.completion"
+        assert client.get("/health/").status_code == 200
+        assert client.get("/v1/models/orchestra").json()["id"] == "orchestra"
