@@ -150,14 +150,15 @@ def test_a_token_budget_is_not_overshot_by_a_server_that_adds_a_template(loopbac
 
 
 class HeldExpert:
-    """An Orchestra of one agent whose expert's request is held at a loopback server until released."""
+    """An Orchestra of two agents on one model (one agent is recruited without keyword calls) whose
+    expert's request is held at a loopback server until released."""
 
     def __init__(self, loopback: Any, tmp_path: Path) -> None:
         self.at_server, self.release = threading.Event(), threading.Event()
         self.server = loopback(chat_handler(self.answer))
         model = OpenAICompatible(model="m", base_url=self.server.url + "/v1")
-        self.orc = Orchestra(Pool(agents=[Agent(name="a", model=model)], planner=model), store=tmp_path / "runs.db",
-                             k=1)
+        self.orc = Orchestra(Pool(agents=[Agent(name="a", model=model), Agent(name="b", model=model)],
+                                  planner=model), store=tmp_path / "runs.db", k=1)
 
     def answer(self, request: LoopbackRequest) -> str:
         if KEYWORDS_MARK in request.prompt:
@@ -294,7 +295,7 @@ def test_a_run_resumed_while_its_cancelled_request_is_in_flight_waits_for_that_a
 def test_a_failed_run_still_shows_its_calls_and_requests(loopback, tmp_path: Path) -> None:
     server = loopback(chat_handler(lambda request: error_reply(500, "down")
                                    if KEYWORDS_MARK not in request.prompt else json.dumps({"keywords": ["x"]})))
-    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    pool = write_pool(tmp_path, server.url, models=("alpha",), agents=("second",))
     done = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1", "--json")
     assert done.returncode == 1
     usage = json.loads(done.stdout)["usage"]
@@ -426,7 +427,7 @@ def test_a_repair_is_reserved_beside_what_its_call_has_cost(loopback, limit: int
 
 def test_a_failed_call_counts_against_the_budget(loopback, tmp_path: Path) -> None:
     server = loopback(chat_handler(lambda request: error_reply(500, "down")))
-    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    pool = write_pool(tmp_path, server.url, models=("alpha",), agents=("second",))
     done = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--k", "1", "--max-calls", "3", "--json")
     assert done.returncode == 3, done.stderr
     assert json.loads(done.stdout)["usage"]["calls"] == 3
@@ -669,8 +670,8 @@ def test_failed_billed_attempts_of_a_call_the_cache_answers_on_resume_stay_in_th
 
     store = RunStore(tmp_path / "runs.db")
     model = FunctionModel(reply, name="m", prices=(1.0, 2.0))
-    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model)], settings=Settings(fast_path=False)), k=1,
-                    store=store, cache=True)
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model), Agent(name="duo", model=model)],
+                         settings=Settings(fast_path=False)), k=1, store=store, cache=True)
     first = orc.run("What is 2 + 2?", plan=False)
     before = store.run_totals(first.run_id)
     assert first.status != "done" and before["requests"] == first.usage.requests > 0
@@ -701,5 +702,5 @@ def test_an_answer_with_a_lone_surrogate_is_recorded_and_used_not_a_failed_run(l
     result = Orchestra(Pool(agents=[Agent(name="solo", model=model)]), k=1, plan=False, store=store).run(
         "What is the pH of pure water?")
     assert result.status == "done" and result.answer == "The answer is 7 \ufffd"
-    assert store.run_totals(result.run_id)["requests"] == len(server.requests) == 6
+    assert store.run_totals(result.run_id)["requests"] == len(server.requests) == 1  # (one agent: no keywords)
     assert ChatResult(text="\ud83d\ude00 and \ude00").text == "\U0001f600 and \ufffd"

@@ -253,7 +253,8 @@ def test_a_resume_counts_an_answer_recorded_before_it_began_once(tmp_path: Path)
         model = FunctionModel(answer, name="m")
         store = RunStore(tmp_path / "runs.db")
         queued: list[str] = []
-        orc = Orchestra(Pool(agents=[Agent(name="solo", model=model)]), store=store, plan=False, k=1,
+        orc = Orchestra(Pool(agents=[Agent(name="solo", model=model), Agent(name="duo", model=model)]), store=store,
+                        plan=False, k=1,
                         on_event=lambda event: queued.append(event.kind) if event.kind == "calls_queued" else None)
         task = asyncio.ensure_future(orc.arun("How fast is light?", run_id="r1"))
         await until(lambda: seen["keywords"] == 5)
@@ -372,7 +373,8 @@ def test_an_engines_calls_wait_for_room_under_a_token_budget_as_an_endpoints_do(
 def test_an_engines_call_that_cannot_fit_stops_its_run_at_the_budget() -> None:
     """Under a budget too small for the keyword samples, a run on an engine ends budget_exceeded (exit 3)."""
     model = FunctionModel(lambda request: {"keywords": ["history"]}, name="engine", heavy=True)
-    pool = Pool(agents=[Agent(name="a", model=model, max_tokens=50)], planner=model)
+    pool = Pool(agents=[Agent(name="a", model=model, max_tokens=50), Agent(name="b", model=model, max_tokens=50)],
+                planner=model)
     result = Orchestra(pool, store=False, k=1, budget=Budget(max_tokens=700)).run("What is 6*7?", plan=False)
     assert (result.status, result.exit_code) == ("budget_exceeded", 3)
 

@@ -359,7 +359,7 @@ def test_a_malformed_base_url_is_caught_when_the_pool_loads(tmp_path: Path) -> N
 
 def test_retrying_is_printed_only_when_a_retry_follows(loopback, tmp_path: Path) -> None:
     server = loopback(lambda request: error_reply(503, "busy"))
-    pool = write_pool(tmp_path, server.url, models=("alpha",))  # max_attempts: 2
+    pool = write_pool(tmp_path, server.url, models=("alpha",), agents=("second",))  # max_attempts: 2
     done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--k", "1")
     assert done.returncode == 1
     retries = [line for line in done.stderr.splitlines() if "retrying" in line]

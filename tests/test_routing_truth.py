@@ -39,7 +39,7 @@ def test_a_keyword_answer_with_an_extra_key_is_neither_repaired_nor_split(loopba
         return "The answer is 1"
 
     server = loopback(chat_handler(answer))
-    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    pool = write_pool(tmp_path, server.url, models=("alpha",), agents=("second",))
     done = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1", "--json")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
@@ -52,7 +52,7 @@ def test_a_keyword_answer_with_an_extra_key_is_neither_repaired_nor_split(loopba
 def test_failed_skill_extraction_is_reported(loopback, tmp_path: Path) -> None:
     server = loopback(chat_handler(lambda request: "I cannot help with that, sorry!\nTry again."
                                    if "school subjects or skills" in request.prompt else "The answer is 1"))
-    pool = write_pool(tmp_path, server.url, models=("alpha",))
+    pool = write_pool(tmp_path, server.url, models=("alpha",), agents=("second",))
     done = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1")
     assert done.stdout.strip() == "The answer is 1"  # the answer is kept ...
     assert done.returncode == 1, done.stderr  # ... but every keyword call failed: not a clean run

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from helpers import single_agent_pool
 
-from orchestra import Orchestra, RecruitConfig
+from orchestra import Agent, Orchestra, Pool, RecruitConfig
 from orchestra.datasets import Dataset, Item, load_dataset
 from orchestra.errors import ConfigError, DatasetError
 from orchestra.grading import AutoGrader, ExactMatchGrader, MultipleChoiceGrader, NumericGrader, get_grader
@@ -65,10 +65,22 @@ def test_keyword_settings_are_configurable() -> None:
 
 def test_all_samples_go_to_the_keyword_model_as_one_batch() -> None:
     model = FunctionModel(lambda request: {"keywords": ["chemistry"]}, name="kw")
-    orc = Orchestra(single_agent_pool(model), plan=False, k=1)
-    result_ = orc.run("What is the pH of pure water?")
+    pool = Pool(agents=[Agent(name="solo", model=model), Agent(name="duo", model=model)])
+    result_ = Orchestra(pool, plan=False, k=1).run("What is the pH of pure water?")
     assert model.batches[0] == 5
     assert result_.node("answer").skills == ["chemistry"]
+
+
+def test_a_pool_of_one_agent_asks_no_keyword_model_when_one_expert_is_wanted() -> None:
+    """Its one team could not change with the skills: five keyword calls a task for nothing."""
+    model = FunctionModel(lambda request: "The answer is 7", name="solo")
+    result = Orchestra(single_agent_pool(model), plan=False, k=1).run("What is the pH of pure water?")
+    assert model.batches == [1] and result.usage.calls == 1 and result.status == "done"
+    assert result.node("answer").recruitment["explanation"][-1] == "solo: the pool's only agent"
+    twice = FunctionModel(lambda request: {"keywords": ["chemistry"]} if request.wants_json else "The answer is 7",
+                          name="solo")
+    Orchestra(single_agent_pool(twice), plan=False, k=2).run("What is the pH of pure water?")
+    assert twice.batches[0] == 5  # (two draws of one agent: its weights still come from the skills)
 
 
 # --- matching ----------------------------------------------------------------------------------

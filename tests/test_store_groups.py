@@ -254,7 +254,8 @@ def test_a_data_set_chunk_being_recruited_is_kept_alive_by_the_heartbeat(tmp_pat
         return {"keywords": ["arithmetic"]}
 
     model = FunctionModel(reply, name="m")
-    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model)]), k=1, plan=False, store=path)
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model), Agent(name="duo", model=model)]), k=1, plan=False,
+                    store=path)
     results = orc.run_many([Instance("What is 2 + 2?", options={"run_id": "ds-1"}),
                             Instance("What is 3 + 3?", options={"run_id": "ds-2"})])
     assert [r.status for r in results] == ["done", "done"]

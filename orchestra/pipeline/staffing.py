@@ -98,6 +98,10 @@ class Staffing:
         if pin is not None and k == 1 and len(pin.experts) == 1:  # one agent, kept on resume: nothing to recruit
             return Recruitment(experts=pin.experts, keywords=tuple(skills), matches=(), candidates=(),
                                mode="fixed", notes=(f"{pin.experts[0]}: as recorded with the run",))
+        if k == 1 and len(self.pool.agents) == 1 and pin is None:  # one team only: keyword calls could not change it
+            only = self.pool.agents[0].name
+            return Recruitment(experts=(only,), keywords=tuple(skill_names(skills, 40)), matches=(), candidates=(),
+                               mode="fixed", notes=(f"{only}: the pool's only agent",))
         given = tuple(skills)
         found = self._matched.get(given) if skills else None
         if found is None or pin is not None:
