@@ -337,7 +337,11 @@ class Server:
         if event.kind in PROGRESS_EVENTS:
             feed = self._feeds.get(getattr(event, "run_id", ""))
             if feed is not None:
-                feed.items.put_nowait(("progress", event.to_dict()))
+                said = event.to_dict()
+                for field in ("error", "reason"):  # (a failed node's error may name an endpoint)
+                    if isinstance(said.get(field), str):
+                        said[field] = for_clients(said[field])
+                feed.items.put_nowait(("progress", said))
 
     def _stream(self, completion: Completion, run: asyncio.Task[RunResult], feed: Feed,
                 served: ServedModel) -> Response:
@@ -523,6 +527,16 @@ def _diverged(result: RunResult, stored: bool) -> dict[str, Any]:
     return body
 
 
+#: an address in an error's text (an endpoint's URL)
+_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s;,()'\"]+", re.IGNORECASE)
+
+
+def for_clients(text: str) -> str:
+    """An error's text as the server's clients get it: endpoints' addresses left out (the model
+    list never shows them; ``orchestra show RUN`` on the server has them)."""
+    return _ADDRESS.sub("an endpoint", text)
+
+
 def _failure(result: RunResult, stored: bool, served: ServedModel, completion: Completion) -> WireError | None:
     """The error a finished run answers with, if any: 429 for a budget, 503 for endpoints that
     cannot be used (a key, an address), 400 for a structured answer the request's ``max_tokens``
@@ -531,7 +545,7 @@ def _failure(result: RunResult, stored: bool, served: ServedModel, completion: C
     ``completion``: the request)."""
     if result.status == "done" or (result.status == "partial" and result.answer):
         return None
-    reason = result.error or "no answer"
+    reason = for_clients(result.error or "no answer")
     max_tokens, name = completion.max_tokens, completion.max_tokens_name
     if max_tokens is not None and f"reached max_tokens={max_tokens} before it was complete" in reason:
         # (it advised `orchestra resume`, which sent the same capped calls and failed the same way)

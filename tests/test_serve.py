@@ -311,6 +311,9 @@ def test_progress_chunks_are_opt_in_and_the_plan_shows_in_them(serve: Any) -> No
         "model": "orchestra", "stream": True, "progress": True, "messages": [{"role": "user", "content": task}]})
     last = [line for line in raw.text.splitlines() if line.startswith("data: ")][-1]
     assert last.startswith('data: {"error":{"message":"the run failed')  # compact, as every other event
+    failed = [json.loads(line[6:])["orchestra"]["event"] for line in raw.text.splitlines()
+              if line.startswith("data: {") and '"node_failed"' in line]
+    assert failed and all("an endpoint" in e["error"] and "127.0.0.1" not in e["error"] for e in failed)
 
 
 def test_json_schema_answers_with_the_schema_and_sends_it_to_the_answer_writers(serve: Any) -> None:
@@ -497,6 +500,10 @@ def test_endpoints_that_cannot_be_reached_are_a_503(loopback: Any, tmp_path: Pat
             down.client().chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi there?"}])
         assert error.value.status_code == 503 and "endpoints cannot be used" in error.value.message
         assert f"orchestra resume {error.value.response.headers[RUN_HEADER]}" in error.value.message
+        # the clients are not told where the endpoints are (the model list never shows them); the store is
+        assert "cannot reach an endpoint" in error.value.message and f":{port}" not in error.value.message
+        stored = RunStore(tmp_path / "down.db").run(error.value.response.headers[RUN_HEADER])
+        assert f"http://127.0.0.1:{port}/v1/chat/completions" in (stored.error or "")
     finally:
         down.stop()
 
