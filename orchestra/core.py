@@ -977,8 +977,8 @@ class Orchestra:
             for run_id, owner in lost.items():  # (two processes finishing one run send its calls twice)
                 run = self._going.get(run_id)
                 if run is not None:
-                    run.cancel(f"run {run_id} was taken over by another process ({owner.rsplit(':', 1)[0]}), "
-                               "which finishes it; this process stopped it")
+                    holder = f"({owner.rsplit(':', 1)[0]}), which finishes it" if owner else "which has ended it"
+                    run.cancel(f"run {run_id} was taken over by another process {holder}; this process stopped it")
 
     async def _settle(self, run: Run) -> RunResult:
         try:

@@ -74,12 +74,15 @@ EMBEDDINGS = "embedding"
 #: (Values are bound as str, int and float, and constants written into the statements: Python's
 #: sqlite3 looks for an adapter, raising and catching an AttributeError, for each bytes or None.)
 _LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
-#: (A run another process took over, its lease run out or forced, is no longer this owner's to end.)
-_FINISH_RUN = ("UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL "
-               "WHERE id=? AND (owner IS NULL OR owner=?)")
+#: A run is ended by its owner; one no owner holds, only while it reads as running (a store of before
+#: owners) or with the status it ended with (a cancelled run's record, counting an answer that came
+#: late). A run another process took over (its lease run out, or forced) is no longer this one's to
+#: end, and neither is one that process has ended since (its record was written over).
+_OURS = "id=? AND (owner=? OR (owner IS NULL AND status IN ('running', ?)))"
+_FINISH_RUN = f"UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE {_OURS}"
 #: events the store does not log (each call's: calls live in their own table); ``subscribe(listen, ignore=...)``
 QUIET_EVENTS = frozenset({UsageUpdated, CallsQueued, CallDone})
-_ENDED_RUN = "UPDATE runs SET status=?, owner=NULL WHERE id=? AND (owner IS NULL OR owner=?)"
+_ENDED_RUN = f"UPDATE runs SET status=?, owner=NULL WHERE {_OURS}"
 _json = json.JSONEncoder(ensure_ascii=False).encode
 
 _SCHEMA = """
@@ -543,7 +546,7 @@ class RunStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._db.execute(_ENDED_RUN, (status, run_id, self.owner))
+                    self._db.execute(_ENDED_RUN, (status, run_id, self.owner, status))
                     self._db.execute("COMMIT")
                 except sqlite3.DatabaseError:
                     if self._db.in_transaction:
@@ -640,7 +643,8 @@ class RunStore:
     def heartbeat(self, held: Iterable[str] = ()) -> dict[str, str]:
         """Tell other processes this one still runs the runs it holds; of ``held`` (runs going here),
         those another process has taken over since (its lease ran out, or ``force``), with their
-        owner now: this process is to stop them (its end would no longer be written)."""
+        owner now ("" where that process has ended the run already): this process is to stop them
+        (its end would no longer be written)."""
         held = list(held)
         lost: dict[str, str] = {}
         try:
@@ -648,8 +652,8 @@ class RunStore:
                 db.execute("UPDATE runs SET updated=? WHERE owner=? AND status='running'", (time.time(), self.owner))
                 for start in range(0, len(held), 500):  # (SQLite takes at most 999 parameters a statement)
                     part = held[start:start + 500]
-                    lost.update(db.execute(f"SELECT id, owner FROM runs WHERE id IN ({', '.join('?' * len(part))}) "
-                                           "AND owner IS NOT NULL AND owner != ?", (*part, self.owner)))
+                    lost.update(db.execute(f"SELECT id, coalesce(owner, '') FROM runs WHERE id IN "
+                                           f"({', '.join('?' * len(part))}) AND owner IS NOT ?", (*part, self.owner)))
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
         return lost
@@ -661,10 +665,10 @@ class RunStore:
     def update_configs(self, configs: Iterable[tuple[str, dict[str, Any] | str]]) -> None:
         """Replace several runs' stored configurations in one transaction."""
         now = time.time()
-        rows = [(_config_json(config), now, run_id) for run_id, config in configs]
+        rows = [(_config_json(config), now, run_id, self.owner) for run_id, config in configs]
         try:
-            with self._transaction() as db:
-                db.executemany("UPDATE runs SET config=?, updated=? WHERE id=?", rows)
+            with self._transaction() as db:  # (not over the record of a run another process took over)
+                db.executemany("UPDATE runs SET config=?, updated=? WHERE id=? AND (owner=? OR owner IS NULL)", rows)
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
 
@@ -678,7 +682,7 @@ class RunStore:
         do, and the run is marked ended with its status alone)."""
         self._fresh.discard(result.run_id)
         params = (result.status, result.answer, result.error, _model_json(result), time.time(), result.run_id,
-                  self.owner)
+                  self.owner, result.status)
         if soon:
             self._hold([(_FINISH_RUN, params)])
             return
@@ -737,7 +741,7 @@ class RunStore:
             part = earlier[start:start + 500]
             rows += self._query(
                 "SELECT run_id, sum(prompt_tokens) AS p, sum(completion_tokens) AS c, sum(cost_usd) AS usd, "
-                "sum(requests) AS r, sum(status = 'ok' AND purpose != ?) AS answered FROM calls "
+                "sum(requests) AS r, sum(status = 'ok' AND purpose != ? AND source = 'model') AS answered FROM calls "
                 f"WHERE run_id IN ({', '.join('?' * len(part))}) AND {_BILLED} GROUP BY run_id",
                 (EMBEDDINGS, *part))
         return {row["run_id"]: (Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,

@@ -683,6 +683,8 @@ def test_failed_billed_attempts_of_a_call_the_cache_answers_on_resume_stay_in_th
     assert (after["requests"], after["prompt_tokens"], after["completion_tokens"]) == (
         resumed.usage.requests, resumed.usage.prompt_tokens, resumed.usage.completion_tokens)
     assert after["requests"] == before["requests"] and after["cost_usd"] == before["cost_usd"] > 0
+    _, answered = RunStore(tmp_path / "runs.db").earlier_usage([first.run_id])[first.run_id]
+    assert answered == 0  # (the cache answered every call: a later resume counted them against max_calls)
 
 
 def test_an_answer_with_a_lone_surrogate_is_recorded_and_used_not_a_failed_run(loopback, tmp_path: Path) -> None:

@@ -262,10 +262,12 @@ def test_a_data_set_chunk_being_recruited_is_kept_alive_by_the_heartbeat(tmp_pat
     assert beats == [True]
 
 
-def test_a_run_another_process_took_over_is_stopped_here_and_its_end_not_written(tmp_path: Path,
-                                                                                monkeypatch) -> None:
+@pytest.mark.parametrize("ended", [False, True])
+def test_a_run_another_process_took_over_is_stopped_here_and_its_end_not_written(tmp_path: Path, monkeypatch,
+                                                                                ended: bool) -> None:
     """An owner whose lease ran out was never told: it went on sending the run's calls beside the
-    process that took it over, and its end overwrote that process's record."""
+    process that took it over, and its end overwrote that process's record (``ended``: that process
+    has finished the run already, which leaves no owner: its record was overwritten too)."""
     from helpers import kind_of
 
     from orchestra import Agent, Pool
@@ -274,12 +276,14 @@ def test_a_run_another_process_took_over_is_stopped_here_and_its_end_not_written
     monkeypatch.setattr("orchestra.core.HEARTBEAT_SECONDS", 0)
     path = tmp_path / "runs.db"
     turns: list[int] = []
+    taken = ("UPDATE runs SET status='done', answer='B: 4', owner=NULL WHERE id='taken'" if ended else
+             "UPDATE runs SET owner='elsewhere pid 1:beef', updated=1e12 WHERE id='taken'")
 
     async def reply(request: ChatRequest) -> object:
         if kind_of(request) == "keywords":
             return {"keywords": ["arithmetic"]}
         with sqlite3.connect(path) as other:  # another process takes the run over (its lease ran out)
-            other.execute("UPDATE runs SET owner='elsewhere pid 1:beef', updated=1e12 WHERE id='taken'")
+            other.execute(taken)
         for turn in range(500):  # a slow expert: the next heartbeat finds the run taken
             turns.append(turn)
             await asyncio.sleep(0)
@@ -289,11 +293,11 @@ def test_a_run_another_process_took_over_is_stopped_here_and_its_end_not_written
                     store=path)
     result = orc.run("What is 2 + 2?", run_id="taken")
     assert result.status == "cancelled" and len(turns) < 500
-    assert result.error == "run taken was taken over by another process (elsewhere pid 1), which finishes it; " \
-                           "this process stopped it"
+    holder = "which has ended it" if ended else "(elsewhere pid 1), which finishes it"
+    assert result.error == f"run taken was taken over by another process {holder}; this process stopped it"
     with sqlite3.connect(path) as reader:  # the new owner's record stands
         assert reader.execute("SELECT status, owner, answer, result FROM runs WHERE id='taken'").fetchone() == (
-            "running", "elsewhere pid 1:beef", None, None)
+            ("done", None, "B: 4", None) if ended else ("running", "elsewhere pid 1:beef", None, None))
 
 
 def test_a_resume_clears_the_last_attempts_end_so_a_killed_one_reads_abandoned(tmp_path: Path) -> None:
@@ -332,3 +336,34 @@ def test_a_damaged_event_or_call_row_is_a_one_line_error_naming_it(tmp_path: Pat
     shown = cli("show", "dmg", "--store", str(path), "--json")
     assert shown.returncode == 2 and shown.stderr == (f"error: call {call} of run dmg in {path} is damaged (its "
                                                       "request or response is not JSON)\n")
+
+
+def test_a_chunks_recruiting_does_not_write_over_the_config_of_a_run_another_process_took(tmp_path: Path) -> None:
+    from helpers import kind_of
+
+    from orchestra import Agent, Pool
+    from orchestra.core import Instance
+    from orchestra.models import FunctionModel
+
+    path = tmp_path / "runs.db"
+    slow = [True]
+
+    def reply(request: ChatRequest) -> object:
+        if kind_of(request) != "keywords":
+            return "The answer is 4"
+        if slow:
+            slow.clear()
+            with sqlite3.connect(path) as other:  # taken over (forced) while the chunk is recruited
+                other.execute("UPDATE runs SET owner='elsewhere pid 1:beef', config='{\"B\": \"mine\"}' "
+                              "WHERE id='ds-1'")
+        return {"keywords": ["arithmetic"]}
+
+    model = FunctionModel(reply, name="m")
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model), Agent(name="duo", model=model)]), k=1, plan=False,
+                    store=path)
+    orc.run_many([Instance("What is 2 + 2?", options={"run_id": "ds-1"}),
+                  Instance("What is 3 + 3?", options={"run_id": "ds-2"})])
+    with sqlite3.connect(path) as reader:
+        assert reader.execute("SELECT config, owner FROM runs WHERE id='ds-1'").fetchone() == (
+            '{"B": "mine"}', "elsewhere pid 1:beef")
+        assert reader.execute("SELECT status FROM runs WHERE id='ds-2'").fetchone() == ("done",)
