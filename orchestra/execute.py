@@ -42,7 +42,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from orchestra.budget import ANSWER_ALLOWANCE, Budget, BudgetTracker, Reservation
-from orchestra.errors import BudgetExceeded, CallCancelled, EngineLost
+from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
@@ -837,6 +837,9 @@ class Executor:
         lost: tuple[list[_Call], EngineLost] | None = None
         try:
             async for index, outcome in model.complete_each([c.request for c in group]):
+                if index not in pending:  # (it failed as `first error: 5`)
+                    raise BadResponse(f"{model.name} answered request {index!r} of a batch of {len(group)}, one it "
+                                      "had answered already or never got")
                 if index in unsent:  # nothing to record or count: its reservation is given back
                     self._settle(pending.pop(index), None)
                     continue
@@ -844,6 +847,9 @@ class Executor:
                 failed += isinstance(outcome, Exception)
                 if flush is None:
                     flush = asyncio.get_running_loop().call_soon(finish_answered)
+            if pending:  # (a model that answered fewer than it was asked: its calls waited for ever)
+                raise BadResponse(f"{model.name} answered {len(group) - len(pending)} of the {len(group)} "
+                                  "requests of its batch")
         except EngineLost as error:
             failed += len(pending)
             if lost_ok:

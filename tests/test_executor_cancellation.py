@@ -16,7 +16,7 @@ from helpers import KEYWORDS_MARK
 from orchestra import Agent, Orchestra, Pool
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.execute import Executor, RunLedger
-from orchestra.models import ChatRequest, FunctionModel
+from orchestra.models import ChatRequest, ChatResult, FunctionModel
 from orchestra.models.pricing import FREE
 from orchestra.store import RunStore
 
@@ -428,3 +428,30 @@ def test_an_engines_calls_give_back_what_a_shared_budget_held_for_them(own_limit
             assert shared.committed()[0] == i + 1 and shared._reserved_tokens == 0
 
     asyncio.run(main())
+
+
+class _Miscounting:
+    """A model of one's own (the Model protocol) that answers too few requests, or one twice."""
+
+    name = "miscounting"
+
+    def __init__(self, indexes: list[int]) -> None:
+        self.indexes = indexes
+
+    async def complete(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        return []
+
+    async def complete_each(self, requests: list[ChatRequest]) -> Any:
+        for index in self.indexes:
+            yield index, ChatResult(text="The answer is 1")
+
+
+@pytest.mark.parametrize("indexes, says", [
+    ([], "miscounting answered 0 of the 1 requests of its batch"),  # (its call waited for ever)
+    ([5], "miscounting answered request 5 of a batch of 1, one it had answered already or never got"),
+])
+def test_a_model_that_answers_too_few_requests_or_a_wrong_one_fails_its_calls(indexes: list[int], says: str) -> None:
+    planner = FunctionModel(lambda request: {"keywords": ["x"]}, name="planner")
+    pool = Pool(agents=[Agent(name="a", model=_Miscounting(indexes))], planner=planner)
+    result = asyncio.run(asyncio.wait_for(Orchestra(pool, k=1, store=False).arun("What is 6*7?", plan=False), 60))
+    assert result.status == "failed" and result.error == f"answer: every expert failed; first error: {says}"
