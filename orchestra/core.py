@@ -58,8 +58,9 @@ from orchestra.plan import SINGLE_NODE, Plan, PlanInvalid, Subtask, validate_pla
 from orchestra.prompts import MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
-from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
+from orchestra.settings import MAX_K, ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
 from orchestra.store import HEARTBEAT_SECONDS, QUIET_EVENTS, RunStore
+from orchestra.vocabulary import Mode, Strategy
 from orchestra.workflow import Workflow
 
 T = TypeVar("T")
@@ -828,10 +829,45 @@ class Orchestra:
                        pool=str(source.resolve()) if source else None, answer=answer or AnswerOptions(),
                        pinned=self._known_experts(experts, plan if isinstance(plan, Plan) else None,
                                                   settings.plan) if experts else {})
+        if node_settings:
+            self._check_node_settings(node_settings, plan if isinstance(plan, Plan) else None, settings.plan)
         run = self._run(spec, run_id or new_run_id(), shared_budget=shared_budget, node_settings=node_settings,
                         final=final)
         run.given_graph = graph  # checked here: the planner does not check it again
         return run
+
+    def _check_node_settings(self, given: Mapping[str, NodeSettings], plan: Plan | None, planned: bool) -> None:
+        """Refuse node settings a run could not use, before any call (a k of -3 failed the run with an
+        IndexError after its keyword calls, a misspelt node id was ignored without a word)."""
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"node_settings must map node ids to NodeSettings, not {type(given).__name__}")
+        nodes = ([subtask.id for subtask in plan.subtasks] if plan is not None
+                 else None if planned else [SINGLE_NODE])
+        for node, chosen in given.items():
+            where = f"node_settings[{node!r}]"
+            if not isinstance(chosen, NodeSettings):
+                raise ConfigError(f"{where} must be a NodeSettings(...), not {type(chosen).__name__} {chosen!r:.40}")
+            if nodes is not None and node not in nodes:
+                raise ConfigError(f"{where}: the run has no node {node!r}; its nodes: {', '.join(nodes)}")
+            k = chosen.k
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K):
+                raise ConfigError(f"{where}.k must be a whole number from 1 to {MAX_K}, not {k!r}")
+            for name, allowed in (("mode", get_args(Mode)), ("aggregate", get_args(Strategy))):
+                value = getattr(chosen, name)
+                if value is not None and value not in allowed:
+                    raise ConfigError(f"{where}.{name} must be one of {', '.join(allowed)}, not {value!r}")
+            if chosen.agent is not None and chosen.agent not in self.pool:
+                raise ConfigError(f"{where}.agent: {chosen.agent!r} is not an agent of pool {self.pool.name!r}; "
+                                  f"agents: {', '.join(self.pool.names)}")
+            if chosen.output is not None:
+                from orchestra.models.structured import schema_problem
+
+                problem = schema_problem(chosen.output)
+                if problem:
+                    raise ConfigError(f"{where}.output: {problem}")
+            if chosen.prompt is not None and not callable(chosen.prompt):
+                raise ConfigError(f"{where}.prompt must be a function of the outputs, not "
+                                  f"{type(chosen.prompt).__name__}")
 
     def _known_experts(self, experts: Mapping[str, Sequence[str]], plan: Plan | None,
                        planned: bool) -> dict[str, list[str]]:

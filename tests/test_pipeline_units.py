@@ -1270,3 +1270,24 @@ def test_a_resume_asks_the_failed_final_synthesis_again_and_replays_the_steps(tm
     assert resumed.status == "done" and resumed.error is None and not resumed.answer.startswith("## ")
     sent = [kind_of(r) for name, m in models.items() for r in m.requests[asked[name]:]]
     assert sent == ["final"]  # the steps replayed from the store
+
+
+@pytest.mark.parametrize("given, says", [
+    ({"left": NodeSettings(k=-3)}, "node_settings['left'].k must be a whole number from 1 to 64, not -3"),
+    ({"left": NodeSettings(k=0)}, "node_settings['left'].k must be a whole number from 1 to 64, not 0"),
+    ({"left": NodeSettings(aggregate="bogus")}, "node_settings['left'].aggregate must be one of synthesize, vote, "
+                                               "refine, none, not 'bogus'"),
+    ({"left": NodeSettings(mode="bogus")}, "node_settings['left'].mode must be one of calibrated"),
+    ({"lefty": NodeSettings(agent="m0")}, "node_settings['lefty']: the run has no node 'lefty'; its nodes: left, "
+                                         "right"),
+    ({"left": NodeSettings(agent="nobody")}, "node_settings['left'].agent: 'nobody' is not an agent of pool"),
+    ({"left": {"k": 1}}, "node_settings['left'] must be a NodeSettings(...), not dict"),
+    ({"left": NodeSettings(output={"type": "objekt"})}, "node_settings['left'].output: $.type must be one of"),
+])
+def test_node_settings_a_run_could_not_use_are_refused_before_any_call(given: dict, says: str) -> None:
+    """A k of -3 failed the run with an IndexError after its keyword calls; a misspelt node id was ignored."""
+    pool, models = scripted_pool(2)
+    plan = Plan.model_validate(plan_json(("left", []), ("right", [])))
+    with pytest.raises(ConfigError) as refused:
+        Orchestra(pool, store=False).run("two sides, then merge", plan=plan, node_settings=given)
+    assert str(refused.value).startswith(says) and not any(m.requests for m in models.values())
