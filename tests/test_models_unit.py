@@ -432,3 +432,21 @@ def test_an_answer_that_ends_as_its_batch_is_cancelled_reaches_the_batch() -> No
     with allow_model_requests():
         got = asyncio.run(main())
     assert [getattr(outcome, "text", outcome) for outcome in got] == ["answer"]  # (the second was never begun)
+
+
+def test_parsed_json_and_streamed_text_come_in_whole_characters() -> None:
+    """A JSON answer's "\\ud83d" became a lone surrogate in its parsed value: the run's record could not
+    be written (the run stayed `running`); streamed text split inside a pair, or with a lone half,
+    differed from the answer it became, and serve's stream ended in `answer_rewritten`."""
+    from orchestra.models.openai import text_relay
+
+    request = ChatRequest.user("Which city?", output={"type": "object"})
+    assert parse_output('{"city": "Paris \\ud83d", "\\ud83d": ["\\ud83d\\ude00"]}', request) == {
+        "city": "Paris \ufffd", "\ufffd": ["\U0001f600"]}
+    shown: list[str] = []
+    relay = text_relay(shown.append)
+    for delta in ("Smile \ud83d", "\ude00 done", " and \ud83d"):
+        relay(b"data: " + json.dumps({"choices": [{"delta": {"content": delta}}]}).encode() + b"\n")
+    assert shown == ["Smile ", "Smile \U0001f600 done", "Smile \U0001f600 done and "]
+    relay(b"data: " + json.dumps({"choices": [{"delta": {"content": "!"}}]}).encode() + b"\n")
+    assert shown[-1] == "Smile \U0001f600 done and \ufffd!"

@@ -13,7 +13,7 @@ from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage, token_count
 from orchestra.models.prompt_gauge import PromptGauge
 from orchestra.models.structured import with_instructions
-from orchestra.models.types import ChatRequest, ChatResult, Usage, estimate_tokens
+from orchestra.models.types import ChatRequest, ChatResult, Usage, estimate_tokens, whole_text
 
 OPENAI_URL = "https://api.openai.com/v1"
 JsonMode = Literal["json_schema", "json_object+schema", "json_object", "prompt"]
@@ -261,7 +261,10 @@ def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
                 text.append(delta)
                 grew = True
         if grew:
-            on_text("".join(text))
+            so_far = "".join(text)
+            if "\ud800" <= so_far[-1] <= "\udbff":  # half a pair: its other half may be in the next chunk
+                so_far = so_far[:-1]
+            on_text(whole_text(so_far))  # (as the answer will be: a stream that differed ended in an error)
 
     return on_chunk
 

@@ -9,7 +9,7 @@ from urllib.parse import unquote
 
 from pydantic import ValidationError
 
-from orchestra.models.types import ChatRequest, Message
+from orchestra.models.types import ChatRequest, Message, whole_values
 
 
 class StructuredOutputError(ValueError):
@@ -431,8 +431,9 @@ def _multiple(value: float, step: float) -> bool:
 
 
 def parse_output(text: str, request: ChatRequest) -> Any:
-    """The parsed, validated value of ``text`` for ``request``'s output format."""
-    value = extract_json(text)
+    """The parsed, validated value of ``text`` for ``request``'s output format (its strings in whole
+    characters: JSON's ``"\\ud83d"`` made a lone surrogate, and the run's record could not be written)."""
+    value = whole_values(extract_json(text))
     model = request.output_model
     if model is not None:
         try:

@@ -291,16 +291,31 @@ class ChatResult(BaseModel):
     @field_validator("text")
     @classmethod
     def _whole_characters(cls, text: str) -> str:
-        """Lone surrogates (JSON's ``"\\ud83d"``, or a pair split across two streamed chunks) made
-        whole: a pair split apart is joined, a lone half becomes U+FFFD. (Such text could be neither
-        stored nor sent on: the paid call failed unrecorded, and its run with it.)"""
-        if text.isascii():
-            return text
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return whole_text(text)
+
+
+def whole_text(text: str) -> str:
+    """``text`` in whole characters: lone surrogates (JSON's ``"\\ud83d"``, or a pair split across two
+    streamed chunks) made whole, a pair split apart joined, a lone half U+FFFD. (Such text could be
+    neither stored nor sent on: the paid call failed unrecorded, and its run with it.)"""
+    if text.isascii():
         return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def whole_values(value: Any) -> Any:
+    """A JSON value with its strings (keys too) in whole characters (see ``whole_text``)."""
+    if isinstance(value, str):
+        return whole_text(value)
+    if isinstance(value, list):
+        return [whole_values(item) for item in value]
+    if isinstance(value, dict):
+        return {whole_text(key) if isinstance(key, str) else key: whole_values(item) for key, item in value.items()}
+    return value
 
 
 def estimate_tokens(text: str) -> int:
