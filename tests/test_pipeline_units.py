@@ -1291,3 +1291,24 @@ def test_node_settings_a_run_could_not_use_are_refused_before_any_call(given: di
     with pytest.raises(ConfigError) as refused:
         Orchestra(pool, store=False).run("two sides, then merge", plan=plan, node_settings=given)
     assert str(refused.value).startswith(says) and not any(m.requests for m in models.values())
+
+
+def test_a_final_function_that_raises_or_returns_no_text_fails_the_run_naming_it(tmp_path: Path) -> None:
+    """Its exception reached the caller and the run was recorded `cancelled`; a number returned was a
+    raw pydantic error."""
+    from orchestra.store import RunStore
+
+    pool, _ = scripted_pool(2)
+    plan = Plan.model_validate(plan_json(("left", [])))
+    orc = Orchestra(pool, store=tmp_path / "runs.db", k=1)
+
+    def broken(outputs: object) -> str:
+        raise RuntimeError("bug in my final")
+
+    raised = orc.run("one side", plan=plan, final=broken, run_id="r1")
+    assert (raised.status, raised.error, raised.exit_code) == ("failed", "final: RuntimeError: bug in my final", 2)
+    assert RunStore(tmp_path / "runs.db").run("r1").status == "failed"
+    number = orc.run("one side", plan=plan, final=lambda outputs: 42, run_id="r2")
+    assert (number.status, number.error) == ("failed", "final must return the answer as text, not int 42")
+    fixed = orc.run("one side", plan=plan, final=lambda outputs: "fine", run_id="r1")  # (its calls replayed)
+    assert (fixed.status, fixed.answer) == ("done", "fine")

@@ -611,6 +611,15 @@ class Run:
                 self.user_error |= isinstance(error, UserError)
                 self._finish("failed", None, str(error))
                 return
+            except Exception as error:  # a `final=` function of the caller's (it escaped: the run read as cancelled)
+                self.user_error = True
+                self._finish("failed", None, f"final: {type(error).__name__}: {error}")
+                return
+            if not isinstance(answer, str):
+                self.user_error = True
+                self._finish("failed", None, f"final must return the answer as text, not {type(answer).__name__} "
+                                             f"{answer!r:.40}")
+                return
         elif len(done) > 1:
             limit = self.settings.max_response_chars  # (a sink's output may be one expert's answer, whole)
             inputs = [{"id": n, "instruction": self.traces[n].instruction,
