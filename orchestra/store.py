@@ -892,7 +892,11 @@ class RunStore:
         is no longer running, a node its events left at work failed with the run's error (its
         process was killed: no event said how the node ended)."""
         record = self.run(run_id)
-        rows = _node_rows(record.id, self.events(record.id))
+        try:
+            rows = _node_rows(record.id, self.events(record.id))
+        except (KeyError, TypeError, AttributeError, ValueError) as error:  # (an event missing a field it needs)
+            raise StoreError(f"the event log of run {record.id} in {self.path} is damaged ({type(error).__name__}: "
+                             f"{error})") from None
         if record.status != "running":
             for node in rows:
                 if node["status"] in _AT_WORK:
@@ -904,9 +908,12 @@ class RunStore:
         record = self.run(run_id)
         for row in self._query("SELECT id, data FROM events WHERE run_id = ? ORDER BY id", (record.id,)):
             try:
-                yield json.loads(row["data"])
+                event = json.loads(row["data"])
             except (TypeError, ValueError):
                 raise StoreError(f"event {row['id']} of run {record.id} in {self.path} is damaged (not JSON)") from None
+            if not isinstance(event, dict) or not isinstance(event.get("kind"), str):
+                raise StoreError(f"event {row['id']} of run {record.id} in {self.path} is damaged (not an event)")
+            yield event
 
 
 class StoreCache:

@@ -325,12 +325,20 @@ def test_a_damaged_event_or_call_row_is_a_one_line_error_naming_it(tmp_path: Pat
     path = tmp_path / "runs.db"
     Orchestra(pool, k=1, store=path).run("What is 1 + 1?", plan=False, run_id="dmg")
     with sqlite3.connect(path) as db:
-        event = db.execute("SELECT max(id) FROM events").fetchone()[0]
-        db.execute("UPDATE events SET data = substr(data, 1, 20) WHERE id = ?", (event,))
-    shown = cli("show", "dmg", "--store", str(path))
-    assert (shown.returncode, shown.stderr) == (2, f"error: event {event} of run dmg in {path} is damaged (not JSON)\n")
+        event, kept = db.execute("SELECT id, data FROM events ORDER BY id DESC LIMIT 1").fetchone()
+        plan = db.execute("SELECT id FROM events WHERE kind='plan_ready'").fetchone()[0]
+    for data, says, at in ((kept[:20], "event {} of run dmg in {} is damaged (not JSON)", event),
+                           ("[1, 2]", "event {} of run dmg in {} is damaged (not an event)", event),
+                           ('{"kind": "plan_ready"}', "the event log of run dmg in {1} is damaged (KeyError: 'nodes')",
+                            plan)):
+        with sqlite3.connect(path) as db:
+            original = db.execute("SELECT data FROM events WHERE id = ?", (at,)).fetchone()[0]
+            db.execute("UPDATE events SET data = ? WHERE id = ?", (data, at))
+        shown = cli("show", "dmg", "--store", str(path))
+        assert (shown.returncode, shown.stderr) == (2, f"error: {says.format(at, path)}\n")
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE events SET data = ? WHERE id = ?", (original, at))
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE events SET data = '{}' WHERE id = ?", (event,))
         call = db.execute("SELECT max(id) FROM calls").fetchone()[0]
         db.execute("UPDATE calls SET response = 'oops' WHERE id = ?", (call,))
     shown = cli("show", "dmg", "--store", str(path), "--json")
