@@ -48,7 +48,7 @@ from orchestra.errors import (
     UnknownSetting,
     UserError,
 )
-from orchestra.events import Event, EventBus
+from orchestra.events import Event, EventBus, awaitable_call
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader
 from orchestra.hints import command
@@ -1353,7 +1353,7 @@ def check_run_id(run_id: object) -> None:
 
 def _check_callback(callback: Any, name: str, takes: str) -> None:
     """Refuse a callback that is not a plain function: an ``async def`` one would never be awaited."""
-    if callback is not None and (not callable(callback) or asyncio.iscoroutinefunction(callback)):
+    if callback is not None and (not callable(callback) or awaitable_call(callback)):
         why = ("an async function: it is called, not awaited; hand what it gets to your own task"
                if callable(callback) else f"{type(callback).__name__} {callback!r:.40}")
         raise ConfigError(f"{name} must be a plain function that takes {takes}, not {why}")

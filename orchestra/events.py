@@ -124,6 +124,12 @@ VOTED_INSTEAD = "the experts' answers were put to a vote"
 UNSYNTHESIZED = "the answer is the last steps' outputs one after another, not synthesized"
 
 
+def awaitable_call(function: object) -> bool:
+    """Whether calling ``function`` makes a coroutine: an ``async def`` function, a partial of one, or
+    an object whose ``__call__`` is one (called as a listener, it would never be awaited)."""
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(type(function).__call__)
+
+
 def fell_back(aggregator: str, reason: str) -> str:
     """What a node whose aggregator failed says of it (its explanation, the views, ``show``)."""
     return f"aggregator {aggregator} failed ({reason}); {VOTED_INSTEAD}"
@@ -313,7 +319,10 @@ class EventBus:
         """Add a listener; the returned function removes it. ``ignore``: event types it has no use
         for (when no listener wants a type, the hot paths that make it need not). An ``async def``
         listener is refused: it would be called, never awaited."""
-        if inspect.iscoroutinefunction(listener):
+        if not callable(listener):  # (a string's `'str' object is not callable` was counted for every event)
+            raise ConfigError(f"an event listener must be a plain function, not {type(listener).__name__} "
+                              f"{listener!r:.40}")
+        if awaitable_call(listener):
             raise ConfigError("an event listener must be a plain function, not an async one: it is called, not "
                               "awaited; hand what it gets to your own task (an asyncio.Queue)")
         self.listeners.append(listener)

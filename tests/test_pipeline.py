@@ -234,6 +234,11 @@ async def _async_listener(event: Event) -> None:
     pass
 
 
+class _AsyncCallable:
+    async def __call__(self, event: Any) -> None:
+        pass
+
+
 async def _first(results: Any) -> Any:
     async for item in results:
         return item
@@ -246,6 +251,15 @@ async def _first(results: Any) -> Any:
     (lambda pool: Orchestra(pool, on_event=5), "on_event must be a plain function that takes an event, not int 5"),
     (lambda pool: Orchestra(pool, on_event=_async_listener), "on_event must be a plain function that takes an "
      "event, not an async function: it is called, not awaited; hand what it gets to your own task"),
+    # (an object whose __call__ is async was never awaited; a string or None counted an error per event)
+    (lambda pool: Orchestra(pool, on_event=_AsyncCallable()), "on_event must be a plain function that takes an "
+     "event, not an async function: it is called, not awaited; hand what it gets to your own task"),
+    (lambda pool: Orchestra(pool).events.subscribe(_AsyncCallable()), "an event listener must be a plain "
+     "function, not an async one: it is called, not awaited; hand what it gets to your own task (an asyncio.Queue)"),
+    (lambda pool: Orchestra(pool).events.subscribe("print"), "an event listener must be a plain function, not str "
+     "'print'"),
+    (lambda pool: Orchestra(pool).events.subscribe(None), "an event listener must be a plain function, not "
+     "NoneType None"),
     (lambda pool: Orchestra(pool, store=5), "store must be a RunStore, a path, None (~/.orchestra/runs.db) or False "
                                             "(no record), not int 5"),
     (lambda pool: Orchestra(pool, store=""), "store must be a RunStore, a path, None (~/.orchestra/runs.db) or False "
