@@ -450,3 +450,19 @@ def test_parsed_json_and_streamed_text_come_in_whole_characters() -> None:
     assert shown == ["Smile ", "Smile \U0001f600 done", "Smile \U0001f600 done and "]
     relay(b"data: " + json.dumps({"choices": [{"delta": {"content": "!"}}]}).encode() + b"\n")
     assert shown[-1] == "Smile \U0001f600 done and \ufffd!"
+
+
+def test_models_apart_only_in_extra_body_do_not_share_cached_answers() -> None:
+    """Two pools on one endpoint and model id, thinking on and off in `extra_body`, shared the cache's
+    answers (and a resume's): the key knew the endpoint and model id only."""
+    from orchestra.models import OpenAICompatible
+    from orchestra.models.base import model_identity
+
+    def model(extra: dict | None) -> OpenAICompatible:
+        return OpenAICompatible(model="m", base_url="http://127.0.0.1:9/v1", api_key_env=None, extra_body=extra)
+
+    on, off, again = model({"thinking": True}), model({"thinking": False}), model({"thinking": True})
+    assert len({model_identity(on), model_identity(off), model_identity(model(None))}) == 3
+    assert model_identity(on) == model_identity(again) and model_identity(model(None)) == "openai:http://127.0.0.1:9/v1:m"
+    request = ChatRequest.user("Why?")
+    assert request.key(model_identity(on)) != request.key(model_identity(off))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -135,8 +136,15 @@ class HeavyModel(Model, Protocol):
 
 
 def model_identity(model: Any) -> str:
-    """What a model really is (backend, endpoint, model id), not its alias in a pool: the cache key."""
-    return getattr(model, "identity", None) or f"{type(model).__name__}:{model.name}"
+    """What a model really is (backend, endpoint, model id, and the ``extra_body`` its requests carry),
+    not its alias in a pool: part of its calls' keys (the response cache's, a resume's). Two models on
+    one endpoint apart only in ``extra_body`` (thinking on and off, another token limit) shared their
+    cached answers."""
+    identity = getattr(model, "identity", None) or f"{type(model).__name__}:{model.name}"
+    extra = getattr(model, "extra_body", None)
+    if extra:
+        identity += " " + json.dumps(extra, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return identity
 
 
 def is_heavy(model: object) -> TypeGuard[HeavyModel]:
