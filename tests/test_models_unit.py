@@ -466,3 +466,12 @@ def test_models_apart_only_in_extra_body_do_not_share_cached_answers() -> None:
     assert model_identity(on) == model_identity(again) and model_identity(model(None)) == "openai:http://127.0.0.1:9/v1:m"
     request = ChatRequest.user("Why?")
     assert request.key(model_identity(on)) != request.key(model_identity(off))
+
+
+@pytest.mark.parametrize("reply", ["", "   \n"])
+def test_a_double_replying_no_text_fails_the_call_as_an_endpoint_does(reply: str) -> None:
+    """A FunctionModel's empty reply made a run `done` with an empty answer, exit 0."""
+    model = FunctionModel(lambda request: reply, name="fm")
+    result = Orchestra(Pool(agents=[Agent(name="solo", model=model)]), k=1, plan=False, store=False).run("Why?")
+    assert result.status == "failed" and "fm replied with no text ('" in (result.error or "")
+    assert result.usage.failed_calls == 1 and result.usage.prompt_tokens > 0  # (what it cost, counted)

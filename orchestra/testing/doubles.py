@@ -81,6 +81,11 @@ class DoubleBase(ModelBase):
                               "ChatResult or an exception (does the function return its reply?)")
         text = reply if isinstance(reply, str) else json.dumps(reply)
         usage = self.price.usage(estimate_tokens(request.prompt_text()), estimate_tokens(text))
+        if not text.strip():  # as an endpoint's answer with no text fails its call (a run was done with "")
+            error = BadResponse(f"{self.name} replied with no text ({text!r}): as an endpoint's empty answer, it "
+                                "fails the call")
+            error.usage = usage
+            raise error
         return ChatResult(text=text, usage=usage, model=self.name, finish_reason="stop")
 
 
