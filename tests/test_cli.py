@@ -516,7 +516,8 @@ def test_eval_reports_the_calls_the_response_cache_answered(loopback, tmp_path: 
     server = loopback(ScriptedLLM().handler())
     pool = write_pool(tmp_path, server.url)
     data = tmp_path / "val.jsonl"
-    data.write_text('{"id": "a", "question": "What is 1 + 1?", "answer": "2"}\n')
+    data.write_text('{"id": "a", "question": "What is 1 + 1?", "answer": "2"}\n'
+                    '{"id": "b", "question": "What is 2 + 2?", "answer": "4"}\n')
     argv = ("eval", "--pool", str(pool), "--data", str(data), "--store", str(tmp_path / "runs.db"), "--set",
             "cache=true")
     first = json.loads(cli(*argv, "--json").stdout)

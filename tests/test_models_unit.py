@@ -475,3 +475,17 @@ def test_a_double_replying_no_text_fails_the_call_as_an_endpoint_does(reply: str
     result = Orchestra(Pool(agents=[Agent(name="solo", model=model)]), k=1, plan=False, store=False).run("Why?")
     assert result.status == "failed" and "fm replied with no text ('" in (result.error or "")
     assert result.usage.failed_calls == 1 and result.usage.prompt_tokens > 0  # (what it cost, counted)
+
+
+def test_a_schema_may_nest_64_levels_and_not_65() -> None:
+    from orchestra.models.structured import MAX_SCHEMA_DEPTH
+
+    def nested(levels: int) -> dict:  # the schema's object, then lists inside its enum: a level each
+        value: list = []
+        for _ in range(levels - 2):
+            value = [value]
+        return {"enum": value}
+
+    assert MAX_SCHEMA_DEPTH == 64
+    assert schema_problem(nested(64)) is None
+    assert schema_problem(nested(65)) == "$ nests objects and lists more than 64 levels deep"

@@ -109,6 +109,7 @@ def test_a_text_part_without_its_text_says_so(part: dict) -> None:
     ({"function_call": {"name": "f"}}, "function_call", "asks for a tool call"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when 'stream' is true"),
     ({"top_logprobs": 3}, "top_logprobs", "needs logprobs, which is not supported"),
+    ({"top_logprobs": 0}, "top_logprobs", "needs logprobs, which is not supported"),
     ({"audio": {"voice": "x", "format": "wav"}}, "audio", "audio output is not supported"),
     ({"progress": True}, "progress", "it needs 'stream' true"),
 ])

@@ -326,6 +326,8 @@ def test_a_csv_data_set_is_told_to_be_json_lines(tmp_path: Path) -> None:
     # (answered B of choices 4, 4, 5: an expert choosing (A) gave the same answer and was graded wrong)
     ('{"id": 1, "question": "q", "answer": "B", "choices": ["4", "4 ", "5"]}\n',
      "val.jsonl:1: field 'choices': the answer B is a choice whose text is also choice A's; make the choices differ"),
+    ('{"id": 1, "question": "q", "answer": "A", "choices": ["Paris", "paris", "Rome"]}\n',
+     "val.jsonl:1: field 'choices': the answer A is a choice whose text is also choice B's; make the choices differ"),
     ('{"id": 1, "question": "q", "answer": "a", "choices": ["b", "a"]}\n',
      "val.jsonl:1: field 'choices': the answer 'a' is both the letter A and the text of choice B; give the letter of "
      "the right choice"),

@@ -375,3 +375,37 @@ def test_a_chunks_recruiting_does_not_write_over_the_config_of_a_run_another_pro
         assert reader.execute("SELECT config, owner FROM runs WHERE id='ds-1'").fetchone() == (
             '{"B": "mine"}', "elsewhere pid 1:beef")
         assert reader.execute("SELECT status FROM runs WHERE id='ds-2'").fetchone() == ("done",)
+
+
+def test_a_transaction_whose_body_fails_commits_the_held_statements_but_not_its_own(tmp_path: Path) -> None:
+    from orchestra.events import NodeFailed
+    from orchestra.store import StoreError
+
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("r", "t", {})
+
+    async def fail_after_writing() -> None:
+        store.listen(NodeFailed(run_id="r", node="answer", error="held"))  # held for the next write
+        with pytest.raises(RuntimeError), store._transaction() as db:
+            db.execute("UPDATE runs SET task='changed' WHERE id='r'")
+            raise RuntimeError("the body's own failure")
+
+    asyncio.run(fail_after_writing())
+    with sqlite3.connect(tmp_path / "runs.db") as reader:
+        assert reader.execute("SELECT task FROM runs WHERE id='r'").fetchone() == ("t",)  # its own undone
+        assert reader.execute("SELECT kind FROM events WHERE run_id='r'").fetchall() == [("node_failed",)]
+    store.read_only = True  # (a store on a read-only disk: refused before an evaluation writes its answers)
+    with pytest.raises(StoreError, match="it is read-only"):
+        store.check_free([])
+
+
+def test_a_resume_clears_the_answer_a_partial_attempt_left(tmp_path: Path) -> None:
+    from orchestra.result import RunResult
+
+    store = RunStore(tmp_path / "runs.db")
+    store.begin_run("p", "t", {})
+    store.finish_run(RunResult(run_id="p", task="t", status="partial", answer="half of it", error="a step failed"))
+    RunStore(tmp_path / "runs.db").begin_run("p", "t", {})
+    with sqlite3.connect(tmp_path / "runs.db") as reader:
+        assert reader.execute("SELECT status, answer, error, result FROM runs WHERE id='p'").fetchone() == (
+            "running", None, None, None)
