@@ -811,8 +811,11 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     if plot is not None and not sweep:
         raise click.UsageError("--plot draws a sweep's frontier: add --sweep")
     if plot is not None:  # (before the sweep is paid for)
-        check_output(plot, "the plot", "an earlier plot (an HTML page)", html_page, {"the data set": data},
-                     flag="--plot")
+        from orchestra.store import default_store_path
+
+        store = None if opts.get("no_store") else opts.get("store_path") or default_store_path()
+        check_output(plot, "the plot", "an earlier plot (an HTML page)", html_page,
+                     {"the data set": data, "the run store": store, "the pool file": pool}, flag="--plot")
     if lambdas is not None and not sweep:  # (a plain eval would drop them: use --cost-lambda for one λ)
         raise click.UsageError("--lambdas are the points of a sweep: add --sweep (or give one λ with --cost-lambda)")
     if sweep and (method or output or resume):

@@ -19,7 +19,7 @@ from orchestra.result import RunResult
 
 #: OpenAI parameters accepted and ignored: they shape sampling or bookkeeping Orchestra does not expose
 IGNORED = frozenset({"top_p", "stop", "user", "presence_penalty", "frequency_penalty", "logit_bias", "metadata",
-                     "store", "service_tier", "parallel_tool_calls", "reasoning_effort", "top_logprobs",
+                     "store", "service_tier", "parallel_tool_calls", "reasoning_effort",
                      "prompt_cache_key", "safety_identifier", "verbosity"})
 
 #: Orchestra's own per-request settings, sent as extra body fields (``extra_body`` in the openai SDK)
@@ -95,7 +95,7 @@ def parse_completion(body: Any) -> Completion:
         raise bad_request("the request body must be a JSON object")
     known = {"model", "messages", "stream", "stream_options", "response_format", "max_tokens",
              "max_completion_tokens", "temperature", "n", "tools", "tool_choice", "functions", "function_call",
-             "logprobs", "modalities", "audio", "progress", *SETTINGS}
+             "logprobs", "top_logprobs", "modalities", "audio", "progress", *SETTINGS}
     unknown = sorted(set(body) - known - IGNORED)
     if unknown:
         raise bad_request(f"unknown parameter {unknown[0]!r}", unknown[0])

@@ -191,7 +191,7 @@ class Server:
         """``GET /v1/models/{id}``."""
         try:
             self._authorize(request)
-            model_id = request.path_params["model"]
+            model_id = request.path_params["model"].removesuffix("/")  # (each path with a trailing slash too)
             served = self.models.get(model_id)
             if served is None:
                 raise WireError(404, f"the model {model_id!r} does not exist; GET /v1/models lists them",

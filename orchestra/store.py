@@ -520,6 +520,8 @@ class RunStore:
                         db.execute("ROLLBACK TO body")
                         db.execute("COMMIT")
                         committed = True
+                        if store._checkpoints is not None:
+                            store._checkpoints.committed()
                     except sqlite3.DatabaseError:
                         if db.in_transaction:
                             db.execute("ROLLBACK")

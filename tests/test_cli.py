@@ -507,6 +507,11 @@ def test_eval_resume_refused_for_a_held_run_leaves_the_answers_file_as_it_was(lo
         into = cli(*argv[:-1], f"{store}{sibling}")
         assert (into.returncode, into.stderr) == (2, f"error: the answers would overwrite the run store's {sibling} "
                                                      f"file {store}{sibling}: give --output another file\n")
+    plotted = cli("eval", "--pool", str(pool), "--data", str(data), "--store", str(store), "--sweep", "--lambdas", "0",
+                  "--plot", f"{store}-wal")
+    assert (plotted.returncode, plotted.stderr) == (2, f"error: the plot would overwrite the run store's -wal file "
+                                                       f"{store}-wal: give --plot another file\n")
+    assert len(server.requests) == asked
 
 
 

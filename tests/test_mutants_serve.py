@@ -135,3 +135,4 @@ def test_a_405_names_the_allowed_method_and_a_trailing_slash_is_the_same_path() 
         assert asked.status_code == 200 and asked.json()["object"] == "chat.completion"
         assert client.get("/health/").status_code == 200
         assert client.get("/v1/models/orchestra").json()["id"] == "orchestra"
+        assert client.get("/v1/models/orchestra/").json()["id"] == "orchestra"  # (the model 'orchestra/': a 404)
