@@ -1122,6 +1122,12 @@ class Orchestra:
         if not isinstance(run_id, str):
             raise ConfigError(f"run_id must be a run's id (text), not {type(run_id).__name__}")
         record = self.store.run(run_id)
+        if reload:  # (it answered the recorded run, the edit left out without a word)
+            if RunSpec.from_record(record.config, record.task).workflow is None:
+                raise ConfigError(f"run {record.id} is not a workflow run; --reload reads a workflow file again")
+            if record.status == "done":
+                raise ConfigError(f"run {record.id} is done: --reload applies an edited workflow to a run that did "
+                                  "not finish; run the edited workflow anew (`orchestra run FILE`)")
         if record.status == "done":
             stored = self.store.result(record.id)
             if stored is not None:
@@ -1130,8 +1136,6 @@ class Orchestra:
         if budget:
             spec = spec.model_copy(update={"settings": spec.settings.layered({"budget": budget})})
         steps: dict[str, Any] = {}
-        if reload and spec.workflow is None:
-            raise ConfigError(f"run {record.id} is not a workflow run; --reload reads a workflow file again")
         ref = spec.workflow
         if ref is not None:  # the steps' prompts and the final template, as they were when it began
             workflow = Workflow.load(ref.path, pool=self.pool, text=None if reload else ref.source, data=False)

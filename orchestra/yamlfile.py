@@ -116,7 +116,8 @@ class YamlDocument:
             known = [str(e["loc"][-1]) for e in errors
                      if e["type"] == "missing" and e["loc"][:-1] == first["loc"][:-1]]
             known += _fields_at(model, first["loc"][:-1]) if model is not None else []
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1) or [
+                name for name in (_SAME_MEANING.get(str(loc[-1])),) if name in known]
             line, column = self.keys.get(loc) or self.where(loc) or (None, None)
             return ConfigError(f"unknown field '{loc[-1]}'" + (f" (did you mean '{close[0]}'?)" if close else ""),
                                path=self.path, line=line, column=column)
@@ -124,6 +125,9 @@ class YamlDocument:
             message = f"{shown}: {message}"
         return self.error(message, loc)
 
+
+#: fields of other formats a file's author may write for one of ours (a plan's `depends_on` is a step's `needs`)
+_SAME_MEANING = {"depends_on": "needs", "dependencies": "needs"}
 
 #: a document nested deeper than the parser's recursion goes (no configuration needs that)
 _TOO_DEEP = "invalid YAML: nested too deeply to read (lists or mappings hundreds of levels deep{})"

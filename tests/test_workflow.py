@@ -201,6 +201,8 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     # a misspelt key: named where it is written (not at its value), before the field it left missing
     (GOOD.replace('    prompt: "Write', '    promt: "Write'), "wf.yaml:14:5: unknown field 'promt' (did you mean 'prompt'?)"),
     (GOOD.replace("steps:\n", "stpes:\n"), "wf.yaml:11:1: unknown field 'stpes' (did you mean 'steps'?)"),
+    # (a plan's key, which a step calls `needs`: no hint was given)
+    (GOOD.replace("needs: [draft]", "depends_on: [draft]"), "unknown field 'depends_on' (did you mean 'needs'?)"),
     (GOOD.replace("skills: [writing]", "skils: [writing]"), "wf.yaml:17:21: unknown field 'skils' (did you mean 'skills'?)"),
     (GOOD.replace("default: 50", "defualt: 50"), "wf.yaml:10:26: unknown field 'defualt' (did you mean 'default'?)"),
     (GOOD.replace("name: demo", "colour: blue"), "wf.yaml:1:1: unknown field 'colour'"),
@@ -783,10 +785,16 @@ def test_resume_reload_finishes_a_run_with_the_template_fixed_since(loopback, tm
     later = [r.prompt for r in server.requests[sent:]]
     assert len(later) == 1 and "Check: " in later[0]  # a's answer replayed; b's call sent once, rendered
     assert json.loads(cli("resume", run_id, "--json").stdout)["status"] == "done"  # (recorded as done)
-    plain = cli("ask", "Quick question", "--no-plan", "--pool", str(tmp_path / "pool.yaml"), "--max-calls", "1",
-                "--json")
-    refused = cli("resume", json.loads(plain.stdout)["run_id"], "--reload")
-    assert refused.returncode == 2 and "is not a workflow run; --reload reads a workflow file again" in refused.stderr
+    done = cli("resume", run_id, "--reload")  # (it answered the recorded run: an edit since was left out unsaid)
+    assert (done.returncode, done.stderr) == (2, f"error: run {run_id} is done: --reload applies an edited workflow "
+                                                 "to a run that did not finish; run the edited workflow anew "
+                                                 "(`orchestra run FILE`)\n")
+    for limit in ("1", "100"):  # a plain run, unfinished or done
+        plain = cli("ask", "Quick question", "--no-plan", "--pool", str(tmp_path / "pool.yaml"), "--max-calls", limit,
+                    "--json")
+        refused = cli("resume", json.loads(plain.stdout)["run_id"], "--reload")
+        assert refused.returncode == 2 and "is not a workflow run; --reload reads a workflow file again" in (
+            refused.stderr)
 
 
 def test_resume_reload_takes_an_inputs_default_changed_since_and_keeps_a_given_input(loopback, tmp_path: Path) -> None:
