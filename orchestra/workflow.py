@@ -439,7 +439,7 @@ class Workflow:
         where = f"{self.path}: final"
         if self.spec.plan == "auto":
             return PlannedFinal(self.spec.final, where, inputs)
-        return _renderer(self.spec.final, where, inputs)
+        return _renderer(self.spec.final, where, inputs, blank=_BLANK_FINAL)
 
 
 class PlannedFinal:
@@ -456,7 +456,10 @@ class PlannedFinal:
                                         if kind == "steps"))
 
     def __call__(self, outputs: Outputs) -> str:
-        return render_string(self.source, where=self.where, inputs=self.inputs, steps=outputs)
+        text = render_string(self.source, where=self.where, inputs=self.inputs, steps=outputs)
+        if not text.strip():
+            raise ConfigError(f"{RENDER_FAILED}{self.where}: {_BLANK_FINAL}")
+        return text
 
     def check_plan(self, planned: list[str]) -> str | None:
         """Why the template cannot render with these steps, or None. A step it names but the plan
@@ -484,12 +487,16 @@ def _placeholders(steps: list[str]) -> Outputs:
     return {step: {"output": f"(the output of {step})", "data": None} for step in steps}
 
 
+#: why a final template that renders blank is an error (a run was `done` with an empty answer, exit 0)
+_BLANK_FINAL = "the answer is empty once rendered (a template that writes nothing for these inputs)"
+
+
 def _renderer(source: str, where: str, inputs: Mapping[str, Any], *, blank: str = "") -> Any:
     """The template as a function of the steps' outputs; ``blank``: why a blank rendering is an
     error (a step's prompt: its experts would be sent nothing to do)."""
     def render(outputs: Outputs) -> str:
         text = render_string(source, where=where, inputs=dict(inputs), steps=outputs)
-        if blank and not text:
+        if blank and not text.strip():
             raise ConfigError(f"{RENDER_FAILED}{where}: {blank}")
         return text
     return render

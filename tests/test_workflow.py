@@ -587,6 +587,19 @@ def test_a_step_prompt_that_renders_blank_fails_the_step_without_a_call(tmp_path
     assert not models[0].requests and not models[1].requests
 
 
+def test_a_final_that_renders_blank_fails_the_run_as_a_user_error(tmp_path: Path) -> None:
+    """It made a `done` run with an empty answer, exit 0 (a blank step prompt and a literal blank final
+    are refused)."""
+    text = GOOD.replace('final: "{{ steps.review.output }}"',
+                        'final: "{% if inputs.words > 100 %}{{ steps.review.output }}{% endif %}  "')
+    models = [FunctionModel(lambda r: "x", name=name) for name in ("w", "c")]
+    pool = Pool(agents=[Agent(name="writer", model=models[0]), Agent(name="checker", model=models[1])])
+    result = run_workflow(Workflow.load(write(tmp_path, text), pool=pool), {"topic": "tides"})
+    assert (result.status, result.answer, result.exit_code) == ("failed", None, 2)
+    assert result.error == (f"cannot render {tmp_path}/wf.yaml: final: the answer is empty once rendered (a template "
+                            "that writes nothing for these inputs)")
+
+
 def test_yaml_alias_bombs_and_loops_are_refused(tmp_path: Path) -> None:
     loop = write(tmp_path, "a: &a [*a]\n", "loop.yaml")
     with pytest.raises(ConfigError, match="loop.yaml:1:4: an alias refers to a value that contains it"):
