@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections.abc import Callable, Iterable
@@ -23,6 +24,27 @@ def strip_reasoning(text: str) -> str:
     if "</think>" in text.lower():
         text = text[text.lower().rindex("</think>") + len("</think>"):]
     return text.strip()
+
+
+def answer_text(text: str) -> str:
+    """What a grader reads of an answer: its reasoning stripped and, of a JSON object (a step with an
+    ``output:`` schema), its ``answer`` field, or its one field, else the object on one line with its
+    keys in order (graded and voted on as a whole: "A" inside `{"answer": "A"}` was never read, every
+    such answer graded wrong, and a vote over them fell back to the strongest expert unsaid)."""
+    text = strip_reasoning(text)
+    if not text.startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    if not isinstance(value, dict):
+        return text
+    field = next((item for name, item in value.items() if name.lower() == "answer"),
+                 next(iter(value.values())) if len(value) == 1 else None)
+    if isinstance(field, (str, int, float)) and not isinstance(field, bool):
+        return str(field)
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(", ", ": "))
 
 
 class Grader(Protocol):
@@ -110,7 +132,7 @@ class MultipleChoiceGrader:
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
         """The chosen letter, upper case."""
-        text = strip_reasoning(text)
+        text = answer_text(text)
         valid = LETTERS[: len(item.choices)] if item is not None and item.choices else LETTERS
         clause = _answer_clause(text)
         chosen = _chosen_letter(clause, valid) if clause else None
@@ -205,7 +227,7 @@ class NumericGrader:
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
         """The final number, normalised (``"1/2"``, ``"12"``), or None."""
-        text = _MINUS.sub("-", strip_reasoning(text))
+        text = _MINUS.sub("-", answer_text(text))
         # "The answer is 63 (from 100 - 37)": the answer is the number the clause starts with
         for candidate, pick in ((last_boxed(text), -1), (_answer_clause(text), 0), (text, -1)):
             if not candidate:
@@ -242,7 +264,7 @@ class ExactMatchGrader:
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
         """The normalised final answer."""
-        text = strip_reasoning(text)
+        text = answer_text(text)
         clause = _answer_clause(text)
         if clause is None:
             lines = [line for line in text.splitlines() if line.strip()]
@@ -266,7 +288,7 @@ class AutoGrader:
         """The grader for this item; with no item (voting), the one the answer's own form calls for:
         a lone option letter ("The answer is (A)") is multiple choice, a number is numeric."""
         if item is None:  # by the clause's first word: "(C)", "b)", "21 (3 times 7)", "Paris"
-            clause = _answer_clause(strip_reasoning(text)) or ""
+            clause = _answer_clause(answer_text(text)) or ""
             first = clause.split(maxsplit=1)[0] if clause.strip() else ""
             bare = first.rstrip(".,:;")
             if _LONE_LETTER.fullmatch(bare) and (bare != first.rstrip(".") or bare == clause.strip(" .")

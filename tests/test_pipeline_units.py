@@ -3,6 +3,7 @@ dispatch), written to kill the mutants that mutation testing (``mutmut run``) sh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,22 @@ def test_vote_carries_the_parsed_data_of_the_winning_response() -> None:
     assert vote(responses).data == {"n": 77}  # the strongest supporter of the winning 7
     silent = [Response("a", "none", weight=0.2, data=1), Response("b", "nothing", weight=0.6, data=2)]
     assert vote(silent, NumericGrader()).data == 2
+
+
+def test_a_vote_over_json_answers_reads_their_answer_field_or_the_whole_object() -> None:
+    """Answers of a step with an `output:` schema, written over several lines, had nothing to vote on:
+    the strongest expert won against the majority, unsaid."""
+    def written(value: dict) -> str:
+        return json.dumps(value, indent=2)
+
+    lettered = [Response("a", written({"answer": "C"}), weight=0.1, data={"answer": "C"}),
+                Response("b", written({"answer": "B"}), weight=0.9, data={"answer": "B"}),
+                Response("c", written({"answer": "C", "why": "tides"}), weight=0.2, data={"answer": "C"})]
+    assert vote(lettered).answer is not None and vote(lettered).data == {"answer": "C"}
+    whole = [Response(name, written(value), weight=weight, data=value) for name, value, weight in (
+        ("a", {"city": "Paris", "country": "FR"}, 0.1), ("b", {"city": "Lyon", "country": "FR"}, 0.9),
+        ("c", {"country": "FR", "city": "Paris"}, 0.2))]
+    assert vote(whole).data == {"country": "FR", "city": "Paris"}
 
 
 # --- skills ----------------------------------------------------------------------------------

@@ -152,6 +152,19 @@ def test_multiple_choice_extraction(text: str, expected: str) -> None:
     assert MultipleChoiceGrader().grade(text, item)
 
 
+def test_a_json_answer_is_graded_on_its_answer_field_or_its_one_field() -> None:
+    """A data-set workflow step with an `output:` schema answered `{"answer": "A"}`: every right answer
+    was graded wrong (the letter inside the JSON was never read)."""
+    choice = Item(id="1", question="q", answer="A", choices=("x", "y"))
+    number = Item(id="2", question="q", answer="42")
+    grader = AutoGrader()
+    assert grader.grade('{"answer": "A"}', choice) and grader.grade('{\n  "Answer": "The answer is (A)"\n}', choice)
+    assert not grader.grade('{"answer": "B"}', choice)
+    assert grader.grade('{"value": 42}', number) and grader.grade('{"answer": 42, "why": "six sevens"}', number)
+    assert not grader.grade('{"low": 41, "high": 42}', number)  # (no answer field: the whole object)
+    assert grader.grade("The answer is 42", number)  # (text as before)
+
+
 def test_multiple_choice_reference_given_as_choice_text() -> None:
     item = Item(id="1", question="q", answer="Paris", choices=("Rome", "Paris"))
     assert MultipleChoiceGrader().grade("The answer is (B)", item)
