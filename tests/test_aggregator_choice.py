@@ -368,3 +368,28 @@ def test_a_failed_aggregator_leaves_the_experts_answers_to_a_vote(failure: str, 
     assert node.aggregator is None and any("aggregator judge failed" in line for line in node.recruitment["explanation"])
     assert [(event.node, event.aggregator) for event in told] == [("answer", "judge")]
     assert sum(1 for request in models["judge"].requests if AGGREGATE_MARK in request.prompt_text()) == 1
+
+
+def test_the_pools_aggregator_says_why_it_aggregates_in_each_nodes_explanation() -> None:
+    """Under the default `aggregator_choice: best` outside the calibrated router, a node named its
+    aggregator with no word of why (the README says the choice and its numbers are a line of it)."""
+    from orchestra.pipeline.staffing import Staffing
+
+    model = FunctionModel(lambda request: "x", name="m")
+    agents = [Agent(name=name, model=model) for name in ("a", "b", "c")]
+    scored = {"a": profile("a", {"x": 1}, score=0.6, items=50), "b": profile("b", {"x": 2}, score=0.8, items=50)}
+    say = {
+        "measured": (Pool(agents=agents, profiles=scored), {},
+                     "aggregator b: the pool's best measured aggregator (score 0.800; aggregator_choice: per-node "
+                     "picks one per node)"),
+        "competence": (Pool(agents=agents, profiles={"a": profile("a", {"x": 5}), "b": profile("b", {"x": 1})}), {},
+                       "aggregator a: no aggregation measured; the highest global competence"),
+        "nothing": (Pool(agents=agents), {}, "aggregator c: nothing measured (run orchestra profile): the last agent "
+                                             "by name"),
+        "settings": (Pool(agents=agents, profiles=scored), {"aggregator": "a"}, "aggregator a: set in the run's "
+                                                                                  "settings"),
+        "pool": (Pool(agents=agents, profiles=scored, aggregator="c"), {}, "aggregator c: set in the pool"),
+    }
+    for case, (pool, settings, reason) in say.items():
+        staffing = Staffing(pool, Settings(mode="topk", **settings))
+        assert staffing.aggregator_reason.startswith(reason), (case, staffing.aggregator_reason)

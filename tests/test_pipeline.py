@@ -188,9 +188,11 @@ def test_events_and_result_json_shape() -> None:
         assert kind in kinds
     assert kinds.index("plan_ready") < kinds.index("node_ready") < kinds.index("node_done") < kinds.index("run_done")
     explanation = result.node("a").recruitment["explanation"]
-    *chosen, note = explanation  # an unprofiled pool: the paper's draw, and a note saying so
+    *chosen, note, aggregator = explanation  # an unprofiled pool: the paper's draw, a note saying so, the aggregator
     assert chosen and all(line.startswith("agent") for line in chosen)
     assert note.startswith("no agent has a measured profile: drawn as symbolic-moe does")
+    assert aggregator == (f"aggregator {result.node('a').aggregator}: nothing measured (run orchestra profile): the "
+                          "last agent by name")
     batch_events = [e for e in events if isinstance(e, BatchStarted)]
     assert sum(e.size for e in batch_events) == result.usage.calls
 

@@ -22,7 +22,7 @@ from orchestra.errors import BudgetExceeded, ConfigError
 from orchestra.matching import Match, SkillMatcher
 from orchestra.models import ChatRequest, ChatResult, Model, Usage
 from orchestra.models.metering import metering
-from orchestra.recruit import Recruiter, Recruitment, SkillTable, node_aggregator
+from orchestra.recruit import Recruiter, Recruitment, SkillTable, aggregation_evidence, node_aggregator
 from orchestra.settings import Settings
 from orchestra.skills import SkillExtractor, skill_names
 from orchestra.vocabulary import AggregatorChoice, Mode
@@ -75,6 +75,8 @@ class Staffing:
         self.aggregator: Agent = pool.choose_aggregator(self.table, settings.aggregator)
         self.aggregator_fixed = bool(settings.aggregator or pool.aggregator)
         """The aggregator was configured: it aggregates every node, whatever the choice."""
+        self.aggregator_reason = self._why_aggregator(settings.aggregator)
+        """The explanation line of the pool's aggregator (the nodes it aggregates said nothing of why)."""
         self.recruiter = Recruiter(self.table, settings.recruit,
                                    aggregators=[self.aggregator.name] if self.aggregator_fixed else None)
         self.matcher: SkillMatcher = matcher or settings.matcher.build()
@@ -178,9 +180,23 @@ class Staffing:
         if team is not None and team.aggregator is not None and not self.aggregator_fixed:
             return team.aggregator, None  # chosen with the team (the explanation says why)
         if self.aggregator_choice != "per-node" or self.aggregator_fixed:
-            return self.aggregator.name, None
+            return self.aggregator.name, self.aggregator_reason
         choice = node_aggregator(self.pool.profiles, self.table.competence, recruitment, self.aggregator.name)
         return choice.agent, choice.explain()
+
+    def _why_aggregator(self, configured: str | None) -> str:
+        """Why the pool's aggregator aggregates (``configured``: the run's setting)."""
+        name = self.aggregator.name
+        if configured or self.pool.aggregator:
+            return f"aggregator {name}: " + ("set in the run's settings" if configured else "set in the pool")
+        evidence = aggregation_evidence(self.pool.profiles.get(name))
+        if evidence is not None:
+            return (f"aggregator {name}: the pool's best measured aggregator (score {evidence[0]:.3f}; "
+                    "aggregator_choice: per-node picks one per node)")
+        gamma = self.table.competence.get(name)
+        if gamma is not None and len(set(self.table.competence.values())) > 1:
+            return f"aggregator {name}: no aggregation measured; the highest global competence (γ={gamma:.3f})"
+        return f"aggregator {name}: nothing measured (run orchestra profile): the last agent by name"
 
     def filter_rare(self, recruitments: Sequence[Recruitment], *, seed: int) -> list[Recruitment]:
         """A batch's recruitments with rarely chosen experts replaced (see ``Recruiter.filter_rare``)."""
