@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Container, Mapping
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -365,17 +365,19 @@ class Workflow:
             if part == "data" and step in schemas and schemas[step] is None:
                 raise document.text_error(f"{owner} uses steps.{step}.data, but step {step!r} has no output: "
                                           f"schema (data is the JSON it asks for); use steps.{step}.output", loc, line)
-        for step, field, line in _data_fields(tree):  # (a misspelt field paid every step, then failed to render)
-            schema = schemas.get(step) if not planned else None
-            if not isinstance(schema, dict):
-                continue
-            listed, extra = schema.get("properties"), schema.get("additionalProperties", False)
-            # (closed only where nothing else may add a property: allOf/anyOf, an open additionalProperties ({}))
-            if isinstance(listed, dict) and field not in listed and extra is False and not _OPENING.keys() & schema:
-                has = ", ".join(sorted(listed)) or "none"
-                raise document.text_error(f"{owner} uses steps.{step}.data.{field}, but step {step!r}'s output: "
-                                          f"schema has no property {field!r} (it has: {has}); fix the name, or list "
-                                          "it under properties", loc, line)
+        for step, path, line in _data_paths(tree):  # (a misspelt field paid every step, then failed to render)
+            problem = _path_problem(schemas.get(step) if not planned else None, path)
+            if problem:
+                shown = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+                raise document.text_error(f"{owner} uses steps.{step}.data{shown}, but step {step!r}'s output: "
+                                          f"schema {problem}", loc, line)
+        for step, part, line in _text_parts(tree):
+            raise document.text_error(f"{owner} uses steps.{step}.output.{part}, but a step's output is its text, "
+                                      f"which has no {part!r}; read a field of its JSON as steps.{step}.data.{part} "
+                                      "(with an output: schema)", loc, line)
+        for other in tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+            raise document.text_error(f"{owner} includes or imports another template; a workflow's templates are "
+                                      "written whole in the file (macros may be defined in it)", loc, other.lineno)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -577,23 +579,73 @@ _OPENING = dict.fromkeys(("patternProperties", "allOf", "anyOf", "oneOf", "if", 
                           "dependentSchemas", "unevaluatedProperties"))
 
 
-def _data_fields(tree: nodes.Template) -> list[tuple[str, str, int]]:
-    """``(step, field, line)`` for every ``steps.<id>.data.<field>`` (or ``["field"]``) in a template
-    (``data.get(...)``, ``data.items()`` and fields picked by a computed name are left to the run)."""
+def _chains(tree: nodes.Template, part: str) -> list[tuple[str, list[str | int], int]]:
+    """``(step, path, line)`` for every ``steps.<id>.<part>`` read further (``.x``, ``["x"]``, ``[0]``)
+    in a template: the path after ``part``, as far as it is written with constants, not ending in a
+    call (``data.get(...)``, ``data.items()`` and a name computed in a loop are left to the run)."""
     found = []
     called = _called(tree)
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
         assert isinstance(node, (nodes.Getattr, nodes.Getitem))
-        inner = node.node
-        if id(node) in called or not isinstance(inner, (nodes.Getattr, nodes.Getitem)):
+        if id(node) in called:
             continue
-        if (inner.attr if isinstance(inner, nodes.Getattr) else _constant(inner.arg)) != "data":
-            continue
-        step = _key(inner.node, "steps")
-        field = node.attr if isinstance(node, nodes.Getattr) else _constant(node.arg)
-        if step is not None and field is not None:
-            found.append((step, field, node.lineno))
+        path: list[str | int] = []
+        current: nodes.Node = node
+        while isinstance(current, (nodes.Getattr, nodes.Getitem)):
+            if isinstance(current.node, (nodes.Getattr, nodes.Getitem, nodes.Call)) and _key(current.node, "steps"):
+                head = current.attr if isinstance(current, nodes.Getattr) else _constant(current.arg)
+                if head == part and path:
+                    found.append((_key(current.node, "steps") or "", path[::-1], node.lineno))
+                break
+            key = current.attr if isinstance(current, nodes.Getattr) else _index(current.arg)
+            if key is None:
+                break
+            path.append(key)
+            current = current.node
     return found
+
+
+def _data_paths(tree: nodes.Template) -> list[tuple[str, list[str | int], int]]:
+    """``(step, path, line)`` for every ``steps.<id>.data.<path>`` in a template (see ``_chains``)."""
+    return _chains(tree, "data")
+
+
+def _text_parts(tree: nodes.Template) -> list[tuple[str, str, int]]:
+    """``(step, name, line)`` for every ``steps.<id>.output.<name>`` (or ``["name"]``) in a template: a
+    step's output is its text, whose characters ``[0]`` and methods (``.upper()``) are left alone."""
+    return [(step, path[0], line) for step, path, line in _chains(tree, "output") if isinstance(path[0], str)]
+
+
+def _path_problem(schema: Any, path: Sequence[str | int]) -> str | None:
+    """What reading ``path`` of a value that follows ``schema`` cannot find (None: nothing known to be
+    wrong): a property a closed object does not list, a named field of a list."""
+    where = ""  # (the path read so far, after data)
+    for part in path:
+        if not isinstance(schema, dict) or _OPENING.keys() & schema:
+            return None
+        if schema.get("type") == "array":
+            if isinstance(part, int):
+                schema, where = schema.get("items"), f"{where}[{part}]"
+                continue
+            return (f"makes data{where} a list (type: array), which has no field {part!r}; read its items by index "
+                    "or in a loop")
+        if isinstance(part, int):
+            return None
+        listed, extra = schema.get("properties"), schema.get("additionalProperties", False)
+        # (closed only where nothing else may add a property: allOf/anyOf, an open additionalProperties ({}))
+        if isinstance(listed, dict) and part not in listed and extra is False:
+            has = ", ".join(sorted(listed)) or "none"
+            return (f"has no property {part!r}{f' in data{where}' if where else ''} (it has: {has}); fix the name, "
+                    "or list it under properties")
+        schema, where = listed.get(part) if isinstance(listed, dict) else None, f"{where}.{part}"
+    return None
+
+
+def _index(node: nodes.Node) -> str | int | None:
+    """A constant key or index (``["x"]``, ``[0]``), else None."""
+    if isinstance(node, nodes.Const) and isinstance(node.value, (str, int)) and not isinstance(node.value, bool):
+        return node.value
+    return None
 
 
 def _called(tree: nodes.Template) -> set[int]:

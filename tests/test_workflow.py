@@ -201,6 +201,26 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     # a misspelt key: named where it is written (not at its value), before the field it left missing
     (GOOD.replace('    prompt: "Write', '    promt: "Write'), "wf.yaml:14:5: unknown field 'promt' (did you mean 'prompt'?)"),
     (GOOD.replace("steps:\n", "stpes:\n"), "wf.yaml:11:1: unknown field 'stpes' (did you mean 'steps'?)"),
+    # nested fields, a list read by name, a field of the text, an include (each passed validate, then
+    # failed the run after its first steps were paid for)
+    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
+                  "{type: object, properties: {info: {type: object, properties: {name: {type: string}}}}}\n")
+     .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data.info.nmae }}"'),
+     "final uses steps.review.data.info.nmae, but step 'review''s output: schema has no property 'nmae' in "
+     "data.info (it has: name)"),
+    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
+                  "{type: array, items: {type: object, properties: {name: {type: string}}}}\n")
+     .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data.first }} {{ steps.review.data[0].nam }}"'),
+     "final uses steps.review.data.first, but step 'review''s output: schema makes data a list (type: array), which "
+     "has no field 'first'"),
+    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
+                  "{type: array, items: {type: object, properties: {name: {type: string}}}}\n")
+     .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data[0].nam }}"'),
+     "final uses steps.review.data[0].nam, but step 'review''s output: schema has no property 'nam' in data[0]"),
+    (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.output.data }}"'),
+     "final uses steps.review.output.data, but a step's output is its text, which has no 'data'"),
+    (GOOD.replace('final: "{{ steps.review.output }}"', "final: \"{% include 'expert.j2' %}\""),
+     "final includes or imports another template"),
     # (a plan's key, which a step calls `needs`: no hint was given)
     (GOOD.replace("needs: [draft]", "depends_on: [draft]"), "unknown field 'depends_on' (did you mean 'needs'?)"),
     (GOOD.replace("skills: [writing]", "skils: [writing]"), "wf.yaml:17:21: unknown field 'skils' (did you mean 'skills'?)"),
@@ -222,6 +242,7 @@ def test_each_broken_workflow_is_one_line_naming_file_and_line(tmp_path: Path, b
 
 
 @pytest.mark.parametrize("review", [
+    "{{ steps.draft.output[0] }} {{ steps.draft.output.upper() }} {{ steps.draft.output | length }}",  # its text's
     "{% for id in ['draft'] %}{{ steps[id].output }}{% endfor %}",  # a step picked by a computed name
     "{{ steps.draft.get('output') }} {% for part, text in steps.draft.items() %}{{ part }}{% endfor %}",
     "{{ steps.get('draft').output }} {% for id, step in steps.items() %}{{ step.output }}{% endfor %}",
