@@ -879,7 +879,14 @@ def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
         fail(f"{report.budget_exceeded} ({report.failed} of {report.items} items unfinished)"
              + (f"; {hint}" if hint else ""), 3)
     if report.failed:
-        fail(f"{report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}",
+        from orchestra.prompts import RENDER_FAILED
+
+        hint = ""
+        if stored and report.first_failure_run and RENDER_FAILED in (report.first_failure or ""):
+            # (an edited workflow is another one: `run --resume` after the fix ran every item again)
+            hint = (f"; fix the workflow, then `{command('resume', report.first_failure_run, '--reload')}` finishes "
+                    "that item with its answers kept (`orchestra runs` lists the other unfinished items' runs)")
+        fail(f"{report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}{hint}",
              report.failure_exit or 1)
 
 

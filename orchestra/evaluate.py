@@ -63,6 +63,8 @@ class EvalReport:
     failed: int = 0
     first_failure: str | None = None
     """The first unfinished run: its item, status and error (None: every run finished)."""
+    first_failure_run: str | None = None
+    """That run's id (``orchestra resume`` goes on with it)."""
     failure_exit: int = 0
     """That run's exit code (2: a user error such as a rejected key, 3: a budget stopped it; 0: none failed)."""
     skill_extraction_failures: int = 0
@@ -106,7 +108,7 @@ class Tally:
         self.cut_off = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.cost_usd = 0.0
-        self.first_failure: tuple[int, str, int] | None = None  # (index, what happened, its exit code)
+        self.first_failure: tuple[int, str, int, str] | None = None  # (index, what happened, its exit code, run)
         self.categories: dict[str, Counter[str]] = {}
         self.category_first: dict[str, int] = {}  # a category's first item: the report lists them in data-set order
         self.answers: list[tuple[int, dict[str, Any]]] = []
@@ -132,7 +134,7 @@ class Tally:
             self.failed += 1
             if self.first_failure is None or index < self.first_failure[0]:
                 self.first_failure = (index, f"item {item.id} ({result.status}): "
-                                             f"{result.error or 'no error recorded'}", result.exit_code)
+                                             f"{result.error or 'no error recorded'}", result.exit_code, result.run_id)
         row = {"id": item.id, "category": item.category, "answer": result.answer, "correct": ok, "grade": grade,
                "status": result.status, "run_id": result.run_id}
         if self.sink is not None:
@@ -170,6 +172,7 @@ class Tally:
                           for c, t in sorted(self.categories.items(), key=lambda ct: self.category_first[ct[0]])},
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
             failure_exit=self.first_failure[2] if self.first_failure else 0,
+            first_failure_run=self.first_failure[3] if self.first_failure else None,
             skill_extraction_failures=self.skill_extraction_failures, failed_calls=self.failed_calls,
             saved_calls=self.saved_calls, voted_instead=self.voted_instead, cache_hits=self.cache_hits,
             budget_exceeded=budget_exceeded, cut_off=self.cut_off,

@@ -774,6 +774,29 @@ def test_a_final_template_waits_for_every_step_and_a_partial_run_answers_with_wh
     assert done["status"] == "partial" and done["answer"] == done["plan"]["nodes"][0]["output"]  # step a's
 
 
+def test_a_data_set_item_whose_template_fails_is_named_with_the_resume_that_finishes_it(loopback,
+                                                                                       tmp_path: Path) -> None:
+    """It named the item only: the fix a user tried (`run --resume` after editing the file, a new
+    workflow) ran every item again."""
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    (tmp_path / "quiz.jsonl").write_text('{"id": "q0", "question": "Six times seven?", "answer": "0"}\n'
+                                         '{"id": "q1", "question": "Two times one?", "answer": "1"}\n')
+    path = write(tmp_path, f"name: quiz\npool: {pool}\ninputs:\n  question: {{type: string}}\n"
+                           "dataset: {path: quiz.jsonl}\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+                           "    prompt: '{{ inputs.question }}'\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
+                           "    prompt: \"Check {{ 1 // (inputs.question | length - 16) }}: {{ steps.a.output }}\"\n")
+    failed = cli("run", str(path))
+    [run] = [r for r in json.loads(cli("runs", "--json").stdout) if r["status"] != "done"]
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].endswith(
+        f"ZeroDivisionError: integer division or modulo by zero; fix the workflow, then `orchestra resume {run['id']} "
+        "--reload` finishes that item with its answers kept (`orchestra runs` lists the other unfinished items' "
+        "runs)"), failed.stderr
+    path.write_text(path.read_text().replace("- 16)", "- 15)"))
+    sent = len(server.requests)
+    assert cli("resume", run["id"], "--reload").returncode == 0 and len(server.requests) == sent + 1  # (b alone)
+
+
 def test_a_data_set_items_run_resumes_without_its_data_set_and_names_a_missing_pool(loopback, tmp_path: Path) -> None:
     server = loopback(ScriptedLLM().handler())
     pool = write_pool(tmp_path, server.url)
