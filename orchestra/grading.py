@@ -273,7 +273,7 @@ class ExactMatchGrader:
 
     def grade(self, text: str, item: Item) -> bool:
         """Equal after normalisation."""
-        return self.extract(text, item) == normalize_text(item.answer)
+        return self.extract(text, item) == normalize_text(answer_text(item.answer))  # (a JSON reference: read alike)
 
 
 class AutoGrader:

@@ -163,6 +163,9 @@ def test_a_json_answer_is_graded_on_its_answer_field_or_its_one_field() -> None:
     assert grader.grade('{"value": 42}', number) and grader.grade('{"answer": 42, "why": "six sevens"}', number)
     assert not grader.grade('{"low": 41, "high": 42}', number)  # (no answer field: the whole object)
     assert grader.grade("The answer is 42", number)  # (text as before)
+    as_json = Item(id="3", question="q", answer='{"city": "Paris", "country": "FR"}')  # a JSON reference: alike
+    assert grader.grade('{"country": "FR", "city": "Paris"}', as_json)
+    assert not grader.grade('{"country": "FR", "city": "Lyon"}', as_json)
 
 
 def test_multiple_choice_reference_given_as_choice_text() -> None:
