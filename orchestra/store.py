@@ -503,9 +503,15 @@ class RunStore:
             store = self.store
             db = store._db
             committed = False
+            # (a body failing on its own, a refused begin_runs, dropped other runs' held events, and their
+            # held ends became failed): its own statements undone, the held ones still committed
+            keep_held = (kind is not None and db.in_transaction and bool(self.pending)
+                         and not issubclass(kind, sqlite3.DatabaseError))  # type: ignore[arg-type]
             try:
-                if kind is None:
+                if kind is None or keep_held:
                     try:
+                        if keep_held:
+                            db.execute("ROLLBACK TO body")
                         db.execute("COMMIT")
                         committed = True
                         if store._checkpoints is not None:
@@ -513,18 +519,8 @@ class RunStore:
                     except sqlite3.DatabaseError:
                         if db.in_transaction:
                             db.execute("ROLLBACK")
-                        raise
-                elif db.in_transaction and self.pending and not issubclass(kind, sqlite3.DatabaseError):  # type: ignore[arg-type]
-                    # (a refused begin_runs dropped other runs' held events, and their held ends became failed)
-                    try:
-                        db.execute("ROLLBACK TO body")
-                        db.execute("COMMIT")
-                        committed = True
-                        if store._checkpoints is not None:
-                            store._checkpoints.committed()
-                    except sqlite3.DatabaseError:
-                        if db.in_transaction:
-                            db.execute("ROLLBACK")
+                        if kind is None:
+                            raise
                 elif db.in_transaction:  # SQLite rolls a full disk's transaction back itself
                     db.execute("ROLLBACK")
             finally:

@@ -46,6 +46,13 @@ final: "{{ steps.review.output }}"
 """
 
 
+def reviewed(schema: str, final: str) -> str:
+    """``GOOD`` with the review step's ``output:`` schema and the ``final`` template given."""
+    return (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n",
+                         f"    recruit: {{k: 2, skills: [writing]}}\n    output: {schema}\n")
+            .replace('final: "{{ steps.review.output }}"', f"final: {final}"))
+
+
 def write(tmp_path: Path, text: str, name: str = "wf.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)
@@ -181,14 +188,11 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
      "wf.yaml:4:8: final uses steps.report.data, but planned steps have no output: schema (data is the JSON one "
      "asks for); use steps.report.output"),
     # a data field its schema does not list (the steps were paid, then the final failed to render)
-    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
-                  "{type: object, properties: {verdict: {type: string}, notes: {type: string}}}\n")
-     .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data.verdikt }}"'),
+    (reviewed('{type: object, properties: {verdict: {type: string}, notes: {type: string}}}',
+              '"{{ steps.review.data.verdikt }}"'),
      "wf.yaml:22:8: final uses steps.review.data.verdikt, but step 'review''s output: schema has no property "
      "'verdikt' (it has: notes, verdict); fix the name, or list it under properties"),
-    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
-                  "{type: object, properties: {verdict: {type: string}}}\n")
-     .replace('final: "{{ steps.review.output }}"', "final: \"{{ steps['review'].data['verdikt'] }}\""),
+    (reviewed('{type: object, properties: {verdict: {type: string}}}', '"{{ steps[\'review\'].data[\'verdikt\'] }}"'),
      "wf.yaml:22:8: final uses steps.review.data.verdikt, but step 'review''s output: schema has no property"),
     # a step or the inputs given a name of their own (they were checked as nothing: the run failed after paying)
     (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{% set r = steps.review %}{{ r.outptu }}"'),
@@ -203,19 +207,16 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     (GOOD.replace("steps:\n", "stpes:\n"), "wf.yaml:11:1: unknown field 'stpes' (did you mean 'steps'?)"),
     # nested fields, a list read by name, a field of the text, an include (each passed validate, then
     # failed the run after its first steps were paid for)
-    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
-                  "{type: object, properties: {info: {type: object, properties: {name: {type: string}}}}}\n")
-     .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data.info.nmae }}"'),
+    (reviewed('{type: object, properties: {info: {type: object, properties: {name: {type: string}}}}}',
+              '"{{ steps.review.data.info.nmae }}"'),
      "final uses steps.review.data.info.nmae, but step 'review''s output: schema has no property 'nmae' in "
      "data.info (it has: name)"),
-    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
-                  "{type: array, items: {type: object, properties: {name: {type: string}}}}\n")
-     .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data.first }} {{ steps.review.data[0].nam }}"'),
+    (reviewed('{type: array, items: {type: object, properties: {name: {type: string}}}}',
+              '"{{ steps.review.data.first }} {{ steps.review.data[0].nam }}"'),
      "final uses steps.review.data.first, but step 'review''s output: schema makes data a list (type: array), which "
      "has no field 'first'"),
-    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 2, skills: [writing]}\n    output: "
-                  "{type: array, items: {type: object, properties: {name: {type: string}}}}\n")
-     .replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.data[0].nam }}"'),
+    (reviewed('{type: array, items: {type: object, properties: {name: {type: string}}}}',
+              '"{{ steps.review.data[0].nam }}"'),
      "final uses steps.review.data[0].nam, but step 'review''s output: schema has no property 'nam' in data[0]"),
     (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.output.data }}"'),
      "final uses steps.review.output.data, but a step's output is its text, which has no 'data'"),
