@@ -75,9 +75,10 @@ EMBEDDINGS = "embedding"
 #: sqlite3 looks for an adapter, raising and catching an AttributeError, for each bytes or None.)
 _LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
 #: A run is ended by its owner; one no owner holds, only while it reads as running (a store of before
-#: owners) or with the status it ended with (a cancelled run's record, counting an answer that came
-#: late). A run another process took over (its lease run out, or forced) is no longer this one's to
-#: end, and neither is one that process has ended since (its record was written over).
+#: owners) or, where this store ended it, with the status it ended with (a cancelled run's record,
+#: counting an answer that came late). A run another process took over (its lease run out, or forced)
+#: is no longer this one's to end, and neither is one that process has ended since (its record was
+#: written over, even ended with the same status).
 _OURS = "id=? AND (owner=? OR (owner IS NULL AND status IN ('running', ?)))"
 _FINISH_RUN = f"UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE {_OURS}"
 #: events the store does not log (each call's: calls live in their own table); ``subscribe(listen, ignore=...)``
@@ -328,6 +329,8 @@ class RunStore:
         self._flush_warned = False
         #: runs this store began that had no record before: none of their calls can be replayed
         self._fresh: set[str] = set()
+        #: runs this store object has ended (a late answer may record them again, see ``_OURS``)
+        self._ended_here: set[str] = set()
         #: the runs going in this process through this store object, by id: the Orchestra running
         #: each (Orchestras sharing one store object share its owner tag, so the file cannot tell them apart)
         self.going: dict[str, object] = {}
@@ -544,7 +547,7 @@ class RunStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._db.execute(_ENDED_RUN, (status, run_id, self.owner, status))
+                    self._db.execute(_ENDED_RUN, (status, run_id, self.owner, "running"))
                     self._db.execute("COMMIT")
                 except sqlite3.DatabaseError:
                     if self._db.in_transaction:
@@ -614,15 +617,15 @@ class RunStore:
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
         self._fresh.difference_update(row[0] for row in rows)
+        self._ended_here.difference_update(row[0] for row in rows)
         self._fresh.update(fresh)
 
     def _refuse_held(self, run_id: str, held: tuple[Any, ...], now: float, *, force: bool) -> None:
         """Raise ``RunHeld`` if the run (its owner, updated and status: ``held``) is another live
         process's (see ``begin_run``)."""
         owner, updated, status = held
-        if (status == "running" and owner and owner != self.owner
-                and ((now - updated < LEASE_SECONDS and _alive(owner) and not force)
-                     or (force and _surely_running(owner)))):
+        if (status == "running" and owner and owner != self.owner and now - updated < LEASE_SECONDS
+                and (_surely_running(owner) if force else _alive(owner))):  # (a lease run out frees it either way)
             raise RunHeld(run_id, owner.rsplit(":", 1)[0], now - updated, running=force)
 
     def check_free(self, run_ids: Sequence[str], *, force: bool = False) -> None:
@@ -679,8 +682,10 @@ class RunStore:
         (runs of a data set that end together are one transaction; a failure then warns, as events
         do, and the run is marked ended with its status alone)."""
         self._fresh.discard(result.run_id)
+        again = result.status if result.run_id in self._ended_here else "running"
+        self._ended_here.add(result.run_id)
         params = (result.status, result.answer, result.error, _model_json(result), time.time(), result.run_id,
-                  self.owner, result.status)
+                  self.owner, again)
         if soon:
             self._hold([(_FINISH_RUN, params)])
             return

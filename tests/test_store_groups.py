@@ -409,3 +409,25 @@ def test_a_resume_clears_the_answer_a_partial_attempt_left(tmp_path: Path) -> No
     with sqlite3.connect(tmp_path / "runs.db") as reader:
         assert reader.execute("SELECT status, answer, error, result FROM runs WHERE id='p'").fetchone() == (
             "running", None, None, None)
+
+
+def test_an_end_from_the_process_a_run_was_taken_from_never_overwrites_the_end_of_the_one_that_took_it(
+        tmp_path: Path) -> None:
+    """Both ended `done`: the stale owner's answer replaced the new owner's finished record (the status
+    check let a process's late re-record of its own end through)."""
+    from orchestra.result import PlanTrace, RunResult
+
+    def ended(answer: str, status: str = "done") -> RunResult:
+        return RunResult(run_id="r", task="task", status=status, answer=answer, plan=PlanTrace(nodes=[]))
+
+    path = tmp_path / "runs.db"
+    old, new = RunStore(path), RunStore(path)
+    old.begin_run("r", "task", {})
+    new.begin_run("r", "task", {}, force=True)  # (its lease ran out: the machine slept)
+    new.finish_run(ended("B's answer"))
+    old.finish_run(ended("A's stale answer"))
+    with sqlite3.connect(path) as reader:
+        assert reader.execute("SELECT status, answer FROM runs WHERE id='r'").fetchone() == ("done", "B's answer")
+    new.finish_run(ended("B's answer, counted again"))  # (its own end recorded again: an answer that came late)
+    with sqlite3.connect(path) as reader:
+        assert reader.execute("SELECT answer FROM runs WHERE id='r'").fetchone() == ("B's answer, counted again",)
