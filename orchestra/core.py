@@ -58,9 +58,8 @@ from orchestra.plan import SINGLE_NODE, Plan, PlanInvalid, Subtask, validate_pla
 from orchestra.prompts import MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
-from orchestra.settings import MAX_K, ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
+from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
 from orchestra.store import HEARTBEAT_SECONDS, QUIET_EVENTS, RunStore
-from orchestra.vocabulary import Mode, Strategy
 from orchestra.workflow import Workflow
 
 T = TypeVar("T")
@@ -317,6 +316,14 @@ class _Source:
 
 
 _END = object()
+
+
+def _node_ids(plan: Plan | None, planned: bool) -> list[str] | None:
+    """The ids of a run's nodes where they are known before it runs (a given plan, or no planning:
+    the single node); None when a planner names them."""
+    if plan is not None:
+        return [subtask.id for subtask in plan.subtasks]
+    return None if planned else [SINGLE_NODE]
 
 
 def _given_plan(plan: Any) -> Plan | bool | None:
@@ -837,44 +844,27 @@ class Orchestra:
         return run
 
     def _check_node_settings(self, given: Mapping[str, NodeSettings], plan: Plan | None, planned: bool) -> None:
-        """Refuse node settings a run could not use, before any call (a k of -3 failed the run with an
-        IndexError after its keyword calls, a misspelt node id was ignored without a word)."""
+        """Refuse node settings this run could not use, before any call: what is not a NodeSettings
+        (which checks its own values), a node the run has not (a misspelt id was ignored without a word),
+        an agent not in the pool."""
         if not isinstance(given, Mapping):
             raise ConfigError(f"node_settings must map node ids to NodeSettings, not {type(given).__name__}")
-        nodes = ([subtask.id for subtask in plan.subtasks] if plan is not None
-                 else None if planned else [SINGLE_NODE])
+        nodes = _node_ids(plan, planned)
         for node, chosen in given.items():
             where = f"node_settings[{node!r}]"
             if not isinstance(chosen, NodeSettings):
                 raise ConfigError(f"{where} must be a NodeSettings(...), not {type(chosen).__name__} {chosen!r:.40}")
             if nodes is not None and node not in nodes:
                 raise ConfigError(f"{where}: the run has no node {node!r}; its nodes: {', '.join(nodes)}")
-            k = chosen.k
-            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K):
-                raise ConfigError(f"{where}.k must be a whole number from 1 to {MAX_K}, not {k!r}")
-            for name, allowed in (("mode", get_args(Mode)), ("aggregate", get_args(Strategy))):
-                value = getattr(chosen, name)
-                if value is not None and value not in allowed:
-                    raise ConfigError(f"{where}.{name} must be one of {', '.join(allowed)}, not {value!r}")
             if chosen.agent is not None and chosen.agent not in self.pool:
                 raise ConfigError(f"{where}.agent: {chosen.agent!r} is not an agent of pool {self.pool.name!r}; "
                                   f"agents: {', '.join(self.pool.names)}")
-            if chosen.output is not None:
-                from orchestra.models.structured import schema_problem
-
-                problem = schema_problem(chosen.output)
-                if problem:
-                    raise ConfigError(f"{where}.output: {problem}")
-            if chosen.prompt is not None and not callable(chosen.prompt):
-                raise ConfigError(f"{where}.prompt must be a function of the outputs, not "
-                                  f"{type(chosen.prompt).__name__}")
 
     def _known_experts(self, experts: Mapping[str, Sequence[str]], plan: Plan | None,
                        planned: bool) -> dict[str, list[str]]:
         """Experts fixed per node, each an agent of the pool; where the run's nodes are known before it
         runs (a given ``plan``, or none: not ``planned``), a node misnamed is refused, not ignored."""
-        nodes = ([subtask.id for subtask in plan.subtasks] if plan is not None
-                 else None if planned else [SINGLE_NODE])
+        nodes = _node_ids(plan, planned)
         if not isinstance(experts, Mapping):
             raise ConfigError(f"experts must map node ids to lists of agent names ({{'answer': ['coder']}}), "
                               f"not {type(experts).__name__} {experts!r:.40}")

@@ -1290,24 +1290,42 @@ def test_a_resume_asks_the_failed_final_synthesis_again_and_replays_the_steps(tm
 
 
 @pytest.mark.parametrize("given, says", [
-    ({"left": NodeSettings(k=-3)}, "node_settings['left'].k must be a whole number from 1 to 64, not -3"),
-    ({"left": NodeSettings(k=0)}, "node_settings['left'].k must be a whole number from 1 to 64, not 0"),
-    ({"left": NodeSettings(aggregate="bogus")}, "node_settings['left'].aggregate must be one of synthesize, vote, "
-                                               "refine, none, not 'bogus'"),
-    ({"left": NodeSettings(mode="bogus")}, "node_settings['left'].mode must be one of calibrated"),
     ({"lefty": NodeSettings(agent="m0")}, "node_settings['lefty']: the run has no node 'lefty'; its nodes: left, "
                                          "right"),
     ({"left": NodeSettings(agent="nobody")}, "node_settings['left'].agent: 'nobody' is not an agent of pool"),
     ({"left": {"k": 1}}, "node_settings['left'] must be a NodeSettings(...), not dict"),
-    ({"left": NodeSettings(output={"type": "objekt"})}, "node_settings['left'].output: $.type must be one of"),
+    ([NodeSettings(k=1)], "node_settings must map node ids to NodeSettings, not list"),
 ])
 def test_node_settings_a_run_could_not_use_are_refused_before_any_call(given: dict, says: str) -> None:
-    """A k of -3 failed the run with an IndexError after its keyword calls; a misspelt node id was ignored."""
+    """A misspelt node id was ignored without a word; an agent not in the pool failed after paid calls."""
     pool, models = scripted_pool(2)
     plan = Plan.model_validate(plan_json(("left", []), ("right", [])))
     with pytest.raises(ConfigError) as refused:
         Orchestra(pool, store=False).run("two sides, then merge", plan=plan, node_settings=given)
     assert str(refused.value).startswith(says) and not any(m.requests for m in models.values())
+
+
+@pytest.mark.parametrize("values, says", [
+    ({"k": -3}, "NodeSettings.k must be a whole number from 1 to 64, not -3"),
+    ({"k": 0}, "NodeSettings.k must be a whole number from 1 to 64, not 0"),
+    ({"k": 65}, "NodeSettings.k must be a whole number from 1 to 64, not 65"),
+    ({"k": True}, "NodeSettings.k must be a whole number from 1 to 64, not True"),
+    ({"k": 2.0}, "NodeSettings.k must be a whole number from 1 to 64, not 2.0"),
+    ({"aggregate": "bogus"}, "NodeSettings.aggregate must be one of synthesize, vote, refine, none, not 'bogus'"),
+    ({"mode": "bogus"}, "NodeSettings.mode must be one of calibrated"),
+    ({"agent": ""}, "NodeSettings.agent must be an agent's name, not ''"),
+    ({"skills": "algebra"}, "NodeSettings.skills must be a list of skill names (['algebra']), not 'algebra'"),
+    ({"skills": ["algebra", " "]}, "NodeSettings.skills must be a list of skill names"),
+    ({"output": {"type": "objekt"}}, "NodeSettings.output: $.type must be one of"),
+    ({"prompt": "Summarise {{ a }}"}, "NodeSettings.prompt must be a function of the outputs, not str"),
+])
+def test_node_settings_refuse_values_no_run_could_use_where_they_are_made(values: dict, says: str) -> None:
+    """A k of -3 failed the run with an IndexError after its keyword calls; a skills string was recruited
+    on as one skill per letter."""
+    with pytest.raises(ConfigError) as refused:
+        NodeSettings(**values)
+    assert str(refused.value).startswith(says)
+    assert NodeSettings(k=64, skills=["algebra"]).skills == ("algebra",)  # (a list given is read as its tuple)
 
 
 def test_a_final_function_that_raises_or_returns_no_text_fails_the_run_naming_it(tmp_path: Path) -> None:

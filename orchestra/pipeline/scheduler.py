@@ -15,7 +15,7 @@ import time
 import zlib
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from orchestra.agents import Agent, Pool
 from orchestra.dag import Dag
@@ -23,6 +23,7 @@ from orchestra.errors import (
     AuthenticationError,
     BudgetExceeded,
     CallCancelled,
+    ConfigError,
     EndpointUnreachable,
     ModelError,
     ModelRequestsForbidden,
@@ -59,7 +60,7 @@ from orchestra.prebuilt import assemble
 from orchestra.prompts import render_expert
 from orchestra.recruit import Recruitment
 from orchestra.result import BatchInfo, ExpertOutput, NodeStatus, NodeTrace, PlanTrace, RunResult, RunStatus, RunUsage
-from orchestra.settings import RunSpec, Settings
+from orchestra.settings import MAX_K, RunSpec, Settings
 from orchestra.vocabulary import Mode, Strategy
 
 
@@ -111,6 +112,33 @@ class NodeSettings:
     skills: tuple[str, ...] = ()
     output: dict[str, Any] | None = None
     prompt: Callable[[Outputs], str] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse values no run could use where they are made (a k of -3 failed the run with an
+        IndexError after its keyword calls); whether ``agent`` is in the pool is the run's to check."""
+        k = self.k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K):
+            raise ConfigError(f"NodeSettings.k must be a whole number from 1 to {MAX_K}, not {k!r}")
+        for name, allowed in (("mode", get_args(Mode)), ("aggregate", get_args(Strategy))):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"NodeSettings.{name} must be one of {', '.join(allowed)}, not {value!r}")
+        if self.agent is not None and (not isinstance(self.agent, str) or not self.agent):
+            raise ConfigError(f"NodeSettings.agent must be an agent's name, not {self.agent!r:.40}")
+        skills = self.skills
+        if isinstance(skills, str) or not isinstance(skills, Sequence) or not all(
+                isinstance(skill, str) and skill.strip() for skill in skills):
+            raise ConfigError(f"NodeSettings.skills must be a list of skill names (['algebra']), not {skills!r:.40}")
+        object.__setattr__(self, "skills", tuple(skills))  # (a list given is kept as the tuple it is read as)
+        if self.output is not None:
+            from orchestra.models.structured import schema_problem
+
+            problem = schema_problem(self.output)
+            if problem:
+                raise ConfigError(f"NodeSettings.output: {problem}")
+        if self.prompt is not None and not callable(self.prompt):
+            raise ConfigError(f"NodeSettings.prompt must be a function of the outputs, not "
+                              f"{type(self.prompt).__name__}")
 
 
 DEFAULT_NODE = NodeSettings()
