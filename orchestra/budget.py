@@ -117,30 +117,33 @@ class BudgetTracker:
         budget, tokens = self.budget, self.prompt_tokens + self.completion_tokens
         limits = (("max_calls", budget.max_calls, self.calls, _calls_made(self.calls)),
                   ("max_tokens", budget.max_tokens, tokens, f"{tokens} tokens used"),
-                  ("max_cost_usd", budget.max_cost_usd, self.cost_usd, f"{usd(self.cost_usd)} spent"))
+                  ("max_cost_usd", budget.max_cost_usd, dollars(self.cost_usd), f"{usd(self.cost_usd)} spent"))
         for limit, value, spent, words in limits:
             if value is not None and spent >= value:
                 return BudgetExceeded(limit=limit, value=value, spent=words, run_id=self.run_id, shared=self.name)
         return None
 
     def admit(self, request: ChatRequest, price: Price, gauge: PromptGauge | None = None, *,
-              within: bool = False, answer_limit: int | None = None) -> Reservation:
+              within: bool = False, answer_limit: int | None = None, counted: bool = False) -> Reservation:
         """Reserve one call's worst case and return the reservation; raise ``BudgetExceeded`` if it
         does not fit this budget or the shared one (``held`` on it: it would fit once the calls in
         flight end, so the caller may wait for them and ask again). ``within``: a further request of
         a call in flight (a structured answer's repair), reserved on top of the call's own and
         refused outright (it cannot wait). ``answer_limit``: the model's own limit on an answer whose
-        request sets none (an engine's ``default_max_tokens``)."""
+        request sets none (an engine's ``default_max_tokens``). ``counted``: a call that failed before
+        its run was resumed, counted as it resumed (``count``), sent again: it takes no call of the
+        limit again here (a shared budget, which bounds what runs spend now, counts it)."""
         budget = self.budget
         if self.closed is not None:
             self.exceeded = self.closed
             raise copy.copy(self.closed) if within else self.closed  # (a call's error gets its usage written on)
-        if not within and budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
+        new_call = not within and not counted
+        if new_call and budget.max_calls is not None and self.calls + self._reserved_calls + 1 > budget.max_calls:
             in_flight = f", {self._reserved_calls} in flight" if self._reserved_calls else ""
             self._refuse("max_calls", budget.max_calls, f"{_calls_made(self.calls)}{in_flight}",
                          held=bool(in_flight) and self.calls + 1 <= budget.max_calls)  # (one that fails unsent is free)
         if budget.max_tokens is None and budget.max_cost_usd is None and self.parent is None and not self.shared:
-            self._reserved_calls += not within  # no limit reads the worst case: not estimated (this runs per call)
+            self._reserved_calls += new_call  # no limit reads the worst case: not estimated (this runs per call)
             return NOTHING
         prompt, answer = (gauge or _UNKNOWN).worst(request), request.max_tokens or answer_limit or ANSWER_ALLOWANCE
         worst = Reservation(prompt + answer, price.cost(prompt, answer))
@@ -154,14 +157,15 @@ class BudgetTracker:
                          f"up to {answer} of answer",
                          held=not within and bool(held) and spent + worst.tokens <= budget.max_tokens,
                          hopeless=not within and worst.tokens > budget.max_tokens, wanted=NOTHING if within else worst)
-        cost = self.cost_usd + self._reserved_cost + worst.cost_usd
+        cost = dollars(self.cost_usd + self._reserved_cost + worst.cost_usd)  # (0.1 + 0.2 is over 0.3 in floats)
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
             held = f", {usd_exact(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
                 if self._reserved_calls else ""
             self._refuse("max_cost_usd", budget.max_cost_usd,
                          f"{usd_exact(self.cost_usd)} spent{held}, {what} may cost "
                          f"{usd_exact(worst.cost_usd)}: {prompt} tokens of prompt and up to {answer} of answer",
-                         held=not within and bool(held) and self.cost_usd + worst.cost_usd <= budget.max_cost_usd,
+                         held=not within and bool(held)
+                         and dollars(self.cost_usd + worst.cost_usd) <= budget.max_cost_usd,
                          hopeless=not within and worst.cost_usd > budget.max_cost_usd,
                          wanted=NOTHING if within else worst)
         if self.parent is not None:
@@ -171,7 +175,7 @@ class BudgetTracker:
                 if not exceeded.held:  # (a call that waits for the calls in flight did not stop anything)
                     self.exceeded, self.wanted = exceeded, NOTHING if within else worst
                 raise
-        self._reserved_calls += not within
+        self._reserved_calls += new_call
         self._reserved_tokens += worst.tokens
         self._reserved_cost += worst.cost_usd
         if worst.tokens > self.largest.tokens or worst.cost_usd > self.largest.cost_usd:
@@ -198,13 +202,14 @@ class BudgetTracker:
                 tracker._on_release.append(callback)
             tracker = tracker.parent
 
-    def settle(self, reserved: Reservation, usage: Usage | None) -> None:
-        """Release a reservation and count what the call really spent (None: it was not made)."""
-        self._reserved_calls -= 1
+    def settle(self, reserved: Reservation, usage: Usage | None, *, counted: bool = False) -> None:
+        """Release a reservation and count what the call really spent (None: it was not made);
+        ``counted``: as ``admit``'s, the call is not counted again here."""
+        self._reserved_calls -= not counted
         self._reserved_tokens -= reserved.tokens
         self._reserved_cost -= reserved.cost_usd
         if usage is not None:
-            self._add(usage, calls=1)
+            self._add(usage, calls=not counted)
             if reserved is not NOTHING:  # (no limit reads it otherwise: this runs for every call)
                 tokens = reserved.tokens - usage.prompt_tokens - usage.completion_tokens
                 cost = reserved.cost_usd - usage.cost_usd
@@ -218,9 +223,9 @@ class BudgetTracker:
                 callback()
 
     def count(self, usage: Usage, *, calls: int = 1) -> None:
-        """Count what a resumed run paid before: a call answered from the store (``calls=0``: failed
-        attempts of calls it sends again). Its run counts it, but a shared budget (a data set's, a
-        server's) bounds what its runs spend now and does not."""
+        """Count what a resumed run paid before, and its calls (``RunStore.earlier_usage``). Its run
+        counts it, but a shared budget (a data set's, a server's) bounds what its runs spend now and
+        does not."""
         self._add(usage, calls=calls)
         calls_before, tokens_before, cost_before = self._counted
         self._counted = (calls_before + calls, tokens_before + usage.prompt_tokens + usage.completion_tokens,
@@ -326,7 +331,8 @@ class RunAdmission:
                 continue
             per_run = self._largest[dimension]
             expected = self._base[dimension] + self._ended[dimension] + live * per_run
-            if max(expected, committed[dimension]) + per_run + last_call > limit:
+            needed = max(expected, committed[dimension]) + per_run + last_call
+            if (dollars(needed) if name == "max_cost_usd" else needed) > limit:
                 def amount(value: float, name: str = name) -> str:
                     return (f"{value:,.0f} call{'s' if value != 1 else ''}" if name == "max_calls"
                             else f"{value:,.0f} tokens"

@@ -920,8 +920,9 @@ class Orchestra:
         self.executor.forget_recorded_orphans({run.run_id for run in runs})  # (counted just now, with ``earlier``)
         for run in runs:
             if run.run_id in earlier:
-                usage, answered = earlier[run.run_id]
-                run.ledger.budget.count(usage, calls=answered)
+                before = earlier[run.run_id]
+                run.ledger.budget.count(before.usage, calls=before.calls)
+                run.ledger.counted = before.failed
 
     def _claim(self, runs: Sequence[Run]) -> None:
         """Claim this event loop for ``runs`` (until each goes, or is given up), refusing one while

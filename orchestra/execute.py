@@ -42,7 +42,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from orchestra.budget import ANSWER_ALLOWANCE, Budget, BudgetTracker, Reservation
-from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost
+from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost, ResourceUnavailable
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
@@ -140,6 +140,9 @@ class RunLedger:
     cache_misses: int = 0
     cache_errors: int = 0  # answers that could not be written to the cache
     failed_calls: int = 0
+    #: the (key, seq) of calls that failed before the run was resumed, counted as it resumed
+    #: (``BudgetTracker.count``): one sent again is not counted again
+    counted: frozenset[tuple[str, int]] = frozenset()
     #: called when a request of the run, ended already, is cut off in flight and counted (its record is written again)
     after_end: Callable[[], None] | None = None
     _seq: dict[str, int] = field(default_factory=dict)
@@ -198,6 +201,7 @@ class _Call:
     reserved: Reservation | None = None  # set once the budget admitted the call
     canonical: str = ""  # the JSON ``key`` hashes, recorded as the call's request
     capped: bool = False  # sent with the answer limit its budget reserved (its request set none)
+    counted: bool = False  # it failed before its run resumed, and was counted then (see ``RunLedger.counted``)
     #: it waited for the same call of its run stopped earlier (see ``Executor.orphan``): a replay of
     #: that one's answer counts its usage, which the resumed run did not find recorded as it began
     orphaned: bool = False
@@ -548,9 +552,11 @@ class Executor:
                 return True
             ledger.cache_misses += 1
         answer_limit = _answer_limit(call.model)
+        call.counted = bool(ledger.counted) and (call.key, call.seq) in ledger.counted
         try:
             call.reserved = ledger.budget.admit(call.request, getattr(call.model, "price", FREE),
-                                                getattr(call.model, "prompt_gauge", None), answer_limit=answer_limit)
+                                                getattr(call.model, "prompt_gauge", None), answer_limit=answer_limit,
+                                                counted=call.counted)
         except BudgetExceeded as exceeded:
             # it fits once the calls in flight end (their worst cases are held): it waits for them, unless
             # they are heavy calls queued for a wave that waits for this call's task (a task waiting on
@@ -585,7 +591,8 @@ class Executor:
                 groups.setdefault(id(call.model), []).append(call)
             self._wave_left = set(groups)
             while groups or running:
-                for key in self._startable(groups, running):
+                started = self._startable(groups, running)
+                for key in started:
                     group = self._live(groups.pop(key))
                     self._wave_left.discard(key)
                     if group:
@@ -594,12 +601,18 @@ class Executor:
                         task.add_done_callback(partial(self._sent, group))
                         running[task] = group
                 if not running:
+                    if groups and not started:  # none fits beside nothing running: none ever would (it spun)
+                        for key in list(groups):
+                            self._wave_left.discard(key)
+                            group = groups.pop(key)
+                            self._fail(self._live(group), _no_room(group[0].model.name), sent=False)
                     continue
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     del running[task]
                 if groups:  # let the tasks these batches woke queue their next calls: they tell what comes later
                     await self._until_settled()
+                    self._join_unstarted(groups, calls)
         except Exception as error:  # a bug: the wave's calls fail with it, rather than wait for ever
             for group in [*groups.values(), *running.values()]:
                 self._fail_unanswered(group, error)
@@ -616,6 +629,19 @@ class Executor:
             self._pending += self._held
             self._held = []
             self._schedule_kick()
+
+    def _join_unstarted(self, groups: dict[int, list[_Call]], calls: list[_Call]) -> None:
+        """Calls queued for the next wave whose model has a group of this wave not started yet join
+        that group (and the wave's ``calls``): the model loads once for both (the next wave loaded it
+        again)."""
+        staying = [call for call in self._heavy if id(call.model) not in groups]
+        if len(staying) == len(self._heavy):
+            return
+        for call in self._heavy:
+            if id(call.model) in groups:
+                groups[id(call.model)].append(call)
+                calls.append(call)  # (the wave's calls, as the executor's in flight: orphans, cancellation)
+        self._heavy = staying
 
     def _unbegun_wave(self, calls: list[_Call], wave: asyncio.Task[None]) -> None:
         """A wave cancelled before it began (its calls are still the queued ones): they fail or give
@@ -948,7 +974,7 @@ class Executor:
         """Release the call's reservation (if the budget admitted it) and count what it spent; the
         calls that waited for a reservation to end are asked about again."""
         if call.reserved is not None:
-            call.ledger.budget.settle(call.reserved, usage)
+            call.ledger.budget.settle(call.reserved, usage, counted=call.counted)
             call.reserved = None
 
     def _release_held(self) -> None:
@@ -1046,6 +1072,14 @@ def _answer_limit(model: Any) -> int | None:
         limit = next((extra[key] for key in ("max_completion_tokens", "max_tokens")
                       if isinstance(extra.get(key), int) and not isinstance(extra.get(key), bool)), None)
     return limit if isinstance(limit, int) else None
+
+
+def _no_room(name: str) -> ResourceUnavailable:
+    """What the calls of a wave's group fail with when their placement has no room for its model
+    (``name``) with no engine of this process busy."""
+    return ResourceUnavailable(f"model {name} does not fit where its engines run, with none of this process's "
+                               f"other engines busy (its resources are taken by something else); free them or "
+                               f"lower the resources it asks for")
 
 
 def _unsent_error(calls: list[_Call]) -> CallCancelled:

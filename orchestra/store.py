@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from orchestra.checkpoints import Checkpointer
 from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable
@@ -109,6 +109,16 @@ CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
 def default_store_path() -> Path:
     """``$ORCHESTRA_HOME/runs.db`` (``~/.orchestra/runs.db``)."""
     return orchestra_home() / "runs.db"
+
+
+class Earlier(NamedTuple):
+    """What a run begun before spent, counted into its resume (``RunStore.earlier_usage``)."""
+
+    usage: Usage
+    calls: int
+    """Its calls a model was sent (failed ones included), as ``run_totals`` counts them."""
+    failed: frozenset[tuple[str, int]]
+    """The (key, seq) of those that failed: counted already, so not again if the resume sends them."""
 
 
 @dataclass(frozen=True)
@@ -732,24 +742,29 @@ class RunStore:
         return [_record(row, self._ended) for row in self._query(
             f"SELECT * FROM runs WHERE {where or 'true'} ORDER BY created, rowid", params)]
 
-    def earlier_usage(self, run_ids: Sequence[str]) -> dict[str, tuple[Usage, int]]:
+    def earlier_usage(self, run_ids: Sequence[str]) -> dict[str, Earlier]:
         """What runs begun before spent (none for runs this store began afresh): the requests,
         tokens and cost of their recorded calls, failed ones and ones a resume will not ask again
-        included (a request changed since, an endpoint moved), and how many of them answered."""
+        included (a request changed since, an endpoint moved), and how many calls they made, counted
+        as ``run_totals`` counts them."""
         from orchestra.models.types import Usage
 
         earlier = [run_id for run_id in run_ids if run_id not in self._fresh]
         rows: list[dict[str, Any]] = []
+        failed: dict[str, set[tuple[str, int]]] = {}
         for start in range(0, len(earlier), 500):  # (SQLite takes at most 999 parameters a statement)
             part = earlier[start:start + 500]
+            runs = f"run_id IN ({', '.join('?' * len(part))}) AND {_BILLED}"
             rows += self._query(
                 "SELECT run_id, sum(prompt_tokens) AS p, sum(completion_tokens) AS c, sum(cost_usd) AS usd, "
-                "sum(requests) AS r, sum(status = 'ok' AND purpose != ? AND source = 'model') AS answered FROM calls "
-                f"WHERE run_id IN ({', '.join('?' * len(part))}) AND {_BILLED} GROUP BY run_id",
+                f"sum(requests) AS r, sum(purpose != ?) AS calls FROM calls WHERE {runs} GROUP BY run_id",
                 (EMBEDDINGS, *part))
-        return {row["run_id"]: (Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,
-                                      cost_usd=dollars(row["usd"] or 0.0), requests=row["r"] or 0),
-                 row["answered"] or 0)
+            for row in self._query(f"SELECT run_id, key, seq FROM calls WHERE {runs} AND status != 'ok' "
+                                   "AND purpose != ?", (*part, EMBEDDINGS)):
+                failed.setdefault(row["run_id"], set()).add((row["key"], row["seq"]))
+        return {row["run_id"]: Earlier(Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,
+                                             cost_usd=dollars(row["usd"] or 0.0), requests=row["r"] or 0),
+                                       row["calls"] or 0, frozenset(failed.get(row["run_id"], ())))
                 for row in rows}
 
     def run_totals(self, run_id: str) -> dict[str, Any]:

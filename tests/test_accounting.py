@@ -680,11 +680,39 @@ def test_failed_billed_attempts_of_a_call_the_cache_answers_on_resume_stay_in_th
     resumed = orc.resume(first.run_id)
     assert resumed.status == "done" and resumed.usage.cache_hits > 0
     after = store.run_totals(first.run_id)
-    assert (after["requests"], after["prompt_tokens"], after["completion_tokens"]) == (
-        resumed.usage.requests, resumed.usage.prompt_tokens, resumed.usage.completion_tokens)
+    assert (after["calls"], after["requests"], after["prompt_tokens"], after["completion_tokens"]) == (
+        resumed.usage.calls, resumed.usage.requests, resumed.usage.prompt_tokens, resumed.usage.completion_tokens)
     assert after["requests"] == before["requests"] and after["cost_usd"] == before["cost_usd"] > 0
-    _, answered = RunStore(tmp_path / "runs.db").earlier_usage([first.run_id])[first.run_id]
-    assert answered == 0  # (the cache answered every call: a later resume counted them against max_calls)
+    # the calls that failed (sent, billed) count as the first attempt counted them, though the cache answered
+    # them on resume (the resumed run counted none: fewer calls than its first attempt had made)
+    assert after["calls"] == before["calls"] == first.usage.calls > 0
+    earlier = RunStore(tmp_path / "runs.db").earlier_usage([first.run_id])[first.run_id]
+    assert earlier.calls == after["calls"] and not earlier.failed  # (none failed now: a resume counts them once)
+
+
+@pytest.mark.parametrize("budget, status", [(Budget(max_calls=1), "done"), (Budget(max_tokens=1), "budget_exceeded")])
+def test_a_call_that_failed_before_a_resume_counts_once_whether_it_is_sent_again_or_not(
+        tmp_path: Path, budget: Budget, status: str) -> None:
+    """A failed call counts in the stored totals; a resume that did not send it again (a budget stopped
+    it) counted none; one that did counts it once (sent again, it takes no call of ``max_calls`` again)."""
+    up = [False]
+
+    def reply(request: ChatRequest) -> str:
+        if not up[0]:
+            raise RuntimeError("expert endpoint down")
+        return "The answer is 4"
+
+    store = RunStore(tmp_path / "runs.db")
+    model = FunctionModel(reply, name="m", prices=(1.0, 2.0))
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model)]), k=1, store=store)
+    first = orc.run("What is 2 + 2?", plan=False)
+    assert (first.status, first.usage.calls, store.run_totals(first.run_id)["calls"]) == ("failed", 1, 1)
+    up[0] = True
+    resumed = orc.resume(first.run_id, budget=budget)
+    totals = store.run_totals(first.run_id)
+    assert (resumed.status, resumed.usage.calls, totals["calls"]) == (status, 1, 1)
+    assert (resumed.usage.requests, totals["requests"], len(model.requests)) == ((2, 2, 2) if status == "done"
+                                                                                 else (1, 1, 1))
 
 
 def test_an_answer_with_a_lone_surrogate_is_recorded_and_used_not_a_failed_run(loopback, tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def test_a_model_announced_as_next_runs_last_in_its_wave_and_is_not_reloaded() -
     assert scenario(then=True) == ["h1", "h2", "h0"]  # h0 last: still resident for the aggregation
 
 
-def test_work_queued_for_the_next_wave_defers_its_model_to_the_end_of_this_one() -> None:
+def test_work_queued_while_its_models_group_waits_in_the_wave_joins_that_group() -> None:
     h0, h1, h2 = models = engines(3)
     executor = Executor()
     loads: list[str] = []
@@ -188,10 +188,33 @@ def test_work_queued_for_the_next_wave_defers_its_model_to_the_end_of_this_one()
         await asyncio.gather(executor.run_task(late()), executor.run_task(early()))
 
     asyncio.run(main())
-    # queue order is h1 h0 h2; once h1 has answered "early", it queues work for h0 (the next wave),
-    # so h0 runs after h2 and is still loaded when that wave starts
-    assert loads == ["h1", "h2", "h0"]
-    assert [m.batches for m in models] == [[1, 1], [2], [1]]
+    # queue order is h1 h0 h2; once h1 has answered "early", it queues work for h0, whose group has not
+    # started: the work joins it (it went to the next wave, and h0 answered two batches of one)
+    assert loads == ["h1", "h0", "h2"]
+    assert [m.batches for m in models] == [[2], [2], [1]]
+
+
+def test_work_queued_for_models_whose_groups_wait_in_the_wave_loads_none_of_them_twice() -> None:
+    """One slot; run B asks h1 and h2, run A asks h0 and then h1 and h2: A's second calls came while h1's
+    and h2's groups had not started, were kept for the next wave, and h1 loaded twice."""
+    h0, h1, h2 = models = engines(3)
+    executor = Executor(max_resident_models=1)
+    loads: list[str] = []
+    executor.events.subscribe(lambda e: loads.append(e.model) if isinstance(e, ModelLoaded) else None)
+
+    async def a() -> None:
+        ledger = RunLedger.create("a")
+        await first_text(executor, ledger, h0, "a0")
+        await executor.call(ledger, [(h1, ask("a1")), (h2, ask("a2"))], purpose="expert")
+
+    async def b() -> None:
+        await executor.call(RunLedger.create("b"), [(h1, ask("b1")), (h2, ask("b2"))], purpose="expert")
+
+    async def main() -> None:
+        await asyncio.gather(executor.run_task(a()), executor.run_task(b()))
+
+    asyncio.run(main())
+    assert sorted(loads) == ["h0", "h1", "h2"] and [m.batches for m in models] == [[1], [2], [2]]
 
 
 def test_eviction_spares_the_resident_model_a_later_phase_needs() -> None:

@@ -91,6 +91,36 @@ def test_an_answer_queued_when_its_batch_is_cancelled_is_delivered_counted_and_r
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("unwinding", [0, 1, 3])
+def test_a_request_cut_off_whose_cancellation_takes_turns_to_unwind_is_counted_and_recorded(
+        tmp_path: Path, unwinding: int) -> None:
+    """A batch cut off (the run cancelled, then ``stop_in_flight``) while its request is at the endpoint,
+    whose client needs loop turns to unwind (httpx's own transport closing its connection): the batch
+    ended first and released the call's reservation, and the request, reported after, was not counted."""
+    async def main() -> None:
+        executor, store, ledger = journaled(tmp_path)
+
+        async def slow(request: ChatRequest) -> str:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                for _ in range(unwinding):
+                    await asyncio.sleep(0)
+            return "never"
+
+        model = FunctionModel(slow, name="m")
+        task = asyncio.ensure_future(executor.run_task(executor.call(ledger, [(model, ask("A"))], purpose="expert")))
+        await until(lambda: bool(model.requests))
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.wait_for(executor.stop_in_flight(), HANG)
+        assert (ledger.budget.calls, ledger.budget.requests) == (1, 1)
+        assert journal(store, "r") == [("A", "error")] and ledger.budget.committed() == (1, 0, 0.0)
+        store.close()
+
+    asyncio.run(main())
+
+
 def test_one_request_sent_twice_and_cut_off_is_counted_twice(tmp_path: Path) -> None:
     """The same request object twice in a batch, both cut off in flight: both reached the endpoint."""
     async def main() -> None:

@@ -434,6 +434,35 @@ def test_a_wave_that_breaks_fails_the_groups_it_was_running_too(monkeypatch: pyt
     assert sum(isinstance(o, RuntimeError) for o in outcomes.values()) == 2  # one group finished before it broke
 
 
+@pytest.mark.timeout(60)  # (it spun: only the timeout's signal ended it)
+def test_an_engine_with_no_room_beside_nothing_running_fails_its_calls_not_the_event_loop() -> None:
+    """A placement whose ``fits`` says no with none of the executor's engines busy (room taken by another
+    job): the wave looped without ever awaiting, the event loop spun for ever and nothing else ran."""
+    from orchestra.errors import ResourceUnavailable
+    from orchestra.execute import Executor, RunLedger
+    from orchestra.testing.engines import SimulatedEngine
+
+    class Full:
+        def engine(self, model: Any) -> Any:
+            return model
+
+        def fits(self, resident: Any, engine: Any) -> bool:
+            return engine.name != "big"
+
+    executor = Executor(placement=Full())  # type: ignore[arg-type]
+    models = [SimulatedEngine(name, load_s=0, per_request=0, per_batch=0) for name in ("big", "small")]
+
+    async def main() -> list[Any]:
+        ledger = RunLedger.create("r")
+        asks = [executor.run_task(executor.call(ledger, [(m, ChatRequest.user(m.name))], purpose="expert"))
+                for m in models]
+        return [outcome[0] for outcome in await asyncio.wait_for(asyncio.gather(*asks), 60)]
+
+    big, small = asyncio.run(main())
+    assert isinstance(big, ResourceUnavailable) and str(big).startswith("model big does not fit where its engines")
+    assert getattr(small, "text", None)
+
+
 def test_force_does_not_take_a_run_from_a_process_of_this_machine_that_still_runs(tmp_path: Path) -> None:
     """``--force`` is for a holder that is gone: taking a run from one that is certainly alive (its pid
     and start time match) made two processes send its calls, and the record kept one side's count."""

@@ -279,12 +279,38 @@ def test_one_call_made_is_said_in_the_singular() -> None:
         tracker.admit(_request(), PRICE)
 
 
-def test_a_resumed_runs_failed_attempts_count_as_spending_but_not_as_calls() -> None:
-    """``count(..., calls=0)`` adds what failed attempts paid, no call."""
+def test_what_a_resumed_run_spent_before_counts_but_not_as_spending_now() -> None:
+    """``count`` adds what was paid before and its calls; ``committed`` (what is spent now) leaves it out."""
     tracker = BudgetTracker(Budget(), "r")
-    tracker.count(Usage(prompt_tokens=10, cost_usd=0.02, requests=3), calls=0)
-    assert (tracker.calls, tracker.requests, tracker.cost_usd) == (0, 3, 0.02)
+    tracker.count(Usage(prompt_tokens=10, cost_usd=0.02, requests=3), calls=2)
+    assert (tracker.calls, tracker.requests, tracker.cost_usd) == (2, 3, 0.02)
     assert tracker.committed() == (0, 0, 0.0)  # (paid before the resume: not this budget's now)
+
+
+def test_a_call_counted_as_its_run_resumed_is_sent_again_without_a_call_of_the_limit() -> None:
+    """A call that failed before a resume was counted then: sent again it needs no room under max_calls
+    and is not counted again; the shared budget, which bounds what runs spend now, counts it."""
+    shared = BudgetTracker(Budget(max_calls=None, max_tokens=None, max_cost_usd=None), None)
+    tracker = BudgetTracker(Budget(max_calls=1, max_tokens=None, max_cost_usd=None), "r", parent=shared)
+    tracker.count(Usage(requests=1), calls=1)
+    with pytest.raises(BudgetExceeded):
+        tracker.admit(_request(), PRICE)  # a new call: 1 made of 1
+    reserved = tracker.admit(_request(), PRICE, counted=True)
+    assert tracker.committed()[0] == 0  # (no call in flight added)
+    tracker.settle(reserved, Usage(requests=1), counted=True)
+    assert (tracker.calls, tracker.requests, shared.calls, shared.requests) == (1, 2, 1, 1)
+    assert tracker._reserved_calls == 0 == shared._reserved_calls
+
+
+def test_calls_that_add_up_to_a_cost_limit_exactly_are_admitted() -> None:
+    """Three calls of $0.10 under max_cost_usd=0.3: 0.1 + 0.1 + 0.1 is 0.30000000000000004 in floats,
+    and the third was refused ("$0.2000 spent, the next call may cost $0.1000")."""
+    tracker = BudgetTracker(Budget(max_calls=None, max_tokens=None, max_cost_usd=0.3), "r")
+    price = Price(input=0.0, output=100.0)  # $0.10 for the 1,000 tokens of answer each may write
+    for _ in range(3):
+        tracker.settle(tracker.admit(ChatRequest.user("q", max_tokens=1000), price),
+                       Usage(completion_tokens=1000, cost_usd=0.1, requests=1))
+    assert tracker.calls == 3 and tracker.reached() is not None  # (and the limit is reached, not passed)
 
 
 def test_a_run_that_exactly_fills_a_shared_budget_is_started() -> None:

@@ -124,7 +124,7 @@ def test_a_call_answered_from_the_cache_is_journaled_at_no_cost(tmp_path: Path) 
 def test_a_resumed_run_counts_what_its_models_answered_before_but_not_its_cache_hits(tmp_path: Path) -> None:
     """``run_totals`` and ``earlier_usage`` of a run begun before: the requests and tokens of every
     call a model was sent (failed ones and the embedding matcher's included); as calls, the model
-    calls (``earlier_usage``: the successful ones) but not the embedding rows; calls answered from
+    calls (failed ones too) but not the embedding rows; calls answered from
     the cache count for nothing."""
     store = RunStore(tmp_path / "runs.db")
     store.begin_run("r1", "t", {})
@@ -137,7 +137,8 @@ def test_a_resumed_run_counts_what_its_models_answered_before_but_not_its_cache_
     assert (totals["calls"], totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == (2, 4, 17, 6)
     assert store.earlier_usage(["r1"]) == {}  # begun here afresh: nothing before
     earlier = RunStore(tmp_path / "runs.db").earlier_usage(["r1"])
-    assert earlier == {"r1": (Usage(prompt_tokens=17, completion_tokens=6, cost_usd=0.0, requests=4), 1)}
+    assert earlier == {"r1": (Usage(prompt_tokens=17, completion_tokens=6, cost_usd=0.0, requests=4), 2,
+                              frozenset({("b", 0)}))}  # (as run_totals counts calls; the failed one named)
 
 
 def test_earlier_usage_of_many_runs_misses_none_of_them(tmp_path: Path) -> None:
@@ -151,7 +152,7 @@ def test_earlier_usage_of_many_runs_misses_none_of_them(tmp_path: Path) -> None:
                       for run_id in ids])
     earlier = RunStore(tmp_path / "runs.db").earlier_usage(ids)
     assert sorted(earlier) == ids
-    assert all(usage.requests == 1 and answered == 1 for usage, answered in earlier.values())
+    assert all(usage.requests == 1 and calls == 1 and not failed for usage, calls, failed in earlier.values())
 
 
 class Reading(BaseModel):

@@ -230,6 +230,9 @@ class ModelBase(abc.ABC):
         finally:
             for task in workers:
                 task.cancel()
+            # their requests unwind before the batch ends: one cut off in flight is counted by its call, which
+            # still holds its reservation (a transport whose cancellation awaits, httpx's own, lost the count)
+            await asyncio.gather(*workers, return_exceptions=True)
 
     @property
     def fan_out(self) -> int | None:
