@@ -348,7 +348,8 @@ class Recruiter:
 
     def recruit(self, keywords: Sequence[str], matches: Sequence[Match], *, seed: int, k: int = 3,
                 mode: Mode = "symbolic-moe") -> Recruitment:
-        """Choose ``k`` experts (a cap, for ``adaptive`` and ``calibrated``) for one subtask, the ``mode``'s way.
+        """Choose ``k`` experts for one subtask, the ``mode``'s way (for ``calibrated``, ``k`` is a cap;
+        ``adaptive`` takes as many as its threshold admits, up to ``k_max`` of the recruiting settings).
         Equal recruitments are one object (memoised), so its explanation is written once."""
         keywords, matches = tuple(keywords), tuple(matches)
         notes: tuple[str, ...] = ()
