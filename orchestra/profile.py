@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -22,6 +23,8 @@ from pydantic import (
 from orchestra.errors import ConfigError
 
 PROFILE_VERSION = 1
+#: the most items a profile may say it was measured on (a hand-edited 10**400 failed as a traceback)
+MAX_ITEMS = 10**9
 _PAIR = re.compile(r"\[\s*([\d.]+),\s*([\d.]+)\s*\]")
 
 
@@ -32,6 +35,9 @@ def _within_items(pair: tuple[int, int]) -> tuple[int, int]:
 
 
 def _known_version(version: int) -> int:
+    if version < 1:
+        raise ValueError(f"profile version {version} is no version Orchestra writes (they start at 1); "
+                         "run orchestra profile again")
     if version > PROFILE_VERSION:
         raise ValueError(f"profile version {version} was written by a newer Orchestra (this one reads "
                          f"{PROFILE_VERSION}); upgrade Orchestra")
@@ -51,7 +57,7 @@ class Provenance(BaseModel):
 
     dataset: str
     dataset_sha256: str
-    items: int
+    items: int = Field(ge=0, le=MAX_ITEMS)
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     model: str
     keyword_model: str = ""
@@ -86,7 +92,7 @@ class SkillProfile(BaseModel):
     accuracy: float = Field(ge=0, le=1)
     competence: float = Field(default=0.0, ge=0)
     aggregation_score: float | None = Field(default=None, ge=0, le=1)
-    aggregation_items: int | None = Field(default=None, ge=0)
+    aggregation_items: int | None = Field(default=None, ge=0, le=MAX_ITEMS)
     aggregation_stderr: float | None = Field(default=None, ge=0)
     aggregation_skills: dict[str, Counts] = {}
     aliases: dict[str, str] = {}
@@ -105,6 +111,14 @@ class SkillProfile(BaseModel):
             if abs(total) > self.provenance.items:
                 raise ValueError(f"skills.{skill}: {total} is beyond ±{self.provenance.items}, the items it was "
                                  "measured on (one +1 or -1 each); run orchestra profile again")
+        # (a count of 10**400 loaded, then failed as an OverflowError traceback when it became a float)
+        for field, counts, items in (("skill_counts", self.skill_counts, self.provenance.items),
+                                     ("aggregation_skills", self.aggregation_skills, self.aggregation_items)):
+            limit = MAX_ITEMS if items is None else items
+            for skill, (_, seen) in counts.items():
+                if seen > limit:
+                    raise ValueError(f"{field}.{skill}: {seen} items, more than the {limit} it was measured on; "
+                                     "run orchestra profile again")
         return self
 
     @property
@@ -193,8 +207,11 @@ def global_competence(totals: Mapping[str, float], temperature: float = 0.5) -> 
         return {}
     low = min(totals.values())
     shifted = {name: value - low + 1 if low < 0 else value for name, value in totals.items()}
-    powered = {name: max(value, 0.0) ** (1 / temperature) for name, value in shifted.items()}
-    norm = sum(powered.values())
-    if norm == 0:
+    # in logarithms, the largest taken out before the power: a sum of 300 at T = 0.005 overflowed a float
+    logs = {name: math.log(value) / temperature for name, value in shifted.items() if value > 0}
+    if not logs:
         return {name: 1 / len(totals) for name in totals}
+    top = max(logs.values())
+    powered = {name: math.exp(logs[name] - top) if name in logs else 0.0 for name in totals}
+    norm = sum(powered.values())
     return {name: value / norm for name, value in powered.items()}

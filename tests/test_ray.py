@@ -41,7 +41,8 @@ GUARD_S = 30  # how long a rendezvous waits before it gives up (only a broken sc
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
     """One local Ray instance for the whole module."""
-    ray.init(num_cpus=2, resources={"slot": SLOTS}, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, resources={"slot": SLOTS}, include_dashboard=False,
+             logging_level=logging.WARNING)  # (a new instance: never a cluster running on this machine)
     yield
     ray.shutdown()
 
@@ -329,7 +330,8 @@ def test_after_ray_is_shut_down_and_started_again_the_engines_load_afresh(orches
     orc = orchestras(engine_pool([engine]), k=1, on_event=events.append)
     assert orc.run("What is 1 + 1?").status == "done"
     ray.shutdown()
-    ray.init(num_cpus=2, resources={"slot": SLOTS}, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, resources={"slot": SLOTS}, include_dashboard=False,
+             logging_level=logging.WARNING)  # (a new instance: never a cluster running on this machine)
     again = orc.run("What is 2 + 2?")
     assert again.status == "done" and again.usage.failed_calls == 0, again.error
     assert dict(orc.executor.stats.loads) == {"e0": 2}  # loaded again, in the new session

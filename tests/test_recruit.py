@@ -51,6 +51,14 @@ def test_global_competence_by_hand() -> None:
     assert global_competence({"A": 4, "B": 0}) == {"A": 1.0, "B": 0.0}  # no shift when the minimum is not negative
 
 
+def test_global_competence_at_a_low_temperature_does_not_overflow() -> None:
+    """Sums of 300 and 200 at T = 0.005 (300 ** 200) overflowed a float: `orchestra ask` died in a traceback."""
+    gamma = global_competence({"A": 300, "B": 200, "C": 0}, temperature=0.005)
+    assert gamma["A"] == pytest.approx(1.0) and 0 <= gamma["B"] < 1e-30 and gamma["C"] == 0.0
+    assert global_competence({"A": 3, "B": 1}, temperature=0.5) == pytest.approx({"A": 0.9, "B": 0.1})
+    assert global_competence({"A": 0, "B": 0}) == {"A": 0.5, "B": 0.5}
+
+
 def test_hand_computed_selection_probabilities() -> None:
     r = recruiter()
     # algebra: s = 3, 1, -2 -> C filtered (s <= 0); w = 3 * 16/42, 1 * 25/42 -> 48/73, 25/73

@@ -477,6 +477,31 @@ def test_a_profile_whose_sums_no_items_could_give_is_refused(tmp_path: Path, ski
         SkillProfile.load(path)
 
 
+@pytest.mark.parametrize(("edit", "says"), [
+    ({"provenance": {"items": 10 ** 400}, "skill_counts": {"arithmetic": [10 ** 400, 10 ** 400]}},
+     "provenance.items: Input should be less than or equal to 1000000000"),
+    ({"skill_counts": {"arithmetic": [3, 50]}}, "skill_counts.arithmetic: 50 items, more than the 4 it was measured on"),
+    ({"aggregation_items": 2, "aggregation_score": 0.5, "aggregation_skills": {"arithmetic": [1, 9]}},
+     "aggregation_skills.arithmetic: 9 items, more than the 2 it was measured on"),
+    ({"aggregation_skills": {"arithmetic": [1, 10 ** 400]}}, "aggregation_skills.arithmetic: 1000000000000"),
+    ({"version": 0}, "version: profile version 0 is no version Orchestra writes (they start at 1)"),
+    ({"version": -5}, "version: profile version -5 is no version Orchestra writes"),
+])
+def test_a_profile_whose_counts_no_measuring_could_give_is_refused(tmp_path: Path, edit: dict, says: str) -> None:
+    """A count of 10**400 loaded and then failed as an OverflowError traceback in the router; counts over
+    more items than the profile was measured on, and a version below 1, loaded without a word."""
+    from orchestra.profile import Provenance, SkillProfile
+
+    good = SkillProfile(agent="a", skills={"arithmetic": 4}, accuracy=0.5, skill_counts={"arithmetic": (3, 4)},
+                        provenance=Provenance(dataset="d", dataset_sha256="0" * 64, items=4, model="m"))
+    path = good.save(tmp_path)
+    data = json.loads(path.read_text())
+    provenance = {**data["provenance"], **edit.pop("provenance", {})}
+    path.write_text(json.dumps({**data, **edit, "provenance": provenance}))
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        SkillProfile.load(path)
+
+
 def test_a_blank_category_is_none_and_a_category_is_trimmed() -> None:
     """A category of spaces was a report row of its own with a blank label, apart from the items without one."""
     assert [Item(id="1", question="q", answer="a", category=c).category for c in ("  ", "", " math ", None)] == [
