@@ -70,7 +70,8 @@ class SkillProfile(BaseModel):
     """One agent's measured skills: ``{keyword: +correct -wrong}``, plus pool-relative scores.
 
     The aggregation benchmark's result: ``aggregation_score`` (accuracy), over ``aggregation_items``
-    items, with ``aggregation_stderr`` = sqrt(p(1-p)/n); ``aggregation_skills`` is the same benchmark
+    items, with ``aggregation_stderr`` Agresti-Coull's sqrt(q(1-q)/(n+4)), q = (correct+2)/(n+4)
+    (``AggregationResult.from_grades``); ``aggregation_skills`` is the same benchmark
     split by the items' keywords, ``{keyword: (correct, items)}`` (for per-node aggregator choice).
     Profiles written before these were recorded load with them unset.
 

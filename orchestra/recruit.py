@@ -610,10 +610,14 @@ def node_aggregation_estimate(profile: SkillProfile, matches: Sequence[Match],
 
     The benchmark's items that carry the node's matched skills (each skill once, weighted by the
     match's similarity) give ``correct / items``; it is shrunk toward the agent's overall
-    aggregation score, which counts as ``prior_items`` items: ``(c + m·A) / (n + m)``, with
-    standard error ``sqrt(p(1-p) / (n + m))``.
+    aggregation score, which counts as ``m`` items: ``prior_items``, or the items it was measured
+    on where fewer: ``(c + m·A) / (n + m)``. The standard error is Agresti-Coull's, as the overall
+    score's: ``sqrt(q(1-q) / (n + m + 4))`` with ``q = (c + m·A + 2) / (n + m + 4)`` (``p(1-p)`` is
+    0 for a perfect score: one lucky benchmark item read as certain and won the node).
     """
     overall = profile.aggregation_score or 0.0
+    if profile.aggregation_items is not None:
+        prior_items = min(prior_items, profile.aggregation_items)
     correct = items = 0.0
     seen: set[str] = set()
     for match in matches:
@@ -625,8 +629,10 @@ def node_aggregation_estimate(profile: SkillProfile, matches: Sequence[Match],
         if counts:
             correct += match.similarity * counts[0]
             items += match.similarity * counts[1]
-    estimate = (correct + prior_items * overall) / (items + prior_items)
-    return estimate, math.sqrt(estimate * (1 - estimate) / (items + prior_items)), items
+    evidence = correct + prior_items * overall
+    estimate = evidence / (items + prior_items) if items + prior_items else overall
+    widened = (evidence + 2) / (items + prior_items + 4)
+    return estimate, math.sqrt(widened * (1 - widened) / (items + prior_items + 4)), items
 
 
 def node_aggregator(profiles: Mapping[str, SkillProfile], competence: Mapping[str, float],

@@ -411,10 +411,24 @@ def test_node_aggregation_estimate_by_hand() -> None:
     # algebra once (similarity 1): 3 of 4; geometry at 0.5: 0.5 of 1; prior 4 items at 0.5 -> (3.5 + 2) / (5 + 4)
     estimate, error, items = node_aggregation_estimate(measured, node)
     assert (estimate, items) == (pytest.approx(5.5 / 9), 5.0)
-    assert error == pytest.approx((5.5 / 9 * (1 - 5.5 / 9) / 9) ** 0.5)
+    assert error == pytest.approx((7.5 / 13 * (1 - 7.5 / 13) / 13) ** 0.5)  # Agresti-Coull's: (5.5 + 2) / (9 + 4)
     assert node_aggregation_estimate(measured, node, prior_items=1.0)[0] == pytest.approx(4.0 / 6)
     unscored = profile("B", {}).model_copy(update={"aggregation_skills": {"algebra": (1, 1)}})
     assert node_aggregation_estimate(unscored, [Match("a", "algebra", 1.0)], prior_items=1.0)[0] == 0.5
+
+
+def test_one_lucky_benchmark_item_is_no_certainty_in_a_nodes_aggregator_choice() -> None:
+    """An aggregation score of 1.0 on one benchmark item read as 1.00 ±0.00 and beat 0.95 on 100 items
+    outright (the case the pool-wide choice's Agresti-Coull error was made for); its overall score now
+    counts for no more items than it was measured on."""
+    lucky = profile("lucky", {"algebra": 1}, aggregation=1.0).model_copy(update={"aggregation_items": 1})
+    steady = profile("steady", {"algebra": 3}, aggregation=0.95).model_copy(update={"aggregation_items": 100})
+    node = [Match("algebra", "algebra", 1.0)]
+    assert node_aggregation_estimate(lucky, node) == (1.0, pytest.approx((0.6 * 0.4 / 5) ** 0.5), 0.0)
+    profiles = {"lucky": lucky, "steady": steady}
+    r = recruiter(profiles=profiles)
+    choice = node_aggregator(profiles, r.table.competence, r.recruit(["algebra"], matches("algebra"), seed=0), "fb")
+    assert choice.agent == "steady" and choice.reason.endswith("near tie with lucky, broken by fit, then γ")
 
 
 def test_node_aggregator_prefers_the_best_fitting_measured_agent_and_says_why() -> None:
@@ -424,7 +438,7 @@ def test_node_aggregator_prefers_the_best_fitting_measured_agent_and_says_why() 
     chosen = r.recruit(["algebra"], matches("algebra"), seed=0)
     choice = node_aggregator(profiles, r.table.competence, chosen, "fallback", prior_items=4.0)
     assert choice.agent == "A"  # A fits with s = 1 (C does not fit at all)
-    assert (choice.estimate, choice.stderr) == (pytest.approx(0.8), pytest.approx((0.8 * 0.2 / 4) ** 0.5))
+    assert (choice.estimate, choice.stderr) == (pytest.approx(0.8), pytest.approx((0.65 * 0.35 / 8) ** 0.5))
     assert "overall 0.80" in choice.reason and "fit s=+1" in choice.reason and "best of 2 fitting" in choice.reason
     assert "near tie with B, broken by fit, then γ" not in choice.reason
     close = {"A": profile("A", {"algebra": 1}, aggregation=0.6), "B": profile("B", {"algebra": 3}, aggregation=0.5),
