@@ -118,7 +118,7 @@ class Recruitment:
     @property
     def staged(self) -> int:
         """Experts asked first, whose agreement ends the node (0: all at once)."""
-        return self.team.staged if self.team is not None and len(self.experts) == len(self.team.experts) else 0
+        return self.team.staged if self.team is not None and self.experts == self.team.experts else 0
 
     def candidate(self, agent: str) -> Candidate | None:
         """The numbers for one agent."""
@@ -500,11 +500,33 @@ class Recruiter:
             pool = [c for c in recruitment.candidates if c.agent in frequent and c.probability > 0]
             names = [c.agent for c in pool] or sorted(frequent)
             weights = [c.probability for c in pool] or [counts[a] for a in names]
-            experts = tuple(a if a in frequent else rng.choices(names, weights, 1)[0]
-                            for a in recruitment.experts)
             note = f"rare-expert filter replaced {', '.join(sorted(set(rare)))}"
+            if recruitment.team is None:  # a draw with replacement: a replacement may be drawn twice
+                experts = tuple(a if a in frequent else rng.choices(names, weights, 1)[0]
+                                for a in recruitment.experts)
+            else:  # a team of distinct experts (it became ``(A, A)``): one not in it yet, else none
+                experts = self._distinct_replacements(recruitment.experts, frequent, names, weights, rng)
+                note += "; the team's numbers above are of the team before"
             filtered.append(replace(recruitment, experts=experts, notes=(*recruitment.notes, note)))
         return filtered
+
+    @staticmethod
+    def _distinct_replacements(experts: tuple[str, ...], frequent: set[str], names: list[str],
+                               weights: list[float], rng: SeededDraws) -> tuple[str, ...]:
+        """A team's experts with each rare one replaced by a frequent agent not in the team (drawn by
+        ``weights``), or left out when every frequent agent is in it already."""
+        team = [a for a in experts if a in frequent]
+        chosen: list[str] = []
+        for agent in experts:
+            if agent in frequent:
+                chosen.append(agent)
+                continue
+            left = [(name, weight) for name, weight in zip(names, weights) if name not in team]
+            if left:
+                pick = rng.choices([name for name, _ in left], [weight for _, weight in left], 1)[0]
+                team.append(pick)
+                chosen.append(pick)
+        return tuple(chosen)
 
 
 class SeededDraws:

@@ -200,6 +200,29 @@ def test_a_rare_remote_expert_chosen_by_its_estimate_is_kept() -> None:
     assert recruiter.filter_rare(batch, seed=0)[-1].experts == ("F",)  # an engine's: replaced
 
 
+def test_a_rare_expert_of_a_team_is_replaced_by_one_not_in_it_and_the_team_is_no_longer_staged() -> None:
+    """A calibrated team of distinct experts became ``(A, A)`` (15 seeds of 20), still staged on the
+    confidence measured for the team before: one model asked twice, its two answers alike."""
+    from orchestra.recruit import Candidate, Recruitment
+    from orchestra.teams import Team
+
+    candidates = tuple(Candidate(a, p, p, 1.0, p, p, ()) for a, p in (("A", 0.5), ("B", 0.3), ("C", 0.2)))
+
+    def team(*experts: str) -> Recruitment:
+        return Recruitment(experts=experts, keywords=(), matches=(), candidates=candidates, mode="calibrated",
+                           team=Team(experts, "A", 0.9, 0.9, 1.0, 2, 0.0))
+
+    profiles = {name: profile(name, {"law": 1}) for name in "ABC"}
+    recruiter = Recruiter(SkillTable.build(list(profiles), profiles, {}, {}, RecruitConfig()), RecruitConfig())
+    for seed in range(20):
+        replaced = recruiter.filter_rare([team("A", "B")] * 30 + [team("A", "C")], seed=seed)[-1]
+        assert replaced.experts == ("A", "B") and replaced.staged == 0, seed
+        assert replaced.explain()[-1].endswith("replaced C; the team's numbers above are of the team before")
+    assert team("A", "B").staged == 2
+    alone = recruiter.filter_rare([team("A")] * 30 + [team("A", "C")], seed=0)[-1]
+    assert alone.experts == ("A",)  # every frequent agent is in the team already: the rare one is left out
+
+
 def test_a_team_is_priced_with_its_aggregators_aggregation_call() -> None:
     from orchestra.recruit import Recruitment
     from orchestra.teams import Team
