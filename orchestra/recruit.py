@@ -270,7 +270,10 @@ class SkillTable:
         # every measured agent below 0.5 (a pool on hard questions)
         accuracies = [p.accuracy for a in agents if (p := profiles.get(a)) is not None]
         cold_accuracy = sum(accuracies) / len(accuracies) if accuracies else COLD_ACCURACY
-        calibration = Calibration({a: AgentSkills.of(profiles.get(a), declared.get(a, ()), cold_accuracy)
+        # a newcomer's declared skills under their canonical names, as the queries' matches are read
+        # (one declaring a keyword variant, "organic chem", got no credit for it)
+        canonical = {a: [aliases.get(skill.lower().strip(), skill) for skill in declared.get(a, ())] for a in agents}
+        calibration = Calibration({a: AgentSkills.of(profiles.get(a), canonical[a], cold_accuracy)
                                    for a in agents}, aliases, config.prior_items)
         return cls(scores=scores, competence={a: g / norm for a, g in gammas.items()},
                    cold=frozenset(cold), universal=frozenset(universal), prices=dict(prices),

@@ -408,3 +408,19 @@ def test_a_newcomer_is_taken_for_an_average_agent_not_for_one_right_half_the_tim
     # with nobody measured, a newcomer is one right half the time, as before
     cold = SkillTable.build(["a", "b"], {}, {"a": ["arithmetic"]}, {}, RecruitConfig())
     assert cold.calibration is not None and cold.calibration.agents["b"].overall == 0.5
+
+
+def test_a_newcomer_that_declares_a_keyword_variant_is_credited_on_its_canonical_skill() -> None:
+    """The profiles merged "organic chem" into "organic chemistry": a newcomer declaring "organic chem"
+    got no credit for it, even on a query in those very words (symbolic-moe gave it)."""
+    counts = {"organic chemistry": (10, 20)}
+    profiles = {name: SkillProfile(agent=name, skills={"organic chemistry": 0}, accuracy=0.5, skill_counts=counts,
+                                   aliases={"organic chem": "organic chemistry"},
+                                   provenance=Provenance(dataset="v", dataset_sha256="x", items=40, model="m"))
+                for name in ("gen1", "gen2")}
+    declared = {"variant": ["Organic Chem"], "canonical": ["organic chemistry"]}
+    table = SkillTable.build([*profiles, *declared], profiles, declared, {}, RecruitConfig())
+    for query in ("organic chem", "organic chemistry"):
+        ranked, _ = Recruiter(table).team([Match(query, query, 1.0)], k=1)
+        assert ranked[0].suitability == ranked[1].suitability > ranked[2].suitability, query
+        assert {c.agent for c in ranked[:2]} == {"variant", "canonical"}, query
