@@ -31,7 +31,7 @@ from orchestra.budget import Budget
 from orchestra.calibration import skill_estimates
 from orchestra.core import run_sync
 from orchestra.datasets import Dataset, Item
-from orchestra.errors import ProfilingIncomplete
+from orchestra.errors import InvalidOutput, ProfilingIncomplete
 from orchestra.events import CallsResolved, Event, EventBus, UsageUpdated
 from orchestra.execute import Executor, ResponseCache, RunLedger
 from orchestra.grading import Grader, answer_format, check_grader, get_grader
@@ -247,9 +247,12 @@ async def _keywords(pool: Pool, items: Sequence[Item], executor: Executor, ledge
     counter.begin("keywords", len(items) * extractor.config.samples)
 
     async def one(item: Item) -> list[str]:
-        requests = extractor.requests(item.question, seed=seed)
+        requests = extractor.requests(item.prompt(), seed=seed)  # (the text a run of the item extracts from)
         outcomes = await executor.call(ledger, [(model, r) for r in requests], purpose="keywords")
-        failed.extend((f"the keywords of item {item.id}", o) for o in outcomes if isinstance(o, Exception))
+        # an answer that is no valid JSON was still answered: its text is read as a run reads it (the
+        # paper's "Keywords: a, b"); one such sample stopped the whole profile, --resume included
+        failed.extend((f"the keywords of item {item.id}", o) for o in outcomes
+                      if isinstance(o, Exception) and not isinstance(o, InvalidOutput))
         return extractor.combine(outcomes)
 
     results = await _gather(executor, [one(item) for item in items])

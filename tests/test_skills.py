@@ -459,6 +459,34 @@ def test_keywords_in_the_papers_text_form_are_read_even_when_json_was_asked(loop
     assert server.requests[0].json()["response_format"]["type"] == "json_schema"
 
 
+def test_profiling_reads_keywords_in_the_papers_text_form_from_the_text_a_run_reads() -> None:
+    """A keyword model answering "Keywords: a, b" where JSON was asked: a run read its keywords, but every
+    such sample counted as a failed call and stopped the profile (``--resume`` too). And the keywords of a
+    multiple-choice item were extracted from its bare question, a run's from the question with its choices."""
+    from helpers import kind_of
+
+    from orchestra.models import ChatRequest
+
+    asked: list[str] = []
+
+    def keywords(request: ChatRequest) -> str:
+        if kind_of(request) == "keywords":
+            asked.append(request.messages[-1].content)
+            return "Keywords: arithmetic, addition"
+        return "The answer is (B)"
+
+    pool = Pool(agents=[Agent(name="a", model=FunctionModel(lambda r: "The answer is (B)", name="m1")),
+                        Agent(name="b", model=FunctionModel(lambda r: "The answer is (A)", name="m2"))],
+                planner=FunctionModel(keywords, name="kw"))
+    items = tuple(Item(id=f"q{i}", question=f"What is 2 + {i}?", answer="B", choices=("zero", f"{2 + i}"))
+                  for i in range(2))
+    report = build_profiles(pool, Dataset(items=items, path="val.jsonl", sha256="x"))
+    assert report.item_keywords == {"q0": ["arithmetic", "addition"], "q1": ["arithmetic", "addition"]}
+    assert report.profiles["a"].skills == {"arithmetic": 2, "addition": 2}
+    questions = [prompt for prompt in asked if "What is 2 +" in prompt]  # (not the JSON repairs)
+    assert len(questions) == 10 and all("(A) zero" in prompt and "(B) " in prompt for prompt in questions)
+
+
 @pytest.mark.parametrize(("skills", "says"), [
     ({"arithmetic": 10 ** 30}, "skills.arithmetic: 1000000000000000000000000000000 is beyond ±4, the items it was measured on"),
     ({"arithmetic": -5}, "skills.arithmetic: -5 is beyond ±4"),
