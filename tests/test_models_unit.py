@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, Field, ValidationError
@@ -466,6 +467,29 @@ def test_models_apart_only_in_extra_body_do_not_share_cached_answers() -> None:
     assert model_identity(on) == model_identity(again) and model_identity(model(None)) == "openai:http://127.0.0.1:9/v1:m"
     request = ChatRequest.user("Why?")
     assert request.key(model_identity(on)) != request.key(model_identity(off))
+
+
+def test_engines_apart_in_a_setting_that_changes_their_answers_do_not_share_recorded_answers(tmp_path: Path) -> None:
+    """A llama.cpp agent whose answers were cut off, its ``default_max_tokens`` raised: the calls kept their
+    keys, so ``profile --resume`` (and the response cache) gave the cut answers back. Defaults add nothing
+    to the identity, so calls recorded before keep their keys."""
+    from orchestra.models import VLLM, Anthropic, LlamaCpp
+    from orchestra.models.base import model_identity
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(1020))
+    assert model_identity(LlamaCpp(gguf)) == "llamacpp:model.gguf:1024"
+    llamas = [LlamaCpp(gguf), LlamaCpp(gguf, default_max_tokens=2048), LlamaCpp(gguf, repeat_penalty=1.0),
+              LlamaCpp(gguf, n_ctx=8192)]
+    assert len({model_identity(m) for m in llamas}) == 4
+    assert model_identity(LlamaCpp(gguf, default_max_tokens=2048)) == "llamacpp:model.gguf:1024 default_max_tokens=2048"
+    assert model_identity(VLLM("org/m")) == "vllm:org/m"
+    assert len({model_identity(m) for m in (VLLM("org/m"), VLLM("org/m", default_max_tokens=4096),
+                                            VLLM("org/m", max_model_len=8192),
+                                            VLLM("org/m", engine_options={"quantization": "awq"}))}) == 4
+    claude = Anthropic(model="c", api_key_env=None)
+    assert model_identity(claude) == f"anthropic:{claude.endpoint.base_url}:c"
+    assert model_identity(Anthropic(model="c", api_key_env=None, max_tokens=4096)).endswith(" max_tokens=4096")
 
 
 @pytest.mark.parametrize("reply", ["", "   \n"])

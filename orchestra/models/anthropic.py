@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from orchestra.errors import BadResponse
+from orchestra.models.base import with_settings
 from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage, token_count
@@ -54,8 +55,10 @@ class Anthropic(EndpointModel):
 
     @property
     def identity(self) -> str:
-        """Backend, endpoint and model id (what the response cache is keyed on)."""
-        return f"anthropic:{self.endpoint.base_url}:{self.model}"
+        """Backend, endpoint and model id, and the answer limit of requests that set none where not
+        the default (what the response cache and a resume key calls on)."""
+        return with_settings(f"anthropic:{self.endpoint.base_url}:{self.model}",
+                             {"max_tokens": (self.default_max_tokens, 1024)})
 
     def __repr__(self) -> str:
         return f"Anthropic(model={self.model!r}, base_url={self.endpoint.base_url!r})"

@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol, TypeAlias, TypeGuard, TypeVar, runtime_checkable
 
@@ -145,6 +145,16 @@ def model_identity(model: Any) -> str:
     if extra:
         identity += " " + json.dumps(extra, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     return identity
+
+
+def with_settings(identity: str, settings: Mapping[str, tuple[Any, Any]]) -> str:
+    """``identity`` with the settings that change a model's answers (``name: (value, default)``) where
+    they are not their defaults: a model's answer limit raised after its answers were cut off kept
+    their keys, and a resume or the response cache gave the cut answers back. Defaults add nothing,
+    so the keys of calls recorded before stay theirs."""
+    changed = [f"{name}={json.dumps(value, sort_keys=True, default=str)}"
+               for name, (value, default) in settings.items() if value != default]
+    return " ".join([identity, *changed])
 
 
 def is_heavy(model: object) -> TypeGuard[HeavyModel]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from orchestra.errors import CallCancelled, ConfigError, ContextTooLong, MissingDependency
-from orchestra.models.base import ModelBase, Outcome
+from orchestra.models.base import ModelBase, Outcome, with_settings
 from orchestra.models.llama_check import check_llama_runs
 from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -98,8 +98,11 @@ class LlamaCpp(ModelBase):
 
     @property
     def identity(self) -> str:
-        """The GGUF file, by name and size (what the response cache is keyed on)."""
-        return f"llamacpp:{self.path.name}:{self.memory_bytes}"
+        """The GGUF file, by name and size, and the settings that change its answers where not their
+        defaults (what the response cache and a resume key calls on)."""
+        return with_settings(f"llamacpp:{self.path.name}:{self.memory_bytes}", {
+            "n_ctx": (self.n_ctx, 4096), "default_max_tokens": (self.default_max_tokens, 512),
+            "repeat_penalty": (self.repeat_penalty, 1.1)})
 
     def __repr__(self) -> str:
         return f"LlamaCpp(path={str(self.path)!r}, threads={self.threads})"

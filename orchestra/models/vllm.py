@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from orchestra.errors import BudgetExceeded, InvalidOutput, MissingDependency
-from orchestra.models.base import ModelBase, Outcome, admit_repair, with_usage
+from orchestra.models.base import ModelBase, Outcome, admit_repair, with_settings, with_usage
 from orchestra.models.metering import Meter
 from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -81,8 +81,11 @@ class VLLM(ModelBase):
 
     @property
     def identity(self) -> str:
-        """The served model (what the response cache is keyed on)."""
-        return f"vllm:{self.model}"
+        """The served model, and the settings that change its answers where not their defaults (what
+        the response cache and a resume key calls on)."""
+        return with_settings(f"vllm:{self.model}", {
+            "default_max_tokens": (self.default_max_tokens, 1024), "max_model_len": (self.max_model_len, None),
+            "engine_options": (self.engine_options, {})})
 
     def __repr__(self) -> str:
         return f"VLLM(model={self.model!r}, tensor_parallel_size={self.tensor_parallel_size})"
