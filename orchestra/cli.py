@@ -571,14 +571,13 @@ def agents(pool: Path | None, as_json: bool) -> None:
     from rich.table import Table
 
     from orchestra.agents import Pool
-    from orchestra.recruit import RecruitConfig
     from orchestra.view import terminal
 
     loaded = Pool.load(pool)
     warn_about_profiles(loaded)
-    table = loaded.skill_table(RecruitConfig())
-    aggregator = loaded.choose_aggregator(table).name
     settings = loaded.settings
+    table = loaded.skill_table(settings.recruit)  # (γ at the pool's temperature, as its runs compute it)
+    aggregator = loaded.choose_aggregator(table).name
     # (the header named one aggregator where calibrated routing, or a per-node choice, picks each team's)
     chosen = "" if settings.aggregator or loaded.aggregator else (
         " (calibrated teams choose their own)" if settings.mode == "calibrated" and loaded.profiles

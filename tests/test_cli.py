@@ -195,6 +195,22 @@ def test_agents_lists_pool_and_profiles(tmp_path: Path, llm) -> None:
     assert table.returncode == 0 and "mathematician" in table.stdout
 
 
+def test_agents_shows_gamma_at_the_pools_temperature(tmp_path: Path) -> None:
+    """`orchestra agents` computed γ at the default temperature, not the pool's (0.409 shown where its
+    runs used about 1.0)."""
+    from orchestra.profile import Provenance, SkillProfile, global_competence
+
+    profiles = tmp_path / "profiles"
+    for name, total in (("alpha", 6), ("beta", 2)):
+        SkillProfile(agent=f"{name}-expert", skills={"history": total}, accuracy=0.5,
+                     provenance=Provenance(dataset="d", dataset_sha256="0" * 64, items=10, model="m")).save(profiles)
+    pool = write_pool(tmp_path, "http://127.0.0.1:9", models=("alpha", "beta"),
+                      extra="profiles: profiles\nsettings: {recruit: {temperature: 0.1}}\n")
+    shown = {a["name"]: a["competence"] for a in json.loads(cli("agents", "--pool", str(pool), "--json").stdout)["agents"]}
+    expected = global_competence({"alpha-expert": 6, "beta-expert": 2}, temperature=0.1)
+    assert shown == {name: round(gamma, 4) for name, gamma in expected.items()} and shown["alpha-expert"] > 0.99
+
+
 def test_runs_show_and_export(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     done = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--json")
