@@ -17,6 +17,7 @@ from orchestra.errors import OrchestraError
 from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message, command
 from orchestra.money import usd
+from orchestra.pipeline.planning import with_replan_hint
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
 from orchestra.settings import MAX_K
@@ -173,7 +174,7 @@ class ChatSession:
                 plan = self.edit(plan)
             elif verb in ("r", "replan"):
                 seed += 1
-                hint = f"{context}\nThe user asks for a different plan: {rest}".strip() if rest else context
+                hint = with_replan_hint(context, rest) if rest else context
                 plan, note = self.plan(text, context=hint, seed=seed, spending=spending, replan=True)
             else:
                 self.console.print("answer a, e, r or c")

@@ -119,7 +119,7 @@ def plan_schema(max_nodes: int, task_chars: int = 0) -> dict[str, Any]:
     its token limit and leave the JSON unfinished; an instruction may be as long as the task
     (``task_chars``), which the planner is told to return as the one step of a simple task.
     """
-    schema = copy.deepcopy(Plan.model_json_schema())
+    schema = _without_descriptions(copy.deepcopy(Plan.model_json_schema()))
     schema["properties"]["subtasks"]["maxItems"] = max_nodes
     subtask = schema["$defs"]["Subtask"]["properties"]
     subtask["instruction"]["maxLength"] = max(INSTRUCTION_CHARS, task_chars)
@@ -127,6 +127,17 @@ def plan_schema(max_nodes: int, task_chars: int = 0) -> dict[str, Any]:
     subtask["depends_on"]["items"]["maxLength"] = 40
     subtask["skills"]["maxItems"] = 3
     subtask["skills"]["items"]["maxLength"] = 30
+    return schema
+
+
+def _without_descriptions(schema: Any) -> Any:
+    """The schema without its descriptions (the models' docstrings): a small planner copied "One node of
+    a plan" as a step, where its prompt holds no example text to copy."""
+    if isinstance(schema, dict):
+        return {key: _without_descriptions(value) for key, value in schema.items()
+                if not (key == "description" and isinstance(value, str))}  # (a field so named is a dict)
+    if isinstance(schema, list):
+        return [_without_descriptions(value) for value in schema]
     return schema
 
 

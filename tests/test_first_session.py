@@ -244,6 +244,20 @@ def test_off_topic_steps_share_no_content_word_with_the_task() -> None:
     assert off_topic_steps(follow_up, "What about its satellites?", "Q: Tell me about Jupiter's moons") == []
 
 
+def test_a_replan_hints_wording_is_not_the_tasks_and_the_planners_schema_has_no_text_to_copy() -> None:
+    """`r keep it short` in chat: the steps "One node of a plan" (a docstring the planner saw in its
+    schema) and "A different plan" passed the check on the words asking for another plan, and ran."""
+    from orchestra.pipeline.planning import with_replan_hint
+    from orchestra.plan import plan_schema
+
+    copied = Plan.model_validate({"subtasks": [{"id": "node", "instruction": "One node of a plan"},
+                                               {"id": "other", "instruction": "A different plan"}]})
+    hinted = with_replan_hint("Q: earlier question", "keep it short")
+    assert off_topic_steps(copied, MOON, hinted) == ["node", "other"]
+    assert "keep it short" in hinted and off_topic_steps(copied, MOON, with_replan_hint("", "a plan per node")) == []
+    assert "description" not in json.dumps(plan_schema(5)) and "One node" not in json.dumps(plan_schema(5))
+
+
 @pytest.mark.llama
 def test_the_embedded_planner_plans_the_task_it_was_given() -> None:
     from orchestra.models import allow_model_requests

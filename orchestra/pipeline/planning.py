@@ -139,13 +139,23 @@ def is_simple_task(task: str, *, max_words: int = 12) -> bool:
     return len(words) <= max_words and len(sentences) <= 1 and not _SEQUENCING.intersection(words)
 
 
+#: how a user's hint for another plan is put to the planner (``with_replan_hint``)
+_REPLAN_HINT = "The user asks for a different plan: "
+
+
+def with_replan_hint(context: str, hint: str) -> str:
+    """The context of a planner asked again for a different plan, with the user's ``hint``."""
+    return f"{context}\n{_REPLAN_HINT}{hint}".strip()
+
+
 def off_topic_steps(plan: Plan, task: str, context: str = "") -> list[str]:
     """The ids of the plan's steps that share no content word with the task (or the conversation).
 
     A small planner copies whatever example it saw; such a plan has no step about the task. An
     empty list means the plan is about the task, or the task has too few content words to judge.
+    The words that ask for another plan are not the task's ("A different plan" passed as a step).
     """
-    subject = content_words(task) | content_words(context)
+    subject = content_words(task) | content_words(context.replace(_REPLAN_HINT, "\n"))
     if not subject:
         return []
     return [s.id for s in plan.subtasks if not content_words(f"{s.id} {s.instruction}") & subject]
