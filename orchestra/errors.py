@@ -204,6 +204,13 @@ class FeatureRefused(RequestRejected):
         self.feature = feature
 
 
+class EndpointNotFound(RequestRejected, UserError):
+    """The endpoint answered 404: no such API path (a ``base_url`` without its ``/v1``) or no such
+    model there; every call to it would fail alike, so its run ends (exit code 2)."""
+
+    exit_code = 2
+
+
 class ContextTooLong(RequestRejected, UserError):
     """The prompt does not fit the model's context window; names the limit and the setting."""
 

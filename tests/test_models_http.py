@@ -143,6 +143,24 @@ def test_client_errors_are_never_retried(loopback, status: int) -> None:
     assert len(server.requests) == 1
 
 
+def test_a_404_names_base_url_and_ends_its_run_as_a_users_error(loopback) -> None:
+    """A base_url without its /v1: every request a 404 (96 in one evaluation), exit 1, no word of the URL."""
+    from orchestra import Agent, Orchestra, Pool
+    from orchestra.errors import EndpointNotFound
+
+    server = loopback(lambda req: error_reply(404, "Not Found"))
+    model = OpenAICompatible(model="m", base_url=server.url, api_key_env=None)  # (no /v1)
+    with pytest.raises(EndpointNotFound) as caught:
+        run(model.complete([ask()]))
+    assert str(caught.value).startswith(f"{server.url}/chat/completions answered HTTP 404 (not found) for model m")
+    assert str(caught.value).endswith("check base_url (an OpenAI-compatible API's usually ends in /v1) and "
+                                      "the model's id")
+    pool = Pool(agents=[Agent(name="a", model=model), Agent(name="b", model=model)])
+    result = Orchestra(pool, store=False, plan=False, k=2, mode="global").run("What is 2 + 2?")
+    assert (result.status, result.exit_code, result.user_error) == ("failed", 2, True)
+    assert "check base_url" in (result.error or "") and len(server.requests) == 1 + 2  # (its experts' calls, no more)
+
+
 def test_401_fails_at_once_naming_the_variable_not_the_key(loopback, monkeypatch) -> None:
     server = loopback(lambda req: error_reply(401, "invalid api key"))
     monkeypatch.setenv("MY_PROVIDER_KEY", "sk-secret-value")

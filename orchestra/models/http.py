@@ -21,6 +21,7 @@ from orchestra.errors import (
     BadResponse,
     ConfigError,
     ConnectionBroke,
+    EndpointNotFound,
     EndpointUnreachable,
     FeatureRefused,
     ModelError,
@@ -422,6 +423,10 @@ class Endpoint:
                 final = BadResponse(f"{url} failed with HTTP {status} after {_attempts(attempt)}: "
                                     f"{_error_text(response, secret)}")
             raise _Retryable(final, retry_after, f"{url} answered HTTP {status}: {_error_text(response, secret)}")
+        if status == 404:  # (every request failed alike, 96 in one evaluation, with no word of the URL)
+            raise EndpointNotFound(f"{url} answered HTTP 404 (not found) for model {model}: "
+                                   f"{_error_text(response, secret)}; check base_url (an OpenAI-compatible API's "
+                                   "usually ends in /v1) and the model's id")
         if status >= 400:
             raise RequestRejected(f"{url} refused the request for model {model} (HTTP {status}): "
                                   f"{_error_text(response, secret)}")

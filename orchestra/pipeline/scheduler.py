@@ -24,6 +24,7 @@ from orchestra.errors import (
     BudgetExceeded,
     CallCancelled,
     ConfigError,
+    EndpointNotFound,
     EndpointUnreachable,
     ModelError,
     ModelRequestsForbidden,
@@ -187,7 +188,7 @@ class NodeState:
             "elapsed_s": self.elapsed_s, "saved_calls": self.saved_calls})
 
 
-_RUN_ENDING = (AuthenticationError, EndpointUnreachable, StoreError, ModelRequestsForbidden)
+_RUN_ENDING = (AuthenticationError, EndpointUnreachable, EndpointNotFound, StoreError, ModelRequestsForbidden)
 """Failures that end the whole run at once: every other call would fail the same way."""
 
 
