@@ -1140,16 +1140,24 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
 @click.option("--force", is_flag=True, help="Take the run over even if another process seems to hold it.")
 @click.option("--reload", is_flag=True, help="A workflow run: read its file as it is now (a template fixed since); "
                                             "calls whose prompts did not change are still replayed.")
+@click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run its in-process models as Ray actors on the cluster at ADDRESS (another cluster than the "
+                   "run's, which is gone); default: as the run did.")
+@click.option("--in-process", is_flag=True, help="Run its in-process models in this process (a run begun on Ray).")
 @budget_options
 @store_option
 @output_options
-def resume(run_id: str, reload: bool, **opts: Any) -> None:
+def resume(run_id: str, reload: bool, ray: str | None, in_process: bool, **opts: Any) -> None:
     """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
     from orchestra.core import Orchestra
 
+    if ray is not None and in_process:
+        raise click.UsageError("--ray and --in-process both say where the models run; give one")
     store = existing_store(opts["store_path"])
     record = store.run(run_id)
-    orc = Orchestra.resuming(record.id, store=store, reload=reload)
+    placement = ({"executor": "local"} if in_process else {"executor": "ray", "ray_address": ray or None}
+                 if ray is not None else None)
+    orc = Orchestra.resuming(record.id, store=store, reload=reload, placement=placement)
     budget = settings_from(opts).changes().get("budget")
     execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts["force"], reload=reload), opts,
             record.id)

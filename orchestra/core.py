@@ -704,9 +704,12 @@ class Orchestra:
         return stages
 
     @classmethod
-    def resuming(cls, run_id: str, *, store: RunStore, reload: bool = False) -> Orchestra:
+    def resuming(cls, run_id: str, *, store: RunStore, reload: bool = False,
+                 placement: Mapping[str, Any] | None = None) -> Orchestra:
         """An Orchestra to resume a stored run from the command line: its pool comes from the
-        recorded pool or workflow (``reload``: the workflow file as it is now; see ``aresume``)."""
+        recorded pool or workflow (``reload``: the workflow file as it is now; see ``aresume``);
+        ``placement``: ``executor`` and ``ray_address`` other than the run's (its cluster is gone).
+        Where models run does not change their calls' keys: recorded calls are still replayed."""
         record = store.run(run_id)
         spec = RunSpec.from_record(record.config, record.task)
         if spec.pool and not Path(spec.pool).is_file():
@@ -719,7 +722,7 @@ class Orchestra:
         else:
             raise UserError(f"run {record.id} used a pool built in Python; resume it there: "
                             f"Orchestra(pool).resume({record.id!r})")
-        return cls(pool, spec.settings, store=store)
+        return cls(pool, spec.settings.layered(dict(placement)) if placement else spec.settings, store=store)
 
     # --- single runs -----------------------------------------------------------------------
 

@@ -284,6 +284,13 @@ def test_the_executor_setting_comes_from_the_command_line_the_pool_file_and_the_
     resumed = Orchestra.resuming(run.run_id, store=store)
     assert isinstance(resumed.executor.placement, RayPlacement) and resumed.executor.placement.address == "auto"
     assert Orchestra(pool_file, store=False, executor="local").executor.placement is None
+    # a run whose cluster is gone resumes elsewhere (the error said `--ray ADDRESS`, which resume did not have)
+    elsewhere = Orchestra.resuming(run.run_id, store=store, placement={"executor": "ray", "ray_address": "10.0.0.2:1"})
+    assert isinstance(elsewhere.executor.placement, RayPlacement) and elsewhere.executor.placement.address == "10.0.0.2:1"
+    assert Orchestra.resuming(run.run_id, store=store, placement={"executor": "local"}).executor.placement is None
+    resume = main.get_command(None, "resume")  # type: ignore[arg-type]
+    assert resume.make_context("resume", [run.run_id, "--ray", "10.0.0.2:1"]).params["ray"] == "10.0.0.2:1"
+    assert resume.make_context("resume", [run.run_id, "--in-process"]).params["in_process"] is True
 
 
 def test_a_pool_entry_says_what_its_engine_asks_the_cluster_for(tmp_path: Path) -> None:
