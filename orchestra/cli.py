@@ -45,6 +45,31 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+#: where a ``--json`` command's one JSON object goes once ``keep_stdout_for_json`` has run
+_json_out: Any = None
+
+
+def keep_stdout_for_json(as_json: bool) -> None:
+    """With ``--json``, keep stdout for the JSON object alone: whatever else the process writes there
+    (Ray prints a worker's death on stdout, C libraries write to file 1) goes to stderr, and
+    ``echo_json`` writes to the stdout the command started with. (`ask --json` on Ray began with
+    `(raylet) A worker died...`, which no JSON reader takes.)"""
+    global _json_out
+    if not as_json or _json_out is not None:
+        return
+    sys.stdout.flush()
+    kept = os.dup(1)
+    os.dup2(2, 1)
+    _json_out = os.fdopen(kept, "w", encoding="utf-8", closefd=True)
+
+
+def echo_json(text: str) -> None:
+    """Write a ``--json`` command's JSON object (see ``keep_stdout_for_json``)."""
+    click.echo(text, file=_json_out)
+    if _json_out is not None:
+        _json_out.flush()
+
+
 class SettingsCommand(click.Command):
     """A command whose setting options (``setting_option``) are built from the settings model the
     first time its parameters are needed (to parse its arguments or print its help), so starting
@@ -411,6 +436,7 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
 
     run_id = run_id or new_run_id()
     stdout_tty = sys.stdout.isatty()
+    keep_stdout_for_json(opts["as_json"])
     view: LiveView | LogView | None
     if opts["as_json"]:
         view = None
@@ -434,7 +460,7 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
         if opts["as_json"]:  # still one JSON object on stdout: the run as it was recorded when it stopped
             stopped = orc.ended(run_id)
             if stopped is not None:
-                click.echo(stopped.dumps())
+                echo_json(stopped.dumps())
         fail(f"interrupted run {run_id}; {saved}", 130)
     finish(result, opts, rich_output=stdout_tty)
 
@@ -449,7 +475,7 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
 
     stored = not opts.get("no_store")
     if opts["as_json"]:
-        click.echo(result.dumps())
+        echo_json(result.dumps())
         if result.status != "done":
             click.echo(f"error: {run_error(result, stored=stored)}", err=True)
     else:
@@ -506,6 +532,7 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, resume: bool
     from orchestra.workflow import Workflow, parse_assignments
     from orchestra.workflow_run import arun_workflow, orchestra_for
 
+    keep_stdout_for_json(opts["as_json"])
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     if resume and flow.spec.dataset is None:
         raise click.UsageError("--resume goes on with a data-set workflow's evaluation; a single run is finished "
@@ -651,6 +678,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
 
     if resume and no_store:
         raise ConfigError("--resume reuses the answers recorded in the run store; drop --no-store")
+    keep_stdout_for_json(as_json)
     loaded = Pool.load(pool, profiles=False)  # (measured anew: one of an agent since removed stops nothing)
     loaded.check_credentials()
     budget = _whole_budget({"max_calls": max_calls, "max_cost": max_cost, "max_tokens": max_tokens})
@@ -683,7 +711,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
 
         def spent_json(spent: ProfilingSpent, interrupted: bool, error: str | None) -> None:
             if as_json:  # (the same keys as a finished profile's, its profiles aside)
-                click.echo(json.dumps({"interrupted": interrupted, "error": error, "written": [],
+                echo_json(json.dumps({"interrupted": interrupted, "error": error, "written": [],
                                        "reused": spent.reused, "calls": spent.calls, **_usage_json(spent.usage)},
                                       indent=2))
 
@@ -732,7 +760,7 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
         click.echo(f"note: {pool} reads its profiles from {loaded.profiles_dir or 'nowhere (it has no profiles: line)'}"
                    f"; to recruit by these, set `profiles: {target}` in it", err=True)
     if as_json:
-        click.echo(json.dumps({"interrupted": False, "error": None, "written": [str(p) for p in written],
+        echo_json(json.dumps({"interrupted": False, "error": None, "written": [str(p) for p in written],
                                "aggregation_items": report.aggregation_items, "reused": report.reused,
                                "calls": report.calls, **_usage_json(report.usage),
                                "merged_skills": report.vocabulary.merged,
@@ -831,6 +859,7 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
     if resume:  # (a mistyped --store would be a new, empty store: every item would run again)
         refuse_missing_store(opts["store_path"])
     budget = _whole_budget(opts)  # the budget flags bound the evaluation (a sweep: each method's), not each item
+    keep_stdout_for_json(as_json)
     orc = make_orchestra(Pool.load(pool), opts)
     if not sweep:
         refuse_unused_recruiting(opts, opts["mode"] or (METHODS[method][0] if method in METHODS else None)
@@ -984,7 +1013,7 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
         except OSError as error:
             raise ConfigError(f"cannot write the plot to {plot}: {error.strerror or error}") from None
     if as_json:
-        click.echo(json.dumps({"dataset": dataset.path, "points": [p.to_json() for p in points],
+        echo_json(json.dumps({"dataset": dataset.path, "points": [p.to_json() for p in points],
                                "plot": str(plot) if plot else None, "interrupted": interrupted is not None},
                               indent=2))
     else:
@@ -1019,7 +1048,7 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
 def print_report(report: EvalReport, title: str, as_json: bool) -> None:
     """An evaluation report as JSON or a table."""
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        echo_json(json.dumps(report.to_json(), indent=2))
         return
     from rich.table import Table
 

@@ -195,6 +195,27 @@ def test_agents_lists_pool_and_profiles(tmp_path: Path, llm) -> None:
     assert table.returncode == 0 and "mathematician" in table.stdout
 
 
+def test_json_output_is_the_one_object_on_stdout_whatever_else_writes_there(llm, tmp_path: Path) -> None:
+    """On Ray, `ask --json` began with `(raylet) A worker died...` (Ray prints on stdout): no JSON reader
+    took it. Whatever else the process writes to stdout, from Python or to file 1 itself, goes to stderr."""
+    pool = write_pool(tmp_path, llm.server.url)
+    script = (
+        "import os, sys\n"
+        "from orchestra import cli, core\n"
+        "answer = core.Orchestra.arun\n"
+        "async def noisy(self, *args, **kwargs):\n"
+        "    print('(raylet) A worker died or was killed')\n"
+        "    os.write(1, b'a C library writes here\\n')\n"
+        "    return await answer(self, *args, **kwargs)\n"
+        "core.Orchestra.arun = noisy\n"
+        f"cli.main(['ask', 'Why is the sky blue?', '--pool', {str(pool)!r}, '--json'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "done"
+    assert "(raylet) A worker died" in done.stderr and "a C library writes here" in done.stderr
+
+
 def test_agents_shows_gamma_at_the_pools_temperature(tmp_path: Path) -> None:
     """`orchestra agents` computed γ at the default temperature, not the pool's (0.409 shown where its
     runs used about 1.0)."""
