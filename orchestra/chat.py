@@ -259,12 +259,16 @@ class ChatSession:
         run_id = new_run_id()
         work = lambda: orchestra.arun(task, plan=plan, context=context, run_id=run_id,  # noqa: E731
                                       meta={"kind": "chat"}, shared_budget=spending)
+        def stopping(again: bool) -> None:  # (a model's load or generation under way ends first: seconds)
+            self.console.print("(still stopping; Ctrl-C once more leaves the chat at once)" if again
+                               else "(stopping the task…)")
+
         try:
             if isinstance(view, LiveView):
                 with view:
-                    result = run_interruptibly(work())
+                    result = run_interruptibly(work(), stopping=stopping)
             else:
-                result = run_interruptibly(work())
+                result = run_interruptibly(work(), stopping=stopping)
         except KeyboardInterrupt:
             interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's, not a second one)
             self.last = orchestra.ended(run_id)  # (for /trace: from the store, or as it ended with none)

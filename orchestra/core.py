@@ -109,31 +109,40 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 SAME_INTERRUPT_S = 0.25
 
 
-def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
+def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool], None] | None = None) -> T:
     """``asyncio.run`` for the command line: Ctrl-C, or SIGTERM (what ``timeout``, ``kill``, docker
     and systemd send), cancels the work, waits for it to stop (a run records itself as
     ``cancelled``), then raises ``KeyboardInterrupt``.
 
     The signals are handled by the event loop itself, installed before the work starts, so they
-    are seen even while every task waits on a socket.
+    are seen even while every task waits on a socket. A second Ctrl-C ends the process at once
+    (``escape``); with ``stopping`` (a session that goes on: chat), it is told of the first Ctrl-C
+    (``stopping(False)``) and the second (``stopping(True)``), and only a third ends the process (a
+    second press while a model load finished its step ended the whole chat).
     """
     interrupted = terminated = False
     first = 0.0  # when the first signal came (monotonic seconds)
+    presses = 0
 
     async def main() -> T:
         work = asyncio.ensure_future(coro)
 
         def interrupt(stop: signal.Signals) -> None:
-            nonlocal interrupted, terminated, first
+            nonlocal interrupted, terminated, first, presses
             now = time.monotonic()
             if interrupted:
                 # a second Ctrl-C stops waiting (for a model load, a worker thread) at once; a second
                 # SIGTERM, or a SIGINT within SAME_INTERRUPT_S of the first, is the same interrupt:
                 # `timeout -s INT` sends the signal to the command and again to its process group
                 if stop == signal.SIGINT and now - first >= SAME_INTERRUPT_S:
-                    escape()
+                    presses += 1
+                    if stopping is None or presses > 1:
+                        escape()
+                    stopping(True)
                 return
             interrupted, terminated, first = True, stop == signal.SIGTERM, now
+            if stopping is not None:
+                stopping(False)
             work.cancel()
 
         loop = asyncio.get_running_loop()
@@ -155,7 +164,8 @@ def run_interruptibly(coro: Coroutine[Any, Any, T]) -> T:
                 # report in a KeyboardInterrupt, or a traceback (``interrupts_as_usual`` ends this)
                 with contextlib.suppress(RuntimeError, ValueError):
                     loop.remove_signal_handler(signal.SIGINT)
-                    signal.signal(signal.SIGINT, partial(_interrupted_again, first))
+                    signal.signal(signal.SIGINT, partial(_interrupted_again, first) if stopping is None
+                                  else signal.SIG_IGN)  # (a session that goes on says when Ctrl-C is its own)
 
     try:
         return asyncio.run(main())

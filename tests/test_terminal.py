@@ -154,6 +154,7 @@ def chat_interrupted_mid_task(loopback, tmp_path: Path, *flags: str) -> tuple[pe
 
 def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Path) -> None:
     child, hanging = chat_interrupted_mid_task(loopback, tmp_path)
+    child.expect("stopping the task")  # (said at once: a model's load or generation may take seconds to end)
     child.expect("task cancelled")
     child.expect("> ")
     hanging["on"] = False
@@ -293,6 +294,43 @@ with view:
 print("stopped" if not view._live.is_started else "still drawing")
 os.kill(os.getpid(), signal.SIGINT)  # (Ctrl-C is Python's own again afterwards)
 """
+
+
+_CTRL_C_TWICE_WHILE_STOPPING = """
+import asyncio, os, signal, sys
+import orchestra.core as core
+core.SAME_INTERRUPT_S = 0.0  # (every SIGINT below is a press of its own)
+said = []
+
+async def work():
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:  # stopping takes a while (a model's load ends its step first)
+        os.kill(os.getpid(), signal.SIGINT)  # a second press meanwhile
+        for _ in range(50):
+            await asyncio.sleep(0)
+        raise
+
+try:
+    core.run_interruptibly(work(), stopping=said.append if sys.argv[1] == "chat" else None)
+except KeyboardInterrupt:
+    print("interrupted", said)
+"""
+
+
+@pytest.mark.parametrize("session", ["chat", "ask"])
+def test_a_second_ctrl_c_while_a_chat_task_stops_is_told_and_keeps_the_session(session: str) -> None:
+    """Two Ctrl-Cs while a chat task stopped (its model loading) ended the whole chat, exit 130, with no word
+    that it was stopping; `ask` still ends at a second press."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_TWICE_WHILE_STOPPING, session], capture_output=True,
+                          text=True, timeout=60)
+    if session == "chat":
+        assert (done.returncode, done.stdout) == (0, "interrupted [False, True]\n"), done.stderr
+    else:
+        assert done.returncode == 130 and "interrupted again: stopped without waiting" in done.stderr
 
 
 def test_a_ctrl_c_as_the_live_view_closes_does_not_leave_it_drawing() -> None:
