@@ -199,8 +199,12 @@ class ChatSession:
             with self.console.status("planning…", spinner="dots") if self.interactive else contextlib.nullcontext():
                 if not self.interactive:
                     self.console.print("planning…")
-                return self.orchestra.plan(text, context=context, seed=seed, shared_budget=spending,
-                                           **({"fast_path": False} if replan else {}))
+                return run_interruptibly(self.orchestra.aplan(text, context=context, seed=seed, shared_budget=spending,
+                                                              **({"fast_path": False} if replan else {})),
+                                         stopping=self._stopping)
+        except KeyboardInterrupt:
+            interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's)
+            raise
         finally:  # (a planning that failed cost its requests too)
             remove()
             if spent:
@@ -209,6 +213,12 @@ class ChatSession:
                                    f"{last.requests} request{'s' * (last.requests != 1)} · "
                                    f"{last.prompt_tokens + last.completion_tokens:,} tokens · {usd(last.cost_usd)}",
                                    style="dim", markup=False)
+
+    def _stopping(self, again: bool) -> None:
+        """Say that a Ctrl-C is stopping the task (a model's load or generation under way ends its step
+        first: seconds on the embedded model, with no word), and what a third press does."""
+        self.console.print("(still stopping; Ctrl-C once more leaves the chat at once)" if again
+                           else "(stopping the task…)")
 
     def edit(self, plan: Plan) -> Plan:
         """Edit commands until `done`; the plan stays valid after each one."""
@@ -259,16 +269,12 @@ class ChatSession:
         run_id = new_run_id()
         work = lambda: orchestra.arun(task, plan=plan, context=context, run_id=run_id,  # noqa: E731
                                       meta={"kind": "chat"}, shared_budget=spending)
-        def stopping(again: bool) -> None:  # (a model's load or generation under way ends first: seconds)
-            self.console.print("(still stopping; Ctrl-C once more leaves the chat at once)" if again
-                               else "(stopping the task…)")
-
         try:
             if isinstance(view, LiveView):
                 with view:
-                    result = run_interruptibly(work(), stopping=stopping)
+                    result = run_interruptibly(work(), stopping=self._stopping)
             else:
-                result = run_interruptibly(work(), stopping=stopping)
+                result = run_interruptibly(work(), stopping=self._stopping)
         except KeyboardInterrupt:
             interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's, not a second one)
             self.last = orchestra.ended(run_id)  # (for /trace: from the store, or as it ended with none)
