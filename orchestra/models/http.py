@@ -423,6 +423,11 @@ class Endpoint:
                 final = BadResponse(f"{url} failed with HTTP {status} after {_attempts(attempt)}: "
                                     f"{_error_text(response, secret)}")
             raise _Retryable(final, retry_after, f"{url} answered HTTP {status}: {_error_text(response, secret)}")
+        if 300 <= status < 400:  # (an empty one was retried as an answer cut short, naming no redirect)
+            where = response.headers.get("location")
+            raise BadResponse(f"{url} answered HTTP {status}, a redirect{f' to {where}' if where else ''}, which "
+                              "Orchestra does not follow (a POST would become a GET there); is base_url the API's "
+                              "address (often ending in /v1)?")
         if status == 404:  # (every request failed alike, 96 in one evaluation, with no word of the URL)
             raise EndpointNotFound(f"{url} answered HTTP 404 (not found) for model {model}: "
                                    f"{_error_text(response, secret)}; check base_url (an OpenAI-compatible API's "

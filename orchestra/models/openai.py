@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -148,7 +149,7 @@ class OpenAICompatible(EndpointModel):
             payload["stop"] = list(request.stop)
         if mode == "json_schema":
             payload["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": request.schema_name[:64], "schema": request.output_schema, "strict": False}}
+                "name": _schema_name(request.schema_name), "schema": request.output_schema, "strict": False}}
         elif mode == "json_object+schema":
             payload["response_format"] = {"type": "json_object", "schema": request.output_schema}
         elif mode == "json_object":
@@ -302,3 +303,9 @@ def assembled(events: list[Any]) -> dict[str, Any]:
 def bearer_headers(api_key: str | None) -> dict[str, str]:
     """The OpenAI-style ``Authorization: Bearer`` header (none without a key)."""
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _schema_name(name: str) -> str:
+    """A json_schema name OpenAI takes (``[a-zA-Z0-9_-]{1,64}``): a title with a space, "City facts", or
+    a generic class, ``Page[Item]``, was a 400, read as a refusal of json_schema for the whole endpoint."""
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64] or "response"
