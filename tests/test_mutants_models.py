@@ -9,6 +9,7 @@ import re
 import httpx
 import pytest
 from pydantic import BaseModel
+from test_models_http import ask, openai, run
 
 from orchestra.errors import AuthenticationError, BadResponse, RateLimited, RequestTimeout
 from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
@@ -30,18 +31,6 @@ from orchestra.testing import (
     error_reply,
     openai_reply,
 )
-
-
-def ask(text: str = "hello", **options: object) -> ChatRequest:
-    return ChatRequest.user(text, **options)
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def openai(server, **options) -> OpenAICompatible:
-    return OpenAICompatible(model="gpt-4o-mini", base_url=server.url + "/v1", **options)
 
 
 def mocked(answer, **options) -> OpenAICompatible:
