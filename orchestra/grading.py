@@ -199,16 +199,24 @@ _HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?(?:(?P<
                      r"(?(between)\s+and\s+|(?:[-\u2012\u2013\u2014~]|\s+[\u2013\u2014~]\s+|\s+to\s+|"
                      r",?\s+\(?or\s+(?:maybe |perhaps |possibly )?))"
                      r"\$?(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d^*]|[-\u2013/]\d)")
-_NUMBER = re.compile(r"-?\\d?frac\{-?[\d.]+\}\{-?[\d.]+\}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+#: a fraction: ``\frac{a}{b}``, ``\dfrac``, ``\tfrac``, and brace-less digits (``\frac12`` is a half)
+_FRAC = re.compile(r"-?\\[dt]?frac\s*(?:\{(-?[\d.]+)\}|(\d))\s*(?:\{(-?[\d.]+)\}|(\d))")
+_NUMBER = re.compile(rf"{_FRAC.pattern}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+#: a term of an equation: a number, a one-letter variable or a LaTeX command with its arguments, in brackets or not
+_TERM = r"[(\[{]*\s*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+|[a-zA-Z](?![a-zA-Z])|\\[a-zA-Z]+(?:\s*\{[^{}]*\})*)[)\]}]*"
+_OPERATOR = r"(?:[-+*/^\u00d7\u00b7\u00f7]|\\times|\\cdot|\\div)"
+#: the sides of an equation an answer clause opens with, to its last "=": "5 - 3 = ", "x = 2 + 3 = "
+_EQUATION = re.compile(rf"[\s$*_]*(?:{_TERM}(?:\s*{_OPERATOR}\s*{_TERM})*\s*=\s*)+")
 
 
 def normalize_number(text: str) -> Fraction | None:
-    """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` handled."""
+    """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` (``\\tfrac``,
+    ``\\frac12``) handled."""
     text = _MINUS.sub("-", text.strip()).replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
-    frac = re.fullmatch(r"-?\\d?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", text)
+    frac = _FRAC.fullmatch(text)
     if frac:
         try:
-            value = Fraction(frac.group(1)) / Fraction(frac.group(2))
+            value = Fraction(frac[1] or frac[2]) / Fraction(frac[3] or frac[4])
         except (ValueError, ZeroDivisionError):
             return None
         return -value if text.startswith("-") else value  # (a sign before the fraction and one inside cancel)
@@ -220,24 +228,28 @@ def normalize_number(text: str) -> Fraction | None:
 
 
 class NumericGrader:
-    """Numbers: the last ``\\boxed{}``, else the first number after the last "the answer is", else the
-    last number in the text."""
+    """Numbers: the last ``\\boxed{}``, else the first number after the last "the answer is" (after the
+    last "=" of an equation it opens with), else the last number in the text."""
 
     name = "numeric"
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
         """The final number, normalised (``"1/2"``, ``"12"``), or None."""
         text = _MINUS.sub("-", answer_text(text))
-        # "The answer is 63 (from 100 - 37)": the answer is the number the clause starts with
+        # "The answer is 63 (from 100 - 37)": the answer is the number the clause starts with, or the number
+        # an equation it opens with comes to ("The answer is 5 - 3 = 2" is 2)
         for candidate, pick in ((last_boxed(text), -1), (_answer_clause(text), 0), (text, -1)):
             if not candidate:
                 continue
+            equation = _EQUATION.match(candidate) if pick == 0 else None
+            if equation and candidate[equation.end():].strip():
+                candidate = candidate[equation.end():]
             hedged = _HEDGED.match(candidate) if pick == 0 else None
             if hedged and normalize_number(hedged[2]) != normalize_number(hedged[3]):  # no one answer: "3 or 4"
                 return None  # (its first number got the credit)
             value = normalize_number(candidate)
             if value is None:
-                numbers = _NUMBER.findall(candidate)
+                numbers = [number[0] for number in _NUMBER.finditer(candidate)]
                 value = normalize_number(numbers[pick]) if numbers else None
             if value is not None:
                 return str(value)
