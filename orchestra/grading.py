@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from typing import Protocol
 
@@ -110,23 +110,42 @@ def _answer_clause(text: str) -> str | None:
     return None
 
 
-def _chosen_letter(clause: str, valid: str) -> str | None:
-    """The option an answer clause names: one it opens with ("b) 42", "option b.", "(C)"), else the
-    first "(c)" or standalone capital letter in it ("I'd" and the article "a" are words, not
-    options), else a clause that is a single letter of either case."""
+def _named_choices(text: str, choices: Sequence[str]) -> list[tuple[int, int, int]]:
+    """Where ``text`` names a choice by its text, as whole words or a whole number ("4" is not named in
+    "14" nor in "4.5"), as (start, end, index) in order; a name inside a longer choice's ("York" in
+    "New York") is that one's."""
+    found = [(name.start(), name.end(), index) for index, choice in enumerate(choices) if choice.strip()
+             for name in re.finditer(rf"(?<!\w)(?<!\d[.,]){re.escape(choice.strip())}(?!\w|[.,]\d)", text,
+                                     re.IGNORECASE)]
+    return sorted(name for name in found
+                  if not any(o[0] <= name[0] and name[1] <= o[1] and o[1] - o[0] > name[1] - name[0] for o in found))
+
+
+def _chosen_letter(clause: str, valid: str, choices: Sequence[str] = ()) -> str | None:
+    """The option an answer clause names: one it opens with ("b) 42", "option b.", "(C)", or a choice's
+    text: "green, not A", "14." but not the "2" of "2 + 2 = 4"), else the first "(c)" or standalone
+    capital letter in it ("I'd" and the article "a" are words, not options), else a clause that is a
+    single letter of either case, else the first choice's text it names."""
     opening = re.match(rf"[\s*_]*(?:option|choice)?\s*\(?([{valid}{valid.lower()}])(?:\)|(?=[.,:;]|$))", clause,
                        re.IGNORECASE)
     if opening:
         return opening.group(1).upper()
+    named = _named_choices(clause, choices)
+    lead = len(clause) - len(clause.lstrip(" *_$("))
+    if named and named[0][0] == lead and not re.match(r"\s*[-+*/^=\u00d7\u00b7\u00f7]", clause[named[0][1]:]):
+        return LETTERS[named[0][2]]
     match = re.search(rf"\(([{valid}{valid.lower()}])\)|\b([{valid}])\b(?!['’])", clause)
     if match:
         return (match.group(1) or match.group(2)).upper()
     lone = clause.strip(" *_.:()")
-    return lone.upper() if len(lone) == 1 and lone.upper() in valid else None
+    if len(lone) == 1 and lone.upper() in valid:
+        return lone.upper()
+    return LETTERS[named[0][2]] if named else None
 
 
 class MultipleChoiceGrader:
-    """Letters A-J: "The answer is (X)", else the last standalone option letter."""
+    """Letters A-J: "The answer is (X)", else the last ``\\boxed{X}``, else the last standalone option
+    letter; a choice's text stands for its letter."""
 
     name = "mc"
 
@@ -134,20 +153,18 @@ class MultipleChoiceGrader:
         """The chosen letter, upper case."""
         text = answer_text(text)
         valid = LETTERS[: len(item.choices)] if item is not None and item.choices else LETTERS
+        choices = item.choices if item is not None and item.choices else ()
         clause = _answer_clause(text)
-        chosen = _chosen_letter(clause, valid) if clause else None
-        if chosen:
-            return chosen
+        for stated in ((_unboxed(clause) or clause) if clause else None, _unboxed(text)):
+            chosen = _chosen_letter(stated, valid, choices) if stated else None
+            if chosen:
+                return chosen
         letters = re.findall(rf"\(([{valid}])\)|\b([{valid}])\b(?=[).:\s]|$)", text)
         if letters:
             last = letters[-1]
             return last[0] or last[1]
-        if item is not None and item.choices:
-            lowered = text.lower()
-            hits = [(lowered.rfind(c.lower()), i) for i, c in enumerate(item.choices) if c.lower() in lowered]
-            if hits:
-                return LETTERS[max(hits)[1]]
-        return None
+        named = _named_choices(text, choices)
+        return LETTERS[named[-1][2]] if named else None
 
     @staticmethod
     def reference(item: Item) -> str:
@@ -172,6 +189,17 @@ def states_answer(text: str) -> bool:
     "Answer: ...") or a ``\\boxed{...}`` answer, outside its reasoning."""
     text = strip_reasoning(text)
     return _answer_clause(text) is not None or last_boxed(text) is not None
+
+
+#: a LaTeX wrapper around text, such as ``\text{B}``
+_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+
+
+def _unboxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text``, with its ``\\text{}``-like wrappers
+    dropped (``\\boxed{\\text{B}}`` is ``B``), or None."""
+    boxed = last_boxed(text)
+    return None if boxed is None else _WRAPPER.sub(r"\1", boxed).strip()
 
 
 def last_boxed(text: str) -> str | None:

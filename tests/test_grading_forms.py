@@ -1,4 +1,5 @@
-"""Answer forms the graders misread, from a review: equations and LaTeX fractions in numeric answers.
+"""Answer forms the graders misread, from a review: equations and LaTeX fractions in numeric answers,
+choices named by a number inside another's, and boxed option letters.
 
 Each test pins one case a user's grades or votes depend on; only the answers are written out.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from orchestra.datasets import Item
-from orchestra.grading import AutoGrader, NumericGrader
+from orchestra.grading import AutoGrader, MultipleChoiceGrader, NumericGrader
 
 # --- numbers ---------------------------------------------------------------------------------------
 
@@ -31,3 +32,50 @@ def test_an_equation_after_words_in_the_answer_clause_does_not_replace_its_first
 def test_a_braceless_or_text_style_latex_fraction_is_read_as_a_fraction(text: str, reference: str) -> None:
     """``\\frac12`` is a half (it was read as 12) and ``\\tfrac{3}{4}`` three quarters (it was read as 4)."""
     assert AutoGrader().grade(text, Item(id="1", question="q", answer=reference))
+
+
+# --- multiple choice --------------------------------------------------------------------------------
+
+NUMBERS = Item(id="n", question="How many?", answer="B", choices=("4", "14", "24", "34"))
+
+
+def test_a_choice_named_by_its_number_is_not_a_choice_whose_number_is_inside_it() -> None:
+    """"The answer is 14." of choices 4, 14, 24, 34 chooses B: the "4" inside "14" read as A, graded right on A."""
+    assert AutoGrader().grade("The answer is 14.", NUMBERS)
+    assert not AutoGrader().grade("The answer is 14.", NUMBERS.model_copy(update={"answer": "A"}))
+
+
+def test_a_choice_named_by_its_number_with_no_answer_clause_is_that_choice() -> None:
+    """"So the total is 24." chooses C, not A."""
+    assert MultipleChoiceGrader().extract("So the total is 24.", NUMBERS) == "C"
+
+
+def test_a_longer_choice_that_holds_a_shorter_one_is_the_longer() -> None:
+    """"New York" names New York, not York."""
+    cities = Item(id="c", question="Which city?", answer="A", choices=("New York", "York"))
+    assert MultipleChoiceGrader().extract("The answer is New York.", cities) == "A"
+
+
+@pytest.mark.parametrize("text", ["Therefore \\boxed{B}.", "$\\boxed{\\text{B}}$"])
+def test_a_boxed_option_letter_is_the_chosen_option(text: str) -> None:
+    """Reasoning and maths models box their letter: it was not read, and the answer graded wrong."""
+    assert AutoGrader().grade(text, NUMBERS)
+
+
+def test_a_boxed_option_letter_is_read_before_a_letter_in_the_explanation_after_it() -> None:
+    """"\\boxed{C}. Because A is wrong." chooses C, not the A of the explanation."""
+    assert MultipleChoiceGrader().extract("\\boxed{C}. Because A is wrong.", NUMBERS) == "C"
+
+
+@pytest.mark.parametrize(("text", "letter"), [("The answer is green, not A.", "B"),
+                                               ("The answer is yellow, not blue.", "D")])
+def test_an_answer_clause_that_opens_with_a_choices_text_chooses_it(text: str, letter: str) -> None:
+    """The choice the clause opens with is the answer, not a letter or a choice it rules out after it."""
+    colours = Item(id="c", question="Which colour?", answer=letter, choices=("red", "green", "blue", "yellow"))
+    assert MultipleChoiceGrader().grade(text, colours)
+
+
+def test_an_answer_clause_that_opens_with_a_sum_is_read_by_its_option_letter() -> None:
+    """"2 + 2 = 4, i.e. (D)" does not choose the choice "2" it opens with."""
+    small = Item(id="s", question="2 + 2?", answer="D", choices=("1", "2", "3", "4"))
+    assert MultipleChoiceGrader().extract("The answer is 2 + 2 = 4, i.e. (D)", small) == "D"
