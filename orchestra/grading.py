@@ -290,15 +290,19 @@ class NumericGrader:
         return extracted is not None and reference is not None and Fraction(extracted) == reference
 
 
+#: punctuation dropped from a text: all but a sign, decimal point or fraction bar of a number ("-3", "1.2", "1/2")
+_PUNCTUATION = re.compile(rf"(?!(?<=\d)[-./]\d|(?<![\w.-])-\.?\d|(?<![\w.])\.\d)[{re.escape(string.punctuation)}]")
+
+
 def normalize_text(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces; an answer that is only an article
-    (the letter "A") is kept."""
-    words = text.lower().translate(str.maketrans("", "", string.punctuation)).split()
+    """Lower case, no punctuation but a number's sign, point and fraction bar, no articles, single
+    spaces; an answer that is only an article (the letter "A") is kept."""
+    words = _PUNCTUATION.sub("", _MINUS.sub("-", text.lower())).split()
     return " ".join([word for word in words if word not in ("a", "an", "the")] or words)
 
 
 class ExactMatchGrader:
-    """Normalised exact match of "the answer is X" (else the last line) against the reference."""
+    """Normalised exact match of "the answer is X" (else the last line), or of the box in it, against the reference."""
 
     name = "exact"
 
@@ -309,7 +313,7 @@ class ExactMatchGrader:
         if clause is None:
             lines = [line for line in text.splitlines() if line.strip()]
             clause = lines[-1] if lines else ""
-        return normalize_text(last_boxed(clause) or clause) or None
+        return normalize_text(_unboxed(clause) or clause) or None
 
     def grade(self, text: str, item: Item) -> bool:
         """Equal after normalisation."""
@@ -326,9 +330,12 @@ class AutoGrader:
 
     def pick(self, item: Item | None, text: str = "") -> Grader:
         """The grader for this item; with no item (voting), the one the answer's own form calls for:
-        a lone option letter ("The answer is (A)") is multiple choice, a number is numeric."""
-        if item is None:  # by the clause's first word: "(C)", "b)", "21 (3 times 7)", "Paris"
-            clause = _answer_clause(answer_text(text)) or ""
+        a lone option letter ("The answer is (A)", ``\\boxed{B}``) is multiple choice, a number
+        (``\\boxed{-3}``) is numeric."""
+        if item is None:  # by the first word of the clause (or its box), else of the last box: "(C)", "21 (3 times 7)"
+            text = answer_text(text)
+            clause = _answer_clause(text)
+            clause = ((_unboxed(clause) or clause) if clause else _unboxed(text)) or ""
             first = clause.split(maxsplit=1)[0] if clause.strip() else ""
             bare = first.rstrip(".,:;")
             if _LONE_LETTER.fullmatch(bare) and (bare != first.rstrip(".") or bare == clause.strip(" .")

@@ -292,9 +292,10 @@ def test_show_tells_which_experts_a_confident_team_did_not_need(market, tmp_path
     assert (row["not_asked"], row["saved_calls"]) == ([], 0) and len(row["experts"]) == 3
 
 
-def confident_pool(failing: str = "", unsure: str = "") -> tuple[Pool, dict[str, FunctionModel]]:
+def confident_pool(failing: str = "", unsure: str = "",
+                   answers: dict[str, str] | None = None) -> tuple[Pool, dict[str, FunctionModel]]:
     """Agents a, b (0.95) and c (0.9), measured on math: a staged team; ``failing`` experts fail,
-    ``unsure`` ones state no answer."""
+    ``unsure`` ones state no answer, the others answer as ``answers`` says (else "The answer is 4")."""
     from helpers import kind_of
 
     def answer(name: str) -> Callable[[ChatRequest], object]:
@@ -305,7 +306,7 @@ def confident_pool(failing: str = "", unsure: str = "") -> tuple[Pool, dict[str,
                 return BadResponse(f"{name} is down")
             if kind_of(request) == "expert" and name in unsure:
                 return "Let me think.\nI am not sure."
-            return "The answer is 4"
+            return (answers or {}).get(name, "The answer is 4")
         return reply
 
     models = {name: FunctionModel(answer(name), name=name) for name in "abck"}
@@ -333,6 +334,17 @@ def test_a_staged_team_of_two_that_agrees_needs_no_aggregation() -> None:
     assert node.recruitment is not None and node.recruitment["team"]["staged"] == 2
     assert node.saved_calls == 1 and node.aggregator is None
     assert sum(len(models[name].requests) for name in "abc") == 2  # the two answers, no aggregation call
+
+
+@pytest.mark.parametrize(("first", "second"), [("x = \\boxed{-3}", "x = \\boxed{3}"), ("so \\boxed{1.2}", "so \\boxed{12}")])
+def test_staged_experts_whose_boxed_numbers_differ_do_not_agree(first: str, second: str) -> None:
+    """Boxed answers were read as text without their sign or point: -3 and 3 (or 1.2 and 12) agreed,
+    and the team stopped on the first expert's answer with no third expert and no aggregation."""
+    pool, _ = confident_pool(answers={"a": first, "b": second})
+    result = Orchestra(pool, k=3, plan=False, store=False).run("Solve x + 5 = 2.")
+    node = result.plan.nodes[0]
+    assert node.recruitment is not None and node.recruitment["team"]["staged"] == 2
+    assert [o.agent for o in node.expert_outputs] == ["a", "b", "c"] and node.saved_calls == 0
 
 
 @pytest.mark.parametrize("answer_format", ['End with "The answer is ..."', None])

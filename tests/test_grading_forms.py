@@ -1,5 +1,6 @@
-"""Answer forms the graders misread, from a review: equations and LaTeX fractions in numeric answers,
-choices named by a number inside another's, and boxed option letters.
+"""Answer forms the graders misread, from a review: boxed answers with no item to grade against (a
+vote, a confident team's agreement), equations and LaTeX fractions in numeric answers, choices named
+by a number inside another's, and boxed option letters.
 
 Each test pins one case a user's grades or votes depend on; only the answers are written out.
 """
@@ -9,7 +10,39 @@ from __future__ import annotations
 import pytest
 
 from orchestra.datasets import Item
-from orchestra.grading import AutoGrader, MultipleChoiceGrader, NumericGrader
+from orchestra.grading import AutoGrader, ExactMatchGrader, MultipleChoiceGrader, NumericGrader, normalize_text
+from orchestra.pipeline.aggregation import Response, vote
+
+# --- answers read with no item ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("one", "other"), [("\\boxed{-3}", "\\boxed{3}"), ("\\boxed{1.2}", "\\boxed{12}"),
+                                            ("\\boxed{1/2}", "\\boxed{12}"), ("The answer is \\boxed{-3}", "\\boxed{3}")])
+def test_with_no_item_boxed_numbers_that_differ_are_different_answers(one: str, other: str) -> None:
+    """A boxed answer with no answer clause was read as text without its punctuation: -3 was 3, 1.2 was 12."""
+    auto = AutoGrader()
+    assert auto.pick(None, one) is auto.numeric and auto.extract(one) != auto.extract(other)
+
+
+def test_with_no_item_a_boxed_letter_is_the_option_stated_in_words() -> None:
+    """``\\boxed{B}`` and "The answer is (B)" are one answer (they were "b" and "B")."""
+    assert AutoGrader().extract("Therefore \\boxed{B}") == AutoGrader().extract("The answer is (B)") == "B"
+
+
+def test_a_vote_counts_boxed_numbers_by_their_value() -> None:
+    """1.2 and 12 were one answer of two votes, tying the 7 that two experts gave."""
+    result = vote([Response("a", "Working... so \\boxed{1.2}"), Response("b", "Hence \\boxed{12}"),
+                   Response("c", "The answer is 7"), Response("d", "The answer is 7")])
+    assert (result.answer, result.tally) == ("7", {"6/5": 1, "12": 1, "7": 2})
+
+
+def test_exact_match_keeps_a_numbers_sign_point_and_fraction_bar() -> None:
+    """"-3" is not "3", "1.2" is not "12" nor "1/2"; other punctuation goes as before."""
+    assert [normalize_text(text) for text in ("-3", "1.2", "1/2", "(-3)", "The Big, Red Dog!", "well-known")] == [
+        "-3", "1.2", "1/2", "-3", "big red dog", "wellknown"]
+    assert not ExactMatchGrader().grade("The answer is -3", Item(id="1", question="q", answer="3 "))
+    assert ExactMatchGrader().grade("So \\boxed{\\text{Paris}}", Item(id="1", question="q", answer="Paris"))
+
 
 # --- numbers ---------------------------------------------------------------------------------------
 
