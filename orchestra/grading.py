@@ -335,10 +335,10 @@ class AutoGrader:
         if item is None:  # by the first word of the clause (or its box), else of the last box: "(C)", "21 (3 times 7)"
             text = answer_text(text)
             clause = _answer_clause(text)
-            clause = ((_unboxed(clause) or clause) if clause else _unboxed(text)) or ""
-            first = clause.split(maxsplit=1)[0] if clause.strip() else ""
+            stated = ((_unboxed(clause) or clause) if clause else _unboxed(text)) or ""
+            first = stated.split(maxsplit=1)[0] if stated.strip() else ""
             bare = first.rstrip(".,:;")
-            if _LONE_LETTER.fullmatch(bare) and (bare != first.rstrip(".") or bare == clause.strip(" .")
+            if _LONE_LETTER.fullmatch(bare) and (bare != first.rstrip(".") or bare == stated.strip(" .")
                                                  or bare.startswith("(") or bare.endswith(")")):
                 return self.mc  # "(C)", "b)", "C,", a clause that is the letter: not "J. K. Rowling"
             return self.numeric if bare and normalize_number(bare) is not None else self.exact
