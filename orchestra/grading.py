@@ -117,8 +117,14 @@ def _named_choices(text: str, choices: Sequence[str]) -> list[tuple[int, int, in
     found = [(name.start(), name.end(), index) for index, choice in enumerate(choices) if choice.strip()
              for name in re.finditer(rf"(?<!\w)(?<!\d[.,]){re.escape(choice.strip())}(?!\w|[.,]\d)", text,
                                      re.IGNORECASE)]
-    return sorted(name for name in found
-                  if not any(o[0] <= name[0] and name[1] <= o[1] and o[1] - o[0] > name[1] - name[0] for o in found))
+    named, reach = [], (-1, -1)  # (the span that reaches furthest yet)
+    for name in sorted(found, key=lambda name: (name[0], name[0] - name[1], name[2])):
+        if name[1] > reach[1]:
+            reach = name[:2]
+        elif name[:2] != reach:
+            continue  # inside a longer name that starts before it, or with it
+        named.append(name)
+    return named
 
 
 def _chosen_letter(clause: str, valid: str, choices: Sequence[str] = ()) -> str | None:
@@ -231,7 +237,7 @@ _HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?(?:(?P<
 _FRAC = re.compile(r"-?\\[dt]?frac\s*(?:\{(-?[\d.]+)\}|(\d))\s*(?:\{(-?[\d.]+)\}|(\d))")
 _NUMBER = re.compile(rf"{_FRAC.pattern}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 #: a term of an equation: a number, a one-letter variable or a LaTeX command with its arguments, in brackets or not
-_TERM = r"[(\[{]*\s*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+|[a-zA-Z](?![a-zA-Z])|\\[a-zA-Z]+(?:\s*\{[^{}]*\})*)[)\]}]*"
+_TERM = r"[(\[{]*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+|[a-zA-Z](?![a-zA-Z])|\\[a-zA-Z]+(?:\s*\{[^{}]*\})*)[)\]}]*"
 _OPERATOR = r"(?:[-+*/^\u00d7\u00b7\u00f7]|\\times|\\cdot|\\div)"
 #: the sides of an equation an answer clause opens with, to its last "=": "5 - 3 = ", "x = 2 + 3 = "
 _EQUATION = re.compile(rf"[\s$*_]*(?:{_TERM}(?:\s*{_OPERATOR}\s*{_TERM})*\s*=\s*)+")
