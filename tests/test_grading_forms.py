@@ -7,8 +7,6 @@ Each test pins one case a user's grades or votes depend on; only the answers are
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from orchestra.datasets import Item
@@ -63,12 +61,11 @@ def test_an_equation_after_words_in_the_answer_clause_does_not_replace_its_first
     assert NumericGrader().extract("The answer is 3 (because 1 + 1 = 2)") == "3"
 
 
+@pytest.mark.timeout(120)  # (a pattern that backtracks takes hours here: only a hang reaches this)
 def test_a_long_sum_in_an_answer_clause_is_read_at_once() -> None:
     """The equation a clause opens with is found in one pass: a sum of 24 terms with no "=" took seconds
-    (each space could go to the operator or to the term), one of 40 would have taken hours."""
-    started = time.perf_counter()
-    assert NumericGrader().extract("The answer is " + "1 + " * 24 + "x") == "1"
-    assert time.perf_counter() - started < 1
+    (each space could go to the operator or to the term), one of 60 would take days."""
+    assert NumericGrader().extract("The answer is " + "1 + " * 60 + "x") == "1"
 
 
 @pytest.mark.parametrize(("text", "reference"), [("\\boxed{\\frac12}", "0.5"), ("\\boxed{\\tfrac{3}{4}}", "0.75")])
