@@ -122,7 +122,7 @@ def test_trace_after_a_cancelled_task_shows_that_task(loopback, tmp_path: Path) 
     pool = write_pool(tmp_path, loopback(handler).url)
     child = pexpect.spawn(sys.executable, ["-m", "orchestra", "chat", "--pool", str(pool)],
                           env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "TERM": "xterm-256color"},
-                          encoding="utf-8", dimensions=(50, 140), timeout=60)
+                          encoding="utf-8", codec_errors="replace", dimensions=(50, 140), timeout=60)
     child.expect("> ")
     child.sendline("Write a short report, then check it")
     child.expect(r"\[a\]ccept")
@@ -290,7 +290,7 @@ def test_answers_with_brackets_are_printed_literally_everywhere(loopback, tmp_pa
     tty = pexpect.spawn(sys.executable, ["-m", "orchestra", "ask", "Quick question", "--pool", str(pool),
                                          "--no-plan", "--k", "1", "--aggregate", "none", "--verbose"],
                         env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "TERM": "xterm-256color"},
-                        encoding="utf-8", dimensions=(50, 200), timeout=60)
+                        encoding="utf-8", codec_errors="replace", dimensions=(50, 200), timeout=60)
     tty.expect(re.escape(HOSTILE))
     tty.expect(pexpect.EOF)
     tty.close()
@@ -399,7 +399,8 @@ def test_ctrl_c_names_the_run_to_resume(loopback, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, server.url)
     child = pexpect.spawn(sys.executable, ["-m", "orchestra", "ask", "Quick question", "--pool", str(pool),
                                            "--no-plan", "--quiet"],
-                          env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}, encoding="utf-8", timeout=60)
+                          env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}, encoding="utf-8", codec_errors="replace",
+                          timeout=60)
     while not server.requests:
         child.expect([pexpect.TIMEOUT], timeout=0.1)
     child.sendintr()

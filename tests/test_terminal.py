@@ -23,8 +23,9 @@ def served(loopback, tmp_path: Path) -> tuple[ScriptedLLM, Path]:
 
 
 def spawn(*args: str) -> pexpect.spawn:
+    # (codec_errors: the terminal echoes "^C" where it is pressed, which may be inside a character being drawn)
     env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "TERM": "xterm-256color"}
-    return pexpect.spawn(sys.executable, ["-m", "orchestra", *args], env=env, encoding="utf-8",
+    return pexpect.spawn(sys.executable, ["-m", "orchestra", *args], env=env, encoding="utf-8", codec_errors="replace",
                          dimensions=(50, 140), timeout=60)
 
 
