@@ -148,7 +148,8 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
         loop = asyncio.get_running_loop()
         try:
             for stop in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(stop, interrupt, stop)
+                if signal.getsignal(stop) is not signal.SIG_IGN:  # (a shell's `cmd &` runs it deaf to Ctrl-C)
+                    loop.add_signal_handler(stop, interrupt, stop)
         except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (or Windows): not ours
             return await work
         # the handler stays until the loop closes (closing removes it): a Ctrl-C while asyncio.run

@@ -26,7 +26,7 @@ from orchestra.errors import (
 from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
 from orchestra.models import http as http_module
 from orchestra.models.base import retry_listener
-from orchestra.models.http import parse_retry_after
+from orchestra.models.http import Endpoint, parse_retry_after
 from orchestra.models.prompt_gauge import text_units
 from orchestra.models.types import estimate_tokens
 from orchestra.testing import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
@@ -158,7 +158,48 @@ def test_a_404_names_base_url_and_ends_its_run_as_a_users_error(loopback) -> Non
     pool = Pool(agents=[Agent(name="a", model=model), Agent(name="b", model=model)])
     result = Orchestra(pool, store=False, plan=False, k=2, mode="global").run("What is 2 + 2?")
     assert (result.status, result.exit_code, result.user_error) == ("failed", 2, True)
-    assert "check base_url" in (result.error or "") and len(server.requests) == 1 + 2  # (its experts' calls, no more)
+    # the run's own event loop learns it anew: its first call is sent, the other (waiting for that probe) is not
+    assert "check base_url" in (result.error or "") and len(server.requests) == 1 + 1
+
+
+def test_a_model_an_endpoint_has_no_api_for_fails_again_unsent_for_a_while(loopback, monkeypatch) -> None:
+    """An evaluation of 60 items against a base_url without its /v1 sent all 300 of their requests into 404s
+    (a refused key sent one): the 404 is remembered per model for ``NOT_FOUND_SECONDS``, as a redirect is."""
+    from orchestra.errors import EndpointNotFound
+
+    def handle(req: LoopbackRequest) -> Reply:
+        if req.json()["model"] == "moved":
+            return Reply(status=302, body="", headers={"Location": "https://elsewhere.test/v1/chat/completions"})
+        return error_reply(404, "Not Found") if req.json()["model"] == "gone" else openai_reply("here")
+
+    server = loopback(handle)
+    endpoint = Endpoint(server.url + "/v1")
+
+    def model(name: str) -> OpenAICompatible:
+        return OpenAICompatible(model=name, endpoint=endpoint, api_key_env=None)
+
+    async def main() -> list[object]:
+        first = await asyncio.gather(model("gone").complete_one(ask()), model("moved").complete_one(ask()),
+                                     return_exceptions=True)
+        again = await asyncio.gather(*(m.complete_one(ask()) for m in (model("gone"), model("moved"))),
+                                     return_exceptions=True)
+        fine = await model("served").complete_one(ask())
+        monkeypatch.setattr(http_module, "NOT_FOUND_SECONDS", 0.0)  # (the time it is remembered has passed)
+        later = await asyncio.gather(model("gone").complete_one(ask()), return_exceptions=True)
+        return [*first, *again, fine, *later]
+
+    gone, moved, gone_again, moved_again, fine, gone_later = run(main())
+    assert all(isinstance(e, EndpointNotFound) for e in (gone, moved, gone_again, moved_again, gone_later))
+    assert "a redirect to https://elsewhere.test/v1/chat/completions" in str(moved_again)
+    assert getattr(fine, "text", None) == "here"
+    assert [r.json()["model"] for r in server.requests] == ["gone", "moved", "served", "gone"]
+
+
+def test_a_fastapi_servers_error_detail_is_shown_in_its_own_words(loopback) -> None:
+    """llama-cpp-python's and vLLM's servers (FastAPI) say {"detail": "Not Found"}: it read as a dict."""
+    server = loopback(lambda req: Reply(status=404, body={"detail": "Not Found"}))
+    with pytest.raises(RequestRejected, match=r"for model gpt-4o-mini: Not Found; check base_url"):
+        run(openai(server).complete([ask()]))
 
 
 def test_401_fails_at_once_naming_the_variable_not_the_key(loopback, monkeypatch) -> None:

@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 from test_models_http import ask, openai, run
 
-from orchestra.errors import AuthenticationError, BadResponse, RateLimited, RequestTimeout
+from orchestra.errors import AuthenticationError, BadResponse, EndpointNotFound, RateLimited, RequestTimeout
 from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
 from orchestra.models.base import retry_listener
 from orchestra.models.http import Endpoint
@@ -424,8 +424,8 @@ def moved(req: LoopbackRequest, body: str) -> Reply:
 def test_a_redirect_is_not_followed(loopback) -> None:
     # a POST followed through a 301 becomes a GET elsewhere: the answer, if any, is not to this request
     server = loopback(lambda req: moved(req, "<html><body>Moved Permanently</body></html>"))
-    with pytest.raises(BadResponse, match=r"answered HTTP 301, a redirect to /v2/chat/completions, which "
-                                          r"Orchestra does not follow .*; is base_url the API's address"):
+    with pytest.raises(EndpointNotFound, match=r"answered HTTP 301, a redirect to /v2/chat/completions, which "
+                                               r"Orchestra does not follow .*; is base_url the API's address"):
         run(OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None).complete_one(ask()))
     assert [request.path for request in server.requests] == ["/v1/chat/completions"]
 
@@ -435,8 +435,8 @@ def test_a_redirect_is_not_followed(loopback) -> None:
 # it points (Location).
 def test_an_empty_redirect_fails_at_once(loopback) -> None:
     server = loopback(lambda req: moved(req, ""))
-    with pytest.raises(BadResponse, match="answered HTTP 301, a redirect to /v2/chat/completions, which Orchestra "
-                                          "does not follow"):
+    with pytest.raises(EndpointNotFound, match="answered HTTP 301, a redirect to /v2/chat/completions, which "
+                                               "Orchestra does not follow"):
         run(OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None,
                              max_attempts=2).complete_one(ask()))
     assert len(server.requests) == 1

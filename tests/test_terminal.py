@@ -320,6 +320,31 @@ except KeyboardInterrupt:
 """
 
 
+_CTRL_C_IGNORED = """
+import asyncio, os, signal
+import orchestra.core as core
+
+async def work():
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C meant for the script that started this in the background
+    for _ in range(50):
+        await asyncio.sleep(0)
+    return "finished"
+
+print(core.run_interruptibly(work()))
+"""
+
+
+def test_a_run_started_deaf_to_ctrl_c_stays_deaf() -> None:
+    """A shell starts `cmd &` with SIGINT ignored: the run's own handler replaced that, and a Ctrl-C aimed at
+    the script cancelled the run in the background too."""
+    import signal
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_IGNORED], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (done.returncode, done.stdout) == (0, "finished\n"), done.stderr
+
+
 @pytest.mark.parametrize("session", ["chat", "ask"])
 def test_a_second_ctrl_c_while_a_chat_task_stops_is_told_and_keeps_the_session(session: str) -> None:
     """Two Ctrl-Cs while a chat task stopped (its model loading) ended the whole chat, exit 130, with no word

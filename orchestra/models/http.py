@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import email.utils
 import json
 import os
@@ -10,7 +11,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -57,6 +58,10 @@ REFUSED_KEY_SECONDS = 10.0
 #: the request, so a probe still unanswered by then is being answered, and they go ahead carrying it too
 #: (a long first answer held every other request to its endpoint until it ended)
 PROBE_WAIT_SECONDS = 3.0
+#: how long a model the endpoint has no API for (a 404, a redirect: a base_url without its /v1, a model id
+#: it does not serve) fails again without a request (an evaluation sent every item's requests into 404s);
+#: a model pulled meanwhile is asked again after this
+NOT_FOUND_SECONDS = 10.0
 
 
 class _Retryable(Exception):
@@ -123,6 +128,9 @@ class _LoopState:
     #: next ``REFUSED_KEY_SECONDS`` fail with it unsent (calls queued behind the refusal, by a budget's
     #: reservation or the concurrency and rate limits, would each be refused alike)
     refused: tuple[str | None, float, str] | None = None
+    #: per (URL, model) the endpoint has no API for, when and the error: requests for it in the next
+    #: ``NOT_FOUND_SECONDS`` fail with it unsent
+    not_found: dict[tuple[str, str], tuple[float, EndpointNotFound]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -358,6 +366,8 @@ class Endpoint:
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         if state.refused is not None:  # (before the concurrency and rate limits: it would not use their slots)
             _refuse_known(state, secret)
+        if state.not_found:
+            _not_found_known(state, url, model)
         async with state.semaphore:
             if self._limiter is not None:
                 await self._limiter.acquire()
@@ -395,6 +405,9 @@ class Endpoint:
             if response.status == 401:  # (a 403 may be about this request or model, not the key)
                 state.refused = (secret, time.monotonic(), str(rejected))
             raise
+        except EndpointNotFound as missing:
+            state.not_found[(url, model)] = (time.monotonic(), missing)
+            raise
         state.failing = state.refused = None  # it answers: requests wait for a probe again
         return answer
 
@@ -425,9 +438,9 @@ class Endpoint:
             raise _Retryable(final, retry_after, f"{url} answered HTTP {status}: {_error_text(response, secret)}")
         if 300 <= status < 400:  # (an empty one was retried as an answer cut short, naming no redirect)
             where = response.headers.get("location")
-            raise BadResponse(f"{url} answered HTTP {status}, a redirect{f' to {where}' if where else ''}, which "
-                              "Orchestra does not follow (a POST would become a GET there); is base_url the API's "
-                              "address (often ending in /v1)?")
+            raise EndpointNotFound(f"{url} answered HTTP {status}, a redirect{f' to {where}' if where else ''}, "
+                                   "which Orchestra does not follow (a POST would become a GET there); is base_url "
+                                   "the API's address (often ending in /v1)?")
         if status == 404:  # (every request failed alike, 96 in one evaluation, with no word of the URL)
             raise EndpointNotFound(f"{url} answered HTTP 404 (not found) for model {model}: "
                                    f"{_error_text(response, secret)}; check base_url (an OpenAI-compatible API's "
@@ -472,6 +485,15 @@ def _breaks_off(text: str) -> bool:
     except json.JSONDecodeError as error:
         return text[0] in "{[" and (error.pos >= len(text) or error.msg.startswith("Unterminated string"))
     return False
+
+
+def _not_found_known(state: _LoopState, url: str, model: str) -> None:
+    """Raise the 404 (or redirect) ``model`` met at ``url`` less than ``NOT_FOUND_SECONDS`` ago, unsent."""
+    known = state.not_found.get((url, model))
+    if known is not None:
+        if time.monotonic() - known[0] < NOT_FOUND_SECONDS:
+            raise copy.copy(known[1])
+        del state.not_found[(url, model)]
 
 
 def _refuse_known(state: _LoopState, secret: str | None) -> None:
@@ -525,7 +547,7 @@ def _error_text(response: Answer, secret: str | None) -> str:
     if isinstance(body, str):
         text = body
     else:
-        error = body.get("error", body) if isinstance(body, dict) else body
+        error = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body  # (detail: FastAPI's)
         text = str(error.get("message", error) if isinstance(error, dict) else error)
     if secret:
         text = text.replace(secret, "[redacted]")
