@@ -1319,6 +1319,16 @@ def test_node_settings_a_run_could_not_use_are_refused_before_any_call(given: di
     assert str(refused.value).startswith(says) and not any(m.requests for m in models.values())
 
 
+def test_node_settings_for_a_node_the_planners_plan_has_not_are_named_in_its_note() -> None:
+    """Under a plan the planner made, a misspelt node id ("fact" for "facts") was dropped without a word."""
+    pool, _ = scripted_pool(2, plan=plan_json(("facts", []), ("report", ["facts"])))
+    result = Orchestra(pool, store=False, k=1).run("Give facts, then a report",
+                                                   node_settings={"fact": NodeSettings(k=1), "report": NodeSettings()})
+    assert result.status == "done"
+    assert result.plan.note.endswith("node_settings for 'fact' not used: the plan has no such node (its nodes: facts, "
+                                     "report)")
+
+
 @pytest.mark.parametrize("values, says", [
     ({"k": -3}, "NodeSettings.k must be a whole number from 1 to 64, not -3"),
     ({"k": 0}, "NodeSettings.k must be a whole number from 1 to 64, not 0"),

@@ -372,6 +372,10 @@ class Run:
             traces[subtask.id] = NodeState(subtask.id, subtask.instruction, list(subtask.depends_on),
                                            settings.aggregate or self.settings.aggregate,
                                            node_seed(seed, task, subtask.id))
+        unplanned = [node for node in own if node not in self.subtasks]
+        if unplanned:  # (a misspelt id under a planner's plan was dropped without a word)
+            note = "; ".join(filter(None, [note, f"node_settings for {', '.join(map(repr, unplanned))} not used: "
+                                                 f"the plan has no such node (its nodes: {', '.join(self.subtasks)})"]))
         self.plan_attempts, self.plan_note = attempts, note
         if self.stages.events.wants(PlanReady):
             self.stages.events.emit(PlanReady(run_id=self.run_id, attempts=attempts, note=note,
