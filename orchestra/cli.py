@@ -70,6 +70,17 @@ def echo_json(text: str) -> None:
         _json_out.flush()
 
 
+def shield_ray_shutdown() -> None:
+    """Once a command is done, where it used Ray: Ctrl-C is ignored while the process exits, so Ray's
+    own shutdown (at exit) stops the instance it started (a press there was a traceback, exit 0, and
+    Ray's processes left running)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class SettingsCommand(click.Command):
     """A command whose setting options (``setting_option``) are built from the settings model the
     first time its parameters are needed (to parse its arguments or print its help), so starting
@@ -113,6 +124,8 @@ class OrchestraGroup(click.Group):
             sys.exit(error.exit_code)
         except click.Abort:
             fail("aborted", 1)
+        finally:
+            shield_ray_shutdown()
         sys.exit(code if isinstance(code, int) else 0)  # (click returns what ends a command early: its exit code)
 
     def invoke(self, ctx: click.Context) -> Any:

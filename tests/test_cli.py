@@ -216,6 +216,37 @@ def test_json_output_is_the_one_object_on_stdout_whatever_else_writes_there(llm,
     assert "(raylet) A worker died" in done.stderr and "a C library writes here" in done.stderr
 
 
+def test_ctrl_c_is_ignored_while_a_command_that_used_ray_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C after `ask --ray --json` had printed interrupted Ray's shutdown at exit: a traceback, exit 0,
+    and Ray's processes left running. Without Ray, Ctrl-C is left as it was."""
+    import signal
+    import types
+
+    from orchestra.cli import shield_ray_shutdown
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False))
+        shield_ray_shutdown()
+        assert signal.getsignal(signal.SIGINT) is before
+        monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True))
+        shield_ray_shutdown()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("initialized", [True, False])
+def test_a_command_that_used_ray_exits_deaf_to_ctrl_c(tmp_path: Path, initialized: bool) -> None:
+    (tmp_path / "ray.py").write_text(f"def is_initialized():\n    return {initialized}\n")  # (Ray, as it exits)
+    script = ("import atexit, signal, ray\n"
+              "atexit.register(lambda: print('deaf' if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 'hears'))\n"
+              f"from orchestra.cli import main\nmain(['runs', '--store', {str(tmp_path / 'runs.db')!r}])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    assert done.stdout.splitlines()[-1] == ("deaf" if initialized else "hears"), done.stderr
+
+
 def test_agents_shows_gamma_at_the_pools_temperature(tmp_path: Path) -> None:
     """`orchestra agents` computed γ at the default temperature, not the pool's (0.409 shown where its
     runs used about 1.0)."""
