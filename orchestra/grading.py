@@ -131,7 +131,7 @@ def _chosen_letter(clause: str, valid: str, choices: Sequence[str] = ()) -> str 
     """The option an answer clause names: one it opens with ("b) 42", "option b.", "(C)", or a choice's
     text: "green, not A", "14." but not the "2" of "2 + 2 = 4"), else the first "(c)" or standalone
     capital letter in it ("I'd" and the article "a" are words, not options), else a clause that is a
-    single letter of either case, else the first choice's text it names."""
+    single letter of either case, else the last choice's text it names (what "2 + 2 = 4" comes to)."""
     opening = re.match(rf"[\s*_]*(?:option|choice)?\s*\(?([{valid}{valid.lower()}])(?:\)|(?=[.,:;]|$))", clause,
                        re.IGNORECASE)
     if opening:
@@ -146,7 +146,7 @@ def _chosen_letter(clause: str, valid: str, choices: Sequence[str] = ()) -> str 
     lone = clause.strip(" *_.:()")
     if len(lone) == 1 and lone.upper() in valid:
         return lone.upper()
-    return LETTERS[named[0][2]] if named else None
+    return LETTERS[named[-1][2]] if named else None
 
 
 class MultipleChoiceGrader:
@@ -243,6 +243,13 @@ _OPERATOR = r"(?:[-+*/^\u00d7\u00b7\u00f7]|\\times|\\cdot|\\div)"
 _EQUATION = re.compile(rf"[\s$*_]*(?:{_TERM}(?:\s*{_OPERATOR}\s*{_TERM})*\s*=\s*)+")
 
 
+def _comes_to(rest: str) -> bool:
+    """Whether what follows an equation's last "=" is one number, what it comes to ("5 - 3 = 2"), not
+    more working ("6 = 2 * 3" answers 6)."""
+    number = _NUMBER.match(rest.lstrip(" $"))
+    return number is not None and not re.match(rf"\s*(?:{_OPERATOR}|=|\d)", rest.lstrip(" $")[number.end():])
+
+
 def normalize_number(text: str) -> Fraction | None:
     """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` (``\\tfrac``,
     ``\\frac12``) handled."""
@@ -276,7 +283,7 @@ class NumericGrader:
             if not candidate:
                 continue
             equation = _EQUATION.match(candidate) if pick == 0 else None
-            if equation and candidate[equation.end():].strip():
+            if equation and _comes_to(candidate[equation.end():]):
                 candidate = candidate[equation.end():]
             hedged = _HEDGED.match(candidate) if pick == 0 else None
             if hedged and normalize_number(hedged[2]) != normalize_number(hedged[3]):  # no one answer: "3 or 4"

@@ -317,14 +317,14 @@ def test_an_interrupted_profile_goes_on_with_resume_sending_only_what_it_had_not
                                            lambda model: "The answer is 1" if model == "alpha" else "The answer is 2")
     argv = [sys.executable, "-m", "orchestra", "profile", "--pool", str(pool), "--data", str(data), "--json"]
     env = {**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}
-    # started as a shell script starts a job in the background: with SIGINT ignored, so Python's own
-    # Ctrl-C handling is off (the profile ran on to the end); the command's handler takes it all the same
+    # started as a shell script starts a job in the background: with SIGINT ignored, which it keeps (a
+    # Ctrl-C at the script is not the job's); SIGTERM, what `kill` sends, stops it as a Ctrl-C does
     child = subprocess.Popen([*argv, "--out", str(tmp_path / "stopped")], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     wait_for(child, lambda: any((r.json() or {}).get("model") == "gamma" and KEYWORDS_MARK not in r.prompt
                                 for r in list(server.requests)), "gamma was asked")
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signal.SIGTERM)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130
     stopped = json.loads(out)  # (--json printed nothing) what was sent, as the server counted it

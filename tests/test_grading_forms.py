@@ -61,6 +61,14 @@ def test_an_equation_after_words_in_the_answer_clause_does_not_replace_its_first
     assert NumericGrader().extract("The answer is 3 (because 1 + 1 = 2)") == "3"
 
 
+@pytest.mark.parametrize(("text", "reference"), [("The answer is 6 = 2 * 3", "6"),
+                                                 ("The answer is 12 = 3 \\times 4.", "12"),
+                                                 ("The answer is 1,000 = 10^3", "1000"), ("The answer is 8 = 2^3", "8")])
+def test_an_answer_followed_by_its_working_is_the_answer(text: str, reference: str) -> None:
+    """Only a number alone after the last "=" is what an equation comes to: "6 = 2 * 3" read 2."""
+    assert NumericGrader().extract(text) == reference
+
+
 @pytest.mark.timeout(120)  # (a pattern that backtracks takes hours here: only a hang reaches this)
 def test_a_long_sum_in_an_answer_clause_is_read_at_once() -> None:
     """The equation a clause opens with is found in one pass: a sum of 24 terms with no "=" took seconds
@@ -119,3 +127,5 @@ def test_an_answer_clause_that_opens_with_a_sum_is_read_by_its_option_letter() -
     """"2 + 2 = 4, i.e. (D)" does not choose the choice "2" it opens with."""
     small = Item(id="s", question="2 + 2?", answer="D", choices=("1", "2", "3", "4"))
     assert MultipleChoiceGrader().extract("The answer is 2 + 2 = 4, i.e. (D)", small) == "D"
+    even = Item(id="e", question="2 + 2?", answer="B", choices=("2", "4", "6", "8"))
+    assert MultipleChoiceGrader().extract("The answer is 2 + 2 = 4", even) == "B"  # (with no letter: it read A)
