@@ -202,10 +202,8 @@ class ChatSession:
                 return run_interruptibly(self.orchestra.aplan(text, context=context, seed=seed, shared_budget=spending,
                                                               **({"fast_path": False} if replan else {})),
                                          stopping=self._stopping)
-        except KeyboardInterrupt:
-            interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's)
-            raise
         finally:  # (a planning that failed cost its requests too)
+            interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's, whether one stopped it or came late)
             remove()
             if spent:
                 last = spent[-1]
@@ -276,7 +274,6 @@ class ChatSession:
             else:
                 result = run_interruptibly(work(), stopping=self._stopping)
         except KeyboardInterrupt:
-            interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's, not a second one)
             self.last = orchestra.ended(run_id)  # (for /trace: from the store, or as it ended with none)
             if orchestra.store is None:
                 self.console.print("task cancelled (no run store: nothing was kept)")
@@ -287,6 +284,7 @@ class ChatSession:
                 self.console.print("task cancelled before it started")
             return None
         finally:
+            interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's, whether one stopped it or came late)
             remove()
         print_result(self.console, result, rich_output=self.interactive)
         self.console.print(summary_line(result), style="dim")

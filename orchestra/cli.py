@@ -55,11 +55,14 @@ def keep_stdout_for_json(as_json: bool) -> None:
     ``echo_json`` writes to the stdout the command started with. (`ask --json` on Ray began with
     `(raylet) A worker died...`, which no JSON reader takes.)"""
     global _json_out
-    if not as_json or _json_out is not None:
+    if not as_json or _json_out is not None or sys.stdout is None:  # (None: started with stdout closed)
         return
-    sys.stdout.flush()
-    kept = os.dup(1)
-    os.dup2(2, 1)
+    try:
+        sys.stdout.flush()
+        kept = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # (no file 1 or 2 to hand over: the JSON goes where stdout goes)
+        return
     _json_out = os.fdopen(kept, "w", encoding="utf-8", closefd=True)
 
 

@@ -123,6 +123,8 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
     interrupted = terminated = False
     first = 0.0  # when the first signal came (monotonic seconds)
     presses = 0
+    #: signals the process was started deaf to (a shell runs `cmd &` with SIGINT ignored): left alone
+    deaf = {stop for stop in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(stop) is signal.SIG_IGN}
 
     async def main() -> T:
         work = asyncio.ensure_future(coro)
@@ -147,9 +149,8 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
 
         loop = asyncio.get_running_loop()
         try:
-            for stop in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(stop) is not signal.SIG_IGN:  # (a shell's `cmd &` runs it deaf to Ctrl-C)
-                    loop.add_signal_handler(stop, interrupt, stop)
+            for stop in {signal.SIGINT, signal.SIGTERM} - deaf:
+                loop.add_signal_handler(stop, interrupt, stop)
         except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (or Windows): not ours
             return await work
         # the handler stays until the loop closes (closing removes it): a Ctrl-C while asyncio.run
@@ -159,6 +160,7 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
         finally:
             if interrupted:
                 await _drain()
+            if interrupted and signal.SIGINT not in deaf:
                 # until the caller has said what was kept (a report, the line saying how to go on), a
                 # duplicate SIGINT is still this one and a second Ctrl-C ends the process at once: the
                 # loop's handler gave way to Python's as the loop closed, and a second press lost the
@@ -169,11 +171,15 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
                                   else signal.SIG_IGN)  # (a session that goes on says when Ctrl-C is its own)
 
     try:
-        return asyncio.run(main())
+        result = asyncio.run(main())
     except asyncio.CancelledError:
         if interrupted:
             raise KeyboardInterrupt from None
         raise
+    else:
+        if interrupted and stopping is not None and signal.SIGINT not in deaf:
+            interrupts_as_usual()  # (a Ctrl-C as the work ended, which it did on its own: the session's Ctrl-C again)
+        return result
     finally:
         if terminated:  # (the loop's handler is gone: a late second SIGTERM ended the process with 143)
             with contextlib.suppress(ValueError):
@@ -936,7 +942,7 @@ class Orchestra:
             if run.run_id in earlier:
                 before = earlier[run.run_id]
                 run.ledger.budget.count(before.usage, calls=before.calls)
-                run.ledger.counted = before.failed
+                run.ledger.counted, run.ledger.unsent = before.failed, before.unsent
 
     def _claim(self, runs: Sequence[Run]) -> None:
         """Claim this event loop for ``runs`` (until each goes, or is given up), refusing one while

@@ -143,6 +143,8 @@ class RunLedger:
     #: the (key, seq) of calls that failed before the run was resumed, counted as it resumed
     #: (``BudgetTracker.count``): one sent again is not counted again
     counted: frozenset[tuple[str, int]] = frozenset()
+    #: of ``counted``, those no request of which reached the model: answered from the cache, not calls
+    unsent: frozenset[tuple[str, int]] = frozenset()
     #: called when a request of the run, ended already, is cut off in flight and counted (its record is written again)
     after_end: Callable[[], None] | None = None
     _seq: dict[str, int] = field(default_factory=dict)
@@ -544,6 +546,8 @@ class Executor:
             cached = ledger.cache.get(call.model.name, call.key, call.request)
             if cached is not None:
                 ledger.answered["cache"] += 1
+                if ledger.unsent and (call.key, call.seq) in ledger.unsent:  # (its row becomes a cache answer)
+                    ledger.budget.count(Usage(), calls=-1)
                 if ledger.journal is not None:
                     ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request,
                                           cached, purpose=call.purpose, node=call.node, source="cache")

@@ -119,6 +119,9 @@ class Earlier(NamedTuple):
     """Its calls a model was sent (failed ones included), as ``run_totals`` counts them."""
     failed: frozenset[tuple[str, int]]
     """The (key, seq) of those that failed: counted already, so not again if the resume sends them."""
+    unsent: frozenset[tuple[str, int]] = frozenset()
+    """Of ``failed``, those whose requests never reached the model (no request counted): one the response
+    cache answers on resume is no call of the run any more (its row becomes a cache answer)."""
 
 
 @dataclass(frozen=True)
@@ -752,6 +755,7 @@ class RunStore:
         earlier = [run_id for run_id in run_ids if run_id not in self._fresh]
         rows: list[dict[str, Any]] = []
         failed: dict[str, set[tuple[str, int]]] = {}
+        unsent: dict[str, set[tuple[str, int]]] = {}
         for start in range(0, len(earlier), 500):  # (SQLite takes at most 999 parameters a statement)
             part = earlier[start:start + 500]
             runs = f"run_id IN ({', '.join('?' * len(part))}) AND {_BILLED}"
@@ -759,12 +763,15 @@ class RunStore:
                 "SELECT run_id, sum(prompt_tokens) AS p, sum(completion_tokens) AS c, sum(cost_usd) AS usd, "
                 f"sum(requests) AS r, sum(purpose != ?) AS calls FROM calls WHERE {runs} GROUP BY run_id",
                 (EMBEDDINGS, *part))
-            for row in self._query(f"SELECT run_id, key, seq FROM calls WHERE {runs} AND status != 'ok' "
+            for row in self._query(f"SELECT run_id, key, seq, requests FROM calls WHERE {runs} AND status != 'ok' "
                                    "AND purpose != ?", (*part, EMBEDDINGS)):
                 failed.setdefault(row["run_id"], set()).add((row["key"], row["seq"]))
+                if not row["requests"]:
+                    unsent.setdefault(row["run_id"], set()).add((row["key"], row["seq"]))
         return {row["run_id"]: Earlier(Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,
                                              cost_usd=dollars(row["usd"] or 0.0), requests=row["r"] or 0),
-                                       row["calls"] or 0, frozenset(failed.get(row["run_id"], ())))
+                                       row["calls"] or 0, frozenset(failed.get(row["run_id"], ())),
+                                       frozenset(unsent.get(row["run_id"], ())))
                 for row in rows}
 
     def run_totals(self, run_id: str) -> dict[str, Any]:

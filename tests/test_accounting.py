@@ -715,6 +715,32 @@ def test_a_call_that_failed_before_a_resume_counts_once_whether_it_is_sent_again
                                                                                  else (1, 1, 1))
 
 
+def test_a_call_refused_unsent_then_answered_by_the_cache_on_resume_is_no_call(tmp_path: Path) -> None:
+    """A call refused before any request (a remembered 404) is a call of the run and of its row; answered
+    from the response cache on resume, its row became a cache answer the store no longer counted, while the
+    resumed run still did (counted as it resumed)."""
+    from orchestra.errors import RequestRejected
+
+    down = [True]
+
+    class Refusing(FunctionModel):
+        async def complete_one(self, request: ChatRequest) -> Any:
+            if down[0]:
+                raise RequestRejected("refused before any request was sent")
+            return await super().complete_one(request)
+
+    store = RunStore(tmp_path / "runs.db")
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=Refusing(lambda r: "The answer is 4", name="m"))]), k=1,
+                    store=store, cache=True)
+    first = orc.run("What is 2 + 2?", plan=False)
+    assert (first.usage.calls, first.usage.requests, store.run_totals(first.run_id)["calls"]) == (1, 0, 1)
+    down[0] = False
+    orc.run("What is 2 + 2?", plan=False)  # (another run fills the cache)
+    resumed = orc.resume(first.run_id)
+    assert (resumed.status, resumed.usage.cache_hits) == ("done", 1)
+    assert resumed.usage.calls == store.run_totals(first.run_id)["calls"] == 0
+
+
 def test_an_answer_with_a_lone_surrogate_is_recorded_and_used_not_a_failed_run(loopback, tmp_path: Path) -> None:
     """JSON's "\\ud83d" (a lone half of a surrogate pair) in an answer could be neither stored nor sent
     on: the paid call failed unrecorded and the run with it; a pair split apart is joined, a lone half

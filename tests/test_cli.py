@@ -216,6 +216,16 @@ def test_json_output_is_the_one_object_on_stdout_whatever_else_writes_there(llm,
     assert "(raylet) A worker died" in done.stderr and "a C library writes here" in done.stderr
 
 
+def test_json_output_with_stdout_closed_is_no_traceback() -> None:
+    """`orchestra eval ... --json >&-` (a daemon with no stdout): an AttributeError traceback, exit 1."""
+    script = ("import sys\nfrom orchestra.cli import echo_json, keep_stdout_for_json\n"
+              "keep_stdout_for_json(True)\necho_json('{}')\nprint('done', file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, timeout=60, close_fds=True,
+                          preexec_fn=lambda: os.close(1))
+    assert (done.returncode, done.stderr) == (0, "done\n")
+
+
 def test_ctrl_c_is_ignored_while_a_command_that_used_ray_exits(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C after `ask --ray --json` had printed interrupted Ray's shutdown at exit: a traceback, exit 0,
     and Ray's processes left running. Without Ray, Ctrl-C is left as it was."""

@@ -334,15 +334,58 @@ print(core.run_interruptibly(work()))
 """
 
 
+_SIGTERM_WHILE_DEAF_TO_CTRL_C = """
+import asyncio, os, signal
+import orchestra.core as core
+
+async def work():
+    os.kill(os.getpid(), signal.SIGTERM)  # `kill` stops it, as a Ctrl-C would
+    await asyncio.Event().wait()
+
+try:
+    core.run_interruptibly(work())
+except KeyboardInterrupt:
+    print("stopped", signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+"""
+
+_CTRL_C_AS_THE_TASK_ENDS = """
+import asyncio, os, signal
+import orchestra.core as core
+said = []
+
+async def finishing():
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C as the task's last steps run: it ends on its own
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    return "answer"
+
+try:
+    result = core.run_interruptibly(finishing(), stopping=said.append)
+except KeyboardInterrupt:
+    result = "interrupted"
+print(result, said, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+"""
+
+
 def test_a_run_started_deaf_to_ctrl_c_stays_deaf() -> None:
     """A shell starts `cmd &` with SIGINT ignored: the run's own handler replaced that, and a Ctrl-C aimed at
-    the script cancelled the run in the background too."""
+    the script cancelled the run in the background too; stopped by SIGTERM, it heard SIGINT again after."""
     import signal
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", _CTRL_C_IGNORED], capture_output=True, text=True, timeout=60,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    assert (done.returncode, done.stdout) == (0, "finished\n"), done.stderr
+    for script, says in ((_CTRL_C_IGNORED, "finished\n"), (_SIGTERM_WHILE_DEAF_TO_CTRL_C, "stopped True\n")):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        assert (done.returncode, done.stdout) == (0, says), done.stderr
+
+
+def test_a_session_hears_ctrl_c_again_after_one_that_came_as_its_task_ended() -> None:
+    """A Ctrl-C as a chat task ended on its own left SIGINT ignored: the rest of the session was deaf to it."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_AS_THE_TASK_ENDS], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.split()[-1] == "True", (done.stdout, done.stderr)
 
 
 @pytest.mark.parametrize("session", ["chat", "ask"])
