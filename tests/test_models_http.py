@@ -10,6 +10,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -98,15 +99,21 @@ def test_api_key_is_sent_from_the_environment(loopback, monkeypatch) -> None:
 # --- retries -----------------------------------------------------------------------------------
 
 
-def test_429_with_retry_after_is_honoured_then_succeeds(loopback) -> None:
-    answers = iter([error_reply(429, "slow down", retry_after="1"), openai_reply("done")])
-    server = loopback(lambda req: next(answers))
+def answered_after_waits(server) -> tuple[Any, list[float]]:
+    """One request's result from ``server`` and the waits before each retry it took."""
     waits: list[float] = []
     token = retry_listener.set(lambda model, attempt, wait, reason: waits.append(wait))
     try:
         [result] = run(openai(server).complete([ask()]))
     finally:
         retry_listener.reset(token)
+    return result, waits
+
+
+def test_429_with_retry_after_is_honoured_then_succeeds(loopback) -> None:
+    answers = iter([error_reply(429, "slow down", retry_after="1"), openai_reply("done")])
+    server = loopback(lambda req: next(answers))
+    result, waits = answered_after_waits(server)
     assert result.text == "done"
     assert len(server.requests) == 2
     assert waits == [1.0]

@@ -9,11 +9,10 @@ import re
 import httpx
 import pytest
 from pydantic import BaseModel
-from test_models_http import ask, openai, run
+from test_models_http import answered_after_waits, ask, openai, run
 
 from orchestra.errors import AuthenticationError, BadResponse, EndpointNotFound, RateLimited, RequestTimeout
 from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
-from orchestra.models.base import retry_listener
 from orchestra.models.http import Endpoint
 from orchestra.models.structured import (
     StructuredOutputError,
@@ -46,12 +45,7 @@ def test_a_409_is_retried_and_the_waits_double_from_half_a_second(loopback) -> N
     # (409 Conflict is in RETRY_STATUSES; the backoff is 0.5 s, then 1 s, 2 s...)
     answers = iter([error_reply(409, "conflict"), error_reply(502, "bad gateway"), openai_reply("third")])
     server = loopback(lambda req: next(answers))
-    waits: list[float] = []
-    token = retry_listener.set(lambda model, attempt, wait, reason: waits.append(wait))
-    try:
-        [result] = run(openai(server).complete([ask()]))
-    finally:
-        retry_listener.reset(token)
+    result, waits = answered_after_waits(server)
     assert result.text == "third" and len(server.requests) == 3
     assert waits == [0.5, 1.0]
 
