@@ -928,6 +928,32 @@ def test_a_workflow_step_can_fix_its_agent_and_mode() -> None:
     assert not any(kind_of(r) == "keywords" for r in models["planner"].requests)  # the skills were given
 
 
+def test_fixed_agents_recruitments_are_made_once_and_kept_apart() -> None:
+    """Nodes whose one agent is fixed share its recruitment (made once per agent, skills and
+    reason), and a node's own explanation lines never reach another's."""
+    from orchestra import Agent, Pool
+    from orchestra.pipeline import staffing as staffing_module
+    from orchestra.pipeline.staffing import Staffing
+    from orchestra.settings import Settings
+
+    solo = Pool(agents=[Agent(name="solo", model=FunctionModel(lambda request: "ok", name="m"))])
+    staffing = Staffing(solo, Settings())
+    only = staffing.known(["Algebra"], seed=1, k=1, mode="symbolic-moe")
+    assert only is staffing.known(["Algebra"], seed=2, k=1, mode="symbolic-moe")  # every seed: one recruitment
+    assert only.keywords == tuple(skill_names(["Algebra"], 40)) and only.explain() == ["solo: the pool's only agent"]
+    other = staffing.known(["poetry"], seed=1, k=1, mode="symbolic-moe")
+    assert other.keywords == tuple(skill_names(["poetry"], 40)) and other is not only
+    step = staffing.known(["Algebra"], seed=1, k=1, mode="symbolic-moe", agent="solo")  # the same agent and skills
+    assert step.keywords == ("Algebra",) and step.explain() == ["solo: fixed for this step"]
+    lines = only.explain()
+    lines.append("aggregator fell back")  # what a node adds to its own trace
+    assert only.explain() == ["solo: the pool's only agent"]
+    for n in range(staffing_module._FIXED_KEPT + 1):  # bounded: a server meets ever new skills
+        staffing.known([f"skill{n}"], seed=1, k=1, mode="symbolic-moe")
+    assert len(staffing._fixed) <= staffing_module._FIXED_KEPT
+    assert staffing.known(["Algebra"], seed=1, k=1, mode="symbolic-moe").explain() == ["solo: the pool's only agent"]
+
+
 def test_keyword_extraction_in_a_run() -> None:
     events: list[object] = []
     pool, models = scripted_pool(2)

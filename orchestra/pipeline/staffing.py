@@ -29,6 +29,8 @@ from orchestra.vocabulary import AggregatorChoice, Mode
 
 #: not looked at yet (see ``Staffing.known``)
 _UNKNOWN = object()
+#: recruitments of fixed agents kept for reuse (see ``Staffing._fixed_agent``)
+_FIXED_KEPT = 1024
 
 Call = Callable[[Sequence[tuple[Model, ChatRequest]]], Awaitable[list[ChatResult | Exception]]]
 """Sends calls for a run and returns their outcomes."""
@@ -87,6 +89,9 @@ class Staffing:
         self._matched: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[Match, ...]]] = {}
         #: (given skills, k, mode) -> the one recruitment every seed gets, or None where the seed draws
         self._settled: dict[tuple[tuple[str, ...], int, str], Recruitment | None] = {}
+        #: (agent, given skills, why) -> the recruitment of a node whose one agent is fixed (a step's agent,
+        #: the pool's only one): a recruitment is never changed, so nodes share it and its explanation
+        self._fixed: dict[tuple[str, tuple[str, ...], str], Recruitment] = {}
 
     def known(self, skills: Sequence[str], *, seed: int, k: int, mode: Mode, agent: str | None = None,
               pin: Pin | None = None) -> Recruitment | None:
@@ -95,15 +100,12 @@ class Staffing:
         if pin is not None and pin.recruitment is not None:
             return pin.recruitment
         if agent is not None:
-            return Recruitment(experts=(agent,), keywords=tuple(skills), matches=(), candidates=(),
-                               mode="fixed", notes=(f"{agent}: fixed for this step",))
+            return self._fixed_agent(agent, skills, "fixed for this step")
         if pin is not None and k == 1 and len(pin.experts) == 1:  # one agent, kept on resume: nothing to recruit
             return Recruitment(experts=pin.experts, keywords=tuple(skills), matches=(), candidates=(),
                                mode="fixed", notes=(f"{pin.experts[0]}: as recorded with the run",))
         if k == 1 and len(self.pool.agents) == 1 and pin is None:  # one team only: keyword calls could not change it
-            only = self.pool.agents[0].name
-            return Recruitment(experts=(only,), keywords=tuple(skill_names(skills, 40)), matches=(), candidates=(),
-                               mode="fixed", notes=(f"{only}: the pool's only agent",))
+            return self._fixed_agent(self.pool.agents[0].name, skills, "the pool's only agent", named=True)
         given = tuple(skills)
         found = self._matched.get(given) if skills else None
         if found is None or pin is not None:
@@ -116,6 +118,19 @@ class Staffing:
         if settled is _UNKNOWN:  # (the matches of these skills are fixed: asked once)
             self._settled[key] = None if self.recruiter.draws(found[1], mode) else recruitment
         return recruitment
+
+    def _fixed_agent(self, agent: str, skills: Sequence[str], why: str, *, named: bool = False) -> Recruitment:
+        """The recruitment of a node whose one agent is fixed (``why``), made once per agent, skills
+        and reason; ``named``: its keywords are the skills' plain names."""
+        key = (agent, tuple(skills), why)
+        known = self._fixed.get(key)
+        if known is None:
+            if len(self._fixed) >= _FIXED_KEPT:  # (a long-lived server meets ever new skills)
+                self._fixed.clear()
+            keywords = tuple(skill_names(skills, 40)) if named else key[1]
+            known = self._fixed[key] = Recruitment(experts=(agent,), keywords=keywords, matches=(), candidates=(),
+                                                   mode="fixed", notes=(f"{agent}: {why}",))
+        return known
 
     async def recruit(self, instruction: str, skills: Sequence[str], call: Call, *, seed: int, k: int, mode: Mode,
                       agent: str | None = None, pin: Pin | None = None) -> Staffed:
