@@ -21,6 +21,7 @@ from orchestra.pipeline.planning import with_replan_hint
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.result import RunResult
 from orchestra.settings import MAX_K
+from orchestra.terminal_text import counted
 from orchestra.view import LiveView, LogView, literal, print_result, summary_line
 
 HELP = """Type a task to plan it. Before it runs you can:
@@ -88,7 +89,7 @@ class ChatSession:
         if self.interactive:
             import readline  # noqa: F401 - line editing and arrow-key history for input()
         pool = self.orchestra.pool
-        self.console.print(f"Orchestra chat · pool {pool.name} ({len(pool.agents)} agents) · "
+        self.console.print(f"Orchestra chat · pool {pool.name} ({counted(len(pool.agents), 'agent')}) · "
                            f"k={self.orchestra.settings.k} · /help for commands")
         while True:
             try:

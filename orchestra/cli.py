@@ -73,6 +73,15 @@ def echo_json(text: str) -> None:
         _json_out.flush()
 
 
+def stand_in_for_closed_streams() -> None:
+    """A standard stream the process was started without (``>&-``, ``<&-``, a daemon's) is
+    ``/dev/null``, as if redirected there: what goes out is dropped, input is empty. (Python leaves
+    it ``None``: `ask`, `chat` and `serve` ended in an AttributeError traceback.)"""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))  # noqa: SIM115 (kept for the process)
+
+
 def shield_ray_shutdown() -> None:
     """Once a command is done, where it used Ray: Ctrl-C is ignored while the process exits, so Ray's
     own shutdown (at exit) stops the instance it started (a press there was a traceback, exit 0, and
@@ -114,6 +123,7 @@ class OrchestraGroup(click.Group):
         naming where help is, as every error here, not click's usage block."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
+        stand_in_for_closed_streams()
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
         except _HELP_INSTEAD as error:  # no command given: the help, as click shows it
@@ -597,7 +607,10 @@ def validate(workflow: Path) -> None:
         kind += f", a data set of {items} item(s)"
         if limit and limit < items:
             kind += f", the first {limit} run (limit)"
-    click.echo(f"{workflow}: ok ({flow.name}: {kind}, pool {flow.pool.name} with {len(flow.pool.agents)} agents)")
+    from orchestra.terminal_text import counted
+
+    agents = counted(len(flow.pool.agents), "agent")
+    click.echo(f"{workflow}: ok ({flow.name}: {kind}, pool {flow.pool.name} with {agents})")
 
 
 # --- pools and profiles --------------------------------------------------------------------
@@ -797,7 +810,9 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     if resume:
         click.echo(f"reused {report.reused} recorded answer(s); sent the rest")
     click.echo(f"wrote {len(written)} profiles to {target}")
-    click.echo(f"profile · {report.calls} calls · {report.usage.requests} requests · "
+    from orchestra.terminal_text import counted
+
+    click.echo(f"profile · {counted(report.calls, 'call')} · {counted(report.usage.requests, 'request')} · "
                f"{report.usage.prompt_tokens + report.usage.completion_tokens:,} tokens · {usd(report.usage.cost_usd)}")
 
 

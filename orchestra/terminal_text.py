@@ -21,3 +21,8 @@ def one_line(text: str) -> str:
     """``text`` on one line: its line breaks and tabs written as escapes (``\\n``), so a value kept
     whole (a data-set item's id) is neither split across rows nor mistaken for another."""
     return text.replace("\n", "\\n").replace("\t", "\\t")  # (other control characters: see ``printable``)
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 call``, ``2 calls``: a count with its noun (an English plural in ``s``)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -50,7 +50,7 @@ from orchestra.events import (
 )
 from orchestra.hints import run_error
 from orchestra.money import usd
-from orchestra.terminal_text import UNSAFE, printable
+from orchestra.terminal_text import UNSAFE, counted, printable
 
 if TYPE_CHECKING:
     from orchestra.result import RunResult
@@ -442,6 +442,7 @@ def summary_line(result: RunResult) -> str:
     """``run ID · status · calls · requests · tokens · cost · time``."""
     usage = result.usage
     failed = f" ({usage.failed_calls} failed)" if usage.failed_calls else ""  # (a done run may have lost an expert)
-    return (f"run {result.run_id} · {result.status} · {usage.calls} calls{failed} · {usage.requests} requests · "
+    return (f"run {result.run_id} · {result.status} · {counted(usage.calls, 'call')}{failed} · "
+            f"{counted(usage.requests, 'request')} · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd(usage.cost_usd)} · "
             f"{result.elapsed_s:.1f} s")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -224,6 +225,45 @@ def test_json_output_with_stdout_closed_is_no_traceback() -> None:
                           text=True, timeout=60, close_fds=True,
                           preexec_fn=lambda: os.close(1))
     assert (done.returncode, done.stderr) == (0, "done\n")
+
+
+def test_commands_started_without_stdout_or_stdin_read_them_as_dev_null(tmp_path: Path) -> None:
+    """`ask --json >&-`, `chat <&-` and `serve >&-` (a daemon's) ended in an AttributeError traceback
+    (`sys.stdout.isatty()` on None, uvicorn's logging set-up), exit 1: now as if redirected to /dev/null."""
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("name: p\nmodels:\n  a: {type: openai, model: a, base_url: 'http://127.0.0.1:9/v1', "
+                    "api_key_env: null, max_attempts: 1}\nagents:\n  - {name: h, model: a}\n")
+    env = {**os.environ, "ORCHESTRA_HOME": str(tmp_path / "home"), "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"}
+
+    def without(fd: int, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "orchestra", *args], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120, env=env,
+                              close_fds=True, preexec_fn=lambda: os.close(fd))
+
+    asked = without(1, "ask", "What is 6*7?", "--pool", str(pool), "--json")
+    assert asked.returncode == 2 and asked.stderr.count("\n") == 1, asked.stderr
+    assert "cannot reach http://127.0.0.1:9/v1" in asked.stderr
+    chatted = without(0, "chat", "--pool", str(pool))
+    assert (chatted.returncode, chatted.stderr) == (0, "")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        served = without(1, "serve", "--pool", str(pool), "--port", str(port), "--no-store")
+    assert served.returncode == 2 and served.stderr.count("\n") == 1, served.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in served.stderr
+
+
+def test_counts_of_one_read_in_the_singular() -> None:
+    """`ask --max-calls 1` ended with `· 1 calls · 1 requests ·`; chat greeted a one-agent pool with `(1 agents)`."""
+    from orchestra.result import RunResult
+    from orchestra.terminal_text import counted
+    from orchestra.view import summary_line
+
+    assert [counted(n, "call") for n in (0, 1, 2)] == ["0 calls", "1 call", "2 calls"]
+    one = RunResult.model_validate({"run_id": "r1", "task": "t", "status": "done", "answer": "a",
+                                    "usage": {"calls": 1, "requests": 1}, "elapsed_s": 1.0})
+    assert " · done · 1 call · 1 request · " in summary_line(one)
 
 
 def test_ctrl_c_is_ignored_while_a_command_that_used_ray_exits(monkeypatch: pytest.MonkeyPatch) -> None:
