@@ -14,7 +14,7 @@ from rich.text import Text
 
 from orchestra.money import usd
 from orchestra.store import EMBEDDINGS, RunStore
-from orchestra.terminal_text import printable
+from orchestra.terminal_text import counted, printable
 from orchestra.view import literal
 
 
@@ -109,8 +109,8 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
     for node in report["nodes"]:
         console.print(literal(f"{node['node_id']}: ", style="bold") + literal(node["instruction"] or ""))
     for node_id, (asked, saved, _) in stopped.items():
-        console.print(literal(f"{node_id}: stopped early: its first {len(asked)} experts agreed, so {saved} "
-                           f"call{'s' if saved != 1 else ''} (the other experts and the aggregation) were not made"))
+        console.print(literal(f"{node_id}: stopped early: its first {len(asked)} experts agreed, so "
+                           f"{counted(saved, 'call')} (the other experts and the aggregation) were not made"))
     for node in report["nodes"]:
         if node["explanation"]:
             console.print(literal(f"recruitment of {node['node_id']}:", style="bold"))
@@ -121,7 +121,7 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
 
     for index, call in enumerate(report["calls"], start=1):
         # what it cost opens the body, which wraps: in the title a narrow terminal cut it ($0.0000...)
-        body = literal(f"{call['source']} · {call['requests']} request{'s' if call['requests'] != 1 else ''} · "
+        body = literal(f"{call['source']} · {counted(call['requests'], 'request')} · "
                        f"{call['prompt_tokens']}+{call['completion_tokens']} tokens · {usd(call['cost_usd'] or 0)}\n",
                        style="dim")
         for message in call["request"].get("messages", []):

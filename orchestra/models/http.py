@@ -44,6 +44,7 @@ from orchestra.models.transport import (
     TransportFactory,
 )
 from orchestra.models.types import Usage
+from orchestra.terminal_text import counted
 
 DEFAULT_MAX_CONCURRENCY = 16
 
@@ -430,10 +431,10 @@ class Endpoint:
                                   f"Retry-After), longer than Orchestra waits ({policy.max_wait:g} s); try again later")
             if status == 429:
                 final: ModelError = RateLimited(
-                    f"{url} is still rate limiting (HTTP 429) after {_attempts(attempt)}; "
+                    f"{url} is still rate limiting (HTTP 429) after {counted(attempt, 'attempt')}; "
                     "lower max_concurrency or rpm on the model")
             else:
-                final = BadResponse(f"{url} failed with HTTP {status} after {_attempts(attempt)}: "
+                final = BadResponse(f"{url} failed with HTTP {status} after {counted(attempt, 'attempt')}: "
                                     f"{_error_text(response, secret)}")
             raise _Retryable(final, retry_after, f"{url} answered HTTP {status}: {_error_text(response, secret)}")
         if 300 <= status < 400:  # (an empty one was retried as an answer cut short, naming no redirect)
@@ -501,10 +502,6 @@ def _refuse_known(state: _LoopState, secret: str | None) -> None:
     refused = state.refused
     if refused is not None and refused[0] == secret and time.monotonic() - refused[1] < REFUSED_KEY_SECONDS:
         raise AuthenticationError(refused[2])
-
-
-def _attempts(count: int) -> str:
-    return f"{count} attempt{'s' if count != 1 else ''}"
 
 
 async def _closes_with_loop(transport: Transport) -> AsyncGenerator[None, None]:
