@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker, RunAdmission
+from orchestra.collector import paced_for_streams
 from orchestra.dag import Dag
 from orchestra.errors import (
     BudgetExceeded,
@@ -432,20 +433,21 @@ class _Stream:
         self.chunks = 0
 
     async def results(self) -> AsyncGenerator[tuple[int, RunResult], None]:
-        feeder = asyncio.ensure_future(self.feed())
-        try:
-            while True:
-                got = await self.queue.get()
-                if got is _END:
-                    return
-                if isinstance(got, BaseException):
-                    raise got
-                if self.slots is not None:
-                    self.slots.release()
-                yield got
-        finally:
-            feeder.cancel()
-            self.close()
+        with paced_for_streams():  # (full collections would walk every run in flight, freeing nothing)
+            feeder = asyncio.ensure_future(self.feed())
+            try:
+                while True:
+                    got = await self.queue.get()
+                    if got is _END:
+                        return
+                    if isinstance(got, BaseException):
+                        raise got
+                    if self.slots is not None:
+                        self.slots.release()
+                    yield got
+            finally:
+                feeder.cancel()
+                self.close()
 
     # --- the feeder ----------------------------------------------------------------------
 
