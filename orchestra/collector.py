@@ -3,10 +3,12 @@
 A full collection walks every object the collector tracks, and while a data set streams that is
 mostly the runs in flight (about 140 objects each, a window of 1,000 by default), none of which it
 can free: measured on ``bench/scale.py``, full collections took about 40% of the time and freed
-almost nothing (the runs' objects are freed by reference counting as each run ends). Python starts
-one every 10 collections of the middle generation; while a stream runs, Orchestra asks for one
-every ``FULL_COLLECTION_SPACING`` of them instead, and gives the setting back when the last stream
-in the process ends. Young objects are collected as before, so short-lived cycles still go at once.
+0.0015 objects per instance (the runs' objects are freed by reference counting as each run ends).
+Python starts one every 10 collections of the middle generation (there, every ~250 instances);
+while a stream runs, Orchestra asks for one every ``FULL_COLLECTION_SPACING`` of them instead, and
+gives the setting back when the last stream in the process ends. Young objects are collected as
+before, so short-lived cycles still go at once; what the older cycles hold waits longer, no more
+than a full collection's spacing of allocations, whatever the data set's size.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from contextlib import contextmanager
 
 #: middle-generation collections per full collection while a stream runs (Python's default is 10);
 #: None leaves the collector as it is. Read as each stream starts.
-FULL_COLLECTION_SPACING: int | None = 100
+FULL_COLLECTION_SPACING: int | None = 1000
 
 _lock = threading.Lock()
 _streams = 0  # streams running in this process (in any thread)

@@ -13,6 +13,7 @@ from helpers import scripted_pool
 from orchestra import Orchestra, collector
 
 PYTHONS = (700, 10, 10)  # Python's own thresholds
+SPACED = (700, 10, collector.FULL_COLLECTION_SPACING)  # while a stream runs
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,7 @@ async def thresholds_seen(orc: Orchestra, n: int = 3, *, window: int = 2) -> lis
 
 def test_a_stream_spaces_full_collections_and_gives_pythons_thresholds_back() -> None:
     seen = asyncio.run(thresholds_seen(orchestra()))
-    assert seen == [(700, 10, collector.FULL_COLLECTION_SPACING)] * 3
+    assert seen == [SPACED] * 3 and SPACED[2] == 1000
     assert gc.get_threshold() == PYTHONS
     assert orchestra().run_many(["question"])[0].status == "done"  # (run_many streams too)
     assert gc.get_threshold() == PYTHONS
@@ -52,7 +53,7 @@ def test_overlapping_streams_keep_the_spacing_until_the_last_one_ends() -> None:
         return await short, long
 
     short, long = asyncio.run(main())
-    assert short == [(700, 10, 100)] and long == [(700, 10, 100)] * 6
+    assert short == [SPACED] and long == [SPACED] * 6
     assert gc.get_threshold() == PYTHONS
 
 
@@ -60,7 +61,7 @@ def test_a_stream_left_early_or_failing_gives_the_thresholds_back() -> None:
     async def leave_early() -> None:
         async with aclosing(orchestra().arun_iter([f"question {i}" for i in range(5)], window=2)) as stream:
             async for _ in stream:
-                assert gc.get_threshold()[2] == 100
+                assert gc.get_threshold() == SPACED
                 break
 
     def failing_input() -> Iterator[str]:
@@ -69,7 +70,7 @@ def test_a_stream_left_early_or_failing_gives_the_thresholds_back() -> None:
 
     async def fail() -> None:
         async for _ in orchestra().arun_iter(failing_input(), window=1):
-            assert gc.get_threshold()[2] == 100
+            assert gc.get_threshold() == SPACED
 
     asyncio.run(leave_early())
     assert gc.get_threshold() == PYTHONS
@@ -79,8 +80,8 @@ def test_a_stream_left_early_or_failing_gives_the_thresholds_back() -> None:
 
 
 def test_a_collector_set_by_the_user_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    gc.set_threshold(700, 10, 500)  # collecting less often already
-    assert asyncio.run(thresholds_seen(orchestra())) == [(700, 10, 500)] * 3
+    gc.set_threshold(700, 10, 5000)  # collecting less often already
+    assert asyncio.run(thresholds_seen(orchestra())) == [(700, 10, 5000)] * 3
     gc.set_threshold(0)  # collection switched off by its first threshold
     assert asyncio.run(thresholds_seen(orchestra(), 1))[0][0] == 0
     gc.set_threshold(*PYTHONS)
@@ -102,8 +103,8 @@ def test_thresholds_changed_during_a_stream_are_kept_after_it() -> None:
 
 def test_a_spacing_changed_while_a_stream_runs_leaves_the_first_streams_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     with collector.paced_for_streams():
-        monkeypatch.setattr(collector, "FULL_COLLECTION_SPACING", 200)
+        monkeypatch.setattr(collector, "FULL_COLLECTION_SPACING", 2000)
         with collector.paced_for_streams():
-            assert gc.get_threshold() == (700, 10, 100)
-        assert gc.get_threshold() == (700, 10, 100)
+            assert gc.get_threshold() == SPACED
+        assert gc.get_threshold() == SPACED
     assert gc.get_threshold() == PYTHONS
