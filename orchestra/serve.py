@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker, RunAdmission
+from orchestra.collector import paced_for_streams
 from orchestra.core import Orchestra, check_task, new_run_id
 from orchestra.errors import ConfigError
 from orchestra.events import UNSYNTHESIZED, VOTED_INSTEAD, Event
@@ -681,7 +682,8 @@ def app(pool: Pool | str | Path | None = None, settings: Settings | Mapping[str,
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         try:
-            yield
+            with paced_for_streams():  # (requests in flight are runs in flight, as in a data set)
+                yield
         finally:
             await server.shutdown()
 

@@ -10,7 +10,7 @@ from contextlib import aclosing
 import pytest
 from helpers import scripted_pool
 
-from orchestra import Orchestra, collector
+from orchestra import Orchestra, collector, serve
 
 PYTHONS = (700, 10, 10)  # Python's own thresholds
 SPACED = (700, 10, collector.FULL_COLLECTION_SPACING)  # while a stream runs
@@ -107,4 +107,16 @@ def test_a_spacing_changed_while_a_stream_runs_leaves_the_first_streams_setting(
         with collector.paced_for_streams():
             assert gc.get_threshold() == SPACED
         assert gc.get_threshold() == SPACED
+    assert gc.get_threshold() == PYTHONS
+
+
+def test_a_served_app_spaces_full_collections_while_it_runs() -> None:
+    pool, _ = scripted_pool(2)
+    application = serve.app(pool, store=False)
+
+    async def main() -> tuple[int, int, int]:
+        async with application.router.lifespan_context(application):
+            return gc.get_threshold()
+
+    assert asyncio.run(main()) == SPACED
     assert gc.get_threshold() == PYTHONS
