@@ -18,6 +18,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from orchestra.errors import ConfigError
+
 #: middle-generation collections per full collection while a stream runs (Python's default is 10);
 #: None leaves the collector as it is. Read as each stream starts.
 FULL_COLLECTION_SPACING: int | None = 1000
@@ -43,9 +45,12 @@ def paced_for_streams() -> Iterator[None]:
 
 def _start() -> None:
     global _streams, _given_back, _ours
+    spacing = FULL_COLLECTION_SPACING
+    if spacing is not None and (type(spacing) is not int or spacing < 1):  # (checked before it counts the stream)
+        raise ConfigError(f"orchestra.collector.FULL_COLLECTION_SPACING must be a whole number of at least 1 "
+                          f"or None (pacing off), not {spacing!r}")
     with _lock:
         _streams += 1
-        spacing = FULL_COLLECTION_SPACING
         if _streams > 1 or spacing is None or not gc.isenabled():
             return
         young, middle, full = gc.get_threshold()

@@ -11,6 +11,7 @@ import pytest
 from helpers import scripted_pool
 
 from orchestra import Orchestra, collector, serve
+from orchestra.errors import ConfigError
 
 PYTHONS = (700, 10, 10)  # Python's own thresholds
 SPACED = (700, 10, collector.FULL_COLLECTION_SPACING)  # while a stream runs
@@ -119,4 +120,16 @@ def test_a_served_app_spaces_full_collections_while_it_runs() -> None:
             return gc.get_threshold()
 
     assert asyncio.run(main()) == SPACED
+    assert gc.get_threshold() == PYTHONS
+
+
+@pytest.mark.parametrize("spacing", ["1000", 0, -5, 2.5, True])
+def test_a_spacing_that_is_not_a_whole_number_is_refused_and_leaves_later_streams_paced(
+        monkeypatch: pytest.MonkeyPatch, spacing: object) -> None:
+    monkeypatch.setattr(collector, "FULL_COLLECTION_SPACING", spacing)
+    with pytest.raises(ConfigError, match=r"FULL_COLLECTION_SPACING must be a whole number .*not " + repr(spacing)):
+        asyncio.run(thresholds_seen(orchestra(), 1))
+    assert gc.get_threshold() == PYTHONS
+    monkeypatch.setattr(collector, "FULL_COLLECTION_SPACING", 1000)
+    assert asyncio.run(thresholds_seen(orchestra(), 1)) == [SPACED]  # (the refused stream was never counted)
     assert gc.get_threshold() == PYTHONS

@@ -170,6 +170,37 @@ def test_equal_recruitments_are_one_object_and_different_ones_are_not() -> None:
     assert len(drawn) > 1  # symbolic-moe still draws per seed
 
 
+def test_a_shared_recruitments_json_is_a_new_copy_each_time_it_is_asked_for() -> None:
+    """One recruitment serves every node and run that drew the same: a trace changed by its user
+    must not change the others' (every list and dict of its JSON is the trace's own)."""
+    r = recruiter()
+    shared = r.recruit(["algebra"], matches("algebra"), seed=1, k=2, mode="topk")
+    first, second = shared.to_dict(), shared.to_dict()
+    assert first == second
+    for key in ("experts", "keywords", "explanation"):
+        first[key].append("changed")  # type: ignore[attr-defined]
+    first["matches"][0]["skill"] = "changed"  # type: ignore[index]
+    first["candidates"][0]["weight"] = -1  # type: ignore[index]
+    first["candidates"][0]["contributions"][0]["score"] = -1  # type: ignore[index]
+    assert shared.to_dict() == second and first != second
+    assert not shared_containers(shared.to_dict(), shared.to_dict())
+    calibrated = recruiter().recruit(["algebra"], matches("algebra"), seed=1, k=2, mode="calibrated")
+    assert calibrated.team is not None
+    mine = calibrated.to_dict()
+    mine["team"]["experts"].append("changed")  # type: ignore[index]
+    assert calibrated.to_dict()["team"]["experts"] == list(calibrated.team.experts)  # type: ignore[index,union-attr]
+    assert not shared_containers(calibrated.to_dict(), calibrated.to_dict())
+
+
+def shared_containers(one: object, other: object) -> list[object]:
+    """The lists and dicts that are the same object in both JSON values (compared where they correspond)."""
+    if isinstance(one, dict) and isinstance(other, dict):
+        return [one] * (one is other) + [x for key in one for x in shared_containers(one[key], other.get(key))]
+    if isinstance(one, list) and isinstance(other, list):
+        return [one] * (one is other) + [x for a, b in zip(one, other) for x in shared_containers(a, b)]
+    return []
+
+
 def test_calibrated_with_nothing_measured_draws_and_says_so() -> None:
     r = recruiter(profiles={}, declared={"A": ["algebra"], "B": ["geometry"]})
     recruitment = r.recruit(["algebra"], matches("algebra"), seed=3, k=2, mode="calibrated")
