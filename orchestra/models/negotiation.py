@@ -103,6 +103,8 @@ class Capabilities:
     def strip(self, payload: dict[str, Any]) -> dict[str, Any]:
         """``payload`` without the fields of refused features (the choice between a field's kinds,
         such as a ``response_format`` mode, is the backend's)."""
+        if not self.refused:  # (every request is stripped: most servers refuse nothing)
+            return payload
         for feature, field in features_of(payload).items():
             if feature in self.refused:
                 del payload[field]
