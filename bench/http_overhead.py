@@ -12,7 +12,10 @@ Rounds alternate between clients (the machine is shared and noisy); each prints 
 max req/s. The ceiling C / D is what a client with no overhead would reach; the server's own
 capacity is measured by aiohttp with C connections and no delay, so a rate near it says the server,
 not the client, is the limit. Client and server share this machine's cores: a client that needs
-more CPU per request also leaves the server less. Target: orchestra / aiohttp >= 0.9 at C = 64 and 256.
+more CPU per request also leaves the server less, so each client's CPU time per request (this
+process's, the server being in another; Orchestra's includes making its ChatRequests) is printed
+too: where the server is near its capacity,
+the ratio of rates follows the ratio of those. Target: orchestra / aiohttp >= 0.9 at C = 64 and 256.
 
     python bench/http_overhead.py [--requests 3000] [--concurrency 64 256] [--delay 0.02] [--rounds 5]
 """
@@ -107,7 +110,10 @@ def serve(delay: float) -> tuple[subprocess.Popen[str], str]:
     return server, server.stdout.readline().strip()
 
 
-def measure(args: argparse.Namespace, concurrency: int) -> dict[str, list[float]]:
+def measure(args: argparse.Namespace, concurrency: int,
+            cpu_per_request: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each client's req/s, round by round; ``cpu_per_request`` gets its CPU µs per request (this
+    process's: the client's, the server's being in another)."""
     server, url = serve(args.delay)
     try:
         for client in CLIENTS.values():  # warm-up: imports, connection set-up paths
@@ -115,7 +121,9 @@ def measure(args: argparse.Namespace, concurrency: int) -> dict[str, list[float]
         rates: dict[str, list[float]] = {name: [] for name in CLIENTS}
         for _ in range(args.rounds):
             for name, client in CLIENTS.items():
+                cpu = time.process_time()
                 rates[name].append(asyncio.run(client(url, args.requests, concurrency)))
+                cpu_per_request[name].append((time.process_time() - cpu) / args.requests * 1e6)
         return rates
     finally:
         server.terminate()
@@ -140,13 +148,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     for concurrency in args.concurrency:
-        rates = measure(args, concurrency)
+        cpu: dict[str, list[float]] = {name: [] for name in CLIENTS}
+        rates = measure(args, concurrency, cpu)
         capacity = server_capacity(args, concurrency)
         print(f"\n{args.requests} requests, concurrency {concurrency}, server delay {args.delay * 1000:.0f} ms: "
               f"ceiling {concurrency / args.delay:.0f} req/s, server capacity {capacity:.0f} req/s")
-        print(f"  {'client':<11} {'min':>8} {'median':>8} {'max':>8}  req/s")
+        print(f"  {'client':<11} {'min':>8} {'median':>8} {'max':>8}  req/s   client CPU µs/request (min, median)")
         for name, values in rates.items():
-            print(f"  {name:<11} {min(values):8.0f} {statistics.median(values):8.0f} {max(values):8.0f}")
+            print(f"  {name:<11} {min(values):8.0f} {statistics.median(values):8.0f} {max(values):8.0f}"
+                  f"        {min(cpu[name]):6.0f} {statistics.median(cpu[name]):6.0f}")
         ratio = statistics.median(rates["orchestra"]) / statistics.median(rates["aiohttp"])
         best = max(statistics.median(v) for v in rates.values())
         bound = "  (the server is near its limit: a higher ratio could not show)" if best > 0.9 * capacity else ""
