@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 import warnings
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from orchestra.budget import Budget, BudgetTracker
 from orchestra.datasets import Dataset, Item
@@ -233,6 +234,44 @@ def check_output(path: Path, what: str, kind: str, earlier: Callable[[str, bool]
         raise ConfigError(f"{path} exists and is not {kind}: give {flag} a new file, or remove it first")
 
 
+def claim_answers_file(path: Path) -> TextIO:
+    """``path`` opened to be written afresh, once no other evaluation is writing it: a file is locked
+    (``flock``) before it is emptied, so a second ``--output`` to it is refused and the first one's
+    answers are kept (two evaluations wrote over each other's rows, and both said they had finished)."""
+    try:
+        file = path.open("a", encoding="utf-8")  # (not "w": that would empty it before the lock is asked for)
+    except OSError as error:
+        raise ConfigError(f"cannot write the answers to {path}: {error.strerror or error}") from None
+    if not path.is_file():  # (a pipe or a device: written as it is)
+        return file
+    try:
+        _lock_alone(file)
+        file.truncate(0)
+    except BlockingIOError:
+        file.close()
+        raise ConfigError(f"{path} is being written by another evaluation: give --output another file, "
+                          "or wait until that one has finished") from None
+    except OSError as error:
+        file.close()
+        raise ConfigError(f"cannot write the answers to {path}: {error.strerror or error}") from None
+    return file
+
+
+def _lock_alone(file: TextIO) -> None:
+    """Hold an exclusive lock on ``file`` while it is open; ``BlockingIOError`` if another holds one
+    (a file system without locks, or Windows, leaves it unlocked)."""
+    if sys.platform == "win32":
+        return
+    import fcntl
+
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError:  # (no locks on this file system: ENOLCK, EOPNOTSUPP)
+        pass
+
+
 #: the most of a file's first line read to tell what it holds
 _FIRST_LINE = 1 << 20
 
@@ -321,10 +360,7 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
             check_output(output, "the answers", "an earlier answers file (JSON Lines)", _answers_line,
                          {"the data set": dataset.path, "the run store": store, "the pool file": orchestra.pool.source},
                          flag="--output")
-            try:
-                lines = stack.enter_context(output.open("w", encoding="utf-8"))
-            except OSError as error:
-                raise ConfigError(f"cannot write the answers to {output}: {error.strerror or error}") from None
+            lines = stack.enter_context(claim_answers_file(output))
 
             def sink(row: dict[str, Any]) -> None:
                 lines.write(json.dumps(row, ensure_ascii=False) + "\n")

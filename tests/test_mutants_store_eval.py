@@ -22,7 +22,8 @@ from helpers import scripted_pool
 from orchestra import Orchestra
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError, RunHeld, StoreError
-from orchestra.evaluate import Tally, _answers_line, aevaluate, check_output, html_page, method_variant
+from orchestra.evaluate import (Tally, _answers_line, aevaluate, check_output, claim_answers_file, html_page,
+                                method_variant)
 from orchestra.events import ExpertsRecruited, NodeDone, NodeReady, PlanReady
 from orchestra.grading import get_grader
 from orchestra.models import ChatRequest, ChatResult, Usage
@@ -251,6 +252,29 @@ def test_an_output_that_is_a_precious_file_by_another_name_is_refused_naming_tha
         with pytest.raises(ConfigError, match=r"^the answers would overwrite the data set "):
             check_output(output, "the answers", "an earlier answers file", _answers_line, {"the data set": data},
                          flag="--output")
+
+
+def test_an_answers_file_another_evaluation_is_writing_is_refused_and_kept_whole(orchestra_home: Path,
+                                                                                   tmp_path: Path) -> None:
+    """Two evaluations given one ``--output``: the second is refused before any call and leaves the
+    first one's rows as they are (both ran, each emptied the file and wrote its own rows over the
+    other's, and both ended as if their answers were all there). Once the first is done it is free."""
+    pool, models = scripted_pool(3)
+    orc = Orchestra(pool, k=2, store=orchestra_home / "runs.db")
+    answers = tmp_path / "answers.jsonl"
+    first = asyncio.run(aevaluate(orc, DATA, method="vote", output=answers))
+    written = answers.read_text()
+    assert first.items == 2 and len(written.splitlines()) == 2
+    with claim_answers_file(answers) as held:  # (another evaluation, writing it now)
+        held.write(written)
+        held.flush()
+        asked = sum(len(model.requests) for model in models.values())
+        with pytest.raises(ConfigError, match=r"answers.jsonl is being written by another evaluation: give --output"):
+            asyncio.run(aevaluate(orc, DATA, method="vote", output=answers))
+        assert sum(len(model.requests) for model in models.values()) == asked  # refused before any call
+        assert answers.read_text() == written
+    again = asyncio.run(aevaluate(orc, DATA, method="vote", output=answers))
+    assert again.items == 2 and len(answers.read_text().splitlines()) == 2  # written afresh, not appended
 
 
 # --- resuming an evaluation ------------------------------------------------------------------------------
