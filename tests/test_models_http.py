@@ -291,6 +291,14 @@ def test_a_request_a_busy_server_never_accepted_is_not_counted(loopback) -> None
         with pytest.raises(EndpointUnreachable, match=r"no connection within 0.5 s") as failed:
             run(model.complete_one(ask()))
         assert failed.value.usage.requests == 0  # type: ignore[attr-defined]
+        # cut by the call's deadline, not the attempt's timeout: a time limit, not a server that is not running
+        # (it read "no connection within 0.000999088 s; is the server running?" and failed as unreachable)
+        hurried = OpenAICompatible(model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None, timeout=30,
+                                   deadline=0.5, max_attempts=1)
+        with pytest.raises(RequestTimeout, match=r"had not accepted the connection when the call's deadline ran out "
+                                                 r"\(deadline=0.5 s per call") as hurried_out:
+            run(hurried.complete_one(ask()))
+        assert hurried_out.value.usage.requests == 0  # type: ignore[attr-defined]
         cut: list[object] = []
 
         async def cancelled() -> None:

@@ -22,8 +22,15 @@ from helpers import scripted_pool
 from orchestra import Orchestra
 from orchestra.datasets import Dataset, Item
 from orchestra.errors import ConfigError, RunHeld, StoreError
-from orchestra.evaluate import (Tally, _answers_line, aevaluate, check_output, claim_answers_file, html_page,
-                                method_variant)
+from orchestra.evaluate import (
+    Tally,
+    _answers_line,
+    aevaluate,
+    check_output,
+    claim_answers_file,
+    html_page,
+    method_variant,
+)
 from orchestra.events import ExpertsRecruited, NodeDone, NodeReady, PlanReady
 from orchestra.grading import get_grader
 from orchestra.models import ChatRequest, ChatResult, Usage

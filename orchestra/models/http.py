@@ -328,13 +328,12 @@ class Endpoint:
         secret = self.api_key()
         sent_headers = [("Content-Type", "application/json"), *headers(secret).items()]
         url = self._base_url + path
-        started = time.monotonic()
+        began: list[float] = []  # when the first attempt got its turn (``_post_once`` sets it)
         attempt = 0
         while True:
             attempt += 1
-            limit = min(policy.timeout, policy.deadline - (time.monotonic() - started))
             try:
-                body = await self._post_once(url, payload, sent_headers, model, secret, limit, policy, attempt,
+                body = await self._post_once(url, payload, sent_headers, model, secret, began, policy, attempt,
                                              stream() if stream is not None else None)
                 if complete is None:
                     return body
@@ -346,7 +345,8 @@ class Endpoint:
                 backoff = min(policy.max_wait, 0.5 * 2 ** (attempt - 1))
                 delay = backoff if failure.retry_after is None else min(policy.max_wait, failure.retry_after)
                 # out of attempts, or the next one would start past the deadline
-                if attempt >= policy.max_attempts or time.monotonic() - started + delay >= policy.deadline:
+                now = time.monotonic()
+                if attempt >= policy.max_attempts or now - (began[0] if began else now) + delay >= policy.deadline:
                     raise failure.final from None
                 charge(getattr(failure.final, "usage", None))  # a billed attempt (a stream cut short) counts
                 notify_retry(model, attempt, delay, str(failure))
@@ -360,9 +360,14 @@ class Endpoint:
         return shown
 
     async def _post_once(self, url: str, payload: dict[str, Any], headers: Headers, model: str, secret: str | None,
-                         limit: float, policy: CallPolicy, attempt: int, on_chunk: Chunks = None) -> dict[str, Any]:
+                         began: list[float], policy: CallPolicy, attempt: int, on_chunk: Chunks = None
+                         ) -> dict[str, Any]:
         """One attempt (the ``attempt``-th); a failure worth another is raised as ``_Retryable``, with
-        the error that ends the call if it is the last."""
+        the error that ends the call if it is the last. The call's deadline counts from when its first
+        attempt got its turn (``began``, set here): the time it waited for a ``max_concurrency`` slot
+        or the ``rpm`` limit is Orchestra's own queue, not the endpoint's answering, so it does not
+        count (a deadline that did cut calls merely queued behind others). Each attempt takes at most
+        ``policy.timeout`` and what is left of the deadline when its turn comes."""
         shown = self._shown(url)
         state = await self._state()
         body = to_json(payload)  # (compact UTF-8, as json.dumps(ensure_ascii=False) writes it, in a sixth of the time)
@@ -375,6 +380,12 @@ class Endpoint:
                 await self._limiter.acquire()
             if state.refused is not None:  # (refused while this one waited)
                 _refuse_known(state, secret)
+            now = time.monotonic()
+            if not began:
+                began.append(now)
+            limit = min(policy.timeout, policy.deadline - (now - began[0]))
+            if limit <= 0:  # (a retry whose turn came after the deadline: not sent)
+                raise _Retryable(RequestTimeout(_past_deadline(shown, policy, attempt - 1)))
             count_request()
             connected = [False] if getattr(state.transport, "tells_connected", False) else [True]
             token = CONNECTED.set(connected)
@@ -385,8 +396,12 @@ class Endpoint:
                     take_back_request()
                 raise
             except (asyncio.TimeoutError, httpx.TimeoutException) as error:
-                if isinstance(error, httpx.ConnectTimeout) or not connected[0]:  # no connection: never seen
+                unseen = isinstance(error, httpx.ConnectTimeout) or not connected[0]
+                if unseen:  # no connection: the server never saw it
                     take_back_request()
+                if limit < policy.timeout:  # the call's deadline, not the attempt's timeout, cut it
+                    raise _Retryable(RequestTimeout(_past_deadline(shown, policy, attempt, unseen=unseen))) from None
+                if unseen:
                     raise _Retryable(EndpointUnreachable(
                         f"cannot reach {shown} (no connection within {limit:g} s); is the server running?")) from None
                 raise _Retryable(RequestTimeout(
@@ -496,6 +511,15 @@ def _not_found_known(state: _LoopState, url: str, model: str) -> None:
         if time.monotonic() - known[0] < NOT_FOUND_SECONDS:
             raise copy.copy(known[1])
         del state.not_found[(url, model)]
+
+
+def _past_deadline(shown: str, policy: CallPolicy, attempts: int, *, unseen: bool = False) -> str:
+    """Why a call ended at its deadline (not an attempt's timeout: "within 0.495386 s" told nothing, and a
+    connection still waited for read as a server that was not running)."""
+    what = "had not accepted the connection" if unseen else "had not finished answering"
+    return (f"{shown} {what} when the call's deadline ran out (deadline={policy.deadline:g} s per call, counted from "
+            f"its first attempt; {counted(attempts, 'attempt')}, timeout={policy.timeout:g} s per attempt; raise them "
+            "on the model)")
 
 
 def _refuse_known(state: _LoopState, secret: str | None) -> None:
