@@ -142,7 +142,8 @@ class CallPolicy:
 
     Attributes:
         timeout: seconds one attempt may take (the whole answer, not each read).
-        deadline: seconds one call may take, every attempt and retry wait included.
+        deadline: seconds one call may take from its first attempt, every attempt and retry wait included
+            (not its wait for a concurrency slot or the rate limit before that).
         max_attempts: attempts per call, retries included.
         max_wait: the longest wait between attempts (a longer ``Retry-After`` fails at once).
     """
