@@ -110,6 +110,22 @@ def _answer_clause(text: str) -> str | None:
     return None
 
 
+#: a clause that denies ("not 42", "n't B"), and what it may say instead after it ("..., but 43", "it is C")
+_DENIAL = re.compile(r"(?:not|n['\u2019]t)\b")
+_INSTEAD = re.compile(r"\b(?:but|rather|instead|it is|it's|it\u2019s)\b[\s:,]*", re.IGNORECASE)
+
+
+def _affirmed(clause: str) -> str | None:
+    """What a number or letter clause affirms: itself, or of one that denies ("not 42", "n't B"), what
+    it says instead ("not 42, but 43": "43"); None if it only denies ("The answer is not 42." was
+    graded right for 42, and voted for it)."""
+    if not _DENIAL.match(clause):
+        return clause
+    instead = list(_INSTEAD.finditer(clause))
+    rest = clause[instead[-1].end():].strip() if instead else ""
+    return rest or None
+
+
 def _named_choices(text: str, choices: Sequence[str]) -> list[tuple[int, int, int]]:
     """Where ``text`` names a choice by its text, as whole words or a whole number ("4" is not named in
     "14" nor in "4.5"), as (start, end, index) in order; a name inside a longer choice's ("York" in
@@ -161,6 +177,10 @@ class MultipleChoiceGrader:
         valid = LETTERS[: len(item.choices)] if item is not None and item.choices else LETTERS
         choices = item.choices if item is not None and item.choices else ()
         clause = _answer_clause(text)
+        if clause is not None:
+            clause = _affirmed(clause)
+            if clause is None:  # it names no letter but one it rules out
+                return None
         for stated in ((_unboxed(clause) or clause) if clause else None, _unboxed(text)):
             chosen = _chosen_letter(stated, valid, choices) if stated else None
             if chosen:
@@ -243,6 +263,11 @@ _OPERATOR = r"(?:[-+*/^\u00d7\u00b7\u00f7]|\\times|\\cdot|\\div)"
 _EQUATION = re.compile(rf"[\s$*_]*(?:{_TERM}(?:\s*{_OPERATOR}\s*{_TERM})*\s*=\s*)+")
 
 
+#: a word that scales the number before it
+_SCALES = {"thousand": 10 ** 3, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
+_SCALE = re.compile(rf"\s+({'|'.join(_SCALES)})\b", re.IGNORECASE)
+
+
 def _comes_to(rest: str) -> bool:
     """Whether what follows an equation's last "=" is one number, what it comes to ("5 - 3 = 2"), not
     more working ("6 = 2 * 3" answers 6)."""
@@ -279,7 +304,12 @@ class NumericGrader:
         text = _MINUS.sub("-", answer_text(text))
         # "The answer is 63 (from 100 - 37)": the answer is the number the clause starts with, or the number
         # an equation it opens with comes to ("The answer is 5 - 3 = 2" is 2)
-        for candidate, pick in ((last_boxed(text), -1), (_answer_clause(text), 0), (text, -1)):
+        clause = _answer_clause(text)
+        affirmed = _affirmed(clause) if clause is not None else None
+        # a clause that only rules a number out ("The answer is not 42.") answers nothing: not its number,
+        # nor the text's last one
+        rest = [] if clause is not None and affirmed is None else [(affirmed, 0), (text, -1)]
+        for candidate, pick in ((last_boxed(text), -1), *rest):
             if not candidate:
                 continue
             equation = _EQUATION.match(candidate) if pick == 0 else None
@@ -290,8 +320,11 @@ class NumericGrader:
                 return None  # (its first number got the credit)
             value = normalize_number(candidate)
             if value is None:
-                numbers = [number[0] for number in _NUMBER.finditer(candidate)]
-                value = normalize_number(numbers[pick]) if numbers else None
+                numbers = list(_NUMBER.finditer(candidate))
+                value = normalize_number(numbers[pick][0]) if numbers else None
+                scale = _SCALE.match(candidate, numbers[pick].end()) if numbers else None
+                if value is not None and scale:  # "1.5 million" is 1500000, not 1.5
+                    value = value * _SCALES[scale[1].lower()]
             if value is not None:
                 return str(value)
         return None
@@ -348,6 +381,7 @@ class AutoGrader:
         if item is None:  # by the first word of the clause (or its box), else of the last box: "(C)", "21 (3 times 7)"
             text = answer_text(text)
             clause = _answer_clause(text)
+            clause = _affirmed(clause) if clause else clause  # (what "not 42, but 43" says: 43)
             stated = ((_unboxed(clause) or clause) if clause else _unboxed(text)) or ""
             first = stated.split(maxsplit=1)[0] if stated.strip() else ""
             bare = first.rstrip(".,:;")

@@ -129,3 +129,37 @@ def test_an_answer_clause_that_opens_with_a_sum_is_read_by_its_option_letter() -
     assert MultipleChoiceGrader().extract("The answer is 2 + 2 = 4, i.e. (D)", small) == "D"
     even = Item(id="e", question="2 + 2?", answer="B", choices=("2", "4", "6", "8"))
     assert MultipleChoiceGrader().extract("The answer is 2 + 2 = 4", even) == "B"  # (with no letter: it read A)
+
+
+# --- a clause that rules an answer out, and numbers in words --------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["The answer is not 42.", "The answer isn't 42.", "The answer is not 42; 43, I think."])
+def test_a_clause_that_only_rules_a_number_out_answers_nothing(text: str) -> None:
+    """"The answer is not 42." was graded right for 42 (the clause's first number), and its fallback, the
+    text's last number, would be 42 as well."""
+    forty_two = Item(id="q", question="?", answer="42")
+    assert NumericGrader().extract(text) is None and not AutoGrader().grade(text, forty_two)
+
+
+@pytest.mark.parametrize(("text", "number"), [("The answer is not 42, but 43.", "43"),
+                                              ("The answer is not 42 but rather 44", "44"),
+                                              ("The answer is \\boxed{7}. The answer is not 8.", "7")])
+def test_a_clause_that_rules_a_number_out_answers_what_it_says_instead(text: str, number: str) -> None:
+    """What follows "but", "rather", "instead" or "it is" is the answer, and a vote reads it so too."""
+    assert NumericGrader().extract(text) == number and AutoGrader().extract(text) == number
+
+
+def test_a_clause_that_rules_a_letter_out_chooses_none_or_the_one_it_says_instead() -> None:
+    letters = Item(id="q", question="?", answer="B", choices=("x", "y", "z"))
+    assert MultipleChoiceGrader().extract("The answer is not B.", letters) is None
+    assert MultipleChoiceGrader().extract("The answer is not B, it is C.", letters) == "C"
+
+
+@pytest.mark.parametrize(("text", "number"), [("The answer is 1 million.", "1000000"),
+                                              ("The answer is 1.5 billion dollars", "1500000000"),
+                                              ("So about 3 thousand people came.", "3000"),
+                                              ("The answer is 2 millionaires", "2")])
+def test_a_number_followed_by_a_scale_word_is_read_at_its_scale(text: str, number: str) -> None:
+    """"1 million" was read as 1."""
+    assert NumericGrader().extract(text) == number
