@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -315,6 +316,11 @@ class Workflow:
         except TemplateSyntaxError as error:
             raise document.text_error(f"template syntax error: {error.message}", loc, error.lineno) from None
         if unknown:
+            dashed = _DASHED_NAME.search(source)
+            if dashed is not None:  # ("steps.a-b.output" is steps.a minus b.output: "unknown variable 'b'")
+                kind, name, rest = dashed[1], dashed[2], dashed[3] or ""
+                raise document.error(f"{kind}.{name} reads as {kind}.{name.split('-')[0]} minus "
+                                     f"{name.split('-', 1)[1]}: write {kind}[\"{name}\"]{rest}", loc)
             raise document.error(f"unknown template variable {sorted(unknown)[0]!r}; use inputs.<name> or "
                                  "steps.<id>.output", loc)
         owner = f"step {step_id!r}" if step_id else loc[0]
@@ -502,6 +508,10 @@ def _renderer(source: str, where: str, inputs: Mapping[str, Any], *, blank: str 
             raise ConfigError(f"{RENDER_FAILED}{where}: {blank}")
         return text
     return render
+
+
+#: a step id or input name with a dash, written after a dot (Jinja reads the dash as a minus)
+_DASHED_NAME = re.compile(r"\b(steps|inputs)\.(\w+(?:-\w+)+)(\.\w+)?")
 
 
 def _unaliased(tree: nodes.Template) -> nodes.Template:

@@ -1058,3 +1058,14 @@ def test_run_refuses_a_recruiting_flag_the_workflows_mode_would_not_use(tmp_path
     assert (refused.returncode, refused.stderr.splitlines()[0]) == (
         2, "error: --competence-weight (recruit.competence_weight) weighs the Symbolic-MoE draw; random recruiting "
            "does not use it: leave it out, or use --mode symbolic-moe (see python -m orchestra run --help)")
+
+
+def test_a_dashed_step_id_read_with_a_dot_is_refused_with_the_form_that_works(tmp_path: Path) -> None:
+    """``steps.a-b.output`` is ``steps.a`` minus ``b.output`` to Jinja: the error said "unknown template
+    variable 'b'; use ... steps.<id>.output", what the user had written. It names the bracket form."""
+    dashed = GOOD.replace("id: draft", "id: first-draft").replace("needs: [draft]", "needs: [first-draft]")
+    with pytest.raises(ConfigError, match=r'steps\.first-draft reads as steps\.first minus draft: '
+                                          r'write steps\["first-draft"\]\.output$'):
+        Workflow.load(write(tmp_path, dashed.replace("steps.draft.output", "steps.first-draft.output")))
+    fixed = dashed.replace("{{ steps.draft.output }}", "{{ steps['first-draft'].output }}")
+    assert [step.id for step in Workflow.load(write(tmp_path, fixed)).spec.steps] == ["first-draft", "review"]
