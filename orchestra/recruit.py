@@ -376,6 +376,9 @@ class Recruiter:
         if mode == "topk" and len(experts) < k:
             notes += (f"topk: only {len(experts)} of the {k} experts asked for have a positive weight on these "
                       "skills; the other agents score 0 or less on them",)
+        elif mode in ("global", "random") and len(experts) < k:  # (each agent once: the pool is smaller than k)
+            notes += (f"{mode}: only {len(experts)} of the {k} experts asked for: the pool has "
+                      f"{len(self.table.scores)} agents, each chosen once",)
         return self._made(mode, k, keywords, matches, experts, ranked, None, notes)
 
     def draws(self, matches: Sequence[Match], mode: Mode) -> bool:

@@ -343,6 +343,11 @@ def test_global_and_random_modes_ignore_the_subtasks_skills() -> None:
         "topk: only 2 of the 3 experts asked for have a positive weight on these skills; the other agents score 0 "
         "or less on them")
     assert not any("topk:" in line for line in r.recruit([], matches("algebra"), seed=0, k=2, mode="topk").explain())
+    for mode in ("global", "random"):  # (each agent once: 3 of the 5 asked for, and it said nothing of the other 2)
+        few = r.recruit([], matches("algebra"), seed=0, k=5, mode=mode)  # type: ignore[arg-type]
+        assert len(few.experts) == 3 and few.explain()[-1] == (
+            f"{mode}: only 3 of the 5 experts asked for: the pool has 3 agents, each chosen once")
+        assert not any(line.startswith(f"{mode}:") for line in r.recruit([], [], seed=0, k=3, mode=mode).explain())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown recruiting mode 'best'; choose one of calibrated, symbolic-moe, topk, "
                                          "adaptive, global, random"):
         r.recruit([], [], seed=0, mode="best")  # type: ignore[arg-type]
