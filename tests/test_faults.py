@@ -25,6 +25,7 @@ from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestT
 from orchestra.hints import cli_message
 from orchestra.models import ChatRequest, ChatResult, OpenAICompatible, Usage
 from orchestra.models.base import ModelBase
+from orchestra.models.http import Endpoint
 from orchestra.store import APPLICATION_ID, LEASE_SECONDS, PAGE_SIZE, SCHEMA_VERSION, RunStore
 from orchestra.testing import Reply, chat_handler, error_reply, openai_reply
 
@@ -89,6 +90,32 @@ def test_a_call_s_deadline_counts_from_its_first_attempt_not_from_its_wait_for_a
 
     assert [o.text for o in asyncio.run(both())] == ["first done", "second done"]
     assert [r.prompt.count("second") for r in server.requests] == [0, 1, 1]
+
+
+def test_a_retry_whose_turn_comes_after_the_call_s_deadline_is_not_sent_and_says_so(loopback) -> None:
+    """A retry still waiting for its endpoint's only slot when its call's deadline runs out is not sent with
+    no time left; its error says it waited, not that the server was slow."""
+    def answer(request: Any) -> Reply:
+        if "long" in request.prompt:
+            return dataclasses.replace(openai_reply("long done"), delay=1.5)  # holds the slot past the deadline
+        return error_reply(503, "busy")
+
+    server = loopback(answer)
+    shared = Endpoint(f"{server.url}/v1", max_concurrency=1)
+    patient = OpenAICompatible(model="m", endpoint=shared, deadline=10)
+    hurried = OpenAICompatible(model="m", endpoint=shared, deadline=0.8)  # retries 0.5 s after its 503
+
+    async def both() -> list[Any]:
+        short = asyncio.ensure_future(hurried.complete_one(ChatRequest.user("short")))
+        while not server.requests:  # (its 503 came: the long one takes the slot while it waits to retry)
+            await asyncio.sleep(0.01)
+        return list(await asyncio.gather(short, patient.complete_one(ChatRequest.user("long")),
+                                         return_exceptions=True))
+
+    short, long = asyncio.run(both())
+    assert isinstance(short, RequestTimeout) and long.text == "long done"
+    assert "was still waiting for its turn to try again when the call's deadline ran out (deadline=0.8 s" in str(short)
+    assert "1 attempt" in str(short) and len(server.requests) == 2  # (its retry was never sent)
 
 
 def test_a_retry_after_of_exactly_the_longest_wait_is_waited_out(loopback) -> None:

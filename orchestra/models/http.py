@@ -386,7 +386,7 @@ class Endpoint:
                 began.append(now)
             limit = min(policy.timeout, policy.deadline - (now - began[0]))
             if limit <= 0:  # (a retry whose turn came after the deadline: not sent)
-                raise _Retryable(RequestTimeout(_past_deadline(shown, policy, attempt - 1)))
+                raise _Retryable(RequestTimeout(_past_deadline(shown, policy, attempt - 1, unsent=True)))
             count_request()
             connected = [False] if getattr(state.transport, "tells_connected", False) else [True]
             token = CONNECTED.set(connected)
@@ -514,11 +514,13 @@ def _not_found_known(state: _LoopState, url: str, model: str) -> None:
         del state.not_found[(url, model)]
 
 
-def _past_deadline(shown: str, policy: CallPolicy, attempts: int, *, unseen: bool = False) -> str:
+def _past_deadline(shown: str, policy: CallPolicy, attempts: int, *, unseen: bool = False, unsent: bool = False) -> str:
     """Why a call ended at its deadline (not an attempt's timeout: "within 0.495386 s" told nothing, and a
-    connection still waited for read as a server that was not running)."""
-    what = "had not accepted the connection" if unseen else "had not finished answering"
-    return (f"{shown} {what} when the call's deadline ran out (deadline={policy.deadline:g} s per call, counted from "
+    connection still waited for read as a server that was not running); ``unsent``: a retry's turn came
+    after it."""
+    what = (f"a call to {shown} was still waiting for its turn to try again" if unsent else
+            f"{shown} had not accepted the connection" if unseen else f"{shown} had not finished answering")
+    return (f"{what} when the call's deadline ran out (deadline={policy.deadline:g} s per call, counted from "
             f"its first attempt; {counted(attempts, 'attempt')}, timeout={policy.timeout:g} s per attempt; raise them "
             "on the model)")
 
