@@ -143,6 +143,7 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
                        f"tokens {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out · "
                        f"{usd(totals['cost_usd'])}", style="bold"))
     if run["answer"]:
-        console.print(Panel(literal(run["answer"]), title="answer"))
+        cut = bool((report["result"] or {}).get("answer_cut"))
+        console.print(Panel(literal(run["answer"]), title="answer (stopped at its token limit)" if cut else "answer"))
     if run["error"]:
         console.print(literal(run["error"], style="red"))

@@ -426,12 +426,20 @@ def _call_text(event: CallDone) -> str:
     return "\n".join(parts)
 
 
+#: what a run whose answer stopped at its writer's token limit says beside it
+ANSWER_CUT = ("the answer stopped at its token limit and may be incomplete: raise max_tokens for the agent that "
+              "writes it (or the budget's --max-tokens, if that set the limit)")
+
+
 def print_result(console: Console, result: RunResult, *, rich_output: bool, errors: Console | None = None,
                  stored: bool = True) -> None:
     """The answer, exactly as the model wrote it, and one line with the reason when the run did not
     finish (on ``errors``, e.g. stderr, when given; ``stored``: whether the run was kept to resume)."""
     if result.answer:
         console.print(literal(result.answer), soft_wrap=not rich_output)
+    if result.answer_cut:  # (it read as a whole answer: done, exit 0, and nothing said)
+        (errors or console).print(literal(f"warning: {ANSWER_CUT}", style="yellow" if rich_output else ""),
+                                  soft_wrap=True)
     if result.status != "done":
         (errors or console).print(literal(f"error: {run_error(result, stored=stored)}",
                                        style="red" if rich_output else ""),

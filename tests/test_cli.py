@@ -19,7 +19,7 @@ import pytest
 from helpers import AGGREGATE_MARK, KEYWORDS_MARK, wait_for
 from loopback_llm import ScriptedLLM, write_pool
 
-from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply
+from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply, openai_reply
 
 
 def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
@@ -110,6 +110,30 @@ def test_ask_plain_output_is_the_answer_with_log_lines_on_stderr(llm, tmp_path: 
         both = cli("ask", "Quick question", "--pool", str(pool), *flags)
         assert both.returncode == 2 and "--quiet and --verbose contradict each other; give one" in both.stderr
     assert len(llm.server.requests) == sent
+
+
+def test_an_answer_cut_at_its_token_limit_is_said_beside_it_and_in_show(loopback, tmp_path: Path) -> None:
+    """The aggregator's answer stopped at its max_tokens (finish_reason length): `ask` printed the cut text,
+    `done` and exit 0 with no word of it (only `--json`'s answer_cut knew), and `show` neither."""
+    scripted = ScriptedLLM()
+
+    def text(request: LoopbackRequest) -> str | Reply:
+        written = scripted.text(request)
+        if AGGREGATE_MARK in request.prompt:
+            return openai_reply("Synthesized answer. The answer is", finish_reason="length")
+        return written
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan")
+    assert done.returncode == 0 and done.stdout.strip() == "Synthesized answer. The answer is", done.stderr
+    assert "warning: the answer stopped at its token limit and may be incomplete: raise max_tokens" in done.stderr
+    run_id = re.search(r"run (\S+) · done", done.stderr)[1]  # type: ignore[index]
+    shown = cli("show", run_id)
+    assert "answer (stopped at its token limit)" in shown.stdout, shown.stdout
+    whole = loopback(ScriptedLLM().handler())  # (answers that end on their own: no warning)
+    ended = cli("ask", "Quick question", "--pool", str(write_pool(tmp_path, whole.url)), "--no-plan")
+    assert ended.returncode == 0 and "warning" not in ended.stderr, ended.stderr
 
 
 def test_a_task_of_dash_is_read_from_standard_input(llm, tmp_path: Path) -> None:
