@@ -559,6 +559,20 @@ def test_a_key_echoed_by_a_gateway_is_redacted(loopback, monkeypatch) -> None:
     assert "sk-echoed-secret-123" not in str(caught.value) and "[redacted]" in str(caught.value)
 
 
+def test_a_long_error_message_is_cut_with_an_ellipsis_and_a_short_one_whole(loopback) -> None:
+    """A server's long error was cut at 200 characters mid-word (inside a quoted string) with nothing to
+    say more had been left out."""
+    server = loopback(lambda req: error_reply(400, "expected 'text' or 'json' " + "x" * 300))
+    with pytest.raises(RequestRejected) as long:
+        run(openai(server, max_attempts=1).complete([ask()]))
+    said = str(long.value).split("(HTTP 400): ", 1)[1]
+    assert said.startswith("expected 'text' or 'json' xx") and said.endswith("x…") and len(said) == 200, said
+    short = loopback(lambda req: error_reply(400, "bad one"))
+    with pytest.raises(RequestRejected) as brief:
+        run(openai(short, max_attempts=1).complete([ask()]))
+    assert "bad one" in str(brief.value) and "…" not in str(brief.value)
+
+
 def test_credentials_in_a_url_never_reach_messages() -> None:
     from orchestra.models.http import display_url
 

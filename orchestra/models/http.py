@@ -576,7 +576,8 @@ def _error_text(response: Answer, secret: str | None) -> str:
         text = str(error.get("message", error) if isinstance(error, dict) else error)
     if secret:
         text = text.replace(secret, "[redacted]")
-    return " ".join(text.split())[:200] or "(empty body)"
+    text = " ".join(text.split())
+    return (text if len(text) <= 200 else text[:199] + "…") or "(empty body)"  # (cut where it is: say so)
 
 
 def check_base_url(url: str) -> None:
