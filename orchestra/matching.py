@@ -105,8 +105,17 @@ def _ngrams(text: str, sizes: tuple[int, ...]) -> Counter[str]:
     return grams
 
 
+def _word_starts(text: str) -> frozenset[str]:
+    """The first three letters of each word (a shorter word whole), as a keyword and a skill that are
+    one word's forms share them: "grammatical" and "grammar", "physical" and "physics"."""
+    return frozenset(word[:3] for word in text.lower().split())
+
+
 class LexicalMatcher:
-    """Character n-gram TF-IDF cosine similarity; no model, no heavy dependency.
+    """Character n-gram TF-IDF cosine similarity; no model, no heavy dependency. A keyword maps only to
+    a skill one of whose words starts as one of its own does: spelling alike in the middle or the end
+    of words is no kinship ("programming" matched "grammar", "biography" "geography", and decided
+    who was recruited).
 
     Args:
         min_similarity: keywords whose best skill scores below this map to nothing.
@@ -119,6 +128,7 @@ class LexicalMatcher:
         self._index_key: tuple[str, ...] = ()
         self._idf: dict[str, float] = {}
         self._postings: dict[str, list[tuple[int, float]]] = {}
+        self._starts: list[frozenset[str]] = []
         self._cache: dict[str, Match | None] = {}
 
     def spec(self) -> MatcherSpec:
@@ -136,6 +146,7 @@ class LexicalMatcher:
             norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
             for gram, weight in weights.items():
                 self._postings.setdefault(gram, []).append((index, weight / norm))
+        self._starts = [_word_starts(skill) for skill in vocabulary]
         self._index_key = vocabulary
         self._cache = {}
 
@@ -153,9 +164,11 @@ class LexicalMatcher:
         for gram, weight in weights.items():
             for index, doc_weight in self._postings.get(gram, ()):
                 scores[index] = scores.get(index, 0.0) + weight * doc_weight
+        starts = _word_starts(keyword)
+        kin = [(index, score) for index, score in scores.items() if starts & self._starts[index]]
         best: Match | None = None
-        if scores and norm:
-            index, score = max(scores.items(), key=lambda kv: (kv[1], -kv[0]))
+        if kin and norm:
+            index, score = max(kin, key=lambda kv: (kv[1], -kv[0]))
             if score / norm >= self.min_similarity:
                 best = Match(keyword, vocab[index], round(score / norm, 4))
         self._cache[keyword] = best

@@ -98,6 +98,26 @@ def test_lexical_matcher_maps_to_nearest_skill_and_caches() -> None:
     assert asyncio.run(matcher.match(["algebra"], VOCABULARY))[0].similarity == 1.0
 
 
+POOL_SKILLS = ("arithmetic", "algebra", "geometry", "probability", "physics", "chemistry", "biology", "writing",
+               "grammar", "summarization", "history", "geography", "general knowledge")
+
+
+@pytest.mark.parametrize(("keyword", "skill"), [("grammatical", "grammar"), ("geometric", "geometry"),
+                                                ("physical", "physics"), ("world history", "history"),
+                                                ("probabilities", "probability"), ("knowledge", "general knowledge")])
+def test_lexical_matcher_maps_a_words_other_forms_to_its_skill(keyword: str, skill: str) -> None:
+    match = LexicalMatcher().nearest(keyword, POOL_SKILLS)
+    assert match is not None and match.skill == skill
+
+
+@pytest.mark.parametrize("keyword", ["programming", "biography", "photography", "calculation", "coding"])
+def test_lexical_matcher_maps_no_keyword_to_a_skill_spelt_alike_only_inside_its_words(keyword: str) -> None:
+    """A small model's usual keywords, "python, programming", sent every task to the writer: "programming"
+    matched "grammar" (0.31 against a 0.3 threshold), "biography" "geography" (0.65), by the letters
+    their words end with, not the ones they start with."""
+    assert LexicalMatcher().nearest(keyword, POOL_SKILLS) is None
+
+
 def test_embedding_matcher_over_a_loopback_embeddings_endpoint(loopback) -> None:
     axes = {"algebra": [1, 0, 0], "geometry": [0, 1, 0], "history": [0, 0, 1],
             "equations": [0.9, 0.1, 0], "triangles": [0.1, 0.9, 0.1], "pottery": [0.5, 0.5, 0.5]}
