@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -289,6 +289,11 @@ class RunAdmission:
     refused (``ended(..., cut=True)``) is one its runs make: with no room for it, no run is started
     (it would send its first calls and be cut there). With no run in flight one starts unless that
     is known (a run that does not fit stops at the budget, as any run).
+
+    Runs of different *kinds* (a server's requests for one agent, for a team, for a preset) cost
+    apart: what a run takes is learned per kind, and runs in flight are counted at their own kind's
+    cost. A run of a kind not learned yet, or beside one in flight, waits until nothing is in flight.
+    ``live`` is the number of runs in flight (all of ``kind``) or their count by kind.
     """
 
     def __init__(self, shared: BudgetTracker) -> None:
@@ -296,31 +301,37 @@ class RunAdmission:
         #: what the budget had committed before these runs (other runs may share it)
         self._base = shared.committed()
         self._ended = (0.0, 0.0, 0.0)  # committed by the runs that ended
-        self._largest = (0.0, 0.0, 0.0)  # the full cost of the costliest runs that ended on their own
+        #: by kind, the full cost of the costliest runs that ended on their own
+        self._largest: dict[Hashable, tuple[float, float, float]] = {}
         #: the most a call of those runs held beyond what it spent (None: a run ended without saying)
         self._slack: Reservation | None = NOTHING
-        self._learned = 0
         #: the largest worst case of a call a run was refused (it reserved nothing, so the shared
         #: budget's ``largest`` does not know it): the last call of a run may need that much
         self._refused = NOTHING
         self._futile: BudgetExceeded | None = None  # a call of a run was over a limit on its own
 
-    def admits(self, live: int) -> bool:
-        """Whether one more run may start beside ``live`` runs in flight."""
-        return live == 0 or (self._learned > 0 and self.refusal(live) is None)
+    def admits(self, live: int | Mapping[Any, int], kind: Hashable = None) -> bool:
+        """Whether one more run of ``kind`` may start beside ``live`` runs in flight."""
+        flying = _by_kind(live, kind)
+        if not any(flying.values()):
+            return True
+        known = kind in self._largest and all(k in self._largest for k, n in flying.items() if n)
+        return known and self.refusal(flying, kind) is None
 
-    def refusal(self, live: int) -> BudgetExceeded | None:
-        """Why one more run cannot be expected to finish beside ``live`` runs in flight, or None
-        (None too while nothing is known): a run whose call was over a limit on its own, or the
+    def refusal(self, live: int | Mapping[Any, int], kind: Hashable = None) -> BudgetExceeded | None:
+        """Why one more run of ``kind`` cannot be expected to finish beside ``live`` runs in flight,
+        or None (None too while nothing is known): a run whose call was over a limit on its own, or the
         budget's room against what a run costs and what its last call may need."""
         if self._futile is not None:
             return self._futile
-        if not self._learned and self._refused is NOTHING:
+        learned = kind in self._largest
+        if not learned and self._refused is NOTHING:
             return None
+        flying = _by_kind(live, kind)
         budget, refused = self.shared.budget, self._refused
         # a run's last call needs its worst case left, beyond what the run spends: what calls held
         # beyond what they spent, once runs have shown it (else the largest worst case of a call)
-        beyond = self._learned > 0 and self._slack is not None
+        beyond = bool(self._largest) and self._slack is not None
         largest = self._slack if beyond and self._slack is not None else self.shared.largest
         committed = self.shared.committed()
         limits = (("max_calls", budget.max_calls, 0.0),
@@ -329,8 +340,9 @@ class RunAdmission:
         for dimension, (name, limit, last_call) in enumerate(limits):
             if limit is None:
                 continue
-            per_run = self._largest[dimension]
-            expected = self._base[dimension] + self._ended[dimension] + live * per_run
+            per_run = self._largest.get(kind, _NONE_KNOWN)[dimension]
+            in_flight = sum(n * self._largest.get(k, _NONE_KNOWN)[dimension] for k, n in flying.items())
+            expected = self._base[dimension] + self._ended[dimension] + in_flight
             needed = max(expected, committed[dimension]) + per_run + last_call
             if (dollars(needed) if name == "max_cost_usd" else needed) > limit:
                 def amount(value: float, name: str = name) -> str:
@@ -339,7 +351,7 @@ class RunAdmission:
                             if name == "max_tokens" else usd_exact(value))  # (amounts set against a limit)
 
                 # (a call is admitted by its worst case, so the last one needs that much left)
-                takes = f", and a run takes up to {amount(per_run)}" if self._learned else ""
+                takes = f", and a run takes up to {amount(per_run)}" if learned else ""
                 reserve = "" if not last_call else (
                     f", and a call may hold {amount(last_call)} more than it spends" if beyond
                     else f", and a call may need {amount(last_call)} at worst")
@@ -348,7 +360,7 @@ class RunAdmission:
                                             "so it was not started")
         return None
 
-    def ended(self, run: BudgetTracker, *, on_its_own: bool, cut: bool = False) -> None:
+    def ended(self, run: BudgetTracker, *, on_its_own: bool, cut: bool = False, kind: Hashable = None) -> None:
         """Count a run that ended (``on_its_own``: not cut short by a budget or a cancellation, so
         it shows what a run costs; ``cut``: a budget cut it short, so the call it was refused is one
         a run may need room for). One stopped by a call over a limit on its own (with the budget
@@ -367,13 +379,13 @@ class RunAdmission:
             self._refused = Reservation(max(wanted.tokens, self._refused.tokens),
                                         max(wanted.cost_usd, self._refused.cost_usd))
         whole = (run.calls, run.prompt_tokens + run.completion_tokens, run.cost_usd)
-        self.count(run.committed(), whole if on_its_own else None, run.slack)
+        self.count(run.committed(), whole if on_its_own else None, run.slack, kind=kind)
 
     def count(self, spent: tuple[float, float, float], whole: tuple[float, float, float] | None,
-              slack: Reservation | None = None) -> None:
-        """Count a run that ended, by what it had committed to the shared budget (calls, tokens,
-        dollars) and, if it ended on its own, all it cost (``whole``: what a run takes) and the most
-        a call of it held beyond what it spent (``slack``; None: not known)."""
+              slack: Reservation | None = None, *, kind: Hashable = None) -> None:
+        """Count a run of ``kind`` that ended, by what it had committed to the shared budget (calls,
+        tokens, dollars) and, if it ended on its own, all it cost (``whole``: what a run of its kind
+        takes) and the most a call of it held beyond what it spent (``slack``; None: not known)."""
         self._ended = (self._ended[0] + spent[0], self._ended[1] + spent[1], self._ended[2] + spent[2])
         if whole is not None:
             if slack is None or self._slack is None:
@@ -381,6 +393,14 @@ class RunAdmission:
             elif slack.tokens > self._slack.tokens or slack.cost_usd > self._slack.cost_usd:
                 self._slack = Reservation(max(slack.tokens, self._slack.tokens),
                                           max(slack.cost_usd, self._slack.cost_usd))
-            self._learned += 1
-            self._largest = (max(self._largest[0], whole[0]), max(self._largest[1], whole[1]),
-                             max(self._largest[2], whole[2]))
+            largest = self._largest.get(kind, _NONE_KNOWN)
+            self._largest[kind] = (max(largest[0], whole[0]), max(largest[1], whole[1]), max(largest[2], whole[2]))
+
+
+#: what a run of a kind not learned yet is counted at (it waits for nothing to be in flight)
+_NONE_KNOWN = (0.0, 0.0, 0.0)
+
+
+def _by_kind(live: int | Mapping[Any, int], kind: Hashable) -> Mapping[Any, int]:
+    """Runs in flight by kind: a bare count is of runs of ``kind``."""
+    return {kind: live} if isinstance(live, int) else live

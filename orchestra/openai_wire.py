@@ -42,10 +42,18 @@ class WireError(Exception):
         self.param = param
         self.code = code
         self.kind = kind or _ERROR_TYPES.get(status, "api_error")
+        #: of a request whose run made calls: what they spent (``usage``) and the run's facts (``orchestra``)
+        self.spent: dict[str, Any] = {}
 
     def body(self) -> dict[str, Any]:
-        """OpenAI's error shape."""
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        """OpenAI's error shape, with what the request's run spent beside it (clients ignore it)."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code},
+                **self.spent}
+
+    def of_run(self, result: RunResult) -> WireError:
+        """This error, saying what ``result``'s calls spent (a client is billed for them all the same)."""
+        self.spent = {"usage": usage(result), "orchestra": extension(result)}
+        return self
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",

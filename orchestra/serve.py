@@ -21,8 +21,10 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +126,7 @@ class Server:
         #: to finish it (a burst would otherwise spend it on keyword samples and finish nothing)
         limited = budget is not None and any(limit is not None for limit in budget.model_dump().values())
         self.admission = RunAdmission(self.shared) if self.shared is not None and limited else None
-        self.live = 0  # runs in flight
+        self.live: Counter[str] = Counter()  # runs in flight, by kind (see ``_kind``)
         self.waiting = 0  # requests waiting for the server's budget to admit their runs
         self.stored = orchestra.store is not None  # whether a failed request's run can be resumed
         self.changed = asyncio.Event()  # a run ended
@@ -151,10 +153,11 @@ class Server:
             spent = self.shared.reached() if self.shared is not None else None
             if spent is not None:
                 raise WireError(429, str(spent), code="insufficient_quota")  # (it names the server's budget)
-            if self.admission is not None and not await self._admitted(request):
+            kind = _kind(completion)
+            if self.admission is not None and not await self._admitted(request, kind):
                 return Response(status_code=499)  # the client went away while its request waited
             feed = Feed(completion.progress) if completion.stream else None
-            run = self._start(completion, served, feed)
+            run = self._start(completion, served, feed, kind)
         except WireError as error:
             return _error(error)
         if feed is not None and feed.progress:  # progress starts at once: a failure is the stream's last event
@@ -173,7 +176,7 @@ class Server:
             result = run.result()
             failure = _failure(result, self.stored, served, completion)
             if failure is not None:
-                return _error(failure, result.run_id)
+                return _error(failure.of_run(result), result.run_id)
             if feed is None:
                 return JSONResponse(completion_body(result, completion.model, int(time.time())),
                                     headers={RUN_HEADER: result.run_id})
@@ -238,13 +241,13 @@ class Server:
         except RecursionError:
             raise bad_request("the request body is JSON nested too deeply to read") from None
 
-    async def _admitted(self, request: Request) -> bool:
+    async def _admitted(self, request: Request, kind: str) -> bool:
         """Wait until the server's budget can be expected to finish one more request's run besides
-        those in flight (see ``RunAdmission``: until one has ended, runs go one at a time); a request
-        it cannot be expected to finish is refused (429) before any call. False: the client went
-        away while it waited."""
+        those in flight (see ``RunAdmission``: until one of its ``kind`` has ended, runs go one at a
+        time); a request it cannot be expected to finish is refused (429) before any call. False: the
+        client went away while it waited."""
         assert self.admission is not None
-        while not self.admission.admits(self.live):
+        while not self.admission.admits(self.live, kind):
             self.changed.clear()
             self.waiting += 1
             try:
@@ -254,24 +257,27 @@ class Server:
                 self.waiting -= 1
             if self.closing:
                 raise WireError(503, "the server is shutting down; retry on another instance")
-        refused = self.admission.refusal(self.live)
+        refused = self.admission.refusal(self.live, kind)
         if refused is not None:
             raise WireError(429, str(refused), code="insufficient_quota")
         return True
 
-    def _run_ended(self, run: asyncio.Task[RunResult]) -> None:
-        """Count a request's run that ended for ``RunAdmission``: what it spent, and (if it ended on
-        its own, not cut short by a budget or a cancellation) what a run takes."""
+    def _run_ended(self, kind: str, run: asyncio.Task[RunResult]) -> None:
+        """Count a request's run of ``kind`` that ended for ``RunAdmission``: what it spent, and (if it
+        ended on its own, not cut short by a budget or a cancellation) what a run of its kind takes."""
         assert self.admission is not None
-        self.live -= 1
+        self.live[kind] -= 1
+        if not self.live[kind]:
+            del self.live[kind]
         self.changed.set()
         if run.cancelled() or run.exception() is not None:  # what it spent is in the budget's own count
-            self.admission.count((0, 0, 0.0), None)
+            self.admission.count((0, 0, 0.0), None, kind=kind)
             return
         result = run.result()
         usage = result.usage
         spent = (usage.calls, usage.prompt_tokens + usage.completion_tokens, usage.cost_usd)
-        self.admission.count(spent, spent if result.status not in ("budget_exceeded", "cancelled") else None)
+        self.admission.count(spent, spent if result.status not in ("budget_exceeded", "cancelled") else None,
+                             kind=kind)
 
     def _check_fits(self, completion: Completion, own: int | None) -> None:
         """Refuse (400) a request that could never be served within the server's token budget or
@@ -292,9 +298,10 @@ class Server:
                                 f"{parts}; send {fix}", param=name if answer > limit else "messages",
                                 code="invalid_value")
 
-    def _start(self, completion: Completion, served: ServedModel, feed: Feed | None) -> asyncio.Task[RunResult]:
-        """Begin the request's run (settings checked first: a bad one is a 400 before any call);
-        a streaming request's ``feed`` gets its progress and its answer's text as they come."""
+    def _start(self, completion: Completion, served: ServedModel, feed: Feed | None,
+               kind: str) -> asyncio.Task[RunResult]:
+        """Begin the request's run of ``kind`` (settings checked first: a bad one is a 400 before any
+        call); a streaming request's ``feed`` gets its progress and its answer's text as they come."""
         options: dict[str, Any] = {}
         team = sorted(set(completion.settings) - {"seed"})
         if served.agent is not None and team:  # (they were accepted, and changed nothing)
@@ -330,8 +337,8 @@ class Server:
         task.add_done_callback(lambda _: self._feeds.pop(run_id, None))
         task.run_id = run_id  # type: ignore[attr-defined]
         if self.admission is not None:
-            self.live += 1
-            task.add_done_callback(self._run_ended)
+            self.live[kind] += 1
+            task.add_done_callback(partial(self._run_ended, kind))
         return task
 
     def _on_event(self, event: Event) -> None:
@@ -359,6 +366,8 @@ class Server:
                 await asyncio.wait({run})
                 failure = (_cancelled(run, self.stored) if run.cancelled()
                            else _failure(run.result(), self.stored, served, completion))
+                if failure is not None and not run.cancelled():
+                    failure.of_run(run.result())
                 if failure is not None:  # the status line is sent already: the error is the last event
                     yield sse(failure.body())
                     return
@@ -536,6 +545,14 @@ def for_clients(text: str) -> str:
     """An error's text as the server's clients get it: endpoints' addresses left out (the model
     list never shows them; ``orchestra show RUN`` on the server has them)."""
     return _ADDRESS.sub("an endpoint", text)
+
+
+def _kind(completion: Completion) -> str:
+    """What a request's run costs like, for the server budget's admission: the model it names (an
+    agent answers in one call, a team in many, a preset as it sets) and the settings it sends (but its
+    seed, which changes no cost)."""
+    settings = {name: value for name, value in completion.settings.items() if name != "seed"}
+    return f"{completion.model} {json.dumps(settings, sort_keys=True, default=str)}"
 
 
 def _failure(result: RunResult, stored: bool, served: ServedModel, completion: Completion) -> WireError | None:

@@ -236,3 +236,22 @@ def test_a_final_synthesis_the_budget_refuses_ends_the_run_budget_exceeded() -> 
     assert [node.status for node in result.plan.nodes] == ["done", "done"]
     assert (result.status, result.answer, result.exit_code) == ("budget_exceeded", None, 3)
     assert result.error.startswith("budget max_calls=2 reached")
+
+
+def test_runs_of_each_kind_are_expected_to_cost_what_their_own_kind_took() -> None:
+    """A server's requests for one agent and for a team cost apart: a team's run is not let in beside others by
+    what an agent's took, nor an agent's refused by what a team's took; a kind not seen yet starts alone."""
+    shared = BudgetTracker(Budget(max_calls=20, max_tokens=None, max_cost_usd=None), None)
+    admission = RunAdmission(shared)
+    admission.count((1, 0, 0.0), (1, 0, 0.0), kind="agent")  # an agent's run: 1 call
+    assert admission.admits({"agent": 1}, "agent") and admission.admits({}, "team")  # nothing in flight: it starts
+    assert not admission.admits({"team": 1}, "team") and not admission.admits({"agent": 1}, "team")  # not learned
+    assert not admission.admits({"team": 1}, "agent")  # nor beside a team's run, whose cost is not known yet
+    admission.count((9, 0, 0.0), (9, 0, 0.0), kind="team")  # 10 ended
+    assert admission.admits({"agent": 1}, "team")  # 10 + 1 in flight + 9 <= 20
+    assert not admission.admits({"team": 1}, "team")  # 10 + 9 + 9 > 20
+    assert admission.admits({"team": 1}, "agent") and not admission.admits({"team": 1, "agent": 1}, "agent")
+    refused = admission.refusal({"agent": 2}, "team")  # 10 + 2 + 9 > 20
+    assert refused is not None and str(refused).endswith("and a run takes up to 9 calls, so it was not started)")
+    assert admission.refusal({"team": 1}, "agent") is None  # 10 + 9 + 1 <= 20
+    assert admission.refusal({"team": 1, "agent": 1}, "agent") is not None  # 10 + 9 + 1 + 1 > 20

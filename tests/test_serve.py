@@ -618,6 +618,25 @@ def test_a_burst_under_the_servers_budget_gets_the_answers_it_can_pay_for(serve:
     assert len(RunStore(tmp_path / "runs.db").runs()) == 2  # and no run recorded for them
 
 
+def test_what_an_agents_request_takes_is_no_measure_of_a_teams(serve: Any, tmp_path: Path) -> None:
+    """After one request to an agent (one call), the server took a team's run to cost that much too: a burst
+    of team requests was let in at once, their keyword samples spent the budget, and none was answered; the
+    other way, an agent's request was refused as if it took a team's 9 calls."""
+    running, experts = serve(budget=Budget(max_calls=20, max_cost_usd=None, max_tokens=None))
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+    assert running.client().chat.completions.create(model="alpha", messages=question).usage.total_tokens > 0
+
+    outcomes = asyncio.run(burst(running, 6))
+    answered = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+    assert len(answered) == 2 and len(refused) == 4  # the first team alone, then one beside nothing: 1 + 18 of 20
+    assert all("a run takes up to 9 calls, so it was not started" in r.message for r in refused)
+    assert sum(experts.requests.values()) == 19
+    # one call is left, and an agent's request takes one
+    assert running.client().chat.completions.create(model="beta", messages=question).choices[0].message.content
+    assert sum(experts.requests.values()) == 20
+
+
 def test_a_request_too_big_for_the_servers_token_budget_leaves_the_rest_for_others(serve: Any) -> None:
     running, experts = serve(budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=20_000))
     client = running.client()
@@ -649,6 +668,9 @@ def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: 
             f"; run {run_id} is saved and keeps its budget: `orchestra resume {run_id} --max-calls N`, N above it, "
             "goes on with it (each request's run has the server's --max-calls (budget.max_calls in its settings))")
         assert RunStore(tmp_path / "runs.db").run(run_id).status == "budget_exceeded"
+        spent = error.value.response.json()  # its calls are billed all the same: the error says what they spent
+        assert spent["orchestra"]["calls"] == 6 and spent["orchestra"]["status"] == "budget_exceeded"
+        assert spent["usage"]["total_tokens"] == spent["usage"]["prompt_tokens"] + spent["usage"]["completion_tokens"] > 0
     assert sum(experts.requests.values()) == 12
     # the advice, followed: the run finishes, sending only what it had not sent
     done = subprocess.run([sys.executable, "-m", "orchestra", "resume", run_id, "--max-calls", "20", "--store",

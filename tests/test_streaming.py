@@ -215,8 +215,8 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
     assert "a run takes up to 3 calls" in str(admission.refusal(1))
     cut = BudgetTracker(Budget(), "r3", parent=shared)
     spent(cut, 1, 10)
-    admission.ended(cut, on_its_own=False)  # a run cancelled counts as spent, not as what a run costs
-    assert admission._learned == 1
+    admission.ended(cut, on_its_own=False, kind="r3")  # a run cancelled counts as spent, not as what a run costs
+    assert list(admission._largest) == [None]
 
     # a run a budget cut short: the call it was refused is one a run may make, and needs room
     def cut_run(admission: RunAdmission) -> BudgetTracker:
@@ -233,7 +233,7 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
     short.ended(cut_run(short), on_its_own=False, cut=True)
     refused = short.refusal(0)  # 40 so far, and 61 for that call: no room
     assert str(refused).endswith("(40 tokens so far, and a call may need 61 tokens at worst, so it was not started)")
-    assert short._learned == 0
+    assert short._largest == {}
 
     # runs of different costs: the costliest is what a run may take (the average, 4, started a run
     # that then cost 5 and was cut off with its calls spent)
