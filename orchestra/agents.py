@@ -17,7 +17,7 @@ from orchestra.models.base import model_identity
 from orchestra.models.config import ModelSpec, build_models
 from orchestra.models.pricing import FREE, Price
 from orchestra.numbers import Amount, Count
-from orchestra.profile import SkillProfile, load_profiles, model_id, stale_profiles
+from orchestra.profile import SkillProfile, load_profiles, model_endpoint, model_id, stale_profiles
 from orchestra.recruit import (
     DEFAULT_AGGREGATION_TOKENS,
     DEFAULT_ANSWER_TOKENS,
@@ -254,9 +254,16 @@ class Pool:
                             f"{'it' if len(unprofiled) == 1 else 'them'}")
         for agent in self.agents:
             profile = self.profiles.get(agent.name)
-            if profile is not None and profile.provenance.model != model_id(agent.model):
+            if profile is None:
+                continue
+            if profile.provenance.model != model_id(agent.model):
                 warnings.append(f"the profile of {agent.name} was measured on {profile.provenance.model}, but the "
                                 f"pool now gives it {model_id(agent.model)}: run orchestra profile again")
+            elif profile.provenance.endpoint and profile.provenance.endpoint != model_endpoint(agent.model):
+                now = model_endpoint(agent.model) or "an in-process engine"
+                warnings.append(f"the profile of {agent.name} was measured on {profile.provenance.endpoint}, but the "
+                                f"pool now sends it to {now}: run orchestra profile again (unless that is the "
+                                "same server)")
         return warnings
 
     def skill_table(self, config: RecruitConfig) -> SkillTable:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -60,6 +61,9 @@ class Provenance(BaseModel):
     items: int = Field(ge=0, le=MAX_ITEMS)
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     model: str
+    endpoint: str = ""
+    """Where ``model`` was served (``model_endpoint``): "" for an in-process engine, or a profile
+    written before this was recorded."""
     keyword_model: str = ""
     grader: str = "auto"
     prompt_sha256: dict[str, str] = {}
@@ -196,6 +200,18 @@ def model_id(model: object) -> str:
     path = getattr(model, "path", None)
     detail = getattr(model, "model", None) or (Path(path).name if path else None) or getattr(model, "name", "")
     return f"{type(model).__name__}:{detail}"
+
+
+def model_endpoint(model: object) -> str:
+    """Where a model is served, for provenance: an HTTP endpoint's base URL without credentials or
+    query (a server answers with one model name whatever it runs, so the name alone does not say
+    which server was measured); "" for an in-process engine."""
+    base_url = getattr(getattr(model, "endpoint", None), "base_url", None)
+    if not isinstance(base_url, str):
+        return ""
+    parts = urlsplit(base_url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
 
 def global_competence(totals: Mapping[str, float], temperature: float = 0.5) -> dict[str, float]:

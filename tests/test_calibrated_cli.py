@@ -186,13 +186,15 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
 def test_profiles_unfit_to_route_by_are_named_before_anything_runs(tmp_path: Path) -> None:
     from orchestra.profile import Provenance, SkillProfile
 
-    for agent, model in (("math", "mathbot"), ("bio", "biobot")):
+    # (math's profile was written before the endpoint was recorded)
+    for agent, model, endpoint in (("math", "mathbot", ""), ("bio", "biobot", "http://127.0.0.1:9/v1")):
         SkillProfile(agent=agent, skills={agent: 3}, accuracy=0.8, provenance=Provenance(
-            dataset="v.jsonl", dataset_sha256="x", items=10, model=f"OpenAICompatible:{model}")).save(tmp_path / "p")
+            dataset="v.jsonl", dataset_sha256="x", items=10, model=f"OpenAICompatible:{model}",
+            endpoint=endpoint)).save(tmp_path / "p")
 
-    def pool(profiles: str, math_model: str = "mathbot", extra: str = "") -> str:
-        models = "".join(f"\n  {m}: {{type: openai, model: {m}, base_url: 'http://127.0.0.1:9/v1', api_key_env: null}}"
-                         for m in ("mathbot", "biobot", "other"))
+    def pool(profiles: str, math_model: str = "mathbot", extra: str = "", bio_url: str = "http://127.0.0.1:9/v1") -> str:
+        models = "".join(f"\n  {m}: {{type: openai, model: {m}, base_url: '{bio_url if m == 'biobot' else 'http://127.0.0.1:9/v1'}', "
+                         "api_key_env: null}" for m in ("mathbot", "biobot", "other"))
         path = tmp_path / "pool.yaml"
         path.write_text(f"models:{models}\nprofiles: {profiles}\nagents:\n  - {{name: math, model: {math_model}}}\n"
                         f"  - {{name: bio, model: biobot}}\n{extra}")
@@ -209,6 +211,12 @@ def test_profiles_unfit_to_route_by_are_named_before_anything_runs(tmp_path: Pat
     swapped = cli("agents", "--pool", pool("p", math_model="other"))
     assert swapped.stderr == ("warning: the profile of math was measured on OpenAICompatible:mathbot, but the pool "
                               "now gives it OpenAICompatible:other: run orchestra profile again\n")
+    # bio's model name is the same, its server is not (many servers answer with one name whatever they run)
+    moved = cli("agents", "--pool", pool("p", bio_url="http://127.0.0.1:8/v1"))
+    assert moved.stderr == ("warning: the profile of bio was measured on http://127.0.0.1:9/v1, but the pool now sends "
+                            "it to http://127.0.0.1:8/v1: run orchestra profile again (unless that is the same server)\n")
+    same = cli("agents", "--pool", pool("p", bio_url="http://someone:secret@127.0.0.1:9/v1/"))  # (credentials aside)
+    assert same.returncode == 0 and same.stderr == ""
     joined = cli("agents", "--pool", pool("p", extra="  - {name: newbie, model: other}\n"
                                                     "  - {name: chemist, model: other, skills: [chemistry]}\n"))
     assert joined.stderr == ("warning: newbie has no measured profile: recruited on a uniform prior until orchestra "

@@ -566,6 +566,7 @@ def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
     assert alpha["provenance"]["items"] == 12 and len(alpha["provenance"]["dataset_sha256"]) == 64
     # what the models are, not the pool's aliases for them
     assert alpha["provenance"]["keyword_model"] == alpha["provenance"]["model"] == "OpenAICompatible:alpha"
+    assert alpha["provenance"]["endpoint"] == f"{server.url}/v1"  # and which server it was measured on
     assert alpha["accuracy"] == pytest.approx(4 / 12)
     evaluated = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "single", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
