@@ -6,7 +6,7 @@ import copy
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestra.errors import BudgetExceeded
 from orchestra.models import ChatRequest, Usage
@@ -24,13 +24,36 @@ class Budget(BaseModel):
     max_calls: Count | None = Field(default=500, ge=1)
     max_cost_usd: Amount | None = Field(default=1.0, gt=0)
     max_tokens: Count | None = Field(default=1_000_000, ge=1)
+    cap_answers: bool | None = Field(default=None, description=(
+        "Send an endpoint request that sets no max_tokens with the tokens the budget reserved for its answer "
+        "(ANSWER_ALLOWANCE), so one long answer cannot overshoot a token or cost limit. None: resolved to whether "
+        "a token or cost limit was set (in any layer: a pool, a workflow, the command line), whatever its value; "
+        "under the default limits alone an answer is not cut for a limit nobody set."))
+
+    @model_validator(mode="after")
+    def _resolve_cap(self) -> Budget:
+        if self.cap_answers is None:  # (resolved, not set: layering recomputes it from the limits set)
+            chosen = self.model_fields_set
+            limited = any(name in chosen and getattr(self, name) is not None for name in ("max_tokens", "max_cost_usd"))
+            object.__setattr__(self, "cap_answers", limited)  # (a frozen model)
+        return self
 
     def merged(self, **overrides: float | int | None) -> Budget:
         """A validated copy with the given limits changed; ``None`` lifts a limit."""
-        return Budget.model_validate({**self.model_dump(), **overrides})
+        return Budget.model_validate({**self.model_dump(exclude_unset=True), **overrides})
 
 
 _DEFAULT = Budget()
+
+
+def legacy_budget(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A budget recorded before ``cap_answers`` was, with it resolved as then: by a token or cost limit
+    other than the default values in force (its run's resume caps its answers as the run did)."""
+    if "cap_answers" in recorded:
+        return dict(recorded)
+    capped = any(recorded.get(name, getattr(_DEFAULT, name)) not in (None, getattr(_DEFAULT, name))
+                 for name in ("max_tokens", "max_cost_usd"))
+    return {**recorded, "cap_answers": capped}
 
 
 class Reservation(NamedTuple):
@@ -71,11 +94,9 @@ class BudgetTracker:
                  name: str = "the data set's budget") -> None:
         self.budget = budget
         self.name = name  # a shared budget's, in its error
-        #: a token or cost limit other than the default's applies, here or in the shared budget above:
-        #: an endpoint's answer is then bounded by what it was reserved for (see ``ANSWER_ALLOWANCE``)
-        self.bounds_answers: bool = (budget.max_tokens not in (None, _DEFAULT.max_tokens)
-                               or budget.max_cost_usd not in (None, _DEFAULT.max_cost_usd)
-                               or (parent is not None and parent.bounds_answers))
+        #: a token or cost limit of the user's applies (``Budget.cap_answers``), here or in the shared
+        #: budget above: an endpoint's answer is then bounded by what it was reserved for (``ANSWER_ALLOWANCE``)
+        self.bounds_answers: bool = bool(budget.cap_answers) or (parent is not None and parent.bounds_answers)
         self.run_id = run_id
         self.parent = parent
         #: runs' budgets are inside this one: it reserves each call's worst case, which they settle

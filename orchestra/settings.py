@@ -17,7 +17,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticSerializationError
 
-from orchestra.budget import Budget
+from orchestra.budget import Budget, legacy_budget
 from orchestra.errors import ConfigError
 from orchestra.matching import MatcherSpec
 from orchestra.numbers import Amount, Count
@@ -273,9 +273,14 @@ class RunSpec(BaseModel):
 
     @classmethod
     def from_record(cls, config: Mapping[str, Any], task: str) -> RunSpec:
-        """The spec a run recorded; a record written before specs existed is converted."""
+        """The spec a run recorded; a record written before specs existed is converted (a budget
+        recorded before ``cap_answers`` was gets it as its run had it)."""
         if "spec" in config:
-            return cls.model_validate(config["spec"])
+            spec = config["spec"]
+            settings = spec.get("settings") if isinstance(spec, Mapping) else None
+            if isinstance(settings, Mapping) and isinstance(settings.get("budget"), Mapping):
+                spec = {**spec, "settings": {**settings, "budget": legacy_budget(settings["budget"])}}
+            return cls.model_validate(spec)
         return _from_legacy(config, task)
 
 
@@ -301,6 +306,8 @@ def _from_legacy(config: Mapping[str, Any], task: str) -> RunSpec:
     options = dict(config.get("options") or {})
     stored = dict(config.get("orchestra") or {})
     settings = {k: v for k, v in options.items() if k in Settings.model_fields}
+    if isinstance(settings.get("budget"), Mapping):
+        settings["budget"] = legacy_budget(settings["budget"])
     recruit = {k: v for k, v in (stored.get("recruit") or {}).items() if k in RecruitConfig.model_fields}
     settings.update(recruit=recruit, keywords=stored.get("keywords") or {},
                     **{k: stored[k] for k in ("aggregator", "grader", "cache", "max_resident_models",

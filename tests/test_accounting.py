@@ -629,6 +629,41 @@ def test_a_limit_of_the_users_bounds_answers_that_set_no_max_tokens(loopback, tm
     assert [n for n in billed.limits if n != 64] == [None] * 3
 
 
+def test_a_limit_set_to_the_default_value_is_the_users_limit_all_the_same(loopback, tmp_path: Path) -> None:
+    """`--max-cost 1` (the default's value) was taken for no limit: expert requests went without max_tokens, a
+    server writing long answers billed $2.40 against the $1, and `--max-cost 0.99` held. A limit set anywhere,
+    whatever its value, caps answers; `budget.cap_answers=false` lets them run long under it."""
+    billed = LongAnswerServer()
+    server = loopback(billed)
+    pool = write_pool(tmp_path, server.url)
+    question = ("ask", "What is 6*7?", "--pool", str(pool), "--no-plan", "--no-store", "--k", "2", "--set",
+                "aggregate=vote", "--set", "mode=global")
+    for limit in (("--max-cost", "1"), ("--max-tokens", "1000000"), ("--set", "budget.max_cost_usd=1.0")):
+        billed.limits.clear()
+        assert cli(*question, *limit).returncode == 0
+        assert [n for n in billed.limits if n != 64] == [1024, 1024], limit  # (keyword samples ask for 64)
+    for free in ((), ("--max-cost", "1", "--set", "budget.cap_answers=false")):
+        billed.limits.clear()
+        assert cli(*question, *free).returncode == 0
+        assert [n for n in billed.limits if n != 64] == [None, None], free
+
+
+def test_a_budget_recorded_before_answers_were_capped_by_choice_resumes_as_its_run_ran() -> None:
+    """A run recorded before `cap_answers` was resumes capping answers as it did then: where a token or cost
+    limit other than the default values was in force (its record holds every limit, set or not)."""
+    from orchestra.settings import RunSpec
+
+    def resumed(budget: dict[str, Any]) -> Budget:
+        return RunSpec.from_record({"spec": {"task": "t", "settings": {"budget": budget}}}, "t").settings.budget
+
+    defaults = {"max_calls": 500, "max_cost_usd": 1.0, "max_tokens": 1_000_000}
+    assert resumed(defaults).cap_answers is False
+    assert resumed({**defaults, "max_cost_usd": 2.0}).cap_answers is True
+    assert resumed({**defaults, "max_tokens": None, "max_cost_usd": None}).cap_answers is False
+    assert resumed({**defaults, "cap_answers": True}).cap_answers is True  # recorded since: kept as it is
+    assert Budget(max_calls=50).cap_answers is False and Budget(max_tokens=None, max_cost_usd=1.0).cap_answers is True
+
+
 def test_an_agents_own_answer_limit_is_kept_under_a_users_budget_and_capped_answers_are_not_cached(
         loopback, tmp_path: Path) -> None:
     """An endpoint's ``extra_body`` max_tokens is its answer limit: a user's budget reserves it and
