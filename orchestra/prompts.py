@@ -95,7 +95,7 @@ class LimitedSandbox(SandboxedEnvironment):
         """``x.name``: a dict's key before its method of that name, so an input, a step or a JSON
         field named ``items``, ``values``, ``keys`` or ``get`` is that value, not the method
         (``steps.items()`` still loops over the steps where no step is named so)."""
-        if type(obj) is dict and attribute in obj:
+        if isinstance(obj, dict) and attribute in obj:
             return obj[attribute]
         return super().getattr(obj, attribute)
 

@@ -11,11 +11,12 @@ import copy
 import functools
 import math
 import re
+import sys
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from jinja2 import TemplateSyntaxError, nodes
+from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
 from jinja2.meta import find_undeclared_variables
 from jinja2.visitor import NodeTransformer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -290,6 +291,9 @@ class Workflow:
                 if need not in seen:
                     raise document.error(f"step {step.id!r} needs unknown step {need!r}; steps: {', '.join(ids)}",
                                          ("steps", index, "needs", position))
+                if need in step.needs[:position]:
+                    raise document.error(f"step {step.id!r} needs {need!r} twice; list it once",
+                                         ("steps", index, "needs", position))
             if step.agent is not None and step.agent not in self.pool:
                 raise document.error(f"step {step.id!r} names unknown agent {step.agent!r}; "
                                      f"the pool has {', '.join(self.pool.names)}", ("steps", index, "agent"))
@@ -430,13 +434,15 @@ class Workflow:
     def node_settings(self, inputs: Mapping[str, Any]) -> dict[str, NodeSettings]:
         """Each step's recruiting, aggregation, output schema and prompt renderer."""
         settings = {}
+        graph = Dag({step.id: step.needs for step in self.spec.steps})
         for step in self.spec.steps:
             where = f"{self.path}: step {step.id!r}"
             settings[step.id] = NodeSettings(
                 k=step.recruit.k if step.recruit else None, mode=step.recruit.mode if step.recruit else None,
                 aggregate=step.aggregate, agent=step.agent,
                 skills=tuple(step.recruit.skills) if step.recruit else (), output=step.output,
-                prompt=_renderer(step.prompt, where, inputs, blank="the prompt is empty once rendered"))
+                prompt=_renderer(step.prompt, where, inputs, blank="the prompt is empty once rendered",
+                                 reads=(step.id, _Ancestors(graph, step.id), list(graph.dependencies))))
         return settings
 
     def final(self, inputs: Mapping[str, Any]) -> Any:
@@ -499,15 +505,37 @@ def _placeholders(steps: list[str]) -> Outputs:
 _BLANK_FINAL = "the answer is empty once rendered (a template that writes nothing for these inputs)"
 
 
-def _renderer(source: str, where: str, inputs: Mapping[str, Any], *, blank: str = "") -> Any:
+def _renderer(source: str, where: str, inputs: Mapping[str, Any], *, blank: str = "",
+              reads: tuple[str, _Ancestors, list[str]] | None = None) -> Any:
     """The template as a function of the steps' outputs; ``blank``: why a blank rendering is an
-    error (a step's prompt: its experts would be sent nothing to do)."""
+    error (a step's prompt: its experts would be sent nothing to do); ``reads``: a step's id, the
+    steps it needs (directly or not), which alone it sees, and every step's id."""
     def render(outputs: Outputs) -> str:
-        text = render_string(source, where=where, inputs=dict(inputs), steps=outputs)
+        steps = outputs if reads is None else _StepsSeen(outputs, *reads)
+        text = render_string(source, where=where, inputs=dict(inputs), steps=steps)
         if blank and not text.strip():
             raise ConfigError(f"{RENDER_FAILED}{where}: {blank}")
         return text
     return render
+
+
+class _StepsSeen(dict[str, Any]):
+    """The outputs a step's prompt sees: the steps it needs, directly or not (a name the template
+    works out, ``steps[name]``, read whichever steps had happened to finish first). Another step
+    read is undefined with a hint naming what to fix (it said "'dict object' has no attribute 'b'")."""
+
+    def __init__(self, outputs: Outputs, step: str, needed: _Ancestors, every: list[str]) -> None:
+        super().__init__((name, output) for name, output in outputs.items() if name in needed)
+        self.step, self.every = step, every
+
+    def __missing__(self, name: str) -> StrictUndefined:
+        if name == self.step:
+            hint = "it reads its own output, which it is writing"
+        elif name in self.every:
+            hint = f"it reads steps[{name!r}] but does not need {name!r}; add {name!r} to its needs"
+        else:
+            hint = f"it reads steps[{name!r}], and there is no step {name!r} (steps: {', '.join(self.every)})"
+        return StrictUndefined(hint=hint, name=str(name))
 
 
 #: a step id or input name with a dash, written after a dot (Jinja reads the dash as a minus)
@@ -714,13 +742,23 @@ def _convert(name: str, value: Any, declared: InputSpec, workflow: Workflow) -> 
     converted = _typed(value, declared.type)
     where = ("inputs", name)  # (each error points at the input's declaration, as a missing input's does)
     if converted is None:
-        raise workflow.document.error(f"input {name!r} must be of type {declared.type}, got {value!r}", where)
+        if declared.type == "integer" and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            raise workflow.document.error(f"input {name!r} has {len(value.strip().lstrip('+-')):,} digits, more than "
+                                          f"the {sys.get_int_max_str_digits():,} Python reads as a number; pass a "
+                                          "smaller one, or declare the input a string", where)
+        raise workflow.document.error(f"input {name!r} must be of type {declared.type}, got {_shown(value)}", where)
     if isinstance(converted, float) and not math.isfinite(converted):
-        raise workflow.document.error(f"input {name!r} must be a finite number, got {value!r}", where)
+        raise workflow.document.error(f"input {name!r} must be a finite number, got {_shown(value)}", where)
     if declared.required and isinstance(converted, str) and not converted.strip():
         raise workflow.document.error(f"input {name!r} is required and was given empty; pass it with -i "
                                       f"{name}=VALUE", where)
     return converted
+
+
+def _shown(value: Any) -> str:
+    """A given value as an error shows it: its repr, cut at 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}... ({len(str(value)):,} characters)"
 
 
 def _typed(value: Any, kind: str) -> Any:
@@ -734,8 +772,8 @@ def _typed(value: Any, kind: str) -> Any:
             return float(value)
     except ValueError:
         return None
-    if value.lower() in ("true", "yes", "1", "false", "no", "0"):
-        return value.lower() in ("true", "yes", "1")
+    if value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):  # (YAML's words, and 1/0)
+        return value.strip().lower() in ("true", "yes", "on", "1")
     return None
 
 

@@ -229,7 +229,8 @@ def test_inputs_given_as_none_are_not_given_and_text_converts_to_the_declared_ty
     listed words only (any other word is refused)."""
     flow = load(tmp_path, pool, FLOW.replace("HUNDRED", "x" * 100).replace("LONGER", "y" * 101))
     assert flow.resolve_inputs({"n": None, "flag": None}) == {"n": 3, "flag": None}
-    for text, value in (("1", True), ("yes", True), ("TRUE", True), ("0", False), ("No", False), ("false", False)):
+    for text, value in (("1", True), ("yes", True), ("TRUE", True), ("0", False), ("No", False), ("false", False),
+                        ("on", True), ("Off", False), (" true ", True)):  # (YAML's on/off were refused)
         assert flow.resolve_inputs({"flag": text}) == {"n": 3, "flag": value}
     with pytest.raises(ConfigError, match="input 'flag' must be of type boolean, got 'maybe'"):
         flow.resolve_inputs({"flag": "maybe"})

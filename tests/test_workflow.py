@@ -104,6 +104,8 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
      "wf.yaml:21:8: invalid YAML: a quoted scalar that starts here is never closed (found unexpected end of stream)"),
     (GOOD.replace("needs: [draft]", "needs: [drafts]"),
      "wf.yaml:16:13: step 'review' needs unknown step 'drafts'; steps: draft, review"),
+    (GOOD.replace("needs: [draft]", "needs: [draft, draft]"),  # (accepted: a slip that hides another)
+     "wf.yaml:16:20: step 'review' needs 'draft' twice; list it once"),
     (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "{{ steps.review.output }"'),
      "wf.yaml:21:8: template syntax error: unexpected '}'"),
     # a misspelt filter (found as the template compiles: it was a traceback) and test (Jinja finds one only
@@ -350,6 +352,14 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
         endless = cli("run", str(numbers), "-i", "topic=x", "-i", f"words={value}")
         assert endless.stderr.strip() == (f"error: {numbers}:10:10: input 'words' must be a finite number, "
                                           f"got '{value}'")
+    # an integer Python will not read (it was "must be of type integer", with all 5,000 digits on the line)
+    huge = cli("run", str(path), "-i", "topic=x", "-i", f"words={'9' * 5000}")
+    assert huge.returncode == 2 and huge.stderr.strip() == (
+        f"error: {path}:10:10: input 'words' has 5,000 digits, more than the 4,300 Python reads as a number; pass a "
+        "smaller one, or declare the input a string")
+    long = cli("run", str(path), "-i", "topic=x", "-i", f"words={'x' * 5000}")
+    assert long.stderr.strip() == (f"error: {path}:10:10: input 'words' must be of type integer, got "
+                                   f"'{'x' * 56}... (5,000 characters)")
 
 
 def test_an_optional_input_without_a_default_may_be_left_out(loopback, tmp_path: Path) -> None:
@@ -609,6 +619,24 @@ def test_a_step_prompt_that_renders_blank_fails_the_step_without_a_call(tmp_path
     assert not models[0].requests and not models[1].requests
 
 
+def test_a_step_sees_only_the_steps_it_needs_even_by_a_name_it_works_out(tmp_path: Path) -> None:
+    """`steps[name]` with a computed name read whichever steps had happened to finish first (validate sees no
+    name), and failed, when the step had not, with Jinja's "'dict object' has no attribute 'b'"."""
+    text = ("name: loop\nsteps:\n  - {id: a, agent: writer, prompt: A}\n  - {id: b, agent: writer, prompt: B}\n"
+            "  - {id: e, needs: [a], agent: checker, prompt: \"{% set k = 'NAME' %}{{ steps[k].output }}\"}\n")
+    models = [FunctionModel(lambda r: "x", name=name) for name in ("w", "c")]
+    pool = Pool(agents=[Agent(name="writer", model=models[0]), Agent(name="checker", model=models[1])])
+    for name, why in (("b", "it reads steps['b'] but does not need 'b'; add 'b' to its needs"),
+                      ("zz", "it reads steps['zz'], and there is no step 'zz' (steps: a, b, e)"),
+                      ("e", "it reads its own output, which it is writing")):
+        result = run_workflow(Workflow.load(write(tmp_path, text.replace("NAME", name)), pool=pool), {})
+        assert result.node("b").status == "done"  # (b ran beside a, and had finished)
+        assert result.node("e").error == f"cannot render {tmp_path}/wf.yaml: step 'e': {why}"
+    assert not models[1].requests
+    result = run_workflow(Workflow.load(write(tmp_path, text.replace("NAME", "a")), pool=pool), {})
+    assert result.status == "done" and "Your assignment: x\n" in models[1].requests[-1].prompt_text()  # a, needed
+
+
 def test_a_final_that_renders_blank_fails_the_run_as_a_user_error(tmp_path: Path) -> None:
     """It made a `done` run with an empty answer, exit 0 (a blank step prompt and a literal blank final
     are refused)."""
@@ -831,11 +859,11 @@ def test_resume_reload_finishes_a_run_with_the_template_fixed_since(loopback, tm
     server, path = two_steps_apart(loopback, tmp_path,
                                    "\"Check: {% for id in ['a'] %}{{ steps[id].output }}{% endfor %}\"")
     failed = cli("run", str(path), "--json")  # b reads a without needing it: nothing to read when it renders
-    assert failed.returncode == 2 and "'dict object' has no attribute 'a'" in failed.stderr, failed.stderr
+    assert failed.returncode == 2 and "it reads steps['a'] but does not need 'a'; add 'a' to its needs" in failed.stderr, failed.stderr
     run_id = json.loads(failed.stdout)["run_id"]
     path.write_text(path.read_text().replace("    agent: beta-expert\n", "    needs: [a]\n    agent: beta-expert\n"))
     again = cli("resume", run_id, "--json")  # the recorded text: the same failure
-    assert again.returncode == 2 and "'dict object' has no attribute 'a'" in again.stderr
+    assert again.returncode == 2 and "it reads steps['a'] but does not need 'a'" in again.stderr
     sent = len(server.requests)
     fixed = cli("resume", run_id, "--reload", "--json")
     assert fixed.returncode == 0, fixed.stderr
