@@ -1215,6 +1215,11 @@ def resume(run_id: str, reload: bool, ray: str | None, in_process: bool, **opts:
         raise click.UsageError("--ray and --in-process both say where the models run; give one")
     store = existing_store(opts["store_path"])
     record = store.run(run_id)
+    if record.status == "done" and not reload:  # nothing to send: its answer, without its pool (gone, maybe)
+        done = store.result(record.id)
+        if done is not None:
+            keep_stdout_for_json(opts["as_json"])
+            finish(done, opts, rich_output=sys.stdout.isatty())
     placement = ({"executor": "local"} if in_process else {"executor": "ray", "ray_address": ray or None}
                  if ray is not None else None)
     orc = Orchestra.resuming(record.id, store=store, reload=reload, placement=placement)

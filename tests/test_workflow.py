@@ -845,6 +845,7 @@ def test_a_data_set_items_run_resumes_without_its_data_set_and_names_a_missing_p
     resumed = cli("resume", run_id, "--max-calls", "5", "--json")
     assert resumed.returncode == 0, resumed.stderr  # (was: data set not found)
     assert json.loads(resumed.stdout)["status"] == "done" and len(server.requests) == 2
+    done_id = run_id
     run_id = stopped_item()
     (tmp_path / "quiz.jsonl").unlink()
     reloaded = cli("resume", run_id, "--reload", "--max-calls", "5", "--json")  # the file as it is now, no data set
@@ -853,6 +854,12 @@ def test_a_data_set_items_run_resumes_without_its_data_set_and_names_a_missing_p
     pool.unlink()
     gone = cli("resume", run_id)
     assert (gone.returncode, gone.stderr) == (2, f"error: run {run_id} used pool {pool}, which no longer exists\n")
+    sent = len(server.requests)
+    for as_json in ((), ("--json",)):  # a finished run has nothing to send: its answer, pool or none (it was exit 2)
+        finished = cli("resume", done_id, *as_json)
+        assert finished.returncode == 0, finished.stderr
+        assert (json.loads(finished.stdout)["run_id"] == done_id) if as_json else finished.stdout.strip()
+    assert len(server.requests) == sent
 
 
 def test_resume_reload_finishes_a_run_with_the_template_fixed_since(loopback, tmp_path: Path) -> None:
