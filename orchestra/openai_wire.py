@@ -103,7 +103,8 @@ def parse_completion(body: Any) -> Completion:
         raise bad_request("the request body must be a JSON object")
     known = {"model", "messages", "stream", "stream_options", "response_format", "max_tokens",
              "max_completion_tokens", "temperature", "n", "tools", "tool_choice", "functions", "function_call",
-             "logprobs", "top_logprobs", "modalities", "audio", "progress", *SETTINGS}
+             "logprobs", "top_logprobs", "modalities", "audio", "prediction", "web_search_options", "progress",
+             *SETTINGS}
     unknown = sorted(set(body) - known - IGNORED)
     if unknown:
         raise bad_request(f"unknown parameter {unknown[0]!r}", unknown[0])
@@ -234,6 +235,12 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
         raise bad_request("only the 'text' modality is supported", "modalities")
     if body.get("audio") is not None:
         raise bad_request("audio output is not supported: only the 'text' modality is", "audio")
+    if body.get("prediction") is not None:
+        raise bad_request("'prediction' (predicted outputs) is not supported: an orchestra's answer is written anew "
+                          "by its experts", "prediction")
+    if body.get("web_search_options") is not None:
+        raise bad_request("'web_search_options' is not supported: an orchestra's experts do not search the web",
+                          "web_search_options")
 
 
 def _flag(body: Mapping[str, Any], name: str, where: str | None = None) -> bool:

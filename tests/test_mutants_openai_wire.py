@@ -112,6 +112,10 @@ def test_a_text_part_without_its_text_says_so(part: dict) -> None:
     ({"top_logprobs": 0}, "top_logprobs", "needs logprobs, which is not supported"),
     ({"audio": {"voice": "x", "format": "wav"}}, "audio", "audio output is not supported"),
     ({"progress": True}, "progress", "it needs 'stream' true"),
+    # (each was "unknown parameter", though the Chat Completions API has it)
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction", "'prediction' (predicted outputs) is not "
+                                                                        "supported"),
+    ({"web_search_options": {}}, "web_search_options", "'web_search_options' is not supported"),
 ])
 def test_parameters_asking_for_what_an_orchestra_cannot_give_are_400s(extra: dict, param: str, says: str) -> None:
     error = refused({"model": "orchestra", "messages": ASK, **extra})
@@ -121,5 +125,6 @@ def test_parameters_asking_for_what_an_orchestra_cannot_give_are_400s(extra: dic
 def test_the_defaults_of_those_parameters_are_accepted() -> None:
     for extra in ({"tool_choice": "none"}, {"tool_choice": "auto"}, {"function_call": "auto"}, {"audio": None},
                   {"top_logprobs": None}, {"stream": True, "stream_options": {"include_usage": True}},
-                  {"stream": True, "progress": True}, {"progress": False}):
+                  {"stream": True, "progress": True}, {"progress": False}, {"prediction": None},
+                  {"web_search_options": None}):
         parse_completion({"model": "orchestra", "messages": ASK, **extra})
