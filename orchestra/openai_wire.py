@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +18,15 @@ from orchestra.money import dollars
 from orchestra.result import RunResult
 
 #: OpenAI parameters accepted and ignored: they shape sampling or bookkeeping Orchestra does not expose
-IGNORED = frozenset({"top_p", "stop", "user", "presence_penalty", "frequency_penalty", "logit_bias", "metadata",
+IGNORED = frozenset({"top_p", "user", "presence_penalty", "frequency_penalty", "logit_bias", "metadata",
                      "store", "service_tier", "parallel_tool_calls", "reasoning_effort",
                      "prompt_cache_key", "safety_identifier", "verbosity"})
 
 #: Orchestra's own per-request settings, sent as extra body fields (``extra_body`` in the openai SDK)
 SETTINGS = {"k": int, "mode": str, "aggregate": str, "plan": bool, "seed": int}
+
+#: the most stop sequences a request may give (as OpenAI allows)
+MAX_STOPS = 4
 
 #: the most characters of earlier turns kept as context (the most recent ones)
 CONTEXT_CHARS = 16_000
@@ -82,6 +85,7 @@ class Completion:
         max_tokens_name: the parameter that gave ``max_tokens`` (``max_completion_tokens`` or
             ``max_tokens``), named in errors about it.
         settings: per-request settings (``k``, ``mode``, ``aggregate``, ``plan``, ``seed``).
+        stop: sequences the answer ends before (the first of them in it, and what follows, left out).
     """
 
     model: str
@@ -95,6 +99,7 @@ class Completion:
     max_tokens_name: str = "max_tokens"
     temperature: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
 
 
 def parse_completion(body: Any) -> Completion:
@@ -104,7 +109,7 @@ def parse_completion(body: Any) -> Completion:
     known = {"model", "messages", "stream", "stream_options", "response_format", "max_tokens",
              "max_completion_tokens", "temperature", "n", "tools", "tool_choice", "functions", "function_call",
              "logprobs", "top_logprobs", "modalities", "audio", "prediction", "web_search_options", "progress",
-             *SETTINGS}
+             "stop", *SETTINGS}
     unknown = sorted(set(body) - known - IGNORED)
     if unknown:
         raise bad_request(f"unknown parameter {unknown[0]!r}", unknown[0])
@@ -138,6 +143,7 @@ def parse_completion(body: Any) -> Completion:
         include_usage=_flag(options or {}, "include_usage", "stream_options.include_usage"),
         progress=_flag(body, "progress"),
         output=_output(body.get("response_format")), max_tokens=max_tokens, max_tokens_name=max_tokens_name,
+        stop=_stop(body.get("stop")),
         temperature=_number(body, "temperature", 0.0, 2.0), settings=_settings(body))
 
 
@@ -212,6 +218,21 @@ def _text(content: Any, where: str) -> str:
             raise bad_request(f"{where}[{index}] is {kind!r}: only text content is supported", f"{where}[{index}]")
         texts.append(part["text"])
     return "\n".join(texts)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    """``stop``: a sequence or a list of up to 4 (null: none)."""
+    stops = () if value is None else (value,) if isinstance(value, str) else value
+    if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS or not all(
+            isinstance(stop, str) and stop for stop in stops):
+        raise bad_request(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
+    return tuple(stops)
+
+
+def stopped(text: str, stop: Sequence[str]) -> str | None:
+    """``text`` before the first of the ``stop`` sequences in it; None where none is."""
+    found = [at for at in (text.find(sequence) for sequence in stop) if at >= 0]
+    return text[:min(found)] if found else None
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:

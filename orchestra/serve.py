@@ -49,6 +49,7 @@ from orchestra.openai_wire import (
     completion_body,
     parse_completion,
     sse,
+    stopped,
 )
 from orchestra.pipeline.scheduler import NodeSettings
 from orchestra.result import RunResult
@@ -156,7 +157,7 @@ class Server:
             kind = _kind(completion)
             if self.admission is not None and not await self._admitted(request, kind):
                 return Response(status_code=499)  # the client went away while its request waited
-            feed = Feed(completion.progress) if completion.stream else None
+            feed = Feed(completion.progress, completion.stop) if completion.stream else None
             run = self._start(completion, served, feed, kind)
         except WireError as error:
             return _error(error)
@@ -178,7 +179,7 @@ class Server:
             if failure is not None:
                 return _error(failure.of_run(result), result.run_id)
             if feed is None:
-                return JSONResponse(completion_body(result, completion.model, int(time.time())),
+                return JSONResponse(completion_body(_stopped(result, completion), completion.model, int(time.time())),
                                     headers={RUN_HEADER: result.run_id})
         assert feed is not None
         return self._stream(completion, run, feed, served)
@@ -371,7 +372,7 @@ class Server:
                 if failure is not None:  # the status line is sent already: the error is the last event
                     yield sse(failure.body())
                     return
-                result = run.result()
+                result = _stopped(run.result(), completion)
                 if feed.rewritten(result.answer or ""):  # what was streamed is not its beginning: say so, not "stop"
                     yield sse(_diverged(result, self.stored))
                     return
@@ -413,8 +414,11 @@ class Feed:
     goes on once it extends what was sent (a seeded retry writes the same text again).
     """
 
-    def __init__(self, progress: bool) -> None:
+    def __init__(self, progress: bool, stop: tuple[str, ...] = ()) -> None:
         self.progress = progress
+        self.stop = stop
+        #: the text held back at the end: it may begin a stop sequence
+        self.held = max(map(len, stop), default=1) - 1
         self.items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.first = asyncio.Event()
         self.sent = ""
@@ -423,6 +427,9 @@ class Feed:
     def text(self, so_far: str) -> None:
         """The answer-writing call's text so far."""
         visible = _visible(so_far)
+        if self.stop:  # up to a stop sequence, or short of the end where one may be starting
+            cut = stopped(visible, self.stop)
+            visible = cut if cut is not None else visible[:max(0, len(visible) - self.held)]
         if self.diverged or self.sent.startswith(visible):
             return
         if not visible.startswith(self.sent):
@@ -545,6 +552,13 @@ def for_clients(text: str) -> str:
     """An error's text as the server's clients get it: endpoints' addresses left out (the model
     list never shows them; ``orchestra show RUN`` on the server has them)."""
     return _ADDRESS.sub("an endpoint", text)
+
+
+def _stopped(result: RunResult, completion: Completion) -> RunResult:
+    """The run's result as the client gets it: its answer before the first of the request's stop
+    sequences in it (the run keeps it whole), finished by that stop."""
+    cut = stopped(result.answer, completion.stop) if completion.stop and result.answer else None
+    return result if cut is None else result.model_copy(update={"answer": cut, "answer_cut": False})
 
 
 def _kind(completion: Completion) -> str:

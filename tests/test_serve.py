@@ -250,6 +250,32 @@ def test_streaming_sends_role_content_finish_and_usage_with_one_id(serve: Any) -
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_an_answer_ends_before_the_first_stop_sequence_in_it_streamed_or_not(serve: Any, tmp_path: Path) -> None:
+    """`stop` was accepted and ignored: the text came back with the stop sequence and what follows it, which the
+    Chat Completions API never returns. The run itself keeps its whole answer."""
+    running, _ = serve()
+    question = [{"role": "user", "content": "How far does light travel in a nanosecond?"}]
+
+    async def streamed(stop: Any) -> tuple[str, str | None]:
+        client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        chunks = [c async for c in await client.chat.completions.create(model="orchestra", stream=True, stop=stop,
+                                                                        messages=question)]
+        await client.close()
+        return ("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                [c.choices[0].finish_reason for c in chunks if c.choices][-1])
+
+    for stop, text in ((["is 4", "answer"], "The "), ("42", "The answer is "), (["."], "The answer is 42"),
+                       (["The answer is 42. And more"], "The answer is 42."), (None, "The answer is 42.")):
+        whole = running.client().chat.completions.create(model="orchestra", messages=question, stop=stop)
+        assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (text, "stop"), stop
+        assert asyncio.run(streamed(stop)) == (text, "stop"), stop
+        assert RunStore(tmp_path / "runs.db").run(whole.id).answer == "The answer is 42."
+    for bad in ("", ["a", "b", "c", "d", "e"], [""], [1], {"a": 1}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            running.client().chat.completions.create(model="orchestra", messages=question, stop=bad)
+        assert refused.value.body["param"] == "stop" and "up to 4" in refused.value.message
+
+
 def test_the_aggregators_tokens_reach_the_client_while_it_writes(serve: Any) -> None:
     running, experts = serve()
     experts.hold_stream = True  # the aggregator's answer stops after its first piece until the client has it
@@ -978,6 +1004,20 @@ def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
     shorter = ["The sky", "The sky is", "The"]  # a retry that wrote a shorter answer than was sent
     assert asyncio.run(relay(shorter, "The end.")) == (["The sky", " is"], "(rewritten)")
     assert asyncio.run(relay(["  Hello ", "  Hello world  "], "Hello world")) == (["Hello", " world"], "")
+
+
+def test_the_feed_holds_back_what_may_begin_a_stop_sequence_and_relays_nothing_past_one() -> None:
+    async def relay(updates: list[str], stop: tuple[str, ...]) -> list[str]:
+        feed = Feed(progress=False, stop=stop)
+        for so_far in updates:
+            feed.text(so_far)
+        return [feed.items.get_nowait()[1] for _ in range(feed.items.qsize())]
+
+    growing = ["The answer i", "The answer is 4", "The answer is 42.", "The answer is 42. More"]
+    assert asyncio.run(relay(growing, ("is 4",))) == ["The answe", "r "]  # (the last 3 characters held back)
+    assert asyncio.run(relay(growing, ("42. M", "x"))) == ["The answ", "er ", "is", " "]  # (4 held back)
+    assert asyncio.run(relay(["Hi", "Hi there"], ("Hi",))) == []  # a stop at the start: nothing to relay
+    assert asyncio.run(relay(["ab"], ("abcdef",))) == []  # shorter than what is held back
 
 
 def test_a_schema_s_refs_and_bounds_are_checked_before_an_answer_goes_out(serve: Any) -> None:
