@@ -270,12 +270,19 @@ def setting_option(path: str, flag: str | None = None, *, help: str | None = Non
     return decorate
 
 
-def budget_options(fn: F) -> F:
-    """--max-calls, --max-cost, --max-tokens."""
-    whole = " (of a data set, eval's or a workflow's: for all its items)"
-    fn = setting_option("budget.max_tokens", "--max-tokens", help=f"Token budget for the run{whole}.")(fn)
-    fn = setting_option("budget.max_cost_usd", "--max-cost", help=f"USD budget for the run{whole}.")(fn)
-    return setting_option("budget.max_calls", "--max-calls", help=f"Call budget for the run{whole}.")(fn)
+def _budget_flags(whose: str) -> Callable[[F], F]:
+    """--max-calls, --max-cost, --max-tokens: the budget of ``whose`` runs, their defaults said."""
+    def decorate(fn: F) -> F:
+        fn = setting_option("budget.max_tokens", "--max-tokens",
+                            help=f"Token budget for {whose} (default 1,000,000).")(fn)
+        fn = setting_option("budget.max_cost_usd", "--max-cost", help=f"USD budget for {whose} (default $1).")(fn)
+        return setting_option("budget.max_calls", "--max-calls", help=f"Call budget for {whose} (default 500).")(fn)
+    return decorate
+
+
+budget_options = _budget_flags("the run (of a data set, eval's or a workflow's: for all its items)")
+#: a server's: each request's run has its own budget, beside the server's --total-max-* ones
+request_budget_options = _budget_flags("each request's run")
 
 
 def settings_options(fn: F) -> F:
@@ -1265,7 +1272,7 @@ def chat(pool: Path | None, **opts: Any) -> None:
               help="Seconds runs in flight get to finish on Ctrl-C or SIGTERM; the rest are cancelled (resumable).")
 @choice_options
 @settings_options
-@budget_options
+@request_budget_options
 @store_options
 def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, presets_file: Path | None,
           total_max_calls: int | None, total_max_cost: float | None, total_max_tokens: int | None,

@@ -64,6 +64,11 @@ def test_a_commands_own_help_builds_its_setting_options() -> None:
     assert "--k INTEGER RANGE" in done.stdout and "[x>=1]" in done.stdout  # type and bounds from Settings
     assert "--max-calls" in done.stdout and "Call budget for the run" in done.stdout
     assert "[calibrated|symbolic-moe|vote|moa|random|single]" in done.stdout  # --method
+    served = subprocess.run([sys.executable, "-m", "orchestra", "serve", "--help"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    # (a request's own budget, on by default, was not said: a user met it at the first 429)
+    flat = " ".join(served.stdout.split())
+    assert "Call budget for each request's run (default 500)" in flat and "(default $1)" in flat, served.stdout
 
 
 def test_a_run_still_uses_the_heavy_dependencies_it_needs() -> None:
