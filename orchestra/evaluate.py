@@ -444,12 +444,14 @@ def earlier_item_runs(orchestra: Orchestra, meta: dict[str, str], match: Callabl
                       going_on: Callable[[RunRecord, RunSpec], T]) -> dict[int, RunResult | T]:
     """What a resumed data-set run keeps of its earlier runs. Of the stored runs with this ``meta``,
     ``match`` names the item (by index) each one answered the same way, or None; per item, its
-    latest match's result if that run finished, else ``going_on`` of it (how its run goes on)."""
+    latest match that finished (its result), else its latest match's ``going_on`` (how its run goes
+    on): a later run that a budget stopped before it sent anything does not undo a finished one."""
     from orchestra.settings import RunSpec
 
     if orchestra.store is None:
         raise ConfigError("resuming an evaluation reads the run store; drop --no-store")
     latest: dict[int, tuple[RunRecord, RunSpec]] = {}
+    finished: dict[int, RunRecord] = {}
     for record in orchestra.store.runs_with_meta(**meta):  # oldest first: the latest that matches wins
         try:
             spec = RunSpec.from_record(record.config, record.task)
@@ -458,10 +460,13 @@ def earlier_item_runs(orchestra: Orchestra, meta: dict[str, str], match: Callabl
         index = match(record, spec)
         if index is not None:
             latest[index] = (record, spec)
+            if record.status == "done":
+                finished[index] = record
     earlier: dict[int, RunResult | T] = {}
     for index, (record, spec) in sorted(latest.items()):
-        finished = orchestra.store.result(record.id) if record.status == "done" else None
-        earlier[index] = finished or going_on(record, spec)
+        done = finished.get(index)
+        result = orchestra.store.result(done.id) if done is not None else None
+        earlier[index] = result or going_on(record, spec)
     return earlier
 
 

@@ -864,6 +864,11 @@ def test_eval_resume_counts_finished_items_and_resumes_the_cut_off_one(loopback,
     raised = json.loads(cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--max-calls", "500",
                             "--json").stdout)
     assert raised["reused"] == 3 and len(server.requests) == before + 4  # another budget: the same answers
+    assert cli("eval", "--pool", str(pool), "--data", str(data), "--max-tokens", "50").returncode == 3
+    sent = len(server.requests)
+    kept = json.loads(cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--json").stdout)
+    # the runs that budget stopped came later, but each item's finished run is kept (they were resumed, and paid)
+    assert (kept["reused"], kept["resumed"]) == (3, 0) and len(server.requests) == sent
     other = cli("eval", "--pool", str(pool), "--data", str(data), "--resume", "--k", "2", "--json")
     assert json.loads(other.stdout)["reused"] == 0  # other settings: the earlier runs do not count
     assert ("warning: resume found no earlier run of this evaluation (the same data set, method, settings and pool) "
