@@ -405,17 +405,43 @@ def orchestra_options(opts: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def read_stdin_task() -> str:
-    """The task given as `-`: standard input as UTF-8 text (a terminal is not waited on), without
-    a byte-order mark an editor put first or the newlines that end it (as a shell's ``$(cat file)``
-    reads it)."""
+def read_stdin_task(given: str = "TASK `-`") -> str:
+    """The task given as `-` (or what ``given`` names): standard input as UTF-8 text (a terminal is
+    not waited on), without a byte-order mark an editor put first or the newlines that end it (as a
+    shell's ``$(cat file)`` reads it)."""
     if sys.stdin is None or sys.stdin.isatty():
-        raise click.UsageError("TASK `-` reads the task from standard input; pipe it in (`orchestra ask - < task.txt`)")
+        example = "orchestra ask - < task.txt" if given == "TASK `-`" else f"... {given} < text.txt"
+        raise click.UsageError(f"{given} reads standard input; pipe it in (`{example}`)")
     try:
         return sys.stdin.buffer.read().decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError as error:
         raise ConfigError(f"standard input is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
-                          f"{error.start}); send the task as UTF-8") from None
+                          f"{error.start}); send it as UTF-8") from None
+
+
+def read_input_files(pairs: Sequence[str]) -> list[str]:
+    """``--input-file KEY=PATH`` flags as ``KEY=VALUE`` pairs: each file's UTF-8 text (standard input
+    for ``-``, once), without a byte-order mark or the newlines that end it, as ``read_stdin_task``."""
+    read: list[str] = []
+    for pair in pairs:
+        key, sep, path = pair.partition("=")
+        if not sep or not key.strip() or not path:
+            raise ConfigError(f"--input-file expects KEY=PATH, got {pair!r}")
+        if path == "-":
+            if sum(other.partition("=")[2] == "-" for other in pairs) > 1:
+                raise ConfigError("--input-file KEY=- reads standard input, which one input can take; give the "
+                                  "others files")
+            read.append(f"{key}={read_stdin_task(f'--input-file {key.strip()}=-')}")
+            continue
+        try:
+            text = Path(path).read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"--input-file {key.strip()}: {path} is not UTF-8 text (byte "
+                              f"0x{error.object[error.start]:02x} at offset {error.start})") from None
+        except OSError as error:
+            raise ConfigError(f"--input-file {key.strip()}: cannot read {path} ({error.strerror or error})") from None
+        read.append(f"{key}={text.rstrip(chr(13) + chr(10))}")
+    return read
 
 
 def make_orchestra(pool: Pool, opts: dict[str, Any]) -> Orchestra:
@@ -550,6 +576,9 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @main.command()
 @click.argument("workflow", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-i", "--input", "inputs", multiple=True, metavar="KEY=VALUE", help="A workflow input (repeatable).")
+@click.option("--input-file", "input_files", multiple=True, metavar="KEY=PATH",
+              help="A workflow input read from a UTF-8 text file, or standard input for PATH - (repeatable; a long "
+                   "or multi-line value no command line can hold).")
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Run on this pool instead of the workflow's own.")
 @click.option("--resume", is_flag=True, help="A data-set workflow: go on with its earlier evaluation (finished "
@@ -558,7 +587,8 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @budget_options
 @store_options
 @output_options
-def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, resume: bool, **opts: Any) -> None:
+def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], pool: Path | None, resume: bool,
+        **opts: Any) -> None:
     """Run a YAML workflow."""
 
     from orchestra.agents import Pool
@@ -572,7 +602,7 @@ def run(workflow: Path, inputs: tuple[str, ...], pool: Path | None, resume: bool
                                "with `orchestra resume RUN_ID`")
     if resume:  # (a mistyped --store would be a new, empty store: every item would run again)
         refuse_missing_store(opts["store_path"])
-    given = parse_assignments(list(inputs))
+    given = parse_assignments([*inputs, *read_input_files(input_files)])
     ready(flow.pool)
     layer = settings_from(opts)
     orc = orchestra_for(flow, layer, **orchestra_options(opts))

@@ -782,6 +782,11 @@ def _first_line(text: str) -> str:
     return line if len(line) <= 100 else line[:97] + "..."
 
 
+def _cut(text: str, most: int = 60) -> str:
+    """``text`` as an error shows it: at most ``most`` characters."""
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
 def parse_assignments(pairs: list[str]) -> dict[str, str]:
     """``["key=value", ...]`` from ``-i`` flags; a pair without ``=``, or a key given twice, is an
     error naming it."""
@@ -791,8 +796,8 @@ def parse_assignments(pairs: list[str]) -> dict[str, str]:
         if not sep or not key.strip():
             raise ConfigError(f"-i expects KEY=VALUE, got {pair!r}")
         if key.strip() in values:
-            raise ConfigError(f"input {key.strip()!r} is given twice (-i {key.strip()}={values[key.strip()]} and "
-                              f"-i {pair}); give it once")
+            first = _cut(f"{key.strip()}={values[key.strip()]}")
+            raise ConfigError(f"input {key.strip()!r} is given twice (-i {first} and -i {_cut(pair)}); give it once")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # a command line's bytes that are not UTF-8 in its locale

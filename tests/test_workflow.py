@@ -362,6 +362,35 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
                                    f"'{'x' * 56}... (5,000 characters)")
 
 
+def test_an_input_too_long_for_a_command_line_is_read_from_a_file_or_standard_input(loopback, tmp_path: Path) -> None:
+    """`-i doc=<600,000 characters>` is past what one argument may hold on Linux (128 KiB): the shell refused it."""
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    path = write(tmp_path, "name: long\npool: pool.yaml\ninputs:\n  doc: {type: string, required: true}\n"
+                           "  n: {type: integer, default: 2}\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+                           "    prompt: 'In {{ inputs.n }} lines: {{ inputs.doc }}'\n")
+    document = "Line one of the document.\n" + "word " * 150_000 + "\nThe end."
+    (tmp_path / "doc.txt").write_text("\ufeff" + document + "\n\n", encoding="utf-8")  # (a mark, the ending newlines)
+    (tmp_path / "n.txt").write_text("5\n")
+    for given, stdin in ((("--input-file", f"doc={tmp_path / 'doc.txt'}"), None), (("--input-file", "doc=-"), document)):
+        sent = len(server.requests)
+        done = cli("run", str(path), *given, "--input-file", f"n={tmp_path / 'n.txt'}", "--quiet", stdin=stdin)
+        assert done.returncode == 0, done.stderr
+        prompts = [r.prompt for r in server.requests[sent:]]
+        assert prompts and all(f"In 5 lines: {document}" in prompt for prompt in prompts)
+    for given, says in ((("--input-file", "doc"), "error: --input-file expects KEY=PATH, got 'doc'"),
+                        (("--input-file", "doc=missing.txt"), "error: --input-file doc: cannot read missing.txt (No "
+                                                               "such file or directory)"),
+                        (("--input-file", "doc=-", "--input-file", "n=-"), "error: --input-file KEY=- reads standard "
+                                                                           "input, which one input can take; give the "
+                                                                           "others files")):
+        refused = cli("run", str(path), *given, stdin="x")
+        assert (refused.returncode, refused.stderr.strip()) == (2, says)
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    latin = cli("run", str(path), "--input-file", f"doc={tmp_path / 'latin.txt'}")
+    assert latin.stderr.strip() == f"error: --input-file doc: {tmp_path / 'latin.txt'} is not UTF-8 text (byte 0xe9 at offset 3)"
+
+
 def test_an_optional_input_without_a_default_may_be_left_out(loopback, tmp_path: Path) -> None:
     server = loopback(ScriptedLLM().handler())
     write_pool(tmp_path, server.url)
