@@ -706,6 +706,17 @@ def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: 
     assert RunStore(tmp_path / "runs.db").run(run_id).status == "done" and sum(experts.requests.values()) > 12
 
 
+def test_a_streamed_runs_error_event_says_what_its_calls_spent(serve: Any) -> None:
+    running, experts = serve(settings={"budget": {"max_calls": 6}})
+    with httpx.stream("POST", running.url + "/v1/chat/completions", timeout=60, json={
+            "model": "orchestra", "stream": True, "progress": True,
+            "messages": [{"role": "user", "content": "Why?"}]}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    last = events[-1]
+    assert last["error"]["code"] == "insufficient_quota" and last["orchestra"]["calls"] == 6
+    assert last["usage"]["total_tokens"] > 0 and sum(experts.requests.values()) == 6
+
+
 def test_a_budget_a_preset_sets_is_named_as_the_presets(serve: Any) -> None:
     """The server's own --max-calls did not set it: the advice names the preset."""
     running, _ = serve(presets={"fast": {"budget": {"max_calls": 2}}})
