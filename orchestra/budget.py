@@ -38,6 +38,11 @@ class Budget(BaseModel):
             object.__setattr__(self, "cap_answers", limited)  # (a frozen model)
         return self
 
+    @property
+    def limited(self) -> bool:
+        """Whether any limit is in force (calls, cost or tokens)."""
+        return any(limit is not None for limit in (self.max_calls, self.max_cost_usd, self.max_tokens))
+
     def merged(self, **overrides: float | int | None) -> Budget:
         """A validated copy with the given limits changed; ``None`` lifts a limit."""
         return Budget.model_validate({**self.model_dump(exclude_unset=True), **overrides})

@@ -424,8 +424,7 @@ class _Stream:
         self.unbegun: set[Run] = set()  # made for a chunk still recruiting, not yet begun in the store
         self.named: set[str] = set()  # the ids of the live runs whose instance gave one
         #: under a shared budget, runs start only while it can be expected to finish them
-        limited = shared_budget is not None and any(
-            limit is not None for limit in shared_budget.budget.model_dump().values())
+        limited = shared_budget is not None and shared_budget.budget.limited
         self.admission = RunAdmission(shared_budget) if shared_budget is not None and limited else None
         self.changed = asyncio.Event()  # a run ended
         self.queue: asyncio.Queue[Any] = asyncio.Queue()

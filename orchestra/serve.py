@@ -125,7 +125,7 @@ class Server:
         self.shared = BudgetTracker(budget, None, name=SERVER_BUDGET) if budget is not None else None
         #: under a limited server budget, a request's run starts only while the budget can be expected
         #: to finish it (a burst would otherwise spend it on keyword samples and finish nothing)
-        limited = budget is not None and any(limit is not None for limit in budget.model_dump().values())
+        limited = budget is not None and budget.limited
         self.admission = RunAdmission(self.shared) if self.shared is not None and limited else None
         self.live: Counter[str] = Counter()  # runs in flight, by kind (see ``_kind``)
         self.waiting = 0  # requests waiting for the server's budget to admit their runs
