@@ -255,7 +255,13 @@ _HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?(?:(?P<
                      r"\$?(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d^*]|[-\u2013/]\d)")
 #: a fraction: ``\frac{a}{b}``, ``\dfrac``, ``\tfrac``, and brace-less digits (``\frac12`` is a half)
 _FRAC = re.compile(r"-?\\[dt]?frac\s*(?:\{(-?[\d.]+)\}|(\d))\s*(?:\{(-?[\d.]+)\}|(\d))")
-_NUMBER = re.compile(rf"{_FRAC.pattern}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+#: thousands grouped by spaces, as SI writes them ("1 000 000"; a thin or no-break space too)
+_GROUPED = r"-?\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?![\d,]|\.\d|/\d)"
+_NUMBER = re.compile(rf"{_FRAC.pattern}|{_GROUPED}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+#: a number that is part of an expression, not the answer itself: a power's base or exponent ("2^10"),
+#: or what a root or logarithm is taken of ("\sqrt{2}", "√2", "\log_2 8")
+_POWER_AFTER = re.compile(r"\s*\^")
+_APPLIED_BEFORE = re.compile(r"(?:\^\s*\{?|\\(?:sqrt|log|ln|sin|cos|tan|exp)\b(?:\s*\[[^\]]*\])?[\s_{]*|\u221a\s*)$")
 #: a term of an equation: a number, a one-letter variable or a LaTeX command with its arguments, in brackets or not
 _TERM = r"[(\[{]*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+|[a-zA-Z](?![a-zA-Z])|\\[a-zA-Z]+(?:\s*\{[^{}]*\})*)[)\]}]*"
 _OPERATOR = r"(?:[-+*/^\u00d7\u00b7\u00f7]|\\times|\\cdot|\\div)"
@@ -275,6 +281,12 @@ def _comes_to(rest: str) -> bool:
     return number is not None and not re.match(rf"\s*(?:{_OPERATOR}|=|\d)", rest.lstrip(" $")[number.end():])
 
 
+def _in_expression(text: str, number: re.Match[str]) -> bool:
+    """Whether ``number`` in ``text`` is a power's base or exponent, or what a root or logarithm is
+    taken of, rather than a number the text states."""
+    return bool(_POWER_AFTER.match(text, number.end()) or _APPLIED_BEFORE.search(text[:number.start()]))
+
+
 def normalize_number(text: str) -> Fraction | None:
     """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` (``\\tfrac``,
     ``\\frac12``) handled."""
@@ -287,6 +299,8 @@ def normalize_number(text: str) -> Fraction | None:
             return None
         return -value if text.startswith("-") else value  # (a sign before the fraction and one inside cancel)
     text = text.replace(",", "").rstrip(".")
+    if re.fullmatch(_GROUPED, text):
+        text = re.sub(r"[ \u00a0\u2009\u202f]", "", text)
     try:
         return Fraction(text)
     except (ValueError, ZeroDivisionError):
@@ -321,6 +335,8 @@ class NumericGrader:
             value = normalize_number(candidate)
             if value is None:
                 numbers = list(_NUMBER.finditer(candidate))
+                if numbers and _in_expression(candidate, numbers[pick]):
+                    return None  # ("\sqrt{2}" read as 2, "2^10" as 2: an answer no number states)
                 value = normalize_number(numbers[pick][0]) if numbers else None
                 scale = _SCALE.match(candidate, numbers[pick].end()) if numbers else None
                 if value is not None and scale:  # "1.5 million" is 1500000, not 1.5
@@ -340,10 +356,24 @@ class NumericGrader:
 _PUNCTUATION = re.compile(rf"(?!(?<=\d)[-./]\d|(?<![\w.-])-\.?\d|(?<![\w.])\.\d)[{re.escape(string.punctuation)}]")
 
 
+#: the operators that make an expression what it is, kept (the spaces around a binary one dropped):
+#: "x+1" is not "x-1", nor "n>3" "n<3", nor "10^3" "103" (each was read alike, right in eval and one
+#: answer in a vote); "*" and "/" between terms (not markdown's "**"), ":" between digits ("12:30"),
+#: "-" between terms ("x - 1", "x-1") or before a letter or bracket ("-x"; a number's sign is kept anyway)
+_OPERATORS = (r"\s*[+=<>^\u2264\u2265\u2260]\s*|(?<=[\w)\]}])\s*[*/]\s*(?=[\w(\[{])|(?<=\d):(?=\d)"
+              r"|(?<=[\w)\]}])\s+-\s+(?=[\w(\[{])|(?<=[\w)\]}])-(?=[\w(\[{])|(?<![\w)\]}])-(?=[a-z(\[{\\])")
+_TEXT_PARTS = re.compile(rf"(?P<kept>{_OPERATORS})|{_PUNCTUATION.pattern}")
+#: the same, brackets kept too, for a text with an operator in it: "(x+1)^2" is not "x+1^2"
+_MATH_PARTS = re.compile(rf"(?P<kept>{_OPERATORS}|[()\[\]])|{_PUNCTUATION.pattern}")
+
+
 def normalize_text(text: str) -> str:
-    """Lower case, no punctuation but a number's sign, point and fraction bar, no articles, single
-    spaces; an answer that is only an article (the letter "A") is kept."""
-    words = _PUNCTUATION.sub("", _MINUS.sub("-", text.lower())).split()
+    """Lower case, no punctuation but a number's sign, point and fraction bar and an expression's
+    operators (and brackets, where it has one), no articles, single spaces; an answer that is only an
+    article (the letter "A") is kept."""
+    lowered = _MINUS.sub("-", text.lower())
+    parts = _MATH_PARTS if re.search(_OPERATORS, lowered) else _TEXT_PARTS
+    words = parts.sub(lambda part: part["kept"].strip() if part["kept"] else "", lowered).split()
     return " ".join([word for word in words if word not in ("a", "an", "the")] or words)
 
 
