@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestra.errors import BadResponse
+from orchestra.errors import BadResponse, ModelRequestsForbidden
 from orchestra.models.metering import charge
 from orchestra.models.types import Usage
 from orchestra.numbers import Amount
@@ -240,9 +240,14 @@ class EmbeddingMatcher:
             fetch.exception()  # seen here, so a failure nobody waits for any more is not reported twice
 
     async def _fetch(self, texts: list[str]) -> None:
+        from orchestra.models import base
         from orchestra.models.http import display_url
         from orchestra.models.openai import bearer_headers
 
+        if not base.ALLOW_MODEL_REQUESTS:  # (a test that forgot a double sent a real request)
+            raise ModelRequestsForbidden(f"real model requests are switched off (embeddings from "
+                                         f"{display_url(self.endpoint.base_url)}); wrap the test in "
+                                         "orchestra.models.allow_model_requests()")
         body = await self.endpoint.post_json("/embeddings", {"model": self.model, "input": texts}, model=self.model,
                                              headers=bearer_headers, policy=self.policy)
         usage = body.get("usage")

@@ -119,6 +119,23 @@ def test_the_embedding_endpoints_tokens_are_charged_to_the_open_meter(loopback) 
     assert (meter.requests, meter.prompt_tokens) == (1, 7)
 
 
+def test_the_switch_that_forbids_real_model_requests_forbids_embeddings_too(loopback) -> None:
+    """A pool of doubles with an embedding matcher sent a real /v1/embeddings request with the switch off."""
+    from orchestra.errors import ModelRequestsForbidden
+    from orchestra.testing import allow_model_requests
+
+    asked: list[object] = []
+
+    def embeddings(request: LoopbackRequest) -> Reply:
+        asked.append(request)
+        return Reply(body={"data": [{"index": 0, "embedding": [1.0, 0.0]}]})
+
+    matcher = EmbeddingMatcher(model="mini", base_url=loopback(embeddings).url + "/v1")
+    with allow_model_requests(False), pytest.raises(ModelRequestsForbidden, match="embeddings from http://127"):
+        asyncio.run(matcher.match(["equations"], ["algebra"]))
+    assert asked == []
+
+
 def test_more_embeddings_than_texts_is_a_bad_response(loopback) -> None:
     url, _ = embedding_server(loopback, {"equations": [1.0, 0.0], "algebra": [1.0, 0.0]}, extra=1)
     matcher = EmbeddingMatcher(model="mini", base_url=url)
