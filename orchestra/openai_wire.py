@@ -8,6 +8,7 @@ bodies. No web framework here: ``orchestra.serve`` does the HTTP.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -339,6 +340,15 @@ _KINDS = {bool: "true or false", int: "an integer", str: "a string"}
 # --- responses ---------------------------------------------------------------------------------
 
 
+_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s;,()'\"]+", re.IGNORECASE)
+
+
+def for_clients(text: str) -> str:
+    """An error's text as the server's clients get it: endpoints' addresses left out (the model
+    list never shows them; ``orchestra show RUN`` on the server has them)."""
+    return _ADDRESS.sub("an endpoint", text)
+
+
 def usage(result: RunResult) -> dict[str, int]:
     """OpenAI's usage: every call of the run together."""
     prompt, completion = result.usage.prompt_tokens, result.usage.completion_tokens
@@ -351,7 +361,7 @@ def extension(result: RunResult) -> dict[str, Any]:
             "requests": result.usage.requests, "cost_usd": dollars(result.usage.cost_usd),
             "nodes": [{"id": n.id, "experts": [e.agent for e in n.expert_outputs], "aggregator": n.aggregator,
                        "status": n.status} for n in result.plan.nodes],
-            **({"error": result.error} if result.error else {})}
+            **({"error": for_clients(result.error)} if result.error else {})}
 
 
 def finish_reason(result: RunResult) -> str:

@@ -47,6 +47,7 @@ from orchestra.openai_wire import (
     WireError,
     bad_request,
     completion_body,
+    for_clients,
     parse_completion,
     sse,
     stopped,
@@ -545,15 +546,6 @@ def _diverged(result: RunResult, stored: bool) -> dict[str, Any]:
 
 
 #: an address in an error's text (an endpoint's URL)
-_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s;,()'\"]+", re.IGNORECASE)
-
-
-def for_clients(text: str) -> str:
-    """An error's text as the server's clients get it: endpoints' addresses left out (the model
-    list never shows them; ``orchestra show RUN`` on the server has them)."""
-    return _ADDRESS.sub("an endpoint", text)
-
-
 def _stopped(result: RunResult, completion: Completion) -> RunResult:
     """The run's result as the client gets it: its answer before the first of the request's stop
     sequences in it (the run keeps it whole), finished by that stop."""

@@ -528,6 +528,8 @@ def test_endpoints_that_cannot_be_reached_are_a_503(loopback: Any, tmp_path: Pat
         assert f"orchestra resume {error.value.response.headers[RUN_HEADER]}" in error.value.message
         # the clients are not told where the endpoints are (the model list never shows them); the store is
         assert "cannot reach an endpoint" in error.value.message and f":{port}" not in error.value.message
+        assert f":{port}" not in error.value.response.text  # (the run's error beside it, under orchestra, had it)
+        assert "cannot reach an endpoint" in error.value.response.json()["orchestra"]["error"]
         stored = RunStore(tmp_path / "down.db").run(error.value.response.headers[RUN_HEADER])
         assert f"http://127.0.0.1:{port}/v1/chat/completions" in (stored.error or "")
     finally:
