@@ -174,7 +174,7 @@ class Server:
             return Response(status_code=499)
         if run.done():
             if run.cancelled():
-                return _error(_cancelled(run, self.stored), run.run_id)  # type: ignore[attr-defined]
+                return _error(self._cancelled(run), run.run_id)  # type: ignore[attr-defined]
             result = run.result()
             failure = _failure(result, self.stored, served, completion)
             if failure is not None:
@@ -366,7 +366,7 @@ class Server:
                 async for kind, item in _feed_until(run, feed):
                     yield writer.progress(item) if kind == "progress" else writer.chunk({"content": item})
                 await asyncio.wait({run})
-                failure = (_cancelled(run, self.stored) if run.cancelled()
+                failure = (self._cancelled(run) if run.cancelled()
                            else _failure(run.result(), self.stored, served, completion))
                 if failure is not None and not run.cancelled():
                     failure.of_run(run.result())
@@ -387,6 +387,12 @@ class Server:
 
         return StreamingResponse(chunks(), media_type="text/event-stream",
                                  headers={RUN_HEADER: run_id, "cache-control": "no-cache"})
+
+    def _cancelled(self, run: asyncio.Task[RunResult]) -> WireError:
+        """The error of a run the server cancelled, saying what its calls spent, as recorded."""
+        error = _cancelled(run, self.stored)
+        stopped = self.orchestra.ended(run.run_id)  # type: ignore[attr-defined]
+        return error.of_run(stopped) if stopped is not None else error
 
     def cancel_runs(self) -> None:
         """Cancel every run in flight (each is recorded as cancelled and stays resumable); their

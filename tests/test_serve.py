@@ -891,6 +891,10 @@ def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(l
     assert answer.status_code == 503 and f"cancelled run {run_id}" in answer.json()["error"]["message"]
     stopped = RunStore(tmp_path / "runs.db").run(run_id)
     assert (stopped.status, stopped.error) == ("cancelled", "cancelled: the server is shutting down")
+    # what its calls spent (its keyword samples answered, its experts' requests cut off) is said beside the error
+    spent = answer.json()
+    assert spent["orchestra"]["status"] == "cancelled" and spent["orchestra"]["requests"] >= 5
+    assert spent["usage"]["prompt_tokens"] > 0
     experts.release.set()
 
 
