@@ -123,6 +123,9 @@ class Server:
                 except ConfigError as error:
                     raise ConfigError(f"preset {served.id!r}: {error}") from None
         self._api_key = api_key.encode() if api_key else None
+        own = orchestra.settings.budget
+        if budget is not None and "cap_answers" in own.model_fields_set:  # the server's choice, for its budget too
+            budget = budget.model_copy(update={"cap_answers": own.cap_answers})
         self.shared = BudgetTracker(budget, None, name=SERVER_BUDGET) if budget is not None else None
         #: under a limited server budget, a request's run starts only while the budget can be expected
         #: to finish it (a burst would otherwise spend it on keyword samples and finish nothing)

@@ -708,6 +708,16 @@ def test_each_requests_own_budget_comes_from_the_settings(serve: Any, tmp_path: 
     assert RunStore(tmp_path / "runs.db").run(run_id).status == "done" and sum(experts.requests.values()) > 12
 
 
+@pytest.mark.parametrize("settings, sent", [({}, 1024), ({"budget": {"cap_answers": False}}, None)])
+def test_the_servers_token_or_cost_limit_caps_answers_unless_the_server_says_not(serve: Any, settings: dict,
+                                                                                sent: int | None) -> None:
+    """`--set budget.cap_answers=false` was overruled by the server's --total-max-cost: answers stayed capped."""
+    running, experts = serve(budget=Budget(max_calls=None, max_cost_usd=5, max_tokens=None), settings=settings)
+    running.client().chat.completions.create(model="orchestra", messages=[{"role": "user", "content": "Why?"}])
+    limits = [p.get("max_tokens") for p in experts.payloads if experts.purpose(p, json.dumps(p["messages"])) == "expert"]
+    assert limits == [sent] * 3
+
+
 def test_a_streamed_runs_error_event_says_what_its_calls_spent(serve: Any) -> None:
     running, experts = serve(settings={"budget": {"max_calls": 6}})
     with httpx.stream("POST", running.url + "/v1/chat/completions", timeout=60, json={
