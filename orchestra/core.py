@@ -60,7 +60,7 @@ from orchestra.prompts import MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
-from orchestra.store import HEARTBEAT_SECONDS, QUIET_EVENTS, RunStore
+from orchestra.store import HEARTBEAT_SECONDS, QUIET_EVENTS, RunRecord, RunStore
 from orchestra.workflow import Workflow
 
 T = TypeVar("T")
@@ -108,6 +108,16 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 #: seconds after an interrupt within which a SIGINT is the same one again, not a second Ctrl-C
 #: (faster than a person presses twice; a sender's duplicate comes within microseconds)
 SAME_INTERRUPT_S = 0.25
+
+
+def check_reload(record: RunRecord) -> None:
+    """Refuse to resume ``record`` with its workflow file read again where that cannot apply: not a
+    workflow's run, or one that is done (the edit was left out without a word, the run answered)."""
+    if RunSpec.from_record(record.config, record.task).workflow is None:
+        raise ConfigError(f"run {record.id} is not a workflow run; --reload reads a workflow file again")
+    if record.status == "done":
+        raise ConfigError(f"run {record.id} is done: --reload applies an edited workflow to a run that did "
+                          "not finish; run the edited workflow anew (`orchestra run FILE`)")
 
 
 def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool], None] | None = None) -> T:
@@ -729,6 +739,8 @@ class Orchestra:
         ``placement``: ``executor`` and ``ray_address`` other than the run's (its cluster is gone).
         Where models run does not change their calls' keys: recorded calls are still replayed."""
         record = store.run(run_id)
+        if reload:  # (before the pool is looked for: that is not what stops it)
+            check_reload(record)
         spec = RunSpec.from_record(record.config, record.task)
         if spec.pool and not Path(spec.pool).is_file():
             raise ConfigError(f"run {record.id} used pool {spec.pool}, which no longer exists")
@@ -1134,12 +1146,8 @@ class Orchestra:
         if not isinstance(run_id, str):
             raise ConfigError(f"run_id must be a run's id (text), not {type(run_id).__name__}")
         record = self.store.run(run_id)
-        if reload:  # (it answered the recorded run, the edit left out without a word)
-            if RunSpec.from_record(record.config, record.task).workflow is None:
-                raise ConfigError(f"run {record.id} is not a workflow run; --reload reads a workflow file again")
-            if record.status == "done":
-                raise ConfigError(f"run {record.id} is done: --reload applies an edited workflow to a run that did "
-                                  "not finish; run the edited workflow anew (`orchestra run FILE`)")
+        if reload:
+            check_reload(record)
         if record.status == "done":
             stored = self.store.result(record.id)
             if stored is not None:

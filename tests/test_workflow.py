@@ -386,6 +386,10 @@ def test_an_input_too_long_for_a_command_line_is_read_from_a_file_or_standard_in
                                                                            "others files")):
         refused = cli("run", str(path), *given, stdin="x")
         assert (refused.returncode, refused.stderr.strip()) == (2, says)
+    (tmp_path / "huge.txt").write_text("x" * 2_000_001)  # (every step failed at run time, and each resume)
+    huge = cli("run", str(path), "--input-file", f"doc={tmp_path / 'huge.txt'}")
+    assert huge.returncode == 2 and huge.stderr.strip().endswith(
+        "input 'doc' is 2,000,001 characters; a prompt holds at most 2,000,000: pass a shorter one")
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
     latin = cli("run", str(path), "--input-file", f"doc={tmp_path / 'latin.txt'}")
     assert latin.stderr.strip() == f"error: --input-file doc: {tmp_path / 'latin.txt'} is not UTF-8 text (byte 0xe9 at offset 3)"
@@ -889,6 +893,8 @@ def test_a_data_set_items_run_resumes_without_its_data_set_and_names_a_missing_p
         assert finished.returncode == 0, finished.stderr
         assert (json.loads(finished.stdout)["run_id"] == done_id) if as_json else finished.stdout.strip()
     assert len(server.requests) == sent
+    reloaded = cli("resume", done_id, "--reload")  # (it said the pool was gone, not why --reload cannot apply)
+    assert reloaded.returncode == 2 and f"run {done_id} is done: --reload applies an edited workflow" in reloaded.stderr
 
 
 def test_resume_reload_finishes_a_run_with_the_template_fixed_since(loopback, tmp_path: Path) -> None:
