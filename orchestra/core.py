@@ -28,7 +28,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -108,6 +108,25 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 #: seconds after an interrupt within which a SIGINT is the same one again, not a second Ctrl-C
 #: (faster than a person presses twice; a sender's duplicate comes within microseconds)
 SAME_INTERRUPT_S = 0.25
+
+
+def _python_choices(node_settings: Mapping[str, NodeSettings],
+                    final: Callable[[Outputs], str] | None) -> dict[str, Any]:
+    """What a run's record keeps of per-node settings and a ``final`` given in Python: the settings
+    (but for their prompts), and the names of what it cannot keep."""
+    nodes = {node: {name: list(value) if name == "skills" else value
+                    for name, value in asdict(chosen).items()
+                    if name != "prompt" and value not in (None, ())}
+             for node, chosen in node_settings.items()}
+    unrecorded = [f"node_settings[{node!r}].prompt" for node, chosen in node_settings.items() if chosen.prompt]
+    return {"nodes": nodes, "unrecorded": (["final"] if final is not None else []) + unrecorded}
+
+
+def _recorded_node(chosen: Mapping[str, Any]) -> NodeSettings:
+    """A node's settings as ``_python_choices`` recorded them."""
+    return NodeSettings(k=chosen.get("k"), mode=chosen.get("mode"), aggregate=chosen.get("aggregate"),
+                        agent=chosen.get("agent"), skills=tuple(chosen.get("skills") or ()),
+                        output=chosen.get("output"))
 
 
 def check_reload(record: RunRecord) -> None:
@@ -871,6 +890,8 @@ class Orchestra:
                                                   settings.plan) if experts else {})
         if node_settings:
             self._check_node_settings(node_settings, plan if isinstance(plan, Plan) else None, settings.plan)
+        if workflow is None and (node_settings or final):  # (a workflow's run rebuilds them from the workflow)
+            spec = spec.model_copy(update=_python_choices(node_settings or {}, final))
         run = self._run(spec, run_id or new_run_id(), shared_budget=shared_budget, node_settings=node_settings,
                         final=final)
         run.given_graph = graph  # checked here: the planner does not check it again
@@ -1157,6 +1178,12 @@ class Orchestra:
             spec = spec.model_copy(update={"settings": spec.settings.layered({"budget": budget})})
         steps: dict[str, Any] = {}
         ref = spec.workflow
+        if ref is None and spec.unrecorded:  # (resumed without them, it recruited afresh and answered otherwise)
+            raise ConfigError(f"run {record.id} was given {' and '.join(spec.unrecorded)} in Python, which its "
+                              f"record cannot hold; finish it with orc.arun(task, run_id={record.id!r}, ...) given "
+                              "them again (its recorded calls are replayed)")
+        if ref is None and spec.nodes:
+            steps = {"node_settings": {node: _recorded_node(chosen) for node, chosen in spec.nodes.items()}}
         if ref is not None:  # the steps' prompts and the final template, as they were when it began
             workflow = Workflow.load(ref.path, pool=self.pool, text=None if reload else ref.source, data=False)
             if reload:  # the file as it is now, its inputs' defaults too, recorded as the run's from here on

@@ -239,6 +239,10 @@ class RunSpec(BaseModel):
         workflow: the workflow file and inputs, for a workflow's run.
         meta: JSON-ready facts shown in listings (``kind``, ``method``, ``dataset``, ``item``...).
         answer: how the answer is written (format, token limit, temperature).
+        nodes: per-node settings given in Python (``NodeSettings`` without its ``prompt``), by node id;
+            a workflow's run rebuilds its own from the workflow instead.
+        unrecorded: what a run was given in Python that its record cannot hold (``final``, a node's
+            ``prompt``): a resume needs them given again.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -253,6 +257,8 @@ class RunSpec(BaseModel):
     workflow: WorkflowRef | None = None
     meta: dict[str, Any] = {}
     answer: AnswerOptions = AnswerOptions()
+    nodes: dict[str, dict[str, Any]] = {}
+    unrecorded: list[str] = []
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready form stored with the run."""

@@ -810,3 +810,35 @@ def test_the_nodes_a_killed_run_was_working_on_failed_with_it(tmp_path: Path) ->
         db.execute("UPDATE runs SET owner = NULL")
     assert [(n["node_id"], n["status"], n["error"]) for n in RunStore(tmp_path / "runs.db").nodes("r1")] == [
         ("a", "failed", ABANDONED), ("b", "skipped", "not needed"), ("c", "pending", None)]
+
+
+def test_a_python_runs_node_settings_are_recorded_and_a_final_it_cannot_record_is_asked_for(tmp_path: Path) -> None:
+    """A run given node_settings in Python was resumed as if it had none: every node recruited afresh at the run's
+    k, the schema gone, its answered calls sent again; one given `final` answered without it, `done`."""
+    from orchestra.models import FunctionModel
+    from orchestra.pipeline.scheduler import NodeSettings
+
+    sent: list[tuple[str, bool]] = []
+
+    def expert(request: Any) -> Any:
+        sent.append((request.messages[0].content, request.wants_json))
+        return {"city": "Oslo"} if request.wants_json else "Oslo."
+
+    model = FunctionModel(expert, name="E")
+    keywords = FunctionModel(lambda request: {"keywords": ["geography"]}, name="P")
+    pool = Pool(agents=[Agent(name=f"a{i}", model=model, persona=f"You are p{i}.", skills=["geography"])
+                        for i in range(3)], planner=keywords)
+    plan = {"subtasks": [{"id": "a", "instruction": "Name the largest city of Norway."},
+                         {"id": "b", "instruction": "Name its river.", "depends_on": ["a"]}]}
+    chosen = {"a": NodeSettings(agent="a0", output={"type": "object"}), "b": NodeSettings(k=1, agent="a2")}
+    orc = Orchestra(pool, k=3, store=tmp_path / "runs.db")
+    stopped = orc.run("Norway", plan=plan, node_settings=chosen, budget=Budget(max_calls=1))
+    assert stopped.status == "budget_exceeded" and sent == [("You are p0.", True)]
+    resumed = orc.resume(stopped.run_id, budget={"max_calls": 10})
+    assert resumed.status == "done" and [node.experts for node in resumed.plan.nodes] == [["a0"], ["a2"]]
+    assert sent == [("You are p0.", True), ("You are p2.", False)]  # a's answer replayed; b on its own agent
+    assert not keywords.requests  # (nothing recruited afresh)
+    finished = orc.run("Norway", plan=plan, final=lambda outputs: "FINAL", budget=Budget(max_calls=1))
+    with pytest.raises(ConfigError, match=rf"run {finished.run_id} was given final in Python, which its record cannot "
+                                          rf"hold; finish it with orc.arun\(task, run_id='{finished.run_id}', \.\.\.\)"):
+        orc.resume(finished.run_id, budget={"max_calls": 10})
