@@ -688,6 +688,15 @@ class Orchestra:
         self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)
         layer = _knobs(knobs)
         self._matcher: SkillMatcher | None = None
+        if isinstance(matcher, Mapping):  # (the form settings and a pool file take: it was kept as the matcher)
+            try:
+                matcher = MatcherSpec.model_validate(matcher)
+            except ValidationError as error:
+                first = error.errors()[0]
+                raise ConfigError(f"matcher.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        elif matcher is not None and not isinstance(matcher, MatcherSpec) and not hasattr(matcher, "match"):
+            raise ConfigError(f"matcher must be a MatcherSpec, its fields as a dict, or an object with a match method, "
+                              f"not {type(matcher).__name__}")
         if matcher is not None:
             spec = matcher if isinstance(matcher, MatcherSpec) else matcher_spec(matcher)
             if spec is not None:

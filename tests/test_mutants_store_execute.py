@@ -842,3 +842,17 @@ def test_a_python_runs_node_settings_are_recorded_and_a_final_it_cannot_record_i
     with pytest.raises(ConfigError, match=rf"run {finished.run_id} was given final in Python, which its record cannot "
                                           rf"hold; finish it with orc.arun\(task, run_id='{finished.run_id}', \.\.\.\)"):
         orc.resume(finished.run_id, budget={"max_calls": 10})
+
+
+def test_a_matcher_given_as_a_dict_is_read_as_its_spec_and_anything_else_is_refused_at_once() -> None:
+    """`Orchestra(matcher={...})` kept the dict as the matcher: each run failed after its keyword calls, with
+    "unexpected AttributeError: 'dict' object has no attribute 'match'"."""
+    from orchestra.models import FunctionModel
+
+    pool = Pool(agents=[Agent(name="a", model=FunctionModel(lambda request: "x", name="m"))])
+    assert Orchestra(pool, store=False, matcher={"type": "lexical", "min_similarity": 0.5}).settings.matcher.min_similarity == 0.5
+    with pytest.raises(ConfigError, match="matcher.type: Input should be 'lexical' or 'embedding'"):
+        Orchestra(pool, store=False, matcher={"type": "nope"})
+    with pytest.raises(ConfigError, match="matcher must be a MatcherSpec, its fields as a dict, or an object with a "
+                                          "match method, not int"):
+        Orchestra(pool, store=False, matcher=5)  # type: ignore[arg-type]
