@@ -46,7 +46,10 @@ def test_a_keyword_answer_with_an_extra_key_is_neither_repaired_nor_split(loopba
     keyword_requests = [r for r in server.requests if "school subjects or skills" in r.prompt]
     assert len(keyword_requests) == 5  # one per sample: the extra key is no reason for a repair
     assert data["plan"]["nodes"][0]["skills"] == ["chemistry"]
-    assert data["usage"]["skill_extraction_failures"] == 0
+    # read whole, and said: chemistry names none of the pool's skills (history, arithmetic, writing)
+    assert data["usage"]["skill_extraction_failures"] == 1 and data["status"] == "done"
+    assert "no skills found (its keywords (chemistry) name none of the pool's skills); recruited without skills" in cli(
+        "ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1").stderr
 
 
 def test_failed_skill_extraction_is_reported(loopback, tmp_path: Path) -> None:

@@ -154,6 +154,9 @@ class Staffing:
         if extracted:
             keywords, failure, calls_failed = await self._extract(instruction, call, seed)
         matches, usage = await self._match(keywords)
+        if extracted and failure is None and keywords and not matches and self.table.vocabulary:
+            # (recruited as if no skill mattered, and nothing said so)
+            failure = f"its keywords ({', '.join(keywords)}) name none of the pool's skills"
         if keywords and not extracted and usage is None:  # skills of their own: the same for every node
             if len(self._matched) >= 4096:
                 self._matched.clear()
