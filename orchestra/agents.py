@@ -51,6 +51,8 @@ class Agent:
         # checked once here, as its requests are built without validation (``ChatRequest.checked``)
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"an agent's name must be non-empty text, not {self.name!r}")
+        if not self.name.isprintable():  # (a newline or an escape broke every one-line listing it is in)
+            raise ConfigError(f"an agent's name must be printable text on one line, not {self.name!r}")
         _check_model(self.model, f"agent {self.name!r}: model")
         try:
             skills = None if isinstance(self.skills, str) else tuple(self.skills)  # (a generator is read once)

@@ -71,6 +71,7 @@ def test_an_agent_with_a_bad_sampling_value_is_refused(field: str, value: object
     ({"skills": "math"}, r"agent 'a': skills must be a list of names .* not 'math'"),
     ({"skills": ["math", 3]}, "agent 'a': skills must be a list of names"),
     ({"name": " "}, "an agent's name must be non-empty text"),
+    ({"name": "a\nb"}, r"an agent's name must be printable text on one line, not 'a\\nb'"),  # (it broke listings)
 ])
 def test_an_agent_that_could_never_answer_is_refused_when_made(options: dict[str, object], message: str) -> None:
     # a model that is not one used to be taken, then hang the run at its first call

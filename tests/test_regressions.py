@@ -303,6 +303,9 @@ def test_a_loopback_server_on_a_taken_port_fails_at_once() -> None:
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: cannot listen on port {first.port}: "), done.stderr
+    helped = subprocess.run([sys.executable, "-m", "orchestra.testing", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert helped.stdout.startswith("usage: python -m orchestra.testing ")  # (it said "usage: __main__.py")
 
 
 # --- Ctrl-C on the command line: the loop's own shutdown is covered too ---------------------

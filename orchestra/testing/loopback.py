@@ -394,7 +394,7 @@ def _cut(text: str, max_tokens: Any) -> tuple[str, bool]:
 
 def main() -> None:
     """Serve a fixed answer (and embeddings) until killed; print the URL first."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m orchestra.testing", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--text", default="ok")
