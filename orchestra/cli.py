@@ -1292,10 +1292,12 @@ def chat(pool: Path | None, **opts: Any) -> None:
                                                    "environment variable VAR (never logged or stored).")
 @click.option("--presets", "presets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A YAML file of named settings layers, each served as a model (besides the pool's presets:).")
-@click.option("--total-max-calls", type=click.IntRange(min=1), help="Calls all requests together may make.")
+@click.option("--total-max-calls", type=click.IntRange(min=1),
+              help="Calls all requests together may make (default: no limit).")
 @click.option("--total-max-cost", type=FiniteRange(min=0, min_open=True),
-              help="USD all requests together may spend.")
-@click.option("--total-max-tokens", type=click.IntRange(min=1), help="Tokens all requests together may use.")
+              help="USD all requests together may spend (default: no limit).")
+@click.option("--total-max-tokens", type=click.IntRange(min=1),
+              help="Tokens all requests together may use (default: no limit).")
 @click.option("--max-request-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024),
               help="The largest request body accepted.")
 @click.option("--grace", default=30, show_default=True, type=FiniteRange(min=0, max=86_400),

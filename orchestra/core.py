@@ -693,7 +693,8 @@ class Orchestra:
                 matcher = MatcherSpec.model_validate(matcher)
             except ValidationError as error:
                 first = error.errors()[0]
-                raise ConfigError(f"matcher.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+                where = ".".join(map(str, ("matcher", *first["loc"])))  # (an error of the whole has no field)
+                raise ConfigError(f"{where}: {first['msg']}") from None
         elif matcher is not None and not isinstance(matcher, MatcherSpec) and not hasattr(matcher, "match"):
             raise ConfigError(f"matcher must be a MatcherSpec, its fields as a dict, or an object with a match method, "
                               f"not {type(matcher).__name__}")

@@ -256,11 +256,11 @@ _HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?(?:(?P<
 #: a fraction: ``\frac{a}{b}``, ``\dfrac``, ``\tfrac``, and brace-less digits (``\frac12`` is a half)
 _FRAC = re.compile(r"-?\\[dt]?frac\s*(?:\{(-?[\d.]+)\}|(\d))\s*(?:\{(-?[\d.]+)\}|(\d))")
 #: thousands grouped by spaces, as SI writes them ("1 000 000"; a thin or no-break space too)
-_GROUPED = r"-?\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?![\d,]|\.\d|/\d)"
+_GROUPED = r"-?\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?:\.\d+)?(?![\d,]|\.\d|/\d)"
 _NUMBER = re.compile(rf"{_FRAC.pattern}|{_GROUPED}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 #: a number that is part of an expression, not the answer itself: a power's base or exponent ("2^10"),
 #: or what a root or logarithm is taken of ("\sqrt{2}", "√2", "\log_2 8")
-_POWER_AFTER = re.compile(r"\s*\^")
+_POWER_AFTER = re.compile(r"\s*(?:\^|[\u221a\u00d7\u00b7\u03c0]|\\(?:sqrt|pi|cdot|times)\b|\*\s*[\d(])")
 _APPLIED_BEFORE = re.compile(r"(?:\^\s*\{?|\\(?:sqrt|log|ln|sin|cos|tan|exp)\b(?:\s*\[[^\]]*\])?[\s_{]*|\u221a\s*)$")
 #: a term of an equation: a number, a one-letter variable or a LaTeX command with its arguments, in brackets or not
 _TERM = r"[(\[{]*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+|[a-zA-Z](?![a-zA-Z])|\\[a-zA-Z]+(?:\s*\{[^{}]*\})*)[)\]}]*"
@@ -359,9 +359,11 @@ _PUNCTUATION = re.compile(rf"(?!(?<=\d)[-./]\d|(?<![\w.-])-\.?\d|(?<![\w.])\.\d)
 #: the operators that make an expression what it is, kept (the spaces around a binary one dropped):
 #: "x+1" is not "x-1", nor "n>3" "n<3", nor "10^3" "103" (each was read alike, right in eval and one
 #: answer in a vote); "*" and "/" between terms (not markdown's "**"), ":" between digits ("12:30"),
-#: "-" between terms ("x - 1", "x-1") or before a letter or bracket ("-x"; a number's sign is kept anyway)
+#: "-" between terms ("x - 1", "x-1", "a-b"; not a word's hyphen: "e-mail" is "email") or before a letter or
+#: bracket ("-x"; a number's sign is kept anyway)
 _OPERATORS = (r"\s*[+=<>^\u2264\u2265\u2260]\s*|(?<=[\w)\]}])\s*[*/]\s*(?=[\w(\[{])|(?<=\d):(?=\d)"
-              r"|(?<=[\w)\]}])\s+-\s+(?=[\w(\[{])|(?<=[\w)\]}])-(?=[\w(\[{])|(?<![\w)\]}])-(?=[a-z(\[{\\])")
+              r"|(?<=[\w)\]}])\s+-\s+(?=[\w(\[{])|(?<=[\d)\]}])-(?=[\w(\[{])|(?<=\w)-(?=[\d(\[{])"
+              r"|(?<![a-z][a-z])(?<=[a-z])-(?=[a-z](?![a-z]))|(?<![\w)\]}])-(?=[a-z(\[{\\])")
 _TEXT_PARTS = re.compile(rf"(?P<kept>{_OPERATORS})|{_PUNCTUATION.pattern}")
 #: the same, brackets kept too, for a text with an operator in it: "(x+1)^2" is not "x+1^2"
 _MATH_PARTS = re.compile(rf"(?P<kept>{_OPERATORS}|[()\[\]])|{_PUNCTUATION.pattern}")

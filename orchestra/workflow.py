@@ -751,7 +751,8 @@ def _convert(name: str, value: Any, declared: InputSpec, workflow: Workflow) -> 
         raise workflow.document.error(f"input {name!r} must be a finite number, got {_shown(value)}", where)
     if isinstance(converted, str) and len(converted) > MAX_TEMPLATE_OUTPUT:  # (every step would fail, resumes too)
         raise workflow.document.error(f"input {name!r} is {len(converted):,} characters; a prompt holds at most "
-                                      f"{MAX_TEMPLATE_OUTPUT:,}: pass a shorter one", where)
+                                      f"{MAX_TEMPLATE_OUTPUT:,} in all, its own text included: pass a shorter one",
+                                      where)
     if declared.required and isinstance(converted, str) and not converted.strip():
         raise workflow.document.error(f"input {name!r} is required and was given empty; pass it with -i "
                                       f"{name}=VALUE", where)

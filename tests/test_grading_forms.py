@@ -37,10 +37,11 @@ def test_a_vote_counts_boxed_numbers_by_their_value() -> None:
 
 
 def test_exact_match_keeps_a_numbers_sign_point_and_fraction_bar() -> None:
-    """"-3" is not "3", "1.2" is not "12" nor "1/2"; other punctuation goes as before (a hyphen joining two
-    words stays: it is the minus of "x-1")."""
-    assert [normalize_text(text) for text in ("-3", "1.2", "1/2", "(-3)", "The Big, Red Dog!", "well-known")] == [
-        "-3", "1.2", "1/2", "-3", "big red dog", "well-known"]
+    """"-3" is not "3", "1.2" is not "12" nor "1/2"; other punctuation goes as before (a word's hyphen too:
+    "e-mail" is "email", while the minus of "x-1" and "a-b" stays)."""
+    assert [normalize_text(text) for text in ("-3", "1.2", "1/2", "(-3)", "The Big, Red Dog!", "well-known", "e-mail",
+                                              "a-b", "x-1")] == [
+        "-3", "1.2", "1/2", "-3", "big red dog", "wellknown", "email", "a-b", "x-1"]
     assert not ExactMatchGrader().grade("The answer is -3", Item(id="1", question="q", answer="3 "))
     assert ExactMatchGrader().grade("So \\boxed{\\text{Paris}}", Item(id="1", question="q", answer="Paris"))
 
@@ -171,7 +172,9 @@ def test_a_number_followed_by_a_scale_word_is_read_at_its_scale(text: str, numbe
     ("The answer is n>3", "n<3"), ("The answer is a*b", "a/b"), ("The answer is 103.", "10^3"),
     ("The answer is 210", "2^10"), ("The answer is 1230.", "12:30"), ("The answer is -x", "x"),
     ("The answer is (x+1)^2", "x+1^2"), ("The answer is \\sqrt{2}", "2"), ("The answer is 2^10", "2"),
-    ("The answer is 1 000", "1"), ("The answer is √2", "2"),
+    ("The answer is 1 000", "1"), ("The answer is √2", "2"), ("The answer is 2√3", "2"), ("The answer is 2\\pi", "2"),
+    ("The answer is 3\\sqrt{2}", "3"), ("The answer is 2×10^3", "2"), ("The answer is 2 \\cdot 10^3", "2"),
+    ("The answer is 3 000.5", "3"),
 ])
 def test_an_expressions_operators_make_it_another_answer(answer: str, reference: str) -> None:
     """Every operator was dropped as punctuation ("x+1" graded right for "x-1", "n>3" one answer with "n<3" in a
@@ -183,6 +186,7 @@ def test_an_expressions_operators_make_it_another_answer(answer: str, reference:
     ("The answer is x - 1.", "x-1"), ("The answer is y=2x+3", "y = 2x + 3"), ("The answer is (x+1)(x-1)", "(x + 1)(x - 1)"),
     ("The answer is 1 000 000", "1000000"), ("The answer is **Paris**.", "Paris"), ("The answer is 10^3", "10^3"),
     ("The answer is 12:30.", "12:30"), ("The answer is -x", "-x"), ("The answer is: x ≤ 3", "x≤3"),
+    ("The answer is e-mail.", "email"), ("The answer is 3 000.5", "3000.5"), ("The answer is 5 cm", "5"),
 ])
 def test_an_expression_written_with_other_spacing_is_the_same_answer(answer: str, reference: str) -> None:
     assert AutoGrader().grade(answer, Item(id="1", question="q", answer=reference))

@@ -853,6 +853,8 @@ def test_a_matcher_given_as_a_dict_is_read_as_its_spec_and_anything_else_is_refu
     assert Orchestra(pool, store=False, matcher={"type": "lexical", "min_similarity": 0.5}).settings.matcher.min_similarity == 0.5
     with pytest.raises(ConfigError, match="matcher.type: Input should be 'lexical' or 'embedding'"):
         Orchestra(pool, store=False, matcher={"type": "nope"})
+    with pytest.raises(ConfigError, match=r"^matcher: .*embedding"):  # (an error of the whole read "matcher.:")
+        Orchestra(pool, store=False, matcher={"type": "embedding"})
     with pytest.raises(ConfigError, match="matcher must be a MatcherSpec, its fields as a dict, or an object with a "
                                           "match method, not int"):
         Orchestra(pool, store=False, matcher=5)  # type: ignore[arg-type]

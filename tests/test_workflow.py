@@ -389,7 +389,8 @@ def test_an_input_too_long_for_a_command_line_is_read_from_a_file_or_standard_in
     (tmp_path / "huge.txt").write_text("x" * 2_000_001)  # (every step failed at run time, and each resume)
     huge = cli("run", str(path), "--input-file", f"doc={tmp_path / 'huge.txt'}")
     assert huge.returncode == 2 and huge.stderr.strip().endswith(
-        "input 'doc' is 2,000,001 characters; a prompt holds at most 2,000,000: pass a shorter one")
+        "input 'doc' is 2,000,001 characters; a prompt holds at most 2,000,000 in all, its own text included: pass "
+        "a shorter one")
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
     latin = cli("run", str(path), "--input-file", f"doc={tmp_path / 'latin.txt'}")
     assert latin.stderr.strip() == f"error: --input-file doc: {tmp_path / 'latin.txt'} is not UTF-8 text (byte 0xe9 at offset 3)"
