@@ -13,6 +13,7 @@ from orchestra.datasets import LETTERS, Item
 from orchestra.errors import ConfigError
 
 _LONE_LETTER = re.compile(r"\(?[A-Ja-j]\)?")
+_BARE_LETTER = re.compile(r"\(?[A-J]\)?")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 
 
@@ -259,8 +260,10 @@ _FRAC = re.compile(r"-?\\[dt]?frac\s*(?:\{(-?[\d.]+)\}|(\d))\s*(?:\{(-?[\d.]+)\}
 _GROUPED = r"-?\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?:\.\d+)?(?![\d,]|\.\d|/\d)"
 _NUMBER = re.compile(rf"{_FRAC.pattern}|{_GROUPED}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 #: a number that is part of an expression, not the answer itself: a power's base or exponent ("2^10"),
-#: or what a root or logarithm is taken of ("\sqrt{2}", "√2", "\log_2 8")
-_POWER_AFTER = re.compile(r"\s*(?:\^|[\u221a\u00d7\u00b7\u03c0]|\\(?:sqrt|pi|cdot|times)\b|\*\s*[\d(])")
+#: or what a root or logarithm is taken of ("\sqrt{2}", "√2", "\log_2 8"), or a variable's coefficient
+#: ("4x", "3i", "2n"; "5k" too, which may be 5,000: no number is stated rather than a wrong one)
+_POWER_AFTER = re.compile(r"\s*(?:\^|[\u221a\u00d7\u00b7\u03c0]|\\(?:sqrt|pi|cdot|times)\b|\*\s*[\d(])"
+                          r"|[ijknxyz](?![a-zA-Z])")
 _APPLIED_BEFORE = re.compile(r"(?:\^\s*\{?|\\(?:sqrt|log|ln|sin|cos|tan|exp)\b(?:\s*\[[^\]]*\])?[\s_{]*|\u221a\s*)$")
 #: a term of an equation: a number, a one-letter variable or a LaTeX command with its arguments, in brackets or not
 _TERM = r"[(\[{]*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+|[a-zA-Z](?![a-zA-Z])|\\[a-zA-Z]+(?:\s*\{[^{}]*\})*)[)\]}]*"
@@ -415,6 +418,13 @@ class AutoGrader:
             clause = _answer_clause(text)
             clause = _affirmed(clause) if clause else clause  # (what "not 42, but 43" says: 43)
             stated = ((_unboxed(clause) or clause) if clause else _unboxed(text)) or ""
+            if clause is None and not stated:  # a bare answer, its last line alone: "1 000", "1/2", "(B)"
+                lines = text.strip().splitlines()
+                last = lines[-1].strip().rstrip(".") if lines else ""
+                if _BARE_LETTER.fullmatch(last):
+                    return self.mc  # ("B" and "The answer is B" are one answer; "b" stays a word)
+                if normalize_number(last) is not None:
+                    return self.numeric  # ("1 000" and "1000", "0.5" and "1/2" are one answer)
             first = stated.split(maxsplit=1)[0] if stated.strip() else ""
             bare = first.rstrip(".,:;")
             if _LONE_LETTER.fullmatch(bare) and (bare != first.rstrip(".") or bare == stated.strip(" .")

@@ -197,3 +197,27 @@ def test_a_vote_tells_expressions_apart_by_their_operators() -> None:
                    Response("c", "The answer is x-1")])
     # three answers of one vote each, not two ("x+1" and "x-1" were one answer, 2 votes to 1)
     assert sorted(result.tally.values()) == [1, 1, 1] and result.answer == "5"
+
+
+@pytest.mark.parametrize(("one", "other"), [("1 000", "1000"), ("0.5", "1/2"), ("B", "The answer is B"),
+                                            ("(B)", "B."), ("$1,000", "The answer is 1000.")])
+def test_a_vote_counts_equal_bare_answers_as_one(one: str, other: str) -> None:
+    """An answer alone on its last line, with no "the answer is", was read as text: "1 000" and "1000", "0.5"
+    and "1/2", "B" and "The answer is B" were two answers, each outvoted by a third given twice."""
+    result = vote([Response("a", one), Response("b", other), Response("c", "7"), Response("d", "The answer is 7")])
+    assert sorted(result.tally.values()) == [2, 2]
+
+
+def test_a_bare_lower_case_letter_and_a_bare_sentence_stay_words() -> None:
+    auto = AutoGrader()
+    assert auto.pick(None, "b") is auto.exact and auto.pick(None, "42\n\nHope this helps") is auto.exact
+
+
+@pytest.mark.parametrize("answer", ["The answer is 4x", "The answer is 3i", "x = 2n", "The answer is 5k"])
+def test_a_coefficient_is_no_number_stated(answer: str) -> None:
+    """"4x" was graded right against 4 ("5k", which may mean 5,000, too)."""
+    assert not NumericGrader().grade(answer, Item(id="1", question="q", answer=answer[-2]))
+
+
+def test_a_number_with_a_unit_is_still_the_number() -> None:
+    assert NumericGrader().grade("The answer is 5kg", Item(id="1", question="q", answer="5"))
