@@ -250,6 +250,10 @@ class Workflow:
                          else "")
                 raise document.error(f"input {name!r}: default {default!r} is not of type {kind}{quote}",
                                      ("inputs", name, "default"))
+            if isinstance(default, str) and len(default) > MAX_TEMPLATE_OUTPUT:  # (refused as its prompt rendered)
+                raise document.error(f"input {name!r}: its default is {len(default):,} characters; a prompt holds "
+                                     f"at most {MAX_TEMPLATE_OUTPUT:,} in all: shorten it",
+                                     ("inputs", name, "default"))
             if isinstance(default, float) and not math.isfinite(default):  # (.nan, .inf in YAML)
                 raise document.error(f"input {name!r}: default {default} is not a finite number (a given value "
                                      "would be refused so)", ("inputs", name, "default"))
@@ -760,9 +764,9 @@ def _convert(name: str, value: Any, declared: InputSpec, workflow: Workflow) -> 
 
 
 def _shown(value: Any) -> str:
-    """A given value as an error shows it: its repr, cut at 60 characters."""
+    """A given value as an error shows it: its repr, cut at 60 characters (then its length said)."""
     text = repr(value)
-    return text if len(text) <= 60 else f"{text[:57]}... ({len(str(value)):,} characters)"
+    return text if len(text) <= 60 else f"{_cut(text)} ({len(str(value)):,} characters)"
 
 
 def _typed(value: Any, kind: str) -> Any:

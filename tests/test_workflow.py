@@ -137,6 +137,10 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
      "quote it to keep it as written)"),  # (YAML 1.1's base 60)
     (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: number, default: .nan}"),
      "wf.yaml:10:34: input 'words': default nan is not a finite number"),  # (-i words=nan is refused)
+    (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: '" + "x" * 2_000_001
+                  + "'}"),  # (refused only as the prompt that reads it rendered, after the steps before it)
+     "wf.yaml:9:34: input 'topic': its default is 2,000,001 characters; a prompt holds at most 2,000,000 in all: "
+     "shorten it"),
     ("pool: {models: {m: {type: openai, model: x}}, agents: [{name: a, model: m}]}\nplan: auto\n"
      "task: '" + "x" * 500_001 + "'\n",
      "wf.yaml:3:7: task: its template has 500,001 characters of its own text; a task is at most 500,000"),
