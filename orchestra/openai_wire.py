@@ -317,6 +317,9 @@ def _output(response_format: Any) -> str | dict[str, Any]:
         problem = schema_problem(schema)
         if problem:
             raise bad_request(f"response_format.json_schema.schema: {problem}", "response_format.json_schema.schema")
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and name and "title" not in schema:  # (the experts' servers get it as its name)
+            return {"title": name, **schema}
         return schema
     raise bad_request("response_format.type must be text, json_object or json_schema", "response_format")
 

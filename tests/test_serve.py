@@ -353,8 +353,9 @@ def test_json_schema_answers_with_the_schema_and_sends_it_to_the_answer_writers(
     assert completion.choices[0].message.content == '{"answer":42,"unit":"m"}'  # compact
     writers = [p for p in experts.payloads if p["model"] != "planner"]
     assert len(writers) == 4
-    for payload in writers:
-        assert payload["response_format"]["json_schema"]["schema"] == schema
+    for payload in writers:  # (under the client's name: it went as "response")
+        assert payload["response_format"]["json_schema"] == {"name": "distance", "schema": {"title": "distance",
+                                                                                            **schema}, "strict": False}
         assert payload["max_tokens"] == 77 and payload["temperature"] == 0.3
 
 
