@@ -488,6 +488,23 @@ def get_grader(name: str | Grader) -> Grader:
         raise ConfigError(f"unknown grader {name!r}; choose one of {', '.join(GRADERS)}") from None
 
 
+#: a lettered choice on its own line, as a data set's question shows its choices (``Item.prompt``)
+_CHOICE_LINE = re.compile(r"^\(([A-J])\) (.+)$", re.MULTILINE)
+
+
+def choices_of(task: str) -> Item | None:
+    """The lettered choices ``task`` lists, one a line from ``(A)`` on ("(A) Paris", as a data set's
+    question shows them), as an item without an answer for reading replies by with no reference (a
+    vote, a confident team's agreement: "London." and "The answer is (B)" are one option); else None."""
+    if "(B) " not in task:  # (most tasks: no regular expression over them)
+        return None
+    found = _CHOICE_LINE.findall(task)
+    if len(found) < 2 or not LETTERS.startswith("".join(letter for letter, _ in found)):
+        return None
+    return Item.model_construct(id="task", question=task, answer="", choices=tuple(text.strip() for _, text in found),
+                                category=None)  # (no answer to validate: none is known)
+
+
 def answer_format(item: Item | None) -> str:
     """How an expert should state its final answer so the grader finds it."""
     if item is not None and item.choices:

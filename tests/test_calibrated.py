@@ -336,6 +336,16 @@ def test_a_staged_team_of_two_that_agrees_needs_no_aggregation() -> None:
     assert sum(len(models[name].requests) for name in "abc") == 2  # the two answers, no aggregation call
 
 
+def test_staged_experts_who_name_one_choice_two_ways_agree() -> None:
+    """"London." and "(B)" for a task listing (B) London were two answers: the third expert was asked."""
+    pool, models = confident_pool(answers={"a": "The answer is London.", "b": "The answer is (B)."})
+    result = Orchestra(pool, k=3, plan=False, store=False).run("Which city is the capital of England?\n(A) Paris\n"
+                                                                "(B) London\n(C) Rome")
+    node = result.plan.nodes[0]
+    assert [o.agent for o in node.expert_outputs] == ["a", "b"] and node.saved_calls == 2  # (c and the aggregator)
+    assert not models["c"].requests
+
+
 @pytest.mark.parametrize(("first", "second"), [("x = \\boxed{-3}", "x = \\boxed{3}"), ("so \\boxed{1.2}", "so \\boxed{12}")])
 def test_staged_experts_whose_boxed_numbers_differ_do_not_agree(first: str, second: str) -> None:
     """Boxed answers were read as text without their sign or point: -3 and 3 (or 1.2 and 12) agreed,

@@ -7,11 +7,24 @@ Each test pins one case a user's grades or votes depend on; only the answers are
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+from pathlib import Path
 
-from orchestra.datasets import Item
-from orchestra.grading import AutoGrader, ExactMatchGrader, MultipleChoiceGrader, NumericGrader, normalize_text
-from orchestra.pipeline.aggregation import Response, vote
+import pytest
+from helpers import scripted_pool
+
+from orchestra import Orchestra
+from orchestra.datasets import Dataset, Item
+from orchestra.evaluate import aevaluate
+from orchestra.grading import (
+    AutoGrader,
+    ExactMatchGrader,
+    MultipleChoiceGrader,
+    NumericGrader,
+    choices_of,
+    normalize_text,
+)
+from orchestra.pipeline.aggregation import Response, Vote, vote
 
 # --- answers read with no item ---------------------------------------------------------------------
 
@@ -221,3 +234,35 @@ def test_a_coefficient_is_no_number_stated(answer: str) -> None:
 
 def test_a_number_with_a_unit_is_still_the_number() -> None:
     assert NumericGrader().grade("The answer is 5kg", Item(id="1", question="q", answer="5"))
+
+
+CAPITAL = "What is the capital of England?\n(A) Paris\n(B) London\n(C) Rome"
+
+
+def test_a_vote_reads_a_choice_named_by_its_text_as_its_letter_where_the_task_lists_choices() -> None:
+    """"London." and "(B)" were two answers (the vote had no item): Paris won a three-way tie."""
+    responses = [Response("a", "The answer is Paris."), Response("b", "The answer is London."),
+                 Response("c", "The answer is (B).")]
+    picked = Vote.pick(responses, AutoGrader(), CAPITAL)
+    assert picked[0] == "The answer is London." and vote(responses, item=choices_of(CAPITAL)).tally == {"A": 1, "B": 2}
+
+
+@pytest.mark.parametrize("task", ["What is the capital of England?", "Pick one:\n(B) London\n(C) Rome",
+                                  "(A) Paris\n(C) Rome\n(B) London", "Compare (A) Paris and (B) London."])
+def test_only_lettered_lines_from_a_in_order_are_choices(task: str) -> None:
+    assert choices_of(task) is None
+
+
+def test_choices_are_the_lines_text() -> None:
+    item = choices_of(CAPITAL)
+    assert item is not None and item.choices == ("Paris", "London", "Rome")
+
+
+def test_an_evaluations_vote_counts_a_choice_by_its_text(tmp_path: Path) -> None:
+    """Two of three experts chose B, one naming it by its text: accuracy was 0 (Paris won the tie)."""
+    replies = {"m0": "The answer is Paris.", "m1": "The answer is London.", "m2": "The answer is (B)."}
+    pool, _ = scripted_pool(3, expert=lambda name, request: replies[name])
+    data = Dataset.from_items([{"id": "q", "question": "What is the capital of England?", "answer": "B",
+                                "choices": ["Paris", "London", "Rome"]}])
+    report = asyncio.run(aevaluate(Orchestra(pool, k=3, store=False), data, method="moa", aggregate="vote"))
+    assert report.correct == 1

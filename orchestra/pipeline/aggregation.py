@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orchestra.agents import Agent
-from orchestra.grading import AutoGrader, Grader, strip_reasoning
+from orchestra.datasets import Item
+from orchestra.grading import AutoGrader, Grader, choices_of, strip_reasoning
 from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.prompts import render
 from orchestra.settings import AnswerOptions
@@ -85,15 +86,15 @@ class VoteResult:
     data: Any = None
 
 
-def vote(responses: Sequence[Response], grader: Grader | None = None) -> VoteResult:
-    """Majority vote over extracted answers.
+def vote(responses: Sequence[Response], grader: Grader | None = None, item: Item | None = None) -> VoteResult:
+    """Majority vote over extracted answers (read with ``item``'s choices where it has them).
 
     Ties go to the answer whose supporters have the larger summed weight, then to the answer
     given first. Responses with no extractable answer do not vote; if none has one, the strongest
     response wins. The winning text is the strongest response that gave the winning answer.
     """
     grader = grader or AutoGrader()
-    answers = [(r, grader.extract(r.text)) for r in responses]
+    answers = [(r, grader.extract(r.text, item)) for r in responses]
     voting = [(r, a) for r, a in answers if a]
     if not voting:
         best = ranked(responses)[0]
@@ -154,7 +155,7 @@ class Strongest:
         return self.pick(job.responses, job.grader)
 
     @staticmethod
-    def pick(responses: Sequence[Response], grader: Grader) -> tuple[str, Any]:
+    def pick(responses: Sequence[Response], grader: Grader, task: str = "") -> tuple[str, Any]:
         """``combine`` without a job: this strategy calls no model (a node does not build one)."""
         best = ranked(responses)[0]
         return strip_reasoning(best.text), best.data
@@ -168,12 +169,13 @@ class Vote:
 
     async def combine(self, job: Job, call: Call) -> tuple[str, Any]:
         """The winning response (see ``vote``)."""
-        return self.pick(job.responses, job.grader)
+        return self.pick(job.responses, job.grader, job.task)
 
     @staticmethod
-    def pick(responses: Sequence[Response], grader: Grader) -> tuple[str, Any]:
-        """``combine`` without a job: this strategy calls no model (a node does not build one)."""
-        winner = vote(responses, grader)
+    def pick(responses: Sequence[Response], grader: Grader, task: str = "") -> tuple[str, Any]:
+        """``combine`` without a job: this strategy calls no model (a node does not build one); the
+        answers are read with the choices ``task`` lists, if it lists some (see ``choices_of``)."""
+        winner = vote(responses, grader, choices_of(task))
         return winner.text, winner.data
 
 

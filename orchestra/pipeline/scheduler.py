@@ -50,7 +50,7 @@ from orchestra.events import (
     fell_back,
 )
 from orchestra.execute import Executor, RunLedger
-from orchestra.grading import Grader, get_grader, states_answer, strip_reasoning
+from orchestra.grading import Grader, choices_of, get_grader, states_answer, strip_reasoning
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, Strongest, Vote, cut_for_aggregator, strategy
@@ -444,7 +444,7 @@ class Run:
             if not combine.uses_aggregator:  # a confident team's first experts agreed, or one expert answered
                 trace.aggregator = None  # (the node's aggregator was never asked)
             if isinstance(combine, (Strongest, Vote)):  # no model to call: no job to build, nothing to await
-                trace.output, trace.data = combine.pick(responses, self.stages.grader)
+                trace.output, trace.data = combine.pick(responses, self.stages.grader, self.task)
             else:
                 trace.status = "aggregating"
                 self.stages.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=trace.strategy))
@@ -459,7 +459,7 @@ class Run:
                     if not _falls_back(error):
                         raise
                     # the experts answered: one failing aggregator endpoint failed the whole node
-                    trace.output, trace.data = Vote.pick(responses, self.stages.grader)
+                    trace.output, trace.data = Vote.pick(responses, self.stages.grader, self.task)
                     failed, trace.aggregator = job.aggregator.name, None
                     trace.explanation.append(fell_back(failed, str(error)))
                     self.stages.events.emit(AggregationFellBack(run_id=self.run_id, node=node_id, aggregator=failed,
@@ -552,10 +552,13 @@ class Run:
     def _agree(self, outcomes: Sequence[ChatResult | Exception]) -> bool:
         """Whether every answer is there and the grader reads the same answer from each. Experts
         told how to state their answer (``answer_format``) agree only on answers they stated: two
-        replies ending in "I am not sure" are no agreement."""
+        replies ending in "I am not sure" are no agreement. Replies are read with the choices the
+        task lists ("London." and "(B)" agree where (B) is London)."""
         stated = self.spec.answer_format is None or all(
             not isinstance(o, Exception) and states_answer(o.text) for o in outcomes)
-        answers = {None if isinstance(o, Exception) else self.stages.grader.extract(o.text) for o in outcomes}
+        choices = choices_of(self.task)
+        answers = {None if isinstance(o, Exception) else self.stages.grader.extract(o.text, choices)
+                   for o in outcomes}
         return stated and len(answers) == 1 and None not in answers
 
     def _node_failed(self, trace: NodeState, error: str) -> None:
