@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from typing import Protocol
 
@@ -144,6 +144,13 @@ def _named_choices(text: str, choices: Sequence[str]) -> list[tuple[int, int, in
     return named
 
 
+def _letters_outside(pattern: str, text: str, named: Sequence[tuple[int, int, int]]) -> Iterator[re.Match[str]]:
+    """The matches of ``pattern`` in ``text`` outside the choices it names: the "C" of "Vitamin C" is not
+    option C where "Vitamin C" is a choice."""
+    return (match for match in re.finditer(pattern, text)
+            if not any(start <= match.start() < end for start, end, _ in named))
+
+
 def _chosen_letter(clause: str, valid: str, choices: Sequence[str] = ()) -> str | None:
     """The option an answer clause names: one it opens with ("b) 42", "option b.", "(C)", or a choice's
     text: "green, not A", "14." but not the "2" of "2 + 2 = 4"), else the first "(c)" or standalone
@@ -157,7 +164,7 @@ def _chosen_letter(clause: str, valid: str, choices: Sequence[str] = ()) -> str 
     lead = len(clause) - len(clause.lstrip(" *_$("))
     if named and named[0][0] == lead and not re.match(r"\s*[-+*/^=\u00d7\u00b7\u00f7]", clause[named[0][1]:]):
         return LETTERS[named[0][2]]
-    match = re.search(rf"\(([{valid}{valid.lower()}])\)|\b([{valid}])\b(?!['’])", clause)
+    match = next(_letters_outside(rf"\(([{valid}{valid.lower()}])\)|\b([{valid}])\b(?!['’])", clause, named), None)
     if match:
         return (match.group(1) or match.group(2)).upper()
     lone = clause.strip(" *_.:()")
@@ -186,11 +193,10 @@ class MultipleChoiceGrader:
             chosen = _chosen_letter(stated, valid, choices) if stated else None
             if chosen:
                 return chosen
-        letters = re.findall(rf"\(([{valid}])\)|\b([{valid}])\b(?=[).:\s]|$)", text)
-        if letters:
-            last = letters[-1]
-            return last[0] or last[1]
         named = _named_choices(text, choices)
+        letters = list(_letters_outside(rf"\(([{valid}])\)|\b([{valid}])\b(?=[).:\s]|$)", text, named))
+        if letters:
+            return letters[-1].group(1) or letters[-1].group(2)
         return LETTERS[named[-1][2]] if named else None
 
     @staticmethod
@@ -247,23 +253,32 @@ def last_boxed(text: str) -> str | None:
 #: a figure or en dash, the small or the fullwidth minus, before a number (a space between them too,
 #: "− 5"), and not after a word or a number ("3–5" is a range, not 3 and -5)
 _MINUS = re.compile(r"(?<![\w.])[\u2212\u2012\u2013\ufe63\uff0d][ \u00a0\u2009\u202f]?(?=\.?\d)")
+#: a degree sign, as text or LaTeX writes it
+_DEGREES = re.compile(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|\u00b0|\\degree)")
+#: a number whose commas group thousands, or with none: "2,3" is the numbers 2 and 3, not 23
+_PLAIN = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+_COMMA_GROUPED = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 #: an answer clause that opens with a range or a choice of two numbers ("3-5", "3 to 5", "3, or 4"): not
 #: a restatement of one ("0.5 or 1/2", told apart by value), a date or "3-4-5", a sum ("7 - 3") or "10^3"
 _HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?(?:(?P<between>between )\$?)?\$?"
-                     r"(\d[\d,]*(?:\.\d+)?(?:/\d+)?)"
+                     rf"({_PLAIN}(?:/\d+)?)"
                      r"(?(between)\s+and\s+|(?:[-\u2012\u2013\u2014~]|\s+[\u2013\u2014~]\s+|\s+to\s+|"
-                     r",?\s+\(?or\s+(?:maybe |perhaps |possibly )?))"
-                     r"\$?(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d^*]|[-\u2013/]\d)")
+                     r",?\s+\(?or\s+(?:maybe |perhaps |possibly )?|,(?!\d{3}(?!\d))\s*|\s+and\s+))"
+                     rf"\$?(-?{_PLAIN}(?:/\d+)?)(?![\d^*]|[-\u2013/]\d)")
 #: a fraction: ``\frac{a}{b}``, ``\dfrac``, ``\tfrac``, and brace-less digits (``\frac12`` is a half)
 _FRAC = re.compile(r"-?\\[dt]?frac\s*(?:\{(-?[\d.]+)\}|(\d))\s*(?:\{(-?[\d.]+)\}|(\d))")
 #: thousands grouped by spaces, as SI writes them ("1 000 000"; a thin or no-break space too)
 _GROUPED = r"-?\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?:\.\d+)?(?![\d,]|\.\d|/\d)"
-_NUMBER = re.compile(rf"{_FRAC.pattern}|{_GROUPED}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+#: scientific notation: "6.02 × 10^23", "2 x 10^{5}", "1.5 \times 10^{-3}", "6.02e23"
+_SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\s*(?:[x\u00d7*\u00b7]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?"
+                         r"|(-?\d+(?:\.\d+)?[eE][-+]?\d+)(?![\w.])")
+_NUMBER = re.compile(rf"{_SCIENTIFIC.pattern}|{_FRAC.pattern}|{_GROUPED}|-?{_PLAIN}(?:\s*/\s*\d+)?|-?\.\d+")
 #: a number that is part of an expression, not the answer itself: a power's base or exponent ("2^10"),
-#: or what a root or logarithm is taken of ("\sqrt{2}", "√2", "\log_2 8"), or a variable's coefficient
-#: ("4x", "3i", "2n"; "5k" too, which may be 5,000: no number is stated rather than a wrong one)
-_POWER_AFTER = re.compile(r"\s*(?:\^|[\u221a\u00d7\u00b7\u03c0]|\\(?:sqrt|pi|cdot|times)\b|\*\s*[\d(])"
-                          r"|[ijknxyz](?![a-zA-Z])")
+#: or what a root or logarithm is taken of ("\sqrt{2}", "√2", "\log_2 8"), a whole number's fraction ("2½"),
+#: or a variable's coefficient ("4x", "3i", "2n"; "5k" too, which may be 5,000: no number is stated rather
+#: than a wrong one)
+_POWER_AFTER = re.compile(r"\s*(?:\^|[\u221a\u00d7\u00b7\u03c0\u00bc-\u00be\u2150-\u215e]|\\(?:sqrt|pi|cdot|times)\b"
+                          r"|\*\s*[\d(])|[ijknxyz](?![a-zA-Z])")
 _APPLIED_BEFORE = re.compile(r"(?:\^\s*\{?|\\(?:sqrt|log|ln|sin|cos|tan|exp)\b(?:\s*\[[^\]]*\])?[\s_{]*|\u221a\s*)$")
 #: a term of an equation: a number, a one-letter variable or a LaTeX command with its arguments, in brackets or not
 _TERM = r"[(\[{]*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+|[a-zA-Z](?![a-zA-Z])|\\[a-zA-Z]+(?:\s*\{[^{}]*\})*)[)\]}]*"
@@ -273,7 +288,7 @@ _EQUATION = re.compile(rf"[\s$*_]*(?:{_TERM}(?:\s*{_OPERATOR}\s*{_TERM})*\s*=\s*
 
 
 #: a word that scales the number before it
-_SCALES = {"thousand": 10 ** 3, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
+_SCALES = {"hundred": 10 ** 2, "thousand": 10 ** 3, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
 _SCALE = re.compile(rf"\s+({'|'.join(_SCALES)})\b", re.IGNORECASE)
 
 
@@ -294,6 +309,10 @@ def normalize_number(text: str) -> Fraction | None:
     """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` (``\\tfrac``,
     ``\\frac12``) handled."""
     text = _MINUS.sub("-", text.strip()).replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
+    text = _DEGREES.sub("", text)  # ("90^\circ" and "90°" are 90)
+    scientific = _SCIENTIFIC.fullmatch(text)
+    if scientific and scientific[1]:
+        return Fraction(scientific[1]) * Fraction(10) ** int(scientific[2])
     frac = _FRAC.fullmatch(text)
     if frac:
         try:
@@ -301,7 +320,11 @@ def normalize_number(text: str) -> Fraction | None:
         except (ValueError, ZeroDivisionError):
             return None
         return -value if text.startswith("-") else value  # (a sign before the fraction and one inside cancel)
-    text = text.replace(",", "").rstrip(".")
+    text = re.sub(r"\s*/\s*", "/", text.rstrip("."))  # ("1 / 2" is a half)
+    if "," in text:
+        if not _COMMA_GROUPED.fullmatch(text):
+            return None  # ("2,3" is two numbers, "(1,2)" a pair: neither is 23 nor 12)
+        text = text.replace(",", "")
     if re.fullmatch(_GROUPED, text):
         text = re.sub(r"[ \u00a0\u2009\u202f]", "", text)
     try:
@@ -356,7 +379,11 @@ class NumericGrader:
 
 
 #: punctuation dropped from a text: all but a sign, decimal point or fraction bar of a number ("-3", "1.2", "1/2")
-_PUNCTUATION = re.compile(rf"(?!(?<=\d)[-./]\d|(?<![\w.-])-\.?\d|(?<![\w.])\.\d)[{re.escape(string.punctuation)}]")
+#: (CJK and typographic punctuation too: "東京。" is "東京", "«oui»" "oui")
+_WIDE_PUNCTUATION = ("\u3002\uff0c\u3001\uff01\uff1f\uff1a\uff1b\u300c\u300d\u300e\u300f\uff08\uff09\u3010\u3011"
+                     "\u300a\u300b\u2026\u2018\u2019\u201c\u201d\u00ab\u00bb\u00bf\u00a1")
+_PUNCTUATION = re.compile(rf"(?!(?<=\d)[-./]\d|(?<![\w.-])-\.?\d|(?<![\w.])\.\d)"
+                          rf"[{re.escape(string.punctuation)}{_WIDE_PUNCTUATION}]")
 
 
 #: the operators that make an expression what it is, kept (the spaces around a binary one dropped):
@@ -367,9 +394,12 @@ _PUNCTUATION = re.compile(rf"(?!(?<=\d)[-./]\d|(?<![\w.-])-\.?\d|(?<![\w.])\.\d)
 _OPERATORS = (r"\s*[+=<>^\u2264\u2265\u2260]\s*|(?<=[\w)\]}])\s*[*/]\s*(?=[\w(\[{])|(?<=\d):(?=\d)"
               r"|(?<=[\w)\]}])\s+-\s+(?=[\w(\[{])|(?<=[\d)\]}])-(?=[\w(\[{])|(?<=\w)-(?=[\d(\[{])"
               r"|(?<![a-z][a-z])(?<=[a-z])-(?=[a-z](?![a-z]))|(?<![\w)\]}])-(?=[a-z(\[{\\])")
-_TEXT_PARTS = re.compile(rf"(?P<kept>{_OPERATORS})|{_PUNCTUATION.pattern}")
+#: a comma between numbers that groups no thousands, kept (its spaces dropped): "2,3", "(1, 2)" are lists,
+#: not 23 and 12
+_LIST_COMMA = r"(?<=\d)\s*,\s*(?=\d)(?!\d{3}(?!\d))"
+_TEXT_PARTS = re.compile(rf"(?P<kept>{_OPERATORS}|{_LIST_COMMA})|{_PUNCTUATION.pattern}")
 #: the same, brackets kept too, for a text with an operator in it: "(x+1)^2" is not "x+1^2"
-_MATH_PARTS = re.compile(rf"(?P<kept>{_OPERATORS}|[()\[\]])|{_PUNCTUATION.pattern}")
+_MATH_PARTS = re.compile(rf"(?P<kept>{_OPERATORS}|{_LIST_COMMA}|[()\[\]])|{_PUNCTUATION.pattern}")
 
 
 def normalize_text(text: str) -> str:

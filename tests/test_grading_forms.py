@@ -266,3 +266,28 @@ def test_an_evaluations_vote_counts_a_choice_by_its_text(tmp_path: Path) -> None
                                 "choices": ["Paris", "London", "Rome"]}])
     report = asyncio.run(aevaluate(Orchestra(pool, k=3, store=False), data, method="moa", aggregate="vote"))
     assert report.correct == 1
+
+
+@pytest.mark.parametrize(("reference", "answer", "right"), [
+    ("2,3", "The answer is 23", False), ("(1,2)", "The answer is 12", False),  # (any comma was a thousands one)
+    ("2, 3", "The answer is 2,3", True), ("(1,2)", "The answer is (1, 2)", True),
+    ("1000", "The answer is 1,000", True), ("12345.5", "The answer is 12,345.50", True),
+    ("4", "The answer is 4, 5", False), ("4", "The answer is 4 and 5", False),  # (no one answer)
+    ("4", "The answer is 4, because 2 + 2 = 4", True), ("2", "The answer is 2 and 2", True),
+    ("1", "The answer is 1 / 2", False), ("1/2", "The answer is 1 / 2", True),
+    ("6.02e23", "The answer is 6.02 × 10^23", True), ("1000", "The answer is 1.0 \\times 10^{3}", True),
+    ("2", "The answer is 2 x 10^5", False), ("200000", "The answer is 2 x 10^5.", True),
+    ("3", "The answer is 3 hundred", False), ("300", "The answer is 3 hundred", True),
+    ("90°", "The answer is 90^\\circ", True), ("2", "The answer is 2½", False),
+    ("東京", "東京。", True),
+])
+def test_lists_powers_of_ten_scales_and_degrees_are_read_as_written(reference: str, answer: str, right: bool) -> None:
+    assert AutoGrader().grade(answer, Item(id="1", question="q", answer=reference)) is right
+
+
+@pytest.mark.parametrize(("answer", "right"), [("Vitamin C is the answer.", "B"), ("I'd pick Vitamin C.", "B"),
+                                               ("I'd go with Vitamin C (B).", "B"), ("It is Vitamin D, so C.", "C")])
+def test_a_letter_inside_a_choices_text_is_not_that_option(answer: str, right: str) -> None:
+    """"Vitamin C" was option C (Vitamin D): graded wrong against B and right against C."""
+    item = Item(id="1", question="q", answer=right, choices=("Vitamin A", "Vitamin C", "Vitamin D"))
+    assert AutoGrader().grade(answer, item) and MultipleChoiceGrader().extract(answer, item) == right
