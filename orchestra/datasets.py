@@ -20,13 +20,19 @@ from orchestra.prompts import MAX_TASK_CHARS
 LETTERS = "ABCDEFGHIJ"
 
 
+#: other data sets' names for an item's fields (Hugging Face's ``options``, ``target``, ``label``, ``prompt``)
+_OTHER_NAMES = {"options": "choices", "target": "answer", "label": "answer", "prompt": "question"}
+
+
 def _misspelt_field(row: dict[str, Any]) -> tuple[str, str] | None:
-    """A key of ``row`` that is nearly the name of an item field the row lacks (``categroy``), and
-    that field; other keys are extra columns, kept as they are."""
+    """A key of ``row`` that is nearly the name of an item field the row lacks (``categroy``), or
+    another data set's name for it (``options``), and that field; other keys are extra columns, kept
+    as they are."""
     absent = [name for name in Item.model_fields if name not in row]
     for key in row:
         if key not in Item.model_fields:
-            close = difflib.get_close_matches(key, absent, n=1, cutoff=0.8)
+            other = _OTHER_NAMES.get(key.strip().lower())
+            close = [other] if other in absent else difflib.get_close_matches(key, absent, n=1, cutoff=0.8)
             if close:
                 return key, close[0]
     return None
@@ -69,10 +75,11 @@ class Item(BaseModel):
     @field_validator("id")
     @classmethod
     def _named(cls, id: str) -> str:
-        """An id with text: runs, reports and resumes know an item by it."""
+        """An id with text, without surrounding spaces: runs, reports and resumes know an item by it
+        ("a" and "a " were two items, told apart by nothing a report shows)."""
         if not id.strip():
             raise ValueError("the id is empty: runs, reports and --resume know an item by its id")
-        return id
+        return id.strip()
 
     @field_validator("answer")
     @classmethod
@@ -249,6 +256,8 @@ def load_dataset(path: str | Path) -> Dataset:
                                "quotes") from None
         except json.JSONDecodeError as error:
             hint = "" if items else _not_jsonl(file, line)  # (a file whose first row was JSON is JSON Lines)
+            if "\r" in line.rstrip("\r"):  # (one line holding them all: "Extra data" said nothing of why)
+                hint = "; its lines end at CR alone (an old Mac's line endings): save it with LF (or CR LF) endings"
             raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg}){hint}") from None
         except RecursionError:
             raise DatasetError(f"{path}:{number}: JSON nested too deeply to read") from None
@@ -269,7 +278,7 @@ def load_dataset(path: str | Path) -> Dataset:
         misspelt = _misspelt_field(row)
         if misspelt is not None:
             raise DatasetError(f"{path}:{number}: unknown field {misspelt[0]!r} (did you mean {misspelt[1]!r}?); "
-                               "a field of another name is kept as it is, so a misspelt one would be lost")
+                               f"a field of another name is kept as it is, not read as {misspelt[1]!r}")
         try:
             item = Item.model_validate(row)
         except ValidationError as error:

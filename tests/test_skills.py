@@ -345,7 +345,16 @@ def test_a_csv_data_set_is_told_to_be_json_lines(tmp_path: Path) -> None:
      "val.jsonl:1: not valid JSON (Expecting value); this is a JSON array: a data set is JSON Lines"),
     ('{"id": 1, "question": "q", "answer": 1, "categroy": "math"}\n',
      "val.jsonl:1: unknown field 'categroy' (did you mean 'category'?); a field of another name is kept as it is, "
-     "so a misspelt one would be lost"),
+     "not read as 'category'"),
+    # another data set's name for a field: the choices were never shown, the letter still graded
+    ('{"id": 1, "question": "q", "options": ["sky", "blood"], "answer": "B"}\n',
+     "val.jsonl:1: unknown field 'options' (did you mean 'choices'?)"),
+    ('{"id": 1, "question": "q", "target": 4}\n', "val.jsonl:1: unknown field 'target' (did you mean 'answer'?)"),
+    ('{"id": 1, "question": "q", "answer": 1}\r{"id": 2, "question": "q", "answer": 1}\r',
+     "val.jsonl:1: not valid JSON (Extra data); its lines end at CR alone (an old Mac's line endings): save it with "
+     "LF (or CR LF) endings"),
+    ('{"id": "a", "question": "q", "answer": 1}\n{"id": "a ", "question": "r", "answer": 2}\n',
+     "val.jsonl:2: duplicate id 'a' (first on line 1)"),
     ('{"id": 1, "question": "q", "anwser": 1}\n', "val.jsonl:1: unknown field 'anwser' (did you mean 'answer'?)"),
     ('{"id": 1, "question": ' + "[" * 5000 + "]" * 5000 + ', "answer": 1}\n',
      "val.jsonl:1: JSON nested too deeply to read"),  # (not Python's RecursionError)
