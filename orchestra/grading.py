@@ -263,7 +263,7 @@ _COMMA_GROUPED = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?(?:(?P<between>between )\$?)?\$?"
                      rf"({_PLAIN}(?:/\d+)?)"
                      r"(?(between)\s+and\s+|(?:[-\u2012\u2013\u2014~]|\s+[\u2013\u2014~]\s+|\s+to\s+|"
-                     r",?\s+\(?or\s+(?:maybe |perhaps |possibly )?|,(?!\d{3}(?!\d))\s*|\s+and\s+))"
+                     r",?\s+\(?or\s+(?:maybe |perhaps |possibly )?|,(?!\d{3}(?!\d))\s*|\s+and\s+(?!\d+/\d)))"
                      rf"\$?(-?{_PLAIN}(?:/\d+)?)(?![\d^*]|[-\u2013/]\d)")
 #: a fraction: ``\frac{a}{b}``, ``\dfrac``, ``\tfrac``, and brace-less digits (``\frac12`` is a half)
 _FRAC = re.compile(r"-?\\[dt]?frac\s*(?:\{(-?[\d.]+)\}|(\d))\s*(?:\{(-?[\d.]+)\}|(\d))")
@@ -272,7 +272,9 @@ _GROUPED = r"-?\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?:\.\d+)?(?![\d,]|\.\d|/\d
 #: scientific notation: "6.02 × 10^23", "2 x 10^{5}", "1.5 \times 10^{-3}", "6.02e23"
 _SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\s*(?:[x\u00d7*\u00b7]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?"
                          r"|(-?\d+(?:\.\d+)?[eE][-+]?\d+)(?![\w.])")
-_NUMBER = re.compile(rf"{_SCIENTIFIC.pattern}|{_FRAC.pattern}|{_GROUPED}|-?{_PLAIN}(?:\s*/\s*\d+)?|-?\.\d+")
+#: a whole number and a fraction: "3 and 1/2" is 7/2
+_MIXED = re.compile(r"(-?\d+)\s+and\s+(\d+)/(\d+)")
+_NUMBER = re.compile(rf"{_SCIENTIFIC.pattern}|{_MIXED.pattern}|{_FRAC.pattern}|{_GROUPED}|-?{_PLAIN}(?:\s*/\s*\d+)?|-?\.\d+")
 #: a number that is part of an expression, not the answer itself: a power's base or exponent ("2^10"),
 #: or what a root or logarithm is taken of ("\sqrt{2}", "√2", "\log_2 8"), a whole number's fraction ("2½"),
 #: or a variable's coefficient ("4x", "3i", "2n"; "5k" too, which may be 5,000: no number is stated rather
@@ -310,6 +312,10 @@ def normalize_number(text: str) -> Fraction | None:
     ``\\frac12``) handled."""
     text = _MINUS.sub("-", text.strip()).replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
     text = _DEGREES.sub("", text)  # ("90^\circ" and "90°" are 90)
+    mixed = _MIXED.fullmatch(text)
+    if mixed and int(mixed[3]):
+        whole = Fraction(mixed[1])
+        return whole + Fraction(int(mixed[2]), int(mixed[3])) * (-1 if mixed[1].startswith("-") else 1)
     scientific = _SCIENTIFIC.fullmatch(text)
     if scientific and scientific[1]:
         return Fraction(scientific[1]) * Fraction(10) ** int(scientific[2])

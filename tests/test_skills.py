@@ -228,7 +228,7 @@ def test_a_hedged_numeric_answer_gets_no_credit(text: str) -> None:
     ("The answer is 0.5 or 1/2.", "0.5"), ("The answer is 4 or 4.0", "4"), ("The answer is $12, or $12.00", "12"),
     ("The answer is 18, and 18 is divisible by 3.", "18"), ("The answer is 1969-07-20", "1969"),
     ("The answer is 3-4-5 triangle", "3"), ("The answer is 7 - 3 is wrong", "7"), ("The answer is 1000 or 10^3", "1000"),
-    ("The answer is 1,000 or so", "1000"), ("The answer is 5 and 7/8", "5"), ("The answer is 3 and 1/2 cups", "3"),
+    ("The answer is 1,000 or so", "1000"), ("The answer is 5 and 7/8", "47/8"), ("The answer is 3 and 1/2 cups", "3.5"),
 ])
 def test_an_answer_restated_or_continued_keeps_its_credit(text: str, reference: str) -> None:
     """One answer written twice ("0.5 or 1/2"), or followed by a sentence that reuses it, is no hedge."""
