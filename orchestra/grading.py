@@ -274,7 +274,8 @@ _SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\s*(?:[x\u00d7*\u00b7]|\\times|\\cdo
                          r"|(-?\d+(?:\.\d+)?[eE][-+]?\d+)(?![\w.])")
 #: a whole number and a fraction: "3 and 1/2" is 7/2
 _MIXED = re.compile(r"(-?\d+)\s+and\s+(\d+)/(\d+)")
-_NUMBER = re.compile(rf"{_SCIENTIFIC.pattern}|{_MIXED.pattern}|{_FRAC.pattern}|{_GROUPED}|-?{_PLAIN}(?:\s*/\s*\d+)?|-?\.\d+")
+_NUMBER = re.compile(rf"{_SCIENTIFIC.pattern}|{_MIXED.pattern}|{_FRAC.pattern}|{_GROUPED}"
+                     rf"|-?{_PLAIN}(?:\s*/\s*\d+)?|-?\.\d+")
 #: a number that is part of an expression, not the answer itself: a power's base or exponent ("2^10"),
 #: or what a root or logarithm is taken of ("\sqrt{2}", "√2", "\log_2 8"), a whole number's fraction ("2½"),
 #: or a variable's coefficient ("4x", "3i", "2n"; "5k" too, which may be 5,000: no number is stated rather
