@@ -17,7 +17,14 @@ from orchestra.models.base import model_identity
 from orchestra.models.config import ModelSpec, build_models
 from orchestra.models.pricing import FREE, Price
 from orchestra.numbers import Amount, Count
-from orchestra.profile import SkillProfile, load_profiles, model_endpoint, model_id, stale_profiles
+from orchestra.profile import (
+    SkillProfile,
+    answering_changes,
+    load_profiles,
+    model_endpoint,
+    model_id,
+    stale_profiles,
+)
 from orchestra.recruit import (
     DEFAULT_AGGREGATION_TOKENS,
     DEFAULT_ANSWER_TOKENS,
@@ -266,6 +273,10 @@ class Pool:
                 warnings.append(f"the profile of {agent.name} was measured on {profile.provenance.endpoint}, but the "
                                 f"pool now sends it to {now}: run orchestra profile again (unless that is the "
                                 "same server)")
+            changed = answering_changes(profile.provenance, agent.persona, agent.temperature, agent.max_tokens)
+            if changed:
+                warnings.append(f"the profile of {agent.name} was measured with another {' and '.join(changed)} than "
+                                "the pool now gives it: run orchestra profile again")
         return warnings
 
     def skill_table(self, config: RecruitConfig) -> SkillTable:

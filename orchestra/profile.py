@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -64,6 +65,10 @@ class Provenance(BaseModel):
     endpoint: str = ""
     """Where ``model`` was served (``model_endpoint``): "" for an in-process engine, or a profile
     written before this was recorded."""
+    persona_sha256: str = ""
+    """SHA-256 of the agent's persona when measured ("": a profile written before this was recorded)."""
+    sampling: dict[str, float | None] | None = None
+    """The agent's own ``temperature`` and ``max_tokens`` when measured (None: not recorded)."""
     keyword_model: str = ""
     grader: str = "auto"
     prompt_sha256: dict[str, str] = {}
@@ -200,6 +205,22 @@ def model_id(model: object) -> str:
     path = getattr(model, "path", None)
     detail = getattr(model, "model", None) or (Path(path).name if path else None) or getattr(model, "name", "")
     return f"{type(model).__name__}:{detail}"
+
+
+def persona_sha256(persona: str) -> str:
+    """The persona as a profile's provenance records it."""
+    return hashlib.sha256(persona.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def answering_changes(provenance: Provenance, persona: str, temperature: float | None,
+                      max_tokens: int | None) -> list[str]:
+    """Which of an agent's persona, temperature and max_tokens differ from what its profile was
+    measured with (of those the profile recorded): an agent told to be another expert is not the one measured."""
+    changed = ["persona"] if provenance.persona_sha256 and provenance.persona_sha256 != persona_sha256(persona) else []
+    if provenance.sampling is not None:
+        changed += [name for name, now in (("temperature", temperature), ("max_tokens", max_tokens))
+                    if provenance.sampling.get(name) != now]
+    return changed
 
 
 def model_endpoint(model: object) -> str:

@@ -38,7 +38,7 @@ from orchestra.grading import Grader, answer_format, check_grader, get_grader
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatResult, Usage
 from orchestra.pipeline.aggregation import Response, synthesize_prompt
-from orchestra.profile import Provenance, SkillProfile, global_competence, model_endpoint, model_id
+from orchestra.profile import Provenance, SkillProfile, global_competence, model_endpoint, model_id, persona_sha256
 from orchestra.prompts import render_expert, template_hash
 from orchestra.skills import KeywordConfig, SkillExtractor
 from orchestra.variants import Vocabulary, merge_variants, pooled_counts
@@ -178,6 +178,8 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
     for agent in pool.agents:
         provenance = Provenance(dataset=Path(dataset.path).name, dataset_sha256=dataset.sha256,
                                 items=len(dataset), model=model_id(agent.model), endpoint=model_endpoint(agent.model),
+                                persona_sha256=persona_sha256(agent.persona),
+                                sampling={"temperature": agent.temperature, "max_tokens": agent.max_tokens},
                                 keyword_model=keyword_model,
                                 grader=grade.name, prompt_sha256=prompts, seed=seed)
         accuracy = sum(correct[agent.name].values()) / len(dataset)

@@ -230,6 +230,34 @@ def test_profiles_unfit_to_route_by_are_named_before_anything_runs(tmp_path: Pat
     assert tried.stderr.startswith("warning: the profile of math was measured on OpenAICompatible:mathbot")
 
 
+def test_a_profile_measured_with_another_persona_or_sampling_is_named(tmp_path: Path) -> None:
+    """An agent given another persona ("a historian who hates numbers") kept routing math by its old
+    profile, with no word; a model or endpoint change was named."""
+    from orchestra.agents import DEFAULT_PERSONA
+    from orchestra.profile import Provenance, SkillProfile, persona_sha256
+
+    SkillProfile(agent="math", skills={"math": 3}, accuracy=0.8, provenance=Provenance(
+        dataset="v.jsonl", dataset_sha256="x", items=10, model="OpenAICompatible:mathbot",
+        endpoint="http://127.0.0.1:9/v1", persona_sha256=persona_sha256(DEFAULT_PERSONA),
+        sampling={"temperature": None, "max_tokens": 256})).save(tmp_path / "p")
+
+    def pool(agent: str) -> str:
+        path = tmp_path / "pool.yaml"
+        path.write_text("models:\n  mathbot: {type: openai, model: mathbot, base_url: 'http://127.0.0.1:9/v1', "
+                        f"api_key_env: null}}\nprofiles: p\nagents:\n  - {{name: math, model: mathbot, {agent}}}\n")
+        return str(path)
+
+    same = cli("agents", "--pool", pool("max_tokens: 256"))
+    assert same.returncode == 0 and same.stderr == ""
+    changed = cli("agents", "--pool", pool("max_tokens: 256, persona: 'You are a historian who hates numbers.', "
+                                           "temperature: 1.5"))
+    assert changed.stderr == ("warning: the profile of math was measured with another persona and temperature than "
+                              "the pool now gives it: run orchestra profile again\n")
+    assert cli("agents", "--pool", pool("max_tokens: 512")).stderr == (
+        "warning: the profile of math was measured with another max_tokens than the pool now gives it: run orchestra "
+        "profile again\n")
+
+
 def test_agents_shows_skills_merged_as_recruiting_reads_them_and_who_aggregates(tmp_path: Path) -> None:
     """`agents` listed keyword variants apart ("european history +10, history of europe +7", which
     profile had merged), and named one aggregator where calibrated teams choose their own."""

@@ -19,6 +19,8 @@ import pytest
 from helpers import AGGREGATE_MARK, KEYWORDS_MARK, wait_for
 from loopback_llm import ScriptedLLM, write_pool
 
+from orchestra import Pool
+from orchestra.profile import persona_sha256
 from orchestra.testing import LoopbackRequest, Reply, chat_handler, error_reply, openai_reply
 
 
@@ -567,6 +569,9 @@ def test_profile_and_eval_over_loopback(loopback, tmp_path: Path) -> None:
     # what the models are, not the pool's aliases for them
     assert alpha["provenance"]["keyword_model"] == alpha["provenance"]["model"] == "OpenAICompatible:alpha"
     assert alpha["provenance"]["endpoint"] == f"{server.url}/v1"  # and which server it was measured on
+    # and the persona and sampling settings it answered with
+    assert alpha["provenance"]["persona_sha256"] == persona_sha256(Pool.load(pool)["alpha-expert"].persona)
+    assert alpha["provenance"]["sampling"] == {"temperature": None, "max_tokens": None}
     assert alpha["accuracy"] == pytest.approx(4 / 12)
     evaluated = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "single", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
