@@ -226,6 +226,10 @@ class Pool:
                 closed.add(owner)
                 await close()
 
+    def priced(self) -> bool:
+        """Whether some agent's model has a price that is not zero (else every run costs $0)."""
+        return any(_price(agent.model) for agent in self.agents)
+
     def unpriced(self) -> str | None:
         """Under a cost budget: the models with no price, whose calls count no dollars against it (so it
         does not bound them), as one warning line; None when every model has a price."""

@@ -1027,8 +1027,8 @@ def parse_lambdas(text: str | None) -> tuple[float, ...]:
     if text is None:
         return LAMBDAS
     try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:  # (an empty entry, "0.1,,0.2", too: it was dropped without a word)
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--lambdas") from None
     if not values or any(v < 0 or v != v for v in values):
         raise click.BadParameter("give one or more numbers >= 0, e.g. 0,0.05,0.2", param_hint="--lambdas")
@@ -1048,6 +1048,10 @@ def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path 
     if plot is not None and not _writable(plot):  # found out before the sweep's calls, not after them
         raise ConfigError(f"cannot write the plot to {plot}: no such folder, or no permission to write there")
     chosen = parse_lambdas(lambdas)
+    if not orc.pool.priced():  # (every point "on the frontier" at $0, with no word why)
+        warnings.warn("no agent's model has a price: every point costs $0, so the frontier weighs accuracy alone and "
+                      "every λ ranks alike (give prices: [input, output] per million tokens in the pool)",
+                      UserWarning, stacklevel=1)
     items = len(dataset.items[:limit] if limit else dataset.items)
     stopped: list[list[SweepPoint]] = []
     try:
@@ -1055,13 +1059,16 @@ def run_sweep(orc: Orchestra, dataset: Dataset, lambdas: str | None, plot: Path 
                                           aggregate=opts["aggregate"], budget=budget, on_cancel=stopped.append))
     except KeyboardInterrupt:
         done = stopped[0] if stopped else []
-        print_sweep(done, dataset, items, None, as_json, interrupted=f"interrupted after {len(done)} of "
+        whole = [point for point in done if not point.interrupted]
+        print_sweep(done, dataset, items, None, as_json, interrupted=f"interrupted after {len(whole)} of "
                                                                      f"{sweep_size(chosen)} points")
         kept = ("nothing was kept (--no-store)" if orc.store is None else "finished calls are saved (a sweep "
                 "starts afresh, but `orchestra eval --method M --resume`, with the sweep's other flags, goes on with "
                 "one method's evaluation from them)")
-        shown = ("no point was evaluated in full" if not done else
+        shown = ("no point was evaluated in full" if not whole else
                  f"the points {'printed' if as_json else 'above'} are the ones evaluated in full")
+        if len(whole) < len(done):
+            shown += f", and {done[-1].method}, cut off, with what it had spent"
         fail(f"interrupted; {kept}; {shown}", 130)
     print_sweep(points, dataset, items, plot, as_json)
 
@@ -1092,7 +1099,8 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
         for p in points:
             per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)
             accuracy = f"{p.accuracy:.3f}" + (f" ({p.items - p.failed} of {p.items} finished)" if p.failed else "")
-            table.add_row(p.method, accuracy, usd_exact(p.cost_usd), per_correct, str(p.calls),
+            method = p.method + (" (cut off)" if p.interrupted else "")
+            table.add_row(method, accuracy, usd_exact(p.cost_usd), per_correct, str(p.calls),
                           str(p.saved_calls), "●" if p.on_frontier else "")
         terminal().print(table)
         if plot is not None:

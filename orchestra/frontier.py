@@ -13,7 +13,7 @@ import asyncio
 import html
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from orchestra.core import Orchestra
@@ -46,6 +46,9 @@ class SweepPoint:
     """The data set's budget that stopped this method's evaluation, if one did."""
     failure_exit: int = 0
     """The exit code of its first unfinished item (2 a user error, 3 a budget, else 1)."""
+    interrupted: bool = False
+    """Its evaluation was cut off (Ctrl-C): what its finished items scored and what it spent, not a point
+    of the frontier."""
 
     @classmethod
     def of(cls, report: EvalReport, method: str, cost_lambda: float | None) -> SweepPoint:
@@ -66,9 +69,9 @@ def mark_frontier(points: Sequence[SweepPoint]) -> None:
     """Set ``on_frontier`` on the points that no other point beats on both accuracy and cost
     (at least as good on both, better on one). A method whose evaluation did not finish (a budget
     stopped it) has neither its accuracy nor its cost: it is left out, and beats nothing."""
-    whole = [point for point in points if not point.failed]
+    whole = [point for point in points if not point.failed and not point.interrupted]
     for point in points:
-        point.on_frontier = not point.failed and not any(
+        point.on_frontier = point in whole and not any(
             other.accuracy >= point.accuracy and other.cost_usd <= point.cost_usd
             and (other.accuracy > point.accuracy or other.cost_usd < point.cost_usd) for other in whole)
 
@@ -89,27 +92,38 @@ async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[fl
     """Evaluate every method, and the calibrated router at each λ, on ``dataset``; frontier marked.
 
     ``overrides`` (``k``, ``aggregate``... as for ``aevaluate``) apply to every method. ``on_cancel``
-    is given the points evaluated in full so far (frontier marked among them) when the sweep is
-    cancelled (Ctrl-C), before the cancellation goes on.
+    is given the points evaluated in full so far (frontier marked among them), then the one cut off
+    (``interrupted``: what it had spent, which no other point counts), when the sweep is cancelled
+    (Ctrl-C), before the cancellation goes on.
     """
     points: list[SweepPoint] = []
+    cut: list[tuple[EvalReport, str, float | None]] = []
+
+    def cut_off(name: str | None, at: float | None) -> Callable[[EvalReport], None]:
+        return lambda report: cut.append((report, name or report.method, at))
+
     try:
         for method in _methods(methods):
             # a method whose preset fixes k (single: one expert) keeps it; the others take a given k
             given = {key: value for key, value in overrides.items() if not (key == "k" and METHODS[method][2])}
-            report = await aevaluate(orchestra, dataset, method=method, limit=limit, **given)
+            report = await aevaluate(orchestra, dataset, method=method, limit=limit,
+                                     on_cancel=cut_off(None, None), **given)
             points.append(SweepPoint.of(report, report.method, None))  # (named as its own eval names it: ", k=2")
         recruit = dict(overrides.pop("recruit", None) or {})
         for cost_lambda in lambdas:
             options = {"recruit": {**recruit, "cost_lambda": cost_lambda}, **overrides}
-            report = await aevaluate(orchestra, dataset, method="calibrated", limit=limit, **options)
             given = {key: value for key, value in options.items() if value is not None}
             settings = orchestra.run_settings({**given, "mode": "calibrated"})
             name = f"calibrated λ={cost_lambda:g}{k_variant(settings)}{cost_cap(settings)}"
+            report = await aevaluate(orchestra, dataset, method="calibrated", limit=limit,
+                                     on_cancel=cut_off(name, cost_lambda), **options)
             points.append(SweepPoint.of(report, name, cost_lambda))
     except asyncio.CancelledError:
         if on_cancel is not None:
             mark_frontier(points)
+            if cut:  # (its calls were billed: 32 of a sweep's 200 requests were in no point)
+                report, method, at = cut[0]
+                points.append(replace(SweepPoint.of(report, method, at), interrupted=True))
             on_cancel(points)
         raise
     mark_frontier(points)

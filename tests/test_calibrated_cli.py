@@ -168,6 +168,8 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
                "and --aggregate (see python -m orchestra eval --help)")
     bad = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "cheap")
     assert bad.returncode == 2 and "--lambdas" in bad.stderr and "comma-separated" in bad.stderr
+    empty = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.1,,0.2")  # (0.2 was dropped)
+    assert empty.returncode == 2 and "'0.1,,0.2' is not a comma-separated list of numbers" in empty.stderr
     twice = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.05,0,0.050")
     assert (twice.returncode, twice.stderr.strip()) == (2, "error: Invalid value for --lambdas: 0.05 is given twice "
                                                            "(see python -m orchestra eval --help)")  # (paid twice)

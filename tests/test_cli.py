@@ -780,11 +780,12 @@ def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp
     scripted = ScriptedLLM()
     inner = scripted.handler()
     answered = [0]
-    first_method = [10**9]  # requests the sweep's first method sends; later ones hang
+    first_method = [10**9]  # requests the sweep's first method sends; the cut-off one's first two are answered, then
+    # every request hangs
 
     async def handler(request: LoopbackRequest) -> Reply:
         answered[0] += 1
-        return Reply(hang=True) if answered[0] > first_method[0] else await inner(request)
+        return Reply(hang=True) if answered[0] > first_method[0] + 2 else await inner(request)
 
     server = loopback(handler)
     pool = write_pool(tmp_path, server.url)
@@ -798,22 +799,28 @@ def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp
                               "--sweep", "--lambdas", "0,1", *(["--json"] if as_json else [])],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
-    wait_for(child, lambda: answered[0] > first_method[0], "the second method sent a request (it hangs)")
+    wait_for(child, lambda: answered[0] > first_method[0] + 2, "the cut-off method sent a request that hangs")
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
-    assert child.returncode == 130, err
+    assert child.returncode == 130, err  # (a pool with no prices: every point at $0, and said so)
+    assert err.startswith("warning: no agent's model has a price: every point costs $0, so the frontier weighs "
+                          "accuracy alone")
     if as_json:
-        swept = json.loads(out)  # one JSON object: the points evaluated in full
-        assert swept["interrupted"] and [p["method"] for p in swept["points"]] == ["symbolic-moe"]
+        swept = json.loads(out)  # one JSON object: the points evaluated in full, then the one cut off
+        assert swept["interrupted"] and [p["method"] for p in swept["points"]] == ["symbolic-moe", "vote"]
         assert swept["points"][0]["items"] == 1 and swept["points"][0]["on_frontier"]
+        # what the cut-off method spent (its two answered requests) was in no point
+        cut = swept["points"][1]
+        assert cut["interrupted"] and not cut["on_frontier"] and cut["requests"] == 2
     elif first_done:
         text = " ".join(out.split())
         assert "(1 items): interrupted after 1 of 7 points" in text, out
-        assert "symbolic-moe" in text and "vote" not in text, out
+        assert "symbolic-moe" in text and "vote" in text and "(cut off)" in text, out
     else:  # (the title said 0 items, and the line below pointed at points above)
         assert "(1 items): interrupted after 0 of 7 points" in " ".join(out.split()), out
     shown = ("no point was evaluated in full" if not first_done else
              f"the points {'printed' if as_json else 'above'} are the ones evaluated in full")
+    shown += f", and {'vote' if first_done else 'symbolic-moe'}, cut off, with what it had spent"
     assert err.strip().splitlines()[-1] == (
         "error: interrupted; finished calls are saved (a sweep starts afresh, but `orchestra eval --method M --resume`, "
         f"with the sweep's other flags, goes on with one method's evaluation from them); {shown}")
