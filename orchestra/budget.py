@@ -39,6 +39,14 @@ class Budget(BaseModel):
         return self
 
     @property
+    def cost_limit_set(self) -> bool:
+        """Whether a cost limit is one someone chose, whatever its value: set in some layer (a record,
+        where every field is, by another value than the default's or by capping answers for it)."""
+        cost = self.max_cost_usd
+        return cost is not None and "max_cost_usd" in self.model_fields_set and (
+            cost != Budget.model_fields["max_cost_usd"].default or bool(self.cap_answers))
+
+    @property
     def limited(self) -> bool:
         """Whether any limit is in force (calls, cost or tokens)."""
         return any(limit is not None for limit in (self.max_calls, self.max_cost_usd, self.max_tokens))

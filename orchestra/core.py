@@ -65,9 +65,6 @@ from orchestra.workflow import Workflow
 
 T = TypeVar("T")
 
-#: the default budget's dollars: a cost budget no one set warns of no unpriced model
-DEFAULT_COST_BUDGET = Budget.model_fields["max_cost_usd"].default
-
 
 #: the second of the last run id made here, and the suffixes used in it
 _issued: tuple[str, set[str]] = ("", set())
@@ -718,7 +715,7 @@ class Orchestra:
         if self.settings.cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; do not combine cache=True with store=False")
         self._unpriced_told = False
-        if self.settings.budget.max_cost_usd not in (None, DEFAULT_COST_BUDGET):  # (a resume's record sets all)
+        if self.settings.budget.cost_limit_set:
             self._tell_unpriced()
         self._running = 0
         self._heartbeat: asyncio.Task[None] | None = None
@@ -854,8 +851,7 @@ class Orchestra:
                               f"pass {'it' if len(fixed) == 1 else 'them'} to Orchestra(...), not to a run")
         if settings.cache and self.store is None:
             raise ConfigError("the response cache lives in the run store; this Orchestra was made with store=False")
-        if not self._unpriced_told and settings.budget.max_cost_usd not in (
-                None, DEFAULT_COST_BUDGET, self.settings.budget.max_cost_usd):  # (data-set runs: the Orchestra's)
+        if not self._unpriced_told and settings.budget.cost_limit_set:
             self._tell_unpriced()
         return settings
 

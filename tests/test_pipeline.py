@@ -643,6 +643,12 @@ def test_a_cost_budget_in_python_names_the_models_it_cannot_bound() -> None:
         warnings.simplefilter("error")
         orc.run("x?", plan=False, budget={"max_cost_usd": 0.5})  # once per Orchestra
         Orchestra(pool, store=False, budget=Budget(max_calls=9)).run("x?", plan=False)  # no cost budget: no word
+        Orchestra(pool, store=False).run("x?", plan=False, budget={"max_calls": 9})
+    # the default's own value, set, is a limit set (it capped answers, and was silent of what it cannot bound)
+    with pytest.warns(UserWarning, match="the cost budget counts no dollars"):
+        Orchestra(pool, store=False, budget=Budget(max_cost_usd=1.0))
+    with pytest.warns(UserWarning, match="the cost budget counts no dollars"):
+        Orchestra(pool, store=False).run("x?", plan=False, budget={"max_cost_usd": 1.0})
 
 
 def test_a_node_left_with_one_answer_names_no_aggregator(tmp_path: Path) -> None:
