@@ -177,7 +177,7 @@ class Server:
             return Response(status_code=499)
         if run.done():
             if run.cancelled():
-                return _error(self._shutdown_error(run), run.run_id)  # type: ignore[attr-defined]
+                return _error(await self._shutdown_error(run), run.run_id)  # type: ignore[attr-defined]
             result = run.result()
             failure = _failure(result, self.stored, served, completion)
             if failure is not None:
@@ -369,7 +369,7 @@ class Server:
                 async for kind, item in _feed_until(run, feed):
                     yield writer.progress(item) if kind == "progress" else writer.chunk({"content": item})
                 await asyncio.wait({run})
-                failure = (self._shutdown_error(run) if run.cancelled()
+                failure = (await self._shutdown_error(run) if run.cancelled()
                            else _failure(run.result(), self.stored, served, completion))
                 if failure is not None and not run.cancelled():
                     failure.of_run(run.result())
@@ -391,8 +391,11 @@ class Server:
         return StreamingResponse(chunks(), media_type="text/event-stream",
                                  headers={RUN_HEADER: run_id, "cache-control": "no-cache"})
 
-    def _shutdown_error(self, run: asyncio.Task[RunResult]) -> WireError:
-        """The error of a run the server cancelled, saying what its calls spent, as recorded."""
+    async def _shutdown_error(self, run: asyncio.Task[RunResult]) -> WireError:
+        """The error of a run the server cancelled, saying what its calls spent, as recorded once its
+        requests still in flight are cut off (the server is stopping: they were billed, and the body
+        said 5 requests where the endpoint had 7)."""
+        await self.orchestra.executor.stop_in_flight()
         error = _cancelled(run, self.stored)
         stopped = self.orchestra.ended(run.run_id)  # type: ignore[attr-defined]
         return error.of_run(stopped) if stopped is not None else error
