@@ -85,15 +85,18 @@ def reported_usage(price: Price, prompt_tokens: Any, completion_tokens: Any, tex
     return price.usage(token_count(prompt_tokens) or 0, estimate_tokens(text) if completion is None else completion)
 
 
+#: the most tokens a server's count of one call may be: no model reads or writes a billion in one call
+#: (2**63 in one count overflowed the store's sums: every run of the store became unlistable)
+MAX_TOKEN_COUNT = 10 ** 9
+
+
 def token_count(value: Any) -> int | None:
-    """A server's token count: a whole number of at least 0 (written as text too); anything else
-    (a negative count, a word, true) is None, as if the server had given none."""
+    """A server's token count: a whole number from 0 to ``MAX_TOKEN_COUNT`` (written as text too);
+    anything else (a negative count, a word, true, 1e30) is None, as if the server had given none."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
     if isinstance(value, float):
-        return int(value) if value.is_integer() and value >= 0 else None
-    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
-        return int(value)
-    return None
+        value = int(value) if value.is_integer() else None
+    elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii() and len(value.strip()) < 20:
+        value = int(value)
+    return value if isinstance(value, int) and 0 <= value <= MAX_TOKEN_COUNT else None
