@@ -111,6 +111,24 @@ def _answer_clause(text: str) -> str | None:
     return None
 
 
+#: where a reply speaks of another's answer, or a wrong one ("Their answer is 4", "A wrong answer is (B)")
+_OTHERS_ANSWER = re.compile(r"\b(?:its|his|her|their|your|wrong|incorrect|an)\s+answer[\s*_]*(?:is|:)\s*",
+                            re.IGNORECASE)
+
+
+def _without_others(text: str) -> str:
+    """``text`` without the sentences that state another's or a wrong answer, for reading a reply
+    with no answer clause by its last number, letter or line ("A wrong answer is 4." was graded
+    right for 4: that clause is not the reply's, and the number then read was its)."""
+    if "answer" not in text.lower():
+        return text
+    for found in reversed(list(_OTHERS_ANSWER.finditer(text))):
+        line_end = text.find("\n", found.end())
+        line = text[found.end():] if line_end < 0 else text[found.end():line_end]
+        text = text[:found.start()] + text[found.end() + len(_sentence(line)):]
+    return text
+
+
 #: a clause that denies ("not 42", "n't B"), and what it may say instead after it ("..., but 43", "it is C")
 _DENIAL = re.compile(r"(?:not|n['\u2019]t)\b")
 _INSTEAD = re.compile(r"\b(?:but|rather|instead|it is|it's|it\u2019s)\b[\s:,]*", re.IGNORECASE)
@@ -193,6 +211,7 @@ class MultipleChoiceGrader:
             chosen = _chosen_letter(stated, valid, choices) if stated else None
             if chosen:
                 return chosen
+        text = _without_others(text)
         named = _named_choices(text, choices)
         letters = list(_letters_outside(rf"\(([{valid}])\)|\b([{valid}])\b(?=[).:\s]|$)", text, named))
         if letters:
@@ -355,7 +374,7 @@ class NumericGrader:
         affirmed = _affirmed(clause) if clause is not None else None
         # a clause that only rules a number out ("The answer is not 42.") answers nothing: not its number,
         # nor the text's last one
-        rest = [] if clause is not None and affirmed is None else [(affirmed, 0), (text, -1)]
+        rest = [] if clause is not None and affirmed is None else [(affirmed, 0), (_without_others(text), -1)]
         for candidate, pick in ((last_boxed(text), -1), *rest):
             if not candidate:
                 continue
@@ -429,7 +448,7 @@ class ExactMatchGrader:
         text = answer_text(text)
         clause = _answer_clause(text)
         if clause is None:
-            lines = [line for line in text.splitlines() if line.strip()]
+            lines = [line for line in _without_others(text).splitlines() if line.strip()]
             clause = lines[-1] if lines else ""
         return normalize_text(_unboxed(clause) or clause) or None
 

@@ -291,3 +291,18 @@ def test_a_letter_inside_a_choices_text_is_not_that_option(answer: str, right: s
     """"Vitamin C" was option C (Vitamin D): graded wrong against B and right against C."""
     item = Item(id="1", question="q", answer=right, choices=("Vitamin A", "Vitamin C", "Vitamin D"))
     assert AutoGrader().grade(answer, item) and MultipleChoiceGrader().extract(answer, item) == right
+
+
+@pytest.mark.parametrize(("answer", "reference", "choices"), [
+    ("A wrong answer is 4.", "4", None), ("Their answer is 4, which is wrong; I cannot tell.", "4", None),
+    ("A wrong answer is (B).", "B", ("x", "y", "z")), ("Its answer is B", "B", ("x", "y", "z")),
+    ("A wrong answer is London.", "london", None)])
+def test_a_reply_that_only_states_a_wrong_answer_is_not_credited_with_it(answer: str, reference: str,
+                                                                          choices: tuple[str, ...] | None) -> None:
+    """The clause was skipped, then the last number, letter or line read was the wrong answer's."""
+    assert not AutoGrader().grade(answer, Item(id="1", question="q", answer=reference, choices=choices))
+
+
+def test_the_reply_s_own_answer_after_a_wrong_one_is_read() -> None:
+    assert AutoGrader().grade("Their answer is 4. I get 5.", Item(id="1", question="q", answer="5"))
+    assert AutoGrader().grade("A wrong answer is London.\nParis", Item(id="1", question="q", answer="paris"))
