@@ -136,10 +136,15 @@ def check_reload(record: RunRecord) -> None:
                           "not finish; run the edited workflow anew (`orchestra run FILE`)")
 
 
+#: the signals that stop a command's work as Ctrl-C does (SIGHUP ended the process at once, the run left
+#: unrecorded, short of the requests it had sent)
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool], None] | None = None) -> T:
-    """``asyncio.run`` for the command line: Ctrl-C, or SIGTERM (what ``timeout``, ``kill``, docker
-    and systemd send), cancels the work, waits for it to stop (a run records itself as
-    ``cancelled``), then raises ``KeyboardInterrupt``.
+    """``asyncio.run`` for the command line: Ctrl-C, SIGTERM (what ``timeout``, ``kill``, docker
+    and systemd send) or SIGHUP (its terminal closed, an SSH connection dropped) cancels the work,
+    waits for it to stop (a run records itself as ``cancelled``), then raises ``KeyboardInterrupt``.
 
     The signals are handled by the event loop itself, installed before the work starts, so they
     are seen even while every task waits on a socket. A second Ctrl-C ends the process at once
@@ -151,7 +156,7 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
     first = 0.0  # when the first signal came (monotonic seconds)
     presses = 0
     #: signals the process was started deaf to (a shell runs `cmd &` with SIGINT ignored): left alone
-    deaf = {stop for stop in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(stop) is signal.SIG_IGN}
+    deaf = {stop for stop in _STOPS if signal.getsignal(stop) is signal.SIG_IGN}  # (nohup: deaf to SIGHUP)
 
     async def main() -> T:
         work = asyncio.ensure_future(coro)
@@ -169,14 +174,14 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
                         escape()
                     stopping(True)
                 return
-            interrupted, terminated, first = True, stop == signal.SIGTERM, now
+            interrupted, terminated, first = True, stop != signal.SIGINT, now
             if stopping is not None:
                 stopping(False)
             work.cancel()
 
         loop = asyncio.get_running_loop()
         try:
-            for stop in {signal.SIGINT, signal.SIGTERM} - deaf:
+            for stop in set(_STOPS) - deaf:
                 loop.add_signal_handler(stop, interrupt, stop)
         except (RuntimeError, ValueError, NotImplementedError):  # not the main thread (or Windows): not ours
             return await work
@@ -210,7 +215,8 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
     finally:
         if terminated:  # (the loop's handler is gone: a late second SIGTERM ended the process with 143)
             with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                for stop in set(_STOPS) - {signal.SIGINT} - deaf:
+                    signal.signal(stop, signal.SIG_IGN)
 
 
 def _interrupted_again(first: float, *_: Any) -> None:

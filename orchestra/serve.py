@@ -655,7 +655,7 @@ def read_presets(path: Path) -> dict[str, Settings]:
 
 
 def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0) -> None:
-    """Serve ``application`` with uvicorn until Ctrl-C or SIGTERM; runs in flight get ``grace``
+    """Serve ``application`` with uvicorn until Ctrl-C, SIGTERM or SIGHUP; runs in flight get ``grace``
     seconds to finish, then are cancelled (and stay resumable)."""
     import uvicorn
 
@@ -691,8 +691,9 @@ def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, gr
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (a closed terminal ended it, no grace)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # (nohup's SIGHUP is left ignored)
+                loop.add_signal_handler(sig, stop)
         serving = asyncio.ensure_future(server.serve(sockets=[listener]))
         while not server.started and not serving.done():
             await asyncio.sleep(0.02)

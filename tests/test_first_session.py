@@ -412,10 +412,11 @@ def test_ctrl_c_names_the_run_to_resume(loopback, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("store, stop", [(True, "SIGINT"), (False, "SIGINT"), (True, "SIGTERM"),
-                                         (True, "SIGTERM SIGTERM")])
+                                         (True, "SIGTERM SIGTERM"), (True, "SIGHUP")])
 def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: Path, store: bool, stop: str) -> None:
     """SIGTERM (what timeout, kill, docker and systemd send) is a Ctrl-C too: it ended the process
-    at once, with nothing printed and the run listed failed, short of the requests that went out."""
+    at once, with nothing printed and the run listed failed, short of the requests that went out;
+    SIGHUP (a closed terminal, a dropped SSH connection) as well."""
     import signal
     import subprocess
 

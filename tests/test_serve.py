@@ -910,10 +910,11 @@ def test_a_second_signal_cancels_the_runs_in_flight_and_their_clients_are_told(l
     experts.release.set()
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP])  # (a closed terminal: it died with no grace)
 def test_runs_still_going_when_the_grace_ends_are_cancelled_and_their_clients_told(
-        loopback: Any, tmp_path: Path) -> None:
+        loopback: Any, tmp_path: Path, stop: signal.Signals) -> None:
     served, experts, caller, answers = held_request(loopback, tmp_path, "--grace", "0.5")  # (a whole number was asked)
-    code, err = served.stop()
+    code, err = served.stop(stop)
     caller.join(60)
     experts.release.set()
     assert code == 0 and "Traceback" not in err and "1 run(s) in flight get 0.5 s to finish" in err, err
