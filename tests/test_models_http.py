@@ -133,6 +133,16 @@ def test_429_forever_ends_in_rate_limited(loopback) -> None:
     assert len(server.requests) == 3
 
 
+def test_a_retry_after_past_the_deadline_says_the_deadline_stopped_it(loopback) -> None:
+    """It said "still rate limiting after 1 attempt; lower max_concurrency", with two attempts left."""
+    server = loopback(lambda req: error_reply(429, retry_after="45"))
+    with pytest.raises(RateLimited) as stopped:
+        run(openai(server, max_attempts=3, deadline=30).complete([ask()]))
+    assert str(stopped.value).endswith("(the next attempt, 45 s later as Retry-After asked, would begin past the "
+                                       "call's deadline of 30 s: raise deadline on the model to wait for it)")
+    assert len(server.requests) == 1
+
+
 @pytest.mark.parametrize("status", [520, 522, 524, 507, 599])
 def test_every_5xx_but_not_implemented_is_retried(loopback, status: int) -> None:
     # (a proxy's 522 failed the call at once as "refused the request", though the README said 5xx are retried)

@@ -75,6 +75,17 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+def _cut_by_deadline(failure: _Retryable, delay: float, policy: CallPolicy) -> ModelError:
+    """The final error of a call whose next attempt would begin past its deadline, saying so (a 429
+    whose Retry-After outlasts the deadline advised lowering the concurrency, after 1 of 3 attempts)."""
+    final = failure.final
+    if "deadline" not in str(final):
+        asked = " as Retry-After asked" if failure.retry_after is not None else ""
+        final.args = (f"{final} (the next attempt, {delay:g} s later{asked}, would begin past the call's "
+                      f"deadline of {policy.deadline:g} s: raise deadline on the model to wait for it)",)
+    return final
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
     if not value:
@@ -347,8 +358,10 @@ class Endpoint:
                 delay = backoff if failure.retry_after is None else min(policy.max_wait, failure.retry_after)
                 # out of attempts, or the next one would start past the deadline
                 now = time.monotonic()
-                if attempt >= policy.max_attempts or now - (began[0] if began else now) + delay >= policy.deadline:
+                if attempt >= policy.max_attempts:
                     raise failure.final from None
+                if now - (began[0] if began else now) + delay >= policy.deadline:
+                    raise _cut_by_deadline(failure, delay, policy) from None
                 charge(getattr(failure.final, "usage", None))  # a billed attempt (a stream cut short) counts
                 notify_retry(model, attempt, delay, str(failure))
             await asyncio.sleep(delay)
