@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from orchestra.agents import Agent, Pool
     from orchestra.budget import Budget
     from orchestra.core import Instance, Orchestra
+    from orchestra.pipeline.scheduler import NodeSettings
     from orchestra.plan import Plan, Subtask
     from orchestra.recruit import RecruitConfig
     from orchestra.result import RunResult
@@ -24,13 +25,14 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _EXPORTS = {
     "Agent": "orchestra.agents", "Pool": "orchestra.agents", "Budget": "orchestra.budget",
-    "Instance": "orchestra.core", "Orchestra": "orchestra.core", "Plan": "orchestra.plan",
+    "Instance": "orchestra.core", "Orchestra": "orchestra.core", "NodeSettings": "orchestra.pipeline.scheduler",
+    "Plan": "orchestra.plan",
     "Subtask": "orchestra.plan", "RecruitConfig": "orchestra.recruit", "RunResult": "orchestra.result",
     "RunSpec": "orchestra.settings", "Settings": "orchestra.settings", "KeywordConfig": "orchestra.skills",
 }
 
-__all__ = ["Agent", "Budget", "Instance", "KeywordConfig", "Orchestra", "Plan", "Pool", "RecruitConfig", "RunResult",
-           "RunSpec", "Settings", "Subtask", "__version__"]
+__all__ = ["Agent", "Budget", "Instance", "KeywordConfig", "NodeSettings", "Orchestra", "Plan", "Pool", "RecruitConfig",
+           "RunResult", "RunSpec", "Settings", "Subtask", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -161,6 +161,10 @@ class Pool:
     def __post_init__(self) -> None:
         if not self.agents:
             raise ConfigError("a pool needs at least one agent")
+        stray = next((a for a in self.agents if not isinstance(a, Agent)), None)
+        if stray is not None:  # (Pool(agents=["a"]) was an AttributeError)
+            raise ConfigError(f"a pool's agents are Agent objects, not {type(stray).__name__} ({stray!r:.60}): "
+                              "Agent(name=..., model=...)")
         names = [a.name for a in self.agents]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker, RunAdmission
@@ -263,6 +263,11 @@ async def _drain() -> None:
 _NULLABLE = frozenset(name for name, spec in Settings.model_fields.items() if type(None) in get_args(spec.annotation))
 
 
+#: the settings that group others (``recruit``, ``budget``...), and the names of theirs
+_NESTED = {name: set(spec.annotation.model_fields) for name, spec in Settings.model_fields.items()
+           if isinstance(spec.annotation, type) and issubclass(spec.annotation, BaseModel)}
+
+
 def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments that name settings, as a settings layer. None leaves a setting as it is,
     except where None is one of its values (``aggregator=None`` clears an Orchestra's aggregator
@@ -270,7 +275,9 @@ def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(knobs) - set(Settings.model_fields))
     if unknown:
         close = difflib.get_close_matches(unknown[0], Settings.model_fields, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "see orchestra.Settings"
+        nested = next((group for group, fields in _NESTED.items() if unknown[0] in fields), None)
+        hint = (f"it is a {nested} setting: {nested}={{{unknown[0]!r}: ...}}" if nested  # (competence_weight=0)
+                else f"did you mean {close[0]!r}?" if close else "see orchestra.Settings")
         raise UnknownSetting(f"unknown setting{'s' if len(unknown) > 1 else ''} "
                              f"{', '.join(map(repr, unknown))}; {hint}")
     return {name: value for name, value in knobs.items() if value is not None or name in _NULLABLE}
@@ -661,8 +668,8 @@ class Orchestra:
         pool: a ``Pool``, a pool file, or None for the embedded default pool.
         settings: a ``Settings`` layer (or its mapping, as under ``settings:`` in a pool or
             workflow file) over the pool's own settings.
-        store: the run store (a ``RunStore`` or a path); None means ``~/.orchestra/runs.db``,
-            False keeps no record (and makes resume impossible).
+        store: the run store (a ``RunStore`` or a path); None means ``$ORCHESTRA_HOME/runs.db``
+            (``~/.orchestra/runs.db``), False keeps no record (and makes resume impossible).
         tracing: OpenTelemetry spans for runs, nodes and batches: True for the global tracer, or a
             tracer (needs the ``otel`` extra); off by default.
         on_event: a listener for every event.
@@ -686,8 +693,8 @@ class Orchestra:
         _check_callback(on_event, "on_event", "an event")
         if (store is not None and not isinstance(store, (bool, str, Path, RunStore))) or (
                 isinstance(store, str) and not store.strip()):  # ("" was the current folder: "cannot create .")
-            raise ConfigError(f"store must be a RunStore, a path, None (~/.orchestra/runs.db) or False (no record), "
-                              f"not {type(store).__name__} {store!r:.40}")
+            raise ConfigError("store must be a RunStore, a path, None ($ORCHESTRA_HOME/runs.db, else "
+                              f"~/.orchestra/runs.db) or False (no record), not {type(store).__name__} {store!r:.40}")
         self.pool = pool if isinstance(pool, Pool) else Pool.load(pool)
         layer = _knobs(knobs)
         self._matcher: SkillMatcher | None = None

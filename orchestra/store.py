@@ -324,7 +324,7 @@ class RunStore:
     """One SQLite file of runs. Safe to share between threads of a process and between processes.
 
     Args:
-        path: the database file (default ``~/.orchestra/runs.db``).
+        path: the database file (default ``$ORCHESTRA_HOME/runs.db``, else ``~/.orchestra/runs.db``).
     """
 
     def __init__(self, path: str | Path | None = None) -> None:

@@ -221,6 +221,9 @@ class Workflow:
         """Read and fully validate a workflow file; ``pool`` replaces the file's own pool; ``text``:
         the file's text as it was (a run's record), read instead of the file; ``data``: whether its
         data set must be there (default: unless ``text`` is given; a recorded run holds its item's inputs)."""
+        if pool is not None and not isinstance(pool, Pool):  # (a path was an AttributeError)
+            raise ConfigError(f"pool must be a Pool, not {type(pool).__name__}: Pool.load({pool!r:.60}) reads a "
+                              "pool file")
         file = Path(path)
         document = read_yaml(file, text)
         if not isinstance(document.data, dict):

@@ -22,6 +22,7 @@ from orchestra.models import ChatRequest, FunctionModel
 from orchestra.result import RunResult
 from orchestra.settings import AnswerOptions
 from orchestra.store import RunStore
+from orchestra.workflow import Workflow
 
 
 def test_dag_order_is_respected_and_nodes_see_their_dependencies() -> None:
@@ -262,10 +263,19 @@ async def _first(results: Any) -> Any:
      "'print'"),
     (lambda pool: Orchestra(pool).events.subscribe(None), "an event listener must be a plain function, not "
      "NoneType None"),
-    (lambda pool: Orchestra(pool, store=5), "store must be a RunStore, a path, None (~/.orchestra/runs.db) or False "
-                                            "(no record), not int 5"),
-    (lambda pool: Orchestra(pool, store=""), "store must be a RunStore, a path, None (~/.orchestra/runs.db) or False "
-                                             "(no record), not str ''"),
+    (lambda pool: Orchestra(pool, store=5), "store must be a RunStore, a path, None ($ORCHESTRA_HOME/runs.db, else "
+                                            "~/.orchestra/runs.db) or False (no record), not int 5"),
+    (lambda pool: Orchestra(pool, store=""), "store must be a RunStore, a path, None ($ORCHESTRA_HOME/runs.db, else "
+                                             "~/.orchestra/runs.db) or False (no record), not str ''"),
+    # a nested setting given at the top said only "see orchestra.Settings"
+    (lambda pool: Orchestra(pool, store=False, competence_weight=0), "unknown setting 'competence_weight'; it is a "
+                                                                      "recruit setting: recruit={'competence_weight': ...}"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", cost_lambda=1), "unknown setting 'cost_lambda'; it is a "
+                                                                         "recruit setting: recruit={'cost_lambda': ...}"),
+    # a Python mistake that was an AttributeError
+    (lambda pool: Pool(agents=["a"]), "a pool's agents are Agent objects, not str ('a'): Agent(name=..., model=...)"),
+    (lambda pool: Workflow.load("wf.yaml", pool="spool.yaml"), "pool must be a Pool, not str: Pool.load('spool.yaml') "
+                                                               "reads a pool file"),
     # a callback that is not one cost the run's requests before it failed; an async one was never awaited
     (lambda pool: Orchestra(pool, store=False).run("x?", on_answer_text="print"),
      "on_answer_text must be a plain function that takes the answer's text so far, not str 'print'"),

@@ -99,6 +99,8 @@ def test_the_lazy_names_are_the_defining_modules_objects() -> None:
     from orchestra.testing.doubles import ScriptedModel
 
     assert orchestra.Orchestra is Orchestra and orchestra.Settings is Settings
+    from orchestra.pipeline.scheduler import NodeSettings  # (the README's name for node_settings: not importable)
+    assert orchestra.NodeSettings is NodeSettings
     assert orchestra.models.OpenAICompatible is OpenAICompatible and orchestra.models.ScriptedModel is ScriptedModel
 
 
