@@ -160,6 +160,19 @@ def test_client_errors_are_never_retried(loopback, status: int) -> None:
     assert len(server.requests) == 1
 
 
+def test_an_anthropic_base_url_with_v1_is_told_to_give_the_root(loopback) -> None:
+    """Anthropic's path is /v1/messages: a base_url written as for OpenAI, ending in /v1, was a 404 that
+    advised adding /v1."""
+    from orchestra.errors import EndpointNotFound
+
+    server = loopback(lambda req: error_reply(404, "Not Found"))
+    with pytest.raises(EndpointNotFound) as caught:
+        run(Anthropic(model="claude", base_url=server.url + "/v1", api_key_env=None).complete([ask()]))
+    assert server.requests[0].path == "/v1/v1/messages"
+    assert str(caught.value).endswith("base_url ends in /v1 and the API's path begins with it again: give the API's "
+                                      "root (Anthropic's is https://api.anthropic.com)")
+
+
 def test_a_404_names_base_url_and_ends_its_run_as_a_users_error(loopback) -> None:
     """A base_url without its /v1: every request a 404 (96 in one evaluation), exit 1, no word of the URL."""
     from orchestra import Agent, Orchestra, Pool

@@ -473,9 +473,11 @@ class Endpoint:
                                    "which Orchestra does not follow (a POST would become a GET there); is base_url "
                                    "the API's address (often ending in /v1)?")
         if status == 404:  # (every request failed alike, 96 in one evaluation, with no word of the URL)
+            where = ("base_url ends in /v1 and the API's path begins with it again: give the API's root (Anthropic's "
+                     "is https://api.anthropic.com)" if "/v1/v1/" in url else "check base_url (an OpenAI-compatible "
+                     "API's usually ends in /v1) and the model's id")
             raise EndpointNotFound(f"{url} answered HTTP 404 (not found) for model {model}: "
-                                   f"{_error_text(response, secret)}; check base_url (an OpenAI-compatible API's "
-                                   "usually ends in /v1) and the model's id")
+                                   f"{_error_text(response, secret)}; {where}")
         if status >= 400:
             raise RequestRejected(f"{url} refused the request for model {model} (HTTP {status}): "
                                   f"{_error_text(response, secret)}")
