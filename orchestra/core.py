@@ -732,6 +732,8 @@ class Orchestra:
             self._tell_unpriced()
         self._running = 0
         self._heartbeat: asyncio.Task[None] | None = None
+        #: runs stopped here whose requests are still in flight: their leases are held until those end
+        self._draining: set[str] = set()
         #: the runs going here, by id (one cannot be begun again while it goes)
         self._going: dict[str, Run] = {}
         self._going_loop: asyncio.AbstractEventLoop | None = None  # the event loop they go in
@@ -1067,8 +1069,26 @@ class Orchestra:
         if beat is None or beat.done() or beat.get_loop() is not loop:
             self._heartbeat = loop.create_task(self._beat())
 
+    def _release_when_settled(self, run_id: str) -> None:
+        """Hold the lease of a run stopped with requests in flight (recorded ``held``) until they end,
+        the heartbeat keeping it: a resume in another process is refused meanwhile, as it would send
+        them again (paid twice; a served run whose client left was resumed so at once)."""
+        in_flight = self.executor.in_flight_for(run_id)
+        if self.store is None or not in_flight:
+            return
+        self._draining.add(run_id)
+        self._keep_alive()
+        store, loop = self.store, asyncio.get_running_loop()
+
+        def release() -> None:  # (a turn later: the batch's answers are committed first)
+            self._draining.discard(run_id)
+            with contextlib.suppress(StoreError):
+                store.release(run_id)
+
+        asyncio.gather(*in_flight, return_exceptions=True).add_done_callback(lambda _: loop.call_soon(release))
+
     async def _beat(self) -> None:
-        while (self._running or self._claimed) and self.store is not None:
+        while (self._running or self._claimed or self._draining) and self.store is not None:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
                 lost = self.store.heartbeat(self._going)
@@ -1087,8 +1107,9 @@ class Orchestra:
             said = error.args[0] if isinstance(error, asyncio.CancelledError) and error.args else None
             reason = said if isinstance(said, str) and said else None  # (task.cancel("why"), as serve says it)
             run.cancel(reason or CANCELLED_BY_USER)
-            self._record_cancelled(run, reason)
             self.executor.orphan({run.run_id})  # (a resume here waits for the requests it left in flight)
+            self._record_cancelled(run, reason)
+            self._release_when_settled(run.run_id)  # (and one elsewhere is refused until they end)
             raise
         self._record(result)
         return result
@@ -1100,7 +1121,7 @@ class Orchestra:
         recorded."""
         def record() -> RunResult:
             result = run.result("cancelled", None, reason or "stopped before it finished")
-            self._record(result)
+            self._record(result, held=run.run_id in self._draining or bool(self.executor.in_flight_for(run.run_id)))
             return result
 
         def again() -> None:  # unless the run has been resumed since (it is running, or done)
@@ -1116,14 +1137,15 @@ class Orchestra:
         run.ledger.after_end = again
         return stopped
 
-    def _record(self, result: RunResult, *, soon: bool = False) -> None:
+    def _record(self, result: RunResult, *, soon: bool = False, held: bool = False) -> None:
         """Store a finished run (``soon``: at the event loop's next turn, before the caller's task
-        runs again); a store that cannot be written is a warning, not a lost answer."""
+        runs again; ``held``: its lease kept, see ``_release_when_settled``); a store that cannot be
+        written is a warning, not a lost answer."""
         if self.store is None:
             self._last_unstored = result
             return
         try:
-            self.store.finish_run(result, soon=soon)
+            self.store.finish_run(result, soon=soon, held=held)
         except StoreError as error:
             if str(error) in (result.error or ""):  # the run's own error already says so
                 return

@@ -121,11 +121,18 @@ def running_advice(pid: str, force: str) -> str:
 
 class RunHeld(StoreError):
     """A stored run is still running in another live process (``owner``, active ``idle_s`` ago);
-    ``running``: refused even to ``force``, that process being certainly alive on this machine."""
+    ``running``: refused even to ``force``, that process being certainly alive on this machine;
+    ``draining``: stopped there, with its requests still in flight."""
 
-    def __init__(self, run_id: str, owner: str, idle_s: float, *, running: bool = False) -> None:
+    def __init__(self, run_id: str, owner: str, idle_s: float, *, running: bool = False,
+                 draining: bool = False) -> None:
         self.run_id, self.owner, self.idle_s, self.running = run_id, owner, idle_s, running
         self.pid = owner.rpartition(" pid ")[2]  # (owner: "host pid N")
+        if draining:  # stopped there, its requests still in flight: a resume now would send them again
+            self.problem = (f"run {run_id} was stopped in another process ({owner}, active {idle_s:.0f} s ago), whose "
+                            "requests for it are still in flight")
+            super().__init__(f"{self.problem}; resume it once they end (their answers are kept for the resume)")
+            return
         if running:  # refused to ``force``: that process of this machine certainly still runs
             self.problem = (f"run {run_id} is running in process {self.pid} of this machine (active {idle_s:.0f} s "
                             "ago), which is still alive")

@@ -484,6 +484,10 @@ class Executor:
                     self._orphans[orphan] = (task, call)
                     task.add_done_callback(partial(self._orphan_ended, orphan))
 
+    def in_flight_for(self, run_id: str) -> list[asyncio.Task[Any]]:
+        """The batches still sending requests of ``run_id``, a run stopped (``orphan``) while they were in flight."""
+        return list({task for (run, _, _), (task, _) in self._orphans.items() if run == run_id and not task.done()})
+
     def _orphan_ended(self, orphan: tuple[str, str, int], _: asyncio.Task[Any]) -> None:
         self._orphans.pop(orphan, None)
 

@@ -81,6 +81,9 @@ _LOG_EVENT = "INSERT INTO events (run_id, kind, at, data) VALUES (?, ?, ?, ?)"
 #: written over, even ended with the same status).
 _OURS = "id=? AND (owner=? OR (owner IS NULL AND status IN ('running', ?)))"
 _FINISH_RUN = f"UPDATE runs SET status=?, answer=?, error=?, result=?, updated=?, owner=NULL WHERE {_OURS}"
+#: the same, its owner kept: a run stopped while its requests are still in flight here holds its lease
+#: until they end (another process's resume sent them again, paid twice)
+_FINISH_HELD = f"UPDATE runs SET status=?, answer=?, error=?, result=?, updated=? WHERE {_OURS}"
 #: events the store does not log (each call's: calls live in their own table); ``subscribe(listen, ignore=...)``
 QUIET_EVENTS = frozenset({UsageUpdated, CallsQueued, CallDone})
 _ENDED_RUN = f"UPDATE runs SET status=?, owner=NULL WHERE {_OURS}"
@@ -549,7 +552,7 @@ class RunStore:
         end was among them is still marked as ended, with a status alone (which needs no new space;
         ``finish_run`` does the same), so it is listed as failed and can be resumed."""
         for sql, params in pending:
-            if sql is _FINISH_RUN:
+            if sql is _FINISH_RUN or sql is _FINISH_HELD:
                 status, run_id = ("failed" if params[0] == "done" else params[0]), params[5]
                 self._end_bare(run_id, status)
 
@@ -637,9 +640,9 @@ class RunStore:
         """Raise ``RunHeld`` if the run (its owner, updated and status: ``held``) is another live
         process's (see ``begin_run``)."""
         owner, updated, status = held
-        if (status == "running" and owner and owner != self.owner and now - updated < LEASE_SECONDS
+        if (status in ("running", "cancelled") and owner and owner != self.owner and now - updated < LEASE_SECONDS
                 and (_surely_running(owner) if force else _alive(owner))):  # (a lease run out frees it either way)
-            raise RunHeld(run_id, owner.rsplit(":", 1)[0], now - updated, running=force)
+            raise RunHeld(run_id, owner.rsplit(":", 1)[0], now - updated, running=force, draining=status != "running")
 
     def check_free(self, run_ids: Sequence[str], *, force: bool = False) -> None:
         """Refuse, as ``begin_runs`` would (``RunHeld``), runs another live process holds, and any
@@ -663,7 +666,8 @@ class RunStore:
         lost: dict[str, str] = {}
         try:
             with self._transaction() as db:
-                db.execute("UPDATE runs SET updated=? WHERE owner=? AND status='running'", (time.time(), self.owner))
+                db.execute("UPDATE runs SET updated=? WHERE owner=? AND status IN ('running', 'cancelled')",
+                           (time.time(), self.owner))  # (a cancelled one it holds has requests in flight here)
                 for start in range(0, len(held), 500):  # (SQLite takes at most 999 parameters a statement)
                     part = held[start:start + 500]
                     lost.update(db.execute(f"SELECT id, coalesce(owner, '') FROM runs WHERE id IN "
@@ -686,24 +690,36 @@ class RunStore:
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot write the run store {self.path}: {error}") from None
 
-    def finish_run(self, result: RunResult, *, soon: bool = False) -> None:
+    def release(self, run_id: str) -> None:
+        """Give up the lease of a run this process stopped once its requests in flight have ended
+        (``finish_run(held=True)``): another process may resume it now."""
+        try:
+            with self._transaction() as db:
+                db.execute("UPDATE runs SET owner=NULL WHERE id=? AND owner=? AND status != 'running'",
+                           (run_id, self.owner))
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+
+    def finish_run(self, result: RunResult, *, soon: bool = False, held: bool = False) -> None:
         """Record how a run ended, with its full result. When the full result cannot be written (a
         full disk), the run is still marked as ended with a status alone, which needs no new space,
         so it is listed as failed and can be resumed; the error is raised either way.
 
         ``soon``: hold the record with the events, for the next write or the event loop's next turn
         (runs of a data set that end together are one transaction; a failure then warns, as events
-        do, and the run is marked ended with its status alone)."""
+        do, and the run is marked ended with its status alone). ``held``: its lease is kept (its
+        requests still in flight here), until ``release``."""
         self._fresh.discard(result.run_id)
         again = result.status if result.run_id in self._ended_here else "running"
         self._ended_here.add(result.run_id)
         params = (result.status, result.answer, result.error, _model_json(result), time.time(), result.run_id,
                   self.owner, again)
+        statement = _FINISH_HELD if held else _FINISH_RUN
         if soon:
-            self._hold([(_FINISH_RUN, params)])
+            self._hold([(statement, params)])
             return
         try:
-            self._execute(_FINISH_RUN, params)
+            self._execute(statement, params)
         except StoreError:
             status = "failed" if result.status == "done" else result.status  # its answer was not kept
             self._end_bare(result.run_id, status)

@@ -23,7 +23,7 @@ import uvicorn
 
 from orchestra import Agent, Pool
 from orchestra.budget import Budget
-from orchestra.errors import ConfigError
+from orchestra.errors import ConfigError, RunHeld
 from orchestra.models import FunctionModel
 from orchestra.serve import RUN_HEADER, Feed, app, base_url, served_models
 from orchestra.store import RunStore
@@ -1069,7 +1069,8 @@ def test_a_schema_s_refs_and_bounds_are_checked_before_an_answer_goes_out(serve:
         model="orchestra", messages=question,
         response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": schema}})
     assert answered.choices[0].message.content == '{"answer":42,"unit":"m"}'
-    assert experts.payloads[-1]["response_format"]["json_schema"]["schema"] == schema  # the endpoint gets it whole
+    # the endpoint gets it whole (titled by the client's name)
+    assert experts.payloads[-1]["response_format"]["json_schema"]["schema"] == {"title": "d", **schema}
 
 
 def test_a_client_that_disconnects_cancels_its_run(serve: Any, tmp_path: Path) -> None:
@@ -1087,12 +1088,25 @@ def test_a_client_that_disconnects_cancels_its_run(serve: Any, tmp_path: Path) -
         if (runs := store.runs()) and runs[0].status != "running":
             break
         threading.Event().wait(0.01)
+    # its experts' requests are still in flight at the endpoint: a resume elsewhere would send them again (paid
+    # twice: the run's lease was given up at once), so it is refused until they end
+    with pytest.raises(RunHeld, match="whose requests for it are still in flight; resume it once they end"):
+        store.check_free([runs[0].id])
     experts.release.set()
     assert runs[0].status == "cancelled"
     # (it read "cancelled by the user", the Ctrl-C words, as if the operator had stopped it)
     assert runs[0].error == "cancelled: the client disconnected"
     assert {node["error"] for node in store.nodes(runs[0].id)} == {"cancelled: the client disconnected"}
     assert httpx.get(running.url + "/health").json()["runs_in_flight"] == 0
+    for _ in range(3000):  # their answers came: recorded for the resume, and the run is free
+        try:
+            store.check_free([runs[0].id])
+            break
+        except RunHeld:
+            threading.Event().wait(0.01)
+    store.check_free([runs[0].id])
+    answered = [c for c in store.calls(runs[0].id) if c["purpose"] == "expert" and c["status"] == "ok"]
+    assert len(answered) == 3
 
 
 def test_a_client_that_leaves_while_its_request_waits_for_the_budget_gets_no_run(serve: Any, tmp_path: Path) -> None:
