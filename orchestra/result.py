@@ -105,6 +105,9 @@ class RunResult(BaseModel):
     """The run failed for a reason the user must fix (a key, a URL, a context limit): exit code 2."""
     answer_cut: bool = False
     """The answer stopped at a token limit (its writer's ``max_tokens``), not where its writer ended it."""
+    context_full: bool = False
+    """Of an ``answer_cut``: it stopped where its writer's context window filled up (the server said
+    ``length`` with fewer tokens written than ``max_tokens`` allowed), not at ``max_tokens``."""
 
     @property
     def exit_code(self) -> int:

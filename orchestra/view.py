@@ -429,6 +429,10 @@ def _call_text(event: CallDone) -> str:
 #: what a run whose answer stopped at its writer's token limit says beside it
 ANSWER_CUT = ("the answer stopped at its token limit and may be incomplete: raise max_tokens for the agent that "
               "writes it (or the budget's --max-tokens, if that set the limit)")
+#: ... and one that stopped where its writer's context window filled (before its max_tokens)
+CONTEXT_FULL = ("the answer stopped where its writer's context window filled up, before its max_tokens, and may be "
+                "incomplete: give the model's server a larger context (llama.cpp's n_ctx), or send it a shorter "
+                "prompt (fewer experts, --k; shorter expert answers, max_tokens or max_response_chars)")
 
 
 def print_result(console: Console, result: RunResult, *, rich_output: bool, errors: Console | None = None,
@@ -438,8 +442,8 @@ def print_result(console: Console, result: RunResult, *, rich_output: bool, erro
     if result.answer:
         console.print(literal(result.answer), soft_wrap=not rich_output)
     if result.answer_cut:  # (it read as a whole answer: done, exit 0, and nothing said)
-        (errors or console).print(literal(f"warning: {ANSWER_CUT}", style="yellow" if rich_output else ""),
-                                  soft_wrap=True)
+        said = CONTEXT_FULL if result.context_full else ANSWER_CUT
+        (errors or console).print(literal(f"warning: {said}", style="yellow" if rich_output else ""), soft_wrap=True)
     if result.status != "done":
         (errors or console).print(literal(f"error: {run_error(result, stored=stored)}",
                                        style="red" if rich_output else ""),

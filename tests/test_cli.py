@@ -138,6 +138,26 @@ def test_an_answer_cut_at_its_token_limit_is_said_beside_it_and_in_show(loopback
     assert ended.returncode == 0 and "warning" not in ended.stderr, ended.stderr
 
 
+def test_an_answer_cut_where_the_context_window_filled_says_so(loopback, tmp_path: Path) -> None:
+    """The server wrote 11 of the 450 tokens allowed and said "length": its context was full, yet the
+    warning advised raising max_tokens, which could not help."""
+    scripted = ScriptedLLM()
+
+    def text(request: LoopbackRequest) -> str | Reply:
+        if AGGREGATE_MARK in request.prompt:
+            return openai_reply("The Roman Empire, a tapestry of", finish_reason="length", completion_tokens=11)
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url, extra="defaults: {max_tokens: 450}\n")
+    done = cli("ask", "Quick question", "--pool", str(pool), "--no-plan")
+    assert done.returncode == 0 and ("warning: the answer stopped where its writer's context window filled up, before "
+                                     "its max_tokens") in done.stderr, done.stderr
+    assert "raise max_tokens" not in done.stderr
+    result = json.loads(cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--json").stdout)
+    assert result["answer_cut"] and result["context_full"]
+
+
 def test_a_task_of_dash_is_read_from_standard_input(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     long_task = "Quick question about this log:\n" + "line of the log\n" * 20_000  # beyond a command line's reach

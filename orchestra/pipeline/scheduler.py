@@ -266,6 +266,7 @@ class Run:
         self.answer_node: str | None = None  # the one sink whose output is the answer, once planned
         #: texts of answer-writing calls that stopped at a token limit, as an answer may show them
         self._cut_texts: set[str] = set()
+        self._context_full: set[str] = set()
 
     def pin(self, node: str, recruitment: Recruitment) -> None:
         """Fix a node's experts to this recruitment (and record them, so a resume keeps them)."""
@@ -315,7 +316,7 @@ class Run:
         next (see ``Executor.call``)."""
         outcomes = await self.stages.executor.call(self.ledger, calls, purpose=purpose, node=node, then=then)
         if node == self.answer_node or purpose == "final":
-            self._note_cut(outcomes)
+            self._note_cut(calls, outcomes)
         fatal = None
         for outcome in outcomes:  # a loop, not a generator: this runs for every call
             if isinstance(outcome, _RUN_ENDING):
@@ -683,12 +684,16 @@ class Run:
         status: RunStatus = "done" if complete else ("budget_exceeded" if self.ledger.budget.exceeded else "partial")
         self._finish(status, answer, "; ".join(failures) or None)
 
-    def _note_cut(self, outcomes: Sequence[ChatResult | Exception]) -> None:
+    def _note_cut(self, calls: Sequence[tuple[Model, ChatRequest]], outcomes: Sequence[ChatResult | Exception]) -> None:
         """Remember the answers cut at a token limit, as the node's output or the run's answer may
-        show them (reasoning stripped)."""
-        for outcome in outcomes:
+        show them (reasoning stripped), and those cut where the context window filled: fewer tokens
+        written than their request's ``max_tokens`` allowed (the advice to raise it could not help)."""
+        for (_, request), outcome in zip(calls, outcomes):
             if not isinstance(outcome, Exception) and outcome.finish_reason == "length":
-                self._cut_texts.update((outcome.text, strip_reasoning(outcome.text)))
+                texts = (outcome.text, strip_reasoning(outcome.text))
+                self._cut_texts.update(texts)
+                if request.max_tokens is not None and outcome.usage.completion_tokens < request.max_tokens:
+                    self._context_full.update(texts)
 
     def _answer_text(self, trace: NodeState) -> str | None:
         """A sink's output as the answer: its parsed JSON, compact, when the answer is JSON."""
@@ -743,4 +748,5 @@ class Run:
                      for b in ledger.batches],
             model_loads=dict(ledger.model_loads), elapsed_s=time.perf_counter() - self.started,
             user_error=self.user_error, timings={k: round(v, 4) for k, v in self.timings.items()},
-            answer_cut=answer is not None and answer in self._cut_texts)
+            answer_cut=answer is not None and answer in self._cut_texts,
+            context_full=answer is not None and answer in self._context_full)
