@@ -67,7 +67,7 @@ class Provenance(BaseModel):
     written before this was recorded."""
     persona_sha256: str = ""
     """SHA-256 of the agent's persona when measured ("": a profile written before this was recorded)."""
-    sampling: dict[str, float | None] | None = None
+    sampling: dict[str, int | float | None] | None = None
     """The agent's own ``temperature`` and ``max_tokens`` when measured (None: not recorded)."""
     keyword_model: str = ""
     grader: str = "auto"
