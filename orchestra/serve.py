@@ -573,6 +573,11 @@ def _kind(completion: Completion) -> str:
     return f"{completion.model} {json.dumps(settings, sort_keys=True, default=str)}"
 
 
+#: how servers say a prompt is longer than the model's context (vLLM, llama.cpp, LiteLLM, OpenAI)
+_CONTEXT_EXCEEDED = re.compile(r"maximum context length|context_length_exceeded|exceeds? the (?:model's )?context"
+                               r"|context window|requested \d+ tokens", re.IGNORECASE)
+
+
 def _failure(result: RunResult, stored: bool, served: ServedModel, completion: Completion) -> WireError | None:
     """The error a finished run answers with, if any: 429 for a budget, 503 for endpoints that
     cannot be used (a key, an address), 400 for a structured answer the request's ``max_tokens``
@@ -587,6 +592,9 @@ def _failure(result: RunResult, stored: bool, served: ServedModel, completion: C
         # (it advised `orchestra resume`, which sent the same capped calls and failed the same way)
         return WireError(400, f"the answer's JSON needs more than {name}={max_tokens}: {reason}; send the "
                          f"request again with a larger {name} (a resume would keep this one)", param=name)
+    if _CONTEXT_EXCEEDED.search(reason):  # (it advised a resume, which sent the same prompts and failed alike)
+        return WireError(400, f"the messages do not fit the experts' context: {reason}; send shorter messages (a "
+                         "resume would send the same prompts)", param="messages", code="context_length_exceeded")
     kept = _kept(result.run_id, stored)
     if result.status == "budget_exceeded":
         # the run's own budget stays its own on resume: the advice says what to raise

@@ -160,6 +160,23 @@ def test_client_errors_are_never_retried(loopback, status: int) -> None:
     assert len(server.requests) == 1
 
 
+def test_litellms_400_for_a_model_it_does_not_serve_ends_the_run_as_a_404_would(loopback) -> None:
+    """LiteLLM answers an unknown model id with a 400: every call was sent (7), and the run ended 1."""
+    from orchestra import Agent, Orchestra, Pool
+    from orchestra.errors import EndpointNotFound
+
+    server = loopback(lambda req: error_reply(400, "litellm.BadRequestError: Invalid model name passed in model=smolx. "
+                                                   "Call `/v1/models` to view available models for your key."))
+    model = OpenAICompatible(model="smolx", base_url=server.url + "/v1", api_key_env=None)
+    with pytest.raises(EndpointNotFound, match=r"does not serve model smolx \(HTTP 400\): .*; check the model's id$"):
+        run(model.complete([ask()]))
+    pool = Pool(agents=[Agent(name="a", model=model), Agent(name="b", model=model)])
+    sent = len(server.requests)
+    result = Orchestra(pool, store=False, plan=False, k=2, mode="global").run("What is 2 + 2?")
+    assert (result.status, result.exit_code, result.user_error) == ("failed", 2, True)
+    assert len(server.requests) - sent == 1  # (the other call waited for that answer, and was not sent)
+
+
 def test_an_anthropic_base_url_with_v1_is_told_to_give_the_root(loopback) -> None:
     """Anthropic's path is /v1/messages: a base_url written as for OpenAI, ending in /v1, was a 404 that
     advised adding /v1."""

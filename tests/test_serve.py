@@ -46,6 +46,7 @@ class Experts:
         self.gates: dict[str, tuple[int, asyncio.Event]] = {}
         self.arrived: Counter[str] = Counter()
         self.fail: set[str] = set()
+        self.too_long = False  # every request refused as longer than the model's context (a 400)
         self.release = threading.Event()
         self.hold = False
         self.seen = threading.Event()  # set by a client that has read the first piece of a streamed answer
@@ -79,6 +80,9 @@ class Experts:
         self.payloads.append(payload)
         if model in self.fail:
             return error_reply(500, "the expert is down")
+        if self.too_long:  # (vLLM's words; llama-cpp-python's and OpenAI's say "maximum context length" too)
+            return error_reply(400, "This model's maximum context length is 2048 tokens. However, you requested "
+                                    "5243 tokens. Please reduce the length of the messages or completion.")
         if self.hold and purpose == "expert":
             while not self.release.is_set():
                 await asyncio.sleep(0.01)
@@ -357,6 +361,20 @@ def test_json_schema_answers_with_the_schema_and_sends_it_to_the_answer_writers(
         assert payload["response_format"]["json_schema"] == {"name": "distance", "schema": {"title": "distance",
                                                                                             **schema}, "strict": False}
         assert payload["max_tokens"] == 77 and payload["temperature"] == 0.3
+
+
+def test_messages_longer_than_the_experts_context_are_a_400_not_a_resume(serve: Any) -> None:
+    """A 502 advised `orchestra resume`, which sent the same prompts and failed alike."""
+    running, experts = serve()
+    experts.too_long = True
+    with pytest.raises(openai.BadRequestError) as refused:
+        running.client().chat.completions.create(
+            model="orchestra", messages=[{"role": "user", "content": "Summarize: " + "the fox jumps. " * 400}])
+    body = refused.value.body
+    assert (body["param"], body["code"]) == ("messages", "context_length_exceeded")
+    assert body["message"].startswith("the messages do not fit the experts' context: ")
+    assert body["message"].endswith("send shorter messages (a resume would send the same prompts)")
+    assert "orchestra resume" not in body["message"]
 
 
 def test_json_cut_at_the_requests_max_tokens_is_a_400_naming_it_not_a_resume(serve: Any) -> None:

@@ -75,6 +75,11 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+#: a 400 that says the model named is none the server serves (LiteLLM's "Invalid model name passed in
+#: model=x": every call was sent, 7 of them, and the run ended 1 rather than as the 404 it is)
+_UNKNOWN_MODEL = re.compile(r"invalid model name|model_not_found", re.IGNORECASE)
+
+
 def _cut_by_deadline(failure: _Retryable, delay: float, policy: CallPolicy) -> ModelError:
     """The final error of a call whose next attempt would begin past its deadline, saying so (a 429
     whose Retry-After outlasts the deadline advised lowering the concurrency, after 1 of 3 attempts)."""
@@ -472,6 +477,9 @@ class Endpoint:
             raise EndpointNotFound(f"{url} answered HTTP {status}, a redirect{f' to {where}' if where else ''}, "
                                    "which Orchestra does not follow (a POST would become a GET there); is base_url "
                                    "the API's address (often ending in /v1)?")
+        if status == 400 and _UNKNOWN_MODEL.search(_error_text(response, secret)):  # (LiteLLM's: as a 404 is)
+            raise EndpointNotFound(f"{url} does not serve model {model} (HTTP 400): {_error_text(response, secret)}; "
+                                   "check the model's id")
         if status == 404:  # (every request failed alike, 96 in one evaluation, with no word of the URL)
             where = ("base_url ends in /v1 and the API's path begins with it again: give the API's root (Anthropic's "
                      "is https://api.anthropic.com)" if "/v1/v1/" in url else "check base_url (an OpenAI-compatible "
