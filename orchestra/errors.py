@@ -126,7 +126,7 @@ class RunHeld(StoreError):
 
     def __init__(self, run_id: str, owner: str, idle_s: float, *, running: bool = False,
                  draining: bool = False) -> None:
-        self.run_id, self.owner, self.idle_s, self.running = run_id, owner, idle_s, running
+        self.run_id, self.owner, self.idle_s, self.running, self.draining = run_id, owner, idle_s, running, draining
         self.pid = owner.rpartition(" pid ")[2]  # (owner: "host pid N")
         if draining:  # stopped there, its requests still in flight: a resume now would send them again
             self.problem = (f"run {run_id} was stopped in another process ({owner}, active {idle_s:.0f} s ago), whose "

@@ -86,7 +86,8 @@ def _other_store(path: object) -> str:
 _MESSAGES: dict[type[OrchestraError], Callable[[Any], str]] = {
     BudgetExceeded: _budget_message,
     StoreUnusable: lambda error: f"{error.problem}; {error.remedy(_other_store(error.path))}",
-    RunHeld: lambda error: (f"{error.problem}; {running_advice(error.pid, '--force')}" if error.running else
+    RunHeld: lambda error: (str(error) if error.draining else
+                            f"{error.problem}; {running_advice(error.pid, '--force')}" if error.running else
                             f"{error.problem}; wait for it to end, or if that process is gone, "
                             f"`{command('resume', error.run_id, '--force')}`"),
     RunNotFound: lambda error: f"{error.problem}; `{command('runs')}` lists them",

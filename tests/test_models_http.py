@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import BaseModel
 
@@ -29,6 +30,7 @@ from orchestra.models import http as http_module
 from orchestra.models.base import retry_listener
 from orchestra.models.http import Endpoint, parse_retry_after
 from orchestra.models.prompt_gauge import text_units
+from orchestra.models.transport import HttpxTransport
 from orchestra.models.types import estimate_tokens
 from orchestra.testing import LoopbackRequest, Reply, anthropic_reply, chat_handler, error_reply, openai_reply
 from orchestra.testing.loopback import openai_stream_reply
@@ -807,6 +809,30 @@ def test_a_short_answer_cut_by_max_tokens_without_usage_counts_max_tokens(loopba
     server = loopback(lambda request: openai_stream_reply(["Cut"], usage=False, finish_reason="length"))
     result = run(openai(server).complete_one(ask("a question", max_tokens=12, on_text=lambda text: None)))
     assert result.usage.completion_tokens == 12
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_a_stream_whose_server_holds_it_open_after_its_usage_is_whole(loopback, transport: str) -> None:
+    """A server that sent the finish and usage chunks but neither [DONE] nor the end kept the call
+    until its timeout, and the retry was paid again."""
+    def held_open() -> Reply:
+        whole = openai_stream_reply(["The answer", " is 4."], prompt_tokens=30)
+
+        async def parts() -> AsyncIterator[bytes]:
+            assert whole.parts is not None
+            async for part in whole.parts():
+                if b"[DONE]" in part:
+                    await asyncio.sleep(3600)  # (never: the client stops reading first)
+                yield part
+        return Reply(parts=parts)
+
+    server = loopback(lambda request: held_open())
+    options = {} if transport == "aiohttp" else {"transport": lambda n: HttpxTransport(httpx.AsyncHTTPTransport())}
+    model = OpenAICompatible(model="m", endpoint=Endpoint(server.url + "/v1", **options), timeout=30)
+    started = time.monotonic()
+    result = run(model.complete_one(ask("What is 2 + 2?", on_text=lambda text: None)))
+    assert (result.text, result.finish_reason, result.usage.requests) == ("The answer is 4.", "stop", 1)
+    assert len(server.requests) == 1 and time.monotonic() - started < 20
 
 
 def test_a_stream_that_broke_before_any_text_is_a_request_and_no_tokens(loopback) -> None:

@@ -217,7 +217,7 @@ class _StreamedAttempts:
         self.model, self.request, self.on_text = model, request, on_text
         self.text, self.open = "", False
 
-    def begin(self) -> Callable[[bytes], None]:
+    def begin(self) -> Callable[[bytes], bool]:
         """The next attempt's handler of the body's pieces."""
         cut = self.broke()
         if cut is not None:
@@ -243,24 +243,35 @@ class _StreamedAttempts:
                                       _written_tokens(self.text, self.request.max_tokens))
 
 
-def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
+def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], bool]:
     """One attempt's handler of a streamed answer's bytes: each ``chat.completion.chunk``'s content
-    is added to the text so far, which ``on_text`` is given (a retry starts a new text)."""
+    is added to the text so far, which ``on_text`` is given (a retry starts a new text). It returns
+    True once the answer is whole: ``[DONE]``, or the usage chunk after a ``finish_reason`` (a server
+    that then held the stream open kept the call until its timeout, and the retry was paid again)."""
     pending = bytearray()
     text: list[str] = []
+    finished = [False]
 
-    def on_chunk(piece: bytes) -> None:
+    def on_chunk(piece: bytes) -> bool:
         pending.extend(piece)
-        grew = False
+        grew = whole = False
         while (end := pending.find(b"\n")) >= 0:
             line = bytes(pending[:end]).strip()
             del pending[:end + 1]
-            if not line.startswith(b"data:") or line == b"data: [DONE]":
+            if line == b"data: [DONE]":
+                whole = True
+            if not line.startswith(b"data:") or whole:
                 continue
             try:
-                delta = json.loads(line[5:])["choices"][0]["delta"].get("content")
+                chunk = json.loads(line[5:])
+                choice = chunk["choices"][0] if chunk.get("choices") else None
+                if choice is None:  # the usage chunk
+                    whole = finished[0] and isinstance(chunk.get("usage"), dict)
+                    continue
+                finished[0] = finished[0] or bool(choice.get("finish_reason"))
+                delta = choice["delta"].get("content")
             except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
-                continue  # the usage chunk, or something the whole answer's check will judge
+                continue  # something the whole answer's check will judge
             if isinstance(delta, str) and delta:
                 text.append(delta)
                 grew = True
@@ -269,6 +280,7 @@ def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], None]:
             if "\ud800" <= so_far[-1] <= "\udbff":  # half a pair: its other half may be in the next chunk
                 so_far = so_far[:-1]
             on_text(whole_text(so_far))  # (as the answer will be: a stream that differed ended in an error)
+        return whole
 
     return on_chunk
 

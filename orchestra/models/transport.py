@@ -81,8 +81,9 @@ class Transport(Protocol):
         """Close the connections."""
 
 
-Chunks = Callable[[bytes], None] | None
-"""Given each piece of an answer's body as it arrives (a streamed answer), or None."""
+Chunks = Callable[[bytes], bool | None] | None
+"""Given each piece of an answer's body as it arrives (a streamed answer), or None; it returns True
+once the answer is whole (the rest of the body is not waited for)."""
 
 #: Makes an endpoint's transport for one event loop, given its connection limit.
 TransportFactory = Callable[[int], Transport]
@@ -123,7 +124,8 @@ class AiohttpTransport:
                 pieces = []
                 async for piece in answer.content.iter_any():
                     pieces.append(piece)
-                    on_chunk(piece)
+                    if on_chunk(piece):  # the answer is whole: a server that then holds the stream open is left
+                        break
                 return Answer(answer.status, answer.headers, b"".join(pieces))
         except asyncio.TimeoutError as error:  # a socket timeout; the endpoint bounds each attempt itself
             raise httpx.ReadTimeout(str(error) or "timed out") from error
@@ -163,7 +165,8 @@ class HttpxTransport:
                 pieces = []
                 async for piece in response.aiter_bytes():
                     pieces.append(piece)
-                    on_chunk(piece)
+                    if on_chunk(piece):  # the answer is whole
+                        break
                 content = b"".join(pieces)
         finally:
             await response.aclose()
