@@ -589,6 +589,19 @@ def test_example_code_review_runs(loopback_pool) -> None:
     assert "understand: " in shown and "def add(a, b): return a + b" in shown.split("call 1")[0]
 
 
+def test_the_readmes_python_workflow_example_runs(loopback_pool) -> None:
+    """The README's `Workflow.load` + `run_workflow` example, on the loopback pool."""
+    scripted, pool = loopback_pool
+    scripted.structured = {"verdict": "request changes", "summary": "it subtracts"}
+    flow = Workflow.load(EXAMPLES / "workflows/code-review.yaml", pool=Pool.load(pool))
+    result = run_workflow(flow, {"code": "def add(a, b): return a - b"})
+    assert result.status == "done" and result.answer.startswith("## Code review\n**Verdict:** request changes")
+    assert result.usage.calls > 0
+    again = run_workflow(flow, {"code": "def f(): pass"}, orchestra=Orchestra(flow.pool, store=False), seed=3)
+    assert again.status == "done" and again.plan is not None
+    assert [n.id for n in again.plan.nodes] == ["understand", "bugs", "style", "verdict"]
+
+
 def test_example_dataset_eval_runs(loopback_pool) -> None:
     _, pool = loopback_pool
     done = cli("run", str(EXAMPLES / "workflows/dataset-eval.yaml"), "--pool", str(pool), "--json")
