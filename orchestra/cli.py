@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, ge
 import click
 
 from orchestra import __version__
-from orchestra.errors import ConfigError, OrchestraError
+from orchestra.errors import ConfigError, OrchestraError, RunHeld
 from orchestra.hints import BUDGET_FLAGS, advise_store, command
 from orchestra.money import usd, usd_exact
 from orchestra.vocabulary import METHOD_NAMES
@@ -936,12 +936,16 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
         run_sweep(orc, dataset, lambdas, plot, limit, as_json, opts, budget)
         return
     # the flags win over the method's preset; both over the pool's settings
-    report = evaluate_interruptibly(
-        lambda on_cancel: aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
-                                    mode=opts["mode"], aggregate=opts["aggregate"], budget=budget,
-                                    on_cancel=on_cancel, resume=resume),
-        dataset.path, as_json,
-        then=None if orc.store is None else "the same command with --resume goes on with this evaluation")
+    try:
+        report = evaluate_interruptibly(
+            lambda on_cancel: aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
+                                        mode=opts["mode"], aggregate=opts["aggregate"], budget=budget,
+                                        on_cancel=on_cancel, resume=resume),
+            dataset.path, as_json,
+            then=None if orc.store is None else "the same command with --resume goes on with this evaluation")
+    except RunHeld as held:  # (it advised `orchestra resume ITEM_RUN --force`: one item's run, not the evaluation)
+        fail(f"{held.problem}; another evaluation is going on with this one's runs: wait for it to end (where its "
+             "process is gone, its lease runs out within 30 s), then run this command again", held.exit_code)
     print_report(report, f"{report.method} on {dataset.path}", as_json)
     end_data_set(report, stored=orc.store is not None, evaluation=True)
 

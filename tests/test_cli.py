@@ -670,6 +670,10 @@ def test_eval_resume_refused_for_a_held_run_leaves_the_answers_file_as_it_was(lo
                    "WHERE status != 'done' LIMIT 1)", (f"{socket.gethostname()} pid {os.getpid()}:beef", time.time()))
     refused = cli(*argv, "--resume")
     assert refused.returncode == 2 and "is still running in another process" in refused.stderr, refused.stderr
+    # (it advised `orchestra resume ITEM_RUN --force`: one item's run, not how to go on with the evaluation)
+    assert refused.stderr.strip().endswith("another evaluation is going on with this one's runs: wait for it to end "
+                                           "(where its process is gone, its lease runs out within 30 s), then run "
+                                           "this command again") and "--force" not in refused.stderr
     assert answers.read_bytes() == kept and len(server.requests) == asked
     for sibling in ("-wal", "-shm", "-journal"):  # (the answers went into SQLite's own files)
         into = cli(*argv[:-1], f"{store}{sibling}")
