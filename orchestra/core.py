@@ -138,7 +138,7 @@ def check_reload(record: RunRecord) -> None:
 
 #: the signals that stop a command's work as Ctrl-C does (SIGHUP ended the process at once, the run left
 #: unrecorded, short of the requests it had sent)
-_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool], None] | None = None) -> T:
@@ -617,8 +617,9 @@ class _Stream:
             self.changed.set()
         if future.cancelled() or error is not None:  # a bug inside the run: stop it, keep its record
             run.cancel()
-            stopped = self.orc._record_cancelled(run)
             self.orc.executor.orphan({run.run_id})
+            self.orc._release_when_settled(run.run_id)
+            stopped = self.orc._record_cancelled(run)
             if self.on_stopped is not None:
                 self.on_stopped(index, stopped)
             self.queue.put_nowait(error or asyncio.CancelledError())
@@ -646,7 +647,7 @@ class _Stream:
             self.unbegun.clear()
         for run in [run for run in self.live if run.future.done()]:  # (ended before this: kept as they ended)
             self.finished(run, run.future)
-        stopped_ids: set[str] = set()
+        stopping: list[tuple[Run, int]] = []
         while self.live:
             run, index = self.live.popitem()
             if self.orc._going.get(run.run_id) is run:  # (started: free its id at once, for a resume)
@@ -654,11 +655,14 @@ class _Stream:
             else:  # (begun, not started: its claim on this loop ends)
                 self.orc._unclaim([run])
             run.cancel()
+            stopping.append((run, index))
+        self.orc.executor.orphan({run.run_id for run, _ in stopping})  # (one look at the calls in flight for all)
+        in_flight = self.orc.executor.in_flight_by_run()
+        for run, index in stopping:  # (each holds its lease while its requests are in flight, as one run does)
+            self.orc._release_when_settled(run.run_id, in_flight.get(run.run_id, []))
             stopped = self.orc._record_cancelled(run)
-            stopped_ids.add(run.run_id)
             if self.on_stopped is not None:
                 self.on_stopped(index, stopped)
-        self.orc.executor.orphan(stopped_ids)  # (one look at the calls in flight for all of them)
 
 
 class Orchestra:
@@ -793,7 +797,9 @@ class Orchestra:
         else:
             raise UserError(f"run {record.id} used a pool built in Python; resume it there: "
                             f"Orchestra(pool).resume({record.id!r})")
-        return cls(pool, spec.settings.layered(dict(placement)) if placement else spec.settings, store=store)
+        with warnings.catch_warnings():  # (a record sets every limit: which were chosen, the run warned of already)
+            warnings.filterwarnings("ignore", "the cost budget counts no dollars", UserWarning)
+            return cls(pool, spec.settings.layered(dict(placement)) if placement else spec.settings, store=store)
 
     # --- single runs -----------------------------------------------------------------------
 
@@ -1069,18 +1075,22 @@ class Orchestra:
         if beat is None or beat.done() or beat.get_loop() is not loop:
             self._heartbeat = loop.create_task(self._beat())
 
-    def _release_when_settled(self, run_id: str) -> None:
-        """Hold the lease of a run stopped with requests in flight (recorded ``held``) until they end,
-        the heartbeat keeping it: a resume in another process is refused meanwhile, as it would send
-        them again (paid twice; a served run whose client left was resumed so at once)."""
-        in_flight = self.executor.in_flight_for(run_id)
+    def _release_when_settled(self, run_id: str, in_flight: list[asyncio.Task[Any]] | None = None) -> None:
+        """Hold the lease of a run stopped with requests in flight (``in_flight``: its batches, found if
+        not given) until they end, the heartbeat keeping it: its record is written ``held`` (call this
+        first), and a resume in another process is refused meanwhile, as it would send them again
+        (paid twice; a served run whose client left was resumed so at once)."""
+        in_flight = self.executor.in_flight_for(run_id) if in_flight is None else in_flight
         if self.store is None or not in_flight:
             return
         self._draining.add(run_id)
-        self._keep_alive()
-        store, loop = self.store, asyncio.get_running_loop()
+        store, loop = self.store, in_flight[0].get_loop()
+        with contextlib.suppress(RuntimeError):  # (outside the loop: the heartbeat already beats, or none can)
+            self._keep_alive()
 
         def release() -> None:  # (a turn later: the batch's answers are committed first)
+            if self.executor.in_flight_for(run_id):  # stopped again since, with requests of a resume in flight
+                return  # (that stop's own wait releases it)
             self._draining.discard(run_id)
             with contextlib.suppress(StoreError):
                 store.release(run_id)
@@ -1108,8 +1118,8 @@ class Orchestra:
             reason = said if isinstance(said, str) and said else None  # (task.cancel("why"), as serve says it)
             run.cancel(reason or CANCELLED_BY_USER)
             self.executor.orphan({run.run_id})  # (a resume here waits for the requests it left in flight)
-            self._record_cancelled(run, reason)
             self._release_when_settled(run.run_id)  # (and one elsewhere is refused until they end)
+            self._record_cancelled(run, reason)
             raise
         self._record(result)
         return result
@@ -1121,7 +1131,7 @@ class Orchestra:
         recorded."""
         def record() -> RunResult:
             result = run.result("cancelled", None, reason or "stopped before it finished")
-            self._record(result, held=run.run_id in self._draining or bool(self.executor.in_flight_for(run.run_id)))
+            self._record(result, held=run.run_id in self._draining)
             return result
 
         def again() -> None:  # unless the run has been resumed since (it is running, or done)

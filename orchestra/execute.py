@@ -486,7 +486,15 @@ class Executor:
 
     def in_flight_for(self, run_id: str) -> list[asyncio.Task[Any]]:
         """The batches still sending requests of ``run_id``, a run stopped (``orphan``) while they were in flight."""
-        return list({task for (run, _, _), (task, _) in self._orphans.items() if run == run_id and not task.done()})
+        return self.in_flight_by_run().get(run_id, [])
+
+    def in_flight_by_run(self) -> dict[str, list[asyncio.Task[Any]]]:
+        """``in_flight_for`` of every stopped run with requests in flight, in one look."""
+        found: dict[str, set[asyncio.Task[Any]]] = {}
+        for (run_id, _, _), (task, _) in self._orphans.items():
+            if not task.done():
+                found.setdefault(run_id, set()).add(task)
+        return {run_id: list(tasks) for run_id, tasks in found.items()}
 
     def _orphan_ended(self, orphan: tuple[str, str, int], _: asyncio.Task[Any]) -> None:
         self._orphans.pop(orphan, None)

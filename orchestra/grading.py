@@ -112,8 +112,8 @@ def _answer_clause(text: str) -> str | None:
 
 
 #: where a reply speaks of another's answer, or a wrong one ("Their answer is 4", "A wrong answer is (B)")
-_OTHERS_ANSWER = re.compile(r"\b(?:its|his|her|their|your|wrong|incorrect|an)\s+answer[\s*_]*(?:is|:)\s*",
-                            re.IGNORECASE)
+_OTHERS_ANSWER = re.compile(r"(?:\b(?:a|an|the)\s+)?\b(?:its|his|her|their|your|wrong|incorrect|an)\s+answer"
+                            r"[\s*_]*(?:is|:)\s*", re.IGNORECASE)  # (with its article: "A wrong..." is no option A)
 
 
 def _without_others(text: str) -> str:
@@ -125,7 +125,9 @@ def _without_others(text: str) -> str:
     for found in reversed(list(_OTHERS_ANSWER.finditer(text))):
         line_end = text.find("\n", found.end())
         line = text[found.end():] if line_end < 0 else text[found.end():line_end]
-        text = text[:found.start()] + text[found.end() + len(_sentence(line)):]
+        said = _sentence(line)
+        instead = _INSTEAD.search(said)  # (to what it says instead: "Their answer is 5, but the right one is 7")
+        text = text[:found.start()] + text[found.end() + (instead.start() if instead else len(said)):]
     return text
 
 
@@ -282,7 +284,7 @@ _COMMA_GROUPED = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _HEDGED = re.compile(r"\W{0,3}(?:about |approximately |roughly |around )?(?:(?P<between>between )\$?)?\$?"
                      rf"({_PLAIN}(?:/\d+)?)"
                      r"(?(between)\s+and\s+|(?:[-\u2012\u2013\u2014~]|\s+[\u2013\u2014~]\s+|\s+to\s+|"
-                     r",?\s+\(?or\s+(?:maybe |perhaps |possibly )?|,(?!\d{3}(?!\d))\s*|\s+and\s+(?!\d+/\d)))"
+                     r",?\s+\(?or\s+(?:maybe |perhaps |possibly )?|,(?!\d{3}(?!\d))\s*|\s+and\s+(?!\d+\s*/\s*\d)))"
                      rf"\$?(-?{_PLAIN}(?:/\d+)?)(?![\d^*]|[-\u2013/]\d)")
 #: a fraction: ``\frac{a}{b}``, ``\dfrac``, ``\tfrac``, and brace-less digits (``\frac12`` is a half)
 _FRAC = re.compile(r"-?\\[dt]?frac\s*(?:\{(-?[\d.]+)\}|(\d))\s*(?:\{(-?[\d.]+)\}|(\d))")
@@ -292,7 +294,7 @@ _GROUPED = r"-?\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?:\.\d+)?(?![\d,]|\.\d|/\d
 _SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\s*(?:[x\u00d7*\u00b7]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?"
                          r"|(-?\d+(?:\.\d+)?[eE][-+]?\d+)(?![\w.])")
 #: a whole number and a fraction: "3 and 1/2" is 7/2
-_MIXED = re.compile(r"(-?\d+)\s+and\s+(\d+)/(\d+)")
+_MIXED = re.compile(r"(?<!between )(-?\d+)\s+and\s+(\d+)\s*/\s*(\d+)")  # ("between 1 and 3/2" is a range)
 _NUMBER = re.compile(rf"{_SCIENTIFIC.pattern}|{_MIXED.pattern}|{_FRAC.pattern}|{_GROUPED}"
                      rf"|-?{_PLAIN}(?:\s*/\s*\d+)?|-?\.\d+")
 #: a number that is part of an expression, not the answer itself: a power's base or exponent ("2^10"),
@@ -327,11 +329,18 @@ def _in_expression(text: str, number: re.Match[str]) -> bool:
     return bool(_POWER_AFTER.match(text, number.end()) or _APPLIED_BEFORE.search(text[:number.start()]))
 
 
+#: a number no answer states: an exponent of over 3 digits, or over 300 digits in a row (reading one took
+#: minutes, then failed: Python writes no integer of over 4,300 digits)
+_TOO_BIG = re.compile(r"(?:[eE]|\^\s*\{?\s*)[-+]?\d{4}|\d{301}")
+
+
 def normalize_number(text: str) -> Fraction | None:
     """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` (``\\tfrac``,
     ``\\frac12``) handled."""
     text = _MINUS.sub("-", text.strip()).replace("$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
     text = _DEGREES.sub("", text)  # ("90^\circ" and "90°" are 90)
+    if _TOO_BIG.search(text):
+        return None  # (1e50000000 took 88 s to read, and its digits could not be written)
     mixed = _MIXED.fullmatch(text)
     if mixed and int(mixed[3]):
         whole = Fraction(mixed[1])

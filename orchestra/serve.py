@@ -699,8 +699,9 @@ def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, gr
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (a closed terminal ended it, no grace)
-            if signal.getsignal(sig) is not signal.SIG_IGN:  # (nohup's SIGHUP is left ignored)
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # (a closed terminal ended it, with no grace)
+            sig = getattr(signal, name, None)  # (Windows has no SIGHUP)
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:  # (nohup's SIGHUP left ignored)
                 loop.add_signal_handler(sig, stop)
         serving = asyncio.ensure_future(server.serve(sockets=[listener]))
         while not server.started and not serving.done():

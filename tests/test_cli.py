@@ -1137,3 +1137,15 @@ def test_a_sweep_a_budget_cut_short_says_so_and_leaves_the_method_off_the_fronti
                 f"{first['method']}): they are left off the frontier")  # only the first was)
     assert swept.stderr.strip().splitlines()[-1] == (
         f"error: {first['budget_exceeded']} ({left_off}); raise it with --max-calls and sweep again")
+
+
+def test_a_resume_of_a_run_with_a_token_limit_alone_says_nothing_of_a_cost_budget(loopback, tmp_path: Path) -> None:
+    """A record holds every limit, so a resume took the default's $1 for one chosen (the token limit capped
+    answers) and warned that the cost budget counts no dollars for the pool's unpriced models."""
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    first = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--max-tokens", "50000", "--max-calls", "3")
+    assert first.returncode == 3 and "counts no dollars" not in first.stderr, first.stderr
+    run_id = re.search(r"run (\S+) · budget_exceeded", first.stderr)[1]  # type: ignore[index]
+    resumed = cli("resume", run_id, "--max-calls", "50")
+    assert resumed.returncode == 0 and "counts no dollars" not in resumed.stderr, resumed.stderr

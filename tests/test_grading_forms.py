@@ -306,3 +306,24 @@ def test_a_reply_that_only_states_a_wrong_answer_is_not_credited_with_it(answer:
 def test_the_reply_s_own_answer_after_a_wrong_one_is_read() -> None:
     assert AutoGrader().grade("Their answer is 4. I get 5.", Item(id="1", question="q", answer="5"))
     assert AutoGrader().grade("A wrong answer is London.\nParis", Item(id="1", question="q", answer="paris"))
+
+
+@pytest.mark.parametrize("answer", ["The answer is 1 × 10^5000", "about 1e5000 atoms", "roughly 1e50000000 atoms.",
+                                    "The answer is 2 x 10^{100000000}", "The answer is " + "9" * 5000])
+def test_a_number_too_big_to_be_an_answer_is_none_at_once(answer: str) -> None:
+    """1e50000000 took 88 s of CPU, then raised (no integer of over 4,300 digits is written)."""
+    assert NumericGrader().extract(answer) is None
+
+
+@pytest.mark.parametrize(("answer", "reference"), [("Their answer is 5, but the right one is 7.", "7"),
+                                                   ("Your answer is 40, but the correct total is 42.", "42"),
+                                                   ("The answer is 3 and 1 / 2", "7/2")])
+def test_what_a_reply_says_instead_of_a_wrong_answer_is_read(answer: str, reference: str) -> None:
+    assert NumericGrader().grade(answer, Item(id="1", question="q", answer=reference))
+
+
+def test_the_article_of_a_wrong_answer_is_no_option() -> None:
+    """"A wrong answer is (B)." was read as option A once the clause was left out."""
+    item = Item(id="1", question="q", answer="A", choices=("x", "y", "z", "w"))
+    assert MultipleChoiceGrader().extract("A wrong answer is (B).", item) is None
+    assert NumericGrader().extract("Its value lies between 1 and 3/2.") == "3/2"  # (a range, not 1 and 3/2)
