@@ -15,6 +15,7 @@ from helpers import KEYWORDS_MARK
 
 from orchestra import Agent, Orchestra, Pool
 from orchestra.budget import Budget, BudgetTracker
+from orchestra.errors import RunHeld
 from orchestra.execute import Executor, RunLedger
 from orchestra.models import ChatRequest, ChatResult, FunctionModel
 from orchestra.models.pricing import FREE
@@ -485,3 +486,51 @@ def test_a_model_that_answers_too_few_requests_or_a_wrong_one_fails_its_calls(in
     pool = Pool(agents=[Agent(name="a", model=_Miscounting(indexes))], planner=planner)
     result = asyncio.run(asyncio.wait_for(Orchestra(pool, k=1, store=False).arun("What is 6*7?", plan=False), 60))
     assert result.status == "failed" and result.error == f"answer: every expert failed; first error: {says}"
+
+
+def test_data_set_runs_stopped_with_requests_in_flight_keep_their_leases_until_those_end(tmp_path: Path) -> None:
+    """Stopping ``arun_iter`` with requests in flight gave its runs' leases up at once: a resume in another
+    process was let in and sent those requests again (paid twice)."""
+    async def main() -> None:
+        release, asked = asyncio.Event(), []
+
+        async def answer(request: ChatRequest) -> Any:
+            if KEYWORDS_MARK in request.prompt_text():
+                return {"keywords": ["physics"]}
+            asked.append(request)
+            await release.wait()
+            return "The answer is 7"
+
+        store = RunStore(tmp_path / "runs.db")
+        orc = Orchestra(Pool(agents=[Agent(name="solo", model=FunctionModel(answer, name="m"))]), store=store,
+                        plan=False, k=1)
+
+        async def consume() -> None:
+            async for _ in orc.arun_iter(["task A", "task B"], rare_filter=False):
+                pass
+
+        going = asyncio.ensure_future(consume())
+        await until(lambda: len(asked) == 2)
+        going.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await going
+        other = RunStore(tmp_path / "runs.db")  # (another owner: as another process's store)
+        ids = [record.id for record in other.runs()]
+        assert len(ids) == 2 and {record.status for record in other.runs()} == {"cancelled"}
+        for run_id in ids:
+            with pytest.raises(RunHeld, match="whose requests for it are still in flight"):
+                other.check_free([run_id])
+        release.set()
+
+        def free() -> bool:
+            try:
+                other.check_free(ids)
+            except RunHeld:
+                return False
+            return True
+
+        await until(free)  # their answers came and were recorded: the runs are free to resume
+        assert all(call["status"] == "ok" for run_id in ids for call in store.calls(run_id))
+        await orc.aclose()
+
+    asyncio.run(main())
