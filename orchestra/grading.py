@@ -292,9 +292,10 @@ _FRAC = re.compile(r"-?\\[dt]?frac\s*(?:\{(-?[\d.]+)\}|(\d))\s*(?:\{(-?[\d.]+)\}
 _GROUPED = r"-?\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?:\.\d+)?(?![\d,]|\.\d|/\d)"
 #: scientific notation: "6.02 × 10^23", "2 x 10^{5}", "1.5 \times 10^{-3}", "6.02e23"
 _SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\s*(?:[x\u00d7*\u00b7]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?"
-                         r"|(-?\d+(?:\.\d+)?[eE][-+]?\d+)(?![\w.])")
+                         r"|(-?\d+(?:\.\d+)?[eE][-+]?\d+)(?![\w.])"
+                         r"|(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?(?![\d^])")  # (10^6 is a million; 2^10 no number)
 #: a whole number and a fraction: "3 and 1/2" is 7/2
-_MIXED = re.compile(r"(?<!between )(-?\d+)\s+and\s+(\d+)\s*/\s*(\d+)")  # ("between 1 and 3/2" is a range)
+_MIXED = re.compile(r"(?<!between )(-?\d+)(?:\s+and\s+|[ \u00a0])(\d+)\s*/\s*(\d+)")  # ("between 1 and 3/2" is a range)
 _NUMBER = re.compile(rf"{_SCIENTIFIC.pattern}|{_MIXED.pattern}|{_FRAC.pattern}|{_GROUPED}"
                      rf"|-?{_PLAIN}(?:\s*/\s*\d+)?|-?\.\d+")
 #: a number that is part of an expression, not the answer itself: a power's base or exponent ("2^10"),
@@ -334,6 +335,25 @@ def _in_expression(text: str, number: re.Match[str]) -> bool:
 _TOO_BIG = re.compile(r"(?:[eE]|\^\s*\{?\s*)[-+]?\d{4}|\d{301}")
 
 
+#: superscript digits ("10⁵", "10⁻³"), read as a power
+_SUPERSCRIPT = re.compile("[\u207b\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+")
+_SUPERSCRIPT_DIGITS = str.maketrans("\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079", "-0123456789")
+#: a line that denies what follows ("Not 42.", "It isn't 42", "It is not 42")
+_BARE_DENIAL = re.compile(r"\W*(?:it\s+is\s+|it['\u2019]s\s+|it\s+)?(?:not|isn['\u2019]t)\b", re.IGNORECASE)
+
+
+def _no_one_number(text: str) -> bool:
+    """Whether a reply with no answer clause is, on its last line, no one number: two of them ("4, 5",
+    "3-5", "4 or 5", "between 4 and 5", and nothing after), or a denial ("Not 42.") saying nothing instead."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else ""
+    hedged = _HEDGED.match(last)
+    if hedged and not last[hedged.end():].strip(" .!)]") and normalize_number(hedged[2]) != normalize_number(hedged[3]):
+        return True
+    denial = _BARE_DENIAL.match(last)
+    return denial is not None and not _INSTEAD.search(last, denial.end())  # ("Not 42, but 43." says 43)
+
+
 def normalize_number(text: str) -> Fraction | None:
     """A number from text: commas, ``$``/``%``, trailing zeros, ``a/b`` and ``\\frac{a}{b}`` (``\\tfrac``,
     ``\\frac12``) handled."""
@@ -348,6 +368,8 @@ def normalize_number(text: str) -> Fraction | None:
     scientific = _SCIENTIFIC.fullmatch(text)
     if scientific and scientific[1]:
         return Fraction(scientific[1]) * Fraction(10) ** int(scientific[2])
+    if scientific and scientific[4]:
+        return Fraction(10) ** int(scientific[4])
     frac = _FRAC.fullmatch(text)
     if frac:
         try:
@@ -376,10 +398,13 @@ class NumericGrader:
 
     def extract(self, text: str, item: Item | None = None) -> str | None:
         """The final number, normalised (``"1/2"``, ``"12"``), or None."""
-        text = _MINUS.sub("-", answer_text(text))
+        text = _SUPERSCRIPT.sub(lambda power: "^" + power[0].translate(_SUPERSCRIPT_DIGITS),
+                                _MINUS.sub("-", answer_text(text)))  # ("2 × 10⁵" was read as 10)
         # "The answer is 63 (from 100 - 37)": the answer is the number the clause starts with, or the number
         # an equation it opens with comes to ("The answer is 5 - 3 = 2" is 2)
         clause = _answer_clause(text)
+        if clause is None and not last_boxed(text) and _no_one_number(text):
+            return None  # a bare "4, 5", "3-5", "between 4 and 5" or "Not 42." (its last number got the credit)
         affirmed = _affirmed(clause) if clause is not None else None
         # a clause that only rules a number out ("The answer is not 42.") answers nothing: not its number,
         # nor the text's last one

@@ -327,3 +327,23 @@ def test_the_article_of_a_wrong_answer_is_no_option() -> None:
     item = Item(id="1", question="q", answer="A", choices=("x", "y", "z", "w"))
     assert MultipleChoiceGrader().extract("A wrong answer is (B).", item) is None
     assert NumericGrader().extract("Its value lies between 1 and 3/2.") == "3/2"  # (a range, not 1 and 3/2)
+
+
+@pytest.mark.parametrize(("answer", "reference"), [
+    ("2,3", "3"), ("(1, 2)", "2"), ("4, 5", "5"), ("4 and 5", "5"), ("3–5", "5"), ("3 to 5", "5"),
+    ("between 4 and 5", "5"), ("4 or 5", "5"), ("Not 42.", "42"), ("It isn't 42.", "42")])
+def test_a_bare_reply_of_two_numbers_or_a_denial_is_no_one_answer(answer: str, reference: str) -> None:
+    """Only a clause ("The answer is 4 or 5") was read so: a bare reply was read by its last number."""
+    assert not AutoGrader().grade(answer, Item(id="1", question="q", answer=reference))
+
+
+@pytest.mark.parametrize(("answer", "reference"), [
+    ("Not 42, but 43.", "43"), ("2 × 10⁵", "200000"), ("6.02×10²³", "6.02e23"), ("3 1/2", "3.5"),
+    ("The answer is 10^6", "1000000"), ("x = 10^-3", "0.001"), ("I think 4.\n5", "5")])
+def test_superscript_powers_powers_of_ten_and_mixed_numbers_are_read(answer: str, reference: str) -> None:
+    """"2 × 10⁵" was 10, "3 1/2" a half, "10^6" no number."""
+    assert AutoGrader().grade(answer, Item(id="1", question="q", answer=reference))
+
+
+def test_a_power_of_another_base_is_still_no_number_stated() -> None:
+    assert NumericGrader().extract("The answer is 2^10") is None
