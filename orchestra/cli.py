@@ -1103,7 +1103,7 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
         for p in points:
             per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)
             accuracy = f"{p.accuracy:.3f}" + (f" ({p.items - p.failed} of {p.items} finished)" if p.failed else "")
-            method = p.method + (" (cut off)" if p.interrupted else "")
+            method = p.method + (f" (cut off after {p.items} items)" if p.interrupted else "")
             table.add_row(method, accuracy, usd_exact(p.cost_usd), per_correct, str(p.calls),
                           str(p.saved_calls), "●" if p.on_frontier else "")
         terminal().print(table)
