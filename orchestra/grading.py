@@ -406,6 +406,8 @@ class NumericGrader:
         if clause is None and not last_boxed(text) and _no_one_number(text):
             return None  # a bare "4, 5", "3-5", "between 4 and 5" or "Not 42." (its last number got the credit)
         affirmed = _affirmed(clause) if clause is not None else None
+        if affirmed is not None:  # ("The answer is - 5": a sign set apart, as some write it, was dropped: 5)
+            affirmed = re.sub(r"^([*_$(\s]*)-\s+(?=\.?\d)", r"\1-", affirmed)
         # a clause that only rules a number out ("The answer is not 42.") answers nothing: not its number,
         # nor the text's last one
         rest = [] if clause is not None and affirmed is None else [(affirmed, 0), (_without_others(text), -1)]

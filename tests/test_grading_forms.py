@@ -347,3 +347,10 @@ def test_superscript_powers_powers_of_ten_and_mixed_numbers_are_read(answer: str
 
 def test_a_power_of_another_base_is_still_no_number_stated() -> None:
     assert NumericGrader().extract("The answer is 2^10") is None
+
+
+@pytest.mark.parametrize(("answer", "value"), [("The answer is - 5", "-5"), ("The answer is $- 3", "-3"),
+                                               ("The answer is 10 - 5 = 5", "5")])
+def test_a_sign_set_apart_at_the_start_of_the_answer_is_its_sign(answer: str, value: str) -> None:
+    """"The answer is - 5" was graded right for 5."""
+    assert NumericGrader().extract(answer) == value
