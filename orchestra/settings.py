@@ -189,6 +189,9 @@ class WorkflowRef(BaseModel):
     """The inputs that took the workflow's default (a resume that reads the file again takes its defaults now)."""
     source: str | None = None
     """The workflow file's text when the run began (None in records made before it was kept: the file is read)."""
+    titled: bool = True
+    """Whether the run's task says what the workflow is for (its ``task:`` or ``description:``); a task that is
+    only the workflow's name is not shown to its steps' experts as their overall task ("Overall task: two-step")."""
 
 
 class AnswerOptions(BaseModel):

@@ -56,11 +56,13 @@ def run_arguments(workflow: Workflow, inputs: Mapping[str, Any]) -> tuple[str, d
     template and the workflow's reference (for a resume)."""
     values = workflow.resolve_inputs(inputs)
     plan = workflow.plan()
+    titled = bool(workflow.spec.task or workflow.spec.description)  # (else the task is only its name)
     return workflow.task(values), {"plan": plan if plan is not None else True,
                                    "node_settings": workflow.node_settings(values), "final": workflow.final(values),
                                    "workflow": WorkflowRef(path=str(workflow.path.resolve()), inputs=values,
                                                            defaulted=workflow.defaulted(inputs),
-                                                           source=workflow.document.text)}
+                                                           source=workflow.document.text,
+                                                           titled=titled)}
 
 
 async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,

@@ -437,6 +437,23 @@ def test_an_input_or_step_named_like_a_dict_method_is_itself_in_templates(loopba
     assert any("Check: " in prompt and "built-in" not in prompt for prompt in prompts)
 
 
+def test_a_workflow_named_only_gives_its_steps_no_overall_task(loopback, tmp_path: Path) -> None:
+    """Its experts read "Overall task: two-step" (the workflow's name) above their own step's prompt; a
+    workflow that says what it is for (a description, or a task) still shows it."""
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    steps = ("pool: pool.yaml\nsteps:\n  - {id: one, agent: alpha-expert, prompt: 'Name a prime.'}\n"
+             "  - {id: two, agent: beta-expert, needs: [one], prompt: 'Double {{ steps.one.output }}.'}\n")
+    for head, shown in (("name: two-step\n", None),
+                        ("name: two-step\ndescription: Primes, doubled.\n", "Overall task: two-step: Primes, doubled.")):
+        sent = len(server.requests)
+        done = cli("run", str(write(tmp_path, head + steps)), "--json")
+        assert done.returncode == 0, done.stderr
+        prompts = [request.prompt for request in server.requests[sent:] if "Name a prime." in request.prompt]
+        assert prompts and all(("Overall task" in prompt) == (shown is not None) for prompt in prompts)
+        assert shown is None or all(shown in prompt for prompt in prompts)
+
+
 def test_a_blank_step_prompt_is_one_line_naming_it(tmp_path: Path) -> None:
     blank = write(tmp_path, GOOD.replace('prompt: "Write {{ inputs.words }} words on {{ inputs.topic }}."',
                                          'prompt: "   "'))

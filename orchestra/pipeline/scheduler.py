@@ -527,7 +527,9 @@ class Run:
         ``prompted``: the instruction is a workflow step's prompt, which shows the inputs itself;
         ``sampling`` and ``stream``: the answer's, for the node that writes it."""
         inputs = [] if prompted else self._inputs(trace.id)
-        prompt = render_expert(task=self.task, instruction=instruction, inputs=inputs,
+        # (a workflow's name alone is no overall task: given as the instruction, the prompt shows none)
+        untitled = self.spec.workflow is not None and not self.spec.workflow.titled
+        prompt = render_expert(task=instruction if untitled else self.task, instruction=instruction, inputs=inputs,
                                answer_format=self.spec.answer_format, context=self.spec.context)
         seed = trace.seed
         alone = stream if len(agents) == 1 else None  # its answer is the answer
