@@ -566,7 +566,6 @@ class Executor:
                 self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="cache"))
                 self._resolve(call, cached)
                 return True
-            ledger.cache_misses += 1
         answer_limit = _answer_limit(call.model)
         call.counted = bool(ledger.counted) and (call.key, call.seq) in ledger.counted
         try:
@@ -580,7 +579,9 @@ class Executor:
             if exceeded.held and (call.waiter.heavy > 0 or not (self._heavy and not self._heavy_running)):
                 self._held.append(call)
                 ledger.budget.on_release(self._release_held)  # (the room may be another executor's, in a shared budget)
-                return True
+                return True  # (its cache miss is counted when it goes on: it is asked about again each time room frees)
+            if ledger.cache is not None:
+                ledger.cache_misses += 1
             if exceeded.held:  # (it could not wait: its run stops at the budget, as any refused call's)
                 ledger.budget.stop(exceeded)
             self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="budget"))
@@ -592,6 +593,8 @@ class Executor:
             # cut there, is not one for the response cache)
             call.request = call.request.model_copy(update={"max_tokens": ANSWER_ALLOWANCE})
             call.capped = True
+        if ledger.cache is not None:
+            ledger.cache_misses += 1
         return False
 
     # --- heavy waves -----------------------------------------------------------------------
@@ -860,7 +863,7 @@ class Executor:
             call.reserved = budget.hold(call.reserved, Reservation(spent.prompt_tokens + spent.completion_tokens,
                                                                    spent.cost_usd))
             extra = budget.admit(repair, getattr(model, "price", FREE), getattr(model, "prompt_gauge", None),
-                                 within=True)
+                                 within=True, answer_limit=_answer_limit(model))
             call.reserved = Reservation(call.reserved.tokens + extra.tokens, call.reserved.cost_usd + extra.cost_usd)
 
         repairing = repair_admission.set(reserve_repair)

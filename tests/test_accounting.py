@@ -420,9 +420,31 @@ def test_a_repair_is_reserved_beside_what_its_call_has_cost(loopback, limit: int
         assert len(server.requests) == 2 and budget.calls == 1 and budget.requests == 2
     else:  # the repair has no room: the call stops there, its first request counted
         assert isinstance(outcome, BudgetExceeded) and not outcome.hopeless and len(server.requests) == 1
-        assert "46 held for 1 calls in flight, its invalid JSON's repair may take 554" in str(outcome)
+        assert "46 held for 1 call in flight, its invalid JSON's repair may take 554" in str(outcome)
         assert budget.prompt_tokens + budget.completion_tokens == 46
     assert (budget._reserved_calls, budget._reserved_tokens) == (0, 0)
+
+
+def test_a_repair_is_reserved_at_the_models_own_answer_limit(loopback) -> None:
+    """A repair of a request that sets no max_tokens was reserved at 1,024 answer tokens though the
+    model answers up to its own limit (``extra_body`` max_tokens 4,000): the room it did not hold let
+    other calls in, and a 6,000-token budget was overshot by a third."""
+    def handle(request: LoopbackRequest) -> Reply:
+        if "not valid" in request.prompt:  # the repair
+            return openai_reply('{"fact": "Light is fast."}', prompt_tokens=60)
+        return openai_reply("Light is fast, I would say.", prompt_tokens=40)
+
+    server = loopback(handle)
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None, extra_body={"max_tokens": 4000})
+    ledger = RunLedger.create("r1", Budget(max_calls=None, max_tokens=4100, max_cost_usd=None))
+    executor = Executor()
+    schema = {"type": "object", "properties": {"fact": {"type": "string"}}, "required": ["fact"]}
+    request = ChatRequest.user("Give one fact about light.", output=schema)  # (40 + 4,000 at worst: admitted)
+    [outcome] = asyncio.run(executor.run_task(executor.call(ledger, [(model, request)], purpose="expert")))
+    # 46 spent + the repair's 154 of prompt and 4,000 of answer at worst: no room (at 1,024 it was sent)
+    assert isinstance(outcome, BudgetExceeded) and len(server.requests) == 1
+    assert "its invalid JSON's repair may take 4154" in str(outcome)
+    assert (ledger.budget._reserved_calls, ledger.budget._reserved_tokens) == (0, 0)
 
 
 def test_a_failed_call_counts_against_the_budget(loopback, tmp_path: Path) -> None:

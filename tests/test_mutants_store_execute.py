@@ -482,6 +482,20 @@ def test_a_cache_hit_is_journaled_as_from_the_cache_and_a_miss_is_reported(tmp_p
     assert store._db.execute("SELECT count(*) FROM cache").fetchone()[0] == 1
 
 
+def test_a_call_held_for_budget_room_is_one_cache_miss(tmp_path: Path) -> None:
+    """A call that waited for room in its budget was looked up in the cache each time room freed and
+    counted a miss each time: 3 misses for 2 calls in the run's usage and the live view."""
+    model = FunctionModel(lambda r: "the answer", name="m")
+    executor = Executor()
+    cache = RunStore(tmp_path / "runs.db").cache()
+    ledger = RunLedger.create("r1", Budget(max_calls=None, max_tokens=150, max_cost_usd=None), cache=cache)
+    first, second = run_calls(executor, (ledger, [(model, ChatRequest.user("question one", max_tokens=100))]),
+                              (ledger, [(model, ChatRequest.user("question two", max_tokens=100))]))
+    assert [o.text for o in (first[0], second[0])] == ["the answer", "the answer"]  # type: ignore[union-attr]
+    assert model.batches == [1, 1]  # the second waited for the first's room
+    assert ledger.cache_misses == 2 and ledger.answered["cache"] == 0
+
+
 def test_a_resumed_run_announces_each_replayed_call(tmp_path: Path) -> None:
     """On resume, a call answered from the journal is not sent again; it is counted as replayed
     and announced with a ``CallsResolved`` event whose source is ``store``."""
