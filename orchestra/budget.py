@@ -184,7 +184,7 @@ class BudgetTracker:
         spent = self.prompt_tokens + self.completion_tokens
         what = "its invalid JSON's repair" if within else "the next call"
         if budget.max_tokens is not None and spent + self._reserved_tokens + worst.tokens > budget.max_tokens:
-            held = f", {self._reserved_tokens} held for {self._reserved_calls} calls in flight" \
+            held = f", {self._reserved_tokens} held for {self._in_flight()}" \
                 if self._reserved_calls else ""
             self._refuse("max_tokens", budget.max_tokens,
                          f"{spent} tokens used{held}, {what} may take {worst.tokens}: {prompt} of prompt and "
@@ -193,7 +193,7 @@ class BudgetTracker:
                          hopeless=not within and worst.tokens > budget.max_tokens, wanted=NOTHING if within else worst)
         cost = dollars(self.cost_usd + self._reserved_cost + worst.cost_usd)  # (0.1 + 0.2 is over 0.3 in floats)
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
-            held = f", {usd_exact(self._reserved_cost)} held for {self._reserved_calls} calls in flight" \
+            held = f", {usd_exact(self._reserved_cost)} held for {self._in_flight()}" \
                 if self._reserved_calls else ""
             self._refuse("max_cost_usd", budget.max_cost_usd,
                          f"{usd_exact(self.cost_usd)} spent{held}, {what} may cost "
@@ -235,6 +235,10 @@ class BudgetTracker:
             if callback not in tracker._on_release:
                 tracker._on_release.append(callback)
             tracker = tracker.parent
+
+    def _in_flight(self) -> str:
+        calls = self._reserved_calls
+        return f"{calls} call{'' if calls == 1 else 's'} in flight"
 
     def settle(self, reserved: Reservation, usage: Usage | None, *, counted: bool = False) -> None:
         """Release a reservation and count what the call really spent (None: it was not made);

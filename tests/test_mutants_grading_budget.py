@@ -27,7 +27,7 @@ from orchestra.grading import (
     get_grader,
 )
 from orchestra.models import ChatRequest, ChatResult, Usage
-from orchestra.models.pricing import Price
+from orchestra.models.pricing import FREE, Price
 from orchestra.money import dollars, usd, usd_exact
 from orchestra.profile import global_competence
 from orchestra.profiling import AggregationResult, build_profiles, mean_tokens
@@ -162,6 +162,18 @@ def test_dollars_show_four_decimals_or_every_digit_of_a_smaller_amount() -> None
     """A cent-sized cost reads to four decimals; one under a ten-thousandth shows its digits, never "$0.0000"."""
     assert (usd(0), usd(1.5), usd(0.00051234)) == ("$0.0000", "$1.5000", "$0.0005")
     assert usd(0.00000001234) == "$0.0000000123"
+
+
+def test_what_is_left_of_sums_that_cancel_reads_as_nothing() -> None:
+    """A reservation given back leaves float residue (6.8e-21, -0.0): a budget message read "$0. held
+    for 1 calls in flight" and "$-0.0000"."""
+    assert [usd(6.8e-21), usd(-3e-20), usd_exact(-3e-20), usd_exact(-0.0)] == ["$0.0000"] * 4
+    tracker = BudgetTracker(Budget(max_calls=None, max_tokens=None, max_cost_usd=0.001), "r")
+    free = tracker.admit(ChatRequest.user("hi", max_tokens=10), FREE)
+    tracker._reserved_cost = 6.8e-21  # (what settling priced calls left)
+    with pytest.raises(BudgetExceeded, match=r"\$0\.0000 held for 1 call in flight"):
+        tracker.admit(ChatRequest.user("hi", max_tokens=5000), Price(input=0.3, output=0.7))
+    tracker.settle(free, None)
 
 
 def test_amounts_set_against_a_limit_read_to_the_millionth() -> None:

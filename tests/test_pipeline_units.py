@@ -669,7 +669,7 @@ def test_a_call_that_fits_once_the_calls_in_flight_end_is_told_so() -> None:
     with pytest.raises(BudgetExceeded) as refused:  # it would fit once the first call ends
         second.admit(request, FREE)
     assert refused.value.held and str(refused.value) == (
-        f"the server's budget max_tokens=2000 is spent (0 tokens used, {held.tokens} held for 1 calls in flight, the "
+        f"the server's budget max_tokens=2000 is spent (0 tokens used, {held.tokens} held for 1 call in flight, the "
         f"next call may take {held.tokens}: {held.tokens - 1000} of prompt and up to 1000 of answer)")
     first.settle(held, Usage(prompt_tokens=1_500, completion_tokens=600, requests=1))
     with pytest.raises(BudgetExceeded) as spent:  # nothing in flight: spent, not held
