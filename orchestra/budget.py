@@ -310,6 +310,11 @@ class BudgetTracker:
         raise refused
 
 
+#: runs stopped by a call over a limit on its own, none having fitted, after which no more are started
+#: (one may be a data set's one long item; two with none done say the limit, not the items, is at fault)
+FUTILE_AFTER = 2
+
+
 class RunAdmission:
     """Which of a data set's runs (or a server's requests) may start while they share a budget.
 
@@ -346,7 +351,10 @@ class RunAdmission:
         #: the largest worst case of a call a run was refused (it reserved nothing, so the shared
         #: budget's ``largest`` does not know it): the last call of a run may need that much
         self._refused = NOTHING
-        self._futile: BudgetExceeded | None = None  # a call of a run was over a limit on its own
+        self._futile: BudgetExceeded | None = None  # a call of every run seems over a limit on its own
+        #: runs stopped by a call over a limit on its own, while none has ended on its own
+        self._hopeless = 0
+        self._fitted = False  # a run ended on its own: the limit holds a whole run
 
     def admits(self, live: int | Mapping[Any, int], kind: Hashable = None) -> bool:
         """Whether one more run of ``kind`` may start beside ``live`` runs in flight."""
@@ -401,17 +409,22 @@ class RunAdmission:
     def ended(self, run: BudgetTracker, *, on_its_own: bool, cut: bool = False, kind: Hashable = None) -> None:
         """Count a run that ended (``on_its_own``: not cut short by a budget or a cancellation, so
         it shows what a run costs; ``cut``: a budget cut it short, so the call it was refused is one
-        a run may need room for). One stopped by a call over a limit on its own (with the budget
-        empty it would not fit either) stops the runs not started: they would send their first
-        calls and stop there too."""
-        if run.exceeded is not None and run.exceeded.hopeless and self._futile is None:
-            refused = run.exceeded
-            # (the run's own budget, not the shared one, where the run's refused it: it read "the data
-            # set's budget max_cost_usd=1" under a data-set budget of tokens only)
-            whose = self.shared.name if refused.run_id is None else "each run's budget"
-            self._futile = BudgetExceeded(limit=refused.limit, value=refused.value, run_id=None,
-                                          shared=whose, hopeless=True,
-                                          spent=f"one call of a run needs more than all of it: {refused.spent}")
+        a run may need room for). Runs stopped by a call over a limit on its own (with the budget
+        empty it would not fit either), ``FUTILE_AFTER`` of them while none ended on its own, stop
+        the runs not started: they would send their first calls and stop there too. One alone does
+        not (a data set's one long item stopped every item after it), nor do any once a run fitted."""
+        if on_its_own:
+            self._fitted, self._futile = True, None
+        elif run.exceeded is not None and run.exceeded.hopeless and not self._fitted:
+            self._hopeless += 1
+            if self._hopeless >= FUTILE_AFTER and self._futile is None:
+                refused = run.exceeded
+                # (the run's own budget, not the shared one, where the run's refused it: it read "the data
+                # set's budget max_cost_usd=1" under a data-set budget of tokens only)
+                whose = self.shared.name if refused.run_id is None else "each run's budget"
+                self._futile = BudgetExceeded(limit=refused.limit, value=refused.value, run_id=None,
+                                              shared=whose, hopeless=True,
+                                              spent=f"one call of a run needs more than all of it: {refused.spent}")
         wanted = run.wanted
         if cut and (wanted.tokens > self._refused.tokens or wanted.cost_usd > self._refused.cost_usd):
             self._refused = Reservation(max(wanted.tokens, self._refused.tokens),

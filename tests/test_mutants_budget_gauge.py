@@ -144,11 +144,12 @@ def test_a_run_over_its_own_budget_names_that_budget_not_the_data_sets() -> None
     refused as "the data set's budget max_cost_usd=1", a limit the data set's budget does not have."""
     shared = BudgetTracker(Budget(max_calls=None, max_cost_usd=None, max_tokens=100_000), None)
     admission = RunAdmission(shared)
-    run = BudgetTracker(Budget(max_cost_usd=1.0), "r1", parent=shared)
-    with pytest.raises(BudgetExceeded) as refused:
-        run.admit(ChatRequest.user("What is 2 + 2?", max_tokens=64), Price(input=200_000, output=200_000))
-    assert refused.value.hopeless
-    admission.ended(run, on_its_own=False, cut=True)
+    for run_id in ("r1", "r2"):  # (two such runs, none done: the limit, not one item, is at fault)
+        run = BudgetTracker(Budget(max_cost_usd=1.0), run_id, parent=shared)
+        with pytest.raises(BudgetExceeded) as refused:
+            run.admit(ChatRequest.user("What is 2 + 2?", max_tokens=64), Price(input=200_000, output=200_000))
+        assert refused.value.hopeless
+        admission.ended(run, on_its_own=False, cut=True)
     stop = admission.refusal(0)
     assert stop is not None and str(stop).startswith("each run's budget max_cost_usd=1 is less than the next call")
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from helpers import kind_of, scripted_pool
 
-from orchestra import Orchestra
+from orchestra import Budget, Orchestra
+from orchestra.budget import BudgetTracker
 from orchestra.core import Instance
 from orchestra.datasets import load_dataset
 from orchestra.evaluate import aevaluate
@@ -255,17 +256,31 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
     assert learning.admits(2) and not learning.admits(3)
 
     hopeless = RunAdmission(BudgetTracker(Budget(max_calls=None, max_tokens=30, max_cost_usd=None), None))
-    run = BudgetTracker(Budget(), "r5", parent=hopeless.shared)
-    with pytest.raises(BudgetExceeded):
-        run.admit(ChatRequest.user("hi", max_tokens=64), FREE)  # its worst case alone is over the limit
-    hopeless.ended(run, on_its_own=False)
-    refused = hopeless.refusal(0)  # the next run is not started: it would stop at the same call
+
+    def over(admission: RunAdmission, run_id: str) -> None:  # a run stopped by a call over the limit on its own
+        run = BudgetTracker(Budget(), run_id, parent=admission.shared)
+        with pytest.raises(BudgetExceeded):
+            run.admit(ChatRequest.user("hi", max_tokens=64), FREE)  # its worst case alone is over the limit
+        admission.ended(run, on_its_own=False)
+
+    over(hopeless, "r5")
+    assert hopeless.refusal(0) is None  # one may be the data set's one long item: the next run starts
+    over(hopeless, "r5b")
+    refused = hopeless.refusal(0)  # two, none done: the next run is not started, it would stop at the same call
     assert refused is not None and "one call of a run needs more than all of it" in str(refused)
     closed = BudgetTracker(Budget(), "r6", parent=hopeless.shared)
     closed.close(refused)
     with pytest.raises(BudgetExceeded, match="needs more than all of it"):
         closed.admit(ChatRequest.user("hi", max_tokens=1), FREE)
     assert closed.exceeded is refused
+    fitted = RunAdmission(BudgetTracker(Budget(max_calls=None, max_tokens=60, max_cost_usd=None), None))
+    over(fitted, "r7")
+    done = BudgetTracker(Budget(), "r8", parent=fitted.shared)
+    spent(done, 1, 10)
+    fitted.ended(done, on_its_own=True)  # a run fitted: the limit holds runs, the long items alone fail
+    over(fitted, "r9")
+    over(fitted, "r10")
+    assert fitted.refusal(0) is None
 
 
 def test_runs_stopped_by_leaving_the_loop_early_are_recorded_and_resume_at_once(tmp_path: Path) -> None:
@@ -510,3 +525,23 @@ def test_a_run_is_admitted_by_what_its_last_call_holds_beyond_what_it_spends() -
     assert refused is not None and str(refused).endswith(
         "(225 tokens so far, and a run takes up to 75 tokens, and a call may hold 46 tokens more than it spends, "
         "so it was not started)")
+
+
+def test_one_item_too_long_for_each_runs_budget_does_not_stop_the_items_after_it() -> None:
+    """A data set (under a budget of its own) whose first item alone was over each run's token limit:
+    every later item was refused unstarted ("one call of a run needs more than all of it"), though
+    each fitted."""
+    pool, models = scripted_pool(2)
+    tasks = ["Why? " + "word " * 4000, "What is 3 * 7?", "What is 2 + 2?", "What is 5 - 1?"]
+
+    def run(limit: int) -> list[RunResult]:
+        orc = Orchestra(pool, k=2, aggregate="vote", budget=Budget(max_calls=None, max_tokens=limit, max_cost_usd=None))
+        return orc.run_many(tasks, window=1, shared_budget=BudgetTracker(Budget(max_calls=1000), None))
+
+    results = run(3000)
+    assert [r.status for r in results] == ["budget_exceeded", "done", "done", "done"], [r.error for r in results]
+    sent = sum(len(m.requests) for m in models.values())
+    stopped = run(300)  # every item over the limit: two tell, the rest are not started
+    assert [r.status for r in stopped] == ["budget_exceeded"] * 4
+    assert ["needs more than all of it" in (r.error or "") for r in stopped] == [False, False, True, True]
+    assert sum(len(m.requests) for m in models.values()) == sent
