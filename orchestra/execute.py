@@ -885,7 +885,7 @@ class Executor:
                 if index not in pending:  # (it failed as `first error: 5`)
                     raise BadResponse(f"{model.name} answered request {index!r} of a batch of {len(group)}, one it "
                                       "had answered already or never got")
-                if index in unsent:  # nothing to record or count: its reservation is given back
+                if index in unsent and not _billed(outcome):  # nothing to record or count: its reservation goes back
                     self._settle(pending.pop(index), None)
                     continue
                 answered.append((pending.pop(index), outcome))
@@ -1080,6 +1080,13 @@ class Executor:
             await model.unload()
             self.stats.unloads[model.name] += 1
             self.events.emit(ModelUnloaded(model=model.name))
+
+
+def _billed(outcome: Outcome) -> bool:
+    """Whether a call that came back unwanted had sent requests before it stopped (a retry or a
+    repair not sent once its call was cancelled): they are recorded and counted as a failed call's."""
+    usage = getattr(outcome, "usage", None)
+    return usage is not None and usage.requests > 0
 
 
 def _answer_limit(model: Any) -> int | None:

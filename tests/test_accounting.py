@@ -447,6 +447,61 @@ def test_a_repair_is_reserved_at_the_models_own_answer_limit(loopback) -> None:
     assert (ledger.budget._reserved_calls, ledger.budget._reserved_tokens) == (0, 0)
 
 
+def cancel_on_first_request(ledger: RunLedger, executor: Executor, model: Any, request: ChatRequest,
+                            target: dict[str, Any]) -> None:
+    """Run one call as its own task, which the model's first request cancels (``target["cancel"]``,
+    from the loop's thread, ``target["cancel_threadsafe"]`` from another; ``target["stopped"]`` is set
+    once the call's task has stopped), and wait until the call's batch has ended."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        target["stopped"] = asyncio.Event()
+        task = asyncio.ensure_future(executor.run_task(executor.call(ledger, [(model, request)], purpose="expert")))
+        target["cancel"] = task.cancel
+        target["cancel_threadsafe"] = lambda: loop.call_soon_threadsafe(task.cancel)
+        with suppress(asyncio.CancelledError):
+            await task
+        target["stopped"].set()
+        await asyncio.gather(*executor.in_flight_for(ledger.run_id), return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_calls_retry_is_not_sent(loopback) -> None:
+    """A call whose run was cancelled while its request waited to go out again (a retry, or a free
+    slot of its endpoint) was sent all the same: paid for nothing. Its first attempt still counts."""
+    target: dict[str, Any] = {}
+
+    def handle(request: LoopbackRequest) -> Reply:
+        target["cancel_threadsafe"]()  # (queued on the client's loop before this answer is written)
+        return error_reply(500, "busy", retry_after="0")
+
+    server = loopback(handle)
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None)
+    ledger = RunLedger.create("r1", Budget(max_calls=None, max_tokens=None, max_cost_usd=None))
+    cancel_on_first_request(ledger, Executor(), model, ChatRequest.user("hi"), target)
+    assert len(server.requests) == 1
+    assert (ledger.budget.calls, ledger.budget.requests, ledger.failed_calls) == (1, 1, 1)
+    assert (ledger.budget._reserved_calls, ledger.budget._reserved_tokens) == (0, 0)
+
+
+def test_a_cancelled_calls_repair_is_not_sent() -> None:
+    """A structured call whose run was cancelled while its first answer came had its repair sent
+    (every structured call in flight at a Ctrl-C, once more); its first request still counts."""
+    target: dict[str, Any] = {}
+
+    async def answer(request: ChatRequest) -> str:
+        target["cancel"]()
+        await target["stopped"].wait()  # (the answer comes once its call's task has stopped)
+        return "Light is fast, I would say."  # (no JSON: a repair would follow)
+
+    model = FunctionModel(answer, name="m")
+    ledger = RunLedger.create("r1", Budget(max_calls=None, max_tokens=None, max_cost_usd=None))
+    schema = {"type": "object", "properties": {"fact": {"type": "string"}}, "required": ["fact"]}
+    cancel_on_first_request(ledger, Executor(), model, ChatRequest.user("A fact?", output=schema), target)
+    assert len(model.requests) == 1
+    assert (ledger.budget.calls, ledger.budget.requests, ledger.failed_calls) == (1, 1, 1)
+
+
 def test_a_failed_call_counts_against_the_budget(loopback, tmp_path: Path) -> None:
     server = loopback(chat_handler(lambda request: error_reply(500, "down")))
     pool = write_pool(tmp_path, server.url, models=("alpha",), agents=("second",))

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
+from functools import partial
 from typing import Any, ClassVar, Protocol, TypeAlias, TypeGuard, TypeVar, runtime_checkable
 
 from orchestra.errors import CallCancelled, InvalidOutput, ModelRequestsForbidden
@@ -84,6 +85,21 @@ def admit_repair(request: ChatRequest, repair: ChatRequest, spent: Usage) -> Non
 #: caller may have stopped since the batch began, a run cancelled or a loop left early); one that is
 #: not is never sent, and comes back as ``CallCancelled``.
 still_wanted: ContextVar[Callable[[int], bool] | None] = ContextVar("still_wanted", default=None)
+
+
+#: Set by ``complete_each`` around each request of a batch the executor sent: whether that request's
+#: call is still wanted, asked again just before each of its requests goes out (``check_wanted``):
+#: one that waited for an endpoint's free slot, a retry, or a repair is not sent for a call cancelled
+#: meanwhile (a cancelled run's queued requests and repairs went out, paid for nothing).
+request_wanted: ContextVar[Callable[[], bool] | None] = ContextVar("request_wanted", default=None)
+
+
+def check_wanted(model: str) -> None:
+    """Raise ``CallCancelled`` if the call of the request about to go out was cancelled since its
+    batch began (the requests it sent before, if any, are counted by the call as usual)."""
+    wanted = request_wanted.get()
+    if wanted is not None and not wanted():
+        raise _unsent(model)
 
 
 #: Set by the executor around a batch of an engine that generates one request at a time: the
@@ -206,7 +222,10 @@ class ModelBase(abc.ABC):
             for index, request in enumerate(requests):
                 if wanted is not None and not wanted(index):
                     yield index, _unsent(self.name)
-                elif running is None:
+                    continue
+                if wanted is not None:
+                    request_wanted.set(partial(wanted, index))
+                if running is None:
                     yield index, await self._settle(request)
                 else:
                     outcome, cancelled = await self._stoppable(request, index, running)
@@ -222,6 +241,8 @@ class ModelBase(abc.ABC):
                 if wanted is not None and not wanted(index):
                     finished.put_nowait((index, _unsent(self.name)))
                     continue
+                if wanted is not None:  # (this worker's own context: its request's alone)
+                    request_wanted.set(partial(wanted, index))
                 finished.put_nowait((index, await self._settle(request)))
 
         width = min(len(requests), self.fan_out or len(requests))
@@ -302,6 +323,7 @@ class ModelBase(abc.ABC):
                 if isinstance(step, InvalidOutput):
                     raise step
                 if isinstance(step, ChatRequest):
+                    check_wanted(self.name)
                     admit_repair(request, step, meter.usage)
                     step = self.parse_repaired(request, await self._metered(step))
             except asyncio.CancelledError:

@@ -31,7 +31,7 @@ from orchestra.errors import (
     RequestRejected,
     RequestTimeout,
 )
-from orchestra.models.base import ModelBase, notify_downgrade, notify_retry
+from orchestra.models.base import ModelBase, check_wanted, notify_downgrade, notify_retry
 from orchestra.models.deadlines import Deadlines
 from orchestra.models.metering import charge, count_request, take_back_request
 from orchestra.models.negotiation import Capabilities, refused_feature
@@ -399,6 +399,7 @@ class Endpoint:
                 await self._limiter.acquire()
             if state.refused is not None:  # (refused while this one waited)
                 _refuse_known(state, secret)
+            check_wanted(model)  # (its call may have been cancelled while it waited for the slot)
             now = time.monotonic()
             if not began:
                 began.append(now)
