@@ -241,8 +241,10 @@ class Server:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise bad_request(f"the request body is not valid JSON ({error})") from None
-        except ValueError as error:  # (an integer of over 4,300 digits: Python's limit on reading one)
-            raise bad_request(f"the request body holds a number too long to read ({error})") from None
+        except ValueError:  # (an integer of over 4,300 digits: Python's limit on reading one; its message
+            # advised a setting of the server's Python, which a client cannot change)
+            raise bad_request(f"the request body holds a number too long to read (over "
+                              f"{sys.get_int_max_str_digits():,} digits)") from None
         except RecursionError:
             raise bad_request("the request body is JSON nested too deeply to read") from None
 
@@ -252,7 +254,7 @@ class Server:
         time); a request it cannot be expected to finish is refused (429) before any call. False: the
         client went away while it waited."""
         assert self.admission is not None
-        while not self.admission.admits(self.live, kind):
+        while not self.closing and not self.admission.admits(self.live, kind):
             self.changed.clear()
             self.waiting += 1
             try:
@@ -260,8 +262,8 @@ class Server:
                     return False
             finally:
                 self.waiting -= 1
-            if self.closing:
-                raise WireError(503, "the server is shutting down; retry on another instance")
+        if self.closing:  # (stopping: ``drain`` woke it)
+            raise WireError(503, "the server is shutting down; retry on another instance")
         refused = self.admission.refusal(self.live, kind)
         if refused is not None:
             raise WireError(429, str(refused), code="insufficient_quota")
@@ -399,6 +401,12 @@ class Server:
         error = _cancelled(run, self.stored)
         stopped = self.orchestra.ended(run.run_id)  # type: ignore[attr-defined]
         return error.of_run(stopped) if stopped is not None else error
+
+    def drain(self) -> None:
+        """Refuse new requests, and those still waiting for the server's budget to admit their runs,
+        with a 503 (they started paid runs during the grace); the runs in flight go on."""
+        self.closing = True
+        self.changed.set()
 
     def cancel_runs(self) -> None:
         """Cancel every run in flight (each is recorded as cancelled and stays resumable); their
@@ -683,6 +691,7 @@ def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, gr
             served.cancel_runs()
             return
         server.should_exit = True
+        served.drain()
         if served.runs:
             print(f"orchestra serve: stopping; {len(served.runs)} run(s) in flight get {grace:g} s to finish "
                   "(Ctrl-C again cancels them, resumable)", file=sys.stderr, flush=True)

@@ -524,7 +524,8 @@ def test_a_number_too_long_to_read_or_a_schema_too_deep_is_a_400_not_a_500(serve
     question = [{"role": "user", "content": "What is 1 + 0?"}]
     long = httpx.post(running.url + "/v1/chat/completions", content=b'{"model": "orchestra", "seed": ' + b"9" * 5000
                       + b"}")  # (Python's limit on reading an integer: a 500 in text/plain)
-    assert long.status_code == 400 and "a number too long to read" in long.json()["error"]["message"]
+    assert long.status_code == 400
+    assert long.json()["error"]["message"] == "the request body holds a number too long to read (over 4,300 digits)"
     schema: dict = {"type": "string"}
     for _ in range(127):  # (the run's record could not hold it: a 500, retried twice by the SDK)
         schema = {"type": "object", "properties": {"a": schema}}
@@ -1173,3 +1174,30 @@ def test_a_number_flag_that_is_not_finite_is_refused_in_one_line(flag: str) -> N
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (
         2, f"error: Invalid value for '{flag}': 'nan' is not a finite number (see python -m orchestra serve --help)\n")
+
+
+def test_a_request_waiting_for_the_servers_budget_when_it_stops_gets_a_503_and_no_run(
+        loopback: Any, tmp_path: Path) -> None:
+    """At the first SIGTERM, requests still waiting for the server's budget to admit their runs were
+    admitted during the grace: each started a paid run, cancelled at the grace's end."""
+    served, experts, caller, answers = held_request(loopback, tmp_path, "--total-max-calls", "100")
+    body = {"model": "orchestra", "messages": [{"role": "user", "content": "How far does sound travel?"}]}
+    waiting: list[httpx.Response] = []
+    second = threading.Thread(target=lambda: waiting.append(
+        httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)))
+    second.start()
+    while httpx.get(served.url + "/health", timeout=5).json()["requests_waiting"] < 1:
+        second.join(0.01)
+    sent = sum(experts.requests.values())
+    served.process.send_signal(signal.SIGTERM)  # drains: the first run goes on, the waiting request is refused
+    second.join(60)
+    [refused] = waiting
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert sum(experts.requests.values()) == sent
+    experts.release.set()
+    caller.join(60)
+    code, err = served.stop()
+    assert code == 0 and "Traceback" not in err, err
+    [answer] = answers
+    assert answer.status_code == 200
+    assert [run.task for run in RunStore(tmp_path / "runs.db").runs()] == ["How far does light travel?"]
