@@ -131,7 +131,8 @@ class Server:
         #: to finish it (a burst would otherwise spend it on keyword samples and finish nothing)
         limited = budget is not None and budget.limited
         self.admission = RunAdmission(self.shared) if self.shared is not None and limited else None
-        self.live: Counter[str] = Counter()  # runs in flight, by kind (see ``_kind``)
+        self.live: Counter[str] = Counter()  # runs in flight, by kind (see ``_measured_kind``)
+        self._sizes: dict[str, set[int]] = {}  # the sizes runs of each like were measured at (see ``_kind``)
         self.waiting = 0  # requests waiting for the server's budget to admit their runs
         self.stored = orchestra.store is not None  # whether a failed request's run can be resumed
         self.changed = asyncio.Event()  # a run ended
@@ -158,7 +159,7 @@ class Server:
             spent = self.shared.reached() if self.shared is not None else None
             if spent is not None:
                 raise WireError(429, str(spent), code="insufficient_quota")  # (it names the server's budget)
-            kind = _kind(completion)
+            kind = self._measured_kind(*_kind(completion))
             if self.admission is not None and not await self._admitted(request, kind):
                 return Response(status_code=499)  # the client went away while its request waited
             feed = Feed(completion.progress, completion.stop) if completion.stream else None
@@ -269,6 +270,14 @@ class Server:
             raise WireError(429, str(refused), code="insufficient_quota")
         return True
 
+    def _measured_kind(self, like: str, size: int) -> str:
+        """The kind a request's run is admitted as (see ``_kind``: what it is ``like`` and its
+        ``size``): the smallest size at least its own that a run of its like has been measured at
+        (what that took bounds what this takes), else its own (unknown: it runs alone, measured)."""
+        known = self._sizes.get(like)
+        measured = min((s for s in known if s >= size), default=size) if known else size
+        return f"{like} ~{measured}"
+
     def _run_ended(self, kind: str, run: asyncio.Task[RunResult]) -> None:
         """Count a request's run of ``kind`` that ended for ``RunAdmission``: what it spent, and (if it
         ended on its own, not cut short by a budget or a cancellation) what a run of its kind takes."""
@@ -283,8 +292,11 @@ class Server:
         result = run.result()
         usage = result.usage
         spent = (usage.calls, usage.prompt_tokens + usage.completion_tokens, usage.cost_usd)
-        self.admission.count(spent, spent if result.status not in ("budget_exceeded", "cancelled") else None,
-                             kind=kind)
+        whole = result.status not in ("budget_exceeded", "cancelled")
+        self.admission.count(spent, spent if whole else None, kind=kind)
+        if whole:
+            like, _, size = kind.rpartition(" ~")
+            self._sizes.setdefault(like, set()).add(int(size))
 
     def _check_fits(self, completion: Completion, own: int | None) -> None:
         """Refuse (400) a request that could never be served within the server's token budget or
@@ -573,12 +585,20 @@ def _stopped(result: RunResult, completion: Completion) -> RunResult:
     return result if cut is None else result.model_copy(update={"answer": cut, "answer_cut": False})
 
 
-def _kind(completion: Completion) -> str:
+def _kind(completion: Completion) -> tuple[str, int]:
     """What a request's run costs like, for the server budget's admission: the model it names (an
-    agent answers in one call, a team in many, a preset as it sets) and the settings it sends (but its
-    seed, which changes no cost)."""
+    agent answers in one call, a team in many, a preset as it sets), the settings it sends (but its
+    seed, which changes no cost), and the size of its messages, in steps of ``SIZE_STEP`` (every
+    expert and the aggregator read them: a run measured on "hi" was taken for what a run of 1,600
+    characters takes, and a burst of those started at once and spent the budget with no answer)."""
     settings = {name: value for name, value in completion.settings.items() if name != "seed"}
-    return f"{completion.model} {json.dumps(settings, sort_keys=True, default=str)}"
+    size = len(completion.context) + len(completion.task)
+    return f"{completion.model} {json.dumps(settings, sort_keys=True, default=str)}", int(math.log(size + 1, SIZE_STEP))
+
+
+#: how much longer one request's messages are than another's before a server budget's admission
+#: no longer takes what a run of the one cost for what a run of the other may cost
+SIZE_STEP = 1.25
 
 
 #: how servers say a prompt is longer than the model's context (vLLM, llama.cpp, LiteLLM, OpenAI)

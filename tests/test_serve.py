@@ -53,6 +53,7 @@ class Experts:
         self.hold_stream = False
         self.streamed = 0
         self.streams: list[list[str | None]] = []  # scripted streamed answers, in order (see scripted_stream)
+        self.bill_prompts = False  # a plain answer bills its prompt's length (4 characters a token), not 10
 
     async def between(self, index: int) -> None:
         """After the first piece of a streamed answer, wait (if asked to) until a client has seen it."""
@@ -109,7 +110,8 @@ class Experts:
         if cut == "length":
             return openai_reply(f"{model} says" if purpose == "expert" else "The answer is", finish_reason=cut)
         seed = payload.get("seed")
-        return openai_reply(f"{model} says 42 (seed {seed})" if purpose == "expert" else "The answer is 42.")
+        return openai_reply(f"{model} says 42 (seed {seed})" if purpose == "expert" else "The answer is 42.",
+                            prompt_tokens=len(prompt) // 4 if self.bill_prompts else 10)
 
     def count(self, purpose: str) -> dict[str, int]:
         return {m: n for (m, p), n in self.requests.items() if p == purpose}
@@ -613,11 +615,11 @@ def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any
     assert sum(experts.requests.values()) == 9
 
 
-async def burst(running: Running, size: int) -> list[Any]:
+async def burst(running: Running, size: int, question: str = "What is fact number {i} about light?") -> list[Any]:
     """``size`` questions sent at once; each one's completion, or the error it got."""
     client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     outcomes = await asyncio.gather(*(client.chat.completions.create(
-        model="orchestra", messages=[{"role": "user", "content": f"What is fact number {i} about light?"}])
+        model="orchestra", messages=[{"role": "user", "content": question.format(i=i)}])
         for i in range(size)), return_exceptions=True)
     await client.close()
     return outcomes
@@ -683,6 +685,22 @@ def test_what_an_agents_request_takes_is_no_measure_of_a_teams(serve: Any, tmp_p
     # one call is left, and an agent's request takes one
     assert running.client().chat.completions.create(model="beta", messages=question).choices[0].message.content
     assert sum(experts.requests.values()) == 20
+
+
+def test_a_short_requests_run_is_no_measure_of_a_long_ones(serve: Any, tmp_path: Path) -> None:
+    """After one request saying "hi", the server took a run of a 1,600-character request to cost that
+    much too: a burst of those under its token budget started at once, and their runs were cut off
+    having spent it, with no answer. A run of a longer request goes alone until one is measured."""
+    running, experts = serve(budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=8_000))
+    experts.bill_prompts = True  # ("hi" takes 348 tokens, a long request 2,050)
+    assert running.client().chat.completions.create(model="orchestra", messages=[{"role": "user", "content": "hi"}])
+    long = "Summarise this, item {i}: " + "lorem ipsum dolor sit amet " * 60
+    outcomes = asyncio.run(burst(running, 6, long))
+    answered = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, openai.RateLimitError) and "it was not started" in o.message]
+    assert len(answered) + len(refused) == 6 and len(answered) >= 2, outcomes  # none cut off having spent
+    runs = RunStore(tmp_path / "runs.db").runs()
+    assert sorted(run.status for run in runs) == ["done"] * (len(answered) + 1)
 
 
 def test_a_request_too_big_for_the_servers_token_budget_leaves_the_rest_for_others(serve: Any) -> None:
