@@ -338,11 +338,12 @@ def test_a_near_tie_with_equal_competence_goes_to_the_better_measured_score_not_
     assert near_tie_best({"b": (0.5, 0.1), "a": (0.5, 0.1)}, {})[0] == "b"  # (the name, last)
 
 
-@pytest.mark.parametrize("failure", ["server", "json"])
+@pytest.mark.parametrize("failure", ["server", "json", "python"])
 def test_a_failed_aggregator_leaves_the_experts_answers_to_a_vote(failure: str, tmp_path: Path) -> None:
     """One aggregator endpoint failing (HTTP 500, or JSON it could not repair) failed every node it
     aggregated though its experts had answered (21 of 80 items of an evaluation); the node now takes
-    its experts' vote, says so, and the run is done."""
+    its experts' vote, says so, and the run is done. A model in Python whose client library raised
+    (a RuntimeError) failed the run ("unexpected RuntimeError") where an expert's was tolerated."""
     from helpers import AGGREGATE_MARK
 
     from orchestra.errors import InvalidOutput, RequestRejected
@@ -350,6 +351,8 @@ def test_a_failed_aggregator_leaves_the_experts_answers_to_a_vote(failure: str, 
 
     def answer(request: ChatRequest) -> str:
         if AGGREGATE_MARK in request.prompt_text():
+            if failure == "python":
+                raise RuntimeError("my client library raised")
             raise RequestRejected("http://127.0.0.1:9/v1 answered HTTP 500") if failure == "server" else \
                 InvalidOutput("judge returned invalid JSON for Answer")
         return "The answer is 7"

@@ -192,7 +192,7 @@ _RUN_ENDING = (AuthenticationError, EndpointUnreachable, EndpointNotFound, Store
 """Failures that end the whole run at once: every other call would fail the same way."""
 
 
-def _falls_back(error: ModelError) -> bool:
+def _falls_back(error: Exception) -> bool:
     """Whether a node whose aggregator's call failed with ``error`` answers by a vote of its experts
     instead: not when the call was cancelled or the failure ends the run."""
     return not isinstance(error, (CallCancelled, *_RUN_ENDING))
@@ -306,6 +306,15 @@ class Run:
         """A stage's way to send this run's calls for ``purpose`` (and ``node``)."""
         async def call(calls: Sequence[tuple[Model, ChatRequest]]) -> list[ChatResult | Exception]:
             return await self._call(calls, purpose=purpose, node=node)
+        return call
+
+    def _noting(self, failures: list[Exception], node: str) -> Callable[
+            [Sequence[tuple[Model, ChatRequest]]], Coroutine[Any, Any, list[ChatResult | Exception]]]:
+        """``caller("aggregate", node)`` that adds the calls' failed outcomes to ``failures``."""
+        async def call(calls: Sequence[tuple[Model, ChatRequest]]) -> list[ChatResult | Exception]:
+            outcomes = await self._call(calls, purpose="aggregate", node=node)
+            failures.extend(o for o in outcomes if isinstance(o, Exception))
+            return outcomes
         return call
 
     async def _call(self, calls: Sequence[tuple[Model, ChatRequest]], *, purpose: str,
@@ -454,10 +463,14 @@ class Run:
                                       else self.stages.staffing.aggregator),
                           grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
                           on_text=stream, context=self.spec.context, **sampling)
+                failures: list[Exception] = []  # what the aggregator's call came back with, if it failed
                 try:
-                    trace.output, trace.data = await combine.combine(job, self.caller("aggregate", node_id))
-                except ModelError as error:
-                    if not _falls_back(error):
+                    trace.output, trace.data = await combine.combine(job, self._noting(failures, node_id))
+                except Exception as error:
+                    # (a model in Python may fail with any exception: a RuntimeError of its client
+                    # library failed the run where an HTTP 500 fell back to the vote)
+                    if not (isinstance(error, ModelError) or any(error is f for f in failures)) \
+                            or not _falls_back(error):
                         raise
                     # the experts answered: one failing aggregator endpoint failed the whole node
                     trace.output, trace.data = Vote.pick(responses, self.stages.grader, self.task)
