@@ -894,6 +894,7 @@ class Orchestra:
         check_task(task)
         if run_id is not None:
             check_run_id(run_id)
+        _check_callback(final, "final", "the nodes' outputs")  # (not callable: it failed after the calls, paid)
         if context is None:
             context = ""
         for text, what in ((context, "context"), (answer_format, "answer_format")):
@@ -912,7 +913,7 @@ class Orchestra:
         source = self.pool.source
         spec = RunSpec(task=task, settings=settings, plan=plan if isinstance(plan, Plan) else None,
                        answer_format=answer_format, context=context, workflow=workflow, meta=meta or {},
-                       pool=str(source.resolve()) if source else None, answer=answer or AnswerOptions(),
+                       pool=str(source.resolve()) if source else None, answer=AnswerOptions.given(answer),
                        pinned=self._known_experts(experts, plan if isinstance(plan, Plan) else None,
                                                   settings.plan) if experts else {})
         if node_settings:

@@ -211,6 +211,23 @@ class AnswerOptions(BaseModel):
     max_tokens: Count | None = Field(default=None, ge=1)
     temperature: Amount | None = Field(default=None, ge=0, le=2)
 
+    @classmethod
+    def given(cls, value: Any) -> AnswerOptions:
+        """A run's ``answer=`` argument as options: themselves, their fields as a dict, or None (the
+        defaults); anything else, or a field that does not hold, is a one-line ``ConfigError`` (it
+        was pydantic's error about ``RunSpec``, a class the caller never named)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"answer must be AnswerOptions or its fields as a dict ({{'output': 'json'}}), not "
+                              f"{type(value).__name__} {value!r:.40}")
+        try:
+            return cls.model_validate(value)
+        except ValidationError as error:
+            raise ConfigError(f"answer.{_first_problem(error)}") from None
+
     @field_validator("output")
     @classmethod
     def _usable_output(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:

@@ -284,6 +284,15 @@ async def _first(results: Any) -> Any:
      "called, not awaited; hand what it gets to your own task"),
     (lambda pool: asyncio.run(_first(Orchestra(pool, store=False).arun_iter(["x?"], on_stopped=5))),
      "on_stopped must be a plain function that takes (index, result), not int 5"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", final="{answer}"),  # (called after the calls: paid, failed)
+     "final must be a plain function that takes the nodes' outputs, not str '{answer}'"),
+    # an answer option that does not hold was pydantic's error naming RunSpec, a class the caller never named
+    (lambda pool: Orchestra(pool, store=False).run("x?", answer={"output": "yaml"}),
+     "answer.output: must be 'text', 'json' or a JSON schema, not 'yaml'"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", answer={"max_tokens": 0}),
+     "answer.max_tokens: Input should be greater than or equal to 1"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", answer="json"),
+     "answer must be AnswerOptions or its fields as a dict ({'output': 'json'}), not str 'json'"),
     (lambda pool: Orchestra(pool, store=False).run("x?", context=5), "context must be text, not int 5"),
     (lambda pool: Orchestra(pool, store=False).run("x?", answer_format=b"End"),
      "answer_format must be text, not bytes b'End'"),

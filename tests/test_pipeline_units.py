@@ -1081,6 +1081,19 @@ def test_an_unexpected_error_in_a_node_fails_only_that_node_in_one_line() -> Non
     assert result.node("a").error == "unexpected KeyError: 'missing'" and result.node("b").status == "done"
 
 
+def test_a_node_prompt_that_returns_no_text_fails_its_node_before_any_call() -> None:
+    """A ``NodeSettings.prompt`` that forgot its ``return`` sent "Your assignment: None" to paid models."""
+    def forgot(outputs: dict) -> None:
+        instruction = f"Answer carefully: {outputs}"  # noqa: F841  (no return)
+
+    pool, models = scripted_pool(2, plan=plan_json(("a", []), ("b", [])))
+    result = Orchestra(pool, k=1, aggregate="none", store=False).run(
+        "two steps, then done", node_settings={"a": NodeSettings(prompt=forgot)})  # type: ignore[arg-type]
+    assert result.status == "partial" and result.user_error
+    assert result.node("a").error == "node a: NodeSettings.prompt must return the instruction as text, not NoneType None"
+    assert not any("None" in r.prompt_text() for name, m in models.items() if name != "planner" for r in m.requests)
+
+
 def test_a_rejected_key_ends_the_whole_run_as_a_user_error() -> None:
     events: list[object] = []
 

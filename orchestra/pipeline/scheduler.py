@@ -422,6 +422,9 @@ class Run:
         started = time.perf_counter()
         try:
             instruction = settings.prompt(self.outputs()) if settings.prompt else subtask.instruction
+            if not isinstance(instruction, str) or not instruction.strip():  # ("Your assignment: None" went out)
+                raise ConfigError(f"node {node_id}: NodeSettings.prompt must return the instruction as text, not "
+                                  f"{type(instruction).__name__} {instruction!r:.40}")
             trace.instruction = instruction  # a workflow step's prompt, rendered: what the experts get
             trace.status = "recruiting"
             skills = settings.skills or subtask.skills
