@@ -97,6 +97,29 @@ def test_limits_are_fixed_when_the_endpoint_is_made(loopback) -> None:
     assert (shared.max_concurrency, shared.rpm) == (4, 60)
 
 
+@pytest.mark.parametrize("options, problem", [
+    # timeout=0 failed every call blaming a 300 s deadline that had not run out; max_attempts=0 meant one
+    ({"timeout": 0}, "timeout must be a number of seconds above 0, not int 0"),
+    ({"deadline": -5}, "deadline must be a number of seconds above 0, not int -5"),
+    ({"timeout": "10"}, "timeout must be a number of seconds above 0, not str '10'"),
+    ({"max_attempts": 0}, "max_attempts must be a whole number of at least 1, not int 0"),
+    # Python's own errors at the model's making (AttributeError, TypeError), or prices silently cut to two
+    ({"model": None}, "model must be the model name its server expects (text), not NoneType None"),
+    ({"base_url": 5}, "base_url must be text such as http://localhost:8000/v1, not int 5"),
+    ({"prices": 1}, "prices must be (input, output) in USD per million tokens, {'input': ..., 'output': ...} or a "
+                    "Price, not int 1"),
+    ({"prices": (1, 2, 3)}, "prices must be (input, output) in USD per million tokens, {'input': ..., 'output': "
+                            "...} or a Price, not tuple (1, 2, 3)"),
+    ({"prices": (-1, 2)}, "prices: input: Input should be greater than or equal to 0"),
+])
+def test_a_models_settings_that_cannot_hold_are_refused_when_it_is_made(options: dict, problem: str) -> None:
+    """In Python, as in a pool file: values a pool file refuses were taken, and failed at the first call."""
+    with pytest.raises(ConfigError) as refused:
+        OpenAICompatible(**{"model": "m", "base_url": "http://127.0.0.1:9/v1", **options})
+    assert str(refused.value) == problem
+    assert OpenAICompatible(model="m", base_url="http://127.0.0.1:9/v1", prices=[1, 2], timeout=1.5).price.output == 2
+
+
 def test_rpm_holds_across_event_loops(loopback) -> None:
     server = loopback(chat_handler(lambda req: "ok"))
     model = OpenAICompatible(model="m", endpoint=Endpoint(server.url + "/v1", rpm=120))  # one start per 0.5 s

@@ -323,3 +323,19 @@ def test_vllm_sends_no_repair_its_budget_has_no_room_for() -> None:
     assert FakeLLM.instances[-1].chats == [1]  # no repair batch
     assert ledger.budget.prompt_tokens + ledger.budget.completion_tokens == 5
     assert (ledger.budget._reserved_calls, ledger.budget._reserved_tokens) == (0, 0)
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"n_ctx": -5}, "n_ctx must be a whole number of at least 256, not int -5"),
+    ({"threads": 0}, "threads must be a whole number of at least 1, not int 0"),
+    ({"default_max_tokens": 0}, "default_max_tokens must be a whole number of at least 1, not int 0"),
+    ({"repeat_penalty": 3}, "repeat_penalty must be a number from 1.0 to 2.0, not 3"),
+])
+def test_an_engines_settings_that_cannot_hold_are_refused_when_it_is_made(options: dict, problem: str) -> None:
+    """A pool file refuses these; in Python, n_ctx=-5 was taken and the run failed in llama.cpp (exit 1)."""
+    from orchestra.errors import ConfigError
+    from orchestra.models.llamacpp import LlamaCpp
+
+    with pytest.raises(ConfigError) as refused:
+        LlamaCpp("/nonexistent.gguf", **options)
+    assert str(refused.value) == problem

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from orchestra.errors import BadResponse
 from orchestra.models.base import with_settings
-from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
+from orchestra.models.http import Endpoint, EndpointModel, check_model_id, display_url, no_text
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage, token_count
 from orchestra.models.prompt_gauge import PromptGauge
@@ -42,6 +42,7 @@ class Anthropic(EndpointModel):
                  timeout: float | None = None, deadline: float | None = None, max_attempts: int | None = None,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  name: str | None = None) -> None:
+        check_model_id(model)
         self.model = model
         self.name = name or model
         self.default_max_tokens = max_tokens

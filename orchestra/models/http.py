@@ -6,6 +6,7 @@ import asyncio
 import copy
 import email.utils
 import json
+import math
 import os
 import re
 import threading
@@ -172,7 +173,17 @@ class CallPolicy:
     @classmethod
     def of(cls, *, timeout: float | None = None, deadline: float | None = None,
            max_attempts: int | None = None) -> CallPolicy:
-        """A policy with the given values, the defaults for the rest."""
+        """A policy with the given values, the defaults for the rest; one that cannot be a time or a
+        count is a ``ConfigError`` (``timeout=0`` failed every call blaming a deadline that had not
+        run out, and ``max_attempts=0`` meant one), as a pool file's is."""
+        for name, value in (("timeout", timeout), ("deadline", deadline)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):
+                raise ConfigError(f"{name} must be a number of seconds above 0, not {type(value).__name__} {value!r}")
+        if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int)
+                                         or max_attempts < 1):
+            raise ConfigError(f"max_attempts must be a whole number of at least 1, not {type(max_attempts).__name__} "
+                              f"{max_attempts!r}")
         default = cls()
         return cls(timeout=default.timeout if timeout is None else timeout,
                    deadline=default.deadline if deadline is None else deadline,
@@ -604,8 +615,17 @@ def _error_text(response: Answer, secret: str | None) -> str:
     return (text if len(text) <= 200 else text[:199] + "…") or "(empty body)"  # (cut where it is: say so)
 
 
+def check_model_id(model: object) -> None:
+    """Refuse a model id that is not text (None was an AttributeError when the model was made)."""
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError(f"model must be the model name its server expects (text), not {type(model).__name__} "
+                          f"{model!r:.40}")
+
+
 def check_base_url(url: str) -> None:
     """Refuse a base URL that is not ``http(s)://host...``, before anything is sent to it."""
+    if not isinstance(url, str):  # (a number was an AttributeError)
+        raise ValueError(f"base_url must be text such as http://localhost:8000/v1, not {type(url).__name__} {url!r}")
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"base_url {url!r} is not an http(s) URL such as http://localhost:8000/v1")

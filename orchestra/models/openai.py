@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from orchestra.errors import BadResponse, ConnectionBroke
-from orchestra.models.http import Endpoint, EndpointModel, display_url, no_text
+from orchestra.models.http import Endpoint, EndpointModel, check_model_id, display_url, no_text
 from orchestra.models.metering import charge
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage, token_count
@@ -59,9 +59,10 @@ class OpenAICompatible(EndpointModel):
                  max_attempts: int | None = None,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  name: str | None = None, extra_body: Mapping[str, Any] | None = None) -> None:
-        if api_key_env == "auto":
-            api_key_env = "OPENAI_API_KEY" if (endpoint.base_url if endpoint else base_url.rstrip("/")) == OPENAI_URL \
-                else None
+        check_model_id(model)
+        if api_key_env == "auto":  # (a base_url that is not text is refused by its endpoint, below)
+            api_key_env = "OPENAI_API_KEY" if (endpoint.base_url if endpoint else str(base_url).rstrip("/")) \
+                == OPENAI_URL else None
         self.model = model
         self.name = name or model
         self.price = coerce_price(prices, model)

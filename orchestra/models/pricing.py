@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from orchestra.errors import ConfigError
 from orchestra.models.types import Usage, estimate_tokens
 from orchestra.numbers import Amount
 
@@ -68,14 +69,26 @@ def price_for(model: str, table: Mapping[str, Price] = PRICES) -> Price:
 
 
 def coerce_price(value: Price | Mapping[str, float] | tuple[float, float] | None, model: str) -> Price:
-    """Accept a ``Price``, ``{"input": .., "output": ..}`` or ``(input, output)``; None means the table."""
+    """Accept a ``Price``, ``{"input": .., "output": ..}`` or ``(input, output)``; None means the table.
+    Anything else, or prices that do not hold, is a one-line ``ConfigError`` (``prices=1`` was a
+    TypeError, ``(1, 2, 3)`` taken as ``(1, 2)``)."""
     if value is None:
         return price_for(model)
     if isinstance(value, Price):
         return value
-    if isinstance(value, tuple):
-        return Price(input=value[0], output=value[1])
-    return Price.model_validate(dict(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        fields: Any = {"input": value[0], "output": value[1]}
+    elif isinstance(value, Mapping):
+        fields = dict(value)
+    else:
+        raise ConfigError(f"prices must be (input, output) in USD per million tokens, {{'input': ..., 'output': ...}} "
+                          f"or a Price, not {type(value).__name__} {value!r:.40}")
+    try:
+        return Price.model_validate(fields)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ConfigError(f"prices: {where + ': ' if where else ''}{first['msg']}") from None
 
 
 def reported_usage(price: Price, prompt_tokens: Any, completion_tokens: Any, text: str) -> Usage:
