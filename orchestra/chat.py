@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
-from orchestra.budget import BudgetTracker
+from orchestra.budget import BudgetTracker, Spent, task_budget
 from orchestra.core import Orchestra, interrupts_as_usual, new_run_id, run_interruptibly
 from orchestra.errors import OrchestraError
 from orchestra.events import Event, UsageUpdated
@@ -156,7 +156,7 @@ class ChatSession:
         context = self.context()
         seed = self.orchestra.settings.seed
         # (one budget for the task: its planning, every replan and its run spend it together)
-        spending = BudgetTracker(self.orchestra.settings.budget, None, name="this task's budget")
+        spending = task_budget(self.orchestra.settings.budget)
         plan, note = self.plan(text, context=context, seed=seed, spending=spending)
         while True:
             self.show_plan(plan, note)
@@ -186,9 +186,9 @@ class ChatSession:
     def plan(self, text: str, *, context: str, seed: int, spending: BudgetTracker | None = None,
              replan: bool = False) -> tuple[Plan, str]:
         """Ask for a plan, with a progress line while the planner works, then what the planner's
-        calls cost (they are not part of the run that follows, nor of its record; ``spending``, the
-        task's budget, counts them). A ``replan`` asks the planner even for a task simple enough for
-        one step (the user asked for another plan)."""
+        calls cost (they are not part of the run that follows, nor of its usage; ``spending``, the
+        task's budget, counts them, and the run records that for its resume). A ``replan`` asks the
+        planner even for a task simple enough for one step (the user asked for another plan)."""
         spent: list[UsageUpdated] = []
 
         def listen(event: Event) -> None:
@@ -261,13 +261,15 @@ class ChatSession:
 
     def run(self, task: str, plan: Plan, context: str = "", spending: BudgetTracker | None = None) -> RunResult | None:
         """Run an accepted plan with the live view; Ctrl-C stops it and keeps the session.
-        ``spending``: the task's budget, which its planning spent from too."""
+        ``spending``: the task's budget, which its planning spent from: the run counts what it spent
+        against its limits, and records it, so that a resume does too."""
         orchestra = self.orchestra
         view = LiveView(self.console) if self.interactive else LogView(self.console.file)
         remove = orchestra.events.subscribe(view.listen)
         run_id = new_run_id()
         work = lambda: orchestra.arun(task, plan=plan, context=context, run_id=run_id,  # noqa: E731
-                                      meta={"kind": "chat"}, shared_budget=spending)
+                                      meta={"kind": "chat"},
+                                      spent_before=Spent.of(spending) if spending is not None else None)
         try:
             if isinstance(view, LiveView):
                 with view:

@@ -37,7 +37,7 @@ from typing import Any, NoReturn, TypeVar, cast, get_args
 from pydantic import BaseModel, ValidationError
 
 from orchestra.agents import Pool
-from orchestra.budget import Budget, BudgetTracker, RunAdmission
+from orchestra.budget import Budget, BudgetTracker, RunAdmission, Spent, task_budget
 from orchestra.collector import paced_for_streams
 from orchestra.dag import Dag
 from orchestra.errors import (
@@ -812,7 +812,8 @@ class Orchestra:
                    final: Callable[[Outputs], str] | None = None, shared_budget: BudgetTracker | None = None,
                    answer_format: str | None = None, context: str = "", workflow: WorkflowRef | None = None,
                    experts: Mapping[str, Sequence[str]] | None = None, answer: AnswerOptions | None = None,
-                   on_answer_text: Callable[[str], None] | None = None, **overrides: Any) -> RunResult:
+                   on_answer_text: Callable[[str], None] | None = None, spent_before: Spent | None = None,
+                   **overrides: Any) -> RunResult:
         """Answer ``task``.
 
         Args:
@@ -831,6 +832,9 @@ class Orchestra:
             answer: how the answer is written: JSON or a JSON schema, token limit, temperature.
             on_answer_text: given the answer's text so far while the call that writes it streams
                 (an OpenAI-compatible endpoint streams it; other backends do not call it).
+            spent_before: what the task spent before this run, under the same limits (its planning,
+                ``aplan``, as chat plans first): recorded, and counted against the run's limits
+                with the run's own calls, on resume too; not part of the run's usage.
             overrides: ``Settings`` fields for this run only (k, mode, aggregate, seed, budget...).
         """
         _check_callback(on_answer_text, "on_answer_text", "the answer's text so far")
@@ -839,7 +843,8 @@ class Orchestra:
             self._check_same_task(run_id, task)
         run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final,
                              shared_budget=shared_budget, answer_format=answer_format, context=context,
-                             workflow=workflow, meta=meta, experts=experts, answer=answer, **overrides)
+                             workflow=workflow, meta=meta, experts=experts, answer=answer,
+                             spent_before=spent_before, **overrides)
         run.on_answer_text = _going_on(on_answer_text) if on_answer_text is not None else None
         self._begin(run)
         result = await self._finish(run)
@@ -888,7 +893,7 @@ class Orchestra:
                   shared_budget: BudgetTracker | None = None, answer_format: str | None = None, context: str = "",
                   workflow: WorkflowRef | None = None, meta: dict[str, Any] | None = None,
                   settings: Settings | None = None, experts: Mapping[str, Sequence[str]] | None = None,
-                  answer: AnswerOptions | None = None, **overrides: Any) -> Run:
+                  answer: AnswerOptions | None = None, spent_before: Spent | None = None, **overrides: Any) -> Run:
         """A run of ``task``; ``settings``: the run's resolved settings, when the caller made them
         already (then ``overrides`` are not read)."""
         check_task(task)
@@ -914,7 +919,8 @@ class Orchestra:
                        answer_format=answer_format, context=context, workflow=workflow, meta=meta or {},
                        pool=str(source.resolve()) if source else None, answer=answer or AnswerOptions(),
                        pinned=self._known_experts(experts, plan if isinstance(plan, Plan) else None,
-                                                  settings.plan) if experts else {})
+                                                  settings.plan) if experts else {},
+                       spent_before=spent_before)
         if node_settings:
             self._check_node_settings(node_settings, plan if isinstance(plan, Plan) else None, settings.plan)
         if workflow is None and (node_settings or final):  # (a workflow's run rebuilds them from the workflow)
@@ -967,8 +973,11 @@ class Orchestra:
     def _run(self, spec: RunSpec, run_id: str, *, shared_budget: BudgetTracker | None = None,
              node_settings: dict[str, NodeSettings] | None = None,
              final: Callable[[Outputs], str] | None = None) -> Run:
-        """A run of ``spec`` on this Orchestra's executor, with the stages of its settings."""
+        """A run of ``spec`` on this Orchestra's executor, with the stages of its settings; a task
+        that spent before its run (``spent_before``) has a budget of its own above the run's."""
         settings = spec.settings
+        if spec.spent_before is not None:
+            shared_budget = task_budget(settings.budget, spec.spent_before, parent=shared_budget)
         ledger = RunLedger.create(run_id, settings.budget, shared_budget=shared_budget, journal=self.store,
                                   cache=self.store.cache() if settings.cache and self.store else None)
         return Run(self.stages_for(settings), spec, ledger, node_settings=node_settings, final=final)

@@ -99,6 +99,24 @@ def test_chat_max_calls_bounds_a_task_s_planning_and_its_run_together(llm, tmp_p
     assert llm.kinds["plan"] == 3 and llm.kinds["expert"] == 9  # (the 3 answered were replayed)
 
 
+def test_chat_task_stopped_by_its_budget_resumes_only_under_a_higher_limit(llm, tmp_path: Path) -> None:
+    """What the task spent planning counts against its resumed run's limit too: a resume without a
+    higher limit counted the run's own 3 calls alone and sent 3 more (9 under --max-calls 6)."""
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("chat", "--pool", str(pool), "--max-calls", "6",
+               stdin="Write a report on the tides, then check it\nr\nr\na\n/quit\n")
+    assert done.returncode == 0 and llm.kinds == {"plan": 3, "expert": 3}, done.stdout + done.stderr
+    [run] = json.loads(cli("runs", "--json").stdout)
+    again = cli("resume", run["id"])
+    assert again.returncode == 3 and llm.kinds == {"plan": 3, "expert": 3}, again.stderr
+    assert (f"error: run {run['id']} budget_exceeded: this task's budget max_calls=6 is spent (6 calls made); "
+            f"`orchestra resume {run['id']} --max-calls N`, N above it, goes on with it") in again.stderr
+    resumed = cli("resume", run["id"], "--max-calls", "10")  # (4 more: 3 experts of a step, an aggregation)
+    assert resumed.returncode == 3 and llm.kinds == {"plan": 3, "expert": 6, "aggregate": 1}, resumed.stderr
+    assert "this task's budget max_calls=10 is spent (10 calls made)" in resumed.stderr
+    assert json.loads(cli("runs", "--json").stdout)[0]["calls"] == 7  # (its planning is no call of the run)
+
+
 def test_chat_edit_reports_unknown_commands_and_rewords_recruit_on_new_words(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     script = "Write a short report, then check it\ne\nsplit 1\nreword 1 Summarise the tidal records\ndone\na\n/quit\n"
