@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestra.budget import BudgetTracker, Spent, task_budget
-from orchestra.core import Orchestra, interrupts_as_usual, new_run_id, run_interruptibly
+from orchestra.core import Orchestra, Terminated, interrupts_as_usual, new_run_id, run_interruptibly
 from orchestra.errors import OrchestraError
 from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message, command
@@ -115,7 +115,9 @@ class ChatSession:
             except _Leave:
                 self.console.print("bye")
                 return
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as stop:
+                if isinstance(stop, Terminated):  # (SIGTERM, SIGHUP: the session ends, exit 130, as a command does)
+                    raise
                 self.console.print("cancelled")
             except OrchestraError as error:
                 self.console.print(f"error: {cli_message(error)}", markup=False)
@@ -276,7 +278,7 @@ class ChatSession:
                     result = run_interruptibly(work(), stopping=self._stopping)
             else:
                 result = run_interruptibly(work(), stopping=self._stopping)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             self.last = orchestra.ended(run_id)  # (for /trace: from the store, or as it ended with none)
             if orchestra.store is None:
                 self.console.print("task cancelled (no run store: nothing was kept)")
@@ -285,6 +287,8 @@ class ChatSession:
                                    "finishes it", markup=False)
             else:
                 self.console.print("task cancelled before it started")
+            if isinstance(stop, Terminated):  # (said what was kept; then the session ends: see ``loop``)
+                raise
             return None
         finally:
             interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's, whether one stopped it or came late)

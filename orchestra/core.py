@@ -141,10 +141,16 @@ def check_reload(record: RunRecord) -> None:
 _STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+class Terminated(KeyboardInterrupt):
+    """The ``KeyboardInterrupt`` of ``run_interruptibly`` stopped by SIGTERM or SIGHUP, not Ctrl-C: a
+    session that goes on after a Ctrl-C (chat) ends on it, as every other command does."""
+
+
 def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool], None] | None = None) -> T:
     """``asyncio.run`` for the command line: Ctrl-C, SIGTERM (what ``timeout``, ``kill``, docker
     and systemd send) or SIGHUP (its terminal closed, an SSH connection dropped) cancels the work,
-    waits for it to stop (a run records itself as ``cancelled``), then raises ``KeyboardInterrupt``.
+    waits for it to stop (a run records itself as ``cancelled``), then raises ``KeyboardInterrupt``
+    (``Terminated`` for SIGTERM or SIGHUP).
 
     The signals are handled by the event loop itself, installed before the work starts, so they
     are seen even while every task waits on a socket. A second Ctrl-C ends the process at once
@@ -206,9 +212,11 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
         result = asyncio.run(main())
     except asyncio.CancelledError:
         if interrupted:
-            raise KeyboardInterrupt from None
+            raise (Terminated if terminated else KeyboardInterrupt) from None
         raise
     else:
+        if terminated and stopping is not None:  # (as the work ended on its own: the session ends all the same,
+            raise Terminated  # or it went on deaf to SIGTERM and SIGHUP, ignored from here on)
         if interrupted and stopping is not None and signal.SIGINT not in deaf:
             interrupts_as_usual()  # (a Ctrl-C as the work ended, which it did on its own: the session's Ctrl-C again)
         return result
