@@ -12,13 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestra.budget import BudgetTracker, Spent, task_budget
-from orchestra.core import Orchestra, Terminated, interrupts_as_usual, new_run_id, run_interruptibly
-from orchestra.errors import OrchestraError
+from orchestra.core import Orchestra, Terminated, check_context, interrupts_as_usual, new_run_id, run_interruptibly
+from orchestra.errors import ConfigError, OrchestraError
 from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message, command
 from orchestra.money import usd
 from orchestra.pipeline.planning import with_replan_hint
 from orchestra.plan import Plan, PlanInvalid, validate_plan
+from orchestra.prompts import MAX_CONTEXT_CHARS
 from orchestra.result import RunResult
 from orchestra.settings import MAX_K
 from orchestra.terminal_text import counted
@@ -176,8 +177,13 @@ class ChatSession:
             if verb in ("e", "edit"):
                 plan = self.edit(plan)
             elif verb in ("r", "replan"):
-                seed += 1
                 hint = with_replan_hint(context, rest) if rest else context
+                try:  # (refused here, the task and its plan kept: a hint of 2 million characters was a traceback)
+                    check_context(rest, "the hint", limit=MAX_CONTEXT_CHARS - (len(hint) - len(rest)))
+                except ConfigError as error:
+                    self.console.print(f"error: {error}; the plan is as it was", markup=False)
+                    continue
+                seed += 1
                 plan, note = self.plan(text, context=hint, seed=seed, spending=spending, replan=True)
             else:
                 self.console.print("answer a, e, r or c")

@@ -56,7 +56,7 @@ from orchestra.hints import command
 from orchestra.matching import MatcherSpec, SkillMatcher, matcher_spec
 from orchestra.pipeline.scheduler import CANCELLED_BY_USER, NodeSettings, Outputs, Run, Stages
 from orchestra.plan import SINGLE_NODE, Plan, PlanInvalid, Subtask, validate_plan
-from orchestra.prompts import MAX_TASK_CHARS
+from orchestra.prompts import MAX_CONTEXT_CHARS, MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
@@ -913,7 +913,7 @@ class Orchestra:
             if text is not None and not isinstance(text, str):
                 raise ConfigError(f"{what} must be text, not {type(text).__name__} {text!r:.40}")
             if text:
-                _check_text(text, f"the {what.replace('_', ' ')}")
+                check_context(text, f"the {what.replace('_', ' ')}")
         if meta:
             _check_meta(meta)
         plan = _given_plan(plan)
@@ -1504,6 +1504,15 @@ def _check_meta(meta: Any) -> None:
         json.dumps(dict(meta), allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"meta must hold JSON-ready values (text, numbers, lists, dicts): {error}") from None
+
+
+def check_context(text: str, what: str = "the context", *, limit: int = MAX_CONTEXT_CHARS) -> None:
+    """Refuse a context (or what goes into one: chat's replan hint, given the room the conversation
+    leaves as ``limit``) longer than ``limit`` or that cannot be sent, in one line: one 2.1 million
+    characters long failed as a template that wrote too much (a jinja2 ``SecurityError``)."""
+    if len(text) > limit:
+        raise ConfigError(f"{what} is {len(text):,} characters; at most {limit:,} fit Orchestra's prompts: shorten it")
+    _check_text(text, what)
 
 
 def _check_text(text: str, what: str) -> None:

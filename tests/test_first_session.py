@@ -117,6 +117,19 @@ def test_chat_task_stopped_by_its_budget_resumes_only_under_a_higher_limit(llm, 
     assert json.loads(cli("runs", "--json").stdout)[0]["calls"] == 7  # (its planning is no call of the run)
 
 
+def test_chat_refuses_a_replan_hint_over_the_limit_and_keeps_the_plan(llm, tmp_path: Path) -> None:
+    """A hint of 2 million characters ended chat in a jinja2 SecurityError traceback (the planner's
+    template wrote too much); one of 1 million was sent as it was, a 250,000-token planning call."""
+    pool = write_pool(tmp_path, llm.server.url)
+    hint = "hint " * 200_000
+    done = cli("chat", "--pool", str(pool), stdin=f"Write a report on the tides, then check it\nr {hint}\na\n/quit\n")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 0 and "Traceback" not in output, output[-2000:]
+    assert ("error: the hint is 999,999 characters; at most 499,964 fit Orchestra's prompts: shorten it; the plan is "
+            "as it was") in output
+    assert llm.kinds["plan"] == 1 and "Synthesized answer. The answer is 42" in output  # (the plan ran as it was)
+
+
 def test_chat_edit_reports_unknown_commands_and_rewords_recruit_on_new_words(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     script = "Write a short report, then check it\ne\nsplit 1\nreword 1 Summarise the tidal records\ndone\na\n/quit\n"

@@ -345,6 +345,11 @@ async def _first(results: Any) -> Any:
      "500,000 fit Orchestra's prompts (the planner's holds the task twice): shorten it"),
     (lambda pool: Orchestra(pool, store=False).run_many("abc"),
      "tasks must be a list of tasks, not one string; run(...) answers one task"),
+    # (the planner's template wrote more than it may, and jinja2's SecurityError came out raw)
+    (lambda pool: Orchestra(pool, store=False).plan("x?", context="c" * 2_100_000),
+     "the context is 2,100,000 characters; at most 500,000 fit Orchestra's prompts: shorten it"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", answer_format="f" * 500_001),
+     "the answer format is 500,001 characters; at most 500,000 fit Orchestra's prompts: shorten it"),
 ])
 def test_what_a_run_cannot_use_is_refused_at_once_in_one_line(make: Any, problem: str) -> None:
     pool, models = scripted_pool()
