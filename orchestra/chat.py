@@ -299,7 +299,7 @@ class ChatSession:
         finally:
             interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's, whether one stopped it or came late)
             remove()
-        print_result(self.console, result, rich_output=self.interactive)
+        print_result(self.console, result, rich_output=self.interactive, stored=orchestra.store is not None)
         self.console.print(summary_line(result), style="dim")
         self.last = result
         return result

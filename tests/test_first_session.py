@@ -117,6 +117,17 @@ def test_chat_task_stopped_by_its_budget_resumes_only_under_a_higher_limit(llm, 
     assert json.loads(cli("runs", "--json").stdout)[0]["calls"] == 7  # (its planning is no call of the run)
 
 
+def test_chat_without_a_store_names_no_resume_after_a_budget_stop(llm, tmp_path: Path) -> None:
+    """`chat --no-store` told the user to run `orchestra resume ID` after a budget stop, for a run
+    nothing had kept (`ask --no-store` says to run it again)."""
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("chat", "--pool", str(pool), "--max-calls", "3", "--no-store",
+               stdin="Write a report on the tides, then check it\na\n/quit\n")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 0 and "budget_exceeded: this task's budget max_calls=3 is spent" in output, output
+    assert "run it again (nothing was kept: --no-store)" in output and "orchestra resume" not in output, output
+
+
 def test_chat_refuses_a_replan_hint_over_the_limit_and_keeps_the_plan(llm, tmp_path: Path) -> None:
     """A hint of 2 million characters ended chat in a jinja2 SecurityError traceback (the planner's
     template wrote too much); one of 1 million was sent as it was, a 250,000-token planning call."""
