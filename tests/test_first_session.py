@@ -128,6 +128,22 @@ def test_chat_without_a_store_names_no_resume_after_a_budget_stop(llm, tmp_path:
     assert "run it again (nothing was kept: --no-store)" in output and "orchestra resume" not in output, output
 
 
+def test_chat_piped_writes_its_status_and_error_lines_whole(llm, tmp_path: Path) -> None:
+    """Piped, chat wrapped its lines at 80 columns, the `orchestra resume ID` of a cancelled task
+    and a run's summary line split in two (ask writes them whole)."""
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("chat", "--pool", str(pool), "--max-calls", "3", env={"COLUMNS": "80"},  # (Rich's width for a pipe)
+               stdin="Write a report on the tides, then check it\nr\na\n/quit\n")
+    assert done.returncode == 0, done.stderr
+    [run] = json.loads(cli("runs", "--json").stdout)
+    lines = done.stdout.splitlines()
+    assert any(re.fullmatch(rf"run {run['id']} · budget_exceeded · 1 call · 1 request · [\d,]+ tokens · \$[\d.]+ · "
+                            r"[\d.]+ s", line) for line in lines), done.stdout
+    assert any(line.startswith(f"error: run {run['id']} budget_exceeded: ") and line.endswith(
+        f"`orchestra resume {run['id']} --max-calls N`, N above it, goes on with it (a resume keeps its budget)")
+        for line in lines), done.stdout
+
+
 def test_chat_refuses_a_replan_hint_over_the_limit_and_keeps_the_plan(llm, tmp_path: Path) -> None:
     """A hint of 2 million characters ended chat in a jinja2 SecurityError traceback (the planner's
     template wrote too much); one of 1 million was sent as it was, a 250,000-token planning call."""
