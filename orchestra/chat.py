@@ -12,7 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestra.budget import BudgetTracker, Spent, task_budget
-from orchestra.core import Orchestra, Terminated, check_context, interrupts_as_usual, new_run_id, run_interruptibly
+from orchestra.core import (
+    Orchestra,
+    Terminated,
+    check_context,
+    check_task,
+    interrupts_as_usual,
+    new_run_id,
+    run_interruptibly,
+)
 from orchestra.errors import ConfigError, OrchestraError
 from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message, command
@@ -253,6 +261,12 @@ class ChatSession:
                         for s in plan.subtasks if s.id != target.id]
                 candidate = Plan(subtasks=kept)
             elif verb == "reword" and words.strip():
+                try:  # (as a run checks a given plan's steps: refused only there, at accept, the task was lost)
+                    check_task(words.strip())
+                except ConfigError as error:
+                    self.console.print(f"that edit would break the plan: the new instruction "
+                                       f"{str(error).removeprefix('the task ')}", markup=False)
+                    continue
                 # the planner's skills described the old words: the step is recruited on its new ones
                 reworded = target.model_copy(update={"instruction": words.strip(), "skills": []})
                 candidate = Plan(subtasks=[reworded if s.id == target.id else s for s in plan.subtasks])

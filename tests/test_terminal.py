@@ -131,6 +131,25 @@ def test_chat_edit_refuses_what_would_break_the_plan(served) -> None:
     assert "use: drop N" in done.stdout and "cancelled" in done.stdout
 
 
+def test_chat_edit_refuses_an_instruction_no_run_could_take_and_keeps_the_plan(served) -> None:
+    """A reword to NULs alone or to bytes that are not UTF-8 was taken at the edit prompt, then
+    refused as the plan was accepted: the task and its paid planning were lost."""
+    import subprocess
+
+    scripted, pool = served
+    script = b"Write a short report, then check it\ne\nreword 1 \x00\x00\nreword 2 \xff\xfe tides\ndone\na\n/quit\n"
+    done = subprocess.run([sys.executable, "-m", "orchestra", "chat", "--pool", str(pool)], input=script,
+                          capture_output=True, env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1",
+                                                    "COLUMNS": "300"}, timeout=120)
+    out = done.stdout.decode("utf-8", "replace")
+    assert done.returncode == 0, out
+    assert ("that edit would break the plan: the new instruction has no visible character (only spaces, control "
+            "characters such as NUL and format characters such as a zero-width space)") in out
+    assert ("that edit would break the plan: the new instruction is not valid Unicode: character 1 is a lone "
+            "surrogate ('\\udcff')") in out
+    assert "Synthesized answer" in out and "error:" not in out and scripted.kinds["plan"] == 1  # (the plan ran)
+
+
 def chat_interrupted_mid_task(loopback, tmp_path: Path, *flags: str) -> tuple[pexpect.spawn, dict[str, bool]]:
     """A chat whose accepted task is cut off by Ctrl-C while its expert calls hang (until
     ``hanging["on"]`` is set False)."""
