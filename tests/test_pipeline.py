@@ -108,9 +108,11 @@ def test_cyclic_plan_is_repaired() -> None:
 
 
 def test_plan_that_stays_invalid_is_refused_clearly() -> None:
+    """It counts the planner's attempts too (`ask --json` said `"attempts": 0` after 2 planner calls)."""
     pool, _ = scripted_pool(plan=plan_json(("a", ["ghost"])))
     result = Orchestra(pool, plan_repairs=1).run("bad planner")
     assert result.status == "failed" and result.answer is None
+    assert result.plan.attempts == 2 == len(pool.planner.requests)
     assert result.error == ("the planner's plan stayed invalid after 1 repair(s): "
                             "subtask 'a' depends on unknown subtask 'ghost'")
 
