@@ -59,6 +59,35 @@ class Budget(BaseModel):
 _DEFAULT = Budget()
 
 
+class Spent(BaseModel):
+    """What a task spent under its budget before its run began (chat plans, and replans, first):
+    recorded with the run, so that its resume counts it against the run's limits too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calls: Count = 0
+    usage: Usage = Usage()
+
+    @classmethod
+    def of(cls, tracker: BudgetTracker) -> Spent:
+        """What ``tracker`` has counted so far."""
+        return cls(calls=tracker.calls, usage=tracker.usage)
+
+
+#: the name of a task's own budget in its errors (``task_budget``)
+TASK_BUDGET = "this task's budget"
+
+
+def task_budget(budget: Budget, spent: Spent | None = None, *, parent: BudgetTracker | None = None) -> BudgetTracker:
+    """A task's own budget, above its run's: what the task ``spent`` before the run (its planning)
+    and everything the run spends, before a resume too, count against ``budget`` together (and
+    against ``parent``, a budget shared with other tasks, what they spend from now)."""
+    tracker = BudgetTracker(budget, None, parent=parent, name=TASK_BUDGET, whole=True)
+    if spent is not None:
+        tracker.count(spent.usage, calls=spent.calls)
+    return tracker
+
+
 def legacy_budget(recorded: Mapping[str, Any]) -> dict[str, Any]:
     """A budget recorded before ``cap_answers`` was, with it resolved as then: by a token or cost limit
     other than the default values in force (its run's resume caps its answers as the run did)."""
@@ -100,13 +129,15 @@ class BudgetTracker:
 
     ``parent`` is a budget shared by many runs (a data-set workflow's, a server's): a call must fit
     both, and everything counted here is counted there too. A shared budget has no ``run_id``;
-    ``name`` says whose it is in its error.
+    ``name`` says whose it is in its error. A ``whole`` one bounds one task, all of it (``task_budget``):
+    it counts what its run spent before a resume too, which a budget shared by many runs does not.
     """
 
     def __init__(self, budget: Budget, run_id: str | None, *, parent: BudgetTracker | None = None,
-                 name: str = "the data set's budget") -> None:
+                 name: str = "the data set's budget", whole: bool = False) -> None:
         self.budget = budget
         self.name = name  # a shared budget's, in its error
+        self.whole = whole
         #: a token or cost limit of the user's applies (``Budget.cap_answers``), here or in the shared
         #: budget above: an endpoint's answer is then bounded by what it was reserved for (``ANSWER_ALLOWANCE``)
         self.bounds_answers: bool = bool(budget.cap_answers) or (parent is not None and parent.bounds_answers)
@@ -204,7 +235,8 @@ class BudgetTracker:
                          wanted=NOTHING if within else worst)
         if self.parent is not None:
             try:
-                self.parent.admit(request, price, gauge, within=within, answer_limit=answer_limit)
+                self.parent.admit(request, price, gauge, within=within, answer_limit=answer_limit,
+                                  counted=counted and self.parent.whole)
             except BudgetExceeded as exceeded:
                 if not exceeded.held:  # (a call that waits for the calls in flight did not stop anything)
                     self.exceeded, self.wanted = exceeded, NOTHING if within else worst
@@ -254,7 +286,7 @@ class BudgetTracker:
                 if tokens > self.slack.tokens or cost > self.slack.cost_usd:
                     self.slack = Reservation(max(tokens, self.slack.tokens), max(cost, self.slack.cost_usd))
         if self.parent is not None:
-            self.parent.settle(reserved, usage)
+            self.parent.settle(reserved, usage, counted=counted and self.parent.whole)
         if self._on_release:
             waiting, self._on_release = self._on_release, []
             for callback in waiting:
@@ -262,12 +294,14 @@ class BudgetTracker:
 
     def count(self, usage: Usage, *, calls: int = 1) -> None:
         """Count what a resumed run paid before, and its calls (``RunStore.earlier_usage``). Its run
-        counts it, but a shared budget (a data set's, a server's) bounds what its runs spend now and
-        does not."""
+        counts it, and so does its task's own budget (``whole``), but a shared budget (a data set's, a
+        server's) bounds what its runs spend now and does not."""
         self._add(usage, calls=calls)
         calls_before, tokens_before, cost_before = self._counted
         self._counted = (calls_before + calls, tokens_before + usage.prompt_tokens + usage.completion_tokens,
                          cost_before + usage.cost_usd)
+        if self.parent is not None and self.parent.whole:
+            self.parent.count(usage, calls=calls)
 
     def committed(self) -> tuple[float, float, float]:
         """Calls, tokens and cost spent now (a resumed run's earlier spending left out) or held for

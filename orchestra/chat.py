@@ -11,14 +11,23 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
-from orchestra.budget import BudgetTracker
-from orchestra.core import Orchestra, interrupts_as_usual, new_run_id, run_interruptibly
-from orchestra.errors import OrchestraError
+from orchestra.budget import BudgetTracker, Spent, task_budget
+from orchestra.core import (
+    Orchestra,
+    Terminated,
+    check_context,
+    check_task,
+    interrupts_as_usual,
+    new_run_id,
+    run_interruptibly,
+)
+from orchestra.errors import ConfigError, OrchestraError
 from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message, command
 from orchestra.money import usd
 from orchestra.pipeline.planning import with_replan_hint
 from orchestra.plan import Plan, PlanInvalid, validate_plan
+from orchestra.prompts import MAX_CONTEXT_CHARS
 from orchestra.result import RunResult
 from orchestra.settings import MAX_K
 from orchestra.terminal_text import counted
@@ -115,7 +124,9 @@ class ChatSession:
             except _Leave:
                 self.console.print("bye")
                 return
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as stop:
+                if isinstance(stop, Terminated):  # (SIGTERM, SIGHUP: the session ends, exit 130, as a command does)
+                    raise
                 self.console.print("cancelled")
             except OrchestraError as error:
                 self.console.print(f"error: {cli_message(error)}", markup=False)
@@ -156,7 +167,7 @@ class ChatSession:
         context = self.context()
         seed = self.orchestra.settings.seed
         # (one budget for the task: its planning, every replan and its run spend it together)
-        spending = BudgetTracker(self.orchestra.settings.budget, None, name="this task's budget")
+        spending = task_budget(self.orchestra.settings.budget)
         plan, note = self.plan(text, context=context, seed=seed, spending=spending)
         while True:
             self.show_plan(plan, note)
@@ -174,8 +185,13 @@ class ChatSession:
             if verb in ("e", "edit"):
                 plan = self.edit(plan)
             elif verb in ("r", "replan"):
-                seed += 1
                 hint = with_replan_hint(context, rest) if rest else context
+                try:  # (refused here, the task and its plan kept: a hint of 2 million characters was a traceback)
+                    check_context(rest, "the hint", limit=MAX_CONTEXT_CHARS - (len(hint) - len(rest)))
+                except ConfigError as error:
+                    self.console.print(f"error: {error}; the plan is as it was", markup=False)
+                    continue
+                seed += 1
                 plan, note = self.plan(text, context=hint, seed=seed, spending=spending, replan=True)
             else:
                 self.console.print("answer a, e, r or c")
@@ -186,9 +202,9 @@ class ChatSession:
     def plan(self, text: str, *, context: str, seed: int, spending: BudgetTracker | None = None,
              replan: bool = False) -> tuple[Plan, str]:
         """Ask for a plan, with a progress line while the planner works, then what the planner's
-        calls cost (they are not part of the run that follows, nor of its record; ``spending``, the
-        task's budget, counts them). A ``replan`` asks the planner even for a task simple enough for
-        one step (the user asked for another plan)."""
+        calls cost (they are not part of the run that follows, nor of its usage; ``spending``, the
+        task's budget, counts them, and the run records that for its resume). A ``replan`` asks the
+        planner even for a task simple enough for one step (the user asked for another plan)."""
         spent: list[UsageUpdated] = []
 
         def listen(event: Event) -> None:
@@ -245,6 +261,12 @@ class ChatSession:
                         for s in plan.subtasks if s.id != target.id]
                 candidate = Plan(subtasks=kept)
             elif verb == "reword" and words.strip():
+                try:  # (as a run checks a given plan's steps: refused only there, at accept, the task was lost)
+                    check_task(words.strip())
+                except ConfigError as error:
+                    self.console.print(f"that edit would break the plan: the new instruction "
+                                       f"{str(error).removeprefix('the task ')}", markup=False)
+                    continue
                 # the planner's skills described the old words: the step is recruited on its new ones
                 reworded = target.model_copy(update={"instruction": words.strip(), "skills": []})
                 candidate = Plan(subtasks=[reworded if s.id == target.id else s for s in plan.subtasks])
@@ -261,20 +283,22 @@ class ChatSession:
 
     def run(self, task: str, plan: Plan, context: str = "", spending: BudgetTracker | None = None) -> RunResult | None:
         """Run an accepted plan with the live view; Ctrl-C stops it and keeps the session.
-        ``spending``: the task's budget, which its planning spent from too."""
+        ``spending``: the task's budget, which its planning spent from: the run counts what it spent
+        against its limits, and records it, so that a resume does too."""
         orchestra = self.orchestra
         view = LiveView(self.console) if self.interactive else LogView(self.console.file)
         remove = orchestra.events.subscribe(view.listen)
         run_id = new_run_id()
         work = lambda: orchestra.arun(task, plan=plan, context=context, run_id=run_id,  # noqa: E731
-                                      meta={"kind": "chat"}, shared_budget=spending)
+                                      meta={"kind": "chat"},
+                                      spent_before=Spent.of(spending) if spending is not None else None)
         try:
             if isinstance(view, LiveView):
                 with view:
                     result = run_interruptibly(work(), stopping=self._stopping)
             else:
                 result = run_interruptibly(work(), stopping=self._stopping)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             self.last = orchestra.ended(run_id)  # (for /trace: from the store, or as it ended with none)
             if orchestra.store is None:
                 self.console.print("task cancelled (no run store: nothing was kept)")
@@ -283,11 +307,13 @@ class ChatSession:
                                    "finishes it", markup=False)
             else:
                 self.console.print("task cancelled before it started")
+            if isinstance(stop, Terminated):  # (said what was kept; then the session ends: see ``loop``)
+                raise
             return None
         finally:
             interrupts_as_usual()  # (a Ctrl-C at the next prompt is the user's, whether one stopped it or came late)
             remove()
-        print_result(self.console, result, rich_output=self.interactive)
+        print_result(self.console, result, rich_output=self.interactive, stored=orchestra.store is not None)
         self.console.print(summary_line(result), style="dim")
         self.last = result
         return result

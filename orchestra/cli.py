@@ -1291,7 +1291,8 @@ def chat(pool: Path | None, **opts: Any) -> None:
 
     orc = make_orchestra(Pool.load(pool), opts)
     refuse_unused_recruiting(opts, orc.settings.mode, pool=orc.pool)
-    ChatSession(orc, console=terminal(), interactive=sys.stdin.isatty()).loop()
+    # (piped, its lines are written whole, as ask's are: wrapped at 80 columns, `orchestra resume ID` was split in two)
+    ChatSession(orc, console=terminal(soft_wrap=not sys.stdout.isatty()), interactive=sys.stdin.isatty()).loop()
 
 
 @main.command()

@@ -37,7 +37,7 @@ from typing import Any, NoReturn, TypeVar, cast, get_args
 from pydantic import BaseModel, ValidationError
 
 from orchestra.agents import Pool
-from orchestra.budget import Budget, BudgetTracker, RunAdmission
+from orchestra.budget import Budget, BudgetTracker, RunAdmission, Spent, task_budget
 from orchestra.collector import paced_for_streams
 from orchestra.dag import Dag
 from orchestra.errors import (
@@ -56,7 +56,7 @@ from orchestra.hints import command
 from orchestra.matching import MatcherSpec, SkillMatcher, matcher_spec
 from orchestra.pipeline.scheduler import CANCELLED_BY_USER, NodeSettings, Outputs, Run, Stages
 from orchestra.plan import SINGLE_NODE, Plan, PlanInvalid, Subtask, validate_plan
-from orchestra.prompts import MAX_TASK_CHARS
+from orchestra.prompts import MAX_CONTEXT_CHARS, MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
@@ -141,10 +141,16 @@ def check_reload(record: RunRecord) -> None:
 _STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+class Terminated(KeyboardInterrupt):
+    """The ``KeyboardInterrupt`` of ``run_interruptibly`` stopped by SIGTERM or SIGHUP, not Ctrl-C: a
+    session that goes on after a Ctrl-C (chat) ends on it, as every other command does."""
+
+
 def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool], None] | None = None) -> T:
     """``asyncio.run`` for the command line: Ctrl-C, SIGTERM (what ``timeout``, ``kill``, docker
     and systemd send) or SIGHUP (its terminal closed, an SSH connection dropped) cancels the work,
-    waits for it to stop (a run records itself as ``cancelled``), then raises ``KeyboardInterrupt``.
+    waits for it to stop (a run records itself as ``cancelled``), then raises ``KeyboardInterrupt``
+    (``Terminated`` for SIGTERM or SIGHUP).
 
     The signals are handled by the event loop itself, installed before the work starts, so they
     are seen even while every task waits on a socket. A second Ctrl-C ends the process at once
@@ -206,9 +212,11 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
         result = asyncio.run(main())
     except asyncio.CancelledError:
         if interrupted:
-            raise KeyboardInterrupt from None
+            raise (Terminated if terminated else KeyboardInterrupt) from None
         raise
     else:
+        if terminated and stopping is not None:  # (as the work ended on its own: the session ends all the same,
+            raise Terminated  # or it went on deaf to SIGTERM and SIGHUP, ignored from here on)
         if interrupted and stopping is not None and signal.SIGINT not in deaf:
             interrupts_as_usual()  # (a Ctrl-C as the work ended, which it did on its own: the session's Ctrl-C again)
         return result
@@ -812,7 +820,8 @@ class Orchestra:
                    final: Callable[[Outputs], str] | None = None, shared_budget: BudgetTracker | None = None,
                    answer_format: str | None = None, context: str = "", workflow: WorkflowRef | None = None,
                    experts: Mapping[str, Sequence[str]] | None = None, answer: AnswerOptions | None = None,
-                   on_answer_text: Callable[[str], None] | None = None, **overrides: Any) -> RunResult:
+                   on_answer_text: Callable[[str], None] | None = None, spent_before: Spent | None = None,
+                   **overrides: Any) -> RunResult:
         """Answer ``task``.
 
         Args:
@@ -831,6 +840,9 @@ class Orchestra:
             answer: how the answer is written: JSON or a JSON schema, token limit, temperature.
             on_answer_text: given the answer's text so far while the call that writes it streams
                 (an OpenAI-compatible endpoint streams it; other backends do not call it).
+            spent_before: what the task spent before this run, under the same limits (its planning,
+                ``aplan``, as chat plans first): recorded, and counted against the run's limits
+                with the run's own calls, on resume too; not part of the run's usage.
             overrides: ``Settings`` fields for this run only (k, mode, aggregate, seed, budget...).
         """
         _check_callback(on_answer_text, "on_answer_text", "the answer's text so far")
@@ -839,7 +851,8 @@ class Orchestra:
             self._check_same_task(run_id, task)
         run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final,
                              shared_budget=shared_budget, answer_format=answer_format, context=context,
-                             workflow=workflow, meta=meta, experts=experts, answer=answer, **overrides)
+                             workflow=workflow, meta=meta, experts=experts, answer=answer,
+                             spent_before=spent_before, **overrides)
         run.on_answer_text = _going_on(on_answer_text) if on_answer_text is not None else None
         self._begin(run)
         result = await self._finish(run)
@@ -888,7 +901,7 @@ class Orchestra:
                   shared_budget: BudgetTracker | None = None, answer_format: str | None = None, context: str = "",
                   workflow: WorkflowRef | None = None, meta: dict[str, Any] | None = None,
                   settings: Settings | None = None, experts: Mapping[str, Sequence[str]] | None = None,
-                  answer: AnswerOptions | None = None, **overrides: Any) -> Run:
+                  answer: AnswerOptions | None = None, spent_before: Spent | None = None, **overrides: Any) -> Run:
         """A run of ``task``; ``settings``: the run's resolved settings, when the caller made them
         already (then ``overrides`` are not read)."""
         check_task(task)
@@ -901,7 +914,7 @@ class Orchestra:
             if text is not None and not isinstance(text, str):
                 raise ConfigError(f"{what} must be text, not {type(text).__name__} {text!r:.40}")
             if text:
-                _check_text(text, f"the {what.replace('_', ' ')}")
+                check_context(text, f"the {what.replace('_', ' ')}")
         if meta:
             _check_meta(meta)
         plan = _given_plan(plan)
@@ -915,7 +928,8 @@ class Orchestra:
                        answer_format=answer_format, context=context, workflow=workflow, meta=meta or {},
                        pool=str(source.resolve()) if source else None, answer=AnswerOptions.given(answer),
                        pinned=self._known_experts(experts, plan if isinstance(plan, Plan) else None,
-                                                  settings.plan) if experts else {})
+                                                  settings.plan) if experts else {},
+                       spent_before=spent_before)
         if node_settings:
             self._check_node_settings(node_settings, plan if isinstance(plan, Plan) else None, settings.plan)
         if workflow is None and (node_settings or final):  # (a workflow's run rebuilds them from the workflow)
@@ -968,8 +982,11 @@ class Orchestra:
     def _run(self, spec: RunSpec, run_id: str, *, shared_budget: BudgetTracker | None = None,
              node_settings: dict[str, NodeSettings] | None = None,
              final: Callable[[Outputs], str] | None = None) -> Run:
-        """A run of ``spec`` on this Orchestra's executor, with the stages of its settings."""
+        """A run of ``spec`` on this Orchestra's executor, with the stages of its settings; a task
+        that spent before its run (``spent_before``) has a budget of its own above the run's."""
         settings = spec.settings
+        if spec.spent_before is not None:
+            shared_budget = task_budget(settings.budget, spec.spent_before, parent=shared_budget)
         ledger = RunLedger.create(run_id, settings.budget, shared_budget=shared_budget, journal=self.store,
                                   cache=self.store.cache() if settings.cache and self.store else None)
         return Run(self.stages_for(settings), spec, ledger, node_settings=node_settings, final=final)
@@ -1488,6 +1505,15 @@ def _check_meta(meta: Any) -> None:
         json.dumps(dict(meta), allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"meta must hold JSON-ready values (text, numbers, lists, dicts): {error}") from None
+
+
+def check_context(text: str, what: str = "the context", *, limit: int = MAX_CONTEXT_CHARS) -> None:
+    """Refuse a context (or what goes into one: chat's replan hint, given the room the conversation
+    leaves as ``limit``) longer than ``limit`` or that cannot be sent, in one line: one 2.1 million
+    characters long failed as a template that wrote too much (a jinja2 ``SecurityError``)."""
+    if len(text) > limit:
+        raise ConfigError(f"{what} is {len(text):,} characters; at most {limit:,} fit Orchestra's prompts: shorten it")
+    _check_text(text, what)
 
 
 def _check_text(text: str, what: str) -> None:

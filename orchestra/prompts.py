@@ -35,6 +35,9 @@ MAX_TEMPLATE_SECONDS = 5.0
 MAX_TASK_CHARS = 500_000
 """The longest task a run takes (a data set's question too): the planner's prompt holds the task
 twice, with its context, within ``MAX_TEMPLATE_OUTPUT``."""
+MAX_CONTEXT_CHARS = 500_000
+"""The longest context (a conversation, with chat's replan hint) and answer format a run takes: with
+the task twice, the planner's prompt stays within ``MAX_TEMPLATE_OUTPUT``."""
 
 _HUGE_WIDTH = re.compile(r"%[-+ #0]*\d{7,}")  # "%01000000000d" would build a gigabyte
 _iterations: ContextVar[list[int] | None] = ContextVar("template_iterations", default=None)

@@ -17,7 +17,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticSerializationError
 
-from orchestra.budget import Budget, legacy_budget
+from orchestra.budget import Budget, Spent, legacy_budget
 from orchestra.errors import ConfigError
 from orchestra.matching import MatcherSpec
 from orchestra.numbers import Amount, Count
@@ -263,6 +263,8 @@ class RunSpec(BaseModel):
             a workflow's run rebuilds its own from the workflow instead.
         unrecorded: what a run was given in Python that its record cannot hold (``final``, a node's
             ``prompt``): a resume needs them given again.
+        spent_before: what its task spent before the run began (chat's planning): it counts against
+            the run's limits, on resume too, and is no part of the run's usage.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -279,6 +281,7 @@ class RunSpec(BaseModel):
     answer: AnswerOptions = AnswerOptions()
     nodes: dict[str, dict[str, Any]] = {}
     unrecorded: list[str] = []
+    spent_before: Spent | None = None
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready form stored with the run."""

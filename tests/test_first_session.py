@@ -99,6 +99,64 @@ def test_chat_max_calls_bounds_a_task_s_planning_and_its_run_together(llm, tmp_p
     assert llm.kinds["plan"] == 3 and llm.kinds["expert"] == 9  # (the 3 answered were replayed)
 
 
+def test_chat_task_stopped_by_its_budget_resumes_only_under_a_higher_limit(llm, tmp_path: Path) -> None:
+    """What the task spent planning counts against its resumed run's limit too: a resume without a
+    higher limit counted the run's own 3 calls alone and sent 3 more (9 under --max-calls 6)."""
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("chat", "--pool", str(pool), "--max-calls", "6",
+               stdin="Write a report on the tides, then check it\nr\nr\na\n/quit\n")
+    assert done.returncode == 0 and llm.kinds == {"plan": 3, "expert": 3}, done.stdout + done.stderr
+    [run] = json.loads(cli("runs", "--json").stdout)
+    again = cli("resume", run["id"])
+    assert again.returncode == 3 and llm.kinds == {"plan": 3, "expert": 3}, again.stderr
+    assert (f"error: run {run['id']} budget_exceeded: this task's budget max_calls=6 is spent (6 calls made); "
+            f"`orchestra resume {run['id']} --max-calls N`, N above it, goes on with it") in again.stderr
+    resumed = cli("resume", run["id"], "--max-calls", "10")  # (4 more: 3 experts of a step, an aggregation)
+    assert resumed.returncode == 3 and llm.kinds == {"plan": 3, "expert": 6, "aggregate": 1}, resumed.stderr
+    assert "this task's budget max_calls=10 is spent (10 calls made)" in resumed.stderr
+    assert json.loads(cli("runs", "--json").stdout)[0]["calls"] == 7  # (its planning is no call of the run)
+
+
+def test_chat_without_a_store_names_no_resume_after_a_budget_stop(llm, tmp_path: Path) -> None:
+    """`chat --no-store` told the user to run `orchestra resume ID` after a budget stop, for a run
+    nothing had kept (`ask --no-store` says to run it again)."""
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("chat", "--pool", str(pool), "--max-calls", "3", "--no-store",
+               stdin="Write a report on the tides, then check it\na\n/quit\n")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 0 and "budget_exceeded: this task's budget max_calls=3 is spent" in output, output
+    assert "run it again (nothing was kept: --no-store)" in output and "orchestra resume" not in output, output
+
+
+def test_chat_piped_writes_its_status_and_error_lines_whole(llm, tmp_path: Path) -> None:
+    """Piped, chat wrapped its lines at 80 columns, the `orchestra resume ID` of a cancelled task
+    and a run's summary line split in two (ask writes them whole)."""
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("chat", "--pool", str(pool), "--max-calls", "3", env={"COLUMNS": "80"},  # (Rich's width for a pipe)
+               stdin="Write a report on the tides, then check it\nr\na\n/quit\n")
+    assert done.returncode == 0, done.stderr
+    [run] = json.loads(cli("runs", "--json").stdout)
+    lines = done.stdout.splitlines()
+    assert any(re.fullmatch(rf"run {run['id']} · budget_exceeded · 1 call · 1 request · [\d,]+ tokens · \$[\d.]+ · "
+                            r"[\d.]+ s", line) for line in lines), done.stdout
+    assert any(line.startswith(f"error: run {run['id']} budget_exceeded: ") and line.endswith(
+        f"`orchestra resume {run['id']} --max-calls N`, N above it, goes on with it (a resume keeps its budget)")
+        for line in lines), done.stdout
+
+
+def test_chat_refuses_a_replan_hint_over_the_limit_and_keeps_the_plan(llm, tmp_path: Path) -> None:
+    """A hint of 2 million characters ended chat in a jinja2 SecurityError traceback (the planner's
+    template wrote too much); one of 1 million was sent as it was, a 250,000-token planning call."""
+    pool = write_pool(tmp_path, llm.server.url)
+    hint = "hint " * 200_000
+    done = cli("chat", "--pool", str(pool), stdin=f"Write a report on the tides, then check it\nr {hint}\na\n/quit\n")
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 0 and "Traceback" not in output, output[-2000:]
+    assert ("error: the hint is 999,999 characters; at most 499,964 fit Orchestra's prompts: shorten it; the plan is "
+            "as it was") in output
+    assert llm.kinds["plan"] == 1 and "Synthesized answer. The answer is 42" in output  # (the plan ran as it was)
+
+
 def test_chat_edit_reports_unknown_commands_and_rewords_recruit_on_new_words(llm, tmp_path: Path) -> None:
     pool = write_pool(tmp_path, llm.server.url)
     script = "Write a short report, then check it\ne\nsplit 1\nreword 1 Summarise the tidal records\ndone\na\n/quit\n"

@@ -20,7 +20,7 @@ from orchestra.matching import Match
 from orchestra.models import ChatRequest
 from orchestra.pipeline.scheduler import NodeSettings
 from orchestra.profile import Provenance, SkillProfile
-from orchestra.prompts import MAX_TASK_CHARS
+from orchestra.prompts import MAX_CONTEXT_CHARS, MAX_TASK_CHARS
 from orchestra.recruit import RecruitConfig, Recruiter, SkillTable, node_aggregation_estimate, node_aggregator
 from orchestra.settings import MAX_K, RunSpec
 
@@ -160,6 +160,9 @@ def test_tasks_and_inputs_are_refused_at_their_exact_limits() -> None:
     pool, _ = scripted_pool(2)
     orc = Orchestra(pool, k=1, aggregate="none", store=False)
     assert orc.run("x" * MAX_TASK_CHARS).status == "done"  # exactly the longest task fits
+    assert orc.run("question 0", context="c" * MAX_CONTEXT_CHARS).status == "done"  # and the longest context
+    with pytest.raises(ConfigError, match="the context is"):
+        orc.run("question 0", context="c" * (MAX_CONTEXT_CHARS + 1))
     with pytest.raises(ConfigError, match="the task is"):
         orc.run("x" * (MAX_TASK_CHARS + 1))
     with pytest.raises(ConfigError, match=r"experts\['answer'\] names no agent"):

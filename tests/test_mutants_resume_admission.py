@@ -19,8 +19,8 @@ import pytest
 from helpers import kind_of, plan_json, scripted_pool
 
 from orchestra import Orchestra, Plan
-from orchestra.budget import Budget, BudgetTracker, RunAdmission
-from orchestra.errors import BadResponse, CallCancelled, RunHeld
+from orchestra.budget import Budget, BudgetTracker, RunAdmission, Spent, task_budget
+from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, RunHeld
 from orchestra.models import ChatRequest, Usage
 from orchestra.models.pricing import FREE
 from orchestra.pipeline.scheduler import Outputs
@@ -54,6 +54,22 @@ def test_a_resumed_runs_earlier_answer_tokens_are_not_spending_now() -> None:
     admission.ended(resumed, on_its_own=True)  # a run takes 60 tokens; 20 of them are this budget's
     refused = admission.refusal(0)  # 20 + 60 + the last call's slack (none: it spent what it held) <= 100
     assert refused is None, refused
+
+
+def test_a_tasks_own_budget_counts_its_planning_and_its_runs_earlier_calls_once() -> None:
+    """A resumed chat run's task budget counts what the task spent planning and what the run spent
+    before (a data set's shared budget does not), and a failed call sent again is not one more call
+    there either: the resume counted only the run's own calls against the limit and went past it."""
+    task = task_budget(Budget(max_calls=5), Spent(calls=3, usage=Usage(prompt_tokens=30, requests=3)))
+    run = BudgetTracker(Budget(max_calls=5), "r", parent=task)
+    run.count(Usage(prompt_tokens=10, requests=1), calls=1)  # a call that failed before the resume
+    assert (task.calls, task.prompt_tokens, run.calls) == (4, 40, 1)
+    run.settle(run.admit(ChatRequest.user("hi"), FREE, counted=True), Usage(prompt_tokens=5, requests=1),
+               counted=True)  # that call, sent again
+    assert (task.calls, task.prompt_tokens, run.calls) == (4, 45, 1)
+    _spend(run, 1, 5)
+    with pytest.raises(BudgetExceeded, match="this task's budget max_calls=5 is spent"):
+        _spend(run, 1, 5)
 
 
 def test_the_costliest_run_is_what_a_run_takes_whichever_ended_last() -> None:

@@ -108,9 +108,11 @@ def test_cyclic_plan_is_repaired() -> None:
 
 
 def test_plan_that_stays_invalid_is_refused_clearly() -> None:
+    """It counts the planner's attempts too (`ask --json` said `"attempts": 0` after 2 planner calls)."""
     pool, _ = scripted_pool(plan=plan_json(("a", ["ghost"])))
     result = Orchestra(pool, plan_repairs=1).run("bad planner")
     assert result.status == "failed" and result.answer is None
+    assert result.plan.attempts == 2 == len(pool.planner.requests)
     assert result.error == ("the planner's plan stayed invalid after 1 repair(s): "
                             "subtask 'a' depends on unknown subtask 'ghost'")
 
@@ -354,6 +356,11 @@ async def _first(results: Any) -> Any:
      "500,000 fit Orchestra's prompts (the planner's holds the task twice): shorten it"),
     (lambda pool: Orchestra(pool, store=False).run_many("abc"),
      "tasks must be a list of tasks, not one string; run(...) answers one task"),
+    # (the planner's template wrote more than it may, and jinja2's SecurityError came out raw)
+    (lambda pool: Orchestra(pool, store=False).plan("x?", context="c" * 2_100_000),
+     "the context is 2,100,000 characters; at most 500,000 fit Orchestra's prompts: shorten it"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", answer_format="f" * 500_001),
+     "the answer format is 500,001 characters; at most 500,000 fit Orchestra's prompts: shorten it"),
 ])
 def test_what_a_run_cannot_use_is_refused_at_once_in_one_line(make: Any, problem: str) -> None:
     pool, models = scripted_pool()

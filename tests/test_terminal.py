@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -130,6 +131,25 @@ def test_chat_edit_refuses_what_would_break_the_plan(served) -> None:
     assert "use: drop N" in done.stdout and "cancelled" in done.stdout
 
 
+def test_chat_edit_refuses_an_instruction_no_run_could_take_and_keeps_the_plan(served) -> None:
+    """A reword to NULs alone or to bytes that are not UTF-8 was taken at the edit prompt, then
+    refused as the plan was accepted: the task and its paid planning were lost."""
+    import subprocess
+
+    scripted, pool = served
+    script = b"Write a short report, then check it\ne\nreword 1 \x00\x00\nreword 2 \xff\xfe tides\ndone\na\n/quit\n"
+    done = subprocess.run([sys.executable, "-m", "orchestra", "chat", "--pool", str(pool)], input=script,
+                          capture_output=True, env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1",
+                                                    "COLUMNS": "300"}, timeout=120)
+    out = done.stdout.decode("utf-8", "replace")
+    assert done.returncode == 0, out
+    assert ("that edit would break the plan: the new instruction has no visible character (only spaces, control "
+            "characters such as NUL and format characters such as a zero-width space)") in out
+    assert ("that edit would break the plan: the new instruction is not valid Unicode: character 1 is a lone "
+            "surrogate ('\\udcff')") in out
+    assert "Synthesized answer" in out and "error:" not in out and scripted.kinds["plan"] == 1  # (the plan ran)
+
+
 def chat_interrupted_mid_task(loopback, tmp_path: Path, *flags: str) -> tuple[pexpect.spawn, dict[str, bool]]:
     """A chat whose accepted task is cut off by Ctrl-C while its expert calls hang (until
     ``hanging["on"]`` is set False)."""
@@ -167,6 +187,43 @@ def test_ctrl_c_in_chat_cancels_the_task_not_the_session(loopback, tmp_path: Pat
     child.sendline("/quit")
     child.expect("bye")
     child.expect(pexpect.EOF)
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_in_chat_ends_the_session_after_the_task_records_itself(loopback, tmp_path: Path,
+                                                                                   stop: str) -> None:
+    """SIGTERM (timeout, kill, systemd) or SIGHUP cancelled the running task, then the chat went on
+    with the next tasks, deaf to both: `timeout 4 orchestra chat < tasks` ran for 22 s."""
+    import signal
+    import subprocess
+
+    from helpers import wait_for
+
+    scripted = ScriptedLLM()
+    inner = scripted.handler()
+
+    async def handler(request):
+        if "Your assignment:" in request.prompt:
+            return Reply(hang=True)
+        return await inner(request)
+
+    server = loopback(handler)
+    pool = write_pool(tmp_path, server.url)
+    tasks = "".join(f"Write a short report on {topic}, then check it\na\n" for topic in ("tides", "moons", "stars"))
+    child = subprocess.Popen([sys.executable, "-m", "orchestra", "chat", "--pool", str(pool)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    assert child.stdin is not None
+    child.stdin.write(tasks)
+    child.stdin.flush()
+    wait_for(child, lambda: any("Your assignment:" in r.prompt for r in server.requests), "the first task ran")
+    child.send_signal(getattr(signal, stop))
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130, out + err
+    said = " ".join(out.split())
+    assert re.search(r"task cancelled; its finished calls are saved: `orchestra resume \S+` finishes it", said), out
+    assert err.strip().splitlines()[-1] == "error: interrupted"
+    assert scripted.kinds["plan"] == 1 and "moons" not in out  # (the next tasks were never planned)
 
 
 def test_ctrl_c_at_the_prompt_keeps_the_session(served) -> None:

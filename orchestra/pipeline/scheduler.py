@@ -353,6 +353,7 @@ class Run:
         self.stages.executor.spawn(coro, owner=self.future, group=self.tasks)
 
     def _emit_attempt(self, attempt: int) -> None:
+        self.plan_attempts = attempt  # (a plan that stayed invalid took them too: its result said 0)
         self.stages.events.emit(PlanRequested(run_id=self.run_id, attempt=attempt))
 
     async def make_plan(self) -> tuple[Plan, Dag, int, str]:
