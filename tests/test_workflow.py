@@ -467,6 +467,11 @@ def test_a_blank_step_prompt_is_one_line_naming_it(tmp_path: Path) -> None:
     ("{type: objekt, properties: {v: {type: string}}}", "$.type must be one of object, array"),
     ("{type: object, required: v}", "$.required"),
     ("{$ref: '#/nowhere'}", "$ref"),
+    # YAML read yes/no as booleans: the schema sent could take no string (a paid repair, then "expected string")
+    ("{type: object, properties: {verdict: {type: string, enum: [yes, no]}}}",
+     "$.properties.verdict.enum has True, which is not of type string (unquoted in YAML, the words yes, no, on, off, "
+     "true and false are booleans: quote it)"),
+    ("{type: array, items: {type: integer, const: '3'}}", "$.items.const has '3', which is not of type integer"),
 ])
 def test_a_step_output_schema_is_checked_at_validate(tmp_path: Path, schema: str, problem: str) -> None:
     broken = write(tmp_path, GOOD.replace("    agent: writer\n", f"    agent: writer\n    output: {schema}\n", 1))
@@ -475,6 +480,14 @@ def test_a_step_output_schema_is_checked_at_validate(tmp_path: Path, schema: str
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"error: {broken}:") and "steps.draft.output: the schema is not usable: " in line
     assert problem in line, line
+
+
+def test_enum_and_const_values_of_their_schemas_type_validate(tmp_path: Path) -> None:
+    """Quoted words, a null a nullable type allows, 2.0 as an integer and an untyped enum are all usable."""
+    for schema in ('{type: string, enum: ["yes", "no"]}', "{type: [string, \"null\"], enum: [a, null]}",
+                   "{type: integer, enum: [1, 2.0]}", "{enum: [yes, 3]}", "{type: boolean, const: yes}"):
+        Workflow.load(write(tmp_path, GOOD.replace("    agent: writer\n", f"    agent: writer\n    output: {schema}\n",
+                                                   1)))
 
 
 def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
