@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import kind_of, plan_json, scripted_pool
+from helpers import AGGREGATE_MARK, FINAL_MARK, kind_of, plan_json, scripted_pool
 from loopback_llm import LOCAL_AGENTS, ScriptedLLM, write_pool
 from test_cli import cli
 
@@ -452,6 +452,28 @@ def test_a_workflow_named_only_gives_its_steps_no_overall_task(loopback, tmp_pat
         prompts = [request.prompt for request in server.requests[sent:] if "Name a prime." in request.prompt]
         assert prompts and all(("Overall task" in prompt) == (shown is not None) for prompt in prompts)
         assert shown is None or all(shown in prompt for prompt in prompts)
+
+
+def test_a_workflow_named_only_gives_its_aggregators_and_final_synthesis_no_overall_task(loopback,
+                                                                                           tmp_path: Path) -> None:
+    """Its experts no longer read its name as their overall task, but its aggregators still read "Overall task:
+    agg" and its final synthesis "Task: agg"; a workflow with a description shows it to both."""
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    steps = ("pool: pool.yaml\nsteps:\n  - {id: one, recruit: {k: 2, skills: [history]}, prompt: 'Name a prime.'}\n"
+             "  - {id: two, recruit: {k: 2, skills: [history]}, prompt: 'Name a square.'}\n")
+    for head, shown in (("name: agg\n", None), ("name: agg\ndescription: Numbers.\n", "agg: Numbers.")):
+        sent = len(server.requests)
+        done = cli("run", str(write(tmp_path, head + steps)), "--json")
+        assert done.returncode == 0, done.stderr
+        prompts = [request.prompt for request in server.requests[sent:]]
+        aggregated = [prompt for prompt in prompts if AGGREGATE_MARK in prompt]
+        [final] = [prompt for prompt in prompts if FINAL_MARK in prompt]
+        assert len(aggregated) == 2 and "Step results:" in final
+        if shown is None:
+            assert not any("Overall task" in prompt for prompt in aggregated) and "Task:" not in final
+        else:
+            assert all(f"Overall task: {shown}" in prompt for prompt in aggregated) and f"Task: {shown}" in final
 
 
 def test_a_blank_step_prompt_is_one_line_naming_it(tmp_path: Path) -> None:
