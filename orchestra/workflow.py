@@ -12,7 +12,7 @@ import functools
 import math
 import re
 import sys
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -34,6 +34,9 @@ from orchestra.settings import MAX_K, Settings
 from orchestra.skills import skill_names
 from orchestra.vocabulary import GraderName, Mode, Strategy
 from orchestra.yamlfile import YamlDocument, read_yaml
+
+#: the settings only a planner reads (a workflow with steps has none)
+_PLANNING = ("max_nodes", "plan_repairs", "plan_fallback", "planner_max_tokens", "fast_path", "plan_check")
 
 _TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "number": (int, float),
                                               "boolean": bool}
@@ -215,6 +218,19 @@ class Workflow:
                if name in self.spec.model_fields_set and getattr(self.spec, name) is not None}
         return self.pool.settings.layered(self.spec.settings, own)
 
+    def unused_setting(self, names: Iterable[str]) -> tuple[str, str] | None:
+        """The first of ``names`` (settings given for this workflow: its own, the command line's) that
+        would do nothing in it, and why; None when each applies."""
+        for name in (name for name in Settings.model_fields if name in names):
+            if name == "plan":
+                return name, "whether a workflow is planned is its plan: auto, or its steps"
+            if name == "context_chars" and self.spec.plan != "auto":
+                return name, ("a step's prompt shows the outputs its template writes, whole (it cuts what a planned "
+                              "step is shown)")
+            if name in _PLANNING and self.spec.plan != "auto":
+                return name, "it is the planner's, and this workflow's steps are written out, not planned"
+        return None
+
     @classmethod
     def load(cls, path: str | Path, *, pool: Pool | None = None, text: str | None = None,
              data: bool | None = None) -> Workflow:
@@ -233,12 +249,14 @@ class Workflow:
                                  f"with --pool (orchestra ask \"...\" --pool {file}), or run a workflow file")
         spec = document.validate(WorkflowFile)
         workflow = cls(spec, document, pool or _load_pool(spec, document, file), file)
-        workflow._check(data=text is None if data is None else data)
+        workflow._check(data=text is None if data is None else data, recorded=text is not None)
         return workflow
 
     # --- validation ------------------------------------------------------------------------
 
-    def _check(self, *, data: bool = True) -> None:
+    def _check(self, *, data: bool = True, recorded: bool = False) -> None:
+        """Refuse what a run would fail on, or not use; ``recorded``: the text is a run's record, which
+        may set what is refused since (such a run still resumes)."""
         spec, document = self.spec, self.document
         for name, declared in spec.inputs.items():
             default, kind = declared.default, declared.type
@@ -277,6 +295,10 @@ class Workflow:
                 raise document.error(f"the data set {where} is a folder; name its JSONL file", ("dataset", "path"))
             if data and not where.is_file():
                 raise document.error(f"data set not found: {where}", ("dataset", "path"))
+        unused = None if recorded else self.unused_setting(spec.settings.model_fields_set)
+        if unused is not None:  # (accepted, then not used)
+            raise document.error(f"settings.{unused[0]} does nothing here: {unused[1]}; leave it out",
+                                 ("settings", unused[0]))
         aggregator = spec.settings.aggregator
         if aggregator is not None and aggregator not in self.pool:  # (the run would stop at its start)
             raise document.error(f"aggregator {aggregator!r} is not an agent of pool {self.pool.name!r}; the pool has "

@@ -36,6 +36,10 @@ from orchestra.yamlfile import read_yaml
 def orchestra_for(workflow: Workflow, settings: Settings | None = None, **options: Any) -> Orchestra:
     """An ``Orchestra`` on the workflow's pool with its settings (the workflow's over the pool's,
     ``settings`` over both); ``options`` are other ``Orchestra`` arguments (store, tracing...)."""
+    unused = workflow.unused_setting(Settings.layer(settings).model_fields_set)
+    if unused is not None:  # (accepted, then not used)
+        raise ConfigError(f"settings: {unused[0]} does nothing in workflow {workflow.name!r}: {unused[1]}; leave it "
+                          "out", path=str(workflow.path))
     return Orchestra(workflow.pool, workflow.settings().layered(settings), **options)
 
 

@@ -15,9 +15,10 @@ from test_cli import cli
 from orchestra import Agent, Orchestra, Pool
 from orchestra.errors import ConfigError
 from orchestra.models import ChatRequest, FunctionModel
+from orchestra.settings import Settings
 from orchestra.store import RunStore, default_store_path
 from orchestra.workflow import Workflow
-from orchestra.workflow_run import run_workflow
+from orchestra.workflow_run import orchestra_for, run_workflow
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -510,6 +511,36 @@ def test_enum_and_const_values_of_their_schemas_type_validate(tmp_path: Path) ->
                    "{type: integer, enum: [1, 2.0]}", "{enum: [yes, 3]}", "{type: boolean, const: yes}"):
         Workflow.load(write(tmp_path, GOOD.replace("    agent: writer\n", f"    agent: writer\n    output: {schema}\n",
                                                    1)))
+
+
+@pytest.mark.parametrize("setting", ["max_nodes: 1", "context_chars: 10", "plan_repairs: 0", "planner_max_tokens: 20",
+                                     "fast_path: false", "plan_fallback: fail", "plan_check: false", "plan: true"])
+def test_a_planning_setting_of_a_workflow_with_steps_is_refused(tmp_path: Path, setting: str) -> None:
+    """Each passed validate and did nothing: the steps are written out, not planned (a step's prompt showed
+    a needed step's output whole under context_chars: 10)."""
+    name, path = setting.split(":")[0], write(tmp_path, f"settings: {{k: 2, {setting}}}\n" + GOOD)
+    with pytest.raises(ConfigError, match=rf"wf.yaml:1:\d+: settings\.{name} does nothing here: .+; leave it out$"):
+        Workflow.load(path)
+    Workflow.load(path, text=path.read_text())  # a run recorded before they were refused still resumes
+
+
+def test_plan_is_refused_in_any_workflow_and_the_planners_settings_apply_to_plan_auto(tmp_path: Path) -> None:
+    """``--set plan=false`` and ``settings: {plan: false}`` were accepted on a ``plan: auto`` workflow, and its
+    planner was called all the same; the planner's own settings are kept there (they apply)."""
+    auto = GOOD[:GOOD.index("steps:")] + "plan: auto\ntask: 'Write on {{ inputs.topic }}.'\n"
+    planned = "settings: {max_nodes: 2, planner_max_tokens: 100, context_chars: 50, fast_path: false, plan_repairs: 0, " \
+              "plan_fallback: single, plan_check: false}\n"
+    flow = Workflow.load(write(tmp_path, planned + auto))
+    assert (flow.settings().max_nodes, flow.settings().context_chars) == (2, 50)
+    with pytest.raises(ConfigError, match=r"wf.yaml:1:\d+: settings\.plan does nothing here: whether a workflow is "
+                                          r"planned is its plan: auto, or its steps; leave it out$"):
+        Workflow.load(write(tmp_path, "settings: {plan: false}\n" + auto))
+    done = cli("run", str(write(tmp_path, auto)), "-i", "topic=tides", "--set", "plan=false", "--no-store")
+    assert done.returncode == 2 and "error: --set plan does nothing in this workflow: " in done.stderr, done.stderr
+    with pytest.raises(ConfigError, match="settings: plan does nothing in workflow 'demo'"):
+        orchestra_for(flow, Settings(plan=False), store=False)
+    with pytest.raises(ConfigError, match="settings: max_nodes does nothing in workflow 'demo'"):
+        orchestra_for(Workflow.load(write(tmp_path, GOOD)), Settings(max_nodes=3), store=False)
 
 
 def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
