@@ -1252,6 +1252,8 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
 @click.option("--force", is_flag=True, help="Take the run over even if another process seems to hold it.")
 @click.option("--reload", is_flag=True, help="A workflow run: read its file as it is now (a template fixed since); "
                                             "calls whose prompts did not change are still replayed.")
+@click.option("-i", "--input", "inputs", multiple=True, metavar="KEY=VALUE",
+              help="With --reload: a workflow input over the run's own (one the edited file added; repeatable).")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Run its in-process models as Ray actors on the cluster at ADDRESS (another cluster than the "
                    "run's, which is gone); default: as the run did.")
@@ -1259,12 +1261,18 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
 @budget_options
 @store_option
 @output_options
-def resume(run_id: str, reload: bool, ray: str | None, in_process: bool, **opts: Any) -> None:
+def resume(run_id: str, reload: bool, inputs: tuple[str, ...], ray: str | None, in_process: bool,
+           **opts: Any) -> None:
     """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
     from orchestra.core import Orchestra
+    from orchestra.workflow import parse_assignments
 
     if ray is not None and in_process:
         raise click.UsageError("--ray and --in-process both say where the models run; give one")
+    if inputs and not reload:  # (the run's steps were written with its recorded inputs)
+        raise click.UsageError("-i sets an input of the workflow file read again: add --reload, or leave -i out to "
+                               "go on with the run's own inputs")
+    given = parse_assignments(list(inputs))
     store = existing_store(opts["store_path"])
     record = store.run(run_id)
     if record.status == "done" and not reload:  # nothing to send: its answer, without its pool (gone, maybe)
@@ -1276,8 +1284,8 @@ def resume(run_id: str, reload: bool, ray: str | None, in_process: bool, **opts:
                  if ray is not None else None)
     orc = Orchestra.resuming(record.id, store=store, reload=reload, placement=placement)
     budget = settings_from(opts).changes().get("budget")
-    execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts["force"], reload=reload), opts,
-            record.id)
+    execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts["force"], reload=reload,
+                                            inputs=given), opts, record.id)
 
 
 @main.command()

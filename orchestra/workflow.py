@@ -423,6 +423,7 @@ class Workflow:
     def resolve_inputs(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Typed inputs: given values (strings from the command line are converted), then defaults.
         A value given as None is one not given (so inputs resolved once resolve again the same)."""
+        check_inputs(given)
         values: dict[str, Any] = {}
         for name in given:
             if name not in self.spec.inputs:
@@ -435,8 +436,8 @@ class Workflow:
                 values[name] = declared.default
             elif declared.required:
                 line, column = self.document.where(("inputs", name)) or (None, None)
-                raise ConfigError(f"missing input {name!r}; pass it with -i {name}=VALUE", path=str(self.path),
-                                  line=line, column=column)
+                raise ConfigError(f"missing input {name!r}; {_pass_it(name)}", path=str(self.path), line=line,
+                                  column=column)
             else:
                 values[name] = None
         return values
@@ -783,9 +784,21 @@ def _convert(name: str, value: Any, declared: InputSpec, workflow: Workflow) -> 
                                       f"{MAX_TEMPLATE_OUTPUT:,} in all, its own text included: pass a shorter one",
                                       where)
     if declared.required and isinstance(converted, str) and not converted.strip():
-        raise workflow.document.error(f"input {name!r} is required and was given empty; pass it with -i "
-                                      f"{name}=VALUE", where)
+        raise workflow.document.error(f"input {name!r} is required and was given empty; {_pass_it(name)}", where)
     return converted
+
+
+def _pass_it(name: str) -> str:
+    """How to give an input, on the command line and in Python (the same error reaches both)."""
+    return f"pass it with -i {name}=VALUE (in Python: inputs={{{name!r}: ...}})"
+
+
+def check_inputs(inputs: object) -> None:
+    """Refuse workflow inputs that are not a mapping of names to values (None was "'NoneType' object
+    is not iterable"; a list's items were read as input names)."""
+    if not isinstance(inputs, Mapping):
+        raise ConfigError("inputs must be a mapping of input names to values ({'name': value}; {} for none), not "
+                          f"{type(inputs).__name__}")
 
 
 def _shown(value: Any) -> str:

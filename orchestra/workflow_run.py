@@ -29,7 +29,7 @@ from orchestra.result import RunResult
 from orchestra.settings import RunSpec, Settings, WorkflowRef
 from orchestra.store import RunRecord
 from orchestra.vocabulary import GraderName
-from orchestra.workflow import Workflow
+from orchestra.workflow import Workflow, check_inputs
 from orchestra.yamlfile import read_yaml
 
 
@@ -95,6 +95,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     spec = workflow.spec.dataset
     if spec is None:
         raise ConfigError("this workflow has no dataset to evaluate", path=str(workflow.path))
+    check_inputs(inputs)
     per_item = [name for name in ("question", "answer_format")
                 if name in inputs and (name == "question" or name in workflow.spec.inputs)]
     if per_item:  # the data set's item would silently replace it

@@ -336,11 +336,25 @@ def test_step_using_output_it_does_not_need_is_refused(tmp_path: Path) -> None:
         Workflow.load(write(tmp_path, text))
 
 
+def test_inputs_not_a_mapping_are_one_line_and_python_is_told_its_argument(tmp_path: Path) -> None:
+    """``run_workflow(flow, None)`` raised "TypeError: 'NoneType' object is not iterable", ``["topic"]`` read its
+    item as an input's name, and a missing input told a Python caller only to pass ``-i topic=VALUE``."""
+    flow = Workflow.load(write(tmp_path, GOOD))
+    for given, kind in ((None, "NoneType"), (["topic"], "list"), ("topic=x", "str")):
+        with pytest.raises(ConfigError, match=r"^inputs must be a mapping of input names to values \(\{'name': "
+                                              rf"value\}}; \{{\}} for none\), not {kind}$"):
+            run_workflow(flow, given)
+    with pytest.raises(ConfigError, match=r"wf.yaml:9:10: missing input 'topic'; pass it with -i topic=VALUE \(in "
+                                          r"Python: inputs=\{'topic': \.\.\.\}\)$"):
+        run_workflow(flow, {})
+
+
 def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
     done = cli("run", str(path))
     assert done.returncode == 2
-    assert done.stderr.strip() == f"error: {path}:9:10: missing input 'topic'; pass it with -i topic=VALUE"
+    assert done.stderr.strip() == (f"error: {path}:9:10: missing input 'topic'; pass it with -i topic=VALUE (in "
+                                   "Python: inputs={'topic': ...})")
     wrong = cli("run", str(path), "-i", "topic=x", "-i", "words=many")
     assert wrong.stderr.strip() == f"error: {path}:10:10: input 'words' must be of type integer, got 'many'"
     unknown = cli("run", str(path), "-i", "colour=red")
@@ -350,7 +364,8 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
                                                               "and -i topic=y); give it once")
     blank = cli("run", str(path), "-i", "topic= ")  # (it sent "Write 50 words on  .")
     assert blank.returncode == 2 and blank.stderr.strip() == (
-        f"error: {path}:9:10: input 'topic' is required and was given empty; pass it with -i topic=VALUE")
+        f"error: {path}:9:10: input 'topic' is required and was given empty; pass it with -i topic=VALUE (in Python: "
+        "inputs={'topic': ...})")
     numbers = path.with_name("numbers.yaml")
     numbers.write_text(GOOD.replace("words: {type: integer, default: 50}", "words: {type: number, default: 50}"))
     for value in ("nan", "inf", "-Infinity"):
@@ -1047,6 +1062,36 @@ def test_resume_reload_takes_an_inputs_default_changed_since_and_keeps_a_given_i
     assert len(later) == 1 and "Your assignment: Ratio 5 and 0\n" in later[0]  # a's answer replayed
     recorded = RunStore(default_store_path()).run(run_id).config["spec"]["workflow"]
     assert (recorded["inputs"], recorded["defaulted"]) == ({"n": 2, "m": 0}, ["n"])
+
+
+def test_resume_reload_takes_an_input_the_edited_file_added(loopback, tmp_path: Path) -> None:
+    """The fix needed a new required input: `resume --reload` said "missing input 'extra'; pass it with -i
+    extra=VALUE", and `resume` took no -i ("No such option '-i'"): the run could not be finished."""
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    text = ("name: grow\npool: pool.yaml\ninputs:\n  topic: {type: string, required: true}\n"
+            "  n: {type: integer, default: 0}\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+            "    prompt: 'Draft a note on {{ inputs.topic }}'\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
+            "    prompt: 'Ratio {{ 10 // inputs.n }}'\n")
+    path = write(tmp_path, text)
+    failed = cli("run", str(path), "-i", "topic=tides", "--json")
+    assert failed.returncode == 2 and "ZeroDivisionError" in failed.stderr, failed.stderr
+    run_id = json.loads(failed.stdout)["run_id"]
+    path.write_text(text.replace("default: 0}", "default: 2}\n  extra: {type: string, required: true}")
+                    .replace("'Ratio {{ 10 // inputs.n }}'", "'Ratio {{ 10 // inputs.n }} of {{ inputs.extra }}'"))
+    missing = cli("resume", run_id, "--reload")
+    assert missing.returncode == 2 and "missing input 'extra'; pass it with -i extra=VALUE" in missing.stderr
+    unread = cli("resume", run_id, "-i", "extra=kelp")  # (the recorded file has no such input: it would be dropped)
+    assert unread.returncode == 2 and "-i sets an input of the workflow file read again: add --reload" in unread.stderr
+    with pytest.raises(ConfigError, match="inputs are given to a resume that reads the workflow file again"):
+        Orchestra.resuming(run_id, store=RunStore(default_store_path())).resume(run_id, inputs={"extra": "kelp"})
+    sent = len(server.requests)
+    fixed = cli("resume", run_id, "--reload", "-i", "extra=kelp", "--json")
+    assert fixed.returncode == 0 and json.loads(fixed.stdout)["status"] == "done", fixed.stderr
+    later = [r.prompt for r in server.requests[sent:]]
+    assert len(later) == 1 and "Your assignment: Ratio 5 of kelp\n" in later[0]  # a's answer replayed
+    recorded = RunStore(default_store_path()).run(run_id).config["spec"]["workflow"]
+    assert (recorded["inputs"], recorded["defaulted"]) == ({"topic": "tides", "n": 2, "extra": "kelp"}, ["n"])
 
 
 @pytest.mark.parametrize("as_json", [False, True])
