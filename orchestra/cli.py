@@ -630,11 +630,14 @@ def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], p
 
 @main.command()
 @click.argument("workflow", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def validate(workflow: Path) -> None:
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Check it on this pool instead of the workflow's own (as `run --pool` runs it).")
+def validate(workflow: Path, pool: Path | None) -> None:
     """Check a workflow file: schema, pool, agents, needs, cycles and template references."""
+    from orchestra.agents import Pool
     from orchestra.workflow import Workflow
 
-    flow = Workflow.load(workflow)
+    flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     kind = "plan: auto" if flow.spec.plan == "auto" else f"{len(flow.spec.steps)} step(s)"
     if flow.spec.dataset is not None:  # its data set is read as a run would read it
         from orchestra.datasets import load_dataset

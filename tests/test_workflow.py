@@ -83,6 +83,21 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
     assert "ok (demo: 2 step(s)" in done.stdout
 
 
+def test_validate_takes_a_pool_as_run_does(tmp_path: Path) -> None:
+    """``validate wf.yaml --pool other.yaml`` was "No such option '--pool'", though ``run`` takes it (and the
+    README runs examples on another pool so): its agents are checked against that pool."""
+    other = tmp_path / "other.yaml"
+    other.write_text("name: other\nmodels:\n  m: {type: openai, model: x, base_url: 'http://127.0.0.1:9/v1', "
+                     "api_key_env: null}\nagents:\n  - {name: writer, model: m}\n  - {name: judge, model: m}\n")
+    path = write(tmp_path, GOOD)
+    done = cli("validate", str(path), "--pool", str(other))
+    assert done.returncode == 0 and "ok (demo: 2 step(s), pool other with 2 agents)" in done.stdout, done.stderr
+    other.write_text(other.read_text().replace("name: writer", "name: poet"))
+    refused = cli("validate", str(path), "--pool", str(other))
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: {path}:13:12: step 'draft' names unknown agent 'writer'; the pool has poet, judge")
+
+
 def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     path = write(tmp_path, "pool: .\nsteps:\n  - {id: a, prompt: hi}\n")
     done = cli("validate", str(path))  # (it said "pool file not found")
