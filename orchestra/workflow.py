@@ -26,6 +26,7 @@ from orchestra.agents import Pool
 from orchestra.budget import Budget
 from orchestra.dag import Dag
 from orchestra.errors import ConfigError
+from orchestra.matching import LexicalMatcher
 from orchestra.numbers import Count
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
 from orchestra.plan import ID_PATTERN, MAX_SKILLS, Plan, Subtask
@@ -250,6 +251,8 @@ class Workflow:
         spec = document.validate(WorkflowFile)
         workflow = cls(spec, document, pool or _load_pool(spec, document, file), file)
         workflow._check(data=text is None if data is None else data, recorded=text is not None)
+        if pool is None and text is None:  # (on another pool, the skills written for its own may all be missing)
+            workflow._check_skills()
         return workflow
 
     # --- validation ------------------------------------------------------------------------
@@ -336,6 +339,27 @@ class Workflow:
                                  step_id=step.id)
         if spec.final is not None:
             self._check_template(spec.final, ("final",), steps_allowed=set(ids))
+
+    def _check_skills(self) -> None:
+        """Refuse a step's skills when none matches a skill of the workflow's own pool (the step was
+        recruited as if it named none, and nothing said so; one that matches is enough, as a workflow
+        may be written for several pools); an embedding matcher's matches are known only when it is asked."""
+        settings = self.settings()
+        matcher = settings.matcher.build() if any(step.recruit and step.recruit.skills for step in self.spec.steps) \
+            else None
+        if not isinstance(matcher, LexicalMatcher):
+            return
+        vocabulary = self.pool.skill_table(settings.recruit).vocabulary
+        if not vocabulary:  # (no agent has a skill: recruiting reads none)
+            return
+        for index, step in enumerate(self.spec.steps):
+            skills = step.recruit.skills if step.recruit else []
+            if skills and all(matcher.nearest(name, vocabulary) is None for name in skill_names(skills, 40)):
+                shown = ", ".join(vocabulary[:10]) + (", ..." if len(vocabulary) > 10 else "")
+                raise self.document.error(
+                    f"step {step.id!r}: its skills ({', '.join(skills)}) match none of the pool's {len(vocabulary)} "
+                    f"skills ({shown}); fix them, or leave skills out to have them found from its prompt",
+                    ("steps", index, "recruit", "skills"))
 
     def _check_template(self, source: str, loc: tuple[Any, ...], *, steps_allowed: Container[str],
                         step_id: str | None = None, planned: bool = False) -> None:

@@ -98,6 +98,24 @@ def test_validate_takes_a_pool_as_run_does(tmp_path: Path) -> None:
         f"error: {path}:13:12: step 'draft' names unknown agent 'writer'; the pool has poet, judge")
 
 
+def test_a_steps_skills_that_match_none_of_the_pools_are_refused(tmp_path: Path) -> None:
+    """``skills: [underwater basket weaving]`` passed validate, and the step was recruited as if it named no skill,
+    unsaid; a misspelling the matcher finds (writting), or one skill of several that matches, is kept."""
+    write_pool(tmp_path, "http://127.0.0.1:9")  # (its agents' skills: history, arithmetic, writing)
+    text = "pool: pool.yaml\nsteps:\n  - id: a\n    recruit: {k: 2, skills: [SKILLS]}\n    prompt: Write.\n"
+    with pytest.raises(ConfigError, match=re.escape(
+            "wf.yaml:4:29: step 'a': its skills (underwater basket weaving, knitting) match none of the pool's 3 "
+            "skills (arithmetic, history, writing); fix them, or leave skills out to have them found from its "
+            "prompt")):
+        Workflow.load(write(tmp_path, text.replace("SKILLS", "underwater basket weaving, knitting")))
+    for kept in ("writting", "underwater basket weaving, history"):
+        Workflow.load(write(tmp_path, text.replace("SKILLS", kept)))
+    embedding = "settings: {matcher: {type: embedding, model: e, base_url: 'http://127.0.0.1:9/v1'}}\n"
+    Workflow.load(write(tmp_path, embedding + text.replace("SKILLS", "knitting")))  # (known when it is asked)
+    # on another pool (run --pool), skills written for the workflow's own may all be missing
+    Workflow.load(write(tmp_path, text.replace("SKILLS", "knitting")), pool=Pool.load(tmp_path / "pool.yaml"))
+
+
 def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     path = write(tmp_path, "pool: .\nsteps:\n  - {id: a, prompt: hi}\n")
     done = cli("validate", str(path))  # (it said "pool file not found")
