@@ -605,6 +605,9 @@ def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], p
     given = parse_assignments([*inputs, *read_input_files(input_files)])
     ready(flow.pool)
     layer = settings_from(opts)
+    unused = flow.unused_setting(layer.model_fields_set)
+    if unused is not None:  # (no flag sets one of them: only --set does)
+        raise click.UsageError(f"--set {unused[0]} does nothing in this workflow: {unused[1]}; leave it out")
     orc = orchestra_for(flow, layer, **orchestra_options(opts))
     if not any(step.recruit and step.recruit.mode for step in flow.spec.steps):  # (a step's own mode may use them)
         refuse_unused_recruiting(opts, orc.settings.mode, pool=orc.pool)
@@ -627,11 +630,14 @@ def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], p
 
 @main.command()
 @click.argument("workflow", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def validate(workflow: Path) -> None:
+@click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Check it on this pool instead of the workflow's own (as `run --pool` runs it).")
+def validate(workflow: Path, pool: Path | None) -> None:
     """Check a workflow file: schema, pool, agents, needs, cycles and template references."""
+    from orchestra.agents import Pool
     from orchestra.workflow import Workflow
 
-    flow = Workflow.load(workflow)
+    flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     kind = "plan: auto" if flow.spec.plan == "auto" else f"{len(flow.spec.steps)} step(s)"
     if flow.spec.dataset is not None:  # its data set is read as a run would read it
         from orchestra.datasets import load_dataset
@@ -1249,6 +1255,8 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
 @click.option("--force", is_flag=True, help="Take the run over even if another process seems to hold it.")
 @click.option("--reload", is_flag=True, help="A workflow run: read its file as it is now (a template fixed since); "
                                             "calls whose prompts did not change are still replayed.")
+@click.option("-i", "--input", "inputs", multiple=True, metavar="KEY=VALUE",
+              help="With --reload: a workflow input over the run's own (one the edited file added; repeatable).")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="Run its in-process models as Ray actors on the cluster at ADDRESS (another cluster than the "
                    "run's, which is gone); default: as the run did.")
@@ -1256,12 +1264,18 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
 @budget_options
 @store_option
 @output_options
-def resume(run_id: str, reload: bool, ray: str | None, in_process: bool, **opts: Any) -> None:
+def resume(run_id: str, reload: bool, inputs: tuple[str, ...], ray: str | None, in_process: bool,
+           **opts: Any) -> None:
     """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
     from orchestra.core import Orchestra
+    from orchestra.workflow import parse_assignments
 
     if ray is not None and in_process:
         raise click.UsageError("--ray and --in-process both say where the models run; give one")
+    if inputs and not reload:  # (the run's steps were written with its recorded inputs)
+        raise click.UsageError("-i sets an input of the workflow file read again: add --reload, or leave -i out to "
+                               "go on with the run's own inputs")
+    given = parse_assignments(list(inputs))
     store = existing_store(opts["store_path"])
     record = store.run(run_id)
     if record.status == "done" and not reload:  # nothing to send: its answer, without its pool (gone, maybe)
@@ -1273,8 +1287,8 @@ def resume(run_id: str, reload: bool, ray: str | None, in_process: bool, **opts:
                  if ray is not None else None)
     orc = Orchestra.resuming(record.id, store=store, reload=reload, placement=placement)
     budget = settings_from(opts).changes().get("budget")
-    execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts["force"], reload=reload), opts,
-            record.id)
+    execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts["force"], reload=reload,
+                                            inputs=given), opts, record.id)
 
 
 @main.command()

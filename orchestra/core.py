@@ -61,7 +61,7 @@ from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
 from orchestra.store import HEARTBEAT_SECONDS, QUIET_EVENTS, RunRecord, RunStore
-from orchestra.workflow import Workflow
+from orchestra.workflow import Workflow, check_inputs
 
 T = TypeVar("T")
 
@@ -1217,7 +1217,8 @@ class Orchestra:
         return run_sync(self.aresume(run_id, **overrides))
 
     async def aresume(self, run_id: str, *, budget: Budget | dict[str, Any] | None = None,
-                      force: bool = False, reload: bool = False) -> RunResult:
+                      force: bool = False, reload: bool = False,
+                      inputs: Mapping[str, Any] | None = None) -> RunResult:
         """Finish a stored run from its record alone: the recorded settings, plan, pinned experts and
         workflow steps (not this Orchestra's settings); recorded calls are replayed, only missing
         ones are sent.
@@ -1230,6 +1231,8 @@ class Orchestra:
             reload: for a workflow run, read the workflow file as it is now (a template fixed
                 since the run failed on it): its steps, prompts and final template, recorded with
                 the run from then on; calls whose requests did not change are still replayed.
+            inputs: with ``reload``, workflow inputs over the recorded ones (one the edited file
+                added, a value to change); strings are converted as ``-i`` values are.
         """
         if self.store is None:
             raise ConfigError("resume needs the run store; this Orchestra was made with store=False")
@@ -1238,6 +1241,11 @@ class Orchestra:
         record = self.store.run(run_id)
         if reload:
             check_reload(record)
+        if inputs is not None:
+            check_inputs(inputs)
+        if inputs and not reload:  # (the recorded steps were made with the recorded inputs)
+            raise ConfigError("inputs are given to a resume that reads the workflow file again: add reload=True, "
+                              "or leave them out to go on with the run's own")
         if record.status == "done":
             stored = self.store.result(record.id)
             if stored is not None:
@@ -1256,7 +1264,8 @@ class Orchestra:
         if ref is not None:  # the steps' prompts and the final template, as they were when it began
             workflow = Workflow.load(ref.path, pool=self.pool, text=None if reload else ref.source, data=False)
             if reload:  # the file as it is now, its inputs' defaults too, recorded as the run's from here on
-                given = {name: value for name, value in ref.inputs.items() if name not in ref.defaulted}
+                given = {**{name: value for name, value in ref.inputs.items() if name not in ref.defaulted},
+                         **(inputs or {})}
                 values = workflow.resolve_inputs(given)
                 plan = workflow.plan()
                 spec = spec.model_copy(update={

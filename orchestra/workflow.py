@@ -12,7 +12,7 @@ import functools
 import math
 import re
 import sys
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -26,6 +26,7 @@ from orchestra.agents import Pool
 from orchestra.budget import Budget
 from orchestra.dag import Dag
 from orchestra.errors import ConfigError
+from orchestra.matching import LexicalMatcher
 from orchestra.numbers import Count
 from orchestra.pipeline.scheduler import NodeSettings, Outputs
 from orchestra.plan import ID_PATTERN, MAX_SKILLS, Plan, Subtask
@@ -34,6 +35,9 @@ from orchestra.settings import MAX_K, Settings
 from orchestra.skills import skill_names
 from orchestra.vocabulary import GraderName, Mode, Strategy
 from orchestra.yamlfile import YamlDocument, read_yaml
+
+#: the settings only a planner reads (a workflow with steps has none)
+_PLANNING = ("max_nodes", "plan_repairs", "plan_fallback", "planner_max_tokens", "fast_path", "plan_check")
 
 _TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "number": (int, float),
                                               "boolean": bool}
@@ -215,6 +219,19 @@ class Workflow:
                if name in self.spec.model_fields_set and getattr(self.spec, name) is not None}
         return self.pool.settings.layered(self.spec.settings, own)
 
+    def unused_setting(self, names: Iterable[str]) -> tuple[str, str] | None:
+        """The first of ``names`` (settings given for this workflow: its own, the command line's) that
+        would do nothing in it, and why; None when each applies."""
+        for name in (name for name in Settings.model_fields if name in names):
+            if name == "plan":
+                return name, "whether a workflow is planned is its plan: auto, or its steps"
+            if name == "context_chars" and self.spec.plan != "auto":
+                return name, ("a step's prompt shows the outputs its template writes, whole (it cuts what a planned "
+                              "step is shown)")
+            if name in _PLANNING and self.spec.plan != "auto":
+                return name, "it is the planner's, and this workflow's steps are written out, not planned"
+        return None
+
     @classmethod
     def load(cls, path: str | Path, *, pool: Pool | None = None, text: str | None = None,
              data: bool | None = None) -> Workflow:
@@ -233,12 +250,16 @@ class Workflow:
                                  f"with --pool (orchestra ask \"...\" --pool {file}), or run a workflow file")
         spec = document.validate(WorkflowFile)
         workflow = cls(spec, document, pool or _load_pool(spec, document, file), file)
-        workflow._check(data=text is None if data is None else data)
+        workflow._check(data=text is None if data is None else data, recorded=text is not None)
+        if pool is None and text is None:  # (on another pool, the skills written for its own may all be missing)
+            workflow._check_skills()
         return workflow
 
     # --- validation ------------------------------------------------------------------------
 
-    def _check(self, *, data: bool = True) -> None:
+    def _check(self, *, data: bool = True, recorded: bool = False) -> None:
+        """Refuse what a run would fail on, or not use; ``recorded``: the text is a run's record, which
+        may set what is refused since (such a run still resumes)."""
         spec, document = self.spec, self.document
         for name, declared in spec.inputs.items():
             default, kind = declared.default, declared.type
@@ -277,6 +298,10 @@ class Workflow:
                 raise document.error(f"the data set {where} is a folder; name its JSONL file", ("dataset", "path"))
             if data and not where.is_file():
                 raise document.error(f"data set not found: {where}", ("dataset", "path"))
+        unused = None if recorded else self.unused_setting(spec.settings.model_fields_set)
+        if unused is not None:  # (accepted, then not used)
+            raise document.error(f"settings.{unused[0]} does nothing here: {unused[1]}; leave it out",
+                                 ("settings", unused[0]))
         aggregator = spec.settings.aggregator
         if aggregator is not None and aggregator not in self.pool:  # (the run would stop at its start)
             raise document.error(f"aggregator {aggregator!r} is not an agent of pool {self.pool.name!r}; the pool has "
@@ -314,6 +339,27 @@ class Workflow:
                                  step_id=step.id)
         if spec.final is not None:
             self._check_template(spec.final, ("final",), steps_allowed=set(ids))
+
+    def _check_skills(self) -> None:
+        """Refuse a step's skills when none matches a skill of the workflow's own pool (the step was
+        recruited as if it named none, and nothing said so; one that matches is enough, as a workflow
+        may be written for several pools); an embedding matcher's matches are known only when it is asked."""
+        settings = self.settings()
+        matcher = settings.matcher.build() if any(step.recruit and step.recruit.skills for step in self.spec.steps) \
+            else None
+        if not isinstance(matcher, LexicalMatcher):
+            return
+        vocabulary = self.pool.skill_table(settings.recruit).vocabulary
+        if not vocabulary:  # (no agent has a skill: recruiting reads none)
+            return
+        for index, step in enumerate(self.spec.steps):
+            skills = step.recruit.skills if step.recruit else []
+            if skills and all(matcher.nearest(name, vocabulary) is None for name in skill_names(skills, 40)):
+                shown = ", ".join(vocabulary[:10]) + (", ..." if len(vocabulary) > 10 else "")
+                raise self.document.error(
+                    f"step {step.id!r}: its skills ({', '.join(skills)}) match none of the pool's {len(vocabulary)} "
+                    f"skills ({shown}); fix them, or leave skills out to have them found from its prompt",
+                    ("steps", index, "recruit", "skills"))
 
     def _check_template(self, source: str, loc: tuple[Any, ...], *, steps_allowed: Container[str],
                         step_id: str | None = None, planned: bool = False) -> None:
@@ -401,6 +447,7 @@ class Workflow:
     def resolve_inputs(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Typed inputs: given values (strings from the command line are converted), then defaults.
         A value given as None is one not given (so inputs resolved once resolve again the same)."""
+        check_inputs(given)
         values: dict[str, Any] = {}
         for name in given:
             if name not in self.spec.inputs:
@@ -413,8 +460,8 @@ class Workflow:
                 values[name] = declared.default
             elif declared.required:
                 line, column = self.document.where(("inputs", name)) or (None, None)
-                raise ConfigError(f"missing input {name!r}; pass it with -i {name}=VALUE", path=str(self.path),
-                                  line=line, column=column)
+                raise ConfigError(f"missing input {name!r}; {_pass_it(name)}", path=str(self.path), line=line,
+                                  column=column)
             else:
                 values[name] = None
         return values
@@ -761,9 +808,21 @@ def _convert(name: str, value: Any, declared: InputSpec, workflow: Workflow) -> 
                                       f"{MAX_TEMPLATE_OUTPUT:,} in all, its own text included: pass a shorter one",
                                       where)
     if declared.required and isinstance(converted, str) and not converted.strip():
-        raise workflow.document.error(f"input {name!r} is required and was given empty; pass it with -i "
-                                      f"{name}=VALUE", where)
+        raise workflow.document.error(f"input {name!r} is required and was given empty; {_pass_it(name)}", where)
     return converted
+
+
+def _pass_it(name: str) -> str:
+    """How to give an input, on the command line and in Python (the same error reaches both)."""
+    return f"pass it with -i {name}=VALUE (in Python: inputs={{{name!r}: ...}})"
+
+
+def check_inputs(inputs: object) -> None:
+    """Refuse workflow inputs that are not a mapping of names to values (None was "'NoneType' object
+    is not iterable"; a list's items were read as input names)."""
+    if not isinstance(inputs, Mapping):
+        raise ConfigError("inputs must be a mapping of input names to values ({'name': value}; {} for none), not "
+                          f"{type(inputs).__name__}")
 
 
 def _shown(value: Any) -> str:

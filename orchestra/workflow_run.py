@@ -29,13 +29,17 @@ from orchestra.result import RunResult
 from orchestra.settings import RunSpec, Settings, WorkflowRef
 from orchestra.store import RunRecord
 from orchestra.vocabulary import GraderName
-from orchestra.workflow import Workflow
+from orchestra.workflow import Workflow, check_inputs
 from orchestra.yamlfile import read_yaml
 
 
 def orchestra_for(workflow: Workflow, settings: Settings | None = None, **options: Any) -> Orchestra:
     """An ``Orchestra`` on the workflow's pool with its settings (the workflow's over the pool's,
     ``settings`` over both); ``options`` are other ``Orchestra`` arguments (store, tracing...)."""
+    unused = workflow.unused_setting(Settings.layer(settings).model_fields_set)
+    if unused is not None:  # (accepted, then not used)
+        raise ConfigError(f"settings: {unused[0]} does nothing in workflow {workflow.name!r}: {unused[1]}; leave it "
+                          "out", path=str(workflow.path))
     return Orchestra(workflow.pool, workflow.settings().layered(settings), **options)
 
 
@@ -91,6 +95,7 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     spec = workflow.spec.dataset
     if spec is None:
         raise ConfigError("this workflow has no dataset to evaluate", path=str(workflow.path))
+    check_inputs(inputs)
     per_item = [name for name in ("question", "answer_format")
                 if name in inputs and (name == "question" or name in workflow.spec.inputs)]
     if per_item:  # the data set's item would silently replace it

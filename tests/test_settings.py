@@ -216,7 +216,7 @@ def test_workflow_settings_reach_the_orchestra_and_a_pool_setting_stays_under_th
     (tmp_path / "flow.yaml").write_text(
         "pool: pool.yaml\nsettings:\n  context_chars: 321\n  planner_max_tokens: 77\n  max_resident_models: 2\n"
         "  memory_budget_gb: 1.5\n  recruit: {competence_weight: 0}\n  grader: mc\n"
-        "steps:\n  - {id: s, prompt: hi}\n")
+        "plan: auto\ntask: hi\n")  # (planned: a workflow with steps refuses the planner's settings)
     orc = orchestra_for(Workflow.load(tmp_path / "flow.yaml"), store=False)
     assert (orc.settings.context_chars, orc.settings.planner_max_tokens, orc.settings.k) == (321, 77, 2)
     assert orc.executor.max_resident_models == 2 and orc.executor.memory_budget_bytes == int(1.5 * 2**30)

@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import kind_of, plan_json, scripted_pool
+from helpers import AGGREGATE_MARK, FINAL_MARK, kind_of, plan_json, scripted_pool
 from loopback_llm import LOCAL_AGENTS, ScriptedLLM, write_pool
 from test_cli import cli
 
 from orchestra import Agent, Orchestra, Pool
 from orchestra.errors import ConfigError
 from orchestra.models import ChatRequest, FunctionModel
+from orchestra.settings import Settings
 from orchestra.store import RunStore, default_store_path
 from orchestra.workflow import Workflow
-from orchestra.workflow_run import run_workflow
+from orchestra.workflow_run import orchestra_for, run_workflow
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -80,6 +81,39 @@ def test_good_workflow_validates(tmp_path: Path) -> None:
     done = cli("validate", str(write(tmp_path, GOOD)))
     assert done.returncode == 0, done.stderr
     assert "ok (demo: 2 step(s)" in done.stdout
+
+
+def test_validate_takes_a_pool_as_run_does(tmp_path: Path) -> None:
+    """``validate wf.yaml --pool other.yaml`` was "No such option '--pool'", though ``run`` takes it (and the
+    README runs examples on another pool so): its agents are checked against that pool."""
+    other = tmp_path / "other.yaml"
+    other.write_text("name: other\nmodels:\n  m: {type: openai, model: x, base_url: 'http://127.0.0.1:9/v1', "
+                     "api_key_env: null}\nagents:\n  - {name: writer, model: m}\n  - {name: judge, model: m}\n")
+    path = write(tmp_path, GOOD)
+    done = cli("validate", str(path), "--pool", str(other))
+    assert done.returncode == 0 and "ok (demo: 2 step(s), pool other with 2 agents)" in done.stdout, done.stderr
+    other.write_text(other.read_text().replace("name: writer", "name: poet"))
+    refused = cli("validate", str(path), "--pool", str(other))
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: {path}:13:12: step 'draft' names unknown agent 'writer'; the pool has poet, judge")
+
+
+def test_a_steps_skills_that_match_none_of_the_pools_are_refused(tmp_path: Path) -> None:
+    """``skills: [underwater basket weaving]`` passed validate, and the step was recruited as if it named no skill,
+    unsaid; a misspelling the matcher finds (writting), or one skill of several that matches, is kept."""
+    write_pool(tmp_path, "http://127.0.0.1:9")  # (its agents' skills: history, arithmetic, writing)
+    text = "pool: pool.yaml\nsteps:\n  - id: a\n    recruit: {k: 2, skills: [SKILLS]}\n    prompt: Write.\n"
+    with pytest.raises(ConfigError, match=re.escape(
+            "wf.yaml:4:29: step 'a': its skills (underwater basket weaving, knitting) match none of the pool's 3 "
+            "skills (arithmetic, history, writing); fix them, or leave skills out to have them found from its "
+            "prompt")):
+        Workflow.load(write(tmp_path, text.replace("SKILLS", "underwater basket weaving, knitting")))
+    for kept in ("writting", "underwater basket weaving, history"):
+        Workflow.load(write(tmp_path, text.replace("SKILLS", kept)))
+    embedding = "settings: {matcher: {type: embedding, model: e, base_url: 'http://127.0.0.1:9/v1'}}\n"
+    Workflow.load(write(tmp_path, embedding + text.replace("SKILLS", "knitting")))  # (known when it is asked)
+    # on another pool (run --pool), skills written for the workflow's own may all be missing
+    Workflow.load(write(tmp_path, text.replace("SKILLS", "knitting")), pool=Pool.load(tmp_path / "pool.yaml"))
 
 
 def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
@@ -335,11 +369,25 @@ def test_step_using_output_it_does_not_need_is_refused(tmp_path: Path) -> None:
         Workflow.load(write(tmp_path, text))
 
 
+def test_inputs_not_a_mapping_are_one_line_and_python_is_told_its_argument(tmp_path: Path) -> None:
+    """``run_workflow(flow, None)`` raised "TypeError: 'NoneType' object is not iterable", ``["topic"]`` read its
+    item as an input's name, and a missing input told a Python caller only to pass ``-i topic=VALUE``."""
+    flow = Workflow.load(write(tmp_path, GOOD))
+    for given, kind in ((None, "NoneType"), (["topic"], "list"), ("topic=x", "str")):
+        with pytest.raises(ConfigError, match=r"^inputs must be a mapping of input names to values \(\{'name': "
+                                              rf"value\}}; \{{\}} for none\), not {kind}$"):
+            run_workflow(flow, given)
+    with pytest.raises(ConfigError, match=r"wf.yaml:9:10: missing input 'topic'; pass it with -i topic=VALUE \(in "
+                                          r"Python: inputs=\{'topic': \.\.\.\}\)$"):
+        run_workflow(flow, {})
+
+
 def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
     done = cli("run", str(path))
     assert done.returncode == 2
-    assert done.stderr.strip() == f"error: {path}:9:10: missing input 'topic'; pass it with -i topic=VALUE"
+    assert done.stderr.strip() == (f"error: {path}:9:10: missing input 'topic'; pass it with -i topic=VALUE (in "
+                                   "Python: inputs={'topic': ...})")
     wrong = cli("run", str(path), "-i", "topic=x", "-i", "words=many")
     assert wrong.stderr.strip() == f"error: {path}:10:10: input 'words' must be of type integer, got 'many'"
     unknown = cli("run", str(path), "-i", "colour=red")
@@ -349,7 +397,8 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
                                                               "and -i topic=y); give it once")
     blank = cli("run", str(path), "-i", "topic= ")  # (it sent "Write 50 words on  .")
     assert blank.returncode == 2 and blank.stderr.strip() == (
-        f"error: {path}:9:10: input 'topic' is required and was given empty; pass it with -i topic=VALUE")
+        f"error: {path}:9:10: input 'topic' is required and was given empty; pass it with -i topic=VALUE (in Python: "
+        "inputs={'topic': ...})")
     numbers = path.with_name("numbers.yaml")
     numbers.write_text(GOOD.replace("words: {type: integer, default: 50}", "words: {type: number, default: 50}"))
     for value in ("nan", "inf", "-Infinity"):
@@ -454,6 +503,28 @@ def test_a_workflow_named_only_gives_its_steps_no_overall_task(loopback, tmp_pat
         assert shown is None or all(shown in prompt for prompt in prompts)
 
 
+def test_a_workflow_named_only_gives_its_aggregators_and_final_synthesis_no_overall_task(loopback,
+                                                                                           tmp_path: Path) -> None:
+    """Its experts no longer read its name as their overall task, but its aggregators still read "Overall task:
+    agg" and its final synthesis "Task: agg"; a workflow with a description shows it to both."""
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    steps = ("pool: pool.yaml\nsteps:\n  - {id: one, recruit: {k: 2, skills: [history]}, prompt: 'Name a prime.'}\n"
+             "  - {id: two, recruit: {k: 2, skills: [history]}, prompt: 'Name a square.'}\n")
+    for head, shown in (("name: agg\n", None), ("name: agg\ndescription: Numbers.\n", "agg: Numbers.")):
+        sent = len(server.requests)
+        done = cli("run", str(write(tmp_path, head + steps)), "--json")
+        assert done.returncode == 0, done.stderr
+        prompts = [request.prompt for request in server.requests[sent:]]
+        aggregated = [prompt for prompt in prompts if AGGREGATE_MARK in prompt]
+        [final] = [prompt for prompt in prompts if FINAL_MARK in prompt]
+        assert len(aggregated) == 2 and "Step results:" in final
+        if shown is None:
+            assert not any("Overall task" in prompt for prompt in aggregated) and "Task:" not in final
+        else:
+            assert all(f"Overall task: {shown}" in prompt for prompt in aggregated) and f"Task: {shown}" in final
+
+
 def test_a_blank_step_prompt_is_one_line_naming_it(tmp_path: Path) -> None:
     blank = write(tmp_path, GOOD.replace('prompt: "Write {{ inputs.words }} words on {{ inputs.topic }}."',
                                          'prompt: "   "'))
@@ -467,6 +538,11 @@ def test_a_blank_step_prompt_is_one_line_naming_it(tmp_path: Path) -> None:
     ("{type: objekt, properties: {v: {type: string}}}", "$.type must be one of object, array"),
     ("{type: object, required: v}", "$.required"),
     ("{$ref: '#/nowhere'}", "$ref"),
+    # YAML read yes/no as booleans: the schema sent could take no string (a paid repair, then "expected string")
+    ("{type: object, properties: {verdict: {type: string, enum: [yes, no]}}}",
+     "$.properties.verdict.enum has True, which is not of type string (unquoted in YAML, the words yes, no, on, off, "
+     "true and false are booleans: quote it)"),
+    ("{type: array, items: {type: integer, const: '3'}}", "$.items.const has '3', which is not of type integer"),
 ])
 def test_a_step_output_schema_is_checked_at_validate(tmp_path: Path, schema: str, problem: str) -> None:
     broken = write(tmp_path, GOOD.replace("    agent: writer\n", f"    agent: writer\n    output: {schema}\n", 1))
@@ -475,6 +551,44 @@ def test_a_step_output_schema_is_checked_at_validate(tmp_path: Path, schema: str
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"error: {broken}:") and "steps.draft.output: the schema is not usable: " in line
     assert problem in line, line
+
+
+def test_enum_and_const_values_of_their_schemas_type_validate(tmp_path: Path) -> None:
+    """Quoted words, a null a nullable type allows, 2.0 as an integer and an untyped enum are all usable."""
+    for schema in ('{type: string, enum: ["yes", "no"]}', "{type: [string, \"null\"], enum: [a, null]}",
+                   "{type: integer, enum: [1, 2.0]}", "{enum: [yes, 3]}", "{type: boolean, const: yes}"):
+        Workflow.load(write(tmp_path, GOOD.replace("    agent: writer\n", f"    agent: writer\n    output: {schema}\n",
+                                                   1)))
+
+
+@pytest.mark.parametrize("setting", ["max_nodes: 1", "context_chars: 10", "plan_repairs: 0", "planner_max_tokens: 20",
+                                     "fast_path: false", "plan_fallback: fail", "plan_check: false", "plan: true"])
+def test_a_planning_setting_of_a_workflow_with_steps_is_refused(tmp_path: Path, setting: str) -> None:
+    """Each passed validate and did nothing: the steps are written out, not planned (a step's prompt showed
+    a needed step's output whole under context_chars: 10)."""
+    name, path = setting.split(":")[0], write(tmp_path, f"settings: {{k: 2, {setting}}}\n" + GOOD)
+    with pytest.raises(ConfigError, match=rf"wf.yaml:1:\d+: settings\.{name} does nothing here: .+; leave it out$"):
+        Workflow.load(path)
+    Workflow.load(path, text=path.read_text())  # a run recorded before they were refused still resumes
+
+
+def test_plan_is_refused_in_any_workflow_and_the_planners_settings_apply_to_plan_auto(tmp_path: Path) -> None:
+    """``--set plan=false`` and ``settings: {plan: false}`` were accepted on a ``plan: auto`` workflow, and its
+    planner was called all the same; the planner's own settings are kept there (they apply)."""
+    auto = GOOD[:GOOD.index("steps:")] + "plan: auto\ntask: 'Write on {{ inputs.topic }}.'\n"
+    planned = "settings: {max_nodes: 2, planner_max_tokens: 100, context_chars: 50, fast_path: false, plan_repairs: 0, " \
+              "plan_fallback: single, plan_check: false}\n"
+    flow = Workflow.load(write(tmp_path, planned + auto))
+    assert (flow.settings().max_nodes, flow.settings().context_chars) == (2, 50)
+    with pytest.raises(ConfigError, match=r"wf.yaml:1:\d+: settings\.plan does nothing here: whether a workflow is "
+                                          r"planned is its plan: auto, or its steps; leave it out$"):
+        Workflow.load(write(tmp_path, "settings: {plan: false}\n" + auto))
+    done = cli("run", str(write(tmp_path, auto)), "-i", "topic=tides", "--set", "plan=false", "--no-store")
+    assert done.returncode == 2 and "error: --set plan does nothing in this workflow: " in done.stderr, done.stderr
+    with pytest.raises(ConfigError, match="settings: plan does nothing in workflow 'demo'"):
+        orchestra_for(flow, Settings(plan=False), store=False)
+    with pytest.raises(ConfigError, match="settings: max_nodes does nothing in workflow 'demo'"):
+        orchestra_for(Workflow.load(write(tmp_path, GOOD)), Settings(max_nodes=3), store=False)
 
 
 def test_plan_or_steps_and_exclusive_expert_choice(tmp_path: Path) -> None:
@@ -981,6 +1095,36 @@ def test_resume_reload_takes_an_inputs_default_changed_since_and_keeps_a_given_i
     assert len(later) == 1 and "Your assignment: Ratio 5 and 0\n" in later[0]  # a's answer replayed
     recorded = RunStore(default_store_path()).run(run_id).config["spec"]["workflow"]
     assert (recorded["inputs"], recorded["defaulted"]) == ({"n": 2, "m": 0}, ["n"])
+
+
+def test_resume_reload_takes_an_input_the_edited_file_added(loopback, tmp_path: Path) -> None:
+    """The fix needed a new required input: `resume --reload` said "missing input 'extra'; pass it with -i
+    extra=VALUE", and `resume` took no -i ("No such option '-i'"): the run could not be finished."""
+    server = loopback(ScriptedLLM().handler())
+    write_pool(tmp_path, server.url)
+    text = ("name: grow\npool: pool.yaml\ninputs:\n  topic: {type: string, required: true}\n"
+            "  n: {type: integer, default: 0}\nsteps:\n  - id: a\n    agent: alpha-expert\n"
+            "    prompt: 'Draft a note on {{ inputs.topic }}'\n  - id: b\n    needs: [a]\n    agent: beta-expert\n"
+            "    prompt: 'Ratio {{ 10 // inputs.n }}'\n")
+    path = write(tmp_path, text)
+    failed = cli("run", str(path), "-i", "topic=tides", "--json")
+    assert failed.returncode == 2 and "ZeroDivisionError" in failed.stderr, failed.stderr
+    run_id = json.loads(failed.stdout)["run_id"]
+    path.write_text(text.replace("default: 0}", "default: 2}\n  extra: {type: string, required: true}")
+                    .replace("'Ratio {{ 10 // inputs.n }}'", "'Ratio {{ 10 // inputs.n }} of {{ inputs.extra }}'"))
+    missing = cli("resume", run_id, "--reload")
+    assert missing.returncode == 2 and "missing input 'extra'; pass it with -i extra=VALUE" in missing.stderr
+    unread = cli("resume", run_id, "-i", "extra=kelp")  # (the recorded file has no such input: it would be dropped)
+    assert unread.returncode == 2 and "-i sets an input of the workflow file read again: add --reload" in unread.stderr
+    with pytest.raises(ConfigError, match="inputs are given to a resume that reads the workflow file again"):
+        Orchestra.resuming(run_id, store=RunStore(default_store_path())).resume(run_id, inputs={"extra": "kelp"})
+    sent = len(server.requests)
+    fixed = cli("resume", run_id, "--reload", "-i", "extra=kelp", "--json")
+    assert fixed.returncode == 0 and json.loads(fixed.stdout)["status"] == "done", fixed.stderr
+    later = [r.prompt for r in server.requests[sent:]]
+    assert len(later) == 1 and "Your assignment: Ratio 5 of kelp\n" in later[0]  # a's answer replayed
+    recorded = RunStore(default_store_path()).run(run_id).config["spec"]["workflow"]
+    assert (recorded["inputs"], recorded["defaulted"]) == ({"topic": "tides", "n": 2, "extra": "kelp"}, ["n"])
 
 
 @pytest.mark.parametrize("as_json", [False, True])

@@ -129,6 +129,14 @@ def schema_problem(schema: Any, path: str = "$", root: dict[str, Any] | None = N
             return f"{path}.type must be one of {', '.join(_TYPES)} (or a list of them), not {kind!r}"
     if "enum" in schema and not isinstance(schema["enum"], list):
         return f"{path}.enum must be a list"
+    if kind is not None:  # (a value its own type refuses can never be the answer: paid repairs, then a failure)
+        names = kind if isinstance(kind, list) else [kind]
+        for where, value in [*((f"{path}.enum", value) for value in schema.get("enum", [])),
+                             *([(f"{path}.const", schema["const"])] if "const" in schema else [])]:
+            if not _of_type(value, names):
+                quote = (" (unquoted in YAML, the words yes, no, on, off, true and false are booleans: quote it)"
+                         if isinstance(value, bool) and "string" in names else "")
+                return f"{where} has {value!r}, which is not of type {'/'.join(names)}{quote}"
     required = schema.get("required", [])
     if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
         return f"{path}.required must be a list of property names"
@@ -252,6 +260,13 @@ def _fits(value: Any, schema: Any, path: str, root: dict[str, Any], refs: int) -
     return None
 
 
+def _of_type(value: Any, names: list[str]) -> bool:
+    """Whether ``value`` is of one of the JSON types ``names`` (a bool is no number; 1.0 is an integer)."""
+    return any(isinstance(value, _TYPES.get(n, object)) and not (n in ("integer", "number")
+               and isinstance(value, bool)) for n in names) or (
+        "integer" in names and isinstance(value, float) and value.is_integer())
+
+
 def _check(value: Any, schema: Any, path: str, root: dict[str, Any], refs: int) -> None:
     if schema is True or schema == {}:
         return
@@ -269,10 +284,7 @@ def _check(value: Any, schema: Any, path: str, root: dict[str, Any], refs: int) 
     expected = schema.get("type")
     if expected is not None:
         names = expected if isinstance(expected, list) else [expected]
-        ok = any(isinstance(value, _TYPES.get(n, object)) and not (n in ("integer", "number")
-                 and isinstance(value, bool)) for n in names) or (
-            "integer" in names and isinstance(value, float) and value.is_integer())  # 1.0 is an integer
-        if not ok:
+        if not _of_type(value, names):
             raise StructuredOutputError(f"{path}: expected {'/'.join(names)}, got {type(value).__name__}")
     if "enum" in schema and not any(_same(value, allowed) for allowed in schema["enum"]):
         raise StructuredOutputError(f"{path}: {value!r} is not one of {schema['enum']}")

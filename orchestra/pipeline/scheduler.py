@@ -462,9 +462,9 @@ class Run:
             else:
                 trace.status = "aggregating"
                 self.stages.events.emit(NodeAggregating(run_id=self.run_id, node=node_id, strategy=trace.strategy))
-                job = Job(task=self.task, instruction=instruction, responses=responses, seed=trace.seed,
-                          aggregator=(self.stages.pool[trace.aggregator] if trace.aggregator
-                                      else self.stages.staffing.aggregator),
+                job = Job(task=self._overall(instruction), instruction=instruction, responses=responses,
+                          seed=trace.seed, aggregator=(self.stages.pool[trace.aggregator] if trace.aggregator
+                                                       else self.stages.staffing.aggregator),
                           grader=self.stages.grader, answer_format=self.spec.answer_format, schema=output,
                           on_text=stream, context=self.spec.context, **sampling)
                 failures: list[Exception] = []  # what the aggregator's call came back with, if it failed
@@ -537,6 +537,12 @@ class Run:
         answer = self.spec.answer
         return {"max_tokens": answer.max_tokens, "temperature": answer.temperature}
 
+    def _overall(self, instruction: str) -> str:
+        """The task a prompt about ``instruction`` shows as the overall one: ``instruction`` itself, which
+        the prompts then leave out, where the task is only a workflow's name ("Overall task: two-step")."""
+        untitled = self.spec.workflow is not None and not self.spec.workflow.titled
+        return instruction if untitled else self.task
+
     async def _experts(self, trace: NodeState, agents: list[Agent], recruitment: Recruitment, instruction: str,
                        prompted: bool, output: str | dict[str, Any] | None, sampling: dict[str, Any],
                        stream: Callable[[str], None] | None) -> list[Response]:
@@ -544,9 +550,7 @@ class Run:
         ``prompted``: the instruction is a workflow step's prompt, which shows the inputs itself;
         ``sampling`` and ``stream``: the answer's, for the node that writes it."""
         inputs = [] if prompted else self._inputs(trace.id)
-        # (a workflow's name alone is no overall task: given as the instruction, the prompt shows none)
-        untitled = self.spec.workflow is not None and not self.spec.workflow.titled
-        prompt = render_expert(task=instruction if untitled else self.task, instruction=instruction, inputs=inputs,
+        prompt = render_expert(task=self._overall(instruction), instruction=instruction, inputs=inputs,
                                answer_format=self.spec.answer_format, context=self.spec.context)
         seed = trace.seed
         alone = stream if len(agents) == 1 else None  # its answer is the answer
@@ -682,7 +686,7 @@ class Run:
                        "output": cut_for_aggregator(self.traces[n].output or "", limit)} for n in done]
             started = time.perf_counter()
             try:
-                answer = await self.stages.final.answer(self.task, inputs, self.caller("final"),
+                answer = await self.stages.final.answer(self._overall(""), inputs, self.caller("final"),
                                                         seed=node_seed(self.settings.seed, self.task, "final"),
                                                         context=self.spec.context, options=self.spec.answer,
                                                         on_text=self.on_answer_text)
