@@ -60,7 +60,7 @@ from orchestra.prompts import MAX_CONTEXT_CHARS, MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
-from orchestra.store import HEARTBEAT_SECONDS, QUIET_EVENTS, RunRecord, RunStore
+from orchestra.store import EMBEDDINGS, HEARTBEAT_SECONDS, QUIET_EVENTS, RunRecord, RunStore
 from orchestra.workflow import Workflow, check_inputs
 
 T = TypeVar("T")
@@ -1251,6 +1251,7 @@ class Orchestra:
             if stored is not None:
                 return stored
         spec = RunSpec.from_record(record.config, record.task)
+        self._check_pool_fits(record.id, spec)
         if budget:
             spec = spec.model_copy(update={"settings": spec.settings.layered({"budget": budget})})
         steps: dict[str, Any] = {}
@@ -1278,6 +1279,24 @@ class Orchestra:
         run = self._run(spec, record.id, **steps)
         self._begin_all([run], force=force, resuming=True)
         return await self._finish(run)
+
+    def _check_pool_fits(self, run_id: str, spec: RunSpec) -> None:
+        """Refuse to resume a run on a pool that cannot go on with it: one without the experts it
+        pinned (its keyword calls were paid before it failed), or without the models its recorded
+        answers came from (none was replayed: the run was answered anew on other models, paid
+        again, its record mixing two pools)."""
+        assert self.store is not None
+        pinned = sorted({name for names in spec.pinned.values() for name in names if name not in self.pool})
+        if pinned:
+            raise ConfigError(f"run {run_id} fixed its experts to {', '.join(pinned)}, which this Orchestra's pool "
+                              f"has not (its agents: {', '.join(self.pool.names)}); resume it on the pool it ran on")
+        ours = [model.name for model in self.pool.models]
+        gone = sorted({row["model"] for row in self.store.calls(run_id)
+                       if row["status"] == "ok" and row["purpose"] != EMBEDDINGS and row["model"] not in ours})
+        if gone:
+            raise ConfigError(f"run {run_id}'s recorded answers came from {', '.join(gone)}, which this Orchestra's "
+                              f"pool has not (its models: {', '.join(ours)}); resume it on the pool it ran on (they "
+                              "would be asked anew of other models, not replayed)")
 
     # --- many runs -------------------------------------------------------------------------
 

@@ -271,3 +271,35 @@ def test_runs_of_each_kind_are_expected_to_cost_what_their_own_kind_took() -> No
     assert refused is not None and str(refused).endswith("and a run takes up to 9 calls, so it was not started)")
     assert admission.refusal({"team": 1}, "agent") is None  # 10 + 9 + 1 <= 20
     assert admission.refusal({"team": 1, "agent": 1}, "agent") is not None  # 10 + 9 + 1 + 1 > 20
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_a_run_is_not_resumed_on_a_pool_that_cannot_go_on_with_it(tmp_path: Path, pinned: bool) -> None:
+    """Resumed on another Orchestra's pool: with its experts pinned, 5 keyword calls were paid before
+    "unknown agent 'a'"; without, none of its 6 recorded calls was replayed and the other pool's models
+    answered anew (8 calls), the record mixing two pools. Refused before any call; the same pool goes on."""
+    from orchestra import Agent, Pool
+    from orchestra.errors import ConfigError
+    from orchestra.testing import FunctionModel
+
+    def pool(suffix: str) -> tuple[Pool, list[FunctionModel]]:
+        keywords = FunctionModel(lambda r: {"keywords": ["math"]}, name=f"kw{suffix}")
+        expert = FunctionModel(lambda r: "The answer is 10.", name=f"m{suffix}")
+        agents = [Agent(name=f"{name}{suffix}", model=expert) for name in ("a", "b")]
+        return Pool(agents=agents, planner=keywords), [keywords, expert]
+
+    first, _ = pool("1")
+    orc = Orchestra(first, k=2, store=tmp_path / "runs.db")
+    stopped = orc.run("What is 5+5?", plan=False, budget=Budget(max_calls=6),
+                      **({"experts": {"answer": ["a1", "b1"]}} if pinned else {}))
+    assert stopped.status == "budget_exceeded"
+    other, models = pool("9")
+    with pytest.raises(ConfigError) as refused:
+        Orchestra(other, store=tmp_path / "runs.db").resume(stopped.run_id, budget={"max_calls": 100})
+    assert str(refused.value) == (
+        f"run {stopped.run_id} fixed its experts to a1, b1, which this Orchestra's pool has not (its agents: a9, b9); "
+        "resume it on the pool it ran on" if pinned else
+        f"run {stopped.run_id}'s recorded answers came from kw1, m1, which this Orchestra's pool has not (its models: "
+        "m9, kw9); resume it on the pool it ran on (they would be asked anew of other models, not replayed)")
+    assert not any(model.requests for model in models)
+    assert orc.resume(stopped.run_id, budget={"max_calls": 100}).status == "done"
