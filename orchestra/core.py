@@ -853,6 +853,8 @@ class Orchestra:
                              shared_budget=shared_budget, answer_format=answer_format, context=context,
                              workflow=workflow, meta=meta, experts=experts, answer=answer,
                              spent_before=spent_before, **overrides)
+        if run_id is not None:
+            self._check_same_settings(run_id, run.spec)
         run.on_answer_text = _going_on(on_answer_text) if on_answer_text is not None else None
         self._begin(run)
         result = await self._finish(run)
@@ -873,6 +875,27 @@ class Orchestra:
             shown = record.task if len(record.task) <= 60 else record.task[:57] + "..."
             raise ConfigError(f"run {run_id} answers another task ({shown!r}); leave out run_id for a new run, "
                               f"or resume that one ({command('resume', run_id)})")
+
+    def _check_same_settings(self, run_id: str, spec: RunSpec) -> None:
+        """An existing ``run_id`` continues that run: with other settings (its budget aside, which
+        a run goes on under when raised) it is refused. It was run again under the new ones, its
+        record overwritten, its usage adding what the first settings' calls had cost (k=1 reported
+        the 9 calls of k=3)."""
+        if self.store is None:
+            return
+        try:
+            record = self.store.run(run_id)
+        except StoreError:
+            return
+        if record.id != run_id:
+            return
+        ignored = {"budget", *ORCHESTRA_LEVEL}
+        before = RunSpec.from_record(record.config, record.task).settings.model_dump(exclude=ignored)
+        now = spec.settings.model_dump(exclude=ignored)
+        changed = [f"{name} {before[name]!r}, now {now[name]!r}" for name in now if now[name] != before.get(name)]
+        if changed:
+            raise ConfigError(f"run {run_id} was made with other settings ({'; '.join(changed[:3])}); leave out "
+                              f"run_id for a new run, or go on with it as it was ({command('resume', run_id)})")
 
     def run_settings(self, overrides: Mapping[str, Any]) -> Settings:
         """This Orchestra's settings with a run's ``overrides`` on top; settings of the executor

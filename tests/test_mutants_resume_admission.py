@@ -303,3 +303,23 @@ def test_a_run_is_not_resumed_on_a_pool_that_cannot_go_on_with_it(tmp_path: Path
         "m9, kw9); resume it on the pool it ran on (they would be asked anew of other models, not replayed)")
     assert not any(model.requests for model in models)
     assert orc.resume(stopped.run_id, budget={"max_calls": 100}).status == "done"
+
+
+def test_a_run_id_given_again_with_other_settings_is_refused(tmp_path: Path) -> None:
+    """A finished run's id given again with k=1 ran it again under k=1: its record overwritten (k=3's
+    answer gone) and its usage saying 9 calls, the first run's, for a run of 6. The same settings
+    (a raised budget too) still go on with it."""
+    from orchestra.errors import ConfigError
+
+    pool, models = scripted_pool(3)
+    orc = Orchestra(pool, k=3, mode="topk", store=tmp_path / "runs.db")
+    first = orc.run("What is 4+4?", plan=False, run_id="r-1")
+    sent = sum(len(m.requests) for m in models.values())
+    with pytest.raises(ConfigError) as refused:
+        orc.run("What is 4+4?", plan=False, run_id="r-1", k=1)
+    assert str(refused.value) == ("run r-1 was made with other settings (k 3, now 1); leave out run_id for a new "
+                                  "run, or go on with it as it was (orchestra resume r-1)")
+    assert sum(len(m.requests) for m in models.values()) == sent
+    assert orc.store is not None and orc.store.result("r-1") == first
+    again = orc.run("What is 4+4?", plan=False, run_id="r-1", budget=Budget(max_calls=100))
+    assert again.answer == first.answer and sum(len(m.requests) for m in models.values()) == sent
