@@ -98,6 +98,8 @@ class RunResult(BaseModel):
     plan: PlanTrace = Field(default_factory=PlanTrace)
     usage: RunUsage = Field(default_factory=RunUsage)
     batches: list[BatchInfo] = Field(default_factory=list)
+    #: the loads this run's calls waited for, by model (one shared with other runs' calls is in each of
+    #: theirs too: ``Executor.stats.loads`` counts each once)
     model_loads: dict[str, int] = Field(default_factory=dict)
     elapsed_s: float = 0.0
     timings: dict[str, float] = Field(default_factory=dict)
