@@ -386,6 +386,9 @@ class RunAdmission:
         #: budget's ``largest`` does not know it): the last call of a run may need that much
         self._refused = NOTHING
         self._futile: BudgetExceeded | None = None  # a call of every run seems over a limit on its own
+        #: the kinds in ``_largest`` only expected, not measured (``expect``): the first run that ends
+        #: on its own replaces the expectation
+        self._estimated: dict[Hashable, bool] = {}
         #: runs stopped by a call over a limit on its own, while none has ended on its own
         self._hopeless = 0
         self._fitted = False  # a run ended on its own: the limit holds a whole run
@@ -478,8 +481,21 @@ class RunAdmission:
             elif slack.tokens > self._slack.tokens or slack.cost_usd > self._slack.cost_usd:
                 self._slack = Reservation(max(slack.tokens, self._slack.tokens),
                                           max(slack.cost_usd, self._slack.cost_usd))
-            largest = self._largest.get(kind, _NONE_KNOWN)
+            largest = _NONE_KNOWN if self._estimated.pop(kind, None) else self._largest.get(kind, _NONE_KNOWN)
             self._largest[kind] = (max(largest[0], whole[0]), max(largest[1], whole[1]), max(largest[2], whole[2]))
+
+    def expect(self, kind: Hashable, like: Hashable, tokens_per_call: float) -> None:
+        """Until a run of ``kind`` ends on its own, expect one to take what the costliest run of
+        ``like`` took and ``tokens_per_call`` more in each of its calls, at that run's price per
+        token (a longer request's run, from runs of shorter ones: unknown, it ran alone, and every
+        request beside it waited). Nothing is expected where ``like`` is not known, or ``kind`` is."""
+        known = self._largest.get(like)
+        if known is None or kind in self._largest:
+            return
+        calls, tokens, cost = known
+        more = calls * tokens_per_call
+        self._largest[kind] = (calls, tokens + more, cost * (tokens + more) / tokens if tokens else cost)
+        self._estimated[kind] = True
 
 
 #: what a run of a kind not learned yet is counted at (it waits for nothing to be in flight)

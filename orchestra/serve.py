@@ -273,10 +273,22 @@ class Server:
     def _measured_kind(self, like: str, size: int) -> str:
         """The kind a request's run is admitted as (see ``_kind``: what it is ``like`` and its
         ``size``): the smallest size at least its own that a run of its like has been measured at
-        (what that took bounds what this takes), else its own (unknown: it runs alone, measured)."""
+        (what that took bounds what this takes); a larger size than any is expected to cost what
+        the largest measured did, times how much longer it may be (unknown, each ran alone). Under a
+        budget of calls alone, the size is no measure: every size is one kind."""
+        if self.shared is None or (self.shared.budget.max_tokens is None and self.shared.budget.max_cost_usd is None):
+            return f"{like} ~0"
         known = self._sizes.get(like)
-        measured = min((s for s in known if s >= size), default=size) if known else size
-        return f"{like} ~{measured}"
+        if not known:
+            return f"{like} ~{size}"
+        measured = min((s for s in known if s >= size), default=None)
+        if measured is not None:
+            return f"{like} ~{measured}"
+        largest = max(known)
+        if self.admission is not None:  # (each call reads the messages: the most they may have grown, in tokens)
+            grown = SIZE_STEP ** (size + 1) - SIZE_STEP ** largest  # (characters; 4 a token, as estimate_tokens)
+            self.admission.expect(f"{like} ~{size}", f"{like} ~{largest}", grown / 4)
+        return f"{like} ~{size}"
 
     def _run_ended(self, kind: str, run: asyncio.Task[RunResult]) -> None:
         """Count a request's run of ``kind`` that ended for ``RunAdmission``: what it spent, and (if it

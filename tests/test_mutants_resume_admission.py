@@ -323,3 +323,20 @@ def test_a_run_id_given_again_with_other_settings_is_refused(tmp_path: Path) -> 
     assert orc.store is not None and orc.store.result("r-1") == first
     again = orc.run("What is 4+4?", plan=False, run_id="r-1", budget=Budget(max_calls=100))
     assert again.answer == first.answer and sum(len(m.requests) for m in models.values()) == sent
+
+
+def test_a_kind_only_expected_is_replaced_by_its_first_measured_run() -> None:
+    """A longer request's run is expected to take the measured run's tokens and more in each call, at
+    its price per token, until one ends on its own: then what it took is the measure (an expectation
+    kept as the largest would hold the server to the guess for good)."""
+    admission = RunAdmission(BudgetTracker(Budget(max_calls=None, max_tokens=100_000, max_cost_usd=None), None))
+    admission.count((9, 300, 0.003), (9, 300, 0.003), kind="short")
+    admission.expect("long", "short", 100)  # 9 calls of 100 tokens more each
+    admission.expect("long", "short", 1)  # (expected already: kept)
+    admission.expect("other", "unknown", 100)  # (nothing measured to expect it from)
+    assert admission._largest["long"] == (9, 1200, pytest.approx(0.012)) and "other" not in admission._largest
+    assert admission.admits({"long": 1}, "long")  # (both kinds known: it runs beside the one in flight)
+    admission.count((9, 700, 0.007), (9, 700, 0.007), kind="long")
+    assert admission._largest["long"] == (9, 700, 0.007)
+    admission.count((9, 500, 0.005), (9, 500, 0.005), kind="long")
+    assert admission._largest["long"] == (9, 700, 0.007)  # (measured now: the costliest is kept)

@@ -703,6 +703,21 @@ def test_a_short_requests_run_is_no_measure_of_a_long_ones(serve: Any, tmp_path:
     assert sorted(run.status for run in runs) == ["done"] * (len(answered) + 1)
 
 
+@pytest.mark.parametrize("limit", [{"max_calls": 1000}, {"max_tokens": 1_000_000}])
+def test_longer_requests_than_any_measured_run_side_by_side_when_the_budget_has_room(serve: Any, limit: dict) -> None:
+    """Each request longer than every one measured was a kind never seen, so it ran alone and the
+    rest waited: four at once took four times as long, under a budget of 1,000 calls too, where a
+    request's length changes nothing. Now its cost is expected from the measured runs (more tokens
+    in each call) and, under a budget of calls alone, its length is no measure at all."""
+    running, experts = serve(budget=Budget(**{"max_calls": None, "max_tokens": None, "max_cost_usd": None, **limit}))
+    experts.bill_prompts = True
+    assert running.client().chat.completions.create(model="orchestra", messages=[{"role": "user", "content": "hi"}])
+    experts.gates["expert"] = (12, asyncio.Event())  # the experts answer once all four runs' 12 have arrived
+    outcomes = asyncio.run(burst(running, 4, "Summarise this, item {i}: " + "lorem ipsum dolor sit amet " * 60))
+    assert all(not isinstance(o, BaseException) for o in outcomes), outcomes
+    assert sum(experts.count("expert").values()) == 3 + 12
+
+
 def test_a_request_too_big_for_the_servers_token_budget_leaves_the_rest_for_others(serve: Any) -> None:
     running, experts = serve(budget=Budget(max_calls=None, max_cost_usd=None, max_tokens=20_000))
     client = running.client()
