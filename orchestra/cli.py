@@ -1040,8 +1040,8 @@ def parse_lambdas(text: str | None) -> tuple[float, ...]:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:  # (an empty entry, "0.1,,0.2", too: it was dropped without a word)
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--lambdas") from None
-    if not values or any(v < 0 or v != v for v in values):
-        raise click.BadParameter("give one or more numbers >= 0, e.g. 0,0.05,0.2", param_hint="--lambdas")
+    if not values or any(not 0 <= v < math.inf for v in values):  # (inf: the sweep was paid, then refused)
+        raise click.BadParameter("give one or more finite numbers >= 0, e.g. 0,0.05,0.2", param_hint="--lambdas")
     twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
     if twice is not None:  # (the same point would be evaluated, and paid for, twice)
         raise click.BadParameter(f"{twice:g} is given twice", param_hint="--lambdas")

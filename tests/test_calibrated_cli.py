@@ -173,6 +173,10 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
     twice = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0.05,0,0.050")
     assert (twice.returncode, twice.stderr.strip()) == (2, "error: Invalid value for --lambdas: 0.05 is given twice "
                                                            "(see python -m orchestra eval --help)")  # (paid twice)
+    for endless in ("0,inf", "0,1e400"):  # (every point was paid for, then the last refused and all lost)
+        refused = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", endless)
+        assert refused.returncode == 2 and "give one or more finite numbers >= 0" in refused.stderr
+    assert sum(market.reset()[0].values()) == 0
     lonely = cli("eval", "--pool", str(pool), "--data", str(test), "--plot", str(plot))
     assert lonely.returncode == 2 and "add --sweep" in lonely.stderr
     dropped = cli("eval", "--pool", str(pool), "--data", str(test), "--lambdas", "0,1")  # (ran a plain eval)
