@@ -456,14 +456,18 @@ def refuse_unused_recruiting(opts: dict[str, Any], mode: str, *, switch: str = "
                              pool: Pool | None = None) -> None:
     """Refuse a recruiting flag ``mode`` would accept and then not use: the cost cap per item is
     the calibrated router's, random recruiting weighs no prices, and β weighs the draw and ranks of
-    symbolic-moe, topk and adaptive (calibrated recruiting uses it only while ``pool`` has no
-    measured profile) (``switch``: the flag that picks another method)."""
+    symbolic-moe, topk and adaptive (calibrated recruiting uses it, and the aggregator choice, only
+    while ``pool`` has no measured profile) (``switch``: the flag that picks another method)."""
     given = settings_from(opts).changes().get("recruit", {})
     measured = mode == "calibrated" and pool is not None and bool(pool.profiles)
     if given.get("competence_weight") is not None and (mode in ("random", "global") or measured):
         what = "calibrated recruiting on measured profiles" if measured else f"{mode} recruiting"
         raise click.UsageError(f"--competence-weight (recruit.competence_weight) weighs the Symbolic-MoE draw; {what} "
                                f"does not use it: leave it out, or use {switch} symbolic-moe")
+    if settings_from(opts).changes().get("aggregator_choice") is not None and measured:
+        raise click.UsageError(f"--aggregator-choice (aggregator_choice) says how a node's aggregator is chosen; "
+                               f"calibrated recruiting on measured profiles chooses it with each team: leave it out, "
+                               f"or use {switch} symbolic-moe")
     if given.get("max_cost_per_item") is not None and mode != "calibrated":
         raise click.UsageError(f"--max-cost-per-item (recruit.max_cost_per_item) caps the calibrated router's teams; "
                                f"{mode} recruiting does not use it: leave it out, or use {switch} calibrated")

@@ -92,6 +92,11 @@ def test_profile_then_eval_each_method_as_the_server_counts_it(loopback, tmp_pat
         2, "error: --competence-weight (recruit.competence_weight) weighs the Symbolic-MoE draw; calibrated recruiting "
            "on measured profiles does not use it: leave it out, or use --method symbolic-moe (see python -m "
            "orchestra eval --help)")
+    chosen = cli("eval", "--pool", str(pool), "--data", str(test), "--aggregator-choice", "per-node", "--no-store")
+    assert (chosen.returncode, chosen.stderr.splitlines()[0]) == (  # (the same teams and calls, its name unsaid)
+        2, "error: --aggregator-choice (aggregator_choice) says how a node's aggregator is chosen; calibrated "
+           "recruiting on measured profiles chooses it with each team: leave it out, or use --method symbolic-moe "
+           "(see python -m orchestra eval --help)")
     assert sum(market.reset()[0].values()) == 0
     algebra = stored["aliases"].get("algebra", "algebra")
     assert stored["aliases"].get("basic algebra") in (algebra, None) and stored["answer_tokens"][1] > 0
