@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 import time
-import unicodedata
 import warnings
 import zlib
 from collections.abc import (
@@ -61,6 +60,7 @@ from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
 from orchestra.store import EMBEDDINGS, HEARTBEAT_SECONDS, QUIET_EVENTS, RunRecord, RunStore
+from orchestra.terminal_text import invisible
 from orchestra.workflow import Workflow, check_inputs
 
 T = TypeVar("T")
@@ -1493,20 +1493,13 @@ def check_task(task: object) -> None:
         raise ConfigError(f"the task must be a string, not {type(task).__name__}")
     if not task.strip():
         raise ConfigError("the task is empty")
-    if _invisible(task):  # (NUL bytes piped in, or zero-width spaces: nine paid requests answered nothing)
+    if invisible(task):  # (NUL bytes piped in, or zero-width spaces: nine paid requests answered nothing)
         raise ConfigError("the task has no visible character (only spaces, control characters such as NUL and "
                           "format characters such as a zero-width space)")
     if len(task) > MAX_TASK_CHARS:
         raise ConfigError(f"the task is {len(task):,} characters; at most {MAX_TASK_CHARS:,} fit Orchestra's "
                           "prompts (the planner's holds the task twice): shorten it")
     _check_text(task, "the task")
-
-
-#: text with nothing to read in it: whitespace and control characters only
-def _invisible(text: str) -> bool:
-    """Whether ``text`` shows nothing: spaces, control characters and format characters (a zero-width
-    space, a word joiner, a byte-order mark) only. (It stops at the first visible character.)"""
-    return all(character.isspace() or unicodedata.category(character) in ("Cc", "Cf") for character in text)
 
 
 #: what a run id given by a caller may hold: it is typed into ``orchestra resume`` and shown in tables

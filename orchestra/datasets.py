@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, fie
 
 from orchestra.errors import DatasetError
 from orchestra.prompts import MAX_TASK_CHARS
+from orchestra.terminal_text import invisible
 
 #: the letters of a multiple-choice item's choices, as its prompt lists them and answers are read
 LETTERS = "ABCDEFGHIJ"
@@ -55,6 +56,9 @@ class Item(BaseModel):
         """A question with text: blanks alone would be refused as an empty task, with no file or line."""
         if not question.strip():
             raise ValueError("the question is empty")
+        if invisible(question):  # (a run refuses it, naming no file or line)
+            raise ValueError("the question has no visible character (only spaces, control characters such as NUL "
+                             "and format characters such as a zero-width space)")
         if len(question) > MAX_TASK_CHARS:  # (a run refuses it, naming no file or line)
             raise ValueError(f"the question is {len(question):,} characters; at most {MAX_TASK_CHARS:,} fit "
                              "Orchestra's prompts: shorten it")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 #: control characters (the escape that starts a terminal command, NUL, DEL, C1) and the bidirectional
 #: overrides that make a line read other than it is (a carriage return too: it would write over
@@ -26,3 +27,9 @@ def one_line(text: str) -> str:
 def counted(count: int, noun: str) -> str:
     """``1 call``, ``2 calls``: a count with its noun (an English plural in ``s``)."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def invisible(text: str) -> bool:
+    """Whether ``text`` shows nothing: spaces, control characters and format characters (a zero-width
+    space, a word joiner, a byte-order mark) only. (It stops at the first visible character.)"""
+    return all(character.isspace() or unicodedata.category(character) in ("Cc", "Cf") for character in text)

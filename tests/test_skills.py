@@ -335,6 +335,10 @@ def test_a_csv_data_set_is_told_to_be_json_lines(tmp_path: Path) -> None:
     ('{"id": 1, "answer": 1}\n', "val.jsonl:1: field 'question': missing"),
     ('{"id": 1, "question": "q", "answer": 1}\n{"id": 2, "question": "  ", "answer": 1}\n',
      "val.jsonl:2: field 'question': the question is empty"),
+    # (refused by the run, naming no item: the user could not find the row)
+    ('{"id": 1, "question": "q", "answer": 1}\n{"id": 2, "question": "\\u200b\\u0000", "answer": 1}\n',
+     "val.jsonl:2: field 'question': the question has no visible character (only spaces, control characters such "
+     "as NUL and format characters such as a zero-width space)"),
     ('[1, 2]\n', "val.jsonl:1: each line must be a JSON object"),
     # (a JSON array got no hint, where a CSV file gets one)
     ('[{"id": 1, "question": "q", "answer": 1}]\n', "val.jsonl:1: each line must be a JSON object; this is a JSON "
