@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast, get_args
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from orchestra.agents import Pool
 from orchestra.budget import Budget, BudgetTracker, RunAdmission, Spent, task_budget
@@ -58,7 +58,7 @@ from orchestra.plan import SINGLE_NODE, Plan, PlanInvalid, Subtask, validate_pla
 from orchestra.prompts import MAX_CONTEXT_CHARS, MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
-from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef
+from orchestra.settings import ORCHESTRA_LEVEL, SETTING_GROUPS, AnswerOptions, RunSpec, Settings, WorkflowRef
 from orchestra.store import EMBEDDINGS, HEARTBEAT_SECONDS, QUIET_EVENTS, RunRecord, RunStore
 from orchestra.terminal_text import invisible
 from orchestra.workflow import Workflow, check_inputs
@@ -271,11 +271,6 @@ async def _drain() -> None:
 _NULLABLE = frozenset(name for name, spec in Settings.model_fields.items() if type(None) in get_args(spec.annotation))
 
 
-#: the settings that group others (``recruit``, ``budget``...), and the names of theirs
-_NESTED = {name: set(spec.annotation.model_fields) for name, spec in Settings.model_fields.items()
-           if isinstance(spec.annotation, type) and issubclass(spec.annotation, BaseModel)}
-
-
 def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments that name settings, as a settings layer. None leaves a setting as it is,
     except where None is one of its values (``aggregator=None`` clears an Orchestra's aggregator
@@ -283,7 +278,7 @@ def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(knobs) - set(Settings.model_fields))
     if unknown:
         close = difflib.get_close_matches(unknown[0], Settings.model_fields, n=1)
-        nested = next((group for group, fields in _NESTED.items() if unknown[0] in fields), None)
+        nested = next((group for group, fields in SETTING_GROUPS.items() if unknown[0] in fields), None)
         hint = (f"it is a {nested} setting: {nested}={{{unknown[0]!r}: ...}}" if nested  # (competence_weight=0)
                 else f"did you mean {close[0]!r}?" if close else "see orchestra.Settings")
         raise UnknownSetting(f"unknown setting{'s' if len(unknown) > 1 else ''} "

@@ -152,11 +152,20 @@ def _first_problem(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        near = _near_setting([str(part) for part in first["loc"]])
-        return f"{where}: no such setting" + (f"; did you mean {near!r}?" if near else "")
+        path = [str(part) for part in first["loc"]]
+        near = _near_setting(path)
+        group = next((group for group, names in SETTING_GROUPS.items() if path[-1] in names), None) \
+            if len(path) == 1 and near is None else None  # (--set competence_weight=1 said only "no such setting")
+        return f"{where}: no such setting" + (f"; did you mean {near!r}?" if near else
+                                              f"; it is a {group} setting: {group}.{path[-1]}" if group else "")
     if first["type"] == "literal_error":
         return f"{where}: unknown value {first['input']!r}; choose one of {first['ctx']['expected']}"
     return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+
+
+#: the settings that group others (``recruit``, ``budget``...), and the names of theirs
+SETTING_GROUPS = {name: frozenset(spec.annotation.model_fields) for name, spec in Settings.model_fields.items()
+                  if isinstance(spec.annotation, type) and issubclass(spec.annotation, BaseModel)}
 
 
 def _near_setting(path: list[str]) -> str | None:

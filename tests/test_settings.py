@@ -158,6 +158,10 @@ def test_an_evaluation_named_otherwise_by_an_older_version_is_resumed(loopback, 
     ("keywords.samplez=3", "error: --set keywords.samplez: no such setting; did you mean 'samples'?"),
     ("budget.max_call=3", "error: --set budget.max_call: no such setting; did you mean 'max_calls'?"),
     ("K=3", "error: --set K: no such setting; did you mean 'k'?"),  # (difflib weighs case: it named none)
+    # a nested setting at the top said only "no such setting" (as a Python keyword it said where it belongs)
+    ("competence_weight=1", "error: --set competence_weight: no such setting; it is a recruit setting: "
+                            "recruit.competence_weight"),
+    ("max_calls=5", "error: --set max_calls: no such setting; it is a budget setting: budget.max_calls"),
     ("k=many", "error: --set k: Input should be a valid integer, unable to parse string as an integer"),
     ("matcher.type=embedding", "error: --set matcher: an embedding matcher needs model and base_url"),
     ("novalue", "error: --set expects KEY=VALUE, got 'novalue'"),
