@@ -738,7 +738,8 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
             merge_similarity: float | None, resume: bool, store_path: Path | None, no_store: bool,
             as_json: bool, max_calls: int | None, max_cost: float | None, max_tokens: int | None) -> None:
     """Measure every agent on a validation set and save skill profiles (--max-calls, --max-cost and
-    --max-tokens bound the whole profile; a pool's budget bounds each run of the other commands)."""
+    --max-tokens bound what the command sends, answers --resume reuses aside; a pool's budget bounds
+    each run of the other commands)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -807,11 +808,16 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
             progress.stop()
             if stopped:
                 spent_json(stopped[0], False, str(error))
-            raised = (f"raise it with {BUDGET_FLAGS[error.cause.limit]}" if isinstance(error.cause, BudgetExceeded)
-                      else None)
-            fail(f"{error}; " + (f"{raised or 'fix the cause'} and profile again" if answers is None else
-                 f"the answers so far are saved: {f'{raised}, then' if raised else 'once the cause is fixed,'} "
-                 "the same command with --resume sends only the calls not answered"), error.exit_code)
+            flag = BUDGET_FLAGS[error.cause.limit] if isinstance(error.cause, BudgetExceeded) else None
+            if answers is None:
+                then = f"raise {flag} and profile again" if flag else "fix the cause and profile again"
+            elif flag:  # (a resume's limit bounds what it sends, not the answers it reuses: "raise it" said otherwise)
+                then = (f"the answers so far are saved: the same command with --resume sends only the calls not "
+                        f"answered, up to {flag} more")
+            else:
+                then = ("the answers so far are saved: once the cause is fixed, the same command with --resume sends "
+                        "only the calls not answered")
+            fail(f"{error}; {then}", error.exit_code)
         except OrchestraError as error:  # (a budget, a matcher's endpoint: its one line follows, as for any command)
             progress.stop()
             if stopped:

@@ -31,7 +31,7 @@ from orchestra.budget import Budget
 from orchestra.calibration import skill_estimates
 from orchestra.core import run_sync
 from orchestra.datasets import Dataset, Item
-from orchestra.errors import InvalidOutput, ProfilingIncomplete
+from orchestra.errors import BudgetExceeded, InvalidOutput, ProfilingIncomplete
 from orchestra.events import CallsResolved, Event, EventBus, UsageUpdated
 from orchestra.execute import Executor, ResponseCache, RunLedger
 from orchestra.grading import Grader, answer_format, check_grader, get_grader
@@ -237,8 +237,12 @@ def _stop_if_failed(failed: list[tuple[str, Exception]], counter: _Counter) -> N
     endpoint down, a key refused) must not count as a wrong answer in anyone's profile."""
     if failed:
         what, error = failed[0]
-        raise ProfilingIncomplete(f"profiling stopped after its {counter.stage} stage: {len(failed)} of its calls "
-                                  f"failed (first: {what}: {error}); no profiles were written", error)
+        refused = sum(isinstance(e, BudgetExceeded) for _, e in failed)  # (never sent: they did not fail)
+        how = (f"its budget left {len(failed)} of its calls unsent" if refused == len(failed) else
+               f"{len(failed)} of its calls failed" + (f", {refused} of them left unsent by its budget" if refused
+                                                       else ""))
+        raise ProfilingIncomplete(f"profiling stopped after its {counter.stage} stage: {how} (first: {what}: {error}); "
+                                  "no profiles were written", error)
 
 
 async def _keywords(pool: Pool, items: Sequence[Item], executor: Executor, ledger: RunLedger,

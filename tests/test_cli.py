@@ -508,9 +508,10 @@ def test_profile_refuses_before_any_call_what_could_not_finish(llm, tmp_path: Pa
     assert not llm.server.requests
 
 
-def test_profile_budget_flags_bound_the_whole_profile(llm, tmp_path: Path) -> None:
+def test_profile_budget_flags_bound_what_the_command_sends(llm, tmp_path: Path) -> None:
     """profile took no budget (a pool's, which bounds a run, was ignored without a word: 96 requests
-    under max_calls 10): --max-calls bounds it, and a pool's budget gets a note."""
+    under max_calls 10): --max-calls bounds what it sends (a resume's reused answers aside), and a
+    pool's budget gets a note."""
     pool = write_pool(tmp_path, llm.server.url, extra="settings: {budget: {max_calls: 10}}\nprofiles: profiles\n")
     data = tmp_path / "val.jsonl"
     data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
@@ -518,9 +519,13 @@ def test_profile_budget_flags_bound_the_whole_profile(llm, tmp_path: Path) -> No
     stopped = cli("profile", "--pool", str(pool), "--data", str(data), "--max-calls", "7")
     assert stopped.returncode == 3, stopped.stderr
     assert len(llm.server.requests) == 7
-    assert stopped.stderr.strip().splitlines()[-1].endswith(
-        "budget max_calls=7 reached (7 calls made)); no profiles were written; the answers so far are saved: raise "
-        "it with --max-calls, then the same command with --resume sends only the calls not answered")
+    # (the 13 keyword calls the budget left unsent "failed"; "raise it" read as if a resume's reused answers counted)
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "error: profiling stopped after its keywords stage: its budget left 13 of its calls unsent (first: the "
+        "keywords of item q1: budget max_calls=7 reached (7 calls made)); no profiles were written; the answers so "
+        "far are saved: the same command with --resume sends only the calls not answered, up to --max-calls more")
+    again = cli("profile", "--pool", str(pool), "--data", str(data), "--max-calls", "7", "--resume")
+    assert again.returncode == 3 and len(llm.server.requests) == 14, again.stderr  # (7 reused, 7 more sent)
     whole = cli("profile", "--pool", str(pool), "--data", str(data), "--resume")
     assert whole.returncode == 0, whole.stderr
     assert whole.stderr.splitlines()[0] == ("note: the pool's budget bounds each run of ask, eval and run, not a "
