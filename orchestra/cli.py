@@ -1114,14 +1114,22 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
     else:
         table = Table(title=f"accuracy/cost frontier on {dataset.path} ({items} items)"
                             + (f": {interrupted}" if interrupted else ""))
-        for column in ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier"):
-            table.add_column(column, justify="left" if column == "method" else "right")
+        rows = []
         for p in points:
             per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)
             accuracy = f"{p.accuracy:.3f}" + (f" ({p.items - p.failed} of {p.items} finished)" if p.failed else "")
             method = p.method + (f" (cut off after {p.items} items)" if p.interrupted else "")
-            table.add_row(method, accuracy, usd_exact(p.cost_usd), per_correct, str(p.calls),
-                          str(p.saved_calls), "●" if p.on_frontier else "")
+            rows.append((method, accuracy, usd_exact(p.cost_usd), per_correct, str(p.calls), str(p.saved_calls),
+                         "●" if p.on_frontier else ""))
+        headers = ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier")
+        for index, column in enumerate(headers):
+            if column == "method":  # (a name longer than its share is folded, not cut: "symbolic-m…")
+                table.add_column(column, overflow="fold")
+            else:  # (numbers whole: an 80-column terminal cut a cost to "$0.000077…")
+                table.add_column(column, justify="right", no_wrap=True,
+                                 min_width=max([len(column), *(len(row[index]) for row in rows)]))
+        for row in rows:
+            table.add_row(*row)
         terminal().print(table)
         if plot is not None:
             click.echo(f"wrote the frontier to {plot}")

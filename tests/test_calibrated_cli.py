@@ -285,3 +285,23 @@ def test_agents_shows_skills_merged_as_recruiting_reads_them_and_who_aggregates(
     assert listed["agents"][0]["top_skills"] == ["european history +17", "geometry +3"]
     table = cli("agents", "--pool", str(path))
     assert "aggregator: hist (calibrated teams choose their own)" in table.stdout
+
+
+def test_a_sweep_table_in_80_columns_shows_every_number_whole(capsys, monkeypatch) -> None:
+    """Piped (80 columns), the table cut a cost to "$0.000077…" and a method to "symbolic-m…": the
+    numbers it is there to compare."""
+    from orchestra.cli import print_sweep
+    from orchestra.datasets import Dataset
+    from orchestra.frontier import SweepPoint
+
+    monkeypatch.setenv("COLUMNS", "80")
+    points = [SweepPoint(method=name, cost_lambda=lam, accuracy=0.875, cost_usd=cost, cost_per_item_usd=cost / 8,
+                         cost_per_correct_usd=cost / 7, calls=1234, saved_calls=56, items=8, failed=0,
+                         on_frontier=lam == 0.05)
+              for name, lam, cost in (("symbolic-moe, k=3", None, 0.00061800), ("single", None, 0.00007725),
+                                      ("calibrated λ=0.05, k=3", 0.05, 0.00023456))]
+    print_sweep(points, Dataset(items=(), path="examples/data/quiz.jsonl", sha256=""), 8, None, False)
+    shown = capsys.readouterr().out
+    assert "…" not in shown, shown
+    for whole in ("$0.000618", "$0.00007725", "$0.0000110357", "$0.000235", "$0.0000335086", "1234"):
+        assert whole in shown, (whole, shown)
