@@ -262,6 +262,9 @@ def load_dataset(path: str | Path) -> Dataset:
             hint = "" if items else _not_jsonl(file, line)  # (a file whose first row was JSON is JSON Lines)
             if "\r" in line.rstrip("\r"):  # (one line holding them all: "Extra data" said nothing of why)
                 hint = "; its lines end at CR alone (an old Mac's line endings): save it with LF (or CR LF) endings"
+            if line.startswith("\ufeff"):  # (Python's own words advised decoding "using utf-8-sig")
+                raise DatasetError(f"{path}:{number}: the line begins with a byte-order mark (U+FEFF; files joined "
+                                   "with cat?): remove it") from None
             raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg}){hint}") from None
         except RecursionError:
             raise DatasetError(f"{path}:{number}: JSON nested too deeply to read") from None

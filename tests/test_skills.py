@@ -340,6 +340,9 @@ def test_a_csv_data_set_is_told_to_be_json_lines(tmp_path: Path) -> None:
      "val.jsonl:2: field 'question': the question has no visible character (only spaces, control characters such "
      "as NUL and format characters such as a zero-width space)"),
     ('[1, 2]\n', "val.jsonl:1: each line must be a JSON object"),
+    # (two files joined: the second's mark was Python's "Unexpected UTF-8 BOM (decode using utf-8-sig)")
+    ('{"id": 1, "question": "q", "answer": 1}\n\ufeff{"id": 2, "question": "q", "answer": 1}\n',
+     "val.jsonl:2: the line begins with a byte-order mark (U+FEFF; files joined with cat?): remove it"),
     # (a JSON array got no hint, where a CSV file gets one)
     ('[{"id": 1, "question": "q", "answer": 1}]\n', "val.jsonl:1: each line must be a JSON object; this is a JSON "
      "array: a data set is JSON Lines, each object on a line of its own"),
