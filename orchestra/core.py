@@ -760,6 +760,11 @@ class Orchestra:
             from orchestra.ray_engines import RayPlacement
 
             placement = RayPlacement(self.settings.ray_address)
+        else:  # engines in this process: one whose package is missing is refused now (the first run paid its
+            for model in self.pool.models:  # keyword calls before the engine failed to load)
+                installed = getattr(model, "check_installed", None)
+                if installed is not None:
+                    installed()
         self.executor = Executor(events=self.events, max_resident_models=self.settings.max_resident_models,
                                  memory_budget_bytes=int(memory * 2**30) if memory else None, placement=placement)
         self._stages: dict[str, Stages] = {}

@@ -210,6 +210,21 @@ def test_vllm_without_vllm_installed_says_how_to_get_it() -> None:
         asyncio.run(model.load())
 
 
+def test_a_pool_with_an_engine_this_process_cannot_load_is_refused_before_any_call() -> None:
+    """A vllm agent without vllm installed: the first run paid its keyword calls, then failed as the
+    engine loaded. Refused as the Orchestra is made, unless its engines run elsewhere (Ray actors)."""
+    from orchestra.errors import MissingDependency
+
+    keywords = FunctionModel(lambda request: {"keywords": ["general"]}, name="kw")
+    pool = Pool(agents=[Agent(name="big", model=VLLM("some/model")),
+                        Agent(name="cheap", model=FunctionModel(lambda request: "4", name="cheap"))], planner=keywords)
+    with pytest.raises(MissingDependency, match="the VLLM engine needs vllm and a GPU: pip install vllm"):
+        Orchestra(pool, store=False)
+    assert not keywords.requests
+    Orchestra(pool, store=False, executor="ray")  # (the actors' machines may have it: the cluster is asked at load)
+    Orchestra(Pool(agents=[Agent(name="fake", model=VLLM("some/model", engine_factory=FakeLLM))]), store=False)
+
+
 # --- residency-aware dispatch ------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import importlib.metadata
+import importlib.util
 import os
 import re
 import threading
@@ -53,6 +54,10 @@ def _small_model() -> Path | None:
         return default_gguf_path()
     except MissingDependency:
         return None
+
+
+#: why a LlamaCpp engine cannot run in a process without the package
+_NEEDS_LLAMA = "LlamaCpp needs llama-cpp-python: pip install 'skill-orchestra[local]'"
 
 
 def _check_whole(name: str, value: object, least: int) -> None:
@@ -134,12 +139,17 @@ class LlamaCpp(ModelBase):
             self.load_seconds = time.perf_counter() - started
         return self.load_seconds or 0.0
 
+    def check_installed(self) -> None:
+        """Raise ``MissingDependency`` where this process could not load the engine: before any call
+        of a run, not at the engine's first load."""
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise MissingDependency(_NEEDS_LLAMA)
+
     def _open(self) -> Any:
         try:
             from llama_cpp import Llama
         except ImportError:
-            raise MissingDependency(
-                "LlamaCpp needs llama-cpp-python: pip install 'skill-orchestra[local]'") from None
+            raise MissingDependency(_NEEDS_LLAMA) from None
         check_llama_runs(_small_model())  # a build this CPU cannot run would kill this process silently
         llama = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
                       n_gpu_layers=self.n_gpu_layers, verbose=False)

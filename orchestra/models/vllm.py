@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -14,12 +15,15 @@ from orchestra.models.metering import Meter
 from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
 
+#: why a VLLM engine cannot run in a process without the package
+_NEEDS_VLLM = "the VLLM engine needs vllm and a GPU: pip install vllm"
+
 
 def _vllm_engine() -> Callable[..., Any]:
     try:
         from vllm import LLM
     except ImportError:
-        raise MissingDependency("the VLLM engine needs vllm and a GPU: pip install vllm") from None
+        raise MissingDependency(_NEEDS_VLLM) from None
     return LLM
 
 
@@ -94,6 +98,12 @@ class VLLM(ModelBase):
     def loaded(self) -> bool:
         """Whether the engine (and its weights) is up."""
         return self._engine is not None
+
+    def check_installed(self) -> None:
+        """Raise ``MissingDependency`` where this process could not load the engine (vllm missing, no
+        ``engine_factory`` given): before any call of a run, not at the engine's first load."""
+        if self.engine_factory is None and importlib.util.find_spec("vllm") is None:
+            raise MissingDependency(_NEEDS_VLLM)
 
     async def load(self) -> float:
         """Start the engine; return the seconds it took."""
