@@ -64,6 +64,18 @@ class ScriptedLLM:
     def handler(self) -> Any:
         return chat_handler(self.text)
 
+    def experts_hang(self, hanging: Callable[[], bool] = lambda: True) -> Any:
+        """``handler()`` whose experts' requests never answer while ``hanging()`` (the planner's and
+        the keyword requests do): a task to interrupt in flight."""
+        inner = self.handler()
+
+        async def handler(request: LoopbackRequest) -> Any:
+            if hanging() and "Your assignment:" in request.prompt:
+                return Reply(hang=True)
+            return await inner(request)
+
+        return handler
+
 
 LOCAL_AGENTS = ("mathematician", "scientist", "programmer", "writer", "generalist")
 

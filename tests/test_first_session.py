@@ -169,15 +169,7 @@ def test_chat_edit_reports_unknown_commands_and_rewords_recruit_on_new_words(llm
 
 
 def test_trace_after_a_cancelled_task_shows_that_task(loopback, tmp_path: Path) -> None:
-    scripted = ScriptedLLM()
-    inner = scripted.handler()
-
-    async def handler(request):
-        if "Your assignment:" in request.prompt:
-            return Reply(hang=True)
-        return await inner(request)
-
-    pool = write_pool(tmp_path, loopback(handler).url)
+    pool = write_pool(tmp_path, loopback(ScriptedLLM().experts_hang()).url)
     child = pexpect.spawn(sys.executable, ["-m", "orchestra", "chat", "--pool", str(pool)],
                           env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1", "TERM": "xterm-256color"},
                           encoding="utf-8", codec_errors="replace", dimensions=(50, 140), timeout=60)

@@ -153,15 +153,8 @@ def test_chat_edit_refuses_an_instruction_no_run_could_take_and_keeps_the_plan(s
 def chat_interrupted_mid_task(loopback, tmp_path: Path, *flags: str) -> tuple[pexpect.spawn, dict[str, bool]]:
     """A chat whose accepted task is cut off by Ctrl-C while its expert calls hang (until
     ``hanging["on"]`` is set False)."""
-    inner = ScriptedLLM().handler()
     hanging = {"on": True}
-
-    async def handler(request):
-        if hanging["on"] and "Your assignment:" in request.prompt:
-            return Reply(hang=True)
-        return await inner(request)
-
-    server = loopback(handler)
+    server = loopback(ScriptedLLM().experts_hang(lambda: hanging["on"]))
     pool = write_pool(tmp_path, server.url)
     child = spawn("chat", "--pool", str(pool), *flags)
     child.expect("> ")
@@ -200,14 +193,7 @@ def test_sigterm_or_sighup_in_chat_ends_the_session_after_the_task_records_itsel
     from helpers import wait_for
 
     scripted = ScriptedLLM()
-    inner = scripted.handler()
-
-    async def handler(request):
-        if "Your assignment:" in request.prompt:
-            return Reply(hang=True)
-        return await inner(request)
-
-    server = loopback(handler)
+    server = loopback(scripted.experts_hang())
     pool = write_pool(tmp_path, server.url)
     tasks = "".join(f"Write a short report on {topic}, then check it\na\n" for topic in ("tides", "moons", "stars"))
     child = subprocess.Popen([sys.executable, "-m", "orchestra", "chat", "--pool", str(pool)], stdin=subprocess.PIPE,
