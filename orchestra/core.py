@@ -58,7 +58,7 @@ from orchestra.plan import SINGLE_NODE, Plan, PlanInvalid, Subtask, validate_pla
 from orchestra.prompts import MAX_CONTEXT_CHARS, MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
-from orchestra.settings import ORCHESTRA_LEVEL, SETTING_GROUPS, AnswerOptions, RunSpec, Settings, WorkflowRef
+from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef, nested_hint
 from orchestra.store import EMBEDDINGS, HEARTBEAT_SECONDS, QUIET_EVENTS, RunRecord, RunStore
 from orchestra.terminal_text import invisible
 from orchestra.workflow import Workflow, check_inputs
@@ -278,9 +278,8 @@ def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(knobs) - set(Settings.model_fields))
     if unknown:
         close = difflib.get_close_matches(unknown[0], Settings.model_fields, n=1)
-        nested = next((group for group, fields in SETTING_GROUPS.items() if unknown[0] in fields), None)
-        hint = (f"it is a {nested} setting: {nested}={{{unknown[0]!r}: ...}}" if nested  # (competence_weight=0)
-                else f"did you mean {close[0]!r}?" if close else "see orchestra.Settings")
+        nested = nested_hint(unknown[0], "{group}={{'{name}': ...}}")  # (competence_weight=0)
+        hint = nested or (f"did you mean {close[0]!r}?" if close else "see orchestra.Settings")
         raise UnknownSetting(f"unknown setting{'s' if len(unknown) > 1 else ''} "
                              f"{', '.join(map(repr, unknown))}; {hint}")
     return {name: value for name, value in knobs.items() if value is not None or name in _NULLABLE}

@@ -90,7 +90,7 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as error:
-            raise ConfigError(f"{where} {_first_problem(error)}") from None
+            raise ConfigError(f"{where} {_first_problem(error, dotted=where == '--set')}") from None
 
     def changes(self) -> dict[str, Any]:
         """The explicitly set values of this layer (nested ones too)."""
@@ -147,17 +147,17 @@ def assignments(pairs: Sequence[str]) -> dict[str, Any]:
     return data
 
 
-def _first_problem(error: ValidationError) -> str:
-    """``key.path: what is wrong`` for the first problem pydantic found."""
+def _first_problem(error: ValidationError, *, dotted: bool = False) -> str:
+    """``key.path: what is wrong`` for the first problem pydantic found (``dotted``: a nested setting
+    is written ``group.name``, as ``--set`` takes it, rather than as a mapping)."""
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         path = [str(part) for part in first["loc"]]
-        near = _near_setting(path)
-        group = next((group for group, names in SETTING_GROUPS.items() if path[-1] in names), None) \
-            if len(path) == 1 and near is None else None  # (--set competence_weight=1 said only "no such setting")
-        return f"{where}: no such setting" + (f"; did you mean {near!r}?" if near else
-                                              f"; it is a {group} setting: {group}.{path[-1]}" if group else "")
+        nested = nested_hint(path[-1], "{group}.{name}" if dotted else "{group}: {{{name}: ...}}") \
+            if len(path) == 1 else None  # (--set competence_weight=1 said only "no such setting")
+        near = None if nested else _near_setting(path)  # (a budget's max_tokens: "did you mean planner_max_tokens")
+        return f"{where}: no such setting" + (f"; {nested}" if nested else f"; did you mean {near!r}?" if near else "")
     if first["type"] == "literal_error":
         return f"{where}: unknown value {first['input']!r}; choose one of {first['ctx']['expected']}"
     return f"{where}: {first['msg'].removeprefix('Value error, ')}"
@@ -166,6 +166,16 @@ def _first_problem(error: ValidationError) -> str:
 #: the settings that group others (``recruit``, ``budget``...), and the names of theirs
 SETTING_GROUPS = {name: frozenset(spec.annotation.model_fields) for name, spec in Settings.model_fields.items()
                   if isinstance(spec.annotation, type) and issubclass(spec.annotation, BaseModel)}
+
+
+def nested_hint(name: str, form: str) -> str | None:
+    """Where a setting given at the top belongs, each group that has one of that name written in
+    ``form`` (``{group}``, ``{name}``): ``it is a keywords or budget setting: ...``; None if none has."""
+    groups = [group for group, names in SETTING_GROUPS.items() if name in names]
+    if not groups:
+        return None
+    return (f"it is a {' or '.join(groups)} setting: "
+            + " or ".join(form.format(group=group, name=name) for group in groups))
 
 
 def _near_setting(path: list[str]) -> str | None:

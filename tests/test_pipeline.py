@@ -274,6 +274,9 @@ async def _first(results: Any) -> Any:
                                                                       "recruit setting: recruit={'competence_weight': ...}"),
     (lambda pool: Orchestra(pool, store=False).run("x?", cost_lambda=1), "unknown setting 'cost_lambda'; it is a "
                                                                          "recruit setting: recruit={'cost_lambda': ...}"),
+    # (in settings=, the --set form was named, "budget.max_calls", which settings= refuses)
+    (lambda pool: Orchestra(pool, store=False, settings={"max_calls": 3}),
+     "setting max_calls: no such setting; it is a budget setting: budget: {max_calls: ...}"),
     # a Python mistake that was an AttributeError
     (lambda pool: Pool(agents=["a"]), "a pool's agents are Agent objects, not str ('a'): Agent(name=..., model=...)"),
     (lambda pool: Workflow.load("wf.yaml", pool="spool.yaml"), "pool must be a Pool, not str: Pool.load('spool.yaml') "

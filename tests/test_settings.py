@@ -162,6 +162,9 @@ def test_an_evaluation_named_otherwise_by_an_older_version_is_resumed(loopback, 
     ("competence_weight=1", "error: --set competence_weight: no such setting; it is a recruit setting: "
                             "recruit.competence_weight"),
     ("max_calls=5", "error: --set max_calls: no such setting; it is a budget setting: budget.max_calls"),
+    # (a budget's max_tokens was "did you mean 'planner_max_tokens'?", the planner's answer limit)
+    ("max_tokens=5000", "error: --set max_tokens: no such setting; it is a keywords or budget setting: "
+                        "keywords.max_tokens or budget.max_tokens"),
     ("k=many", "error: --set k: Input should be a valid integer, unable to parse string as an integer"),
     ("matcher.type=embedding", "error: --set matcher: an embedding matcher needs model and base_url"),
     ("novalue", "error: --set expects KEY=VALUE, got 'novalue'"),
