@@ -42,6 +42,7 @@ from orchestra.dag import Dag
 from orchestra.errors import (
     BudgetExceeded,
     ConfigError,
+    MissingDependency,
     OrchestraError,
     RunHeld,
     StoreError,
@@ -60,7 +61,7 @@ from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef, nested_hint
 from orchestra.store import EMBEDDINGS, HEARTBEAT_SECONDS, QUIET_EVENTS, RunRecord, RunStore
-from orchestra.terminal_text import invisible
+from orchestra.terminal_text import counted, invisible
 from orchestra.workflow import Workflow, check_inputs
 
 T = TypeVar("T")
@@ -759,15 +760,36 @@ class Orchestra:
             from orchestra.ray_engines import RayPlacement
 
             placement = RayPlacement(self.settings.ray_address)
-        else:  # engines in this process: one whose package is missing is refused now (the first run paid its
-            for model in self.pool.models:  # keyword calls before the engine failed to load)
-                installed = getattr(model, "check_installed", None)
-                if installed is not None:
-                    installed()
+        else:  # engines in this process: one whose package is missing is told of now
+            self._check_engines()
         self.executor = Executor(events=self.events, max_resident_models=self.settings.max_resident_models,
                                  memory_budget_bytes=int(memory * 2**30) if memory else None, placement=placement)
         self._stages: dict[str, Stages] = {}
         self.stages_for(self.settings)  # a bad aggregator or matcher setting fails here, not in the first run
+
+    def _check_engines(self) -> None:
+        """Refuse a pool whose in-process engine this process cannot load where every run needs it
+        (the planner's or the keyword model's, or every agent's: a run paid its keyword calls before
+        the engine failed to load); warn of agents whose engine it cannot load otherwise (a mixed
+        pool's remote agents still answer: runs that recruit the others fail as their engine loads)."""
+        missing: dict[int, MissingDependency] = {}
+        for model in self.pool.models:
+            installed = getattr(model, "check_installed", None)
+            try:
+                if installed is not None:
+                    installed()
+            except MissingDependency as error:
+                missing[id(model)] = error
+        if not missing:
+            return
+        needed = [model for model in (self.pool.planner, self.pool.keyword_model)
+                  if model is not None and id(model) in missing]
+        unable = [agent for agent in self.pool.agents if id(agent.model) in missing]
+        if needed or len(unable) == len(self.pool.agents):
+            raise missing[id(needed[0] if needed else unable[0].model)]
+        warnings.warn(f"{counted(len(unable), 'agent')} cannot answer in this process "
+                      f"({', '.join(agent.name for agent in unable)}: {missing[id(unable[0].model)]}); runs that "
+                      "recruit them fail as their engine loads", UserWarning, stacklevel=3)
 
     @property
     def stages(self) -> Stages:

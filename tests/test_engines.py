@@ -210,19 +210,29 @@ def test_vllm_without_vllm_installed_says_how_to_get_it() -> None:
         asyncio.run(model.load())
 
 
-def test_a_pool_with_an_engine_this_process_cannot_load_is_refused_before_any_call() -> None:
+def test_a_pool_with_an_engine_this_process_cannot_load_is_refused_before_any_call(monkeypatch) -> None:
     """A vllm agent without vllm installed: the first run paid its keyword calls, then failed as the
-    engine loaded. Refused as the Orchestra is made, unless its engines run elsewhere (Ray actors)."""
+    engine loaded. Refused as the Orchestra is made where every run needs such an engine (every
+    agent's, or the planner's), unless its engines run elsewhere (Ray actors); a mixed pool is warned
+    of, and its other agents answer (refusing it stopped a server of remote agents)."""
+    import types
+
     from orchestra.errors import MissingDependency
 
     keywords = FunctionModel(lambda request: {"keywords": ["general"]}, name="kw")
-    pool = Pool(agents=[Agent(name="big", model=VLLM("some/model")),
-                        Agent(name="cheap", model=FunctionModel(lambda request: "4", name="cheap"))], planner=keywords)
+    big = Agent(name="big", model=VLLM("some/model"))
     with pytest.raises(MissingDependency, match="the VLLM engine needs vllm and a GPU: pip install vllm"):
-        Orchestra(pool, store=False)
+        Orchestra(Pool(agents=[big], planner=keywords), store=False)
     assert not keywords.requests
-    Orchestra(pool, store=False, executor="ray")  # (the actors' machines may have it: the cluster is asked at load)
+    Orchestra(Pool(agents=[big], planner=keywords), store=False, executor="ray")  # (the cluster is asked at load)
+    cheap = Agent(name="cheap", model=FunctionModel(lambda request: "4", name="cheap"))
+    with pytest.warns(UserWarning, match=r"^1 agent cannot answer in this process \(big: the VLLM engine needs "
+                                         r"vllm and a GPU: pip install vllm\); runs that recruit them fail"):
+        mixed = Orchestra(Pool(agents=[big, cheap], planner=keywords), store=False)
+    assert mixed.run("What is 2 + 2?", plan=False, experts={"answer": ["cheap"]}).answer == "4"
     Orchestra(Pool(agents=[Agent(name="fake", model=VLLM("some/model", engine_factory=FakeLLM))]), store=False)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # (a stand-in: find_spec raised ValueError)
+    Orchestra(Pool(agents=[big], planner=keywords), store=False)
 
 
 # --- residency-aware dispatch ------------------------------------------------------------------

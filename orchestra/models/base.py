@@ -5,8 +5,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -61,6 +63,17 @@ def notify_downgrade(model: str, feature: str, reason: str) -> None:
 
 
 CancelListener = Callable[[ChatRequest, Usage], None]
+def importable(package: str) -> bool:
+    """Whether ``package`` can be imported in this process (one put in ``sys.modules`` by hand, a
+    test's stand-in, counts; ``find_spec`` raised ``ValueError`` for one without a spec)."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 #: Set by the executor around a batch: called as (request, usage) when a call is cancelled after
 #: requests went out, so what the endpoint received is still counted.
 cancel_listener: ContextVar[CancelListener | None] = ContextVar("cancel_listener", default=None)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from orchestra.errors import CallCancelled, ConfigError, ContextTooLong, MissingDependency
-from orchestra.models.base import ModelBase, Outcome, with_settings
+from orchestra.models.base import ModelBase, Outcome, importable, with_settings
 from orchestra.models.llama_check import check_llama_runs
 from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -142,7 +142,7 @@ class LlamaCpp(ModelBase):
     def check_installed(self) -> None:
         """Raise ``MissingDependency`` where this process could not load the engine: before any call
         of a run, not at the engine's first load."""
-        if importlib.util.find_spec("llama_cpp") is None:
+        if not importable("llama_cpp"):
             raise MissingDependency(_NEEDS_LLAMA)
 
     def _open(self) -> Any:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib.util
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from orchestra.errors import BudgetExceeded, InvalidOutput, MissingDependency
-from orchestra.models.base import ModelBase, Outcome, admit_repair, with_settings, with_usage
+from orchestra.models.base import ModelBase, Outcome, admit_repair, importable, with_settings, with_usage
 from orchestra.models.metering import Meter
 from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -102,7 +101,7 @@ class VLLM(ModelBase):
     def check_installed(self) -> None:
         """Raise ``MissingDependency`` where this process could not load the engine (vllm missing, no
         ``engine_factory`` given): before any call of a run, not at the engine's first load."""
-        if self.engine_factory is None and importlib.util.find_spec("vllm") is None:
+        if self.engine_factory is None and not importable("vllm"):
             raise MissingDependency(_NEEDS_VLLM)
 
     async def load(self) -> float:
