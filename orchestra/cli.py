@@ -1121,16 +1121,15 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
             method = p.method + (f" (cut off after {p.items} items)" if p.interrupted else "")
             rows.append((method, accuracy, usd_exact(p.cost_usd), per_correct, str(p.calls), str(p.saved_calls),
                          "●" if p.on_frontier else ""))
-        headers = ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier")
-        for index, column in enumerate(headers):
-            if column == "method":  # (a name longer than its share is folded, not cut: "symbolic-m…")
-                table.add_column(column, overflow="fold")
-            else:  # (numbers whole: an 80-column terminal cut a cost to "$0.000077…")
-                table.add_column(column, justify="right", no_wrap=True,
-                                 min_width=max([len(column), *(len(row[index]) for row in rows)]))
+        for column in ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier"):
+            table.add_column(column, justify="left" if column == "method" else "right")
         for row in rows:
             table.add_row(*row)
-        terminal().print(table)
+        console = terminal()
+        wide = console.measure(table, options=console.options.update(max_width=10_000)).maximum
+        # its rows whole, wider than the terminal if need be: 80 columns cut a cost to "$0.000077…" and a
+        # method to "symbolic-m…" (and fixed widths for the numbers left the method no room at all)
+        (terminal(width=wide) if wide > console.width else console).print(table)
         if plot is not None:
             click.echo(f"wrote the frontier to {plot}")
     unfinished = [p for p in points if p.failed]

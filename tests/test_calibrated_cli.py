@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from test_cli import cli
 
 from orchestra.testing import LoopbackRequest, Reply
@@ -303,5 +304,12 @@ def test_a_sweep_table_in_80_columns_shows_every_number_whole(capsys, monkeypatc
     print_sweep(points, Dataset(items=(), path="examples/data/quiz.jsonl", sha256=""), 8, None, False)
     shown = capsys.readouterr().out
     assert "…" not in shown, shown
-    for whole in ("$0.000618", "$0.00007725", "$0.0000110357", "$0.000235", "$0.0000335086", "1234"):
+    for whole in ("$0.000618", "$0.00007725", "$0.0000110357", "$0.000235", "$0.0000335086", "1234", "●"):
+        assert whole in shown, (whole, shown)
+    # unfinished and cut off: numbers sized to their cells left the method column no room at all
+    points[0].failed, points[1].interrupted = 3, True
+    with pytest.raises(SystemExit):
+        print_sweep(points, Dataset(items=(), path="examples/data/quiz.jsonl", sha256=""), 8, None, False)
+    shown = capsys.readouterr().out
+    for whole in ("symbolic-moe, k=3", "single (cut off after 8 items)", "0.875 (5 of 8 finished)", "●"):
         assert whole in shown, (whole, shown)
