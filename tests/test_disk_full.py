@@ -10,6 +10,7 @@ from helpers import scripted_pool
 
 from orchestra import Orchestra
 from orchestra.events import CallDone, Event
+from orchestra.hints import advise_store
 from orchestra.store import ABANDONED, RunStore
 
 
@@ -35,12 +36,18 @@ def test_a_full_disk_stops_the_run_in_one_line_and_a_resume_resends_nothing_comm
     store = RunStore(tmp_path / "runs.db")
     task = "Which long question fills the disk? " * 40  # big requests: every journal row needs new pages
     orc = Orchestra(pool, store=store, k=2, on_event=fill_disk_after(store, 3))
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
-        stopped = orc.run(task, plan=False)
+    advise_store(tmp_path / "runs.db")  # (as `--store FILE` does: it said "resume run ID", the file unsaid)
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            stopped = orc.run(task, plan=False)
+    finally:
+        advise_store(None)
     assert not [w for w in warned if "was not recorded" in str(w.message)]  # the result says it, once
     assert stopped.status == "failed" and stopped.exit_code == 2
-    assert "database or disk is full" in stopped.error and f"resume run {stopped.run_id}" in stopped.error
+    assert "database or disk is full" in stopped.error and stopped.error.endswith(
+        f"; the calls answered before are saved: once it can be written, `orchestra resume {stopped.run_id} "
+        f"--store {tmp_path / 'runs.db'}` finishes it")
     assert "\n" not in stopped.error
     # the end could not be written, yet this store lists the run as failed, not running
     assert store.run(stopped.run_id).status == "failed"

@@ -51,6 +51,7 @@ from orchestra.events import (
 )
 from orchestra.execute import Executor, RunLedger
 from orchestra.grading import Grader, choices_of, get_grader, states_answer, strip_reasoning
+from orchestra.hints import command
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.pipeline.aggregation import FinalSynthesis, Job, Response, Strongest, Vote, cut_for_aggregator, strategy
@@ -340,7 +341,9 @@ class Run:
                 trace.status, trace.error = "failed", str(fatal)
             reason = str(fatal)
             if isinstance(fatal, StoreError):
-                reason += f"; the calls answered before are saved: resume run {self.run_id} once it can be written"
+                # (it said "resume run ID": a store given with --store went unsaid, and the resume found no run)
+                resume = command("resume", self.run_id)
+                reason += f"; the calls answered before are saved: once it can be written, `{resume}` finishes it"
             self._finish("failed", None, reason)
             current = asyncio.current_task()
             for task in list(self.tasks):
