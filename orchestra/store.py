@@ -572,6 +572,13 @@ class RunStore:
             except sqlite3.DatabaseError:
                 self._ended[run_id] = status
 
+    def _unwritable(self, why: object) -> StoreError:
+        """The error of a write this store refused (``why``): a read-only one says what to do (it
+        was SQLite's words alone, "attempt to write a readonly database")."""
+        advice = ("; choose a file you can write with --store (or store= in Python), or record nothing with "
+                  "--no-store") if "read-only" in str(why) or "readonly" in str(why) else ""
+        return StoreError(f"cannot write the run store {self.path}: {why}{advice}")
+
     def _transaction(self) -> RunStore._Tx:
         return RunStore._Tx(self)
 
@@ -580,7 +587,7 @@ class RunStore:
             with self._transaction() as db:
                 db.execute(sql, params)
         except sqlite3.DatabaseError as error:
-            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+            raise self._unwritable(error) from None
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         if self._pending:
@@ -631,7 +638,7 @@ class RunStore:
                     "updated=excluded.updated, resumes=resumes+1, config=excluded.config, owner=excluded.owner, "
                     "answer=NULL, error=NULL, result=NULL", rows)  # (a resume killed showed the last attempt's end)
         except sqlite3.DatabaseError as error:
-            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+            raise self._unwritable(error) from None
         self._fresh.difference_update(row[0] for row in rows)
         self._ended_here.difference_update(row[0] for row in rows)
         self._fresh.update(fresh)
@@ -649,7 +656,7 @@ class RunStore:
         run in a store that cannot be written, before anything is begun (an evaluation checks so
         before it writes its answers file)."""
         if self.read_only:
-            raise StoreError(f"cannot write the run store {self.path}: it is read-only")
+            raise self._unwritable("it is read-only")
         now = time.time()
         for start in range(0, len(run_ids), 500):  # (SQLite takes at most 999 parameters a statement)
             part = list(run_ids[start:start + 500])
@@ -673,7 +680,7 @@ class RunStore:
                     lost.update(db.execute(f"SELECT id, coalesce(owner, '') FROM runs WHERE id IN "
                                            f"({', '.join('?' * len(part))}) AND owner IS NOT ?", (*part, self.owner)))
         except sqlite3.DatabaseError as error:
-            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+            raise self._unwritable(error) from None
         return lost
 
     def update_config(self, run_id: str, config: dict[str, Any] | str) -> None:
@@ -688,7 +695,7 @@ class RunStore:
             with self._transaction() as db:  # (not over the record of a run another process took over)
                 db.executemany("UPDATE runs SET config=?, updated=? WHERE id=? AND (owner=? OR owner IS NULL)", rows)
         except sqlite3.DatabaseError as error:
-            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+            raise self._unwritable(error) from None
 
     def release(self, run_id: str) -> None:
         """Give up the lease of a run this process stopped once its requests in flight have ended
@@ -698,7 +705,7 @@ class RunStore:
                 db.execute("UPDATE runs SET owner=NULL WHERE id=? AND owner=? AND status != 'running'",
                            (run_id, self.owner))
         except sqlite3.DatabaseError as error:
-            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+            raise self._unwritable(error) from None
 
     def finish_run(self, result: RunResult, *, soon: bool = False, held: bool = False) -> None:
         """Record how a run ended, with its full result. When the full result cannot be written (a
@@ -841,7 +848,7 @@ class RunStore:
             with self._transaction() as db:
                 _write(db, statements)
         except sqlite3.DatabaseError as error:
-            raise StoreError(f"cannot write the run store {self.path}: {error}") from None
+            raise self._unwritable(error) from None
 
     def record_embeddings(self, run_id: str, *, model: str, node: str | None, usage: Usage,
                           keywords: list[str]) -> None:

@@ -395,8 +395,12 @@ def test_a_transaction_whose_body_fails_commits_the_held_statements_but_not_its_
         assert reader.execute("SELECT task FROM runs WHERE id='r'").fetchone() == ("t",)  # its own undone
         assert reader.execute("SELECT kind FROM events WHERE run_id='r'").fetchall() == [("node_failed",)]
     store.read_only = True  # (a store on a read-only disk: refused before an evaluation writes its answers)
-    with pytest.raises(StoreError, match="it is read-only"):
+    with pytest.raises(StoreError) as refused:  # (with what to do: SQLite's words alone said nothing of it)
         store.check_free([])
+    assert str(refused.value) == (f"cannot write the run store {store.path}: it is read-only; choose a file you can "
+                                  "write with --store (or store= in Python), or record nothing with --no-store")
+    assert str(store._unwritable("attempt to write a readonly database")).endswith("or record nothing with --no-store")
+    assert str(store._unwritable("database or disk is full")).endswith("disk is full")
 
 
 def test_a_resume_clears_the_answer_a_partial_attempt_left(tmp_path: Path) -> None:
