@@ -287,7 +287,7 @@ def test_a_store_that_stops_working_fails_the_call_instead_of_hanging(tmp_path: 
     assert any(m.startswith("events could not be written to the run store") for m in messages)  # once
     assert result.status == "failed" and result.exit_code == 2
     assert "cannot write the run store" in result.error and "Cannot operate on a closed database" in result.error
-    assert f"resume run {result.run_id}" in result.error
+    assert f"`orchestra resume {result.run_id}` finishes it" in result.error
 
 
 def test_cancelling_a_run_stops_its_calls_and_records_it(tmp_path: Path) -> None:
