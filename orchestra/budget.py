@@ -443,7 +443,7 @@ class RunAdmission:
                                             "so it was not started")
         return None
 
-    def ended(self, run: BudgetTracker, *, on_its_own: bool, cut: bool = False, kind: Hashable = None) -> None:
+    def ended(self, run: BudgetTracker, *, on_its_own: bool, cut: bool = False) -> None:
         """Count a run that ended (``on_its_own``: not cut short by a budget or a cancellation, so
         it shows what a run costs; ``cut``: a budget cut it short, so the call it was refused is one
         a run may need room for). Runs stopped by a call over a limit on its own (with the budget
@@ -467,7 +467,7 @@ class RunAdmission:
             self._refused = Reservation(max(wanted.tokens, self._refused.tokens),
                                         max(wanted.cost_usd, self._refused.cost_usd))
         whole = (run.calls, run.prompt_tokens + run.completion_tokens, run.cost_usd)
-        self.count(run.committed(), whole if on_its_own else None, run.slack, kind=kind)
+        self.count(run.committed(), whole if on_its_own else None, run.slack)
 
     def count(self, spent: tuple[float, float, float], whole: tuple[float, float, float] | None,
               slack: Reservation | None = None, *, kind: Hashable = None) -> None:

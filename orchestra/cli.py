@@ -17,7 +17,7 @@ from orchestra import __version__
 from orchestra.errors import ConfigError, OrchestraError, RunHeld
 from orchestra.hints import BUDGET_FLAGS, advise_store, command
 from orchestra.money import usd, usd_exact
-from orchestra.vocabulary import METHOD_NAMES
+from orchestra.vocabulary import GRADER_NAMES, METHOD_NAMES
 
 if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `runs` start fast
     from pydantic.fields import FieldInfo
@@ -722,7 +722,7 @@ def agents(pool: Path | None, as_json: bool) -> None:
               help="Validation set (JSONL).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the profiles (default: the pool's profiles folder).")
-@click.option("--grader", default="auto", type=click.Choice(["auto", "mc", "numeric", "exact"]))
+@click.option("--grader", default="auto", type=click.Choice(GRADER_NAMES))
 @click.option("--aggregation-items", type=click.IntRange(min=0),
               help="Items in the aggregation benchmark (default: every usable item; 0: none).")
 @click.option("--seed", default=0, type=int, show_default=True)

@@ -40,11 +40,6 @@ class Dag:
         return node in self.dependents
 
     @property
-    def sources(self) -> list[str]:
-        """The nodes with no dependencies, in order."""
-        return [node for node in self.nodes if not self.dependencies[node]]
-
-    @property
     def sinks(self) -> list[str]:
         """The nodes nothing depends on, in order."""
         return [node for node in self.nodes if not self.dependents[node]]

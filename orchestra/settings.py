@@ -302,12 +302,8 @@ class RunSpec(BaseModel):
     unrecorded: list[str] = []
     spent_before: Spent | None = None
 
-    def record(self) -> dict[str, Any]:
-        """The JSON-ready form stored with the run."""
-        return {"spec": self.model_dump(mode="json")}
-
     def record_json(self) -> str:
-        """``record()`` as JSON text (what the store keeps, twice per run of a data set). The
+        """What the store keeps of the run (``{"spec": ...}``, the spec's JSON; twice per run of a data set). The
         settings, frozen and shared by a data set's runs, are written once per settings object."""
         try:
             rest = type(self).__pydantic_serializer__.to_json(self, exclude=_SETTINGS_FIELD).decode()

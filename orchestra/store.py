@@ -651,7 +651,7 @@ class RunStore:
                 and (_surely_running(owner) if force else _alive(owner))):  # (a lease run out frees it either way)
             raise RunHeld(run_id, owner.rsplit(":", 1)[0], now - updated, running=force, draining=status != "running")
 
-    def check_free(self, run_ids: Sequence[str], *, force: bool = False) -> None:
+    def check_free(self, run_ids: Sequence[str]) -> None:
         """Refuse, as ``begin_runs`` would (``RunHeld``), runs another live process holds, and any
         run in a store that cannot be written, before anything is begun (an evaluation checks so
         before it writes its answers file)."""
@@ -662,7 +662,7 @@ class RunStore:
             part = list(run_ids[start:start + 500])
             for row in self._query(f"SELECT id, owner, updated, status FROM runs WHERE id IN "
                                    f"({', '.join('?' * len(part))})", tuple(part)):
-                self._refuse_held(row["id"], (row["owner"], row["updated"], row["status"]), now, force=force)
+                self._refuse_held(row["id"], (row["owner"], row["updated"], row["status"]), now, force=False)
 
     def heartbeat(self, held: Iterable[str] = ()) -> dict[str, str]:
         """Tell other processes this one still runs the runs it holds; of ``held`` (runs going here),
@@ -682,10 +682,6 @@ class RunStore:
         except sqlite3.DatabaseError as error:
             raise self._unwritable(error) from None
         return lost
-
-    def update_config(self, run_id: str, config: dict[str, Any] | str) -> None:
-        """Replace a run's stored configuration (without counting a resume)."""
-        self.update_configs([(run_id, config)])
 
     def update_configs(self, configs: Iterable[tuple[str, dict[str, Any] | str]]) -> None:
         """Replace several runs' stored configurations in one transaction."""

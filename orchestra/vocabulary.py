@@ -30,8 +30,5 @@ Method = Literal["calibrated", "symbolic-moe", "vote", "moa", "random", "single"
 """An evaluation method preset (``orchestra.evaluate.METHODS`` says what each sets)."""
 
 MODES: tuple[str, ...] = get_args(Mode)
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
-AGGREGATOR_CHOICES: tuple[str, ...] = get_args(AggregatorChoice)
 GRADER_NAMES: tuple[str, ...] = get_args(GraderName)
-PLAN_FALLBACKS: tuple[str, ...] = get_args(PlanFallback)
 METHOD_NAMES: tuple[str, ...] = get_args(Method)

@@ -272,7 +272,7 @@ def test_choice_layers_call_over_pool_over_default_and_a_fixed_aggregator_wins()
 
 def test_the_choice_is_stored_with_the_run_spec() -> None:
     spec = RunSpec(task="t", settings=Settings(aggregator_choice="per-node"))
-    assert RunSpec.from_record(spec.record(), "t").settings.aggregator_choice == "per-node"
+    assert RunSpec.from_record(json.loads(spec.record_json()), "t").settings.aggregator_choice == "per-node"
     recorded_before = {"options": {"k": 2}, "orchestra": {}}  # a run recorded by version 0.1
     assert RunSpec.from_record(recorded_before, "t").settings.aggregator_choice == "best"
 

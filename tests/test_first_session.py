@@ -311,13 +311,13 @@ def test_a_replan_hints_wording_is_not_the_tasks_and_the_planners_schema_has_no_
 @pytest.mark.llama
 def test_the_embedded_planner_plans_the_task_it_was_given() -> None:
     from orchestra.models import allow_model_requests
-    from orchestra.pipeline.planning import about_the_task
+    from orchestra.pipeline.planning import off_topic_steps
 
     with allow_model_requests():
         orc = Orchestra(store=False)
         for task in (MOON, "Why is the sky blue? Give one practical consequence."):
             plan, note = orc.plan(task)
-            assert about_the_task(plan, task), (task, plan, note)
+            assert off_topic_steps(plan, task) == [], (task, plan, note)
 
 
 # --- answers are text, never markup ------------------------------------------------------------

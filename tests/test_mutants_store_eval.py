@@ -45,7 +45,7 @@ from orchestra.store import ABANDONED, LEASE_SECONDS, RunStore, _process
 def test_check_free_refuses_a_run_another_live_owner_holds_as_begin_runs_would(tmp_path: Path) -> None:
     """``check_free`` is an evaluation's look before it writes its answers file over: it must refuse
     what ``begin_runs`` refuses (a bug passing ``force=True`` along let the answers file be emptied
-    before the begin was refused), and let ``force`` through where ``begin_runs`` would."""
+    before the begin was refused)."""
     path = tmp_path / "runs.db"
     holder = RunStore(path)  # another store object: another owner tag, a fresh lease, a live process
     holder.begin_run("r1", "t", {})
@@ -54,7 +54,7 @@ def test_check_free_refuses_a_run_another_live_owner_holds_as_begin_runs_would(t
         store.check_free(["r1"])
     with pytest.raises(RunHeld):
         store.begin_runs([("r1", "t", {})])
-    store.check_free(["r1", "unknown"], force=True)  # (this process's own tag: force may take it)
+    store.check_free(["unknown"])  # (no such run: nothing to refuse)
     store.close()
     holder.close()
 

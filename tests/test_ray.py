@@ -280,7 +280,7 @@ def test_the_executor_setting_comes_from_the_command_line_the_pool_file_and_the_
     orc = Orchestra(pool_file, store=store)
     assert isinstance(orc.executor.placement, RayPlacement) and orc.executor.placement.address == "auto"
     run = asyncio.run(_record(orc))
-    store.begin_run(run.run_id, run.task, run.spec.record())
+    store.begin_run(run.run_id, run.task, run.spec.record_json())
     resumed = Orchestra.resuming(run.run_id, store=store)
     assert isinstance(resumed.executor.placement, RayPlacement) and resumed.executor.placement.address == "auto"
     assert Orchestra(pool_file, store=False, executor="local").executor.placement is None

@@ -20,7 +20,7 @@ from orchestra.agents import Pool
 from orchestra.errors import ConfigError
 from orchestra.numbers import Count
 from orchestra.store import RunStore
-from orchestra.vocabulary import MODES, STRATEGIES, Mode, Strategy
+from orchestra.vocabulary import MODES, Mode, Strategy
 from orchestra.workflow import Workflow
 from orchestra.workflow_run import orchestra_for
 
@@ -52,7 +52,7 @@ def test_every_setting_in_a_pool_file_reaches_the_orchestra_and_the_run_record(t
 
     async def record() -> str:
         run_spec = orc._make_run("a task").spec
-        assert json.loads(run_spec.record_json()) == json.loads(json.dumps(run_spec.record()))
+        assert json.loads(run_spec.record_json()) == json.loads(json.dumps({"spec": run_spec.model_dump(mode="json")}))
         return run_spec.record_json()  # what the store keeps
 
     spec = RunSpec.from_record(json.loads(asyncio.run(record())), "a task")
@@ -100,7 +100,7 @@ def test_a_matcher_is_replaced_whole_and_an_unknown_nested_key_is_an_error() -> 
 
 def test_the_vocabulary_is_the_models_and_the_command_lines() -> None:
     assert MODES == get_args(Mode) == get_args(Settings.model_fields["mode"].annotation)
-    assert STRATEGIES == get_args(Strategy) == get_args(Settings.model_fields["aggregate"].annotation)
+    assert get_args(Strategy) == get_args(Settings.model_fields["aggregate"].annotation)
     help_text = cli("ask", "--help").stdout
     assert "[calibrated|symbolic-moe|topk|adaptive|global|random]" in help_text
     assert "[synthesize|vote|refine|none]" in help_text

@@ -216,7 +216,7 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
     assert "a run takes up to 3 calls" in str(admission.refusal(1))
     cut = BudgetTracker(Budget(), "r3", parent=shared)
     spent(cut, 1, 10)
-    admission.ended(cut, on_its_own=False, kind="r3")  # a run cancelled counts as spent, not as what a run costs
+    admission.ended(cut, on_its_own=False)  # a run cancelled counts as spent, not as what a run costs
     assert list(admission._largest) == [None]
 
     # a run a budget cut short: the call it was refused is one a run may make, and needs room

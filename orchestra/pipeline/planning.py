@@ -159,9 +159,3 @@ def off_topic_steps(plan: Plan, task: str, context: str = "") -> list[str]:
     if not subject:
         return []
     return [s.id for s in plan.subtasks if not content_words(f"{s.id} {s.instruction}") & subject]
-
-
-def about_the_task(plan: Plan, task: str, context: str = "") -> bool:
-    """Whether every step of the plan shares content with the task (see ``off_topic_steps``); the
-    planner is asked to write each instruction in the task's own words."""
-    return not off_topic_steps(plan, task, context)
