@@ -16,7 +16,7 @@ from helpers import kind_of, plan_json, scripted_pool
 
 from orchestra import Agent, Budget, Orchestra, Plan, Pool
 from orchestra.errors import BadResponse, ConfigError
-from orchestra.events import BatchStarted, Event, NodeFailed, NodeSkipped, UsageUpdated
+from orchestra.events import AggregationFellBack, BatchStarted, Event, NodeFailed, NodeSkipped, UsageUpdated
 from orchestra.hints import run_hint
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.result import RunResult
@@ -697,3 +697,25 @@ def test_a_node_left_with_one_answer_names_no_aggregator(tmp_path: Path) -> None
     assert (row["status"], row["aggregator"]) == ("done", None)
     assert [bool(output.error) for output in node.expert_outputs] == [False, True, True]
     assert [kind_of(r) for m in models.values() for r in m.requests].count("aggregate") == 0
+
+
+def test_a_budget_that_refuses_the_aggregators_call_stops_the_node_rather_than_voting(tmp_path: Path) -> None:
+    """README: a node whose call is refused stops there. The aggregator's refused call fell back to a
+    vote of the experts, as a failing endpoint does: the node read done, with no aggregator, and a
+    resume had nothing left to aggregate."""
+    pool, models = scripted_pool(plan=plan_json(("a", []),))
+    whole = Orchestra(pool, k=3, store=False).run("expensive")
+    calls = sum(len(m.requests) for m in models.values())
+    assert whole.status == "done" and whole.node("a").aggregator is not None
+    for model in models.values():
+        model.requests.clear()
+    events: list[Event] = []
+    store = tmp_path / "runs.db"
+    cut = Orchestra(pool, k=3, store=store, on_event=events.append,
+                    budget=Budget(max_calls=calls - 1)).run("expensive", run_id="cut")
+    assert cut.status == "budget_exceeded" and cut.node("a").status == "failed"
+    assert cut.node("a").error.startswith(f"budget max_calls={calls - 1} reached")
+    assert not [e for e in events if isinstance(e, AggregationFellBack)]
+    resumed = Orchestra(pool, k=3, store=store).resume("cut", budget=Budget(max_calls=calls))
+    assert resumed.status == "done" and resumed.node("a").aggregator == whole.node("a").aggregator
+    assert resumed.answer == whole.answer and sum(len(m.requests) for m in models.values()) == calls

@@ -195,8 +195,9 @@ _RUN_ENDING = (AuthenticationError, EndpointUnreachable, EndpointNotFound, Store
 
 def _falls_back(error: Exception) -> bool:
     """Whether a node whose aggregator's call failed with ``error`` answers by a vote of its experts
-    instead: not when the call was cancelled or the failure ends the run."""
-    return not isinstance(error, (CallCancelled, *_RUN_ENDING))
+    instead: not when the call was cancelled, a budget refused it (the node stops there, and a resume
+    with more budget aggregates) or the failure ends the run."""
+    return not isinstance(error, (CallCancelled, BudgetExceeded, *_RUN_ENDING))
 
 
 def _plain(value: Any) -> Any:
