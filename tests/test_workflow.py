@@ -1272,7 +1272,8 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
     assert evaluate("--resume")[1] == 0  # each item's latest run counts (not the stopped one before it)
     single = cli("run", str(write(tmp_path, "name: one\npool: pool.yaml\nsteps:\n  - id: a\n    prompt: x\n",
                                   "one.yaml")), "--resume")
-    assert single.returncode == 2 and "--resume goes on with a data-set workflow's evaluation" in single.stderr
+    # (a workflow without a data set: --resume finishes its latest unfinished run; this one has none)
+    assert single.returncode == 2 and "error: no run of workflow 'one' (" in single.stderr, single.stderr
 
 
 def test_a_plan_auto_workflow_plans_even_where_the_orchestra_does_not(tmp_path: Path) -> None:
