@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, ge
 import click
 
 from orchestra import __version__
-from orchestra.errors import ConfigError, OrchestraError, RunHeld
+from orchestra.errors import ConfigError, OrchestraError, RunHeld, UserError
 from orchestra.hints import BUDGET_FLAGS, advise_store, command
 from orchestra.money import usd, usd_exact
 from orchestra.vocabulary import GRADER_NAMES, METHOD_NAMES
@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `run
     from orchestra.profile import SkillProfile
     from orchestra.result import RunResult
     from orchestra.settings import Settings
-    from orchestra.store import RunStore
+    from orchestra.store import RunRecord, RunStore
+    from orchestra.workflow import Workflow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -586,7 +587,8 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Run on this pool instead of the workflow's own.")
 @click.option("--resume", is_flag=True, help="A data-set workflow: go on with its earlier evaluation (finished "
-                                            "items are counted, cut-off ones finished, only the rest run).")
+                                            "items are counted, cut-off ones finished, only the rest run); "
+                                            "another: finish its latest unfinished run in the store.")
 @run_options
 @budget_options
 @store_options
@@ -602,8 +604,8 @@ def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], p
     keep_stdout_for_json(opts["as_json"])
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     if resume and flow.spec.dataset is None:
-        raise click.UsageError("--resume goes on with a data-set workflow's evaluation; a single run is finished "
-                               "with `orchestra resume RUN_ID`")
+        refuse_unused_in_resume(opts, given=bool(inputs or input_files or pool))
+        resume_latest_run(flow, opts)
     if resume:  # (a mistyped --store would be a new, empty store: every item would run again)
         refuse_missing_store(opts["store_path"])
     given = parse_assignments([*inputs, *read_input_files(input_files)])
@@ -1284,7 +1286,6 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
 def resume(run_id: str, reload: bool, inputs: tuple[str, ...], ray: str | None, in_process: bool,
            **opts: Any) -> None:
     """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
-    from orchestra.core import Orchestra
     from orchestra.workflow import parse_assignments
 
     if ray is not None and in_process:
@@ -1294,18 +1295,63 @@ def resume(run_id: str, reload: bool, inputs: tuple[str, ...], ray: str | None, 
                                "go on with the run's own inputs")
     given = parse_assignments(list(inputs))
     store = existing_store(opts["store_path"])
-    record = store.run(run_id)
+    placement = ({"executor": "local"} if in_process else {"executor": "ray", "ray_address": ray or None}
+                 if ray is not None else None)
+    resume_stored(store, store.run(run_id), opts, reload=reload, inputs=given, placement=placement)
+
+
+def resume_stored(store: RunStore, record: RunRecord, opts: dict[str, Any], *, reload: bool = False,
+                  inputs: dict[str, Any] | None = None, placement: dict[str, Any] | None = None) -> NoReturn:
+    """Finish a stored run (``orchestra resume``): a finished one's answer is printed from the store."""
+    from orchestra.core import Orchestra
+
     if record.status == "done" and not reload:  # nothing to send: its answer, without its pool (gone, maybe)
         done = store.result(record.id)
         if done is not None:
             keep_stdout_for_json(opts["as_json"])
             finish(done, opts, rich_output=sys.stdout.isatty())
-    placement = ({"executor": "local"} if in_process else {"executor": "ray", "ray_address": ray or None}
-                 if ray is not None else None)
     orc = Orchestra.resuming(record.id, store=store, reload=reload, placement=placement)
     budget = settings_from(opts).changes().get("budget")
-    execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts["force"], reload=reload,
-                                            inputs=given), opts, record.id)
+    execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts.get("force", False), reload=reload,
+                                            inputs=inputs or {}), opts, record.id)
+
+
+def refuse_unused_in_resume(opts: dict[str, Any], *, given: bool) -> None:
+    """Refuse what ``run --resume`` of a single run would not use: the run goes on as it began
+    (``given``: inputs or a pool were given); its budget may be raised."""
+    if opts["no_store"]:
+        raise click.UsageError("--resume goes on with a run recorded in the run store; drop --no-store")
+    if given:
+        raise click.UsageError("--resume goes on with the run's own inputs and pool; leave out -i, --input-file "
+                               "and --pool")
+    changed = sorted(settings_from(opts).model_fields_set - {"budget"})
+    if changed or opts["otel"]:
+        what = f"what sets {changed[0]}" if changed else "--otel"
+        raise click.UsageError(f"--resume goes on with the run's own settings (a budget aside); leave out {what}")
+
+
+def resume_latest_run(flow: Workflow, opts: dict[str, Any]) -> NoReturn:
+    """Resume the latest unfinished single run of ``flow`` in the store, saying which where several
+    are unfinished; with none, one line naming the workflow, the store and its latest finished run."""
+    from orchestra.workflow_run import workflow_runs
+
+    store = existing_store(opts["store_path"])
+    runs = workflow_runs(store, flow)
+    unfinished = [record for record in runs if record.status != "done"]
+    if not unfinished:
+        which = f"workflow {flow.name!r} ({flow.path.resolve()}) in {store.path}"
+        if runs:
+            latest_finished = max(runs, key=lambda record: record.updated)
+            raise UserError(f"no unfinished run of {which} to resume; its latest finished run is shown with "
+                            f"`{command('show', latest_finished.id)}`")
+        raise UserError(f"no run of {which} to resume: run it without --resume (a finished run is shown with "
+                        "`orchestra show RUN_ID`)")
+    latest = unfinished[-1]
+    if len(unfinished) > 1 and not opts["quiet"]:
+        click.echo(f"note: resuming run {latest.id}, the latest of {len(unfinished)} unfinished runs of workflow "
+                   f"{flow.name!r} (`{command('runs')}` lists them; `{command('resume', 'RUN_ID')}` resumes another)",
+                   err=True)
+    resume_stored(store, latest, opts)
 
 
 @main.command()

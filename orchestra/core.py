@@ -574,7 +574,7 @@ class _Stream:
         run_id = instance.options.get("run_id") if instance.options else None
         if run_id is not None:  # (as arun checks it)
             check_run_id(run_id)
-            self.orc._check_same_task(run_id, instance.task)
+            self.orc._check_same_task(self.orc._earlier_run(run_id), instance.task)
             if run_id in self.named:
                 raise ConfigError(f"run id {run_id} is given to two of the tasks; give each its own, or leave "
                                   "run_id out")
@@ -867,15 +867,16 @@ class Orchestra:
             overrides: ``Settings`` fields for this run only (k, mode, aggregate, seed, budget...).
         """
         _check_callback(on_answer_text, "on_answer_text", "the answer's text so far")
+        earlier: RunRecord | None = None
         if run_id is not None:
             check_run_id(run_id)
-            self._check_same_task(run_id, task)
+            earlier = self._earlier_run(run_id)
+            self._check_same_task(earlier, task)
         run = self._make_run(task, plan=plan, run_id=run_id, node_settings=node_settings, final=final,
                              shared_budget=shared_budget, answer_format=answer_format, context=context,
                              workflow=workflow, meta=meta, experts=experts, answer=answer,
                              spent_before=spent_before, **overrides)
-        if run_id is not None:
-            self._check_same_settings(run_id, run.spec)
+        self._check_same_settings(earlier, run.spec)
         run.on_answer_text = _going_on(on_answer_text) if on_answer_text is not None else None
         self._begin(run)
         result = await self._finish(run)
@@ -883,40 +884,40 @@ class Orchestra:
             raise run.forbidden
         return result
 
-    def _check_same_task(self, run_id: str, task: str) -> None:
-        """An existing ``run_id`` continues that run: one of another task is refused (its record
-        would hold one task and the other's answer and calls)."""
+    def _earlier_run(self, run_id: str) -> RunRecord | None:
+        """The stored run ``run_id`` names exactly, which a run given that id continues; None for a
+        new run (no store, no such run, or an id that is only a prefix of stored ones)."""
         if self.store is None:
-            return
+            return None
         try:
             record = self.store.run(run_id)
         except StoreError:  # none (or an id that is a prefix of several): a new run
-            return
-        if record.id == run_id and record.task != task:
-            shown = record.task if len(record.task) <= 60 else record.task[:57] + "..."
-            raise ConfigError(f"run {run_id} answers another task ({shown!r}); leave out run_id for a new run, "
-                              f"or resume that one ({command('resume', run_id)})")
+            return None
+        return record if record.id == run_id else None
 
-    def _check_same_settings(self, run_id: str, spec: RunSpec) -> None:
-        """An existing ``run_id`` continues that run: with other settings (its budget aside, which
-        a run goes on under when raised) it is refused. It was run again under the new ones, its
-        record overwritten, its usage adding what the first settings' calls had cost (k=1 reported
-        the 9 calls of k=3)."""
-        if self.store is None:
-            return
-        try:
-            record = self.store.run(run_id)
-        except StoreError:
-            return
-        if record.id != run_id:
+    @staticmethod
+    def _check_same_task(earlier: RunRecord | None, task: str) -> None:
+        """A run continuing ``earlier`` (see ``_earlier_run``) of another task is refused (its record
+        would hold one task and the other's answer and calls)."""
+        if earlier is not None and earlier.task != task:
+            shown = earlier.task if len(earlier.task) <= 60 else earlier.task[:57] + "..."
+            raise ConfigError(f"run {earlier.id} answers another task ({shown!r}); leave out run_id for a new run, "
+                              f"or resume that one ({command('resume', earlier.id)})")
+
+    @staticmethod
+    def _check_same_settings(earlier: RunRecord | None, spec: RunSpec) -> None:
+        """A run continuing ``earlier`` with other settings (its budget aside, which a run goes on
+        under when raised) is refused. It was run again under the new ones, its record overwritten,
+        its usage adding what the first settings' calls had cost (k=1 reported the 9 calls of k=3)."""
+        if earlier is None:
             return
         ignored = {"budget", *ORCHESTRA_LEVEL}
-        before = RunSpec.from_record(record.config, record.task).settings.model_dump(exclude=ignored)
+        before = RunSpec.from_record(earlier.config, earlier.task).settings.model_dump(exclude=ignored)
         now = spec.settings.model_dump(exclude=ignored)
         changed = [f"{name} {before[name]!r}, now {now[name]!r}" for name in now if now[name] != before.get(name)]
         if changed:
-            raise ConfigError(f"run {run_id} was made with other settings ({'; '.join(changed[:3])}); leave out "
-                              f"run_id for a new run, or go on with it as it was ({command('resume', run_id)})")
+            raise ConfigError(f"run {earlier.id} was made with other settings ({'; '.join(changed[:3])}); leave out "
+                              f"run_id for a new run, or go on with it as it was ({command('resume', earlier.id)})")
 
     def run_settings(self, overrides: Mapping[str, Any]) -> Settings:
         """This Orchestra's settings with a run's ``overrides`` on top; settings of the executor

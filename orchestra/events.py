@@ -97,7 +97,8 @@ class ExpertsRecruited(Event):
 
 @dataclass(frozen=True, slots=True)
 class SkillExtractionFailed(Event):
-    """A node's keyword calls named no skill; it is recruited without skills (a warning)."""
+    """A node's keyword calls, or its own skills, named none of the pool's skills; it is recruited without
+    skills (a warning)."""
 
     kind: ClassVar[str] = "skill_extraction_failed"
     run_id: str

@@ -72,7 +72,8 @@ class RunUsage(BaseModel):
     cache_misses: int = 0
     replayed_calls: int = 0
     skill_extraction_failures: int = 0
-    """Nodes whose keyword calls named no skill (they were recruited without skills)."""
+    """Nodes whose keyword calls, or skills of their own (a plan's, a step's), named none of the pool's skills
+    (they were recruited without skills)."""
     cache_errors: int = 0
     """Answers that could not be written to the response cache (they were saved in the store)."""
 

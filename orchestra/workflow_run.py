@@ -27,7 +27,7 @@ from orchestra.evaluate import (
 from orchestra.grading import answer_format, check_grader, get_grader
 from orchestra.result import RunResult
 from orchestra.settings import RunSpec, Settings, WorkflowRef
-from orchestra.store import RunRecord
+from orchestra.store import RunRecord, RunStore
 from orchestra.vocabulary import GraderName
 from orchestra.workflow import Workflow, check_inputs
 from orchestra.yamlfile import read_yaml
@@ -145,6 +145,21 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
                            shared_budget=shared, meta={"kind": "workflow", "pool_fingerprint": orc.pool.fingerprint()})
     await grade_as_they_finish(stream, tally, [(index, items[index]) for index in todo], report, on_cancel)
     return report(budget_exceeded=str(shared.exceeded) if shared.exceeded else None)
+
+
+def workflow_runs(store: RunStore, workflow: Workflow) -> list[RunRecord]:
+    """The stored single runs of ``workflow`` (by its file's absolute path, as a run records it),
+    oldest first: a data set's item runs are not among them."""
+    path = str(workflow.path.resolve())
+    runs: list[RunRecord] = []
+    for record in store.runs_with_meta(kind="workflow"):
+        try:
+            spec = RunSpec.from_record(record.config, record.task)
+        except ValueError:  # a damaged record: not one to go on with
+            continue
+        if spec.workflow is not None and spec.workflow.path == path and record.item is None:
+            runs.append(record)
+    return runs
 
 
 def _earlier_item_runs(orc: Orchestra, workflow: Workflow, items: list[tuple[Item, dict[str, Any]]],

@@ -305,10 +305,10 @@ def test_a_run_is_not_resumed_on_a_pool_that_cannot_go_on_with_it(tmp_path: Path
     assert orc.resume(stopped.run_id, budget={"max_calls": 100}).status == "done"
 
 
-def test_a_run_id_given_again_with_other_settings_is_refused(tmp_path: Path) -> None:
+def test_a_run_id_given_again_with_other_settings_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A finished run's id given again with k=1 ran it again under k=1: its record overwritten (k=3's
     answer gone) and its usage saying 9 calls, the first run's, for a run of 6. The same settings
-    (a raised budget too) still go on with it."""
+    (a raised budget too) still go on with it, the stored run looked up once for both checks (task, settings)."""
     from orchestra.errors import ConfigError
 
     pool, models = scripted_pool(3)
@@ -321,8 +321,12 @@ def test_a_run_id_given_again_with_other_settings_is_refused(tmp_path: Path) -> 
                                   "run, or go on with it as it was (orchestra resume r-1)")
     assert sum(len(m.requests) for m in models.values()) == sent
     assert orc.store is not None and orc.store.result("r-1") == first
+    looked_up: list[str] = []
+    lookup = orc.store.run
+    monkeypatch.setattr(orc.store, "run", lambda run_id: looked_up.append(run_id) or lookup(run_id))
     again = orc.run("What is 4+4?", plan=False, run_id="r-1", budget=Budget(max_calls=100))
     assert again.answer == first.answer and sum(len(m.requests) for m in models.values()) == sent
+    assert looked_up == ["r-1"]
 
 
 def test_a_kind_only_expected_is_replaced_by_its_first_measured_run() -> None:

@@ -864,7 +864,7 @@ def test_calls_lost_with_their_engine_or_their_load_fail_and_count_only_when_sen
 
 from helpers import kind_of, plan_json, scripted_pool  # noqa: E402
 
-from orchestra import Orchestra, Plan  # noqa: E402
+from orchestra import Agent, Orchestra, Plan, Pool  # noqa: E402
 from orchestra.events import PlanRequested, SkillExtractionFailed  # noqa: E402
 from orchestra.pipeline.scheduler import NodeSettings, node_seed  # noqa: E402
 
@@ -999,6 +999,22 @@ def test_keyword_answers_without_skills_are_reported_but_the_run_is_done() -> No
     result = Orchestra(pool, k=1, aggregate="none", store=False).run("a question", plan=False)
     assert result.usage.skill_extraction_failures == 1  # the calls worked; the model named no skill
     assert result.status == "done" and result.error is None
+
+
+def test_a_node_whose_own_skills_name_none_of_the_pool_s_is_reported_as_an_extracted_one_is() -> None:
+    """A plan's (or a step's) skills that matched nothing were recruited on as if no skill mattered, unsaid;
+    they are matched once per skills, so the second node naming them got no word either way."""
+    events: list[object] = []
+    pool, _ = scripted_pool(2, plan=plan_json(("a", [], ["basket weaving"]), ("b", ["a"], ["basket weaving"]),
+                                              ("c", ["b"], ["arithmetic"])))
+    declared = Pool(agents=[Agent(name=agent.name, model=agent.model, skills=("arithmetic",)) for agent in pool.agents],
+                    planner=pool.planner, settings=pool.settings)
+    result = Orchestra(declared, k=1, aggregate="none", store=False, on_event=events.append).run("three steps")
+    said = [(e.node, e.reason) for e in events if isinstance(e, SkillExtractionFailed)]
+    assert said == [(node, "its skills (basket weaving) name none of the pool's skills") for node in ("a", "b")]
+    assert result.usage.skill_extraction_failures == 2 and result.status == "done"
+    unskilled = Orchestra(pool, k=1, aggregate="none", store=False, on_event=events.append).run("three steps")
+    assert unskilled.usage.skill_extraction_failures == 0  # (a pool that names no skill: nothing to match)
 
 
 def test_a_budget_spent_on_keyword_calls_stops_the_node() -> None:

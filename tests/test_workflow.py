@@ -952,6 +952,39 @@ def test_resume_needs_no_workflow_file(loopback, tmp_path: Path) -> None:
     assert json.loads(resumed.stdout)["status"] == "done" and len(server.requests) == 2
 
 
+def test_run_resume_of_a_single_run_goes_on_with_the_workflows_latest_unfinished_run(loopback,
+                                                                                     tmp_path: Path) -> None:
+    """It was refused with `orchestra resume RUN_ID`, naming no run: the user had to find it in `orchestra runs`."""
+    server, path, first = stopped_after_step_a(loopback, tmp_path)
+    second = json.loads(cli("run", str(path), "--max-calls", "1", "--json").stdout)["run_id"]
+    sent = len(server.requests)
+    latest = cli("run", str(path), "--resume", "--max-calls", "5", "--json")
+    assert latest.returncode == 0, latest.stderr
+    result = json.loads(latest.stdout)
+    assert (result["run_id"], result["status"], result["usage"]["replayed_calls"]) == (second, "done", 1)
+    assert len(server.requests) == sent + 1  # only step b: a's answer was replayed, as `orchestra resume` does
+    assert (f"note: resuming run {second}, the latest of 2 unfinished runs of workflow 'two' (`orchestra runs` "
+            "lists them; `orchestra resume RUN_ID` resumes another)") in latest.stderr
+    other = cli("run", str(path), "--resume", "--max-calls", "5", "--json")
+    assert (other.returncode, json.loads(other.stdout)["run_id"]) == (0, first), other.stderr
+    assert "note:" not in other.stderr  # (the only unfinished run: nothing to say which)
+    done = cli("run", str(path), "--resume")
+    assert (done.returncode, done.stderr.strip()) == (2, (
+        f"error: no unfinished run of workflow 'two' ({path.resolve()}) in {default_store_path()} to resume; its "
+        f"latest finished run is shown with `orchestra show {first}`")), done.stderr
+    empty = tmp_path / "empty.db"
+    RunStore(empty).close()
+    nothing = cli("run", str(path), "--resume", "--store", str(empty))
+    assert (nothing.returncode, nothing.stderr.strip()) == (2, (
+        f"error: no run of workflow 'two' ({path.resolve()}) in {empty} to resume: run it without --resume (a "
+        "finished run is shown with `orchestra show RUN_ID`)")), nothing.stderr
+    for flags, leave_out in ((("-i", "x=1"), "inputs and pool; leave out -i, --input-file and --pool"),
+                             (("--k", "2"), "settings (a budget aside); leave out what sets k")):
+        refused = cli("run", str(path), "--resume", *flags)
+        assert refused.returncode == 2 and f"--resume goes on with the run's own {leave_out}" in refused.stderr
+    assert len(server.requests) == sent + 2
+
+
 def two_steps_apart(loopback, tmp_path: Path, b_prompt: str) -> tuple[Any, Path]:
     """A workflow of two steps that do not need each other (a drafts; b's prompt is ``b_prompt``, a
     YAML scalar) on a scripted loopback pool: the server and the file."""
@@ -1239,7 +1272,8 @@ def test_run_resume_goes_on_with_a_data_set_workflows_evaluation(loopback, tmp_p
     assert evaluate("--resume")[1] == 0  # each item's latest run counts (not the stopped one before it)
     single = cli("run", str(write(tmp_path, "name: one\npool: pool.yaml\nsteps:\n  - id: a\n    prompt: x\n",
                                   "one.yaml")), "--resume")
-    assert single.returncode == 2 and "--resume goes on with a data-set workflow's evaluation" in single.stderr
+    # (a workflow without a data set: --resume finishes its latest unfinished run; this one has none)
+    assert single.returncode == 2 and "error: no run of workflow 'one' (" in single.stderr, single.stderr
 
 
 def test_a_plan_auto_workflow_plans_even_where_the_orchestra_does_not(tmp_path: Path) -> None:

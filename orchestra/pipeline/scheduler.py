@@ -438,6 +438,9 @@ class Run:
                 agent=settings.agent, pin=self.pins.get(node_id))  # no request to make, so no coroutine either
             if recruitment is None:
                 recruitment = await self.recruit(node_id, instruction, skills, settings)
+            unmatched = self.stages.staffing.unmatched(skills, recruitment)
+            if unmatched is not None:  # (matched once per skills, then known: said for every node that names them)
+                self._recruited_without_skills(node_id, unmatched)
             agents = [self.stages.pool[name] for name in recruitment.experts]
             trace.recruitment = recruitment
             trace.explanation = recruitment.explain()
@@ -510,10 +513,8 @@ class Run:
             seed=state.seed if state else node_seed(self.settings.seed, self.task, node_id),
             k=settings.k or self.settings.k,
             mode=settings.mode or self.settings.mode, agent=settings.agent, pin=self.pins.get(node_id))
-        if staffed.extraction_failure is not None:  # recruiting went on without skills; the user is told
-            self.skill_extraction_failures += 1
-            self.stages.events.emit(SkillExtractionFailed(run_id=self.run_id, node=node_id,
-                                                          reason=staffed.extraction_failure))
+        if staffed.extraction_failure is not None:
+            self._recruited_without_skills(node_id, staffed.extraction_failure)
             if staffed.keyword_calls_failed:
                 self.stage_failures.append(f"{node_id}: skill extraction failed ({staffed.extraction_failure}); "
                                            "its experts were recruited without skills")
@@ -522,6 +523,11 @@ class Run:
                                          keywords=list(staffed.recruitment.keywords))
             self.stages.executor.emit_usage(self.ledger)
         return staffed.recruitment
+
+    def _recruited_without_skills(self, node_id: str, reason: str) -> None:
+        """Count and tell the user of a node recruited as if no skill mattered (``reason``: why)."""
+        self.skill_extraction_failures += 1
+        self.stages.events.emit(SkillExtractionFailed(run_id=self.run_id, node=node_id, reason=reason))
 
     def _answer_output(self, node_id: str) -> str | dict[str, Any] | None:
         """The answer's format ("json" or a JSON schema) for the node that writes it (None: text)."""

@@ -165,6 +165,16 @@ class Staffing:
         return Staffed(self._drawn(keywords, matches, seed=seed, k=k, mode=mode, pin=pin), failure, calls_failed,
                        usage, getattr(self.matcher, "model", "matcher"))
 
+    def unmatched(self, skills: Sequence[str], recruitment: Recruitment) -> str | None:
+        """Why a node recruited on skills of its own (the plan's, the step's) was recruited as if no
+        skill mattered: they name none of the pool's skills; None where one matched, no skill was
+        weighed (a fixed agent, ``global``, ``random``), its keywords were extracted, or the pool has
+        no skills to name."""
+        if recruitment.matches or recruitment.mode in ("fixed", "global", "random") or not self.table.vocabulary:
+            return None
+        given = skill_names(skills, 40)  # (none: the keyword LLM's were weighed, and said of in ``recruit``)
+        return f"its skills ({', '.join(given)}) name none of the pool's skills" if given else None
+
     def _drawn(self, keywords: Sequence[str], matches: Sequence[Match], *, seed: int, k: int, mode: Mode,
                pin: Pin | None) -> Recruitment:
         recruitment = self.recruiter.recruit(keywords, matches, seed=seed, k=k, mode=mode)
