@@ -207,6 +207,11 @@ class _Call:
     #: it waited for the same call of its run stopped earlier (see ``Executor.orphan``): a replay of
     #: that one's answer counts its usage, which the resumed run did not find recorded as it began
     orphaned: bool = False
+    #: what the call it waited for spent, if that one failed: recorded after this run began, so not
+    #: among what it counted then; counted once, should this call be sent again
+    orphan_spent: Usage | None = None
+    #: what it spent, as it settled (an orphan's, read by its resume's call: see ``orphan_spent``)
+    spent: Usage | None = None
 
 
 @dataclass
@@ -510,12 +515,13 @@ class Executor:
     def _waits_for_orphan(self, call: _Call) -> bool:
         """Whether ``call`` is one a stopped run still has in flight: then it is queued again once that
         one is answered (and so recorded, to be replayed) or has failed (then it is sent)."""
-        task, _ = self._orphans.get((call.ledger.run_id, call.key, call.seq), (None, None))
+        task, orphan = self._orphans.get((call.ledger.run_id, call.key, call.seq), (None, None))
         if task is None or task.done():
             return False
 
         def again(_: asyncio.Task[Any]) -> None:
             call.orphaned = True
+            call.orphan_spent = orphan.spent if orphan is not None else None
             self._pending.append(call)
             self._schedule_kick()
 
@@ -554,6 +560,10 @@ class Executor:
                 self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="store"))
                 self._resolve(call, recorded)
                 return True
+        if call.orphan_spent is not None:  # it failed: a call of the run, sent again here (and not counted again)
+            ledger.budget.count(call.orphan_spent, calls=1)
+            ledger.counted = ledger.counted | {(call.key, call.seq)}
+            call.orphan_spent = None
         if ledger.cache is not None:
             cached = ledger.cache.get(call.model.name, call.key, call.request)
             if cached is not None:
@@ -995,6 +1005,7 @@ class Executor:
         if call.reserved is not None:
             call.ledger.budget.settle(call.reserved, usage, counted=call.counted)
             call.reserved = None
+            call.spent = usage
 
     def _release_held(self) -> None:
         """A reservation was released: the calls that waited for room are asked about again (from

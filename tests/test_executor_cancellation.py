@@ -15,7 +15,7 @@ from helpers import KEYWORDS_MARK
 
 from orchestra import Agent, Orchestra, Pool
 from orchestra.budget import Budget, BudgetTracker
-from orchestra.errors import RunHeld
+from orchestra.errors import BadResponse, RunHeld
 from orchestra.execute import Executor, RunLedger
 from orchestra.models import ChatRequest, ChatResult, FunctionModel
 from orchestra.models.pricing import FREE
@@ -304,6 +304,46 @@ def test_a_resume_counts_an_answer_recorded_before_it_began_once(tmp_path: Path)
         assert len(model.requests) == totals["requests"] == 6
         assert (result.usage.calls, result.usage.requests, result.usage.prompt_tokens) == (
             totals["calls"], totals["requests"], totals["prompt_tokens"])
+        await orc.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_resume_counts_the_failed_requests_of_its_stopped_run_that_end_after_it_began(tmp_path: Path) -> None:
+    """A run stopped with its keyword batch in flight; the resume in the same process waits for those
+    requests, which then fail, and sends them again: its usage counts both (it reported 5 requests
+    where the endpoint got 10 and the store said 10: the failures were recorded after it began)."""
+    async def main() -> None:
+        release = asyncio.Event()
+        seen = {"keywords": 0}
+
+        async def answer(request: ChatRequest) -> Any:
+            if KEYWORDS_MARK in request.prompt_text():
+                seen["keywords"] += 1
+                if seen["keywords"] <= 5:  # the stopped run's: they fail once the resume waits for them
+                    await release.wait()
+                    raise BadResponse("the endpoint dropped it")
+                return {"keywords": ["physics"]}
+            return "The answer is 7"
+
+        model = FunctionModel(answer, name="m")
+        store = RunStore(tmp_path / "runs.db")
+        queued: list[str] = []
+        orc = Orchestra(Pool(agents=[Agent(name="solo", model=model), Agent(name="duo", model=model)]), store=store,
+                        plan=False, k=1,
+                        on_event=lambda event: queued.append(event.kind) if event.kind == "calls_queued" else None)
+        task = asyncio.ensure_future(orc.arun("How fast is light?", run_id="r1"))
+        await until(lambda: seen["keywords"] == 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        before = len(queued)
+        resumed = asyncio.ensure_future(orc.aresume("r1"))
+        await until(lambda: len(queued) > before)  # the resumed run queued its keyword calls: they wait
+        release.set()
+        result = await asyncio.wait_for(resumed, HANG)
+        totals = store.run_totals("r1")
+        assert result.status == "done" and len(model.requests) == totals["requests"] == 11
+        assert (result.usage.calls, result.usage.requests) == (totals["calls"], totals["requests"]) == (6, 11)
         await orc.aclose()
 
     asyncio.run(main())
