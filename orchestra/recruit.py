@@ -482,7 +482,9 @@ class Recruiter:
                      if aggregation_evidence(profile) is not None and profile is not None else UNMEASURED_AGGREGATION)
             aggregators.append(Option(agent, skill, costs.get(agent, (0.0, 0.0))[1]))
         lam = self.config.cost_lambda if self.config.cost_lambda is not None else CALIBRATED_COST_LAMBDA
-        unit = max((cost for cost, _ in costs.values()), default=0.0)
+        # (a newcomer's cost is a guess, 400+300 tokens: priced above the measured, it moved every team)
+        unit = (max((cost for agent, (cost, _) in costs.items() if agent not in self.table.cold), default=0.0)
+                or max((cost for cost, _ in costs.values()), default=0.0))
         team = choose_team(options, aggregators, k=k, cost_lambda=lam, unit_cost=unit,
                            max_cost=self.config.max_cost_per_item, confidence=self.config.confidence)
         return ranked, team

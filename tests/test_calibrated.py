@@ -446,3 +446,30 @@ def test_a_newcomer_that_declares_a_keyword_variant_is_credited_on_its_canonical
         ranked, _ = Recruiter(table).team([Match(query, query, 1.0)], k=1)
         assert ranked[0].suitability == ranked[1].suitability > ranked[2].suitability, query
         assert {c.agent for c in ranked[:2]} == {"variant", "canonical"}, query
+
+
+def test_an_unmeasured_agent_priced_above_the_measured_does_not_change_the_teams_it_is_not_in() -> None:
+    """λ's cost unit is one call to the priciest measured model: a newcomer's cost is a guess (400+300
+    tokens at its price), and priced above every measured agent it lowered every team's cost penalty (a
+    new user saw 25 of 90 teams change, 18% more spent, with the newcomer never called)."""
+    def measured(agent: str, counts: tuple[int, int]) -> SkillProfile:
+        return SkillProfile(agent=agent, skills={"arithmetic": 2 * counts[0] - counts[1]}, accuracy=0.5,
+                            skill_counts={"arithmetic": counts},
+                            provenance=Provenance(dataset="v", dataset_sha256="x", items=30, model="m"))
+
+    profiles = {"math": measured("math", (22, 30)), "gen": measured("gen", (15, 30)),
+                "cheap": measured("cheap", (14, 30))}
+    costs = {"math": (0.000081, 0.0003), "gen": (0.000901, 0.003), "cheap": (0.000008, 0.00003)}
+    query = [Match("arithmetic", "arithmetic", 1.0)]
+    alone = Recruiter(SkillTable.build(list(profiles), profiles, {}, {}, RecruitConfig(), costs=costs))
+    joined = Recruiter(SkillTable.build([*profiles, "newbie"], profiles, {}, {}, RecruitConfig(),
+                                        costs={**costs, "newbie": (0.002, 0.006)}))
+    _, before = alone.team(query, k=3)
+    _, after = joined.team(query, k=3)
+    assert "newbie" not in after.experts and after.experts == before.experts == ("math",)
+    # with nobody measured, the guesses are all there is
+    guessed = {"a": (1.0, 1.0), "b": (1.0, 1.0), "c": (100.0, 100.0)}
+    cold = Recruiter(SkillTable.build(list(guessed), {}, {}, {}, RecruitConfig(), costs=guessed),
+                     RecruitConfig(cost_lambda=0.5))
+    _, team = cold.team(query, k=3)
+    assert team.experts == ("a",)  # (costing nothing, three guesses at 0.5 beat one: 0.69 against 0.5)
