@@ -216,6 +216,7 @@ class Endpoint:
                  rpm: float | None = None, transport: TransportFactory = AiohttpTransport) -> None:
         try:
             check_base_url(base_url)
+            check_key_env(api_key_env)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if max_concurrency < 1 or (rpm is not None and rpm <= 0):
@@ -620,6 +621,18 @@ def check_model_id(model: object) -> None:
     if not isinstance(model, str) or not model.strip():
         raise ConfigError(f"model must be the model name its server expects (text), not {type(model).__name__} "
                           f"{model!r:.40}")
+
+
+#: what an environment variable's name is made of
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_key_env(name: str | None) -> None:
+    """Refuse an ``api_key_env`` that cannot name an environment variable, without repeating it: it is
+    likely the key itself (one given there was echoed in the run's error and written to the store)."""
+    if isinstance(name, str) and not _ENV_NAME.fullmatch(name):
+        raise ValueError("api_key_env must be the NAME of an environment variable (e.g. MY_KEY: letters, digits "
+                         "and _), not the key itself")
 
 
 def check_base_url(url: str) -> None:
