@@ -106,6 +106,8 @@ def test_limits_are_fixed_when_the_endpoint_is_made(loopback) -> None:
     # Python's own errors at the model's making (AttributeError, TypeError), or prices silently cut to two
     ({"model": None}, "model must be the model name its server expects (text), not NoneType None"),
     ({"base_url": 5}, "base_url must be text such as http://localhost:8000/v1, not int 5"),
+    ({"api_key_env": 123}, "api_key_env must be the name of an environment variable (text such as MY_KEY) or None, "
+                           "not int"),
     ({"prices": 1}, "prices must be (input, output) in USD per million tokens, {'input': ..., 'output': ...} or a "
                     "Price, not int 1"),
     ({"prices": (1, 2, 3)}, "prices must be (input, output) in USD per million tokens, {'input': ..., 'output': "

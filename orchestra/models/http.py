@@ -271,13 +271,22 @@ class Endpoint:
         await self.aclose()
 
     def api_key(self) -> str | None:
-        """The key from the environment; a missing variable is an ``AuthenticationError``."""
+        """The key from the environment, without the whitespace around it (a copy from a ``.env`` file
+        may end in a newline); a variable not set, empty, or holding a control character is an
+        ``AuthenticationError`` (the last was the HTTP client's error, naming no variable)."""
         if not self._api_key_env:
             return None
-        key = os.environ.get(self._api_key_env)
+        variable, url = self._api_key_env, display_url(self._base_url)
+        key = os.environ.get(variable)
+        if key is None:
+            raise AuthenticationError(f"environment variable {variable} is not set; export it to use {url}")
+        key = key.strip()
         if not key:
-            raise AuthenticationError(
-                f"environment variable {self._api_key_env} is not set; export it to use {display_url(self._base_url)}")
+            raise AuthenticationError(f"environment variable {variable} is set but empty; put the key in it to use "
+                                      f"{url}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise AuthenticationError(f"environment variable {variable} holds a control character (a newline?); "
+                                      "set it to the key alone")
         return key
 
     async def post_negotiated(self, path: str, build: Callable[[Capabilities], dict[str, Any]], *, model: str,
@@ -630,6 +639,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def check_key_env(name: str | None) -> None:
     """Refuse an ``api_key_env`` that cannot name an environment variable, without repeating it: it is
     likely the key itself (one given there was echoed in the run's error and written to the store)."""
+    if name is not None and not isinstance(name, str):  # (a number failed the run: "str expected, not int")
+        raise ValueError(f"api_key_env must be the name of an environment variable (text such as MY_KEY) or None, "
+                         f"not {type(name).__name__}")
     if isinstance(name, str) and not _ENV_NAME.fullmatch(name):
         raise ValueError("api_key_env must be the NAME of an environment variable (e.g. MY_KEY: letters, digits "
                          "and _), not the key itself")
