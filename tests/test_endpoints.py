@@ -150,6 +150,15 @@ def test_a_pool_file_refuses_a_key_given_as_api_key_env_without_repeating_it(tmp
         assert str(refused.value).endswith(f"models.m.api_key_env: {KEY_NOT_NAME}")
 
 
+@pytest.mark.parametrize("max_tokens", [0, -1, 2.5, True])
+def test_anthropic_refuses_an_answer_limit_a_pool_file_refuses(max_tokens: object) -> None:
+    """max_tokens=0 was taken in Python and sent (a pool file refuses it)."""
+    with pytest.raises(ConfigError) as refused:
+        Anthropic(model="m", base_url="http://127.0.0.1:9", api_key_env=None, max_tokens=max_tokens)  # type: ignore[arg-type]
+    assert str(refused.value) == (f"max_tokens must be a whole number of at least 1, not {type(max_tokens).__name__} "
+                                  f"{max_tokens!r}")
+
+
 def test_rpm_holds_across_event_loops(loopback) -> None:
     server = loopback(chat_handler(lambda req: "ok"))
     model = OpenAICompatible(model="m", endpoint=Endpoint(server.url + "/v1", rpm=120))  # one start per 0.5 s

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from functools import partial
 from typing import Any, ClassVar, Protocol, TypeAlias, TypeGuard, TypeVar, runtime_checkable
 
-from orchestra.errors import CallCancelled, InvalidOutput, ModelRequestsForbidden
+from orchestra.errors import CallCancelled, ConfigError, InvalidOutput, ModelRequestsForbidden
 from orchestra.models.metering import charge, count_request, metering
 from orchestra.models.structured import StructuredOutputError, extract_json, parse_output, repair_request
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -162,6 +162,13 @@ class HeavyModel(Model, Protocol):
 
     async def unload(self) -> None:
         """Free the weights."""
+
+
+def check_whole(name: str, value: object, least: int) -> None:
+    """Refuse a model's setting that is not a whole number of at least ``least``, in one line (a pool
+    file refuses it; in Python it was taken and failed the first call, or was sent)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{name} must be a whole number of at least {least}, not {type(value).__name__} {value!r}")
 
 
 def model_identity(model: Any) -> str:

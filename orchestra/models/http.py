@@ -32,7 +32,7 @@ from orchestra.errors import (
     RequestRejected,
     RequestTimeout,
 )
-from orchestra.models.base import ModelBase, check_wanted, notify_downgrade, notify_retry
+from orchestra.models.base import ModelBase, check_wanted, check_whole, notify_downgrade, notify_retry
 from orchestra.models.deadlines import Deadlines
 from orchestra.models.metering import charge, count_request, take_back_request
 from orchestra.models.negotiation import Capabilities, refused_feature
@@ -180,10 +180,8 @@ class CallPolicy:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 < value < math.inf):
                 raise ConfigError(f"{name} must be a number of seconds above 0, not {type(value).__name__} {value!r}")
-        if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int)
-                                         or max_attempts < 1):
-            raise ConfigError(f"max_attempts must be a whole number of at least 1, not {type(max_attempts).__name__} "
-                              f"{max_attempts!r}")
+        if max_attempts is not None:
+            check_whole("max_attempts", max_attempts, 1)
         default = cls()
         return cls(timeout=default.timeout if timeout is None else timeout,
                    deadline=default.deadline if deadline is None else deadline,
