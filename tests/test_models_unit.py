@@ -513,3 +513,41 @@ def test_a_schema_may_nest_64_levels_and_not_65() -> None:
     assert MAX_SCHEMA_DEPTH == 64
     assert schema_problem(nested(64)) is None
     assert schema_problem(nested(65)) == "$ nests objects and lists more than 64 levels deep"
+
+
+
+def test_a_model_of_ones_own_with_a_sync_generate_is_refused_as_its_class_is_made() -> None:
+    """Each of its calls failed with "object ChatResult can't be used in 'await' expression", naming no model."""
+    from orchestra.models.base import ModelBase
+
+    with pytest.raises(TypeError, match=r"^SyncGen._generate must be an async def \(a coroutine function\) "
+                                        "returning a ChatResult$"):
+        class SyncGen(ModelBase):
+            def _generate(self, request: ChatRequest) -> ChatResult:  # type: ignore[override]
+                return ChatResult(text="x")
+
+
+@pytest.mark.parametrize("reply, kind", [("text", "str"), (None, "NoneType")])
+def test_a_model_of_ones_own_whose_generate_returns_no_chat_result_is_named(reply: object, kind: str) -> None:
+    """It was "'str' object has no attribute 'usage'" (or 'NoneType' ...), naming no model."""
+    from orchestra.models.base import ModelBase
+
+    class Returns(ModelBase):
+        is_test_double = True
+        name = "strgen"
+
+        async def _generate(self, request: ChatRequest) -> ChatResult:
+            return reply  # type: ignore[return-value]
+
+    with pytest.raises(TypeError) as wrong:
+        asyncio.run(Returns().complete([ChatRequest.user("q")]))
+    assert str(wrong.value) == f"model strgen: _generate returned {kind}, expected a ChatResult"
+
+
+def test_a_function_model_refuses_what_is_not_a_function_when_made() -> None:
+    """FunctionModel("notfn") failed each call with "'str' object is not callable"."""
+    from orchestra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^FunctionModel takes a function of a request, fn\(request\) -> reply, "
+                                          "not str 'notfn'$"):
+        FunctionModel("notfn")  # type: ignore[arg-type]

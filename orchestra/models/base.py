@@ -6,6 +6,7 @@ import abc
 import asyncio
 import contextlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -216,6 +217,15 @@ class ModelBase(abc.ABC):
     #: otherwise each generation counts as one request.
     counts_requests: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **options: Any) -> None:
+        """Refuse a ``_generate`` that is not an ``async def`` as the class is made (each of its calls
+        failed with "object ChatResult can't be used in 'await' expression", naming no model)."""
+        super().__init_subclass__(**options)
+        generate = cls.__dict__.get("_generate")
+        if generate is not None and not inspect.iscoroutinefunction(generate):
+            raise TypeError(f"{cls.__name__}._generate must be an async def (a coroutine function) returning a "
+                            "ChatResult")
+
     async def aclose(self) -> None:
         """Release what the model holds open (an endpoint's connections); nothing by default."""
 
@@ -368,6 +378,8 @@ class ModelBase(abc.ABC):
         except Exception as error:
             charge(getattr(error, "usage", None))  # a billed failure (e.g. a body without choices)
             raise
+        if not isinstance(result, ChatResult):  # (it was "'str' object has no attribute 'usage'", naming no model)
+            raise TypeError(f"model {self.name}: _generate returned {type(result).__name__}, expected a ChatResult")
         charge(result.usage)
         return result
 
