@@ -97,10 +97,21 @@ class Agent:
 
 
 def _check_model(model: Any, what: str) -> None:
-    """Refuse something that is not a model at once (the first call to it would fail mid-run)."""
-    if not isinstance(model, Model) or not isinstance(model.name, str):
-        raise ConfigError(f"{what} must be a model object (an OpenAICompatible, a LlamaCpp, a FunctionModel, "
-                          f"...), not {type(model).__name__} {model!r:.60}; in a pool file, name one of its models")
+    """Refuse something that is not a model at once (the first call to it would fail mid-run), saying
+    what a model of one's own lacks (a class with ``complete`` alone, or one that set no ``name``)."""
+    if isinstance(model, Model) and isinstance(model.name, str):
+        return
+    kind = type(model).__name__
+    if not isinstance(model, type) and callable(getattr(model, "complete", None)):
+        if not callable(getattr(model, "complete_each", None)):
+            raise ConfigError(f"{what} {kind} has complete but no complete_each (batches are sent through it): "
+                              "subclass orchestra.models.ModelBase, set self.name and implement async "
+                              "_generate(request) -> ChatResult (see the README, Your own model)")
+        named = getattr(model, "name", None)
+        problem = "has no name" if named is None else f"has a name that is not text ({type(named).__name__})"
+        raise ConfigError(f"{what} {kind} {problem}: set self.name (how Orchestra shows the model) in its __init__")
+    raise ConfigError(f"{what} must be a model object (an OpenAICompatible, a LlamaCpp, a FunctionModel, "
+                      f"...), not {kind} {model!r:.60}; in a pool file, name one of its models")
 
 
 # the types ``ChatRequest.checked`` takes as they are (an agent's own values are checked when it is made)
