@@ -249,12 +249,21 @@ class Pool:
         """Under a cost budget: the models with no price, whose calls count no dollars against it (so it
         does not bound them), as one warning line; None when every model has a price."""
         # (a price given as 0 is a price: only the table's "not known" is none)
-        free = [model.name for model in self.models if _unpriced(model)]
-        if not free:
-            return None
-        one = len(free) == 1
-        return (f"the cost budget counts no dollars for {', '.join(free)}: {'it has' if one else 'they have'} no "
-                "price (give prices: [input, output] per million tokens in the pool, or prices= in Python)")
+        free = [model.name for model in self.models if _unpriced(model) and hasattr(model, "price")]
+        # a model of one's own with no ``price`` at all: the cost it reports is counted, but only once paid
+        own = [model.name for model in self.models if not hasattr(model, "price")]
+        lines = []
+        if free:
+            lines.append(f"the cost budget counts no dollars for {', '.join(free)}: "
+                         f"{'it has' if len(free) == 1 else 'they have'} no price (give prices: [input, output] per "
+                         "million tokens in the pool, or prices= in Python)")
+        if own:
+            it = len(own) == 1
+            lines.append(f"the cost budget cannot hold back calls to {', '.join(own)} in advance: "
+                         f"{'it has' if it else 'they have'} no price (set self.price = orchestra.models.Price(input="
+                         "..., output=...), USD per million tokens, in its __init__); the cost "
+                         f"{'it reports' if it else 'they report'} in Usage.cost_usd is counted as its calls return")
+        return "; ".join(lines) or None
 
     def check_credentials(self) -> None:
         """Raise ``AuthenticationError`` (one line, naming the variable) if a model's API key is not set."""

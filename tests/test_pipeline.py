@@ -660,6 +660,34 @@ def test_run_many_takes_a_budget_for_all_its_runs() -> None:
     assert [r.status for r in results] == ["done"] * 3 + ["budget_exceeded"] * 3  # (5 keyword samples, 1 expert)
 
 
+def test_a_cost_budget_says_a_model_of_ones_own_without_a_price_is_counted_only_as_calls_return() -> None:
+    """It said "counts no dollars for m1 ... give prices= in Python", though the cost m1 reports was counted
+    (the run ended budget_exceeded) and a model of one's own takes no prices=."""
+    from orchestra.models import ChatResult, ModelBase, Usage
+
+    class Reporting(ModelBase):
+        is_test_double = True
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def _generate(self, request: ChatRequest) -> ChatResult:
+            return ChatResult(text="The answer is 42", usage=Usage(prompt_tokens=100, completion_tokens=10,
+                                                                   cost_usd=0.0003))
+
+    pool = Pool(agents=[Agent(name="a", model=Reporting("m1")), Agent(name="b", model=FunctionModel(
+        lambda r: "ok", name="fm"))])
+    with pytest.warns(UserWarning) as told:
+        orc = Orchestra(pool, store=False, k=1, budget=Budget(max_cost_usd=0.0005))
+    assert [str(w.message) for w in told] == [
+        "the cost budget counts no dollars for fm: it has no price (give prices: [input, output] per million tokens "
+        "in the pool, or prices= in Python); the cost budget cannot hold back calls to m1 in advance: it has no "
+        "price (set self.price = orchestra.models.Price(input=..., output=...), USD per million tokens, in its "
+        "__init__); the cost it reports in Usage.cost_usd is counted as its calls return"]
+    results = orc.run_many(["q1?", "q2?", "q3?", "q4?"], plan=False)
+    assert all(r.status == "budget_exceeded" and r.usage.cost_usd > 0.0005 for r in results)  # (counted once paid)
+
+
 def test_a_cost_budget_in_python_names_the_models_it_cannot_bound() -> None:
     pool, _ = scripted_pool()
     with pytest.warns(UserWarning, match=r"^the cost budget counts no dollars for m0, m1, m2, m3, planner: they have "
