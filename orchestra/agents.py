@@ -170,6 +170,8 @@ class Pool:
     presets: dict[str, Settings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.agents, Agent):  # (it was "TypeError: 'Agent' object is not iterable")
+            raise ConfigError(f"agents= takes a list of Agent: agents=[{self.agents.name}], not the Agent alone")
         if not self.agents:
             raise ConfigError("a pool needs at least one agent")
         stray = next((a for a in self.agents if not isinstance(a, Agent)), None)
@@ -180,6 +182,9 @@ class Pool:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"duplicate agent name(s) in pool: {', '.join(duplicates)}")
+        if isinstance(self.aggregator, Agent):  # (the message printed the whole Agent)
+            raise ConfigError(f"aggregator takes an agent's name: give the agent's name ({self.aggregator.name!r}), "
+                              "not the Agent")
         if self.aggregator is not None and self.aggregator not in names:
             raise ConfigError(f"aggregator {self.aggregator!r} is not an agent of the pool")
         self.planner = self.planner or self.agents[0].model

@@ -7,7 +7,7 @@ import json
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +249,10 @@ async def _first(results: Any) -> Any:
         return item
 
 
+async def _async_tasks() -> AsyncIterator[str]:
+    yield "q?"
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda pool: Orchestra(123), "pool must be a Pool, a pool file's path or None (the embedded default), not int 123"),
     (lambda pool: Orchestra(pool, [1, 2]), "settings must be a Settings or a mapping of setting names to values, "
@@ -359,6 +363,16 @@ async def _first(results: Any) -> Any:
      "500,000 fit Orchestra's prompts (the planner's holds the task twice): shorten it"),
     (lambda pool: Orchestra(pool, store=False).run_many("abc"),
      "tasks must be a list of tasks, not one string; run(...) answers one task"),
+    # what a new user's own code met as Python's errors, or with the hint of another mistake
+    (lambda pool: Orchestra(pool, store=False).run_many(_async_tasks()),
+     "tasks must be a list of tasks, not an async iterable; arun_iter(tasks) takes one and yields each result as its "
+     "run ends"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", on_event=print),
+     "unknown setting 'on_event'; on_event is an Orchestra(...) argument: Orchestra(pool, on_event=...)"),
+    (lambda pool: Pool(agents=pool.agents[0]), "agents= takes a list of Agent: agents=[agent0], not the Agent alone"),
+    (lambda pool: Pool(agents=pool.agents, aggregator=pool.agents[1]),
+     "aggregator takes an agent's name: give the agent's name ('agent1'), not the Agent"),
+    (lambda pool: FunctionModel(lambda r: "ok", name=5), "name must be text (how Orchestra shows the model), not int 5"),
     # (the planner's template wrote more than it may, and jinja2's SecurityError came out raw)
     (lambda pool: Orchestra(pool, store=False).plan("x?", context="c" * 2_100_000),
      "the context is 2,100,000 characters; at most 500,000 fit Orchestra's prompts: shorten it"),

@@ -29,6 +29,9 @@ class DoubleBase(ModelBase):
     def __init__(self, *, name: str, heavy: bool = False, load_seconds: float = 0.0, memory_bytes: int = 0,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  resources: EngineResources | None = None, on_load: Callable[[], None] | None = None) -> None:
+        if not isinstance(name, str) or not name.strip():  # (name=5 was an AttributeError of the price table)
+            raise ConfigError(f"name must be text (how Orchestra shows the model), not {type(name).__name__} "
+                              f"{name!r:.40}")
         self.name = name
         self.on_load = on_load  #: called as each load begins (a test's way to fail or crash a load)
         self.heavy = heavy
