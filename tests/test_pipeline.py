@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 from helpers import kind_of, plan_json, scripted_pool
+from pydantic import BaseModel
 
-from orchestra import Agent, Budget, Orchestra, Plan, Pool
+from orchestra import Agent, Budget, NodeSettings, Orchestra, Plan, Pool
 from orchestra.errors import BadResponse, ConfigError
 from orchestra.events import AggregationFellBack, BatchStarted, Event, NodeFailed, NodeSkipped, UsageUpdated
 from orchestra.hints import run_hint
@@ -249,6 +250,10 @@ async def _first(results: Any) -> Any:
         return item
 
 
+class City(BaseModel):
+    name: str
+
+
 async def _async_tasks() -> AsyncIterator[str]:
     yield "q?"
 
@@ -373,6 +378,12 @@ async def _async_tasks() -> AsyncIterator[str]:
     (lambda pool: Pool(agents=pool.agents, aggregator=pool.agents[1]),
      "aggregator takes an agent's name: give the agent's name ('agent1'), not the Agent"),
     (lambda pool: FunctionModel(lambda r: "ok", name=5), "name must be text (how Orchestra shows the model), not int 5"),
+    # a pydantic class, which a ChatRequest takes, was "answer.output.str: Input should be a valid string"
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan=False, answer={"output": City}),
+     "answer.output: give a JSON schema, not the class City: pass City.model_json_schema(), and read the answer with "
+     "City.model_validate_json(...)"),
+    (lambda pool: NodeSettings(output=City), "NodeSettings.output: give a JSON schema, not the class City: pass "
+     "City.model_json_schema(), and read the answer with City.model_validate_json(...)"),
     # (the planner's template wrote more than it may, and jinja2's SecurityError came out raw)
     (lambda pool: Orchestra(pool, store=False).plan("x?", context="c" * 2_100_000),
      "the context is 2,100,000 characters; at most 500,000 fit Orchestra's prompts: shorten it"),
