@@ -97,10 +97,21 @@ class Agent:
 
 
 def _check_model(model: Any, what: str) -> None:
-    """Refuse something that is not a model at once (the first call to it would fail mid-run)."""
-    if not isinstance(model, Model) or not isinstance(model.name, str):
-        raise ConfigError(f"{what} must be a model object (an OpenAICompatible, a LlamaCpp, a FunctionModel, "
-                          f"...), not {type(model).__name__} {model!r:.60}; in a pool file, name one of its models")
+    """Refuse something that is not a model at once (the first call to it would fail mid-run), saying
+    what a model of one's own lacks (a class with ``complete`` alone, or one that set no ``name``)."""
+    if isinstance(model, Model) and isinstance(model.name, str):
+        return
+    kind = type(model).__name__
+    if not isinstance(model, type) and callable(getattr(model, "complete", None)):
+        if not callable(getattr(model, "complete_each", None)):
+            raise ConfigError(f"{what} {kind} has complete but no complete_each (batches are sent through it): "
+                              "subclass orchestra.models.ModelBase, set self.name and implement async "
+                              "_generate(request) -> ChatResult (see the README, Your own model)")
+        named = getattr(model, "name", None)
+        problem = "has no name" if named is None else f"has a name that is not text ({type(named).__name__})"
+        raise ConfigError(f"{what} {kind} {problem}: set self.name (how Orchestra shows the model) in its __init__")
+    raise ConfigError(f"{what} must be a model object (an OpenAICompatible, a LlamaCpp, a FunctionModel, "
+                      f"...), not {kind} {model!r:.60}; in a pool file, name one of its models")
 
 
 # the types ``ChatRequest.checked`` takes as they are (an agent's own values are checked when it is made)
@@ -159,6 +170,8 @@ class Pool:
     presets: dict[str, Settings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.agents, Agent):  # (it was "TypeError: 'Agent' object is not iterable")
+            raise ConfigError(f"agents= takes a list of Agent: agents=[{self.agents.name}], not the Agent alone")
         if not self.agents:
             raise ConfigError("a pool needs at least one agent")
         stray = next((a for a in self.agents if not isinstance(a, Agent)), None)
@@ -169,6 +182,9 @@ class Pool:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"duplicate agent name(s) in pool: {', '.join(duplicates)}")
+        if isinstance(self.aggregator, Agent):  # (the message printed the whole Agent)
+            raise ConfigError(f"aggregator takes an agent's name: give the agent's name ({self.aggregator.name!r}), "
+                              "not the Agent")
         if self.aggregator is not None and self.aggregator not in names:
             raise ConfigError(f"aggregator {self.aggregator!r} is not an agent of the pool")
         self.planner = self.planner or self.agents[0].model
@@ -238,12 +254,21 @@ class Pool:
         """Under a cost budget: the models with no price, whose calls count no dollars against it (so it
         does not bound them), as one warning line; None when every model has a price."""
         # (a price given as 0 is a price: only the table's "not known" is none)
-        free = [model.name for model in self.models if _unpriced(model)]
-        if not free:
-            return None
-        one = len(free) == 1
-        return (f"the cost budget counts no dollars for {', '.join(free)}: {'it has' if one else 'they have'} no "
-                "price (give prices: [input, output] per million tokens in the pool, or prices= in Python)")
+        free = [model.name for model in self.models if _unpriced(model) and hasattr(model, "price")]
+        # a model of one's own with no ``price`` at all: the cost it reports is counted, but only once paid
+        own = [model.name for model in self.models if not hasattr(model, "price")]
+        lines = []
+        if free:
+            lines.append(f"the cost budget counts no dollars for {', '.join(free)}: "
+                         f"{'it has' if len(free) == 1 else 'they have'} no price (give prices: [input, output] per "
+                         "million tokens in the pool, or prices= in Python)")
+        if own:
+            it = len(own) == 1
+            lines.append(f"the cost budget cannot hold back calls to {', '.join(own)} in advance: "
+                         f"{'it has' if it else 'they have'} no price (set self.price = orchestra.models.Price(input="
+                         "..., output=...), USD per million tokens, in its __init__); the cost "
+                         f"{'it reports' if it else 'they report'} in Usage.cost_usd is counted as its calls return")
+        return "; ".join(lines) or None
 
     def check_credentials(self) -> None:
         """Raise ``AuthenticationError`` (one line, naming the variable) if a model's API key is not set."""

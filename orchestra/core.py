@@ -272,6 +272,10 @@ async def _drain() -> None:
 _NULLABLE = frozenset(name for name, spec in Settings.model_fields.items() if type(None) in get_args(spec.annotation))
 
 
+#: what ``Orchestra(...)`` takes that is no setting (so no run's override)
+_ORCHESTRA_ARGUMENTS = ("store", "tracing", "on_event", "matcher", "grader")
+
+
 def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments that name settings, as a settings layer. None leaves a setting as it is,
     except where None is one of its values (``aggregator=None`` clears an Orchestra's aggregator
@@ -281,6 +285,8 @@ def _knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
         close = difflib.get_close_matches(unknown[0], Settings.model_fields, n=1)
         nested = nested_hint(unknown[0], "{group}={{'{name}': ...}}")  # (competence_weight=0)
         hint = nested or (f"did you mean {close[0]!r}?" if close else "see orchestra.Settings")
+        if unknown[0] in _ORCHESTRA_ARGUMENTS:  # (a run's on_event was told to see orchestra.Settings)
+            hint = f"{unknown[0]} is an Orchestra(...) argument: Orchestra(pool, {unknown[0]}=...)"
         raise UnknownSetting(f"unknown setting{'s' if len(unknown) > 1 else ''} "
                              f"{', '.join(map(repr, unknown))}; {hint}")
     return {name: value for name, value in knobs.items() if value is not None or name in _NULLABLE}
@@ -1373,6 +1379,9 @@ class Orchestra:
         """
         if isinstance(tasks, str):  # (a string is an iterable of one-letter tasks)
             raise ConfigError("tasks must be a list of tasks, not one string; run(...) answers one task")
+        if isinstance(tasks, AsyncIterable):  # (it was "'async_generator' object is not iterable")
+            raise ConfigError("tasks must be a list of tasks, not an async iterable; arun_iter(tasks) takes one and "
+                              "yields each result as its run ends")
         items = list(tasks)
         formats = list(answer_formats) if answer_formats is not None else [None] * len(items)
         if len(formats) != len(items):

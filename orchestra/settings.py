@@ -247,6 +247,16 @@ class AnswerOptions(BaseModel):
         except ValidationError as error:
             raise ConfigError(f"answer.{_first_problem(error)}") from None
 
+    @field_validator("output", mode="before")
+    @classmethod
+    def _not_a_class(cls, value: Any) -> Any:
+        from orchestra.models.structured import class_in_place_of_schema
+
+        hint = class_in_place_of_schema(value)
+        if hint:
+            raise ValueError(hint)
+        return value
+
     @field_validator("output")
     @classmethod
     def _usable_output(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:

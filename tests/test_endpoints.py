@@ -13,7 +13,7 @@ import pytest
 
 from orchestra.agents import Pool
 from orchestra.errors import ConfigError, EndpointUnreachable, ModelError
-from orchestra.models import ChatRequest, OpenAICompatible
+from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
 from orchestra.models.http import Endpoint
 from orchestra.models.transport import AiohttpTransport, HttpxTransport
 from orchestra.testing import LoopbackRequest, Reply, allow_model_requests, chat_handler, openai_reply
@@ -106,6 +106,8 @@ def test_limits_are_fixed_when_the_endpoint_is_made(loopback) -> None:
     # Python's own errors at the model's making (AttributeError, TypeError), or prices silently cut to two
     ({"model": None}, "model must be the model name its server expects (text), not NoneType None"),
     ({"base_url": 5}, "base_url must be text such as http://localhost:8000/v1, not int 5"),
+    ({"api_key_env": 123}, "api_key_env must be the name of an environment variable (text such as MY_KEY) or None, "
+                           "not int"),
     ({"prices": 1}, "prices must be (input, output) in USD per million tokens, {'input': ..., 'output': ...} or a "
                     "Price, not int 1"),
     ({"prices": (1, 2, 3)}, "prices must be (input, output) in USD per million tokens, {'input': ..., 'output': "
@@ -118,6 +120,43 @@ def test_a_models_settings_that_cannot_hold_are_refused_when_it_is_made(options:
         OpenAICompatible(**{"model": "m", "base_url": "http://127.0.0.1:9/v1", **options})
     assert str(refused.value) == problem
     assert OpenAICompatible(model="m", base_url="http://127.0.0.1:9/v1", prices=[1, 2], timeout=1.5).price.output == 2
+
+
+KEY_NOT_NAME = ("api_key_env must be the NAME of an environment variable (e.g. MY_KEY: letters, digits and _), not "
+                "the key itself")
+
+
+@pytest.mark.parametrize("make", [
+    lambda key: OpenAICompatible(model="m", base_url="http://127.0.0.1:9/v1", api_key_env=key),
+    lambda key: Anthropic(model="m", base_url="http://127.0.0.1:9", api_key_env=key),
+    lambda key: Endpoint("http://127.0.0.1:9/v1", api_key_env=key),
+])
+def test_a_key_given_as_api_key_env_is_refused_without_repeating_it(make) -> None:
+    """The key in place of its variable's name was echoed in the run's error and written to the store."""
+    with pytest.raises(ConfigError) as refused:
+        make("sk-SECRETKEY-12345")
+    assert str(refused.value) == KEY_NOT_NAME
+    make("_MY_KEY_2")  # a name is taken
+
+
+def test_a_pool_file_refuses_a_key_given_as_api_key_env_without_repeating_it(tmp_path: Path) -> None:
+    for kind in ("openai", "anthropic"):
+        (tmp_path / "pool.yaml").write_text(
+            f"models:\n  m: {{type: {kind}, model: x, base_url: 'http://127.0.0.1:9/v1', "
+            "api_key_env: sk-SECRETKEY-12345}\nagents:\n  - {name: a, model: m}\n")
+        with pytest.raises(ConfigError) as refused:
+            Pool.load(tmp_path / "pool.yaml")
+        assert "sk-SECRETKEY" not in str(refused.value)
+        assert str(refused.value).endswith(f"models.m.api_key_env: {KEY_NOT_NAME}")
+
+
+@pytest.mark.parametrize("max_tokens", [0, -1, 2.5, True])
+def test_anthropic_refuses_an_answer_limit_a_pool_file_refuses(max_tokens: object) -> None:
+    """max_tokens=0 was taken in Python and sent (a pool file refuses it)."""
+    with pytest.raises(ConfigError) as refused:
+        Anthropic(model="m", base_url="http://127.0.0.1:9", api_key_env=None, max_tokens=max_tokens)  # type: ignore[arg-type]
+    assert str(refused.value) == (f"max_tokens must be a whole number of at least 1, not {type(max_tokens).__name__} "
+                                  f"{max_tokens!r}")
 
 
 def test_rpm_holds_across_event_loops(loopback) -> None:

@@ -98,6 +98,30 @@ def test_api_key_is_sent_from_the_environment(loopback, monkeypatch) -> None:
     assert server.requests[0].headers["authorization"] == "Bearer sk-test-123"
 
 
+def test_a_key_is_sent_without_the_whitespace_around_it(loopback, monkeypatch) -> None:
+    """A key copied from a .env file with its newline failed the run with the HTTP client's error."""
+    server = loopback(lambda req: openai_reply("ok"))
+    monkeypatch.setenv("LOOPBACK_KEY", " sk-test-123\n")
+    run(openai(server, api_key_env="LOOPBACK_KEY").complete([ask()]))
+    assert server.requests[0].headers["authorization"] == "Bearer sk-test-123"
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("", "environment variable LOOPBACK_KEY is set but empty; put the key in it to use http://127.0.0.1:"),
+    ("sk-a\nsk-b", "environment variable LOOPBACK_KEY holds a control character (a newline?); set it to the key "
+                   "alone"),
+])
+def test_a_key_variable_that_holds_no_usable_key_says_what_is_wrong_unsent(loopback, monkeypatch, value: str,
+                                                                           problem: str) -> None:
+    """An empty one was "not set"; a newline inside was the HTTP client's error naming no variable, exit 1."""
+    server = loopback(lambda req: openai_reply("ok"))
+    monkeypatch.setenv("LOOPBACK_KEY", value)
+    with pytest.raises(AuthenticationError) as refused:
+        run(openai(server, api_key_env="LOOPBACK_KEY").complete([ask()]))
+    assert str(refused.value).startswith(problem) and "sk-" not in str(refused.value)
+    assert refused.value.exit_code == 2 and not server.requests
+
+
 # --- retries -----------------------------------------------------------------------------------
 
 

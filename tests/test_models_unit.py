@@ -513,3 +513,69 @@ def test_a_schema_may_nest_64_levels_and_not_65() -> None:
     assert MAX_SCHEMA_DEPTH == 64
     assert schema_problem(nested(64)) is None
     assert schema_problem(nested(65)) == "$ nests objects and lists more than 64 levels deep"
+
+
+
+def test_a_model_of_ones_own_with_a_sync_generate_is_refused_as_its_class_is_made() -> None:
+    """Each of its calls failed with "object ChatResult can't be used in 'await' expression", naming no model."""
+    from orchestra.models.base import ModelBase
+
+    with pytest.raises(TypeError, match=r"^SyncGen._generate must be an async def \(a coroutine function\) "
+                                        "returning a ChatResult$"):
+        class SyncGen(ModelBase):
+            def _generate(self, request: ChatRequest) -> ChatResult:  # type: ignore[override]
+                return ChatResult(text="x")
+
+
+@pytest.mark.parametrize("reply, kind", [("text", "str"), (None, "NoneType")])
+def test_a_model_of_ones_own_whose_generate_returns_no_chat_result_is_named(reply: object, kind: str) -> None:
+    """It was "'str' object has no attribute 'usage'" (or 'NoneType' ...), naming no model."""
+    from orchestra.models.base import ModelBase
+
+    class Returns(ModelBase):
+        is_test_double = True
+        name = "strgen"
+
+        async def _generate(self, request: ChatRequest) -> ChatResult:
+            return reply  # type: ignore[return-value]
+
+    with pytest.raises(TypeError) as wrong:
+        asyncio.run(Returns().complete([ChatRequest.user("q")]))
+    assert str(wrong.value) == f"model strgen: _generate returned {kind}, expected a ChatResult"
+
+
+def test_a_function_model_refuses_what_is_not_a_function_when_made() -> None:
+    """FunctionModel("notfn") failed each call with "'str' object is not callable"."""
+    from orchestra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^FunctionModel takes a function of a request, fn\(request\) -> reply, "
+                                          "not str 'notfn'$"):
+        FunctionModel("notfn")  # type: ignore[arg-type]
+
+
+def readme_example(heading: str) -> str:
+    """The first Python block under ``heading`` in the README."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    return text.split(f"\n{heading}\n", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_the_readmes_own_model_example_runs_is_bounded_in_time_and_obeys_the_switch(capsys) -> None:
+    """The README showed no way to write a model of one's own; its example is run as written, then its
+    call made to hang (bounded by its timeout) and the switch turned off (its requests refused)."""
+    from orchestra.errors import RequestTimeout
+
+    example: dict[str, object] = {"__name__": "readme_own_model"}
+    with allow_model_requests():
+        exec(compile(readme_example("#### Your own model"), "README.md", "exec"), example)
+    assert capsys.readouterr().out == "The answer is 42. 1.35e-05\ndone The answer is 42.\n"
+
+    async def hangs(*args: object) -> dict[str, object]:
+        await asyncio.Event().wait()
+        return {}
+
+    example["call_my_api"] = hangs
+    model = example["MyModel"]("slow", timeout=0.05)  # type: ignore[operator]
+    with allow_model_requests(), pytest.raises(RequestTimeout, match=r"^slow did not answer within 0.05 s$"):
+        asyncio.run(model.complete([ChatRequest.user("q")]))
+    with pytest.raises(ModelRequestsForbidden):
+        asyncio.run(model.complete([ChatRequest.user("q")]))

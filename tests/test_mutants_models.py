@@ -75,11 +75,12 @@ def test_a_failure_after_several_attempts_counts_them_in_the_plural(loopback) ->
         run(openai(server, max_attempts=2).complete_one(ask()))
 
 
-def test_a_key_variable_set_but_empty_is_refused_as_not_set_and_nothing_is_sent(loopback, monkeypatch) -> None:
-    # (``export KEY=`` sent the request without a key: the server's 401 hid that the variable was empty)
+def test_a_key_variable_set_but_empty_is_refused_as_empty_and_nothing_is_sent(loopback, monkeypatch) -> None:
+    # (``export KEY=`` sent the request without a key: the server's 401 hid that the variable was empty;
+    # then it was said to be "not set", though it was)
     server = loopback(lambda req: openai_reply("never"))
     monkeypatch.setenv("EMPTY_KEY", "")
-    with pytest.raises(AuthenticationError, match="environment variable EMPTY_KEY is not set"):
+    with pytest.raises(AuthenticationError, match="environment variable EMPTY_KEY is set but empty"):
         run(openai(server, api_key_env="EMPTY_KEY").complete_one(ask()))
     assert server.requests == []
 

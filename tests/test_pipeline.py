@@ -7,14 +7,15 @@ import json
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import kind_of, plan_json, scripted_pool
+from pydantic import BaseModel
 
-from orchestra import Agent, Budget, Orchestra, Plan, Pool
+from orchestra import Agent, Budget, NodeSettings, Orchestra, Plan, Pool
 from orchestra.errors import BadResponse, ConfigError
 from orchestra.events import AggregationFellBack, BatchStarted, Event, NodeFailed, NodeSkipped, UsageUpdated
 from orchestra.hints import run_hint
@@ -249,6 +250,14 @@ async def _first(results: Any) -> Any:
         return item
 
 
+class City(BaseModel):
+    name: str
+
+
+async def _async_tasks() -> AsyncIterator[str]:
+    yield "q?"
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda pool: Orchestra(123), "pool must be a Pool, a pool file's path or None (the embedded default), not int 123"),
     (lambda pool: Orchestra(pool, [1, 2]), "settings must be a Settings or a mapping of setting names to values, "
@@ -359,6 +368,22 @@ async def _first(results: Any) -> Any:
      "500,000 fit Orchestra's prompts (the planner's holds the task twice): shorten it"),
     (lambda pool: Orchestra(pool, store=False).run_many("abc"),
      "tasks must be a list of tasks, not one string; run(...) answers one task"),
+    # what a new user's own code met as Python's errors, or with the hint of another mistake
+    (lambda pool: Orchestra(pool, store=False).run_many(_async_tasks()),
+     "tasks must be a list of tasks, not an async iterable; arun_iter(tasks) takes one and yields each result as its "
+     "run ends"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", on_event=print),
+     "unknown setting 'on_event'; on_event is an Orchestra(...) argument: Orchestra(pool, on_event=...)"),
+    (lambda pool: Pool(agents=pool.agents[0]), "agents= takes a list of Agent: agents=[agent0], not the Agent alone"),
+    (lambda pool: Pool(agents=pool.agents, aggregator=pool.agents[1]),
+     "aggregator takes an agent's name: give the agent's name ('agent1'), not the Agent"),
+    (lambda pool: FunctionModel(lambda r: "ok", name=5), "name must be text (how Orchestra shows the model), not int 5"),
+    # a pydantic class, which a ChatRequest takes, was "answer.output.str: Input should be a valid string"
+    (lambda pool: Orchestra(pool, store=False).run("x?", plan=False, answer={"output": City}),
+     "answer.output: give a JSON schema, not the class City: pass City.model_json_schema(), and read the answer with "
+     "City.model_validate_json(...)"),
+    (lambda pool: NodeSettings(output=City), "NodeSettings.output: give a JSON schema, not the class City: pass "
+     "City.model_json_schema(), and read the answer with City.model_validate_json(...)"),
     # (the planner's template wrote more than it may, and jinja2's SecurityError came out raw)
     (lambda pool: Orchestra(pool, store=False).plan("x?", context="c" * 2_100_000),
      "the context is 2,100,000 characters; at most 500,000 fit Orchestra's prompts: shorten it"),
@@ -658,6 +683,34 @@ def test_run_many_takes_a_budget_for_all_its_runs() -> None:
     sent = sum(len(model.requests) for model in models.values())
     assert sent == shared.calls == sum(r.usage.requests for r in results) == 18  # (not 36: each run's own 500)
     assert [r.status for r in results] == ["done"] * 3 + ["budget_exceeded"] * 3  # (5 keyword samples, 1 expert)
+
+
+def test_a_cost_budget_says_a_model_of_ones_own_without_a_price_is_counted_only_as_calls_return() -> None:
+    """It said "counts no dollars for m1 ... give prices= in Python", though the cost m1 reports was counted
+    (the run ended budget_exceeded) and a model of one's own takes no prices=."""
+    from orchestra.models import ChatResult, ModelBase, Usage
+
+    class Reporting(ModelBase):
+        is_test_double = True
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def _generate(self, request: ChatRequest) -> ChatResult:
+            return ChatResult(text="The answer is 42", usage=Usage(prompt_tokens=100, completion_tokens=10,
+                                                                   cost_usd=0.0003))
+
+    pool = Pool(agents=[Agent(name="a", model=Reporting("m1")), Agent(name="b", model=FunctionModel(
+        lambda r: "ok", name="fm"))])
+    with pytest.warns(UserWarning) as told:
+        orc = Orchestra(pool, store=False, k=1, budget=Budget(max_cost_usd=0.0005))
+    assert [str(w.message) for w in told] == [
+        "the cost budget counts no dollars for fm: it has no price (give prices: [input, output] per million tokens "
+        "in the pool, or prices= in Python); the cost budget cannot hold back calls to m1 in advance: it has no "
+        "price (set self.price = orchestra.models.Price(input=..., output=...), USD per million tokens, in its "
+        "__init__); the cost it reports in Usage.cost_usd is counted as its calls return"]
+    results = orc.run_many(["q1?", "q2?", "q3?", "q4?"], plan=False)
+    assert all(r.status == "budget_exceeded" and r.usage.cost_usd > 0.0005 for r in results)  # (counted once paid)
 
 
 def test_a_cost_budget_in_python_names_the_models_it_cannot_bound() -> None:

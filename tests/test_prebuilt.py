@@ -8,7 +8,7 @@ import pytest
 
 from orchestra import Agent, Orchestra, Plan, Pool, Subtask
 from orchestra.errors import ConfigError
-from orchestra.models import ChatRequest
+from orchestra.models import ChatRequest, ChatResult, ModelBase
 from orchestra.prebuilt import assemble
 from orchestra.result import ExpertOutput, NodeTrace
 from orchestra.testing import FunctionModel
@@ -77,6 +77,35 @@ def test_an_agent_that_could_never_answer_is_refused_when_made(options: dict[str
     # a model that is not one used to be taken, then hang the run at its first call
     with pytest.raises(ConfigError, match=message):
         Agent(**{"name": "a", "model": FunctionModel(lambda r: "ok"), **options})  # type: ignore[arg-type]
+
+
+class CompleteOnly:
+    """The interface the README's "batch first" line shows: a name and ``complete`` alone."""
+
+    name = "c"
+
+    async def complete(self, requests: list[ChatRequest]) -> list[object]:
+        return []
+
+
+class Nameless(ModelBase):
+    """A model of one's own that never set ``self.name``."""
+
+    async def _generate(self, request: ChatRequest) -> ChatResult:
+        return ChatResult(text="x")
+
+
+@pytest.mark.parametrize("model, message", [
+    (CompleteOnly(), "agent 'a': model CompleteOnly has complete but no complete_each (batches are sent through it): "
+                     "subclass orchestra.models.ModelBase, set self.name and implement async _generate(request) -> "
+                     "ChatResult (see the README, Your own model)"),
+    (Nameless(), "agent 'a': model Nameless has no name: set self.name (how Orchestra shows the model) in its __init__"),
+])
+def test_a_model_of_ones_own_that_lacks_part_of_the_interface_is_told_which(model: object, message: str) -> None:
+    """Both were "model must be a model object (an OpenAICompatible, ...), not CompleteOnly", naming nothing missing."""
+    with pytest.raises(ConfigError) as refused:
+        Agent(name="a", model=model)  # type: ignore[arg-type]
+    assert str(refused.value) == message
 
 
 def test_a_pool_whose_planner_is_not_a_model_is_refused() -> None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from orchestra.errors import BadResponse
-from orchestra.models.base import with_settings
+from orchestra.models.base import check_whole, with_settings
 from orchestra.models.http import Endpoint, EndpointModel, check_model_id, display_url, no_text
 from orchestra.models.negotiation import Capabilities
 from orchestra.models.pricing import Price, coerce_price, reported_usage, token_count
@@ -43,6 +43,7 @@ class Anthropic(EndpointModel):
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  name: str | None = None) -> None:
         check_model_id(model)
+        check_whole("max_tokens", max_tokens, 1)  # (a pool file refuses 0; in Python it was sent)
         self.model = model
         self.name = name or model
         self.default_max_tokens = max_tokens

@@ -6,6 +6,7 @@ import abc
 import asyncio
 import contextlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ from contextvars import ContextVar
 from functools import partial
 from typing import Any, ClassVar, Protocol, TypeAlias, TypeGuard, TypeVar, runtime_checkable
 
-from orchestra.errors import CallCancelled, InvalidOutput, ModelRequestsForbidden
+from orchestra.errors import CallCancelled, ConfigError, InvalidOutput, ModelRequestsForbidden
 from orchestra.models.metering import charge, count_request, metering
 from orchestra.models.structured import StructuredOutputError, extract_json, parse_output, repair_request
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -164,6 +165,13 @@ class HeavyModel(Model, Protocol):
         """Free the weights."""
 
 
+def check_whole(name: str, value: object, least: int) -> None:
+    """Refuse a model's setting that is not a whole number of at least ``least``, in one line (a pool
+    file refuses it; in Python it was taken and failed the first call, or was sent)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{name} must be a whole number of at least {least}, not {type(value).__name__} {value!r}")
+
+
 def model_identity(model: Any) -> str:
     """What a model really is (backend, endpoint, model id, and the ``extra_body`` its requests carry),
     not its alias in a pool: part of its calls' keys (the response cache's, a resume's). Two models on
@@ -208,6 +216,15 @@ class ModelBase(abc.ABC):
     #: True when the transport counts every request it sends (HTTP endpoints count each attempt);
     #: otherwise each generation counts as one request.
     counts_requests: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **options: Any) -> None:
+        """Refuse a ``_generate`` that is not an ``async def`` as the class is made (each of its calls
+        failed with "object ChatResult can't be used in 'await' expression", naming no model)."""
+        super().__init_subclass__(**options)
+        generate = cls.__dict__.get("_generate")
+        if generate is not None and not inspect.iscoroutinefunction(generate):
+            raise TypeError(f"{cls.__name__}._generate must be an async def (a coroutine function) returning a "
+                            "ChatResult")
 
     async def aclose(self) -> None:
         """Release what the model holds open (an endpoint's connections); nothing by default."""
@@ -361,6 +378,8 @@ class ModelBase(abc.ABC):
         except Exception as error:
             charge(getattr(error, "usage", None))  # a billed failure (e.g. a body without choices)
             raise
+        if not isinstance(result, ChatResult):  # (it was "'str' object has no attribute 'usage'", naming no model)
+            raise TypeError(f"model {self.name}: _generate returned {type(result).__name__}, expected a ChatResult")
         charge(result.usage)
         return result
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestra.models.anthropic import ANTHROPIC_URL, Anthropic
 from orchestra.models.base import Model
-from orchestra.models.http import DEFAULT_MAX_CONCURRENCY, Endpoint, check_base_url
+from orchestra.models.http import DEFAULT_MAX_CONCURRENCY, Endpoint, check_base_url, check_key_env
 from orchestra.models.openai import OPENAI_URL, OpenAICompatible
 from orchestra.models.placement import EngineResources
 from orchestra.models.pricing import Price
@@ -26,6 +26,12 @@ class _RemoteSpec(_Spec):
     @classmethod
     def _http_url(cls, value: str) -> str:
         check_base_url(value)
+        return value
+
+    @field_validator("api_key_env", check_fields=False)
+    @classmethod
+    def _key_name(cls, value: str | None) -> str | None:
+        check_key_env(value)
         return value
 
     @field_validator("prices", mode="before", check_fields=False)

@@ -32,7 +32,7 @@ from orchestra.errors import (
     RequestRejected,
     RequestTimeout,
 )
-from orchestra.models.base import ModelBase, check_wanted, notify_downgrade, notify_retry
+from orchestra.models.base import ModelBase, check_wanted, check_whole, notify_downgrade, notify_retry
 from orchestra.models.deadlines import Deadlines
 from orchestra.models.metering import charge, count_request, take_back_request
 from orchestra.models.negotiation import Capabilities, refused_feature
@@ -180,10 +180,8 @@ class CallPolicy:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 < value < math.inf):
                 raise ConfigError(f"{name} must be a number of seconds above 0, not {type(value).__name__} {value!r}")
-        if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int)
-                                         or max_attempts < 1):
-            raise ConfigError(f"max_attempts must be a whole number of at least 1, not {type(max_attempts).__name__} "
-                              f"{max_attempts!r}")
+        if max_attempts is not None:
+            check_whole("max_attempts", max_attempts, 1)
         default = cls()
         return cls(timeout=default.timeout if timeout is None else timeout,
                    deadline=default.deadline if deadline is None else deadline,
@@ -216,6 +214,7 @@ class Endpoint:
                  rpm: float | None = None, transport: TransportFactory = AiohttpTransport) -> None:
         try:
             check_base_url(base_url)
+            check_key_env(api_key_env)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if max_concurrency < 1 or (rpm is not None and rpm <= 0):
@@ -270,13 +269,22 @@ class Endpoint:
         await self.aclose()
 
     def api_key(self) -> str | None:
-        """The key from the environment; a missing variable is an ``AuthenticationError``."""
+        """The key from the environment, without the whitespace around it (a copy from a ``.env`` file
+        may end in a newline); a variable not set, empty, or holding a control character is an
+        ``AuthenticationError`` (the last was the HTTP client's error, naming no variable)."""
         if not self._api_key_env:
             return None
-        key = os.environ.get(self._api_key_env)
+        variable, url = self._api_key_env, display_url(self._base_url)
+        key = os.environ.get(variable)
+        if key is None:
+            raise AuthenticationError(f"environment variable {variable} is not set; export it to use {url}")
+        key = key.strip()
         if not key:
-            raise AuthenticationError(
-                f"environment variable {self._api_key_env} is not set; export it to use {display_url(self._base_url)}")
+            raise AuthenticationError(f"environment variable {variable} is set but empty; put the key in it to use "
+                                      f"{url}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise AuthenticationError(f"environment variable {variable} holds a control character (a newline?); "
+                                      "set it to the key alone")
         return key
 
     async def post_negotiated(self, path: str, build: Callable[[Capabilities], dict[str, Any]], *, model: str,
@@ -620,6 +628,21 @@ def check_model_id(model: object) -> None:
     if not isinstance(model, str) or not model.strip():
         raise ConfigError(f"model must be the model name its server expects (text), not {type(model).__name__} "
                           f"{model!r:.40}")
+
+
+#: what an environment variable's name is made of
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_key_env(name: str | None) -> None:
+    """Refuse an ``api_key_env`` that cannot name an environment variable, without repeating it: it is
+    likely the key itself (one given there was echoed in the run's error and written to the store)."""
+    if name is not None and not isinstance(name, str):  # (a number failed the run: "str expected, not int")
+        raise ValueError(f"api_key_env must be the name of an environment variable (text such as MY_KEY) or None, "
+                         f"not {type(name).__name__}")
+    if isinstance(name, str) and not _ENV_NAME.fullmatch(name):
+        raise ValueError("api_key_env must be the NAME of an environment variable (e.g. MY_KEY: letters, digits "
+                         "and _), not the key itself")
 
 
 def check_base_url(url: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from orchestra.errors import CallCancelled, ConfigError, ContextTooLong, MissingDependency
-from orchestra.models.base import ModelBase, Outcome, importable, with_settings
+from orchestra.models.base import ModelBase, Outcome, check_whole, importable, with_settings
 from orchestra.models.llama_check import check_llama_runs
 from orchestra.models.placement import EngineResources
 from orchestra.models.types import ChatRequest, ChatResult, Usage
@@ -60,12 +60,6 @@ def _small_model() -> Path | None:
 _NEEDS_LLAMA = "LlamaCpp needs llama-cpp-python: pip install 'skill-orchestra[local]'"
 
 
-def _check_whole(name: str, value: object, least: int) -> None:
-    """Refuse an engine setting that is not a whole number of at least ``least``, in one line."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{name} must be a whole number of at least {least}, not {type(value).__name__} {value!r}")
-
-
 class LlamaCpp(ModelBase):
     """A GGUF model run in process by llama.cpp.
 
@@ -91,11 +85,11 @@ class LlamaCpp(ModelBase):
     def __init__(self, path: str | Path | None = None, *, name: str | None = None, n_ctx: int = 4096,
                  threads: int | None = None, n_gpu_layers: int = 0, default_max_tokens: int = 512,
                  repeat_penalty: float = 1.1, resources: EngineResources | None = None) -> None:
-        _check_whole("n_ctx", n_ctx, 256)  # (a pool file refuses these; in Python, -5 failed the run in llama.cpp)
-        _check_whole("default_max_tokens", default_max_tokens, 1)
-        _check_whole("n_gpu_layers", n_gpu_layers, -1)
+        check_whole("n_ctx", n_ctx, 256)  # (a pool file refuses these; in Python, -5 failed the run in llama.cpp)
+        check_whole("default_max_tokens", default_max_tokens, 1)
+        check_whole("n_gpu_layers", n_gpu_layers, -1)
         if threads is not None:
-            _check_whole("threads", threads, 1)
+            check_whole("threads", threads, 1)
         if isinstance(repeat_penalty, bool) or not isinstance(repeat_penalty, (int, float)) \
                 or not 1.0 <= repeat_penalty <= 2.0:
             raise ConfigError(f"repeat_penalty must be a number from 1.0 to 2.0, not {repeat_penalty!r}")

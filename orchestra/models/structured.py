@@ -7,7 +7,7 @@ import math
 from typing import Any
 from urllib.parse import unquote
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from orchestra.models.types import ChatRequest, Message, whole_values
 
@@ -107,6 +107,16 @@ def _depth(value: Any) -> int:
             deepest = max(deepest, depth)
             level += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
     return deepest
+
+
+def class_in_place_of_schema(value: object) -> str | None:
+    """What to give instead of a pydantic class where a run takes a JSON schema (its record is JSON, so
+    the class cannot go with it: it was "Input should be a valid string"); None for anything else."""
+    if not (isinstance(value, type) and issubclass(value, BaseModel)):
+        return None
+    name = value.__name__
+    return (f"give a JSON schema, not the class {name}: pass {name}.model_json_schema(), and read the answer with "
+            f"{name}.model_validate_json(...)")
 
 
 def schema_problem(schema: Any, path: str = "$", root: dict[str, Any] | None = None) -> str | None:

@@ -133,9 +133,9 @@ class NodeSettings:
             raise ConfigError(f"NodeSettings.skills must be a list of skill names (['algebra']), not {skills!r:.40}")
         object.__setattr__(self, "skills", tuple(skills))  # (a list given is kept as the tuple it is read as)
         if self.output is not None:
-            from orchestra.models.structured import schema_problem
+            from orchestra.models.structured import class_in_place_of_schema, schema_problem
 
-            problem = schema_problem(self.output)
+            problem = class_in_place_of_schema(self.output) or schema_problem(self.output)
             if problem:
                 raise ConfigError(f"NodeSettings.output: {problem}")
         if self.prompt is not None and not callable(self.prompt):

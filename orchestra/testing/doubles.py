@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from orchestra.errors import BadResponse
+from orchestra.errors import BadResponse, ConfigError
 from orchestra.models.base import ModelBase, Outcome
 from orchestra.models.placement import EngineResources
 from orchestra.models.pricing import Price, coerce_price
@@ -29,6 +29,9 @@ class DoubleBase(ModelBase):
     def __init__(self, *, name: str, heavy: bool = False, load_seconds: float = 0.0, memory_bytes: int = 0,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  resources: EngineResources | None = None, on_load: Callable[[], None] | None = None) -> None:
+        if not isinstance(name, str) or not name.strip():  # (name=5 was an AttributeError of the price table)
+            raise ConfigError(f"name must be text (how Orchestra shows the model), not {type(name).__name__} "
+                              f"{name!r:.40}")
         self.name = name
         self.on_load = on_load  #: called as each load begins (a test's way to fail or crash a load)
         self.heavy = heavy
@@ -141,6 +144,9 @@ class FunctionModel(DoubleBase):
                  load_seconds: float = 0.0, memory_bytes: int = 0,
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  resources: EngineResources | None = None, on_load: Callable[[], None] | None = None) -> None:
+        if not callable(fn):  # (it was "'str' object is not callable" at the first call)
+            raise ConfigError(f"FunctionModel takes a function of a request, fn(request) -> reply, not "
+                              f"{type(fn).__name__} {fn!r:.40}")
         super().__init__(name=name, heavy=heavy, load_seconds=load_seconds, memory_bytes=memory_bytes,
                          prices=prices, resources=resources, on_load=on_load)
         self.fn = fn
