@@ -7,15 +7,25 @@ Only model answers are scripted; budgets, servers and stores are the real ones.
 from __future__ import annotations
 
 import asyncio
+import threading
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import scripted_pool
 
-from orchestra.budget import Budget
+from orchestra.budget import Budget, BudgetTracker, RunAdmission
+from orchestra.errors import BudgetExceeded
+from orchestra.execute import Executor, RunLedger
+from orchestra.models import ChatRequest, FunctionModel, OpenAICompatible, Usage
+from orchestra.models.pricing import FREE
 from orchestra.models.structured import StructuredOutputError, check_schema
 from orchestra.openai_wire import Completion
 from orchestra.result import RunResult, RunUsage
 from orchestra.serve import SIZE_STEP, _kind, app
+from orchestra.store import RunStore
+from orchestra.testing import LoopbackRequest, chat_handler
 
 # --- models/structured.py ----------------------------------------------------------------------
 
@@ -30,6 +40,27 @@ def test_a_boolean_is_no_number_in_a_schema() -> None:
         with pytest.raises(StructuredOutputError, match=r"\$.score: expected number, got bool"):
             check_schema({"score": flag}, schema)
     check_schema({"score": True}, {"type": "object", "properties": {"score": {"type": ["number", "boolean"]}}})
+
+
+# --- budget.py: a data set's admission ---------------------------------------------------------
+
+
+def test_a_run_that_fits_after_two_hopeless_ones_lets_runs_start_again() -> None:
+    """Two runs stopped by a call over the limit on its own, none done, stop the runs not started;
+    a run that was in flight then ending on its own shows the limit holds a run: runs start again
+    (the refusal stayed, and every item after it was refused unstarted)."""
+    admission = RunAdmission(BudgetTracker(Budget(max_calls=None, max_tokens=60, max_cost_usd=None), None))
+    for run_id in ("long-1", "long-2"):
+        run = BudgetTracker(Budget(), run_id, parent=admission.shared)
+        with pytest.raises(BudgetExceeded):
+            run.admit(ChatRequest.user("hi", max_tokens=64), FREE)  # its worst case alone is over the limit
+        admission.ended(run, on_its_own=False)
+    refused = admission.refusal(0)
+    assert refused is not None and "one call of a run needs more than all of it" in str(refused)
+    done = BudgetTracker(Budget(), "short-1", parent=admission.shared)
+    done.settle(done.admit(ChatRequest.user("hi", max_tokens=1), FREE), Usage(prompt_tokens=10, requests=1))
+    admission.ended(done, on_its_own=True)
+    assert admission.refusal(0) is None and admission.admits(0)
 
 
 # --- serve.py: a server budget's admission by a request's size ---------------------------------
@@ -104,3 +135,63 @@ def test_a_run_cut_short_is_no_measure_of_its_requests_size() -> None:
     server._run_ended("m ~20", _ended(RunResult(run_id="r", task="t", status="done", answer="a", usage=usage)))
     assert server._sizes == {"m": {20}} and server._measured_kind("m", 15) == "m ~20"
     assert not server.live
+
+
+# --- execute.py: what a cancelled call that sent nothing counts --------------------------------
+
+
+def test_a_cancelled_call_that_waited_for_its_endpoints_slot_counts_nothing(loopback) -> None:
+    """Two runs' calls in one batch on an endpoint that takes one request at a time: the second run is
+    cancelled while the first's request is at the server. Its call, waiting for the slot, is not
+    sent; having sent nothing, it counts nothing, not even as a failed call (only a call that sent
+    requests before it stopped is billed), and the first run's call is answered as usual."""
+    at_server, release = threading.Event(), threading.Event()
+
+    def answer(request: LoopbackRequest) -> str:
+        at_server.set()
+        release.wait(10)
+        return "About 300,000 km per second."
+
+    server = loopback(chat_handler(answer))
+    model = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None, max_concurrency=1)
+    unlimited = Budget(max_calls=None, max_tokens=None, max_cost_usd=None)
+    kept, cancelled = RunLedger.create("r1", unlimited), RunLedger.create("r2", unlimited)
+    executor = Executor()
+
+    async def main() -> list[Any]:
+        first = asyncio.ensure_future(executor.run_task(executor.call(
+            kept, [(model, ChatRequest.user("How fast is light?"))], purpose="expert")))
+        second = asyncio.ensure_future(executor.run_task(executor.call(
+            cancelled, [(model, ChatRequest.user("How fast is sound?"))], purpose="expert")))
+        assert await asyncio.to_thread(at_server.wait, 10)
+        second.cancel()
+        with suppress(asyncio.CancelledError):
+            await second
+        release.set()
+        answered = await first
+        await asyncio.gather(*executor.in_flight_for("r2"), return_exceptions=True)
+        return answered  # type: ignore[no-any-return]
+
+    [result] = asyncio.run(main())
+    assert result.text == "About 300,000 km per second."
+    assert [request.prompt for request in server.requests] == ["How fast is light?"]
+    assert (kept.budget.calls, kept.budget.requests, kept.failed_calls) == (1, 1, 0)
+    assert (cancelled.budget.calls, cancelled.budget.requests, cancelled.failed_calls) == (0, 0, 0)
+    assert (cancelled.budget._reserved_calls, cancelled.budget._reserved_tokens) == (0, 0)
+
+
+def test_a_call_the_budget_refuses_is_a_cache_miss(tmp_path: Path) -> None:
+    """A call looked up in the response cache and not found there is a miss, whether it is then sent or
+    refused by its budget (a refused call's miss went uncounted: the run's usage said 0 misses)."""
+    model = FunctionModel(lambda r: "the answer", name="m")
+    executor = Executor()
+    ledger = RunLedger.create("r1", Budget(max_calls=None, max_tokens=50, max_cost_usd=None),
+                              cache=RunStore(tmp_path / "runs.db").cache())
+
+    async def main() -> list[Any]:
+        return await executor.run_task(executor.call(ledger, [(model, ChatRequest.user("question", max_tokens=100))],
+                                                     purpose="expert"))
+
+    [outcome] = asyncio.run(main())
+    assert isinstance(outcome, BudgetExceeded) and not model.requests
+    assert ledger.cache_misses == 1 and ledger.answered["cache"] == 0
