@@ -10,18 +10,21 @@ import asyncio
 import threading
 from contextlib import suppress
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import scripted_pool
 
 from orchestra.budget import Budget, BudgetTracker, RunAdmission
-from orchestra.errors import BudgetExceeded
-from orchestra.execute import Executor, RunLedger
+from orchestra.core import check_context
+from orchestra.errors import BudgetExceeded, ConfigError
+from orchestra.execute import Executor, RunLedger, _answer_limit
 from orchestra.models import ChatRequest, FunctionModel, OpenAICompatible, Usage
 from orchestra.models.pricing import FREE
 from orchestra.models.structured import StructuredOutputError, check_schema
 from orchestra.openai_wire import Completion
+from orchestra.prompts import MAX_CONTEXT_CHARS
 from orchestra.result import RunResult, RunUsage
 from orchestra.serve import SIZE_STEP, _kind, app
 from orchestra.store import RunStore
@@ -40,6 +43,21 @@ def test_a_boolean_is_no_number_in_a_schema() -> None:
         with pytest.raises(StructuredOutputError, match=r"\$.score: expected number, got bool"):
             check_schema({"score": flag}, schema)
     check_schema({"score": True}, {"type": "object", "properties": {"score": {"type": ["number", "boolean"]}}})
+
+
+# --- core.py: the context's limit ----------------------------------------------------------------
+
+
+def test_a_context_of_exactly_the_limit_is_taken_and_one_character_more_refused() -> None:
+    """``at most 500,000 fit``: a context of 500,000 characters fits, as a replan hint of exactly the
+    room the conversation leaves does."""
+    check_context("x" * MAX_CONTEXT_CHARS)
+    with pytest.raises(ConfigError, match=r"^the context is 500,001 characters; at most 500,000 fit Orchestra's "
+                                          r"prompts: shorten it$"):
+        check_context("x" * (MAX_CONTEXT_CHARS + 1))
+    check_context("h" * 36, "the hint", limit=36)
+    with pytest.raises(ConfigError, match=r"^the hint is 37 characters; at most 36 fit"):
+        check_context("h" * 37, "the hint", limit=36)
 
 
 # --- budget.py: a data set's admission ---------------------------------------------------------
@@ -195,3 +213,20 @@ def test_a_call_the_budget_refuses_is_a_cache_miss(tmp_path: Path) -> None:
     [outcome] = asyncio.run(main())
     assert isinstance(outcome, BudgetExceeded) and not model.requests
     assert ledger.cache_misses == 1 and ledger.answered["cache"] == 0
+
+
+def test_a_models_own_answer_limit_is_a_whole_number_its_engine_or_extra_body_sets() -> None:
+    """What a request that sets no max_tokens is reserved at: an engine's default first, then the
+    endpoint's ``max_completion_tokens``, then its ``max_tokens``; ``true`` is no number of tokens
+    (Python's bool is an int: it read as a limit of one token, and the call was reserved at that)."""
+    def endpoint(**extra: Any) -> OpenAICompatible:
+        return OpenAICompatible(model="m", base_url="http://127.0.0.1:18300/v1", api_key_env=None, extra_body=extra)
+
+    assert _answer_limit(endpoint()) is None
+    assert _answer_limit(endpoint(max_tokens=900)) == 900
+    assert _answer_limit(endpoint(max_completion_tokens=300, max_tokens=900)) == 300
+    assert _answer_limit(endpoint(max_tokens=True)) is None
+    assert _answer_limit(endpoint(max_completion_tokens=True, max_tokens=700)) == 700
+    assert _answer_limit(endpoint(max_tokens="500")) is None
+    engine = SimpleNamespace(default_max_tokens=256, extra_body={"max_tokens": 900})
+    assert _answer_limit(engine) == 256
