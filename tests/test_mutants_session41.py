@@ -1,5 +1,7 @@
 """Where session 41's mutation round left a one-line mutant alive: a JSON schema's type check, the
-server budget's admission by a request's size, ...
+context's limit, a data set's admission after hopeless runs, a chat task's planning carried into its
+resume, the server budget's admission by a request's size, what a cancelled or refused call counts
+(its cache miss too), a model's own answer limit, and where a nested setting given at the top belongs.
 
 Only model answers are scripted; budgets, servers and stores are the real ones.
 """
@@ -16,9 +18,10 @@ from typing import Any
 import pytest
 from helpers import scripted_pool
 
-from orchestra.budget import Budget, BudgetTracker, RunAdmission
+from orchestra import Orchestra
+from orchestra.budget import Budget, BudgetTracker, RunAdmission, Spent, task_budget
 from orchestra.core import check_context
-from orchestra.errors import BudgetExceeded, ConfigError
+from orchestra.errors import BudgetExceeded, ConfigError, UnknownSetting
 from orchestra.execute import Executor, RunLedger, _answer_limit
 from orchestra.models import ChatRequest, FunctionModel, OpenAICompatible, Usage
 from orchestra.models.pricing import FREE
@@ -26,7 +29,7 @@ from orchestra.models.structured import StructuredOutputError, check_schema
 from orchestra.openai_wire import Completion
 from orchestra.prompts import MAX_CONTEXT_CHARS
 from orchestra.result import RunResult, RunUsage
-from orchestra.serve import SIZE_STEP, _kind, app
+from orchestra.serve import SIZE_STEP, Server, _kind, app
 from orchestra.store import RunStore
 from orchestra.testing import LoopbackRequest, chat_handler
 
@@ -81,10 +84,30 @@ def test_a_run_that_fits_after_two_hopeless_ones_lets_runs_start_again() -> None
     assert admission.refusal(0) is None and admission.admits(0)
 
 
+def test_what_a_task_spent_planning_counts_its_tokens_against_its_resume_too() -> None:
+    """A chat task's planning is recorded with its run (``Spent.of`` its budget) and counted again
+    when the run is resumed: its tokens too, under a token limit (the calls alone were carried over,
+    and a resume had the planning's tokens to spend once more)."""
+    limit = Budget(max_calls=None, max_tokens=1_000, max_cost_usd=None)
+    planning = task_budget(limit)
+    for _ in range(2):  # two planner calls of 300 tokens
+        planning.settle(planning.admit(ChatRequest.user("plan", max_tokens=10), FREE),
+                        Usage(prompt_tokens=250, completion_tokens=50, requests=1))
+    spent = Spent.of(planning)
+    assert (spent.calls, spent.usage.prompt_tokens, spent.usage.completion_tokens, spent.usage.requests) == (
+        2, 500, 100, 2)
+    resumed = task_budget(limit, Spent.model_validate_json(spent.model_dump_json()))  # (as the store keeps it)
+    assert (resumed.calls, resumed.prompt_tokens + resumed.completion_tokens) == (2, 600)
+    run = BudgetTracker(Budget(max_calls=None, max_tokens=None, max_cost_usd=None), "r", parent=resumed)
+    with pytest.raises(BudgetExceeded, match="this task's budget max_tokens=1000"):
+        run.admit(ChatRequest.user("hi", max_tokens=500), FREE)  # 600 spent: no room for 500 more
+    run.settle(run.admit(ChatRequest.user("hi", max_tokens=300), FREE), Usage(prompt_tokens=10, requests=1))
+
+
 # --- serve.py: a server budget's admission by a request's size ---------------------------------
 
 
-def _server(budget: Budget):  # type: ignore[no-untyped-def]
+def _server(budget: Budget) -> Server:
     pool, _ = scripted_pool(2)
     return app(pool, store=False, budget=budget).state.server
 
@@ -112,11 +135,13 @@ def test_a_request_longer_than_any_measured_is_expected_to_cost_more_in_each_cal
     """A request longer than any measured is expected to take the longest measured run, plus in each
     of its calls the characters its messages may have grown by (4 a token), at that run's price."""
     server = _server(Budget(max_calls=None, max_tokens=100_000, max_cost_usd=None))
-    server.admission.count((9, 3_000, 0.03), (9, 3_000, 0.03), kind="m ~12")
+    admission = server.admission
+    assert admission is not None
+    admission.count((9, 3_000, 0.03), (9, 3_000, 0.03), kind="m ~12")
     server._sizes["m"] = {12}
     assert server._measured_kind("m", 20) == "m ~20"
     grown = (SIZE_STEP ** 21 - SIZE_STEP ** 12) / 4  # (tokens more in each call: up to 1.25**21 characters)
-    calls, tokens, cost = server.admission._largest["m ~20"]
+    calls, tokens, cost = admission._largest["m ~20"]
     assert (calls, tokens) == (9, pytest.approx(3_000 + 9 * grown))
     assert cost == pytest.approx(0.03 * tokens / 3_000)
 
@@ -188,7 +213,7 @@ def test_a_cancelled_call_that_waited_for_its_endpoints_slot_counts_nothing(loop
         release.set()
         answered = await first
         await asyncio.gather(*executor.in_flight_for("r2"), return_exceptions=True)
-        return answered  # type: ignore[no-any-return]
+        return answered
 
     [result] = asyncio.run(main())
     assert result.text == "About 300,000 km per second."
@@ -230,3 +255,18 @@ def test_a_models_own_answer_limit_is_a_whole_number_its_engine_or_extra_body_se
     assert _answer_limit(endpoint(max_tokens="500")) is None
     engine = SimpleNamespace(default_max_tokens=256, extra_body={"max_tokens": 900})
     assert _answer_limit(engine) == 256
+
+
+# --- settings.py / core.py: where a nested setting given at the top belongs --------------------
+
+
+def test_a_nested_setting_given_as_a_python_keyword_names_its_groups_before_a_near_name() -> None:
+    """``max_tokens=`` is a keywords or a budget setting; it was "did you mean 'planner_max_tokens'?",
+    the planner's answer limit, a setting it is not (the fuzzy match won over where it belongs)."""
+    pool, _ = scripted_pool(2)
+    with pytest.raises(UnknownSetting) as refused:
+        Orchestra(pool, store=False, max_tokens=5000)
+    assert str(refused.value) == ("unknown setting 'max_tokens'; it is a keywords or budget setting: "
+                                  "keywords={'max_tokens': ...} or budget={'max_tokens': ...}")
+    with pytest.raises(UnknownSetting, match=r"^unknown setting 'max_tokns'; did you mean 'planner_max_tokens'\?$"):
+        Orchestra(pool, store=False, max_tokns=5000)  # (in no group: the near name is all there is)
