@@ -1,7 +1,8 @@
 """Where session 41's mutation round left a one-line mutant alive: a JSON schema's type check, the
 context's limit, a data set's admission after hopeless runs, a chat task's planning carried into its
 resume, the server budget's admission by a request's size, what a cancelled or refused call counts
-(its cache miss too), a model's own answer limit, and where a nested setting given at the top belongs.
+(its cache miss too), a model's own answer limit, where a nested setting given at the top belongs, and a
+workflow's inputs given as a mapping that is no dict.
 
 Only model answers are scripted; budgets, servers and stores are the real ones.
 """
@@ -12,7 +13,7 @@ import asyncio
 import threading
 from contextlib import suppress
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from orchestra.result import RunResult, RunUsage
 from orchestra.serve import SIZE_STEP, Server, _kind, app
 from orchestra.store import RunStore
 from orchestra.testing import LoopbackRequest, chat_handler
+from orchestra.workflow import Workflow
 
 # --- models/structured.py ----------------------------------------------------------------------
 
@@ -270,3 +272,22 @@ def test_a_nested_setting_given_as_a_python_keyword_names_its_groups_before_a_ne
                                   "keywords={'max_tokens': ...} or budget={'max_tokens': ...}")
     with pytest.raises(UnknownSetting, match=r"^unknown setting 'max_tokns'; did you mean 'planner_max_tokens'\?$"):
         Orchestra(pool, store=False, max_tokns=5000)  # (in no group: the near name is all there is)
+
+
+# --- workflow.py: its inputs -------------------------------------------------------------------
+
+
+def test_workflow_inputs_may_be_any_mapping(tmp_path: Path) -> None:
+    """``inputs=`` is a mapping of names to values: a read-only one (``MappingProxyType``, a config
+    library's) is taken as a dict is; what is not a mapping is refused in one line."""
+    path = tmp_path / "wf.yaml"
+    path.write_text("name: demo\npool:\n  models:\n    m: {type: openai, model: x, base_url: "
+                    "\"http://127.0.0.1:18300/v1\", api_key_env: null}\n  agents:\n    - {name: writer, model: m}\n"
+                    "inputs:\n  topic: {type: string, required: true}\n  words: {type: integer, default: 50}\n"
+                    "steps:\n  - id: draft\n    agent: writer\n    prompt: \"Write {{ inputs.words }} words on "
+                    "{{ inputs.topic }}.\"\n")
+    flow = Workflow.load(path)
+    given = MappingProxyType({"topic": "tides", "words": "20"})
+    assert flow.resolve_inputs(given) == {"topic": "tides", "words": 20}
+    with pytest.raises(ConfigError, match=r"^inputs must be a mapping of input names to values .+, not list$"):
+        flow.resolve_inputs([("topic", "tides")])  # type: ignore[arg-type]
