@@ -156,6 +156,17 @@ def test_a_requests_size_counts_its_earlier_turns_and_system_messages() -> None:
     assert like == same and long > short + 10
 
 
+
+def test_requests_that_differ_only_in_their_seed_cost_alike() -> None:
+    """A seed changes no cost: requests of one model and settings but their seeds are one kind (taken
+    apart, each was a kind never measured and ran alone); another k is another kind."""
+    def kind(**settings: Any) -> str:
+        return _kind(Completion(model="orchestra", task="What is 2 + 2?", settings=settings))[0]
+
+    assert kind(k=2, seed=1) == kind(k=2, seed=7) == kind(k=2)
+    assert kind(k=3, seed=1) != kind(k=2, seed=1)
+    assert kind(k=2) != _kind(Completion(model="vote", task="What is 2 + 2?", settings={"k": 2}))[0]
+
 def _ended(result: RunResult) -> asyncio.Task[RunResult]:
     """A request's run task that has ended with ``result``."""
     async def finish() -> asyncio.Task[RunResult]:
