@@ -139,8 +139,9 @@ def test_a_request_longer_than_any_measured_is_expected_to_cost_more_in_each_cal
     server = _server(Budget(max_calls=None, max_tokens=100_000, max_cost_usd=None))
     admission = server.admission
     assert admission is not None
+    admission.count((9, 1_000, 0.01), (9, 1_000, 0.01), kind="m ~8")
     admission.count((9, 3_000, 0.03), (9, 3_000, 0.03), kind="m ~12")
-    server._sizes["m"] = {12}
+    server._sizes["m"] = {8, 12}  # (from the longest measured, not the shortest)
     assert server._measured_kind("m", 20) == "m ~20"
     grown = (SIZE_STEP ** 21 - SIZE_STEP ** 12) / 4  # (tokens more in each call: up to 1.25**21 characters)
     calls, tokens, cost = admission._largest["m ~20"]
