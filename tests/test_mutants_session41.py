@@ -25,6 +25,7 @@ from orchestra.core import check_context
 from orchestra.errors import BudgetExceeded, ConfigError, UnknownSetting
 from orchestra.execute import Executor, RunLedger, _answer_limit
 from orchestra.models import ChatRequest, FunctionModel, OpenAICompatible, Usage
+from orchestra.models.http import Endpoint
 from orchestra.models.pricing import FREE
 from orchestra.models.structured import StructuredOutputError, check_schema
 from orchestra.openai_wire import Completion
@@ -198,41 +199,51 @@ def test_a_run_cut_short_is_no_measure_of_its_requests_size() -> None:
 
 
 def test_a_cancelled_call_that_waited_for_its_endpoints_slot_counts_nothing(loopback) -> None:
-    """Two runs' calls in one batch on an endpoint that takes one request at a time: the second run is
-    cancelled while the first's request is at the server. Its call, waiting for the slot, is not
-    sent; having sent nothing, it counts nothing, not even as a failed call (only a call that sent
-    requests before it stopped is billed), and the first run's call is answered as usual."""
+    """Two models on an endpoint that takes one request at a time, the first's request held at the
+    server: a batch of the second model's calls, a cancelled run's first, then a running one's. The
+    cancelled run's call, which got the slot when the held request ended, is not sent; having sent
+    nothing, it counts nothing, not even as a failed call (only a call that sent requests before it
+    stopped is billed); the running one's call is sent after it."""
     at_server, release = threading.Event(), threading.Event()
 
     def answer(request: LoopbackRequest) -> str:
-        at_server.set()
-        release.wait(10)
-        return "About 300,000 km per second."
+        if "light" in request.prompt:
+            at_server.set()
+            release.wait(10)
+        return "An answer."
 
     server = loopback(chat_handler(answer))
-    model = OpenAICompatible(model="m", base_url=server.url + "/v1", api_key_env=None, max_concurrency=1)
+    endpoint = Endpoint(server.url + "/v1", max_concurrency=1)
+    first, second = (OpenAICompatible(model=name, endpoint=endpoint) for name in ("a", "b"))
     unlimited = Budget(max_calls=None, max_tokens=None, max_cost_usd=None)
     kept, cancelled = RunLedger.create("r1", unlimited), RunLedger.create("r2", unlimited)
     executor = Executor()
 
-    async def main() -> list[Any]:
-        first = asyncio.ensure_future(executor.run_task(executor.call(
-            kept, [(model, ChatRequest.user("How fast is light?"))], purpose="expert")))
-        second = asyncio.ensure_future(executor.run_task(executor.call(
-            cancelled, [(model, ChatRequest.user("How fast is sound?"))], purpose="expert")))
-        assert await asyncio.to_thread(at_server.wait, 10)
-        second.cancel()
-        with suppress(asyncio.CancelledError):
-            await second
-        release.set()
-        answered = await first
-        await asyncio.gather(*executor.in_flight_for("r2"), return_exceptions=True)
-        return answered
+    def call(ledger: RunLedger, model: OpenAICompatible, prompt: str) -> asyncio.Future[list[Any]]:
+        return asyncio.ensure_future(executor.run_task(executor.call(ledger, [(model, ChatRequest.user(prompt))],
+                                                                     purpose="expert")))
 
-    [result] = asyncio.run(main())
-    assert result.text == "About 300,000 km per second."
-    assert [request.prompt for request in server.requests] == ["How fast is light?"]
-    assert (kept.budget.calls, kept.budget.requests, kept.failed_calls) == (1, 1, 0)
+    async def main() -> None:
+        held = call(kept, first, "How fast is light?")
+        assert await asyncio.to_thread(at_server.wait, 10)  # it holds the endpoint's one slot
+        stopped = call(cancelled, second, "How fast is sound?")  # (one batch of model b: this one first)
+        going = call(kept, second, "How far is the moon?")
+        slot = (await endpoint._state()).semaphore
+        for _ in range(10_000):  # (the batch is under way: its first request waits for the slot)
+            if slot._waiters:
+                break
+            await asyncio.sleep(0)
+        assert slot._waiters, "model b's first request never came to wait for the endpoint's slot"
+        stopped.cancel()
+        with suppress(asyncio.CancelledError):
+            await stopped
+        release.set()
+        assert [result.text for result in (*await held, *await going)] == ["An answer.", "An answer."]
+        await asyncio.gather(*executor.in_flight_for("r2"), return_exceptions=True)
+
+    asyncio.run(main())
+    assert [request.prompt for request in server.requests] == ["How fast is light?", "How far is the moon?"]
+    assert (kept.budget.calls, kept.budget.requests, kept.failed_calls) == (2, 2, 0)
     assert (cancelled.budget.calls, cancelled.budget.requests, cancelled.failed_calls) == (0, 0, 0)
     assert (cancelled.budget._reserved_calls, cancelled.budget._reserved_tokens) == (0, 0)
 
