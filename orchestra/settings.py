@@ -154,8 +154,8 @@ def _first_problem(error: ValidationError, *, dotted: bool = False) -> str:
     where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         path = [str(part) for part in first["loc"]]
-        nested = nested_hint(path[-1], "{group}.{name}" if dotted else "{group}: {{{name}: ...}}") \
-            if len(path) == 1 else None  # (--set competence_weight=1 said only "no such setting")
+        # (--set competence_weight=1 said only "no such setting"; recruit.max_tokens=5 "did you mean 'max_cost_...'")
+        nested = nested_hint(path[-1], "{group}.{name}" if dotted else "{group}: {{{name}: ...}}")
         near = None if nested else _near_setting(path)  # (a budget's max_tokens: "did you mean planner_max_tokens")
         return f"{where}: no such setting" + (f"; {nested}" if nested else f"; did you mean {near!r}?" if near else "")
     if first["type"] == "literal_error":

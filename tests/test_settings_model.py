@@ -96,6 +96,10 @@ def test_a_matcher_is_replaced_whole_and_an_unknown_nested_key_is_an_error() -> 
         Settings.layer({"kk": 2})
     with pytest.raises(ConfigError, match=r"^setting recruit\.cost_lamda: no such setting; did you mean 'cost_lambda'"):
         Settings.layer({"recruit": {"cost_lamda": 1}})
+    # a setting in the wrong group says where it belongs (it was a near name of the wrong group's)
+    with pytest.raises(ConfigError, match=r"^setting recruit\.max_tokens: no such setting; it is a keywords or budget "
+                                          r"setting: keywords: \{max_tokens: \.\.\.\} or budget: "):
+        Settings.layer({"recruit": {"max_tokens": 5}})
 
 
 def test_the_vocabulary_is_the_models_and_the_command_lines() -> None:
