@@ -989,8 +989,10 @@ def evaluate_interruptibly(work: Callable[[Callable[[EvalReport], None]], Corout
 def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
     """After a data set's report: exit 3 with a hint when its budget stopped it; with the first
     unfinished item's code (2 a rejected key, 3 its own budget, else 1) when a run did not finish.
-    The report stands either way; a data set with unfinished runs is not a clean pass."""
+    The report stands either way; a data set with unfinished runs is not a clean pass. Every run
+    finished but some calls failed: a warning that the accuracy is not the method's own (exit 0)."""
     from orchestra.hints import budget_hint
+    from orchestra.terminal_text import counted
 
     if report.budget_exceeded:
         hint = budget_hint(report.budget_exceeded, None, stored=stored, evaluation=evaluation)
@@ -1006,6 +1008,12 @@ def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
                     "that item with its answers kept (`orchestra runs` lists the other unfinished items' runs)")
         fail(f"{report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}{hint}",
              report.failure_exit or 1)
+    if report.failed_calls:  # (every run finished, some without an expert: the accuracy reads as the method's)
+        by_model = ", ".join(f"{model} {failed['calls']}" for model, failed in report.failed_by_model.items())
+        warnings.warn(f"{counted(report.failed_calls, 'call')} failed after their retries"
+                      + (f" ({by_model})" if by_model else "") + f": the accuracy "
+                      f"{report.accuracy:.3f} is not the method's own; fix those endpoints and evaluate again",
+                      UserWarning, stacklevel=2)
 
 
 def _whole_budget(opts: dict[str, Any]) -> Budget | None:
@@ -1157,11 +1165,11 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    from orchestra.view import terminal
+    from orchestra.view import literal, terminal
 
     table = Table(title=title)
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")  # (an endpoint's URL whole, not cut to "…")
     per_correct = "-" if report.cost_per_correct_usd is None else usd_exact(report.cost_per_correct_usd)
     accuracy = f"{report.accuracy:.3f}"
     if report.failed:  # (a spent budget can leave every item unanswered: 0.000 alone reads as all wrong)
@@ -1184,6 +1192,9 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           *([("aggregators failed (voted instead)", str(report.voted_instead))]
                             if report.voted_instead else [])]:
         table.add_row(metric, value)
+    if report.failed_by_model:  # (an endpoint's error may hold brackets: not Rich markup)
+        table.add_row("failed calls by model", literal("; ".join(f"{model} {failed['calls']} ({failed['first_error']})"
+                                                                for model, failed in report.failed_by_model.items())))
     if len(report.per_category) > 1:  # (one category: the accuracy above)
         for category, numbers in report.per_category.items():
             table.add_row(f"accuracy: {category}", f"{numbers['accuracy']:.3f} of {int(numbers['items'])}")

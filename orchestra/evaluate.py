@@ -71,6 +71,8 @@ class EvalReport:
     skill_extraction_failures: int = 0
     failed_calls: int = 0
     """Calls that failed after their retries (a run that lost an expert may still finish, on the others)."""
+    failed_by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Of ``failed_calls``, per model: ``{"calls": N, "first_error": "..."}`` (which endpoint failed, and why)."""
     saved_calls: int = 0
     """Calls confident teams did not need (their first experts agreed)."""
     cache_hits: int = 0
@@ -106,6 +108,7 @@ class Tally:
         self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
         self.voted_instead = self.cache_hits = 0
         self.failed_calls = 0
+        self.failed_by_model: dict[str, dict[str, Any]] = {}  # in the order their first failures came
         self.cut_off = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.cost_usd = 0.0
@@ -158,6 +161,9 @@ class Tally:
         self.cost_usd += usage.cost_usd
         self.skill_extraction_failures += usage.skill_extraction_failures
         self.failed_calls += usage.failed_calls
+        for model, failed in usage.failed_by_model.items():
+            self.failed_by_model.setdefault(model, {"calls": 0, "first_error": failed.first_error})
+            self.failed_by_model[model]["calls"] += failed.calls
         self.cache_hits += usage.cache_hits
 
     def report(self, method: str, *, elapsed_s: float, model_loads: dict[str, int],
@@ -175,6 +181,7 @@ class Tally:
             failure_exit=self.first_failure[2] if self.first_failure else 0,
             first_failure_run=self.first_failure[3] if self.first_failure else None,
             skill_extraction_failures=self.skill_extraction_failures, failed_calls=self.failed_calls,
+            failed_by_model={model: dict(failed) for model, failed in self.failed_by_model.items()},
             saved_calls=self.saved_calls, voted_instead=self.voted_instead, cache_hits=self.cache_hits,
             budget_exceeded=budget_exceeded, cut_off=self.cut_off,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])

@@ -763,6 +763,38 @@ def test_eval_and_ask_say_how_many_calls_failed_after_their_retries(loopback, tm
     assert asked.returncode == 0 and re.search(r"· done · \d+ calls \(1 failed\) · ", asked.stderr), asked.stderr
 
 
+def test_eval_names_the_model_whose_endpoint_began_failing_and_warns_of_the_accuracy(loopback, tmp_path: Path) -> None:
+    """An expert's endpoint that answered HTTP 500 after its first answers: the report said `calls 774 (70 failed
+    after their retries)` and nothing of which model failed, nor that the accuracy was no longer the method's."""
+    scripted = ScriptedLLM()
+
+    def text(request: Any) -> Any:
+        if (request.json() or {}).get("model") == "beta" and KEYWORDS_MARK not in request.prompt:
+            scripted.kinds["beta"] += 1
+            if scripted.kinds["beta"] > 2:
+                return error_reply(500, "internal error")
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n' for i in range(4)))
+    argv = ("eval", "--pool", str(pool), "--data", str(data), "--method", "moa", "--no-store")
+    done = cli(*argv, "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["failed_calls"] >= 2, done.stderr
+    assert report["failed_by_model"].keys() == {"beta"}, report["failed_by_model"]
+    beta = report["failed_by_model"]["beta"]
+    assert beta["calls"] == report["failed_calls"] and "HTTP 500" in beta["first_error"], beta
+    assert "internal error" in beta["first_error"], beta
+    warning = f"warning: {report['failed_calls']} calls failed after their retries (beta {beta['calls']}): the " \
+              f"accuracy {report['accuracy']:.3f} is not the method's own"
+    assert warning in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    shown = cli(*argv, env={"COLUMNS": "300"}).stdout  # (the row on one line)
+    assert re.search(r"│ failed calls by model +│ +beta \d+ \(http://\S+ failed with HTTP 500 after 2 attempts: "
+                     r"internal error\) │", shown), shown
+
+
 @pytest.mark.parametrize("as_json", [True, False])
 def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path: Path, as_json: bool) -> None:
     import signal
