@@ -1189,6 +1189,9 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           *([("from the earlier evaluation", f"{report.reused} finished, {report.resumed} resumed")]
                             if report.reused or report.resumed else []),
                           ("skill extraction failures", str(report.skill_extraction_failures)),
+                          *([("items matching no profiled skill",
+                              f"{report.unmatched_skill_items} (recruited on overall accuracy)")]
+                            if report.unmatched_skill_items else []),
                           *([("aggregators failed (voted instead)", str(report.voted_instead))]
                             if report.voted_instead else [])]:
         table.add_row(metric, value)

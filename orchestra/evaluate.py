@@ -69,6 +69,9 @@ class EvalReport:
     failure_exit: int = 0
     """That run's exit code (2: a user error such as a rejected key, 3: a budget stopped it; 0: none failed)."""
     skill_extraction_failures: int = 0
+    unmatched_skill_items: int = 0
+    """Items whose keywords matched none of the profiled skills: recruited on overall accuracy alone
+    (each explanation said ``no matched skill``, the report nothing)."""
     failed_calls: int = 0
     """Calls that failed after their retries (a run that lost an expert may still finish, on the others)."""
     failed_by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -106,7 +109,7 @@ class Tally:
         self.grader = grader
         self.sink = sink
         self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
-        self.voted_instead = self.cache_hits = 0
+        self.voted_instead = self.cache_hits = self.unmatched_skill_items = 0
         self.failed_calls = 0
         self.failed_by_model: dict[str, dict[str, Any]] = {}  # in the order their first failures came
         self.cut_off = 0
@@ -129,6 +132,7 @@ class Tally:
         self.saved_calls += sum(node.saved_calls for node in result.plan.nodes)
         self.voted_instead += sum(1 for node in result.plan.nodes if node.recruitment and any(
             line.endswith(VOTED_INSTEAD) for line in node.recruitment.get("explanation", ())))
+        self.unmatched_skill_items += any(matched_no_skill(node.recruitment) for node in result.plan.nodes)
         category = item.category or UNCATEGORIZED
         tally = self.categories.setdefault(category, Counter())
         self.category_first[category] = min(index, self.category_first.get(category, index))
@@ -180,11 +184,18 @@ class Tally:
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
             failure_exit=self.first_failure[2] if self.first_failure else 0,
             first_failure_run=self.first_failure[3] if self.first_failure else None,
-            skill_extraction_failures=self.skill_extraction_failures, failed_calls=self.failed_calls,
+            skill_extraction_failures=self.skill_extraction_failures,
+            unmatched_skill_items=self.unmatched_skill_items, failed_calls=self.failed_calls,
             failed_by_model={model: dict(failed) for model, failed in self.failed_by_model.items()},
             saved_calls=self.saved_calls, voted_instead=self.voted_instead, cache_hits=self.cache_hits,
             budget_exceeded=budget_exceeded, cut_off=self.cut_off,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
+
+
+def matched_no_skill(recruitment: Mapping[str, Any] | None) -> bool:
+    """Whether a node's recruitment by skills had keywords, none of them matching a profiled skill."""
+    return bool(recruitment and recruitment.get("mode") not in ("random", "global", "fixed")
+                and recruitment.get("keywords") and not recruitment.get("matches"))
 
 
 def method_variant(settings: Settings, *, fixed_k: int | None = None) -> str:
