@@ -848,6 +848,8 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
                                "aggregation_items": report.aggregation_items, "reused": report.reused,
                                "calls": report.calls, **_usage_json(report.usage),
                                "merged_skills": report.vocabulary.merged,
+                               "answered_alike": [{"agents": [first, second], "items": count}
+                                                  for first, second, count in report.answered_alike],
                                "profiles": {n: p.model_dump(mode="json") for n, p in report.profiles.items()}},
                               indent=2))
         return
