@@ -695,6 +695,10 @@ def agents(pool: Path | None, as_json: bool) -> None:
             for keyword, score in profile.skills.items():
                 merged[profile.aliases.get(keyword, keyword)] += score
         top = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
+        # (the sums count an item once per variant it got: "history +48" was 26 + 22 over 30 items)
+        estimated = sorted(((skill, profile.estimates[skill][0], items) for skill, (_, items)
+                            in profile.skill_counts.items() if skill in profile.estimates),
+                           key=lambda row: (-row[1], row[0]))[:4] if profile is not None else []
         rows.append({"name": agent.name, "model": agent.model.name, "declared_skills": list(agent.skills),
                      "profiled": profile is not None, "accuracy": profile.accuracy if profile else None,
                      "competence": round(table.competence[agent.name], 4),
@@ -702,15 +706,18 @@ def agents(pool: Path | None, as_json: bool) -> None:
                      "aggregation_stderr": profile.aggregation_stderr if profile else None,
                      "aggregation_items": profile.aggregation_items if profile else None,
                      "top_skills": [f"{k} {v:+d}" for k, v in top],
+                     "top_estimates": [{"skill": skill, "estimate": round(estimate, 4), "items": items}
+                                       for skill, estimate, items in estimated],
                      "profile_items": profile.provenance.items if profile else None})
     if as_json:
         click.echo(json.dumps({"pool": loaded.name, "aggregator": aggregator, "agents": rows}, indent=2))
         return
     out = Table(title=f"pool {loaded.name} · aggregator: {aggregator}{chosen}")
-    for column in ("agent", "model", "γ", "accuracy", "aggregation", "top skills / declared"):
+    for column in ("agent", "model", "γ", "accuracy", "aggregation", "top skills (estimate, items) / declared"):
         out.add_column(column)
-    for row in rows:
-        skills = (", ".join(row["top_skills"]) if row["profiled"] else
+    for row in rows:  # (as profile shows them; a profile written before estimates has its ±1 sums alone)
+        skills = (", ".join(f"{e['skill']} {e['estimate']:.2f} ({e['items']})" for e in row["top_estimates"])
+                  if row["top_estimates"] else "(±1 sums) " + ", ".join(row["top_skills"]) if row["profiled"] else
                   "(declared) " + ", ".join(row["declared_skills"]) if row["declared_skills"] else "(no profile)")
         out.add_row(row["name"], row["model"], f"{row['competence']:.3f}",
                     "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
