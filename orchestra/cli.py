@@ -695,6 +695,10 @@ def agents(pool: Path | None, as_json: bool) -> None:
             for keyword, score in profile.skills.items():
                 merged[profile.aliases.get(keyword, keyword)] += score
         top = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
+        # (the sums count an item once per variant it got: "history +48" was 26 + 22 over 30 items)
+        estimated = sorted(((skill, profile.estimates[skill][0], items) for skill, (_, items)
+                            in profile.skill_counts.items() if skill in profile.estimates),
+                           key=lambda row: (-row[1], row[0]))[:4] if profile is not None else []
         rows.append({"name": agent.name, "model": agent.model.name, "declared_skills": list(agent.skills),
                      "profiled": profile is not None, "accuracy": profile.accuracy if profile else None,
                      "competence": round(table.competence[agent.name], 4),
@@ -702,15 +706,18 @@ def agents(pool: Path | None, as_json: bool) -> None:
                      "aggregation_stderr": profile.aggregation_stderr if profile else None,
                      "aggregation_items": profile.aggregation_items if profile else None,
                      "top_skills": [f"{k} {v:+d}" for k, v in top],
+                     "top_estimates": [{"skill": skill, "estimate": round(estimate, 4), "items": items}
+                                       for skill, estimate, items in estimated],
                      "profile_items": profile.provenance.items if profile else None})
     if as_json:
         click.echo(json.dumps({"pool": loaded.name, "aggregator": aggregator, "agents": rows}, indent=2))
         return
     out = Table(title=f"pool {loaded.name} · aggregator: {aggregator}{chosen}")
-    for column in ("agent", "model", "γ", "accuracy", "aggregation", "top skills / declared"):
+    for column in ("agent", "model", "γ", "accuracy", "aggregation", "top skills (estimate, items) / declared"):
         out.add_column(column)
-    for row in rows:
-        skills = (", ".join(row["top_skills"]) if row["profiled"] else
+    for row in rows:  # (as profile shows them; a profile written before estimates has its ±1 sums alone)
+        skills = (", ".join(f"{e['skill']} {e['estimate']:.2f} ({e['items']})" for e in row["top_estimates"])
+                  if row["top_estimates"] else "(±1 sums) " + ", ".join(row["top_skills"]) if row["profiled"] else
                   "(declared) " + ", ".join(row["declared_skills"]) if row["declared_skills"] else "(no profile)")
         out.add_row(row["name"], row["model"], f"{row['competence']:.3f}",
                     "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
@@ -848,6 +855,8 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
                                "aggregation_items": report.aggregation_items, "reused": report.reused,
                                "calls": report.calls, **_usage_json(report.usage),
                                "merged_skills": report.vocabulary.merged,
+                               "answered_alike": [{"agents": [first, second], "items": count}
+                                                  for first, second, count in report.answered_alike],
                                "profiles": {n: p.model_dump(mode="json") for n, p in report.profiles.items()}},
                               indent=2))
         return
@@ -989,8 +998,10 @@ def evaluate_interruptibly(work: Callable[[Callable[[EvalReport], None]], Corout
 def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
     """After a data set's report: exit 3 with a hint when its budget stopped it; with the first
     unfinished item's code (2 a rejected key, 3 its own budget, else 1) when a run did not finish.
-    The report stands either way; a data set with unfinished runs is not a clean pass."""
+    The report stands either way; a data set with unfinished runs is not a clean pass. Every run
+    finished but some calls failed: a warning that the accuracy is not the method's own (exit 0)."""
     from orchestra.hints import budget_hint
+    from orchestra.terminal_text import counted
 
     if report.budget_exceeded:
         hint = budget_hint(report.budget_exceeded, None, stored=stored, evaluation=evaluation)
@@ -1006,6 +1017,12 @@ def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
                     "that item with its answers kept (`orchestra runs` lists the other unfinished items' runs)")
         fail(f"{report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}{hint}",
              report.failure_exit or 1)
+    if report.failed_calls:  # (every run finished, some without an expert: the accuracy reads as the method's)
+        by_model = ", ".join(f"{model} {failed['calls']}" for model, failed in report.failed_by_model.items())
+        warnings.warn(f"{counted(report.failed_calls, 'call')} failed after their retries"
+                      + (f" ({by_model})" if by_model else "") + f": the accuracy "
+                      f"{report.accuracy:.3f} is not the method's own; fix those endpoints and evaluate again",
+                      UserWarning, stacklevel=2)
 
 
 def _whole_budget(opts: dict[str, Any]) -> Budget | None:
@@ -1157,11 +1174,11 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    from orchestra.view import terminal
+    from orchestra.view import literal, terminal
 
     table = Table(title=title)
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")  # (an endpoint's URL whole, not cut to "…")
     per_correct = "-" if report.cost_per_correct_usd is None else usd_exact(report.cost_per_correct_usd)
     accuracy = f"{report.accuracy:.3f}"
     if report.failed:  # (a spent budget can leave every item unanswered: 0.000 alone reads as all wrong)
@@ -1181,9 +1198,15 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           *([("from the earlier evaluation", f"{report.reused} finished, {report.resumed} resumed")]
                             if report.reused or report.resumed else []),
                           ("skill extraction failures", str(report.skill_extraction_failures)),
+                          *([("items matching no profiled skill",
+                              f"{report.unmatched_skill_items} (recruited on overall accuracy)")]
+                            if report.unmatched_skill_items else []),
                           *([("aggregators failed (voted instead)", str(report.voted_instead))]
                             if report.voted_instead else [])]:
         table.add_row(metric, value)
+    if report.failed_by_model:  # (an endpoint's error may hold brackets: not Rich markup)
+        table.add_row("failed calls by model", literal("; ".join(f"{model} {failed['calls']} ({failed['first_error']})"
+                                                                for model, failed in report.failed_by_model.items())))
     if len(report.per_category) > 1:  # (one category: the accuracy above)
         for category, numbers in report.per_category.items():
             table.add_row(f"accuracy: {category}", f"{numbers['accuracy']:.3f} of {int(numbers['items'])}")

@@ -69,8 +69,13 @@ class EvalReport:
     failure_exit: int = 0
     """That run's exit code (2: a user error such as a rejected key, 3: a budget stopped it; 0: none failed)."""
     skill_extraction_failures: int = 0
+    unmatched_skill_items: int = 0
+    """Items whose keywords matched none of the profiled skills: recruited on overall accuracy alone
+    (each explanation said ``no matched skill``, the report nothing)."""
     failed_calls: int = 0
     """Calls that failed after their retries (a run that lost an expert may still finish, on the others)."""
+    failed_by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Of ``failed_calls``, per model: ``{"calls": N, "first_error": "..."}`` (which endpoint failed, and why)."""
     saved_calls: int = 0
     """Calls confident teams did not need (their first experts agreed)."""
     cache_hits: int = 0
@@ -104,8 +109,9 @@ class Tally:
         self.grader = grader
         self.sink = sink
         self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
-        self.voted_instead = self.cache_hits = 0
+        self.voted_instead = self.cache_hits = self.unmatched_skill_items = 0
         self.failed_calls = 0
+        self.failed_by_model: dict[str, dict[str, Any]] = {}  # in the order their first failures came
         self.cut_off = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.cost_usd = 0.0
@@ -126,6 +132,7 @@ class Tally:
         self.saved_calls += sum(node.saved_calls for node in result.plan.nodes)
         self.voted_instead += sum(1 for node in result.plan.nodes if node.recruitment and any(
             line.endswith(VOTED_INSTEAD) for line in node.recruitment.get("explanation", ())))
+        self.unmatched_skill_items += any(matched_no_skill(node.recruitment) for node in result.plan.nodes)
         category = item.category or UNCATEGORIZED
         tally = self.categories.setdefault(category, Counter())
         self.category_first[category] = min(index, self.category_first.get(category, index))
@@ -158,6 +165,9 @@ class Tally:
         self.cost_usd += usage.cost_usd
         self.skill_extraction_failures += usage.skill_extraction_failures
         self.failed_calls += usage.failed_calls
+        for model, failed in usage.failed_by_model.items():
+            self.failed_by_model.setdefault(model, {"calls": 0, "first_error": failed.first_error})
+            self.failed_by_model[model]["calls"] += failed.calls
         self.cache_hits += usage.cache_hits
 
     def report(self, method: str, *, elapsed_s: float, model_loads: dict[str, int],
@@ -174,10 +184,18 @@ class Tally:
             failed=self.failed, first_failure=self.first_failure[1] if self.first_failure else None,
             failure_exit=self.first_failure[2] if self.first_failure else 0,
             first_failure_run=self.first_failure[3] if self.first_failure else None,
-            skill_extraction_failures=self.skill_extraction_failures, failed_calls=self.failed_calls,
+            skill_extraction_failures=self.skill_extraction_failures,
+            unmatched_skill_items=self.unmatched_skill_items, failed_calls=self.failed_calls,
+            failed_by_model={model: dict(failed) for model, failed in self.failed_by_model.items()},
             saved_calls=self.saved_calls, voted_instead=self.voted_instead, cache_hits=self.cache_hits,
             budget_exceeded=budget_exceeded, cut_off=self.cut_off,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
+
+
+def matched_no_skill(recruitment: Mapping[str, Any] | None) -> bool:
+    """Whether a node's recruitment by skills had keywords, none of them matching a profiled skill."""
+    return bool(recruitment and recruitment.get("mode") not in ("random", "global", "fixed")
+                and recruitment.get("keywords") and not recruitment.get("matches"))
 
 
 def method_variant(settings: Settings, *, fixed_k: int | None = None) -> str:

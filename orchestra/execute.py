@@ -140,6 +140,8 @@ class RunLedger:
     cache_misses: int = 0
     cache_errors: int = 0  # answers that could not be written to the cache
     failed_calls: int = 0
+    #: per model: its calls of ``failed_calls`` and the first one's error
+    failed_by_model: dict[str, tuple[int, str]] = field(default_factory=dict)
     #: the (key, seq) of calls that failed before the run was resumed, counted as it resumed
     #: (``BudgetTracker.count``): one sent again is not counted again
     counted: frozenset[tuple[str, int]] = frozenset()
@@ -154,6 +156,12 @@ class RunLedger:
                **options: Any) -> RunLedger:
         """A ledger with a fresh budget tracker (inside ``shared_budget`` when many runs share one)."""
         return cls(run_id=run_id, budget=BudgetTracker(budget or Budget(), run_id, parent=shared_budget), **options)
+
+    def count_failed(self, model: str, error: BaseException) -> None:
+        """Count a call of ``model`` that failed after its retries (``error``: why; the first is kept)."""
+        self.failed_calls += 1
+        calls, first = self.failed_by_model.get(model, (0, str(error)))
+        self.failed_by_model[model] = (calls + 1, first)
 
     def next_seq(self, key: str) -> int:
         """How many identical requests this run made before this one."""
@@ -972,7 +980,7 @@ class Executor:
             outcome = unwritten
         self._settle(call, paid)
         if isinstance(outcome, Exception):
-            ledger.failed_calls += 1
+            ledger.count_failed(call.model.name, outcome)
         elif ledger.cache is not None and not call.capped:
             try:
                 ledger.cache.put(call.model.name, call.key, call.request, outcome)
@@ -1029,7 +1037,7 @@ class Executor:
         """Fail calls that got no outcome of their own; ``sent``: they reached the model, so they count."""
         for call in calls:
             self._settle(call, (getattr(error, "usage", None) or Usage()) if sent else None)
-            call.ledger.failed_calls += 1
+            call.ledger.count_failed(call.model.name, error)
             self._resolve(call, error)
 
     def _cancelled_in_flight(self, group: list[_Call], counted: set[int], request: ChatRequest, usage: Usage) -> None:
@@ -1046,7 +1054,7 @@ class Executor:
         error = CallCancelled(f"{call.model.name}: cancelled while its request was in flight")
         error.usage = usage
         self._settle(call, usage)
-        call.ledger.failed_calls += 1
+        call.ledger.count_failed(call.model.name, error)
         self.emit_usage(call.ledger)  # (a live panel shows them too, as the run's record counts them)
         journal = call.ledger.journal
         if journal is not None:

@@ -18,8 +18,10 @@ call costs at the model's price).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +67,12 @@ class ProfilingReport:
     """Calls sent to the models (``reused`` ones aside)."""
     usage: Usage = field(default_factory=Usage)
     """What those calls cost: requests (retries and repairs too), tokens and USD."""
+    answered_alike: list[tuple[str, str, int]] = field(default_factory=list)
+    """Pairs of agents that gave the same answer on every item (and how many): see ``answered_alike``."""
+
+
+#: the fewest items two agents must have answered alike to be named as one expert twice
+ALIKE_MIN_ITEMS = 20
 
 
 class ProfilingSpent:
@@ -158,6 +166,7 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
         _stop_if_failed(failed, counter)
         correct = {a.name: {item.id: _ok(answers[a.name][item.id], item, grade) for item in dataset.items}
                    for a in pool.agents}
+        alike = answered_alike(answers, dataset.items, grade)
         scores = {a.name: _profile(correct[a.name], item_keywords) for a in pool.agents}
         competence = global_competence({a: sum(s.values()) for a, s in scores.items()})
         vocabulary = await merge_variants(item_keywords, correct, matcher=matcher, threshold=merge_similarity)
@@ -197,7 +206,7 @@ async def aprofile(pool: Pool, dataset: Dataset, *, grader: str | Grader = "auto
     spent = ProfilingSpent(ledger)
     return ProfilingReport(profiles=profiles, item_keywords=item_keywords, correct=correct,
                            aggregation_items=len(bench), vocabulary=vocabulary, reused=spent.reused,
-                           calls=spent.calls, usage=spent.usage)
+                           calls=spent.calls, usage=spent.usage, answered_alike=alike)
 
 
 def build_profiles(pool: Pool, dataset: Dataset, **options: object) -> ProfilingReport:
@@ -218,6 +227,27 @@ def mean_tokens(outcomes: Iterable[ChatResult | Exception]) -> tuple[float, floa
         return None
     return (round(sum(u.prompt_tokens for u in usages) / len(usages), 1),
             round(sum(u.completion_tokens for u in usages) / len(usages), 1))
+
+
+def answered_alike(answers: dict[str, dict[str, ChatResult | Exception]], items: Sequence[Item],
+                   grade: Grader) -> list[tuple[str, str, int]]:
+    """Pairs of agents whose final answers (as ``grade`` reads them) were the same on every item, at
+    least ``ALIKE_MIN_ITEMS``, with the count; each pair is warned of. Recruiting takes their answers as
+    independent, so a team of both counts one expert twice and its expected accuracy is overstated."""
+    final = {agent: [_final(outcomes[item.id], item, grade) for item in items] for agent, outcomes in answers.items()}
+    pairs = [(first, second, len(items)) for first, second in itertools.combinations(final, 2)
+             if len(items) >= ALIKE_MIN_ITEMS and final[first] == final[second]]
+    for first, second, count in pairs:
+        warnings.warn(f"{first} and {second} answered all {count} items alike: a team of both counts one expert twice "
+                      "(expected accuracy overstated); keep one of them in the pool", UserWarning, stacklevel=3)
+    return pairs
+
+
+def _final(outcome: ChatResult | Exception, item: Item, grade: Grader) -> str | None:
+    """The final answer in ``outcome`` as ``grade`` reads it (its text where it reads none; None: it failed)."""
+    if isinstance(outcome, Exception):
+        return None
+    return grade.extract(outcome.text, item) or outcome.text.strip()
 
 
 def _ok(outcome: ChatResult | Exception, item: Item, grade: Grader) -> bool:

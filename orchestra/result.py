@@ -53,6 +53,13 @@ class PlanTrace(BaseModel):
     note: str = ""
 
 
+class FailedCalls(BaseModel):
+    """A model's calls that failed after their retries, and the first one's error."""
+
+    calls: int
+    first_error: str
+
+
 class RunUsage(BaseModel):
     """Calls, requests, tokens and cost of one run.
 
@@ -68,6 +75,8 @@ class RunUsage(BaseModel):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     failed_calls: int = 0
+    failed_by_model: dict[str, FailedCalls] = Field(default_factory=dict)
+    """Of ``failed_calls``, per model (which endpoint failed, and why)."""
     cache_hits: int = 0
     cache_misses: int = 0
     replayed_calls: int = 0

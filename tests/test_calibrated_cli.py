@@ -288,6 +288,28 @@ def test_agents_shows_skills_merged_as_recruiting_reads_them_and_who_aggregates(
     assert "aggregator: hist (calibrated teams choose their own)" in table.stdout
 
 
+def test_agents_shows_the_estimates_and_items_profile_shows_not_sums_counting_an_item_per_variant(
+        tmp_path: Path) -> None:
+    """`agents` said "history +48" (26 + 22 from a merged variant: items counted twice) where profile said
+    "history 0.89 (30)"."""
+    from orchestra.profile import Provenance, SkillProfile
+
+    SkillProfile(agent="hist", skills={"history": 26, "ancient history": 22, "geography": 2}, accuracy=0.56,
+                 aliases={"ancient history": "history"}, skill_counts={"history": (28, 30), "geography": (16, 30)},
+                 estimates={"history": (0.8906, 0.05), "geography": (0.5412, 0.08)},
+                 provenance=Provenance(dataset="v.jsonl", dataset_sha256="x", items=30,
+                                       model="OpenAICompatible:histbot")).save(tmp_path / "p")
+    path = tmp_path / "pool.yaml"
+    path.write_text("models:\n  histbot: {type: openai, model: histbot, base_url: 'http://127.0.0.1:9/v1', "
+                    "api_key_env: null}\nprofiles: p\nagents:\n  - {name: hist, model: histbot}\n")
+    listed = json.loads(cli("agents", "--pool", str(path), "--json").stdout)["agents"][0]
+    assert listed["top_estimates"] == [{"skill": "history", "estimate": 0.8906, "items": 30},
+                                       {"skill": "geography", "estimate": 0.5412, "items": 30}]
+    table = " ".join(cli("agents", "--pool", str(path), env={"COLUMNS": "200"}).stdout.split())
+    assert "top skills (estimate, items) / declared" in table and "history 0.89 (30), geography 0.54 (30)" in table
+    assert "+48" not in table, table
+
+
 def test_a_sweep_table_in_80_columns_shows_every_number_whole(capsys, monkeypatch) -> None:
     """Piped (80 columns), the table cut a cost to "$0.000077…" and a method to "symbolic-m…": the
     numbers it is there to compare."""

@@ -739,6 +739,39 @@ def test_profile_extracts_keywords_with_the_pool_s_settings_and_says_when_no_ski
     assert json.loads((tmp_path / "p2" / "alpha-expert.json").read_text())["skill_counts"]  # (variants merged)
 
 
+def test_profile_warns_of_two_agents_that_answered_every_item_alike(loopback, tmp_path: Path) -> None:
+    """Two endpoints of one model (alike on all 90 items) were taken as independent experts: a team of both
+    said "expected accuracy 0.983" where the one model's was 0.967."""
+    scripted = ScriptedLLM()
+
+    def text(request: Any) -> Any:
+        found = re.search(r"What is (\d+) \+ 1\?", request.prompt)
+        if KEYWORDS_MARK in request.prompt or found is None:
+            return scripted.text(request)
+        number, model = int(found.group(1)), (request.json() or {}).get("model")
+        if model == "gamma" and number % 5 == 0:  # (gamma differs on a few items only)
+            return "The answer is 0"
+        return f"Let me add. The answer is {number + 1 if number % 3 else number}"  # (alpha and beta: word for word)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(20)))
+    done = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(tmp_path / "p"), "--no-store",
+               "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["answered_alike"] == [{"agents": ["alpha-expert", "beta-expert"], "items": 20}]
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == ["warning: alpha-expert and beta-expert answered all 20 items alike: a team of both counts one "
+                      "expert twice (expected accuracy overstated); keep one of them in the pool"], done.stderr
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:19]))  # (too few items to tell)
+    fewer = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(tmp_path / "p"), "--no-store",
+                "--json")
+    assert fewer.returncode == 0 and json.loads(fewer.stdout)["answered_alike"] == [], fewer.stderr
+    assert "warning:" not in fewer.stderr, fewer.stderr
+
+
 def test_eval_and_ask_say_how_many_calls_failed_after_their_retries(loopback, tmp_path: Path) -> None:
     """An expert whose endpoint failed every item left accuracy looking merely lower: exit 0, no word of it
     (the requests, 4 attempts a call, were the only trace; found by a trial)."""
@@ -761,6 +794,38 @@ def test_eval_and_ask_say_how_many_calls_failed_after_their_retries(loopback, tm
     assert re.search(r"│ calls +│ +\d+ \(2 failed after their retries\) │", shown.stdout), shown.stdout
     asked = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--mode", "global", "--no-store")
     assert asked.returncode == 0 and re.search(r"· done · \d+ calls \(1 failed\) · ", asked.stderr), asked.stderr
+
+
+def test_eval_names_the_model_whose_endpoint_began_failing_and_warns_of_the_accuracy(loopback, tmp_path: Path) -> None:
+    """An expert's endpoint that answered HTTP 500 after its first answers: the report said `calls 774 (70 failed
+    after their retries)` and nothing of which model failed, nor that the accuracy was no longer the method's."""
+    scripted = ScriptedLLM()
+
+    def text(request: Any) -> Any:
+        if (request.json() or {}).get("model") == "beta" and KEYWORDS_MARK not in request.prompt:
+            scripted.kinds["beta"] += 1
+            if scripted.kinds["beta"] > 2:
+                return error_reply(500, "internal error")
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n' for i in range(4)))
+    argv = ("eval", "--pool", str(pool), "--data", str(data), "--method", "moa", "--no-store")
+    done = cli(*argv, "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["failed_calls"] >= 2, done.stderr
+    assert report["failed_by_model"].keys() == {"beta"}, report["failed_by_model"]
+    beta = report["failed_by_model"]["beta"]
+    assert beta["calls"] == report["failed_calls"] and "HTTP 500" in beta["first_error"], beta
+    assert "internal error" in beta["first_error"], beta
+    warning = f"warning: {report['failed_calls']} calls failed after their retries (beta {beta['calls']}): the " \
+              f"accuracy {report['accuracy']:.3f} is not the method's own"
+    assert warning in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    shown = cli(*argv, env={"COLUMNS": "300"}).stdout  # (the row on one line)
+    assert re.search(r"│ failed calls by model +│ +beta \d+ \(http://\S+ failed with HTTP 500 after 2 attempts: "
+                     r"internal error\) │", shown), shown
 
 
 @pytest.mark.parametrize("as_json", [True, False])

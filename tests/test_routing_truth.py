@@ -52,6 +52,29 @@ def test_a_keyword_answer_with_an_extra_key_is_neither_repaired_nor_split(loopba
         "ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "1").stderr
 
 
+def test_eval_counts_the_items_whose_keywords_match_no_profiled_skill(loopback, tmp_path: Path) -> None:
+    """Chemistry items on a pool profiled for other subjects: each explanation said `no matched skill: overall
+    accuracy`, and the report only "skill extraction failures", though every keyword call had answered."""
+    def answer(request) -> str:
+        if "school subjects or skills" in request.prompt:
+            return json.dumps({"keywords": ["chemistry" if "pH" in request.prompt else "arithmetic"]})
+        return "The answer is 7"
+
+    server = loopback(chat_handler(answer))
+    pool = write_pool(tmp_path, server.url, models=("alpha", "beta"))
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": question, "answer": "7"}) + "\n" for i, question in
+                            enumerate(["What is the pH of pure water?", "What is 3 + 4?", "The pH of salt water?"])))
+    argv = ("eval", "--pool", str(pool), "--data", str(data), "--method", "symbolic-moe", "--no-store")
+    done = cli(*argv, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["unmatched_skill_items"] == 2
+    table = " ".join(cli(*argv).stdout.split())
+    assert "│ items matching no profiled skill │ 2 (recruited on overall accuracy) │" in table, table
+    moa = cli(*argv[:-3], "--method", "moa", "--no-store", "--json")  # (no skills asked for: none to match)
+    assert json.loads(moa.stdout)["unmatched_skill_items"] == 0, moa.stderr
+
+
 def test_failed_skill_extraction_is_reported(loopback, tmp_path: Path) -> None:
     server = loopback(chat_handler(lambda request: "I cannot help with that, sorry!\nTry again."
                                    if "school subjects or skills" in request.prompt else "The answer is 1"))

@@ -61,7 +61,17 @@ from orchestra.plan import Plan, PlanInvalid
 from orchestra.prebuilt import assemble
 from orchestra.prompts import render_expert
 from orchestra.recruit import Recruitment
-from orchestra.result import BatchInfo, ExpertOutput, NodeStatus, NodeTrace, PlanTrace, RunResult, RunStatus, RunUsage
+from orchestra.result import (
+    BatchInfo,
+    ExpertOutput,
+    FailedCalls,
+    NodeStatus,
+    NodeTrace,
+    PlanTrace,
+    RunResult,
+    RunStatus,
+    RunUsage,
+)
 from orchestra.settings import MAX_K, RunSpec, Settings
 from orchestra.vocabulary import Mode, Strategy
 
@@ -773,7 +783,10 @@ class Run:
                            note=self.plan_note),
             usage=RunUsage(calls=ledger.budget.calls, requests=usage.requests, prompt_tokens=usage.prompt_tokens,
                            completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd,
-                           failed_calls=ledger.failed_calls, cache_hits=ledger.answered["cache"],
+                           failed_calls=ledger.failed_calls,
+                           failed_by_model={model: FailedCalls(calls=calls, first_error=error)
+                                            for model, (calls, error) in ledger.failed_by_model.items()},
+                           cache_hits=ledger.answered["cache"],
                            skill_extraction_failures=self.skill_extraction_failures,
                            cache_misses=ledger.cache_misses, replayed_calls=ledger.answered["store"],
                            cache_errors=ledger.cache_errors),
