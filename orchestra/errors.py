@@ -148,11 +148,12 @@ class RunHeld(StoreError):
 
 
 class RunNotFound(StoreError):
-    """No stored run has the id ``run_id`` (or starts with it) in the store at ``path``."""
+    """No stored run has the id ``run_id`` (or starts with it) in the store at ``path``; ``why``: a
+    reason none can (an id that is not text SQLite can look up)."""
 
-    def __init__(self, run_id: str, path: object) -> None:
+    def __init__(self, run_id: str, path: object, *, why: str = "") -> None:
         self.run_id, self.path = run_id, path
-        self.problem = f"no run {run_id!r} in {path}"
+        self.problem = f"no run {run_id!r} in {path}" + (f": {why}" if why else "")
         super().__init__(self.problem)
 
 

@@ -730,6 +730,11 @@ class RunStore:
 
     def run(self, run_id: str) -> RunRecord:
         """A stored run; an unknown id (or a unique prefix) is resolved or refused clearly."""
+        try:
+            run_id.encode("utf-8")
+        except UnicodeEncodeError as error:  # (a command line's bytes that are not UTF-8: SQLite could not take it)
+            raise RunNotFound(run_id, self.path, why=f"the id is not valid Unicode: character {error.start + 1} is a "
+                              "lone surrogate (bytes that are not UTF-8 in this locale)") from None
         rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
         if not rows and run_id:  # a prefix, exactly (ids sort as UTF-8 bytes: those after it, up to it + U+10FFFF)
             rows = self._query("SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY created DESC",

@@ -382,6 +382,20 @@ def test_runs_show_and_export(llm, tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
 
 
+@pytest.mark.parametrize(("given", "position"), [(b"\xff\xfe", 1), (b"\xffab", 1), (b"caf\xc3\xa9\xff", 5)])
+@pytest.mark.parametrize("command", [("show",), ("show", "--json"), ("show", "--export", "jsonl"), ("resume", "--json")])
+def test_a_run_id_not_utf8_is_refused_in_one_line(given: bytes, position: int, command: tuple[str, ...]) -> None:
+    """A command line's bytes that are not UTF-8 (lone surrogates in Python) were a UnicodeEncodeError
+    traceback from SQLite, exit 1."""
+    run_id = os.fsdecode(given)
+    done = cli(command[0], run_id, *command[1:])
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: no run {run_id!r} in {Path(os.environ['ORCHESTRA_HOME']) / 'runs.db'}: the id is not valid Unicode: "
+        f"character {position} is a lone surrogate (bytes that are not UTF-8 in this locale); `orchestra runs` lists "
+        "them"]
+
+
 def gamma_gated(loopback: Any, tmp_path: Path, reply: Reply,
                 expert: Callable[[str], str]) -> tuple[Any, Path, Path, list[bool]]:
     """A loopback server whose model gamma answers its expert calls with ``reply`` while the gate
