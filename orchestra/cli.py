@@ -1218,7 +1218,8 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     for record in records:
         totals = store.run_totals(record.id)
         rows.append((record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
-                     str(totals["calls"]), str(totals["requests"]), usd(totals['cost_usd']),
+                     str(totals["calls"]) + (f" ({totals['failed_calls']} failed)" if totals["failed_calls"] else ""),
+                     str(totals["requests"]), usd(totals['cost_usd']),
                      (f"item {one_line(record.item)} · " if record.item else "") + " ".join(record.task.split())[:60]))
     # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
     # the task gives way on a narrow terminal (a data-set item's id comes first, so it stays)

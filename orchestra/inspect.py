@@ -139,7 +139,8 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
                         f"{call['model']}")
         console.print(Panel(body, title=title, title_align="left", border_style="dim"))
 
-    console.print(literal(f"calls {totals['calls']} · requests {totals['requests']} · "
+    failed = f" ({totals['failed_calls']} failed)" if totals["failed_calls"] else ""
+    console.print(literal(f"calls {totals['calls']}{failed} · requests {totals['requests']} · "
                        f"tokens {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out · "
                        f"{usd(totals['cost_usd'])}", style="bold"))
     if run["answer"]:

@@ -799,7 +799,8 @@ class RunStore:
                 for row in rows}
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
-        """Calls (failed ones included), requests, tokens and cost the run's models were sent and billed.
+        """Calls (failed ones included, and counted as ``failed_calls``: those whose last outcome is
+        an error), requests, tokens and cost the run's models were sent and billed.
 
         Calls answered from the cache cost nothing and are not counted (unless attempts that failed
         before were sent and billed); rows that record requests outside any call (the embedding
@@ -808,8 +809,8 @@ class RunStore:
         rows = self._query(
             "SELECT coalesce(sum(purpose != ?), 0) AS calls, coalesce(sum(requests), 0) AS requests, "
             "coalesce(sum(prompt_tokens),0) AS prompt_tokens, coalesce(sum(completion_tokens),0) AS completion_tokens, "
-            f"coalesce(sum(cost_usd),0) AS cost_usd FROM calls WHERE run_id = ? AND {_BILLED}",
-            (EMBEDDINGS, run_id))
+            "coalesce(sum(cost_usd),0) AS cost_usd, coalesce(sum(purpose != ? AND status != 'ok'), 0) AS failed_calls "
+            f"FROM calls WHERE run_id = ? AND {_BILLED}", (EMBEDDINGS, EMBEDDINGS, run_id))
         return {**rows[0], "cost_usd": dollars(rows[0]["cost_usd"])}
 
     # --- the call journal ------------------------------------------------------------------
