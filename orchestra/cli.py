@@ -493,10 +493,10 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
             run_id: str | None = None) -> NoReturn:
     """Run (``run(run_id)``) with the right view, print the outcome, and exit with the run's code.
 
-    Ctrl-C ends with one line naming the run to resume.
+    Ctrl-C ends with one line naming the run to resume, after what the run spent until then.
     """
     from orchestra.core import new_run_id, run_interruptibly
-    from orchestra.view import LiveView, LogView, terminal
+    from orchestra.view import LiveView, LogView, summary_line, terminal
 
     run_id = run_id or new_run_id()
     stdout_tty = sys.stdout.isatty()
@@ -521,10 +521,11 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
     except KeyboardInterrupt:
         saved = (f"its finished calls are saved; `{command('resume', run_id)}` finishes it" if orc.store is not None
                  else "nothing was kept (--no-store)")
-        if opts["as_json"]:  # still one JSON object on stdout: the run as it was recorded when it stopped
-            stopped = orc.ended(run_id)
-            if stopped is not None:
-                echo_json(stopped.dumps())
+        stopped = orc.ended(run_id)  # the run as it was recorded when it stopped
+        if stopped is not None and opts["as_json"]:  # still one JSON object on stdout
+            echo_json(stopped.dumps())
+        elif stopped is not None and not opts["quiet"]:  # what it spent, as a failed run's last line says
+            click.echo(summary_line(stopped), err=True)
         fail(f"interrupted run {run_id}; {saved}", 130)
     finish(result, opts, rich_output=stdout_tty)
 
