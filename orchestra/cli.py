@@ -490,8 +490,9 @@ def warn_about_profiles(pool: Pool) -> None:
 
 
 def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]], opts: dict[str, Any],
-            run_id: str | None = None) -> NoReturn:
-    """Run (``run(run_id)``) with the right view, print the outcome, and exit with the run's code.
+            run_id: str | None = None, *, earlier: dict[str, Any] | None = None) -> NoReturn:
+    """Run (``run(run_id)``) with the right view, print the outcome, and exit with the run's code;
+    ``earlier``: what a resumed run had spent before (``RunStore.run_totals``).
 
     Ctrl-C ends with one line naming the run to resume, after what the run spent until then.
     """
@@ -525,18 +526,18 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
         if stopped is not None and opts["as_json"]:  # still one JSON object on stdout
             echo_json(stopped.dumps())
         elif stopped is not None and not opts["quiet"]:  # what it spent, as a failed run's last line says
-            click.echo(summary_line(stopped), err=True)
+            click.echo(summary_line(stopped, earlier=earlier), err=True)
         fail(f"interrupted run {run_id}; {saved}", 130)
-    finish(result, opts, rich_output=stdout_tty)
+    finish(result, opts, rich_output=stdout_tty, summary=summary_line(result, earlier=earlier))
 
 
-def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoReturn:
-    """Print a run's result (JSON, or the answer and a summary) and exit with its status code.
+def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool, summary: str) -> NoReturn:
+    """Print a run's result (JSON, or the answer and ``summary``) and exit with its status code.
 
     A run that failed for a reason the user must fix ends with exactly one line on stderr.
     """
     from orchestra.hints import run_error
-    from orchestra.view import print_result, summary_line, terminal
+    from orchestra.view import print_result, terminal
 
     stored = not opts.get("no_store")
     if opts["as_json"]:
@@ -547,7 +548,7 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
         console = terminal(soft_wrap=not rich_output, force_terminal=rich_output or None)
         print_result(console, result, rich_output=rich_output, errors=terminal(stderr=True), stored=stored)
         if not opts["quiet"] and not result.user_error:
-            click.echo(summary_line(result), err=True)
+            click.echo(summary, err=True)
     sys.exit(result.exit_code)
 
 
@@ -1306,16 +1307,18 @@ def resume_stored(store: RunStore, record: RunRecord, opts: dict[str, Any], *, r
                   inputs: dict[str, Any] | None = None, placement: dict[str, Any] | None = None) -> NoReturn:
     """Finish a stored run (``orchestra resume``): a finished one's answer is printed from the store."""
     from orchestra.core import Orchestra
+    from orchestra.view import spent_text
 
     if record.status == "done" and not reload:  # nothing to send: its answer, without its pool (gone, maybe)
         done = store.result(record.id)
         if done is not None:
             keep_stdout_for_json(opts["as_json"])
-            finish(done, opts, rich_output=sys.stdout.isatty())
+            finish(done, opts, rich_output=sys.stdout.isatty(),
+                   summary=f"nothing to resume: run {done.run_id} is done ({spent_text(done)} spent in all)")
     orc = Orchestra.resuming(record.id, store=store, reload=reload, placement=placement)
     budget = settings_from(opts).changes().get("budget")
     execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts.get("force", False), reload=reload,
-                                            inputs=inputs or {}), opts, record.id)
+                                            inputs=inputs or {}), opts, record.id, earlier=store.run_totals(record.id))
 
 
 def refuse_unused_in_resume(opts: dict[str, Any], *, given: bool) -> None:
