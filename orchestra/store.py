@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from orchestra.checkpoints import Checkpointer
-from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable
+from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable, shown_id
 from orchestra.events import (
     AggregationFellBack,
     CallDone,
@@ -740,7 +740,9 @@ class RunStore:
             rows = self._query("SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY created DESC",
                                (run_id, run_id + "\U0010ffff"))
             if len(rows) > 1:
-                raise StoreError(f"run id {run_id!r} is ambiguous ({len(rows)} runs start with it)")
+                more = f", and {len(rows) - 5} more" if len(rows) > 5 else ""
+                raise StoreError(f"run id {shown_id(run_id)} is ambiguous ({len(rows)} runs start with it: "
+                                 f"{', '.join(row['id'] for row in rows[:5])}{more}); give more of it")
         if not rows:
             raise RunNotFound(run_id, self.path)
         return _record(rows[0], self._ended)

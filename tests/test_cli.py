@@ -396,6 +396,30 @@ def test_a_run_id_not_utf8_is_refused_in_one_line(given: bytes, position: int, c
         "them"]
 
 
+@pytest.mark.parametrize("begun", [2, 7])
+def test_an_ambiguous_run_id_lists_the_runs_it_starts(begun: int) -> None:
+    """`show 2026` said `run id '2026' is ambiguous (10 runs start with it)` and named none of them."""
+    from orchestra.store import RunStore
+
+    store = RunStore()
+    ids = [f"20261203-00000{i}-abcdef" for i in range(begun)]
+    for run_id in ids:
+        store.begin_run(run_id, "t", {})
+    newest = ", ".join(reversed(ids[-5:]))
+    for command in ("show", "resume"):
+        done = cli(command, "2026")
+        more = ", and 2 more" if begun == 7 else ""
+        assert done.returncode == 2 and done.stderr.splitlines() == [
+            f"error: run id '2026' is ambiguous ({begun} runs start with it: {newest}{more}); give more of it"]
+
+
+def test_a_long_run_id_is_shortened_where_it_is_echoed() -> None:
+    """A 5,000-character id was echoed whole in its error line."""
+    done = cli("show", "a" * 5000)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"error: no run '{'a' * 59}... in {Path(os.environ['ORCHESTRA_HOME']) / 'runs.db'}; `orchestra runs` lists them"]
+
+
 def gamma_gated(loopback: Any, tmp_path: Path, reply: Reply,
                 expert: Callable[[str], str]) -> tuple[Any, Path, Path, list[bool]]:
     """A loopback server whose model gamma answers its expert calls with ``reply`` while the gate
