@@ -386,11 +386,15 @@ def existing_store(store_path: Path | None) -> RunStore:
 
 
 def refuse_missing_store(store_path: Path | None) -> None:
-    """Refuse a ``--store`` file that does not exist, for a command that reads what was recorded."""
+    """Refuse a ``--store`` file that does not exist, or is empty (opening it would make it a store),
+    for a command that reads what was recorded."""
     from orchestra.errors import StoreError
 
     if store_path is not None and not store_path.exists():
         raise StoreError(f"no run store at {store_path}: nothing was recorded there; check the path given to --store")
+    if store_path is not None and store_path.is_file() and store_path.stat().st_size == 0:
+        raise StoreError(f"{store_path} is not a run store (an empty file): nothing was recorded there; check the "
+                         "path given to --store")
 
 
 def orchestra_options(opts: dict[str, Any]) -> dict[str, Any]:

@@ -410,6 +410,18 @@ def test_reading_a_store_that_does_not_exist_is_refused_not_made_empty(tmp_path:
     assert not missing.exists()
 
 
+def test_reading_an_empty_file_as_a_store_is_refused_and_leaves_it_empty(tmp_path: Path) -> None:
+    """`runs --store empty.db` (a 0-byte file) made it a 147 KB store, though `runs` only reads."""
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for args in (["runs"], ["show", "abc"], ["resume", "abc"]):
+        done = cli(*args, "--store", str(empty))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == (f"error: {empty} is not a run store (an empty file): nothing was recorded "
+                                       "there; check the path given to --store")
+    assert [(p.name, p.stat().st_size) for p in tmp_path.iterdir()] == [("empty.db", 0)]
+
+
 def test_a_store_on_a_read_only_disk_is_read_as_immutable_unless_its_wal_holds_commits(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # on a read-only disk SQLite cannot make the shared-memory file its WAL needs, so a plain
