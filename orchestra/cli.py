@@ -372,7 +372,20 @@ def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
         advise_store(None)
         return False
     advise_store(store_path)
-    return RunStore(store_path) if store_path else True
+    if store_path is None:
+        return True
+    refuse_missing_folder(store_path)
+    return RunStore(store_path)
+
+
+def refuse_missing_folder(store_path: Path) -> None:
+    """Refuse a ``--store`` file whose folder does not exist: a mistyped path made its folders
+    (only the default store's folder is made). A file in the way is ``RunStore``'s to name."""
+    from orchestra.errors import StoreError
+
+    folder = store_path.absolute().parent
+    if not folder.exists() and next(p for p in folder.parents if p.exists()).is_dir():
+        raise StoreError(f"the folder {folder} does not exist; create it or choose another --store")
 
 
 def existing_store(store_path: Path | None) -> RunStore:
@@ -778,6 +791,8 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     # every answer is recorded as it comes (in the store's cache, apart from the runs' entries), so an
     # interrupted profile loses nothing: --resume reads them back
     advise_store(store_path)
+    if store_path is not None and not no_store:
+        refuse_missing_folder(store_path)
     store = None if no_store else RunStore(store_path)
     if store is not None and store.read_only:
         raise ConfigError(f"the run store {store.path} is read-only, and profile records its answers there as they "

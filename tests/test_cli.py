@@ -1062,6 +1062,7 @@ def test_advice_given_with_store_names_that_store_and_works_as_printed(llm, tmp_
 
     pool = write_pool(tmp_path, llm.server.url)
     other = tmp_path / "my folder" / "other.db"  # (a space: the path is quoted to be copied)
+    other.parent.mkdir()  # (a --store's folder is not made: see the test below)
     done = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--max-calls", "3",
                "--store", str(other))
     assert done.returncode == 3

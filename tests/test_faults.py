@@ -382,6 +382,25 @@ def test_a_store_that_cannot_be_created_is_one_line_naming_what_is_in_the_way(tm
         Orchestra(scripted_pool(1)[0], store=blocker / "deeper" / "still" / "runs.db")
 
 
+def test_a_store_whose_folder_does_not_exist_is_refused_not_made(tmp_path: Path) -> None:
+    """`ask --store /nonexistent/dir/x.db` made /nonexistent/dir (a typo's folders); the default
+    store's folder is still made."""
+    pool = write_pool(tmp_path, "http://127.0.0.1:9")  # (never called: the store is opened first)
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"id": "q1", "question": "What is 2 + 2?", "answer": "4"}\n')
+    missing = tmp_path / "no" / "such" / "x.db"
+    for args in (["ask", "What is 2 + 2?", "--pool", str(pool)], ["eval", "--pool", str(pool), "--data", str(data)],
+                 ["profile", "--pool", str(pool), "--data", str(data), "--out", str(tmp_path / "profiles")]):
+        done = cli(*args, "--store", str(missing))
+        assert done.returncode == 2 and done.stderr.strip() == (
+            f"error: the folder {missing.parent} does not exist; create it or choose another --store"), done.stderr
+    assert not (tmp_path / "no").exists()
+    home = tmp_path / "new" / "home"
+    listed = subprocess.run([sys.executable, "-m", "orchestra", "runs"], capture_output=True, text=True,
+                            env={**os.environ, "ORCHESTRA_HOME": str(home)})
+    assert listed.returncode == 0 and (home / "runs.db").is_file(), listed.stderr
+
+
 def test_a_default_store_that_cannot_be_made_names_orchestra_home_and_resume_offers_no_no_store(
         tmp_path: Path) -> None:
     """The store ORCHESTRA_HOME places is its fault, not a --store the user never gave; resume's help
