@@ -351,6 +351,8 @@ class RunStore:
         #: each (Orchestras sharing one store object share its owner tag, so the file cannot tell them apart)
         self.going: dict[str, object] = {}
         self._checkpoints: Checkpointer | None = None
+        if self.path.is_dir():  # (SQLite says "unable to open database file")
+            raise StoreUnusable(self.path, f"cannot use {self.path} as the run store: it is a directory")
         existed = self.path.is_file()
         self.read_only = existed and not os.access(self.path, os.W_OK)
         try:

@@ -382,6 +382,23 @@ def test_a_store_that_cannot_be_created_is_one_line_naming_what_is_in_the_way(tm
         Orchestra(scripted_pool(1)[0], store=blocker / "deeper" / "still" / "runs.db")
 
 
+def test_a_store_that_is_a_directory_says_so(tmp_path: Path) -> None:
+    """In Python it was `cannot create the run store adir (unable to open database file)`, SQLite's
+    words (the command line's --store says `File 'adir' is a directory`)."""
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    with pytest.raises(StoreError) as refused:
+        RunStore(folder)
+    assert str(refused.value) == f"cannot use {folder} as the run store: it is a directory; use another store file"
+    home = tmp_path / "home"
+    (home / "runs.db").mkdir(parents=True)
+    listed = subprocess.run([sys.executable, "-m", "orchestra", "runs"], capture_output=True, text=True,
+                            env={**os.environ, "ORCHESTRA_HOME": str(home)})
+    assert listed.returncode == 2 and listed.stderr.strip() == (
+        f"error: cannot use {home / 'runs.db'} as the run store: it is a directory; set ORCHESTRA_HOME (now {home}) "
+        "to a folder you can write, or choose a file with --store")
+
+
 def test_a_store_whose_folder_does_not_exist_is_refused_not_made(tmp_path: Path) -> None:
     """`ask --store /nonexistent/dir/x.db` made /nonexistent/dir (a typo's folders); the default
     store's folder is still made."""
