@@ -98,10 +98,11 @@ class StoreError(UserError):
 
 
 class StoreUnusable(StoreError):
-    """A file that cannot serve as a run store: not a database, another program's, or damaged.
+    """A file that cannot serve as a run store: not a database, another program's, a newer
+    Orchestra's, or damaged.
 
-    Attributes: ``path``, ``problem`` (what is wrong with it) and ``move_away`` (the advice to
-    move it first, or empty when the file is another program's).
+    Attributes: ``path``, ``problem`` (what is wrong with it) and ``move_away`` (the advice about the
+    file itself, to move it away or upgrade Orchestra; empty when the file is another program's).
     """
 
     def __init__(self, path: object, problem: str, *, move_away: str = "") -> None:

@@ -404,7 +404,8 @@ class RunStore:
             raise StoreUnusable(self.path, f"{self.path} is a SQLite database of another program, not an "
                                 "Orchestra run store")
         if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path} was written by a newer Orchestra (schema {version}); upgrade Orchestra")
+            raise StoreUnusable(self.path, f"{self.path} was written by a newer Orchestra (schema {version})",
+                                move_away="upgrade Orchestra")
         problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
             raise StoreUnusable(self.path, f"{self.path} is damaged ({problems[0]})",

@@ -21,7 +21,15 @@ from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli
 
 from orchestra import Orchestra
-from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, RunHeld, StoreError
+from orchestra.errors import (
+    BadResponse,
+    ConnectionBroke,
+    RateLimited,
+    RequestTimeout,
+    RunHeld,
+    StoreError,
+    StoreUnusable,
+)
 from orchestra.hints import cli_message
 from orchestra.models import ChatRequest, ChatResult, OpenAICompatible, Usage
 from orchestra.models.base import ModelBase
@@ -230,8 +238,14 @@ def test_a_store_of_a_newer_orchestra_is_refused_untouched(tmp_path: Path) -> No
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
         db.execute("CREATE TABLE runs (id TEXT)")
     before = path.read_bytes()
-    with pytest.raises(StoreError, match="written by a newer Orchestra"):
+    with pytest.raises(StoreUnusable) as refused:  # (a StoreError, as a file that is no database is: it was a bare one)
         RunStore(path)
+    assert str(refused.value) == (f"{path} was written by a newer Orchestra (schema {SCHEMA_VERSION + 1}); upgrade "
+                                  "Orchestra or use another store file")
+    shown = cli("runs", "--store", str(path))
+    assert shown.returncode == 2 and shown.stderr.strip() == (
+        f"error: {path} was written by a newer Orchestra (schema {SCHEMA_VERSION + 1}); upgrade Orchestra or choose "
+        "another file with --store")
     assert path.read_bytes() == before  # not even switched to WAL
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
