@@ -413,6 +413,36 @@ def test_an_ambiguous_run_id_lists_the_runs_it_starts(begun: int) -> None:
             f"error: run id '2026' is ambiguous ({begun} runs start with it: {newest}{more}); give more of it"]
 
 
+def test_show_says_the_cost_of_a_request_cut_off_in_flight_is_unknown() -> None:
+    """Its answer never came, so what the endpoint bills is not known: `show` read `0+0 tokens · $0.0000`."""
+    from orchestra.errors import CallCancelled, ConnectionBroke
+    from orchestra.models import ChatRequest, Usage
+    from orchestra.store import RunStore
+
+    store = RunStore()
+    store.begin_run("20261203-000000-abcdef", "t", {})
+
+    def failed(error: Exception, usage: Usage) -> Exception:
+        error.usage = usage  # type: ignore[attr-defined]
+        return error
+
+    for seq, outcome in enumerate([
+            failed(CallCancelled("m: cancelled while its request was in flight"), Usage(requests=1)),
+            failed(CallCancelled("m: cancelled while its request was in flight"),
+                   Usage(prompt_tokens=7, completion_tokens=3, cost_usd=0.0004, requests=2)),
+            failed(CallCancelled("m: cancelled before its request was sent"), Usage()),
+            failed(ConnectionBroke("m: the connection broke"), Usage(requests=1))]):
+        store.record("20261203-000000-abcdef", "k", seq, "m", ChatRequest.user(f"q{seq}"), outcome, purpose="expert",
+                     node="a", source="model")
+    shown = cli("show", "20261203-000000-abcdef")
+    assert shown.returncode == 0, shown.stderr
+    lines = [line.strip("│ ") for line in shown.stdout.splitlines() if line.startswith("│ model · ")]
+    assert lines == ["model · 1 request · tokens and cost unknown (cut off in flight)",
+                     "model · 2 requests · 7+3 tokens · $0.0004, and the cut-off request's unknown",
+                     "model · 0 requests · 0+0 tokens · $0.0000",
+                     "model · 1 request · 0+0 tokens · $0.0000"]
+
+
 def test_a_long_run_id_is_shortened_where_it_is_echoed() -> None:
     """A 5,000-character id was echoed whole in its error line."""
     done = cli("show", "a" * 5000)
