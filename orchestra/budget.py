@@ -12,7 +12,7 @@ from orchestra.errors import BudgetExceeded
 from orchestra.models import ChatRequest, Usage
 from orchestra.models.pricing import Price
 from orchestra.models.prompt_gauge import PromptGauge
-from orchestra.money import dollars, usd, usd_exact
+from orchestra.money import dollars, usd_alike, usd_exact
 from orchestra.numbers import Amount, Count
 
 
@@ -182,7 +182,7 @@ class BudgetTracker:
         budget, tokens = self.budget, self.prompt_tokens + self.completion_tokens
         limits = (("max_calls", budget.max_calls, self.calls, _calls_made(self.calls)),
                   ("max_tokens", budget.max_tokens, tokens, f"{tokens} tokens used"),
-                  ("max_cost_usd", budget.max_cost_usd, dollars(self.cost_usd), f"{usd(self.cost_usd)} spent"))
+                  ("max_cost_usd", budget.max_cost_usd, dollars(self.cost_usd), f"{usd_exact(self.cost_usd)} spent"))
         for limit, value, spent, words in limits:
             if value is not None and spent >= value:
                 return BudgetExceeded(limit=limit, value=value, spent=words, run_id=self.run_id, shared=self.name)
@@ -224,11 +224,11 @@ class BudgetTracker:
                          hopeless=not within and worst.tokens > budget.max_tokens, wanted=NOTHING if within else worst)
         cost = dollars(self.cost_usd + self._reserved_cost + worst.cost_usd)  # (0.1 + 0.2 is over 0.3 in floats)
         if budget.max_cost_usd is not None and cost > budget.max_cost_usd:
-            held = f", {usd_exact(self._reserved_cost)} held for {self._in_flight()}" \
-                if self._reserved_calls else ""
+            spent_usd, held_usd, worst_usd = usd_alike(self.cost_usd, self._reserved_cost, worst.cost_usd)
+            held = f", {held_usd} held for {self._in_flight()}" if self._reserved_calls else ""
             self._refuse("max_cost_usd", budget.max_cost_usd,
-                         f"{usd_exact(self.cost_usd)} spent{held}, {what} may cost "
-                         f"{usd_exact(worst.cost_usd)}: {prompt} tokens of prompt and up to {answer} of answer",
+                         f"{spent_usd} spent{held}, {what} may cost "
+                         f"{worst_usd}: {prompt} tokens of prompt and up to {answer} of answer",
                          held=not within and bool(held)
                          and dollars(self.cost_usd + worst.cost_usd) <= budget.max_cost_usd,
                          hopeless=not within and worst.cost_usd > budget.max_cost_usd,

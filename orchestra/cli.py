@@ -372,7 +372,20 @@ def store_from(store_path: Path | None, no_store: bool) -> RunStore | bool:
         advise_store(None)
         return False
     advise_store(store_path)
-    return RunStore(store_path) if store_path else True
+    if store_path is None:
+        return True
+    refuse_missing_folder(store_path)
+    return RunStore(store_path)
+
+
+def refuse_missing_folder(store_path: Path) -> None:
+    """Refuse a ``--store`` file whose folder does not exist: a mistyped path made its folders
+    (only the default store's folder is made). A file in the way is ``RunStore``'s to name."""
+    from orchestra.errors import StoreError
+
+    folder = store_path.absolute().parent
+    if not folder.exists() and next(p for p in folder.parents if p.exists()).is_dir():
+        raise StoreError(f"the folder {folder} does not exist; create it or choose another --store")
 
 
 def existing_store(store_path: Path | None) -> RunStore:
@@ -386,11 +399,15 @@ def existing_store(store_path: Path | None) -> RunStore:
 
 
 def refuse_missing_store(store_path: Path | None) -> None:
-    """Refuse a ``--store`` file that does not exist, for a command that reads what was recorded."""
+    """Refuse a ``--store`` file that does not exist, or is empty (opening it would make it a store),
+    for a command that reads what was recorded."""
     from orchestra.errors import StoreError
 
     if store_path is not None and not store_path.exists():
         raise StoreError(f"no run store at {store_path}: nothing was recorded there; check the path given to --store")
+    if store_path is not None and store_path.is_file() and store_path.stat().st_size == 0:
+        raise StoreError(f"{store_path} is not a run store (an empty file): nothing was recorded there; check the "
+                         "path given to --store")
 
 
 def orchestra_options(opts: dict[str, Any]) -> dict[str, Any]:
@@ -490,13 +507,14 @@ def warn_about_profiles(pool: Pool) -> None:
 
 
 def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]], opts: dict[str, Any],
-            run_id: str | None = None) -> NoReturn:
-    """Run (``run(run_id)``) with the right view, print the outcome, and exit with the run's code.
+            run_id: str | None = None, *, earlier: dict[str, Any] | None = None) -> NoReturn:
+    """Run (``run(run_id)``) with the right view, print the outcome, and exit with the run's code;
+    ``earlier``: what a resumed run had spent before (``RunStore.run_totals``).
 
-    Ctrl-C ends with one line naming the run to resume.
+    Ctrl-C ends with one line naming the run to resume, after what the run spent until then.
     """
     from orchestra.core import new_run_id, run_interruptibly
-    from orchestra.view import LiveView, LogView, terminal
+    from orchestra.view import LiveView, LogView, summary_line, terminal
 
     run_id = run_id or new_run_id()
     stdout_tty = sys.stdout.isatty()
@@ -521,21 +539,22 @@ def execute(orc: Orchestra, run: Callable[[str], Coroutine[Any, Any, RunResult]]
     except KeyboardInterrupt:
         saved = (f"its finished calls are saved; `{command('resume', run_id)}` finishes it" if orc.store is not None
                  else "nothing was kept (--no-store)")
-        if opts["as_json"]:  # still one JSON object on stdout: the run as it was recorded when it stopped
-            stopped = orc.ended(run_id)
-            if stopped is not None:
-                echo_json(stopped.dumps())
+        stopped = orc.ended(run_id)  # the run as it was recorded when it stopped
+        if stopped is not None and opts["as_json"]:  # still one JSON object on stdout
+            echo_json(stopped.dumps())
+        elif stopped is not None and not opts["quiet"]:  # what it spent, as a failed run's last line says
+            click.echo(summary_line(stopped, earlier=earlier), err=True)
         fail(f"interrupted run {run_id}; {saved}", 130)
-    finish(result, opts, rich_output=stdout_tty)
+    finish(result, opts, rich_output=stdout_tty, summary=summary_line(result, earlier=earlier))
 
 
-def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoReturn:
-    """Print a run's result (JSON, or the answer and a summary) and exit with its status code.
+def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool, summary: str) -> NoReturn:
+    """Print a run's result (JSON, or the answer and ``summary``) and exit with its status code.
 
     A run that failed for a reason the user must fix ends with exactly one line on stderr.
     """
     from orchestra.hints import run_error
-    from orchestra.view import print_result, summary_line, terminal
+    from orchestra.view import print_result, terminal
 
     stored = not opts.get("no_store")
     if opts["as_json"]:
@@ -546,7 +565,7 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool) -> NoR
         console = terminal(soft_wrap=not rich_output, force_terminal=rich_output or None)
         print_result(console, result, rich_output=rich_output, errors=terminal(stderr=True), stored=stored)
         if not opts["quiet"] and not result.user_error:
-            click.echo(summary_line(result), err=True)
+            click.echo(summary, err=True)
     sys.exit(result.exit_code)
 
 
@@ -779,6 +798,8 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     # every answer is recorded as it comes (in the store's cache, apart from the runs' entries), so an
     # interrupted profile loses nothing: --resume reads them back
     advise_store(store_path)
+    if store_path is not None and not no_store:
+        refuse_missing_folder(store_path)
     store = None if no_store else RunStore(store_path)
     if store is not None and store.read_only:
         raise ConfigError(f"the run store {store.path} is read-only, and profile records its answers there as they "
@@ -1241,7 +1262,8 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     for record in records:
         totals = store.run_totals(record.id)
         rows.append((record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
-                     str(totals["calls"]), str(totals["requests"]), usd(totals['cost_usd']),
+                     str(totals["calls"]) + (f" ({totals['failed_calls']} failed)" if totals["failed_calls"] else ""),
+                     str(totals["requests"]), usd(totals['cost_usd']),
                      (f"item {one_line(record.item)} · " if record.item else "") + " ".join(record.task.split())[:60]))
     # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
     # the task gives way on a narrow terminal (a data-set item's id comes first, so it stays)
@@ -1327,16 +1349,18 @@ def resume_stored(store: RunStore, record: RunRecord, opts: dict[str, Any], *, r
                   inputs: dict[str, Any] | None = None, placement: dict[str, Any] | None = None) -> NoReturn:
     """Finish a stored run (``orchestra resume``): a finished one's answer is printed from the store."""
     from orchestra.core import Orchestra
+    from orchestra.view import spent_text
 
     if record.status == "done" and not reload:  # nothing to send: its answer, without its pool (gone, maybe)
         done = store.result(record.id)
         if done is not None:
             keep_stdout_for_json(opts["as_json"])
-            finish(done, opts, rich_output=sys.stdout.isatty())
+            finish(done, opts, rich_output=sys.stdout.isatty(),
+                   summary=f"nothing to resume: run {done.run_id} is done ({spent_text(done)} spent in all)")
     orc = Orchestra.resuming(record.id, store=store, reload=reload, placement=placement)
     budget = settings_from(opts).changes().get("budget")
     execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts.get("force", False), reload=reload,
-                                            inputs=inputs or {}), opts, record.id)
+                                            inputs=inputs or {}), opts, record.id, earlier=store.run_totals(record.id))
 
 
 def refuse_unused_in_resume(opts: dict[str, Any], *, given: bool) -> None:

@@ -98,10 +98,11 @@ class StoreError(UserError):
 
 
 class StoreUnusable(StoreError):
-    """A file that cannot serve as a run store: not a database, another program's, or damaged.
+    """A file that cannot serve as a run store: not a database, another program's, a newer
+    Orchestra's, or damaged.
 
-    Attributes: ``path``, ``problem`` (what is wrong with it) and ``move_away`` (the advice to
-    move it first, or empty when the file is another program's).
+    Attributes: ``path``, ``problem`` (what is wrong with it) and ``move_away`` (the advice about the
+    file itself, to move it away or upgrade Orchestra; empty when the file is another program's).
     """
 
     def __init__(self, path: object, problem: str, *, move_away: str = "") -> None:
@@ -147,12 +148,20 @@ class RunHeld(StoreError):
         super().__init__(f"{self.problem}; wait for it to end, or if that process is gone, resume it with force=True")
 
 
-class RunNotFound(StoreError):
-    """No stored run has the id ``run_id`` (or starts with it) in the store at ``path``."""
+def shown_id(run_id: str) -> str:
+    """A run id as a message quotes it: ``repr``, cut to 60 characters and ``...`` (one 5,000
+    characters long was echoed whole)."""
+    quoted = repr(run_id)
+    return quoted if len(quoted) <= 63 else quoted[:60] + "..."
 
-    def __init__(self, run_id: str, path: object) -> None:
+
+class RunNotFound(StoreError):
+    """No stored run has the id ``run_id`` (or starts with it) in the store at ``path``; ``why``: a
+    reason none can (an id that is not text SQLite can look up)."""
+
+    def __init__(self, run_id: str, path: object, *, why: str = "") -> None:
         self.run_id, self.path = run_id, path
-        self.problem = f"no run {run_id!r} in {path}"
+        self.problem = f"no run {shown_id(run_id)} in {path}" + (f": {why}" if why else "")
         super().__init__(self.problem)
 
 

@@ -289,6 +289,7 @@ class UsageUpdated(Event):
     completion_tokens: int
     cost_usd: float
     cache_misses: int = 0
+    failed_calls: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1005,7 +1005,8 @@ class Executor:
         spent = ledger.budget
         self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=spent.calls, requests=spent.requests,
                                       prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
-                                      cost_usd=dollars(spent.cost_usd), cache_misses=ledger.cache_misses))
+                                      cost_usd=dollars(spent.cost_usd), cache_misses=ledger.cache_misses,
+                                      failed_calls=ledger.failed_calls))
 
     def _settle(self, call: _Call, usage: Usage | None) -> None:
         """Release the call's reservation (if the budget admitted it) and count what it spent; the

@@ -81,6 +81,18 @@ def _inputs(config: dict[str, Any]) -> list[str]:
             for name, value in inputs.items()]
 
 
+def _spent(call: dict[str, Any]) -> str:
+    """A recorded call's tokens and cost; a request cut off in flight billed what is not known (its
+    answer never came): it read ``0+0 tokens · $0.0000``."""
+    known = f"{call['prompt_tokens']}+{call['completion_tokens']} tokens · {usd(call['cost_usd'] or 0)}"
+    error = call["error"] or ""
+    if not call["requests"] or not (error.startswith("CallCancelled: ") and "in flight" in error):
+        return known
+    if call["prompt_tokens"] or call["completion_tokens"] or call["cost_usd"]:  # (attempts before it were answered)
+        return f"{known}, and the cut-off request's unknown"
+    return "tokens and cost unknown (cut off in flight)"
+
+
 def show_run(console: Console, store: RunStore, run_id: str) -> None:
     """Print a run for a person: summary, plan, recruitment explanations, every prompt and response."""
     report = run_report(store, run_id)
@@ -121,9 +133,7 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
 
     for index, call in enumerate(report["calls"], start=1):
         # what it cost opens the body, which wraps: in the title a narrow terminal cut it ($0.0000...)
-        body = literal(f"{call['source']} · {counted(call['requests'], 'request')} · "
-                       f"{call['prompt_tokens']}+{call['completion_tokens']} tokens · {usd(call['cost_usd'] or 0)}\n",
-                       style="dim")
+        body = literal(f"{call['source']} · {counted(call['requests'], 'request')} · {_spent(call)}\n", style="dim")
         for message in call["request"].get("messages", []):
             body.append(f"[{message['role']}]\n", style="bold cyan")
             body.append(printable(message["content"] + "\n"))
@@ -139,7 +149,8 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
                         f"{call['model']}")
         console.print(Panel(body, title=title, title_align="left", border_style="dim"))
 
-    console.print(literal(f"calls {totals['calls']} · requests {totals['requests']} · "
+    failed = f" ({totals['failed_calls']} failed)" if totals["failed_calls"] else ""
+    console.print(literal(f"calls {totals['calls']}{failed} · requests {totals['requests']} · "
                        f"tokens {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out · "
                        f"{usd(totals['cost_usd'])}", style="bold"))
     if run["answer"]:

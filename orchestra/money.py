@@ -23,6 +23,13 @@ def usd_exact(amount: float) -> str:
     return f"${whole}.{decimals.ljust(4, '0')}"
 
 
+def usd_alike(*amounts: float) -> list[str]:
+    """``usd_exact`` of amounts set side by side, each to as many decimals as the most precise of them
+    (``$0.000000 spent, the next call may cost $0.004516``: ``$0.0000`` beside it read as rounded)."""
+    places = max(len(usd_exact(amount).partition(".")[2]) for amount in amounts)
+    return [f"${_settled(amount):.{places}f}" for amount in amounts]
+
+
 def dollars(amount: float) -> float:
     """A sum of prices as reported: to the 10^-12 dollar, so sums of the same costs made in another
     order (SQLite's, a run's as its answers came) read alike (0.000795, not 0.0007950000000000001)."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from orchestra.checkpoints import Checkpointer
-from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable
+from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable, shown_id
 from orchestra.events import (
     AggregationFellBack,
     CallDone,
@@ -351,6 +351,8 @@ class RunStore:
         #: each (Orchestras sharing one store object share its owner tag, so the file cannot tell them apart)
         self.going: dict[str, object] = {}
         self._checkpoints: Checkpointer | None = None
+        if self.path.is_dir():  # (SQLite says "unable to open database file")
+            raise StoreUnusable(self.path, f"cannot use {self.path} as the run store: it is a directory")
         existed = self.path.is_file()
         self.read_only = existed and not os.access(self.path, os.W_OK)
         try:
@@ -402,7 +404,8 @@ class RunStore:
             raise StoreUnusable(self.path, f"{self.path} is a SQLite database of another program, not an "
                                 "Orchestra run store")
         if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path} was written by a newer Orchestra (schema {version}); upgrade Orchestra")
+            raise StoreUnusable(self.path, f"{self.path} was written by a newer Orchestra (schema {version})",
+                                move_away="upgrade Orchestra")
         problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
             raise StoreUnusable(self.path, f"{self.path} is damaged ({problems[0]})",
@@ -730,12 +733,19 @@ class RunStore:
 
     def run(self, run_id: str) -> RunRecord:
         """A stored run; an unknown id (or a unique prefix) is resolved or refused clearly."""
+        try:
+            run_id.encode("utf-8")
+        except UnicodeEncodeError as error:  # (a command line's bytes that are not UTF-8: SQLite could not take it)
+            raise RunNotFound(run_id, self.path, why=f"the id is not valid Unicode: character {error.start + 1} is a "
+                              "lone surrogate (bytes that are not UTF-8 in this locale)") from None
         rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
         if not rows and run_id:  # a prefix, exactly (ids sort as UTF-8 bytes: those after it, up to it + U+10FFFF)
             rows = self._query("SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY created DESC",
                                (run_id, run_id + "\U0010ffff"))
             if len(rows) > 1:
-                raise StoreError(f"run id {run_id!r} is ambiguous ({len(rows)} runs start with it)")
+                more = f", and {len(rows) - 5} more" if len(rows) > 5 else ""
+                raise StoreError(f"run id {shown_id(run_id)} is ambiguous ({len(rows)} runs start with it: "
+                                 f"{', '.join(row['id'] for row in rows[:5])}{more}); give more of it")
         if not rows:
             raise RunNotFound(run_id, self.path)
         return _record(rows[0], self._ended)
@@ -794,7 +804,8 @@ class RunStore:
                 for row in rows}
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
-        """Calls (failed ones included), requests, tokens and cost the run's models were sent and billed.
+        """Calls (failed ones included, and counted as ``failed_calls``: those whose last outcome is
+        an error), requests, tokens and cost the run's models were sent and billed.
 
         Calls answered from the cache cost nothing and are not counted (unless attempts that failed
         before were sent and billed); rows that record requests outside any call (the embedding
@@ -803,8 +814,8 @@ class RunStore:
         rows = self._query(
             "SELECT coalesce(sum(purpose != ?), 0) AS calls, coalesce(sum(requests), 0) AS requests, "
             "coalesce(sum(prompt_tokens),0) AS prompt_tokens, coalesce(sum(completion_tokens),0) AS completion_tokens, "
-            f"coalesce(sum(cost_usd),0) AS cost_usd FROM calls WHERE run_id = ? AND {_BILLED}",
-            (EMBEDDINGS, run_id))
+            "coalesce(sum(cost_usd),0) AS cost_usd, coalesce(sum(purpose != ? AND status != 'ok'), 0) AS failed_calls "
+            f"FROM calls WHERE run_id = ? AND {_BILLED}", (EMBEDDINGS, EMBEDDINGS, run_id))
         return {**rows[0], "cost_usd": dollars(rows[0]["cost_usd"])}
 
     # --- the call journal ------------------------------------------------------------------

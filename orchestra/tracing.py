@@ -115,6 +115,8 @@ class SpanRecorder(EventHandler[None]):
         span = self.runs.get(event.run_id)
         if span is not None:
             span.set_attribute("orchestra.calls", event.calls)
+            span.set_attribute("orchestra.failed_calls", event.failed_calls)
+            span.set_attribute("orchestra.requests", event.requests)
             span.set_attribute("orchestra.prompt_tokens", event.prompt_tokens)
             span.set_attribute("orchestra.completion_tokens", event.completion_tokens)
             span.set_attribute("orchestra.cost_usd", event.cost_usd)

@@ -450,11 +450,21 @@ def print_result(console: Console, result: RunResult, *, rich_output: bool, erro
                                   soft_wrap=True)
 
 
-def summary_line(result: RunResult) -> str:
-    """``run ID · status · calls · requests · tokens · cost · time``."""
+def summary_line(result: RunResult, *, earlier: dict[str, Any] | None = None) -> str:
+    """``run ID · status · calls · requests · tokens · cost · time``; for a resumed run (``earlier``:
+    what it had spent before, as ``RunStore.run_totals`` counts it), the run's totals in all, then
+    what this resume sent (a resume's totals read as a fresh charge)."""
+    spent = spent_text(result)
+    if earlier is not None:
+        usage = result.usage
+        spent += (f" in all; this resume sent {counted(usage.requests - earlier['requests'], 'request')} "
+                  f"({usd(usage.cost_usd - earlier['cost_usd'])})")
+    return f"run {result.run_id} · {result.status} · {spent} · {result.elapsed_s:.1f} s"
+
+
+def spent_text(result: RunResult) -> str:
+    """``calls (failed) · requests · tokens · cost`` of a run."""
     usage = result.usage
     failed = f" ({usage.failed_calls} failed)" if usage.failed_calls else ""  # (a done run may have lost an expert)
-    return (f"run {result.run_id} · {result.status} · {counted(usage.calls, 'call')}{failed} · "
-            f"{counted(usage.requests, 'request')} · "
-            f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd(usage.cost_usd)} · "
-            f"{result.elapsed_s:.1f} s")
+    return (f"{counted(usage.calls, 'call')}{failed} · {counted(usage.requests, 'request')} · "
+            f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd(usage.cost_usd)}")

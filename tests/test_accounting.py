@@ -68,8 +68,8 @@ class BilledServer:
         return reply
 
 
-def _totals(data: dict[str, Any]) -> tuple[int, int, int, int]:
-    return data["calls"], data["requests"], data["prompt_tokens"], data["completion_tokens"]
+def _totals(data: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    return data["calls"], data["failed_calls"], data["requests"], data["prompt_tokens"], data["completion_tokens"]
 
 
 def test_calls_and_requests_agree_with_what_the_endpoint_counted(loopback, tmp_path: Path) -> None:
@@ -95,8 +95,10 @@ def test_calls_and_requests_agree_with_what_the_endpoint_counted(loopback, tmp_p
     assert [c["requests"] for c in failed] == [2]  # the failing expert was tried twice (max_attempts: 2)
     listed = json.loads(cli("runs", "--json").stdout)[0]
     assert _totals(listed) == _totals(usage) and listed["run_id"] == listed["id"] == run_id
-    text = cli("show", run_id).stdout
-    assert f"calls 9 · requests {len(server.requests)} ·" in text
+    text = cli("show", run_id).stdout  # the failed call as `ask` counts it (`show`, `runs` left it out)
+    assert f"calls 9 (1 failed) · requests {len(server.requests)} ·" in text
+    row = next(line for line in cli("runs").stdout.splitlines() if run_id in line)
+    assert f" 9 (1 failed) │ {len(server.requests)} " in row, row
 
 
 class TemplateServer:

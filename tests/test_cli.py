@@ -382,6 +382,74 @@ def test_runs_show_and_export(llm, tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
 
 
+@pytest.mark.parametrize(("given", "position"), [(b"\xff\xfe", 1), (b"\xffab", 1), (b"caf\xc3\xa9\xff", 5)])
+@pytest.mark.parametrize("command", [("show",), ("show", "--json"), ("show", "--export", "jsonl"), ("resume", "--json")])
+def test_a_run_id_not_utf8_is_refused_in_one_line(given: bytes, position: int, command: tuple[str, ...]) -> None:
+    """A command line's bytes that are not UTF-8 (lone surrogates in Python) were a UnicodeEncodeError
+    traceback from SQLite, exit 1."""
+    run_id = os.fsdecode(given)
+    done = cli(command[0], run_id, *command[1:])
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: no run {run_id!r} in {Path(os.environ['ORCHESTRA_HOME']) / 'runs.db'}: the id is not valid Unicode: "
+        f"character {position} is a lone surrogate (bytes that are not UTF-8 in this locale); `orchestra runs` lists "
+        "them"]
+
+
+@pytest.mark.parametrize("begun", [2, 7])
+def test_an_ambiguous_run_id_lists_the_runs_it_starts(begun: int) -> None:
+    """`show 2026` said `run id '2026' is ambiguous (10 runs start with it)` and named none of them."""
+    from orchestra.store import RunStore
+
+    store = RunStore()
+    ids = [f"20261203-00000{i}-abcdef" for i in range(begun)]
+    for run_id in ids:
+        store.begin_run(run_id, "t", {})
+    newest = ", ".join(reversed(ids[-5:]))
+    for command in ("show", "resume"):
+        done = cli(command, "2026")
+        more = ", and 2 more" if begun == 7 else ""
+        assert done.returncode == 2 and done.stderr.splitlines() == [
+            f"error: run id '2026' is ambiguous ({begun} runs start with it: {newest}{more}); give more of it"]
+
+
+def test_show_says_the_cost_of_a_request_cut_off_in_flight_is_unknown() -> None:
+    """Its answer never came, so what the endpoint bills is not known: `show` read `0+0 tokens · $0.0000`."""
+    from orchestra.errors import CallCancelled, ConnectionBroke
+    from orchestra.models import ChatRequest, Usage
+    from orchestra.store import RunStore
+
+    store = RunStore()
+    store.begin_run("20261203-000000-abcdef", "t", {})
+
+    def failed(error: Exception, usage: Usage) -> Exception:
+        error.usage = usage  # type: ignore[attr-defined]
+        return error
+
+    for seq, outcome in enumerate([
+            failed(CallCancelled("m: cancelled while its request was in flight"), Usage(requests=1)),
+            failed(CallCancelled("m: cancelled while its request was in flight"),
+                   Usage(prompt_tokens=7, completion_tokens=3, cost_usd=0.0004, requests=2)),
+            failed(CallCancelled("m: cancelled before its request was sent"), Usage()),
+            failed(ConnectionBroke("m: the connection broke"), Usage(requests=1))]):
+        store.record("20261203-000000-abcdef", "k", seq, "m", ChatRequest.user(f"q{seq}"), outcome, purpose="expert",
+                     node="a", source="model")
+    shown = cli("show", "20261203-000000-abcdef")
+    assert shown.returncode == 0, shown.stderr
+    lines = [line.strip("│ ") for line in shown.stdout.splitlines() if line.startswith("│ model · ")]
+    assert lines == ["model · 1 request · tokens and cost unknown (cut off in flight)",
+                     "model · 2 requests · 7+3 tokens · $0.0004, and the cut-off request's unknown",
+                     "model · 0 requests · 0+0 tokens · $0.0000",
+                     "model · 1 request · 0+0 tokens · $0.0000"]
+
+
+def test_a_long_run_id_is_shortened_where_it_is_echoed() -> None:
+    """A 5,000-character id was echoed whole in its error line."""
+    done = cli("show", "a" * 5000)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"error: no run '{'a' * 59}... in {Path(os.environ['ORCHESTRA_HOME']) / 'runs.db'}; `orchestra runs` lists them"]
+
+
 def gamma_gated(loopback: Any, tmp_path: Path, reply: Reply,
                 expert: Callable[[str], str]) -> tuple[Any, Path, Path, list[bool]]:
     """A loopback server whose model gamma answers its expert calls with ``reply`` while the gate
@@ -1089,6 +1157,7 @@ def test_advice_given_with_store_names_that_store_and_works_as_printed(llm, tmp_
 
     pool = write_pool(tmp_path, llm.server.url)
     other = tmp_path / "my folder" / "other.db"  # (a space: the path is quoted to be copied)
+    other.parent.mkdir()  # (a --store's folder is not made: see the test below)
     done = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--max-calls", "3",
                "--store", str(other))
     assert done.returncode == 3
@@ -1207,6 +1276,34 @@ def test_a_sweep_a_budget_cut_short_says_so_and_leaves_the_method_off_the_fronti
                 f"{first['method']}): they are left off the frontier")  # only the first was)
     assert swept.stderr.strip().splitlines()[-1] == (
         f"error: {first['budget_exceeded']} ({left_off}); raise it with --max-calls and sweep again")
+
+
+def test_a_resume_says_what_it_sent_beside_what_the_run_spent_in_all(loopback, tmp_path: Path) -> None:
+    """A resume's last line gave the run's totals alone, as if charged anew; one of a done run, which
+    sends nothing, read `9 calls · 9 requests · $0.0016`."""
+    from orchestra.money import usd
+
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    pool.write_text(pool.read_text().replace("    max_attempts: 2", "    max_attempts: 2\n"
+                                             "    prices: {input: 1.5, output: 4}"))
+    first = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--max-calls", "3")
+    assert first.returncode == 3, first.stderr
+    run_id = re.search(r"run (\S+) · budget_exceeded", first.stderr)[1]  # type: ignore[index]
+    before, sent = json.loads(cli("runs", "--json").stdout)[0], len(server.requests)
+    resumed = cli("resume", run_id, "--max-calls", "50")
+    assert resumed.returncode == 0, resumed.stderr
+    run = json.loads(cli("runs", "--json").stdout)[0]
+    in_all = (f"{run['calls']} calls · {run['requests']} requests · "
+              f"{run['prompt_tokens'] + run['completion_tokens']:,} tokens · {usd(run['cost_usd'])}")
+    this = f"this resume sent {len(server.requests) - sent} requests ({usd(run['cost_usd'] - before['cost_usd'])})"
+    assert run["requests"] - before["requests"] == len(server.requests) - sent > 0
+    assert re.fullmatch(rf"run {run_id} · done · {re.escape(in_all)} in all; {re.escape(this)} · \d+\.\d s",
+                        resumed.stderr.splitlines()[-1]), resumed.stderr
+    sent = len(server.requests)
+    again = cli("resume", run_id)  # done: its answer, and nothing sent
+    assert again.returncode == 0 and again.stdout == resumed.stdout and len(server.requests) == sent, again.stderr
+    assert again.stderr.splitlines() == [f"nothing to resume: run {run_id} is done ({in_all} spent in all)"]
 
 
 def test_a_resume_of_a_run_with_a_token_limit_alone_says_nothing_of_a_cost_budget(loopback, tmp_path: Path) -> None:

@@ -21,7 +21,15 @@ from loopback_llm import ScriptedLLM, write_pool
 from test_cli import cli
 
 from orchestra import Orchestra
-from orchestra.errors import BadResponse, ConnectionBroke, RateLimited, RequestTimeout, RunHeld, StoreError
+from orchestra.errors import (
+    BadResponse,
+    ConnectionBroke,
+    RateLimited,
+    RequestTimeout,
+    RunHeld,
+    StoreError,
+    StoreUnusable,
+)
 from orchestra.hints import cli_message
 from orchestra.models import ChatRequest, ChatResult, OpenAICompatible, Usage
 from orchestra.models.base import ModelBase
@@ -230,8 +238,14 @@ def test_a_store_of_a_newer_orchestra_is_refused_untouched(tmp_path: Path) -> No
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
         db.execute("CREATE TABLE runs (id TEXT)")
     before = path.read_bytes()
-    with pytest.raises(StoreError, match="written by a newer Orchestra"):
+    with pytest.raises(StoreUnusable) as refused:  # (a StoreError, as a file that is no database is: it was a bare one)
         RunStore(path)
+    assert str(refused.value) == (f"{path} was written by a newer Orchestra (schema {SCHEMA_VERSION + 1}); upgrade "
+                                  "Orchestra or use another store file")
+    shown = cli("runs", "--store", str(path))
+    assert shown.returncode == 2 and shown.stderr.strip() == (
+        f"error: {path} was written by a newer Orchestra (schema {SCHEMA_VERSION + 1}); upgrade Orchestra or choose "
+        "another file with --store")
     assert path.read_bytes() == before  # not even switched to WAL
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
@@ -382,6 +396,42 @@ def test_a_store_that_cannot_be_created_is_one_line_naming_what_is_in_the_way(tm
         Orchestra(scripted_pool(1)[0], store=blocker / "deeper" / "still" / "runs.db")
 
 
+def test_a_store_that_is_a_directory_says_so(tmp_path: Path) -> None:
+    """In Python it was `cannot create the run store adir (unable to open database file)`, SQLite's
+    words (the command line's --store says `File 'adir' is a directory`)."""
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    with pytest.raises(StoreError) as refused:
+        RunStore(folder)
+    assert str(refused.value) == f"cannot use {folder} as the run store: it is a directory; use another store file"
+    home = tmp_path / "home"
+    (home / "runs.db").mkdir(parents=True)
+    listed = subprocess.run([sys.executable, "-m", "orchestra", "runs"], capture_output=True, text=True,
+                            env={**os.environ, "ORCHESTRA_HOME": str(home)})
+    assert listed.returncode == 2 and listed.stderr.strip() == (
+        f"error: cannot use {home / 'runs.db'} as the run store: it is a directory; set ORCHESTRA_HOME (now {home}) "
+        "to a folder you can write, or choose a file with --store")
+
+
+def test_a_store_whose_folder_does_not_exist_is_refused_not_made(tmp_path: Path) -> None:
+    """`ask --store /nonexistent/dir/x.db` made /nonexistent/dir (a typo's folders); the default
+    store's folder is still made."""
+    pool = write_pool(tmp_path, "http://127.0.0.1:9")  # (never called: the store is opened first)
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"id": "q1", "question": "What is 2 + 2?", "answer": "4"}\n')
+    missing = tmp_path / "no" / "such" / "x.db"
+    for args in (["ask", "What is 2 + 2?", "--pool", str(pool)], ["eval", "--pool", str(pool), "--data", str(data)],
+                 ["profile", "--pool", str(pool), "--data", str(data), "--out", str(tmp_path / "profiles")]):
+        done = cli(*args, "--store", str(missing))
+        assert done.returncode == 2 and done.stderr.strip() == (
+            f"error: the folder {missing.parent} does not exist; create it or choose another --store"), done.stderr
+    assert not (tmp_path / "no").exists()
+    home = tmp_path / "new" / "home"
+    listed = subprocess.run([sys.executable, "-m", "orchestra", "runs"], capture_output=True, text=True,
+                            env={**os.environ, "ORCHESTRA_HOME": str(home)})
+    assert listed.returncode == 0 and (home / "runs.db").is_file(), listed.stderr
+
+
 def test_a_default_store_that_cannot_be_made_names_orchestra_home_and_resume_offers_no_no_store(
         tmp_path: Path) -> None:
     """The store ORCHESTRA_HOME places is its fault, not a --store the user never gave; resume's help
@@ -408,6 +458,18 @@ def test_reading_a_store_that_does_not_exist_is_refused_not_made_empty(tmp_path:
         assert done.stderr.strip() == (f"error: no run store at {missing}: nothing was recorded there; check the "
                                        "path given to --store")
     assert not missing.exists()
+
+
+def test_reading_an_empty_file_as_a_store_is_refused_and_leaves_it_empty(tmp_path: Path) -> None:
+    """`runs --store empty.db` (a 0-byte file) made it a 147 KB store, though `runs` only reads."""
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for args in (["runs"], ["show", "abc"], ["resume", "abc"]):
+        done = cli(*args, "--store", str(empty))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == (f"error: {empty} is not a run store (an empty file): nothing was recorded "
+                                       "there; check the path given to --store")
+    assert [(p.name, p.stat().st_size) for p in tmp_path.iterdir()] == [("empty.db", 0)]
 
 
 def test_a_store_on_a_read_only_disk_is_read_as_immutable_unless_its_wal_holds_commits(

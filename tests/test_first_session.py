@@ -19,7 +19,7 @@ from orchestra import Orchestra
 from orchestra.models import FunctionModel
 from orchestra.pipeline.planning import content_words, is_simple_task, off_topic_steps
 from orchestra.plan import Plan
-from orchestra.testing import Reply, error_reply
+from orchestra.testing import Reply, chat_handler, error_reply
 
 LONG_TEXT = ("Summarise this text in two sentences. " + "The tide rises and falls twice a day because the Moon's "
              "gravity pulls the oceans toward it, while the Earth turns beneath the bulge of water. " * 6).strip()
@@ -492,6 +492,34 @@ def test_ctrl_c_with_json_still_prints_the_run_as_recorded(loopback, tmp_path: P
     saved = (f"its finished calls are saved; `orchestra resume {stopped['run_id']}` finishes it" if store
              else "nothing was kept (--no-store)")
     assert err.strip() == f"error: interrupted run {stopped['run_id']}; {saved}"
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_prints_what_the_run_spent_before_the_run_to_resume(loopback, tmp_path: Path, stop: str) -> None:
+    """A failed or budget-stopped run ends with its usage line; an interrupted one printed only its
+    error line, though its calls were billed (its requests in flight too)."""
+    import signal
+    import subprocess
+
+    scripted = ScriptedLLM()  # (the keyword calls are answered, the experts' never)
+    server = loopback(chat_handler(lambda request: Reply(hang=True) if "Your assignment:" in request.prompt
+                                   else scripted.text(request)))
+    pool = write_pool(tmp_path, server.url)
+    child = subprocess.Popen([sys.executable, "-m", "orchestra", "ask", "Quick question", "--pool", str(pool),
+                              "--no-plan"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "ORCHESTRA_ALLOW_MODEL_REQUESTS": "1"})
+    wait_for(child, lambda: any("Your assignment:" in r.prompt for r in server.requests), "the experts were asked")
+    child.send_signal(getattr(signal, stop))
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and out == "", err
+    listed = json.loads(cli("runs", "--json").stdout)[0]
+    assert listed["status"] == "cancelled" and listed["requests"] == len(server.requests)
+    calls = f"{listed['calls']} calls" + (f" ({listed['failed_calls']} failed)" if listed["failed_calls"] else "")
+    *_, usage, error = err.splitlines()
+    assert re.fullmatch(rf"run {listed['run_id']} · cancelled · {re.escape(calls)} · {listed['requests']} requests "
+                        r"· [\d,]+ tokens · \$\d+\.\d+ · \d+\.\d s", usage), usage
+    assert error == (f"error: interrupted run {listed['run_id']}; its finished calls are saved; "
+                     f"`orchestra resume {listed['run_id']}` finishes it")
 
 
 # --- small things a user trips on ---------------------------------------------------------------

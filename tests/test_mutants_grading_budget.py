@@ -171,7 +171,7 @@ def test_what_is_left_of_sums_that_cancel_reads_as_nothing() -> None:
     tracker = BudgetTracker(Budget(max_calls=None, max_tokens=None, max_cost_usd=0.001), "r")
     free = tracker.admit(ChatRequest.user("hi", max_tokens=10), FREE)
     tracker._reserved_cost = 6.8e-21  # (what settling priced calls left)
-    with pytest.raises(BudgetExceeded, match=r"\$0\.0000 held for 1 call in flight"):
+    with pytest.raises(BudgetExceeded, match=r"\$0\.00000 held for 1 call in flight"):  # (as many digits as $0.00351)
         tracker.admit(ChatRequest.user("hi", max_tokens=5000), Price(input=0.3, output=0.7))
     tracker.settle(free, None)
 

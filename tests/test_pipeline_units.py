@@ -642,7 +642,7 @@ def test_a_tiny_cost_budget_reads_in_plain_numbers() -> None:
             request, Price(input=2.5, output=10))
     # (it read "max_cost_usd=1e-06 reached ($0.0000 spent, the next call may cost $0.0000 ...")
     assert str(refused.value) == ("budget max_cost_usd=0.000001 is less than the next call alone may need "
-                                  "($0.0000 spent, the next call may cost "
+                                  "($0.0000000 spent, the next call may cost "
                                   "$0.0000925: 33 tokens of prompt and up to 1 of answer)")
 
 
@@ -659,6 +659,24 @@ def test_a_cost_refusal_shows_the_digits_that_tell_it_from_a_fit() -> None:
     # (it read "$0.0011 spent, the next call may cost $0.0004": seemingly 0.0015, within the limit)
     assert str(refused.value) == ("budget max_cost_usd=0.0015 reached ($0.001053 spent, the next call may cost "
                                   "$0.000482: 82 tokens of prompt and up to 200 of answer)")
+
+
+def test_the_amounts_of_a_cost_refusal_read_to_the_same_digits() -> None:
+    """It read "$0.0000 spent, the next call may cost $0.004516" (four decimals beside six), and a cost
+    limit reached "($0.0011 spent)" where the refusals show the millionth."""
+    from orchestra.models import Usage
+    from orchestra.models.pricing import Price
+
+    request = ChatRequest.user("x" * 200, max_tokens=200)  # 82 tokens of prompt at most: $0.000482 at worst
+    price = Price(input=1, output=2)
+    with pytest.raises(BudgetExceeded) as refused:
+        BudgetTracker(Budget(max_cost_usd=0.0004, max_calls=None, max_tokens=None), "r").admit(request, price)
+    assert str(refused.value) == ("budget max_cost_usd=0.0004 is less than the next call alone may need ($0.000000 "
+                                  "spent, the next call may cost $0.000482: 82 tokens of prompt and up to 200 of answer)")
+    tracker = BudgetTracker(Budget(max_cost_usd=0.001, max_calls=None, max_tokens=None), "r")
+    tracker.settle(tracker.admit(ChatRequest.user("q", max_tokens=1), Price()),
+                   Usage(prompt_tokens=50, completion_tokens=501, cost_usd=0.001053))
+    assert str(tracker.reached()) == "budget max_cost_usd=0.001 reached ($0.001053 spent)"
 
 
 def test_a_call_that_fits_once_the_calls_in_flight_end_is_told_so() -> None:

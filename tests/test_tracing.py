@@ -42,9 +42,14 @@ def test_failed_node_span_has_error_status() -> None:
         return BadResponse("boom") if kind_of(request) == "expert" else "ok"
 
     pool, _ = scripted_pool(plan=plan_json(("a", [])), expert=expert)
-    Orchestra(pool, k=1, tracing=tracer).run("failing task")
-    node = next(s for s in exporter.get_finished_spans() if s.name == "orchestra.node")
+    result = Orchestra(pool, k=1, tracing=tracer).run("failing task")
+    spans = exporter.get_finished_spans()
+    node = next(s for s in spans if s.name == "orchestra.node")
     assert node.status.status_code.name == "ERROR" and "boom" in node.status.description
+    run = next(s for s in spans if s.name == "orchestra.run")  # (it had calls alone: no requests, no failed ones)
+    assert result.usage.failed_calls == 1
+    assert (run.attributes["orchestra.calls"], run.attributes["orchestra.failed_calls"],
+            run.attributes["orchestra.requests"]) == (result.usage.calls, 1, result.usage.requests)
 
 
 def test_tracing_is_off_by_default() -> None:
