@@ -132,7 +132,8 @@ class Tally:
         self.saved_calls += sum(node.saved_calls for node in result.plan.nodes)
         self.voted_instead += sum(1 for node in result.plan.nodes if node.recruitment and any(
             line.endswith(VOTED_INSTEAD) for line in node.recruitment.get("explanation", ())))
-        self.unmatched_skill_items += any(matched_no_skill(node.recruitment) for node in result.plan.nodes)
+        self.unmatched_skill_items += result.usage.skill_extraction_failures > 0 and any(  # (said by the run: a
+            matched_no_skill(node.recruitment) for node in result.plan.nodes)  # pool with no skills says nothing)
         category = item.category or UNCATEGORIZED
         tally = self.categories.setdefault(category, Counter())
         self.category_first[category] = min(index, self.category_first.get(category, index))

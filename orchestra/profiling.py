@@ -71,8 +71,10 @@ class ProfilingReport:
     """Pairs of agents that gave the same answer on every item (and how many): see ``answered_alike``."""
 
 
-#: the fewest items two agents must have answered alike to be named as one expert twice
+#: the fewest items two agents must have answered alike to be named as one expert twice, and the fewest
+#: of them both got wrong (two agents right on every item agree without being one)
 ALIKE_MIN_ITEMS = 20
+ALIKE_MIN_WRONG = 3
 
 
 class ProfilingSpent:
@@ -232,11 +234,16 @@ def mean_tokens(outcomes: Iterable[ChatResult | Exception]) -> tuple[float, floa
 def answered_alike(answers: dict[str, dict[str, ChatResult | Exception]], items: Sequence[Item],
                    grade: Grader) -> list[tuple[str, str, int]]:
     """Pairs of agents whose final answers (as ``grade`` reads them) were the same on every item, at
-    least ``ALIKE_MIN_ITEMS``, with the count; each pair is warned of. Recruiting takes their answers as
-    independent, so a team of both counts one expert twice and its expected accuracy is overstated."""
+    least ``ALIKE_MIN_ITEMS``, wrong on ``ALIKE_MIN_WRONG`` of them, with the count; each pair is warned
+    of. Recruiting takes their answers as independent, so a team of both counts one expert twice and its
+    expected accuracy is overstated. (Agents right on every item agree whatever they are: not named.)"""
+    if len(items) < ALIKE_MIN_ITEMS:
+        return []
     final = {agent: [_final(outcomes[item.id], item, grade) for item in items] for agent, outcomes in answers.items()}
+    wrong = {agent: sum(not _ok(outcomes[item.id], item, grade) for item in items)
+             for agent, outcomes in answers.items()}
     pairs = [(first, second, len(items)) for first, second in itertools.combinations(final, 2)
-             if len(items) >= ALIKE_MIN_ITEMS and final[first] == final[second]]
+             if final[first] == final[second] and wrong[first] >= ALIKE_MIN_WRONG]
     for first, second, count in pairs:
         warnings.warn(f"{first} and {second} answered all {count} items alike: a team of both counts one expert twice "
                       "(expected accuracy overstated); keep one of them in the pool", UserWarning, stacklevel=3)

@@ -646,7 +646,7 @@ class RunStore:
         self._ended_here.difference_update(row[0] for row in rows)
         self._fresh.update(fresh)
 
-    def _refuse_held(self, run_id: str, held: tuple[Any, ...], now: float, *, force: bool) -> None:
+    def _refuse_held(self, run_id: str, held: tuple[Any, ...], now: float, *, force: bool = False) -> None:
         """Raise ``RunHeld`` if the run (its owner, updated and status: ``held``) is another live
         process's (see ``begin_run``)."""
         owner, updated, status = held
@@ -665,7 +665,7 @@ class RunStore:
             part = list(run_ids[start:start + 500])
             for row in self._query(f"SELECT id, owner, updated, status FROM runs WHERE id IN "
                                    f"({', '.join('?' * len(part))})", tuple(part)):
-                self._refuse_held(row["id"], (row["owner"], row["updated"], row["status"]), now, force=False)
+                self._refuse_held(row["id"], (row["owner"], row["updated"], row["status"]), now)
 
     def heartbeat(self, held: Iterable[str] = ()) -> dict[str, str]:
         """Tell other processes this one still runs the runs it holds; of ``held`` (runs going here),

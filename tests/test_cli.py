@@ -811,12 +811,15 @@ def test_profile_warns_of_two_agents_that_answered_every_item_alike(loopback, tm
     """Two endpoints of one model (alike on all 90 items) were taken as independent experts: a team of both
     said "expected accuracy 0.983" where the one model's was 0.967."""
     scripted = ScriptedLLM()
+    right = {"always": False}
 
     def text(request: Any) -> Any:
         found = re.search(r"What is (\d+) \+ 1\?", request.prompt)
         if KEYWORDS_MARK in request.prompt or found is None:
             return scripted.text(request)
         number, model = int(found.group(1)), (request.json() or {}).get("model")
+        if right["always"]:
+            return f"The answer is {number + 1}"
         if model == "gamma" and number % 5 == 0:  # (gamma differs on a few items only)
             return "The answer is 0"
         return f"Let me add. The answer is {number + 1 if number % 3 else number}"  # (alpha and beta: word for word)
@@ -838,6 +841,12 @@ def test_profile_warns_of_two_agents_that_answered_every_item_alike(loopback, tm
                 "--json")
     assert fewer.returncode == 0 and json.loads(fewer.stdout)["answered_alike"] == [], fewer.stderr
     assert "warning:" not in fewer.stderr, fewer.stderr
+    right["always"] = True  # agents right on every item agree whatever they are: no clones named
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(20)))
+    perfect = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(tmp_path / "p"), "--no-store",
+                  "--json")
+    assert perfect.returncode == 0 and json.loads(perfect.stdout)["answered_alike"] == [], perfect.stderr
 
 
 def test_eval_and_ask_say_how_many_calls_failed_after_their_retries(loopback, tmp_path: Path) -> None:

@@ -137,6 +137,7 @@ def test_a_key_given_as_api_key_env_is_refused_without_repeating_it(make) -> Non
         make("sk-SECRETKEY-12345")
     assert str(refused.value) == KEY_NOT_NAME
     make("_MY_KEY_2")  # a name is taken
+    make("")  # no key, as None
 
 
 def test_a_pool_file_refuses_a_key_given_as_api_key_env_without_repeating_it(tmp_path: Path) -> None:

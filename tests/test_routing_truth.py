@@ -73,6 +73,10 @@ def test_eval_counts_the_items_whose_keywords_match_no_profiled_skill(loopback, 
     assert "│ items matching no profiled skill │ 2 (recruited on overall accuracy) │" in table, table
     moa = cli(*argv[:-3], "--method", "moa", "--no-store", "--json")  # (no skills asked for: none to match)
     assert json.loads(moa.stdout)["unmatched_skill_items"] == 0, moa.stderr
+    bare = tmp_path / "bare.yaml"  # a pool with no skills at all: nothing to match, and the runs say nothing
+    bare.write_text("\n".join(line for line in pool.read_text().splitlines() if "skills:" not in line))
+    none = cli("eval", "--pool", str(bare), *argv[3:], "--json")
+    assert none.returncode == 0 and json.loads(none.stdout)["unmatched_skill_items"] == 0, none.stderr
 
 
 def test_failed_skill_extraction_is_reported(loopback, tmp_path: Path) -> None:

@@ -635,12 +635,13 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_key_env(name: str | None) -> None:
-    """Refuse an ``api_key_env`` that cannot name an environment variable, without repeating it: it is
-    likely the key itself (one given there was echoed in the run's error and written to the store)."""
+    """Refuse an ``api_key_env`` that cannot name an environment variable (None or "": no key), without
+    repeating it: it is likely the key itself (one given there was echoed in the run's error and
+    written to the store)."""
     if name is not None and not isinstance(name, str):  # (a number failed the run: "str expected, not int")
         raise ValueError(f"api_key_env must be the name of an environment variable (text such as MY_KEY) or None, "
                          f"not {type(name).__name__}")
-    if isinstance(name, str) and not _ENV_NAME.fullmatch(name):
+    if name and not _ENV_NAME.fullmatch(name):  # ("" sends no key, as None does)
         raise ValueError("api_key_env must be the NAME of an environment variable (e.g. MY_KEY: letters, digits "
                          "and _), not the key itself")
 

@@ -30,8 +30,8 @@ class DoubleBase(ModelBase):
                  prices: Price | Mapping[str, float] | tuple[float, float] | None = None,
                  resources: EngineResources | None = None, on_load: Callable[[], None] | None = None) -> None:
         if not isinstance(name, str) or not name.strip():  # (name=5 was an AttributeError of the price table)
-            raise ConfigError(f"name must be text (how Orchestra shows the model), not {type(name).__name__} "
-                              f"{name!r:.40}")
+            raise ConfigError(f"name must be text that is not empty (how Orchestra shows the model), not "
+                              f"{type(name).__name__} {name!r:.40}")
         self.name = name
         self.on_load = on_load  #: called as each load begins (a test's way to fail or crash a load)
         self.heavy = heavy
