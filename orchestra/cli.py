@@ -187,9 +187,22 @@ def _not_both(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
 STORE_DEFAULT = "$ORCHESTRA_HOME/runs.db, else ~/.orchestra/runs.db"
 
 
+class StoreFile(click.Path):
+    """A --store: a file's path (``runs/``, written as a folder, made a file named as the folder)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value} names a folder; give the store's file, e.g. {value.rstrip('/' + os.sep)}/runs.db",
+                      param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def store_option(fn: F) -> F:
     """--store."""
-    return click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path),
+    return click.option("--store", "store_path", type=StoreFile(),
                         help=f"The run store file (default {STORE_DEFAULT}).")(fn)
 
 

@@ -98,9 +98,10 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
     report = run_report(store, run_id)
     run, totals = report["run"], report["totals"]
     when = datetime.fromtimestamp(run["created"]).strftime("%Y-%m-%d %H:%M:%S")
+    resumed = f"  resumed {counted(run['resumes'], 'time')}" if run["resumes"] else ""  # (not "resumed 0x")
     console.print(Panel(Text.assemble(
         (f"{run['id']}  ", "bold"), (run["status"], "green" if run["status"] == "done" else "red"),
-        f"  {when}  resumed {run['resumes']}x\n", printable(f"item {run['item']} · " if run["item"] else ""),
+        f"  {when}{resumed}\n", printable(f"item {run['item']} · " if run["item"] else ""),
         printable(run["task"]), *map(printable, _inputs(run["config"]))), title="run"))
 
     stopped = _stopped_early(report["result"])

@@ -432,6 +432,17 @@ def test_a_store_whose_folder_does_not_exist_is_refused_not_made(tmp_path: Path)
     assert listed.returncode == 0 and (home / "runs.db").is_file(), listed.stderr
 
 
+def test_a_store_written_as_a_folder_is_refused_not_made_a_file(tmp_path: Path) -> None:
+    """`ask --store newdir/` exited 0 having made a SQLite file named newdir (the user meant a folder)."""
+    pool = write_pool(tmp_path, "http://127.0.0.1:9")  # (never called: the flag is refused first)
+    folder = f"{tmp_path / 'newdir'}/"
+    for args in (["ask", "What is 2 + 2?", "--pool", str(pool), "--store", folder], ["runs", f"--store={folder}"]):
+        done = cli(*args)
+        assert done.returncode == 2 and (f"Invalid value for '--store': {folder} names a folder; give the store's "
+                                         f"file, e.g. {tmp_path / 'newdir' / 'runs.db'}") in done.stderr, done.stderr
+    assert not (tmp_path / "newdir").exists()
+
+
 def test_a_default_store_that_cannot_be_made_names_orchestra_home_and_resume_offers_no_no_store(
         tmp_path: Path) -> None:
     """The store ORCHESTRA_HOME places is its fault, not a --store the user never gave; resume's help

@@ -205,9 +205,13 @@ def test_show_prints_the_runs_totals_its_failed_nodes_error_and_resumes(tmp_path
     show_run(console, RunStore(tmp_path / "runs.db"), result.run_id)
     shown = console.export_text()
     usage = result.usage
-    assert "resumed 0x" in shown
+    assert "resumed" not in shown  # (it read "resumed 0x")
     assert f"b: {result.node('b').error}" in shown
-    assert (f"calls {usage.calls} · requests {usage.requests} · tokens {usage.prompt_tokens:,} in / "
+    assert usage.failed_calls == 1 and (f"calls {usage.calls} (1 failed) · requests {usage.requests} · tokens {usage.prompt_tokens:,} in / "
             f"{usage.completion_tokens:,} out · ") in shown
     assert usage.prompt_tokens != usage.completion_tokens
     assert shown.rstrip().endswith(result.error.split("\n")[-1][-60:])
+    Orchestra(pool, k=1, store=tmp_path / "runs.db").resume(result.run_id)
+    again = Console(record=True, width=200)
+    show_run(again, RunStore(tmp_path / "runs.db"), result.run_id)
+    assert "  resumed 1 time " in again.export_text()
