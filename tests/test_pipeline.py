@@ -377,7 +377,10 @@ async def _async_tasks() -> AsyncIterator[str]:
     (lambda pool: Pool(agents=pool.agents[0]), "agents= takes a list of Agent: agents=[agent0], not the Agent alone"),
     (lambda pool: Pool(agents=pool.agents, aggregator=pool.agents[1]),
      "aggregator takes an agent's name: give the agent's name ('agent1'), not the Agent"),
-    (lambda pool: FunctionModel(lambda r: "ok", name=5), "name must be text (how Orchestra shows the model), not int 5"),
+    (lambda pool: FunctionModel(lambda r: "ok", name=5),
+     "name must be text that is not empty (how Orchestra shows the model), not int 5"),
+    (lambda pool: FunctionModel(lambda r: "ok", name=" "),
+     "name must be text that is not empty (how Orchestra shows the model), not str ' '"),
     # a pydantic class, which a ChatRequest takes, was "answer.output.str: Input should be a valid string"
     (lambda pool: Orchestra(pool, store=False).run("x?", plan=False, answer={"output": City}),
      "answer.output: give a JSON schema, not the class City: pass City.model_json_schema(), and read the answer with "
