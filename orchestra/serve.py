@@ -56,6 +56,7 @@ from orchestra.pipeline.scheduler import NodeSettings
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, Settings
 from orchestra.store import RunStore
+from orchestra.terminal_text import counted
 
 #: the model id of the pool's own settings
 ORCHESTRA_MODEL = "orchestra"
@@ -718,16 +719,23 @@ def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, gr
                                     timeout_graceful_shutdown=math.ceil(grace) + 30))
     served: Server = application.state.server
 
+    def cancel() -> None:  # (the operator was told nothing of the runs cut off: only their clients were)
+        cut = sorted(getattr(run, "run_id", "") for run in served.runs if not run.done())
+        if cut:
+            print(f"orchestra serve: cancelled {counted(len(cut), 'run')} still in flight, each resumable "
+                  f"(`{command('resume', cut[0])}`): {', '.join(cut)}", file=sys.stderr, flush=True)
+        served.cancel_runs()
+
     def stop() -> None:  # the first signal drains; a second one (or the grace's end) cancels the runs in flight
         if server.should_exit:
-            served.cancel_runs()
+            cancel()
             return
         server.should_exit = True
         served.drain()
-        if served.runs:
-            print(f"orchestra serve: stopping; {len(served.runs)} run(s) in flight get {grace:g} s to finish "
-                  "(Ctrl-C again cancels them, resumable)", file=sys.stderr, flush=True)
-        asyncio.get_running_loop().call_later(grace, served.cancel_runs)
+        print("orchestra serve: stopping; " + (f"{len(served.runs)} run(s) in flight get {grace:g} s to finish "
+                                                "(Ctrl-C again cancels them, resumable)" if served.runs
+                                                else "no run in flight"), file=sys.stderr, flush=True)
+        asyncio.get_running_loop().call_later(grace, cancel)
 
     try:  # bound here, so an address in use is one line rather than uvicorn's exit
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

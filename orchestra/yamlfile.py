@@ -111,7 +111,7 @@ class YamlDocument:
         if isinstance(at, tuple):  # a check of the whole that names the value it is about
             return self.error(first["msg"], self._in_data((*full, *at))[0])
         loc, shown = self._in_data(full)
-        message = first["msg"].removeprefix("Value error, ")
+        message = _plain_message(first)
         if first["type"] == "extra_forbidden":
             known = [str(e["loc"][-1]) for e in errors
                      if e["type"] == "missing" and e["loc"][:-1] == first["loc"][:-1]]
@@ -124,6 +124,20 @@ class YamlDocument:
         if shown:
             message = f"{shown}: {message}"
         return self.error(message, loc)
+
+
+def _plain_message(problem: Mapping[str, Any]) -> str:
+    """A pydantic problem in words a file's author uses (an unknown ``type:`` tag, an empty mapping)."""
+    context = problem.get("ctx") or {}
+    if problem["type"] == "union_tag_invalid":  # ("Input tag 'opneai' found using 'type' does not match...")
+        tags = [tag.strip().strip("'") for tag in str(context.get("expected_tags", "")).split(",")]
+        close = difflib.get_close_matches(str(context.get("tag")), tags, n=1)
+        field = str(context.get("discriminator", "type")).strip("'")
+        return (f"unknown {field} {context.get('tag')!r}; choose one of "
+                f"{', '.join(tags)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if problem["type"] == "too_short" and context.get("actual_length") == 0:  # ("Dictionary should have at least...")
+        return "is empty; give at least one"
+    return str(problem["msg"]).removeprefix("Value error, ")
 
 
 #: fields of other formats a file's author may write for one of ours (a plan's `depends_on` is a step's `needs`)

@@ -172,6 +172,22 @@ def test_rpm_holds_across_event_loops(loopback) -> None:
 # --- pool files --------------------------------------------------------------------------------
 
 
+def test_a_pool_files_unknown_model_type_and_empty_models_read_in_the_files_words(tmp_path: Path) -> None:
+    """They read "Input tag 'opneai' found using 'type' does not match any of the expected tags: ..." and
+    "Dictionary should have at least 1 item after validation, not 0"."""
+    path = tmp_path / "pool.yaml"
+    path.write_text("models:\n  m: {type: opneai, model: x, base_url: 'http://127.0.0.1:9/v1'}\n"
+                    "agents:\n  - {name: a, model: m}\n")
+    with pytest.raises(ConfigError) as refused:
+        Pool.load(path)
+    assert str(refused.value) == (f"{path}:2:6: models.m: unknown type 'opneai'; choose one of openai, anthropic, "
+                                  "llamacpp, vllm (did you mean 'openai'?)")
+    path.write_text("models: {}\nagents:\n  - {name: a, model: m}\n")
+    with pytest.raises(ConfigError) as refused:
+        Pool.load(path)
+    assert str(refused.value) == f"{path}:1:9: models: is empty; give at least one"
+
+
 def test_a_pool_file_gives_models_of_one_server_one_endpoint_with_the_smallest_limits(loopback,
                                                                                       tmp_path: Path) -> None:
     server = loopback(chat_handler(lambda req: "ok", delay=0.05))

@@ -267,6 +267,21 @@ def test_a_light_call_held_while_a_wave_runs_does_not_block_the_next_wave() -> N
     asyncio.run(main())
 
 
+async def stopped_with_keywords_in_flight(model: FunctionModel, store: RunStore,
+                                          seen: dict[str, int]) -> tuple[Orchestra, list[str]]:
+    """An Orchestra whose run ``r1`` on ``model`` was cancelled once its 5 keyword requests were in
+    flight (``seen`` counts them), and the kinds of the ``calls_queued`` events it emits."""
+    queued: list[str] = []
+    orc = Orchestra(Pool(agents=[Agent(name="solo", model=model), Agent(name="duo", model=model)]), store=store,
+                    plan=False, k=1,
+                    on_event=lambda event: queued.append(event.kind) if event.kind == "calls_queued" else None)
+    task = asyncio.ensure_future(orc.arun("How fast is light?", run_id="r1"))
+    await until(lambda: seen["keywords"] == 5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return orc, queued
+
+
 def test_a_resume_counts_an_answer_recorded_before_it_began_once(tmp_path: Path) -> None:
     """A run stopped with its keyword batch in flight; one answer is recorded before the resume
     begins, the others after: the resumed run's usage is what the store and the endpoint saw."""
@@ -283,14 +298,7 @@ def test_a_resume_counts_an_answer_recorded_before_it_began_once(tmp_path: Path)
 
         model = FunctionModel(answer, name="m")
         store = RunStore(tmp_path / "runs.db")
-        queued: list[str] = []
-        orc = Orchestra(Pool(agents=[Agent(name="solo", model=model), Agent(name="duo", model=model)]), store=store,
-                        plan=False, k=1,
-                        on_event=lambda event: queued.append(event.kind) if event.kind == "calls_queued" else None)
-        task = asyncio.ensure_future(orc.arun("How fast is light?", run_id="r1"))
-        await until(lambda: seen["keywords"] == 5)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        orc, queued = await stopped_with_keywords_in_flight(model, store, seen)
         first.set()
         await until(lambda: [status for _, status in journal(store, "r1")] == ["ok"])
         before = len(queued)
@@ -328,14 +336,7 @@ def test_a_resume_counts_the_failed_requests_of_its_stopped_run_that_end_after_i
 
         model = FunctionModel(answer, name="m")
         store = RunStore(tmp_path / "runs.db")
-        queued: list[str] = []
-        orc = Orchestra(Pool(agents=[Agent(name="solo", model=model), Agent(name="duo", model=model)]), store=store,
-                        plan=False, k=1,
-                        on_event=lambda event: queued.append(event.kind) if event.kind == "calls_queued" else None)
-        task = asyncio.ensure_future(orc.arun("How fast is light?", run_id="r1"))
-        await until(lambda: seen["keywords"] == 5)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        orc, queued = await stopped_with_keywords_in_flight(model, store, seen)
         before = len(queued)
         resumed = asyncio.ensure_future(orc.aresume("r1"))
         await until(lambda: len(queued) > before)  # the resumed run queued its keyword calls: they wait

@@ -910,7 +910,7 @@ def test_the_command_serves_with_a_key_from_the_environment_and_stops_cleanly(
         assert httpx.post(served.url + "/v1/chat/completions", json=body).status_code == 401
     finally:
         code, err = served.stop(signal.SIGTERM)
-    assert code == 0, err
+    assert code == 0 and err == "orchestra serve: stopping; no run in flight\n", err  # (a SIGTERM said nothing)
     assert "k-123" not in err and "k-123" not in (tmp_path / "runs.db").read_bytes().decode("latin-1")
     listed = subprocess.run([sys.executable, "-m", "orchestra", "runs", "--store", str(tmp_path / "runs.db")],
                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
@@ -973,6 +973,9 @@ def test_runs_still_going_when_the_grace_ends_are_cancelled_and_their_clients_to
     assert "Unclosed" not in err, err  # (the calls went on after the connections closed, and reopened them)
     [answer] = answers
     assert answer.status_code == 503 and "cancelled run" in answer.json()["error"]["message"]
+    cut_off = answer.headers[RUN_HEADER]  # the operator is told which runs were cut off, as their clients are
+    assert f"orchestra serve: cancelled 1 run still in flight, each resumable (`orchestra resume {cut_off} " in err
+    assert err.rstrip().endswith(f"): {cut_off}"), err
     calls = RunStore(tmp_path / "runs.db").calls(answer.headers[RUN_HEADER])
     cut = [c for c in calls if c["purpose"] == "expert"]
     assert len(cut) == 3 and all("cancelled while its request was in flight" in c["error"] for c in cut)
