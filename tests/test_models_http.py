@@ -859,6 +859,32 @@ def test_a_stream_whose_server_holds_it_open_after_its_usage_is_whole(loopback, 
     assert len(server.requests) == 1 and time.monotonic() - started < 20
 
 
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_a_stream_nobody_asked_for_that_its_server_holds_open_is_read_whole_at_its_end(loopback,
+                                                                                      transport: str) -> None:
+    """A server that streams a request that did not ask (no ``stream``), then holds the stream open
+    after ``[DONE]``: the call waited for its whole timeout, then failed; it is the streamed answer."""
+    def held_open() -> Reply:
+        whole = openai_stream_reply(["The answer", " is 4."], prompt_tokens=30)
+
+        async def parts() -> AsyncIterator[bytes]:
+            assert whole.parts is not None
+            async for part in whole.parts():
+                yield part
+            await asyncio.sleep(3600)  # (never: the client stops reading first)
+        return Reply(parts=parts)
+
+    server = loopback(lambda request: held_open())
+    options = {} if transport == "aiohttp" else {"transport": lambda n: HttpxTransport(httpx.AsyncHTTPTransport())}
+    model = OpenAICompatible(model="m", endpoint=Endpoint(server.url + "/v1", **options), timeout=30, max_attempts=1)
+    started = time.monotonic()
+    result = run(model.complete_one(ask("What is 2 + 2?")))
+    assert "stream" not in server.requests[0].json()
+    assert (result.text, result.finish_reason, result.usage.prompt_tokens, result.usage.requests) == (
+        "The answer is 4.", "stop", 30, 1)
+    assert time.monotonic() - started < 20
+
+
 def test_a_stream_that_broke_before_any_text_is_a_request_and_no_tokens(loopback) -> None:
     def broken() -> Reply:  # the role chunk, then the connection goes
         good = openai_stream_reply(["The answer"], usage=False)

@@ -124,7 +124,7 @@ class OpenAICompatible(EndpointModel):
                 "/chat/completions",
                 lambda capabilities: self._payload(request, capabilities, stream=on_text is not None),
                 model=self.model, headers=bearer_headers, policy=self.policy,
-                stream=attempts.begin if attempts is not None else None, complete=complete)
+                stream=attempts.begin if attempts is not None else _stream_end, complete=complete)
         except ConnectionBroke as broke:
             cut = attempts.broke() if attempts is not None else None
             if cut is not None and getattr(broke, "usage", None) is None:
@@ -284,6 +284,12 @@ def text_relay(on_text: Callable[[str], None]) -> Callable[[bytes], bool]:
         return whole
 
     return on_chunk
+
+
+def _stream_end() -> Callable[[bytes], bool]:
+    """An attempt's handler of an answer that did not ask to stream: it tells when a stream the server
+    sent all the same is whole (one held open after ``[DONE]`` kept the call until its timeout)."""
+    return text_relay(lambda text: None)
 
 
 def assembled(events: list[Any]) -> dict[str, Any]:

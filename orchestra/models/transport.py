@@ -75,15 +75,21 @@ class Transport(Protocol):
 
     async def post(self, url: str, headers: Headers, body: bytes, on_chunk: Chunks = None) -> Answer:
         """POST ``body`` to ``url`` and return the whole answer; ``on_chunk`` gets each piece of
-        the body as it arrives."""
+        an event stream's body as it arrives."""
 
     async def aclose(self) -> None:
         """Close the connections."""
 
 
 Chunks = Callable[[bytes], bool | None] | None
-"""Given each piece of an answer's body as it arrives (a streamed answer), or None; it returns True
-once the answer is whole (the rest of the body is not waited for)."""
+"""Given each piece of an event stream's body as it arrives (a streamed answer; any other body is
+read whole), or None; it returns True once the answer is whole (the rest of the body is not waited
+for: a server may hold a stream open after its end)."""
+
+def is_event_stream(headers: Mapping[str, str]) -> bool:
+    """Whether an answer is server-sent events (``text/event-stream``)."""
+    return headers.get("content-type", "").startswith("text/event-stream")
+
 
 #: Makes an endpoint's transport for one event loop, given its connection limit.
 TransportFactory = Callable[[int], Transport]
@@ -119,7 +125,7 @@ class AiohttpTransport:
         try:
             async with self._open().post(self._url(url), headers=headers, data=body,
                                          allow_redirects=False) as answer:
-                if on_chunk is None:
+                if on_chunk is None or not is_event_stream(answer.headers):
                     return Answer(answer.status, answer.headers, await answer.read())
                 pieces = []
                 async for piece in answer.content.iter_any():
@@ -159,7 +165,7 @@ class HttpxTransport:
         response = await self.transport.handle_async_request(
             httpx.Request("POST", url, headers=list(headers), content=body))
         try:
-            if on_chunk is None:
+            if on_chunk is None or not is_event_stream(response.headers):
                 content = await response.aread()
             else:
                 pieces = []
