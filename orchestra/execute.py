@@ -58,6 +58,7 @@ from orchestra.events import (
 )
 from orchestra.models import ChatRequest, ChatResult, HeavyModel, Model, Usage, is_heavy
 from orchestra.models.base import (
+    ModelBase,
     cancel_listener,
     downgrade_listener,
     generations,
@@ -565,6 +566,8 @@ class Executor:
                 if call.orphaned:
                     ledger.budget.count(recorded.usage, calls=1)
                 ledger.answered["store"] += 1
+                if isinstance(call.model, ModelBase):
+                    call.model.replayed(call.request)
                 self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="store"))
                 self._resolve(call, recorded)
                 return True

@@ -195,3 +195,62 @@ def test_anthropic_without_tools_puts_the_schema_in_the_prompt_once(loopback) ->
     assert [r.parsed.city for r in results] == ["Rome"] * 4
     assert ["tools" in r.json() for r in server.requests] == [True, False, False, False, False]
     assert model.json_mode == "prompt"
+
+
+def test_a_resumed_run_sends_its_first_wave_at_once_not_behind_a_probe(loopback, tmp_path, monkeypatch) -> None:
+    """A resume in a fresh process learns from the run's recorded answers what the endpoint took:
+    its first wave (two experts) went out one request alone (a probe of ``seed``), the other once that
+    was answered. The server holds every expert answer until both are in; a wave that never gets
+    there is released by the fallback, which fails the test."""
+    from loopback_llm import ScriptedLLM, write_pool
+
+    from orchestra import Orchestra, Pool
+    from orchestra.models import http
+    from orchestra.store import RunStore
+
+    monkeypatch.setattr(http, "PROBE_WAIT_SECONDS", 60.0)  # (held back, a waiter would miss the fallback)
+    scripted = ScriptedLLM()
+    inner = scripted.handler()
+    phase = {"resumed": False, "fallback": False}
+    experts: list[str] = []
+    both_in: asyncio.Event | None = None
+
+    async def handler(request: LoopbackRequest) -> Reply:
+        nonlocal both_in
+        if "Your assignment:" in request.prompt:
+            if not phase["resumed"]:
+                return Reply(hang=True)  # the first run is stopped with its experts in flight
+            both_in = both_in or asyncio.Event()
+            experts.append(request.prompt)
+            if len(experts) == 2:
+                both_in.set()
+            try:
+                await asyncio.wait_for(both_in.wait(), 5)  # (within the pool's 10 s timeout)
+            except asyncio.TimeoutError:
+                phase["fallback"] = True
+        return await inner(request)
+
+    server = loopback(handler)
+    pool_file = write_pool(tmp_path, server.url)
+
+    async def stopped() -> None:
+        orc = Orchestra(Pool.load(pool_file), store=RunStore(tmp_path / "runs.db"), plan=False, k=2)
+        task = asyncio.ensure_future(orc.arun("Write a short report", run_id="r1"))
+        while sum("Your assignment:" in r.prompt for r in server.requests) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await orc.aclose()
+
+    async def resumed() -> str:
+        orc = Orchestra(Pool.load(pool_file), store=RunStore(tmp_path / "runs.db"))  # fresh endpoints
+        try:
+            return (await orc.aresume("r1")).answer
+        finally:
+            await orc.aclose()
+
+    asyncio.run(stopped())
+    phase["resumed"] = True
+    answer = asyncio.run(resumed())
+    assert "The answer is 42" in answer
+    assert len(experts) == 2 and not phase["fallback"]  # the wave's two requests were in flight together

@@ -229,6 +229,9 @@ class ModelBase(abc.ABC):
     async def aclose(self) -> None:
         """Release what the model holds open (an endpoint's connections); nothing by default."""
 
+    def replayed(self, request: ChatRequest) -> None:
+        """A run's recorded answer to ``request`` was replayed instead of sent; nothing by default."""
+
     async def __aenter__(self: _M) -> _M:
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import copy
 import email.utils
@@ -44,8 +45,9 @@ from orchestra.models.transport import (
     Headers,
     Transport,
     TransportFactory,
+    is_event_stream,
 )
-from orchestra.models.types import Usage
+from orchestra.models.types import ChatRequest, Usage
 from orchestra.terminal_text import counted
 
 DEFAULT_MAX_CONCURRENCY = 16
@@ -510,7 +512,8 @@ class Endpoint:
             raise RequestRejected(f"{url} refused the request for model {model} (HTTP {status}): "
                                   f"{_error_text(response, secret)}")
         try:
-            body = response.json() if not _is_event_stream(response) else {"events": server_sent_events(response.body)}
+            streamed = is_event_stream(response.headers)
+            body = {"events": server_sent_events(response.body)} if streamed else response.json()
         except ValueError:
             raise _not_json(response, url, status) from None
         except RecursionError:
@@ -524,7 +527,7 @@ def _not_json(response: Answer, url: str, status: int) -> BadResponse | _Retryab
     """The error of a success whose body is not JSON: retried when it is empty or JSON broken off (a
     proxy that cut the answer and its length alike), else at once, saying what came (a web page:
     base_url is not the API's)."""
-    if _is_event_stream(response):
+    if is_event_stream(response.headers):
         if not response.body.endswith((b"\n", b"\r")):  # (cut inside its last event, as a body cut short)
             return _Retryable(ConnectionBroke(f"{url} ended its stream inside an event (HTTP {status})"))
         return BadResponse(f"{url} answered HTTP {status} with a server-sent event that is not JSON")
@@ -582,10 +585,6 @@ async def _closes_with_loop(transport: Transport) -> AsyncGenerator[None, None]:
         yield
     finally:
         await transport.aclose()
-
-
-def _is_event_stream(response: Answer) -> bool:
-    return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
 def server_sent_events(body: bytes) -> list[Any]:
@@ -705,6 +704,16 @@ class EndpointModel(ModelBase):
     async def aclose(self) -> None:
         """Close the endpoint's connections in this event loop."""
         await self.endpoint.aclose()
+
+    def replayed(self, request: ChatRequest) -> None:
+        """The server answered ``request`` before (a resumed run's recorded call): the optional features
+        it carried need no probe now (a resume's first wave went out one request alone, the others when
+        it was answered, where a fresh run's planner call had found them out unseen)."""
+        self.endpoint.capabilities.answered(self._payload(request, self.endpoint.capabilities))
+
+    @abc.abstractmethod
+    def _payload(self, request: ChatRequest, capabilities: Capabilities) -> dict[str, Any]:
+        """The request body, using only the features the server has not refused."""
 
     @property
     def fan_out(self) -> int:

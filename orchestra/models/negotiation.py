@@ -27,6 +27,9 @@ OPTIONAL_FIELDS: Mapping[str, tuple[str, ...]] = {
     "tool_choice": ("tool_choice", "tool choice"),
     "tools": ("tools",),
 }
+#: Fields whose kind a backend chooses by what the server refused (a ``response_format`` mode, a forced
+#: tool call or none): a request built anew may carry another kind than the one first sent.
+CHOSEN_FIELDS = frozenset({"response_format", "tools", "tool_choice"})
 #: Statuses that are about something else: credentials, an unknown route or model, a timeout, a rate limit.
 NOT_ABOUT_A_FIELD = frozenset({401, 403, 404, 408, 429})
 
@@ -95,6 +98,12 @@ class Capabilities:
     def accept(self, payload: Mapping[str, Any]) -> None:
         """Every feature of ``payload`` worked."""
         self.accepted.update(features_of(payload))
+
+    def answered(self, payload: Mapping[str, Any]) -> None:
+        """A request like ``payload`` was answered before (a run's recorded answer, its request built
+        anew): its features but those of ``CHOSEN_FIELDS`` worked (which kind of those it carried is
+        not known, so they are still tried)."""
+        self.accepted.update(feature for feature, field in features_of(payload).items() if field not in CHOSEN_FIELDS)
 
     def allows(self, feature: str) -> bool:
         """Whether requests may use ``feature`` (it was not refused)."""
