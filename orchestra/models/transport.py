@@ -86,6 +86,7 @@ Chunks = Callable[[bytes], bool | None] | None
 read whole), or None; it returns True once the answer is whole (the rest of the body is not waited
 for: a server may hold a stream open after its end)."""
 
+
 def is_event_stream(headers: Mapping[str, str]) -> bool:
     """Whether an answer is server-sent events (``text/event-stream``)."""
     return headers.get("content-type", "").startswith("text/event-stream")
