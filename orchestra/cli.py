@@ -1152,7 +1152,7 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
     exit 1 if a run did not finish."""
     from rich.table import Table
 
-    from orchestra.frontier import frontier_html
+    from orchestra.frontier import calls_shown, failed_calls_warning, frontier_html
     from orchestra.view import terminal
 
     if plot is not None:
@@ -1172,7 +1172,7 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
             per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)
             accuracy = f"{p.accuracy:.3f}" + (f" ({p.items - p.failed} of {p.items} finished)" if p.failed else "")
             method = p.method + (f" (cut off after {p.items} items)" if p.interrupted else "")
-            rows.append((method, accuracy, usd_exact(p.cost_usd), per_correct, str(p.calls), str(p.saved_calls),
+            rows.append((method, accuracy, usd_exact(p.cost_usd), per_correct, calls_shown(p), str(p.saved_calls),
                          "●" if p.on_frontier else ""))
         for column in ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier"):
             table.add_column(column, justify="left" if column == "method" else "right")
@@ -1185,6 +1185,9 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
         (terminal(width=wide) if wide > console.width else console).print(table)
         if plot is not None:
             click.echo(f"wrote the frontier to {plot}")
+    lost = failed_calls_warning(points)
+    if lost:  # (a point that lost calls to a failing endpoint read as the method's own, exit 0)
+        warnings.warn(lost, UserWarning, stacklevel=2)
     unfinished = [p for p in points if p.failed]
     if unfinished and not interrupted:
         first = unfinished[0]

@@ -49,6 +49,10 @@ class SweepPoint:
     interrupted: bool = False
     """Its evaluation was cut off (Ctrl-C): what its finished items scored and what it spent, not a point
     of the frontier."""
+    failed_calls: int = 0
+    """Calls that failed after their retries: the point's accuracy is not the method's own."""
+    failed_by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Of ``failed_calls``, per model: ``{"calls": N, "first_error": "..."}``."""
 
     @classmethod
     def of(cls, report: EvalReport, method: str, cost_lambda: float | None) -> SweepPoint:
@@ -58,7 +62,8 @@ class SweepPoint:
                    cost_per_correct_usd=report.cost_per_correct_usd, calls=report.calls,
                    saved_calls=report.saved_calls, items=report.items, failed=report.failed,
                    requests=report.requests, per_category=report.per_category,
-                   budget_exceeded=report.budget_exceeded, failure_exit=report.failure_exit)
+                   budget_exceeded=report.budget_exceeded, failure_exit=report.failure_exit,
+                   failed_calls=report.failed_calls, failed_by_model=report.failed_by_model)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -130,6 +135,28 @@ async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[fl
     return points
 
 
+def calls_shown(point: SweepPoint) -> str:
+    """A point's calls, with how many failed (``12 (3 failed)``)."""
+    return f"{point.calls} ({point.failed_calls} failed)" if point.failed_calls else str(point.calls)
+
+
+def failed_calls_warning(points: Sequence[SweepPoint]) -> str | None:
+    """The line saying which points lost calls after their retries, and to which models; None if none."""
+    hit = [point for point in points if point.failed_calls]
+    if not hit:
+        return None
+    by_model: dict[str, int] = {}
+    for point in hit:
+        for model, failed in point.failed_by_model.items():
+            by_model[model] = by_model.get(model, 0) + failed["calls"]
+    calls = sum(point.failed_calls for point in hit)
+    points_text = ", ".join(f"{point.method} {point.failed_calls}" for point in hit)
+    models = ", ".join(f"{model} {count}" for model, count in by_model.items())
+    return (f"{calls} call{'s' if calls != 1 else ''} failed after their retries in {len(hit)} of {len(points)} "
+            f"points ({points_text}; by model: {models}): their accuracy is not the methods' own; fix those "
+            "endpoints and sweep again")
+
+
 def frontier_html(points: Sequence[SweepPoint], title: str) -> str:
     """A self-contained HTML page: accuracy against cost per item (log scale), the frontier drawn
     through its points, and the table."""
@@ -173,7 +200,7 @@ def frontier_html(points: Sequence[SweepPoint], title: str) -> str:
         per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)
         row = ' class="frontier"' if p.on_frontier else ""
         rows.append(f"<tr{row}><td>{html.escape(p.method)}</td><td>{p.accuracy:.3f}</td><td>{usd_exact(p.cost_usd)}</td>"
-                    f"<td>{usd_exact(p.cost_per_item_usd)}</td><td>{per_correct}</td><td>{p.calls}</td>"
+                    f"<td>{usd_exact(p.cost_per_item_usd)}</td><td>{per_correct}</td><td>{calls_shown(p)}</td>"
                     f"<td>{p.saved_calls}</td><td>{'yes' if p.on_frontier else ''}</td></tr>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

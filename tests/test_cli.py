@@ -905,6 +905,37 @@ def test_eval_names_the_model_whose_endpoint_began_failing_and_warns_of_the_accu
                      r"internal error\) │", shown), shown
 
 
+def test_a_sweep_says_which_points_lost_calls_to_a_failing_endpoint(loopback, tmp_path: Path) -> None:
+    """Every point of a sweep read `failed: 0` (unfinished runs) while an endpoint answered HTTP 500: no point
+    had its failed calls, no warning came, and exit 0 (a trial: 25 of 473 requests failed)."""
+    scripted = ScriptedLLM()
+
+    def text(request: Any) -> Any:
+        if (request.json() or {}).get("model") == "beta" and KEYWORDS_MARK not in request.prompt:
+            scripted.kinds["refused"] += 1
+            return error_reply(503, "overloaded")
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n' for i in range(2)))
+    argv = ("eval", "--pool", str(pool), "--data", str(data), "--sweep", "--lambdas", "0", "--no-store")
+    done = cli(*argv, "--json")
+    points = json.loads(done.stdout)["points"]
+    hit = [p for p in points if p["failed_calls"]]
+    assert done.returncode == 0 and hit and all(p["failed"] == 0 for p in points), done.stderr
+    assert all(p["failed_by_model"].keys() == {"beta"} for p in hit), hit
+    assert sum(p["failed_calls"] for p in points) * 2 == scripted.kinds["refused"]  # (2 attempts a call)
+    listed = ", ".join(f"{p['method']} {p['failed_calls']}" for p in hit)
+    total = sum(p["failed_calls"] for p in hit)
+    assert (f"warning: {total} calls failed after their retries in {len(hit)} of {len(points)} points ({listed}; "
+            f"by model: beta {total}): their accuracy is not the methods' own") in done.stderr, done.stderr
+    shown = cli(*argv, env={"COLUMNS": "300"})
+    assert re.search(rf"│ {re.escape(hit[0]['method'])} .*│ +{hit[0]['calls']} \({hit[0]['failed_calls']} failed\) │",
+                     shown.stdout), shown.stdout
+
+
 @pytest.mark.parametrize("as_json", [True, False])
 def test_ctrl_c_during_eval_prints_the_items_finished_so_far(loopback, tmp_path: Path, as_json: bool) -> None:
     import signal
