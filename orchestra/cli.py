@@ -284,19 +284,26 @@ def setting_option(path: str, flag: str | None = None, *, help: str | None = Non
     return decorate
 
 
-def _budget_flags(whose: str) -> Callable[[F], F]:
-    """--max-calls, --max-cost, --max-tokens: the budget of ``whose`` runs, their defaults said."""
+def _budget_flags(whose: str, *, bounded: bool = True) -> Callable[[F], F]:
+    """--max-calls, --max-cost, --max-tokens: the budget of ``whose`` runs, their defaults said (none
+    where ``bounded`` is false: what the flags leave out is not limited)."""
+    def default(limit: str) -> str:
+        return f"default {limit}" if bounded else "default: no limit"
+
     def decorate(fn: F) -> F:
         fn = setting_option("budget.max_tokens", "--max-tokens",
-                            help=f"Token budget for {whose} (default 1,000,000).")(fn)
-        fn = setting_option("budget.max_cost_usd", "--max-cost", help=f"USD budget for {whose} (default $1).")(fn)
-        return setting_option("budget.max_calls", "--max-calls", help=f"Call budget for {whose} (default 500).")(fn)
+                            help=f"Token budget for {whose} ({default('1,000,000')}).")(fn)
+        fn = setting_option("budget.max_cost_usd", "--max-cost", help=f"USD budget for {whose} ({default('$1')}).")(fn)
+        return setting_option("budget.max_calls", "--max-calls",
+                              help=f"Call budget for {whose} ({default('500')}).")(fn)
     return decorate
 
 
 budget_options = _budget_flags("the run (of a data set, eval's or a workflow's: for all its items)")
 #: a server's: each request's run has its own budget, beside the server's --total-max-* ones
 request_budget_options = _budget_flags("each request's run")
+#: a profile's: the whole command's, unlimited unless given (its help said "the run ... (default 500)")
+profile_budget_options = _budget_flags("the whole profile", bounded=False)
 
 
 def settings_options(fn: F) -> F:
@@ -773,7 +780,7 @@ def agents(pool: Path | None, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Go on with an interrupted profile: answers recorded for the same "
                                             "calls are reused, only the rest are sent.")
 @store_options
-@budget_options
+@profile_budget_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_items: int | None, seed: int,
             merge_similarity: float | None, resume: bool, store_path: Path | None, no_store: bool,

@@ -1250,6 +1250,16 @@ def test_number_flags_show_their_type_and_bounds() -> None:
     assert "Experts per subtask. [1<=x<=64]" in shown
 
 
+def test_profile_help_says_its_budget_flags_bound_nothing_unless_given() -> None:
+    """profile's --help said "Call budget for the run (of a data set, eval's or a workflow's...) (default 500)",
+    the run commands' words: a profile has no default limit (a trial sent 840 calls, exit 0)."""
+    profile = " ".join(cli("profile", "--help").stdout.split())
+    for flag, what in (("--max-calls", "Call"), ("--max-cost", "USD"), ("--max-tokens", "Token")):
+        assert f"{flag} " in profile and f"{what} budget for the whole profile (default: no limit)" in profile, flag
+    assert "default 500" not in profile and "default $1" not in profile and "eval's" not in profile
+    assert "Call budget for the run (of a data set" in " ".join(cli("eval", "--help").stdout.split())
+
+
 def test_a_cost_budget_names_the_models_it_cannot_bound(llm, tmp_path: Path) -> None:
     """--max-cost on models with no price did nothing and said nothing (their calls cost $0 here)."""
     pool = write_pool(tmp_path, llm.server.url, models=("alpha", "beta"))
