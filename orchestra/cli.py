@@ -16,7 +16,7 @@ import click
 from orchestra import __version__
 from orchestra.errors import ConfigError, OrchestraError, RunHeld, UserError
 from orchestra.hints import BUDGET_FLAGS, advise_store, command
-from orchestra.money import usd, usd_exact
+from orchestra.money import usd, usd_alike
 from orchestra.vocabulary import GRADER_NAMES, METHOD_NAMES
 
 if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `runs` start fast
@@ -1175,11 +1175,15 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
         table = Table(title=f"accuracy/cost frontier on {dataset.path} ({items} items)"
                             + (f": {interrupted}" if interrupted else ""))
         rows = []
-        for p in points:
-            per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)
+        # each column to the same decimals, its amounts set side by side
+        costs = usd_alike(*(p.cost_usd for p in points)) if points else []
+        per_corrects = usd_alike(*(p.cost_per_correct_usd or 0.0 for p in points)) if points else []
+        for p, cost, per_correct in zip(points, costs, per_corrects):
+            if p.cost_per_correct_usd is None:
+                per_correct = "-"
             accuracy = f"{p.accuracy:.3f}" + (f" ({p.items - p.failed} of {p.items} finished)" if p.failed else "")
             method = p.method + (f" (cut off after {p.items} items)" if p.interrupted else "")
-            rows.append((method, accuracy, usd_exact(p.cost_usd), per_correct, calls_shown(p), str(p.saved_calls),
+            rows.append((method, accuracy, cost, per_correct, calls_shown(p), str(p.saved_calls),
                          "●" if p.on_frontier else ""))
         for column in ("method", "accuracy", "cost", "per correct", "calls", "saved", "frontier"):
             table.add_column(column, justify="left" if column == "method" else "right")
@@ -1223,7 +1227,10 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right", overflow="fold")  # (an endpoint's URL whole, not cut to "…")
-    per_correct = "-" if report.cost_per_correct_usd is None else usd_exact(report.cost_per_correct_usd)
+    # (to the same decimals: `$0.00492` spent beside `$0.004299` per correct answer)
+    cost, per_correct = usd_alike(report.cost_usd, report.cost_per_correct_usd or 0.0)
+    if report.cost_per_correct_usd is None:
+        per_correct = "-"
     accuracy = f"{report.accuracy:.3f}"
     if report.failed:  # (a spent budget can leave every item unanswered: 0.000 alone reads as all wrong)
         accuracy += f" ({report.items - report.failed} of {report.items} finished; the rest count as wrong)"
@@ -1233,7 +1240,7 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           *([("answered from the cache (free)", f"{report.cache_hits} calls")]
                             if report.cache_hits else []),
                           ("requests", str(report.requests)),
-                          ("cost", usd_exact(report.cost_usd)),
+                          ("cost", cost),
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),
                           ("model loads", ", ".join(f"{k} x{v}" for k, v in report.model_loads.items()) or "-"),
                           ("calls saved by confident teams", str(report.saved_calls)),
@@ -1282,11 +1289,12 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
                                for r in records], indent=2))
         return
     rows = []
-    for record in records:
-        totals = store.run_totals(record.id)
+    every = [store.run_totals(record.id) for record in records]
+    costs = usd_alike(*(totals["cost_usd"] for totals in every)) if every else []  # (`$0.0001` beside `$0.000065`)
+    for record, totals, cost in zip(records, every, costs):
         rows.append((record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
                      str(totals["calls"]) + (f" ({totals['failed_calls']} failed)" if totals["failed_calls"] else ""),
-                     str(totals["requests"]), usd(totals['cost_usd']),
+                     str(totals["requests"]), cost,
                      (f"item {one_line(record.item)} · " if record.item else "") + " ".join(record.task.split())[:60]))
     # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
     # the task gives way on a narrow terminal (a data-set item's id comes first, so it stays)

@@ -638,6 +638,22 @@ def test_a_runs_cost_reads_alike_however_its_calls_costs_were_summed(tmp_path: P
     assert [r.usage.cost_usd for r in results] == [round(r.usage.cost_usd, 12) for r in results]
 
 
+def test_runs_lists_its_costs_to_the_same_decimals(tmp_path: Path) -> None:
+    """`orchestra runs` showed `$0.0001` beside `$0.000065` (a trial): amounts of one column read as
+    rounded differently; they are written to the decimals the most precise one needs."""
+    store = RunStore(tmp_path / "runs.db")
+    for price in (3.0, 1.5):  # (the runs cost about 0.00013 and 0.000065 dollars)
+        model = FunctionModel(lambda request: "The answer is 7.", name="m", prices=(price, 0.0))
+        Orchestra(Pool(agents=[Agent(name="a", model=model)]), store=store, k=1).run("What is 3 + 4?", plan=False)
+    listed = json.loads(cli("runs", "--store", str(tmp_path / "runs.db"), "--json").stdout)
+    costs = sorted(run["cost_usd"] for run in listed)
+    assert costs[0] < 0.0001 <= costs[1], costs  # (where `usd` writes 6 and 4 decimals)
+    shown = cli("runs", "--store", str(tmp_path / "runs.db"), env={"COLUMNS": "200"}).stdout
+    written = [cell for cell in shown.split() if cell.startswith("$")]
+    assert sorted(float(cell[1:]) for cell in written) == pytest.approx(costs), shown
+    assert len({len(cell.partition(".")[2]) for cell in written}) == 1, written
+
+
 def test_ask_show_and_runs_print_one_cost_for_a_run(loopback, tmp_path: Path) -> None:
     # (ask --json rounded to 8 places, show --json's totals were SQLite's sum, its calls each a
     # product of floats: 6.971e-05, 6.97125e-05, 4.6124999999999995e-06)

@@ -326,7 +326,9 @@ def test_a_sweep_table_in_80_columns_shows_every_number_whole(capsys, monkeypatc
     print_sweep(points, Dataset(items=(), path="examples/data/quiz.jsonl", sha256=""), 8, None, False)
     shown = capsys.readouterr().out
     assert "…" not in shown, shown
-    for whole in ("$0.000618", "$0.00007725", "$0.0000110357", "$0.000235", "$0.0000335086", "1234", "●"):
+    # (a column's amounts to the same decimals: `$0.000618` read as rounded beside `$0.00007725`)
+    for whole in ("$0.00061800", "$0.00007725", "$0.0000110357", "$0.00023456", "$0.0000335086", "$0.0000882857",
+                  "1234", "●"):
         assert whole in shown, (whole, shown)
     # unfinished and cut off: numbers sized to their cells left the method column no room at all
     points[0].failed, points[1].interrupted = 3, True
