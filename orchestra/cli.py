@@ -89,9 +89,14 @@ def shield_ray_shutdown() -> None:
     Ray's processes left running)."""
     ray = sys.modules.get("ray")
     if ray is not None and getattr(ray, "is_initialized", lambda: False)():
-        import signal
+        ignore_ctrl_c()
 
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+def ignore_ctrl_c() -> None:
+    """Ctrl-C is ignored from here on, while the process finishes what it decided and exits."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class SettingsCommand(click.Command):
@@ -576,6 +581,9 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool, summar
     from orchestra.hints import run_error
     from orchestra.view import print_result, terminal
 
+    # the outcome is decided: printed whole, then its exit code (a Ctrl-C as the run finished printed a done
+    # result, then `error: interrupted` and exit 130, or died by SIGINT as the process exited)
+    ignore_ctrl_c()
     stored = not opts.get("no_store")
     if opts["as_json"]:
         echo_json(result.dumps())
@@ -1448,6 +1456,7 @@ def chat(pool: Path | None, **opts: Any) -> None:
     refuse_unused_recruiting(opts, orc.settings.mode, pool=orc.pool)
     # (piped, its lines are written whole, as ask's are: wrapped at 80 columns, `orchestra resume ID` was split in two)
     ChatSession(orc, console=terminal(soft_wrap=not sys.stdout.isatty()), interactive=sys.stdin.isatty()).loop()
+    ignore_ctrl_c()  # (the session said "bye": a SIGINT as the process exited ended it by that signal)
 
 
 @main.command()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import difflib
 import json
+import math
 import os
 import re
 import secrets
@@ -157,31 +158,46 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
     are seen even while every task waits on a socket. A second Ctrl-C ends the process at once
     (``escape``); with ``stopping`` (a session that goes on: chat), it is told of the first Ctrl-C
     (``stopping(False)``) and the second (``stopping(True)``), and only a third ends the process (a
-    second press while a model load finished its step ended the whole chat).
+    second press while a model load finished its step ended the whole chat). A SIGINT within
+    ``SAME_INTERRUPT_S`` of the latest interrupt, this call's or an earlier one's, is that interrupt again.
     """
     interrupted = terminated = False
-    first = 0.0  # when the first signal came (monotonic seconds)
     presses = 0
     #: signals the process was started deaf to (a shell runs `cmd &` with SIGINT ignored): left alone
     deaf = {stop for stop in _STOPS if signal.getsignal(stop) is signal.SIG_IGN}  # (nohup: deaf to SIGHUP)
+
+    def closing(*_: Any) -> None:
+        """SIGINT once the work has ended, as the loop closes and until the caller has said what was kept:
+        a first is kept as an interrupt (the work's outcome stands), the same one again is ignored, and a
+        second Ctrl-C ends the process at once, but in a session that goes on (it says when Ctrl-C is its own)."""
+        nonlocal interrupted
+        global _interrupted_at
+        if not interrupted:
+            interrupted, _interrupted_at = True, time.monotonic()
+        elif stopping is None:
+            _interrupted_again()
 
     async def main() -> T:
         work = asyncio.ensure_future(coro)
 
         def interrupt(stop: signal.Signals) -> None:
-            nonlocal interrupted, terminated, first, presses
+            nonlocal interrupted, terminated, presses
+            global _interrupted_at
             now = time.monotonic()
+            if stop == signal.SIGINT and now - _interrupted_at < SAME_INTERRUPT_S:
+                # the same interrupt again: `timeout -s INT` sends the signal to the command and again to its
+                # process group (the second came as a chat's next task ran, and cancelled it)
+                return
             if interrupted:
                 # a second Ctrl-C stops waiting (for a model load, a worker thread) at once; a second
-                # SIGTERM, or a SIGINT within SAME_INTERRUPT_S of the first, is the same interrupt:
-                # `timeout -s INT` sends the signal to the command and again to its process group
-                if stop == signal.SIGINT and now - first >= SAME_INTERRUPT_S:
+                # SIGTERM is the same interrupt
+                if stop == signal.SIGINT:
                     presses += 1
                     if stopping is None or presses > 1:
                         escape()
                     stopping(True)
                 return
-            interrupted, terminated, first = True, stop != signal.SIGINT, now
+            interrupted, terminated, _interrupted_at = True, stop != signal.SIGINT, now
             if stopping is not None:
                 stopping(False)
             work.cancel()
@@ -199,15 +215,16 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
         finally:
             if interrupted:
                 await _drain()
-            if interrupted and signal.SIGINT not in deaf:
+            if signal.SIGINT not in deaf:
                 # until the caller has said what was kept (a report, the line saying how to go on), a
                 # duplicate SIGINT is still this one and a second Ctrl-C ends the process at once: the
                 # loop's handler gave way to Python's as the loop closed, and a second press lost the
-                # report in a KeyboardInterrupt, or a traceback (``interrupts_as_usual`` ends this)
+                # report in a KeyboardInterrupt, or a traceback; one that came as the loop shut down after
+                # the work ended had its duplicate raise there (``ask --json`` printed a done result, then
+                # died by SIGINT)
                 with contextlib.suppress(RuntimeError, ValueError):
                     loop.remove_signal_handler(signal.SIGINT)
-                    signal.signal(signal.SIGINT, partial(_interrupted_again, first) if stopping is None
-                                  else signal.SIG_IGN)  # (a session that goes on says when Ctrl-C is its own)
+                    signal.signal(signal.SIGINT, closing)
 
     try:
         result = asyncio.run(main())
@@ -222,24 +239,37 @@ def run_interruptibly(coro: Coroutine[Any, Any, T], *, stopping: Callable[[bool]
             interrupts_as_usual()  # (a Ctrl-C as the work ended, which it did on its own: the session's Ctrl-C again)
         return result
     finally:
+        if not interrupted and signal.getsignal(signal.SIGINT) is closing:
+            interrupts_as_usual()  # (as the loop's closing left it, but for a duplicate of an earlier interrupt)
         if terminated:  # (the loop's handler is gone: a late second SIGTERM ended the process with 143)
             with contextlib.suppress(ValueError):
                 for stop in set(_STOPS) - {signal.SIGINT} - deaf:
                     signal.signal(stop, signal.SIG_IGN)
 
 
-def _interrupted_again(first: float, *_: Any) -> None:
+#: when the latest interrupt came (monotonic seconds): a SIGINT within ``SAME_INTERRUPT_S`` of it is that one again
+_interrupted_at = -math.inf
+
+
+def _interrupted_again(*_: Any) -> None:
     """SIGINT after an interrupt ended the work: the same one within ``SAME_INTERRUPT_S``, else a
     second Ctrl-C (``escape``)."""
-    if time.monotonic() - first >= SAME_INTERRUPT_S:
+    if time.monotonic() - _interrupted_at >= SAME_INTERRUPT_S:
         escape()
+
+
+def _as_usual(*_: Any) -> None:
+    """SIGINT as Python takes it (``KeyboardInterrupt``), but for the latest interrupt's duplicate."""
+    if time.monotonic() - _interrupted_at >= SAME_INTERRUPT_S:
+        raise KeyboardInterrupt
 
 
 def interrupts_as_usual() -> None:
     """Ctrl-C raises ``KeyboardInterrupt`` again (after ``run_interruptibly`` was interrupted, for
-    a caller that goes on, as chat does)."""
+    a caller that goes on, as chat does); a duplicate of the interrupt that stopped the work does not
+    (``timeout -s INT`` sends two: the second cancelled a chat's next task, or ended it after its "bye")."""
     with contextlib.suppress(ValueError):  # (not the main thread: never changed)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _as_usual)
 
 
 def escape() -> NoReturn:

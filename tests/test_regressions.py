@@ -456,6 +456,7 @@ except KeyboardInterrupt:
     time.sleep(0.01)
     print("printed whole", flush=True)
 interrupts_as_usual()  # (chat goes on: its next Ctrl-C is the user's own)
+core.SAME_INTERRUPT_S = 0.0  # (a press of its own, not the interrupt's duplicate)
 try:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(1)
@@ -485,3 +486,57 @@ def test_ctrl_c_around_the_loops_shutdown_is_handled(script: str, expected: str)
 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.stdout.strip(), done.stderr) == (expected, ""), done.stderr
+
+
+_ASK_CTRL_C_AS_IT_FINISHES = """
+import asyncio, os, signal, sys
+from orchestra import Agent, Pool, agents, cli, core
+from orchestra.testing import FunctionModel
+
+core.SAME_INTERRUPT_S = float(sys.argv[1])  # 3600: the SIGINT again is the same one; 0: a second press
+again = sys.argv[2]  # where it comes: as the result is printed, or once the command returned, as it exits
+pool = Pool(agents=[Agent(name="solo", model=FunctionModel(lambda request: "4", name="m"))])
+agents.Pool.load = classmethod(lambda cls, *args, **kwargs: pool)
+arun = core.Orchestra.arun
+
+def interrupt() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+async def finishing(self, *args, **kwargs):
+    result = await arun(self, *args, **kwargs)
+
+    async def closes_late():  # (an endpoint's connection closes so, as asyncio.run shuts the loop down)
+        try:
+            yield
+        finally:
+            interrupt()  # the first Ctrl-C comes as the run finishes
+    held = closes_late()
+    await held.__anext__()
+    return result
+
+core.Orchestra.arun = finishing
+echo_json = cli.echo_json
+
+def printed(text: str) -> None:
+    echo_json(text)
+    interrupt()
+
+if again == "printed":
+    cli.echo_json = printed
+else:
+    cli.shield_ray_shutdown = interrupt
+cli.main(["ask", "What is 2+2?", "--no-plan", "--json", "--no-store"])
+"""
+
+
+@pytest.mark.parametrize("same_s, again", [(3600.0, "printed"), (0.0, "printed"), (3600.0, "exiting")])
+def test_ask_json_interrupted_as_it_finishes_prints_one_outcome(same_s: float, again: str) -> None:
+    """A SIGINT as `ask --json` finished (while the loop shut down), then again (`timeout -s INT` sends it twice)
+    or pressed again: it printed the done result, then `error: interrupted` and exit 130, or died by SIGINT."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _ASK_CTRL_C_AS_IT_FINISHES, str(same_s), again],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert json.loads(done.stdout)["status"] == "done"

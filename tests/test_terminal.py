@@ -406,7 +406,13 @@ try:
     result = core.run_interruptibly(finishing(), stopping=said.append)
 except KeyboardInterrupt:
     result = "interrupted"
-print(result, said, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+core.SAME_INTERRUPT_S = 0.0  # (the next press is the user's own, not that Ctrl-C's duplicate)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    heard = False
+except KeyboardInterrupt:
+    heard = True
+print(result, said, heard)
 """
 
 
@@ -452,3 +458,55 @@ def test_a_ctrl_c_as_the_live_view_closes_does_not_leave_it_drawing() -> None:
     done = subprocess.run([sys.executable, "-c", _CTRL_C_AS_THE_VIEW_CLOSES], capture_output=True, text=True,
                           timeout=60)
     assert done.stdout == "stopped\n" and done.stderr.rstrip().endswith("KeyboardInterrupt"), done.stderr
+
+
+_PIPED_CHAT_SIGINT_TWICE = """
+import asyncio, os, signal, sys
+from orchestra import Agent, Pool, agents, cli, core
+from orchestra.settings import Settings
+from orchestra.testing import FunctionModel
+
+core.SAME_INTERRUPT_S = float(sys.argv[2])  # 3600: the SIGINT again is the same one; 0: a press of its own
+again = sys.argv[1]  # where it comes: as the next task is planned, or after the session said "bye"
+
+held = []
+
+def interrupt() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+async def expert(request):
+    if "first question" in request.prompt_text():
+        if not held:  # (once: its three experts are asked together)
+            interrupt()  # `timeout -s INT` (or a Ctrl-C) as the first task runs
+        held.append(request)
+        await asyncio.Event().wait()
+    return "The answer is 1"
+
+def planner(request):
+    if again == "next" and "second question" in request.prompt_text():
+        interrupt()  # the same SIGINT again
+    if KEYWORDS_MARK in request.prompt_text():
+        return {"keywords": ["general"]}
+    return {"subtasks": [{"id": "answer", "instruction": "answer it", "depends_on": [], "skills": ["general"]}]}
+
+pool = Pool(agents=[Agent(name="solo", model=FunctionModel(expert, name="m"))],
+            planner=FunctionModel(planner, name="planner"), settings=Settings(fast_path=False, plan_check=False))
+agents.Pool.load = classmethod(lambda cls, *args, **kwargs: pool)
+if again == "bye":
+    cli.shield_ray_shutdown = interrupt  # (as the command has returned: the process exits)
+cli.main(["chat", "--no-store"])
+""".replace("KEYWORDS_MARK", repr(KEYWORDS_MARK))
+
+
+@pytest.mark.parametrize("again, same_s", [("next", 3600.0), ("bye", 3600.0), ("bye", 0.0)])
+def test_a_piped_chat_takes_a_sigint_sent_twice_as_one_interrupt(again: str, same_s: float) -> None:
+    """`timeout -s INT` sends SIGINT to the command and to its group: in a piped chat the second, once the
+    cancelled task had said what it kept, cancelled the next task (its plan's prompt then read the "a" meant for
+    it as a task), or, after "bye", ended the process by SIGINT (so did a press of its own there)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _PIPED_CHAT_SIGINT_TWICE, again, str(same_s)], capture_output=True,
+                          text=True, timeout=60, input="first question\na\nsecond question\na\n")
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.stdout.count("planning…") == 2 and "\ncancelled" not in done.stdout, done.stdout
+    assert "task cancelled" in done.stdout and "The answer is 1" in done.stdout and done.stdout.endswith("> bye\n")
