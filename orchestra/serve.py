@@ -39,6 +39,7 @@ from orchestra.collector import paced_for_streams
 from orchestra.core import Orchestra, check_task, new_run_id
 from orchestra.errors import ConfigError
 from orchestra.events import UNSYNTHESIZED, VOTED_INSTEAD, Event
+from orchestra.grading import without_reasoning
 from orchestra.hints import BUDGET_FLAGS, command
 from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import (
@@ -53,6 +54,7 @@ from orchestra.openai_wire import (
     stopped,
 )
 from orchestra.pipeline.scheduler import NodeSettings
+from orchestra.prompts import MAX_TASK_CHARS
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, Settings
 from orchestra.store import RunStore
@@ -212,11 +214,15 @@ class Server:
         return JSONResponse(served.card(self.created))
 
     async def health(self, request: Request) -> Response:
-        """``GET /health``: 200 while serving, 503 once shutting down (no authentication, no details
-        beyond the runs in flight and the requests waiting for the server's budget to admit theirs)."""
+        """``GET /health``: 200 while serving; 503 once the server's budget is spent (every request
+        is refused: a load balancer should send them elsewhere) or it is shutting down (no
+        authentication, no details beyond the runs in flight and the requests waiting for the
+        server's budget to admit theirs)."""
         if self.closing:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        return JSONResponse({"status": "ok", "runs_in_flight": len(self.runs), "requests_waiting": self.waiting})
+        spent = self.shared is not None and self.shared.reached() is not None
+        return JSONResponse({"status": "budget spent" if spent else "ok", "runs_in_flight": len(self.runs),
+                             "requests_waiting": self.waiting}, status_code=503 if spent else 200)
 
     # --- requests --------------------------------------------------------------------------
 
@@ -344,6 +350,10 @@ class Server:
                        "node_settings": {"answer": NodeSettings(agent=served.agent)}}
         if completion.settings.get("k", 0) > MAX_K:
             raise bad_request(f"'k' must be at most {MAX_K}", "k")
+        if len(completion.task) > MAX_TASK_CHARS:  # (check_task's words name the planner, which an agent lacks)
+            raise WireError(400, f"the last message (the task) is {len(completion.task):,} characters; a request's "
+                            f"run takes at most {MAX_TASK_CHARS:,}: shorten it", param="messages",
+                            code="context_length_exceeded")
         try:
             check_task(completion.task)
             overrides = served.settings.layered(completion.settings).changes()
@@ -405,7 +415,7 @@ class Server:
                     return
                 result = _stopped(run.result(), completion)
                 if feed.rewritten(result.answer or ""):  # what was streamed is not its beginning: say so, not "stop"
-                    yield sse(_diverged(result, self.stored))
+                    yield sse(_diverged(result, self.stored, feed.retried))
                     return
                 for chunk in writer.content(feed.rest(result.answer or "")):
                     yield chunk
@@ -454,10 +464,11 @@ class Feed:
     and the answer's text as the call that writes it streams.
 
     Only text that the finished answer will begin with is relayed: leading and trailing
-    whitespace and a leading ``<think>`` section wait (the answer is stored without them), and
-    once the text so far stops extending what was sent (a retried request that wrote otherwise),
-    relaying stops. A retry's text that is still a beginning of what was sent is waited on: relaying
-    goes on once it extends what was sent (a seeded retry writes the same text again).
+    whitespace and leading ``<think>`` sections wait (the answer is stored without them, see
+    ``without_reasoning``), and once the text so far stops extending what was sent (a retried
+    request that wrote otherwise), relaying stops. A retry's text that is still a beginning of what
+    was sent is waited on: relaying goes on once it extends what was sent (a seeded retry writes
+    the same text again).
     """
 
     def __init__(self, progress: bool, stop: tuple[str, ...] = ()) -> None:
@@ -469,9 +480,13 @@ class Feed:
         self.first = asyncio.Event()
         self.sent = ""
         self.diverged = False
+        self.said = ""  # the text so far as last given
+        self.retried = False  # whether the text so far once started again (a retried request)
 
     def text(self, so_far: str) -> None:
         """The answer-writing call's text so far."""
+        self.retried = self.retried or not so_far.startswith(self.said)
+        self.said = so_far
         visible = _visible(so_far)
         if self.stop:  # up to a stop sequence, or short of the end where one may be starting
             cut = stopped(visible, self.stop)
@@ -495,14 +510,10 @@ class Feed:
 
 
 def _visible(text: str) -> str:
-    """The part of a streaming answer the finished one will begin with (see ``strip_reasoning``)."""
-    text = text.lstrip()
-    lowered = text.lower()
-    if "</think>" in lowered:
-        text = text[lowered.rindex("</think>") + len("</think>"):].lstrip()
-    elif lowered.startswith("<think>") or "<think>".startswith(lowered):
-        return ""
-    return text.rstrip()
+    """The part of a streaming answer the finished one will begin with (see ``without_reasoning``):
+    nothing while it may still be opening, or is inside, a leading ``<think>`` section."""
+    text = without_reasoning(text)
+    return "" if "<think>".startswith(text[:7].lower()) else text
 
 
 async def _client_left(request: Request, run: asyncio.Task[RunResult] | None, event: asyncio.Event | None) -> bool:
@@ -571,10 +582,10 @@ def _cancelled(run: asyncio.Task[RunResult], stored: bool) -> WireError:
     return WireError(503, f"the server is shutting down and cancelled run {run_id}; {then}")
 
 
-def _diverged(result: RunResult, stored: bool) -> dict[str, Any]:
+def _diverged(result: RunResult, stored: bool, retried: bool) -> dict[str, Any]:
     """The last event of a stream whose text the answer does not begin with (the call writing it
-    broke off mid-stream and its retry wrote otherwise): an error naming the run, the whole answer
-    beside it (``answer``), since a stream cannot take back the text it sent."""
+    broke off mid-stream and its retry wrote otherwise, when ``retried``): an error naming the run,
+    the whole answer beside it (``answer``), since a stream cannot take back the text it sent."""
     stored_too = f" and in run {result.run_id} ({command('show', result.run_id)})" if stored else ""
     voted = any(line.endswith(VOTED_INSTEAD) for node in result.plan.nodes if node.recruitment
                 for line in node.recruitment.get("explanation", ()))  # (its aggregator failed as it streamed)
@@ -582,8 +593,10 @@ def _diverged(result: RunResult, stored: bool) -> dict[str, Any]:
         why = "the aggregator writing the answer failed mid-stream and a vote of the experts answered instead"
     elif UNSYNTHESIZED in (result.error or ""):
         why = f"the final synthesis failed mid-stream and {UNSYNTHESIZED}"
-    else:
+    elif retried:
         why = "the call writing the answer broke off mid-stream and its retry wrote another answer"
+    else:
+        why = "the answer was finished otherwise than its call streamed it"
     body = WireError(502, f"{why}, so the text streamed is not the answer; the answer is under 'answer' "
                           f"here{stored_too}", code="answer_rewritten").body()
     body["error"]["answer"] = result.answer

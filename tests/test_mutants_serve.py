@@ -115,11 +115,12 @@ def test_a_stream_whose_final_synthesis_failed_says_the_answer_is_the_steps_outp
 
     result = RunResult(run_id="r", task="t", status="partial", answer="## a\n\nA\n\n## b\n\nB",
                        error=f"final aggregation: boom ({UNSYNTHESIZED})")
-    body = _diverged(result, False)["error"]
+    body = _diverged(result, False, True)["error"]
     assert body["message"].startswith(f"the final synthesis failed mid-stream and {UNSYNTHESIZED}, so the text")
     assert body["answer"] == result.answer
-    retried = _diverged(result.model_copy(update={"error": None, "status": "done"}), False)["error"]
-    assert retried["message"].startswith("the call writing the answer broke off mid-stream")
+    done = result.model_copy(update={"error": None, "status": "done"})
+    assert _diverged(done, False, True)["error"]["message"].startswith("the call writing the answer broke off mid")
+    assert "retry" not in _diverged(done, False, False)["error"]["message"]  # (none happened: none is said)
 
 
 def test_a_405_names_the_allowed_method_and_a_trailing_slash_is_the_same_path() -> None:

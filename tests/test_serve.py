@@ -54,6 +54,7 @@ class Experts:
         self.streamed = 0
         self.streams: list[list[str | None]] = []  # scripted streamed answers, in order (see scripted_stream)
         self.bill_prompts = False  # a plain answer bills its prompt's length (4 characters a token), not 10
+        self.answer = ["The answer", " is", " 42."]  # the aggregator's answer, in the pieces it streams in
 
     async def between(self, index: int) -> None:
         """After the first piece of a streamed answer, wait (if asked to) until a client has seen it."""
@@ -106,11 +107,11 @@ class Experts:
         if payload.get("stream") and self.streams:  # scripted: each stream's pieces, None where it breaks
             return scripted_stream(self.streams.pop(0))
         if payload.get("stream"):  # asked to stream: the answer in three pieces
-            return openai_stream_reply(["The answer", " is", " 42."], between=self.between, finish_reason=cut)
+            return openai_stream_reply(self.answer, between=self.between, finish_reason=cut)
         if cut == "length":
             return openai_reply(f"{model} says" if purpose == "expert" else "The answer is", finish_reason=cut)
         seed = payload.get("seed")
-        return openai_reply(f"{model} says 42 (seed {seed})" if purpose == "expert" else "The answer is 42.",
+        return openai_reply(f"{model} says 42 (seed {seed})" if purpose == "expert" else "".join(self.answer),
                             prompt_tokens=len(prompt) // 4 if self.bill_prompts else 10)
 
     def count(self, purpose: str) -> dict[str, int]:
@@ -228,10 +229,13 @@ def test_a_completion_is_a_run_whose_usage_is_what_the_experts_saw(serve: Any, t
     record = RunStore(tmp_path / "runs.db").run(completion.id)
     assert record.status == "done" and record.task == "How far does light travel in a nanosecond?"
     before = sum(experts.requests.values())
-    with pytest.raises(openai.BadRequestError) as long:  # within the body limit, but no prompt could hold it
-        client.chat.completions.create(model="orchestra", messages=[{"role": "user", "content": "x" * 600_000}])
-    assert long.value.body["message"] == ("the task is 600,000 characters; at most 500,000 fit Orchestra's prompts "
-                                          "(the planner's holds the task twice): shorten it")
+    for model in ("orchestra", "beta"):  # (an agent's too: it named the planner, which no agent's run has)
+        with pytest.raises(openai.BadRequestError) as long:  # within the body limit, but no prompt could hold it
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x" * 600_000}])
+        assert long.value.body == {  # (param and code were null, unlike every other message's 400)
+            "message": "the last message (the task) is 600,000 characters; a request's run takes at most 500,000: "
+                       "shorten it", "type": "invalid_request_error", "param": "messages",
+            "code": "context_length_exceeded"}
     assert sum(experts.requests.values()) == before and len(RunStore(tmp_path / "runs.db").runs()) == 1
 
 
@@ -634,6 +638,9 @@ def test_a_servers_budget_spent_to_its_limit_refuses_a_request_at_once(serve: An
         client.chat.completions.create(model="orchestra", messages=question)
     # refused as spent, before the admission is asked (it would say "no room for another run")
     assert spent.value.message.endswith(" - the server's budget max_calls=9 is spent (9 calls made)")
+    health = httpx.get(running.url + "/health")  # (it said "ok": a load balancer kept sending it requests)
+    assert (health.status_code, health.json()) == (503, {"status": "budget spent", "runs_in_flight": 0,
+                                                         "requests_waiting": 0})
     assert sum(experts.requests.values()) == 9 and len(RunStore(tmp_path / "runs.db").runs()) == 1
 
 
@@ -1069,6 +1076,29 @@ def test_a_stream_whose_retry_writes_the_same_text_goes_on_after_it(serve: Any) 
     assert experts.count("aggregate") == {"alpha": 2} and experts.streams == []
 
 
+@pytest.mark.parametrize("answer", [
+    ["Reasoning models close ", "their hidden part with the tag </think>", " and then answer."],
+    ["Okay, the user asks about the sky.", "\n</think>\n\n", "The sky is blue."],  # (R1's, its <think> prompted)
+    ["The tags are ", "<think> and </think>", ", in that order."],
+])
+def test_a_think_tag_after_the_answer_began_is_streamed_as_stored_and_answered_alike_unstreamed(
+        serve: Any, answer: list[str]) -> None:
+    """A ``</think>`` after text had gone out (a mention, or reasoning whose ``<think>`` the prompt
+    opened) made the stream look rewritten: it ended in a false `answer_rewritten` ("its retry
+    wrote another answer", with no retry), while the unstreamed answer dropped all before the tag."""
+    running, experts = serve()
+    experts.answer, experts.hold_stream = answer, True  # (the tag comes once the client has the first piece)
+    question = [{"role": "user", "content": "How do reasoning models mark their reasoning?"}]
+    received: list[str] = []
+    for chunk in running.client().chat.completions.create(model="orchestra", stream=True, messages=question):
+        if chunk.choices and chunk.choices[0].delta.content:
+            received.append(chunk.choices[0].delta.content)
+            experts.seen.set()
+    whole = running.client().chat.completions.create(model="orchestra", messages=question)
+    assert "".join(received) == whole.choices[0].message.content == "".join(answer).strip()
+    assert experts.count("aggregate") == {"alpha": 2}  # (one call each: no retry)
+
+
 def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
     async def relay(updates: list[str], answer: str) -> tuple[list[str], str]:
         feed = Feed(progress=False)
@@ -1089,6 +1119,11 @@ def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
     shorter = ["The sky", "The sky is", "The"]  # a retry that wrote a shorter answer than was sent
     assert asyncio.run(relay(shorter, "The end.")) == (["The sky", " is"], "(rewritten)")
     assert asyncio.run(relay(["  Hello ", "  Hello world  "], "Hello world")) == (["Hello", " world"], "")
+    twice = ["<think>a</think>", "<think>a</think> <think>b", "<think>a</think> <think>b</think>Hi"]
+    assert asyncio.run(relay(twice, "Hi")) == (["Hi"], "")  # leading sections, each waited on
+    mention = ["Close with ", "Close with </think>", "Close with </think> then answer"]
+    assert asyncio.run(relay(mention, "Close with </think> then answer")) == (
+        ["Close with", " </think>", " then answer"], "")
 
 
 def test_the_feed_holds_back_what_may_begin_a_stop_sequence_and_relays_nothing_past_one() -> None:
