@@ -18,27 +18,13 @@ _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 
 
 def strip_reasoning(text: str) -> str:
-    """Drop ``<think>...</think>`` blocks, and everything before a dangling ``</think>``: how graders
-    and aggregators read a response (an answer itself drops only leading ones: ``without_reasoning``)."""
+    """Drop ``<think>...</think>`` blocks, and everything before a dangling ``</think>``."""
     if "</" not in text:  # no closing tag: nothing to drop (most answers; this runs on each of them)
         return text.strip()
     text = _THINK.sub("", text)
     if "</think>" in text.lower():
         text = text[text.lower().rindex("</think>") + len("</think>"):]
     return text.strip()
-
-
-def without_reasoning(text: str) -> str:
-    """A model's text as an answer: its leading ``<think>...</think>`` sections dropped, nothing
-    else (``strip_reasoning`` reads more leniently, for grading). A ``</think>`` later in the text,
-    or one with no ``<think>`` before it, is the answer's own text: a stream has sent what comes
-    before it by then (the answer is stored as streamed); a model whose chat template opens the
-    ``<think>`` (R1 distills, QwQ) writes reasoning with no ``<think>``, which its server's
-    reasoning parser separates (vLLM's ``--reasoning-parser``, llama.cpp's ``--reasoning-format``)."""
-    text = text.strip()
-    while text[:7].lower() == "<think>" and "</think>" in text.lower():
-        text = text[text.lower().index("</think>") + len("</think>"):].lstrip()
-    return text
 
 
 def answer_text(text: str) -> str:

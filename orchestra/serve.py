@@ -39,7 +39,6 @@ from orchestra.collector import paced_for_streams
 from orchestra.core import Orchestra, check_task, new_run_id
 from orchestra.errors import ConfigError
 from orchestra.events import UNSYNTHESIZED, VOTED_INSTEAD, Event
-from orchestra.grading import without_reasoning
 from orchestra.hints import BUDGET_FLAGS, command
 from orchestra.models.types import estimate_tokens
 from orchestra.openai_wire import (
@@ -142,6 +141,9 @@ class Server:
         self.max_request_bytes = max_request_bytes
         self.created = int(time.time())
         self.closing = False
+        #: served models whose answers begin with reasoning ended by a bare ``</think>`` (their chat template
+        #: opens the ``<think>``): their streams wait for it, as their stored answers leave out what comes before it
+        self.reasoners: set[str] = set()
         self.runs: set[asyncio.Task[RunResult]] = set()
         self._feeds: dict[str, Feed] = {}
         orchestra.events.subscribe(self._on_event)
@@ -165,7 +167,8 @@ class Server:
             kind = self._measured_kind(*_kind(completion))
             if self.admission is not None and not await self._admitted(request, kind):
                 return Response(status_code=499)  # the client went away while its request waited
-            feed = Feed(completion.progress, completion.stop) if completion.stream else None
+            feed = (Feed(completion.progress, completion.stop, reasons=completion.model in self.reasoners)
+                    if completion.stream else None)
             run = self._start(completion, served, feed, kind)
         except WireError as error:
             return _error(error)
@@ -415,7 +418,9 @@ class Server:
                     return
                 result = _stopped(run.result(), completion)
                 if feed.rewritten(result.answer or ""):  # what was streamed is not its beginning: say so, not "stop"
-                    yield sse(_diverged(result, self.stored, feed.retried))
+                    if feed.reasoned:
+                        self.reasoners.add(completion.model)
+                    yield sse(_diverged(result, self.stored, feed))
                     return
                 for chunk in writer.content(feed.rest(result.answer or "")):
                     yield chunk
@@ -464,14 +469,15 @@ class Feed:
     and the answer's text as the call that writes it streams.
 
     Only text that the finished answer will begin with is relayed: leading and trailing
-    whitespace and leading ``<think>`` sections wait (the answer is stored without them, see
-    ``without_reasoning``), and once the text so far stops extending what was sent (a retried
-    request that wrote otherwise), relaying stops. A retry's text that is still a beginning of what
-    was sent is waited on: relaying goes on once it extends what was sent (a seeded retry writes
-    the same text again).
+    whitespace and a leading ``<think>`` section wait (the answer is stored without them), and
+    once the text so far stops extending what was sent (a retried request that wrote otherwise, or
+    a bare ``</think>`` ending reasoning that had been relayed as text), relaying stops. A retry's
+    text that is still a beginning of what was sent is waited on: relaying goes on once it extends
+    what was sent (a seeded retry writes the same text again). With ``reasons`` (a model known to
+    end its reasoning with a bare ``</think>``), nothing is relayed before one.
     """
 
-    def __init__(self, progress: bool, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, progress: bool, stop: tuple[str, ...] = (), *, reasons: bool = False) -> None:
         self.progress = progress
         self.stop = stop
         #: the text held back at the end: it may begin a stop sequence
@@ -480,14 +486,16 @@ class Feed:
         self.first = asyncio.Event()
         self.sent = ""
         self.diverged = False
+        self.reasons = reasons
         self.said = ""  # the text so far as last given
         self.retried = False  # whether the text so far once started again (a retried request)
+        self.reasoned = False  # whether relaying stopped at a bare ``</think>``: what was sent was reasoning
 
     def text(self, so_far: str) -> None:
         """The answer-writing call's text so far."""
         self.retried = self.retried or not so_far.startswith(self.said)
         self.said = so_far
-        visible = _visible(so_far)
+        visible = _visible(so_far, self.reasons)
         if self.stop:  # up to a stop sequence, or short of the end where one may be starting
             cut = stopped(visible, self.stop)
             visible = cut if cut is not None else visible[:max(0, len(visible) - self.held)]
@@ -495,6 +503,7 @@ class Feed:
             return
         if not visible.startswith(self.sent):
             self.diverged = True
+            self.reasoned = not self.retried and "</think>" in so_far.lower()
             return
         self.items.put_nowait(("text", visible[len(self.sent):]))
         self.sent = visible
@@ -509,11 +518,16 @@ class Feed:
         return answer[len(self.sent):]
 
 
-def _visible(text: str) -> str:
-    """The part of a streaming answer the finished one will begin with (see ``without_reasoning``):
-    nothing while it may still be opening, or is inside, a leading ``<think>`` section."""
-    text = without_reasoning(text)
-    return "" if "<think>".startswith(text[:7].lower()) else text
+def _visible(text: str, reasons: bool = False) -> str:
+    """The part of a streaming answer the finished one will begin with (see ``strip_reasoning``);
+    with ``reasons``, nothing before a ``</think>``."""
+    text = text.lstrip()
+    lowered = text.lower()
+    if "</think>" in lowered:
+        text = text[lowered.rindex("</think>") + len("</think>"):].lstrip()
+    elif reasons or lowered.startswith("<think>") or "<think>".startswith(lowered):
+        return ""
+    return text.rstrip()
 
 
 async def _client_left(request: Request, run: asyncio.Task[RunResult] | None, event: asyncio.Event | None) -> bool:
@@ -582,10 +596,11 @@ def _cancelled(run: asyncio.Task[RunResult], stored: bool) -> WireError:
     return WireError(503, f"the server is shutting down and cancelled run {run_id}; {then}")
 
 
-def _diverged(result: RunResult, stored: bool, retried: bool) -> dict[str, Any]:
+def _diverged(result: RunResult, stored: bool, feed: Feed) -> dict[str, Any]:
     """The last event of a stream whose text the answer does not begin with (the call writing it
-    broke off mid-stream and its retry wrote otherwise, when ``retried``): an error naming the run,
-    the whole answer beside it (``answer``), since a stream cannot take back the text it sent."""
+    broke off mid-stream and its retry wrote otherwise, or its model's reasoning ended in a bare
+    ``</think>``): an error naming the run, the whole answer beside it (``answer``), since a stream
+    cannot take back the text it sent."""
     stored_too = f" and in run {result.run_id} ({command('show', result.run_id)})" if stored else ""
     voted = any(line.endswith(VOTED_INSTEAD) for node in result.plan.nodes if node.recruitment
                 for line in node.recruitment.get("explanation", ()))  # (its aggregator failed as it streamed)
@@ -593,7 +608,10 @@ def _diverged(result: RunResult, stored: bool, retried: bool) -> dict[str, Any]:
         why = "the aggregator writing the answer failed mid-stream and a vote of the experts answered instead"
     elif UNSYNTHESIZED in (result.error or ""):
         why = f"the final synthesis failed mid-stream and {UNSYNTHESIZED}"
-    elif retried:
+    elif feed.reasoned:
+        why = ("the model writing the answer ended its reasoning with a </think> after that reasoning had streamed "
+               "(the answer leaves it out; this model's later streams here wait for the </think>)")
+    elif feed.retried:
         why = "the call writing the answer broke off mid-stream and its retry wrote another answer"
     else:
         why = "the answer was finished otherwise than its call streamed it"

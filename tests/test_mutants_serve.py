@@ -111,16 +111,19 @@ def test_a_preset_no_client_could_name_is_refused(name: str) -> None:
 
 def test_a_stream_whose_final_synthesis_failed_says_the_answer_is_the_steps_outputs() -> None:
     from orchestra.events import UNSYNTHESIZED
-    from orchestra.serve import _diverged
+    from orchestra.serve import Feed, _diverged
 
     result = RunResult(run_id="r", task="t", status="partial", answer="## a\n\nA\n\n## b\n\nB",
                        error=f"final aggregation: boom ({UNSYNTHESIZED})")
-    body = _diverged(result, False, True)["error"]
+    retried, reasoned = Feed(progress=False), Feed(progress=False)
+    retried.retried = reasoned.reasoned = True
+    body = _diverged(result, False, retried)["error"]
     assert body["message"].startswith(f"the final synthesis failed mid-stream and {UNSYNTHESIZED}, so the text")
     assert body["answer"] == result.answer
     done = result.model_copy(update={"error": None, "status": "done"})
-    assert _diverged(done, False, True)["error"]["message"].startswith("the call writing the answer broke off mid")
-    assert "retry" not in _diverged(done, False, False)["error"]["message"]  # (none happened: none is said)
+    assert _diverged(done, False, retried)["error"]["message"].startswith("the call writing the answer broke off mid")
+    assert "ended its reasoning with a </think>" in _diverged(done, False, reasoned)["error"]["message"]
+    assert "retry" not in _diverged(done, False, Feed(progress=False))["error"]["message"]  # (none happened)
 
 
 def test_a_405_names_the_allowed_method_and_a_trailing_slash_is_the_same_path() -> None:

@@ -474,7 +474,6 @@ from orchestra.grading import (  # noqa: E402
     normalize_number,
     normalize_text,
     strip_reasoning,
-    without_reasoning,
 )
 
 COLOURS = Item(id="c", question="Which colour?", answer="B", choices=["Red", "Green", "Blue"])
@@ -485,15 +484,6 @@ def test_strip_reasoning_drops_think_blocks_and_anything_before_a_dangling_close
     assert strip_reasoning("still thinking... </THINK> The answer is 4") == "The answer is 4"
     assert strip_reasoning("a </think> b </think> c") == "c"
     assert strip_reasoning("  plain  ") == "plain"
-
-
-def test_an_answer_drops_only_its_leading_reasoning() -> None:
-    """What a stream has sent by a later ``</think>`` stays the answer (see ``without_reasoning``)."""
-    assert without_reasoning(" <THINK>hmm</think> <think>more</think>\nThe answer is 4 ") == "The answer is 4"
-    assert without_reasoning("still thinking...\n</think>\n\nThe answer is 4") == (
-        "still thinking...\n</think>\n\nThe answer is 4")
-    assert without_reasoning("Say <think>x</think> then 4") == "Say <think>x</think> then 4"
-    assert without_reasoning("<think>cut off before its end") == "<think>cut off before its end"
 
 
 def test_multiple_choice_extraction() -> None:

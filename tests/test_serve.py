@@ -1076,27 +1076,34 @@ def test_a_stream_whose_retry_writes_the_same_text_goes_on_after_it(serve: Any) 
     assert experts.count("aggregate") == {"alpha": 2} and experts.streams == []
 
 
-@pytest.mark.parametrize("answer", [
-    ["Reasoning models close ", "their hidden part with the tag </think>", " and then answer."],
-    ["Okay, the user asks about the sky.", "\n</think>\n\n", "The sky is blue."],  # (R1's, its <think> prompted)
-    ["The tags are ", "<think> and </think>", ", in that order."],
-])
-def test_a_think_tag_after_the_answer_began_is_streamed_as_stored_and_answered_alike_unstreamed(
-        serve: Any, answer: list[str]) -> None:
-    """A ``</think>`` after text had gone out (a mention, or reasoning whose ``<think>`` the prompt
-    opened) made the stream look rewritten: it ended in a false `answer_rewritten` ("its retry
-    wrote another answer", with no retry), while the unstreamed answer dropped all before the tag."""
+def test_a_model_that_ends_its_reasoning_with_a_bare_think_tag_streams_its_answer_once_known(serve: Any) -> None:
+    """An R1 distill whose chat template opens the ``<think>`` writes its reasoning, a bare ``</think>``,
+    then the answer: streamed, the reasoning went out as text and the stream ended in a false
+    `answer_rewritten` ("its retry wrote another answer", with no retry). The first such stream says
+    what happened, and that model's later streams wait for the ``</think>``: the answer alone."""
     running, experts = serve()
-    experts.answer, experts.hold_stream = answer, True  # (the tag comes once the client has the first piece)
-    question = [{"role": "user", "content": "How do reasoning models mark their reasoning?"}]
-    received: list[str] = []
-    for chunk in running.client().chat.completions.create(model="orchestra", stream=True, messages=question):
-        if chunk.choices and chunk.choices[0].delta.content:
-            received.append(chunk.choices[0].delta.content)
-            experts.seen.set()
+    reasoning = ["Okay, the user asks about the sky.", "\n</think>\n\n", "The sky is blue."]
+    experts.answer, experts.hold_stream = reasoning, True  # (the tag comes once the client has the first piece)
+    question = [{"role": "user", "content": "Why is the sky blue?"}]
+
+    def streamed() -> list[str]:
+        received: list[str] = []
+        for chunk in running.client().chat.completions.create(model="orchestra", stream=True, messages=question):
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+                experts.seen.set()
+        return received
+
+    with pytest.raises(openai.APIError) as error:
+        streamed()
+    assert error.value.body["answer"] == "The sky is blue."  # type: ignore[index]
+    assert "ended its reasoning with a </think> after that reasoning had streamed" in error.value.message
+    assert "retry" not in error.value.message
+    experts.seen.set()  # (nothing is relayed before the tag now: the upstream need not wait for a reader)
+    assert "".join(streamed()) == "The sky is blue."
     whole = running.client().chat.completions.create(model="orchestra", messages=question)
-    assert "".join(received) == whole.choices[0].message.content == "".join(answer).strip()
-    assert experts.count("aggregate") == {"alpha": 2}  # (one call each: no retry)
+    assert whole.choices[0].message.content == "The sky is blue."
+    assert experts.count("aggregate") == {"alpha": 3}  # (one call each: no retry)
 
 
 def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
@@ -1119,11 +1126,8 @@ def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
     shorter = ["The sky", "The sky is", "The"]  # a retry that wrote a shorter answer than was sent
     assert asyncio.run(relay(shorter, "The end.")) == (["The sky", " is"], "(rewritten)")
     assert asyncio.run(relay(["  Hello ", "  Hello world  "], "Hello world")) == (["Hello", " world"], "")
-    twice = ["<think>a</think>", "<think>a</think> <think>b", "<think>a</think> <think>b</think>Hi"]
-    assert asyncio.run(relay(twice, "Hi")) == (["Hi"], "")  # leading sections, each waited on
-    mention = ["Close with ", "Close with </think>", "Close with </think> then answer"]
-    assert asyncio.run(relay(mention, "Close with </think> then answer")) == (
-        ["Close with", " </think>", " then answer"], "")
+    bare = ["Okay, so", "Okay, so.</think>", "Okay, so.</think>Blue."]  # reasoning the prompt's <think> opened
+    assert asyncio.run(relay(bare, "Blue.")) == (["Okay, so"], "(rewritten)")
 
 
 def test_the_feed_holds_back_what_may_begin_a_stop_sequence_and_relays_nothing_past_one() -> None:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from orchestra.agents import Agent
 from orchestra.datasets import Item
-from orchestra.grading import AutoGrader, Grader, choices_of, strip_reasoning, without_reasoning
+from orchestra.grading import AutoGrader, Grader, choices_of, strip_reasoning
 from orchestra.models import ChatRequest, ChatResult, Model
 from orchestra.prompts import render
 from orchestra.settings import AnswerOptions
@@ -98,7 +98,7 @@ def vote(responses: Sequence[Response], grader: Grader | None = None, item: Item
     voting = [(r, a) for r, a in answers if a]
     if not voting:
         best = ranked(responses)[0]
-        return VoteResult(text=without_reasoning(best.text), answer=None, tally={}, data=best.data)
+        return VoteResult(text=strip_reasoning(best.text), answer=None, tally={}, data=best.data)
     tally = Counter(a for _, a in voting)
     weight: dict[str, float] = defaultdict(float)
     first: dict[str, int] = {}
@@ -107,7 +107,7 @@ def vote(responses: Sequence[Response], grader: Grader | None = None, item: Item
         first.setdefault(answer, index)
     winner = max(tally, key=lambda a: (tally[a], weight[a], -first[a]))
     supporters = ranked([r for r, a in voting if a == winner])
-    return VoteResult(text=without_reasoning(supporters[0].text), answer=winner, tally=dict(tally),
+    return VoteResult(text=strip_reasoning(supporters[0].text), answer=winner, tally=dict(tally),
                       data=supporters[0].data)
 
 
@@ -158,7 +158,7 @@ class Strongest:
     def pick(responses: Sequence[Response], grader: Grader, task: str = "") -> tuple[str, Any]:
         """``combine`` without a job: this strategy calls no model (a node does not build one)."""
         best = ranked(responses)[0]
-        return without_reasoning(best.text), best.data
+        return strip_reasoning(best.text), best.data
 
 
 class Vote:
@@ -195,7 +195,7 @@ class Synthesize:
         [outcome] = await call([(job.aggregator.model, request)])
         if isinstance(outcome, Exception):
             raise outcome
-        return without_reasoning(outcome.text), _plain(outcome.parsed)
+        return strip_reasoning(outcome.text), _plain(outcome.parsed)
 
 
 class Refine(Synthesize):
@@ -255,4 +255,4 @@ class FinalSynthesis:
             raise outcome
         if options.output != "text":
             return json.dumps(_plain(outcome.parsed), ensure_ascii=False, separators=(",", ":"))
-        return without_reasoning(outcome.text)
+        return strip_reasoning(outcome.text)

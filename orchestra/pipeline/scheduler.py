@@ -50,7 +50,7 @@ from orchestra.events import (
     fell_back,
 )
 from orchestra.execute import Executor, RunLedger
-from orchestra.grading import Grader, choices_of, get_grader, states_answer, without_reasoning
+from orchestra.grading import Grader, choices_of, get_grader, states_answer, strip_reasoning
 from orchestra.hints import command
 from orchestra.matching import SkillMatcher
 from orchestra.models import ChatRequest, ChatResult, Model
@@ -733,7 +733,7 @@ class Run:
         written than their request's ``max_tokens`` allowed (the advice to raise it could not help)."""
         for (_, request), outcome in zip(calls, outcomes):
             if not isinstance(outcome, Exception) and outcome.finish_reason == "length":
-                texts = (outcome.text, without_reasoning(outcome.text))
+                texts = (outcome.text, strip_reasoning(outcome.text))
                 self._cut_texts.update(texts)
                 if request.max_tokens is not None and outcome.usage.completion_tokens < request.max_tokens:
                     self._context_full.update(texts)
