@@ -966,13 +966,17 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
 @click.option("--resume", is_flag=True,
               help="Go on with this data set's earlier evaluation (same method and settings) from the store: "
                    "finished items are counted as recorded, cut-off ones resumed, only the rest run.")
+@click.option("--retry-failed", is_flag=True,
+              help="With --resume: finished items whose calls failed after their retries run again, their recorded "
+                   "answers reused: only the failed calls (and what depends on them) are sent.")
 @choice_options
 @settings_options
 @budget_options
 @store_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | None, output: Path | None,
-             sweep: bool, lambdas: str | None, plot: Path | None, resume: bool, as_json: bool, **opts: Any) -> None:
+             sweep: bool, lambdas: str | None, plot: Path | None, resume: bool, retry_failed: bool, as_json: bool,
+             **opts: Any) -> None:
     """Accuracy, cost and time of a method on a labelled data set (or, with --sweep, of every method)."""
     from orchestra.agents import Pool
     from orchestra.datasets import load_dataset
@@ -989,6 +993,8 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
                      {"the data set": data, "the run store": store, "the pool file": pool}, flag="--plot")
     if lambdas is not None and not sweep:  # (a plain eval would drop them: use --cost-lambda for one λ)
         raise click.UsageError("--lambdas are the points of a sweep: add --sweep (or give one λ with --cost-lambda)")
+    if retry_failed and not resume:
+        raise click.UsageError("--retry-failed retries the failed calls of an earlier evaluation: add --resume")
     if sweep and (method or output or resume):
         raise click.UsageError("--sweep runs every method: leave out --method, --output and --resume")
     assigned = assignments(list(opts["assignments"]))
@@ -1016,7 +1022,7 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
         report = evaluate_interruptibly(
             lambda on_cancel: aevaluate(orc, dataset, method=method, limit=limit, output=output, k=opts["k"],
                                         mode=opts["mode"], aggregate=opts["aggregate"], budget=budget,
-                                        on_cancel=on_cancel, resume=resume),
+                                        on_cancel=on_cancel, resume=resume, retry_failed=retry_failed),
             dataset.path, as_json,
             then=None if orc.store is None else "the same command with --resume goes on with this evaluation")
     except RunHeld as held:  # (it advised `orchestra resume ITEM_RUN --force`: one item's run, not the evaluation)
@@ -1050,7 +1056,6 @@ def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
     The report stands either way; a data set with unfinished runs is not a clean pass. Every run
     finished but some calls failed: a warning that the accuracy is not the method's own (exit 0)."""
     from orchestra.hints import budget_hint
-    from orchestra.terminal_text import counted
 
     if report.budget_exceeded:
         hint = budget_hint(report.budget_exceeded, None, stored=stored, evaluation=evaluation)
@@ -1067,11 +1072,28 @@ def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
         fail(f"{report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}{hint}",
              report.failure_exit or 1)
     if report.failed_calls:  # (every run finished, some without an expert: the accuracy reads as the method's)
-        by_model = ", ".join(f"{model} {failed['calls']}" for model, failed in report.failed_by_model.items())
-        warnings.warn(f"{counted(report.failed_calls, 'call')} failed after their retries"
-                      + (f" ({by_model})" if by_model else "") + f": the accuracy "
-                      f"{report.accuracy:.3f} is not the method's own; fix those endpoints and evaluate again",
-                      UserWarning, stacklevel=2)
+        warnings.warn(lost_calls_line(report, stored=stored and evaluation), UserWarning, stacklevel=2)
+
+
+def lost_calls_line(report: EvalReport, *, stored: bool) -> str:
+    """The line saying that calls of an evaluation whose runs all finished failed after their retries,
+    to which models, what that did to its accuracy, and how to send them again (``stored``: with
+    ``--resume --retry-failed``). Keyword samples alone, with no node left without keywords, change
+    no answer's method: the accuracy is the method's, on experts chosen from fewer samples."""
+    from orchestra.terminal_text import counted
+
+    by_model = ", ".join(f"{model} {failed['calls']}" for model, failed in report.failed_by_model.items())
+    failed = f"{counted(report.failed_calls, 'call')} failed after their retries" + (f" ({by_model})" if by_model
+                                                                                     else "")
+    again = ("once those endpoints are fixed, the same command with --resume --retry-failed sends only those calls "
+             "again (and what depends on them), the other answers reused" if stored
+             else "fix those endpoints and evaluate again")
+    keywords = report.failed_keyword_calls
+    if keywords == report.failed_calls and not report.skill_extraction_failures:
+        return (f"{failed}, all of them keyword samples: every node still had the keywords of its other samples, so "
+                f"the accuracy {report.accuracy:.3f} is the method's, its experts chosen on fewer samples; {again}")
+    of_them = f", {keywords} of them keyword samples" if keywords else ""
+    return f"{failed}{of_them}: the accuracy {report.accuracy:.3f} is not the method's own; {again}"
 
 
 def _whole_budget(opts: dict[str, Any]) -> Budget | None:
@@ -1243,7 +1265,9 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
     if report.failed:  # (a spent budget can leave every item unanswered: 0.000 alone reads as all wrong)
         accuracy += f" ({report.items - report.failed} of {report.items} finished; the rest count as wrong)"
     for metric, value in [("items", str(report.items)), ("accuracy", accuracy),
-                          ("calls", str(report.calls) + (f" ({report.failed_calls} failed after their retries)"
+                          ("calls", str(report.calls) + (f" ({report.failed_calls} failed after their retries"
+                                                         + (f", {report.failed_keyword_calls} of them keyword samples"
+                                                            if report.failed_keyword_calls else "") + ")"
                                                          if report.failed_calls else "")),
                           *([("answered from the cache (free)", f"{report.cache_hits} calls")]
                             if report.cache_hits else []),
@@ -1254,8 +1278,10 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           ("calls saved by confident teams", str(report.saved_calls)),
                           ("unfinished runs", str(report.failed)
                            + (f" (and {report.cut_off} cut off, to resume)" if report.cut_off else "")),
-                          *([("from the earlier evaluation", f"{report.reused} finished, {report.resumed} resumed")]
-                            if report.reused or report.resumed else []),
+                          *([("from the earlier evaluation", f"{report.reused} finished, {report.resumed} resumed"
+                              + (f", {report.retried} retried (their failed calls sent again)" if report.retried
+                                 else ""))]
+                            if report.reused or report.resumed or report.retried else []),
                           ("skill extraction failures", str(report.skill_extraction_failures)),
                           *([("items matching no profiled skill",
                               f"{report.unmatched_skill_items} (recruited on overall accuracy)")]
@@ -1364,11 +1390,13 @@ def show(run_id: str, export: str | None, store_path: Path | None, as_json: bool
               help="Run its in-process models as Ray actors on the cluster at ADDRESS (another cluster than the "
                    "run's, which is gone); default: as the run did.")
 @click.option("--in-process", is_flag=True, help="Run its in-process models in this process (a run begun on Ray).")
+@click.option("--retry-failed", is_flag=True, help="A done run whose calls failed after their retries: send those "
+                                                  "again (and what depends on them), its other answers replayed.")
 @budget_options
 @store_option
 @output_options
 def resume(run_id: str, reload: bool, inputs: tuple[str, ...], ray: str | None, in_process: bool,
-           **opts: Any) -> None:
+           retry_failed: bool, **opts: Any) -> None:
     """Finish an interrupted run: recorded calls are replayed, only the rest are sent."""
     from orchestra.workflow import parse_assignments
 
@@ -1381,25 +1409,30 @@ def resume(run_id: str, reload: bool, inputs: tuple[str, ...], ray: str | None, 
     store = existing_store(opts["store_path"])
     placement = ({"executor": "local"} if in_process else {"executor": "ray", "ray_address": ray or None}
                  if ray is not None else None)
-    resume_stored(store, store.run(run_id), opts, reload=reload, inputs=given, placement=placement)
+    resume_stored(store, store.run(run_id), opts, reload=reload, inputs=given, placement=placement,
+                  retry_failed=retry_failed)
 
 
 def resume_stored(store: RunStore, record: RunRecord, opts: dict[str, Any], *, reload: bool = False,
-                  inputs: dict[str, Any] | None = None, placement: dict[str, Any] | None = None) -> NoReturn:
-    """Finish a stored run (``orchestra resume``): a finished one's answer is printed from the store."""
+                  inputs: dict[str, Any] | None = None, placement: dict[str, Any] | None = None,
+                  retry_failed: bool = False) -> NoReturn:
+    """Finish a stored run (``orchestra resume``): a finished one's answer is printed from the store,
+    unless ``retry_failed`` and calls of it failed (then it runs again, its answers replayed)."""
     from orchestra.core import Orchestra
     from orchestra.view import spent_text
 
     if record.status == "done" and not reload:  # nothing to send: its answer, without its pool (gone, maybe)
         done = store.result(record.id)
-        if done is not None:
+        if done is not None and not (retry_failed and done.usage.failed_calls):
             keep_stdout_for_json(opts["as_json"])
-            finish(done, opts, rich_output=sys.stdout.isatty(),
-                   summary=f"nothing to resume: run {done.run_id} is done ({spent_text(done)} spent in all)")
+            summary = (f"nothing to retry: run {done.run_id} is done and none of its calls failed" if retry_failed
+                       else f"nothing to resume: run {done.run_id} is done")
+            finish(done, opts, rich_output=sys.stdout.isatty(), summary=f"{summary} ({spent_text(done)} spent in all)")
     orc = Orchestra.resuming(record.id, store=store, reload=reload, placement=placement)
     budget = settings_from(opts).changes().get("budget")
     execute(orc, lambda run_id: orc.aresume(run_id, budget=budget, force=opts.get("force", False), reload=reload,
-                                            inputs=inputs or {}), opts, record.id, earlier=store.run_totals(record.id))
+                                            inputs=inputs or {}, retry_failed=retry_failed),
+            opts, record.id, earlier=store.run_totals(record.id))
 
 
 def refuse_unused_in_resume(opts: dict[str, Any], *, given: bool) -> None:

@@ -1298,11 +1298,11 @@ class Orchestra:
         return run_sync(self.aresume(run_id, **overrides))
 
     async def aresume(self, run_id: str, *, budget: Budget | dict[str, Any] | None = None,
-                      force: bool = False, reload: bool = False,
-                      inputs: Mapping[str, Any] | None = None) -> RunResult:
+                      force: bool = False, reload: bool = False, inputs: Mapping[str, Any] | None = None,
+                      retry_failed: bool = False) -> RunResult:
         """Finish a stored run from its record alone: the recorded settings, plan, pinned experts and
         workflow steps (not this Orchestra's settings); recorded calls are replayed, only missing
-        ones are sent.
+        ones are sent. A run that is done is returned as recorded, unless ``retry_failed``.
 
         Args:
             run_id: the run (a unique prefix is enough).
@@ -1314,6 +1314,10 @@ class Orchestra:
                 the run from then on; calls whose requests did not change are still replayed.
             inputs: with ``reload``, workflow inputs over the recorded ones (one the edited file
                 added, a value to change); strings are converted as ``-i`` values are.
+            retry_failed: a done run whose calls failed after their retries (it finished on the
+                others) runs again: its recorded answers replayed, so only the failed calls, and
+                what depends on them (an aggregator given one more answer), are sent; its new
+                result is recorded over the old one. A done run with no failed call is returned.
         """
         if self.store is None:
             raise ConfigError("resume needs the run store; this Orchestra was made with store=False")
@@ -1329,7 +1333,7 @@ class Orchestra:
                               "or leave them out to go on with the run's own")
         if record.status == "done":
             stored = self.store.result(record.id)
-            if stored is not None:
+            if stored is not None and not (retry_failed and stored.usage.failed_calls):
                 return stored
         spec = RunSpec.from_record(record.config, record.task)
         self._check_pool_fits(record.id, spec)

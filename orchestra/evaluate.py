@@ -76,6 +76,9 @@ class EvalReport:
     """Calls that failed after their retries (a run that lost an expert may still finish, on the others)."""
     failed_by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Of ``failed_calls``, per model: ``{"calls": N, "first_error": "..."}`` (which endpoint failed, and why)."""
+    failed_keyword_calls: int = 0
+    """Of ``failed_calls``, keyword samples: their nodes took the keywords of their other samples (a node
+    whose samples all failed is among ``skill_extraction_failures``)."""
     saved_calls: int = 0
     """Calls confident teams did not need (their first experts agreed)."""
     cache_hits: int = 0
@@ -89,6 +92,9 @@ class EvalReport:
     """With ``resume``: items whose earlier run had finished, counted from the store (no call made)."""
     resumed: int = 0
     """With ``resume``: items whose earlier run was cut off, finished now (its recorded calls replayed)."""
+    retried: int = 0
+    """With ``resume`` and ``retry_failed``: items whose earlier run finished with failed calls, run
+    again (its recorded answers replayed: only the failed calls and what depends on them sent)."""
     interrupted: bool = False
     """Cancelled (Ctrl-C) before every item ran: the report holds the items finished by then."""
     cut_off: int = 0
@@ -111,6 +117,7 @@ class Tally:
         self.items = self.correct = self.failed = self.skill_extraction_failures = self.saved_calls = 0
         self.voted_instead = self.cache_hits = self.unmatched_skill_items = 0
         self.failed_calls = 0
+        self.failed_keyword_calls = 0
         self.failed_by_model: dict[str, dict[str, Any]] = {}  # in the order their first failures came
         self.cut_off = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
@@ -166,6 +173,7 @@ class Tally:
         self.cost_usd += usage.cost_usd
         self.skill_extraction_failures += usage.skill_extraction_failures
         self.failed_calls += usage.failed_calls
+        self.failed_keyword_calls += usage.failed_keyword_calls
         for model, failed in usage.failed_by_model.items():
             self.failed_by_model.setdefault(model, {"calls": 0, "first_error": failed.first_error})
             self.failed_by_model[model]["calls"] += failed.calls
@@ -187,6 +195,7 @@ class Tally:
             first_failure_run=self.first_failure[3] if self.first_failure else None,
             skill_extraction_failures=self.skill_extraction_failures,
             unmatched_skill_items=self.unmatched_skill_items, failed_calls=self.failed_calls,
+            failed_keyword_calls=self.failed_keyword_calls,
             failed_by_model={model: dict(failed) for model, failed in self.failed_by_model.items()},
             saved_calls=self.saved_calls, voted_instead=self.voted_instead, cache_hits=self.cache_hits,
             budget_exceeded=budget_exceeded, cut_off=self.cut_off,
@@ -319,7 +328,7 @@ def html_page(line: str, cut: bool = False) -> bool:
 async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | None = None, limit: int | None = None,
                     output: Path | None = None, budget: Budget | None = None,
                     on_cancel: Callable[[EvalReport], None] | None = None, resume: bool = False,
-                    **overrides: Any) -> EvalReport:
+                    retry_failed: bool = False, **overrides: Any) -> EvalReport:
     """Answer every item and grade the answers as their runs finish.
 
     Items stream through ``Orchestra.arun_iter`` (a bounded window of runs in flight, their calls
@@ -335,9 +344,12 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     (the same file, its models and profiles unchanged), from the store: an item whose latest
     earlier run finished is counted from its record (no call), one whose run was cut off (Ctrl-C, a
     crash, a budget) is resumed under its own id (recorded calls replayed, its experts kept), and
-    the others run. The budget then bounds what is spent now.
+    the others run. The budget then bounds what is spent now. ``retry_failed`` (with ``resume``):
+    an item whose earlier run finished with failed calls runs again under its own id, its recorded
+    answers replayed, so only the failed calls (and what depends on them) are sent.
     """
     from orchestra.core import Instance  # here: the command line reads METHODS without loading the pipeline
+    from orchestra.settings import RunSpec
 
     if method is not None and method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -360,9 +372,18 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
     meta = {"kind": "eval", "method": name, "dataset": str(where.resolve()) if where.is_file() else dataset.path,
             "pool_fingerprint": orchestra.pool.fingerprint()}
     # its runs' settings, as arun_iter makes them (without planning)
+    if retry_failed and not resume:
+        raise ConfigError("retry_failed retries the failed calls of an earlier evaluation: give resume=True too")
     earlier = _earlier_runs(orchestra, meta, orchestra.run_settings({**given, "plan": False}), items) if resume else {}
     if resume and not earlier:
         nothing_to_resume("data set, method, settings and pool")
+    retried = {index for index, found in earlier.items()
+               if retry_failed and isinstance(found, RunResult) and found.usage.failed_calls}
+    for index in retried:
+        found = earlier[index]
+        assert isinstance(found, RunResult) and orchestra.store is not None  # (a resume reads the store)
+        record = orchestra.store.run(found.run_id)
+        earlier[index] = _going_on(record, RunSpec.from_record(record.config, record.task))
     todo = [index for index in range(len(items)) if not isinstance(earlier.get(index), RunResult)]
     going_on = {index: options for index, options in earlier.items() if isinstance(options, dict)}
     instances = (Instance(items[index].prompt(), answer_format=answer_format(items[index]),
@@ -393,7 +414,8 @@ async def aevaluate(orchestra: Orchestra, dataset: Dataset, *, method: str | Non
 
         def report(**extra: Any) -> EvalReport:
             return count_earlier(tally.report(name, elapsed_s=time.perf_counter() - started,
-                                              model_loads=loads_since(orchestra, loads_before), **extra), earlier)
+                                              model_loads=loads_since(orchestra, loads_before), **extra), earlier,
+                                 retried=len(retried))
 
         await grade_as_they_finish(orchestra.arun_iter(instances, meta=meta, shared_budget=shared,
                                                        on_stopped=tally.stopped_run, **given), tally,
@@ -421,11 +443,13 @@ async def grade_as_they_finish(stream: AsyncGenerator[tuple[int, RunResult], Non
         raise
 
 
-def count_earlier(report: EvalReport, earlier: Mapping[int, object]) -> EvalReport:
-    """``report`` with its ``reused`` (earlier runs that finished: results) and ``resumed`` (the
-    others, gone on with) counted from ``earlier``, per item index."""
+def count_earlier(report: EvalReport, earlier: Mapping[int, object], *, retried: int = 0) -> EvalReport:
+    """``report`` with its ``reused`` (earlier runs that finished: results), ``retried`` (finished
+    runs gone on with to retry their failed calls) and ``resumed`` (the others, gone on with)
+    counted from ``earlier``, per item index."""
     report.reused = sum(isinstance(finished, RunResult) for finished in earlier.values())
-    report.resumed = len(earlier) - report.reused
+    report.retried = retried
+    report.resumed = len(earlier) - report.reused - retried
     return report
 
 
@@ -450,13 +474,16 @@ def _earlier_runs(orchestra: Orchestra, meta: dict[str, str], settings: Settings
         same = (spec.task, spec.answer_format, spec.settings.model_copy(update={"budget": settings.budget}), spec.pool)
         return index if same == asked else None
 
-    def going_on(record: RunRecord, spec: RunSpec) -> dict[str, Any]:
-        return {"run_id": record.id, **({"experts": spec.pinned} if spec.pinned else {})}
-
     # (not by the method's name either: the settings compared decide, and a name may gain words
     # between versions, as ", k=2" did)
     query = {name: value for name, value in meta.items() if name not in ("pool_fingerprint", "method")}
-    return earlier_item_runs(orchestra, query, match, going_on)
+    return earlier_item_runs(orchestra, query, match, _going_on)
+
+
+def _going_on(record: RunRecord, spec: RunSpec) -> dict[str, Any]:
+    """The ``Instance`` options that go on with an item's earlier run: its id, and its experts where it
+    had recruited them (so its recorded expert calls are replayed)."""
+    return {"run_id": record.id, **({"experts": spec.pinned} if spec.pinned else {})}
 
 
 def earlier_item_runs(orchestra: Orchestra, meta: dict[str, str], match: Callable[[RunRecord, RunSpec], int | None],

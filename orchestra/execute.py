@@ -74,6 +74,8 @@ Outcome = ChatResult | Exception
 #: One answered call for the journal: run id, key, seq, model, request (or the canonical JSON its key
 #: hashed), outcome, purpose, node, source.
 CallEntry = tuple[str, str, int, str, ChatRequest | str, Outcome, str, str | None, str]
+#: the purpose of a node's keyword samples: one that fails leaves the node its other samples' keywords
+KEYWORDS = "keywords"
 
 
 class CallJournal(Protocol):
@@ -143,6 +145,8 @@ class RunLedger:
     failed_calls: int = 0
     #: per model: its calls of ``failed_calls`` and the first one's error
     failed_by_model: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: of ``failed_calls``, keyword samples (a node's keywords come from its other samples)
+    failed_keyword_calls: int = 0
     #: the (key, seq) of calls that failed before the run was resumed, counted as it resumed
     #: (``BudgetTracker.count``): one sent again is not counted again
     counted: frozenset[tuple[str, int]] = frozenset()
@@ -158,9 +162,11 @@ class RunLedger:
         """A ledger with a fresh budget tracker (inside ``shared_budget`` when many runs share one)."""
         return cls(run_id=run_id, budget=BudgetTracker(budget or Budget(), run_id, parent=shared_budget), **options)
 
-    def count_failed(self, model: str, error: BaseException) -> None:
-        """Count a call of ``model`` that failed after its retries (``error``: why; the first is kept)."""
+    def count_failed(self, model: str, error: BaseException, purpose: str) -> None:
+        """Count a call of ``model`` for ``purpose`` that failed after its retries (``error``: why; the
+        first is kept)."""
         self.failed_calls += 1
+        self.failed_keyword_calls += purpose == KEYWORDS
         calls, first = self.failed_by_model.get(model, (0, str(error)))
         self.failed_by_model[model] = (calls + 1, first)
 
@@ -983,7 +989,7 @@ class Executor:
             outcome = unwritten
         self._settle(call, paid)
         if isinstance(outcome, Exception):
-            ledger.count_failed(call.model.name, outcome)
+            ledger.count_failed(call.model.name, outcome, call.purpose)
         elif ledger.cache is not None and not call.capped:
             try:
                 ledger.cache.put(call.model.name, call.key, call.request, outcome)
@@ -1041,7 +1047,7 @@ class Executor:
         """Fail calls that got no outcome of their own; ``sent``: they reached the model, so they count."""
         for call in calls:
             self._settle(call, (getattr(error, "usage", None) or Usage()) if sent else None)
-            call.ledger.count_failed(call.model.name, error)
+            call.ledger.count_failed(call.model.name, error, call.purpose)
             self._resolve(call, error)
 
     def _cancelled_in_flight(self, group: list[_Call], counted: set[int], request: ChatRequest, usage: Usage) -> None:
@@ -1058,7 +1064,7 @@ class Executor:
         error = CallCancelled(f"{call.model.name}: cancelled while its request was in flight")
         error.usage = usage
         self._settle(call, usage)
-        call.ledger.count_failed(call.model.name, error)
+        call.ledger.count_failed(call.model.name, error, call.purpose)
         self.emit_usage(call.ledger)  # (a live panel shows them too, as the run's record counts them)
         journal = call.ledger.journal
         if journal is not None:

@@ -77,6 +77,9 @@ class RunUsage(BaseModel):
     failed_calls: int = 0
     failed_by_model: dict[str, FailedCalls] = Field(default_factory=dict)
     """Of ``failed_calls``, per model (which endpoint failed, and why)."""
+    failed_keyword_calls: int = 0
+    """Of ``failed_calls``, keyword samples: their nodes took the keywords of their other samples (a node
+    whose samples all failed is among ``skill_extraction_failures``)."""
     cache_hits: int = 0
     cache_misses: int = 0
     replayed_calls: int = 0

@@ -905,6 +905,97 @@ def test_eval_names_the_model_whose_endpoint_began_failing_and_warns_of_the_accu
                      r"internal error\) │", shown), shown
 
 
+def _failing_beta(scripted: ScriptedLLM, broken: list[bool]) -> Callable[[LoopbackRequest], Any]:
+    """``scripted``'s answers, but HTTP 503 for the expert requests of model beta while ``broken[0]``."""
+    def text(request: LoopbackRequest) -> Any:
+        if broken[0] and (request.json() or {}).get("model") == "beta" and "Your assignment:" in request.prompt:
+            return error_reply(503, "overloaded")
+        return scripted.text(request)
+
+    return text
+
+
+def test_eval_resume_retry_failed_sends_only_the_failed_calls_and_what_depends_on_them(loopback,
+                                                                                        tmp_path: Path) -> None:
+    """With a failing endpoint fixed, `eval --resume` reused the finished runs and sent nothing (the same degraded
+    report), `resume RUN_ID` said `nothing to resume`: only a new evaluation, every paid call sent again, helped."""
+    scripted, broken = ScriptedLLM(), [True]
+    server = loopback(chat_handler(_failing_beta(scripted, broken)))
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n' for i in range(2)))
+    argv = ("eval", "--pool", str(pool), "--data", str(data), "--method", "moa", "--json")
+    first = cli(*argv)
+    assert first.returncode == 0 and json.loads(first.stdout)["failed_calls"] == 2, first.stderr
+    assert "the same command with --resume --retry-failed sends only those calls again" in first.stderr, first.stderr
+    broken[0] = False
+    sent, scripted.prompts = len(server.requests), []
+    retried = cli(*argv, "--resume", "--retry-failed")
+    report = json.loads(retried.stdout)
+    assert retried.returncode == 0 and retried.stderr == "", retried.stderr
+    # per item: beta's expert call, and the aggregator's, whose request now holds beta's answer; nothing else
+    assert sorted(kind for kind, _ in scripted.prompts) == ["aggregate", "aggregate", "expert", "expert"]
+    assert all("beta on" in prompt for kind, prompt in scripted.prompts if kind == "aggregate")
+    assert len(server.requests) - sent == 4
+    assert (report["failed_calls"], report["retried"], report["reused"], report["resumed"]) == (0, 2, 0, 0)
+    runs = [run for run in json.loads(cli("runs", "--json").stdout)]
+    assert len(runs) == 2 and {run["failed_calls"] for run in runs} == {0}
+    assert report["requests"] == sum(run["requests"] for run in runs) == len(server.requests)
+    assert report["calls"] == sum(run["calls"] for run in runs) == 2 * (4 + 1)  # (the first aggregations were paid)
+    sent = len(server.requests)
+    again = cli(*argv, "--resume", "--retry-failed")  # nothing failed now: every item reused, nothing sent
+    assert json.loads(again.stdout)["reused"] == 2 and len(server.requests) == sent, again.stderr
+
+
+def test_resume_retry_failed_sends_a_done_runs_failed_calls_again(loopback, tmp_path: Path) -> None:
+    """`orchestra resume RUN_ID` of a done run that lost an expert said `nothing to resume`."""
+    scripted, broken = ScriptedLLM(), [True]
+    server = loopback(chat_handler(_failing_beta(scripted, broken)))
+    pool = write_pool(tmp_path, server.url)
+    asked = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--mode", "global")
+    assert asked.returncode == 0 and re.search(r"· done · 4 calls \(1 failed\) · ", asked.stderr), asked.stderr
+    run_id = re.search(r"run (\S+) · done", asked.stderr)[1]  # type: ignore[index]
+    assert "beta on" not in asked.stdout
+    broken[0] = False
+    sent, scripted.prompts = len(server.requests), []
+    retried = cli("resume", run_id, "--retry-failed")
+    assert retried.returncode == 0 and sorted(kind for kind, _ in scripted.prompts) == ["aggregate", "expert"]
+    run = json.loads(cli("runs", "--json").stdout)[0]
+    assert run["failed_calls"] == 0 and run["requests"] == len(server.requests), run
+    assert re.search(rf"run {run_id} · done · 5 calls · {run['requests']} requests · .* in all; this resume sent "
+                     rf"{len(server.requests) - sent} requests", retried.stderr), retried.stderr
+    sent = len(server.requests)
+    again = cli("resume", run_id, "--retry-failed")  # its recorded result lost no call now
+    assert again.returncode == 0 and len(server.requests) == sent, again.stderr
+    assert again.stderr.startswith(f"nothing to retry: run {run_id} is done and none of its calls failed ("), again.stderr
+    assert cli("eval", "--data", "x.jsonl", "--retry-failed").returncode == 2  # (it retries an earlier evaluation's)
+
+
+def test_eval_warning_says_apart_keyword_samples_that_left_every_node_its_keywords(loopback, tmp_path: Path) -> None:
+    """16 of 80 keyword samples failed, every item still had its keywords (skill extraction failures 0, the
+    accuracy as in a clean run), yet the warning said the accuracy `is not the method's own` (a trial)."""
+    scripted = ScriptedLLM()
+
+    def text(request: LoopbackRequest) -> Any:
+        body = request.json() or {}
+        if KEYWORDS_MARK in request.prompt and body.get("seed", 0) % 5 == 0:  # one sample of each item's five
+            return error_reply(500, "internal error")
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n' for i in range(2)))
+    done = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "symbolic-moe", "--json", "--no-store")
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["skill_extraction_failures"] == 0, done.stderr
+    assert report["failed_calls"] == report["failed_keyword_calls"] == 2, report
+    assert re.search(r"warning: 2 calls failed after their retries \(\w+ 2\), all of them keyword samples: every node "
+                     r"still had the keywords of its other samples, so the accuracy 1\.000 is the method's, its "
+                     r"experts chosen on fewer samples; fix those endpoints and evaluate again", done.stderr), done.stderr
+    assert "not the method's own" not in done.stderr
+
+
 def test_a_sweep_says_which_points_lost_calls_to_a_failing_endpoint(loopback, tmp_path: Path) -> None:
     """Every point of a sweep read `failed: 0` (unfinished runs) while an endpoint answered HTTP 500: no point
     had its failed calls, no warning came, and exit 0 (a trial: 25 of 473 requests failed)."""

@@ -49,7 +49,7 @@ from orchestra.events import (
     SkillExtractionFailed,
     fell_back,
 )
-from orchestra.execute import Executor, RunLedger
+from orchestra.execute import KEYWORDS, Executor, RunLedger
 from orchestra.grading import Grader, choices_of, get_grader, states_answer, strip_reasoning
 from orchestra.hints import command
 from orchestra.matching import SkillMatcher
@@ -519,7 +519,7 @@ class Run:
             raise self._recruit_errors.pop(node_id)
         state = self.traces.get(node_id)
         staffed = await self.stages.staffing.recruit(
-            instruction, skills, self.caller("keywords", node_id),
+            instruction, skills, self.caller(KEYWORDS, node_id),
             seed=state.seed if state else node_seed(self.settings.seed, self.task, node_id),
             k=settings.k or self.settings.k,
             mode=settings.mode or self.settings.mode, agent=settings.agent, pin=self.pins.get(node_id))
@@ -783,7 +783,7 @@ class Run:
                            note=self.plan_note),
             usage=RunUsage(calls=ledger.budget.calls, requests=usage.requests, prompt_tokens=usage.prompt_tokens,
                            completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd,
-                           failed_calls=ledger.failed_calls,
+                           failed_calls=ledger.failed_calls, failed_keyword_calls=ledger.failed_keyword_calls,
                            failed_by_model={model: FailedCalls(calls=calls, first_error=error)
                                             for model, (calls, error) in ledger.failed_by_model.items()},
                            cache_hits=ledger.answered["cache"],
