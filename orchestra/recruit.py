@@ -114,6 +114,9 @@ class Recruitment:
     notes: tuple[str, ...] = ()
     team: Team | None = None
     """``calibrated``: the chosen team, its aggregator, and what it is expected to achieve and cost."""
+    skills: tuple[str, ...] = ()
+    """``calibrated``: the skill each of ``matches`` was counted under (a keyword variant's canonical
+    skill, into which profiling merged it); empty where each counts under its own."""
 
     @property
     def staged(self) -> int:
@@ -204,7 +207,10 @@ class Recruitment:
             "mode": self.mode,
             "experts": list(self.experts),
             "keywords": list(self.keywords),
-            "matches": [{"keyword": m.keyword, "skill": m.skill, "similarity": m.similarity} for m in self.matches],
+            # (a variant's own skill was shown where calibrated recruiting counted its canonical one)
+            "matches": [{"keyword": m.keyword, "skill": skill, "similarity": m.similarity}
+                        | ({"variant": m.skill} if skill != m.skill else {})
+                        for m, skill in zip(self.matches, self.skills or (m.skill for m in self.matches))],
             "candidates": [{"agent": c.agent, "suitability": c.suitability, "competence": round(c.competence, 6),
                             "weight": round(c.weight, 6), "probability": round(c.probability, 6),
                             "cold_start": c.cold_start,
@@ -440,9 +446,11 @@ class Recruiter:
         if found is None:
             if len(self._recruitments) >= 4096:
                 self._recruitments.clear()
+            calibration = self.table.calibration if team is not None else None
+            skills = tuple(calibration.canonical(m.skill) for m in matches) if calibration is not None else ()
             found = self._recruitments[key] = Recruitment(experts=experts, keywords=keywords, matches=matches,
                                                           candidates=tuple(ranked), mode=mode, notes=notes,
-                                                          team=team)
+                                                          team=team, skills=skills)
         return found
 
     def team(self, matches: Sequence[Match], k: int) -> tuple[list[Candidate], Team]:

@@ -288,6 +288,41 @@ def test_agents_shows_skills_merged_as_recruiting_reads_them_and_who_aggregates(
     assert "aggregator: hist (calibrated teams choose their own)" in table.stdout
 
 
+@pytest.mark.parametrize(("mode", "match"), [
+    ("calibrated", {"keyword": "history of europe", "skill": "european history", "similarity": 1.0,
+                    "variant": "history of europe"}),
+    ("symbolic-moe", {"keyword": "history of europe", "skill": "history of europe", "similarity": 1.0}),
+])
+def test_ask_json_matches_name_the_skill_recruiting_counted(loopback, tmp_path: Path, mode: str,
+                                                            match: dict[str, object]) -> None:
+    """`ask --json` matched a keyword variant to its own skill ("history of europe") where calibrated
+    recruiting, and show's explanation, counted the skill profiling merged it into ("european history")."""
+    from loopback_llm import ScriptedLLM
+
+    from orchestra.profile import Provenance, SkillProfile
+
+    server = loopback(ScriptedLLM(keywords=["history of europe"]).handler())
+    for agent, right in (("hist", 17), ("geo", 8)):
+        SkillProfile(agent=agent, skills={"european history": 10, "history of europe": 7}, accuracy=right / 20,
+                     aliases={"history of europe": "european history"}, skill_counts={"european history": (right, 20)},
+                     provenance=Provenance(dataset="v.jsonl", dataset_sha256="x", items=20,
+                                           model=f"OpenAICompatible:{agent}")).save(tmp_path / "p")
+    path = tmp_path / "pool.yaml"
+    path.write_text("models:\n" + "".join(f"  {a}: {{type: openai, model: {a}, base_url: '{server.url}/v1', "
+                                          "api_key_env: null}\n" for a in ("hist", "geo"))
+                    + "profiles: p\nagents:\n  - {name: hist, model: hist}\n  - {name: geo, model: geo}\n")
+    done = cli("ask", "Who won at Waterloo?", "--pool", str(path), "--no-plan", "--k", "1", "--mode", mode, "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    recruitment = data["plan"]["nodes"][0]["recruitment"]
+    assert recruitment["matches"] == [match]
+    assert {part["skill"] for candidate in recruitment["candidates"] for part in candidate["contributions"]} == {
+        match["skill"]}
+    assert f"; {match['skill']} " in recruitment["explanation"][0]  # as show explains it
+    shown = cli("show", data["run_id"], "--json")
+    assert json.loads(shown.stdout)["result"]["plan"]["nodes"][0]["recruitment"]["matches"] == [match]
+
+
 def test_agents_shows_the_estimates_and_items_profile_shows_not_sums_counting_an_item_per_variant(
         tmp_path: Path) -> None:
     """`agents` said "history +48" (26 + 22 from a merged variant: items counted twice) where profile said
