@@ -180,8 +180,11 @@ class Recruitment:
             lines.append(f"{agent}: expected accuracy {candidate.suitability:.2f} (overall "
                          f"{candidate.competence:.2f}), ${candidate.cost:.6f} per answer{cold}; {skills}")
         summary = f"team: expected accuracy {team.expected_accuracy:.3f}, expected cost ${team.expected_cost:.6f}"
-        if team.aggregator is not None and len(self.experts) > 1:
-            summary += f"; aggregator {team.aggregator} (aggregation {team.aggregation_skill:.2f} here)"
+        if team.aggregator is not None and len(self.experts) > 1:  # (an assumed 0.50 read as measured)
+            summary += (f"; aggregator {team.aggregator} (aggregation {team.aggregation_skill:.2f} here)"
+                        if team.aggregation_measured else
+                        f"; aggregator {team.aggregator} (aggregation not measured: {team.aggregation_skill:.2f} "
+                        "assumed)")
         if self.staged:
             summary += (f"; the first {self.staged} experts are asked first, and if they agree, "
                         "no further expert and no aggregation call")
@@ -495,6 +498,8 @@ class Recruiter:
                 or max((cost for cost, _ in costs.values()), default=0.0))
         team = choose_team(options, aggregators, k=k, cost_lambda=lam, unit_cost=unit,
                            max_cost=self.config.max_cost_per_item, confidence=self.config.confidence)
+        if team.aggregator is not None and aggregation_evidence(self.table.profiles.get(team.aggregator)) is None:
+            team = replace(team, aggregation_measured=False)
         return ranked, team
 
     def filter_rare(self, recruitments: Sequence[Recruitment], *, seed: int,
