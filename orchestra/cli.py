@@ -871,6 +871,9 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     except OSError as error:
         fail(f"cannot write the profiles to {target}: {error.strerror or error}"
              + ("" if answers is None else "; every answer is saved: --resume writes them without a call"))
+    if not report.aggregation_items:  # (it said only "aggregation benchmark: 0 item(s)"; show then cited 0.50)
+        click.echo(f"note: aggregation skill was not measured: {_no_aggregation_items(aggregation_items, loaded)}; "
+                   "calibrated recruiting assumes 0.50 for every agent until it is", err=True)
     stale = stale_profiles(target, loaded.names)
     if stale:  # the pool would not load with them there
         click.echo(f"note: {target} also holds profiles of agents {pool} does not have: {stale}; move those files "
@@ -881,9 +884,6 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
                    f"{keywords.samples} samples, so recruiting ranks these agents by overall accuracy alone; set "
                    "keywords.min_count (or the keyword model's temperature) under the pool's settings: and profile "
                    "again", err=True)
-    if not report.aggregation_items:  # (it said only "aggregation benchmark: 0 item(s)"; show then cited 0.50)
-        click.echo(f"note: aggregation skill was not measured: {_no_aggregation_items(aggregation_items, loaded)}; "
-                   "calibrated recruiting assumes 0.50 for every agent until it is", err=True)
     if loaded.profiles_dir is None or loaded.profiles_dir.resolve() != target:  # (profiles nobody would read)
         click.echo(f"note: {pool} reads its profiles from {loaded.profiles_dir or 'nowhere (it has no profiles: line)'}"
                    f"; to recruit by these, set `profiles: {target}` in it", err=True)
