@@ -886,6 +886,9 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     except OSError as error:
         fail(f"cannot write the profiles to {target}: {error.strerror or error}"
              + ("" if answers is None else "; every answer is saved: --resume writes them without a call"))
+    if not report.aggregation_items:  # (it said only "aggregation benchmark: 0 item(s)"; show then cited 0.50)
+        click.echo(f"note: aggregation skill was not measured: {_no_aggregation_items(aggregation_items, loaded)}; "
+                   "calibrated recruiting assumes 0.50 for every agent until it is", err=True)
     stale = stale_profiles(target, loaded.names)
     if stale:  # the pool would not load with them there
         click.echo(f"note: {target} also holds profiles of agents {pool} does not have: {stale}; move those files "
@@ -935,10 +938,24 @@ def _usage_json(usage: Usage) -> dict[str, Any]:
             "completion_tokens": usage.completion_tokens, "cost_usd": usage.cost_usd}
 
 
+def _no_aggregation_items(limit: int | None, pool: Pool) -> str:
+    """Why a profile's aggregation benchmark had no item (``limit``: ``--aggregation-items``), and what to give it."""
+    if limit == 0:
+        return "--aggregation-items 0 left it out (leave the flag out to measure it)"
+    if len(pool.agents) < 3:
+        return (f"its items need one right and two wrong answers, and {pool.name} has {len(pool.agents)} "
+                "agent(s): profile a pool of three agents or more")
+    return ("no item got one right answer and two wrong ones from the agents, as its items need: give a data set with "
+            "questions some of the agents get wrong")
+
+
 def aggregation_cell(profile: SkillProfile | None) -> str:
-    """``0.80 ±0.03`` (score and standard error), ``-`` when not measured."""
-    if profile is None or profile.aggregation_score is None:
+    """``0.80 ±0.03`` (score and standard error), ``not measured`` for a profile without it, ``-``
+    without a profile."""
+    if profile is None:
         return "-"
+    if profile.aggregation_score is None:  # (not a score of 0.50: recruiting assumes that)
+        return "not measured"
     error = f" ±{profile.aggregation_stderr:.2f}" if profile.aggregation_stderr is not None else ""
     return f"{profile.aggregation_score:.2f}{error}"
 

@@ -1103,6 +1103,7 @@ class Orchestra:
                 before = earlier[run.run_id]
                 run.ledger.budget.count(before.usage, calls=before.calls)
                 run.ledger.counted, run.ledger.unsent = before.failed, before.unsent
+                run.ledger.earlier_failures = before.failures
 
     def _claim(self, runs: Sequence[Run]) -> None:
         """Claim this event loop for ``runs`` (until each goes, or is given up), refusing one while

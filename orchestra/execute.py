@@ -152,6 +152,8 @@ class RunLedger:
     counted: frozenset[tuple[str, int]] = frozenset()
     #: of ``counted``, those no request of which reached the model: answered from the cache, not calls
     unsent: frozenset[tuple[str, int]] = frozenset()
+    #: ``counted`` as (key, seq, model, error), oldest first (``Earlier.failures``)
+    earlier_failures: tuple[tuple[str, int, str, str], ...] = ()
     #: called when a request of the run, ended already, is cut off in flight and counted (its record is written again)
     after_end: Callable[[], None] | None = None
     _seq: dict[str, int] = field(default_factory=dict)
@@ -169,6 +171,23 @@ class RunLedger:
         self.failed_keyword_calls += purpose == KEYWORDS
         calls, first = self.failed_by_model.get(model, (0, str(error)))
         self.failed_by_model[model] = (calls + 1, first)
+
+    def run_failures(self) -> tuple[int, dict[str, tuple[int, str]]]:
+        """The run's failed calls, all and per model (with its first error), as ``failed_calls`` and
+        ``failed_by_model`` count this invocation's: a resumed run's earlier failures not asked again
+        now count too (one asked again counts as it ends now), as ``RunStore.run_totals`` does."""
+        if not self.earlier_failures:
+            return self.failed_calls, self.failed_by_model
+        total, by_model = 0, dict[str, tuple[int, str]]()
+        for key, seq, model, error in self.earlier_failures:
+            if seq >= self._seq.get(key, 0):
+                total += 1
+                calls, first = by_model.get(model, (0, error))
+                by_model[model] = (calls + 1, first)
+        for model, (calls, error) in self.failed_by_model.items():
+            before, first = by_model.get(model, (0, error))
+            by_model[model] = (before + calls, first)
+        return total + self.failed_calls, by_model
 
     def next_seq(self, key: str) -> int:
         """How many identical requests this run made before this one."""
@@ -1015,7 +1034,7 @@ class Executor:
         self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=spent.calls, requests=spent.requests,
                                       prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
                                       cost_usd=dollars(spent.cost_usd), cache_misses=ledger.cache_misses,
-                                      failed_calls=ledger.failed_calls))
+                                      failed_calls=ledger.run_failures()[0]))
 
     def _settle(self, call: _Call, usage: Usage | None) -> None:
         """Release the call's reservation (if the budget admitted it) and count what it spent; the

@@ -114,6 +114,9 @@ class Recruitment:
     notes: tuple[str, ...] = ()
     team: Team | None = None
     """``calibrated``: the chosen team, its aggregator, and what it is expected to achieve and cost."""
+    skills: tuple[str, ...] = ()
+    """``calibrated``: the skill each of ``matches`` was counted under (a keyword variant's canonical
+    skill, into which profiling merged it); empty where each counts under its own."""
 
     @property
     def staged(self) -> int:
@@ -177,8 +180,11 @@ class Recruitment:
             lines.append(f"{agent}: expected accuracy {candidate.suitability:.2f} (overall "
                          f"{candidate.competence:.2f}), ${candidate.cost:.6f} per answer{cold}; {skills}")
         summary = f"team: expected accuracy {team.expected_accuracy:.3f}, expected cost ${team.expected_cost:.6f}"
-        if team.aggregator is not None and len(self.experts) > 1:
-            summary += f"; aggregator {team.aggregator} (aggregation {team.aggregation_skill:.2f} here)"
+        if team.aggregator is not None and len(self.experts) > 1:  # (an assumed 0.50 read as measured)
+            summary += (f"; aggregator {team.aggregator} (aggregation {team.aggregation_skill:.2f} here)"
+                        if team.aggregation_measured else
+                        f"; aggregator {team.aggregator} (aggregation not measured: {team.aggregation_skill:.2f} "
+                        "assumed)")
         if self.staged:
             summary += (f"; the first {self.staged} experts are asked first, and if they agree, "
                         "no further expert and no aggregation call")
@@ -204,7 +210,10 @@ class Recruitment:
             "mode": self.mode,
             "experts": list(self.experts),
             "keywords": list(self.keywords),
-            "matches": [{"keyword": m.keyword, "skill": m.skill, "similarity": m.similarity} for m in self.matches],
+            # (a variant's own skill was shown where calibrated recruiting counted its canonical one)
+            "matches": [{"keyword": m.keyword, "skill": skill, "similarity": m.similarity}
+                        | ({"variant": m.skill} if skill != m.skill else {})
+                        for m, skill in zip(self.matches, self.skills or (m.skill for m in self.matches))],
             "candidates": [{"agent": c.agent, "suitability": c.suitability, "competence": round(c.competence, 6),
                             "weight": round(c.weight, 6), "probability": round(c.probability, 6),
                             "cold_start": c.cold_start,
@@ -440,9 +449,11 @@ class Recruiter:
         if found is None:
             if len(self._recruitments) >= 4096:
                 self._recruitments.clear()
+            calibration = self.table.calibration if team is not None else None
+            skills = tuple(calibration.canonical(m.skill) for m in matches) if calibration is not None else ()
             found = self._recruitments[key] = Recruitment(experts=experts, keywords=keywords, matches=matches,
                                                           candidates=tuple(ranked), mode=mode, notes=notes,
-                                                          team=team)
+                                                          team=team, skills=skills)
         return found
 
     def team(self, matches: Sequence[Match], k: int) -> tuple[list[Candidate], Team]:
@@ -487,6 +498,8 @@ class Recruiter:
                 or max((cost for cost, _ in costs.values()), default=0.0))
         team = choose_team(options, aggregators, k=k, cost_lambda=lam, unit_cost=unit,
                            max_cost=self.config.max_cost_per_item, confidence=self.config.confidence)
+        if team.aggregator is not None and aggregation_evidence(self.table.profiles.get(team.aggregator)) is None:
+            team = replace(team, aggregation_measured=False)
         return ranked, team
 
     def filter_rare(self, recruitments: Sequence[Recruitment], *, seed: int,

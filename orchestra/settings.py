@@ -147,17 +147,20 @@ def assignments(pairs: Sequence[str]) -> dict[str, Any]:
     return data
 
 
-def _first_problem(error: ValidationError, *, dotted: bool = False) -> str:
+def _first_problem(error: ValidationError, *, dotted: bool = False, model: type[BaseModel] | None = None) -> str:
     """``key.path: what is wrong`` for the first problem pydantic found (``dotted``: a nested setting
-    is written ``group.name``, as ``--set`` takes it, rather than as a mapping)."""
+    is written ``group.name``, as ``--set`` takes it, rather than as a mapping; ``model``: the one
+    validated, ``Settings`` unless given)."""
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         path = [str(part) for part in first["loc"]]
+        if model is not None:  # (answer options: no group of settings holds them)
+            return f"{where}: no such option; {_nearest(path[-1], list(model.model_fields))}"
         # (--set competence_weight=1 said only "no such setting"; recruit.max_tokens=5 "did you mean 'max_cost_...'")
         nested = nested_hint(path[-1], "{group}.{name}" if dotted else "{group}: {{{name}: ...}}")
         near = None if nested else _near_setting(path)  # (a budget's max_tokens: "did you mean planner_max_tokens")
-        return f"{where}: no such setting" + (f"; {nested}" if nested else f"; did you mean {near!r}?" if near else "")
+        return f"{where}: no such setting; {nested or near}" if nested or near else f"{where}: no such setting"
     if first["type"] == "literal_error":
         return f"{where}: unknown value {first['input']!r}; choose one of {first['ctx']['expected']}"
     return f"{where}: {first['msg'].removeprefix('Value error, ')}"
@@ -179,9 +182,9 @@ def nested_hint(name: str, form: str) -> str | None:
 
 
 def _near_setting(path: list[str]) -> str | None:
-    """The setting beside ``path``'s last name that it most likely misspells (``kk``: ``k``), or None."""
-    import difflib
-
+    """What to say of ``path``'s last name: the setting beside it that it most likely misspells
+    (``did you mean 'k'?``), else the closest ones and where every one is described; None where
+    ``path`` is not under a group of settings."""
     model: type[BaseModel] = Settings
     for part in path[:-1]:
         field = model.model_fields.get(part)
@@ -190,10 +193,27 @@ def _near_setting(path: list[str]) -> str | None:
         if inner is None:
             return None
         model = inner
-    names = list(model.model_fields)
-    same = [name for name in names if name.lower() == path[-1].lower()]  # ("K": k; difflib weighs case)
-    near = same or difflib.get_close_matches(path[-1], names, n=1)
-    return near[0] if near else None
+    # (--set nonsense=1 said only "no such setting": no name to try, nor where the names are)
+    import orchestra
+
+    where = "orchestra" if model.__name__ in orchestra.__all__ else model.__module__
+    group = " ".join(path[:-1])
+    return _nearest(path[-1], list(model.model_fields),
+                    f"every {group + ' ' if group else ''}setting: the README's Settings table, or "
+                    f"{where}.{model.__name__} in Python")
+
+
+def _nearest(name: str, names: list[str], where: str = "") -> str:
+    """``did you mean 'k'?`` where ``name`` most likely misspells one of ``names``, else the three
+    closest of them (and ``where`` they are all described)."""
+    import difflib
+
+    same = [known for known in names if known.lower() == name.lower()]  # ("K": k; difflib weighs case)
+    near = same or difflib.get_close_matches(name, names, n=1)
+    if near:
+        return f"did you mean {near[0]!r}?"
+    ranked = sorted(names, key=lambda known: -difflib.SequenceMatcher(None, name.lower(), known.lower()).ratio())
+    return f"the closest are {', '.join(map(repr, ranked[:3]))}" + (f" ({where})" if where else "")
 
 
 class WorkflowRef(BaseModel):
@@ -245,7 +265,7 @@ class AnswerOptions(BaseModel):
         try:
             return cls.model_validate(value)
         except ValidationError as error:
-            raise ConfigError(f"answer.{_first_problem(error)}") from None
+            raise ConfigError(f"answer.{_first_problem(error, model=cls)}") from None
 
     @field_validator("output", mode="before")
     @classmethod

@@ -49,6 +49,8 @@ class Team:
     utility: float
     over_cap: float | None = None
     """The cost cap no team fitted (this team is then the cheapest expert), else None."""
+    aggregation_measured: bool = True
+    """Whether the aggregator's ``aggregation_skill`` was measured (else it is assumed)."""
 
 
 def majority_odds(accuracies: Sequence[float]) -> tuple[float, float]:

@@ -326,7 +326,9 @@ class LogView(EventHandler[str]):
 
     Lines are held back until the first call comes back answered: a run that cannot start (a
     refused key, an unreachable endpoint) prints nothing here, and the command's one error line
-    is all the user reads. Each held line keeps the time of its event.
+    is all the user reads. Each held line keeps the time of its event. A ``planning…`` line waits
+    for the next line: a resumed run's planner answer, replayed from its record, asks no planner,
+    and its plan line says so instead.
     """
 
     def __init__(self, stream: IO[str], *, verbose: bool = False,
@@ -337,12 +339,20 @@ class LogView(EventHandler[str]):
         self.started = clock()
         self._retries_shown: set[tuple[str, str]] = set()
         self._held: list[str] | None = []
+        self._planning: dict[str, str] = {}  # per run, its "planning…" line, until the planner is asked
+        self._plan_from: dict[str, str] = {}  # per run, where its plan request was answered from, if not the planner
 
     def listen(self, event: Event) -> None:
         """An event listener."""
         line = self.handle(event)
         if line:
             line = f"[{self.clock() - self.started:6.1f}s] {printable(line)}\n"
+            if isinstance(event, PlanRequested):
+                self._planning[event.run_id] = line
+                return
+            if self._planning:  # (the planner was asked: something else happened since)
+                line = "".join(self._planning.values()) + line
+                self._planning.clear()
             if self._held is not None:
                 self._held.append(line)
             else:
@@ -359,11 +369,14 @@ class LogView(EventHandler[str]):
         return f"run {event.run_id}: {event.task}"
 
     def on_plan_requested(self, event: PlanRequested) -> str:
+        self._plan_from.pop(event.run_id, None)
         return "planning…" if event.attempt == 1 else f"planning… (repair {event.attempt - 1})"
 
     def on_plan_ready(self, event: PlanReady) -> str:
         note = f" ({event.note})" if event.note else ""
-        return f"plan: {len(event.nodes)} node(s): {', '.join(n['id'] for n in event.nodes)}{note}"
+        source = self._plan_from.pop(event.run_id, None)
+        return (f"plan{f' ({source})' if source else ''}: {len(event.nodes)} node(s): "
+                f"{', '.join(n['id'] for n in event.nodes)}{note}")
 
     def on_experts_recruited(self, event: ExpertsRecruited) -> str:
         aggregator = f"; aggregator {event.aggregator}" if event.aggregator else ""
@@ -409,6 +422,9 @@ class LogView(EventHandler[str]):
         return f"{event.model} · {event.purpose}\n{_call_text(event)}" if self.verbose else None
 
     def on_calls_resolved(self, event: CallsResolved) -> None:
+        if event.run_id in self._planning and event.source in _NOT_ASKED:  # (a run plans before it calls anything else)
+            del self._planning[event.run_id]
+            self._plan_from[event.run_id] = _NOT_ASKED[event.source]
         self._release()
 
     def on_run_done(self, event: RunDone) -> str | None:
@@ -418,6 +434,11 @@ class LogView(EventHandler[str]):
             return None
         self._release()
         return f"run {event.run_id} {event.status} in {event.elapsed_s:.1f} s"
+
+
+#: where a call answered without its model was answered from (``CallsResolved.source``), as a plan line says it
+_NOT_ASKED = {"store": "replayed from the run's record: the planner is not asked again",
+              "cache": "the planner's answer from the response cache"}
 
 
 def _call_text(event: CallDone) -> str:

@@ -601,6 +601,24 @@ def test_a_run_resumed_on_another_endpoint_counts_what_both_endpoints_received(l
     assert _totals(shown["totals"]) == _totals(usage)
 
 
+def test_a_resumed_runs_failed_calls_are_the_whole_runs(loopback, tmp_path: Path) -> None:
+    """A call that failed before the resume and is not asked again (its endpoint moved) is still a failed
+    call of the run: the resumed result counted only the resume's own (0), where runs and show said 1."""
+    first, second = loopback(BilledServer(failing_model="gamma")), loopback(BilledServer())
+    pool = write_pool(tmp_path, first.url)
+    stopped = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "3",
+                  "--max-calls", "7", "--json")
+    assert stopped.returncode == 3 and json.loads(stopped.stdout)["usage"]["failed_calls"] == 1, stopped.stderr
+    run_id = json.loads(stopped.stdout)["run_id"]
+    write_pool(tmp_path, second.url)
+    resumed = cli("resume", run_id, "--max-calls", "50", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    usage = json.loads(resumed.stdout)["usage"]
+    assert _totals(json.loads(cli("show", run_id, "--json").stdout)["totals"]) == _totals(usage)
+    assert usage["failed_calls"] == 1 and usage["failed_by_model"]["gamma"]["calls"] == 1
+    assert "HTTP 500" in usage["failed_by_model"]["gamma"]["first_error"]
+
+
 def test_show_never_cuts_a_calls_cost_on_a_narrow_terminal(tmp_path: Path) -> None:
     """At 80 columns the call's title was cut inside its cost (``$0.0000`` for $0.000068): a paid
     call read as free. The accounting opens the call's body now, which wraps."""

@@ -288,6 +288,75 @@ def test_agents_shows_skills_merged_as_recruiting_reads_them_and_who_aggregates(
     assert "aggregator: hist (calibrated teams choose their own)" in table.stdout
 
 
+@pytest.mark.parametrize(("mode", "match"), [
+    ("calibrated", {"keyword": "history of europe", "skill": "european history", "similarity": 1.0,
+                    "variant": "history of europe"}),
+    ("symbolic-moe", {"keyword": "history of europe", "skill": "history of europe", "similarity": 1.0}),
+])
+def test_ask_json_matches_name_the_skill_recruiting_counted(loopback, tmp_path: Path, mode: str,
+                                                            match: dict[str, object]) -> None:
+    """`ask --json` matched a keyword variant to its own skill ("history of europe") where calibrated
+    recruiting, and show's explanation, counted the skill profiling merged it into ("european history")."""
+    from loopback_llm import ScriptedLLM
+
+    from orchestra.profile import Provenance, SkillProfile
+
+    server = loopback(ScriptedLLM(keywords=["history of europe"]).handler())
+    for agent, right in (("hist", 17), ("geo", 8)):
+        SkillProfile(agent=agent, skills={"european history": 10, "history of europe": 7}, accuracy=right / 20,
+                     aliases={"history of europe": "european history"}, skill_counts={"european history": (right, 20)},
+                     provenance=Provenance(dataset="v.jsonl", dataset_sha256="x", items=20,
+                                           model=f"OpenAICompatible:{agent}")).save(tmp_path / "p")
+    path = tmp_path / "pool.yaml"
+    path.write_text("models:\n" + "".join(f"  {a}: {{type: openai, model: {a}, base_url: '{server.url}/v1', "
+                                          "api_key_env: null}\n" for a in ("hist", "geo"))
+                    + "profiles: p\nagents:\n  - {name: hist, model: hist}\n  - {name: geo, model: geo}\n")
+    done = cli("ask", "Who won at Waterloo?", "--pool", str(path), "--no-plan", "--k", "1", "--mode", mode, "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    recruitment = data["plan"]["nodes"][0]["recruitment"]
+    assert recruitment["matches"] == [match]
+    assert {part["skill"] for candidate in recruitment["candidates"] for part in candidate["contributions"]} == {
+        match["skill"]}
+    assert f"; {match['skill']} " in recruitment["explanation"][0]  # as show explains it
+    shown = cli("show", data["run_id"], "--json")
+    assert json.loads(shown.stdout)["result"]["plan"]["nodes"][0]["recruitment"]["matches"] == [match]
+
+
+def test_a_profile_without_aggregation_items_says_why_and_views_do_not_cite_its_assumed_score(
+        loopback, tmp_path: Path) -> None:
+    """A data set no agent pair got wrong on one item (each item: one agent wrong) measures no aggregation
+    skill: profile said only "aggregation benchmark: 0 item(s)", and show then cited the 0.50 recruiting
+    assumes as the aggregator's measured score ("aggregation 0.50 here")."""
+    from loopback_llm import ScriptedLLM, write_pool
+
+    def expert(model: str, assignment: str) -> str:  # item i: the agent i % 3 is wrong, the others right
+        return "The answer is 7" if int(assignment.split()[2]) % 3 == "abg".index(model[0]) else "The answer is 42"
+
+    server = loopback(ScriptedLLM(expert=expert).handler())
+    pool = write_pool(tmp_path, server.url, extra="profiles: profs\n")
+    data = tmp_path / "v.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} and six?", "answer": "42"}) + "\n"
+                            for i in range(6)))
+    profiled = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(tmp_path / "profs"))
+    assert profiled.returncode == 0, profiled.stderr
+    assert ("note: aggregation skill was not measured: no item got one right answer and two wrong ones from the "
+            "agents, as its items need: give a data set with questions some of the agents get wrong; calibrated "
+            "recruiting assumes 0.50 for every agent until it is\n") in profiled.stderr
+    listed = " ".join(cli("agents", "--pool", str(pool), env={"COLUMNS": "200"}).stdout.split())
+    assert "│ alpha-expert │ alpha │ 0.333 │ 0.67 │ not measured │" in listed, listed
+    done = cli("ask", "What is 9 and six?", "--pool", str(pool), "--no-plan", "--k", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)["plan"]["nodes"][0]["recruitment"]["explanation"][-1]
+    assert summary.endswith("; aggregator alpha-expert (aggregation not measured: 0.50 assumed)"), summary
+    shown = " ".join(cli("show", json.loads(done.stdout)["run_id"], env={"COLUMNS": "200"}).stdout.split())
+    assert "(aggregation not measured: 0.50 assumed)" in shown and "0.50 here" not in shown
+    left_out = cli("profile", "--pool", str(pool), "--data", str(data), "--out", str(tmp_path / "again"),
+                   "--aggregation-items", "0")
+    assert ("note: aggregation skill was not measured: --aggregation-items 0 left it out (leave the flag out to "
+            "measure it)") in left_out.stderr
+
+
 def test_agents_shows_the_estimates_and_items_profile_shows_not_sums_counting_an_item_per_variant(
         tmp_path: Path) -> None:
     """`agents` said "history +48" (26 + 22 from a merged variant: items counted twice) where profile said

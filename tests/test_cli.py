@@ -1281,6 +1281,19 @@ def test_exit_codes_budget_and_resume_hint(llm, tmp_path: Path) -> None:
     assert sum(llm.kinds.values()) - before == 13 - 3  # the three recorded calls were not sent again
 
 
+def test_a_resume_says_its_plan_is_replayed_rather_than_planning(llm, tmp_path: Path) -> None:
+    """A resume printed `planning…` while its planner's recorded answer was replayed and no planner was asked."""
+    pool = write_pool(tmp_path, llm.server.url)
+    stopped = cli("ask", "Write a short report, then check it", "--pool", str(pool), "--max-calls", "3")
+    assert stopped.returncode == 3 and "] planning…\n" in stopped.stderr and "] plan: 3 node(s)" in stopped.stderr
+    run_id = json.loads(cli("runs", "--json").stdout)[0]["id"]
+    resumed = cli("resume", run_id, "--max-calls", "100")
+    assert resumed.returncode == 0 and llm.kinds["plan"] == 1, resumed.stderr
+    assert "planning" not in resumed.stderr
+    assert ("] plan (replayed from the run's record: the planner is not asked again): 3 node(s): facts, numbers, "
+            "report\n") in resumed.stderr
+
+
 def test_advice_given_with_store_names_that_store_and_works_as_printed(llm, tmp_path: Path) -> None:
     """The resume a message named looked in the default store: `no run 'ID' in ~/.orchestra/runs.db`
     (found by a trial, with ask, run, Ctrl-C and serve)."""

@@ -138,7 +138,8 @@ def test_a_resumed_run_counts_what_its_models_answered_before_but_not_its_cache_
     assert store.earlier_usage(["r1"]) == {}  # begun here afresh: nothing before
     earlier = RunStore(tmp_path / "runs.db").earlier_usage(["r1"])
     assert earlier == {"r1": (Usage(prompt_tokens=17, completion_tokens=6, cost_usd=0.0, requests=4), 2,
-                              frozenset({("b", 0)}), frozenset())}  # (as run_totals counts calls; the failed one named)
+                              frozenset({("b", 0)}), frozenset(),  # (as run_totals counts calls; the failed one named)
+                              (("b", 0, "m", "failed"),))}  # (with its model and error: the run's failed calls)
 
 
 def test_earlier_usage_of_many_runs_misses_none_of_them(tmp_path: Path) -> None:
@@ -152,8 +153,8 @@ def test_earlier_usage_of_many_runs_misses_none_of_them(tmp_path: Path) -> None:
                       for run_id in ids])
     earlier = RunStore(tmp_path / "runs.db").earlier_usage(ids)
     assert sorted(earlier) == ids
-    assert all(usage.requests == 1 and calls == 1 and not failed and not unsent
-               for usage, calls, failed, unsent in earlier.values())
+    assert all(usage.requests == 1 and calls == 1 and not failed and not unsent and not failures
+               for usage, calls, failed, unsent, failures in earlier.values())
 
 
 class Reading(BaseModel):

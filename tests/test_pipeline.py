@@ -305,6 +305,11 @@ async def _async_tasks() -> AsyncIterator[str]:
      "answer.output: must be 'text', 'json' or a JSON schema, not 'yaml'"),
     (lambda pool: Orchestra(pool, store=False).run("x?", answer={"max_tokens": 0}),
      "answer.max_tokens: Input should be greater than or equal to 1"),
+    # (an unknown answer option was named "no such setting", and would be given settings as the closest)
+    (lambda pool: Orchestra(pool, store=False).run("x?", answer={"outptu": "json"}),
+     "answer.outptu: no such option; did you mean 'output'?"),
+    (lambda pool: Orchestra(pool, store=False).run("x?", answer={"nonsense": 1}),
+     "answer.nonsense: no such option; the closest are 'max_tokens', 'temperature', 'output'"),
     (lambda pool: Orchestra(pool, store=False).run("x?", answer="json"),
      "answer must be AnswerOptions or its fields as a dict ({'output': 'json'}), not str 'json'"),
     (lambda pool: Orchestra(pool, store=False).run("x?", context=5), "context must be text, not int 5"),

@@ -154,7 +154,12 @@ def test_an_evaluation_named_otherwise_by_an_older_version_is_resumed(loopback, 
 
 
 @pytest.mark.parametrize(("flag", "message"), [
-    ("nope=1", "error: --set nope: no such setting"),
+    # (a name close to none said only "no such setting": nothing to try, nor where the settings are)
+    ("nonsense=1", "error: --set nonsense: no such setting; the closest are 'seed', 'planner_max_tokens', "
+                   "'max_response_chars' (every setting: the README's Settings table, or orchestra.Settings in Python)"),
+    ("recruit.nonsense=1", "error: --set recruit.nonsense: no such setting; the closest are 'confidence', "
+                           "'max_cost_per_item', 'competence_weight' (every recruit setting: the README's Settings "
+                           "table, or orchestra.RecruitConfig in Python)"),
     ("keywords.samplez=3", "error: --set keywords.samplez: no such setting; did you mean 'samples'?"),
     ("budget.max_call=3", "error: --set budget.max_call: no such setting; did you mean 'max_calls'?"),
     ("K=3", "error: --set K: no such setting; did you mean 'k'?"),  # (difflib weighs case: it named none)
