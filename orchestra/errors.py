@@ -15,6 +15,17 @@ class OrchestraError(Exception):
     def __str__(self) -> str:
         return " ".join(str(self.args[0]).split()) if self.args else self.__class__.__name__
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copied and pickled as made, without its constructor: the errors whose constructors take
+        keywords or more than the message (``BudgetExceeded``) raised ``TypeError`` in ``copy.copy``
+        and in ``pickle.loads``, as Ray unpickles an actor's error."""
+        return _unpickled, (type(self), self.args), self.__dict__
+
+
+def _unpickled(kind: type[OrchestraError], args: tuple[Any, ...]) -> OrchestraError:
+    """An error of ``kind`` with ``args``, its constructor not called (its attributes come after)."""
+    return kind.__new__(kind, *args)
+
 
 class UserError(OrchestraError):
     """Something the user can fix in a file, a flag or the environment."""
