@@ -1336,7 +1336,8 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     if as_json:
         # ("run_id" as every other --json names it; "id" as this one always did)
         click.echo(json.dumps([{"run_id": r.id, "id": r.id, "status": r.status, "task": r.task, "item": r.item,
-                                "created": r.created, "resumes": r.resumes, **store.run_totals(r.id)}
+                                "served": r.served, "created": r.created, "resumes": r.resumes,
+                                **store.run_totals(r.id)}
                                for r in records], indent=2))
         return
     rows = []
@@ -1346,7 +1347,9 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
         rows.append((record.id, record.status, f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M}",
                      str(totals["calls"]) + (f" ({totals['failed_calls']} failed)" if totals["failed_calls"] else ""),
                      str(totals["requests"]), cost,
-                     (f"item {one_line(record.item)} · " if record.item else "") + " ".join(record.task.split())[:60]))
+                     (f"item {one_line(record.item)} · " if record.item else "")
+                     + (f"served {one_line(record.served)} · " if record.served else "")
+                     + " ".join(record.task.split())[:60]))
     # every column but the task keeps its whole value (a run id is what `resume` and `show` take);
     # the task gives way on a narrow terminal (a data-set item's id comes first, so it stays)
     columns = ["run", "status", "when", "calls", "requests", "cost"]

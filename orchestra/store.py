@@ -147,9 +147,18 @@ class RunRecord:
     @property
     def item(self) -> str | None:
         """The data-set item this run answered, for runs of a data-set workflow."""
+        return self._meta().get("item")
+
+    @property
+    def served(self) -> str | None:
+        """The model a client asked for, for a run that ``orchestra serve`` made."""
+        meta = self._meta()
+        return meta["model"] if meta.get("kind") == "serve" and isinstance(meta.get("model"), str) else None
+
+    def _meta(self) -> dict[str, Any]:
         spec = self.config.get("spec") or self.config  # a run spec, or a record of version 0.1
         meta = spec.get("meta") if isinstance(spec, dict) else None
-        return meta.get("item") if isinstance(meta, dict) else None
+        return meta if isinstance(meta, dict) else {}
 
 
 def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:

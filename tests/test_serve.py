@@ -228,6 +228,13 @@ def test_a_completion_is_a_run_whose_usage_is_what_the_experts_saw(serve: Any, t
     assert "Be brief." in json.dumps(aggregation["messages"])  # and the aggregator, who writes the answer
     record = RunStore(tmp_path / "runs.db").run(completion.id)
     assert record.status == "done" and record.task == "How far does light travel in a nanosecond?"
+    # `runs` says which model a client asked for (only `show --json`'s config did)
+    from test_cli import cli
+
+    [listed] = json.loads(cli("runs", "--store", str(tmp_path / "runs.db"), "--json").stdout)
+    assert (listed["served"], listed["item"]) == ("orchestra", None)
+    shown = cli("runs", "--store", str(tmp_path / "runs.db"), env={"COLUMNS": "200"}).stdout
+    assert "served orchestra · How far does light travel" in shown, shown
     before = sum(experts.requests.values())
     for model in ("orchestra", "beta"):  # (an agent's too: it named the planner, which no agent's run has)
         with pytest.raises(openai.BadRequestError) as long:  # within the body limit, but no prompt could hold it
