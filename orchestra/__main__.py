@@ -1,5 +1,5 @@
 """``python -m orchestra``: the command line."""
 
-from orchestra.cli import main
+from orchestra.cli import command_line
 
-main()
+command_line()

@@ -89,14 +89,31 @@ def shield_ray_shutdown() -> None:
     Ray's processes left running)."""
     ray = sys.modules.get("ray")
     if ray is not None and getattr(ray, "is_initialized", lambda: False)():
-        ignore_ctrl_c()
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+#: whether this process is the `orchestra` command itself (``command_line``), which exits once its command ends
+_OWN_PROCESS = False
+
+
+def command_line(args: Sequence[str] | None = None) -> None:
+    """The `orchestra` command as its own process (the console script, ``python -m orchestra``): once
+    a command has its outcome, Ctrl-C is ignored while the process prints it and exits."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+    main(args)
 
 
 def ignore_ctrl_c() -> None:
-    """Ctrl-C is ignored from here on, while the process finishes what it decided and exits."""
-    import signal
+    """In the command's own process (``command_line``), Ctrl-C is ignored from here on, while it finishes what
+    it decided and exits; a caller in its own process (click's ``CliRunner``, ``main(...)``) keeps its
+    handler (it was left deaf to Ctrl-C)."""
+    if _OWN_PROCESS:
+        import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class SettingsCommand(click.Command):

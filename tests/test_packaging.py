@@ -24,7 +24,7 @@ def test_wheel_contains_the_data_and_the_installed_package_finds_it(tmp_path: Pa
         assert required in names, required
     assert not any(name.endswith((".gguf", ".db")) for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "orchestra = orchestra.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "orchestra = orchestra.cli:command_line" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -525,8 +525,39 @@ if again == "printed":
     cli.echo_json = printed
 else:
     cli.shield_ray_shutdown = interrupt
-cli.main(["ask", "What is 2+2?", "--no-plan", "--json", "--no-store"])
+cli.command_line(["ask", "What is 2+2?", "--no-plan", "--json", "--no-store"])
 """
+
+
+_ASK_IN_PROCESS = """
+import os, signal, time
+from orchestra import Agent, Pool, agents, cli
+from orchestra.testing import FunctionModel
+
+pool = Pool(agents=[Agent(name="solo", model=FunctionModel(lambda request: "4", name="m"))])
+agents.Pool.load = classmethod(lambda cls, *args, **kwargs: pool)
+try:
+    cli.main(["ask", "What is 2+2?", "--no-plan", "--json", "--no-store"])
+except SystemExit as done:
+    print("exit", done.code)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+    print("deaf to Ctrl-C")
+except KeyboardInterrupt:
+    print("hears Ctrl-C")
+"""
+
+
+def test_a_command_run_inside_another_program_leaves_its_ctrl_c_as_it_was() -> None:
+    """`ask` run by a program of its own (click's ``CliRunner``, ``main([...])``) left that program deaf to
+    Ctrl-C: ignoring it once the outcome is printed is for the `orchestra` process alone, which then exits."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _ASK_IN_PROCESS], capture_output=True, text=True, timeout=60)
+    said = (done.stdout + done.stderr).splitlines()  # (--json's prints after it go to stderr)
+    assert "exit 0" in said and said[-1] == "hears Ctrl-C", (done.stdout, done.stderr)
 
 
 @pytest.mark.parametrize("same_s, again", [(3600.0, "printed"), (0.0, "printed"), (3600.0, "exiting")])

@@ -494,7 +494,7 @@ pool = Pool(agents=[Agent(name="solo", model=FunctionModel(expert, name="m"))],
 agents.Pool.load = classmethod(lambda cls, *args, **kwargs: pool)
 if again == "bye":
     cli.shield_ray_shutdown = interrupt  # (as the command has returned: the process exits)
-cli.main(["chat", "--no-store"])
+cli.command_line(["chat", "--no-store"])
 """.replace("KEYWORDS_MARK", repr(KEYWORDS_MARK))
 
 
