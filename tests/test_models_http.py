@@ -8,8 +8,10 @@ import email.utils
 import json
 import os
 import re
+import socket
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -25,7 +27,7 @@ from orchestra.errors import (
     RequestRejected,
     RequestTimeout,
 )
-from orchestra.models import Anthropic, ChatRequest, OpenAICompatible
+from orchestra.models import Anthropic, ChatRequest, OpenAICompatible, allow_model_requests
 from orchestra.models import http as http_module
 from orchestra.models.base import retry_listener
 from orchestra.models.http import Endpoint, parse_retry_after
@@ -883,6 +885,185 @@ def test_a_stream_nobody_asked_for_that_its_server_holds_open_is_read_whole_at_i
     assert (result.text, result.finish_reason, result.usage.prompt_tokens, result.usage.requests) == (
         "The answer is 4.", "stop", 30, 1)
     assert time.monotonic() - started < 20
+
+
+def transport_options(transport: str) -> dict[str, Any]:
+    """An endpoint's options for sending over ``transport`` (aiohttp is the default)."""
+    return {} if transport == "aiohttp" else {"transport": lambda n: HttpxTransport(httpx.AsyncHTTPTransport())}
+
+
+def anthropic_events(text: str, *, input_tokens: int = 10) -> bytes:
+    """A Messages answer as the API streams it, ``message_start`` to ``message_stop``."""
+    def event(kind: str, body: dict[str, Any]) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **body})}\n\n".encode()
+
+    return b"".join([
+        event("message_start", {"message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [],
+                                            "model": "c", "stop_reason": None,
+                                            "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
+        event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        event("ping", {}),
+        *[event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
+          for piece in (text[:5], text[5:])],
+        event("content_block_stop", {"index": 0}),
+        event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                "usage": {"output_tokens": 7}}),
+        event("message_stop", {})])
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_an_anthropic_stream_nobody_asked_for_that_its_server_holds_open_is_the_answer(loopback,
+                                                                                       transport: str) -> None:
+    """A server that streams a Messages request that did not ask, then holds the stream open after
+    ``message_stop``: the call waited for its whole timeout, then failed; it is the streamed answer."""
+    async def parts() -> AsyncIterator[bytes]:
+        yield anthropic_events("The answer is 4.", input_tokens=30)
+        await asyncio.sleep(3600)  # (never: the client stops reading first)
+
+    server = loopback(lambda request: Reply(parts=parts))
+    model = Anthropic(model="c", endpoint=Endpoint(server.url, **transport_options(transport)), timeout=30,
+                      max_attempts=1)
+    started = time.monotonic()
+    result = run(model.complete_one(ask("What is 2 + 2?")))
+    assert "stream" not in server.requests[0].json()
+    assert (result.text, result.finish_reason, result.usage.prompt_tokens, result.usage.completion_tokens,
+            result.usage.requests) == ("The answer is 4.", "stop", 30, 7, 1)
+    assert time.monotonic() - started < 20
+
+
+def test_an_anthropic_stream_nobody_asked_for_is_a_tool_call_an_error_or_cut_as_it_says(loopback) -> None:
+    def event(kind: str, body: dict[str, Any]) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **body})}\n\n".encode()
+
+    def streamed(*events: bytes) -> Reply:
+        async def parts() -> AsyncIterator[bytes]:
+            for part in events:
+                yield part
+        return Reply(parts=parts)
+
+    tool = [event("message_start", {"message": {"content": [], "usage": {"input_tokens": 12}}}),
+            event("content_block_start", {"index": 0, "content_block": {"type": "tool_use", "id": "t",
+                                                                        "name": "respond", "input": {}}}),
+            event("content_block_delta", {"index": 0, "delta": {"type": "input_json_delta",
+                                                                "partial_json": '{"city": "Oslo", "popu'}}),
+            event("content_block_delta", {"index": 0, "delta": {"type": "input_json_delta",
+                                                                "partial_json": 'lation": 700000}'}}),
+            event("message_delta", {"delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}),
+            event("message_stop", {})]
+    server = loopback(lambda request: streamed(*tool))
+    result = run(anthropic(server).complete_one(ask("Oslo?", output=Answer)))
+    assert result.parsed == Answer(city="Oslo", population=700000) and result.usage.prompt_tokens == 12
+
+    server = loopback(lambda request: streamed(tool[0], event("error", {"error": {"type": "overloaded_error",
+                                                                                  "message": "Overloaded"}})))
+    with pytest.raises(BadResponse, match="answered with an error for claude-sonnet-4-5: Overloaded"):
+        run(anthropic(server, max_attempts=1).complete_one(ask()))
+    server = loopback(lambda request: streamed(*tool[:3]))
+    with pytest.raises(ConnectionBroke, match="before the answer was finished"):
+        run(anthropic(server, max_attempts=2).complete_one(ask()))
+    assert len(server.requests) == 2
+
+
+class RawServer:
+    """A server on 127.0.0.1 that answers each request with ``answer``'s bytes as they are, unchecked,
+    and then sends nothing more unless the client asks again on that connection."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        self.requests = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # (closed)
+                return
+            self.connections.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        received = b""
+        with contextlib.suppress(OSError):
+            while data := connection.recv(65536):
+                received += data
+                while b"\r\n\r\n" in received:
+                    head, _, rest = received.partition(b"\r\n\r\n")
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                    if len(rest) < length:
+                        break
+                    received = rest[length:]
+                    self.requests += 1
+                    connection.sendall(self.answer)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+@contextlib.contextmanager
+def raw_server(answer: bytes) -> Iterator[RawServer]:
+    """A ``RawServer`` for the test's length; real model requests are allowed while it runs."""
+    server = RawServer(answer)
+    try:
+        with allow_model_requests():
+            yield server
+    finally:
+        server.close()
+
+
+def chunked(content_type: str, *chunks: bytes) -> bytes:
+    """An HTTP/1.1 answer's head and ``chunks`` in chunked transfer encoding (an empty one ends the body)."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    return head + b"".join(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for chunk in chunks)
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_a_whole_json_answer_whose_chunked_body_the_server_never_ends_is_the_answer(transport: str) -> None:
+    """A chat.completion sent whole in a chunked body whose last (empty) chunk never came: the call
+    waited for its whole timeout, then failed. Nothing sent after a whole JSON object can belong to it."""
+    body = json.dumps(openai_reply("The answer is 4.", prompt_tokens=30).body).encode()
+    with raw_server(chunked("application/json", body[:40], body[40:])) as server:
+        model = OpenAICompatible(model="m", endpoint=Endpoint(server.url + "/v1", **transport_options(transport)),
+                                 timeout=30, max_attempts=1)
+        started = time.monotonic()
+        result = run(model.complete_one(ask("What is 2 + 2?")))
+        assert (result.text, result.usage.prompt_tokens, server.requests) == ("The answer is 4.", 30, 1)
+        assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_a_chunked_json_answer_that_ends_keeps_its_connection_for_the_next(transport: str) -> None:
+    body = json.dumps(openai_reply("The answer is 4.").body).encode()
+    with raw_server(chunked("application/json", body, b"")) as server:
+        model = OpenAICompatible(model="m", endpoint=Endpoint(server.url + "/v1", **transport_options(transport)),
+                                 timeout=30, max_attempts=1)
+
+        async def twice() -> list[str]:
+            return [(await model.complete_one(ask())).text for _ in range(2)]
+
+        assert run(twice()) == ["The answer is 4."] * 2
+        assert (server.requests, len(server.connections)) == (2, 1)
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_an_answer_shorter_than_its_content_length_times_out_saying_how_much_came(transport: str) -> None:
+    """The server promised more bytes than it sent: waiting is right, but the timeout said only that
+    the server did not finish answering."""
+    body = json.dumps(openai_reply("The answer is 4.").body).encode()
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body) + 100}\r\n\r\n"
+    with raw_server(head.encode() + body) as server:
+        model = OpenAICompatible(model="m", endpoint=Endpoint(server.url + "/v1", **transport_options(transport)),
+                                 timeout=1, max_attempts=1)
+        with pytest.raises(RequestTimeout, match=rf"sent only {len(body)} of the {len(body) + 100} bytes its "
+                                                 r"answer's Content-Length promised within 1 s \(timeout=1 s"):
+            run(model.complete_one(ask()))
 
 
 def test_a_stream_that_broke_before_any_text_is_a_request_and_no_tokens(loopback) -> None:

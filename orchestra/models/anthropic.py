@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from orchestra.errors import BadResponse
+from orchestra.errors import BadResponse, ConnectionBroke
 from orchestra.models.base import check_whole, with_settings
 from orchestra.models.http import Endpoint, EndpointModel, check_model_id, display_url, no_text
 from orchestra.models.negotiation import Capabilities
@@ -74,7 +74,7 @@ class Anthropic(EndpointModel):
     async def _generate(self, request: ChatRequest) -> ChatResult:
         body = await self.endpoint.post_negotiated(
             "/v1/messages", lambda capabilities: self._payload(request, capabilities),
-            model=self.model, headers=_headers, policy=self.policy)
+            model=self.model, headers=_headers, policy=self.policy, stream=_stream_end, complete=self._whole)
         usage = body.get("usage") if isinstance(body, dict) else None
         billed = token_count(usage.get("input_tokens")) if isinstance(usage, dict) else None
         if billed is not None:
@@ -106,6 +106,46 @@ class Anthropic(EndpointModel):
             payload["tool_choice"] = {"type": "tool", "name": _TOOL}
         return capabilities.strip(payload)
 
+    def _whole(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An attempt's answer as one Messages body: a stream sent though none was asked for, assembled."""
+        if "events" not in body:
+            return body
+        message: dict[str, Any] = {"content": [], "usage": {}}
+        partial: dict[int, str] = {}  # (a tool call's input, as its pieces of JSON came)
+        stopped = False
+        for event in body["events"]:
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "error":
+                said = event.get("error")
+                said = said.get("message") if isinstance(said, dict) else said
+                raise BadResponse(f"{display_url(self.endpoint.base_url)} answered with an error for {self.model}: "
+                                  f"{str(said)[:500]}")
+            stopped = stopped or kind == "message_stop"
+            if kind == "message_start" and isinstance(event.get("message"), dict):
+                message = {**event["message"], "content": [], "usage": dict(event["message"].get("usage") or {})}
+            elif kind == "content_block_start" and isinstance(event.get("content_block"), dict):
+                message["content"].append(dict(event["content_block"]))
+            elif kind == "content_block_delta" and message["content"] and isinstance(event.get("delta"), dict):
+                block, delta = message["content"][-1], event["delta"]
+                if isinstance(delta.get("text"), str):
+                    block["text"] = str(block.get("text", "")) + delta["text"]
+                elif isinstance(delta.get("partial_json"), str):
+                    index = len(message["content"]) - 1
+                    partial[index] = partial.get(index, "") + delta["partial_json"]
+            elif kind == "message_delta":
+                delta = event.get("delta")
+                message["stop_reason"] = delta.get("stop_reason") if isinstance(delta, dict) else None
+                message["usage"].update(event.get("usage") if isinstance(event.get("usage"), dict) else {})
+        for index, text in partial.items():
+            try:
+                message["content"][index]["input"] = json.loads(text)
+            except (ValueError, RecursionError):
+                message["content"][index]["input"] = text  # (what the output's check will judge)
+        if not stopped:
+            raise ConnectionBroke(f"{display_url(self.endpoint.base_url)} ended its stream for {self.model} "
+                                  "before the answer was finished (no message_stop)")
+        return message
+
     def _result(self, body: dict[str, Any]) -> ChatResult:
         content = body.get("content")
         if not isinstance(content, list):
@@ -127,6 +167,29 @@ class Anthropic(EndpointModel):
 #: the Messages API's stop reasons in Chat Completions' words, which the rest of Orchestra reads
 #: (an answer cut at ``max_tokens`` is ``length``); others pass through as they are
 _FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "stop", "max_tokens": "length"}
+
+
+def _stream_end() -> Callable[[bytes], bool]:
+    """An attempt's handler of an answer's pieces: it tells when a stream the server sent though none
+    was asked for is whole, at ``message_stop`` or an error (one held open after it kept the call until
+    its timeout)."""
+    pending = bytearray()
+
+    def on_chunk(piece: bytes) -> bool:
+        pending.extend(piece)
+        whole = False
+        while (end := pending.find(b"\n")) >= 0:
+            line = bytes(pending[:end]).strip()
+            del pending[:end + 1]
+            if line.startswith(b"data:"):
+                try:
+                    kind = json.loads(line[5:]).get("type")
+                except (ValueError, AttributeError, RecursionError):
+                    continue  # (something the whole answer's check will judge)
+                whole = whole or kind in ("message_stop", "error")
+        return whole
+
+    return on_chunk
 
 
 def _tools_allowed(capabilities: Capabilities) -> bool:

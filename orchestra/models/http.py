@@ -428,7 +428,7 @@ class Endpoint:
             if limit <= 0:  # (a retry whose turn came after the deadline: not sent)
                 raise _Retryable(RequestTimeout(_past_deadline(shown, policy, attempt - 1, unsent=True)))
             count_request()
-            connected = [False] if getattr(state.transport, "tells_connected", False) else [True]
+            connected: list[int] = [False] if getattr(state.transport, "tells_connected", False) else [True]
             token = CONNECTED.set(connected)
             try:  # the whole answer within the limit: a server that trickles bytes is cut off too
                 response = await state.deadlines.within(limit, state.transport.post(url, headers, body, on_chunk))
@@ -445,8 +445,10 @@ class Endpoint:
                 if unseen:
                     raise _Retryable(EndpointUnreachable(
                         f"cannot reach {shown} (no connection within {limit:g} s); is the server running?")) from None
+                what = (f"sent only {connected[2]} of the {connected[1]} bytes its answer's Content-Length promised"
+                        if len(connected) == 3 else "did not finish answering")
                 raise _Retryable(RequestTimeout(
-                    f"{shown} did not finish answering within {limit:g} s (timeout={policy.timeout:g} s per attempt, "
+                    f"{shown} {what} within {limit:g} s (timeout={policy.timeout:g} s per attempt, "
                     f"deadline={policy.deadline:g} s per call; raise them on the model)")) from None
             except httpx.ConnectError as error:  # no connection: the server never saw it
                 take_back_request()

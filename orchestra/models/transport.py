@@ -5,7 +5,8 @@ request's client time managing connections, ``httpx.AsyncClient`` adds auth, red
 handling an API call does not need, and building ``httpx.Request``/``httpx.Response`` objects
 costs more than the rest of Orchestra's layer. An endpoint therefore asks a ``Transport`` for one
 thing, a POST of JSON bytes answered whole (its body also handed over piece by piece as it
-arrives, when the caller streams), and gets an ``Answer`` back:
+arrives, when the caller streams; a body without a length, to the end of the JSON object it holds,
+``body_without_length``), and gets an ``Answer`` back:
 
 - ``AiohttpTransport`` (the default) sends it over one ``aiohttp`` session per event loop;
 - ``HttpxTransport`` wraps any ``httpx.AsyncBaseTransport`` (``httpx.AsyncHTTPTransport``,
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,8 +35,16 @@ Headers = Sequence[tuple[str, str]]
 #: Set by an endpoint around ``post`` to ``[False]``; a transport that can tell (``AiohttpTransport``)
 #: makes it ``[True]`` once it holds a connection to the server, so a request stopped before that (a
 #: Ctrl-C, a time limit, while a busy server has not accepted it) is known never to have reached it.
-#: (A list, so the flag set inside a task ``wait_for`` makes is seen outside it.)
-CONNECTED: ContextVar[list[bool] | None] = ContextVar("orchestra_connected", default=None)
+#: A transport stopped (a time limit) while reading a body of a length the server gave appends the
+#: bytes promised and those received, so the error can say the server sent less than it promised.
+#: (A list, so what is set inside a task ``wait_for`` makes is seen outside it.)
+CONNECTED: ContextVar[list[int] | None] = ContextVar("orchestra_connected", default=None)
+
+#: Seconds the end of a body without a length (chunked) is waited for once its bytes so far are a
+#: whole JSON object, which nothing after it can belong to: a server that never ended it (no last
+#: chunk) kept the call until its timeout. (A server ends it at once: the wait is mostly none.)
+JSON_END_GRACE = 1.0
+_OBJECT_ENDS = (b"}", b"}\n", b"}\r\n")
 
 
 class _Connector(aiohttp.TCPConnector):
@@ -83,13 +92,49 @@ class Transport(Protocol):
 
 Chunks = Callable[[bytes], bool | None] | None
 """Given each piece of an event stream's body as it arrives (a streamed answer; any other body is
-read whole), or None; it returns True once the answer is whole (the rest of the body is not waited
-for: a server may hold a stream open after its end)."""
+read whole, ``body_without_length``), or None; it returns True once the answer is whole (the rest
+of the body is not waited for: a server may hold a stream open after its end)."""
 
 
 def is_event_stream(headers: Mapping[str, str]) -> bool:
     """Whether an answer is server-sent events (``text/event-stream``)."""
     return headers.get("content-type", "").startswith("text/event-stream")
+
+
+def whole_json(body: bytes) -> bool:
+    """Whether ``body`` is a whole JSON object (a prefix of one never is)."""
+    try:
+        from_json(body)
+    except ValueError:  # (one pydantic-core refuses and json would read is waited for to its end)
+        return False
+    return True
+
+
+async def body_without_length(pieces: AsyncIterator[bytes], at_end: Callable[[], bool]) -> bytes:
+    """A body whose length the server did not give, read to its end, or to the end of the JSON
+    object it holds where the rest does not come within ``JSON_END_GRACE`` seconds (or the connection
+    breaks after it). ``at_end`` tells whether the end has arrived (then no JSON is read here)."""
+    received: list[bytes] = []
+    async for piece in pieces:
+        received.append(piece)
+        if piece.endswith(_OBJECT_ENDS) and not at_end() and whole_json(body := b"".join(received)):
+            try:
+                return body + await asyncio.wait_for(_rest(pieces), JSON_END_GRACE)
+            except (asyncio.TimeoutError, aiohttp.ClientError, httpx.TransportError):
+                return body  # (the connection, left unfinished, is closed rather than reused)
+    return b"".join(received)
+
+
+async def _rest(pieces: AsyncIterator[bytes]) -> bytes:
+    return b"".join([piece async for piece in pieces])
+
+
+def stopped_short(length: str, received: int) -> None:
+    """Tell ``CONNECTED`` that a body whose Content-Length was ``length`` had ``received`` bytes when
+    it was stopped."""
+    progress = CONNECTED.get()
+    if progress is not None and length.strip().isdigit() and received < int(length):
+        progress[1:] = [int(length), received]
 
 
 #: Makes an endpoint's transport for one event loop, given its connection limit.
@@ -127,7 +172,16 @@ class AiohttpTransport:
             async with self._open().post(self._url(url), headers=headers, data=body,
                                          allow_redirects=False) as answer:
                 if on_chunk is None or not is_event_stream(answer.headers):
-                    return Answer(answer.status, answer.headers, await answer.read())
+                    if answer.content_length is None:
+                        content = answer.content
+                        return Answer(answer.status, answer.headers,
+                                      await body_without_length(content.iter_any(), content.at_eof))
+                    try:
+                        return Answer(answer.status, answer.headers, await answer.read())
+                    except asyncio.CancelledError:  # (a time limit; decompressed bytes are not the ones promised)
+                        if "content-encoding" not in answer.headers:
+                            stopped_short(answer.headers["content-length"], answer.content.total_bytes)
+                        raise
                 pieces = []
                 async for piece in answer.content.iter_any():
                     pieces.append(piece)
@@ -166,15 +220,21 @@ class HttpxTransport:
         response = await self.transport.handle_async_request(
             httpx.Request("POST", url, headers=list(headers), content=body))
         try:
-            if on_chunk is None or not is_event_stream(response.headers):
-                content = await response.aread()
-            else:
+            if on_chunk is not None and is_event_stream(response.headers):
                 pieces = []
                 async for piece in response.aiter_bytes():
                     pieces.append(piece)
                     if on_chunk(piece):  # the answer is whole
                         break
                 content = b"".join(pieces)
+            elif "content-length" not in response.headers:
+                content = await body_without_length(response.aiter_bytes(), lambda: False)
+            else:
+                try:
+                    content = await response.aread()
+                except asyncio.CancelledError:  # (a time limit)
+                    stopped_short(response.headers["content-length"], response.num_bytes_downloaded)
+                    raise
         finally:
             await response.aclose()
         return Answer(response.status_code, response.headers, content)
