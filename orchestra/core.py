@@ -664,7 +664,7 @@ class _Stream:
             self.queue.put_nowait(error or asyncio.CancelledError())
             return
         result = future.result()
-        self.orc._record(result, soon=True)  # with the runs that end in this turn: one transaction
+        self.orc._record(result, soon=True, run=run)  # with the runs that end in this turn: one transaction
         self.queue.put_nowait((index, result))
         self.maybe_end()
 
@@ -1221,7 +1221,7 @@ class Orchestra:
             self._release_when_settled(run.run_id)  # (and one elsewhere is refused until they end)
             self._record_cancelled(run, reason)
             raise
-        self._record(result)
+        self._record(result, run=run)
         return result
 
     def _record_cancelled(self, run: Run, reason: str | None = None) -> RunResult:
@@ -1247,15 +1247,17 @@ class Orchestra:
         run.ledger.after_end = again
         return stopped
 
-    def _record(self, result: RunResult, *, soon: bool = False, held: bool = False) -> None:
+    def _record(self, result: RunResult, *, soon: bool = False, held: bool = False, run: Run | None = None) -> None:
         """Store a finished run (``soon``: at the event loop's next turn, before the caller's task
-        runs again; ``held``: its lease kept, see ``_release_when_settled``); a store that cannot be
+        runs again; ``held``: its lease kept, see ``_release_when_settled``; ``run``: its earlier
+        failures it did not ask again are superseded, where it is done); a store that cannot be
         written is a warning, not a lost answer."""
         if self.store is None:
             self._last_unstored = result
             return
+        superseded = run.ledger.superseded() if run is not None and result.status == "done" else []
         try:
-            self.store.finish_run(result, soon=soon, held=held)
+            self.store.finish_run(result, soon=soon, held=held, superseded=superseded)
         except StoreError as error:
             if str(error) in (result.error or ""):  # the run's own error already says so
                 return

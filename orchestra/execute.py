@@ -172,14 +172,15 @@ class RunLedger:
         calls, first = self.failed_by_model.get(model, (0, str(error)))
         self.failed_by_model[model] = (calls + 1, first)
 
-    def run_failures(self) -> tuple[int, dict[str, tuple[int, str]]]:
+    def run_failures(self, *, done: bool = False) -> tuple[int, dict[str, tuple[int, str]]]:
         """The run's failed calls, all and per model (with its first error), as ``failed_calls`` and
         ``failed_by_model`` count this invocation's: a resumed run's earlier failures not asked again
-        now count too (one asked again counts as it ends now), as ``RunStore.run_totals`` does."""
+        now count too (one asked again counts as it ends now), as ``RunStore.run_totals`` does, but
+        where the run is ``done`` (every node answered now: those are ``superseded``)."""
         if not self.earlier_failures:
             return self.failed_calls, self.failed_by_model
         total, by_model = 0, dict[str, tuple[int, str]]()
-        for key, seq, model, error in self.earlier_failures:
+        for key, seq, model, error in () if done else self.earlier_failures:
             if seq >= self._seq.get(key, 0):
                 total += 1
                 calls, first = by_model.get(model, (0, error))
@@ -188,6 +189,12 @@ class RunLedger:
             before, first = by_model.get(model, (0, error))
             by_model[model] = (before + calls, first)
         return total + self.failed_calls, by_model
+
+    def superseded(self) -> list[tuple[str, int]]:
+        """The (key, seq) of the earlier failures a resumed run did not ask again: once it is done,
+        their requests are no longer the run's (an answer they lacked came since, and the calls that
+        read it were asked anew), so they count as requests paid for, not as failed calls."""
+        return [(key, seq) for key, seq, _, _ in self.earlier_failures if seq >= self._seq.get(key, 0)]
 
     def next_seq(self, key: str) -> int:
         """How many identical requests this run made before this one."""

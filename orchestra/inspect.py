@@ -143,6 +143,9 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
         elif call["status"] == "ok":
             body.append("[response]\n", style="bold green")
             body.append(printable((call["response"] or {}).get("text", "")))
+        elif call["status"] == "superseded":  # (a resume that finished the run did not ask it again)
+            body.append("[error, superseded: the run finished without this request]\n", style="bold yellow")
+            body.append(printable(call["error"] or ""))
         else:
             body.append("[error]\n", style="bold red")
             body.append(printable(call["error"] or ""))

@@ -277,6 +277,8 @@ def _record_call(outcome: str) -> str:
 #: the call rows whose requests reached a model: answered by it, or by the cache or the store after
 #: attempts that failed (a cache answer relabels the row, whose failed attempts were billed)
 _BILLED = "(source = 'model' OR requests > 0)"
+#: a failed call a run that ended done since did not ask again: paid for, and no longer the run's
+_SUPERSEDE = "UPDATE calls SET status='superseded' WHERE run_id=? AND key=? AND seq=? AND status='error'"
 _RECORD_ANSWER = _record_call("?, 'ok', NULL")
 _RECORD_FAILURE = _record_call("NULL, 'error', ?")
 
@@ -598,9 +600,13 @@ class RunStore:
         return RunStore._Tx(self)
 
     def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        self._execute_all([(sql, params)])
+
+    def _execute_all(self, statements: _Statements) -> None:
+        """Run ``statements`` in one transaction (see ``_write``)."""
         try:
             with self._transaction() as db:
-                db.execute(sql, params)
+                _write(db, statements)
         except sqlite3.DatabaseError as error:
             raise self._unwritable(error) from None
 
@@ -718,7 +724,8 @@ class RunStore:
         except sqlite3.DatabaseError as error:
             raise self._unwritable(error) from None
 
-    def finish_run(self, result: RunResult, *, soon: bool = False, held: bool = False) -> None:
+    def finish_run(self, result: RunResult, *, soon: bool = False, held: bool = False,
+                   superseded: Sequence[tuple[str, int]] = ()) -> None:
         """Record how a run ended, with its full result. When the full result cannot be written (a
         full disk), the run is still marked as ended with a status alone, which needs no new space,
         so it is listed as failed and can be resumed; the error is raised either way.
@@ -726,18 +733,21 @@ class RunStore:
         ``soon``: hold the record with the events, for the next write or the event loop's next turn
         (runs of a data set that end together are one transaction; a failure then warns, as events
         do, and the run is marked ended with its status alone). ``held``: its lease is kept (its
-        requests still in flight here), until ``release``."""
+        requests still in flight here), until ``release``. ``superseded``: the (key, seq) of failed
+        calls that are no longer the run's (see ``RunLedger.superseded``), marked so: their requests
+        and cost still count, not as failed calls."""
         self._fresh.discard(result.run_id)
         again = result.status if result.run_id in self._ended_here else "running"
         self._ended_here.add(result.run_id)
         params = (result.status, result.answer, result.error, _model_json(result), time.time(), result.run_id,
                   self.owner, again)
-        statement = _FINISH_HELD if held else _FINISH_RUN
+        statements = [(_FINISH_HELD if held else _FINISH_RUN, params),
+                      *((_SUPERSEDE, (result.run_id, key, seq)) for key, seq in superseded)]
         if soon:
-            self._hold([(statement, params)])
+            self._hold(statements)
             return
         try:
-            self._execute(statement, params)
+            self._execute_all(statements)
         except StoreError:
             status = "failed" if result.status == "done" else result.status  # its answer was not kept
             self._end_bare(result.run_id, status)
@@ -805,7 +815,7 @@ class RunStore:
                 f"sum(requests) AS r, sum(purpose != ?) AS calls FROM calls WHERE {runs} GROUP BY run_id",
                 (EMBEDDINGS, *part))
             for row in self._query(f"SELECT run_id, key, seq, requests, model, error FROM calls WHERE {runs} AND "
-                                   "status != 'ok' AND purpose != ? ORDER BY id", (*part, EMBEDDINGS)):
+                                   "status = 'error' AND purpose != ? ORDER BY id", (*part, EMBEDDINGS)):
                 failed.setdefault(row["run_id"], []).append((row["key"], row["seq"], row["model"],
                                                               (row["error"] or "").partition(": ")[2]))
                 if not row["requests"]:
@@ -827,7 +837,8 @@ class RunStore:
         rows = self._query(
             "SELECT coalesce(sum(purpose != ?), 0) AS calls, coalesce(sum(requests), 0) AS requests, "
             "coalesce(sum(prompt_tokens),0) AS prompt_tokens, coalesce(sum(completion_tokens),0) AS completion_tokens, "
-            "coalesce(sum(cost_usd),0) AS cost_usd, coalesce(sum(purpose != ? AND status != 'ok'), 0) AS failed_calls "
+            "coalesce(sum(cost_usd),0) AS cost_usd, "
+            "coalesce(sum(purpose != ? AND status = 'error'), 0) AS failed_calls "
             f"FROM calls WHERE run_id = ? AND {_BILLED}", (EMBEDDINGS, EMBEDDINGS, run_id))
         return {**rows[0], "cost_usd": dollars(rows[0]["cost_usd"])}
 
@@ -863,12 +874,7 @@ class RunStore:
         """Commit calls' outcomes in one transaction (each: run id, key, seq, model, request,
         outcome, purpose, node, source); see ``record``."""
         now = time.time()
-        statements = [_call_row(*entry, now) for entry in entries]
-        try:
-            with self._transaction() as db:
-                _write(db, statements)
-        except sqlite3.DatabaseError as error:
-            raise self._unwritable(error) from None
+        self._execute_all([_call_row(*entry, now) for entry in entries])
 
     def record_embeddings(self, run_id: str, *, model: str, node: str | None, usage: Usage,
                           keywords: list[str]) -> None:

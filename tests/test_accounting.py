@@ -602,8 +602,10 @@ def test_a_run_resumed_on_another_endpoint_counts_what_both_endpoints_received(l
 
 
 def test_a_resumed_runs_failed_calls_are_the_whole_runs(loopback, tmp_path: Path) -> None:
-    """A call that failed before the resume and is not asked again (its endpoint moved) is still a failed
-    call of the run: the resumed result counted only the resume's own (0), where runs and show said 1."""
+    """A call that failed before the resume and is not asked again (its endpoint moved) is paid for and
+    recorded, but once the resume has finished the run it is no longer the run's: superseded, not a failed
+    call, in the result, runs and show alike (they said 1 where the result said 0; then a finished run
+    kept a failure its answer never lacked, and `--retry-failed` ran it again for ever)."""
     first, second = loopback(BilledServer(failing_model="gamma")), loopback(BilledServer())
     pool = write_pool(tmp_path, first.url)
     stopped = cli("ask", "What is the pH of pure water?", "--pool", str(pool), "--no-plan", "--k", "3",
@@ -614,9 +616,12 @@ def test_a_resumed_runs_failed_calls_are_the_whole_runs(loopback, tmp_path: Path
     resumed = cli("resume", run_id, "--max-calls", "50", "--json")
     assert resumed.returncode == 0, resumed.stderr
     usage = json.loads(resumed.stdout)["usage"]
-    assert _totals(json.loads(cli("show", run_id, "--json").stdout)["totals"]) == _totals(usage)
-    assert usage["failed_calls"] == 1 and usage["failed_by_model"]["gamma"]["calls"] == 1
-    assert "HTTP 500" in usage["failed_by_model"]["gamma"]["first_error"]
+    shown = json.loads(cli("show", run_id, "--json").stdout)
+    assert _totals(shown["totals"]) == _totals(usage)
+    assert usage["failed_calls"] == shown["totals"]["failed_calls"] == 0 and usage["failed_by_model"] == {}
+    [superseded] = [call for call in shown["calls"] if call["status"] == "superseded"]
+    assert superseded["model"] == "gamma" and "HTTP 500" in superseded["error"]
+    assert usage["requests"] == len(first.requests) + len(second.requests)  # (its request still counted)
 
 
 def test_show_never_cuts_a_calls_cost_on_a_narrow_terminal(tmp_path: Path) -> None:

@@ -971,6 +971,36 @@ def test_resume_retry_failed_sends_a_done_runs_failed_calls_again(loopback, tmp_
     assert cli("eval", "--data", "x.jsonl", "--retry-failed").returncode == 2  # (it retries an earlier evaluation's)
 
 
+def test_a_retry_that_finishes_a_run_supersedes_the_failures_it_did_not_ask_again(loopback, tmp_path: Path) -> None:
+    """beta, an expert and the aggregator, failed both: a retry after the fix answered both (the aggregator's
+    request, now with beta's answer, is another call), yet the first aggregation's failure still counted,
+    `5 calls (1 failed)`, and every later `--retry-failed` ran the run again and said it lost a call."""
+    scripted, broken = ScriptedLLM(), [True]
+
+    def text(request: LoopbackRequest) -> Any:
+        if broken[0] and (request.json() or {}).get("model") == "beta" and KEYWORDS_MARK not in request.prompt:
+            return error_reply(503, "overloaded")
+        return scripted.text(request)
+
+    server = loopback(chat_handler(text))
+    pool = write_pool(tmp_path, server.url)
+    asked = cli("ask", "What is 2 + 2?", "--pool", str(pool), "--no-plan", "--mode", "global",
+                "--set", "aggregator=beta-expert")
+    assert asked.returncode == 0 and re.search(r"· done · \d+ calls \(2 failed\) · ", asked.stderr), asked.stderr
+    run_id = re.search(r"run (\S+) · done", asked.stderr)[1]  # type: ignore[index]
+    broken[0] = False
+    retried = cli("resume", run_id, "--retry-failed", "--json")
+    assert retried.returncode == 0 and json.loads(retried.stdout)["usage"]["failed_calls"] == 0, retried.stderr
+    run = json.loads(cli("runs", "--json").stdout)[0]
+    assert run["failed_calls"] == 0 and run["requests"] == len(server.requests), run  # (its cost still counted)
+    shown = json.loads(cli("show", run_id, "--json").stdout)
+    assert [call["status"] for call in shown["calls"]].count("superseded") == 1, shown["calls"]
+    sent = len(server.requests)
+    again = cli("resume", run_id, "--retry-failed")
+    assert again.returncode == 0 and len(server.requests) == sent, again.stderr
+    assert again.stderr.startswith(f"nothing to retry: run {run_id} is done and none of its calls failed ("), again.stderr
+
+
 def test_eval_warning_says_apart_keyword_samples_that_left_every_node_its_keywords(loopback, tmp_path: Path) -> None:
     """16 of 80 keyword samples failed, every item still had its keywords (skill extraction failures 0, the
     accuracy as in a clean run), yet the warning said the accuracy `is not the method's own` (a trial)."""

@@ -777,7 +777,7 @@ class Run:
         """The ``RunResult`` as things stand."""
         ledger = self.ledger
         usage = ledger.usage
-        failed_calls, failed_by_model = ledger.run_failures()
+        failed_calls, failed_by_model = ledger.run_failures(done=status == "done")
         return RunResult(
             run_id=self.run_id, task=self.task, status=status, answer=answer, error=error,
             plan=PlanTrace(nodes=[state.trace() for state in self.traces.values()], attempts=self.plan_attempts,
