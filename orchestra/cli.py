@@ -1027,10 +1027,12 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
                      {"the data set": data, "the run store": store, "the pool file": pool}, flag="--plot")
     if lambdas is not None and not sweep:  # (a plain eval would drop them: use --cost-lambda for one λ)
         raise click.UsageError("--lambdas are the points of a sweep: add --sweep (or give one λ with --cost-lambda)")
+    if sweep and (method or output or resume or retry_failed):  # (before --retry-failed's own: it asked for --resume)
+        raise click.UsageError("--sweep runs every method: leave out --method, --output, --resume and --retry-failed "
+                               "(a sweep does not resume: `--method M --resume --retry-failed`, with the sweep's other "
+                               "flags, retries one method's failed calls)")
     if retry_failed and not resume:
         raise click.UsageError("--retry-failed retries the failed calls of an earlier evaluation: add --resume")
-    if sweep and (method or output or resume):
-        raise click.UsageError("--sweep runs every method: leave out --method, --output and --resume")
     assigned = assignments(list(opts["assignments"]))
     if sweep and (opts["mode"] or opts["aggregate"] or _assigns(assigned, ("mode",))
                   or _assigns(assigned, ("aggregate",))):
@@ -1462,8 +1464,11 @@ def resume_stored(store: RunStore, record: RunRecord, opts: dict[str, Any], *, r
         done = store.result(record.id)
         if done is not None and not (retry_failed and done.usage.failed_calls):
             keep_stdout_for_json(opts["as_json"])
+            retry = command("resume", done.run_id, "--retry-failed")
+            lost = (f"; {done.usage.failed_calls} of its calls failed after their retries, which `{retry}` sends "
+                    "again" if done.usage.failed_calls else "")
             summary = (f"nothing to retry: run {done.run_id} is done and none of its calls failed" if retry_failed
-                       else f"nothing to resume: run {done.run_id} is done")
+                       else f"nothing to resume: run {done.run_id} is done{lost}")
             finish(done, opts, rich_output=sys.stdout.isatty(), summary=f"{summary} ({spent_text(done)} spent in all)")
     orc = Orchestra.resuming(record.id, store=store, reload=reload, placement=placement)
     budget = settings_from(opts).changes().get("budget")

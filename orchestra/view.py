@@ -49,7 +49,7 @@ from orchestra.events import (
     fell_back,
 )
 from orchestra.hints import run_error
-from orchestra.money import usd
+from orchestra.money import usd, usd_alike
 from orchestra.terminal_text import UNSAFE, counted, printable
 
 if TYPE_CHECKING:
@@ -478,8 +478,10 @@ def summary_line(result: RunResult, *, earlier: dict[str, Any] | None = None) ->
     spent = spent_text(result)
     if earlier is not None:
         usage = result.usage
-        spent += (f" in all; this resume sent {counted(usage.requests - earlier['requests'], 'request')} "
-                  f"({usd(usage.cost_usd - earlier['cost_usd'])})")
+        # (the two amounts to the same decimals: `$0.0001 in all; this resume sent ... ($0.0000586)`)
+        whole, now = usd_alike(usage.cost_usd, usage.cost_usd - earlier["cost_usd"])
+        spent = spent.removesuffix(usd(usage.cost_usd)) + whole
+        spent += f" in all; this resume sent {counted(usage.requests - earlier['requests'], 'request')} ({now})"
     return f"run {result.run_id} · {result.status} · {spent} · {result.elapsed_s:.1f} s"
 
 

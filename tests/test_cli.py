@@ -312,6 +312,17 @@ def test_counts_of_one_read_in_the_singular() -> None:
     assert " · done · 1 call · 1 request · " in summary_line(one)
 
 
+def test_a_resumes_last_line_gives_its_two_costs_to_the_same_decimals() -> None:
+    """`$0.0001 in all; this resume sent 3 requests ($0.0000586)`: the first read as rounded (a trial)."""
+    from orchestra.result import RunResult
+    from orchestra.view import summary_line
+
+    resumed = RunResult.model_validate({"run_id": "r1", "task": "t", "status": "done", "answer": "a", "elapsed_s": 1.0,
+                                        "usage": {"calls": 5, "requests": 5, "cost_usd": 0.0001102}})
+    line = summary_line(resumed, earlier={"requests": 2, "cost_usd": 0.0000516})
+    assert " · $0.0001102 in all; this resume sent 3 requests ($0.0000586) · " in line, line
+
+
 def test_ctrl_c_is_ignored_while_a_command_that_used_ray_exits(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C after `ask --ray --json` had printed interrupted Ray's shutdown at exit: a traceback, exit 0,
     and Ray's processes left running. Without Ray, Ctrl-C is left as it was."""
@@ -957,6 +968,10 @@ def test_resume_retry_failed_sends_a_done_runs_failed_calls_again(loopback, tmp_
     run_id = re.search(r"run (\S+) · done", asked.stderr)[1]  # type: ignore[index]
     assert "beta on" not in asked.stdout
     broken[0] = False
+    plain = cli("resume", run_id)  # (it said `nothing to resume` and nothing of the failed call)
+    assert plain.returncode == 0 and plain.stderr.startswith(
+        f"nothing to resume: run {run_id} is done; 1 of its calls failed after their retries, which `orchestra "
+        f"resume {run_id} --retry-failed` sends again ("), plain.stderr
     sent, scripted.prompts = len(server.requests), []
     retried = cli("resume", run_id, "--retry-failed")
     assert retried.returncode == 0 and sorted(kind for kind, _ in scripted.prompts) == ["aggregate", "expert"]
@@ -968,7 +983,14 @@ def test_resume_retry_failed_sends_a_done_runs_failed_calls_again(loopback, tmp_
     again = cli("resume", run_id, "--retry-failed")  # its recorded result lost no call now
     assert again.returncode == 0 and len(server.requests) == sent, again.stderr
     assert again.stderr.startswith(f"nothing to retry: run {run_id} is done and none of its calls failed ("), again.stderr
-    assert cli("eval", "--data", "x.jsonl", "--retry-failed").returncode == 2  # (it retries an earlier evaluation's)
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"id": "q1", "question": "What is 1 + 1?", "answer": "2"}\n')
+    alone = cli("eval", "--pool", str(pool), "--data", str(data), "--retry-failed")  # (it retries an earlier evaluation's)
+    assert alone.returncode == 2 and "--retry-failed retries the failed calls of an earlier evaluation: add --resume" \
+        in alone.stderr, alone.stderr
+    swept = cli("eval", "--pool", str(pool), "--data", str(data), "--sweep", "--retry-failed")  # (it asked for --resume)
+    assert swept.returncode == 2 and "leave out --method, --output, --resume and --retry-failed (a sweep does not " \
+        "resume: `--method M --resume --retry-failed`" in " ".join(swept.stderr.split()), swept.stderr
 
 
 def test_a_retry_that_finishes_a_run_supersedes_the_failures_it_did_not_ask_again(loopback, tmp_path: Path) -> None:
