@@ -347,7 +347,7 @@ class LogView(EventHandler[str]):
         line = self.handle(event)
         if line:
             line = f"[{self.clock() - self.started:6.1f}s] {printable(line)}\n"
-            if isinstance(event, PlanRequested):
+            if isinstance(event, PlanRequested) and event.attempt == 1:  # (a repair: the planner answered before)
                 self._planning[event.run_id] = line
                 return
             if self._planning:  # (the planner was asked: something else happened since)

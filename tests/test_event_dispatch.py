@@ -234,6 +234,18 @@ def test_a_run_that_fails_for_a_user_reason_before_any_answer_leaves_no_log_line
     assert stream.getvalue().splitlines() == expected
 
 
+def test_a_plans_repair_is_logged_at_once_after_its_first_request() -> None:
+    """The repair's `planning…` line took the place of the first one, held back, and waited for the plan:
+    a slow planner's repair showed nothing for minutes (a review)."""
+    stream = io.StringIO()
+    log = LogView(stream, clock=lambda: 0.0)
+    log.listen(RunStarted(run_id=R, task="t"))
+    log.listen(CallsResolved(model="m", count=1, run_id=R, source="model"))  # (the log's lines are out)
+    log.listen(PlanRequested(run_id=R, attempt=1))
+    log.listen(PlanRequested(run_id=R, attempt=2))
+    assert stream.getvalue().splitlines()[-2:] == ["[   0.0s] planning…", "[   0.0s] planning… (repair 1)"]
+
+
 def test_the_store_keeps_node_rows_and_the_event_log_from_every_node_event(tmp_path: Path) -> None:
     store = RunStore(tmp_path / "runs.db")
     store.begin_run(R, "the task", {})
