@@ -79,7 +79,8 @@ class RunUsage(BaseModel):
     """Of ``failed_calls``, per model (which endpoint failed, and why)."""
     failed_keyword_calls: int = 0
     """Of ``failed_calls``, keyword samples: their nodes took the keywords of their other samples (a node
-    whose samples all failed is among ``skill_extraction_failures``)."""
+    whose samples all failed is among ``skill_extraction_failures``). A resumed run counts its own
+    invocation's: its earlier failures not asked again are among ``failed_calls`` without their purpose."""
     cache_hits: int = 0
     cache_misses: int = 0
     replayed_calls: int = 0
