@@ -469,3 +469,32 @@ def test_a_failed_call_is_recorded_with_the_time_its_attempts_took(tmp_path: Pat
     assert orc.store is not None
     failed = [call for call in orc.store.calls(result.run_id) if call["status"] == "error"]
     assert failed and all(call["latency_s"] >= 0.01 for call in failed), failed
+
+
+def test_a_data_set_run_whose_keyword_calls_failed_recruits_again_on_resume(tmp_path: Path) -> None:
+    """An item's keyword endpoint was down: its run was partial, its experts recruited without skills, and
+    recorded as its team; fixed, a resume kept that team and read as a clean run (done, no extraction
+    failure; a trial: `eval --resume` reported accuracy 1.000 on experts chosen without skills)."""
+    from orchestra import Agent, Pool
+    from orchestra.models import FunctionModel
+
+    broken = [True]
+
+    def keywords(request: Any) -> Any:
+        if broken[0]:
+            raise RuntimeError("keyword endpoint down")
+        return {"keywords": ["algebra"]}
+
+    agents = [Agent(name=name, model=FunctionModel(lambda request, n=name: f"{n}: The answer is 4", name=f"m-{name}"),
+                    skills=(skill,)) for name, skill in (("math", "algebra"), ("hist", "history"), ("art", "painting"))]
+    orc = Orchestra(Pool(agents=agents, planner=FunctionModel(keywords, name="kw")), store=tmp_path / "runs.db",
+                    k=1, mode="topk", aggregate="none")
+    [first] = orc.run_many(["What is 2 + 2?"], plan=False)  # (a data set's runs are recruited together)
+    assert first.status == "partial" and first.usage.skill_extraction_failures == 1
+    [chosen] = [node.experts for node in first.plan.nodes]
+    assert chosen != ["math"] and orc.store is not None
+    assert RunStore(tmp_path / "runs.db").run(first.run_id).config["spec"].get("pinned") == {}
+    broken[0] = False
+    resumed = orc.resume(first.run_id)
+    assert resumed.status == "done" and resumed.usage.skill_extraction_failures == 0
+    assert [node.experts for node in resumed.plan.nodes] == [["math"]]

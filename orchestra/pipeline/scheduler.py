@@ -272,6 +272,8 @@ class Run:
         self.forbidden: ModelRequestsForbidden | None = None
         self._told_done = False  # RunDone emitted
         self.skill_extraction_failures = 0
+        #: nodes whose keyword calls failed, so their experts were recruited without skills: not kept on resume
+        self.skill_less: set[str] = set()
         self.stage_failures: list[str] = []  # stages that failed without stopping the run: it is not done
         self._unresolved = 0
         self._execute_started = self.started
@@ -281,9 +283,12 @@ class Run:
         self._context_full: set[str] = set()
 
     def pin(self, node: str, recruitment: Recruitment) -> None:
-        """Fix a node's experts to this recruitment (and record them, so a resume keeps them)."""
+        """Fix a node's experts to this recruitment (and record them, so a resume keeps them, unless
+        its keyword calls failed: a resume recruits it again, on the skills they then give; it kept
+        the experts chosen without skills, and read as a clean run)."""
         self.pins[node] = Pin(recruitment.experts, recruitment)
-        self.spec.pinned[node] = list(recruitment.experts)
+        if node not in self.skill_less:
+            self.spec.pinned[node] = list(recruitment.experts)
 
     def recruiting_failed(self, node: str, error: Exception) -> None:
         """The node's recruiting failed with its chunk (see ``Orchestra._recruit_together``): when
@@ -526,6 +531,7 @@ class Run:
         if staffed.extraction_failure is not None:
             self._recruited_without_skills(node_id, staffed.extraction_failure)
             if staffed.keyword_calls_failed:
+                self.skill_less.add(node_id)
                 self.stage_failures.append(f"{node_id}: skill extraction failed ({staffed.extraction_failure}); "
                                            "its experts were recruited without skills")
         if staffed.embedding_usage is not None:
