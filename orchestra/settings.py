@@ -159,6 +159,11 @@ def _first_problem(error: ValidationError, *, dotted: bool = False, model: type[
             return f"{where}: no such option; {_nearest(path[-1], list(model.model_fields))}"
         # (--set competence_weight=1 said only "no such setting"; recruit.max_tokens=5 "did you mean 'max_cost_...'")
         nested = nested_hint(path[-1], "{group}.{name}" if dotted else "{group}: {{{name}: ...}}")
+        if len(path) > 1 and path[-1] in Settings.model_fields:  # (recruit.k suggested 'k_max', 'p', 'cost_lambda')
+            nested = f"{path[-1]} is a setting of its own, not of {'.'.join(path[:-1])}: " + (
+                f"{path[-1]}=..." if dotted else f"{path[-1]}: ... at the top")
+        elif nested and path[-1] == "temperature":  # (read as the experts' sampling, which is an agent's)
+            nested += " (the experts' sampling temperature is each agent's: temperature: in the pool file)"
         near = None if nested else _near_setting(path)  # (a budget's max_tokens: "did you mean planner_max_tokens")
         return f"{where}: no such setting; {nested or near}" if nested or near else f"{where}: no such setting"
     if first["type"] == "literal_error":

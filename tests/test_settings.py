@@ -163,6 +163,12 @@ def test_an_evaluation_named_otherwise_by_an_older_version_is_resumed(loopback, 
     ("keywords.samplez=3", "error: --set keywords.samplez: no such setting; did you mean 'samples'?"),
     ("budget.max_call=3", "error: --set budget.max_call: no such setting; did you mean 'max_calls'?"),
     ("K=3", "error: --set K: no such setting; did you mean 'k'?"),  # (difflib weighs case: it named none)
+    # a setting of its own given in a group ("the closest are 'k_max', 'p', 'cost_lambda'", a trial)
+    ("recruit.k=2", "error: --set recruit.k: no such setting; k is a setting of its own, not of recruit: k=..."),
+    # (read as the experts' sampling temperature, which is each agent's)
+    ("temperature=0.5", "error: --set temperature: no such setting; it is a recruit or keywords setting: "
+                        "recruit.temperature or keywords.temperature (the experts' sampling temperature is each "
+                        "agent's: temperature: in the pool file)"),
     # a nested setting at the top said only "no such setting" (as a Python keyword it said where it belongs)
     ("competence_weight=1", "error: --set competence_weight: no such setting; it is a recruit setting: "
                             "recruit.competence_weight"),
