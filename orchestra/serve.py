@@ -142,7 +142,8 @@ class Server:
         self.created = int(time.time())
         self.closing = False
         #: served models whose answers begin with reasoning ended by a bare ``</think>`` (their chat template
-        #: opens the ``<think>``): their streams wait for it, as their stored answers leave out what comes before it
+        #: opens the ``<think>``): their streams wait for it, as their stored answers leave out what comes before it,
+        #: until one of their answers comes without it
         self.reasoners: set[str] = set()
         self.runs: set[asyncio.Task[RunResult]] = set()
         self._feeds: dict[str, Feed] = {}
@@ -422,6 +423,8 @@ class Server:
                         self.reasoners.add(completion.model)
                     yield sse(_diverged(result, self.stored, feed))
                     return
+                if feed.reasons and "</think>" not in feed.said.lower():  # (its answers no longer reason so)
+                    self.reasoners.discard(completion.model)
                 for chunk in writer.content(feed.rest(result.answer or "")):
                     yield chunk
                 for chunk in writer.end(result):

@@ -1111,6 +1111,11 @@ def test_a_model_that_ends_its_reasoning_with_a_bare_think_tag_streams_its_answe
     whole = running.client().chat.completions.create(model="orchestra", messages=question)
     assert whole.choices[0].message.content == "The sky is blue."
     assert experts.count("aggregate") == {"alpha": 3}  # (one call each: no retry)
+    experts.answer, experts.hold_stream = ["The sky", " is blue."], False  # its answers stop reasoning so
+    assert "".join(streamed()) == "The sky is blue."  # (held to its end: a </think> might still have come)
+    experts.hold_stream = True  # (its first piece goes out before the rest comes: streamed as it is written again)
+    experts.seen.clear()
+    assert "".join(streamed()) == "The sky is blue."
 
 
 def test_the_feed_relays_only_what_the_stored_answer_will_begin_with() -> None:
