@@ -860,9 +860,9 @@ def test_profile_warns_of_two_agents_that_answered_every_item_alike(loopback, tm
     assert perfect.returncode == 0 and json.loads(perfect.stdout)["answered_alike"] == [], perfect.stderr
 
 
-def test_eval_and_ask_say_how_many_calls_failed_after_their_retries(loopback, tmp_path: Path) -> None:
-    """An expert whose endpoint failed every item left accuracy looking merely lower: exit 0, no word of it
-    (the requests, 4 attempts a call, were the only trace; found by a trial)."""
+def _beta_refused(loopback: Any, tmp_path: Path) -> tuple[ScriptedLLM, Path, Path]:
+    """A pool whose model beta answers every request but keyword samples HTTP 503 (counted as
+    ``refused``), and a data set of two items: the scripted answers, the pool file, the data set."""
     scripted = ScriptedLLM()
 
     def text(request: Any) -> Any:
@@ -871,10 +871,16 @@ def test_eval_and_ask_say_how_many_calls_failed_after_their_retries(loopback, tm
             return error_reply(503, "overloaded")
         return scripted.text(request)
 
-    server = loopback(chat_handler(text))
-    pool = write_pool(tmp_path, server.url)
+    pool = write_pool(tmp_path, loopback(chat_handler(text)).url)
     data = tmp_path / "val.jsonl"
     data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n' for i in range(2)))
+    return scripted, pool, data
+
+
+def test_eval_and_ask_say_how_many_calls_failed_after_their_retries(loopback, tmp_path: Path) -> None:
+    """An expert whose endpoint failed every item left accuracy looking merely lower: exit 0, no word of it
+    (the requests, 4 attempts a call, were the only trace; found by a trial)."""
+    scripted, pool, data = _beta_refused(loopback, tmp_path)
     done = cli("eval", "--pool", str(pool), "--data", str(data), "--method", "moa", "--json", "--no-store")
     report = json.loads(done.stdout)
     assert done.returncode == 0 and report["failed_calls"] == 2 and scripted.kinds["refused"] == 2 * 2, done.stderr
@@ -1051,18 +1057,7 @@ def test_eval_warning_says_apart_keyword_samples_that_left_every_node_its_keywor
 def test_a_sweep_says_which_points_lost_calls_to_a_failing_endpoint(loopback, tmp_path: Path) -> None:
     """Every point of a sweep read `failed: 0` (unfinished runs) while an endpoint answered HTTP 500: no point
     had its failed calls, no warning came, and exit 0 (a trial: 25 of 473 requests failed)."""
-    scripted = ScriptedLLM()
-
-    def text(request: Any) -> Any:
-        if (request.json() or {}).get("model") == "beta" and KEYWORDS_MARK not in request.prompt:
-            scripted.kinds["refused"] += 1
-            return error_reply(503, "overloaded")
-        return scripted.text(request)
-
-    server = loopback(chat_handler(text))
-    pool = write_pool(tmp_path, server.url)
-    data = tmp_path / "val.jsonl"
-    data.write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n' for i in range(2)))
+    scripted, pool, data = _beta_refused(loopback, tmp_path)
     argv = ("eval", "--pool", str(pool), "--data", str(data), "--sweep", "--lambdas", "0", "--no-store")
     done = cli(*argv, "--json")
     points = json.loads(done.stdout)["points"]
