@@ -1482,7 +1482,7 @@ def test_a_sweep_a_budget_cut_short_says_so_and_leaves_the_method_off_the_fronti
 def test_a_resume_says_what_it_sent_beside_what_the_run_spent_in_all(loopback, tmp_path: Path) -> None:
     """A resume's last line gave the run's totals alone, as if charged anew; one of a done run, which
     sends nothing, read `9 calls · 9 requests · $0.0016`."""
-    from orchestra.money import usd
+    from orchestra.money import usd, usd_alike
 
     server = loopback(ScriptedLLM().handler())
     pool = write_pool(tmp_path, server.url)
@@ -1495,16 +1495,18 @@ def test_a_resume_says_what_it_sent_beside_what_the_run_spent_in_all(loopback, t
     resumed = cli("resume", run_id, "--max-calls", "50")
     assert resumed.returncode == 0, resumed.stderr
     run = json.loads(cli("runs", "--json").stdout)[0]
+    whole, now = usd_alike(run["cost_usd"], run["cost_usd"] - before["cost_usd"])  # (to the same decimals)
     in_all = (f"{run['calls']} calls · {run['requests']} requests · "
-              f"{run['prompt_tokens'] + run['completion_tokens']:,} tokens · {usd(run['cost_usd'])}")
-    this = f"this resume sent {len(server.requests) - sent} requests ({usd(run['cost_usd'] - before['cost_usd'])})"
+              f"{run['prompt_tokens'] + run['completion_tokens']:,} tokens · {whole}")
+    this = f"this resume sent {len(server.requests) - sent} requests ({now})"
     assert run["requests"] - before["requests"] == len(server.requests) - sent > 0
     assert re.fullmatch(rf"run {run_id} · done · {re.escape(in_all)} in all; {re.escape(this)} · \d+\.\d s",
                         resumed.stderr.splitlines()[-1]), resumed.stderr
     sent = len(server.requests)
     again = cli("resume", run_id)  # done: its answer, and nothing sent
     assert again.returncode == 0 and again.stdout == resumed.stdout and len(server.requests) == sent, again.stderr
-    assert again.stderr.splitlines() == [f"nothing to resume: run {run_id} is done ({in_all} spent in all)"]
+    spent = in_all.removesuffix(whole) + usd(run["cost_usd"])  # (the run's cost alone: as `show` gives it)
+    assert again.stderr.splitlines() == [f"nothing to resume: run {run_id} is done ({spent} spent in all)"]
 
 
 def test_a_resume_of_a_run_with_a_token_limit_alone_says_nothing_of_a_cost_budget(loopback, tmp_path: Path) -> None:
