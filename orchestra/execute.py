@@ -152,8 +152,8 @@ class RunLedger:
     counted: frozenset[tuple[str, int]] = frozenset()
     #: of ``counted``, those no request of which reached the model: answered from the cache, not calls
     unsent: frozenset[tuple[str, int]] = frozenset()
-    #: ``counted`` as (key, seq, model, error), oldest first (``Earlier.failures``)
-    earlier_failures: tuple[tuple[str, int, str, str], ...] = ()
+    #: ``counted`` as (key, seq, model, error, purpose), oldest first (``Earlier.failures``)
+    earlier_failures: tuple[tuple[str, int, str, str, str], ...] = ()
     #: called when a request of the run, ended already, is cut off in flight and counted (its record is written again)
     after_end: Callable[[], None] | None = None
     _seq: dict[str, int] = field(default_factory=dict)
@@ -172,29 +172,31 @@ class RunLedger:
         calls, first = self.failed_by_model.get(model, (0, str(error)))
         self.failed_by_model[model] = (calls + 1, first)
 
-    def run_failures(self, *, done: bool = False) -> tuple[int, dict[str, tuple[int, str]]]:
-        """The run's failed calls, all and per model (with its first error), as ``failed_calls`` and
-        ``failed_by_model`` count this invocation's: a resumed run's earlier failures not asked again
-        now count too (one asked again counts as it ends now), as ``RunStore.run_totals`` does, but
-        where the run is ``done`` (every node answered now: those are ``superseded``)."""
+    def run_failures(self, *, done: bool = False) -> tuple[int, dict[str, tuple[int, str]], int]:
+        """The run's failed calls, all and per model (with its first error), and of them keyword samples,
+        as ``failed_calls``, ``failed_by_model`` and ``failed_keyword_calls`` count this invocation's: a
+        resumed run's earlier failures not asked again now count too (one asked again counts as it ends
+        now), as ``RunStore.run_totals`` does, but where the run is ``done`` (every node answered now:
+        those are ``superseded``)."""
         if not self.earlier_failures:
-            return self.failed_calls, self.failed_by_model
-        total, by_model = 0, dict[str, tuple[int, str]]()
-        for key, seq, model, error in () if done else self.earlier_failures:
+            return self.failed_calls, self.failed_by_model, self.failed_keyword_calls
+        total, keywords, by_model = 0, 0, dict[str, tuple[int, str]]()
+        for key, seq, model, error, purpose in () if done else self.earlier_failures:
             if seq >= self._seq.get(key, 0):
                 total += 1
+                keywords += purpose == KEYWORDS
                 calls, first = by_model.get(model, (0, error))
                 by_model[model] = (calls + 1, first)
         for model, (calls, error) in self.failed_by_model.items():
             before, first = by_model.get(model, (0, error))
             by_model[model] = (before + calls, first)
-        return total + self.failed_calls, by_model
+        return total + self.failed_calls, by_model, keywords + self.failed_keyword_calls
 
     def superseded(self) -> list[tuple[str, int]]:
         """The (key, seq) of the earlier failures a resumed run did not ask again: once it is done,
         their requests are no longer the run's (an answer they lacked came since, and the calls that
         read it were asked anew), so they count as requests paid for, not as failed calls."""
-        return [(key, seq) for key, seq, _, _ in self.earlier_failures if seq >= self._seq.get(key, 0)]
+        return [(key, seq) for key, seq, *_ in self.earlier_failures if seq >= self._seq.get(key, 0)]
 
     def next_seq(self, key: str) -> int:
         """How many identical requests this run made before this one."""

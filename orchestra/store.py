@@ -125,9 +125,9 @@ class Earlier(NamedTuple):
     unsent: frozenset[tuple[str, int]] = frozenset()
     """Of ``failed``, those whose requests never reached the model (no request counted): one the response
     cache answers on resume is no call of the run any more (its row becomes a cache answer)."""
-    failures: tuple[tuple[str, int, str, str], ...] = ()
-    """``failed`` as (key, seq, model, error), oldest first: a resume that does not ask one again still
-    counts it among the run's failed calls, as ``run_totals`` does."""
+    failures: tuple[tuple[str, int, str, str, str], ...] = ()
+    """``failed`` as (key, seq, model, error, purpose), oldest first: a resume that does not ask one again
+    still counts it among the run's failed calls, as ``run_totals`` does."""
 
 
 @dataclass(frozen=True)
@@ -805,7 +805,7 @@ class RunStore:
 
         earlier = [run_id for run_id in run_ids if run_id not in self._fresh]
         rows: list[dict[str, Any]] = []
-        failed: dict[str, list[tuple[str, int, str, str]]] = {}
+        failed: dict[str, list[tuple[str, int, str, str, str]]] = {}
         unsent: dict[str, set[tuple[str, int]]] = {}
         for start in range(0, len(earlier), 500):  # (SQLite takes at most 999 parameters a statement)
             part = earlier[start:start + 500]
@@ -814,10 +814,10 @@ class RunStore:
                 "SELECT run_id, sum(prompt_tokens) AS p, sum(completion_tokens) AS c, sum(cost_usd) AS usd, "
                 f"sum(requests) AS r, sum(purpose != ?) AS calls FROM calls WHERE {runs} GROUP BY run_id",
                 (EMBEDDINGS, *part))
-            for row in self._query(f"SELECT run_id, key, seq, requests, model, error FROM calls WHERE {runs} AND "
-                                   "status = 'error' AND purpose != ? ORDER BY id", (*part, EMBEDDINGS)):
+            for row in self._query(f"SELECT run_id, key, seq, requests, model, error, purpose FROM calls WHERE {runs} "
+                                   "AND status = 'error' AND purpose != ? ORDER BY id", (*part, EMBEDDINGS)):
                 failed.setdefault(row["run_id"], []).append((row["key"], row["seq"], row["model"],
-                                                              (row["error"] or "").partition(": ")[2]))
+                                                              (row["error"] or "").partition(": ")[2], row["purpose"]))
                 if not row["requests"]:
                     unsent.setdefault(row["run_id"], set()).add((row["key"], row["seq"]))
         return {row["run_id"]: Earlier(Usage(prompt_tokens=row["p"] or 0, completion_tokens=row["c"] or 0,

@@ -913,3 +913,26 @@ def test_an_answer_with_a_lone_surrogate_is_recorded_and_used_not_a_failed_run(l
     assert result.status == "done" and result.answer == "The answer is 7 \ufffd"
     assert store.run_totals(result.run_id)["requests"] == len(server.requests) == 1  # (one agent: no keywords)
     assert ChatResult(text="\ud83d\ude00 and \ude00").text == "\U0001f600 and \ufffd"
+
+
+def test_a_resumed_runs_failed_keyword_samples_are_the_whole_runs(tmp_path: Path) -> None:
+    """A keyword sample that failed before the resume and was not asked again (its model's keys changed)
+    counted among the resumed run's failed calls but not among its failed keyword samples: the eval warning
+    then said none of them were keyword samples."""
+    def answer(request: ChatRequest) -> Any:
+        if KEYWORDS_MARK in request.prompt_text():
+            if (request.seed or 0) % 5 == 0:  # one sample of the five
+                raise RuntimeError("sample lost")
+            return {"keywords": ["chemistry"]}
+        return "The answer is 7"
+
+    planner = FunctionModel(answer, name="kw")
+    experts = [FunctionModel(lambda request, i=i: f"expert {i}: The answer is 7", name=f"m{i}") for i in range(3)]
+    pool = Pool(agents=[Agent(name=f"a{i}", model=m) for i, m in enumerate(experts)], planner=planner)
+    orc = Orchestra(pool, store=tmp_path / "runs.db", k=3, plan=False)
+    first = orc.run("What is the pH of pure water?", budget=Budget(max_calls=6))
+    assert first.status == "budget_exceeded" and first.usage.failed_keyword_calls == 1
+    planner.extra_body = {"moved": True}  # its requests' keys change: the earlier samples are not asked again
+    again = orc.resume(first.run_id, budget={"max_calls": 12})
+    assert again.status == "budget_exceeded" and again.usage.failed_calls == 2, again.usage
+    assert again.usage.failed_keyword_calls == 2, again.usage  # the earlier sample's and the one lost again now

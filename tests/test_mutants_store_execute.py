@@ -139,7 +139,7 @@ def test_a_resumed_run_counts_what_its_models_answered_before_but_not_its_cache_
     earlier = RunStore(tmp_path / "runs.db").earlier_usage(["r1"])
     assert earlier == {"r1": (Usage(prompt_tokens=17, completion_tokens=6, cost_usd=0.0, requests=4), 2,
                               frozenset({("b", 0)}), frozenset(),  # (as run_totals counts calls; the failed one named)
-                              (("b", 0, "m", "failed"),))}  # (with its model and error: the run's failed calls)
+                              (("b", 0, "m", "failed", "expert"),))}  # (with its model, error and purpose)
 
 
 def test_earlier_usage_of_many_runs_misses_none_of_them(tmp_path: Path) -> None:

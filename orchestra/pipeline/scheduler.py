@@ -783,14 +783,14 @@ class Run:
         """The ``RunResult`` as things stand."""
         ledger = self.ledger
         usage = ledger.usage
-        failed_calls, failed_by_model = ledger.run_failures(done=status == "done")
+        failed_calls, failed_by_model, failed_keyword_calls = ledger.run_failures(done=status == "done")
         return RunResult(
             run_id=self.run_id, task=self.task, status=status, answer=answer, error=error,
             plan=PlanTrace(nodes=[state.trace() for state in self.traces.values()], attempts=self.plan_attempts,
                            note=self.plan_note),
             usage=RunUsage(calls=ledger.budget.calls, requests=usage.requests, prompt_tokens=usage.prompt_tokens,
                            completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd,
-                           failed_calls=failed_calls, failed_keyword_calls=ledger.failed_keyword_calls,
+                           failed_calls=failed_calls, failed_keyword_calls=failed_keyword_calls,
                            failed_by_model={model: FailedCalls(calls=calls, first_error=error)
                                             for model, (calls, error) in failed_by_model.items()},
                            cache_hits=ledger.answered["cache"],
