@@ -16,7 +16,7 @@ import click
 from orchestra import __version__
 from orchestra.errors import ConfigError, OrchestraError, RunHeld, UserError
 from orchestra.hints import BUDGET_FLAGS, advise_store, command
-from orchestra.money import usd, usd_alike
+from orchestra.money import dollars, usd, usd_alike, usd_exact
 from orchestra.vocabulary import GRADER_NAMES, METHOD_NAMES
 
 if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `runs` start fast
@@ -1235,6 +1235,8 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
             raise ConfigError(f"cannot write the plot to {plot}: {error.strerror or error}") from None
     if as_json:
         echo_json(json.dumps({"dataset": dataset.path, "points": [p.to_json() for p in points],
+                               "spent_usd": dollars(sum(p.spent_usd for p in points)),
+                               "reused_calls": sum(p.reused_calls for p in points),
                                "plot": str(plot) if plot else None, "interrupted": interrupted is not None},
                               indent=2))
     else:
@@ -1260,6 +1262,12 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
         # its rows whole, wider than the terminal if need be: 80 columns cut a cost to "$0.000077…" and a
         # method to "symbolic-m…" (and fixed widths for the numbers left the method no room at all)
         (terminal(width=wide) if wide > console.width else console).print(table)
+        reused = sum(p.reused_calls for p in points)
+        if reused:  # (each point's cost counts them, so it is not what the sweep spent)
+            spent = usd_exact(sum(p.spent_usd for p in points))
+            click.echo(f"keyword samples are asked once for the whole sweep: {reused} of the points' samples were "
+                       "taken from the point that asked them, not sent again; each point's cost counts its samples, "
+                       f"as the method alone would pay them; the sweep spent {spent}")
         if plot is not None:
             click.echo(f"wrote the frontier to {plot}")
     lost = failed_calls_warning(points)

@@ -61,6 +61,7 @@ from orchestra.prompts import MAX_CONTEXT_CHARS, MAX_TASK_CHARS
 from orchestra.recruit import Recruitment
 from orchestra.result import RunResult
 from orchestra.settings import ORCHESTRA_LEVEL, AnswerOptions, RunSpec, Settings, WorkflowRef, nested_hint
+from orchestra.sharing import sharing
 from orchestra.store import EMBEDDINGS, HEARTBEAT_SECONDS, QUIET_EVENTS, RunRecord, RunStore
 from orchestra.terminal_text import counted, invisible
 from orchestra.workflow import Workflow, check_inputs
@@ -1069,7 +1070,8 @@ class Orchestra:
         if spec.spent_before is not None:
             shared_budget = task_budget(settings.budget, spec.spent_before, parent=shared_budget)
         ledger = RunLedger.create(run_id, settings.budget, shared_budget=shared_budget, journal=self.store,
-                                  cache=self.store.cache() if settings.cache and self.store else None)
+                                  cache=self.store.cache() if settings.cache and self.store else None,
+                                  shared=sharing.get())
         return Run(self.stages_for(settings), spec, ledger, node_settings=node_settings, final=final)
 
     def _begin(self, run: Run) -> None:

@@ -78,8 +78,8 @@ class EvalReport:
     """Of ``failed_calls``, per model: ``{"calls": N, "first_error": "..."}`` (which endpoint failed, and why)."""
     failed_keyword_calls: int = 0
     """Of ``failed_calls``, keyword samples: their nodes took the keywords of their other samples (a node
-    whose samples all failed is among ``skill_extraction_failures``). A resumed run counts its own
-    invocation's: its earlier failures not asked again are among ``failed_calls`` without their purpose."""
+    whose samples all failed is among ``skill_extraction_failures``). A resumed run counts the whole run's,
+    as ``failed_calls`` does."""
     saved_calls: int = 0
     """Calls confident teams did not need (their first experts agreed)."""
     cache_hits: int = 0

@@ -191,14 +191,14 @@ class CallsQueued(Event):
 
 @dataclass(frozen=True, slots=True)
 class CallsResolved(Event):
-    """Calls settled without reaching the model: from the cache, from the store on resume, or
-    refused because the run's budget is spent."""
+    """Calls settled without reaching the model: from the cache, from the store on resume, from
+    another point of a sweep (a keyword sample it asked), or refused because the run's budget is spent."""
 
     kind: ClassVar[str] = "calls_resolved"
     model: str
     count: int
     run_id: str
-    source: str  # "cache", "store" or "budget"
+    source: str  # "cache", "store", "shared" or "budget"
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,19 @@ class ResponseCache(Protocol):
         """Remember a successful result."""
 
 
+class SharedAnswers(Protocol):
+    """Answers runs of separate evaluations share (a sweep's keyword samples: ``orchestra.sharing``)."""
+
+    purposes: frozenset[str]
+    """The purposes of the calls it answers."""
+
+    def get(self, key: str) -> ChatResult | None:
+        """An answer an earlier call with this key got, or None."""
+
+    def put(self, key: str, result: ChatResult) -> None:
+        """Keep a successful answer."""
+
+
 @dataclass
 class BatchRecord:
     """One batch as a run saw it."""
@@ -142,6 +155,8 @@ class RunLedger:
     answered: Counter[str] = field(default_factory=Counter)  # "cache" / "store" hits
     cache_misses: int = 0
     cache_errors: int = 0  # answers that could not be written to the cache
+    #: answers shared with other evaluations' runs (a sweep's other points), for the purposes it names
+    shared: SharedAnswers | None = None
     failed_calls: int = 0
     #: per model: its calls of ``failed_calls`` and the first one's error
     failed_by_model: dict[str, tuple[int, str]] = field(default_factory=dict)
@@ -402,7 +417,7 @@ class Executor:
         for index, (model, request) in enumerate(calls):
             # the key (a hash of the canonical request) is needed only to journal or cache the call
             key, canonical = (request.keyed(model_identity(model)) if ledger.journal is not None
-                              or ledger.cache is not None else ("", ""))
+                              or ledger.cache is not None or ledger.shared is not None else ("", ""))
             heavy = is_heavy(model)
             if heavy and self.placement is not None and is_heavy(model):  # (narrowed for the type checker)
                 model = self.placement.engine(model)  # its stand-in: queued, grouped and loaded as the model
@@ -609,6 +624,16 @@ class Executor:
             ledger.budget.count(call.orphan_spent, calls=1)
             ledger.counted = ledger.counted | {(call.key, call.seq)}
             call.orphan_spent = None
+        shared = ledger.shared
+        if shared is not None and call.purpose in shared.purposes:
+            found = shared.get(call.key)
+            if found is not None:  # (another point of the sweep asked it: paid there, as the endpoint saw)
+                if ledger.journal is not None:
+                    ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request,
+                                          found, purpose=call.purpose, node=call.node, source="shared")
+                self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="shared"))
+                self._resolve(call, found)
+                return True
         if ledger.cache is not None:
             cached = ledger.cache.get(call.model.name, call.key, call.request)
             if cached is not None:
@@ -1018,11 +1043,14 @@ class Executor:
         self._settle(call, paid)
         if isinstance(outcome, Exception):
             ledger.count_failed(call.model.name, outcome, call.purpose)
-        elif ledger.cache is not None and not call.capped:
-            try:
-                ledger.cache.put(call.model.name, call.key, call.request, outcome)
-            except Exception:
-                ledger.cache_errors += 1
+        elif not call.capped:  # (an answer cut at the limit it was sent with is not the request's own)
+            if ledger.cache is not None:
+                try:
+                    ledger.cache.put(call.model.name, call.key, call.request, outcome)
+                except Exception:
+                    ledger.cache_errors += 1
+            if ledger.shared is not None and call.purpose in ledger.shared.purposes:
+                ledger.shared.put(call.key, outcome)
         if ledger.after_end is not None:  # its run was recorded as stopped before this answer came: again
             ledger.after_end()
         if report:

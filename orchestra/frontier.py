@@ -20,6 +20,7 @@ from orchestra.core import Orchestra
 from orchestra.datasets import Dataset
 from orchestra.evaluate import METHODS, EvalReport, aevaluate, cost_cap, k_variant
 from orchestra.money import dollars, usd_exact
+from orchestra.sharing import SharedAnswers, SharedView, sharing
 
 LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """The calibrated router's cost preferences a sweep tries by default."""
@@ -53,17 +54,29 @@ class SweepPoint:
     """Calls that failed after their retries: the point's accuracy is not the method's own."""
     failed_by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Of ``failed_calls``, per model: ``{"calls": N, "first_error": "..."}``."""
+    reused_calls: int = 0
+    """Keyword samples an earlier point of the sweep asked (the same requests): taken from it, not sent
+    again, so not among ``calls`` and ``requests``."""
+    reused_usd: float = 0.0
+    """What those samples cost where they were asked: part of ``cost_usd``, which is what the method costs
+    on its own, not of ``spent_usd``."""
+    spent_usd: float = 0.0
+    """What this point's requests cost (``cost_usd`` less ``reused_usd``): the sweep's spending is their sum."""
 
     @classmethod
-    def of(cls, report: EvalReport, method: str, cost_lambda: float | None) -> SweepPoint:
-        """A point from an evaluation report."""
-        return cls(method=method, cost_lambda=cost_lambda, accuracy=report.accuracy, cost_usd=report.cost_usd,
-                   cost_per_item_usd=dollars(report.cost_usd / report.items) if report.items else 0.0,
-                   cost_per_correct_usd=report.cost_per_correct_usd, calls=report.calls,
-                   saved_calls=report.saved_calls, items=report.items, failed=report.failed,
+    def of(cls, report: EvalReport, method: str, cost_lambda: float | None,
+           reused: SharedView | None = None) -> SweepPoint:
+        """A point from an evaluation report; ``reused``: the answers it took from earlier points."""
+        reused_calls, reused_usd = (reused.reused_calls, reused.reused_usd) if reused else (0, 0.0)
+        cost = dollars(report.cost_usd + reused_usd)
+        return cls(method=method, cost_lambda=cost_lambda, accuracy=report.accuracy, cost_usd=cost,
+                   cost_per_item_usd=dollars(cost / report.items) if report.items else 0.0,
+                   cost_per_correct_usd=dollars(cost / report.correct) if report.correct else None,
+                   calls=report.calls, saved_calls=report.saved_calls, items=report.items, failed=report.failed,
                    requests=report.requests, per_category=report.per_category,
                    budget_exceeded=report.budget_exceeded, failure_exit=report.failure_exit,
-                   failed_calls=report.failed_calls, failed_by_model=report.failed_by_model)
+                   failed_calls=report.failed_calls, failed_by_model=report.failed_by_model,
+                   reused_calls=reused_calls, reused_usd=reused_usd, spent_usd=report.cost_usd)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -96,39 +109,47 @@ async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[fl
                  **overrides: Any) -> list[SweepPoint]:
     """Evaluate every method, and the calibrated router at each λ, on ``dataset``; frontier marked.
 
+    Each item's keyword samples are asked once: the points after the first that sends them take its
+    answers (``orchestra.sharing``), and count what they cost there in their own ``cost_usd``.
+
     ``overrides`` (``k``, ``aggregate``... as for ``aevaluate``) apply to every method. ``on_cancel``
     is given the points evaluated in full so far (frontier marked among them), then the one cut off
     (``interrupted``: what it had spent, which no other point counts), when the sweep is cancelled
     (Ctrl-C), before the cancellation goes on.
     """
     points: list[SweepPoint] = []
-    cut: list[tuple[EvalReport, str, float | None]] = []
+    cut: list[tuple[EvalReport, str, float | None, SharedView]] = []
+    shared = SharedAnswers()  # each item's keyword samples, asked by the first point that needs them
 
-    def cut_off(name: str | None, at: float | None) -> Callable[[EvalReport], None]:
-        return lambda report: cut.append((report, name or report.method, at))
+    async def point(name: str | None, at: float | None, **options: Any) -> SweepPoint:
+        view = shared.view()
+        token = sharing.set(view)  # (the point's runs take it as they begin: they run in this context)
+        try:
+            report = await aevaluate(orchestra, dataset, limit=limit,
+                                     on_cancel=lambda report: cut.append((report, name or report.method, at, view)),
+                                     **options)
+        finally:
+            sharing.reset(token)
+        return SweepPoint.of(report, name or report.method, at, view)
 
     try:
         for method in _methods(methods):
             # a method whose preset fixes k (single: one expert) keeps it; the others take a given k
             given = {key: value for key, value in overrides.items() if not (key == "k" and METHODS[method][2])}
-            report = await aevaluate(orchestra, dataset, method=method, limit=limit,
-                                     on_cancel=cut_off(None, None), **given)
-            points.append(SweepPoint.of(report, report.method, None))  # (named as its own eval names it: ", k=2")
+            points.append(await point(None, None, method=method, **given))  # (named as its eval names it: ", k=2")
         recruit = dict(overrides.pop("recruit", None) or {})
         for cost_lambda in lambdas:
             options = {"recruit": {**recruit, "cost_lambda": cost_lambda}, **overrides}
             given = {key: value for key, value in options.items() if value is not None}
             settings = orchestra.run_settings({**given, "mode": "calibrated"})
             name = f"calibrated λ={cost_lambda:g}{k_variant(settings)}{cost_cap(settings)}"
-            report = await aevaluate(orchestra, dataset, method="calibrated", limit=limit,
-                                     on_cancel=cut_off(name, cost_lambda), **options)
-            points.append(SweepPoint.of(report, name, cost_lambda))
+            points.append(await point(name, cost_lambda, method="calibrated", **options))
     except asyncio.CancelledError:
         if on_cancel is not None:
             mark_frontier(points)
             if cut:  # (its calls were billed: 32 of a sweep's 200 requests were in no point)
-                report, method, at = cut[0]
-                points.append(replace(SweepPoint.of(report, method, at), interrupted=True))
+                report, method, at, view = cut[0]
+                points.append(replace(SweepPoint.of(report, method, at, view), interrupted=True))
             on_cancel(points)
         raise
     mark_frontier(points)

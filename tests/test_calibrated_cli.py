@@ -4,6 +4,7 @@ then eval each method and a sweep; accuracy and cost as the server counted them.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
     assert sum(p["calls"] for p in points.values()) == sum(requests.values())  # no retries on this server
     assert sum(p["requests"] for p in points.values()) == sum(requests.values())  # each point's, as counted there
     assert all(sum(category["items"] for category in p["per_category"].values()) == 24 for p in points.values())
-    assert abs(sum(p["cost_usd"] for p in points.values()) - cost) <= 0.01 * cost
+    assert abs(sum(p["spent_usd"] for p in points.values()) - cost) <= 0.01 * cost
     assert points["calibrated λ=1"]["cost_usd"] < points["calibrated λ=0.05"]["cost_usd"] < points["moa"]["cost_usd"]
     frontier = {name for name, p in points.items() if p["on_frontier"]}
     assert "moa" not in frontier and "calibrated λ=0.05" in frontier
@@ -406,3 +407,72 @@ def test_a_sweep_table_in_80_columns_shows_every_number_whole(capsys, monkeypatc
     shown = capsys.readouterr().out
     for whole in ("symbolic-moe, k=3", "single (cut off after 8 items)", "0.875 (5 of 8 finished)", "●"):
         assert whole in shown, (whole, shown)
+
+
+class PricedMarket(Market):
+    """A market whose keyword model is priced too, keeping each distinct keyword request's count."""
+
+    def __init__(self, sim: SimulatedPool) -> None:
+        super().__init__(sim)
+        self.keyword_asks: Counter[tuple[str, int | None]] = Counter()
+
+    def handler(self, request: LoopbackRequest) -> Reply:
+        payload = request.json()
+        if payload["model"] != "keywords":
+            return super().handler(request)
+        self.requests["keywords"] += 1
+        self.keyword_asks[(request.prompt, payload.get("seed"))] += 1
+        text = json.dumps(self.sim.keywords(request.prompt, payload.get("seed")))
+        prompt_tokens, completion_tokens = len(request.prompt) // 4 + 1, len(text) // 4 + 1
+        self.cost += (prompt_tokens * 2.0 + completion_tokens * 4.0) / 1e6
+        return openai_reply(text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, model="keywords")
+
+
+def test_a_sweep_asks_each_keyword_sample_once_and_prices_each_point_as_its_method_alone(loopback,
+                                                                                          tmp_path: Path) -> None:
+    """Every method that recruits by skills sent the same keyword samples again: 800 of a sweep's 1,152
+    requests in a trial. They are asked once now; each point's cost still counts its samples (what the
+    method costs on its own, as a plain eval of it says), and the sweep says what it spent."""
+    sim = specialist_pool(seed=2)
+    market = PricedMarket(sim)
+    server = loopback(market.handler)
+    pool, validation, test = market_files(tmp_path, server.url, sim)
+    pool.write_text(pool.read_text().replace("    model: keywords\n",
+                                             "    model: keywords\n    prices: {input: 2.0, output: 4.0}\n"))
+    assert cli("profile", "--pool", str(pool), "--data", str(validation)).returncode == 0
+    market.reset()
+    market.keyword_asks.clear()
+    done = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0,1", "--limit", "6",
+               "--no-store", "--json")
+    assert done.returncode == 0, done.stderr
+    swept = json.loads(done.stdout)
+    points = {p["method"]: p for p in swept["points"]}
+    requests, cost = market.reset()
+    assert market.keyword_asks and set(market.keyword_asks.values()) == {1}  # each sample asked once in the sweep
+    asked = len(market.keyword_asks)
+    keyword_points = [p for p in points.values() if p["reused_calls"] or p["method"] == "symbolic-moe"]
+    assert [p["method"] for p in keyword_points] == ["symbolic-moe", "vote", "calibrated λ=0", "calibrated λ=1"]
+    assert points["symbolic-moe"]["reused_calls"] == 0 and all(p["reused_calls"] == asked for p in keyword_points[1:])
+    assert swept["reused_calls"] == 3 * asked
+    assert sum(p["calls"] for p in points.values()) == sum(p["requests"] for p in points.values()) == sum(
+        requests.values())  # the calls sent, as the server counts them
+    assert abs(swept["spent_usd"] - cost) <= 1e-9 + 0.001 * cost  # what the server billed
+    for point in points.values():
+        assert point["cost_usd"] == pytest.approx(point["spent_usd"] + point["reused_usd"], abs=1e-9)
+    for method, flags in (("calibrated λ=1", ("--method", "calibrated", "--cost-lambda", "1")),
+                          ("vote", ("--method", "vote"))):
+        alone = cli("eval", "--pool", str(pool), "--data", str(test), "--limit", "6", "--no-store", "--json", *flags)
+        report = json.loads(alone.stdout)
+        assert report["cost_usd"] == pytest.approx(points[method]["cost_usd"], rel=1e-6), (report, points[method])
+        assert report["cost_per_correct_usd"] == pytest.approx(points[method]["cost_per_correct_usd"], rel=1e-6)
+        assert market.keyword_asks and set(market.keyword_asks.values()) == {2}  # a plain eval asks them all
+        market.keyword_asks = Counter({ask: 1 for ask in market.keyword_asks})
+    market.reset()
+    table = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "1", "--limit", "2",
+                "--no-store")
+    assert table.returncode == 0, table.stderr
+    said = re.search(r"keyword samples are asked once for the whole sweep: (\d+) of the points' samples were taken "
+                     r"from the point that asked them, not sent again; each point's cost counts its samples, as the "
+                     r"method alone would pay them; the sweep spent \$([\d.]+)", " ".join(table.stdout.split()))
+    assert said is not None, table.stdout
+    assert float(said.group(2)) == pytest.approx(market.reset()[1], rel=1e-3)
