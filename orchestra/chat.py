@@ -24,7 +24,7 @@ from orchestra.core import (
 from orchestra.errors import ConfigError, OrchestraError
 from orchestra.events import Event, UsageUpdated
 from orchestra.hints import cli_message, command
-from orchestra.money import usd
+from orchestra.money import usd_exact
 from orchestra.pipeline.planning import with_replan_hint
 from orchestra.plan import Plan, PlanInvalid, validate_plan
 from orchestra.prompts import MAX_CONTEXT_CHARS
@@ -76,6 +76,7 @@ class ChatSession:
     history: list[Turn] = field(default_factory=list)
     history_chars: int = 1500
     last: RunResult | None = None
+    _piped_lines: int = field(default=0, init=False)
 
     def ask(self, prompt: str) -> str | None:
         """One line from the user, or None at end of input."""
@@ -91,6 +92,9 @@ class ChatSession:
             return line
         self.console.print(prompt, end="")
         line = sys.stdin.readline()
+        if not self._piped_lines:  # (a byte-order mark an editor put first is not part of the first task)
+            line = line.removeprefix("\ufeff")
+        self._piped_lines += 1
         return None if not line else line.rstrip("\n")
 
     def loop(self) -> None:
@@ -226,7 +230,8 @@ class ChatSession:
                 last = spent[-1]
                 self.console.print(f"planning: {last.calls} call{'s' * (last.calls != 1)} · "
                                    f"{last.requests} request{'s' * (last.requests != 1)} · "
-                                   f"{last.prompt_tokens + last.completion_tokens:,} tokens · {usd(last.cost_usd)}",
+                                   f"{last.prompt_tokens + last.completion_tokens:,} tokens · "
+                                   f"{usd_exact(last.cost_usd)}",
                                    style="dim", markup=False)
 
     def _stopping(self, again: bool) -> None:

@@ -607,3 +607,14 @@ def test_ctrl_c_while_a_chat_command_prints_keeps_the_session() -> None:
         pytest.fail("Ctrl-C during a command left the chat session")
     text = out.getvalue()
     assert "(/trace interrupted; /quit or Ctrl-D leaves)" in text and "k = 2" in text and text.endswith("bye\n")
+
+
+def test_chat_takes_a_byte_order_mark_off_the_first_piped_line(llm, tmp_path: Path) -> None:
+    """A task file saved by an editor that writes a byte-order mark, piped into chat: the mark went to
+    the planner's, keyword and expert prompts and into the stored task (`ask -` takes it off)."""
+    pool = write_pool(tmp_path, llm.server.url)
+    done = cli("chat", "--pool", str(pool), stdin="\ufeffWhat is 2 + 2?\na\n/quit\n")
+    assert done.returncode == 0, done.stderr
+    [run] = json.loads(cli("runs", "--json").stdout)
+    assert run["task"] == "What is 2 + 2?" and run["status"] == "done", run
+    assert llm.server.requests and not any("\ufeff" in request.prompt for request in llm.server.requests)
