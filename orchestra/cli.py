@@ -16,7 +16,7 @@ import click
 from orchestra import __version__
 from orchestra.errors import ConfigError, OrchestraError, RunHeld, UserError
 from orchestra.hints import BUDGET_FLAGS, advise_store, command
-from orchestra.money import dollars, usd, usd_alike, usd_exact
+from orchestra.money import dollars, usd_alike, usd_exact
 from orchestra.vocabulary import GRADER_NAMES, METHOD_NAMES
 
 if TYPE_CHECKING:  # the rest is imported where it is used, so `--help` and `runs` start fast
@@ -945,8 +945,9 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
     click.echo(f"wrote {len(written)} profiles to {target}")
     from orchestra.terminal_text import counted
 
-    click.echo(f"profile · {counted(report.calls, 'call')} · {counted(report.usage.requests, 'request')} · "
-               f"{report.usage.prompt_tokens + report.usage.completion_tokens:,} tokens · {usd(report.usage.cost_usd)}")
+    usage = report.usage
+    click.echo(f"profile · {counted(report.calls, 'call')} · {counted(usage.requests, 'request')} · "
+               f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd_exact(usage.cost_usd)}")
 
 
 def _usage_json(usage: Usage) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from orchestra.money import usd
+from orchestra.money import usd_exact
 from orchestra.store import EMBEDDINGS, RunStore
 from orchestra.terminal_text import counted, printable
 from orchestra.view import literal
@@ -84,7 +84,7 @@ def _inputs(config: dict[str, Any]) -> list[str]:
 def _spent(call: dict[str, Any]) -> str:
     """A recorded call's tokens and cost; a request cut off in flight billed what is not known (its
     answer never came): it read ``0+0 tokens · $0.0000``."""
-    known = f"{call['prompt_tokens']}+{call['completion_tokens']} tokens · {usd(call['cost_usd'] or 0)}"
+    known = f"{call['prompt_tokens']}+{call['completion_tokens']} tokens · {usd_exact(call['cost_usd'] or 0)}"
     error = call["error"] or ""
     if not call["requests"] or not (error.startswith("CallCancelled: ") and "in flight" in error):
         return known
@@ -156,7 +156,7 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
     failed = f" ({totals['failed_calls']} failed)" if totals["failed_calls"] else ""
     console.print(literal(f"calls {totals['calls']}{failed} · requests {totals['requests']} · "
                        f"tokens {totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out · "
-                       f"{usd(totals['cost_usd'])}", style="bold"))
+                       f"{usd_exact(totals['cost_usd'])}", style="bold"))
     if run["answer"]:
         cut = bool((report["result"] or {}).get("answer_cut"))
         console.print(Panel(literal(run["answer"]), title="answer (stopped at its token limit)" if cut else "answer"))

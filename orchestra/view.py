@@ -49,7 +49,7 @@ from orchestra.events import (
     fell_back,
 )
 from orchestra.hints import run_error
-from orchestra.money import usd, usd_alike
+from orchestra.money import usd_alike, usd_exact
 from orchestra.terminal_text import UNSAFE, counted, printable
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ class RunState(EventHandler[None]):
         extra += f" · retries {self.retries}" if self.retries else ""
         extra += "".join(f" · {dropped}" for dropped in self.dropped)
         return (f"calls {self.calls} · requests {self.requests} · tokens {self.prompt_tokens:,} in / "
-                f"{self.completion_tokens:,} out · {usd(self.cost_usd)}{extra} · {self.elapsed:.1f} s")
+                f"{self.completion_tokens:,} out · {usd_exact(self.cost_usd)}{extra} · {self.elapsed:.1f} s")
 
 
 @contextlib.contextmanager
@@ -480,7 +480,7 @@ def summary_line(result: RunResult, *, earlier: dict[str, Any] | None = None) ->
         usage = result.usage
         # (the two amounts to the same decimals: `$0.0001 in all; this resume sent ... ($0.0000586)`)
         whole, now = usd_alike(usage.cost_usd, usage.cost_usd - earlier["cost_usd"])
-        spent = spent.removesuffix(usd(usage.cost_usd)) + whole
+        spent = spent.removesuffix(usd_exact(usage.cost_usd)) + whole
         spent += f" in all; this resume sent {counted(usage.requests - earlier['requests'], 'request')} ({now})"
     return f"run {result.run_id} · {result.status} · {spent} · {result.elapsed_s:.1f} s"
 
@@ -490,4 +490,4 @@ def spent_text(result: RunResult) -> str:
     usage = result.usage
     failed = f" ({usage.failed_calls} failed)" if usage.failed_calls else ""  # (a done run may have lost an expert)
     return (f"{counted(usage.calls, 'call')}{failed} · {counted(usage.requests, 'request')} · "
-            f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd(usage.cost_usd)}")
+            f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd_exact(usage.cost_usd)}")

@@ -1482,7 +1482,7 @@ def test_a_sweep_a_budget_cut_short_says_so_and_leaves_the_method_off_the_fronti
 def test_a_resume_says_what_it_sent_beside_what_the_run_spent_in_all(loopback, tmp_path: Path) -> None:
     """A resume's last line gave the run's totals alone, as if charged anew; one of a done run, which
     sends nothing, read `9 calls · 9 requests · $0.0016`."""
-    from orchestra.money import usd, usd_alike
+    from orchestra.money import usd, usd_alike, usd_exact
 
     server = loopback(ScriptedLLM().handler())
     pool = write_pool(tmp_path, server.url)
@@ -1505,8 +1505,13 @@ def test_a_resume_says_what_it_sent_beside_what_the_run_spent_in_all(loopback, t
     sent = len(server.requests)
     again = cli("resume", run_id)  # done: its answer, and nothing sent
     assert again.returncode == 0 and again.stdout == resumed.stdout and len(server.requests) == sent, again.stderr
-    spent = in_all.removesuffix(whole) + usd(run["cost_usd"])  # (the run's cost alone: as `show` gives it)
+    # (the run's cost alone, to the millionth, as `show` and the run's last line give it: `$0.0001` here and
+    # `$0.00014` in `runs` and the resume's last line read as two amounts)
+    assert usd(run["cost_usd"]) != usd_exact(run["cost_usd"])  # (an amount the two would print apart)
+    spent = in_all.removesuffix(whole) + usd_exact(run["cost_usd"])
     assert again.stderr.splitlines() == [f"nothing to resume: run {run_id} is done ({spent} spent in all)"]
+    shown = cli("show", run_id).stdout
+    assert f"· {usd_exact(run['cost_usd'])}\n" in shown and usd(run["cost_usd"]) + "\n" not in shown, shown
 
 
 def test_a_resume_of_a_run_with_a_token_limit_alone_says_nothing_of_a_cost_budget(loopback, tmp_path: Path) -> None:
