@@ -486,8 +486,11 @@ def summary_line(result: RunResult, *, earlier: dict[str, Any] | None = None) ->
 
 
 def spent_text(result: RunResult) -> str:
-    """``calls (failed) · requests · tokens · cost`` of a run."""
+    """``calls (failed) · answered from the cache · requests · tokens · cost`` of a run (the cache's
+    part only where it answered any)."""
     usage = result.usage
     failed = f" ({usage.failed_calls} failed)" if usage.failed_calls else ""  # (a done run may have lost an expert)
-    return (f"{counted(usage.calls, 'call')}{failed} · {counted(usage.requests, 'request')} · "
+    # (a run the cache answered whole read `0 calls · 0 requests · 0 tokens`, as if it had done nothing)
+    cached = f" · {usage.cache_hits} answered from the cache" if usage.cache_hits else ""
+    return (f"{counted(usage.calls, 'call')}{failed}{cached} · {counted(usage.requests, 'request')} · "
             f"{usage.prompt_tokens + usage.completion_tokens:,} tokens · {usd_exact(usage.cost_usd)}")

@@ -1524,3 +1524,20 @@ def test_a_resume_of_a_run_with_a_token_limit_alone_says_nothing_of_a_cost_budge
     run_id = re.search(r"run (\S+) · budget_exceeded", first.stderr)[1]  # type: ignore[index]
     resumed = cli("resume", run_id, "--max-calls", "50")
     assert resumed.returncode == 0 and "counts no dollars" not in resumed.stderr, resumed.stderr
+
+
+def test_a_run_the_cache_answered_says_so_on_its_last_line(loopback, tmp_path: Path) -> None:
+    """Asked again with the cache on, a run read `0 calls · 0 requests · 0 tokens · $0.0000`, as if it
+    had done nothing; only --json's cache_hits said the cache had answered it."""
+    server = loopback(ScriptedLLM().handler())
+    pool = write_pool(tmp_path, server.url)
+    argv = ("ask", "What is the boiling point of water?", "--pool", str(pool), "--no-plan", "--set", "cache=true")
+    first = cli(*argv)
+    assert first.returncode == 0 and "answered from the cache" not in first.stderr, first.stderr
+    asked = len(server.requests)
+    again = cli(*argv)
+    assert again.returncode == 0 and len(server.requests) == asked, again.stderr
+    hits = json.loads(cli(*argv, "--json").stdout)["usage"]["cache_hits"]
+    assert hits == asked > 0
+    assert re.search(rf"run \S+ · done · 0 calls · {hits} answered from the cache · 0 requests · 0 tokens · \$0\.0000 · ",
+                     again.stderr.splitlines()[-1]), again.stderr
