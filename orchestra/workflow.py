@@ -796,7 +796,7 @@ def _convert(name: str, value: Any, declared: InputSpec, workflow: Workflow) -> 
     converted = _typed(value, declared.type)
     where = ("inputs", name)  # (each error points at the input's declaration, as a missing input's does)
     if converted is None:
-        if declared.type == "integer" and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        if declared.type == "integer" and isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
             raise workflow.document.error(f"input {name!r} has {len(value.strip().lstrip('+-')):,} digits, more than "
                                           f"the {sys.get_int_max_str_digits():,} Python reads as a number; pass a "
                                           "smaller one, or declare the input a string", where)
@@ -831,16 +831,23 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else f"{_cut(text)} ({len(str(value)):,} characters)"
 
 
+#: a number as ``-i`` takes it: ASCII decimal digits (Python's ``int`` and ``float`` also read ``1_000``,
+#: full-width and other scripts' digits), or a word for a number that is not finite (refused as such)
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE)
+
+
 def _typed(value: Any, kind: str) -> Any:
     """``value`` as ``kind`` (strings from the command line converted), or None when it is not one."""
     if not isinstance(value, str) or kind == "string":
         return value if _is_type(value, kind) else None
+    text = value.strip()
     try:
         if kind == "integer":
-            return int(value)
+            return int(text) if _INTEGER.fullmatch(text) else None
         if kind == "number":
-            return float(value)
-    except ValueError:
+            return float(text) if _NUMBER.fullmatch(text) else None
+    except ValueError:  # (more digits than Python reads)
         return None
     if value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):  # (YAML's words, and 1/0)
         return value.strip().lower() in ("true", "yes", "on", "1")

@@ -410,6 +410,10 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
     assert huge.returncode == 2 and huge.stderr.strip() == (
         f"error: {path}:10:10: input 'words' has 5,000 digits, more than the 4,300 Python reads as a number; pass a "
         "smaller one, or declare the input a string")
+    # Python's own number forms that are no decimal digits (1000, 3, 3, 3 and 1.5 were taken)
+    for value in ("1_000", "\uff13", "\u0663", "\u0663" * 5000, "1_0.5"):
+        odd = cli("run", str(numbers if "." in value else path), "-i", "topic=x", "-i", f"words={value}")
+        assert odd.returncode == 2 and "must be of type" in odd.stderr, odd.stderr
     long = cli("run", str(path), "-i", "topic=x", "-i", f"words={'x' * 5000}")
     assert long.stderr.strip() == (f"error: {path}:10:10: input 'words' must be of type integer, got "
                                    f"'{'x' * 56}... (5,000 characters)")
