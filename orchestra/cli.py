@@ -653,12 +653,15 @@ def ask(task: str, pool: Path | None, no_plan: bool, **opts: Any) -> None:
 @click.option("--resume", is_flag=True, help="A data-set workflow: go on with its earlier evaluation (finished "
                                             "items are counted, cut-off ones finished, only the rest run); "
                                             "another: finish its latest unfinished run in the store.")
+@click.option("--retry-failed", is_flag=True, help="With --resume, a data-set workflow: an item whose run finished "
+                                                  "with failed calls runs again, its recorded answers replayed (only "
+                                                  "the failed calls, and what depends on them, are sent).")
 @run_options
 @budget_options
 @store_options
 @output_options
 def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], pool: Path | None, resume: bool,
-        **opts: Any) -> None:
+        retry_failed: bool, **opts: Any) -> None:
     """Run a YAML workflow."""
 
     from orchestra.agents import Pool
@@ -667,6 +670,11 @@ def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], p
 
     keep_stdout_for_json(opts["as_json"])
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
+    if retry_failed and not resume:
+        raise click.UsageError("--retry-failed sends an earlier evaluation's failed calls again: add --resume")
+    if retry_failed and flow.spec.dataset is None:  # (one run's: `orchestra resume` takes its id)
+        raise click.UsageError("--retry-failed retries the items of a data-set workflow; a single run's failed "
+                               "calls: `orchestra resume RUN_ID --retry-failed` (`orchestra runs` lists the ids)")
     if resume and flow.spec.dataset is None:
         refuse_unused_in_resume(opts, given=bool(inputs or input_files or pool))
         resume_latest_run(flow, opts)
@@ -687,7 +695,7 @@ def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], p
         given_grader = layer.grader if "grader" in layer.model_fields_set else None  # --grader or --set grader=
         report = evaluate_interruptibly(
             lambda on_cancel: aevaluate_workflow(flow, given, orchestra=orc, grader=given_grader, on_cancel=on_cancel,
-                                                 resume=resume),
+                                                 resume=resume, retry_failed=retry_failed),
             flow.spec.dataset.path, opts["as_json"],
             then=None if orc.store is None else "the same command with --resume goes on with this evaluation")
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
@@ -1109,7 +1117,7 @@ def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
         fail(f"{report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}{hint}",
              report.failure_exit or 1)
     if report.failed_calls:  # (every run finished, some without an expert: the accuracy reads as the method's)
-        warnings.warn(lost_calls_line(report, stored=stored and evaluation), UserWarning, stacklevel=2)
+        warnings.warn(lost_calls_line(report, stored=stored), UserWarning, stacklevel=2)
 
 
 def lost_calls_line(report: EvalReport, *, stored: bool) -> str:

@@ -72,7 +72,7 @@ def run_arguments(workflow: Workflow, inputs: Mapping[str, Any]) -> tuple[str, d
 async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, orchestra: Orchestra | None = None,
                              window: int | None = DEFAULT_WINDOW, grader: GraderName | None = None,
                              on_cancel: Callable[[EvalReport], None] | None = None,
-                             resume: bool = False) -> EvalReport:
+                             resume: bool = False, retry_failed: bool = False) -> EvalReport:
     """Run the workflow once per data-set item (``inputs.question`` and ``inputs.answer_format`` set per
     item), all runs on one executor so their calls batch per model, and grade the answers.
 
@@ -91,6 +91,8 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
     comments, layout, its budget and its data set's ``limit`` and ``grader``): each item's
     latest run with the same inputs, settings (a raised budget aside) and pool is counted if it
     finished, or finished under its own id (its recorded calls replayed); only the others run.
+    ``retry_failed`` (with ``resume``): an item whose finished run had failed calls runs again under
+    its own id, its recorded answers replayed, so only the failed calls and what depends on them are sent.
     """
     spec = workflow.spec.dataset
     if spec is None:
@@ -115,9 +117,17 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
             values["answer_format"] = answer_format(item)
         return values
 
+    if retry_failed and not resume:
+        raise ConfigError("retry_failed retries the failed calls of an earlier evaluation: give resume=True too")
     earlier = _earlier_item_runs(orc, workflow, [(item, given(item)) for item in items], per_run) if resume else {}
     if resume and not earlier:
         nothing_to_resume("workflow, inputs, settings and pool")
+    retried = [index for index, found in earlier.items()
+               if retry_failed and isinstance(found, RunResult) and found.usage.failed_calls]
+    for index in retried:  # (it goes on under its id: its answers replayed, its failed calls sent again)
+        found = earlier[index]
+        assert isinstance(found, RunResult)
+        earlier[index] = found.run_id
     todo = [index for index in range(len(items)) if not isinstance(earlier.get(index), RunResult)]
 
     def instances() -> Iterator[Instance]:
@@ -138,7 +148,8 @@ async def aevaluate_workflow(workflow: Workflow, inputs: Mapping[str, Any], *, o
 
     def report(**extra: Any) -> EvalReport:
         return count_earlier(tally.report(workflow.name, elapsed_s=time.perf_counter() - started,
-                                          model_loads=loads_since(orc, loads_before), **extra), earlier)
+                                          model_loads=loads_since(orc, loads_before), **extra), earlier,
+                             retried=len(retried))
 
     # each run has its workflow's steps (or plans): no chunk of runs to recruit together
     stream = orc.arun_iter(instances(), window=window, rare_filter=False, on_stopped=tally.stopped_run,

@@ -17,6 +17,7 @@ from orchestra.errors import ConfigError
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.settings import Settings
 from orchestra.store import RunStore, default_store_path
+from orchestra.testing import chat_handler
 from orchestra.workflow import Workflow
 from orchestra.workflow_run import orchestra_for, run_workflow
 
@@ -1356,3 +1357,48 @@ def test_a_dashed_step_id_read_with_a_dot_is_refused_with_the_form_that_works(tm
         Workflow.load(write(tmp_path, dashed.replace("steps.draft.output", "steps.first-draft.output")))
     fixed = dashed.replace("{{ steps.draft.output }}", "{{ steps['first-draft'].output }}")
     assert [step.id for step in Workflow.load(write(tmp_path, fixed)).spec.steps] == ["first-draft", "review"]
+
+
+def test_a_data_set_workflow_resends_only_its_failed_calls_with_resume_retry_failed(loopback, tmp_path: Path) -> None:
+    """`run --resume` of a data-set workflow whose runs finished with failed calls sent nothing (the same
+    degraded report), there was no `--retry-failed` as `eval` has, and the warning said to evaluate again:
+    every paid call sent again."""
+    from test_cli import _failing_beta
+
+    scripted, broken = ScriptedLLM(), [True]
+    server = loopback(chat_handler(_failing_beta(scripted, broken)))
+    pool = write_pool(tmp_path, server.url)
+    (tmp_path / "quiz.jsonl").write_text("".join(f'{{"id": "q{i}", "question": "What is {i} + 1?", "answer": "42"}}\n'
+                                                 for i in range(2)))
+    path = write(tmp_path, f"name: quiz\npool: {pool}\ninputs:\n  question: {{type: string}}\n"
+                           "dataset: {path: quiz.jsonl}\nsteps:\n  - id: answer\n"
+                           "    prompt: '{{ inputs.question }}'\n    recruit: {k: 3, mode: global}\n"
+                           "    aggregate: synthesize\n")
+    first = cli("run", str(path), "--json")
+    assert first.returncode == 0 and json.loads(first.stdout)["failed_calls"] == 2, first.stderr
+    assert ("the same command with --resume --retry-failed sends only those calls again" in first.stderr
+            and "evaluate again" not in first.stderr), first.stderr
+    broken[0] = False
+    sent, scripted.prompts = len(server.requests), []
+    plain = cli("run", str(path), "--resume", "--json")  # (finished runs are counted: nothing sent)
+    assert json.loads(plain.stdout)["failed_calls"] == 2 and len(server.requests) == sent, plain.stderr
+    retried = cli("run", str(path), "--resume", "--retry-failed", "--json")
+    report = json.loads(retried.stdout)
+    assert retried.returncode == 0 and retried.stderr == "", retried.stderr
+    # per item: beta's expert call, and the aggregator's, whose request now holds beta's answer; nothing else
+    assert sorted(kind for kind, _ in scripted.prompts) == ["aggregate", "aggregate", "expert", "expert"]
+    assert len(server.requests) - sent == 4
+    assert (report["failed_calls"], report["retried"], report["reused"], report["resumed"]) == (0, 2, 0, 0)
+    runs = json.loads(cli("runs", "--json").stdout)
+    assert len(runs) == 2 and {run["failed_calls"] for run in runs} == {0}
+    assert report["requests"] == sum(run["requests"] for run in runs) == len(server.requests)
+    sent = len(server.requests)
+    again = cli("run", str(path), "--resume", "--retry-failed", "--json")  # nothing failed now: nothing sent
+    assert json.loads(again.stdout)["reused"] == 2 and len(server.requests) == sent, again.stderr
+    for argv, said in ((("--retry-failed",), "--retry-failed sends an earlier evaluation's failed calls again: add "
+                                              "--resume"),):
+        refused = cli("run", str(path), *argv)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    single = write(tmp_path, f"name: one\npool: {pool}\nsteps:\n  - id: a\n    prompt: hi\n", name="one.yaml")
+    refused = cli("run", str(single), "--resume", "--retry-failed")
+    assert refused.returncode == 2 and "`orchestra resume RUN_ID --retry-failed`" in refused.stderr, refused.stderr
