@@ -216,6 +216,10 @@ def frontier_html(points: Sequence[SweepPoint], title: str) -> str:
         accuracy = acc_low + (1 - acc_low) * step / 5
         ticks.append(f'<text x="{pad - 8}" y="{y(accuracy) + 4:.1f}" font-size="11" text-anchor="end">'
                      f"{accuracy:.2f}</text>")
+    shared = sum(p.reused_calls for p in points)
+    reused = (f" Each point's cost is what its method costs on its own: the items' keyword samples were asked once "
+              f"for the sweep ({shared} taken from the point that asked them, not sent again, their cost counted in "
+              f"each point's); the sweep spent {usd_exact(sum(p.spent_usd for p in points))}.") if shared else ""
     rows = []
     for p in points:
         per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)
@@ -230,7 +234,7 @@ td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}} td:first
 tr.frontier{{font-weight:bold}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>Accuracy against cost per item (log scale). Red points are on the frontier: no other point is
-both more accurate and cheaper.</p>
+both more accurate and cheaper.{reused}</p>
 <svg width="{width}" height="{height}" role="img" aria-label="accuracy against cost">
 <line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#333"/>
 <line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#333"/>

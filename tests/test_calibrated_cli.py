@@ -468,11 +468,14 @@ def test_a_sweep_asks_each_keyword_sample_once_and_prices_each_point_as_its_meth
         assert market.keyword_asks and set(market.keyword_asks.values()) == {2}  # a plain eval asks them all
         market.keyword_asks = Counter({ask: 1 for ask in market.keyword_asks})
     market.reset()
+    plot = tmp_path / "frontier.html"
     table = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "1", "--limit", "2",
-                "--no-store")
+                "--no-store", "--plot", str(plot))
     assert table.returncode == 0, table.stderr
     said = re.search(r"keyword samples are asked once for the whole sweep: (\d+) of the points' samples were taken "
                      r"from the point that asked them, not sent again; each point's cost counts its samples, as the "
                      r"method alone would pay them; the sweep spent \$([\d.]+)", " ".join(table.stdout.split()))
     assert said is not None, table.stdout
     assert float(said.group(2)) == pytest.approx(market.reset()[1], rel=1e-3)
+    assert (f"({said.group(1)} taken from the point that asked them, not sent again, their cost counted in each "
+            f"point's); the sweep spent ${said.group(2)}.") in plot.read_text()
