@@ -1324,6 +1324,10 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                                                          if report.failed_calls else "")),
                           *([("answered from the cache (free)", f"{report.cache_hits} calls")]
                             if report.cache_hits else []),
+                          # (runs of a sweep's point: resumed, their report left those samples out of the cost)
+                          *([("keyword samples from another point of a sweep",
+                              f"{report.reused_calls} calls ({usd_exact(report.reused_usd)}, paid there)")]
+                            if report.reused_calls else []),
                           ("requests", str(report.requests)),
                           ("cost", cost),
                           ("cost per correct answer", per_correct), ("time", f"{report.elapsed_s:.1f} s"),

@@ -85,6 +85,11 @@ class EvalReport:
     cache_hits: int = 0
     """Calls the response cache answered: not made, so not among ``calls`` nor in the cost (a repeated
     evaluation with the cache on cost $0, and said nothing of why)."""
+    reused_calls: int = 0
+    """Keyword samples its runs took from another point of a sweep (``RunUsage.reused_calls``): not made
+    here, so not among ``calls`` nor in the cost."""
+    reused_usd: float = 0.0
+    """What those samples cost where they were asked: ``cost_usd`` plus this is what the method costs alone."""
     voted_instead: int = 0
     """Nodes whose aggregator failed, answered by a vote of their experts instead (see ``AggregationFellBack``)."""
     budget_exceeded: str | None = None
@@ -122,7 +127,8 @@ class Tally:
         self.failed_by_model: dict[str, dict[str, Any]] = {}  # in the order their first failures came
         self.cut_off = 0
         self.calls = self.requests = self.prompt_tokens = self.completion_tokens = 0
-        self.cost_usd = 0.0
+        self.cost_usd = self.reused_usd = 0.0
+        self.reused_calls = 0
         self.first_failure: tuple[int, str, int, str] | None = None  # (index, what happened, its exit code, run)
         self.categories: dict[str, Counter[str]] = {}
         self.category_first: dict[str, int] = {}  # a category's first item: the report lists them in data-set order
@@ -179,6 +185,8 @@ class Tally:
             self.failed_by_model.setdefault(model, {"calls": 0, "first_error": failed.first_error})
             self.failed_by_model[model]["calls"] += failed.calls
         self.cache_hits += usage.cache_hits
+        self.reused_calls += usage.reused_calls
+        self.reused_usd += usage.reused_usd
 
     def report(self, method: str, *, elapsed_s: float, model_loads: dict[str, int],
                budget_exceeded: str | None = None) -> EvalReport:
@@ -199,6 +207,7 @@ class Tally:
             failed_keyword_calls=self.failed_keyword_calls,
             failed_by_model={model: dict(failed) for model, failed in self.failed_by_model.items()},
             saved_calls=self.saved_calls, voted_instead=self.voted_instead, cache_hits=self.cache_hits,
+            reused_calls=self.reused_calls, reused_usd=dollars(self.reused_usd),
             budget_exceeded=budget_exceeded, cut_off=self.cut_off,
             answers=[row for _, row in sorted(self.answers, key=lambda pair: pair[0])])
 

@@ -157,6 +157,9 @@ class RunLedger:
     cache_errors: int = 0  # answers that could not be written to the cache
     #: answers shared with other evaluations' runs (a sweep's other points), for the purposes it names
     shared: SharedAnswers | None = None
+    #: of those, the ones this run took (not sent; counted by its budget as if sent): calls and their usage
+    reused_calls: int = 0
+    reused_usage: Usage = field(default_factory=Usage)
     failed_calls: int = 0
     #: per model: its calls of ``failed_calls`` and the first one's error
     failed_by_model: dict[str, tuple[int, str]] = field(default_factory=dict)
@@ -221,8 +224,24 @@ class RunLedger:
 
     @property
     def usage(self) -> Usage:
-        """Requests, tokens and cost so far."""
-        return self.budget.usage
+        """Requests, tokens and cost sent so far (the budget's, less the answers reused from another run)."""
+        spent = self.budget.usage
+        if not self.reused_calls:
+            return spent
+        reused = self.reused_usage
+        return Usage(prompt_tokens=spent.prompt_tokens - reused.prompt_tokens,
+                     completion_tokens=spent.completion_tokens - reused.completion_tokens,
+                     cost_usd=dollars(spent.cost_usd - reused.cost_usd), requests=spent.requests - reused.requests)
+
+    @property
+    def calls(self) -> int:
+        """Calls sent so far (the budget's, less the answers reused from another run)."""
+        return self.budget.calls - self.reused_calls
+
+    def reuse(self, usage: Usage) -> None:
+        """Count an answer taken from another run (``shared``), which its budget counted as sent."""
+        self.reused_calls += 1
+        self.reused_usage = self.reused_usage + usage
 
     def count_embeddings(self, usage: Usage, *, model: str, node: str | None, keywords: list[str]) -> None:
         """Count (and journal) the embedding requests a recruitment made: requests, not calls."""
@@ -624,16 +643,6 @@ class Executor:
             ledger.budget.count(call.orphan_spent, calls=1)
             ledger.counted = ledger.counted | {(call.key, call.seq)}
             call.orphan_spent = None
-        shared = ledger.shared
-        if shared is not None and call.purpose in shared.purposes:
-            found = shared.get(call.key)
-            if found is not None:  # (another point of the sweep asked it: paid there, as the endpoint saw)
-                if ledger.journal is not None:
-                    ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request,
-                                          found, purpose=call.purpose, node=call.node, source="shared")
-                self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="shared"))
-                self._resolve(call, found)
-                return True
         if ledger.cache is not None:
             cached = ledger.cache.get(call.model.name, call.key, call.request)
             if cached is not None:
@@ -667,6 +676,19 @@ class Executor:
             self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="budget"))
             self._resolve(call, exceeded)
             return True
+        shared = ledger.shared
+        if shared is not None and call.purpose in shared.purposes:
+            found = shared.get(call.key)
+            if found is not None:  # another point of the sweep asked it: paid there, as the endpoint saw
+                # (its budgets count it as sent, so the run stops where its method alone would; its usage not)
+                self._settle(call, found.usage)
+                ledger.reuse(found.usage)
+                if ledger.journal is not None:
+                    ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request,
+                                          found, purpose=call.purpose, node=call.node, source="shared")
+                self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="shared"))
+                self._resolve(call, found)
+                return True
         if call.request.max_tokens is None and answer_limit is None and not call.heavy and ledger.budget.bounds_answers:
             # an endpoint's answer without a limit is unbounded: under a limit of the user's it gets the
             # one it was reserved for, so the budget holds (its key stays the request's own; its answer,
@@ -1067,10 +1089,10 @@ class Executor:
         """Tell listeners that want it a run's spending so far."""
         if not self.events.wants(UsageUpdated):
             return
-        spent = ledger.budget
-        self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=spent.calls, requests=spent.requests,
+        spent = ledger.usage
+        self.events.emit(UsageUpdated(run_id=ledger.run_id, calls=ledger.calls, requests=spent.requests,
                                       prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
-                                      cost_usd=dollars(spent.cost_usd), cache_misses=ledger.cache_misses,
+                                      cost_usd=spent.cost_usd, cache_misses=ledger.cache_misses,
                                       failed_calls=ledger.run_failures()[0]))
 
     def _settle(self, call: _Call, usage: Usage | None) -> None:

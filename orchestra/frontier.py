@@ -20,7 +20,7 @@ from orchestra.core import Orchestra
 from orchestra.datasets import Dataset
 from orchestra.evaluate import METHODS, EvalReport, aevaluate, cost_cap, k_variant
 from orchestra.money import dollars, usd_exact
-from orchestra.sharing import SharedAnswers, SharedView, sharing
+from orchestra.sharing import SharedAnswers, sharing
 
 LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """The calibrated router's cost preferences a sweep tries by default."""
@@ -64,11 +64,9 @@ class SweepPoint:
     """What this point's requests cost (``cost_usd`` less ``reused_usd``): the sweep's spending is their sum."""
 
     @classmethod
-    def of(cls, report: EvalReport, method: str, cost_lambda: float | None,
-           reused: SharedView | None = None) -> SweepPoint:
-        """A point from an evaluation report; ``reused``: the answers it took from earlier points."""
-        reused_calls, reused_usd = (reused.reused_calls, reused.reused_usd) if reused else (0, 0.0)
-        cost = dollars(report.cost_usd + reused_usd)
+    def of(cls, report: EvalReport, method: str, cost_lambda: float | None) -> SweepPoint:
+        """A point from an evaluation report (its cost with the keyword samples it reused)."""
+        cost = dollars(report.cost_usd + report.reused_usd)
         return cls(method=method, cost_lambda=cost_lambda, accuracy=report.accuracy, cost_usd=cost,
                    cost_per_item_usd=dollars(cost / report.items) if report.items else 0.0,
                    cost_per_correct_usd=dollars(cost / report.correct) if report.correct else None,
@@ -76,7 +74,7 @@ class SweepPoint:
                    requests=report.requests, per_category=report.per_category,
                    budget_exceeded=report.budget_exceeded, failure_exit=report.failure_exit,
                    failed_calls=report.failed_calls, failed_by_model=report.failed_by_model,
-                   reused_calls=reused_calls, reused_usd=reused_usd, spent_usd=report.cost_usd)
+                   reused_calls=report.reused_calls, reused_usd=report.reused_usd, spent_usd=report.cost_usd)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -118,19 +116,18 @@ async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[fl
     (Ctrl-C), before the cancellation goes on.
     """
     points: list[SweepPoint] = []
-    cut: list[tuple[EvalReport, str, float | None, SharedView]] = []
+    cut: list[tuple[EvalReport, str, float | None]] = []
     shared = SharedAnswers()  # each item's keyword samples, asked by the first point that needs them
 
     async def point(name: str | None, at: float | None, **options: Any) -> SweepPoint:
-        view = shared.view()
-        token = sharing.set(view)  # (the point's runs take it as they begin: they run in this context)
+        token = sharing.set(shared.view())  # (the point's runs take it as they begin: they run in this context)
         try:
             report = await aevaluate(orchestra, dataset, limit=limit,
-                                     on_cancel=lambda report: cut.append((report, name or report.method, at, view)),
+                                     on_cancel=lambda report: cut.append((report, name or report.method, at)),
                                      **options)
         finally:
             sharing.reset(token)
-        return SweepPoint.of(report, name or report.method, at, view)
+        return SweepPoint.of(report, name or report.method, at)
 
     try:
         for method in _methods(methods):
@@ -148,8 +145,8 @@ async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[fl
         if on_cancel is not None:
             mark_frontier(points)
             if cut:  # (its calls were billed: 32 of a sweep's 200 requests were in no point)
-                report, method, at, view = cut[0]
-                points.append(replace(SweepPoint.of(report, method, at, view), interrupted=True))
+                report, method, at = cut[0]
+                points.append(replace(SweepPoint.of(report, method, at), interrupted=True))
             on_cancel(points)
         raise
     mark_frontier(points)

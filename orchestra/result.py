@@ -79,8 +79,13 @@ class RunUsage(BaseModel):
     """Of ``failed_calls``, per model (which endpoint failed, and why)."""
     failed_keyword_calls: int = 0
     """Of ``failed_calls``, keyword samples: their nodes took the keywords of their other samples (a node
-    whose samples all failed is among ``skill_extraction_failures``). A resumed run counts its own
-    invocation's: its earlier failures not asked again are among ``failed_calls`` without their purpose."""
+    whose samples all failed is among ``skill_extraction_failures``). A resumed run counts the whole run's,
+    as ``failed_calls`` does."""
+    reused_calls: int = 0
+    """Keyword samples taken from another point of a sweep, which asked them (``orchestra.sharing``): not
+    sent, so not among ``calls``, ``requests``, tokens or cost; its budget counted them as if sent."""
+    reused_usd: float = 0.0
+    """What those samples cost where they were asked."""
     cache_hits: int = 0
     cache_misses: int = 0
     replayed_calls: int = 0

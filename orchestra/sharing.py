@@ -3,10 +3,12 @@
 A sweep evaluates every method on the same items with the same Orchestra, and the methods that
 recruit by skills send the same keyword samples (the same requests, the same seeds, to the same
 model) for each item: in a sweep of eight cost preferences, most of its requests. The first point
-to ask a sample keeps its answer; the later points take it without asking. Each point still counts
-what those samples cost where they were asked (``SharedView.reused_usd``), so its cost is what the
-method costs on its own; the runs, the run store and the endpoints count them where they were sent
-(a run records a shared answer as one that cost it nothing, source ``shared``).
+to ask a sample keeps its answer; the later points take it without asking. A run that takes one
+counts it apart (``RunUsage.reused_calls`` and ``reused_usd``, what it cost where it was asked),
+not among what it sent: the runs, the run store and the endpoints agree (a run records it as an
+answer that cost it nothing, source ``shared``). Its budgets count it as if it were sent, so a
+point stops where its method alone would, and a point's cost adds it back: what the method costs
+on its own.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from contextvars import ContextVar
 
 from orchestra.execute import KEYWORDS
 from orchestra.models.types import ChatResult
-from orchestra.money import dollars
 
 #: the purposes of the calls whose answers are shared (keyword samples: the same for every method)
 SHARED_PURPOSES = frozenset({KEYWORDS})
@@ -28,28 +29,21 @@ class SharedAnswers:
         self._answers: dict[str, ChatResult] = {}
 
     def view(self) -> SharedView:
-        """A point's way in: it counts what that point reused."""
+        """A point's way in (what the executor consults, for ``SHARED_PURPOSES``)."""
         return SharedView(self._answers)
 
 
 class SharedView:
-    """One evaluation's use of ``SharedAnswers``: what it took from them, and what that cost where it
-    was asked."""
+    """One evaluation's way into ``SharedAnswers``."""
 
     purposes = SHARED_PURPOSES
 
     def __init__(self, answers: dict[str, ChatResult]) -> None:
         self._answers = answers
-        self.reused_calls = 0
-        self.reused_usd = 0.0
 
     def get(self, key: str) -> ChatResult | None:
-        """The answer an earlier call with this key got, counted as reused; None if none did."""
-        found = self._answers.get(key)
-        if found is not None:
-            self.reused_calls += 1
-            self.reused_usd = dollars(self.reused_usd + found.usage.cost_usd)
-        return found
+        """The answer an earlier call with this key got; None if none did."""
+        return self._answers.get(key)
 
     def put(self, key: str, result: ChatResult) -> None:
         """Keep a call's successful answer for the points after this one."""
