@@ -126,6 +126,7 @@ class RunState(EventHandler[None]):
     cache_hits: int = 0
     cache_misses: int = 0
     replayed: int = 0
+    reused: int = 0  # keyword samples taken from another point of a sweep
     retries: int = 0
     dropped: list[str] = field(default_factory=list)  # "model without feature", once each
     status: str = "running"
@@ -179,6 +180,8 @@ class RunState(EventHandler[None]):
             self.cache_hits += event.count
         elif event.source == "store":
             self.replayed += event.count
+        elif event.source == "shared":
+            self.reused += event.count
 
     def on_batch_started(self, event: BatchStarted) -> None:
         row = self._model(event.model)
@@ -229,6 +232,7 @@ class RunState(EventHandler[None]):
         cached = self.cache_hits + self.cache_misses
         extra = f" · cache {self.cache_hits} hit / {self.cache_misses} miss" if cached else ""
         extra += f" · replayed {self.replayed}" if self.replayed else ""
+        extra += f" · reused {self.reused} from another point" if self.reused else ""
         extra += f" · retries {self.retries}" if self.retries else ""
         extra += "".join(f" · {dropped}" for dropped in self.dropped)
         return (f"calls {self.calls} · requests {self.requests} · tokens {self.prompt_tokens:,} in / "

@@ -63,6 +63,7 @@ RUN: list[Event] = [
     CallsQueued(model="m", count=5, run_id=R, purpose="expert"),
     CallsResolved(model="m", count=1, run_id=R, source="cache"),
     CallsResolved(model="m", count=1, run_id=R, source="store"),
+    CallsResolved(model="k", count=2, run_id=R, source="shared"),
     ModelLoaded(model="m", seconds=1.5),
     BatchStarted(batch=1, model="m", size=3, wave=0, runs=(R,)),
     CallDone(run_id=R, model="m", purpose="expert", node="a", request=ChatRequest.user("q?"), response="42",
@@ -166,6 +167,7 @@ STATE_AFTER: list[Callable[[RunState], Any]] = [
     lambda s: _model(s) == (5, 0, 0, 0, 0, False),
     lambda s: (_model(s)[0], s.cache_hits, s.replayed) == (4, 1, 0),
     lambda s: (_model(s)[0], s.cache_hits, s.replayed) == (3, 1, 1),
+    lambda s: (s.cache_hits, s.replayed, s.reused) == (1, 1, 2) and " · reused 2 from another point · " in s.counters(),
     lambda s: _model(s) == (3, 0, 0, 0, 1, True),
     lambda s: _model(s) == (0, 3, 0, 1, 1, True),
     lambda s: _model(s) == (0, 2, 1, 1, 1, True),
@@ -253,7 +255,7 @@ def test_the_store_keeps_node_rows_and_the_event_log_from_every_node_event(tmp_p
     for event in RUN:
         store.listen(event)
         statuses.append({row["node_id"]: row["status"] for row in store.nodes(R)}.get("a"))
-    assert statuses == [None, None, "pending", "recruiting", "recruiting", "running", *["running"] * 12,
+    assert statuses == [None, None, "pending", "recruiting", "recruiting", "running", *["running"] * 13,
                         "aggregating", "aggregating", "done", "done", "done", "done", "done"]
     nodes = {row["node_id"]: row for row in store.nodes(R)}
     a, b, c = nodes["a"], nodes["b"], nodes["c"]
