@@ -1000,7 +1000,8 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
                    "them out).")
 @click.option("--sweep", is_flag=True, help="Run every method, and the calibrated router at each cost preference "
                                             "(--lambdas): accuracy, cost, cost per correct answer and calls for each, "
-                                            "with the accuracy/cost frontier marked.")
+                                            "with the accuracy/cost frontier marked (each item's keyword samples are "
+                                            "asked once; each point's cost still counts them).")
 @click.option("--lambdas", metavar="L1,L2,...", help="The cost preferences λ a sweep tries (default "
                                                      "0,0.01,0.02,0.05,0.1,0.2,0.5,1); a --cost-lambda beside "
                                                      "them weighs prices in the other methods only.")
