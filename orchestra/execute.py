@@ -649,11 +649,7 @@ class Executor:
                 ledger.answered["cache"] += 1
                 if ledger.unsent and (call.key, call.seq) in ledger.unsent:  # (its row becomes a cache answer)
                     ledger.budget.count(Usage(), calls=-1)
-                if ledger.journal is not None:
-                    ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request,
-                                          cached, purpose=call.purpose, node=call.node, source="cache")
-                self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="cache"))
-                self._resolve(call, cached)
+                self._answer_unsent(call, cached, "cache")
                 return True
         answer_limit = _answer_limit(call.model)
         call.counted = bool(ledger.counted) and (call.key, call.seq) in ledger.counted
@@ -683,11 +679,7 @@ class Executor:
                 # (its budgets count it as sent, so the run stops where its method alone would; its usage not)
                 self._settle(call, found.usage)
                 ledger.reuse(found.usage)
-                if ledger.journal is not None:
-                    ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request,
-                                          found, purpose=call.purpose, node=call.node, source="shared")
-                self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="shared"))
-                self._resolve(call, found)
+                self._answer_unsent(call, found, "shared")
                 return True
         if call.request.max_tokens is None and answer_limit is None and not call.heavy and ledger.budget.bounds_answers:
             # an endpoint's answer without a limit is unbounded: under a limit of the user's it gets the
@@ -698,6 +690,16 @@ class Executor:
         if ledger.cache is not None:
             ledger.cache_misses += 1
         return False
+
+    def _answer_unsent(self, call: _Call, result: ChatResult, source: str) -> None:
+        """Answer ``call`` with ``result``, which no request of its own got (``source``: "cache", or
+        "shared": another point of a sweep asked it), recorded as such in its run's journal."""
+        ledger = call.ledger
+        if ledger.journal is not None:
+            ledger.journal.record(ledger.run_id, call.key, call.seq, call.model.name, call.request, result,
+                                  purpose=call.purpose, node=call.node, source=source)
+        self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source=source))
+        self._resolve(call, result)
 
     # --- heavy waves -----------------------------------------------------------------------
 
