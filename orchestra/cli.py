@@ -1000,8 +1000,8 @@ def aggregation_cell(profile: SkillProfile | None) -> str:
                    "them out).")
 @click.option("--sweep", is_flag=True, help="Run every method, and the calibrated router at each cost preference "
                                             "(--lambdas): accuracy, cost, cost per correct answer and calls for each, "
-                                            "with the accuracy/cost frontier marked (each item's keyword samples are "
-                                            "asked once; each point's cost still counts them).")
+                                            "with the accuracy/cost frontier marked (no request is asked twice: a "
+                                            "point's cost still counts the answers it took from another).")
 @click.option("--lambdas", metavar="L1,L2,...", help="The cost preferences λ a sweep tries (default "
                                                      "0,0.01,0.02,0.05,0.1,0.2,0.5,1); a --cost-lambda beside "
                                                      "them weighs prices in the other methods only.")
@@ -1275,9 +1275,10 @@ def print_sweep(points: list[SweepPoint], dataset: Dataset, items: int, plot: Pa
         reused = sum(p.reused_calls for p in points)
         if reused:  # (each point's cost counts them, so it is not what the sweep spent)
             spent = usd_exact(sum(p.spent_usd for p in points))
-            click.echo(f"keyword samples are asked once for the whole sweep: {reused} of the points' samples were "
-                       "taken from the point that asked them, not sent again; each point's cost counts its samples, "
-                       f"as the method alone would pay them; the sweep spent {spent}")
+            click.echo(f"no request is asked twice in a sweep: {reused} of the points' calls were taken from the point "
+                       "that made them (each item's keyword samples, and the calls of teams chosen again), not sent "
+                       f"again; each point's cost counts them, as the method alone would pay them; the sweep spent "
+                       f"{spent}")
         if plot is not None:
             click.echo(f"wrote the frontier to {plot}")
     lost = failed_calls_warning(points)
@@ -1326,7 +1327,7 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
                           *([("answered from the cache (free)", f"{report.cache_hits} calls")]
                             if report.cache_hits else []),
                           # (runs of a sweep's point: resumed, their report left those samples out of the cost)
-                          *([("keyword samples from another point of a sweep",
+                          *([("calls from another point of a sweep",
                               f"{report.reused_calls} calls ({usd_exact(report.reused_usd)}, paid there)")]
                             if report.reused_calls else []),
                           ("requests", str(report.requests)),

@@ -86,10 +86,10 @@ class EvalReport:
     """Calls the response cache answered: not made, so not among ``calls`` nor in the cost (a repeated
     evaluation with the cache on cost $0, and said nothing of why)."""
     reused_calls: int = 0
-    """Keyword samples its runs took from another point of a sweep (``RunUsage.reused_calls``): not made
-    here, so not among ``calls`` nor in the cost."""
+    """Calls its runs took from another point of a sweep (``RunUsage.reused_calls``): not made here, so not
+    among ``calls`` nor in the cost."""
     reused_usd: float = 0.0
-    """What those samples cost where they were asked: ``cost_usd`` plus this is what the method costs alone."""
+    """What those calls cost where they were made: ``cost_usd`` plus this is what the method costs alone."""
     voted_instead: int = 0
     """Nodes whose aggregator failed, answered by a vote of their experts instead (see ``AggregationFellBack``)."""
     budget_exceeded: str | None = None

@@ -192,7 +192,7 @@ class CallsQueued(Event):
 @dataclass(frozen=True, slots=True)
 class CallsResolved(Event):
     """Calls settled without reaching the model: from the cache, from the store on resume, from
-    another point of a sweep (a keyword sample it asked), or refused because the run's budget is spent."""
+    another point of a sweep (which made the same request), or refused because the run's budget is spent."""
 
     kind: ClassVar[str] = "calls_resolved"
     model: str

@@ -119,15 +119,13 @@ class ResponseCache(Protocol):
 
 
 class SharedAnswers(Protocol):
-    """Answers runs of separate evaluations share (a sweep's keyword samples: ``orchestra.sharing``)."""
+    """Answers runs of separate evaluations share (a sweep's points: ``orchestra.sharing``), by call key
+    and seq (the n-th identical request of a run takes the n-th answer)."""
 
-    purposes: frozenset[str]
-    """The purposes of the calls it answers."""
+    def get(self, key: str, seq: int) -> ChatResult | None:
+        """The answer an earlier run's call with this key and seq got, or None."""
 
-    def get(self, key: str) -> ChatResult | None:
-        """An answer an earlier call with this key got, or None."""
-
-    def put(self, key: str, result: ChatResult) -> None:
+    def put(self, key: str, seq: int, result: ChatResult) -> None:
         """Keep a successful answer."""
 
 
@@ -155,7 +153,7 @@ class RunLedger:
     answered: Counter[str] = field(default_factory=Counter)  # "cache" / "store" hits
     cache_misses: int = 0
     cache_errors: int = 0  # answers that could not be written to the cache
-    #: answers shared with other evaluations' runs (a sweep's other points), for the purposes it names
+    #: answers shared with other evaluations' runs (a sweep's other points)
     shared: SharedAnswers | None = None
     #: of those, the ones this run took (not sent; counted by its budget as if sent): calls and their usage
     reused_calls: int = 0
@@ -672,9 +670,8 @@ class Executor:
             self.events.emit(CallsResolved(model=call.model.name, count=1, run_id=ledger.run_id, source="budget"))
             self._resolve(call, exceeded)
             return True
-        shared = ledger.shared
-        if shared is not None and call.purpose in shared.purposes:
-            found = shared.get(call.key)
+        if ledger.shared is not None:
+            found = ledger.shared.get(call.key, call.seq)
             if found is not None:  # another point of the sweep asked it: paid there, as the endpoint saw
                 # (its budgets count it as sent, so the run stops where its method alone would; its usage not)
                 self._settle(call, found.usage)
@@ -1073,8 +1070,8 @@ class Executor:
                     ledger.cache.put(call.model.name, call.key, call.request, outcome)
                 except Exception:
                     ledger.cache_errors += 1
-            if ledger.shared is not None and call.purpose in ledger.shared.purposes:
-                ledger.shared.put(call.key, outcome)
+            if ledger.shared is not None:
+                ledger.shared.put(call.key, call.seq, outcome)
         if ledger.after_end is not None:  # its run was recorded as stopped before this answer came: again
             ledger.after_end()
         if report:

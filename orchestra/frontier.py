@@ -55,17 +55,17 @@ class SweepPoint:
     failed_by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Of ``failed_calls``, per model: ``{"calls": N, "first_error": "..."}``."""
     reused_calls: int = 0
-    """Keyword samples an earlier point of the sweep asked (the same requests): taken from it, not sent
-    again, so not among ``calls`` and ``requests``."""
+    """Calls an earlier point of the sweep made with the same requests (each item's keyword samples, the
+    calls of a team it chose too): taken from it, not sent again, so not among ``calls`` and ``requests``."""
     reused_usd: float = 0.0
-    """What those samples cost where they were asked: part of ``cost_usd``, which is what the method costs
+    """What those calls cost where they were made: part of ``cost_usd``, which is what the method costs
     on its own, not of ``spent_usd``."""
     spent_usd: float = 0.0
     """What this point's requests cost (``cost_usd`` less ``reused_usd``): the sweep's spending is their sum."""
 
     @classmethod
     def of(cls, report: EvalReport, method: str, cost_lambda: float | None) -> SweepPoint:
-        """A point from an evaluation report (its cost with the keyword samples it reused)."""
+        """A point from an evaluation report (its cost with the calls it reused)."""
         cost = dollars(report.cost_usd + report.reused_usd)
         return cls(method=method, cost_lambda=cost_lambda, accuracy=report.accuracy, cost_usd=cost,
                    cost_per_item_usd=dollars(cost / report.items) if report.items else 0.0,
@@ -107,8 +107,9 @@ async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[fl
                  **overrides: Any) -> list[SweepPoint]:
     """Evaluate every method, and the calibrated router at each λ, on ``dataset``; frontier marked.
 
-    Each item's keyword samples are asked once: the points after the first that sends them take its
-    answers (``orchestra.sharing``), and count what they cost there in their own ``cost_usd``.
+    No request is asked twice: a point takes the answers an earlier point got to the same requests
+    (``orchestra.sharing``: each item's keyword samples, the calls of a team both chose), and counts
+    what they cost there in its own ``cost_usd``.
 
     ``overrides`` (``k``, ``aggregate``... as for ``aevaluate``) apply to every method. ``on_cancel``
     is given the points evaluated in full so far (frontier marked among them), then the one cut off
@@ -117,7 +118,7 @@ async def asweep(orchestra: Orchestra, dataset: Dataset, *, lambdas: Sequence[fl
     """
     points: list[SweepPoint] = []
     cut: list[tuple[EvalReport, str, float | None]] = []
-    shared = SharedAnswers()  # each item's keyword samples, asked by the first point that needs them
+    shared = SharedAnswers()  # each request asked by the first point that makes it
 
     async def point(name: str | None, at: float | None, **options: Any) -> SweepPoint:
         token = sharing.set(shared.view())  # (the point's runs take it as they begin: they run in this context)
@@ -214,9 +215,9 @@ def frontier_html(points: Sequence[SweepPoint], title: str) -> str:
         ticks.append(f'<text x="{pad - 8}" y="{y(accuracy) + 4:.1f}" font-size="11" text-anchor="end">'
                      f"{accuracy:.2f}</text>")
     shared = sum(p.reused_calls for p in points)
-    reused = (f" Each point's cost is what its method costs on its own: the items' keyword samples were asked once "
-              f"for the sweep ({shared} taken from the point that asked them, not sent again, their cost counted in "
-              f"each point's); the sweep spent {usd_exact(sum(p.spent_usd for p in points))}.") if shared else ""
+    reused = (f" Each point's cost is what its method costs on its own: no request was asked twice in the sweep "
+              f"({shared} calls taken from the point that made them, not sent again, their cost counted in each "
+              f"point's); the sweep spent {usd_exact(sum(p.spent_usd for p in points))}.") if shared else ""
     rows = []
     for p in points:
         per_correct = "-" if p.cost_per_correct_usd is None else usd_exact(p.cost_per_correct_usd)

@@ -82,10 +82,10 @@ class RunUsage(BaseModel):
     whose samples all failed is among ``skill_extraction_failures``). A resumed run counts the whole run's,
     as ``failed_calls`` does."""
     reused_calls: int = 0
-    """Keyword samples taken from another point of a sweep, which asked them (``orchestra.sharing``): not
+    """Calls answered by another point of a sweep, which made the same requests (``orchestra.sharing``): not
     sent, so not among ``calls``, ``requests``, tokens or cost; its budget counted them as if sent."""
     reused_usd: float = 0.0
-    """What those samples cost where they were asked."""
+    """What those calls cost where they were made."""
     cache_hits: int = 0
     cache_misses: int = 0
     replayed_calls: int = 0

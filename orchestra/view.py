@@ -126,7 +126,7 @@ class RunState(EventHandler[None]):
     cache_hits: int = 0
     cache_misses: int = 0
     replayed: int = 0
-    reused: int = 0  # keyword samples taken from another point of a sweep
+    reused: int = 0  # calls answered by another point of a sweep
     retries: int = 0
     dropped: list[str] = field(default_factory=list)  # "model without feature", once each
     status: str = "running"

@@ -166,7 +166,8 @@ def test_a_sweep_reports_every_method_and_draws_the_frontier(loopback, tmp_path:
     named = {p["method"]: p for p in json.loads(two.stdout)["points"]}
     assert set(named) == {"symbolic-moe, k=2", "vote, k=2", "moa, k=2", "random, k=2", "single",
                           "calibrated λ=0.05, k=2"}
-    assert named["single"]["calls"] == 2 and named["moa, k=2"]["calls"] == 2 * 3  # one expert an item; two + synthesis
+    made = {name: p["calls"] + p["reused_calls"] for name, p in named.items()}  # (sent, or taken from a point)
+    assert made["single"] == 2 and made["moa, k=2"] == 2 * 3  # one expert an item; two + synthesis
     assert sum(p["requests"] for p in named.values()) == sum(market.reset()[0].values())
     for flag in (("--aggregate", "vote"), ("--mode", "topk"), ("--set", "aggregate=vote")):  # (two points were one)
         mixed = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", *flag)
@@ -410,14 +411,17 @@ def test_a_sweep_table_in_80_columns_shows_every_number_whole(capsys, monkeypatc
 
 
 class PricedMarket(Market):
-    """A market whose keyword model is priced too, keeping each distinct keyword request's count."""
+    """A market whose keyword model is priced too, counting each distinct request (``asks``) and each
+    distinct keyword request (``keyword_asks``)."""
 
     def __init__(self, sim: SimulatedPool) -> None:
         super().__init__(sim)
         self.keyword_asks: Counter[tuple[str, int | None]] = Counter()
+        self.asks: Counter[str] = Counter()
 
     def handler(self, request: LoopbackRequest) -> Reply:
         payload = request.json()
+        self.asks[json.dumps(payload, sort_keys=True)] += 1
         if payload["model"] != "keywords":
             return super().handler(request)
         self.requests["keywords"] += 1
@@ -428,11 +432,11 @@ class PricedMarket(Market):
         return openai_reply(text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, model="keywords")
 
 
-def test_a_sweep_asks_each_keyword_sample_once_and_prices_each_point_as_its_method_alone(loopback,
-                                                                                          tmp_path: Path) -> None:
-    """Every method that recruits by skills sent the same keyword samples again: 800 of a sweep's 1,152
-    requests in a trial. They are asked once now; each point's cost still counts its samples (what the
-    method costs on its own, as a plain eval of it says), and the sweep says what it spent."""
+def test_a_sweep_asks_no_request_twice_and_prices_each_point_as_its_method_alone(loopback, tmp_path: Path) -> None:
+    """Every method that recruits by skills sent the same keyword samples again (800 of a sweep's 1,152
+    requests in a trial), and points that chose the same team sent its calls again. No request is asked
+    twice now; each point's cost still counts the answers it took (what the method costs on its own, as
+    a plain eval of it says), and the sweep says what it spent."""
     sim = specialist_pool(seed=2)
     market = PricedMarket(sim)
     server = loopback(market.handler)
@@ -442,18 +446,18 @@ def test_a_sweep_asks_each_keyword_sample_once_and_prices_each_point_as_its_meth
     assert cli("profile", "--pool", str(pool), "--data", str(validation)).returncode == 0
     market.reset()
     market.keyword_asks.clear()
+    market.asks.clear()
     done = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "0,1", "--limit", "6",
                "--no-store", "--json")
     assert done.returncode == 0, done.stderr
     swept = json.loads(done.stdout)
     points = {p["method"]: p for p in swept["points"]}
     requests, cost = market.reset()
-    assert market.keyword_asks and set(market.keyword_asks.values()) == {1}  # each sample asked once in the sweep
-    asked = len(market.keyword_asks)
-    keyword_points = [p for p in points.values() if p["reused_calls"] or p["method"] == "symbolic-moe"]
-    assert [p["method"] for p in keyword_points] == ["symbolic-moe", "vote", "calibrated λ=0", "calibrated λ=1"]
-    assert points["symbolic-moe"]["reused_calls"] == 0 and all(p["reused_calls"] == asked for p in keyword_points[1:])
-    assert swept["reused_calls"] == 3 * asked
+    assert market.asks and set(market.asks.values()) == {1}  # each request asked once in the sweep
+    asked = len(market.keyword_asks)  # (the items' samples: every method recruiting by skills takes them)
+    assert points["symbolic-moe"]["reused_calls"] == 0
+    assert all(points[method]["reused_calls"] >= asked for method in ("vote", "calibrated λ=0", "calibrated λ=1"))
+    assert swept["reused_calls"] == sum(p["reused_calls"] for p in points.values())
     assert sum(p["calls"] for p in points.values()) == sum(p["requests"] for p in points.values()) == sum(
         requests.values())  # the calls sent, as the server counts them
     assert abs(swept["spent_usd"] - cost) <= 1e-9 + 0.001 * cost  # what the server billed
@@ -467,15 +471,17 @@ def test_a_sweep_asks_each_keyword_sample_once_and_prices_each_point_as_its_meth
         assert report["cost_per_correct_usd"] == pytest.approx(points[method]["cost_per_correct_usd"], rel=1e-6)
         assert market.keyword_asks and set(market.keyword_asks.values()) == {2}  # a plain eval asks them all
         market.keyword_asks = Counter({ask: 1 for ask in market.keyword_asks})
+        assert report["calls"] == points[method]["calls"] + points[method]["reused_calls"]
     market.reset()
     plot = tmp_path / "frontier.html"
     table = cli("eval", "--pool", str(pool), "--data", str(test), "--sweep", "--lambdas", "1", "--limit", "2",
                 "--no-store", "--plot", str(plot))
     assert table.returncode == 0, table.stderr
-    said = re.search(r"keyword samples are asked once for the whole sweep: (\d+) of the points' samples were taken "
-                     r"from the point that asked them, not sent again; each point's cost counts its samples, as the "
-                     r"method alone would pay them; the sweep spent \$([\d.]+)", " ".join(table.stdout.split()))
+    said = re.search(r"no request is asked twice in a sweep: (\d+) of the points' calls were taken from the point "
+                     r"that made them \(each item's keyword samples, and the calls of teams chosen again\), not sent "
+                     r"again; each point's cost counts them, as the method alone would pay them; the sweep spent "
+                     r"\$([\d.]+)", " ".join(table.stdout.split()))
     assert said is not None, table.stdout
     assert float(said.group(2)) == pytest.approx(market.reset()[1], rel=1e-3)
-    assert (f"({said.group(1)} taken from the point that asked them, not sent again, their cost counted in each "
-            f"point's); the sweep spent ${said.group(2)}.") in plot.read_text()
+    assert (f"({said.group(1)} calls taken from the point that made them, not sent again, their cost counted in "
+            f"each point's); the sweep spent ${said.group(2)}.") in plot.read_text()

@@ -1145,22 +1145,24 @@ def test_ctrl_c_during_a_sweep_prints_the_points_evaluated_in_full(loopback, tmp
     assert child.returncode == 130, err  # (a pool with no prices: every point at $0, and said so)
     assert err.startswith("warning: no agent's model has a price: every point costs $0, so the frontier weighs "
                           "accuracy alone")
+    # (vote makes the calls symbolic-moe made, which it takes: it sends none, and moa is the one cut off)
     if as_json:
         swept = json.loads(out)  # one JSON object: the points evaluated in full, then the one cut off
-        assert swept["interrupted"] and [p["method"] for p in swept["points"]] == ["symbolic-moe", "vote"]
+        assert swept["interrupted"] and [p["method"] for p in swept["points"]] == ["symbolic-moe", "vote", "moa"]
         assert swept["points"][0]["items"] == 1 and swept["points"][0]["on_frontier"]
+        assert swept["points"][1]["requests"] == 0 and swept["points"][1]["reused_calls"] > 0
         # what the cut-off method spent (its two answered requests) was in no point
-        cut = swept["points"][1]
+        cut = swept["points"][2]
         assert cut["interrupted"] and not cut["on_frontier"] and cut["requests"] == 2
     elif first_done:
         text = " ".join(out.split())
-        assert "(1 items): interrupted after 1 of 7 points" in text, out
-        assert "symbolic-moe" in text and "vote (cut off" in text and "after 0 items)" in text, out
+        assert "(1 items): interrupted after 2 of 7 points" in text, out
+        assert "symbolic-moe" in text and "moa (cut off" in text and "after 0 items)" in text, out
     else:  # (the title said 0 items, and the line below pointed at points above)
         assert "(1 items): interrupted after 0 of 7 points" in " ".join(out.split()), out
     shown = ("no point was evaluated in full" if not first_done else
              f"the points {'printed' if as_json else 'above'} are the ones evaluated in full")
-    shown += f", and {'vote' if first_done else 'symbolic-moe'}, cut off, with what it had spent"
+    shown += f", and {'moa' if first_done else 'symbolic-moe'}, cut off, with what it had spent"
     assert err.strip().splitlines()[-1] == (
         "error: interrupted; finished calls are saved (a sweep starts afresh, but `orchestra eval --method M --resume`, "
         f"with the sweep's other flags, goes on with one method's evaluation from them); {shown}")

@@ -1,4 +1,4 @@
-"""Mutation round on the sweep's shared keyword samples (``orchestra.sharing``), the sweep's reports of
+"""Mutation round on the sweep's shared answers (``orchestra.sharing``), the sweep's reports of
 them, and ``-i`` number parsing: each test kills a one-line mutant the other tests let through."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from orchestra.cli import print_sweep
 from orchestra.datasets import Dataset
 from orchestra.evaluate import aevaluate
 from orchestra.events import CallsResolved, UsageUpdated
-from orchestra.frontier import SweepPoint, asweep, frontier_html
+from orchestra.frontier import SweepPoint, frontier_html
 from orchestra.models import ChatRequest, FunctionModel
 from orchestra.money import dollars, usd_exact
 from orchestra.sharing import SharedAnswers, sharing
@@ -50,7 +50,7 @@ def test_shared_samples_are_kept_by_their_own_key_without_a_store_or_cache() -> 
         asyncio.run(aevaluate(Orchestra(priced_pool(), store=False, k=3), ITEMS, method="symbolic-moe"))
     finally:
         sharing.reset(token)
-    assert len(shared._answers) == 3 * 5 and "" not in shared._answers
+    assert len(shared._answers) == 3 * (5 + 3 + 1) and all(key for key, _ in shared._answers)
 
 
 def test_a_reused_sample_is_recorded_and_announced_as_shared_and_the_points_usage_leaves_it_out(tmp_path: Path) -> None:
@@ -66,10 +66,17 @@ def test_a_reused_sample_is_recorded_and_announced_as_shared_and_the_points_usag
             last[event.run_id] = event
 
     orc.events.subscribe(listen)
-    points = {p.method: p for p in asyncio.run(asweep(orc, ITEMS, methods=["symbolic-moe", "vote"], lambdas=()))}
-    assert sources["shared"] == 15 and sources["cache"] == 0
+    shared, reports = SharedAnswers(), {}
+    for k in (3, 2):  # (at k=2 its samples and first two experts were asked at k=3: its synthesis was not)
+        token = sharing.set(shared.view())
+        try:
+            reports[k] = asyncio.run(aevaluate(orc, ITEMS, method="symbolic-moe", k=k))
+        finally:
+            sharing.reset(token)
+    assert (reports[2].reused_calls, reports[2].calls) == (3 * (5 + 2), 3)
+    assert sources["shared"] == 21 and sources["cache"] == 0
     with sqlite3.connect(tmp_path / "runs.db") as db:
-        assert db.execute("SELECT count(*) FROM calls WHERE source = 'shared'").fetchone()[0] == 15
+        assert db.execute("SELECT count(*) FROM calls WHERE source = 'shared'").fetchone()[0] == 21
     for record in store.runs():
         result = store.result(record.id)
         assert result is not None and last[record.id].calls == result.usage.calls
@@ -77,8 +84,8 @@ def test_a_reused_sample_is_recorded_and_announced_as_shared_and_the_points_usag
         assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (
             totals["requests"], totals["prompt_tokens"], totals["completion_tokens"])
         assert last[record.id].requests == usage.requests
-    vote = points["vote"]
-    assert vote.reused_calls == 15
+    vote = SweepPoint.of(reports[2], "k=2", None)
+    assert vote.reused_calls == 21 and vote.cost_usd == dollars(reports[2].cost_usd + reports[2].reused_usd)
     assert vote.cost_per_item_usd == dollars(vote.cost_usd / 3)
     assert vote.cost_per_correct_usd == dollars(vote.cost_usd / 3)
 
@@ -95,17 +102,17 @@ POINTS = [point("symbolic-moe", 0.5, 0, 0.0), point("vote", 0.75, 5, 0.25)]  # t
 def test_the_sweeps_page_and_table_say_what_the_sweep_spent_apart_from_the_points_costs(capsys: Any,
                                                                                       tmp_path: Path) -> None:
     page = frontier_html(POINTS, "t")
-    assert "(5 taken from the point that asked them" in page and f"the sweep spent {usd_exact(1.0)}." in page
-    assert "keyword samples were asked once" not in frontier_html(POINTS[:1], "t")
+    assert "(5 calls taken from the point that made them" in page and f"the sweep spent {usd_exact(1.0)}." in page
+    assert "no request was asked twice" not in frontier_html(POINTS[:1], "t")
     print_sweep(POINTS, ITEMS, 1, None, True)
     shown = json.loads(capsys.readouterr().out)
     assert (shown["spent_usd"], shown["reused_calls"]) == (1.0, 5)
     print_sweep(POINTS, ITEMS, 1, None, False)
     text = " ".join(capsys.readouterr().out.split())
-    assert "5 of the points' samples were taken from the point that asked them" in text
+    assert "5 of the points' calls were taken from the point that made them" in text
     assert f"the sweep spent {usd_exact(1.0)}" in text
     print_sweep(POINTS[:1], ITEMS, 1, None, False)
-    assert "keyword samples are asked once" not in capsys.readouterr().out
+    assert "no request is asked twice" not in capsys.readouterr().out
 
 
 def test_number_inputs_take_signs_spaces_and_a_trailing_point() -> None:
