@@ -703,6 +703,12 @@ class _Stream:
             stopped = self.orc._record_cancelled(run)
             if self.on_stopped is not None:
                 self.on_stopped(index, stopped)
+        # runs that ended and were never handed over (the caller stopped first): theirs too, as they ended
+        # (an interrupted evaluation's report left out what they spent, and their answers)
+        while not self.queue.empty():
+            ended = self.queue.get_nowait()
+            if isinstance(ended, tuple) and self.on_stopped is not None:
+                self.on_stopped(*ended)
 
 
 class Orchestra:
@@ -1472,9 +1478,10 @@ class Orchestra:
             shared_budget: a budget all these runs spend together (``BudgetTracker(Budget(...), None)``),
                 on top of each run's own; an ``Instance``'s options may give its own.
             on_stopped: given ``(index, result)`` of each run stopped early (its status ``cancelled``,
-                its usage what it had counted when stopped), as it is recorded. Requests it had in
-                flight then reached their endpoint too: the store counts them as they end
-                (``store.result(run_id)``); this result does not.
+                its usage what it had counted when stopped), as it is recorded, and of each run that
+                ended but was not yielded before the caller stopped (its result as it ended). Requests
+                a stopped run had in flight then reached their endpoint too: the store counts them as
+                they end (``store.result(run_id)``); this result does not.
             overrides: ``Settings`` fields for all these runs.
         """
         if window is not None and (type(window) is not int or window < 1):

@@ -133,6 +133,8 @@ class Tally:
         self.categories: dict[str, Counter[str]] = {}
         self.category_first: dict[str, int] = {}  # a category's first item: the report lists them in data-set order
         self.answers: list[tuple[int, dict[str, Any]]] = []
+        #: per position of the stream being graded, the data set's index and item (``grade_as_they_finish``)
+        self.positions: Sequence[tuple[int, Item]] = ()
 
     def add(self, index: int, item: Item, result: RunResult) -> None:
         """Grade the run of item ``index`` and count what it spent."""
@@ -167,7 +169,12 @@ class Tally:
 
     def stopped_run(self, position: int, result: RunResult) -> None:
         """Count what a run stopped before it finished (an interrupted evaluation) had spent; its
-        item is not graded (``arun_iter``'s ``on_stopped``)."""
+        item is not graded (``arun_iter``'s ``on_stopped``). One that ended before it stopped, but
+        was not handed over, is graded as it ended (``positions``: the data set's index and item of
+        each of the stream's positions)."""
+        if result.status != "cancelled" and position < len(self.positions):
+            self.add(*self.positions[position], result)
+            return
         self.cut_off += 1
         self._spent(result)
 
@@ -440,6 +447,7 @@ async def grade_as_they_finish(stream: AsyncGenerator[tuple[int, RunResult], Non
     set's index and item) as it finishes; cancelled, give ``on_cancel`` the ``report()`` so far."""
     import asyncio  # (loaded already wherever there is an event loop)
 
+    tally.positions = todo  # (a run that ended as the stream stopped comes to ``tally.stopped_run``)
     try:
         async with contextlib.aclosing(stream) as results:
             async for position, result in results:

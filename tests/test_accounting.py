@@ -936,3 +936,39 @@ def test_a_resumed_runs_failed_keyword_samples_are_the_whole_runs(tmp_path: Path
     again = orc.resume(first.run_id, budget={"max_calls": 12})
     assert again.status == "budget_exceeded" and again.usage.failed_calls == 2, again.usage
     assert again.usage.failed_keyword_calls == 2, again.usage  # the earlier sample's and the one lost again now
+
+
+def test_a_run_that_ended_as_its_stream_stopped_is_handed_over_and_graded() -> None:
+    """Interrupted, an evaluation's report left out the runs that had ended but were not handed over yet
+    (a trial counted 21 items and 707 requests where the store and the server had 24 runs done and 734):
+    ``arun_iter`` gave them to no one."""
+    from contextlib import aclosing
+
+    from orchestra.datasets import Item
+    from orchestra.evaluate import Tally
+    from orchestra.grading import NumericGrader
+
+    model = FunctionModel(lambda request: "The answer is 2", name="m")
+    orc = Orchestra(Pool(agents=[Agent(name="a", model=model)]), store=False, k=1, mode="global", aggregate="none")
+    stopped: list[tuple[int, Any]] = []
+
+    async def first_only() -> list[Any]:
+        got = []
+        async with aclosing(orc.arun_iter([f"What is {i} + {i}?" for i in range(4)], window=4,
+                                          on_stopped=lambda index, result: stopped.append((index, result)))) as runs:
+            async for item in runs:  # (the four end in one turn: one is handed over, and the caller stops)
+                got.append(item)
+                break
+        return got
+
+    got = asyncio.run(first_only())
+    assert len(got) + len(stopped) == 4  # every task's run handed over or given to on_stopped
+    ended = [(index, result) for index, result in stopped if result.status == "done"]
+    assert ended, stopped
+    tally = Tally(NumericGrader())
+    tally.positions = [(index, Item(id=f"q{index}", question="?", answer="2")) for index in range(4)]
+    tally.stopped_run(*ended[0])  # graded as it ended, not counted as cut off
+    report = tally.report("m", elapsed_s=0.0, model_loads={})
+    assert (report.items, report.correct, report.cut_off, report.calls) == (1, 1, 0, 1)
+    tally.stopped_run(*next((index, result) for index, result in stopped if result.status == "cancelled"))
+    assert tally.report("m", elapsed_s=0.0, model_loads={}).cut_off == 1
