@@ -530,7 +530,7 @@ class Executor:
             try:
                 handled = self._answer_without_model(call)
             except Exception as error:
-                self._fail([call], error, sent=False)
+                self._fail([call], error)
                 continue
             if handled:
                 continue
@@ -619,7 +619,7 @@ class Executor:
         """Fail the calls of ``group`` that have no outcome yet; those nobody waits for any more give
         their budget reservations back."""
         unanswered = [c for c in group if c.waiter.outcomes[c.index] is None]
-        self._fail([c for c in unanswered if not c.waiter.future.done()], error, sent=False)
+        self._fail([c for c in unanswered if not c.waiter.future.done()], error)
         for call in unanswered:
             self._settle(call, None)  # (a no-op for a call settled already: cut off in flight, or failed above)
 
@@ -725,7 +725,7 @@ class Executor:
                         for key in list(groups):
                             self._wave_left.discard(key)
                             group = groups.pop(key)
-                            self._fail(self._live(group), _no_room(group[0].model.name), sent=False)
+                            self._fail(self._live(group), _no_room(group[0].model.name))
                     continue
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -792,7 +792,7 @@ class Executor:
                 fits = self.placement.fits(busy, model)
             except Exception as error:
                 self._wave_left.discard(key)
-                self._fail(self._live(groups.pop(key)), error, sent=False)
+                self._fail(self._live(groups.pop(key)), error)
                 continue
             if fits:
                 chosen.append(key)
@@ -810,14 +810,13 @@ class Executor:
                     await self._make_resident(model, {c.ledger for c in group})
                 except EngineLost as error:  # its process died while loading: nothing was sent
                     if retry:
-                        self._fail(group, EngineLost(f"{error}, again on a fresh start; not retried further"),
-                                   sent=False)
+                        self._fail(group, EngineLost(f"{error}, again on a fresh start; not retried further"))
                         return
                     self.events.emit(CallRetried(model=model.name, attempt=2, wait_s=0.0,
                                                  reason=f"{error}; loading it afresh for {len(group)} call(s)"))
                     continue
                 except Exception as error:
-                    self._fail(group, error, sent=False)
+                    self._fail(group, error)
                     return
                 lost = await self._send(group, wave, lost_ok=True)
                 if lost is None:
@@ -826,7 +825,7 @@ class Executor:
                 if model in self._resident:  # its process is gone: nothing to unload
                     self._resident.remove(model)
                 if retry:
-                    self._fail(group, EngineLost(f"{why}, again on a fresh start; not retried further"), sent=True)
+                    self._fail(group, EngineLost(f"{why}, again on a fresh start; not retried further"))
                     return
                 self.events.emit(CallRetried(model=model.name, attempt=2, wait_s=0.0,
                                              reason=f"{why}; loading it afresh for {len(group)} call(s)"))
@@ -1001,10 +1000,10 @@ class Executor:
             if lost_ok:
                 lost = (list(pending.values()), error)
             else:
-                self._fail(list(pending.values()), error, sent=True)
+                self._fail(list(pending.values()), error)
         except Exception as error:
             failed += len(pending)
-            self._fail(list(pending.values()), error, sent=True)
+            self._fail(list(pending.values()), error)
         finally:
             if flush is not None:
                 flush.cancel()
@@ -1120,10 +1119,26 @@ class Executor:
             self._held = []
             self._schedule_kick()
 
-    def _fail(self, calls: list[_Call], error: Exception, *, sent: bool) -> None:
-        """Fail calls that got no outcome of their own; ``sent``: they reached the model, so they count."""
+    def _fail(self, calls: list[_Call], error: Exception) -> None:
+        """Fail calls that got no outcome of their own: each is a call of its run that failed, counted
+        and journaled as one (with the requests that reached the model: none where an engine could not
+        load, its cluster be joined or its room be found; a run counted such a call among its failed
+        calls but not its calls, and its record left it out)."""
+        spent = getattr(error, "usage", None) or Usage()
+        journals: dict[int, tuple[CallJournal, list[CallEntry]]] = {}
         for call in calls:
-            self._settle(call, (getattr(error, "usage", None) or Usage()) if sent else None)
+            journal = call.ledger.journal
+            if journal is not None:
+                journals.setdefault(id(journal), (journal, []))[1].append(
+                    (call.ledger.run_id, call.key, call.seq, call.model.name, call.canonical or call.request, error,
+                     call.purpose, call.node, "model"))
+        for journal, entries in journals.values():
+            try:
+                journal.record_all(entries)
+            except Exception:  # (a store that cannot be written tells its runs as they end)
+                pass
+        for call in calls:
+            self._settle(call, spent)
             call.ledger.count_failed(call.model.name, error, call.purpose)
             self._resolve(call, error)
 

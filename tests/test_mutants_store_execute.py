@@ -633,10 +633,11 @@ def test_an_engine_lost_mid_batch_is_loaded_afresh_and_gets_its_unanswered_calls
     assert ledger.failed_calls == 0 and executor.resident == ["engine"]
 
 
-def test_an_engine_lost_twice_while_loading_fails_its_calls_as_never_sent() -> None:
+def test_an_engine_lost_twice_while_loading_fails_its_calls_with_no_request_sent() -> None:
     """An engine whose process dies while loading is loaded once more; dying again, its calls fail
-    with an error saying so, counted as failed but not as calls made (nothing was sent), and their
-    budget reservations are released."""
+    with an error saying so, counted as failed calls made with no request sent (as a remote call that
+    never reached its server is: they were failed calls but not calls, `5 calls (2 failed)` for five
+    that answered, and the run's record had neither), and their budget reservations are released."""
 
     def die() -> None:
         raise EngineLost("the engine of fragile died while loading it")
@@ -647,7 +648,7 @@ def test_an_engine_lost_twice_while_loading_fails_its_calls_as_never_sent() -> N
     [outcomes] = run_calls(executor, (ledger, [(engine, ChatRequest.user(q)) for q in ("a", "b")]))
     assert all(isinstance(o, EngineLost) and "again on a fresh start; not retried further" in str(o) for o in outcomes)
     assert engine.requests == [] and executor.resident == []
-    assert (ledger.failed_calls, ledger.budget.calls, ledger.usage.requests) == (2, 0, 0)
+    assert (ledger.failed_calls, ledger.budget.calls, ledger.usage.requests) == (2, 2, 0)
     assert ledger.budget._reserved_calls == 0
 
 

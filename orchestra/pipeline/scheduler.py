@@ -23,6 +23,7 @@ from orchestra.errors import (
     AuthenticationError,
     BudgetExceeded,
     CallCancelled,
+    ClusterUnreachable,
     ConfigError,
     EndpointNotFound,
     EndpointUnreachable,
@@ -199,8 +200,10 @@ class NodeState:
             "elapsed_s": self.elapsed_s, "saved_calls": self.saved_calls})
 
 
-_RUN_ENDING = (AuthenticationError, EndpointUnreachable, EndpointNotFound, StoreError, ModelRequestsForbidden)
-"""Failures that end the whole run at once: every other call would fail the same way."""
+_RUN_ENDING = (AuthenticationError, EndpointUnreachable, EndpointNotFound, StoreError, ModelRequestsForbidden,
+               ClusterUnreachable)
+"""Failures that end the whole run at once: every other call would fail the same way (a Ray cluster
+that cannot be joined: every engine's; a run went on with its other experts, done, exit 0)."""
 
 
 def _falls_back(error: Exception) -> bool:
