@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -92,9 +93,19 @@ def test_limits_are_fixed_when_the_endpoint_is_made(loopback) -> None:
         shared.max_concurrency = 8  # type: ignore[misc]
     with pytest.raises(ConfigError, match="limits of the shared endpoint"):
         OpenAICompatible(model="greedy", endpoint=shared, max_concurrency=8)
-    with pytest.raises(ConfigError, match="max_concurrency must be >= 1"):
+    with pytest.raises(ConfigError, match="max_concurrency must be a whole number >= 1"):
         Endpoint("http://127.0.0.1:9/v1", max_concurrency=0)
     assert (shared.max_concurrency, shared.rpm) == (4, 60)
+
+
+@pytest.mark.parametrize("limits", [{"rpm": float("nan")}, {"rpm": float("inf")}, {"rpm": "60"}, {"rpm": True},
+                                    {"max_concurrency": 2.5}, {"max_concurrency": True}, {"max_concurrency": "4"}])
+def test_limits_a_pool_file_refuses_are_refused_in_python_at_construction(limits: dict[str, Any]) -> None:
+    """As the pool file's checks do: nan meant no limit, 2.5 a TypeError at the first batch, "60" a
+    TypeError naming no setting."""
+    with pytest.raises(ConfigError, match=r"127.0.0.1:9/v1: (rpm must be a finite number > 0|max_concurrency must "
+                                          r"be a whole number >= 1)"):
+        OpenAICompatible(model="m", base_url="http://127.0.0.1:9/v1", **limits)
 
 
 @pytest.mark.parametrize("options, problem", [

@@ -8,6 +8,7 @@ import copy
 import email.utils
 import json
 import math
+import numbers
 import os
 import re
 import threading
@@ -219,11 +220,17 @@ class Endpoint:
             check_key_env(api_key_env)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if max_concurrency < 1 or (rpm is not None and rpm <= 0):
-            raise ConfigError(f"{display_url(base_url)}: max_concurrency must be >= 1 and rpm > 0")
+        whole = isinstance(max_concurrency, numbers.Integral) and not isinstance(max_concurrency, bool)
+        if not whole or max_concurrency < 1:  # (2.5 failed at the first batch with a TypeError, True read as 1)
+            raise ConfigError(f"{display_url(base_url)}: max_concurrency must be a whole number >= 1, "
+                              f"not {max_concurrency!r}")
+        if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, numbers.Real)
+                                or not math.isfinite(rpm) or rpm <= 0):  # (nan meant no limit; "60" a TypeError)
+            raise ConfigError(f"{display_url(base_url)}: rpm must be a finite number > 0 (or None: no limit), "
+                              f"not {rpm!r}")
         self._base_url = base_url.rstrip("/")
         self._api_key_env = api_key_env
-        self._max_concurrency = max_concurrency
+        self._max_concurrency = int(max_concurrency)
         self._rpm = rpm
         self._limiter = RateLimiter(rpm) if rpm else None
         self._transport = transport
