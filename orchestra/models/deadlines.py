@@ -6,6 +6,13 @@ bookkeeping. Requests with the same limit expire in the order they started, so e
 entries form a queue already sorted by deadline, and one timer, at the earliest head, serves them
 all. An expired request's task is cancelled and the cancellation turned into ``TimeoutError``, as
 ``asyncio.timeout`` does; a cancellation from elsewhere passes through unchanged.
+
+A limit counts the time the loop could serve its request. A stall of the loop (a blocking call on
+its thread: a run store's write waiting out another process's lock) is not the endpoint's: answers
+that arrived meanwhile wait unread in their sockets, and when the loop runs again the timer, overdue,
+came before the tasks that read them. Cut off there, each was sent again, and paid twice. So a timer
+that runs ``STALL_S`` or more late moves every limit on by its lateness, and gives a request the stall
+left at its limit at least ``STALL_S`` more, to read what came.
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+#: how late (seconds) the timer must run to count as a stall of the loop, and what a request the stall
+#: left at its limit gets at least, to read an answer that came meanwhile
+STALL_S = 1.0
 
 
 class _Entry:
@@ -35,6 +46,7 @@ class Deadlines:
     def __init__(self) -> None:
         self._queues: dict[float, deque[_Entry]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when the timer was set to run
 
     async def within(self, seconds: float, awaitable: Awaitable[T]) -> T:
         """``awaitable``'s result, or ``asyncio.TimeoutError`` once ``seconds`` have passed."""
@@ -63,12 +75,19 @@ class Deadlines:
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self._due = when
         self._timer = loop.call_at(when, self._expire, loop)
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Cancel the requests past their deadline; set the timer for the next one."""
+        """Cancel the requests past their deadline; set the timer for the next one. After a stall
+        (the timer ran ``STALL_S`` or more late) the limits move on by it first (see the module)."""
         self._timer = None
         now = loop.time()
+        stall = now - self._due
+        if stall >= STALL_S:
+            for queue in self._queues.values():  # (each queue stays sorted: its deadlines all move alike)
+                for entry in queue:
+                    entry.deadline = max(entry.deadline + stall, now + STALL_S)
         earliest: float | None = None
         for seconds in list(self._queues):
             queue = self._queues[seconds]
