@@ -13,7 +13,8 @@ its run's budget; the rest go to their model:
   heavy call (those could still add to the wave; later ones cannot hold it up, so steady remote
   traffic never starves the engines). The wave's calls are grouped by model, each model gets one
   batch, and the groups run one after another, each loading its model at most once, keeping at
-  most ``max_resident_models`` (and ``memory_budget_bytes``) loaded. With a ``Placement`` (Ray
+  most ``max_resident_models`` loaded and their summed ``memory_bytes`` within
+  ``memory_budget_bytes`` (a budget alone: as many as fit it; neither: one). With a ``Placement`` (Ray
   actors, ``orchestra.ray_engines``) the engines run elsewhere and as many groups run at once as
   the placement has room for; the cluster's resources, not ``max_resident_models``, bound what
   stays loaded.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -304,18 +306,25 @@ class Executor:
 
     Args:
         events: where batch, load and retry events go.
-        max_resident_models: heavy models kept loaded at once.
+        max_resident_models: heavy models kept loaded at once; None: 1, or with a
+            ``memory_budget_bytes``, as many as fit it (the budget alone bounds them).
         memory_budget_bytes: if set, heavy models are also evicted to keep their summed
-            ``memory_bytes`` within it.
+            ``memory_bytes`` within it. A model larger than the whole budget is loaded alone, with a
+            warning; so is one of no size (``memory_bytes`` 0) when the budget alone bounds them
+            (else a model of unknown size would never count, and every one would stay loaded).
         placement: where heavy models run instead of this process (Ray actors); then as many
             groups run at once as it has room for, and it alone bounds what stays loaded.
     """
 
-    def __init__(self, *, events: EventBus | None = None, max_resident_models: int = 1,
+    def __init__(self, *, events: EventBus | None = None, max_resident_models: int | None = None,
                  memory_budget_bytes: int | None = None, placement: Placement | None = None) -> None:
         self.events = events or EventBus()
-        self.max_resident_models = max(1, max_resident_models)
+        #: heavy models kept loaded at once; None: as many as ``memory_budget_bytes`` holds
+        self.max_resident_models: int | None = (
+            max(1, max_resident_models) if max_resident_models is not None
+            else None if memory_budget_bytes is not None else 1)
         self.memory_budget_bytes = memory_budget_bytes
+        self._told_size: set[str] = set()  # models warned of as loaded alone for their size
         self.placement = placement
         self.stats = ExecutorStats()
         self._resident: list[HeavyModel] = []  # least recently used first (with a placement: its stand-ins)
@@ -880,6 +889,7 @@ class Executor:
             evicted.append(victim := self._eviction())
             self._resident.remove(victim)
         self._resident.append(model)
+        self._tell_alone(model)
         try:
             for victim in evicted:
                 await victim.unload()
@@ -900,7 +910,9 @@ class Executor:
         """Whether ``model`` can load beside the resident models."""
         if self.placement is not None:
             return self.placement.fits(self._resident, model)
-        return len(self._resident) < self.max_resident_models and not self._over_memory(model)
+        if self.max_resident_models is not None and len(self._resident) >= self.max_resident_models:
+            return False
+        return not self._over_memory(model)
 
     def _eviction(self) -> HeavyModel:
         """The resident model to unload: an idle one this wave and later phases do not need, least
@@ -914,8 +926,35 @@ class Executor:
     def _over_memory(self, incoming: HeavyModel) -> bool:
         if self.memory_budget_bytes is None:
             return False
-        used = sum(m.memory_bytes for m in self._resident)
-        return used + incoming.memory_bytes > self.memory_budget_bytes
+        used = sum(self._size(m) for m in self._resident)
+        return used + self._size(incoming) > self.memory_budget_bytes
+
+    def _size(self, model: HeavyModel) -> int:
+        """What ``model`` counts against the memory budget: its ``memory_bytes``; one of no size,
+        when the budget alone bounds what stays loaded, the whole budget (so it loads alone)."""
+        size = model.memory_bytes
+        if size <= 0 and self.max_resident_models is None and self.memory_budget_bytes is not None:
+            return self.memory_budget_bytes
+        return size
+
+    def _tell_alone(self, model: HeavyModel) -> None:
+        """Warn (once per model) that ``model`` is loaded alone because of its size: larger than the
+        whole memory budget (it loads all the same: the budget bounds what stays loaded beside it),
+        or of no size under a budget that alone bounds them."""
+        budget = self.memory_budget_bytes
+        if budget is None or self.placement is not None or model.name in self._told_size:
+            return
+        size = model.memory_bytes
+        if size > budget:
+            why = (f"takes {_gib(size)} GiB, more than the whole memory budget ({_gib(budget)} GiB, "
+                   "memory_budget_gb): it is loaded alone")
+        elif size <= 0 and self.max_resident_models is None:
+            why = (f"has no memory size (memory_bytes 0; a pool's models take memory_gb), so the memory budget "
+                   f"({_gib(budget)} GiB) cannot count it: it is loaded alone; give its size, or max_resident_models")
+        else:
+            return
+        self._told_size.add(model.name)
+        warnings.warn(f"model {model.name} {why}", UserWarning, stacklevel=2)
 
     async def _send(self, group: list[_Call], wave: int, *,
                     lost_ok: bool = False) -> tuple[list[_Call], EngineLost] | None:
@@ -1219,6 +1258,11 @@ def _answer_limit(model: Any) -> int | None:
         limit = next((extra[key] for key in ("max_completion_tokens", "max_tokens")
                       if isinstance(extra.get(key), int) and not isinstance(extra.get(key), bool)), None)
     return limit if isinstance(limit, int) else None
+
+
+def _gib(size: int) -> str:
+    """``size`` bytes in GiB, for a message (``2``, ``8.5``, ``0.0009537``)."""
+    return f"{size / 2**30:.4g}"
 
 
 def _no_room(name: str) -> ResourceUnavailable:

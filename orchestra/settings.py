@@ -66,9 +66,11 @@ class Settings(BaseModel):
                                                                  "a node sees.")
     max_response_chars: Count = Field(default=100_000, ge=1, description="The most characters of an expert's "
                                                                          "answer passed on to aggregation.")
-    max_resident_models: Count = Field(default=1, ge=1, description="In-process models kept loaded at once.")
+    max_resident_models: Count | None = Field(
+        default=None, ge=1, description="In-process models kept loaded at once (not set: 1, or with memory_budget_gb "
+                                        "as many as fit it).")
     memory_budget_gb: Amount | None = Field(default=None, gt=0, description="Keep loaded in-process models within "
-                                                                           "this many GiB.")
+                                                                           "this many GiB (alone: as many as fit).")
     executor: ExecutorKind = Field(default="local", description="Where in-process models run: in this process, "
                                                                 "or as Ray actors (ray), several at once.")
     ray_address: str | None = Field(default=None, description="The Ray cluster for executor: ray (auto, HOST:PORT); "
