@@ -855,8 +855,8 @@ def profile(pool: Path, data: Path, out: Path | None, grader: str, aggregation_i
         refuse_missing_folder(store_path)
     store = None if no_store else RunStore(store_path)
     if store is not None and store.read_only:
-        raise ConfigError(f"the run store {store.path} is read-only, and profile records its answers there as they "
-                          "come; give --store a writable file, or --no-store")
+        raise ConfigError(f"the run store {store.path} cannot be written ({store.unwritable}), and profile records "
+                          "its answers there as they come; give --store a writable file, or --no-store")
     answers = None if store is None else store.cache(namespace="profile:", reads=resume)
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=terminal(stderr=True), disable=as_json) as progress:

@@ -108,6 +108,11 @@ class StoreError(UserError):
     """The run store cannot be opened, read or written."""
 
 
+class StoreGone(StoreError):
+    """The run store's file was removed (or replaced by another) while this process had it open:
+    what it recorded since went with the file, so nothing can resume from it."""
+
+
 class StoreUnusable(StoreError):
     """A file that cannot serve as a run store: not a database, another program's, a newer
     Orchestra's, or damaged.

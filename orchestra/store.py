@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from orchestra.checkpoints import Checkpointer
-from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreUnusable, shown_id
+from orchestra.errors import RunHeld, RunNotFound, StoreError, StoreGone, StoreUnusable, shown_id
 from orchestra.events import (
     AggregationFellBack,
     CallDone,
@@ -172,6 +172,20 @@ def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:
             if "locked" not in str(error) or attempt == attempts - 1:
                 raise
             time.sleep(0.02)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file at ``path`` (device and inode), or None where there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+class _FileGone(sqlite3.OperationalError):
+    """The store's file is not at its path any more (removed, or another put there): SQLite writes on
+    to the file it opened, which nothing can read once this process ends."""
 
 
 def _read_only_disk(path: Path) -> bool:
@@ -365,15 +379,22 @@ class RunStore:
         #: each (Orchestras sharing one store object share its owner tag, so the file cannot tell them apart)
         self.going: dict[str, object] = {}
         self._checkpoints: Checkpointer | None = None
+        self._file: tuple[int, int] | None = None  # (set once the store is open and set up)
         if self.path.is_dir():  # (SQLite says "unable to open database file")
             raise StoreUnusable(self.path, f"cannot use {self.path} as the run store: it is a directory")
         existed = self.path.is_file()
-        self.read_only = existed and not os.access(self.path, os.W_OK)
+        #: why this process cannot write the store ("" where it can): a file it cannot write, or one in a
+        #: folder it cannot write, where SQLite cannot make the files its WAL needs beside it
+        self.unwritable = "" if not existed else "it is read-only" if not os.access(self.path, os.W_OK) else (
+            f"its folder {self.path.parent} cannot be written (SQLite keeps its -wal and -shm files beside it)"
+            if self._folder_locked() else "")
         try:
             if not self.read_only:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = self._connect()
             self._open()
+            #: the file opened: a write finding another (or none) at the path refuses (see ``_FileGone``)
+            self._file = _identity(self.path)
         except sqlite3.DatabaseError as error:
             if not existed:  # nothing there to move away: the place is the problem
                 raise StoreUnusable(self.path, f"cannot create the run store {self.path} ({error})") from None
@@ -388,19 +409,38 @@ class RunStore:
                 why = f"{error.strerror or error}: {where}"
             raise StoreUnusable(self.path, f"cannot create the run store {self.path} ({why})") from None
 
+    @property
+    def read_only(self) -> bool:
+        """Whether this process cannot write the store (``unwritable`` says why)."""
+        return bool(self.unwritable)
+
+    def _sidecars(self) -> dict[str, Path]:
+        """The files SQLite keeps beside the store while it is in use: its WAL and shared memory."""
+        return {suffix: self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm")}
+
+    def _folder_locked(self) -> bool:
+        """Whether the store's folder cannot be written and its WAL's files are not there to use, so
+        SQLite, which makes them beside the store, could not open it even to read."""
+        if os.access(self.path.parent, os.W_OK) and not _read_only_disk(self.path):
+            return False
+        return not all(p.exists() and os.access(p, os.W_OK) for p in self._sidecars().values())
+
     def _connect(self) -> sqlite3.Connection:
-        """The connection: read-only for a file this process cannot write. On a read-only disk,
-        where SQLite cannot make the shared-memory file its WAL needs, a store whose commits are all
-        in the file is opened as immutable (nobody can be writing it); one with commits still in its
-        WAL there cannot be read, and says so."""
+        """The connection: read-only for a file this process cannot write. Where SQLite cannot make the
+        shared-memory file its WAL needs (a read-only disk, a folder this process cannot write), a store
+        whose commits are all in the file is opened as immutable (nobody can be writing it in WAL mode:
+        they would need that file); one with commits still in its WAL there cannot be read, and says so
+        (both were "not a usable Orchestra run store (attempt to write a readonly database); move it
+        away", of a good store)."""
         options: dict[str, Any] = {"timeout": 30, "check_same_thread": False, "isolation_level": None}
         if not self.read_only:
             return sqlite3.connect(str(self.path), **options)
-        sidecar = {suffix: self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm")}
-        if not _read_only_disk(self.path) or sidecar["-shm"].exists():
+        sidecar = self._sidecars()
+        if sidecar["-shm"].exists() or (os.access(self.path.parent, os.W_OK) and not _read_only_disk(self.path)):
             return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, **options)
         if sidecar["-wal"].exists() and sidecar["-wal"].stat().st_size:
-            raise StoreUnusable(self.path, f"{self.path} is on a read-only disk with commits still in "
+            where = "on a read-only disk" if _read_only_disk(self.path) else "in a folder this process cannot write"
+            raise StoreUnusable(self.path, f"{self.path} is {where} with commits still in "
                                 f"{sidecar['-wal'].name}, which SQLite cannot read there; copy both files to a "
                                 "writable folder and open the copy")
         return sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, **options)
@@ -522,7 +562,13 @@ class RunStore:
             store._lock.acquire()
             self.pending: _Statements = []
             try:
+                if store.read_only:  # (SQLite's own words, "attempt to write a readonly database", said not why)
+                    raise sqlite3.OperationalError(store.unwritable)
                 store._db.execute("BEGIN IMMEDIATE")
+                if store._file is not None and _identity(store.path) != store._file:
+                    # (a file removed under a running run lost every record it made, and the run ended done, exit 0)
+                    raise _FileGone("the file was removed (or another put in its place) while this process had it "
+                                    "open; what it recorded since went with the file")
                 self.pending, store._pending = store._pending, []
                 if self.pending:
                     _write(store._db, self.pending)
@@ -592,8 +638,11 @@ class RunStore:
     def _unwritable(self, why: object) -> StoreError:
         """The error of a write this store refused (``why``): a read-only one says what to do (it
         was SQLite's words alone, "attempt to write a readonly database")."""
+        if isinstance(why, _FileGone):
+            return StoreGone(f"cannot write the run store {self.path}: {why}")
+        refused = "read-only" in str(why) or "readonly" in str(why) or str(why) == self.unwritable
         advice = ("; choose a file you can write with --store (or store= in Python), or record nothing with "
-                  "--no-store") if "read-only" in str(why) or "readonly" in str(why) else ""
+                  "--no-store") if refused else ""
         return StoreError(f"cannot write the run store {self.path}: {why}{advice}")
 
     def _transaction(self) -> RunStore._Tx:
@@ -677,7 +726,7 @@ class RunStore:
         run in a store that cannot be written, before anything is begun (an evaluation checks so
         before it writes its answers file)."""
         if self.read_only:
-            raise self._unwritable("it is read-only")
+            raise self._unwritable(self.unwritable)
         now = time.time()
         for start in range(0, len(run_ids), 500):  # (SQLite takes at most 999 parameters a statement)
             part = list(run_ids[start:start + 500])

@@ -11,6 +11,7 @@ from helpers import scripted_pool
 from orchestra import Orchestra
 from orchestra.events import CallDone, Event
 from orchestra.hints import advise_store
+from orchestra.models import ChatRequest
 from orchestra.store import ABANDONED, RunStore
 
 
@@ -75,3 +76,24 @@ def test_a_run_left_running_by_a_dead_process_is_listed_as_failed(tmp_path: Path
     record = store.run("r1")
     assert (record.status, record.error) == ("failed", ABANDONED)
     assert [r.status for r in store.runs()] == ["failed"]
+
+
+def test_a_store_removed_under_a_running_run_stops_it_saying_so(tmp_path: Path) -> None:
+    """SQLite writes on to a file that is gone from its folder: the run recorded every call into it,
+    ended done, exit 0, and nothing of it was left (a data set's 30 runs lost without a word)."""
+    path = tmp_path / "runs.db"
+
+    def expert(name: str, request: ChatRequest) -> str:
+        for sidecar in ("", "-wal", "-shm"):
+            Path(f"{path}{sidecar}").unlink(missing_ok=True)
+        return f"{name}: The answer is 1"
+
+    pool, _ = scripted_pool(2, expert=expert)
+    orc = Orchestra(pool, k=2, store=path)
+    result = orc.run("What is 1 + 0?", plan=False)
+    orc.close()
+    assert result.status == "failed"
+    assert result.error is not None and result.error.startswith(
+        f"cannot write the run store {path}: the file was removed (or another put in its place) while this process "
+        "had it open; what it recorded since went with the file; nothing can resume it: run it again")
+    assert not path.exists()

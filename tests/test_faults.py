@@ -520,6 +520,30 @@ def test_a_store_on_a_read_only_disk_is_read_as_immutable_unless_its_wal_holds_c
         RunStore(copy / "runs.db")
 
 
+def test_a_store_in_a_folder_that_cannot_be_written_is_read_and_writes_say_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite makes its WAL's files beside the store: in a folder this process cannot write, with none
+    there, a good store could be neither listed nor shown, and every command said it was `not a usable
+    Orchestra run store (attempt to write a readonly database); move it away`."""
+    path = tmp_path / "runs.db"
+    store = RunStore(path)
+    store.begin_run("r1", "a task", {})
+    store.close()
+    assert not path.with_name("runs.db-shm").exists()
+    real_access = os.access
+    folder = str(tmp_path)
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (mode == os.W_OK
+                                                                                  and str(p) == folder))
+    reader = RunStore(path)  # (the file itself can be written: only its folder cannot)
+    assert reader.read_only and [run.task for run in reader.runs()] == ["a task"]
+    with pytest.raises(StoreError) as refused:
+        reader.begin_run("r2", "another task", {})
+    assert str(refused.value) == (f"cannot write the run store {path}: its folder {tmp_path} cannot be written "
+                                  "(SQLite keeps its -wal and -shm files beside it); choose a file you can write "
+                                  "with --store (or store= in Python), or record nothing with --no-store")
+    reader.close()
+
+
 @pytest.mark.timeout(60)
 def test_a_wave_that_breaks_fails_the_groups_it_was_running_too(monkeypatch: pytest.MonkeyPatch) -> None:
     # groups run side by side (a placement); a bug in the wave's own loop used to fail only the

@@ -394,7 +394,7 @@ def test_a_transaction_whose_body_fails_commits_the_held_statements_but_not_its_
     with sqlite3.connect(tmp_path / "runs.db") as reader:
         assert reader.execute("SELECT task FROM runs WHERE id='r'").fetchone() == ("t",)  # its own undone
         assert reader.execute("SELECT kind FROM events WHERE run_id='r'").fetchall() == [("node_failed",)]
-    store.read_only = True  # (a store on a read-only disk: refused before an evaluation writes its answers)
+    store.unwritable = "it is read-only"  # (a store on a read-only disk: refused before an evaluation writes its answers)
     with pytest.raises(StoreError) as refused:  # (with what to do: SQLite's words alone said nothing of it)
         store.check_free([])
     assert str(refused.value) == (f"cannot write the run store {store.path}: it is read-only; choose a file you can "

@@ -31,6 +31,7 @@ from orchestra.errors import (
     ModelRequestsForbidden,
     OrchestraError,
     StoreError,
+    StoreGone,
     UserError,
 )
 from orchestra.events import (
@@ -359,7 +360,9 @@ class Run:
             if trace is not None:
                 trace.status, trace.error = "failed", str(fatal)
             reason = str(fatal)
-            if isinstance(fatal, StoreError):
+            if isinstance(fatal, StoreGone):
+                reason += "; nothing can resume it: run it again"
+            elif isinstance(fatal, StoreError):
                 # (it said "resume run ID": a store given with --store went unsaid, and the resume found no run)
                 resume = command("resume", self.run_id)
                 reason += f"; the calls answered before are saved: once it can be written, `{resume}` finishes it"
