@@ -1598,6 +1598,12 @@ def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, pres
         raise MissingDependency(f"orchestra serve needs {error.name}: pip install 'skill-orchestra[serve]'") from None
     api_key = None
     if api_key_env is not None:
+        from orchestra.models.http import check_key_env
+
+        try:  # (a key pasted there was repeated in the error: on the terminal, and in any log of it)
+            check_key_env(api_key_env or "?")
+        except ValueError as error:
+            raise ConfigError(f"--api-key-env: {str(error).removeprefix('api_key_env ')}") from None
         api_key = os.environ.get(api_key_env, "").strip()
         if not api_key:  # (an empty key would let any client in with an empty bearer token)
             state = "is not set" if api_key_env not in os.environ else "is empty"

@@ -1015,6 +1015,11 @@ def test_the_command_refuses_a_missing_key_variable_and_a_clashing_preset(tmp_pa
     code, err = empty.stop()
     assert code == 2 and err.strip() == ("error: --api-key-env ORCH_EMPTY_VARIABLE: that environment variable is "
                                          "empty; set it to the key clients must send")
+    pasted = ServeProcess("--api-key-env", "sk-proj-Secret123")  # (the key itself: it was repeated in the error)
+    code, err = pasted.stop()
+    assert code == 2 and "Secret123" not in err and err.strip() == (
+        "error: --api-key-env: must be the NAME of an environment variable (e.g. MY_KEY: letters, digits and _), "
+        "not the key itself")
     presets = tmp_path / "presets.yaml"
     presets.write_text("orchestra: {k: 2}\n")
     clash = ServeProcess("--presets", str(presets), "--no-store")
