@@ -693,11 +693,14 @@ def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], p
         from orchestra.workflow_run import aevaluate_workflow
 
         given_grader = layer.grader if "grader" in layer.model_fields_set else None  # --grader or --set grader=
-        report = evaluate_interruptibly(
-            lambda on_cancel: aevaluate_workflow(flow, given, orchestra=orc, grader=given_grader, on_cancel=on_cancel,
-                                                 resume=resume, retry_failed=retry_failed),
-            flow.spec.dataset.path, opts["as_json"],
-            then=None if orc.store is None else "the same command with --resume goes on with this evaluation")
+        try:
+            report = evaluate_interruptibly(
+                lambda on_cancel: aevaluate_workflow(flow, given, orchestra=orc, grader=given_grader,
+                                                     on_cancel=on_cancel, resume=resume, retry_failed=retry_failed),
+                flow.spec.dataset.path, opts["as_json"],
+                then=None if orc.store is None else "the same command with --resume goes on with this evaluation")
+        except RunHeld as held:
+            held_by_another_evaluation(held)
         print_report(report, f"{flow.name} on {flow.spec.dataset.path}", opts["as_json"])
         end_data_set(report, stored=orc.store is not None, evaluation=False)
         return
@@ -1071,11 +1074,18 @@ def evaluate(pool: Path | None, data: Path, method: str | None, limit: int | Non
                                         on_cancel=on_cancel, resume=resume, retry_failed=retry_failed),
             dataset.path, as_json,
             then=None if orc.store is None else "the same command with --resume goes on with this evaluation")
-    except RunHeld as held:  # (it advised `orchestra resume ITEM_RUN --force`: one item's run, not the evaluation)
-        fail(f"{held.problem}; another evaluation is going on with this one's runs: wait for it to end (where its "
-             "process is gone, its lease runs out within 30 s), then run this command again", held.exit_code)
+    except RunHeld as held:
+        held_by_another_evaluation(held)
     print_report(report, f"{report.method} on {dataset.path}", as_json)
     end_data_set(report, stored=orc.store is not None, evaluation=True)
+
+
+def held_by_another_evaluation(held: RunHeld) -> NoReturn:
+    """An evaluation (or a data-set workflow) whose item's run another process is running: say to wait
+    for that evaluation (it advised `orchestra resume ITEM_RUN --force`: one item's run, not the
+    evaluation, and --force is refused while that process lives)."""
+    fail(f"{held.problem}; another evaluation is going on with this one's runs: wait for it to end (where its "
+         "process is gone, its lease runs out within 30 s), then run this command again", held.exit_code)
 
 
 def evaluate_interruptibly(work: Callable[[Callable[[EvalReport], None]], Coroutine[Any, Any, EvalReport]],

@@ -1402,3 +1402,28 @@ def test_a_data_set_workflow_resends_only_its_failed_calls_with_resume_retry_fai
     single = write(tmp_path, f"name: one\npool: {pool}\nsteps:\n  - id: a\n    prompt: hi\n", name="one.yaml")
     refused = cli("run", str(single), "--resume", "--retry-failed")
     assert refused.returncode == 2 and "`orchestra resume RUN_ID --retry-failed`" in refused.stderr, refused.stderr
+
+
+def test_a_data_set_workflow_resume_whose_runs_another_process_runs_says_to_wait_for_it(loopback,
+                                                                                        tmp_path: Path) -> None:
+    """As `eval --resume` says: it advised `orchestra resume ITEM_RUN --force`, one item's run, not the
+    workflow's evaluation, and --force is refused while that process lives."""
+    import os
+    import socket
+    import sqlite3
+    import time
+
+    server = loopback(ScriptedLLM().handler())
+    path = quiz_workflow(tmp_path, server.url, "budget: {max_calls: 3}\n")
+    stopped = cli("run", str(path))
+    assert stopped.returncode == 3, stopped.stderr
+    with sqlite3.connect(default_store_path()) as db:  # one run of it goes on in another live process (this one)
+        db.execute("UPDATE runs SET status='running', owner=?, updated=? WHERE id=(SELECT id FROM runs "
+                   "WHERE status != 'done' LIMIT 1)", (f"{socket.gethostname()} pid {os.getpid()}:beef", time.time()))
+    asked = len(server.requests)
+    refused = cli("run", str(path), "--resume")
+    assert refused.returncode == 2 and "is still running in another process" in refused.stderr, refused.stderr
+    assert refused.stderr.strip().endswith("another evaluation is going on with this one's runs: wait for it to end "
+                                           "(where its process is gone, its lease runs out within 30 s), then run "
+                                           "this command again") and "--force" not in refused.stderr
+    assert len(server.requests) == asked
