@@ -122,6 +122,10 @@ class _Counter:
             self.progress(stage, 0, total)
 
     def on_event(self, event: Event) -> None:
+        """Count a call answered (sent, or reused from the store); one the budget refused is not done
+        (after a budget stop the bar read `keywords 15/15` where 7 had been sent)."""
+        if isinstance(event, CallsResolved) and event.source == "budget":
+            return
         if isinstance(event, (UsageUpdated, CallsResolved)) and event.run_id == self.run_id:
             self.done += event.count if isinstance(event, CallsResolved) else 1  # (answers reused, sent)
             if self.progress:

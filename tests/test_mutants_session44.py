@@ -95,3 +95,20 @@ def test_the_nth_identical_request_takes_the_nth_answer_an_earlier_point_got() -
     answers = [later.get("k", seq) for seq in (0, 1)]
     assert [answer.text if answer else None for answer in answers] == ["The answer is 3", "The answer is 4"]
     assert later.get("k", 2) is None
+
+
+def test_a_stage_s_progress_counts_no_call_its_budget_refused() -> None:
+    """After a budget stop `profile`'s bar read `keywords 15/15` where 7 calls had been sent: a refused
+    call's ``CallsResolved`` (source "budget") was counted as done."""
+    from orchestra.events import CallsResolved, UsageUpdated
+
+    events, seen = EventBus(), []
+    counter = _Counter(events, "profile-run", lambda stage, done, total: seen.append((stage, done, total)))
+    counter.begin("keywords", 5)
+    events.emit(UsageUpdated(run_id="profile-run", calls=1, requests=1, prompt_tokens=1, completion_tokens=1,
+                             cost_usd=0.0))
+    events.emit(CallsResolved(model="m", count=2, run_id="profile-run", source="store"))  # reused: done
+    events.emit(CallsResolved(model="m", count=1, run_id="profile-run", source="budget"))  # refused: not done
+    events.emit(CallsResolved(model="m", count=1, run_id="another-run", source="cache"))  # another run's
+    counter.close()
+    assert seen == [("keywords", 0, 5), ("keywords", 1, 5), ("keywords", 3, 5)]
