@@ -31,7 +31,7 @@ from orchestra.prompts import MAX_CONTEXT_CHARS
 from orchestra.result import RunResult
 from orchestra.settings import MAX_K
 from orchestra.terminal_text import counted
-from orchestra.view import LiveView, LogView, literal, print_result, summary_line
+from orchestra.view import LiveView, LogView, literal, print_result, skills_cell, summary_line
 
 HELP = """Type a task to plan it. Before it runs you can:
   a / accept        run the plan
@@ -343,9 +343,7 @@ class ChatSession:
             table.add_column(column)
         competence = self.orchestra.stages.staffing.table.competence
         for agent in pool.agents:
-            profile = pool.profiles.get(agent.name)
-            skills = (", ".join(f"{k} {v:+d}" for k, v in sorted(profile.skills.items(), key=lambda kv: -kv[1])[:3])
-                      if profile else "(declared) " + ", ".join(agent.skills))
+            skills = skills_cell(agent.skills, pool.profiles.get(agent.name))  # (as `orchestra agents` shows them)
             table.add_row(agent.name, agent.model.name, f"{competence[agent.name]:.3f}", literal(skills))
         self.console.print(table)
 

@@ -746,12 +746,10 @@ def validate(workflow: Path, pool: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def agents(pool: Path | None, as_json: bool) -> None:
     """List the pool's agents and a summary of their skill profiles."""
-    from collections import Counter
-
     from rich.table import Table
 
     from orchestra.agents import Pool
-    from orchestra.view import terminal
+    from orchestra.view import skills_cell, terminal
 
     loaded = Pool.load(pool)
     warn_about_profiles(loaded)
@@ -765,15 +763,8 @@ def agents(pool: Path | None, as_json: bool) -> None:
     rows: list[dict[str, Any]] = []
     for agent in loaded.agents:
         profile = loaded.profiles.get(agent.name)
-        merged: Counter[str] = Counter()  # keyword variants under their skill, as recruiting reads them
-        if profile is not None:
-            for keyword, score in profile.skills.items():
-                merged[profile.aliases.get(keyword, keyword)] += score
-        top = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
-        # (the sums count an item once per variant it got: "history +48" was 26 + 22 over 30 items)
-        estimated = sorted(((skill, profile.estimates[skill][0], items) for skill, (_, items)
-                            in profile.skill_counts.items() if skill in profile.estimates),
-                           key=lambda row: (-row[1], row[0]))[:4] if profile is not None else []
+        top = profile.top_sums() if profile is not None else []
+        estimated = profile.top_estimates() if profile is not None else []
         rows.append({"name": agent.name, "model": agent.model.name, "declared_skills": list(agent.skills),
                      "profiled": profile is not None, "accuracy": profile.accuracy if profile else None,
                      "competence": round(table.competence[agent.name], 4),
@@ -791,9 +782,7 @@ def agents(pool: Path | None, as_json: bool) -> None:
     for column in ("agent", "model", "γ", "accuracy", "aggregation", "top skills (estimate, items) / declared"):
         out.add_column(column)
     for row in rows:  # (as profile shows them; a profile written before estimates has its ±1 sums alone)
-        skills = (", ".join(f"{e['skill']} {e['estimate']:.2f} ({e['items']})" for e in row["top_estimates"])
-                  if row["top_estimates"] else "(±1 sums) " + ", ".join(row["top_skills"]) if row["profiled"] else
-                  "(declared) " + ", ".join(row["declared_skills"]) if row["declared_skills"] else "(no profile)")
+        skills = skills_cell(row["declared_skills"], loaded.profiles.get(row["name"]))
         out.add_row(row["name"], row["model"], f"{row['competence']:.3f}",
                     "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
                     aggregation_cell(loaded.profiles.get(row["name"])), skills)

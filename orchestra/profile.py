@@ -136,6 +136,21 @@ class SkillProfile(BaseModel):
         """The profile's sum: the raw material of global competence."""
         return sum(self.skills.values())
 
+    def top_sums(self, n: int = 4) -> list[tuple[str, int]]:
+        """The ``n`` best ±1 sums, keyword variants under their skill as recruiting reads them (the
+        sums count an item once per variant it got: "history +48" was 26 + 22 over 30 items)."""
+        merged: dict[str, int] = {}
+        for keyword, score in self.skills.items():
+            skill = self.aliases.get(keyword, keyword)
+            merged[skill] = merged.get(skill, 0) + score
+        return sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def top_estimates(self, n: int = 4) -> list[tuple[str, float, int]]:
+        """The ``n`` best calibrated estimates: (skill, accuracy, items); none in a profile written
+        before estimates were."""
+        return sorted(((skill, self.estimates[skill][0], items) for skill, (_, items) in self.skill_counts.items()
+                       if skill in self.estimates), key=lambda row: (-row[1], row[0]))[:n]
+
     def save(self, directory: str | Path) -> Path:
         """Write ``<directory>/<agent>.json``."""
         folder = Path(directory)

@@ -53,6 +53,7 @@ from orchestra.money import usd_alike, usd_exact
 from orchestra.terminal_text import UNSAFE, counted, printable
 
 if TYPE_CHECKING:
+    from orchestra.profile import SkillProfile
     from orchestra.result import RunResult
 
 
@@ -61,6 +62,18 @@ def terminal(**options: object) -> Console:
     ``[bold]`` or ``:emoji:`` codes, and none of it is Rich markup; nor is any of it a terminal
     command (see ``printable``)."""
     return _Literal(markup=False, emoji=False, highlight=False, **options)  # type: ignore[arg-type]
+
+
+def skills_cell(declared: Iterable[str], profile: SkillProfile | None) -> str:
+    """An agent's skills in one cell: its profile's best estimates (items), else its ±1 sums (so
+    labelled), else its declared skills, else ``(no profile)``."""
+    if profile is not None:
+        estimates = profile.top_estimates()
+        if estimates:
+            return ", ".join(f"{skill} {estimate:.2f} ({items})" for skill, estimate, items in estimates)
+        return "(±1 sums) " + ", ".join(f"{k} {v:+d}" for k, v in profile.top_sums())
+    declared = list(declared)
+    return "(declared) " + ", ".join(declared) if declared else "(no profile)"
 
 
 def literal(text: str, style: str = "") -> Text:

@@ -123,6 +123,28 @@ def test_chat_through_stdin_accept_edit_and_replan(served) -> None:
     assert "k = 2" in out and "pool loopback" in out and "/trace" in out
 
 
+def test_chat_pool_shows_skills_as_the_agents_command_does(loopback, tmp_path: Path) -> None:
+    """An agent with neither a profile nor declared skills read `(declared) ` followed by nothing, where
+    `orchestra agents` says `(no profile)`; a profile's raw ±1 sums were shown without saying so."""
+    from orchestra.profile import Provenance, SkillProfile
+    from orchestra.view import skills_cell
+
+    pool = write_pool(tmp_path, loopback(ScriptedLLM().handler()).url, agents=("generalist",))
+    done = cli("chat", "--pool", str(pool), stdin="/pool\n/quit\n")
+    rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") >= 5}
+    assert "(declared) history" in rows["alpha-expert"] and "(no profile)" in rows["generalist"], done.stdout
+    listed = cli("agents", "--pool", str(pool))
+    assert "(no profile)" in listed.stdout and "(declared) history" in listed.stdout
+    provenance = Provenance(dataset="v.jsonl", dataset_sha256="0", items=10, model="m")
+    sums = SkillProfile(agent="a", skills={"algebra": 4, "history": -2, "geometry": 6}, accuracy=0.6,
+                        provenance=provenance)
+    assert skills_cell(["x"], sums) == "(±1 sums) geometry +6, algebra +4, history -2"
+    measured = sums.model_copy(update={"skill_counts": {"algebra": (8, 10), "geometry": (9, 10)},
+                                       "estimates": {"algebra": (0.75, 0.1), "geometry": (0.82, 0.1)}})
+    assert skills_cell([], measured) == "geometry 0.82 (10), algebra 0.75 (10)"
+    assert skills_cell([], None) == "(no profile)" and skills_cell(["law", "art"], None) == "(declared) law, art"
+
+
 def test_chat_edit_refuses_what_would_break_the_plan(served) -> None:
     _, pool = served
     script = "Write a short report, then check it\ne\ndrop 9\nreword 2\ndone\nc\n/quit\n"
