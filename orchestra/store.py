@@ -642,7 +642,9 @@ class RunStore:
             return StoreGone(f"cannot write the run store {self.path}: {why}")
         refused = "read-only" in str(why) or "readonly" in str(why) or str(why) == self.unwritable
         advice = ("; choose a file you can write with --store (or store= in Python), or record nothing with "
-                  "--no-store") if refused else ""
+                  "--no-store") if refused else (
+            " (another program held it for 30 s: one with a transaction open on it, such as a sqlite3 shell or a "
+            "backup; writes of other Orchestra processes take moments)") if "database is locked" in str(why) else ""
         return StoreError(f"cannot write the run store {self.path}: {why}{advice}")
 
     def _transaction(self) -> RunStore._Tx:

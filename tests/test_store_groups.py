@@ -401,6 +401,11 @@ def test_a_transaction_whose_body_fails_commits_the_held_statements_but_not_its_
                                   "write with --store (or store= in Python), or record nothing with --no-store")
     assert str(store._unwritable("attempt to write a readonly database")).endswith("or record nothing with --no-store")
     assert str(store._unwritable("database or disk is full")).endswith("disk is full")
+    # (a store another program locks: it said "database is locked" alone, naming nothing to do)
+    assert str(store._unwritable(sqlite3.OperationalError("database is locked"))) == (
+        f"cannot write the run store {store.path}: database is locked (another program held it for 30 s: one with "
+        "a transaction open on it, such as a sqlite3 shell or a backup; writes of other Orchestra processes take "
+        "moments)")
 
 
 def test_a_resume_clears_the_answer_a_partial_attempt_left(tmp_path: Path) -> None:

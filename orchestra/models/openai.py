@@ -168,11 +168,14 @@ class OpenAICompatible(EndpointModel):
             choice = body["choices"][0]
             text = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
-            url = display_url(self.endpoint.base_url)
+            url = display_url(f"{self.endpoint.base_url}/chat/completions")  # (as the other errors name it)
             said = body.get("error")  # an error sent with HTTP 200 (some proxies and servers do)
             said = said.get("message") if isinstance(said, dict) else said
+            shape = "" if "choices" in body else (  # (another API's answer: it named nothing to fix)
+                f" (its answer holds {', '.join(map(str, list(body)[:5])) or 'nothing'}: is base_url an "
+                "OpenAI-compatible API's, such as http://host:8000/v1?)")
             failure = BadResponse(f"{url} answered with an error for {self.model}: {str(said)[:500]}" if said
-                                  else f"{url} returned no choices[0].message for {self.model}")
+                                  else f"{url} returned no choices[0].message for {self.model}{shape}")
             failure.usage = reported_usage(self.price, reported.get("prompt_tokens"),  # billed all the same
                                            reported.get("completion_tokens") or 0, "")
             raise failure from None
