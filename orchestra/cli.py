@@ -1114,6 +1114,10 @@ def end_data_set(report: EvalReport, *, stored: bool, evaluation: bool) -> None:
             # (an edited workflow is another one: `run --resume` after the fix ran every item again)
             hint = (f"; fix the workflow, then `{command('resume', report.first_failure_run, '--reload')}` finishes "
                     "that item with its answers kept (`orchestra runs` lists the other unfinished items' runs)")
+        elif stored and "nothing can resume it" not in (report.first_failure or ""):
+            # (an endpoint that failed every item: the line named the error, not how to go on once it is fixed)
+            hint = ("; once that is fixed, the same command with --resume finishes the unfinished items, the calls "
+                    "answered before reused")
         fail(f"{report.failed} of {report.items} run(s) did not finish; first: {report.first_failure}{hint}",
              report.failure_exit or 1)
     if report.failed_calls:  # (every run finished, some without an expert: the accuracy reads as the method's)

@@ -549,6 +549,10 @@ def test_a_data_set_workflow_whose_items_fail_says_so_and_exits_with_the_first_o
     assert json.loads(done.stdout)["failed"] == 2
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("error: 2 of 2 run(s) did not finish; first: item q0 (failed): cannot reach http://127.0.0.1:9")
+    assert line.endswith("; once that is fixed, the same command with --resume finishes the unfinished items, the "
+                         "calls answered before reused")  # (it named the error alone)
+    kept = cli("run", str(tmp_path / "flow.yaml"), "--no-store", timeout=120)
+    assert kept.returncode == 2 and "--resume" not in kept.stderr, kept.stderr  # (nothing was kept to go on with)
 
 
 def test_a_data_set_workflow_recruits_per_item_and_reports_every_answer(loopback, tmp_path: Path) -> None:
