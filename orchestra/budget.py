@@ -311,6 +311,13 @@ class BudgetTracker:
                 self.prompt_tokens + self.completion_tokens - tokens + self._reserved_tokens,
                 self.cost_usd - cost + self._reserved_cost)
 
+    def tally(self, usage: Usage) -> None:
+        """Count a call that ended before it was admitted (it failed answering from the store or the
+        cache): a call of the run, as its record counts it, with what it spent."""
+        self._add(usage, calls=1)
+        if self.parent is not None:
+            self.parent.tally(usage)
+
     def spend(self, usage: Usage) -> None:
         """Count requests, tokens and cost that belong to no call (e.g. the embedding matcher's)."""
         self._add(usage, calls=0)

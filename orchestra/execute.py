@@ -1177,7 +1177,10 @@ class Executor:
             except Exception:  # (a store that cannot be written tells its runs as they end)
                 pass
         for call in calls:
-            self._settle(call, spent)
+            if call.reserved is None and not call.counted:  # failed before it was admitted: counted here
+                call.ledger.budget.tally(spent)
+            else:
+                self._settle(call, spent)
             call.ledger.count_failed(call.model.name, error, call.purpose)
             self._resolve(call, error)
 

@@ -393,8 +393,10 @@ class RunStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = self._connect()
             self._open()
-            #: the file opened: a write finding another (or none) at the path refuses (see ``_FileGone``)
-            self._file = _identity(self.path)
+            #: the file opened (by its absolute path: a relative one names another file once the process
+            #: changes its folder): a write finding another, or none, there refuses (see ``_FileGone``)
+            self._where = self.path.absolute()
+            self._file = _identity(self._where)
         except sqlite3.DatabaseError as error:
             if not existed:  # nothing there to move away: the place is the problem
                 raise StoreUnusable(self.path, f"cannot create the run store {self.path} ({error})") from None
@@ -477,7 +479,7 @@ class RunStore:
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
         db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_BYTES // page_size}")
         db.execute(f"PRAGMA journal_size_limit={10 * 2**20}")
-        self._checkpoints = Checkpointer(self.path)
+        self._checkpoints = Checkpointer(self.path.absolute())  # (its thread connects later: after a chdir too)
         # when this object goes (or the interpreter exits) without close(): the WAL copied in all the same
         self._finish_checkpoints = weakref.finalize(self, self._checkpoints.finish)
         if version < SCHEMA_VERSION:
@@ -565,7 +567,7 @@ class RunStore:
                 if store.read_only:  # (SQLite's own words, "attempt to write a readonly database", said not why)
                     raise sqlite3.OperationalError(store.unwritable)
                 store._db.execute("BEGIN IMMEDIATE")
-                if store._file is not None and _identity(store.path) != store._file:
+                if store._file is not None and _identity(store._where) != store._file:
                     # (a file removed under a running run lost every record it made, and the run ended done, exit 0)
                     raise _FileGone("the file was removed (or another put in its place) while this process had it "
                                     "open; what it recorded since went with the file")

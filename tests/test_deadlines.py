@@ -71,3 +71,32 @@ def test_a_request_that_finished_in_time_is_never_cancelled_later() -> None:
 
     slow, quick = asyncio.run(main())
     assert isinstance(slow, asyncio.TimeoutError) and quick == "in time"
+
+
+def test_a_loop_that_stalls_again_and_again_still_cuts_off_a_request_that_never_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stall moves a request's limit on once (an answer may wait unread in its socket); each stall
+    longer than what the last one gave moved it again, and a hung request was never cut off."""
+    import time
+
+    from orchestra.models import deadlines as module
+
+    monkeypatch.setattr(module, "STALL_S", 0.05)
+
+    async def main() -> object:
+        limits = Deadlines()
+        waiting = asyncio.ensure_future(limits.within(0.1, hang()))
+
+        async def stall_again_and_again() -> None:
+            while not waiting.done():
+                time.sleep(0.2)  # the loop runs nothing meanwhile (a blocking write), then turns once
+                await asyncio.sleep(0)
+
+        staller = asyncio.ensure_future(stall_again_and_again())
+        await asyncio.wait({waiting}, timeout=NEVER_S)
+        cut = waiting.exception() if waiting.done() else "still waiting"
+        waiting.cancel()
+        await staller
+        return cut
+
+    assert isinstance(asyncio.run(main()), asyncio.TimeoutError)

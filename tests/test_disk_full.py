@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 from helpers import scripted_pool
 
 from orchestra import Orchestra
@@ -97,3 +98,21 @@ def test_a_store_removed_under_a_running_run_stops_it_saying_so(tmp_path: Path) 
         f"cannot write the run store {path}: the file was removed (or another put in its place) while this process "
         "had it open; what it recorded since went with the file; nothing can resume it: run it again")
     assert not path.exists()
+
+
+def test_a_store_opened_by_a_relative_path_is_written_after_the_process_changes_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check that the file is still the one opened read the relative path again, from the new folder
+    (a notebook's %cd): every later run stopped as if the store had been removed."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    pool, _ = scripted_pool(1)
+    orc = Orchestra(pool, k=1, store="runs.db")
+    first = orc.run("What is 1 + 0?", plan=False)
+    monkeypatch.chdir(tmp_path / "b")
+    second = orc.run("What is 1 + 0?", plan=False)
+    orc.close()
+    assert (first.status, second.status) == ("done", "done"), second.error
+    assert {run.id for run in RunStore(tmp_path / "a" / "runs.db").runs()} == {first.run_id, second.run_id}
+    assert not (tmp_path / "b" / "runs.db").exists()

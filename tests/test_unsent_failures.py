@@ -67,3 +67,33 @@ def test_a_ray_cluster_that_cannot_be_joined_ends_the_run_though_other_experts_a
     result = orc.run("What is 2 + 3?", plan=False)
     orc.close()
     assert result.status == "failed" and "cannot join the Ray cluster at 127.0.0.1:9" in (result.error or "")
+
+
+def test_a_call_that_fails_before_its_budget_admits_it_is_counted_as_its_record_counts_it(tmp_path: Path) -> None:
+    """A cached answer that cannot be read fails its call before the budget admits it: the record counted
+    it as a call, the run's result did not (`calls 0 (1 failed)` against `runs`' `1 (1 failed)`)."""
+    import sqlite3
+
+    path = tmp_path / "runs.db"
+
+    def answer(request: ChatRequest) -> object:
+        return {"keywords": ["math"]} if KEYWORDS_MARK in request.prompt_text() else "The answer is 5"
+
+    def orchestra() -> Orchestra:
+        first, second = FunctionModel(answer, name="a"), FunctionModel(answer, name="b")
+        pool = Pool(agents=[Agent(name="ea", model=first), Agent(name="eb", model=second)], planner=first)
+        return Orchestra(pool, k=2, mode="global", aggregate="vote", store=path, cache=True)
+
+    orc = orchestra()
+    orc.run("What is 2 + 3?", plan=False)
+    orc.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE cache SET response='{\"text\": 5' WHERE model='a'")  # (cut short: not JSON)
+    orc = orchestra()
+    result = orc.run("What is 2 + 3?", plan=False)
+    orc.close()
+    store = RunStore(path)
+    totals = store.run_totals(result.run_id)
+    store.close()
+    assert result.usage.failed_calls == 1
+    assert (result.usage.calls, result.usage.requests) == (totals["calls"], totals["requests"]) == (1, 0)

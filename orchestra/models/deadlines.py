@@ -12,7 +12,8 @@ its thread: a run store's write waiting out another process's lock) is not the e
 that arrived meanwhile wait unread in their sockets, and when the loop runs again the timer, overdue,
 came before the tasks that read them. Cut off there, each was sent again, and paid twice. So a timer
 that runs ``STALL_S`` or more late moves every limit on by its lateness, and gives a request the stall
-left at its limit at least ``STALL_S`` more, to read what came.
+left at its limit at least ``STALL_S`` more, to read what came: once per request, so one that never
+answers is cut off all the same, however often the loop stalls.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ STALL_S = 1.0
 
 
 class _Entry:
-    __slots__ = ("deadline", "done", "expired", "task")
+    __slots__ = ("deadline", "done", "expired", "stalled", "task")
 
     def __init__(self, deadline: float, task: asyncio.Task[object]) -> None:
         self.deadline = deadline
         self.task = task
         self.done = False
         self.expired = False
+        self.stalled = False  # its limit moved on once for a stall of the loop (never twice)
 
 
 class Deadlines:
@@ -85,9 +87,14 @@ class Deadlines:
         now = loop.time()
         stall = now - self._due
         if stall >= STALL_S:
-            for queue in self._queues.values():  # (each queue stays sorted: its deadlines all move alike)
+            # once per request: a loop that stalls again and again (each stall longer than the time the
+            # last one gave) kept moving a hung request's limit, so it was never cut off. (A queue stays
+            # in order but where a limit is under STALL_S: a request behind one the stall moved then
+            # expires with it, at most STALL_S late.)
+            for queue in self._queues.values():
                 for entry in queue:
-                    entry.deadline = max(entry.deadline + stall, now + STALL_S)
+                    if not entry.stalled:
+                        entry.deadline, entry.stalled = max(entry.deadline + stall, now + STALL_S), True
         earliest: float | None = None
         for seconds in list(self._queues):
             queue = self._queues[seconds]
