@@ -98,6 +98,20 @@ def test_limits_are_fixed_when_the_endpoint_is_made(loopback) -> None:
     assert (shared.max_concurrency, shared.rpm) == (4, 60)
 
 
+def test_a_base_url_other_than_the_shared_endpoint_s_is_refused_not_dropped() -> None:
+    """The model sends to its endpoint's URL: a base_url beside it was dropped without a word."""
+    from orchestra.models import Anthropic
+
+    shared = Endpoint("http://127.0.0.1:9/v1", max_concurrency=4)
+    with pytest.raises(ConfigError, match=r"base_url 'http://127.0.0.1:8/v1' is not the URL of the shared endpoint"):
+        OpenAICompatible(model="m", endpoint=shared, base_url="http://127.0.0.1:8/v1")
+    with pytest.raises(ConfigError, match="is not the URL of the shared endpoint"):
+        Anthropic(model="claude", endpoint=shared, base_url="http://127.0.0.1:8/v1")
+    for same in ({}, {"base_url": "http://127.0.0.1:9/v1/"}):  # its own URL, or none given
+        assert OpenAICompatible(model="m", endpoint=shared, **same).endpoint is shared
+    assert Anthropic(model="claude", endpoint=shared).endpoint is shared
+
+
 @pytest.mark.parametrize("limits", [{"rpm": float("nan")}, {"rpm": float("inf")}, {"rpm": "60"}, {"rpm": True},
                                     {"max_concurrency": 2.5}, {"max_concurrency": True}, {"max_concurrency": "4"}])
 def test_limits_a_pool_file_refuses_are_refused_in_python_at_construction(limits: dict[str, Any]) -> None:

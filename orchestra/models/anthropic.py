@@ -53,7 +53,7 @@ class Anthropic(EndpointModel):
         self.prompt_gauge = PromptGauge(lambda request: not (
             isinstance(request.output, (dict, type)) and _tools_allowed(self.endpoint.capabilities)))
         self._connect(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm, timeout=timeout,
-                      deadline=deadline, max_attempts=max_attempts)
+                      deadline=deadline, max_attempts=max_attempts, default_url=ANTHROPIC_URL)
 
     @property
     def identity(self) -> str:

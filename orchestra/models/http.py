@@ -684,14 +684,19 @@ def display_url(url: str) -> str:
 
 
 def endpoint_for(endpoint: Endpoint | None, base_url: str, api_key_env: str | None, *,
-                 max_concurrency: int | None, rpm: float | None) -> Endpoint:
+                 max_concurrency: int | None, rpm: float | None, default_url: str | None = None) -> Endpoint:
     """The endpoint a model is given, or (without one) a private endpoint for ``base_url`` with
-    these limits. Limits belong to the shared endpoint: given with one, they are refused."""
+    these limits. Limits belong to the shared endpoint: given with one, they are refused, and so is
+    a ``base_url`` other than its own and the model's default (``default_url``): it was dropped."""
     if endpoint is None:
         return Endpoint(base_url, api_key_env=api_key_env, rpm=rpm,
                         max_concurrency=DEFAULT_MAX_CONCURRENCY if max_concurrency is None else max_concurrency)
     if max_concurrency is not None or rpm is not None:
         raise ConfigError(f"max_concurrency and rpm are limits of the shared endpoint {endpoint!r}; set them there")
+    given = str(base_url).rstrip("/")
+    if default_url is not None and given not in (default_url.rstrip("/"), endpoint.base_url):
+        raise ConfigError(f"base_url {display_url(given)!r} is not the URL of the shared endpoint {endpoint!r}, which "
+                          "the model sends to: leave base_url out, or give the model an endpoint of that URL")
     return endpoint
 
 
@@ -705,9 +710,11 @@ class EndpointModel(ModelBase):
 
     def _connect(self, endpoint: Endpoint | None, base_url: str, api_key_env: str | None, *,
                  max_concurrency: int | None, rpm: float | None, timeout: float | None, deadline: float | None,
-                 max_attempts: int | None) -> None:
-        """Take the shared ``endpoint`` (or make a private one for ``base_url``) and set the policy."""
-        self.endpoint = endpoint_for(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm)
+                 max_attempts: int | None, default_url: str) -> None:
+        """Take the shared ``endpoint`` (or make a private one for ``base_url``) and set the policy
+        (``default_url``: the ``base_url`` the model takes when none is given)."""
+        self.endpoint = endpoint_for(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm,
+                                     default_url=default_url)
         self.policy = CallPolicy.of(timeout=timeout, deadline=deadline, max_attempts=max_attempts)
 
     async def aclose(self) -> None:

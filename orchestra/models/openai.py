@@ -72,7 +72,7 @@ class OpenAICompatible(EndpointModel):
         self.prompt_gauge = PromptGauge(lambda request: json_mode(
             self.endpoint.capabilities, schema=isinstance(request.output, (dict, type))) != "json_schema")
         self._connect(endpoint, base_url, api_key_env, max_concurrency=max_concurrency, rpm=rpm, timeout=timeout,
-                      deadline=deadline, max_attempts=max_attempts)
+                      deadline=deadline, max_attempts=max_attempts, default_url=OPENAI_URL)
 
     @property
     def identity(self) -> str:
