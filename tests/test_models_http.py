@@ -558,6 +558,16 @@ def test_the_chat_handler_says_an_anthropic_tool_call_needs_json(loopback) -> No
         run(anthropic(server, max_attempts=1).complete([ask("facts", output=Answer)]))
 
 
+def test_the_chat_handler_lists_its_model_as_an_openai_server_does(loopback) -> None:
+    """`GET /v1/models` got a chat completion back: a client listing the server's models read nonsense."""
+    import openai as sdk
+
+    server = loopback(chat_handler(lambda req: "hello there"))
+    client = sdk.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    assert [model.id for model in client.models.list()] == ["loopback"]
+    assert run(openai(server).complete([ask("hi")]))[0].text == "hello there"
+
+
 def test_anthropic_malformed_json_repaired(loopback) -> None:
     answers = iter([anthropic_reply("not json at all"), anthropic_reply('{"city": "Rome", "population": 3}')])
 

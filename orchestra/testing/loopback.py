@@ -341,7 +341,8 @@ TextFunction = Callable[[LoopbackRequest], str | Reply | Awaitable[str | Reply]]
 
 def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:
     """A handler that answers chat requests on either API with the text ``fn(request)`` returns,
-    and embeddings requests (``/embeddings``) with ``embeddings_reply``'s vectors.
+    embeddings requests (``/embeddings``) with ``embeddings_reply``'s vectors, and ``GET /models``
+    with one model, ``loopback``.
 
     ``fn`` may return a ``Reply`` to answer otherwise (an error, a hang). On the Anthropic path a
     request with tools gets the text back as the forced tool call's input (it must be JSON). As a
@@ -350,6 +351,9 @@ def chat_handler(fn: TextFunction, *, delay: float = 0.0) -> Handler:
     """
 
     async def handle(request: LoopbackRequest) -> Reply:
+        if request.method == "GET" and request.path.rstrip("/").endswith("/models"):  # (it was a chat answer)
+            return Reply(200, {"object": "list", "data": [{"id": "loopback", "object": "model", "created": 0,
+                                                           "owned_by": "orchestra"}]})
         if request.path.endswith("/embeddings"):
             texts = (request.json() or {}).get("input")
             texts = [texts] if isinstance(texts, str) or not isinstance(texts, list) or (
