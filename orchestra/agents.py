@@ -349,7 +349,8 @@ class Pool:
         """Build a pool from the pool data at ``loc`` of a YAML file (a pool file, or a workflow's inline pool)."""
         spec = document.validate(PoolFile, loc)
         _check_references(spec, document, loc)
-        models = build_models(spec.models, base)
+        models = build_models(spec.models, base, lambda name, refused: document.error(  # (it named no file or model)
+            f"models.{name}: {refused}", (*loc, "models", name)))
         agents = []
         for agent in spec.agents:
             agents.append(Agent(

@@ -1543,3 +1543,17 @@ def test_a_run_the_cache_answered_says_so_on_its_last_line(loopback, tmp_path: P
     assert hits == asked > 0
     assert re.search(rf"run \S+ · done · 0 calls · {hits} answered from the cache · 0 requests · 0 tokens · \$0\.0000 · ",
                      again.stderr.splitlines()[-1]), again.stderr
+
+
+def test_a_pool_model_whose_gguf_file_is_missing_is_named_with_its_place_in_the_file(tmp_path: Path) -> None:
+    """It said `GGUF file not found: PATH` alone: no file, line or model entry (the README's pool example,
+    its path a placeholder, failed so from `agents` and `ask`)."""
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("name: g\nmodels:\n  fast: {type: openai, model: m, base_url: 'http://127.0.0.1:9/v1', "
+                    "api_key_env: null}\n  local: {type: llamacpp, path: nowhere/qwen.gguf}\n"
+                    "agents:\n  - name: a\n    model: fast\n")
+    for command in (("agents", "--pool", str(pool)), ("ask", "What is 1 + 1?", "--pool", str(pool))):
+        refused = cli(*command)
+        assert refused.returncode == 2 and refused.stderr.strip() == (
+            f"error: {pool}:4:10: models.local: GGUF file not found: {tmp_path / 'nowhere' / 'qwen.gguf'}"), \
+            refused.stderr

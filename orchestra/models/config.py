@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestra.errors import ConfigError
 from orchestra.models.anthropic import ANTHROPIC_URL, Anthropic
 from orchestra.models.base import Model
 from orchestra.models.http import DEFAULT_MAX_CONCURRENCY, Endpoint, check_base_url, check_key_env
@@ -141,12 +142,14 @@ class VLLMSpec(_Spec):
 ModelSpec = Annotated[OpenAISpec | AnthropicSpec | LlamaCppSpec | VLLMSpec, Field(discriminator="type")]
 
 
-def build_models(specs: Mapping[str, ModelSpec], base_dir: Path) -> dict[str, Model]:
+def build_models(specs: Mapping[str, ModelSpec], base_dir: Path,
+                 where: Callable[[str, ConfigError], ConfigError] | None = None) -> dict[str, Model]:
     """The models of a pool file, remote ones given one ``Endpoint`` per server (base URL and key
     variable), made before any model: models on one server share its connections and limits.
 
     When several models of one server set ``max_concurrency`` or ``rpm``, the smallest wins (no
     model gets more than it asked for); each model keeps its own timeout, deadline and attempts.
+    ``where`` turns a model's refusal (a GGUF file not found) into one naming its entry in the file.
     """
     remote = {name: spec for name, spec in specs.items() if isinstance(spec, (OpenAISpec, AnthropicSpec))}
     servers: dict[tuple[str, str | None], list[OpenAISpec | AnthropicSpec]] = {}
@@ -160,8 +163,13 @@ def build_models(specs: Mapping[str, ModelSpec], base_dir: Path) -> dict[str, Mo
                                              max_concurrency=min(concurrency, default=DEFAULT_MAX_CONCURRENCY))
     models: dict[str, Model] = {}
     for name, spec in specs.items():
-        if isinstance(spec, (OpenAISpec, AnthropicSpec)):
-            models[name] = spec.build(name, base_dir, endpoints[(spec.base_url.rstrip("/"), spec.key_env())])
-        else:
-            models[name] = spec.build(name, base_dir)
+        try:
+            if isinstance(spec, (OpenAISpec, AnthropicSpec)):
+                models[name] = spec.build(name, base_dir, endpoints[(spec.base_url.rstrip("/"), spec.key_env())])
+            else:
+                models[name] = spec.build(name, base_dir)
+        except ConfigError as refused:
+            if where is None:
+                raise
+            raise where(name, refused) from None
     return models
