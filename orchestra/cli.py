@@ -1610,8 +1610,11 @@ def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, pres
         api_key = os.environ.get(api_key_env, "").strip()
         if not api_key:  # (an empty key would let any client in with an empty bearer token)
             state = "is not set" if api_key_env not in os.environ else "is empty"
-            raise ConfigError(f"--api-key-env {api_key_env}: that environment variable {state}; set it to the key "
-                              "clients must send")
+            written = api_key_env.isupper() and api_key_env[0].isalpha()  # (MY_KEY; ghp_..., hex: maybe a key)
+            named = (f"--api-key-env {api_key_env}: that environment variable" if written else
+                     "--api-key-env: the environment variable it names (not repeated here: it may be a key given by "
+                     "mistake)")
+            raise ConfigError(f"{named} {state}; set it to the key clients must send")
     limits = (total_max_calls, total_max_cost, total_max_tokens)
     budget = (Budget(max_calls=total_max_calls, max_cost_usd=total_max_cost, max_tokens=total_max_tokens)
               if any(limit is not None for limit in limits) else None)

@@ -47,6 +47,7 @@ from orchestra.errors import (
     OrchestraError,
     RunHeld,
     StoreError,
+    StoreGone,
     UnknownSetting,
     UserError,
 )
@@ -791,6 +792,7 @@ class Orchestra:
         self._claimed: set[Run] = set()
         self._claim_lock = threading.Lock()  # (the check and the claim as one step: threads may begin at once)
         self._last_unstored: RunResult | None = None  # with no store: the run that ended last
+        self._told_gone = False  # whether a run's end was warned of as not recorded, its store's file removed
         if tracing:
             from orchestra.tracing import SpanRecorder
 
@@ -1269,6 +1271,10 @@ class Orchestra:
         except StoreError as error:
             if str(error) in (result.error or ""):  # the run's own error already says so
                 return
+            if isinstance(error, StoreGone):  # (said once: an evaluation printed it for each of 20 runs)
+                if self._told_gone:
+                    return
+                self._told_gone = True
             warnings.warn(f"run {result.run_id} finished but was not recorded: {error}", RuntimeWarning, stacklevel=2)
 
     def ended(self, run_id: str) -> RunResult | None:

@@ -380,6 +380,9 @@ class RunStore:
         self.going: dict[str, object] = {}
         self._checkpoints: Checkpointer | None = None
         self._file: tuple[int, int] | None = None  # (set once the store is open and set up)
+        #: set once a write found the file removed: every later write, and every call of its runs
+        #: (``Executor``), refuses at once (a data set went on paying for answers it could not keep)
+        self.gone: StoreGone | None = None
         if self.path.is_dir():  # (SQLite says "unable to open database file")
             raise StoreUnusable(self.path, f"cannot use {self.path} as the run store: it is a directory")
         existed = self.path.is_file()
@@ -567,7 +570,7 @@ class RunStore:
                 if store.read_only:  # (SQLite's own words, "attempt to write a readonly database", said not why)
                     raise sqlite3.OperationalError(store.unwritable)
                 store._db.execute("BEGIN IMMEDIATE")
-                if store._file is not None and _identity(store._where) != store._file:
+                if store.gone is not None or (store._file is not None and _identity(store._where) != store._file):
                     # (a file removed under a running run lost every record it made, and the run ended done, exit 0)
                     raise _FileGone("the file was removed (or another put in its place) while this process had it "
                                     "open; what it recorded since went with the file")
@@ -641,7 +644,8 @@ class RunStore:
         """The error of a write this store refused (``why``): a read-only one says what to do (it
         was SQLite's words alone, "attempt to write a readonly database")."""
         if isinstance(why, _FileGone):
-            return StoreGone(f"cannot write the run store {self.path}: {why}")
+            self.gone = self.gone or StoreGone(f"cannot write the run store {self.path}: {why}")
+            return self.gone
         refused = "read-only" in str(why) or "readonly" in str(why) or str(why) == self.unwritable
         advice = ("; choose a file you can write with --store (or store= in Python), or record nothing with "
                   "--no-store") if refused else (

@@ -72,8 +72,8 @@ FAULTS = [
     Fault("choices: []", (lambda: Reply(200, {"id": "x", "object": "chat.completion", "choices": []}),),
           1, 1, "/v1/chat/completions returned no choices[0].message for alpha"),
     Fault("another API's answer with HTTP 200", (lambda: Reply(200, {"result": "42", "status": "success"}),),
-          1, 1, "/v1/chat/completions returned no choices[0].message for alpha (its answer holds result, status, "
-                "usage: is base_url an OpenAI-compatible API's, such as http://host:8000/v1?)"),
+          1, 1, "/v1/chat/completions returned no choices[0].message for alpha (its answer holds result, status: "
+                "is base_url an OpenAI-compatible API's, such as http://host:8000/v1?)"),
     Fault("content null (no text)", (lambda: Reply(200, {**ok_body(), "choices": [
         {"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "stop"}]}),),
           1, 1, "answered with no text for alpha (finish_reason stop)"),  # (it was a run done, answer "")

@@ -116,3 +116,37 @@ def test_a_store_opened_by_a_relative_path_is_written_after_the_process_changes_
     assert (first.status, second.status) == ("done", "done"), second.error
     assert {run.id for run in RunStore(tmp_path / "a" / "runs.db").runs()} == {first.run_id, second.run_id}
     assert not (tmp_path / "b" / "runs.db").exists()
+
+
+def test_once_a_store_is_found_removed_no_call_of_its_runs_is_sent(tmp_path: Path) -> None:
+    """Each call's answer commits before it is used; a removed store can keep none, so after the first
+    write finds it gone every later call fails at once, unsent (a data-set workflow went on paying for
+    answers it threw away: 75 requests after the removal)."""
+    import asyncio
+
+    from orchestra.errors import StoreGone
+    from orchestra.execute import Executor, RunLedger
+    from orchestra.models import FunctionModel
+
+    path = tmp_path / "runs.db"
+    store = RunStore(path)
+    store.begin_runs([("r1", "t", {}), ("r2", "t", {})])
+    model = FunctionModel(lambda request: "The answer is 1", name="m")
+    executor = Executor()
+
+    async def ask(run_id: str, text: str) -> object:
+        ledger = RunLedger.create(run_id, journal=store)
+        [outcome] = await executor.run_task(executor.call(ledger, [(model, ChatRequest.user(text))], purpose="expert"))
+        return outcome
+
+    async def main() -> list[object]:
+        first = await ask("r1", "before")
+        for sidecar in ("", "-wal", "-shm"):
+            Path(f"{path}{sidecar}").unlink(missing_ok=True)
+        return [first, await ask("r1", "found gone"), await ask("r2", "after")]
+
+    first, found, after = asyncio.run(main())
+    store.close()
+    assert getattr(first, "text", None) == "The answer is 1"
+    assert isinstance(found, StoreGone) and isinstance(after, StoreGone)
+    assert [r.prompt_text() for r in model.requests] == ["before", "found gone"]  # the third never sent

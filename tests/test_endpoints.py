@@ -107,7 +107,7 @@ def test_a_base_url_other_than_the_shared_endpoint_s_is_refused_not_dropped() ->
         OpenAICompatible(model="m", endpoint=shared, base_url="http://127.0.0.1:8/v1")
     with pytest.raises(ConfigError, match="is not the URL of the shared endpoint"):
         Anthropic(model="claude", endpoint=shared, base_url="http://127.0.0.1:8/v1")
-    for same in ({}, {"base_url": "http://127.0.0.1:9/v1/"}):  # its own URL, or none given
+    for same in ({}, {"base_url": "http://127.0.0.1:9/v1/"}, {"base_url": "HTTP://127.0.0.1:9/v1"}):  # its own
         assert OpenAICompatible(model="m", endpoint=shared, **same).endpoint is shared
     assert Anthropic(model="claude", endpoint=shared).endpoint is shared
 

@@ -1020,6 +1020,11 @@ def test_the_command_refuses_a_missing_key_variable_and_a_clashing_preset(tmp_pa
     assert code == 2 and "Secret123" not in err and err.strip() == (
         "error: --api-key-env: must be the NAME of an environment variable (e.g. MY_KEY: letters, digits and _), "
         "not the key itself")
+    named_like = ServeProcess("--api-key-env", "ghp_Secret123abc")  # (a key that could be a variable's name)
+    code, err = named_like.stop()
+    assert code == 2 and "Secret123" not in err and err.strip() == (
+        "error: --api-key-env: the environment variable it names (not repeated here: it may be a key given by "
+        "mistake) is not set; set it to the key clients must send")
     presets = tmp_path / "presets.yaml"
     presets.write_text("orchestra: {k: 2}\n")
     clash = ServeProcess("--presets", str(presets), "--no-store")

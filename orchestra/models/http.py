@@ -683,6 +683,15 @@ def display_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def _same_url(one: str, other: str) -> bool:
+    """Whether two base URLs name one API root: scheme and host in any case, a trailing slash or none."""
+    def root(url: str) -> tuple[str, ...]:
+        parts = urlsplit(url.rstrip("/"))
+        return parts.scheme.lower(), parts.netloc.lower(), parts.path, parts.query
+
+    return root(one) == root(other)
+
+
 def endpoint_for(endpoint: Endpoint | None, base_url: str, api_key_env: str | None, *,
                  max_concurrency: int | None, rpm: float | None, default_url: str | None = None) -> Endpoint:
     """The endpoint a model is given, or (without one) a private endpoint for ``base_url`` with
@@ -694,7 +703,7 @@ def endpoint_for(endpoint: Endpoint | None, base_url: str, api_key_env: str | No
     if max_concurrency is not None or rpm is not None:
         raise ConfigError(f"max_concurrency and rpm are limits of the shared endpoint {endpoint!r}; set them there")
     given = str(base_url).rstrip("/")
-    if default_url is not None and given not in (default_url.rstrip("/"), endpoint.base_url):
+    if default_url is not None and not any(_same_url(given, url) for url in (default_url, endpoint.base_url)):
         raise ConfigError(f"base_url {display_url(given)!r} is not the URL of the shared endpoint {endpoint!r}, which "
                           "the model sends to: leave base_url out, or give the model an endpoint of that URL")
     return endpoint

@@ -171,9 +171,10 @@ class OpenAICompatible(EndpointModel):
             url = display_url(f"{self.endpoint.base_url}/chat/completions")  # (as the other errors name it)
             said = body.get("error")  # an error sent with HTTP 200 (some proxies and servers do)
             said = said.get("message") if isinstance(said, dict) else said
+            held = ", ".join(str(key) for key in list(body)[:6] if key != "usage")  # (usage: filled in here)
             shape = "" if "choices" in body else (  # (another API's answer: it named nothing to fix)
-                f" (its answer holds {', '.join(map(str, list(body)[:5])) or 'nothing'}: is base_url an "
-                "OpenAI-compatible API's, such as http://host:8000/v1?)")
+                f" (its answer holds {held or 'nothing'}: is base_url an OpenAI-compatible API's, such as "
+                "http://host:8000/v1?)")
             failure = BadResponse(f"{url} answered with an error for {self.model}: {str(said)[:500]}" if said
                                   else f"{url} returned no choices[0].message for {self.model}{shape}")
             failure.usage = reported_usage(self.price, reported.get("prompt_tokens"),  # billed all the same
