@@ -848,7 +848,9 @@ class DyingEngine(FunctionModel):
         raise error
 
 
-def test_calls_lost_with_their_engine_or_their_load_fail_and_count_only_when_sent() -> None:
+def test_calls_lost_with_their_engine_or_their_load_fail_and_count_with_what_was_sent() -> None:
+    """A load that fails fails its calls as calls of the run with no request (they were failed calls
+    but not calls, and the run's record had neither), their reservations released."""
     executor = Executor()
     dying = DyingEngine(lambda request: "fine", name="dying")
     ledger = RunLedger.create("r")
@@ -874,7 +876,7 @@ def test_calls_lost_with_their_engine_or_their_load_fail_and_count_only_when_sen
 
     outcomes = asyncio.run(load_fails())
     assert all(str(o) == "no memory for the weights" for o in outcomes)
-    assert (fresh.budget.calls, fresh.failed_calls, fresh.budget.requests) == (0, 2, 0)  # never sent
+    assert (fresh.budget.calls, fresh.failed_calls, fresh.budget.requests) == (2, 2, 0)  # calls, never sent
     assert fresh.budget._reserved_calls == 0  # the reservations were released
 
 
