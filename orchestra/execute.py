@@ -638,7 +638,7 @@ class Executor:
         if ledger.journal is not None:
             gone = getattr(ledger.journal, "gone", None)
             if gone is not None:  # its answer could not be kept: not sent (a data set paid for 75 such answers)
-                raise gone
+                raise type(gone)(str(gone))
             recorded = ledger.journal.replay(ledger.run_id, call.key, call.seq, call.request)
             if recorded is not None:
                 if call.orphaned:

@@ -643,9 +643,9 @@ class RunStore:
     def _unwritable(self, why: object) -> StoreError:
         """The error of a write this store refused (``why``): a read-only one says what to do (it
         was SQLite's words alone, "attempt to write a readonly database")."""
-        if isinstance(why, _FileGone):
-            self.gone = self.gone or StoreGone(f"cannot write the run store {self.path}: {why}")
-            return self.gone
+        if isinstance(why, _FileGone):  # (a new error each time: one object raised again and again grows its traceback)
+            self.gone = StoreGone(f"cannot write the run store {self.path}: {why}")
+            return StoreGone(str(self.gone))
         refused = "read-only" in str(why) or "readonly" in str(why) or str(why) == self.unwritable
         advice = ("; choose a file you can write with --store (or store= in Python), or record nothing with "
                   "--no-store") if refused else (
