@@ -31,23 +31,27 @@ def test_an_answer_that_came_while_the_store_was_locked_is_not_sent_again(
     commit waits out the busy timeout (the loop runs nothing meanwhile) and fails: its run gets the
     store's error. The second answer came during that wait, its attempt's time limit passed unread: it is
     read once the loop runs again and committed once the lock is gone, one request, not a retry of it."""
-    stalling, replied = threading.Event(), threading.Event()
+    arrived, stalling, replied = threading.Event(), threading.Event(), threading.Event()
     bodies: Counter[str] = Counter()
 
     async def handler(request: LoopbackRequest) -> Reply:
         bodies[request.body.decode()] += 1
-        if "second" in request.prompt and not stalling.is_set():  # answered while the journal's write waits
-            await asyncio.get_running_loop().run_in_executor(None, stalling.wait, WAIT_S)
+        wait = asyncio.get_running_loop().run_in_executor
+        if "second" in request.prompt:  # answered while the journal's write waits
+            arrived.set()
+            await wait(None, stalling.wait, WAIT_S)
             replied.set()
+        else:  # the first is answered once the second is here (a loaded machine sent it after the first's answer)
+            await wait(None, arrived.wait, WAIT_S)
         return openai_reply("The answer is 2")
 
     server = loopback(handler)
     model = OpenAICompatible(model="m1", base_url=server.url + "/v1", api_key_env=None, max_concurrency=4,
-                             timeout=2, max_attempts=3)
+                             timeout=5, max_attempts=3)
     path = tmp_path / "runs.db"
     store = RunStore(path)
     store.begin_runs([("ra", "t", {}), ("rb", "t", {})])
-    store._db.execute("PRAGMA busy_timeout=4000")  # (the 30 s a store waits for another writer, made short)
+    store._db.execute("PRAGMA busy_timeout=8000")  # (the 30 s a store waits for another writer, made short)
     locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     locker.execute("BEGIN EXCLUSIVE")
     writes: list[list[str]] = []
