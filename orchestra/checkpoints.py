@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from urllib.request import pathname2url
 
 from orchestra.errors import StoreError
 
@@ -64,7 +65,7 @@ class Checkpointer:
         if self._thread is None or not self.path.exists():
             return  # nothing committed here, or the file is gone (connecting would make an empty one)
         try:
-            db = sqlite3.connect(str(self.path), timeout=0, isolation_level=None)
+            db = sqlite3.connect(self._uri(), uri=True, timeout=0, isolation_level=None)
             try:
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             finally:
@@ -72,9 +73,14 @@ class Checkpointer:
         except sqlite3.DatabaseError:
             pass  # busy or gone: the WAL keeps the pages, and SQLite reads them from there
 
+    def _uri(self) -> str:
+        """The store's file, opened only if it is there: connecting by its path made an empty one where
+        the file had been removed (under a run, or between the check and the connection)."""
+        return f"file:{pathname2url(str(self.path))}?mode=rw"
+
     def _run(self) -> None:
         try:
-            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self._uri(), uri=True, timeout=30, isolation_level=None, check_same_thread=False)
         except sqlite3.DatabaseError:
             return  # the writers' own checkpoints (the store's CHECKPOINT_BYTES) take over
         try:

@@ -150,3 +150,18 @@ def test_once_a_store_is_found_removed_no_call_of_its_runs_is_sent(tmp_path: Pat
     assert getattr(first, "text", None) == "The answer is 1"
     assert isinstance(found, StoreGone) and isinstance(after, StoreGone)
     assert [r.prompt_text() for r in model.requests] == ["before", "found gone"]  # the third never sent
+
+
+def test_the_checkpoint_thread_does_not_make_an_empty_store_where_the_file_was_removed(tmp_path: Path) -> None:
+    """It connected by the path: where the file had been removed (under a run), that made a new, empty
+    store file there, which a loaded machine's run then found in the removed one's place."""
+    from orchestra.checkpoints import Checkpointer
+
+    path = tmp_path / "a store #1.db"  # (characters a URI must escape)
+    RunStore(path).close()
+    path.unlink()
+    checkpoints = Checkpointer(path)
+    checkpoints.committed()  # (its thread connects now)
+    checkpoints.stop(wait=True)
+    checkpoints.finish()
+    assert not path.exists()
