@@ -518,8 +518,17 @@ def refuse_unused_recruiting(opts: dict[str, Any], mode: str, *, switch: str = "
     the calibrated router's, random recruiting weighs no prices, and β weighs the draw and ranks of
     symbolic-moe, topk and adaptive (calibrated recruiting uses it, and the aggregator choice, only
     while ``pool`` has no measured profile) (``switch``: the flag that picks another method)."""
-    given = settings_from(opts).changes().get("recruit", {})
+    changes = settings_from(opts).changes()
+    given = changes.get("recruit", {})
     measured = mode == "calibrated" and pool is not None and bool(pool.profiles)
+    if changes.get("k") is not None and mode == "adaptive":  # (it was accepted, named in the method, not used)
+        raise click.UsageError("--k (k) sets how many experts a node asks; adaptive recruiting adds experts until "
+                               "their weights reach recruit.p, at most recruit.k_max: leave it out and give --set "
+                               "recruit.k_max=N, or use --mode topk")
+    for name in ("p", "k_max"):
+        if given.get(name) is not None and mode != "adaptive":
+            raise click.UsageError(f"recruit.{name} bounds adaptive recruiting; {mode} recruiting does not use it: "
+                                   f"leave it out, or use --mode adaptive")
     if given.get("competence_weight") is not None and (mode in ("random", "global") or measured):
         what = "calibrated recruiting on measured profiles" if measured else f"{mode} recruiting"
         raise click.UsageError(f"--competence-weight (recruit.competence_weight) weighs the Symbolic-MoE draw; {what} "

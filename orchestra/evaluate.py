@@ -238,9 +238,15 @@ def method_variant(settings: Settings, *, fixed_k: int | None = None) -> str:
 
 
 def k_variant(settings: Settings) -> str:
-    """``, k=N`` for a k other than the default (else nothing)."""
-    from orchestra.settings import Settings  # (here: the command line reads METHODS without pydantic)
+    """``, k=N`` for a k other than the default (else nothing); for adaptive recruiting, which takes
+    experts until their weights reach ``recruit.p``, at most ``recruit.k_max``, those two instead."""
+    from orchestra.recruit import RecruitConfig  # (here: the command line reads METHODS without pydantic)
+    from orchestra.settings import Settings
 
+    if settings.mode == "adaptive":  # (k is not its: "adaptive, k=1" asked three experts)
+        default = RecruitConfig()
+        return "".join(f", {name}={getattr(settings.recruit, name):g}" for name in ("p", "k_max")
+                       if getattr(settings.recruit, name) != getattr(default, name))
     return f", k={settings.k}" if settings.k != Settings.model_fields["k"].default else ""
 
 

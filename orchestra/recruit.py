@@ -30,6 +30,7 @@ from orchestra.matching import Match
 from orchestra.numbers import Amount, Count
 from orchestra.profile import SkillProfile, global_competence
 from orchestra.teams import Option, Team, choose_team
+from orchestra.terminal_text import counted
 from orchestra.vocabulary import MODES, Mode
 
 CALIBRATED_COST_LAMBDA = 0.05
@@ -382,12 +383,16 @@ class Recruiter:
                                            "(run orchestra profile to calibrate)",)
         ranked = self.candidates(matches)
         experts = self._draw(matches, ranked, seed, k, mode)
-        if mode == "topk" and len(experts) < k:
-            notes += (f"topk: only {len(experts)} of the {k} experts asked for have a positive weight on these "
-                      "skills; the other agents score 0 or less on them",)
-        elif mode in ("global", "random") and len(experts) < k:  # (each agent once: the pool is smaller than k)
-            notes += (f"{mode}: only {len(experts)} of the {k} experts asked for: the pool has "
-                      f"{len(self.table.scores)} agents, each chosen once",)
+        if mode in ("topk", "global", "random") and len(experts) < k:
+            pool = len(self.table.scores)
+            if len(experts) == pool:  # (each agent once: the pool is smaller than k)
+                notes += (f"{mode}: only {len(experts)} of the {k} experts asked for: the pool has "
+                          f"{counted(pool, 'agent')}, each chosen once",)
+            else:  # (topk: the others have no weight; a shift of scores all 0 or less gives every agent one)
+                others = pool - len(experts)
+                notes += (f"{mode}: only {len(experts)} of the {k} experts asked for have a positive weight on these "
+                          f"skills; " + ("the other agent scores 0 or less on them (or has γ = 0)" if others == 1 else
+                                         f"the other {others} agents score 0 or less on them (or have γ = 0)"),)
         return self._made(mode, k, keywords, matches, experts, ranked, None, notes)
 
     def draws(self, matches: Sequence[Match], mode: Mode) -> bool:

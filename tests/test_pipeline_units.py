@@ -340,8 +340,15 @@ def test_global_and_random_modes_ignore_the_subtasks_skills() -> None:
     assert r.recruit([], matches("algebra"), seed=0, k=2, mode="topk").mode == "topk"
     short = r.recruit([], matches("algebra"), seed=0, k=3, mode="topk")  # C scores nothing on algebra
     assert len(short.experts) == 2 and short.explain()[-1] == (
-        "topk: only 2 of the 3 experts asked for have a positive weight on these skills; the other agents score 0 "
-        "or less on them")
+        "topk: only 2 of the 3 experts asked for have a positive weight on these skills; the other agent scores 0 "
+        "or less on them (or has γ = 0)")
+    # a pool smaller than k: every agent chosen, none left to blame (it said "the other agents score 0 or less")
+    for skills in ({"A": {"algebra": 2}, "B": {"algebra": 2}}, {"A": {"algebra": -10, "geometry": 10}}):
+        small = recruiter(profiles={name: profile(name, scores) for name, scores in skills.items()})  # (-10: shifted)
+        few = small.recruit([], matches("algebra"), seed=0, k=3, mode="topk")
+        assert few.experts == tuple(sorted(skills)) and few.explain()[-1] == (
+            f"topk: only {len(skills)} of the 3 experts asked for: the pool has {len(skills)} "
+            f"agent{'s' if len(skills) > 1 else ''}, each chosen once")
     assert not any("topk:" in line for line in r.recruit([], matches("algebra"), seed=0, k=2, mode="topk").explain())
     for mode in ("global", "random"):  # (each agent once: 3 of the 5 asked for, and it said nothing of the other 2)
         few = r.recruit([], matches("algebra"), seed=0, k=5, mode=mode)  # type: ignore[arg-type]

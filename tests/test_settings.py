@@ -123,6 +123,25 @@ def test_eval_takes_mode_and_aggregate_and_honours_the_pools_settings(loopback, 
         assert (refused.returncode, refused.stderr.splitlines()[0].split(";")[1]) == (
             2, f" {mode} recruiting does not use it: leave it out, or use {flags[-2]} symbolic-moe (see python -m "
                f"orchestra {command} --help)")
+    # adaptive takes experts until their weights reach recruit.p, at most recruit.k_max: --k was accepted, named
+    # in the method ("adaptive + synthesize, k=1") and 3 experts asked; p and k_max are adaptive's alone
+    for command, flags in [("eval", ("--data", str(data), "--method", "symbolic-moe", "--mode", "adaptive")),
+                           ("ask", ("What is 6 x 7?", "--set", "mode=adaptive"))]:
+        refused = cli(command, *flags, "--pool", str(pool), "--k", "1")
+        assert (refused.returncode, refused.stderr.splitlines()[0]) == (
+            2, "error: --k (k) sets how many experts a node asks; adaptive recruiting adds experts until their weights "
+               "reach recruit.p, at most recruit.k_max: leave it out and give --set recruit.k_max=N, or use --mode "
+               f"topk (see python -m orchestra {command} --help)")
+    adaptive = json.loads(cli("eval", "--data", str(data), "--pool", str(pool), "--mode", "adaptive", "--set",
+                              "recruit.k_max=2", "--limit", "1", "--json").stdout)  # (the pool's k=2 is not its)
+    assert adaptive["method"] == "adaptive + vote, k_max=2"  # (the pool votes)
+    sent = len(server.requests)
+    for setting in ("recruit.p=0.5", "recruit.k_max=2"):
+        refused = cli("ask", "What is 6 x 7?", "--pool", str(pool), "--mode", "topk", "--set", setting)
+        assert (refused.returncode, refused.stderr.splitlines()[0]) == (
+            2, f"error: {setting.split('=')[0]} bounds adaptive recruiting; topk recruiting does not use it: leave it "
+               "out, or use --mode adaptive (see python -m orchestra ask --help)")
+    assert len(server.requests) == sent
     assert cli("ask", "What is 6 x 7?", "--pool", str(pool), "--mode", "topk", "--competence-weight", "2").returncode == 0
     assert len(server.requests) > sent
     sent = len(server.requests)
