@@ -489,6 +489,7 @@ class _Stream:
                  on_stopped: Callable[[int, RunResult], None] | None = None) -> None:
         self.orc = orc
         self.on_stopped = on_stopped
+        self.stopped_failed = False  # (an on_stopped that raised is warned about once)
         self.shared_budget = shared_budget
         self.source = source
         self.slots = asyncio.Semaphore(window) if window is not None else None
@@ -660,9 +661,7 @@ class _Stream:
             run.cancel()
             self.orc.executor.orphan({run.run_id})
             self.orc._release_when_settled(run.run_id)
-            stopped = self.orc._record_cancelled(run)
-            if self.on_stopped is not None:
-                self.on_stopped(index, stopped)
+            self.tell_stopped(index, self.orc._record_cancelled(run))
             self.queue.put_nowait(error or asyncio.CancelledError())
             return
         result = future.result()
@@ -701,15 +700,27 @@ class _Stream:
         in_flight = self.orc.executor.in_flight_by_run()
         for run, index in stopping:  # (each holds its lease while its requests are in flight, as one run does)
             self.orc._release_when_settled(run.run_id, in_flight.get(run.run_id, []))
-            stopped = self.orc._record_cancelled(run)
-            if self.on_stopped is not None:
-                self.on_stopped(index, stopped)
+            self.tell_stopped(index, self.orc._record_cancelled(run))
         # runs that ended and were never handed over (the caller stopped first): theirs too, as they ended
         # (an interrupted evaluation's report left out what they spent, and their answers)
         while not self.queue.empty():
             ended = self.queue.get_nowait()
-            if isinstance(ended, tuple) and self.on_stopped is not None:
-                self.on_stopped(*ended)
+            if isinstance(ended, tuple):
+                self.tell_stopped(*ended)
+
+    def tell_stopped(self, index: int, result: RunResult) -> None:
+        """Give ``on_stopped`` a stopped run; one that raises is warned about once, and the other runs
+        are still recorded and told (it raised out of ``close``: the runs after it stayed running in
+        the store for good)."""
+        if self.on_stopped is None:
+            return
+        try:
+            self.on_stopped(index, result)
+        except Exception as error:
+            if not self.stopped_failed:
+                self.stopped_failed = True
+                warnings.warn(f"on_stopped failed ({type(error).__name__}: {error}); every stopped run is recorded "
+                              "as cancelled all the same", RuntimeWarning, stacklevel=2)
 
 
 class Orchestra:

@@ -318,6 +318,46 @@ def test_runs_stopped_by_leaving_the_loop_early_are_recorded_and_resume_at_once(
     assert tasks == ["question 1", "question 2", "question 3", "question 4"] and set(statuses) == {"done"}
 
 
+def test_an_on_stopped_that_raises_is_warned_about_and_every_stopped_run_is_recorded(tmp_path: Path) -> None:
+    """The first stopped run's ``on_stopped`` raising ended the loop that records them: the runs after
+    it stayed ``running`` in the store for good, and the callback never heard of them."""
+    import sqlite3
+
+    pool, models = scripted_pool(4)
+    released = asyncio.Event()
+    for name in ("m0", "m1", "m2", "m3"):
+        answer = models[name].fn
+
+        async def held(request: ChatRequest, answer: Any = answer) -> object:
+            if "question 0" not in request.prompt_text():
+                await released.wait()
+            return answer(request)
+
+        models[name].fn = held
+    orc = Orchestra(pool, store=tmp_path / "runs.db")
+    told: list[int] = []
+
+    def on_stopped(index: int, result: RunResult) -> None:
+        told.append(index)
+        raise ValueError("the callback broke")
+
+    async def main() -> None:
+        with pytest.warns(RuntimeWarning, match=r"on_stopped failed \(ValueError: the callback broke\); every "
+                                                "stopped run is recorded as cancelled all the same"):
+            async with aclosing(orc.arun_iter([f"question {i}" for i in range(4)], window=4,
+                                              on_stopped=on_stopped)) as results:
+                async for _ in results:
+                    break
+        released.set()
+        await orc.aclose()
+
+    asyncio.run(main())
+    with sqlite3.connect(tmp_path / "runs.db") as db:
+        statuses = dict(db.execute("SELECT task, status FROM runs").fetchall())
+    assert statuses == {"question 0": "done", **{f"question {i}": "cancelled" for i in (1, 2, 3)}}
+    assert sorted(told) == [1, 2, 3]
+
+
 def test_a_run_id_given_to_a_data_sets_task_is_checked_as_arun_checks_it(tmp_path: Path) -> None:
     """Through ``Instance(options={"run_id": ...})`` two tasks ran at once under one id (one record,
     counting half the requests), and a stored run's id took another task's calls and answer."""
