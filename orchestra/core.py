@@ -892,11 +892,12 @@ class Orchestra:
         """Answer ``task`` (blocking). See ``arun`` for the overrides."""
         return run_sync(self.arun(task, **overrides))
 
-    async def arun(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
+    async def arun(self, task: str, *, plan: Plan | dict[str, Any] | bool | None = None, run_id: str | None = None,
                    meta: dict[str, Any] | None = None, node_settings: dict[str, NodeSettings] | None = None,
                    final: Callable[[Outputs], str] | None = None, shared_budget: BudgetTracker | None = None,
                    answer_format: str | None = None, context: str = "", workflow: WorkflowRef | None = None,
-                   experts: Mapping[str, Sequence[str]] | None = None, answer: AnswerOptions | None = None,
+                   experts: Mapping[str, Sequence[str]] | None = None,
+                   answer: AnswerOptions | Mapping[str, Any] | None = None,
                    on_answer_text: Callable[[str], None] | None = None, spent_before: Spent | None = None,
                    **overrides: Any) -> RunResult:
         """Answer ``task``.
@@ -997,12 +998,13 @@ class Orchestra:
         if warning:
             warnings.warn(warning, UserWarning, stacklevel=3)
 
-    def _make_run(self, task: str, *, plan: Plan | bool | None = None, run_id: str | None = None,
+    def _make_run(self, task: str, *, plan: Plan | dict[str, Any] | bool | None = None, run_id: str | None = None,
                   node_settings: dict[str, NodeSettings] | None = None, final: Callable[[Outputs], str] | None = None,
                   shared_budget: BudgetTracker | None = None, answer_format: str | None = None, context: str = "",
                   workflow: WorkflowRef | None = None, meta: dict[str, Any] | None = None,
                   settings: Settings | None = None, experts: Mapping[str, Sequence[str]] | None = None,
-                  answer: AnswerOptions | None = None, spent_before: Spent | None = None, **overrides: Any) -> Run:
+                  answer: AnswerOptions | Mapping[str, Any] | None = None, spent_before: Spent | None = None,
+                  **overrides: Any) -> Run:
         """A run of ``task``; ``settings``: the run's resolved settings, when the caller made them
         already (then ``overrides`` are not read)."""
         check_task(task)
