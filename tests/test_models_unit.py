@@ -544,6 +544,55 @@ def test_a_model_of_ones_own_whose_generate_returns_no_chat_result_is_named(repl
     assert str(wrong.value) == f"model strgen: _generate returned {kind}, expected a ChatResult"
 
 
+@pytest.mark.parametrize("usage, problem", [
+    (Usage(prompt_tokens=5, completion_tokens=2**63), "completion_tokens=9223372036854775808; a token count is a whole "
+                                                       "number from 0 to 1,000,000,000"),
+    (Usage(prompt_tokens=-5), "prompt_tokens=-5; a token count is a whole number from 0 to 1,000,000,000"),
+    (Usage(cost_usd=float("nan")), "cost_usd=nan; a cost is a finite number of dollars, 0 or more"),
+    (Usage(cost_usd=-0.01), "cost_usd=-0.01; a cost is a finite number of dollars, 0 or more"),
+    (Usage(requests=-1), "requests=-1; a count of requests is 0 or more")])
+def test_a_model_of_ones_own_whose_usage_cannot_be_counted_is_named(usage: Usage, problem: str) -> None:
+    """A NaN cost turned a cost budget off (every comparison false), a negative one lowered the run's
+    cost, and 2**63 tokens failed the paid call with "Python int too large to convert to SQLite INTEGER"."""
+    from orchestra.models.base import ModelBase
+
+    class Counts(ModelBase):
+        is_test_double = True
+        name = "mine"
+
+        async def _generate(self, request: ChatRequest) -> ChatResult:
+            return ChatResult(text="4", usage=usage)
+
+    with pytest.raises(ValueError) as wrong:
+        asyncio.run(Counts().complete([ChatRequest.user("q")]))
+    assert str(wrong.value) == f"model mine: _generate returned usage {problem} (fix its _generate)"
+
+
+@pytest.mark.parametrize("text, reason", [("", "stop"), ("  \n", None), ("", "length")])
+def test_a_model_of_ones_own_that_answers_no_text_fails_its_call(text: str, reason: str | None) -> None:
+    """An endpoint's and a test double's answer without text failed the call; a ``ModelBase``
+    subclass's (the embedded llama.cpp engine's too) ended its run ``done`` with the answer ""."""
+    from orchestra.models.base import ModelBase
+
+    class Blank(ModelBase):
+        is_test_double = True
+        name = "blank"
+
+        async def _generate(self, request: ChatRequest) -> ChatResult:
+            return ChatResult(text=text, finish_reason=reason, usage=Usage(prompt_tokens=3, completion_tokens=0))
+
+    with pytest.raises(BadResponse) as empty:
+        asyncio.run(Blank().complete([ChatRequest.user("q")]))
+    assert str(empty.value) == f"model blank replied with no text (finish_reason {reason or 'none'})" + (
+        "; it reached max_tokens first (a reasoning model's thinking counts): raise max_tokens"
+        if reason == "length" else "")
+    assert empty.value.usage == Usage(prompt_tokens=3, requests=1)  # type: ignore[attr-defined]  # (paid all the same)
+    planner = FunctionModel(lambda request: {"keywords": ["x"]}, name="planner")
+    result = Orchestra(Pool(agents=[Agent(name="a", model=Blank())], planner=planner), k=1, aggregate="none",
+                       store=False).run("What is 2+2?", plan=False)
+    assert result.status == "failed" and "model blank replied with no text" in (result.error or "")
+
+
 def test_a_function_model_refuses_what_is_not_a_function_when_made() -> None:
     """FunctionModel("notfn") failed each call with "'str' object is not callable"."""
     from orchestra.errors import ConfigError

@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -16,8 +17,9 @@ from contextvars import ContextVar
 from functools import partial
 from typing import Any, ClassVar, Protocol, TypeAlias, TypeGuard, TypeVar, runtime_checkable
 
-from orchestra.errors import CallCancelled, ConfigError, InvalidOutput, ModelRequestsForbidden
+from orchestra.errors import BadResponse, CallCancelled, ConfigError, InvalidOutput, ModelRequestsForbidden
 from orchestra.models.metering import charge, count_request, metering
+from orchestra.models.pricing import MAX_TOKEN_COUNT
 from orchestra.models.structured import StructuredOutputError, extract_json, parse_output, repair_request
 from orchestra.models.types import ChatRequest, ChatResult, Usage
 
@@ -383,7 +385,17 @@ class ModelBase(abc.ABC):
             raise
         if not isinstance(result, ChatResult):  # (it was "'str' object has no attribute 'usage'", naming no model)
             raise TypeError(f"model {self.name}: _generate returned {type(result).__name__}, expected a ChatResult")
-        charge(result.usage)
+        usage = result.usage
+        if not (0 <= usage.prompt_tokens <= MAX_TOKEN_COUNT and 0 <= usage.completion_tokens <= MAX_TOKEN_COUNT
+                and 0.0 <= usage.cost_usd < math.inf and usage.requests >= 0):  # (NaN fails too)
+            raise ValueError(_usage_problem(self.name, usage))
+        charge(usage)
+        text = result.text
+        if not text or text.isspace():  # (an endpoint's and a test double's did; this model's run ended done, "")
+            hint = ("; it reached max_tokens first (a reasoning model's thinking counts): raise max_tokens"
+                    if result.finish_reason == "length" else "")
+            raise BadResponse(f"model {self.name} replied with no text (finish_reason "
+                              f"{result.finish_reason or 'none'}){hint}")
         return result
 
     def parse_or_repair(self, request: ChatRequest, result: ChatResult) -> ChatResult | ChatRequest | InvalidOutput:
@@ -455,3 +467,15 @@ async def in_order(outcomes: AsyncIterator[Outcome], count: int) -> list[ChatRes
             raise outcome
         results[index] = outcome
     return [r for r in results if r is not None]
+
+
+def _usage_problem(model: str, usage: Usage) -> str:
+    """The one-line error of a usage a model's ``_generate`` returned that cannot be counted (a NaN
+    cost turned a cost budget off; 2**63 tokens failed the paid call with SQLite's overflow)."""
+    tokens = "a token count is a whole number from 0 to 1,000,000,000"
+    checks = (("prompt_tokens", 0 <= usage.prompt_tokens <= MAX_TOKEN_COUNT, tokens),
+              ("completion_tokens", 0 <= usage.completion_tokens <= MAX_TOKEN_COUNT, tokens),
+              ("requests", usage.requests >= 0, "a count of requests is 0 or more"),
+              ("cost_usd", 0.0 <= usage.cost_usd < math.inf, "a cost is a finite number of dollars, 0 or more"))
+    name, what = next((name, what) for name, holds, what in checks if not holds)
+    return f"model {model}: _generate returned usage {name}={getattr(usage, name)!r}; {what} (fix its _generate)"
