@@ -282,3 +282,12 @@ class ResourceUnavailable(UserError):
 
 class ClusterUnreachable(UserError):
     """The Ray cluster could not be started or connected to; names the address."""
+
+
+def described(error: BaseException, model: str) -> str:
+    """A call's ``error`` in one line: Orchestra's own errors by their message (it says what went
+    wrong), any other (a bug in a model of one's own) by its type and ``model`` too: a ``KeyError``'s
+    message alone is ``'text'``, a bare ``RuntimeError()``'s nothing."""
+    if isinstance(error, OrchestraError):
+        return str(error)
+    return f"unexpected {type(error).__name__} from model {model}" + (f": {error}" if str(error) else "")

@@ -593,6 +593,27 @@ def test_a_model_of_ones_own_that_answers_no_text_fails_its_call(text: str, reas
     assert result.status == "failed" and "model blank replied with no text" in (result.error or "")
 
 
+@pytest.mark.parametrize("bug, says", [(KeyError("text"), "unexpected KeyError from model gateway: 'text'"),
+                                       (RuntimeError(), "unexpected RuntimeError from model gateway")])
+def test_a_bug_in_a_model_of_ones_own_is_named_with_its_type_and_model(bug: Exception, says: str) -> None:
+    """A ``KeyError`` inside a user's ``_generate`` ended the run with "every expert failed; first
+    error: 'text'", naming neither the model nor the exception (a bare ``RuntimeError()``: nothing)."""
+    from orchestra.models.base import ModelBase
+
+    class Gateway(ModelBase):
+        is_test_double = True
+        name = "gateway"
+
+        async def _generate(self, request: ChatRequest) -> ChatResult:
+            raise bug
+
+    planner = FunctionModel(lambda request: {"keywords": ["x"]}, name="planner")
+    result = Orchestra(Pool(agents=[Agent(name="a", model=Gateway())], planner=planner), k=1, aggregate="none",
+                       store=False).run("What is 2+2?", plan=False)
+    assert (result.status, result.error) == ("failed", f"answer: every expert failed; first error: {says}")
+    assert [output.error for output in result.node("answer").expert_outputs] == [says]
+
+
 def test_a_function_model_refuses_what_is_not_a_function_when_made() -> None:
     """FunctionModel("notfn") failed each call with "'str' object is not callable"."""
     from orchestra.errors import ConfigError

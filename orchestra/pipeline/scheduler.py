@@ -33,6 +33,7 @@ from orchestra.errors import (
     StoreError,
     StoreGone,
     UserError,
+    described,
 )
 from orchestra.events import (
     UNSYNTHESIZED,
@@ -642,10 +643,13 @@ class Run:
                  recruitment: Recruitment) -> list[Response]:
         responses = []
         limit = self.settings.max_response_chars
+        first_error = ""
         for agent, outcome in zip(agents, outcomes):
             if isinstance(outcome, Exception):
+                error = described(outcome, agent.model.name)
+                first_error = first_error or error
                 trace.expert_outputs.append(ExpertOutput(agent=agent.name, model=agent.model.name, text=None,
-                                                         error=str(outcome)))
+                                                         error=error))
                 continue
             trace.expert_outputs.append(assemble(ExpertOutput, {"agent": agent.name, "model": agent.model.name,
                                                                 "text": outcome.text, "error": None}))
@@ -662,7 +666,7 @@ class Run:
         if not responses:
             if all(isinstance(e, UserError) for e in errors):  # the cause itself, e.g. a rejected key
                 raise errors[0]
-            raise OrchestraError(f"every expert failed; first error: {errors[0]}")
+            raise OrchestraError(f"every expert failed; first error: {first_error}")
         return responses
 
     def _settle(self, node_id: str) -> None:
