@@ -101,6 +101,9 @@ class Completion:
     temperature: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     stop: tuple[str, ...] = ()
+    #: when the request was read (Unix seconds): the answer's ``created``, as OpenAI gives it (it was the
+    #: time the answer was written, a long run's minutes later)
+    created: int = field(default_factory=lambda: int(time.time()))
 
 
 def parse_completion(body: Any) -> Completion:
@@ -135,6 +138,9 @@ def parse_completion(body: Any) -> Completion:
         raise bad_request("'stream_options' must be an object", "stream_options")
     if options is not None and not stream:  # (as OpenAI answers it)
         raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    unknown = sorted(set(options or ()) - STREAM_OPTIONS)  # (a typo, inclde_usage, lost the usage chunk unsaid)
+    if unknown:
+        raise bad_request(f"unknown parameter 'stream_options.{unknown[0]}'", f"stream_options.{unknown[0]}")
     if _flag(body, "progress") and not stream:
         raise bad_request("'progress' sends the plan's progress as stream chunks: it needs 'stream' true",
                           "progress")
@@ -234,6 +240,11 @@ def stopped(text: str, stop: Sequence[str]) -> str | None:
     """``text`` before the first of the ``stop`` sequences in it; None where none is."""
     found = [at for at in (text.find(sequence) for sequence in stop) if at >= 0]
     return text[:min(found)] if found else None
+
+
+#: the keys of ``stream_options`` OpenAI takes: the usage chunk, and obfuscation padding (which the
+#: stream has not: a loopback client reads no side channel)
+STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
@@ -362,7 +373,8 @@ def extension(result: RunResult) -> dict[str, Any]:
     """Orchestra's facts about the run, beside OpenAI's fields (clients ignore them)."""
     return {"run_id": result.run_id, "status": result.status, "calls": result.usage.calls,
             "requests": result.usage.requests, "cost_usd": dollars(result.usage.cost_usd),
-            "nodes": [{"id": n.id, "experts": [e.agent for e in n.expert_outputs], "aggregator": n.aggregator,
+            "nodes": [{"id": n.id, "experts": list(n.experts) or [e.agent for e in n.expert_outputs],
+                       "aggregator": n.aggregator,
                        "status": n.status} for n in result.plan.nodes],
             **({"error": for_clients(result.error)} if result.error else {})}
 
@@ -387,8 +399,8 @@ class ChunkWriter:
 
     run_id: str
     model: str
+    created: int
     include_usage: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
 
     def chunk(self, delta: dict[str, Any] | None, finish_reason: str | None = None, **extra: Any) -> bytes:
         """One chunk (``delta`` None: a chunk without choices, as the usage and progress chunks are)."""

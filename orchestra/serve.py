@@ -191,7 +191,7 @@ class Server:
             if failure is not None:
                 return _error(failure.of_run(result), result.run_id)
             if feed is None:
-                return JSONResponse(completion_body(_stopped(result, completion), completion.model, int(time.time())),
+                return JSONResponse(completion_body(_stopped(result, completion), completion.model, completion.created),
                                     headers={RUN_HEADER: result.run_id})
         assert feed is not None
         return self._stream(completion, run, feed, served)
@@ -402,7 +402,7 @@ class Server:
         """The answer as server-sent chunks: progress events (when asked for) and the answer's text
         as they come, then whatever of the answer was not streamed, the finish and usage chunks."""
         run_id: str = run.run_id  # type: ignore[attr-defined]
-        writer = ChunkWriter(run_id, completion.model, include_usage=completion.include_usage)
+        writer = ChunkWriter(run_id, completion.model, completion.created, include_usage=completion.include_usage)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:

@@ -85,8 +85,8 @@ def test_chunks_carry_usage_null_only_when_usage_was_asked_for() -> None:
     def body(chunk: bytes) -> dict:
         return json.loads(chunk.removeprefix(b"data: "))
 
-    assert "usage" not in body(ChunkWriter("r", "orchestra").role())
-    assert body(ChunkWriter("r", "orchestra", include_usage=True).role())["usage"] is None
+    assert "usage" not in body(ChunkWriter("r", "orchestra", 0).role())
+    assert body(ChunkWriter("r", "orchestra", 0, include_usage=True).role())["usage"] is None
 
 
 @pytest.mark.parametrize("text", ["a", "one two three four five", "one two three four x", "  lead  and trail  ", ""])

@@ -1298,3 +1298,55 @@ def test_a_request_waiting_for_the_servers_budget_when_it_stops_gets_a_503_and_n
     [answer] = answers
     assert answer.status_code == 200
     assert [run.task for run in RunStore(tmp_path / "runs.db").runs()] == ["How far does light travel?"]
+
+
+def test_a_failed_runs_error_body_names_the_experts_its_node_recruited(loopback: Any, tmp_path: Path) -> None:
+    """The error body's `orchestra.nodes[].experts` lists only experts that left an output: a node that
+    failed because its expert's endpoint could not be reached said `experts: []` (a 503), while the
+    run's record (`orchestra show`) names the expert recruited, the unreachable one."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = Running(app(pool_file(tmp_path, f"http://127.0.0.1:{port}"), store=tmp_path / "down.db"))
+    try:
+        with pytest.raises(openai.InternalServerError) as failed:
+            down.client().chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi there?"}])
+        assert failed.value.status_code == 503
+        nodes = failed.value.response.json()["orchestra"]["nodes"]
+        stored = RunStore(tmp_path / "down.db").nodes(failed.value.response.headers[RUN_HEADER])
+        assert stored[0]["experts"] == ["beta"]  # (what `orchestra show` lists)
+        assert nodes[0]["status"] == "failed"
+        assert nodes[0]["experts"] == ["beta"]
+    finally:
+        down.stop()
+
+
+def test_an_unknown_stream_option_is_refused_like_any_unknown_parameter(serve: Any) -> None:
+    """`stream_options: {"inclde_usage": true}` (a typo) was accepted and ignored: the stream came
+    without its usage chunk, while an unknown top-level parameter is a 400 naming it."""
+    running, experts = serve()
+    with pytest.raises(openai.BadRequestError) as refused:
+        list(running.client().chat.completions.create(
+            model="beta", stream=True, stream_options={"inclde_usage": True},  # type: ignore[typeddict-unknown-key]
+            messages=[{"role": "user", "content": "Hi there?"}]))
+    assert "unknown parameter 'stream_options.inclde_usage'" in refused.value.message
+    assert sum(experts.requests.values()) == 0
+    chunks = list(running.client().chat.completions.create(  # (OpenAI's other key is taken)
+        model="beta", stream=True, stream_options={"include_usage": True, "include_obfuscation": False},
+        messages=[{"role": "user", "content": "Hi there?"}]))
+    assert chunks[-1].usage is not None and sum(experts.requests.values()) > 0
+
+
+def test_created_is_when_the_request_was_read(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``created`` was the time the answer was written (a run of the embedded model: 44 s after the
+    request); OpenAI's is when the completion began, which clients read as the request's time."""
+    import types
+
+    import orchestra.openai_wire
+
+    running, _ = serve()
+    monkeypatch.setattr(orchestra.openai_wire, "time", types.SimpleNamespace(time=lambda: 1_000.5))  # read then
+    answer = running.client().chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi?"}])
+    chunks = list(running.client().chat.completions.create(model="beta", stream=True,
+                                                           messages=[{"role": "user", "content": "Hi?"}]))
+    assert answer.created == 1_000 and {chunk.created for chunk in chunks} == {1_000}
