@@ -32,6 +32,15 @@ def _whole_number(value: Any) -> Any:
     return value
 
 
+def decimal_value(written: str) -> int | None:
+    """The whole number ``written`` is in decimal digits (``010`` is 10, where YAML 1.1 reads 8), or
+    None where it is none (``12:30``, ``0x1f``)."""
+    try:
+        return int(written)
+    except ValueError:
+        return None
+
+
 Count = Annotated[int, BeforeValidator(_whole_number)]
 """A whole number setting (true/false refused)."""
 

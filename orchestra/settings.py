@@ -20,7 +20,7 @@ from pydantic_core import PydanticSerializationError
 from orchestra.budget import Budget, Spent, legacy_budget
 from orchestra.errors import ConfigError
 from orchestra.matching import MatcherSpec
-from orchestra.numbers import Amount, Count
+from orchestra.numbers import Amount, Count, decimal_value
 from orchestra.plan import Plan
 from orchestra.recruit import RecruitConfig
 from orchestra.skills import KeywordConfig
@@ -141,11 +141,15 @@ def assignments(pairs: Sequence[str]) -> dict[str, Any]:
             node[part] = child = child if isinstance(child, dict) else {}
             node = child
         try:
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            node[leaf] = value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             node[leaf] = raw
         except RecursionError:
             raise ConfigError(f"--set {key.strip()}: the value is nested too deeply to read") from None
+        else:
+            if type(value) is int and decimal_value(raw.strip()) != value:  # (max_calls=010 was 8, --max-calls 010 10)
+                raise ConfigError(f"--set {key}: YAML reads {raw.strip()} as {value}: write the number meant in "
+                                  "decimal digits")
     return data
 
 

@@ -248,7 +248,7 @@ class Workflow:
         if {"models", "agents"} <= document.data.keys() and not {"steps", "task", "pool"} & document.data.keys():
             raise document.error(f"{file.name} is a pool file (it has models: and agents:), not a workflow: give it "
                                  f"with --pool (orchestra ask \"...\" --pool {file}), or run a workflow file")
-        spec = document.validate(WorkflowFile)
+        spec = document.validate(WorkflowFile, checked_apart=_input_default)  # (said with what -i reads)
         workflow = cls(spec, document, pool or _load_pool(spec, document, file), file)
         workflow._check(data=text is None if data is None else data, recorded=text is not None)
         if pool is None and text is None:  # (on another pool, the skills written for its own may all be missing)
@@ -881,3 +881,8 @@ def parse_assignments(pairs: list[str]) -> dict[str, str]:
             raise ConfigError(f"-i {key.strip()}: the value is not valid UTF-8 text in this locale") from None
         values[key.strip()] = value
     return values
+
+
+def _input_default(loc: tuple[Any, ...]) -> bool:
+    """Whether ``loc`` is an input's default (``inputs: {NAME: {default: ...}}``)."""
+    return len(loc) == 3 and loc[0] == "inputs" and loc[2] == "default"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestra.errors import ConfigError
+from orchestra.numbers import decimal_value
 
 Location = tuple[int, int]
 MAX_VALUES = 100_000  # a configuration file never needs more; alias bombs do
@@ -65,8 +66,17 @@ class YamlDocument:
             value = value[part]
         return value
 
-    def validate(self, model: type[T], loc: tuple[Any, ...] = ()) -> T:
-        """Validate the data at ``loc`` into ``model``; the first problem becomes a positioned ``ConfigError``."""
+    def validate(self, model: type[T], loc: tuple[Any, ...] = (),
+                 checked_apart: Callable[[tuple[Any, ...]], bool] | None = None) -> T:
+        """Validate the data at ``loc`` into ``model``; the first problem becomes a positioned ``ConfigError``.
+        An unquoted whole number YAML 1.1 reads otherwise than its digits say (``010`` is 8, ``12:30``
+        750, ``0x1f`` 31) is refused, but where ``checked_apart`` says its caller checks it itself."""
+        for where, written in self.plain.items():
+            if where[:len(loc)] != loc or (checked_apart is not None and checked_apart(where)):
+                continue
+            value = self.value(where)
+            if type(value) is int and decimal_value(written) != value:  # (`budget: {max_calls: 010}` stopped at 8)
+                raise self.error(f"YAML reads {written} as {value}: write the number meant in decimal digits", where)
         try:
             return model.model_validate(self.value(loc))
         except ValidationError as error:

@@ -170,6 +170,11 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: 12:30}"),
      "wf.yaml:9:34: input 'topic': default 750 is not of type string (YAML read the unquoted value as a number: "
      "quote it to keep it as written)"),  # (YAML 1.1's base 60)
+    # a setting too (budget max_calls: 010 stopped the run at 8 calls; 12:30 was 750, seed 0x1f 31)
+    (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 010}\n"),
+     "wf.yaml:17:18: YAML reads 010 as 8: write the number meant in decimal digits"),
+    (GOOD.replace("model: x, ", "model: x, max_concurrency: 12:30, "),
+     "wf.yaml:4:50: YAML reads 12:30 as 750: write the number meant in decimal digits"),
     (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: number, default: .nan}"),
      "wf.yaml:10:34: input 'words': default nan is not a finite number"),  # (-i words=nan is refused)
     (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: '" + "x" * 2_000_001
