@@ -365,6 +365,15 @@ class Workflow:
                         step_id: str | None = None, planned: bool = False) -> None:
         """Refuse what would fail when ``source`` renders: bad syntax, unknown names, steps it may not
         read (``planned``: the steps are named by the planner at run time, so any may be read)."""
+        try:
+            self._check_template_text(source, loc, steps_allowed=steps_allowed, step_id=step_id, planned=planned)
+        except RecursionError:  # (Jinja's parser recurses per level: a traceback where 100 brackets nested)
+            raise self.document.error(f"{f'step {step_id!r}' if step_id else loc[0]}: its template nests expressions "
+                                      "or blocks too deeply for Jinja to read; flatten it",
+                                      loc) from None
+
+    def _check_template_text(self, source: str, loc: tuple[Any, ...], *, steps_allowed: Container[str],
+                             step_id: str | None, planned: bool) -> None:
         document = self.document
         jinja = environment()
         try:

@@ -170,6 +170,12 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: 12:30}"),
      "wf.yaml:9:34: input 'topic': default 750 is not of type string (YAML read the unquoted value as a number: "
      "quote it to keep it as written)"),  # (YAML 1.1's base 60)
+    # (Jinja's parser recurses per level: a RecursionError traceback, exit 1)
+    (GOOD.replace("Write {{ inputs.words }} words", "Write {{ " + "(" * 100 + "1" + ")" * 100 + " }} words"),
+     "wf.yaml:14:13: step 'draft': its template nests expressions or blocks too deeply for Jinja to read; flatten it"),
+    (GOOD.replace('final: "{{ steps.review.output }}"', 'final: "' + "{% if true %}" * 400 + "x" + "{% endif %}" * 400
+                  + '"'), "wf.yaml:21:8: final: its template nests expressions or blocks too deeply for Jinja to read; "
+                          "flatten it"),
     # a setting too (budget max_calls: 010 stopped the run at 8 calls; 12:30 was 750, seed 0x1f 31)
     (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 010}\n"),
      "wf.yaml:17:18: YAML reads 010 as 8: write the number meant in decimal digits"),
