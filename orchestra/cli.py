@@ -1373,7 +1373,8 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
+@click.option("--limit", default=20, type=click.IntRange(min=1, max=2**63 - 1, clamp=True), show_default=True,
+              help="How many runs to list (a limit past SQLite's largest integer lists them all).")
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def runs(limit: int, store_path: Path | None, as_json: bool) -> None:

@@ -407,6 +407,19 @@ def test_a_run_id_not_utf8_is_refused_in_one_line(given: bytes, position: int, c
         "them"]
 
 
+def test_runs_with_a_limit_past_sqlites_largest_integer_lists_them_all() -> None:
+    """``runs --limit 9223372036854775808`` was an OverflowError traceback from SQLite, exit 1."""
+    from orchestra.store import RunStore
+
+    store = RunStore()
+    for index in range(3):
+        store.begin_run(f"20261203-00000{index}-abcdef", "t", {})
+    for extra in ((), ("--json",)):
+        listed = cli("runs", "--limit", str(2**63), *extra)
+        assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+    assert len(json.loads(listed.stdout)) == 3
+
+
 @pytest.mark.parametrize("begun", [2, 7])
 def test_an_ambiguous_run_id_lists_the_runs_it_starts(begun: int) -> None:
     """`show 2026` said `run id '2026' is ambiguous (10 runs start with it)` and named none of them."""
