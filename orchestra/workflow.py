@@ -262,6 +262,9 @@ class Workflow:
         may set what is refused since (such a run still resumes)."""
         spec, document = self.spec, self.document
         for name, declared in spec.inputs.items():
+            if not name.strip() or "=" in name or name != name.strip():  # (-i NAME=VALUE could never give it)
+                raise document.key_error(f"input {name!r}: an input's name is given as -i NAME=VALUE, so it is not "
+                                         "blank, has no '=' and no spaces at its ends: rename it", ("inputs", name))
             default, kind = declared.default, declared.type
             written = document.written(("inputs", name, "default"))
             if default is not None and not _is_type(default, kind):

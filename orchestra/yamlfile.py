@@ -59,6 +59,11 @@ class YamlDocument:
         line, column = self.where(loc) or (None, None)
         return ConfigError(message, path=self.path, line=line, column=column)
 
+    def key_error(self, message: str, loc: tuple[Any, ...]) -> ConfigError:
+        """A ``ConfigError`` pointing at the key of ``loc`` (where it is written) in this file."""
+        line, column = self.keys.get(loc) or self.where(loc) or (None, None)
+        return ConfigError(message, path=self.path, line=line, column=column)
+
     def value(self, loc: tuple[Any, ...]) -> Any:
         """The data at ``loc``."""
         value = self.data

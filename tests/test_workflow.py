@@ -170,6 +170,12 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
     (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: 12:30}"),
      "wf.yaml:9:34: input 'topic': default 750 is not of type string (YAML read the unquoted value as a number: "
      "quote it to keep it as written)"),  # (YAML 1.1's base 60)
+    # a name -i cannot give (validate said ok; run asked for -i =VALUE, which it refused)
+    (GOOD.replace("  topic: {type: string, required: true}", '  "": {type: string, required: true}'),
+     "wf.yaml:9:3: input '': an input's name is given as -i NAME=VALUE, so it is not blank, has no '=' and no spaces "
+     "at its ends: rename it"),
+    (GOOD.replace("  topic: {type: string, required: true}", '  "a=b": {type: string, required: true}'),
+     "wf.yaml:9:3: input 'a=b': an input's name is given as -i NAME=VALUE"),
     # (Jinja's parser recurses per level: a RecursionError traceback, exit 1)
     (GOOD.replace("Write {{ inputs.words }} words", "Write {{ " + "(" * 100 + "1" + ")" * 100 + " }} words"),
      "wf.yaml:14:13: step 'draft': its template nests expressions or blocks too deeply for Jinja to read; flatten it"),
