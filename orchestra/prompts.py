@@ -156,7 +156,7 @@ def template(name: str) -> Template:
 
 @lru_cache(maxsize=256)
 def compile_string(source: str) -> Template:
-    """A template from a string (a persona or a workflow step's prompt)."""
+    """A template from a string (a workflow step's prompt, task or final; a persona is sent as written)."""
     return environment().from_string(source)
 
 
