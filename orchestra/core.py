@@ -369,6 +369,9 @@ class _Source:
         if isinstance(tasks, AsyncIterable):
             self._async = aiter(tasks)
         elif isinstance(tasks, Iterable):
+            if isinstance(tasks, Sequence):  # known in full: a bad task is refused before any run begins, as
+                for index, value in enumerate(tasks):  # arun_many does (the runs before it were left cancelled)
+                    _check_item(value, index)
             self._sync = iter(tasks)
         else:
             raise TypeError(f"tasks must be an iterable or an async iterable, not {type(tasks).__name__}")
@@ -402,7 +405,7 @@ class _Source:
         if isinstance(value, str):
             value = Instance(value)
         elif not isinstance(value, Instance):
-            raise TypeError(f"task {self.count} is a {type(value).__name__}, not a str or an Instance")
+            _check_item(value, self.count)
         self.count += 1
         return self.count - 1, value
 
@@ -414,6 +417,17 @@ class _Source:
 
 
 _END = object()
+
+
+def _check_item(value: object, index: int) -> None:
+    """Refuse task ``index`` of an ``arun_iter`` input that is not a str or an ``Instance``, or whose
+    task ``check_task`` refuses, naming it."""
+    if not isinstance(value, (str, Instance)):
+        raise TypeError(f"task {index} is a {type(value).__name__}, not a str or an Instance")
+    try:
+        check_task(value if isinstance(value, str) else value.task)
+    except ConfigError as error:
+        raise ConfigError(f"task {index}: {error}") from None
 
 
 def _node_ids(plan: Plan | None, planned: bool) -> list[str] | None:

@@ -16,6 +16,7 @@ from orchestra import Budget, Orchestra
 from orchestra.budget import BudgetTracker
 from orchestra.core import Instance
 from orchestra.datasets import load_dataset
+from orchestra.errors import ConfigError
 from orchestra.evaluate import aevaluate
 from orchestra.models import ChatRequest
 from orchestra.result import RunResult
@@ -356,6 +357,28 @@ def test_an_on_stopped_that_raises_is_warned_about_and_every_stopped_run_is_reco
         statuses = dict(db.execute("SELECT task, status FROM runs").fetchall())
     assert statuses == {"question 0": "done", **{f"question {i}": "cancelled" for i in (1, 2, 3)}}
     assert sorted(told) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("bad", "error", "says"), [
+    (None, TypeError, "task 3 is a NoneType, not a str or an Instance"),
+    ("  ", ConfigError, "task 3: the task is empty"),
+    (Instance(""), ConfigError, "task 3: the task is empty")])
+def test_a_list_with_a_bad_task_later_on_is_refused_before_any_run(tmp_path: Path, bad: object, error: type,
+                                                                     says: str) -> None:
+    """``arun_iter(["a", "b", "c", None])`` ran a, b and c, then raised, leaving them in the store as
+    cancelled runs; a list is known in full, so it is checked first, as ``arun_many`` checks it."""
+    pool, models = scripted_pool(4)
+    orc = Orchestra(pool, store=tmp_path / "runs.db")
+
+    async def main() -> None:
+        async with aclosing(orc.arun_iter(["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?", bad])) as results:
+            async for _ in results:
+                pass
+
+    with pytest.raises(error) as refused:
+        asyncio.run(main())
+    assert str(refused.value) == says
+    assert not orc.store.runs() and all(not model.requests for model in models.values())  # type: ignore[union-attr]
 
 
 def test_a_run_id_given_to_a_data_sets_task_is_checked_as_arun_checks_it(tmp_path: Path) -> None:
