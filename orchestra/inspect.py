@@ -122,8 +122,9 @@ def show_run(console: Console, store: RunStore, run_id: str) -> None:
     for node in report["nodes"]:
         console.print(literal(f"{node['node_id']}: ", style="bold") + literal(node["instruction"] or ""))
     for node_id, (asked, saved, _) in stopped.items():
+        skipped = "the other experts and the aggregation" if saved > 1 else "the aggregation"  # (2 experts: none)
         console.print(literal(f"{node_id}: stopped early: its first {len(asked)} experts agreed, so "
-                           f"{counted(saved, 'call')} (the other experts and the aggregation) were not made"))
+                           f"{counted(saved, 'call')} ({skipped}) {'were' if saved > 1 else 'was'} not made"))
     for node in report["nodes"]:
         if node["explanation"]:
             console.print(literal(f"recruitment of {node['node_id']}:", style="bold"))

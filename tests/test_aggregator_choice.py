@@ -392,6 +392,12 @@ def test_the_pools_aggregator_says_why_it_aggregates_in_each_nodes_explanation()
         "settings": (Pool(agents=agents, profiles=scored), {"aggregator": "a"}, "aggregator a: set in the run's "
                                                                                   "settings"),
         "pool": (Pool(agents=agents, profiles=scored, aggregator="c"), {}, "aggregator c: set in the pool"),
+        # (each said "nothing measured (run orchestra profile)", which profiling again could not change)
+        "alone": (Pool(agents=agents[:1], profiles={"a": profile("a", {"x": 1})}), {},
+                  "aggregator a: the pool's only agent"),
+        "equal": (Pool(agents=agents[:2], profiles={"a": profile("a", {"x": 1}), "b": profile("b", {"x": 1})}), {},
+                  "aggregator b: no aggregation measured, and every agent's global competence is equal (γ=0.500): "
+                  "the last agent by name"),
     }
     for case, (pool, settings, reason) in say.items():
         staffing = Staffing(pool, Settings(mode="topk", **settings))

@@ -290,6 +290,15 @@ def test_show_tells_which_experts_a_confident_team_did_not_need(market, tmp_path
     everyone = next(r for r in results if not r.plan.nodes[0].saved_calls)
     [row] = run_report(RunStore(tmp_path / "runs.db"), everyone.run_id)["nodes"]
     assert (row["not_asked"], row["saved_calls"]) == ([], 0) and len(row["experts"]) == 3
+    # a team of two that agreed saved the aggregation alone ("1 call (the other experts and the aggregation)
+    # were not made", with no other experts)
+    pair = Orchestra(orc.pool, k=2, plan=False, store=tmp_path / "pairs.db")
+    agreed = next(r for r in pair.run_many([item.prompt() for item in held_out.items[:8]])
+                  if r.plan.nodes[0].saved_calls)
+    console = Console(record=True, width=300)
+    show_run(console, RunStore(tmp_path / "pairs.db"), agreed.run_id)
+    assert "answer: stopped early: its first 2 experts agreed, so 1 call (the aggregation) was not made" \
+        in console.export_text()
 
 
 def confident_pool(failing: str = "", unsure: str = "",

@@ -221,9 +221,14 @@ class Staffing:
         if evidence is not None:
             return (f"aggregator {name}: the pool's best measured aggregator (score {evidence[0]:.3f}; "
                     "aggregator_choice: per-node picks one per node)")
+        if len(self.table.competence) == 1:  # (it said "nothing measured (run orchestra profile)" after a profile)
+            return f"aggregator {name}: the pool's only agent"
         gamma = self.table.competence.get(name)
         if gamma is not None and len(set(self.table.competence.values())) > 1:
             return f"aggregator {name}: no aggregation measured; the highest global competence (γ={gamma:.3f})"
+        if gamma is not None and self.pool.profiles:  # (profiled alike: profiling again measures the same)
+            return (f"aggregator {name}: no aggregation measured, and every agent's global competence is equal "
+                    f"(γ={gamma:.3f}): the last agent by name")
         return f"aggregator {name}: nothing measured (run orchestra profile): the last agent by name"
 
     def filter_rare(self, recruitments: Sequence[Recruitment], *, seed: int) -> list[Recruitment]:
