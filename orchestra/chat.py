@@ -41,7 +41,8 @@ HELP = """Type a task to plan it. Before it runs you can:
 Commands:
   /pool   the agents and their profiles      /k N    experts per subtask
   /trace  the last run's plan and experts    /help   this text
-  /quit   leave (Ctrl-D too). Ctrl-C stops a running task, not the session."""
+  /quit   leave (Ctrl-D too). Ctrl-C stops a running task, not the session.
+A task that starts with / is written with one more: //usr/bin/env: what does it do?"""
 
 
 class _Leave(Exception):
@@ -116,7 +117,7 @@ class ChatSession:
             line = line.strip()
             if not line:
                 continue
-            if line.startswith("/"):
+            if line.startswith("/") and not line.startswith("//"):
                 try:
                     if not self.command(line):
                         return
@@ -124,7 +125,7 @@ class ChatSession:
                     self.console.print(f"\n({line.split()[0]} interrupted; /quit or Ctrl-D leaves)", markup=False)
                 continue
             try:
-                self.task(line)
+                self.task(line[1:] if line.startswith("//") else line)  # (// writes a task that starts with /)
             except _Leave:
                 self.console.print("bye")
                 return
@@ -154,7 +155,8 @@ class ChatSession:
         elif name == "/trace":
             self.show_trace()
         else:
-            self.console.print(f"unknown command {name}; /help lists them", markup=False)
+            self.console.print(f"unknown command {name}; /help lists them (a task that starts with / is written "
+                               "with one more, //...)", markup=False)
         return True
 
     def context(self) -> str:

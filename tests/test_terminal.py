@@ -123,6 +123,18 @@ def test_chat_through_stdin_accept_edit_and_replan(served) -> None:
     assert "k = 2" in out and "pool loopback" in out and "/trace" in out
 
 
+def test_chat_takes_a_task_that_starts_with_a_slash_written_with_two(served) -> None:
+    """A task such as `/usr/bin/env: what does it do?` was an unknown command, with no way to send it."""
+    scripted, pool = served
+    done = cli("chat", "--pool", str(pool), stdin="/usr/bin/env: what is it?\n//usr/bin/env: what is it?\na\n/quit\n")
+    assert done.returncode == 0, done.stderr
+    assert ("unknown command /usr/bin/env:; /help lists them (a task that starts with / is written with one more, "
+            "//...)") in done.stdout
+    prompts = [prompt for _, prompt in scripted.prompts]
+    assert any("/usr/bin/env: what is it?" in prompt for prompt in prompts)
+    assert not any("//usr/bin/env" in prompt for prompt in prompts)
+
+
 def test_chat_pool_shows_skills_as_the_agents_command_does(loopback, tmp_path: Path) -> None:
     """An agent with neither a profile nor declared skills read `(declared) ` followed by nothing, where
     `orchestra agents` says `(no profile)`; a profile's raw ±1 sums were shown without saying so."""
