@@ -8,6 +8,7 @@ agent names, ``needs`` and cycles, and every template's references to ``inputs.*
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import math
 import re
@@ -464,7 +465,9 @@ class Workflow:
         for name in given:
             if name not in self.spec.inputs:
                 known = ", ".join(self.spec.inputs) or "none"
-                raise ConfigError(f"unknown input {name!r} (declared: {known})", path=str(self.path))
+                close = difflib.get_close_matches(name, list(self.spec.inputs), n=1)
+                raise ConfigError(f"unknown input {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                  + f" (declared: {known})", path=str(self.path))
         for name, declared in self.spec.inputs.items():
             if given.get(name) is not None:
                 values[name] = _convert(name, given[name], declared, self)

@@ -410,6 +410,8 @@ def test_missing_input_is_one_line_naming_its_declaration(tmp_path: Path) -> Non
     assert wrong.stderr.strip() == f"error: {path}:10:10: input 'words' must be of type integer, got 'many'"
     unknown = cli("run", str(path), "-i", "colour=red")
     assert "unknown input 'colour' (declared: topic, words)" in unknown.stderr
+    misspelt = cli("run", str(path), "-i", "topc=x")  # (named no nearest input)
+    assert "unknown input 'topc'; did you mean 'topic'? (declared: topic, words)" in misspelt.stderr
     twice = cli("run", str(path), "-i", "topic=x", "-i", "topic=y")  # (the last one was kept, silently)
     assert twice.returncode == 2 and twice.stderr.strip() == ("error: input 'topic' is given twice (-i topic=x "
                                                               "and -i topic=y); give it once")
