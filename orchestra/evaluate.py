@@ -262,6 +262,9 @@ def check_output(path: Path, what: str, kind: str, earlier: Callable[[str, bool]
     over any file that is not an earlier one of its ``kind`` (``earlier`` reads its first line, and
     whether that line was too long to read whole):
     ``--output runs.db`` emptied the store, ``--output pool.yaml`` replaced the pool."""
+    if str(path) == "-":  # (it wrote a file named "-", where `-` means standard input or output elsewhere)
+        raise ConfigError(f"{flag} - would be a file named '-': give a file ({flag} /dev/stdout writes to standard "
+                          "output)")
     for name, other in precious.items():  # (SQLite's own files beside a store, there or not yet)
         if other is None:
             continue

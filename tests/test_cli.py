@@ -738,6 +738,10 @@ def test_eval_refuses_to_overwrite_its_data_or_to_plot_nowhere_before_any_call(l
     other.write_text('{"id": "b", "question": "What is 2 + 2?", "answer": "4"}\n')
     refused = cli("eval", "--pool", str(pool), "--data", str(data), "--no-store", "--output", str(other))
     assert refused.returncode == 2 and "is not an earlier answers file" in refused.stderr, refused.stderr
+    dash = cli("eval", "--pool", str(pool), "--data", str(data), "--no-store", "--output", "-")  # (a file named -)
+    assert (dash.returncode, dash.stderr) == (2, "error: --output - would be a file named '-': give a file (--output "
+                                                 "/dev/stdout writes to standard output)\n")
+    assert len(server.requests) == asked
     piped = cli("eval", "--pool", str(pool), "--data", str(data), "--no-store", "--output", "/dev/stdout", timeout=60)
     assert piped.returncode == 0 and '{"id": "a", ' in piped.stdout, piped.stderr  # (it read the pipe: for ever)
     answers = tmp_path / "answers.jsonl"  # an earlier answers file is written over
