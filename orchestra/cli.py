@@ -722,13 +722,16 @@ def run(workflow: Path, inputs: tuple[str, ...], input_files: tuple[str, ...], p
 @click.argument("workflow", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--pool", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Check it on this pool instead of the workflow's own (as `run --pool` runs it).")
-def validate(workflow: Path, pool: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print what was checked as JSON (errors stay on stderr, exit 2).")
+def validate(workflow: Path, pool: Path | None, as_json: bool) -> None:
     """Check a workflow file: schema, pool, agents, needs, cycles and template references."""
     from orchestra.agents import Pool
     from orchestra.workflow import Workflow
 
     flow = Workflow.load(workflow, pool=Pool.load(pool) if pool else None)
     kind = "plan: auto" if flow.spec.plan == "auto" else f"{len(flow.spec.steps)} step(s)"
+    items: int | None = None
+    limit: int | None = None
     if flow.spec.dataset is not None:  # its data set is read as a run would read it
         from orchestra.datasets import load_dataset
         from orchestra.grading import check_grader, get_grader
@@ -742,6 +745,13 @@ def validate(workflow: Path, pool: Path | None) -> None:
             kind += f", the first {limit} run (limit)"
     from orchestra.terminal_text import counted
 
+    if as_json:
+        echo_json(json.dumps({"ok": True, "workflow": flow.name, "file": str(workflow),
+                              "plan": "auto" if flow.spec.plan == "auto" else None,
+                              "steps": [step.id for step in flow.spec.steps], "pool": flow.pool.name,
+                              "agents": [agent.name for agent in flow.pool.agents], "dataset_items": items,
+                              "limit": limit}))
+        return
     agents = counted(len(flow.pool.agents), "agent")
     click.echo(f"{workflow}: ok ({flow.name}: {kind}, pool {flow.pool.name} with {agents})")
 

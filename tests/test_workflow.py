@@ -79,9 +79,18 @@ def test_a_data_field_a_schema_leaves_open_validates(tmp_path: Path) -> None:
 
 
 def test_good_workflow_validates(tmp_path: Path) -> None:
-    done = cli("validate", str(write(tmp_path, GOOD)))
+    path = write(tmp_path, GOOD)
+    done = cli("validate", str(path))
     assert done.returncode == 0, done.stderr
     assert "ok (demo: 2 step(s)" in done.stdout
+    # --json, as every other command has it (it was "No such option '--json'"); errors stay one line on stderr
+    checked = cli("validate", str(path), "--json")
+    assert checked.returncode == 0 and json.loads(checked.stdout) == {
+        "ok": True, "workflow": "demo", "file": str(path), "plan": None, "steps": ["draft", "review"],
+        "pool": "pool", "agents": ["writer", "checker"], "dataset_items": None, "limit": None}
+    path.write_text(GOOD.replace("agent: writer", "agent: poet"))
+    refused = cli("validate", str(path), "--json")
+    assert (refused.returncode, refused.stdout) == (2, "") and "names unknown agent 'poet'" in refused.stderr
 
 
 def test_validate_takes_a_pool_as_run_does(tmp_path: Path) -> None:
