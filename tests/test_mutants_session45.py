@@ -477,3 +477,27 @@ def test_a_mistake_on_the_first_line_of_a_block_prompt_is_placed_on_that_line(tm
         Workflow.load(path)
     assert str(refused.value).endswith("wf.yaml:12: step 'draft' uses undeclared input 'subject'; declare it under "
                                        "inputs:"), str(refused.value)
+
+
+def test_a_pool_without_prices_keeps_the_fingerprint_its_stored_runs_were_matched_by(tmp_path: Path) -> None:
+    """Prices joined the fingerprint only where a model has one: with them always in it (an empty
+    table), every pool without prices got a new fingerprint, and `eval --resume` found none of the
+    evaluations stored before."""
+    path = tmp_path / "fp.yaml"
+    path.write_text("name: fp\nmodels:\n  m: {type: openai, model: local-x, base_url: \"http://127.0.0.1:9/v1\", "
+                    "api_key_env: null}\nagents:\n  - {name: a, model: m, persona: \"You are a.\", skills: [math]}\n")
+    assert Pool.load(path).fingerprint() == "4d34f85c3cba00e2"
+
+
+def test_an_agent_recruited_on_its_declared_skills_is_not_warned_of_as_unprofiled() -> None:
+    """Among profiled agents, only one with neither a profile nor declared skills is recruited on a
+    uniform prior; one with declared skills is recruited on them (as documented), and was warned of."""
+    from orchestra.profile import Provenance, SkillProfile
+
+    model = FunctionModel(lambda request: "x", name="m")
+    measured = SkillProfile(agent="a", skills={"math": 2}, accuracy=0.5,
+                            provenance=Provenance(dataset="v.jsonl", dataset_sha256="0" * 64, items=4, model="m"))
+    pool = Pool(agents=[Agent(name="a", model=model), Agent(name="b", model=model, skills=["history"]),
+                        Agent(name="c", model=model)], profiles={"a": measured})
+    unprofiled = [line for line in pool.profile_warnings() if "no measured profile" in line]
+    assert unprofiled == ["c has no measured profile: recruited on a uniform prior until orchestra profile measures it"]
