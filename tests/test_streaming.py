@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from helpers import kind_of, scripted_pool
 
-from orchestra import Budget, Orchestra
+from orchestra import Budget, Orchestra, Pool
 from orchestra.budget import BudgetTracker
 from orchestra.core import Instance
 from orchestra.datasets import load_dataset
@@ -284,10 +284,8 @@ def test_runs_start_while_a_shared_budget_can_be_expected_to_finish_them() -> No
     assert fitted.refusal(0) is None
 
 
-def test_runs_stopped_by_leaving_the_loop_early_are_recorded_and_resume_at_once(tmp_path: Path) -> None:
-    """A run made for a chunk not yet begun (waiting for a free slot) was reported to ``on_stopped``
-    as cancelled but never stored (its resume: no such run), and a stopped run resumed right after
-    the loop was refused as "already running here" until a later turn of the event loop."""
+def _held_pool() -> tuple[Pool, asyncio.Event]:
+    """A scripted pool whose calls for every question but "question 0" wait until the event is set."""
     pool, models = scripted_pool(4)
     released = asyncio.Event()
     for name in ("m0", "m1", "m2", "m3"):
@@ -299,6 +297,14 @@ def test_runs_stopped_by_leaving_the_loop_early_are_recorded_and_resume_at_once(
             return answer(request)
 
         models[name].fn = held
+    return pool, released
+
+
+def test_runs_stopped_by_leaving_the_loop_early_are_recorded_and_resume_at_once(tmp_path: Path) -> None:
+    """A run made for a chunk not yet begun (waiting for a free slot) was reported to ``on_stopped``
+    as cancelled but never stored (its resume: no such run), and a stopped run resumed right after
+    the loop was refused as "already running here" until a later turn of the event loop."""
+    pool, released = _held_pool()
     orc = Orchestra(pool, store=tmp_path / "runs.db")
 
     async def main() -> tuple[list[str], list[str]]:
@@ -324,17 +330,7 @@ def test_an_on_stopped_that_raises_is_warned_about_and_every_stopped_run_is_reco
     it stayed ``running`` in the store for good, and the callback never heard of them."""
     import sqlite3
 
-    pool, models = scripted_pool(4)
-    released = asyncio.Event()
-    for name in ("m0", "m1", "m2", "m3"):
-        answer = models[name].fn
-
-        async def held(request: ChatRequest, answer: Any = answer) -> object:
-            if "question 0" not in request.prompt_text():
-                await released.wait()
-            return answer(request)
-
-        models[name].fn = held
+    pool, released = _held_pool()
     orc = Orchestra(pool, store=tmp_path / "runs.db")
     told: list[int] = []
 
