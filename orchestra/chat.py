@@ -147,7 +147,10 @@ class ChatSession:
         elif name == "/pool":
             self.show_pool()
         elif name == "/k":
-            if not argument.strip().isdecimal() or not 1 <= int(argument) <= MAX_K:  # ("²": a digit int() refuses)
+            if self.orchestra.settings.mode == "adaptive":  # (it said "k = 2" and asked as many as before)
+                self.console.print("/k is not used by adaptive recruiting, which adds experts until their weights "
+                                   "reach recruit.p, at most recruit.k_max (set those in the pool's settings)")
+            elif not argument.strip().isdecimal() or not 1 <= int(argument) <= MAX_K:  # ("²": a digit int() refuses)
                 self.console.print(f"usage: /k N (1 <= N <= {MAX_K})")
             else:
                 self.orchestra.settings = self.orchestra.settings.layered({"k": int(argument)})

@@ -1383,8 +1383,7 @@ def print_report(report: EvalReport, title: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--limit", default=20, type=click.IntRange(min=1, max=2**63 - 1, clamp=True), show_default=True,
-              help="How many runs to list (a limit past SQLite's largest integer lists them all).")
+@click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True, help="How many runs to list.")
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
@@ -1397,7 +1396,7 @@ def runs(limit: int, store_path: Path | None, as_json: bool) -> None:
     from orchestra.view import terminal
 
     store = existing_store(store_path)
-    records = store.runs(limit)
+    records = store.runs(min(limit, 2**63 - 1))  # (past SQLite's largest integer: all of them, not an OverflowError)
     if as_json:
         # ("run_id" as every other --json names it; "id" as this one always did)
         click.echo(json.dumps([{"run_id": r.id, "id": r.id, "status": r.status, "task": r.task, "item": r.item,

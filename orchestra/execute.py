@@ -44,7 +44,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from orchestra.budget import ANSWER_ALLOWANCE, Budget, BudgetTracker, Reservation
-from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost, ResourceUnavailable
+from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost, ResourceUnavailable, described
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
@@ -187,7 +187,7 @@ class RunLedger:
         first is kept)."""
         self.failed_calls += 1
         self.failed_keyword_calls += purpose == KEYWORDS
-        calls, first = self.failed_by_model.get(model, (0, str(error)))
+        calls, first = self.failed_by_model.get(model, (0, described(error, model)))
         self.failed_by_model[model] = (calls + 1, first)
 
     def run_failures(self, *, done: bool = False) -> tuple[int, dict[str, tuple[int, str]], int]:

@@ -32,6 +32,10 @@ def _whole_number(value: Any) -> Any:
     return value
 
 
+#: what to do of a whole number YAML 1.1 reads otherwise than its digits (``010`` is 8, ``12:30`` 750)
+REREAD_ADVICE = "write the number meant in decimal digits, or quote it if it is text"
+
+
 def decimal_value(written: str) -> int | None:
     """The whole number ``written`` is in decimal digits (``010`` is 10, where YAML 1.1 reads 8), or
     None where it is none (``12:30``, ``0x1f``)."""

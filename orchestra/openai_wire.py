@@ -242,9 +242,10 @@ def stopped(text: str, stop: Sequence[str]) -> str | None:
     return text[:min(found)] if found else None
 
 
-#: the keys of ``stream_options`` OpenAI takes: the usage chunk, and obfuscation padding (which the
-#: stream has not: a loopback client reads no side channel)
-STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})
+#: the keys of ``stream_options`` taken: OpenAI's usage chunk and obfuscation padding (which the
+#: stream has not: a loopback client reads no side channel), and vLLM's ``continuous_usage_stats``
+#: (clients written for vLLM send it; the usage comes once, in the usage chunk)
+STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation", "continuous_usage_stats"})
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:

@@ -20,7 +20,7 @@ from pydantic_core import PydanticSerializationError
 from orchestra.budget import Budget, Spent, legacy_budget
 from orchestra.errors import ConfigError
 from orchestra.matching import MatcherSpec
-from orchestra.numbers import Amount, Count, decimal_value
+from orchestra.numbers import REREAD_ADVICE, Amount, Count, decimal_value
 from orchestra.plan import Plan
 from orchestra.recruit import RecruitConfig
 from orchestra.skills import KeywordConfig
@@ -147,10 +147,30 @@ def assignments(pairs: Sequence[str]) -> dict[str, Any]:
         except RecursionError:
             raise ConfigError(f"--set {key.strip()}: the value is nested too deeply to read") from None
         else:
-            if type(value) is int and decimal_value(raw.strip()) != value:  # (max_calls=010 was 8, --max-calls 010 10)
-                raise ConfigError(f"--set {key}: YAML reads {raw.strip()} as {value}: write the number meant in "
-                                  "decimal digits")
+            reread = _reread_integer(raw, yaml) if value is not None else None  # (max_calls=010 was 8, not 10)
+            if reread is not None:
+                raise ConfigError(f"--set {key}: YAML reads {reread[0]} as {reread[1]}: {REREAD_ADVICE}")
     return data
+
+
+def _reread_integer(raw: str, yaml: Any) -> tuple[str, int] | None:
+    """The first unquoted whole number in ``raw`` (a ``--set`` value, a mapping or list too) that YAML
+    1.1 reads otherwise than its digits say, as written and as read; None if there is none."""
+    try:
+        nodes = [yaml.compose(raw, Loader=yaml.SafeLoader)]
+    except (yaml.YAMLError, RecursionError):
+        return None
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, yaml.MappingNode):
+            nodes.extend(part for pair in node.value for part in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            nodes.extend(node.value)
+        elif node is not None and node.tag == "tag:yaml.org,2002:int" and node.style is None:
+            value = yaml.safe_load(node.value)
+            if decimal_value(node.value) != value:
+                return node.value, value
+    return None
 
 
 def _first_problem(error: ValidationError, *, dotted: bool = False, model: type[BaseModel] | None = None) -> str:

@@ -244,6 +244,7 @@ class Workflow:
                               "pool file")
         file = Path(path)
         document = read_yaml(file, text)
+        document.check_numbers = text is None  # (a run's recorded text may hold what is refused since)
         if not isinstance(document.data, dict):
             raise document.error("a workflow file must be a mapping")
         if {"models", "agents"} <= document.data.keys() and not {"steps", "task", "pool"} & document.data.keys():
@@ -263,7 +264,7 @@ class Workflow:
         may set what is refused since (such a run still resumes)."""
         spec, document = self.spec, self.document
         for name, declared in spec.inputs.items():
-            if not name.strip() or "=" in name or name != name.strip():  # (-i NAME=VALUE could never give it)
+            if not recorded and (not name.strip() or "=" in name or name != name.strip()):  # (-i could not give it)
                 raise document.key_error(f"input {name!r}: an input's name is given as -i NAME=VALUE, so it is not "
                                          "blank, has no '=' and no spaces at its ends: rename it", ("inputs", name))
             default, kind = declared.default, declared.type

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestra.errors import ConfigError
-from orchestra.numbers import decimal_value
+from orchestra.numbers import REREAD_ADVICE, decimal_value
 
 Location = tuple[int, int]
 MAX_VALUES = 100_000  # a configuration file never needs more; alias bombs do
@@ -33,6 +33,9 @@ class YamlDocument:
         self.blocks = blocks or set()
         self.text = text  # the file's text as read
         self.plain = plain or {}  # unquoted values YAML read as something other than text, as written
+        #: refuse whole numbers YAML 1.1 reads otherwise than their digits (off for a run's recorded
+        #: text, which may hold what is refused since: such a run still resumes)
+        self.check_numbers = True
 
     def written(self, loc: tuple[Any, ...]) -> str | None:
         """How the value at ``loc`` is written, where it is unquoted and YAML read it as something
@@ -76,12 +79,12 @@ class YamlDocument:
         """Validate the data at ``loc`` into ``model``; the first problem becomes a positioned ``ConfigError``.
         An unquoted whole number YAML 1.1 reads otherwise than its digits say (``010`` is 8, ``12:30``
         750, ``0x1f`` 31) is refused, but where ``checked_apart`` says its caller checks it itself."""
-        for where, written in self.plain.items():
+        for where, written in self.plain.items() if self.check_numbers else ():
             if where[:len(loc)] != loc or (checked_apart is not None and checked_apart(where)):
                 continue
             value = self.value(where)
             if type(value) is int and decimal_value(written) != value:  # (`budget: {max_calls: 010}` stopped at 8)
-                raise self.error(f"YAML reads {written} as {value}: write the number meant in decimal digits", where)
+                raise self.error(f"YAML reads {written} as {value}: {REREAD_ADVICE}", where)
         try:
             return model.model_validate(self.value(loc))
         except ValidationError as error:

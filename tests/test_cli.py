@@ -418,6 +418,8 @@ def test_runs_with_a_limit_past_sqlites_largest_integer_lists_them_all() -> None
         listed = cli("runs", "--limit", str(2**63), *extra)
         assert listed.returncode == 0 and listed.stderr == "", listed.stderr
     assert len(json.loads(listed.stdout)) == 3
+    for below in ("0", "-3"):  # (a clamp of the range took them as 1)
+        assert cli("runs", "--limit", below).returncode == 2
 
 
 @pytest.mark.parametrize("begun", [2, 7])

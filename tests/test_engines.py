@@ -200,6 +200,24 @@ def test_vllm_json_that_stays_invalid_fails_with_what_it_cost() -> None:
     assert (error.usage.requests, error.usage.prompt_tokens, error.usage.completion_tokens) == (2, 6, 4)
 
 
+def test_a_vllm_batch_answer_without_text_fails_its_call_as_one_answer_does() -> None:
+    """A batch (``complete_each``) parses its answers itself: an empty one was a result, and its run
+    ended ``done`` with the answer "", where the same answer alone (``complete_one``) failed its call."""
+    class Silent(FakeLLM):
+        def chat(self, conversations: list[list[dict[str, str]]], params: list[dict[str, Any]],
+                 use_tqdm: bool = False) -> list[Any]:
+            return [SimpleNamespace(prompt_token_ids=[1, 2, 3], outputs=[SimpleNamespace(
+                text="" if "quiet" in conversation[-1]["content"] else "said", token_ids=[], finish_reason="stop")])
+                for conversation in conversations]
+
+    model = VLLM("some/model", name="v", engine_factory=Silent, sampling_factory=fake_sampling)
+    with allow_model_requests():
+        outcomes = dict(asyncio.run(_collect(model.complete_each([ChatRequest.user("quiet"),
+                                                                  ChatRequest.user("loud")]))))
+    assert str(outcomes[0]) == "model v replied with no text (finish_reason stop)" and outcomes[1].text == "said"
+    assert outcomes[0].usage.requests == 1 and outcomes[0].usage.prompt_tokens == 3  # (paid all the same)
+
+
 async def _collect(outcomes: Any) -> list[Any]:
     return [outcome async for outcome in outcomes]
 

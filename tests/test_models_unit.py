@@ -563,7 +563,7 @@ def test_a_model_of_ones_own_whose_usage_cannot_be_counted_is_named(usage: Usage
         async def _generate(self, request: ChatRequest) -> ChatResult:
             return ChatResult(text="4", usage=usage)
 
-    with pytest.raises(ValueError) as wrong:
+    with pytest.raises(BadResponse) as wrong:
         asyncio.run(Counts().complete([ChatRequest.user("q")]))
     assert str(wrong.value) == f"model mine: _generate returned usage {problem} (fix its _generate)"
 
@@ -612,6 +612,21 @@ def test_a_bug_in_a_model_of_ones_own_is_named_with_its_type_and_model(bug: Exce
                        store=False).run("What is 2+2?", plan=False)
     assert (result.status, result.error) == ("failed", f"answer: every expert failed; first error: {says}")
     assert [output.error for output in result.node("answer").expert_outputs] == [says]
+
+
+def test_a_bug_in_an_aggregators_model_is_named_in_its_fallback_and_failed_calls() -> None:
+    """The aggregator's fallback to a vote said `aggregator z failed ('text'); ...`, and the run's
+    failed calls by model `first_error="'text'"` (what eval prints), naming neither type nor model."""
+    def broken(request: ChatRequest) -> str:
+        return {}["text"]  # type: ignore[index]
+
+    expert = FunctionModel(lambda request: {"keywords": ["x"]} if request.wants_json else "The answer is 4", name="e")
+    pool = Pool(agents=[Agent(name="a", model=expert), Agent(name="b", model=expert),
+                        Agent(name="z", model=FunctionModel(broken, name="zm"))], planner=expert, aggregator="z")
+    result = Orchestra(pool, k=2, mode="topk", store=False).run("What is 2+2?", plan=False)
+    says = "unexpected KeyError from model zm: 'text'"
+    assert any(f"aggregator z failed ({says})" in line for line in result.node("answer").recruitment["explanation"])
+    assert result.usage.failed_by_model["zm"].first_error == says
 
 
 def test_a_function_model_refuses_what_is_not_a_function_when_made() -> None:

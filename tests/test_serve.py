@@ -1316,7 +1316,8 @@ def test_an_unknown_stream_option_is_refused_like_any_unknown_parameter(serve: A
     assert "unknown parameter 'stream_options.inclde_usage'" in refused.value.message
     assert sum(experts.requests.values()) == 0
     chunks = list(running.client().chat.completions.create(  # (OpenAI's other key is taken)
-        model="beta", stream=True, stream_options={"include_usage": True, "include_obfuscation": False},
+        model="beta", stream=True, stream_options={"include_usage": True, "include_obfuscation": False,
+                                                   "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
         messages=[{"role": "user", "content": "Hi there?"}]))
     assert chunks[-1].usage is not None and sum(experts.requests.values()) > 0
 

@@ -211,9 +211,13 @@ def test_an_evaluation_named_otherwise_by_an_older_version_is_resumed(loopback, 
     ("k=2.5e0", "error: --set k: Input should be a valid integer, unable to parse string as an integer"),
     # (YAML 1.1's octal, base 60 and hex: max_calls=010 stopped at 8 where --max-calls 010 is 10)
     ("budget.max_calls=010", "error: --set budget.max_calls: YAML reads 010 as 8: write the number meant in decimal "
-                             "digits"),
-    ("seed=12:30", "error: --set seed: YAML reads 12:30 as 750: write the number meant in decimal digits"),
-    ("seed=0x1f", "error: --set seed: YAML reads 0x1f as 31: write the number meant in decimal digits"),
+                             "digits, or quote it if it is text"),
+    ("seed=12:30", "error: --set seed: YAML reads 12:30 as 750: write the number meant in decimal digits, or quote it "
+                   "if it is text"),
+    ("seed=0x1f", "error: --set seed: YAML reads 0x1f as 31: write the number meant in decimal digits, or quote it if "
+                  "it is text"),
+    ("budget={max_calls: 010}", "error: --set budget: YAML reads 010 as 8: write the number meant in decimal digits, or "
+                                "quote it if it is text"),  # (a mapping's numbers too: it was 8)
     # (nan was said to be not above 0; an infinite λ or budget was taken)
     ("budget.max_cost_usd=nan", "error: --set budget.max_cost_usd: Input should be a finite number"),
     ("recruit.cost_lambda=inf", "error: --set recruit.cost_lambda: Input should be a finite number"),

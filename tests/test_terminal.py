@@ -135,6 +135,15 @@ def test_chat_takes_a_task_that_starts_with_a_slash_written_with_two(served) -> 
     assert not any("//usr/bin/env" in prompt for prompt in prompts)
 
 
+def test_chat_k_is_refused_under_adaptive_recruiting_which_does_not_use_it(loopback, tmp_path: Path) -> None:
+    """`/k 2` said `k = 2` under adaptive recruiting, which takes experts by recruit.p and k_max: as --k is."""
+    pool = write_pool(tmp_path, loopback(ScriptedLLM().handler()).url, extra="settings: {mode: adaptive}\n")
+    done = cli("chat", "--pool", str(pool), stdin="/k 2\n/quit\n")
+    assert done.returncode == 0 and "k = 2" not in done.stdout, done.stdout
+    assert ("/k is not used by adaptive recruiting, which adds experts until their weights reach recruit.p, at most "
+            "recruit.k_max (set those in the pool's settings)") in " ".join(done.stdout.split())
+
+
 def test_chat_pool_shows_skills_as_the_agents_command_does(loopback, tmp_path: Path) -> None:
     """An agent with neither a profile nor declared skills read `(declared) ` followed by nothing, where
     `orchestra agents` says `(no profile)`; a profile's raw ±1 sums were shown without saying so."""

@@ -193,9 +193,9 @@ def test_a_workflow_pool_that_is_a_folder_says_so(tmp_path: Path) -> None:
                           "flatten it"),
     # a setting too (budget max_calls: 010 stopped the run at 8 calls; 12:30 was 750, seed 0x1f 31)
     (GOOD.replace("    recruit: {k: 2, skills: [writing]}\n", "    recruit: {k: 010}\n"),
-     "wf.yaml:17:18: YAML reads 010 as 8: write the number meant in decimal digits"),
+     "wf.yaml:17:18: YAML reads 010 as 8: write the number meant in decimal digits, or quote it if it is text"),
     (GOOD.replace("model: x, ", "model: x, max_concurrency: 12:30, "),
-     "wf.yaml:4:50: YAML reads 12:30 as 750: write the number meant in decimal digits"),
+     "wf.yaml:4:50: YAML reads 12:30 as 750: write the number meant in decimal digits, or quote it if it is text"),
     (GOOD.replace("  words: {type: integer, default: 50}", "  words: {type: number, default: .nan}"),
      "wf.yaml:10:34: input 'words': default nan is not a finite number"),  # (-i words=nan is refused)
     (GOOD.replace("  topic: {type: string, required: true}", "  topic: {type: string, default: '" + "x" * 2_000_001
@@ -1455,3 +1455,36 @@ def test_a_data_set_workflow_resume_whose_runs_another_process_runs_says_to_wait
                                            "(where its process is gone, its lease runs out within 30 s), then run "
                                            "this command again") and "--force" not in refused.stderr
     assert len(server.requests) == asked
+
+
+RECORDED = """\
+name: w
+pool:
+  name: p
+  models:
+    fast: {{type: openai, model: m, base_url: "http://127.0.0.1:9/v1", api_key_env: X}}
+  defaults: {{model: fast}}
+  agents:
+    - {{name: a, persona: hi}}
+inputs:
+  {name}: {{type: string, default: cats}}
+settings: {{seed: {seed}}}
+steps:
+  - id: s
+    prompt: 'Say {{{{ inputs[{key}] }}}}'
+"""
+
+
+@pytest.mark.parametrize(("name", "seed", "key", "refused"), [
+    ("topic", "010", '"topic"', "YAML reads 010 as 8"), ('"topic "', "8", '"topic "', "an input's name is given as")])
+def test_a_run_recorded_before_a_check_was_added_still_loads_for_its_resume(tmp_path: Path, name: str, seed: str,
+                                                                           key: str, refused: str) -> None:
+    """A run's recorded workflow text may hold what is refused since (such a run still resumes): the
+    checks of YAML 1.1 numbers and of input names refused it, so `orchestra resume` of a run begun
+    before them failed."""
+    text = RECORDED.format(name=name, seed=seed, key=key)
+    path = tmp_path / "wf.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=refused):  # (a file is checked)
+        Workflow.load(path)
+    Workflow.load(path, text=text, data=False)  # (a run's record is not)

@@ -388,15 +388,23 @@ class ModelBase(abc.ABC):
         usage = result.usage
         if not (0 <= usage.prompt_tokens <= MAX_TOKEN_COUNT and 0 <= usage.completion_tokens <= MAX_TOKEN_COUNT
                 and 0.0 <= usage.cost_usd < math.inf and usage.requests >= 0):  # (NaN fails too)
-            raise ValueError(_usage_problem(self.name, usage))
+            raise BadResponse(_usage_problem(self.name, usage))
         charge(usage)
-        text = result.text
-        if not text or text.isspace():  # (an endpoint's and a test double's did; this model's run ended done, "")
-            hint = ("; it reached max_tokens first (a reasoning model's thinking counts): raise max_tokens"
-                    if result.finish_reason == "length" else "")
-            raise BadResponse(f"model {self.name} replied with no text (finish_reason "
-                              f"{result.finish_reason or 'none'}){hint}")
+        empty = self.without_text(result)
+        if empty is not None:
+            raise empty
         return result
+
+    def without_text(self, result: ChatResult) -> BadResponse | None:
+        """The error of an answer without text (empty or blank), which fails its call as an endpoint's
+        does (a model's own, an engine's: its run ended ``done`` with the answer ""); None where it has text."""
+        text = result.text
+        if text and not text.isspace():
+            return None
+        hint = ("; it reached max_tokens first (a reasoning model's thinking counts): raise max_tokens"
+                if result.finish_reason == "length" else "")
+        return BadResponse(f"model {self.name} replied with no text (finish_reason {result.finish_reason or 'none'})"
+                           f"{hint}")
 
     def parse_or_repair(self, request: ChatRequest, result: ChatResult) -> ChatResult | ChatRequest | InvalidOutput:
         """``result`` with its parsed value, or the repair request to send when its JSON is invalid;

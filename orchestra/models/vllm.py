@@ -152,7 +152,7 @@ class VLLM(ModelBase):
         for index, (request, result) in enumerate(zip(requests, await self._chat(list(requests)))):
             meters[index].requests += 1
             meters[index].charge(result.usage)
-            step = self.parse_or_repair(request, result)
+            step = self.without_text(result) or self.parse_or_repair(request, result)
             if isinstance(step, ChatRequest):
                 try:
                     admit_repair(request, step, meters[index].usage)
@@ -167,7 +167,7 @@ class VLLM(ModelBase):
                 meters[index].requests += 1
                 meters[index].charge(result.usage)
                 try:
-                    outcomes[index] = self.parse_repaired(requests[index], result)
+                    outcomes[index] = self.without_text(result) or self.parse_repaired(requests[index], result)
                 except InvalidOutput as failure:
                     outcomes[index] = failure
         for index in range(len(requests)):

@@ -508,9 +508,10 @@ class Run:
                     # the experts answered: one failing aggregator endpoint failed the whole node
                     trace.output, trace.data = Vote.pick(responses, self.stages.grader, self.task)
                     failed, trace.aggregator = job.aggregator.name, None
-                    trace.explanation.append(fell_back(failed, str(error)))
+                    reason = described(error, job.aggregator.model.name)  # (a KeyError's alone: 'text')
+                    trace.explanation.append(fell_back(failed, reason))
                     self.stages.events.emit(AggregationFellBack(run_id=self.run_id, node=node_id, aggregator=failed,
-                                                                reason=str(error)))
+                                                                reason=reason))
             trace.status = "done"
             if self.stages.events.wants(NodeDone):
                 self.stages.events.emit(NodeDone(run_id=self.run_id, node=node_id, output=trace.output,
