@@ -57,6 +57,48 @@ def test_llama_load_unload_and_grammar_constrained_json(smollm2: LlamaCpp) -> No
     assert not smollm2.loaded
 
 
+LONG_PLAN = """
+import asyncio
+from orchestra.models import allow_model_requests
+from orchestra.models.llamacpp import LlamaCpp
+from orchestra.pipeline.planning import planner_request
+task = "Summarize this note in one sentence. " + "The meeting moved to Tuesday because the room was booked. " * 25
+with allow_model_requests():
+    model = LlamaCpp(threads=2)
+    try:  # (8 tokens cut the plan's JSON short: a failed call, not a crash)
+        asyncio.run(model.complete([planner_request(task, max_nodes=3, max_tokens=8)]))
+    except Exception as error:
+        print(type(error).__name__)
+    asyncio.run(model.unload())
+print("survived")
+"""
+
+
+@pytest.mark.llama
+def test_a_planner_request_for_a_long_task_does_not_crash_the_embedded_engine() -> None:
+    """The planner's schema bounds each instruction by the task's length; llama.cpp refused the grammar
+    of a bound past 1,001 and the process died of SIGSEGV (`orchestra ask - < task.txt`, exit 139,
+    not a line from Orchestra). In a child process: a crash is its exit code, not this suite's."""
+    done = subprocess.run([sys.executable, "-c", LONG_PLAN], capture_output=True, text=True, timeout=240)
+    assert (done.returncode, done.stdout.split()[-1:]) == (0, ["survived"]), done.stderr[-400:]
+
+
+def test_the_grammar_leaves_out_bounds_llama_cpp_cannot_repeat() -> None:
+    """Bounds past 500 are left out of the grammar (the answer is checked against the whole schema)."""
+    from orchestra.models.llamacpp import GRAMMAR_BOUND, grammar_schema
+
+    schema = {"type": "object", "properties": {
+        "a": {"type": "string", "maxLength": 2_000, "minLength": 1},
+        "b": {"type": "array", "items": {"type": "string", "maxLength": GRAMMAR_BOUND}, "maxItems": 5_000,
+              "minItems": 600},
+        "c": {"anyOf": [{"type": "string", "maxLength": 1_001}, {"type": "null"}]}}, "required": ["a"]}
+    assert grammar_schema(schema) == {"type": "object", "properties": {
+        "a": {"type": "string", "minLength": 1},
+        "b": {"type": "array", "items": {"type": "string", "maxLength": GRAMMAR_BOUND}},
+        "c": {"anyOf": [{"type": "string"}, {"type": "null"}]}}, "required": ["a"]}
+    assert schema["properties"]["a"]["maxLength"] == 2_000  # (the request's own schema is left whole)
+
+
 def _generating() -> bool:
     """Whether a thread of this process is inside a llama.cpp generation now."""
     return any(frame.f_code.co_name == "_chat" and "llamacpp" in frame.f_code.co_filename

