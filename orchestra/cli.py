@@ -605,7 +605,7 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool, summar
     A run that failed for a reason the user must fix ends with exactly one line on stderr.
     """
     from orchestra.hints import run_error
-    from orchestra.view import print_result, terminal
+    from orchestra.view import ANSWER_CUT, CONTEXT_FULL, print_result, terminal
 
     # the outcome is decided: printed whole, then its exit code (a Ctrl-C as the run finished printed a done
     # result, then `error: interrupted` and exit 130, or died by SIGINT as the process exited)
@@ -613,6 +613,8 @@ def finish(result: RunResult, opts: dict[str, Any], *, rich_output: bool, summar
     stored = not opts.get("no_store")
     if opts["as_json"]:
         echo_json(result.dumps())
+        if result.answer_cut:  # (on stderr, as without --json: answer_cut alone said so)
+            click.echo(f"warning: {CONTEXT_FULL if result.context_full else ANSWER_CUT}", err=True)
         if result.status != "done":
             click.echo(f"error: {run_error(result, stored=stored)}", err=True)
     else:

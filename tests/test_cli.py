@@ -133,6 +133,9 @@ def test_an_answer_cut_at_its_token_limit_is_said_beside_it_and_in_show(loopback
     run_id = re.search(r"run (\S+) · done", done.stderr)[1]  # type: ignore[index]
     shown = cli("show", run_id)
     assert "answer (stopped at its token limit)" in shown.stdout, shown.stdout
+    as_json = cli("ask", "Quick question", "--pool", str(pool), "--no-plan", "--json")  # (said nothing on stderr)
+    assert json.loads(as_json.stdout)["answer_cut"] is True
+    assert "warning: the answer stopped at its token limit and may be incomplete" in as_json.stderr
     whole = loopback(ScriptedLLM().handler())  # (answers that end on their own: no warning)
     ended = cli("ask", "Quick question", "--pool", str(write_pool(tmp_path, whole.url)), "--no-plan")
     assert ended.returncode == 0 and "warning" not in ended.stderr, ended.stderr
