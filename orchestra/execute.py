@@ -44,7 +44,15 @@ from functools import partial
 from typing import Any, Protocol
 
 from orchestra.budget import ANSWER_ALLOWANCE, Budget, BudgetTracker, Reservation
-from orchestra.errors import BadResponse, BudgetExceeded, CallCancelled, EngineLost, ResourceUnavailable, described
+from orchestra.errors import (
+    BadResponse,
+    BudgetExceeded,
+    CallCancelled,
+    EngineLost,
+    ResourceUnavailable,
+    StoreError,
+    described,
+)
 from orchestra.events import (
     BatchFinished,
     BatchStarted,
@@ -184,7 +192,11 @@ class RunLedger:
 
     def count_failed(self, model: str, error: BaseException, purpose: str) -> None:
         """Count a call of ``model`` for ``purpose`` that failed after its retries (``error``: why; the
-        first is kept)."""
+        first is kept). A call failed by the run store (its answer could not be kept, or it was not
+        sent because of that) is not: the model did its part, the run ends with the store's error, and
+        the store's totals have no row to count."""
+        if isinstance(error, StoreError):
+            return
         self.failed_calls += 1
         self.failed_keyword_calls += purpose == KEYWORDS
         calls, first = self.failed_by_model.get(model, (0, described(error, model)))

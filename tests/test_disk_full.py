@@ -51,6 +51,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_a_resume_resends_nothing_comm
         f"; the calls answered before are saved: once it can be written, `orchestra resume {stopped.run_id} "
         f"--store {tmp_path / 'runs.db'}` finishes it")
     assert "\n" not in stopped.error
+    # the models answered: the calls whose answers the store could not keep are not theirs to count
+    assert (stopped.usage.failed_calls, stopped.usage.failed_by_model) == (0, {})
     # the end could not be written, yet this store lists the run as failed, not running
     assert store.run(stopped.run_id).status == "failed"
     free_space(store)
@@ -97,6 +99,7 @@ def test_a_store_removed_under_a_running_run_stops_it_saying_so(tmp_path: Path) 
     assert result.error is not None and result.error.startswith(
         f"cannot write the run store {path}: the file was removed (or another put in its place) while this process "
         "had it open; what it recorded since went with the file; nothing can resume it: run it again")
+    assert (result.usage.failed_calls, result.usage.failed_by_model) == (0, {})  # (no model failed)
     assert not path.exists()
 
 
