@@ -1601,13 +1601,16 @@ def chat(pool: Path | None, **opts: Any) -> None:
               help="The largest request body accepted.")
 @click.option("--grace", default=30, show_default=True, type=FiniteRange(min=0, max=86_400),
               help="Seconds runs in flight get to finish on Ctrl-C or SIGTERM; the rest are cancelled (resumable).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let browser pages from ORIGIN (e.g. http://localhost:3000; * for any) call the server; "
+                   "repeat for more.")
 @choice_options
 @settings_options
 @request_budget_options
 @store_options
 def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, presets_file: Path | None,
           total_max_calls: int | None, total_max_cost: float | None, total_max_tokens: int | None,
-          max_request_bytes: int, grace: float, **opts: Any) -> None:
+          max_request_bytes: int, grace: float, cors_origins: tuple[str, ...], **opts: Any) -> None:
     """Serve the orchestra as an OpenAI-compatible model: /v1/chat/completions, /v1/models, /health."""
     import os
 
@@ -1620,6 +1623,7 @@ def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, pres
         from orchestra.errors import MissingDependency
 
         raise MissingDependency(f"orchestra serve needs {error.name}: pip install 'skill-orchestra[serve]'") from None
+    serving.check_origins(cors_origins, "--cors-origin")  # (before the pool loads: a typo is told at once)
     api_key = None
     if api_key_env is not None:
         from orchestra.models.http import check_key_env
@@ -1643,5 +1647,6 @@ def serve(pool: Path | None, host: str, port: int, api_key_env: str | None, pres
     ready(loaded)
     application = serving.app(loaded, settings_from(opts), store=store_from(opts["store_path"], opts["no_store"]),
                               presets=serving.read_presets(presets_file) if presets_file else None,
-                              api_key=api_key, budget=budget, max_request_bytes=max_request_bytes)
+                              api_key=api_key, budget=budget, max_request_bytes=max_request_bytes,
+                              cors_origins=cors_origins)
     serving.run(application, host=host, port=port, grace=grace)

@@ -22,13 +22,15 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -798,12 +800,39 @@ def run(application: Starlette, *, host: str = "127.0.0.1", port: int = 8000, gr
     asyncio.run(main())
 
 
+#: a browser's ``Origin``: a scheme, a host and maybe a port, nothing after them
+_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
+
+
+def check_origins(origins: Sequence[str], name: str = "CORS origin") -> list[str]:
+    """The origins browser pages may call the server from (``*``: any), as browsers write them
+    (scheme and host in lower case); one that no browser would send (a path, a trailing slash, no
+    scheme) is refused: it would match nothing, and every call from that page would fail. ``name``:
+    what the error calls an origin (the command line's option)."""
+    checked = []
+    for origin in origins:
+        if not isinstance(origin, str):
+            raise ConfigError(f"{name} {origin!r}: write it as text, e.g. http://localhost:3000")
+        written = origin.strip().lower()
+        if written != "*" and not _ORIGIN.fullmatch(written):
+            bare = re.match(r"(https?://[^/?#\s]+)", written)
+            hint = f" (here: {bare.group(1)})" if bare else ""
+            raise ConfigError(f"{name} {origin!r}: an origin is scheme://host[:port] with nothing after it, as a "
+                              f"browser sends it{hint}; or * for any")
+        checked.append(written)
+    return checked
+
+
 def app(pool: Pool | str | Path | None = None, settings: Settings | Mapping[str, Any] | None = None, *,
         store: RunStore | str | Path | bool | None = None, presets: Mapping[str, Any] | None = None,
         api_key: str | None = None, budget: Budget | None = None,
-        max_request_bytes: int = MAX_REQUEST_BYTES) -> Starlette:
+        max_request_bytes: int = MAX_REQUEST_BYTES, cors_origins: Sequence[str] = ()) -> Starlette:
     """The OpenAI-compatible ASGI app for ``pool`` (see ``Server`` for the arguments); its
-    ``state.server`` is the ``Server``. Shutting the app down cancels the runs still in flight."""
+    ``state.server`` is the ``Server``. Shutting the app down cancels the runs still in flight.
+    ``cors_origins``: the origins browser pages may call it from (``["*"]``: any; none by default):
+    their preflight requests are answered, any request header allowed (the ``openai`` JavaScript
+    SDK sends its own), and ``x-orchestra-run-id`` readable; no cookies are involved."""
+    origins = check_origins(cors_origins)
     server = Server(Orchestra(pool, settings, store=store), presets=presets, api_key=api_key, budget=budget,
                     max_request_bytes=max_request_bytes)
 
@@ -831,7 +860,9 @@ def app(pool: Pool | str | Path | None = None, settings: Settings | Mapping[str,
     application = Starlette(exception_handlers={404: not_routed, 405: not_routed}, routes=[
         *(Route(path, endpoint, methods=[method]) for path, endpoint, method in routes),
         Route("/v1/models/{model:path}", server.get_model, methods=["GET"]),
-    ], lifespan=lifespan)
+    ], lifespan=lifespan, middleware=[
+        Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"],
+                   expose_headers=[RUN_HEADER], max_age=600)] if origins else None)
     application.router.redirect_slashes = False
     application.state.server = server
     return application

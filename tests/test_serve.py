@@ -25,7 +25,7 @@ from orchestra import Agent, Pool
 from orchestra.budget import Budget
 from orchestra.errors import ConfigError, RunHeld
 from orchestra.models import FunctionModel
-from orchestra.serve import RUN_HEADER, Feed, app, base_url, served_models
+from orchestra.serve import RUN_HEADER, Feed, app, base_url, check_origins, served_models
 from orchestra.store import RunStore
 from orchestra.testing import LoopbackRequest, LoopbackServer, Reply
 from orchestra.testing.loopback import error_reply, openai_reply, openai_stream_reply
@@ -612,6 +612,48 @@ def test_bearer_token_from_the_environment_is_checked(serve: Any) -> None:
     assert sum(experts.requests.values()) == 0
     assert running.client(api_key="s3cret").chat.completions.create(model="orchestra", messages=question).choices
     assert httpx.get(running.url + "/health").json()["status"] == "ok"  # health needs no key
+
+
+def test_browser_pages_from_the_origins_given_may_call_the_server_and_others_not(serve: Any) -> None:
+    """A page's preflight asks with the headers the openai JavaScript SDK sends; the answer and the
+    401 of a request without its key both carry the origin, so the page can read them."""
+    running, experts = serve(api_key="s3cret", cors_origins=["HTTP://LocalHost:3000", "https://app.example.com"])
+    url = running.url + "/v1/chat/completions"
+    preflight = {"access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization, content-type, x-stainless-os"}
+    allowed = httpx.options(url, headers={"origin": "http://localhost:3000", **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "x-stainless-os" in allowed.headers["access-control-allow-headers"]
+    other = httpx.options(url, headers={"origin": "http://evil.example", **preflight})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    question = {"model": "orchestra", "messages": [{"role": "user", "content": "How far does light go in 1 ns?"}]}
+    page = {"origin": "https://app.example.com"}
+    refused = httpx.post(url, json=question, headers=page)
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://app.example.com"
+    answered = httpx.post(url, json=question, headers={**page, "authorization": "Bearer s3cret"})
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert answered.headers["access-control-expose-headers"].lower() == RUN_HEADER
+    assert answered.headers[RUN_HEADER]
+    assert "access-control-allow-origin" not in httpx.get(running.url + "/health",
+                                                         headers={"origin": "http://evil.example"}).headers
+    assert sum(experts.requests.values()) > 0
+
+
+def test_without_cors_origins_no_page_is_let_in_and_bad_origins_are_refused_naming_the_fix(serve: Any) -> None:
+    running, _ = serve()
+    preflight = httpx.options(running.url + "/v1/chat/completions", headers={
+        "origin": "http://localhost:3000", "access-control-request-method": "POST"})
+    assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
+    assert check_origins(["*", "http://[::1]:8080", "HTTPS://Example.COM"]) == [
+        "*", "http://[::1]:8080", "https://example.com"]
+    with pytest.raises(ConfigError) as error:
+        check_origins(["http://localhost:3000/"], "--cors-origin")
+    assert str(error.value) == ("--cors-origin 'http://localhost:3000/': an origin is scheme://host[:port] with "
+                                "nothing after it, as a browser sends it (here: http://localhost:3000); or * for any")
+    for wrong in ("localhost:3000", "https://app.example.com/chat", "ftp://example.com", "http://a b"):
+        with pytest.raises(ConfigError, match="an origin is scheme://host"):
+            check_origins([wrong])
 
 
 def test_the_servers_budget_is_shared_by_every_request_and_then_a_429(serve: Any) -> None:
@@ -1335,3 +1377,15 @@ def test_created_is_when_the_request_was_read(serve: Any, monkeypatch: pytest.Mo
     chunks = list(running.client().chat.completions.create(model="beta", stream=True,
                                                            messages=[{"role": "user", "content": "Hi?"}]))
     assert answer.created == 1_000 and {chunk.created for chunk in chunks} == {1_000}
+
+
+def test_a_cors_origin_no_browser_sends_is_refused_before_the_pool_loads(tmp_path: Path) -> None:
+    broken = tmp_path / "pools" / "pool.yaml"  # (were the pool read first, its YAML would be the error)
+    broken.parent.mkdir()
+    broken.write_text("name: [unclosed")
+    done = subprocess.run([sys.executable, "-m", "orchestra", "serve", "--pool", str(broken), "--cors-origin", "*",
+                           "--cors-origin", "http://localhost:3000/", "--no-store"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (2, "error: --cors-origin 'http://localhost:3000/': an origin is "
+                                                 "scheme://host[:port] with nothing after it, as a browser sends it "
+                                                 "(here: http://localhost:3000); or * for any\n")
