@@ -24,6 +24,7 @@ from orchestra import Orchestra
 from orchestra.errors import (
     BadResponse,
     ConnectionBroke,
+    EndpointUnreachable,
     RateLimited,
     RequestTimeout,
     RunHeld,
@@ -31,7 +32,7 @@ from orchestra.errors import (
     StoreUnusable,
 )
 from orchestra.hints import cli_message
-from orchestra.models import ChatRequest, ChatResult, OpenAICompatible, Usage
+from orchestra.models import ChatRequest, ChatResult, OpenAICompatible, Usage, allow_model_requests
 from orchestra.models.base import ModelBase
 from orchestra.models.http import Endpoint
 from orchestra.store import APPLICATION_ID, LEASE_SECONDS, PAGE_SIZE, SCHEMA_VERSION, RunStore
@@ -39,7 +40,10 @@ from orchestra.testing import Reply, chat_handler, error_reply, openai_reply
 
 
 def _ask(server, **options) -> Exception | str:
-    model = OpenAICompatible(model="m", base_url=f"{server.url}/v1", **options)
+    return _ask_model(OpenAICompatible(model="m", base_url=f"{server.url}/v1", **options))
+
+
+def _ask_model(model: OpenAICompatible) -> Exception | str:
     try:
         return asyncio.run(model.complete_one(ChatRequest.user("hi"))).text
     except Exception as error:
@@ -148,6 +152,149 @@ def test_a_broken_connection_is_not_an_unreachable_server(loopback, fault: Reply
     error = _ask(server, max_attempts=2)
     assert isinstance(error, ConnectionBroke) and str(error).startswith(f"the connection to {server.url}/v1")
     assert "is the server running" not in str(error) and len(server.requests) == 2
+
+
+class RawServer:
+    """A listening socket on 127.0.0.1 whose connections ``answer`` handles (one thread each); counts them."""
+
+    def __init__(self, answer: Any) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, args=(answer,), daemon=True).start()
+
+    def _accept(self, answer: Any) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _plain_http(connection: socket.socket) -> None:
+    """As a server without TLS (uvicorn, llama.cpp's) answers a TLS hello: a 400, then it closes."""
+    with connection:
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+
+
+def _chat_over_tls(context: Any) -> Any:
+    """A TLS server answering one chat completion per connection."""
+    body = json.dumps({"id": "c", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "over TLS"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}).encode()
+
+    def answer(connection: socket.socket) -> None:
+        try:
+            with context.wrap_socket(connection, server_side=True) as tls:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += tls.recv(65536)
+                head, _, rest = received.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                while len(rest) < length:
+                    rest += tls.recv(65536)
+                tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+        except (OSError, ValueError):  # (a client that refused the certificate hangs up)
+            pass
+    return answer
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_https_to_a_server_without_tls_says_so_at_once_not_is_the_server_running(transport: str) -> None:
+    """It read "cannot reach URL (ConnectError); is the server running?" after 12 s of retries, the
+    server up and the cause (a server that does not speak TLS) dropped."""
+    import httpx
+
+    from orchestra.models.transport import HttpxTransport
+
+    server = RawServer(_plain_http)
+    options: dict[str, Any] = {} if transport == "aiohttp" else {
+        "transport": lambda limit: HttpxTransport(httpx.AsyncHTTPTransport())}
+    model = OpenAICompatible(model="m", endpoint=Endpoint(f"https://127.0.0.1:{server.port}/v1", **options),
+                             max_attempts=4)
+    try:
+        with allow_model_requests(), pytest.raises(EndpointUnreachable) as error:
+            asyncio.run(model.complete_one(ChatRequest.user("hi")))
+    finally:
+        server.close()
+    assert str(error.value) == (f"cannot reach https://127.0.0.1:{server.port}/v1/chat/completions: the TLS handshake "
+                                "failed (WRONG_VERSION_NUMBER); a server without TLS is http://, not https://")
+    assert server.connections == 1  # (it will not speak TLS on a second try either)
+
+
+def test_a_certificate_not_trusted_names_ssl_cert_file_which_then_works(tmp_path: Path) -> None:
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem"), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server = RawServer(_chat_over_tls(context))
+    model = OpenAICompatible(model="m", base_url=f"https://127.0.0.1:{server.port}/v1", max_attempts=4)
+    with allow_model_requests():  # (this process trusts the machine's authorities only)
+        refused = _ask_model(model)
+    assert isinstance(refused, EndpointUnreachable) and "certificate is not trusted" in str(refused)
+    assert server.connections == 1  # (not tried again: the certificate will not change)
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(f"""name: tls
+models:
+  m: {{type: openai, model: m, base_url: "https://127.0.0.1:{server.port}/v1", api_key_env: null, max_attempts: 4}}
+agents: [{{name: a, model: m}}]
+""")
+    try:
+        untrusted = cli("ask", "hi", "--pool", str(pool), "--no-plan", "--no-store", env={"SSL_CERT_FILE": ""})
+        trusted = cli("ask", "hi", "--pool", str(pool), "--no-plan", "--no-store",
+                      env={"SSL_CERT_FILE": str(tmp_path / "cert.pem")})
+    finally:
+        server.close()
+    assert untrusted.returncode == 2 and (
+        f"cannot reach https://127.0.0.1:{server.port}/v1/chat/completions: its TLS certificate is not trusted "
+        "(self-signed certificate): give the file of the certificate (or of the authority that signed it) in "
+        "SSL_CERT_FILE") in untrusted.stderr, untrusted.stderr
+    assert trusted.returncode == 0 and "over TLS" in trusted.stdout, trusted.stderr
+
+
+def test_a_host_name_that_does_not_resolve_is_named_and_tried_again_only_where_the_lookup_may_answer_later() -> None:
+    import aiohttp
+    import httpx
+
+    from orchestra.models.transport import ConnectFailure, connect_failure
+
+    def failed(lookup: socket.gaierror) -> BaseException:  # as the aiohttp transport raises it
+        try:
+            try:
+                raise aiohttp.ClientConnectorDNSError(aiohttp.client_reqrep.ConnectionKey(
+                    "api.exmaple.com", 443, True, True, None, None, None), lookup) from lookup
+            except aiohttp.ClientConnectorError as error:
+                raise httpx.ConnectError(str(error)) from error
+        except httpx.ConnectError as error:
+            return error
+
+    unknown = connect_failure(failed(socket.gaierror(socket.EAI_NONAME, "Name or service not known")))
+    assert unknown == ConnectFailure("its host name does not resolve (Name or service not known); "
+                                     "check base_url's host", transient=False)
+    later = connect_failure(failed(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")))
+    assert later is not None and later.transient
+    assert connect_failure(httpx.ConnectError("refused")) is None  # (a server not running: as before)
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError:
+            raise httpx.ConnectError("All connection attempts failed") from None  # (a refusal: no TLS, no lookup)
+    except httpx.ConnectError as refused:
+        assert connect_failure(refused) is None
 
 
 def test_deeply_nested_json_is_a_bad_response(loopback) -> None:

@@ -46,6 +46,7 @@ from orchestra.models.transport import (
     Headers,
     Transport,
     TransportFactory,
+    connect_failure,
     is_event_stream,
 )
 from orchestra.models.types import ChatRequest, Usage
@@ -459,8 +460,12 @@ class Endpoint:
                     f"deadline={policy.deadline:g} s per call; raise them on the model)")) from None
             except httpx.ConnectError as error:  # no connection: the server never saw it
                 take_back_request()
-                raise _Retryable(EndpointUnreachable(
-                    f"cannot reach {shown} ({type(error).__name__}); is the server running?")) from None
+                failure = connect_failure(error)
+                if failure is None:
+                    raise _Retryable(EndpointUnreachable(
+                        f"cannot reach {shown} ({type(error).__name__}); is the server running?")) from None
+                unreachable = EndpointUnreachable(f"cannot reach {shown}: {failure.why}")
+                raise (_Retryable(unreachable) if failure.transient else unreachable) from None
             except httpx.TransportError as error:  # reset, body cut short, protocol error: it was reached
                 raise _Retryable(ConnectionBroke(
                     f"the connection to {shown} broke ({type(error).__name__}: {error or 'no detail'})")) from None

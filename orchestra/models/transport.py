@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -127,6 +129,45 @@ async def body_without_length(pieces: AsyncIterator[bytes], at_end: Callable[[],
 
 async def _rest(pieces: AsyncIterator[bytes]) -> bytes:
     return b"".join([piece async for piece in pieces])
+
+
+@dataclass(frozen=True)
+class ConnectFailure:
+    """Why a connection could not be made, where it was not for want of a listening server."""
+
+    why: str
+    #: whether trying again can help (a name server that did not answer may next time; a certificate will not)
+    transient: bool
+
+
+def connect_failure(error: BaseException) -> ConnectFailure | None:
+    """What stopped a connection (an ``httpx.ConnectError`` from either transport): a
+    certificate not trusted, another TLS failure (a server without TLS asked for it), or a host name
+    that does not resolve; None for anything else (a refused connection: is the server running?)."""
+    seen: list[BaseException] = []
+    pending: list[BaseException | None] = [error]
+    while pending:  # (the chain: raised from, during, and aiohttp's ``os_error``)
+        cause = pending.pop()
+        if cause is None or any(cause is known for known in seen):
+            continue
+        seen.append(cause)
+        pending += [cause.__cause__, cause.__context__, getattr(cause, "os_error", None),
+                    getattr(cause, "certificate_error", None)]
+    said = [getattr(c, "verify_message", None) for c in seen if isinstance(c, ssl.SSLCertVerificationError)]
+    if said:  # (aiohttp's own certificate error is one too, without the message)
+        why = next((message for message in said if message), "certificate verify failed")
+        return ConnectFailure(f"its TLS certificate is not trusted ({why}): give the file of the certificate (or of "
+                              "the authority that signed it) in SSL_CERT_FILE", transient=False)
+    reasons = [getattr(c, "reason", None) for c in seen if isinstance(c, ssl.SSLError)]
+    if reasons:
+        why = next((reason for reason in reasons if reason), "no detail")
+        return ConnectFailure(f"the TLS handshake failed ({why}); a server without TLS is http://, not https://",
+                              transient=False)
+    for cause in seen:
+        if isinstance(cause, socket.gaierror):
+            return ConnectFailure(f"its host name does not resolve ({cause.strerror or cause}); check "
+                                  "base_url's host", transient=cause.errno == socket.EAI_AGAIN)
+    return None
 
 
 def stopped_short(length: str, received: int) -> None:
