@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestra.errors import BudgetExceeded, OrchestraError, RunHeld, RunNotFound, StoreUnusable, running_advice
+from orchestra.terminal_text import counted
 
 if TYPE_CHECKING:
     from orchestra.result import RunResult
@@ -107,13 +108,21 @@ def cli_message(error: OrchestraError) -> str:
 def run_hint(result: RunResult, *, stored: bool = True) -> str | None:
     """For a run its budget stopped: the flag that raises the limit and the command that finishes
     the run; for one a workflow's template failed: the command that finishes it once the file is
-    fixed (``stored``: whether it was kept to resume). None for any other run."""
+    fixed; for one stopped by another thing to fix (an endpoint, a key) after some of its calls were
+    answered: that those are kept, and the command that finishes it (``stored``: whether it was
+    kept to resume). None for any other run."""
     from orchestra.prompts import RENDER_FAILED
 
     if result.status == "budget_exceeded":
         return budget_hint(result.error or "", result.run_id, stored=stored)
-    if stored and result.user_error and RENDER_FAILED in (result.error or ""):
+    if not (stored and result.user_error) or "resume" in (result.error or ""):  # (a store's error says its own)
+        return None
+    if RENDER_FAILED in (result.error or ""):
         return f"fix the workflow, then `{command('resume', result.run_id, '--reload')}` (its answers are kept)"
+    answered = result.usage.calls - result.usage.failed_calls
+    if result.status == "failed" and answered > 0:  # (none answered: running it again is the same)
+        return (f"its {counted(answered, 'answered call')} {'is' if answered == 1 else 'are'} kept: once that is "
+                f"fixed, `{command('resume', result.run_id)}` finishes it")
     return None
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pexpect
@@ -618,3 +619,33 @@ def test_chat_takes_a_byte_order_mark_off_the_first_piped_line(llm, tmp_path: Pa
     [run] = json.loads(cli("runs", "--json").stdout)
     assert run["task"] == "What is 2 + 2?" and run["status"] == "done", run
     assert llm.server.requests and not any("\ufeff" in request.prompt for request in llm.server.requests)
+
+
+def test_a_run_an_endpoint_stopped_after_answers_came_says_they_are_kept_and_how_to_finish_it(
+        llm, tmp_path: Path) -> None:
+    """Its one line named the endpoint and nothing else: no word that the 5 answered calls were kept,
+    or that `orchestra resume` would finish the run once the endpoint was back."""
+    def pool(expert_url: str) -> Path:
+        path = tmp_path / "pool.yaml"
+        path.write_text(f"""name: split
+models:
+  kw: {{type: openai, model: kw, base_url: "{llm.server.url}/v1", api_key_env: null}}
+  x: {{type: openai, model: x, base_url: "{expert_url}/v1", api_key_env: null, max_attempts: 1}}
+planner: kw
+keywords: kw
+agents: [{{name: expert, model: x}}]
+""")
+        return path
+
+    home = {"ORCHESTRA_HOME": str(tmp_path / "home")}
+    stopped = cli("ask", "What is 1 + 1?", "--pool", str(pool("http://127.0.0.1:9")), "--no-plan", env=home)
+    assert stopped.returncode == 2, stopped.stderr
+    run_id = stopped.stderr.split("run ", 1)[1].split(":", 1)[0]
+    assert stderr_lines(stopped)[-1].endswith(
+        "(ConnectError); is the server running?; its 5 answered calls are kept: once that is fixed, "
+        f"`orchestra resume {run_id}` finishes it"), stopped.stderr
+    assert llm.kinds == Counter({"keywords": 5})
+    pool(llm.server.url)  # (the endpoint is back, at the address the pool now gives)
+    finished = cli("resume", run_id, env=home)
+    assert finished.returncode == 0, finished.stderr
+    assert llm.kinds["keywords"] == 5  # (the answered calls were not asked again)

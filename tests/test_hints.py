@@ -12,7 +12,7 @@ from orchestra.errors import BudgetExceeded, ConfigError, OrchestraError, RunHel
 from orchestra.hints import budget_hint, cli_message, run_error, run_hint
 from orchestra.models import ChatRequest
 from orchestra.models.pricing import Price
-from orchestra.result import RunResult
+from orchestra.result import RunResult, RunUsage
 from orchestra.store import RunStore
 
 CLI_WORDS = ("--", "orchestra ")
@@ -62,6 +62,22 @@ def test_only_a_budget_stop_gets_a_hint(status: str) -> None:
     assert run_hint(result) is None
     assert run_error(result) == f"run r {status}: budget max_calls=3 in a node's error"
     assert run_error(RunResult(run_id="r", task="t", status=status)) == f"run r {status}:"
+
+
+def test_a_run_stopped_by_something_to_fix_after_answers_came_says_they_are_kept_only_where_they_are() -> None:
+    error = "cannot reach http://h/v1/chat/completions (ConnectError); is the server running?"
+
+    def result(calls: int, failed: int, **fields: object) -> RunResult:
+        given = {"status": "failed", "error": error, "user_error": True, **fields}
+        return RunResult(run_id="r", task="t", usage=RunUsage(calls=calls, failed_calls=failed), **given)
+
+    assert run_hint(result(8, 3)) == "its 5 answered calls are kept: once that is fixed, `orchestra resume r` finishes it"
+    assert run_hint(result(2, 1)) == "its 1 answered call is kept: once that is fixed, `orchestra resume r` finishes it"
+    assert run_hint(result(3, 3)) is None  # (nothing answered: running it again is the same)
+    assert run_hint(result(8, 3), stored=False) is None  # (--no-store: nothing was kept)
+    assert run_hint(result(8, 3, user_error=False)) is None  # (a model's failure: resuming asks it again)
+    assert run_hint(result(8, 3, error="cannot write the run store s: ...; nothing can resume it: run it again")) is None
+    assert run_hint(result(8, 3, status="cancelled")) is None
 
 
 def test_store_errors_say_what_is_wrong_and_the_cli_says_which_flag_or_command(tmp_path: Path) -> None:
