@@ -297,6 +297,42 @@ def test_a_host_name_that_does_not_resolve_is_named_and_tried_again_only_where_t
         assert connect_failure(refused) is None
 
 
+def test_a_plain_web_server_at_base_url_is_named_as_such_with_its_page_in_words(tmp_path: Path) -> None:
+    """Python's own file server answers a POST with 501 and an HTML page: the run's error was that
+    page's markup, and every call was still sent (7 requests) as if the API had refused a request."""
+    import http.server
+
+    from orchestra.errors import EndpointNotFound
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    model = OpenAICompatible(model="m", base_url=f"http://127.0.0.1:{web.server_address[1]}/v1")
+    try:
+        with allow_model_requests():
+            error = _ask_model(model)
+    finally:
+        web.shutdown()
+    assert isinstance(error, EndpointNotFound)
+    assert str(error).startswith(f"http://127.0.0.1:{web.server_address[1]}/v1/chat/completions answered HTTP 501 "
+                                 "(not implemented) to a POST: Error response Error response Error code: 501 Message: "
+                                 "Unsupported method ('POST').")
+    assert str(error).endswith("; is base_url the API's address (often ending in /v1)?") and "<" not in str(error)
+
+
+def test_a_405_page_is_a_wrong_base_url_and_any_error_page_is_given_in_words(loopback) -> None:
+    page = ("<html>\r\n<head><title>405 Not Allowed</title><style>body { color: red }</style></head>\r\n<body>"
+            "<center><h1>405 Not Allowed</h1></center><hr><center>nginx &amp; co</center><!-- a comment --></body></html>")
+    pages = iter([Reply(status=405, body=page), Reply(status=413, body=page.replace("405 Not Allowed", "413 Too Large"))])
+    server = loopback(lambda request: next(pages))
+    error = _ask(server)
+    assert str(error) == (f"{server.url}/v1/chat/completions answered HTTP 405 (method not allowed) to a POST: 405 Not "
+                          "Allowed 405 Not Allowed nginx & co; is base_url the API's address (often ending in /v1)?")
+    assert len(server.requests) == 1  # (not tried again: a web server will not become the API)
+    too_large = _ask(server)
+    assert str(too_large) == (f"{server.url}/v1/chat/completions refused the request for model m (HTTP 413): 413 Too "
+                              "Large 413 Too Large nginx & co")
+
+
 def test_deeply_nested_json_is_a_bad_response(loopback) -> None:
     server = loopback(lambda request: Reply(body="[" * 200_000 + "]" * 200_000))
     error = _ask(server, max_attempts=1)

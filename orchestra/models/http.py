@@ -6,6 +6,7 @@ import abc
 import asyncio
 import copy
 import email.utils
+import html
 import json
 import math
 import numbers
@@ -522,6 +523,11 @@ class Endpoint:
                      "API's usually ends in /v1) and the model's id")
             raise EndpointNotFound(f"{url} answered HTTP 404 (not found) for model {model}: "
                                    f"{_error_text(response, secret)}; {where}")
+        if status in (405, 501):  # (a web server, not the API: it takes no POST there)
+            meaning = "method not allowed" if status == 405 else "not implemented"
+            raise EndpointNotFound(f"{url} answered HTTP {status} ({meaning}) to a POST: "
+                                   f"{_error_text(response, secret)}; is base_url the API's address (often ending in "
+                                   "/v1)?")
         if status >= 400:
             raise RequestRejected(f"{url} refused the request for model {model} (HTTP {status}): "
                                   f"{_error_text(response, secret)}")
@@ -626,7 +632,7 @@ def _error_text(response: Answer, secret: str | None) -> str:
     """The server's error message, short, on one line, with the API key blanked if a gateway echoed it."""
     body = _error_body(response)
     if isinstance(body, str):
-        text = body
+        text = _page_text(body) if _HTML.match(body) else body
     else:
         error = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body  # (detail: FastAPI's)
         text = str(error.get("message", error) if isinstance(error, dict) else error)
@@ -634,6 +640,17 @@ def _error_text(response: Answer, secret: str | None) -> str:
         text = text.replace(secret, "[redacted]")
     text = " ".join(text.split())
     return (text if len(text) <= 200 else text[:199] + "…") or "(empty body)"  # (cut where it is: say so)
+
+
+#: the start of a web page (a server or proxy's error page, not an API's error)
+_HTML = re.compile(r"\s*<(!doctype html|html)\b", re.IGNORECASE)
+#: what a page shows no reader: its scripts, styles, comments and tags
+_UNSHOWN = re.compile(r"<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>", re.IGNORECASE | re.DOTALL)
+
+
+def _page_text(page: str) -> str:
+    """A web page's words, without its markup (``405 Not Allowed nginx``)."""
+    return html.unescape(_UNSHOWN.sub(" ", page))
 
 
 def check_model_id(model: object) -> None:
