@@ -15,6 +15,7 @@ engine is placed: a Ray already initialised in this process, else ``ray.init(ray
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ from orchestra.errors import ClusterUnreachable, EngineLost, MissingDependency, 
 from orchestra.models.base import HeavyModel, Outcome, allow_model_requests, model_identity
 from orchestra.models.placement import resources_of
 from orchestra.models.pricing import FREE
-from orchestra.models.types import ChatRequest, ChatResult
+from orchestra.models.types import ChatRequest, ChatResult, Usage
 
 
 def import_ray() -> Any:
@@ -50,14 +51,52 @@ class EngineActor:
         """Load the weights; return the id of the node this actor runs on."""
         import ray
 
-        await self.model.load()
+        try:
+            await self.model.load()
+        except Exception as error:
+            raise _shippable(error) from None
         return str(ray.get_runtime_context().get_node_id())
 
     async def generate(self, requests: list[ChatRequest], allowed: bool) -> list[Outcome]:
         """The whole batch, as ``(index, result or error)`` pairs; ``allowed``: the driver's
         switch for real model requests (the tests' switch reaches the actor this way)."""
         with allow_model_requests(allowed):
-            return [outcome async for outcome in self.model.complete_each(requests)]
+            try:
+                return [(index, _shippable(outcome)) async for index, outcome in self.model.complete_each(requests)]
+            except Exception as error:
+                raise _shippable(error) from None
+
+
+def _shippable(outcome: Any) -> Any:
+    """An error that pickle cannot rebuild (its class takes other arguments) as a ``ModelError``
+    naming it, so it fails its own call, not the whole batch on the driver."""
+    if not isinstance(outcome, BaseException):
+        return outcome
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(outcome))
+    except Exception:
+        error = ModelError(f"{type(outcome).__name__}: {outcome}")
+        if getattr(outcome, "usage", None) is not None:
+            error.usage = outcome.usage  # type: ignore[attr-defined]
+        return error
+    return outcome
+
+
+def _check_joined(address: str | None, context: Any) -> None:
+    """Refuse a cluster address other than the one this process's Ray is joined to (a Ray already
+    initialised here is used as it is: the engines ran there, the address given unheeded). Told
+    apart by port (a host may be named in many ways); a Ray Client address (``ray://``), ``auto``
+    and ``local`` are not compared."""
+    host, colon, port = (address or "").rpartition(":")
+    joined = str(getattr(context, "gcs_address", "") or "")
+    if not colon or not port.isdigit() or not host or address is None or address.startswith("ray://") or not joined:
+        return
+    if joined.rpartition(":")[2] != port:
+        raise ClusterUnreachable(f"ray_address {address} is not the Ray cluster this process is joined to ({joined}): "
+                                 "leave ray_address (or --ray ADDRESS) out to use that one, or call ray.shutdown() "
+                                 "first to join the other")
 
 
 def _demand_text(name: str, amount: float) -> str:
@@ -127,6 +166,7 @@ class RayPlacement:
                 raise ClusterUnreachable(f"cannot start or join the Ray cluster ({where}): {error}; start one "
                                          "with `ray start --head` and set ray_address (or --ray ADDRESS)") from None
         context = self.ray.get_runtime_context()
+        _check_joined(self.address, context)
         session = (context.get_job_id(), context.get_node_id())
         if session != self._session:
             if self._session is not None:  # ray.shutdown() and ray.init() since: its actors went with it
@@ -273,6 +313,12 @@ class RayEngine:
             raise EngineLost(f"the Ray session that held the actor of {self.name} ended (ray.shutdown)")
         try:
             outcomes = await self._actor.generate.remote(list(requests), model_base.ALLOW_MODEL_REQUESTS)
+        except asyncio.CancelledError:  # the actor had the whole batch: each request was sent
+            listener = model_base.cancel_listener.get()
+            if listener is not None:
+                for request in requests:
+                    listener(request, Usage(requests=1))
+            raise
         except self._placement.ray.exceptions.RayActorError:
             self._kill()
             raise EngineLost(f"the Ray actor of {self.name} died while generating a batch of "
