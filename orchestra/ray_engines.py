@@ -109,19 +109,20 @@ def _demand_text(name: str, amount: float) -> str:
 CONNECT_SECONDS = 5.0
 
 
-def _check_listening(address: str) -> None:
+def _check_listening(address: str) -> bool:
     """Refuse at once a ``HOST:PORT`` (or ``ray://HOST:PORT``) where nothing accepts connections:
     ``ray.init`` retries such an address for ever, deaf to Ctrl-C. (``auto`` and no address are
-    Ray's to find.)"""
+    Ray's to find.) Whether something was found listening there."""
     host, colon, port = address.removeprefix("ray://").rpartition(":")
     if not colon or not port.isdigit() or not host:
-        return
+        return False
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
     except OSError as error:
         raise ClusterUnreachable(f"cannot join the Ray cluster at {address}: nothing accepts connections there "
                                  f"({error.strerror or error}); start one with `ray start --head --port {port}`, or "
                                  "give the address it printed (--ray ADDRESS, ray_address)") from None
+    return True
 
 
 class RayPlacement:
@@ -158,13 +159,16 @@ class RayPlacement:
     def nodes(self, *, refresh: bool = False) -> dict[str, dict[str, float]]:
         """Each live node's resources, by node id; joins the cluster the first time."""
         if not self.ray.is_initialized():
-            _check_listening(self.address or os.environ.get("RAY_ADDRESS") or "")
+            listening = _check_listening(self.address or os.environ.get("RAY_ADDRESS") or "")
             try:
                 self.ray.init(address=self.address, logging_level=logging.WARNING)
             except Exception as error:
                 where = self.address or "RAY_ADDRESS, a running one or a new local one"
-                raise ClusterUnreachable(f"cannot start or join the Ray cluster ({where}): {error}; start one "
-                                         "with `ray start --head` and set ray_address (or --ray ADDRESS)") from None
+                advice = ("something listens there, yet Ray could not join it: see Ray's own lines above (a cluster "
+                          "that wants an authentication token this process lacks, or another version of Ray than "
+                          "this one)" if listening else "start one with `ray start --head` and set ray_address (or "
+                          "--ray ADDRESS)")
+                raise ClusterUnreachable(f"cannot start or join the Ray cluster ({where}): {error}; {advice}") from None
         context = self.ray.get_runtime_context()
         _check_joined(self.address, context)
         session = (context.get_job_id(), context.get_node_id())

@@ -376,6 +376,19 @@ def test_an_address_where_nothing_listens_is_refused_at_once_without_joining(mon
                 "nodes": staticmethod(lambda: [])}))
             joined.clear()
             assert placement.nodes() == {} and joined[0] == address
+        # something listens, and Ray cannot join it (a cluster that wants an auth token): not "start one"
+        placement = RayPlacement(f"127.0.0.1:{listening.getsockname()[1]}")
+
+        def refused(**options: object) -> None:
+            raise ConnectionError("Failed to connect to Ray cluster")
+
+        monkeypatch.setattr(placement, "ray", type("Refuses", (), {
+            "is_initialized": staticmethod(lambda: False), "init": staticmethod(refused)}))
+        with pytest.raises(ClusterUnreachable) as error:
+            placement.nodes()
+        assert str(error.value).endswith("Failed to connect to Ray cluster; something listens there, yet Ray could not "
+                                         "join it: see Ray's own lines above (a cluster that wants an authentication "
+                                         "token this process lacks, or another version of Ray than this one)")
 
 
 # --- the real embedded engine in an actor ---------------------------------------------------------------------
