@@ -126,3 +126,47 @@ def test_a_load_error_that_does_not_unpickle_is_one_line_naming_it() -> None:
     error = output.error or ""
     assert result.status == "failed" and "the weights file ended after 12 of 24 GiB" in error
     assert "\n" not in error and "deserialize" not in error and "ray.exceptions" not in error, error
+
+
+def test_an_engine_waiting_for_resources_another_job_holds_is_told_of_once_and_loads_when_they_free(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its run waited in Ray's queue with no event and no word, for as long as the other job ran."""
+    import warnings
+
+    from orchestra import ray_engines
+
+    monkeypatch.setattr(ray_engines, "WAIT_CHECK_SECONDS", 0.2)
+
+    @ray.remote(num_cpus=0, resources={"slot": 2})
+    class Hog:
+        def ping(self) -> int:
+            return 1
+
+    hog = Hog.remote()  # type: ignore[attr-defined]
+    ray.get(hog.ping.remote())
+    model = FunctionModel(lambda r: "starved: The answer is 4", name="starved", heavy=True, resources=ONE_SLOT)
+    orc = Orchestra(engine_pool([model]), k=1, executor="ray", aggregate="vote", plan=False, store=False)
+
+    async def main() -> list[warnings.WarningMessage]:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            run = asyncio.create_task(orc.arun("What is 2 + 2?"))
+            for _ in range(1200):  # (it cannot load while the hog holds both slots)
+                if any("starved" in str(w.message) for w in warned):
+                    break
+                assert not run.done(), run.result().error
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("no word of the wait for a minute")
+            ray.kill(hog)
+            result = await run
+        assert result.status == "done" and result.answer == "starved: The answer is 4", result.error
+        return [w for w in warned if "starved" in str(w.message)]
+
+    try:
+        said = asyncio.run(main())
+    finally:
+        orc.close()
+    assert [str(w.message) for w in said] == [
+        "model starved has waited 0.2 s for its Ray actor: the cluster does not have 1 slot free, which other Ray "
+        "jobs (or another Orchestra's engines in this process, until its close()) hold; it loads once they are freed"]
