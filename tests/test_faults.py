@@ -288,6 +288,21 @@ def test_a_host_name_that_does_not_resolve_is_named_and_tried_again_only_where_t
     later = connect_failure(failed(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")))
     assert later is not None and later.transient
     assert connect_failure(httpx.ConnectError("refused")) is None  # (a server not running: as before)
+    try:  # a server that reads a TLS hello and says nothing (not a web server's 400): asyncio gives up at 60 s
+        try:
+            raise ConnectionAbortedError("SSL handshake is taking longer than 60.0 seconds: aborting the connection")
+        except ConnectionAbortedError as aborted:
+            raise httpx.ConnectError(str(aborted)) from aborted
+    except httpx.ConnectError as silent:
+        assert connect_failure(silent) == ConnectFailure(
+            "the TLS handshake got no answer within 60 s; a server without TLS is http://, not https://",
+            transient=False)
+    reset = httpx.ConnectError("Cannot connect to host h:443 ssl:default [None]")
+    reset.__cause__ = ConnectionResetError()  # (a server that read the hello and hung up)
+    assert connect_failure(reset) is None  # (over plain HTTP a cut connection is no TLS matter)
+    assert connect_failure(reset, tls=True) == ConnectFailure(
+        "the connection was cut during the TLS handshake (ConnectionResetError); a server without TLS is http://, "
+        "not https://", transient=True)
     try:
         try:
             raise ConnectionRefusedError(111, "Connection refused")

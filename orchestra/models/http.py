@@ -461,7 +461,7 @@ class Endpoint:
                     f"deadline={policy.deadline:g} s per call; raise them on the model)")) from None
             except httpx.ConnectError as error:  # no connection: the server never saw it
                 take_back_request()
-                failure = connect_failure(error)
+                failure = connect_failure(error, tls=url.startswith("https:"))
                 if failure is None:
                     raise _Retryable(EndpointUnreachable(
                         f"cannot reach {shown} ({type(error).__name__}); is the server running?")) from None

@@ -140,10 +140,11 @@ class ConnectFailure:
     transient: bool
 
 
-def connect_failure(error: BaseException) -> ConnectFailure | None:
+def connect_failure(error: BaseException, *, tls: bool = False) -> ConnectFailure | None:
     """What stopped a connection (an ``httpx.ConnectError`` from either transport): a
-    certificate not trusted, another TLS failure (a server without TLS asked for it), or a host name
-    that does not resolve; None for anything else (a refused connection: is the server running?)."""
+    certificate not trusted, another TLS failure (a server without TLS asked for it; ``tls``: whether
+    the URL asked for TLS, where a connection cut before any request can only be its handshake's), or a
+    host name that does not resolve; None for anything else (a refused connection: is the server running?)."""
     seen: list[BaseException] = []
     pending: list[BaseException | None] = [error]
     while pending:  # (the chain: raised from, during, and aiohttp's ``os_error``)
@@ -158,11 +159,18 @@ def connect_failure(error: BaseException) -> ConnectFailure | None:
         why = next((message for message in said if message), "certificate verify failed")
         return ConnectFailure(f"its TLS certificate is not trusted ({why}): give the file of the certificate (or of "
                               "the authority that signed it) in SSL_CERT_FILE", transient=False)
+    if any(isinstance(c, ConnectionAbortedError) and "SSL handshake" in str(c) for c in seen):  # (asyncio's, at 60 s)
+        return ConnectFailure("the TLS handshake got no answer within 60 s; a server without TLS is http://, not "
+                              "https://", transient=False)
     reasons = [getattr(c, "reason", None) for c in seen if isinstance(c, ssl.SSLError)]
     if reasons:
         why = next((reason for reason in reasons if reason), "no detail")
         return ConnectFailure(f"the TLS handshake failed ({why}); a server without TLS is http://, not https://",
                               transient=False)
+    cut = next((c for c in seen if isinstance(c, (ConnectionResetError, ConnectionAbortedError))), None)
+    if tls and cut is not None:  # (a server without TLS that waits for a request, as a handshake it never answers)
+        return ConnectFailure(f"the connection was cut during the TLS handshake ({type(cut).__name__}); a server "
+                              "without TLS is http://, not https://", transient=True)
     for cause in seen:
         if isinstance(cause, socket.gaierror):
             return ConnectFailure(f"its host name does not resolve ({cause.strerror or cause}); check "
