@@ -260,3 +260,11 @@ def test_a_negative_mixed_number_is_negative_in_its_fraction_too() -> None:
 
     assert normalize_number("-3 1/2") == Fraction(-7, 2)
     assert normalize_number("3 and 1/2") == Fraction(7, 2)
+
+
+def test_a_mixed_number_over_zero_is_no_number_not_a_crash() -> None:
+    """"3 1/0" is no number: None, not a ZeroDivisionError out of the grader (grading.py:365, the check
+    of the fraction's denominator dropped)."""
+    from orchestra.grading import normalize_number
+
+    assert normalize_number("3 1/0") is None
