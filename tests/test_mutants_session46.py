@@ -268,3 +268,39 @@ def test_a_mixed_number_over_zero_is_no_number_not_a_crash() -> None:
     from orchestra.grading import normalize_number
 
     assert normalize_number("3 1/0") is None
+
+
+def test_a_plan_line_waits_past_a_call_resolved_for_a_reason_that_is_not_a_replay() -> None:
+    """Calls the budget refused while a run plans say nothing of where its plan came from, and break
+    nothing (view.py:442, without the source check a "budget" or "shared" resolution was looked up among
+    the replay sources: KeyError out of the listener)."""
+    import io
+
+    from orchestra.events import CallsResolved, PlanRequested
+    from orchestra.view import LogView
+
+    stream = io.StringIO()
+    view = LogView(stream, clock=lambda: 0.0)
+    view.listen(PlanRequested(run_id="r", attempt=1))
+    view.listen(CallsResolved(model="m", count=1, run_id="r", source="budget"))
+    assert "planning…" not in stream.getvalue()  # (still held: no answer yet)
+
+
+def test_the_final_answer_in_a_json_schema_is_written_compact() -> None:
+    """A run's answer asked for in a JSON schema (not only "json") is the parsed value, compact
+    (aggregation.py:256, only ``output: json`` was dumped: a schema's answer kept the model's spacing)."""
+    import asyncio
+
+    from orchestra.pipeline.aggregation import FinalSynthesis
+    from orchestra.settings import AnswerOptions
+
+    model = FunctionModel(lambda request: '{"city": "Paris",  "population": 2100000}', name="m")
+
+    async def call(calls: list) -> list:
+        return [await m.complete_one(r) for m, r in calls]
+
+    final = FinalSynthesis(Agent(name="agg", model=model))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}}}
+    answer = asyncio.run(final.answer("t", [{"id": "a", "instruction": "i", "output": "o"}], call, seed=1,
+                                      options=AnswerOptions(output=schema)))
+    assert answer == '{"city":"Paris","population":2100000}'
