@@ -180,13 +180,16 @@ def test_a_run_that_ends_before_any_answer_for_no_fault_of_the_user_still_writes
 
 
 def test_a_large_multiple_of_a_tenth_is_a_multiple_despite_binary_floats() -> None:
-    """``multipleOf`` allows for binary floats relative to the size of the quotient: 98765432.1 is a
-    multiple of 0.1 (structured.py:452, an absolute tolerance of 1e-9 refused it: 987654320.9999999)."""
+    """``multipleOf`` is judged on the numbers as written: 98765432.1 is a multiple of 0.1 (an absolute
+    tolerance of 1e-9 refused it: 987654320.9999999), and past 5e8 a tolerance relative to the quotient
+    let every value through (3000000001 read as a multiple of 2)."""
     from orchestra.models.structured import StructuredOutputError, check_schema
 
-    check_schema(98765432.1, {"type": "number", "multipleOf": 0.1})
-    with pytest.raises(StructuredOutputError, match="not a multiple of 0.1"):
-        check_schema(3.15, {"type": "number", "multipleOf": 0.1})
+    for value, step in ((98765432.1, 0.1), (0.3, 0.1), (-0.6, 0.2), (1e300, 0.1), (3000000002, 2), (4.0, 2)):
+        check_schema(value, {"type": "number", "multipleOf": step})
+    for value, step in ((3.15, 0.1), (3000000001, 2), (7000000001, 10), (1000000000.5, 1), (3000000001.0, 2)):
+        with pytest.raises(StructuredOutputError, match=f"not a multiple of {step}"):
+            check_schema(value, {"type": "number", "multipleOf": step})
 
 
 def test_a_value_that_fits_no_branch_of_one_of_says_why_the_first_refused_it() -> None:

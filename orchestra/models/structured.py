@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any
 from urllib.parse import unquote
 
@@ -447,9 +448,20 @@ def _check_number(value: float, schema: dict[str, Any], path: str) -> None:
 
 
 def _multiple(value: float, step: float) -> bool:
-    """Whether ``value`` is a whole multiple of ``step`` (0.3 of 0.1 too, despite binary floats)."""
-    quotient = value / step
-    return abs(quotient - round(quotient)) <= 1e-9 * max(1.0, abs(quotient))
+    """Whether ``value`` is a whole multiple of ``step``, as the numbers are written: 0.3 of 0.1 too,
+    despite binary floats, and 3000000001 not of 2 however large (a tolerance relative to the quotient
+    let every value past 5e8 through)."""
+    if isinstance(value, int) and isinstance(step, int):
+        return value % step == 0
+    if any(isinstance(n, float) and not math.isfinite(n) for n in (value, step)):
+        return False
+    written, unit = (Decimal(n) if isinstance(n, int) else Decimal(repr(n)) for n in (value, step))
+    with localcontext() as exact:  # (digits enough for the whole quotient: a float's range needs ~650)
+        exact.prec = min(max(28, written.adjusted() - unit.adjusted() + 30), 5000)
+        try:
+            return written % unit == 0
+        except InvalidOperation:  # (an integer of thousands of digits beside a fractional step: not told)
+            return False
 
 
 def parse_output(text: str, request: ChatRequest) -> Any:
