@@ -21,7 +21,6 @@ import os
 import re
 import socket
 import time
-import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -108,8 +107,6 @@ def _demand_text(name: str, amount: float) -> str:
 
 #: seconds to wait for a cluster's address to accept a connection before it is called unreachable
 CONNECT_SECONDS = 5.0
-#: seconds a load waits for its actor before the cluster's free resources are looked at (see ``RayEngine``)
-WAIT_CHECK_SECONDS = 10.0
 
 
 def _check_listening(address: str) -> bool:
@@ -278,7 +275,7 @@ class RayEngine:
         actor = actor_class.options(max_restarts=0, **self.resources.actor_options()).remote(self.model)
         self._actor = actor
         try:
-            self.node = await self._loaded(actor)
+            self.node = await actor.load.remote()
         except BaseException as error:
             self._kill()
             if isinstance(error, self._placement.ray.exceptions.RayActorError):
@@ -288,27 +285,6 @@ class RayEngine:
                                  "model's class must be importable on every node)") from None
             raise self._placement.unwrap(error) from None
         return time.perf_counter() - started
-
-    async def _loaded(self, actor: Any) -> str:
-        """The node ``actor`` loaded the model on. A load still waiting after ``WAIT_CHECK_SECONDS``
-        is looked into: where the cluster lacks the free resources it asks for (other jobs hold them,
-        or another Orchestra's engines in this process), a warning says so, once; it waits on."""
-        loading = asyncio.ensure_future(actor.load.remote())
-        try:
-            done, _ = await asyncio.wait({loading}, timeout=WAIT_CHECK_SECONDS)
-            if not done:
-                free = self._placement.ray.available_resources()
-                short = [_demand_text(name, amount) for name, amount in self.demand.items() if amount > 0
-                         and free.get(name, 0.0) < amount]
-                if short:
-                    warnings.warn(f"model {self.name} has waited {WAIT_CHECK_SECONDS:g} s for its Ray actor: the "
-                                  f"cluster does not have {' and '.join(short)} free, which other Ray jobs (or another "
-                                  "Orchestra's engines in this process, until its close()) hold; it loads once they "
-                                  "are freed", RuntimeWarning, stacklevel=1)
-            return str(await loading)
-        except BaseException:
-            loading.cancel()
-            raise
 
     async def unload(self) -> None:
         """Kill the actor: its process ends and its memory (device memory too) is freed."""
